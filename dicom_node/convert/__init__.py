@@ -1,0 +1,1 @@
+"""Conversion of received DICOM instances into volumes and masks."""

@@ -1,0 +1,99 @@
+"""Typed, frozen objects that stages hand to each other.
+
+No pydicom datasets cross package boundaries: conversion produces :class:`Volume` objects, the
+model consumes and produces them, ``sr_writer`` turns them into DICOM. This module imports only
+numpy so that every package may use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D image or mask on a physical grid (LPS patient coordinates, millimetres).
+
+    ``array`` is indexed ``[k, j, i]`` (slice, row, column), like SimpleITK's ``GetArrayFromImage``.
+    ``direction`` is a 3x3 matrix whose *columns* are the unit vectors of the i, j and k axes
+    (row direction, column direction, slice normal) in patient space; ``origin`` is the centre of
+    voxel (0, 0, 0); ``spacing`` is (di, dj, dk).
+    """
+
+    array: npt.NDArray[np.generic]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: npt.NDArray[np.float64]
+    frame_of_reference_uid: str | None = None
+    source_instance_uids: tuple[str, ...] = ()
+    series_instance_uid: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"Volume.array must be 3D, found shape {self.array.shape}")
+        if np.shape(self.direction) != (3, 3):
+            raise ValueError(
+                f"Volume.direction must be 3x3, found shape {np.shape(self.direction)}"
+            )
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"Volume.spacing must be 3 positive numbers, found {self.spacing}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        k, j, i = self.array.shape
+        return (k, j, i)
+
+    @property
+    def affine(self) -> npt.NDArray[np.float64]:
+        """4x4 matrix mapping voxel indices (i, j, k, 1) to LPS millimetres."""
+        a = np.eye(4)
+        a[:3, :3] = np.asarray(self.direction, dtype=float) @ np.diag(self.spacing)
+        a[:3, 3] = self.origin
+        return a
+
+    def with_array(self, array: npt.NDArray[np.generic]) -> Volume:
+        """The same grid carrying other voxels (shape must match)."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"expected shape {self.array.shape}, found {array.shape}")
+        return Volume(
+            array=array,
+            spacing=self.spacing,
+            origin=self.origin,
+            direction=self.direction,
+            frame_of_reference_uid=self.frame_of_reference_uid,
+            source_instance_uids=self.source_instance_uids,
+            series_instance_uid=self.series_instance_uid,
+        )
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """Identity of a received series, enough to reference it from output objects."""
+
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uids: tuple[str, ...]
+    modality: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+
+
+@dataclass(frozen=True)
+class PatientStudy:
+    """Patient and study attributes that output objects copy from the source study."""
+
+    study_instance_uid: str
+    patient_name: str = ""
+    patient_id: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_id: str = ""
+    accession_number: str = ""
+    referring_physician_name: str = ""
+    specific_character_set: str = "ISO_IR 192"
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Model side of glioforecast: networks, sampling, training, evaluation, synthetic cohort."""
