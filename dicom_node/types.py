@@ -97,3 +97,42 @@ class PatientStudy:
     referring_physician_name: str = ""
     specific_character_set: str = "ISO_IR 192"
     extra: dict[str, str] = field(default_factory=dict)
+
+
+RESPONSE_CATEGORIES: tuple[str, ...] = (
+    "complete_response",
+    "partial_response",
+    "stable_disease",
+    "progressive_disease",
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model predicts for one study, on the source T1-Gd grid.
+
+    ``mean`` is the mean of the samples (the predicted post-treatment T1-Gd), ``std`` the
+    voxel-wise standard deviation across samples, ``tumour_mask`` the predicted tumour (boolean),
+    ``sample_volumes_ml`` the predicted tumour volume of each sample, ``current_volume_ml`` the
+    tumour volume before treatment (from the GTV), ``response_probabilities`` the fraction of
+    samples in each of :data:`RESPONSE_CATEGORIES`, ``survival_class`` the guidance class used
+    (``None`` for unconditional sampling).
+    """
+
+    mean: Volume
+    std: Volume
+    tumour_mask: Volume
+    sample_volumes_ml: tuple[float, ...]
+    current_volume_ml: float
+    response_probabilities: dict[str, float]
+    survival_class: str | None
+    model_name: str
+    model_version: str
+
+    @property
+    def predicted_volume_ml(self) -> float:
+        return float(np.mean(self.sample_volumes_ml)) if self.sample_volumes_ml else 0.0
+
+    @property
+    def response_category(self) -> str:
+        return max(self.response_probabilities, key=lambda c: self.response_probabilities[c])
