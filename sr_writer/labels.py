@@ -1,0 +1,232 @@
+"""Labelling shared by every output object, and the deterministic UIDs of a job's outputs.
+
+Every object the node sends back says that it is a synthetic prediction for research use only:
+
+- ``SeriesDescription`` starts with ``SYNTHETIC PREDICTION`` and says ``RESEARCH USE ONLY``;
+- ``ContentQualification`` is ``RESEARCH``;
+- ``ContributingEquipmentSequence`` names the node (manufacturer, software version) and the model
+  (name and version) that produced the content.
+
+UIDs are derived from the job (source study, the input instance UIDs and the model identity), so
+that building the outputs of the same job twice (a retry, a restart) gives the same series and
+instance UIDs and PACS receives the same objects again instead of duplicates. A different model
+version, or a different set of inputs (a late instance reopened the study), gives new UIDs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+
+from dicom_node.errors import ExportError
+from dicom_node.types import PatientStudy
+
+SERIES_PREFIX = "SYNTHETIC PREDICTION"
+RESEARCH_NOTE = "RESEARCH USE ONLY"
+BANNER_TEXT = f"{SERIES_PREFIX} - {RESEARCH_NOTE}"
+CONTENT_QUALIFICATION = "RESEARCH"
+DEFAULT_MANUFACTURER = "glioforecast"
+
+# DICOM LO (Long String) holds at most 64 characters.
+_LO_MAX = 64
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# Namespace of the name-based (version 5) UUIDs behind the output UIDs. Fixed forever: changing it
+# would change every output UID and make PACS store re-sent results as new objects.
+_UID_NAMESPACE = uuid.UUID("6f2b8c1e-4a57-5d0b-9c3e-2f6a1b7d8e90")
+
+# CID 7005 "Contributing Equipment Purposes of Reference".
+PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
+
+# Series numbers of the outputs, high enough to sort after the acquired series in a viewer.
+SERIES_NUMBERS: dict[str, int] = {
+    "sc": 9001,
+    "sc-uncertainty": 9002,
+    "sr": 9003,
+    "seg": 9004,
+    "rtstruct": 9005,
+    "derived-mr": 9006,
+}
+
+OUTPUT_KINDS: tuple[str, ...] = tuple(SERIES_NUMBERS)
+
+
+def series_description(what: str) -> str:
+    """``SYNTHETIC PREDICTION - RESEARCH USE ONLY - <what>``, checked against the LO limit."""
+    text = f"{BANNER_TEXT} - {what}" if what else BANNER_TEXT
+    if len(text) > _LO_MAX:
+        raise ExportError(
+            f"series description must be at most {_LO_MAX} characters, found {len(text)}: "
+            f"{text!r} (shorten {what!r})"
+        )
+    return text
+
+
+def is_labelled_description(text: str) -> bool:
+    """Whether a SeriesDescription follows the labelling rule."""
+    return text.startswith(SERIES_PREFIX) and RESEARCH_NOTE in text
+
+
+def check_uid(uid: str) -> str:
+    """Return ``uid`` when it is a valid DICOM UID (<= 64 characters, digits and dots)."""
+    if len(uid) > 64 or not _UID_RE.match(uid):
+        raise ExportError(f"expected a DICOM UID (<= 64 characters, digits and dots), found {uid!r}")
+    return uid
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """What identifies the outputs of one job: inputs and model, nothing else.
+
+    ``input_instance_uids`` are the SOP Instance UIDs of every input instance the prediction used
+    (T1-Gd, other contrasts, RTSTRUCT, RTDOSE); their order does not matter.
+    """
+
+    study_instance_uid: str
+    input_instance_uids: tuple[str, ...]
+    model_name: str
+    model_version: str
+
+    def __post_init__(self) -> None:
+        check_uid(self.study_instance_uid)
+        if not self.input_instance_uids:
+            raise ExportError("a job needs at least one input instance UID, found none")
+        for u in self.input_instance_uids:
+            check_uid(u)
+        if not self.model_name or not self.model_version:
+            raise ExportError(
+                f"model name and version must be non-empty, found name={self.model_name!r} "
+                f"version={self.model_version!r}"
+            )
+
+    @property
+    def key(self) -> str:
+        """A hex digest of the job identity (safe to log: it carries no patient data)."""
+        h = hashlib.sha256()
+        for part in (
+            "glioforecast-job-v1",
+            self.study_instance_uid,
+            *sorted(set(self.input_instance_uids)),
+            self.model_name,
+            self.model_version,
+        ):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x00")
+        return h.hexdigest()
+
+    def uid(self, *parts: str | int) -> str:
+        """A UID for ``parts`` within this job: ``2.25.<name-based UUID as an integer>``.
+
+        The ``2.25`` root is the standard's arc for UUID-derived UIDs (PS3.5 B.2); a version 5
+        UUID is derived from a name, here the job key and ``parts``.
+        """
+        name = "/".join([self.key, *(str(p) for p in parts)])
+        return check_uid(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
+
+    def series_uid(self, kind: str) -> str:
+        _check_kind(kind)
+        return self.uid("series", kind)
+
+    def instance_uid(self, kind: str, index: int = 0) -> str:
+        _check_kind(kind)
+        return self.uid("instance", kind, index)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SERIES_NUMBERS:
+        raise ExportError(f"unknown output kind {kind!r}; expected one of {sorted(SERIES_NUMBERS)}")
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """The node that builds the outputs, and the model whose prediction they carry."""
+
+    model_name: str
+    model_version: str
+    node_version: str
+    manufacturer: str = DEFAULT_MANUFACTURER
+    institution_name: str | None = None
+    station_name: str | None = None
+    device_serial_number: str = "0"
+
+    @property
+    def software_versions(self) -> tuple[str, str]:
+        return (f"glioforecast {self.node_version}", f"{self.model_name} {self.model_version}")
+
+    @property
+    def model_label(self) -> str:
+        return f"{self.model_name} {self.model_version}"
+
+    def contributing_equipment(
+        self, when: datetime.datetime | None = None
+    ) -> hd.ContributingEquipment:
+        """One ``ContributingEquipmentSequence`` item naming node, model and version."""
+        return hd.ContributingEquipment(
+            manufacturer=self.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=_lo(self.model_name),
+            software_versions=list(self.software_versions),
+            institution_name=self.institution_name,
+            station_name=self.station_name,
+            contribution_datetime=(when or now()).strftime("%Y%m%d%H%M%S"),
+            contribution_description=_lo(
+                f"synthetic prediction by {self.model_label}, research use only"
+            ),
+        )
+
+
+def _lo(text: str) -> str:
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "~"
+
+
+def now() -> datetime.datetime:
+    """The current local time, to the second (content and contribution date/time)."""
+    return datetime.datetime.now().replace(microsecond=0)
+
+
+def apply_labels(ds: Dataset, equipment: Equipment, when: datetime.datetime | None = None) -> None:
+    """Set ContentQualification and ContributingEquipmentSequence on a built dataset.
+
+    highdicom objects accept ``contributing_equipment`` at construction; this helper covers the
+    objects written with pydicom (RTSTRUCT, derived MR) and checks the description rule.
+    """
+    ds.ContentQualification = CONTENT_QUALIFICATION
+    if "ContributingEquipmentSequence" not in ds:
+        ds.ContributingEquipmentSequence = [equipment.contributing_equipment(when)]
+    description = str(ds.get("SeriesDescription", ""))
+    if not is_labelled_description(description):
+        raise ExportError(
+            f"SeriesDescription must start with {SERIES_PREFIX!r} and contain {RESEARCH_NOTE!r}, "
+            f"found {description!r}"
+        )
+
+
+def set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
+    """Copy the Patient and General Study attributes of the source study onto ``ds``.
+
+    Outputs are always written in UTF-8 (``ISO_IR 192``): the names arrive as decoded Python
+    strings whatever character set the source declared, and UTF-8 holds all of them.
+    """
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = patient.patient_name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.patient_birth_date
+    ds.PatientSex = patient.patient_sex
+    ds.StudyInstanceUID = patient.study_instance_uid
+    ds.StudyDate = patient.study_date
+    ds.StudyTime = patient.study_time
+    ds.StudyID = patient.study_id
+    ds.AccessionNumber = patient.accession_number
+    ds.ReferringPhysicianName = patient.referring_physician_name
+
+
+def sorted_unique(uids: Iterable[str]) -> tuple[str, ...]:
+    return tuple(sorted(set(uids)))

@@ -1,0 +1,150 @@
+"""Geometry and references of the source series, rebuilt from the typed stage objects.
+
+Stages hand ``sr_writer`` a :class:`~dicom_node.types.Volume` (the T1-Gd grid), a
+:class:`~dicom_node.types.SeriesRef` and a :class:`~dicom_node.types.PatientStudy`, never the
+received datasets. highdicom's builders want source datasets (to copy patient and study, check the
+frame of reference and reference the source images); this module rebuilds header-only stand-ins
+of the source slices (no pixel data) that carry exactly what those builders read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
+
+from dicom_node.errors import ExportError
+from dicom_node.types import PatientStudy, SeriesRef, Volume
+
+from .labels import set_patient_study
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Position of slice ``k`` of a :class:`Volume`, as the DICOM plane attributes."""
+
+    image_position: tuple[float, float, float]
+    image_orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing) = (dj, di)
+    slice_thickness: float
+
+
+def slice_geometry(grid: Volume, k: int) -> SliceGeometry:
+    d = np.asarray(grid.direction, dtype=float)
+    origin = np.asarray(grid.origin, dtype=float)
+    pos = origin + d[:, 2] * grid.spacing[2] * k
+    row = d[:, 0]
+    col = d[:, 1]
+    return SliceGeometry(
+        image_position=(_r(pos[0]), _r(pos[1]), _r(pos[2])),
+        image_orientation=(
+            _r(row[0], 8),
+            _r(row[1], 8),
+            _r(row[2], 8),
+            _r(col[0], 8),
+            _r(col[1], 8),
+            _r(col[2], 8),
+        ),
+        pixel_spacing=(_r(grid.spacing[1]), _r(grid.spacing[0])),
+        slice_thickness=_r(grid.spacing[2]),
+    )
+
+
+def _r(x: float, digits: int = 6) -> float:
+    """Round so that the decimal string fits a DS (16 characters)."""
+    v = round(float(x), digits)
+    return 0.0 if v == 0 else v
+
+
+def slice_instance_uids(grid: Volume, series: SeriesRef) -> tuple[str, ...]:
+    """SOP Instance UID of the source slice behind each ``k`` of ``grid``.
+
+    ``grid.source_instance_uids`` (set by conversion, one per slice in ``k`` order) wins; a series
+    whose instance list has one entry per slice is the fallback.
+    """
+    nk = grid.shape[0]
+    if len(grid.source_instance_uids) == nk:
+        return tuple(grid.source_instance_uids)
+    if len(series.sop_instance_uids) == nk:
+        return tuple(series.sop_instance_uids)
+    raise ExportError(
+        f"cannot map the {nk} slices of the source grid to source instances: expected {nk} "
+        f"instance UIDs, found {len(grid.source_instance_uids)} on the volume and "
+        f"{len(series.sop_instance_uids)} in series {series.series_instance_uid}"
+    )
+
+
+def patient_orientation(grid: Volume) -> tuple[str, str]:
+    """PatientOrientation (row direction, column direction) letters, e.g. ``('L', 'P')``."""
+    d = np.asarray(grid.direction, dtype=float)
+    return (_orientation_letters(d[:, 0]), _orientation_letters(d[:, 1]))
+
+
+def _orientation_letters(v: npt.NDArray[np.float64]) -> str:
+    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # LPS: +x left, +y posterior, +z head
+    order = np.argsort(-np.abs(v))
+    out = ""
+    for axis in order:
+        if abs(v[axis]) < 0.25:  # ignore small obliquity components
+            continue
+        out += letters[axis][0] if v[axis] > 0 else letters[axis][1]
+    return out or "L"
+
+
+def source_slice_datasets(
+    grid: Volume, series: SeriesRef, patient: PatientStudy
+) -> list[Dataset]:
+    """Header-only stand-ins of the source slices, in ``k`` order (no pixel data)."""
+    if not grid.frame_of_reference_uid:
+        raise ExportError(
+            "the source grid has no FrameOfReferenceUID; outputs on the pre-treatment frame of "
+            "reference need it (expected a UID on Volume.frame_of_reference_uid, found None)"
+        )
+    uids = slice_instance_uids(grid, series)
+    nk, nj, ni = grid.shape
+    sop_class = series.sop_class_uid or MRImageStorage
+    out: list[Dataset] = []
+    for k, uid in enumerate(uids):
+        g = slice_geometry(grid, k)
+        ds = Dataset()
+        set_patient_study(ds, patient)
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = uid
+        ds.SeriesInstanceUID = series.series_instance_uid
+        ds.Modality = series.modality or "MR"
+        ds.FrameOfReferenceUID = grid.frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Rows = nj
+        ds.Columns = ni
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.ImagePositionPatient = list(g.image_position)
+        ds.ImageOrientationPatient = list(g.image_orientation)
+        ds.PixelSpacing = list(g.pixel_spacing)
+        ds.SliceThickness = g.slice_thickness
+        ds.InstanceNumber = k + 1
+        out.append(ds)
+    return out
+
+
+def reference_stubs(
+    study_instance_uid: str, series: SeriesRef, uids: Sequence[str] | None = None
+) -> list[Dataset]:
+    """Minimal datasets (study, series, SOP class and instance UIDs) to list as SR evidence."""
+    out: list[Dataset] = []
+    for uid in uids if uids is not None else series.sop_instance_uids:
+        ds = Dataset()
+        ds.StudyInstanceUID = study_instance_uid
+        ds.SeriesInstanceUID = series.series_instance_uid
+        ds.SOPClassUID = series.sop_class_uid
+        ds.SOPInstanceUID = uid
+        out.append(ds)
+    return out
