@@ -1,0 +1,148 @@
+"""Optional derived MR series of the prediction, with the source geometry.
+
+Classic MR Image Storage instances, one per source slice, on the source frame of reference with
+the source positions, orientation and spacing, so that a viewer can scroll it linked to the real
+T1-Gd and reformat it (MPR). The pixels are the predicted post-treatment T1-Gd (mean of the
+samples) on the source intensity scale, untouched: no banner is burned in, because a reformat
+would smear it. Instead the series is marked as derived and synthetic wherever a viewer or a
+person looks: ImageType ``DERIVED\\SECONDARY``, SeriesDescription ``SYNTHETIC PREDICTION - RESEARCH
+USE ONLY - ...``, ImageComments and DerivationDescription, ContentQualification ``RESEARCH``,
+ContributingEquipmentSequence, and a SourceImageSequence pointing at the real slice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+
+from dicom_node.errors import ExportError
+from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
+
+from .labels import (
+    BANNER_TEXT,
+    SERIES_NUMBERS,
+    Equipment,
+    JobIdentity,
+    apply_labels,
+    series_description,
+    set_patient_study,
+)
+from .references import slice_geometry, slice_instance_uids
+from .secondary_capture import Window, _source_item, window_like
+
+logger = logging.getLogger(__name__)
+
+
+def build_derived_mr(
+    *,
+    prediction: Prediction,
+    source_t1c: Volume,
+    source_series: SeriesRef,
+    patient: PatientStudy,
+    job: JobIdentity,
+    equipment: Equipment,
+    window: Window | None = None,
+    when: datetime.datetime | None = None,
+) -> list[Dataset]:
+    if prediction.mean.shape != source_t1c.shape:
+        raise ExportError(
+            f"the predicted image must be on the source T1-Gd grid: expected shape "
+            f"{source_t1c.shape}, found {prediction.mean.shape}"
+        )
+    if not source_t1c.frame_of_reference_uid:
+        raise ExportError("the source T1-Gd grid has no FrameOfReferenceUID (found None)")
+    values = np.asarray(prediction.mean.array, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ExportError("the predicted image has non-finite voxels")
+    lo, hi = float(values.min()), float(values.max())
+    if lo < -32768 or hi > 32767:
+        raise ExportError(
+            f"the predicted intensities must fit signed 16 bits, found {lo:.1f}..{hi:.1f}"
+        )
+    pixels = np.rint(values).astype(np.int16)
+    w = window or window_like(source_t1c)
+    ts = when or datetime.datetime.now().replace(microsecond=0)
+    source_uids = slice_instance_uids(source_t1c, source_series)
+    series_uid = job.series_uid("derived-mr")
+    nk, nj, ni = source_t1c.shape
+    out: list[Dataset] = []
+    for k in range(nk):
+        g = slice_geometry(source_t1c, k)
+        sop_uid = job.instance_uid("derived-mr", k)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        set_patient_study(ds, patient)
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceCreationDate = ts.strftime("%Y%m%d")
+        ds.InstanceCreationTime = ts.strftime("%H%M%S")
+        # General Series
+        ds.Modality = "MR"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = SERIES_NUMBERS["derived-mr"]
+        ds.SeriesDescription = series_description("derived MR")
+        ds.SeriesDate = ts.strftime("%Y%m%d")
+        ds.SeriesTime = ts.strftime("%H%M%S")
+        ds.Laterality = ""  # type 2C; the brain is not a paired structure
+        ds.PatientPosition = ""  # type 2C; the source position is not carried by Volume
+        # Frame of Reference
+        ds.FrameOfReferenceUID = source_t1c.frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        # General Equipment
+        ds.Manufacturer = equipment.manufacturer
+        ds.ManufacturerModelName = equipment.model_name
+        ds.SoftwareVersions = list(equipment.software_versions)
+        if equipment.institution_name:
+            ds.InstitutionName = equipment.institution_name
+        # General Image
+        ds.InstanceNumber = k + 1
+        ds.ContentDate = ts.strftime("%Y%m%d")
+        ds.ContentTime = ts.strftime("%H%M%S")
+        ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+        ds.DerivationDescription = (
+            f"Synthetic post-treatment T1-Gd predicted by {equipment.model_label} "
+            f"(mean of {len(prediction.sample_volumes_ml)} samples); not an acquisition"
+        )
+        ds.ImageComments = f"{BANNER_TEXT}. Model {equipment.model_label}."
+        ds.BurnedInAnnotation = "NO"
+        ds.LossyImageCompression = "00"
+        ds.SourceImageSequence = [_source_item(source_series.sop_class_uid, source_uids[k])]
+        # Image Plane
+        ds.ImagePositionPatient = list(g.image_position)
+        ds.ImageOrientationPatient = list(g.image_orientation)
+        ds.PixelSpacing = list(g.pixel_spacing)
+        ds.SliceThickness = g.slice_thickness
+        # MR Image: no acquisition took place; the type 1/2 attributes describe none
+        ds.ScanningSequence = "RM"  # research mode
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = ""
+        ds.EchoTime = None
+        ds.RepetitionTime = None
+        ds.EchoTrainLength = None
+        ds.SequenceName = "SYNTHETIC"
+        # Image Pixel
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = nj
+        ds.Columns = ni
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.WindowCenter = f"{w.center:.2f}"
+        ds.WindowWidth = f"{w.width:.2f}"
+        ds.WindowCenterWidthExplanation = "like the source T1-Gd"
+        ds.PixelData = pixels[k].tobytes()
+        apply_labels(ds, equipment, ts)
+        out.append(ds)
+    logger.info("built %d derived MR instances (job %s)", len(out), job.key[:12])
+    return out

@@ -1,0 +1,238 @@
+"""All output objects of one job, built together so that they reference each other.
+
+Order of construction: Secondary Capture (prediction, then optional uncertainty), SEG, RTSTRUCT,
+optional derived MR, and last the SR, which references segment 1 of the SEG and lists every other
+output and every input series as evidence. UIDs come from :class:`~sr_writer.labels.JobIdentity`,
+so building the same job again gives the same objects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import ExportError
+from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
+
+from .derived_mr import build_derived_mr
+from .labels import SERIES_NUMBERS, Equipment, JobIdentity, apply_labels, series_description
+from .rtstruct import RoiMask, build_rtstruct
+from .secondary_capture import Window, build_secondary_capture
+from .segmentation import build_segmentation
+from .structured_report import build_structured_report
+
+logger = logging.getLogger(__name__)
+
+PREDICTED_ROI_NAME = "PRED_TUMOUR"
+PREDICTED_ROI_COLOR = (255, 0, 0)
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """The source study as the pipeline knows it.
+
+    ``t1c`` is the source T1-Gd grid (the prediction lies on it), ``t1c_series`` its series;
+    ``other_series`` are the other inputs the prediction used (the RTSTRUCT with the GTV, other
+    contrasts, the RTDOSE). ``window`` is the source's display window when it had one.
+    """
+
+    patient: PatientStudy
+    t1c: Volume
+    t1c_series: SeriesRef
+    other_series: tuple[SeriesRef, ...] = ()
+    window: Window | None = None
+
+    @property
+    def input_instance_uids(self) -> tuple[str, ...]:
+        uids = list(self.t1c_series.sop_instance_uids)
+        for s in self.other_series:
+            uids.extend(s.sop_instance_uids)
+        return tuple(uids)
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    node_version: str = "0"
+    uncertainty_sc: bool = True
+    derived_mr: bool = False
+    institution_name: str | None = None
+    station_name: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOutputs:
+    job: JobIdentity
+    sc: tuple[Dataset, ...]
+    uncertainty_sc: tuple[Dataset, ...]
+    seg: Dataset
+    rtstruct: Dataset
+    sr: Dataset
+    derived_mr: tuple[Dataset, ...] = field(default=())
+
+    def all(self) -> list[Dataset]:
+        """Every object, images first and the SR last (the order they are sent in)."""
+        return [
+            *self.sc,
+            *self.uncertainty_sc,
+            *self.derived_mr,
+            self.seg,
+            self.rtstruct,
+            self.sr,
+        ]
+
+    def series_counts(self) -> dict[str, int]:
+        """Number of instances per output series UID."""
+        counts: dict[str, int] = {}
+        for ds in self.all():
+            counts[ds.SeriesInstanceUID] = counts.get(ds.SeriesInstanceUID, 0) + 1
+        return counts
+
+
+def job_identity(prediction: Prediction, inputs: JobInputs) -> JobIdentity:
+    return JobIdentity(
+        study_instance_uid=inputs.patient.study_instance_uid,
+        input_instance_uids=inputs.input_instance_uids,
+        model_name=prediction.model_name,
+        model_version=prediction.model_version,
+    )
+
+
+def build_outputs(
+    prediction: Prediction,
+    inputs: JobInputs,
+    options: OutputOptions | None = None,
+    *,
+    when: datetime.datetime | None = None,
+) -> JobOutputs:
+    """Build every output object of one job. Raises :class:`ExportError` with the reason."""
+    opts = options or OutputOptions()
+    if inputs.t1c.frame_of_reference_uid != prediction.tumour_mask.frame_of_reference_uid:
+        raise ExportError(
+            f"the prediction must be on the source T1-Gd frame of reference: expected "
+            f"{inputs.t1c.frame_of_reference_uid}, found "
+            f"{prediction.tumour_mask.frame_of_reference_uid}"
+        )
+    ts = when or datetime.datetime.now().replace(microsecond=0)
+    job = job_identity(prediction, inputs)
+    equipment = Equipment(
+        model_name=prediction.model_name,
+        model_version=prediction.model_version,
+        node_version=opts.node_version,
+        institution_name=opts.institution_name,
+        station_name=opts.station_name,
+    )
+    common = {
+        "prediction": prediction,
+        "source_t1c": inputs.t1c,
+        "source_series": inputs.t1c_series,
+        "patient": inputs.patient,
+        "job": job,
+        "equipment": equipment,
+        "when": ts,
+    }
+    sc = build_secondary_capture(**common, window=inputs.window)  # type: ignore[arg-type]
+    unc: list[Dataset] = []
+    if opts.uncertainty_sc:
+        unc = list(build_secondary_capture(**common, uncertainty=True))  # type: ignore[arg-type]
+    seg = build_segmentation(**common)  # type: ignore[arg-type]
+    rt = build_prediction_rtstruct(
+        prediction=prediction, inputs=inputs, job=job, equipment=equipment, when=ts
+    )
+    mr: list[Dataset] = []
+    if opts.derived_mr:
+        mr = build_derived_mr(**common, window=inputs.window)  # type: ignore[arg-type]
+    sr = build_structured_report(
+        **common,  # type: ignore[arg-type]
+        seg=seg,
+        outputs=[*sc, *unc, *mr, rt],
+        other_sources=inputs.other_series,
+    )
+    out = JobOutputs(
+        job=job,
+        sc=tuple(sc),
+        uncertainty_sc=tuple(unc),
+        seg=seg,
+        rtstruct=rt,
+        sr=sr,
+        derived_mr=tuple(mr),
+    )
+    check_same_study(out.all(), inputs.patient.study_instance_uid)
+    logger.info(
+        "built %d output objects in %d series (job %s)",
+        len(out.all()),
+        len(out.series_counts()),
+        job.key[:12],
+    )
+    return out
+
+
+def build_prediction_rtstruct(
+    *,
+    prediction: Prediction,
+    inputs: JobInputs,
+    job: JobIdentity,
+    equipment: Equipment,
+    when: datetime.datetime | None = None,
+) -> Dataset:
+    """RTSTRUCT of the predicted tumour on the pre-treatment frame of reference.
+
+    Written by the shared :func:`sr_writer.rtstruct.build_rtstruct`; the labelling attributes
+    (ContentQualification, ContributingEquipmentSequence) are added here.
+    """
+    ts = when or datetime.datetime.now().replace(microsecond=0)
+    mask = prediction.tumour_mask
+    grid = inputs.t1c
+    if mask.shape != grid.shape:
+        raise ExportError(
+            f"the predicted tumour mask must be on the source T1-Gd grid: expected shape "
+            f"{grid.shape}, found {mask.shape}"
+        )
+    if tuple(grid.source_instance_uids) != tuple(mask.source_instance_uids):
+        mask = Volume(
+            array=mask.array,
+            spacing=grid.spacing,
+            origin=grid.origin,
+            direction=grid.direction,
+            frame_of_reference_uid=grid.frame_of_reference_uid,
+            source_instance_uids=grid.source_instance_uids,
+            series_instance_uid=grid.series_instance_uid,
+        )
+    ds = build_rtstruct(
+        rois=[
+            RoiMask(
+                name=PREDICTED_ROI_NAME,
+                mask=mask,
+                color=PREDICTED_ROI_COLOR,
+                interpreted_type="",
+            )
+        ],
+        reference_grid=grid,
+        reference_series=inputs.t1c_series,
+        patient=inputs.patient,
+        series_instance_uid=job.series_uid("rtstruct"),
+        sop_instance_uid=job.instance_uid("rtstruct"),
+        series_description=series_description("RTSTRUCT"),
+        series_number=SERIES_NUMBERS["rtstruct"],
+        structure_set_label="PREDICTION",
+        manufacturer=equipment.manufacturer,
+        software_versions="\\".join(equipment.software_versions),
+        content_datetime=ts,
+        manufacturer_model_name=equipment.model_name,
+        roi_generation_algorithm="AUTOMATIC",
+    )
+    ds.StructureSetDescription = "Predicted post-treatment tumour; synthetic, research use only"
+    apply_labels(ds, equipment, ts)
+    return ds
+
+
+def check_same_study(datasets: Sequence[Dataset], study_instance_uid: str) -> None:
+    for ds in datasets:
+        if ds.StudyInstanceUID != study_instance_uid:
+            raise ExportError(
+                f"output {ds.SOPInstanceUID} is in study {ds.StudyInstanceUID}, expected "
+                f"{study_instance_uid}"
+            )
