@@ -1,0 +1,260 @@
+"""The ``glioforecast`` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.errors import ConfigError, GlioforecastError
+from dicom_node.settings import ENV_CONFIG, Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None:
+        settings = dataclasses.replace(
+            settings, storage=dataclasses.replace(settings.storage, data_dir=data_dir)
+        )
+    port = getattr(args, "port", None)
+    if port is not None:
+        settings = dataclasses.replace(settings, node=dataclasses.replace(settings.node, port=port))
+    return settings
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import serve
+
+    return serve(_settings(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file)
+    print(f"{settings.source}: valid")
+    print(
+        f"  node {settings.node.ae_title} on {settings.node.bind_address}:{settings.node.port}, "
+        f"{len(settings.node.allowed_callers)} allowed caller rule(s), "
+        f"TLS {'on' if settings.node.tls.enabled else 'off'}"
+    )
+    print(
+        f"  data in {settings.storage.data_dir}, quiet period {settings.assembly.quiet_period_s} s"
+    )
+    print(f"  {len(settings.destinations)} destination(s)")
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"glioforecast {__version__}")
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.sender import echo
+
+    status = echo(args.host, args.port, args.called_ae, args.calling_ae)
+    print(f"C-ECHO {args.called_ae}@{args.host}:{args.port}: status 0x{status:04X}")
+    return EXIT_OK if status == 0 else EXIT_FAILED
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dicom_node.sender import collect_files, send_files
+
+    files = collect_files(args.paths)
+    with tqdm(total=len(files), unit="file", desc="C-STORE", disable=args.quiet) as bar:
+        report = send_files(
+            files, args.host, args.port, args.called_ae, args.calling_ae, progress=bar.update
+        )
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    for path, why in report.failed:
+        print(f"failed {path}: {why}", file=sys.stderr)
+    print(f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}")
+    return EXIT_OK if not report.failed else EXIT_FAILED
+
+
+def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from dicom_node.jobs import JobStore
+
+    settings = _settings(args)
+    db = settings.storage.database
+    if not db.exists():
+        raise GlioforecastError(f"no job database at {db}: expected a node that has run there")
+    return settings, JobStore(db)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    _, store = _open_store(args)
+    jobs = store.list_jobs(state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(j) for j in jobs], indent=2))
+        return EXIT_OK
+    print(f"{'job':>5}  {'state':<10} {'ver':>3} {'inst':>5}  {'created':<19}  study / reason")
+    for j in jobs:
+        print(
+            f"{j.id:>5}  {j.state:<10} {j.version:>3} {j.instance_count:>5}  "
+            f"{_when(j.created_at):<19}  {j.study_instance_uid}"
+        )
+        if j.reason:
+            print(f"{'':>48}{j.reason[:200]}")
+    return EXIT_OK
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    from pydicom.uid import UID
+
+    _, store = _open_store(args)
+    job = store.get_job(args.job_id)
+    if job is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    series = store.job_series(job.id)
+    events = store.events(job.id)
+    if args.json:
+        out = dataclasses.asdict(job)
+        out["series"] = [
+            {**dataclasses.asdict(s.series), "role": s.role, "note": s.note} for s in series
+        ]
+        out["events"] = [dataclasses.asdict(e) for e in events]
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(f"job {job.id}: {job.state} (version {job.version}, {job.instance_count} instances)")
+    print(f"  study        {job.study_instance_uid}")
+    print(f"  patient key  {job.patient_key}")
+    print(f"  created      {_when(job.created_at)}   updated {_when(job.updated_at)}")
+    if job.reason:
+        print(f"  reason       {job.reason}")
+    print("  series:")
+    print(f"    {'role':<9} {'no.':>4}  {'description':<34} {'class':<28} {'inst':>5}")
+    for s in series:
+        number = "" if s.series.series_number is None else str(s.series.series_number)
+        cls = UID(s.series.sop_class_uid).name
+        print(
+            f"    {s.role or '-':<9} {number:>4}  {s.series.text[:34]:<34} {cls[:28]:<28} "
+            f"{s.series.instance_count:>5}" + (f"  ({s.note})" if s.note else "")
+        )
+    print("  events:")
+    for e in events:
+        print(f"    {_when(e.at)}  {e.kind:<10} {e.message}")
+    return EXIT_OK
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from dicom_node.assembler import Assembler
+
+    settings, store = _open_store(args)
+    try:
+        state = Assembler(store, settings).retry(args.job_id)
+    except KeyError:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    job = store.get_job(args.job_id)
+    print(f"job {args.job_id}: {state}" + (f" ({job.reason})" if job and job.reason else ""))
+    return EXIT_OK if state != "failed" else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _add_peer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("host", help="peer host name or address")
+    p.add_argument("port", type=int, help="peer port")
+    p.add_argument("--called-ae", "-aec", default="ANY-SCP", help="peer AE title")
+    p.add_argument("--calling-ae", "-aet", default="GLIOFORECAST", help="our AE title")
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="override storage.data_dir of the config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glioforecast",
+        description="DICOM node predicting the post-treatment MRI of a glioblastoma "
+        "(synthetic prediction, research use only).",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"YAML configuration (default: ${ENV_CONFIG}, else the embedded default)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the node (SCP, assembly, jobs)")
+    _add_data_dir(p)
+    p.add_argument("--port", type=int, help="override node.port of the config")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    _add_peer(p)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    _add_peer(p)
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_send)
+
+    jobs = sub.add_parser("jobs", help="list, show or retry jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    p = jsub.add_parser("list", help="list recent jobs")
+    _add_data_dir(p)
+    p.add_argument("--state", choices=("queued", "running", "done", "failed", "superseded"))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("show", help="show a job: series, roles, events")
+    _add_data_dir(p)
+    p.add_argument("job_id", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs_show)
+    p = jsub.add_parser("retry", help="re-evaluate and re-queue a failed job")
+    _add_data_dir(p)
+    p.add_argument("job_id", type=int)
+    p.set_defaults(func=cmd_jobs_retry)
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"glioforecast: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GlioforecastError as exc:
+        print(f"glioforecast: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""Job state in SQLite (WAL): received instances, studies, jobs and their audit events.
+
+The spool files are the truth about what was accepted; this database records what the node
+knows about them and what it has done. :meth:`JobStore.reconcile` brings the two back in line
+after a crash. Job creation is one transaction, so a crash never leaves half a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.errors import StorageError
+from dicom_node.instance import InstanceInfo
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    series_number INTEGER,
+    series_description TEXT NOT NULL,
+    protocol_name TEXT NOT NULL,
+    sequence_name TEXT NOT NULL,
+    contrast_agent INTEGER NOT NULL,
+    frame_of_reference_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    assembled INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid, assembled);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    patient_key TEXT NOT NULL,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS studies_due ON studies(pending, last_received_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (study_instance_uid, version)
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS job_instances (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    sop_instance_uid TEXT NOT NULL,
+    PRIMARY KEY (job_id, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS job_series (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    series_instance_uid TEXT NOT NULL,
+    role TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, series_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+"""
+
+# Job states. ``queued`` jobs wait for the pipeline; ``superseded`` jobs were replaced by a newer
+# version of the same study (a late instance arrived).
+QUEUED, RUNNING, DONE, FAILED, SUPERSEDED = "queued", "running", "done", "failed", "superseded"
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, SUPERSEDED)
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    protocol_name: str
+    sequence_name: str
+    contrast_agent: bool
+    frame_of_reference_uid: str
+    instance_count: int
+    last_received_at: float
+
+    @property
+    def text(self) -> str:
+        """The text role rules match against."""
+        return " | ".join(
+            t for t in (self.series_description, self.protocol_name, self.sequence_name) if t
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_instance_uid: str
+    version: int
+    state: str
+    reason: str
+    created_at: float
+    updated_at: float
+    attempts: int
+    instance_count: int
+    patient_key: str
+
+
+@dataclass(frozen=True)
+class JobSeries:
+    series: SeriesSummary
+    role: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What the assembler decided for one series of a new job."""
+
+    series_instance_uid: str
+    role: str  # a role name, or "" when the series has none
+    note: str = ""
+
+
+class JobStore:
+    """Thread-safe access to the job database (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash; after a power loss the last commits
+            # may be lost, and reconcile() rebuilds them from the fsynced spool files.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError(f"job database {path}: cannot open: {exc}") from exc
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    # ---------------------------------------------------------------- instances
+
+    def record_instance(
+        self, info: InstanceInfo, relative_path: str, calling_ae: str, received_at: float
+    ) -> bool:
+        """Record a stored instance; False when it was already known (a duplicate)."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, "
+                "study_instance_uid, series_instance_uid, modality, series_number, "
+                "series_description, protocol_name, sequence_name, contrast_agent, "
+                "frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, received_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    info.sop_instance_uid,
+                    info.sop_class_uid,
+                    info.study_instance_uid,
+                    info.series_instance_uid,
+                    info.modality,
+                    info.series_number,
+                    info.series_description,
+                    info.protocol_name,
+                    info.sequence_name,
+                    int(info.contrast_agent),
+                    info.frame_of_reference_uid,
+                    info.transfer_syntax_uid,
+                    relative_path,
+                    calling_ae,
+                    received_at,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            db.execute(
+                "INSERT INTO studies (study_instance_uid, patient_key, first_received_at, "
+                "last_received_at, pending) VALUES (?,?,?,?,1) "
+                "ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "last_received_at = max(last_received_at, excluded.last_received_at), pending = 1",
+                (info.study_instance_uid, info.patient_key, received_at, received_at),
+            )
+            return True
+
+    def known_paths(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT path FROM instances")}
+
+    def forget_instances(self, relative_paths: Sequence[str]) -> None:
+        """Drop rows whose file disappeared from the spool (logged as an event)."""
+        with self.transaction() as db:
+            for rel in relative_paths:
+                db.execute("DELETE FROM instances WHERE path = ?", (rel,))
+                db.execute(
+                    "INSERT INTO events (job_id, at, kind, message) VALUES (NULL, ?, ?, ?)",
+                    (time.time(), "missing-file", f"spool file {rel} is gone; row removed"),
+                )
+
+    def instance_paths(self, job_id: int) -> dict[str, list[str]]:
+        """Spool-relative paths of a job's instances, grouped by series UID."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT i.series_instance_uid, i.path FROM job_instances ji "
+                "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? ORDER BY i.path",
+                (job_id,),
+            ).fetchall()
+        out: dict[str, list[str]] = {}
+        for series_uid, path in rows:
+            out.setdefault(series_uid, []).append(path)
+        return out
+
+    # ---------------------------------------------------------------- studies and series
+
+    def due_studies(self, now: float, quiet_period_s: float) -> list[str]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT study_instance_uid FROM studies WHERE pending = 1 "
+                "AND last_received_at <= ? ORDER BY last_received_at",
+                (now - quiet_period_s,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def series_of_study(self, study_uid: str) -> list[SeriesSummary]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT series_instance_uid, sop_class_uid, modality, series_number, "
+                "series_description, protocol_name, sequence_name, max(contrast_agent), "
+                "frame_of_reference_uid, count(*), max(received_at) FROM instances "
+                "WHERE study_instance_uid = ? GROUP BY series_instance_uid, sop_class_uid "
+                "ORDER BY series_number, series_instance_uid",
+                (study_uid,),
+            ).fetchall()
+        return [_series(r) for r in rows]
+
+    # ---------------------------------------------------------------- jobs
+
+    def create_job(
+        self, study_uid: str, decisions: Sequence[RoleDecision], state: str, reason: str
+    ) -> int:
+        """Create the next job version of a study with all of its instances (one transaction).
+
+        Earlier versions that are not finished or that have results become ``superseded``.
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT coalesce(max(version), 0) FROM jobs WHERE study_instance_uid = ?",
+                (study_uid,),
+            ).fetchone()
+            version = int(row[0]) + 1
+            old = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM jobs WHERE study_instance_uid = ? AND state != ?",
+                    (study_uid, SUPERSEDED),
+                )
+            ]
+            cur = db.execute(
+                "INSERT INTO jobs (study_instance_uid, version, state, reason, created_at, "
+                "updated_at) VALUES (?,?,?,?,?,?)",
+                (study_uid, version, state, reason, now, now),
+            )
+            job_id = int(cur.lastrowid or 0)
+            for old_id in old:
+                db.execute(
+                    "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
+                    (SUPERSEDED, now, old_id),
+                )
+                _event(db, old_id, "superseded", f"superseded by job {job_id} (version {version})")
+            db.execute(
+                "INSERT INTO job_instances (job_id, sop_instance_uid) "
+                "SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ?",
+                (job_id, study_uid),
+            )
+            db.execute(
+                "UPDATE instances SET assembled = 1 WHERE study_instance_uid = ? AND assembled = 0",
+                (study_uid,),
+            )
+            db.execute("UPDATE studies SET pending = 0 WHERE study_instance_uid = ?", (study_uid,))
+            for d in decisions:
+                db.execute(
+                    "INSERT INTO job_series (job_id, series_instance_uid, role, note) "
+                    "VALUES (?,?,?,?)",
+                    (job_id, d.series_instance_uid, d.role, d.note),
+                )
+            count = db.execute(
+                "SELECT count(*) FROM job_instances WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+            _event(db, job_id, "created", f"version {version} with {count} instances; {state}")
+            if reason:
+                _event(db, job_id, state, reason)
+        return job_id
+
+    def set_roles(
+        self, job_id: int, decisions: Sequence[RoleDecision], state: str, reason: str
+    ) -> None:
+        """Replace a job's series roles and state (used by retry, after the rules changed)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM job_series WHERE job_id = ?", (job_id,))
+            for d in decisions:
+                db.execute(
+                    "INSERT INTO job_series (job_id, series_instance_uid, role, note) "
+                    "VALUES (?,?,?,?)",
+                    (job_id, d.series_instance_uid, d.role, d.note),
+                )
+            db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, attempts = 0 WHERE id = ?",
+                (state, reason, time.time(), job_id),
+            )
+            _event(db, job_id, "retry", f"re-queued by an operator; now {state} {reason}".strip())
+
+    def set_state(self, job_id: int, state: str, reason: str = "") -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (state, reason, time.time(), job_id),
+            )
+            _event(db, job_id, state, reason or state)
+
+    def add_event(self, job_id: int | None, kind: str, message: str) -> None:
+        with self.transaction() as db:
+            _event(db, job_id, kind, message)
+
+    def list_jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
+        query = (
+            "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
+            "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid)"
+        )
+        params: tuple[object, ...] = ()
+        if state:
+            query += " WHERE j.state = ?"
+            params = (state,)
+        query += " ORDER BY j.id DESC LIMIT ?"
+        with self._lock:
+            rows = self._conn.execute(query, (*params, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
+                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
+                "WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+        return _job(row) if row else None
+
+    def job_series(self, job_id: int) -> list[JobSeries]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT i.series_instance_uid, i.sop_class_uid, i.modality, i.series_number, "
+                "i.series_description, i.protocol_name, i.sequence_name, max(i.contrast_agent), "
+                "i.frame_of_reference_uid, count(*), max(i.received_at), "
+                "coalesce(js.role, ''), coalesce(js.note, '') "
+                "FROM job_instances ji JOIN instances i USING (sop_instance_uid) "
+                "LEFT JOIN job_series js ON js.job_id = ji.job_id "
+                "AND js.series_instance_uid = i.series_instance_uid "
+                "WHERE ji.job_id = ? GROUP BY i.series_instance_uid, i.sop_class_uid "
+                "ORDER BY i.series_number, i.series_instance_uid",
+                (job_id,),
+            ).fetchall()
+        return [JobSeries(_series(r[:11]), r[11], r[12]) for r in rows]
+
+    def events(self, job_id: int) -> list[Event]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT at, kind, message FROM events WHERE job_id = ? ORDER BY id", (job_id,)
+            ).fetchall()
+        return [Event(r[0], r[1], r[2]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
+            out = {state: 0 for state in JOB_STATES}
+            out.update({r[0]: r[1] for r in rows})
+            out["instances"] = self._conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+        return out
+
+
+def _event(db: sqlite3.Connection, job_id: int | None, kind: str, message: str) -> None:
+    db.execute(
+        "INSERT INTO events (job_id, at, kind, message) VALUES (?, ?, ?, ?)",
+        (job_id, time.time(), kind, message),
+    )
+
+
+def _series(r: Sequence[object]) -> SeriesSummary:
+    return SeriesSummary(
+        series_instance_uid=str(r[0]),
+        sop_class_uid=str(r[1]),
+        modality=str(r[2]),
+        series_number=None if r[3] is None else int(str(r[3])),
+        series_description=str(r[4]),
+        protocol_name=str(r[5]),
+        sequence_name=str(r[6]),
+        contrast_agent=bool(r[7]),
+        frame_of_reference_uid=str(r[8]),
+        instance_count=int(str(r[9])),
+        last_received_at=float(str(r[10])),
+    )
+
+
+def _job(r: sqlite3.Row) -> Job:
+    return Job(
+        id=r["id"],
+        study_instance_uid=r["study_instance_uid"],
+        version=r["version"],
+        state=r["state"],
+        reason=r["reason"],
+        created_at=r["created_at"],
+        updated_at=r["updated_at"],
+        attempts=r["attempts"],
+        instance_count=int(r[8]),
+        patient_key=str(r[9]),
+    )

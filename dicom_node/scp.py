@@ -1,0 +1,272 @@
+"""The DICOM receiver: Verification and Storage SCP (pynetdicom).
+
+Handlers are thin: they decide who may associate, check a received dataset is usable, store it
+durably and record it, and translate the outcome into a DIMSE status. An instance is answered
+0x0000 only after :meth:`Spool.store` has fsynced it.
+
+Statuses: 0x0000 success (also for a duplicate, stored once), 0xA700 out of resources (low disk:
+the sender retries), 0xC210 cannot understand (undecodable or unusable dataset), 0x0110
+processing failure (the spool or database failed otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from typing import Any
+
+from pydicom import uid as sc
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.errors import InputError, OutOfSpaceError, StorageError
+from dicom_node.instance import InstanceInfo, check_pixel_data
+from dicom_node.jobs import JobStore
+from dicom_node.settings import AllowedCaller, NodeSettings
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+# Patient identifiers must never reach the logs.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+STORAGE_CLASSES = (
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.EnhancedMRColorImageStorage,
+    sc.RTStructureSetStorage,
+    sc.RTDoseStorage,
+    sc.RTPlanStorage,
+    sc.RTIonPlanStorage,
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.KeyObjectSelectionDocumentStorage,
+)
+
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ: result 1 = rejected-permanent; source 1 = service user;
+# reason 3 = calling AE title not recognised, 7 = called AE title not recognised.
+_REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
+_CALLING_NOT_RECOGNISED, _CALLED_NOT_RECOGNISED = 0x03, 0x07
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def caller_allowed(callers: tuple[AllowedCaller, ...], ae_title: str, host: str) -> bool:
+    """True when a caller with this AE title may associate from ``host``."""
+    addr = _address(host)
+    for caller in callers:
+        if caller.ae_title != "*" and caller.ae_title.strip() != ae_title.strip():
+            continue
+        if not caller.hosts:
+            return True
+        if addr is not None and any(
+            addr in ipaddress.ip_network(h, strict=False) for h in caller.hosts
+        ):
+            return True
+    return False
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        # Error Comment is LO: at most 64 characters
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class StorageSCP:
+    """Receives instances into the spool and records them in the job store."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        spool: Spool,
+        store: JobStore,
+        secret: bytes,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.store = store
+        self.secret = secret
+        self.ssl_context = ssl_context
+        self.server: ThreadedAssociationServer | None = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.dimse_timeout_s
+        ae.network_timeout = self.settings.network_timeout_s
+        ae.add_supported_context(VERIFICATION)
+        for cls in STORAGE_CLASSES:
+            ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        return ae
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_open(self, event: Any) -> None:
+        # Without TCP_NODELAY, Nagle's algorithm and delayed ACKs cost ~40 ms per C-STORE.
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        requested = str(assoc.requestor.primitive.called_ae_title).strip()
+        host = assoc.requestor.address
+        if requested and requested != self.settings.ae_title.strip():
+            log.warning(
+                "association from %s (%s) refused: called AE title %r, expected %r",
+                calling,
+                host,
+                requested,
+                self.settings.ae_title,
+            )
+            self._reject(assoc, _CALLED_NOT_RECOGNISED)
+            return
+        if self.settings.refuse_unknown_callers and not caller_allowed(
+            self.settings.allowed_callers, calling, host
+        ):
+            log.warning(
+                "association from unknown caller %r at %s refused (not in node.allowed_callers)",
+                calling,
+                host,
+            )
+            self._reject(assoc, _CALLING_NOT_RECOGNISED)
+            return
+        log.info("association from %s at %s accepted", calling, host)
+
+    @staticmethod
+    def _reject(assoc: Any, diagnostic: int) -> None:
+        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()  # lets the DUL send the A-ASSOCIATE-RJ before the socket closes
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> Dataset | int:
+        calling = event.assoc.requestor.ae_title.strip()
+        tsyntax = str(event.context.transfer_syntax)
+        try:
+            ds = event.dataset
+            info = InstanceInfo.from_dataset(ds, tsyntax, self.secret)
+            check_pixel_data(ds, tsyntax)
+            requested_uid = str(event.request.AffectedSOPInstanceUID or "")
+            if requested_uid and requested_uid != info.sop_instance_uid:
+                raise InputError(
+                    f"SOPInstanceUID {info.sop_instance_uid} differs from the request's "
+                    f"Affected SOP Instance UID {requested_uid}"
+                )
+        except InputError as exc:
+            log.warning("instance from %s refused (0xC210): %s", calling, exc)
+            return _status(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("instance from %s undecodable (0xC210): %s", calling, exc)
+            return _status(CANNOT_UNDERSTAND, f"undecodable dataset: {type(exc).__name__}")
+        try:
+            stored = self.spool.store(
+                info.study_instance_uid,
+                info.series_instance_uid,
+                info.sop_instance_uid,
+                event.encoded_dataset(),
+            )
+            new = self.store.record_instance(info, stored.relative, calling, time.time())
+        except OutOfSpaceError as exc:
+            log.error("instance from %s deferred (0xA700): %s", calling, exc)
+            return _status(OUT_OF_RESOURCES, "node out of disk space; retry later")
+        except (StorageError, OSError, Exception) as exc:
+            log.exception("instance from %s not stored (0x0110): %s", calling, exc)
+            return _status(PROCESSING_FAILURE, "node could not store the instance")
+        if stored.duplicate or not new:
+            log.debug("duplicate instance from %s stored once", calling)
+        return SUCCESS
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> ThreadedAssociationServer:
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        server = self.ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )
+        assert server is not None
+        self.server = server
+        return server
+
+    @property
+    def port(self) -> int:
+        if self.server is None:
+            raise RuntimeError("server not started")
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def server_ssl_context(
+    certificate: str, private_key: str, ca_certificates: str | None, require_client: bool
+) -> ssl.SSLContext:
+    """TLS for the SCP (TLS 1.2 or later); optionally require a client certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certificate, private_key)
+    if ca_certificates:
+        ctx.load_verify_locations(cafile=ca_certificates)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client else ssl.CERT_NONE
+    if ca_certificates and not require_client:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx

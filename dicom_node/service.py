@@ -1,0 +1,166 @@
+"""The node as a service: start-up reconciliation, the SCP, the assembly loop, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+
+from pydicom import dcmread
+
+from dicom_node.assembler import Assembler
+from dicom_node.errors import InputError
+from dicom_node.instance import InstanceInfo, installation_secret
+from dicom_node.jobs import JobStore
+from dicom_node.scp import StorageSCP, server_ssl_context
+from dicom_node.settings import LoggingSettings, Settings
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class _JobField(logging.Filter):
+    """Give every record a ``job`` attribute so formats can show it ("-" when none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job"):
+            record.job = "-"
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+                "level": record.levelname,
+                "logger": record.name,
+                "job": getattr(record, "job", "-"),
+                "message": record.getMessage(),
+            }
+        )
+
+
+def configure_logging(settings: LoggingSettings) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_JobField())
+    if settings.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [job %(job)s] %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.level)
+    # pynetdicom is chatty at INFO (one line per PDU); keep it to warnings unless debugging.
+    logging.getLogger("pynetdicom").setLevel(
+        logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+    )
+
+
+def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
+    """Bring the database in line with the spool after a crash or restart.
+
+    - partial temp files were never acknowledged: removed;
+    - files on disk but not in the database (killed between rename and insert): recorded;
+    - rows whose file is gone: removed, with an event.
+    Jobs need no repair: each is created in one transaction, and instances not yet in a job
+    keep their study pending, so the assembler picks them up.
+    """
+    removed_tmp = spool.clean_tmp()
+    known = store.known_paths()
+    on_disk = set(spool.iter_files())
+    added = 0
+    for rel in sorted(on_disk - known):
+        path = spool.root / rel
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            tsyntax = str(ds.file_meta.TransferSyntaxUID)
+            info = InstanceInfo.from_dataset(ds, tsyntax, secret)
+        except (InputError, Exception) as exc:
+            log.error("spool file %s cannot be read back (%s); left in place", rel, exc)
+            continue
+        store.record_instance(info, rel, "(recovered)", path.stat().st_mtime)
+        added += 1
+    missing = sorted(known - on_disk)
+    if missing:
+        store.forget_instances(missing)
+    summary = {"removed_partial": removed_tmp, "recovered": added, "missing": len(missing)}
+    if any(summary.values()):
+        log.warning("reconciled spool and database: %s", summary)
+    return summary
+
+
+class Node:
+    """Everything ``glioforecast serve`` runs, startable and stoppable from tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        data_dir = settings.storage.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.secret = installation_secret(data_dir)
+        self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb * 2**20)
+        self.store = JobStore(settings.storage.database)
+        self.assembler = Assembler(self.store, settings)
+        tls = settings.node.tls
+        ctx = None
+        if tls.enabled:
+            assert tls.certificate is not None and tls.private_key is not None
+            ctx = server_ssl_context(
+                str(tls.certificate),
+                str(tls.private_key),
+                str(tls.ca_certificates) if tls.ca_certificates else None,
+                tls.require_client_certificate,
+            )
+        self.scp = StorageSCP(settings.node, self.spool, self.store, self.secret, ctx)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        reconcile(self.spool, self.store, self.secret)
+        self.scp.start()
+        log.info(
+            "listening as %s on %s:%d%s; data in %s",
+            self.settings.node.ae_title,
+            self.settings.node.bind_address,
+            self.scp.port,
+            " (TLS)" if self.settings.node.tls.enabled else "",
+            self.settings.storage.data_dir,
+        )
+
+    def run_forever(self) -> None:
+        """Assemble jobs until :meth:`request_stop` (or SIGTERM / SIGINT)."""
+        interval = self.settings.assembly.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                self.assembler.run_once()
+            except Exception:
+                # the loop must survive anything a single study does to it
+                log.exception("assembly pass failed; will retry")
+            self._stop.wait(interval)
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        if signum is not None:
+            log.info("signal %s received: stopping", signal.Signals(signum).name)
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.scp.stop()
+        self.store.close()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.logging)
+    node = Node(settings)
+    signal.signal(signal.SIGTERM, node.request_stop)
+    signal.signal(signal.SIGINT, node.request_stop)
+    node.start()
+    try:
+        node.run_forever()
+    finally:
+        node.stop()
+    return 0

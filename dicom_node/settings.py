@@ -1,0 +1,432 @@
+"""Configuration: one YAML file validated at start-up into typed, frozen settings.
+
+The file is found in this order: the ``--config`` option, the ``GLIOFORECAST_CONFIG`` environment
+variable, the embedded default (``config/default.yaml`` from a checkout, or the copy installed
+with the package under ``<prefix>/share/glioforecast/config``).
+
+Validation is driven by the dataclasses below: every key is checked against the field's type
+and constraints; unknown keys, wrong types and bad values are all reported at once, each with the
+file, the dotted key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dicom_node.errors import ConfigError
+
+ENV_CONFIG = "GLIOFORECAST_CONFIG"
+EMBEDDED = "<embedded default>"
+
+ROLE_NAMES = ("t1c", "flair", "t2", "t1", "rtstruct", "rtdose", "rtplan")
+ROLE_NAME_HELP = ", ".join(ROLE_NAMES)
+
+
+def _spec(
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    check: typing.Callable[[Any], str | None] | None = None,
+) -> dict[str, Any]:
+    return {"doc": doc, "min": minimum, "max": maximum, "check": check}
+
+
+def _check_ae_title(value: str) -> str | None:
+    if not 1 <= len(value.strip()) <= 16:
+        return f"an AE title of 1 to 16 characters, found {value!r} ({len(value.strip())})"
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        return f"an AE title of printable ASCII without backslash, found {value!r}"
+    return None
+
+
+def _check_ae_pattern(value: str) -> str | None:
+    return None if value == "*" else _check_ae_title(value)
+
+
+def _check_regex(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"a valid regular expression, found {value!r} ({exc})"
+    return None
+
+
+def _check_host(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"an IP address or network (e.g. 10.1.2.3 or 10.1.0.0/16), found {value!r}"
+    return None
+
+
+def _check_bind(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"an IP address to listen on (e.g. 0.0.0.0 or 127.0.0.1), found {value!r}"
+    return None
+
+
+def _check_role(value: str) -> str | None:
+    return None if value in ROLE_NAMES else f"one of {ROLE_NAME_HELP}, found {value!r}"
+
+
+def _check_sop_class(value: str) -> str | None:
+    from pydicom.uid import UID
+
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)+", value):
+        return None
+    from pynetdicom import sop_class
+
+    if isinstance(getattr(sop_class, value, None), UID):
+        return None
+    return f"a SOP class UID or keyword such as MRImageStorage, found {value!r}"
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A sender that may associate: an AE title (or ``*``), optionally bound to hosts."""
+
+    ae_title: str = field(metadata=_spec("calling AE title or *", check=_check_ae_pattern))
+    hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=_spec("addresses or networks it may call from (empty: any)", check=_check_host),
+    )
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = field(default="GLIOFORECAST", metadata=_spec("", check=_check_ae_title))
+    bind_address: str = field(default="127.0.0.1", metadata=_spec("", check=_check_bind))
+    port: int = field(default=11112, metadata=_spec("", minimum=1, maximum=65535))
+    max_associations: int = field(default=10, metadata=_spec("", minimum=1, maximum=1000))
+    max_pdu_bytes: int = field(
+        default=262144, metadata=_spec("0 = unlimited", minimum=0, maximum=2**32 - 1)
+    )
+    acse_timeout_s: float = field(default=30.0, metadata=_spec("", minimum=0.1))
+    dimse_timeout_s: float = field(default=60.0, metadata=_spec("", minimum=0.1))
+    network_timeout_s: float = field(default=60.0, metadata=_spec("", minimum=0.1))
+    refuse_unknown_callers: bool = True
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    tls: TLSSettings = TLSSettings()
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    data_dir: Path = Path("glioforecast-data")
+    min_free_mb: int = field(default=512, metadata=_spec("", minimum=0))
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def database(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+
+@dataclass(frozen=True)
+class AssemblySettings:
+    quiet_period_s: float = field(default=30.0, metadata=_spec("", minimum=0.0))
+    poll_interval_s: float = field(default=1.0, metadata=_spec("", minimum=0.01, maximum=60))
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """One rule: a series whose SOP class is listed and whose text matches gets ``role``.
+
+    The text is SeriesDescription, ProtocolName and SequenceName joined by `` | ``;
+    ``contrast`` tests the ContrastBolusAgent attribute (present / absent / any).
+    """
+
+    role: str = field(metadata=_spec("", check=_check_role))
+    sop_classes: tuple[str, ...] = field(metadata=_spec("", check=_check_sop_class))
+    pattern: str | None = field(default=None, metadata=_spec("", check=_check_regex))
+    exclude: str | None = field(default=None, metadata=_spec("", check=_check_regex))
+    contrast: Literal["present", "absent", "any"] = "any"
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    required: tuple[str, ...] = field(
+        default=("t1c", "rtstruct"), metadata=_spec("", check=_check_role)
+    )
+    on_ambiguous: Literal["latest", "fail"] = "latest"
+    roi_pattern: str = field(
+        default=r"(?i)^\s*(gtv|gross|tumou?r)", metadata=_spec("", check=_check_regex)
+    )
+    rules: tuple[RoleRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A PACS (or any C-STORE SCP) that receives the results."""
+
+    name: str
+    ae_title: str = field(metadata=_spec("", check=_check_ae_title))
+    host: str
+    port: int = field(metadata=_spec("", minimum=1, maximum=65535))
+
+
+@dataclass(frozen=True)
+class SendingSettings:
+    calling_ae_title: str = field(default="GLIOFORECAST", metadata=_spec("", check=_check_ae_title))
+    retry_initial_s: float = field(default=10.0, metadata=_spec("", minimum=0.0))
+    retry_max_s: float = field(default=600.0, metadata=_spec("", minimum=0.0))
+    dead_after_attempts: int = field(default=50, metadata=_spec("", minimum=1))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    assembly: AssemblySettings = AssemblySettings()
+    roles: RoleSettings = RoleSettings()
+    destinations: tuple[Destination, ...] = ()
+    sending: SendingSettings = SendingSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: str = field(default=EMBEDDED, metadata={"internal": True})
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if tp is Path:
+        return "a path"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({getattr(tp, '__name__', tp)})"
+    return str(tp)
+
+
+def _found(value: Any) -> str:
+    kind = {dict: "a mapping", list: "a list", bool: "a boolean", type(None): "nothing"}.get(
+        type(value), type(value).__name__
+    )
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{kind} {text}" if kind not in ("nothing",) else "nothing (null)"
+
+
+class _Validator:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, key: str, expected: str, found: str) -> None:
+        self.problems.append(f"{key}: expected {expected}, found {found}")
+
+    def convert(self, tp: Any, value: Any, key: str, meta: dict[str, Any]) -> Any:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if value is None and type(None) in typing.get_args(tp):
+                return None
+            return self.convert(args[0], value, key, meta)
+        if dataclasses.is_dataclass(tp):
+            return self.dataclass(typing.cast(type, tp), value, key)
+        if origin is tuple:
+            (item_tp, *_rest) = typing.get_args(tp)
+            if isinstance(value, str | int | float) and not isinstance(value, bool):
+                value = [value]  # a single item where a list is expected
+            if not isinstance(value, list):
+                self.fail(key, _type_name(tp), _found(value))
+                return ()
+            return tuple(self.convert(item_tp, v, f"{key}[{i}]", meta) for i, v in enumerate(value))
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                self.fail(key, _type_name(tp), _found(value))
+                return choices[0]
+            return value
+        return self.scalar(tp, value, key, meta)
+
+    def scalar(self, tp: Any, value: Any, key: str, meta: dict[str, Any]) -> Any:
+        ok = (
+            (tp is bool and isinstance(value, bool))
+            or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+            or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+            or (tp in (str, Path) and isinstance(value, str))
+        )
+        if not ok:
+            self.fail(key, _type_name(tp), _found(value))
+            return None
+        if tp is float:
+            value = float(value)
+        if tp is Path:
+            if not value.strip():
+                self.fail(key, "a non-empty path", _found(value))
+                return None
+            value = Path(value).expanduser()
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            self.fail(key, f"{_type_name(tp)} {bounds}", _found(value))
+        check = meta.get("check")
+        if check is not None:
+            message = check(value)
+            if message:
+                self.problems.append(f"{key}: expected {message}")
+        return value
+
+    def dataclass(self, cls: type, value: Any, key: str) -> Any:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(key or "top level", _type_name(cls), _found(value))
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        for name in value:
+            if name not in fields:
+                where = f"{key}.{name}" if key else str(name)
+                self.problems.append(f"{where}: unknown key (expected one of: {', '.join(fields)})")
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            where = f"{key}.{name}" if key else name
+            if name in value:
+                kwargs[name] = self.convert(hints[name], value[name], where, dict(f.metadata))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.problems.append(f"{where}: required key is missing")
+        if self.problems:
+            # keep going to collect problems, but a partially invalid object cannot be built
+            try:
+                return cls(**{k: v for k, v in kwargs.items() if v is not None})
+            except TypeError:
+                return None
+        return cls(**kwargs)
+
+
+def _cross_checks(s: Settings) -> list[str]:
+    problems = []
+    tls = s.node.tls
+    if tls.enabled:
+        for name in ("certificate", "private_key"):
+            path = getattr(tls, name)
+            if path is None:
+                problems.append(f"node.tls.{name}: expected a file path when TLS is enabled")
+            elif not path.is_file():
+                problems.append(f"node.tls.{name}: expected an existing file, found {path}")
+        if tls.require_client_certificate and tls.ca_certificates is None:
+            problems.append(
+                "node.tls.ca_certificates: expected a CA file when "
+                "require_client_certificate is true"
+            )
+        elif tls.ca_certificates is not None and not tls.ca_certificates.is_file():
+            problems.append(
+                f"node.tls.ca_certificates: expected an existing file, found {tls.ca_certificates}"
+            )
+    if s.node.refuse_unknown_callers and not s.node.allowed_callers:
+        problems.append(
+            "node.allowed_callers: expected at least one caller when refuse_unknown_callers "
+            "is true (otherwise every association is refused)"
+        )
+    names = [d.name for d in s.destinations]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(f"destinations: expected unique names, found {name!r} twice")
+    if s.sending.retry_max_s < s.sending.retry_initial_s:
+        problems.append(
+            f"sending.retry_max_s: expected >= retry_initial_s ({s.sending.retry_initial_s}), "
+            f"found {s.sending.retry_max_s}"
+        )
+    roles_with_rules = {r.role for r in s.roles.rules}
+    for role in s.roles.required:
+        if role not in roles_with_rules:
+            problems.append(
+                f"roles.required: expected every required role to have a rule, "
+                f"found no rule for {role!r}"
+            )
+    return problems
+
+
+def parse_settings(data: Any, source: str) -> Settings:
+    """Validate a decoded YAML document into :class:`Settings` or raise :class:`ConfigError`."""
+    validator = _Validator()
+    settings = validator.dataclass(Settings, data, "")
+    if validator.problems or settings is None:
+        raise ConfigError(source, validator.problems or ["the document is empty"])
+    problems = _cross_checks(settings)
+    if problems:
+        raise ConfigError(source, problems)
+    return dataclasses.replace(settings, source=source)
+
+
+def default_config_path() -> Path:
+    """The embedded default: the checkout's config/ or the copy installed with the package."""
+    candidates = [
+        Path(__file__).resolve().parents[1] / "config" / "default.yaml",
+        Path(sys.prefix) / "share" / "glioforecast" / "config" / "default.yaml",
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        EMBEDDED, [f"embedded default not found; looked at {', '.join(map(str, candidates))}"]
+    )
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load and validate settings from ``path``, ``$GLIOFORECAST_CONFIG`` or the default."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    if path is None:
+        file = default_config_path()
+        source = f"{EMBEDDED} ({file})"
+    else:
+        file = Path(path)
+        source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}not valid YAML ({problem})"]) from exc
+    return parse_settings(data, source)

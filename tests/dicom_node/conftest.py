@@ -1,0 +1,48 @@
+"""Fixtures that run a real node in-process on an ephemeral localhost port."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.service import Node
+from dicom_node.settings import Settings, load_settings
+
+
+def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
+    """The embedded default with an ephemeral port, ``data_dir`` and section overrides."""
+    s = load_settings(None)
+    s = dataclasses.replace(
+        s,
+        node=dataclasses.replace(s.node, port=0),
+        storage=dataclasses.replace(s.storage, data_dir=data_dir),
+        assembly=dataclasses.replace(s.assembly, quiet_period_s=0.3, poll_interval_s=0.05),
+    )
+    for name, values in sections.items():
+        s = dataclasses.replace(s, **{name: dataclasses.replace(getattr(s, name), **values)})
+    return s
+
+
+@pytest.fixture
+def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start a node (SCP + assembly loop) with overrides; stopped at the end of the test."""
+    started: list[tuple[Node, threading.Thread]] = []
+
+    def start(settings: Settings | None = None, **sections: dict[str, Any]) -> Node:
+        node = Node(settings or make_settings(tmp_path / "data", **sections))
+        node.start()
+        thread = threading.Thread(target=node.run_forever, daemon=True)
+        thread.start()
+        started.append((node, thread))
+        return node
+
+    yield start
+    for node, thread in started:
+        node.request_stop()
+        thread.join(timeout=10)
+        node.stop()

@@ -1,0 +1,158 @@
+"""The receiver against real dcmtk clients on an ephemeral localhost port."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.settings import AllowedCaller
+from tests import factories
+from tests.conftest import tool, wait_for
+
+
+def storescu(port: int, *paths: Path, aet: str = "SCANNER1", extra: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [tool("storescu"), "-v", "-aet", aet, "-aec", "GLIOFORECAST", *extra,
+         "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True, text=True, timeout=120, env={"TCP_NODELAY": "1"},
+    )  # fmt: skip
+
+
+def echoscu(port: int, aet: str = "SCANNER1", aec: str = "GLIOFORECAST", extra=()):  # type: ignore[no-untyped-def]
+    return subprocess.run(
+        [tool("echoscu"), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_echo_from_this_machine_is_accepted(run_node):  # type: ignore[no-untyped-def]
+    node = run_node()
+    result = echoscu(node.scp.port)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unknown_calling_ae_is_refused(run_node):  # type: ignore[no-untyped-def]
+    node = run_node(node={"allowed_callers": (AllowedCaller("SCANNER1"),)})
+    assert echoscu(node.scp.port, aet="SCANNER1").returncode == 0
+    refused = echoscu(node.scp.port, aet="INTRUDER")
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+
+
+def test_caller_bound_to_another_host_is_refused(run_node):  # type: ignore[no-untyped-def]
+    node = run_node(node={"allowed_callers": (AllowedCaller("SCANNER1", ("10.20.0.0/16",)),)})
+    refused = echoscu(node.scp.port, aet="SCANNER1")
+    assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+
+
+def test_wrong_called_ae_is_refused(run_node):  # type: ignore[no-untyped-def]
+    node = run_node()
+    refused = echoscu(node.scp.port, aec="ANY-SCP")
+    assert "Called AE Title Not Recognized" in refused.stderr + refused.stdout
+
+
+def test_study_is_stored_durably_and_becomes_a_job(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    files = [p for paths in study.values() for p in paths]
+    node = run_node()
+    result = storescu(node.scp.port, *files)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("Received Store Response (Success)") == len(files)
+    stored = sorted(node.spool.root.rglob("*.dcm"))
+    assert len(stored) == len(files)
+    # the spool holds the very same instances, with their patient data intact
+    sent = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in files}
+    for path in stored:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientName == "Lefèvre^Zoë"
+        assert ds.get("PixelData") == sent[ds.SOPInstanceUID].get("PixelData")
+    assert not list((node.spool.root / ".tmp").iterdir())
+    jobs = wait_for(lambda: node.store.list_jobs(), what="a job")
+    assert len(jobs) == 1 and jobs[0].state == "queued"
+    roles = {s.series.series_description: s.role for s in node.store.job_series(jobs[0].id)}
+    assert roles == {"AX T1 POST GD": "t1c", "AX T2 FLAIR": "flair", "RT structures": "rtstruct"}
+
+
+def test_duplicate_instance_is_stored_once(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()
+    for _ in range(2):
+        result = storescu(node.scp.port, *study["t1c"])
+        assert result.stderr.count("Received Store Response (Success)") == len(study["t1c"])
+    assert len(list(node.spool.root.rglob("*.dcm"))) == len(study["t1c"])
+    assert node.store.counts()["instances"] == len(study["t1c"])
+
+
+def test_low_disk_answers_out_of_resources(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    # a minimum free space larger than any disk: every write would go below it
+    node = run_node(storage={"min_free_mb": 2**40})
+    result = storescu(node.scp.port, study["t1c"][0])
+    # dcmtk names status 0xA700 "Refused: OutOfResources"
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+    assert not list(node.spool.root.rglob("*.dcm"))
+    # nothing is lost: the sender keeps the instance and retries once space is back
+    assert node.store.counts()["instances"] == 0
+
+
+def test_corrupt_dataset_is_refused_and_service_keeps_serving(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    truncated = tmp_path / "truncated.dcm"
+    ds = pydicom.dcmread(study["t1c"][0])
+    ds.PixelData = ds.PixelData[:100]  # 16x16x16 bit needs 512 bytes
+    ds.save_as(truncated)
+    no_study = tmp_path / "no_study.dcm"
+    ds = pydicom.dcmread(study["t1c"][1])
+    del ds.StudyInstanceUID
+    ds.save_as(no_study)
+    node = run_node()
+    result = storescu(node.scp.port, truncated, no_study, study["t1c"][2], extra=("--no-halt",))
+    # dcmtk names status 0xC210 "CannotUnderstand"
+    assert result.stderr.count("Received Store Response (Error: CannotUnderstand)") == 2
+    assert result.stderr.count("Received Store Response (Success)") == 1
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 1
+    assert echoscu(node.scp.port).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A throw-away CA, a server certificate and a client certificate (openssl)."""
+    openssl = tool("openssl")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=glioforecast test CA")  # fmt: skip
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2")  # fmt: skip
+    return d
+
+
+def test_tls_association_with_client_certificate(run_node, certificates):  # type: ignore[no-untyped-def]
+    from dicom_node.settings import TLSSettings
+
+    d = certificates
+    tls = TLSSettings(
+        enabled=True,
+        certificate=d / "server.pem",
+        private_key=d / "server.key",
+        ca_certificates=d / "ca.pem",
+        require_client_certificate=True,
+    )
+    node = run_node(node={"tls": tls})
+    ok = echoscu(node.scp.port, extra=("+tls", str(d / "client.key"), str(d / "client.pem"),
+                                       "+cf", str(d / "ca.pem")))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    # without a client certificate the handshake fails
+    anonymous = echoscu(node.scp.port, extra=("+tla", "+cf", str(d / "ca.pem")))
+    assert anonymous.returncode != 0
+    # plain TCP to a TLS port is not a DICOM association either
+    assert echoscu(node.scp.port).returncode != 0
