@@ -1,0 +1,319 @@
+"""RT Structure Set writer: boolean masks on an MR grid -> an RTSTRUCT dataset (pydicom).
+
+highdicom has no RTSTRUCT builder, so this module writes the IOD directly (PS3.3 A.19): Patient,
+General Study, RT Series, General Equipment, Frame of Reference (current editions), Structure Set,
+ROI Contour, RT ROI Observations and SOP Common modules. Contours are traced slice by slice with
+marching squares at 0.5
+(:mod:`sr_writer.contours`), so vertices are sub-voxel; each contour references the MR instance of
+the slice it lies on (``reference_grid.source_instance_uids`` lists them in slice order); holes
+are separate contours, which readers combine with the even-odd rule.
+
+Used both by the synthetic cohort (GTV/CTV/PTV of a phantom) and by the node's outputs (the
+predicted tumour on the pre-treatment frame of reference).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+
+from dicom_node.errors import ExportError
+from dicom_node.types import PatientStudy, SeriesRef, Volume
+from sr_writer.contours import mask_contours
+
+logger = logging.getLogger(__name__)
+
+RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
+# Referenced SOP Class of the study in RT Referenced Study Sequence, as written by planning
+# systems (Detached Study Management SOP Class).
+STUDY_REFERENCE_SOP_CLASS_UID = "1.2.840.10008.3.1.2.3.1"
+
+# Defined terms of RT ROI Interpreted Type (PS3.3 C.8.8.8.1), plus "" (the attribute is type 2).
+INTERPRETED_TYPES = frozenset(
+    {
+        "",
+        "EXTERNAL",
+        "PTV",
+        "CTV",
+        "GTV",
+        "TREATED_VOLUME",
+        "IRRAD_VOLUME",
+        "OAR",
+        "BOLUS",
+        "AVOIDANCE",
+        "ORGAN",
+        "MARKER",
+        "REGISTRATION",
+        "ISOCENTER",
+        "CONTRAST_AGENT",
+        "CAVITY",
+        "BRACHY_CHANNEL",
+        "BRACHY_ACCESSORY",
+        "BRACHY_SRC_APP",
+        "BRACHY_CHNL_SHLD",
+        "SUPPORT",
+        "FIXATION",
+        "DOSE_REGION",
+        "CONTROL",
+        "DOSE_MEASUREMENT",
+    }
+)
+GENERATION_ALGORITHMS = frozenset({"AUTOMATIC", "SEMIAUTOMATIC", "MANUAL", ""})
+
+_LO_MAX = 64
+_SH_MAX = 16
+
+
+@dataclass(frozen=True)
+class RoiMask:
+    """One region of interest: a boolean mask on the reference grid, its name, colour and type."""
+
+    name: str
+    mask: Volume
+    color: tuple[int, int, int]
+    interpreted_type: str
+
+
+def _default_software_versions() -> str:
+    try:
+        from dicom_node import __version__
+    except ImportError:  # pragma: no cover - the package always defines it
+        return "unknown"
+    return str(__version__)
+
+
+def _ds(value: float) -> str:
+    """A Decimal String of at most 16 characters, exact to the micrometre."""
+    text = f"{value:.3f}"
+    if text in ("-0.000",):
+        text = "0.000"
+    if len(text) > 16:
+        raise ExportError(f"coordinate {value} does not fit a DICOM decimal string (16 chars)")
+    return text
+
+
+def _check_grid(roi: RoiMask, grid: Volume) -> None:
+    if roi.mask.shape != grid.shape:
+        raise ExportError(
+            f"ROI {roi.name!r}: mask shape {roi.mask.shape} differs from the reference grid "
+            f"shape {grid.shape}"
+        )
+    same = (
+        np.allclose(roi.mask.spacing, grid.spacing, atol=1e-4)
+        and np.allclose(roi.mask.origin, grid.origin, atol=1e-3)
+        and np.allclose(roi.mask.direction, grid.direction, atol=1e-5)
+    )
+    if not same:
+        raise ExportError(
+            f"ROI {roi.name!r}: mask geometry (spacing {roi.mask.spacing}, origin "
+            f"{roi.mask.origin}) differs from the reference grid (spacing {grid.spacing}, "
+            f"origin {grid.origin})"
+        )
+
+
+def _check_roi(roi: RoiMask) -> None:
+    if not roi.name or len(roi.name) > _LO_MAX:
+        raise ExportError(f"ROI name must be 1 to {_LO_MAX} characters, found {roi.name!r}")
+    if roi.interpreted_type not in INTERPRETED_TYPES:
+        raise ExportError(
+            f"ROI {roi.name!r}: interpreted type must be one of "
+            f"{sorted(t for t in INTERPRETED_TYPES if t)}, found {roi.interpreted_type!r}"
+        )
+    if len(roi.color) != 3 or not all(0 <= int(c) <= 255 for c in roi.color):
+        raise ExportError(f"ROI {roi.name!r}: colour must be 3 values in 0..255, found {roi.color}")
+
+
+def _set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
+    ds.SpecificCharacterSet = patient.specific_character_set or "ISO_IR 192"
+    ds.PatientName = patient.patient_name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.patient_birth_date
+    ds.PatientSex = patient.patient_sex
+    ds.StudyInstanceUID = patient.study_instance_uid
+    ds.StudyDate = patient.study_date
+    ds.StudyTime = patient.study_time
+    ds.StudyID = patient.study_id
+    ds.AccessionNumber = patient.accession_number
+    ds.ReferringPhysicianName = patient.referring_physician_name
+    for keyword, value in patient.extra.items():
+        if pydicom.datadict.tag_for_keyword(keyword) is None:
+            raise ExportError(f"PatientStudy.extra key {keyword!r} is not a DICOM keyword")
+        setattr(ds, keyword, value)
+
+
+def build_rtstruct(
+    *,
+    rois: Sequence[RoiMask],
+    reference_grid: Volume,
+    reference_series: SeriesRef,
+    patient: PatientStudy,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_description: str,
+    series_number: int,
+    structure_set_label: str,
+    manufacturer: str = "glioforecast",
+    software_versions: str = "",
+    content_datetime: datetime.datetime | None = None,
+    manufacturer_model_name: str = "glioforecast",
+    roi_generation_algorithm: str = "AUTOMATIC",
+    instance_number: int = 1,
+    contour_tolerance: float = 0.01,
+) -> Dataset:
+    """Build an RT Structure Set of ``rois`` on the frame of reference of ``reference_grid``.
+
+    Raises :class:`ExportError` when a mask is not on the reference grid, the grid has no frame
+    of reference or no instance UID per slice, or a label does not fit its DICOM type.
+    """
+    if not rois:
+        raise ExportError("an RT structure set needs at least one ROI, found none")
+    for_uid = reference_grid.frame_of_reference_uid
+    if not for_uid:
+        raise ExportError("the reference grid has no frame of reference UID")
+    slice_uids = reference_grid.source_instance_uids
+    if len(slice_uids) != reference_grid.shape[0]:
+        raise ExportError(
+            f"the reference grid needs one source instance UID per slice: expected "
+            f"{reference_grid.shape[0]}, found {len(slice_uids)}"
+        )
+    if not reference_series.sop_instance_uids:
+        raise ExportError("the reference series lists no instance")
+    if len(structure_set_label) > _SH_MAX:
+        raise ExportError(
+            f"structure set label must be at most {_SH_MAX} characters, found "
+            f"{structure_set_label!r}"
+        )
+    if len(series_description) > _LO_MAX:
+        raise ExportError(
+            f"series description must be at most {_LO_MAX} characters, found "
+            f"{len(series_description)}"
+        )
+    if roi_generation_algorithm not in GENERATION_ALGORITHMS:
+        raise ExportError(
+            f"ROI generation algorithm must be one of {sorted(GENERATION_ALGORITHMS)}, found "
+            f"{roi_generation_algorithm!r}"
+        )
+    names = [r.name for r in rois]
+    if len(set(names)) != len(names):
+        raise ExportError(f"ROI names must be unique, found {names}")
+    for roi in rois:
+        _check_roi(roi)
+        _check_grid(roi, reference_grid)
+
+    when = content_datetime or datetime.datetime.now(datetime.UTC)
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+    mr_class = reference_series.sop_class_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(RTSTRUCT_SOP_CLASS_UID)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = "GLIOFORECAST"
+
+    _set_patient_study(ds, patient)
+    ds.SOPClassUID = RTSTRUCT_SOP_CLASS_UID
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    ds.InstanceNumber = instance_number
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.OperatorsName = ""
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = manufacturer_model_name
+    ds.SoftwareVersions = software_versions or _default_software_versions()
+
+    # Frame of Reference module (mandatory in the RT Structure Set IOD since 2021b).
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+
+    ds.StructureSetLabel = structure_set_label
+    ds.StructureSetDate = date
+    ds.StructureSetTime = time
+
+    contour_images = DicomSequence()
+    for uid in reference_series.sop_instance_uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = mr_class
+        item.ReferencedSOPInstanceUID = uid
+        contour_images.append(item)
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = reference_series.series_instance_uid
+    series_item.ContourImageSequence = contour_images
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = STUDY_REFERENCE_SOP_CLASS_UID
+    study_item.ReferencedSOPInstanceUID = patient.study_instance_uid
+    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
+    for_item = Dataset()
+    for_item.FrameOfReferenceUID = for_uid
+    for_item.RTReferencedStudySequence = DicomSequence([study_item])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([for_item])
+
+    roi_seq, contour_seq, obs_seq = DicomSequence(), DicomSequence(), DicomSequence()
+    referenced = set(reference_series.sop_instance_uids)
+    for number, roi in enumerate(rois, start=1):
+        roi_item = Dataset()
+        roi_item.ROINumber = number
+        roi_item.ReferencedFrameOfReferenceUID = for_uid
+        roi_item.ROIName = roi.name
+        roi_item.ROIGenerationAlgorithm = roi_generation_algorithm
+        roi_seq.append(roi_item)
+
+        contours = DicomSequence()
+        for index, contour in enumerate(mask_contours(roi.mask, contour_tolerance), start=1):
+            slice_uid = slice_uids[contour.k]
+            if slice_uid not in referenced:
+                raise ExportError(
+                    f"ROI {roi.name!r}: slice {contour.k} instance {slice_uid} is not in the "
+                    f"reference series {reference_series.series_instance_uid}"
+                )
+            image = Dataset()
+            image.ReferencedSOPClassUID = mr_class
+            image.ReferencedSOPInstanceUID = slice_uid
+            item = Dataset()
+            item.ContourNumber = index
+            item.ContourImageSequence = DicomSequence([image])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(contour.points)
+            item.ContourData = [_ds(v) for v in contour.points.reshape(-1)]
+            contours.append(item)
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = [int(c) for c in roi.color]
+        roi_contour.ContourSequence = contours
+        roi_contour.ReferencedROINumber = number
+        contour_seq.append(roi_contour)
+        if not contours:
+            logger.warning("ROI %r is empty: it is written without contours", roi.name)
+
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.ROIObservationLabel = roi.name[:_SH_MAX]
+        obs.RTROIInterpretedType = roi.interpreted_type
+        obs.ROIInterpreter = ""
+        obs_seq.append(obs)
+
+    ds.StructureSetROISequence = roi_seq
+    ds.ROIContourSequence = contour_seq
+    ds.RTROIObservationsSequence = obs_seq
+    logger.debug(
+        "built RTSTRUCT %s with %d ROIs, %d contours",
+        sop_instance_uid,
+        len(rois),
+        sum(len(c.ContourSequence) for c in contour_seq),
+    )
+    return ds
