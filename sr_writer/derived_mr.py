@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
@@ -76,7 +76,7 @@ def build_derived_mr(
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         set_patient_study(ds, patient)

@@ -78,7 +78,9 @@ def is_labelled_description(text: str) -> bool:
 def check_uid(uid: str) -> str:
     """Return ``uid`` when it is a valid DICOM UID (<= 64 characters, digits and dots)."""
     if len(uid) > 64 or not _UID_RE.match(uid):
-        raise ExportError(f"expected a DICOM UID (<= 64 characters, digits and dots), found {uid!r}")
+        raise ExportError(
+            f"expected a DICOM UID (<= 64 characters, digits and dots), found {uid!r}"
+        )
     return uid
 
 

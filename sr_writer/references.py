@@ -95,9 +95,7 @@ def _orientation_letters(v: npt.NDArray[np.float64]) -> str:
     return out or "L"
 
 
-def source_slice_datasets(
-    grid: Volume, series: SeriesRef, patient: PatientStudy
-) -> list[Dataset]:
+def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy) -> list[Dataset]:
     """Header-only stand-ins of the source slices, in ``k`` order (no pixel data)."""
     if not grid.frame_of_reference_uid:
         raise ExportError(
@@ -105,7 +103,7 @@ def source_slice_datasets(
             "reference need it (expected a UID on Volume.frame_of_reference_uid, found None)"
         )
     uids = slice_instance_uids(grid, series)
-    nk, nj, ni = grid.shape
+    _, nj, ni = grid.shape
     sop_class = series.sop_class_uid or MRImageStorage
     out: list[Dataset] = []
     for k, uid in enumerate(uids):

@@ -128,10 +128,7 @@ def render_slice(
     outline_rgb: tuple[int, int, int],
 ) -> npt.NDArray[np.uint8]:
     """Enlarge one slice, draw the outline, put the banner on top. Returns rows x cols x 3."""
-    if gray_or_rgb.ndim == 2:
-        rgb = np.repeat(gray_or_rgb[:, :, None], 3, axis=2)
-    else:
-        rgb = gray_or_rgb
+    rgb = np.repeat(gray_or_rgb[:, :, None], 3, axis=2) if gray_or_rgb.ndim == 2 else gray_or_rgb
     big = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
     big_mask = np.repeat(np.repeat(mask.astype(bool), factor, axis=0), factor, axis=1)
     edge = _outline(big_mask, options.outline_px)
@@ -141,7 +138,7 @@ def render_slice(
 
 
 def enlargement(grid: Volume, options: RenderOptions) -> int:
-    _, nj, ni = grid.shape
+    ni = grid.shape[2]
     return max(1, math.ceil(options.min_width / max(ni, 1)))
 
 
@@ -232,7 +229,7 @@ def build_secondary_capture(
             series_description=description,
             content_qualification=CONTENT_QUALIFICATION,
             manufacturer_model_name=equipment.model_name,
-            software_versions=list(equipment.software_versions),  # type: ignore[arg-type]
+            software_versions=list(equipment.software_versions),
             specific_character_set="ISO_IR 192",
             content_date=ts.date(),
             content_time=ts.time(),

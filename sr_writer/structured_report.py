@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -170,9 +170,7 @@ def build_structured_report(
         time_point_context=hd.sr.TimePointContext(time_point="pre-treatment"),
         finding_type=codes.SCT.Neoplasm,
         measurements=[
-            hd.sr.Measurement(
-                name=codes.SCT.Volume, value=fig.current_volume_ml, unit=MILLILITER
-            )
+            hd.sr.Measurement(name=codes.SCT.Volume, value=fig.current_volume_ml, unit=MILLILITER)
         ],
     )
 
@@ -219,9 +217,7 @@ def build_structured_report(
             segment_number=1,
             source_series=hd.sr.SourceSeriesForSegmentation(source_series.series_instance_uid),
         ),
-        time_point_context=hd.sr.TimePointContext(
-            time_point="predicted first post-treatment MRI"
-        ),
+        time_point_context=hd.sr.TimePointContext(time_point="predicted first post-treatment MRI"),
         finding_type=codes.SCT.Neoplasm,
         algorithm_id=algorithm,
         measurements=measurements,
@@ -259,7 +255,7 @@ def build_structured_report(
         series_description=series_description("SR"),
         content_qualification=CONTENT_QUALIFICATION,
         manufacturer_model_name=equipment.model_name,
-        software_versions=list(equipment.software_versions),  # type: ignore[arg-type]
+        software_versions=list(equipment.software_versions),
         specific_character_set="ISO_IR 192",
         content_date=ts.date(),
         content_time=ts.time(),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RTStructureSetStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, RTStructureSetStorage
 
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
 from sr_writer.labels import JobIdentity
@@ -48,7 +48,9 @@ class JobCase:
         )
 
 
-def _ellipsoid(shape: tuple[int, int, int], centre: tuple[float, ...], radii: tuple[float, ...]):
+def _ellipsoid(
+    shape: tuple[int, int, int], centre: tuple[float, ...], radii: tuple[float, ...]
+) -> np.ndarray:
     k, j, i = np.indices(shape, dtype=np.float64)
     r = (
         ((k - centre[0]) / radii[0]) ** 2
@@ -73,7 +75,9 @@ def make_case(
     direction = np.eye(3)
     slice_uids = tuple(f"{T1C_SERIES_UID}.{k + 1}" for k in range(nk))
 
-    brain = _ellipsoid(shape, (nk / 2 - 0.5, nj / 2 - 0.5, ni / 2 - 0.5), (nk / 2, nj / 2.2, ni / 2.2))
+    brain = _ellipsoid(
+        shape, (nk / 2 - 0.5, nj / 2 - 0.5, ni / 2 - 0.5), (nk / 2, nj / 2.2, ni / 2.2)
+    )
     gtv = _ellipsoid(shape, (nk / 2, nj / 2 + 2, ni / 2 + 3), (nk / 4, nj / 6, ni / 6))
     pred_mask = _ellipsoid(shape, (nk / 2, nj / 2 + 2, ni / 2 + 3), (nk / 5, nj / 8, ni / 8))
     t1c = np.where(brain, 400.0, 20.0) + rng.normal(0, 10, shape)
@@ -149,7 +153,7 @@ def make_case(
 
 
 def source_mr_datasets(case: JobCase) -> list[Dataset]:
-    """The source T1-Gd as real MR Image Storage instances (int16 pixels), slice k = instance k+1."""
+    """The source T1-Gd as real MR Image Storage instances (int16), slice k = instance k+1."""
     out: list[Dataset] = []
     arr = np.rint(np.asarray(case.t1c.array)).astype(np.int16)
     nk, nj, ni = case.t1c.shape
@@ -159,7 +163,7 @@ def source_mr_datasets(case: JobCase) -> list[Dataset]:
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = case.t1c_series.sop_instance_uids[k]
+        ds.file_meta.MediaStorageSOPInstanceUID = UID(case.t1c_series.sop_instance_uids[k])
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.SOPClassUID = MRImageStorage

@@ -1,0 +1,571 @@
+"""Persistent outbox: every output object waits here until each destination acknowledged it.
+
+One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) with its state:
+
+- ``pending``: waiting for its next attempt (``next_attempt_at``);
+- ``sending``: claimed by a sender (a crash leaves it there: :meth:`Outbox.recover` at start-up
+  puts it back to pending; the peer then receives the same SOP Instance UID again, which a PACS
+  stores once);
+- ``sent``: acknowledged with a success or warning status;
+- ``dead``: gave up after ``dead_after_attempts`` attempts, or at once on a failure that a retry
+  cannot fix (SOP class not supported...). Dead rows keep their object and can be re-queued with
+  :meth:`Outbox.retry` (``glioforecast outbox retry``).
+
+Objects are written once as DICOM files next to the database (temp file, fsync, rename). Enqueue
+is idempotent on (SOP Instance UID, destination): a job re-run after a crash enqueues the same
+UIDs (they are derived from the job) and nothing is sent twice. An object's file is deleted once
+every destination has it.
+
+Failed attempts back off exponentially: ``retry_initial_s * 2**(attempts - 1)``, at most
+``retry_max_s``. Every failure is logged with the destination, the attempt number, the next
+delay and the reason; logs name the job id, never the patient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import SendError, StorageError
+from dicom_node.scu import Destination, StoreResult, store_batch
+
+logger = logging.getLogger(__name__)
+
+STATES = ("pending", "sending", "sent", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    last_status INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, destination, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid);
+"""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off of failed sends. ``dead_after_attempts`` <= 0 means never give up."""
+
+    retry_initial_s: float = 10.0
+    retry_max_s: float = 600.0
+    dead_after_attempts: int = 20
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
+        if attempts < 1:
+            return 0.0
+        return float(min(self.retry_max_s, self.retry_initial_s * 2 ** (attempts - 1)))
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    destination: str
+    job: str
+    path: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    last_status: int | None
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+
+
+@dataclass
+class DeliveryReport:
+    sent: int = 0
+    failed: int = 0
+    dead: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Outbox:
+    """The outbox database at ``path``; objects are stored in ``objects_dir``.
+
+    ``objects_dir`` defaults to ``<path without suffix>-objects`` next to the database.
+    ``clock`` returns seconds since the epoch (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        objects_dir: Path | None = None,
+        policy: RetryPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.objects_dir = (
+            Path(objects_dir) if objects_dir else self.path.with_name(self.path.stem + "-objects")
+        )
+        self.policy = policy or RetryPolicy()
+        self.clock = clock
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.objects_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the outbox database {self.path}: {exc}") from exc
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"outbox database {self.path}: {exc}") from exc
+
+    def _object_path(self, sop_instance_uid: str) -> Path:
+        return self.objects_dir / f"{sop_instance_uid}.dcm"
+
+    def _write_object(self, ds: Dataset) -> Path:
+        target = self._object_path(str(ds.SOPInstanceUID))
+        fd, tmp = tempfile.mkstemp(dir=self.objects_dir, prefix=".tmp-", suffix=".dcm")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.objects_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return target
+
+    # -- queue ------------------------------------------------------------------------------
+
+    def enqueue(self, datasets: Sequence[Dataset], destinations: Sequence[str], job: str) -> int:
+        """Queue every dataset for every destination; returns the number of new rows.
+
+        Rows that exist already (same SOP Instance UID and destination) are left as they are,
+        whatever their state: a re-run job does not send twice what was delivered.
+        """
+        if not destinations:
+            raise SendError("no destination to send the results to (expected at least one)")
+        now = self.clock()
+        added = 0
+        for ds in datasets:
+            uid = str(ds.SOPInstanceUID)
+            with self._lock:
+                existing = {
+                    r["destination"]: r["state"]
+                    for r in self._db.execute(
+                        "SELECT destination, state FROM outbox WHERE sop_instance_uid = ?", (uid,)
+                    )
+                }
+            missing = [d for d in destinations if d not in existing]
+            needs_file = bool(missing) or any(s != "sent" for s in existing.values())
+            if not needs_file:
+                continue
+            try:
+                path = self._write_object(ds)
+            except OSError as exc:
+                raise StorageError(f"cannot store outbox object {uid}: {exc}") from exc
+            with self._tx() as db:
+                for dest in missing:
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO outbox (sop_instance_uid, sop_class_uid, "
+                        "series_instance_uid, destination, job, path, state, attempts, "
+                        "next_attempt_at, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                        (
+                            uid,
+                            str(ds.SOPClassUID),
+                            str(ds.SeriesInstanceUID),
+                            dest,
+                            job,
+                            str(path),
+                            now,
+                            now,
+                            now,
+                        ),
+                    )
+                    added += cur.rowcount
+        logger.info(
+            "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
+            job,
+            added,
+            len(datasets),
+            len(destinations),
+            extra={"job_id": job},
+        )
+        return added
+
+    def recover(self) -> int:
+        """Put rows left in ``sending`` by a crash back to ``pending`` (call at start-up)."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE outbox SET state = 'pending', updated_at = ? WHERE state = 'sending'",
+                (self.clock(),),
+            ).rowcount
+        if n:
+            logger.warning("outbox: %d deliveries interrupted by a stop are pending again", n)
+        return n
+
+    def claim(self, destination: str, limit: int = 500) -> list[OutboxItem]:
+        """Mark up to ``limit`` due pending rows of ``destination`` as sending and return them."""
+        now = self.clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM outbox WHERE state = 'pending' AND destination = ? "
+                "AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (destination, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET state = 'sending', updated_at = ? WHERE id = ?",
+                [(now, r["id"]) for r in rows],
+            )
+        return [_item(r, state="sending") for r in rows]
+
+    def mark_sent(self, item: OutboxItem, status: int | None = 0) -> None:
+        now = self.clock()
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?, "
+                "updated_at = ?, last_status = ?, last_error = NULL WHERE id = ?",
+                (now, now, status, item.id),
+            )
+        self._drop_object_if_done(item.sop_instance_uid)
+
+    def mark_failed(
+        self,
+        item: OutboxItem,
+        error: str,
+        *,
+        status: int | None = None,
+        permanent: bool = False,
+    ) -> OutboxItem:
+        """Record a failed attempt: back off, or go dead. Returns the updated row."""
+        now = self.clock()
+        with self._tx() as db:
+            row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (item.id,)).fetchone()
+            if row is None:
+                raise StorageError(f"outbox row {item.id} vanished")
+            attempts = int(row["attempts"]) + 1
+            limit = self.policy.dead_after_attempts
+            dead = permanent or (limit > 0 and attempts >= limit)
+            delay = 0.0 if dead else self.policy.delay(attempts)
+            db.execute(
+                "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
+                "last_status = ?, updated_at = ? WHERE id = ?",
+                ("dead" if dead else "pending", attempts, now + delay, error, status, now, item.id),
+            )
+            updated = db.execute("SELECT * FROM outbox WHERE id = ?", (item.id,)).fetchone()
+        extra = {"job_id": item.job}
+        if dead:
+            logger.error(
+                "outbox: delivery of %s to %s is dead after %d attempts%s: %s",
+                item.sop_instance_uid,
+                item.destination,
+                attempts,
+                " (not retryable)" if permanent else "",
+                error,
+                extra=extra,
+            )
+        else:
+            logger.warning(
+                "outbox: delivery of %s to %s failed (attempt %d), retry in %.1f s: %s",
+                item.sop_instance_uid,
+                item.destination,
+                attempts,
+                delay,
+                error,
+                extra=extra,
+            )
+        return _item(updated)
+
+    def retry(
+        self,
+        *,
+        destination: str | None = None,
+        ids: Sequence[int] | None = None,
+        states: Sequence[str] = ("dead",),
+    ) -> int:
+        """Re-queue rows (dead ones by default) for an attempt now, attempts reset to 0.
+
+        Delivered rows cannot be re-queued: their object files are gone once delivered.
+        """
+        bad = [s for s in states if s not in ("dead", "pending")]
+        if bad:
+            raise ValueError(f"cannot re-queue rows in state {bad}; expected dead or pending")
+        if not states:
+            return 0
+        sql = (
+            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+            f"updated_at = ? WHERE state IN ({','.join('?' * len(states))})"
+        )
+        now = self.clock()
+        args: list[object] = [now, now, *states]
+        if destination is not None:
+            sql += " AND destination = ?"
+            args.append(destination)
+        if ids is not None:
+            if not ids:
+                return 0
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            args.extend(ids)
+        with self._tx() as db:
+            n = db.execute(sql, args).rowcount
+        logger.info("outbox: %d deliveries re-queued", n)
+        return n
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def items(
+        self, *, state: str | None = None, destination: str | None = None
+    ) -> list[OutboxItem]:
+        sql = "SELECT * FROM outbox WHERE 1 = 1"
+        args: list[object] = []
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        if destination is not None:
+            sql += " AND destination = ?"
+            args.append(destination)
+        with self._lock:
+            return [_item(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{destination: {state: count}}``."""
+        out: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for r in self._db.execute(
+                "SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state"
+            ):
+                out.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
+        return out
+
+    def next_due(self) -> float | None:
+        """Time of the earliest pending attempt, or None when nothing is pending."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'pending'"
+            ).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    def load(self, item: OutboxItem) -> Dataset:
+        try:
+            return dcmread(item.path)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read outbox object {item.path}: {exc}") from exc
+
+    def _drop_object_if_done(self, sop_instance_uid: str) -> None:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, path FROM outbox WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchall()
+        if rows and all(r["state"] == "sent" for r in rows):
+            with contextlib.suppress(FileNotFoundError):
+                Path(rows[0]["path"]).unlink()
+
+
+def _item(row: sqlite3.Row, state: str | None = None) -> OutboxItem:
+    return OutboxItem(
+        id=int(row["id"]),
+        sop_instance_uid=row["sop_instance_uid"],
+        sop_class_uid=row["sop_class_uid"],
+        series_instance_uid=row["series_instance_uid"],
+        destination=row["destination"],
+        job=row["job"],
+        path=row["path"],
+        state=state or row["state"],
+        attempts=int(row["attempts"]),
+        next_attempt_at=float(row["next_attempt_at"]),
+        last_error=row["last_error"],
+        last_status=row["last_status"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        sent_at=None if row["sent_at"] is None else float(row["sent_at"]),
+    )
+
+
+StoreFn = Callable[[Sequence[Dataset], Destination], list[StoreResult]]
+
+
+def deliver_due(
+    outbox: Outbox,
+    destinations: Sequence[Destination],
+    *,
+    calling_ae: str = "GLIOFORECAST",
+    batch_size: int = 500,
+    store: StoreFn | None = None,
+) -> DeliveryReport:
+    """One pass: for each destination, send its due rows over one association per batch."""
+    report = DeliveryReport()
+
+    def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
+        return store_batch(datasets, dest, calling_ae=calling_ae)
+
+    send = store or default_store
+    for dest in destinations:
+        while True:
+            items = outbox.claim(dest.name, limit=batch_size)
+            if not items:
+                break
+            _deliver_batch(outbox, dest, items, send, report)
+            if len(items) < batch_size:
+                break
+    return report
+
+
+def _deliver_batch(
+    outbox: Outbox,
+    dest: Destination,
+    items: list[OutboxItem],
+    send: StoreFn,
+    report: DeliveryReport,
+) -> None:
+    loaded: list[tuple[OutboxItem, Dataset]] = []
+    for item in items:
+        try:
+            loaded.append((item, outbox.load(item)))
+        except StorageError as exc:
+            outbox.mark_failed(item, str(exc), permanent=True)
+            report.dead += 1
+            report.errors.append(str(exc))
+    if not loaded:
+        return
+    try:
+        results = send([ds for _, ds in loaded], dest)
+    except SendError as exc:
+        for item, _ in loaded:
+            updated = outbox.mark_failed(item, str(exc))
+            _count_failure(report, updated, str(exc))
+        return
+    by_uid = {r.sop_instance_uid: r for r in results}
+    for item, _ in loaded:
+        result = by_uid.get(item.sop_instance_uid)
+        if result is None:
+            msg = f"{dest} gave no result for {item.sop_instance_uid}"
+            _count_failure(report, outbox.mark_failed(item, msg), msg)
+        elif result.delivered:
+            outbox.mark_sent(item, result.status)
+            report.sent += 1
+        else:
+            msg = result.error or "unknown failure"
+            updated = outbox.mark_failed(
+                item, msg, status=result.status, permanent=result.permanent
+            )
+            _count_failure(report, updated, msg)
+
+
+def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> None:
+    if updated.state == "dead":
+        report.dead += 1
+    else:
+        report.failed += 1
+    report.errors.append(msg)
+
+
+class OutboxSender:
+    """Background delivery loop: sends due rows, then sleeps until the next is due.
+
+    ``wake()`` (e.g. after an enqueue) makes it look again at once; ``stop()`` ends it.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Sequence[Destination],
+        *,
+        calling_ae: str = "GLIOFORECAST",
+        poll_s: float = 5.0,
+    ) -> None:
+        self.outbox = outbox
+        self.destinations = list(destinations)
+        self.calling_ae = calling_ae
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.outbox.recover()
+        self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                deliver_due(self.outbox, self.destinations, calling_ae=self.calling_ae)
+            except StorageError:
+                logger.exception("outbox: delivery pass failed")
+            due = self.outbox.next_due()
+            wait = (
+                self.poll_s
+                if due is None
+                else max(0.0, min(self.poll_s, due - self.outbox.clock()))
+            )
+            self._wake.wait(wait)
+            self._wake.clear()

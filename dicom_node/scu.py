@@ -1,0 +1,224 @@
+"""C-STORE SCU: send a batch of datasets to one destination over one association.
+
+Presentation contexts are proposed from the objects themselves (each SOP class with the
+transfer syntax the object is encoded in, plus the uncompressed ones). Every response status is
+checked: success and the warning statuses count as delivered; failures are reported per object
+with the status, and tell whether retrying can help (an out-of-resources status can, an
+unsupported SOP class cannot). An association that cannot be opened raises :class:`SendError`
+naming the destination and the reason; one lost in the middle of a batch fails the objects not
+yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, Association
+from pynetdicom.presentation import PresentationContext, build_context
+
+from dicom_node.errors import SendError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128
+_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+# Warning statuses of C-STORE (PS3.4 B.2.3): the instance is stored.
+WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A peer that receives the results (a PACS, a planning system)."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of one C-STORE. ``status`` is None when no response came back."""
+
+    sop_instance_uid: str
+    status: int | None
+    error: str | None = None
+    permanent: bool = False
+
+    @property
+    def delivered(self) -> bool:
+        return self.error is None
+
+
+def describe_status(status: int) -> str:
+    if status == 0x0000:
+        return "success"
+    if status in WARNING_STATUSES:
+        return "warning"
+    if 0xA700 <= status <= 0xA7FF:
+        return "refused: out of resources"
+    if 0xA900 <= status <= 0xA9FF:
+        return "error: data set does not match SOP class"
+    if 0xC000 <= status <= 0xCFFF:
+        return "error: cannot understand"
+    if status == 0x0122:
+        return "refused: SOP class not supported"
+    if status == 0x0124:
+        return "refused: not authorised"
+    if status == 0x0117:
+        return "error: invalid SOP instance"
+    if status == 0x0110:
+        return "failure: processing failure"
+    if status == 0x0211:
+        return "error: unrecognised operation"
+    if status == 0x0212:
+        return "error: mistyped argument"
+    return "failure"
+
+
+def is_permanent(status: int) -> bool:
+    """Statuses that a retry of the same object cannot change (the peer's configuration can)."""
+    return (
+        status in (0x0117, 0x0122, 0x0124)
+        or 0xA900 <= status <= 0xA9FF
+        or (0xC000 <= status <= 0xCFFF)
+    )
+
+
+def presentation_contexts(datasets: Sequence[Dataset]) -> list[PresentationContext]:
+    """One context per SOP class, offering the objects' own transfer syntaxes and the
+    uncompressed ones."""
+    syntaxes: dict[str, list[str]] = {}
+    for ds in datasets:
+        sop_class = str(ds.SOPClassUID)
+        own = _transfer_syntax(ds)
+        offered = syntaxes.setdefault(sop_class, [])
+        for ts in (own, *_UNCOMPRESSED):
+            if ts not in offered:
+                offered.append(ts)
+    if len(syntaxes) > MAX_CONTEXTS:
+        raise SendError(
+            f"one association carries at most {MAX_CONTEXTS} presentation contexts, the batch "
+            f"needs {len(syntaxes)} SOP classes"
+        )
+    return [build_context(sop, ts) for sop, ts in syntaxes.items()]
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    return str(ts) if ts else str(ExplicitVRLittleEndian)
+
+
+def store_batch(
+    datasets: Sequence[Dataset],
+    destination: Destination,
+    *,
+    calling_ae: str = "GLIOFORECAST",
+    acse_timeout_s: float = 30,
+    dimse_timeout_s: float = 60,
+    network_timeout_s: float = 60,
+) -> list[StoreResult]:
+    """Send ``datasets`` to ``destination`` over one association, one result per dataset.
+
+    Raises :class:`SendError` when no association could be established (peer down, refused,
+    no presentation context accepted); per-object failures are in the results.
+    """
+    if not datasets:
+        return []
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = acse_timeout_s
+    ae.dimse_timeout = dimse_timeout_s
+    ae.network_timeout = network_timeout_s
+    ae.requested_contexts = presentation_contexts(datasets)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except (OSError, ValueError) as exc:
+        raise SendError(f"cannot connect to {destination}: {exc}") from exc
+    if not assoc.is_established:
+        reason = _failure_reason(assoc)
+        raise SendError(f"no association with {destination}: {reason}")
+    _no_delay(assoc)
+    results: list[StoreResult] = []
+    try:
+        for ds in datasets:
+            results.append(_store_one(assoc, ds, destination))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    delivered = sum(r.delivered for r in results)
+    logger.info(
+        "C-STORE to %s: %d of %d delivered",
+        destination.name,
+        delivered,
+        len(results),
+    )
+    return results
+
+
+def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> StoreResult:
+    uid = str(ds.SOPInstanceUID)
+    if not assoc.is_established:
+        return StoreResult(uid, None, f"association with {destination} was lost")
+    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == str(ds.SOPClassUID)]
+    if not accepted:
+        return StoreResult(
+            uid,
+            None,
+            f"{destination} accepted no presentation context for SOP class {ds.SOPClassUID}",
+            permanent=True,
+        )
+    try:
+        rsp = assoc.send_c_store(ds)
+    except (ValueError, AttributeError, RuntimeError) as exc:
+        return StoreResult(uid, None, f"could not send to {destination}: {exc}", permanent=True)
+    status = getattr(rsp, "Status", None)
+    if status is None:
+        return StoreResult(
+            uid, None, f"no C-STORE response from {destination} (timeout or connection lost)"
+        )
+    status = int(status)
+    if status == 0x0000:
+        return StoreResult(uid, status)
+    if status in WARNING_STATUSES:
+        logger.warning(
+            "C-STORE to %s: warning status 0x%04X for %s (stored)", destination.name, status, uid
+        )
+        return StoreResult(uid, status)
+    comment = getattr(rsp, "ErrorComment", "")
+    return StoreResult(
+        uid,
+        status,
+        f"{destination} answered 0x{status:04X} ({describe_status(status)})"
+        + (f": {comment}" if comment else ""),
+        permanent=is_permanent(status),
+    )
+
+
+def _failure_reason(assoc: Association) -> str:
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        result = getattr(rsp, "result_str", "") if rsp is not None else ""
+        reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
+        return f"association rejected ({result}: {reason})".strip()
+    if assoc.is_aborted:
+        return "association aborted (peer down, wrong AE title or no accepted context)"
+    return "connection failed (peer down or unreachable)"
+
+
+def _no_delay(assoc: Association) -> None:
+    """Disable Nagle's algorithm: without it each small PDU waits for a delayed ACK."""
+    try:
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # pragma: no cover - best effort only
+        logger.debug("could not set TCP_NODELAY")
