@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     RTStructureSetStorage,
     generate_uid,
 )
