@@ -2,7 +2,9 @@
 
 The file is found in this order: the ``--config`` option, the ``GLIOFORECAST_CONFIG`` environment
 variable, the embedded default (``config/default.yaml`` from a checkout, or the copy installed
-with the package under ``<prefix>/share/glioforecast/config``).
+with the package under ``<prefix>/share/glioforecast/config``). A site file is laid over the
+embedded default key by key: mappings merge, any other value (lists included) replaces the
+default, so a site writes only what it changes.
 
 Validation is driven by the dataclasses below: every key is checked against the field's type
 and constraints; unknown keys, wrong types and bad values are all reported at once, each with the
@@ -408,25 +410,42 @@ def default_config_path() -> Path:
     )
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Load and validate settings from ``path``, ``$GLIOFORECAST_CONFIG`` or the default."""
-    if path is None:
-        path = os.environ.get(ENV_CONFIG) or None
-    if path is None:
-        file = default_config_path()
-        source = f"{EMBEDDED} ({file})"
-    else:
-        file = Path(path)
-        source = str(file)
+def _read_yaml(file: Path, source: str) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [f"{where}not valid YAML ({problem})"]) from exc
-    return parse_settings(data, source)
+
+
+def _overlay(base: Any, site: Any) -> Any:
+    """``site`` over ``base``: mappings merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(site, dict):
+        merged = dict(base)
+        for key, value in site.items():
+            merged[key] = _overlay(base.get(key), value) if key in base else value
+        return merged
+    return site
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load and validate settings from ``path``, ``$GLIOFORECAST_CONFIG`` or the default."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    default_file = default_config_path()
+    default = _read_yaml(default_file, f"{EMBEDDED} ({default_file})")
+    if path is None:
+        return parse_settings(default, f"{EMBEDDED} ({default_file})")
+    source = str(path)
+    site = _read_yaml(Path(path), source)
+    if site is None:
+        site = {}
+    if not isinstance(site, dict):
+        raise ConfigError(source, [f"top level: expected a mapping, found {_found(site)}"])
+    return parse_settings(_overlay(default, site), source)

@@ -1,0 +1,98 @@
+"""Series roles from the embedded default rules, on names real scanners use."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dicom_node.jobs import SeriesSummary
+from dicom_node.roles import assign_roles
+from dicom_node.settings import load_settings
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+ENH_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
+RTDOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+
+
+def series(
+    desc: str, number: int = 1, cls: str = MR, contrast: bool = False, **kw
+) -> SeriesSummary:  # type: ignore[no-untyped-def]
+    return SeriesSummary(
+        series_instance_uid=f"1.2.{number}.{abs(hash(desc)) % 10**6}",
+        sop_class_uid=cls,
+        modality="MR",
+        series_number=number,
+        series_description=desc,
+        protocol_name=kw.get("protocol", ""),
+        sequence_name=kw.get("sequence", ""),
+        contrast_agent=contrast,
+        frame_of_reference_uid="1.2.3",
+        instance_count=10,
+        last_received_at=float(number),
+    )
+
+
+ROLES = load_settings(None).roles
+
+
+@pytest.mark.parametrize(
+    ("description", "contrast", "role"),
+    [
+        ("t1_mprage_sag_p2_iso_post_Gd", False, "t1c"),  # Siemens
+        ("AX T1 POST GD", False, "t1c"),  # GE
+        ("T1W_3D_TFE +C", False, "t1c"),  # Philips
+        ("3D T1 FSPGR", True, "t1c"),  # contrast agent tag set, no hint in the name
+        ("t2_tse_dark-fluid_tra", False, "flair"),
+        ("AX T2 FLAIR", False, "flair"),
+        ("t2_tse_tra", False, "t2"),
+        ("T2*_GRE", False, ""),
+        ("t1_mprage_sag_p2_iso", False, "t1"),
+        ("DWI b1000", False, ""),
+        ("localizer", False, ""),
+    ],
+)
+def test_default_rules_on_scanner_names(description: str, contrast: bool, role: str) -> None:
+    s = series(description, contrast=contrast)
+    assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == role
+
+
+def test_rt_objects_by_sop_class() -> None:
+    rt = series("anything", 2, RTSTRUCT)
+    dose = series("anything", 3, RTDOSE)
+    outcome = assign_roles([rt, dose], ROLES)
+    assert outcome.role_of(rt.series_instance_uid) == "rtstruct"
+    assert outcome.role_of(dose.series_instance_uid) == "rtdose"
+
+
+def test_enhanced_mr_counts() -> None:
+    s = series("AX T1 POST GD", cls=ENH_MR)
+    assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == "t1c"
+
+
+def test_missing_required_role_names_what_was_received() -> None:
+    outcome = assign_roles([series("AX T2 FLAIR", 3), series("RT", 9, RTSTRUCT)], ROLES)
+    assert not outcome.ok
+    (problem,) = outcome.problems
+    assert problem.startswith("missing required role t1c")
+    assert "series 3 'AX T2 FLAIR'" in problem
+
+
+def test_ambiguous_role_keeps_the_latest_and_says_so() -> None:
+    first, repeat = series("AX T1 POST GD", 5), series("AX T1 POST GD repeat", 9)
+    outcome = assign_roles([first, repeat, series("RT", 20, RTSTRUCT)], ROLES)
+    assert outcome.ok
+    assert outcome.role_of(repeat.series_instance_uid) == "t1c"
+    assert outcome.role_of(first.series_instance_uid) == ""
+    note = {d.series_instance_uid: d.note for d in outcome.decisions}[first.series_instance_uid]
+    assert "series 9 (the latest) is used" in note
+
+
+def test_ambiguous_role_can_be_refused() -> None:
+    strict = dataclasses.replace(ROLES, on_ambiguous="fail")
+    outcome = assign_roles(
+        [series("AX T1 POST GD", 5), series("T1 +C", 9), series("RT", 20, RTSTRUCT)], strict
+    )
+    assert not outcome.ok
+    assert "ambiguous role t1c: expected one matching series, found 2" in outcome.problems[0]

@@ -1,0 +1,134 @@
+"""Configuration loading and validation: every problem names the file, key, expected, found."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.cli import main
+from dicom_node.errors import ConfigError
+from dicom_node.settings import ENV_CONFIG, load_settings
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_embedded_default_is_valid_and_safe() -> None:
+    s = load_settings(None)
+    assert s.source.startswith("<embedded default>")
+    assert s.node.bind_address == "127.0.0.1"
+    assert s.node.refuse_unknown_callers
+    assert all(set(c.hosts) <= {"127.0.0.1", "::1"} for c in s.node.allowed_callers)
+    assert s.assembly.quiet_period_s == 30
+    assert set(s.roles.required) == {"t1c", "rtstruct"}
+
+
+def test_site_example_is_valid() -> None:
+    s = load_settings(REPO / "config" / "site-example.yaml")
+    assert s.node.allowed_callers and s.destinations
+
+
+def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = write(tmp_path, "node: {port: 4242}\n")
+    monkeypatch.setenv(ENV_CONFIG, str(path))
+    s = load_settings(None)
+    assert s.node.port == 4242 and s.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("node: {prot: 104}", "node.prot: unknown key (expected one of: ae_title"),
+        ("node: {port: 'abc'}", "node.port: expected an integer, found str 'abc'"),
+        ("node: {port: 70000}", "node.port: expected an integer between 1 and 65535, found"),
+        ("node: {ae_title: THIS_TITLE_IS_FAR_TOO_LONG}", "node.ae_title: expected an AE title of"),
+        ("node: {refuse_unknown_callers: 'yes'}", "expected true or false, found str 'yes'"),
+        ("node: {allowed_callers: [{ae_title: A, hosts: [nowhere]}]}", "hosts[0]: expected an IP"),
+        ("assembly: {quiet_period_s: -1}", "assembly.quiet_period_s: expected a number >= 0.0"),
+        ("roles: {rules: [{role: t1c, sop_classes: [MRImageStorage], pattern: '('}]}",
+         "roles.rules[0].pattern: expected a valid regular expression"),
+        ("roles: {rules: [{role: dwi, sop_classes: [MRImageStorage]}]}",
+         "roles.rules[0].role: expected one of t1c"),
+        ("roles: {rules: [{role: t1c}]}", "roles.rules[0].sop_classes: required key is missing"),
+        ("logging: {level: LOUD}", "logging.level: expected one of 'DEBUG'"),
+        ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
+        ("[1, 2]", "top level: expected a mapping, found a list"),
+        ("node: {port: 1\n  bad", "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_refused_with_key_expected_and_found(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert expected in message
+
+
+def test_site_file_overrides_the_embedded_default_key_by_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: {port: 4243}\nassembly: {quiet_period_s: 5}\n")
+    s = load_settings(path)
+    default = load_settings(None)
+    assert s.node.port == 4243 and s.assembly.quiet_period_s == 5
+    assert s.node.allowed_callers == default.node.allowed_callers
+    assert s.roles == default.roles
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: {port: 0, max_associations: 0, color: red}\nstorage: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert len(info.value.problems) == 4
+
+
+def test_required_role_without_rule_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "roles: {required: [t1c], rules: []}\n")
+    with pytest.raises(ConfigError, match="found no rule for 't1c'"):
+        load_settings(path)
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    good = REPO / "config" / "site-example.yaml"
+    assert main(["check-config", str(good)]) == 0
+    assert "valid" in capsys.readouterr().out
+    bad = write(tmp_path, "node: {port: 0}\n")
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid configuration in {bad}" in err and "node.port" in err
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(None)
+    with pytest.raises(AttributeError):
+        s.node.port = 1  # type: ignore[misc]
+
+
+def test_default_config_ships_in_the_wheel(tmp_path: Path) -> None:
+    """An installed wheel finds the embedded default without the checkout."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("glioforecast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = [n for n in names if n.endswith("share/glioforecast/config/default.yaml")]
+    assert shipped, names
+    data = yaml.safe_load(zipfile.ZipFile(wheel).read(shipped[0]))
+    assert data == yaml.safe_load((REPO / "config" / "default.yaml").read_text())
