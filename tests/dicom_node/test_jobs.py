@@ -90,8 +90,10 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
     (spool.tmp / "dead.part").write_bytes(b"partial")
     # a file removed by hand behind the node's back:
     gone = _info(study["t1c"][0])
-    (spool.root / spool.relative_path(
-        gone.study_instance_uid, gone.series_instance_uid, gone.sop_instance_uid)).unlink()  # fmt: skip
+    rel = spool.relative_path(
+        gone.study_instance_uid, gone.series_instance_uid, gone.sop_instance_uid
+    )
+    (spool.root / rel).unlink()
     summary = reconcile(spool, store, SECRET)
     assert summary == {"removed_partial": 1, "recovered": 1, "missing": 1}
     assert store.counts()["instances"] == 2

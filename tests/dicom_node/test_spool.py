@@ -39,7 +39,7 @@ def test_duplicate_is_stored_once_and_first_copy_kept(tmp_path: Path) -> None:
 
 def test_low_disk_refuses_before_writing(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", min_free_bytes=2**62)
-    with pytest.raises(OutOfSpaceError, match="expected at least .* MiB free"):
+    with pytest.raises(OutOfSpaceError, match=r"expected at least .* MiB free"):
         spool.store("1", "2", "3", b"x" * 1000)
     assert not list(spool.iter_files())
     assert not list(spool.tmp.iterdir())
