@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+import numpy.typing as npt
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -167,3 +169,35 @@ def first_item(ds: Dataset | None, keyword: str, name: str) -> Dataset | None:
         return None
     items = get_items(ds, keyword, name)
     return items[0] if items else None
+
+
+def get_ds_array(ds: Dataset, keyword: str, name: str) -> npt.NDArray[np.float64] | None:
+    """A long decimal-string attribute (ContourData...) as a float array, parsed by numpy.
+
+    pydicom turns each value into a validated ``DSfloat`` object, which is slow for the tens of
+    thousands of values of a structure set; this reads the raw bytes when they are still raw.
+    """
+    tag = _tag(keyword)
+    try:
+        elem = ds.get_item(tag) if tag in ds else None
+    except Exception as exc:
+        raise ConversionError(f"{name}: {keyword} cannot be read ({exc})") from exc
+    if elem is None:
+        return None
+    raw = elem.value
+    if isinstance(raw, bytes | bytearray):
+        text = bytes(raw).decode("ascii", "replace").strip(" \0")
+        if not text:
+            return None
+        try:
+            values = np.array(text.split("\\"), dtype=np.float64)
+        except ValueError as exc:
+            raise ConversionError(f"{name}: {keyword} must hold numbers ({exc})") from exc
+    else:
+        floats = get_floats(ds, keyword, name, None)
+        if floats is None:
+            return None
+        values = np.asarray(floats, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ConversionError(f"{name}: {keyword} holds non-finite values")
+    return values

@@ -107,6 +107,13 @@ def classic_frame(ds: Dataset, source: int, name: str, sop_uid: str) -> FrameInf
             f"{name}: {', '.join(missing)} missing; expected an image with patient geometry "
             "(Image Plane module), found none"
         )
+    image_type = (get_str(ds, "ImageType", name, "") or "").upper().split("\\")
+    if "MOSAIC" in image_type:
+        raise ConversionError(
+            f"{name}: Siemens mosaic image (ImageType {'/'.join(image_type)}): its tiles are "
+            "separate slices whose positions are not in the standard attributes; expected one "
+            "slice per image (anatomical MR), found a mosaic (EPI / fMRI / diffusion)"
+        )
     if get_items(ds, "ModalityLUTSequence", name):
         raise ConversionError(
             f"{name}: a Modality LUT Sequence is present; only RescaleSlope/RescaleIntercept "

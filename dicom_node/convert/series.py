@@ -103,7 +103,8 @@ def _native_pixels(
     return arr if n_frames == 1 else arr.reshape((n_frames, rows, cols))
 
 
-def _decode(ds: Dataset, name: str, n_frames: int) -> npt.NDArray[np.generic]:
+def decode_pixels(ds: Dataset, name: str, n_frames: int) -> npt.NDArray[np.generic]:
+    """Decoded pixels of an instance as a (frames, rows, columns) array in native byte order."""
     rows = get_int(ds, "Rows", name)
     cols = get_int(ds, "Columns", name)
     bits = get_int(ds, "BitsAllocated", name)
@@ -266,7 +267,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     out: npt.NDArray[np.generic] | None = None
     for k, frame in enumerate(ordered):
         if frame.source not in decoded:
-            decoded[frame.source] = _decode(
+            decoded[frame.source] = decode_pixels(
                 datasets[frame.source], names[frame.source], frame_counts[frame.source]
             )
         pixels = decoded[frame.source][frame.frame or 0]

@@ -1,0 +1,136 @@
+"""RT Dose (a multi-frame dose grid) to a dose volume in Gy on an image grid.
+
+Public entry points: :func:`load_rtdose` (the dose on its own grid) and :func:`dose_on_grid`
+(the dose resampled onto the grid of an image volume with trilinear interpolation, zero outside
+the dose grid). The dose must be on the image's frame of reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from dicom_node.convert._dataset import (
+    Source,
+    get_float,
+    get_floats,
+    get_int,
+    get_str,
+    read_dataset,
+    source_name,
+)
+from dicom_node.convert.geometry import orientation_axes, resample
+from dicom_node.convert.series import decode_pixels
+from dicom_node.errors import ConversionError
+from dicom_node.types import Volume
+
+log = logging.getLogger(__name__)
+
+RTDOSE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
+
+
+def load_rtdose(source: Source) -> Volume:
+    """The dose of an RT Dose instance on its own grid, in Gy (float32).
+
+    Voxels are stored values times DoseGridScaling. Frame z positions come from
+    GridFrameOffsetVector: relative to ImagePositionPatient along the slice normal (the standard
+    form, first offset 0) or, as some older planning systems write it, absolute patient z
+    (first offset equal to the z of ImagePositionPatient, axial grids only).
+    """
+    name = source_name(source, 0)
+    ds = read_dataset(source, name)
+    sop_class = get_str(ds, "SOPClassUID", name)
+    if sop_class != RTDOSE_SOP_CLASS and get_str(ds, "Modality", name) != "RTDOSE":
+        raise ConversionError(
+            f"{name}: expected an RT Dose ({RTDOSE_SOP_CLASS}), found {sop_class}"
+        )
+    units = (get_str(ds, "DoseUnits", name, "") or "").upper()
+    if units and units != "GY":
+        raise ConversionError(f"{name}: DoseUnits must be GY, found {units!r} (relative dose?)")
+    scaling = get_float(ds, "DoseGridScaling", name)
+    if scaling is None or scaling <= 0:
+        raise ConversionError(f"{name}: DoseGridScaling must be a positive number, found {scaling}")
+    ipp = get_floats(ds, "ImagePositionPatient", name, 3)
+    iop = get_floats(ds, "ImageOrientationPatient", name, 6)
+    ps = get_floats(ds, "PixelSpacing", name, 2)
+    if ipp is None or iop is None or ps is None:
+        raise ConversionError(
+            f"{name}: ImagePositionPatient, ImageOrientationPatient and PixelSpacing are required "
+            "for a dose grid"
+        )
+    if ps[0] <= 0 or ps[1] <= 0:
+        raise ConversionError(f"{name}: PixelSpacing must be positive, found {ps}")
+    row, col, normal = orientation_axes(iop)
+    n_frames = get_int(ds, "NumberOfFrames", name, 1) or 1
+    if n_frames < 1:
+        raise ConversionError(f"{name}: NumberOfFrames must be >= 1, found {n_frames}")
+    offsets = get_floats(ds, "GridFrameOffsetVector", name, None)
+    if offsets is None:
+        if n_frames > 1:
+            raise ConversionError(
+                f"{name}: GridFrameOffsetVector is required for a dose with {n_frames} frames"
+            )
+        offsets = [0.0]
+    if len(offsets) != n_frames:
+        raise ConversionError(
+            f"{name}: GridFrameOffsetVector has {len(offsets)} values, expected NumberOfFrames "
+            f"= {n_frames}"
+        )
+    off = np.asarray(offsets, dtype=float)
+    if off[0] != 0.0:
+        axial = abs(abs(float(normal[2])) - 1.0) < 1e-6
+        if axial and abs(off[0] - ipp[2]) < 1e-3:
+            log.info("%s: GridFrameOffsetVector holds absolute z positions", name)
+            off = (off - ipp[2]) * float(np.sign(normal[2]))
+        else:
+            log.info("%s: GridFrameOffsetVector starts at %.3f (relative)", name, off[0])
+    steps = np.diff(off)
+    if n_frames > 1:
+        if np.any(np.abs(steps) < 1e-6):
+            raise ConversionError(f"{name}: GridFrameOffsetVector repeats a position: {offsets}")
+        if np.max(np.abs(steps - steps[0])) > max(1e-3, 1e-3 * abs(steps[0])):
+            raise ConversionError(
+                f"{name}: GridFrameOffsetVector is not uniform: expected equal steps, found "
+                f"{np.round(steps, 4).tolist()}"
+            )
+    array = decode_pixels(ds, name, n_frames).astype(np.float32) * np.float32(scaling)
+    step = float(steps[0]) if n_frames > 1 else 1.0
+    first = np.asarray(ipp, dtype=float) + off[0] * normal
+    if step < 0:  # frames stored against the normal: flip to keep a right-handed grid
+        array = array[::-1]
+        first = first + (n_frames - 1) * step * normal
+        step = -step
+    direction = np.stack([row, col, normal], axis=1)
+    return Volume(
+        array=np.ascontiguousarray(array),
+        spacing=(float(ps[1]), float(ps[0]), step),
+        origin=(float(first[0]), float(first[1]), float(first[2])),
+        direction=direction,
+        frame_of_reference_uid=get_str(ds, "FrameOfReferenceUID", name),
+        source_instance_uids=(get_str(ds, "SOPInstanceUID", name, "") or "",),
+        series_instance_uid=get_str(ds, "SeriesInstanceUID", name),
+    )
+
+
+def dose_on_grid(source: Source | Volume, reference: Volume) -> Volume:
+    """The dose (Gy, float32) resampled onto ``reference``'s grid, trilinear, 0 outside.
+
+    The dose and the reference must share a frame of reference, else :class:`ConversionError`
+    names both UIDs.
+    """
+    dose = source if isinstance(source, Volume) else load_rtdose(source)
+    if not reference.frame_of_reference_uid or (
+        dose.frame_of_reference_uid != reference.frame_of_reference_uid
+    ):
+        raise ConversionError(
+            f"RT Dose is on frame of reference {dose.frame_of_reference_uid or '<none>'} but the "
+            f"image is on {reference.frame_of_reference_uid or '<none>'}; expected the same "
+            "frame of reference"
+        )
+    values = resample(dose, reference, order=1, fill=0.0, output_dtype=np.float32)
+    covered = float(np.mean(values > 0)) if values.size else 0.0
+    log.info("dose resampled onto the image grid: max %.2f Gy", float(values.max(initial=0.0)))
+    if covered == 0.0:
+        log.warning("the dose grid does not overlap the image (or the dose is zero)")
+    return reference.with_array(values)

@@ -1,0 +1,340 @@
+"""RT Structure Set to a binary mask on an image grid, with our own sub-voxel rasteriser.
+
+Public entry points:
+
+- :func:`list_rois` - the ROIs of a structure set (number, name, frame of reference, contours);
+- :func:`load_rtstruct_mask` - the mask of the ROI whose name matches a pattern, on the grid of a
+  :class:`~dicom_node.types.Volume` (normally the T1-Gd series);
+- :func:`rasterise_polygons` - the rasteriser itself, on polygons given in voxel coordinates.
+
+Rasterisation rule: a voxel belongs to the ROI when its centre lies inside the contours of its
+slice under the even-odd rule. Vertices keep their sub-voxel positions (no rounding), several
+contours on one slice are combined, and a contour inside another one is a hole (XOR), which is
+how planning systems export holes. Every contour must lie in the plane of an image slice; a
+contour that is oblique to the slices or lies between them is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+from dicom_node.convert._dataset import (
+    Source,
+    get_ds_array,
+    get_int,
+    get_items,
+    get_str,
+    read_dataset,
+    source_name,
+)
+from dicom_node.convert.geometry import world_to_index
+from dicom_node.errors import ConversionError
+from dicom_node.types import Volume
+
+log = logging.getLogger(__name__)
+
+#: GTV-like ROI names: "GTV", "GTV_1", "gross tumour", "Tumor"...
+DEFAULT_ROI_PATTERN = r"(?i)^\s*(gtv|gross|tumou?r)"
+
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+
+
+@dataclass(frozen=True)
+class RoiInfo:
+    """One ROI of a structure set."""
+
+    number: int
+    name: str
+    frame_of_reference_uid: str | None
+    contour_count: int
+
+
+@dataclass(frozen=True)
+class _Contour:
+    geometric_type: str
+    points: npt.NDArray[np.float64]  # (n, 3) LPS mm
+
+
+def _read(source: Source | Dataset, index: int = 0) -> tuple[Dataset, str]:
+    name = source_name(source, index)
+    ds = read_dataset(source, name)
+    sop_class = get_str(ds, "SOPClassUID", name)
+    modality = get_str(ds, "Modality", name)
+    if sop_class != RTSTRUCT_SOP_CLASS and modality != "RTSTRUCT":
+        raise ConversionError(
+            f"{name}: expected an RT Structure Set ({RTSTRUCT_SOP_CLASS}), found SOP class "
+            f"{sop_class} / modality {modality}"
+        )
+    return ds, name
+
+
+def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:
+    counts: dict[int, int] = {}
+    for item in get_items(ds, "ROIContourSequence", name):
+        number = get_int(item, "ReferencedROINumber", name)
+        if number is not None:
+            counts[number] = len(get_items(item, "ContourSequence", name))
+    rois: dict[int, RoiInfo] = {}
+    for item in get_items(ds, "StructureSetROISequence", name):
+        number = get_int(item, "ROINumber", name)
+        if number is None:
+            raise ConversionError(f"{name}: a StructureSetROISequence item has no ROINumber")
+        rois[number] = RoiInfo(
+            number=number,
+            name=get_str(item, "ROIName", name, "") or "",
+            frame_of_reference_uid=get_str(item, "ReferencedFrameOfReferenceUID", name),
+            contour_count=counts.get(number, 0),
+        )
+    return rois
+
+
+def list_rois(source: Source) -> list[RoiInfo]:
+    """The ROIs of a structure set, in the order of StructureSetROISequence."""
+    ds, name = _read(source)
+    return list(_rois(ds, name).values())
+
+
+def _contours(ds: Dataset, name: str, roi_number: int) -> list[_Contour]:
+    for item in get_items(ds, "ROIContourSequence", name):
+        if get_int(item, "ReferencedROINumber", name) != roi_number:
+            continue
+        contours = []
+        for n, c in enumerate(get_items(item, "ContourSequence", name)):
+            where = f"{name} ROI {roi_number} contour {n + 1}"
+            data = get_ds_array(c, "ContourData", where)
+            if data is None or len(data) % 3 or len(data) == 0:
+                raise ConversionError(
+                    f"{where}: ContourData must hold x, y, z triplets, found "
+                    f"{0 if data is None else len(data)} values"
+                )
+            declared = get_int(c, "NumberOfContourPoints", where)
+            if declared is not None and declared != len(data) // 3:
+                log.warning(
+                    "%s: NumberOfContourPoints is %d but ContourData has %d points; using the data",
+                    where,
+                    declared,
+                    len(data) // 3,
+                )
+            contours.append(
+                _Contour(
+                    geometric_type=(get_str(c, "ContourGeometricType", where, "") or "").upper(),
+                    points=data.reshape(-1, 3),
+                )
+            )
+        return contours
+    return []
+
+
+def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) -> list[RoiInfo]:
+    """ROIs whose name matches ``pattern`` (``re.search``), or ConversionError.
+
+    Several matches are an error unless ``combine`` is true (their union is then used).
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ConversionError(f"invalid ROI name pattern {pattern!r}: {exc}") from exc
+    available = ", ".join(repr(r.name) for r in rois) or "none"
+    matches = [r for r in rois if regex.search(r.name)]
+    if not matches:
+        raise ConversionError(
+            f"no ROI name matches the pattern {pattern!r}; ROIs available: {available}"
+        )
+    if len(matches) > 1 and not combine:
+        names = ", ".join(repr(r.name) for r in matches)
+        raise ConversionError(
+            f"the ROI name pattern {pattern!r} is ambiguous: it matches {names}; expected "
+            f"exactly one ROI (ROIs available: {available})"
+        )
+    return matches
+
+
+def rasterise_polygons(
+    polygons: Sequence[tuple[int, npt.NDArray[np.float64]]], shape: tuple[int, int, int]
+) -> npt.NDArray[np.bool_]:
+    """Fill polygons on a [k, j, i] grid with the even-odd rule, sampling at voxel centres.
+
+    ``polygons`` are ``(k, xy)`` pairs: ``k`` the slice index, ``xy`` an (n, 2) array of
+    continuous (i, j) voxel coordinates (column, row) of the closed polygon's vertices. All
+    polygons of one slice are combined with XOR, so nested polygons make holes. A voxel centre
+    ``(i, j)`` is inside when a ray from ``i = -inf`` along its row crosses the polygon edges an
+    odd number of times; edges are taken half-open in ``j`` so a vertex is counted once.
+    """
+    nk, nj, ni = shape
+    mask = np.zeros(shape, dtype=bool)
+    if not polygons:
+        return mask
+    slices = sorted({k for k, _ in polygons if 0 <= k < nk})
+    if not slices:
+        return mask
+    slot = {k: s for s, k in enumerate(slices)}
+    x0s, y0s, x1s, y1s, ks = [], [], [], [], []
+    for k, xy in polygons:
+        if k not in slot or len(xy) < 3:
+            continue
+        xy = np.asarray(xy, dtype=float)
+        nxt = np.roll(xy, -1, axis=0)
+        x0s.append(xy[:, 0])
+        y0s.append(xy[:, 1])
+        x1s.append(nxt[:, 0])
+        y1s.append(nxt[:, 1])
+        ks.append(np.full(len(xy), slot[k], dtype=np.int64))
+    if not ks:
+        return mask
+    x0, y0 = np.concatenate(x0s), np.concatenate(y0s)
+    x1, y1 = np.concatenate(x1s), np.concatenate(y1s)
+    kk = np.concatenate(ks)
+    # work inside the bounding box of the polygons (clipped to the grid)
+    xmin, xmax = float(min(x0.min(), x1.min())), float(max(x0.max(), x1.max()))
+    ymin, ymax = float(min(y0.min(), y1.min())), float(max(y0.max(), y1.max()))
+    i0, i1 = int(np.clip(np.ceil(xmin), 0, ni)), int(np.clip(np.floor(xmax) + 1, 0, ni))
+    j0, j1 = int(np.clip(np.ceil(ymin), 0, nj)), int(np.clip(np.floor(ymax) + 1, 0, nj))
+    bw, bh = i1 - i0, j1 - j0
+    if bw <= 0 or bh <= 0:
+        return mask
+    keep = y0 != y1  # horizontal edges never cross a row ray
+    x0, y0, x1, y1, kk = x0[keep] - i0, y0[keep] - j0, x1[keep] - i0, y1[keep] - j0, kk[keep]
+    ylo, yhi = np.minimum(y0, y1), np.maximum(y0, y1)
+    # rows j with ylo <= j < yhi, clipped to the box
+    jlo = np.clip(np.ceil(ylo), 0, bh).astype(np.int64)
+    jhi = np.clip(np.ceil(yhi), 0, bh).astype(np.int64)  # exclusive
+    counts = np.maximum(jhi - jlo, 0)
+    total = int(counts.sum())
+    if total == 0:
+        return mask
+    edge = np.repeat(np.arange(len(counts)), counts)
+    starts = np.cumsum(counts) - counts
+    j = jlo[edge] + (np.arange(total) - starts[edge])
+    t = (j - y0[edge]) / (y1[edge] - y0[edge])
+    x = x0[edge] + t * (x1[edge] - x0[edge])
+    # a crossing at x toggles every voxel centre i >= x
+    col = np.clip(np.ceil(x), 0, bw).astype(np.int64)
+    flat = (kk[edge] * bh + j) * (bw + 1) + col
+    toggles = np.bincount(flat, minlength=len(slices) * bh * (bw + 1)).astype(np.uint8)
+    toggles = toggles.reshape(len(slices), bh, bw + 1)[:, :, :bw]
+    # parity of the crossings left of each centre (uint8 wrap-around keeps the parity)
+    inside = (np.cumsum(toggles, axis=2, dtype=np.uint8) & 1).astype(bool)
+    mask[slices, j0:j1, i0:i1] = inside
+    return mask
+
+
+def contours_to_polygons(
+    contours: Sequence[npt.NDArray[np.float64]],
+    reference: Volume,
+    *,
+    coplanar_tolerance: float = 0.1,
+    label: str = "ROI",
+) -> list[tuple[int, npt.NDArray[np.float64]]]:
+    """Map closed contours (LPS mm) to ``(k, ij)`` polygons on ``reference``'s grid.
+
+    ``coplanar_tolerance`` is the largest tolerated distance, in slices, between a contour point
+    and the nearest image slice. Contours entirely outside the slab of the image are dropped with
+    a warning; a contour oblique to the slices or lying between two slices is an error.
+    """
+    to_index = world_to_index(reference)
+    nk = reference.shape[0]
+    polygons: list[tuple[int, npt.NDArray[np.float64]]] = []
+    outside = 0
+    for n, pts in enumerate(contours):
+        homogeneous = np.c_[pts, np.ones(len(pts))]
+        ijk = (to_index @ homogeneous.T).T[:, :3]
+        kmin, kmax = float(ijk[:, 2].min()), float(ijk[:, 2].max())
+        if kmax - kmin > 2 * coplanar_tolerance:
+            raise ConversionError(
+                f"{label} contour {n + 1} is not coplanar with the image slices: its points span "
+                f"slice positions k = {kmin:.3f} to {kmax:.3f} (slice spacing "
+                f"{reference.spacing[2]:.3f} mm); expected every point on one slice "
+                "(structure set drawn on another series or an oblique reconstruction?)"
+            )
+        kmean = float(ijk[:, 2].mean())
+        k = round(kmean)
+        if abs(kmean - k) > coplanar_tolerance:
+            raise ConversionError(
+                f"{label} contour {n + 1} lies between image slices at k = {kmean:.3f} "
+                f"({abs(kmean - k) * reference.spacing[2]:.3f} mm from slice {k}); expected "
+                "contours on the image slices (structure set drawn on another series?)"
+            )
+        if not 0 <= k < nk:
+            outside += 1
+            continue
+        polygons.append((k, ijk[:, :2]))
+    if outside:
+        log.warning("%s: %d contour(s) outside the image slab were ignored", label, outside)
+    return polygons
+
+
+def load_rtstruct_mask(
+    source: Source,
+    reference: Volume,
+    roi_pattern: str = DEFAULT_ROI_PATTERN,
+    *,
+    combine: bool = False,
+    coplanar_tolerance: float = 0.1,
+) -> Volume:
+    """Mask (bool) of the ROI whose name matches ``roi_pattern`` on ``reference``'s grid.
+
+    The structure set's ROI must be on the reference volume's frame of reference, otherwise a
+    :class:`ConversionError` names both UIDs. Contours other than CLOSED_PLANAR (points, open
+    polylines) are ignored with a warning. See :func:`rasterise_polygons` for the rule.
+    """
+    ds, name = _read(source)
+    rois = _rois(ds, name)
+    chosen = select_roi(list(rois.values()), roi_pattern, combine=combine)
+    mr_for = reference.frame_of_reference_uid
+    per_roi: list[list[tuple[int, npt.NDArray[np.float64]]]] = []
+    for roi in chosen:
+        roi_for = roi.frame_of_reference_uid or get_str(ds, "FrameOfReferenceUID", name)
+        if not mr_for or roi_for != mr_for:
+            raise ConversionError(
+                f"{name}: ROI {roi.name!r} is on frame of reference {roi_for or '<none>'} but the "
+                f"image is on {mr_for or '<none>'}; expected the same frame of reference "
+                "(structure set drawn on another study or registration not applied)"
+            )
+        contours = _contours(ds, name, roi.number)
+        closed = [c.points for c in contours if c.geometric_type == "CLOSED_PLANAR"]
+        others = len(contours) - len(closed)
+        if others:
+            log.warning(
+                "%s: ROI %r has %d non-closed contour(s) (POINT / OPEN_*) that were ignored",
+                name,
+                roi.name,
+                others,
+            )
+        if not closed:
+            raise ConversionError(
+                f"{name}: ROI {roi.name!r} has no CLOSED_PLANAR contour; expected a delineated "
+                f"volume, found {len(contours)} contour(s) of other types"
+            )
+        per_roi.append(
+            contours_to_polygons(
+                closed,
+                reference,
+                coplanar_tolerance=coplanar_tolerance,
+                label=f"{name}: ROI {roi.name!r}",
+            )
+        )
+    polygons = [p for roi_polygons in per_roi for p in roi_polygons]
+    if not polygons:
+        names = ", ".join(repr(r.name) for r in chosen)
+        raise ConversionError(
+            f"{name}: ROI {names} has no contour inside the image slab of the reference series "
+            f"({reference.shape[0]} slices); expected the structure set of this series"
+        )
+    # several ROIs are united, each rasterised on its own so they do not cut holes in each other
+    mask = rasterise_polygons(per_roi[0], reference.shape)
+    for roi_polygons in per_roi[1:]:
+        mask |= rasterise_polygons(roi_polygons, reference.shape)
+    log.info(
+        "rasterised ROI %s: %d contour(s), %d voxel(s)",
+        ", ".join(r.name for r in chosen),
+        len(polygons),
+        int(mask.sum()),
+    )
+    return reference.with_array(mask)
