@@ -1,0 +1,254 @@
+"""RTSTRUCT to mask: analytic shapes, rules (holes, several contours, coplanarity, frame of
+reference, ROI choice) and the real TCIA structure set against a 4x-supersampled reference."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from dicom_node.convert.geometry import world_to_index
+from dicom_node.convert.rtstruct import (
+    DEFAULT_ROI_PATTERN,
+    list_rois,
+    load_rtstruct_mask,
+    rasterise_polygons,
+    select_roi,
+)
+from dicom_node.convert.series import load_series
+from dicom_node.errors import ConversionError
+from dicom_node.types import Volume
+from tests.dicom_node.convert import synth
+from tests.dicom_node.convert.reference import dice, point_in_polygons, supersampled_reference
+
+
+def circle(cx: float, cy: float, r: float, n: int = 720) -> npt.NDArray[np.float64]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.c_[cx + r * np.cos(t), cy + r * np.sin(t)]
+
+
+def _grid(shape: tuple[int, int, int] = (5, 200, 220), *, frame_uid: str = "1.2.3.4") -> Volume:
+    """An oblique grid with anisotropic spacing and a non-trivial origin."""
+    angle = math.radians(17)
+    row = np.array([math.cos(angle), math.sin(angle), 0.0])
+    col = np.array(
+        [-math.sin(angle) * math.cos(0.2), math.cos(angle) * math.cos(0.2), -math.sin(0.2)]
+    )
+    col -= row * (row @ col)
+    col /= np.linalg.norm(col)
+    return Volume(
+        array=np.zeros(shape, dtype=np.int16),
+        spacing=(0.7, 0.9, 3.0),
+        origin=(-40.0, 12.5, 101.0),
+        direction=np.stack([row, col, np.cross(row, col)], axis=1),
+        frame_of_reference_uid=frame_uid,
+    )
+
+
+def _to_world(grid: Volume, k: float, ij: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    pts = np.c_[ij, np.full(len(ij), k), np.ones(len(ij))]
+    return (grid.affine @ pts.T).T[:, :3]
+
+
+def test_disc_area_within_one_percent() -> None:
+    mask = rasterise_polygons([(0, circle(100.3, 90.7, 40.25))], (1, 200, 200))
+    assert mask.sum() == pytest.approx(math.pi * 40.25**2, rel=0.01)
+
+
+def test_disc_with_hole_has_the_annulus_area() -> None:
+    outer, inner = circle(100.3, 90.7, 40.25), circle(97.9, 93.1, 18.6)
+    mask = rasterise_polygons([(0, outer), (0, inner[::-1])], (1, 200, 200))
+    expected = math.pi * (40.25**2 - 18.6**2)
+    assert mask.sum() == pytest.approx(expected, rel=0.01)
+    assert not mask[0, 93, 98]  # centre of the hole
+    assert mask[0, 90, 100 + 30]  # in the ring
+
+
+def test_several_contours_on_one_slice_and_hole_inside_an_island() -> None:
+    a, b = circle(50, 50, 20), circle(150, 60, 25)
+    hole = circle(150, 60, 10)
+    mask = rasterise_polygons([(2, a), (2, b), (2, hole)], (4, 120, 200))
+    expected = math.pi * (20**2 + 25**2 - 10**2)
+    assert mask[2].sum() == pytest.approx(expected, rel=0.01)
+    assert mask[[0, 1, 3]].sum() == 0
+    assert mask[2, 50, 50] and mask[2, 60, 130] and not mask[2, 60, 150]
+
+
+def test_sub_voxel_vertices_follow_the_voxel_centre_rule() -> None:
+    # a square from 2.5 to 5.5 covers centres 3, 4, 5; from 2.6 to 5.4 covers 3, 4, 5 too;
+    # from 3.1 to 4.9 covers only 4
+    for lo, hi, covered in ((2.5, 5.5, [3, 4, 5]), (2.6, 5.4, [3, 4, 5]), (3.1, 4.9, [4])):
+        sq = np.array([[lo, lo], [hi, lo], [hi, hi], [lo, hi]])
+        mask = rasterise_polygons([(0, sq)], (1, 10, 10))
+        rows, cols = np.nonzero(mask[0])
+        assert sorted(set(rows)) == covered and sorted(set(cols)) == covered
+
+
+def test_random_polygons_match_point_in_polygon_at_voxel_centres() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        n = int(rng.integers(3, 30))
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+        rad = rng.uniform(3, 25, n)
+        poly = np.c_[30 + rad * np.cos(ang), 28 + rad * np.sin(ang)] + rng.uniform(
+            -0.5, 0.5, (n, 2)
+        )
+        polys = [poly, circle(30, 28, rng.uniform(1, 5), 13)]
+        ours = rasterise_polygons([(0, p) for p in polys], (1, 60, 64))[0]
+        jj, ii = np.mgrid[0:60, 0:64]
+        ref = point_in_polygons(np.c_[ii.ravel(), jj.ravel()].astype(float), polys)
+        # ties (a centre exactly on an edge) are the only possible difference
+        assert (ours.ravel() != ref).sum() <= 2
+
+
+def test_polygon_partly_outside_the_grid_is_clipped() -> None:
+    mask = rasterise_polygons([(0, circle(0, 0, 10))], (1, 20, 20))
+    inside = [(j, i) for j in range(20) for i in range(20) if i * i + j * j < 100]
+    assert mask.sum() == pytest.approx(len(inside), abs=3)
+
+
+def test_structure_set_on_an_oblique_grid() -> None:
+    grid = _grid()
+    outer, inner = circle(110.2, 95.3, 50.5), circle(105.0, 99.0, 20.0)
+    contours = [
+        _to_world(grid, 1, outer),
+        _to_world(grid, 1, inner),
+        _to_world(grid, 2, outer),
+        _to_world(grid, 3, circle(60, 60, 12)),
+        _to_world(grid, 3, circle(150, 140, 15)),
+    ]
+    ds = synth.rtstruct("1.2.3.4", {"GTV": contours, "Brain": [_to_world(grid, 0, outer)]})
+    mask = load_rtstruct_mask(ds, grid)
+    assert mask.array.dtype == bool and mask.shape == grid.shape
+    assert mask.array[1].sum() == pytest.approx(math.pi * (50.5**2 - 20**2), rel=0.01)
+    assert mask.array[2].sum() == pytest.approx(math.pi * 50.5**2, rel=0.01)
+    assert mask.array[3].sum() == pytest.approx(math.pi * (12**2 + 15**2), rel=0.02)
+    assert mask.array[[0, 4]].sum() == 0
+    assert mask.frame_of_reference_uid == "1.2.3.4"
+
+
+def test_other_frame_of_reference_is_refused_naming_both_uids() -> None:
+    grid = _grid(frame_uid="1.2.3.4")
+    ds = synth.rtstruct("9.8.7", {"GTV": [_to_world(grid, 1, circle(50, 50, 10))]})
+    with pytest.raises(
+        ConversionError, match=r"frame of reference 9\.8\.7 but the image is on 1\.2\.3\.4"
+    ):
+        load_rtstruct_mask(ds, grid)
+
+
+def test_contour_oblique_to_the_slices_is_refused() -> None:
+    grid = _grid()
+    pts = _to_world(grid, 1, circle(50, 50, 10))
+    pts[:180] += grid.direction[:, 2] * 2.0  # a quarter of the points 2 mm off the slice
+    ds = synth.rtstruct(grid.frame_of_reference_uid or "", {"GTV": [pts]})
+    with pytest.raises(ConversionError, match=r"contour 1 is not coplanar with the image slices"):
+        load_rtstruct_mask(ds, grid)
+
+
+def test_contour_between_slices_is_refused() -> None:
+    grid = _grid()
+    ds = synth.rtstruct(
+        grid.frame_of_reference_uid or "", {"GTV": [_to_world(grid, 1.5, circle(50, 50, 10))]}
+    )
+    with pytest.raises(ConversionError, match=r"lies between image slices at k = 1\.500"):
+        load_rtstruct_mask(ds, grid)
+
+
+def test_roi_choice_by_pattern_lists_available_names() -> None:
+    grid = _grid()
+    c = [_to_world(grid, 1, circle(50, 50, 10))]
+    ds = synth.rtstruct(grid.frame_of_reference_uid or "", {"Brain": c, "Skull": c})
+    with pytest.raises(ConversionError, match=r"no ROI name matches .*available: 'Brain', 'Skull'"):
+        load_rtstruct_mask(ds, grid)
+    assert load_rtstruct_mask(ds, grid, r"^Skull$").array.sum() > 0
+    ds2 = synth.rtstruct(grid.frame_of_reference_uid or "", {"GTV_1": c, "gtv-2": c, "PTV": c})
+    with pytest.raises(ConversionError, match=r"ambiguous: it matches 'GTV_1', 'gtv-2'"):
+        load_rtstruct_mask(ds2, grid)
+    both = load_rtstruct_mask(ds2, grid, combine=True)
+    assert both.array.sum() == load_rtstruct_mask(ds2, grid, "^GTV_1$").array.sum()
+    with pytest.raises(ConversionError, match="invalid ROI name pattern"):
+        load_rtstruct_mask(ds2, grid, "(")
+
+
+@pytest.mark.parametrize(
+    ("name", "matches"),
+    [
+        ("GTV", True),
+        (" gtv_boost", True),
+        ("Gross Tumour", True),
+        ("tumor bed", True),
+        ("CTV", False),
+        ("PTV_GTV", False),
+        ("Brainstem", False),
+    ],
+)
+def test_default_pattern_is_gtv_like(name: str, matches: bool) -> None:
+    from dicom_node.convert.rtstruct import RoiInfo
+
+    rois = [RoiInfo(1, name, None, 1)]
+    if matches:
+        assert select_roi(rois, DEFAULT_ROI_PATTERN)[0].name == name
+    else:
+        with pytest.raises(ConversionError):
+            select_roi(rois, DEFAULT_ROI_PATTERN)
+
+
+def test_points_only_roi_is_refused() -> None:
+    grid = _grid()
+    ds = synth.rtstruct(
+        grid.frame_of_reference_uid or "",
+        {"GTV": [_to_world(grid, 1, np.array([[5.0, 5.0]]))]},
+        geometric_type="POINT",
+    )
+    with pytest.raises(ConversionError, match="no CLOSED_PLANAR contour"):
+        load_rtstruct_mask(ds, grid)
+
+
+def test_not_a_structure_set_is_refused() -> None:
+    ds = synth.mr_slices(synth.volume_pixels((1, 4, 4)))[0]
+    with pytest.raises(ConversionError, match="expected an RT Structure Set"):
+        list_rois(ds)
+
+
+# --- the real TCIA structure set -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tcia(real_data: Path) -> tuple[Volume, Path]:
+    folder = real_data / "tcia_sts001_mr_rtstruct" / "MR_T1"
+    return load_series(sorted((folder / "image").glob("*.dcm"))), folder / "mask" / "1-1.dcm"
+
+
+def test_real_rtstruct_lists_its_rois(tcia: tuple[Volume, Path]) -> None:
+    _, path = tcia
+    assert [(r.name, r.contour_count) for r in list_rois(path)] == [
+        ("GTV_Mass", 20),
+        ("GTV_Edema", 32),
+    ]
+
+
+@pytest.mark.parametrize("roi", ["GTV_Mass", "GTV_Edema"])
+def test_real_rtstruct_dice_against_4x_supersampled_reference(
+    tcia: tuple[Volume, Path], roi: str
+) -> None:
+    import pydicom
+
+    volume, path = tcia
+    ours = load_rtstruct_mask(path, volume, f"^{roi}$").array
+    ds = pydicom.dcmread(path)
+    number = next(r.ROINumber for r in ds.StructureSetROISequence if r.ROIName == roi)
+    contours = next(
+        rc.ContourSequence for rc in ds.ROIContourSequence if rc.ReferencedROINumber == number
+    )
+    to_index = world_to_index(volume)
+    by_slice: dict[int, list[npt.NDArray[np.float64]]] = {}
+    for c in contours:
+        pts = np.asarray([float(v) for v in c.ContourData]).reshape(-1, 3)
+        ijk = (to_index @ np.c_[pts, np.ones(len(pts))].T).T
+        by_slice.setdefault(round(float(ijk[:, 2].mean())), []).append(ijk[:, :2])
+    reference = supersampled_reference(by_slice, volume.shape, factor=4)
+    assert reference.sum() > 10_000
+    assert dice(ours, reference) >= 0.99
