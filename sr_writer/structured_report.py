@@ -180,7 +180,6 @@ def build_structured_report(
             value=value,
             unit=MILLILITER,
             derivation=derivation,
-            algorithm_id=algorithm,
         )
 
     measurements = [
@@ -195,7 +194,6 @@ def build_structured_report(
                 name=RELATIVE_CHANGE,
                 value=fig.relative_change_percent,
                 unit=PERCENT,
-                algorithm_id=algorithm,
             )
         )
     for c in RESPONSE_CATEGORIES:
@@ -204,7 +202,6 @@ def build_structured_report(
                 name=PROBABILITY_CODES[c],
                 value=fig.response_probability_percent[c],
                 unit=PERCENT,
-                algorithm_id=algorithm,
             )
         )
     predicted = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(

@@ -8,7 +8,9 @@ source T1-Gd so that tests can send the source study to a PACS before the result
 from __future__ import annotations
 
 import datetime
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -16,6 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, RTStructure
 
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
 from sr_writer.labels import JobIdentity
+from sr_writer.outputs import JobInputs, JobOutputs, OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1482.1.1"
@@ -67,10 +70,10 @@ def make_case(
     model_version: str = "0.1.0",
     study_uid: str = STUDY_UID,
     seed: int = 7,
+    spacing: tuple[float, float, float] = (0.9, 0.8, 2.5),
 ) -> JobCase:
     rng = np.random.default_rng(seed)
     nk, nj, ni = shape
-    spacing = (0.9, 0.8, 2.5)
     origin = (-ni * 0.45, -nj * 0.4, -20.0)
     direction = np.eye(3)
     slice_uids = tuple(f"{T1C_SERIES_UID}.{k + 1}" for k in range(nk))
@@ -215,3 +218,37 @@ def source_mr_datasets(case: JobCase) -> list[Dataset]:
         ds.PixelData = arr[k].tobytes()
         out.append(ds)
     return out
+
+
+@functools.cache
+def default_case() -> JobCase:
+    """The case most tests share (built once per test session)."""
+    return make_case()
+
+
+def job_inputs(case: JobCase) -> JobInputs:
+    return JobInputs(
+        patient=case.patient,
+        t1c=case.t1c,
+        t1c_series=case.t1c_series,
+        other_series=(case.rtstruct_series,),
+    )
+
+
+@functools.cache
+def default_outputs() -> JobOutputs:
+    """Every output object of :func:`default_case`, derived MR included (built once)."""
+    case = default_case()
+    return build_outputs(
+        case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0", derived_mr=True)
+    )
+
+
+def write_all(objects: list[Dataset], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in objects:
+        p = folder / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths

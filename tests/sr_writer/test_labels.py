@@ -1,0 +1,124 @@
+"""Labelling rules and deterministic UIDs shared by every output object."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.errors import ExportError
+from sr_writer.labels import (
+    BANNER_TEXT,
+    SERIES_NUMBERS,
+    JobIdentity,
+    is_labelled_description,
+    series_description,
+)
+from sr_writer.outputs import build_outputs
+from tests.sr_writer.synthetic_job import (
+    PATIENT_NAME,
+    default_case,
+    default_outputs,
+    job_inputs,
+    make_case,
+)
+
+
+def _job(**kw: object) -> JobIdentity:
+    base: dict[str, object] = {
+        "study_instance_uid": "1.2.3",
+        "input_instance_uids": ("1.2.3.4", "1.2.3.5"),
+        "model_name": "m",
+        "model_version": "1.0",
+    }
+    base.update(kw)
+    return JobIdentity(**base)  # type: ignore[arg-type]
+
+
+def test_uids_are_deterministic_and_order_free() -> None:
+    a = _job()
+    b = _job(input_instance_uids=("1.2.3.5", "1.2.3.4"))
+    assert a.series_uid("sc") == b.series_uid("sc")
+    assert a.instance_uid("sc", 3) == b.instance_uid("sc", 3)
+    assert a.instance_uid("sc", 3) != a.instance_uid("sc", 4)
+    assert a.series_uid("sc") != a.series_uid("seg")
+    for uid in (a.series_uid("sr"), a.instance_uid("derived-mr", 179)):
+        assert uid.startswith("2.25.") and len(uid) <= 64
+
+
+def test_uids_change_with_model_version_and_inputs() -> None:
+    a = _job()
+    assert a.series_uid("sc") != _job(model_version="1.1").series_uid("sc")
+    assert a.series_uid("sc") != _job(input_instance_uids=("1.2.3.4",)).series_uid("sc")
+    assert a.series_uid("sc") != _job(study_instance_uid="1.2.4").series_uid("sc")
+
+
+def test_job_identity_refuses_bad_input() -> None:
+    with pytest.raises(ExportError, match="expected a DICOM UID"):
+        _job(study_instance_uid="1.2.x")
+    with pytest.raises(ExportError, match="at least one input"):
+        _job(input_instance_uids=())
+    with pytest.raises(ExportError, match="unknown output kind"):
+        _job().series_uid("pdf")
+
+
+def test_series_description_rule_and_limit() -> None:
+    d = series_description("T1-Gd SC")
+    assert d.startswith("SYNTHETIC PREDICTION") and "RESEARCH USE ONLY" in d
+    assert is_labelled_description(d)
+    assert not is_labelled_description("T1 post contrast")
+    with pytest.raises(ExportError, match="at most 64 characters"):
+        series_description("x" * 30)
+
+
+def test_rebuilding_a_job_gives_the_same_uids() -> None:
+    case = default_case()
+    first = default_outputs()
+    again = build_outputs(case.prediction, job_inputs(case))
+    assert [d.SOPInstanceUID for d in again.all() if d.Modality != "MR"] == [
+        d.SOPInstanceUID for d in first.all() if d.Modality != "MR"
+    ]
+    other = make_case(model_version="0.2.0")
+    changed = build_outputs(other.prediction, job_inputs(other))
+    assert not {d.SOPInstanceUID for d in changed.all()} & {d.SOPInstanceUID for d in first.all()}
+
+
+def test_every_object_is_labelled_in_the_source_study() -> None:
+    out = default_outputs()
+    case = default_case()
+    series_numbers = set()
+    for ds in out.all():
+        assert ds.StudyInstanceUID == case.patient.study_instance_uid
+        assert ds.PatientID == case.patient.patient_id
+        assert is_labelled_description(ds.SeriesDescription), ds.SeriesDescription
+        assert ds.ContentQualification == "RESEARCH", ds.Modality
+        eq = ds.ContributingEquipmentSequence[0]
+        assert eq.Manufacturer == "glioforecast"
+        assert eq.ManufacturerModelName == case.prediction.model_name
+        assert any(case.prediction.model_version in v for v in eq.SoftwareVersions)
+        assert eq.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        assert ds.SeriesInstanceUID not in (case.t1c_series.series_instance_uid,)
+        series_numbers.add(int(ds.SeriesNumber))
+    assert series_numbers == set(SERIES_NUMBERS.values())
+    assert all(ds.ConversionType == "SYN" for ds in (*out.sc, *out.uncertainty_sc))
+    assert out.sr.VerificationFlag == "UNVERIFIED"
+    assert BANNER_TEXT in out.derived_mr[0].ImageComments
+    assert list(out.derived_mr[0].ImageType[:2]) == ["DERIVED", "SECONDARY"]
+
+
+def test_patient_name_round_trips_in_utf8() -> None:
+    """`Lefèvre^Zoë` written as ISO_IR 192 reads back identical from every object type."""
+    out = default_outputs()
+    kinds = {ds.SOPClassUID for ds in out.all()}
+    assert len(kinds) == 5  # SC, SEG, RTSTRUCT, SR, MR
+    for ds in out.all():
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        raw = buf.getvalue()
+        assert "Lefèvre^Zoë".encode() in raw, ds.Modality
+        back = dcmread(io.BytesIO(raw))
+        assert back.SpecificCharacterSet == "ISO_IR 192", ds.Modality
+        assert str(back.PatientName) == PATIENT_NAME, ds.Modality
+        assert back.PatientName.family_name == "Lefèvre"
+        assert back.PatientName.given_name == "Zoë"

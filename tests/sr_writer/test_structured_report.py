@@ -1,0 +1,181 @@
+"""The TID 1500 report, read back with highdicom/pydicom and with dcmtk's dsrdump."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import ExportError
+from sr_writer.structured_report import RESPONSE_CODES, SrFigures, figures_of
+from tests.conftest import tool
+from tests.sr_writer.synthetic_job import default_case, default_outputs
+
+
+def _sr_dataset() -> Dataset:
+    buf = io.BytesIO()
+    default_outputs().sr.save_as(buf, enforce_file_format=True)
+    return dcmread(io.BytesIO(buf.getvalue()))
+
+
+def _expected() -> SrFigures:
+    return figures_of(default_case().prediction)
+
+
+def test_figures_follow_the_prediction() -> None:
+    p = default_case().prediction
+    fig = _expected()
+    vols = sorted(p.sample_volumes_ml)
+    assert fig.predicted_mean_ml == pytest.approx(sum(vols) / len(vols))
+    assert fig.predicted_min_ml == vols[0] and fig.predicted_max_ml == vols[-1]
+    assert fig.relative_change_percent == pytest.approx(
+        (fig.predicted_mean_ml - p.current_volume_ml) / p.current_volume_ml * 100
+    )
+    assert fig.response_category == "partial_response"
+    assert fig.response_probability_percent["partial_response"] == pytest.approx(75.0)
+
+
+def test_figures_refuse_a_prediction_without_samples() -> None:
+    import dataclasses
+
+    p = dataclasses.replace(default_case().prediction, sample_volumes_ml=())
+    with pytest.raises(ExportError, match="expected >= 1, found 0"):
+        figures_of(p)
+
+
+def test_sr_read_back_with_highdicom() -> None:
+    ds = _sr_dataset()
+    fig = _expected()
+    assert ds.VerificationFlag == "UNVERIFIED"
+    assert ds.CompletionFlag == "COMPLETE"
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    [current] = report.get_image_measurement_groups()
+    [cur_volume] = current.get_measurements()
+    assert cur_volume.name.meaning == "Volume" and cur_volume.unit.value == "ml"
+    assert cur_volume.value == pytest.approx(fig.current_volume_ml, rel=1e-9)
+
+    [predicted] = report.get_volumetric_roi_measurement_groups()
+    assert predicted.tracking_identifier == "Predicted tumour"
+    volumes = {
+        (m.derivation.meaning if m.derivation else None): m.value
+        for m in predicted.get_measurements()
+        if m.name.meaning == "Volume"
+    }
+    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
+    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
+    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
+    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, rel=1e-9)
+    by_name = {m.name.meaning: m for m in predicted.get_measurements()}
+    change = by_name["Relative volume change from pre-treatment"]
+    assert change.unit.value == "%"
+    assert change.value == pytest.approx(fig.relative_change_percent, rel=1e-9)
+    assert by_name["Probability of Partial Response"].value == pytest.approx(75.0)
+    assert by_name["Probability of Stable Disease"].value == pytest.approx(25.0)
+
+    qual: dict[str, Any] = {
+        q.name.meaning: q.value for q in predicted.get_qualitative_evaluations()
+    }
+    assert qual["Predicted response category"].value == RESPONSE_CODES["partial_response"].value
+    assert qual["Survival scenario used for guidance"].meaning == "Survival class long"
+
+    texts = _texts(predicted[0])
+    assert texts["Algorithm Name"] == ["glioforecast-ldm-demo"]
+    assert texts["Algorithm Version"] == ["0.1.0"]
+    assert "samples=4" in texts["Algorithm Parameters"]
+
+    seg = default_outputs().seg
+    ref = predicted.referenced_segment
+    assert ref is not None
+    assert ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == 1
+
+
+def _texts(item: Dataset) -> dict[str, list[str]]:
+    """TEXT content items below ``item``, by concept name."""
+    found: dict[str, list[str]] = {}
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "TEXT":
+            name = child.ConceptNameCodeSequence[0].CodeMeaning
+            found.setdefault(name, []).append(child.TextValue)
+        for k, v in _texts(child).items():
+            found.setdefault(k, []).extend(v)
+    return found
+
+
+def test_sr_references_source_and_output_series() -> None:
+    ds = _sr_dataset()
+    out = default_outputs()
+    case = default_case()
+    referenced: dict[str, set[str]] = {}
+    for study in ds.CurrentRequestedProcedureEvidenceSequence:
+        assert study.StudyInstanceUID == case.patient.study_instance_uid
+        for series in study.ReferencedSeriesSequence:
+            referenced[series.SeriesInstanceUID] = {
+                i.ReferencedSOPInstanceUID for i in series.ReferencedSOPSequence
+            }
+    assert referenced[case.t1c_series.series_instance_uid] == set(case.t1c_series.sop_instance_uids)
+    assert case.rtstruct_series.series_instance_uid in referenced
+    for obj in (*out.sc, *out.uncertainty_sc, out.seg, out.rtstruct, *out.derived_mr):
+        assert obj.SOPInstanceUID in referenced[obj.SeriesInstanceUID]
+
+
+_NUM = re.compile(r'<contains NUM:\(,,"(?P<name>[^"]+)"\)="(?P<value>[^"]+)" \((?P<unit>[^,]+),')
+_DERIV = re.compile(r'<has concept mod CODE:\(,,"Derivation"\)=\([^,]+,[^,]+,"(?P<d>[^"]+)"\)>')
+_CODE = re.compile(
+    r'<contains CODE:\(,,"(?P<name>[^"]+)"\)=\((?P<value>[^,]+),[^,]+,"(?P<m>[^"]+)"\)>'
+)
+
+
+def parse_dsrdump(text: str) -> tuple[list[tuple[str, float, str, str | None]], dict[str, str]]:
+    """NUM items as (name, value, unit, derivation) in document order, CODE items by name."""
+    nums: list[tuple[str, float, str, str | None]] = []
+    codes: dict[str, str] = {}
+    for line in text.splitlines():
+        s = line.strip()
+        if m := _NUM.match(s):
+            nums.append((m["name"], float(m["value"]), m["unit"], None))
+        elif (m := _DERIV.match(s)) and nums:
+            name, value, unit, _ = nums[-1]
+            nums[-1] = (name, value, unit, m["d"])
+        elif m := _CODE.match(s):
+            codes[m["name"]] = m["m"]
+    return nums, codes
+
+
+def test_sr_read_back_with_dsrdump(tmp_path: Path) -> None:
+    dsrdump = tool("dsrdump")
+    path = tmp_path / "sr.dcm"
+    default_outputs().sr.save_as(path, enforce_file_format=True)
+    proc = subprocess.run([dsrdump, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "Comprehensive 3D SR" in text
+    assert re.search(r"Verification Flag\s*:\s*UNVERIFIED", text)
+    assert "Lefèvre^Zoë" in text
+    nums, codes = parse_dsrdump(text)
+    fig = _expected()
+    volumes = {d: v for name, v, unit, d in nums if name == "Volume" and unit == "ml"}
+    # dsrdump prints the decimal string as stored: 16 characters at most
+    assert volumes[None] == pytest.approx(fig.current_volume_ml, rel=1e-9)
+    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
+    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
+    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
+    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, rel=1e-9)
+    other = {name: v for name, v, unit, _ in nums if unit == "%"}
+    assert other["Relative volume change from pre-treatment"] == pytest.approx(
+        fig.relative_change_percent, rel=1e-9
+    )
+    for category, pct in fig.response_probability_percent.items():
+        label = f"Probability of {RESPONSE_CODES[category].meaning}"
+        assert other[label] == pytest.approx(pct)
+    assert codes["Predicted response category"] == "Partial Response"
+    assert codes["Survival scenario used for guidance"] == "Survival class long"
