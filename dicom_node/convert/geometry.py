@@ -204,13 +204,17 @@ def resample(
 ) -> npt.NDArray[np.generic]:
     """Values of ``source`` at the voxel centres of ``reference`` (array indexed [k, j, i]).
 
-    ``order`` 0 is nearest neighbour, 1 trilinear. Points outside ``source`` get ``fill``.
+    ``order`` 0 is nearest neighbour, 1 trilinear. ``source`` is extended by ``fill`` beyond
+    its edges (linearly, values fade to ``fill`` within one voxel beyond the outer centres).
     """
     # index_src = inv(A_src) @ A_ref @ index_ref, expressed in [k, j, i] order for ndimage
     m = np.linalg.inv(source.affine) @ reference.affine
     perm = np.zeros((4, 4))
     perm[0, 2] = perm[1, 1] = perm[2, 0] = perm[3, 3] = 1.0
     m_kji = perm @ m @ perm
+    # snap round-off (1e-12 voxel) so that identical or integer-shifted grids copy voxels exactly
+    snapped = np.round(m_kji)
+    m_kji = np.where(np.abs(m_kji - snapped) < 1e-9, snapped, m_kji)
     data = np.asarray(source.array)
     if data.dtype == bool:
         data = data.astype(np.float32)
@@ -220,7 +224,7 @@ def resample(
         offset=m_kji[:3, 3],
         output_shape=reference.array.shape,
         order=order,
-        mode="constant",
+        mode="grid-constant",
         cval=fill,
         output=np.dtype(output_dtype) if np.dtype(output_dtype) != np.bool_ else np.float32,
         prefilter=False,

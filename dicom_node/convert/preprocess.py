@@ -162,6 +162,15 @@ def plan_model_grid(
                 np.round((size_ijk - 1) * spacing_arr, 1).tolist(),
             )
     origin = direction @ start
+    # when the model axes are the source axes up to order and sign, at the same spacing, put the
+    # model voxels on the source lattice: resampling then copies voxels exactly
+    relation = np.asarray(volume.direction, dtype=float).T @ direction
+    if np.allclose(np.abs(relation), np.round(np.abs(relation)), atol=1e-6):
+        perm = np.abs(np.round(relation)).astype(int)
+        src_spacing = np.asarray(volume.spacing) @ perm  # source spacing along each model axis
+        if np.allclose(src_spacing, spacing_arr, rtol=1e-6):
+            index = np.linalg.inv(volume.affine) @ np.r_[origin, 1.0]
+            origin = (volume.affine @ np.r_[np.round(index[:3]), 1.0])[:3]
     return ModelGrid(
         shape=(int(size_ijk[2]), int(size_ijk[1]), int(size_ijk[0])),
         spacing=(sp[0], sp[1], sp[2]),
