@@ -1,0 +1,183 @@
+"""The glioforecast command: serve on the embedded default, send, echo, jobs, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import build_parser, main
+from dicom_node.settings import AllowedCaller
+from tests import factories
+from tests.conftest import REPO, free_port, tool, wait_for
+
+GLIOFORECAST = [sys.executable, "-m", "dicom_node.cli"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*GLIOFORECAST, *args], capture_output=True, text=True, timeout=120, cwd=cwd or REPO
+    )
+
+
+def _subcommands() -> list[list[str]]:
+    out = [[]]
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        for name, sub in action.choices.items():
+            out.append([name])
+            for inner in sub._subparsers._group_actions if sub._subparsers else []:
+                out += [[name, n] for n in inner.choices]
+    return out
+
+
+@pytest.mark.parametrize("words", _subcommands(), ids=lambda w: " ".join(w) or "top")
+def test_help_everywhere(words: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as info:
+        main([*words, "--help"])
+    assert info.value.code == 0
+    assert "usage: glioforecast" in capsys.readouterr().out
+
+
+def test_version(capsys) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node import __version__
+
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.strip() == f"glioforecast {__version__}"
+
+
+def test_send_echo_and_jobs(run_node, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()
+    port = str(node.scp.port)
+    assert main(["echo", "127.0.0.1", port, "-aec", "GLIOFORECAST"]) == 0
+    assert "status 0x0000" in capsys.readouterr().out
+    assert main(["send", "127.0.0.1", port, "-aec", "GLIOFORECAST", str(tmp_path / "in")]) == 0
+    captured = capsys.readouterr()
+    assert "sent 9, failed 0, skipped 0" in captured.out
+    assert "C-STORE" in captured.err  # the progress bar
+    wait_for(lambda: node.store.list_jobs(), what="a job")
+    data = ["--data-dir", str(node.settings.storage.data_dir)]
+    assert main(["jobs", "list", "--json", *data]) == 0
+    (job,) = json.loads(capsys.readouterr().out)
+    assert job["state"] == "queued" and job["instance_count"] == 9
+    assert main(["jobs", "show", str(job["id"]), *data]) == 0
+    text = capsys.readouterr().out
+    assert "t1c" in text and "AX T1 POST GD" in text and "flair" in text
+    assert len(study["t1c"]) == 4
+    # retry is for failed jobs only
+    assert main(["jobs", "retry", str(job["id"]), *data]) == 1
+    assert "expected a failed job" in capsys.readouterr().err
+
+
+def test_send_to_a_node_that_refuses_us(run_node, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    factories.small_study(tmp_path / "in")
+    node = run_node(node={"allowed_callers": (AllowedCaller("SCANNER1"),)})
+    code = main(["send", "127.0.0.1", str(node.scp.port), "-aec", "GLIOFORECAST", "-q",
+                 str(tmp_path / "in")])  # fmt: skip
+    assert code == 1
+    assert "association not established (rejected)" in capsys.readouterr().err
+
+
+def test_send_skips_files_that_are_not_dicom(run_node, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not dicom")
+    node = run_node()
+    main(["send", "127.0.0.1", str(node.scp.port), "-aec", "GLIOFORECAST", "-q",
+          str(tmp_path / "in")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert f"sent {sum(map(len, study.values()))}, failed 0, skipped 1" in captured.out
+    assert "notes.txt: not a DICOM Part 10 file" in captured.err
+
+
+def test_jobs_without_a_database_says_where_it_looked(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["jobs", "list", "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert "no job database at" in capsys.readouterr().err
+
+
+def _serve(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    """``glioforecast serve`` as a process; its log goes to ``tmp_path/serve.log``."""
+    return subprocess.Popen(
+        [*GLIOFORECAST, *extra, "serve", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+        cwd=tmp_path, stdout=(tmp_path / "serve.log").open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def _listening(port: int) -> bool:
+    result = subprocess.run(
+        [tool("echoscu"), "-aec", "GLIOFORECAST", "127.0.0.1", str(port)], capture_output=True
+    )
+    return result.returncode == 0
+
+
+def test_serve_on_embedded_default_receives_the_real_tcia_study(real_data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The real MR + RTSTRUCT study sent by storescu; jobs show lists series and roles.
+
+    The embedded default waits its 30 s quiet period before it makes the job.
+    """
+    series = real_data / "tcia_sts001_mr_rtstruct" / "MR_T1"
+    port = free_port()
+    server = _serve(tmp_path, port)
+    try:
+        wait_for(lambda: _listening(port), timeout=60, what="the node to listen")
+        sent = subprocess.run(
+            [tool("storescu"), "+sd", "+r", "-aec", "GLIOFORECAST", "127.0.0.1", str(port),
+             str(series)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        data = ["--data-dir", str(tmp_path / "data")]
+
+        def job() -> dict | None:  # type: ignore[type-arg]
+            out = run_cli("jobs", "list", "--json", *data, cwd=tmp_path)
+            jobs = json.loads(out.stdout) if out.returncode == 0 else []
+            return jobs[0] if jobs else None
+
+        listed = wait_for(job, timeout=90, interval=1, what="the job after the quiet period")
+        shown = run_cli("jobs", "show", str(listed["id"]), *data, cwd=tmp_path)
+        assert shown.returncode == 0
+        assert "AXIAL SE T1 - RESEARCH" in shown.stdout and "RTstruct_T1" in shown.stdout
+        detail = json.loads(run_cli("jobs", "show", str(listed["id"]), "--json", *data).stdout)
+        roles = {
+            s["series_description"]: (s["role"], s["instance_count"]) for s in detail["series"]
+        }
+        assert roles == {"AXIAL SE T1 - RESEARCH": ("t1", 40), "RTstruct_T1": ("rtstruct", 1)}
+        # a thigh T1 without contrast is not a glioblastoma work-up: the job says why it stops
+        assert detail["state"] == "failed"
+        assert detail["reason"].startswith("missing required role t1c")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    out = (tmp_path / "serve.log").read_text()
+    assert server.returncode == 0
+    assert "signal SIGTERM received: stopping" in out
+
+
+def test_logs_carry_no_patient_identifiers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    config = tmp_path / "debug.yaml"
+    config.write_text("logging: {level: DEBUG}\nassembly: {quiet_period_s: 0.2}\n")
+    port = free_port()
+    server = _serve(tmp_path, port, "--config", str(config))
+    try:
+        wait_for(lambda: _listening(port), timeout=60, what="the node to listen")
+        files = [str(p) for paths in study.values() for p in paths]
+        sent = subprocess.run(
+            [tool("storescu"), "-aec", "GLIOFORECAST", "127.0.0.1", str(port), *files],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        data = ["--data-dir", str(tmp_path / "data")]
+        wait_for(lambda: json.loads(run_cli("jobs", "list", "--json", *data).stdout), timeout=60)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    out = (tmp_path / "serve.log").read_text()
+    assert "job 1 created" in out
+    for identifier in ("Lefèvre", "Lef", "Zoë", "GF-TEST-001", "19610402"):
+        assert identifier not in out
