@@ -1,0 +1,190 @@
+"""Persistent outbox: idempotent enqueue, back-off, dead letters, restarts, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import SendError
+from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
+from dicom_node.outbox_cli import outbox_path, register
+from dicom_node.scu import Destination
+from tests.dicom_node.test_scu import StoreSCP, free_port
+from tests.sr_writer.synthetic_job import default_outputs
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _objects() -> list[Dataset]:
+    out = default_outputs()
+    return [*out.sc[:4], out.seg, out.rtstruct, out.sr]
+
+
+def _outbox(tmp_path: Path, clock: Clock, **policy: float) -> Outbox:
+    p = RetryPolicy(
+        retry_initial_s=policy.get("initial", 10.0),
+        retry_max_s=policy.get("max", 60.0),
+        dead_after_attempts=int(policy.get("dead", 5)),
+    )
+    return Outbox(tmp_path / "outbox.sqlite3", policy=p, clock=clock)
+
+
+def test_enqueue_is_idempotent(tmp_path: Path) -> None:
+    objs = _objects()
+    with _outbox(tmp_path, Clock()) as ob:
+        assert ob.enqueue(objs, ["pacs", "tps"], job="job-1") == 2 * len(objs)
+        assert ob.enqueue(objs, ["pacs", "tps"], job="job-1") == 0
+        assert ob.enqueue(objs[:2], ["pacs", "archive"], job="job-1") == 2
+        assert len(ob.items()) == 2 * len(objs) + 2
+        assert ob.counts()["pacs"] == {"pending": len(objs)}
+        files = sorted(p.name for p in ob.objects_dir.iterdir())
+        assert files == sorted(f"{d.SOPInstanceUID}.dcm" for d in objs)
+        with pytest.raises(SendError, match="no destination"):
+            ob.enqueue(objs, [], job="job-1")
+
+
+def test_backoff_dead_letter_and_retry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    down = Destination("pacs", "PACS", "127.0.0.1", free_port())
+    caplog.set_level(logging.WARNING, logger="dicom_node.outbox")
+    with _outbox(tmp_path, clock, initial=10, max=25, dead=4) as ob:
+        ob.enqueue(_objects()[:2], ["pacs"], job="job-7")
+        delays = []
+        for attempt in range(1, 5):
+            report = deliver_due(ob, [down])
+            items = ob.items()
+            assert {i.attempts for i in items} == {attempt}
+            if attempt < 4:
+                assert report.failed == 2 and report.dead == 0
+                assert {i.state for i in items} == {"pending"}
+                delay = items[0].next_attempt_at - clock.t
+                delays.append(delay)
+                # not due yet: nothing is tried
+                clock.t += delay - 1
+                assert deliver_due(ob, [down]).failed == 0
+                clock.t += 1
+            else:
+                assert report.dead == 2
+                assert {i.state for i in items} == {"dead"}
+        assert delays == [10.0, 20.0, 25.0]
+        assert all(
+            "cannot connect" in (i.last_error or "") or "no association" in (i.last_error or "")
+            for i in ob.items()
+        )
+        # every failed attempt is logged, with the job id and no patient data
+        retries = [r for r in caplog.records if "failed (attempt" in r.getMessage()]
+        assert len(retries) == 6
+        assert all(getattr(r, "job_id", None) == "job-7" for r in retries)
+        deaths = [r for r in caplog.records if "is dead after 4 attempts" in r.getMessage()]
+        assert len(deaths) == 2
+        assert not any(
+            "Lef" in r.getMessage() or "GF-0001" in r.getMessage() for r in caplog.records
+        )
+        # re-queue the dead letters: they go out now that the PACS is up
+        scp = StoreSCP(ae_title="PACS").start(port=down.port)
+        try:
+            assert ob.retry(destination="pacs") == 2
+            assert {(i.state, i.attempts) for i in ob.items()} == {("pending", 0)}
+            report = deliver_due(ob, [down])
+        finally:
+            scp.stop()
+        assert report.sent == 2
+        assert sorted(scp.received) == sorted(i.sop_instance_uid for i in ob.items())
+        assert not list(ob.objects_dir.glob("*.dcm")), "delivered objects are deleted"
+
+
+def test_survives_a_restart_and_resends_once(tmp_path: Path) -> None:
+    objs = _objects()
+    clock = Clock()
+    scp = StoreSCP().start()
+    try:
+        dest = scp.destination()
+        ob = _outbox(tmp_path, clock)
+        ob.enqueue(objs, ["pacs"], job="job-2")
+        claimed = ob.claim("pacs", limit=3)  # a sender took 3 rows, then the process died
+        assert len(claimed) == 3
+        ob.close()
+
+        ob = _outbox(tmp_path, clock)
+        assert ob.counts()["pacs"] == {"sending": 3, "pending": len(objs) - 3}
+        assert ob.recover() == 3
+        assert deliver_due(ob, [dest]).sent == len(objs)
+        # the job is re-run after the crash: same UIDs, nothing new to send
+        assert ob.enqueue(objs, ["pacs"], job="job-2") == 0
+        assert deliver_due(ob, [dest]).sent == 0
+        ob.close()
+    finally:
+        scp.stop()
+    assert sorted(scp.received) == sorted(str(d.SOPInstanceUID) for d in objs)
+
+
+def test_two_destinations_one_down(tmp_path: Path) -> None:
+    objs = _objects()[:3]
+    scp = StoreSCP().start()
+    down = Destination("tps", "TPS", "127.0.0.1", free_port())
+    try:
+        with _outbox(tmp_path, Clock()) as ob:
+            ob.enqueue(objs, ["pacs", "tps"], job="job-3")
+            report = deliver_due(ob, [scp.destination("pacs"), down])
+            assert report.sent == 3 and report.failed == 3
+            assert ob.counts() == {"pacs": {"sent": 3}, "tps": {"pending": 3}}
+            # files stay until the planning system has them too
+            assert len(list(ob.objects_dir.glob("*.dcm"))) == 3
+    finally:
+        scp.stop()
+    assert scp.associations == 1
+
+
+def test_permanent_failure_goes_dead_at_once(tmp_path: Path) -> None:
+    out = default_outputs()
+    scp = StoreSCP(fail_with={str(out.sr.SOPInstanceUID): 0x0122}).start()
+    try:
+        with _outbox(tmp_path, Clock(), dead=50) as ob:
+            ob.enqueue([out.sc[0], out.sr], ["pacs"], job="job-4")
+            report = deliver_due(ob, [scp.destination()])
+            assert report.sent == 1 and report.dead == 1
+            [dead] = ob.items(state="dead")
+            assert dead.sop_instance_uid == str(out.sr.SOPInstanceUID)
+            assert dead.last_status == 0x0122 and dead.attempts == 1
+    finally:
+        scp.stop()
+
+
+def _cli(data_dir: Path, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", type=Path)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["--data-dir", str(data_dir), *argv])
+    return int(args.func(args))
+
+
+def test_cli_list_and_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = Clock()
+    with Outbox(
+        outbox_path(tmp_path), policy=RetryPolicy(1, 1, dead_after_attempts=1), clock=clock
+    ) as ob:
+        ob.enqueue(_objects()[:2], ["pacs"], job="job-5")
+        deliver_due(ob, [Destination("pacs", "PACS", "127.0.0.1", free_port())])
+    assert _cli(tmp_path, "outbox", "list", "--state", "dead", "--json") == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"dead"}
+    assert all(r["job"] == "job-5" and r["last_error"] for r in rows)
+    assert _cli(tmp_path, "outbox", "list") == 0
+    text = capsys.readouterr().out
+    assert "pacs: dead=2" in text
+    assert _cli(tmp_path, "outbox", "retry", "--id", str(rows[0]["id"])) == 0
+    assert "1 deliveries re-queued" in capsys.readouterr().out
+    with Outbox(outbox_path(tmp_path)) as ob:
+        assert ob.counts() == {"pacs": {"dead": 1, "pending": 1}}
+    assert _cli(tmp_path / "elsewhere", "outbox", "list") == 2
