@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -57,7 +58,10 @@ class StoreSCP:
         ae.require_called_aet = True
         for sop in self.sop_classes:
             ae.add_supported_context(sop)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ACCEPTED, self._on_accepted)]
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
         self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
         return self
 
