@@ -2,15 +2,15 @@
 
 Layout under ``<data_dir>/spool``::
 
-    .tmp/                      files being written (never acknowledged; removed at start-up)
-    <study>/<series>/<sop>.dcm one Part 10 file per accepted instance
+    <study>/<series>/<sop>.dcm     one Part 10 file per accepted instance
+    <study>/<series>/.<random>.part a file being written (never acknowledged; removed at start-up)
 
 Folder and file names are the UIDs when they are valid UIDs, otherwise a hash of the value, so
 nothing a sender writes can escape the spool or collide with another name.
 
-A write is: create a unique temp file, write, ``fsync``, link it to its final name (which fails
-if the instance is already there, so a duplicate SOP Instance UID is stored once), ``fsync`` the
-folder, remove the temp name. Only then is the instance answered with success.
+A write is: create a unique temp file in the series folder, write, ``fdatasync``, rename it to
+its final name, ``fsync`` the folder. Only then is the instance answered with success. An
+instance already on disk is not written again (a duplicate SOP Instance UID is stored once).
 """
 
 from __future__ import annotations
@@ -58,9 +58,8 @@ class StoreResult:
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
-        self.tmp = root / ".tmp"
         self.min_free_bytes = min_free_bytes
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -95,39 +94,39 @@ class Spool:
         if final.exists():
             return StoreResult(final, relative, duplicate=True)
         self.check_space(len(data))
-        tmp = self.tmp / f"{secrets.token_hex(8)}.part"
+        tmp = final.parent / f".{secrets.token_hex(8)}.part"
         try:
+            self._ensure_dir(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 view = memoryview(data)
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                os.fdatasync(fd)
             finally:
                 os.close(fd)
-            self._ensure_dir(final.parent)
-            try:
-                os.link(tmp, final)
-                duplicate = False
-            except FileExistsError:
-                duplicate = True  # another association stored the same instance meanwhile
+            # Two associations storing the same instance at once both end here with the same
+            # content; the second rename replaces the first atomically.
+            os.rename(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             if exc.errno in _NO_SPACE:
                 raise OutOfSpaceError(f"spool {self.root}: disk full ({exc.strerror})") from exc
             raise StorageError(f"spool {self.root}: cannot write {relative}: {exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        return StoreResult(final, relative, duplicate)
+        return StoreResult(final, relative, duplicate=False)
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash (they were never acknowledged)."""
         removed = 0
-        for path in self.tmp.glob("*.part"):
+        for path in self.root.glob("*/*/.*.part"):
             path.unlink(missing_ok=True)
             removed += 1
         return removed
+
+    def partial_files(self) -> list[Path]:
+        return list(self.root.glob("*/*/.*.part"))
 
     def iter_files(self) -> Iterator[str]:
         """Relative paths of every stored instance."""

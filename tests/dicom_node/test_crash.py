@@ -150,7 +150,7 @@ def test_sigkill_during_ingest_loses_nothing(tmp_path: Path) -> None:
             (ds.SOPInstanceUID, SUPERSEDED),
         ).fetchone()[0]
         assert jobs == 1, f"{path} is in {jobs} current jobs"
-    assert not list((data_dir / "spool" / ".tmp").iterdir())
+    assert not list((data_dir / "spool").glob("*/*/.*.part"))
     figures = {
         "kills": kills,
         "instances_sent": len(files),

@@ -87,7 +87,11 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
         study["t1c"][2].read_bytes(),
     )  # fmt: skip
     # killed while writing (never acknowledged):
-    (spool.tmp / "dead.part").write_bytes(b"partial")
+    stored = spool.relative_path(
+        info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid
+    )
+    series_dir = (spool.root / stored).parent
+    (series_dir / ".dead.part").write_bytes(b"partial")
     # a file removed by hand behind the node's back:
     gone = _info(study["t1c"][0])
     rel = spool.relative_path(

@@ -69,7 +69,7 @@ def test_study_is_stored_durably_and_becomes_a_job(run_node, tmp_path):  # type:
         ds = pydicom.dcmread(path)
         assert ds.PatientName == "Lefèvre^Zoë"
         assert ds.get("PixelData") == sent[ds.SOPInstanceUID].get("PixelData")
-    assert not list((node.spool.root / ".tmp").iterdir())
+    assert not node.spool.partial_files()
     jobs = wait_for(lambda: node.store.list_jobs(), what="a job")
     assert len(jobs) == 1 and jobs[0].state == "queued"
     roles = {s.series.series_description: s.role for s in node.store.job_series(jobs[0].id)}

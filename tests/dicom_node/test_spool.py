@@ -17,7 +17,7 @@ def test_store_writes_under_uid_names(tmp_path: Path) -> None:
     assert result.path.read_bytes() == b"DATA"
     assert not result.duplicate
     assert list(spool.iter_files()) == [result.relative]
-    assert not list(spool.tmp.iterdir())
+    assert not spool.partial_files()
 
 
 def test_hostile_uids_cannot_escape_the_spool(tmp_path: Path) -> None:
@@ -42,11 +42,12 @@ def test_low_disk_refuses_before_writing(tmp_path: Path) -> None:
     with pytest.raises(OutOfSpaceError, match=r"expected at least .* MiB free"):
         spool.store("1", "2", "3", b"x" * 1000)
     assert not list(spool.iter_files())
-    assert not list(spool.tmp.iterdir())
+    assert not spool.partial_files()
 
 
 def test_partial_files_from_a_crash_are_removed(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    (spool.tmp / "abc.part").write_bytes(b"half")
+    spool.store("1", "2", "3", b"whole")
+    (tmp_path / "spool" / "1" / "2" / ".abc.part").write_bytes(b"half")
     assert spool.clean_tmp() == 1
-    assert not list(spool.tmp.iterdir())
+    assert not spool.partial_files()

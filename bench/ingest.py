@@ -1,0 +1,174 @@
+"""Ingest throughput: the same series sent by dcmtk storescu to our SCP and to dcmtk storescp.
+
+Both receivers and the sender run with TCP_NODELAY=1 (dcmtk's best setting on loopback).
+Each run starts a fresh receiver with an empty output folder, times one ``storescu`` of the whole
+series (one association), and stops the receiver. Our node fsyncs every instance before it
+answers; storescp does not.
+
+    python -m bench.ingest [--series DIR] [--runs N]
+
+Writes the ``ingest`` section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.report import tool_version, update_section
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SERIES = REPO.parent / "shared" / "data" / "real" / "tcia_sts001_mr_rtstruct" / "MR_T1"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ok = subprocess.run(
+            [ECHOSCU, "-aec", "GLIOFORECAST", "127.0.0.1", str(port)], capture_output=True, env=ENV
+        )
+        if ok.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port} after {timeout} s")
+
+
+def _send(port: int, files: list[Path]) -> float:
+    start = time.perf_counter()
+    out = subprocess.run(
+        [STORESCU, "-aec", "GLIOFORECAST", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    elapsed = time.perf_counter() - start
+    if out.returncode != 0:
+        raise RuntimeError(f"storescu failed: {out.stderr[-2000:]}")
+    return elapsed
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    port = _free_port()
+    out = work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "GLIOFORECAST", "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(port)
+        elapsed = _send(port, files)
+        stored = len(list(out.iterdir()))
+        if stored != len(files):
+            raise RuntimeError(f"storescp stored {stored} files, expected {len(files)}")
+        return elapsed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def run_node(files: list[Path], work: Path) -> float:
+    port = _free_port()
+    config = work / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"port": port},
+                "storage": {"data_dir": str(work / "node")},
+                "logging": {"level": "WARNING"},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(port)
+        elapsed = _send(port, files)
+        stored = len(list((work / "node" / "spool").rglob("*.dcm")))
+        if stored != len(files):
+            raise RuntimeError(f"node stored {stored} files, expected {len(files)}")
+        return elapsed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--series", type=Path, default=DEFAULT_SERIES)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    for tool in (STORESCU, STORESCP, ECHOSCU):
+        if not Path(tool).exists():
+            print(f"{tool} is missing: install Debian's dcmtk", file=sys.stderr)
+            return 2
+    files = sorted(p for p in args.series.rglob("*") if p.is_file() and p.suffix == ".dcm")
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
+    times: dict[str, list[float]] = {"storescp": [], "glioforecast": []}
+    for i in range(args.runs + 1):  # the first round warms caches and is discarded
+        for name, runner in (("storescp", run_storescp), ("glioforecast", run_node)):
+            work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+            try:
+                t = runner(files, work)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if i > 0:
+                times[name].append(t)
+            print(f"run {i} {name}: {t:.3f} s", file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["storescp"] / med["glioforecast"]
+    body = (
+        f"Series: `{args.series.relative_to(REPO.parent) if args.series.is_relative_to(REPO.parent) else args.series}` "
+        f"({len(files)} instances, {size_mb:.1f} MB), sent by dcmtk `storescu` over loopback in "
+        f"one association, {args.runs} runs after one warm-up, `TCP_NODELAY=1` for every "
+        f"process. dcmtk: {tool_version([STORESCU, '--version'])}.\n\n"
+        "| receiver | median s | min s | max s | instances/s | MB/s |\n"
+        "| --- | --- | --- | --- | --- | --- |\n"
+    )
+    for name, label in (("storescp", "dcmtk storescp"), ("glioforecast", "glioforecast serve")):
+        v = times[name]
+        body += (
+            f"| {label} | {med[name]:.3f} | {min(v):.3f} | {max(v):.3f} | "
+            f"{len(files) / med[name]:.0f} | {size_mb / med[name]:.0f} |\n"
+        )
+    verdict = "meets" if ratio >= 0.8 else "misses"
+    body += (
+        f"\nThroughput ratio glioforecast / storescp: **{ratio:.2f}x** (target >= 0.8x: "
+        f"{verdict}). glioforecast fsyncs each instance (file and folder) before answering "
+        f"success and records it in SQLite; storescp writes without fsync.\n"
+    )
+    print(body)
+    if not args.no_write:
+        update_section("ingest", body, "python -m bench.ingest")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
