@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i} {name}: {t:.3f} s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["storescp"] / med["glioforecast"]
+    shown = args.series
+    if shown.is_relative_to(REPO.parent):
+        shown = shown.relative_to(REPO.parent)
     body = (
-        f"Series: `{args.series.relative_to(REPO.parent) if args.series.is_relative_to(REPO.parent) else args.series}` "
+        f"Series: `{shown}` "
         f"({len(files)} instances, {size_mb:.1f} MB), sent by dcmtk `storescu` over loopback in "
         f"one association, {args.runs} runs after one warm-up, `TCP_NODELAY=1` for every "
         f"process. dcmtk: {tool_version([STORESCU, '--version'])}.\n\n"
