@@ -9,8 +9,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from dicom_node import __version__
+from dicom_node import __version__, outbox_cli
 from dicom_node.errors import ConfigError, GlioforecastError
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings
 
@@ -232,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
 
+    outbox_cli.register(sub)
+    outbox_actions: Any = sub.choices["outbox"]._subparsers._group_actions  # type: ignore[union-attr]
+    for action in outbox_actions:
+        for outbox_parser in action.choices.values():
+            _add_data_dir(outbox_parser)
+
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_check_config)
@@ -245,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "outbox" and args.data_dir is None:
+            args.data_dir = _settings(args).storage.data_dir
         return int(args.func(args))
     except ConfigError as exc:
         print(f"glioforecast: {exc}", file=sys.stderr)
