@@ -489,10 +489,13 @@ def _deliver_batch(
         return
     try:
         results = send([ds for _, ds in loaded], dest)
-    except SendError as exc:
+    except Exception as exc:  # a claimed row must never stay "sending"
+        msg = str(exc) if isinstance(exc, SendError) else f"unexpected {type(exc).__name__}: {exc}"
+        if not isinstance(exc, SendError):
+            logger.exception("outbox: sending a batch to %s failed unexpectedly", dest.name)
         for item, _ in loaded:
-            updated = outbox.mark_failed(item, str(exc))
-            _count_failure(report, updated, str(exc))
+            updated = outbox.mark_failed(item, msg)
+            _count_failure(report, updated, msg)
         return
     by_uid = {r.sop_instance_uid: r for r in results}
     for item, _ in loaded:
@@ -559,7 +562,7 @@ class OutboxSender:
         while not self._stop.is_set():
             try:
                 deliver_due(self.outbox, self.destinations, calling_ae=self.calling_ae)
-            except StorageError:
+            except Exception:  # the loop must survive: the next pass retries
                 logger.exception("outbox: delivery pass failed")
             due = self.outbox.next_due()
             wait = (

@@ -53,7 +53,7 @@ _SOURCE_PURPOSE = Code("121322", "DCM", "Source image for image processing opera
 class RenderOptions:
     """How slices are drawn. ``min_width`` is the smallest width in pixels of a rendered image."""
 
-    min_width: int = 512
+    min_width: int = 256
     outline_px: int = 2
     banner_text: str = BANNER_TEXT
 
@@ -102,14 +102,15 @@ def _outline(mask: npt.NDArray[np.bool_], thickness: int) -> npt.NDArray[np.bool
 
 
 def _banner(width: int, text: str) -> npt.NDArray[np.uint8]:
-    height = max(24, width // 16)
+    height = banner_height(width)
     img = Image.new("RGB", (width, height), BANNER_BG_RGB)
     draw = ImageDraw.Draw(img)
+    draw.fontmode = "1"  # no anti-aliasing: crisp text in exactly BANNER_TEXT_RGB
     size = max(8, int(height * 0.6))
     font = ImageFont.load_default(size=size)
     while size > 6:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        if right - left <= width - 8:
+        if right - left <= int(width * 0.92):
             break
         size -= 1
         font = ImageFont.load_default(size=size)
@@ -143,7 +144,8 @@ def enlargement(grid: Volume, options: RenderOptions) -> int:
 
 
 def banner_height(width: int) -> int:
-    return max(24, width // 16)
+    """Rows of the banner on top of an image ``width`` pixels wide."""
+    return max(28, width // 16)
 
 
 def _check_grid(name: str, vol: Volume, ref: Volume) -> None:
@@ -181,13 +183,11 @@ def build_secondary_capture(
 
     if uncertainty:
         std = np.asarray(prediction.std.array, dtype=np.float64)
+        # 0 .. 99.5th percentile of the standard deviation -> black .. white of the heat map
         top = float(np.percentile(std, 99.5)) if std.size else 1.0
-        unc_window = Window(center=top / 2.0, width=max(top, 1e-6))
-        # width below 1 would be clamped by the VOI formula: scale explicitly instead
         scaled = np.clip(std / max(top, 1e-12), 0, 1) * 255.0
         slices_u8 = np.rint(scaled).astype(np.uint8)
         outline = UNCERTAINTY_OUTLINE_RGB
-        logger.debug("uncertainty SC scaled to 0..%.4g (window %s)", top, unc_window)
     else:
         w = window or window_like(source_t1c)
         slices_u8 = w.apply(np.asarray(prediction.mean.array, dtype=np.float64))
