@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -182,8 +183,7 @@ def same_orientation(a: Sequence[float], b: Sequence[float]) -> bool:
 
 def world_to_index(volume: Volume) -> npt.NDArray[np.float64]:
     """4x4 matrix mapping LPS millimetres to continuous voxel indices (i, j, k, 1)."""
-    inverse: npt.NDArray[np.float64] = np.linalg.inv(volume.affine)
-    return inverse
+    return np.asarray(np.linalg.inv(volume.affine), dtype=np.float64)
 
 
 def same_grid(a: Volume, b: Volume, tol_mm: float = 1e-3) -> bool:
@@ -201,7 +201,7 @@ def resample(
     order: int = 1,
     fill: float = 0.0,
     output_dtype: npt.DTypeLike = np.float32,
-) -> npt.NDArray[np.generic]:
+) -> npt.NDArray[Any]:
     """Values of ``source`` at the voxel centres of ``reference`` (array indexed [k, j, i]).
 
     ``order`` 0 is nearest neighbour, 1 trilinear. ``source`` is extended by ``fill`` beyond

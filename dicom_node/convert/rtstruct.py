@@ -57,7 +57,9 @@ class RoiInfo:
 
 
 @dataclass(frozen=True)
-class _Contour:
+class Contour:
+    """One contour of an ROI: its geometric type and its points (n, 3) in LPS mm."""
+
     geometric_type: str
     points: npt.NDArray[np.float64]  # (n, 3) LPS mm
 
@@ -101,7 +103,8 @@ def list_rois(source: Source) -> list[RoiInfo]:
     return list(_rois(ds, name).values())
 
 
-def _contours(ds: Dataset, name: str, roi_number: int) -> list[_Contour]:
+def roi_contours(ds: Dataset, name: str, roi_number: int) -> list[Contour]:
+    """The contours of ROI ``roi_number`` in a structure set dataset (``name`` for messages)."""
     for item in get_items(ds, "ROIContourSequence", name):
         if get_int(item, "ReferencedROINumber", name) != roi_number:
             continue
@@ -123,7 +126,7 @@ def _contours(ds: Dataset, name: str, roi_number: int) -> list[_Contour]:
                     len(data) // 3,
                 )
             contours.append(
-                _Contour(
+                Contour(
                     geometric_type=(get_str(c, "ContourGeometricType", where, "") or "").upper(),
                     points=data.reshape(-1, 3),
                 )
@@ -297,7 +300,7 @@ def load_rtstruct_mask(
                 f"image is on {mr_for or '<none>'}; expected the same frame of reference "
                 "(structure set drawn on another study or registration not applied)"
             )
-        contours = _contours(ds, name, roi.number)
+        contours = roi_contours(ds, name, roi.number)
         closed = [c.points for c in contours if c.geometric_type == "CLOSED_PLANAR"]
         others = len(contours) - len(closed)
         if others:
