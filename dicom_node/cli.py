@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node import __version__, outbox_cli
+from dicom_node import __version__, demo, outbox_cli
 from dicom_node.errors import ConfigError, GlioforecastError
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings
 
@@ -146,8 +146,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     for s in series:
         number = "" if s.series.series_number is None else str(s.series.series_number)
         cls = UID(s.series.sop_class_uid).name
+        label = s.series.series_description or s.series.text
         print(
-            f"    {s.role or '-':<9} {number:>4}  {s.series.text[:34]:<34} {cls[:28]:<28} "
+            f"    {s.role or '-':<9} {number:>4}  {label[:34]:<34} {cls[:28]:<28} "
             f"{s.series.instance_count:>5}" + (f"  ({s.note})" if s.note else "")
         )
     print("  events:")
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action in outbox_actions:
         for outbox_parser in action.choices.values():
             _add_data_dir(outbox_parser)
+
+    demo.register(sub)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", type=Path)

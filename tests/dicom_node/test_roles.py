@@ -58,6 +58,15 @@ def test_default_rules_on_scanner_names(description: str, contrast: bool, role: 
     assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == role
 
 
+def test_siemens_sequence_names_do_not_hide_a_t2() -> None:
+    # Siemens sequence names start with '*': not to be mistaken for T2*
+    t2 = series("t2_tse_tra_p2", protocol="t2_tse_tra_p2", sequence="*tse2d1_15")
+    t2star = series("t2_fl2d_tra_hemo", 2, protocol="T2*", sequence="*fl2d1")
+    outcome = assign_roles([t2, t2star], ROLES)
+    assert outcome.role_of(t2.series_instance_uid) == "t2"
+    assert outcome.role_of(t2star.series_instance_uid) == ""
+
+
 def test_rt_objects_by_sop_class() -> None:
     rt = series("anything", 2, RTSTRUCT)
     dose = series("anything", 3, RTDOSE)
