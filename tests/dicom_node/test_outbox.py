@@ -188,3 +188,13 @@ def test_cli_list_and_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     with Outbox(outbox_path(tmp_path)) as ob:
         assert ob.counts() == {"pacs": {"dead": 1, "pending": 1}}
     assert _cli(tmp_path / "elsewhere", "outbox", "list") == 2
+
+
+def test_cli_is_wired_into_glioforecast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    with Outbox(outbox_path(tmp_path), clock=Clock()) as ob:
+        ob.enqueue(_objects()[:1], ["pacs"], job="job-6")
+    assert main(["outbox", "list", "--data-dir", str(tmp_path), "--json"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["state"] == "pending" and row["job"] == "job-6"
