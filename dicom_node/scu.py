@@ -210,7 +210,7 @@ def _failure_reason(assoc: Association) -> str:
         reason = getattr(rsp, "reason_str", "") if rsp is not None else ""
         return f"association rejected ({result}: {reason})".strip()
     if assoc.is_aborted:
-        return "association aborted (peer down, wrong AE title or no accepted context)"
+        return "connection refused or aborted (peer down or not listening on that port?)"
     return "connection failed (peer down or unreachable)"
 
 

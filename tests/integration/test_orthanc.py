@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 DOC_PICTURE = REPO / "docs" / "img" / "orthanc_preview_sc.png"
 PREVIEW_SLICE = 8
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def orthanc(tmp_path: Path) -> Iterator[OrthancServer]:
@@ -110,10 +112,13 @@ def test_results_arrive_in_the_source_study(orthanc: OrthancServer, tmp_path: Pa
         DOC_PICTURE.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(kept, DOC_PICTURE)
     if DOC_PICTURE.is_file():
+        # the picture in docs/ shows the current rendering (the banner text is left out of the
+        # comparison: glyph rasterisation may differ between Pillow/FreeType builds)
         doc = np.asarray(Image.open(DOC_PICTURE).convert("RGB"))
-        assert np.array_equal(doc, px), (
-            f"{DOC_PICTURE} is out of date: rerun this test with GLIOFORECAST_WRITE_DOCS=1"
-        )
+        stale = f"{DOC_PICTURE} is out of date: rerun this test with GLIOFORECAST_WRITE_DOCS=1"
+        assert doc.shape == px.shape, stale
+        assert np.array_equal(doc[banner_height(cols) :], image), stale
+        assert _is(doc[: banner_height(cols)], BANNER_BG_RGB).mean() > 0.6, stale
 
 
 def test_outage_then_delivery_exactly_once(
