@@ -36,15 +36,30 @@ def _trace_slice(plane: npt.NDArray[np.bool_], tolerance: float) -> list[npt.NDA
     padded = np.pad(plane.astype(np.float32), 1)
     polygons = []
     for contour in measure.find_contours(padded, 0.5):
-        if tolerance > 0:
-            contour = measure.approximate_polygon(contour, tolerance=tolerance)
         # find_contours closes a polygon by repeating its first vertex; DICOM does not.
         if len(contour) > 1 and np.allclose(contour[0], contour[-1]):
             contour = contour[:-1]
+        if tolerance > 0:
+            contour = _drop_collinear(contour, tolerance)
         if len(contour) < 3:
             continue
         polygons.append(contour - 1.0)  # undo the padding
     return polygons
+
+
+def _drop_collinear(poly: npt.NDArray[np.float64], tolerance: float) -> npt.NDArray[np.float64]:
+    """Remove vertices lying on the segment between their neighbours (closed polygon)."""
+    if len(poly) < 4:
+        return poly
+    prev = np.roll(poly, 1, axis=0)
+    nxt = np.roll(poly, -1, axis=0)
+    a, b = poly - prev, nxt - prev
+    cross = np.abs(a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0])
+    length = np.maximum(np.hypot(b[:, 0], b[:, 1]), 1e-12)
+    # distance of the vertex from the line through its neighbours, and it lies between them
+    between = np.einsum("ij,ij->i", a, b) > 0
+    keep = ~((cross / length <= tolerance) & between)
+    return poly[keep] if keep.sum() >= 3 else poly
 
 
 def mask_contours(mask: Volume, tolerance: float = 0.01) -> list[SliceContour]:

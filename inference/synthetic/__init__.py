@@ -1,0 +1,1 @@
+"""Synthetic glioblastoma cohort with a known post-treatment truth (``glioforecast synth``)."""
