@@ -156,3 +156,59 @@ def test_tls_association_with_client_certificate(run_node, certificates):  # typ
     assert anonymous.returncode != 0
     # plain TCP to a TLS port is not a DICOM association either
     assert echoscu(node.scp.port).returncode != 0
+
+
+def test_garbage_and_idle_connections_do_not_hurt_the_service(run_node):  # type: ignore[no-untyped-def]
+    import socket
+    import time
+
+    node = run_node(node={"acse_timeout_s": 0.5})
+    port = node.scp.port
+    # bytes that are no DICOM PDU at all
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+    # a connection that never sends an association request is closed after the ACSE timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        start = time.monotonic()
+        try:
+            closed = s.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed and time.monotonic() - start < 8
+    assert echoscu(port).returncode == 0
+
+
+def test_unsupported_sop_class_is_refused_at_negotiation(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    us = tmp_path / "us.dcm"
+    ds = pydicom.dcmread(study["t1c"][0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # US
+    ds.save_as(us)
+    node = run_node()
+    result = storescu(node.scp.port, us, study["t1c"][0], extra=("--no-halt",))
+    assert "No presentation context for: (US)" in result.stderr
+    assert result.stderr.count("Received Store Response (Success)") == 1
+    assert node.store.counts()["instances"] == 1
+
+
+def test_association_limit_rejects_the_extra_caller(run_node):  # type: ignore[no-untyped-def]
+    from pynetdicom import AE
+
+    node = run_node(node={"max_associations": 1})
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    try:
+        assert first.is_established
+        second = echoscu(node.scp.port)
+        assert second.returncode != 0
+        assert "Local Limit Exceeded" in second.stderr + second.stdout
+    finally:
+        first.release()
+    assert wait_for(lambda: echoscu(node.scp.port).returncode == 0, what="a free slot")
