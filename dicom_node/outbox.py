@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -68,6 +69,17 @@ CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid);
 """
 
 
+class SendingLike(Protocol):
+    """What :meth:`RetryPolicy.from_settings` reads (the settings' ``sending`` section)."""
+
+    @property
+    def retry_initial_s(self) -> float: ...
+    @property
+    def retry_max_s(self) -> float: ...
+    @property
+    def dead_after_attempts(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Back-off of failed sends. ``dead_after_attempts`` <= 0 means never give up."""
@@ -75,6 +87,15 @@ class RetryPolicy:
     retry_initial_s: float = 10.0
     retry_max_s: float = 600.0
     dead_after_attempts: int = 20
+
+    @classmethod
+    def from_settings(cls, sending: SendingLike) -> RetryPolicy:
+        """From the ``sending`` section of the settings."""
+        return cls(
+            retry_initial_s=float(sending.retry_initial_s),
+            retry_max_s=float(sending.retry_max_s),
+            dead_after_attempts=int(sending.dead_after_attempts),
+        )
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""

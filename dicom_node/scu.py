@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -31,6 +32,17 @@ _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
+class DestinationLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Destination:
     """A peer that receives the results (a PACS, a planning system)."""
@@ -42,6 +54,11 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+
+    @classmethod
+    def from_settings(cls, d: DestinationLike) -> Destination:
+        """From one entry of the settings' ``destinations``."""
+        return cls(name=d.name, ae_title=d.ae_title, host=d.host, port=int(d.port))
 
 
 @dataclass(frozen=True)

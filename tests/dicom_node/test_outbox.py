@@ -198,3 +198,19 @@ def test_cli_is_wired_into_glioforecast(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["outbox", "list", "--data-dir", str(tmp_path), "--json"]) == 0
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["state"] == "pending" and row["job"] == "job-6"
+
+
+def test_policy_and_destinations_from_the_settings() -> None:
+    from dicom_node import settings as settings_mod
+
+    s = settings_mod.Settings(
+        destinations=(settings_mod.Destination(name="pacs", ae_title="PACS", host="h", port=104),),
+        sending=settings_mod.SendingSettings(
+            retry_initial_s=2.0, retry_max_s=30.0, dead_after_attempts=7
+        ),
+    )
+    assert RetryPolicy.from_settings(s.sending) == RetryPolicy(2.0, 30.0, 7)
+    assert [Destination.from_settings(d) for d in s.destinations] == [
+        Destination("pacs", "PACS", "h", 104)
+    ]
+    assert [RetryPolicy(2.0, 30.0, 7).delay(n) for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 16, 30]
