@@ -43,6 +43,34 @@ def source_name(source: Source, index: int) -> str:
     return f"<stream #{index}>"
 
 
+def read_image_dataset(source: Source, name: str) -> Dataset:
+    """Read an image instance, with the lean header reader when the file allows it.
+
+    The lean reader (:mod:`dicom_node.convert._fastread`) keeps only the attributes the series
+    converter uses; for anything it does not handle the file is read by pydicom.
+    """
+    from dicom_node.convert._fastread import read_classic_header
+
+    if isinstance(source, Dataset):
+        return source
+    try:
+        if isinstance(source, str | os.PathLike):
+            data = Path(source).read_bytes()
+        else:
+            source.seek(0)
+            data = source.read()
+    except FileNotFoundError as exc:
+        raise ConversionError(f"{name}: file not found ({exc})") from exc
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConversionError(f"{name}: cannot be read ({exc})") from exc
+    if not isinstance(data, bytes | bytearray):
+        raise ConversionError(f"{name}: expected bytes, read {type(data).__name__}")
+    ds = read_classic_header(bytes(data))
+    if ds is not None:
+        return ds
+    return read_dataset(io.BytesIO(data), name)
+
+
 def read_dataset(source: Source, name: str, *, stop_before_pixels: bool = False) -> Dataset:
     """Read one DICOM Part 10 file (or return the dataset given), else ConversionError."""
     if isinstance(source, Dataset):

@@ -22,7 +22,7 @@ from dicom_node.convert._dataset import (
     get_int,
     get_required_str,
     get_str,
-    read_dataset,
+    read_image_dataset,
     source_name,
 )
 from dicom_node.convert.enhanced import FrameInfo, classic_frame, enhanced_frames, number_of_frames
@@ -176,7 +176,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     names: list[str] = []
     for index, src in enumerate(sources):
         name = source_name(src, index)
-        datasets.append(read_dataset(src, name))
+        datasets.append(read_image_dataset(src, name))
         names.append(name)
 
     series_uids: Counter[str] = Counter()
