@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import struct
 
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +153,12 @@ def _read(data: bytes) -> Dataset | None:
             return None
         if tag == 0x00020010:
             transfer_syntax = data[start : start + length].decode("ascii").strip("\0 ")
-            meta.TransferSyntaxUID = transfer_syntax
+            meta.TransferSyntaxUID = UID(transfer_syntax)
         pos = start + length
     if transfer_syntax is None or transfer_syntax in (_BIG_ENDIAN, *_DEFLATED):
         return None
     implicit = transfer_syntax == _IMPLICIT_LE
-    elements: dict[BaseTag, RawDataElement] = {}
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
     end = len(data)
     while pos < end:
         tag, vr, length, start = _element_header(data, pos, implicit)
