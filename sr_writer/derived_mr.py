@@ -4,9 +4,12 @@ Classic MR Image Storage instances, one per source slice, on the source frame of
 the source positions, orientation and spacing, so that a viewer can scroll it linked to the real
 T1-Gd and reformat it (MPR). The pixels are the predicted post-treatment T1-Gd (mean of the
 samples) on the source intensity scale, untouched: no banner is burned in, because a reformat
-would smear it. Instead the series is marked as derived and synthetic wherever a viewer or a
-person looks: ImageType ``DERIVED\\SECONDARY``, SeriesDescription ``SYNTHETIC PREDICTION - RESEARCH
-USE ONLY - ...``, ImageComments and DerivationDescription, ContentQualification ``RESEARCH``,
+would smear it. A graphics overlay (Overlay Plane, group 6000) carries the banner text
+instead, which viewers draw on top of the image and leave out of reformats and measurements
+(images narrower than 192 pixels get none: the text would not be legible). The series is also
+marked as derived and synthetic wherever a viewer or a person looks: ImageType
+``DERIVED\\SECONDARY``, SeriesDescription ``SYNTHETIC PREDICTION - RESEARCH USE ONLY - ...``,
+ImageComments and DerivationDescription, ContentQualification ``RESEARCH``,
 ContributingEquipmentSequence, and a SourceImageSequence pointing at the real slice.
 """
 
@@ -16,7 +19,10 @@ import datetime
 import logging
 
 import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 
 from dicom_node.errors import ExportError
@@ -35,6 +41,40 @@ from .references import slice_geometry, slice_instance_uids
 from .secondary_capture import Window, _source_item, window_like
 
 logger = logging.getLogger(__name__)
+
+MIN_OVERLAY_COLUMNS = 192
+
+
+def banner_overlay(rows: int, columns: int, text: str) -> npt.NDArray[np.uint8] | None:
+    """A rows x columns bitmap (0/1) with ``text`` across the top, or None if it cannot fit."""
+    if columns < MIN_OVERLAY_COLUMNS or rows < 16:
+        return None
+    img = Image.new("1", (columns, rows), 0)
+    draw = ImageDraw.Draw(img)
+    draw.fontmode = "1"
+    size = max(8, columns // 24)
+    while size >= 8:
+        font = ImageFont.load_default(size=size)
+        left, top, right, _ = draw.textbbox((0, 0), text, font=font)
+        if right - left <= int(columns * 0.95):
+            draw.text(((columns - (right - left)) // 2 - left, 2 - top), text, fill=1, font=font)
+            return np.asarray(img, dtype=np.uint8)
+        size -= 1
+    return None
+
+
+def _add_overlay(ds: Dataset, bitmap: npt.NDArray[np.uint8]) -> None:
+    """Overlay Plane module in group 6000 (PS3.3 C.9.2): a graphics overlay from ``bitmap``."""
+    rows, columns = bitmap.shape
+    ds.add_new(0x60000010, "US", rows)  # Overlay Rows
+    ds.add_new(0x60000011, "US", columns)  # Overlay Columns
+    ds.add_new(0x60000022, "LO", "Synthetic prediction banner")  # Overlay Description
+    ds.add_new(0x60000040, "CS", "G")  # Overlay Type: graphics
+    ds.add_new(0x60000050, "SS", [1, 1])  # Overlay Origin
+    ds.add_new(0x60000100, "US", 1)  # Overlay Bits Allocated
+    ds.add_new(0x60000102, "US", 0)  # Overlay Bit Position
+    ds.add_new(0x60001500, "LO", "SYNTHETIC")  # Overlay Label
+    ds.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # Overlay Data
 
 
 def build_derived_mr(
@@ -69,6 +109,7 @@ def build_derived_mr(
     source_uids = slice_instance_uids(source_t1c, source_series)
     series_uid = job.series_uid("derived-mr")
     nk, nj, ni = source_t1c.shape
+    overlay = banner_overlay(nj, ni, BANNER_TEXT)
     out: list[Dataset] = []
     for k in range(nk):
         g = slice_geometry(source_t1c, k)
@@ -142,6 +183,8 @@ def build_derived_mr(
         ds.WindowWidth = f"{w.width:.2f}"
         ds.WindowCenterWidthExplanation = "like the source T1-Gd"
         ds.PixelData = pixels[k].tobytes()
+        if overlay is not None:
+            _add_overlay(ds, overlay)
         apply_labels(ds, equipment, ts)
         out.append(ds)
     logger.info("built %d derived MR instances (job %s)", len(out), job.key[:12])

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from dicom_node.errors import ExportError
 from sr_writer.labels import BANNER_TEXT
-from sr_writer.outputs import build_outputs
+from sr_writer.outputs import OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
-from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs
+from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs, make_case
+from tests.sr_writer.test_dciodvfy_outputs import dciodvfy_errors
 
 
 def test_derived_mr_has_the_source_geometry_and_the_prediction() -> None:
@@ -48,3 +51,23 @@ def test_build_outputs_without_optional_series() -> None:
     out = build_outputs(case.prediction, job_inputs(case))
     assert out.derived_mr == () and len(out.uncertainty_sc) == case.t1c.shape[0]
     assert len(out.all()) == 2 * case.t1c.shape[0] + 3
+
+
+def test_banner_overlay_on_wide_images(dciodvfy: str, tmp_path: Path) -> None:
+    case = make_case((3, 256, 256), spacing=(0.9, 0.9, 3.0))
+    out = build_outputs(case.prediction, job_inputs(case), OutputOptions(derived_mr=True))
+    path = tmp_path / "mr.dcm"
+    out.derived_mr[1].save_as(path, enforce_file_format=True)
+    back = dcmread(path)
+    overlay = back.overlay_array(0x6000)
+    assert overlay.shape == (256, 256)
+    rows = np.nonzero(overlay.any(axis=1))[0]
+    assert overlay.sum() > 300 and rows.max() < 20, "banner text expected across the top"
+    assert back[0x6000, 0x1500].value == "SYNTHETIC"
+    # the pixels themselves stay the prediction
+    expected = np.rint(np.asarray(case.prediction.mean.array[1])).astype(np.int16)
+    assert np.array_equal(back.pixel_array, expected)
+    errors, _ = dciodvfy_errors(dciodvfy, path)
+    assert errors == []
+    # too narrow for legible text: no overlay rather than an unreadable one
+    assert 0x60003000 not in default_outputs().derived_mr[0]
