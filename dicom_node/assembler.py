@@ -49,7 +49,7 @@ class Assembler:
         job = self.store.get_job(job_id)
         if job is None:
             raise KeyError(job_id)
-        if job.state not in (FAILED,):
+        if job.state != FAILED:
             raise ValueError(f"job {job_id}: expected a failed job to retry, found {job.state}")
         series = [js.series for js in self.store.job_series(job_id)]
         outcome = assign_roles(series, self.settings.roles)

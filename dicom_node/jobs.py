@@ -284,7 +284,7 @@ class JobStore:
     ) -> int:
         """Create the next job version of a study with all of its instances (one transaction).
 
-        Earlier versions that are not finished or that have results become ``superseded``.
+        Every earlier version of the study becomes ``superseded``.
         """
         now = time.time()
         with self.transaction() as db:

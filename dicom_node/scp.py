@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.errors import InputError, OutOfSpaceError, StorageError
+from dicom_node.errors import InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import JobStore
 from dicom_node.settings import AllowedCaller, NodeSettings
@@ -219,7 +219,7 @@ class StorageSCP:
         except OutOfSpaceError as exc:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
             return _status(OUT_OF_RESOURCES, "node out of disk space; retry later")
-        except (StorageError, OSError, Exception) as exc:
+        except Exception as exc:  # the sender may retry; the service must keep serving
             log.exception("instance from %s not stored (0x0110): %s", calling, exc)
             return _status(PROCESSING_FAILURE, "node could not store the instance")
         if stored.duplicate or not new:

@@ -11,7 +11,6 @@ from types import FrameType
 from pydicom import dcmread
 
 from dicom_node.assembler import Assembler
-from dicom_node.errors import InputError
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JobStore
 from dicom_node.scp import StorageSCP, server_ssl_context
@@ -80,7 +79,7 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
             ds = dcmread(path, stop_before_pixels=True)
             tsyntax = str(ds.file_meta.TransferSyntaxUID)
             info = InstanceInfo.from_dataset(ds, tsyntax, secret)
-        except (InputError, Exception) as exc:
+        except Exception as exc:  # pydicom raises many types on damaged files
             log.error("spool file %s cannot be read back (%s); left in place", rel, exc)
             continue
         store.record_instance(info, rel, "(recovered)", path.stat().st_mtime)
