@@ -181,3 +181,30 @@ def test_logs_carry_no_patient_identifiers(tmp_path) -> None:  # type: ignore[no
     assert "job 1 created" in out
     for identifier in ("Lefèvre", "Lef", "Zoë", "GF-TEST-001", "19610402"):
         assert identifier not in out
+
+
+def test_serve_refuses_a_bad_config_at_start_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node:\n  port: 104\n  tls: {enabled: true, certificate: /nonexistent.pem}\n")
+    result = run_cli("--config", str(bad), "serve", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"invalid configuration in {bad}" in result.stderr
+    expected = "node.tls.certificate: expected an existing file, found /nonexistent.pem"
+    assert expected in result.stderr
+    assert "node.tls.private_key: expected a file path when TLS is enabled" in result.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "json.yaml"
+    config.write_text("logging: {format: json}\n")
+    port = free_port()
+    server = _serve(tmp_path, port, "--config", str(config))
+    try:
+        wait_for(lambda: _listening(port), timeout=60, what="the node to listen")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert any("listening as GLIOFORECAST" in r["message"] for r in records)
+    assert all({"time", "level", "logger", "job", "message"} <= r.keys() for r in records)
