@@ -166,7 +166,15 @@ def _read(data: bytes) -> Dataset | None:
             return None
         if tag == 0x7FE00010:
             if length == _UNDEFINED:
-                return None  # encapsulated (compressed) pixel data: pydicom decodes it
+                # encapsulated (compressed) frames: keep the items, pydicom's decoders read them
+                if implicit:
+                    return None
+                stop = _skip_undefined(data, start, implicit, 0)
+                elements[BaseTag(tag)] = RawDataElement(
+                    BaseTag(tag), "OB", _UNDEFINED, data[start : stop - 8], start,
+                    implicit, True, True, False,
+                )  # fmt: skip
+                break
             if start + length > end:
                 return None
             elements[BaseTag(tag)] = RawDataElement(
