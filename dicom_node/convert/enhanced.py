@@ -84,6 +84,16 @@ def _plane(
     )
 
 
+def _slope(value: float | None, name: str) -> float:
+    if value is None:
+        return 1.0
+    if value == 0.0:
+        raise ConversionError(
+            f"{name}: RescaleSlope must be non-zero, found 0 (every voxel would be the intercept)"
+        )
+    return value
+
+
 def _check_spacing(spacing: list[float], name: str) -> tuple[float, float]:
     if spacing[0] <= 0 or spacing[1] <= 0:
         raise ConversionError(f"{name}: PixelSpacing must be positive, found {spacing!r}")
@@ -126,7 +136,7 @@ def classic_frame(ds: Dataset, source: int, name: str, sop_uid: str) -> FrameInf
         position=(ipp[0], ipp[1], ipp[2]),
         orientation=(iop[0], iop[1], iop[2], iop[3], iop[4], iop[5]),
         pixel_spacing=_check_spacing(ps, name),
-        slope=get_float(ds, "RescaleSlope", name, 1.0) or 1.0,
+        slope=_slope(get_float(ds, "RescaleSlope", name, 1.0), name),
         intercept=get_float(ds, "RescaleIntercept", name, 0.0) or 0.0,
         slice_thickness=get_float(ds, "SliceThickness", name),
         spacing_between_slices=get_float(ds, "SpacingBetweenSlices", name),
@@ -219,7 +229,7 @@ def enhanced_frames(
                 position=(ipp[0], ipp[1], ipp[2]),
                 orientation=(iop[0], iop[1], iop[2], iop[3], iop[4], iop[5]),
                 pixel_spacing=_check_spacing(ps, where),
-                slope=1.0 if slope is None else slope,
+                slope=_slope(slope, where),
                 intercept=0.0 if intercept is None else intercept,
                 slice_thickness=get_float(meas_item, "SliceThickness", where)
                 if meas_item

@@ -9,13 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from dicom_node.convert.geometry import check_stack, orientation_axes, resample, same_grid
 from dicom_node.convert.series import load_series
 from dicom_node.errors import ConversionError, InputError
 from dicom_node.types import Volume
 from tests.dicom_node.convert import synth
+
+
+def _raw(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
+    """Store an element as raw bytes, as a faulty sender would (pydicom parses it on access)."""
+    ds[tag] = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
 
 
 def _oblique_iop(a: float = 0.3, b: float = 0.2) -> tuple[float, ...]:
@@ -177,6 +184,9 @@ def test_mixed_orientations_series_frames_of_reference_and_sizes() -> None:
         (lambda ds: setattr(ds, "PixelSpacing", [0, 1]), r"PixelSpacing must be positive"),
         (lambda ds: setattr(ds, "PixelData", ds.PixelData[:10]), r"PixelData holds 10 bytes"),
         (lambda ds: setattr(ds, "SamplesPerPixel", 3), r"SamplesPerPixel must be 1"),
+        (lambda ds: setattr(ds, "RescaleSlope", "0"), r"RescaleSlope must be non-zero"),
+        (lambda ds: _raw(ds, 0x00281052, "DS", b"abc "), r"RescaleIntercept must be numeric"),
+        (lambda ds: _raw(ds, 0x00200032, "DS", b"1\\2"), r"ImagePositionPatient must have 3"),
         (lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "MOSAIC"]), r"mosaic"),
         (lambda ds: delattr(ds, "SOPInstanceUID"), r"SOPInstanceUID is required"),
     ],
