@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     EnhancedMRImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
@@ -23,14 +24,14 @@ AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 def _meta(ds: Dataset, sop_class: str) -> Dataset:
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return ds
 
 
-def _fmt(values: Sequence[float]) -> list[str]:
+def _fmt(values: Sequence[float] | npt.NDArray[np.float64]) -> list[str]:
     return [f"{v:.10g}" for v in values]
 
 
@@ -237,7 +238,9 @@ def rtdose(
     ds.PixelSpacing = _fmt((dj, di))
     ds.NumberOfFrames = nk
     ds.FrameIncrementPointer = 0x3004000C
-    ds.GridFrameOffsetVector = _fmt(offsets + (origin[2] if absolute_offsets else 0.0))
+    ds.GridFrameOffsetVector = _fmt(
+        np.asarray(offsets + (origin[2] if absolute_offsets else 0.0), dtype=np.float64)
+    )
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = nj, ni

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_node.convert._fastread import WANTED, read_classic_header
 from dicom_node.convert.series import load_series
@@ -36,7 +36,7 @@ def test_synthetic_files_match_pydicom(syntax: str | None) -> None:
     for ds in synth.mr_slices(synth.volume_pixels((2, 6, 5)), slope=1.5, intercept=-3.0):
         buf = io.BytesIO()
         if syntax is not None:
-            ds.file_meta.TransferSyntaxUID = syntax
+            ds.file_meta.TransferSyntaxUID = UID(syntax)
         ds.save_as(buf, enforce_file_format=True)
         _same_as_pydicom(buf.getvalue())
 

@@ -62,8 +62,10 @@ def test_dose_grid_geometry_and_scaling(absolute: bool, reverse: bool) -> None:
     # every voxel's value is the dose function at its centre (to the scaling's resolution)
     k, j, i = np.meshgrid(*(np.arange(n) for n in dose.shape), indexing="ij")
     ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
-    world = (dose.affine @ ijk1)[:3].T
-    np.testing.assert_allclose(dose.array.ravel(), linear_dose(world), atol=1e-3)
+    world = np.asarray((dose.affine @ ijk1)[:3].T, dtype=np.float64)
+    np.testing.assert_allclose(
+        np.asarray(dose.array, dtype=np.float64).ravel(), linear_dose(world), atol=1e-3
+    )
 
 
 def test_dose_on_oblique_mr_grid_is_exact_for_a_linear_field() -> None:
@@ -78,8 +80,13 @@ def test_dose_on_oblique_mr_grid_is_exact_for_a_linear_field() -> None:
     on_mr = dose_on_grid(ds, mr)
     assert on_mr.shape == mr.shape and on_mr.array.dtype == np.float32
     k, j, i = np.meshgrid(*(np.arange(n) for n in mr.shape), indexing="ij")
-    world = (mr.affine @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)]))[:3].T
-    np.testing.assert_allclose(on_mr.array.ravel(), linear_dose(world), atol=2e-3)
+    world = np.asarray(
+        (mr.affine @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)]))[:3].T,
+        dtype=np.float64,
+    )
+    np.testing.assert_allclose(
+        np.asarray(on_mr.array, dtype=np.float64).ravel(), linear_dose(world), atol=2e-3
+    )
     assert on_mr.frame_of_reference_uid == FRAME
 
 
