@@ -14,6 +14,7 @@ from functools import cache
 
 import numpy as np
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import config
@@ -27,6 +28,10 @@ from dicom_node.convert.series import load_series
 from dicom_node.errors import GlioforecastError
 from dicom_node.types import Volume
 from tests.dicom_node.convert import synth
+
+# pydicom warns about every invalid value it meets, which is the point here; a hang fails the
+# test through pytest-timeout well before the suite's default limit
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.timeout(180)]
 
 FUZZ = settings(
     max_examples=1000,
@@ -250,8 +255,6 @@ def test_fuzzing_reached_both_outcomes() -> None:
     """Runs after the fuzz tests (file order): they must have both refused and converted inputs,
     otherwise the mutations are too weak (or too destructive) to test anything."""
     if not OUTCOMES:
-        import pytest
-
         pytest.skip("run together with the fuzz tests")
     for kind in CONVERTERS:
         assert OUTCOMES[f"{kind} refused"] > 0, OUTCOMES
