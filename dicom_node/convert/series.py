@@ -285,8 +285,8 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
             out[k] = pixels.astype(np.float32) * np.float32(frame.slope) + np.float32(
                 frame.intercept
             )
-        if len(decoded) > 1 and frame_counts[frame.source] == 1:
-            decoded.pop(frame.source)
+        if frame_counts[frame.source] == 1:
+            decoded.pop(frame.source)  # a single-frame instance is used once: free it now
     assert out is not None
     row_spacing, col_spacing = reference.pixel_spacing
     volume = Volume(
