@@ -362,6 +362,33 @@ class JobStore:
             )
             _event(db, job_id, state, reason or state)
 
+    def claim_next(self) -> int | None:
+        """Mark the oldest queued job running and return its id (None when none is queued)."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                (RUNNING, time.time(), row[0]),
+            )
+            _event(db, row[0], RUNNING, "started")
+            return int(row[0])
+
+    def requeue_running(self) -> int:
+        """Queue again the jobs a stop or crash interrupted; returns how many."""
+        with self.transaction() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,))]
+            for job_id in ids:
+                db.execute(
+                    "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
+                    (QUEUED, time.time(), job_id),
+                )
+                _event(db, job_id, QUEUED, "interrupted by a stop or crash; queued again")
+        return len(ids)
+
     def add_event(self, job_id: int | None, kind: str, message: str) -> None:
         with self.transaction() as db:
             _event(db, job_id, kind, message)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -194,6 +195,7 @@ def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> Sto
             permanent=True,
         )
     try:
+        hold_reactor(assoc)
         rsp = assoc.send_c_store(ds)
     except (ValueError, AttributeError, RuntimeError) as exc:
         return StoreResult(uid, None, f"could not send to {destination}: {exc}", permanent=True)
@@ -218,6 +220,31 @@ def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> Sto
         + (f": {comment}" if comment else ""),
         permanent=is_permanent(status),
     )
+
+
+def hold_reactor(assoc: Association, settle_s: float = 0.5) -> None:
+    """Make sure the association's reactor thread is parked before a ``send_*`` call.
+
+    pynetdicom (3.0) pauses the requestor's reactor inside ``send_c_store`` by clearing a
+    checkpoint and waiting for the reactor's ``_is_paused`` flag; right after the previous send
+    the flag is still True from before the reactor woke up, so the reactor can run one more pass
+    and take the next C-STORE response off the queue ("Received unexpected C-STORE service
+    message"), leaving the send waiting for the DIMSE timeout. Seen under CPU load with 179
+    objects in one association. Here the reactor is parked for certain: clear the checkpoint,
+    reset the flag, and wait for the reactor to set it again as it reaches the checkpoint (or,
+    if it was already between setting the flag and waiting, for it to block there).
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return  # another pynetdicom version: rely on its own pause
+    checkpoint.clear()
+    assoc._is_paused = False
+    deadline = time.monotonic() + settle_s
+    while not assoc._is_paused and time.monotonic() < deadline:
+        time.sleep(0.0001)
+    # Either the reactor set the flag at the checkpoint, or it is blocked in the checkpoint's
+    # wait() with the flag we reset: parked in both cases.
+    assoc._is_paused = True
 
 
 def _failure_reason(assoc: Association) -> str:

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node.errors import InputError, SendError
+from dicom_node.scu import hold_reactor
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def send_files(
             for item in members:
                 try:
                     ds = dcmread(item.path)
+                    hold_reactor(assoc)
                     status = assoc.send_c_store(ds)
                 except (ValueError, RuntimeError, OSError) as exc:
                     report.failed.append((item.path, str(exc)))

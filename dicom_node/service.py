@@ -13,9 +13,15 @@ from pydicom import dcmread
 from dicom_node.assembler import Assembler
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JobStore
+from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
+from dicom_node.outbox_cli import outbox_path
+from dicom_node.pipeline import Pipeline
 from dicom_node.scp import StorageSCP, server_ssl_context
+from dicom_node.scu import Destination
 from dicom_node.settings import LoggingSettings, Settings
 from dicom_node.spool import Spool
+from dicom_node.worker import Worker
+from inference.baseline import NoChangeBaseline
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +121,22 @@ class Node:
                 tls.require_client_certificate,
             )
         self.scp = StorageSCP(settings.node, self.spool, self.store, self.secret, ctx)
+        self.outbox = Outbox(
+            outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
+        )
+        self.sender = OutboxSender(
+            self.outbox,
+            [Destination.from_settings(d) for d in settings.destinations],
+            calling_ae=settings.sending.calling_ae_title,
+        )
+        pipeline = Pipeline(settings, self.store, self.spool.root, NoChangeBaseline())
+        self.worker = Worker(settings, self.store, pipeline, self.outbox, self.sender.wake)
         self._stop = threading.Event()
 
     def start(self) -> None:
         reconcile(self.spool, self.store, self.secret)
+        self.sender.start()
+        self.worker.start()
         self.scp.start()
         log.info(
             "listening as %s on %s:%d%s; data in %s",
@@ -134,7 +152,8 @@ class Node:
         interval = self.settings.assembly.poll_interval_s
         while not self._stop.is_set():
             try:
-                self.assembler.run_once()
+                if self.assembler.run_once():
+                    self.worker.wake()
             except Exception:
                 # the loop must survive anything a single study does to it
                 log.exception("assembly pass failed; will retry")
@@ -146,8 +165,12 @@ class Node:
         self._stop.set()
 
     def stop(self) -> None:
+        """Stop receiving, let the current job finish, stop sending, close the databases."""
         self._stop.set()
         self.scp.stop()
+        self.worker.stop()
+        self.sender.stop()
+        self.outbox.close()
         self.store.close()
         log.info("stopped")
 

@@ -136,3 +136,20 @@ class Prediction:
     @property
     def response_category(self) -> str:
         return max(self.response_probabilities, key=lambda c: self.response_probabilities[c])
+
+
+@dataclass(frozen=True)
+class StudyInputs:
+    """What a predictor needs from one study, every volume on the source T1-Gd grid.
+
+    ``tumour_mask`` is the GTV from the RT structure set (boolean); ``dose`` is the planned dose
+    in Gy when an RT Dose was received; ``flair`` / ``t2`` / ``t1`` are present when received.
+    """
+
+    t1c: Volume
+    tumour_mask: Volume
+    flair: Volume | None = None
+    t2: Volume | None = None
+    t1: Volume | None = None
+    dose: Volume | None = None
+    survival_class: str | None = None

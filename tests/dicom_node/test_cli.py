@@ -65,14 +65,16 @@ def test_send_echo_and_jobs(run_node, tmp_path, capsys) -> None:  # type: ignore
     data = ["--data-dir", str(node.settings.storage.data_dir)]
     assert main(["jobs", "list", "--json", *data]) == 0
     (job,) = json.loads(capsys.readouterr().out)
-    assert job["state"] == "queued" and job["instance_count"] == 9
+    assert job["version"] == 1 and job["instance_count"] == 9
     assert main(["jobs", "show", str(job["id"]), *data]) == 0
     text = capsys.readouterr().out
     assert "t1c" in text and "AX T1 POST GD" in text and "flair" in text
     assert len(study["t1c"]) == 4
-    # retry is for failed jobs only
-    assert main(["jobs", "retry", str(job["id"]), *data]) == 1
-    assert "expected a failed job" in capsys.readouterr().err
+    # the transport study's RT structure set has no contour: the job fails and says why
+    failed = wait_for(lambda: node.store.get_job(job["id"]).state == "failed", what="failure")
+    assert failed
+    assert main(["jobs", "show", str(job["id"]), *data]) == 0
+    assert "ROI 'GTV' has no CLOSED_PLANAR contour" in capsys.readouterr().out
 
 
 def test_send_to_a_node_that_refuses_us(run_node, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

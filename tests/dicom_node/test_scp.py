@@ -71,7 +71,7 @@ def test_study_is_stored_durably_and_becomes_a_job(run_node, tmp_path):  # type:
         assert ds.get("PixelData") == sent[ds.SOPInstanceUID].get("PixelData")
     assert not node.spool.partial_files()
     jobs = wait_for(lambda: node.store.list_jobs(), what="a job")
-    assert len(jobs) == 1 and jobs[0].state == "queued"
+    assert len(jobs) == 1 and jobs[0].version == 1
     roles = {s.series.series_description: s.role for s in node.store.job_series(jobs[0].id)}
     assert roles == {"AX T1 POST GD": "t1c", "AX T2 FLAIR": "flair", "RT structures": "rtstruct"}
 

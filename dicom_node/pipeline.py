@@ -1,0 +1,184 @@
+"""One job from spool to output objects: convert -> predict -> build the DICOM objects.
+
+Every step raises the project's own errors with a reason; the worker records that reason on the
+job. Volumes cross into the predictor and into ``sr_writer`` as typed objects, never as datasets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node import __version__
+from dicom_node.convert.geometry import resample, same_grid
+from dicom_node.convert.rtdose import dose_on_grid
+from dicom_node.convert.rtstruct import load_rtstruct_mask
+from dicom_node.convert.series import load_series
+from dicom_node.errors import ConversionError, InputError
+from dicom_node.jobs import JobSeries, JobStore
+from dicom_node.settings import Settings
+from dicom_node.types import PatientStudy, Prediction, SeriesRef, StudyInputs, Volume
+from sr_writer.outputs import JobInputs, OutputOptions, build_outputs
+from sr_writer.secondary_capture import Window
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_CONTRASTS = ("flair", "t2", "t1")
+
+
+class Predictor(Protocol):
+    name: str
+    version: str
+
+    def predict(self, inputs: StudyInputs, samples: int = 4) -> Prediction: ...
+
+
+@dataclass(frozen=True)
+class JobResult:
+    objects: list[Dataset]
+    series: int
+    prediction: Prediction
+    seconds: float
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value)
+
+
+def patient_study(ds: Dataset) -> PatientStudy:
+    """Patient and study attributes copied into the outputs (same patient, same study)."""
+    return PatientStudy(
+        study_instance_uid=str(ds.StudyInstanceUID),
+        patient_name=_text(ds, "PatientName"),
+        patient_id=_text(ds, "PatientID"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        study_id=_text(ds, "StudyID"),
+        accession_number=_text(ds, "AccessionNumber"),
+        referring_physician_name=_text(ds, "ReferringPhysicianName"),
+        specific_character_set=_text(ds, "SpecificCharacterSet") or "ISO_IR 192",
+    )
+
+
+def window_of(ds: Dataset) -> Window | None:
+    """The source's first display window, when it has one."""
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        c = float(center[0] if isinstance(center, Sequence) else center)
+        w = float(width[0] if isinstance(width, Sequence) else width)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return Window(center=c, width=w) if w > 0 else None
+
+
+def series_ref(js: JobSeries, volume: Volume | None, paths: Sequence[Path]) -> SeriesRef:
+    uids = volume.source_instance_uids if volume is not None else ()
+    if not uids:
+        uids = tuple(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
+    return SeriesRef(
+        series_instance_uid=js.series.series_instance_uid,
+        sop_class_uid=js.series.sop_class_uid,
+        sop_instance_uids=tuple(dict.fromkeys(uids)),
+        modality=js.series.modality,
+        series_description=js.series.series_description,
+        series_number=js.series.series_number,
+    )
+
+
+def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
+    """``volume`` on ``reference``'s grid (resampled when needed; same frame of reference)."""
+    if volume.frame_of_reference_uid != reference.frame_of_reference_uid:
+        raise ConversionError(
+            f"{what} is on frame of reference {volume.frame_of_reference_uid} but the T1-Gd is "
+            f"on {reference.frame_of_reference_uid}; expected the same frame of reference"
+        )
+    if same_grid(volume, reference):
+        return volume
+    return reference.with_array(resample(volume, reference, order=1, output_dtype=np.float32))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        spool_root: Path,
+        predictor: Predictor,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool_root = spool_root
+        self.predictor = predictor
+
+    def run(self, job_id: int) -> JobResult:
+        """Build the output objects of a job; raises the project's errors with a reason."""
+        start = time.monotonic()
+        series = {js.role: js for js in self.store.job_series(job_id) if js.role}
+        paths = {
+            uid: [self.spool_root / p for p in rels]
+            for uid, rels in self.store.instance_paths(job_id).items()
+        }
+
+        def files(role: str) -> list[Path]:
+            return paths.get(series[role].series.series_instance_uid, [])
+
+        if "t1c" not in series or "rtstruct" not in series:
+            missing = [r for r in ("t1c", "rtstruct") if r not in series]
+            raise InputError(f"job {job_id}: expected roles t1c and rtstruct, missing {missing}")
+        t1c = load_series(files("t1c"))
+        header = dcmread(files("t1c")[0], stop_before_pixels=True)
+        (rtstruct_file,) = files("rtstruct")[:1]
+        mask = load_rtstruct_mask(rtstruct_file, t1c, self.settings.roles.roi_pattern)
+        optional: dict[str, Volume] = {}
+        for role in OPTIONAL_CONTRASTS:
+            if role not in series:
+                continue
+            try:
+                optional[role] = on_grid(load_series(files(role)), t1c, role)
+            except (ConversionError, InputError) as exc:
+                # an optional contrast that cannot be used does not stop the job
+                self.store.add_event(job_id, "warning", f"{role} not used: {exc}")
+        dose = None
+        if "rtdose" in series:
+            dose = dose_on_grid(files("rtdose")[0], t1c)
+        inputs = StudyInputs(
+            t1c=t1c,
+            tumour_mask=mask,
+            flair=optional.get("flair"),
+            t2=optional.get("t2"),
+            t1=optional.get("t1"),
+            dose=dose,
+        )
+        prediction = self.predictor.predict(inputs)
+        others = [
+            series_ref(series[role], None, files(role))
+            for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS)
+            if role in series
+        ]
+        job_inputs = JobInputs(
+            patient=patient_study(header),
+            t1c=t1c,
+            t1c_series=series_ref(series["t1c"], t1c, files("t1c")),
+            other_series=tuple(others),
+            window=window_of(header),
+        )
+        outputs = build_outputs(prediction, job_inputs, OutputOptions(node_version=__version__))
+        return JobResult(
+            objects=outputs.all(),
+            series=len(outputs.series_counts()),
+            prediction=prediction,
+            seconds=time.monotonic() - start,
+        )
