@@ -170,7 +170,7 @@ def generate_patient(
         tissue = tumour.mass_effect(tissue, pre.core, anat.brain, spacing_mm, strength=0.3)
     rt_plan = treatment.plan(pre.core, anat, rng)
     tparams = treatment.TreatmentParams.random(rng, cov.mgmt_methylated, cov.extent_of_resection)
-    post = treatment.treat(pre, solver, growth, tparams, rt_plan.dose, spacing_mm, rng)
+    post = treatment.treat(anat, pre, solver, growth, tparams, rt_plan.dose, spacing_mm, rng)
     voxel_ml = spacing_mm**3 / 1000.0
 
     pre_masks = {"enhancing": pre.enhancing, "necrotic": pre.necrotic, "oedema": pre.oedema}

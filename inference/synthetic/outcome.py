@@ -41,7 +41,8 @@ EFFECT_AGE_PER_DECADE = -0.15
 EFFECT_KPS_PER_10 = 0.10
 EFFECT_EOR = {"GTR": 0.12, "STR": 0.0, "biopsy": -0.18}
 EFFECT_BURDEN_PER_LOG_ML = -0.22
-REFERENCE_BURDEN_ML = 5.0
+# about the cohort's median post-treatment burden, so that the burden term is centred
+REFERENCE_BURDEN_ML = 25.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ CSF, inversion-prepared 3D gradient echo for MPRAGE-like T1), and gadolinium sho
 Relaxation times: white/grey matter at 3 T from Stanisz et al. 2005 (MRM 54:507); at 1.5 T
 white matter 780 ms and grey matter 1200 ms, within the published spread (WM ~600-900 ms), so that
 spin-echo T1 images keep their familiar grey-white contrast;
-CSF ~4.3 s / 2 s; subcutaneous fat from de Bazelaire et al. 2004 (Radiology 230:652); tumour,
+CSF ~4.3 s / 2 s; subcutaneous fat T1/T2 from de Bazelaire et al. 2004 (Radiology 230:652), with
+an effective proton density of 0.55 so that scalp fat is bright but not dazzling; tumour,
 necrosis and oedema prolonged relative to white matter as reported for glioblastoma (values
 rounded, phantom-grade). Gadolinium relaxivities from Rohrer et al. 2005 (Invest Radiol 40:715).
 
@@ -45,7 +46,7 @@ TISSUES: dict[str, tuple[float, float, float, float, float]] = {
     "wm": (780.0, 1084.0, 72.0, 69.0, 0.70),
     "gm": (1200.0, 1820.0, 95.0, 99.0, 0.80),
     "csf": (4200.0, 4300.0, 2000.0, 2000.0, 1.00),
-    "fat": (343.0, 382.0, 58.0, 68.0, 0.90),
+    "fat": (343.0, 382.0, 58.0, 68.0, 0.55),
     "bone": (500.0, 550.0, 1.0, 1.0, 0.05),
     "enhancing": (1250.0, 1650.0, 110.0, 100.0, 0.85),
     "necrotic": (2000.0, 2500.0, 250.0, 220.0, 0.95),
@@ -54,7 +55,7 @@ TISSUES: dict[str, tuple[float, float, float, float, float]] = {
     "psp": (1150.0, 1500.0, 120.0, 110.0, 0.87),
 }
 # Gadolinium concentration (mM) reached in each compartment after a 0.1 mmol/kg injection.
-GD_MM = {"enhancing": 0.12, "psp": 0.09}
+GD_MM = {"enhancing": 0.18, "psp": 0.12}
 
 # r1 (1/(mM s)) at (1.5 T, 3 T), Rohrer et al. 2005, in plasma at 37 C
 AGENTS: dict[str, tuple[float, float]] = {

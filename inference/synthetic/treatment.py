@@ -159,6 +159,7 @@ def resect(
 
 
 def treat(
+    anatomy: Anatomy,
     pre: TumourState,
     solver: Solver,
     growth: GrowthParams,
@@ -189,7 +190,9 @@ def treat(
     density = live.to_full(u, shape)
     density[dead] = 0.0
     necrotic = pre.necrotic & ~cavity
-    post = compartments(density, growth, spacing, necrotic=necrotic, excluded=cavity)
+    post = compartments(
+        density, growth, spacing, necrotic=necrotic, excluded=cavity, white=anatomy.wm
+    )
 
     psp = np.zeros(shape, dtype=bool)
     psp_oedema = np.zeros(shape, dtype=bool)

@@ -226,6 +226,7 @@ def compartments(
     spacing: float,
     necrotic: BoolArray | None = None,
     excluded: BoolArray | None = None,
+    white: FloatArray | None = None,
 ) -> TumourState:
     """Split a density map into necrotic core, enhancing rim and oedema.
 
@@ -244,6 +245,10 @@ def compartments(
         necrotic &= ~excluded
     enhancing = core & ~necrotic
     oedema = (u >= params.oedema_threshold) & ~core & ~necrotic
+    if white is not None:
+        # vasogenic oedema spreads along white matter and spares the cortex: away from the
+        # dense tumour, only white-matter-rich voxels are oedematous
+        oedema &= (white >= 0.4) | (u >= 0.3)
     if excluded is not None:
         oedema &= ~excluded
     return TumourState(u, necrotic, enhancing, oedema)
@@ -267,7 +272,7 @@ def grow(
     u, days = solver.run(solver.to_solver(u0), days=4000.0, rho=params.rho, stop=target_core_ml)
     full = solver.to_full(u, anatomy.grid.shape)
     full = np.where(barrier, 0.0, full).astype(np.float32)
-    state = compartments(full, params, spacing)
+    state = compartments(full, params, spacing, white=anatomy.wm)
     logger.debug(
         "grew tumour for %.0f days: core %.1f ml", days, state.core.sum() * spacing**3 / 1000
     )
