@@ -334,6 +334,12 @@ def load_rtstruct_mask(
     mask = rasterise_polygons(per_roi[0], reference.shape)
     for roi_polygons in per_roi[1:]:
         mask |= rasterise_polygons(roi_polygons, reference.shape)
+    if not mask.any():
+        raise ConversionError(
+            f"{name}: ROI {', '.join(repr(r.name) for r in chosen)} covers no voxel centre of the "
+            f"image grid ({len(polygons)} contour(s) smaller than a voxel or outside the field of "
+            "view); expected a delineated volume"
+        )
     log.info(
         "rasterised ROI %s: %d contour(s), %d voxel(s)",
         ", ".join(r.name for r in chosen),

@@ -196,6 +196,14 @@ def test_default_pattern_is_gtv_like(name: str, matches: bool) -> None:
             select_roi(rois, DEFAULT_ROI_PATTERN)
 
 
+def test_roi_smaller_than_a_voxel_is_refused() -> None:
+    grid = _grid()
+    tiny = _to_world(grid, 1, circle(50.5, 50.5, 0.3))  # between four voxel centres
+    ds = synth.rtstruct(grid.frame_of_reference_uid or "", {"GTV": [tiny]})
+    with pytest.raises(ConversionError, match="covers no voxel centre"):
+        load_rtstruct_mask(ds, grid)
+
+
 def test_points_only_roi_is_refused() -> None:
     grid = _grid()
     ds = synth.rtstruct(
