@@ -1,0 +1,120 @@
+"""A synthetic study through the running node to a real storage SCP (dcmtk storescp).
+
+The predictor is the no-change baseline (the model is not bundled yet); everything else is the
+production chain: storescu -> SCP -> spool -> assembly -> conversion -> prediction -> output
+objects -> outbox -> C-STORE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+
+import pydicom
+import pytest
+
+from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, SUPERSEDED, JobStore
+from dicom_node.settings import Destination
+from inference.synthetic.cohort import generate_patient
+from tests.conftest import free_port, tool, wait_for
+from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.test_scp import storescu
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("synthetic")
+    record = generate_patient(0, 5, out, spacing_mm=4.0, formats=("dicom",))
+    (pre,) = out.glob("*/dicom/pre")
+    return pre, record.values
+
+
+@pytest.fixture
+def pacs(tmp_path):  # type: ignore[no-untyped-def]
+    folder = tmp_path / "pacs"
+    folder.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [tool("storescp"), "-aet", "PACS", "-od", str(folder), str(port)],
+        env={"TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    yield Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port), folder
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_synthetic_study_round_trip(run_node, patient, pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pre, truth = patient
+    destination, received = pacs
+    settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
+    node = run_node(settings)
+    files = sorted(p for p in pre.rglob("*.dcm"))
+    sent = storescu(node.scp.port, *files)
+    assert sent.stderr.count("Received Store Response (Success)") == len(files)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+
+    def delivered() -> int | None:
+        states = node.outbox.counts().get("pacs", {})
+        total, sent = sum(states.values()), states.get("sent", 0)
+        on_disk = len(list(received.iterdir()))
+        return total if total and sent == total == on_disk else None
+
+    objects = wait_for(delivered, timeout=120, what="every result at the PACS")
+    datasets = [pydicom.dcmread(p) for p in received.iterdir()]
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    roles = {js.series.series_instance_uid: js.role for js in node.store.job_series(job.id)}
+    t1c = [ds for ds in headers if roles.get(ds.SeriesInstanceUID) == "t1c"]
+    study = {ds.StudyInstanceUID for ds in datasets}
+    assert study == {t1c[0].StudyInstanceUID}  # same study as the source
+    assert all(ds.PatientName == t1c[0].PatientName for ds in datasets)
+    assert all(str(ds.SeriesDescription).startswith("SYNTHETIC PREDICTION") for ds in datasets)
+    by_modality: dict[str, int] = {}
+    for ds in datasets:
+        by_modality[ds.Modality] = by_modality.get(ds.Modality, 0) + 1
+    sc = [ds for ds in datasets if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+    assert len(sc) == 2 * len(t1c)  # prediction and uncertainty, one image per source slice
+    assert by_modality["SEG"] == 1 and by_modality["RTSTRUCT"] == 1 and by_modality["SR"] == 1
+    assert objects == len(datasets)
+    # the SR's current tumour volume is the GTV of the synthetic truth (rasterised on the
+    # T1-Gd grid, so within a few voxels of it)
+    (sr,) = [ds for ds in datasets if ds.Modality == "SR"]
+    volumes = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _walk(sr)
+        if "MeasuredValueSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeMeaning
+        in ("Volume", "Tumor volume", "Current tumour volume")
+    ]
+    assert volumes, "no volume in the SR"
+    assert any(abs(v - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2 for v in volumes), volumes
+
+
+def _walk(ds):  # type: ignore[no-untyped-def]
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
+
+
+def test_interrupted_job_is_queued_again_and_superseded_results_are_dropped(tmp_path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    with store.transaction() as db:
+        db.execute(
+            "INSERT INTO studies (study_instance_uid, patient_key, first_received_at, "
+            "last_received_at) VALUES ('1.2', 'k', 0, 0)"
+        )
+    first = store.create_job("1.2", [], QUEUED, "")
+    assert store.claim_next() == first
+    assert store.get_job(first).state == RUNNING  # type: ignore[union-attr]
+    # the process dies here; at the next start the job runs again
+    assert store.requeue_running() == 1
+    assert store.get_job(first).state == QUEUED  # type: ignore[union-attr]
+    assert store.claim_next() == first
+    second = store.create_job("1.2", [], QUEUED, "")  # a late instance arrived meanwhile
+    assert store.get_job(first).state == SUPERSEDED  # type: ignore[union-attr]
+    assert store.claim_next() == second
+    assert store.claim_next() is None
