@@ -1,0 +1,520 @@
+"""Typed, frozen configuration of the latent diffusion model, and its ``model.yaml`` mapping.
+
+A :class:`ModelConfig` says everything needed to rebuild the networks and to prepare their inputs:
+which contrasts go in, the model grid (spacing and crop), the architecture of the KL autoencoder
+(stage 1) and of the diffusion UNet (stage 2), the noise schedule, the survival classes used for
+classifier-free guidance, the conditioning dropout used in training and the defaults of inference.
+
+:func:`config_to_dict` and :func:`config_from_dict` map it to and from plain YAML-friendly data;
+the reader is strict: an unknown key, a missing key or a value of the wrong type is reported with
+its dotted key path (``autoencoder.channels``), what was expected and what was found.
+
+Two presets: :func:`tiny_config` (16^3 volumes, tests: a training step takes milliseconds on a
+CPU) and :func:`demo_config` (2 mm, CPU-friendly, weights well under 25 MB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dicom_node.errors import InferenceError
+
+#: contrast names, as assigned to series roles by the node
+KNOWN_CONTRASTS: tuple[str, ...] = ("t1c", "flair", "t2", "t1")
+#: the contrast that every model needs and predicts
+REQUIRED_CONTRAST = "t1c"
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """How a study is put on the model grid (see ``dicom_node.convert.preprocess``).
+
+    ``spacing_mm`` is (di, dj, dk); ``crop_shape`` is [k, j, i] like the arrays. Intensities are
+    normalised per image inside the head (``intensity``: ``zscore`` or ``percentile``); the dose
+    is divided by ``dose_scale_gy`` so that the prescription is about 1.
+    """
+
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    crop_shape: tuple[int, int, int] = (80, 96, 80)
+    orientation: str = "RAS"
+    intensity: str = "zscore"
+    dose_scale_gy: float = 60.0
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Stage 1: ``monai.networks.nets.AutoencoderKL``.
+
+    One image channel in; two channels out: the reconstructed image and the logit of the
+    enhancing-tumour mask (the joint mask channel, see ``inference.networks``). Each level after
+    the first halves the grid, so ``len(channels) == 3`` gives the 4x compression.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    num_res_blocks: int = 1
+    latent_channels: int = 3
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = 16
+    with_nonlocal_attn: bool = False
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Stage 2: ``monai.networks.nets.DiffusionModelUNet`` on the latent grid."""
+
+    channels: tuple[int, ...] = (64, 128, 128)
+    num_res_blocks: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    norm_num_groups: int = 32
+    num_head_channels: int = 32
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Noise schedule (DDPM training, DDIM sampling; epsilon prediction)."""
+
+    num_train_timesteps: int = 1000
+    schedule: str = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    num_inference_steps: int = 25
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Condition dropout while training stage 2, and the stage-1 loss weights.
+
+    ``p_drop_contrast`` is the probability of hiding each optional contrast (FLAIR...) from a
+    training sample, ``p_drop_dose`` that of hiding the dose, ``p_drop_class`` that of replacing
+    the survival class by the null class (classifier-free guidance).
+    """
+
+    p_drop_contrast: float = 0.3
+    p_drop_dose: float = 0.3
+    p_drop_class: float = 0.15
+    kl_weight: float = 1e-6
+    mask_loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Defaults of one prediction."""
+
+    num_samples: int = 4
+    guidance_scale: float = 3.0
+    mask_threshold: float = 0.5
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class ResponseConfig:
+    """Volumetric response categories (on the enhancing tumour volume).
+
+    Complete response below ``complete_ml``; otherwise partial response for a relative change
+    <= ``partial``, progressive disease for >= ``progressive``, stable disease between.
+    """
+
+    complete_ml: float = 0.1
+    partial: float = -0.65
+    progressive: float = 0.40
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines one model (written to ``model.yaml``).
+
+    ``contrasts`` lists the pre-treatment contrasts the model reads, ``t1c`` first (required);
+    the others (e.g. ``flair``) are optional at inference and flagged when missing. ``use_dose``
+    says whether the RT dose is a conditioning input (optional at inference, flagged).
+    ``survival_classes`` are the guidance classes; the class embedding has one more entry, the
+    null class. ``latent_scale`` multiplies the autoencoder latents before diffusion (set after
+    stage-1 training so that latents have unit variance).
+    """
+
+    name: str = "glioforecast-ldm"
+    version: str = "0.0.0"
+    contrasts: tuple[str, ...] = ("t1c", "flair")
+    use_dose: bool = True
+    survival_classes: tuple[str, ...] = ("short", "intermediate", "long")
+    latent_scale: float = 1.0
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
+
+    def __post_init__(self) -> None:
+        problems = validate_config(self)
+        if problems:
+            raise InferenceError(
+                "invalid model configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+            )
+
+    # derived quantities -------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Number of survival classes (without the null class)."""
+        return len(self.survival_classes)
+
+    @property
+    def null_class(self) -> int:
+        """Index of the null (unconditional) class in the class embedding."""
+        return len(self.survival_classes)
+
+    @property
+    def optional_contrasts(self) -> tuple[str, ...]:
+        return self.contrasts[1:]
+
+    @property
+    def compression(self) -> int:
+        """Spatial down-sampling factor of the autoencoder."""
+        return int(2 ** (len(self.autoencoder.channels) - 1))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.compression
+        k, j, i = self.preprocessing.crop_shape
+        return (k // c, j // c, i // c)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        return float(math.prod(self.preprocessing.spacing_mm)) / 1000.0
+
+    def class_index(self, survival_class: str | None) -> int:
+        """Embedding index of a survival class name; ``None`` is the null class."""
+        if survival_class is None:
+            return self.null_class
+        try:
+            return self.survival_classes.index(survival_class)
+        except ValueError:
+            raise InferenceError(
+                f"unknown survival class {survival_class!r}: expected one of "
+                f"{list(self.survival_classes)} or None"
+            ) from None
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some top-level fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def validate_config(cfg: ModelConfig) -> list[str]:
+    """Consistency problems of a configuration (empty when it is usable)."""
+    p: list[str] = []
+    if not cfg.name.strip():
+        p.append("name: expected a non-empty string, found an empty one")
+    if not cfg.version.strip():
+        p.append("version: expected a non-empty string, found an empty one")
+    if not cfg.contrasts or cfg.contrasts[0] != REQUIRED_CONTRAST:
+        p.append(f"contrasts: expected {REQUIRED_CONTRAST!r} first, found {list(cfg.contrasts)}")
+    for c in cfg.contrasts:
+        if c not in KNOWN_CONTRASTS:
+            p.append(f"contrasts: unknown contrast {c!r}, expected among {list(KNOWN_CONTRASTS)}")
+    if len(set(cfg.contrasts)) != len(cfg.contrasts):
+        p.append(f"contrasts: duplicates in {list(cfg.contrasts)}")
+    if not cfg.survival_classes:
+        p.append("survival_classes: expected at least one class, found none")
+    if len(set(cfg.survival_classes)) != len(cfg.survival_classes):
+        p.append(f"survival_classes: duplicates in {list(cfg.survival_classes)}")
+    if not cfg.latent_scale > 0:
+        p.append(f"latent_scale: expected a positive number, found {cfg.latent_scale}")
+    pre = cfg.preprocessing
+    if len(pre.spacing_mm) != 3 or min(pre.spacing_mm) <= 0:
+        p.append(f"preprocessing.spacing_mm: expected 3 positive numbers, found {pre.spacing_mm}")
+    if pre.intensity not in ("zscore", "percentile"):
+        p.append(f"preprocessing.intensity: expected zscore or percentile, found {pre.intensity!r}")
+    if not pre.dose_scale_gy > 0:
+        p.append(f"preprocessing.dose_scale_gy: expected > 0, found {pre.dose_scale_gy}")
+    ae = cfg.autoencoder
+    if len(ae.channels) < 2:
+        p.append(f"autoencoder.channels: expected at least 2 levels, found {list(ae.channels)}")
+    if len(ae.attention_levels) != len(ae.channels):
+        p.append(
+            f"autoencoder.attention_levels: expected {len(ae.channels)} values (one per level), "
+            f"found {len(ae.attention_levels)}"
+        )
+    for ch in ae.channels:
+        if ch <= 0 or ch % ae.norm_num_groups:
+            p.append(
+                f"autoencoder.channels: expected multiples of norm_num_groups="
+                f"{ae.norm_num_groups}, found {list(ae.channels)}"
+            )
+            break
+    if ae.latent_channels < 1:
+        p.append(f"autoencoder.latent_channels: expected >= 1, found {ae.latent_channels}")
+    if ae.num_res_blocks < 1:
+        p.append(f"autoencoder.num_res_blocks: expected >= 1, found {ae.num_res_blocks}")
+    un = cfg.diffusion
+    if len(un.attention_levels) != len(un.channels):
+        p.append(
+            f"diffusion.attention_levels: expected {len(un.channels)} values (one per level), "
+            f"found {len(un.attention_levels)}"
+        )
+    for ch in un.channels:
+        if ch <= 0 or ch % un.norm_num_groups:
+            p.append(
+                f"diffusion.channels: expected multiples of norm_num_groups="
+                f"{un.norm_num_groups}, found {list(un.channels)}"
+            )
+            break
+    if un.num_res_blocks < 1:
+        p.append(f"diffusion.num_res_blocks: expected >= 1, found {un.num_res_blocks}")
+    if un.num_head_channels < 1:
+        p.append(f"diffusion.num_head_channels: expected >= 1, found {un.num_head_channels}")
+    # the crop must go through both networks without rounding
+    if len(pre.crop_shape) == 3 and len(ae.channels) >= 1 and len(un.channels) >= 1:
+        factor = 2 ** (len(ae.channels) - 1) * 2 ** (len(un.channels) - 1)
+        if any(s <= 0 or s % factor for s in pre.crop_shape):
+            p.append(
+                f"preprocessing.crop_shape: expected multiples of {factor} (autoencoder and UNet "
+                f"down-sampling), found {list(pre.crop_shape)}"
+            )
+    else:
+        p.append(f"preprocessing.crop_shape: expected 3 sizes, found {pre.crop_shape}")
+    sch = cfg.scheduler
+    if sch.num_train_timesteps < 2:
+        p.append(f"scheduler.num_train_timesteps: expected >= 2, found {sch.num_train_timesteps}")
+    if not 1 <= sch.num_inference_steps <= sch.num_train_timesteps:
+        p.append(
+            f"scheduler.num_inference_steps: expected 1..{sch.num_train_timesteps}, "
+            f"found {sch.num_inference_steps}"
+        )
+    if sch.schedule not in ("linear_beta", "scaled_linear_beta"):
+        p.append(
+            "scheduler.schedule: expected linear_beta or scaled_linear_beta, "
+            f"found {sch.schedule!r}"
+        )
+    if not 0 < sch.beta_start < sch.beta_end < 1:
+        p.append(
+            f"scheduler.beta_start/beta_end: expected 0 < start < end < 1, "
+            f"found {sch.beta_start}, {sch.beta_end}"
+        )
+    tr = cfg.training
+    for key in ("p_drop_contrast", "p_drop_dose", "p_drop_class"):
+        v = getattr(tr, key)
+        if not 0.0 <= v <= 1.0:
+            p.append(f"training.{key}: expected a probability in [0, 1], found {v}")
+    inf = cfg.inference
+    if inf.num_samples < 1:
+        p.append(f"inference.num_samples: expected >= 1, found {inf.num_samples}")
+    if not 0.0 < inf.mask_threshold < 1.0:
+        p.append(f"inference.mask_threshold: expected in (0, 1), found {inf.mask_threshold}")
+    if inf.eta < 0:
+        p.append(f"inference.eta: expected >= 0, found {inf.eta}")
+    rs = cfg.response
+    if not rs.partial < 0 < rs.progressive:
+        p.append(
+            f"response: expected partial < 0 < progressive, found {rs.partial}, {rs.progressive}"
+        )
+    if rs.complete_ml < 0:
+        p.append(f"response.complete_ml: expected >= 0, found {rs.complete_ml}")
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# presets
+
+
+def tiny_config(**changes: Any) -> ModelConfig:
+    """A model small enough for unit tests: 16^3 volumes, 4^3 latents, a few thousand weights."""
+    cfg = ModelConfig(
+        name="glioforecast-tiny",
+        version="0.0.0-test",
+        preprocessing=PreprocessingConfig(spacing_mm=(8.0, 8.0, 8.0), crop_shape=(16, 16, 16)),
+        autoencoder=AutoencoderConfig(
+            channels=(8, 8, 8),
+            num_res_blocks=1,
+            latent_channels=2,
+            attention_levels=(False, False, False),
+            norm_num_groups=4,
+            with_nonlocal_attn=False,
+        ),
+        diffusion=DiffusionConfig(
+            channels=(8, 16),
+            num_res_blocks=1,
+            attention_levels=(False, True),
+            norm_num_groups=4,
+            num_head_channels=8,
+        ),
+        scheduler=SchedulerConfig(num_train_timesteps=100, num_inference_steps=5),
+        inference=InferenceConfig(num_samples=2, guidance_scale=3.0),
+    )
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def demo_config(**changes: Any) -> ModelConfig:
+    """The bundled demo model: 2 mm grid of 80x96x80 (160x192x160 mm), 4x latent compression.
+
+    Sized for the CPU target (4 samples with guidance in about a minute on 2 cores: the
+    full-resolution decoder level has 16 channels, the UNet 32-64-64 on a 20x24x20 latent);
+    about 15 MB of float32 weights.
+    """
+    cfg = ModelConfig(
+        name="glioforecast-demo",
+        version="0.1.0",
+        preprocessing=PreprocessingConfig(spacing_mm=(2.0, 2.0, 2.0), crop_shape=(80, 96, 80)),
+        autoencoder=AutoencoderConfig(
+            channels=(16, 32, 64),
+            num_res_blocks=1,
+            latent_channels=3,
+            attention_levels=(False, False, False),
+            norm_num_groups=16,
+            with_nonlocal_attn=False,
+        ),
+        diffusion=DiffusionConfig(
+            channels=(32, 64, 64),
+            num_res_blocks=1,
+            attention_levels=(False, False, True),
+            norm_num_groups=16,
+            num_head_channels=32,
+        ),
+        scheduler=SchedulerConfig(num_train_timesteps=1000, num_inference_steps=20),
+    )
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+PRESETS = {"tiny": tiny_config, "demo": demo_config}
+
+
+def preset(name: str) -> ModelConfig:
+    """A preset configuration by name (``tiny`` or ``demo``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise InferenceError(
+            f"unknown model preset {name!r}: expected one of {sorted(PRESETS)}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------
+# plain-data mapping (model.yaml)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A configuration dataclass as plain data (tuples become lists), field order kept."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def config_from_dict(
+    data: Mapping[str, Any], *, source: str = "model configuration"
+) -> ModelConfig:
+    """Build a :class:`ModelConfig` from plain data, strictly.
+
+    Missing keys take their defaults only in nested sections; unknown keys and wrong types are
+    errors. Every problem is collected and reported in one :class:`InferenceError` naming the
+    dotted key, what was expected and what was found.
+    """
+    problems: list[str] = []
+    kwargs = _parse_dataclass(ModelConfig, data, "", problems)
+    if problems:
+        raise InferenceError(f"{source}:\n" + "\n".join(f"  - {p}" for p in problems))
+    try:
+        return ModelConfig(**kwargs)
+    except InferenceError as exc:
+        raise InferenceError(f"{source}: {exc}") from None
+
+
+def _parse_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        where = prefix.rstrip(".") or "top level"
+        problems.append(f"{where}: expected a mapping, found {type(data).__name__}")
+        return {}
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            problems.append(f"{prefix}{key}: unknown key (expected one of {', '.join(names)})")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            sub = _parse_dataclass(tp, value, key + ".", problems)
+            try:
+                kwargs[f.name] = tp(**sub)
+            except TypeError as exc:  # pragma: no cover - all fields have defaults
+                problems.append(f"{key}: {exc}")
+        else:
+            ok, converted = _convert(tp, value)
+            if ok:
+                kwargs[f.name] = converted
+            else:
+                problems.append(f"{key}: expected {_type_name(tp)}, found {value!r}")
+    return kwargs
+
+
+def _convert(tp: Any, value: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return (isinstance(value, bool), value)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool), value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (math.isfinite(float(value)), float(value))
+        return (False, None)
+    if tp is str:
+        return (isinstance(value, str), value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return (False, None)
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(args) != len(value):
+                return (False, None)
+            item_types = list(args)
+        out = []
+        for item_tp, item in zip(item_types, value, strict=True):
+            ok, conv = _convert(item_tp, item)
+            if not ok:
+                return (False, None)
+            out.append(conv)
+        return (True, tuple(out))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return (True, None)
+            ok, conv = _convert(arg, value)
+            if ok:
+                return (True, conv)
+        return (False, None)
+    return (False, None)  # pragma: no cover - no other field types exist
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    if tp is float:
+        return "a number"
+    if tp is int:
+        return "an integer"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    return str(tp)

@@ -1,0 +1,266 @@
+"""One prediction on the model grid: N samples -> mean, uncertainty, tumour mask, volumes, response.
+
+Inputs are arrays already on the model grid (``crop_shape`` at ``spacing_mm``, see
+``dicom_node.convert.preprocess``): the normalised pre-treatment T1-Gd, optionally the FLAIR, the
+pre-treatment tumour mask and optionally the RT dose in Gy. The outputs are numpy arrays on the
+same grid, in the same normalised intensity units (the node maps them back to the source grid and
+inverts the T1-Gd's intensity scaling, then builds ``dicom_node.types.Prediction``).
+
+How the predicted tumour is produced: the autoencoder decodes every latent to two channels, the
+image and a tumour-mask logit (``inference.networks``), trained against the enhancing tumour. For
+each sample the mask probability is ``sigmoid(logit)``; a sample's tumour is where its probability
+is >= ``mask_threshold`` (0.5 by default), and its volume is that voxel count times the voxel
+volume. The reported tumour mask is where the mean probability over the samples is >= the
+threshold (a soft majority vote); ``tumour_probability`` keeps the mean probability itself.
+
+Response categories follow the design's volumetric rule on each sample's volume against the
+current volume: complete response below ``complete_ml``, else partial response for a change
+<= -65 %, progressive disease for >= +40 %, stable disease otherwise. The probability of a
+category is the fraction of samples that fall in it (so the probabilities sum to 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from dicom_node.errors import InferenceError
+from dicom_node.types import RESPONSE_CATEGORIES
+from inference.conditioning import build_conditioning
+from inference.model_config import ResponseConfig
+from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel
+from inference.sampler import SamplingOptions, decode_latents, make_generator, sample_latents
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class PredictionInputs:
+    """Pre-treatment inputs on the model grid, all ``[k, j, i]`` of the same shape.
+
+    ``t1c`` and ``flair`` are intensity-normalised; ``mask`` is the pre-treatment tumour (boolean
+    or a fraction in [0, 1]); ``dose`` is in Gy. ``flair`` and ``dose`` may be missing.
+    """
+
+    t1c: npt.NDArray[np.floating]
+    mask: npt.NDArray[np.generic]
+    flair: npt.NDArray[np.floating] | None = None
+    dose: npt.NDArray[np.floating] | None = None
+
+    def __post_init__(self) -> None:
+        shape = np.shape(self.t1c)
+        if len(shape) != 3:
+            raise InferenceError(f"t1c: expected a 3D array, found shape {shape}")
+        for name in ("mask", "flair", "dose"):
+            arr = getattr(self, name)
+            if arr is not None and np.shape(arr) != shape:
+                raise InferenceError(
+                    f"{name}: expected the t1c shape {shape}, found {np.shape(arr)}"
+                )
+        for name in ("t1c", "flair", "dose"):
+            arr = getattr(self, name)
+            if arr is not None and not np.all(np.isfinite(arr)):
+                raise InferenceError(f"{name}: expected finite values, found NaN or infinity")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        k, j, i = np.shape(self.t1c)
+        return (int(k), int(j), int(i))
+
+
+@dataclass(frozen=True)
+class ModelPrediction:
+    """The outcome of one prediction, on the model grid (see the module docstring)."""
+
+    samples: FloatArray  # (N, k, j, i) predicted post-treatment T1-Gd, normalised units
+    sample_mask_probabilities: FloatArray  # (N, k, j, i) sigmoid of the mask channel
+    mean: FloatArray  # (k, j, i)
+    std: FloatArray  # (k, j, i) voxel-wise standard deviation over the samples
+    tumour_probability: FloatArray  # (k, j, i) mean mask probability
+    tumour_mask: BoolArray  # (k, j, i)
+    sample_volumes_ml: tuple[float, ...]
+    current_volume_ml: float
+    response_probabilities: dict[str, float]
+    survival_class: str | None
+    guidance_scale: float
+    seed: int
+    model_name: str
+    model_version: str
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def predicted_volume_ml(self) -> float:
+        return float(np.mean(self.sample_volumes_ml))
+
+    @property
+    def response_category(self) -> str:
+        probs = self.response_probabilities
+        return max(RESPONSE_CATEGORIES, key=lambda c: probs[c])
+
+
+def voxel_volume_ml(spacing_mm: Sequence[float]) -> float:
+    return float(np.prod(np.asarray(spacing_mm, dtype=float))) / 1000.0
+
+
+def tumour_volume_ml(mask: npt.NDArray[np.generic], spacing_mm: Sequence[float]) -> float:
+    """Volume of a boolean (or fractional) mask in millilitres."""
+    return float(np.asarray(mask, dtype=np.float64).sum()) * voxel_volume_ml(spacing_mm)
+
+
+def response_category(
+    current_ml: float, predicted_ml: float, rule: ResponseConfig | None = None
+) -> str:
+    """Volumetric response category of a change from ``current_ml`` to ``predicted_ml``."""
+    r = rule or ResponseConfig()
+    if predicted_ml < r.complete_ml:
+        return "complete_response"
+    change = (predicted_ml - current_ml) / max(current_ml, 1e-6)
+    if change <= r.partial:
+        return "partial_response"
+    if change >= r.progressive:
+        return "progressive_disease"
+    return "stable_disease"
+
+
+def response_probabilities(
+    current_ml: float, sample_volumes_ml: Sequence[float], rule: ResponseConfig | None = None
+) -> dict[str, float]:
+    """Fraction of samples in each response category (keys: ``RESPONSE_CATEGORIES``)."""
+    if not sample_volumes_ml:
+        raise InferenceError("response probabilities: expected at least one sample, found none")
+    counts = dict.fromkeys(RESPONSE_CATEGORIES, 0)
+    for v in sample_volumes_ml:
+        counts[response_category(current_ml, v, rule)] += 1
+    n = len(sample_volumes_ml)
+    return {c: counts[c] / n for c in RESPONSE_CATEGORIES}
+
+
+def _tensor(array: npt.NDArray[np.generic], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+@torch.no_grad()
+def predict_arrays(
+    model: LatentDiffusionModel,
+    inputs: PredictionInputs,
+    survival_class: str | None = None,
+    *,
+    num_samples: int | None = None,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    seed: int = 0,
+    autocast: str = "auto",
+    current_volume_ml: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ModelPrediction:
+    """Sample ``num_samples`` post-treatment scans (defaults from the model's configuration).
+
+    ``survival_class`` names the guidance class (``None``: the null class, unguided);
+    ``current_volume_ml`` overrides the current tumour volume (default: the input mask's volume
+    on the model grid, so that both volumes of the response rule are measured on the same grid).
+    The same ``seed`` on the same device gives the same samples.
+    """
+    cfg = model.config
+    if inputs.shape != cfg.preprocessing.crop_shape:
+        raise InferenceError(
+            f"inputs: expected the model grid shape {cfg.preprocessing.crop_shape} "
+            f"(crop_shape in model.yaml), found {inputs.shape}"
+        )
+    n = cfg.inference.num_samples if num_samples is None else int(num_samples)
+    if n < 1:
+        raise InferenceError(f"num_samples: expected >= 1, found {n}")
+    w = cfg.inference.guidance_scale if guidance_scale is None else float(guidance_scale)
+    options = SamplingOptions.from_config(cfg, guidance_scale=w, autocast=autocast)
+    if num_inference_steps is not None:
+        options = SamplingOptions(
+            guidance_scale=w,
+            num_inference_steps=int(num_inference_steps),
+            eta=options.eta,
+            autocast=autocast,
+        )
+    label = cfg.class_index(survival_class)
+    device = model.device
+    model.eval()
+
+    latents: dict[str, torch.Tensor | None] = {"t1c": model.encode(_tensor(inputs.t1c, device))}
+    if inputs.flair is not None:
+        if "flair" in cfg.contrasts:
+            latents["flair"] = model.encode(_tensor(inputs.flair, device))
+        else:
+            log.info("the model does not use FLAIR: the FLAIR given is ignored")
+    mask_t = _tensor(inputs.mask, device)
+    dose_t = (
+        None
+        if inputs.dose is None
+        else _tensor(inputs.dose, device) / cfg.preprocessing.dose_scale_gy
+    )
+    cond = build_conditioning(model.layout, latents, mask_t, dose_t)
+    cond_n = cond.expand(n, *cond.shape[1:]).contiguous()
+    labels = torch.full((n,), label, dtype=torch.long, device=device)
+    generator = make_generator(seed, device)
+    z = sample_latents(model, cond_n, labels, generator, options, progress=progress)
+    decoded = decode_latents(model, z).cpu()
+
+    samples = decoded[:, IMAGE_CHANNEL].numpy().astype(np.float32)
+    probs = torch.sigmoid(decoded[:, MASK_CHANNEL]).numpy().astype(np.float32)
+    thr = cfg.inference.mask_threshold
+    spacing = cfg.preprocessing.spacing_mm
+    volumes = tuple(tumour_volume_ml(p >= thr, spacing) for p in probs)
+    current = (
+        tumour_volume_ml(inputs.mask, spacing)
+        if current_volume_ml is None
+        else float(current_volume_ml)
+    )
+    tumour_probability = probs.mean(axis=0).astype(np.float32)
+    result = ModelPrediction(
+        samples=samples,
+        sample_mask_probabilities=probs,
+        mean=samples.mean(axis=0).astype(np.float32),
+        std=samples.std(axis=0).astype(np.float32),
+        tumour_probability=tumour_probability,
+        tumour_mask=tumour_probability >= thr,
+        sample_volumes_ml=volumes,
+        current_volume_ml=current,
+        response_probabilities=response_probabilities(current, volumes, cfg.response),
+        survival_class=survival_class,
+        guidance_scale=w,
+        seed=seed,
+        model_name=cfg.name,
+        model_version=cfg.version,
+    )
+    log.info(
+        "predicted %d samples (class %s, w=%.2f): volume %.2f ml (now %.2f ml), %s",
+        n,
+        survival_class,
+        w,
+        result.predicted_volume_ml,
+        current,
+        result.response_category,
+    )
+    return result
+
+
+def predict_per_class(
+    model: LatentDiffusionModel,
+    inputs: PredictionInputs,
+    *,
+    include_unguided: bool = False,
+    **kwargs: object,
+) -> dict[str | None, ModelPrediction]:
+    """One prediction under each survival class (same seed: paired samples), plus the unguided
+    one with ``include_unguided``. Keyword arguments go to :func:`predict_arrays`."""
+    classes: list[str | None] = list(model.config.survival_classes)
+    if include_unguided:
+        classes.append(None)
+    return {c: predict_arrays(model, inputs, c, **kwargs) for c in classes}  # type: ignore[arg-type]

@@ -1,0 +1,217 @@
+"""Our DDIM sampling loop with classifier-free guidance on the survival class.
+
+At each step the UNet sees ``cat([x_t, conditioning])``. With a survival class and a guidance
+scale ``w`` the noise estimate is
+
+    eps = eps_null + w * (eps_cond - eps_null)
+
+where ``eps_null`` is computed with the **class label replaced by the null class only**: the
+concatenated image conditioning (pre-treatment latents, mask, dose, flags) is kept. MONAI's
+``DiffusionInferer`` blanks the whole conditioning for its unconditional pass, which would ask
+the model for a post-treatment scan of nobody; hence this loop. Both passes run as one batch.
+``w == 1`` is plain conditional sampling (one pass), ``w == 0`` or ``survival_class=None`` plain
+null-class sampling (one pass).
+
+Randomness comes only from the ``torch.Generator`` given (initial noise, and the DDIM noise when
+``eta > 0``), so a seed reproduces the samples on the same device. On CUDA the UNet may run
+under bf16 autocast; the scheduler arithmetic stays in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler
+
+from dicom_node.errors import InferenceError
+from inference.model_config import ModelConfig
+from inference.networks import LatentDiffusionModel, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """``guidance_scale`` w (1: conditional, 0: null class), DDIM ``num_inference_steps`` and
+    ``eta``, ``autocast``: ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"``, ``"fp16"`` or
+    ``"none"``."""
+
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 25
+    eta: float = 0.0
+    autocast: str = "auto"
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **changes: Any) -> SamplingOptions:
+        base = cls(
+            guidance_scale=cfg.inference.guidance_scale,
+            num_inference_steps=cfg.scheduler.num_inference_steps,
+            eta=cfg.inference.eta,
+        )
+        return dataclasses.replace(base, **changes)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A seeded generator on ``device`` (the noise is drawn there)."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed))
+    return g
+
+
+def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractContextManager[None]:
+    """The autocast context of ``mode`` on ``device`` (CPU: always none)."""
+    if mode not in ("auto", "bf16", "fp16", "none"):
+        raise InferenceError(f"autocast: expected auto, bf16, fp16 or none, found {mode!r}")
+    if device.type != "cuda" or mode == "none":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def guided_noise(
+    unet: DiffusionModelUNet | Callable[..., torch.Tensor],
+    x_t: torch.Tensor,
+    conditioning: torch.Tensor,
+    timestep: torch.Tensor,
+    class_labels: torch.Tensor,
+    null_class: int,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """The (guided) noise estimate at one step, in float32.
+
+    The conditional and null passes share one forward call of batch ``2B``; the null half differs
+    from the conditional half by its class labels only.
+    """
+    b = x_t.shape[0]
+    inp = torch.cat([x_t, conditioning], dim=1)
+    all_null = bool((class_labels == null_class).all())
+    if guidance_scale == 1.0 or all_null:
+        labels = class_labels
+        return unet(inp, timesteps=timestep.expand(b), class_labels=labels).float()
+    null = torch.full_like(class_labels, null_class)
+    if guidance_scale == 0.0:
+        return unet(inp, timesteps=timestep.expand(b), class_labels=null).float()
+    both = unet(
+        torch.cat([inp, inp]),
+        timesteps=timestep.expand(2 * b),
+        class_labels=torch.cat([class_labels, null]),
+    ).float()
+    eps_cond, eps_null = both[:b], both[b:]
+    return eps_null + guidance_scale * (eps_cond - eps_null)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: LatentDiffusionModel,
+    conditioning: torch.Tensor,
+    class_labels: torch.Tensor,
+    generator: torch.Generator,
+    options: SamplingOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM samples of the post-treatment latent, one per row of ``conditioning``.
+
+    ``conditioning`` is ``(B, C, *latent_shape)`` (repeat a study's row N times for N samples),
+    ``class_labels`` ``(B,)`` long (the null class for unguided rows). Returns scaled latents
+    ``(B, L, *latent_shape)`` in float32.
+    """
+    cfg = model.config
+    layout = model.layout
+    device = model.device
+    if conditioning.ndim != 5 or conditioning.shape[1] != layout.num_channels:
+        raise InferenceError(
+            f"conditioning: expected (B, {layout.num_channels}, *{layout.latent_shape}), "
+            f"found {tuple(conditioning.shape)}"
+        )
+    if tuple(conditioning.shape[2:]) != layout.latent_shape:
+        raise InferenceError(
+            f"conditioning: expected latent grid {layout.latent_shape}, "
+            f"found {tuple(conditioning.shape[2:])}"
+        )
+    b = conditioning.shape[0]
+    if class_labels.shape != (b,):
+        raise InferenceError(
+            f"class labels: expected shape ({b},), found {tuple(class_labels.shape)}"
+        )
+    if int(class_labels.min()) < 0 or int(class_labels.max()) > cfg.null_class:
+        raise InferenceError(
+            f"class labels: expected 0..{cfg.null_class} (null class {cfg.null_class}), "
+            f"found {class_labels.tolist()}"
+        )
+    if options.num_inference_steps < 1 or options.num_inference_steps > (
+        cfg.scheduler.num_train_timesteps
+    ):
+        raise InferenceError(
+            f"num_inference_steps: expected 1..{cfg.scheduler.num_train_timesteps}, "
+            f"found {options.num_inference_steps}"
+        )
+    scheduler = build_scheduler(cfg)
+    scheduler.set_timesteps(options.num_inference_steps)
+    cond = conditioning.to(device=device, dtype=torch.float32)
+    labels = class_labels.to(device=device, dtype=torch.long)
+    shape = (b, cfg.autoencoder.latent_channels, *layout.latent_shape)
+    x = torch.randn(shape, generator=generator, device=generator.device).to(device)
+    model.unet.eval()
+    steps = scheduler.timesteps.tolist()
+    with autocast_context(device, options.autocast):
+        for n, t in enumerate(steps):
+            eps = guided_noise(
+                model.unet,
+                x,
+                cond,
+                torch.tensor([t], device=device, dtype=torch.long),
+                labels,
+                cfg.null_class,
+                options.guidance_scale,
+            )
+            x, _ = _ddim_step(scheduler, eps, int(t), x, options.eta, generator)
+            if progress is not None:
+                progress(n + 1, len(steps))
+    return x.float()
+
+
+def _ddim_step(
+    scheduler: DDIMScheduler,
+    eps: torch.Tensor,
+    t: int,
+    x: torch.Tensor,
+    eta: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scheduler step in float32, outside autocast."""
+    with _no_autocast(x.device):
+        if eta > 0:
+            # MONAI draws the noise on the model output's device with our generator
+            prev, x0 = scheduler.step(eps.float(), t, x.float(), eta=eta, generator=generator)
+        else:
+            prev, x0 = scheduler.step(eps.float(), t, x.float())
+    return prev, x0
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    if device.type == "cuda":
+        with torch.autocast(device_type="cuda", enabled=False):
+            yield
+    else:
+        yield
+
+
+@torch.no_grad()
+def decode_latents(
+    model: LatentDiffusionModel, latents: torch.Tensor, batch_size: int = 4
+) -> torch.Tensor:
+    """Decode scaled latents to ``(B, 2, k, j, i)`` float32 (image, mask logit), in chunks."""
+    model.autoencoder.eval()
+    chunks = [
+        model.decode(latents[i : i + batch_size].to(model.device)).float()
+        for i in range(0, latents.shape[0], batch_size)
+    ]
+    return torch.cat(chunks)

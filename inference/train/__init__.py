@@ -1,0 +1,2 @@
+"""Training of the latent diffusion model: optimisation steps (commands and data loading build on
+:mod:`inference.train.steps`)."""

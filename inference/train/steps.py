@@ -1,0 +1,243 @@
+"""One optimisation step of each stage, as plain functions.
+
+The training commands loop over these; everything random (latent sampling of the autoencoder,
+diffusion timesteps and noise, condition dropout) is drawn from the ``torch.Generator`` passed in,
+so a step is reproducible given the model, the optimiser state, the batch and the generator.
+
+Stage 1 (:func:`autoencoder_step`): L1 reconstruction of the image channel + ``kl_weight`` x KL
+divergence of the latent + ``mask_loss_weight`` x (BCE + soft Dice) of the tumour-mask channel
+against the enhancing-tumour mask, on the samples where it applies (T1-Gd images; other contrasts
+have ``mask_weight`` 0). No perceptual or adversarial loss here.
+
+Stage 2 (:func:`diffusion_step`): noise-prediction MSE of the UNet on the noisy post-treatment
+latent concatenated with the conditioning, after dropping optional inputs and class labels with
+the configured probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import AutoencoderKL
+from monai.networks.schedulers import Scheduler
+
+from dicom_node.errors import InferenceError
+from inference.conditioning import (
+    availability,
+    build_conditioning,
+    drop_class_labels,
+    drop_inputs,
+)
+from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel, build_scheduler
+from inference.sampler import autocast_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Loss of one step (before the update) and its parts."""
+
+    loss: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AutoencoderBatch:
+    """``image`` ``(B, 1, k, j, i)`` normalised; ``mask`` the enhancing-tumour target of the same
+    shape (``None``: no mask loss); ``mask_weight`` ``(B,)``: 1 where the mask target applies
+    (T1-Gd images), 0 elsewhere (default: all 1 when a mask is given)."""
+
+    image: torch.Tensor
+    mask: torch.Tensor | None = None
+    mask_weight: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionBatch:
+    """Stage-2 training batch, latents already encoded and scaled.
+
+    ``target``: post-treatment T1-Gd latent ``(B, L, *latent_shape)``; ``latents``: pre-treatment
+    latents by contrast; ``mask`` and ``dose`` ``(B, 1, ...)`` on the image or latent grid (dose
+    divided by ``dose_scale_gy``); ``class_labels`` ``(B,)`` survival class indices (the null class
+    where unknown); ``available``: per-sample availability of optional inputs when some samples
+    of the batch lack one (zeros in their tensor).
+    """
+
+    target: torch.Tensor
+    latents: Mapping[str, torch.Tensor | None]
+    mask: torch.Tensor
+    class_labels: torch.Tensor
+    dose: torch.Tensor | None = None
+    available: Mapping[str, torch.Tensor] | None = None
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)), summed over latent voxels, averaged over the batch."""
+    var = z_sigma.float().pow(2)
+    kl = 0.5 * (z_mu.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0)
+    return kl.flatten(1).sum(dim=1).mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Per-sample ``1 - Dice`` of sigmoid(logits) against a binary target, shape ``(B,)``."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    return 1.0 - (2 * inter + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def autoencoder_losses(
+    autoencoder: AutoencoderKL,
+    batch: AutoencoderBatch,
+    generator: torch.Generator | None,
+    *,
+    kl_weight: float = 1e-6,
+    mask_loss_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-1 loss (with graph) and its parts; the latent is sampled with ``generator``."""
+    image = batch.image
+    if image.ndim != 5 or image.shape[1] != 1:
+        raise InferenceError(
+            f"autoencoder batch: expected (B, 1, k, j, i), found {tuple(image.shape)}"
+        )
+    z_mu, z_sigma = autoencoder.encode(image)
+    gen_device = generator.device if generator is not None else z_mu.device
+    eps = torch.randn(z_mu.shape, generator=generator, device=gen_device).to(z_mu)
+    out = autoencoder.decode(z_mu + eps * z_sigma)
+    recon = out[:, IMAGE_CHANNEL : IMAGE_CHANNEL + 1].float()
+    l1 = F.l1_loss(recon, image.float())
+    kl = kl_divergence(z_mu, z_sigma)
+    loss = l1 + kl_weight * kl
+    parts = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+    if batch.mask is not None:
+        if batch.mask.shape != image.shape:
+            raise InferenceError(
+                f"autoencoder batch: mask shape {tuple(batch.mask.shape)} differs from the "
+                f"image's {tuple(image.shape)}"
+            )
+        logits = out[:, MASK_CHANNEL : MASK_CHANNEL + 1].float()
+        target = batch.mask.float()
+        weight = (
+            torch.ones(image.shape[0], device=image.device)
+            if batch.mask_weight is None
+            else batch.mask_weight.to(image.device, torch.float32).reshape(-1)
+        )
+        bce = (
+            F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1)
+        )
+        dice = soft_dice_loss(logits, target)
+        denom = weight.sum().clamp_min(1.0)
+        mask_loss = ((bce + dice) * weight).sum() / denom
+        loss = loss + mask_loss_weight * mask_loss
+        parts["mask"] = float(mask_loss.detach())
+    return loss, parts
+
+
+def autoencoder_step(
+    autoencoder: AutoencoderKL,
+    optimizer: torch.optim.Optimizer,
+    batch: AutoencoderBatch,
+    generator: torch.Generator | None = None,
+    *,
+    kl_weight: float = 1e-6,
+    mask_loss_weight: float = 1.0,
+    autocast: str = "none",
+    grad_clip: float | None = 1.0,
+) -> StepResult:
+    """One stage-1 update; returns the loss before the update."""
+    autoencoder.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(batch.image.device, autocast):
+        loss, parts = autoencoder_losses(
+            autoencoder, batch, generator, kl_weight=kl_weight, mask_loss_weight=mask_loss_weight
+        )
+    _check_finite(loss, "autoencoder")
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), grad_clip)
+    optimizer.step()
+    return StepResult(loss=float(loss.detach()), parts=parts)
+
+
+def diffusion_loss(
+    model: LatentDiffusionModel,
+    batch: DiffusionBatch,
+    generator: torch.Generator | None,
+    *,
+    scheduler: Scheduler | None = None,
+    p_drop_contrast: float | None = None,
+    p_drop_dose: float | None = None,
+    p_drop_class: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-2 noise-prediction MSE (with graph). Dropout probabilities default to the model's
+    training configuration; pass 0 to disable."""
+    cfg = model.config
+    tr = cfg.training
+    p_contrast = tr.p_drop_contrast if p_drop_contrast is None else p_drop_contrast
+    p_dose = tr.p_drop_dose if p_drop_dose is None else p_drop_dose
+    p_class = tr.p_drop_class if p_drop_class is None else p_drop_class
+    scheduler = scheduler if scheduler is not None else build_scheduler(cfg)
+    layout = model.layout
+    target = batch.target
+    b = target.shape[0]
+    expected = (cfg.autoencoder.latent_channels, *layout.latent_shape)
+    if tuple(target.shape[1:]) != expected:
+        raise InferenceError(
+            f"diffusion batch: target latent expected (B, {expected}), found {tuple(target.shape)}"
+        )
+    device = target.device
+    avail = availability(layout, batch.latents, batch.dose, b, device)
+    if batch.available is not None:
+        for name, flags in batch.available.items():
+            if name in avail:
+                avail[name] = avail[name] & flags.to(device=device, dtype=torch.bool)
+    avail = drop_inputs(layout, avail, p_contrast, p_dose, generator)
+    cond = build_conditioning(layout, batch.latents, batch.mask, batch.dose, available=avail)
+    labels = drop_class_labels(batch.class_labels.to(device), cfg.null_class, p_class, generator)
+
+    gen_device = generator.device if generator is not None else device
+    t = torch.randint(
+        0, cfg.scheduler.num_train_timesteps, (b,), generator=generator, device=gen_device
+    ).to(device)
+    noise = torch.randn(target.shape, generator=generator, device=gen_device).to(target)
+    noisy = scheduler.add_noise(original_samples=target, noise=noise, timesteps=t)
+    pred = model.unet(torch.cat([noisy, cond], dim=1), timesteps=t, class_labels=labels)
+    loss = F.mse_loss(pred.float(), noise.float())
+    parts = {
+        "mse": float(loss.detach()),
+        "null_class_fraction": float((labels == cfg.null_class).float().mean()),
+    }
+    return loss, parts
+
+
+def diffusion_step(
+    model: LatentDiffusionModel,
+    optimizer: torch.optim.Optimizer,
+    batch: DiffusionBatch,
+    generator: torch.Generator | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    autocast: str = "none",
+    grad_clip: float | None = 1.0,
+) -> StepResult:
+    """One stage-2 update of ``model.unet`` (the autoencoder is not touched)."""
+    model.unet.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(batch.target.device, autocast):
+        loss, parts = diffusion_loss(model, batch, generator, scheduler=scheduler)
+    _check_finite(loss, "diffusion")
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), grad_clip)
+    optimizer.step()
+    return StepResult(loss=float(loss.detach()), parts=parts)
+
+
+def _check_finite(loss: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(loss):
+        raise InferenceError(f"{stage} training: expected a finite loss, found {float(loss)}")
