@@ -363,20 +363,18 @@ def bias_field(
     Receive-coil sensitivity varies slowly over the head; a low-order polynomial is the usual
     model (as in N4 / the BrainWeb simulator's RF inhomogeneity fields).
     """
-    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+    z, y, x = (np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape)
     degree = 3
     g = np.zeros(shape, dtype=np.float32)
     for p in range(degree + 1):
+        plane = np.zeros(shape[1:], dtype=np.float32)
         for q in range(degree + 1 - p):
+            line = np.zeros(shape[2], dtype=np.float32)
             for r in range(degree + 1 - p - q):
-                if p + q + r == 0:
-                    continue
-                c = np.float32(rng.normal(0.0, 1.0) / (p + q + r))
-                g += c * (
-                    axes[0][:, None, None] ** p
-                    * axes[1][None, :, None] ** q
-                    * axes[2][None, None, :] ** r
-                )
+                if p + q + r:
+                    line += np.float32(rng.normal(0.0, 1.0) / (p + q + r)) * x**r
+            plane += (y**q)[:, None] * line[None, :]
+        g += (z**p)[:, None, None] * plane[None]
     g = (g - g.mean()) / max(float(g.std()), 1e-6) * sigma_log
     return np.exp(g).astype(np.float32)
 
@@ -391,8 +389,8 @@ def acquire(
     """Bias field, Rician noise and scaling to the site's stored integer range."""
     img = clean * bias_field(clean.shape, profile.bias, rng)
     sigma = abs(wm_signal) / profile.snr if wm_signal else 1e-3
-    real = img + rng.normal(0.0, sigma, img.shape).astype(np.float32)
-    imag = rng.normal(0.0, sigma, img.shape).astype(np.float32)
+    real = img + np.float32(sigma) * rng.standard_normal(img.shape, dtype=np.float32)
+    imag = np.float32(sigma) * rng.standard_normal(img.shape, dtype=np.float32)
     mag = np.sqrt(real * real + imag * imag)
     ref = float(np.percentile(mag[brain_mask], 99.5)) if brain_mask.any() else float(mag.max())
     scale = profile.max_value / max(ref, 1e-6)

@@ -32,7 +32,14 @@ import numpy.typing as npt
 from scipy import ndimage, special
 
 from inference.synthetic.anatomy import Anatomy
-from inference.synthetic.tumour import GrowthParams, Solver, TumourState, compartments
+from inference.synthetic.tumour import (
+    GrowthParams,
+    Solver,
+    TumourState,
+    compartments,
+    edt_inside,
+    edt_outside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +108,11 @@ class PostState:
 def plan(gtv: BoolArray, anatomy: Anatomy, rng: np.random.Generator) -> Plan:
     """Target volumes and the planned dose (Gy) on the simulation grid."""
     spacing = anatomy.grid.spacing[0]
-    dist_gtv = ndimage.distance_transform_edt(~gtv, sampling=spacing)
+    dist_gtv = edt_outside(gtv, spacing, CTV_MARGIN_MM + spacing)
     intracranial = (anatomy.wm + anatomy.gm + anatomy.csf) > 0.5
     # margins are measured from the structure's surface, half a voxel beyond its voxel centres
     ctv = (dist_gtv <= CTV_MARGIN_MM + spacing / 2) & (intracranial | gtv)
-    ptv = ndimage.distance_transform_edt(~ctv, sampling=spacing) <= PTV_MARGIN_MM + spacing / 2
+    ptv = edt_outside(ctv, spacing, PTV_MARGIN_MM + spacing) <= PTV_MARGIN_MM + spacing / 2
     head = (anatomy.wm + anatomy.gm + anatomy.csf + anatomy.bone + anatomy.fat) > 0.3
     return Plan(gtv, ctv, ptv, planned_dose(ptv, head, spacing, rng))
 
@@ -114,7 +121,7 @@ def planned_dose(
     ptv: BoolArray, head: BoolArray, spacing: float, rng: np.random.Generator
 ) -> FloatArray:
     outside = ndimage.distance_transform_edt(~ptv, sampling=spacing)
-    inside = ndimage.distance_transform_edt(ptv, sampling=spacing)
+    inside = edt_inside(ptv, spacing)
     signed = np.where(ptv, -inside + spacing / 2, outside - spacing / 2)
     # erfc profile: 97 % of the prescription on the PTV surface
     shift = -special.erfcinv(2 * 0.97) * math.sqrt(2) * PENUMBRA_SIGMA_MM
@@ -144,7 +151,7 @@ def resect(
     u = pre.density.copy()
     if eor == "biopsy":
         return u, np.zeros_like(pre.core)
-    depth = ndimage.distance_transform_edt(pre.core, sampling=spacing) - spacing / 2
+    depth = edt_inside(pre.core, spacing) - spacing / 2
     if eor == "GTR":
         cavity = pre.core.copy()
     elif eor == "STR":
@@ -207,11 +214,11 @@ def _pseudo_progression(
     pre: TumourState, cavity: BoolArray, dose: FloatArray, spacing: float, rng: np.random.Generator
 ) -> tuple[BoolArray, BoolArray]:
     """Patchy enhancement within ~8 mm of the former core, where the dose is >= 50 Gy."""
-    outside_core = ndimage.distance_transform_edt(~pre.core, sampling=spacing)
+    outside_core = edt_outside(pre.core, spacing, 8.0 + spacing)
     band = (outside_core > 0) & (outside_core <= 8.0) & (dose >= 50.0) & ~cavity
     noise = ndimage.gaussian_filter(rng.normal(0, 1, band.shape).astype(np.float32), 4 / spacing)
     patchy = noise > np.percentile(noise[band], 45) if band.any() else band
     psp = band & patchy
     psp = ndimage.binary_opening(psp, iterations=1)
-    oedema = ndimage.distance_transform_edt(~psp, sampling=spacing) <= 10.0
+    oedema = edt_outside(psp, spacing, 10.0 + spacing) <= 10.0
     return psp, oedema & (dose >= 30.0)

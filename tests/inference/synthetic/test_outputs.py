@@ -224,3 +224,19 @@ def test_deterministic_for_a_seed_and_independent_of_jobs(
     row_b = read_table(other / "cohort.csv")[0]
     assert row_a["pre_core_ml"] != row_b["pre_core_ml"]
     assert FORMATS == ("nifti", "dicom")
+
+
+def test_fast_slice_writer_writes_what_pydicom_writes(small_cohort: Cohort) -> None:
+    """The MR slices are encoded partly by hand: they must equal pydicom's own encoding."""
+    import io
+
+    out, records = small_cohort
+    for record in records:
+        for phase in ("pre", "post"):
+            for folder in _series_dirs(out / record.patient_id, phase).values():
+                files = sorted(folder.glob("*.dcm"))
+                for path in (files[0], files[len(files) // 2], files[-1]):
+                    raw = path.read_bytes()
+                    buf = io.BytesIO()
+                    pydicom.dcmread(io.BytesIO(raw)).save_as(buf, enforce_file_format=True)
+                    assert buf.getvalue() == raw, path
