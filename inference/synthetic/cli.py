@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=(12.0, 24.0),
         help="months separating short/intermediate/long survival (default 12,24)",
     )
+    parser.add_argument(
+        "--no-mass-effect", action="store_true", help="do not push tissue away from the tumour"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             survival_cutoffs=args.survival_cutoffs,
             progress=bar,
+            mass_effect=not args.no_mass_effect,
         )
     except GlioforecastError as exc:
         logger.error("synth failed: %s", exc)

@@ -407,11 +407,11 @@ def _write_dicom(
 
 
 def _worker(
-    args: tuple[int, int, str | None, int, float, tuple[str, ...], tuple[float, float]],
+    args: tuple[int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool],
 ) -> PatientRecord:
-    index, seed, out, n_sites, spacing, formats, cutoffs = args
+    index, seed, out, n_sites, spacing, formats, cutoffs, mass = args
     return generate_patient(
-        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs
+        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass
     )
 
 
@@ -425,6 +425,7 @@ def generate_cohort(
     jobs: int = 1,
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
     progress: Callable[[Iterable[PatientRecord], int], Iterable[PatientRecord]] | None = None,
+    mass_effect: bool = True,
 ) -> list[PatientRecord]:
     """Generate ``patients`` patients over ``sites`` sites; writes cohort.csv and sites.csv.
 
@@ -439,7 +440,7 @@ def generate_cohort(
         raise InputError(f"jobs must be >= 1, found {jobs}")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = [
-        (i, seed, str(out_dir), sites, spacing_mm, tuple(formats), survival_cutoffs)
+        (i, seed, str(out_dir), sites, spacing_mm, tuple(formats), survival_cutoffs, mass_effect)
         for i in range(patients)
     ]
     wrap = progress or (lambda it, total: it)

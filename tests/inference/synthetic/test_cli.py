@@ -29,6 +29,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
     assert (args.patients, args.sites, args.seed, args.spacing, args.jobs) == (3, 1, 0, 2.0, 1)
     assert args.formats == ("nifti", "dicom")
     assert args.survival_cutoffs == (12.0, 24.0)
+    assert args.no_mass_effect is False
 
 
 @pytest.mark.parametrize(

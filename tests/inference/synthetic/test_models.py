@@ -239,3 +239,18 @@ def test_sites_differ() -> None:
     assert len({s.descriptions["t1c"] for s in sites[:5]}) == 5
     with pytest.raises(InputError, match="sites"):
         scanner.site_profiles(0, np.random.default_rng(0))
+
+
+def test_mass_effect_pushes_tissue_away_from_the_tumour() -> None:
+    shape = (40, 40, 40)
+    k, j, i = np.indices(shape)
+    r = np.sqrt((k - 20) ** 2 + (j - 20) ** 2 + (i - 20) ** 2) * 2.0
+    core = r <= 12.0
+    marker = ((np.abs(r - 20.0) <= 2.0) & (i > 20)).astype(np.float32)  # a shell segment
+    brain = np.ones(shape, dtype=bool)
+    moved = tumour.mass_effect({"m": marker}, core, brain, 2.0, strength=0.3)["m"]
+    before = float((marker * r).sum() / marker.sum())
+    after = float((moved * r).sum() / moved.sum())
+    assert after > before + 1.0, (before, after)
+    same = tumour.mass_effect({"m": marker}, core, brain, 2.0, strength=0.0)["m"]
+    assert np.array_equal(same, marker)
