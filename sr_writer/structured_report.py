@@ -284,3 +284,37 @@ def _copy_patient(sr: Dataset, patient: PatientStudy) -> None:
             f"SR study UID mismatch: expected {patient.study_instance_uid}, "
             f"found {sr.StudyInstanceUID}"
         )
+
+
+def read_summary(ds: Dataset) -> dict[str, object]:
+    """The numbers of a report built by :func:`build_structured_report`, read back with highdicom.
+
+    Returns ``current_ml``, ``predicted_mean_ml``, ``predicted_sd_ml``, ``change_percent``,
+    ``category`` (the code meaning) and ``probabilities`` (category meaning -> percent).
+    """
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ExportError("expected a TID 1500 measurement report, found another template")
+    (current,) = report.get_image_measurement_groups()
+    (cur_volume,) = current.get_measurements()
+    (predicted,) = report.get_volumetric_roi_measurement_groups()
+    measurements = predicted.get_measurements()
+    volumes = {
+        (m.derivation.meaning if m.derivation else None): float(m.value)
+        for m in measurements
+        if m.name.meaning == "Volume"
+    }
+    by_name = {m.name.meaning: float(m.value) for m in measurements}
+    prefix = "Probability of "
+    qualitative = {q.name.meaning: q.value for q in predicted.get_qualitative_evaluations()}
+    category = qualitative.get("Predicted response category")
+    return {
+        "current_ml": float(cur_volume.value),
+        "predicted_mean_ml": volumes.get("Mean"),
+        "predicted_sd_ml": volumes.get("Standard Deviation"),
+        "change_percent": by_name.get("Relative volume change from pre-treatment"),
+        "category": getattr(category, "meaning", None),
+        "probabilities": {
+            name[len(prefix) :]: value for name, value in by_name.items() if name.startswith(prefix)
+        },
+    }

@@ -1,145 +1,16 @@
-"""A throw-away Orthanc (the Debian package) for integration tests.
-
-Each server gets its own storage folder and a generated JSON configuration on free localhost
-ports, no authentication, no plugins; :meth:`OrthancServer.start` waits until the REST API
-answers rather than sleeping for a fixed time.
-"""
+"""Orthanc for the integration tests: the package's local PACS, skipped when not installed."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from dicom_node.scu import Destination
+from dicom_node.local_pacs import OrthancServer, find_orthanc, free_port
 
-CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+__all__ = ["OrthancServer", "free_port", "orthanc_binary"]
 
 
 def orthanc_binary() -> str:
-    for c in (*CANDIDATES, shutil.which("Orthanc")):
-        if c and Path(c).is_file():
-            return c
-    pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    raise AssertionError  # unreachable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OrthancServer:
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        dicom_port: int | None = None,
-        http_port: int | None = None,
-        ae_title: str = "ORTHANC",
-    ) -> None:
-        self.workdir = Path(workdir)
-        self.dicom_port = dicom_port or free_port()
-        self.http_port = http_port or free_port()
-        self.ae_title = ae_title
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "orthanc.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def destination(self, name: str = "orthanc") -> Destination:
-        return Destination(name, self.ae_title, "127.0.0.1", self.dicom_port)
-
-    def start(self, timeout_s: float = 60.0) -> OrthancServer:
-        storage = self.workdir / "storage"
-        storage.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "glioforecast-test",
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.ae_title,
-            "DicomCheckCalledAet": True,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-            "StableAge": 1,
-            "DicomModalities": {},
-        }
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=2))
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [orthanc_binary(), str(cfg)], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Orthanc exited with {self.proc.returncode}:\n{self.log_path.read_text()}"
-                )
-            try:
-                system = self.get("/system")
-                if system.get("DicomPort") == self.dicom_port:
-                    return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"Orthanc REST API not ready after {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def raw(self, path: str, data: bytes | None = None) -> bytes:
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET")
-        with urllib.request.urlopen(req, timeout=30) as rsp:
-            body: bytes = rsp.read()
-            return body
-
-    def get(self, path: str) -> Any:
-        return json.loads(self.raw(path))
-
-    def post(self, path: str, body: Any) -> Any:
-        return json.loads(self.raw(path, json.dumps(body).encode()))
-
-    def find_study(self, study_instance_uid: str) -> str:
-        ids = self.post(
-            "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_instance_uid}}
-        )
-        if len(ids) != 1:
-            raise AssertionError(f"expected 1 study {study_instance_uid} in Orthanc, found {ids}")
-        return str(ids[0])
-
-    def series_of_study(self, study_instance_uid: str) -> dict[str, dict[str, Any]]:
-        """Series of the study by SeriesInstanceUID: main tags and instance ids."""
-        study = self.get(f"/studies/{self.find_study(study_instance_uid)}")
-        out: dict[str, dict[str, Any]] = {}
-        for sid in study["Series"]:
-            s = self.get(f"/series/{sid}")
-            out[s["MainDicomTags"]["SeriesInstanceUID"]] = s
-        return out
-
-    def count_instances(self) -> int:
-        return int(self.get("/statistics")["CountInstances"])
+    binary = find_orthanc()
+    if binary is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    return binary
