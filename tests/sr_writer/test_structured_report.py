@@ -179,3 +179,21 @@ def test_sr_read_back_with_dsrdump(tmp_path: Path) -> None:
         assert other[label] == pytest.approx(pct)
     assert codes["Predicted response category"] == "Partial Response"
     assert codes["Survival scenario used for guidance"] == "Survival class long"
+
+
+def test_read_summary_gives_back_the_numbers_written() -> None:
+    from sr_writer.structured_report import read_summary
+
+    fig = _expected()
+    numbers = read_summary(_sr_dataset())
+    assert numbers["current_ml"] == pytest.approx(fig.current_volume_ml, rel=1e-9)
+    assert numbers["predicted_mean_ml"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
+    assert numbers["predicted_sd_ml"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
+    assert numbers["change_percent"] == pytest.approx(fig.relative_change_percent, rel=1e-9)
+    assert numbers["category"] == "Partial Response"
+    assert numbers["probabilities"] == {
+        "Complete Response": 0.0,
+        "Partial Response": pytest.approx(75.0),
+        "Stable Disease": pytest.approx(25.0),
+        "Progressive Disease": 0.0,
+    }
