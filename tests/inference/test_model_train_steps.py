@@ -1,0 +1,149 @@
+"""One optimisation step of each stage: repeated on a fixed batch, the loss goes down."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dicom_node.errors import InferenceError
+from inference.networks import LatentDiffusionModel, build_scheduler
+from inference.sampler import make_generator
+from inference.train.steps import (
+    AutoencoderBatch,
+    DiffusionBatch,
+    autoencoder_losses,
+    autoencoder_step,
+    diffusion_loss,
+    diffusion_step,
+    kl_divergence,
+)
+
+from .model_helpers import study, tiny_model
+
+
+def _ae_batch(model: LatentDiffusionModel) -> AutoencoderBatch:
+    cfg = model.config
+    a, b = study(cfg, seed=0), study(cfg, seed=1)
+    image = torch.stack([torch.from_numpy(a.t1c), torch.from_numpy(b.flair)])[:, None]  # type: ignore[arg-type]
+    mask = torch.stack([torch.from_numpy(a.mask), torch.from_numpy(b.mask)])[:, None].float()
+    return AutoencoderBatch(image=image, mask=mask, mask_weight=torch.tensor([1.0, 0.0]))
+
+
+def _diffusion_batch(model: LatentDiffusionModel) -> DiffusionBatch:
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    lat = (4, cfg.autoencoder.latent_channels, *cfg.latent_shape)
+    t1c = torch.randn(lat, generator=g)
+    target = 0.8 * t1c + 0.2 * torch.randn(lat, generator=g)
+    mask = (torch.rand(4, 1, *cfg.preprocessing.crop_shape, generator=g) > 0.7).float()
+    return DiffusionBatch(
+        target=target,
+        latents={"t1c": t1c, "flair": torch.randn(lat, generator=g)},
+        mask=mask,
+        dose=torch.rand(4, 1, *cfg.preprocessing.crop_shape, generator=g),
+        class_labels=torch.tensor([0, 1, 2, cfg.null_class]),
+        available={"flair": torch.tensor([True, True, False, True])},
+    )
+
+
+def test_autoencoder_step_decreases_the_loss() -> None:
+    model = tiny_model(seed=0)
+    ae = model.autoencoder
+    batch = _ae_batch(model)
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
+
+    def evaluate() -> float:
+        ae.eval()
+        with torch.no_grad():
+            loss, _ = autoencoder_losses(ae, batch, make_generator(123))
+        return float(loss)
+
+    before = evaluate()
+    started = time.perf_counter()
+    results = [autoencoder_step(ae, opt, batch, make_generator(i)) for i in range(8)]
+    per_step = (time.perf_counter() - started) / len(results)
+    after = evaluate()
+    assert after < 0.8 * before, (before, after)
+    assert set(results[0].parts) == {"l1", "kl", "mask"}
+    assert per_step < 1.0  # tiny preset: well under a second per step on a CPU
+
+
+def test_autoencoder_step_without_mask_target() -> None:
+    model = tiny_model(seed=0)
+    batch = _ae_batch(model)
+    result = autoencoder_step(
+        model.autoencoder,
+        torch.optim.SGD(model.autoencoder.parameters(), lr=1e-3),
+        AutoencoderBatch(image=batch.image),
+        make_generator(0),
+    )
+    assert "mask" not in result.parts
+    with pytest.raises(InferenceError, match="mask shape"):
+        autoencoder_losses(
+            model.autoencoder, AutoencoderBatch(image=batch.image, mask=batch.mask[:1]), None
+        )
+
+
+def test_diffusion_step_decreases_the_loss() -> None:
+    model = tiny_model(seed=0)
+    batch = _diffusion_batch(model)
+    scheduler = build_scheduler(model.config)
+    ae_before = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
+    opt = torch.optim.Adam(model.unet.parameters(), lr=3e-3)
+
+    def evaluate() -> float:
+        model.unet.eval()
+        with torch.no_grad():
+            loss, _ = diffusion_loss(model, batch, make_generator(99), scheduler=scheduler)
+        return float(loss)
+
+    before = evaluate()
+    started = time.perf_counter()
+    results = [
+        # the same draws (timesteps, noise, dropout) at every step: a truly fixed batch
+        diffusion_step(model, opt, batch, make_generator(99), scheduler=scheduler)
+        for _ in range(10)
+    ]
+    per_step = (time.perf_counter() - started) / len(results)
+    after = evaluate()
+    assert after < 0.7 * before, (before, after)
+    assert results[-1].loss < results[0].loss
+    assert per_step < 1.0
+    assert "mse" in results[0].parts
+    # stage 2 leaves the autoencoder alone
+    assert all(torch.equal(v, ae_before[k]) for k, v in model.autoencoder.state_dict().items())
+
+
+def test_diffusion_loss_applies_condition_dropout() -> None:
+    model = tiny_model(seed=0)
+    batch = _diffusion_batch(model)
+    _, none = diffusion_loss(model, batch, make_generator(0), p_drop_class=0.0)
+    assert none["null_class_fraction"] == 0.25  # the one sample already null
+    _, all_ = diffusion_loss(model, batch, make_generator(0), p_drop_class=1.0)
+    assert all_["null_class_fraction"] == 1.0
+    seen: list[torch.Tensor] = []
+    original = model.unet.forward
+
+    def spy(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return original(x, timesteps=timesteps, class_labels=class_labels)
+
+    model.unet.forward = spy  # type: ignore[method-assign]
+    diffusion_loss(model, batch, make_generator(0), p_drop_contrast=1.0, p_drop_dose=1.0)
+    x = seen[-1]
+    layout = model.layout
+    off = model.config.autoencoder.latent_channels  # the noisy latent comes first
+    assert torch.all(x[:, off + layout.channel("flair_available")] == 0)
+    assert torch.all(x[:, off + layout.channel("dose_available")] == 0)
+    assert torch.all(x[:, off + layout.channel("dose")] == 0)
+    diffusion_loss(model, batch, make_generator(0), p_drop_contrast=0.0, p_drop_dose=0.0)
+    flags = seen[-1][:, off + layout.channel("flair_available")].flatten(1)[:, 0]
+    assert flags.tolist() == [1.0, 1.0, 0.0, 1.0]  # the batch's own missing FLAIR stays missing
+
+
+def test_kl_divergence_of_the_prior_is_zero() -> None:
+    mu, sigma = torch.zeros(2, 3, 4, 4, 4), torch.ones(2, 3, 4, 4, 4)
+    assert float(kl_divergence(mu, sigma)) == pytest.approx(0.0)
+    assert float(kl_divergence(mu + 1, sigma)) == pytest.approx(0.5 * 3 * 64)

@@ -1,0 +1,138 @@
+"""Our DDIM loop: shapes, seeds, classifier-free guidance that keeps the image conditioning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from dicom_node.errors import InferenceError
+from inference.networks import LatentDiffusionModel, build_scheduler
+from inference.sampler import (
+    SamplingOptions,
+    autocast_context,
+    decode_latents,
+    guided_noise,
+    make_generator,
+    sample_latents,
+)
+
+from .model_helpers import tiny_model, wake_up
+
+
+@pytest.fixture(scope="module")
+def model() -> LatentDiffusionModel:
+    return wake_up(tiny_model(seed=3))
+
+
+def _cond(model: LatentDiffusionModel, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(batch, model.layout.num_channels, *model.layout.latent_shape, generator=g)
+
+
+def _reference(
+    model: LatentDiffusionModel, cond: torch.Tensor, labels: torch.Tensor, w: float, seed: int
+) -> torch.Tensor:
+    """Straightforward loop: separate conditional and null passes, guidance by the formula."""
+    cfg = model.config
+    scheduler = build_scheduler(cfg)
+    scheduler.set_timesteps(cfg.scheduler.num_inference_steps)
+    g = make_generator(seed)
+    x = torch.randn(cond.shape[0], cfg.autoencoder.latent_channels, *cfg.latent_shape, generator=g)
+    null = torch.full_like(labels, cfg.null_class)
+    with torch.no_grad():
+        for t in scheduler.timesteps.tolist():
+            ts = torch.full((cond.shape[0],), t, dtype=torch.long)
+            inp = torch.cat([x, cond], dim=1)
+            eps_c = model.unet(inp, timesteps=ts, class_labels=labels)
+            eps_n = model.unet(inp, timesteps=ts, class_labels=null)  # image conditioning kept
+            eps = eps_n + w * (eps_c - eps_n)
+            x, _ = scheduler.step(eps, t, x)
+    return x
+
+
+def _sample(model: LatentDiffusionModel, cond: torch.Tensor, labels: torch.Tensor, w: float, seed: int = 0) -> torch.Tensor:
+    opts = SamplingOptions.from_config(model.config, guidance_scale=w)
+    return sample_latents(model, cond, labels, make_generator(seed), opts)
+
+
+def test_shapes_and_determinism(model: LatentDiffusionModel) -> None:
+    cond = _cond(model, 3)
+    labels = torch.tensor([0, 1, 3])
+    a = _sample(model, cond, labels, 3.0, seed=5)
+    assert a.shape == (3, model.config.autoencoder.latent_channels, *model.config.latent_shape)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert torch.equal(a, _sample(model, cond, labels, 3.0, seed=5))
+    assert not torch.allclose(a, _sample(model, cond, labels, 3.0, seed=6))
+    # the image conditioning matters
+    assert (a - _sample(model, cond.flip(0), labels, 3.0, seed=5)).abs().max() > 1e-3
+    decoded = decode_latents(model, a, batch_size=2)
+    assert decoded.shape == (3, 2, *model.config.preprocessing.crop_shape)
+
+
+def test_guidance_one_is_conditional_sampling(model: LatentDiffusionModel) -> None:
+    cond, labels = _cond(model), torch.tensor([0, 2])
+    got = _sample(model, cond, labels, 1.0)
+    assert torch.allclose(got, _reference(model, cond, labels, 1.0, seed=0), atol=1e-5)
+
+
+def test_guided_matches_the_formula_and_differs(model: LatentDiffusionModel) -> None:
+    cond, labels = _cond(model), torch.tensor([0, 2])
+    guided = _sample(model, cond, labels, 4.0)
+    assert torch.allclose(guided, _reference(model, cond, labels, 4.0, seed=0), atol=1e-4)
+    conditional = _sample(model, cond, labels, 1.0)
+    unguided = _sample(model, cond, torch.full_like(labels, model.config.null_class), 4.0)
+    assert (guided - conditional).abs().max() > 1e-3
+    assert (guided - unguided).abs().max() > 1e-3
+    # w = 0 is the null class with the image conditioning
+    assert torch.allclose(_sample(model, cond, labels, 0.0), unguided, atol=1e-6)
+
+
+def test_null_pass_keeps_the_image_conditioning(model: LatentDiffusionModel) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def spy(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        calls.append({"x": x.clone(), "labels": class_labels.clone(), "t": timesteps.clone()})
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    cond = _cond(model)
+    x_t = torch.randn(2, 2, *model.config.latent_shape)
+    labels = torch.tensor([1, 0])
+    eps = guided_noise(spy, x_t, cond, torch.tensor([7]), labels, 3, 2.5)
+    assert eps.shape == x_t.shape
+    assert len(calls) == 1  # one batched forward for both passes
+    x = calls[0]["x"]
+    assert x.shape[0] == 4
+    assert torch.equal(x[:2], x[2:])  # identical images, mask, dose and flags in both halves
+    assert torch.equal(x[2:, 2:], cond)
+    assert calls[0]["labels"].tolist() == [1, 0, 3, 3]
+    assert calls[0]["t"].tolist() == [7, 7, 7, 7]
+
+
+def test_input_checks(model: LatentDiffusionModel) -> None:
+    cond = _cond(model)
+    opts = SamplingOptions.from_config(model.config)
+    with pytest.raises(InferenceError, match="conditioning: expected"):
+        sample_latents(model, cond[:, :3], torch.tensor([0, 0]), make_generator(0), opts)
+    with pytest.raises(InferenceError, match="class labels: expected 0..3"):
+        sample_latents(model, cond, torch.tensor([0, 4]), make_generator(0), opts)
+    with pytest.raises(InferenceError, match="class labels: expected shape"):
+        sample_latents(model, cond, torch.tensor([0]), make_generator(0), opts)
+
+
+def test_eta_uses_the_generator(model: LatentDiffusionModel) -> None:
+    cond, labels = _cond(model), torch.tensor([0, 1])
+    opts = SamplingOptions.from_config(model.config, eta=1.0)
+    a = sample_latents(model, cond, labels, make_generator(1), opts)
+    b = sample_latents(model, cond, labels, make_generator(1), opts)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, _sample(model, cond, labels, 3.0, seed=1))
+
+
+def test_autocast_modes() -> None:
+    cpu = torch.device("cpu")
+    with autocast_context(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(InferenceError, match="autocast: expected"):
+        autocast_context(cpu, "fp8")
