@@ -31,7 +31,7 @@ def study(
     """A head-like blob with an enhancing ball, its mask, a FLAIR and a dose around the ball."""
     shape = cfg.preprocessing.crop_shape
     rng = np.random.default_rng(seed)
-    centre = tuple(s / 2 for s in shape)
+    centre = (shape[0] / 2, shape[1] / 2, shape[2] / 2)
     head = ball(shape, centre, min(shape) * 0.45)
     tumour = ball(shape, (shape[0] * 0.4, shape[1] * 0.55, shape[2] * 0.5), min(shape) * 0.15)
     t1c = np.where(head, 0.5, -1.0) + np.where(tumour, 1.5, 0.0)

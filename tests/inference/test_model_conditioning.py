@@ -23,9 +23,9 @@ L = CFG.autoencoder.latent_channels
 LAT = CFG.latent_shape
 
 
-def _inputs(batch: int = 2) -> tuple[dict[str, torch.Tensor | None], torch.Tensor, torch.Tensor]:
+def _inputs(batch: int = 2) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    latents: dict[str, torch.Tensor | None] = {
+    latents: dict[str, torch.Tensor] = {
         "t1c": torch.randn(batch, L, *LAT, generator=g),
         "flair": torch.randn(batch, L, *LAT, generator=g),
     }
@@ -63,8 +63,8 @@ def test_full_inputs() -> None:
 
 def test_missing_flair_and_dose_set_flags_and_zero_channels() -> None:
     latents, mask, _ = _inputs()
-    latents["flair"] = None
-    cond = build_conditioning(LAYOUT, latents, mask, None)
+    given: dict[str, torch.Tensor | None] = {**latents, "flair": None}
+    cond = build_conditioning(LAYOUT, given, mask, None)
     assert torch.all(cond[:, L : 2 * L] == 0)
     assert torch.all(cond[:, LAYOUT.channel("dose")] == 0)
     assert torch.all(cond[:, LAYOUT.channel("flair_available")] == 0)
@@ -76,7 +76,7 @@ def test_per_sample_availability_zeroes_the_input() -> None:
     latents, mask, dose = _inputs()
     avail = {"flair": torch.tensor([True, False]), "dose": torch.tensor([False, True])}
     cond = build_conditioning(LAYOUT, latents, mask, dose, available=avail)
-    assert torch.equal(cond[0, L : 2 * L], latents["flair"][0])  # type: ignore[index]
+    assert torch.equal(cond[0, L : 2 * L], latents["flair"][0])
     assert torch.all(cond[1, L : 2 * L] == 0)
     assert torch.all(cond[0, LAYOUT.channel("dose")] == 0)
     assert torch.all(cond[1, LAYOUT.channel("dose")] == 0.5)

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES
@@ -48,7 +49,11 @@ def test_prediction_outputs(model: LatentDiffusionModel) -> None:
     assert set(p.response_probabilities) == set(RESPONSE_CATEGORIES)
     assert sum(p.response_probabilities.values()) == pytest.approx(1.0)
     assert p.response_category in RESPONSE_CATEGORIES
-    assert (p.survival_class, p.guidance_scale, p.seed) == ("short", cfg.inference.guidance_scale, 4)
+    assert (p.survival_class, p.guidance_scale, p.seed) == (
+        "short",
+        cfg.inference.guidance_scale,
+        4,
+    )
     assert (p.model_name, p.model_version) == (cfg.name, cfg.version)
     assert p.num_samples == 3
     assert float(p.std.max()) > 0  # samples differ
@@ -158,27 +163,26 @@ def test_tumour_volume() -> None:
     assert tumour_volume_ml(mask.astype(np.float32) * 0.5, (1.0, 1.0, 1.0)) == pytest.approx(0.004)
 
 
-def test_missing_inputs_reach_the_unet_as_flags(model: LatentDiffusionModel) -> None:
-    seen = []
+def test_missing_inputs_reach_the_unet_as_flags(
+    model: LatentDiffusionModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[torch.Tensor] = []
     original = model.unet.forward
 
-    def spy(x, timesteps, class_labels):  # type: ignore[no-untyped-def]
+    def spy(x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         seen.append(x.detach().clone())
         return original(x, timesteps=timesteps, class_labels=class_labels)
 
     layout = model.layout
     off = model.config.autoencoder.latent_channels
-    model.unet.forward = spy  # type: ignore[method-assign]
-    try:
-        predict_arrays(model, study(model.config, flair=False, dose=False), "short", num_samples=1)
-        x = seen[-1]
-        for name in ("flair_available", "dose_available", "dose"):
-            assert float(x[:, off + layout.channel(name)].abs().max()) == 0.0, name
-        fl = layout.latent_slice("flair")
-        assert float(x[:, off + fl.start : off + fl.stop].abs().max()) == 0.0
-        predict_arrays(model, study(model.config), "short", num_samples=1)
-        x = seen[-1]
-        for name in ("flair_available", "dose_available"):
-            assert float(x[:, off + layout.channel(name)].min()) == 1.0, name
-    finally:
-        del model.unet.forward
+    monkeypatch.setattr(model.unet, "forward", spy)
+    predict_arrays(model, study(model.config, flair=False, dose=False), "short", num_samples=1)
+    x = seen[-1]
+    for name in ("flair_available", "dose_available", "dose"):
+        assert float(x[:, off + layout.channel(name)].abs().max()) == 0.0, name
+    fl = layout.latent_slice("flair")
+    assert float(x[:, off + fl.start : off + fl.stop].abs().max()) == 0.0
+    predict_arrays(model, study(model.config), "short", num_samples=1)
+    x = seen[-1]
+    for name in ("flair_available", "dose_available"):
+        assert float(x[:, off + layout.channel(name)].min()) == 1.0, name

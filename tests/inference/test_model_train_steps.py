@@ -26,7 +26,8 @@ from .model_helpers import study, tiny_model
 def _ae_batch(model: LatentDiffusionModel) -> AutoencoderBatch:
     cfg = model.config
     a, b = study(cfg, seed=0), study(cfg, seed=1)
-    image = torch.stack([torch.from_numpy(a.t1c), torch.from_numpy(b.flair)])[:, None]  # type: ignore[arg-type]
+    assert b.flair is not None
+    image = torch.stack([torch.from_numpy(a.t1c), torch.from_numpy(b.flair)])[:, None]
     mask = torch.stack([torch.from_numpy(a.mask), torch.from_numpy(b.mask)])[:, None].float()
     return AutoencoderBatch(image=image, mask=mask, mask_weight=torch.tensor([1.0, 0.0]))
 
@@ -80,6 +81,7 @@ def test_autoencoder_step_without_mask_target() -> None:
         make_generator(0),
     )
     assert "mask" not in result.parts
+    assert batch.mask is not None
     with pytest.raises(InferenceError, match="mask shape"):
         autoencoder_losses(
             model.autoencoder, AutoencoderBatch(image=batch.image, mask=batch.mask[:1]), None
@@ -116,7 +118,7 @@ def test_diffusion_step_decreases_the_loss() -> None:
     assert all(torch.equal(v, ae_before[k]) for k, v in model.autoencoder.state_dict().items())
 
 
-def test_diffusion_loss_applies_condition_dropout() -> None:
+def test_diffusion_loss_applies_condition_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model(seed=0)
     batch = _diffusion_batch(model)
     _, none = diffusion_loss(model, batch, make_generator(0), p_drop_class=0.0)
@@ -130,7 +132,7 @@ def test_diffusion_loss_applies_condition_dropout() -> None:
         seen.append(x.detach().clone())
         return original(x, timesteps=timesteps, class_labels=class_labels)
 
-    model.unet.forward = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(model.unet, "forward", spy)
     diffusion_loss(model, batch, make_generator(0), p_drop_contrast=1.0, p_drop_dose=1.0)
     x = seen[-1]
     layout = model.layout

@@ -52,7 +52,9 @@ def _reference(
     return x
 
 
-def _sample(model: LatentDiffusionModel, cond: torch.Tensor, labels: torch.Tensor, w: float, seed: int = 0) -> torch.Tensor:
+def _sample(
+    model: LatentDiffusionModel, cond: torch.Tensor, labels: torch.Tensor, w: float, seed: int = 0
+) -> torch.Tensor:
     opts = SamplingOptions.from_config(model.config, guidance_scale=w)
     return sample_latents(model, cond, labels, make_generator(seed), opts)
 
@@ -115,7 +117,7 @@ def test_input_checks(model: LatentDiffusionModel) -> None:
     opts = SamplingOptions.from_config(model.config)
     with pytest.raises(InferenceError, match="conditioning: expected"):
         sample_latents(model, cond[:, :3], torch.tensor([0, 0]), make_generator(0), opts)
-    with pytest.raises(InferenceError, match="class labels: expected 0..3"):
+    with pytest.raises(InferenceError, match=r"class labels: expected 0\.\.3"):
         sample_latents(model, cond, torch.tensor([0, 4]), make_generator(0), opts)
     with pytest.raises(InferenceError, match="class labels: expected shape"):
         sample_latents(model, cond, torch.tensor([0]), make_generator(0), opts)
