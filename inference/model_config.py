@@ -412,16 +412,20 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(
-    data: Mapping[str, Any], *, source: str = "model configuration"
+    data: Mapping[str, Any],
+    *,
+    source: str = "model configuration",
+    other_keys: tuple[str, ...] = (),
 ) -> ModelConfig:
     """Build a :class:`ModelConfig` from plain data, strictly.
 
     Missing keys take their defaults only in nested sections; unknown keys and wrong types are
     errors. Every problem is collected and reported in one :class:`InferenceError` naming the
-    dotted key, what was expected and what was found.
+    dotted key, what was expected and what was found. ``other_keys`` are top-level keys that
+    the caller handles itself (named in the unknown-key message, e.g. ``weights``).
     """
     problems: list[str] = []
-    kwargs = _parse_dataclass(ModelConfig, data, "", problems)
+    kwargs = _parse_dataclass(ModelConfig, data, "", problems, other_keys)
     if problems:
         raise InferenceError(f"{source}:\n" + "\n".join(f"  - {p}" for p in problems))
     try:
@@ -430,7 +434,9 @@ def config_from_dict(
         raise InferenceError(f"{source}: {exc}") from None
 
 
-def _parse_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> dict[str, Any]:
+def _parse_dataclass(
+    cls: type, data: Any, prefix: str, problems: list[str], other_keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         where = prefix.rstrip(".") or "top level"
         problems.append(f"{where}: expected a mapping, found {type(data).__name__}")
@@ -439,7 +445,8 @@ def _parse_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> 
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            problems.append(f"{prefix}{key}: unknown key (expected one of {', '.join(names)})")
+            allowed = ", ".join([*other_keys, *names])
+            problems.append(f"{prefix}{key}: unknown key (expected one of {allowed})")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

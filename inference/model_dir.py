@@ -166,7 +166,7 @@ def read_model_yaml(path: str | Path) -> tuple[ModelConfig, dict[str, WeightsEnt
     if problems:
         raise InferenceError(f"{file}:\n" + "\n".join(f"  - {p}" for p in problems))
     config_data = {k: v for k, v in data.items() if k not in _TOP_KEYS}
-    cfg = config_from_dict(config_data, source=str(file))
+    cfg = config_from_dict(config_data, source=str(file), other_keys=_TOP_KEYS)
     return cfg, weights
 
 

@@ -210,7 +210,7 @@ def predict_arrays(
     labels = torch.full((n,), label, dtype=torch.long, device=device)
     generator = make_generator(seed, device)
     z = sample_latents(model, cond_n, labels, generator, options, progress=progress)
-    decoded = decode_latents(model, z).cpu()
+    decoded = decode_latents(model, z, autocast=autocast).cpu()
 
     samples = decoded[:, IMAGE_CHANNEL].numpy().astype(np.float32)
     probs = torch.sigmoid(decoded[:, MASK_CHANNEL]).numpy().astype(np.float32)

@@ -12,6 +12,11 @@ the model for a post-treatment scan of nobody; hence this loop. Both passes run 
 ``w == 1`` is plain conditional sampling (one pass), ``w == 0`` or ``survival_class=None`` plain
 null-class sampling (one pass).
 
+Timesteps are evenly spaced, ``(N-1)k, ..., k, 0`` with ``k = T // N`` (:func:`ddim_timesteps`),
+the spacing that ``DDIMScheduler.step`` assumes when it looks up the previous timestep as
+``t - T // N``. MONAI 1.6's ``set_timesteps`` spreads them over ``linspace(T-1, 0, N)`` instead,
+so each step would land on a noise level slightly different from the one the next step reads.
+
 Randomness comes only from the ``torch.Generator`` given (initial noise, and the DDIM noise when
 ``eta > 0``), so a seed reproduces the samples on the same device. On CUDA the UNet may run
 under bf16 autocast; the scheduler arithmetic stays in float32.
@@ -56,6 +61,17 @@ class SamplingOptions:
             eta=cfg.inference.eta,
         )
         return dataclasses.replace(base, **changes)
+
+
+def ddim_timesteps(num_train_timesteps: int, num_inference_steps: int) -> torch.Tensor:
+    """Descending timesteps ``(N-1)k ... k, 0`` with ``k = T // N`` (consistent with
+    ``DDIMScheduler.step``, which goes from ``t`` to ``t - k``)."""
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise InferenceError(
+            f"num_inference_steps: expected 1..{num_train_timesteps}, found {num_inference_steps}"
+        )
+    ratio = num_train_timesteps // num_inference_steps
+    return torch.arange(num_inference_steps - 1, -1, -1, dtype=torch.long) * ratio
 
 
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -153,7 +169,10 @@ def sample_latents(
             f"found {options.num_inference_steps}"
         )
     scheduler = build_scheduler(cfg)
-    scheduler.set_timesteps(options.num_inference_steps)
+    scheduler.set_timesteps(options.num_inference_steps)  # sets num_inference_steps for step()
+    scheduler.timesteps = ddim_timesteps(
+        cfg.scheduler.num_train_timesteps, options.num_inference_steps
+    )
     cond = conditioning.to(device=device, dtype=torch.float32)
     labels = class_labels.to(device=device, dtype=torch.long)
     shape = (b, cfg.autoencoder.latent_channels, *layout.latent_shape)
@@ -206,12 +225,18 @@ def _no_autocast(device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def decode_latents(
-    model: LatentDiffusionModel, latents: torch.Tensor, batch_size: int = 4
+    model: LatentDiffusionModel,
+    latents: torch.Tensor,
+    batch_size: int = 4,
+    autocast: str = "none",
 ) -> torch.Tensor:
-    """Decode scaled latents to ``(B, 2, k, j, i)`` float32 (image, mask logit), in chunks."""
+    """Decode scaled latents to ``(B, 2, k, j, i)`` float32 (image, mask logit), in chunks of
+    ``batch_size`` (the full-resolution decoder is the memory peak), optionally under autocast."""
     model.autoencoder.eval()
-    chunks = [
-        model.decode(latents[i : i + batch_size].to(model.device)).float()
-        for i in range(0, latents.shape[0], batch_size)
-    ]
+    device = model.device
+    with autocast_context(device, autocast):
+        chunks = [
+            model.decode(latents[i : i + batch_size].to(device)).float()
+            for i in range(0, latents.shape[0], batch_size)
+        ]
     return torch.cat(chunks)

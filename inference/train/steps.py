@@ -17,7 +17,7 @@ the configured probabilities.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -236,6 +236,21 @@ def diffusion_step(
         torch.nn.utils.clip_grad_norm_(model.unet.parameters(), grad_clip)
     optimizer.step()
     return StepResult(loss=float(loss.detach()), parts=parts)
+
+
+@torch.no_grad()
+def latent_scale_from(latents: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """``1 / std`` of unscaled stage-1 latent means (``autoencoder.encode(x)[0]``) of training
+    images: the value to store as ``ModelConfig.latent_scale`` before training stage 2, so that
+    the diffusion model sees latents of unit variance (as in the latent diffusion paper)."""
+    tensors = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+    if not tensors or sum(t.numel() for t in tensors) < 2:
+        raise InferenceError("latent scale: expected at least two latent values, found fewer")
+    flat = torch.cat([t.detach().float().flatten().cpu() for t in tensors])
+    std = float(flat.std())
+    if not std > 0 or not torch.isfinite(torch.tensor(std)):
+        raise InferenceError(f"latent scale: expected latents with a positive spread, found {std}")
+    return 1.0 / std
 
 
 def _check_finite(loss: torch.Tensor, stage: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from inference.train.steps import (
     diffusion_loss,
     diffusion_step,
     kl_divergence,
+    latent_scale_from,
 )
 
 from .model_helpers import study, tiny_model
@@ -149,3 +151,17 @@ def test_kl_divergence_of_the_prior_is_zero() -> None:
     mu, sigma = torch.zeros(2, 3, 4, 4, 4), torch.ones(2, 3, 4, 4, 4)
     assert float(kl_divergence(mu, sigma)) == pytest.approx(0.0)
     assert float(kl_divergence(mu + 1, sigma)) == pytest.approx(0.5 * 3 * 64)
+
+
+def test_latent_scale_gives_unit_variance() -> None:
+    model = tiny_model(seed=0)
+    batch = _ae_batch(model)
+    with torch.no_grad():
+        mu, _ = model.autoencoder.encode(batch.image)
+    scale = latent_scale_from([mu[:1], mu[1:]])
+    assert float((mu * scale).std()) == pytest.approx(1.0, rel=1e-4)
+    scaled = dataclasses.replace(model.config, latent_scale=scale)
+    model.config = scaled
+    assert float(model.encode(batch.image).std()) == pytest.approx(1.0, rel=1e-4)
+    with pytest.raises(InferenceError, match="positive spread"):
+        latent_scale_from(torch.zeros(10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from inference.networks import LatentDiffusionModel, build_scheduler
 from inference.sampler import (
     SamplingOptions,
     autocast_context,
+    ddim_timesteps,
     decode_latents,
     guided_noise,
     make_generator,
@@ -38,6 +40,9 @@ def _reference(
     cfg = model.config
     scheduler = build_scheduler(cfg)
     scheduler.set_timesteps(cfg.scheduler.num_inference_steps)
+    scheduler.timesteps = ddim_timesteps(
+        cfg.scheduler.num_train_timesteps, len(scheduler.timesteps)
+    )
     g = make_generator(seed)
     x = torch.randn(cond.shape[0], cfg.autoencoder.latent_channels, *cfg.latent_shape, generator=g)
     null = torch.full_like(labels, cfg.null_class)
@@ -138,3 +143,35 @@ def test_autocast_modes() -> None:
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(InferenceError, match="autocast: expected"):
         autocast_context(cpu, "fp8")
+
+
+def test_timesteps_match_the_scheduler_step(model: LatentDiffusionModel) -> None:
+    ts = ddim_timesteps(1000, 20)
+    assert ts.tolist() == list(range(950, -1, -50))
+    scheduler = build_scheduler(model.config)
+    scheduler.set_timesteps(20)
+    # step() goes from t to t - T // N: exactly the next timestep of ours
+    assert all(int(a) - 1000 // 20 == int(b) for a, b in itertools.pairwise(ts.tolist()))
+    assert ddim_timesteps(100, 100).tolist() == list(range(99, -1, -1))
+    with pytest.raises(InferenceError, match="num_inference_steps"):
+        ddim_timesteps(100, 101)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_sampling_is_seeded() -> None:  # pragma: no cover - GPU machines only
+    m = wake_up(tiny_model(seed=3)).to("cuda")
+    cond = _cond(m).cuda()
+    labels = torch.tensor([0, 1], device="cuda")
+    opts = SamplingOptions.from_config(m.config, autocast="auto")
+    a = sample_latents(m, cond, labels, make_generator(0, "cuda"), opts)
+    b = sample_latents(m, cond, labels, make_generator(0, "cuda"), opts)
+    assert a.dtype == torch.float32 and a.device.type == "cuda"
+    assert torch.equal(a, b)
+    fp32 = sample_latents(
+        m,
+        cond,
+        labels,
+        make_generator(0, "cuda"),
+        SamplingOptions.from_config(m.config, autocast="none"),
+    )
+    assert (a - fp32).abs().max() < 0.1 * fp32.abs().max()
