@@ -39,6 +39,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import SendError, StorageError
+from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, StoreResult, store_batch
 
 logger = logging.getLogger(__name__)
@@ -543,11 +544,13 @@ def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> Non
     report.errors.append(msg)
 
 
-class OutboxSender:
+class OutboxSender(BackgroundLoop):
     """Background delivery loop: sends due rows, then sleeps until the next is due.
 
     ``wake()`` (e.g. after an enqueue) makes it look again at once; ``stop()`` ends it.
     """
+
+    thread_name = "outbox-sender"
 
     def __init__(
         self,
@@ -561,35 +564,18 @@ class OutboxSender:
         self.destinations = list(destinations)
         self.calling_ae = calling_ae
         self.poll_s = poll_s
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def start(self) -> None:
         self.outbox.recover()
-        self._thread = threading.Thread(target=self._run, name="outbox-sender", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout: float | None = 30) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                deliver_due(self.outbox, self.destinations, calling_ae=self.calling_ae)
-            except Exception:  # the loop must survive: the next pass retries
-                logger.exception("outbox: delivery pass failed")
-            due = self.outbox.next_due()
-            wait = (
-                self.poll_s
-                if due is None
-                else max(0.0, min(self.poll_s, due - self.outbox.clock()))
-            )
-            self._wake.wait(wait)
-            self._wake.clear()
+    def step(self) -> float:
+        try:
+            deliver_due(self.outbox, self.destinations, calling_ae=self.calling_ae)
+        except Exception:  # the loop must survive: the next pass retries
+            logger.exception("outbox: delivery pass failed")
+        due = self.outbox.next_due()
+        if due is None:
+            return self.poll_s
+        return max(0.0, min(self.poll_s, due - self.outbox.clock()))

@@ -168,7 +168,7 @@ class Node:
         """Stop receiving, let the current job finish, stop sending, close the databases."""
         self._stop.set()
         self.scp.stop()
-        self.worker.stop()
+        self.worker.stop(timeout=120)  # lets the current job finish
         self.sender.stop()
         self.outbox.close()
         self.store.close()

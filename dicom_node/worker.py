@@ -7,11 +7,11 @@ late instance arrived) does not send its results: the newer version will.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 
 from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
+from dicom_node.loop import BackgroundLoop
 from dicom_node.outbox import Outbox
 from dicom_node.pipeline import Pipeline
 from dicom_node.settings import Settings
@@ -19,7 +19,9 @@ from dicom_node.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class Worker:
+class Worker(BackgroundLoop):
+    thread_name = "job-worker"
+
     def __init__(
         self,
         settings: Settings,
@@ -33,35 +35,20 @@ class Worker:
         self.pipeline = pipeline
         self.outbox = outbox
         self.on_queued = on_queued
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     def start(self) -> None:
         resumed = self.store.requeue_running()
         if resumed:
             log.warning("%d job(s) interrupted by a stop or crash are queued again", resumed)
-        self._thread = threading.Thread(target=self._run, name="job-worker", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self, timeout: float | None = 120) -> None:
-        """Finish the current job (if any), then stop."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            job_id = self.store.claim_next()
-            if job_id is None:
-                self._wake.wait(self.settings.assembly.poll_interval_s)
-                self._wake.clear()
-                continue
-            self.run_job(job_id)
+    def step(self) -> float:
+        job_id = self.store.claim_next()
+        if job_id is None:
+            return self.settings.assembly.poll_interval_s
+        self.run_job(job_id)
+        return 0.0
 
     def run_job(self, job_id: int) -> None:
         extra = {"job": job_id}
