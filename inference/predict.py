@@ -21,9 +21,11 @@ category is the fraction of samples that fall in it (so the probabilities sum to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -162,14 +164,18 @@ def predict_arrays(
     seed: int = 0,
     autocast: str = "auto",
     current_volume_ml: float | None = None,
+    current_from: Literal["mask", "model"] = "mask",
     progress: Callable[[int, int], None] | None = None,
 ) -> ModelPrediction:
     """Sample ``num_samples`` post-treatment scans (defaults from the model's configuration).
 
     ``survival_class`` names the guidance class (``None``: the null class, unguided);
-    ``current_volume_ml`` overrides the current tumour volume (default: the input mask's volume
-    on the model grid, so that both volumes of the response rule are measured on the same grid).
-    The same ``seed`` on the same device gives the same samples.
+    The current tumour volume of the response rule is, with ``current_from="mask"`` (default),
+    the input mask's volume on the model grid; with ``"model"``, the volume that the joint mask
+    channel finds on the decoded pre-treatment T1-Gd (the same "reader" as the predicted volumes:
+    use it when the input mask is a GTV larger than the enhancing tumour);
+    ``current_volume_ml`` overrides both. The same ``seed`` on the same device gives the same
+    samples.
     """
     cfg = model.config
     if inputs.shape != cfg.preprocessing.crop_shape:
@@ -183,17 +189,15 @@ def predict_arrays(
     w = cfg.inference.guidance_scale if guidance_scale is None else float(guidance_scale)
     options = SamplingOptions.from_config(cfg, guidance_scale=w, autocast=autocast)
     if num_inference_steps is not None:
-        options = SamplingOptions(
-            guidance_scale=w,
-            num_inference_steps=int(num_inference_steps),
-            eta=options.eta,
-            autocast=autocast,
-        )
+        options = dataclasses.replace(options, num_inference_steps=int(num_inference_steps))
+    if current_from not in ("mask", "model"):
+        raise InferenceError(f"current_from: expected 'mask' or 'model', found {current_from!r}")
     label = cfg.class_index(survival_class)
     device = model.device
     model.eval()
 
-    latents: dict[str, torch.Tensor | None] = {"t1c": model.encode(_tensor(inputs.t1c, device))}
+    t1c_latent = model.encode(_tensor(inputs.t1c, device))
+    latents: dict[str, torch.Tensor | None] = {"t1c": t1c_latent}
     if inputs.flair is not None:
         if "flair" in cfg.contrasts:
             latents["flair"] = model.encode(_tensor(inputs.flair, device))
@@ -217,11 +221,13 @@ def predict_arrays(
     thr = cfg.inference.mask_threshold
     spacing = cfg.preprocessing.spacing_mm
     volumes = tuple(tumour_volume_ml(p >= thr, spacing) for p in probs)
-    current = (
-        tumour_volume_ml(inputs.mask, spacing)
-        if current_volume_ml is None
-        else float(current_volume_ml)
-    )
+    if current_volume_ml is not None:
+        current = float(current_volume_ml)
+    elif current_from == "model":
+        pre = decode_latents(model, t1c_latent, autocast=autocast).cpu()
+        current = tumour_volume_ml(torch.sigmoid(pre[0, MASK_CHANNEL]).numpy() >= thr, spacing)
+    else:
+        current = tumour_volume_ml(inputs.mask, spacing)
     tumour_probability = probs.mean(axis=0).astype(np.float32)
     result = ModelPrediction(
         samples=samples,

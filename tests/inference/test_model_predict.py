@@ -21,6 +21,7 @@ from inference.predict import (
     tumour_volume_ml,
     voxel_volume_ml,
 )
+from inference.sampler import decode_latents
 
 from .model_helpers import study, tiny_model, wake_up
 
@@ -186,3 +187,15 @@ def test_missing_inputs_reach_the_unet_as_flags(
     x = seen[-1]
     for name in ("flair_available", "dose_available"):
         assert float(x[:, off + layout.channel(name)].min()) == 1.0, name
+
+
+def test_current_volume_measured_by_the_mask_channel(model: LatentDiffusionModel) -> None:
+    inputs = study(model.config)
+    p = predict_arrays(model, inputs, None, num_samples=1, current_from="model")
+    pre = decode_latents(model, model.encode(torch.from_numpy(inputs.t1c)[None, None]))
+    expected = tumour_volume_ml(
+        torch.sigmoid(pre[0, 1]).numpy() >= 0.5, model.config.preprocessing.spacing_mm
+    )
+    assert p.current_volume_ml == pytest.approx(expected)
+    with pytest.raises(InferenceError, match="current_from: expected 'mask' or 'model'"):
+        predict_arrays(model, inputs, current_from="gtv")  # type: ignore[arg-type]
