@@ -16,6 +16,7 @@ the configured probabilities.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -149,10 +150,11 @@ def autoencoder_step(
     autocast: str = "none",
     grad_clip: float | None = 1.0,
 ) -> StepResult:
-    """One stage-1 update; returns the loss before the update."""
+    """One stage-1 update; returns the loss before the update. ``autocast``: ``none``, ``auto``
+    or ``bf16`` (bf16 on CUDA only; fp16 is refused: it would need a gradient scaler)."""
     autoencoder.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast_context(batch.image.device, autocast):
+    with _training_autocast(batch.image.device, autocast):
         loss, parts = autoencoder_losses(
             autoencoder, batch, generator, kl_weight=kl_weight, mask_loss_weight=mask_loss_weight
         )
@@ -198,7 +200,13 @@ def diffusion_loss(
                 avail[name] = avail[name] & flags.to(device=device, dtype=torch.bool)
     avail = drop_inputs(layout, avail, p_contrast, p_dose, generator)
     cond = build_conditioning(layout, batch.latents, batch.mask, batch.dose, available=avail)
-    labels = drop_class_labels(batch.class_labels.to(device), cfg.null_class, p_class, generator)
+    labels = batch.class_labels.to(device=device, dtype=torch.long)
+    if labels.shape != (b,) or int(labels.min()) < 0 or int(labels.max()) > cfg.null_class:
+        raise InferenceError(
+            f"diffusion batch: class labels expected ({b},) in 0..{cfg.null_class}, "
+            f"found {labels.tolist()}"
+        )
+    labels = drop_class_labels(labels, cfg.null_class, p_class, generator)
 
     gen_device = generator.device if generator is not None else device
     t = torch.randint(
@@ -228,7 +236,7 @@ def diffusion_step(
     """One stage-2 update of ``model.unet`` (the autoencoder is not touched)."""
     model.unet.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast_context(batch.target.device, autocast):
+    with _training_autocast(batch.target.device, autocast):
         loss, parts = diffusion_loss(model, batch, generator, scheduler=scheduler)
     _check_finite(loss, "diffusion")
     loss.backward()
@@ -251,6 +259,13 @@ def latent_scale_from(latents: torch.Tensor | Sequence[torch.Tensor]) -> float:
     if not std > 0 or not torch.isfinite(torch.tensor(std)):
         raise InferenceError(f"latent scale: expected latents with a positive spread, found {std}")
     return 1.0 / std
+
+
+def _training_autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager[None]:
+    """Autocast for a training step: bf16 only (fp16 would need a gradient scaler)."""
+    if mode == "fp16":
+        raise InferenceError("training autocast: expected auto, bf16 or none, found 'fp16'")
+    return autocast_context(device, mode)
 
 
 def _check_finite(loss: torch.Tensor, stage: str) -> None:

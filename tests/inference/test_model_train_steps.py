@@ -165,3 +165,14 @@ def test_latent_scale_gives_unit_variance() -> None:
     assert float(model.encode(batch.image).std()) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(InferenceError, match="positive spread"):
         latent_scale_from(torch.zeros(10))
+
+
+def test_step_input_checks() -> None:
+    model = tiny_model(seed=0)
+    batch = _diffusion_batch(model)
+    bad = dataclasses.replace(batch, class_labels=torch.tensor([0, 1, 2, 9]))
+    with pytest.raises(InferenceError, match=r"class labels expected \(4,\) in 0\.\.3"):
+        diffusion_loss(model, bad, make_generator(0))
+    opt = torch.optim.SGD(model.unet.parameters(), lr=1e-3)
+    with pytest.raises(InferenceError, match="training autocast"):
+        diffusion_step(model, opt, batch, make_generator(0), autocast="fp16")
