@@ -241,17 +241,17 @@ class JobStore:
                     (time.time(), "missing-file", f"spool file {rel} is gone; row removed"),
                 )
 
-    def instance_paths(self, job_id: int) -> dict[str, list[str]]:
-        """Spool-relative paths of a job's instances, grouped by series UID."""
+    def job_instances(self, job_id: int) -> dict[str, list[tuple[str, str]]]:
+        """A job's instances as (SOP Instance UID, spool-relative path), by series UID."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT i.series_instance_uid, i.path FROM job_instances ji "
+                "SELECT i.series_instance_uid, i.sop_instance_uid, i.path FROM job_instances ji "
                 "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? ORDER BY i.path",
                 (job_id,),
             ).fetchall()
-        out: dict[str, list[str]] = {}
-        for series_uid, path in rows:
-            out.setdefault(series_uid, []).append(path)
+        out: dict[str, list[tuple[str, str]]] = {}
+        for series_uid, sop_uid, path in rows:
+            out.setdefault(series_uid, []).append((sop_uid, path))
         return out
 
     # ---------------------------------------------------------------- studies and series

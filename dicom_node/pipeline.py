@@ -84,14 +84,11 @@ def window_of(ds: Dataset) -> Window | None:
     return Window(center=c, width=w) if w > 0 else None
 
 
-def series_ref(js: JobSeries, volume: Volume | None, paths: Sequence[Path]) -> SeriesRef:
-    uids = volume.source_instance_uids if volume is not None else ()
-    if not uids:
-        uids = tuple(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
+def series_ref(js: JobSeries, sop_instance_uids: Sequence[str]) -> SeriesRef:
     return SeriesRef(
         series_instance_uid=js.series.series_instance_uid,
         sop_class_uid=js.series.sop_class_uid,
-        sop_instance_uids=tuple(dict.fromkeys(uids)),
+        sop_instance_uids=tuple(dict.fromkeys(sop_instance_uids)),
         modality=js.series.modality,
         series_description=js.series.series_description,
         series_number=js.series.series_number,
@@ -127,20 +124,24 @@ class Pipeline:
         """Build the output objects of a job; raises the project's errors with a reason."""
         start = time.monotonic()
         series = {js.role: js for js in self.store.job_series(job_id) if js.role}
-        paths = {
-            uid: [self.spool_root / p for p in rels]
-            for uid, rels in self.store.instance_paths(job_id).items()
-        }
+        instances = self.store.job_instances(job_id)
 
         def files(role: str) -> list[Path]:
-            return paths.get(series[role].series.series_instance_uid, [])
+            members = instances.get(series[role].series.series_instance_uid, [])
+            return [self.spool_root / rel for _, rel in members]
+
+        def ref(role: str, volume: Volume | None = None) -> SeriesRef:
+            if volume is not None:  # slice order, as the outputs reference them
+                return series_ref(series[role], volume.source_instance_uids)
+            members = instances.get(series[role].series.series_instance_uid, [])
+            return series_ref(series[role], [uid for uid, _ in members])
 
         if "t1c" not in series or "rtstruct" not in series:
             missing = [r for r in ("t1c", "rtstruct") if r not in series]
             raise InputError(f"job {job_id}: expected roles t1c and rtstruct, missing {missing}")
         t1c = load_series(files("t1c"))
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
-        (rtstruct_file,) = files("rtstruct")[:1]
+        rtstruct_file = files("rtstruct")[0]
         mask = load_rtstruct_mask(rtstruct_file, t1c, self.settings.roles.roi_pattern)
         optional: dict[str, Volume] = {}
         for role in OPTIONAL_CONTRASTS:
@@ -164,14 +165,12 @@ class Pipeline:
         )
         prediction = self.predictor.predict(inputs)
         others = [
-            series_ref(series[role], None, files(role))
-            for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS)
-            if role in series
+            ref(role) for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS) if role in series
         ]
         job_inputs = JobInputs(
             patient=patient_study(header),
             t1c=t1c,
-            t1c_series=series_ref(series["t1c"], t1c, files("t1c")),
+            t1c_series=ref("t1c", t1c),
             other_series=tuple(others),
             window=window_of(header),
         )
