@@ -7,8 +7,9 @@ scale ``w`` the noise estimate is
 
 where ``eps_null`` is computed with the **class label replaced by the null class only**: the
 concatenated image conditioning (pre-treatment latents, mask, dose, flags) is kept. MONAI's
-``DiffusionInferer`` blanks the whole conditioning for its unconditional pass, which would ask
-the model for a post-treatment scan of nobody; hence this loop. Both passes run as one batch.
+``DiffusionInferer`` blanks the whole conditioning for its unconditional pass, which would drop
+the patient's own images from the null estimate and make guidance pull away from them; hence
+this loop. Both passes run as one batch.
 ``w == 1`` is plain conditional sampling (one pass), ``w == 0`` or ``survival_class=None`` plain
 null-class sampling (one pass).
 
