@@ -261,6 +261,11 @@ def _save_small_png(fig: Any, png: Path) -> None:
 
 def bench(spacing: float, repeat: int, write: bool) -> str:
     """Time one patient in a fresh process (imports and template loading included)."""
+    import os
+
+    from inference.synthetic.anatomy import simulation_grid
+
+    load_before = os.getloadavg()[0]
     timings: dict[str, list[float]] = {"nifti,dicom": [], "dicom": []}
     for fmt in timings:
         for i in range(repeat):
@@ -271,9 +276,10 @@ def bench(spacing: float, repeat: int, write: bool) -> str:
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, cwd=REPO, capture_output=True)
                 timings[fmt].append(time.perf_counter() - t0)
+    k, j, i = simulation_grid(spacing).shape
     body = "\n".join(
         [
-            f"One synthetic patient at {spacing:g} mm (112x112x88 voxels, 8 MR series, RTSTRUCT, "
+            f"One synthetic patient at {spacing:g} mm ({i}x{j}x{k} voxels, 8 MR series, RTSTRUCT, "
             "RTDOSE), fresh process (imports, template loading and file writing included), "
             f"{repeat} seeds each. Target (issue 3): <= 20 s on 2 CPU cores.",
             "",
@@ -284,8 +290,8 @@ def bench(spacing: float, repeat: int, write: bool) -> str:
                 for fmt, v in timings.items()
             ),
             "",
-            "The machine's 2 cores were shared with other work while this ran; one patient uses "
-            "one core.",
+            "The machine's 2 cores were shared with other work while this ran (1-minute load "
+            f"average {load_before:.1f} at the start); one patient uses one core.",
         ]
     )
     if write:
