@@ -457,6 +457,13 @@ def generate_cohort(
     return records
 
 
+def dicom_study_dir(out_dir: Path, patient_id: str, phase: str = "pre") -> Path:
+    """Folder of a patient's pre-treatment (or ``post``) DICOM study, as the node receives it."""
+    if phase not in ("pre", "post"):
+        raise InputError(f"phase must be 'pre' or 'post', found {phase!r}")
+    return out_dir / patient_id / "dicom" / phase
+
+
 def write_table(path: Path, records: Sequence[PatientRecord]) -> None:
     keys: list[str] = []
     for r in records:

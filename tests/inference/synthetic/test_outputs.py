@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from inference.synthetic.cohort import (
     FORMATS,
     PatientRecord,
+    dicom_study_dir,
     generate_cohort,
     read_table,
 )
@@ -151,6 +152,10 @@ def test_headers_are_realistic_and_unicode(small_cohort: Cohort) -> None:
             assert "^" in name
     # two sites, two vendors' naming: 8 distinct series descriptions
     assert len(descriptions) == 8
+    pre = dicom_study_dir(out, records[0].patient_id)
+    assert sorted(p.name for p in pre.iterdir()) == [
+        "002_t1", "003_t1c", "004_t2", "005_flair", "RTDOSE", "RTSTRUCT"
+    ]  # fmt: skip
     raw = (out / records[0].patient_id / "dicom/pre/RTSTRUCT/rtstruct.dcm").read_bytes()
     assert (
         str(
