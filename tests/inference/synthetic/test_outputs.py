@@ -245,3 +245,51 @@ def test_fast_slice_writer_writes_what_pydicom_writes(small_cohort: Cohort) -> N
                     buf = io.BytesIO()
                     pydicom.dcmread(io.BytesIO(raw)).save_as(buf, enforce_file_format=True)
                     assert buf.getvalue() == raw, path
+
+
+@pytest.mark.parametrize("profile_index", range(5))
+def test_every_site_profile_writes_valid_mr_headers(
+    profile_index: int, tmp_path: Path, dciodvfy: str
+) -> None:
+    import datetime
+
+    from dicom_node.types import PatientStudy, Volume
+    from inference.synthetic import dicom_export as dx
+    from inference.synthetic.scanner import BASE_PROFILES
+
+    profile = BASE_PROFILES[profile_index]
+    grid = Volume(np.zeros((3, 8, 8), bool), (2.0, 2.0, 5.0), (-8.0, -8.0, 0.0), np.eye(3))
+    patient = PatientStudy(
+        study_instance_uid=dx.derived_uid("t", profile_index),
+        patient_name="Østergaard^Åse",
+        patient_id="P1",
+        patient_birth_date="19600101",
+        patient_sex="F",
+        study_date="20240101",
+        study_time="080000",
+        study_id="1",
+        accession_number="A1",
+        referring_physician_name="Dvořák^Antonín",
+        extra={"StudyDescription": profile.study_description},
+    )
+    pixels = np.random.default_rng(0).integers(0, 4000, (3, 8, 8)).astype(np.uint16)
+    for contrast in CONTRASTS:
+        info = dx.SeriesInfo(
+            contrast, profile.descriptions[contrast], 2, dx.derived_uid("s", contrast),
+            datetime.datetime(2024, 1, 1, 8, 5),
+        )  # fmt: skip
+        ref = dx.write_mr_series(
+            tmp_path / contrast, pixels, grid, patient, profile, info, "1.2.3.4", "064Y"
+        )
+        assert len(ref.sop_instance_uids) == 3
+        run = subprocess.run(
+            [dciodvfy, str(tmp_path / contrast / "0002.dcm")], capture_output=True, text=True
+        )
+        errors = [x for x in (run.stdout + run.stderr).splitlines() if x.startswith("Error")]
+        assert not errors, (profile.model, contrast, errors)
+        ds = pydicom.dcmread(tmp_path / contrast / "0002.dcm")
+        assert ds.SeriesDescription == profile.descriptions[contrast]
+        assert ds.Manufacturer == profile.manufacturer
+        assert float(ds.MagneticFieldStrength) == profile.field_t
+        assert ("InversionTime" in ds) == ("IR" in ds.ScanningSequence)
+        assert np.array_equal(ds.pixel_array, pixels[1])
