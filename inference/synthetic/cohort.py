@@ -261,7 +261,9 @@ def generate_patient(
     for phase, masks in (("pre", pre_masks), ("post", post_masks)):
         fractions = _fractions(anat, tissue, masks)
         for contrast in scanner.CONTRASTS:
-            clean = scanner.to_acquisition(scanner.synthesise(site, contrast, fractions), sim, acq)
+            clean = scanner.synthesise(site, contrast, fractions)
+            clean = scanner.inplane_resolution(clean, spacing_mm, site)
+            clean = scanner.to_acquisition(clean, sim, acq)
             wm_signal = scanner.compartment_signal(site, contrast, "wm")
             images[f"{phase}_{contrast}"] = scanner.acquire(
                 clean, site, wm_signal, brain_acq, img_rng

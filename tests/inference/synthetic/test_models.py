@@ -254,3 +254,13 @@ def test_mass_effect_pushes_tissue_away_from_the_tumour() -> None:
     assert after > before + 1.0, (before, after)
     same = tumour.mass_effect({"m": marker}, core, brain, 2.0, strength=0.0)["m"]
     assert np.array_equal(same, marker)
+
+
+def test_inplane_resolution_blurs_only_below_the_native_pixel() -> None:
+    profile = scanner.BASE_PROFILES[0]  # 1.0 mm native in-plane
+    img = np.zeros((3, 21, 21), dtype=np.float32)
+    img[:, 10, 10] = 1.0
+    assert scanner.inplane_resolution(img, 2.0, profile) is img
+    fine = scanner.inplane_resolution(img, 0.5, profile)
+    assert fine[1, 10, 10] < 0.5 and fine.sum() == pytest.approx(img.sum(), rel=1e-4)
+    assert np.array_equal(fine[0], fine[1])  # no blur across slices
