@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import highdicom as hd
+import pydicom.datadict
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -228,6 +229,10 @@ def set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
     ds.StudyID = patient.study_id
     ds.AccessionNumber = patient.accession_number
     ds.ReferringPhysicianName = patient.referring_physician_name
+    for keyword, value in patient.extra.items():
+        if pydicom.datadict.tag_for_keyword(keyword) is None:
+            raise ExportError(f"PatientStudy.extra key {keyword!r} is not a DICOM keyword")
+        setattr(ds, keyword, value)
 
 
 def sorted_unique(uids: Iterable[str]) -> tuple[str, ...]:

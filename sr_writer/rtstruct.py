@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
@@ -28,6 +27,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, SeriesRef, Volume
 from sr_writer.contours import mask_contours
+from sr_writer.labels import set_patient_study
 
 logger = logging.getLogger(__name__)
 
@@ -131,24 +131,6 @@ def _check_roi(roi: RoiMask) -> None:
         raise ExportError(f"ROI {roi.name!r}: colour must be 3 values in 0..255, found {roi.color}")
 
 
-def _set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
-    ds.SpecificCharacterSet = patient.specific_character_set or "ISO_IR 192"
-    ds.PatientName = patient.patient_name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.patient_birth_date
-    ds.PatientSex = patient.patient_sex
-    ds.StudyInstanceUID = patient.study_instance_uid
-    ds.StudyDate = patient.study_date
-    ds.StudyTime = patient.study_time
-    ds.StudyID = patient.study_id
-    ds.AccessionNumber = patient.accession_number
-    ds.ReferringPhysicianName = patient.referring_physician_name
-    for keyword, value in patient.extra.items():
-        if pydicom.datadict.tag_for_keyword(keyword) is None:
-            raise ExportError(f"PatientStudy.extra key {keyword!r} is not a DICOM keyword")
-        setattr(ds, keyword, value)
-
-
 def build_rtstruct(
     *,
     rois: Sequence[RoiMask],
@@ -220,7 +202,7 @@ def build_rtstruct(
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta.ImplementationVersionName = "GLIOFORECAST"
 
-    _set_patient_study(ds, patient)
+    set_patient_study(ds, patient)
     ds.SOPClassUID = RTSTRUCT_SOP_CLASS_UID
     ds.SOPInstanceUID = sop_instance_uid
     ds.InstanceCreationDate = date

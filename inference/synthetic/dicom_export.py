@@ -34,6 +34,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, SeriesRef, Volume
 from inference.synthetic.scanner import SiteProfile, effective_ti, sequence_for
+from sr_writer.labels import set_patient_study
 
 logger = logging.getLogger(__name__)
 
@@ -163,22 +164,6 @@ class _SliceWriter:
         path.write_bytes(b"".join(parts))
 
 
-def _patient_study(ds: Dataset, patient: PatientStudy) -> None:
-    ds.SpecificCharacterSet = patient.specific_character_set
-    ds.PatientName = patient.patient_name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.patient_birth_date
-    ds.PatientSex = patient.patient_sex
-    ds.StudyInstanceUID = patient.study_instance_uid
-    ds.StudyDate = patient.study_date
-    ds.StudyTime = patient.study_time
-    ds.StudyID = patient.study_id
-    ds.AccessionNumber = patient.accession_number
-    ds.ReferringPhysicianName = patient.referring_physician_name
-    for keyword, value in patient.extra.items():
-        setattr(ds, keyword, value)
-
-
 def _equipment(ds: Dataset, profile: SiteProfile) -> None:
     ds.Manufacturer = profile.manufacturer
     ds.InstitutionName = profile.institution
@@ -211,7 +196,7 @@ def write_mr_series(
     seq = sequence_for(profile, info.contrast)
     when = info.acquisition_time
     base = Dataset()
-    _patient_study(base, patient)
+    set_patient_study(base, patient)
     base.PatientAge = patient_age
     base.Modality = "MR"
     base.SeriesInstanceUID = info.series_uid
@@ -322,7 +307,7 @@ def write_rtdose(
         raise ExportError("the RT dose writer expects an axial grid (identity direction)")
     ds = Dataset()
     ds.file_meta = _file_meta(RT_DOSE_STORAGE, sop_uid)
-    _patient_study(ds, patient)
+    set_patient_study(ds, patient)
     ds.SOPClassUID = RT_DOSE_STORAGE
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = when.strftime("%Y%m%d")
