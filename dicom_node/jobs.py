@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_node.errors import StorageError
 from dicom_node.instance import InstanceInfo
+from dicom_node.sqlite import Database
 
 log = logging.getLogger(__name__)
 
@@ -153,37 +151,13 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._conn = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; after a power loss the last commits
-            # may be lost, and reconcile() rebuilds them from the fsynced spool files.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            self._conn.executescript(SCHEMA)
-        except sqlite3.Error as exc:
-            raise StorageError(f"job database {path}: cannot open: {exc}") from exc
-        self._lock = threading.RLock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
-                self._conn.execute("COMMIT")
+        # NORMAL in WAL mode survives a process crash; after a power loss the last commits may
+        # be lost, and reconcile() rebuilds them from the fsynced spool files.
+        self._db = Database(path, SCHEMA, "job", synchronous="NORMAL")
+        self._conn = self._db.conn
+        self._lock = self._db.lock
+        self.transaction = self._db.transaction
+        self.close = self._db.close
 
     # ---------------------------------------------------------------- instances
 

@@ -28,9 +28,8 @@ import logging
 import os
 import sqlite3
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +40,7 @@ from pydicom.dataset import Dataset
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, StoreResult, store_batch
+from dicom_node.sqlite import Database
 
 logger = logging.getLogger(__name__)
 
@@ -153,45 +153,27 @@ class Outbox:
         )
         self.policy = policy or RetryPolicy()
         self.clock = clock
-        self._lock = threading.RLock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.objects_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open the outbox database {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create the outbox folder {self.objects_dir}: {exc}"
+            ) from exc
+        self._database = Database(self.path, _SCHEMA, "outbox", synchronous="FULL")
+        self._db = self._database.conn
+        self._lock = self._database.lock
+        self._tx = self._database.transaction
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._database.close()
 
     def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StorageError(f"outbox database {self.path}: {exc}") from exc
 
     def _object_path(self, sop_instance_uid: str) -> Path:
         return self.objects_dir / f"{sop_instance_uid}.dcm"
