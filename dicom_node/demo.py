@@ -165,10 +165,10 @@ def run(out: Path, seed: int) -> int:
         _say(f"source study stored in the PACS ({len(files)} instances)")
 
         data_dir = out / "node"
-        config = out / "node.yaml"  # laid over the embedded default: only the destination
+        config = out / "node.yaml"  # laid over the embedded default: destination, free ports
         config.write_text(yaml.safe_dump({"destinations": [
             {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-             "port": pacs.dicom_port}]}))  # fmt: skip
+             "port": pacs.dicom_port}], "health": {"port": free_port()}}))  # fmt: skip
         port = free_port()
         log = out / "node.log"
         _say(f"starting the node: {ae} on 127.0.0.1:{port}, results to the PACS (log: {log})")

@@ -414,6 +414,16 @@ class JobStore:
             ).fetchall()
         return [Event(r[0], r[1], r[2]) for r in rows]
 
+    def durations(self) -> list[float]:
+        """Seconds from start to end of every job that is done (last run of each)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT j.updated_at - max(e.at) FROM jobs j JOIN events e "
+                "ON e.job_id = j.id AND e.kind = ? WHERE j.state = ? GROUP BY j.id",
+                (RUNNING, DONE),
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")

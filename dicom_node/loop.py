@@ -36,8 +36,8 @@ class BackgroundLoop:
             self._thread.join(timeout)
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.errors import InputError, OutOfSpaceError
+from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import JobStore
 from dicom_node.settings import AllowedCaller, NodeSettings
@@ -235,12 +235,16 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = self.ae.start_server(
-            (self.settings.bind_address, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.ssl_context,
-        )
+        address = (self.settings.bind_address, self.settings.port)
+        try:
+            server = self.ae.start_server(
+                address, block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+            )
+        except OSError as exc:
+            raise GlioforecastError(
+                f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "
+                "a free port: stop the other listener or set node.port"
+            ) from exc
         assert server is not None
         self.server = server
         return server

@@ -11,8 +11,10 @@ from types import FrameType
 from pydicom import dcmread
 
 from dicom_node.assembler import Assembler
+from dicom_node.errors import GlioforecastError
+from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.pipeline import Pipeline
@@ -131,6 +133,16 @@ class Node:
         )
         pipeline = Pipeline(settings, self.store, self.spool.root, NoChangeBaseline())
         self.worker = Worker(settings, self.store, pipeline, self.outbox, self.sender.wake)
+        self.health: HealthServer | None = None
+        if settings.health.enabled:
+            h = settings.health
+            try:
+                self.health = HealthServer(h.bind_address, h.port, self.summary, self.metrics)
+            except OSError as exc:
+                raise GlioforecastError(
+                    f"health endpoint: cannot listen on {h.bind_address}:{h.port} ({exc}); "
+                    "expected a free port: set health.port, or health.enabled: false"
+                ) from exc
         self._stop = threading.Event()
 
     def start(self) -> None:
@@ -138,6 +150,11 @@ class Node:
         self.sender.start()
         self.worker.start()
         self.scp.start()
+        if self.health is not None:
+            self.health.start()
+            log.info(
+                "health and metrics on http://%s:%d/health", *self.health.server.server_address[:2]
+            )
         log.info(
             "listening as %s on %s:%d%s; data in %s",
             self.settings.node.ae_title,
@@ -164,9 +181,77 @@ class Node:
             log.info("signal %s received: stopping", signal.Signals(signum).name)
         self._stop.set()
 
+    def summary(self) -> dict[str, object]:
+        """What /health answers: component states and job counts (no patient data)."""
+        components = {
+            "receiver": self.scp.server is not None,
+            "worker": self.worker.alive,
+            "sender": self.sender.alive,
+        }
+        return {
+            "status": "ok" if all(components.values()) else "degraded",
+            "components": components,
+            "jobs": self.store.counts(),
+            "outbox": self.outbox.counts(),
+        }
+
+    def metrics(self) -> str:
+        counts = self.store.counts()
+        durations = self.store.durations()
+        samples: list[tuple[str, str, dict[str, str], float]] = [
+            ("glioforecast_up", "1 while the node runs", {}, 1),
+        ]
+        for state in JOB_STATES:
+            samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
+        samples += [
+            ("glioforecast_queue_depth", "jobs waiting for the worker", {}, counts[QUEUED]),
+            (
+                "glioforecast_instances_received_total",
+                "instances stored in the spool",
+                {},
+                counts["instances"],
+            ),
+            (
+                "glioforecast_job_duration_seconds_sum",
+                "time from start to end of done jobs",
+                {},
+                sum(durations),
+            ),
+            ("glioforecast_job_duration_seconds_count", "done jobs timed", {}, len(durations)),
+            (
+                "glioforecast_spool_free_bytes",
+                "free space on the spool's file system",
+                {},
+                self.spool.free_bytes(),
+            ),
+        ]
+        for destination, by_state in sorted(self.outbox.counts().items()):
+            for state, n in sorted(by_state.items()):
+                samples.append(
+                    (
+                        "glioforecast_deliveries",
+                        "result deliveries by destination and state",
+                        {"destination": destination, "state": state},
+                        n,
+                    )
+                )
+        components: dict[str, bool] = self.summary()["components"]  # type: ignore[assignment]
+        for name, up in components.items():
+            samples.append(
+                (
+                    "glioforecast_component_up",
+                    "1 while a part of the node runs",
+                    {"component": name},
+                    int(up),
+                )
+            )
+        return prometheus(samples)
+
     def stop(self) -> None:
         """Stop receiving, let the current job finish, stop sending, close the databases."""
         self._stop.set()
+        if self.health is not None:
+            self.health.stop()
         self.scp.stop()
         self.worker.stop(timeout=120)  # lets the current job finish
         self.sender.stop()
@@ -180,8 +265,8 @@ def serve(settings: Settings) -> int:
     node = Node(settings)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
-    node.start()
     try:
+        node.start()
         node.run_forever()
     finally:
         node.stop()

@@ -200,6 +200,15 @@ class SendingSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """The HTTP health and metrics endpoint (``/health``, ``/metrics``)."""
+
+    enabled: bool = True
+    bind_address: str = field(default="127.0.0.1", metadata=_spec("", check=_check_bind))
+    port: int = field(default=11113, metadata=_spec("", minimum=0, maximum=65535))
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -213,6 +222,7 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()
     sending: SendingSettings = SendingSettings()
+    health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = field(default=EMBEDDED, metadata={"internal": True})
 

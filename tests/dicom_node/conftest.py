@@ -20,6 +20,7 @@ def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
     s = dataclasses.replace(
         s,
         node=dataclasses.replace(s.node, port=0),
+        health=dataclasses.replace(s.health, port=0),
         storage=dataclasses.replace(s.storage, data_dir=data_dir),
         assembly=dataclasses.replace(s.assembly, quiet_period_s=0.3, poll_interval_s=0.05),
     )

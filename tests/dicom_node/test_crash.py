@@ -89,6 +89,7 @@ def test_sigkill_during_ingest_loses_nothing(tmp_path: Path) -> None:
     config = tmp_path / "node.yaml"
     base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
     base["node"]["port"] = port
+    base["health"]["port"] = 0
     base["storage"]["data_dir"] = str(data_dir)
     base["assembly"] = {"quiet_period_s": 0.5, "poll_interval_s": 0.1}
     base["roles"]["required"] = ["t1c"]

@@ -1,0 +1,92 @@
+"""Health and Prometheus metrics over HTTP, on localhost by default.
+
+``GET /health`` answers 200 with a JSON summary while the receiver, the worker and the sender
+run, 503 (with the same summary) when one of them has stopped. ``GET /metrics`` answers the
+Prometheus text format. Neither carries patient data: only counts, states and durations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class HealthServer:
+    def __init__(
+        self,
+        bind_address: str,
+        port: int,
+        summary: Callable[[], dict[str, Any]],
+        metrics: Callable[[], str],
+    ) -> None:
+        self.summary = summary
+        self.metrics = metrics
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                try:
+                    if self.path == "/health":
+                        data = owner.summary()
+                        code = 200 if data.get("status") == "ok" else 503
+                        self._answer(code, "application/json", json.dumps(data, indent=1))
+                    elif self.path == "/metrics":
+                        self._answer(200, "text/plain; version=0.0.4", owner.metrics())
+                    else:
+                        self._answer(404, "text/plain", "try /health or /metrics\n")
+                except Exception as exc:  # a broken probe must not take the node down
+                    log.exception("health endpoint failed")
+                    self._answer(500, "text/plain", f"{type(exc).__name__}\n")
+
+            def _answer(self, code: int, content_type: str, body: str) -> None:
+                data = body.encode("utf-8")
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("health: " + format, *args)
+
+        self.server = ThreadingHTTPServer((bind_address, port), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="health-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, which must be running
+            self.server.shutdown()
+        self.server.server_close()
+
+
+def prometheus(samples: list[tuple[str, str, dict[str, str], float]]) -> str:
+    """Prometheus text format from (name, help, labels, value) samples, grouped by name."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    for name, help_text, labels, value in samples:
+        if name not in seen:
+            seen.add(name)
+            kind = "counter" if name.endswith("_total") else "gauge"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+        lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

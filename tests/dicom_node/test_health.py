@@ -1,0 +1,69 @@
+"""The health and metrics endpoint of a running node, read over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+from tests import factories
+from tests.conftest import wait_for
+from tests.dicom_node.test_cli import run_cli
+from tests.dicom_node.test_scp import storescu
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in metrics:\n{text}")
+
+
+def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    files = [p for paths in study.values() for p in paths]
+    node = run_node()
+    assert node.health is not None
+    port = node.health.port
+    code, body = get(port, "/health")
+    assert code == 200
+    summary = json.loads(body)
+    assert summary["status"] == "ok"
+    assert summary["components"] == {"receiver": True, "worker": True, "sender": True}
+    storescu(node.scp.port, *files)
+    wait_for(lambda: node.store.list_jobs() and node.store.counts()["queued"] == 0, what="job")
+    code, text = get(port, "/metrics")
+    assert code == 200
+    assert "# TYPE glioforecast_instances_received_total counter" in text
+    assert metric(text, "glioforecast_instances_received_total") == len(files)
+    assert 'glioforecast_jobs{state="failed"} 1' in text  # that RTSTRUCT has no contour
+    assert metric(text, "glioforecast_queue_depth") == 0
+    assert 'glioforecast_component_up{component="worker"} 1' in text
+    for identifier in ("Lef", "GF-TEST-001", "19610402"):
+        assert identifier not in text
+    assert get(port, "/nothing")[0] == 404
+    # a part that stops makes /health answer 503
+    node.worker.stop()
+    code, body = get(port, "/health")
+    assert code == 503
+    assert json.loads(body)["components"]["worker"] is False
+
+
+def test_serve_reports_a_port_in_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
+                         cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    assert f"DICOM receiver: cannot listen on 127.0.0.1:{port}" in result.stderr
