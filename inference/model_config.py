@@ -525,3 +525,16 @@ def _type_name(tp: Any) -> str:
     if tp is str:
         return "a string"
     return str(tp)
+
+
+def parse_dataclass_fields(
+    cls: type,
+    data: Any,
+    prefix: str,
+    problems: list[str],
+    other_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Strictly parse ``data`` into keyword arguments of the dataclass ``cls`` (nested
+    dataclasses built), appending one line per problem (dotted key, expected, found) to
+    ``problems``; shared by other model kinds' ``model.yaml`` readers."""
+    return _parse_dataclass(cls, data, prefix, problems, other_keys)

@@ -53,7 +53,12 @@ DEFAULT_WEIGHT_FILES = {
 }
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-_TOP_KEYS = ("format", "format_version", "weights")
+_TOP_KEYS = ("format", "format_version", "kind", "weights")
+#: ``kind`` of a latent diffusion model directory (the default when ``kind`` is absent)
+KIND_LDM = "latent-diffusion"
+#: ``kind`` of the deterministic UNet regression baseline (``inference.unet_baseline``)
+KIND_UNET_BASELINE = "unet-baseline"
+KINDS = (KIND_LDM, KIND_UNET_BASELINE)
 
 
 @dataclass(frozen=True)
@@ -133,8 +138,8 @@ def save_model_dir(
     return out
 
 
-def read_model_yaml(path: str | Path) -> tuple[ModelConfig, dict[str, WeightsEntry]]:
-    """Parse and validate ``model.yaml`` of a model directory (no weights are read)."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a model directory's ``model.yaml`` (not validated further)."""
     directory = Path(path)
     file = directory / MODEL_YAML
     if not directory.is_dir():
@@ -149,6 +154,37 @@ def read_model_yaml(path: str | Path) -> tuple[ModelConfig, dict[str, WeightsEnt
     if not isinstance(data, dict):
         raise InferenceError(
             f"{file}: expected a mapping at the top level, found {type(data).__name__}"
+        )
+    return data
+
+
+def model_kind(path: str | Path) -> str:
+    """The ``kind`` of a model directory: :data:`KIND_LDM` (also when absent) or
+    :data:`KIND_UNET_BASELINE`; anything else is an error."""
+    data = read_yaml_mapping(path)
+    kind = data.get("kind", KIND_LDM)
+    if kind not in KINDS:
+        raise InferenceError(
+            f"{Path(path) / MODEL_YAML}: kind: expected one of {list(KINDS)}, found {kind!r}"
+        )
+    return str(kind)
+
+
+def read_model_yaml(path: str | Path) -> tuple[ModelConfig, dict[str, WeightsEntry]]:
+    """Parse and validate ``model.yaml`` of a latent diffusion model directory (no weights are
+    read)."""
+    directory = Path(path)
+    file = directory / MODEL_YAML
+    data = read_yaml_mapping(directory)
+    kind = data.get("kind", KIND_LDM)
+    if kind != KIND_LDM:
+        raise InferenceError(
+            f"{file}: kind: expected {KIND_LDM!r} (a latent diffusion model), found {kind!r}"
+            + (
+                " (load it with inference.unet_baseline.load_baseline_dir)"
+                if kind == KIND_UNET_BASELINE
+                else ""
+            )
         )
     problems: list[str] = []
     if data.get("format") != FORMAT:

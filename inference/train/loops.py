@@ -1,0 +1,837 @@
+"""Training loops of the three trainable stages: the KL autoencoder (stage 1), the diffusion UNet
+(stage 2) and the UNet regression baseline, with progress bars, checkpoints, resume and seeds.
+
+Each loop reads cohort folders (:mod:`inference.data`), holds out whole sites for a validation
+loss, runs epochs of the one-step functions (:mod:`inference.train.steps`,
+:mod:`inference.unet_baseline`) and writes a model directory. Reproducibility: the initial
+weights come from ``seed``, the patient order of epoch ``e`` from ``[seed, e]``, every other
+random draw (latent sampling, timesteps, noise, condition dropout) from one ``torch.Generator``
+seeded with ``seed`` whose state is checkpointed, so an interrupted run resumed with
+``resume=True`` ends with the same weights as an uninterrupted one (same device).
+
+Checkpoints, after every epoch, in ``OUT/checkpoints/<stage>/``: ``weights.safetensors`` (the
+network being trained), ``trainer.pt`` (optimizer state and generator state: plain tensors and
+numbers, read back with ``torch.load(weights_only=True)``) and ``state.json`` (epoch, losses,
+configuration, patients; written last, so its presence marks a complete checkpoint).
+
+``OUT/train_state.json`` records the finished stages (epochs, losses, data, seed, device, time);
+a directory whose diffusion stage was never trained is refused by the predictor.
+
+AMP: bf16 autocast on CUDA only (``autocast="auto"``); on CPU everything runs in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dicom_node.errors import InferenceError
+from inference.data import CohortDataset, CohortSplit, TrainingSample, read_cohort, split_cohort
+from inference.model_config import ModelConfig, config_to_dict
+from inference.model_dir import load_model_dir, load_state_checked, save_model_dir
+from inference.networks import LatentDiffusionModel, build_model, build_scheduler, build_unet
+from inference.sampler import make_generator
+from inference.train.steps import (
+    AutoencoderBatch,
+    DiffusionBatch,
+    autoencoder_losses,
+    autoencoder_step,
+    diffusion_loss,
+    diffusion_step,
+    latent_scale_from,
+)
+from inference.unet_baseline import (
+    BaselineBatch,
+    UNetBaselineConfig,
+    baseline_losses,
+    baseline_step,
+    build_baseline_unet,
+    save_baseline_dir,
+)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("autoencoder", "diffusion", "baseline")
+TRAIN_STATE = "train_state.json"
+CHECKPOINTS = "checkpoints"
+_STAGE_STREAM = {"autoencoder": 1, "diffusion": 2, "baseline": 3}
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train (not what: that is the model configuration).
+
+    ``epochs`` is the total number of epochs (a resumed run continues up to it).
+    ``held_out_sites`` names validation sites; otherwise ``n_held_out_sites`` are drawn with
+    ``seed`` (0: no validation). ``autocast``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or
+    ``none``.
+    """
+
+    epochs: int = 10
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    autocast: str = "auto"
+    held_out_sites: tuple[str, ...] | None = None
+    n_held_out_sites: int = 1
+    held_out_seeds: tuple[int, ...] = ()
+    progress: bool = True
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs: expected >= 1, found {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size: expected >= 1, found {self.batch_size}")
+        if not self.learning_rate > 0:
+            problems.append(f"learning_rate: expected > 0, found {self.learning_rate}")
+        if self.autocast not in ("auto", "bf16", "none"):
+            problems.append(f"autocast: expected auto, bf16 or none, found {self.autocast!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            problems.append(f"device: expected cpu or cuda, found {self.device!r}")
+        if problems:
+            raise InferenceError("training options:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a training run did."""
+
+    stage: str
+    out_dir: Path
+    epochs: int
+    start_epoch: int
+    train_losses: list[float]
+    val_losses: list[float | None]
+    seconds: float
+    train_patients: list[str]
+    held_out_patients: list[str]
+    held_out_sites: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("device: cuda was asked for, but torch finds no CUDA device here")
+    return device
+
+
+def epoch_order(n: int, seed: int, epoch: int, stage: str) -> list[int]:
+    """The item order of one epoch (depends on the seed, the epoch and the stage only)."""
+    rng = np.random.default_rng([int(seed), int(epoch), _STAGE_STREAM[stage]])
+    return [int(i) for i in rng.permutation(n)]
+
+
+def batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def _t(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+
+
+def _cat(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.cat([_t(a, device) for a in arrays])
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_train_state(model_dir: str | Path) -> dict[str, Any]:
+    """``train_state.json`` of a model directory (empty when absent)."""
+    path = Path(model_dir) / TRAIN_STATE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InferenceError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InferenceError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _record_stage(out: Path, stage: str, info: dict[str, Any], base: dict[str, Any]) -> None:
+    state = dict(base)
+    stages = dict(state.get("stages", {}))
+    stages[stage] = info
+    state["stages"] = stages
+    _atomic_json(out / TRAIN_STATE, state)
+
+
+class Checkpoint:
+    """The checkpoint of one stage in ``OUT/checkpoints/<stage>/``."""
+
+    def __init__(self, out_dir: Path, stage: str) -> None:
+        self.dir = out_dir / CHECKPOINTS / stage
+        self.stage = stage
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_file.is_file()
+
+    def save(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+        state: dict[str, Any],
+    ) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        save_file(weights, str(self.dir / "weights.safetensors.tmp"))
+        (self.dir / "weights.safetensors.tmp").replace(self.dir / "weights.safetensors")
+        trainer = {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+        torch.save(trainer, self.dir / "trainer.pt.tmp")
+        (self.dir / "trainer.pt.tmp").replace(self.dir / "trainer.pt")
+        _atomic_json(self.state_file, state)
+
+    def load(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+    ) -> dict[str, Any]:
+        from inference.model_dir import load_weights_file
+
+        state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        load_state_checked(
+            module, load_weights_file(self.dir / "weights.safetensors"), str(self.dir)
+        )
+        try:
+            trainer = torch.load(self.dir / "trainer.pt", map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InferenceError(
+                f"{self.dir / 'trainer.pt'}: expected optimizer and generator state readable with "
+                f"torch.load(weights_only=True), found an unreadable file ({exc})"
+            ) from None
+        optimizer.load_state_dict(trainer["optimizer"])
+        generator.set_state(trainer["generator"].to(torch.uint8).cpu())
+        return dict(state)
+
+
+def _check_resume(state: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+    differ = [k for k, v in expected.items() if state.get(k) != v]
+    if differ:
+        details = "; ".join(
+            f"{k}: checkpoint has {_short(state.get(k))}, this run {_short(expected[k])}"
+            for k in differ
+        )
+        raise InferenceError(
+            f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
+            "start a new output directory instead"
+        )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _prepare_run(
+    out: Path, stage: str, options: TrainOptions
+) -> tuple[Checkpoint, torch.device, torch.Generator]:
+    device = resolve_device(options.device)
+    ckpt = Checkpoint(out, stage)
+    if ckpt.exists() and not options.resume:
+        raise InferenceError(
+            f"{ckpt.dir} holds a checkpoint of a previous {stage} run: pass --resume to continue "
+            "it, or choose another output directory"
+        )
+    if options.resume and not ckpt.exists():
+        log.warning("resume asked for, but %s holds no checkpoint: starting afresh", ckpt.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = make_generator(options.seed, "cpu")
+    return ckpt, device, generator
+
+
+def _split(data: Sequence[Path], options: TrainOptions) -> CohortSplit:
+    patients = read_cohort(list(data))
+    sites = {p.site for p in patients}
+    n_held = options.n_held_out_sites if len(sites) > 1 else 0
+    if options.held_out_sites is None and n_held != options.n_held_out_sites:
+        log.warning("one site only: no site held out, no validation loss")
+    return split_cohort(
+        patients,
+        held_out_sites=options.held_out_sites,
+        n_held_out_sites=n_held,
+        held_out_seeds=options.held_out_seeds,
+        seed=options.seed,
+    )
+
+
+def _run_epochs(
+    *,
+    stage: str,
+    options: TrainOptions,
+    n_items: int,
+    start_epoch: int,
+    step: Callable[[list[int]], float],
+    validate: Callable[[], float | None],
+    save: Callable[[int, list[float], list[float | None]], None],
+    losses: list[float],
+    val_losses: list[float | None],
+) -> None:
+    for epoch in range(start_epoch, options.epochs):
+        order = epoch_order(n_items, options.seed, epoch, stage)
+        chunks = list(batches(order, options.batch_size))
+        total = 0.0
+        bar = tqdm(
+            chunks,
+            desc=f"{stage} {epoch + 1}/{options.epochs}",
+            unit="batch",
+            disable=not options.progress,
+            leave=False,
+        )
+        for chunk in bar:
+            loss = step(chunk)
+            total += loss * len(chunk)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        bar.close()
+        losses.append(total / max(n_items, 1))
+        val_losses.append(validate())
+        log.info(
+            "%s epoch %d/%d: train loss %.5f, validation loss %s",
+            stage,
+            epoch + 1,
+            options.epochs,
+            losses[-1],
+            "n/a" if val_losses[-1] is None else f"{val_losses[-1]:.5f}",
+        )
+        save(epoch + 1, losses, val_losses)
+
+
+def _stage_info(
+    options: TrainOptions,
+    data: Sequence[Path],
+    split: CohortSplit,
+    losses: list[float],
+    val_losses: list[float | None],
+    seconds: float,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "learning_rate": options.learning_rate,
+        "seed": options.seed,
+        "device": options.device,
+        "data": [str(Path(d)) for d in data],
+        "train_patients": len(split.train),
+        "held_out_patients": len(split.held_out),
+        "held_out_sites": list(split.held_out_sites),
+        "train_losses": losses,
+        "val_losses": val_losses,
+        "seconds_this_run": round(seconds, 2),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# stage 1: the autoencoder
+
+
+@dataclass(frozen=True)
+class _AEItem:
+    patient: int
+    which: str  # t1c, flair, post
+
+
+def _ae_items(ds: CohortDataset) -> list[_AEItem]:
+    items: list[_AEItem] = []
+    for i in range(len(ds)):
+        s = ds[i]
+        items.append(_AEItem(i, "t1c"))
+        if s.study.flair is not None:
+            items.append(_AEItem(i, "flair"))
+        items.append(_AEItem(i, "post"))
+    return items
+
+
+def _ae_batch(
+    ds: CohortDataset, items: Sequence[_AEItem], device: torch.device
+) -> AutoencoderBatch:
+    images, masks, weights = [], [], []
+    for it in items:
+        s = ds[it.patient]
+        if it.which == "t1c":
+            images.append(s.study.t1c)
+            masks.append(s.pre_mask)
+            weights.append(1.0)
+        elif it.which == "flair":
+            assert s.study.flair is not None
+            images.append(s.study.flair)
+            masks.append(np.zeros_like(s.pre_mask))
+            weights.append(0.0)
+        else:
+            images.append(s.post_t1c)
+            masks.append(s.post_mask)
+            weights.append(1.0)
+    return AutoencoderBatch(
+        image=_cat(images, device),
+        mask=_cat(masks, device),
+        mask_weight=torch.tensor(weights, device=device),
+    )
+
+
+def train_autoencoder(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    options: TrainOptions,
+) -> TrainReport:
+    """Train stage 1 on the cohort(s) ``data``; write a model directory to ``out_dir`` whose
+    ``latent_scale`` is set from the training latents (its diffusion UNet is untrained)."""
+    started = time.monotonic()
+    out = Path(out_dir)
+    paths = [Path(d) for d in data]
+    ckpt, device, generator = _prepare_run(out, "autoencoder", options)
+    split = _split(paths, options)
+    base_cfg = cfg.replace(latent_scale=1.0)
+    model = build_model(base_cfg, seed=options.seed)
+    ae = model.autoencoder.to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=options.learning_rate)
+    pre = base_cfg.preprocessing
+    train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    items = _ae_items(train_ds)
+    val_items = _ae_items(val_ds)
+    identity = {
+        "stage": "autoencoder",
+        "config": config_to_dict(base_cfg),
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "train_patients": [p.patient_id for p in split.train],
+    }
+    losses: list[float] = []
+    val_losses: list[float | None] = []
+    start_epoch = 0
+    if options.resume and ckpt.exists():
+        state = ckpt.load(ae, opt, generator)
+        _check_resume(state, identity, ckpt.dir)
+        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
+        log.info("resuming the autoencoder at epoch %d from %s", start_epoch, ckpt.dir)
+
+    def step(chunk: list[int]) -> float:
+        batch = _ae_batch(train_ds, [items[i] for i in chunk], device)
+        return autoencoder_step(
+            ae,
+            opt,
+            batch,
+            generator,
+            kl_weight=cfg.training.kl_weight,
+            mask_loss_weight=cfg.training.mask_loss_weight,
+            autocast=options.autocast,
+            grad_clip=options.grad_clip,
+        ).loss
+
+    @torch.no_grad()
+    def validate() -> float | None:
+        if not val_items:
+            return None
+        ae.eval()
+        g = make_generator(options.seed + 1)
+        total = 0.0
+        for chunk in batches(range(len(val_items)), options.batch_size):
+            batch = _ae_batch(val_ds, [val_items[i] for i in chunk], device)
+            loss, _ = autoencoder_losses(
+                ae,
+                batch,
+                g,
+                kl_weight=cfg.training.kl_weight,
+                mask_loss_weight=cfg.training.mask_loss_weight,
+            )
+            total += float(loss) * len(chunk)
+        return total / len(val_items)
+
+    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
+        ckpt.save(ae, opt, generator, {**identity, "epoch": epoch, "losses": losses,
+                                       "val_losses": val_losses})  # fmt: skip
+
+    _run_epochs(
+        stage="autoencoder",
+        options=options,
+        n_items=len(items),
+        start_epoch=start_epoch,
+        step=step,
+        validate=validate,
+        save=save,
+        losses=losses,
+        val_losses=val_losses,
+    )
+    # latent scale from the training images' latent means
+    ae.eval()
+    mus: list[torch.Tensor] = []
+    with torch.no_grad():
+        for chunk in batches(range(len(items)), options.batch_size):
+            batch = _ae_batch(train_ds, [items[i] for i in chunk], device)
+            mus.append(ae.encode(batch.image)[0].float().cpu())
+    scale = latent_scale_from(mus)
+    final_cfg = base_cfg.replace(latent_scale=scale)
+    model = LatentDiffusionModel(final_cfg, ae.cpu(), model.unet)
+    save_model_dir(model, out, overwrite=True)
+    seconds = time.monotonic() - started
+    _record_stage(
+        out,
+        "autoencoder",
+        _stage_info(options, paths, split, losses, val_losses, seconds, latent_scale=scale),
+        {},
+    )
+    log.info("autoencoder trained: latent scale %.4f, model directory %s", scale, out)
+    return TrainReport(
+        stage="autoencoder",
+        out_dir=out,
+        epochs=options.epochs,
+        start_epoch=start_epoch,
+        train_losses=losses,
+        val_losses=val_losses,
+        seconds=seconds,
+        train_patients=[p.patient_id for p in split.train],
+        held_out_patients=[p.patient_id for p in split.held_out],
+        held_out_sites=list(split.held_out_sites),
+        extra={"latent_scale": scale},
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# stage 2: the diffusion UNet
+
+
+@dataclass(frozen=True)
+class _Latents:
+    target: torch.Tensor  # (1, L, ...) post-treatment T1-Gd latent, scaled
+    t1c: torch.Tensor
+    flair: torch.Tensor | None
+    mask: torch.Tensor  # (1, 1, k, j, i)
+    dose: torch.Tensor | None  # (1, 1, k, j, i) divided by dose_scale_gy
+    label: int
+
+
+@torch.no_grad()
+def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents]:
+    cfg = model.config
+    device = model.device
+    out: list[_Latents] = []
+    for i in range(len(ds)):
+        s: TrainingSample = ds[i]
+        flair = s.study.flair
+        dose = s.study.dose
+        out.append(
+            _Latents(
+                target=model.encode(_t(s.post_t1c, device)).cpu(),
+                t1c=model.encode(_t(s.study.t1c, device)).cpu(),
+                flair=None if flair is None else model.encode(_t(flair, device)).cpu(),
+                mask=_t(s.study.mask, torch.device("cpu")),
+                dose=None
+                if dose is None
+                else _t(dose, torch.device("cpu")) / cfg.preprocessing.dose_scale_gy,
+                label=s.class_index,
+            )
+        )
+    return out
+
+
+def _diffusion_batch(items: Sequence[_Latents], device: torch.device) -> DiffusionBatch:
+    def stack(
+        get: Callable[[_Latents], torch.Tensor | None], like: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        values = [get(x) for x in items]
+        present = torch.tensor([v is not None for v in values], dtype=torch.bool)
+        if not present.any():
+            return None, present
+        filled = [
+            v if v is not None else torch.zeros_like(like)
+            for v, x in zip(values, items, strict=True)
+        ]
+        return torch.cat(filled).to(device), present
+
+    first = items[0]
+    flair, flair_ok = stack(lambda x: x.flair, first.t1c)
+    dose, dose_ok = stack(lambda x: x.dose, first.mask)
+    available = {}
+    if flair is not None:
+        available["flair"] = flair_ok.to(device)
+    if dose is not None:
+        available["dose"] = dose_ok.to(device)
+    return DiffusionBatch(
+        target=torch.cat([x.target for x in items]).to(device),
+        latents={"t1c": torch.cat([x.t1c for x in items]).to(device), "flair": flair},
+        mask=torch.cat([x.mask for x in items]).to(device),
+        class_labels=torch.tensor([x.label for x in items], dtype=torch.long, device=device),
+        dose=dose,
+        available=available or None,
+    )
+
+
+def train_diffusion(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    options: TrainOptions,
+    stage1_dir: str | Path | None = None,
+) -> TrainReport:
+    """Train stage 2 on the latents of the stage-1 model directory ``stage1_dir`` (default:
+    ``out_dir`` itself); write the complete model directory to ``out_dir``."""
+    started = time.monotonic()
+    out = Path(out_dir)
+    stage1 = Path(stage1_dir) if stage1_dir is not None else out
+    paths = [Path(d) for d in data]
+    ckpt, device, generator = _prepare_run(out, "diffusion", options)
+    stage1_state = read_train_state(stage1)
+    if "autoencoder" not in stage1_state.get("stages", {}):
+        log.warning(
+            "%s has no record of a trained autoencoder (train_state.json): training the "
+            "diffusion UNet on its autoencoder anyway",
+            stage1,
+        )
+    model = load_model_dir(stage1, device).model
+    cfg = model.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        model.unet = build_unet(cfg).to(device)
+    model.autoencoder.eval()
+    for p in model.autoencoder.parameters():
+        p.requires_grad_(False)
+    split = _split(paths, options)
+    pre = cfg.preprocessing
+    train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    train_lat = _encode_all(model, train_ds)
+    val_lat = _encode_all(model, val_ds)
+    opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
+    scheduler = build_scheduler(cfg)
+    identity = {
+        "stage": "diffusion",
+        "config": config_to_dict(cfg),
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "train_patients": [p.patient_id for p in split.train],
+    }
+    losses: list[float] = []
+    val_losses: list[float | None] = []
+    start_epoch = 0
+    if options.resume and ckpt.exists():
+        state = ckpt.load(model.unet, opt, generator)
+        _check_resume(state, identity, ckpt.dir)
+        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
+        log.info("resuming the diffusion UNet at epoch %d from %s", start_epoch, ckpt.dir)
+
+    def step(chunk: list[int]) -> float:
+        batch = _diffusion_batch([train_lat[i] for i in chunk], device)
+        return diffusion_step(
+            model,
+            opt,
+            batch,
+            generator,
+            scheduler=scheduler,
+            autocast=options.autocast,
+            grad_clip=options.grad_clip,
+        ).loss
+
+    @torch.no_grad()
+    def validate() -> float | None:
+        if not val_lat:
+            return None
+        model.unet.eval()
+        g = make_generator(options.seed + 1)
+        total = 0.0
+        for chunk in batches(range(len(val_lat)), options.batch_size):
+            batch = _diffusion_batch([val_lat[i] for i in chunk], device)
+            loss, _ = diffusion_loss(
+                model, batch, g, scheduler=scheduler, p_drop_contrast=0.0, p_drop_dose=0.0,
+                p_drop_class=0.0,
+            )  # fmt: skip
+            total += float(loss) * len(chunk)
+        return total / len(val_lat)
+
+    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
+        ckpt.save(model.unet, opt, generator, {**identity, "epoch": epoch, "losses": losses,
+                                               "val_losses": val_losses})  # fmt: skip
+
+    _run_epochs(
+        stage="diffusion",
+        options=options,
+        n_items=len(train_lat),
+        start_epoch=start_epoch,
+        step=step,
+        validate=validate,
+        save=save,
+        losses=losses,
+        val_losses=val_losses,
+    )
+    model.to("cpu")
+    save_model_dir(model, out, overwrite=True)
+    seconds = time.monotonic() - started
+    base = stage1_state if stage1.resolve() != out.resolve() else read_train_state(out)
+    _record_stage(
+        out,
+        "diffusion",
+        _stage_info(options, paths, split, losses, val_losses, seconds, stage1=str(stage1)),
+        base,
+    )
+    log.info("diffusion UNet trained: model directory %s", out)
+    return TrainReport(
+        stage="diffusion",
+        out_dir=out,
+        epochs=options.epochs,
+        start_epoch=start_epoch,
+        train_losses=losses,
+        val_losses=val_losses,
+        seconds=seconds,
+        train_patients=[p.patient_id for p in split.train],
+        held_out_patients=[p.patient_id for p in split.held_out],
+        held_out_sites=list(split.held_out_sites),
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# the UNet regression baseline
+
+
+def _baseline_batch(
+    ds: CohortDataset, indices: Sequence[int], device: torch.device
+) -> BaselineBatch:
+    samples = [ds[i] for i in indices]
+    flairs = [s.study.flair for s in samples]
+    doses = [s.study.dose for s in samples]
+    available: dict[str, torch.Tensor] = {}
+
+    def stack(values: Sequence[np.ndarray | None], name: str) -> torch.Tensor | None:
+        present = [v is not None for v in values]
+        if not any(present):
+            return None
+        available[name] = torch.tensor(present, dtype=torch.bool, device=device)
+        like = samples[0].study.t1c
+        return _cat([v if v is not None else np.zeros_like(like) for v in values], device)
+
+    flair = stack(flairs, "flair")
+    dose = stack(doses, "dose")
+    return BaselineBatch(
+        t1c=_cat([s.study.t1c for s in samples], device),
+        mask=_cat([s.study.mask for s in samples], device),
+        post_t1c=_cat([s.post_t1c for s in samples], device),
+        post_mask=_cat([s.post_mask for s in samples], device),
+        pre_mask=_cat([s.pre_mask for s in samples], device),
+        flair=flair,
+        dose=dose,
+        available=available or None,
+    )
+
+
+def train_baseline(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: UNetBaselineConfig,
+    options: TrainOptions,
+) -> TrainReport:
+    """Train the UNet regression baseline; write its model directory (``kind: unet-baseline``)."""
+    started = time.monotonic()
+    out = Path(out_dir)
+    paths = [Path(d) for d in data]
+    ckpt, device, generator = _prepare_run(out, "baseline", options)
+    split = _split(paths, options)
+    unet = build_baseline_unet(cfg, seed=options.seed).to(device)
+    opt = torch.optim.Adam(unet.parameters(), lr=options.learning_rate)
+    pre = cfg.preprocessing
+    train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    identity = {
+        "stage": "baseline",
+        "config": config_to_dict(cfg),
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "train_patients": [p.patient_id for p in split.train],
+    }
+    losses: list[float] = []
+    val_losses: list[float | None] = []
+    start_epoch = 0
+    if options.resume and ckpt.exists():
+        state = ckpt.load(unet, opt, generator)
+        _check_resume(state, identity, ckpt.dir)
+        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
+        log.info("resuming the UNet baseline at epoch %d from %s", start_epoch, ckpt.dir)
+
+    def step(chunk: list[int]) -> float:
+        batch = _baseline_batch(train_ds, chunk, device)
+        return baseline_step(
+            unet, cfg, opt, batch, generator, autocast=options.autocast,
+            grad_clip=options.grad_clip,
+        ).loss  # fmt: skip
+
+    @torch.no_grad()
+    def validate() -> float | None:
+        if len(val_ds) == 0:
+            return None
+        unet.eval()
+        total = 0.0
+        for chunk in batches(range(len(val_ds)), options.batch_size):
+            loss, _ = baseline_losses(
+                unet, cfg, _baseline_batch(val_ds, chunk, device), None, dropout=False
+            )
+            total += float(loss) * len(chunk)
+        return total / len(val_ds)
+
+    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
+        ckpt.save(unet, opt, generator, {**identity, "epoch": epoch, "losses": losses,
+                                         "val_losses": val_losses})  # fmt: skip
+
+    _run_epochs(
+        stage="baseline",
+        options=options,
+        n_items=len(train_ds),
+        start_epoch=start_epoch,
+        step=step,
+        validate=validate,
+        save=save,
+        losses=losses,
+        val_losses=val_losses,
+    )
+    save_baseline_dir(unet.cpu(), cfg, out, overwrite=True)
+    seconds = time.monotonic() - started
+    _record_stage(
+        out, "baseline", _stage_info(options, paths, split, losses, val_losses, seconds), {}
+    )
+    return TrainReport(
+        stage="baseline",
+        out_dir=out,
+        epochs=options.epochs,
+        start_epoch=start_epoch,
+        train_losses=losses,
+        val_losses=val_losses,
+        seconds=seconds,
+        train_patients=[p.patient_id for p in split.train],
+        held_out_patients=[p.patient_id for p in split.held_out],
+        held_out_sites=list(split.held_out_sites),
+    )
+
+
+def options_with(options: TrainOptions, **changes: Any) -> TrainOptions:
+    return dataclasses.replace(options, **changes)
