@@ -1,0 +1,483 @@
+"""Evaluation of predictors on held-out synthetic patients, with the same code for every method.
+
+Every method is a predictor of the node's protocol (``predict(StudyInputs) -> Prediction`` on the
+source grid): the "no change" baseline (``inference.baseline``), a UNet baseline or a latent
+diffusion model directory (``inference.model_predictor.ModelPredictor``). For each patient of the
+cohort folder(s) the inputs are read from NIfTI, the prediction is compared on the source grid
+with the truth:
+
+- images: the truth (post-treatment T1-Gd) is z-scored inside its own head mask; the predicted
+  mean is z-scored with the pre-treatment T1-Gd's scaling (the only one a predictor can know;
+  each synthetic scan has its own gain, as a real one would). PSNR (data range: the truth's
+  range in the head), SSIM (Gaussian window) and MAE, globally (the head mask of the pre-treatment
+  T1-Gd) and in the tumour region (GTV and post-treatment necrosis / enhancement, dilated by
+  ``margin_mm``, inside the head);
+- tumour: Dice of the predicted mask against the post-treatment enhancing truth (labels 3 and 5,
+  as a reader outlines it), predicted volume (mean over samples) minus the true volume (ml);
+- response category: the truth is the cohort table's ``response_category``; sensitivity,
+  specificity, AUC (one-vs-rest, from the predicted probabilities), balanced accuracy;
+- uncertainty: Spearman correlation between each patient's spread (mean voxel-wise standard
+  deviation in the tumour region, in the normalised units) and error (tumour-region MAE);
+- 95 % bootstrap intervals (patients resampled with replacement, seeded).
+
+``guidance_check`` predicts every patient under two survival classes with the same seed and
+reports the paired difference of predicted volumes (mean with interval, Wilcoxon signed-rank).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage, stats
+from tqdm import tqdm
+
+from dicom_node.convert.preprocess import foreground_mask_array, normalise_intensity
+from dicom_node.errors import InferenceError
+from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs
+from inference import metrics as M
+from inference.data import (
+    CohortPatient,
+    PatientTruth,
+    load_truth,
+    read_cohort,
+    study_inputs_from_nifti,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_METRICS = (
+    "psnr_global",
+    "ssim_global",
+    "mae_global",
+    "psnr_tumour",
+    "ssim_tumour",
+    "mae_tumour",
+)
+TUMOUR_METRICS = ("dice", "volume_error_ml", "abs_volume_error_ml")
+METRIC_KEYS = IMAGE_METRICS + TUMOUR_METRICS
+NO_CHANGE = "no-change"
+
+
+class Predictor(Protocol):
+    name: str
+    version: str
+
+    def predict(self, inputs: StudyInputs, samples: int = 4) -> Prediction: ...
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    patient_id: str
+    site: str
+    truth_category: str
+    predicted_category: str
+    probabilities: dict[str, float]
+    truth_volume_ml: float
+    predicted_volume_ml: float
+    current_volume_ml: float
+    metrics: dict[str, float]
+    spread: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvaluationPatient:
+    patient: CohortPatient
+    inputs: StudyInputs
+    truth: PatientTruth
+
+
+def load_patients(patients: Sequence[CohortPatient]) -> list[EvaluationPatient]:
+    out = []
+    for p in patients:
+        inputs = study_inputs_from_nifti(p.folder)
+        out.append(EvaluationPatient(p, inputs, load_truth(p, inputs)))
+    return out
+
+
+def tumour_region(
+    truth: PatientTruth, head: npt.NDArray[np.bool_], margin_mm: float
+) -> npt.NDArray[np.bool_]:
+    region = np.asarray(truth.tumour_region.array, dtype=bool)
+    steps = round(margin_mm / min(truth.tumour_region.spacing)) if margin_mm > 0 else 0
+    if steps > 0 and region.any():
+        region = ndimage.binary_dilation(region, iterations=steps)
+    return region & head
+
+
+def patient_metrics(
+    prediction: Prediction, inputs: StudyInputs, truth: PatientTruth, margin_mm: float = 4.0
+) -> tuple[dict[str, float], float]:
+    """The metrics of one prediction (see the module docstring) and the patient's spread."""
+    if prediction.mean.shape != inputs.t1c.shape:
+        raise InferenceError(
+            f"prediction: expected the source T1-Gd shape {inputs.t1c.shape}, "
+            f"found {prediction.mean.shape}"
+        )
+    pre = np.asarray(inputs.t1c.array, dtype=np.float32)
+    head = foreground_mask_array(pre)
+    _, pre_scaling = normalise_intensity(pre, head)
+    post = np.asarray(truth.post_t1c.array, dtype=np.float32)
+    truth_n, _ = normalise_intensity(post, foreground_mask_array(post))
+    pred_n = pre_scaling.apply(prediction.mean.array)
+    region = tumour_region(truth, head, margin_mm)
+    data_range = float(truth_n[head].max() - truth_n[head].min()) if head.any() else 1.0
+    ssim_full = M.ssim_map(pred_n, truth_n, data_range)
+    out = {
+        "psnr_global": M.psnr(pred_n, truth_n, data_range, head),
+        "ssim_global": float(ssim_full[head].mean()) if head.any() else math.nan,
+        "mae_global": M.mae(pred_n, truth_n, head),
+        "psnr_tumour": M.psnr(pred_n, truth_n, data_range, region),
+        "ssim_tumour": float(ssim_full[region].mean()) if region.any() else math.nan,
+        "mae_tumour": M.mae(pred_n, truth_n, region),
+    }
+    true_mask = np.asarray(truth.post_enhancing.array, dtype=bool)
+    true_ml = M.volume_ml(true_mask, truth.post_enhancing.spacing)
+    out["dice"] = M.dice(prediction.tumour_mask.array, true_mask)
+    out["volume_error_ml"] = prediction.predicted_volume_ml - true_ml
+    out["abs_volume_error_ml"] = abs(out["volume_error_ml"])
+    std_n = np.asarray(prediction.std.array, dtype=np.float64) / pre_scaling.scale
+    spread = float(std_n[region].mean()) if region.any() else math.nan
+    return out, spread
+
+
+def evaluate_predictor(
+    predictor: Predictor,
+    patients: Sequence[EvaluationPatient],
+    *,
+    samples: int = 4,
+    survival_class: str = "none",
+    margin_mm: float = 4.0,
+    progress: bool = False,
+) -> list[PatientResult]:
+    """Run ``predictor`` on every patient and measure it. ``survival_class``: ``none`` (the
+    node's default: unguided) or ``truth`` (the patient's own class from the table)."""
+    if survival_class not in ("none", "truth"):
+        raise InferenceError(f"survival_class: expected none or truth, found {survival_class!r}")
+    results = []
+    for ep in tqdm(patients, desc=predictor.name, unit="patient", disable=not progress):
+        cls = ep.patient.survival_class if survival_class == "truth" else None
+        started = time.monotonic()
+        pred = predictor.predict(replace(ep.inputs, survival_class=cls), samples=samples)
+        seconds = time.monotonic() - started
+        values, spread = patient_metrics(pred, ep.inputs, ep.truth, margin_mm)
+        true_ml = M.volume_ml(ep.truth.post_enhancing.array, ep.truth.post_enhancing.spacing)
+        results.append(
+            PatientResult(
+                patient_id=ep.patient.patient_id,
+                site=ep.patient.site,
+                truth_category=ep.patient.response_category,
+                predicted_category=pred.response_category,
+                probabilities={
+                    c: float(pred.response_probabilities.get(c, 0.0)) for c in RESPONSE_CATEGORIES
+                },
+                truth_volume_ml=true_ml,
+                predicted_volume_ml=pred.predicted_volume_ml,
+                current_volume_ml=pred.current_volume_ml,
+                metrics=values,
+                spread=spread,
+                seconds=seconds,
+            )
+        )
+    return results
+
+
+def summarise(
+    results: Sequence[PatientResult], *, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Means with bootstrap intervals, response-category metrics, uncertainty correlation."""
+    n = len(results)
+    kw: dict[str, Any] = {"n_resamples": n_resamples, "seed": seed}
+    summary: dict[str, Any] = {"patients": n}
+    for key in METRIC_KEYS:
+        summary[key] = M.mean_ci([r.metrics[key] for r in results], **kw).as_dict()
+    truth = [r.truth_category for r in results]
+    pred = [r.predicted_category for r in results]
+    probs = [r.probabilities for r in results]
+
+    def cat(idx: npt.NDArray[np.intp], get: Callable[[M.CategoryMetrics], float]) -> float:
+        return get(
+            M.category_metrics(
+                [truth[i] for i in idx],
+                [pred[i] for i in idx],
+                [probs[i] for i in idx],
+                RESPONSE_CATEGORIES,
+            )
+        )
+
+    summary["response_balanced_accuracy"] = M.bootstrap_ci(
+        lambda i: cat(i, lambda m: m.balanced_accuracy), n, **kw
+    ).as_dict()
+    summary["response_accuracy"] = M.bootstrap_ci(
+        lambda i: cat(i, lambda m: m.accuracy), n, **kw
+    ).as_dict()
+    summary["response_macro_auc"] = M.bootstrap_ci(
+        lambda i: cat(i, lambda m: m.macro_auc), n, **kw
+    ).as_dict()
+    per_category: dict[str, Any] = {}
+
+    def per(c: str, key: str) -> dict[str, Any]:
+        def stat(idx: npt.NDArray[np.intp]) -> float:
+            m = M.category_metrics(
+                [truth[i] for i in idx],
+                [pred[i] for i in idx],
+                [probs[i] for i in idx],
+                RESPONSE_CATEGORIES,
+            )
+            value: float = getattr(m, key)[c]
+            return value
+
+        return M.bootstrap_ci(stat, n, **kw).as_dict()
+
+    for c in RESPONSE_CATEGORIES:
+        per_category[c] = {
+            "truth_count": truth.count(c),
+            "sensitivity": per(c, "sensitivity"),
+            "specificity": per(c, "specificity"),
+            "auc": per(c, "auc"),
+        }
+    summary["response_per_category"] = per_category
+    spread = np.array([r.spread for r in results], dtype=float)
+    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
+    summary["spread_error_spearman"] = M.bootstrap_ci(
+        lambda i: M.spearman(spread[i], error[i]), n, **kw
+    ).as_dict()
+    summary["seconds_per_patient"] = (
+        float(np.mean([r.seconds for r in results])) if results else None
+    )
+    return summary
+
+
+def guidance_check(
+    predictor: Predictor,
+    patients: Sequence[EvaluationPatient],
+    classes: tuple[str, str] = ("short", "long"),
+    *,
+    samples: int = 4,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Paired predicted volumes under two survival classes (same seed); the expected direction
+    is a larger tumour under the first (shorter survival) class."""
+    a_ml, b_ml = [], []
+    for ep in tqdm(patients, desc="guidance", unit="patient", disable=not progress):
+        a = predictor.predict(replace(ep.inputs, survival_class=classes[0]), samples=samples)
+        b = predictor.predict(replace(ep.inputs, survival_class=classes[1]), samples=samples)
+        a_ml.append(a.predicted_volume_ml)
+        b_ml.append(b.predicted_volume_ml)
+    diff = np.asarray(a_ml) - np.asarray(b_ml)
+    p_value: float | None = None
+    if diff.size and np.any(diff != 0):
+        p_value = float(stats.wilcoxon(diff).pvalue)
+    return {
+        "classes": list(classes),
+        "expected": f"predicted volume under {classes[0]} > under {classes[1]}",
+        "volumes_ml": {classes[0]: a_ml, classes[1]: b_ml},
+        "mean_difference_ml": M.mean_ci(diff, n_resamples=n_resamples, seed=seed).as_dict(),
+        "fraction_in_expected_direction": float(np.mean(diff > 0)) if diff.size else None,
+        "wilcoxon_p": p_value,
+    }
+
+
+def training_overlap(model_dir: Path, patient_ids: Sequence[str]) -> int | None:
+    """How many evaluated patients a model's checkpoints list as training patients."""
+    found: set[str] = set()
+    seen = False
+    for state in sorted((model_dir / "checkpoints").glob("*/state.json")):
+        try:
+            found |= set(json.loads(state.read_text(encoding="utf-8")).get("train_patients", []))
+            seen = True
+        except (json.JSONDecodeError, OSError):
+            continue
+    return len(found & set(patient_ids)) if seen else None
+
+
+def run_evaluation(
+    model_dirs: Sequence[str | Path],
+    data: Sequence[str | Path],
+    *,
+    samples: int = 4,
+    include_no_change: bool = True,
+    survival_class: str = "none",
+    guidance: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+    n_resamples: int = 1000,
+    margin_mm: float = 4.0,
+    progress: bool = False,
+    patients_limit: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate "no change" and each model directory on the cohort(s) ``data``: the report as
+    plain data (see :func:`write_report`)."""
+    from inference.baseline import NoChangeBaseline
+    from inference.model_dir import KIND_LDM
+    from inference.model_predictor import ModelPredictor
+
+    cohort = read_cohort([Path(d) for d in data])
+    if patients_limit is not None:
+        cohort = cohort[:patients_limit]
+    patients = load_patients(cohort)
+    ids = [p.patient.patient_id for p in patients]
+    methods: list[tuple[str, Predictor, dict[str, Any]]] = []
+    if include_no_change:
+        methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
+    for d in model_dirs:
+        mp = ModelPredictor(d, device=device, seed=seed)
+        info = {
+            "kind": mp.kind,
+            "model_dir": str(d),
+            "overlap_with_training": training_overlap(Path(d), ids),
+        }
+        methods.append((f"{mp.name} {mp.version} ({mp.kind})", mp, info))
+    if not methods:
+        raise InferenceError("evaluation: expected at least one method, found none")
+    report: dict[str, Any] = {
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "data": [str(d) for d in data],
+        "patients": len(patients),
+        "sites": sorted({p.patient.site for p in patients}),
+        "samples": samples,
+        "survival_class": survival_class,
+        "tumour_region_margin_mm": margin_mm,
+        "bootstrap_resamples": n_resamples,
+        "seed": seed,
+        "methods": {},
+    }
+    for label, predictor, info in methods:
+        started = time.monotonic()
+        results = evaluate_predictor(
+            predictor,
+            patients,
+            samples=samples,
+            survival_class=survival_class,
+            margin_mm=margin_mm,
+            progress=progress,
+        )
+        entry = {
+            **info,
+            "name": predictor.name,
+            "version": predictor.version,
+            "summary": summarise(results, n_resamples=n_resamples, seed=seed),
+            "per_patient": [asdict(r) for r in results],
+            "seconds": round(time.monotonic() - started, 2),
+        }
+        if guidance and info.get("kind") == KIND_LDM:
+            entry["guidance"] = guidance_check(
+                predictor, patients, samples=samples, n_resamples=n_resamples, seed=seed,
+                progress=progress,
+            )  # fmt: skip
+        report["methods"][label] = entry
+        log.info("evaluated %s on %d patients", label, len(patients))
+    return report
+
+
+# ------------------------------------------------------------------------------------------
+# report files
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _fmt(est: dict[str, Any] | None, digits: int = 3) -> str:
+    if not est or est.get("value") is None:
+        return "n/a"
+    v = f"{est['value']:.{digits}f}"
+    if est.get("ci_low") is None or est.get("ci_high") is None:
+        return v
+    return f"{v} [{est['ci_low']:.{digits}f}, {est['ci_high']:.{digits}f}]"
+
+
+ROWS = (
+    ("PSNR global (dB)", "psnr_global", 2),
+    ("SSIM global", "ssim_global", 3),
+    ("MAE global (z)", "mae_global", 3),
+    ("PSNR tumour (dB)", "psnr_tumour", 2),
+    ("SSIM tumour", "ssim_tumour", 3),
+    ("MAE tumour (z)", "mae_tumour", 3),
+    ("Tumour Dice", "dice", 3),
+    ("Volume error (ml)", "volume_error_ml", 2),
+    ("Absolute volume error (ml)", "abs_volume_error_ml", 2),
+    ("Response balanced accuracy", "response_balanced_accuracy", 3),
+    ("Response accuracy", "response_accuracy", 3),
+    ("Response macro AUC (one-vs-rest)", "response_macro_auc", 3),
+    ("Spearman spread vs tumour MAE", "spread_error_spearman", 3),
+)
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    methods = report["methods"]
+    names = list(methods)
+    lines = [
+        "# Evaluation (synthetic prediction, research use only)",
+        "",
+        f"- data: {', '.join(report['data'])}; {report['patients']} patients; "
+        f"sites {', '.join(report['sites'])}",
+        f"- samples per study: {report['samples']}; survival class: {report['survival_class']}; "
+        f"tumour region margin: {report['tumour_region_margin_mm']} mm",
+        f"- mean [95 % bootstrap interval, {report['bootstrap_resamples']} resamples of the "
+        "patients]; n/a: undefined (e.g. no spread, one class only)",
+        f"- generated {report['generated_at']}",
+        "",
+        "| metric | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    for title, key, digits in ROWS:
+        cells = [_fmt(methods[m]["summary"].get(key), digits) for m in names]
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    lines += ["", "Per response category (sensitivity / specificity / AUC, one-vs-rest):", ""]
+    lines.append("| category | truth count | " + " | ".join(names) + " |")
+    lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
+    for c in RESPONSE_CATEGORIES:
+        first = methods[names[0]]["summary"]["response_per_category"][c]
+        cells = []
+        for m in names:
+            pc = methods[m]["summary"]["response_per_category"][c]
+            cells.append(
+                " / ".join(_fmt({"value": pc[k]["value"]}, 2) for k in ("sensitivity",
+                                                                         "specificity", "auc"))
+            )  # fmt: skip
+        lines.append(f"| {c} | {first['truth_count']} | " + " | ".join(cells) + " |")
+    for m in names:
+        g = methods[m].get("guidance")
+        if g:
+            lines += [
+                "",
+                f"Guidance ({m}): predicted volume under {g['classes'][0]} minus under "
+                f"{g['classes'][1]}: {_fmt(g['mean_difference_ml'], 2)} ml; in the expected "
+                f"direction for {g['fraction_in_expected_direction']:.0%} of patients; "
+                f"Wilcoxon p = {g['wilcoxon_p'] if g['wilcoxon_p'] is not None else 'n/a'}",
+            ]
+        overlap = methods[m].get("overlap_with_training")
+        if overlap:
+            lines += ["", f"WARNING: {overlap} evaluated patient(s) were training patients of {m}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``metrics.md`` to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = _clean(report)
+    js = out / "metrics.json"
+    js.write_text(json.dumps(clean, indent=2), encoding="utf-8")
+    md = out / "metrics.md"
+    md.write_text(markdown_report(clean), encoding="utf-8")
+    return js, md

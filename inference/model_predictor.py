@@ -1,0 +1,244 @@
+"""The node's predictor backed by a model directory (latent diffusion model or UNet baseline).
+
+:class:`ModelPredictor` implements the node's predictor protocol
+(``predict(inputs: StudyInputs, samples=4) -> Prediction``, see ``dicom_node.pipeline``):
+
+1. the study is put on the model grid (:func:`inference.data.prepare_study`: grid planned on the
+   T1-Gd, resampling, intensity normalisation inside the head);
+2. the model predicts on that grid (:func:`inference.predict.predict_arrays` for the diffusion
+   model: N samples -> mean, standard deviation, tumour mask, volumes, response probabilities;
+   one deterministic forward pass for the UNet baseline: no spread, one volume);
+3. the results are mapped back onto the exact source T1-Gd grid (shape, spacing, origin,
+   direction, frame of reference, source UIDs) with ``from_model_space``: the mean with the
+   T1-Gd's intensity scaling undone, the standard deviation in the same units, the tumour mask
+   from the mean tumour probability (thresholded after linear resampling). Outside the model's
+   field of view the pre-treatment image is kept (nothing is predicted there), the standard
+   deviation is 0 and the mask empty.
+
+Volumes are in millilitres on the model grid (each sample's mask exists there only). The current
+volume of the response rule is, by default, the one the model's own mask "reader" finds on the
+pre-treatment T1-Gd (``current_from="model"``), so that predicted and current volumes are
+measured the same way; ``current_from="mask"`` uses the GTV instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from dicom_node.convert.preprocess import from_model_space
+from dicom_node.errors import InferenceError
+from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs, Volume
+from inference.data import PreparedStudy, prepare_study
+from inference.model_dir import KIND_LDM, load_model_dir, model_kind
+from inference.predict import (
+    ModelPrediction,
+    predict_arrays,
+    response_probabilities,
+    tumour_volume_ml,
+)
+from inference.train.loops import read_train_state
+from inference.unet_baseline import (
+    IMAGE_OUT,
+    POST_MASK_OUT,
+    PRE_MASK_OUT,
+    LoadedBaseline,
+    baseline_forward,
+    load_baseline_dir,
+)
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class ModelPredictor:
+    """Predictions from a model directory, on the source grid of each study.
+
+    ``samples`` (default: the model's ``inference.num_samples``), ``guidance_scale`` and
+    ``num_inference_steps`` override the model's defaults; ``seed`` makes every prediction
+    reproducible (the same study gives the same outputs, so a retried job re-sends the same
+    objects). ``current_from``: see the module docstring. ``device``: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "cpu",
+        samples: int | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        *,
+        seed: int = 0,
+        current_from: Literal["mask", "model"] = "model",
+        autocast: str = "auto",
+        allow_untrained: bool = False,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InferenceError("device: cuda was asked for, but torch finds no CUDA device")
+        if current_from not in ("mask", "model"):
+            raise InferenceError(f"current_from: expected mask or model, found {current_from!r}")
+        if samples is not None and samples < 1:
+            raise InferenceError(f"samples: expected >= 1, found {samples}")
+        self.kind = model_kind(self.model_dir)
+        stages = read_train_state(self.model_dir).get("stages", {})
+        needed = "diffusion" if self.kind == KIND_LDM else "baseline"
+        if stages and needed not in stages and not allow_untrained:
+            raise InferenceError(
+                f"{self.model_dir}: expected a trained {needed} stage (train_state.json lists "
+                f"{sorted(stages)}); train it with 'glioforecast train {needed}'"
+            )
+        self.device = dev
+        self.samples = samples
+        self.guidance_scale = guidance_scale
+        self.num_inference_steps = num_inference_steps
+        self.seed = seed
+        self.current_from: Literal["mask", "model"] = current_from
+        self.autocast = autocast
+        self._baseline: LoadedBaseline | None = None
+        if self.kind == KIND_LDM:
+            self._ldm = load_model_dir(self.model_dir, dev)
+            cfg = self._ldm.config
+            self.name, self.version = cfg.name, cfg.version
+            self._pre, self._contrasts, self._use_dose = (
+                cfg.preprocessing,
+                cfg.contrasts,
+                cfg.use_dose,
+            )
+            self.mask_threshold = cfg.inference.mask_threshold
+            self.survival_classes = cfg.survival_classes
+        else:
+            self._baseline = load_baseline_dir(self.model_dir, dev)
+            bcfg = self._baseline.config
+            self.name, self.version = bcfg.name, bcfg.version
+            self._pre, self._contrasts, self._use_dose = (
+                bcfg.preprocessing,
+                bcfg.contrasts,
+                bcfg.use_dose,
+            )
+            self.mask_threshold = bcfg.mask_threshold
+            self.survival_classes = bcfg.survival_classes
+        log.info("predictor %s %s (%s) on %s", self.name, self.version, self.kind, dev)
+
+    # -------------------------------------------------------------------------------------
+    def prepare(self, inputs: StudyInputs) -> PreparedStudy:
+        """The study on this model's grid."""
+        return prepare_study(inputs, self._pre, self._contrasts, self._use_dose)
+
+    def predict(self, inputs: StudyInputs, samples: int | None = None) -> Prediction:
+        """Predict the post-treatment scan of one study (see the module docstring)."""
+        prepared = self.prepare(inputs)
+        if self._baseline is not None:
+            return self._predict_baseline(inputs, prepared, samples)
+        n = samples if samples is not None else self.samples
+        result = predict_arrays(
+            self._ldm.model,
+            prepared.prediction_inputs(),
+            inputs.survival_class,
+            num_samples=n,
+            guidance_scale=self.guidance_scale,
+            num_inference_steps=self.num_inference_steps,
+            seed=self.seed,
+            autocast=self.autocast,
+            current_from=self.current_from,
+        )
+        return self.to_source(inputs, prepared, result)
+
+    def to_source(
+        self, inputs: StudyInputs, prepared: PreparedStudy, result: ModelPrediction
+    ) -> Prediction:
+        """A model-grid prediction mapped back onto the source T1-Gd grid."""
+        mean, std, mask = self._restore(
+            inputs, prepared, result.mean, result.std, result.tumour_probability
+        )
+        return Prediction(
+            mean=mean,
+            std=std,
+            tumour_mask=mask,
+            sample_volumes_ml=tuple(float(v) for v in result.sample_volumes_ml),
+            current_volume_ml=float(result.current_volume_ml),
+            response_probabilities={
+                c: float(result.response_probabilities[c]) for c in RESPONSE_CATEGORIES
+            },
+            survival_class=result.survival_class,
+            model_name=result.model_name,
+            model_version=result.model_version,
+        )
+
+    def _restore(
+        self,
+        inputs: StudyInputs,
+        prepared: PreparedStudy,
+        mean: FloatArray,
+        std: FloatArray,
+        probability: FloatArray,
+    ) -> tuple[Volume, Volume, Volume]:
+        grid, source, scaling = prepared.grid, inputs.t1c, prepared.t1c_scaling
+        inside = (
+            _f32(from_model_space(np.ones(grid.shape, np.float32), grid, source).array) >= 0.999
+        )
+        mean_src = from_model_space(scaling.invert(mean), grid, source).array
+        kept = np.asarray(source.array, dtype=np.float32)
+        mean_out = np.where(inside, mean_src, kept).astype(np.float32)
+        std_src = from_model_space(np.asarray(std * scaling.scale, np.float32), grid, source)
+        std_out = np.where(inside, _f32(std_src.array), 0.0).astype(np.float32)
+        prob_src = _f32(from_model_space(np.asarray(probability, np.float32), grid, source).array)
+        mask_out = (prob_src >= self.mask_threshold) & inside
+        return (
+            source.with_array(mean_out),
+            source.with_array(std_out),
+            source.with_array(np.asarray(mask_out, dtype=bool)),
+        )
+
+    @torch.no_grad()
+    def _predict_baseline(
+        self, inputs: StudyInputs, prepared: PreparedStudy, samples: int | None
+    ) -> Prediction:
+        assert self._baseline is not None
+        cfg = self._baseline.config
+        dev = self.device
+
+        def t(a: npt.NDArray[np.generic] | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(dev)
+
+        x_t1c, x_mask = t(prepared.t1c), t(prepared.mask)
+        assert x_t1c is not None and x_mask is not None
+        out = baseline_forward(
+            self._baseline.unet, cfg, x_t1c, x_mask, t(prepared.flair), t(prepared.dose)
+        )[0].cpu()
+        image = out[IMAGE_OUT].numpy().astype(np.float32)
+        post_p = torch.sigmoid(out[POST_MASK_OUT]).numpy().astype(np.float32)
+        pre_p = torch.sigmoid(out[PRE_MASK_OUT]).numpy().astype(np.float32)
+        spacing = cfg.preprocessing.spacing_mm
+        volume = tumour_volume_ml(post_p >= cfg.mask_threshold, spacing)
+        if self.current_from == "model":
+            current = tumour_volume_ml(pre_p >= cfg.mask_threshold, spacing)
+        else:
+            current = tumour_volume_ml(prepared.mask, spacing)
+        n = samples if samples is not None else (self.samples or 1)
+        volumes = tuple(volume for _ in range(max(1, n)))
+        mean, std, mask = self._restore(inputs, prepared, image, np.zeros_like(image), post_p)
+        return Prediction(
+            mean=mean,
+            std=std,
+            tumour_mask=mask,
+            sample_volumes_ml=volumes,
+            current_volume_ml=current,
+            response_probabilities=response_probabilities(current, volumes, cfg.response),
+            survival_class=None,  # the baseline takes no guidance class
+            model_name=cfg.name,
+            model_version=cfg.version,
+        )
+
+
+def _f32(array: npt.NDArray[np.generic]) -> FloatArray:
+    return np.asarray(array, dtype=np.float32)
