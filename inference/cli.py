@@ -1,0 +1,425 @@
+"""``glioforecast train | evaluate | predict``: the model commands (the node's CLI wires
+:func:`register`).
+
+- ``train autoencoder|diffusion|baseline --data DIR --out MODEL_DIR``: train a stage on synthetic
+  cohort folders (progress bars, checkpoints after every epoch, ``--resume``, ``--seed``);
+- ``evaluate --model MODEL_DIR --data DIR``: "no change" and each model on the same patients,
+  ``metrics.json`` + ``metrics.md`` with bootstrap intervals;
+- ``predict INPUT --model MODEL_DIR --out DIR``: offline prediction of one study, INPUT a folder
+  of NIfTI files in the synthetic layout or a DICOM study folder (series roles assigned by the
+  node's configured rules, ``dicom_node.roles.assign_roles``); writes ``mean.nii.gz``,
+  ``std.nii.gz``, ``tumour_mask.nii.gz`` and ``summary.json``.
+
+Heavy modules (torch, MONAI) are imported when a command runs, not when it is registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import GlioforecastError, InputError
+from dicom_node.types import StudyInputs, Volume
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED = 2
+PRESETS = ("tiny", "demo")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
+def _sites(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated site names, found {text!r}")
+    return items
+
+
+def _fail(command: str, exc: Exception) -> int:
+    log.error("%s failed: %s", command, exc)
+    sys.stderr.write(f"glioforecast {command}: {exc}\n")
+    return EXIT_FAILED
+
+
+# ------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from inference.train.loops import (
+        TrainOptions,
+        train_autoencoder,
+        train_baseline,
+        train_diffusion,
+    )
+
+    try:
+        options = TrainOptions(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            device=args.device,
+            resume=args.resume,
+            autocast=args.autocast,
+            held_out_sites=args.held_out_sites,
+            n_held_out_sites=args.n_held_out_sites,
+            progress=not args.no_progress,
+        )
+        if args.stage == "autoencoder":
+            from inference.model_config import preset
+
+            report = train_autoencoder(args.data, args.out, preset(args.preset), options)
+        elif args.stage == "diffusion":
+            report = train_diffusion(args.data, args.out, options, stage1_dir=args.stage1)
+        else:
+            from inference.unet_baseline import baseline_preset
+
+            report = train_baseline(args.data, args.out, baseline_preset(args.preset), options)
+    except GlioforecastError as exc:
+        return _fail("train", exc)
+    val = report.val_losses[-1] if report.val_losses else None
+    print(
+        f"{report.stage}: {len(report.train_losses)} epoch(s) in total, "
+        f"{report.epochs - report.start_epoch} this run, {report.seconds:.1f} s; "
+        f"last train loss {report.train_losses[-1]:.5f}"
+        + (f", validation loss {val:.5f}" if val is not None else ", no validation patients")
+        + f"; held-out sites {report.held_out_sites or 'none'}; model directory {report.out_dir}"
+    )
+    return 0
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the autoencoder, the diffusion UNet or the UNet baseline",
+        description="Train one stage on synthetic cohort folders (glioforecast synth). Run "
+        "'autoencoder' then 'diffusion' into the same --out for a latent diffusion model; "
+        "'baseline' trains the UNet regression baseline. Research use only.",
+    )
+    p.add_argument("stage", choices=("autoencoder", "diffusion", "baseline"))
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="cohort folder with cohort.csv and NIfTI files (repeatable)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--preset", choices=PRESETS, default="demo", help="model size (default demo)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default 10)")
+    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--autocast",
+        choices=("auto", "bf16", "none"),
+        default="auto",
+        help="auto: bf16 on CUDA, none on CPU",
+    )
+    p.add_argument(
+        "--held-out-sites", type=_sites, default=None, help="validation sites, comma-separated"
+    )
+    p.add_argument(
+        "--n-held-out-sites",
+        type=int,
+        default=1,
+        help="sites drawn with --seed for validation when --held-out-sites is not given",
+    )
+    p.add_argument(
+        "--stage1", type=Path, default=None, help="diffusion: stage-1 model directory (--out)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from inference.evaluate import markdown_report, run_evaluation, write_report
+
+    try:
+        report = run_evaluation(
+            args.model or [],
+            args.data,
+            samples=args.samples,
+            include_no_change=not args.skip_no_change,
+            survival_class=args.survival_class,
+            guidance=args.guidance,
+            device=args.device,
+            seed=args.seed,
+            n_resamples=args.bootstrap,
+            progress=not args.no_progress,
+            patients_limit=args.limit,
+        )
+        js, md = write_report(report, args.out)
+    except GlioforecastError as exc:
+        return _fail("evaluate", exc)
+    print(markdown_report(json.loads(js.read_text(encoding="utf-8"))))
+    print(f"written: {js}, {md}")
+    return 0
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="measure models against 'no change' on held-out synthetic patients",
+        description="Evaluate the 'no change' baseline and each --model (UNet baseline or latent "
+        "diffusion model directory) with the same code; writes metrics.json and metrics.md.",
+    )
+    p.add_argument("--model", type=Path, action="append", help="model directory (repeatable)")
+    p.add_argument("--data", type=Path, action="append", required=True, help="cohort folder")
+    p.add_argument("--samples", type=_positive_int, default=4, help="samples per study")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
+    p.add_argument(
+        "--survival-class",
+        choices=("none", "truth"),
+        default="none",
+        help="guidance class: none (unguided, the node's default) or the patient's own",
+    )
+    p.add_argument(
+        "--guidance", action="store_true", help="also compare short vs long survival guidance"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N patients only")
+    p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# ------------------------------------------------------------------------------------------
+# predict
+
+
+def study_inputs_from_dicom(
+    folder: Path, config: Path | None = None
+) -> tuple[StudyInputs, dict[str, str]]:
+    """A DICOM study folder (any depth) as :class:`StudyInputs`, series roles assigned by the
+    node's rules (``config`` or the embedded default); also returns role -> series description."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_node.convert.rtdose import dose_on_grid
+    from dicom_node.convert.rtstruct import load_rtstruct_mask
+    from dicom_node.convert.series import load_series
+    from dicom_node.instance import InstanceInfo
+    from dicom_node.jobs import SeriesSummary
+    from dicom_node.pipeline import OPTIONAL_CONTRASTS, on_grid
+    from dicom_node.roles import assign_roles
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(config)
+    files: dict[str, list[Path]] = defaultdict(list)
+    infos: dict[str, list[InstanceInfo]] = defaultdict(list)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            log.debug("not DICOM, skipped: %s", path)
+            continue
+        ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
+        info = InstanceInfo.from_dataset(ds, ts, b"offline-predict")
+        files[info.series_instance_uid].append(path)
+        infos[info.series_instance_uid].append(info)
+    if not infos:
+        raise InputError(f"DICOM study {folder}: expected DICOM files, found none")
+    summaries = []
+    for uid, members in infos.items():
+        first = members[0]
+        summaries.append(
+            SeriesSummary(
+                series_instance_uid=uid,
+                sop_class_uid=first.sop_class_uid,
+                modality=first.modality,
+                series_number=first.series_number,
+                series_description=first.series_description,
+                protocol_name=first.protocol_name,
+                sequence_name=first.sequence_name,
+                contrast_agent=any(m.contrast_agent for m in members),
+                frame_of_reference_uid=first.frame_of_reference_uid,
+                instance_count=len(members),
+                last_received_at=0.0,
+            )
+        )
+    outcome = assign_roles(summaries, settings.roles)
+    if not outcome.ok:
+        raise InputError(f"DICOM study {folder}: " + "; ".join(outcome.problems))
+    by_role = {
+        d.role: d.series_instance_uid for d in outcome.decisions if d.role
+    }  # one series per role
+    described = {
+        role: next(s.text for s in summaries if s.series_instance_uid == uid)
+        for role, uid in by_role.items()
+    }
+    t1c = load_series(files[by_role["t1c"]])
+    mask = load_rtstruct_mask(files[by_role["rtstruct"]][0], t1c, settings.roles.roi_pattern)
+    optional: dict[str, Volume] = {}
+    for role in OPTIONAL_CONTRASTS:
+        if role in by_role:
+            try:
+                optional[role] = on_grid(load_series(files[by_role[role]]), t1c, role)
+            except InputError as exc:
+                log.warning("%s not used: %s", role, exc)
+    dose = dose_on_grid(files[by_role["rtdose"]][0], t1c) if "rtdose" in by_role else None
+    inputs = StudyInputs(
+        t1c=t1c,
+        tumour_mask=mask,
+        flair=optional.get("flair"),
+        t2=optional.get("t2"),
+        t1=optional.get("t1"),
+        dose=dose,
+    )
+    return inputs, described
+
+
+def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str, dict[str, str]]:
+    """NIfTI (synthetic layout) or DICOM study folder -> inputs, the format, role descriptions."""
+    from inference.data import INPUT_FILES, NIFTI_DIR, study_inputs_from_nifti
+
+    if not path.is_dir():
+        raise InputError(f"INPUT {path}: expected a folder (NIfTI files or a DICOM study)")
+    if (path / INPUT_FILES["t1c"]).is_file() or (path / NIFTI_DIR / INPUT_FILES["t1c"]).is_file():
+        inputs = study_inputs_from_nifti(path)
+        roles = {
+            r: f
+            for r, f in INPUT_FILES.items()
+            if getattr(inputs, "tumour_mask" if r == "gtv" else r, None) is not None
+        }
+        return inputs, "nifti", roles
+    inputs, roles = study_inputs_from_dicom(path, config)
+    return inputs, "dicom", roles
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from inference.data import write_volume
+
+    started = time.monotonic()
+    try:
+        inputs, fmt, roles = load_study(args.input, getattr(args, "config", None))
+        if args.survival_class:
+            from dataclasses import replace
+
+            inputs = replace(inputs, survival_class=args.survival_class)
+        predictor: Any
+        if args.model is None:
+            from inference.baseline import NoChangeBaseline
+
+            log.warning("no --model given: using the 'no change' baseline")
+            predictor = NoChangeBaseline()
+        else:
+            from inference.model_predictor import ModelPredictor
+
+            predictor = ModelPredictor(
+                args.model,
+                device=args.device,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed,
+            )
+        prediction = predictor.predict(inputs, samples=args.samples)
+        out: Path = args.out
+        out.mkdir(parents=True, exist_ok=True)
+        written = {
+            "mean": write_volume(prediction.mean, out / "mean.nii.gz"),
+            "std": write_volume(prediction.std, out / "std.nii.gz"),
+            "tumour_mask": write_volume(prediction.tumour_mask, out / "tumour_mask.nii.gz"),
+        }
+    except GlioforecastError as exc:
+        return _fail("predict", exc)
+    summary = {
+        "notice": "synthetic prediction - research use only, not for clinical use",
+        "input": str(args.input),
+        "input_format": fmt,
+        "roles": roles,
+        "model_name": prediction.model_name,
+        "model_version": prediction.model_version,
+        "model_dir": None if args.model is None else str(args.model),
+        "samples": len(prediction.sample_volumes_ml),
+        "seed": args.seed,
+        "survival_class": prediction.survival_class,
+        "current_volume_ml": prediction.current_volume_ml,
+        "predicted_volume_ml": prediction.predicted_volume_ml,
+        "sample_volumes_ml": list(prediction.sample_volumes_ml),
+        "response_probabilities": prediction.response_probabilities,
+        "response_category": prediction.response_category,
+        "grid": {
+            "shape_kji": list(prediction.mean.shape),
+            "spacing_mm": list(prediction.mean.spacing),
+            "frame_of_reference_uid": prediction.mean.frame_of_reference_uid,
+        },
+        "files": {k: str(v.name) for k, v in written.items()},
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    print(
+        f"{prediction.model_name} {prediction.model_version}: tumour "
+        f"{prediction.current_volume_ml:.1f} ml -> {prediction.predicted_volume_ml:.1f} ml, "
+        f"{prediction.response_category}; written to {args.out} (synthetic prediction, "
+        "research use only)"
+    )
+    return 0
+
+
+def _add_predict(sub: Any) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="predict one study offline (NIfTI folder or DICOM study folder)",
+        description="Offline prediction, no network: INPUT is a folder of NIfTI files in the "
+        "synthetic layout (pre_t1c.nii.gz, gtv.nii.gz, optional pre_flair/dose) or a DICOM "
+        "study folder (MR series, RTSTRUCT, optional RTDOSE; roles from the configured rules). "
+        "Writes mean/std/tumour_mask NIfTI and summary.json. Research use only.",
+    )
+    p.add_argument("input", type=Path, help="NIfTI folder or DICOM study folder")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model directory (default: 'no change')"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--samples", type=_positive_int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--survival-class", default=None, help="guidance class (default: none)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``train``, ``evaluate`` and ``predict`` to an argparse sub-parser collection."""
+    _add_train(subparsers)
+    _add_evaluate(subparsers)
+    _add_predict(subparsers)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m inference.cli train ...``)."""
+    parser = argparse.ArgumentParser(prog="glioforecast")
+    parser.add_argument("--config", type=Path, default=None, help="node configuration (roles)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
