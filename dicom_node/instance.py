@@ -111,9 +111,26 @@ class InstanceInfo:
             raise InputError(f"header cannot be decoded: {type(exc).__name__}: {exc}") from exc
 
 
+# Storage SOP classes whose instances are images: Pixel Data is required (type 1).
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4",  # MR Image
+    "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image
+    "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color Image
+    "1.2.840.10008.5.1.4.1.1.2",  # CT Image
+    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose (the dose grid)
+}
+
+
 def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
-    """Refuse native Pixel Data shorter than its image attributes say (a truncated object)."""
+    """Refuse an image without Pixel Data, or with native Pixel Data shorter than it says."""
     if "PixelData" not in ds:
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class in IMAGE_SOP_CLASSES and "FloatPixelData" not in ds:
+            raise InputError(
+                f"Pixel Data is missing: expected it in a {UID(sop_class).name} instance "
+                "(a truncated object?)"
+            )
         return
     try:
         value: Any = ds["PixelData"].value
@@ -134,6 +151,11 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
         raise InputError(
             f"image attributes cannot be decoded: {type(exc).__name__}: {exc}"
         ) from exc
+    if min(rows, cols, samples, frames, bits) < 1:
+        raise InputError(
+            f"image size is empty: expected at least one row, column, sample, frame and bit, "
+            f"found {frames} frame(s) of {rows}x{cols}x{samples} at {bits} bits"
+        )
     expected = (rows * cols * samples * frames * bits + 7) // 8
     if len(value) < expected:
         raise InputError(

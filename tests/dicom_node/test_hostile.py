@@ -1,0 +1,193 @@
+"""Hostile and malformed input against a running node, and many senders at once.
+
+Over 300 malformed instances (garbage bytes, truncations, missing or oversized UIDs, impossible
+image sizes, mismatched instance UIDs), unknown callers, studies with missing roles or a
+structure set on another frame of reference, and 8 concurrent senders: the service stays up,
+every refusal carries a status or a reason, and every instance answered with success is on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import subprocess
+import threading
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
+
+from dicom_node.jobs import DONE, FAILED, SUPERSEDED, Job
+from dicom_node.scu import hold_reactor
+from dicom_node.settings import AllowedCaller
+from tests import factories
+from tests.conftest import tool, wait_for
+from tests.dicom_node.test_scp import echoscu
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT = "1.2.840.10008.1.2.1"
+SEED = 20261121
+
+
+def _dataset_bytes(ds: Dataset) -> bytes:
+    """The dataset encoded as on the wire (explicit VR little endian, no file meta)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def _mutants(template: Dataset, rng: random.Random) -> list[tuple[str, str, bytes]]:
+    """(kind, SOP Instance UID in the request, encoded dataset) for every hostile variant."""
+    out: list[tuple[str, str, bytes]] = []
+    good = _dataset_bytes(template)
+    uid = str(template.SOPInstanceUID)
+    for i in range(120):  # random garbage of random length
+        out.append(("garbage", f"1.2.826.0.1.77.{i}", rng.randbytes(rng.randint(0, 4096))))
+    for _ in range(100):  # the real dataset cut anywhere
+        out.append(("truncated", uid, good[: rng.randint(0, len(good) - 1)]))
+    for _ in range(40):  # random bytes flipped in the header part
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(0, 600)] = rng.randrange(256)
+        out.append(("flipped", uid, bytes(data)))
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        ds = copy.deepcopy(template)
+        delattr(ds, keyword)
+        out.append((f"no {keyword}", uid, _dataset_bytes(ds)))
+        ds = copy.deepcopy(template)
+        setattr(ds, keyword, "1." + "2" * 70)
+        out.append((f"long {keyword}", uid, _dataset_bytes(ds)))
+    for rows, cols in ((65535, 65535), (0, 0), (1, 70000 % 65536)):
+        ds = copy.deepcopy(template)
+        ds.Rows, ds.Columns = rows, cols
+        out.append((f"size {rows}x{cols}", uid, _dataset_bytes(ds)))
+    ds = copy.deepcopy(template)
+    ds.SOPInstanceUID = "1.2.3.4.5.6"
+    out.append(("uid differs from request", uid, _dataset_bytes(ds)))
+    for i in range(40):  # valid instances, to be accepted among the hostile ones
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = f"1.2.826.0.1.78.{i + 1}"
+        out.append(("valid", str(ds.SOPInstanceUID), _dataset_bytes(ds)))
+    rng.shuffle(out)
+    return out
+
+
+def _store_raw(assoc, context_id: int, sop_uid: str, data: bytes, msg_id: int) -> int | None:  # type: ignore[no-untyped-def]
+    """C-STORE whatever bytes we like as the dataset (a real client would encode a dataset)."""
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = MR
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = 2
+    req.DataSet = BytesIO(data)
+    hold_reactor(assoc)
+    assoc.dimse.send_msg(req, context_id)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    return None if rsp is None else int(rsp.Status)
+
+
+def test_hundreds_of_malformed_instances(run_node, tmp_path: Path) -> None:
+    study = factories.small_study(tmp_path / "in")
+    template = pydicom.dcmread(study["t1c"][0])
+    mutants = _mutants(template, random.Random(SEED))
+    assert len(mutants) >= 300
+    node = run_node(node={"allowed_callers": (AllowedCaller("SCANNER1"),)})
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(MR, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+    answers: dict[str, list[int | None]] = {}
+    accepted: set[str] = set()
+    for n, (kind, sop_uid, data) in enumerate(mutants, start=1):
+        if not assoc.is_established:  # a sender may lose its association: it reconnects
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+            (context,) = assoc.accepted_contexts
+        status = _store_raw(assoc, context.context_id, sop_uid, data, n)
+        answers.setdefault(kind, []).append(status)
+        if status == 0x0000:
+            accepted.add(sop_uid)
+    assoc.release()
+    # every valid instance is accepted, no broken one is, and each got an answer; a flipped
+    # byte may land in a text value and leave a valid instance, which is then accepted
+    assert answers["valid"] == [0x0000] * 40
+    assert set(answers.pop("flipped")) <= {0x0000, 0xC210}
+    for kind, statuses in answers.items():
+        if kind != "valid":
+            assert all(s == 0xC210 for s in statuses), (kind, statuses)
+    # nothing accepted is lost, nothing refused was stored
+    stored = {pydicom.dcmread(p).SOPInstanceUID for p in node.spool.root.rglob("*.dcm")}
+    assert stored == accepted
+    # unknown callers are refused, and the service still answers its known sender
+    for i in range(20):
+        refused = echoscu(node.scp.port, aet=f"ROGUE{i}")
+        assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
+    assert echoscu(node.scp.port).returncode == 0
+
+
+def _study_with_foreign_frame(folder: Path) -> list[Path]:
+    """A T1-Gd series and a structure set drawn on another frame of reference."""
+    study = factories.small_study(folder)
+    rt = pydicom.dcmread(study["rtstruct"][0])
+    rt.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = "1.2.826.0.1.999"
+    rt.StructureSetROISequence[0].ReferencedFrameOfReferenceUID = "1.2.826.0.1.999"
+    rt.save_as(study["rtstruct"][0])
+    return study["t1c"] + study["rtstruct"]
+
+
+def test_bad_studies_fail_with_a_reason_and_many_senders_at_once(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a quiet period long enough that a study sent in one go is never split under this load
+    node = run_node(assembly={"quiet_period_s": 2.0})
+    storescu = tool("storescu")
+    batches: list[list[Path]] = []
+    for sender in range(8):
+        for s in range(5):
+            folder = tmp_path / f"s{sender}" / f"study{s}"
+            if s == 0:
+                batches.append(_study_with_foreign_frame(folder))
+            elif s == 1:
+                batches.append(factories.small_study(folder)["flair"])  # no T1-Gd, no RTSTRUCT
+            else:
+                study = factories.small_study(folder)
+                batches.append([p for paths in study.values() for p in paths])
+    errors: list[str] = []
+
+    def send(sender: int) -> None:
+        for files in batches[sender * 5 : sender * 5 + 5]:
+            result = subprocess.run(
+                [storescu, "-aet", f"SCANNER{sender}", "-aec", "GLIOFORECAST", "127.0.0.1",
+                 str(node.scp.port), *map(str, files)],
+                capture_output=True, text=True, env={"TCP_NODELAY": "1"},
+            )  # fmt: skip
+            if result.returncode != 0:
+                errors.append(result.stderr)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    total = sum(len(b) for b in batches)
+    assert node.store.counts()["instances"] == total
+
+    def current() -> list[Job]:
+        return [j for j in node.store.list_jobs(limit=200) if j.state != SUPERSEDED]
+
+    def finished() -> bool:
+        jobs = current()
+        return len(jobs) == 40 and all(j.state in (DONE, FAILED) for j in jobs)
+
+    wait_for(finished, timeout=180, what="40 jobs to finish")
+    reasons = [j.reason for j in current()]
+    assert sum("missing required role t1c" in r for r in reasons) == 8
+    foreign = [r for r in reasons if "1.2.826.0.1.999" in r]
+    assert len(foreign) == 8 and all("expected the same frame of reference" in r for r in foreign)
+    assert all(r for r in reasons)  # every failure says why
