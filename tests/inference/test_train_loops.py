@@ -1,0 +1,167 @@
+"""Training loops: model directories, latent scale, checkpoints, resume, seeds, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dicom_node.errors import InferenceError
+from inference.data import read_cohort, split_cohort
+from inference.model_config import tiny_config
+from inference.model_dir import load_model_dir, model_kind, read_model_yaml
+from inference.synthetic.cohort import PatientRecord
+from inference.train.loops import (
+    TrainOptions,
+    epoch_order,
+    read_train_state,
+    train_autoencoder,
+    train_baseline,
+)
+from inference.train.steps import latent_scale_from
+from inference.unet_baseline import load_baseline_dir, tiny_baseline_config
+
+Cohort = tuple[Path, list[PatientRecord]]
+FAST = {"batch_size": 2, "learning_rate": 1e-3, "progress": False}
+
+
+def test_the_ldm_directory_holds_both_stages(tiny_ldm_dir: Path, tiny_cohort: Cohort) -> None:
+    state = read_train_state(tiny_ldm_dir)
+    assert set(state["stages"]) == {"autoencoder", "diffusion"}
+    ae = state["stages"]["autoencoder"]
+    assert ae["epochs"] == 1 and len(ae["train_losses"]) == 1
+    assert ae["held_out_sites"] and ae["held_out_patients"] >= 1
+    loaded = load_model_dir(tiny_ldm_dir)
+    cfg = loaded.config
+    assert cfg.latent_scale == pytest.approx(ae["latent_scale"])
+    assert cfg.latent_scale != 1.0
+    assert model_kind(tiny_ldm_dir) == "latent-diffusion"
+    # the checkpoint of each stage: safetensors weights, trainer state readable weights_only
+    for stage in ("autoencoder", "diffusion"):
+        ckpt = tiny_ldm_dir / "checkpoints" / stage
+        assert load_file(str(ckpt / "weights.safetensors"))
+        trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+        assert {"optimizer", "generator"} <= set(trainer)
+        assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+
+
+def test_latent_scale_is_that_of_the_training_latents(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    from inference.data import CohortDataset
+
+    options = TrainOptions(epochs=1, **FAST)  # type: ignore[arg-type]
+    report = train_autoencoder([tiny_cohort[0]], tmp_path / "m", tiny_config(), options)
+    model = load_model_dir(tmp_path / "m").model
+    cfg = model.config
+    split = split_cohort(read_cohort(tiny_cohort[0]), n_held_out_sites=1, seed=0)
+    ds = CohortDataset(split.train, cfg.preprocessing, cfg.contrasts, True)
+    images = []
+    for s in (ds[i] for i in range(len(ds))):
+        images += [s.study.t1c, s.post_t1c] + ([s.study.flair] if s.study.flair is not None else [])
+    with torch.no_grad():
+        mus = [model.autoencoder.encode(torch.from_numpy(x)[None, None])[0] for x in images]
+    assert report.extra["latent_scale"] == pytest.approx(latent_scale_from(mus), rel=1e-4)
+    assert report.train_patients == [p.patient_id for p in split.train]
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    data = [tiny_cohort[0]]
+    straight = train_autoencoder(
+        data,
+        tmp_path / "a",
+        tiny_config(),
+        TrainOptions(epochs=2, **FAST),  # type: ignore[arg-type]
+    )
+    first = train_autoencoder(
+        data,
+        tmp_path / "b",
+        tiny_config(),
+        TrainOptions(epochs=1, **FAST),  # type: ignore[arg-type]
+    )
+    assert first.epochs == 1
+    resumed = train_autoencoder(
+        data,
+        tmp_path / "b",
+        tiny_config(),
+        TrainOptions(epochs=2, resume=True, **FAST),  # type: ignore[arg-type]
+    )
+    assert resumed.start_epoch == 1
+    assert resumed.train_losses == pytest.approx(straight.train_losses, rel=1e-6)
+    a = load_file(str(tmp_path / "a" / "autoencoder.safetensors"))
+    b = load_file(str(tmp_path / "b" / "autoencoder.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # a checkpoint is not overwritten silently, and resuming with other settings is refused
+    with pytest.raises(InferenceError, match="--resume"):
+        train_autoencoder(data, tmp_path / "b", tiny_config(), TrainOptions(epochs=3, **FAST))  # type: ignore[arg-type]
+    with pytest.raises(InferenceError, match="seed"):
+        train_autoencoder(
+            data,
+            tmp_path / "b",
+            tiny_config(),
+            TrainOptions(epochs=3, resume=True, seed=5, **FAST),  # type: ignore[arg-type]
+        )
+
+
+def test_seeds_change_the_run_and_fix_it(tmp_path: Path) -> None:
+    assert epoch_order(10, 0, 0, "autoencoder") == epoch_order(10, 0, 0, "autoencoder")
+    assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 0, 1, "autoencoder")
+    assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 1, 0, "autoencoder")
+    assert sorted(epoch_order(10, 3, 2, "diffusion")) == list(range(10))
+
+
+def test_the_baseline_directory(tiny_baseline_dir: Path, tmp_path: Path) -> None:
+    assert model_kind(tiny_baseline_dir) == "unet-baseline"
+    loaded = load_baseline_dir(tiny_baseline_dir)
+    assert loaded.config == tiny_baseline_config()
+    assert "baseline" in read_train_state(tiny_baseline_dir)["stages"]
+    # the latent diffusion loader refuses it, naming the kind
+    with pytest.raises(InferenceError, match="unet-baseline"):
+        read_model_yaml(tiny_baseline_dir)
+    # validation: an unknown key, a tampered weight file
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = yaml.safe_load((tiny_baseline_dir / "model.yaml").read_text())
+    data["colour"] = "red"
+    (bad / "model.yaml").write_text(yaml.safe_dump(data))
+    (bad / "unet.safetensors").write_bytes((tiny_baseline_dir / "unet.safetensors").read_bytes())
+    with pytest.raises(InferenceError, match="colour: unknown key"):
+        load_baseline_dir(bad)
+    del data["colour"]
+    (bad / "model.yaml").write_text(yaml.safe_dump(data))
+    assert load_baseline_dir(bad).config.name == loaded.config.name
+    blob = bytearray((bad / "unet.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (bad / "unet.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(InferenceError, match="SHA-256"):
+        load_baseline_dir(bad)
+    data["kind"] = "gan"
+    (bad / "model.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(InferenceError, match="kind"):
+        model_kind(bad)
+
+
+def test_baseline_training_lowers_its_loss(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    options = TrainOptions(epochs=4, n_held_out_sites=0, **FAST)  # type: ignore[arg-type]
+    report = train_baseline([tiny_cohort[0]], tmp_path / "u", tiny_baseline_config(), options)
+    assert report.held_out_patients == [] and report.val_losses == [None] * 4
+    assert report.train_losses[-1] < report.train_losses[0]
+
+
+def test_option_errors(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    with pytest.raises(InferenceError, match="epochs"):
+        TrainOptions(epochs=0)
+    with pytest.raises(InferenceError, match="autocast"):
+        TrainOptions(autocast="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(InferenceError, match="no CUDA device"):
+            train_baseline(
+                [tiny_cohort[0]],
+                tmp_path / "x",
+                tiny_baseline_config(),
+                TrainOptions(device="cuda", **FAST),  # type: ignore[arg-type]
+            )
