@@ -1,0 +1,154 @@
+"""Evaluation: an oracle scores perfectly, "no change" does not, every method runs through the
+same code, the report files hold what the summary says."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.convert.preprocess import foreground_mask_array, normalise_intensity
+from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs
+from inference.baseline import NoChangeBaseline
+from inference.evaluate import (
+    EvaluationPatient,
+    evaluate_predictor,
+    load_patients,
+    markdown_report,
+    run_evaluation,
+    summarise,
+    training_overlap,
+    write_report,
+)
+from inference.metrics import volume_ml
+from inference.synthetic.cohort import PatientRecord
+
+Cohort = tuple[Path, list[PatientRecord]]
+
+
+class Oracle:
+    """Predicts the truth: the post-treatment scan in the pre-treatment T1-Gd's units, the true
+    enhancing mask and volume, and the true response category."""
+
+    name = "oracle"
+    version = "1"
+
+    def __init__(self, patients: list[EvaluationPatient]) -> None:
+        self.by_shape = {id(p.inputs.t1c.array): p for p in patients}
+
+    def predict(self, inputs: StudyInputs, samples: int = 4) -> Prediction:
+        ep = self.by_shape[id(inputs.t1c.array)]
+        pre = np.asarray(inputs.t1c.array, np.float32)
+        _, pre_scaling = normalise_intensity(pre, foreground_mask_array(pre))
+        post = np.asarray(ep.truth.post_t1c.array, np.float32)
+        truth_n, _ = normalise_intensity(post, foreground_mask_array(post))
+        mask = ep.truth.post_enhancing
+        vol = volume_ml(mask.array, mask.spacing)
+        category = ep.patient.response_category
+        return Prediction(
+            mean=inputs.t1c.with_array(pre_scaling.invert(truth_n)),
+            std=inputs.t1c.with_array(np.zeros_like(pre)),
+            tumour_mask=inputs.t1c.with_array(np.asarray(mask.array, bool)),
+            sample_volumes_ml=(vol,) * samples,
+            current_volume_ml=1.0,
+            response_probabilities={c: float(c == category) for c in RESPONSE_CATEGORIES},
+            survival_class=inputs.survival_class,
+            model_name=self.name,
+            model_version=self.version,
+        )
+
+
+@pytest.fixture(scope="module")
+def patients(tiny_cohort: Cohort) -> list[EvaluationPatient]:
+    from inference.data import read_cohort
+
+    return load_patients(read_cohort(tiny_cohort[0]))
+
+
+def test_the_oracle_scores_perfectly_and_no_change_does_not(
+    patients: list[EvaluationPatient],
+) -> None:
+    oracle = evaluate_predictor(Oracle(patients), patients, samples=2)
+    for r in oracle:
+        m = r.metrics
+        assert m["ssim_global"] == pytest.approx(1.0, abs=1e-4)
+        assert m["ssim_tumour"] == pytest.approx(1.0, abs=1e-4)
+        assert m["mae_global"] == pytest.approx(0.0, abs=1e-4)
+        assert m["psnr_tumour"] > 60
+        assert m["dice"] == 1.0
+        assert m["volume_error_ml"] == pytest.approx(0.0, abs=1e-9)
+        assert r.predicted_category == r.truth_category
+    summary = summarise(oracle, n_resamples=50)
+    assert summary["response_balanced_accuracy"]["value"] == 1.0
+    assert summary["response_accuracy"]["value"] == 1.0
+    assert summary["dice"]["value"] == 1.0
+    assert math.isnan(summary["spread_error_spearman"]["value"] or math.nan)  # no spread
+
+    same = evaluate_predictor(NoChangeBaseline(), patients, samples=2)
+    for r in same:
+        assert r.metrics["ssim_tumour"] < 0.99
+        assert r.metrics["mae_tumour"] > 0.05
+        assert r.predicted_category in ("stable_disease", "complete_response")
+        assert r.current_volume_ml == pytest.approx(r.predicted_volume_ml)
+    # the tumour region is harder for "no change" than the whole head
+    ssim_t = np.mean([r.metrics["ssim_tumour"] for r in same])
+    ssim_g = np.mean([r.metrics["ssim_global"] for r in same])
+    assert ssim_t < ssim_g
+
+
+def test_guided_and_truth_classes(patients: list[EvaluationPatient]) -> None:
+    seen: list[str | None] = []
+
+    class Recorder(NoChangeBaseline):
+        def predict(self, inputs: StudyInputs, samples: int = 4) -> Prediction:
+            seen.append(inputs.survival_class)
+            return super().predict(inputs, samples)
+
+    evaluate_predictor(Recorder(), patients[:2], survival_class="truth")
+    assert seen == [p.patient.survival_class for p in patients[:2]]
+    seen.clear()
+    evaluate_predictor(Recorder(), patients[:2])
+    assert seen == [None, None]
+
+
+def test_run_evaluation_writes_json_and_markdown(
+    tiny_cohort: Cohort, tiny_ldm_dir: Path, tiny_baseline_dir: Path, tmp_path: Path
+) -> None:
+    report = run_evaluation(
+        [tiny_ldm_dir, tiny_baseline_dir],
+        [tiny_cohort[0]],
+        samples=1,
+        guidance=True,
+        n_resamples=30,
+        patients_limit=2,
+    )
+    methods = report["methods"]
+    assert len(methods) == 3
+    kinds = [m["kind"] for m in methods.values()]
+    assert kinds == ["no-change", "latent-diffusion", "unet-baseline"]
+    for m in methods.values():
+        s = m["summary"]
+        assert s["patients"] == 2
+        assert len(m["per_patient"]) == 2
+        for key in ("psnr_global", "ssim_tumour", "dice", "response_balanced_accuracy"):
+            assert key in s
+    ldm = next(m for m in methods.values() if m["kind"] == "latent-diffusion")
+    g = ldm["guidance"]
+    assert g["classes"] == ["short", "long"] and len(g["volumes_ml"]["short"]) == 2
+    # the fixtures trained on the same cohort: the overlap is reported
+    assert ldm["overlap_with_training"] >= 1
+    js, md = write_report(report, tmp_path / "ev")
+    data = json.loads(js.read_text())
+    nc = data["methods"]["no-change"]["summary"]["ssim_global"]
+    assert nc["ci_low"] <= nc["value"] <= nc["ci_high"]
+    text = md.read_text()
+    assert "| Tumour Dice |" in text and "no-change" in text and "Guidance" in text
+    assert "WARNING" in text  # evaluated on training patients
+    assert text == markdown_report(data)
+
+
+def test_training_overlap_without_checkpoints(tmp_path: Path) -> None:
+    assert training_overlap(tmp_path, ["a"]) is None

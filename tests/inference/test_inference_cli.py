@@ -1,0 +1,123 @@
+"""``train``, ``evaluate`` and ``predict`` registered on our own argparse parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import cli
+from inference.data import read_volume
+from inference.synthetic.cohort import PatientRecord, dicom_study_dir
+
+Cohort = tuple[Path, list[PatientRecord]]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glioforecast")
+    p.add_argument("--config", type=Path, default=None)
+    sub = p.add_subparsers(dest="command", required=True)
+    cli.register(sub)
+    return p
+
+
+def run(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))
+
+
+def test_register_adds_the_three_commands_with_their_defaults() -> None:
+    p = parser()
+    a = p.parse_args(["train", "autoencoder", "--data", "d1", "--data", "d2", "--out", "m"])
+    assert a.stage == "autoencoder" and a.data == [Path("d1"), Path("d2")]
+    assert (a.preset, a.epochs, a.seed, a.resume, a.device) == ("demo", 10, 0, False, "cpu")
+    assert a.func is cli.cmd_train
+    e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
+    assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
+    q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
+    assert (q.input, q.samples, q.func) == (Path("in"), 4, cli.cmd_predict)
+    for bad in (
+        ["train", "decoder", "--data", "d", "--out", "m"],
+        ["train", "baseline", "--data", "d", "--out", "m", "--preset", "huge"],
+        ["train", "baseline", "--data", "d", "--out", "m", "--epochs", "0"],
+        ["predict", "in", "--out", "o", "--samples", "0"],
+        ["evaluate", "--model", "m"],
+    ):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def test_train_evaluate_predict_end_to_end(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = str(tiny_cohort[0])
+    model = tmp_path / "ldm"
+    common = ["--preset", "tiny", "--epochs", "1", "--no-progress", "--lr", "1e-3"]
+    assert run(["train", "autoencoder", "--data", data, "--out", str(model), *common]) == 0
+    assert "autoencoder: 1 epoch(s)" in capsys.readouterr().out
+    assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 0
+    # a second run into the same directory without --resume is refused with a reason
+    assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2
+    assert "--resume" in capsys.readouterr().err
+    baseline = tmp_path / "unet"
+    assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common]) == 0
+    assert (baseline / "model.yaml").is_file()
+
+    report = tmp_path / "report"
+    argv = ["evaluate", "--data", data, "--model", str(model), "--model", str(baseline)]
+    argv += ["--samples", "1", "--out", str(report), "--bootstrap", "20", "--limit", "1"]
+    assert run([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| Tumour Dice |" in out
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert len(metrics["methods"]) == 3 and metrics["patients"] == 1
+
+    patient = tiny_cohort[1][0].patient_id
+    nifti_out = tmp_path / "pred-nifti"
+    nifti_in = tiny_cohort[0] / patient / "nifti"
+    assert run(["predict", str(nifti_in), "--model", str(model), "--out", str(nifti_out),
+                "--samples", "2"]) == 0  # fmt: skip
+    summary = json.loads((nifti_out / "summary.json").read_text())
+    assert summary["input_format"] == "nifti"
+    assert summary["samples"] == 2 and "research use only" in summary["notice"]
+    source = read_volume(nifti_in / "pre_t1c.nii.gz")
+    for name in ("mean", "std", "tumour_mask"):
+        vol = read_volume(nifti_out / f"{name}.nii.gz")
+        assert vol.shape == source.shape
+        np.testing.assert_allclose(vol.affine, source.affine, atol=1e-4)
+
+    dicom_out = tmp_path / "pred-dicom"
+    study = dicom_study_dir(tiny_cohort[0], patient)
+    assert run(["predict", str(study), "--model", str(baseline), "--out", str(dicom_out)]) == 0
+    summary = json.loads((dicom_out / "summary.json").read_text())
+    assert summary["input_format"] == "dicom"
+    assert {"t1c", "flair", "rtstruct", "rtdose"} <= set(summary["roles"])
+    assert "POST" in summary["roles"]["t1c"].upper() or "GD" in summary["roles"]["t1c"].upper()
+    assert summary["grid"]["frame_of_reference_uid"]
+    mean = read_volume(dicom_out / "mean.nii.gz")
+    assert mean.shape == tuple(summary["grid"]["shape_kji"])
+
+
+def test_predict_refusals(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["predict", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
+    assert "expected a folder" in capsys.readouterr().err
+    # a DICOM study without its RT structure set: the role rules report the missing role
+    patient = tiny_cohort[1][0].patient_id
+    study = dicom_study_dir(tiny_cohort[0], patient)
+    partial = tmp_path / "partial"
+    for series in study.iterdir():
+        if series.name != "RTSTRUCT":
+            (partial / series.name).mkdir(parents=True)
+            for f in series.iterdir():
+                (partial / series.name / f.name).write_bytes(f.read_bytes())
+    assert run(["predict", str(partial), "--out", str(tmp_path / "o")]) == 2
+    assert "missing required role rtstruct" in capsys.readouterr().err
+    # without --model: the "no change" baseline, named as such
+    out = tmp_path / "nochange"
+    assert run(["predict", str(study), "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["model_name"] == "no-change-baseline"
