@@ -171,6 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             n_resamples=args.bootstrap,
             progress=not args.no_progress,
             patients_limit=args.limit,
+            sites=args.sites,
         )
         js, md = write_report(report, args.out)
     except GlioforecastError as exc:
@@ -204,6 +205,7 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples")
     p.add_argument("--limit", type=_positive_int, default=None, help="first N patients only")
+    p.add_argument("--sites", type=_sites, default=None, help="only these sites, comma-separated")
     p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

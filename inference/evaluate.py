@@ -317,14 +317,22 @@ def run_evaluation(
     margin_mm: float = 4.0,
     progress: bool = False,
     patients_limit: int | None = None,
+    sites: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate "no change" and each model directory on the cohort(s) ``data``: the report as
-    plain data (see :func:`write_report`)."""
+    """Evaluate "no change" and each model directory on the cohort(s) ``data`` (only the
+    patients of ``sites`` when given, then the first ``patients_limit``): the report as plain
+    data (see :func:`write_report`)."""
     from inference.baseline import NoChangeBaseline
     from inference.model_dir import KIND_LDM
     from inference.model_predictor import ModelPredictor
 
     cohort = read_cohort([Path(d) for d in data])
+    if sites is not None:
+        known = sorted({p.site for p in cohort})
+        unknown = sorted(set(sites) - set(known))
+        if unknown:
+            raise InferenceError(f"evaluation sites: expected among {known}, found {unknown}")
+        cohort = [p for p in cohort if p.site in set(sites)]
     if patients_limit is not None:
         cohort = cohort[:patients_limit]
     patients = load_patients(cohort)

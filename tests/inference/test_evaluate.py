@@ -152,3 +152,14 @@ def test_run_evaluation_writes_json_and_markdown(
 
 def test_training_overlap_without_checkpoints(tmp_path: Path) -> None:
     assert training_overlap(tmp_path, ["a"]) is None
+
+
+def test_site_filter(tiny_cohort: Cohort) -> None:
+    from dicom_node.errors import InferenceError
+
+    site = tiny_cohort[1][1].values["site"]
+    report = run_evaluation([], [tiny_cohort[0]], sites=[site], n_resamples=10, samples=1)
+    assert report["sites"] == [site]
+    assert report["patients"] == sum(r.values["site"] == site for r in tiny_cohort[1])
+    with pytest.raises(InferenceError, match="evaluation sites"):
+        run_evaluation([], [tiny_cohort[0]], sites=["SITE-NOWHERE"])
