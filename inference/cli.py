@@ -51,6 +51,15 @@ def _sites(text: str) -> tuple[str, ...]:
     return items
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, found {text!r}"
+        ) from None
+
+
 def _fail(command: str, exc: Exception) -> int:
     log.error("%s failed: %s", command, exc)
     sys.stderr.write(f"glioforecast {command}: {exc}\n")
@@ -80,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             autocast=args.autocast,
             held_out_sites=args.held_out_sites,
             n_held_out_sites=args.n_held_out_sites,
+            held_out_seeds=args.held_out_seeds,
             progress=not args.no_progress,
         )
         if args.stage == "autoencoder":
@@ -143,6 +153,12 @@ def _add_train(sub: Any) -> None:
         type=int,
         default=1,
         help="sites drawn with --seed for validation when --held-out-sites is not given",
+    )
+    p.add_argument(
+        "--held-out-seeds",
+        type=_seeds,
+        default=(),
+        help="cohort seeds whose patients are held out (mod 100000, as in the patient IDs)",
     )
     p.add_argument(
         "--stage1", type=Path, default=None, help="diffusion: stage-1 model directory (--out)"

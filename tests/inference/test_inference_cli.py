@@ -35,6 +35,10 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     assert a.stage == "autoencoder" and a.data == [Path("d1"), Path("d2")]
     assert (a.preset, a.epochs, a.seed, a.resume, a.device) == ("demo", 10, 0, False, "cpu")
     assert a.func is cli.cmd_train
+    assert a.held_out_sites is None and a.held_out_seeds == ()
+    b = p.parse_args(["train", "baseline", "--data", "d", "--out", "m", "--held-out-sites",
+                      "SITE-A,SITE-B", "--held-out-seeds", "7,9"])  # fmt: skip
+    assert b.held_out_sites == ("SITE-A", "SITE-B") and b.held_out_seeds == (7, 9)
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
