@@ -53,6 +53,8 @@ DEFAULT_WEIGHT_FILES = {
 }
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+#: permissions of written weight files (readable by a service user, like model.yaml)
+WEIGHTS_MODE = 0o644
 _TOP_KEYS = ("format", "format_version", "kind", "weights")
 #: ``kind`` of a latent diffusion model directory (the default when ``kind`` is absent)
 KIND_LDM = "latent-diffusion"
@@ -126,6 +128,7 @@ def save_model_dir(
         }
         tmp = out / (file + ".tmp")
         save_file(state, str(tmp), metadata={"component": name, "model": model.config.name})
+        tmp.chmod(WEIGHTS_MODE)  # safetensors writes 0600; the node's service user must read it
         tmp.replace(out / file)
         entries[name] = WeightsEntry(file=file, sha256=sha256_file(out / file))
     text = yaml.safe_dump(model_yaml_dict(model.config, entries), sort_keys=False)

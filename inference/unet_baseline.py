@@ -51,6 +51,7 @@ from inference.model_dir import (
     KIND_UNET_BASELINE,
     MODEL_CARD,
     MODEL_YAML,
+    WEIGHTS_MODE,
     WeightsEntry,
     load_state_checked,
     load_weights_file,
@@ -346,6 +347,7 @@ def save_baseline_dir(
     }
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"component": "unet", "model": cfg.name})
+    tmp.chmod(WEIGHTS_MODE)  # safetensors writes 0600; the node's service user must read it
     tmp.replace(out / WEIGHTS_FILE)
     entry = WeightsEntry(file=WEIGHTS_FILE, sha256=sha256_file(out / WEIGHTS_FILE))
     data: dict[str, Any] = {

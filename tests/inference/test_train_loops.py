@@ -40,6 +40,8 @@ def test_the_ldm_directory_holds_both_stages(tiny_ldm_dir: Path, tiny_cohort: Co
     assert cfg.latent_scale == pytest.approx(ae["latent_scale"])
     assert cfg.latent_scale != 1.0
     assert model_kind(tiny_ldm_dir) == "latent-diffusion"
+    for f in ("autoencoder.safetensors", "diffusion.safetensors"):
+        assert (tiny_ldm_dir / f).stat().st_mode & 0o044 == 0o044  # readable by a service user
     # the checkpoint of each stage: safetensors weights, trainer state readable weights_only
     for stage in ("autoencoder", "diffusion"):
         ckpt = tiny_ldm_dir / "checkpoints" / stage
@@ -116,6 +118,7 @@ def test_seeds_change_the_run_and_fix_it(tmp_path: Path) -> None:
 
 def test_the_baseline_directory(tiny_baseline_dir: Path, tmp_path: Path) -> None:
     assert model_kind(tiny_baseline_dir) == "unet-baseline"
+    assert (tiny_baseline_dir / "unet.safetensors").stat().st_mode & 0o044 == 0o044
     loaded = load_baseline_dir(tiny_baseline_dir)
     assert loaded.config == tiny_baseline_config()
     assert "baseline" in read_train_state(tiny_baseline_dir)["stages"]
