@@ -18,6 +18,9 @@ with the truth:
   specificity, AUC (one-vs-rest, from the predicted probabilities), balanced accuracy;
 - uncertainty: Spearman correlation between each patient's spread (mean voxel-wise standard
   deviation in the tumour region, in the normalised units) and error (tumour-region MAE);
+- survival-class discrimination: AUC of the predicted tumour volume for telling short-survival
+  from long-survival patients (intermediate left out; a larger tumour should mean shorter
+  survival);
 - 95 % bootstrap intervals (patients resampled with replacement, seeded).
 
 ``guidance_check`` predicts every patient under two survival classes with the same seed and
@@ -66,6 +69,8 @@ IMAGE_METRICS = (
 TUMOUR_METRICS = ("dice", "volume_error_ml", "abs_volume_error_ml")
 METRIC_KEYS = IMAGE_METRICS + TUMOUR_METRICS
 NO_CHANGE = "no-change"
+#: survival classes compared by the survival discrimination (cohort table names)
+SHORT, LONG = "short", "long"
 
 
 class Predictor(Protocol):
@@ -80,6 +85,7 @@ class PatientResult:
     patient_id: str
     site: str
     truth_category: str
+    survival_class: str
     predicted_category: str
     probabilities: dict[str, float]
     truth_volume_ml: float
@@ -177,6 +183,7 @@ def evaluate_predictor(
                 patient_id=ep.patient.patient_id,
                 site=ep.patient.site,
                 truth_category=ep.patient.response_category,
+                survival_class=ep.patient.survival_class,
                 predicted_category=pred.response_category,
                 probabilities={
                     c: float(pred.response_probabilities.get(c, 0.0)) for c in RESPONSE_CATEGORIES
@@ -252,6 +259,16 @@ def summarise(
     summary["spread_error_spearman"] = M.bootstrap_ci(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
     ).as_dict()
+    # survival-class discrimination: does a larger predicted tumour go with short survival?
+    short = np.array([r.survival_class == SHORT for r in results])
+    long_ = np.array([r.survival_class == LONG for r in results])
+    volume = np.array([r.predicted_volume_ml for r in results], dtype=float)
+
+    def survival_auc(idx: npt.NDArray[np.intp]) -> float:
+        keep = idx[short[idx] | long_[idx]]
+        return M.auc(short[keep], volume[keep])
+
+    summary["survival_auc_short_vs_long"] = M.bootstrap_ci(survival_auc, n, **kw).as_dict()
     summary["seconds_per_patient"] = (
         float(np.mean([r.seconds for r in results])) if results else None
     )
@@ -427,6 +444,7 @@ ROWS = (
     ("Response accuracy", "response_accuracy", 3),
     ("Response macro AUC (one-vs-rest)", "response_macro_auc", 3),
     ("Spearman spread vs tumour MAE", "spread_error_spearman", 3),
+    ("Survival AUC, short vs long, from predicted volume", "survival_auc_short_vs_long", 3),
 )
 
 

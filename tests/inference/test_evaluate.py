@@ -85,6 +85,7 @@ def test_the_oracle_scores_perfectly_and_no_change_does_not(
     assert summary["response_balanced_accuracy"]["value"] == 1.0
     assert summary["response_accuracy"]["value"] == 1.0
     assert summary["dice"]["value"] == 1.0
+    assert "survival_auc_short_vs_long" in summary
     assert math.isnan(summary["spread_error_spearman"]["value"] or math.nan)  # no spread
 
     same = evaluate_predictor(NoChangeBaseline(), patients, samples=2)
@@ -163,3 +164,26 @@ def test_site_filter(tiny_cohort: Cohort) -> None:
     assert report["patients"] == sum(r.values["site"] == site for r in tiny_cohort[1])
     with pytest.raises(InferenceError, match="evaluation sites"):
         run_evaluation([], [tiny_cohort[0]], sites=["SITE-NOWHERE"])
+
+
+def test_survival_discrimination_from_predicted_volumes() -> None:
+    from inference.evaluate import PatientResult
+
+    def result(cls: str, volume: float) -> PatientResult:
+        return PatientResult(
+            patient_id=cls + str(volume), site="S", truth_category="stable_disease",
+            survival_class=cls, predicted_category="stable_disease",
+            probabilities={c: float(c == "stable_disease") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=1.0, predicted_volume_ml=volume, current_volume_ml=1.0,
+            metrics=dict.fromkeys(("psnr_global", "ssim_global", "mae_global", "psnr_tumour",
+                                   "ssim_tumour", "mae_tumour", "dice", "volume_error_ml",
+                                   "abs_volume_error_ml"), 0.0),
+            spread=0.0, seconds=0.0,
+        )  # fmt: skip
+
+    # short survival with larger tumours, except one pair out of order: (3*3 - 1) / 9
+    results = [result("short", v) for v in (10.0, 20.0, 5.0)]
+    results += [result("long", v) for v in (1.0, 2.0, 6.0)]
+    results.append(result("intermediate", 100.0))  # left out
+    auc = summarise(results, n_resamples=20)["survival_auc_short_vs_long"]["value"]
+    assert auc == pytest.approx(8 / 9)

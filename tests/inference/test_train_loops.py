@@ -149,7 +149,8 @@ def test_the_baseline_directory(tiny_baseline_dir: Path, tmp_path: Path) -> None
 
 
 def test_baseline_training_lowers_its_loss(tmp_path: Path, tiny_cohort: Cohort) -> None:
-    options = TrainOptions(epochs=4, n_held_out_sites=0, **FAST)  # type: ignore[arg-type]
+    fast = {**FAST, "progress": True}  # tqdm bars on stderr (captured)
+    options = TrainOptions(epochs=4, n_held_out_sites=0, **fast)  # type: ignore[arg-type]
     report = train_baseline([tiny_cohort[0]], tmp_path / "u", tiny_baseline_config(), options)
     assert report.held_out_patients == [] and report.val_losses == [None] * 4
     assert report.train_losses[-1] < report.train_losses[0]
