@@ -328,13 +328,22 @@ class JobStore:
             )
             _event(db, job_id, "retry", f"re-queued by an operator; now {state} {reason}".strip())
 
-    def set_state(self, job_id: int, state: str, reason: str = "") -> None:
+    def set_state(self, job_id: int, state: str, reason: str = "") -> bool:
+        """Move a job to ``state``; False (and an event) when it was superseded meanwhile.
+
+        ``superseded`` is final: the outcome of a run that ended after a newer version of the
+        study was created is recorded as an event but does not bring the job back.
+        """
         with self.transaction() as db:
-            db.execute(
-                "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
-                (state, reason, time.time(), job_id),
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state != ?",
+                (state, reason, time.time(), job_id, SUPERSEDED),
             )
+            if cur.rowcount == 0:
+                _event(db, job_id, "ignored", f"superseded; outcome not applied: {state} {reason}")
+                return False
             _event(db, job_id, state, reason or state)
+            return True
 
     def claim_next(self) -> int | None:
         """Mark the oldest queued job running and return its id (None when none is queued)."""

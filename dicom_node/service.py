@@ -17,13 +17,11 @@ from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
-from dicom_node.pipeline import Pipeline
 from dicom_node.scp import StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.settings import LoggingSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
-from inference.baseline import NoChangeBaseline
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +129,7 @@ class Node:
             [Destination.from_settings(d) for d in settings.destinations],
             calling_ae=settings.sending.calling_ae_title,
         )
-        pipeline = Pipeline(settings, self.store, self.spool.root, NoChangeBaseline())
-        self.worker = Worker(settings, self.store, pipeline, self.outbox, self.sender.wake)
+        self.worker = Worker(settings, self.store, self.sender.wake)
         self.health: HealthServer | None = None
         if settings.health.enabled:
             h = settings.health

@@ -200,6 +200,14 @@ class SendingSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """How jobs run: each in its own process, killed after ``job_timeout_s``."""
+
+    job_timeout_s: float = field(default=900.0, metadata=_spec("", minimum=1.0))
+    max_attempts: int = field(default=2, metadata=_spec("", minimum=1, maximum=10))
+
+
+@dataclass(frozen=True)
 class HealthSettings:
     """The HTTP health and metrics endpoint (``/health``, ``/metrics``)."""
 
@@ -222,6 +230,7 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()
     sending: SendingSettings = SendingSettings()
+    worker: WorkerSettings = WorkerSettings()
     health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = field(default=EMBEDDED, metadata={"internal": True})

@@ -1,22 +1,100 @@
-"""The job worker: takes queued jobs one at a time, runs the pipeline, queues the results.
+"""The job worker: takes queued jobs one at a time and runs each in a child process.
 
-A job left ``running`` by a crash is queued again at start-up. A job superseded while it ran (a
-late instance arrived) does not send its results: the newer version will.
+The child converts, predicts, builds the output objects and queues them in the outbox; the
+parent waits at most ``worker.job_timeout_s``. A child that runs out of time is killed, one that
+dies (out of memory, a crash in native code) is noticed by its exit code: either way the job is
+tried again up to ``worker.max_attempts`` times, then fails with the reason. The service itself
+never shares the fate of a job.
+
+A job left ``running`` by a stop or crash of the node is queued again at start-up. A job
+superseded while it ran (a late instance arrived) does not send its results: the newer version
+will. Queueing is idempotent per object and destination, so a job run twice sends once.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 from dicom_node.errors import GlioforecastError
-from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
+from dicom_node.jobs import DONE, FAILED, QUEUED, SUPERSEDED, JobStore
 from dicom_node.loop import BackgroundLoop
-from dicom_node.outbox import Outbox
-from dicom_node.pipeline import Pipeline
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # done, failed, superseded, or retry (the attempt died)
+    message: str
+    queued: int = 0
+
+
+def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
+    """Convert, predict, build and queue the outputs of one job (what the child process does)."""
+    from dicom_node.outbox import Outbox, RetryPolicy
+    from dicom_node.outbox_cli import outbox_path
+    from dicom_node.pipeline import Pipeline
+    from inference.baseline import NoChangeBaseline
+
+    store = JobStore(settings.storage.database)
+    outbox = Outbox(
+        outbox_path(settings.storage.data_dir), policy=RetryPolicy.from_settings(settings.sending)
+    )
+    try:
+        pipeline = Pipeline(settings, store, settings.storage.spool_dir, NoChangeBaseline())
+        destinations = [d.name for d in settings.destinations]
+        try:
+            result = pipeline.run(job_id)
+            job = store.get_job(job_id)
+            if job is not None and job.state == SUPERSEDED:
+                return Outcome(SUPERSEDED, "superseded while it ran; results dropped")
+            queued = 0
+            if destinations:
+                queued = outbox.enqueue(result.objects, destinations, job=str(job_id))
+        except GlioforecastError as exc:
+            return Outcome(FAILED, str(exc))
+        except Exception as exc:  # a bug must not pass silently: the job says what happened
+            log.exception("job %d failed unexpectedly", job_id, extra={"job": job_id})
+            return Outcome(FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        p = result.prediction
+        summary = (
+            f"{len(result.objects)} objects in {result.series} series by {p.model_name} "
+            f"{p.model_version} in {result.seconds:.1f} s; predicted tumour "
+            f"{p.predicted_volume_ml:.1f} ml (now {p.current_volume_ml:.1f} ml), "
+            f"{p.response_category}; "
+            + (
+                f"{queued} deliveries queued to {', '.join(destinations)}"
+                if destinations
+                else "no destination configured: nothing sent"
+            )
+        )
+        return Outcome(DONE, summary, queued)
+    finally:
+        outbox.close()
+        store.close()
+
+
+def _child(settings: Settings, job_id: int, conn: Connection) -> None:
+    from dicom_node.service import configure_logging
+
+    configure_logging(settings.logging)
+    conn.send(run_job_in_this_process(settings, job_id))
+    conn.close()
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = " (killed: out of memory?)" if -exitcode == signal.SIGKILL else ""
+        return f"the job process died of {name}{hint}"
+    return f"the job process exited with code {exitcode} without a result"
 
 
 class Worker(BackgroundLoop):
@@ -26,15 +104,12 @@ class Worker(BackgroundLoop):
         self,
         settings: Settings,
         store: JobStore,
-        pipeline: Pipeline,
-        outbox: Outbox,
         on_queued: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.pipeline = pipeline
-        self.outbox = outbox
         self.on_queued = on_queued
+        self.child: multiprocessing.process.BaseProcess | None = None
         super().__init__()
 
     def start(self) -> None:
@@ -50,38 +125,57 @@ class Worker(BackgroundLoop):
         self.run_job(job_id)
         return 0.0
 
+    def _attempt(self, job_id: int) -> Outcome:
+        timeout = self.settings.worker.job_timeout_s
+        ctx = multiprocessing.get_context("spawn")  # no inherited threads, locks or sockets
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(
+            target=_child, args=(self.settings, job_id, sender), name=f"job-{job_id}", daemon=True
+        )
+        child.start()
+        sender.close()
+        self.child = child
+        try:
+            if receiver.poll(timeout):
+                try:
+                    outcome: Outcome = receiver.recv()
+                except EOFError:  # died before it could answer
+                    child.join(30)
+                    return Outcome("retry", _death(child.exitcode))
+                child.join(30)
+                return outcome
+            child.kill()
+            child.join(30)
+            return Outcome("retry", f"timed out after {timeout:g} s (worker.job_timeout_s)")
+        finally:
+            receiver.close()
+            self.child = None
+
     def run_job(self, job_id: int) -> None:
         extra = {"job": job_id}
         log.info("job %d started", job_id, extra=extra)
-        try:
-            result = self.pipeline.run(job_id)
-        except GlioforecastError as exc:
-            log.warning("job %d failed: %s", job_id, exc, extra=extra)
-            self.store.set_state(job_id, FAILED, str(exc))
-            return
-        except Exception as exc:  # a bug must not stop the worker; the job says what happened
-            log.exception("job %d failed unexpectedly", job_id, extra=extra)
-            self.store.set_state(job_id, FAILED, f"internal error: {type(exc).__name__}: {exc}")
-            return
-        job = self.store.get_job(job_id)
-        if job is not None and job.state == SUPERSEDED:
+        started = time.monotonic()
+        outcome = self._attempt(job_id)
+        if outcome.state == "retry":
+            job = self.store.get_job(job_id)
+            attempts = job.attempts if job is not None else 0
+            if attempts < self.settings.worker.max_attempts:
+                log.warning(
+                    "job %d attempt %d failed (%s); queued again",
+                    job_id, attempts, outcome.message, extra=extra,
+                )  # fmt: skip
+                self.store.set_state(job_id, QUEUED, f"attempt {attempts}: {outcome.message}")
+                return
+            outcome = Outcome(FAILED, f"{outcome.message}; gave up after {attempts} attempt(s)")
+        if outcome.state == SUPERSEDED:
             log.info("job %d was superseded while it ran; results dropped", job_id, extra=extra)
+            self.store.add_event(job_id, SUPERSEDED, outcome.message)
             return
-        destinations = [d.name for d in self.settings.destinations]
-        queued = self.outbox.enqueue(result.objects, destinations, job=str(job_id))
-        p = result.prediction
-        summary = (
-            f"{len(result.objects)} objects in {result.series} series by {p.model_name} "
-            f"{p.model_version} in {result.seconds:.1f} s; predicted tumour "
-            f"{p.predicted_volume_ml:.1f} ml (now {p.current_volume_ml:.1f} ml), "
-            f"{p.response_category}; "
-            + (
-                f"{queued} deliveries queued to {', '.join(destinations)}"
-                if destinations
-                else "no destination configured: nothing sent"
-            )
-        )
-        self.store.set_state(job_id, DONE, summary)
-        log.info("job %d done: %s", job_id, summary, extra=extra)
-        if self.on_queued is not None and queued:
-            self.on_queued()
+        self.store.set_state(job_id, outcome.state, outcome.message)
+        seconds = time.monotonic() - started
+        if outcome.state == DONE:
+            log.info("job %d done in %.1f s: %s", job_id, seconds, outcome.message, extra=extra)
+            if self.on_queued is not None and outcome.queued:
+                self.on_queued()
+        else:
+            log.warning("job %d failed: %s", job_id, outcome.message, extra=extra)

@@ -40,7 +40,7 @@ def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-unty
     assert summary["status"] == "ok"
     assert summary["components"] == {"receiver": True, "worker": True, "sender": True}
     storescu(node.scp.port, *files)
-    wait_for(lambda: node.store.list_jobs() and node.store.counts()["queued"] == 0, what="job")
+    wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
     code, text = get(port, "/metrics")
     assert code == 200
     assert "# TYPE glioforecast_instances_received_total counter" in text

@@ -8,6 +8,8 @@ objects -> outbox -> C-STORE.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
 
 import pydicom
@@ -118,3 +120,44 @@ def test_interrupted_job_is_queued_again_and_superseded_results_are_dropped(tmp_
     assert store.get_job(first).state == SUPERSEDED  # type: ignore[union-attr]
     assert store.claim_next() == second
     assert store.claim_next() is None
+    # the first run ends after it was superseded: its outcome does not bring it back
+    assert store.set_state(first, FAILED, "late outcome") is False
+    assert store.get_job(first).state == SUPERSEDED  # type: ignore[union-attr]
+    assert "superseded; outcome not applied: failed late outcome" in [
+        e.message for e in store.events(first)
+    ]
+
+
+def test_a_job_out_of_time_is_killed_retried_then_failed(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pre, _ = patient
+    settings = make_settings(tmp_path / "data", worker={"job_timeout_s": 0.5, "max_attempts": 2})
+    node = run_node(settings)
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state == FAILED), None),
+        timeout=120,
+        what="the job to fail",
+    )
+    assert job.attempts == 2
+    assert job.reason == "timed out after 0.5 s (worker.job_timeout_s); gave up after 2 attempt(s)"
+    events = [e.message for e in node.store.events(job.id)]
+    assert "attempt 1: timed out after 0.5 s (worker.job_timeout_s)" in events
+    assert node.worker.alive  # the service is unharmed
+
+
+def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pre, _ = patient
+    node = run_node(make_settings(tmp_path / "data"))
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+    child = wait_for(lambda: node.worker.child, timeout=60, what="the job process")
+    wait_for(lambda: child.pid, what="its pid")
+    os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+    assert job.attempts == 2
+    events = [e.message for e in node.store.events(job.id)]
+    assert "attempt 1: the job process died of SIGKILL (killed: out of memory?)" in events
