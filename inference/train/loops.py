@@ -626,6 +626,7 @@ def train_diffusion(
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     train_lat = _encode_all(model, train_ds)
     val_lat = _encode_all(model, val_ds)
+    del train_ds, val_ds  # stage 2 needs the latents only: free the full-resolution arrays
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)
     identity = {
