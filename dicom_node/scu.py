@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,9 +144,13 @@ def store_batch(
     acse_timeout_s: float = 30,
     dimse_timeout_s: float = 60,
     network_timeout_s: float = 60,
+    load: Callable[[Dataset], Dataset] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[StoreResult]:
     """Send ``datasets`` to ``destination`` over one association, one result per dataset.
 
+    ``load`` turns each item into the dataset to send just before it is sent (e.g. headers read
+    with ``stop_before_pixels`` into whole files), so a large batch is never all in memory.
     Raises :class:`SendError` when no association could be established (peer down, refused,
     no presentation context accepted); per-object failures are in the results.
     """
@@ -168,7 +172,9 @@ def store_batch(
     results: list[StoreResult] = []
     try:
         for ds in datasets:
-            results.append(_store_one(assoc, ds, destination))
+            results.append(_store_one(assoc, load(ds) if load else ds, destination))
+            if progress is not None:
+                progress(1)
     finally:
         if assoc.is_established:
             assoc.release()

@@ -8,17 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_node.errors import InputError, SendError
-from dicom_node.scu import hold_reactor
+from dicom_node.scu import Destination, store_batch
 
 log = logging.getLogger(__name__)
-
-_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
-_MAX_CONTEXTS = 128
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
@@ -34,13 +31,6 @@ def collect_files(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-@dataclass(frozen=True)
-class _Item:
-    path: Path
-    sop_class: str
-    transfer_syntax: str
-
-
 @dataclass
 class SendReport:
     sent: int = 0
@@ -48,26 +38,10 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _scan(files: Sequence[Path], report: SendReport) -> list[_Item]:
-    items = []
-    for path in files:
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-            items.append(_Item(path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
-        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            report.skipped.append((path, f"not a DICOM Part 10 file ({exc})"))
-    return items
-
-
-def _make_ae(calling_ae: str) -> AE:
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    return ae
-
-
 def echo(host: str, port: int, called_ae: str, calling_ae: str) -> int:
     """C-ECHO a peer; returns the status (0 = success) or raises :class:`SendError`."""
-    ae = _make_ae(calling_ae)
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
@@ -92,52 +66,29 @@ def send_files(
     calling_ae: str,
     progress: Callable[[int], None] | None = None,
 ) -> SendReport:
-    """C-STORE ``files`` over as few associations as their presentation contexts allow."""
+    """C-STORE ``files`` over one association; files are read one at a time as they go."""
     report = SendReport()
-    items = _scan(files, report)
-    # group by the contexts they need, at most 128 contexts per association
-    batches: list[tuple[set[tuple[str, str]], list[_Item]]] = []
-    for item in items:
-        needed = {(item.sop_class, item.transfer_syntax)}
-        if item.transfer_syntax in _UNCOMPRESSED:
-            needed = {(item.sop_class, ts) for ts in _UNCOMPRESSED}
-        for contexts, members in batches:
-            if len(contexts | needed) <= _MAX_CONTEXTS:
-                contexts |= needed
-                members.append(item)
-                break
-        else:
-            batches.append((set(needed), [item]))
-    for contexts, members in batches:
-        ae = _make_ae(calling_ae)
-        for sop_class, ts in sorted(contexts):
-            ae.add_requested_context(sop_class, ts)
-        assoc = ae.associate(host, port, ae_title=called_ae)
-        if not assoc.is_established:
-            reason = "rejected" if assoc.is_rejected else "no answer or aborted"
-            raise SendError(f"{called_ae} at {host}:{port}: association not established ({reason})")
+    headers: list[Dataset] = []
+    for path in files:
         try:
-            for item in members:
-                try:
-                    ds = dcmread(item.path)
-                    hold_reactor(assoc)
-                    status = assoc.send_c_store(ds)
-                except (ValueError, RuntimeError, OSError) as exc:
-                    report.failed.append((item.path, str(exc)))
-                else:
-                    code = int(status.Status) if "Status" in status else -1
-                    if code in (0x0000, 0xB000, 0xB007, 0xB006):
-                        report.sent += 1
-                    else:
-                        comment = str(status.get("ErrorComment", ""))
-                        report.failed.append(
-                            (item.path, f"status 0x{code & 0xFFFF:04X} {comment}".strip())
-                        )
-                if progress is not None:
-                    progress(1)
-                if not assoc.is_established:
-                    raise SendError(f"{called_ae} at {host}:{port}: association lost")
-        finally:
-            if assoc.is_established:
-                assoc.release()
+            headers.append(dcmread(path, stop_before_pixels=True))
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+            report.skipped.append((path, f"not a DICOM Part 10 file ({exc})"))
+            if progress is not None:
+                progress(1)
+    if not headers:
+        return report
+    peer = Destination(name=called_ae, ae_title=called_ae, host=host, port=port)
+    results = store_batch(
+        headers,
+        peer,
+        calling_ae=calling_ae,
+        load=lambda header: dcmread(header.filename),
+        progress=progress,
+    )
+    for header, result in zip(headers, results, strict=True):
+        if result.delivered:
+            report.sent += 1
+        else:
+            report.failed.append((Path(header.filename), result.error or "not delivered"))
     return report
