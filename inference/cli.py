@@ -188,6 +188,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             patients_limit=args.limit,
             sites=args.sites,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
         )
         js, md = write_report(report, args.out)
     except GlioforecastError as exc:
@@ -223,6 +225,8 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N patients only")
     p.add_argument("--sites", type=_sites, default=None, help="only these sites, comma-separated")
     p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -353,6 +357,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 args.model,
                 device=args.device,
                 guidance_scale=args.guidance_scale,
+                num_inference_steps=args.steps,
                 seed=args.seed,
             )
         prediction = predictor.predict(inputs, samples=args.samples)
@@ -415,7 +420,8 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--samples", type=_positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
+    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (the model's)")
     p.add_argument("--survival-class", default=None, help="guidance class (default: none)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.set_defaults(func=cmd_predict)

@@ -335,6 +335,8 @@ def run_evaluation(
     progress: bool = False,
     patients_limit: int | None = None,
     sites: Sequence[str] | None = None,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate "no change" and each model directory on the cohort(s) ``data`` (only the
     patients of ``sites`` when given, then the first ``patients_limit``): the report as plain
@@ -358,7 +360,13 @@ def run_evaluation(
     if include_no_change:
         methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
     for d in model_dirs:
-        mp = ModelPredictor(d, device=device, seed=seed)
+        mp = ModelPredictor(
+            d,
+            device=device,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+        )
         info = {
             "kind": mp.kind,
             "model_dir": str(d),
@@ -373,6 +381,8 @@ def run_evaluation(
         "patients": len(patients),
         "sites": sorted({p.patient.site for p in patients}),
         "samples": samples,
+        "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps,
         "survival_class": survival_class,
         "tumour_region_margin_mm": margin_mm,
         "bootstrap_resamples": n_resamples,

@@ -73,11 +73,13 @@ def test_train_evaluate_predict_end_to_end(
     report = tmp_path / "report"
     argv = ["evaluate", "--data", data, "--model", str(model), "--model", str(baseline)]
     argv += ["--samples", "1", "--out", str(report), "--bootstrap", "20", "--limit", "1"]
+    argv += ["--steps", "2", "--guidance-scale", "1.5"]
     assert run([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| Tumour Dice |" in out
     metrics = json.loads((report / "metrics.json").read_text())
     assert len(metrics["methods"]) == 3 and metrics["patients"] == 1
+    assert (metrics["num_inference_steps"], metrics["guidance_scale"]) == (2, 1.5)
 
     patient = tiny_cohort[1][0].patient_id
     nifti_out = tmp_path / "pred-nifti"
