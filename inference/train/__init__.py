@@ -1,2 +1,3 @@
-"""Training of the latent diffusion model: optimisation steps (commands and data loading build on
-:mod:`inference.train.steps`)."""
+"""Training: one optimisation step of each stage (:mod:`inference.train.steps`) and the loops
+with checkpoints, resume and seeds that the ``glioforecast train`` command runs
+(:mod:`inference.train.loops`)."""
