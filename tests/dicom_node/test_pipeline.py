@@ -161,3 +161,62 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     assert job.attempts == 2
     events = [e.message for e in node.store.events(job.id)]
     assert "attempt 1: the job process died of SIGKILL (killed: out of memory?)" in events
+
+
+def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
+    run_node, patient, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """storescu -> node -> Orthanc; the results sit in the source study, the SR reads back."""
+    import io
+
+    from sr_writer.structured_report import read_summary
+    from tests.integration.orthanc import OrthancServer, orthanc_binary
+
+    orthanc_binary()
+    pre, truth = patient
+    pacs = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        files = sorted(pre.rglob("*.dcm"))
+        storescu(pacs.dicom_port, *files, extra=("-aec", pacs.ae_title))
+        before = pacs.count_instances()
+        assert before == len(files)
+        settings = dataclasses.replace(
+            make_settings(tmp_path / "data"), destinations=(pacs.destination("pacs"),)
+        )
+        node = run_node(settings)
+        storescu(node.scp.port, *files)
+        job = wait_for(
+            lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+            timeout=120,
+            what="the job",
+        )
+        assert job.state == DONE, job.reason
+
+        def delivered() -> bool:
+            states = node.outbox.counts().get("pacs", {})
+            return bool(states) and set(states) == {"sent"}
+
+        wait_for(delivered, timeout=120, what="the results to be acknowledged")
+        sent = node.outbox.counts()["pacs"]["sent"]
+        assert pacs.count_instances() == before + sent
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        series = pacs.series_of_study(study_uid)
+        outputs = {
+            s["MainDicomTags"]["SeriesDescription"]: s
+            for s in series.values()
+            if s["MainDicomTags"].get("SeriesDescription", "").startswith("SYNTHETIC PREDICTION")
+        }
+        assert {d.rsplit(" - ", 1)[1] for d in outputs} == {
+            "T1-Gd SC", "UNCERTAINTY SC", "SEG", "RTSTRUCT", "SR"
+        }  # fmt: skip
+        roles = {js.series.series_instance_uid: js for js in node.store.job_series(job.id)}
+        (t1c,) = [js for js in roles.values() if js.role == "t1c"]
+        sc = next(s for d, s in outputs.items() if d.endswith("T1-Gd SC"))
+        assert len(sc["Instances"]) == t1c.series.instance_count
+        sr_id = next(s for d, s in outputs.items() if d.endswith(" SR"))["Instances"][0]
+        numbers = read_summary(pydicom.dcmread(io.BytesIO(pacs.raw(f"/instances/{sr_id}/file"))))
+        # the current volume is the synthetic GTV rasterised on the T1-Gd grid
+        assert abs(numbers["current_ml"] - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2  # type: ignore[operator]
+        assert numbers["category"] == "Stable Disease"  # the no-change baseline
+    finally:
+        pacs.stop()
