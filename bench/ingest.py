@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -66,26 +67,28 @@ def _send(port: int, files: list[Path]) -> float:
     return elapsed
 
 
-def run_storescp(files: list[Path], work: Path) -> float:
-    port = _free_port()
-    out = work / "storescp"
-    out.mkdir()
+def _timed(cmd: list[str], port: int, files: list[Path], stored: Callable[[], int] | None) -> float:
+    """Start a receiver, time one storescu of ``files`` to it, check what it stored, stop it."""
     proc = subprocess.Popen(
-        [STORESCP, "-aet", "GLIOFORECAST", "-od", str(out), str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         _wait_listening(port)
         elapsed = _send(port, files)
-        stored = len(list(out.iterdir()))
-        if stored != len(files):
-            raise RuntimeError(f"storescp stored {stored} files, expected {len(files)}")
+        if stored is not None and stored() != len(files):
+            raise RuntimeError(f"{cmd[0]} stored {stored()} files, expected {len(files)}")
         return elapsed
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def run_storescp(files: list[Path], work: Path) -> float:
+    port = _free_port()
+    out = work / "storescp"
+    out.mkdir()
+    cmd = [STORESCP, "-aet", "GLIOFORECAST", "-od", str(out), str(port)]
+    return _timed(cmd, port, files, lambda: len(list(out.iterdir())))
 
 
 def run_node(files: list[Path], work: Path) -> float:
@@ -96,27 +99,13 @@ def run_node(files: list[Path], work: Path) -> float:
             {
                 "node": {"port": port},
                 "storage": {"data_dir": str(work / "node")},
+                "health": {"enabled": False},
                 "logging": {"level": "WARNING"},
             }
         )
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_listening(port)
-        elapsed = _send(port, files)
-        stored = len(list((work / "node" / "spool").rglob("*.dcm")))
-        if stored != len(files):
-            raise RuntimeError(f"node stored {stored} files, expected {len(files)}")
-        return elapsed
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    cmd = [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"]
+    return _timed(cmd, port, files, lambda: len(list((work / "node" / "spool").rglob("*.dcm"))))
 
 
 FLOOR_SCP = """
@@ -136,18 +125,7 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=handlers)
 def run_pynetdicom_floor(files: list[Path], work: Path) -> float:
     """A bare pynetdicom SCP that answers success and stores nothing: the library's floor."""
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", FLOOR_SCP, str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_listening(port)
-        return _send(port, files)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+    return _timed([sys.executable, "-c", FLOOR_SCP, str(port)], port, files, None)
 
 
 def main(argv: list[str] | None = None) -> int:
