@@ -241,10 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
             _add_data_dir(outbox_parser)
 
     demo.register(sub)
-    # the synthetic cohort lives with the model code (inference/); importing it is light (numpy)
+    # the synthetic cohort and the model commands live in inference/; their modules import
+    # torch and MONAI only when a command runs
+    from inference import cli as model_cli
     from inference.synthetic import cli as synth_cli
 
     synth_cli.register(sub)
+    model_cli.register(sub)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file", type=Path)

@@ -200,6 +200,20 @@ class SendingSettings:
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """The predictor: a model directory, or none for the "no change" baseline.
+
+    ``samples`` and ``guidance_scale`` left out take the model's own defaults (model.yaml);
+    ``device: auto`` uses a CUDA GPU when there is one, the CPU otherwise.
+    """
+
+    directory: Path | None = None
+    samples: int | None = field(default=None, metadata=_spec("", minimum=1, maximum=64))
+    guidance_scale: float | None = field(default=None, metadata=_spec("", minimum=0.0))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """How jobs run: each in its own process, killed after ``job_timeout_s``."""
 
@@ -230,6 +244,7 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()
     sending: SendingSettings = SendingSettings()
+    model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -384,6 +399,11 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "
             "is true (otherwise every association is refused)"
+        )
+    model_dir = s.model.directory
+    if model_dir is not None and not (model_dir / "model.yaml").is_file():
+        problems.append(
+            f"model.directory: expected a model directory with a model.yaml, found {model_dir}"
         )
     names = [d.name for d in s.destinations]
     for name in {n for n in names if names.count(n) > 1}:

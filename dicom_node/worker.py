@@ -20,11 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import DONE, FAILED, QUEUED, SUPERSEDED, JobStore
 from dicom_node.loop import BackgroundLoop
 from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.pipeline import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +40,41 @@ class Outcome:
     queued: int = 0
 
 
+def make_predictor(settings: Settings) -> Predictor:
+    """The configured model, or the "no change" baseline when no model directory is set."""
+    model = settings.model
+    if model.directory is None:
+        from inference.baseline import NoChangeBaseline
+
+        return NoChangeBaseline()
+    import torch
+
+    from inference.model_predictor import ModelPredictor
+
+    device = model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ModelPredictor(
+        model.directory, device, samples=model.samples, guidance_scale=model.guidance_scale
+    )
+
+
 def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
     """Convert, predict, build and queue the outputs of one job (what the child process does)."""
     from dicom_node.outbox import Outbox, RetryPolicy
     from dicom_node.outbox_cli import outbox_path
     from dicom_node.pipeline import Pipeline
-    from inference.baseline import NoChangeBaseline
 
     store = JobStore(settings.storage.database)
     outbox = Outbox(
         outbox_path(settings.storage.data_dir), policy=RetryPolicy.from_settings(settings.sending)
     )
     try:
-        pipeline = Pipeline(settings, store, settings.storage.spool_dir, NoChangeBaseline())
         destinations = [d.name for d in settings.destinations]
         try:
+            pipeline = Pipeline(
+                settings, store, settings.storage.spool_dir, make_predictor(settings)
+            )
             result = pipeline.run(job_id)
             job = store.get_job(job_id)
             if job is not None and job.state == SUPERSEDED:
