@@ -19,6 +19,7 @@ from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.scp import StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
+from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
@@ -162,9 +163,19 @@ class Node:
         )
 
     def run_forever(self) -> None:
-        """Assemble jobs until :meth:`request_stop` (or SIGTERM / SIGINT)."""
+        """Assemble jobs until :meth:`request_stop` (or SIGTERM / SIGINT).
+
+        Under systemd (``Type=notify``) it says READY once listening and, when a watchdog is
+        set, pets it from this loop, so a hung loop gets the service restarted.
+        """
         interval = self.settings.assembly.poll_interval_s
+        watchdog = watchdog_interval_s()
+        if watchdog is not None:
+            interval = min(interval, watchdog)
+        notify("READY=1\nSTATUS=accepting associations")
         while not self._stop.is_set():
+            if watchdog is not None:
+                notify("WATCHDOG=1")
             try:
                 if self.assembler.run_once():
                     self.worker.wake()
@@ -246,6 +257,7 @@ class Node:
 
     def stop(self) -> None:
         """Stop receiving, let the current job finish, stop sending, close the databases."""
+        notify("STOPPING=1")
         self._stop.set()
         if self.health is not None:
             self.health.stop()

@@ -24,6 +24,7 @@ def test_unit_is_hardened() -> None:
     d = _directives()
     assert d["User"] == "glioforecast"
     assert d["Restart"] == "on-failure"
+    assert d["Type"] == "notify" and d["WatchdogSec"]
     assert d["NoNewPrivileges"] == "yes"
     assert d["ProtectSystem"] == "strict"
     assert d["ReadWritePaths"] == "/var/lib/glioforecast"  # the spool: the only writable path
