@@ -1,0 +1,198 @@
+"""End-to-end latency and peak memory: a synthetic study through the node to Orthanc.
+
+    python -m bench.e2e [--spacing MM] [--runs N] [--quiet-period S]
+
+Each run: a fresh node (``glioforecast serve``) with a local Orthanc as its destination,
+dcmtk ``storescu`` sends one synthetic pre-treatment study, and the clock runs from the moment
+the last instance is acknowledged by the node to the moment every result is acknowledged by the
+PACS (the outbox says ``sent`` for all). The quiet period is part of that time by design; the
+table gives it separately. Peak memory is the largest resident set (VmHWM) of the node process
+and of each job process, sampled from /proc while they run. Writes the ``end-to-end`` section
+of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.report import update_section
+from dicom_node.local_pacs import OrthancServer, free_port
+from dicom_node.outbox import Outbox
+from dicom_node.outbox_cli import outbox_path
+from inference.synthetic.cohort import generate_patient
+
+REPO = Path(__file__).resolve().parents[1]
+STORESCU = "/usr/bin/storescu"
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (read from /proc/*/stat)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # field 4 (ppid) follows the command name, which is in parentheses
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+class MemoryWatch:
+    """Samples the peak RSS of a process and of its children until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.node_kib = 0
+        self.job_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.node_kib = max(self.node_kib, _hwm_kib(self.pid))
+            for child in _children(self.pid):
+                self.job_kib = max(self.job_kib, _hwm_kib(child))
+            time.sleep(0.05)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def one_run(study: Path, work: Path, quiet_s: float) -> dict[str, float]:
+    files = sorted(str(p) for p in study.rglob("*.dcm"))
+    pacs = OrthancServer(work / "pacs").start()
+    data = work / "node"
+    config = work / "node.yaml"
+    port = free_port()
+    config.write_text(yaml.safe_dump({
+        "node": {"port": port},
+        "storage": {"data_dir": str(data)},
+        "assembly": {"quiet_period_s": quiet_s},
+        "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
+                          "port": pacs.dicom_port}],
+        "health": {"enabled": False},
+        "logging": {"level": "WARNING"},
+    }))  # fmt: skip
+    node = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(
+            ["/usr/bin/echoscu", "-aec", "GLIOFORECAST", "127.0.0.1", str(port)],
+            capture_output=True,
+        ).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the node did not start")
+            time.sleep(0.1)
+        with MemoryWatch(node.pid) as memory:
+            subprocess.run(
+                [STORESCU, "-aec", "GLIOFORECAST", "127.0.0.1", str(port), *files],
+                check=True, capture_output=True, env=env,
+            )  # fmt: skip
+            received = time.monotonic()
+            while True:
+                path = outbox_path(data)
+                if path.exists():
+                    with Outbox(path) as outbox:
+                        states = outbox.counts().get("pacs", {})
+                    if states and set(states) == {"sent"}:
+                        break
+                if time.monotonic() - received > quiet_s + 900:
+                    raise RuntimeError("results not delivered within the quiet period + 900 s")
+                time.sleep(0.2)
+            done = time.monotonic()
+        return {
+            "instances": len(files),
+            "results": float(sum(states.values())),
+            "latency_s": done - received,
+            "node_peak_mib": memory.node_kib / 1024,
+            "job_peak_mib": memory.job_kib / 1024,
+        }
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=120)
+        pacs.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--spacing", type=float, default=2.0, help="synthetic grid spacing, mm")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quiet-period", type=float, default=30.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    generate_patient(0, 11, root / "synthetic", spacing_mm=args.spacing, formats=("dicom",))
+    (study,) = (root / "synthetic").glob("*/dicom/pre")
+    runs = []
+    for i in range(args.runs):
+        result = one_run(study, root / f"run{i}", args.quiet_period)
+        print(json.dumps(result), file=sys.stderr)
+        runs.append(result)
+    lat = [r["latency_s"] for r in runs]
+    med = statistics.median(lat)
+    body = (
+        f"One synthetic patient (`generate_patient(0, 11, spacing_mm={args.spacing:g})`, "
+        f"{runs[0]['instances']:.0f} instances: 4 MR series, RTSTRUCT, RTDOSE) sent by dcmtk "
+        f"`storescu` to `glioforecast serve`, whose destination is a local Orthanc; "
+        f'{args.runs} runs, CPU only, predictor: the "no change" baseline (no trained model '
+        "is bundled yet).\n\n"
+        "| what | median | min | max |\n| --- | --- | --- | --- |\n"
+        f"| last instance acknowledged -> all {runs[0]['results']:.0f} results acknowledged "
+        f"by the PACS, s | {med:.1f} | {min(lat):.1f} | {max(lat):.1f} |\n"
+        f"| of which the quiet period, s | {args.quiet_period:g} | | |\n"
+        f"| node process peak RSS, MiB | "
+        f"{statistics.median(r['node_peak_mib'] for r in runs):.0f} | "
+        f"{min(r['node_peak_mib'] for r in runs):.0f} | "
+        f"{max(r['node_peak_mib'] for r in runs):.0f} |\n"
+        f"| job process peak RSS, MiB | "
+        f"{statistics.median(r['job_peak_mib'] for r in runs):.0f} | "
+        f"{min(r['job_peak_mib'] for r in runs):.0f} | "
+        f"{max(r['job_peak_mib'] for r in runs):.0f} |\n"
+        f"\nTarget: quiet period + 90 s on CPU: "
+        f"{'meets' if med - args.quiet_period <= 90 else 'misses'} "
+        f"({med - args.quiet_period:.1f} s beyond the quiet period, with the baseline predictor)."
+        "\n"
+    )
+    print(body)
+    if not args.no_write:
+        update_section("end-to-end", body, "python -m bench.e2e " + " ".join(argv or sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
