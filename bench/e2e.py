@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(body)
     if not args.no_write:
-        update_section("end-to-end", body, "python -m bench.e2e " + " ".join(argv or sys.argv[1:]))
+        update_section(
+            f"end-to-end, {args.spacing:g} mm",
+            body,
+            "python -m bench.e2e " + " ".join(argv or sys.argv[1:]),
+        )
     return 0
 
 
