@@ -256,6 +256,37 @@ def _short(value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _identity(
+    stage: str, config: dict[str, Any], split: CohortSplit, options: TrainOptions
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: stage, configuration, seed, batch, data."""
+    return {
+        "stage": stage,
+        "config": config,
+        "seed": options.seed,
+        "batch_size": options.batch_size,
+        "train_patients": [p.patient_id for p in split.train],
+    }
+
+
+def _resume(
+    ckpt: Checkpoint,
+    identity: dict[str, Any],
+    options: TrainOptions,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    what: str,
+) -> tuple[int, list[float], list[float | None]]:
+    """(first epoch, losses, validation losses): from the checkpoint when resuming, else fresh."""
+    if not (options.resume and ckpt.exists()):
+        return 0, [], []
+    state = ckpt.load(module, optimizer, generator)
+    _check_resume(state, identity, ckpt.dir)
+    log.info("resuming the %s at epoch %d from %s", what, state["epoch"], ckpt.dir)
+    return state["epoch"], state["losses"], state["val_losses"]
+
+
 def _prepare_run(
     out: Path, stage: str, options: TrainOptions
 ) -> tuple[Checkpoint, torch.device, torch.Generator]:
@@ -425,21 +456,10 @@ def train_autoencoder(
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     items = _ae_items(train_ds)
     val_items = _ae_items(val_ds)
-    identity = {
-        "stage": "autoencoder",
-        "config": config_to_dict(base_cfg),
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-        "train_patients": [p.patient_id for p in split.train],
-    }
-    losses: list[float] = []
-    val_losses: list[float | None] = []
-    start_epoch = 0
-    if options.resume and ckpt.exists():
-        state = ckpt.load(ae, opt, generator)
-        _check_resume(state, identity, ckpt.dir)
-        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
-        log.info("resuming the autoencoder at epoch %d from %s", start_epoch, ckpt.dir)
+    identity = _identity("autoencoder", config_to_dict(base_cfg), split, options)
+    start_epoch, losses, val_losses = _resume(
+        ckpt, identity, options, ae, opt, generator, "autoencoder"
+    )
 
     def step(chunk: list[int]) -> float:
         batch = _ae_batch(train_ds, [items[i] for i in chunk], device)
@@ -629,21 +649,10 @@ def train_diffusion(
     del train_ds, val_ds  # stage 2 needs the latents only: free the full-resolution arrays
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)
-    identity = {
-        "stage": "diffusion",
-        "config": config_to_dict(cfg),
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-        "train_patients": [p.patient_id for p in split.train],
-    }
-    losses: list[float] = []
-    val_losses: list[float | None] = []
-    start_epoch = 0
-    if options.resume and ckpt.exists():
-        state = ckpt.load(model.unet, opt, generator)
-        _check_resume(state, identity, ckpt.dir)
-        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
-        log.info("resuming the diffusion UNet at epoch %d from %s", start_epoch, ckpt.dir)
+    identity = _identity("diffusion", config_to_dict(cfg), split, options)
+    start_epoch, losses, val_losses = _resume(
+        ckpt, identity, options, model.unet, opt, generator, "diffusion UNet"
+    )
 
     def step(chunk: list[int]) -> float:
         batch = _diffusion_batch([train_lat[i] for i in chunk], device)
@@ -764,21 +773,10 @@ def train_baseline(
     pre = cfg.preprocessing
     train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
-    identity = {
-        "stage": "baseline",
-        "config": config_to_dict(cfg),
-        "seed": options.seed,
-        "batch_size": options.batch_size,
-        "train_patients": [p.patient_id for p in split.train],
-    }
-    losses: list[float] = []
-    val_losses: list[float | None] = []
-    start_epoch = 0
-    if options.resume and ckpt.exists():
-        state = ckpt.load(unet, opt, generator)
-        _check_resume(state, identity, ckpt.dir)
-        start_epoch, losses, val_losses = state["epoch"], state["losses"], state["val_losses"]
-        log.info("resuming the UNet baseline at epoch %d from %s", start_epoch, ckpt.dir)
+    identity = _identity("baseline", config_to_dict(cfg), split, options)
+    start_epoch, losses, val_losses = _resume(
+        ckpt, identity, options, unet, opt, generator, "UNet baseline"
+    )
 
     def step(chunk: list[int]) -> float:
         batch = _baseline_batch(train_ds, chunk, device)
