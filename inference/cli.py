@@ -27,21 +27,12 @@ from typing import Any
 
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.types import StudyInputs, Volume
+from inference.synthetic.cli import positive_int
 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 2
 PRESETS = ("tiny", "demo")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
 
 
 def _sites(text: str) -> tuple[str, ...]:
@@ -133,8 +124,8 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--preset", choices=PRESETS, default="demo", help="model size (default demo)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="total epochs (default 10)")
-    p.add_argument("--batch-size", type=_positive_int, default=2)
+    p.add_argument("--epochs", type=positive_int, default=10, help="total epochs (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=2)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -208,7 +199,7 @@ def _add_evaluate(sub: Any) -> None:
     )
     p.add_argument("--model", type=Path, action="append", help="model directory (repeatable)")
     p.add_argument("--data", type=Path, action="append", required=True, help="cohort folder")
-    p.add_argument("--samples", type=_positive_int, default=4, help="samples per study")
+    p.add_argument("--samples", type=positive_int, default=4, help="samples per study")
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
     p.add_argument(
         "--survival-class",
@@ -221,12 +212,12 @@ def _add_evaluate(sub: Any) -> None:
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples")
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N patients only")
+    p.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N patients only")
     p.add_argument("--sites", type=_sites, default=None, help="only these sites, comma-separated")
     p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
-    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (the model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -418,10 +409,10 @@ def _add_predict(sub: Any) -> None:
         "--model", type=Path, default=None, help="model directory (default: 'no change')"
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--samples", type=_positive_int, default=4)
+    p.add_argument("--samples", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
-    p.add_argument("--steps", type=_positive_int, default=None, help="DDIM steps (the model's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (the model's)")
     p.add_argument("--survival-class", default=None, help="guidance class (default: none)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.set_defaults(func=cmd_predict)

@@ -43,7 +43,8 @@ def _cutoffs(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1, with a message naming what was found."""
     try:
         value = int(text)
     except ValueError:
@@ -54,8 +55,8 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--patients", type=_positive_int, required=True, help="number of patients")
-    parser.add_argument("--sites", type=_positive_int, default=1, help="number of sites")
+    parser.add_argument("--patients", type=positive_int, required=True, help="number of patients")
+    parser.add_argument("--sites", type=positive_int, default=1, help="number of sites")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (same seed, same files)")
     parser.add_argument(
@@ -68,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=FORMATS,
         help="nifti,dicom (default both); 'none' writes only cohort.csv",
     )
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="worker processes")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="worker processes")
     parser.add_argument(
         "--survival-cutoffs",
         type=_cutoffs,

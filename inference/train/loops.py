@@ -287,6 +287,22 @@ def _resume(
     return state["epoch"], state["losses"], state["val_losses"]
 
 
+def _saver(
+    ckpt: Checkpoint,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    identity: dict[str, Any],
+) -> Callable[[int, list[float], list[float | None]], None]:
+    """The end-of-epoch checkpoint writer of one stage."""
+
+    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
+        state = {**identity, "epoch": epoch, "losses": losses, "val_losses": val_losses}
+        ckpt.save(module, optimizer, generator, state)
+
+    return save
+
+
 def _prepare_run(
     out: Path, stage: str, options: TrainOptions
 ) -> tuple[Checkpoint, torch.device, torch.Generator]:
@@ -493,9 +509,7 @@ def train_autoencoder(
             total += float(loss) * len(chunk)
         return total / len(val_items)
 
-    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
-        ckpt.save(ae, opt, generator, {**identity, "epoch": epoch, "losses": losses,
-                                       "val_losses": val_losses})  # fmt: skip
+    save = _saver(ckpt, ae, opt, generator, identity)
 
     _run_epochs(
         stage="autoencoder",
@@ -682,9 +696,7 @@ def train_diffusion(
             total += float(loss) * len(chunk)
         return total / len(val_lat)
 
-    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
-        ckpt.save(model.unet, opt, generator, {**identity, "epoch": epoch, "losses": losses,
-                                               "val_losses": val_losses})  # fmt: skip
+    save = _saver(ckpt, model.unet, opt, generator, identity)
 
     _run_epochs(
         stage="diffusion",
@@ -798,9 +810,7 @@ def train_baseline(
             total += float(loss) * len(chunk)
         return total / len(val_ds)
 
-    def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
-        ckpt.save(unet, opt, generator, {**identity, "epoch": epoch, "losses": losses,
-                                         "val_losses": val_losses})  # fmt: skip
+    save = _saver(ckpt, unet, opt, generator, identity)
 
     _run_epochs(
         stage="baseline",
