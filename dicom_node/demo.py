@@ -1,12 +1,13 @@
 """``glioforecast demo``: a synthetic study through the node to a local PACS and back.
 
 1. make one synthetic glioblastoma patient (MR series + RTSTRUCT + RTDOSE, DICOM);
-2. start a local PACS (Orthanc, from Debian's package) and store the source study in it, as a
-   hospital PACS would already hold it;
+2. start a local PACS and store the source study in it, as a hospital PACS would already hold
+   it: Orthanc (Debian's package) when installed, otherwise an embedded storage SCP
+   (:class:`~dicom_node.local_pacs.EmbeddedPacs`); ``--pacs`` forces one;
 3. start ``glioforecast serve`` on the embedded default plus one destination, the PACS (a
    separate process, as in production);
 4. send the study to the node with a real DICOM client (dcmtk ``storescu`` when installed, else
-   ours) and wait: the embedded default's 30 s quiet period, the job, the delivery;
+   ours) and wait: the quiet period (30 s in the embedded default), the job, the delivery;
 5. check the results in the PACS (same study, new series), print the Structured Report's numbers
    and the job, and write a PNG montage (pre-treatment, prediction with outline, uncertainty).
 
@@ -15,8 +16,7 @@ Everything is written under ``--out`` (default ``./demo-output``), replaced at e
 
 from __future__ import annotations
 
-import io
-import json
+import argparse
 import os
 import shutil
 import signal
@@ -30,22 +30,34 @@ import numpy as np
 import yaml
 
 from dicom_node.errors import GlioforecastError
-from dicom_node.local_pacs import OrthancServer, find_orthanc, free_port
+from dicom_node.jobs import DONE, FAILED, JobStore
+from dicom_node.local_pacs import (
+    EmbeddedPacs,
+    LocalPacs,
+    OrthancServer,
+    StoredSeries,
+    find_orthanc,
+    free_port,
+    orthanc_candidates,
+)
+from dicom_node.outbox import Outbox
+from dicom_node.outbox_cli import outbox_path
 from dicom_node.sender import collect_files, echo, send_files
 from dicom_node.settings import load_settings
 
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not the pynetdicom script of the same name
+PACS_CHOICES = ("auto", "orthanc", "embedded")
 
 
 def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def make_study(out: Path, seed: int) -> tuple[Path, dict[str, Any]]:
+def make_study(out: Path, seed: int, spacing_mm: float = 2.0) -> tuple[Path, dict[str, Any]]:
     """One synthetic patient in DICOM: its pre-treatment study folder and its truth row."""
     from inference.synthetic.cohort import generate_patient
 
-    record = generate_patient(0, seed, out, spacing_mm=2.0, formats=("dicom",))
+    record = generate_patient(0, seed, out, spacing_mm=spacing_mm, formats=("dicom",))
     (pre,) = out.glob("*/dicom/pre")
     return pre, dict(record.values)
 
@@ -88,31 +100,69 @@ def _listening(port: int, ae: str) -> bool:
         return False
 
 
-def _job(data_dir: Path) -> dict[str, Any] | None:
-    listed = _cli("jobs", "list", "--json", "--data-dir", str(data_dir))
-    jobs = json.loads(listed.stdout) if listed.returncode == 0 else []
-    return dict(jobs[0]) if jobs and jobs[0]["state"] in ("done", "failed") else None
+# The node's databases are read in this process (SQLite WAL: readers do not block the node);
+# one `glioforecast jobs list` process per poll cost more CPU than the job on 2 cores.
+
+
+def _job(data_dir: Path) -> Any:
+    db = data_dir / "jobs.sqlite3"
+    if not db.is_file():
+        return None
+    store = JobStore(db)
+    try:
+        jobs = store.list_jobs(limit=1)
+    finally:
+        store.close()
+    return jobs[0] if jobs and jobs[0].state in (DONE, FAILED) else None
 
 
 def _delivered(data_dir: Path) -> bool:
-    listed = _cli("outbox", "list", "--json", "--data-dir", str(data_dir))
-    rows = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
-    return bool(rows) and all(r["state"] == "sent" for r in rows)
+    path = outbox_path(data_dir)
+    if not path.is_file():
+        return False
+    with Outbox(path) as outbox:
+        states = {state for counts in outbox.counts().values() for state in counts}
+    return states == {"sent"}
 
 
-def montage(pacs: OrthancServer, study_uid: str, sources: list[Path], path: Path) -> None:
+def choose_pacs(mode: str) -> str:
+    """``orthanc`` or ``embedded`` for ``--pacs MODE``; a clear error when Orthanc is forced
+    but missing."""
+    if mode not in PACS_CHOICES:
+        raise GlioforecastError(
+            f"--pacs: expected one of {', '.join(PACS_CHOICES)}, found {mode!r}"
+        )
+    if mode == "embedded":
+        return "embedded"
+    if find_orthanc() is not None:
+        return "orthanc"
+    if mode == "auto":
+        return "embedded"
+    raise GlioforecastError(
+        "--pacs orthanc: expected the Orthanc binary at "
+        f"{' or '.join(orthanc_candidates())}, found none. Install Debian's orthanc package "
+        "(scripts/bootstrap.sh does it as root), point $GLIOFORECAST_ORTHANC at the binary, or "
+        "run with --pacs embedded (or auto) to use the embedded storage SCP"
+    )
+
+
+def _series(pacs: LocalPacs, study_uid: str, suffix: str) -> StoredSeries:
+    for s in pacs.study_series(study_uid):
+        if s.description.endswith(suffix):
+            return s
+    found = sorted(s.description for s in pacs.study_series(study_uid))
+    raise GlioforecastError(
+        f"expected a series whose description ends with {suffix!r} in the PACS, found {found}"
+    )
+
+
+def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) -> None:
     """Pre-treatment | prediction with outline | uncertainty, at the largest outline's slice."""
     from PIL import Image
     from pydicom import dcmread
 
-    series = pacs.series_of_study(study_uid)
-
     def images(suffix: str) -> list[Any]:
-        for s in series.values():
-            if str(s["MainDicomTags"].get("SeriesDescription", "")).endswith(suffix):
-                ids = s["Instances"]
-                return [dcmread(io.BytesIO(pacs.raw(f"/instances/{i}/file"))) for i in ids]
-        raise GlioforecastError(f"no series ending with {suffix!r} in the PACS")
+        return [pacs.read(i) for i in _series(pacs, study_uid, suffix).instances]
 
     prediction = sorted(images("- T1-Gd SC"), key=lambda d: int(d.InstanceNumber))
     uncertainty = {int(d.InstanceNumber): d for d in images("- UNCERTAINTY SC")}
@@ -140,25 +190,36 @@ def montage(pacs: OrthancServer, study_uid: str, sources: list[Path], path: Path
     canvas.save(path)
 
 
-def run(out: Path, seed: int) -> int:
+def run(
+    out: Path,
+    seed: int,
+    pacs_mode: str = "auto",
+    quiet_period_s: float | None = None,
+    spacing_mm: float = 2.0,
+) -> int:
+    """The demo; ``quiet_period_s`` overrides the embedded default's, ``spacing_mm`` is the
+    simulation grid of the synthetic patient."""
+    kind = choose_pacs(pacs_mode)  # before anything is made: a forced PACS may be missing
     settings = load_settings(None)  # the embedded default
     ae = settings.node.ae_title
+    quiet = settings.assembly.quiet_period_s if quiet_period_s is None else quiet_period_s
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     started = time.monotonic()
 
-    _say("making one synthetic glioblastoma patient (DICOM, 2 mm simulation grid)")
-    study, truth = make_study(out / "synthetic", seed)
+    _say(f"making one synthetic glioblastoma patient (DICOM, {spacing_mm:g} mm simulation grid)")
+    study, truth = make_study(out / "synthetic", seed, spacing_mm)
     files = collect_files([study])
 
-    if find_orthanc() is None:
-        raise GlioforecastError(
-            "the demo needs a local PACS: install Debian's orthanc (scripts/bootstrap.sh does it "
-            "as root)"
-        )
-    pacs = OrthancServer(out / "pacs").start()
-    _say(f"local PACS: Orthanc {pacs.ae_title} on DICOM port {pacs.dicom_port}, {pacs.url}")
+    pacs: LocalPacs
+    if kind == "orthanc":
+        pacs = OrthancServer(out / "pacs").start()
+        why = f"{find_orthanc()}"
+    else:
+        pacs = EmbeddedPacs(out / "pacs").start()
+        why = "forced by --pacs embedded" if pacs_mode == "embedded" else "Orthanc not found"
+    _say(f"local PACS: {pacs.kind} {pacs.describe()} ({why})")
     node: subprocess.Popen[bytes] | None = None
     try:
         _send(files, pacs.dicom_port, pacs.ae_title)
@@ -166,9 +227,14 @@ def run(out: Path, seed: int) -> int:
 
         data_dir = out / "node"
         config = out / "node.yaml"  # laid over the embedded default: destination, free ports
-        config.write_text(yaml.safe_dump({"destinations": [
-            {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-             "port": pacs.dicom_port}], "health": {"port": free_port()}}))  # fmt: skip
+        layer: dict[str, Any] = {
+            "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
+                              "port": pacs.dicom_port}],
+            "health": {"port": free_port()},
+        }  # fmt: skip
+        if quiet_period_s is not None:
+            layer["assembly"] = {"quiet_period_s": quiet_period_s}
+        config.write_text(yaml.safe_dump(layer))
         port = free_port()
         log = out / "node.log"
         _say(f"starting the node: {ae} on 127.0.0.1:{port}, results to the PACS (log: {log})")
@@ -181,29 +247,25 @@ def run(out: Path, seed: int) -> int:
         _wait(lambda: _listening(port, ae), 60, "the node to answer C-ECHO", 0.2)
         sent_at = time.monotonic()
         _send(files, port, ae)
-        quiet = settings.assembly.quiet_period_s
         _say(f"study sent to the node; it waits for a {quiet:g} s quiet period, then predicts")
         job = _wait(lambda: _job(data_dir), quiet + 300, "the job")
-        if job["state"] != "done":
-            raise GlioforecastError(f"job {job['id']} failed: {job['reason']}")
+        if job.state != DONE:
+            raise GlioforecastError(f"job {job.id} failed: {job.reason}")
         _wait(lambda: _delivered(data_dir), 300, "the results to reach the PACS")
         _say(f"results acknowledged by the PACS {time.monotonic() - sent_at:.0f} s after sending")
-        print(_cli("jobs", "show", str(job["id"]), "--data-dir", str(data_dir)).stdout, end="")
+        print(_cli("jobs", "show", str(job.id), "--data-dir", str(data_dir)).stdout, end="")
 
         from pydicom import dcmread
 
         from sr_writer.structured_report import read_summary
 
         study_uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        series = pacs.series_of_study(study_uid)
+        series = pacs.study_series(study_uid)
         _say("the study in the PACS now holds:")
-        for s in sorted(series.values(), key=lambda s: int(s["MainDicomTags"]["SeriesNumber"])):
-            tags = s["MainDicomTags"]
-            print(f"    {tags.get('Modality', ''):<9} {len(s['Instances']):>4}  "
-                  f"{tags.get('SeriesDescription', '')}")  # fmt: skip
-        (sr_series,) = [s for s in series.values() if s["MainDicomTags"].get("Modality") == "SR"]
-        sr = dcmread(io.BytesIO(pacs.raw(f"/instances/{sr_series['Instances'][0]}/file")))
-        numbers = read_summary(sr)
+        for s in sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0)):
+            print(f"    {s.modality:<9} {len(s.instances):>4}  {s.description}")
+        (sr_series,) = [s for s in series if s.modality == "SR"]
+        numbers = read_summary(pacs.read(sr_series.instances[0]))
         _say("Structured Report, read back from the PACS:")
         print(f"    tumour volume now        {numbers['current_ml']:.1f} ml")
         print(f"    predicted volume         {numbers['predicted_mean_ml']:.1f} ml "
@@ -226,8 +288,33 @@ def run(out: Path, seed: int) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "demo", help="a synthetic study through the node to a local PACS (Orthanc) and back"
+        "demo", help="a synthetic study through the node to a local PACS and back"
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="work folder")
     p.add_argument("--seed", type=int, default=7, help="seed of the synthetic patient")
-    p.set_defaults(func=lambda args: run(args.out, args.seed))
+    p.add_argument(
+        "--pacs",
+        choices=PACS_CHOICES,
+        default="auto",
+        help="local PACS: Orthanc, the embedded storage SCP, or auto (Orthanc when installed, "
+        "else embedded; default)",
+    )
+    p.add_argument(
+        "--quiet-period",
+        type=_seconds,
+        metavar="S",
+        help="the node's quiet period in seconds (default: the embedded default's, 30)",
+    )
+    p.set_defaults(
+        func=lambda args: run(args.out, args.seed, args.pacs, quiet_period_s=args.quiet_period)
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, found {text!r}")
+    return value

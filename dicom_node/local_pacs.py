@@ -1,31 +1,77 @@
-"""A local PACS for the demo and the integration tests: Orthanc (Debian's package) on free ports.
+"""A local PACS for the demo and the integration tests, on free localhost ports.
 
-Each server gets its own storage folder and a generated JSON configuration on free localhost
-ports, no authentication, no plugins; :meth:`OrthancServer.start` waits until the REST API
-answers rather than sleeping for a fixed time.
+Two kinds answer the same small query API (:class:`LocalPacs`: which studies, series and
+instances arrived, read an instance back):
+
+- :class:`OrthancServer`: Orthanc (Debian's package) with its own storage folder and a generated
+  JSON configuration, no authentication, no plugins; :meth:`OrthancServer.start` waits until the
+  REST API answers rather than sleeping for a fixed time. ``$GLIOFORECAST_ORTHANC`` names the
+  binary when it is not in a standard place.
+- :class:`EmbeddedPacs`: a pynetdicom Verification + Storage SCP in this process, for machines
+  without Orthanc. It writes each instance with the node's :class:`~dicom_node.spool.Spool`
+  (temp file, fsync, rename) and answers success only then.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from dicom_node.errors import GlioforecastError
+from pydicom import dcmread
+from pydicom import uid as sop
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
+from dicom_node.instance import InstanceInfo, check_pixel_data
+from dicom_node.scp import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    STORAGE_CLASSES,
+    SUCCESS,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+    _status,
+)
 from dicom_node.scu import Destination
+from dicom_node.spool import Spool
+
+log = logging.getLogger(__name__)
 
 CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+ENV_ORTHANC = "GLIOFORECAST_ORTHANC"
+
+
+def orthanc_candidates() -> list[str]:
+    """Where :func:`find_orthanc` looks, in order (for error messages)."""
+    named = os.environ.get(ENV_ORTHANC)
+    if named:
+        return [named]
+    return [*CANDIDATES, "Orthanc on $PATH"]
 
 
 def find_orthanc() -> str | None:
-    """Path of the Orthanc binary, or None when it is not installed."""
-    for c in (*CANDIDATES, shutil.which("Orthanc")):
+    """Path of the Orthanc binary, or None when it is not installed.
+
+    ``$GLIOFORECAST_ORTHANC``, when set, is the only place looked at.
+    """
+    named = os.environ.get(ENV_ORTHANC)
+    for c in [named] if named else [*CANDIDATES, shutil.which("Orthanc")]:
         if c and Path(c).is_file():
             return c
     return None
@@ -37,7 +83,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class StoredSeries:
+    """One series held by a local PACS; ``instances`` are ids for :meth:`LocalPacs.read`."""
+
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    description: str
+    instances: tuple[str, ...]
+
+
+class LocalPacs(Protocol):
+    """What the demo asks of a local PACS, whichever kind it is."""
+
+    kind: str
+    ae_title: str
+
+    @property
+    def dicom_port(self) -> int: ...
+    def describe(self) -> str: ...
+    def destination(self, name: str = ...) -> Destination: ...
+    def stop(self) -> None: ...
+    def studies(self) -> list[str]: ...
+    def study_series(self, study_instance_uid: str) -> list[StoredSeries]: ...
+    def read(self, instance: str) -> Dataset: ...
+    def count_instances(self) -> int: ...
+
+
 class OrthancServer:
+    kind = "Orthanc"
+
     def __init__(
         self,
         workdir: Path,
@@ -82,7 +158,10 @@ class OrthancServer:
         log = self.log_path.open("ab")
         binary = find_orthanc()
         if binary is None:
-            raise GlioforecastError("Orthanc is not installed (apt-get install orthanc)")
+            raise GlioforecastError(
+                f"Orthanc is not installed: expected its binary at one of "
+                f"{', '.join(orthanc_candidates())}, found none (apt-get install orthanc)"
+            )
         self.proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -143,3 +222,223 @@ class OrthancServer:
 
     def count_instances(self) -> int:
         return int(self.get("/statistics")["CountInstances"])
+
+    def describe(self) -> str:
+        return f"Orthanc {self.ae_title} on 127.0.0.1:{self.dicom_port}, REST API {self.url}"
+
+    def studies(self) -> list[str]:
+        """StudyInstanceUIDs of every study held."""
+        return [
+            str(self.get(f"/studies/{i}")["MainDicomTags"]["StudyInstanceUID"])
+            for i in self.get("/studies")
+        ]
+
+    def study_series(self, study_instance_uid: str) -> list[StoredSeries]:
+        out = []
+        for uid, s in self.series_of_study(study_instance_uid).items():
+            tags = s["MainDicomTags"]
+            number = str(tags.get("SeriesNumber", "")).strip()
+            out.append(
+                StoredSeries(
+                    series_instance_uid=uid,
+                    modality=str(tags.get("Modality", "")),
+                    series_number=int(number) if number.lstrip("-").isdigit() else None,
+                    description=str(tags.get("SeriesDescription", "")),
+                    instances=tuple(s["Instances"]),
+                )
+            )
+        return out
+
+    def read(self, instance: str) -> Dataset:
+        """An instance by its Orthanc id."""
+        return dcmread(io.BytesIO(self.raw(f"/instances/{instance}/file")))
+
+
+# Output objects of sr_writer plus the SR classes a PACS commonly stores.
+OUTPUT_CLASSES = (
+    sop.SecondaryCaptureImageStorage,
+    sop.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sop.ComprehensiveSRStorage,
+    sop.Comprehensive3DSRStorage,
+    sop.EnhancedSRStorage,
+    sop.BasicTextSRStorage,
+    sop.SegmentationStorage,
+)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    study: str
+    series: str
+    modality: str
+    series_number: int | None
+    description: str
+    path: Path
+
+
+class EmbeddedPacs:
+    """A Verification + Storage SCP on a free localhost port that stores to ``workdir/storage``.
+
+    The node's spool writes each instance (``<study>/<series>/<sop>.dcm``, fsynced before the
+    success status); an index kept in memory answers the queries. Instances already in the
+    folder (an earlier run) are indexed at :meth:`start`. Only associations that call
+    ``ae_title`` are accepted; instance ids of the query API are SOP Instance UIDs.
+    """
+
+    kind = "embedded storage SCP"
+
+    def __init__(self, workdir: Path, *, ae_title: str = "LOCALPACS", dicom_port: int = 0) -> None:
+        self.workdir = Path(workdir)
+        self.ae_title = ae_title
+        self._requested_port = dicom_port
+        self.spool = Spool(self.workdir / "storage")
+        self.server: ThreadedAssociationServer | None = None
+        self._index: dict[str, _Entry] = {}  # SOP Instance UID -> entry, in arrival order
+        self._lock = threading.Lock()
+        self._secret = os.urandom(16)  # InstanceInfo hashes the patient identity; unused here
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> EmbeddedPacs:
+        self.spool.clean_tmp()
+        for relative in sorted(self.spool.iter_files()):
+            path = self.spool.root / relative
+            ds = dcmread(path, stop_before_pixels=True)
+            tsyntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+            self._add(InstanceInfo.from_dataset(ds, tsyntax, self._secret), path)
+        ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = True
+        ae.add_supported_context(VERIFICATION)
+        for cls in (*STORAGE_CLASSES, *OUTPUT_CLASSES):
+            ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _no_delay),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        address = ("127.0.0.1", self._requested_port)
+        try:
+            server = ae.start_server(address, block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise GlioforecastError(
+                f"embedded PACS: cannot listen on {address[0]}:{address[1]} ({exc}); expected a "
+                "free port"
+            ) from exc
+        assert server is not None
+        self.server = server
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    @property
+    def dicom_port(self) -> int:
+        if self.server is None:
+            raise GlioforecastError("embedded PACS: not started, so it has no port yet")
+        return int(self.server.server_address[1])
+
+    def describe(self) -> str:
+        return f"{self.ae_title} on 127.0.0.1:{self.dicom_port}, files in {self.spool.root}"
+
+    def destination(self, name: str = "pacs") -> Destination:
+        return Destination(name, self.ae_title, "127.0.0.1", self.dicom_port)
+
+    # ------------------------------------------------------------------ storage
+
+    def _add(self, info: InstanceInfo, path: Path) -> None:
+        entry = _Entry(
+            study=info.study_instance_uid,
+            series=info.series_instance_uid,
+            modality=info.modality,
+            series_number=info.series_number,
+            description=info.series_description,
+            path=path,
+        )
+        with self._lock:
+            self._index[info.sop_instance_uid] = entry
+
+    def _on_store(self, event: Any) -> Dataset | int:
+        tsyntax = str(event.context.transfer_syntax)
+        try:
+            ds = event.dataset
+            info = InstanceInfo.from_dataset(ds, tsyntax, self._secret)
+            check_pixel_data(ds, tsyntax)
+        except InputError as exc:
+            log.warning("embedded PACS: instance refused (0xC210): %s", exc)
+            return _status(CANNOT_UNDERSTAND, str(exc))
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("embedded PACS: instance undecodable (0xC210): %s", exc)
+            return _status(CANNOT_UNDERSTAND, f"undecodable dataset: {type(exc).__name__}")
+        try:
+            stored = self.spool.store(
+                info.study_instance_uid,
+                info.series_instance_uid,
+                info.sop_instance_uid,
+                event.encoded_dataset(),
+            )
+        except OutOfSpaceError as exc:
+            log.error("embedded PACS: instance deferred (0xA700): %s", exc)
+            return _status(OUT_OF_RESOURCES, "local PACS out of disk space; retry later")
+        except Exception as exc:
+            log.exception("embedded PACS: instance not stored (0x0110): %s", exc)
+            return _status(PROCESSING_FAILURE, "local PACS could not store the instance")
+        self._add(info, stored.path)
+        return SUCCESS
+
+    # ------------------------------------------------------------------ queries
+
+    def _entries(self) -> list[tuple[str, _Entry]]:
+        with self._lock:
+            return list(self._index.items())
+
+    def studies(self) -> list[str]:
+        """StudyInstanceUIDs of every study held, in order of arrival."""
+        return list(dict.fromkeys(e.study for _, e in self._entries()))
+
+    def study_series(self, study_instance_uid: str) -> list[StoredSeries]:
+        """The series of one study; raises when the PACS holds no such study."""
+        series: dict[str, list[tuple[str, _Entry]]] = {}
+        for uid, e in self._entries():
+            if e.study == study_instance_uid:
+                series.setdefault(e.series, []).append((uid, e))
+        if not series:
+            raise GlioforecastError(
+                f"embedded PACS: expected study {study_instance_uid}, found only "
+                f"{self.studies() or 'no study'}"
+            )
+        return [
+            StoredSeries(
+                series_instance_uid=s,
+                modality=items[0][1].modality,
+                series_number=items[0][1].series_number,
+                description=items[0][1].description,
+                instances=tuple(uid for uid, _ in items),
+            )
+            for s, items in series.items()
+        ]
+
+    def path(self, instance: str) -> Path:
+        """The file of an instance (by SOP Instance UID)."""
+        with self._lock:
+            entry = self._index.get(instance)
+        if entry is None:
+            raise GlioforecastError(f"embedded PACS: no instance {instance}")
+        return entry.path
+
+    def read(self, instance: str) -> Dataset:
+        return dcmread(self.path(instance))
+
+    def count_instances(self) -> int:
+        with self._lock:
+            return len(self._index)
+
+
+def _no_delay(event: Any) -> None:
+    # as the node's SCP does: without TCP_NODELAY, Nagle's algorithm and delayed ACKs cost
+    # about 40 ms per C-STORE
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
