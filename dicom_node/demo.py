@@ -215,10 +215,14 @@ def run(
     pacs: LocalPacs
     if kind == "orthanc":
         pacs = OrthancServer(out / "pacs").start()
-        why = f"{find_orthanc()}"
+        why = f"found {find_orthanc()}"
     else:
         pacs = EmbeddedPacs(out / "pacs").start()
-        why = "forced by --pacs embedded" if pacs_mode == "embedded" else "Orthanc not found"
+        why = (
+            "forced by --pacs embedded"
+            if pacs_mode == "embedded"
+            else f"no Orthanc at {' or '.join(orthanc_candidates())}"
+        )
     _say(f"local PACS: {pacs.kind} {pacs.describe()} ({why})")
     node: subprocess.Popen[bytes] | None = None
     try:

@@ -224,7 +224,7 @@ class OrthancServer:
         return int(self.get("/statistics")["CountInstances"])
 
     def describe(self) -> str:
-        return f"Orthanc {self.ae_title} on 127.0.0.1:{self.dicom_port}, REST API {self.url}"
+        return f"{self.ae_title} on 127.0.0.1:{self.dicom_port}, REST API {self.url}"
 
     def studies(self) -> list[str]:
         """StudyInstanceUIDs of every study held."""
@@ -282,7 +282,8 @@ class EmbeddedPacs:
     The node's spool writes each instance (``<study>/<series>/<sop>.dcm``, fsynced before the
     success status); an index kept in memory answers the queries. Instances already in the
     folder (an earlier run) are indexed at :meth:`start`. Only associations that call
-    ``ae_title`` are accepted; instance ids of the query API are SOP Instance UIDs.
+    ``ae_title`` are accepted. Instance ids of the query API are SOP Instance UIDs, in order of
+    arrival (after a restart, of file modification time).
     """
 
     kind = "embedded storage SCP"
@@ -301,8 +302,8 @@ class EmbeddedPacs:
 
     def start(self) -> EmbeddedPacs:
         self.spool.clean_tmp()
-        for relative in sorted(self.spool.iter_files()):
-            path = self.spool.root / relative
+        paths = [self.spool.root / relative for relative in self.spool.iter_files()]
+        for path in sorted(paths, key=lambda p: p.stat().st_mtime_ns):  # about arrival order
             ds = dcmread(path, stop_before_pixels=True)
             tsyntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
             self._add(InstanceInfo.from_dataset(ds, tsyntax, self._secret), path)

@@ -1,0 +1,114 @@
+"""``glioforecast demo``: the whole round trip with the embedded PACS, and the PACS choice.
+
+The round trip is the demo itself (a real ``glioforecast serve`` process, a real C-STORE client,
+the embedded pynetdicom Storage SCP as the PACS) with a 4 mm synthetic patient and a 1 s quiet
+period, so that it fits in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydicom import dcmread
+
+from dicom_node import cli, demo
+from dicom_node.errors import GlioforecastError
+from dicom_node.local_pacs import ENV_ORTHANC, EmbeddedPacs
+from sr_writer.structured_report import read_summary
+
+OUTPUT_SUFFIXES = {"T1-Gd SC", "UNCERTAINTY SC", "SEG", "RTSTRUCT", "SR"}
+
+
+def _printed(stdout: str, label: str) -> str:
+    match = re.search(rf"^    {label}\s+(.+)$", stdout, re.MULTILINE)
+    assert match, f"the demo printed no {label!r} line:\n{stdout}"
+    return match.group(1).strip()
+
+
+@pytest.mark.slow
+def test_demo_round_trip_with_the_embedded_pacs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert demo.run(out, seed=3, pacs_mode="embedded", quiet_period_s=1, spacing_mm=4.0) == 0
+    stdout = capsys.readouterr().out
+    assert "local PACS: embedded storage SCP LOCALPACS on 127.0.0.1:" in stdout
+    assert "(forced by --pacs embedded)" in stdout
+
+    # what arrived, read from the PACS' storage folder by a fresh PACS on it
+    source = sorted((out / "synthetic").rglob("pre/**/*.dcm"))
+    study_uid = str(dcmread(source[0], stop_before_pixels=True).StudyInstanceUID)
+    pacs = EmbeddedPacs(out / "pacs").start()
+    try:
+        assert pacs.studies() == [study_uid]
+        series = pacs.study_series(study_uid)
+        results = [s for s in series if s.description.startswith("SYNTHETIC PREDICTION")]
+        assert {s.description.rsplit(" - ", 1)[1] for s in results} == OUTPUT_SUFFIXES
+        sources = [s for s in series if s not in results]
+        assert sum(len(s.instances) for s in sources) == len(source)
+        (t1c,) = [s for s in sources if s.description.endswith("post_Gd")]
+        (sc,) = [s for s in results if s.description.endswith("T1-Gd SC")]
+        assert len(sc.instances) == len(t1c.instances)
+        (sr_series,) = [s for s in results if s.modality == "SR"]
+        numbers = read_summary(dcmread(pacs.path(sr_series.instances[0])))
+        first = pacs.read(sc.instances[0])
+        panel = (int(first.Columns), int(first.Rows))
+    finally:
+        pacs.stop()
+
+    # the numbers the demo printed are the SR's
+    assert _printed(stdout, "tumour volume now") == f"{numbers['current_ml']:.1f} ml"
+    assert _printed(stdout, "predicted volume") == (
+        f"{numbers['predicted_mean_ml']:.1f} ml (sd {numbers['predicted_sd_ml']:.1f})"
+    )
+    assert _printed(stdout, "change") == f"{numbers['change_percent']:+.0f} %"
+    assert _printed(stdout, "predicted response") == numbers["category"]
+    for suffix in OUTPUT_SUFFIXES:
+        assert re.search(rf"^    \w+\s+\d+  SYNTHETIC PREDICTION.* - {suffix}$", stdout, re.M)
+
+    with Image.open(out / "montage.png") as picture:  # pre-treatment | prediction | uncertainty
+        assert picture.size == (3 * panel[0], panel[1])
+
+
+def test_forced_orthanc_that_is_missing_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-orthanc"
+    monkeypatch.setenv(ENV_ORTHANC, str(missing))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--pacs", "orthanc", "--out", str(out)]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"--pacs orthanc: expected the Orthanc binary at {missing}, found none" in err
+    assert "--pacs embedded" in err
+    assert not out.exists(), "nothing is made before the PACS is known"
+
+
+def test_auto_takes_orthanc_when_found_and_the_embedded_scp_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_ORTHANC, str(tmp_path / "no-such-orthanc"))
+    assert demo.choose_pacs("auto") == "embedded"
+    assert demo.choose_pacs("embedded") == "embedded"
+    binary = tmp_path / "Orthanc"
+    binary.write_text("")  # found is all that auto asks; starting it is OrthancServer's job
+    monkeypatch.setenv(ENV_ORTHANC, str(binary))
+    assert demo.choose_pacs("auto") == "orthanc"
+    assert demo.choose_pacs("orthanc") == "orthanc"
+    assert demo.choose_pacs("embedded") == "embedded"
+    with pytest.raises(GlioforecastError, match="expected one of auto, orthanc, embedded"):
+        demo.choose_pacs("dcm4chee")
+
+
+def test_demo_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli.build_parser().parse_args(["demo"])
+    assert (args.pacs, args.quiet_period) == ("auto", None)
+    args = cli.build_parser().parse_args(["demo", "--pacs", "embedded", "--quiet-period", "2.5"])
+    assert (args.pacs, args.quiet_period) == ("embedded", 2.5)
+    for bad in (["--pacs", "dcm4chee"], ["--quiet-period", "-1"], ["--quiet-period", "nan"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["demo", *bad])
+    err = capsys.readouterr().err
+    assert "expected a number of seconds >= 0, found 'nan'" in err
