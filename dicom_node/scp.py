@@ -16,19 +16,28 @@ import ipaddress
 import logging
 import socket
 import ssl
+import struct
+import threading
 import time
 from typing import Any
 
 from pydicom import uid as sc
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    evt,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import fastpath
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import JobStore
 from dicom_node.settings import AllowedCaller, NodeSettings
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, Staged
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +111,45 @@ def caller_allowed(callers: tuple[AllowedCaller, ...], ae_title: str, host: str)
         ):
             return True
     return False
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    tag = struct.pack("<HH", 0x0002, element)
+    if vr == b"OB":  # long form: two reserved bytes, 32-bit length
+        return tag + vr + b"\0\0" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information for a received data set.
+
+    The same bytes as pynetdicom's ``Event.encoded_dataset()`` puts before the data set
+    (``create_file_meta`` + ``encode_file_meta``), built directly: that path encodes seven
+    elements through pydicom's writer and then copies the whole instance to join them.
+    Like pydicom, refuses an empty SOP Class, SOP Instance or Transfer Syntax UID.
+    """
+    if not (sop_class_uid and sop_instance_uid and transfer_syntax_uid):
+        raise ValueError(
+            "File Meta Information needs the SOP Class, SOP Instance and Transfer Syntax UIDs; "
+            f"found {sop_class_uid!r}, {sop_instance_uid!r}, {transfer_syntax_uid!r}"
+        )
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _padded(sop_class_uid, b"\0")),
+            _meta_element(0x0003, b"UI", _padded(sop_instance_uid, b"\0")),
+            _meta_element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\0")),
+            _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\0" * 128 + b"DICM" + group_length + body
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -190,30 +238,52 @@ class StorageSCP:
         return SUCCESS
 
     def _on_store(self, event: Any) -> Dataset | int:
+        """Store one instance; answer only once it is durable and recorded.
+
+        The received bytes are written first and their ``fdatasync`` runs in the spool's
+        worker thread while this thread decodes and checks the data set; the file is renamed
+        into its series folder (and the folder fsynced) only when the instance is good.
+        """
         calling = event.assoc.requestor.ae_title.strip()
         tsyntax = str(event.context.transfer_syntax)
+        request = event.request
+        staged: Staged | None = None
+        stage_error: Exception | None = None
+        try:
+            header = part10_header(
+                str(request.AffectedSOPClassUID or ""),
+                str(request.AffectedSOPInstanceUID or ""),
+                tsyntax,
+            )
+            with request.DataSet.getbuffer() as body:  # the received bytes, not copied
+                staged = self.spool.stage((header, body))
+        except Exception as exc:  # answered below, once the data set has been checked
+            stage_error = exc
         try:
             ds = event.dataset
             info = InstanceInfo.from_dataset(ds, tsyntax, self.secret)
             check_pixel_data(ds, tsyntax)
-            requested_uid = str(event.request.AffectedSOPInstanceUID or "")
+            requested_uid = str(request.AffectedSOPInstanceUID or "")
             if requested_uid and requested_uid != info.sop_instance_uid:
                 raise InputError(
                     f"SOPInstanceUID {info.sop_instance_uid} differs from the request's "
                     f"Affected SOP Instance UID {requested_uid}"
                 )
-        except InputError as exc:
-            log.warning("instance from %s refused (0xC210): %s", calling, exc)
-            return _status(CANNOT_UNDERSTAND, str(exc))
-        except Exception as exc:  # pydicom raises many types on malformed data
+        except Exception as exc:
+            if staged is not None:
+                self.spool.discard(staged)
+            if isinstance(exc, InputError):
+                log.warning("instance from %s refused (0xC210): %s", calling, exc)
+                return _status(CANNOT_UNDERSTAND, str(exc))
+            # pydicom raises many types on malformed data
             log.warning("instance from %s undecodable (0xC210): %s", calling, exc)
             return _status(CANNOT_UNDERSTAND, f"undecodable dataset: {type(exc).__name__}")
         try:
-            stored = self.spool.store(
-                info.study_instance_uid,
-                info.series_instance_uid,
-                info.sop_instance_uid,
-                event.encoded_dataset(),
+            if stage_error is not None:
+                raise stage_error
+            assert staged is not None
+            stored = self.spool.commit(
+                staged, info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid
             )
             new = self.store.record_instance(info, stored.relative, calling, time.time())
         except OutOfSpaceError as exc:
@@ -237,15 +307,28 @@ class StorageSCP:
         ]
         address = (self.settings.bind_address, self.settings.port)
         try:
-            server = self.ae.start_server(
-                address, block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+            # make_server + our own thread rather than start_server: the request handler is the
+            # event-driven one of dicom_node.fastpath (pynetdicom's own on unverified versions)
+            server = self.ae.make_server(
+                address,
+                evt_handlers=handlers,
+                ssl_context=self.ssl_context,
+                server_class=ThreadedAssociationServer,
+                request_handler=fastpath.request_handler_class(),
             )
         except OSError as exc:
             raise GlioforecastError(
                 f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "
                 "a free port: stop the other listener or set node.port"
             ) from exc
-        assert server is not None
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            _unbind_protocol_logging(server)
+        # as start_server does: the AE knows its servers (AE.shutdown, server.shutdown use it)
+        self.ae._servers.append(server)
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"dicom-scp:{server.server_address[1]}", daemon=True
+        )
+        thread.start()
         self.server = server
         return server
 
@@ -259,6 +342,29 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+
+
+def _unbind_protocol_logging(server: ThreadedAssociationServer) -> None:
+    """Drop pynetdicom's per-message logging handlers when their output would be discarded.
+
+    They are bound by default and run whatever the log level: for each C-STORE request the
+    receive handler copies the whole data set (``getvalue()``) under the AE-wide lock only to
+    print "Present". With the ``pynetdicom`` logger at INFO or DEBUG they are kept.
+    """
+    try:
+        from pynetdicom import _handlers
+    except ImportError:  # another layout: keep the library's defaults
+        return
+    for event, name in (
+        (evt.EVT_DIMSE_RECV, "standard_dimse_recv_handler"),
+        (evt.EVT_DIMSE_SENT, "standard_dimse_sent_handler"),
+        (evt.EVT_PDU_RECV, "standard_pdu_recv_handler"),
+        (evt.EVT_PDU_SENT, "standard_pdu_sent_handler"),
+    ):
+        handler = getattr(_handlers, name, None)
+        if handler is not None:
+            with contextlib.suppress(Exception):
+                server.unbind(event, handler)
 
 
 def server_ssl_context(

@@ -4,6 +4,8 @@ Layout under ``<data_dir>/spool``::
 
     <study>/<series>/<sop>.dcm     one Part 10 file per accepted instance
     <study>/<series>/.<random>.part a file being written (never acknowledged; removed at start-up)
+    .incoming/.<random>.part        a received file being written while it is still checked
+                                    (never acknowledged; removed at start-up)
 
 Folder and file names are the UIDs when they are valid UIDs, otherwise a hash of the value, so
 nothing a sender writes can escape the spool or collide with another name.
@@ -11,6 +13,12 @@ nothing a sender writes can escape the spool or collide with another name.
 A write is: create a unique temp file in the series folder, write, ``fdatasync``, rename it to
 its final name, ``fsync`` the folder. Only then is the instance answered with success. An
 instance already on disk is not written again (a duplicate SOP Instance UID is stored once).
+
+The receiver uses the same steps split in two (:meth:`Spool.stage`, :meth:`Spool.commit`) so
+that the ``fdatasync`` of a received file runs while the receiver decodes and checks it: the
+temp file is written in ``.incoming/`` and synced by a worker thread; once the instance is
+known to be good, the sync is awaited, the file renamed into its series folder and that folder
+fsynced. Nothing is answered before the rename and the folder are durable.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +65,54 @@ class StoreResult:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A received file written to ``.incoming/``, its ``fdatasync`` running in the background."""
+
+    tmp: Path
+    size: int
+    synced: Future[None]
+
+
+Buffer = bytes | bytearray | memoryview
+
+INCOMING = ".incoming"
+_SYNC_WORKERS = 8  # concurrent fdatasyncs; more associations than this wait in turn
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _os_error(root: Path, what: str, exc: OSError) -> Exception:
+    if exc.errno in _NO_SPACE:
+        return OutOfSpaceError(f"spool {root}: disk full ({exc.strerror})")
+    return StorageError(f"spool {root}: cannot write {what}: {exc}")
+
+
 class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self.incoming = root / INCOMING
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         return f"{safe_name(study_uid)}/{safe_name(series_uid)}/{safe_name(sop_uid)}.dcm"
@@ -87,22 +139,25 @@ class Spool:
             _fsync_dir(folder.parent.parent)
         self._known_dirs.add(folder)
 
-    def store(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoreResult:
-        """Write ``data`` durably; raise :class:`OutOfSpaceError` or :class:`StorageError`."""
+    def store(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: Buffer | Sequence[Buffer]
+    ) -> StoreResult:
+        """Write ``data`` (bytes, or buffers written one after the other) durably.
+
+        Raise :class:`OutOfSpaceError` or :class:`StorageError`.
+        """
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         final = self.root / relative
         if final.exists():
             return StoreResult(final, relative, duplicate=True)
-        self.check_space(len(data))
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        self.check_space(sum(len(p) for p in parts))
         tmp = final.parent / f".{secrets.token_hex(8)}.part"
         try:
             self._ensure_dir(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                _write_all(fd, parts)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -112,21 +167,86 @@ class Spool:
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
-            if exc.errno in _NO_SPACE:
-                raise OutOfSpaceError(f"spool {self.root}: disk full ({exc.strerror})") from exc
-            raise StorageError(f"spool {self.root}: cannot write {relative}: {exc}") from exc
+            raise _os_error(self.root, relative, exc) from exc
         return StoreResult(final, relative, duplicate=False)
+
+    # -------------------------------------------------- staged writes (used by the receiver)
+
+    def _sync_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                if not self.incoming.is_dir():
+                    self.incoming.mkdir(exist_ok=True)
+                    _fsync_dir(self.root)
+                self._pool = ThreadPoolExecutor(_SYNC_WORKERS, thread_name_prefix="spool-sync")
+            return self._pool
+
+    def stage(self, parts: Sequence[Buffer]) -> Staged:
+        """Write ``parts`` to a temp file in ``.incoming/`` and start its ``fdatasync``.
+
+        The caller must end it with :meth:`commit` or :meth:`discard`. Raise
+        :class:`OutOfSpaceError` or :class:`StorageError`.
+        """
+        size = sum(len(p) for p in parts)
+        self.check_space(size)
+        pool = self._sync_pool()
+        tmp = self.incoming / f".{secrets.token_hex(8)}.part"
+        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileNotFoundError:  # .incoming removed under us: make it again
+                self.incoming.mkdir(exist_ok=True)
+                _fsync_dir(self.root)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise _os_error(self.root, tmp.name, exc) from exc
+        try:
+            _write_all(fd, parts)
+        except OSError as exc:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise _os_error(self.root, tmp.name, exc) from exc
+        return Staged(tmp, size, pool.submit(_sync_and_close, fd))
+
+    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> StoreResult:
+        """Wait for the staged file's sync, rename it into place and fsync its folder.
+
+        Only when this returns is the instance durable. An instance already stored is kept
+        and the staged copy removed (``duplicate=True``).
+        """
+        relative = self.relative_path(study_uid, series_uid, sop_uid)
+        final = self.root / relative
+        try:
+            staged.synced.result()
+            if final.exists():
+                staged.tmp.unlink(missing_ok=True)
+                return StoreResult(final, relative, duplicate=True)
+            self._ensure_dir(final.parent)
+            os.rename(staged.tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            staged.tmp.unlink(missing_ok=True)
+            raise _os_error(self.root, relative, exc) from exc
+        return StoreResult(final, relative, duplicate=False)
+
+    def discard(self, staged: Staged) -> None:
+        """Drop a staged file (the instance was refused); its sync may still be running."""
+        staged.tmp.unlink(missing_ok=True)
+
+    def _partials(self) -> Iterator[Path]:
+        yield from self.root.glob("*/*/.*.part")
+        yield from self.incoming.glob(".*.part")
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash (they were never acknowledged)."""
         removed = 0
-        for path in self.root.glob("*/*/.*.part"):
+        for path in self._partials():
             path.unlink(missing_ok=True)
             removed += 1
         return removed
 
     def partial_files(self) -> list[Path]:
-        return list(self.root.glob("*/*/.*.part"))
+        return list(self._partials())
 
     def iter_files(self) -> Iterator[str]:
         """Relative paths of every stored instance."""

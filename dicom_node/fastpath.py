@@ -1,0 +1,338 @@
+"""Event-driven acceptor reactors for pynetdicom 3.0.x: same protocol, no fixed-delay polling.
+
+Why this exists. pynetdicom 3.0.4 runs two polling loops per association:
+
+- the DUL reactor (``DULServiceProvider.run_reactor``) sleeps ``_run_loop_delay`` (1 ms)
+  whenever it finds nothing to do, so a C-STORE response waits up to 1 ms before it is sent;
+- the acceptor reactor (``Association._run_reactor``) sleeps a fixed 1 ms before every check
+  of the DIMSE message queue, so a received instance waits up to 1 ms (more on a busy machine,
+  where a 1 ms sleep often lasts one scheduler tick) before its handler runs.
+
+With a sender that waits for each response before sending the next instance (dcmtk
+``storescu``), these waits are paid once per instance and per PDU, and made the receiver several
+times slower than dcmtk ``storescp`` on loopback. Shortening the delays instead would make an
+open but idle association spin (thousands of wake-ups a second), which a hospital server must
+not do.
+
+What it changes, and nothing else:
+
+- :class:`EventDrivenDUL` waits in ``select()`` on the socket and on a wake-up pipe, written
+  when the association hands it a primitive to send (``send_pdu``) or kills it (``kill_dul``).
+  Outside data transfer (association set-up, release, abort, ARTIM timer) it keeps the stock
+  1 ms cadence, so every state-machine path behaves as in the library.
+- :class:`EventDrivenAssociation` (acceptor) waits on a :class:`threading.Event` set by the DUL
+  after each state-machine action and by :meth:`kill`, and re-checks at least every
+  :data:`IDLE_CHECK_S` for the network (idle) timeout.
+- :class:`FastSocket` reads a PDU with ``recv_into`` into one buffer instead of 4096-byte
+  ``recv`` calls.
+
+The two reactor loops are copies of pynetdicom 3.0.4's with only the waits replaced; they are
+used only when the installed pynetdicom is one of :data:`VERIFIED_VERSIONS`. Any other version
+gets the library's own classes (:func:`request_handler_class` returns pynetdicom's
+``RequestHandler``), which are slower but correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import select
+import ssl
+import threading
+import time
+from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+log = logging.getLogger(__name__)
+
+#: pynetdicom versions whose reactor loops were read and copied here.
+VERIFIED_VERSIONS = frozenset({"3.0.4"})
+
+#: How often an idle, established association wakes up to check its network timeout.
+IDLE_CHECK_S = 0.1
+
+#: The DUL's wait while the association is in data transfer (Sta6) and nothing happens.
+_DUL_IDLE_WAIT_S = 0.5
+
+#: The stock DUL delay, kept for every state other than data transfer.
+_STOCK_DELAY_S = 0.001
+
+_DATA_TRANSFER = "Sta6"
+
+
+def supported(version: str | None = None) -> bool:
+    """True when the event-driven reactors may replace pynetdicom's on this version."""
+    return (version or pynetdicom.__version__) in VERIFIED_VERSIONS
+
+
+class FastSocket(AssociationSocket):
+    """An :class:`AssociationSocket` that reads a whole PDU with ``recv_into``."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < nr_bytes:
+                n = sock.recv_into(view[got:], nr_bytes - got)
+                if not n:  # connection closed: return what was read, as the library does
+                    break
+                got += n
+        finally:
+            view.release()
+        if got < nr_bytes:
+            del buf[got:]
+        return buf
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """The DUL reactor of pynetdicom 3.0.4, waiting on its socket instead of sleeping."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        # the wake-up pipe lives as long as the reactor thread (opened and closed by it)
+        self._wake_r = self._wake_w = -1
+        self._pipe_lock = threading.Lock()
+        self._pipe_open = False
+
+    def _open_pipe(self) -> None:
+        with self._pipe_lock:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._pipe_open = True
+
+    # -- waking the reactor from another thread
+
+    def _wake(self) -> None:
+        with self._pipe_lock:
+            if self._pipe_open:
+                with contextlib.suppress(BlockingIOError):  # already awake: pipe not drained
+                    os.write(self._wake_w, b"\0")
+
+    def _close_pipe(self) -> None:
+        with self._pipe_lock:
+            if self._pipe_open:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _wait_for_work(self) -> None:
+        """Sleep until the socket is readable, the pipe is written, or a short timeout."""
+        timeout = _STOCK_DELAY_S
+        if self.state_machine.current_state == _DATA_TRANSFER:
+            timeout = _DUL_IDLE_WAIT_S
+        sock = getattr(self.socket, "socket", None)
+        if sock is None or sock.fileno() < 0:
+            time.sleep(_STOCK_DELAY_S)
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted data already buffered: select() cannot see it
+        try:
+            ready, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+        except (OSError, ValueError):
+            time.sleep(_STOCK_DELAY_S)  # socket closed under us: the next check reports it
+            return
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+
+    # -- the reactor: pynetdicom 3.0.4's run_reactor with the sleep replaced
+
+    def run_reactor(self) -> None:
+        self._open_pipe()
+        try:
+            self._reactor()
+        finally:
+            self._close_pipe()
+            wake = getattr(self.assoc, "_wake", None)
+            if wake is not None:
+                wake.set()  # the association sees the DUL gone without waiting
+
+    def _reactor(self) -> None:
+        self._idle_timer.start()
+        sleep = False
+        assoc_wake: threading.Event | None = getattr(self.assoc, "_wake", None)
+
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+
+            if sleep:
+                self._wait_for_work()
+
+            if self._kill_thread:
+                break
+
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                log.error("Exception in DUL.run(), aborting association")
+                log.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                assert self.socket is not None
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+
+            self.state_machine.do_action(event)
+            if assoc_wake is not None:
+                assoc_wake.set()
+            sleep = False
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor whose reactor waits on an event instead of sleeping 1 ms per loop."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        self._wake = threading.Event()
+        self.dul = EventDrivenDUL(self)
+        # the timeout setters configured the replaced DUL's timers (ARTIM, idle): set them again
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
+
+    def kill(self) -> None:
+        self._wake.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0.4's acceptor loop; the fixed ``time.sleep(0.001)`` became a wait."""
+        self._is_paused = False
+        busy = False
+        while not self._kill:
+            if not busy:
+                self._wake.wait(IDLE_CHECK_S)
+            self._wake.clear()
+
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            busy = msg is not None
+            if msg:
+                assert context_id is not None
+                self._serve_request(msg, context_id)
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                log.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+
+                self.kill()
+                return
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """Creates :class:`EventDrivenAssociation` acceptors with a :class:`FastSocket`."""
+
+    def _create_association(self) -> Association:
+        # Same steps as pynetdicom 3.0.4's RequestHandler._create_association, with our classes.
+        assoc = EventDrivenAssociation(self.ae, "acceptor")
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
+        sock = FastSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+        return _configure(self, assoc)
+
+
+def _configure(handler: RequestHandler, assoc: Association) -> Association:
+    from copy import deepcopy
+
+    ae = handler.ae
+    server = handler.server
+    assoc.acceptor.maximum_length = ae.maximum_pdu_size
+    assoc.acceptor.ae_title = server.ae_title
+    assoc.acceptor.address_info = handler.local
+    assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
+    assoc.acceptor.implementation_version_name = ae.implementation_version_name
+    assoc.acceptor.supported_contexts = deepcopy(server.contexts)
+    assoc.requestor.address_info = handler.remote
+    for event in server._handlers:
+        if event.is_intervention and server._handlers[event]:
+            assoc.bind(event, *server._handlers[event])
+        elif isinstance(event, evt.NotificationEvent):
+            for handler_args in server._handlers[event]:
+                assert isinstance(handler_args, tuple)
+                assoc.bind(event, handler_args[0], handler_args[1])
+    return assoc
+
+
+def request_handler_class(version: str | None = None) -> type[RequestHandler]:
+    """The request handler for our SCP: event-driven on a verified version, else the stock one."""
+    if supported(version):
+        return EventDrivenRequestHandler
+    log.info(
+        "pynetdicom %s: using its own association reactors (event-driven ones are verified "
+        "for %s only)",
+        version or pynetdicom.__version__,
+        ", ".join(sorted(VERIFIED_VERSIONS)),
+    )
+    return RequestHandler
