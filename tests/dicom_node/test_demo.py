@@ -2,7 +2,8 @@
 
 The round trip is the demo itself (a real ``glioforecast serve`` process, a real C-STORE client,
 the embedded pynetdicom Storage SCP as the PACS) with a 4 mm synthetic patient and a 1 s quiet
-period, so that it fits in about a minute on 2 cores.
+period, so that it fits in about a minute on 2 cores. "Orthanc is missing" is made real by
+pointing ``$GLIOFORECAST_ORTHANC`` at a path where nothing is.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ def _printed(stdout: str, label: str) -> str:
 
 @pytest.mark.slow
 def test_demo_round_trip_with_the_embedded_pacs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """``--pacs auto`` on a machine without Orthanc: the embedded SCP is the PACS."""
+    missing = tmp_path / "no-such-orthanc"
+    monkeypatch.setenv(ENV_ORTHANC, str(missing))
     out = tmp_path / "demo"
-    assert demo.run(out, seed=3, pacs_mode="embedded", quiet_period_s=1, spacing_mm=4.0) == 0
+    assert demo.run(out, seed=3, pacs_mode="auto", quiet_period_s=1, spacing_mm=4.0) == 0
     stdout = capsys.readouterr().out
     assert "local PACS: embedded storage SCP LOCALPACS on 127.0.0.1:" in stdout
-    assert "(forced by --pacs embedded)" in stdout
+    assert f"(no Orthanc at {missing})" in stdout
 
     # what arrived, read from the PACS' storage folder by a fresh PACS on it
     source = sorted((out / "synthetic").rglob("pre/**/*.dcm"))

@@ -114,3 +114,44 @@ def test_success_means_the_file_is_on_disk_and_bad_instances_are_refused(
     assert pacs.studies() == [str(good.StudyInstanceUID)]
     with pytest.raises(GlioforecastError, match=re.escape("expected study 1.2.3.4, found")):
         pacs.study_series("1.2.3.4")
+
+
+@pytest.mark.slow
+def test_orthanc_answers_the_same_queries_as_the_embedded_pacs(
+    pacs: EmbeddedPacs, tmp_path: Path
+) -> None:
+    """The demo reads both kinds through one API: same series, counts, tags and SR."""
+    from tests.integration.orthanc import OrthancServer, orthanc_binary
+
+    orthanc_binary()
+    orthanc = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        case = default_case()
+        objects = [*source_mr_datasets(case), *default_outputs().all()]
+        for server in (pacs, orthanc):
+            results = store_batch(objects, server.destination())
+            assert all(r.delivered for r in results), [r.error for r in results if r.error]
+        study = case.patient.study_instance_uid
+        assert orthanc.studies() == pacs.studies() == [study]
+        assert orthanc.count_instances() == pacs.count_instances() == len(objects)
+
+        def summary(server: EmbeddedPacs | OrthancServer) -> dict[str, tuple[object, ...]]:
+            return {
+                s.series_instance_uid: (
+                    s.modality,
+                    s.series_number,
+                    s.description,
+                    len(s.instances),
+                    sorted(str(server.read(i).SOPInstanceUID) for i in s.instances),
+                )
+                for s in server.study_series(study)
+            }
+
+        assert summary(orthanc) == summary(pacs)
+        for server in (pacs, orthanc):
+            (sr_series,) = [s for s in server.study_series(study) if s.modality == "SR"]
+            assert read_summary(server.read(sr_series.instances[0])) == read_summary(
+                default_outputs().sr
+            )
+    finally:
+        orthanc.stop()
