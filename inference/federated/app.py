@@ -1,0 +1,502 @@
+"""The Flower apps: ``client_app`` (runs at each hospital, next to its data) and ``server_app``
+(runs at the coordinator). Message API of Flower >= 1.21.
+
+Messages
+--------
+coordinator -> site:
+    ``query``     empty: "who are you?" (answered with the site name and its patient count)
+    ``train``     ``arrays`` (global weights), ``config`` (what to do, the architecture as
+                  JSON) and, for the diffusion stage, ``autoencoder`` (the frozen global
+                  stage-1 weights)
+    ``evaluate``  the same, to evaluate the global weights on the site's patients
+site -> coordinator:
+    ``train``     ``arrays`` (the updated weights) and ``metrics`` (losses, num-examples)
+    ``evaluate``  ``metrics`` only (losses, the model card's metric means, latent moments)
+    ``query``     ``info`` (site name) and ``metrics`` (patient count)
+
+Nothing else leaves a site: no image, mask, table row, patient ID or path
+(``tests/inference/federated/test_client_messages.py`` checks every record of every reply).
+
+Rounds
+------
+The aggregation is Flower's (``FedAvg`` / ``FedProx``: weighted by ``num-examples``); the
+round loop is ours so that a site that disappears mid-round does not stall the federation:
+once ``min-sites`` replies are in, the coordinator waits at most ``straggler-timeout`` seconds
+for the others (never longer than ``round-timeout`` in all), then aggregates what it has and
+logs the sites that dropped out. (The SuperLink itself declares a silent SuperNode unavailable
+only after two missed 30 s heartbeats; such error replies are logged the same way.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from dicom_node.errors import InferenceError
+from inference.federated.config import NodeConfig, RunConfig, parse_node_config, parse_run_config
+from inference.federated.local import (
+    LocalTask,
+    SiteWork,
+    decode_model_config,
+    encode_model_config,
+    model_config_for,
+    site_label,
+    site_patients,
+)
+
+log = logging.getLogger(__name__)
+
+QUERY = MessageType.QUERY
+FEDERATION_JSON = "federation.json"
+_POLL_S = 0.5
+
+# ------------------------------------------------------------------------------------------
+# ClientApp
+
+client_app = ClientApp()
+_WORK_CACHE: dict[tuple[Any, ...], SiteWork] = {}
+
+
+def _node(context: Context) -> NodeConfig:
+    run = None
+    if "partition-id" in context.node_config:
+        run = parse_run_config(context.run_config)
+    return parse_node_config(context.node_config, run)
+
+
+def _task(config: ConfigRecord) -> LocalTask:
+    return LocalTask(
+        stage=str(config["stage"]),
+        server_round=int(config["server-round"]),  # type: ignore[arg-type]
+        local_epochs=int(config["local-epochs"]),  # type: ignore[arg-type]
+        learning_rate=float(config["learning-rate"]),  # type: ignore[arg-type]
+        batch_size=int(config["batch-size"]),  # type: ignore[arg-type]
+        seed=int(config["seed"]),  # type: ignore[arg-type]
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        card_metrics=bool(config.get("card-metrics", False)),
+        eval_samples=int(config.get("eval-samples", 1)),  # type: ignore[arg-type]
+        eval_steps=int(config.get("eval-steps", 0)),  # type: ignore[arg-type]
+        latent_stats=bool(config.get("latent-stats", False)),
+    )
+
+
+def _work(msg: Message, context: Context) -> tuple[SiteWork, LocalTask]:
+    node = _node(context)
+    config = msg.content["config"]
+    assert isinstance(config, ConfigRecord)
+    task = _task(config)
+    text = str(config["model-config"])
+    kind, cfg = decode_model_config(text)
+    ae_state = None
+    ae_key = ""
+    if "autoencoder" in msg.content:
+        record = msg.content["autoencoder"]
+        assert isinstance(record, ArrayRecord)
+        ae_state = record.to_torch_state_dict()
+        ae_key = record.object_id
+    key = (node, text, task.stage, ae_key)
+    work = _WORK_CACHE.get(key)
+    if work is None:
+        _WORK_CACHE.clear()
+        work = SiteWork(node, kind, cfg, task.stage, ae_state)
+        _WORK_CACHE[key] = work
+    arrays = msg.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    work.load(arrays.to_torch_state_dict())
+    return work, task
+
+
+@client_app.query()
+def client_query(msg: Message, context: Context) -> Message:
+    node = _node(context)
+    patients = site_patients(node)
+    site = site_label(node, patients)
+    log.info("site %s: %d patients, ready", site, len(patients))
+    content = RecordDict(
+        {"info": ConfigRecord({"site": site}), "metrics": MetricRecord({"patients": len(patients)})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    work, task = _work(msg, context)
+    log.info(
+        "site %s: round %d, training the %s for %d epoch(s) on %d patients",
+        work.site, task.server_round, task.stage, task.local_epochs, len(work.patients),
+    )  # fmt: skip
+    metrics = work.train(task)
+    log.info(
+        "site %s: round %d trained, loss %.5f", work.site, task.server_round, metrics["train-loss"]
+    )
+    content = RecordDict({"arrays": ArrayRecord(work.state()), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    work, task = _work(msg, context)
+    metrics = work.evaluate(task)
+    log.info("site %s: round %d evaluated: %s", work.site, task.server_round, _fmt(metrics))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _fmt(metrics: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# ServerApp
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run_federation(grid, parse_run_config(context.run_config))
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    seconds: float
+    sites_trained: list[str]
+    sites_dropped: list[str]
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    global_train: dict[str, float] = field(default_factory=dict)
+    global_evaluate: dict[str, float] = field(default_factory=dict)
+    central_evaluate: dict[str, float] = field(default_factory=dict)
+
+
+def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
+    """node id -> site name of the sites to train on (waits up to ``wait-for-sites``)."""
+    wanted = set(run.site_list)
+    deadline = time.monotonic() + run.wait_for_sites
+    names: dict[int, str] = {}
+    asked: set[int] = set()
+    pending: dict[str, int] = {}
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            msgs = [
+                Message(content=RecordDict(), message_type=QUERY, dst_node_id=n, group_id="query")
+                for n in new
+            ]
+            pending.update(zip(grid.push_messages(msgs), new, strict=True))
+            asked.update(new)
+        for reply in grid.pull_messages(list(pending)) if pending else []:
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error():
+                log.warning("node %d did not answer the query: %s", node, reply.error.reason)
+                continue
+            info = reply.content["info"]
+            assert isinstance(info, ConfigRecord)
+            names[node] = str(info["site"])
+            log.info("site %s connected (node %d)", names[node], node)
+        have = set(names.values())
+        if wanted and wanted <= have:
+            break
+        if not wanted and len(names) >= run.min_sites:
+            break
+        if time.monotonic() > deadline:
+            missing = sorted(wanted - have) if wanted else []
+            raise InferenceError(
+                f"federation: expected {sorted(wanted) if wanted else f'>= {run.min_sites} site(s)'} "
+                f"to connect within {run.wait_for_sites:.0f} s, found {sorted(have)}"
+                + (f" (missing {missing})" if missing else "")
+            )
+        time.sleep(_POLL_S)
+    selected = {n: s for n, s in names.items() if not wanted or s in wanted}
+    log.info("federation: training on sites %s", sorted(selected.values()))
+    return selected
+
+
+def _collect(
+    grid: Grid, messages: list[Message], sites: Mapping[int, str], run: RunConfig, what: str
+) -> tuple[list[Message], list[str]]:
+    """Push ``messages``, pull replies until all are in, or ``min-sites`` are in and
+    ``straggler-timeout`` has passed, or ``round-timeout`` has passed. (replies, dropped sites)"""
+    ids = list(grid.push_messages(messages))
+    pending = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+    replies: list[Message] = []
+    failed: list[str] = []
+    start = time.monotonic()
+    enough_at: float | None = None
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            node = pending.pop(reply.metadata.reply_to_message_id, None)
+            if node is None:
+                continue
+            if reply.has_error():
+                log.warning(
+                    "%s: site %s failed: %s", what, sites.get(node, node), reply.error.reason
+                )
+                failed.append(sites.get(node, str(node)))
+            else:
+                replies.append(reply)
+        now = time.monotonic()
+        if enough_at is None and len(replies) >= run.min_sites:
+            enough_at = now
+        if not pending:
+            break
+        if enough_at is not None and now - enough_at >= run.straggler_timeout:
+            break
+        if now - start >= run.round_timeout:
+            break
+        time.sleep(_POLL_S)
+    dropped = failed + [sites.get(n, str(n)) for n in pending.values()]
+    for n in pending.values():
+        log.warning(
+            "%s: site %s did not reply within %.0f s: dropped from this round, the round goes "
+            "on with %d site(s)", what, sites.get(n, n), time.monotonic() - start, len(replies),
+        )  # fmt: skip
+    if len(replies) < run.min_sites:
+        raise InferenceError(
+            f"{what}: expected replies from at least {run.min_sites} site(s) (min-sites), found "
+            f"{len(replies)}; dropped {dropped}"
+        )
+    return replies, dropped
+
+
+def _metrics(reply: Message) -> dict[str, float]:
+    record = next(iter(reply.content.metric_records.values()))
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+
+
+def initial_state(
+    run: RunConfig, kind: str, cfg: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(initial weights of the trained network, frozen autoencoder weights or None)."""
+    from inference.networks import build_model, build_unet
+    from inference.unet_baseline import build_baseline_unet
+
+    if run.stage == "baseline":
+        return build_baseline_unet(cfg, seed=run.seed).state_dict(), None
+    if run.stage == "autoencoder":
+        return build_model(
+            cfg.replace(latent_scale=1.0), seed=run.seed
+        ).autoencoder.state_dict(), None
+    from inference.model_dir import load_model_dir
+
+    stage1 = load_model_dir(run.stage1_dir).model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        unet = build_unet(cfg)
+    return unet.state_dict(), stage1.autoencoder.state_dict()
+
+
+def run_federation(grid: Grid, run: RunConfig) -> Path:
+    """The whole federated run: select sites, run the rounds, write the model directory."""
+    started = time.monotonic()
+    kind, cfg = model_config_for(run)
+    cfg_json = encode_model_config(kind, cfg)
+    sites = _select_sites(grid, run)
+    state, ae_state = initial_state(run, kind, cfg)
+    arrays = ArrayRecord(state)
+    ae_record = ArrayRecord(ae_state) if ae_state is not None else None
+    common = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    strategy: FedAvg = (
+        FedProx(proximal_mu=run.proximal_mu, **common)
+        if run.strategy == "fedprox"
+        else FedAvg(**common)
+    )
+    history: list[RoundRecord] = []
+    latent_scale: float | None = None
+    for rnd in range(1, run.num_server_rounds + 1):
+        t0 = time.monotonic()
+        config = ConfigRecord(
+            {
+                "model-config": cfg_json, "stage": run.stage, "server-round": rnd,
+                "local-epochs": run.local_epochs, "learning-rate": run.learning_rate,
+                "batch-size": run.batch_size, "seed": run.seed,
+                "card-metrics": run.card_metrics, "eval-samples": run.eval_samples,
+                "eval-steps": run.eval_steps,
+                "latent-stats": run.stage == "autoencoder" and rnd == run.num_server_rounds,
+            }
+        )  # fmt: skip
+        log.info("round %d/%d: training on %s", rnd, run.num_server_rounds, sorted(sites.values()))
+        train_msgs = _for_sites(
+            strategy.configure_train(rnd, arrays, config, grid), sites, ae_record
+        )
+        replies, dropped = _collect(grid, train_msgs, sites, run, f"round {rnd} training")
+        new_arrays, agg_train = strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            raise InferenceError(f"round {rnd}: expected aggregated weights, found none")
+        arrays = new_arrays
+        record = RoundRecord(
+            round=rnd, seconds=0.0,
+            sites_trained=sorted(sites[r.metadata.src_node_id] for r in replies),
+            sites_dropped=sorted(dropped),
+            train={sites[r.metadata.src_node_id]: _metrics(r) for r in replies},
+            global_train=dict(agg_train or {}),  # type: ignore[arg-type]
+        )  # fmt: skip
+        eval_msgs = _for_sites(
+            strategy.configure_evaluate(rnd, arrays, config, grid), sites, ae_record
+        )
+        eval_replies, eval_dropped = _collect(
+            grid, eval_msgs, sites, run, f"round {rnd} evaluation"
+        )
+        agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
+        record.evaluate = {sites[r.metadata.src_node_id]: _metrics(r) for r in eval_replies}
+        record.global_evaluate = {k: float(v) for k, v in (agg_eval or {}).items()}  # type: ignore[arg-type]
+        record.sites_dropped = sorted(set(record.sites_dropped) | set(eval_dropped))
+        if run.stage == "autoencoder" and rnd == run.num_server_rounds:
+            latent_scale = _latent_scale(list(record.evaluate.values()))
+        if run.server_eval_data:
+            record.central_evaluate = central_evaluation(run, kind, cfg, arrays, ae_state, rnd)
+        record.seconds = round(time.monotonic() - t0, 2)
+        history.append(record)
+        for site, m in sorted(record.evaluate.items()):
+            log.info("round %d: site %s: %s", rnd, site, _fmt(m))
+        log.info("round %d: global (weighted over sites): %s", rnd, _fmt(record.global_evaluate))
+        if record.central_evaluate:
+            log.info("round %d: central evaluation: %s", rnd, _fmt(record.central_evaluate))
+        if record.sites_dropped:
+            log.warning("round %d completed without %s", rnd, record.sites_dropped)
+    out = save_global_model(run, kind, cfg, arrays.to_torch_state_dict(), latent_scale, history,
+                            sorted(sites.values()), time.monotonic() - started)  # fmt: skip
+    log.info("federation finished: global model directory %s", out)
+    return out
+
+
+def _for_sites(
+    messages: Any, sites: Mapping[int, str], ae_record: ArrayRecord | None
+) -> list[Message]:
+    out = []
+    for m in messages:
+        if m.metadata.dst_node_id not in sites:
+            continue
+        if ae_record is not None:
+            m.content["autoencoder"] = ae_record
+        out.append(m)
+    return out
+
+
+def _latent_scale(site_metrics: list[dict[str, float]]) -> float:
+    n = sum(m.get("latent-count", 0.0) for m in site_metrics)
+    s1 = sum(m.get("latent-sum", 0.0) for m in site_metrics)
+    s2 = sum(m.get("latent-sumsq", 0.0) for m in site_metrics)
+    if n < 2:
+        raise InferenceError(f"latent scale: expected latent moments from the sites, found n={n}")
+    var = (s2 - s1 * s1 / n) / (n - 1)
+    if not var > 0 or not math.isfinite(var):
+        raise InferenceError(f"latent scale: expected latents with a positive spread, found {var}")
+    return 1.0 / math.sqrt(var)
+
+
+def central_evaluation(
+    run: RunConfig, kind: str, cfg: Any, arrays: ArrayRecord, ae_state: Any, rnd: int
+) -> dict[str, float]:
+    """The global weights on the coordinator's own cohort folder (``server-eval-data``)."""
+    node = NodeConfig(data_path=(run.server_eval_data,))
+    work = SiteWork(node, kind, cfg, run.stage, ae_state)
+    work.load(arrays.to_torch_state_dict())
+    task = LocalTask(
+        stage=run.stage, server_round=rnd, local_epochs=run.local_epochs,
+        learning_rate=run.learning_rate, batch_size=run.batch_size, seed=run.seed,
+        card_metrics=run.card_metrics, eval_samples=run.eval_samples, eval_steps=run.eval_steps,
+    )  # fmt: skip
+    return work.evaluate(task)
+
+
+def save_global_model(
+    run: RunConfig,
+    kind: str,
+    cfg: Any,
+    state: dict[str, torch.Tensor],
+    latent_scale: float | None,
+    history: list[RoundRecord],
+    sites: list[str],
+    seconds: float,
+) -> Path:
+    """Write the global model as an ordinary model directory (``serve`` / ``evaluate`` load it
+    like a centrally trained one) with ``train_state.json`` and ``federation.json``."""
+    from inference.model_dir import load_model_dir, load_state_checked, save_model_dir
+    from inference.networks import LatentDiffusionModel, build_model
+    from inference.train.loops import _atomic_json, _record_stage, read_train_state
+    from inference.unet_baseline import build_baseline_unet, save_baseline_dir
+
+    out = Path(run.out)
+    base: dict[str, Any] = {}
+    if run.stage == "baseline":
+        unet = build_baseline_unet(cfg)
+        load_state_checked(unet, state, "global baseline weights")
+        save_baseline_dir(unet, cfg, out, overwrite=True)
+    elif run.stage == "autoencoder":
+        assert latent_scale is not None
+        model = build_model(cfg.replace(latent_scale=1.0))
+        load_state_checked(model.autoencoder, state, "global autoencoder weights")
+        final = LatentDiffusionModel(
+            cfg.replace(latent_scale=latent_scale), model.autoencoder, model.unet
+        )
+        save_model_dir(final, out, overwrite=True)
+    else:
+        model = load_model_dir(run.stage1_dir).model
+        load_state_checked(model.unet, state, "global diffusion weights")
+        save_model_dir(model, out, overwrite=True)
+        base = read_train_state(run.stage1_dir)
+    info = {
+        "federated": True,
+        "strategy": run.strategy,
+        "proximal_mu": run.proximal_mu if run.strategy == "fedprox" else None,
+        "rounds": run.num_server_rounds,
+        "local_epochs": run.local_epochs,
+        "epochs": run.num_server_rounds * run.local_epochs,
+        "batch_size": run.batch_size,
+        "learning_rate": run.learning_rate,
+        "seed": run.seed,
+        "sites": sites,
+        "train_losses": [r.global_train.get("train-loss") for r in history],
+        "val_losses": [r.global_evaluate.get("eval-loss") for r in history],
+        "seconds_this_run": round(seconds, 2),
+        "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    if latent_scale is not None:
+        info["latent_scale"] = latent_scale
+    if run.stage == "diffusion":
+        info["stage1"] = run.stage1_dir
+    _record_stage(out, run.stage, info, base)
+    _atomic_json(
+        out / FEDERATION_JSON,
+        {
+            "run_config": run.as_flower_config(),
+            "sites": sites,
+            "rounds": [asdict(r) for r in history],
+        },
+    )
+    return out
+
+
+def read_federation(model_dir: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        (Path(model_dir) / FEDERATION_JSON).read_text(encoding="utf-8")
+    )
+    return data

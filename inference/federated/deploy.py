@@ -1,0 +1,248 @@
+"""A deployment's processes: command lines for Flower's ``flower-superlink`` and
+``flower-supernode`` (TLS on), the Flower app directory that ``flwr run`` submits, the
+``FLWR_HOME`` connection file of ``flwr run``, and process-tree helpers.
+
+The Flower app (a FAB) holds only a ``pyproject.toml`` (its run config) and a one-line module
+importing :mod:`inference.federated.app`: the code itself is the glioforecast package installed
+at the coordinator and at every site, so Flower's runtime dependency installation is switched
+off (nothing is downloaded at run time).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from inference.federated.certs import check_certificates
+
+APP_MODULE = "glioforecast_federated_app"
+CONNECTION = "glioforecast"
+#: the SuperLink serves its Fleet, Control and runtime APIs on one HTTPS port (Flower >= 1.41)
+DEFAULT_SUPERLINK_HOST = "0.0.0.0"
+DEFAULT_SUPERLINK_PORT = 9092
+DEFAULT_SUPERNODE_PORT = 9094
+
+
+def flower_bin(name: str) -> str:
+    """Flower's console script next to this interpreter (the venv's), else the bare name."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def process_env(
+    flwr_home: str | Path | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment of a Flower process: this venv's bin first on PATH (Flower starts its
+    ``flower-superexec`` helpers by name), ``FLWR_HOME`` when given."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def superlink_command(
+    certs: str | Path | None,
+    *,
+    host: str = DEFAULT_SUPERLINK_HOST,
+    port: int = DEFAULT_SUPERLINK_PORT,
+    database: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``flower-superlink`` with TLS (``certs``: a directory of ``glioforecast federate certs``;
+    ``None``: insecure, for experiments only)."""
+    cmd = [flower_bin("flower-superlink")]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        files = check_certificates(certs, server=True)
+        cmd += [
+            "--ssl-ca-certfile", str(files.ca_cert),
+            "--ssl-certfile", str(files.server_cert),
+            "--ssl-keyfile", str(files.server_key),
+        ]  # fmt: skip
+    cmd += [
+        "--host", host,
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if database:
+        cmd += ["--database", database]
+    return cmd + list(extra)
+
+
+def node_config_string(values: Mapping[str, Any]) -> str:
+    """Flower's ``--node-config`` syntax: ``key="value" key=3``."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            parts.append(f"{k}={v}")
+        else:
+            text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+            parts.append(f'{k}="{text}"')
+    return " ".join(parts)
+
+
+def supernode_command(
+    superlink: str,
+    ca_cert: str | Path | None,
+    data: Sequence[str | Path],
+    *,
+    site: str = "",
+    device: str = "cpu",
+    threads: int = 0,
+    runtime_host: str = "127.0.0.1",
+    runtime_port: int = DEFAULT_SUPERNODE_PORT,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``flower-supernode`` for one site, verifying the SuperLink with ``ca_cert``
+    (``None``: insecure)."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink]
+    if ca_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(ca_cert)]
+    node: dict[str, Any] = {"data-path": ",".join(str(Path(d).resolve()) for d in data)}
+    if site:
+        node["site-name"] = site
+    node["device"] = device
+    node["threads"] = threads
+    cmd += [
+        "--node-config", node_config_string(node),
+        "--host", runtime_host,
+        "--port", str(runtime_port),
+    ]  # fmt: skip
+    return cmd + list(extra)
+
+
+def write_app(directory: str | Path, run_config: Mapping[str, Any]) -> Path:
+    """The Flower app directory ``flwr run`` builds its FAB from."""
+    import tomli_w
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    from dicom_node import __version__
+
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": "glioforecast-federated",
+            "version": "1.0.0",
+            "description": f"glioforecast {__version__} federated training (research use only)",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "glioforecast",
+                    "components": {
+                        "serverapp": f"{APP_MODULE}:server_app",
+                        "clientapp": f"{APP_MODULE}:client_app",
+                    },
+                    "config": dict(run_config),
+                }
+            }
+        },
+    }
+    (d / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+    (d / f"{APP_MODULE}.py").write_text(
+        '"""glioforecast federated training: the apps live in the installed package."""\n\n'
+        "from inference.federated.app import client_app, server_app\n\n"
+        '__all__ = ["client_app", "server_app"]\n',
+        encoding="utf-8",
+    )
+    return d
+
+
+def write_connection(
+    flwr_home: str | Path, control_address: str, ca_cert: str | Path | None
+) -> Path:
+    """``FLWR_HOME/config.toml`` naming the SuperLink's Control API for ``flwr run``."""
+    import tomli_w
+
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    conn: dict[str, Any] = {"address": control_address}
+    if ca_cert is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(ca_cert).resolve())
+    path = home / "config.toml"
+    path.write_text(
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}), encoding="utf-8"
+    )
+    return path
+
+
+def flwr_run_command(
+    app_dir: str | Path, overrides: Sequence[str] = (), stream: bool = True
+) -> list[str]:
+    cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION]
+    for o in overrides:
+        cmd += ["--run-config", o]
+    if stream:
+        cmd.append("--stream")
+    return cmd
+
+
+# ------------------------------------------------------------------------------------------
+# process trees
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``), children first."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids: list[int] = []
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to ``pid`` and all its descendants (found before the first signal, so
+    detached helpers, which Flower starts in their own sessions, are included)."""
+    victims = [pid, *descendants(pid)]
+    for p in victims:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: Any = None) -> None:
+    """Wait until ``host:port`` accepts TCP connections (a started server is listening);
+    raises when ``timeout`` passes or ``proc`` (a Popen) exits first."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"expected a server on {host}:{port}, found its process exited ({proc.returncode})")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"expected a server listening on {host}:{port} within {timeout:.0f} s, found none")
+        time.sleep(0.1)
