@@ -32,7 +32,7 @@ from inference.synthetic.cli import positive_int
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 2
-PRESETS = ("tiny", "demo")
+PRESETS = ("tiny", "demo", "fine")
 
 
 def _sites(text: str) -> tuple[str, ...]:
@@ -423,6 +423,9 @@ def register(subparsers: Any) -> None:
     _add_train(subparsers)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    from inference.federated.cli import register as register_federate  # noqa: PLC0415
+
+    register_federate(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,9 +148,21 @@ def tiny_baseline_config(**changes: Any) -> UNetBaselineConfig:
 
 
 def demo_baseline_config(**changes: Any) -> UNetBaselineConfig:
-    """The demo grid (2 mm, 80x96x80), same preprocessing as the demo diffusion model."""
+    """The demo grid (4 mm), same preprocessing as the demo diffusion model except the crop:
+    48x48x48 (192 mm), the multiple of 16 that covers the diffusion model's 40x48x40."""
     cfg = UNetBaselineConfig(
         name="glioforecast-unet-demo",
+        version="0.2.0",
+        features=(16, 16, 32, 64, 128, 16),
+        preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(48, 48, 48)),
+    )
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def fine_baseline_config(**changes: Any) -> UNetBaselineConfig:
+    """The fine grid (2 mm, 80x96x80), same preprocessing as the fine diffusion model."""
+    cfg = UNetBaselineConfig(
+        name="glioforecast-unet-fine",
         version="0.1.0",
         features=(16, 16, 32, 64, 128, 16),
         preprocessing=PreprocessingConfig(spacing_mm=(2.0, 2.0, 2.0), crop_shape=(80, 96, 80)),
@@ -158,7 +170,11 @@ def demo_baseline_config(**changes: Any) -> UNetBaselineConfig:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-BASELINE_PRESETS = {"tiny": tiny_baseline_config, "demo": demo_baseline_config}
+BASELINE_PRESETS = {
+    "tiny": tiny_baseline_config,
+    "demo": demo_baseline_config,
+    "fine": fine_baseline_config,
+}
 
 
 def baseline_preset(name: str) -> UNetBaselineConfig:

@@ -424,9 +424,37 @@ def _ae_items(ds: CohortDataset) -> list[_AEItem]:
     return items
 
 
+def _patch_box(
+    mask: np.ndarray, patch: Sequence[int], generator: torch.Generator
+) -> tuple[slice, ...]:
+    """A random ``patch``-sized box in the crop, centred on a tumour voxel half of the time
+    (when there is one); every draw comes from ``generator``."""
+    shape = mask.shape
+
+    def draw(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    voxels = np.argwhere(mask)
+    if len(voxels) and draw(2):
+        centre = voxels[draw(len(voxels))]
+        starts = [int(c) - p // 2 for c, p in zip(centre, patch)]
+    else:
+        starts = [draw(n - p + 1) for n, p in zip(shape, patch)]
+    return tuple(
+        slice(min(max(a, 0), n - p), min(max(a, 0), n - p) + p)
+        for a, n, p in zip(starts, shape, patch)
+    )
+
+
 def _ae_batch(
-    ds: CohortDataset, items: Sequence[_AEItem], device: torch.device
+    ds: CohortDataset,
+    items: Sequence[_AEItem],
+    device: torch.device,
+    patch: Sequence[int] = (),
+    generator: torch.Generator | None = None,
 ) -> AutoencoderBatch:
+    """Images, masks and mask weights of ``items``; random ``patch``-sized boxes (drawn from
+    ``generator``) instead of the whole crop when ``patch`` is given."""
     images, masks, weights = [], [], []
     for it in items:
         s = ds[it.patient]
@@ -443,6 +471,12 @@ def _ae_batch(
             images.append(s.post_t1c)
             masks.append(s.post_mask)
             weights.append(1.0)
+    if patch:
+        if generator is None:
+            raise InferenceError("autoencoder patches need a random generator")
+        boxes = [_patch_box(m, patch, generator) for m in masks]
+        images = [im[b] for im, b in zip(images, boxes)]
+        masks = [m[b] for m, b in zip(masks, boxes)]
     return AutoencoderBatch(
         image=_cat(images, device),
         mask=_cat(masks, device),
@@ -478,7 +512,9 @@ def train_autoencoder(
     )
 
     def step(chunk: list[int]) -> float:
-        batch = _ae_batch(train_ds, [items[i] for i in chunk], device)
+        batch = _ae_batch(
+            train_ds, [items[i] for i in chunk], device, cfg.training.autoencoder_patch, generator
+        )
         return autoencoder_step(
             ae,
             opt,

@@ -34,7 +34,7 @@ def test_demo_weights_fit_the_budget() -> None:
     model = build_model(demo_config())
     assert model.parameter_bytes() <= 25 * 1024 * 1024
     # noisy latent + T1-Gd and FLAIR latents, mask, dose, 2 availability flags
-    assert model.unet.in_channels == 3 + 2 * 3 + 1 + 1 + 2
+    assert model.unet.in_channels == 4 + 2 * 4 + 1 + 1 + 2
     assert model.autoencoder.decoder is not None
 
 
@@ -74,6 +74,14 @@ def test_dict_round_trip() -> None:
         (
             {"autoencoder": {"channels": [8, 10, 8]}},
             "autoencoder.channels: expected multiples of norm_num_groups",
+        ),
+        (
+            {"training": {"autoencoder_patch": [8, 8, 6]}},
+            "training.autoencoder_patch: expected empty or 3 sizes, multiples of 4",
+        ),
+        (
+            {"training": {"autoencoder_patch": [8, 8, 32]}},
+            "within the crop [16, 16, 16], found [8, 8, 32]",
         ),
     ],
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -169,3 +171,41 @@ def test_option_errors(tmp_path: Path, tiny_cohort: Cohort) -> None:
                 tiny_baseline_config(),
                 TrainOptions(device="cuda", **FAST),  # type: ignore[arg-type]
             )
+
+
+def test_patch_boxes_stay_inside_and_favour_the_tumour() -> None:
+    from inference.train.loops import _patch_box
+
+    mask = np.zeros((16, 20, 16), bool)
+    mask[1:3, 17:19, 13:15] = True  # a small tumour in a corner
+    g = torch.Generator().manual_seed(3)
+    boxes = [_patch_box(mask, (8, 8, 8), g) for _ in range(200)]
+    for box in boxes:
+        assert [s.stop - s.start for s in box] == [8, 8, 8]
+        assert all(0 <= s.start and s.stop <= n for s, n in zip(box, mask.shape))
+    with_tumour = sum(bool(mask[box].any()) for box in boxes)
+    # about half are centred on the tumour, and a uniform box rarely reaches this corner
+    assert 80 <= with_tumour <= 150
+    # no tumour: uniform boxes only
+    empty = [_patch_box(np.zeros((16, 16, 16), bool), (8, 8, 8), g) for _ in range(20)]
+    assert len({b[0].start for b in empty}) > 1
+
+
+def test_patch_training_resumes_to_the_same_weights(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    cfg = tiny_config()
+    cfg = cfg.replace(training=dataclasses.replace(cfg.training, autoencoder_patch=(8, 8, 8)))
+    data = [tiny_cohort[0]]
+    straight = train_autoencoder(data, tmp_path / "a", cfg, TrainOptions(epochs=2, **FAST))  # type: ignore[arg-type]
+    train_autoencoder(data, tmp_path / "b", cfg, TrainOptions(epochs=1, **FAST))  # type: ignore[arg-type]
+    resumed = train_autoencoder(
+        data,
+        tmp_path / "b",
+        cfg,
+        TrainOptions(epochs=2, resume=True, **FAST),  # type: ignore[arg-type]
+    )
+    assert resumed.train_losses == pytest.approx(straight.train_losses, rel=1e-6)
+    a = load_file(str(tmp_path / "a" / "autoencoder.safetensors"))
+    b = load_file(str(tmp_path / "b" / "autoencoder.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert read_model_yaml(tmp_path / "a")[0].training.autoencoder_patch == (8, 8, 8)
