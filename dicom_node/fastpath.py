@@ -25,6 +25,11 @@ What it changes, and nothing else:
   :data:`IDLE_CHECK_S` for the network (idle) timeout.
 - :class:`FastSocket` reads a PDU with ``recv_into`` into one buffer instead of 4096-byte
   ``recv`` calls.
+- :class:`FastDIMSE` encodes a plain C-STORE response (the fields a storage SCP sets) directly
+  into its seven or eight command elements; pynetdicom builds a pydicom Dataset, encodes it
+  once to compute the group length and once more to send it, which cost more CPU per instance
+  than everything else in the response path. Any other message, a response with fields it
+  does not cover, or an association with an ``EVT_DIMSE_SENT`` handler goes the library's way.
 
 The two reactor loops are copies of pynetdicom 3.0.4's with only the waits replaced; they are
 used only when the installed pynetdicom is one of :data:`VERIFIED_VERSIONS`. Any other version
@@ -40,6 +45,7 @@ import os
 import queue
 import select
 import ssl
+import struct
 import threading
 import time
 from typing import Any
@@ -47,8 +53,11 @@ from typing import Any
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
@@ -93,6 +102,72 @@ class FastSocket(AssociationSocket):
         if got < nr_bytes:
             del buf[got:]
         return buf
+
+
+def _implicit(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _ui(value: str) -> bytes | None:
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
+    """The command set of a C-STORE response (Implicit VR Little Endian), or None.
+
+    None when the response carries something this encoder does not cover (Offending Element,
+    a non-ASCII value, a data set): the caller then uses pynetdicom's encoder.
+    """
+    if (
+        primitive.MessageIDBeingRespondedTo is None
+        or primitive.Status is None
+        or primitive.OffendingElement is not None
+        or primitive.DataSet is not None
+    ):
+        return None
+    elements = []
+    if primitive.AffectedSOPClassUID is not None:
+        sop_class = _ui(str(primitive.AffectedSOPClassUID))
+        if sop_class is None:
+            return None
+        elements.append(_implicit(0x0002, sop_class))
+    elements.append(_implicit(0x0100, struct.pack("<H", 0x8001)))  # C-STORE-RSP
+    elements.append(_implicit(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
+    elements.append(_implicit(0x0800, struct.pack("<H", 0x0101)))  # no data set
+    elements.append(_implicit(0x0900, struct.pack("<H", primitive.Status)))
+    if primitive.ErrorComment is not None:
+        try:
+            comment = str(primitive.ErrorComment).encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        elements.append(_implicit(0x0902, comment + b" " if len(comment) % 2 else comment))
+    if primitive.AffectedSOPInstanceUID is not None:
+        sop_instance = _ui(str(primitive.AffectedSOPInstanceUID))
+        if sop_instance is None:
+            return None
+        elements.append(_implicit(0x1000, sop_instance))
+    body = b"".join(elements)
+    return _implicit(0x0000, struct.pack("<I", len(body))) + body
+
+
+class FastDIMSE(DIMSEServiceProvider):
+    """Sends plain C-STORE responses without pynetdicom's double pydicom encoding."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_STORE) and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            encoded = encode_c_store_rsp(primitive)
+            max_pdu = self.maximum_pdu_size
+            if encoded is not None and (not max_pdu or len(encoded) <= max_pdu - 6):
+                pdata = P_DATA()
+                # one PDV: message control header 0x03 = command, last fragment
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -212,7 +287,13 @@ class EventDrivenDUL(DULServiceProvider):
                 continue
 
             self.state_machine.do_action(event)
-            if assoc_wake is not None:
+            # wake the association when it has something to act on: a complete DIMSE message,
+            # an A-RELEASE/A-ABORT primitive, or any state other than data transfer
+            if assoc_wake is not None and (
+                self.state_machine.current_state != _DATA_TRANSFER
+                or self.assoc.dimse.msg_queue.qsize()
+                or self.to_user_queue.qsize()
+            ):
                 assoc_wake.set()
             sleep = False
 
@@ -224,6 +305,7 @@ class EventDrivenAssociation(Association):
         super().__init__(ae, mode)
         self._wake = threading.Event()
         self.dul = EventDrivenDUL(self)
+        self.dimse = FastDIMSE(self)
         # the timeout setters configured the replaced DUL's timers (ARTIM, idle): set them again
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
@@ -322,7 +404,47 @@ def _configure(handler: RequestHandler, assoc: Association) -> Association:
             for handler_args in server._handlers[event]:
                 assert isinstance(handler_args, tuple)
                 assoc.bind(event, handler_args[0], handler_args[1])
+    # the association binds the logging handlers itself: keep them only if the server does
+    for event, log_handler in _protocol_logging_handlers():
+        if not _bound(server, event, log_handler):
+            assoc.unbind(event, log_handler)
     return assoc
+
+
+def _protocol_logging_handlers() -> list[tuple[Any, Any]]:
+    try:
+        from pynetdicom import _handlers
+    except ImportError:  # another layout: nothing known to drop
+        return []
+    pairs = []
+    for event, name in (
+        (evt.EVT_DIMSE_RECV, "standard_dimse_recv_handler"),
+        (evt.EVT_DIMSE_SENT, "standard_dimse_sent_handler"),
+        (evt.EVT_PDU_RECV, "standard_pdu_recv_handler"),
+        (evt.EVT_PDU_SENT, "standard_pdu_sent_handler"),
+    ):
+        handler = getattr(_handlers, name, None)
+        if handler is not None:
+            pairs.append((event, handler))
+    return pairs
+
+
+def drop_protocol_logging(server: Any) -> None:
+    """Unbind pynetdicom's per-message logging handlers from ``server``.
+
+    pynetdicom binds them to every server and association and runs them whatever the log
+    level; for each C-STORE request the receive handler copies the whole data set
+    (``getvalue()``) under the AE-wide lock only to log that a data set is "Present". Call it
+    only when the ``pynetdicom`` logger would discard their output (below INFO). Associations
+    made by :class:`EventDrivenRequestHandler` then drop them too.
+    """
+    for event, handler in _protocol_logging_handlers():
+        with contextlib.suppress(Exception):
+            server.unbind(event, handler)
+
+
+def _bound(server: Any, event: Any, handler: Any) -> bool:
+    return any(h[0] is handler for h in server.get_handlers(event))
 
 
 def request_handler_class(version: str | None = None) -> type[RequestHandler]:

@@ -322,7 +322,7 @@ class StorageSCP:
                 "a free port: stop the other listener or set node.port"
             ) from exc
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            _unbind_protocol_logging(server)
+            fastpath.drop_protocol_logging(server)
         # as start_server does: the AE knows its servers (AE.shutdown, server.shutdown use it)
         self.ae._servers.append(server)
         thread = threading.Thread(
@@ -342,29 +342,6 @@ class StorageSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
-
-
-def _unbind_protocol_logging(server: ThreadedAssociationServer) -> None:
-    """Drop pynetdicom's per-message logging handlers when their output would be discarded.
-
-    They are bound by default and run whatever the log level: for each C-STORE request the
-    receive handler copies the whole data set (``getvalue()``) under the AE-wide lock only to
-    print "Present". With the ``pynetdicom`` logger at INFO or DEBUG they are kept.
-    """
-    try:
-        from pynetdicom import _handlers
-    except ImportError:  # another layout: keep the library's defaults
-        return
-    for event, name in (
-        (evt.EVT_DIMSE_RECV, "standard_dimse_recv_handler"),
-        (evt.EVT_DIMSE_SENT, "standard_dimse_sent_handler"),
-        (evt.EVT_PDU_RECV, "standard_pdu_recv_handler"),
-        (evt.EVT_PDU_SENT, "standard_pdu_sent_handler"),
-    ):
-        handler = getattr(_handlers, name, None)
-        if handler is not None:
-            with contextlib.suppress(Exception):
-                server.unbind(event, handler)
 
 
 def server_ssl_context(

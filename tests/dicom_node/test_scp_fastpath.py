@@ -12,6 +12,8 @@ import pydicom
 import pynetdicom
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.transport import RequestHandler
 
@@ -47,6 +49,49 @@ def test_part10_header_refuses_an_empty_uid_as_pynetdicom_does() -> None:
         part10_header("1.2.840.10008.5.1.4.1.1.4", "", "1.2.840.10008.1.2")
 
 
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _rsp(status: int, comment: str | None = None, sop_class: str | None = MR) -> C_STORE:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234567"
+    rsp.Status = status
+    if comment is not None:
+        rsp.ErrorComment = comment
+    return rsp
+
+
+@pytest.mark.parametrize(
+    "rsp",
+    [
+        _rsp(0x0000),
+        _rsp(0xC210, "Pixel Data is truncated"),  # odd length: padded
+        _rsp(0xA700, "node out of disk space; retry later!"),
+        _rsp(0x0110, "x" * 64),
+        _rsp(0x0000, sop_class=None),
+    ],
+)
+def test_c_store_response_encoded_as_pynetdicom_does(rsp: C_STORE) -> None:
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, 16382)
+    ((context_id, pdv),) = pdata.presentation_data_value_list
+    assert context_id == 1
+    assert pdv == b"\x03" + fastpath.encode_c_store_rsp(rsp)
+
+
+def test_unusual_c_store_responses_are_left_to_pynetdicom() -> None:
+    offending = _rsp(0xC210, "bad")
+    offending.OffendingElement = [0x00100010]
+    assert fastpath.encode_c_store_rsp(offending) is None
+    assert fastpath.encode_c_store_rsp(_rsp(0xC210, "Zoë")) is None
+    request = C_STORE()
+    request.MessageID = 1
+    assert fastpath.encode_c_store_rsp(request) is None
+
+
 def test_only_verified_versions_get_the_event_driven_reactors() -> None:
     assert fastpath.supported("3.0.4")
     assert not fastpath.supported("3.0.5") and not fastpath.supported("2.1.1")
@@ -64,6 +109,10 @@ def test_associations_use_the_event_driven_classes_with_the_ae_timeouts(run_node
     assert isinstance(assoc, fastpath.EventDrivenAssociation)
     assert isinstance(assoc.dul, fastpath.EventDrivenDUL)
     assert isinstance(assoc.dul.socket, fastpath.FastSocket)
+    assert isinstance(assoc.dimse, fastpath.FastDIMSE)
+    # pynetdicom's logging handlers, bound by every Association, are dropped as on the server
+    assert assoc.get_handlers(evt.EVT_DIMSE_RECV) == []
+    assert assoc.get_handlers(evt.EVT_PDU_RECV) == []
     # the timers live in the DUL that replaced the library's
     assert assoc.dul.artim_timer.timeout == 7.0
     assert assoc.dul._idle_timer.timeout == 11.0
