@@ -286,7 +286,10 @@ def validate_config(cfg: ModelConfig) -> list[str]:
     if patch and (
         len(patch) != 3
         or len(pre.crop_shape) != 3
-        or any(s <= 0 or s % cfg.compression or s > c for s, c in zip(patch, pre.crop_shape))
+        or any(
+            s <= 0 or s % cfg.compression or s > c
+            for s, c in zip(patch, pre.crop_shape, strict=True)
+        )
     ):
         p.append(
             "training.autoencoder_patch: expected empty or 3 sizes, multiples of "

@@ -133,8 +133,38 @@ class ModelPredictor:
         return prepare_study(inputs, self._pre, self._contrasts, self._use_dose)
 
     def predict(self, inputs: StudyInputs, samples: int | None = None) -> Prediction:
-        """Predict the post-treatment scan of one study (see the module docstring)."""
+        """Predict the post-treatment scan of one study (see the module docstring).
+
+        A CUDA out-of-memory error moves this predictor to the CPU (its networks and every
+        later study of this process) and predicts the study again there, with the same seed.
+        """
         prepared = self.prepare(inputs)
+        try:
+            return self._predict_on_device(inputs, prepared, samples)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type != "cuda":
+                raise
+            log.warning(
+                "out of GPU memory on %s (%s): predicting this study on the CPU instead",
+                self.device,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            self.to_cpu()
+            return self._predict_on_device(inputs, prepared, samples)
+
+    def to_cpu(self) -> None:
+        """Move the networks to the CPU and free what they held on the GPU."""
+        if self._baseline is not None:
+            self._baseline.unet.to("cpu")
+        else:
+            self._ldm.model.to("cpu")
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _predict_on_device(
+        self, inputs: StudyInputs, prepared: PreparedStudy, samples: int | None
+    ) -> Prediction:
         if self._baseline is not None:
             return self._predict_baseline(inputs, prepared, samples)
         n = samples if samples is not None else self.samples

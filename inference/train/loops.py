@@ -437,12 +437,12 @@ def _patch_box(
     voxels = np.argwhere(mask)
     if len(voxels) and draw(2):
         centre = voxels[draw(len(voxels))]
-        starts = [int(c) - p // 2 for c, p in zip(centre, patch)]
+        starts = [int(c) - p // 2 for c, p in zip(centre, patch, strict=True)]
     else:
-        starts = [draw(n - p + 1) for n, p in zip(shape, patch)]
+        starts = [draw(n - p + 1) for n, p in zip(shape, patch, strict=True)]
     return tuple(
         slice(min(max(a, 0), n - p), min(max(a, 0), n - p) + p)
-        for a, n, p in zip(starts, shape, patch)
+        for a, n, p in zip(starts, shape, patch, strict=True)
     )
 
 
@@ -475,8 +475,8 @@ def _ae_batch(
         if generator is None:
             raise InferenceError("autoencoder patches need a random generator")
         boxes = [_patch_box(m, patch, generator) for m in masks]
-        images = [im[b] for im, b in zip(images, boxes)]
-        masks = [m[b] for m, b in zip(masks, boxes)]
+        images = [im[b] for im, b in zip(images, boxes, strict=True)]
+        masks = [m[b] for m, b in zip(masks, boxes, strict=True)]
     return AutoencoderBatch(
         image=_cat(images, device),
         mask=_cat(masks, device),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, StudyInputs, Volume
@@ -188,3 +189,40 @@ def test_refusals(tmp_path: Path, tiny_ldm_dir: Path) -> None:
         ModelPredictor(tiny_ldm_dir, samples=0)
     with pytest.raises(InferenceError, match=r"model\.yaml"):
         ModelPredictor(tmp_path)
+
+
+class _FirstCallOutOfGpuMemory(ModelPredictor):
+    """Fault injection, as CI has no GPU: the predictor believes it is on CUDA and its first
+    prediction fails the way a full GPU does (``torch.OutOfMemoryError``)."""
+
+    failed = 0
+
+    def _predict_on_device(self, inputs, prepared, samples):  # type: ignore[no-untyped-def]
+        if self.device.type == "cuda":
+            self.failed += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super()._predict_on_device(inputs, prepared, samples)
+
+
+def test_gpu_out_of_memory_predicts_on_the_cpu(
+    fresh_ldm_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inputs = oblique_study()
+    expected = ModelPredictor(fresh_ldm_dir, samples=2, num_inference_steps=2).predict(inputs)
+    predictor = _FirstCallOutOfGpuMemory(fresh_ldm_dir, samples=2, num_inference_steps=2)
+    predictor.device = torch.device("cuda")
+    with caplog.at_level("WARNING"):
+        pred = predictor.predict(inputs)
+    assert predictor.failed == 1 and predictor.device.type == "cpu"
+    assert "out of GPU memory" in caplog.text and "on the CPU instead" in caplog.text
+    np.testing.assert_array_equal(pred.mean.array, expected.mean.array)  # same seed, same result
+    # on the CPU an out-of-memory error is not retried
+    predictor.device = torch.device("cpu")
+    predictor.failed = 0
+
+    def fail(*args: object) -> None:
+        raise torch.OutOfMemoryError("out of memory")
+
+    predictor._predict_on_device = fail  # type: ignore[method-assign,assignment]
+    with pytest.raises(torch.OutOfMemoryError):
+        predictor.predict(inputs)

@@ -182,7 +182,7 @@ def test_patch_boxes_stay_inside_and_favour_the_tumour() -> None:
     boxes = [_patch_box(mask, (8, 8, 8), g) for _ in range(200)]
     for box in boxes:
         assert [s.stop - s.start for s in box] == [8, 8, 8]
-        assert all(0 <= s.start and s.stop <= n for s, n in zip(box, mask.shape))
+        assert all(s.start >= 0 and s.stop <= n for s, n in zip(box, mask.shape, strict=True))
     with_tumour = sum(bool(mask[box].any()) for box in boxes)
     # about half are centred on the tumour, and a uniform box rarely reaches this corner
     assert 80 <= with_tumour <= 150
