@@ -10,7 +10,10 @@ by ``Spool.store`` in-process, no network: temp file, fdatasync, rename, folder 
 instance), and the idle CPU of ``glioforecast serve`` with no association and with one open,
 idle association (and of a bare pynetdicom SCP, whose reactors poll every millisecond).
 
-    python -m bench.ingest [--series DIR] [--runs N] [--idle-seconds S]
+    python -m bench.ingest [--series DIR] [--runs N] [--idle-seconds S] [--baseline-rev REV]
+
+``--baseline-rev`` also measures ``glioforecast serve`` as it was at an earlier commit (extracted
+with ``git archive`` into a temp folder), interleaved with the others: a before/after in one run.
 
 Writes the ``ingest`` section of docs/BENCHMARKS.md.
 """
@@ -82,9 +85,9 @@ def _cpu_s(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def _receiver(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+def _receiver(cmd: list[str], port: int, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         _wait_listening(port)
@@ -98,10 +101,14 @@ Timing = tuple[float, float]  # (wall seconds of the send, receiver CPU seconds 
 
 
 def _timed(
-    cmd: list[str], port: int, files: list[Path], stored: Callable[[], int] | None
+    cmd: list[str],
+    port: int,
+    files: list[Path],
+    stored: Callable[[], int] | None,
+    cwd: Path = REPO,
 ) -> Timing:
     """Start a receiver, time one storescu of ``files`` to it, check what it stored, stop it."""
-    with _receiver(cmd, port) as proc:
+    with _receiver(cmd, port, cwd) as proc:
         cpu = _cpu_s(proc.pid)
         elapsed = _send(port, files)
         cpu = _cpu_s(proc.pid) - cpu
@@ -133,10 +140,20 @@ def _node_cmd(work: Path, port: int) -> list[str]:
     return [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"]
 
 
-def run_node(files: list[Path], work: Path) -> Timing:
+def run_node(files: list[Path], work: Path, tree: Path = REPO) -> Timing:
     port = _free_port()
     cmd = _node_cmd(work, port)
-    return _timed(cmd, port, files, lambda: len(list((work / "node" / "spool").rglob("*.dcm"))))
+    spool = work / "node" / "spool"
+    return _timed(cmd, port, files, lambda: len(list(spool.glob("[!.]*/*/*.dcm"))), tree)
+
+
+def extract_revision(rev: str, into: Path) -> Path:
+    """The repository at ``rev`` (``git archive``), to run an earlier ``serve`` beside ours."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 FLOOR_SCP = """
@@ -197,9 +214,9 @@ def run_durable_writes(files: list[Path], work: Path) -> Timing:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def idle_cpu(cmd: list[str], port: int, seconds: float, associate: bool) -> float:
+def idle_cpu(cmd: list[str], port: int, seconds: float, associate: bool, cwd: Path = REPO) -> float:
     """Percent of one core a receiver uses while idle, optionally holding one association."""
-    with _receiver(cmd, port) as proc:
+    with _receiver(cmd, port, cwd) as proc:
         ae = AE(ae_title="IDLECHECK")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = None
@@ -217,6 +234,12 @@ def idle_cpu(cmd: list[str], port: int, seconds: float, associate: bool) -> floa
         return 100.0 * used / elapsed
 
 
+def _node_max_pdu() -> int:
+    from dicom_node.settings import load_settings
+
+    return int(load_settings(None).node.max_pdu_bytes)
+
+
 def _load() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.1f} (1 min), {five:.1f} (5 min)"
@@ -227,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=Path, default=DEFAULT_SERIES)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--baseline-rev", help="also measure `serve` as it was at this git revision (before)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     for tool in (STORESCU, STORESCP, ECHOSCU):
@@ -235,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     files = sorted(p for p in args.series.rglob("*") if p.is_file() and p.suffix == ".dcm")
     size_mb = sum(p.stat().st_size for p in files) / 1e6
-    runners: tuple[tuple[str, str, Callable[[list[Path], Path], Timing]], ...] = (
+    baseline_dir = None
+    if args.baseline_rev:
+        baseline_dir = Path(tempfile.mkdtemp(prefix="bench-baseline-"))
+        extract_revision(args.baseline_rev, baseline_dir)
+    runners: list[tuple[str, str, Callable[[list[Path], Path], Timing]]] = [
         ("storescp", "dcmtk storescp", run_storescp),
         ("glioforecast", "glioforecast serve", run_node),
         (
@@ -253,7 +283,17 @@ def main(argv: list[str] | None = None) -> int:
             "durable writes alone: `Spool.store` of the series, no network (reference)",
             run_durable_writes,
         ),
-    )
+    ]
+    if baseline_dir is not None:
+        tree = baseline_dir
+        runners.insert(
+            2,
+            (
+                "baseline",
+                f"glioforecast serve at {args.baseline_rev} (before)",
+                lambda files, work: run_node(files, work, tree),
+            ),
+        )
     load_before = _load()
     times: dict[str, list[float]] = {name: [] for name, _, _ in runners}
     cpus: dict[str, list[float]] = {name: [] for name, _, _ in runners}
@@ -277,9 +317,18 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp) / key
             work.mkdir()
             idle[key] = idle_cpu(_node_cmd(work, port), port, args.idle_seconds, associate)
+        if baseline_dir is not None:
+            for key, associate in (("baseline", False), ("baseline-assoc", True)):
+                port = _free_port()
+                work = Path(tmp) / key
+                work.mkdir()
+                cmd = _node_cmd(work, port)
+                idle[key] = idle_cpu(cmd, port, args.idle_seconds, associate, baseline_dir)
         port = _free_port()
         floor_cmd = [sys.executable, "-c", FLOOR_SCP, str(port)]
         idle["floor-assoc"] = idle_cpu(floor_cmd, port, args.idle_seconds, True)
+    if baseline_dir is not None:
+        shutil.rmtree(baseline_dir, ignore_errors=True)
     for key, pct in idle.items():
         print(f"idle CPU {key}: {pct:.2f} %", file=sys.stderr)
 
@@ -323,15 +372,32 @@ def main(argv: list[str] | None = None) -> int:
         f"for the durable writes, that of the writing process.\n\n"
         f"A pynetdicom SCP that stores nothing reaches {floor:.2f}x with pynetdicom's own "
         f"reactors (which sleep 1 ms per loop) and {floor_event:.2f}x with the event-driven "
-        f"reactors of `dicom_node.fastpath` that `glioforecast serve` uses.\n\n"
+        f"reactors of `dicom_node.fastpath` that `glioforecast serve` uses; both keep "
+        f"pynetdicom's default maximum PDU (16 KB, against {_node_max_pdu() // 1024} KB for "
+        f"`serve`; dcmtk sends at most 128 KB per PDU), so they handle several times more "
+        f"PDUs and their time is mostly pynetdicom's "
+        f"per-PDU work. On this shared 2-core machine CPU time turns into wall time: compare "
+        f"the receiver CPU column (storescp "
+        f"{statistics.median(cpus['storescp']):.3f} s, `serve` "
+        f"{statistics.median(cpus['glioforecast']):.3f} s).\n\n"
         f"Idle CPU, over {args.idle_seconds:.0f} s, in percent of one core: `glioforecast "
         f"serve` with no association {idle['serve']:.2f} %, with one open idle association "
         f"{idle['serve-assoc']:.2f} %; the bare pynetdicom SCP (pynetdicom's reactors) with one "
         f"open idle association {idle['floor-assoc']:.2f} %.\n"
     )
+    if baseline_dir is not None:
+        before = med["storescp"] / med["baseline"]
+        body += (
+            f"\nBefore/after in the same run: `glioforecast serve` at {args.baseline_rev} "
+            f"reaches {before:.2f}x (median {med['baseline']:.3f} s, receiver CPU "
+            f"{statistics.median(cpus['baseline']):.3f} s) and idles at {idle['baseline']:.2f} % "
+            f"with no association, {idle['baseline-assoc']:.2f} % with one open idle "
+            f"association.\n"
+        )
     print(body)
     if not args.no_write:
-        update_section("ingest", body, "python -m bench.ingest")
+        command = "python -m bench.ingest" + " ".join(["", *(argv or sys.argv[1:])])
+        update_section("ingest", body, command.rstrip())
     return 0
 
 
