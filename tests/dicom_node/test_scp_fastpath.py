@@ -134,6 +134,36 @@ def test_stock_reactors_still_receive_when_the_version_is_not_verified(  # type:
     assert len(list(node.spool.root.rglob("*.dcm"))) == len(files)
 
 
+def test_pynetdicom_requestor_reads_the_direct_responses(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    good = pydicom.dcmread(study["t1c"][0])
+    bad = pydicom.dcmread(study["t1c"][1])
+    bad.PixelData = bad.PixelData[:100]
+    node = run_node()
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(good.SOPClassUID, good.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    try:
+        assert assoc.is_established
+        ok = assoc.send_c_store(good)
+        refused = assoc.send_c_store(bad)
+    finally:
+        assoc.release()
+    assert ok.Status == 0x0000
+    assert refused.Status == 0xC210
+    assert refused.ErrorComment.startswith("Pixel Data is truncated")
+
+
+def test_idle_association_is_aborted_after_the_network_timeout(run_node) -> None:  # type: ignore[no-untyped-def]
+    node = run_node(node={"network_timeout_s": 0.5})
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), timeout=10, what="the abort")
+    wait_for(lambda: not node.scp.server.active_associations, timeout=10, what="acceptor gone")
+
+
 def test_refused_instance_leaves_no_staged_file(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     study = factories.small_study(tmp_path / "in")
     ds = pydicom.dcmread(study["t1c"][0])
