@@ -2,7 +2,13 @@
 
 Handlers are thin: they decide who may associate, check a received dataset is usable, store it
 durably and record it, and translate the outcome into a DIMSE status. An instance is answered
-0x0000 only after :meth:`Spool.store` has fsynced it.
+0x0000 only after :meth:`Spool.commit` has made it durable (temp file fdatasynced, renamed, its
+folder fsynced) and the job store has recorded it; the fdatasync runs while the handler decodes
+and checks the data set.
+
+The associations themselves run on :mod:`dicom_node.fastpath` (event-driven reactors instead of
+pynetdicom's 1 ms polling loops, direct C-STORE response encoding) when the installed pynetdicom
+is a verified version, on pynetdicom's own classes otherwise.
 
 Statuses: 0x0000 success (also for a duplicate, stored once), 0xA700 out of resources (low disk:
 the sender retries), 0xC210 cannot understand (undecodable or unusable dataset), 0x0110
