@@ -423,9 +423,9 @@ def register(subparsers: Any) -> None:
     _add_train(subparsers)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
-    from inference.federated.cli import register as register_federate  # noqa: PLC0415
+    from inference.federated.cli import register as register_federate
 
-    register_federate(subparsers)
+    register_federate(subparsers)  # glioforecast federate (inference/federated/cli.py)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

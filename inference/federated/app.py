@@ -74,13 +74,11 @@ _POLL_S = 0.5
 # ------------------------------------------------------------------------------------------
 # ClientApp
 
-client_app = ClientApp()
 _WORK_CACHE: dict[tuple[Any, ...], SiteWork] = {}
 
 
-def _node(context: Context) -> NodeConfig:
-    run = None
-    if "partition-id" in context.node_config:
+def _node(context: Context, run: RunConfig | None = None) -> NodeConfig:
+    if run is None and "partition-id" in context.node_config:
         run = parse_run_config(context.run_config)
     return parse_node_config(context.node_config, run)
 
@@ -101,8 +99,7 @@ def _task(config: ConfigRecord) -> LocalTask:
     )
 
 
-def _work(msg: Message, context: Context) -> tuple[SiteWork, LocalTask]:
-    node = _node(context)
+def _work(msg: Message, node: NodeConfig) -> tuple[SiteWork, LocalTask]:
     config = msg.content["config"]
     assert isinstance(config, ConfigRecord)
     task = _task(config)
@@ -127,39 +124,51 @@ def _work(msg: Message, context: Context) -> tuple[SiteWork, LocalTask]:
     return work, task
 
 
-@client_app.query()
-def client_query(msg: Message, context: Context) -> Message:
-    node = _node(context)
-    patients = site_patients(node)
-    site = site_label(node, patients)
-    log.info("site %s: %d patients, ready", site, len(patients))
-    content = RecordDict(
-        {"info": ConfigRecord({"site": site}), "metrics": MetricRecord({"patients": len(patients)})}
-    )
-    return Message(content=content, reply_to=msg)
+def make_client_app(run: RunConfig | None = None) -> ClientApp:
+    """The site's ClientApp; ``run`` stands in for the run config in a simulation."""
+    app = ClientApp()
 
+    @app.query()
+    def client_query(msg: Message, context: Context) -> Message:
+        node = _node(context, run)
+        patients = site_patients(node)
+        site = site_label(node, patients)
+        log.info("site %s: %d patients, ready", site, len(patients))
+        content = RecordDict(
+            {
+                "info": ConfigRecord({"site": site}),
+                "metrics": MetricRecord({"patients": len(patients)}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
 
-@client_app.train()
-def client_train(msg: Message, context: Context) -> Message:
-    work, task = _work(msg, context)
-    log.info(
-        "site %s: round %d, training the %s for %d epoch(s) on %d patients",
-        work.site, task.server_round, task.stage, task.local_epochs, len(work.patients),
-    )  # fmt: skip
-    metrics = work.train(task)
-    log.info(
-        "site %s: round %d trained, loss %.5f", work.site, task.server_round, metrics["train-loss"]
-    )
-    content = RecordDict({"arrays": ArrayRecord(work.state()), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    @app.train()
+    def client_train(msg: Message, context: Context) -> Message:
+        work, task = _work(msg, _node(context, run))
+        log.info(
+            "site %s: round %d, training the %s for %d epoch(s) on %d patients",
+            work.site, task.server_round, task.stage, task.local_epochs, len(work.patients),
+        )  # fmt: skip
+        metrics = work.train(task)
+        log.info(
+            "site %s: round %d trained, loss %.5f",
+            work.site,
+            task.server_round,
+            metrics["train-loss"],
+        )
+        content = RecordDict(
+            {"arrays": ArrayRecord(work.state()), "metrics": MetricRecord(metrics)}
+        )
+        return Message(content=content, reply_to=msg)
 
+    @app.evaluate()
+    def client_evaluate(msg: Message, context: Context) -> Message:
+        work, task = _work(msg, _node(context, run))
+        metrics = work.evaluate(task)
+        log.info("site %s: round %d evaluated: %s", work.site, task.server_round, _fmt(metrics))
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
-@client_app.evaluate()
-def client_evaluate(msg: Message, context: Context) -> Message:
-    work, task = _work(msg, context)
-    metrics = work.evaluate(task)
-    log.info("site %s: round %d evaluated: %s", work.site, task.server_round, _fmt(metrics))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return app
 
 
 def _fmt(metrics: Mapping[str, Any]) -> str:
@@ -171,14 +180,18 @@ def _fmt(metrics: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 # ServerApp
 
-server_app = ServerApp()
 
+def make_server_app(run: RunConfig | None = None) -> ServerApp:
+    """The coordinator's ServerApp; ``run`` replaces the run config (simulation)."""
+    app = ServerApp()
 
-@server_app.main()
-def server_main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    run_federation(grid, parse_run_config(context.run_config))
+    @app.main()
+    def server_main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        run_federation(grid, run if run is not None else parse_run_config(context.run_config))
+
+    return app
 
 
 @dataclass
@@ -228,8 +241,9 @@ def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
             break
         if time.monotonic() > deadline:
             missing = sorted(wanted - have) if wanted else []
+            expected = sorted(wanted) if wanted else f">= {run.min_sites} site(s)"
             raise InferenceError(
-                f"federation: expected {sorted(wanted) if wanted else f'>= {run.min_sites} site(s)'} "
+                f"federation: expected {expected} "
                 f"to connect within {run.wait_for_sites:.0f} s, found {sorted(have)}"
                 + (f" (missing {missing})" if missing else "")
             )
@@ -358,16 +372,17 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
             train={sites[r.metadata.src_node_id]: _metrics(r) for r in replies},
             global_train=dict(agg_train or {}),  # type: ignore[arg-type]
         )  # fmt: skip
-        eval_msgs = _for_sites(
-            strategy.configure_evaluate(rnd, arrays, config, grid), sites, ae_record
-        )
-        eval_replies, eval_dropped = _collect(
-            grid, eval_msgs, sites, run, f"round {rnd} evaluation"
-        )
-        agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
-        record.evaluate = {sites[r.metadata.src_node_id]: _metrics(r) for r in eval_replies}
-        record.global_evaluate = {k: float(v) for k, v in (agg_eval or {}).items()}  # type: ignore[arg-type]
-        record.sites_dropped = sorted(set(record.sites_dropped) | set(eval_dropped))
+        if rnd % run.evaluate_every == 0 or rnd == run.num_server_rounds:
+            eval_msgs = _for_sites(
+                strategy.configure_evaluate(rnd, arrays, config, grid), sites, ae_record
+            )
+            eval_replies, eval_dropped = _collect(
+                grid, eval_msgs, sites, run, f"round {rnd} evaluation"
+            )
+            agg_eval = strategy.aggregate_evaluate(rnd, eval_replies)
+            record.evaluate = {sites[r.metadata.src_node_id]: _metrics(r) for r in eval_replies}
+            record.global_evaluate = {k: float(v) for k, v in (agg_eval or {}).items()}  # type: ignore[arg-type]
+            record.sites_dropped = sorted(set(record.sites_dropped) | set(eval_dropped))
         if run.stage == "autoencoder" and rnd == run.num_server_rounds:
             latent_scale = _latent_scale(list(record.evaluate.values()))
         if run.server_eval_data:
@@ -500,3 +515,7 @@ def read_federation(model_dir: str | Path) -> dict[str, Any]:
         (Path(model_dir) / FEDERATION_JSON).read_text(encoding="utf-8")
     )
     return data
+
+
+client_app = make_client_app()
+server_app = make_server_app()

@@ -4,7 +4,8 @@ certificate, made with ``cryptography`` (no OpenSSL command needed).
 The coordinator runs ``glioforecast federate certs --out certs --host superlink.example.org``
 once and keeps ``ca.key`` private; it hands ``ca.crt`` (public) to every hospital, whose SuperNode
 verifies the SuperLink with it (``--root-certificates ca.crt``). The SuperLink serves
-``superlink.crt`` / ``superlink.key`` (``--ssl-certfile``, ``--ssl-keyfile``, ``--ssl-ca-certfile``).
+``superlink.crt`` / ``superlink.key`` (``--ssl-certfile``, ``--ssl-keyfile``,
+``--ssl-ca-certfile``).
 
 Files written to ``OUT``::
 
@@ -65,19 +66,28 @@ def make_certificates(
     existing = [p.name for p in vars(files).values() if p.exists()]
     if existing and not overwrite:
         raise ConfigError(
-            f"{out}: expected no certificates there, found {existing} (pass --overwrite to "
-            "replace them; every site then needs the new ca.crt)"
+            "federate certs",
+            [
+                f"{out}: expected no certificates there, found {existing} (pass --overwrite to "
+                "replace them; every site then needs the new ca.crt)"
+            ],
         )
     if days < 1:
-        raise ConfigError(f"certificate validity: expected >= 1 day, found {days}")
+        raise ConfigError(
+            "federate certs", [f"certificate validity: expected >= 1 day, found {days}"]
+        )
     if not hosts and not ips:
-        raise ConfigError("certificate names: expected at least one host name or IP address")
+        raise ConfigError(
+            "federate certs", ["certificate names: expected at least one host name or IP address"]
+        )
     addresses = []
     for ip in ips:
         try:
             addresses.append(ipaddress.ip_address(ip))
         except ValueError:
-            raise ConfigError(f"--ip: expected an IPv4 or IPv6 address, found {ip!r}") from None
+            raise ConfigError(
+                "federate certs", [f"--ip: expected an IPv4 or IPv6 address, found {ip!r}"]
+            ) from None
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
@@ -111,7 +121,7 @@ def make_certificates(
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -176,7 +186,10 @@ def check_certificates(directory: str | Path, *, server: bool) -> CertificateSet
             sorted(p.name for p in Path(directory).iterdir()) if Path(directory).is_dir() else []
         )
         raise ConfigError(
-            f"{directory}: expected {missing} (make them with `glioforecast federate certs`), "
-            f"found {found or 'nothing'}"
+            "federate certs",
+            [
+                f"{directory}: expected {missing} (make them with `glioforecast federate certs`), "
+                f"found {found or 'nothing'}"
+            ],
         )
     return files

@@ -21,6 +21,7 @@ Run config (``[tool.flwr.app.config]`` of the generated app, overridable with
     wait-for-sites     seconds to wait for the selected sites to connect
     round-timeout      seconds a round may take at most
     straggler-timeout  once min-sites replies are in, seconds to wait for the rest
+    evaluate-every     evaluate the global model at the sites every k rounds (and after the last)
     card-metrics       also compute the model card's image/tumour metrics per site each round
     eval-samples       samples per study for those metrics
     eval-steps         DDIM steps for those metrics (diffusion stage; 0 = the model's own)
@@ -66,6 +67,7 @@ class RunConfig:
     wait_for_sites: float = 120.0
     round_timeout: float = 3600.0
     straggler_timeout: float = 600.0
+    evaluate_every: int = 1
     card_metrics: bool = True
     eval_samples: int = 1
     eval_steps: int = 0
@@ -78,7 +80,10 @@ class RunConfig:
             p.append(f"stage: expected one of {list(STAGES)}, found {self.stage!r}")
         if self.strategy not in STRATEGIES:
             p.append(f"strategy: expected one of {list(STRATEGIES)}, found {self.strategy!r}")
-        for key in ("num_server_rounds", "local_epochs", "batch_size", "min_sites", "eval_samples"):
+        for key in (
+            "num_server_rounds", "local_epochs", "batch_size", "min_sites", "eval_samples",
+            "evaluate_every",
+        ):  # fmt: skip
             if getattr(self, key) < 1:
                 p.append(f"{_kebab(key)}: expected >= 1, found {getattr(self, key)}")
         if not self.learning_rate > 0:
@@ -95,7 +100,7 @@ class RunConfig:
         if not self.out:
             p.append("out: expected a model directory path, found an empty string")
         if p:
-            raise ConfigError("federated run config:\n" + "\n".join(f"  - {x}" for x in p))
+            raise ConfigError("federated run config", p)
 
     @property
     def site_list(self) -> tuple[str, ...]:
@@ -158,7 +163,7 @@ def parse_run_config(values: Mapping[str, Any]) -> RunConfig:
         if key in values:
             kwargs[name] = _coerce(name, f.default, values[key], problems)
     if problems:
-        raise ConfigError("federated run config:\n" + "\n".join(f"  - {x}" for x in problems))
+        raise ConfigError("federated run config", problems)
     return RunConfig(**kwargs)
 
 
@@ -185,7 +190,7 @@ def parse_node_config(values: Mapping[str, Any], run: RunConfig | None = None) -
         problems.append(f"threads: expected an integer >= 0, found {threads!r}")
         threads = 0
     if problems:
-        raise ConfigError("federated node config:\n" + "\n".join(f"  - {x}" for x in problems))
+        raise ConfigError("federated node config", problems)
     paths = tuple(p.strip() for p in str(data).split(",") if p.strip())
     return NodeConfig(data_path=paths, site_name=site, device=str(device), threads=int(threads))
 
@@ -195,14 +200,20 @@ def _simulation_node(values: Mapping[str, Any], run: RunConfig | None) -> NodeCo
 
     if run is None or not run.simulation_data:
         raise ConfigError(
-            "simulation: expected the run config key simulation-data (a cohort folder the "
-            "virtual sites read), found none"
+            "federated node config",
+            [
+                "simulation: expected the run config key simulation-data (a cohort folder the "
+                "virtual sites read), found none"
+            ],
         )
     sites = run.site_list or tuple(sorted({p.site for p in read_cohort(run.simulation_data)}))
     index = int(values["partition-id"])
     if not 0 <= index < len(sites):
         raise ConfigError(
-            f"simulation: virtual node {index} has no site; expected at most {len(sites)} "
-            f"virtual nodes for the sites {list(sites)}"
+            "federated node config",
+            [
+                f"simulation: virtual node {index} has no site; expected at most {len(sites)} "
+                f"virtual nodes for the sites {list(sites)}"
+            ],
         )
     return NodeConfig(data_path=(run.simulation_data,), site_name=sites[index])

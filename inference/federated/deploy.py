@@ -10,6 +10,7 @@ off (nothing is downloaded at run time).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -221,10 +222,8 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     detached helpers, which Flower starts in their own sessions, are included)."""
     victims = [pid, *descendants(pid)]
     for p in victims:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p, sig)
-        except ProcessLookupError:
-            pass
     return victims
 
 
@@ -237,12 +236,123 @@ def wait_for_port(host: str, port: int, timeout: float, proc: Any = None) -> Non
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"expected a server on {host}:{port}, found its process exited ({proc.returncode})")
+            raise RuntimeError(
+                f"expected a server on {host}:{port}, found its process exited ({proc.returncode})"
+            )
         try:
             with socket.create_connection((host, port), timeout=1.0):
                 return
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"expected a server listening on {host}:{port} within {timeout:.0f} s, found none")
+            raise TimeoutError(
+                f"expected a server listening on {host}:{port} within {timeout:.0f} s, found none"
+            )
         time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# a whole deployment on one machine (tests, benchmarks, demos)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Loopback:
+    """A SuperLink and one SuperNode per site as real processes on localhost, TLS on
+    (certificates made in ``workdir/certs``), each process logging to ``workdir/<name>.log``."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        sites: Mapping[str, Sequence[str | Path]],
+        *,
+        threads: int = 1,
+        site_filter: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.sites = dict(sites)
+        self.threads = threads
+        self.site_filter = site_filter
+        self.home = self.workdir / "flwr-home"
+        self.certs = self.workdir / "certs"
+        self.port = 0
+        self.superlink: Any = None
+        self.nodes: dict[str, Any] = {}
+        self._files: list[Any] = []
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def _start(self, name: str, cmd: Sequence[str]) -> Any:
+        import subprocess
+
+        fh = self.log(name).open("w")
+        self._files.append(fh)
+        return subprocess.Popen(
+            list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=process_env(self.home),
+            cwd=self.workdir,
+        )  # fmt: skip
+
+    def start(self, timeout: float = 120.0) -> Loopback:
+        from inference.federated.certs import make_certificates
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.certs / "ca.crt").is_file():
+            make_certificates(self.certs, hosts=["localhost"], ips=["127.0.0.1"])
+        self.port = free_port()
+        self.superlink = self._start(
+            "superlink", superlink_command(self.certs, host="127.0.0.1", port=self.port)
+        )
+        wait_for_port("127.0.0.1", self.port, timeout, self.superlink)
+        for name, data in self.sites.items():
+            self.nodes[name] = self._start(
+                f"supernode-{name}",
+                supernode_command(
+                    f"localhost:{self.port}", self.certs / "ca.crt", data,
+                    site=name if self.site_filter else "", threads=self.threads,
+                    runtime_port=free_port(),
+                ),
+            )  # fmt: skip
+        write_connection(self.home, f"localhost:{self.port}", self.certs / "ca.crt")
+        return self
+
+    def submit(self, run_config: Mapping[str, Any], name: str = "run") -> Any:
+        """``flwr run --stream`` of the app with ``run_config`` (a Popen logging to
+        ``<name>.log``)."""
+        app = write_app(self.workdir / "app", run_config)
+        return self._start(name, flwr_run_command(app))
+
+    def run(self, run_config: Mapping[str, Any], timeout: float) -> int:
+        proc = self.submit(run_config)
+        return int(proc.wait(timeout=timeout))
+
+    def kill_site(self, name: str) -> list[int]:
+        return kill_tree(self.nodes[name].pid)
+
+    def stop(self) -> None:
+        procs = [*self.nodes.values(), self.superlink]
+        for p in procs:
+            if p is not None and p.poll() is None:
+                kill_tree(p.pid, signal.SIGTERM)
+        for p in procs:
+            if p is None:
+                continue
+            try:
+                p.wait(timeout=10)
+            except Exception:
+                kill_tree(p.pid)
+                p.wait(timeout=10)
+        for fh in self._files:
+            fh.close()
+
+    def __enter__(self) -> Loopback:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -82,10 +82,14 @@ def model_config_for(run: RunConfig) -> tuple[str, UNetBaselineConfig | ModelCon
     if run.model_yaml:
         path = Path(run.model_yaml)
         if not path.is_file():
-            raise ConfigError(f"model-yaml: expected a YAML file, found nothing at {path}")
+            raise ConfigError(
+                "federated site", [f"model-yaml: expected a YAML file, found nothing at {path}"]
+            )
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping, found {type(data).__name__}")
+            raise ConfigError(
+                "federated site", [f"{path}: expected a mapping, found {type(data).__name__}"]
+            )
         overrides = {k: v for k, v in data.items() if k not in ("format", "format_version",
                                                                 "kind", "weights")}  # fmt: skip
     if run.stage == "baseline":
@@ -150,8 +154,11 @@ def site_patients(node: NodeConfig) -> list[CohortPatient]:
         patients = [p for p in patients if p.site == node.site_name]
         if not patients:
             raise ConfigError(
-                f"site-name: expected patients of {node.site_name!r} in {list(node.data_path)}, "
-                f"found only sites {sites}"
+                "federated site",
+                [
+                    f"site-name: expected patients of {node.site_name!r} in "
+                    f"{list(node.data_path)}, found only sites {sites}"
+                ],
             )
     return sorted(patients, key=lambda p: p.patient_id)
 

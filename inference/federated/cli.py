@@ -1,0 +1,261 @@
+"""``glioforecast federate certs|superlink|supernode|run|simulate``.
+
+- ``certs``: a CA and the SuperLink's certificate (:mod:`inference.federated.certs`);
+- ``superlink`` / ``supernode``: thin wrappers that run Flower's ``flower-superlink`` /
+  ``flower-supernode`` with TLS and this project's settings (the exact Flower command is logged,
+  ``--print`` shows it without running it);
+- ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
+- ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
+  process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
+  runtime (``--engine ray``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dicom_node.errors import GlioforecastError
+
+log = logging.getLogger(__name__)
+
+EXIT_FAILED = 2
+
+
+def _fail(command: str, exc: Exception) -> int:
+    sys.stderr.write(f"glioforecast federate {command}: {exc}\n")
+    return EXIT_FAILED
+
+
+def _exec(cmd: list[str], show: bool, env: dict[str, str] | None = None) -> int:
+    log.info("running %s", shlex.join(cmd))
+    if show:
+        print(shlex.join(cmd))
+        return 0
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from inference.federated.certs import make_certificates
+
+    try:
+        files = make_certificates(
+            args.out, hosts=args.host or ["localhost"], ips=args.ip or ["127.0.0.1"],
+            days=args.days, overwrite=args.overwrite,
+        )  # fmt: skip
+    except GlioforecastError as exc:
+        return _fail("certs", exc)
+    print(f"CA certificate (give it to every site): {files.ca_cert}")
+    print(f"CA key (keep it on the coordinator):     {files.ca_key}")
+    print(f"SuperLink certificate and key:          {files.server_cert}, {files.server_key}")
+    return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from inference.federated.deploy import process_env, superlink_command
+
+    try:
+        cmd = superlink_command(
+            None if args.insecure else args.certs, host=args.host, port=args.port,
+            database=args.database,
+        )  # fmt: skip
+    except GlioforecastError as exc:
+        return _fail("superlink", exc)
+    return _exec(cmd, args.print, process_env(args.flwr_home))
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from inference.federated.deploy import process_env, supernode_command
+
+    if not args.insecure and args.ca_cert is None:
+        return _fail(
+            "supernode", ValueError("expected --ca-cert FILE (or --insecure), found neither")
+        )
+    missing = [str(d) for d in args.data if not (Path(d) / "cohort.csv").is_file()]
+    if missing:
+        return _fail(
+            "supernode",
+            ValueError(f"--data: expected cohort folders with cohort.csv, found none in {missing}"),
+        )
+    cmd = supernode_command(
+        args.superlink, None if args.insecure else args.ca_cert, args.data, site=args.site or "",
+        device=args.device, threads=args.threads, runtime_port=args.port,
+    )  # fmt: skip
+    return _exec(cmd, args.print, process_env(args.flwr_home))
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    from inference.federated.config import RunConfig
+
+    values: dict[str, Any] = {
+        "stage": args.stage, "strategy": args.strategy, "proximal_mu": args.proximal_mu,
+        "num_server_rounds": args.rounds, "local_epochs": args.local_epochs,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size, "seed": args.seed,
+        "preset": args.preset, "out": str(Path(args.out).resolve()), "sites": args.sites or "",
+        "min_sites": args.min_sites, "card_metrics": not args.no_card_metrics,
+    }  # fmt: skip
+    if args.model_yaml:
+        values["model_yaml"] = str(Path(args.model_yaml).resolve())
+    if args.stage1_dir:
+        values["stage1_dir"] = str(Path(args.stage1_dir).resolve())
+    if getattr(args, "straggler_timeout", None) is not None:
+        values["straggler_timeout"] = args.straggler_timeout
+    if getattr(args, "round_timeout", None) is not None:
+        values["round_timeout"] = args.round_timeout
+    return RunConfig(**values)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from inference.federated.deploy import (
+        flwr_run_command,
+        process_env,
+        write_app,
+        write_connection,
+    )
+
+    try:
+        run = _run_config(args)
+    except GlioforecastError as exc:
+        return _fail("run", exc)
+    work = Path(tempfile.mkdtemp(prefix="gf-federate-"))
+    home = Path(args.flwr_home) if args.flwr_home else work / "flwr-home"
+    write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
+    app = write_app(work / "app", run.as_flower_config())
+    return _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from inference.data import read_cohort
+
+    try:
+        run = _run_config(args)
+        run = dataclasses.replace(run, simulation_data=str(Path(args.data).resolve()))
+        sites = run.site_list or tuple(sorted({p.site for p in read_cohort(args.data)}))
+    except GlioforecastError as exc:
+        return _fail("simulate", exc)
+    if args.engine == "local":
+        from inference.federated.simulation import simulate_local
+
+        try:
+            simulate_local(run, {s: [args.data] for s in sites}, threads=args.threads)
+        except GlioforecastError as exc:
+            return _fail("simulate", exc)
+    else:
+        try:
+            from flwr.simulation import run_simulation
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            return _fail("simulate", exc)
+        from inference.federated.app import make_client_app, make_server_app
+
+        os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+        run = dataclasses.replace(run, sites=",".join(sites))
+        run_simulation(
+            server_app=make_server_app(run),
+            client_app=make_client_app(run),
+            num_supernodes=len(sites),
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": args.cpus}},
+        )  # fmt: skip
+    ok = (Path(run.out) / "model.yaml").is_file()
+    return (
+        0
+        if ok
+        else _fail("simulate", RuntimeError(f"expected a model directory at {run.out}, found none"))
+    )
+
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", required=True, help="global model directory (written by the coordinator)"
+    )
+    p.add_argument("--stage", choices=("baseline", "autoencoder", "diffusion"), default="baseline")
+    p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg")
+    p.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu (default 0.01)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=("tiny", "demo", "fine"), default="tiny")
+    p.add_argument("--model-yaml", default=None, help="YAML mapping overriding the preset's fields")
+    p.add_argument("--stage1-dir", default=None, help="(diffusion) trained autoencoder directory")
+    p.add_argument("--sites", default=None, help="comma-separated site names (default: all)")
+    p.add_argument("--min-sites", type=int, default=1, help="fewest replies that make a round")
+    p.add_argument("--straggler-timeout", type=float, default=None)
+    p.add_argument("--round-timeout", type=float, default=None)
+    p.add_argument("--no-card-metrics", action="store_true", help="per-site losses only")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``federate`` to an argparse sub-parser collection."""
+    fed = subparsers.add_parser(
+        "federate", help="federated training with Flower (TLS)", description=__doc__
+    )
+    sub = fed.add_subparsers(dest="federate_command", required=True)
+
+    p = sub.add_parser("certs", help="make a CA and the SuperLink's certificate")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--host", action="append", help="SuperLink host name (repeatable; default localhost)"
+    )
+    p.add_argument(
+        "--ip", action="append", help="SuperLink IP address (repeatable; default 127.0.0.1)"
+    )
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("superlink", help="run Flower's SuperLink with TLS (coordinator)")
+    p.add_argument("--certs", type=Path, default=None, help="folder made by `federate certs`")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9092, help="the one HTTPS port of the SuperLink")
+    p.add_argument("--database", default=None, help="SQLite state file (default: in memory)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (experiments only)")
+    p.add_argument("--flwr-home", default=None)
+    p.add_argument("--print", action="store_true", help="print the Flower command, do not run it")
+    p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("supernode", help="run Flower's SuperNode next to a site's data")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca-cert", type=Path, default=None, help="the federation's ca.crt")
+    p.add_argument("--data", action="append", required=True, help="the site's cohort folder")
+    p.add_argument("--site", default=None, help="site name (filters a multi-site folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--flwr-home", default=None)
+    p.add_argument("--print", action="store_true")
+    p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser("run", help="start a federated training on a SuperLink and follow it")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca-cert", type=Path, default=None)
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--flwr-home", default=None)
+    p.add_argument("--run-config", action="append", help="extra Flower run config 'key=value ...'")
+    p.add_argument("--print", action="store_true")
+    _training_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("simulate", help="the same training in Flower's simulation runtime (Ray)")
+    p.add_argument("--data", required=True, help="one cohort folder holding every site")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: in-process, sequential (default); ray: Flower's simulation runtime",
+    )
+    p.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (local engine)")
+    _training_args(p)
+    p.set_defaults(func=cmd_simulate)

@@ -1,0 +1,96 @@
+"""Certificates, configuration errors, and whole federated runs in the in-process simulation
+(the deployment's ServerApp loop and ClientApps without transport): the autoencoder stage with
+its federated latent scale, and the baseline through the ``glioforecast federate simulate``
+command."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from dicom_node.errors import ConfigError
+from inference.federated.certs import check_certificates, make_certificates
+from inference.federated.config import RunConfig, parse_node_config, parse_run_config
+
+from .conftest import SITES
+
+
+def test_certificates_chain_names_and_key_modes(tmp_path: Path) -> None:
+    files = make_certificates(tmp_path / "c", hosts=["fl.example.org"], ips=["10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (files.ca_key, files.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="expected no certificates there"):
+        make_certificates(tmp_path / "c")
+    with pytest.raises(ConfigError, match="expected an IPv4 or IPv6 address, found 'nope'"):
+        make_certificates(tmp_path / "d", ips=["nope"])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ConfigError, match=r"expected \['ca.crt'\]"):
+        check_certificates(tmp_path / "e", server=False)
+
+
+def test_run_config_errors_name_key_expected_and_found() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"stage": "everything", "num-server-rounds": 0, "learnig-rate": 1.0})
+    text = str(err.value)
+    assert "unknown keys ['learnig-rate']" in text
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"stage": "everything", "num-server-rounds": 0})
+    text = str(err.value)
+    assert (
+        "stage: expected one of ['baseline', 'autoencoder', 'diffusion'], found 'everything'"
+        in text
+    )
+    assert "num-server-rounds: expected >= 1, found 0" in text
+    with pytest.raises(ConfigError, match="stage1-dir"):
+        RunConfig(stage="diffusion")
+    run = parse_run_config(RunConfig(strategy="fedprox").as_flower_config())
+    assert run.strategy == "fedprox"
+    with pytest.raises(
+        ConfigError, match="data-path: expected the site's cohort folder, found None"
+    ):
+        parse_node_config({"site-name": "A"})
+
+
+def test_autoencoder_stage_federated_latent_scale(fed_cohort: Path, tmp_path: Path) -> None:
+    from inference.federated.simulation import simulate_local
+    from inference.model_dir import load_model_dir
+
+    run = RunConfig(
+        stage="autoencoder", preset="tiny", num_server_rounds=2, batch_size=2, learning_rate=1e-3,
+        out=str(tmp_path / "ae"), sites=",".join(SITES[:2]), min_sites=2,
+    )  # fmt: skip
+    out = simulate_local(run, {s: [fed_cohort] for s in SITES[:2]}, threads=1)
+    loaded = load_model_dir(out)
+    assert loaded.config.latent_scale != 1.0 and loaded.config.latent_scale > 0
+    state = json.loads((out / "train_state.json").read_text())["stages"]["autoencoder"]
+    assert state["federated"] is True and state["sites"] == sorted(SITES[:2])
+    assert state["latent_scale"] == pytest.approx(loaded.config.latent_scale)
+    rounds = json.loads((out / "federation.json").read_text())["rounds"]
+    assert set(rounds[-1]["evaluate"]) == set(SITES[:2])
+
+
+def test_simulate_command_writes_a_loadable_baseline(fed_cohort: Path, tmp_path: Path) -> None:
+    from dicom_node.cli import main
+    from inference.model_predictor import ModelPredictor
+
+    out = tmp_path / "fed"
+    rc = main([
+        "federate", "simulate", "--data", str(fed_cohort), "--out", str(out), "--rounds", "1",
+        "--strategy", "fedprox", "--proximal-mu", "0.1", "--min-sites", "3", "--threads", "1",
+    ])  # fmt: skip
+    assert rc == 0
+    assert ModelPredictor(out).kind == "unet-baseline"
+    rounds = json.loads((out / "federation.json").read_text())["rounds"]
+    assert rounds[0]["sites_trained"] == sorted(SITES)
+    assert {"dice", "psnr_global", "eval-loss"} <= set(rounds[0]["global_evaluate"])

@@ -1,0 +1,97 @@
+"""A real deployment on localhost: a SuperLink and three SuperNodes as processes (TLS on, the
+certificates of ``glioforecast federate certs``), ``flwr run`` of the app, two rounds of the tiny
+UNet baseline; one site is killed (SIGKILL of its SuperNode and everything it started) while
+the second round's training is under way. The federation finishes with the other two sites,
+logs the drop-out, and the coordinator writes a model directory the node loads."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from inference.federated.config import RunConfig
+from inference.federated.deploy import Loopback
+
+from .conftest import SITES
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {what} within {timeout:.0f} s, found it not")
+        time.sleep(0.2)
+
+
+def _received(log: Path, kind: str) -> int:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return len(re.findall(rf"Receiving: {kind} message", text))
+
+
+def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_path: Path) -> None:
+    from inference.model_predictor import ModelPredictor
+    from inference.unet_baseline import load_baseline_dir
+
+    out = tmp_path / "global-model"
+    run = RunConfig(
+        stage="baseline", preset="tiny", num_server_rounds=2, local_epochs=1, batch_size=1,
+        learning_rate=1e-2, out=str(out), sites=",".join(SITES), min_sites=2,
+        straggler_timeout=3.0, wait_for_sites=300, card_metrics=False,
+    )  # fmt: skip
+    victim = SITES[2]
+    with Loopback(tmp_path / "deployment", {s: [fed_cohort] for s in SITES}) as fed:
+        # TLS: the SuperLink's one port completes a handshake verified with the federation's CA
+        ctx = ssl.create_default_context(cafile=str(fed.certs / "ca.crt"))
+        with (
+            socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        # and refuses one that does not trust it
+        with (
+            socket.create_connection(("127.0.0.1", fed.port), timeout=10) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="localhost")
+
+        proc = fed.submit(run.as_flower_config())
+        victim_log = fed.log(f"supernode-{victim}")
+        # round 2's training message has reached the victim: kill the site mid-round
+        _wait_for(lambda: _received(victim_log, "train") >= 2 or proc.poll() is not None,
+                  420, f"{victim} to receive the second round's training")  # fmt: skip
+        assert proc.poll() is None, fed.log("run").read_text(errors="replace")[-3000:]
+        killed = fed.kill_site(victim)
+        assert killed
+        rc = proc.wait(timeout=420)
+        run_log = fed.log("run").read_text(errors="replace")
+        assert rc == 0, run_log[-3000:]
+
+    # the federation finished, logged the drop-out and went on with the other two sites
+    assert f"site {victim} did not reply" in run_log
+    assert "round 2 completed without" in run_log
+    history = json.loads((out / "federation.json").read_text())
+    rounds = history["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["sites_trained"] == sorted(SITES)
+    assert rounds[0]["sites_dropped"] == []
+    assert rounds[1]["sites_trained"] == sorted(s for s in SITES if s != victim)
+    assert rounds[1]["sites_dropped"] == [victim]
+    assert set(rounds[1]["evaluate"]) == {s for s in SITES if s != victim}
+    assert "eval-loss" in rounds[1]["global_evaluate"]
+
+    # an ordinary model directory: loads with the model-directory reader and the node's predictor
+    loaded = load_baseline_dir(out)
+    assert loaded.config.name == "glioforecast-unet-tiny"
+    predictor = ModelPredictor(out)
+    assert predictor.kind == "unet-baseline"
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["stages"]["baseline"]["federated"] is True
+    assert state["stages"]["baseline"]["rounds"] == 2
