@@ -157,7 +157,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
             metrics["train-loss"],
         )
         content = RecordDict(
-            {"arrays": ArrayRecord(work.state()), "metrics": MetricRecord(metrics)}
+            {"arrays": ArrayRecord(work.state()), "metrics": _metric_record(metrics)}
         )
         return Message(content=content, reply_to=msg)
 
@@ -166,9 +166,14 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
         work, task = _work(msg, _node(context, run))
         metrics = work.evaluate(task)
         log.info("site %s: round %d evaluated: %s", work.site, task.server_round, _fmt(metrics))
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(content=RecordDict({"metrics": _metric_record(metrics)}), reply_to=msg)
 
     return app
+
+
+def _metric_record(metrics: Mapping[str, float]) -> MetricRecord:
+    values: dict[str, int | float | list[int] | list[float]] = dict(metrics.items())
+    return MetricRecord(values)
 
 
 def _fmt(metrics: Mapping[str, Any]) -> str:
@@ -302,7 +307,7 @@ def _collect(
 
 def _metrics(reply: Message) -> dict[str, float]:
     record = next(iter(reply.content.metric_records.values()))
-    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}  # type: ignore[arg-type]
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
 
 
 def initial_state(
@@ -336,7 +341,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     state, ae_state = initial_state(run, kind, cfg)
     arrays = ArrayRecord(state)
     ae_record = ArrayRecord(ae_state) if ae_state is not None else None
-    common = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    common: dict[str, Any] = {"min_train_nodes": 1, "min_evaluate_nodes": 1,
+                              "min_available_nodes": 1}  # fmt: skip
     strategy: FedAvg = (
         FedProx(proximal_mu=run.proximal_mu, **common)
         if run.strategy == "fedprox"

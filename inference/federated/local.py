@@ -253,7 +253,11 @@ class SiteWork:
                     p.requires_grad_(False)
                 self.module = self.model.unet
         self._ae_items = _ae_items(self.dataset) if stage == "autoencoder" else []
-        self._latents = _encode_all(self.model, self.dataset) if stage == "diffusion" else []
+        self._latents = (
+            _encode_all(self.model, self.dataset)
+            if stage == "diffusion" and self.model is not None
+            else []
+        )
 
     @property
     def n_examples(self) -> int:
@@ -365,8 +369,8 @@ class SiteWork:
             cfg = self.cfg
             assert isinstance(cfg, UNetBaselineConfig)
             for chunk in batches(range(len(self.dataset)), task.batch_size):
-                batch = _baseline_batch(self.dataset, chunk, self.device)
-                loss, _ = baseline_losses(self.module, cfg, batch, None, dropout=False)  # type: ignore[arg-type]
+                b_batch = _baseline_batch(self.dataset, chunk, self.device)
+                loss, _ = baseline_losses(self.module, cfg, b_batch, None, dropout=False)  # type: ignore[arg-type]
                 total, n = total + float(loss) * len(chunk), n + len(chunk)
         elif self.stage == "autoencoder":
             assert self.model is not None
@@ -374,14 +378,14 @@ class SiteWork:
             s1 = s2 = 0.0
             count = 0
             for chunk in batches(range(len(self._ae_items)), task.batch_size):
-                batch = _ae_batch(self.dataset, [self._ae_items[i] for i in chunk], self.device)
+                a_batch = _ae_batch(self.dataset, [self._ae_items[i] for i in chunk], self.device)
                 loss, _ = autoencoder_losses(
-                    self.model.autoencoder, batch, g, kl_weight=tr.kl_weight,
+                    self.model.autoencoder, a_batch, g, kl_weight=tr.kl_weight,
                     mask_loss_weight=tr.mask_loss_weight,
                 )  # fmt: skip
                 total, n = total + float(loss) * len(chunk), n + len(chunk)
                 if task.latent_stats:
-                    mu = self.model.autoencoder.encode(batch.image)[0].double().cpu()
+                    mu = self.model.autoencoder.encode(a_batch.image)[0].double().cpu()
                     s1, s2, count = (
                         s1 + float(mu.sum()),
                         s2 + float((mu**2).sum()),
@@ -393,9 +397,9 @@ class SiteWork:
             assert self.model is not None
             scheduler = build_scheduler(self.model.config)
             for chunk in batches(range(len(self._latents)), task.batch_size):
-                batch = _diffusion_batch([self._latents[i] for i in chunk], self.device)
+                d_batch = _diffusion_batch([self._latents[i] for i in chunk], self.device)
                 loss, _ = diffusion_loss(
-                    self.model, batch, g, scheduler=scheduler, p_drop_contrast=0.0,
+                    self.model, d_batch, g, scheduler=scheduler, p_drop_contrast=0.0,
                     p_drop_dose=0.0, p_drop_class=0.0,
                 )  # fmt: skip
                 total, n = total + float(loss) * len(chunk), n + len(chunk)

@@ -53,7 +53,11 @@ def _message(kind: str, run: RunConfig, state: dict[str, torch.Tensor], **extra:
 
 
 def _context(cohort: Path, site: str) -> Context:
-    node = {"data-path": str(cohort), "site-name": site, "threads": 1}
+    node: dict[str, bool | float | int | str] = {
+        "data-path": str(cohort),
+        "site-name": site,
+        "threads": 1,
+    }
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
 
 
