@@ -44,6 +44,7 @@ from dicom_node.outbox import Outbox
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.sender import collect_files, echo, send_files
 from dicom_node.settings import load_settings
+from inference.bundled import model_option
 
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not the pynetdicom script of the same name
 PACS_CHOICES = ("auto", "orthanc", "embedded")
@@ -196,10 +197,13 @@ def run(
     pacs_mode: str = "auto",
     quiet_period_s: float | None = None,
     spacing_mm: float = 2.0,
+    model: str = "bundled",
 ) -> int:
     """The demo; ``quiet_period_s`` overrides the embedded default's, ``spacing_mm`` is the
-    simulation grid of the synthetic patient."""
+    simulation grid of the synthetic patient; ``model`` is ``bundled`` (the demo model shipped
+    in the package), ``none`` (the "no change" baseline) or a model directory."""
     kind = choose_pacs(pacs_mode)  # before anything is made: a forced PACS may be missing
+    model_dir = model_option(model)
     settings = load_settings(None)  # the embedded default
     ae = settings.node.ae_title
     quiet = settings.assembly.quiet_period_s if quiet_period_s is None else quiet_period_s
@@ -238,6 +242,9 @@ def run(
         }  # fmt: skip
         if quiet_period_s is not None:
             layer["assembly"] = {"quiet_period_s": quiet_period_s}
+        if model_dir is not None:
+            layer["model"] = {"directory": str(model_dir)}
+        _say(f"predictor: {model_dir or 'the no-change baseline'}")
         config.write_text(yaml.safe_dump(layer))
         port = free_port()
         log = out / "node.log"
@@ -309,8 +316,17 @@ def register(subparsers: Any) -> None:
         metavar="S",
         help="the node's quiet period in seconds (default: the embedded default's, 30)",
     )
+    p.add_argument(
+        "--model",
+        default="bundled",
+        metavar="DIR|bundled|none",
+        help="the node's model: the demo model shipped in the package (default), a model "
+        "directory, or none for the no-change baseline",
+    )
     p.set_defaults(
-        func=lambda args: run(args.out, args.seed, args.pacs, quiet_period_s=args.quiet_period)
+        func=lambda args: run(
+            args.out, args.seed, args.pacs, quiet_period_s=args.quiet_period, model=args.model
+        )
     )
 
 

@@ -40,6 +40,7 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert demo.run(out, seed=3, pacs_mode="auto", quiet_period_s=1, spacing_mm=4.0) == 0
     stdout = capsys.readouterr().out
     assert "local PACS: embedded storage SCP LOCALPACS on 127.0.0.1:" in stdout
+    assert "predictor: " in stdout and "inference/models/demo" in stdout
     assert f"(no Orthanc at {missing})" in stdout
 
     # what arrived, read from the PACS' storage folder by a fresh PACS on it
@@ -57,8 +58,11 @@ def test_demo_round_trip_with_the_embedded_pacs(
         (sc,) = [s for s in results if s.description.endswith("T1-Gd SC")]
         assert len(sc.instances) == len(t1c.instances)
         (sr_series,) = [s for s in results if s.modality == "SR"]
-        numbers = read_summary(dcmread(pacs.path(sr_series.instances[0])))
+        sr = dcmread(pacs.path(sr_series.instances[0]))
+        numbers = read_summary(sr)
         first = pacs.read(sc.instances[0])
+        # the node predicted with the bundled demo model, and the outputs say so
+        assert "glioforecast-demo 0.2.0" in list(first.SoftwareVersions)
         panel = (int(first.Columns), int(first.Rows))
     finally:
         pacs.stop()
@@ -108,7 +112,7 @@ def test_auto_takes_orthanc_when_found_and_the_embedded_scp_otherwise(
 
 def test_demo_options(capsys: pytest.CaptureFixture[str]) -> None:
     args = cli.build_parser().parse_args(["demo"])
-    assert (args.pacs, args.quiet_period) == ("auto", None)
+    assert (args.pacs, args.quiet_period, args.model) == ("auto", None, "bundled")
     args = cli.build_parser().parse_args(["demo", "--pacs", "embedded", "--quiet-period", "2.5"])
     assert (args.pacs, args.quiet_period) == ("embedded", 2.5)
     for bad in (["--pacs", "dcm4chee"], ["--quiet-period", "-1"], ["--quiet-period", "nan"]):
