@@ -128,7 +128,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     home = Path(args.flwr_home) if args.flwr_home else work / "flwr-home"
     write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
     app = write_app(work / "app", run.as_flower_config())
-    return _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+    rc = _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+    if rc != 0 or args.print:
+        return rc
+    # `flwr run --stream` exits 0 when the stream ends, whether or not the ServerApp finished
+    out = Path(run.out)
+    if not (out / "federation.json").is_file():
+        return _fail(
+            "run",
+            RuntimeError(
+                f"expected the global model directory {out} (with federation.json) after the run, "
+                "found none: the run ended early (see the SuperLink's log), or --out is not a "
+                "path on this machine"
+            ),
+        )
+    print(f"global model directory: {out}")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -329,6 +329,8 @@ class Loopback:
         return self._start(name, flwr_run_command(app))
 
     def run(self, run_config: Mapping[str, Any], timeout: float) -> int:
+        """Submit and wait; the return code of ``flwr run`` (0 also when the ServerApp failed:
+        check the model directory)."""
         proc = self.submit(run_config)
         return int(proc.wait(timeout=timeout))
 
