@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     # federated: the ServerApp and ClientApps of a deployment, in this process (no transport)
     t0 = time.monotonic()
     model_yaml = out / "fedbench-model.yaml"
-    model_yaml.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    fed_cfg = config_to_dict(cfg.replace(name="fedbench-federated"))
+    model_yaml.write_text(yaml.safe_dump(fed_cfg, sort_keys=False), encoding="utf-8")
     fed_dir = out / "models" / "federated"
     run = RunConfig(
         stage="baseline", strategy="fedavg", num_server_rounds=args.rounds,
@@ -168,18 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     for s in train_sites:
         t0 = time.monotonic()
         d = out / "models" / f"site-{s}"
-        train_baseline([folders[s]], d, cfg, options)
+        train_baseline([folders[s]], d, cfg.replace(name=f"fedbench-{s}"), options)
         models[f"{s} alone"] = d
         seconds[f"{s} alone"] = time.monotonic() - t0
     t0 = time.monotonic()
     d = out / "models" / "pooled"
-    train_baseline([pooled_folder], d, cfg, options)
+    train_baseline([pooled_folder], d, cfg.replace(name="fedbench-pooled"), options)
     models["pooled (3 sites' data)"] = d
     seconds["pooled"] = time.monotonic() - t0
 
     report = run_evaluation(
         list(models.values()), [cohort], samples=1, sites=[held], n_resamples=1000
     )
+    # one method per model directory (distinct names), after "no change"
     labels = dict(zip(list(report["methods"])[1:], models, strict=True))
     table: dict[str, dict[str, float]] = {
         "no change": _means(report["methods"][next(iter(report["methods"]))])
