@@ -41,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import fastpath
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
-from dicom_node.jobs import JobStore
+from dicom_node.jobs import QUEUED, JobStore
 from dicom_node.settings import AllowedCaller, NodeSettings
 from dicom_node.spool import Spool, Staged
 
@@ -85,6 +85,8 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+#: how often the receiver re-reads the number of queued jobs, s
+QUEUE_RECHECK_S = 1.0
 CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0x0110
 
@@ -177,12 +179,16 @@ class StorageSCP:
         store: JobStore,
         secret: bytes,
         ssl_context: ssl.SSLContext | None = None,
+        max_queued_jobs: int | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.store = store
         self.secret = secret
         self.ssl_context = ssl_context
+        self.max_queued_jobs = max_queued_jobs
+        self._queue_lock = threading.Lock()
+        self._queue_seen: tuple[float, int] = (-1e9, 0)  # (monotonic time, queued jobs)
         self.server: ThreadedAssociationServer | None = None
         self.ae = self._make_ae()
 
@@ -243,6 +249,21 @@ class StorageSCP:
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
 
+    def _queue_full(self) -> str:
+        """Why new instances must wait (the job queue is at its bound), or ''; the count of
+        queued jobs is read from the store at most once a second."""
+        if self.max_queued_jobs is None:
+            return ""
+        with self._queue_lock:
+            when, queued = self._queue_seen
+            now = time.monotonic()
+            if now - when >= QUEUE_RECHECK_S:
+                queued = self.store.counts().get(QUEUED, 0)
+                self._queue_seen = (now, queued)
+        if queued < self.max_queued_jobs:
+            return ""
+        return f"job queue full ({queued} >= {self.max_queued_jobs}); retry later"
+
     def _on_store(self, event: Any) -> Dataset | int:
         """Store one instance; answer only once it is durable and recorded.
 
@@ -251,6 +272,10 @@ class StorageSCP:
         into its series folder (and the folder fsynced) only when the instance is good.
         """
         calling = event.assoc.requestor.ae_title.strip()
+        full = self._queue_full()
+        if full:
+            log.warning("instance from %s deferred (0xA700): %s", calling, full)
+            return _status(OUT_OF_RESOURCES, full)
         tsyntax = str(event.context.transfer_syntax)
         request = event.request
         staged: Staged | None = None

@@ -121,7 +121,14 @@ class Node:
                 str(tls.ca_certificates) if tls.ca_certificates else None,
                 tls.require_client_certificate,
             )
-        self.scp = StorageSCP(settings.node, self.spool, self.store, self.secret, ctx)
+        self.scp = StorageSCP(
+            settings.node,
+            self.spool,
+            self.store,
+            self.secret,
+            ctx,
+            max_queued_jobs=settings.worker.max_queued_jobs,
+        )
         self.outbox = Outbox(
             outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
         )

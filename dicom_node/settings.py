@@ -215,10 +215,13 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """How jobs run: each in its own process, killed after ``job_timeout_s``."""
+    """How jobs run: each in its own process, killed after ``job_timeout_s``. When
+    ``max_queued_jobs`` studies wait for the worker, the receiver answers new instances 0xA700
+    (out of resources) so that senders keep them and retry later."""
 
     job_timeout_s: float = field(default=900.0, metadata=_spec("", minimum=1.0))
     max_attempts: int = field(default=2, metadata=_spec("", minimum=1, maximum=10))
+    max_queued_jobs: int = field(default=50, metadata=_spec("", minimum=1))
 
 
 @dataclass(frozen=True)

@@ -212,3 +212,23 @@ def test_association_limit_rejects_the_extra_caller(run_node):  # type: ignore[n
     finally:
         first.release()
     assert wait_for(lambda: echoscu(node.scp.port).returncode == 0, what="a free slot")
+
+
+def test_a_full_job_queue_defers_new_instances(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """At ``worker.max_queued_jobs`` studies waiting, instances are answered 0xA700 (the sender
+    keeps them and retries); once the queue drains they are stored again."""
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(worker={"max_queued_jobs": 1})
+    node.worker.stop(timeout=30)  # nothing takes jobs off the queue
+    waiting = node.store.create_job("1.2.826.0.1.3680043.8.498.99", [], "queued", "")
+    result = storescu(node.scp.port, study["t1c"][0])
+    assert "Received Store Response (Refused: OutOfResources)" in result.stderr, result.stderr
+    assert node.store.counts()["instances"] == 0 and not list(node.spool.root.rglob("*.dcm"))
+    node.store.set_state(waiting, "done")
+    stored = wait_for(
+        lambda: (
+            "Received Store Response (Success)" in storescu(node.scp.port, study["t1c"][0]).stderr
+        ),
+        what="the instance to be accepted once the queue has room",
+    )
+    assert stored and node.store.counts()["instances"] == 1
