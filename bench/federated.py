@@ -25,13 +25,13 @@ import csv
 import datetime
 import json
 import logging
-import os
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.report import machine_description
 
 log = logging.getLogger("bench.federated")
 
@@ -81,18 +81,6 @@ def site_folder(cohort: Path, sites: list[str], dest: Path) -> Path:
 def site_order(cohort: Path) -> list[str]:
     with (cohort / "sites.csv").open(newline="", encoding="utf-8") as fh:
         return [r["site"] for r in csv.DictReader(fh)]
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, no GPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     info = {
-        "machine": machine(),
+        "machine": machine_description()
+        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "cohort": str(cohort),
