@@ -160,14 +160,14 @@ def demo_baseline_config(**changes: Any) -> UNetBaselineConfig:
 
 
 def fine_baseline_config(**changes: Any) -> UNetBaselineConfig:
-    """The fine grid (2 mm, 80x96x80), same preprocessing as the fine diffusion model."""
-    cfg = UNetBaselineConfig(
-        name="glioforecast-unet-fine",
-        version="0.1.0",
-        features=(16, 16, 32, 64, 128, 16),
-        preprocessing=PreprocessingConfig(spacing_mm=(2.0, 2.0, 2.0), crop_shape=(80, 96, 80)),
-    )
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    """The fine grid (2 mm, 80x96x80), same preprocessing as the fine diffusion model; the
+    network is the demo baseline's."""
+    fine = {
+        "name": "glioforecast-unet-fine",
+        "version": "0.1.0",
+        "preprocessing": PreprocessingConfig(spacing_mm=(2.0, 2.0, 2.0), crop_shape=(80, 96, 80)),
+    }
+    return demo_baseline_config(**{**fine, **changes})
 
 
 BASELINE_PRESETS = {
