@@ -433,6 +433,13 @@ class JobStore:
             ).fetchall()
         return [float(r[0]) for r in rows]
 
+    def count_in_state(self, state: str) -> int:
+        """Number of jobs in ``state`` (the receiver's queue bound; unlike :meth:`counts`, it does
+        not count the instances)."""
+        with self._lock:
+            row = self._conn.execute("SELECT count(*) FROM jobs WHERE state = ?", (state,))
+            return int(row.fetchone()[0])
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")

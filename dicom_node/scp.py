@@ -258,7 +258,7 @@ class StorageSCP:
             when, queued = self._queue_seen
             now = time.monotonic()
             if now - when >= QUEUE_RECHECK_S:
-                queued = self.store.counts().get(QUEUED, 0)
+                queued = self.store.count_in_state(QUEUED)
                 self._queue_seen = (now, queued)
         if queued < self.max_queued_jobs:
             return ""
