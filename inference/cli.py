@@ -16,6 +16,7 @@ Heavy modules (torch, MONAI) are imported when a command runs, not when it is re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -51,6 +52,20 @@ def _seeds(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _patch(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected three positive sizes K,J,I or 'none', found {text!r}"
+        )
+    return sizes
+
+
 def _fail(command: str, exc: Exception) -> int:
     log.error("%s failed: %s", command, exc)
     sys.stderr.write(f"glioforecast {command}: {exc}\n")
@@ -82,11 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             n_held_out_sites=args.n_held_out_sites,
             held_out_seeds=args.held_out_seeds,
             progress=not args.no_progress,
+            init_from=args.init_from,
         )
         if args.stage == "autoencoder":
             from inference.model_config import preset
 
-            report = train_autoencoder(args.data, args.out, preset(args.preset), options)
+            cfg = preset(args.preset)
+            if args.autoencoder_patch is not None:
+                cfg = cfg.replace(
+                    training=dataclasses.replace(
+                        cfg.training, autoencoder_patch=args.autoencoder_patch
+                    )
+                )
+            report = train_autoencoder(args.data, args.out, cfg, options)
         elif args.stage == "diffusion":
             report = train_diffusion(args.data, args.out, options, stage1_dir=args.stage1)
         else:
@@ -153,6 +176,19 @@ def _add_train(sub: Any) -> None:
     )
     p.add_argument(
         "--stage1", type=Path, default=None, help="diffusion: stage-1 model directory (--out)"
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="autoencoder, diffusion: start from this model directory's weights (fine-tuning)",
+    )
+    p.add_argument(
+        "--autoencoder-patch",
+        type=_patch,
+        default=None,
+        help="autoencoder: train on random patches K,J,I, or 'none' for whole crops "
+        "(default: the preset's)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

@@ -65,15 +65,26 @@ class AutoencoderConfig:
     with_nonlocal_attn: bool = False
 
 
+DIFFUSION_TARGETS = ("latent", "residual")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Stage 2: ``monai.networks.nets.DiffusionModelUNet`` on the latent grid."""
+    """Stage 2: ``monai.networks.nets.DiffusionModelUNet`` on the latent grid.
+
+    ``target`` is what the diffusion generates: ``latent``, the post-treatment latent itself, or
+    ``residual``, its change from the pre-treatment T1-Gd latent times ``residual_scale`` (so
+    that the change, small next to the latent, has about unit variance; "no change" is then the
+    zero of the diffusion space, and a sampling error is divided by the scale before decoding).
+    """
 
     channels: tuple[int, ...] = (64, 128, 128)
     num_res_blocks: int = 1
     attention_levels: tuple[bool, ...] = (False, False, True)
     norm_num_groups: int = 32
     num_head_channels: int = 32
+    target: str = "latent"
+    residual_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -272,6 +283,12 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         p.append(f"diffusion.num_res_blocks: expected >= 1, found {un.num_res_blocks}")
     if un.num_head_channels < 1:
         p.append(f"diffusion.num_head_channels: expected >= 1, found {un.num_head_channels}")
+    if un.target not in DIFFUSION_TARGETS:
+        p.append(
+            f"diffusion.target: expected one of {list(DIFFUSION_TARGETS)}, found {un.target!r}"
+        )
+    if not (math.isfinite(un.residual_scale) and un.residual_scale > 0):
+        p.append(f"diffusion.residual_scale: expected a number > 0, found {un.residual_scale}")
     # the crop must go through both networks without rounding
     if len(pre.crop_shape) == 3 and len(ae.channels) >= 1 and len(un.channels) >= 1:
         factor = 2 ** (len(ae.channels) - 1) * 2 ** (len(un.channels) - 1)
@@ -392,6 +409,8 @@ def demo_config(**changes: Any) -> ModelConfig:
             attention_levels=(False, True),
             norm_num_groups=16,
             num_head_channels=32,
+            target="residual",
+            residual_scale=4.0,
         ),
         scheduler=SchedulerConfig(num_train_timesteps=1000, num_inference_steps=20),
         training=TrainingConfig(autoencoder_patch=(24, 24, 24)),
@@ -423,6 +442,8 @@ def fine_config(**changes: Any) -> ModelConfig:
             attention_levels=(False, False, True),
             norm_num_groups=16,
             num_head_channels=32,
+            target="residual",
+            residual_scale=4.0,
         ),
         scheduler=SchedulerConfig(num_train_timesteps=1000, num_inference_steps=20),
     )

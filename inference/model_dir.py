@@ -319,6 +319,29 @@ def load_state_checked(
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def component_state(
+    directory: Path, weights: Mapping[str, WeightsEntry], name: str
+) -> dict[str, torch.Tensor]:
+    """The verified weights of one component (``autoencoder`` or ``diffusion``) of a model
+    directory: the file model.yaml names must exist and match its SHA-256."""
+    entry = weights[name]
+    file = directory / entry.file
+    if not file.is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        raise InferenceError(
+            f"{directory / MODEL_YAML}: weights.{name}.file names {entry.file}, which is "
+            f"missing (the directory holds {found})"
+        )
+    if entry.sha256 is not None:
+        digest = sha256_file(file)
+        if digest != entry.sha256.lower():
+            raise InferenceError(
+                f"{file}: SHA-256 {digest} differs from model.yaml's {entry.sha256} "
+                f"(corrupted or replaced weights)"
+            )
+    return load_weights_file(file)
+
+
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Read, validate and load a model directory onto ``device`` (networks in eval mode)."""
     directory = Path(path)
@@ -329,23 +352,11 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         "diffusion": model.unet,
     }
     for name in COMPONENTS:
-        entry = weights[name]
-        file = directory / entry.file
-        if not file.is_file():
-            found = sorted(p.name for p in directory.iterdir())
-            raise InferenceError(
-                f"{directory / MODEL_YAML}: weights.{name}.file names {entry.file}, which is "
-                f"missing (the directory holds {found})"
-            )
-        if entry.sha256 is not None:
-            digest = sha256_file(file)
-            if digest != entry.sha256.lower():
-                raise InferenceError(
-                    f"{file}: SHA-256 {digest} differs from model.yaml's {entry.sha256} "
-                    f"(corrupted or replaced weights)"
-                )
-        state = load_weights_file(file)
-        load_state_checked(modules[name], state, f"{file} ({name})")
+        load_state_checked(
+            modules[name],
+            component_state(directory, weights, name),
+            f"{directory / weights[name].file} ({name})",
+        )
     card_path = directory / MODEL_CARD
     card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None
     model.to(device).eval()

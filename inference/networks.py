@@ -119,6 +119,22 @@ class LatentDiffusionModel:
         mu, _ = self.autoencoder.encode(images)
         return mu * self.config.latent_scale
 
+    def to_diffusion_space(self, post: torch.Tensor, t1c: torch.Tensor) -> torch.Tensor:
+        """What stage 2 generates for a scaled post-treatment latent, given the scaled
+        pre-treatment T1-Gd latent (``diffusion.target``: the latent, or the scaled change)."""
+        dif = self.config.diffusion
+        if dif.target == "residual":
+            return (post - t1c) * dif.residual_scale
+        return post
+
+    def from_diffusion_space(self, x: torch.Tensor, t1c: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_diffusion_space`: the scaled post-treatment latent of a sample
+        ``x`` (``t1c`` broadcasts over the samples of one study)."""
+        dif = self.config.diffusion
+        if dif.target == "residual":
+            return t1c + x / dif.residual_scale
+        return x
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> ``(B, 2, ...)``: image and tumour-mask logit."""

@@ -213,7 +213,8 @@ def predict_arrays(
     cond_n = cond.expand(n, *cond.shape[1:]).contiguous()
     labels = torch.full((n,), label, dtype=torch.long, device=device)
     generator = make_generator(seed, device)
-    z = sample_latents(model, cond_n, labels, generator, options, progress=progress)
+    x = sample_latents(model, cond_n, labels, generator, options, progress=progress)
+    z = model.from_diffusion_space(x, t1c_latent)
     decoded = decode_latents(model, z, autocast=autocast).cpu()
 
     samples = decoded[:, IMAGE_CHANNEL].numpy().astype(np.float32)

@@ -136,8 +136,9 @@ def sample_latents(
     """DDIM samples of the post-treatment latent, one per row of ``conditioning``.
 
     ``conditioning`` is ``(B, C, *latent_shape)`` (repeat a study's row N times for N samples),
-    ``class_labels`` ``(B,)`` long (the null class for unguided rows). Returns scaled latents
-    ``(B, L, *latent_shape)`` in float32.
+    ``class_labels`` ``(B,)`` long (the null class for unguided rows). Returns samples of the
+    diffusion space ``(B, L, *latent_shape)`` in float32: scaled latents, or scaled changes
+    from the T1-Gd latent (``LatentDiffusionModel.from_diffusion_space`` maps them back).
     """
     cfg = model.config
     layout = model.layout

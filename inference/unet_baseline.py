@@ -53,8 +53,8 @@ from inference.model_dir import (
     MODEL_YAML,
     WEIGHTS_MODE,
     WeightsEntry,
+    component_state,
     load_state_checked,
-    load_weights_file,
     read_yaml_mapping,
     sha256_file,
 )
@@ -430,19 +430,9 @@ def load_baseline_dir(path: str | Path, device: str | torch.device = "cpu") -> L
     """Read, validate (checksum, tensor names and shapes) and load a UNet baseline directory."""
     directory = Path(path)
     cfg, entry = read_baseline_yaml(directory)
-    file = directory / entry.file
-    if not file.is_file():
-        found = sorted(p.name for p in directory.iterdir())
-        raise InferenceError(
-            f"{directory / MODEL_YAML}: weights.unet.file names {entry.file}, which is missing "
-            f"(the directory holds {found})"
-        )
-    if entry.sha256 is not None and sha256_file(file) != entry.sha256.lower():
-        raise InferenceError(
-            f"{file}: SHA-256 differs from model.yaml's {entry.sha256} (corrupted or replaced)"
-        )
     unet = build_baseline_unet(cfg)
-    load_state_checked(unet, load_weights_file(file), f"{file} (unet)")
+    state = component_state(directory, {"unet": entry}, "unet")
+    load_state_checked(unet, state, f"{directory / entry.file} (unet)")
     unet.to(device).eval()
     card_path = directory / MODEL_CARD
     card = card_path.read_text(encoding="utf-8") if card_path.is_file() else None

@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,13 @@ from tqdm import tqdm
 from dicom_node.errors import InferenceError
 from inference.data import CohortDataset, CohortSplit, TrainingSample, read_cohort, split_cohort
 from inference.model_config import ModelConfig, config_to_dict
-from inference.model_dir import load_model_dir, load_state_checked, save_model_dir
+from inference.model_dir import (
+    component_state,
+    load_model_dir,
+    load_state_checked,
+    read_model_yaml,
+    save_model_dir,
+)
 from inference.networks import LatentDiffusionModel, build_model, build_scheduler, build_unet
 from inference.sampler import make_generator
 from inference.train.steps import (
@@ -75,7 +82,9 @@ class TrainOptions:
     ``epochs`` is the total number of epochs (a resumed run continues up to it).
     ``held_out_sites`` names validation sites; otherwise ``n_held_out_sites`` are drawn with
     ``seed`` (0: no validation). ``autocast``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or
-    ``none``.
+    ``none``. ``init_from``: a model directory whose weights of the stage start the run
+    (fine-tuning, e.g. of the bundled model on a site's data, or a change of patch size);
+    its architecture must match.
     """
 
     epochs: int = 10
@@ -90,6 +99,7 @@ class TrainOptions:
     held_out_seeds: tuple[int, ...] = ()
     progress: bool = True
     grad_clip: float | None = 1.0
+    init_from: Path | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -266,7 +276,22 @@ def _identity(
         "seed": options.seed,
         "batch_size": options.batch_size,
         "train_patients": [p.patient_id for p in split.train],
+        "init_from": str(options.init_from) if options.init_from is not None else None,
     }
+
+
+def _init_from(module: torch.nn.Module, options: TrainOptions, component: str) -> None:
+    """Start ``module`` from ``options.init_from``'s weights of ``component`` (if given)."""
+    if options.init_from is None:
+        return
+    directory = Path(options.init_from)
+    _, weights = read_model_yaml(directory)
+    load_state_checked(
+        module,
+        component_state(directory, weights, component),
+        f"--init-from {directory} ({component})",
+    )
+    log.info("%s starts from the weights of %s", component, directory)
 
 
 def _resume(
@@ -377,6 +402,7 @@ def _run_epochs(
 
 
 def _stage_info(
+    stage: str,
     options: TrainOptions,
     data: Sequence[Path],
     split: CohortSplit,
@@ -399,8 +425,17 @@ def _stage_info(
         "val_losses": val_losses,
         "seconds_this_run": round(seconds, 2),
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **_init_record(options, stage),
         **extra,
     }
+
+
+def _init_record(options: TrainOptions, stage: str) -> dict[str, Any]:
+    """Where a fine-tuned stage started: the directory and that stage's own record there."""
+    if options.init_from is None:
+        return {}
+    earlier = read_train_state(options.init_from).get("stages", {}).get(stage)
+    return {"init_from": str(options.init_from), "init_from_record": earlier}
 
 
 # ------------------------------------------------------------------------------------------
@@ -499,7 +534,9 @@ def train_autoencoder(
     split = _split(paths, options)
     base_cfg = cfg.replace(latent_scale=1.0)
     model = build_model(base_cfg, seed=options.seed)
-    ae = model.autoencoder.to(device)
+    ae = model.autoencoder
+    _init_from(ae, options, "autoencoder")
+    ae.to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=options.learning_rate)
     pre = base_cfg.preprocessing
     train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
@@ -573,7 +610,9 @@ def train_autoencoder(
     _record_stage(
         out,
         "autoencoder",
-        _stage_info(options, paths, split, losses, val_losses, seconds, latent_scale=scale),
+        _stage_info(
+            "autoencoder", options, paths, split, losses, val_losses, seconds, latent_scale=scale
+        ),
         {},
     )
     log.info("autoencoder trained: latent scale %.4f, model directory %s", scale, out)
@@ -598,7 +637,7 @@ def train_autoencoder(
 
 @dataclass(frozen=True)
 class _Latents:
-    target: torch.Tensor  # (1, L, ...) post-treatment T1-Gd latent, scaled
+    target: torch.Tensor  # (1, L, ...) post-treatment latent in the diffusion space
     t1c: torch.Tensor
     flair: torch.Tensor | None
     mask: torch.Tensor  # (1, 1, k, j, i)
@@ -615,10 +654,12 @@ def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents
         s: TrainingSample = ds[i]
         flair = s.study.flair
         dose = s.study.dose
+        t1c = model.encode(_t(s.study.t1c, device))
+        post = model.encode(_t(s.post_t1c, device))
         out.append(
             _Latents(
-                target=model.encode(_t(s.post_t1c, device)).cpu(),
-                t1c=model.encode(_t(s.study.t1c, device)).cpu(),
+                target=model.to_diffusion_space(post, t1c).cpu(),
+                t1c=t1c.cpu(),
                 flair=None if flair is None else model.encode(_t(flair, device)).cpu(),
                 mask=_t(s.study.mask, torch.device("cpu")),
                 dose=None
@@ -628,6 +669,27 @@ def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents
             )
         )
     return out
+
+
+def _target_spread(latents: Sequence[_Latents], cfg: ModelConfig) -> float:
+    """Standard deviation of the diffusion targets, logged and recorded: the noise schedule
+    assumes about 1 (``latent_scale``, or ``diffusion.residual_scale`` for a residual target)."""
+    if not latents:
+        return math.nan
+    std = float(torch.cat([x.target.flatten() for x in latents]).std())
+    log.info("diffusion targets (%s): standard deviation %.3f", cfg.diffusion.target, std)
+    if not 0.5 <= std <= 2.0:
+        residual = cfg.diffusion.target == "residual"
+        name = "diffusion.residual_scale" if residual else "latent_scale"
+        value = cfg.diffusion.residual_scale if residual else cfg.latent_scale
+        log.warning(
+            "diffusion targets have a standard deviation of %.3f, expected about 1: "
+            "%s = %g would give 1",
+            std,
+            name,
+            value / std,
+        )
+    return std
 
 
 def _diffusion_batch(items: Sequence[_Latents], device: torch.device) -> DiffusionBatch:
@@ -686,7 +748,9 @@ def train_diffusion(
     cfg = model.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        model.unet = build_unet(cfg).to(device)
+        model.unet = build_unet(cfg)
+    _init_from(model.unet, options, "diffusion")
+    model.unet.to(device)
     model.autoencoder.eval()
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
@@ -697,6 +761,7 @@ def train_diffusion(
     train_lat = _encode_all(model, train_ds)
     val_lat = _encode_all(model, val_ds)
     del train_ds, val_ds  # stage 2 needs the latents only: free the full-resolution arrays
+    target_std = _target_spread(train_lat, cfg)
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)
     identity = _identity("diffusion", config_to_dict(cfg), split, options)
@@ -752,7 +817,17 @@ def train_diffusion(
     _record_stage(
         out,
         "diffusion",
-        _stage_info(options, paths, split, losses, val_losses, seconds, stage1=str(stage1)),
+        _stage_info(
+            "diffusion",
+            options,
+            paths,
+            split,
+            losses,
+            val_losses,
+            seconds,
+            stage1=str(stage1),
+            target_std=target_std,
+        ),
         base,
     )
     log.info("diffusion UNet trained: model directory %s", out)
@@ -811,6 +886,11 @@ def train_baseline(
     options: TrainOptions,
 ) -> TrainReport:
     """Train the UNet regression baseline; write its model directory (``kind: unet-baseline``)."""
+    if options.init_from is not None:
+        raise InferenceError(
+            "baseline: --init-from applies to the latent diffusion stages (autoencoder, "
+            f"diffusion), found it given for the UNet baseline ({options.init_from})"
+        )
     started = time.monotonic()
     out = Path(out_dir)
     paths = [Path(d) for d in data]
@@ -862,7 +942,10 @@ def train_baseline(
     save_baseline_dir(unet.cpu(), cfg, out, overwrite=True)
     seconds = time.monotonic() - started
     _record_stage(
-        out, "baseline", _stage_info(options, paths, split, losses, val_losses, seconds), {}
+        out,
+        "baseline",
+        _stage_info("baseline", options, paths, split, losses, val_losses, seconds),
+        {},
     )
     return TrainReport(
         stage="baseline",

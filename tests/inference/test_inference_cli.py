@@ -11,7 +11,9 @@ import pytest
 
 from inference import cli
 from inference.data import read_volume
+from inference.model_dir import read_model_yaml
 from inference.synthetic.cohort import PatientRecord, dicom_study_dir
+from inference.train.loops import read_train_state
 
 Cohort = tuple[Path, list[PatientRecord]]
 
@@ -39,6 +41,13 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     b = p.parse_args(["train", "baseline", "--data", "d", "--out", "m", "--held-out-sites",
                       "SITE-A,SITE-B", "--held-out-seeds", "7,9"])  # fmt: skip
     assert b.held_out_sites == ("SITE-A", "SITE-B") and b.held_out_seeds == (7, 9)
+    assert (b.init_from, b.autoencoder_patch) == (None, None)  # the preset's patches
+    f = p.parse_args(["train", "autoencoder", "--data", "d", "--out", "m", "--init-from", "old",
+                      "--autoencoder-patch", "none"])  # fmt: skip
+    assert (f.init_from, f.autoencoder_patch) == (Path("old"), ())
+    g = p.parse_args(["train", "autoencoder", "--data", "d", "--out", "m",
+                      "--autoencoder-patch", "8,12,8"])  # fmt: skip
+    assert g.autoencoder_patch == (8, 12, 8)
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
@@ -49,6 +58,8 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
         ["train", "baseline", "--data", "d", "--out", "m", "--epochs", "0"],
         ["predict", "in", "--out", "o", "--samples", "0"],
         ["evaluate", "--model", "m"],
+        ["train", "autoencoder", "--data", "d", "--out", "m", "--autoencoder-patch", "8,8"],
+        ["train", "autoencoder", "--data", "d", "--out", "m", "--autoencoder-patch", "0,8,8"],
     ):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
@@ -62,6 +73,11 @@ def test_train_evaluate_predict_end_to_end(
     common = ["--preset", "tiny", "--epochs", "1", "--no-progress", "--lr", "1e-3"]
     assert run(["train", "autoencoder", "--data", data, "--out", str(model), *common]) == 0
     assert "autoencoder: 1 epoch(s)" in capsys.readouterr().out
+    tuned = tmp_path / "ldm-whole"
+    assert run(["train", "autoencoder", "--data", data, "--out", str(tuned), *common,
+                "--init-from", str(model), "--autoencoder-patch", "8,8,8"]) == 0  # fmt: skip
+    assert read_model_yaml(tuned)[0].training.autoencoder_patch == (8, 8, 8)
+    assert read_train_state(tuned)["stages"]["autoencoder"]["init_from"] == str(model)
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 0
     # a second run into the same directory without --resume is refused with a reason
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2

@@ -44,6 +44,9 @@ def test_dict_round_trip() -> None:
     assert data["contrasts"] == ["t1c"]
     assert isinstance(data["autoencoder"]["channels"], list)
     assert config_from_dict(data) == cfg
+    # a model.yaml written before residual targets existed reads as a latent-target model
+    del data["diffusion"]["target"], data["diffusion"]["residual_scale"]
+    assert config_from_dict(data).diffusion.target == "latent"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +85,14 @@ def test_dict_round_trip() -> None:
         (
             {"training": {"autoencoder_patch": [8, 8, 32]}},
             "within the crop [16, 16, 16], found [8, 8, 32]",
+        ),
+        (
+            {"diffusion": {"target": "delta"}},
+            "diffusion.target: expected one of ['latent', 'residual'], found 'delta'",
+        ),
+        (
+            {"diffusion": {"residual_scale": 0.0}},
+            "diffusion.residual_scale: expected a number > 0, found 0.0",
         ),
     ],
 )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from dicom_node.errors import InferenceError
-from inference.networks import LatentDiffusionModel, build_scheduler
+from inference.networks import IMAGE_CHANNEL, LatentDiffusionModel, build_scheduler
+from inference.predict import predict_arrays
 from inference.sampler import (
     SamplingOptions,
     autocast_context,
@@ -20,7 +23,7 @@ from inference.sampler import (
     sample_latents,
 )
 
-from .model_helpers import tiny_model, wake_up
+from .model_helpers import study, tiny_model, wake_up
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +208,30 @@ def test_an_exact_denoiser_lands_on_its_target(steps: int) -> None:
     labels = torch.tensor([0, cfg.null_class])
     z = sample_latents(model, _cond(model), labels, make_generator(9), opts)
     torch.testing.assert_close(z, target, rtol=0, atol=1e-5)
+
+
+def test_a_residual_model_predicts_the_t1c_latent_plus_the_scaled_change() -> None:
+    """With ``diffusion.target: residual``, the sampler generates the scaled change from the
+    pre-treatment latent: an exact denoiser aiming at a change ``d`` makes the prediction decode
+    ``z_t1c + d / residual_scale``, and a zero change decodes the pre-treatment latent itself."""
+    model = wake_up(tiny_model(seed=5))
+    cfg = model.config.replace(
+        diffusion=dataclasses.replace(model.config.diffusion, target="residual", residual_scale=4.0)
+    )
+    model.config = cfg
+    inputs = study(cfg)
+    z_t1c = model.encode(torch.from_numpy(inputs.t1c)[None, None])
+    g = torch.Generator().manual_seed(3)
+    change = torch.randn(z_t1c.shape, generator=g)
+    abar = build_scheduler(cfg).alphas_cumprod
+    for d in (torch.zeros_like(change), change):
+        model.unet = _ExactNoise(d, abar)  # type: ignore[assignment]
+        p = predict_arrays(model, inputs, None, num_samples=2, seed=1, num_inference_steps=5)
+        expected = decode_latents(model, z_t1c + d / 4.0)[0, IMAGE_CHANNEL].numpy()
+        np.testing.assert_allclose(p.mean, expected, rtol=0, atol=1e-4)
+    # the training target is the scaled change, and the two maps are inverse
+    post = z_t1c + change
+    torch.testing.assert_close(model.to_diffusion_space(post, z_t1c), 4.0 * change)
+    torch.testing.assert_close(
+        model.from_diffusion_space(model.to_diffusion_space(post, z_t1c), z_t1c), post
+    )

@@ -23,6 +23,7 @@ from inference.train.loops import (
     read_train_state,
     train_autoencoder,
     train_baseline,
+    train_diffusion,
 )
 from inference.train.steps import latent_scale_from
 from inference.unet_baseline import load_baseline_dir, tiny_baseline_config
@@ -209,3 +210,41 @@ def test_patch_training_resumes_to_the_same_weights(tmp_path: Path, tiny_cohort:
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert read_model_yaml(tmp_path / "a")[0].training.autoencoder_patch == (8, 8, 8)
+
+
+def test_init_from_fine_tunes_a_model_directory(
+    tmp_path: Path, tiny_cohort: Cohort, tiny_ldm_dir: Path
+) -> None:
+    """``--init-from``: each stage starts from the given directory's weights (here with a
+    vanishing learning rate, so the result must still be those weights); another architecture,
+    or the baseline, is refused with the reason."""
+    data = [tiny_cohort[0]]
+    still = {**FAST, "learning_rate": 1e-12}
+    options = TrainOptions(epochs=1, init_from=tiny_ldm_dir, **still)  # type: ignore[arg-type]
+    cfg = tiny_config()
+    whole = cfg.replace(training=dataclasses.replace(cfg.training, autoencoder_patch=()))
+    train_autoencoder(data, tmp_path / "ft", whole, options)
+    train_diffusion(data, tmp_path / "ft", options)
+    for name in ("autoencoder", "diffusion"):
+        start = load_file(str(tiny_ldm_dir / f"{name}.safetensors"))
+        tuned = load_file(str(tmp_path / "ft" / f"{name}.safetensors"))
+        for k in start:
+            torch.testing.assert_close(tuned[k], start[k], rtol=0, atol=1e-6)
+    fresh = train_autoencoder(
+        data,
+        tmp_path / "fresh",
+        whole,
+        TrainOptions(epochs=1, **still),  # type: ignore[arg-type]
+    )
+    tuned_state = read_train_state(tmp_path / "ft")["stages"]["autoencoder"]
+    assert tuned_state["train_losses"][0] < fresh.train_losses[0]  # it started trained
+
+    other = cfg.replace(
+        autoencoder=dataclasses.replace(
+            cfg.autoencoder, latent_channels=2 * cfg.autoencoder.latent_channels
+        )
+    )
+    with pytest.raises(InferenceError, match="--init-from"):
+        train_autoencoder(data, tmp_path / "other", other, options)
+    with pytest.raises(InferenceError, match="latent diffusion stages"):
+        train_baseline(data, tmp_path / "b", tiny_baseline_config(), options)
