@@ -49,7 +49,7 @@ ROWS = (
 )
 
 
-def coarse_config() -> Any:
+def coarse_config(residual: bool = True) -> Any:
     from inference.model_config import PreprocessingConfig
     from inference.unet_baseline import UNetBaselineConfig
 
@@ -58,6 +58,7 @@ def coarse_config() -> Any:
         version="0.0.0-bench",
         features=(8, 8, 16, 16, 32, 8),
         preprocessing=PreprocessingConfig(spacing_mm=(6.0, 6.0, 6.0), crop_shape=(32, 32, 32)),
+        residual=residual,
     )
 
 
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
+    ap.add_argument(
+        "--absolute",
+        action="store_true",
+        help="UNets that regress the whole post-treatment image (default: its change from the "
+        "pre-treatment T1-Gd, residual: true)",
+    )
     ap.add_argument("--write-doc", action="store_true", help=f"write the table into {DOC.name}")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("training sites %s, held-out site %s", train_sites, held)
     folders = {s: site_folder(cohort, [s], out / "sites" / s) for s in train_sites}
     pooled_folder = site_folder(cohort, train_sites, out / "sites" / "pooled")
-    cfg = coarse_config()
+    cfg = coarse_config(residual=not args.absolute)
     epochs = args.rounds * args.local_epochs
     options = TrainOptions(epochs=epochs, batch_size=2, learning_rate=args.learning_rate, seed=0,
                            progress=False, n_held_out_sites=0)  # fmt: skip
@@ -195,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_site": held,
         "held_out_patients": report["patients"],
         "epochs": epochs,
+        "residual": cfg.residual,
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -226,7 +234,9 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
         "",
         f"Training sites {', '.join(train_sites)} ({counts} patients); held-out site "
         f"{info['held_out_site']} ({info['held_out_patients']} patients, never seen in training). "
-        f"UNet baseline on a 6 mm 32^3 grid, {info['epochs']} epochs over each model's data "
+        f"{'Residual' if info.get('residual') else 'Absolute'} UNet baseline (the image "
+        f"output {'is the change from' if info.get('residual') else 'replaces'} the pre-treatment "
+        f"T1-Gd) on a 6 mm 32^3 grid, {info['epochs']} epochs over each model's data "
         f"(federated: {info['rounds']} rounds x {info['local_epochs']} local epochs, FedAvg, "
         "in-process simulation of the deployment's apps). Means over the held-out patients "
         "(inference/evaluate.py).",

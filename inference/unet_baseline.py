@@ -77,7 +77,9 @@ class UNetBaselineConfig:
     ``features`` are BasicUNet's six feature sizes (four down-samplings: the crop must be a
     multiple of 16), normalised by group norm (``norm_num_groups``; instance norm fails on the
     1-voxel bottleneck of small crops). ``p_drop_contrast`` / ``p_drop_dose``: training dropout
-    of the optional inputs. ``mask_threshold`` turns the mask logits into masks.
+    of the optional inputs. ``mask_threshold`` turns the mask logits into masks. ``residual``:
+    the image channel is the change from the pre-treatment T1-Gd (added back to it), so that an
+    untrained network starts at "no change" and learns only what treatment changes.
     """
 
     name: str = "glioforecast-unet-baseline"
@@ -93,6 +95,7 @@ class UNetBaselineConfig:
     mask_loss_weight: float = 1.0
     p_drop_contrast: float = 0.3
     p_drop_dose: float = 0.3
+    residual: bool = False
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -275,7 +278,7 @@ def baseline_losses(
             keep = (torch.rand(b, generator=generator, device=gen_device) >= p).to(batch.t1c.device)
             avail[name] = avail[name] & keep if name in avail else keep
     x = baseline_input(cfg, batch.t1c, batch.mask, batch.flair, batch.dose, avail)
-    out = unet(x)
+    out = _outputs(cfg, unet(x), batch.t1c)
     l1 = F.l1_loss(out[:, IMAGE_OUT : IMAGE_OUT + 1].float(), batch.post_t1c.float())
     mask_terms = []
     for ch, target in ((POST_MASK_OUT, batch.post_mask), (PRE_MASK_OUT, batch.pre_mask)):
@@ -327,8 +330,16 @@ def baseline_forward(
 ) -> torch.Tensor:
     """``(B, 3, k, j, i)`` float32: post image, post mask logit, pre mask logit."""
     unet.eval()
-    out: torch.Tensor = unet(baseline_input(cfg, t1c, mask, flair, dose))
+    out = _outputs(cfg, unet(baseline_input(cfg, t1c, mask, flair, dose)), t1c)
     return out.float()
+
+
+def _outputs(cfg: UNetBaselineConfig, out: torch.Tensor, t1c: torch.Tensor) -> torch.Tensor:
+    """The network's channels as predictions: a residual model's image channel plus the T1-Gd."""
+    if not cfg.residual:
+        return out
+    image = out[:, IMAGE_OUT : IMAGE_OUT + 1] + t1c.to(out.dtype)
+    return torch.cat([out[:, :IMAGE_OUT], image, out[:, IMAGE_OUT + 1 :]], dim=1)
 
 
 # ------------------------------------------------------------------------------------------

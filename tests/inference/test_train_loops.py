@@ -159,6 +159,30 @@ def test_baseline_training_lowers_its_loss(tmp_path: Path, tiny_cohort: Cohort) 
     assert report.train_losses[-1] < report.train_losses[0]
 
 
+def test_a_residual_baseline_starts_at_no_change_and_learns(
+    tmp_path: Path, tiny_cohort: Cohort
+) -> None:
+    """``residual: true``: the image channel is added to the T1-Gd, so a network whose output
+    is zero predicts exactly "no change"; the setting survives the model directory and trains."""
+    from inference.unet_baseline import IMAGE_OUT, baseline_forward, build_baseline_unet
+
+    cfg = tiny_baseline_config(residual=True)
+    unet = build_baseline_unet(cfg, seed=0)
+    for p in unet.parameters():
+        torch.nn.init.zeros_(p)
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 1, *cfg.preprocessing.crop_shape)
+    t1c, mask = torch.randn(shape, generator=g), torch.rand(shape, generator=g) > 0.9
+    out = baseline_forward(unet, cfg, t1c, mask)
+    torch.testing.assert_close(out[:, IMAGE_OUT : IMAGE_OUT + 1], t1c)
+    plain = baseline_forward(unet, cfg.replace(residual=False), t1c, mask)
+    assert float(plain[:, IMAGE_OUT].abs().max()) == 0.0
+    options = TrainOptions(epochs=3, n_held_out_sites=0, **FAST)  # type: ignore[arg-type]
+    report = train_baseline([tiny_cohort[0]], tmp_path / "r", cfg, options)
+    assert report.train_losses[-1] < report.train_losses[0]
+    assert load_baseline_dir(tmp_path / "r").config.residual is True
+
+
 def test_option_errors(tmp_path: Path, tiny_cohort: Cohort) -> None:
     with pytest.raises(InferenceError, match="epochs"):
         TrainOptions(epochs=0)
