@@ -18,6 +18,8 @@ from pydicom import dcmread
 from dicom_node import cli, demo
 from dicom_node.errors import GlioforecastError
 from dicom_node.local_pacs import ENV_ORTHANC, EmbeddedPacs
+from inference.bundled import demo_model_dir
+from inference.model_dir import read_model_yaml
 from sr_writer.structured_report import read_summary
 
 OUTPUT_SUFFIXES = {"T1-Gd SC", "UNCERTAINTY SC", "SEG", "RTSTRUCT", "SR"}
@@ -62,7 +64,8 @@ def test_demo_round_trip_with_the_embedded_pacs(
         numbers = read_summary(sr)
         first = pacs.read(sc.instances[0])
         # the node predicted with the bundled demo model, and the outputs say so
-        assert "glioforecast-demo 0.2.0" in list(first.SoftwareVersions)
+        bundled = read_model_yaml(demo_model_dir())[0]
+        assert f"{bundled.name} {bundled.version}" in list(first.SoftwareVersions)
         panel = (int(first.Columns), int(first.Rows))
     finally:
         pacs.stop()
