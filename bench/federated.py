@@ -15,7 +15,7 @@ All five are evaluated on the held-out site with ``inference.evaluate`` (the mod
 metrics). The table goes between the markers of ``docs/FEDERATED.md`` with the machine, the
 date and the command; the full report to ``OUT/report.json``.
 
-    nice -n 19 python -m bench.federated --out /tmp/gf-fed-bench
+    python -m bench.federated --out /tmp/gf-fed-bench
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     table["single-site average"] = {
         key: sum(table[s][key] for s in singles) / len(singles) for _, key, _, _ in ROWS
     }
-    command = "nice -n 19 python -m bench.federated " + " ".join(
+    command = "python -m bench.federated " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     info = {
