@@ -4,10 +4,11 @@ Three training sites and one held-out site of one synthetic cohort (``glioforeca
 scanner profiles). Five UNet baselines on a coarse grid, each trained for the same number of
 epochs over its data:
 
-- ``federated``: FedAvg over the three sites, ``rounds`` x ``local_epochs`` epochs: the
-  deployment's ServerApp and ClientApps run in this process (``inference.federated.simulation``:
-  same site selection, Flower strategy, local training and evaluation; no network transport,
-  which on this shared 2-core machine costs a process start per message);
+- ``federated``: FedAvg (or FedProx, ``--strategy``) over the three sites, ``rounds`` x
+  ``local_epochs`` epochs: the deployment's ServerApp and ClientApps run in this process
+  (``inference.federated.simulation``: same site selection, Flower strategy, local training and
+  evaluation; no network transport, which on this shared 2-core machine costs a process start
+  per message);
 - ``site-<X>``: each training site alone (centralised training on its folder);
 - ``pooled``: the three sites' patients together (what sharing the data would allow).
 
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
+    ap.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg")
+    ap.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx's mu")
     ap.add_argument(
         "--absolute",
         action="store_true",
@@ -152,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     model_yaml.write_text(yaml.safe_dump(fed_cfg, sort_keys=False), encoding="utf-8")
     fed_dir = out / "models" / "federated"
     run = RunConfig(
-        stage="baseline", strategy="fedavg", num_server_rounds=args.rounds,
+        stage="baseline", strategy=args.strategy, proximal_mu=args.proximal_mu,
+        num_server_rounds=args.rounds,
         local_epochs=args.local_epochs, learning_rate=args.learning_rate, batch_size=2, seed=0,
         preset="tiny", model_yaml=str(model_yaml), out=str(fed_dir), sites=",".join(train_sites),
         min_sites=3, card_metrics=False,
     )  # fmt: skip
     simulate_local(run, {s: [folders[s]] for s in train_sites})
-    models["federated (FedAvg, 3 sites)"] = fed_dir
+    strategy = "FedAvg" if args.strategy == "fedavg" else f"FedProx, mu {args.proximal_mu:g}"
+    models[f"federated ({strategy}, 3 sites)"] = fed_dir
     seconds["federated"] = time.monotonic() - t0
 
     for s in train_sites:
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "residual": cfg.residual,
         "rounds": args.rounds,
+        "strategy": strategy,
         "local_epochs": args.local_epochs,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "total_seconds": round(time.monotonic() - started, 1),
@@ -237,7 +243,8 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
         f"{'Residual' if info.get('residual') else 'Absolute'} UNet baseline (the image "
         f"output {'is the change from' if info.get('residual') else 'replaces'} the pre-treatment "
         f"T1-Gd) on a 6 mm 32^3 grid, {info['epochs']} epochs over each model's data "
-        f"(federated: {info['rounds']} rounds x {info['local_epochs']} local epochs, FedAvg, "
+        f"(federated: {info['rounds']} rounds x {info['local_epochs']} local epochs, "
+        f"{info.get('strategy', 'FedAvg')}, "
         "in-process simulation of the deployment's apps). Means over the held-out patients "
         "(inference/evaluate.py).",
         "",
