@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -671,11 +670,11 @@ def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents
     return out
 
 
-def _target_spread(latents: Sequence[_Latents], cfg: ModelConfig) -> float:
+def _target_spread(latents: Sequence[_Latents], cfg: ModelConfig) -> float | None:
     """Standard deviation of the diffusion targets, logged and recorded: the noise schedule
     assumes about 1 (``latent_scale``, or ``diffusion.residual_scale`` for a residual target)."""
     if not latents:
-        return math.nan
+        return None  # recorded as null: train_state.json stays strict JSON
     std = float(torch.cat([x.target.flatten() for x in latents]).std())
     log.info("diffusion targets (%s): standard deviation %.3f", cfg.diffusion.target, std)
     if not 0.5 <= std <= 2.0:
