@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         "--cohort", type=Path, default=None, help="existing 4-site cohort (default: generate)"
     )
     ap.add_argument("--patients", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--seed", type=int, default=2026, help="cohort seed (when generating)")
+    ap.add_argument(
+        "--train-seed", type=int, default=0, help="seed of every model's initialisation and batches"
+    )
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--learning-rate", type=float, default=2e-3)
@@ -143,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     pooled_folder = site_folder(cohort, train_sites, out / "sites" / "pooled")
     cfg = coarse_config(residual=not args.absolute)
     epochs = args.rounds * args.local_epochs
-    options = TrainOptions(epochs=epochs, batch_size=2, learning_rate=args.learning_rate, seed=0,
-                           progress=False, n_held_out_sites=0)  # fmt: skip
+    options = TrainOptions(epochs=epochs, batch_size=2, learning_rate=args.learning_rate,
+                           seed=args.train_seed, progress=False, n_held_out_sites=0)  # fmt: skip
     models: dict[str, Path] = {}
     seconds: dict[str, float] = {}
 
@@ -157,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     run = RunConfig(
         stage="baseline", strategy=args.strategy, proximal_mu=args.proximal_mu,
         num_server_rounds=args.rounds,
-        local_epochs=args.local_epochs, learning_rate=args.learning_rate, batch_size=2, seed=0,
-        preset="tiny", model_yaml=str(model_yaml), out=str(fed_dir), sites=",".join(train_sites),
-        min_sites=3, card_metrics=False,
+        local_epochs=args.local_epochs, learning_rate=args.learning_rate, batch_size=2,
+        seed=args.train_seed, preset="tiny", model_yaml=str(model_yaml), out=str(fed_dir),
+        sites=",".join(train_sites), min_sites=3, card_metrics=False,
     )  # fmt: skip
     simulate_local(run, {s: [folders[s]] for s in train_sites})
     strategy = "FedAvg" if args.strategy == "fedavg" else f"FedProx, mu {args.proximal_mu:g}"
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_site": held,
         "held_out_patients": report["patients"],
         "epochs": epochs,
+        "train_seed": args.train_seed,
         "residual": cfg.residual,
         "rounds": args.rounds,
         "strategy": strategy,
@@ -244,7 +248,7 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
         f"output {'is the change from' if info.get('residual') else 'replaces'} the pre-treatment "
         f"T1-Gd) on a 6 mm 32^3 grid, {info['epochs']} epochs over each model's data "
         f"(federated: {info['rounds']} rounds x {info['local_epochs']} local epochs, "
-        f"{info.get('strategy', 'FedAvg')}, "
+        f"{info.get('strategy', 'FedAvg')}, training seed {info.get('train_seed', 0)}, "
         "in-process simulation of the deployment's apps). Means over the held-out patients "
         "(inference/evaluate.py).",
         "",

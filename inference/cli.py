@@ -98,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             held_out_seeds=args.held_out_seeds,
             progress=not args.no_progress,
             init_from=args.init_from,
+            ema_decay=args.ema_decay,
         )
         if args.stage == "autoencoder":
             from inference.model_config import preset
@@ -189,6 +190,13 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="autoencoder: train on random patches K,J,I, or 'none' for whole crops "
         "(default: the preset's)",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="diffusion: keep an exponential moving average of the UNet's weights with this "
+        "decay and save it (0: the last weights; default: the model's training.ema_decay)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

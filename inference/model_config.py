@@ -107,6 +107,9 @@ class TrainingConfig:
     the survival class by the null class (classifier-free guidance). ``autoencoder_patch``
     ([k, j, i], empty: the whole crop) trains stage 1, which is fully convolutional, on random
     patches of that size, half of them centred on the tumour: a CPU-sized step.
+    ``ema_decay`` (0: off) keeps an exponential moving average of the stage-2 UNet's weights
+    while it trains, and the model directory gets the average: a denoiser with less of the
+    last batches' noise in it.
     """
 
     p_drop_contrast: float = 0.3
@@ -115,6 +118,7 @@ class TrainingConfig:
     kl_weight: float = 1e-6
     mask_loss_weight: float = 1.0
     autoencoder_patch: tuple[int, ...] = ()
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -335,6 +339,8 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         v = getattr(tr, key)
         if not 0.0 <= v <= 1.0:
             p.append(f"training.{key}: expected a probability in [0, 1], found {v}")
+    if not 0.0 <= tr.ema_decay < 1.0:
+        p.append(f"training.ema_decay: expected 0 (off) or a decay in (0, 1), found {tr.ema_decay}")
     inf = cfg.inference
     if inf.num_samples < 1:
         p.append(f"inference.num_samples: expected >= 1, found {inf.num_samples}")

@@ -51,6 +51,7 @@ from inference.sampler import make_generator
 from inference.train.steps import (
     AutoencoderBatch,
     DiffusionBatch,
+    WeightAverage,
     autoencoder_losses,
     autoencoder_step,
     diffusion_loss,
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 STAGES = ("autoencoder", "diffusion", "baseline")
 TRAIN_STATE = "train_state.json"
 CHECKPOINTS = "checkpoints"
+AVERAGE_FILE = "average.safetensors"
 _STAGE_STREAM = {"autoencoder": 1, "diffusion": 2, "baseline": 3}
 
 
@@ -83,7 +85,8 @@ class TrainOptions:
     ``seed`` (0: no validation). ``autocast``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or
     ``none``. ``init_from``: a model directory whose weights of the stage start the run
     (fine-tuning, e.g. of the bundled model on a site's data, or a change of patch size);
-    its architecture must match.
+    its architecture must match. ``ema_decay`` (diffusion): the decay of the weight average the
+    model directory keeps, replacing the model's ``training.ema_decay`` (0: none).
     """
 
     epochs: int = 10
@@ -99,6 +102,7 @@ class TrainOptions:
     progress: bool = True
     grad_clip: float | None = 1.0
     init_from: Path | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +114,10 @@ class TrainOptions:
             problems.append(f"learning_rate: expected > 0, found {self.learning_rate}")
         if self.autocast not in ("auto", "bf16", "none"):
             problems.append(f"autocast: expected auto, bf16 or none, found {self.autocast!r}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            problems.append(
+                f"ema_decay: expected 0 (off) or a decay in (0, 1), found {self.ema_decay}"
+            )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(f"device: expected cpu or cuda, found {self.device!r}")
         if problems:
@@ -211,13 +219,18 @@ class Checkpoint:
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
         state: dict[str, Any],
+        average: WeightAverage | None = None,
     ) -> None:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        save_file(weights, str(self.dir / "weights.safetensors.tmp"))
-        (self.dir / "weights.safetensors.tmp").replace(self.dir / "weights.safetensors")
+        files = {"weights.safetensors": module}
+        if average is not None:
+            files[AVERAGE_FILE] = average.module
+        for name, source in files.items():
+            weights = {k: v.detach().to("cpu").contiguous() for k, v in source.state_dict().items()}
+            save_file(weights, str(self.dir / f"{name}.tmp"))
+            (self.dir / f"{name}.tmp").replace(self.dir / name)
         trainer = {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
         torch.save(trainer, self.dir / "trainer.pt.tmp")
         (self.dir / "trainer.pt.tmp").replace(self.dir / "trainer.pt")
@@ -228,6 +241,7 @@ class Checkpoint:
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
+        average: WeightAverage | None = None,
     ) -> dict[str, Any]:
         from inference.model_dir import load_weights_file
 
@@ -235,6 +249,16 @@ class Checkpoint:
         load_state_checked(
             module, load_weights_file(self.dir / "weights.safetensors"), str(self.dir)
         )
+        if average is not None:
+            if not (self.dir / AVERAGE_FILE).is_file():
+                raise InferenceError(
+                    f"{self.dir}: expected {AVERAGE_FILE} (the weight average this run keeps), "
+                    "found none"
+                )
+            load_state_checked(
+                average.module, load_weights_file(self.dir / AVERAGE_FILE), str(self.dir)
+            )
+            average.updates = int(state.get("average_updates", 0))
         try:
             trainer = torch.load(self.dir / "trainer.pt", map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -301,11 +325,12 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     what: str,
+    average: WeightAverage | None = None,
 ) -> tuple[int, list[float], list[float | None]]:
     """(first epoch, losses, validation losses): from the checkpoint when resuming, else fresh."""
     if not (options.resume and ckpt.exists()):
         return 0, [], []
-    state = ckpt.load(module, optimizer, generator)
+    state = ckpt.load(module, optimizer, generator, average)
     _check_resume(state, identity, ckpt.dir)
     log.info("resuming the %s at epoch %d from %s", what, state["epoch"], ckpt.dir)
     return state["epoch"], state["losses"], state["val_losses"]
@@ -317,12 +342,15 @@ def _saver(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     identity: dict[str, Any],
+    average: WeightAverage | None = None,
 ) -> Callable[[int, list[float], list[float | None]], None]:
     """The end-of-epoch checkpoint writer of one stage."""
 
     def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
         state = {**identity, "epoch": epoch, "losses": losses, "val_losses": val_losses}
-        ckpt.save(module, optimizer, generator, state)
+        if average is not None:
+            state["average_updates"] = average.updates
+        ckpt.save(module, optimizer, generator, state, average)
 
     return save
 
@@ -429,6 +457,14 @@ def _stage_info(
     }
 
 
+def _diffusion_only(options: TrainOptions, stage: str) -> None:
+    if options.ema_decay is not None:
+        raise InferenceError(
+            f"{stage}: --ema-decay applies to the diffusion stage only, found it given "
+            f"({options.ema_decay})"
+        )
+
+
 def _init_record(options: TrainOptions, stage: str) -> dict[str, Any]:
     """Where a fine-tuned stage started: the directory and that stage's own record there."""
     if options.init_from is None:
@@ -526,6 +562,7 @@ def train_autoencoder(
 ) -> TrainReport:
     """Train stage 1 on the cohort(s) ``data``; write a model directory to ``out_dir`` whose
     ``latent_scale`` is set from the training latents (its diffusion UNet is untrained)."""
+    _diffusion_only(options, "autoencoder")
     started = time.monotonic()
     out = Path(out_dir)
     paths = [Path(d) for d in data]
@@ -744,6 +781,10 @@ def train_diffusion(
             stage1,
         )
     model = load_model_dir(stage1, device).model
+    if options.ema_decay is not None:
+        model.config = model.config.replace(
+            training=dataclasses.replace(model.config.training, ema_decay=options.ema_decay)
+        )
     cfg = model.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
@@ -763,14 +804,17 @@ def train_diffusion(
     target_std = _target_spread(train_lat, cfg)
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)
+    decay = cfg.training.ema_decay
+    average = WeightAverage(model.unet, decay) if decay > 0 else None
     identity = _identity("diffusion", config_to_dict(cfg), split, options)
     start_epoch, losses, val_losses = _resume(
-        ckpt, identity, options, model.unet, opt, generator, "diffusion UNet"
+        ckpt, identity, options, model.unet, opt, generator, "diffusion UNet", average
     )
+    trained = model.unet  # the network the optimiser updates
 
     def step(chunk: list[int]) -> float:
         batch = _diffusion_batch([train_lat[i] for i in chunk], device)
-        return diffusion_step(
+        loss = diffusion_step(
             model,
             opt,
             batch,
@@ -779,11 +823,16 @@ def train_diffusion(
             autocast=options.autocast,
             grad_clip=options.grad_clip,
         ).loss
+        if average is not None:
+            average.update(trained)
+        return loss
 
     @torch.no_grad()
     def validate() -> float | None:
+        """The validation loss of the weights the model directory gets (the average, if kept)."""
         if not val_lat:
             return None
+        model.unet = average.module if average is not None else trained
         model.unet.eval()
         g = make_generator(options.seed + 1)
         total = 0.0
@@ -794,9 +843,10 @@ def train_diffusion(
                 p_drop_class=0.0,
             )  # fmt: skip
             total += float(loss) * len(chunk)
+        model.unet = trained
         return total / len(val_lat)
 
-    save = _saver(ckpt, model.unet, opt, generator, identity)
+    save = _saver(ckpt, trained, opt, generator, identity, average)
 
     _run_epochs(
         stage="diffusion",
@@ -809,6 +859,9 @@ def train_diffusion(
         losses=losses,
         val_losses=val_losses,
     )
+    if average is not None:
+        model.unet = average.module
+        log.info("model directory gets the weight average (decay %g)", decay)
     model.to("cpu")
     save_model_dir(model, out, overwrite=True)
     seconds = time.monotonic() - started
@@ -890,6 +943,7 @@ def train_baseline(
             "baseline: --init-from applies to the latent diffusion stages (autoencoder, "
             f"diffusion), found it given for the UNet baseline ({options.init_from})"
         )
+    _diffusion_only(options, "baseline")
     started = time.monotonic()
     out = Path(out_dir)
     paths = [Path(d) for d in data]

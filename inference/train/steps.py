@@ -17,9 +17,11 @@ the configured probabilities.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,8 @@ from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel
 from inference.sampler import autocast_context
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,45 @@ def diffusion_step(
         torch.nn.utils.clip_grad_norm_(model.unet.parameters(), grad_clip)
     optimizer.step()
     return StepResult(loss=float(loss.detach()), parts=parts)
+
+
+class WeightAverage(Generic[M]):
+    """An exponential moving average of a module's weights, updated after each optimiser step.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates ``n``, so
+    the average follows the weights closely at first instead of remembering their starting
+    point. Floating-point parameters and buffers are averaged; integer buffers are copied.
+    ``module`` is the averaged copy (in eval mode, no gradients).
+    """
+
+    def __init__(self, module: M, decay: float, updates: int = 0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise InferenceError(f"weight average: expected a decay in (0, 1), found {decay}")
+        self.decay = decay
+        self.updates = updates
+        self.module = copy.deepcopy(module).eval()
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates + 1
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, live: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        averaged = self.module.state_dict()
+        current = live.state_dict()
+        if averaged.keys() != current.keys():
+            raise InferenceError("weight average: the module's tensors changed names")
+        for name, avg in averaged.items():
+            value = current[name].detach().to(avg.device)
+            if avg.dtype.is_floating_point:
+                avg.lerp_(value.to(avg.dtype), 1.0 - decay)
+            else:
+                avg.copy_(value)
+        self.updates += 1
 
 
 @torch.no_grad()

@@ -47,7 +47,9 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     assert (f.init_from, f.autoencoder_patch) == (Path("old"), ())
     g = p.parse_args(["train", "autoencoder", "--data", "d", "--out", "m",
                       "--autoencoder-patch", "8,12,8"])  # fmt: skip
-    assert g.autoencoder_patch == (8, 12, 8)
+    assert g.autoencoder_patch == (8, 12, 8) and g.ema_decay is None  # the model's
+    h = p.parse_args(["train", "diffusion", "--data", "d", "--out", "m", "--ema-decay", "0.995"])
+    assert h.ema_decay == 0.995
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
@@ -78,11 +80,16 @@ def test_train_evaluate_predict_end_to_end(
                 "--init-from", str(model), "--autoencoder-patch", "8,8,8"]) == 0  # fmt: skip
     assert read_model_yaml(tuned)[0].training.autoencoder_patch == (8, 8, 8)
     assert read_train_state(tuned)["stages"]["autoencoder"]["init_from"] == str(model)
-    assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 0
+    assert run(["train", "diffusion", "--data", data, "--out", str(model), *common,
+                "--ema-decay", "0.9"]) == 0  # fmt: skip
+    assert read_model_yaml(model)[0].training.ema_decay == 0.9
     # a second run into the same directory without --resume is refused with a reason
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2
     assert "--resume" in capsys.readouterr().err
     baseline = tmp_path / "unet"
+    assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common,
+                "--ema-decay", "0.9"]) == 2  # fmt: skip
+    assert "diffusion stage only" in capsys.readouterr().err
     assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common]) == 0
     assert (baseline / "model.yaml").is_file()
 

@@ -73,6 +73,7 @@ def test_dict_round_trip() -> None:
         ),
         ({"contrasts": ["flair", "t1c"]}, "contrasts: expected 't1c' first"),
         ({"training": {"p_drop_class": 1.5}}, "training.p_drop_class: expected a probability"),
+        ({"training": {"ema_decay": 1.0}}, "training.ema_decay: expected 0 (off) or a decay"),
         ({"inference": {"mask_threshold": 0}}, "inference.mask_threshold: expected in (0, 1)"),
         (
             {"autoencoder": {"channels": [8, 10, 8]}},

@@ -14,6 +14,7 @@ from inference.sampler import make_generator
 from inference.train.steps import (
     AutoencoderBatch,
     DiffusionBatch,
+    WeightAverage,
     autoencoder_losses,
     autoencoder_step,
     diffusion_loss,
@@ -176,3 +177,29 @@ def test_step_input_checks() -> None:
     opt = torch.optim.SGD(model.unet.parameters(), lr=1e-3)
     with pytest.raises(InferenceError, match="training autocast"):
         diffusion_step(model, opt, batch, make_generator(0), autocast="fp16")
+
+
+def test_weight_average_follows_the_weights_with_its_decay() -> None:
+    live = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(live, decay=0.5)
+    start = {k: v.clone() for k, v in live.state_dict().items()}
+    assert not any(p.requires_grad for p in average.module.parameters())
+    decays, expected = [], start["0.weight"].clone()
+    for step in range(4):
+        with torch.no_grad():
+            live[0].weight.add_(1.0)
+        live.train()(torch.randn(4, 2))  # moves the batch-norm statistics and its counter
+        decays.append(average.current_decay())
+        average.update(live)
+        expected = decays[-1] * expected + (1 - decays[-1]) * live[0].weight
+        assert average.updates == step + 1
+    # the ramp (1 + n) / (10 + n) until it reaches the decay
+    assert decays == pytest.approx([2 / 11, 3 / 12, 4 / 13, 5 / 14])
+    torch.testing.assert_close(average.module[0].weight, expected)
+    assert not torch.equal(average.module[0].weight, live[0].weight)  # it lags behind
+    assert torch.equal(average.module[1].num_batches_tracked, live[1].num_batches_tracked)
+    torch.testing.assert_close(live[0].weight, start["0.weight"] + 4.0)  # averaging left it be
+    more = WeightAverage(live, decay=0.5, updates=100)
+    assert more.current_decay() == 0.5
+    with pytest.raises(InferenceError, match="decay"):
+        WeightAverage(live, decay=1.0)

@@ -272,3 +272,41 @@ def test_init_from_fine_tunes_a_model_directory(
         train_autoencoder(data, tmp_path / "other", other, options)
     with pytest.raises(InferenceError, match="latent diffusion stages"):
         train_baseline(data, tmp_path / "b", tiny_baseline_config(), options)
+
+
+def test_diffusion_keeps_a_weight_average_and_resumes_it(
+    tmp_path: Path, tiny_cohort: Cohort, tiny_ldm_dir: Path
+) -> None:
+    """``ema_decay``: the model directory gets the weight average, not the last weights; the
+    average is checkpointed, so a resumed run ends with the same one; other stages refuse it."""
+    data = [tiny_cohort[0]]
+    opts = {**FAST, "ema_decay": 0.9}
+
+    def run(out: Path, epochs: int, resume: bool = False) -> None:
+        options = TrainOptions(epochs=epochs, resume=resume, **opts)  # type: ignore[arg-type]
+        train_diffusion(data, out, options, stage1_dir=tiny_ldm_dir)
+
+    run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    run(tmp_path / "b", 2, resume=True)
+    saved = load_file(str(tmp_path / "a" / "diffusion.safetensors"))
+    ckpt = tmp_path / "a" / "checkpoints" / "diffusion"
+    last = load_file(str(ckpt / "weights.safetensors"))
+    average = load_file(str(ckpt / "average.safetensors"))
+    resumed = load_file(str(tmp_path / "b" / "diffusion.safetensors"))
+    assert json.loads((ckpt / "state.json").read_text())["average_updates"] > 0
+    floats = [k for k in saved if saved[k].is_floating_point()]
+    assert any(not torch.equal(saved[k], last[k]) for k in floats)  # not the last weights
+    for k in saved:
+        torch.testing.assert_close(saved[k], average[k], rtol=0, atol=0)
+        torch.testing.assert_close(resumed[k], saved[k], rtol=1e-5, atol=1e-6)
+    assert read_model_yaml(tmp_path / "a")[0].training.ema_decay == 0.9  # model.yaml says so
+    with pytest.raises(InferenceError, match="ema_decay"):
+        TrainOptions(ema_decay=1.0)
+    with pytest.raises(InferenceError, match="diffusion stage only"):
+        train_autoencoder(
+            data,
+            tmp_path / "ae",
+            tiny_config(),
+            TrainOptions(epochs=1, **opts),  # type: ignore[arg-type]
+        )
