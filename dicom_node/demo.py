@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import yaml
@@ -283,6 +283,9 @@ def run(
               f"(sd {numbers['predicted_sd_ml']:.1f})")  # fmt: skip
         print(f"    change                   {numbers['change_percent']:+.0f} %")
         print(f"    predicted response       {numbers['category']}")
+        shares = cast(dict[str, float], numbers["probabilities"])
+        print("    over the samples         "
+              + ", ".join(f"{name} {value:.0f} %" for name, value in shares.items()))  # fmt: skip
         print(f"    synthetic truth          GTV {truth['gtv_ml']:.1f} ml, follow-up enhancing "
               f"{truth['post_enhancing_ml']:.1f} ml, {truth['response_category']}")  # fmt: skip
         picture = out / "montage.png"

@@ -375,6 +375,12 @@ def run_evaluation(
         methods.append((f"{mp.name} {mp.version} ({mp.kind})", mp, info))
     if not methods:
         raise InferenceError("evaluation: expected at least one method, found none")
+    # two directories of one name and version (a model and its retrained copy) keep one row each
+    labels = [label for label, _, _ in methods]
+    methods = [
+        (f"{label} [{info['model_dir']}]" if labels.count(label) > 1 else label, mp, info)
+        for label, mp, info in methods
+    ]
     report: dict[str, Any] = {
         "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "data": [str(d) for d in data],

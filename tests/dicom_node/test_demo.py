@@ -77,6 +77,11 @@ def test_demo_round_trip_with_the_embedded_pacs(
     )
     assert _printed(stdout, "change") == f"{numbers['change_percent']:+.0f} %"
     assert _printed(stdout, "predicted response") == numbers["category"]
+    shares = numbers["probabilities"]
+    assert isinstance(shares, dict) and len(shares) == 4  # one per response category
+    assert _printed(stdout, "over the samples") == ", ".join(
+        f"{name} {value:.0f} %" for name, value in shares.items()
+    )
     for suffix in OUTPUT_SUFFIXES:
         assert re.search(rf"^    \w+\s+\d+  SYNTHETIC PREDICTION.* - {suffix}$", stdout, re.M)
 

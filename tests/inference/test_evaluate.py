@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,19 @@ def test_run_evaluation_writes_json_and_markdown(
     assert "| Tumour Dice |" in text and "no-change" in text and "Guidance" in text
     assert "WARNING" in text  # evaluated on training patients
     assert text == markdown_report(data)
+
+
+def test_models_of_one_name_and_version_keep_a_row_each(
+    tiny_cohort: Cohort, tiny_baseline_dir: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "retrained"
+    shutil.copytree(tiny_baseline_dir, copy)
+    report = run_evaluation(
+        [tiny_baseline_dir, copy], [tiny_cohort[0]], samples=1, n_resamples=10, patients_limit=1
+    )
+    labels = list(report["methods"])[1:]
+    assert len(labels) == 2 and labels[0] != labels[1]
+    assert labels[0].endswith(f"[{tiny_baseline_dir}]") and labels[1].endswith(f"[{copy}]")
 
 
 def test_training_overlap_without_checkpoints(tmp_path: Path) -> None:
