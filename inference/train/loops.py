@@ -10,9 +10,11 @@ seeded with ``seed`` whose state is checkpointed, so an interrupted run resumed 
 ``resume=True`` ends with the same weights as an uninterrupted one (same device).
 
 Checkpoints, after every epoch, in ``OUT/checkpoints/<stage>/``: ``weights.safetensors`` (the
-network being trained), ``trainer.pt`` (optimizer state and generator state: plain tensors and
-numbers, read back with ``torch.load(weights_only=True)``) and ``state.json`` (epoch, losses,
-configuration, patients; written last, so its presence marks a complete checkpoint).
+network being trained), ``average.safetensors`` (the diffusion UNet's weight average, when
+``training.ema_decay`` keeps one: the model directory gets it), ``trainer.pt`` (optimizer
+state and generator state: plain tensors and numbers, read back with
+``torch.load(weights_only=True)``) and ``state.json`` (epoch, losses, configuration, patients;
+written last, so its presence marks a complete checkpoint).
 
 ``OUT/train_state.json`` records the finished stages (epochs, losses, data, seed, device, time);
 a directory whose diffusion stage was never trained is refused by the predictor.
@@ -836,14 +838,16 @@ def train_diffusion(
         model.unet.eval()
         g = make_generator(options.seed + 1)
         total = 0.0
-        for chunk in batches(range(len(val_lat)), options.batch_size):
-            batch = _diffusion_batch([val_lat[i] for i in chunk], device)
-            loss, _ = diffusion_loss(
-                model, batch, g, scheduler=scheduler, p_drop_contrast=0.0, p_drop_dose=0.0,
-                p_drop_class=0.0,
-            )  # fmt: skip
-            total += float(loss) * len(chunk)
-        model.unet = trained
+        try:
+            for chunk in batches(range(len(val_lat)), options.batch_size):
+                batch = _diffusion_batch([val_lat[i] for i in chunk], device)
+                loss, _ = diffusion_loss(
+                    model, batch, g, scheduler=scheduler, p_drop_contrast=0.0, p_drop_dose=0.0,
+                    p_drop_class=0.0,
+                )  # fmt: skip
+                total += float(loss) * len(chunk)
+        finally:
+            model.unet = trained
         return total / len(val_lat)
 
     save = _saver(ckpt, trained, opt, generator, identity, average)

@@ -5,6 +5,7 @@ command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -78,6 +79,20 @@ def test_autoencoder_stage_federated_latent_scale(fed_cohort: Path, tmp_path: Pa
     assert state["latent_scale"] == pytest.approx(loaded.config.latent_scale)
     rounds = json.loads((out / "federation.json").read_text())["rounds"]
     assert set(rounds[-1]["evaluate"]) == set(SITES[:2])
+
+    # stage 2 on the federated autoencoder; a stage-1 model.yaml asking for a weight average
+    # does not make the global model claim one (the rounds keep none)
+    text = (out / "model.yaml").read_text()
+    (out / "model.yaml").write_text(text.replace("ema_decay: 0.0", "ema_decay: 0.9"))
+    assert load_model_dir(out).config.training.ema_decay == 0.9
+    run2 = dataclasses.replace(
+        run, stage="diffusion", stage1_dir=str(out), out=str(tmp_path / "ldm"), num_server_rounds=1
+    )
+    ldm = simulate_local(run2, {s: [fed_cohort] for s in SITES[:2]}, threads=1)
+    loaded2 = load_model_dir(ldm)
+    assert loaded2.config.training.ema_decay == 0.0
+    assert loaded2.config.latent_scale == loaded.config.latent_scale
+    assert json.loads((ldm / "train_state.json").read_text())["stages"]["diffusion"]["federated"]
 
 
 def test_simulate_command_writes_a_loadable_baseline(fed_cohort: Path, tmp_path: Path) -> None:
