@@ -301,6 +301,13 @@ def test_diffusion_keeps_a_weight_average_and_resumes_it(
         torch.testing.assert_close(saved[k], average[k], rtol=0, atol=0)
         torch.testing.assert_close(resumed[k], saved[k], rtol=1e-5, atol=1e-6)
     assert read_model_yaml(tmp_path / "a")[0].training.ema_decay == 0.9  # model.yaml says so
+    # keeping the average leaves the training itself alone: without it, the same weights
+    plain = TrainOptions(epochs=2, **{**opts, "ema_decay": 0.0})  # type: ignore[arg-type]
+    train_diffusion(data, tmp_path / "c", plain, stage1_dir=tiny_ldm_dir)
+    without = load_file(str(tmp_path / "c" / "diffusion.safetensors"))
+    for k in last:
+        torch.testing.assert_close(without[k], last[k], rtol=0, atol=0)
+    assert not (tmp_path / "c" / "checkpoints" / "diffusion" / "average.safetensors").exists()
     with pytest.raises(InferenceError, match="ema_decay"):
         TrainOptions(ema_decay=1.0)
     with pytest.raises(InferenceError, match="diffusion stage only"):
