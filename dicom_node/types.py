@@ -7,6 +7,8 @@ numpy so that every package may use it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -116,7 +118,8 @@ class Prediction:
     ``sample_volumes_ml`` the predicted tumour volume of each sample, ``current_volume_ml`` the
     tumour volume before treatment (from the GTV), ``response_probabilities`` the fraction of
     samples in each of :data:`RESPONSE_CATEGORIES`, ``survival_class`` the guidance class used
-    (``None`` for unconditional sampling).
+    (``None`` for unconditional sampling), ``mean_volume_category`` the category of the mean
+    predicted volume (it breaks ties, see :func:`most_frequent_category`).
     """
 
     mean: Volume
@@ -128,6 +131,7 @@ class Prediction:
     survival_class: str | None
     model_name: str
     model_version: str
+    mean_volume_category: str | None = None
 
     @property
     def predicted_volume_ml(self) -> float:
@@ -135,7 +139,19 @@ class Prediction:
 
     @property
     def response_category(self) -> str:
-        return max(self.response_probabilities, key=lambda c: self.response_probabilities[c])
+        return most_frequent_category(self.response_probabilities, self.mean_volume_category)
+
+
+def most_frequent_category(probabilities: Mapping[str, float], tie_break: str | None) -> str:
+    """The response category most samples fall in. When several are equally frequent (two
+    samples each of four, say), ``tie_break`` (the category of the mean predicted volume, the
+    one the reported relative change belongs to) if it is one of them, else the first of them in
+    :data:`RESPONSE_CATEGORIES` order."""
+    top = max(probabilities.values())
+    tied = [c for c in RESPONSE_CATEGORIES if math.isclose(probabilities.get(c, 0.0), top)]
+    if tie_break in tied:
+        return str(tie_break)
+    return tied[0]
 
 
 @dataclass(frozen=True)

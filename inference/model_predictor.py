@@ -39,6 +39,7 @@ from inference.model_dir import KIND_LDM, load_model_dir, model_kind
 from inference.predict import (
     ModelPrediction,
     predict_arrays,
+    response_category,
     response_probabilities,
     tumour_volume_ml,
 )
@@ -200,6 +201,7 @@ class ModelPredictor:
             survival_class=result.survival_class,
             model_name=result.model_name,
             model_version=result.model_version,
+            mean_volume_category=result.mean_volume_category,
         )
 
     def _restore(
@@ -267,6 +269,7 @@ class ModelPredictor:
             survival_class=None,  # the baseline takes no guidance class
             model_name=cfg.name,
             model_version=cfg.version,
+            mean_volume_category=response_category(current, volume, cfg.response),
         )
 
 

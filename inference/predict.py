@@ -16,7 +16,9 @@ threshold (a soft majority vote); ``tumour_probability`` keeps the mean probabil
 Response categories follow the design's volumetric rule on each sample's volume against the
 current volume: complete response below ``complete_ml``, else partial response for a change
 <= -65 %, progressive disease for >= +40 %, stable disease otherwise. The probability of a
-category is the fraction of samples that fall in it (so the probabilities sum to 1).
+category is the fraction of samples that fall in it (so the probabilities sum to 1). The
+predicted category is the most frequent one; a tie goes to the category of the mean volume
+(``mean_volume_category``; :func:`dicom_node.types.most_frequent_category`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy.typing as npt
 import torch
 
 from dicom_node.errors import InferenceError
-from dicom_node.types import RESPONSE_CATEGORIES
+from dicom_node.types import RESPONSE_CATEGORIES, most_frequent_category
 from inference.conditioning import build_conditioning
 from inference.model_config import ResponseConfig
 from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel
@@ -96,6 +98,7 @@ class ModelPrediction:
     seed: int
     model_name: str
     model_version: str
+    mean_volume_category: str | None = None  # breaks ties: most_frequent_category
 
     @property
     def num_samples(self) -> int:
@@ -107,8 +110,7 @@ class ModelPrediction:
 
     @property
     def response_category(self) -> str:
-        probs = self.response_probabilities
-        return max(RESPONSE_CATEGORIES, key=lambda c: probs[c])
+        return most_frequent_category(self.response_probabilities, self.mean_volume_category)
 
 
 def voxel_volume_ml(spacing_mm: Sequence[float]) -> float:
@@ -245,6 +247,7 @@ def predict_arrays(
         seed=seed,
         model_name=cfg.name,
         model_version=cfg.version,
+        mean_volume_category=response_category(current, float(np.mean(volumes)), cfg.response),
     )
     log.info(
         "predicted %d samples (class %s, w=%.2f): volume %.2f ml (now %.2f ml), %s",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dicom_node.errors import InferenceError
-from dicom_node.types import RESPONSE_CATEGORIES
+from dicom_node.types import RESPONSE_CATEGORIES, most_frequent_category
 from inference.model_config import ResponseConfig
 from inference.networks import LatentDiffusionModel
 from inference.predict import (
@@ -50,6 +50,8 @@ def test_prediction_outputs(model: LatentDiffusionModel) -> None:
     assert set(p.response_probabilities) == set(RESPONSE_CATEGORIES)
     assert sum(p.response_probabilities.values()) == pytest.approx(1.0)
     assert p.response_category in RESPONSE_CATEGORIES
+    mean_volume = float(np.mean(p.sample_volumes_ml))
+    assert p.mean_volume_category == response_category(p.current_volume_ml, mean_volume)
     assert (p.survival_class, p.guidance_scale, p.seed) == (
         "short",
         cfg.inference.guidance_scale,
@@ -143,6 +145,22 @@ def test_response_probabilities_sum_to_one() -> None:
     }
     with pytest.raises(InferenceError, match="at least one sample"):
         response_probabilities(10.0, [])
+
+
+def test_equally_frequent_categories_go_to_the_mean_volume() -> None:
+    """Four samples, two a partial response and two stable (the demo study of the README): the
+    category reported is the one of the mean volume, like the relative change beside it."""
+    volumes = [3.0, 2.0, 12.0, 11.0]  # from 10 ml: -70 %, -80 %, +20 %, +10 %; mean 7 ml, -30 %
+    probs = response_probabilities(10.0, volumes)
+    assert probs["partial_response"] == probs["stable_disease"] == 0.5
+    tie = response_category(10.0, float(np.mean(volumes)))
+    assert tie == "stable_disease"
+    assert most_frequent_category(probs, tie) == "stable_disease"
+    assert most_frequent_category(probs, None) == "partial_response"  # first in order
+    assert most_frequent_category(probs, "complete_response") == "partial_response"  # not tied
+    # no tie: the most frequent one, whatever the mean says
+    three = response_probabilities(10.0, [3.0, 2.0, 1.0, 11.0])
+    assert most_frequent_category(three, "stable_disease") == "partial_response"
 
 
 def test_response_rule_is_configurable() -> None:
