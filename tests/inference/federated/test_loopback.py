@@ -75,7 +75,9 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
         assert rc == 0, run_log[-3000:]
 
     # the federation finished, logged the drop-out and went on with the other two sites
-    assert f"site {victim} did not reply" in run_log
+    # either the coordinator stopped waiting for it (straggler timeout) or the SuperLink reported
+    # it gone first (missed heartbeats, "Node Unavailable"): which one depends on the load
+    assert re.search(rf"site {victim} (did not reply|failed: .*Node Unavailable)", run_log), run_log
     assert "round 2 completed without" in run_log
     history = json.loads((out / "federation.json").read_text())
     rounds = history["rounds"]
