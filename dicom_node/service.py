@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -278,6 +279,9 @@ class Node:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.logging)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a node that
+    # hangs is waiting for, without stopping it
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     node = Node(settings)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)

@@ -21,10 +21,11 @@ def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     config = tmp_path / "node.yaml"
     config.write_text(f"health: {{port: {free_port()}}}\n")
     env = {**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
+    log = (tmp_path / "node.log").open("wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve",
          "--data-dir", str(tmp_path / "data"), "--port", str(free_port())],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     messages: list[str] = []
     try:
@@ -34,9 +35,26 @@ def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         while messages.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
             messages.append(listener.recv(4096).decode())
         assert messages.count("WATCHDOG=1") >= 3  # petted at half the 0.2 s period
+        # SIGUSR1: every thread's stack to stderr, and the node runs on
+        server.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "Thread 0x" not in (tmp_path / "node.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no thread stacks after SIGUSR1"
+            time.sleep(0.1)
+        assert server.poll() is None
     finally:
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.send_signal(signal.SIGUSR1)  # the node writes its threads' stacks
+            time.sleep(2)
+            server.kill()
+            server.wait(timeout=30)
+            code = None
+        log.close()
+        text = (tmp_path / "node.log").read_text(errors="replace")
+        assert code == 0, f"the node did not stop within 60 s of SIGTERM:\n{text[-6000:]}"
     while "STOPPING=1" not in messages:
         messages.append(listener.recv(4096).decode())
     listener.close()
