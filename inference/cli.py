@@ -16,7 +16,6 @@ Heavy modules (torch, MONAI) are imported when a command runs, not when it is re
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -105,11 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             cfg = preset(args.preset)
             if args.autoencoder_patch is not None:
-                cfg = cfg.replace(
-                    training=dataclasses.replace(
-                        cfg.training, autoencoder_patch=args.autoencoder_patch
-                    )
-                )
+                cfg = cfg.with_training(autoencoder_patch=args.autoencoder_patch)
             report = train_autoencoder(args.data, args.out, cfg, options)
         elif args.stage == "diffusion":
             report = train_diffusion(args.data, args.out, options, stage1_dir=args.stage1)

@@ -223,6 +223,10 @@ class ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def with_training(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields of the ``training`` section changed (validated again)."""
+        return self.replace(training=dataclasses.replace(self.training, **changes))
+
 
 def validate_config(cfg: ModelConfig) -> list[str]:
     """Consistency problems of a configuration (empty when it is usable)."""

@@ -29,7 +29,6 @@ only after two missed 30 s heartbeats; such error replies are logged the same wa
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -485,9 +484,7 @@ def save_global_model(
         load_state_checked(model.unet, state, "global diffusion weights")
         # the rounds keep no weight average (the server's average of the sites stands in its
         # place): model.yaml must not claim one
-        model.config = model.config.replace(
-            training=dataclasses.replace(model.config.training, ema_decay=0.0)
-        )
+        model.config = model.config.with_training(ema_decay=0.0)
         save_model_dir(model, out, overwrite=True)
         base = read_train_state(run.stage1_dir)
     info = {

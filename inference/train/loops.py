@@ -784,9 +784,7 @@ def train_diffusion(
         )
     model = load_model_dir(stage1, device).model
     if options.ema_decay is not None:
-        model.config = model.config.replace(
-            training=dataclasses.replace(model.config.training, ema_decay=options.ema_decay)
-        )
+        model.config = model.config.with_training(ema_decay=options.ema_decay)
     cfg = model.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)

@@ -218,7 +218,7 @@ def test_patch_boxes_stay_inside_and_favour_the_tumour() -> None:
 
 def test_patch_training_resumes_to_the_same_weights(tmp_path: Path, tiny_cohort: Cohort) -> None:
     cfg = tiny_config()
-    cfg = cfg.replace(training=dataclasses.replace(cfg.training, autoencoder_patch=(8, 8, 8)))
+    cfg = cfg.with_training(autoencoder_patch=(8, 8, 8))
     data = [tiny_cohort[0]]
     straight = train_autoencoder(data, tmp_path / "a", cfg, TrainOptions(epochs=2, **FAST))  # type: ignore[arg-type]
     train_autoencoder(data, tmp_path / "b", cfg, TrainOptions(epochs=1, **FAST))  # type: ignore[arg-type]
@@ -246,7 +246,7 @@ def test_init_from_fine_tunes_a_model_directory(
     still = {**FAST, "learning_rate": 1e-12}
     options = TrainOptions(epochs=1, init_from=tiny_ldm_dir, **still)  # type: ignore[arg-type]
     cfg = tiny_config()
-    whole = cfg.replace(training=dataclasses.replace(cfg.training, autoencoder_patch=()))
+    whole = cfg.with_training(autoencoder_patch=())
     train_autoencoder(data, tmp_path / "ft", whole, options)
     train_diffusion(data, tmp_path / "ft", options)
     for name in ("autoencoder", "diffusion"):
