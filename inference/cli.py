@@ -27,6 +27,7 @@ from typing import Any
 
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.types import StudyInputs, Volume
+from inference.model_config import PREDICTION_TYPES
 from inference.synthetic.cli import positive_int
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             init_from=args.init_from,
             ema_decay=args.ema_decay,
+            prediction_type=args.prediction_type,
+            tumour_loss_weight=args.tumour_loss_weight,
         )
         if args.stage == "autoencoder":
             from inference.model_config import preset
@@ -193,6 +196,20 @@ def _add_train(sub: Any) -> None:
         help="diffusion: keep an exponential moving average of the UNet's weights with this "
         "decay and save it (0: the last weights; default: the model's training.ema_decay)",
     )
+    p.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        default=None,
+        help="diffusion: what the UNet learns to predict, the noise or the velocity "
+        "(default: the model's scheduler.prediction_type)",
+    )
+    p.add_argument(
+        "--tumour-loss-weight",
+        type=float,
+        default=None,
+        help="diffusion: weight the loss by 1 + W on the latent voxels that touch the tumour "
+        "mask (0: off; default: the model's training.tumour_loss_weight)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -220,6 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             sites=args.sites,
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps,
+            stage1_bounds=args.stage1_bounds,
         )
         js, md = write_report(report, args.out)
     except GlioforecastError as exc:
@@ -257,6 +275,12 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (the model's)")
+    p.add_argument(
+        "--stage1-bounds",
+        action="store_true",
+        help="also score each latent model's autoencoder on the true post-treatment scan (what "
+        "stage 2 can at best decode to) and on the pre-treatment scan",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

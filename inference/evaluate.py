@@ -25,6 +25,12 @@ with the truth:
 
 ``guidance_check`` predicts every patient under two survival classes with the same seed and
 reports the paired difference of predicted volumes (mean with interval, Wilcoxon signed-rank).
+
+``stage1_bounds`` adds, for each latent diffusion model, two rows that bracket its stage 2
+(:class:`Stage1Bound`): the true post-treatment scan through the model's autoencoder (the best
+a stage-2 sample can decode to: what the latent keeps) and the pre-treatment scan through it
+("no change" as the decoder renders it). A model near the second row has learnt little of the
+change; the first row caps what more stage-2 training can give without a better stage 1.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -55,6 +61,9 @@ from inference.data import (
     read_cohort,
     study_inputs_from_nifti,
 )
+
+if TYPE_CHECKING:
+    from inference.model_predictor import ModelPredictor
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,29 @@ class Predictor(Protocol):
     version: str
 
     def predict(self, inputs: StudyInputs, samples: int = 4) -> Prediction: ...
+
+
+class Stage1Bound:
+    """A latent diffusion model's autoencoder alone, scored like a method (see the module
+    docstring): ``source`` ``truth`` reconstructs each patient's true post-treatment scan,
+    ``pre`` the pre-treatment T1-Gd."""
+
+    SOURCES = ("truth", "pre")
+
+    def __init__(self, predictor: ModelPredictor, source: str) -> None:
+        if source not in self.SOURCES:
+            raise InferenceError(f"stage-1 bound: expected truth or pre, found {source!r}")
+        self.predictor, self.source = predictor, source
+        self.name, self.version = predictor.name, predictor.version
+
+    @property
+    def label(self) -> str:
+        scan = "true post-treatment" if self.source == "truth" else "pre-treatment"
+        return f"{self.name} {self.version} autoencoder on the {scan} scan"
+
+    def predict_patient(self, patient: EvaluationPatient) -> Prediction:
+        image = patient.truth.post_t1c if self.source == "truth" else None
+        return self.predictor.reconstruct(patient.inputs, image)
 
 
 @dataclass(frozen=True)
@@ -158,7 +190,7 @@ def patient_metrics(
 
 
 def evaluate_predictor(
-    predictor: Predictor,
+    predictor: Predictor | Stage1Bound,
     patients: Sequence[EvaluationPatient],
     *,
     samples: int = 4,
@@ -174,7 +206,10 @@ def evaluate_predictor(
     for ep in tqdm(patients, desc=predictor.name, unit="patient", disable=not progress):
         cls = ep.patient.survival_class if survival_class == "truth" else None
         started = time.monotonic()
-        pred = predictor.predict(replace(ep.inputs, survival_class=cls), samples=samples)
+        if isinstance(predictor, Stage1Bound):
+            pred = predictor.predict_patient(ep)
+        else:
+            pred = predictor.predict(replace(ep.inputs, survival_class=cls), samples=samples)
         seconds = time.monotonic() - started
         values, spread = patient_metrics(pred, ep.inputs, ep.truth, margin_mm)
         true_ml = M.volume_ml(ep.truth.post_enhancing.array, ep.truth.post_enhancing.spacing)
@@ -337,10 +372,11 @@ def run_evaluation(
     sites: Sequence[str] | None = None,
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
+    stage1_bounds: bool = False,
 ) -> dict[str, Any]:
     """Evaluate "no change" and each model directory on the cohort(s) ``data`` (only the
     patients of ``sites`` when given, then the first ``patients_limit``): the report as plain
-    data (see :func:`write_report`)."""
+    data (see :func:`write_report`). ``stage1_bounds``: see the module docstring."""
     from inference.baseline import NoChangeBaseline
     from inference.model_dir import KIND_LDM
     from inference.model_predictor import ModelPredictor
@@ -356,7 +392,7 @@ def run_evaluation(
         cohort = cohort[:patients_limit]
     patients = load_patients(cohort)
     ids = [p.patient.patient_id for p in patients]
-    methods: list[tuple[str, Predictor, dict[str, Any]]] = []
+    methods: list[tuple[str, Predictor | Stage1Bound, dict[str, Any]]] = []
     if include_no_change:
         methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
     for d in model_dirs:
@@ -373,6 +409,11 @@ def run_evaluation(
             "overlap_with_training": training_overlap(Path(d), ids),
         }
         methods.append((f"{mp.name} {mp.version} ({mp.kind})", mp, info))
+        if stage1_bounds and mp.kind == KIND_LDM:
+            for source in Stage1Bound.SOURCES:
+                bound = Stage1Bound(mp, source)
+                kind = f"stage-1 bound ({source})"
+                methods.append((bound.label, bound, {"kind": kind, "model_dir": str(d)}))
     if not methods:
         raise InferenceError("evaluation: expected at least one method, found none")
     # two directories of one name and version (a model and its retrained copy) keep one row each

@@ -87,15 +87,27 @@ class DiffusionConfig:
     residual_scale: float = 1.0
 
 
+#: what the stage-2 UNet may be trained to predict (``scheduler.prediction_type``)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Noise schedule (DDPM training, DDIM sampling; epsilon prediction)."""
+    """Noise schedule (DDPM training, DDIM sampling) and what the UNet predicts.
+
+    ``prediction_type``: ``epsilon`` (the noise) or ``v_prediction`` (the velocity
+    ``v = sqrt(a) eps - sqrt(1 - a) x0`` of Salimans and Ho 2022, arXiv:2202.00512, with ``a``
+    the cumulative alpha). At the noisiest steps an epsilon network's estimate of ``x0`` divides
+    by ``sqrt(a)`` (0.07 at the last step of the default schedule) and amplifies its errors; a
+    velocity network's does not.
+    """
 
     num_train_timesteps: int = 1000
     schedule: str = "scaled_linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     num_inference_steps: int = 25
+    prediction_type: str = "epsilon"
 
 
 @dataclass(frozen=True)
@@ -109,7 +121,9 @@ class TrainingConfig:
     patches of that size, half of them centred on the tumour: a CPU-sized step.
     ``ema_decay`` (0: off) keeps an exponential moving average of the stage-2 UNet's weights
     while it trains, and the model directory gets the average: a denoiser with less of the
-    last batches' noise in it.
+    last batches' noise in it. ``tumour_loss_weight`` (0: off) weights the stage-2 loss by
+    ``1 + w`` on the latent voxels that touch the tumour mask, where the treatment changes the
+    image, and 1 elsewhere.
     """
 
     p_drop_contrast: float = 0.3
@@ -119,6 +133,7 @@ class TrainingConfig:
     mask_loss_weight: float = 1.0
     autoencoder_patch: tuple[int, ...] = ()
     ema_decay: float = 0.0
+    tumour_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -333,6 +348,11 @@ def validate_config(cfg: ModelConfig) -> list[str]:
             "scheduler.schedule: expected linear_beta or scaled_linear_beta, "
             f"found {sch.schedule!r}"
         )
+    if sch.prediction_type not in PREDICTION_TYPES:
+        p.append(
+            f"scheduler.prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, "
+            f"found {sch.prediction_type!r}"
+        )
     if not 0 < sch.beta_start < sch.beta_end < 1:
         p.append(
             f"scheduler.beta_start/beta_end: expected 0 < start < end < 1, "
@@ -345,6 +365,10 @@ def validate_config(cfg: ModelConfig) -> list[str]:
             p.append(f"training.{key}: expected a probability in [0, 1], found {v}")
     if not 0.0 <= tr.ema_decay < 1.0:
         p.append(f"training.ema_decay: expected 0 (off) or a decay in (0, 1), found {tr.ema_decay}")
+    if not tr.tumour_loss_weight >= 0.0:
+        p.append(
+            f"training.tumour_loss_weight: expected >= 0 (0: off), found {tr.tumour_loss_weight}"
+        )
     inf = cfg.inference
     if inf.num_samples < 1:
         p.append(f"inference.num_samples: expected >= 1, found {inf.num_samples}")

@@ -31,11 +31,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from dicom_node.convert.preprocess import from_model_space
+from dicom_node.convert.preprocess import from_model_space, to_model_space
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs, Volume
-from inference.data import PreparedStudy, prepare_study
+from inference.data import PreparedStudy, normalise, prepare_study
 from inference.model_dir import KIND_LDM, load_model_dir, model_kind
+from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL
 from inference.predict import (
     ModelPrediction,
     predict_arrays,
@@ -43,6 +44,7 @@ from inference.predict import (
     response_probabilities,
     tumour_volume_ml,
 )
+from inference.sampler import decode_latents
 from inference.train.loops import read_train_state
 from inference.unet_baseline import (
     IMAGE_OUT,
@@ -152,6 +154,62 @@ class ModelPredictor:
             )
             self.to_cpu()
             return self._predict_on_device(inputs, prepared, samples)
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: StudyInputs, image: Volume | None = None) -> Prediction:
+        """Stage 1 alone (latent diffusion models): ``image`` (default: the study's T1-Gd; any
+        volume on the T1-Gd's grid, e.g. the true post-treatment scan of a synthetic patient),
+        normalised with its own scaling on the study's model grid, encoded and decoded by the
+        autoencoder: a one-sample prediction in the T1-Gd's intensity units, its mask from the
+        decoder's mask channel. With the true post-treatment scan it is the best a stage-2
+        sample can decode to; with the T1-Gd, "no change" as the decoder renders it. The
+        current volume is the mask channel's on the decoded T1-Gd (``current_from="model"``)."""
+        if self.kind != KIND_LDM:
+            raise InferenceError(
+                f"{self.model_dir}: reconstruction needs a latent diffusion model, "
+                f"found {self.kind}"
+            )
+        model, cfg = self._ldm.model, self._ldm.config
+        prepared = self.prepare(inputs)
+
+        def through(array: FloatArray) -> tuple[FloatArray, FloatArray]:
+            x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+            out = decode_latents(model, model.encode(x.to(self.device))).cpu()[0]
+            return _f32(out[IMAGE_CHANNEL].numpy()), _f32(torch.sigmoid(out[MASK_CHANNEL]).numpy())
+
+        pre_image, pre_p = through(prepared.t1c)
+        if image is None:
+            out_image, out_p = pre_image, pre_p
+        else:
+            if image.shape != inputs.t1c.shape:
+                raise InferenceError(
+                    f"reconstruction: expected an image on the T1-Gd grid {inputs.t1c.shape}, "
+                    f"found {image.shape}"
+                )
+            grid = to_model_space(image, prepared.grid)
+            on_grid, _ = normalise(grid, cfg.preprocessing.intensity)
+            out_image, out_p = through(on_grid)
+        thr, spacing = cfg.inference.mask_threshold, cfg.preprocessing.spacing_mm
+        volume = tumour_volume_ml(out_p >= thr, spacing)
+        current = (
+            tumour_volume_ml(pre_p >= thr, spacing)
+            if self.current_from == "model"
+            else tumour_volume_ml(prepared.mask, spacing)
+        )
+        zero = np.zeros_like(out_image)
+        mean, std, mask = self._restore(inputs, prepared, out_image, zero, out_p)
+        return Prediction(
+            mean=mean,
+            std=std,
+            tumour_mask=mask,
+            sample_volumes_ml=(volume,),
+            current_volume_ml=current,
+            response_probabilities=response_probabilities(current, (volume,), cfg.response),
+            survival_class=None,
+            model_name=cfg.name,
+            model_version=cfg.version,
+            mean_volume_category=response_category(current, volume, cfg.response),
+        )
 
     def to_cpu(self) -> None:
         """Move the networks to the CPU and free what they held on the GPU."""

@@ -75,7 +75,7 @@ def build_scheduler(cfg: ModelConfig) -> DDIMScheduler:
         beta_start=s.beta_start,
         beta_end=s.beta_end,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=s.prediction_type,
     )
 
 

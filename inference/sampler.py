@@ -5,6 +5,9 @@ scale ``w`` the noise estimate is
 
     eps = eps_null + w * (eps_cond - eps_null)
 
+(the same combination of velocity estimates for a model trained with
+``scheduler.prediction_type: v_prediction``; the scheduler's step converts either)
+
 where ``eps_null`` is computed with the **class label replaced by the null class only**: the
 concatenated image conditioning (pre-treatment latents, mask, dose, flags) is kept. MONAI's
 ``DiffusionInferer`` blanks the whole conditioning for its unconditional pass, which would drop
@@ -101,7 +104,8 @@ def guided_noise(
     null_class: int,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """The (guided) noise estimate at one step, in float32.
+    """The (guided) noise estimate at one step, in float32 (the velocity estimate for a
+    ``v_prediction`` model).
 
     The conditional and null passes share one forward call of batch ``2B``; the null half differs
     from the conditional half by its class labels only.

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from dicom_node.errors import InferenceError
 from inference.data import CohortDataset, CohortSplit, TrainingSample, read_cohort, split_cohort
-from inference.model_config import ModelConfig, config_to_dict
+from inference.model_config import PREDICTION_TYPES, ModelConfig, config_to_dict
 from inference.model_dir import (
     component_state,
     load_model_dir,
@@ -87,8 +87,10 @@ class TrainOptions:
     ``seed`` (0: no validation). ``autocast``: ``auto`` (bf16 on CUDA, none on CPU), ``bf16`` or
     ``none``. ``init_from``: a model directory whose weights of the stage start the run
     (fine-tuning, e.g. of the bundled model on a site's data, or a change of patch size);
-    its architecture must match. ``ema_decay`` (diffusion): the decay of the weight average the
-    model directory keeps, replacing the model's ``training.ema_decay`` (0: none).
+    its architecture must match. Diffusion only, each replacing the model's own setting:
+    ``ema_decay``, the decay of the weight average the model directory keeps (0: none);
+    ``prediction_type``, what the UNet learns to predict (``epsilon`` or ``v_prediction``);
+    ``tumour_loss_weight``, the extra weight of the loss on the tumour (0: none).
     """
 
     epochs: int = 10
@@ -105,6 +107,8 @@ class TrainOptions:
     grad_clip: float | None = 1.0
     init_from: Path | None = None
     ema_decay: float | None = None
+    prediction_type: str | None = None
+    tumour_loss_weight: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -119,6 +123,15 @@ class TrainOptions:
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             problems.append(
                 f"ema_decay: expected 0 (off) or a decay in (0, 1), found {self.ema_decay}"
+            )
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            problems.append(
+                f"prediction_type: expected one of {', '.join(PREDICTION_TYPES)}, "
+                f"found {self.prediction_type!r}"
+            )
+        if self.tumour_loss_weight is not None and not self.tumour_loss_weight >= 0:
+            problems.append(
+                f"tumour_loss_weight: expected >= 0 (0: off), found {self.tumour_loss_weight}"
             )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(f"device: expected cpu or cuda, found {self.device!r}")
@@ -460,11 +473,36 @@ def _stage_info(
 
 
 def _diffusion_only(options: TrainOptions, stage: str) -> None:
-    if options.ema_decay is not None:
-        raise InferenceError(
-            f"{stage}: --ema-decay applies to the diffusion stage only, found it given "
-            f"({options.ema_decay})"
+    given = {
+        "--ema-decay": options.ema_decay,
+        "--prediction-type": options.prediction_type,
+        "--tumour-loss-weight": options.tumour_loss_weight,
+    }
+    for flag, value in given.items():
+        if value is not None:
+            raise InferenceError(
+                f"{stage}: {flag} applies to the diffusion stage only, found it given ({value})"
+            )
+
+
+def _stage2_config(cfg: ModelConfig, options: TrainOptions) -> ModelConfig:
+    """The model configuration with the stage-2 settings the options replace."""
+    training = {
+        key: value
+        for key, value in (
+            ("ema_decay", options.ema_decay),
+            ("tumour_loss_weight", options.tumour_loss_weight),
         )
+        if value is not None
+    }
+    if training:
+        cfg = cfg.with_training(**training)
+    if options.prediction_type is not None:
+        cfg = dataclasses.replace(
+            cfg,
+            scheduler=dataclasses.replace(cfg.scheduler, prediction_type=options.prediction_type),
+        )
+    return cfg
 
 
 def _init_record(options: TrainOptions, stage: str) -> dict[str, Any]:
@@ -783,9 +821,7 @@ def train_diffusion(
             stage1,
         )
     model = load_model_dir(stage1, device).model
-    if options.ema_decay is not None:
-        model.config = model.config.with_training(ema_decay=options.ema_decay)
-    cfg = model.config
+    model.config = cfg = _stage2_config(model.config, options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         model.unet = build_unet(cfg)

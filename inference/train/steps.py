@@ -9,9 +9,10 @@ divergence of the latent + ``mask_loss_weight`` x (BCE + soft Dice) of the tumou
 against the enhancing-tumour mask, on the samples where it applies (T1-Gd images; other contrasts
 have ``mask_weight`` 0). No perceptual or adversarial loss here.
 
-Stage 2 (:func:`diffusion_step`): noise-prediction MSE of the UNet on the noisy post-treatment
-latent concatenated with the conditioning, after dropping optional inputs and class labels with
-the configured probabilities.
+Stage 2 (:func:`diffusion_step`): MSE of the UNet's noise (or velocity, ``scheduler.
+prediction_type``) estimate on the noisy post-treatment latent concatenated with the
+conditioning, after dropping optional inputs and class labels with the configured
+probabilities; optionally weighted towards the tumour (``training.tumour_loss_weight``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from inference.conditioning import (
     build_conditioning,
     drop_class_labels,
     drop_inputs,
+    to_latent_grid,
 )
 from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel, build_scheduler
 from inference.sampler import autocast_context
@@ -180,7 +182,8 @@ def diffusion_loss(
     p_drop_dose: float | None = None,
     p_drop_class: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Stage-2 noise-prediction MSE (with graph). Dropout probabilities default to the model's
+    """Stage-2 loss (with graph): MSE of the noise or velocity estimate, tumour-weighted when
+    configured; ``parts["mse"]`` is the unweighted MSE. Dropout probabilities default to the model's
     training configuration; pass 0 to disable."""
     cfg = model.config
     tr = cfg.training
@@ -219,12 +222,28 @@ def diffusion_loss(
     noise = torch.randn(target.shape, generator=generator, device=gen_device).to(target)
     noisy = scheduler.add_noise(original_samples=target, noise=noise, timesteps=t)
     pred = model.unet(torch.cat([noisy, cond], dim=1), timesteps=t, class_labels=labels)
-    loss = F.mse_loss(pred.float(), noise.float())
+    if cfg.scheduler.prediction_type == "v_prediction":
+        aim = scheduler.get_velocity(target, noise, t)
+    else:
+        aim = noise
+    squared = (pred.float() - aim.float()) ** 2
+    if tr.tumour_loss_weight > 0:
+        weight = tumour_weight(batch.mask, layout.latent_shape, tr.tumour_loss_weight)
+        loss = (squared * weight).sum() / (weight.sum() * squared.shape[1])
+    else:
+        loss = squared.mean()
     parts = {
-        "mse": float(loss.detach()),
+        "mse": float(squared.detach().mean()),
         "null_class_fraction": float((labels == cfg.null_class).float().mean()),
     }
     return loss, parts
+
+
+def tumour_weight(mask: torch.Tensor, latent_shape: tuple[int, int, int], w: float) -> torch.Tensor:
+    """Per-voxel weight ``(B, 1, *latent_shape)`` of the stage-2 loss: ``1 + w`` on the latent
+    voxels that hold any of the tumour mask, 1 elsewhere."""
+    touched = to_latent_grid(mask.float(), latent_shape) > 0
+    return 1.0 + w * touched.float()
 
 
 def diffusion_step(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -64,3 +66,24 @@ def wake_up(model: LatentDiffusionModel, seed: int = 0, scale: float = 0.2) -> L
         emb = model.unet.class_embedding.weight
         emb.copy_(torch.randn(emb.shape, generator=g) * 3.0)
     return model
+
+
+class ExactDenoiser(torch.nn.Module):
+    """A denoiser that knows the answer: from x_t it returns the exact noise (or, for
+    ``v_prediction``, the exact velocity) towards ``target``."""
+
+    def __init__(
+        self, target: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
+    ) -> None:
+        super().__init__()
+        self.target, self.abar, self.prediction_type = target, alphas_cumprod, prediction_type
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the sampler reads the device from it
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **_: Any) -> torch.Tensor:
+        x = x[:, : self.target.shape[1]]
+        target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1, 1)  # CFG pairs
+        a = self.abar[timesteps.long()].view(-1, 1, 1, 1, 1).to(x)
+        eps = (x - a.sqrt() * target) / (1 - a).sqrt()
+        if self.prediction_type == "v_prediction":
+            return a.sqrt() * eps - (1 - a).sqrt() * target
+        return eps

@@ -152,6 +152,43 @@ def test_run_evaluation_writes_json_and_markdown(
     assert text == markdown_report(data)
 
 
+def test_stage1_bounds_bracket_each_latent_model(
+    tiny_cohort: Cohort, tiny_ldm_dir: Path, tiny_baseline_dir: Path
+) -> None:
+    report = run_evaluation(
+        [tiny_ldm_dir, tiny_baseline_dir],
+        [tiny_cohort[0]],
+        samples=1,
+        n_resamples=10,
+        patients_limit=2,
+        stage1_bounds=True,
+        guidance=True,
+    )
+    methods = report["methods"]
+    kinds = [m["kind"] for m in methods.values()]
+    assert kinds == [
+        "no-change",
+        "latent-diffusion",
+        "stage-1 bound (truth)",
+        "stage-1 bound (pre)",
+        "unet-baseline",  # no bounds: it has no autoencoder
+    ]
+    truth, pre = (m for m in methods.values() if m["kind"].startswith("stage-1"))
+    assert "autoencoder on the true post-treatment scan" in next(
+        k for k, m in methods.items() if m is truth
+    )
+    assert "guidance" not in truth and "guidance" not in pre
+    for m in (truth, pre):
+        assert all(p["metrics"] and p["predicted_volume_ml"] >= 0 for p in m["per_patient"])
+    # the pre-treatment row keeps each patient's decoded volume: stable (or complete) response
+    assert {p["predicted_category"] for p in pre["per_patient"]} <= {
+        "stable_disease",
+        "complete_response",
+    }
+    # the truth row decodes the post-treatment scan, another image than the pre-treatment one
+    assert truth["summary"]["mae_global"]["value"] != pre["summary"]["mae_global"]["value"]
+
+
 def test_models_of_one_name_and_version_keep_a_row_each(
     tiny_cohort: Cohort, tiny_baseline_dir: Path, tmp_path: Path
 ) -> None:

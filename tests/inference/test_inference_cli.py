@@ -50,6 +50,7 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     assert g.autoencoder_patch == (8, 12, 8) and g.ema_decay is None  # the model's
     h = p.parse_args(["train", "diffusion", "--data", "d", "--out", "m", "--ema-decay", "0.995"])
     assert h.ema_decay == 0.995
+    assert (h.prediction_type, h.tumour_loss_weight) == (None, None)  # the model's
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
@@ -62,6 +63,7 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
         ["evaluate", "--model", "m"],
         ["train", "autoencoder", "--data", "d", "--out", "m", "--autoencoder-patch", "8,8"],
         ["train", "autoencoder", "--data", "d", "--out", "m", "--autoencoder-patch", "0,8,8"],
+        ["train", "diffusion", "--data", "d", "--out", "m", "--prediction-type", "x0"],
     ):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
@@ -81,15 +83,21 @@ def test_train_evaluate_predict_end_to_end(
     assert read_model_yaml(tuned)[0].training.autoencoder_patch == (8, 8, 8)
     assert read_train_state(tuned)["stages"]["autoencoder"]["init_from"] == str(model)
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common,
-                "--ema-decay", "0.9"]) == 0  # fmt: skip
-    assert read_model_yaml(model)[0].training.ema_decay == 0.9
+                "--ema-decay", "0.9", "--prediction-type", "v_prediction",
+                "--tumour-loss-weight", "2"]) == 0  # fmt: skip
+    written = read_model_yaml(model)[0]
+    assert written.training.ema_decay == 0.9 and written.training.tumour_loss_weight == 2.0
+    assert written.scheduler.prediction_type == "v_prediction"  # evaluate/predict below use it
     # a second run into the same directory without --resume is refused with a reason
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2
     assert "--resume" in capsys.readouterr().err
     baseline = tmp_path / "unet"
     assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common,
                 "--ema-decay", "0.9"]) == 2  # fmt: skip
-    assert "diffusion stage only" in capsys.readouterr().err
+    assert "--ema-decay applies to the diffusion stage only" in capsys.readouterr().err
+    assert run(["train", "autoencoder", "--data", data, "--out", str(tmp_path / "ae"), *common,
+                "--prediction-type", "v_prediction"]) == 2  # fmt: skip
+    assert "--prediction-type applies to the diffusion stage only" in capsys.readouterr().err
     assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common]) == 0
     assert (baseline / "model.yaml").is_file()
 

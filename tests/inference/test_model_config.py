@@ -47,6 +47,10 @@ def test_dict_round_trip() -> None:
     # a model.yaml written before residual targets existed reads as a latent-target model
     del data["diffusion"]["target"], data["diffusion"]["residual_scale"]
     assert config_from_dict(data).diffusion.target == "latent"
+    # ... and one written before velocity prediction and the tumour weight as what it was
+    del data["scheduler"]["prediction_type"], data["training"]["tumour_loss_weight"]
+    old = config_from_dict(data)
+    assert (old.scheduler.prediction_type, old.training.tumour_loss_weight) == ("epsilon", 0.0)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +78,14 @@ def test_dict_round_trip() -> None:
         ({"contrasts": ["flair", "t1c"]}, "contrasts: expected 't1c' first"),
         ({"training": {"p_drop_class": 1.5}}, "training.p_drop_class: expected a probability"),
         ({"training": {"ema_decay": 1.0}}, "training.ema_decay: expected 0 (off) or a decay"),
+        (
+            {"training": {"tumour_loss_weight": -1.0}},
+            "training.tumour_loss_weight: expected >= 0 (0: off), found -1.0",
+        ),
+        (
+            {"scheduler": {"prediction_type": "sample"}},
+            "scheduler.prediction_type: expected one of epsilon, v_prediction, found 'sample'",
+        ),
         ({"inference": {"mask_threshold": 0}}, "inference.mask_threshold: expected in (0, 1)"),
         (
             {"autoencoder": {"channels": [8, 10, 8]}},

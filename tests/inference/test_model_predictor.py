@@ -169,6 +169,30 @@ def test_trained_models_of_both_kinds(tiny_ldm_dir: Path, tiny_baseline_dir: Pat
     assert q.survival_class is None
 
 
+def test_stage1_reconstruction(tiny_ldm_dir: Path, tiny_baseline_dir: Path) -> None:
+    """The autoencoder alone: by default the T1-Gd itself ("no change" as the decoder renders
+    it: its volume is the current volume), or another scan of the same grid, normalised with its
+    own scaling (a scan stored with another gain decodes the same)."""
+    inputs = oblique_study()
+    ldm = ModelPredictor(tiny_ldm_dir)
+    pre = ldm.reconstruct(inputs)
+    same_grid(pre.mean, inputs.t1c)
+    assert pre.sample_volumes_ml == (pre.current_volume_ml,)
+    assert not pre.std.array.any()
+    explicit = ldm.reconstruct(inputs, inputs.t1c)
+    np.testing.assert_array_equal(explicit.mean.array, pre.mean.array)
+    other = inputs.t1c.array.copy()
+    other[inputs.tumour_mask.array] = 100.0  # the enhancing ball gone
+    post = ldm.reconstruct(inputs, inputs.t1c.with_array(other))
+    brighter = ldm.reconstruct(inputs, inputs.t1c.with_array(3.0 * other))
+    assert not np.array_equal(post.mean.array, pre.mean.array)
+    np.testing.assert_allclose(brighter.mean.array, post.mean.array, rtol=1e-4, atol=1e-2)
+    with pytest.raises(InferenceError, match=r"expected an image on the T1-Gd grid \(26, 44, 40\)"):
+        ldm.reconstruct(inputs, dataclasses.replace(inputs.t1c, array=other[:-1]))
+    with pytest.raises(InferenceError, match="needs a latent diffusion model, found unet"):
+        ModelPredictor(tiny_baseline_dir).reconstruct(inputs)
+
+
 def test_refusals(tmp_path: Path, tiny_ldm_dir: Path) -> None:
     # a directory whose diffusion stage was never trained
     stage1 = tmp_path / "stage1"

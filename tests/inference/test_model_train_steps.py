@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dicom_node.errors import InferenceError
+from inference.model_config import PREDICTION_TYPES
 from inference.networks import LatentDiffusionModel, build_scheduler
 from inference.sampler import make_generator
 from inference.train.steps import (
@@ -21,9 +22,10 @@ from inference.train.steps import (
     diffusion_step,
     kl_divergence,
     latent_scale_from,
+    tumour_weight,
 )
 
-from .model_helpers import study, tiny_model
+from .model_helpers import ExactDenoiser, study, tiny_model
 
 
 def _ae_batch(model: LatentDiffusionModel) -> AutoencoderBatch:
@@ -91,8 +93,20 @@ def test_autoencoder_step_without_mask_target() -> None:
         )
 
 
-def test_diffusion_step_decreases_the_loss() -> None:
+def _with(model: LatentDiffusionModel, prediction_type: str, tumour_weight: float = 0.0) -> None:
+    cfg = model.config.with_training(tumour_loss_weight=tumour_weight)
+    model.config = cfg.replace(
+        scheduler=dataclasses.replace(cfg.scheduler, prediction_type=prediction_type)
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "tumour_weight"),
+    [("epsilon", 0.0), ("v_prediction", 0.0), ("v_prediction", 4.0)],
+)
+def test_diffusion_step_decreases_the_loss(prediction_type: str, tumour_weight: float) -> None:
     model = tiny_model(seed=0)
+    _with(model, prediction_type, tumour_weight)
     batch = _diffusion_batch(model)
     scheduler = build_scheduler(model.config)
     ae_before = {k: v.clone() for k, v in model.autoencoder.state_dict().items()}
@@ -146,6 +160,60 @@ def test_diffusion_loss_applies_condition_dropout(monkeypatch: pytest.MonkeyPatc
     diffusion_loss(model, batch, make_generator(0), p_drop_contrast=0.0, p_drop_dose=0.0)
     flags = seen[-1][:, off + layout.channel("flair_available")].flatten(1)[:, 0]
     assert flags.tolist() == [1.0, 1.0, 0.0, 1.0]  # the batch's own missing FLAIR stays missing
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_the_training_target_is_what_the_sampler_reads(prediction_type: str) -> None:
+    """A denoiser that returns the exact noise (velocity) of the batch's target has zero loss
+    under its own prediction type and a large one under the other: training teaches what
+    :func:`sample_latents` interprets (the same denoiser lands on its target there)."""
+    model = tiny_model(seed=0)
+    batch = _diffusion_batch(model)
+    abar = build_scheduler(model.config).alphas_cumprod
+    model.unet = ExactDenoiser(batch.target, abar, prediction_type)  # type: ignore[assignment]
+    for kind in PREDICTION_TYPES:
+        _with(model, kind)
+        loss, _ = diffusion_loss(model, batch, make_generator(3))
+        if kind == prediction_type:
+            assert float(loss) < 1e-8
+        else:
+            assert float(loss) > 0.1
+
+
+def test_tumour_weight_counts_the_tumour_voxels_more() -> None:
+    """An error only on the latent voxels that touch the mask: the weighted loss is the
+    share of (1 + w)-weighted error, and ``parts["mse"]`` stays the plain mean."""
+    model = tiny_model(seed=0)
+    batch = _diffusion_batch(model)
+    cfg = model.config
+    shape = cfg.preprocessing.crop_shape
+    mask = torch.zeros(4, 1, *shape)
+    mask[:, :, : shape[0] // 2] = 1.0  # the first half of each volume, along k
+    batch = dataclasses.replace(batch, mask=mask)
+    w = 4.0
+    weight = tumour_weight(batch.mask, cfg.latent_shape, w)
+    half = cfg.latent_shape[0] // 2
+    assert torch.all(weight[:, :, :half] == 1 + w) and torch.all(weight[:, :, half:] == 1.0)
+    abar = build_scheduler(cfg).alphas_cumprod
+    exact = ExactDenoiser(batch.target, abar)
+
+    class OffInTumour(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.exact = exact
+
+        def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kw: object) -> torch.Tensor:
+            return self.exact(x, timesteps) + (weight > 1).float()
+
+    model.unet = OffInTumour()  # type: ignore[assignment]
+    inside = float((weight > 1).float().mean())  # 0.5
+    _with(model, "epsilon", 0.0)
+    plain, parts = diffusion_loss(model, batch, make_generator(3))
+    assert float(plain) == pytest.approx(inside, rel=1e-5)
+    _with(model, "epsilon", w)
+    weighted, parts = diffusion_loss(model, batch, make_generator(3))
+    assert float(weighted) == pytest.approx((1 + w) * inside / ((1 + w) * inside + 1 - inside))
+    assert parts["mse"] == pytest.approx(inside, rel=1e-5)
 
 
 def test_kl_divergence_of_the_prior_is_zero() -> None:

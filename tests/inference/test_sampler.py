@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dicom_node.errors import InferenceError
+from inference.model_config import PREDICTION_TYPES
 from inference.networks import IMAGE_CHANNEL, LatentDiffusionModel, build_scheduler
 from inference.predict import predict_arrays
 from inference.sampler import (
@@ -23,7 +24,7 @@ from inference.sampler import (
     sample_latents,
 )
 
-from .model_helpers import study, tiny_model, wake_up
+from .model_helpers import ExactDenoiser, study, tiny_model, wake_up
 
 
 @pytest.fixture(scope="module")
@@ -180,30 +181,19 @@ def test_cuda_bf16_sampling_is_seeded() -> None:  # pragma: no cover - GPU machi
     assert (a - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
-class _ExactNoise(torch.nn.Module):
-    """A denoiser that knows the answer: from x_t it returns the exact noise towards ``target``."""
-
-    def __init__(self, target: torch.Tensor, alphas_cumprod: torch.Tensor) -> None:
-        super().__init__()
-        self.target, self.abar = target, alphas_cumprod
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the sampler reads the device from it
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **_: Any) -> torch.Tensor:
-        x = x[:, : self.target.shape[1]]
-        target = self.target.repeat(x.shape[0] // self.target.shape[0], 1, 1, 1, 1)  # CFG pairs
-        a = self.abar[timesteps.long()].view(-1, 1, 1, 1, 1).to(x)
-        return (x - a.sqrt() * target) / (1 - a).sqrt()
-
-
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("steps", [3, 20])
-def test_an_exact_denoiser_lands_on_its_target(steps: int) -> None:
-    """DDIM of our loop, driven by the exact noise, returns the target latent from any start:
-    the schedule, the timesteps and the update agree with the training noise."""
+def test_an_exact_denoiser_lands_on_its_target(steps: int, prediction_type: str) -> None:
+    """DDIM of our loop, driven by the exact noise (or velocity), returns the target latent
+    from any start: the schedule, the timesteps and the update agree with the training noise."""
     model = tiny_model(seed=5)
-    cfg = model.config
+    cfg = model.config.replace(
+        scheduler=dataclasses.replace(model.config.scheduler, prediction_type=prediction_type)
+    )
+    model.config = cfg
     g = torch.Generator().manual_seed(2)
     target = torch.randn(2, cfg.autoencoder.latent_channels, *cfg.latent_shape, generator=g)
-    model.unet = _ExactNoise(target, build_scheduler(cfg).alphas_cumprod)  # type: ignore[assignment]
+    model.unet = ExactDenoiser(target, build_scheduler(cfg).alphas_cumprod, prediction_type)  # type: ignore[assignment]
     opts = SamplingOptions.from_config(cfg, guidance_scale=3.0, num_inference_steps=steps)
     labels = torch.tensor([0, cfg.null_class])
     z = sample_latents(model, _cond(model), labels, make_generator(9), opts)
@@ -225,7 +215,7 @@ def test_a_residual_model_predicts_the_t1c_latent_plus_the_scaled_change() -> No
     change = torch.randn(z_t1c.shape, generator=g)
     abar = build_scheduler(cfg).alphas_cumprod
     for d in (torch.zeros_like(change), change):
-        model.unet = _ExactNoise(d, abar)  # type: ignore[assignment]
+        model.unet = ExactDenoiser(d, abar)  # type: ignore[assignment]
         p = predict_arrays(model, inputs, None, num_samples=2, seed=1, num_inference_steps=5)
         expected = decode_latents(model, z_t1c + d / 4.0)[0, IMAGE_CHANNEL].numpy()
         np.testing.assert_allclose(p.mean, expected, rtol=0, atol=1e-4)
