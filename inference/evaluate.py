@@ -454,7 +454,7 @@ def run_evaluation(
             "per_patient": [asdict(r) for r in results],
             "seconds": round(time.monotonic() - started, 2),
         }
-        if guidance and info.get("kind") == KIND_LDM:
+        if guidance and info.get("kind") == KIND_LDM and not isinstance(predictor, Stage1Bound):
             entry["guidance"] = guidance_check(
                 predictor, patients, samples=samples, n_resamples=n_resamples, seed=seed,
                 progress=progress,
