@@ -222,13 +222,14 @@ def diffusion_loss(
     noise = torch.randn(target.shape, generator=generator, device=gen_device).to(target)
     noisy = scheduler.add_noise(original_samples=target, noise=noise, timesteps=t)
     pred = model.unet(torch.cat([noisy, cond], dim=1), timesteps=t, class_labels=labels)
-    if cfg.scheduler.prediction_type == "v_prediction":
-        aim = scheduler.get_velocity(target, noise, t)
-    else:
-        aim = noise
+    v = cfg.scheduler.prediction_type == "v_prediction"
+    aim = scheduler.get_velocity(target, noise, t) if v else noise
     squared = (pred.float() - aim.float()) ** 2
     if tr.tumour_loss_weight > 0:
-        weight = tumour_weight(batch.mask, layout.latent_shape, tr.tumour_loss_weight)
+        # the conditioning already holds the mask on the latent grid: no second interpolation
+        mask_channel = layout.channel("mask")
+        on_latent = cond[:, mask_channel : mask_channel + 1]
+        weight = tumour_weight(on_latent, layout.latent_shape, tr.tumour_loss_weight)
         loss = (squared * weight).sum() / (weight.sum() * squared.shape[1])
     else:
         loss = squared.mean()
@@ -241,7 +242,8 @@ def diffusion_loss(
 
 def tumour_weight(mask: torch.Tensor, latent_shape: tuple[int, int, int], w: float) -> torch.Tensor:
     """Per-voxel weight ``(B, 1, *latent_shape)`` of the stage-2 loss: ``1 + w`` on the latent
-    voxels that hold any of the tumour mask, 1 elsewhere."""
+    voxels that hold any of the tumour mask (given on the image or the latent grid), 1
+    elsewhere."""
     touched = to_latent_grid(mask.float(), latent_shape) > 0
     return 1.0 + w * touched.float()
 
