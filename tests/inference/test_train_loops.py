@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from inference.model_dir import load_model_dir, model_kind, read_model_yaml
 from inference.synthetic.cohort import PatientRecord
 from inference.train.loops import (
     TrainOptions,
+    _release_free_memory,
     epoch_order,
     read_train_state,
     train_autoencoder,
@@ -317,3 +319,10 @@ def test_diffusion_keeps_a_weight_average_and_resumes_it(
             tiny_config(),
             TrainOptions(epochs=1, **opts),  # type: ignore[arg-type]
         )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim: Linux only")
+def test_stage_two_gives_back_the_memory_of_each_prepared_patient() -> None:
+    """Stage 2 prepares each patient once and trims the heap between patients (without it a
+    1000-patient cohort grew past 12 GB: see _release_free_memory); the call is real here."""
+    assert _release_free_memory() is True
