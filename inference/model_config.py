@@ -420,19 +420,20 @@ def tiny_config(**changes: Any) -> ModelConfig:
 def demo_config(**changes: Any) -> ModelConfig:
     """The bundled demo model: 4 mm grid of 40x48x40 (160x192x160 mm), 4x latent compression.
 
-    Sized so that both stages train on a 2-core CPU in about three hours on 200 synthetic
-    patients and 4 samples with guidance take seconds: a 16-32-32 autoencoder to a 4-channel
-    10x12x10 latent (trained on 24^3 patches, then fine-tuned on whole crops: group norm sees
-    other statistics on a patch), a 32-64 diffusion UNet with attention on its 5x6x5 level that
-    generates the change from the pre-treatment latent; 2.1 M weights, 8.2 MB of float32.
+    Sized so that both stages train on a 2-core CPU in a few hours on synthetic patients (200
+    for stage 1, 1000 for stage 2 since 0.6.0) and 4 samples with guidance take seconds: a
+    16-32-32 autoencoder to a 4-channel 10x12x10 latent (trained on 24^3 patches, then
+    fine-tuned on whole crops: group norm sees other statistics on a patch), a 32-64 diffusion
+    UNet with attention on its 5x6x5 level that generates the change from the pre-treatment
+    latent; 2.1 M weights, 8.2 MB of float32.
     ``residual_scale`` 2.5: that change had a standard deviation of 0.41 (scaled latent units)
     on 40 training patients with the bundled autoencoder. Stage 2 predicts the velocity, with
-    its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on: see
+    its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on; see
     ``docs/MODEL_CARD.md``).
     """
     cfg = ModelConfig(
         name="glioforecast-demo",
-        version="0.5.0",
+        version="0.6.0",
         preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(40, 48, 40)),
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 32),
