@@ -118,8 +118,10 @@ class Prediction:
     ``sample_volumes_ml`` the predicted tumour volume of each sample, ``current_volume_ml`` the
     tumour volume before treatment (from the GTV), ``response_probabilities`` the fraction of
     samples in each of :data:`RESPONSE_CATEGORIES`, ``survival_class`` the guidance class used
-    (``None`` for unconditional sampling), ``mean_volume_category`` the category of the mean
-    predicted volume (it breaks ties, see :func:`most_frequent_category`).
+    (``None`` when none was given), ``mean_volume_category`` the category of the mean
+    predicted volume (it breaks ties, see :func:`most_frequent_category`), ``sample_classes``
+    the guidance class of each sample when known (``None``: the null class; with no class given,
+    a model may spread its samples over the classes, see ``inference.predict``).
     """
 
     mean: Volume
@@ -132,6 +134,17 @@ class Prediction:
     model_name: str
     model_version: str
     mean_volume_category: str | None = None
+    sample_classes: tuple[str | None, ...] = ()
+
+    @property
+    def survival_scenario(self) -> str:
+        """The guidance behind the samples, as reports state it: the class given, ``marginal``
+        (no class given, the samples spread over the classes) or ``unconditional``."""
+        if self.survival_class is not None:
+            return self.survival_class
+        if any(c is not None for c in self.sample_classes):
+            return "marginal"
+        return "unconditional"
 
     @property
     def predicted_volume_ml(self) -> float:

@@ -238,6 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps,
             stage1_bounds=args.stage1_bounds,
+            unknown_class=args.unknown_class,
         )
         js, md = write_report(report, args.out)
     except GlioforecastError as exc:
@@ -275,6 +276,7 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--skip-no-change", action="store_true", help="leave out 'no change'")
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (the model's)")
+    _add_unknown_class(p)
     p.add_argument(
         "--stage1-bounds",
         action="store_true",
@@ -413,6 +415,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 guidance_scale=args.guidance_scale,
                 num_inference_steps=args.steps,
                 seed=args.seed,
+                unknown_class=args.unknown_class,
             )
         prediction = predictor.predict(inputs, samples=args.samples)
         out: Path = args.out
@@ -435,6 +438,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "samples": len(prediction.sample_volumes_ml),
         "seed": args.seed,
         "survival_class": prediction.survival_class,
+        "survival_scenario": prediction.survival_scenario,
+        "sample_classes": list(prediction.sample_classes),
         "current_volume_ml": prediction.current_volume_ml,
         "predicted_volume_ml": prediction.predicted_volume_ml,
         "sample_volumes_ml": list(prediction.sample_volumes_ml),
@@ -477,8 +482,22 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (the model's)")
     p.add_argument("--survival-class", default=None, help="guidance class (default: none)")
+    _add_unknown_class(p)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.set_defaults(func=cmd_predict)
+
+
+def _add_unknown_class(p: argparse.ArgumentParser) -> None:
+    from inference.model_config import UNKNOWN_CLASS_MODES
+
+    p.add_argument(
+        "--unknown-class",
+        choices=UNKNOWN_CLASS_MODES,
+        default=None,
+        help="without a survival class: every sample under the null class, or the samples "
+        "spread over the classes by the training cohort's shares (default: the model's "
+        "inference.unknown_class)",
+    )
 
 
 def register(subparsers: Any) -> None:

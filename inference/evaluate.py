@@ -373,10 +373,12 @@ def run_evaluation(
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
     stage1_bounds: bool = False,
+    unknown_class: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate "no change" and each model directory on the cohort(s) ``data`` (only the
     patients of ``sites`` when given, then the first ``patients_limit``): the report as plain
-    data (see :func:`write_report`). ``stage1_bounds``: see the module docstring."""
+    data (see :func:`write_report`). ``stage1_bounds``: see the module docstring.
+    ``unknown_class`` overrides the models' ``inference.unknown_class`` (unguided predictions)."""
     from inference.baseline import NoChangeBaseline
     from inference.model_dir import KIND_LDM
     from inference.model_predictor import ModelPredictor
@@ -402,6 +404,7 @@ def run_evaluation(
             seed=seed,
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
+            unknown_class=unknown_class,
         )
         info = {
             "kind": mp.kind,
@@ -431,6 +434,7 @@ def run_evaluation(
         "guidance_scale": guidance_scale,
         "num_inference_steps": num_inference_steps,
         "survival_class": survival_class,
+        "unknown_class": unknown_class,
         "tumour_region_margin_mm": margin_mm,
         "bootstrap_resamples": n_resamples,
         "seed": seed,
@@ -505,6 +509,10 @@ ROWS = (
 )
 
 
+def _or_model(value: object) -> str:
+    return "the model's" if value is None else str(value)
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     methods = report["methods"]
     names = list(methods)
@@ -515,6 +523,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"sites {', '.join(report['sites'])}",
         f"- samples per study: {report['samples']}; survival class: {report['survival_class']}; "
         f"tumour region margin: {report['tumour_region_margin_mm']} mm",
+        f"- sampling: guidance scale: {_or_model(report.get('guidance_scale'))}; DDIM steps: "
+        f"{_or_model(report.get('num_inference_steps'))}; with no survival class: "
+        f"{_or_model(report.get('unknown_class'))}",
         f"- mean [95 % bootstrap interval, {report['bootstrap_resamples']} resamples of the "
         "patients]; n/a: undefined (e.g. no spread, one class only)",
         f"- generated {report['generated_at']}",

@@ -138,12 +138,24 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Defaults of one prediction."""
+    """Defaults of one prediction.
+
+    ``unknown_class`` says how a study is predicted when no survival class is given (the node's
+    case: survival is what nobody knows yet): ``null_class``, every sample under the null class
+    (unguided); ``marginal``, the samples spread over the survival classes by stratified draws
+    from ``ModelConfig.survival_class_prior`` and each one guided by its class, so that the
+    samples show the outcomes of every class in proportion (see ``inference.predict``).
+    """
 
     num_samples: int = 4
     guidance_scale: float = 3.0
     mask_threshold: float = 0.5
     eta: float = 0.0
+    unknown_class: str = "null_class"
+
+
+#: the values of ``inference.unknown_class``
+UNKNOWN_CLASS_MODES = ("null_class", "marginal")
 
 
 @dataclass(frozen=True)
@@ -168,7 +180,9 @@ class ModelConfig:
     says whether the RT dose is a conditioning input (optional at inference, flagged).
     ``survival_classes`` are the guidance classes; the class embedding has one more entry, the
     null class. ``latent_scale`` multiplies the autoencoder latents before diffusion (set after
-    stage-1 training so that latents have unit variance).
+    stage-1 training so that latents have unit variance). ``survival_class_prior``: the share of
+    each survival class among the stage-2 training patients (empty: equal shares), written by
+    ``train diffusion``; the ``marginal`` mode of inference draws the classes from it.
     """
 
     name: str = "glioforecast-ldm"
@@ -176,6 +190,7 @@ class ModelConfig:
     contrasts: tuple[str, ...] = ("t1c", "flair")
     use_dose: bool = True
     survival_classes: tuple[str, ...] = ("short", "intermediate", "long")
+    survival_class_prior: tuple[float, ...] = ()
     latent_scale: float = 1.0
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -234,6 +249,12 @@ class ModelConfig:
                 f"{list(self.survival_classes)} or None"
             ) from None
 
+    def class_prior(self) -> tuple[float, ...]:
+        """``survival_class_prior``, or equal shares when it is empty."""
+        if self.survival_class_prior:
+            return self.survival_class_prior
+        return tuple(1.0 / self.num_classes for _ in self.survival_classes)
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some top-level fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
@@ -261,6 +282,16 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         p.append("survival_classes: expected at least one class, found none")
     if len(set(cfg.survival_classes)) != len(cfg.survival_classes):
         p.append(f"survival_classes: duplicates in {list(cfg.survival_classes)}")
+    prior = cfg.survival_class_prior
+    if prior and (
+        len(prior) != len(cfg.survival_classes)
+        or not all(math.isfinite(x) and x >= 0 for x in prior)
+        or abs(sum(prior) - 1.0) > 1e-3
+    ):
+        p.append(
+            f"survival_class_prior: expected empty or {len(cfg.survival_classes)} shares >= 0 "
+            f"summing to 1 (one per survival class), found {list(prior)}"
+        )
     if not cfg.latent_scale > 0:
         p.append(f"latent_scale: expected a positive number, found {cfg.latent_scale}")
     pre = cfg.preprocessing
@@ -376,6 +407,11 @@ def validate_config(cfg: ModelConfig) -> list[str]:
         p.append(f"inference.mask_threshold: expected in (0, 1), found {inf.mask_threshold}")
     if inf.eta < 0:
         p.append(f"inference.eta: expected >= 0, found {inf.eta}")
+    if inf.unknown_class not in UNKNOWN_CLASS_MODES:
+        p.append(
+            f"inference.unknown_class: expected one of {', '.join(UNKNOWN_CLASS_MODES)}, "
+            f"found {inf.unknown_class!r}"
+        )
     rs = cfg.response
     if not rs.partial < 0 < rs.progressive:
         p.append(

@@ -81,6 +81,7 @@ class ModelPredictor:
         current_from: Literal["mask", "model"] = "model",
         autocast: str = "auto",
         allow_untrained: bool = False,
+        unknown_class: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         dev = torch.device(device)
@@ -105,6 +106,7 @@ class ModelPredictor:
         self.seed = seed
         self.current_from: Literal["mask", "model"] = current_from
         self.autocast = autocast
+        self.unknown_class = unknown_class
         self._baseline: LoadedBaseline | None = None
         if self.kind == KIND_LDM:
             self._ldm = load_model_dir(self.model_dir, dev)
@@ -237,6 +239,7 @@ class ModelPredictor:
             seed=self.seed,
             autocast=self.autocast,
             current_from=self.current_from,
+            unknown_class=self.unknown_class,
         )
         return self.to_source(inputs, prepared, result)
 
@@ -260,6 +263,7 @@ class ModelPredictor:
             model_name=result.model_name,
             model_version=result.model_version,
             mean_volume_category=result.mean_volume_category,
+            sample_classes=result.sample_classes,
         )
 
     def _restore(

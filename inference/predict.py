@@ -19,6 +19,14 @@ current volume: complete response below ``complete_ml``, else partial response f
 category is the fraction of samples that fall in it (so the probabilities sum to 1). The
 predicted category is the most frequent one; a tie goes to the category of the mean volume
 (``mean_volume_category``; :func:`dicom_node.types.most_frequent_category`).
+
+When no survival class is given, ``inference.unknown_class`` decides the samples' classes: all
+the null class (``null_class``), or, with ``marginal``, the classes of stratified draws from the
+training cohort's class shares (:func:`stratified_classes`: with shares 0.33 / 0.44 / 0.23 and 4
+samples, one short, two intermediate, one long), each sample guided by its own class. Survival
+is unknown when the node predicts; a model whose null-class samples all agree (they come from one
+mode of the training outcomes) then still shows, in its spread and its category probabilities,
+how differently the tumour behaves across the classes.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import torch
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, most_frequent_category
 from inference.conditioning import build_conditioning
-from inference.model_config import ResponseConfig
+from inference.model_config import UNKNOWN_CLASS_MODES, ModelConfig, ResponseConfig
 from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel
 from inference.sampler import SamplingOptions, decode_latents, make_generator, sample_latents
 
@@ -99,6 +107,8 @@ class ModelPrediction:
     model_name: str
     model_version: str
     mean_volume_category: str | None = None  # breaks ties: most_frequent_category
+    # the survival class of each sample (None: the null class)
+    sample_classes: tuple[str | None, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -154,6 +164,37 @@ def _tensor(array: npt.NDArray[np.generic], device: torch.device) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
 
 
+def stratified_classes(prior: Sequence[float], n: int) -> list[int]:
+    """The class index of each of ``n`` samples: sample ``i`` takes the class in which the
+    cumulative share reaches ``(i + 0.5) / n`` (stratified draws from ``prior``: each class gets
+    its share of the samples, rounded, and the order is the classes' order)."""
+    if n < 1:
+        raise InferenceError(f"samples: expected >= 1, found {n}")
+    cumulative = np.cumsum(np.asarray(prior, dtype=np.float64))
+    if cumulative.size == 0 or not cumulative[-1] > 0:
+        raise InferenceError(f"survival class prior: expected positive shares, found {prior}")
+    cumulative /= cumulative[-1]
+    points = (np.arange(n) + 0.5) / n
+    return [
+        int(min(np.searchsorted(cumulative, q, side="left"), cumulative.size - 1)) for q in points
+    ]
+
+
+def sample_class_labels(
+    cfg: ModelConfig, survival_class: str | None, n: int, unknown_class: str | None = None
+) -> list[int]:
+    """The class label of each of ``n`` samples (see the module docstring); ``unknown_class``
+    overrides ``cfg.inference.unknown_class``."""
+    mode = cfg.inference.unknown_class if unknown_class is None else unknown_class
+    if mode not in UNKNOWN_CLASS_MODES:
+        raise InferenceError(
+            f"unknown_class: expected one of {', '.join(UNKNOWN_CLASS_MODES)}, found {mode!r}"
+        )
+    if survival_class is not None or mode == "null_class":
+        return [cfg.class_index(survival_class)] * n
+    return stratified_classes(cfg.class_prior(), n)
+
+
 @torch.no_grad()
 def predict_arrays(
     model: LatentDiffusionModel,
@@ -167,11 +208,14 @@ def predict_arrays(
     autocast: str = "auto",
     current_volume_ml: float | None = None,
     current_from: Literal["mask", "model"] = "mask",
+    unknown_class: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ModelPrediction:
     """Sample ``num_samples`` post-treatment scans (defaults from the model's configuration).
 
-    ``survival_class`` names the guidance class (``None``: the null class, unguided);
+    ``survival_class`` names the guidance class; ``None``: no class is known, and the samples'
+    classes follow ``unknown_class`` (default: the model's ``inference.unknown_class``; see the
+    module docstring).
     The current tumour volume of the response rule is, with ``current_from="mask"`` (default),
     the input mask's volume on the model grid; with ``"model"``, the volume that the joint mask
     channel finds on the decoded pre-treatment T1-Gd (the same "reader" as the predicted volumes:
@@ -194,7 +238,7 @@ def predict_arrays(
         options = dataclasses.replace(options, num_inference_steps=int(num_inference_steps))
     if current_from not in ("mask", "model"):
         raise InferenceError(f"current_from: expected 'mask' or 'model', found {current_from!r}")
-    label = cfg.class_index(survival_class)
+    label_list = sample_class_labels(cfg, survival_class, n, unknown_class)
     device = model.device
     model.eval()
 
@@ -213,7 +257,7 @@ def predict_arrays(
     )
     cond = build_conditioning(model.layout, latents, mask_t, dose_t)
     cond_n = cond.expand(n, *cond.shape[1:]).contiguous()
-    labels = torch.full((n,), label, dtype=torch.long, device=device)
+    labels = torch.tensor(label_list, dtype=torch.long, device=device)
     generator = make_generator(seed, device)
     x = sample_latents(model, cond_n, labels, generator, options, progress=progress)
     z = model.from_diffusion_space(x, t1c_latent)
@@ -248,11 +292,14 @@ def predict_arrays(
         model_name=cfg.name,
         model_version=cfg.version,
         mean_volume_category=response_category(current, float(np.mean(volumes)), cfg.response),
+        sample_classes=tuple(
+            None if i == cfg.null_class else cfg.survival_classes[i] for i in label_list
+        ),
     )
     log.info(
-        "predicted %d samples (class %s, w=%.2f): volume %.2f ml (now %.2f ml), %s",
+        "predicted %d samples (classes %s, w=%.2f): volume %.2f ml (now %.2f ml), %s",
         n,
-        survival_class,
+        ",".join(str(c) for c in result.sample_classes),
         w,
         result.predicted_volume_ml,
         current,

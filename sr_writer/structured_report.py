@@ -55,6 +55,7 @@ RELATIVE_CHANGE = Code("GLF001", LOCAL_SCHEME, "Relative volume change from pre-
 RESPONSE_CATEGORY = Code("GLF002", LOCAL_SCHEME, "Predicted response category")
 SURVIVAL_SCENARIO = Code("GLF003", LOCAL_SCHEME, "Survival scenario used for guidance")
 UNCONDITIONAL = Code("GLF004", LOCAL_SCHEME, "Unconditional (no survival guidance)")
+MARGINAL = Code("GLF005", LOCAL_SCHEME, "Samples across survival classes (class unknown)")
 
 # Response categories (NCI Thesaurus).
 RESPONSE_CODES: dict[str, Code] = {
@@ -114,15 +115,29 @@ def figures_of(prediction: Prediction) -> SrFigures:
             c: float(prediction.response_probabilities.get(c, 0.0)) * 100.0
             for c in RESPONSE_CATEGORIES
         },
-        survival_scenario=prediction.survival_class or "unconditional",
+        survival_scenario=_scenario_text(prediction),
         n_samples=int(vols.size),
     )
 
 
-def _survival_code(survival_class: str | None) -> Code:
-    if survival_class is None:
+def _scenario_text(prediction: Prediction) -> str:
+    """``marginal`` with the number of samples of each class (``marginal short:1
+    intermediate:2 long:1``), else the class or ``unconditional``."""
+    scenario = prediction.survival_scenario
+    if scenario != "marginal":
+        return scenario
+    classes = prediction.sample_classes
+    counts = " ".join(f"{c}:{classes.count(c)}" for c in dict.fromkeys(classes) if c is not None)
+    return f"{scenario} {counts}"
+
+
+def _survival_code(prediction: Prediction) -> Code:
+    scenario = prediction.survival_scenario
+    if scenario == "unconditional":
         return UNCONDITIONAL
-    return Code(f"GLF-S-{survival_class}"[:16], LOCAL_SCHEME, f"Survival class {survival_class}")
+    if scenario == "marginal":
+        return MARGINAL
+    return Code(f"GLF-S-{scenario}"[:16], LOCAL_SCHEME, f"Survival class {scenario}")
 
 
 def build_structured_report(
@@ -222,9 +237,7 @@ def build_structured_report(
             hd.sr.QualitativeEvaluation(
                 name=RESPONSE_CATEGORY, value=RESPONSE_CODES[fig.response_category]
             ),
-            hd.sr.QualitativeEvaluation(
-                name=SURVIVAL_SCENARIO, value=_survival_code(prediction.survival_class)
-            ),
+            hd.sr.QualitativeEvaluation(name=SURVIVAL_SCENARIO, value=_survival_code(prediction)),
         ],
     )
     report = hd.sr.MeasurementReport(

@@ -41,7 +41,14 @@ import torch
 from tqdm import tqdm
 
 from dicom_node.errors import InferenceError
-from inference.data import CohortDataset, CohortSplit, TrainingSample, read_cohort, split_cohort
+from inference.data import (
+    CohortDataset,
+    CohortPatient,
+    CohortSplit,
+    TrainingSample,
+    read_cohort,
+    split_cohort,
+)
 from inference.model_config import PREDICTION_TYPES, ModelConfig, config_to_dict
 from inference.model_dir import (
     component_state,
@@ -820,6 +827,14 @@ def _diffusion_batch(items: Sequence[_Latents], device: torch.device) -> Diffusi
     )
 
 
+def class_shares(patients: Sequence[CohortPatient], classes: Sequence[str]) -> tuple[float, ...]:
+    """The share of each survival class among ``patients`` (those without one of ``classes``
+    left out), rounded to 4 decimals; empty when none has one."""
+    counts = [sum(p.survival_class == c for p in patients) for c in classes]
+    total = sum(counts)
+    return tuple(round(n / total, 4) for n in counts) if total else ()
+
+
 def train_diffusion(
     data: Sequence[str | Path],
     out_dir: str | Path,
@@ -923,6 +938,10 @@ def train_diffusion(
     if average is not None:
         model.unet = average.module
         log.info("model directory gets the weight average (decay %g)", decay)
+    # after the run's identity was fixed: the shares follow from the training patients in it
+    model.config = model.config.replace(
+        survival_class_prior=class_shares(split.train, cfg.survival_classes)
+    )
     model.to("cpu")
     save_model_dir(model, out, overwrite=True)
     seconds = time.monotonic() - started

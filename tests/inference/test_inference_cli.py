@@ -104,13 +104,14 @@ def test_train_evaluate_predict_end_to_end(
     report = tmp_path / "report"
     argv = ["evaluate", "--data", data, "--model", str(model), "--model", str(baseline)]
     argv += ["--samples", "1", "--out", str(report), "--bootstrap", "20", "--limit", "1"]
-    argv += ["--steps", "2", "--guidance-scale", "1.5"]
+    argv += ["--steps", "2", "--guidance-scale", "1.5", "--unknown-class", "marginal"]
     assert run([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| Tumour Dice |" in out
     metrics = json.loads((report / "metrics.json").read_text())
     assert len(metrics["methods"]) == 3 and metrics["patients"] == 1
     assert (metrics["num_inference_steps"], metrics["guidance_scale"]) == (2, 1.5)
+    assert metrics["unknown_class"] == "marginal"
 
     patient = tiny_cohort[1][0].patient_id
     nifti_out = tmp_path / "pred-nifti"
@@ -120,6 +121,16 @@ def test_train_evaluate_predict_end_to_end(
     summary = json.loads((nifti_out / "summary.json").read_text())
     assert summary["input_format"] == "nifti"
     assert summary["samples"] == 2 and "research use only" in summary["notice"]
+    assert (summary["survival_scenario"], summary["sample_classes"]) == (
+        "unconditional",
+        [None, None],
+    )
+    marginal_out = tmp_path / "pred-marginal"
+    assert run(["predict", str(nifti_in), "--model", str(model), "--out", str(marginal_out),
+                "--samples", "2", "--unknown-class", "marginal"]) == 0  # fmt: skip
+    summary = json.loads((marginal_out / "summary.json").read_text())
+    assert summary["survival_scenario"] == "marginal"
+    assert len(summary["sample_classes"]) == 2 and None not in summary["sample_classes"]
     source = read_volume(nifti_in / "pre_t1c.nii.gz")
     for name in ("mean", "std", "tumour_mask"):
         vol = read_volume(nifti_out / f"{name}.nii.gz")

@@ -51,6 +51,11 @@ def test_dict_round_trip() -> None:
     del data["scheduler"]["prediction_type"], data["training"]["tumour_loss_weight"]
     old = config_from_dict(data)
     assert (old.scheduler.prediction_type, old.training.tumour_loss_weight) == ("epsilon", 0.0)
+    # ... and one written before the class shares and the unknown-class mode as unguided
+    del data["survival_class_prior"], data["inference"]["unknown_class"]
+    old = config_from_dict(data)
+    assert (old.survival_class_prior, old.inference.unknown_class) == ((), "null_class")
+    assert old.class_prior() == pytest.approx((0.5, 0.5))
 
 
 @pytest.mark.parametrize(
@@ -107,6 +112,17 @@ def test_dict_round_trip() -> None:
             {"diffusion": {"residual_scale": 0.0}},
             "diffusion.residual_scale: expected a number > 0, found 0.0",
         ),
+        (
+            {"survival_class_prior": [0.5, 0.5]},
+            "survival_class_prior: expected empty or 3 shares >= 0 summing to 1 (one per "
+            "survival class), found [0.5, 0.5]",
+        ),
+        ({"survival_class_prior": [0.5, 0.6, -0.1]}, "survival_class_prior: expected empty"),
+        ({"survival_class_prior": [0.2, 0.2, 0.2]}, "summing to 1"),
+        (
+            {"inference": {"unknown_class": "null"}},
+            "inference.unknown_class: expected one of null_class, marginal, found 'null'",
+        ),
     ],
 )
 def test_validation_names_the_key(change: dict[str, object], key: str) -> None:
@@ -134,6 +150,12 @@ def test_all_problems_reported_at_once() -> None:
 def test_direct_construction_is_validated() -> None:
     with pytest.raises(InferenceError, match="survival_classes: duplicates"):
         ModelConfig(survival_classes=("a", "a"))
+
+
+def test_class_prior() -> None:
+    assert tiny_config().class_prior() == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    cfg = tiny_config(survival_class_prior=(0.33, 0.44, 0.23))
+    assert cfg.class_prior() == (0.33, 0.44, 0.23)
 
 
 def test_class_index() -> None:

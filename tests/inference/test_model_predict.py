@@ -18,6 +18,7 @@ from inference.predict import (
     predict_per_class,
     response_category,
     response_probabilities,
+    stratified_classes,
     tumour_volume_ml,
     voxel_volume_ml,
 )
@@ -85,6 +86,54 @@ def test_per_class_predictions_are_paired(model: LatentDiffusionModel) -> None:
     assert list(out) == [*model.config.survival_classes, None]
     assert not np.array_equal(out["short"].samples, out["long"].samples)
     assert all(p.seed == 3 for p in out.values())
+
+
+@pytest.mark.parametrize(
+    ("prior", "n", "expected"),
+    [
+        ((0.33, 0.44, 0.23), 4, [0, 1, 1, 2]),
+        ((0.33, 0.44, 0.23), 8, [0, 0, 0, 1, 1, 1, 2, 2]),
+        ((1 / 3, 1 / 3, 1 / 3), 3, [0, 1, 2]),
+        ((0.33, 0.44, 0.23), 1, [1]),  # one sample: the median class
+        ((0.0, 1.0, 0.0), 4, [1, 1, 1, 1]),  # a class without patients gets no sample
+        ((2.0, 2.0), 2, [0, 1]),  # counts work as well as shares
+    ],
+)
+def test_stratified_classes(prior: tuple[float, ...], n: int, expected: list[int]) -> None:
+    assert stratified_classes(prior, n) == expected
+
+
+def test_stratified_classes_refuse_empty_shares() -> None:
+    with pytest.raises(InferenceError, match="expected positive shares"):
+        stratified_classes((0.0, 0.0), 2)
+    with pytest.raises(InferenceError, match="samples: expected >= 1"):
+        stratified_classes((0.5, 0.5), 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_marginal_samples_are_those_of_their_classes(
+    model: LatentDiffusionModel, scale: float
+) -> None:
+    """Without a class, ``marginal`` gives each sample a class drawn by the prior; sample i is
+    then the sample i that a prediction under that class gives with the same seed."""
+    cfg = model.config.replace(survival_class_prior=(0.25, 0.5, 0.25))
+    m = dataclasses.replace(model, config=cfg)
+    inputs = study(cfg)
+    kw = {"num_samples": 4, "seed": 5, "guidance_scale": scale}
+    mixed = predict_arrays(m, inputs, None, unknown_class="marginal", **kw)
+    assert mixed.sample_classes == ("short", "intermediate", "intermediate", "long")
+    assert mixed.survival_class is None
+    for i, c in enumerate(mixed.sample_classes):
+        alone = predict_arrays(m, inputs, c, **kw)
+        np.testing.assert_allclose(mixed.samples[i], alone.samples[i], atol=1e-5)
+    null = predict_arrays(m, inputs, None, **kw)  # the model's default: the null class
+    assert null.sample_classes == (None,) * 4
+    assert not np.allclose(null.samples, mixed.samples)
+    # a class given wins over the mode
+    given = predict_arrays(m, inputs, "long", unknown_class="marginal", **kw)
+    assert given.sample_classes == ("long",) * 4
+    with pytest.raises(InferenceError, match="unknown_class: expected one of"):
+        predict_arrays(m, inputs, None, unknown_class="mixture", **kw)
 
 
 def test_input_validation(model: LatentDiffusionModel) -> None:

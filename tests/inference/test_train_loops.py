@@ -47,6 +47,14 @@ def test_the_ldm_directory_holds_both_stages(tiny_ldm_dir: Path, tiny_cohort: Co
     assert model_kind(tiny_ldm_dir) == "latent-diffusion"
     for f in ("autoencoder.safetensors", "diffusion.safetensors"):
         assert (tiny_ldm_dir / f).stat().st_mode & 0o044 == 0o044  # readable by a service user
+    # the survival-class shares of the stage-2 training patients (the held-out site left out)
+    dif = state["stages"]["diffusion"]
+    patients = [p for p in read_cohort([tiny_cohort[0]]) if p.site not in dif["held_out_sites"]]
+    assert len(patients) == dif["train_patients"]
+    expected = [
+        sum(p.survival_class == c for p in patients) / len(patients) for c in cfg.survival_classes
+    ]
+    assert list(cfg.survival_class_prior) == pytest.approx(expected, abs=1e-4)
     # the checkpoint of each stage: safetensors weights, trainer state readable weights_only
     for stage in ("autoencoder", "diffusion"):
         ckpt = tiny_ldm_dir / "checkpoints" / stage

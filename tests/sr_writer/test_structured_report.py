@@ -14,9 +14,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import ExportError
+from sr_writer.outputs import OutputOptions, build_outputs
 from sr_writer.structured_report import RESPONSE_CODES, SrFigures, figures_of
 from tests.conftest import tool
-from tests.sr_writer.synthetic_job import default_case, default_outputs
+from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs
 
 
 def _sr_dataset() -> Dataset:
@@ -97,6 +98,47 @@ def test_sr_read_back_with_highdicom() -> None:
     assert ref is not None
     assert ref[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert ref[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == 1
+
+
+@pytest.mark.parametrize(
+    ("survival_class", "sample_classes", "meaning", "parameter"),
+    [
+        (
+            None,
+            ("short", "intermediate", "intermediate", "long"),
+            "Samples across survival classes (class unknown)",
+            "survival scenario=marginal short:1 intermediate:2 long:1",
+        ),
+        (
+            None,
+            (None,) * 4,
+            "Unconditional (no survival guidance)",
+            "survival scenario=unconditional",
+        ),
+        (None, (), "Unconditional (no survival guidance)", "survival scenario=unconditional"),
+    ],
+)
+def test_sr_states_how_the_samples_were_guided(
+    survival_class: str | None,
+    sample_classes: tuple[str | None, ...],
+    meaning: str,
+    parameter: str,
+) -> None:
+    """A reader must see whether the samples came from one class, none, or all of them."""
+    import dataclasses
+
+    case = default_case()
+    prediction = dataclasses.replace(
+        case.prediction, survival_class=survival_class, sample_classes=sample_classes
+    )
+    sr = build_outputs(prediction, job_inputs(case), OutputOptions(node_version="0.1.0")).sr
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    report = hd.sr.Comprehensive3DSR.from_dataset(dcmread(io.BytesIO(buf.getvalue()))).content
+    [predicted] = report.get_volumetric_roi_measurement_groups()
+    qual = {q.name.meaning: q.value for q in predicted.get_qualitative_evaluations()}
+    assert qual["Survival scenario used for guidance"].meaning == meaning
+    assert parameter in _texts(predicted[0])["Algorithm Parameters"]
 
 
 def _texts(item: Dataset) -> dict[str, list[str]]:
