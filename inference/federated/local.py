@@ -225,8 +225,15 @@ class SiteWork:
         self.device = resolve_device(node.device)
         self.patients = site_patients(node)
         self.site = site_label(node, self.patients)
+        # the diffusion stage trains on latents only: each patient is prepared once, encoded
+        # and let go, as in centralised training (inference.train.loops.train_diffusion)
         self.dataset = CohortDataset(
-            self.patients, cfg.preprocessing, cfg.contrasts, cfg.use_dose, cfg.survival_classes
+            self.patients,
+            cfg.preprocessing,
+            cfg.contrasts,
+            cfg.use_dose,
+            cfg.survival_classes,
+            cache=stage != "diffusion",
         )
         self.model: LatentDiffusionModel | None = None
         self.module: torch.nn.Module
