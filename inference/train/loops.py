@@ -298,14 +298,30 @@ class Checkpoint:
 def _check_resume(state: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
     differ = [k for k, v in expected.items() if state.get(k) != v]
     if differ:
-        details = "; ".join(
-            f"{k}: checkpoint has {_short(state.get(k))}, this run {_short(expected[k])}"
-            for k in differ
-        )
+        details = "; ".join(_difference(k, state.get(k), expected[k]) for k in differ)
         raise InferenceError(
             f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
             "start a new output directory instead"
         )
+
+
+def _difference(key: str, found: Any, expected: Any) -> str:
+    """``key: checkpoint has X, this run Y``, down to the keys that differ in a mapping (the
+    configuration: ``config.version: checkpoint has "0.5.0", this run "0.6.0"``)."""
+    if isinstance(found, dict) and isinstance(expected, dict):
+        keys = [k for k in {**found, **expected} if found.get(k) != expected.get(k)]
+        return "; ".join(_difference(f"{key}.{k}", found.get(k), expected.get(k)) for k in keys)
+    return f"{key}: checkpoint has {_short(found)}, this run {_short(expected)}"
+
+
+def _check_resume_before_preparing(
+    ckpt: Checkpoint, identity: dict[str, Any], options: TrainOptions
+) -> None:
+    """Refuse a resume that cannot succeed before the data are prepared (stage 2 prepares
+    every patient first: 15 minutes for 1000 on a 2-core CPU)."""
+    if options.resume and ckpt.exists():
+        state = json.loads(ckpt.state_file.read_text(encoding="utf-8"))
+        _check_resume(state, identity, ckpt.dir)
 
 
 def _short(value: Any) -> str:
@@ -511,7 +527,10 @@ def _diffusion_only(options: TrainOptions, stage: str) -> None:
 
 
 def _stage2_config(cfg: ModelConfig, options: TrainOptions) -> ModelConfig:
-    """The model configuration with the stage-2 settings the options replace."""
+    """The model configuration with the stage-2 settings the options replace, without class
+    shares (those of this run's patients are written at its end; a resumed run's stage-1
+    directory may be its own output, which has them)."""
+    cfg = cfg.replace(survival_class_prior=())
     training = {
         key: value
         for key, value in (
@@ -866,6 +885,8 @@ def train_diffusion(
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
     split = _split(paths, options)
+    identity = _identity("diffusion", config_to_dict(cfg), split, options)
+    _check_resume_before_preparing(ckpt, identity, options)
     pre = cfg.preprocessing
     # stage 2 needs the latents only: each patient is prepared once, encoded and let go (a
     # cached dataset would hold about 17 MB per patient at the demo crop until the end)
@@ -880,7 +901,6 @@ def train_diffusion(
     scheduler = build_scheduler(cfg)
     decay = cfg.training.ema_decay
     average = WeightAverage(model.unet, decay) if decay > 0 else None
-    identity = _identity("diffusion", config_to_dict(cfg), split, options)
     start_epoch, losses, val_losses = _resume(
         ckpt, identity, options, model.unet, opt, generator, "diffusion UNet", average
     )

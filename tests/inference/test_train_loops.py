@@ -122,6 +122,32 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, tiny_cohort
         )
 
 
+def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing(
+    tiny_ldm_dir: Path, tiny_cohort: Cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from inference.train import loops
+
+    out = tmp_path / "ldm"
+    shutil.copytree(tiny_ldm_dir, out)
+    options = TrainOptions(epochs=2, resume=True, **FAST)  # type: ignore[arg-type]
+    # the finished run's model.yaml (its stage-1 configuration here) has the class shares,
+    # which the checkpoint's configuration does not: the run resumes all the same
+    report = train_diffusion([tiny_cohort[0]], out, options)
+    assert (report.start_epoch, len(report.train_losses)) == (1, 2)
+    assert read_model_yaml(out)[0].survival_class_prior
+    # another configuration is refused with the key that differs, before any patient is prepared
+    text = (out / "model.yaml").read_text()
+    (out / "model.yaml").write_text(text.replace("version: 0.0.0-test", "version: 9.9.9"))
+    prepared: list[int] = []
+    monkeypatch.setattr(loops, "_encode_all", lambda *a, **k: prepared.append(1) or [])
+    with pytest.raises(InferenceError) as err:
+        train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=3))
+    assert 'config.version: checkpoint has "0.0.0-test", this run "9.9.9"' in str(err.value)
+    assert prepared == []
+
+
 def test_seeds_change_the_run_and_fix_it(tmp_path: Path) -> None:
     assert epoch_order(10, 0, 0, "autoencoder") == epoch_order(10, 0, 0, "autoencoder")
     assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 0, 1, "autoencoder")
