@@ -295,7 +295,13 @@ class Checkpoint:
         return dict(state)
 
 
-def _check_resume(state: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
+def _check_resume(
+    state: dict[str, Any], expected: dict[str, Any], where: Path, defaults: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint of another run. ``defaults``: the configuration class's defaults,
+    which a key missing from an older checkpoint's configuration takes (as in ``model.yaml``)."""
+    if isinstance(state.get("config"), dict):
+        state = {**state, "config": _with_defaults(state["config"], defaults)}
     differ = [k for k, v in expected.items() if state.get(k) != v]
     if differ:
         details = "; ".join(_difference(k, state.get(k), expected[k]) for k in differ)
@@ -303,6 +309,21 @@ def _check_resume(state: dict[str, Any], expected: dict[str, Any], where: Path) 
             f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
             "start a new output directory instead"
         )
+
+
+def _with_defaults(found: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out = dict(found)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
+def _config_defaults(cfg: Any) -> dict[str, Any]:
+    """The defaults of ``cfg``'s configuration class, as plain data."""
+    return config_to_dict(type(cfg)())
 
 
 def _difference(key: str, found: Any, expected: Any) -> str:
@@ -315,13 +336,13 @@ def _difference(key: str, found: Any, expected: Any) -> str:
 
 
 def _check_resume_before_preparing(
-    ckpt: Checkpoint, identity: dict[str, Any], options: TrainOptions
+    ckpt: Checkpoint, identity: dict[str, Any], options: TrainOptions, defaults: dict[str, Any]
 ) -> None:
     """Refuse a resume that cannot succeed before the data are prepared (stage 2 prepares
     every patient first: 15 minutes for 1000 on a 2-core CPU)."""
     if options.resume and ckpt.exists():
         state = json.loads(ckpt.state_file.read_text(encoding="utf-8"))
-        _check_resume(state, identity, ckpt.dir)
+        _check_resume(state, identity, ckpt.dir, defaults)
 
 
 def _short(value: Any) -> str:
@@ -365,13 +386,14 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     what: str,
+    defaults: dict[str, Any],
     average: WeightAverage | None = None,
 ) -> tuple[int, list[float], list[float | None]]:
     """(first epoch, losses, validation losses): from the checkpoint when resuming, else fresh."""
     if not (options.resume and ckpt.exists()):
         return 0, [], []
     state = ckpt.load(module, optimizer, generator, average)
-    _check_resume(state, identity, ckpt.dir)
+    _check_resume(state, identity, ckpt.dir, defaults)
     log.info("resuming the %s at epoch %d from %s", what, state["epoch"], ckpt.dir)
     return state["epoch"], state["losses"], state["val_losses"]
 
@@ -665,7 +687,7 @@ def train_autoencoder(
     val_items = _ae_items(val_ds)
     identity = _identity("autoencoder", config_to_dict(base_cfg), split, options)
     start_epoch, losses, val_losses = _resume(
-        ckpt, identity, options, ae, opt, generator, "autoencoder"
+        ckpt, identity, options, ae, opt, generator, "autoencoder", _config_defaults(cfg)
     )
 
     def step(chunk: list[int]) -> float:
@@ -886,7 +908,7 @@ def train_diffusion(
         p.requires_grad_(False)
     split = _split(paths, options)
     identity = _identity("diffusion", config_to_dict(cfg), split, options)
-    _check_resume_before_preparing(ckpt, identity, options)
+    _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
     pre = cfg.preprocessing
     # stage 2 needs the latents only: each patient is prepared once, encoded and let go (a
     # cached dataset would hold about 17 MB per patient at the demo crop until the end)
@@ -902,7 +924,15 @@ def train_diffusion(
     decay = cfg.training.ema_decay
     average = WeightAverage(model.unet, decay) if decay > 0 else None
     start_epoch, losses, val_losses = _resume(
-        ckpt, identity, options, model.unet, opt, generator, "diffusion UNet", average
+        ckpt,
+        identity,
+        options,
+        model.unet,
+        opt,
+        generator,
+        "diffusion UNet",
+        _config_defaults(cfg),
+        average,
     )
     trained = model.unet  # the network the optimiser updates
 
@@ -1056,7 +1086,7 @@ def train_baseline(
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     identity = _identity("baseline", config_to_dict(cfg), split, options)
     start_epoch, losses, val_losses = _resume(
-        ckpt, identity, options, unet, opt, generator, "UNet baseline"
+        ckpt, identity, options, unet, opt, generator, "UNet baseline", _config_defaults(cfg)
     )
 
     def step(chunk: list[int]) -> float:

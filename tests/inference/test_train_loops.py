@@ -137,13 +137,20 @@ def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing
     report = train_diffusion([tiny_cohort[0]], out, options)
     assert (report.start_epoch, len(report.train_losses)) == (1, 2)
     assert read_model_yaml(out)[0].survival_class_prior
+    # a checkpoint written before some configuration keys existed reads them as their defaults
+    state_file = out / "checkpoints" / "diffusion" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["survival_class_prior"], state["config"]["inference"]["unknown_class"]
+    state_file.write_text(json.dumps(state))
+    report = train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=3))
+    assert report.start_epoch == 2
     # another configuration is refused with the key that differs, before any patient is prepared
     text = (out / "model.yaml").read_text()
     (out / "model.yaml").write_text(text.replace("version: 0.0.0-test", "version: 9.9.9"))
     prepared: list[int] = []
     monkeypatch.setattr(loops, "_encode_all", lambda *a, **k: prepared.append(1) or [])
     with pytest.raises(InferenceError) as err:
-        train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=3))
+        train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=4))
     assert 'config.version: checkpoint has "0.0.0-test", this run "9.9.9"' in str(err.value)
     assert prepared == []
 
