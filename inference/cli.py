@@ -101,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             ema_decay=args.ema_decay,
             prediction_type=args.prediction_type,
             tumour_loss_weight=args.tumour_loss_weight,
+            p_drop_class=args.p_drop_class,
         )
         if args.stage == "autoencoder":
             from inference.model_config import preset
@@ -209,6 +210,14 @@ def _add_train(sub: Any) -> None:
         default=None,
         help="diffusion: weight the loss by 1 + W on the latent voxels that touch the tumour "
         "mask (0: off; default: the model's training.tumour_loss_weight)",
+    )
+    p.add_argument(
+        "--p-drop-class",
+        type=float,
+        default=None,
+        help="diffusion: probability of training a sample under the null class, which is what "
+        "the model predicts when no survival class is given (default: the model's "
+        "training.p_drop_class)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

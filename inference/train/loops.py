@@ -99,7 +99,9 @@ class TrainOptions:
     its architecture must match. Diffusion only, each replacing the model's own setting:
     ``ema_decay``, the decay of the weight average the model directory keeps (0: none);
     ``prediction_type``, what the UNet learns to predict (``epsilon`` or ``v_prediction``);
-    ``tumour_loss_weight``, the extra weight of the loss on the tumour (0: none).
+    ``tumour_loss_weight``, the extra weight of the loss on the tumour (0: none);
+    ``p_drop_class``, the probability of training a sample under the null class (what the
+    model learns to predict when no survival class is given).
     """
 
     epochs: int = 10
@@ -118,6 +120,7 @@ class TrainOptions:
     ema_decay: float | None = None
     prediction_type: str | None = None
     tumour_loss_weight: float | None = None
+    p_drop_class: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,6 +144,10 @@ class TrainOptions:
         if self.tumour_loss_weight is not None and not self.tumour_loss_weight >= 0:
             problems.append(
                 f"tumour_loss_weight: expected >= 0 (0: off), found {self.tumour_loss_weight}"
+            )
+        if self.p_drop_class is not None and not 0.0 <= self.p_drop_class <= 1.0:
+            problems.append(
+                f"p_drop_class: expected a probability in [0, 1], found {self.p_drop_class}"
             )
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             problems.append(f"device: expected cpu or cuda, found {self.device!r}")
@@ -540,6 +547,7 @@ def _diffusion_only(options: TrainOptions, stage: str) -> None:
         "--ema-decay": options.ema_decay,
         "--prediction-type": options.prediction_type,
         "--tumour-loss-weight": options.tumour_loss_weight,
+        "--p-drop-class": options.p_drop_class,
     }
     for flag, value in given.items():
         if value is not None:
@@ -558,6 +566,7 @@ def _stage2_config(cfg: ModelConfig, options: TrainOptions) -> ModelConfig:
         for key, value in (
             ("ema_decay", options.ema_decay),
             ("tumour_loss_weight", options.tumour_loss_weight),
+            ("p_drop_class", options.p_drop_class),
         )
         if value is not None
     }

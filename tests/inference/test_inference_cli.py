@@ -50,7 +50,7 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     assert g.autoencoder_patch == (8, 12, 8) and g.ema_decay is None  # the model's
     h = p.parse_args(["train", "diffusion", "--data", "d", "--out", "m", "--ema-decay", "0.995"])
     assert h.ema_decay == 0.995
-    assert (h.prediction_type, h.tumour_loss_weight) == (None, None)  # the model's
+    assert (h.prediction_type, h.tumour_loss_weight, h.p_drop_class) == (None, None, None)
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
@@ -84,9 +84,10 @@ def test_train_evaluate_predict_end_to_end(
     assert read_train_state(tuned)["stages"]["autoencoder"]["init_from"] == str(model)
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common,
                 "--ema-decay", "0.9", "--prediction-type", "v_prediction",
-                "--tumour-loss-weight", "2"]) == 0  # fmt: skip
+                "--tumour-loss-weight", "2", "--p-drop-class", "0.5"]) == 0  # fmt: skip
     written = read_model_yaml(model)[0]
     assert written.training.ema_decay == 0.9 and written.training.tumour_loss_weight == 2.0
+    assert written.training.p_drop_class == 0.5
     assert written.scheduler.prediction_type == "v_prediction"  # evaluate/predict below use it
     # a second run into the same directory without --resume is refused with a reason
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2
@@ -98,6 +99,9 @@ def test_train_evaluate_predict_end_to_end(
     assert run(["train", "autoencoder", "--data", data, "--out", str(tmp_path / "ae"), *common,
                 "--prediction-type", "v_prediction"]) == 2  # fmt: skip
     assert "--prediction-type applies to the diffusion stage only" in capsys.readouterr().err
+    assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common,
+                "--p-drop-class", "0.5"]) == 2  # fmt: skip
+    assert "--p-drop-class applies to the diffusion stage only" in capsys.readouterr().err
     assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common]) == 0
     assert (baseline / "model.yaml").is_file()
 

@@ -231,6 +231,8 @@ def test_option_errors(tmp_path: Path, tiny_cohort: Cohort) -> None:
         TrainOptions(epochs=0)
     with pytest.raises(InferenceError, match="autocast"):
         TrainOptions(autocast="fp16")
+    with pytest.raises(InferenceError, match=r"p_drop_class: expected a probability in \[0, 1\]"):
+        TrainOptions(p_drop_class=1.5)
     if not torch.cuda.is_available():
         with pytest.raises(InferenceError, match="no CUDA device"):
             train_baseline(
