@@ -464,12 +464,13 @@ def demo_config(**changes: Any) -> ModelConfig:
     latent; 2.1 M weights, 8.2 MB of float32.
     ``residual_scale`` 2.5: that change had a standard deviation of 0.41 (scaled latent units)
     on 40 training patients with the bundled autoencoder. Stage 2 predicts the velocity, with
-    its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on; see
-    ``docs/MODEL_CARD.md``).
+    its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on), and
+    trains half of its samples under the null class, what it predicts without a survival class
+    (0.7.0 on; see ``docs/MODEL_CARD.md``).
     """
     cfg = ModelConfig(
         name="glioforecast-demo",
-        version="0.6.0",
+        version="0.7.0",
         preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(40, 48, 40)),
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 32),
@@ -492,7 +493,10 @@ def demo_config(**changes: Any) -> ModelConfig:
             num_train_timesteps=1000, num_inference_steps=20, prediction_type="v_prediction"
         ),
         training=TrainingConfig(
-            autoencoder_patch=(24, 24, 24), ema_decay=0.995, tumour_loss_weight=4.0
+            autoencoder_patch=(24, 24, 24),
+            ema_decay=0.995,
+            tumour_loss_weight=4.0,
+            p_drop_class=0.5,
         ),
     )
     return dataclasses.replace(cfg, **changes) if changes else cfg
