@@ -346,7 +346,7 @@ def _check_resume_before_preparing(
     ckpt: Checkpoint, identity: dict[str, Any], options: TrainOptions, defaults: dict[str, Any]
 ) -> None:
     """Refuse a resume that cannot succeed before the data are prepared (stage 2 prepares
-    every patient first: 15 minutes for 1000 on a 2-core CPU)."""
+    every patient first: about 6 minutes for 1000 on 2 idle CPU cores, more on busy ones)."""
     if options.resume and ckpt.exists():
         state = json.loads(ckpt.state_file.read_text(encoding="utf-8"))
         _check_resume(state, identity, ckpt.dir, defaults)
