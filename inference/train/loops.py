@@ -345,8 +345,9 @@ def _difference(key: str, found: Any, expected: Any) -> str:
 def _check_resume_before_preparing(
     ckpt: Checkpoint, identity: dict[str, Any], options: TrainOptions, defaults: dict[str, Any]
 ) -> None:
-    """Refuse a resume that cannot succeed before the data are prepared (stage 2 prepares
-    every patient first: about 6 minutes for 1000 on 2 idle CPU cores, more on busy ones)."""
+    """Refuse a resume that cannot succeed before the data are prepared (both latent stages
+    prepare every patient before their first step: about 6 minutes for 1000 on 2 idle CPU
+    cores, more on busy ones)."""
     if options.resume and ckpt.exists():
         state = json.loads(ckpt.state_file.read_text(encoding="utf-8"))
         _check_resume(state, identity, ckpt.dir, defaults)
@@ -692,9 +693,10 @@ def train_autoencoder(
     pre = base_cfg.preprocessing
     train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
-    items = _ae_items(train_ds)
-    val_items = _ae_items(val_ds)
     identity = _identity("autoencoder", config_to_dict(base_cfg), split, options)
+    _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
+    items = _ae_items(train_ds)  # prepares (and caches) every patient
+    val_items = _ae_items(val_ds)
     start_epoch, losses, val_losses = _resume(
         ckpt, identity, options, ae, opt, generator, "autoencoder", _config_defaults(cfg)
     )
