@@ -102,6 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             prediction_type=args.prediction_type,
             tumour_loss_weight=args.tumour_loss_weight,
             p_drop_class=args.p_drop_class,
+            balance_response=args.balance_response,
         )
         if args.stage == "autoencoder":
             from inference.model_config import preset
@@ -218,6 +219,13 @@ def _add_train(sub: Any) -> None:
         help="diffusion: probability of training a sample under the null class, which is what "
         "the model predicts when no survival class is given (default: the model's "
         "training.p_drop_class)",
+    )
+    p.add_argument(
+        "--balance-response",
+        action="store_true",
+        help="diffusion: draw each epoch's patients with replacement so that every response "
+        "category of the training cohort is drawn equally often (default: each patient once "
+        "per epoch)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

@@ -31,6 +31,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ TRAIN_STATE = "train_state.json"
 CHECKPOINTS = "checkpoints"
 AVERAGE_FILE = "average.safetensors"
 _STAGE_STREAM = {"autoencoder": 1, "diffusion": 2, "baseline": 3}
+_SAMPLING_BALANCED = "balanced by response category"
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,9 @@ class TrainOptions:
     ``prediction_type``, what the UNet learns to predict (``epsilon`` or ``v_prediction``);
     ``tumour_loss_weight``, the extra weight of the loss on the tumour (0: none);
     ``p_drop_class``, the probability of training a sample under the null class (what the
-    model learns to predict when no survival class is given).
+    model learns to predict when no survival class is given); ``balance_response``, draw each
+    epoch's items with replacement so that every response category of the training patients
+    is drawn equally often (see :func:`response_weights`).
     """
 
     epochs: int = 10
@@ -121,6 +125,7 @@ class TrainOptions:
     prediction_type: str | None = None
     tumour_loss_weight: float | None = None
     p_drop_class: float | None = None
+    balance_response: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -183,10 +188,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def epoch_order(n: int, seed: int, epoch: int, stage: str) -> list[int]:
-    """The item order of one epoch (depends on the seed, the epoch and the stage only)."""
+def epoch_order(
+    n: int, seed: int, epoch: int, stage: str, weights: Sequence[float] | None = None
+) -> list[int]:
+    """The item order of one epoch (depends on the seed, the epoch and the stage only): a
+    permutation, or with ``weights`` (one per item) ``n`` draws with replacement in proportion
+    to them."""
     rng = np.random.default_rng([int(seed), int(epoch), _STAGE_STREAM[stage]])
-    return [int(i) for i in rng.permutation(n)]
+    if weights is None:
+        return [int(i) for i in rng.permutation(n)]
+    p = np.asarray(weights, dtype=np.float64)
+    return [int(i) for i in rng.choice(n, size=n, replace=True, p=p / p.sum())]
+
+
+def response_weights(patients: Sequence[CohortPatient]) -> list[float]:
+    """One sampling weight per patient, the inverse of the number of training patients in its
+    response category: each category present is drawn equally often in expectation."""
+    counts = Counter(p.response_category for p in patients)
+    return [1.0 / counts[p.response_category] for p in patients]
 
 
 def batches(order: Sequence[int], size: int) -> Iterator[list[int]]:
@@ -369,6 +388,8 @@ def _identity(
         "batch_size": options.batch_size,
         "train_patients": [p.patient_id for p in split.train],
         "init_from": str(options.init_from) if options.init_from is not None else None,
+        # absent from checkpoints written before the option existed, which sampled uniformly
+        "sampling": _SAMPLING_BALANCED if options.balance_response else None,
     }
 
 
@@ -484,9 +505,10 @@ def _run_epochs(
     save: Callable[[int, list[float], list[float | None]], None],
     losses: list[float],
     val_losses: list[float | None],
+    weights: Sequence[float] | None = None,
 ) -> None:
     for epoch in range(start_epoch, options.epochs):
-        order = epoch_order(n_items, options.seed, epoch, stage)
+        order = epoch_order(n_items, options.seed, epoch, stage, weights)
         chunks = list(batches(order, options.batch_size))
         total = 0.0
         bar = tqdm(
@@ -549,6 +571,7 @@ def _diffusion_only(options: TrainOptions, stage: str) -> None:
         "--prediction-type": options.prediction_type,
         "--tumour-loss-weight": options.tumour_loss_weight,
         "--p-drop-class": options.p_drop_class,
+        "--balance-response": options.balance_response or None,
     }
     for flag, value in given.items():
         if value is not None:
@@ -984,6 +1007,15 @@ def train_diffusion(
         return total / len(val_lat)
 
     save = _saver(ckpt, trained, opt, generator, identity, average)
+    weights = response_weights(split.train) if options.balance_response else None
+    if weights is not None:
+        counts = Counter(p.response_category for p in split.train)
+        log.info(
+            "each epoch draws %d patients with replacement, the response categories equally "
+            "often (training patients: %s)",
+            len(train_lat),
+            ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+        )
 
     _run_epochs(
         stage="diffusion",
@@ -995,6 +1027,7 @@ def train_diffusion(
         save=save,
         losses=losses,
         val_losses=val_losses,
+        weights=weights,
     )
     if average is not None:
         model.unet = average.module
@@ -1020,6 +1053,7 @@ def train_diffusion(
             seconds,
             stage1=str(stage1),
             target_std=target_std,
+            sampling=identity["sampling"] or "uniform",
         ),
         base,
     )

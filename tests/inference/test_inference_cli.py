@@ -51,6 +51,9 @@ def test_register_adds_the_three_commands_with_their_defaults() -> None:
     h = p.parse_args(["train", "diffusion", "--data", "d", "--out", "m", "--ema-decay", "0.995"])
     assert h.ema_decay == 0.995
     assert (h.prediction_type, h.tumour_loss_weight, h.p_drop_class) == (None, None, None)
+    assert h.balance_response is False
+    r = p.parse_args(["train", "diffusion", "--data", "d", "--out", "m", "--balance-response"])
+    assert r.balance_response is True
     e = p.parse_args(["evaluate", "--model", "m", "--data", "d"])
     assert (e.samples, e.out, e.model) == (4, Path("evaluation"), [Path("m")])
     q = p.parse_args(["predict", "in", "--model", "m", "--out", "o"])
@@ -84,11 +87,15 @@ def test_train_evaluate_predict_end_to_end(
     assert read_train_state(tuned)["stages"]["autoencoder"]["init_from"] == str(model)
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common,
                 "--ema-decay", "0.9", "--prediction-type", "v_prediction",
-                "--tumour-loss-weight", "2", "--p-drop-class", "0.5"]) == 0  # fmt: skip
+                "--tumour-loss-weight", "2", "--p-drop-class", "0.5",
+                "--balance-response"]) == 0  # fmt: skip
     written = read_model_yaml(model)[0]
     assert written.training.ema_decay == 0.9 and written.training.tumour_loss_weight == 2.0
     assert written.training.p_drop_class == 0.5
     assert written.scheduler.prediction_type == "v_prediction"  # evaluate/predict below use it
+    assert read_train_state(model)["stages"]["diffusion"]["sampling"] == (
+        "balanced by response category"
+    )
     # a second run into the same directory without --resume is refused with a reason
     assert run(["train", "diffusion", "--data", data, "--out", str(model), *common]) == 2
     assert "--resume" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dicom_node.errors import InferenceError
-from inference.data import read_cohort, split_cohort
+from inference.data import CohortPatient, read_cohort, split_cohort
 from inference.model_config import tiny_config
 from inference.model_dir import load_model_dir, model_kind, read_model_yaml
 from inference.synthetic.cohort import PatientRecord
@@ -23,6 +23,7 @@ from inference.train.loops import (
     _release_free_memory,
     epoch_order,
     read_train_state,
+    response_weights,
     train_autoencoder,
     train_baseline,
     train_diffusion,
@@ -160,6 +161,56 @@ def test_seeds_change_the_run_and_fix_it(tmp_path: Path) -> None:
     assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 0, 1, "autoencoder")
     assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 1, 0, "autoencoder")
     assert sorted(epoch_order(10, 3, 2, "diffusion")) == list(range(10))
+
+
+def test_balanced_epochs_draw_every_response_category_equally_often() -> None:
+    """``--balance-response``: a cohort of 50 % partial responses, 30 % stable, 15 % complete
+    responses and 5 % progressions; each epoch's draws hold about a quarter of each."""
+    shares = {"partial_response": 1000, "stable_disease": 600, "complete_response": 300,
+              "progressive_disease": 100}  # fmt: skip
+    patients = [
+        CohortPatient(f"P{i}-{k}", "SITE", "short", category, Path("."))
+        for category, k in shares.items()
+        for i in range(k)
+    ]
+    weights = response_weights(patients)
+    assert weights[0] == pytest.approx(1 / 1000) and weights[-1] == pytest.approx(1 / 100)
+    drawn = [patients[i].response_category for e in range(3)
+             for i in epoch_order(len(patients), 0, e, "diffusion", weights)]  # fmt: skip
+    assert len(drawn) == 3 * len(patients)
+    for category in shares:  # 6000 draws: a quarter is 1500, its binomial s.d. about 34
+        assert abs(drawn.count(category) / len(drawn) - 0.25) < 0.02, category
+    order = epoch_order(len(patients), 0, 0, "diffusion", weights)
+    assert order == epoch_order(len(patients), 0, 0, "diffusion", weights)  # seeded
+    assert len(set(order)) < len(patients)  # with replacement: the rare ones repeat
+
+
+def test_balanced_diffusion_training_is_recorded_and_resumed_only_as_such(
+    tmp_path: Path, tiny_cohort: Cohort, tiny_ldm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.train import loops
+
+    data = [tiny_cohort[0]]
+    given: list[object] = []
+    real = loops.epoch_order
+    monkeypatch.setattr(loops, "epoch_order", lambda *a: given.append(a[4]) or real(*a))
+    options = TrainOptions(epochs=1, balance_response=True, **FAST)  # type: ignore[arg-type]
+    report = train_diffusion(data, tmp_path / "b", options, stage1_dir=tiny_ldm_dir)
+    train = [p for p in read_cohort(data) if p.patient_id in report.train_patients]
+    assert given == [response_weights(train)]
+    stage = read_train_state(tmp_path / "b")["stages"]["diffusion"]
+    assert stage["sampling"] == "balanced by response category"
+    # a checkpoint of a balanced run is not resumed by a uniform one (nor the reverse)
+    uniform = dataclasses.replace(options, epochs=2, resume=True, balance_response=False)
+    with pytest.raises(InferenceError, match='sampling: checkpoint has "balanced by response'):
+        train_diffusion(data, tmp_path / "b", uniform, stage1_dir=tiny_ldm_dir)
+    given.clear()
+    train_diffusion(data, tmp_path / "u", dataclasses.replace(options, balance_response=False),
+                    stage1_dir=tiny_ldm_dir)  # fmt: skip
+    assert given == [None]
+    assert read_train_state(tmp_path / "u")["stages"]["diffusion"]["sampling"] == "uniform"
+    with pytest.raises(InferenceError, match="--balance-response applies to the diffusion stage"):
+        train_baseline(data, tmp_path / "x", tiny_baseline_config(), options)
 
 
 def test_the_baseline_directory(tiny_baseline_dir: Path, tmp_path: Path) -> None:
