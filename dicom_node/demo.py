@@ -286,6 +286,7 @@ def run(
         shares = cast(dict[str, float], numbers["probabilities"])
         print("    over the samples         "
               + ", ".join(f"{name} {value:.0f} %" for name, value in shares.items()))  # fmt: skip
+        print(f"    survival scenario        {numbers['scenario']}")
         print(f"    synthetic truth          GTV {truth['gtv_ml']:.1f} ml, follow-up enhancing "
               f"{truth['post_enhancing_ml']:.1f} ml, {truth['response_category']}")  # fmt: skip
         picture = out / "montage.png"

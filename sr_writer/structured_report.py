@@ -303,7 +303,8 @@ def read_summary(ds: Dataset) -> dict[str, object]:
     """The numbers of a report built by :func:`build_structured_report`, read back with highdicom.
 
     Returns ``current_ml``, ``predicted_mean_ml``, ``predicted_sd_ml``, ``change_percent``,
-    ``category`` (the code meaning) and ``probabilities`` (category meaning -> percent).
+    ``category`` (the code meaning), ``probabilities`` (category meaning -> percent) and
+    ``scenario`` (the meaning of the survival scenario the samples were drawn under).
     """
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     if not isinstance(report, hd.sr.MeasurementReport):
@@ -321,6 +322,7 @@ def read_summary(ds: Dataset) -> dict[str, object]:
     prefix = "Probability of "
     qualitative = {q.name.meaning: q.value for q in predicted.get_qualitative_evaluations()}
     category = qualitative.get("Predicted response category")
+    scenario = qualitative.get(SURVIVAL_SCENARIO.meaning)
     return {
         "current_ml": float(cur_volume.value),
         "predicted_mean_ml": volumes.get("Mean"),
@@ -330,4 +332,5 @@ def read_summary(ds: Dataset) -> dict[str, object]:
         "probabilities": {
             name[len(prefix) :]: value for name, value in by_name.items() if name.startswith(prefix)
         },
+        "scenario": getattr(scenario, "meaning", None),
     }

@@ -82,6 +82,16 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert _printed(stdout, "over the samples") == ", ".join(
         f"{name} {value:.0f} %" for name, value in shares.items()
     )
+    # no survival class is known: the samples' scenario is the bundled model's own
+    assert (
+        _printed(stdout, "survival scenario")
+        == numbers["scenario"]
+        == (
+            "Samples across survival classes (class unknown)"
+            if bundled.inference.unknown_class == "marginal"
+            else "Unconditional (no survival guidance)"
+        )
+    )
     for suffix in OUTPUT_SUFFIXES:
         assert re.search(rf"^    \w+\s+\d+  SYNTHETIC PREDICTION.* - {suffix}$", stdout, re.M)
 

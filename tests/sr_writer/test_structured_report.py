@@ -239,3 +239,4 @@ def test_read_summary_gives_back_the_numbers_written() -> None:
         "Stable Disease": pytest.approx(25.0),
         "Progressive Disease": 0.0,
     }
+    assert numbers["scenario"] == "Survival class long"
