@@ -98,6 +98,19 @@ def test_required_role_without_rule_is_refused(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: an edit of the first would be lost in silence."""
+    text = "model:\n  directory: null\nworker:\n  job_timeout_s: 900\nmodel:\n  device: cpu\n"
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, text))
+    assert "line 5, column 1: not valid YAML (duplicate key 'model' (first on line 1)" in str(
+        err.value
+    )
+    nested = write(tmp_path, "node:\n  port: 11112\n  port: 11113\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 3: .*duplicate key 'port'"):
+        load_settings(nested)
+
+
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load_settings(tmp_path / "absent.yaml")
