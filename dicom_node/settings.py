@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from dicom_node.errors import ConfigError
+from dicom_node.yamlload import load_yaml
 
 ENV_CONFIG = "GLIOFORECAST_CONFIG"
 EMBEDDED = "<embedded default>"
@@ -452,43 +453,13 @@ def default_config_path() -> Path:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice in one mapping: YAML libraries keep the last
-    one silently, so an operator's edit of the first would have no effect."""
-
-
-def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    first: dict[Any, yaml.Mark] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue  # "<<" merges may be overridden, by design
-        key = loader.construct_object(key_node)
-        try:
-            seen = first.get(key)
-        except TypeError:  # an unhashable key: construct_mapping says so
-            continue
-        if seen is not None:
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"duplicate key {key!r} (first on line {seen.line + 1}); only one of them "
-                "would take effect",
-                key_node.start_mark,
-            )
-        first[key] = key_node.start_mark
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
 def _read_yaml(file: Path, source: str) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        return load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

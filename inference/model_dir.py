@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dicom_node.errors import InferenceError
+from dicom_node.yamlload import load_yaml
 from inference.model_config import ModelConfig, config_from_dict, config_to_dict
 from inference.networks import LatentDiffusionModel, build_model
 
@@ -151,7 +152,7 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         found = sorted(p.name for p in directory.iterdir())
         raise InferenceError(f"{directory}: expected {MODEL_YAML}, found only {found}")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = load_yaml(file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InferenceError(f"{file}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):

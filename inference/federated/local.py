@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dicom_node.errors import ConfigError, InferenceError
+from dicom_node.yamlload import load_yaml
 from inference.data import CohortDataset, CohortPatient, read_cohort
 from inference.federated.config import NodeConfig, RunConfig
 from inference.model_config import ModelConfig, config_from_dict, config_to_dict, preset
@@ -76,7 +77,6 @@ CARD_KEYS = ("psnr_global", "ssim_global", "mae_global", "psnr_tumour", "ssim_tu
 def model_config_for(run: RunConfig) -> tuple[str, UNetBaselineConfig | ModelConfig]:
     """(kind, configuration) of the network a run trains: the preset, with the fields of
     ``model-yaml`` (a mapping) replacing the preset's."""
-    import yaml
 
     overrides: dict[str, Any] = {}
     if run.model_yaml:
@@ -85,7 +85,7 @@ def model_config_for(run: RunConfig) -> tuple[str, UNetBaselineConfig | ModelCon
             raise ConfigError(
                 "federated site", [f"model-yaml: expected a YAML file, found nothing at {path}"]
             )
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ConfigError(
                 "federated site", [f"{path}: expected a mapping, found {type(data).__name__}"]

@@ -136,6 +136,10 @@ def test_yaml_that_is_not_a_mapping(saved: Path) -> None:
     (saved / MODEL_YAML).write_text("name: [unclosed\n")
     with pytest.raises(InferenceError, match="not valid YAML"):
         read_model_yaml(saved)
+    # a hand-edited model.yaml with a key twice: one edit would be lost in silence
+    (saved / MODEL_YAML).write_text("name: x\nversion: 1.0.0\nversion: 2.0.0\n")
+    with pytest.raises(InferenceError, match=r"not valid YAML .*duplicate key 'version'"):
+        read_model_yaml(saved)
 
 
 def test_checksum_mismatch(saved: Path) -> None:
