@@ -17,7 +17,9 @@ with the truth:
 - response category: the truth is the cohort table's ``response_category``; sensitivity,
   specificity, AUC (one-vs-rest, from the predicted probabilities), balanced accuracy;
 - uncertainty: Spearman correlation between each patient's spread (mean voxel-wise standard
-  deviation in the tumour region, in the normalised units) and error (tumour-region MAE);
+  deviation in the tumour region, in the normalised units) and error (tumour-region MAE); and
+  in volumes: the standard deviation of the samples' tumour volumes against the absolute
+  volume error;
 - survival-class discrimination: AUC of the predicted tumour volume for telling short-survival
   from long-survival patients (intermediate left out; a larger tumour should mean shorter
   survival);
@@ -126,6 +128,7 @@ class PatientResult:
     metrics: dict[str, float]
     spread: float
     seconds: float
+    sample_volumes_ml: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ def evaluate_predictor(
                 metrics=values,
                 spread=spread,
                 seconds=seconds,
+                sample_volumes_ml=tuple(float(v) for v in pred.sample_volumes_ml),
             )
         )
     return results
@@ -293,6 +297,20 @@ def summarise(
     error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
     summary["spread_error_spearman"] = M.bootstrap_ci(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
+    ).as_dict()
+    # the same question in volumes: do patients whose samples disagree on the tumour volume have
+    # the larger volume errors? (a stand-in that a simulation of the truth can also answer, see
+    # bench.uncertainty_reference)
+    volume_spread = np.array(
+        [
+            np.std(r.sample_volumes_ml) if len(r.sample_volumes_ml) > 1 else math.nan
+            for r in results
+        ],
+        dtype=float,
+    )
+    volume_error = np.array([r.metrics["abs_volume_error_ml"] for r in results], dtype=float)
+    summary["volume_spread_error_spearman"] = M.bootstrap_ci(
+        lambda i: M.spearman(volume_spread[i], volume_error[i]), n, **kw
     ).as_dict()
     # survival-class discrimination: does a larger predicted tumour go with short survival?
     short = np.array([r.survival_class == SHORT for r in results])
@@ -505,6 +523,7 @@ ROWS = (
     ("Response accuracy", "response_accuracy", 3),
     ("Response macro AUC (one-vs-rest)", "response_macro_auc", 3),
     ("Spearman spread vs tumour MAE", "spread_error_spearman", 3),
+    ("Spearman sample-volume SD vs absolute volume error", "volume_spread_error_spearman", 3),
     ("Survival AUC, short vs long, from predicted volume", "survival_auc_short_vs_long", 3),
 )
 

@@ -136,6 +136,45 @@ def _person(rng: np.random.Generator, sex: str) -> str:
     return f"{family}^{given[int(rng.integers(len(given)))]}"
 
 
+@dataclass(frozen=True)
+class PreTreatment:
+    """A patient up to the radiotherapy plan: the covariates, the anatomy, the grown tumour and
+    its growth parameters, the tissue maps (after mass effect) and the plan with its dose."""
+
+    covariates: outcome.Covariates
+    anatomy: anatomy_mod.Anatomy
+    growth: tumour.GrowthParams
+    pre: tumour.TumourState
+    solver: tumour.Solver
+    growth_days: int
+    tissue: dict[str, npt.NDArray[np.float32]]
+    plan: treatment.Plan
+
+
+def simulate_pre_treatment(
+    rng: np.random.Generator, spacing_mm: float, mass_effect: bool = True
+) -> PreTreatment:
+    """The draws of a patient before treatment, in the order :func:`generate_patient` makes them
+    (``rng`` is the patient's own, :func:`patient_rng`)."""
+    cov = outcome.Covariates.random(rng)
+    anat = anatomy_mod.make_anatomy(rng, spacing_mm)
+    growth = tumour.GrowthParams.random(rng)
+    target = float(np.clip(np.exp(rng.normal(math.log(TARGET_CORE_MEDIAN_ML), 0.6)), 3.0, 130.0))
+    pre, solver, growth_days = tumour.grow(anat, rng, growth, target)
+    tissue = {"wm": anat.wm, "gm": anat.gm, "csf": anat.csf}
+    if mass_effect:
+        tissue = tumour.mass_effect(tissue, pre.core, anat.brain, spacing_mm, strength=0.3)
+    rt_plan = treatment.plan(pre.core, anat, rng)
+    return PreTreatment(cov, anat, growth, pre, solver, growth_days, tissue, rt_plan)
+
+
+def seen_enhancing_ml(post: treatment.PostState, spacing_mm: float) -> float:
+    """Enhancing volume on the follow-up T1-Gd as a reader outlines it (tumour and
+    treatment-related enhancement), in ml: the volume behind the response category."""
+    voxels = (post.tumour.enhancing | post.pseudo_progression).sum()
+    return float(voxels * spacing_mm**3 / 1000.0)
+
+
 def generate_patient(
     index: int,
     seed: int,
@@ -160,15 +199,9 @@ def generate_patient(
     pid = patient_id(seed, index)
 
     # --- biology --------------------------------------------------------------------------
-    cov = outcome.Covariates.random(rng)
-    anat = anatomy_mod.make_anatomy(rng, spacing_mm)
-    growth = tumour.GrowthParams.random(rng)
-    target = float(np.clip(np.exp(rng.normal(math.log(TARGET_CORE_MEDIAN_ML), 0.6)), 3.0, 130.0))
-    pre, solver, growth_days = tumour.grow(anat, rng, growth, target)
-    tissue = {"wm": anat.wm, "gm": anat.gm, "csf": anat.csf}
-    if mass_effect:
-        tissue = tumour.mass_effect(tissue, pre.core, anat.brain, spacing_mm, strength=0.3)
-    rt_plan = treatment.plan(pre.core, anat, rng)
+    bio = simulate_pre_treatment(rng, spacing_mm, mass_effect)
+    cov, anat, growth, pre, solver = bio.covariates, bio.anatomy, bio.growth, bio.pre, bio.solver
+    growth_days, tissue, rt_plan = bio.growth_days, bio.tissue, bio.plan
     tparams = treatment.TreatmentParams.random(rng, cov.mgmt_methylated, cov.extent_of_resection)
     post = treatment.treat(anat, pre, solver, growth, tparams, rt_plan.dose, spacing_mm, rng)
     voxel_ml = spacing_mm**3 / 1000.0
@@ -183,7 +216,7 @@ def generate_patient(
     }
     pre_enh = float(pre.enhancing.sum() * voxel_ml)
     post_enh_tumour = float(post.tumour.enhancing.sum() * voxel_ml)
-    post_enh_seen = float((post.tumour.enhancing | post.pseudo_progression).sum() * voxel_ml)
+    post_enh_seen = seen_enhancing_ml(post, spacing_mm)
     burden_pre = float(pre.density.sum() * voxel_ml)
     burden_post = float(post.tumour.density.sum() * voxel_ml)
     os_months = outcome.survival_months(cov, burden_post, float(rng.normal()))

@@ -238,3 +238,50 @@ def test_survival_discrimination_from_predicted_volumes() -> None:
     results.append(result("intermediate", 100.0))  # left out
     auc = summarise(results, n_resamples=20)["survival_auc_short_vs_long"]["value"]
     assert auc == pytest.approx(8 / 9)
+
+
+def test_volume_uncertainty_is_the_sample_volume_spread_against_the_volume_error() -> None:
+    from inference.evaluate import PatientResult
+
+    def result(samples: tuple[float, ...], truth_ml: float) -> PatientResult:
+        mean = float(np.mean(samples)) if samples else 0.0
+        metrics = dict.fromkeys(
+            (
+                "psnr_global",
+                "ssim_global",
+                "mae_global",
+                "psnr_tumour",
+                "ssim_tumour",
+                "mae_tumour",
+                "dice",
+            ),
+            0.0,
+        )
+        metrics["volume_error_ml"] = mean - truth_ml
+        metrics["abs_volume_error_ml"] = abs(mean - truth_ml)
+        return PatientResult(
+            patient_id=f"P{truth_ml}", site="S", truth_category="stable_disease",
+            survival_class="short", predicted_category="stable_disease",
+            probabilities={c: float(c == "stable_disease") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=truth_ml, predicted_volume_ml=mean, current_volume_ml=1.0,
+            metrics=metrics, spread=0.0, seconds=0.0, sample_volumes_ml=samples,
+        )  # fmt: skip
+
+    # sample SDs 1, 2, 3, 4 ml (means 10 ml); volume errors 0.5, 1, 7, 20 ml: same order
+    tracked = [
+        result((9.0, 11.0), 9.5), result((8.0, 12.0), 11.0),
+        result((7.0, 13.0), 3.0), result((6.0, 14.0), 30.0),
+    ]  # fmt: skip
+    value = summarise(tracked, n_resamples=20)["volume_spread_error_spearman"]["value"]
+    assert value == pytest.approx(1.0)
+    # the largest spread on the smallest error: the order reversed
+    reversed_ = [
+        result((9.0, 11.0), 30.0), result((8.0, 12.0), 3.0),
+        result((7.0, 13.0), 11.0), result((6.0, 14.0), 9.5),
+    ]  # fmt: skip
+    value = summarise(reversed_, n_resamples=20)["volume_spread_error_spearman"]["value"]
+    assert value == pytest.approx(-1.0)
+    # one sample per patient: no spread, so no correlation
+    single = [result((10.0,), t) for t in (1.0, 2.0, 3.0)]
+    value = summarise(single, n_resamples=20)["volume_spread_error_spearman"]["value"]
+    assert value is None or math.isnan(value)
