@@ -14,15 +14,19 @@ parameters (which no image shows exactly) and still cannot know the draws:
 - spread: the standard deviation of the drawn volumes (ml);
 - error: |true volume - mean of the drawn volumes| (ml);
 
-at two levels of knowledge: ``treatment unknown`` (MGMT, resection and the treatment parameters
-drawn again) and ``MGMT and resection known`` (only the treatment parameters drawn again).
+at three levels of knowledge: ``treatment unknown`` (MGMT, resection and the treatment parameters
+drawn again), ``MGMT and resection known`` (only the treatment parameters drawn again) and
+``treatment and growth rate unknown`` (also the proliferation rate, drawn from its prior; the rest
+of the growth parameters and the tumour as grown are kept). An image-only predictor sits between
+the first and the last: the scan shows the tumour's shape, which depends on the growth rate only
+through its ratio to the diffusivity.
 The Spearman correlation of spread and error is reported over all patients with a bootstrap
 interval, per site, and over random subsets of the test cohort size (the share of subsets where
 it exceeds 0.3). With ``--evaluation`` the same statistic of a model's own evaluation (the
 standard deviation of its samples' volumes against its absolute volume error, and the card's
 voxel statistic) on the same patients is reported beside it.
 
-    python -m bench.uncertainty_reference --cohort DIR [--draws 16] [--subset 32]
+    python -m bench.uncertainty_reference --cohort DIR [--draws 16] [--subset 32] [--sites A,B]
         [--evaluation REPORT.json --method NAME] [--out docs/evaluation/FILE.md]
 
 It measures volumes, not the card's image statistic (tumour-region voxel spread against tumour
@@ -38,7 +42,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,7 @@ from dicom_node.errors import InputError
 
 ORACLE_STREAM = 1_000_033
 THRESHOLD = 0.3
-LEVELS = ("treatment unknown", "MGMT and resection known")
+LEVELS = ("treatment unknown", "MGMT and resection known", "treatment and growth rate unknown")
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def parse_patient_id(pid: str) -> tuple[int, int]:
 
 
 def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
-    from inference.synthetic import outcome, treatment
+    from inference.synthetic import outcome, treatment, tumour
     from inference.synthetic.cohort import patient_rng, seen_enhancing_ml, simulate_pre_treatment
 
     seed, index = parse_patient_id(row["patient_id"])
@@ -86,9 +90,13 @@ def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
     cov = bio.covariates
     params = treatment.TreatmentParams.random(rng, cov.mgmt_methylated, cov.extent_of_resection)
 
-    def follow_up_ml(p: treatment.TreatmentParams, r: np.random.Generator) -> float:
-        post = treatment.treat(bio.anatomy, bio.pre, bio.solver, bio.growth, p, bio.plan.dose,
-                               spacing, r)  # fmt: skip
+    def follow_up_ml(
+        p: treatment.TreatmentParams,
+        r: np.random.Generator,
+        growth: tumour.GrowthParams | None = None,
+    ) -> float:
+        post = treatment.treat(bio.anatomy, bio.pre, bio.solver, growth or bio.growth, p,
+                               bio.plan.dose, spacing, r)  # fmt: skip
         return seen_enhancing_ml(post, spacing)
 
     truth = follow_up_ml(params, rng)
@@ -106,6 +114,10 @@ def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
         out[LEVELS[0]].append(follow_up_ml(p, r))
         p = treatment.TreatmentParams.random(r, cov.mgmt_methylated, cov.extent_of_resection)
         out[LEVELS[1]].append(follow_up_ml(p, r))
+        other = outcome.Covariates.random(r)
+        p = treatment.TreatmentParams.random(r, other.mgmt_methylated, other.extent_of_resection)
+        growth = replace(bio.growth, rho=tumour.GrowthParams.random(r).rho)
+        out[LEVELS[2]].append(follow_up_ml(p, r, growth))
     return PatientDraws(row["patient_id"], row["site"], truth, out)
 
 
@@ -200,16 +212,19 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"True follow-up enhancing volume: median {np.median(truth):.1f} ml, mean "
-        f"{truth.mean():.1f} ml. Spread of the draws (treatment unknown): median "
-        f"{np.median(result['spread_ml'][LEVELS[0]]):.1f} ml.",
+        f"{truth.mean():.1f} ml. Median spread of the draws: "
+        + ", ".join(f"{np.median(result['spread_ml'][lv]):.1f} ml ({lv})" for lv in LEVELS)
+        + ".",
         "",
         "The reference rows use the generator's own distribution of the follow-up volume given "
-        "everything before the treatment (growth parameters included, which a model can only "
-        "infer from the images): they are what a predictor that has learnt that distribution "
-        "exactly gets on these patients. It is a reference, not a bound: a biased predictor's "
-        "spread can correlate with its error through the bias. The card's check is on images "
-        "(voxel spread in the tumour region against tumour MAE); these rows ask the same "
-        "question in volumes, where the generator can answer it.",
+        "what is fixed before the treatment: they are what a predictor that has learnt that "
+        "distribution exactly gets on these patients. The first two know the growth parameters, "
+        "which a model can only infer from the images; the third draws the proliferation rate "
+        "from its prior as well, as a predictor that cannot read it from the images would. It is "
+        "a reference, not a bound: a biased predictor's spread can correlate with its error "
+        "through the bias. The card's check is on images (voxel spread in the tumour region "
+        "against tumour MAE); these rows ask the same question in volumes, where the generator "
+        "can answer it.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--cohort", type=Path, required=True, help="cohort folder (cohort.csv)")
     parser.add_argument("--draws", type=int, default=16, help="treatment draws per patient")
+    parser.add_argument("--sites", help="only these sites, comma-separated")
     parser.add_argument("--subset", type=int, default=32, help="test cohort size for subsets")
     parser.add_argument("--evaluation", type=Path, help="an evaluation report (JSON)")
     parser.add_argument("--method", help="the method of --evaluation to compare")
@@ -234,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     with table.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
+    if args.sites:
+        wanted = [s.strip() for s in args.sites.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {r["site"] for r in rows})
+        if unknown:
+            parser.error(f"--sites: {unknown} not in the cohort's sites")
+        rows = [r for r in rows if r["site"] in wanted]
     report = json.loads(args.evaluation.read_text()) if args.evaluation else None
 
     from tqdm import tqdm

@@ -70,6 +70,15 @@ def test_report_with_a_model_evaluation_beside_it(tiny_cohort: Cohort, tmp_path:
     assert saved["rows"]["m, volumes"]["spearman"]["value"] == pytest.approx(1.0)
     assert saved["rows"]["m, the card's check"]["spearman"]["value"] == pytest.approx(1.0)
 
+    # --sites keeps that site's patients (the model rows too); an unknown site is refused
+    site = rows[0]["site"]
+    assert main([*argv, "--sites", site, "--evaluation", str(evaluation), "--method", "m"]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["sites"] == [site]
+    assert saved["patients"] == sum(r["site"] == site for r in rows)
+    with pytest.raises(SystemExit):
+        main([*argv, "--sites", "SITE-NOWHERE"])
+
     # an evaluation from before the per-sample volumes were recorded is refused, saying so
     for p in per_patient:
         del p["sample_volumes_ml"]
