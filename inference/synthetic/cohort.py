@@ -159,7 +159,8 @@ def simulate_pre_treatment(
     cov = outcome.Covariates.random(rng)
     anat = anatomy_mod.make_anatomy(rng, spacing_mm)
     growth = tumour.GrowthParams.random(rng)
-    target = float(np.clip(np.exp(rng.normal(math.log(TARGET_CORE_MEDIAN_ML), 0.6)), 3.0, 130.0))
+    log_target = rng.normal(math.log(TARGET_CORE_MEDIAN_ML), TARGET_CORE_SIGMA)
+    target = float(np.clip(np.exp(log_target), 3.0, 130.0))
     pre, solver, growth_days = tumour.grow(anat, rng, growth, target)
     tissue = {"wm": anat.wm, "gm": anat.gm, "csf": anat.csf}
     if mass_effect:
