@@ -241,22 +241,11 @@ def test_survival_discrimination_from_predicted_volumes() -> None:
 
 
 def test_volume_uncertainty_is_the_sample_volume_spread_against_the_volume_error() -> None:
-    from inference.evaluate import PatientResult
+    from inference.evaluate import METRIC_KEYS, PatientResult
 
     def result(samples: tuple[float, ...], truth_ml: float) -> PatientResult:
         mean = float(np.mean(samples)) if samples else 0.0
-        metrics = dict.fromkeys(
-            (
-                "psnr_global",
-                "ssim_global",
-                "mae_global",
-                "psnr_tumour",
-                "ssim_tumour",
-                "mae_tumour",
-                "dice",
-            ),
-            0.0,
-        )
+        metrics = dict.fromkeys(METRIC_KEYS, 0.0)
         metrics["volume_error_ml"] = mean - truth_ml
         metrics["abs_volume_error_ml"] = abs(mean - truth_ml)
         return PatientResult(
