@@ -38,6 +38,8 @@ log = logging.getLogger("bench.federated")
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "FEDERATED.md"
 START, END = "<!-- bench:federated:start -->", "<!-- bench:federated:end -->"
+AVERAGE = "single-site average"
+POOLED = "pooled (3 sites' data)"
 ROWS = (
     ("PSNR global (dB)", "psnr_global", 2, "high"),
     ("SSIM global", "ssim_global", 3, "high"),
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     d = out / "models" / "pooled"
     train_baseline([pooled_folder], d, cfg.replace(name="fedbench-pooled"), options)
-    models["pooled (3 sites' data)"] = d
+    models[POOLED] = d
     seconds["pooled"] = time.monotonic() - t0
 
     report = run_evaluation(
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     for method, label in labels.items():
         table[label] = _means(report["methods"][method])
     singles = [k for k in table if k.endswith(" alone")]
-    table["single-site average"] = {
+    table[AVERAGE] = {
         key: sum(table[s][key] for s in singles) / len(singles) for _, key, _, _ in ROWS
     }
     command = "python -m bench.federated " + " ".join(
@@ -262,7 +264,7 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
     fed = next(n for n in names if n.startswith("federated"))
     wins = []
     for title, key, _, better in ROWS:
-        f, a = table[fed][key], table["single-site average"][key]
+        f, a = table[fed][key], table[AVERAGE][key]
         wins.append((title, (f > a) if better == "high" else (f < a)))
     n_win = sum(w for _, w in wins)
     lines += [

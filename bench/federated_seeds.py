@@ -15,11 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.federated import ROWS
+from bench.federated import AVERAGE, POOLED, ROWS
 from dicom_node.errors import InputError
-
-AVERAGE = "single-site average"
-POOLED = "pooled (3 sites' data)"
 
 
 def _favours(diff: float, better: str) -> bool:
