@@ -131,11 +131,12 @@ def spearman_summary(
     per_site = {
         str(s): M.spearman(spread[sites == s], error[sites == s]) for s in sorted(set(sites))
     }
+    # subsets only mean something when smaller than the cohort (else every one is all of it)
     rng = np.random.default_rng(seed)
     size = min(subset, n)
     values = [
         M.spearman(spread[idx], error[idx])
-        for idx in (rng.choice(n, size, replace=False) for _ in range(1000))
+        for idx in (rng.choice(n, size, replace=False) for _ in range(1000 if size < n else 0))
     ]
     finite = [v for v in values if math.isfinite(v)]
     return {
@@ -177,11 +178,12 @@ def model_statistics(report: dict[str, Any], method: str, ids: list[str]) -> dic
     }
 
 
-def _fmt_est(e: dict[str, Any]) -> str:
-    def f(v: float | None) -> str:
-        return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
-    return f"{f(e['value'])} [{f(e['ci_low'])}, {f(e['ci_high'])}]"
+
+def _fmt_est(e: dict[str, Any]) -> str:
+    return f"{_fmt(e['value'])} [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}]"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -203,10 +205,12 @@ def markdown(result: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in result["rows"].items():
+        share = row["subset_share_above_threshold"]
         lines.append(
             f"| {name} | {row['spread']} | {row['error']} | {_fmt_est(row['spearman'])} | "
-            f"{row['within_site_mean']:.3f} | {row['subset_median']:.3f} | "
-            f"{row['subset_share_above_threshold']:.0%} |"
+            f"{_fmt(row['within_site_mean'])} | {_fmt(row['subset_median'])} | "
+            + ("n/a (no smaller subsets)" if math.isnan(share) else f"{share:.0%}")
+            + " |"
         )
     truth = np.array(result["truth_ml"])
     lines += [

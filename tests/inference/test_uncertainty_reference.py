@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_report_with_a_model_evaluation_beside_it(tiny_cohort: Cohort, tmp_path:
     assert "reference, treatment unknown" in text and "reference, MGMT and resection known" in text
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["patients"] == len(rows) and saved["draws"] == 2
+    # subsets as large as the cohort are the cohort itself: no subset figures, said so
+    row = saved["rows"]["reference, treatment unknown"]
+    assert math.isnan(row["subset_share_above_threshold"]) and row["subset_size"] == 3
+    assert "n/a (no smaller subsets)" in text
     # the model rows are its own numbers: spreads and errors in the same order give 1
     assert saved["rows"]["m, volumes"]["spearman"]["value"] == pytest.approx(1.0)
     assert saved["rows"]["m, the card's check"]["spearman"]["value"] == pytest.approx(1.0)
