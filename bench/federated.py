@@ -52,6 +52,12 @@ ROWS = (
 )
 
 
+def favours(diff: float, better: str) -> bool:
+    """Whether a difference (model minus reference) is an improvement for a metric where
+    ``better`` is ``high`` or ``low``."""
+    return diff > 0 if better == "high" else diff < 0
+
+
 def coarse_config(residual: bool = True) -> Any:
     from inference.model_config import PreprocessingConfig
     from inference.unet_baseline import UNetBaselineConfig
@@ -264,8 +270,7 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
     fed = next(n for n in names if n.startswith("federated"))
     wins = []
     for title, key, _, better in ROWS:
-        f, a = table[fed][key], table[AVERAGE][key]
-        wins.append((title, (f > a) if better == "high" else (f < a)))
+        wins.append((title, favours(table[fed][key] - table[AVERAGE][key], better)))
     n_win = sum(w for _, w in wins)
     lines += [
         "",

@@ -15,12 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.federated import AVERAGE, POOLED, ROWS
+from bench.federated import AVERAGE, POOLED, ROWS, favours
 from dicom_node.errors import InputError
-
-
-def _favours(diff: float, better: str) -> bool:
-    return diff > 0 if better == "high" else diff < 0
 
 
 def load_run(label_and_dir: str) -> tuple[str, dict[str, Any]]:
@@ -51,15 +47,15 @@ def summary(runs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         mean = sum(values) / len(values)
         out["metrics"][title] = {
             "differences": values,
-            "runs_better": sum(_favours(v, better) for v in values),
+            "runs_better": sum(favours(v, better) for v in values),
             "mean": mean,
-            "mean_favours_federated": _favours(mean, better),
+            "mean_favours_federated": favours(mean, better),
             "pooled_mean_favours": (
-                _favours(sum(d[key] for d in pooled) / len(pooled), better) if pooled else None
+                favours(sum(d[key] for d in pooled) / len(pooled), better) if pooled else None
             ),
         }
     out["better_per_run"] = [
-        sum(_favours(d[key], better) for _, key, _, better in ROWS) for d in fed
+        sum(favours(d[key], better) for _, key, _, better in ROWS) for d in fed
     ]
     out["mean_favours"] = sum(m["mean_favours_federated"] for m in out["metrics"].values())
     out["pooled_mean_favours"] = (

@@ -88,7 +88,9 @@ def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
     rng = patient_rng(seed, index)
     bio = simulate_pre_treatment(rng, spacing)
     cov = bio.covariates
-    params = treatment.TreatmentParams.random(rng, cov.mgmt_methylated, cov.extent_of_resection)
+
+    def treatment_of(c: outcome.Covariates, r: np.random.Generator) -> treatment.TreatmentParams:
+        return treatment.TreatmentParams.random(r, c.mgmt_methylated, c.extent_of_resection)
 
     def follow_up_ml(
         p: treatment.TreatmentParams,
@@ -99,7 +101,7 @@ def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
                                bio.plan.dose, spacing, r)  # fmt: skip
         return seen_enhancing_ml(post, spacing)
 
-    truth = follow_up_ml(params, rng)
+    truth = follow_up_ml(treatment_of(cov, rng), rng)
     expected = float(row["post_enhancing_ml"])
     if abs(truth - expected) > 1e-3 + 1e-6 * expected:
         raise InputError(
@@ -109,13 +111,12 @@ def simulate_patient(row: dict[str, str], draws: int) -> PatientDraws:
     out: dict[str, list[float]] = {level: [] for level in LEVELS}
     for k in range(draws):
         r = np.random.default_rng(np.random.SeedSequence([seed, index, ORACLE_STREAM, k]))
-        other = outcome.Covariates.random(r)
-        p = treatment.TreatmentParams.random(r, other.mgmt_methylated, other.extent_of_resection)
+        # MGMT and resection drawn again (a fresh patient's covariates), then the treatment
+        p = treatment_of(outcome.Covariates.random(r), r)
         out[LEVELS[0]].append(follow_up_ml(p, r))
-        p = treatment.TreatmentParams.random(r, cov.mgmt_methylated, cov.extent_of_resection)
+        p = treatment_of(cov, r)
         out[LEVELS[1]].append(follow_up_ml(p, r))
-        other = outcome.Covariates.random(r)
-        p = treatment.TreatmentParams.random(r, other.mgmt_methylated, other.extent_of_resection)
+        p = treatment_of(outcome.Covariates.random(r), r)
         growth = replace(bio.growth, rho=tumour.GrowthParams.random(r).rho)
         out[LEVELS[2]].append(follow_up_ml(p, r, growth))
     return PatientDraws(row["patient_id"], row["site"], truth, out)
@@ -260,7 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--sites: {unknown} not in the cohort's sites")
         rows = [r for r in rows if r["site"] in wanted]
-    report = json.loads(args.evaluation.read_text()) if args.evaluation else None
+    # the model's rows are checked before the simulation, so a wrong report fails at once
+    stats = (
+        model_statistics(
+            json.loads(args.evaluation.read_text()), args.method, [r["patient_id"] for r in rows]
+        )
+        if args.evaluation
+        else None
+    )
 
     from tqdm import tqdm
 
@@ -276,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             "error": "abs. volume error",
             **spearman_summary(spread, error, sites, args.subset),
         }
-    if report is not None:
-        stats = model_statistics(report, args.method, [p.patient_id for p in patients])
+    if stats is not None:
         result_rows[f"{args.method}, volumes"] = {
             "spread": "SD of the samples' volumes",
             "error": "abs. volume error",
