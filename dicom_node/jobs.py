@@ -16,6 +16,7 @@ from pathlib import Path
 
 from dicom_node.instance import InstanceInfo
 from dicom_node.sqlite import Database
+from sr_writer.labels import is_labelled_description
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,16 @@ class JobStore:
             )
             if cur.rowcount == 0:
                 return False
+            if is_labelled_description(info.series_description):
+                # the node's own output routed back: stored, but it does not (re)open the
+                # study, or every result sent to a forwarding PACS would start a new job
+                db.execute(
+                    "INSERT INTO studies (study_instance_uid, patient_key, first_received_at, "
+                    "last_received_at, pending) VALUES (?,?,?,?,0) "
+                    "ON CONFLICT(study_instance_uid) DO NOTHING",
+                    (info.study_instance_uid, info.patient_key, received_at, received_at),
+                )
+                return True
             db.execute(
                 "INSERT INTO studies (study_instance_uid, patient_key, first_received_at, "
                 "last_received_at, pending) VALUES (?,?,?,?,1) "

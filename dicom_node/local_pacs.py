@@ -310,7 +310,7 @@ class EmbeddedPacs:
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True
         ae.add_supported_context(VERIFICATION)
-        for cls in (*STORAGE_CLASSES, *OUTPUT_CLASSES):
+        for cls in dict.fromkeys((*STORAGE_CLASSES, *OUTPUT_CLASSES)):
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _no_delay),

@@ -4,6 +4,10 @@ Each series gets the role of the first rule that matches it. When several series
 role, ``on_ambiguous: latest`` keeps the one with the highest SeriesNumber (a repeated sequence
 is usually repeated because the first was spoiled) and says so; ``fail`` refuses the study. A
 missing required role makes the job fail with a reason that lists what was received.
+
+The node's own outputs (series whose description carries the "SYNTHETIC PREDICTION - RESEARCH
+USE ONLY" banner: predicted RTSTRUCT, SEG, derived MR) never get a role, even when a PACS routes
+them back with the study: a prediction is never an input.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pynetdicom import sop_class
 
 from dicom_node.jobs import RoleDecision, SeriesSummary
 from dicom_node.settings import RoleRule, RoleSettings
+from sr_writer.labels import is_labelled_description
 
 
 @lru_cache(maxsize=256)
@@ -71,13 +76,16 @@ class RoleOutcome:
 def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> RoleOutcome:
     """Assign a role to each series and check the study has its required roles."""
     candidates: dict[str, list[SeriesSummary]] = {}
+    notes: dict[str, str] = {}
     for s in series:
+        if is_labelled_description(s.series_description):
+            notes[s.series_instance_uid] = "a glioforecast output sent back: never an input"
+            continue
         for rule in settings.rules:
             if rule_matches(rule, s):
                 candidates.setdefault(rule.role, []).append(s)
                 break
     chosen: dict[str, str] = {}  # series uid -> role
-    notes: dict[str, str] = {}
     problems: list[str] = []
     for role, matched in candidates.items():
         if len(matched) == 1:

@@ -63,6 +63,8 @@ STORAGE_CLASSES = (
     sc.EnhancedCTImageStorage,
     sc.GrayscaleSoftcopyPresentationStateStorage,
     sc.KeyObjectSelectionDocumentStorage,
+    # readers' outlines: stored for training (inference.dicom_cohort), no role in prediction
+    sc.SegmentationStorage,
 )
 
 TRANSFER_SYNTAXES = (

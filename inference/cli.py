@@ -20,13 +20,12 @@ import json
 import logging
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import GlioforecastError, InputError
-from dicom_node.types import StudyInputs, Volume
+from dicom_node.types import StudyInputs
 from inference.model_config import PREDICTION_TYPES
 from inference.synthetic.cli import positive_int
 
@@ -308,90 +307,10 @@ def _add_evaluate(sub: Any) -> None:
 # predict
 
 
-def study_inputs_from_dicom(
-    folder: Path, config: Path | None = None
-) -> tuple[StudyInputs, dict[str, str]]:
-    """A DICOM study folder (any depth) as :class:`StudyInputs`, series roles assigned by the
-    node's rules (``config`` or the embedded default); also returns role -> series description."""
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    from dicom_node.convert.rtdose import dose_on_grid
-    from dicom_node.convert.rtstruct import load_rtstruct_mask
-    from dicom_node.convert.series import load_series
-    from dicom_node.instance import InstanceInfo
-    from dicom_node.jobs import SeriesSummary
-    from dicom_node.pipeline import OPTIONAL_CONTRASTS, on_grid
-    from dicom_node.roles import assign_roles
-    from dicom_node.settings import load_settings
-
-    settings = load_settings(config)
-    files: dict[str, list[Path]] = defaultdict(list)
-    infos: dict[str, list[InstanceInfo]] = defaultdict(list)
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError):
-            log.debug("not DICOM, skipped: %s", path)
-            continue
-        ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
-        info = InstanceInfo.from_dataset(ds, ts, b"offline-predict")
-        files[info.series_instance_uid].append(path)
-        infos[info.series_instance_uid].append(info)
-    if not infos:
-        raise InputError(f"DICOM study {folder}: expected DICOM files, found none")
-    summaries = []
-    for uid, members in infos.items():
-        first = members[0]
-        summaries.append(
-            SeriesSummary(
-                series_instance_uid=uid,
-                sop_class_uid=first.sop_class_uid,
-                modality=first.modality,
-                series_number=first.series_number,
-                series_description=first.series_description,
-                protocol_name=first.protocol_name,
-                sequence_name=first.sequence_name,
-                contrast_agent=any(m.contrast_agent for m in members),
-                frame_of_reference_uid=first.frame_of_reference_uid,
-                instance_count=len(members),
-                last_received_at=0.0,
-            )
-        )
-    outcome = assign_roles(summaries, settings.roles)
-    if not outcome.ok:
-        raise InputError(f"DICOM study {folder}: " + "; ".join(outcome.problems))
-    by_role = {
-        d.role: d.series_instance_uid for d in outcome.decisions if d.role
-    }  # one series per role
-    described = {
-        role: next(s.text for s in summaries if s.series_instance_uid == uid)
-        for role, uid in by_role.items()
-    }
-    t1c = load_series(files[by_role["t1c"]])
-    mask = load_rtstruct_mask(files[by_role["rtstruct"]][0], t1c, settings.roles.roi_pattern)
-    optional: dict[str, Volume] = {}
-    for role in OPTIONAL_CONTRASTS:
-        if role in by_role:
-            try:
-                optional[role] = on_grid(load_series(files[by_role[role]]), t1c, role)
-            except InputError as exc:
-                log.warning("%s not used: %s", role, exc)
-    dose = dose_on_grid(files[by_role["rtdose"]][0], t1c) if "rtdose" in by_role else None
-    inputs = StudyInputs(
-        t1c=t1c,
-        tumour_mask=mask,
-        flair=optional.get("flair"),
-        t2=optional.get("t2"),
-        t1=optional.get("t1"),
-        dose=dose,
-    )
-    return inputs, described
-
-
 def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str, dict[str, str]]:
     """NIfTI (synthetic layout) or DICOM study folder -> inputs, the format, role descriptions."""
     from inference.data import INPUT_FILES, NIFTI_DIR, study_inputs_from_nifti
+    from inference.dicom_cohort import study_inputs_from_dicom
 
     if not path.is_dir():
         raise InputError(f"INPUT {path}: expected a folder (NIfTI files or a DICOM study)")

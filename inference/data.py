@@ -1,10 +1,12 @@
-"""Training and evaluation data from synthetic cohort folders (NIfTI), and the model-space
+"""Training and evaluation data from cohort folders (NIfTI or DICOM), and the model-space
 preparation of one study shared by training and prediction.
 
-A cohort folder is what ``glioforecast synth`` writes (``inference.synthetic.cohort``):
-``cohort.csv`` (one row per patient: site, survival class, response category...) and, per
-patient, ``<patient_id>/nifti/`` with ``pre_t1c``, ``pre_flair``, ``gtv``, ``dose``,
-``post_t1c``, ``pre_labels`` and ``post_labels`` (``.nii.gz``).
+A cohort folder holds ``cohort.csv`` (one row per patient: site, survival class, response
+category...) and, per patient, either ``<patient_id>/nifti/`` with ``pre_t1c``, ``pre_flair``,
+``gtv``, ``dose``, ``post_t1c``, ``pre_labels`` and ``post_labels`` (``.nii.gz``), as
+``glioforecast synth`` writes it (``inference.synthetic.cohort``), or DICOM studies anywhere
+beneath the folder, as the node stores them (:mod:`inference.dicom_cohort`: the readers'
+Segmentations stand for the label maps).
 
 What the model is given and asked for:
 
@@ -30,10 +32,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +55,9 @@ from dicom_node.errors import InputError
 from dicom_node.types import StudyInputs, Volume
 from inference.model_config import PreprocessingConfig
 from inference.predict import PredictionInputs
+
+if TYPE_CHECKING:
+    from inference.dicom_cohort import DicomCase
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +188,9 @@ class CohortPatient:
     site: str
     survival_class: str
     response_category: str
-    folder: Path  # the patient's nifti/ folder
+    folder: Path  # the patient's nifti/ folder, or the folder holding its DICOM studies
     values: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    dicom: DicomCase | None = field(default=None, compare=False, repr=False)
 
     @property
     def cohort_seed(self) -> int | None:
@@ -191,38 +199,73 @@ class CohortPatient:
         return int(m.group(1)) if m else None
 
 
-def read_cohort(data: str | Path | Sequence[str | Path]) -> list[CohortPatient]:
-    """The patients of one or more cohort folders (``cohort.csv`` + NIfTI folders), in table
-    order; a patient whose NIfTI folder is missing is an error."""
+SOURCES = ("auto", "nifti", "dicom")
+
+
+def read_cohort(
+    data: str | Path | Sequence[str | Path],
+    *,
+    source: str = "auto",
+    config: Path | None = None,
+) -> list[CohortPatient]:
+    """The patients of one or more cohort folders, in table order.
+
+    A folder holds ``cohort.csv`` and, per patient, NIfTI files (``<folder>/nifti/``, what
+    ``glioforecast synth`` writes) or DICOM studies anywhere beneath it (a DICOM site folder,
+    :mod:`inference.dicom_cohort`; series roles from the node's settings, ``config`` or the
+    default). ``source`` ``auto`` takes NIfTI where a patient has it and DICOM otherwise;
+    ``nifti`` or ``dicom`` insists on one. Every patient's problem is reported in one error."""
+    from inference.dicom_cohort import index_dicom, match_case
+
+    if source not in SOURCES:
+        raise InputError(f"cohort source: expected one of {SOURCES}, found {source!r}")
     folders = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
     if not folders:
         raise InputError("cohort: expected at least one data folder, found none")
     out: list[CohortPatient] = []
+    problems: list[str] = []
     seen: set[str] = set()
     for folder in folders:
         table = folder / COHORT_TABLE
         if not table.is_file():
             raise InputError(
-                f"cohort folder {folder}: expected {COHORT_TABLE} (from glioforecast synth), "
-                f"found {'no folder' if not folder.is_dir() else 'none'}"
+                f"cohort folder {folder}: expected {COHORT_TABLE} (from glioforecast synth, or "
+                f"a site's outcome table), found {'no folder' if not folder.is_dir() else 'none'}"
             )
         with table.open(encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
         required = ("patient_id", "site", "survival_class", "response_category")
+        dicom_index = None
         for n, row in enumerate(rows, start=2):
             absent = [k for k in required if not row.get(k)]
             if absent:
                 raise InputError(f"{table}, line {n}: expected values for {absent}, found none")
             pid = row["patient_id"]
-            nifti = folder / row.get("folder", pid) / NIFTI_DIR
-            if not (nifti / INPUT_FILES["t1c"]).is_file():
-                raise InputError(
-                    f"{table}, patient {pid}: expected NIfTI files in {nifti} "
-                    "(generate the cohort with --format nifti), found none"
-                )
             if pid in seen:
                 raise InputError(f"cohort: patient {pid} appears twice (in {table})")
             seen.add(pid)
+            nifti = folder / row.get("folder", pid) / NIFTI_DIR
+            case = None
+            if source == "nifti" or (source == "auto" and (nifti / INPUT_FILES["t1c"]).is_file()):
+                if not (nifti / INPUT_FILES["t1c"]).is_file():
+                    problems.append(f"patient {pid}: expected NIfTI files in {nifti}, found none")
+                    continue
+            else:
+                if dicom_index is None:
+                    dicom_index = index_dicom(folder)
+                if source == "auto" and pid not in dicom_index:
+                    problems.append(
+                        f"patient {pid}: expected NIfTI files in {nifti} or DICOM studies with "
+                        f"this PatientID under {folder}, found neither"
+                    )
+                    continue
+                case, found = match_case(pid, dicom_index.get(pid, []), row, config)
+                if case is None:
+                    problems.extend(f"patient {pid}: {p}" for p in found)
+                    continue
+                study_files = [f for study in (case.pre, case.post) for s in study.series
+                               for f in s.files]  # fmt: skip
+                nifti = Path(os.path.commonpath(study_files))
             out.append(
                 CohortPatient(
                     patient_id=pid,
@@ -231,8 +274,16 @@ def read_cohort(data: str | Path | Sequence[str | Path]) -> list[CohortPatient]:
                     response_category=row["response_category"],
                     folder=nifti,
                     values=dict(row),
+                    dicom=case,
                 )
             )
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise InputError(
+            f"cohort {[str(f) for f in folders]}: {len(problems)} patient(s) of the table cannot "
+            f"be read (source {source}; fix them or remove their rows):\n  {shown}{more}"
+        )
     if not out:
         raise InputError(f"cohort: expected patients in {[str(f) for f in folders]}, found none")
     return out
@@ -378,7 +429,17 @@ class PatientTruth:
     tumour_region: Volume  # bool: GTV | post labels 1, 3, 5 (before any dilation)
 
 
+def patient_inputs(patient: CohortPatient, survival_class: str | None = None) -> StudyInputs:
+    """A cohort patient's pre-treatment inputs, from its NIfTI files or DICOM studies
+    (``survival_class`` is what the inputs say is known; evaluation gives none)."""
+    if patient.dicom is not None:
+        return patient.dicom.inputs(survival_class)
+    return study_inputs_from_nifti(patient.folder, survival_class)
+
+
 def load_truth(patient: CohortPatient, inputs: StudyInputs | None = None) -> PatientTruth:
+    if patient.dicom is not None:
+        return _dicom_truth(patient, inputs)
     d = patient.folder
     post = read_volume(d / POST_T1C_FILE)
     post_labels = read_volume(d / POST_LABELS_FILE)
@@ -390,6 +451,29 @@ def load_truth(patient: CohortPatient, inputs: StudyInputs | None = None) -> Pat
         post_enhancing=labels_mask(post_labels, POST_ENHANCING_LABELS),
         pre_enhancing=labels_mask(pre_labels, PRE_ENHANCING_LABELS),
         tumour_region=post_labels.with_array(region),
+    )
+
+
+def _dicom_truth(patient: CohortPatient, inputs: StudyInputs | None) -> PatientTruth:
+    """The truth of a DICOM patient: the follow-up T1-Gd and the readers' Segmentations; the
+    tumour region is the GTV with the follow-up's enhancing lesion and necrosis."""
+    from dicom_node.pipeline import on_grid
+
+    assert patient.dicom is not None
+    if inputs is None:
+        inputs = patient_inputs(patient)
+    truth = patient.dicom.truth(inputs.t1c)
+    post = truth.post_t1c
+    gtv = on_grid(inputs.tumour_mask, post, "GTV")
+    region = np.asarray(gtv.array) >= 0.5
+    region |= np.asarray(truth.post_enhancing.array, dtype=bool)
+    if truth.post_necrosis is not None:
+        region |= np.asarray(truth.post_necrosis.array, dtype=bool)
+    return PatientTruth(
+        post_t1c=post,
+        post_enhancing=truth.post_enhancing,
+        pre_enhancing=truth.pre_enhancing,
+        tumour_region=post.with_array(region),
     )
 
 
@@ -419,7 +503,7 @@ def training_sample(
     use_dose: bool,
     survival_classes: Sequence[str],
 ) -> TrainingSample:
-    inputs = study_inputs_from_nifti(patient.folder, patient.survival_class)
+    inputs = patient_inputs(patient, patient.survival_class)
     study = prepare_study(inputs, pre, contrasts, use_dose)
     truth = load_truth(patient, inputs)
     post, _ = normalise(to_model_space(truth.post_t1c, study.grid), pre.intensity)

@@ -60,8 +60,8 @@ from inference.data import (
     CohortPatient,
     PatientTruth,
     load_truth,
+    patient_inputs,
     read_cohort,
-    study_inputs_from_nifti,
 )
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class EvaluationPatient:
 def load_patients(patients: Sequence[CohortPatient]) -> list[EvaluationPatient]:
     out = []
     for p in patients:
-        inputs = study_inputs_from_nifti(p.folder)
+        inputs = patient_inputs(p)
         out.append(EvaluationPatient(p, inputs, load_truth(p, inputs)))
     return out
 

@@ -1,9 +1,12 @@
-"""``glioforecast federate certs|superlink|supernode|run|simulate``.
+"""``glioforecast federate certs|superlink|supernode|check-data|run|simulate``.
 
 - ``certs``: a CA and the SuperLink's certificate (:mod:`inference.federated.certs`);
 - ``superlink`` / ``supernode``: thin wrappers that run Flower's ``flower-superlink`` /
   ``flower-supernode`` with TLS and this project's settings (the exact Flower command is logged,
-  ``--print`` shows it without running it);
+  ``--print`` shows it without running it); ``supernode`` first reads the site's patient list
+  and refuses to start when the table or the files behind it are unusable;
+- ``check-data``: reads every patient of a site folder as training will and lists the
+  unreadable ones with their reasons (run it before joining a federation);
 - ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
 - ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
   process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
@@ -72,23 +75,50 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
+    from inference.federated.config import NodeConfig
     from inference.federated.deploy import process_env, supernode_command
+    from inference.federated.local import site_patients
 
     if not args.insecure and args.ca_cert is None:
         return _fail(
             "supernode", ValueError("expected --ca-cert FILE (or --insecure), found neither")
         )
-    missing = [str(d) for d in args.data if not (Path(d) / "cohort.csv").is_file()]
-    if missing:
-        return _fail(
-            "supernode",
-            ValueError(f"--data: expected cohort folders with cohort.csv, found none in {missing}"),
-        )
+    try:
+        patients = site_patients(NodeConfig(tuple(args.data), args.site or ""))
+    except GlioforecastError as exc:
+        return _fail("supernode", exc)
+    log.info("site %s: %d patients", args.site or "(all of --data)", len(patients))
     cmd = supernode_command(
         args.superlink, None if args.insecure else args.ca_cert, args.data, site=args.site or "",
         device=args.device, threads=args.threads, runtime_port=args.port,
     )  # fmt: skip
     return _exec(cmd, args.print, process_env(args.flwr_home))
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from inference.federated.config import NodeConfig
+    from inference.federated.local import check_site_data
+
+    node = NodeConfig(tuple(args.data), args.site or "")
+    try:
+        patients, problems = check_site_data(node, lambda p: log.info("reading %s", p.patient_id))
+    except GlioforecastError as exc:
+        return _fail("check-data", exc)
+    by_source: dict[str, int] = {}
+    for p in patients:
+        source = "dicom" if p.dicom is not None else "nifti"
+        by_source[source] = by_source.get(source, 0) + 1
+    sites = sorted({p.site for p in patients})
+    counts = ", ".join(f"{n} {source}" for source, n in sorted(by_source.items()))
+    print(f"{len(patients)} patients ({counts}), sites {', '.join(sites)}")
+    for line in problems:
+        print(f"unreadable: {line}")
+    if problems:
+        print(f"{len(problems)} of {len(patients)} patients cannot be used; fix them or remove "
+              "their rows from cohort.csv")  # fmt: skip
+        return 1
+    print("every patient is readable")
+    return 0
 
 
 def _run_config(args: argparse.Namespace) -> Any:
@@ -251,6 +281,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--print", action="store_true")
     p.set_defaults(func=cmd_supernode)
+
+    p = sub.add_parser(
+        "check-data",
+        help="read every patient of a site folder (NIfTI or DICOM) as training will",
+        description="Reads each patient's inputs and follow-up truth from the site's cohort "
+        "folder(s) and lists every patient that cannot be used, with the reason. Exit 0 when "
+        "all are readable, 1 when some are not, 2 when the folder or table is unusable.",
+    )
+    p.add_argument("--data", action="append", required=True, help="the site's cohort folder")
+    p.add_argument("--site", default=None, help="site name (filters a multi-site folder)")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("run", help="start a federated training on a SuperLink and follow it")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")

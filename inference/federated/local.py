@@ -29,9 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_node.errors import ConfigError, InferenceError
+from dicom_node.errors import ConfigError, GlioforecastError, InferenceError
 from dicom_node.yamlload import load_yaml
-from inference.data import CohortDataset, CohortPatient, read_cohort
+from inference.data import (
+    CohortDataset,
+    CohortPatient,
+    load_truth,
+    patient_inputs,
+    read_cohort,
+)
 from inference.federated.config import NodeConfig, RunConfig
 from inference.model_config import ModelConfig, config_from_dict, config_to_dict, preset
 from inference.model_dir import KIND_LDM, KIND_UNET_BASELINE
@@ -161,6 +167,25 @@ def site_patients(node: NodeConfig) -> list[CohortPatient]:
                 ],
             )
     return sorted(patients, key=lambda p: p.patient_id)
+
+
+def check_site_data(
+    node: NodeConfig, progress: Callable[[CohortPatient], None] | None = None
+) -> tuple[list[CohortPatient], list[str]]:
+    """Read each of the site's patients as training and evaluation will (inputs and truth):
+    the patients and, per unreadable patient, what is wrong. Problems with the table itself
+    (or with finding a patient's files) raise at once, listing every patient concerned."""
+    patients = site_patients(node)
+    problems = []
+    for p in patients:
+        if progress is not None:
+            progress(p)
+        try:
+            load_truth(p, patient_inputs(p))
+        except GlioforecastError as exc:
+            text = str(exc)
+            problems.append(text if p.patient_id in text else f"patient {p.patient_id}: {text}")
+    return patients, problems
 
 
 def site_label(node: NodeConfig, patients: Sequence[CohortPatient]) -> str:

@@ -11,8 +11,12 @@ Layout of ``out_dir``::
     <patient_id>/nifti/              pre_{t1,t1c,t2,flair}.nii.gz, post_*.nii.gz,
                                      pre_labels.nii.gz, post_labels.nii.gz, gtv/ctv/ptv.nii.gz,
                                      dose.nii.gz, density_pre.nii.gz, density_post.nii.gz
-    <patient_id>/dicom/pre/          one folder per MR series, RTSTRUCT/, RTDOSE/
+    <patient_id>/dicom/pre/          one folder per MR series, RTSTRUCT/, RTDOSE/ (what routing
+                                     sends the node for a prediction)
     <patient_id>/dicom/post/         one folder per follow-up MR series
+    <patient_id>/dicom/reader/       pre/seg.dcm, post/seg.dcm: a reader's Segmentation in each
+                                     study (enhancing tumour or lesion, necrotic core), the truth
+                                     a DICOM site trains on (inference.dicom_cohort)
 
 Label maps (BraTS-like): 0 background, 1 necrotic core, 2 oedema, 3 enhancing tumour,
 4 resection cavity, 5 treatment-related enhancement (pseudo-progression).
@@ -27,7 +31,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -331,7 +335,7 @@ def generate_patient(
             _write_nifti(ndir / f"{key}.nii.gz", arr.astype(np.float32), acq)
     if "dicom" in formats:
         _write_dicom(pdir / "dicom", seed, index, pid, site, cov, name, referring, birth,
-                     pre_time, post_time, acq, images, rois, dose_acq)  # fmt: skip
+                     pre_time, post_time, acq, images, labels, rois, dose_acq)  # fmt: skip
     record["folder"] = pid
     return PatientRecord(record)
 
@@ -350,6 +354,7 @@ def _write_dicom(
     post_time: datetime.datetime,
     acq: Volume,
     images: dict[str, npt.NDArray[np.uint16]],
+    labels: dict[str, npt.NDArray[Any]],
     rois: dict[str, npt.NDArray[np.bool_]],
     dose: npt.NDArray[np.float32],
 ) -> None:
@@ -403,6 +408,21 @@ def _write_dicom(
         source_instance_uids=ref.sop_instance_uids,
         series_instance_uid=ref.series_instance_uid,
     )
+    for n, (phase, when) in enumerate((("pre", pre_time), ("post", post_time))):
+        t1c_ref = refs[(phase, "t1c")]
+        dx.write_reader_segmentation(
+            folder / "reader" / phase / "seg.dcm",
+            labels[f"{phase}_labels"],
+            dx.READER_SEGMENTS[phase],
+            replace(grid, source_instance_uids=t1c_ref.sop_instance_uids),
+            t1c_ref,
+            studies[phase],
+            series_uid=dx.derived_uid(seed, index, phase, "seg", "series"),
+            sop_uid=dx.derived_uid(seed, index, phase, "seg", "instance"),
+            series_number=160 + n,
+            description=f"SEG reader outline {'pre-treatment' if phase == 'pre' else 'follow-up'}",
+            when=when + datetime.timedelta(hours=2),
+        )
     colours = {"gtv": (255, 0, 0), "ctv": (255, 165, 0), "ptv": (0, 128, 255)}
     roi_masks = [
         RoiMask(key.upper(), grid.with_array(rois[key]), colours[key], key.upper())

@@ -356,3 +356,92 @@ def write_rtdose(
     ds.PixelData = counts.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+@dataclass(frozen=True)
+class ReaderSegment:
+    """One segment of a reader's outline: its label and the phantom labels it covers."""
+
+    label: str
+    values: tuple[int, ...]
+    necrosis: bool = False
+
+
+#: what a reader outlines on each study (phantom labels: 1 necrotic core, 3 enhancing tumour,
+#: 5 treatment-related enhancement, which a reader cannot tell from tumour on one scan)
+READER_SEGMENTS = {
+    "pre": (ReaderSegment("Enhancing tumour", (3,)), ReaderSegment("Necrotic core", (1,), True)),
+    "post": (
+        ReaderSegment("Enhancing lesion", (3, 5)),
+        ReaderSegment("Necrotic core", (1,), True),
+    ),
+}
+
+
+def write_reader_segmentation(
+    path: Path,
+    labels: npt.NDArray[np.integer],
+    segments: Sequence[ReaderSegment],
+    grid: Volume,
+    source: SeriesRef,
+    patient: PatientStudy,
+    *,
+    series_uid: str,
+    sop_uid: str,
+    series_number: int,
+    description: str,
+    when: datetime.datetime,
+) -> None:
+    """A BINARY DICOM Segmentation of ``labels`` (on ``grid``, the T1-Gd series ``source``),
+    one segment per :class:`ReaderSegment`, as a reader's manual outline."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from sr_writer.references import source_slice_datasets
+
+    if labels.shape != grid.shape:
+        raise ExportError(f"label map shape {labels.shape} differs from grid {grid.shape}")
+    pixels = np.stack([np.isin(labels, s.values) for s in segments], axis=-1).astype(np.uint8)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=s.label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Necrosis if s.necrosis else codes.SCT.Neoplasm,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+            anatomic_regions=[codes.SCT.Brain],
+        )
+        for n, s in enumerate(segments, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=source_slice_datasets(grid, source, patient),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="glioforecast",
+        manufacturer_model_name="synthetic reader",
+        software_versions="glioforecast synth",
+        device_serial_number="0",
+        content_description="SYNTHETIC PHANTOM reader outline",
+        content_label="READER",
+        content_creator_name="Synthetic^Reader",
+        omit_empty_frames=False,
+        series_description=description,
+        content_date=when.date(),
+        content_time=when.time(),
+    )
+    # what highdicom takes from the clock or draws at random, fixed so a seed rewrites the file
+    seg["InstanceCreationDate"].value = when.strftime("%Y%m%d")
+    seg["InstanceCreationTime"].value = when.strftime("%H%M%S")
+    dimension_uid = derived_uid(sop_uid, "dimension-organization")
+    for element in seg.iterall():
+        if element.tag == Tag("DimensionOrganizationUID"):
+            element.value = dimension_uid
+        elif element.tag == Tag("ContributionDateTime"):
+            element.value = when.strftime("%Y%m%d%H%M%S")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path, enforce_file_format=True)

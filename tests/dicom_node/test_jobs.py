@@ -13,6 +13,7 @@ from dicom_node.instance import InstanceInfo
 from dicom_node.jobs import FAILED, QUEUED, SUPERSEDED, JobStore
 from dicom_node.service import reconcile
 from dicom_node.spool import Spool
+from sr_writer.labels import series_description
 from tests import factories
 from tests.dicom_node.conftest import make_settings
 
@@ -57,6 +58,15 @@ def test_quiet_period_then_job_then_late_instance_makes_version_2(tmp_path: Path
     # a re-sent duplicate does not reopen the study
     _receive(spool, store, study["flair"], t0 + 300)
     assert assembler.run_once(now=t0 + 1000) == []
+    # nor does the node's own result forwarded back by the PACS (it is stored all the same)
+    ours = study["flair"][0]
+    ds = pydicom.dcmread(ours)
+    ds.SOPInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    ds.SeriesDescription = series_description("derived MR")
+    ds.save_as(tmp_path / "ours.dcm")
+    _receive(spool, store, [tmp_path / "ours.dcm"], t0 + 1100)
+    assert store.counts()["instances"] == second.instance_count + 1
+    assert assembler.run_once(now=t0 + 2000) == []
 
 
 def test_missing_required_role_fails_the_job_and_retry_uses_new_rules(tmp_path: Path) -> None:

@@ -105,3 +105,24 @@ def test_ambiguous_role_can_be_refused() -> None:
     )
     assert not outcome.ok
     assert "ambiguous role t1c: expected one matching series, found 2" in outcome.problems[0]
+
+
+def test_the_nodes_own_outputs_sent_back_are_never_inputs() -> None:
+    """A PACS that forwards the whole study back sends the predicted RTSTRUCT (series 9005) and
+    derived MR (9006) too; the planning RTSTRUCT and the scanner's T1-Gd keep their roles."""
+    from sr_writer.labels import SERIES_NUMBERS, series_description
+
+    t1c, planning = series("AX T1 POST GD", 5), series("RT plan", 20, RTSTRUCT)
+    ours = [
+        series(series_description("RTSTRUCT"), SERIES_NUMBERS["rtstruct"], RTSTRUCT),
+        series(series_description("derived MR"), SERIES_NUMBERS["derived-mr"], contrast=True,
+               protocol="AX T1 POST GD"),
+    ]  # fmt: skip
+    outcome = assign_roles([t1c, planning, *ours], ROLES)
+    assert outcome.ok
+    assert outcome.role_of(t1c.series_instance_uid) == "t1c"
+    assert outcome.role_of(planning.series_instance_uid) == "rtstruct"
+    notes = {d.series_instance_uid: d.note for d in outcome.decisions}
+    for s in ours:
+        assert outcome.role_of(s.series_instance_uid) == ""
+        assert notes[s.series_instance_uid] == "a glioforecast output sent back: never an input"

@@ -42,8 +42,8 @@ def _read_series(folder: Path) -> sitk.Image:
 def test_every_dicom_object_passes_dciodvfy(small_cohort: Cohort, dciodvfy: str) -> None:
     out, _ = small_cohort
     files = sorted(out.rglob("*.dcm"))
-    # 2 patients x (8 MR series + RTSTRUCT + RTDOSE)
-    assert len({f.parent for f in files}) == 20
+    # 2 patients x (8 MR series + RTSTRUCT + RTDOSE + a reader's SEG per study)
+    assert len({f.parent for f in files}) == 24
 
     def check(path: Path) -> list[str]:
         run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)

@@ -1,0 +1,434 @@
+"""Studies and cohort patients from DICOM files, as the node stores them.
+
+One folder of DICOM files in any layout (the node's spool ``<study>/<series>/<sop>.dcm``, a PACS
+export, ``glioforecast synth --format dicom``) is indexed by its headers: patient, study, series.
+A pre-treatment study is read exactly as the node reads a routed study: series roles from the
+node's rules (the embedded default, or the file in ``$GLIOFORECAST_CONFIG``), the T1-Gd as the
+reference grid, the tumour from the RT structure set, the other contrasts and the RT dose
+resampled onto it (:func:`study_inputs_from_series`, also behind ``glioforecast predict``).
+
+A *DICOM site folder* for training and evaluation holds the outcome table ``cohort.csv`` (the
+columns :func:`inference.data.read_cohort` reads: ``patient_id``, ``site``, ``survival_class``,
+``response_category``) and the DICOM files anywhere beneath it (a link to the node's spool
+works). Each patient of the table, matched by PatientID, needs
+
+- the pre-treatment study: its MR series and RT structure set (RT dose optional), plus a DICOM
+  Segmentation by a reader with an *enhancing tumour* segment (the joint mask channel learns it);
+- a follow-up study, later than it, with a T1-Gd series and a reader's Segmentation with an
+  *enhancing lesion* segment (tumour and treatment-related enhancement, as a reader outlines it)
+  and, optionally, a *necrosis* segment (with the GTV, the evaluation's tumour region).
+
+Segments are found by their label (:data:`ENHANCING_SEGMENT`, :data:`NECROSIS_SEGMENT`); of
+several reader Segmentations in a study the latest is used, and the node's own outputs sent
+back with a study (labelled series: predicted SEG and RTSTRUCT) are never read as a reader's.
+The follow-up must be on the pre-treatment frame of reference (registered to it, as the
+synthetic cohort's follow-up is); one on another frame of reference is refused, because its
+images cannot be compared voxel by voxel with the prediction. When a patient has several
+candidate studies, the optional columns ``pre_study_uid`` and ``post_study_uid`` choose.
+Problems are collected for every patient and reported together; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from dicom_node.convert.geometry import resample
+from dicom_node.errors import GlioforecastError, InputError
+from dicom_node.jobs import SeriesSummary
+from dicom_node.settings import Settings, load_settings
+from dicom_node.types import StudyInputs, Volume
+
+log = logging.getLogger(__name__)
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+#: segment labels read as the enhancing tumour (pre-treatment) or lesion (follow-up)
+ENHANCING_SEGMENT = re.compile(r"(?i)^(?!.*non[- ]?enhanc).*enhanc")
+#: segment labels read as necrosis / non-enhancing core
+NECROSIS_SEGMENT = re.compile(r"(?i)necro|non[- ]?enhanc")
+
+
+# ------------------------------------------------------------------------------------------
+# header index
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    summary: SeriesSummary
+    files: tuple[Path, ...]
+
+    @property
+    def uid(self) -> str:
+        return self.summary.series_instance_uid
+
+
+@dataclass(frozen=True)
+class DicomStudy:
+    study_instance_uid: str
+    patient_id: str
+    when: str  # StudyDate + StudyTime (YYYYMMDDHHMMSS), for ordering
+    series: tuple[DicomSeries, ...]
+
+    def of_class(self, sop_class_uid: str) -> list[DicomSeries]:
+        return [s for s in self.series if s.summary.sop_class_uid == sop_class_uid]
+
+    def reader_segmentation(self) -> Path | None:
+        """The Segmentation a reader made in this study: the latest (highest series number) of
+        those that are not glioforecast's own predictions sent back with the study."""
+        from sr_writer.labels import is_labelled_description
+
+        readers = [
+            s
+            for s in self.of_class(SEGMENTATION_STORAGE)
+            if not is_labelled_description(s.summary.series_description)
+        ]
+        if not readers:
+            return None
+        if len(readers) > 1:
+            log.info(
+                "%s: %d reader Segmentations, the latest (series %s) is used",
+                self.describe(),
+                len(readers),
+                readers[-1].summary.series_number,
+            )
+        return readers[-1].files[0]
+
+    @property
+    def images(self) -> list[DicomSeries]:
+        """The series other than Segmentations (what series roles are assigned to)."""
+        return [s for s in self.series if s.summary.sop_class_uid != SEGMENTATION_STORAGE]
+
+    def describe(self) -> str:
+        date = f"{self.when[:4]}-{self.when[4:6]}-{self.when[6:8]}" if self.when else "no date"
+        return f"study {self.study_instance_uid} ({date}, {len(self.series)} series)"
+
+
+def _dicom_files(root: Path) -> Iterator[Path]:
+    """Files under ``root`` (following links, as a linked spool is), hidden ones and the
+    spool's partial ``.part`` files left out."""
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and not name.endswith(".part"):
+                yield Path(folder) / name
+
+
+def index_dicom(root: str | Path) -> dict[str, list[DicomStudy]]:
+    """Every DICOM file under ``root`` by patient ID, then study (ordered by date), then series.
+
+    Files that are not DICOM are skipped (logged at debug level)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_node.instance import InstanceInfo
+
+    root = Path(root)
+    files: dict[tuple[str, str, str], list[Path]] = defaultdict(list)
+    infos: dict[tuple[str, str, str], list[InstanceInfo]] = defaultdict(list)
+    when: dict[tuple[str, str], str] = {}
+    for path in _dicom_files(root):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
+            info = InstanceInfo.from_dataset(ds, ts, b"dicom-index")
+        except (InvalidDicomError, OSError, ValueError, AttributeError, GlioforecastError):
+            log.debug("not a usable DICOM instance, skipped: %s", path)
+            continue
+        patient = str(ds.get("PatientID", "") or "")
+        key = (patient, info.study_instance_uid, info.series_instance_uid)
+        files[key].append(path)
+        infos[key].append(info)
+        when.setdefault(
+            key[:2], f"{ds.get('StudyDate', '') or ''}{ds.get('StudyTime', '') or ''}"[:14]
+        )
+    studies: dict[tuple[str, str], list[DicomSeries]] = defaultdict(list)
+    for key, members in infos.items():
+        first = members[0]
+        summary = SeriesSummary(
+            series_instance_uid=first.series_instance_uid,
+            sop_class_uid=first.sop_class_uid,
+            modality=first.modality,
+            series_number=first.series_number,
+            series_description=first.series_description,
+            protocol_name=first.protocol_name,
+            sequence_name=first.sequence_name,
+            contrast_agent=any(m.contrast_agent for m in members),
+            frame_of_reference_uid=first.frame_of_reference_uid,
+            instance_count=len(members),
+            last_received_at=0.0,
+        )
+        studies[key[:2]].append(DicomSeries(summary, tuple(files[key])))
+    out: dict[str, list[DicomStudy]] = defaultdict(list)
+    for (patient, study_uid), series in studies.items():
+        ordered = sorted(series, key=lambda s: (s.summary.series_number or 0, s.uid))
+        out[patient].append(
+            DicomStudy(study_uid, patient, when[(patient, study_uid)], tuple(ordered))
+        )
+    for patient_studies in out.values():
+        patient_studies.sort(key=lambda s: (s.when, s.study_instance_uid))
+    return dict(out)
+
+
+# ------------------------------------------------------------------------------------------
+# one study as the node reads it
+
+
+def _roles(
+    series: Sequence[DicomSeries], settings: Settings, name: str
+) -> tuple[dict[str, DicomSeries], dict[str, str]]:
+    from dicom_node.roles import assign_roles
+
+    outcome = assign_roles([s.summary for s in series], settings.roles)
+    if not outcome.ok:
+        raise InputError(f"{name}: " + "; ".join(outcome.problems))
+    by_role = {}
+    for d in outcome.decisions:
+        if d.role:
+            by_role[d.role] = next(s for s in series if s.uid == d.series_instance_uid)
+    return by_role, {role: s.summary.text for role, s in by_role.items()}
+
+
+def study_inputs_from_series(
+    series: Sequence[DicomSeries], settings: Settings, name: str
+) -> tuple[StudyInputs, dict[str, str]]:
+    """The node's inputs from the series of one study (roles from ``settings``); also returns
+    role -> series description."""
+    from dicom_node.convert.rtdose import dose_on_grid
+    from dicom_node.convert.rtstruct import load_rtstruct_mask
+    from dicom_node.convert.series import load_series
+    from dicom_node.pipeline import OPTIONAL_CONTRASTS, on_grid
+
+    by_role, described = _roles(series, settings, name)
+    t1c = load_series(by_role["t1c"].files)
+    mask = load_rtstruct_mask(by_role["rtstruct"].files[0], t1c, settings.roles.roi_pattern)
+    optional: dict[str, Volume] = {}
+    for role in OPTIONAL_CONTRASTS:
+        if role in by_role:
+            try:
+                optional[role] = on_grid(load_series(by_role[role].files), t1c, role)
+            except InputError as exc:
+                log.warning("%s not used: %s", role, exc)
+    dose = dose_on_grid(by_role["rtdose"].files[0], t1c) if "rtdose" in by_role else None
+    inputs = StudyInputs(
+        t1c=t1c,
+        tumour_mask=mask,
+        flair=optional.get("flair"),
+        t2=optional.get("t2"),
+        t1=optional.get("t1"),
+        dose=dose,
+    )
+    return inputs, described
+
+
+def study_inputs_from_dicom(
+    folder: Path, config: Path | None = None
+) -> tuple[StudyInputs, dict[str, str]]:
+    """A DICOM study folder (any depth) as :class:`StudyInputs`: every series found there,
+    roles assigned by the node's rules (``config`` or the embedded default); also returns
+    role -> series description."""
+    studies = [s for patient in index_dicom(folder).values() for s in patient]
+    if not studies:
+        raise InputError(f"DICOM study {folder}: expected DICOM files, found none")
+    series = [s for study in studies for s in study.series]
+    return study_inputs_from_series(series, load_settings(config), f"DICOM study {folder}")
+
+
+# ------------------------------------------------------------------------------------------
+# a reader's Segmentation
+
+
+def segment_masks(path: Path, reference: Volume, name: str) -> dict[str, Volume]:
+    """Each segment of a DICOM Segmentation (label -> bool mask) on ``reference``'s grid.
+
+    The Segmentation must be on the reference's frame of reference; its frames are placed by
+    their own positions (any slice subset or order) and resampled nearest-neighbour."""
+    import highdicom as hd
+
+    try:
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # highdicom raises several types for a malformed SEG
+        raise InputError(f"{name}: {path} is not a readable DICOM Segmentation ({exc})") from None
+    for_uid = str(getattr(seg, "FrameOfReferenceUID", ""))
+    if reference.frame_of_reference_uid and for_uid != reference.frame_of_reference_uid:
+        raise InputError(
+            f"{name}: Segmentation {path} is on frame of reference {for_uid or 'none'}, expected "
+            f"the T1-Gd's {reference.frame_of_reference_uid}"
+        )
+    out: dict[str, Volume] = {}
+    for item in seg.SegmentSequence:
+        number = int(item.SegmentNumber)
+        label = str(item.SegmentLabel)
+        try:
+            vol = seg.get_volume(segment_numbers=[number], combine_segments=False)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{name}: segment {number} '{label}' of {path}: expected frames on a regular 3D "
+                f"grid, found {exc}"
+            ) from None
+        arr = np.asarray(vol.array)[..., 0] > 0
+        a = np.asarray(vol.affine, dtype=float)
+        # highdicom indexes (slice, row, column) with its affine on those axes; a Volume is
+        # [k, j, i] with direction columns (i, j, k)
+        cols = a[:3, [2, 1, 0]]
+        spacing = np.linalg.norm(cols, axis=0)
+        source = Volume(
+            array=arr,
+            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            origin=(float(a[0, 3]), float(a[1, 3]), float(a[2, 3])),
+            direction=cols / spacing,
+        )
+        on_ref = resample(source, reference, order=0, output_dtype=np.bool_)
+        out[label] = reference.with_array(on_ref)
+    return out
+
+
+def find_segment(masks: Mapping[str, Volume], pattern: re.Pattern[str]) -> Volume | None:
+    """The union of the segments whose label matches ``pattern`` (None when none does)."""
+    hits = [m for label, m in masks.items() if pattern.search(label)]
+    if not hits:
+        return None
+    union = np.logical_or.reduce([np.asarray(m.array, dtype=bool) for m in hits])
+    return hits[0].with_array(union)
+
+
+# ------------------------------------------------------------------------------------------
+# a training / evaluation patient
+
+
+@dataclass(frozen=True)
+class DicomTruth:
+    post_t1c: Volume
+    post_enhancing: Volume
+    post_necrosis: Volume | None
+    pre_enhancing: Volume
+
+
+@dataclass(frozen=True)
+class DicomCase:
+    """The studies of one cohort patient: pre-treatment series (with its reader Segmentation)
+    and the follow-up T1-Gd with its reader Segmentation."""
+
+    patient_id: str
+    pre: DicomStudy
+    post: DicomStudy
+    config: Path | None = None
+
+    def _settings(self) -> Settings:
+        return load_settings(self.config)
+
+    def inputs(self, survival_class: str | None = None) -> StudyInputs:
+        inputs, _ = study_inputs_from_series(
+            self.pre.images, self._settings(), f"patient {self.patient_id}, pre-treatment"
+        )
+        return replace(inputs, survival_class=survival_class)
+
+    def truth(self, reference: Volume) -> DicomTruth:
+        """The follow-up T1-Gd (its own grid, same frame of reference) and the reader's masks,
+        the pre-treatment one on ``reference`` (the pre-treatment T1-Gd)."""
+        from dicom_node.convert.series import load_series
+
+        settings = self._settings()
+        name = f"patient {self.patient_id}"
+        follow_roles = replace(settings.roles, required=("t1c",))
+        by_role, _ = _roles(
+            self.post.images, replace(settings, roles=follow_roles), f"{name}, follow-up"
+        )
+        post = load_series(by_role["t1c"].files)
+        if post.frame_of_reference_uid != reference.frame_of_reference_uid:
+            raise InputError(
+                f"{name}: follow-up T1-Gd on frame of reference {post.frame_of_reference_uid}, "
+                f"expected the pre-treatment {reference.frame_of_reference_uid} (register the "
+                "follow-up to the pre-treatment study first)"
+            )
+        post_file, pre_file = self.post.reader_segmentation(), self.pre.reader_segmentation()
+        assert post_file is not None and pre_file is not None  # checked by match_case
+        post_seg = segment_masks(post_file, post, f"{name}, follow-up")
+        pre_seg = segment_masks(pre_file, reference, f"{name}, pre-treatment")
+        enhancing = find_segment(post_seg, ENHANCING_SEGMENT)
+        pre_enhancing = find_segment(pre_seg, ENHANCING_SEGMENT)
+        missing = [
+            f"{what} Segmentation: expected a segment labelled like 'Enhancing ...', found "
+            f"{sorted(masks)}"
+            for what, masks, mask in (
+                ("follow-up", post_seg, enhancing),
+                ("pre-treatment", pre_seg, pre_enhancing),
+            )
+            if mask is None
+        ]
+        if missing or enhancing is None or pre_enhancing is None:
+            raise InputError(f"{name}: " + "; ".join(missing))
+        return DicomTruth(
+            post_t1c=post,
+            post_enhancing=enhancing,
+            post_necrosis=find_segment(post_seg, NECROSIS_SEGMENT),
+            pre_enhancing=pre_enhancing,
+        )
+
+
+def _pick(
+    studies: Sequence[DicomStudy], chosen_uid: str, what: str, test: str
+) -> tuple[DicomStudy | None, str | None]:
+    """The one study of ``studies`` (already filtered by ``test``), or the one named."""
+    if chosen_uid:
+        named = [s for s in studies if s.study_instance_uid == chosen_uid]
+        if named:
+            return named[0], None
+        return None, f"{what}: the table names study {chosen_uid}, found no such study with {test}"
+    if len(studies) == 1:
+        return studies[0], None
+    if not studies:
+        return None, f"{what}: expected a study with {test}, found none"
+    listed = "; ".join(s.describe() for s in studies)
+    return None, (
+        f"{what}: expected one study with {test}, found {len(studies)} ({listed}); name one in "
+        f"the table's {'pre' if what.startswith('pre') else 'post'}_study_uid column"
+    )
+
+
+def match_case(
+    patient_id: str,
+    studies: Sequence[DicomStudy],
+    row: Mapping[str, str],
+    config: Path | None = None,
+) -> tuple[DicomCase | None, list[str]]:
+    """The pre-treatment and follow-up studies of one patient, or the problems found."""
+    from dicom_node.roles import sop_class_uid
+
+    rtstruct = sop_class_uid("RTStructureSetStorage")
+    if not studies:
+        return None, ["expected DICOM studies with this PatientID, found none"]
+    planning = [s for s in studies if s.of_class(rtstruct)]
+    pre, problem = _pick(
+        planning, row.get("pre_study_uid", ""), "pre-treatment", "an RT structure set"
+    )
+    if pre is None:
+        return None, [str(problem)]
+    problems = []
+    if pre.reader_segmentation() is None:
+        problems.append(
+            f"pre-treatment {pre.describe()}: expected a reader's Segmentation (enhancing "
+            "tumour), found none"
+        )
+    later = [
+        s
+        for s in studies
+        if s.when > pre.when and s is not pre and s.reader_segmentation() is not None
+    ]
+    post, problem = _pick(
+        later,
+        row.get("post_study_uid", ""),
+        "follow-up",
+        f"a Segmentation, later than the pre-treatment {pre.describe()}",
+    )
+    if post is None:
+        problems.append(str(problem))
+    if problems or post is None:
+        return None, problems
+    return DicomCase(patient_id, pre, post, config), []
