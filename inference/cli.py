@@ -143,7 +143,7 @@ def _add_train(sub: Any) -> None:
         type=Path,
         action="append",
         required=True,
-        help="cohort folder with cohort.csv and NIfTI files (repeatable)",
+        help="cohort folder: cohort.csv with NIfTI files or DICOM studies (repeatable)",
     )
     p.add_argument("--out", type=Path, required=True, help="model directory to write")
     p.add_argument("--preset", choices=PRESETS, default="demo", help="model size (default demo)")
@@ -272,7 +272,10 @@ def _add_evaluate(sub: Any) -> None:
         "diffusion model directory) with the same code; writes metrics.json and metrics.md.",
     )
     p.add_argument("--model", type=Path, action="append", help="model directory (repeatable)")
-    p.add_argument("--data", type=Path, action="append", required=True, help="cohort folder")
+    p.add_argument(
+        "--data", type=Path, action="append", required=True,
+        help="cohort folder: cohort.csv with NIfTI files or DICOM studies (repeatable)",
+    )  # fmt: skip
     p.add_argument("--samples", type=positive_int, default=4, help="samples per study")
     p.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
     p.add_argument(

@@ -272,7 +272,9 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("supernode", help="run Flower's SuperNode next to a site's data")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     p.add_argument("--ca-cert", type=Path, default=None, help="the federation's ca.crt")
-    p.add_argument("--data", action="append", required=True, help="the site's cohort folder")
+    p.add_argument(
+        "--data", action="append", required=True, help="the site's folder (NIfTI or DICOM)"
+    )
     p.add_argument("--site", default=None, help="site name (filters a multi-site folder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -289,7 +291,9 @@ def register(subparsers: Any) -> None:
         "folder(s) and lists every patient that cannot be used, with the reason. Exit 0 when "
         "all are readable, 1 when some are not, 2 when the folder or table is unusable.",
     )
-    p.add_argument("--data", action="append", required=True, help="the site's cohort folder")
+    p.add_argument(
+        "--data", action="append", required=True, help="the site's folder (NIfTI or DICOM)"
+    )
     p.add_argument("--site", default=None, help="site name (filters a multi-site folder)")
     p.set_defaults(func=cmd_check_data)
 

@@ -46,7 +46,7 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert f"(no Orthanc at {missing})" in stdout
 
     # what arrived, read from the PACS' storage folder by a fresh PACS on it
-    source = sorted((out / "synthetic").rglob("pre/**/*.dcm"))
+    source = sorted((out / "synthetic").glob("*/dicom/pre/**/*.dcm"))
     study_uid = str(dcmread(source[0], stop_before_pixels=True).StudyInstanceUID)
     pacs = EmbeddedPacs(out / "pacs").start()
     try:

@@ -1,0 +1,147 @@
+"""Reading a training site's data: DICOM (as the node stores it) against NIfTI, per patient.
+
+Generates a synthetic cohort in both formats (or uses ``--cohort``), then times, for the same
+patients:
+
+- indexing the DICOM headers of the whole folder (``inference.dicom_cohort.index_dicom``) and
+  matching the table to studies (``read_cohort(source="dicom")``);
+- reading each patient's inputs and truth (``patient_inputs`` + ``load_truth``: MR series,
+  RTSTRUCT rasterised, RTDOSE resampled, readers' Segmentations) against the same from NIfTI;
+- one patient's model-space training sample from each (``training_sample``, the demo preset),
+  and checks the two samples are equal (dose within its 16-bit storage).
+
+This is what ``glioforecast federate check-data`` and the first epoch of training spend reading
+a site. Results go to ``docs/BENCHMARKS.md`` (section "DICOM site reading").
+
+    python -m bench.dicom_site --patients 8 --spacing 2 [--cohort DIR] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from bench.report import update_section
+from inference.data import CohortPatient, PatientTruth, load_truth, patient_inputs
+
+T = TypeVar("T")
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _read_patient(patient: CohortPatient) -> PatientTruth:
+    return load_truth(patient, patient_inputs(patient))
+
+
+def run(cohort: Path) -> tuple[str, dict[str, float]]:
+    from inference.data import read_cohort, training_sample
+    from inference.dicom_cohort import index_dicom
+    from inference.model_config import preset
+
+    (index, t_index) = _timed(lambda: index_dicom(cohort))
+    n_files = sum(len(s.files) for studies in index.values() for st in studies for s in st.series)
+    dicom, t_match = _timed(lambda: read_cohort(cohort, source="dicom"))
+    nifti = read_cohort(cohort, source="nifti")
+    per: dict[str, list[float]] = {"dicom": [], "nifti": []}
+    for d, n in zip(dicom, nifti, strict=True):
+        for name, patient in (("dicom", d), ("nifti", n)):
+            _, dt = _timed(partial(_read_patient, patient))
+            per[name].append(dt)
+    cfg = preset("demo")
+    contrasts, classes = cfg.contrasts, cfg.survival_classes
+    samples = {}
+    sample_time = {}
+    for name, patient in (("dicom", dicom[0]), ("nifti", nifti[0])):
+        samples[name], sample_time[name] = _timed(
+            partial(training_sample, patient, cfg.preprocessing, contrasts, True, classes)
+        )
+    a, b = samples["dicom"], samples["nifti"]
+    equal = all(
+        np.array_equal(getattr(a, k), getattr(b, k)) for k in ("post_t1c", "post_mask", "pre_mask")
+    ) and np.array_equal(a.study.t1c, b.study.t1c)
+    dose_diff = float(np.max(np.abs(np.asarray(a.study.dose) - np.asarray(b.study.dose))))
+    figures = {
+        "patients": float(len(dicom)),
+        "files": float(n_files),
+        "index_s": t_index,
+        "match_s": t_match,
+        "dicom_median_s": statistics.median(per["dicom"]),
+        "nifti_median_s": statistics.median(per["nifti"]),
+        "dicom_total_s": sum(per["dicom"]),
+        "nifti_total_s": sum(per["nifti"]),
+    }
+    t1c = patient_inputs(nifti[0]).t1c
+    grid = "x".join(str(n) for n in t1c.shape[::-1])
+    spacing = "x".join(f"{s:g}" for s in t1c.spacing)
+    body = "\n".join(
+        [
+            f"{len(dicom)} synthetic patients, acquisition grid {grid} at {spacing} mm (patient "
+            f"1), {n_files} DICOM files ({n_files / len(dicom):.0f} per patient: 8 MR series, "
+            "RTSTRUCT, RTDOSE, two readers' SEGs). One process, torch threads as set by the "
+            "environment.",
+            "",
+            "| step | DICOM | NIfTI |",
+            "| --- | --- | --- |",
+            f"| index the folder's headers (`index_dicom`) | {t_index:.2f} s "
+            f"({1000 * t_index / n_files:.2f} ms per file) | n/a |",
+            f"| match the table to studies (`read_cohort`, includes a second index) | "
+            f"{t_match:.2f} s | n/a |",
+            f"| a patient's inputs and truth (`patient_inputs` + `load_truth`), median | "
+            f"{figures['dicom_median_s']:.2f} s | {figures['nifti_median_s']:.2f} s |",
+            f"| the same, all {len(dicom)} patients | {figures['dicom_total_s']:.1f} s | "
+            f"{figures['nifti_total_s']:.1f} s |",
+            f"| one training sample on the demo grid (`training_sample`) | "
+            f"{sample_time['dicom']:.2f} s | {sample_time['nifti']:.2f} s |",
+            "",
+            f"The two training samples are {'equal' if equal else 'NOT equal'} (T1-Gd, "
+            f"follow-up T1-Gd, both masks); the dose differs by at most {dose_diff:.1e} Gy (the "
+            "RT Dose file's 16-bit counts).",
+        ]
+    )
+    return body, figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--patients", type=int, default=8)
+    parser.add_argument("--spacing", type=float, default=2.0, help="acquisition spacing, mm")
+    parser.add_argument("--seed", type=int, default=31)
+    parser.add_argument("--cohort", type=Path, default=None, help="an existing cohort folder")
+    parser.add_argument("--no-write", action="store_true", help="print, do not update docs")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = args.cohort
+        if cohort is None:
+            from inference.synthetic.cohort import generate_cohort
+
+            cohort = Path(tmp) / "cohort"
+            generate_cohort(
+                cohort, patients=args.patients, sites=2, seed=args.seed,
+                spacing_mm=args.spacing, jobs=max(1, min(2, os.cpu_count() or 1)),
+            )  # fmt: skip
+        body, _ = run(cohort)
+    print(body)
+    if not args.no_write:
+        command = "python -m bench.dicom_site " + " ".join(
+            argv if argv is not None else sys.argv[1:]
+        )
+        update_section("DICOM site reading", body, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
