@@ -11,7 +11,7 @@ patients:
   and checks the two samples are equal (dose within its 16-bit storage).
 
 This is what ``glioforecast federate check-data`` and the first epoch of training spend reading
-a site. Results go to ``docs/BENCHMARKS.md`` (section "DICOM site reading").
+a site. Results go to ``docs/BENCHMARKS.md`` (section "DICOM site reading, <spacing> mm").
 
     python -m bench.dicom_site --patients 8 --spacing 2 [--cohort DIR] [--no-write]
 """
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m bench.dicom_site " + " ".join(
             argv if argv is not None else sys.argv[1:]
         )
-        update_section("DICOM site reading", body, command.strip())
+        name = "DICOM site reading" + ("" if args.cohort else f", {args.spacing:g} mm")
+        update_section(name, body, command.strip())
     return 0
 
 
