@@ -65,6 +65,13 @@ STORAGE_CLASSES = (
     sc.KeyObjectSelectionDocumentStorage,
     # readers' outlines: stored for training (inference.dicom_cohort), no role in prediction
     sc.SegmentationStorage,
+    # what the node itself sends (sr_writer), for a PACS that forwards a whole study back: stored,
+    # no role, and the node's own labelled series do not reopen the study (dicom_node.jobs)
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage,
+    sc.EnhancedSRStorage,
 )
 
 TRANSFER_SYNTAXES = (

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -94,6 +95,16 @@ def test_synthetic_study_round_trip(run_node, patient, pacs, tmp_path) -> None: 
     ]
     assert volumes, "no volume in the SR"
     assert any(abs(v - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2 for v in volumes), volumes
+
+    # a PACS that forwards the whole study back sends the results too: every one is accepted
+    # (the sender's transfer stays green) and stored, and none starts a job or a new send
+    results = sorted(received.iterdir())
+    back = storescu(node.scp.port, *results, extra=("-R",))
+    assert back.stderr.count("Received Store Response (Success)") == len(results), back.stderr
+    assert node.store.counts()["instances"] == len(files) + len(results)
+    time.sleep(1.0)  # more than three quiet periods (0.3 s) of the test settings
+    assert [j.id for j in node.store.list_jobs()] == [job.id]
+    assert len(list(received.iterdir())) == len(results)
 
 
 def _walk(ds):  # type: ignore[no-untyped-def]
