@@ -7,7 +7,12 @@ verifies the SuperLink with it (``--root-certificates ca.crt``). The SuperLink s
 ``superlink.crt`` / ``superlink.key`` (``--ssl-certfile``, ``--ssl-keyfile``,
 ``--ssl-ca-certfile``).
 
-Files written to ``OUT``::
+SuperNode authentication (optional, recommended): each site makes a key pair with
+``glioforecast federate node-key`` (:func:`make_node_key`); the coordinator registers the public
+keys and starts the SuperLink with ``--supernode-auth``, after which only registered SuperNodes
+can join, whoever else holds ``ca.crt``.
+
+Files written to ``OUT`` by ``certs``::
 
     ca.crt          CA certificate (public: give it to the sites and to whoever runs `flwr run`)
     ca.key          CA private key (keep on the coordinator, mode 0600)
@@ -153,26 +158,70 @@ def make_certificates(
         .sign(ca_key, hashes.SHA256())
     )
 
-    def write(path: Path, data: bytes, private: bool) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        tmp.replace(path)
-
     pem = serialization.Encoding.PEM
     key_format = serialization.PrivateFormat.PKCS8
     no_pw = serialization.NoEncryption()
-    write(files.ca_cert, ca_cert.public_bytes(pem), False)
-    write(files.ca_key, ca_key.private_bytes(pem, key_format, no_pw), True)
-    write(files.server_cert, server_cert.public_bytes(pem), False)
-    write(files.server_key, server_key.private_bytes(pem, key_format, no_pw), True)
+    _write(files.ca_cert, ca_cert.public_bytes(pem), private=False)
+    _write(files.ca_key, ca_key.private_bytes(pem, key_format, no_pw), private=True)
+    _write(files.server_cert, server_cert.public_bytes(pem), private=False)
+    _write(files.server_key, server_key.private_bytes(pem, key_format, no_pw), private=True)
     log.info(
         "wrote a CA and a SuperLink certificate for %s to %s (valid %d days)",
         ", ".join([*hosts, *ips]),
         out,
         days,
     )
+    return files
+
+
+def _write(path: Path, data: bytes, *, private: bool) -> None:
+    """Write ``data`` through a temp file; private files are created mode 0600."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    private_key: Path
+    public_key: Path
+
+
+def make_node_key(out_dir: str | Path, name: str, *, overwrite: bool = False) -> NodeKey:
+    """A SuperNode's authentication key pair (EC P-384, OpenSSH format, what Flower reads):
+    ``<name>.key`` stays at the site (mode 0600, ``--auth-key`` of ``federate supernode``);
+    ``<name>.pub`` goes to the coordinator, who registers it (``federate register``)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError("federate node-key", [f"--name: expected a file name, found {name!r}"])
+    out = Path(out_dir)
+    files = NodeKey(out / f"{name}.key", out / f"{name}.pub")
+    existing = [p.name for p in vars(files).values() if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            "federate node-key",
+            [
+                f"{out}: expected no key named {name} there, found {existing} (pass --overwrite "
+                "to replace it; the coordinator must then register the new public key)"
+            ],
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(files.private_key, private, private=True)
+    _write(files.public_key, public + f" glioforecast-{name}\n".encode(), private=False)
+    log.info("wrote the SuperNode key pair %s to %s", name, out)
     return files
 
 

@@ -1,6 +1,9 @@
-"""``glioforecast federate certs|superlink|supernode|check-data|run|simulate``.
+"""``glioforecast federate certs|node-key|register|superlink|supernode|check-data|run|simulate``.
 
 - ``certs``: a CA and the SuperLink's certificate (:mod:`inference.federated.certs`);
+- ``node-key`` (a site) and ``register`` (the coordinator): SuperNode authentication, a key
+  pair per site whose public key the coordinator registers with ``flwr supernode register``;
+  a SuperLink started with ``--supernode-auth`` then admits registered SuperNodes only;
 - ``superlink`` / ``supernode``: thin wrappers that run Flower's ``flower-superlink`` /
   ``flower-supernode`` with TLS and this project's settings (the exact Flower command is logged,
   ``--print`` shows it without running it); ``supernode`` first reads the site's patient list
@@ -67,7 +70,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     try:
         cmd = superlink_command(
             None if args.insecure else args.certs, host=args.host, port=args.port,
-            database=args.database,
+            database=args.database, supernode_auth=args.supernode_auth,
         )  # fmt: skip
     except GlioforecastError as exc:
         return _fail("superlink", exc)
@@ -88,11 +91,47 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     except GlioforecastError as exc:
         return _fail("supernode", exc)
     log.info("site %s: %d patients", args.site or "(all of --data)", len(patients))
+    if args.auth_key is not None and not Path(args.auth_key).is_file():
+        return _fail(
+            "supernode",
+            ValueError(
+                f"--auth-key: expected the site's private key file, found no {args.auth_key}"
+            ),
+        )
     cmd = supernode_command(
         args.superlink, None if args.insecure else args.ca_cert, args.data, site=args.site or "",
-        device=args.device, threads=args.threads, runtime_port=args.port,
+        device=args.device, threads=args.threads, runtime_port=args.port, auth_key=args.auth_key,
     )  # fmt: skip
     return _exec(cmd, args.print, process_env(args.flwr_home))
+
+
+def cmd_node_key(args: argparse.Namespace) -> int:
+    from inference.federated.certs import make_node_key
+
+    try:
+        key = make_node_key(args.out, args.name, overwrite=args.overwrite)
+    except GlioforecastError as exc:
+        return _fail("node-key", exc)
+    print(f"private key (keep it at the site; supernode --auth-key): {key.private_key}")
+    print(f"public key (send it to the coordinator; federate register): {key.public_key}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from inference.federated.deploy import process_env, register_command, write_connection
+
+    if not Path(args.public_key).is_file():
+        return _fail(
+            "register",
+            ValueError(f"--public-key: expected a site's .pub file, found no {args.public_key}"),
+        )
+    if not args.insecure and args.ca_cert is None:
+        return _fail(
+            "register", ValueError("expected --ca-cert FILE (or --insecure), found neither")
+        )
+    home = Path(args.flwr_home) if args.flwr_home else Path(tempfile.mkdtemp(prefix="gf-flwr-"))
+    write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
+    return _exec(register_command(args.public_key), args.print, process_env(home))
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -265,9 +304,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=9092, help="the one HTTPS port of the SuperLink")
     p.add_argument("--database", default=None, help="SQLite state file (default: in memory)")
     p.add_argument("--insecure", action="store_true", help="no TLS (experiments only)")
+    p.add_argument(
+        "--supernode-auth", action="store_true",
+        help="admit only SuperNodes whose public key was registered (`federate register`)",
+    )  # fmt: skip
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--print", action="store_true", help="print the Flower command, do not run it")
     p.set_defaults(func=cmd_superlink)
+
+    p = sub.add_parser("node-key", help="make a SuperNode's authentication key pair (a site)")
+    p.add_argument("--out", type=Path, required=True, help="folder for NAME.key and NAME.pub")
+    p.add_argument("--name", required=True, help="file name of the pair, e.g. the site's name")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_node_key)
+
+    p = sub.add_parser("register", help="admit a site's SuperNode by its public key (coordinator)")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca-cert", type=Path, default=None, help="the federation's ca.crt")
+    p.add_argument("--public-key", type=Path, required=True, help="the site's NAME.pub")
+    p.add_argument("--insecure", action="store_true")
+    p.add_argument("--flwr-home", default=None)
+    p.add_argument("--print", action="store_true", help="print the Flower command, do not run it")
+    p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("supernode", help="run Flower's SuperNode next to a site's data")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
@@ -279,6 +337,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port")
+    p.add_argument(
+        "--auth-key", type=Path, default=None,
+        help="the site's private key (`federate node-key`) for a SuperLink that authenticates "
+        "SuperNodes",
+    )  # fmt: skip
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--print", action="store_true")

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,12 @@ def superlink_command(
     host: str = DEFAULT_SUPERLINK_HOST,
     port: int = DEFAULT_SUPERLINK_PORT,
     database: str | None = None,
+    supernode_auth: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """``flower-superlink`` with TLS (``certs``: a directory of ``glioforecast federate certs``;
-    ``None``: insecure, for experiments only)."""
+    ``None``: insecure, for experiments only); with ``supernode_auth`` only SuperNodes whose
+    public key was registered (:func:`register_command`) can join."""
     cmd = [flower_bin("flower-superlink")]
     if certs is None:
         cmd.append("--insecure")
@@ -76,6 +79,8 @@ def superlink_command(
     ]  # fmt: skip
     if database:
         cmd += ["--database", database]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     return cmd + list(extra)
 
 
@@ -103,15 +108,19 @@ def supernode_command(
     threads: int = 0,
     runtime_host: str = "127.0.0.1",
     runtime_port: int = DEFAULT_SUPERNODE_PORT,
+    auth_key: str | Path | None = None,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """``flower-supernode`` for one site, verifying the SuperLink with ``ca_cert``
-    (``None``: insecure)."""
+    (``None``: insecure) and, with ``auth_key`` (its private key of ``federate node-key``),
+    proving its identity to a SuperLink that authenticates SuperNodes."""
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink]
     if ca_cert is None:
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(ca_cert)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     node: dict[str, Any] = {"data-path": ",".join(str(Path(d).resolve()) for d in data)}
     if site:
         node["site-name"] = site
@@ -185,6 +194,18 @@ def write_connection(
     return path
 
 
+def register_command(public_key: str | Path) -> list[str]:
+    """``flwr supernode register``: the coordinator admits a site's SuperNode by its public key
+    (through the SuperLink's Control API, named in ``FLWR_HOME`` by :func:`write_connection`)."""
+    return [
+        flower_bin("flwr"),
+        "supernode",
+        "register",
+        str(Path(public_key).resolve()),
+        CONNECTION,
+    ]
+
+
 def flwr_run_command(
     app_dir: str | Path, overrides: Sequence[str] = (), stream: bool = True
 ) -> list[str]:
@@ -227,11 +248,23 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> list[int]:
     return victims
 
 
+def processes_in(directory: str | Path) -> list[int]:
+    """Live processes (other than this one) whose working directory is ``directory``."""
+    target = Path(directory).resolve()
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(proc / "cwd")) == target:
+                out.append(int(proc.name))
+    return out
+
+
 def wait_for_port(host: str, port: int, timeout: float, proc: Any = None) -> None:
     """Wait until ``host:port`` accepts TCP connections (a started server is listening);
     raises when ``timeout`` passes or ``proc`` (a Popen) exits first."""
     import socket
-    import time
 
     deadline = time.monotonic() + timeout
     while True:
@@ -265,7 +298,9 @@ def free_port() -> int:
 
 class Loopback:
     """A SuperLink and one SuperNode per site as real processes on localhost, TLS on
-    (certificates made in ``workdir/certs``), each process logging to ``workdir/<name>.log``."""
+    (certificates made in ``workdir/certs``), each process logging to ``workdir/<name>.log``.
+    With ``supernode_auth`` every site gets a key pair (``workdir/keys``) that the coordinator
+    registers before the SuperNodes start, and the SuperLink admits registered SuperNodes only."""
 
     def __init__(
         self,
@@ -274,13 +309,16 @@ class Loopback:
         *,
         threads: int = 1,
         site_filter: bool = True,
+        supernode_auth: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.sites = dict(sites)
         self.threads = threads
         self.site_filter = site_filter
+        self.supernode_auth = supernode_auth
         self.home = self.workdir / "flwr-home"
         self.certs = self.workdir / "certs"
+        self.keys = self.workdir / "keys"
         self.port = 0
         self.superlink: Any = None
         self.nodes: dict[str, Any] = {}
@@ -300,27 +338,51 @@ class Loopback:
         )  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> Loopback:
-        from inference.federated.certs import make_certificates
+        import subprocess
+
+        from inference.federated.certs import make_certificates, make_node_key
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not (self.certs / "ca.crt").is_file():
             make_certificates(self.certs, hosts=["localhost"], ips=["127.0.0.1"])
         self.port = free_port()
         self.superlink = self._start(
-            "superlink", superlink_command(self.certs, host="127.0.0.1", port=self.port)
+            "superlink",
+            superlink_command(
+                self.certs, host="127.0.0.1", port=self.port, supernode_auth=self.supernode_auth
+            ),
         )
         wait_for_port("127.0.0.1", self.port, timeout, self.superlink)
-        for name, data in self.sites.items():
-            self.nodes[name] = self._start(
-                f"supernode-{name}",
-                supernode_command(
-                    f"localhost:{self.port}", self.certs / "ca.crt", data,
-                    site=name if self.site_filter else "", threads=self.threads,
-                    runtime_port=free_port(),
-                ),
-            )  # fmt: skip
         write_connection(self.home, f"localhost:{self.port}", self.certs / "ca.crt")
+        for name, data in self.sites.items():
+            key = None
+            if self.supernode_auth:
+                pair = make_node_key(self.keys, name, overwrite=True)
+                registered = subprocess.run(
+                    register_command(pair.public_key), capture_output=True, text=True,
+                    env=process_env(self.home), cwd=self.workdir, timeout=timeout,
+                )  # fmt: skip
+                if registered.returncode != 0:
+                    raise RuntimeError(
+                        f"registering {name}'s SuperNode key: expected exit 0, found "
+                        f"{registered.returncode}: {(registered.stdout + registered.stderr)[-800:]}"
+                    )
+                key = pair.private_key
+            self.start_node(name, data, key, site=name if self.site_filter else "")
         return self
+
+    def start_node(
+        self, name: str, data: Sequence[str | Path], auth_key: Path | None, site: str = ""
+    ) -> Any:
+        """One more SuperNode (logging to ``supernode-<name>.log``)."""
+        self.nodes[name] = self._start(
+            f"supernode-{name}",
+            supernode_command(
+                f"localhost:{self.port}", self.certs / "ca.crt", data, site=site,
+                threads=self.threads, runtime_port=free_port(), auth_key=auth_key,
+            ),
+        )  # fmt: skip
+        return self.nodes[name]
 
     def submit(self, run_config: Mapping[str, Any], name: str = "run") -> Any:
         """``flwr run --stream`` of the app with ``run_config`` (a Popen logging to
@@ -350,6 +412,14 @@ class Loopback:
             except Exception:
                 kill_tree(p.pid)
                 p.wait(timeout=10)
+        # helpers of a SuperNode that exited on its own (a refused one) outlive it, detached:
+        # every process started here runs in the work directory
+        deadline = time.monotonic() + 10.0
+        while (strays := processes_in(self.workdir)) and time.monotonic() < deadline:
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
         for fh in self._files:
             fh.close()
 

@@ -40,6 +40,50 @@ def test_certificates_chain_names_and_key_modes(tmp_path: Path) -> None:
         check_certificates(tmp_path / "e", server=False)
 
 
+def test_node_keys_and_the_commands_that_use_them(
+    fed_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A site's key pair is what Flower reads (EC on a NIST curve, OpenSSH format), the private
+    half mode 0600; the wrappers pass it (and the SuperLink's auth switch) to Flower."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    from dicom_node.cli import main
+
+    assert main(["federate", "node-key", "--out", str(tmp_path / "k"), "--name", "site-a"]) == 0
+    private, public = tmp_path / "k" / "site-a.key", tmp_path / "k" / "site-a.pub"
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()) == key.public_key()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert main(["federate", "node-key", "--out", str(tmp_path / "k"), "--name", "site-a"]) == 2
+    assert "expected no key named site-a there" in capsys.readouterr().err
+
+    ca = make_certificates(tmp_path / "certs").ca_cert
+    commands = {
+        "superlink": ["--certs", str(tmp_path / "certs"), "--supernode-auth"],
+        "supernode": ["--superlink", "fl:9092", "--ca-cert", str(ca), "--data",
+                      str(fed_cohort), "--site", SITES[0], "--auth-key", str(private)],
+        "register": ["--superlink", "fl:9092", "--ca-cert", str(ca), "--public-key", str(public),
+                     "--flwr-home", str(tmp_path / "home")],
+    }  # fmt: skip
+    expected = {
+        "superlink": "--enable-supernode-auth",
+        "supernode": f"--auth-supernode-private-key {private}",
+        "register": f"flwr supernode register {public} glioforecast",
+    }
+    for command, args in commands.items():
+        capsys.readouterr()
+        rc = main(["federate", command, *args, "--print"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert expected[command] in out, out
+    assert 'address = "fl:9092"' in (tmp_path / "home" / "config.toml").read_text()
+
+
 def test_run_config_errors_name_key_expected_and_found() -> None:
     with pytest.raises(ConfigError) as err:
         parse_run_config({"stage": "everything", "num-server-rounds": 0, "learnig-rate": 1.0})

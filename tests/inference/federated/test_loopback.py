@@ -1,5 +1,6 @@
 """A real deployment on localhost: a SuperLink and three SuperNodes as processes (TLS on, the
-certificates of ``glioforecast federate certs``), ``flwr run`` of the app, two rounds of the tiny
+certificates of ``glioforecast federate certs``; SuperNode authentication on, each site's key
+registered, two unregistered SuperNodes refused), ``flwr run`` of the app, two rounds of the tiny
 UNet baseline; one site is killed (SIGKILL of its SuperNode and everything it started) while
 the second round's training is under way. The federation finishes with the other two sites,
 logs the drop-out, and the coordinator writes a model directory the node loads."""
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from inference.federated.certs import make_node_key
 from inference.federated.config import RunConfig
-from inference.federated.deploy import Loopback
+from inference.federated.deploy import Loopback, processes_in
 
 from .conftest import SITES
 
@@ -49,7 +51,15 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
     # 15 s for a straggler: with 3 s, a live site whose round-1 reply came late on 2 loaded CI
     # cores was dropped (correctly, by the rule) and the round-1 assertion below failed
     victim = SITES[2]
-    with Loopback(tmp_path / "deployment", {s: [fed_cohort] for s in SITES}) as fed:
+    deployment = tmp_path / "deployment"
+    with Loopback(deployment, {s: [fed_cohort] for s in SITES}, supernode_auth=True) as fed:
+        # SuperNode authentication: a SuperNode holding ca.crt but a key the coordinator never
+        # registered (and one with no key) is refused; only the three registered sites join
+        stranger = make_node_key(deployment / "stranger-keys", "stranger")
+        intruders = {
+            "stranger": fed.start_node("stranger", [fed_cohort], stranger.private_key, SITES[0]),
+            "keyless": fed.start_node("keyless", [fed_cohort], None, SITES[0]),
+        }
         # TLS: the SuperLink's one port completes a handshake verified with the federation's CA
         ctx = ssl.create_default_context(cafile=str(fed.certs / "ca.crt"))
         with (
@@ -75,6 +85,17 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
         rc = proc.wait(timeout=420)
         run_log = fed.log("run").read_text(errors="replace")
         assert rc == 0, run_log[-3000:]
+        refusals = {
+            "stranger": "Failed to activate SuperNode",
+            "keyless": "SuperNode authentication is enabled. All SuperNodes must be registered",
+        }
+        for name, intruder in intruders.items():
+            assert intruder.wait(timeout=120) != 0, name
+            text = fed.log(f"supernode-{name}").read_text(errors="replace")
+            assert "Exit Code: 305" in text and refusals[name] in text, text[-2000:]
+    # nothing of the deployment outlives it (a refused SuperNode's helper included)
+    left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in processes_in(deployment)}
+    assert not left, left
 
     # the federation finished, logged the drop-out and went on with the other two sites
     # either the coordinator stopped waiting for it (straggler timeout) or the SuperLink reported
