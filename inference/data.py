@@ -206,15 +206,15 @@ def read_cohort(
     data: str | Path | Sequence[str | Path],
     *,
     source: str = "auto",
-    config: Path | None = None,
 ) -> list[CohortPatient]:
     """The patients of one or more cohort folders, in table order.
 
     A folder holds ``cohort.csv`` and, per patient, NIfTI files (``<folder>/nifti/``, what
     ``glioforecast synth`` writes) or DICOM studies anywhere beneath it (a DICOM site folder,
-    :mod:`inference.dicom_cohort`; series roles from the node's settings, ``config`` or the
-    default). ``source`` ``auto`` takes NIfTI where a patient has it and DICOM otherwise;
-    ``nifti`` or ``dicom`` insists on one. Every patient's problem is reported in one error."""
+    :mod:`inference.dicom_cohort`; series roles from the node's settings, the file named by
+    ``$GLIOFORECAST_CONFIG`` or the embedded default). ``source`` ``auto`` takes NIfTI where a
+    patient has it and DICOM otherwise; ``nifti`` or ``dicom`` insists on one. Every patient's
+    problem is reported in one error."""
     from inference.dicom_cohort import index_dicom, match_case
 
     if source not in SOURCES:
@@ -259,7 +259,7 @@ def read_cohort(
                         f"this PatientID under {folder}, found neither"
                     )
                     continue
-                case, found = match_case(pid, dicom_index.get(pid, []), row, config)
+                case, found = match_case(pid, dicom_index.get(pid, []), row)
                 if case is None:
                     problems.extend(f"patient {pid}: {p}" for p in found)
                     continue

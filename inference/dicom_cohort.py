@@ -123,7 +123,8 @@ def _dicom_files(root: Path) -> Iterator[Path]:
 def index_dicom(root: str | Path) -> dict[str, list[DicomStudy]]:
     """Every DICOM file under ``root`` by patient ID, then study (ordered by date), then series.
 
-    Files that are not DICOM are skipped (logged at debug level)."""
+    Files that are not DICOM are skipped (logged at debug level); DICOM files the node could
+    not file (no SOP, study or series UID) are skipped with a warning naming them."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
@@ -136,10 +137,14 @@ def index_dicom(root: str | Path) -> dict[str, list[DicomStudy]]:
     for path in _dicom_files(root):
         try:
             ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, AttributeError):
+            log.debug("not DICOM, skipped: %s", path)
+            continue
+        try:
             ts = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
             info = InstanceInfo.from_dataset(ds, ts, b"dicom-index")
-        except (InvalidDicomError, OSError, ValueError, AttributeError, GlioforecastError):
-            log.debug("not a usable DICOM instance, skipped: %s", path)
+        except GlioforecastError as exc:
+            log.warning("DICOM file %s skipped: %s", path, exc)
             continue
         patient = str(ds.get("PatientID", "") or "")
         key = (patient, info.study_instance_uid, info.series_instance_uid)
@@ -285,7 +290,7 @@ def segment_masks(path: Path, reference: Volume, name: str) -> dict[str, Volume]
             direction=cols / spacing,
         )
         on_ref = resample(source, reference, order=0, output_dtype=np.bool_)
-        out[label] = reference.with_array(on_ref)
+        out[label if label not in out else f"{label} ({number})"] = reference.with_array(on_ref)
     return out
 
 
@@ -318,10 +323,10 @@ class DicomCase:
     patient_id: str
     pre: DicomStudy
     post: DicomStudy
-    config: Path | None = None
 
-    def _settings(self) -> Settings:
-        return load_settings(self.config)
+    @staticmethod
+    def _settings() -> Settings:
+        return load_settings(None)  # the node's: $GLIOFORECAST_CONFIG or the embedded default
 
     def inputs(self, survival_class: str | None = None) -> StudyInputs:
         inputs, _ = study_inputs_from_series(
@@ -396,7 +401,6 @@ def match_case(
     patient_id: str,
     studies: Sequence[DicomStudy],
     row: Mapping[str, str],
-    config: Path | None = None,
 ) -> tuple[DicomCase | None, list[str]]:
     """The pre-treatment and follow-up studies of one patient, or the problems found."""
     from dicom_node.roles import sop_class_uid
@@ -431,4 +435,4 @@ def match_case(
         problems.append(str(problem))
     if problems or post is None:
         return None, problems
-    return DicomCase(patient_id, pre, post, config), []
+    return DicomCase(patient_id, pre, post), []
