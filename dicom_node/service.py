@@ -150,6 +150,7 @@ class Node:
                     "expected a free port: set health.port, or health.enabled: false"
                 ) from exc
         self._stop = threading.Event()
+        self._signalled = False  # set by SIGTERM / SIGINT (see request_stop)
 
     def start(self) -> None:
         reconcile(self.spool, self.store, self.secret)
@@ -181,7 +182,7 @@ class Node:
         if watchdog is not None:
             interval = min(interval, watchdog)
         notify("READY=1\nSTATUS=accepting associations")
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or self._signalled):
             if watchdog is not None:
                 notify("WATCHDOG=1")
             try:
@@ -194,7 +195,13 @@ class Node:
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if signum is not None:
+            # A signal handler runs on the main thread, possibly inside ``self._stop.wait()``
+            # at the moment that thread holds the event's internal lock: setting the event here
+            # would wait on that lock forever (seen once in CI: the node ignored SIGTERM). The
+            # handler only raises a flag, which the loop reads within one poll interval.
+            self._signalled = True
             log.info("signal %s received: stopping", signal.Signals(signum).name)
+            return
         self._stop.set()
 
     def summary(self) -> dict[str, object]:

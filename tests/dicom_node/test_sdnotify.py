@@ -58,3 +58,32 @@ def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     while "STOPPING=1" not in messages:
         messages.append(listener.recv(4096).decode())
     listener.close()
+
+
+def test_a_stop_signal_landing_inside_the_loops_wait_does_not_deadlock(tmp_path: Path) -> None:
+    """SIGTERM's handler runs on the main thread, which may be inside the loop's
+    ``Event.wait`` holding the event's lock at that instant: the handler must not take it (it
+    did, and once in CI the node ignored SIGTERM). Reproduced deterministically: the handler is
+    called by a thread that holds that lock (CPython's ``Event._cond``)."""
+    import threading
+
+    from dicom_node.service import Node
+    from tests.dicom_node.conftest import make_settings
+
+    node = Node(make_settings(tmp_path / "data"))
+
+    def signal_inside_wait() -> None:
+        with node._stop._cond:  # type: ignore[attr-defined]
+            node.request_stop(signal.SIGTERM, None)
+
+    handler = threading.Thread(target=signal_inside_wait, daemon=True)
+    handler.start()
+    handler.join(timeout=5)
+    # (a blocked handler keeps the lock: node.stop() would block on it too, so it is not called)
+    assert not handler.is_alive(), "the SIGTERM handler blocked on the event's lock"
+    try:
+        started = time.monotonic()
+        node.run_forever()  # sees the request at once
+        assert time.monotonic() - started < 5
+    finally:
+        node.stop()
