@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,6 +107,38 @@ def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
     return reference.with_array(resample(volume, reference, order=1, output_dtype=np.float32))
 
 
+def assemble_inputs(
+    files: Mapping[str, Sequence[Path]], roi_pattern: str, warn: Callable[[str], None]
+) -> StudyInputs:
+    """The model's inputs from a study's files by series role (``t1c`` and ``rtstruct``
+    required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
+    mask, the optional contrasts and the RT dose resampled onto it. An optional contrast that
+    cannot be used does not stop the study: ``warn`` is told why. The node's jobs and the
+    training data read from DICOM (``inference.dicom_cohort``) both go through here."""
+    missing = [role for role in ("t1c", "rtstruct") if role not in files]
+    if missing:
+        raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
+    t1c = load_series(files["t1c"])
+    mask = load_rtstruct_mask(files["rtstruct"][0], t1c, roi_pattern)
+    optional: dict[str, Volume] = {}
+    for role in OPTIONAL_CONTRASTS:
+        if role not in files:
+            continue
+        try:
+            optional[role] = on_grid(load_series(files[role]), t1c, role)
+        except InputError as exc:  # ConversionError included
+            warn(f"{role} not used: {exc}")
+    dose = dose_on_grid(files["rtdose"][0], t1c) if "rtdose" in files else None
+    return StudyInputs(
+        t1c=t1c,
+        tumour_mask=mask,
+        flair=optional.get("flair"),
+        t2=optional.get("t2"),
+        t1=optional.get("t1"),
+        dose=dose,
+    )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -136,33 +168,13 @@ class Pipeline:
             members = instances.get(series[role].series.series_instance_uid, [])
             return series_ref(series[role], [uid for uid, _ in members])
 
-        if "t1c" not in series or "rtstruct" not in series:
-            missing = [r for r in ("t1c", "rtstruct") if r not in series]
-            raise InputError(f"job {job_id}: expected roles t1c and rtstruct, missing {missing}")
-        t1c = load_series(files("t1c"))
-        header = dcmread(files("t1c")[0], stop_before_pixels=True)
-        rtstruct_file = files("rtstruct")[0]
-        mask = load_rtstruct_mask(rtstruct_file, t1c, self.settings.roles.roi_pattern)
-        optional: dict[str, Volume] = {}
-        for role in OPTIONAL_CONTRASTS:
-            if role not in series:
-                continue
-            try:
-                optional[role] = on_grid(load_series(files(role)), t1c, role)
-            except (ConversionError, InputError) as exc:
-                # an optional contrast that cannot be used does not stop the job
-                self.store.add_event(job_id, "warning", f"{role} not used: {exc}")
-        dose = None
-        if "rtdose" in series:
-            dose = dose_on_grid(files("rtdose")[0], t1c)
-        inputs = StudyInputs(
-            t1c=t1c,
-            tumour_mask=mask,
-            flair=optional.get("flair"),
-            t2=optional.get("t2"),
-            t1=optional.get("t1"),
-            dose=dose,
+        inputs = assemble_inputs(
+            {role: files(role) for role in series},
+            self.settings.roles.roi_pattern,
+            lambda message: self.store.add_event(job_id, "warning", message),
         )
+        t1c = inputs.t1c
+        header = dcmread(files("t1c")[0], stop_before_pixels=True)
         prediction = self.predictor.predict(inputs)
         others = [
             ref(role) for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS) if role in series

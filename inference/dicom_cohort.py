@@ -205,29 +205,13 @@ def study_inputs_from_series(
 ) -> tuple[StudyInputs, dict[str, str]]:
     """The node's inputs from the series of one study (roles from ``settings``); also returns
     role -> series description."""
-    from dicom_node.convert.rtdose import dose_on_grid
-    from dicom_node.convert.rtstruct import load_rtstruct_mask
-    from dicom_node.convert.series import load_series
-    from dicom_node.pipeline import OPTIONAL_CONTRASTS, on_grid
+    from dicom_node.pipeline import assemble_inputs
 
     by_role, described = _roles(series, settings, name)
-    t1c = load_series(by_role["t1c"].files)
-    mask = load_rtstruct_mask(by_role["rtstruct"].files[0], t1c, settings.roles.roi_pattern)
-    optional: dict[str, Volume] = {}
-    for role in OPTIONAL_CONTRASTS:
-        if role in by_role:
-            try:
-                optional[role] = on_grid(load_series(by_role[role].files), t1c, role)
-            except InputError as exc:
-                log.warning("%s not used: %s", role, exc)
-    dose = dose_on_grid(by_role["rtdose"].files[0], t1c) if "rtdose" in by_role else None
-    inputs = StudyInputs(
-        t1c=t1c,
-        tumour_mask=mask,
-        flair=optional.get("flair"),
-        t2=optional.get("t2"),
-        t1=optional.get("t1"),
-        dose=dose,
+    inputs = assemble_inputs(
+        {role: s.files for role, s in by_role.items()},
+        settings.roles.roi_pattern,
+        lambda message: log.warning("%s: %s", name, message),
     )
     return inputs, described
 
