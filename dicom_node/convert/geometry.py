@@ -216,6 +216,9 @@ def resample(
     snapped = np.round(m_kji)
     m_kji = np.where(np.abs(m_kji - snapped) < 1e-9, snapped, m_kji)
     data = np.asarray(source.array)
+    copied = _voxel_copy(data, m_kji, reference.array.shape, fill, np.dtype(output_dtype))
+    if copied is not None:
+        return copied
     if data.dtype == bool:
         data = data.astype(np.float32)
     out = ndimage.affine_transform(
@@ -232,3 +235,44 @@ def resample(
     if np.dtype(output_dtype) == np.bool_:
         return np.asarray(out >= 0.5)
     return np.asarray(out)
+
+
+def _voxel_copy(
+    data: npt.NDArray[Any],
+    m_kji: npt.NDArray[np.float64],
+    shape: tuple[int, ...],
+    fill: float,
+    dtype: np.dtype[Any],
+) -> npt.NDArray[Any] | None:
+    """When every reference voxel centre is a source voxel centre (the index map is a signed
+    permutation with integer offsets: the same spacing, axes flipped, swapped or shifted), the
+    values by slicing, as nearest-neighbour and trilinear interpolation both give them there
+    (a boolean output is, as in :func:`resample`, the value >= 0.5); ``None`` otherwise. A
+    readers' Segmentation stored in the opposite slice order is such a grid: a flip."""
+    a, offset = m_kji[:3, :3], m_kji[:3, 3]
+    if not (np.all(np.isin(a, (-1.0, 0.0, 1.0))) and np.all(offset == np.round(offset))):
+        return None
+    if not (np.all(np.abs(a).sum(axis=0) == 1) and np.all(np.abs(a).sum(axis=1) == 1)):
+        return None
+    axes = [int(np.flatnonzero(a[:, c])[0]) for c in range(3)]  # source axis of output axis c
+    src_slices, out_slices = [], []
+    for c, r in enumerate(axes):
+        step, start = int(a[r, c]), int(offset[r])  # source index = step * output index + start
+        # output indices whose source index lies in [0, n_src)
+        lo, hi = (
+            (-start, data.shape[r] - start) if step == 1 else (start - data.shape[r] + 1, start + 1)
+        )
+        lo, hi = max(lo, 0), min(hi, shape[c])
+        if lo >= hi:
+            return np.full(shape, fill >= 0.5 if dtype == np.bool_ else fill, dtype=dtype)
+        first, last = step * lo + start, step * (hi - 1) + start
+        src_slices.append(
+            slice(first, last + 1) if step == 1 else slice(first, last - 1 if last else None, -1)
+        )
+        out_slices.append(slice(lo, hi))
+    values = np.transpose(data, axes)[tuple(src_slices)]
+    if dtype == np.bool_ and values.dtype != np.bool_:
+        values = values >= 0.5
+    out = np.full(shape, fill >= 0.5 if dtype == np.bool_ else fill, dtype=dtype)
+    out[tuple(out_slices)] = values
+    return out

@@ -235,3 +235,41 @@ def test_resample_identity_and_shift() -> None:
     )
     np.testing.assert_allclose(resample(vol, shifted, order=0), pixels[:, :, 1:], atol=1e-3)
     assert isinstance(vol.array, np.ndarray) and not isinstance(vol, Dataset)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_resample_onto_flipped_swapped_or_shifted_grids_copies_voxels(order: int) -> None:
+    """Grids whose voxel centres are the source's (axes flipped, swapped, shifted by whole
+    voxels, partly outside) are filled by copying (a fast path): every value equals the source
+    voxel at the same place in patient space, and places outside the source get ``fill``."""
+    rng = np.random.default_rng(3)
+    src = Volume(
+        array=rng.random((5, 6, 7)).astype(np.float32),
+        spacing=(1.0, 2.0, 3.0),
+        origin=(10.0, -4.0, 7.0),
+        direction=np.eye(3),
+    )
+    flip_k = np.diag([1.0, 1.0, -1.0])
+    swap_ij = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    grids = [
+        # the slice axis reversed (a Segmentation stored top slice first)
+        Volume(np.zeros((5, 6, 7)), (1.0, 2.0, 3.0), (10.0, -4.0, 7.0 + 4 * 3.0), flip_k),
+        # rows and columns swapped, shifted two columns out of the source
+        Volume(np.zeros((5, 7, 6)), (2.0, 1.0, 3.0), (6.0, -4.0, 7.0), swap_ij),
+        # shifted by whole voxels, partly outside
+        Volume(np.zeros((4, 4, 4)), (1.0, 2.0, 3.0), (13.0, 0.0, 1.0), np.eye(3)),
+    ]
+    for ref in grids:
+        got = resample(src, ref, order=order, fill=-1.0)
+        to_src = np.linalg.inv(src.affine) @ ref.affine
+        expected = np.full(ref.array.shape, -1.0, np.float32)
+        for k, j, i in np.ndindex(*ref.array.shape):
+            si, sj, sk = np.rint(to_src @ np.array([i, j, k, 1.0]))[:3].astype(int)
+            if 0 <= sk < 5 and 0 <= sj < 6 and 0 <= si < 7:
+                expected[k, j, i] = src.array[sk, sj, si]
+        np.testing.assert_array_equal(got, expected)
+        assert (got == -1.0).any() or ref is grids[0]
+    mask = src.with_array(src.array > 0.5)
+    flipped = resample(mask, grids[0], order=0, output_dtype=np.bool_)
+    assert flipped.dtype == np.bool_
+    np.testing.assert_array_equal(flipped, mask.array[::-1])
