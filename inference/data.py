@@ -84,7 +84,7 @@ PRE_ENHANCING_LABELS = (3,)
 POST_ENHANCING_LABELS = (3, 5)
 #: post-treatment labels that, with the GTV, make the evaluation's tumour region
 TUMOUR_REGION_LABELS = (1, 3, 5)
-_ID_SEED = re.compile(r"^GF(\d{5})-\d+$")
+_ID_SEED = re.compile(r"^GF(\d{5})-\d+(?:-D\d+)?$")  # -Dk: an outcome twin
 
 
 # ------------------------------------------------------------------------------------------

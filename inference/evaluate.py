@@ -361,7 +361,10 @@ def guidance_check(
 
 
 def training_overlap(model_dir: Path, patient_ids: Sequence[str]) -> int | None:
-    """How many evaluated patients a model's checkpoints list as training patients."""
+    """How many evaluated patients a model's checkpoints list as training patients (an outcome
+    twin counts as the patient it was drawn from: it has the same pre-treatment scan)."""
+    from inference.synthetic.cohort import outcome_base_id
+
     found: set[str] = set()
     seen = False
     for state in sorted((model_dir / "checkpoints").glob("*/state.json")):
@@ -370,7 +373,8 @@ def training_overlap(model_dir: Path, patient_ids: Sequence[str]) -> int | None:
             seen = True
         except (json.JSONDecodeError, OSError):
             continue
-    return len(found & set(patient_ids)) if seen else None
+    trained = {outcome_base_id(p) for p in found}
+    return len({outcome_base_id(p) for p in patient_ids} & trained) if seen else None
 
 
 def run_evaluation(

@@ -79,13 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-mass-effect", action="store_true", help="do not push tissue away from the tumour"
     )
+    parser.add_argument(
+        "--outcome-draws",
+        type=positive_int,
+        default=1,
+        help="outcomes per patient (default 1): 2 or more add outcome twins, the same patient "
+        "up to the radiotherapy plan with MGMT, resection and treatment drawn again (NIfTI only)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the cohort described by ``args``; returns the exit code."""
 
-    def bar(it: Iterable[PatientRecord], total: int) -> Iterable[PatientRecord]:
+    def bar(it: Iterable[list[PatientRecord]], total: int) -> Iterable[list[PatientRecord]]:
         if args.no_progress:
             return it
         from tqdm import tqdm
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             survival_cutoffs=args.survival_cutoffs,
             progress=bar,
             mass_effect=not args.no_mass_effect,
+            outcome_draws=args.outcome_draws,
         )
     except GlioforecastError as exc:
         logger.error("synth failed: %s", exc)

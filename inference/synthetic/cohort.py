@@ -29,6 +29,7 @@ import datetime
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("nifti", "dicom")
 SITE_STREAM = 1_000_003
+OUTCOME_STREAM = 1_000_005
+_TWIN_SUFFIX = re.compile(r"-D\d+$")
 LABELS = {"necrotic": 1, "oedema": 2, "enhancing": 3, "cavity": 4, "psp": 5}
 TARGET_CORE_MEDIAN_ML = 28.0
 TARGET_CORE_SIGMA = 0.6
@@ -180,6 +183,16 @@ def seen_enhancing_ml(post: treatment.PostState, spacing_mm: float) -> float:
     return float(voxels * spacing_mm**3 / 1000.0)
 
 
+def outcome_twin_id(patient_id: str, draw: int) -> str:
+    """The patient ID of a patient's outcome draw ``draw`` (draw 0 is the patient itself)."""
+    return patient_id if draw == 0 else f"{patient_id}-D{draw}"
+
+
+def outcome_base_id(patient_id: str) -> str:
+    """The patient an outcome twin was drawn from (the ID itself for a cohort patient)."""
+    return _TWIN_SUFFIX.sub("", patient_id)
+
+
 def generate_patient(
     index: int,
     seed: int,
@@ -194,52 +207,195 @@ def generate_patient(
 
     ``formats`` is any subset of ``("nifti", "dicom")`` (empty: the table row only).
     """
+    return generate_patient_draws(
+        index, seed, out_dir, n_sites, spacing_mm, formats, survival_cutoffs, mass_effect
+    )[0]
+
+
+def generate_patient_draws(
+    index: int,
+    seed: int,
+    out_dir: Path | None,
+    n_sites: int = 1,
+    spacing_mm: float = 2.0,
+    formats: Sequence[str] = FORMATS,
+    survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
+    mass_effect: bool = True,
+    outcome_draws: int = 1,
+) -> list[PatientRecord]:
+    """Patient ``index`` of the cohort ``seed`` and, with ``outcome_draws`` > 1, its outcome
+    twins: the same patient up to the radiotherapy plan (the same pre-treatment images, byte
+    for byte, GTV and dose) with the MGMT status, the extent of resection and the treatment
+    drawn again from their own random streams, as :func:`outcome_twin_id` ``-D1``, ``-D2``...
+    Draw 0 is the cohort's patient exactly as without twins. Twins are written as NIfTI only
+    (a twin's pre-treatment study would be the patient's own DICOM study under another
+    PatientID)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise InputError(f"formats must be among {FORMATS}, found {sorted(unknown)}")
     if formats and out_dir is None:
         raise InputError("an output folder is needed to write files")
+    _check_draws(outcome_draws, formats)
     rng = patient_rng(seed, index)
     site = cohort_sites(seed, n_sites)[index % n_sites]
     pid = patient_id(seed, index)
 
     # --- biology --------------------------------------------------------------------------
     bio = simulate_pre_treatment(rng, spacing_mm, mass_effect)
-    cov, anat, growth, pre, solver = bio.covariates, bio.anatomy, bio.growth, bio.pre, bio.solver
-    growth_days, tissue, rt_plan = bio.growth_days, bio.tissue, bio.plan
+    cov = bio.covariates
     tparams = treatment.TreatmentParams.random(rng, cov.mgmt_methylated, cov.extent_of_resection)
-    post = treatment.treat(anat, pre, solver, growth, tparams, rt_plan.dose, spacing_mm, rng)
-    voxel_ml = spacing_mm**3 / 1000.0
-
-    pre_masks = {"enhancing": pre.enhancing, "necrotic": pre.necrotic, "oedema": pre.oedema}
-    post_masks = {
-        "enhancing": post.tumour.enhancing,
-        "necrotic": post.tumour.necrotic,
-        "oedema": post.tumour.oedema | post.psp_oedema,
-        "cavity": post.cavity,
-        "psp": post.pseudo_progression,
-    }
-    pre_enh = float(pre.enhancing.sum() * voxel_ml)
-    post_enh_tumour = float(post.tumour.enhancing.sum() * voxel_ml)
-    post_enh_seen = seen_enhancing_ml(post, spacing_mm)
-    burden_pre = float(pre.density.sum() * voxel_ml)
-    burden_post = float(post.tumour.density.sum() * voxel_ml)
-    os_months = outcome.survival_months(cov, burden_post, float(rng.normal()))
-    dose_m = treatment.dose_metrics(rt_plan.dose, rt_plan.ptv)
+    post = treatment.treat(bio.anatomy, bio.pre, bio.solver, bio.growth, tparams, bio.plan.dose,
+                           spacing_mm, rng)  # fmt: skip
+    os_noise = float(rng.normal())
 
     # --- identity and dates ----------------------------------------------------------------
     study_day = datetime.date(2019, 1, 7) + datetime.timedelta(days=int(rng.integers(0, 5 * 365)))
     pre_time = datetime.datetime.combine(study_day, datetime.time(8, 0)) + datetime.timedelta(
         minutes=int(rng.integers(0, 9 * 60))
     )
-    post_time = pre_time + datetime.timedelta(
-        days=post.days_after_pre, minutes=int(rng.integers(-120, 120))
-    )
+    post_minutes = int(rng.integers(-120, 120))
     birth = study_day - datetime.timedelta(days=int(cov.age * 365.25 + rng.integers(0, 365)))
     name = _person(rng, cov.sex)
     referring = _person(rng, "F" if rng.random() < 0.5 else "M")
-    acq = scanner.acquisition_grid(anat.grid, site)
-    record: dict[str, Any] = {
+    acq = scanner.acquisition_grid(bio.anatomy.grid, site)
+
+    draws = [_Draw(0, cov, tparams, post, os_noise, post_minutes)]
+    for k in range(1, outcome_draws):
+        r = np.random.default_rng(np.random.SeedSequence([seed, index, OUTCOME_STREAM, k]))
+        fresh = outcome.Covariates.random(r)
+        cov_k = replace(cov, mgmt_methylated=fresh.mgmt_methylated,
+                        extent_of_resection=fresh.extent_of_resection)  # fmt: skip
+        tp_k = treatment.TreatmentParams.random(r, cov_k.mgmt_methylated,
+                                                cov_k.extent_of_resection)  # fmt: skip
+        post_k = treatment.treat(bio.anatomy, bio.pre, bio.solver, bio.growth, tp_k,
+                                 bio.plan.dose, spacing_mm, r)  # fmt: skip
+        draws.append(_Draw(k, cov_k, tp_k, post_k, float(r.normal()), int(r.integers(-120, 120))))
+
+    records = []
+    post_times = []
+    for d in draws:
+        post_time = pre_time + datetime.timedelta(days=d.post.days_after_pre, minutes=d.minutes)
+        post_times.append(post_time)
+        record = _table_row(outcome_twin_id(pid, d.index), site, bio, d, spacing_mm,
+                            survival_cutoffs, acq, pre_time, post_time)  # fmt: skip
+        if outcome_draws > 1:
+            record.update(outcome_draw=d.index, outcome_of=pid)
+        records.append(record)
+    if not formats:
+        return [PatientRecord(r) for r in records]
+
+    # --- images ------------------------------------------------------------------------------
+    assert out_dir is not None
+    anat, pre, rt_plan = bio.anatomy, bio.pre, bio.plan
+    sim = anat.grid
+    brain_acq = scanner.to_acquisition(anat.brain.astype(np.float32), sim, acq) > 0.5
+    pre_masks = {"enhancing": pre.enhancing, "necrotic": pre.necrotic, "oedema": pre.oedema}
+
+    def render(masks: dict[str, Any], prefix: str, r: np.random.Generator) -> dict[str, Any]:
+        fractions = _fractions(anat, bio.tissue, masks)
+        out = {}
+        for contrast in scanner.CONTRASTS:
+            clean = scanner.synthesise(site, contrast, fractions)
+            clean = scanner.inplane_resolution(clean, spacing_mm, site)
+            clean = scanner.to_acquisition(clean, sim, acq)
+            wm_signal = scanner.compartment_signal(site, contrast, "wm")
+            out[f"{prefix}_{contrast}"] = scanner.acquire(clean, site, wm_signal, brain_acq, r)
+        return out
+
+    def nearest(mask: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        resampled = scanner.to_acquisition(mask.astype(np.float32), sim, acq, blur=False, order=0)
+        return np.rint(resampled).astype(mask.dtype)
+
+    # draw 0's post-treatment noise follows its pre-treatment noise in one stream, as the
+    # cohort has always been made; each twin's comes from a stream of its own
+    img_rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
+    pre_images = render(pre_masks, "pre", img_rng)
+    pre_labels = nearest(_label_map(pre_masks, sim.shape))
+    rois = {
+        name: nearest(getattr(rt_plan, name).astype(np.uint8)).astype(bool)
+        for name in ("gtv", "ctv", "ptv")
+    }
+    dose_acq = scanner.to_acquisition(rt_plan.dose, sim, acq, blur=False)
+    density_pre = scanner.to_acquisition(pre.density, sim, acq, blur=False)
+    for d, record, post_time in zip(draws, records, post_times):
+        p = d.post
+        post_masks = {
+            "enhancing": p.tumour.enhancing,
+            "necrotic": p.tumour.necrotic,
+            "oedema": p.tumour.oedema | p.psp_oedema,
+            "cavity": p.cavity,
+            "psp": p.pseudo_progression,
+        }
+        r = img_rng if d.index == 0 else np.random.default_rng(
+            np.random.SeedSequence([seed, index, 7, d.index])
+        )
+        images = {**pre_images, **render(post_masks, "post", r)}
+        labels = {"pre_labels": pre_labels, "post_labels": nearest(_label_map(post_masks, sim.shape))}
+        density = {
+            "density_pre": density_pre,
+            "density_post": scanner.to_acquisition(p.tumour.density, sim, acq, blur=False),
+        }
+        pdir = out_dir / record["patient_id"]
+        if "nifti" in formats:
+            ndir = pdir / "nifti"
+            for key, arr in {**images, **labels}.items():
+                _write_nifti(ndir / f"{key}.nii.gz", arr, acq)
+            for key, m in rois.items():
+                _write_nifti(ndir / f"{key}.nii.gz", m.astype(np.uint8), acq)
+            _write_nifti(ndir / "dose.nii.gz", dose_acq.astype(np.float32), acq)
+            for key, arr in density.items():
+                _write_nifti(ndir / f"{key}.nii.gz", arr.astype(np.float32), acq)
+        if "dicom" in formats:
+            _write_dicom(pdir / "dicom", seed, index, pid, site, cov, name, referring, birth,
+                         pre_time, post_time, acq, images, labels,
+                         rois, dose_acq)  # fmt: skip
+        record["folder"] = record["patient_id"]
+    return [PatientRecord(r) for r in records]
+
+
+def _check_draws(outcome_draws: int, formats: Sequence[str]) -> None:
+    if outcome_draws < 1:
+        raise InputError(f"outcome draws must be >= 1, found {outcome_draws}")
+    if outcome_draws > 1 and "dicom" in formats:
+        raise InputError(
+            f"outcome draws: expected formats nifti or none with {outcome_draws} draws per "
+            f"patient, found {','.join(formats)} (a twin's pre-treatment DICOM study would be "
+            "the patient's own study under another PatientID)"
+        )
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One outcome of a patient: covariates as drawn for it, treatment, follow-up state."""
+
+    index: int
+    covariates: outcome.Covariates
+    params: treatment.TreatmentParams
+    post: treatment.PostState
+    os_noise: float
+    minutes: int
+
+
+def _table_row(
+    pid: str,
+    site: scanner.SiteProfile,
+    bio: PreTreatment,
+    draw: _Draw,
+    spacing_mm: float,
+    survival_cutoffs: tuple[float, float],
+    acq: Volume,
+    pre_time: datetime.datetime,
+    post_time: datetime.datetime,
+) -> dict[str, Any]:
+    cov, pre, post, tparams, rt_plan = draw.covariates, bio.pre, draw.post, draw.params, bio.plan
+    voxel_ml = spacing_mm**3 / 1000.0
+    pre_enh = float(pre.enhancing.sum() * voxel_ml)
+    post_enh_tumour = float(post.tumour.enhancing.sum() * voxel_ml)
+    post_enh_seen = seen_enhancing_ml(post, spacing_mm)
+    burden_post = float(post.tumour.density.sum() * voxel_ml)
+    os_months = outcome.survival_months(cov, burden_post, draw.os_noise)
+    dose_m = treatment.dose_metrics(rt_plan.dose, rt_plan.ptv)
+    return {
         "patient_id": pid,
         "site": site.site,
         "institution": site.institution,
@@ -257,11 +413,11 @@ def generate_patient(
         "post_enhancing_ml": round(post_enh_seen, 3),
         "post_enhancing_tumour_ml": round(post_enh_tumour, 3),
         "post_necrotic_ml": round(float(post.tumour.necrotic.sum() * voxel_ml), 3),
-        "post_oedema_ml": round(float(post_masks["oedema"].sum() * voxel_ml), 3),
+        "post_oedema_ml": round(float((post.tumour.oedema | post.psp_oedema).sum() * voxel_ml), 3),
         "post_cavity_ml": round(float(post.cavity.sum() * voxel_ml), 3),
         "pseudo_progression_ml": round(float(post.pseudo_progression.sum() * voxel_ml), 3),
         "pseudo_progression": int(tparams.pseudo_progression),
-        "burden_pre_ml": round(burden_pre, 3),
+        "burden_pre_ml": round(float(pre.density.sum() * voxel_ml), 3),
         "burden_post_ml": round(burden_post, 3),
         "gtv_ml": round(float(rt_plan.gtv.sum() * voxel_ml), 3),
         "ctv_ml": round(float(rt_plan.ctv.sum() * voxel_ml), 3),
@@ -269,11 +425,11 @@ def generate_patient(
         "ptv_d95_gy": round(dose_m["ptv_d95_gy"], 2),
         "ptv_d50_gy": round(dose_m["ptv_d50_gy"], 2),
         "dose_max_gy": round(dose_m["dose_max_gy"], 2),
-        "d_white_mm2_per_day": round(growth.d_white, 4),
-        "rho_per_day": round(growth.rho, 4),
+        "d_white_mm2_per_day": round(bio.growth.d_white, 4),
+        "rho_per_day": round(bio.growth.rho, 4),
         "alpha_per_gy": round(tparams.alpha, 4),
         "tmz_kill_per_day": round(tparams.tmz_kill, 4),
-        "growth_days": growth_days,
+        "growth_days": bio.growth_days,
         "follow_up_days_after_rt": tparams.follow_up_days,
         "days_pre_to_post": post.days_after_pre,
         "response_category": outcome.response_category(pre_enh, post_enh_seen),
@@ -286,58 +442,6 @@ def generate_patient(
         "study_date_pre": pre_time.strftime("%Y-%m-%d"),
         "study_date_post": post_time.strftime("%Y-%m-%d"),
     }
-    if not formats:
-        return PatientRecord(record)
-
-    # --- images ------------------------------------------------------------------------------
-    assert out_dir is not None
-    pdir = out_dir / pid
-    sim = anat.grid
-    img_rng = np.random.default_rng(np.random.SeedSequence([seed, index, 7]))
-    brain_acq = scanner.to_acquisition(anat.brain.astype(np.float32), sim, acq) > 0.5
-    images: dict[str, npt.NDArray[np.uint16]] = {}
-    for phase, masks in (("pre", pre_masks), ("post", post_masks)):
-        fractions = _fractions(anat, tissue, masks)
-        for contrast in scanner.CONTRASTS:
-            clean = scanner.synthesise(site, contrast, fractions)
-            clean = scanner.inplane_resolution(clean, spacing_mm, site)
-            clean = scanner.to_acquisition(clean, sim, acq)
-            wm_signal = scanner.compartment_signal(site, contrast, "wm")
-            images[f"{phase}_{contrast}"] = scanner.acquire(
-                clean, site, wm_signal, brain_acq, img_rng
-            )
-
-    def nearest(mask: npt.NDArray[Any]) -> npt.NDArray[Any]:
-        resampled = scanner.to_acquisition(mask.astype(np.float32), sim, acq, blur=False, order=0)
-        return np.rint(resampled).astype(mask.dtype)
-
-    labels = {
-        "pre_labels": nearest(_label_map(pre_masks, sim.shape)),
-        "post_labels": nearest(_label_map(post_masks, sim.shape)),
-    }
-    rois = {
-        name: nearest(getattr(rt_plan, name).astype(np.uint8)).astype(bool)
-        for name in ("gtv", "ctv", "ptv")
-    }
-    dose_acq = scanner.to_acquisition(rt_plan.dose, sim, acq, blur=False)
-    density = {
-        "density_pre": scanner.to_acquisition(pre.density, sim, acq, blur=False),
-        "density_post": scanner.to_acquisition(post.tumour.density, sim, acq, blur=False),
-    }
-    if "nifti" in formats:
-        ndir = pdir / "nifti"
-        for key, arr in {**images, **labels}.items():
-            _write_nifti(ndir / f"{key}.nii.gz", arr, acq)
-        for key, m in rois.items():
-            _write_nifti(ndir / f"{key}.nii.gz", m.astype(np.uint8), acq)
-        _write_nifti(ndir / "dose.nii.gz", dose_acq.astype(np.float32), acq)
-        for key, arr in density.items():
-            _write_nifti(ndir / f"{key}.nii.gz", arr.astype(np.float32), acq)
-    if "dicom" in formats:
-        _write_dicom(pdir / "dicom", seed, index, pid, site, cov, name, referring, birth,
-                     pre_time, post_time, acq, images, labels, rois, dose_acq)  # fmt: skip
-    record["folder"] = pid
-    return PatientRecord(record)
 
 
 def _write_dicom(
@@ -463,11 +567,11 @@ def _write_dicom(
 
 
 def _worker(
-    args: tuple[int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool],
-) -> PatientRecord:
-    index, seed, out, n_sites, spacing, formats, cutoffs, mass = args
-    return generate_patient(
-        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass
+    args: tuple[int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool, int],
+) -> list[PatientRecord]:
+    index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws = args
+    return generate_patient_draws(
+        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass, draws
     )
 
 
@@ -480,13 +584,17 @@ def generate_cohort(
     formats: Sequence[str] = FORMATS,
     jobs: int = 1,
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
-    progress: Callable[[Iterable[PatientRecord], int], Iterable[PatientRecord]] | None = None,
+    progress: Callable[[Iterable[list[PatientRecord]], int], Iterable[list[PatientRecord]]]
+    | None = None,
     mass_effect: bool = True,
+    outcome_draws: int = 1,
 ) -> list[PatientRecord]:
     """Generate ``patients`` patients over ``sites`` sites; writes cohort.csv and sites.csv.
 
     ``jobs`` > 1 spreads patients over that many processes (results are identical).
     ``progress`` wraps the iterator of finished patients (e.g. a tqdm bar).
+    ``outcome_draws`` > 1 adds each patient's outcome twins (:func:`generate_patient_draws`)
+    after it in the table, with the columns ``outcome_draw`` and ``outcome_of``.
     """
     if patients < 1:
         raise InputError(f"the number of patients must be >= 1, found {patients}")
@@ -494,19 +602,22 @@ def generate_cohort(
         raise InputError(f"the number of sites must be >= 1, found {sites}")
     if jobs < 1:
         raise InputError(f"jobs must be >= 1, found {jobs}")
+    _check_draws(outcome_draws, formats)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = [
-        (i, seed, str(out_dir), sites, spacing_mm, tuple(formats), survival_cutoffs, mass_effect)
+        (i, seed, str(out_dir), sites, spacing_mm, tuple(formats), survival_cutoffs, mass_effect,
+         outcome_draws)  # fmt: skip
         for i in range(patients)
     ]
     wrap = progress or (lambda it, total: it)
-    records: list[PatientRecord]
+    per_patient: list[list[PatientRecord]]
     if jobs == 1:
-        records = list(wrap((_worker(w) for w in work), patients))
+        per_patient = list(wrap((_worker(w) for w in work), patients))
     else:
         workers = min(jobs, patients, os.cpu_count() or 1) if jobs > 0 else 1
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            records = list(wrap(pool.map(_worker, work), patients))
+            per_patient = list(wrap(pool.map(_worker, work), patients))
+    records = [r for group in per_patient for r in group]
     write_table(out_dir / "cohort.csv", records)
     write_sites(out_dir / "sites.csv", cohort_sites(seed, sites))
     logger.info("generated %d patients in %s", len(records), out_dir)

@@ -40,6 +40,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
         ["--patients", "-1"],
         ["--survival-cutoffs", "24,12"],
         ["--survival-cutoffs", "x"],
+        ["--outcome-draws", "0"],
     ],
 )
 def test_bad_arguments_are_refused(
