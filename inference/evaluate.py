@@ -298,6 +298,21 @@ def summarise(
     summary["spread_error_spearman"] = M.bootstrap_ci(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
     ).as_dict()
+    # within sites: a pooled correlation can come from one site having both the larger errors
+    # and the larger spreads (the model card's third and eighth rounds)
+    site = np.array([r.site for r in results])
+
+    def within_sites(idx: npt.NDArray[np.intp]) -> float:
+        values = [M.spearman(spread[idx][site[idx] == s], error[idx][site[idx] == s])
+                  for s in sorted(set(site[idx]))]  # fmt: skip
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    if len(set(site)) > 1:
+        summary["spread_error_spearman_within_sites"] = M.bootstrap_ci(
+            within_sites, n, **kw
+        ).as_dict()
+    summary["spread_mean"] = M.bootstrap_ci(lambda i: float(np.mean(spread[i])), n, **kw).as_dict()
     # the same question in volumes: do patients whose samples disagree on the tumour volume have
     # the larger volume errors? (a stand-in that a simulation of the truth can also answer, see
     # bench.uncertainty_reference)
@@ -527,6 +542,8 @@ ROWS = (
     ("Response accuracy", "response_accuracy", 3),
     ("Response macro AUC (one-vs-rest)", "response_macro_auc", 3),
     ("Spearman spread vs tumour MAE", "spread_error_spearman", 3),
+    ("Spearman spread vs tumour MAE, mean within sites", "spread_error_spearman_within_sites", 3),
+    ("Mean spread, tumour region (z)", "spread_mean", 3),
     ("Spearman sample-volume SD vs absolute volume error", "volume_spread_error_spearman", 3),
     ("Survival AUC, short vs long, from predicted volume", "survival_auc_short_vs_long", 3),
 )

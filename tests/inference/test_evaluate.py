@@ -274,3 +274,29 @@ def test_volume_uncertainty_is_the_sample_volume_spread_against_the_volume_error
     single = [result((10.0,), t) for t in (1.0, 2.0, 3.0)]
     value = summarise(single, n_resamples=20)["volume_spread_error_spearman"]["value"]
     assert value is None or math.isnan(value)
+
+
+def test_within_site_spearman_is_not_fooled_by_a_difference_between_sites() -> None:
+    """Pooled, spread and error rise together because site B has both the larger spreads and
+    the larger errors; within each site the larger spread goes with the smaller error."""
+    from inference.evaluate import METRIC_KEYS, PatientResult
+
+    def result(site: str, spread: float, mae: float) -> PatientResult:
+        metrics = dict.fromkeys(METRIC_KEYS, 0.0)
+        metrics["mae_tumour"] = mae
+        return PatientResult(
+            patient_id=f"{site}{spread}", site=site, truth_category="stable_disease",
+            survival_class="short", predicted_category="stable_disease",
+            probabilities={c: float(c == "stable_disease") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=1.0, predicted_volume_ml=1.0, current_volume_ml=1.0,
+            metrics=metrics, spread=spread, seconds=0.0,
+        )  # fmt: skip
+
+    results = [result("A", s, e) for s, e in ((0.1, 1.3), (0.2, 1.2), (0.3, 1.1))]
+    results += [result("B", s, e) for s, e in ((0.7, 2.3), (0.8, 2.2), (0.9, 2.1))]
+    summary = summarise(results, n_resamples=20)
+    assert summary["spread_error_spearman"]["value"] > 0.3
+    assert summary["spread_error_spearman_within_sites"]["value"] == pytest.approx(-1.0)
+    assert summary["spread_mean"]["value"] == pytest.approx(0.5)
+    one_site = summarise(results[:3], n_resamples=20)
+    assert "spread_error_spearman_within_sites" not in one_site
