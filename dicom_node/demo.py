@@ -23,10 +23,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import yaml
 
 from dicom_node.errors import GlioforecastError
@@ -157,8 +159,60 @@ def _series(pacs: LocalPacs, study_uid: str, suffix: str) -> StoredSeries:
     )
 
 
-def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) -> None:
-    """Pre-treatment | prediction with outline | uncertainty, at the largest outline's slice."""
+def montage_slice(
+    prediction: Sequence[npt.NDArray[np.uint8]], source_uids: Sequence[str], gtv: dict[str, float]
+) -> tuple[int, str]:
+    """The index of the slice to show: where the predicted tumour's outline (pure red on the
+    T1-Gd SC) is longest or, when the prediction leaves no tumour on any slice, the slice whose
+    source image carries the largest GTV contour (``gtv``: source SOP Instance UID -> contour
+    area in mm^2), so that a prediction of "no tumour left" is shown where the tumour is now and
+    not on an empty slice at the edge of the head; the middle slice when neither is known.
+    Returns the index and which rule chose it: ``outline``, ``gtv`` or ``middle``."""
+
+    def red(px: npt.NDArray[np.uint8]) -> int:
+        return int(np.sum((px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] < 60)))
+
+    outline = [red(px) for px in prediction]
+    if max(outline, default=0) > 0:
+        return int(np.argmax(outline)), "outline"
+    areas = [gtv.get(uid, 0.0) for uid in source_uids]
+    if max(areas, default=0.0) > 0:
+        return int(np.argmax(areas)), "gtv"
+    return len(prediction) // 2, "middle"
+
+
+def gtv_contour_areas(sources: Sequence[Path], roi_name: str = "GTV") -> dict[str, float]:
+    """Area (mm^2) of each planar contour of the ROI ``roi_name`` in the RT structure sets among
+    ``sources``, by the SOP Instance UID of the image it references (contours without one are
+    left out)."""
+    from pydicom import dcmread
+
+    areas: dict[str, float] = {}
+    for path in sources:
+        ds = dcmread(path, stop_before_pixels=True)
+        if ds.get("Modality") != "RTSTRUCT":
+            continue
+        numbers = {
+            int(r.ROINumber) for r in ds.get("StructureSetROISequence", []) if r.ROIName == roi_name
+        }
+        for roi in ds.get("ROIContourSequence", []):
+            if int(roi.ReferencedROINumber) not in numbers:
+                continue
+            for c in roi.get("ContourSequence", []):
+                refs = c.get("ContourImageSequence", [])
+                if not refs:
+                    continue
+                xyz = np.asarray(c.ContourData, dtype=np.float64).reshape(-1, 3)
+                x, y = xyz[:, 0], xyz[:, 1]  # axial contours
+                area = 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+                uid = str(refs[0].ReferencedSOPInstanceUID)
+                areas[uid] = areas.get(uid, 0.0) + area
+    return areas
+
+
+def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) -> str:
+    """Pre-treatment | prediction with outline | uncertainty, at the slice of
+    :func:`montage_slice`; returns which slice it is, in words."""
     from PIL import Image
     from pydicom import dcmread
 
@@ -167,12 +221,12 @@ def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) ->
 
     prediction = sorted(images("- T1-Gd SC"), key=lambda d: int(d.InstanceNumber))
     uncertainty = {int(d.InstanceNumber): d for d in images("- UNCERTAINTY SC")}
-
-    def red(d: Any) -> int:  # pixels of the predicted tumour outline
-        px = d.pixel_array
-        return int(np.sum((px[..., 0] > 200) & (px[..., 1] < 60) & (px[..., 2] < 60)))
-
-    best = max(prediction, key=red)  # the slice where the outline is longest
+    index, rule = montage_slice(
+        [d.pixel_array for d in prediction],
+        [str(d.SourceImageSequence[0].ReferencedSOPInstanceUID) for d in prediction],
+        gtv_contour_areas(sources),
+    )
+    best = prediction[index]
     source_uid = best.SourceImageSequence[0].ReferencedSOPInstanceUID
     by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in sources}
     pre = dcmread(by_uid[source_uid]).pixel_array.astype(np.float32)
@@ -189,6 +243,12 @@ def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) ->
         canvas.paste(p, (x, 0))
         x += p.width
     canvas.save(path)
+    why = {
+        "outline": "the predicted outline is longest there",
+        "gtv": "the largest GTV contour (no tumour predicted on any slice)",
+        "middle": "the middle slice (no outline and no GTV contour to go by)",
+    }[rule]
+    return f"{index + 1} of {len(prediction)}, {why}"
 
 
 def run(
@@ -290,8 +350,9 @@ def run(
         print(f"    synthetic truth          GTV {truth['gtv_ml']:.1f} ml, follow-up enhancing "
               f"{truth['post_enhancing_ml']:.1f} ml, {truth['response_category']}")  # fmt: skip
         picture = out / "montage.png"
-        montage(pacs, study_uid, files, picture)
+        where = montage(pacs, study_uid, files, picture)
         _say(f"montage (pre-treatment | prediction | uncertainty): {picture}")
+        _say(f"montage slice: {where}")
     finally:
         if node is not None:
             node.send_signal(signal.SIGTERM)

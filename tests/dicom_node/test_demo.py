@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
@@ -97,6 +98,12 @@ def test_demo_round_trip_with_the_embedded_pacs(
 
     with Image.open(out / "montage.png") as picture:  # pre-treatment | prediction | uncertainty
         assert picture.size == (3 * panel[0], panel[1])
+    # the montage is on the tumour: its slice carries the predicted outline or, when the model
+    # predicts no tumour left, the current GTV (it once showed the first slice, above the head)
+    assert "montage slice: " in stdout
+    assert re.search(
+        r"montage slice: \d+ of \d+, (the predicted outline|the largest GTV contour)", stdout
+    )
 
 
 def test_forced_orthanc_that_is_missing_is_a_clear_error(
@@ -138,3 +145,36 @@ def test_demo_options(capsys: pytest.CaptureFixture[str]) -> None:
             cli.build_parser().parse_args(["demo", *bad])
     err = capsys.readouterr().err
     assert "expected a number of seconds >= 0, found 'nan'" in err
+
+
+def test_montage_slice_prefers_the_outline_then_the_gtv() -> None:
+    blank = np.zeros((8, 8, 3), dtype=np.uint8)
+    outlined = blank.copy()
+    outlined[2, 2:6] = (255, 0, 0)
+    longer = blank.copy()
+    longer[3, 1:8] = (255, 0, 0)
+    grey = np.full((8, 8, 3), 120, dtype=np.uint8)  # no outline colour
+    uids = ["a", "b", "c", "d"]
+    gtv = {"a": 50.0, "b": 400.0, "c": 10.0}
+    assert demo.montage_slice([blank, outlined, longer, grey], uids, gtv) == (2, "outline")
+    # no tumour predicted on any slice: where the GTV is largest
+    assert demo.montage_slice([blank, grey, blank, grey], uids, gtv) == (1, "gtv")
+    # neither: the middle slice
+    assert demo.montage_slice([blank, grey, blank, grey], uids, {}) == (2, "middle")
+
+
+def test_gtv_contour_areas_add_up_to_the_gtv(tmp_path: Path) -> None:
+    from inference.synthetic.cohort import dicom_study_dir, generate_patient
+
+    record = generate_patient(0, 5, tmp_path, spacing_mm=4.0, formats=("dicom",))
+    study = dicom_study_dir(tmp_path, record.patient_id)
+    files = sorted(study.rglob("*.dcm"))
+    areas = demo.gtv_contour_areas(files)
+    t1c = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
+           for f in sorted((study).glob("003_t1c/*.dcm"))}  # fmt: skip
+    assert areas and set(areas) <= set(t1c)
+    thickness = float(dcmread(next(iter(t1c.values())), stop_before_pixels=True).SliceThickness)
+    volume_ml = sum(areas.values()) * thickness / 1000.0
+    # polygons through voxel centres against voxel counts: within a fifth on a 4 mm grid
+    assert volume_ml == pytest.approx(float(record.values["gtv_ml"]), rel=0.2)
+    assert demo.gtv_contour_areas(files, roi_name="NO SUCH ROI") == {}
