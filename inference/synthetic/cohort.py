@@ -317,7 +317,7 @@ def generate_patient_draws(
     }
     dose_acq = scanner.to_acquisition(rt_plan.dose, sim, acq, blur=False)
     density_pre = scanner.to_acquisition(pre.density, sim, acq, blur=False)
-    for d, record, post_time in zip(draws, records, post_times):
+    for d, record, post_time in zip(draws, records, post_times, strict=True):
         p = d.post
         post_masks = {
             "enhancing": p.tumour.enhancing,
@@ -326,11 +326,16 @@ def generate_patient_draws(
             "cavity": p.cavity,
             "psp": p.pseudo_progression,
         }
-        r = img_rng if d.index == 0 else np.random.default_rng(
-            np.random.SeedSequence([seed, index, 7, d.index])
+        r = (
+            img_rng
+            if d.index == 0
+            else np.random.default_rng(np.random.SeedSequence([seed, index, 7, d.index]))
         )
         images = {**pre_images, **render(post_masks, "post", r)}
-        labels = {"pre_labels": pre_labels, "post_labels": nearest(_label_map(post_masks, sim.shape))}
+        labels = {
+            "pre_labels": pre_labels,
+            "post_labels": nearest(_label_map(post_masks, sim.shape)),
+        }
         density = {
             "density_pre": density_pre,
             "density_post": scanner.to_acquisition(p.tumour.density, sim, acq, blur=False),
@@ -605,8 +610,17 @@ def generate_cohort(
     _check_draws(outcome_draws, formats)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = [
-        (i, seed, str(out_dir), sites, spacing_mm, tuple(formats), survival_cutoffs, mass_effect,
-         outcome_draws)  # fmt: skip
+        (
+            i,
+            seed,
+            str(out_dir),
+            sites,
+            spacing_mm,
+            tuple(formats),
+            survival_cutoffs,
+            mass_effect,
+            outcome_draws,
+        )
         for i in range(patients)
     ]
     wrap = progress or (lambda it, total: it)

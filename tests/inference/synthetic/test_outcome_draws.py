@@ -70,7 +70,7 @@ def test_twins_share_the_pre_treatment_and_differ_after(twins: Path) -> None:
         post = [_array(f / "post_t1c.nii.gz") for f in folders]
         assert not np.array_equal(post[0], post[1]) and not np.array_equal(post[1], post[2])
         # the follow-up labels hold each draw's own enhancing volume
-        for r, f in zip(group, folders):
+        for r, f in zip(group, folders, strict=True):
             labels = _array(f / "post_labels.nii.gz")
             assert np.isin(labels, (3, 5)).sum() > 0 or float(r["post_enhancing_ml"]) < 0.1
 
