@@ -467,11 +467,12 @@ def demo_config(**changes: Any) -> ModelConfig:
     its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on).
     Without a survival class it samples from the mixture of the classes (by the training
     cohort's shares) at guidance scale 1, rather than under the null class at scale 3 (0.8.0
-    on, picked on validation; see ``docs/MODEL_CARD.md``).
+    on, picked on validation). 0.9.0's stage 2 was fine-tuned on four outcomes of each training
+    patient (``glioforecast synth --outcome-draws 4``); see ``docs/MODEL_CARD.md``.
     """
     cfg = ModelConfig(
         name="glioforecast-demo",
-        version="0.8.0",
+        version="0.9.0",
         preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(40, 48, 40)),
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 32),
