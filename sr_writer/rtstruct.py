@@ -275,11 +275,14 @@ def build_rtstruct(
             contours.append(item)
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = [int(c) for c in roi.color]
-        roi_contour.ContourSequence = contours
+        if contours:
+            roi_contour.ContourSequence = contours
+        else:
+            # Contour Sequence is type 3, but present it needs one item or more (PS3.3
+            # C.8.8.6): an empty ROI has none at all
+            logger.warning("ROI %r is empty: it is written without contours", roi.name)
         roi_contour.ReferencedROINumber = number
         contour_seq.append(roi_contour)
-        if not contours:
-            logger.warning("ROI %r is empty: it is written without contours", roi.name)
 
         obs = Dataset()
         obs.ObservationNumber = number
@@ -296,6 +299,6 @@ def build_rtstruct(
         "built RTSTRUCT %s with %d ROIs, %d contours",
         sop_instance_uid,
         len(rois),
-        sum(len(c.ContourSequence) for c in contour_seq),
+        sum(len(c.get("ContourSequence", [])) for c in contour_seq),
     )
     return ds

@@ -49,3 +49,55 @@ def test_dciodvfy_detects_a_broken_object(dciodvfy: str, tmp_path: Path) -> None
     ds.save_as(path, enforce_file_format=True)
     errors, _ = dciodvfy_errors(dciodvfy, path)
     assert any("SegmentSequence" in e for e in errors), errors
+
+
+def _no_tumour_left() -> dict[str, Dataset]:
+    """The bundled model's most frequent prediction: no tumour left on any slice (2 of 4
+    samples draw none), which every object must still carry validly."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from sr_writer.outputs import OutputOptions, build_outputs
+    from tests.sr_writer.synthetic_job import job_inputs, make_case
+
+    case = make_case()
+    mask = case.prediction.tumour_mask
+    prediction = replace(
+        case.prediction,
+        tumour_mask=mask.with_array(np.zeros_like(mask.array)),
+        sample_volumes_ml=(0.0, 0.0, 1.6, 2.4),
+        response_probabilities={
+            "complete_response": 0.5,
+            "partial_response": 0.5,
+            "stable_disease": 0.0,
+            "progressive_disease": 0.0,
+        },
+    )
+    out = build_outputs(prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
+    return {
+        "secondary capture": out.sc[len(out.sc) // 2],
+        "segmentation": out.seg,
+        "rtstruct": out.rtstruct,
+        "structured report": out.sr,
+    }
+
+
+def test_a_prediction_with_no_tumour_left_gives_valid_objects(
+    dciodvfy: str, tmp_path: Path
+) -> None:
+    from sr_writer.structured_report import read_summary
+
+    objects = _no_tumour_left()
+    for kind, ds in objects.items():
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, text = dciodvfy_errors(dciodvfy, path)
+        assert text.strip() and errors == [], f"dciodvfy errors for the {kind}:\n{text}"
+    seg = objects["segmentation"]
+    assert len(seg.SegmentSequence) == 1
+    assert int(seg.NumberOfFrames) == 16 and not seg.pixel_array.any()  # one empty frame a slice
+    (roi,) = objects["rtstruct"].ROIContourSequence
+    assert "ContourSequence" not in roi or len(roi.ContourSequence) == 0
+    summary = read_summary(objects["structured report"])
+    assert summary["predicted_mean_ml"] == pytest.approx(1.0)
