@@ -87,6 +87,13 @@ TUMOUR_REGION_LABELS = (1, 3, 5)
 _ID_SEED = re.compile(r"^GF(\d{5})-\d+(?:-D\d+)?$")  # -Dk: an outcome twin
 
 
+def cohort_seed_of(patient_id: str) -> int | None:
+    """The generator seed of a synthetic patient's cohort (mod 100000), from its ID
+    ``GFsssss-nnnn`` (``-Dk`` for an outcome twin); None for any other ID."""
+    m = _ID_SEED.match(patient_id)
+    return int(m.group(1)) if m else None
+
+
 # ------------------------------------------------------------------------------------------
 # NIfTI <-> Volume
 
@@ -195,8 +202,7 @@ class CohortPatient:
     @property
     def cohort_seed(self) -> int | None:
         """The generator seed of the cohort (mod 100000), from the patient ID ``GFsssss-nnnn``."""
-        m = _ID_SEED.match(self.patient_id)
-        return int(m.group(1)) if m else None
+        return cohort_seed_of(self.patient_id)
 
 
 SOURCES = ("auto", "nifti", "dicom")

@@ -59,6 +59,7 @@ from inference import metrics as M
 from inference.data import (
     CohortPatient,
     PatientTruth,
+    cohort_seed_of,
     load_truth,
     patient_inputs,
     read_cohort,
@@ -299,8 +300,9 @@ def summarise(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
     ).as_dict()
     # within sites: a pooled correlation can come from one site having both the larger errors
-    # and the larger spreads (the model card's third and eighth rounds)
-    site = np.array([r.site for r in results])
+    # and the larger spreads (the model card's third and eighth rounds). A site is a site of
+    # one cohort: synthetic cohorts draw their own scanner profile for each site name
+    site = np.array([f"{r.site}/{cohort_seed_of(r.patient_id)}" for r in results])
 
     def within_sites(idx: npt.NDArray[np.intp]) -> float:
         values = [M.spearman(spread[idx][site[idx] == s], error[idx][site[idx] == s])

@@ -300,3 +300,29 @@ def test_within_site_spearman_is_not_fooled_by_a_difference_between_sites() -> N
     assert summary["spread_mean"]["value"] == pytest.approx(0.5)
     one_site = summarise(results[:3], n_resamples=20)
     assert "spread_error_spearman_within_sites" not in one_site
+
+
+def test_a_site_name_in_two_cohorts_is_two_sites() -> None:
+    """Cohorts draw their own scanner profile per site name: SITE-A of seed 2 and SITE-A of
+    seed 9 are grouped apart."""
+    from inference.evaluate import METRIC_KEYS, PatientResult
+
+    def result(pid: str, spread: float, mae: float) -> PatientResult:
+        metrics = dict.fromkeys(METRIC_KEYS, 0.0)
+        metrics["mae_tumour"] = mae
+        return PatientResult(
+            patient_id=pid, site="SITE-A", truth_category="stable_disease",
+            survival_class="short", predicted_category="stable_disease",
+            probabilities={c: float(c == "stable_disease") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=1.0, predicted_volume_ml=1.0, current_volume_ml=1.0,
+            metrics=metrics, spread=spread, seconds=0.0,
+        )  # fmt: skip
+
+    # within each cohort the larger spread goes with the smaller error; pooled by name, with
+    # the second cohort's larger spreads and errors, the order is mostly the other way
+    results = [result(f"GF00002-000{i}", s, e) for i, (s, e) in enumerate(
+        ((0.1, 1.3), (0.2, 1.2), (0.3, 1.1)), start=1)]  # fmt: skip
+    results += [result(f"GF00009-000{i}", s, e) for i, (s, e) in enumerate(
+        ((0.7, 2.3), (0.8, 2.2), (0.9, 2.1)), start=1)]  # fmt: skip
+    summary = summarise(results, n_resamples=20)
+    assert summary["spread_error_spearman_within_sites"]["value"] == pytest.approx(-1.0)
