@@ -472,7 +472,7 @@ def demo_config(**changes: Any) -> ModelConfig:
     """
     cfg = ModelConfig(
         name="glioforecast-demo",
-        version="0.9.0",
+        version="0.10.0",
         preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(40, 48, 40)),
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 32),
