@@ -467,7 +467,7 @@ def demo_config(**changes: Any) -> ModelConfig:
     its loss weighted 5x on the tumour's latent voxels and a weight average (0.5.0 on).
     Without a survival class it samples from the mixture of the classes (by the training
     cohort's shares) at guidance scale 1, rather than under the null class at scale 3 (0.8.0
-    on, picked on validation). 0.9.0's stage 2 was fine-tuned on four outcomes of each training
+    on, picked on validation). From 0.9.0 stage 2 is fine-tuned on four outcomes of each training
     patient (``glioforecast synth --outcome-draws 4``); see ``docs/MODEL_CARD.md``.
     """
     cfg = ModelConfig(
