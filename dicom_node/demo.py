@@ -23,13 +23,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import yaml
+from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import DONE, FAILED, JobStore
@@ -181,15 +182,12 @@ def montage_slice(
     return len(prediction) // 2, "middle"
 
 
-def gtv_contour_areas(sources: Sequence[Path], roi_name: str = "GTV") -> dict[str, float]:
+def gtv_contour_areas(headers: Iterable[Dataset], roi_name: str = "GTV") -> dict[str, float]:
     """Area (mm^2) of each planar contour of the ROI ``roi_name`` in the RT structure sets among
-    ``sources``, by the SOP Instance UID of the image it references (contours without one are
+    ``headers``, by the SOP Instance UID of the image it references (contours without one are
     left out)."""
-    from pydicom import dcmread
-
     areas: dict[str, float] = {}
-    for path in sources:
-        ds = dcmread(path, stop_before_pixels=True)
+    for ds in headers:
         if ds.get("Modality") != "RTSTRUCT":
             continue
         numbers = {
@@ -221,14 +219,15 @@ def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) ->
 
     prediction = sorted(images("- T1-Gd SC"), key=lambda d: int(d.InstanceNumber))
     uncertainty = {int(d.InstanceNumber): d for d in images("- UNCERTAINTY SC")}
+    headers = {p: dcmread(p, stop_before_pixels=True) for p in sources}
     index, rule = montage_slice(
         [d.pixel_array for d in prediction],
         [str(d.SourceImageSequence[0].ReferencedSOPInstanceUID) for d in prediction],
-        gtv_contour_areas(sources),
+        gtv_contour_areas(headers.values()),
     )
     best = prediction[index]
     source_uid = best.SourceImageSequence[0].ReferencedSOPInstanceUID
-    by_uid = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in sources}
+    by_uid = {str(ds.SOPInstanceUID): p for p, ds in headers.items()}
     pre = dcmread(by_uid[source_uid]).pixel_array.astype(np.float32)
     lo, hi = np.percentile(pre, (0.5, 99.5))
     pre8 = np.clip((pre - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)

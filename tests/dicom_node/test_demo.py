@@ -168,8 +168,8 @@ def test_gtv_contour_areas_add_up_to_the_gtv(tmp_path: Path) -> None:
 
     record = generate_patient(0, 5, tmp_path, spacing_mm=4.0, formats=("dicom",))
     study = dicom_study_dir(tmp_path, record.patient_id)
-    files = sorted(study.rglob("*.dcm"))
-    areas = demo.gtv_contour_areas(files)
+    headers = [dcmread(f, stop_before_pixels=True) for f in sorted(study.rglob("*.dcm"))]
+    areas = demo.gtv_contour_areas(headers)
     t1c = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
            for f in sorted((study).glob("003_t1c/*.dcm"))}  # fmt: skip
     assert areas and set(areas) <= set(t1c)
@@ -177,4 +177,4 @@ def test_gtv_contour_areas_add_up_to_the_gtv(tmp_path: Path) -> None:
     volume_ml = sum(areas.values()) * thickness / 1000.0
     # polygons through voxel centres against voxel counts: within a fifth on a 4 mm grid
     assert volume_ml == pytest.approx(float(record.values["gtv_ml"]), rel=0.2)
-    assert demo.gtv_contour_areas(files, roi_name="NO SUCH ROI") == {}
+    assert demo.gtv_contour_areas(headers, roi_name="NO SUCH ROI") == {}
