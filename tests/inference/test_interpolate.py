@@ -27,7 +27,7 @@ def averaged_dir(
 ) -> Path:
     """A tiny stage-2 run of two epochs that keeps a weight average (decay 0.9)."""
     out = tmp_path_factory.mktemp("averaged")
-    options = TrainOptions(  # type: ignore[arg-type]
+    options = TrainOptions(
         epochs=2, batch_size=2, learning_rate=1e-3, progress=False, ema_decay=0.9
     )
     train_diffusion([tiny_cohort[0]], out, options, stage1_dir=tiny_ldm_dir)
