@@ -239,6 +239,39 @@ def evaluate_predictor(
     return results
 
 
+RESPONDING = ("complete_response", "partial_response")
+
+
+def uncertainty_by_site(
+    results: Sequence[PatientResult],
+    site: npt.NDArray[np.str_],
+    spread: npt.NDArray[np.float64],
+    error: npt.NDArray[np.float64],
+) -> list[dict[str, Any]]:
+    """Per site (of one cohort): the uncertainty statistic and what it depends on. The spread
+    can only rank the errors if it follows the tumour that is there; these rows say whether it
+    follows the predicted or the true volume, and how many of the site's tumours respond."""
+    truth = np.array([r.truth_volume_ml for r in results], dtype=float)
+    predicted = np.array([r.predicted_volume_ml for r in results], dtype=float)
+    responding = np.array([r.truth_category in RESPONDING for r in results])
+    rows = []
+    for s in sorted(set(site)):
+        k = site == s
+        rows.append(
+            {
+                "site": s,
+                "patients": int(k.sum()),
+                "responding_share": float(responding[k].mean()),
+                "mean_truth_volume_ml": float(truth[k].mean()),
+                "mean_predicted_volume_ml": float(predicted[k].mean()),
+                "spread_error_spearman": M.spearman(spread[k], error[k]),
+                "spread_predicted_volume_spearman": M.spearman(spread[k], predicted[k]),
+                "spread_truth_volume_spearman": M.spearman(spread[k], truth[k]),
+            }
+        )
+    return rows
+
+
 def summarise(
     results: Sequence[PatientResult], *, n_resamples: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -314,6 +347,7 @@ def summarise(
         summary["spread_error_spearman_within_sites"] = M.bootstrap_ci(
             within_sites, n, **kw
         ).as_dict()
+    summary["uncertainty_by_site"] = uncertainty_by_site(results, site, spread, error)
     summary["spread_mean"] = M.bootstrap_ci(lambda i: float(np.mean(spread[i])), n, **kw).as_dict()
     # the same question in volumes: do patients whose samples disagree on the tumour volume have
     # the larger volume errors? (a stand-in that a simulation of the truth can also answer, see
@@ -555,6 +589,34 @@ def _or_model(value: object) -> str:
     return "the model's" if value is None else str(value)
 
 
+def _uncertainty_by_site_lines(method: str, rows: list[dict[str, Any]] | None) -> list[str]:
+    """The per-site uncertainty table of one method (none for a method without spread)."""
+    if not rows or all(r["spread_error_spearman"] is None for r in rows):
+        return []
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [
+        "",
+        f"Uncertainty by site ({method}): Spearman correlation of the spread with the tumour "
+        "MAE, with the predicted and with the true volume:",
+        "",
+        "| site/cohort | patients | responding | mean true / predicted volume (ml) | "
+        "spread vs error | spread vs predicted volume | spread vs true volume |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['site']} | {r['patients']} | {r['responding_share']:.0%} | "
+            f"{r['mean_truth_volume_ml']:.1f} / {r['mean_predicted_volume_ml']:.1f} | "
+            f"{num(r['spread_error_spearman'], '+.2f')} | "
+            f"{num(r['spread_predicted_volume_spearman'], '+.2f')} | "
+            f"{num(r['spread_truth_volume_spearman'], '+.2f')} |"
+        )
+    return lines
+
+
 def markdown_report(report: dict[str, Any]) -> str:
     methods = report["methods"]
     names = list(methods)
@@ -591,6 +653,8 @@ def markdown_report(report: dict[str, Any]) -> str:
                                                                          "specificity", "auc"))
             )  # fmt: skip
         lines.append(f"| {c} | {first['truth_count']} | " + " | ".join(cells) + " |")
+    for m in names:
+        lines += _uncertainty_by_site_lines(m, methods[m]["summary"].get("uncertainty_by_site"))
     for m in names:
         g = methods[m].get("guidance")
         if g:

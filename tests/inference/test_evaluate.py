@@ -326,3 +326,45 @@ def test_a_site_name_in_two_cohorts_is_two_sites() -> None:
         ((0.7, 2.3), (0.8, 2.2), (0.9, 2.1)), start=1)]  # fmt: skip
     summary = summarise(results, n_resamples=20)
     assert summary["spread_error_spearman_within_sites"]["value"] == pytest.approx(-1.0)
+
+
+def test_uncertainty_by_site_says_what_the_spread_follows() -> None:
+    """A model whose spread follows the tumour it draws, not the one that is there: within the
+    site the spread rises with the predicted volume and falls with the true one, and the
+    report's per-site table says so, with the share of responding tumours."""
+    from inference.evaluate import METRIC_KEYS, PatientResult
+
+    def result(i: int, category: str, truth: float, predicted: float) -> PatientResult:
+        metrics = dict.fromkeys(METRIC_KEYS, 0.0)
+        metrics["mae_tumour"] = abs(truth - predicted)
+        return PatientResult(
+            patient_id=f"GF00011-000{i}", site="SITE-LAK", truth_category=category,
+            survival_class="short", predicted_category="partial_response",
+            probabilities={c: float(c == "partial_response") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=truth, predicted_volume_ml=predicted, current_volume_ml=10.0,
+            metrics=metrics, spread=predicted / 10, seconds=0.0,
+        )  # fmt: skip
+
+    results = [
+        result(1, "complete_response", 0.0, 4.0),
+        result(2, "partial_response", 2.0, 3.0),
+        result(3, "stable_disease", 12.0, 2.0),
+        result(4, "progressive_disease", 30.0, 1.0),
+    ]
+    summary = summarise(results, n_resamples=20)
+    (row,) = summary["uncertainty_by_site"]
+    assert row["site"] == "SITE-LAK/11" and row["patients"] == 4
+    assert row["responding_share"] == 0.5
+    assert row["mean_truth_volume_ml"] == pytest.approx(11.0)
+    assert row["mean_predicted_volume_ml"] == pytest.approx(2.5)
+    assert row["spread_predicted_volume_spearman"] == pytest.approx(1.0)
+    assert row["spread_truth_volume_spearman"] == pytest.approx(-1.0)
+    assert row["spread_error_spearman"] == pytest.approx(-0.8)
+    report = {
+        "data": ["d"], "patients": 4, "sites": ["SITE-LAK"], "samples": 4,
+        "survival_class": "none", "tumour_region_margin_mm": 4.0, "bootstrap_resamples": 20,
+        "generated_at": "now", "methods": {"m": {"summary": summary}},
+    }  # fmt: skip
+    text = markdown_report(report)
+    assert "Uncertainty by site (m)" in text
+    assert "| SITE-LAK/11 | 4 | 50% | 11.0 / 2.5 | -0.80 | +1.00 | -1.00 |" in text
