@@ -24,6 +24,7 @@ import argparse
 import datetime
 import json
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"uncertainty_sites: expected LABEL=PATH, found {item!r}", file=sys.stderr)
             return 2
         groups.append((label, Path(path)))
-    command = "python -m bench.uncertainty_sites " + " ".join(
+    command = "python -m bench.uncertainty_sites " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
     try:
