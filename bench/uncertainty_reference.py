@@ -40,6 +40,7 @@ import csv
 import datetime
 import json
 import math
+import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(),
-        "command": "python -m bench.uncertainty_reference " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m bench.uncertainty_reference " + shlex.join(argv or sys.argv[1:]),
         "seconds": (datetime.datetime.now(datetime.UTC) - started).total_seconds(),
         "cohort": str(args.cohort),
         "patients": len(patients),

@@ -468,11 +468,13 @@ def demo_config(**changes: Any) -> ModelConfig:
     Without a survival class it samples from the mixture of the classes (by the training
     cohort's shares) at guidance scale 1, rather than under the null class at scale 3 (0.8.0
     on, picked on validation). From 0.9.0 stage 2 is fine-tuned on four outcomes of each training
-    patient (``glioforecast synth --outcome-draws 4``); see ``docs/MODEL_CARD.md``.
+    patient (``glioforecast synth --outcome-draws 4``); 0.11.0's UNet lies halfway between that
+    run's weight average and its last weights (``python -m inference.train.interpolate``); see
+    ``docs/MODEL_CARD.md``.
     """
     cfg = ModelConfig(
         name="glioforecast-demo",
-        version="0.10.0",
+        version="0.11.0",
         preprocessing=PreprocessingConfig(spacing_mm=(4.0, 4.0, 4.0), crop_shape=(40, 48, 40)),
         autoencoder=AutoencoderConfig(
             channels=(16, 32, 32),
