@@ -281,6 +281,11 @@ def summarise(
     summary: dict[str, Any] = {"patients": n}
     for key in METRIC_KEYS:
         summary[key] = M.mean_ci([r.metrics[key] for r in results], **kw).as_dict()
+    # Dice is 1 when neither mask has a voxel: a model that predicts no tumour scores 1 on every
+    # complete response. Over the patients with a tumour left, it is the overlap alone
+    left = [r.metrics["dice"] for r in results if r.truth_volume_ml > 0]
+    summary["patients_tumour_left"] = len(left)
+    summary["dice_tumour_left"] = M.mean_ci(left, **kw).as_dict()
     truth = [r.truth_category for r in results]
     pred = [r.predicted_category for r in results]
     probs = [r.probabilities for r in results]
@@ -572,6 +577,7 @@ ROWS = (
     ("SSIM tumour", "ssim_tumour", 3),
     ("MAE tumour (z)", "mae_tumour", 3),
     ("Tumour Dice", "dice", 3),
+    ("Tumour Dice, patients with a tumour left", "dice_tumour_left", 3),
     ("Volume error (ml)", "volume_error_ml", 2),
     ("Absolute volume error (ml)", "abs_volume_error_ml", 2),
     ("Response balanced accuracy", "response_balanced_accuracy", 3),

@@ -368,3 +368,29 @@ def test_uncertainty_by_site_says_what_the_spread_follows() -> None:
     text = markdown_report(report)
     assert "Uncertainty by site (m)" in text
     assert "| SITE-LAK/11 | 4 | 50% | 11.0 / 2.5 | -0.80 | +1.00 | -1.00 |" in text
+
+
+def test_dice_over_the_tumours_left_leaves_out_the_empty_masks() -> None:
+    """A model that predicts no tumour scores Dice 1 on every complete response (both masks
+    empty): the summary also reports Dice over the patients with a tumour left."""
+    from inference.evaluate import METRIC_KEYS, PatientResult
+
+    def result(i: int, truth_ml: float, dice: float) -> PatientResult:
+        metrics = dict.fromkeys(METRIC_KEYS, 0.0)
+        metrics["dice"] = dice
+        return PatientResult(
+            patient_id=f"GF00011-000{i}", site="SITE-LAK", truth_category="partial_response",
+            survival_class="short", predicted_category="complete_response",
+            probabilities={c: float(c == "complete_response") for c in RESPONSE_CATEGORIES},
+            truth_volume_ml=truth_ml, predicted_volume_ml=0.0, current_volume_ml=10.0,
+            metrics=metrics, spread=0.1 * i, seconds=0.0,
+        )  # fmt: skip
+
+    results = [result(1, 0.0, 1.0), result(2, 0.0, 1.0), result(3, 4.0, 0.0), result(4, 9.0, 0.2)]
+    summary = summarise(results, n_resamples=20)
+    assert summary["dice"]["value"] == pytest.approx(0.55)
+    assert summary["patients_tumour_left"] == 2
+    assert summary["dice_tumour_left"]["value"] == pytest.approx(0.1)
+    none_left = summarise(results[:2], n_resamples=20)
+    assert none_left["patients_tumour_left"] == 0
+    assert none_left["dice_tumour_left"]["value"] is None  # undefined, reported as n/a
