@@ -35,7 +35,6 @@ import numpy as np
 from bench.report import machine_description
 from dicom_node.errors import InputError
 from inference import metrics as M
-from inference.data import cohort_seed_of
 from inference.evaluate import PatientResult, uncertainty_by_site
 from inference.model_dir import KIND_LDM
 
@@ -65,14 +64,10 @@ def site_rows(path: Path, method: str | None = None) -> tuple[str, list[dict[str
         PatientResult(**{**p, "sample_volumes_ml": tuple(p.get("sample_volumes_ml", ()))})
         for p in entry["per_patient"]
     ]
-    nan = math.nan
-    site = np.array([f"{r.site}/{cohort_seed_of(r.patient_id)}" for r in results])
-    spread = np.array([nan if r.spread is None else r.spread for r in results], dtype=float)
-    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
-    return name, uncertainty_by_site(results, site, spread, error)
+    return name, uncertainty_by_site(results)
 
 
-def _f(v: float, fmt: str = "+.2f") -> str:
+def _f(v: float | None, fmt: str = "+.2f") -> str:
     return "n/a" if v is None or not math.isfinite(v) else format(v, fmt)
 
 

@@ -242,15 +242,19 @@ def evaluate_predictor(
 RESPONDING = ("complete_response", "partial_response")
 
 
-def uncertainty_by_site(
-    results: Sequence[PatientResult],
-    site: npt.NDArray[np.str_],
-    spread: npt.NDArray[np.float64],
-    error: npt.NDArray[np.float64],
-) -> list[dict[str, Any]]:
+def site_labels(results: Sequence[PatientResult]) -> npt.NDArray[np.str_]:
+    """A site of one cohort per patient (``SITE/seed``): synthetic cohorts draw their own scanner
+    profile for each site name."""
+    return np.array([f"{r.site}/{cohort_seed_of(r.patient_id)}" for r in results])
+
+
+def uncertainty_by_site(results: Sequence[PatientResult]) -> list[dict[str, Any]]:
     """Per site (of one cohort): the uncertainty statistic and what it depends on. The spread
     can only rank the errors if it follows the tumour that is there; these rows say whether it
     follows the predicted or the true volume, and how many of the site's tumours respond."""
+    site = site_labels(results)
+    spread = np.array([math.nan if r.spread is None else r.spread for r in results], dtype=float)
+    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
     truth = np.array([r.truth_volume_ml for r in results], dtype=float)
     predicted = np.array([r.predicted_volume_ml for r in results], dtype=float)
     responding = np.array([r.truth_category in RESPONDING for r in results])
@@ -338,9 +342,8 @@ def summarise(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
     ).as_dict()
     # within sites: a pooled correlation can come from one site having both the larger errors
-    # and the larger spreads (the model card's third and eighth rounds). A site is a site of
-    # one cohort: synthetic cohorts draw their own scanner profile for each site name
-    site = np.array([f"{r.site}/{cohort_seed_of(r.patient_id)}" for r in results])
+    # and the larger spreads (the model card's third and eighth rounds)
+    site = site_labels(results)
 
     def within_sites(idx: npt.NDArray[np.intp]) -> float:
         values = [M.spearman(spread[idx][site[idx] == s], error[idx][site[idx] == s])
@@ -352,7 +355,7 @@ def summarise(
         summary["spread_error_spearman_within_sites"] = M.bootstrap_ci(
             within_sites, n, **kw
         ).as_dict()
-    summary["uncertainty_by_site"] = uncertainty_by_site(results, site, spread, error)
+    summary["uncertainty_by_site"] = uncertainty_by_site(results)
     summary["spread_mean"] = M.bootstrap_ci(lambda i: float(np.mean(spread[i])), n, **kw).as_dict()
     # the same question in volumes: do patients whose samples disagree on the tumour volume have
     # the larger volume errors? (a stand-in that a simulation of the truth can also answer, see
