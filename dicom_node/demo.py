@@ -340,6 +340,8 @@ def run(
         print(f"    tumour volume now        {numbers['current_ml']:.1f} ml")
         print(f"    predicted volume         {numbers['predicted_mean_ml']:.1f} ml "
               f"(sd {numbers['predicted_sd_ml']:.1f})")  # fmt: skip
+        print(f"    outlined (SEG, RTSTRUCT) {numbers['segment_ml']:.1f} ml "
+              "(where the samples agree)")  # fmt: skip
         print(f"    change                   {numbers['change_percent']:+.0f} %")
         print(f"    predicted response       {numbers['category']}")
         shares = cast(dict[str, float], numbers["probabilities"])

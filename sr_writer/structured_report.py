@@ -78,6 +78,7 @@ class SrFigures:
     """The numbers written into the report (what a reader must find again)."""
 
     current_volume_ml: float
+    segment_volume_ml: float
     predicted_mean_ml: float
     predicted_sd_ml: float
     predicted_min_ml: float
@@ -103,8 +104,11 @@ def figures_of(prediction: Prediction) -> SrFigures:
     current = float(prediction.current_volume_ml)
     mean = float(vols.mean())
     change = (mean - current) / current * 100.0 if current > 0 else None
+    mask = prediction.tumour_mask
+    voxel_ml = float(np.prod(mask.spacing)) / 1000.0
     return SrFigures(
         current_volume_ml=current,
+        segment_volume_ml=float(np.count_nonzero(mask.array)) * voxel_ml,
         predicted_mean_ml=mean,
         predicted_sd_ml=float(vols.std(ddof=1)) if vols.size > 1 else 0.0,
         predicted_min_ml=float(vols.min()),
@@ -197,7 +201,12 @@ def build_structured_report(
             derivation=derivation,
         )
 
+    # the group's ROI is the SEG's segment: its own volume comes first, with no derivation; the
+    # samples' volumes follow as derived statistics. They differ: the segment is where the mean
+    # of the samples' tumour probabilities reaches the threshold, so samples that disagree on
+    # where the tumour is give a smaller segment (or none) than their mean volume
     measurements = [
+        hd.sr.Measurement(name=codes.SCT.Volume, value=fig.segment_volume_ml, unit=MILLILITER),
         volume(fig.predicted_mean_ml, codes.SCT.Mean),
         volume(fig.predicted_sd_ml, codes.SCT.StandardDeviation),
         volume(fig.predicted_min_ml, codes.SCT.Minimum),
@@ -302,7 +311,8 @@ def _copy_patient(sr: Dataset, patient: PatientStudy) -> None:
 def read_summary(ds: Dataset) -> dict[str, object]:
     """The numbers of a report built by :func:`build_structured_report`, read back with highdicom.
 
-    Returns ``current_ml``, ``predicted_mean_ml``, ``predicted_sd_ml``, ``change_percent``,
+    Returns ``current_ml``, ``segment_ml`` (the volume of the referenced segment, the
+    predicted tumour as outlined), ``predicted_mean_ml``, ``predicted_sd_ml``, ``change_percent``,
     ``category`` (the code meaning), ``probabilities`` (category meaning -> percent) and
     ``scenario`` (the meaning of the survival scenario the samples were drawn under).
     """
@@ -325,6 +335,7 @@ def read_summary(ds: Dataset) -> dict[str, object]:
     scenario = qualitative.get(SURVIVAL_SCENARIO.meaning)
     return {
         "current_ml": float(cur_volume.value),
+        "segment_ml": volumes.get(None),
         "predicted_mean_ml": volumes.get("Mean"),
         "predicted_sd_ml": volumes.get("Standard Deviation"),
         "change_percent": by_name.get("Relative volume change from pre-treatment"),

@@ -27,7 +27,7 @@ OUTPUT_SUFFIXES = {"T1-Gd SC", "UNCERTAINTY SC", "SEG", "RTSTRUCT", "SR"}
 
 
 def _printed(stdout: str, label: str) -> str:
-    match = re.search(rf"^    {label}\s+(.+)$", stdout, re.MULTILINE)
+    match = re.search(rf"^    {re.escape(label)}\s+(.+)$", stdout, re.MULTILINE)
     assert match, f"the demo printed no {label!r} line:\n{stdout}"
     return match.group(1).strip()
 
@@ -75,6 +75,9 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert _printed(stdout, "tumour volume now") == f"{numbers['current_ml']:.1f} ml"
     assert _printed(stdout, "predicted volume") == (
         f"{numbers['predicted_mean_ml']:.1f} ml (sd {numbers['predicted_sd_ml']:.1f})"
+    )
+    assert _printed(stdout, "outlined (SEG, RTSTRUCT)") == (
+        f"{numbers['segment_ml']:.1f} ml (where the samples agree)"
     )
     assert _printed(stdout, "change") == f"{numbers['change_percent']:+.0f} %"
     assert _printed(stdout, "predicted response") == numbers["category"]

@@ -101,3 +101,6 @@ def test_a_prediction_with_no_tumour_left_gives_valid_objects(
     assert "ContourSequence" not in roi or len(roi.ContourSequence) == 0
     summary = read_summary(objects["structured report"])
     assert summary["predicted_mean_ml"] == pytest.approx(1.0)
+    # the samples drew some tumour, but not in one place: the report says the segment it
+    # references is empty, beside what the samples drew
+    assert summary["segment_ml"] == 0.0

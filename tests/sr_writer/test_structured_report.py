@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -41,6 +42,11 @@ def test_figures_follow_the_prediction() -> None:
     )
     assert fig.response_category == "partial_response"
     assert fig.response_probability_percent["partial_response"] == pytest.approx(75.0)
+    # the outlined tumour: the mask's voxels times the source grid's voxel volume
+    mask = p.tumour_mask
+    voxels = int(np.count_nonzero(mask.array))
+    assert voxels > 0
+    assert fig.segment_volume_ml == pytest.approx(voxels * 0.9 * 0.8 * 2.5 / 1000.0)
 
 
 def test_figures_refuse_a_prediction_without_samples() -> None:
@@ -71,6 +77,7 @@ def test_sr_read_back_with_highdicom() -> None:
         for m in predicted.get_measurements()
         if m.name.meaning == "Volume"
     }
+    assert volumes[None] == pytest.approx(fig.segment_volume_ml, rel=1e-9)  # the segment's own
     assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
     assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
     assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
@@ -205,9 +212,14 @@ def test_sr_read_back_with_dsrdump(tmp_path: Path) -> None:
     assert "Lefèvre^Zoë" in text
     nums, codes = parse_dsrdump(text)
     fig = _expected()
-    volumes = {d: v for name, v, unit, d in nums if name == "Volume" and unit == "ml"}
+    volumes = {d: v for name, v, unit, d in nums if name == "Volume" and unit == "ml" and d}
+    # two volumes without a derivation, in the order written: the GTV's, then the segment's
+    underived = [v for name, v, unit, d in nums if name == "Volume" and unit == "ml" and not d]
     # dsrdump prints the decimal string as stored: 16 characters at most
-    assert volumes[None] == pytest.approx(fig.current_volume_ml, rel=1e-9)
+    assert underived == [
+        pytest.approx(fig.current_volume_ml, rel=1e-9),
+        pytest.approx(fig.segment_volume_ml, rel=1e-9),
+    ]
     assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
     assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
     assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
@@ -229,6 +241,7 @@ def test_read_summary_gives_back_the_numbers_written() -> None:
     fig = _expected()
     numbers = read_summary(_sr_dataset())
     assert numbers["current_ml"] == pytest.approx(fig.current_volume_ml, rel=1e-9)
+    assert numbers["segment_ml"] == pytest.approx(fig.segment_volume_ml, rel=1e-9)
     assert numbers["predicted_mean_ml"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
     assert numbers["predicted_sd_ml"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
     assert numbers["change_percent"] == pytest.approx(fig.relative_change_percent, rel=1e-9)
