@@ -642,6 +642,15 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"- mean [95 % bootstrap interval, {report['bootstrap_resamples']} resamples of the "
         "patients]; n/a: undefined (e.g. no spread, one class only)",
         f"- generated {report['generated_at']}",
+    ]
+    first: dict[str, Any] = next(iter(methods.values()), {})
+    left = first.get("summary", {}).get("patients_tumour_left")
+    if left is not None:
+        lines.append(
+            f"- {left} of {report['patients']} patients have a tumour left at follow-up (Dice is 1 "
+            "for a patient with none left when the prediction has none either)"
+        )
+    lines += [
         "",
         "| metric | " + " | ".join(names) + " |",
         "| --- | " + " | ".join("---" for _ in names) + " |",

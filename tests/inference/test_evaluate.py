@@ -366,6 +366,7 @@ def test_uncertainty_by_site_says_what_the_spread_follows() -> None:
         "generated_at": "now", "methods": {"m": {"summary": summary}},
     }  # fmt: skip
     text = markdown_report(report)
+    assert "- 3 of 4 patients have a tumour left at follow-up" in text
     assert "Uncertainty by site (m)" in text
     assert "| SITE-LAK/11 | 4 | 50% | 11.0 / 2.5 | -0.80 | +1.00 | -1.00 |" in text
 
