@@ -26,6 +26,7 @@ from typing import Any
 
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.types import StudyInputs
+from inference.bundled import DEMO_MODEL, model_option
 from inference.model_config import PREDICTION_TYPES
 from inference.synthetic.cli import positive_int
 
@@ -264,6 +265,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluated_model(text: str) -> Path:
+    """``evaluate --model``: a model directory, or ``bundled`` for the demo model in the package
+    (checked with the others when the evaluation loads them)."""
+    return DEMO_MODEL if text == "bundled" else Path(text)
+
+
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -271,7 +278,12 @@ def _add_evaluate(sub: Any) -> None:
         description="Evaluate the 'no change' baseline and each --model (UNet baseline or latent "
         "diffusion model directory) with the same code; writes metrics.json and metrics.md.",
     )
-    p.add_argument("--model", type=Path, action="append", help="model directory (repeatable)")
+    p.add_argument(
+        "--model",
+        type=_evaluated_model,
+        action="append",
+        help="model directory, or 'bundled' (the demo model shipped in the package); repeatable",
+    )
     p.add_argument(
         "--data", type=Path, action="append", required=True,
         help="cohort folder: cohort.csv with NIfTI files or DICOM studies (repeatable)",
@@ -340,16 +352,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             inputs = replace(inputs, survival_class=args.survival_class)
         predictor: Any
-        if args.model is None:
+        model_dir = None if args.model is None else model_option(args.model)
+        if model_dir is None:
             from inference.baseline import NoChangeBaseline
 
-            log.warning("no --model given: using the 'no change' baseline")
+            if args.model is None:
+                log.warning("no --model given: using the 'no change' baseline")
             predictor = NoChangeBaseline()
         else:
             from inference.model_predictor import ModelPredictor
 
             predictor = ModelPredictor(
-                args.model,
+                model_dir,
                 device=args.device,
                 guidance_scale=args.guidance_scale,
                 num_inference_steps=args.steps,
@@ -373,7 +387,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "roles": roles,
         "model_name": prediction.model_name,
         "model_version": prediction.model_version,
-        "model_dir": None if args.model is None else str(args.model),
+        "model_dir": None if model_dir is None else str(model_dir),
         "samples": len(prediction.sample_volumes_ml),
         "seed": args.seed,
         "survival_class": prediction.survival_class,
@@ -413,7 +427,10 @@ def _add_predict(sub: Any) -> None:
     )
     p.add_argument("input", type=Path, help="NIfTI folder or DICOM study folder")
     p.add_argument(
-        "--model", type=Path, default=None, help="model directory (default: 'no change')"
+        "--model",
+        default=None,
+        help="model directory, 'bundled' (the demo model shipped in the package) or 'none' "
+        "(default: 'no change')",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--samples", type=positive_int, default=4)

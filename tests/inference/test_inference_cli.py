@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from inference import cli
+from inference.bundled import demo_model_dir
 from inference.data import read_volume
 from inference.model_dir import read_model_yaml
 from inference.synthetic.cohort import PatientRecord, dicom_study_dir
@@ -176,7 +177,37 @@ def test_predict_refusals(
                 (partial / series.name / f.name).write_bytes(f.read_bytes())
     assert run(["predict", str(partial), "--out", str(tmp_path / "o")]) == 2
     assert "missing required role rtstruct" in capsys.readouterr().err
-    # without --model: the "no change" baseline, named as such
+    # without --model, or with --model none: the "no change" baseline, named as such
     out = tmp_path / "nochange"
     assert run(["predict", str(study), "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["model_name"] == "no-change-baseline"
+    out = tmp_path / "none"
+    assert run(["predict", str(study), "--model", "none", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["model_dir"] is None
+    # --model bundled: the demo model shipped in the package, as the demo names it
+    out = tmp_path / "bundled"
+    assert run(["predict", str(study), "--model", "bundled", "--out", str(out),
+                "--samples", "1"]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    bundled = read_model_yaml(demo_model_dir())[0]
+    assert (summary["model_name"], summary["model_version"]) == (bundled.name, bundled.version)
+    assert summary["model_dir"] == str(demo_model_dir())
+    # a directory without a model.yaml is refused, with what was expected
+    assert run(["predict", str(study), "--model", str(tmp_path), "--out", str(out)]) == 2
+    assert "expected bundled, none or a model directory with a model.yaml" in (
+        capsys.readouterr().err
+    )
+
+
+def test_evaluate_takes_the_bundled_model_by_name(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "report"
+    argv = ["evaluate", "--data", str(tiny_cohort[0]), "--model", "bundled", "--samples", "1"]
+    argv += ["--limit", "1", "--skip-no-change", "--bootstrap", "5", "--no-progress"]
+    assert run([*argv, "--out", str(report)]) == 0
+    capsys.readouterr()
+    (entry,) = json.loads((report / "metrics.json").read_text())["methods"].values()
+    bundled = read_model_yaml(demo_model_dir())[0]
+    assert (entry["name"], entry["version"]) == (bundled.name, bundled.version)
+    assert entry["model_dir"] == str(demo_model_dir())
