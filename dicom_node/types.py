@@ -151,6 +151,13 @@ class Prediction:
         return float(np.mean(self.sample_volumes_ml)) if self.sample_volumes_ml else 0.0
 
     @property
+    def outlined_volume_ml(self) -> float:
+        """The volume of ``tumour_mask`` (what the SEG and RTSTRUCT outline): smaller than the
+        samples' mean volume when the samples disagree on where the tumour is."""
+        voxel_ml = float(np.prod(self.tumour_mask.spacing)) / 1000.0
+        return float(np.count_nonzero(self.tumour_mask.array)) * voxel_ml
+
+    @property
     def response_category(self) -> str:
         return most_frequent_category(self.response_probabilities, self.mean_volume_category)
 

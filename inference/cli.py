@@ -26,7 +26,7 @@ from typing import Any
 
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.types import StudyInputs
-from inference.bundled import DEMO_MODEL, model_option
+from inference.bundled import model_option
 from inference.model_config import PREDICTION_TYPES
 from inference.synthetic.cli import positive_int
 
@@ -239,8 +239,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from inference.evaluate import markdown_report, run_evaluation, write_report
 
     try:
+        models = [model_option(str(m)) for m in args.model or []]
+        if None in models:
+            raise InputError(
+                "--model none: expected bundled or a model directory ('no change' is always "
+                "evaluated, unless --skip-no-change)"
+            )
         report = run_evaluation(
-            args.model or [],
+            [m for m in models if m is not None],
             args.data,
             samples=args.samples,
             include_no_change=not args.skip_no_change,
@@ -265,12 +271,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluated_model(text: str) -> Path:
-    """``evaluate --model``: a model directory, or ``bundled`` for the demo model in the package
-    (checked with the others when the evaluation loads them)."""
-    return DEMO_MODEL if text == "bundled" else Path(text)
-
-
 def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -280,7 +280,7 @@ def _add_evaluate(sub: Any) -> None:
     )
     p.add_argument(
         "--model",
-        type=_evaluated_model,
+        type=Path,
         action="append",
         help="model directory, or 'bundled' (the demo model shipped in the package); repeatable",
     )

@@ -104,11 +104,9 @@ def figures_of(prediction: Prediction) -> SrFigures:
     current = float(prediction.current_volume_ml)
     mean = float(vols.mean())
     change = (mean - current) / current * 100.0 if current > 0 else None
-    mask = prediction.tumour_mask
-    voxel_ml = float(np.prod(mask.spacing)) / 1000.0
     return SrFigures(
         current_volume_ml=current,
-        segment_volume_ml=float(np.count_nonzero(mask.array)) * voxel_ml,
+        segment_volume_ml=prediction.outlined_volume_ml,
         predicted_mean_ml=mean,
         predicted_sd_ml=float(vols.std(ddof=1)) if vols.size > 1 else 0.0,
         predicted_min_ml=float(vols.min()),
