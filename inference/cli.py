@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             held_out_seeds=args.held_out_seeds,
             progress=not args.no_progress,
             init_from=args.init_from,
+            jobs=args.jobs,
+            max_minutes=args.max_minutes,
             ema_decay=args.ema_decay,
             prediction_type=args.prediction_type,
             tumour_loss_weight=args.tumour_loss_weight,
@@ -226,6 +228,20 @@ def _add_train(sub: Any) -> None:
         help="diffusion: draw each epoch's patients with replacement so that every response "
         "category of the training cohort is drawn equally often (default: each patient once "
         "per epoch)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=1,
+        help="processes that prepare the patients (resampling to the model grid) before the "
+        "autoencoder's and the diffusion stage's first step (default 1)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after the epoch past which another would end later than this many minutes "
+        "from the start (preparation included); --resume continues towards --epochs",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)

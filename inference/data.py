@@ -31,10 +31,13 @@ deterministically from a seed.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
+import multiprocessing
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -552,6 +555,33 @@ class CohortDataset(torch.utils.data.Dataset[TrainingSample]):
 
     def __len__(self) -> int:
         return len(self.patients)
+
+    def prepared(self, jobs: int = 1) -> Iterator[TrainingSample]:
+        """Every patient's sample, in order. With ``jobs`` > 1 the patients not in the cache
+        are prepared by that many processes (``spawn``: safe beside CUDA), ahead of the
+        caller, and kept when ``cache``. The samples are the same whatever ``jobs``."""
+        missing = [i for i in range(len(self)) if i not in self._cache]
+        if jobs <= 1 or len(missing) <= 1:
+            yield from (self[i] for i in range(len(self)))
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=context) as pool:
+            fresh = pool.map(
+                training_sample,
+                [self.patients[i] for i in missing],
+                itertools.repeat(self.preprocessing),
+                itertools.repeat(self.contrasts),
+                itertools.repeat(self.use_dose),
+                itertools.repeat(self.survival_classes),
+            )  # results come in the order of ``missing``
+            for i in range(len(self)):
+                if i in self._cache:
+                    yield self._cache[i]
+                    continue
+                sample = next(fresh)
+                if self.cache:
+                    self._cache[i] = sample
+                yield sample
 
     def __getitem__(self, index: int) -> TrainingSample:
         if index in self._cache:

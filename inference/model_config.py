@@ -510,9 +510,13 @@ def fine_config(**changes: Any) -> ModelConfig:
     """2 mm grid of 80x96x80, 4x latent compression: the finer model, for training on a GPU.
 
     Sampling fits the CPU target (4 samples with guidance in well under a minute on 2 cores),
-    but training it on a CPU takes days; about 15 MB of float32 weights. Its residual target
-    takes the demo model's ``residual_scale``; ``train diffusion`` logs the spread of the targets
-    and the scale that would make it 1.
+    but training it on a CPU takes days; about 15 MB of float32 weights. It takes the settings
+    the demo model's rounds chose on validation (velocity prediction, the loss weighted 5x on
+    the tumour, a weight average, the class mixture at guidance scale 1 when no class is
+    given), carried over, not chosen for this model; the autoencoder trains on 48^3 patches
+    (the demo's 24^3 at twice the resolution) before a fine-tune on whole crops. Its residual
+    target takes the demo model's ``residual_scale``; ``train diffusion`` logs the spread of
+    the targets and the scale that would make it 1.
     """
     cfg = ModelConfig(
         name="glioforecast-fine",
@@ -535,7 +539,15 @@ def fine_config(**changes: Any) -> ModelConfig:
             target="residual",
             residual_scale=2.5,
         ),
-        scheduler=SchedulerConfig(num_train_timesteps=1000, num_inference_steps=20),
+        scheduler=SchedulerConfig(
+            num_train_timesteps=1000, num_inference_steps=20, prediction_type="v_prediction"
+        ),
+        training=TrainingConfig(
+            autoencoder_patch=(48, 48, 48),
+            ema_decay=0.995,
+            tumour_loss_weight=4.0,
+        ),
+        inference=InferenceConfig(guidance_scale=1.0, unknown_class="marginal"),
     )
     return dataclasses.replace(cfg, **changes) if changes else cfg
 

@@ -67,6 +67,8 @@ class ModelPredictor:
     ``num_inference_steps`` override the model's defaults; ``seed`` makes every prediction
     reproducible (the same study gives the same outputs, so a retried job re-sends the same
     objects). ``current_from``: see the module docstring. ``device``: ``cpu`` or ``cuda``.
+    ``autocast``, ``channels_last`` and ``compile_mode``: how the diffusion UNet runs
+    (:class:`inference.sampler.SamplingOptions`).
     """
 
     def __init__(
@@ -80,6 +82,8 @@ class ModelPredictor:
         seed: int = 0,
         current_from: Literal["mask", "model"] = "model",
         autocast: str = "auto",
+        channels_last: bool = False,
+        compile_mode: str = "none",
         allow_untrained: bool = False,
         unknown_class: str | None = None,
     ) -> None:
@@ -106,6 +110,8 @@ class ModelPredictor:
         self.seed = seed
         self.current_from: Literal["mask", "model"] = current_from
         self.autocast = autocast
+        self.channels_last = channels_last
+        self.compile_mode = compile_mode
         self.unknown_class = unknown_class
         self._baseline: LoadedBaseline | None = None
         if self.kind == KIND_LDM:
@@ -238,6 +244,8 @@ class ModelPredictor:
             num_inference_steps=self.num_inference_steps,
             seed=self.seed,
             autocast=self.autocast,
+            channels_last=self.channels_last,
+            compile_mode=self.compile_mode,
             current_from=self.current_from,
             unknown_class=self.unknown_class,
         )

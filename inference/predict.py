@@ -206,6 +206,8 @@ def predict_arrays(
     num_inference_steps: int | None = None,
     seed: int = 0,
     autocast: str = "auto",
+    channels_last: bool = False,
+    compile_mode: str = "none",
     current_volume_ml: float | None = None,
     current_from: Literal["mask", "model"] = "mask",
     unknown_class: str | None = None,
@@ -221,7 +223,8 @@ def predict_arrays(
     channel finds on the decoded pre-treatment T1-Gd (the same "reader" as the predicted volumes:
     use it when the input mask is a GTV larger than the enhancing tumour);
     ``current_volume_ml`` overrides both. The same ``seed`` on the same device gives the same
-    samples.
+    samples. ``autocast``, ``channels_last`` and ``compile_mode``: how the UNet runs
+    (:class:`inference.sampler.SamplingOptions`).
     """
     cfg = model.config
     if inputs.shape != cfg.preprocessing.crop_shape:
@@ -233,7 +236,13 @@ def predict_arrays(
     if n < 1:
         raise InferenceError(f"num_samples: expected >= 1, found {n}")
     w = cfg.inference.guidance_scale if guidance_scale is None else float(guidance_scale)
-    options = SamplingOptions.from_config(cfg, guidance_scale=w, autocast=autocast)
+    options = SamplingOptions.from_config(
+        cfg,
+        guidance_scale=w,
+        autocast=autocast,
+        channels_last=channels_last,
+        compile=compile_mode,
+    )
     if num_inference_steps is not None:
         options = dataclasses.replace(options, num_inference_steps=int(num_inference_steps))
     if current_from not in ("mask", "model"):

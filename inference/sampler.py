@@ -23,7 +23,9 @@ so each step would land on a noise level slightly different from the one the nex
 
 Randomness comes only from the ``torch.Generator`` given (initial noise, and the DDIM noise when
 ``eta > 0``), so a seed reproduces the samples on the same device. On CUDA the UNet may run
-under bf16 autocast; the scheduler arithmetic stays in float32.
+under bf16 autocast, on channels-last (``channels_last_3d``) tensors and compiled with
+``torch.compile`` (mode ``reduce-overhead`` replays CUDA graphs); the scheduler arithmetic stays
+in float32. ``bench/gpu_sampling.py`` measures each against a plain float32 loop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +53,16 @@ log = logging.getLogger(__name__)
 class SamplingOptions:
     """``guidance_scale`` w (1: conditional, 0: null class), DDIM ``num_inference_steps`` and
     ``eta``, ``autocast``: ``"auto"`` (bf16 on CUDA, none on CPU), ``"bf16"``, ``"fp16"`` or
-    ``"none"``."""
+    ``"none"``; ``channels_last``: the UNet's weights and inputs in ``channels_last_3d``
+    memory order; ``compile``: ``"none"`` or a ``torch.compile`` mode (:data:`COMPILE_MODES`;
+    the compiled UNet is kept for the next call with the same model and options)."""
 
     guidance_scale: float = 3.0
     num_inference_steps: int = 25
     eta: float = 0.0
     autocast: str = "auto"
+    channels_last: bool = False
+    compile: str = "none"
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **changes: Any) -> SamplingOptions:
@@ -93,6 +100,39 @@ def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractCont
         return contextlib.nullcontext()
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+
+# compiled UNets by network, so that a predictor compiles once (a weak key: a model that is
+# dropped takes its compiled copy with it)
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, bool], Callable[..., Any]]]
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def sampling_unet(unet: torch.nn.Module, options: SamplingOptions) -> Callable[..., torch.Tensor]:
+    """The UNet as the sampling loop calls it under ``options``: moved to channels-last memory
+    order (in place: the weights keep that order) and/or compiled."""
+    if options.compile not in COMPILE_MODES:
+        raise InferenceError(
+            f"compile: expected one of {', '.join(COMPILE_MODES)}, found {options.compile!r}"
+        )
+    net: Callable[..., torch.Tensor] = unet
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    if options.compile != "none":
+        key = (options.compile, options.channels_last)
+        cache = _COMPILED.setdefault(unet, {})
+        if key not in cache:
+            cache[key] = torch.compile(unet, mode=options.compile, dynamic=False)
+        net = cache[key]
+    if not options.channels_last:
+        return net
+
+    def channels_last(inp: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return net(inp.contiguous(memory_format=torch.channels_last_3d), **kwargs)
+
+    return channels_last
 
 
 def guided_noise(
@@ -184,11 +224,12 @@ def sample_latents(
     shape = (b, cfg.autoencoder.latent_channels, *layout.latent_shape)
     x = torch.randn(shape, generator=generator, device=generator.device).to(device)
     model.unet.eval()
+    unet = sampling_unet(model.unet, options)
     steps = scheduler.timesteps.tolist()
     with autocast_context(device, options.autocast):
         for n, t in enumerate(steps):
             eps = guided_noise(
-                model.unet,
+                unet,
                 x,
                 cond,
                 torch.tensor([t], device=device, dtype=torch.long),

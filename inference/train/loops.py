@@ -46,7 +46,6 @@ from inference.data import (
     CohortDataset,
     CohortPatient,
     CohortSplit,
-    TrainingSample,
     read_cohort,
     split_cohort,
 )
@@ -105,7 +104,8 @@ class TrainOptions:
     ``p_drop_class``, the probability of training a sample under the null class (what the
     model learns to predict when no survival class is given); ``balance_response``, draw each
     epoch's items with replacement so that every response category of the training patients
-    is drawn equally often (see :func:`response_weights`).
+    is drawn equally often (see :func:`response_weights`). ``jobs``: processes that prepare
+    the patients (resampling to the model grid) before the latent stages' first step.
     """
 
     epochs: int = 10
@@ -126,6 +126,8 @@ class TrainOptions:
     tumour_loss_weight: float | None = None
     p_drop_class: float | None = None
     balance_response: bool = False
+    jobs: int = 1
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -133,6 +135,10 @@ class TrainOptions:
             problems.append(f"epochs: expected >= 1, found {self.epochs}")
         if self.batch_size < 1:
             problems.append(f"batch_size: expected >= 1, found {self.batch_size}")
+        if self.jobs < 1:
+            problems.append(f"jobs: expected >= 1, found {self.jobs}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            problems.append(f"max_minutes: expected > 0, found {self.max_minutes}")
         if not self.learning_rate > 0:
             problems.append(f"learning_rate: expected > 0, found {self.learning_rate}")
         if self.autocast not in ("auto", "bf16", "none"):
@@ -505,9 +511,15 @@ def _run_epochs(
     save: Callable[[int, list[float], list[float | None]], None],
     losses: list[float],
     val_losses: list[float | None],
+    started: float | None = None,
     weights: Sequence[float] | None = None,
 ) -> None:
+    """Epochs from ``start_epoch`` to ``options.epochs``, or fewer under
+    ``options.max_minutes`` counted from ``started`` (``time.monotonic``; default: now)."""
+    started = time.monotonic() if started is None else started
+    longest = 0.0
     for epoch in range(start_epoch, options.epochs):
+        epoch_start = time.monotonic()
         order = epoch_order(n_items, options.seed, epoch, stage, weights)
         chunks = list(batches(order, options.batch_size))
         total = 0.0
@@ -534,6 +546,21 @@ def _run_epochs(
             "n/a" if val_losses[-1] is None else f"{val_losses[-1]:.5f}",
         )
         save(epoch + 1, losses, val_losses)
+        longest = max(longest, time.monotonic() - epoch_start)
+        if options.max_minutes is not None and epoch + 1 < options.epochs:
+            elapsed = time.monotonic() - started
+            if elapsed + longest > options.max_minutes * 60:
+                log.warning(
+                    "%s: stopping after epoch %d of %d: another would end past --max-minutes "
+                    "%g (%.0f s so far, %.0f s per epoch); --resume continues",
+                    stage,
+                    epoch + 1,
+                    options.epochs,
+                    options.max_minutes,
+                    elapsed,
+                    longest,
+                )
+                return
 
 
 def _stage_info(
@@ -547,7 +574,7 @@ def _stage_info(
     **extra: Any,
 ) -> dict[str, Any]:
     return {
-        "epochs": options.epochs,
+        "epochs": len(losses),  # fewer than planned when --max-minutes stopped the run
         "batch_size": options.batch_size,
         "learning_rate": options.learning_rate,
         "seed": options.seed,
@@ -622,10 +649,9 @@ class _AEItem:
     which: str  # t1c, flair, post
 
 
-def _ae_items(ds: CohortDataset) -> list[_AEItem]:
+def _ae_items(ds: CohortDataset, jobs: int = 1) -> list[_AEItem]:
     items: list[_AEItem] = []
-    for i in range(len(ds)):
-        s = ds[i]
+    for i, s in enumerate(ds.prepared(jobs)):
         items.append(_AEItem(i, "t1c"))
         if s.study.flair is not None:
             items.append(_AEItem(i, "flair"))
@@ -718,8 +744,8 @@ def train_autoencoder(
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     identity = _identity("autoencoder", config_to_dict(base_cfg), split, options)
     _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
-    items = _ae_items(train_ds)  # prepares (and caches) every patient
-    val_items = _ae_items(val_ds)
+    items = _ae_items(train_ds, options.jobs)  # prepares (and caches) every patient
+    val_items = _ae_items(val_ds, options.jobs)
     start_epoch, losses, val_losses = _resume(
         ckpt, identity, options, ae, opt, generator, "autoencoder", _config_defaults(cfg)
     )
@@ -770,6 +796,7 @@ def train_autoencoder(
         save=save,
         losses=losses,
         val_losses=val_losses,
+        started=started,
     )
     # latent scale from the training images' latent means
     ae.eval()
@@ -795,7 +822,7 @@ def train_autoencoder(
     return TrainReport(
         stage="autoencoder",
         out_dir=out,
-        epochs=options.epochs,
+        epochs=len(losses),  # fewer than options.epochs when --max-minutes stopped it
         start_epoch=start_epoch,
         train_losses=losses,
         val_losses=val_losses,
@@ -822,14 +849,13 @@ class _Latents:
 
 
 @torch.no_grad()
-def _encode_all(model: LatentDiffusionModel, ds: CohortDataset) -> list[_Latents]:
+def _encode_all(model: LatentDiffusionModel, ds: CohortDataset, jobs: int = 1) -> list[_Latents]:
     cfg = model.config
     device = model.device
     out: list[_Latents] = []
-    for i in range(len(ds)):
+    for i, s in enumerate(ds.prepared(jobs)):
         if i:
             _release_free_memory()
-        s: TrainingSample = ds[i]
         flair = s.study.flair
         dose = s.study.dose
         t1c = model.encode(_t(s.study.t1c, device))
@@ -950,8 +976,8 @@ def train_diffusion(
         CohortDataset(part, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes, cache=False)
         for part in (split.train, split.held_out)
     )
-    train_lat = _encode_all(model, train_ds)
-    val_lat = _encode_all(model, val_ds)
+    train_lat = _encode_all(model, train_ds, options.jobs)
+    val_lat = _encode_all(model, val_ds, options.jobs)
     target_std = _target_spread(train_lat, cfg)
     opt = torch.optim.Adam(model.unet.parameters(), lr=options.learning_rate)
     scheduler = build_scheduler(cfg)
@@ -1027,6 +1053,7 @@ def train_diffusion(
         save=save,
         losses=losses,
         val_losses=val_losses,
+        started=started,
         weights=weights,
     )
     if average is not None:
@@ -1061,7 +1088,7 @@ def train_diffusion(
     return TrainReport(
         stage="diffusion",
         out_dir=out,
-        epochs=options.epochs,
+        epochs=len(losses),  # fewer than options.epochs when --max-minutes stopped it
         start_epoch=start_epoch,
         train_losses=losses,
         val_losses=val_losses,
@@ -1130,6 +1157,10 @@ def train_baseline(
     train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     identity = _identity("baseline", config_to_dict(cfg), split, options)
+    if options.jobs > 1:  # otherwise each patient is prepared at its first batch
+        for ds in (train_ds, val_ds):
+            for _ in ds.prepared(options.jobs):
+                pass
     start_epoch, losses, val_losses = _resume(
         ckpt, identity, options, unet, opt, generator, "UNet baseline", _config_defaults(cfg)
     )
@@ -1166,6 +1197,7 @@ def train_baseline(
         save=save,
         losses=losses,
         val_losses=val_losses,
+        started=started,
     )
     save_baseline_dir(unet.cpu(), cfg, out, overwrite=True)
     seconds = time.monotonic() - started
@@ -1178,7 +1210,7 @@ def train_baseline(
     return TrainReport(
         stage="baseline",
         out_dir=out,
-        epochs=options.epochs,
+        epochs=len(losses),  # fewer than options.epochs when --max-minutes stopped it
         start_epoch=start_epoch,
         train_losses=losses,
         val_losses=val_losses,

@@ -108,6 +108,21 @@ def test_dataset_items_on_the_model_grid(tiny_cohort: Cohort) -> None:
         ds[len(ds)]
 
 
+def test_preparation_in_processes_gives_the_same_samples_in_order(tiny_cohort: Cohort) -> None:
+    cfg = tiny_config()
+    patients = read_cohort(tiny_cohort[0])
+    serial = CohortDataset(patients, cfg.preprocessing, cfg.contrasts, True, cfg.survival_classes)
+    parallel = CohortDataset(patients, cfg.preprocessing, cfg.contrasts, True, cfg.survival_classes)
+    first = parallel[1]  # already prepared: taken from the cache, not prepared again
+    samples = list(parallel.prepared(jobs=2))
+    assert samples[1] is first and len(samples) == len(patients)
+    for i, s in enumerate(samples):
+        assert s.patient_id == patients[i].patient_id
+        np.testing.assert_array_equal(s.study.t1c, serial[i].study.t1c)
+        np.testing.assert_array_equal(s.post_mask, serial[i].post_mask)
+        assert parallel[i] is s  # kept
+
+
 def test_dataset_leaves_out_inputs_the_model_does_not_read(tiny_cohort: Cohort) -> None:
     cfg = tiny_config(contrasts=("t1c",), use_dose=False)
     ds = CohortDataset(read_cohort(tiny_cohort[0])[:1], cfg.preprocessing, cfg.contrasts, False)

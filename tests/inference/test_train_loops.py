@@ -156,6 +156,27 @@ def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing
     assert prepared == []
 
 
+def test_a_time_limit_stops_after_an_epoch_and_resume_goes_on(
+    tmp_path: Path, tiny_cohort: Cohort
+) -> None:
+    data = [tiny_cohort[0]]
+    limited = TrainOptions(epochs=3, max_minutes=1e-6, **FAST)  # type: ignore[arg-type]
+    report = train_autoencoder(data, tmp_path, tiny_config(), limited)
+    assert report.epochs == 1 and len(report.train_losses) == 1
+    assert read_train_state(tmp_path)["stages"]["autoencoder"]["epochs"] == 1
+    resumed = train_autoencoder(
+        data,
+        tmp_path,
+        tiny_config(),
+        TrainOptions(epochs=3, resume=True, **FAST),  # type: ignore[arg-type]
+    )
+    assert resumed.start_epoch == 1 and resumed.epochs == 3
+    with pytest.raises(InferenceError, match="max_minutes: expected > 0, found 0"):
+        TrainOptions(max_minutes=0)
+    with pytest.raises(InferenceError, match="jobs: expected >= 1, found 0"):
+        TrainOptions(jobs=0)
+
+
 def test_seeds_change_the_run_and_fix_it(tmp_path: Path) -> None:
     assert epoch_order(10, 0, 0, "autoencoder") == epoch_order(10, 0, 0, "autoencoder")
     assert epoch_order(10, 0, 0, "autoencoder") != epoch_order(10, 0, 1, "autoencoder")
