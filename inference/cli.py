@@ -27,7 +27,7 @@ from typing import Any
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.types import StudyInputs
 from inference.bundled import model_option
-from inference.model_config import PREDICTION_TYPES
+from inference.model_config import COMPILE_MODES, PREDICTION_TYPES
 from inference.synthetic.cli import positive_int
 
 log = logging.getLogger(__name__)
@@ -277,6 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps,
             stage1_bounds=args.stage1_bounds,
+            compile_mode=args.compile,
             unknown_class=args.unknown_class,
         )
         js, md = write_report(report, args.out)
@@ -329,6 +330,13 @@ def _add_evaluate(sub: Any) -> None:
         action="store_true",
         help="also score each latent model's autoencoder on the true post-treatment scan (what "
         "stage 2 can at best decode to) and on the pre-treatment scan",
+    )
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="none",
+        help="GPU: compile each diffusion UNet once, on channels-last weights (reduce-overhead: "
+        "CUDA graphs; see bench/gpu_sampling.py); the first patient pays the compilation",
     )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

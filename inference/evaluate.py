@@ -455,11 +455,14 @@ def run_evaluation(
     num_inference_steps: int | None = None,
     stage1_bounds: bool = False,
     unknown_class: str | None = None,
+    compile_mode: str = "none",
 ) -> dict[str, Any]:
     """Evaluate "no change" and each model directory on the cohort(s) ``data`` (only the
     patients of ``sites`` when given, then the first ``patients_limit``): the report as plain
     data (see :func:`write_report`). ``stage1_bounds``: see the module docstring.
-    ``unknown_class`` overrides the models' ``inference.unknown_class`` (unguided predictions)."""
+    ``unknown_class`` overrides the models' ``inference.unknown_class`` (unguided predictions).
+    ``compile_mode`` other than ``none``: the diffusion UNets run compiled on channels-last
+    weights (:class:`inference.sampler.SamplingOptions`), compiled once for all patients."""
     from inference.baseline import NoChangeBaseline
     from inference.model_dir import KIND_LDM
     from inference.model_predictor import ModelPredictor
@@ -486,6 +489,8 @@ def run_evaluation(
             guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps,
             unknown_class=unknown_class,
+            channels_last=compile_mode != "none",
+            compile_mode=compile_mode,
         )
         info = {
             "kind": mp.kind,
@@ -516,6 +521,7 @@ def run_evaluation(
         "num_inference_steps": num_inference_steps,
         "survival_class": survival_class,
         "unknown_class": unknown_class,
+        "compile": compile_mode,
         "tumour_region_margin_mm": margin_mm,
         "bootstrap_resamples": n_resamples,
         "seed": seed,

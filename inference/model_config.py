@@ -156,6 +156,8 @@ class InferenceConfig:
 
 #: the values of ``inference.unknown_class``
 UNKNOWN_CLASS_MODES = ("null_class", "marginal")
+# how the sampling loop may run the diffusion UNet: plain, or a torch.compile mode
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)

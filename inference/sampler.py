@@ -43,7 +43,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler
 
 from dicom_node.errors import InferenceError
-from inference.model_config import ModelConfig
+from inference.model_config import COMPILE_MODES, ModelConfig
 from inference.networks import LatentDiffusionModel, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,6 @@ def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractCont
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
     return torch.autocast(device_type="cuda", dtype=dtype)
 
-
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 # compiled UNets by network, so that a predictor compiles once (a weak key: a model that is
 # dropped takes its compiled copy with it)

@@ -110,7 +110,9 @@ def test_train_evaluate_predict_end_to_end(
     assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common,
                 "--p-drop-class", "0.5"]) == 2  # fmt: skip
     assert "--p-drop-class applies to the diffusion stage only" in capsys.readouterr().err
-    assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common]) == 0
+    # patients prepared by two processes before the first step
+    assert run(["train", "baseline", "--data", data, "--out", str(baseline), *common,
+                "--jobs", "2", "--max-minutes", "30"]) == 0  # fmt: skip
     assert (baseline / "model.yaml").is_file()
 
     report = tmp_path / "report"
@@ -124,6 +126,7 @@ def test_train_evaluate_predict_end_to_end(
     assert len(metrics["methods"]) == 3 and metrics["patients"] == 1
     assert (metrics["num_inference_steps"], metrics["guidance_scale"]) == (2, 1.5)
     assert metrics["unknown_class"] == "marginal"
+    assert metrics["compile"] == "none"  # the UNets ran as they are
 
     patient = tiny_cohort[1][0].patient_id
     nifti_out = tmp_path / "pred-nifti"
