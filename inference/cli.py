@@ -234,7 +234,8 @@ def _add_train(sub: Any) -> None:
         type=positive_int,
         default=1,
         help="processes that prepare the patients (resampling to the model grid) before the "
-        "autoencoder's and the diffusion stage's first step (default 1)",
+        "first step (default 1: the autoencoder and diffusion stages prepare them one by one "
+        "before it, the baseline at each patient's first batch)",
     )
     p.add_argument(
         "--max-minutes",

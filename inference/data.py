@@ -565,7 +565,8 @@ class CohortDataset(torch.utils.data.Dataset[TrainingSample]):
             yield from (self[i] for i in range(len(self)))
             return
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=context) as pool:
+        pool = ProcessPoolExecutor(min(jobs, len(missing)), mp_context=context)
+        try:
             fresh = pool.map(
                 training_sample,
                 [self.patients[i] for i in missing],
@@ -582,6 +583,8 @@ class CohortDataset(torch.utils.data.Dataset[TrainingSample]):
                 if self.cache:
                     self._cache[i] = sample
                 yield sample
+        finally:  # a caller that stops early leaves no patients being prepared
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __getitem__(self, index: int) -> TrainingSample:
         if index in self._cache:

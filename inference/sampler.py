@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -102,12 +101,6 @@ def autocast_context(device: torch.device, mode: str) -> contextlib.AbstractCont
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-# compiled UNets by network, so that a predictor compiles once (a weak key: a model that is
-# dropped takes its compiled copy with it)
-_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, bool], Callable[..., Any]]]
-_COMPILED = weakref.WeakKeyDictionary()
-
-
 def sampling_unet(unet: torch.nn.Module, options: SamplingOptions) -> Callable[..., torch.Tensor]:
     """The UNet as the sampling loop calls it under ``options``: moved to channels-last memory
     order (in place: the weights keep that order) and/or compiled."""
@@ -119,8 +112,12 @@ def sampling_unet(unet: torch.nn.Module, options: SamplingOptions) -> Callable[.
     if options.channels_last:
         unet.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     if options.compile != "none":
+        # kept on the network (a plain dict: not a submodule, so not in its state dict), so that
+        # a predictor compiles once, and a dropped network takes its compiled copies with it
+        cache: dict[tuple[str, bool], Callable[..., torch.Tensor]] = unet.__dict__.setdefault(
+            "_compiled", {}
+        )
         key = (options.compile, options.channels_last)
-        cache = _COMPILED.setdefault(unet, {})
         if key not in cache:
             cache[key] = torch.compile(unet, mode=options.compile, dynamic=False)
         net = cache[key]

@@ -105,7 +105,10 @@ class TrainOptions:
     model learns to predict when no survival class is given); ``balance_response``, draw each
     epoch's items with replacement so that every response category of the training patients
     is drawn equally often (see :func:`response_weights`). ``jobs``: processes that prepare
-    the patients (resampling to the model grid) before the latent stages' first step.
+    the patients (resampling to the model grid) before the first step. ``max_minutes``: stop
+    after the epoch past which another would end later than this many minutes from the start
+    of the run (preparation included); the model directory gets the weights of the epochs
+    done, and ``resume`` continues towards ``epochs``.
     """
 
     epochs: int = 10

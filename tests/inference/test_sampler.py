@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import shutil
+import sysconfig
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +15,7 @@ import torch
 
 from dicom_node.errors import InferenceError
 from inference.model_config import PREDICTION_TYPES
-from inference.networks import IMAGE_CHANNEL, LatentDiffusionModel, build_scheduler
+from inference.networks import IMAGE_CHANNEL, LatentDiffusionModel, build_model, build_scheduler
 from inference.predict import predict_arrays
 from inference.sampler import (
     SamplingOptions,
@@ -153,6 +156,26 @@ def test_channels_last_gives_the_same_samples() -> None:
     conv = next(p for p in m.unet.parameters() if p.ndim == 5 and p.shape[-1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last_3d)
     torch.testing.assert_close(_sample(m, cond, labels, 3.0), plain, rtol=1e-4, atol=1e-5)
+
+
+def _can_compile_on_cpu() -> bool:
+    """torch.compile's CPU backend builds C++: it needs a compiler and the Python headers."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which("c++") is not None and headers.is_file()
+
+
+@pytest.mark.skipif(not _can_compile_on_cpu(), reason="needs a C++ compiler and Python.h")
+def test_a_compiled_unet_is_compiled_once_and_gives_the_same_samples() -> None:
+    m = wake_up(tiny_model(seed=3))
+    cond, labels = _cond(m), torch.tensor([0, 1])
+    plain = _sample(m, cond, labels, 3.0)
+    opts = SamplingOptions.from_config(m.config, guidance_scale=3.0, compile="default")
+    a = sample_latents(m, cond, labels, make_generator(0), opts)
+    b = sample_latents(m, cond, labels, make_generator(0), opts)
+    torch.testing.assert_close(a, plain, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a, b)
+    assert list(m.unet.__dict__["_compiled"]) == [("default", False)]  # one compiled copy
+    assert set(m.unet.state_dict()) == set(build_model(m.config).unet.state_dict())
 
 
 def test_an_unknown_compile_mode_is_refused(model: LatentDiffusionModel) -> None:
