@@ -26,8 +26,8 @@ float32 loop and with the fastest variant.
 Without ``--model`` the networks of ``--preset`` are built with seeded random weights (timing
 does not depend on the values; MONAI's zero-initialised convolutions are filled with noise so
 that the outputs, and the errors, are not trivially zero). Writes the section
-``gpu sampling, <model>[, random weights], <device>`` of docs/BENCHMARKS.md (``--report PATH``
-for another file).
+``gpu sampling, <model>[, random weights], <spacing>, <device>`` of docs/BENCHMARKS.md
+(``--report PATH`` for another file).
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, help="model directory (default: --preset, random)")
     parser.add_argument("--preset", default="fine", help="preset without --model (default fine)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="with --preset: this grid spacing in mm, the crop scaled to keep the field of view "
+        "(e.g. 1 for the fine networks at 1 mm)",
+    )
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=10)
@@ -106,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch finds no CUDA device")
 
-    base, source = _model(args.model, args.preset, args.device)
+    if args.spacing is not None and args.model is not None:
+        parser.error("--spacing: only with --preset (a model directory has its own grid)")
+    base, source = _model(args.model, args.preset, args.device, args.spacing)
     cfg = base.config
     n, w = args.samples, args.guidance_scale
     g = torch.Generator().manual_seed(7)
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if not args.no_write:
         weights = "" if args.model is not None else ", random weights"
-        section = f"gpu sampling, {cfg.name}{weights}, {args.device}"
+        grid = f"{cfg.preprocessing.spacing_mm[0]:g} mm"
+        section = f"gpu sampling, {cfg.name}{weights}, {grid}, {args.device}"
         update_section(
             section, body, "python -m bench.gpu_sampling " + " ".join(argv or sys.argv[1:]),
             path=args.report,
@@ -161,14 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _model(model_dir: Path | None, preset: str, device: str) -> tuple[LatentDiffusionModel, str]:
+def _model(
+    model_dir: Path | None, preset: str, device: str, spacing: float | None = None
+) -> tuple[LatentDiffusionModel, str]:
     from inference.model_config import preset as preset_config
     from inference.model_dir import load_model_dir
     from inference.networks import build_model
 
     if model_dir is not None:
         return load_model_dir(model_dir, device).model.eval(), f"`{model_dir.name}`"
-    model = build_model(preset_config(preset), seed=0)
+    cfg = preset_config(preset)
+    if spacing is not None:
+        pre = cfg.preprocessing
+        sizes = zip(pre.crop_shape, pre.spacing_mm, strict=True)
+        crop = tuple(round(n * s / spacing) for n, s in sizes)
+        cfg = cfg.replace(
+            preprocessing=dataclasses.replace(pre, spacing_mm=(spacing,) * 3, crop_shape=crop)
+        )
+    model = build_model(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.unet.parameters():
@@ -254,7 +274,7 @@ def _study_rows(args: argparse.Namespace, source: str, fastest: Row) -> list[tup
         if model_dir is None:
             from inference.model_dir import save_model_dir
 
-            model, _ = _model(None, args.preset, "cpu")
+            model, _ = _model(None, args.preset, "cpu", args.spacing)
             model_dir = save_model_dir(model, Path(tmp) / "model")
         cfg = _model_config(model_dir)
         spacing = cfg.preprocessing.spacing_mm[0]
