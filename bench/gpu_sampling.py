@@ -183,8 +183,10 @@ def _model(
     cfg = preset_config(preset)
     if spacing is not None:
         pre = cfg.preprocessing
-        sizes = zip(pre.crop_shape, pre.spacing_mm, strict=True)
-        crop = tuple(round(n * s / spacing) for n, s in sizes)
+        k, j, i = (
+            round(n * s / spacing) for n, s in zip(pre.crop_shape, pre.spacing_mm, strict=True)
+        )
+        crop = (k, j, i)
         cfg = cfg.replace(
             preprocessing=dataclasses.replace(pre, spacing_mm=(spacing,) * 3, crop_shape=crop)
         )
