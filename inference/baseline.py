@@ -11,14 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs
+from inference.metrics import voxel_volume_ml
 from inference.synthetic.outcome import response_category
 
 NAME = "no-change-baseline"
 VERSION = "1.0.0"
-
-
-def voxel_volume_ml(spacing: tuple[float, float, float]) -> float:
-    return float(np.prod(spacing)) / 1000.0
 
 
 class NoChangeBaseline:

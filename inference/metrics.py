@@ -107,8 +107,14 @@ def dice(a: Array, b: Array) -> float:
     return 1.0 if total == 0 else 2.0 * int((x & y).sum()) / total
 
 
+def voxel_volume_ml(spacing: Sequence[float]) -> float:
+    """Millilitres of one voxel of ``spacing`` (mm)."""
+    return float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0
+
+
 def volume_ml(mask: Array, spacing: Sequence[float]) -> float:
-    return float(np.asarray(mask, dtype=bool).sum()) * float(np.prod(spacing)) / 1000.0
+    """Millilitres of the non-zero voxels of ``mask``."""
+    return float(np.asarray(mask, dtype=bool).sum()) * voxel_volume_ml(spacing)
 
 
 def auc(labels: Sequence[bool] | Array, scores: Sequence[float] | Array) -> float:

@@ -44,6 +44,7 @@ import torch
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, most_frequent_category
 from inference.conditioning import build_conditioning
+from inference.metrics import voxel_volume_ml
 from inference.model_config import UNKNOWN_CLASS_MODES, ModelConfig, ResponseConfig
 from inference.networks import IMAGE_CHANNEL, MASK_CHANNEL, LatentDiffusionModel
 from inference.sampler import SamplingOptions, decode_latents, make_generator, sample_latents
@@ -123,12 +124,8 @@ class ModelPrediction:
         return most_frequent_category(self.response_probabilities, self.mean_volume_category)
 
 
-def voxel_volume_ml(spacing_mm: Sequence[float]) -> float:
-    return float(np.prod(np.asarray(spacing_mm, dtype=float))) / 1000.0
-
-
 def tumour_volume_ml(mask: npt.NDArray[np.generic], spacing_mm: Sequence[float]) -> float:
-    """Volume of a boolean (or fractional) mask in millilitres."""
+    """Volume of a boolean (or fractional: each voxel counts by its value) mask in millilitres."""
     return float(np.asarray(mask, dtype=np.float64).sum()) * voxel_volume_ml(spacing_mm)
 
 

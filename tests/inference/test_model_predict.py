@@ -10,6 +10,7 @@ import torch
 
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, most_frequent_category
+from inference.metrics import voxel_volume_ml
 from inference.model_config import ResponseConfig
 from inference.networks import LatentDiffusionModel
 from inference.predict import (
@@ -20,7 +21,6 @@ from inference.predict import (
     response_probabilities,
     stratified_classes,
     tumour_volume_ml,
-    voxel_volume_ml,
 )
 from inference.sampler import decode_latents
 
