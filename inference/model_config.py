@@ -520,6 +520,7 @@ def fine_config(**changes: Any) -> ModelConfig:
     target takes the demo model's ``residual_scale``; ``train diffusion`` logs the spread of
     the targets and the scale that would make it 1.
     """
+    demo = demo_config()
     cfg = ModelConfig(
         name="glioforecast-fine",
         version="0.1.0",
@@ -541,15 +542,10 @@ def fine_config(**changes: Any) -> ModelConfig:
             target="residual",
             residual_scale=2.5,
         ),
-        scheduler=SchedulerConfig(
-            num_train_timesteps=1000, num_inference_steps=20, prediction_type="v_prediction"
-        ),
-        training=TrainingConfig(
-            autoencoder_patch=(48, 48, 48),
-            ema_decay=0.995,
-            tumour_loss_weight=4.0,
-        ),
-        inference=InferenceConfig(guidance_scale=1.0, unknown_class="marginal"),
+        # the demo's learned settings, the autoencoder patch at twice the resolution
+        scheduler=demo.scheduler,
+        training=dataclasses.replace(demo.training, autoencoder_patch=(48, 48, 48)),
+        inference=demo.inference,
     )
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
