@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {r.name: r for r in rows}
     plain = by_name.get("monai-fp32", by_name["fp32"])
     fastest = min((r for r in rows if r.name != "monai-fp32"), key=lambda r: r.median)
-    study = _study_rows(args, source, fastest) if args.study else []
+    study = _study_rows(args, base, fastest) if args.study else []
     body = _body(args, cfg, source, rows, plain, fastest, study, failed)
     print(body)
     if not args.no_write:
@@ -265,21 +265,19 @@ def _time(
     return first, times, out.detach().float().clone()
 
 
-def _study_rows(args: argparse.Namespace, source: str, fastest: Row) -> list[tuple[str, Row]]:
-    """Whole-study times, our float32 loop and the fastest variant."""
+def _study_rows(
+    args: argparse.Namespace, base: LatentDiffusionModel, fastest: Row
+) -> list[tuple[str, Row]]:
+    """Whole-study times of ``base`` (written as a model directory when it came from a preset),
+    our float32 loop and the fastest variant."""
     from inference.data import study_inputs_from_nifti
+    from inference.model_dir import save_model_dir
     from inference.synthetic.cohort import generate_patient
 
     out = []
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from inference.model_dir import save_model_dir
-
-            model, _ = _model(None, args.preset, "cpu", args.spacing)
-            model_dir = save_model_dir(model, Path(tmp) / "model")
-        cfg = _model_config(model_dir)
-        spacing = cfg.preprocessing.spacing_mm[0]
+        model_dir = args.model or save_model_dir(base, Path(tmp) / "model")
+        spacing = base.config.preprocessing.spacing_mm[0]
         record = generate_patient(0, 11, Path(tmp), spacing_mm=spacing, formats=("nifti",))
         inputs = study_inputs_from_nifti(Path(tmp) / record.patient_id, "intermediate")
         for name in dict.fromkeys(["fp32", fastest.name]):
@@ -310,12 +308,6 @@ def _study_rows(args: argparse.Namespace, source: str, fastest: Row) -> list[tup
                 continue
             out.append((f"{VARIANTS[name][0]}, whole study", Row(name, "", first, times, None)))
     return out
-
-
-def _model_config(model_dir: Path) -> ModelConfig:
-    from inference.model_dir import read_model_yaml
-
-    return read_model_yaml(model_dir)[0]
 
 
 def _body(
