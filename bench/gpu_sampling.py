@@ -39,7 +39,6 @@ import functools
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 
 from bench.report import DOCS, update_section
+from bench.timing import timed
 from inference.model_config import ModelConfig
 from inference.model_predictor import ModelPredictor
 from inference.networks import LatentDiffusionModel, build_scheduler
@@ -246,21 +246,12 @@ def _time(
     """Seconds of the first call (compilation included), of ``runs`` calls after ``warmup``,
     and the last output."""
 
-    def once() -> tuple[float, torch.Tensor]:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = run()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
-    first, out = once()
+    first, out = timed(run, device)
     for _ in range(max(warmup - 1, 0)):
-        once()
+        timed(run, device)
     times = []
     for _ in range(runs):
-        t, out = once()
+        t, out = timed(run, device)
         times.append(t)
     return first, times, out.detach().float().clone()
 

@@ -20,13 +20,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from bench.report import update_section
+from bench.timing import timed
 
 if TYPE_CHECKING:
     from dicom_node.types import StudyInputs
@@ -106,13 +106,7 @@ def _times(predictor: ModelPredictor, inputs: StudyInputs, runs: int, device: st
     """Seconds of ``runs`` predictions after one that warms caches."""
     times: list[float] = []
     for i in range(runs + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predictor.predict(inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        elapsed, _ = timed(lambda: predictor.predict(inputs), device)
         print(f"run {i}: {elapsed:.2f} s", file=sys.stderr)
         if i:
             times.append(elapsed)
