@@ -1,8 +1,9 @@
 """Federated vs single-site vs pooled training on synthetic sites with different scanners.
 
 Three training sites and one held-out site of one synthetic cohort (``glioforecast synth``, four
-scanner profiles). Five UNet baselines on a coarse grid, each trained for the same number of
-epochs over its data:
+scanner profiles). Five UNet baselines (``--preset coarse``: a small UNet on a 6 mm grid for a
+CPU; ``demo``: the demo UNet baseline on its 4 mm grid, for a GPU), each trained for the same
+number of epochs over its data:
 
 - ``federated``: FedAvg (or FedProx, ``--strategy``) over the three sites, ``rounds`` x
   ``local_epochs`` epochs: the deployment's ServerApp and ClientApps run in this process
@@ -17,6 +18,8 @@ metrics). The table goes between the markers of ``docs/FEDERATED.md`` with the m
 date and the command; the full report to ``OUT/report.json``.
 
     python -m bench.federated --out /tmp/gf-fed-bench
+    python -m bench.federated --cohort COHORT --preset demo --device cuda --batch-size 4 \\
+        --learning-rate 1e-3 --threads 4 --out /tmp/gf-fed-bench-gpu
 """
 
 from __future__ import annotations
@@ -58,10 +61,15 @@ def favours(diff: float, better: str) -> bool:
     return diff > 0 if better == "high" else diff < 0
 
 
-def coarse_config(residual: bool = True) -> Any:
+def bench_config(preset: str, residual: bool = True) -> Any:
+    """The UNet of every model of the comparison: ``coarse`` or ``demo`` (see the module)."""
     from inference.model_config import PreprocessingConfig
-    from inference.unet_baseline import UNetBaselineConfig
+    from inference.unet_baseline import UNetBaselineConfig, demo_baseline_config
 
+    if preset == "demo":
+        return demo_baseline_config(
+            name="glioforecast-unet-fedbench", version="0.0.0-bench", residual=residual
+        )
     return UNetBaselineConfig(
         name="glioforecast-unet-fedbench",
         version="0.0.0-bench",
@@ -117,6 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         help="UNets that regress the whole post-treatment image (default: its change from the "
         "pre-treatment T1-Gd, residual: true)",
     )
+    ap.add_argument(
+        "--preset",
+        choices=("coarse", "demo"),
+        default="coarse",
+        help="the UNet: coarse (6 mm, for a CPU) or demo (4 mm, for a GPU)",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where every model trains")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
+    ap.add_argument(
+        "--eval-patients",
+        type=int,
+        default=None,
+        help="evaluate the first N held-out patients (default: all of them)",
+    )
     ap.add_argument("--write-doc", action="store_true", help=f"write the table into {DOC.name}")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -132,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from inference.model_config import config_to_dict
     from inference.train.loops import TrainOptions, train_baseline
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.monotonic()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -152,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("training sites %s, held-out site %s", train_sites, held)
     folders = {s: site_folder(cohort, [s], out / "sites" / s) for s in train_sites}
     pooled_folder = site_folder(cohort, train_sites, out / "sites" / "pooled")
-    cfg = coarse_config(residual=not args.absolute)
+    cfg = bench_config(args.preset, residual=not args.absolute)
     epochs = args.rounds * args.local_epochs
-    options = TrainOptions(epochs=epochs, batch_size=2, learning_rate=args.learning_rate,
-                           seed=args.train_seed, progress=False, n_held_out_sites=0)  # fmt: skip
+    options = TrainOptions(epochs=epochs, batch_size=args.batch_size,
+                           learning_rate=args.learning_rate, seed=args.train_seed,
+                           device=args.device, progress=False, n_held_out_sites=0)  # fmt: skip
     models: dict[str, Path] = {}
     seconds: dict[str, float] = {}
 
@@ -168,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     run = RunConfig(
         stage="baseline", strategy=args.strategy, proximal_mu=args.proximal_mu,
         num_server_rounds=args.rounds,
-        local_epochs=args.local_epochs, learning_rate=args.learning_rate, batch_size=2,
+        local_epochs=args.local_epochs, learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
         seed=args.train_seed, preset="tiny", model_yaml=str(model_yaml), out=str(fed_dir),
         sites=",".join(train_sites), min_sites=3, card_metrics=False,
     )  # fmt: skip
-    simulate_local(run, {s: [folders[s]] for s in train_sites})
+    simulate_local(run, {s: [folders[s]] for s in train_sites}, device=args.device)
     strategy = "FedAvg" if args.strategy == "fedavg" else f"FedProx, mu {args.proximal_mu:g}"
     models[f"federated ({strategy}, 3 sites)"] = fed_dir
     seconds["federated"] = time.monotonic() - t0
@@ -190,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds["pooled"] = time.monotonic() - t0
 
     report = run_evaluation(
-        list(models.values()), [cohort], samples=1, sites=[held], n_resamples=1000
-    )
+        list(models.values()), [cohort], samples=1, sites=[held], n_resamples=1000,
+        device=args.device, patients_limit=args.eval_patients,
+    )  # fmt: skip
     # one method per model directory (distinct names), after "no change"
     labels = dict(zip(list(report["methods"])[1:], models, strict=True))
     table: dict[str, dict[str, float]] = {
@@ -220,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "train_seed": args.train_seed,
         "residual": cfg.residual,
+        "grid": f"{cfg.preprocessing.spacing_mm[0]:g} mm grid of "
+        + "x".join(str(n) for n in cfg.preprocessing.crop_shape)
+        + f" voxels (UNet features {', '.join(str(f) for f in cfg.features)})",
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
         "rounds": args.rounds,
         "strategy": strategy,
         "local_epochs": args.local_epochs,
@@ -254,9 +285,11 @@ def markdown(info: dict[str, Any], train_sites: list[str]) -> str:
         f"{info['held_out_site']} ({info['held_out_patients']} patients, never seen in training). "
         f"{'Residual' if info.get('residual') else 'Absolute'} UNet baseline (the image "
         f"output {'is the change from' if info.get('residual') else 'replaces'} the pre-treatment "
-        f"T1-Gd) on a 6 mm 32^3 grid, {info['epochs']} epochs over each model's data "
+        f"T1-Gd) on a {info.get('grid', '6 mm grid of 32x32x32 voxels')}, "
+        f"{info['epochs']} epochs over each model's data "
         f"(federated: {info['rounds']} rounds x {info['local_epochs']} local epochs, "
         f"{info.get('strategy', 'FedAvg')}, training seed {info.get('train_seed', 0)}, "
+        f"batch {info.get('batch_size', 2)}, learning rate {info.get('learning_rate', 2e-3):g}, "
         "in-process simulation of the deployment's apps). Means over the held-out patients "
         "(inference/evaluate.py).",
         "",

@@ -100,14 +100,17 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def simulate_local(run: Any, sites: Mapping[str, Sequence[str | Path]], threads: int = 0) -> Path:
+def simulate_local(
+    run: Any, sites: Mapping[str, Sequence[str | Path]], threads: int = 0, device: str = "cpu"
+) -> Path:
     """Run the federation ``run`` (a :class:`~inference.federated.config.RunConfig`) over
-    ``sites`` (site name -> cohort folders) in this process; the global model directory."""
+    ``sites`` (site name -> cohort folders) in this process, every site training on
+    ``device``; the global model directory."""
     from inference.federated.app import make_client_app, run_federation
 
     nodes = [
         {"data-path": ",".join(str(Path(d).resolve()) for d in data), "site-name": name,
-         "threads": threads}
+         "threads": threads, "device": device}
         for name, data in sites.items()
     ]  # fmt: skip
     grid = LocalGrid(make_client_app(run), nodes, run.as_flower_config())
