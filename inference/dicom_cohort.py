@@ -21,9 +21,11 @@ works). Each patient of the table, matched by PatientID, needs
 Segments are found by their label (:data:`ENHANCING_SEGMENT`, :data:`NECROSIS_SEGMENT`); of
 several reader Segmentations in a study the latest is used, and the node's own outputs sent
 back with a study (labelled series: predicted SEG and RTSTRUCT) are never read as a reader's.
-The follow-up must be on the pre-treatment frame of reference (registered to it, as the
-synthetic cohort's follow-up is); one on another frame of reference is refused, because its
-images cannot be compared voxel by voxel with the prediction. When a patient has several
+A follow-up on the pre-treatment frame of reference (registered to it already) is read as it
+is; one on a frame of reference of its own, as a follow-up session gives it, is registered
+rigidly onto the pre-treatment T1-Gd and placed in its frame (:mod:`inference.registration`),
+or refused, with the figures, when the registration is not plausible: its images are compared
+voxel by voxel with the prediction. When a patient has several
 candidate studies, the optional columns ``pre_study_uid`` and ``post_study_uid`` choose.
 Problems are collected for every patient and reported together; nothing is skipped silently.
 """
@@ -45,6 +47,7 @@ from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.jobs import SeriesSummary
 from dicom_node.settings import Settings, load_settings
 from dicom_node.types import StudyInputs, Volume
+from inference.registration import register_rigid
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +322,10 @@ class DicomCase:
         return replace(inputs, survival_class=survival_class)
 
     def truth(self, reference: Volume) -> DicomTruth:
-        """The follow-up T1-Gd (its own grid, same frame of reference) and the reader's masks,
-        the pre-treatment one on ``reference`` (the pre-treatment T1-Gd)."""
+        """The follow-up T1-Gd (its own grid) and the reader's masks, the pre-treatment one on
+        ``reference`` (the pre-treatment T1-Gd). A follow-up on another frame of reference is
+        registered rigidly onto ``reference`` and placed in its frame
+        (:func:`inference.registration.register_rigid`), or refused when that fails."""
         from dicom_node.convert.series import load_series
 
         settings = self._settings()
@@ -330,15 +335,13 @@ class DicomCase:
             self.post.images, replace(settings, roles=follow_roles), f"{name}, follow-up"
         )
         post = load_series(by_role["t1c"].files)
-        if post.frame_of_reference_uid != reference.frame_of_reference_uid:
-            raise InputError(
-                f"{name}: follow-up T1-Gd on frame of reference {post.frame_of_reference_uid}, "
-                f"expected the pre-treatment {reference.frame_of_reference_uid} (register the "
-                "follow-up to the pre-treatment study first)"
-            )
         post_file, pre_file = self.post.reader_segmentation(), self.pre.reader_segmentation()
         assert post_file is not None and pre_file is not None  # checked by match_case
         post_seg = segment_masks(post_file, post, f"{name}, follow-up")
+        if post.frame_of_reference_uid != reference.frame_of_reference_uid:
+            motion = register_rigid(reference, post, f"{name}: follow-up T1-Gd")
+            post = motion.place(post)
+            post_seg = {label: motion.place(mask) for label, mask in post_seg.items()}
         pre_seg = segment_masks(pre_file, reference, f"{name}, pre-treatment")
         enhancing = find_segment(post_seg, ENHANCING_SEGMENT)
         pre_enhancing = find_segment(pre_seg, ENHANCING_SEGMENT)

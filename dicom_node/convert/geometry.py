@@ -186,6 +186,13 @@ def world_to_index(volume: Volume) -> npt.NDArray[np.float64]:
     return np.asarray(np.linalg.inv(volume.affine), dtype=np.float64)
 
 
+def grid_corners(volume: Volume) -> npt.NDArray[np.float64]:
+    """The 8 corner voxel centres of ``volume``'s grid in LPS millimetres, shape (8, 3)."""
+    k, j, i = volume.shape
+    idx = np.array([[a, b, c, 1.0] for a in (0, i - 1) for b in (0, j - 1) for c in (0, k - 1)])
+    return np.asarray((volume.affine @ idx.T)[:3].T, dtype=np.float64)
+
+
 def same_grid(a: Volume, b: Volume, tol_mm: float = 1e-3) -> bool:
     """True when two volumes have the same shape and the same voxel-to-world mapping."""
     if a.shape != b.shape:

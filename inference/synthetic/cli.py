@@ -86,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="outcomes per patient (default 1): 2 or more add outcome twins, the same patient "
         "up to the radiotherapy plan with MGMT, resection and treatment drawn again (NIfTI only)",
     )
+    parser.add_argument(
+        "--follow-up-moved",
+        action="store_true",
+        help="write each DICOM follow-up study as a real one is acquired: on a frame of "
+        "reference of its own, the head rotated by 3-10 degrees and shifted by up to 10 mm "
+        "(training and evaluation register it back; NIfTI files stay registered)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
             progress=bar,
             mass_effect=not args.no_mass_effect,
             outcome_draws=args.outcome_draws,
+            follow_up_moved=args.follow_up_moved,
         )
     except GlioforecastError as exc:
         logger.error("synth failed: %s", exc)

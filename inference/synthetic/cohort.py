@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from dicom_node.errors import InputError
 from dicom_node.types import PatientStudy, Volume
+from inference.registration import RigidTransform
 from inference.synthetic import anatomy as anatomy_mod
 from inference.synthetic import dicom_export as dx
 from inference.synthetic import outcome, scanner, treatment, tumour
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("nifti", "dicom")
 SITE_STREAM = 1_000_003
 OUTCOME_STREAM = 1_000_005
+MOTION_STREAM = 1_000_007
 _TWIN_SUFFIX = re.compile(r"-D\d+$")
 LABELS = {"necrotic": 1, "oedema": 2, "enhancing": 3, "cavity": 4, "psp": 5}
 TARGET_CORE_MEDIAN_ML = 28.0
@@ -202,14 +204,17 @@ def generate_patient(
     formats: Sequence[str] = FORMATS,
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
     mass_effect: bool = True,
+    follow_up_moved: bool = False,
 ) -> PatientRecord:
     """Simulate patient ``index`` of the cohort ``seed`` and write its files under ``out_dir``.
 
     ``formats`` is any subset of ``("nifti", "dicom")`` (empty: the table row only).
+    ``follow_up_moved``: see :func:`generate_patient_draws`.
     """
     return generate_patient_draws(
-        index, seed, out_dir, n_sites, spacing_mm, formats, survival_cutoffs, mass_effect
-    )[0]
+        index, seed, out_dir, n_sites, spacing_mm, formats, survival_cutoffs, mass_effect,
+        follow_up_moved=follow_up_moved,
+    )[0]  # fmt: skip
 
 
 def generate_patient_draws(
@@ -222,6 +227,7 @@ def generate_patient_draws(
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
     mass_effect: bool = True,
     outcome_draws: int = 1,
+    follow_up_moved: bool = False,
 ) -> list[PatientRecord]:
     """Patient ``index`` of the cohort ``seed`` and, with ``outcome_draws`` > 1, its outcome
     twins: the same patient up to the radiotherapy plan (the same pre-treatment images, byte
@@ -229,7 +235,12 @@ def generate_patient_draws(
     drawn again from their own random streams, as :func:`outcome_twin_id` ``-D1``, ``-D2``...
     Draw 0 is the cohort's patient exactly as without twins. Twins are written as NIfTI only
     (a twin's pre-treatment study would be the patient's own DICOM study under another
-    PatientID)."""
+    PatientID).
+
+    ``follow_up_moved``: the DICOM follow-up study is written as a real one is acquired, on a
+    frame of reference of its own with the head moved by :func:`follow_up_motion` (the same
+    voxels on a rotated and shifted grid); the table gets ``follow_up_rotation_deg`` and
+    ``follow_up_shift_mm``. The NIfTI files stay on the pre-treatment grid (registered)."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise InputError(f"formats must be among {FORMATS}, found {sorted(unknown)}")
@@ -351,9 +362,13 @@ def generate_patient_draws(
             for key, arr in density.items():
                 _write_nifti(ndir / f"{key}.nii.gz", arr.astype(np.float32), acq)
         if "dicom" in formats:
+            motion = follow_up_motion(seed, index, acq) if follow_up_moved else None
             _write_dicom(pdir / "dicom", seed, index, pid, site, cov, name, referring, birth,
                          pre_time, post_time, acq, images, labels,
-                         rois, dose_acq)  # fmt: skip
+                         rois, dose_acq, motion)  # fmt: skip
+            if motion is not None:
+                record["follow_up_rotation_deg"] = round(motion.rotation_deg, 3)
+                record["follow_up_shift_mm"] = round(motion.shift_mm(_centre(acq)), 3)
         record["folder"] = record["patient_id"]
     return [PatientRecord(r) for r in records]
 
@@ -449,6 +464,33 @@ def _table_row(
     }
 
 
+def _centre(grid: Volume) -> npt.NDArray[np.float64]:
+    """The physical centre of ``grid`` (LPS mm)."""
+    half = (np.array(grid.shape[::-1], dtype=float) - 1.0) / 2.0
+    return np.asarray((grid.affine @ np.array([*half, 1.0]))[:3], dtype=np.float64)
+
+
+def follow_up_motion(seed: int, index: int, grid: Volume) -> RigidTransform:
+    """How patient ``index``'s head lies at the follow-up session, in the follow-up study's own
+    frame: a point at ``p`` in the pre-treatment frame is at ``rotation @ p + translation``.
+    A rotation of 3 to 10 degrees about a random axis through the centre of ``grid`` and a shift
+    of up to 10 mm along each axis, drawn from the patient's own stream ``[seed, index,
+    MOTION_STREAM]`` (the rest of the patient does not change)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index, MOTION_STREAM]))
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(rng.uniform(3.0, 10.0))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+    shift = rng.uniform(-10.0, 10.0, size=3)
+    centre = _centre(grid)
+    return RigidTransform(
+        rotation=rotation,
+        translation=centre - rotation @ centre + shift,
+        frame_of_reference_uid=dx.derived_uid(seed, index, "frame-of-reference", "follow-up"),
+    )
+
+
 def _write_dicom(
     folder: Path,
     seed: int,
@@ -466,10 +508,18 @@ def _write_dicom(
     labels: dict[str, npt.NDArray[Any]],
     rois: dict[str, npt.NDArray[np.bool_]],
     dose: npt.NDArray[np.float32],
+    motion: RigidTransform | None = None,
 ) -> None:
+    """The patient's DICOM studies; with ``motion``, the follow-up study is on a frame of
+    reference of its own, its grid placed by ``motion`` (the pre-treatment grid moved)."""
     from sr_writer.rtstruct import RoiMask, build_rtstruct
 
     for_uid = dx.derived_uid(seed, index, "frame-of-reference")
+    phase_for = {"pre": for_uid, "post": for_uid}
+    phase_grid = {"pre": acq, "post": acq}
+    if motion is not None:
+        phase_for["post"] = dx.derived_uid(seed, index, "frame-of-reference", "follow-up")
+        phase_grid["post"] = motion.place(acq)
     age = f"{cov.age:03d}Y"
     studies = {}
     for phase, when in (("pre", pre_time), ("post", post_time)):
@@ -500,11 +550,11 @@ def _write_dicom(
             refs[(phase, contrast)] = dx.write_mr_series(
                 folder / phase / f"{info.number:03d}_{contrast}",
                 images[f"{phase}_{contrast}"],
-                acq,
+                phase_grid[phase],
                 studies[phase],
                 site,
                 info,
-                for_uid,
+                phase_for[phase],
                 age,
             )
     ref = refs[("pre", "t1c")]
@@ -523,7 +573,13 @@ def _write_dicom(
             folder / "reader" / phase / "seg.dcm",
             labels[f"{phase}_labels"],
             dx.READER_SEGMENTS[phase],
-            replace(grid, source_instance_uids=t1c_ref.sop_instance_uids),
+            replace(
+                grid,
+                origin=phase_grid[phase].origin,
+                direction=phase_grid[phase].direction,
+                frame_of_reference_uid=phase_for[phase],
+                source_instance_uids=t1c_ref.sop_instance_uids,
+            ),
             t1c_ref,
             studies[phase],
             series_uid=dx.derived_uid(seed, index, phase, "seg", "series"),
@@ -572,12 +628,15 @@ def _write_dicom(
 
 
 def _worker(
-    args: tuple[int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool, int],
+    args: tuple[
+        int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool, int, bool
+    ],
 ) -> list[PatientRecord]:
-    index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws = args
+    index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws, moved = args
     return generate_patient_draws(
-        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass, draws
-    )
+        index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass, draws,
+        follow_up_moved=moved,
+    )  # fmt: skip
 
 
 def generate_cohort(
@@ -593,6 +652,7 @@ def generate_cohort(
     | None = None,
     mass_effect: bool = True,
     outcome_draws: int = 1,
+    follow_up_moved: bool = False,
 ) -> list[PatientRecord]:
     """Generate ``patients`` patients over ``sites`` sites; writes cohort.csv and sites.csv.
 
@@ -600,6 +660,8 @@ def generate_cohort(
     ``progress`` wraps the iterator of finished patients (e.g. a tqdm bar).
     ``outcome_draws`` > 1 adds each patient's outcome twins (:func:`generate_patient_draws`)
     after it in the table, with the columns ``outcome_draw`` and ``outcome_of``.
+    ``follow_up_moved``: DICOM follow-ups on their own frame of reference, the head moved
+    (:func:`generate_patient_draws`).
     """
     if patients < 1:
         raise InputError(f"the number of patients must be >= 1, found {patients}")
@@ -620,6 +682,7 @@ def generate_cohort(
             survival_cutoffs,
             mass_effect,
             outcome_draws,
+            follow_up_moved,
         )
         for i in range(patients)
     ]

@@ -141,15 +141,17 @@ def test_every_unusable_patient_is_named_with_its_reason(
         read_cohort(site)
 
 
-def test_follow_up_on_another_frame_of_reference_is_refused(
+def test_follow_up_segmentation_on_another_frame_than_its_images_is_refused(
     tiny_cohort: Cohort, tmp_path: Path
 ) -> None:
+    """A follow-up T1-Gd on a frame of reference of its own is registered (see
+    test_registration.py), but the reader's outline must be on that T1-Gd's frame."""
     pid = tiny_cohort[1][0].patient_id
     site = dicom_site(tiny_cohort, tmp_path / "site", patients=[pid])
     _edit(sorted((site / "studies" / pid / "post" / "003_t1c").glob("*.dcm")),
           FrameOfReferenceUID="1.2.3.4.5.6")  # fmt: skip
     (patient,) = read_cohort(site)
-    with pytest.raises(InputError, match=r"reference 1\.2\.3\.4\.5\.6, expected the pre-tr"):
+    with pytest.raises(InputError, match=r"follow-up: Segmentation .* the T1-Gd's 1\.2\.3"):
         load_truth(patient)
 
     # a reader's outline without an enhancing segment names the labels it has
@@ -204,7 +206,8 @@ def test_check_data_names_each_unusable_patient(
           FrameOfReferenceUID="1.2.3.4.5.6")  # fmt: skip
     assert main(["federate", "check-data", "--data", str(site)]) == 1
     out = capsys.readouterr().out
-    assert f"unreadable: patient {ids[1]}: follow-up T1-Gd on frame of reference 1.2.3" in out
+    assert f"unreadable: patient {ids[1]}, follow-up: Segmentation" in out
+    assert "expected the T1-Gd's 1.2.3.4.5.6" in out
     assert "1 of 3 patients cannot be used" in out
     shutil.rmtree(site / "studies" / ids[2])
     for command in ("check-data", "supernode"):

@@ -30,6 +30,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
     assert args.formats == ("nifti", "dicom")
     assert args.survival_cutoffs == (12.0, 24.0)
     assert args.no_mass_effect is False
+    assert args.follow_up_moved is False
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,24 @@ def test_run_writes_the_table(tmp_path: Path) -> None:
         assert row["survival_class"] == expected
     assert (tmp_path / "c" / "sites.csv").is_file()
     assert not any((tmp_path / "c").rglob("*.dcm"))
+
+
+def test_run_moves_the_dicom_follow_up(tmp_path: Path) -> None:
+    import pydicom
+
+    args = _parser().parse_args(
+        ["synth", "--patients", "1", "--out", str(tmp_path / "c"), "--seed", "4", "--spacing",
+         "6", "--format", "dicom", "--no-progress", "--follow-up-moved"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    (row,) = read_table(tmp_path / "c" / "cohort.csv")
+    assert 3.0 <= float(row["follow_up_rotation_deg"]) <= 10.0
+    study = tmp_path / "c" / row["patient_id"] / "dicom"
+    frames = {
+        phase: pydicom.dcmread(next((study / phase / "003_t1c").glob("*.dcm"))).FrameOfReferenceUID
+        for phase in ("pre", "post")
+    }
+    assert frames["pre"] != frames["post"]
 
 
 def test_run_reports_library_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
