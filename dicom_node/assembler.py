@@ -30,6 +30,13 @@ class Assembler:
             outcome = assign_roles(series, self.settings.roles)
             state = QUEUED if outcome.ok else FAILED
             reason = "; ".join(outcome.problems)
+            removed_at = self.store.study_removed_at(study_uid)
+            if not outcome.ok and removed_at is not None:
+                reason += (
+                    "; the study's earlier instances were removed from the spool by retention on "
+                    f"{time.strftime('%Y-%m-%d', time.localtime(removed_at))}: send the whole "
+                    "study again"
+                )
             job_id = self.store.create_job(study_uid, outcome.decisions, state, reason)
             created.append(job_id)
             roles = ", ".join(sorted({d.role for d in outcome.decisions if d.role})) or "none"
@@ -51,6 +58,11 @@ class Assembler:
             raise KeyError(job_id)
         if job.state != FAILED:
             raise ValueError(f"job {job_id}: expected a failed job to retry, found {job.state}")
+        if not self.store.job_instances(job_id):
+            raise ValueError(
+                f"job {job_id}: its instances are no longer in the spool (removed by retention): "
+                "send the study again"
+            )
         series = [js.series for js in self.store.job_series(job_id)]
         outcome = assign_roles(series, self.settings.roles)
         state = QUEUED if outcome.ok else FAILED

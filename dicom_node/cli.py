@@ -174,6 +174,24 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK if state != "failed" else EXIT_FAILED
 
 
+def cmd_spool_prune(args: argparse.Namespace) -> int:
+    from dicom_node.outbox import Outbox
+    from dicom_node.outbox_cli import outbox_path
+    from dicom_node.retention import describe, prune
+
+    settings, store = _open_store(args)
+    outbox = Outbox(outbox_path(settings.storage.data_dir))
+    try:
+        removals = prune(
+            store, settings.storage.spool_dir, outbox, settings.retention, dry_run=args.dry_run
+        )
+    finally:
+        outbox.close()
+        store.close()
+    print(describe(removals, args.dry_run))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -233,6 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
+
+    spool = sub.add_parser("spool", help="spool retention")
+    ssub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
+    p = ssub.add_parser(
+        "prune",
+        help="remove the files of studies the retention settings allow (the node does it "
+        "every retention.check_interval_s)",
+    )
+    _add_data_dir(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.set_defaults(func=cmd_spool_prune)
 
     outbox_cli.register(sub)
     outbox_actions: Any = sub.choices["outbox"]._subparsers._group_actions  # type: ignore[union-attr]

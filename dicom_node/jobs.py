@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path TEXT NOT NULL,
     calling_ae TEXT NOT NULL,
     received_at REAL NOT NULL,
-    assembled INTEGER NOT NULL DEFAULT 0
+    assembled INTEGER NOT NULL DEFAULT 0,
+    removed_at REAL
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid, assembled);
 CREATE TABLE IF NOT EXISTS studies (
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS studies (
     patient_key TEXT NOT NULL,
     first_received_at REAL NOT NULL,
     last_received_at REAL NOT NULL,
-    pending INTEGER NOT NULL DEFAULT 0
+    pending INTEGER NOT NULL DEFAULT 0,
+    removed_at REAL
 );
 CREATE INDEX IF NOT EXISTS studies_due ON studies(pending, last_received_at);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -147,6 +149,32 @@ class RoleDecision:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class RetentionCandidate:
+    """A study whose spool files retention may remove, with its latest job."""
+
+    study_instance_uid: str
+    job_id: int
+    state: str
+    last_received_at: float
+
+
+#: columns added after the first release: (table, column, declaration)
+MIGRATIONS = (("instances", "removed_at", "REAL"), ("studies", "removed_at", "REAL"))
+
+
+def _add_columns(conn: sqlite3.Connection, columns: Sequence[tuple[str, str, str]]) -> None:
+    """Add the missing ``columns`` to a database made by an earlier version."""
+    for table, column, declaration in columns:
+        present = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
+
+
 class JobStore:
     """Thread-safe access to the job database (one connection, serialised by a lock)."""
 
@@ -156,6 +184,7 @@ class JobStore:
         # be lost, and reconcile() rebuilds them from the fsynced spool files.
         self._db = Database(path, SCHEMA, "job", synchronous="NORMAL")
         self._conn = self._db.conn
+        _add_columns(self._conn, MIGRATIONS)
         self._lock = self._db.lock
         self.transaction = self._db.transaction
         self.close = self._db.close
@@ -168,11 +197,16 @@ class JobStore:
         """Record a stored instance; False when it was already known (a duplicate)."""
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, "
+                "INSERT INTO instances (sop_instance_uid, sop_class_uid, "
                 "study_instance_uid, series_instance_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, contrast_agent, "
                 "frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, received_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                # an instance whose file retention removed is stored anew when sent again
+                "ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, "
+                "calling_ae = excluded.calling_ae, received_at = excluded.received_at, "
+                "transfer_syntax_uid = excluded.transfer_syntax_uid, assembled = 0, "
+                "removed_at = NULL WHERE instances.removed_at IS NOT NULL",
                 (
                     info.sop_instance_uid,
                     info.sop_class_uid,
@@ -214,7 +248,10 @@ class JobStore:
 
     def known_paths(self) -> set[str]:
         with self._lock:
-            return {r[0] for r in self._conn.execute("SELECT path FROM instances")}
+            return {
+                r[0]
+                for r in self._conn.execute("SELECT path FROM instances WHERE removed_at IS NULL")
+            }
 
     def forget_instances(self, relative_paths: Sequence[str]) -> None:
         """Drop rows whose file disappeared from the spool (logged as an event)."""
@@ -231,13 +268,78 @@ class JobStore:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT i.series_instance_uid, i.sop_instance_uid, i.path FROM job_instances ji "
-                "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? ORDER BY i.path",
+                "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? "
+                "AND i.removed_at IS NULL ORDER BY i.path",
                 (job_id,),
             ).fetchall()
         out: dict[str, list[tuple[str, str]]] = {}
         for series_uid, sop_uid, path in rows:
             out.setdefault(series_uid, []).append((sop_uid, path))
         return out
+
+    # ---------------------------------------------------------------- retention
+
+    def retention_candidates(self) -> list[RetentionCandidate]:
+        """Studies with instances in the spool whose latest job is done or failed, none of
+        them waiting for assembly or the worker (:mod:`dicom_node.retention` decides)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.study_instance_uid, j.id, j.state, s.last_received_at FROM studies s "
+                "JOIN jobs j ON j.study_instance_uid = s.study_instance_uid AND j.version = "
+                "(SELECT max(version) FROM jobs WHERE study_instance_uid = s.study_instance_uid) "
+                "WHERE s.pending = 0 AND j.state IN (?, ?) AND EXISTS (SELECT 1 FROM instances i "
+                "WHERE i.study_instance_uid = s.study_instance_uid AND i.removed_at IS NULL) "
+                "ORDER BY s.last_received_at",
+                (DONE, FAILED),
+            ).fetchall()
+        return [RetentionCandidate(r[0], int(r[1]), r[2], float(r[3])) for r in rows]
+
+    def remove_study_instances(
+        self, candidate: RetentionCandidate, now: float, message: str
+    ) -> list[str]:
+        """Mark the study's instances removed (one transaction) and return their spool paths,
+        unless the study changed since ``candidate`` was read (a new instance, a new job):
+        then nothing, and the caller deletes nothing."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT pending, last_received_at, (SELECT max(id) FROM jobs WHERE "
+                "study_instance_uid = ?) FROM studies WHERE study_instance_uid = ?",
+                (candidate.study_instance_uid, candidate.study_instance_uid),
+            ).fetchone()
+            if (
+                row is None
+                or row[0]
+                or row[1] != candidate.last_received_at
+                or (row[2] != candidate.job_id)
+            ):
+                return []
+            paths = [
+                r[0]
+                for r in db.execute(
+                    "SELECT path FROM instances WHERE study_instance_uid = ? "
+                    "AND removed_at IS NULL",
+                    (candidate.study_instance_uid,),
+                )
+            ]
+            db.execute(
+                "UPDATE instances SET removed_at = ? WHERE study_instance_uid = ? "
+                "AND removed_at IS NULL",
+                (now, candidate.study_instance_uid),
+            )
+            db.execute(
+                "UPDATE studies SET removed_at = ? WHERE study_instance_uid = ?",
+                (now, candidate.study_instance_uid),
+            )
+            _event(db, candidate.job_id, "retention", message)
+        return paths
+
+    def study_removed_at(self, study_uid: str) -> float | None:
+        """When retention last removed instances of the study (None: never)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT removed_at FROM studies WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     # ---------------------------------------------------------------- studies and series
 
@@ -256,7 +358,8 @@ class JobStore:
                 "SELECT series_instance_uid, sop_class_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, max(contrast_agent), "
                 "frame_of_reference_uid, count(*), max(received_at) FROM instances "
-                "WHERE study_instance_uid = ? GROUP BY series_instance_uid, sop_class_uid "
+                "WHERE study_instance_uid = ? AND removed_at IS NULL "
+                "GROUP BY series_instance_uid, sop_class_uid "
                 "ORDER BY series_number, series_instance_uid",
                 (study_uid,),
             ).fetchall()
@@ -299,7 +402,8 @@ class JobStore:
                 _event(db, old_id, "superseded", f"superseded by job {job_id} (version {version})")
             db.execute(
                 "INSERT INTO job_instances (job_id, sop_instance_uid) "
-                "SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ?",
+                "SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ? "
+                "AND removed_at IS NULL",
                 (job_id, study_uid),
             )
             db.execute(
@@ -456,7 +560,11 @@ class JobStore:
             rows = self._conn.execute("SELECT state, count(*) FROM jobs GROUP BY state")
             out = {state: 0 for state in JOB_STATES}
             out.update({r[0]: r[1] for r in rows})
-            out["instances"] = self._conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+            present, removed = self._conn.execute(
+                "SELECT count(*) - count(removed_at), count(removed_at) FROM instances"
+            ).fetchone()
+            out["instances"] = int(present or 0)  # in the spool
+            out["instances_removed"] = int(removed or 0)  # their files removed by retention
         return out
 
 

@@ -391,6 +391,15 @@ class Outbox:
         with self._lock:
             return [_item(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
+    def undelivered(self, job: str) -> int:
+        """How many of ``job``'s objects are not (yet) delivered to a destination: pending,
+        being sent or dead (0 when everything was sent, or nothing was queued)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE job = ? AND state != 'sent'", (job,)
+            ).fetchone()
+        return int(row[0])
+
     def counts(self) -> dict[str, dict[str, int]]:
         """``{destination: {state: count}}``."""
         out: dict[str, dict[str, int]] = {}

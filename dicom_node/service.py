@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from pydicom import dcmread
@@ -18,6 +19,7 @@ from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.retention import prune
 from dicom_node.scp import StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
@@ -101,6 +103,10 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
     return summary
 
 
+#: studies whose files one retention pass of the running node removes at most
+RETENTION_BATCH = 50
+
+
 class Node:
     """Everything ``glioforecast serve`` runs, startable and stoppable from tests."""
 
@@ -182,6 +188,7 @@ class Node:
         if watchdog is not None:
             interval = min(interval, watchdog)
         notify("READY=1\nSTATUS=accepting associations")
+        next_retention = time.monotonic()
         while not (self._stop.is_set() or self._signalled):
             if watchdog is not None:
                 notify("WATCHDOG=1")
@@ -191,7 +198,22 @@ class Node:
             except Exception:
                 # the loop must survive anything a single study does to it
                 log.exception("assembly pass failed; will retry")
+            if time.monotonic() >= next_retention:
+                next_retention = time.monotonic() + self._retention_pass()
             self._stop.wait(interval)
+
+    def _retention_pass(self) -> float:
+        """Remove the spool files retention allows, a bounded number of studies at a time so
+        that the loop keeps assembling (and petting the watchdog); seconds to the next pass."""
+        retention = self.settings.retention
+        try:
+            removed = prune(
+                self.store, self.spool.root, self.outbox, retention, limit=RETENTION_BATCH
+            )
+        except Exception:
+            log.exception("retention pass failed; will retry")
+            return retention.check_interval_s
+        return 0.0 if len(removed) >= RETENTION_BATCH else retention.check_interval_s
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if signum is not None:
@@ -230,9 +252,16 @@ class Node:
             ("glioforecast_queue_depth", "jobs waiting for the worker", {}, counts[QUEUED]),
             (
                 "glioforecast_instances_received_total",
-                "instances stored in the spool",
+                "instances stored in the spool since the database was made",
                 {},
-                counts["instances"],
+                counts["instances"] + counts["instances_removed"],
+            ),
+            ("glioforecast_spool_instances", "instances in the spool", {}, counts["instances"]),
+            (
+                "glioforecast_retention_removed_instances",
+                "instances whose files retention removed from the spool",
+                {},
+                counts["instances_removed"],
             ),
             (
                 "glioforecast_job_duration_seconds_sum",

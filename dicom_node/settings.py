@@ -150,6 +150,20 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long the spool keeps a study's instances once nothing more is to be done with them,
+    in days (0: for ever). ``done_days`` counts from the study's last instance, once its latest
+    job is done and every result it queued has been delivered; ``failed_days`` once its latest
+    job failed (missing series, unreadable input): long enough for a structure set made later
+    to arrive and reopen the study. The running node checks every ``check_interval_s``;
+    ``glioforecast spool prune`` does the same on demand. Jobs, their series and events stay."""
+
+    done_days: float = field(default=7.0, metadata=_spec("", minimum=0.0))
+    failed_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))
+    check_interval_s: float = field(default=3600.0, metadata=_spec("", minimum=1.0))
+
+
+@dataclass(frozen=True)
 class AssemblySettings:
     quiet_period_s: float = field(default=30.0, metadata=_spec("", minimum=0.0))
     poll_interval_s: float = field(default=1.0, metadata=_spec("", minimum=0.01, maximum=60))
@@ -244,6 +258,7 @@ class LoggingSettings:
 class Settings:
     node: NodeSettings = NodeSettings()
     storage: StorageSettings = StorageSettings()
+    retention: RetentionSettings = RetentionSettings()
     assembly: AssemblySettings = AssemblySettings()
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()

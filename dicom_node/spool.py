@@ -139,6 +139,19 @@ class Spool:
             _fsync_dir(folder.parent.parent)
         self._known_dirs.add(folder)
 
+    def _rename_into(self, src: Path, final: Path) -> None:
+        """``os.rename(src, final)``, making ``final``'s folder again when it was removed since
+        this spool made it (retention removes the folders of the studies it empties)."""
+        self._ensure_dir(final.parent)
+        try:
+            os.rename(src, final)
+        except FileNotFoundError:
+            if not src.exists():
+                raise
+            self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            os.rename(src, final)
+
     def store(
         self, study_uid: str, series_uid: str, sop_uid: str, data: Buffer | Sequence[Buffer]
     ) -> StoreResult:
@@ -155,7 +168,12 @@ class Spool:
         tmp = final.parent / f".{secrets.token_hex(8)}.part"
         try:
             self._ensure_dir(final.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            except FileNotFoundError:  # the folder was removed since it was made
+                self._known_dirs.discard(final.parent)
+                self._ensure_dir(final.parent)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 _write_all(fd, parts)
                 os.fdatasync(fd)
@@ -163,7 +181,7 @@ class Spool:
                 os.close(fd)
             # Two associations storing the same instance at once both end here with the same
             # content; the second rename replaces the first atomically.
-            os.rename(tmp, final)
+            self._rename_into(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -221,8 +239,7 @@ class Spool:
             if final.exists():
                 staged.tmp.unlink(missing_ok=True)
                 return StoreResult(final, relative, duplicate=True)
-            self._ensure_dir(final.parent)
-            os.rename(staged.tmp, final)
+            self._rename_into(staged.tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
             staged.tmp.unlink(missing_ok=True)

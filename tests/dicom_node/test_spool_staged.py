@@ -103,3 +103,20 @@ def test_store_accepts_several_buffers(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     result = spool.store("1", "2", "3", [b"ab", memoryview(b"cd"), bytearray(b"")])
     assert result.path.read_bytes() == b"abcd"
+
+
+def test_study_folders_removed_under_the_spool_are_made_again(tmp_path: Path) -> None:
+    """Retention (here, or `glioforecast spool prune` in another process) removes the folders
+    of the studies it empties; the spool remembers having made them and must not trust that."""
+    import shutil
+
+    spool = Spool(tmp_path / "spool")
+    spool.commit(spool.stage((b"a",)), "1.2", "1.2.3", "1")
+    spool.store("1.2", "1.2.3", "2", b"b")
+    shutil.rmtree(spool.root / "1.2")
+    staged = spool.commit(spool.stage((b"c",)), "1.2", "1.2.3", "1")
+    assert staged.path.read_bytes() == b"c" and not staged.duplicate
+    shutil.rmtree(spool.root / "1.2")
+    stored = spool.store("1.2", "1.2.3", "2", b"d")
+    assert stored.path.read_bytes() == b"d" and not stored.duplicate
+    assert list(spool.iter_files()) == ["1.2/1.2.3/2.dcm"]

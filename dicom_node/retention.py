@@ -1,0 +1,148 @@
+"""Spool retention: remove a study's DICOM files once nothing more is to be done with them.
+
+Without it the spool grows with every study routed to the node until the free-space floor
+(``storage.min_free_mb``) makes the receiver answer 0xA700 to every sender. A study's files go
+(:func:`prune`) when its latest job is
+
+- ``done``, every result it queued has been delivered (none pending, being sent or dead), and
+  its last instance arrived ``retention.done_days`` ago or more;
+- ``failed`` (missing series, unreadable input, a model error) and its last instance arrived
+  ``retention.failed_days`` ago or more. Until then, an instance that completes the study (a
+  structure set made days after the MR) reopens it with every instance.
+
+A study still pending assembly, or with a job queued or running, is never touched. Only the
+files go: the job list, series, roles and events stay, and the job gets a ``retention`` event.
+The database is updated first (one transaction that re-checks the study), then exactly the
+files it named are deleted, so an instance arriving meanwhile is kept. An instance sent again
+after its file went is stored anew and reopens the study (:meth:`JobStore.record_instance`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.jobs import DONE, JobStore, RetentionCandidate
+from dicom_node.outbox import Outbox
+from dicom_node.settings import RetentionSettings
+
+log = logging.getLogger(__name__)
+
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One study whose files retention removed (or, in a dry run, would remove)."""
+
+    job_id: int
+    state: str
+    age_days: float
+    files: int
+    bytes: int
+
+
+def _due(candidate: RetentionCandidate, settings: RetentionSettings, now: float) -> bool:
+    days = settings.done_days if candidate.state == DONE else settings.failed_days
+    return days > 0 and now - candidate.last_received_at >= days * DAY_S
+
+
+def _size(paths: Sequence[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
+def _remove_files(root: Path, relative: Sequence[str]) -> int:
+    """Delete the spool files ``relative`` and the folders they leave empty; the bytes freed."""
+    paths = [root / rel for rel in relative]
+    freed = _size(paths)
+    folders: set[Path] = set()
+    for path in paths:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("retention: cannot remove %s: %s", path, exc)
+        folders.add(path.parent)
+        folders.add(path.parent.parent)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if folder != root and root in folder.parents:
+            with contextlib.suppress(OSError):  # only when empty: a new file keeps it
+                folder.rmdir()
+    return freed
+
+
+def prune(
+    store: JobStore,
+    spool_root: Path,
+    outbox: Outbox,
+    settings: RetentionSettings,
+    *,
+    now: float | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+) -> list[Removal]:
+    """Remove the spool files of every study that retention allows (see the module), or of
+    the first ``limit`` of them; in a dry run, only say which. Returns one :class:`Removal`
+    per study."""
+    now = time.time() if now is None else now
+    removals: list[Removal] = []
+    for candidate in store.retention_candidates():
+        if limit is not None and len(removals) >= limit:
+            break
+        if not _due(candidate, settings, now):
+            continue
+        if candidate.state == DONE and outbox.undelivered(str(candidate.job_id)):
+            continue  # a result still waits for (or is dead at) a destination
+        age = (now - candidate.last_received_at) / DAY_S
+        if dry_run:
+            paths = [
+                spool_root / rel for series in store.job_instances(candidate.job_id).values()
+                for _, rel in series
+            ]  # fmt: skip
+            removals.append(Removal(candidate.job_id, candidate.state, age, len(paths),
+                                    _size(paths)))  # fmt: skip
+            continue
+        message = (
+            f"retention: the study's files were removed from the spool, {age:.1f} days after "
+            f"its last instance (latest job {candidate.state}); send the study again to rerun it"
+        )
+        relative = store.remove_study_instances(candidate, now, message)
+        if not relative:
+            continue  # the study changed since it was read: left for the next pass
+        freed = _remove_files(spool_root, relative)
+        removals.append(Removal(candidate.job_id, candidate.state, age, len(relative), freed))
+        log.info(
+            "retention: job %d (%s, last instance %.1f days ago): %d files, %.1f MB removed",
+            candidate.job_id,
+            candidate.state,
+            age,
+            len(relative),
+            freed / 2**20,
+            extra={"job": candidate.job_id},
+        )
+    return removals
+
+
+def describe(removals: Sequence[Removal], dry_run: bool) -> str:
+    """One line per study and a total, for the command line."""
+    verb = "would remove" if dry_run else "removed"
+    lines = [
+        f"job {r.job_id}: {r.state}, last instance {r.age_days:.1f} days ago: {verb} "
+        f"{r.files} files ({r.bytes / 2**20:.1f} MB)"
+        for r in removals
+    ]
+    total = sum(r.bytes for r in removals)
+    lines.append(
+        f"{len(removals)} studies, {sum(r.files for r in removals)} files, "
+        f"{total / 2**20:.1f} MB {verb}"
+    )
+    return "\n".join(lines)

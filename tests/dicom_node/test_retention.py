@@ -1,0 +1,202 @@
+"""Spool retention: a study's files go once nothing more is to be done with them, never
+before, and the study can always be sent again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.assembler import Assembler
+from dicom_node.cli import main
+from dicom_node.instance import InstanceInfo
+from dicom_node.jobs import DONE, FAILED, QUEUED, JobStore
+from dicom_node.outbox import Outbox
+from dicom_node.retention import DAY_S, prune
+from dicom_node.settings import RetentionSettings
+from dicom_node.spool import Spool
+from tests import factories
+from tests.conftest import wait_for
+from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.test_health import get
+from tests.dicom_node.test_scp import storescu
+
+SECRET = b"k" * 32
+KEEP = RetentionSettings(done_days=7, failed_days=30)
+
+
+def _receive(spool: Spool, store: JobStore, paths: list[Path], at: float) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
+        stored = spool.store(
+            info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
+            path.read_bytes(),
+        )  # fmt: skip
+        store.record_instance(info, stored.relative, "TEST", at)
+
+
+def _files(spool: Spool) -> list[Path]:
+    return sorted(spool.root.rglob("*.dcm"))
+
+
+def test_a_failed_study_waits_for_its_structure_set_then_goes(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    assembler = Assembler(store, settings)
+    t0 = 1_000_000.0
+    images = study["t1c"] + study["flair"]
+    _receive(spool, store, images, t0)  # the MR, no structure set yet
+    (job1,) = assembler.run_once(now=t0 + 60)
+    assert store.get_job(job1).state == FAILED  # type: ignore[union-attr]
+
+    # within failed_days nothing goes; a dry run names the study and removes nothing
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 29 * DAY_S) == []
+    (would,) = prune(store, spool.root, outbox, KEEP, now=t0 + 31 * DAY_S, dry_run=True)
+    assert (would.job_id, would.state, would.files) == (job1, FAILED, len(images))
+    assert len(_files(spool)) == len(images)
+
+    (removed,) = prune(store, spool.root, outbox, KEEP, now=t0 + 31 * DAY_S)
+    assert removed.files == len(images) and removed.bytes > 0
+    assert _files(spool) == [] and list(spool.root.iterdir()) == []  # folders too
+    counts = store.counts()
+    assert (counts["instances"], counts["instances_removed"]) == (0, len(images))
+    # the job's history stays: its series and roles, and an event saying what happened
+    assert len(store.job_series(job1)) == 2
+    assert any(e.kind == "retention" for e in store.events(job1))
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 90 * DAY_S) == []  # once only
+    with pytest.raises(ValueError, match="no longer in the spool"):
+        assembler.retry(job1)
+
+    # the structure set alone, after the images went: the reason says what to do
+    _receive(spool, store, study["rtstruct"], t0 + 40 * DAY_S)
+    (job2,) = assembler.run_once(now=t0 + 40 * DAY_S + 60)
+    second = store.get_job(job2)
+    assert second is not None and second.state == FAILED
+    assert "removed from the spool by retention on" in second.reason
+    assert "send the whole study again" in second.reason
+
+    # the whole study sent again: stored anew, one job with every instance
+    _receive(spool, store, images + study["rtstruct"], t0 + 41 * DAY_S)
+    (job3,) = assembler.run_once(now=t0 + 41 * DAY_S + 60)
+    third = store.get_job(job3)
+    assert third is not None and third.state == QUEUED
+    assert third.instance_count == len(images) + 1
+    assert len(_files(spool)) == len(images) + 1
+    assert sum(len(v) for v in store.job_instances(job3).values()) == len(images) + 1
+
+
+def test_a_done_study_goes_only_once_its_results_are_delivered(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    assembler = Assembler(store, settings)
+    t0 = 1_000_000.0
+    paths = study["t1c"] + study["flair"] + study["rtstruct"]
+    _receive(spool, store, paths, t0)
+    (job,) = assembler.run_once(now=t0 + 60)
+    # a queued (or running) job is never touched, however old
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 365 * DAY_S) == []
+    store.set_state(job, DONE)
+    result = pydicom.dcmread(study["t1c"][0])
+    result.SOPInstanceUID = pydicom.uid.generate_uid()
+    outbox.enqueue([result], ["pacs"], job=str(job))
+    # a result still pending, then dead at its destination, keeps the study
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 8 * DAY_S) == []
+    (item,) = outbox.claim("pacs")
+    outbox.mark_failed(item, "refused", permanent=True)
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 8 * DAY_S) == []
+    outbox.retry(destination="pacs")
+    (item,) = outbox.claim("pacs")
+    outbox.mark_sent(item)
+    assert prune(store, spool.root, outbox, KEEP, now=t0 + 6 * DAY_S) == []  # within done_days
+    (removed,) = prune(store, spool.root, outbox, KEEP, now=t0 + 8 * DAY_S)
+    assert (removed.job_id, removed.state, removed.files) == (job, DONE, len(paths))
+    assert _files(spool) == []
+    # 0 keeps for ever
+    never = RetentionSettings(done_days=0, failed_days=0)
+    study2 = factories.small_study(tmp_path / "in2")
+    _receive(spool, store, study2["t1c"], t0)
+    assembler.run_once(now=t0 + 60)
+    assert prune(store, spool.root, outbox, never, now=t0 + 3650 * DAY_S) == []
+
+
+def test_a_study_that_changed_since_it_was_read_is_left(tmp_path: Path) -> None:
+    """A new instance between the listing and the removal keeps the study (and its file)."""
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    t0 = 1_000_000.0
+    _receive(spool, store, study["t1c"], t0)
+    Assembler(store, settings).run_once(now=t0 + 60)
+    (candidate,) = store.retention_candidates()
+    _receive(spool, store, study["rtstruct"], t0 + 31 * DAY_S)  # arrives meanwhile
+    assert store.remove_study_instances(candidate, t0 + 31 * DAY_S, "test") == []
+    assert len(_files(spool)) == len(study["t1c"]) + 1
+
+
+def test_an_old_database_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    from dicom_node.jobs import SCHEMA
+
+    path = tmp_path / "jobs.sqlite3"
+    old = SCHEMA.replace(",\n    removed_at REAL\n", "\n")
+    assert "removed_at" not in old
+    conn = sqlite3.connect(path)
+    conn.executescript(old)
+    conn.close()
+    store = JobStore(path)
+    assert store.counts()["instances_removed"] == 0
+    assert store.retention_candidates() == []
+
+
+def test_the_command_line_lists_then_removes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``glioforecast spool prune [--dry-run]`` on a node's data folder, with the embedded
+    default retention (a failed study from long ago goes)."""
+    data = tmp_path / "data"
+    settings = make_settings(data)
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(settings.storage.spool_dir), JobStore(settings.storage.database)
+    _receive(spool, store, study["t1c"], 1_000_000.0)
+    (job,) = Assembler(store, settings).run_once(now=1_000_100.0)
+    store.close()
+    n = len(study["t1c"])
+    assert main(["spool", "prune", "--data-dir", str(data), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job}: failed, last instance" in out and f"would remove {n} files" in out
+    assert len(_files(spool)) == n
+    assert main(["spool", "prune", "--data-dir", str(data)]) == 0
+    assert f"1 studies, {n} files" in capsys.readouterr().out
+    assert _files(spool) == []
+
+
+def test_the_running_node_removes_a_failed_study_and_takes_it_again(
+    run_node, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A real node and dcmtk's storescu: an MR study without a structure set fails, its files
+    go after failed_days (here 0.2 s), the metrics count them, and the same study sent again
+    with its structure set is stored anew and queued."""
+    node = run_node(retention={"failed_days": 0.2 / DAY_S, "check_interval_s": 1.0})
+    study = factories.small_study(tmp_path / "in")
+    images = study["t1c"] + study["flair"]
+    assert storescu(node.scp.port, *images).returncode == 0
+    wait_for(lambda: node.store.counts()[FAILED] == 1, what="the failed job")
+    wait_for(lambda: not list(node.spool.root.rglob("*.dcm")), what="retention", timeout=10)
+    assert node.health is not None
+    _, text = get(node.health.server.server_address[1], "/metrics")
+    assert f"glioforecast_retention_removed_instances {len(images)}" in text
+    assert f"glioforecast_instances_received_total {len(images)}" in text
+    assert "glioforecast_spool_instances 0" in text
+    assert storescu(node.scp.port, *images, *study["rtstruct"]).returncode == 0
+    wait_for(
+        lambda: any(j.instance_count == len(images) + 1 for j in node.store.list_jobs()),
+        what="a job with every instance sent again",
+    )
+    assert len(list(node.spool.root.rglob("*.dcm"))) >= len(images) + 1
