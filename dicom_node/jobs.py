@@ -310,7 +310,7 @@ class JobStore:
                 row is None
                 or row[0]
                 or row[1] != candidate.last_received_at
-                or (row[2] != candidate.job_id)
+                or row[2] != candidate.job_id
             ):
                 return []
             paths = [

@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 import torch.utils.data
 
+from dicom_node.convert.geometry import sitk_image
 from dicom_node.convert.preprocess import (
     IntensityScaling,
     ModelGrid,
@@ -132,10 +133,7 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     array = np.asarray(volume.array)
     if array.dtype == bool:
         array = array.astype(np.uint8)
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in volume.spacing))
-    img.SetOrigin(tuple(float(o) for o in volume.origin))
-    img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction).ravel()))
+    img = sitk_image(volume, array)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(img, str(out), str(out).endswith(".gz"))

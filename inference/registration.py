@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from dicom_node.convert.geometry import resample
+from dicom_node.convert.geometry import grid_centre, resample, sitk_image
 from dicom_node.errors import InputError
 from dicom_node.types import Volume
 
@@ -72,22 +72,9 @@ class RigidTransform:
         )
 
     def describe(self, volume: Volume) -> str:
-        centre = volume.affine @ np.array([*(np.array(volume.shape[::-1]) - 1) / 2.0, 1.0])
-        text = (
-            f"rotation {self.rotation_deg:.1f} deg, shift {self.shift_mm(centre[:3]):.1f} mm at "
-            "the image centre"
-        )
+        shift = self.shift_mm(grid_centre(volume))
+        text = f"rotation {self.rotation_deg:.1f} deg, shift {shift:.1f} mm at the image centre"
         return text if self.correlation is None else f"{text}, correlation {self.correlation:.3f}"
-
-
-def _sitk_image(volume: Volume) -> object:
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.asarray(volume.array, dtype=np.float32))
-    img.SetSpacing(tuple(float(s) for s in volume.spacing))
-    img.SetOrigin(tuple(float(o) for o in volume.origin))
-    img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction, dtype=float).ravel()))
-    return img
 
 
 def _head(volume: Volume) -> npt.NDArray[np.bool_]:
@@ -116,7 +103,8 @@ def register_rigid(fixed: Volume, moving: Volume, name: str = "follow-up") -> Ri
     error."""
     import SimpleITK as sitk
 
-    f, m = _sitk_image(fixed), _sitk_image(moving)
+    f = sitk_image(fixed, np.asarray(fixed.array, dtype=np.float32))
+    m = sitk_image(moving, np.asarray(moving.array, dtype=np.float32))
     method = sitk.ImageRegistrationMethod()
     method.SetNumberOfThreads(1)  # faster at these sizes, and one order of summation
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)

@@ -193,6 +193,23 @@ def grid_corners(volume: Volume) -> npt.NDArray[np.float64]:
     return np.asarray((volume.affine @ idx.T)[:3].T, dtype=np.float64)
 
 
+def grid_centre(volume: Volume) -> npt.NDArray[np.float64]:
+    """The centre of ``volume``'s grid (midway between its corner voxels) in LPS mm."""
+    half = (np.array(volume.shape[::-1], dtype=float) - 1.0) / 2.0
+    return np.asarray((volume.affine @ np.array([*half, 1.0]))[:3], dtype=np.float64)
+
+
+def sitk_image(volume: Volume, array: npt.ArrayLike | None = None) -> Any:
+    """A SimpleITK image of ``array`` (default: ``volume.array``) on ``volume``'s grid."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.asarray(volume.array if array is None else array))
+    img.SetSpacing(tuple(float(s) for s in volume.spacing))
+    img.SetOrigin(tuple(float(o) for o in volume.origin))
+    img.SetDirection(tuple(float(v) for v in np.asarray(volume.direction).ravel()))
+    return img
+
+
 def same_grid(a: Volume, b: Volume, tol_mm: float = 1e-3) -> bool:
     """True when two volumes have the same shape and the same voxel-to-world mapping."""
     if a.shape != b.shape:

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from dicom_node.convert.geometry import grid_centre, sitk_image
 from dicom_node.errors import InputError
 from dicom_node.types import PatientStudy, Volume
 from inference.registration import RigidTransform
@@ -131,10 +132,7 @@ def _label_map(masks: Mapping[str, npt.NDArray[np.bool_]], shape: tuple[int, ...
 def _write_nifti(path: Path, array: npt.NDArray[Any], grid: Volume) -> None:
     import SimpleITK as sitk
 
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in grid.spacing))
-    img.SetOrigin(tuple(float(o) for o in grid.origin))
-    img.SetDirection(tuple(float(v) for v in np.asarray(grid.direction).ravel()))
+    img = sitk_image(grid, array)
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(img, str(path), True, 1)  # gzip level 1: 3x faster, ~10 % larger
 
@@ -368,7 +366,7 @@ def generate_patient_draws(
                          rois, dose_acq, motion)  # fmt: skip
             if motion is not None:
                 record["follow_up_rotation_deg"] = round(motion.rotation_deg, 3)
-                record["follow_up_shift_mm"] = round(motion.shift_mm(_centre(acq)), 3)
+                record["follow_up_shift_mm"] = round(motion.shift_mm(grid_centre(acq)), 3)
         record["folder"] = record["patient_id"]
     return [PatientRecord(r) for r in records]
 
@@ -464,12 +462,6 @@ def _table_row(
     }
 
 
-def _centre(grid: Volume) -> npt.NDArray[np.float64]:
-    """The physical centre of ``grid`` (LPS mm)."""
-    half = (np.array(grid.shape[::-1], dtype=float) - 1.0) / 2.0
-    return np.asarray((grid.affine @ np.array([*half, 1.0]))[:3], dtype=np.float64)
-
-
 def follow_up_motion(seed: int, index: int, grid: Volume) -> RigidTransform:
     """How patient ``index``'s head lies at the follow-up session, in the follow-up study's own
     frame: a point at ``p`` in the pre-treatment frame is at ``rotation @ p + translation``.
@@ -483,7 +475,7 @@ def follow_up_motion(seed: int, index: int, grid: Volume) -> RigidTransform:
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
     shift = rng.uniform(-10.0, 10.0, size=3)
-    centre = _centre(grid)
+    centre = grid_centre(grid)
     return RigidTransform(
         rotation=rotation,
         translation=centre - rotation @ centre + shift,

@@ -3,6 +3,7 @@ before, and the study can always be sent again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -10,7 +11,6 @@ import pytest
 
 from dicom_node.assembler import Assembler
 from dicom_node.cli import main
-from dicom_node.instance import InstanceInfo
 from dicom_node.jobs import DONE, FAILED, QUEUED, JobStore
 from dicom_node.outbox import Outbox
 from dicom_node.retention import DAY_S, prune
@@ -20,33 +20,39 @@ from tests import factories
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_health import get
+from tests.dicom_node.test_jobs import _receive
 from tests.dicom_node.test_scp import storescu
 
-SECRET = b"k" * 32
 KEEP = RetentionSettings(done_days=7, failed_days=30)
 
 
-def _receive(spool: Spool, store: JobStore, paths: list[Path], at: float) -> None:
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
-        stored = spool.store(
-            info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
-            path.read_bytes(),
-        )  # fmt: skip
-        store.record_instance(info, stored.relative, "TEST", at)
+@dataclass
+class Site:
+    """A spool, job store, outbox and assembler (30 s quiet period) in one folder."""
+
+    spool: Spool
+    store: JobStore
+    outbox: Outbox
+    assembler: Assembler
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    return Site(
+        Spool(tmp_path / "spool"), store, Outbox(tmp_path / "outbox.sqlite3"),
+        Assembler(store, settings),
+    )  # fmt: skip
 
 
 def _files(spool: Spool) -> list[Path]:
     return sorted(spool.root.rglob("*.dcm"))
 
 
-def test_a_failed_study_waits_for_its_structure_set_then_goes(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+def test_a_failed_study_waits_for_its_structure_set_then_goes(site: Site, tmp_path: Path) -> None:
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
     study = factories.small_study(tmp_path / "in")
-    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
-    outbox = Outbox(tmp_path / "outbox.sqlite3")
-    assembler = Assembler(store, settings)
     t0 = 1_000_000.0
     images = study["t1c"] + study["flair"]
     _receive(spool, store, images, t0)  # the MR, no structure set yet
@@ -89,12 +95,9 @@ def test_a_failed_study_waits_for_its_structure_set_then_goes(tmp_path: Path) ->
     assert sum(len(v) for v in store.job_instances(job3).values()) == len(images) + 1
 
 
-def test_a_done_study_goes_only_once_its_results_are_delivered(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+def test_a_done_study_goes_only_once_its_results_are_delivered(site: Site, tmp_path: Path) -> None:
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
     study = factories.small_study(tmp_path / "in")
-    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
-    outbox = Outbox(tmp_path / "outbox.sqlite3")
-    assembler = Assembler(store, settings)
     t0 = 1_000_000.0
     paths = study["t1c"] + study["flair"] + study["rtstruct"]
     _receive(spool, store, paths, t0)
@@ -125,14 +128,13 @@ def test_a_done_study_goes_only_once_its_results_are_delivered(tmp_path: Path) -
     assert prune(store, spool.root, outbox, never, now=t0 + 3650 * DAY_S) == []
 
 
-def test_a_study_that_changed_since_it_was_read_is_left(tmp_path: Path) -> None:
+def test_a_study_that_changed_since_it_was_read_is_left(site: Site, tmp_path: Path) -> None:
     """A new instance between the listing and the removal keeps the study (and its file)."""
-    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    spool, store = site.spool, site.store
     study = factories.small_study(tmp_path / "in")
-    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
     t0 = 1_000_000.0
     _receive(spool, store, study["t1c"], t0)
-    Assembler(store, settings).run_once(now=t0 + 60)
+    site.assembler.run_once(now=t0 + 60)
     (candidate,) = store.retention_candidates()
     _receive(spool, store, study["rtstruct"], t0 + 31 * DAY_S)  # arrives meanwhile
     assert store.remove_study_instances(candidate, t0 + 31 * DAY_S, "test") == []
