@@ -4,7 +4,8 @@
 Messages
 --------
 coordinator -> site:
-    ``query``     empty: "who are you?" (answered with the site name and its patient count)
+    ``query``     "who are you?" (answered with the site name and its patient count); with
+                  ``site-keys``, ``config`` holds a challenge the site signs (``proof``)
     ``train``     ``arrays`` (global weights), ``config`` (what to do, the architecture as
                   JSON) and, for the diffusion stage, ``autoencoder`` (the frozen global
                   stage-1 weights)
@@ -12,7 +13,7 @@ coordinator -> site:
 site -> coordinator:
     ``train``     ``arrays`` (the updated weights) and ``metrics`` (losses, num-examples)
     ``evaluate``  ``metrics`` only (losses, the model card's metric means, latent moments)
-    ``query``     ``info`` (site name) and ``metrics`` (patient count)
+    ``query``     ``info`` (site name, and the proof when asked) and ``metrics`` (patient count)
 
 Nothing else leaves a site: no image, mask, table row, patient ID or path
 (``tests/inference/federated/test_client_messages.py`` checks every record of every reply).
@@ -64,12 +65,19 @@ from inference.federated.local import (
     site_label,
     site_patients,
 )
+from inference.federated.site_identity import (
+    check_keys_dir,
+    new_challenge,
+    sign_site,
+    verify_site,
+)
 
 log = logging.getLogger(__name__)
 
 QUERY = MessageType.QUERY
 FEDERATION_JSON = "federation.json"
 _POLL_S = 0.5
+_QUERY_GRACE_S = 20.0  # once the sites wanted are in, how long the other nodes may take to answer
 
 # ------------------------------------------------------------------------------------------
 # ClientApp
@@ -133,10 +141,20 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
         node = _node(context, run)
         patients = site_patients(node)
         site = site_label(node, patients)
+        info: dict[str, str] = {"site": site}
+        config = msg.content.config_records.get("config")
+        challenge = str(config.get("challenge", "")) if config is not None else ""
+        if challenge and node.site_key:
+            info["proof"] = sign_site(node.site_key, site, context.node_id, challenge)
+        elif challenge:
+            log.warning(
+                "site %s: the coordinator asks for proof of the site name and this node has no "
+                "site-key (federate supernode --auth-key): it will be left out", site,
+            )  # fmt: skip
         log.info("site %s: %d patients, ready", site, len(patients))
         content = RecordDict(
             {
-                "info": ConfigRecord({"site": site}),
+                "info": ConfigRecord(dict(info)),
                 "metrics": MetricRecord({"patients": len(patients)}),
             }
         )
@@ -213,19 +231,32 @@ class RoundRecord:
 
 
 def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
-    """node id -> site name of the sites to train on (waits up to ``wait-for-sites``)."""
+    """node id -> site name of the sites to train on (waits up to ``wait-for-sites``). A node
+    is left out when another node already reported its site name or, with ``site-keys``, when
+    it does not prove the name (:mod:`inference.federated.site_identity`)."""
     wanted = set(run.site_list)
+    if run.site_keys:
+        keyed = check_keys_dir(run.site_keys)
+        log.info("federation: site names are checked against the keys of %s", keyed)
     deadline = time.monotonic() + run.wait_for_sites
     names: dict[int, str] = {}
+    refused: dict[int, str] = {}
     asked: set[int] = set()
+    challenges: dict[int, str] = {}
     pending: dict[str, int] = {}
+    enough_at = 0.0
     while True:
         new = [n for n in grid.get_node_ids() if n not in asked]
         if new:
-            msgs = [
-                Message(content=RecordDict(), message_type=QUERY, dst_node_id=n, group_id="query")
-                for n in new
-            ]
+            msgs = []
+            for n in new:
+                content = RecordDict()
+                if run.site_keys:
+                    challenges[n] = new_challenge()
+                    content["config"] = ConfigRecord({"challenge": challenges[n]})
+                msgs.append(
+                    Message(content=content, message_type=QUERY, dst_node_id=n, group_id="query")
+                )
             pending.update(zip(grid.push_messages(msgs), new, strict=True))
             asked.update(new)
         for reply in grid.pull_messages(list(pending)) if pending else []:
@@ -237,25 +268,51 @@ def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
                 continue
             info = reply.content["info"]
             assert isinstance(info, ConfigRecord)
-            names[node] = str(info["site"])
-            log.info("site %s connected (node %d)", names[node], node)
+            site = str(info["site"])
+            why = _refusal(run, names, node, site, challenges.get(node, ""), info.get("proof"))
+            if why is not None:
+                refused[node] = f"{site}: {why}"
+                log.warning("node %d reports site %s: left out of the run, %s", node, site, why)
+                continue
+            names[node] = site
+            proven = " (name proven with its key)" if run.site_keys else ""
+            log.info("site %s connected (node %d)%s", site, node, proven)
         have = set(names.values())
-        if wanted and wanted <= have:
-            break
-        if not wanted and len(names) >= run.min_sites:
-            break
-        if time.monotonic() > deadline:
+        if (wanted and wanted <= have) or (not wanted and len(names) >= run.min_sites):
+            # enough sites: the queries still out get a short grace, so that every node that
+            # connected is logged (one left out, an impostor, is worth a line)
+            enough_at = enough_at or time.monotonic()
+            if not pending or time.monotonic() - enough_at >= _QUERY_GRACE_S:
+                break
+        elif time.monotonic() > deadline:
             missing = sorted(wanted - have) if wanted else []
             expected = sorted(wanted) if wanted else f">= {run.min_sites} site(s)"
             raise InferenceError(
                 f"federation: expected {expected} "
                 f"to connect within {run.wait_for_sites:.0f} s, found {sorted(have)}"
                 + (f" (missing {missing})" if missing else "")
+                + (f"; left out: {sorted(refused.values())}" if refused else "")
             )
         time.sleep(_POLL_S)
+    for node in pending.values():
+        log.warning("node %d did not answer the query in time: left out of the run", node)
     selected = {n: s for n, s in names.items() if not wanted or s in wanted}
     log.info("federation: training on sites %s", sorted(selected.values()))
     return selected
+
+
+def _refusal(
+    run: RunConfig, names: Mapping[int, str], node: int, site: str, challenge: str, proof: Any
+) -> str | None:
+    """Why a node reporting ``site`` may not join (``None``: it may)."""
+    if run.site_keys:
+        why = verify_site(run.site_keys, site, node, challenge, proof)
+        if why is not None:
+            return why
+    other = next((n for n, s in names.items() if s == site), None)
+    if other is not None:
+        return f"expected one node per site, found node {other} connected as {site} already"
+    return None
 
 
 def _collect(

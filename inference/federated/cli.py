@@ -11,6 +11,8 @@
 - ``check-data``: reads every patient of a site folder as training will and lists the
   unreadable ones with their reasons (run it before joining a federation);
 - ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
+  with ``--site-keys`` each site must prove its site name with its key
+  (:mod:`inference.federated.site_identity`);
 - ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
   process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
   runtime (``--engine ray``).
@@ -178,6 +180,11 @@ def _run_config(args: argparse.Namespace) -> Any:
         values["straggler_timeout"] = args.straggler_timeout
     if getattr(args, "round_timeout", None) is not None:
         values["round_timeout"] = args.round_timeout
+    if getattr(args, "site_keys", None) is not None:
+        from inference.federated.site_identity import check_keys_dir
+
+        check_keys_dir(args.site_keys)
+        values["site_keys"] = str(Path(args.site_keys).resolve())
     return RunConfig(**values)
 
 
@@ -366,6 +373,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--insecure", action="store_true")
     p.add_argument("--flwr-home", default=None)
     p.add_argument("--run-config", action="append", help="extra Flower run config 'key=value ...'")
+    p.add_argument(
+        "--site-keys", type=Path, default=None,
+        help="folder of the sites' public keys named <site>.pub: each site must prove its name "
+        "with the matching private key (its supernode --auth-key), or it is left out",
+    )  # fmt: skip
     p.add_argument("--print", action="store_true")
     _training_args(p)
     p.set_defaults(func=cmd_run)

@@ -27,6 +27,9 @@ Run config (``[tool.flwr.app.config]`` of the generated app, overridable with
     eval-steps         DDIM steps for those metrics (diffusion stage; 0 = the model's own)
     server-eval-data   cohort folder on the coordinator for a central evaluation ("" = none)
     simulation-data    (simulation only) cohort folder that virtual sites read
+    site-keys          folder on the coordinator of <site name>.pub public keys: each site must
+                       prove its name by signing a challenge with the matching private key
+                       ("" = names are taken as reported; see site_identity.py)
 
 Node config (``glioforecast federate supernode --data DIR --site NAME``)::
 
@@ -34,6 +37,8 @@ Node config (``glioforecast federate supernode --data DIR --site NAME``)::
     site-name   the site's name; only its patients are used when the folder holds several sites
     device      cpu | cuda
     threads     torch CPU threads (0 = torch's default)
+    site-key    the site's private key (`federate node-key`), to prove its name to a coordinator
+                with site-keys (`federate supernode --auth-key` sets it to that key)
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class RunConfig:
     eval_steps: int = 0
     server_eval_data: str = ""
     simulation_data: str = ""
+    site_keys: str = ""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -117,6 +123,7 @@ class NodeConfig:
     site_name: str = ""
     device: str = "cpu"
     threads: int = 0
+    site_key: str = ""
 
 
 def _kebab(name: str) -> str:
@@ -189,10 +196,16 @@ def parse_node_config(values: Mapping[str, Any], run: RunConfig | None = None) -
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         problems.append(f"threads: expected an integer >= 0, found {threads!r}")
         threads = 0
+    key = values.get("site-key", "")
+    if not isinstance(key, str):
+        problems.append(f"site-key: expected a private key file path, found {key!r}")
+        key = ""
     if problems:
         raise ConfigError("federated node config", problems)
     paths = tuple(p.strip() for p in str(data).split(",") if p.strip())
-    return NodeConfig(data_path=paths, site_name=site, device=str(device), threads=int(threads))
+    return NodeConfig(
+        data_path=paths, site_name=site, device=str(device), threads=int(threads), site_key=key
+    )
 
 
 def _simulation_node(values: Mapping[str, Any], run: RunConfig | None) -> NodeConfig:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from inference.federated.certs import check_certificates
+from inference.federated.certs import NodeKey, check_certificates
 
 APP_MODULE = "glioforecast_federated_app"
 CONNECTION = "glioforecast"
@@ -113,17 +113,21 @@ def supernode_command(
 ) -> list[str]:
     """``flower-supernode`` for one site, verifying the SuperLink with ``ca_cert``
     (``None``: insecure) and, with ``auth_key`` (its private key of ``federate node-key``),
-    proving its identity to a SuperLink that authenticates SuperNodes."""
+    proving its identity to a SuperLink that authenticates SuperNodes and its site name to a
+    coordinator that checks ``site-keys``."""
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink]
     if ca_cert is None:
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(ca_cert)]
-    if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
     node: dict[str, Any] = {"data-path": ",".join(str(Path(d).resolve()) for d in data)}
     if site:
         node["site-name"] = site
+    if auth_key is not None:
+        # one key for both: the SuperLink admits the node by it, the coordinator's site-keys
+        # check binds the site name to it
+        cmd += ["--auth-supernode-private-key", str(Path(auth_key).resolve())]
+        node["site-key"] = str(Path(auth_key).resolve())
     node["device"] = device
     node["threads"] = threads
     cmd += [
@@ -338,8 +342,6 @@ class Loopback:
         )  # fmt: skip
 
     def start(self, timeout: float = 120.0) -> Loopback:
-        import subprocess
-
         from inference.federated.certs import make_certificates, make_node_key
 
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -357,19 +359,24 @@ class Loopback:
         for name, data in self.sites.items():
             key = None
             if self.supernode_auth:
-                pair = make_node_key(self.keys, name, overwrite=True)
-                registered = subprocess.run(
-                    register_command(pair.public_key), capture_output=True, text=True,
-                    env=process_env(self.home), cwd=self.workdir, timeout=timeout,
-                )  # fmt: skip
-                if registered.returncode != 0:
-                    raise RuntimeError(
-                        f"registering {name}'s SuperNode key: expected exit 0, found "
-                        f"{registered.returncode}: {(registered.stdout + registered.stderr)[-800:]}"
-                    )
-                key = pair.private_key
+                key = self.register(make_node_key(self.keys, name, overwrite=True), timeout)
             self.start_node(name, data, key, site=name if self.site_filter else "")
         return self
+
+    def register(self, pair: NodeKey, timeout: float = 120.0) -> Path:
+        """Register a SuperNode key pair with the SuperLink; its private key."""
+        import subprocess
+
+        registered = subprocess.run(
+            register_command(pair.public_key), capture_output=True, text=True,
+            env=process_env(self.home), cwd=self.workdir, timeout=timeout,
+        )  # fmt: skip
+        if registered.returncode != 0:
+            raise RuntimeError(
+                f"registering the SuperNode key {pair.public_key}: expected exit 0, found "
+                f"{registered.returncode}: {(registered.stdout + registered.stderr)[-800:]}"
+            )
+        return pair.private_key
 
     def start_node(
         self, name: str, data: Sequence[str | Path], auth_key: Path | None, site: str = ""

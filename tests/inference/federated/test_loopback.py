@@ -33,9 +33,12 @@ def _wait_for(condition, timeout: float, what: str) -> None:  # type: ignore[no-
         time.sleep(0.2)
 
 
+def _text(log: Path) -> str:
+    return log.read_text(errors="replace") if log.is_file() else ""
+
+
 def _received(log: Path, kind: str) -> int:
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return len(re.findall(rf"Receiving: {kind} message", text))
+    return len(re.findall(rf"Receiving: {kind} message", _text(log)))
 
 
 def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_path: Path) -> None:
@@ -43,15 +46,16 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
     from inference.unet_baseline import load_baseline_dir
 
     out = tmp_path / "global-model"
+    deployment = tmp_path / "deployment"
     run = RunConfig(
         stage="baseline", preset="tiny", num_server_rounds=2, local_epochs=1, batch_size=1,
         learning_rate=1e-2, out=str(out), sites=",".join(SITES), min_sites=2,
         straggler_timeout=15.0, wait_for_sites=300, card_metrics=False,
+        site_keys=str(deployment / "keys"),
     )  # fmt: skip
     # 15 s for a straggler: with 3 s, a live site whose round-1 reply came late on 2 loaded CI
     # cores was dropped (correctly, by the rule) and the round-1 assertion below failed
     victim = SITES[2]
-    deployment = tmp_path / "deployment"
     with Loopback(deployment, {s: [fed_cohort] for s in SITES}, supernode_auth=True) as fed:
         # SuperNode authentication: a SuperNode holding ca.crt but a key the coordinator never
         # registered (and one with no key) is refused; only the three registered sites join
@@ -60,6 +64,13 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
             "stranger": fed.start_node("stranger", [fed_cohort], stranger.private_key, SITES[0]),
             "keyless": fed.start_node("keyless", [fed_cohort], None, SITES[0]),
         }
+        # site names: a SuperNode whose key is registered but reports another site's name is
+        # admitted by the SuperLink and left out by the coordinator (site-keys)
+        impostor_key = fed.register(make_node_key(deployment / "impostor-keys", "impostor"))
+        fed.start_node("impostor", [fed_cohort], impostor_key, SITES[0])
+        # (activated before the run starts, so the coordinator's first query reaches it)
+        _wait_for(lambda: "SuperNode ID" in _text(fed.log("supernode-impostor")),
+                  120, "the SuperLink to activate the impostor SuperNode")  # fmt: skip
         # TLS: the SuperLink's one port completes a handshake verified with the federation's CA
         ctx = ssl.create_default_context(cafile=str(fed.certs / "ca.crt"))
         with (
@@ -93,6 +104,15 @@ def test_two_rounds_tls_three_sites_one_killed_mid_round(fed_cohort: Path, tmp_p
             assert intruder.wait(timeout=120) != 0, name
             text = fed.log(f"supernode-{name}").read_text(errors="replace")
             assert "Exit Code: 305" in text and refusals[name] in text, text[-2000:]
+        # the impostor was asked who it is, refused, and never trained
+        impostor_log = fed.log("supernode-impostor")
+        assert _received(impostor_log, "query") == 1 and _received(impostor_log, "train") == 0
+    assert re.search(
+        rf"node \d+ reports site {SITES[0]}: left out of the run, expected a signature made "
+        rf"with the private key of \S*{SITES[0]}.pub, found another", run_log
+    ), run_log  # fmt: skip
+    assert all(f"site {s} connected (node" in run_log for s in SITES)
+    assert "(name proven with its key)" in run_log
     # nothing of the deployment outlives it (a refused SuperNode's helper included)
     left = {p: Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in processes_in(deployment)}
     assert not left, left
