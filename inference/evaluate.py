@@ -248,13 +248,21 @@ def site_labels(results: Sequence[PatientResult]) -> npt.NDArray[np.str_]:
     return np.array([f"{r.site}/{cohort_seed_of(r.patient_id)}" for r in results])
 
 
+def _uncertainty_arrays(
+    results: Sequence[PatientResult],
+) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per patient: the site (of one cohort), the spread (nan when none) and the tumour MAE, the
+    error the acceptance check ranks."""
+    spread = np.array([math.nan if r.spread is None else r.spread for r in results], dtype=float)
+    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
+    return site_labels(results), spread, error
+
+
 def uncertainty_by_site(results: Sequence[PatientResult]) -> list[dict[str, Any]]:
     """Per site (of one cohort): the uncertainty statistic and what it depends on. The spread
     can only rank the errors if it follows the tumour that is there; these rows say whether it
     follows the predicted or the true volume, and how many of the site's tumours respond."""
-    site = site_labels(results)
-    spread = np.array([math.nan if r.spread is None else r.spread for r in results], dtype=float)
-    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
+    site, spread, error = _uncertainty_arrays(results)
     truth = np.array([r.truth_volume_ml for r in results], dtype=float)
     predicted = np.array([r.predicted_volume_ml for r in results], dtype=float)
     responding = np.array([r.truth_category in RESPONDING for r in results])
@@ -316,17 +324,7 @@ def summarise(
     per_category: dict[str, Any] = {}
 
     def per(c: str, key: str) -> dict[str, Any]:
-        def stat(idx: npt.NDArray[np.intp]) -> float:
-            m = M.category_metrics(
-                [truth[i] for i in idx],
-                [pred[i] for i in idx],
-                [probs[i] for i in idx],
-                RESPONSE_CATEGORIES,
-            )
-            value: float = getattr(m, key)[c]
-            return value
-
-        return M.bootstrap_ci(stat, n, **kw).as_dict()
+        return M.bootstrap_ci(lambda i: cat(i, lambda m: getattr(m, key)[c]), n, **kw).as_dict()
 
     for c in RESPONSE_CATEGORIES:
         per_category[c] = {
@@ -336,15 +334,13 @@ def summarise(
             "auc": per(c, "auc"),
         }
     summary["response_per_category"] = per_category
-    spread = np.array([r.spread for r in results], dtype=float)
-    error = np.array([r.metrics["mae_tumour"] for r in results], dtype=float)
+    site, spread, error = _uncertainty_arrays(results)
     summary["spread_error_spearman"] = M.bootstrap_ci(
         lambda i: M.spearman(spread[i], error[i]), n, **kw
     ).as_dict()
+
     # within sites: a pooled correlation can come from one site having both the larger errors
     # and the larger spreads (the model card's third and eighth rounds)
-    site = site_labels(results)
-
     def within_sites(idx: npt.NDArray[np.intp]) -> float:
         values = [M.spearman(spread[idx][site[idx] == s], error[idx][site[idx] == s])
                   for s in sorted(set(site[idx]))]  # fmt: skip
