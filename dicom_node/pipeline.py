@@ -22,6 +22,10 @@ from dicom_node.convert.geometry import resample, same_grid
 from dicom_node.convert.rtdose import dose_on_grid
 from dicom_node.convert.rtstruct import load_rtstruct_mask
 from dicom_node.convert.series import load_series
+from dicom_node.convert.spatial_registration import (
+    SPATIAL_REGISTRATION_SOP_CLASS,
+    load_registrations,
+)
 from dicom_node.errors import ConversionError, InputError
 from dicom_node.jobs import JobSeries, JobStore
 from dicom_node.settings import Settings
@@ -108,18 +112,24 @@ def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
 
 
 def assemble_inputs(
-    files: Mapping[str, Sequence[Path]], roi_pattern: str, warn: Callable[[str], None]
+    files: Mapping[str, Sequence[Path]],
+    roi_pattern: str,
+    warn: Callable[[str], None],
+    registrations: Sequence[Path] = (),
 ) -> StudyInputs:
     """The model's inputs from a study's files by series role (``t1c`` and ``rtstruct``
     required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
-    mask, the optional contrasts and the RT dose resampled onto it. An optional contrast that
+    mask, the optional contrasts and the RT dose resampled onto it. A structure set or dose on
+    another frame of reference (the planning CT's) is placed on the T1-Gd's by the study's
+    Spatial Registration objects (``registrations``, read only then). An optional contrast that
     cannot be used does not stop the study: ``warn`` is told why. The node's jobs and the
     training data read from DICOM (``inference.dicom_cohort``) both go through here."""
     missing = [role for role in ("t1c", "rtstruct") if role not in files]
     if missing:
         raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
     t1c = load_series(files["t1c"])
-    mask = load_rtstruct_mask(files["rtstruct"][0], t1c, roi_pattern)
+    regs = load_registrations(registrations) if registrations else []
+    mask = load_rtstruct_mask(files["rtstruct"][0], t1c, roi_pattern, registrations=regs)
     optional: dict[str, Volume] = {}
     for role in OPTIONAL_CONTRASTS:
         if role not in files:
@@ -128,7 +138,7 @@ def assemble_inputs(
             optional[role] = on_grid(load_series(files[role]), t1c, role)
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
-    dose = dose_on_grid(files["rtdose"][0], t1c) if "rtdose" in files else None
+    dose = dose_on_grid(files["rtdose"][0], t1c, regs) if "rtdose" in files else None
     return StudyInputs(
         t1c=t1c,
         tumour_mask=mask,
@@ -168,10 +178,17 @@ class Pipeline:
             members = instances.get(series[role].series.series_instance_uid, [])
             return series_ref(series[role], [uid for uid, _ in members])
 
+        registrations = [
+            self.spool_root / rel
+            for js in self.store.job_series(job_id)
+            if js.series.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+            for _, rel in instances.get(js.series.series_instance_uid, [])
+        ]
         inputs = assemble_inputs(
             {role: files(role) for role in series},
             self.settings.roles.roi_pattern,
             lambda message: self.store.add_event(job_id, "warning", message),
+            registrations,
         )
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)

@@ -63,6 +63,11 @@ STORAGE_CLASSES = (
     sc.EnhancedCTImageStorage,
     sc.GrayscaleSoftcopyPresentationStateStorage,
     sc.KeyObjectSelectionDocumentStorage,
+    # the planning system's registration of the MR to the planning CT: places a structure set
+    # or dose drawn on the CT's frame on the MR's (dicom_node.convert.spatial_registration);
+    # deformable ones are stored, not used
+    sc.SpatialRegistrationStorage,
+    sc.DeformableSpatialRegistrationStorage,
     # readers' outlines: stored for training (inference.dicom_cohort), no role in prediction
     sc.SegmentationStorage,
     # what the node itself sends (sr_writer), for a PACS that forwards a whole study back: stored,

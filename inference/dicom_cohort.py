@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.convert.geometry import resample
+from dicom_node.convert.spatial_registration import SPATIAL_REGISTRATION_SOP_CLASS
 from dicom_node.errors import GlioforecastError, InputError
 from dicom_node.jobs import SeriesSummary
 from dicom_node.settings import Settings, load_settings
@@ -215,6 +216,12 @@ def study_inputs_from_series(
         {role: s.files for role, s in by_role.items()},
         settings.roles.roi_pattern,
         lambda message: log.warning("%s: %s", name, message),
+        [
+            f
+            for s in series
+            if s.summary.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+            for f in s.files
+        ],
     )
     return inputs, described
 

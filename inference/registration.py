@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from dicom_node.convert.geometry import grid_centre, resample, sitk_image
+from dicom_node.convert.geometry import grid_centre, moved, resample, sitk_image
 from dicom_node.errors import InputError
 from dicom_node.types import Volume
 
@@ -62,14 +62,9 @@ class RigidTransform:
     def place(self, volume: Volume) -> Volume:
         """``volume`` (on the moving frame) re-expressed in the fixed frame: the same voxels,
         its grid rotated and shifted."""
-        direction = self.rotation @ np.asarray(volume.direction, dtype=float)
-        origin = self.rotation @ np.asarray(volume.origin, dtype=float) + self.translation
-        return replace(
-            volume,
-            origin=(float(origin[0]), float(origin[1]), float(origin[2])),
-            direction=direction,
-            frame_of_reference_uid=self.frame_of_reference_uid,
-        )
+        matrix = np.eye(4)
+        matrix[:3, :3], matrix[:3, 3] = self.rotation, self.translation
+        return moved(volume, matrix, self.frame_of_reference_uid)
 
     def describe(self, volume: Volume) -> str:
         shift = self.shift_mm(grid_centre(volume))

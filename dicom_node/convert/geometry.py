@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -197,6 +197,31 @@ def grid_centre(volume: Volume) -> npt.NDArray[np.float64]:
     """The centre of ``volume``'s grid (midway between its corner voxels) in LPS mm."""
     half = (np.array(volume.shape[::-1], dtype=float) - 1.0) / 2.0
     return np.asarray((volume.affine @ np.array([*half, 1.0]))[:3], dtype=np.float64)
+
+
+def moved(volume: Volume, matrix: npt.ArrayLike, frame_of_reference_uid: str | None) -> Volume:
+    """``volume`` re-expressed in another frame of reference: the same voxels, its grid mapped
+    by ``matrix`` (4x4, points of the volume's frame to points of the new frame; a rotation,
+    optionally with a uniform scale). Nothing is resampled."""
+    m = np.asarray(matrix, dtype=float)
+    axes = m[:3, :3] @ (np.asarray(volume.direction, dtype=float) @ np.diag(volume.spacing))
+    spacing = np.linalg.norm(axes, axis=0)
+    direction = axes / spacing
+    gram = direction.T @ direction
+    if np.max(np.abs(gram - np.eye(3))) > ORIENTATION_TOLERANCE or np.linalg.det(direction) < 0:
+        raise ConversionError(
+            "expected a rigid transform (a rotation, optionally scaled) between the frames of "
+            "reference, found one that shears or mirrors the grid "
+            f"(axes {_fmt(direction.T.ravel())})"
+        )
+    origin = m[:3, :3] @ np.asarray(volume.origin, dtype=float) + m[:3, 3]
+    return replace(
+        volume,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=direction,
+        frame_of_reference_uid=frame_of_reference_uid,
+    )
 
 
 def sitk_image(volume: Volume, array: npt.ArrayLike | None = None) -> Any:

@@ -2,12 +2,14 @@
 
 Public entry points: :func:`load_rtdose` (the dose on its own grid) and :func:`dose_on_grid`
 (the dose resampled onto the grid of an image volume with trilinear interpolation, zero outside
-the dose grid). The dose must be on the image's frame of reference.
+the dose grid). The dose must be on the image's frame of reference, or on one a Spatial
+Registration relates to it (:mod:`dicom_node.convert.spatial_registration`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,8 +22,13 @@ from dicom_node.convert._dataset import (
     read_dataset,
     source_name,
 )
-from dicom_node.convert.geometry import orientation_axes, resample
+from dicom_node.convert.geometry import moved, orientation_axes, resample
 from dicom_node.convert.series import decode_pixels
+from dicom_node.convert.spatial_registration import (
+    FrameRegistration,
+    frame_transform,
+    rotation_deg,
+)
 from dicom_node.errors import ConversionError
 from dicom_node.types import Volume
 
@@ -113,21 +120,33 @@ def load_rtdose(source: Source) -> Volume:
     )
 
 
-def dose_on_grid(source: Source | Volume, reference: Volume) -> Volume:
+def dose_on_grid(
+    source: Source | Volume,
+    reference: Volume,
+    registrations: Sequence[FrameRegistration] = (),
+) -> Volume:
     """The dose (Gy, float32) resampled onto ``reference``'s grid, trilinear, 0 outside.
 
-    The dose and the reference must share a frame of reference, else :class:`ConversionError`
-    names both UIDs.
+    A dose on another frame of reference (the planning CT's) is placed on the reference's by
+    the one of ``registrations`` that relates the two frames; without one,
+    :class:`ConversionError` names both UIDs.
     """
     dose = source if isinstance(source, Volume) else load_rtdose(source)
-    if not reference.frame_of_reference_uid or (
-        dose.frame_of_reference_uid != reference.frame_of_reference_uid
-    ):
+    ref_for, dose_for = reference.frame_of_reference_uid, dose.frame_of_reference_uid
+    if not ref_for or not dose_for or (dose_for != ref_for and not registrations):
         raise ConversionError(
-            f"RT Dose is on frame of reference {dose.frame_of_reference_uid or '<none>'} but the "
-            f"image is on {reference.frame_of_reference_uid or '<none>'}; expected the same "
-            "frame of reference"
+            f"RT Dose is on frame of reference {dose_for or '<none>'} but the image is on "
+            f"{ref_for or '<none>'}; expected the same frame of reference or a Spatial "
+            "Registration relating the two (send the registration the planning system made "
+            "with the study)"
         )
+    if dose_for != ref_for:
+        matrix, reg = frame_transform(registrations, dose_for, ref_for, "RT Dose")
+        dose = moved(dose, matrix, ref_for)
+        log.info(
+            "RT Dose on frame %s placed on the image's by Spatial Registration %s (rotation "
+            "%.1f degrees)", dose_for, reg.sop_instance_uid if reg else "", rotation_deg(matrix),
+        )  # fmt: skip
     values = resample(dose, reference, order=1, fill=0.0, output_dtype=np.float32)
     covered = float(np.mean(values > 0)) if values.size else 0.0
     log.info("dose resampled onto the image grid: max %.2f Gy", float(values.max(initial=0.0)))

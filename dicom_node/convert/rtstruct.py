@@ -10,8 +10,11 @@ Public entry points:
 Rasterisation rule: a voxel belongs to the ROI when its centre lies inside the contours of its
 slice under the even-odd rule. Vertices keep their sub-voxel positions (no rounding), several
 contours on one slice are combined, and a contour inside another one is a hole (XOR), which is
-how planning systems export holes. Every contour must lie in the plane of an image slice; a
-contour that is oblique to the slices or lies between them is refused.
+how planning systems export holes. On the image's frame of reference every contour must lie in
+the plane of an image slice; a contour that is oblique to the slices or lies between them is
+refused. A structure set on another frame (the planning CT's) is rasterised on its own contour
+planes and placed on the image by the study's Spatial Registration (:func:`contour_grid`,
+:mod:`dicom_node.convert.spatial_registration`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from dicom_node.convert._dataset import (
     read_dataset,
     source_name,
 )
-from dicom_node.convert.geometry import world_to_index
+from dicom_node.convert.geometry import grid_centre, moved, resample, world_to_index
+from dicom_node.convert.spatial_registration import (
+    FrameRegistration,
+    frame_transform,
+    rotation_deg,
+)
 from dicom_node.errors import ConversionError
 from dicom_node.types import Volume
 
@@ -273,6 +281,63 @@ def contours_to_polygons(
     return polygons
 
 
+def contour_grid(
+    contours: Sequence[npt.NDArray[np.float64]], frame_uid: str, pixel_mm: float, label: str
+) -> Volume:
+    """An empty grid, in the contours' own frame, whose slices are the contours' planes: the
+    planes must be parallel and on a regular lattice (the slices of the series they were drawn
+    on, e.g. the planning CT, which the node need not have). In-plane pixels of ``pixel_mm``,
+    one empty slice beyond each end, so the ROI ends halfway between slices as on its series."""
+    normals = []
+    for pts in contours:
+        centred = pts - pts.mean(axis=0)
+        if len(pts) >= 3:
+            normals.append(np.linalg.svd(centred, full_matrices=False)[2][2])
+    if not normals:
+        raise ConversionError(f"{label}: expected closed contours of 3 or more points, found none")
+    n = normals[0] if normals[0][np.argmax(np.abs(normals[0]))] > 0 else -normals[0]
+    tilted = [i + 1 for i, m in enumerate(normals) if abs(float(n @ m)) < 0.9999]
+    if tilted:
+        raise ConversionError(
+            f"{label}: expected contours in parallel planes (the slices of one series), found "
+            f"contour(s) {tilted[:5]} tilted against contour 1"
+        )
+    positions = np.array([float(n @ pts.mean(axis=0)) for pts in contours])
+    levels = np.unique(np.round(positions, 2))
+    steps = np.diff(levels)
+    step = float(steps[steps > 0.05].min()) if np.any(steps > 0.05) else pixel_mm * 2
+    lattice = (positions - levels[0]) / step
+    off = np.abs(lattice - np.round(lattice))
+    if np.max(off) > 0.1:
+        bad = sorted({round(float(p), 2) for p, o in zip(positions, off, strict=True) if o > 0.1})
+        raise ConversionError(
+            f"{label}: expected contour planes on a regular lattice ({step:.2f} mm apart, the "
+            f"slices they were drawn on), found planes at {bad[:5]} mm off it"
+        )
+    u = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = u - (u @ n) * n
+    u /= np.linalg.norm(u)
+    v = np.cross(n, u)
+    points = np.concatenate(list(contours))
+    lo = np.array([(points @ u).min(), (points @ v).min()]) - 2 * pixel_mm
+    hi = np.array([(points @ u).max(), (points @ v).max()]) + 2 * pixel_mm
+    ni, nj = (np.ceil((hi - lo) / pixel_mm) + 1).astype(int)
+    nk = round(float(np.max(lattice))) + 3
+    origin = lo[0] * u + lo[1] * v + (levels[0] - step) * n
+    if ni * nj * nk > 64_000_000:
+        raise ConversionError(
+            f"{label}: the contours span {ni} x {nj} x {nk} voxels of {pixel_mm:.2f} mm; "
+            "expected a tumour outline (at most 64 million voxels)"
+        )
+    return Volume(
+        array=np.zeros((nk, nj, ni), dtype=bool),
+        spacing=(pixel_mm, pixel_mm, step),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=np.stack([u, v, n], axis=1),
+        frame_of_reference_uid=frame_uid,
+    )
+
+
 def load_rtstruct_mask(
     source: Source,
     reference: Volume,
@@ -280,10 +345,15 @@ def load_rtstruct_mask(
     *,
     combine: bool = False,
     coplanar_tolerance: float = 0.1,
+    registrations: Sequence[FrameRegistration] = (),
 ) -> Volume:
     """Mask (bool) of the ROI whose name matches ``roi_pattern`` on ``reference``'s grid.
 
-    The structure set's ROI must be on the reference volume's frame of reference, otherwise a
+    An ROI on the reference volume's frame of reference is rasterised on its grid (its contours
+    must lie on its slices). An ROI on another frame (the planning CT's) needs one of
+    ``registrations`` to relate the two frames: it is rasterised on its own slices
+    (:func:`contour_grid`), that grid is placed on the reference frame by the registration's
+    matrix and resampled (a voxel is in when at least half of it is). Otherwise a
     :class:`ConversionError` names both UIDs. Contours other than CLOSED_PLANAR (points, open
     polylines) are ignored with a warning. See :func:`rasterise_polygons` for the rule.
     """
@@ -292,13 +362,16 @@ def load_rtstruct_mask(
     chosen = select_roi(list(rois.values()), roi_pattern, combine=combine)
     mr_for = reference.frame_of_reference_uid
     per_roi: list[list[tuple[int, npt.NDArray[np.float64]]]] = []
+    foreign: list[Volume] = []  # ROIs on another frame, rasterised there and placed on mr_for
+    foreign_contours = 0
     for roi in chosen:
         roi_for = roi.frame_of_reference_uid or get_str(ds, "FrameOfReferenceUID", name)
-        if not mr_for or roi_for != mr_for:
+        if not mr_for or not roi_for or (roi_for != mr_for and not registrations):
             raise ConversionError(
                 f"{name}: ROI {roi.name!r} is on frame of reference {roi_for or '<none>'} but the "
-                f"image is on {mr_for or '<none>'}; expected the same frame of reference "
-                "(structure set drawn on another study or registration not applied)"
+                f"image is on {mr_for or '<none>'}; expected the same frame of reference or a "
+                "Spatial Registration relating the two (structure set drawn on the planning CT: "
+                "send the registration the planning system made with the study)"
             )
         contours = roi_contours(ds, name, roi.number)
         closed = [c.points for c in contours if c.geometric_type == "CLOSED_PLANAR"]
@@ -315,25 +388,39 @@ def load_rtstruct_mask(
                 f"{name}: ROI {roi.name!r} has no CLOSED_PLANAR contour; expected a delineated "
                 f"volume, found {len(contours)} contour(s) of other types"
             )
+        label = f"{name}: ROI {roi.name!r}"
+        if roi_for != mr_for:
+            matrix, reg = frame_transform(registrations, roi_for, mr_for, label)
+            grid = contour_grid(closed, roi_for, min(reference.spacing) / 2, label)
+            polygons = contours_to_polygons(closed, grid, label=label)
+            drawn = grid.with_array(rasterise_polygons(polygons, grid.shape))
+            foreign.append(moved(drawn, matrix, mr_for))
+            foreign_contours += len(polygons)
+            log.info(
+                "%s: on frame %s, placed on the T1-Gd's by Spatial Registration %s (rotation "
+                "%.1f degrees, shift %.1f mm at the ROI)", label, roi_for,
+                reg.sop_instance_uid if reg else "", rotation_deg(matrix),
+                float(np.linalg.norm((matrix @ [*grid_centre(grid), 1.0])[:3] - grid_centre(grid))),
+            )  # fmt: skip
+            continue
         per_roi.append(
             contours_to_polygons(
-                closed,
-                reference,
-                coplanar_tolerance=coplanar_tolerance,
-                label=f"{name}: ROI {roi.name!r}",
+                closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
             )
         )
     polygons = [p for roi_polygons in per_roi for p in roi_polygons]
-    if not polygons:
+    if not polygons and not foreign:
         names = ", ".join(repr(r.name) for r in chosen)
         raise ConversionError(
             f"{name}: ROI {names} has no contour inside the image slab of the reference series "
             f"({reference.shape[0]} slices); expected the structure set of this series"
         )
     # several ROIs are united, each rasterised on its own so they do not cut holes in each other
-    mask = rasterise_polygons(per_roi[0], reference.shape)
-    for roi_polygons in per_roi[1:]:
+    mask = np.zeros(reference.shape, dtype=bool)
+    for roi_polygons in per_roi:
         mask |= rasterise_polygons(roi_polygons, reference.shape)
+    for drawn in foreign:  # a voxel is in when at least half of it is, by trilinear weights
+        mask |= resample(drawn, reference, order=1, output_dtype=np.bool_)
     if not mask.any():
         raise ConversionError(
             f"{name}: ROI {', '.join(repr(r.name) for r in chosen)} covers no voxel centre of the "
@@ -343,7 +430,7 @@ def load_rtstruct_mask(
     log.info(
         "rasterised ROI %s: %d contour(s), %d voxel(s)",
         ", ".join(r.name for r in chosen),
-        len(polygons),
+        len(polygons) + foreign_contours,
         int(mask.sum()),
     )
     return reference.with_array(mask)

@@ -93,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "reference of its own, the head rotated by 3-10 degrees and shifted by up to 10 mm "
         "(training and evaluation register it back; NIfTI files stay registered)",
     )
+    parser.add_argument(
+        "--rt-planning-frame",
+        action="store_true",
+        help="write each DICOM RTSTRUCT and RTDOSE as a planning system exports them from the "
+        "planning CT: on a frame of reference of their own (rotated 2-10 degrees, shifted up to "
+        "40 mm), with the Spatial Registration (REG) relating the MR to it",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -121,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             mass_effect=not args.no_mass_effect,
             outcome_draws=args.outcome_draws,
             follow_up_moved=args.follow_up_moved,
+            rt_planning_frame=args.rt_planning_frame,
         )
     except GlioforecastError as exc:
         logger.error("synth failed: %s", exc)

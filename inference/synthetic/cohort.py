@@ -41,12 +41,14 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from dicom_node.convert.geometry import grid_centre, sitk_image
+from dicom_node.convert.spatial_registration import rotation_deg
 from dicom_node.errors import InputError
 from dicom_node.types import PatientStudy, Volume
 from inference.registration import RigidTransform
 from inference.synthetic import anatomy as anatomy_mod
 from inference.synthetic import dicom_export as dx
 from inference.synthetic import outcome, scanner, treatment, tumour
+from inference.synthetic.planning_frame import to_planning_frame
 
 logger = logging.getLogger(__name__)
 
@@ -203,15 +205,16 @@ def generate_patient(
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
     mass_effect: bool = True,
     follow_up_moved: bool = False,
+    rt_planning_frame: bool = False,
 ) -> PatientRecord:
     """Simulate patient ``index`` of the cohort ``seed`` and write its files under ``out_dir``.
 
     ``formats`` is any subset of ``("nifti", "dicom")`` (empty: the table row only).
-    ``follow_up_moved``: see :func:`generate_patient_draws`.
+    ``follow_up_moved``, ``rt_planning_frame``: see :func:`generate_patient_draws`.
     """
     return generate_patient_draws(
         index, seed, out_dir, n_sites, spacing_mm, formats, survival_cutoffs, mass_effect,
-        follow_up_moved=follow_up_moved,
+        follow_up_moved=follow_up_moved, rt_planning_frame=rt_planning_frame,
     )[0]  # fmt: skip
 
 
@@ -226,6 +229,7 @@ def generate_patient_draws(
     mass_effect: bool = True,
     outcome_draws: int = 1,
     follow_up_moved: bool = False,
+    rt_planning_frame: bool = False,
 ) -> list[PatientRecord]:
     """Patient ``index`` of the cohort ``seed`` and, with ``outcome_draws`` > 1, its outcome
     twins: the same patient up to the radiotherapy plan (the same pre-treatment images, byte
@@ -238,7 +242,12 @@ def generate_patient_draws(
     ``follow_up_moved``: the DICOM follow-up study is written as a real one is acquired, on a
     frame of reference of its own with the head moved by :func:`follow_up_motion` (the same
     voxels on a rotated and shifted grid); the table gets ``follow_up_rotation_deg`` and
-    ``follow_up_shift_mm``. The NIfTI files stay on the pre-treatment grid (registered)."""
+    ``follow_up_shift_mm``. The NIfTI files stay on the pre-treatment grid (registered).
+
+    ``rt_planning_frame``: the DICOM RTSTRUCT and RTDOSE are on a planning frame of reference of
+    their own, as a planning system exports them from the planning CT, with the Spatial
+    Registration relating the MR to it (:mod:`inference.synthetic.planning_frame`); the table
+    gets ``planning_rotation_deg``."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise InputError(f"formats must be among {FORMATS}, found {sorted(unknown)}")
@@ -367,6 +376,9 @@ def generate_patient_draws(
             if motion is not None:
                 record["follow_up_rotation_deg"] = round(motion.rotation_deg, 3)
                 record["follow_up_shift_mm"] = round(motion.shift_mm(grid_centre(acq)), 3)
+            if rt_planning_frame:
+                frame = to_planning_frame(pdir / "dicom" / "pre", seed, index)
+                record["planning_rotation_deg"] = round(rotation_deg(frame.matrix), 3)
         record["folder"] = record["patient_id"]
     return [PatientRecord(r) for r in records]
 
@@ -621,13 +633,23 @@ def _write_dicom(
 
 def _worker(
     args: tuple[
-        int, int, str | None, int, float, tuple[str, ...], tuple[float, float], bool, int, bool
+        int,
+        int,
+        str | None,
+        int,
+        float,
+        tuple[str, ...],
+        tuple[float, float],
+        bool,
+        int,
+        bool,
+        bool,
     ],
 ) -> list[PatientRecord]:
-    index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws, moved = args
+    index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws, moved, planning = args
     return generate_patient_draws(
         index, seed, Path(out) if out else None, n_sites, spacing, formats, cutoffs, mass, draws,
-        follow_up_moved=moved,
+        follow_up_moved=moved, rt_planning_frame=planning,
     )  # fmt: skip
 
 
@@ -645,6 +667,7 @@ def generate_cohort(
     mass_effect: bool = True,
     outcome_draws: int = 1,
     follow_up_moved: bool = False,
+    rt_planning_frame: bool = False,
 ) -> list[PatientRecord]:
     """Generate ``patients`` patients over ``sites`` sites; writes cohort.csv and sites.csv.
 
@@ -652,8 +675,9 @@ def generate_cohort(
     ``progress`` wraps the iterator of finished patients (e.g. a tqdm bar).
     ``outcome_draws`` > 1 adds each patient's outcome twins (:func:`generate_patient_draws`)
     after it in the table, with the columns ``outcome_draw`` and ``outcome_of``.
-    ``follow_up_moved``: DICOM follow-ups on their own frame of reference, the head moved
-    (:func:`generate_patient_draws`).
+    ``follow_up_moved``: DICOM follow-ups on their own frame of reference, the head moved;
+    ``rt_planning_frame``: DICOM RTSTRUCT and RTDOSE on a planning frame with a Spatial
+    Registration (both: :func:`generate_patient_draws`).
     """
     if patients < 1:
         raise InputError(f"the number of patients must be >= 1, found {patients}")
@@ -675,6 +699,7 @@ def generate_cohort(
             mass_effect,
             outcome_draws,
             follow_up_moved,
+            rt_planning_frame,
         )
         for i in range(patients)
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -19,6 +20,7 @@ import pytest
 from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, SUPERSEDED, JobStore
 from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
+from inference.synthetic.planning_frame import to_planning_frame
 from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_scp import storescu
@@ -231,3 +233,54 @@ def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
         assert numbers["category"] == "Stable Disease"  # the no-change baseline
     finally:
         pacs.stop()
+
+
+def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ignore[no-untyped-def]
+    run_node, patient, pacs, tmp_path
+) -> None:
+    """As a planning system routes them: the GTV and the dose on the planning CT's frame of
+    reference, the registration of the MR to the CT sent later. Without it the job fails and
+    says what to send; the registration arriving reopens the study, and the new job places the
+    GTV on the MR by it."""
+    pre, truth = patient
+    destination, received = pacs
+    planned = tmp_path / "planned"
+    shutil.copytree(pre, planned)
+    to_planning_frame(planned, 5, 0)
+    settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
+    node = run_node(settings)
+    reg = planned / "REG" / "reg.dcm"
+    files = sorted(p for p in planned.rglob("*.dcm") if p != reg)
+    sent = storescu(node.scp.port, *files)
+    assert sent.stderr.count("Received Store Response (Success)") == len(files)
+    first = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120, what="the first job to finish",
+    )  # fmt: skip
+    assert first.state == FAILED
+    assert "expected the same frame of reference or a Spatial Registration" in first.reason
+    sent = storescu(node.scp.port, reg)
+    assert "Received Store Response (Success)" in sent.stderr, sent.stderr
+    second = wait_for(
+        lambda: next(
+            (j for j in node.store.list_jobs() if j.id != first.id and j.state in (DONE, FAILED)),
+            None,
+        ),
+        timeout=120, what="the job of the reopened study",
+    )  # fmt: skip
+    assert second.state == DONE, second.reason
+    instances = node.store.job_instances(second.id)
+    assert sum(len(v) for v in instances.values()) == len(files) + 1
+    # the tumour volume the SR reports is the synthetic truth's GTV, as on the MR's own frame
+    sr = wait_for(
+        lambda: next((p for p in received.iterdir() if pydicom.dcmread(p).Modality == "SR"), None),
+        timeout=120, what="the SR at the PACS",
+    )  # fmt: skip
+    volumes = [
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _walk(pydicom.dcmread(sr))
+        if "MeasuredValueSequence" in item
+        and item.ConceptNameCodeSequence[0].CodeMeaning
+        in ("Volume", "Tumor volume", "Current tumour volume")
+    ]
+    assert any(abs(v - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2 for v in volumes), volumes

@@ -31,6 +31,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
     assert args.survival_cutoffs == (12.0, 24.0)
     assert args.no_mass_effect is False
     assert args.follow_up_moved is False
+    assert args.rt_planning_frame is False
 
 
 @pytest.mark.parametrize(
@@ -86,6 +87,35 @@ def test_run_moves_the_dicom_follow_up(tmp_path: Path) -> None:
         for phase in ("pre", "post")
     }
     assert frames["pre"] != frames["post"]
+
+
+def test_run_puts_the_rt_objects_on_a_planning_frame(tmp_path: Path) -> None:
+    import pydicom
+
+    def run(out: Path, *extra: str) -> Path:
+        args = _parser().parse_args(
+            ["synth", "--patients", "1", "--out", str(out), "--seed", "4", "--spacing", "6",
+             "--format", "dicom", "--no-progress", *extra]
+        )  # fmt: skip
+        assert args.func(args) == 0
+        return out
+
+    plain, planned = run(tmp_path / "a"), run(tmp_path / "b", "--rt-planning-frame")
+    (row,) = read_table(planned / "cohort.csv")
+    assert 2.0 <= float(row["planning_rotation_deg"]) <= 10.0
+    pre = Path("GF00004-0001") / "dicom" / "pre"
+    rs = pydicom.dcmread(planned / pre / "RTSTRUCT" / "rtstruct.dcm")
+    reg = pydicom.dcmread(planned / pre / "REG" / "reg.dcm")
+    t1c = pydicom.dcmread(next((planned / pre / "003_t1c").glob("*.dcm")))
+    assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == reg.FrameOfReferenceUID
+    assert reg.FrameOfReferenceUID != t1c.FrameOfReferenceUID
+    assert {str(i.FrameOfReferenceUID) for i in reg.RegistrationSequence} == {
+        reg.FrameOfReferenceUID, t1c.FrameOfReferenceUID,
+    }  # fmt: skip
+    # the MR series are those written without the option, byte for byte
+    mr = sorted(p.relative_to(planned) for p in (planned / pre).glob("0*/*.dcm"))
+    assert mr and all((planned / p).read_bytes() == (plain / p).read_bytes() for p in mr)
+    assert not (plain / pre / "REG").exists()
 
 
 def test_run_reports_library_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
