@@ -178,10 +178,14 @@ class Pipeline:
             members = instances.get(series[role].series.series_instance_uid, [])
             return series_ref(series[role], [uid for uid, _ in members])
 
-        registrations = [
-            self.spool_root / rel
+        reg_series = [
+            js
             for js in self.store.job_series(job_id)
             if js.series.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+        ]
+        registrations = [
+            self.spool_root / rel
+            for js in reg_series
             for _, rel in instances.get(js.series.series_instance_uid, [])
         ]
         inputs = assemble_inputs(
@@ -195,6 +199,11 @@ class Pipeline:
         prediction = self.predictor.predict(inputs)
         others = [
             ref(role) for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS) if role in series
+        ]
+        # the study's Spatial Registrations were at hand to place the GTV and the dose
+        others += [
+            series_ref(js, [uid for uid, _ in instances.get(js.series.series_instance_uid, [])])
+            for js in reg_series
         ]
         job_inputs = JobInputs(
             patient=patient_study(header),

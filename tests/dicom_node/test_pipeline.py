@@ -284,3 +284,11 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
         in ("Volume", "Tumor volume", "Current tumour volume")
     ]
     assert any(abs(v - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2 for v in volumes), volumes
+    # the registration is among the SR's evidence, with the other inputs
+    evidence = {
+        str(sop.ReferencedSOPInstanceUID)
+        for study in pydicom.dcmread(sr).CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert pydicom.dcmread(reg).SOPInstanceUID in evidence
