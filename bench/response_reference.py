@@ -42,6 +42,7 @@ import numpy.typing as npt
 from bench.report import machine_description
 from dicom_node.errors import InputError
 from dicom_node.types import RESPONSE_CATEGORIES
+from inference.metrics import category_metrics
 
 NO_CHANGE = 1.0 / len(RESPONSE_CATEGORIES)
 Row = dict[str, str]
@@ -125,7 +126,7 @@ def read_table(folder: str | Path, sites: Sequence[str] = ()) -> list[Row]:
     needed = {"response_category", "site", *COLUMNS}
     missing = sorted(needed - set(rows[0] if rows else {}))
     if missing:
-        raise InputError(f"{path}: expected the columns {missing}, found none of them")
+        raise InputError(f"{path}: expected the columns {missing}, found a table without them")
     kept = [r for r in rows if not sites or r["site"] in sites]
     if not kept:
         found = sorted({r["site"] for r in rows})
@@ -134,9 +135,9 @@ def read_table(folder: str | Path, sites: Sequence[str] = ()) -> list[Row]:
 
 
 def balanced_accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
-    """The mean over the categories present in ``truth`` of the share found."""
-    t, p = np.asarray(truth), np.asarray(pred)
-    return float(np.mean([np.mean(p[t == c] == c) for c in sorted(set(truth))]))
+    """As the model card scores it (:func:`inference.metrics.category_metrics`)."""
+    one_hot = [{c: float(c == p) for c in RESPONSE_CATEGORIES} for p in pred]
+    return category_metrics(truth, pred, one_hot, RESPONSE_CATEGORIES).balanced_accuracy
 
 
 def _matrix(rows: Sequence[Row], features: Callable[[Row], list[float]]) -> npt.NDArray[Any]:
