@@ -1,7 +1,10 @@
 """Study assembly: a study becomes a job once no instance has arrived for the quiet period.
 
 A late instance marks the study pending again; after another quiet period a new job version is
-created with every instance of the study, and the earlier version is superseded.
+created with every instance of the study, and the earlier version is superseded. A study with a
+T1-Gd and no structure set may take the RT objects of another study of the patient (the
+planning CT's study), and an RT study arriving later reopens the MR studies it belongs to
+(:mod:`dicom_node.linking`).
 """
 
 from __future__ import annotations
@@ -9,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from dicom_node.jobs import FAILED, QUEUED, JobStore
-from dicom_node.roles import assign_roles
+from dicom_node.jobs import FAILED, QUEUED, JobStore, SeriesSummary
+from dicom_node.linking import RT_CLASSES, Linker
+from dicom_node.roles import RoleOutcome, assign_roles
 from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,6 +24,7 @@ class Assembler:
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
+        self.linker = Linker(store, settings.storage.spool_dir)
 
     def run_once(self, now: float | None = None) -> list[int]:
         """Turn every study that has been quiet long enough into a job; return the job ids."""
@@ -28,8 +33,11 @@ class Assembler:
         for study_uid in self.store.due_studies(now, self.settings.assembly.quiet_period_s):
             series = self.store.series_of_study(study_uid)
             outcome = assign_roles(series, self.settings.roles)
+            linked, note = self._link(study_uid, series, outcome, now)
+            if linked:
+                outcome = assign_roles([*series, *linked], self.settings.roles)
             state = QUEUED if outcome.ok else FAILED
-            reason = "; ".join(outcome.problems)
+            reason = "; ".join([*outcome.problems, *([note] if note and not outcome.ok else [])])
             removed_at = self.store.study_removed_at(study_uid)
             if not outcome.ok and removed_at is not None:
                 reason += (
@@ -37,7 +45,12 @@ class Assembler:
                     f"{time.strftime('%Y-%m-%d', time.localtime(removed_at))}: send the whole "
                     "study again"
                 )
-            job_id = self.store.create_job(study_uid, outcome.decisions, state, reason)
+            job_id = self.store.create_job(
+                study_uid, outcome.decisions, state, reason,
+                [s.series_instance_uid for s in linked],
+            )  # fmt: skip
+            if note:
+                self.store.add_event(job_id, "linked", note)
             created.append(job_id)
             roles = ", ".join(sorted({d.role for d in outcome.decisions if d.role})) or "none"
             log.info(
@@ -50,6 +63,42 @@ class Assembler:
                 extra={"job": job_id},
             )
         return created
+
+    def _link(
+        self, study_uid: str, series: list[SeriesSummary], outcome: RoleOutcome, now: float
+    ) -> tuple[list[SeriesSummary], str]:
+        """RT series of another study of the patient for this one (:mod:`dicom_node.linking`),
+        and a note saying what was linked or reopened."""
+        days = self.settings.assembly.link_rt_days
+        if days <= 0:
+            return [], ""
+        roles = {d.series_instance_uid: d.role for d in outcome.decisions}
+        by_role = {roles[s.series_instance_uid]: s for s in series if roles[s.series_instance_uid]}
+        since = now - days * 86400.0
+        if "t1c" in by_role and "rtstruct" not in by_role:
+            found = self.linker.rt_series_for(
+                study_uid, {by_role["t1c"].frame_of_reference_uid}, series, since
+            )
+            if found is None:
+                return [], ""
+            other, rt = found
+            return rt, (
+                f"RT objects linked from the patient's study {other} "
+                f"({len(rt)} series: structure set, dose and registrations)"
+            )
+        if "rtstruct" in by_role and "t1c" not in by_role:
+            rt = [s for s in series if s.sop_class_uid in RT_CLASSES]
+            reopened = self.linker.mr_studies_for(study_uid, rt, since)
+            for other in reopened:
+                self.store.reopen(
+                    other, f"reopened: the patient's RT objects arrived in study {study_uid}"
+                )
+            if reopened:
+                return [], (
+                    f"its RT objects are used by the patient's MR study {', '.join(reopened)}, "
+                    "reopened to run with them"
+                )
+        return [], ""
 
     def retry(self, job_id: int) -> str:
         """Re-evaluate the roles of a failed job with the current rules and re-queue it."""

@@ -352,6 +352,45 @@ class JobStore:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def patient_studies(
+        self, study_uid: str, since: float, sop_classes: Sequence[str]
+    ) -> list[str]:
+        """The patient's other studies (same patient key), last received at ``since`` or later,
+        with an instance of one of ``sop_classes`` still in the spool; newest first."""
+        marks = ",".join("?" * len(sop_classes))
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s2.study_instance_uid FROM studies s1 JOIN studies s2 "
+                "ON s2.patient_key = s1.patient_key "
+                "AND s2.study_instance_uid != s1.study_instance_uid "
+                "WHERE s1.study_instance_uid = ? AND s2.last_received_at >= ? "
+                "AND EXISTS (SELECT 1 FROM instances i "
+                "WHERE i.study_instance_uid = s2.study_instance_uid AND i.removed_at IS NULL "
+                f"AND i.sop_class_uid IN ({marks})) ORDER BY s2.last_received_at DESC",
+                (study_uid, since, *sop_classes),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def series_paths(self, series_uid: str) -> list[str]:
+        """Spool-relative paths of a series' instances still in the spool."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT path FROM instances WHERE series_instance_uid = ? AND removed_at IS NULL "
+                "ORDER BY path",
+                (series_uid,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def reopen(self, study_uid: str, message: str) -> None:
+        """Assemble a study again at the next pass (its instances unchanged), with an event on
+        its latest job."""
+        with self.transaction() as db:
+            db.execute("UPDATE studies SET pending = 1 WHERE study_instance_uid = ?", (study_uid,))
+            row = db.execute(
+                "SELECT max(id) FROM jobs WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+            _event(db, row[0] if row else None, "reopened", message)
+
     def series_of_study(self, study_uid: str) -> list[SeriesSummary]:
         with self._lock:
             rows = self._conn.execute(
@@ -368,11 +407,16 @@ class JobStore:
     # ---------------------------------------------------------------- jobs
 
     def create_job(
-        self, study_uid: str, decisions: Sequence[RoleDecision], state: str, reason: str
+        self,
+        study_uid: str,
+        decisions: Sequence[RoleDecision],
+        state: str,
+        reason: str,
+        linked_series: Sequence[str] = (),
     ) -> int:
-        """Create the next job version of a study with all of its instances (one transaction).
-
-        Every earlier version of the study becomes ``superseded``.
+        """Create the next job version of a study with all of its instances and those of
+        ``linked_series`` (series of another study of the patient, :mod:`dicom_node.linking`),
+        in one transaction. Every earlier version of the study becomes ``superseded``.
         """
         now = time.time()
         with self.transaction() as db:
@@ -406,6 +450,13 @@ class JobStore:
                 "AND removed_at IS NULL",
                 (job_id, study_uid),
             )
+            for series_uid in linked_series:
+                db.execute(
+                    "INSERT OR IGNORE INTO job_instances (job_id, sop_instance_uid) "
+                    "SELECT ?, sop_instance_uid FROM instances WHERE series_instance_uid = ? "
+                    "AND removed_at IS NULL",
+                    (job_id, series_uid),
+                )
             db.execute(
                 "UPDATE instances SET assembled = 1 WHERE study_instance_uid = ? AND assembled = 0",
                 (study_uid,),

@@ -167,6 +167,8 @@ class RetentionSettings:
 class AssemblySettings:
     quiet_period_s: float = field(default=30.0, metadata=_spec("", minimum=0.0))
     poll_interval_s: float = field(default=1.0, metadata=_spec("", minimum=0.01, maximum=60))
+    # RT objects from another study of the same patient (dicom_node.linking); 0 = never
+    link_rt_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))
 
 
 @dataclass(frozen=True)

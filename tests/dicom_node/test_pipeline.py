@@ -292,3 +292,90 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
         for sop in series.ReferencedSOPSequence
     }
     assert pydicom.dcmread(reg).SOPInstanceUID in evidence
+
+
+def _planning_study(pre, tmp_path):  # type: ignore[no-untyped-def]
+    """The patient's MR study and, as a planning system exports them, its RT objects in the
+    planning CT's study: RTSTRUCT, RTDOSE and REG on the planning frame, another Study UID."""
+    planned = tmp_path / "planned"
+    shutil.copytree(pre, planned)
+    to_planning_frame(planned, 5, 0)
+    ct_study = pydicom.uid.generate_uid()
+    rt = []
+    for folder in ("RTSTRUCT", "RTDOSE", "REG"):
+        for path in sorted((planned / folder).glob("*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = ct_study
+            ds.save_as(path, enforce_file_format=True)
+            rt.append(path)
+    mr = sorted(p for p in planned.glob("0*/*.dcm"))
+    return mr, rt
+
+
+def _finished(node, exclude=(), study=None):  # type: ignore[no-untyped-def]
+    """The first finished job not in ``exclude`` (of ``study``, when given)."""
+    return wait_for(
+        lambda: next(
+            (
+                j
+                for j in node.store.list_jobs()
+                if j.id not in exclude
+                and j.state in (DONE, FAILED)
+                and study in (None, j.study_instance_uid)
+            ),
+            None,
+        ),
+        timeout=120, what="a job to finish",
+    )  # fmt: skip
+
+
+def test_rt_objects_in_the_planning_ct_study_join_the_mr_study(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The MR study first (its job fails: no structure set), then the RT objects in the planning
+    CT's study: that study cannot run alone, but it reopens the MR study, whose new job uses
+    its structure set, dose and registration."""
+    pre, _ = patient
+    mr, rt = _planning_study(pre, tmp_path)
+    node = run_node(make_settings(tmp_path / "data"))
+    assert storescu(node.scp.port, *mr).stderr.count("(Success)") == len(mr)
+    first = _finished(node)
+    assert first.state == FAILED and "missing required role rtstruct" in first.reason
+    assert storescu(node.scp.port, *rt).stderr.count("(Success)") == len(rt)
+    ct_study = pydicom.dcmread(rt[0]).StudyInstanceUID
+    rt_job = _finished(node, study=ct_study)
+    assert rt_job.state == FAILED and "missing required role t1c" in rt_job.reason
+    assert f"used by the patient's MR study {first.study_instance_uid}" in rt_job.reason
+    second = _finished(node, {first.id}, study=first.study_instance_uid)
+    assert second.version == 2
+    assert second.state == DONE, second.reason
+    roles = {js.role for js in node.store.job_series(second.id)}
+    assert {"t1c", "rtstruct", "rtdose"} <= roles
+    linked = [e.message for e in node.store.events(second.id) if e.kind == "linked"]
+    assert linked == [f"RT objects linked from the patient's study {ct_study} (3 series: "
+                      "structure set, dose and registrations)"]  # fmt: skip
+    assert any(e.kind == "reopened" for e in node.store.events(first.id))
+
+
+def test_rt_study_first_then_mr_study_and_an_unrelated_plan(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The RT study first, then the MR study: linked at once. The same RT study without its
+    registration (another plan's frame) is not linked: the MR study's job fails as before."""
+    pre, _ = patient
+    mr, rt = _planning_study(pre, tmp_path)
+    node = run_node(make_settings(tmp_path / "data"))
+    assert storescu(node.scp.port, *rt).stderr.count("(Success)") == len(rt)
+    rt_job = _finished(node)
+    assert rt_job.state == FAILED and "missing required role t1c" in rt_job.reason
+    assert storescu(node.scp.port, *mr).stderr.count("(Success)") == len(mr)
+    job = _finished(node, {rt_job.id})
+    assert job.state == DONE, job.reason
+
+    other = run_node(make_settings(tmp_path / "data2"))
+    without_reg = [p for p in rt if p.parent.name != "REG"]
+    assert storescu(other.scp.port, *without_reg).stderr.count("(Success)") == len(without_reg)
+    alone = _finished(other)
+    assert storescu(other.scp.port, *mr).stderr.count("(Success)") == len(mr)
+    job = _finished(other, {alone.id})
+    assert job.state == FAILED and "missing required role rtstruct" in job.reason
