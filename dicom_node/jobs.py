@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS studies (
     removed_at REAL
 );
 CREATE INDEX IF NOT EXISTS studies_due ON studies(pending, last_received_at);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_key);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_instance_uid TEXT NOT NULL,
