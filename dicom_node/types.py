@@ -175,11 +175,22 @@ def most_frequent_category(probabilities: Mapping[str, float], tie_break: str | 
 
 
 @dataclass(frozen=True)
+class FrameMapping:
+    """Another frame of reference the study's data relate to: ``matrix`` (4x4) maps a point of
+    the T1-Gd's frame into ``frame_of_reference_uid`` (e.g. the planning CT's)."""
+
+    frame_of_reference_uid: str
+    matrix: npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
 class StudyInputs:
     """What a predictor needs from one study, every volume on the source T1-Gd grid.
 
     ``tumour_mask`` is the GTV from the RT structure set (boolean); ``dose`` is the planned dose
     in Gy when an RT Dose was received; ``flair`` / ``t2`` / ``t1`` are present when received.
+    ``planning_frame``: the frame the structure set was drawn on, when it is not the T1-Gd's
+    (the planning CT's, related by a Spatial Registration).
     """
 
     t1c: Volume
@@ -189,3 +200,4 @@ class StudyInputs:
     t1: Volume | None = None
     dose: Volume | None = None
     survival_class: str | None = None
+    planning_frame: FrameMapping | None = None

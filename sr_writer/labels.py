@@ -55,6 +55,7 @@ SERIES_NUMBERS: dict[str, int] = {
     "seg": 9004,
     "rtstruct": 9005,
     "derived-mr": 9006,
+    "rtstruct-planning": 9007,
 }
 
 OUTPUT_KINDS: tuple[str, ...] = tuple(SERIES_NUMBERS)

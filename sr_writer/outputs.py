@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import ExportError
-from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
+from dicom_node.types import FrameMapping, PatientStudy, Prediction, SeriesRef, Volume
 
 from .derived_mr import build_derived_mr
 from .labels import SERIES_NUMBERS, Equipment, JobIdentity, apply_labels, series_description
-from .rtstruct import RoiMask, build_rtstruct
+from .rtstruct import RoiMask, build_rtstruct, move_to_frame
 from .secondary_capture import Window, build_secondary_capture
 from .segmentation import build_segmentation
 from .structured_report import build_structured_report
@@ -38,6 +38,8 @@ class JobInputs:
     ``t1c`` is the source T1-Gd grid (the prediction lies on it), ``t1c_series`` its series;
     ``other_series`` are the other inputs the prediction used (the RTSTRUCT with the GTV, other
     contrasts, the RTDOSE). ``window`` is the source's display window when it had one.
+    ``planning_frame``: the frame the GTV was drawn on when it is not the T1-Gd's (the planning
+    CT's); the predicted tumour is then also written as an RTSTRUCT on that frame.
     """
 
     patient: PatientStudy
@@ -45,6 +47,7 @@ class JobInputs:
     t1c_series: SeriesRef
     other_series: tuple[SeriesRef, ...] = ()
     window: Window | None = None
+    planning_frame: FrameMapping | None = None
 
     @property
     def input_instance_uids(self) -> tuple[str, ...]:
@@ -72,6 +75,7 @@ class JobOutputs:
     rtstruct: Dataset
     sr: Dataset
     derived_mr: tuple[Dataset, ...] = field(default=())
+    rtstruct_planning: Dataset | None = None
 
     def all(self) -> list[Dataset]:
         """Every object, images first and the SR last (the order they are sent in)."""
@@ -81,6 +85,7 @@ class JobOutputs:
             *self.derived_mr,
             self.seg,
             self.rtstruct,
+            *([self.rtstruct_planning] if self.rtstruct_planning is not None else []),
             self.sr,
         ]
 
@@ -142,13 +147,19 @@ def build_outputs(
     rt = build_prediction_rtstruct(
         prediction=prediction, inputs=inputs, job=job, equipment=equipment, when=ts
     )
+    rt_planning = None
+    if inputs.planning_frame is not None:
+        rt_planning = build_prediction_rtstruct(
+            prediction=prediction, inputs=inputs, job=job, equipment=equipment, when=ts,
+            frame=inputs.planning_frame,
+        )  # fmt: skip
     mr: list[Dataset] = []
     if opts.derived_mr:
         mr = build_derived_mr(**common, window=inputs.window)  # type: ignore[arg-type]
     sr = build_structured_report(
         **common,  # type: ignore[arg-type]
         seg=seg,
-        outputs=[*sc, *unc, *mr, rt],
+        outputs=[*sc, *unc, *mr, rt, *([rt_planning] if rt_planning is not None else [])],
         other_sources=inputs.other_series,
     )
     out = JobOutputs(
@@ -159,6 +170,7 @@ def build_outputs(
         rtstruct=rt,
         sr=sr,
         derived_mr=tuple(mr),
+        rtstruct_planning=rt_planning,
     )
     check_same_study(out.all(), inputs.patient.study_instance_uid)
     logger.info(
@@ -177,12 +189,16 @@ def build_prediction_rtstruct(
     job: JobIdentity,
     equipment: Equipment,
     when: datetime.datetime | None = None,
+    frame: FrameMapping | None = None,
 ) -> Dataset:
-    """RTSTRUCT of the predicted tumour on the pre-treatment frame of reference.
+    """RTSTRUCT of the predicted tumour on the pre-treatment frame of reference or, with
+    ``frame``, on that frame (the planning CT's: the contours mapped by its matrix, for a
+    planning system to import onto the plan; its own series).
 
     Written by the shared :func:`sr_writer.rtstruct.build_rtstruct`; the labelling attributes
     (ContentQualification, ContributingEquipmentSequence) are added here.
     """
+    kind = "rtstruct" if frame is None else "rtstruct-planning"
     ts = when or datetime.datetime.now().replace(microsecond=0)
     mask = prediction.tumour_mask
     grid = inputs.t1c
@@ -213,10 +229,12 @@ def build_prediction_rtstruct(
         reference_grid=grid,
         reference_series=inputs.t1c_series,
         patient=inputs.patient,
-        series_instance_uid=job.series_uid("rtstruct"),
-        sop_instance_uid=job.instance_uid("rtstruct"),
-        series_description=series_description("RTSTRUCT"),
-        series_number=SERIES_NUMBERS["rtstruct"],
+        series_instance_uid=job.series_uid(kind),
+        sop_instance_uid=job.instance_uid(kind),
+        series_description=series_description(
+            "RTSTRUCT" if frame is None else "RTSTRUCT PLAN FRAME"
+        ),
+        series_number=SERIES_NUMBERS[kind],
         structure_set_label="PREDICTION",
         manufacturer=equipment.manufacturer,
         software_versions="\\".join(equipment.software_versions),
@@ -225,6 +243,9 @@ def build_prediction_rtstruct(
         roi_generation_algorithm="AUTOMATIC",
     )
     ds.StructureSetDescription = "Predicted post-treatment tumour; synthetic, research use only"
+    if frame is not None:
+        move_to_frame(ds, frame.matrix, frame.frame_of_reference_uid)
+        ds.StructureSetDescription += "; on the planning frame of reference"
     apply_labels(ds, equipment, ts)
     return ds
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
@@ -302,3 +303,26 @@ def build_rtstruct(
         sum(len(c.get("ContourSequence", [])) for c in contour_seq),
     )
     return ds
+
+
+def move_to_frame(ds: Dataset, matrix: npt.ArrayLike, frame_of_reference_uid: str) -> None:
+    """Re-express a structure set on another frame of reference, in place: every contour point
+    ``p`` becomes ``matrix @ p`` (4x4), the frame UIDs become ``frame_of_reference_uid``, and
+    the references to the image slices of the old frame are removed (Type 3: the images of the
+    new frame, e.g. a planning CT, are not known here)."""
+    m = np.asarray(matrix, dtype=float)
+    old = {str(ref.FrameOfReferenceUID) for ref in ds.ReferencedFrameOfReferenceSequence}
+    for ref in ds.ReferencedFrameOfReferenceSequence:
+        ref.FrameOfReferenceUID = frame_of_reference_uid
+        if "RTReferencedStudySequence" in ref:
+            del ref.RTReferencedStudySequence
+    for roi in ds.StructureSetROISequence:
+        if str(roi.ReferencedFrameOfReferenceUID) in old:
+            roi.ReferencedFrameOfReferenceUID = frame_of_reference_uid
+    for roi in ds.ROIContourSequence:
+        for contour in roi.get("ContourSequence", []):
+            pts = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            moved = pts @ m[:3, :3].T + m[:3, 3]
+            contour.ContourData = [format(float(v), ".6f") for v in moved.ravel()]
+            if "ContourImageSequence" in contour:
+                del contour.ContourImageSequence

@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from dicom_node.convert.spatial_registration import SPATIAL_REGISTRATION_SOP_CLASS
 from dicom_node.errors import ExportError
 from inference.synthetic import dicom_export as dx
+from sr_writer.rtstruct import move_to_frame
 
 #: the planning transform's own random stream (the patient's other draws do not change)
 PLANNING_STREAM = 1_000_011
@@ -71,23 +72,6 @@ def planning_frame(seed: int, index: int) -> PlanningFrame:
 
 def _ds(values: npt.ArrayLike) -> list[str]:
     return [format(float(v), ".6f") for v in np.ravel(values)]
-
-
-def _move_rtstruct(ds: Dataset, frame: PlanningFrame) -> None:
-    old = str(ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID)
-    for ref in ds.ReferencedFrameOfReferenceSequence:
-        ref.FrameOfReferenceUID = frame.frame_of_reference_uid
-        if "RTReferencedStudySequence" in ref:
-            del ref.RTReferencedStudySequence  # it names MR slices; a planning CT's would do
-    for roi in ds.StructureSetROISequence:
-        if str(roi.ReferencedFrameOfReferenceUID) == old:
-            roi.ReferencedFrameOfReferenceUID = frame.frame_of_reference_uid
-    for roi in ds.ROIContourSequence:
-        for contour in roi.get("ContourSequence", []):
-            pts = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
-            contour.ContourData = _ds(pts @ frame.rotation.T + frame.translation)
-            if "ContourImageSequence" in contour:
-                del contour.ContourImageSequence
 
 
 def _move_rtdose(ds: Dataset, frame: PlanningFrame) -> None:
@@ -164,7 +148,7 @@ def to_planning_frame(pre_dir: Path, seed: int, index: int) -> PlanningFrame:
     frame = planning_frame(seed, index)
     rs = pydicom.dcmread(rs_path)
     mr_for = str(rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID)
-    _move_rtstruct(rs, frame)
+    move_to_frame(rs, frame.matrix, frame.frame_of_reference_uid)
     rs.save_as(rs_path, enforce_file_format=True)
     if dose_path.is_file():
         dose = pydicom.dcmread(dose_path)

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pydicom
 import pytest
 
 from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, SUPERSEDED, JobStore
 from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
-from inference.synthetic.planning_frame import to_planning_frame
+from inference.synthetic.planning_frame import planning_frame, to_planning_frame
 from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_scp import storescu
@@ -292,6 +293,37 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
         for sop in series.ReferencedSOPSequence
     }
     assert pydicom.dcmread(reg).SOPInstanceUID in evidence
+    # for the planner, the predicted tumour also comes on the planning frame: the same contours
+    # mapped by the registration, importable onto the plan
+    structures = {
+        str(ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID): ds
+        for ds in (pydicom.dcmread(p) for p in received.iterdir())
+        if ds.Modality == "RTSTRUCT"
+    }
+    planning = planning_frame(5, 0)
+    mr_for = pydicom.dcmread(next(planned.glob("003_t1c/*.dcm"))).FrameOfReferenceUID
+    assert set(structures) == {mr_for, planning.frame_of_reference_uid}
+    on_mr, on_plan = structures[mr_for], structures[planning.frame_of_reference_uid]
+    assert on_plan.SeriesInstanceUID != on_mr.SeriesInstanceUID
+    assert on_plan.SeriesDescription.endswith("RTSTRUCT PLAN FRAME")
+
+    def points(ds):  # type: ignore[no-untyped-def]
+        return np.concatenate(
+            [np.asarray(c.ContourData, float).reshape(-1, 3)
+             for roi in ds.ROIContourSequence for c in roi.ContourSequence]
+        )  # fmt: skip
+
+    expected = points(on_mr) @ planning.rotation.T + planning.translation
+    assert np.allclose(points(on_plan), expected, atol=1e-3)
+    plan_file = next(
+        p for p in received.iterdir() if pydicom.dcmread(p).SOPInstanceUID == on_plan.SOPInstanceUID
+    )
+    checked = subprocess.run(
+        [tool("dciodvfy"), str(plan_file)], capture_output=True, text=True, timeout=60
+    )
+    assert not [line for line in checked.stderr.splitlines() if line.startswith("Error")], (
+        checked.stderr
+    )
 
 
 def _planning_study(pre, tmp_path):  # type: ignore[no-untyped-def]

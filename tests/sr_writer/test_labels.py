@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
 from dicom_node.errors import ExportError
+from dicom_node.types import FrameMapping
 from sr_writer.labels import (
     BANNER_TEXT,
     SERIES_NUMBERS,
@@ -15,7 +18,7 @@ from sr_writer.labels import (
     is_labelled_description,
     series_description,
 )
-from sr_writer.outputs import build_outputs
+from sr_writer.outputs import OutputOptions, build_outputs
 from tests.sr_writer.synthetic_job import (
     PATIENT_NAME,
     default_case,
@@ -85,8 +88,21 @@ def test_rebuilding_a_job_gives_the_same_uids() -> None:
 
 
 def test_every_object_is_labelled_in_the_source_study() -> None:
-    out = default_outputs()
     case = default_case()
+    # every kind of object: the derived MR, and the RTSTRUCT on a planning frame (a GTV drawn
+    # on the planning CT's frame)
+    shifted = np.eye(4)
+    shifted[:3, 3] = (12.0, -3.0, 40.0)
+    inputs = dataclasses.replace(
+        job_inputs(case), planning_frame=FrameMapping("1.2.826.0.1.3680043.8.498.7", shifted)
+    )
+    out = build_outputs(
+        case.prediction, inputs, OutputOptions(node_version="0.1.0", derived_mr=True)
+    )
+    assert out.rtstruct_planning is not None
+    assert out.rtstruct_planning.StructureSetROISequence[0].ReferencedFrameOfReferenceUID == (
+        "1.2.826.0.1.3680043.8.498.7"
+    )
     series_numbers = set()
     for ds in out.all():
         assert ds.StudyInstanceUID == case.patient.study_instance_uid
