@@ -48,7 +48,7 @@ from inference.registration import RigidTransform
 from inference.synthetic import anatomy as anatomy_mod
 from inference.synthetic import dicom_export as dx
 from inference.synthetic import outcome, scanner, treatment, tumour
-from inference.synthetic.planning_frame import to_planning_frame
+from inference.synthetic.planning_frame import random_rotation, to_planning_frame
 
 logger = logging.getLogger(__name__)
 
@@ -481,11 +481,7 @@ def follow_up_motion(seed: int, index: int, grid: Volume) -> RigidTransform:
     of up to 10 mm along each axis, drawn from the patient's own stream ``[seed, index,
     MOTION_STREAM]`` (the rest of the patient does not change)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, MOTION_STREAM]))
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.radians(rng.uniform(3.0, 10.0))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
+    rotation = random_rotation(rng, 3.0, 10.0)
     shift = rng.uniform(-10.0, 10.0, size=3)
     centre = grid_centre(grid)
     return RigidTransform(

@@ -53,18 +53,31 @@ class PlanningFrame:
         return m
 
 
+def rotation_about(axis: npt.ArrayLike, degrees: float) -> npt.NDArray[np.float64]:
+    """The rotation by ``degrees`` about ``axis`` (Rodrigues' formula)."""
+    a = np.asarray(axis, dtype=float)
+    a = a / np.linalg.norm(a)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = np.radians(degrees)
+    return np.asarray(np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k), dtype=np.float64)
+
+
+def random_rotation(
+    rng: np.random.Generator, low_deg: float, high_deg: float
+) -> npt.NDArray[np.float64]:
+    """A rotation about a random axis by ``low_deg`` to ``high_deg`` degrees (two draws of
+    ``rng``: the axis, then the angle)."""
+    axis = rng.normal(size=3)
+    return rotation_about(axis, float(rng.uniform(low_deg, high_deg)))
+
+
 def planning_frame(seed: int, index: int) -> PlanningFrame:
     """Patient ``index``'s planning frame: a rotation of 2 to 10 degrees about a random axis and
     a shift of up to 40 mm along each axis (the CT's origin is the CT's own), from the stream
     ``[seed, index, PLANNING_STREAM]``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index, PLANNING_STREAM]))
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.radians(rng.uniform(2.0, 10.0))
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
     return PlanningFrame(
-        rotation=rotation,
+        rotation=random_rotation(rng, 2.0, 10.0),
         translation=rng.uniform(-40.0, 40.0, size=3),
         frame_of_reference_uid=dx.derived_uid(seed, index, "frame-of-reference", "planning"),
     )

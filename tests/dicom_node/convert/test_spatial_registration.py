@@ -28,6 +28,7 @@ from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import (
     PlanningFrame,
     registration_dataset,
+    rotation_about,
     to_planning_frame,
 )
 
@@ -99,18 +100,11 @@ def _sphere_contours(
     return out
 
 
-def _rotation(axis: npt.ArrayLike, degrees: float) -> npt.NDArray[np.float64]:
-    a = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
-    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
-    t = np.radians(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
-
-
 def test_axial_ct_contours_and_dose_on_a_rotated_mr() -> None:
     """CT-axial contours of a sphere, 2.5 mm apart, on an MR grid rotated by 12 degrees and
     shifted: the mask is the sphere where the registration puts it, the dose is sampled there."""
     ct_for, mr_for = generate_uid(), generate_uid()
-    frame = PlanningFrame(_rotation([1, 2, 0.5], 12.0), np.array([30.0, -20.0, 15.0]), ct_for)
+    frame = PlanningFrame(rotation_about([1, 2, 0.5], 12.0), np.array([30.0, -20.0, 15.0]), ct_for)
     reg_ds = registration_dataset(
         pydicom.Dataset(), mr_for, frame, generate_uid(), generate_uid(), _when()
     )
@@ -155,7 +149,7 @@ def _reg(mr_for: str, ct_for: str, matrix: npt.NDArray[np.float64]) -> pydicom.D
 def test_registrations_the_node_must_not_apply_are_refused() -> None:
     mr_for, ct_for = generate_uid(), generate_uid()
     rigid = np.eye(4)
-    rigid[:3, :3], rigid[:3, 3] = _rotation([0, 0, 1], 5.0), [10.0, 0.0, 0.0]
+    rigid[:3, :3], rigid[:3, 3] = rotation_about([0, 0, 1], 5.0), [10.0, 0.0, 0.0]
     ok = read_spatial_registration(_reg(mr_for, ct_for, rigid))
     matrix, reg = frame_transform([ok], ct_for, mr_for, "GTV")
     assert reg is ok and np.allclose(matrix, np.linalg.inv(rigid))
