@@ -59,6 +59,23 @@ def _registered_groups(paths: Sequence[Path]) -> list[set[str]]:
     return groups
 
 
+def frames_related(
+    image_frames: set[str], structure_sets: Sequence[Path], registrations: Sequence[Path]
+) -> bool:
+    """True when one of ``structure_sets`` is on one of ``image_frames``, or on a frame that
+    one of ``registrations`` relates to one of them."""
+    try:
+        frames: set[str] = set()
+        for path in structure_sets:
+            frames |= _structure_frames(path)
+    except (OSError, ValueError) as exc:
+        log.warning("linking: a structure set cannot be read: %s", exc)
+        return False
+    if frames & image_frames:
+        return True
+    return any(g & frames and g & image_frames for g in _registered_groups(registrations))
+
+
 class Linker:
     """Decides which RT series of the patient's other studies a study's job uses."""
 
@@ -79,17 +96,11 @@ class Linker:
     ) -> bool:
         """True when a structure set of ``rt`` is on one of ``image_frames`` or on a frame that
         a registration of ``rt`` or ``own`` relates to one of them."""
-        try:
-            frames: set[str] = set()
-            for path in self._paths(rt, RTSTRUCT_SOP_CLASS):
-                frames |= _structure_frames(path)
-        except (OSError, ValueError) as exc:
-            log.warning("linking: a structure set cannot be read: %s", exc)
-            return False
-        if frames & image_frames:
-            return True
-        regs = self._paths([*rt, *own], SPATIAL_REGISTRATION_SOP_CLASS)
-        return any(g & frames and g & image_frames for g in _registered_groups(regs))
+        return frames_related(
+            image_frames,
+            self._paths(rt, RTSTRUCT_SOP_CLASS),
+            self._paths([*rt, *own], SPATIAL_REGISTRATION_SOP_CLASS),
+        )
 
     def rt_series_for(
         self, study_uid: str, image_frames: set[str], own: Sequence[SeriesSummary], since: float

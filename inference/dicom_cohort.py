@@ -391,6 +391,40 @@ def _pick(
     )
 
 
+def _planning_studies(studies: Sequence[DicomStudy], rtstruct: str) -> list[DicomStudy]:
+    """The patient's studies with an RT structure set and MR series. A structure set kept in a
+    study without MR (the planning CT's, as a planning system keeps it) joins the MR study whose
+    frame of reference it is on or related to by a Spatial Registration, as the node links
+    them (:mod:`dicom_node.linking`)."""
+    from dicom_node.linking import MR_CLASSES, RT_CLASSES, frames_related
+
+    def mr(study: DicomStudy) -> list[DicomSeries]:
+        return [s for s in study.series if s.summary.sop_class_uid in MR_CLASSES]
+
+    out = [s for s in studies if s.of_class(rtstruct) and mr(s)]
+    for rt_study in (s for s in studies if s.of_class(rtstruct) and not mr(s)):
+        rt = [s for s in rt_study.series if s.summary.sop_class_uid in RT_CLASSES]
+        structures = [f for s in rt_study.of_class(rtstruct) for f in s.files]
+        regs = [f for s in rt_study.of_class(SPATIAL_REGISTRATION_SOP_CLASS) for f in s.files]
+        related = [
+            study
+            for study in studies
+            if mr(study)
+            and not study.of_class(rtstruct)
+            and frames_related(
+                {s.summary.frame_of_reference_uid for s in mr(study)} - {""}, structures, regs
+            )
+        ]
+        if not related:
+            continue
+        # the plan follows the pre-treatment MR: the latest related study not after it
+        before = [s for s in related if s.when <= rt_study.when]
+        study = before[-1] if before else related[0]
+        log.info("%s: RT objects of %s joined to it", study.describe(), rt_study.describe())
+        out.append(replace(study, series=(*study.series, *rt)))
+    return out
+
+
 def match_case(
     patient_id: str,
     studies: Sequence[DicomStudy],
@@ -402,7 +436,7 @@ def match_case(
     rtstruct = sop_class_uid("RTStructureSetStorage")
     if not studies:
         return None, ["expected DICOM studies with this PatientID, found none"]
-    planning = [s for s in studies if s.of_class(rtstruct)]
+    planning = _planning_studies(studies, rtstruct)
     pre, problem = _pick(
         planning, row.get("pre_study_uid", ""), "pre-treatment", "an RT structure set"
     )

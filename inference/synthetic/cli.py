@@ -95,10 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rt-planning-frame",
-        action="store_true",
+        nargs="?",
+        const="mr-study",
+        default="",
+        choices=("mr-study", "planning-study"),
         help="write each DICOM RTSTRUCT and RTDOSE as a planning system exports them from the "
         "planning CT: on a frame of reference of their own (rotated 2-10 degrees, shifted up to "
-        "40 mm), with the Spatial Registration (REG) relating the MR to it",
+        "40 mm), with the Spatial Registration (REG) relating the MR to it; in the MR study "
+        "(mr-study, the default) or in a planning study of their own (planning-study)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -48,7 +48,11 @@ from inference.registration import RigidTransform
 from inference.synthetic import anatomy as anatomy_mod
 from inference.synthetic import dicom_export as dx
 from inference.synthetic import outcome, scanner, treatment, tumour
-from inference.synthetic.planning_frame import random_rotation, to_planning_frame
+from inference.synthetic.planning_frame import (
+    PLANNING_CHOICES,
+    random_rotation,
+    to_planning_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +209,7 @@ def generate_patient(
     survival_cutoffs: tuple[float, float] = outcome.DEFAULT_SURVIVAL_CUTOFFS_MONTHS,
     mass_effect: bool = True,
     follow_up_moved: bool = False,
-    rt_planning_frame: bool = False,
+    rt_planning_frame: str = "",
 ) -> PatientRecord:
     """Simulate patient ``index`` of the cohort ``seed`` and write its files under ``out_dir``.
 
@@ -229,7 +233,7 @@ def generate_patient_draws(
     mass_effect: bool = True,
     outcome_draws: int = 1,
     follow_up_moved: bool = False,
-    rt_planning_frame: bool = False,
+    rt_planning_frame: str = "",
 ) -> list[PatientRecord]:
     """Patient ``index`` of the cohort ``seed`` and, with ``outcome_draws`` > 1, its outcome
     twins: the same patient up to the radiotherapy plan (the same pre-treatment images, byte
@@ -244,10 +248,16 @@ def generate_patient_draws(
     voxels on a rotated and shifted grid); the table gets ``follow_up_rotation_deg`` and
     ``follow_up_shift_mm``. The NIfTI files stay on the pre-treatment grid (registered).
 
-    ``rt_planning_frame``: the DICOM RTSTRUCT and RTDOSE are on a planning frame of reference of
-    their own, as a planning system exports them from the planning CT, with the Spatial
-    Registration relating the MR to it (:mod:`inference.synthetic.planning_frame`); the table
-    gets ``planning_rotation_deg``."""
+    ``rt_planning_frame`` (``""``, ``"mr-study"`` or ``"planning-study"``): the DICOM RTSTRUCT
+    and RTDOSE are on a planning frame of reference of their own, as a planning system exports
+    them from the planning CT, with the Spatial Registration relating the MR to it
+    (:mod:`inference.synthetic.planning_frame`), in the MR study or in a planning study of
+    their own (``dicom/planning``); the table gets ``planning_rotation_deg``."""
+    if rt_planning_frame not in PLANNING_CHOICES:
+        raise InputError(
+            f"rt_planning_frame: expected one of {list(PLANNING_CHOICES)}, found "
+            f"{rt_planning_frame!r}"
+        )
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise InputError(f"formats must be among {FORMATS}, found {sorted(unknown)}")
@@ -377,7 +387,8 @@ def generate_patient_draws(
                 record["follow_up_rotation_deg"] = round(motion.rotation_deg, 3)
                 record["follow_up_shift_mm"] = round(motion.shift_mm(grid_centre(acq)), 3)
             if rt_planning_frame:
-                frame = to_planning_frame(pdir / "dicom" / "pre", seed, index)
+                own = pdir / "dicom" / "planning" if rt_planning_frame == "planning-study" else None
+                frame = to_planning_frame(pdir / "dicom" / "pre", seed, index, own)
                 record["planning_rotation_deg"] = round(rotation_deg(frame.matrix), 3)
         record["folder"] = record["patient_id"]
     return [PatientRecord(r) for r in records]
@@ -639,7 +650,7 @@ def _worker(
         bool,
         int,
         bool,
-        bool,
+        str,
     ],
 ) -> list[PatientRecord]:
     index, seed, out, n_sites, spacing, formats, cutoffs, mass, draws, moved, planning = args
@@ -663,7 +674,7 @@ def generate_cohort(
     mass_effect: bool = True,
     outcome_draws: int = 1,
     follow_up_moved: bool = False,
-    rt_planning_frame: bool = False,
+    rt_planning_frame: str = "",
 ) -> list[PatientRecord]:
     """Generate ``patients`` patients over ``sites`` sites; writes cohort.csv and sites.csv.
 

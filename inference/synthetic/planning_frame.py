@@ -3,11 +3,12 @@ Spatial Registration a planning system would export.
 
 In a hospital the GTV is contoured and the dose computed on the planning CT, whose frame of
 reference is not the MR's; the planning system registers the MR to the CT and exports that
-registration as a Spatial Registration object (REG). :func:`to_planning_frame` rewrites a
-synthetic patient's pre-treatment RTSTRUCT and RTDOSE (written on the MR's frame) onto a
-planning frame of their own: every contour point and the dose grid are moved by a known rigid
-transform (no voxel is resampled), and ``REG/reg.dcm`` is written beside them, relating the MR's
-frame to the planning frame. The planning CT itself is not written (the node does not need it:
+registration as a Spatial Registration object (REG), usually all in the planning CT's study.
+:func:`to_planning_frame` rewrites a synthetic patient's pre-treatment RTSTRUCT and RTDOSE
+(written on the MR's frame) onto a planning frame of their own: every contour point and the dose
+grid are moved by a known rigid transform (no voxel is resampled), and ``REG/reg.dcm`` is written
+beside them, relating the MR's frame to the planning frame; in the MR study or in a planning
+study of their own. The planning CT itself is not written (the node does not need it:
 the structure set is rasterised on its own contour planes). The structure set's references to
 MR slices are removed, as they would name CT slices.
 """
@@ -31,6 +32,8 @@ from sr_writer.rtstruct import move_to_frame
 
 #: the planning transform's own random stream (the patient's other draws do not change)
 PLANNING_STREAM = 1_000_011
+#: where the RT objects go: not moved, in the MR study, or in a planning study of their own
+PLANNING_CHOICES = ("", "mr-study", "planning-study")
 _PATIENT_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
     "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
@@ -152,9 +155,13 @@ def registration_dataset(
     return ds
 
 
-def to_planning_frame(pre_dir: Path, seed: int, index: int) -> PlanningFrame:
+def to_planning_frame(
+    pre_dir: Path, seed: int, index: int, planning_dir: Path | None = None
+) -> PlanningFrame:
     """Move the RTSTRUCT and RTDOSE of a synthetic pre-treatment study folder onto patient
-    ``index``'s planning frame and write ``REG/reg.dcm`` (see the module)."""
+    ``index``'s planning frame and write ``REG/reg.dcm`` (see the module). With
+    ``planning_dir`` the three go there, in a planning study of their own (the planning CT's
+    study, as a planning system keeps them): another Study Instance UID, ID and date."""
     rs_path, dose_path = pre_dir / "RTSTRUCT" / "rtstruct.dcm", pre_dir / "RTDOSE" / "rtdose.dcm"
     if not rs_path.is_file():
         raise ExportError(f"{pre_dir}: expected a synthetic study with RTSTRUCT, found none")
@@ -162,11 +169,9 @@ def to_planning_frame(pre_dir: Path, seed: int, index: int) -> PlanningFrame:
     rs = pydicom.dcmread(rs_path)
     mr_for = str(rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID)
     move_to_frame(rs, frame.matrix, frame.frame_of_reference_uid)
-    rs.save_as(rs_path, enforce_file_format=True)
-    if dose_path.is_file():
-        dose = pydicom.dcmread(dose_path)
+    dose = pydicom.dcmread(dose_path) if dose_path.is_file() else None
+    if dose is not None:
         _move_rtdose(dose, frame)
-        dose.save_as(dose_path, enforce_file_format=True)
     stamp = f"{rs.get('StructureSetDate', '')}{str(rs.get('StructureSetTime', ''))[:6]}"
     when = (
         datetime.datetime.strptime(stamp, "%Y%m%d%H%M%S")
@@ -179,6 +184,25 @@ def to_planning_frame(pre_dir: Path, seed: int, index: int) -> PlanningFrame:
         sop_uid=dx.derived_uid(seed, index, "registration", "instance"),
         when=when,
     )  # fmt: skip
-    (pre_dir / "REG").mkdir(exist_ok=True)
-    reg.save_as(pre_dir / "REG" / "reg.dcm", enforce_file_format=True)
+    objects = {"RTSTRUCT": ("rtstruct.dcm", rs), "REG": ("reg.dcm", reg)}
+    if dose is not None:
+        objects["RTDOSE"] = ("rtdose.dcm", dose)
+    out = pre_dir
+    if planning_dir is not None:
+        out = planning_dir
+        study = dx.derived_uid(seed, index, "planning", "study")
+        for _, ds in objects.values():
+            ds.StudyInstanceUID = study
+            ds.StudyID = "3"
+            ds.StudyDate, ds.StudyTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+            ds.AccessionNumber = f"{ds.get('AccessionNumber', '')}P"[-16:]
+            ds.StudyDescription = "RT planning"
+        for folder in objects:
+            for path in (pre_dir / folder).glob("*.dcm"):
+                path.unlink()
+            if (pre_dir / folder).is_dir():
+                (pre_dir / folder).rmdir()
+    for folder, (name, ds) in objects.items():
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        ds.save_as(out / folder / name, enforce_file_format=True)
     return frame

@@ -114,6 +114,25 @@ def test_node_spool_is_a_training_site(tiny_cohort: Cohort, tmp_path: Path) -> N
     assert_same_samples(patients, read_cohort(folder, source="nifti"))
 
 
+def test_rt_objects_in_a_planning_study_of_their_own(tiny_cohort: Cohort, tmp_path: Path) -> None:
+    """The structure set, dose and registration on the planning CT's frame and in its study (as
+    a planning system keeps them): joined to the MR study they relate to, the samples are those
+    of the NIfTI twins."""
+    from inference.synthetic.planning_frame import to_planning_frame
+    from tests.inference.conftest import COHORT_SEED
+
+    folder, records = tiny_cohort
+    site = dicom_site(tiny_cohort, tmp_path / "site")
+    for n, r in enumerate(records):
+        study = site / "studies" / r.patient_id
+        to_planning_frame(study / "pre", COHORT_SEED, n, study / "planning")
+        assert not (study / "pre" / "RTSTRUCT").exists()
+    planning = pydicom.dcmread(next((site / "studies").glob("*/planning/RTSTRUCT/*.dcm")))
+    mr = pydicom.dcmread(next((site / "studies").glob("*/pre/003_t1c/*.dcm")))
+    assert planning.StudyInstanceUID != mr.StudyInstanceUID
+    assert_same_samples(read_cohort(site, source="dicom"), read_cohort(folder, source="nifti"))
+
+
 def _edit(files: list[Path], **values: object) -> None:
     for path in files:
         ds = pydicom.dcmread(path)

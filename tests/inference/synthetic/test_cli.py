@@ -31,7 +31,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
     assert args.survival_cutoffs == (12.0, 24.0)
     assert args.no_mass_effect is False
     assert args.follow_up_moved is False
-    assert args.rt_planning_frame is False
+    assert args.rt_planning_frame == ""
 
 
 @pytest.mark.parametrize(
@@ -116,6 +116,16 @@ def test_run_puts_the_rt_objects_on_a_planning_frame(tmp_path: Path) -> None:
     mr = sorted(p.relative_to(planned) for p in (planned / pre).glob("0*/*.dcm"))
     assert mr and all((planned / p).read_bytes() == (plain / p).read_bytes() for p in mr)
     assert not (plain / pre / "REG").exists()
+    # in a planning study of their own, as a planning system keeps them
+    own = run(tmp_path / "c", "--rt-planning-frame", "planning-study")
+    planning = Path("GF00004-0001") / "dicom" / "planning"
+    moved = {f.name for f in (own / planning).iterdir()}
+    assert moved == {"RTSTRUCT", "RTDOSE", "REG"}
+    assert not (own / pre / "RTSTRUCT").exists() and not (own / pre / "REG").exists()
+    studies = {
+        pydicom.dcmread(next((own / planning / f).glob("*.dcm"))).StudyInstanceUID for f in moved
+    }
+    assert len(studies) == 1 and studies != {t1c.StudyInstanceUID}
 
 
 def test_run_reports_library_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
