@@ -329,19 +329,10 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
 def _planning_study(pre, tmp_path):  # type: ignore[no-untyped-def]
     """The patient's MR study and, as a planning system exports them, its RT objects in the
     planning CT's study: RTSTRUCT, RTDOSE and REG on the planning frame, another Study UID."""
-    planned = tmp_path / "planned"
-    shutil.copytree(pre, planned)
-    to_planning_frame(planned, 5, 0)
-    ct_study = pydicom.uid.generate_uid()
-    rt = []
-    for folder in ("RTSTRUCT", "RTDOSE", "REG"):
-        for path in sorted((planned / folder).glob("*.dcm")):
-            ds = pydicom.dcmread(path)
-            ds.StudyInstanceUID = ct_study
-            ds.save_as(path, enforce_file_format=True)
-            rt.append(path)
-    mr = sorted(p for p in planned.glob("0*/*.dcm"))
-    return mr, rt
+    study = tmp_path / "planned"
+    shutil.copytree(pre, study / "pre")
+    to_planning_frame(study / "pre", 5, 0, study / "planning")
+    return sorted((study / "pre").rglob("*.dcm")), sorted((study / "planning").rglob("*.dcm"))
 
 
 def _finished(node, exclude=(), study=None):  # type: ignore[no-untyped-def]
