@@ -14,11 +14,13 @@ This is what ``glioforecast federate check-data`` and the first epoch of trainin
 a site. With ``--follow-up-moved`` the DICOM follow-ups are on frames of reference of their own
 (``glioforecast synth --follow-up-moved``), so reading them includes their rigid registration
 onto the pre-treatment study, and the comparison says how far the registered follow-up lands
-from the NIfTI one. Results go to ``docs/BENCHMARKS.md`` (section "DICOM site reading,
-<spacing> mm[, follow-ups moved]").
+from the NIfTI one. With ``--rt-planning-frame`` the RTSTRUCT and RTDOSE are on a planning
+frame with the Spatial Registration (in the MR study, or in a planning study of their own), so
+reading them includes placing them on the MR. Results go to ``docs/BENCHMARKS.md`` (section
+"DICOM site reading, <spacing> mm[, follow-ups moved][, RT on the planning frame (...)]").
 
-    python -m bench.dicom_site --patients 8 --spacing 2 [--follow-up-moved] [--cohort DIR]
-        [--no-write]
+    python -m bench.dicom_site --patients 8 --spacing 2 [--follow-up-moved]
+        [--rt-planning-frame mr-study|planning-study] [--cohort DIR] [--no-write]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 
 from bench.report import update_section
 from dicom_node.convert.geometry import grid_corners
+from dicom_node.convert.spatial_registration import SPATIAL_REGISTRATION_SOP_CLASS
 from inference.data import CohortPatient, PatientTruth, load_truth, patient_inputs
 
 T = TypeVar("T")
@@ -99,6 +102,13 @@ def run(cohort: Path) -> tuple[str, dict[str, float]]:
         "nifti_total_s": sum(per["nifti"]),
         "corner_error_mm": corner_error,
     }
+    n_reg = sum(
+        len(s.files)
+        for studies in index.values()
+        for st in studies
+        for s in st.series
+        if s.summary.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+    )
     t1c = patient_inputs(nifti[0]).t1c
     grid = "x".join(str(n) for n in t1c.shape[::-1])
     spacing = "x".join(f"{s:g}" for s in t1c.spacing)
@@ -106,8 +116,8 @@ def run(cohort: Path) -> tuple[str, dict[str, float]]:
         [
             f"{len(dicom)} synthetic patients, acquisition grid {grid} at {spacing} mm (patient "
             f"1), {n_files} DICOM files ({n_files / len(dicom):.0f} per patient: 8 MR series, "
-            "RTSTRUCT, RTDOSE, two readers' SEGs). One process, torch threads as set by the "
-            "environment.",
+            f"RTSTRUCT, RTDOSE, {'REG, ' if n_reg else ''}two readers' SEGs). One process, torch "
+            "threads as set by the environment.",
             "",
             "| step | DICOM | NIfTI |",
             "| --- | --- | --- |",
@@ -150,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="generate DICOM follow-ups on frames of reference of their own (registered back)",
     )
+    parser.add_argument(
+        "--rt-planning-frame",
+        choices=("mr-study", "planning-study"),
+        default="",
+        help="generate RTSTRUCT and RTDOSE on a planning frame with the Spatial Registration, in "
+        "the MR study or in a planning study of their own (placed back on the MR when read)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print, do not update docs")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_cohort(
                 cohort, patients=args.patients, sites=2, seed=args.seed,
                 spacing_mm=args.spacing, jobs=max(1, min(2, os.cpu_count() or 1)),
-                follow_up_moved=args.follow_up_moved,
+                follow_up_moved=args.follow_up_moved, rt_planning_frame=args.rt_planning_frame,
             )  # fmt: skip
         body, _ = run(cohort)
     print(body)
@@ -171,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         name = "DICOM site reading" + ("" if args.cohort else f", {args.spacing:g} mm")
         name += ", follow-ups moved" if args.follow_up_moved else ""
+        if args.rt_planning_frame:
+            name += f", RT on the planning frame ({args.rt_planning_frame})"
         update_section(name, body, command.strip())
     return 0
 

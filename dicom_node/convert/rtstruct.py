@@ -37,7 +37,13 @@ from dicom_node.convert._dataset import (
     read_dataset,
     source_name,
 )
-from dicom_node.convert.geometry import grid_centre, moved, resample, world_to_index
+from dicom_node.convert.geometry import (
+    grid_centre,
+    grid_corners,
+    moved,
+    resample,
+    world_to_index,
+)
 from dicom_node.convert.spatial_registration import (
     FrameRegistration,
     frame_transform,
@@ -338,6 +344,35 @@ def contour_grid(
     )
 
 
+def _index_box(source: Volume, reference: Volume) -> tuple[int, int, int, int, int, int] | None:
+    """The voxels of ``reference`` that ``source``'s grid can reach (k0, k1, j0, j1, i0, i1),
+    one voxel of margin; None when it is outside."""
+    corners = np.c_[grid_corners(source), np.ones(8)]
+    ijk = (world_to_index(reference) @ corners.T)[:3]
+    lo = np.floor(ijk.min(axis=1)).astype(int) - 1
+    hi = np.ceil(ijk.max(axis=1)).astype(int) + 2
+    shape = np.array(reference.shape[::-1])
+    lo, hi = np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+    if np.any(hi <= lo):
+        return None
+    return int(lo[2]), int(hi[2]), int(lo[1]), int(hi[1]), int(lo[0]), int(hi[0])
+
+
+def _sub_grid(
+    reference: Volume, start: tuple[int, int, int], shape: tuple[int, int, int]
+) -> Volume:
+    """The part of ``reference``'s grid from voxel ``start`` (k, j, i) of ``shape``."""
+    k, j, i = start
+    origin = (reference.affine @ np.array([i, j, k, 1.0]))[:3]
+    return Volume(
+        array=np.zeros(shape, dtype=bool),
+        spacing=reference.spacing,
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=reference.direction,
+        frame_of_reference_uid=reference.frame_of_reference_uid,
+    )
+
+
 def load_rtstruct_mask(
     source: Source,
     reference: Volume,
@@ -420,7 +455,11 @@ def load_rtstruct_mask(
     for roi_polygons in per_roi:
         mask |= rasterise_polygons(roi_polygons, reference.shape)
     for drawn in foreign:  # a voxel is in when at least half of it is, by trilinear weights
-        mask |= resample(drawn, reference, order=1, output_dtype=np.bool_)
+        box = _index_box(drawn, reference)
+        if box is not None:
+            k0, k1, j0, j1, i0, i1 = box
+            part = _sub_grid(reference, (k0, j0, i0), (k1 - k0, j1 - j0, i1 - i0))
+            mask[k0:k1, j0:j1, i0:i1] |= resample(drawn, part, order=1, output_dtype=np.bool_)
     if not mask.any():
         raise ConversionError(
             f"{name}: ROI {', '.join(repr(r.name) for r in chosen)} covers no voxel centre of the "
