@@ -20,19 +20,16 @@ from pydicom.dataset import Dataset
 from dicom_node import __version__
 from dicom_node.convert.geometry import resample, same_grid
 from dicom_node.convert.rtdose import dose_on_grid
-from dicom_node.convert.rtstruct import list_rois, load_rtstruct_mask, select_roi
+from dicom_node.convert.rtstruct import load_placed_rtstruct_mask
 from dicom_node.convert.series import load_series
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
-    FrameRegistration,
-    frame_transform,
     load_registrations,
 )
 from dicom_node.errors import ConversionError, InputError
 from dicom_node.jobs import JobSeries, JobStore
 from dicom_node.settings import Settings
 from dicom_node.types import (
-    FrameMapping,
     PatientStudy,
     Prediction,
     SeriesRef,
@@ -138,8 +135,9 @@ def assemble_inputs(
         raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
     t1c = load_series(files["t1c"])
     regs = load_registrations(registrations) if registrations else []
-    mask = load_rtstruct_mask(files["rtstruct"][0], t1c, roi_pattern, registrations=regs)
-    planning = _planning_frame(files["rtstruct"][0], t1c, roi_pattern, regs) if regs else None
+    mask, planning = load_placed_rtstruct_mask(
+        files["rtstruct"][0], t1c, roi_pattern, registrations=regs
+    )
     optional: dict[str, Volume] = {}
     for role in OPTIONAL_CONTRASTS:
         if role not in files:
@@ -158,20 +156,6 @@ def assemble_inputs(
         dose=dose,
         planning_frame=planning,
     )
-
-
-def _planning_frame(
-    rtstruct: Path, t1c: Volume, roi_pattern: str, regs: Sequence[FrameRegistration]
-) -> FrameMapping | None:
-    """The frame the GTV was drawn on, when a registration placed it on the T1-Gd's."""
-    chosen = select_roi(list_rois(rtstruct), roi_pattern)
-    frames = {r.frame_of_reference_uid for r in chosen if r.frame_of_reference_uid}
-    frames.discard(t1c.frame_of_reference_uid)
-    if len(frames) != 1 or not t1c.frame_of_reference_uid:
-        return None
-    frame = frames.pop()
-    matrix, _ = frame_transform(regs, t1c.frame_of_reference_uid, frame, "the T1-Gd")
-    return FrameMapping(frame, matrix)
 
 
 class Pipeline:

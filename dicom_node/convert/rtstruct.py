@@ -50,7 +50,7 @@ from dicom_node.convert.spatial_registration import (
     rotation_deg,
 )
 from dicom_node.errors import ConversionError
-from dicom_node.types import Volume
+from dicom_node.types import FrameMapping, Volume
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +382,27 @@ def load_rtstruct_mask(
     coplanar_tolerance: float = 0.1,
     registrations: Sequence[FrameRegistration] = (),
 ) -> Volume:
-    """Mask (bool) of the ROI whose name matches ``roi_pattern`` on ``reference``'s grid.
+    """Mask (bool) of the ROI whose name matches ``roi_pattern`` on ``reference``'s grid (see
+    :func:`load_placed_rtstruct_mask`)."""
+    mask, _ = load_placed_rtstruct_mask(
+        source, reference, roi_pattern, combine=combine,
+        coplanar_tolerance=coplanar_tolerance, registrations=registrations,
+    )  # fmt: skip
+    return mask
+
+
+def load_placed_rtstruct_mask(
+    source: Source,
+    reference: Volume,
+    roi_pattern: str = DEFAULT_ROI_PATTERN,
+    *,
+    combine: bool = False,
+    coplanar_tolerance: float = 0.1,
+    registrations: Sequence[FrameRegistration] = (),
+) -> tuple[Volume, FrameMapping | None]:
+    """Mask (bool) of the ROI whose name matches ``roi_pattern`` on ``reference``'s grid, and
+    the frame it was drawn on when that is another one (one frame; its mapping from the
+    reference's frame), else None.
 
     An ROI on the reference volume's frame of reference is rasterised on its grid (its contours
     must lie on its slices). An ROI on another frame (the planning CT's) needs one of
@@ -399,6 +419,7 @@ def load_rtstruct_mask(
     per_roi: list[list[tuple[int, npt.NDArray[np.float64]]]] = []
     foreign: list[Volume] = []  # ROIs on another frame, rasterised there and placed on mr_for
     foreign_contours = 0
+    drawn_on: dict[str, npt.NDArray[np.float64]] = {}  # their frames: frame -> mr_for
     for roi in chosen:
         roi_for = roi.frame_of_reference_uid or get_str(ds, "FrameOfReferenceUID", name)
         if not mr_for or not roi_for or (roi_for != mr_for and not registrations):
@@ -431,6 +452,7 @@ def load_rtstruct_mask(
             drawn = grid.with_array(rasterise_polygons(polygons, grid.shape))
             foreign.append(moved(drawn, matrix, mr_for))
             foreign_contours += len(polygons)
+            drawn_on[roi_for] = matrix
             log.info(
                 "%s: on frame %s, placed on the T1-Gd's by Spatial Registration %s (rotation "
                 "%.1f degrees, shift %.1f mm at the ROI)", label, roi_for,
@@ -472,4 +494,8 @@ def load_rtstruct_mask(
         len(polygons) + foreign_contours,
         int(mask.sum()),
     )
-    return reference.with_array(mask)
+    placed = None
+    if len(drawn_on) == 1:
+        ((frame, matrix),) = drawn_on.items()
+        placed = FrameMapping(frame, np.asarray(np.linalg.inv(matrix), dtype=np.float64))
+    return reference.with_array(mask), placed
