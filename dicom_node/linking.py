@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
@@ -68,7 +69,7 @@ def frames_related(
         frames: set[str] = set()
         for path in structure_sets:
             frames |= _structure_frames(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, InvalidDicomError) as exc:
         log.warning("linking: a structure set cannot be read: %s", exc)
         return False
     if frames & image_frames:
