@@ -33,7 +33,7 @@ class Assembler:
         for study_uid in self.store.due_studies(now, self.settings.assembly.quiet_period_s):
             series = self.store.series_of_study(study_uid)
             outcome = assign_roles(series, self.settings.roles)
-            linked, note = self._link(study_uid, series, outcome, now)
+            linked, note, linked_from = self._link(study_uid, series, outcome, now)
             if linked:
                 outcome = assign_roles([*series, *linked], self.settings.roles)
             state = QUEUED if outcome.ok else FAILED
@@ -51,6 +51,11 @@ class Assembler:
             )  # fmt: skip
             if note:
                 self.store.add_event(job_id, "linked", note)
+            if linked_from:  # the RT study's own (failed) job says where its objects went
+                self.store.add_event(
+                    self.store.latest_job_id(linked_from), "linked",
+                    f"its RT objects are used by job {job_id} of the patient's study {study_uid}",
+                )  # fmt: skip
             created.append(job_id)
             roles = ", ".join(sorted({d.role for d in outcome.decisions if d.role})) or "none"
             log.info(
@@ -66,12 +71,12 @@ class Assembler:
 
     def _link(
         self, study_uid: str, series: list[SeriesSummary], outcome: RoleOutcome, now: float
-    ) -> tuple[list[SeriesSummary], str]:
+    ) -> tuple[list[SeriesSummary], str, str]:
         """RT series of another study of the patient for this one (:mod:`dicom_node.linking`),
-        and a note saying what was linked or reopened."""
+        a note saying what was linked or reopened, and the study linked from ("" if none)."""
         days = self.settings.assembly.link_rt_days
         if days <= 0:
-            return [], ""
+            return [], "", ""
         roles = {d.series_instance_uid: d.role for d in outcome.decisions}
         by_role = {roles[s.series_instance_uid]: s for s in series if roles[s.series_instance_uid]}
         since = now - days * 86400.0
@@ -80,12 +85,13 @@ class Assembler:
                 study_uid, {by_role["t1c"].frame_of_reference_uid}, series, since
             )
             if found is None:
-                return [], ""
+                return [], "", ""
             other, rt = found
-            return rt, (
+            note = (
                 f"RT objects linked from the patient's study {other} "
                 f"({len(rt)} series: structure set, dose and registrations)"
             )
+            return rt, note, other
         if "rtstruct" in by_role and "t1c" not in by_role:
             rt = [s for s in series if s.sop_class_uid in RT_CLASSES]
             reopened = self.linker.mr_studies_for(study_uid, rt, since)
@@ -94,11 +100,15 @@ class Assembler:
                     other, f"reopened: the patient's RT objects arrived in study {study_uid}"
                 )
             if reopened:
-                return [], (
-                    f"its RT objects are used by the patient's MR study {', '.join(reopened)}, "
-                    "reopened to run with them"
+                return (
+                    [],
+                    (
+                        f"its RT objects are used by the patient's MR study {', '.join(reopened)}, "
+                        "reopened to run with them"
+                    ),
+                    "",
                 )
-        return [], ""
+        return [], "", ""
 
     def retry(self, job_id: int) -> str:
         """Re-evaluate the roles of a failed job with the current rules and re-queue it."""

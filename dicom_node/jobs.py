@@ -382,6 +382,13 @@ class JobStore:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def latest_job_id(self, study_uid: str) -> int | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT max(id) FROM jobs WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def reopen(self, study_uid: str, message: str) -> None:
         """Assemble a study again at the next pass (its instances unchanged), with an event on
         its latest job."""

@@ -394,6 +394,10 @@ def test_rt_study_first_then_mr_study_and_an_unrelated_plan(  # type: ignore[no-
     assert storescu(node.scp.port, *mr).stderr.count("(Success)") == len(mr)
     job = _finished(node, {rt_job.id})
     assert job.state == DONE, job.reason
+    # the RT study's failed job says where its objects went
+    told = [e.message for e in node.store.events(rt_job.id) if e.kind == "linked"]
+    assert told == [f"its RT objects are used by job {job.id} of the patient's study "
+                    f"{job.study_instance_uid}"]  # fmt: skip
 
     other = run_node(make_settings(tmp_path / "data2"))
     without_reg = [p for p in rt if p.parent.name != "REG"]
