@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from dicom_node.errors import InputError
@@ -36,7 +37,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
-    if isinstance(value, list | tuple):  # multi-valued (e.g. SequenceVariant)
+    if isinstance(value, list | tuple | MultiValue):  # multi-valued (e.g. ImageType)
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 
@@ -75,6 +76,9 @@ class InstanceInfo:
     frame_of_reference_uid: str
     transfer_syntax_uid: str
     patient_key: str
+    # ImageType values joined by backslashes, upper case ("" when absent): the series roles
+    # rank acquired images before derived ones and leave out projections and subtractions
+    image_type: str = ""
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str, secret: bytes) -> InstanceInfo:
@@ -104,6 +108,7 @@ class InstanceInfo:
                 frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
                 transfer_syntax_uid=transfer_syntax_uid,
                 patient_key=patient_key(ds, secret),
+                image_type=_text(ds, "ImageType").upper(),
             )
         except InputError:
             raise

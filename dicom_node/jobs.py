@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS instances (
     calling_ae TEXT NOT NULL,
     received_at REAL NOT NULL,
     assembled INTEGER NOT NULL DEFAULT 0,
-    removed_at REAL
+    removed_at REAL,
+    image_type TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid, assembled);
 CREATE TABLE IF NOT EXISTS studies (
@@ -104,6 +105,8 @@ class SeriesSummary:
     frame_of_reference_uid: str
     instance_count: int
     last_received_at: float
+    # the distinct ImageType values of its instances, "," between them ("" when absent)
+    image_type: str = ""
 
     @property
     def text(self) -> str:
@@ -111,6 +114,16 @@ class SeriesSummary:
         return " | ".join(
             t for t in (self.series_description, self.protocol_name, self.sequence_name) if t
         )
+
+    @property
+    def image_type_values(self) -> set[str]:
+        """Every value of every distinct ImageType of the series."""
+        return {v.strip() for t in self.image_type.split(",") for v in t.split("\\") if v.strip()}
+
+    @property
+    def derived(self) -> bool:
+        """True when an instance's ImageType says DERIVED (a reformat, a map, a projection)."""
+        return any(t.startswith("DERIVED") for t in self.image_type.split(","))
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,11 @@ class RetentionCandidate:
 
 
 #: columns added after the first release: (table, column, declaration)
-MIGRATIONS = (("instances", "removed_at", "REAL"), ("studies", "removed_at", "REAL"))
+MIGRATIONS = (
+    ("instances", "removed_at", "REAL"),
+    ("studies", "removed_at", "REAL"),
+    ("instances", "image_type", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 def _add_columns(conn: sqlite3.Connection, columns: Sequence[tuple[str, str, str]]) -> None:
@@ -201,8 +218,8 @@ class JobStore:
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, "
                 "study_instance_uid, series_instance_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, contrast_agent, "
-                "frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, received_at) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, received_at, "
+                "image_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 # an instance whose file retention removed is stored anew when sent again
                 "ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, "
                 "calling_ae = excluded.calling_ae, received_at = excluded.received_at, "
@@ -224,6 +241,7 @@ class JobStore:
                     relative_path,
                     calling_ae,
                     received_at,
+                    info.image_type,
                 ),
             )
             if cur.rowcount == 0:
@@ -404,8 +422,8 @@ class JobStore:
             rows = self._conn.execute(
                 "SELECT series_instance_uid, sop_class_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, max(contrast_agent), "
-                "frame_of_reference_uid, count(*), max(received_at) FROM instances "
-                "WHERE study_instance_uid = ? AND removed_at IS NULL "
+                "frame_of_reference_uid, count(*), max(received_at), group_concat(DISTINCT "
+                "image_type) FROM instances WHERE study_instance_uid = ? AND removed_at IS NULL "
                 "GROUP BY series_instance_uid, sop_class_uid "
                 "ORDER BY series_number, series_instance_uid",
                 (study_uid,),
@@ -502,6 +520,24 @@ class JobStore:
             )
             _event(db, job_id, "retry", f"re-queued by an operator; now {state} {reason}".strip())
 
+    def use_series(
+        self, job_id: int, role: str, refused_uid: str, used_uid: str, why: str, message: str
+    ) -> None:
+        """Give ``role`` to another series of a job (``used_uid``) because the one chosen
+        (``refused_uid``) could not be converted (``why``); a ``fallback`` event says
+        ``message``."""
+        with self.transaction() as db:
+            for uid, value, note in (
+                (refused_uid, "", f"matches {role}, not used: {why}"),
+                (used_uid, role, "used: the series chosen first could not be converted"),
+            ):
+                db.execute(
+                    "UPDATE job_series SET role = ?, note = ? WHERE job_id = ? "
+                    "AND series_instance_uid = ?",
+                    (value, note, job_id, uid),
+                )
+            _event(db, job_id, "fallback", message)
+
     def set_state(self, job_id: int, state: str, reason: str = "") -> bool:
         """Move a job to ``state``; False (and an event) when it was superseded meanwhile.
 
@@ -580,7 +616,8 @@ class JobStore:
                 "SELECT i.series_instance_uid, i.sop_class_uid, i.modality, i.series_number, "
                 "i.series_description, i.protocol_name, i.sequence_name, max(i.contrast_agent), "
                 "i.frame_of_reference_uid, count(*), max(i.received_at), "
-                "coalesce(js.role, ''), coalesce(js.note, '') "
+                "group_concat(DISTINCT i.image_type), coalesce(js.role, ''), "
+                "coalesce(js.note, '') "
                 "FROM job_instances ji JOIN instances i USING (sop_instance_uid) "
                 "LEFT JOIN job_series js ON js.job_id = ji.job_id "
                 "AND js.series_instance_uid = i.series_instance_uid "
@@ -588,7 +625,7 @@ class JobStore:
                 "ORDER BY i.series_number, i.series_instance_uid",
                 (job_id,),
             ).fetchall()
-        return [JobSeries(_series(r[:11]), r[11], r[12]) for r in rows]
+        return [JobSeries(_series(r[:12]), r[12], r[13]) for r in rows]
 
     def events(self, job_id: int) -> list[Event]:
         with self._lock:
@@ -647,7 +684,13 @@ def _series(r: Sequence[object]) -> SeriesSummary:
         frame_of_reference_uid=str(r[8]),
         instance_count=int(str(r[9])),
         last_received_at=float(str(r[10])),
+        image_type=_image_types(r[11]),
     )
+
+
+def _image_types(value: object) -> str:
+    """The distinct ImageType values of a series, sorted, "," between them (blank ones left out)."""
+    return ",".join(sorted({t for t in str(value or "").split(",") if t}))
 
 
 def _job(r: sqlite3.Row) -> Job:

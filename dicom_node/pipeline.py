@@ -28,6 +28,7 @@ from dicom_node.convert.spatial_registration import (
 )
 from dicom_node.errors import ConversionError, InputError
 from dicom_node.jobs import JobSeries, JobStore
+from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 from dicom_node.settings import Settings
 from dicom_node.types import (
     PatientStudy,
@@ -41,7 +42,50 @@ from sr_writer.secondary_capture import Window
 
 log = logging.getLogger(__name__)
 
-OPTIONAL_CONTRASTS = ("flair", "t2", "t1")
+OPTIONAL_CONTRASTS = IMAGE_ROLES[1:]  # flair, t2, t1
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    """Another series matching a role, to try when the one chosen cannot be converted."""
+
+    series_instance_uid: str
+    label: str  # how messages name it, e.g. "series 9 'T1 MPRAGE +C' (MR Image Storage, ...)"
+    files: tuple[Path, ...]
+
+
+#: told which other series a role took, and why the one chosen could not be used
+FallbackHook = Callable[[str, SeriesFiles, str], None]
+
+
+def _first_usable(
+    role: str,
+    files: Sequence[Path],
+    fallbacks: Sequence[SeriesFiles],
+    load: Callable[[Sequence[Path]], Volume],
+    on_fallback: FallbackHook,
+) -> Volume:
+    """``load(files)``; when that raises an input error, the first of ``fallbacks`` that
+    loads (``on_fallback`` is told), else the first error with every other series' error."""
+    try:
+        return load(files)
+    except InputError as first:
+        refused: list[str] = []
+        for other in fallbacks:
+            try:
+                volume = load(other.files)
+            except InputError as exc:
+                refused.append(f"{other.label}: {exc}")
+                continue
+            on_fallback(role, other, str(first))
+            return volume
+        if not refused:
+            raise
+        kind = ConversionError if isinstance(first, ConversionError) else InputError
+        raise kind(
+            f"{first}; the other series matching {role} cannot be used either: "
+            + "; ".join(refused)
+        ) from first
 
 
 class Predictor(Protocol):
@@ -117,23 +161,39 @@ def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
     return reference.with_array(resample(volume, reference, order=1, output_dtype=np.float32))
 
 
+def _on_grid_of(t1c: Volume, role: str) -> Callable[[Sequence[Path]], Volume]:
+    """A loader of a ``role`` series onto the T1-Gd's grid."""
+    return lambda paths: on_grid(load_series(paths), t1c, role)
+
+
 def assemble_inputs(
     files: Mapping[str, Sequence[Path]],
     roi_pattern: str,
     warn: Callable[[str], None],
     registrations: Sequence[Path] = (),
+    fallbacks: Mapping[str, Sequence[SeriesFiles]] | None = None,
+    on_fallback: FallbackHook | None = None,
 ) -> StudyInputs:
     """The model's inputs from a study's files by series role (``t1c`` and ``rtstruct``
     required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
     mask, the optional contrasts and the RT dose resampled onto it. A structure set or dose on
     another frame of reference (the planning CT's) is placed on the T1-Gd's by the study's
-    Spatial Registration objects (``registrations``, read only then). An optional contrast that
-    cannot be used does not stop the study: ``warn`` is told why. The node's jobs and the
-    training data read from DICOM (``inference.dicom_cohort``) both go through here."""
+    Spatial Registration objects (``registrations``, read only then). When an image role's series
+    cannot be converted, its ``fallbacks`` (the other series matching the role, in the order of
+    :func:`dicom_node.roles.ranked_candidates`) are tried, and ``on_fallback`` is told which one
+    was used and why (default: ``warn``). An optional contrast that cannot be used does not stop
+    the study: ``warn`` is told why. The node's jobs and the training data read from DICOM
+    (``inference.dicom_cohort``) both go through here."""
     missing = [role for role in ("t1c", "rtstruct") if role not in files]
     if missing:
         raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
-    t1c = load_series(files["t1c"])
+    others = fallbacks or {}
+
+    def told(role: str, used: SeriesFiles, why: str) -> None:
+        warn(f"{role}: the series chosen cannot be used ({why}); {used.label} is used instead")
+
+    hook = on_fallback or told
+    t1c = _first_usable("t1c", files["t1c"], others.get("t1c", ()), load_series, hook)
     regs = load_registrations(registrations) if registrations else []
     mask, planning = load_placed_rtstruct_mask(
         files["rtstruct"][0], t1c, roi_pattern, registrations=regs
@@ -143,7 +203,9 @@ def assemble_inputs(
         if role not in files:
             continue
         try:
-            optional[role] = on_grid(load_series(files[role]), t1c, role)
+            optional[role] = _first_usable(
+                role, files[role], others.get(role, ()), _on_grid_of(t1c, role), hook
+            )
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
     dose = dose_on_grid(files["rtdose"][0], t1c, regs) if "rtdose" in files else None
@@ -174,7 +236,8 @@ class Pipeline:
     def run(self, job_id: int) -> JobResult:
         """Build the output objects of a job; raises the project's errors with a reason."""
         start = time.monotonic()
-        series = {js.role: js for js in self.store.job_series(job_id) if js.role}
+        job_series = self.store.job_series(job_id)
+        series = {js.role: js for js in job_series if js.role}
         instances = self.store.job_instances(job_id)
 
         def files(role: str) -> list[Path]:
@@ -197,11 +260,24 @@ class Pipeline:
             for js in reg_series
             for _, rel in instances.get(js.series.series_instance_uid, [])
         ]
+        by_uid = {js.series.series_instance_uid: js for js in job_series}
+
+        def fall_back(role: str, used: SeriesFiles, why: str) -> None:
+            before = series[role].series
+            series[role] = JobSeries(by_uid[used.series_instance_uid].series, role, "")
+            self.store.use_series(
+                job_id, role, before.series_instance_uid, used.series_instance_uid, why,
+                f"{role}: {describe(before)} cannot be used ({why}); {used.label}, the next "
+                f"series that matches {role}, is used instead",
+            )  # fmt: skip
+
         inputs = assemble_inputs(
             {role: files(role) for role in series},
             self.settings.roles.roi_pattern,
             lambda message: self.store.add_event(job_id, "warning", message),
             registrations,
+            fallbacks=self._fallbacks(job_series, series, instances),
+            on_fallback=fall_back,
         )
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
@@ -229,3 +305,30 @@ class Pipeline:
             prediction=prediction,
             seconds=time.monotonic() - start,
         )
+
+    def _fallbacks(
+        self,
+        job_series: Sequence[JobSeries],
+        chosen: Mapping[str, JobSeries],
+        instances: Mapping[str, Sequence[tuple[str, str]]],
+    ) -> dict[str, list[SeriesFiles]]:
+        """For each image role used, the other series of the job matching it, in the order to
+        try them (none with ``roles.on_ambiguous: fail``)."""
+        if self.settings.roles.on_ambiguous != "latest":
+            return {}
+        ranked = ranked_candidates([js.series for js in job_series], self.settings.roles)
+        out: dict[str, list[SeriesFiles]] = {}
+        for role in IMAGE_ROLES:
+            if role not in chosen:
+                continue
+            used = chosen[role].series.series_instance_uid
+            out[role] = [
+                SeriesFiles(
+                    s.series_instance_uid,
+                    describe(s),
+                    tuple(self.spool_root / rel for _, rel in instances[s.series_instance_uid]),
+                )
+                for s in ranked.get(role, [])
+                if s.series_instance_uid != used and instances.get(s.series_instance_uid)
+            ]
+        return out

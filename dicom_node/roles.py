@@ -1,9 +1,15 @@
 """Series roles (t1c, flair, t2, t1, rtstruct, rtdose, rtplan) from configurable rules.
 
-Each series gets the role of the first rule that matches it. When several series match the same
-role, ``on_ambiguous: latest`` keeps the one with the highest SeriesNumber (a repeated sequence
-is usually repeated because the first was spoiled) and says so; ``fail`` refuses the study. A
-missing required role makes the job fail with a reason that lists what was received.
+Each series gets the role of the first rule that matches it. A series whose ImageType has a
+value of ``roles.exclude_image_types`` (a MIP, a subtraction, a parametric map: not the acquired
+volume, whatever its name says) gets none, and the job says why. When several series match the
+same role, ``on_ambiguous: latest`` ranks them (:func:`ranked_candidates`): acquired series
+(ImageType ORIGINAL) before derived ones (a scanner's MPR reformat of the same acquisition),
+then the highest SeriesNumber (a repeated sequence is usually repeated because the first was
+spoiled); the first is used, and the job says so. The others stay candidates: when the first
+cannot be converted (a 4D dynamic series named like a T1-Gd, a broken stack), the pipeline tries
+the next (:func:`dicom_node.pipeline.assemble_inputs`). ``fail`` refuses the study. A missing
+required role makes the job fail with a reason that lists what was received.
 
 The node's own outputs (series whose description carries the "SYNTHETIC PREDICTION - RESEARCH
 USE ONLY" banner: predicted RTSTRUCT, SEG, derived MR) never get a role, even when a PACS routes
@@ -23,6 +29,10 @@ from pynetdicom import sop_class
 from dicom_node.jobs import RoleDecision, SeriesSummary
 from dicom_node.settings import RoleRule, RoleSettings
 from sr_writer.labels import is_labelled_description
+
+#: the image roles: when the series used for one cannot be converted, the next that matches is
+#: tried (:func:`ranked_candidates`)
+IMAGE_ROLES = ("t1c", "flair", "t2", "t1")
 
 
 @lru_cache(maxsize=256)
@@ -50,6 +60,22 @@ def rule_matches(rule: RoleRule, series: SeriesSummary) -> bool:
     return not (rule.contrast == "absent" and series.contrast_agent)
 
 
+def excluded_image_type(series: SeriesSummary, settings: RoleSettings) -> str | None:
+    """The ImageType value that keeps ``series`` from every role, or None."""
+    for value in sorted(series.image_type_values):
+        for term in settings.exclude_image_types:
+            if value == term or value.startswith(term + "_"):
+                return value
+    return None
+
+
+def preference(series: SeriesSummary) -> tuple[bool, int, float]:
+    """Sort key of the series matching one role, best last: acquired before derived, then the
+    highest SeriesNumber, then the latest received."""
+    number = -1 if series.series_number is None else series.series_number
+    return (not series.derived, number, series.last_received_at)
+
+
 def describe(series: SeriesSummary) -> str:
     number = "?" if series.series_number is None else str(series.series_number)
     name = UID(series.sop_class_uid).name
@@ -75,26 +101,16 @@ class RoleOutcome:
 
 def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> RoleOutcome:
     """Assign a role to each series and check the study has its required roles."""
-    candidates: dict[str, list[SeriesSummary]] = {}
     notes: dict[str, str] = {}
-    for s in series:
-        if is_labelled_description(s.series_description):
-            notes[s.series_instance_uid] = "a glioforecast output sent back: never an input"
-            continue
-        for rule in settings.rules:
-            if rule_matches(rule, s):
-                candidates.setdefault(rule.role, []).append(s)
-                break
+    excluded: dict[str, list[str]] = {}  # role -> the series left out for their ImageType
+    candidates = _candidates(series, settings, notes, excluded)
     chosen: dict[str, str] = {}  # series uid -> role
     problems: list[str] = []
     for role, matched in candidates.items():
         if len(matched) == 1:
             chosen[matched[0].series_instance_uid] = role
             continue
-        ordered = sorted(
-            matched,
-            key=lambda s: (-1 if s.series_number is None else s.series_number, s.last_received_at),
-        )
+        ordered = matched[::-1]  # best last
         names = "; ".join(describe(s) for s in ordered)
         if settings.on_ambiguous == "fail":
             problems.append(
@@ -106,15 +122,24 @@ def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> Rol
             continue
         keep = ordered[-1]
         chosen[keep.series_instance_uid] = role
+        why = "the latest" if keep.derived == ordered[-2].derived else "acquired, not derived"
+        then = ", this one if that cannot be converted" if role in IMAGE_ROLES else ""
         for s in ordered[:-1]:
             notes[s.series_instance_uid] = (
-                f"also matches {role}; series {keep.series_number} (the latest) is used"
+                f"also matches {role}; series {keep.series_number} ({why}) is used{then}"
             )
     for role in settings.required:
         if role in candidates:
             continue
         received = "; ".join(describe(s) for s in series) or "nothing"
-        problems.append(f"missing required role {role}: no series matched; received {received}")
+        left_out = ""
+        if role in excluded:
+            left_out = "; left out for their ImageType (roles.exclude_image_types): " + "; ".join(
+                excluded[role]
+            )
+        problems.append(
+            f"missing required role {role}: no series matched; received {received}{left_out}"
+        )
     decisions = tuple(
         RoleDecision(
             s.series_instance_uid,
@@ -124,3 +149,40 @@ def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> Rol
         for s in series
     )
     return RoleOutcome(decisions, tuple(problems))
+
+
+def _candidates(
+    series: Sequence[SeriesSummary],
+    settings: RoleSettings,
+    notes: dict[str, str],
+    excluded: dict[str, list[str]],
+) -> dict[str, list[SeriesSummary]]:
+    """The series matching each role, best first; ``notes`` and ``excluded`` get why a series
+    was left out."""
+    candidates: dict[str, list[SeriesSummary]] = {}
+    for s in series:
+        if is_labelled_description(s.series_description):
+            notes[s.series_instance_uid] = "a glioforecast output sent back: never an input"
+            continue
+        role = next((r.role for r in settings.rules if rule_matches(r, s)), None)
+        if role is None:
+            continue
+        value = excluded_image_type(s, settings)
+        if value is not None:
+            notes[s.series_instance_uid] = (
+                f"matches {role} but not used: ImageType {value} (roles.exclude_image_types)"
+            )
+            excluded.setdefault(role, []).append(f"{describe(s)}, ImageType {value}")
+            continue
+        candidates.setdefault(role, []).append(s)
+    return {
+        role: sorted(matched, key=preference, reverse=True) for role, matched in candidates.items()
+    }
+
+
+def ranked_candidates(
+    series: Sequence[SeriesSummary], settings: RoleSettings
+) -> dict[str, list[SeriesSummary]]:
+    """The series that match each role, the one :func:`assign_roles` uses first, then the
+    others in the order to try them when it cannot be converted."""
+    return _candidates(series, settings, {}, {})

@@ -98,6 +98,15 @@ def _check_sop_class(value: str) -> str | None:
     return f"a SOP class UID or keyword such as MRImageStorage, found {value!r}"
 
 
+def _check_image_type_value(value: str) -> str | None:
+    if re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
+        return None
+    return (
+        "an ImageType value: 1 to 16 upper-case letters, digits, spaces or underscores "
+        f"(e.g. MIP or PROJECTION IMAGE), found {value!r}"
+    )
+
+
 @dataclass(frozen=True)
 class AllowedCaller:
     """A sender that may associate: an AE title (or ``*``), optionally bound to hosts."""
@@ -196,6 +205,11 @@ class RoleSettings:
         default=r"(?i)^\s*(gtv|gross|tumou?r)", metadata=_spec("", check=_check_regex)
     )
     rules: tuple[RoleRule, ...] = ()
+    # a series whose ImageType has one of these values (or one of them followed by "_", as in
+    # MIP_TRA) gets no role: a projection, a subtraction or a map is not the acquired volume
+    exclude_image_types: tuple[str, ...] = field(
+        default=(), metadata=_spec("", check=_check_image_type_value)
+    )
 
 
 @dataclass(frozen=True)

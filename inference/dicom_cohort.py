@@ -172,6 +172,7 @@ def index_dicom(root: str | Path) -> dict[str, list[DicomStudy]]:
             frame_of_reference_uid=first.frame_of_reference_uid,
             instance_count=len(members),
             last_received_at=0.0,
+            image_type=",".join(sorted({m.image_type for m in members if m.image_type})),
         )
         studies[key[:2]].append(DicomSeries(summary, tuple(files[key])))
     out: dict[str, list[DicomStudy]] = defaultdict(list)
@@ -209,9 +210,26 @@ def study_inputs_from_series(
 ) -> tuple[StudyInputs, dict[str, str]]:
     """The node's inputs from the series of one study (roles from ``settings``); also returns
     role -> series description."""
-    from dicom_node.pipeline import assemble_inputs
+    from dicom_node.pipeline import SeriesFiles, assemble_inputs
+    from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
     by_role, described = _roles(series, settings, name)
+    files = {s.uid: s.files for s in series}
+    ranked = ranked_candidates([s.summary for s in series], settings.roles)
+    fallbacks = {
+        role: [
+            SeriesFiles(c.series_instance_uid, describe(c), files[c.series_instance_uid])
+            for c in ranked.get(role, [])
+            if c.series_instance_uid != by_role[role].uid
+        ]
+        for role in IMAGE_ROLES
+        if role in by_role and settings.roles.on_ambiguous == "latest"
+    }
+
+    def fall_back(role: str, used: SeriesFiles, why: str) -> None:
+        log.warning("%s: %s cannot be used (%s); %s is used", name, role, why, used.label)
+        described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
+
     inputs = assemble_inputs(
         {role: s.files for role, s in by_role.items()},
         settings.roles.roi_pattern,
@@ -222,6 +240,8 @@ def study_inputs_from_series(
             if s.summary.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
             for f in s.files
         ],
+        fallbacks=fallbacks,
+        on_fallback=fall_back,
     )
     return inputs, described
 

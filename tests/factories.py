@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -131,3 +133,32 @@ def small_study(folder: Path, *, slices: int = 4, size: int = 16) -> dict[str, l
         ),
         "rtstruct": [rtstruct(folder / "rt", study_uid=study_uid, frame_uid=frame_uid)],
     }
+
+
+def copy_series(
+    files: Sequence[Path],
+    out: Path,
+    description: str,
+    number: int,
+    image_type: Sequence[str],
+    repeats: int = 1,
+) -> list[Path]:
+    """The series of ``files`` again as another series of the same study (new UIDs): as a
+    scanner's 4D dynamic series (``repeats`` time points at each position), MIP or MPR would
+    arrive with it."""
+    out.mkdir(parents=True)
+    series_uid, written = generate_uid(), []
+    for t in range(repeats):
+        for k, path in enumerate(files):
+            ds = dcmread(path)
+            uid = generate_uid()
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, number
+            ds.SeriesDescription = ds.ProtocolName = description
+            ds.ImageType = list(image_type)
+            ds.InstanceNumber = t * len(files) + k + 1
+            if repeats > 1:
+                ds.TemporalPositionIdentifier, ds.AcquisitionNumber = t + 1, t + 1
+            written.append(out / f"{number}_{t}_{k:03d}.dcm")
+            ds.save_as(written[-1], enforce_file_format=True)
+    return written

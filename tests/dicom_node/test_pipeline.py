@@ -25,6 +25,7 @@ from inference.synthetic.planning_frame import planning_frame, to_planning_frame
 from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_scp import storescu
+from tests.factories import copy_series
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +407,88 @@ def test_rt_study_first_then_mr_study_and_an_unrelated_plan(  # type: ignore[no-
     assert storescu(other.scp.port, *mr).stderr.count("(Success)") == len(mr)
     job = _finished(other, {alone.id})
     assert job.state == FAILED and "missing required role rtstruct" in job.reason
+
+
+def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type: ignore[no-untyped-def]
+    run_node, patient, pacs, tmp_path
+) -> None:
+    """A scanner routes the whole study: with the 3D T1-Gd (series 3) come a 4D dynamic series
+    named like a T1-Gd (series 8, acquired, latest: chosen, cannot be converted), a MIP of the
+    T1-Gd (series 9: no role for its ImageType) and an MPR reformat (series 10: derived, after
+    the acquisitions). The job runs on series 3 and says why; the outputs reference it."""
+    pre, _ = patient
+    destination, received = pacs
+    t1c = sorted((pre / "003_t1c").glob("*.dcm"))
+    extra = [
+        *copy_series(t1c, tmp_path / "dyn", "t1_vibe_dyn_tra_post_Gd", 8,
+                      ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2),
+        *copy_series(t1c, tmp_path / "mip", "t1_mprage_tra_p2_iso_post_Gd_MIP_TRA", 9,
+                      ["DERIVED", "PRIMARY", "MIP_TRA"]),
+        *copy_series(t1c, tmp_path / "mpr", "t1_mprage_post_Gd_MPR_cor", 10,
+                      ["DERIVED", "PRIMARY", "MPR", "ND"]),
+    ]  # fmt: skip
+    settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
+    node = run_node(settings)
+    files = sorted(pre.rglob("*.dcm"))
+    sent = storescu(node.scp.port, *files, *extra)
+    assert sent.stderr.count("Received Store Response (Success)") == len(files) + len(extra)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+    by_number = {js.series.series_number: js for js in node.store.job_series(job.id)}
+    assert by_number[3].role == "t1c"
+    assert by_number[8].role == "" and by_number[8].note.startswith("matches t1c, not used: ")
+    assert "duplicate slice position(s)" in by_number[8].note
+    assert by_number[9].role == ""
+    assert by_number[9].note == (
+        "matches t1c but not used: ImageType MIP_TRA (roles.exclude_image_types)"
+    )
+    assert by_number[10].role == "" and "series 8 (the latest) is used" in by_number[10].note
+    (fallback,) = [e.message for e in node.store.events(job.id) if e.kind == "fallback"]
+    assert fallback.startswith("t1c: series 8 't1_vibe_dyn_tra_post_Gd")
+    assert "series 3 't1_mprage_tra_p2_iso_post_Gd" in fallback
+    assert fallback.endswith("the next series that matches t1c, is used instead")
+
+    def delivered() -> int | None:
+        states = node.outbox.counts().get("pacs", {})
+        total, sent = sum(states.values()), states.get("sent", 0)
+        return total if total and sent == total == len(list(received.iterdir())) else None
+
+    wait_for(delivered, timeout=120, what="every result at the PACS")
+    sources = {
+        str(item.ReferencedSOPInstanceUID)
+        for p in received.iterdir()
+        for ds in [pydicom.dcmread(p, stop_before_pixels=True)]
+        if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        for item in ds.SourceImageSequence
+    }
+    assert sources == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in t1c}
+
+
+def test_a_t1c_that_no_matching_series_can_give_fails_naming_each(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """When every series matching t1c is a 4D series, the job fails with each one's reason."""
+    pre, _ = patient
+    t1c = sorted((pre / "003_t1c").glob("*.dcm"))
+    dynamic = [
+        *copy_series(t1c, tmp_path / "a", "t1_vibe_dyn_tra_post_Gd", 8,
+                      ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2),
+        *copy_series(t1c, tmp_path / "b", "t1_vibe_dyn_tra_post_Gd", 11,
+                      ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=3),
+    ]  # fmt: skip
+    others = [p for p in sorted(pre.rglob("*.dcm")) if p.parent.name != "003_t1c"]
+    node = run_node(make_settings(tmp_path / "data"))
+    storescu(node.scp.port, *others, *dynamic)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == FAILED
+    assert "duplicate slice position(s)" in job.reason
+    assert "the other series matching t1c cannot be used either: series 8 " in job.reason
+    assert [e for e in node.store.events(job.id) if e.kind == "fallback"] == []

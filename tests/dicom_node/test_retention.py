@@ -152,17 +152,36 @@ def test_a_study_that_changed_since_it_was_read_is_left(site: Site, tmp_path: Pa
 def test_an_old_database_gets_the_new_columns(tmp_path: Path) -> None:
     import sqlite3
 
-    from dicom_node.jobs import SCHEMA
+    from dicom_node.instance import InstanceInfo
+    from dicom_node.jobs import MIGRATIONS, SCHEMA
 
     path = tmp_path / "jobs.sqlite3"
-    old = SCHEMA.replace(",\n    removed_at REAL\n", "\n")
-    assert "removed_at" not in old
+    old = SCHEMA
+    for _, column, declaration in reversed(MIGRATIONS):  # the last added is the last column
+        old = old.replace(f",\n    {column} {declaration}\n", "\n")
+    assert not any(column in old for _, column, _ in MIGRATIONS)
     conn = sqlite3.connect(path)
     conn.executescript(old)
+    conn.execute(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+        "series_instance_uid, modality, series_description, protocol_name, sequence_name, "
+        "contrast_agent, frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, "
+        "received_at) VALUES ('1.1', '1.2.840.10008.5.1.4.1.1.4', '1.9', '1.8', 'MR', 'T1', "
+        "'', '', 1, '1.7', '1.2.840.10008.1.2.1', 'a.dcm', 'SCANNER', 0)"
+    )
+    conn.commit()
     conn.close()
     store = JobStore(path)
     assert store.counts()["instances_removed"] == 0
     assert store.retention_candidates() == []
+    # an instance recorded before ImageType was: counted as acquired; a new one keeps its own
+    mip = InstanceInfo(
+        "1.2", "1.2.840.10008.5.1.4.1.1.4", "1.9", "1.6", "MR", 3, "T1 MIP", "", "", True,
+        "1.7", "1.2.840.10008.1.2.1", "k", image_type="DERIVED\\PRIMARY\\MIP_TRA",
+    )  # fmt: skip
+    assert store.record_instance(mip, "b.dcm", "SCANNER", 1.0)
+    types = {s.series_instance_uid: s.image_type for s in store.series_of_study("1.9")}
+    assert types == {"1.8": "", "1.6": "DERIVED\\PRIMARY\\MIP_TRA"}
 
 
 def test_the_command_line_lists_then_removes(

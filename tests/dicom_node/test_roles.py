@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from dicom_node.jobs import SeriesSummary
-from dicom_node.roles import assign_roles
+from dicom_node.roles import assign_roles, ranked_candidates
 from dicom_node.settings import load_settings
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -31,6 +31,7 @@ def series(
         frame_of_reference_uid="1.2.3",
         instance_count=10,
         last_received_at=float(number),
+        image_type=kw.get("image_type", "ORIGINAL\\PRIMARY\\M\\ND"),
     )
 
 
@@ -126,3 +127,69 @@ def test_the_nodes_own_outputs_sent_back_are_never_inputs() -> None:
     for s in ours:
         assert outcome.role_of(s.series_instance_uid) == ""
         assert notes[s.series_instance_uid] == "a glioforecast output sent back: never an input"
+
+
+def _notes(outcome) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {d.series_instance_uid: d.note for d in outcome.decisions}
+
+
+def test_an_acquired_series_comes_before_the_scanners_reformats() -> None:
+    """A Siemens 3D T1-Gd and the axial and coronal MPRs the scanner made of it (higher series
+    numbers): the acquisition is used, the reformats are tried after it, latest first."""
+    mprage = series("t1_mprage_sag_p2_iso_+C", 10)
+    tra = series("t1_mprage_sag_p2_iso_+C_MPR_tra", 11, image_type="DERIVED\\PRIMARY\\MPR\\ND")
+    cor = series("t1_mprage_sag_p2_iso_+C_MPR_cor", 12, image_type="DERIVED\\PRIMARY\\MPR\\ND")
+    outcome = assign_roles([mprage, tra, cor, series("RT", 20, RTSTRUCT)], ROLES)
+    assert outcome.ok
+    assert outcome.role_of(mprage.series_instance_uid) == "t1c"
+    assert _notes(outcome)[cor.series_instance_uid] == (
+        "also matches t1c; series 10 (acquired, not derived) is used, this one if that cannot "
+        "be converted"
+    )
+    ranked = ranked_candidates([cor, tra, mprage], ROLES)["t1c"]
+    assert [s.series_number for s in ranked] == [10, 12, 11]
+
+
+def test_a_series_without_image_type_counts_as_acquired() -> None:
+    old = series("AX T1 POST GD", 5, image_type="")
+    mpr = series("AX T1 POST GD MPR", 6, image_type="DERIVED\\SECONDARY\\REFORMATTED")
+    assert assign_roles([old, mpr], ROLES).role_of(old.series_instance_uid) == "t1c"
+
+
+@pytest.mark.parametrize(
+    "image_type",
+    [
+        "DERIVED\\PRIMARY\\MIP_TRA",  # Siemens MIP
+        "DERIVED\\PRIMARY\\PROJECTION IMAGE",  # Philips MIP (a defined term of value 3)
+        "DERIVED\\PRIMARY\\M\\ND\\SUB",  # Siemens subtraction
+        "DERIVED\\PRIMARY\\T1 MAP",  # a map named like a T1
+        "DERIVED,ORIGINAL\\PRIMARY\\M\\ND",  # one MIP image among the originals
+    ],
+)
+def test_projections_subtractions_and_maps_get_no_role(image_type: str) -> None:
+    mip = series(
+        "T1 +C MIP", 30, image_type=image_type.replace("DERIVED,", "DERIVED\\PRIMARY\\MIP,")
+    )
+    t1c = series("AX T1 POST GD", 5)
+    outcome = assign_roles([t1c, mip, series("RT", 20, RTSTRUCT)], ROLES)
+    assert outcome.ok
+    assert outcome.role_of(t1c.series_instance_uid) == "t1c"
+    assert outcome.role_of(mip.series_instance_uid) == ""
+    assert _notes(outcome)[mip.series_instance_uid].startswith(
+        "matches t1c but not used: ImageType "
+    )
+    assert mip not in ranked_candidates([t1c, mip], ROLES)["t1c"]
+
+
+def test_a_study_with_only_a_subtraction_says_why_it_has_no_t1c() -> None:
+    sub = series("T1 +C SUB", 31, image_type="DERIVED\\PRIMARY\\M\\ND\\SUB")
+    outcome = assign_roles([sub, series("RT", 20, RTSTRUCT)], ROLES)
+    (problem,) = outcome.problems
+    assert problem.startswith("missing required role t1c: no series matched")
+    assert problem.endswith(
+        "left out for their ImageType (roles.exclude_image_types): series 31 'T1 +C SUB' "
+        "(MR Image Storage, 10 instances), ImageType SUB"
+    )
+    # a site that wants them anyway empties the list
+    anything = dataclasses.replace(ROLES, exclude_image_types=())
+    assert assign_roles([sub], anything).role_of(sub.series_instance_uid) == "t1c"

@@ -59,6 +59,8 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
         ("roles: {rules: [{role: dwi, sop_classes: [MRImageStorage]}]}",
          "roles.rules[0].role: expected one of t1c"),
         ("roles: {rules: [{role: t1c}]}", "roles.rules[0].sop_classes: required key is missing"),
+        ("roles: {exclude_image_types: [mip]}",
+         "roles.exclude_image_types[0]: expected an ImageType value: 1 to 16 upper-case"),
         ("logging: {level: LOUD}", "logging.level: expected one of 'DEBUG'"),
         ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
         ("[1, 2]", "top level: expected a mapping, found a list"),

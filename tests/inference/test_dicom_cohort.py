@@ -19,6 +19,7 @@ from inference.dicom_cohort import index_dicom
 from inference.model_config import tiny_config
 from inference.synthetic.cohort import PatientRecord
 from tests.conftest import tool, wait_for
+from tests.factories import copy_series
 
 Cohort = tuple[Path, list[PatientRecord]]
 CLASSES = ("short", "intermediate", "long")
@@ -72,6 +73,26 @@ def test_dicom_patients_give_the_samples_of_their_nifti_twins(tiny_cohort: Cohor
     assert_same_samples(dicom, nifti)
     # the comparison covers a follow-up with enhancing tumour, not only complete responses
     assert any(np.asarray(load_truth(n).post_enhancing.array).any() for n in nifti)
+
+
+def test_a_dynamic_series_named_like_the_t1c_is_passed_over(
+    tiny_cohort: Cohort, tmp_path: Path
+) -> None:
+    """The training reader chooses series as the node does: a 4D series matching t1c, with the
+    highest series number, cannot be converted, so the 3D T1-Gd gives the sample."""
+    from inference.dicom_cohort import study_inputs_from_dicom
+
+    src, records = tiny_cohort
+    pre = src / records[0].patient_id / "dicom" / "pre"
+    study = tmp_path / "study"
+    shutil.copytree(pre, study)
+    copy_series(sorted((pre / "003_t1c").glob("*.dcm")), study / "dyn", "t1_vibe_dyn_post_Gd",
+                40, ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2)  # fmt: skip
+    inputs, described = study_inputs_from_dicom(study)
+    plain, plain_described = study_inputs_from_dicom(pre)
+    assert described["t1c"] == plain_described["t1c"]
+    assert described["t1c"].startswith("t1_mprage_tra_p2_iso_post_Gd")
+    np.testing.assert_array_equal(inputs.t1c.array, plain.t1c.array)
 
 
 def test_node_spool_is_a_training_site(tiny_cohort: Cohort, tmp_path: Path) -> None:
