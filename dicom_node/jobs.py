@@ -520,23 +520,20 @@ class JobStore:
             )
             _event(db, job_id, "retry", f"re-queued by an operator; now {state} {reason}".strip())
 
-    def use_series(
-        self, job_id: int, role: str, refused_uid: str, used_uid: str, why: str, message: str
+    def update_series(
+        self, job_id: int, changes: Sequence[tuple[str, str, str]], kind: str, message: str
     ) -> None:
-        """Give ``role`` to another series of a job (``used_uid``) because the one chosen
-        (``refused_uid``) could not be converted (``why``); a ``fallback`` event says
-        ``message``."""
+        """Set the role and note of some of a job's series (``(series UID, role, note)``), with
+        an event of ``kind`` saying ``message``: the pipeline found another series than the one
+        chosen at assembly to be the one to use."""
         with self.transaction() as db:
-            for uid, value, note in (
-                (refused_uid, "", f"matches {role}, not used: {why}"),
-                (used_uid, role, "used: the series chosen first could not be converted"),
-            ):
+            for uid, role, note in changes:
                 db.execute(
                     "UPDATE job_series SET role = ?, note = ? WHERE job_id = ? "
                     "AND series_instance_uid = ?",
-                    (value, note, job_id, uid),
+                    (role, note, job_id, uid),
                 )
-            _event(db, job_id, "fallback", message)
+            _event(db, job_id, kind, message)
 
     def set_state(self, job_id: int, state: str, reason: str = "") -> bool:
         """Move a job to ``state``; False (and an event) when it was superseded meanwhile.

@@ -18,12 +18,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
+from dicom_node.convert.dose_choice import choose_course_dose
 from dicom_node.convert.geometry import resample, same_grid
 from dicom_node.convert.rtdose import dose_on_grid
 from dicom_node.convert.rtstruct import load_placed_rtstruct_mask
 from dicom_node.convert.series import load_series
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
+    FrameRegistration,
     load_registrations,
 )
 from dicom_node.errors import ConversionError, InputError
@@ -161,6 +163,16 @@ def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
     return reference.with_array(resample(volume, reference, order=1, output_dtype=np.float32))
 
 
+def course_dose_on_grid(
+    paths: Sequence[Path], t1c: Volume, registrations: Sequence[FrameRegistration]
+) -> Volume:
+    """The sum of the RT Doses of ``paths`` on the T1-Gd's grid (one path: its dose)."""
+    doses = [dose_on_grid(p, t1c, registrations) for p in paths]
+    if len(doses) == 1:
+        return doses[0]
+    return t1c.with_array(np.sum([d.array for d in doses], axis=0, dtype=np.float32))
+
+
 def _on_grid_of(t1c: Volume, role: str) -> Callable[[Sequence[Path]], Volume]:
     """A loader of a ``role`` series onto the T1-Gd's grid."""
     return lambda paths: on_grid(load_series(paths), t1c, role)
@@ -178,7 +190,9 @@ def assemble_inputs(
     required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
     mask, the optional contrasts and the RT dose resampled onto it. A structure set or dose on
     another frame of reference (the planning CT's) is placed on the T1-Gd's by the study's
-    Spatial Registration objects (``registrations``, read only then). When an image role's series
+    Spatial Registration objects (``registrations``, read only then). ``files["rtdose"]`` are the
+    RT Dose instances that make the course's dose (:func:`dicom_node.convert.dose_choice.
+    choose_course_dose`), summed on the T1-Gd's grid. When an image role's series
     cannot be converted, its ``fallbacks`` (the other series matching the role, in the order of
     :func:`dicom_node.roles.ranked_candidates`) are tried, and ``on_fallback`` is told which one
     was used and why (default: ``warn``). An optional contrast that cannot be used does not stop
@@ -208,7 +222,7 @@ def assemble_inputs(
             )
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
-    dose = dose_on_grid(files["rtdose"][0], t1c, regs) if "rtdose" in files else None
+    dose = course_dose_on_grid(files["rtdose"], t1c, regs) if "rtdose" in files else None
     return StudyInputs(
         t1c=t1c,
         tumour_mask=mask,
@@ -251,9 +265,7 @@ class Pipeline:
             return series_ref(series[role], [uid for uid, _ in members])
 
         reg_series = [
-            js
-            for js in self.store.job_series(job_id)
-            if js.series.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+            js for js in job_series if js.series.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
         ]
         registrations = [
             self.spool_root / rel
@@ -265,14 +277,26 @@ class Pipeline:
         def fall_back(role: str, used: SeriesFiles, why: str) -> None:
             before = series[role].series
             series[role] = JobSeries(by_uid[used.series_instance_uid].series, role, "")
-            self.store.use_series(
-                job_id, role, before.series_instance_uid, used.series_instance_uid, why,
+            self.store.update_series(
+                job_id,
+                [
+                    (before.series_instance_uid, "", f"matches {role}, not used: {why}"),
+                    (used.series_instance_uid, role, "used: the series chosen first could not "
+                     "be converted"),
+                ],
+                "fallback",
                 f"{role}: {describe(before)} cannot be used ({why}); {used.label}, the next "
                 f"series that matches {role}, is used instead",
             )  # fmt: skip
 
+        role_files = {role: files(role) for role in series}
+        dose_refs: list[SeriesRef] = []
+        if "rtdose" in series:
+            role_files["rtdose"], dose_refs = self._course_dose(
+                job_id, job_series, series, instances, role_files.get("rtplan", [])
+            )
         inputs = assemble_inputs(
-            {role: files(role) for role in series},
+            role_files,
             self.settings.roles.roi_pattern,
             lambda message: self.store.add_event(job_id, "warning", message),
             registrations,
@@ -282,9 +306,8 @@ class Pipeline:
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
         prediction = self.predictor.predict(inputs)
-        others = [
-            ref(role) for role in ("rtstruct", "rtdose", *OPTIONAL_CONTRASTS) if role in series
-        ]
+        others = [ref("rtstruct"), *dose_refs]
+        others += [ref(role) for role in OPTIONAL_CONTRASTS if role in series]
         # the study's Spatial Registrations were at hand to place the GTV and the dose
         others += [
             series_ref(js, [uid for uid, _ in instances.get(js.series.series_instance_uid, [])])
@@ -305,6 +328,45 @@ class Pipeline:
             prediction=prediction,
             seconds=time.monotonic() - start,
         )
+
+    def _course_dose(
+        self,
+        job_id: int,
+        job_series: Sequence[JobSeries],
+        series: dict[str, JobSeries],
+        instances: Mapping[str, Sequence[tuple[str, str]]],
+        plans: Sequence[Path],
+    ) -> tuple[list[Path], list[SeriesRef]]:
+        """The RT Dose instances that make the course's dose, out of every series matching
+        ``rtdose`` (:func:`choose_course_dose`), and their references by series; the job's
+        series roles and a ``dose`` event say which were used when there was a choice."""
+        candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
+        pool = candidates.get("rtdose") or [series["rtdose"].series]
+        paths = [
+            self.spool_root / rel
+            for s in pool
+            for _, rel in instances.get(s.series_instance_uid, [])
+        ]
+        choice = choose_course_dose(paths, plans)
+        by_uid = {js.series.series_instance_uid: js for js in job_series}
+        used = list(dict.fromkeys(d.series_instance_uid for d in choice.used))
+        if choice.note:
+            changes = [
+                (s.series_instance_uid, "rtdose", "used (see the job's dose event)")
+                if s.series_instance_uid in used
+                else (s.series_instance_uid, "", "matches rtdose, not used (see the dose event)")
+                for s in pool
+            ]
+            self.store.update_series(job_id, changes, "dose", choice.note)
+        series["rtdose"] = by_uid[used[0]]
+        refs = [
+            series_ref(
+                by_uid[uid],
+                [d.sop_instance_uid for d in choice.used if d.series_instance_uid == uid],
+            )
+            for uid in used
+        ]
+        return list(choice.paths), refs
 
     def _fallbacks(
         self,

@@ -210,6 +210,7 @@ def study_inputs_from_series(
 ) -> tuple[StudyInputs, dict[str, str]]:
     """The node's inputs from the series of one study (roles from ``settings``); also returns
     role -> series description."""
+    from dicom_node.convert.dose_choice import choose_course_dose
     from dicom_node.pipeline import SeriesFiles, assemble_inputs
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
@@ -230,8 +231,17 @@ def study_inputs_from_series(
         log.warning("%s: %s cannot be used (%s); %s is used", name, role, why, used.label)
         described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
 
+    role_files = {role: s.files for role, s in by_role.items()}
+    if "rtdose" in by_role:
+        pool = ranked.get("rtdose") or [by_role["rtdose"].summary]
+        choice = choose_course_dose(
+            [f for c in pool for f in files[c.series_instance_uid]], role_files.get("rtplan", ())
+        )
+        role_files["rtdose"] = choice.paths
+        if choice.note:
+            log.info("%s: %s", name, choice.note)
     inputs = assemble_inputs(
-        {role: s.files for role, s in by_role.items()},
+        role_files,
         settings.roles.roi_pattern,
         lambda message: log.warning("%s: %s", name, message),
         [

@@ -492,3 +492,119 @@ def test_a_t1c_that_no_matching_series_can_give_fails_naming_each(  # type: igno
     assert "duplicate slice position(s)" in job.reason
     assert "the other series matching t1c cannot be used either: series 8 " in job.reason
     assert [e for e in node.store.events(job.id) if e.kind == "fallback"] == []
+
+
+def _beam_export(pre, out) -> tuple[list, object]:  # type: ignore[no-untyped-def]
+    """The synthetic plan dose as a planning system exporting per beam would send it: two BEAM
+    doses of half the plan's each (one series), the dose uncertainty (another series) and the
+    RT Plan (beams 1 and 2, and a setup field that delivers nothing)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    (plan_dose,) = sorted((pre / "RTDOSE").glob("*.dcm"))
+    out.mkdir()
+    beam_series = pydicom.uid.generate_uid()
+    written = []
+    for name, beam, dose_type in (("beam1", 1, "PHYSICAL"), ("beam2", 2, "PHYSICAL"),
+                                  ("error", None, "ERROR")):  # fmt: skip
+        ds = pydicom.dcmread(plan_dose)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.DoseType = dose_type
+        if beam is None:
+            ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 202
+        else:
+            ds.SeriesInstanceUID, ds.SeriesNumber = beam_series, 201
+            ds.DoseSummationType = "BEAM"
+            ds.DoseGridScaling = float(ds.DoseGridScaling) / 2
+            group, ref = Dataset(), Dataset()
+            group.ReferencedFractionGroupNumber = 1
+            ref.ReferencedBeamNumber = beam
+            group.ReferencedBeamSequence = DicomSequence([ref])
+            ds.ReferencedRTPlanSequence[0].ReferencedFractionGroupSequence = DicomSequence([group])
+        written.append(out / f"{name}.dcm")
+        ds.save_as(written[-1], enforce_file_format=True)
+    plan_uid = str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID)
+    plan = pydicom.dcmread(plan_dose, stop_before_pixels=True)
+    for keyword in ("DoseUnits", "DoseType", "DoseSummationType", "DoseGridScaling",
+                    "ReferencedRTPlanSequence", "GridFrameOffsetVector"):  # fmt: skip
+        if keyword in plan:
+            delattr(plan, keyword)
+    plan.SOPClassUID = plan.file_meta.MediaStorageSOPClassUID = pydicom.uid.RTPlanStorage
+    plan.SOPInstanceUID = plan.file_meta.MediaStorageSOPInstanceUID = plan_uid
+    plan.SeriesInstanceUID, plan.SeriesNumber = pydicom.uid.generate_uid(), 203
+    plan.Modality = "RTPLAN"
+    plan.RTPlanLabel, plan.RTPlanGeometry = "GBM 60/30", "PATIENT"
+    group = Dataset()
+    group.FractionGroupNumber, group.NumberOfFractionsPlanned = 1, 30
+    group.ReferencedBeamSequence = DicomSequence()
+    plan.BeamSequence = DicomSequence()
+    for number, delivery, meterset in ((1, "TREATMENT", 150.0), (2, "TREATMENT", 140.0),
+                                       (3, "SETUP", 0.0)):  # fmt: skip
+        beam, ref = Dataset(), Dataset()
+        beam.BeamNumber, beam.TreatmentDeliveryType = number, delivery
+        plan.BeamSequence.append(beam)
+        ref.ReferencedBeamNumber, ref.BeamMeterset = number, meterset
+        group.ReferencedBeamSequence.append(ref)
+    plan.FractionGroupSequence = DicomSequence([group])
+    written.append(out / "plan.dcm")
+    plan.save_as(written[-1], enforce_file_format=True)
+    return written, plan_dose
+
+
+def test_beam_doses_are_summed_into_the_plans_dose(run_node, patient, pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A planning system that exports the dose per beam, with the dose uncertainty and the
+    plan: the node sums the two beams (the plan's dose, to the storage's resolution), leaves the
+    uncertainty out, says so in the job and lists the beam doses among the SR's evidence."""
+    from dicom_node.pipeline import assemble_inputs
+
+    pre, _ = patient
+    destination, received = pacs
+    export, plan_dose = _beam_export(pre, tmp_path / "export")
+    rtstruct = sorted((pre / "RTSTRUCT").glob("*.dcm"))
+    t1c = sorted((pre / "003_t1c").glob("*.dcm"))
+    summed = assemble_inputs(
+        {"t1c": t1c, "rtstruct": rtstruct, "rtdose": export[:2]}, "(?i)^gtv", pytest.fail
+    )
+    plain = assemble_inputs(
+        {"t1c": t1c, "rtstruct": rtstruct, "rtdose": [plan_dose]}, "(?i)^gtv", pytest.fail
+    )
+    assert summed.dose is not None and plain.dose is not None
+    np.testing.assert_allclose(summed.dose.array, plain.dose.array, atol=2e-3)
+    assert float(plain.dose.array.max()) > 50.0
+
+    settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
+    node = run_node(settings)
+    files = [p for p in sorted(pre.rglob("*.dcm")) if p.parent.name != "RTDOSE"]
+    storescu(node.scp.port, *files, *export)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+    (event,) = [e.message for e in node.store.events(job.id) if e.kind == "dose"]
+    assert event.startswith(
+        "RT Dose: the doses of 2 beam(s) are summed (every beam of the RT Plan) ("
+    ), event
+    assert "(PLAN, ERROR): a dose uncertainty, not a dose" in event
+    roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
+    assert roles[201][0] == "rtdose" and roles[202][0] == "" and roles[203][0] == "rtplan"
+
+    def delivered() -> int | None:
+        states = node.outbox.counts().get("pacs", {})
+        total, sent = sum(states.values()), states.get("sent", 0)
+        return total if total and sent == total == len(list(received.iterdir())) else None
+
+    wait_for(delivered, timeout=120, what="every result at the PACS")
+    (sr,) = [
+        ds for p in received.iterdir()
+        for ds in [pydicom.dcmread(p)] if ds.Modality == "SR"
+    ]  # fmt: skip
+    evidence = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.stem for p in export}
+    assert {name for uid, name in uids.items() if uid in evidence} == {"beam1", "beam2"}
