@@ -16,11 +16,15 @@ works). Each patient of the table, matched by PatientID, needs
   Segmentation by a reader with an *enhancing tumour* segment (the joint mask channel learns it);
 - a follow-up study, later than it, with a T1-Gd series and a reader's Segmentation with an
   *enhancing lesion* segment (tumour and treatment-related enhancement, as a reader outlines it)
-  and, optionally, a *necrosis* segment (with the GTV, the evaluation's tumour region).
+  and, optionally, a *necrosis* segment (with the GTV, the evaluation's tumour region); or, as a
+  radiotherapy department contours a recurrence, an RT structure set with ROIs so named (an
+  ROI without contours is an empty outline). A structure set whose ROIs name an enhancing
+  lesion and none the node's GTV pattern is such an outline, never a plan.
 
-Segments are found by their label (:data:`ENHANCING_SEGMENT`, :data:`NECROSIS_SEGMENT`); of
-several reader Segmentations in a study the latest is used, and the node's own outputs sent
-back with a study (labelled series: predicted SEG and RTSTRUCT) are never read as a reader's.
+Segments and ROIs are found by their label (:data:`ENHANCING_SEGMENT`, :data:`NECROSIS_SEGMENT`);
+of several reader Segmentations in a study the latest is used (a Segmentation before a
+structure set), and the node's own outputs sent back with a study (labelled series: predicted
+SEG and RTSTRUCT) are never read as a reader's.
 A follow-up on the pre-treatment frame of reference (registered to it already) is read as it
 is; one on a frame of reference of its own, as a follow-up session gives it, is registered
 rigidly onto the pre-treatment T1-Gd and placed in its frame (:mod:`inference.registration`),
@@ -32,6 +36,7 @@ Problems are collected for every patient and reported together; nothing is skipp
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -53,6 +58,7 @@ from inference.registration import register_rigid
 log = logging.getLogger(__name__)
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 #: segment labels read as the enhancing tumour (pre-treatment) or lesion (follow-up)
 ENHANCING_SEGMENT = re.compile(r"(?i)^(?!.*non[- ]?enhanc).*enhanc")
 #: segment labels read as necrosis / non-enhancing core
@@ -86,20 +92,36 @@ class DicomStudy:
     def reader_segmentation(self) -> Path | None:
         """The Segmentation a reader made in this study: the latest (highest series number) of
         those that are not glioforecast's own predictions sent back with the study."""
+        return self._latest_reader(self.of_class(SEGMENTATION_STORAGE), "Segmentations")
+
+    def follow_up_outline(self) -> Path | None:
+        """The reader's outline of a follow-up study: its Segmentation, else the latest RT
+        structure set with an ROI named like the enhancing lesion (:data:`ENHANCING_SEGMENT`),
+        as a radiotherapy department contours a recurrence."""
+        seg = self.reader_segmentation()
+        if seg is not None:
+            return seg
+        outlines = [
+            s
+            for s in self.of_class(RTSTRUCT_STORAGE)
+            if any(ENHANCING_SEGMENT.search(n) for f in s.files for n in roi_names(f))
+        ]
+        return self._latest_reader(outlines, "RT structure sets with an enhancing ROI")
+
+    def _latest_reader(self, series: Sequence[DicomSeries], what: str) -> Path | None:
+        """The first file of the latest of ``series`` that is not one of glioforecast's own
+        outputs sent back with the study."""
         from sr_writer.labels import is_labelled_description
 
-        readers = [
-            s
-            for s in self.of_class(SEGMENTATION_STORAGE)
-            if not is_labelled_description(s.summary.series_description)
-        ]
+        readers = [s for s in series if not is_labelled_description(s.summary.series_description)]
         if not readers:
             return None
         if len(readers) > 1:
             log.info(
-                "%s: %d reader Segmentations, the latest (series %s) is used",
+                "%s: %d reader %s, the latest (series %s) is used",
                 self.describe(),
                 len(readers),
+                what,
                 readers[-1].summary.series_number,
             )
         return readers[-1].files[0]
@@ -318,6 +340,59 @@ def segment_masks(path: Path, reference: Volume, name: str) -> dict[str, Volume]
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def roi_names(path: Path) -> tuple[str, ...]:
+    """The ROI names of an RT structure set file (none when it cannot be read)."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["StructureSetROISequence"])
+        return tuple(str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence") or [])
+    except Exception as exc:  # pydicom raises many types on damaged files
+        log.warning("RT structure set %s cannot be read (%s): not used as an outline", path, exc)
+        return ()
+
+
+def outline_masks(path: Path, reference: Volume, name: str) -> dict[str, Volume]:
+    """A reader's outline (label -> bool mask on ``reference``'s grid): the segments of a DICOM
+    Segmentation, or the ROIs of an RT structure set named like the enhancing lesion or
+    necrosis, each rasterised on its own (:func:`dicom_node.convert.rtstruct.load_rtstruct_mask`,
+    the structure set on the reference's frame of reference)."""
+    if _sop_class(path) != RTSTRUCT_STORAGE:
+        return segment_masks(path, reference, name)
+    from dicom_node.convert.rtstruct import list_rois, load_rtstruct_mask
+
+    out: dict[str, Volume] = {}
+    try:
+        rois = list_rois(path)
+        for roi in rois:
+            if roi.name in out or not (
+                ENHANCING_SEGMENT.search(roi.name) or NECROSIS_SEGMENT.search(roi.name)
+            ):
+                continue
+            named = [r for r in rois if r.name == roi.name]
+            if not any(r.contour_count for r in named):  # outlined as empty: nothing there
+                out[roi.name] = reference.with_array(np.zeros(reference.shape, dtype=bool))
+                continue
+            pattern = f"^{re.escape(roi.name)}$"
+            out[roi.name] = load_rtstruct_mask(path, reference, pattern, combine=True)
+    except InputError as exc:  # ConversionError included
+        raise InputError(f"{name}: RT structure set {path}: {exc}") from None
+    return out
+
+
+def _sop_class(path: Path) -> str:
+    """The SOP Class UID of a file ("" when it cannot be read: the Segmentation reader then
+    says why)."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # pydicom raises many types on damaged files
+        return ""
+    return str(ds.get("SOPClassUID", ""))
+
+
 def find_segment(masks: Mapping[str, Volume], pattern: re.Pattern[str]) -> Volume | None:
     """The union of the segments whose label matches ``pattern`` (None when none does)."""
     hits = [m for label, m in masks.items() if pattern.search(label)]
@@ -372,9 +447,9 @@ class DicomCase:
             self.post.images, replace(settings, roles=follow_roles), f"{name}, follow-up"
         )
         post = load_series(by_role["t1c"].files)
-        post_file, pre_file = self.post.reader_segmentation(), self.pre.reader_segmentation()
+        post_file, pre_file = self.post.follow_up_outline(), self.pre.reader_segmentation()
         assert post_file is not None and pre_file is not None  # checked by match_case
-        post_seg = segment_masks(post_file, post, f"{name}, follow-up")
+        post_seg = outline_masks(post_file, post, f"{name}, follow-up")
         if post.frame_of_reference_uid != reference.frame_of_reference_uid:
             motion = register_rigid(reference, post, f"{name}: follow-up T1-Gd")
             post = motion.place(post)
@@ -382,12 +457,13 @@ class DicomCase:
         pre_seg = segment_masks(pre_file, reference, f"{name}, pre-treatment")
         enhancing = find_segment(post_seg, ENHANCING_SEGMENT)
         pre_enhancing = find_segment(pre_seg, ENHANCING_SEGMENT)
+        rt = _sop_class(post_file) == RTSTRUCT_STORAGE
+        post_kind = "RT structure set" if rt else "Segmentation"
         missing = [
-            f"{what} Segmentation: expected a segment labelled like 'Enhancing ...', found "
-            f"{sorted(masks)}"
+            f"{what}: expected a segment labelled like 'Enhancing ...', found {sorted(masks)}"
             for what, masks, mask in (
-                ("follow-up", post_seg, enhancing),
-                ("pre-treatment", pre_seg, pre_enhancing),
+                (f"follow-up {post_kind}", post_seg, enhancing),
+                ("pre-treatment Segmentation", pre_seg, pre_enhancing),
             )
             if mask is None
         ]
@@ -421,26 +497,37 @@ def _pick(
     )
 
 
-def _planning_studies(studies: Sequence[DicomStudy], rtstruct: str) -> list[DicomStudy]:
-    """The patient's studies with an RT structure set and MR series. A structure set kept in a
-    study without MR (the planning CT's, as a planning system keeps it) joins the MR study whose
-    frame of reference it is on or related to by a Spatial Registration, as the node links
-    them (:mod:`dicom_node.linking`)."""
+def _planning_studies(studies: Sequence[DicomStudy], roi_pattern: str) -> list[DicomStudy]:
+    """The patient's studies with a planning RT structure set and MR series. A structure set
+    that only outlines a follow-up (an ROI named like the enhancing lesion, none matching the
+    node's ``roles.roi_pattern``) is not a plan. A structure set kept in a study without MR (the
+    planning CT's, as a planning system keeps it) joins the MR study whose frame of reference it
+    is on or related to by a Spatial Registration, as the node links them
+    (:mod:`dicom_node.linking`)."""
     from dicom_node.linking import MR_CLASSES, RT_CLASSES, frames_related
+
+    gtv = re.compile(roi_pattern)
+
+    def plans(study: DicomStudy) -> list[DicomSeries]:
+        def outline_only(s: DicomSeries) -> bool:
+            names = [n for f in s.files for n in roi_names(f)]
+            return any(map(ENHANCING_SEGMENT.search, names)) and not any(map(gtv.search, names))
+
+        return [s for s in study.of_class(RTSTRUCT_STORAGE) if not outline_only(s)]
 
     def mr(study: DicomStudy) -> list[DicomSeries]:
         return [s for s in study.series if s.summary.sop_class_uid in MR_CLASSES]
 
-    out = [s for s in studies if s.of_class(rtstruct) and mr(s)]
-    for rt_study in (s for s in studies if s.of_class(rtstruct) and not mr(s)):
+    out = [s for s in studies if plans(s) and mr(s)]
+    for rt_study in (s for s in studies if plans(s) and not mr(s)):
         rt = [s for s in rt_study.series if s.summary.sop_class_uid in RT_CLASSES]
-        structures = [f for s in rt_study.of_class(rtstruct) for f in s.files]
+        structures = [f for s in plans(rt_study) for f in s.files]
         regs = [f for s in rt_study.of_class(SPATIAL_REGISTRATION_SOP_CLASS) for f in s.files]
         related = [
             study
             for study in studies
             if mr(study)
-            and not study.of_class(rtstruct)
+            and not plans(study)
             and frames_related(
                 {s.summary.frame_of_reference_uid for s in mr(study)} - {""}, structures, regs
             )
@@ -461,12 +548,9 @@ def match_case(
     row: Mapping[str, str],
 ) -> tuple[DicomCase | None, list[str]]:
     """The pre-treatment and follow-up studies of one patient, or the problems found."""
-    from dicom_node.roles import sop_class_uid
-
-    rtstruct = sop_class_uid("RTStructureSetStorage")
     if not studies:
         return None, ["expected DICOM studies with this PatientID, found none"]
-    planning = _planning_studies(studies, rtstruct)
+    planning = _planning_studies(studies, load_settings(None).roles.roi_pattern)
     pre, problem = _pick(
         planning, row.get("pre_study_uid", ""), "pre-treatment", "an RT structure set"
     )
@@ -481,13 +565,14 @@ def match_case(
     later = [
         s
         for s in studies
-        if s.when > pre.when and s is not pre and s.reader_segmentation() is not None
+        if s.when > pre.when and s is not pre and s.follow_up_outline() is not None
     ]
     post, problem = _pick(
         later,
         row.get("post_study_uid", ""),
         "follow-up",
-        f"a Segmentation, later than the pre-treatment {pre.describe()}",
+        "a Segmentation (or an RT structure set with an enhancing ROI), later than the "
+        f"pre-treatment {pre.describe()}",
     )
     if post is None:
         problems.append(str(problem))

@@ -95,6 +95,59 @@ def test_a_dynamic_series_named_like_the_t1c_is_passed_over(
     np.testing.assert_array_equal(inputs.t1c.array, plain.t1c.array)
 
 
+def test_a_follow_up_outlined_in_an_rt_structure_set(tiny_cohort: Cohort, tmp_path: Path) -> None:
+    """A radiotherapy department outlines the follow-up's enhancing lesion and necrosis as ROIs
+    of an RT structure set, not as a Segmentation: the truth is the same voxels (the ROIs are
+    the Segmentation's masks traced to contours; an empty lesion is an ROI without contours)."""
+    from dicom_node.convert.series import load_series
+    from dicom_node.pipeline import patient_study
+    from dicom_node.types import SeriesRef
+    from inference.dicom_cohort import segment_masks
+    from sr_writer.rtstruct import RoiMask, build_rtstruct
+
+    src, records = tiny_cohort
+    site = dicom_site(tiny_cohort, tmp_path / "site")
+    nifti = {p.patient_id: p for p in read_cohort(src, source="nifti")}
+    for record in records:
+        studies = site / "studies" / record.patient_id
+        seg = studies / "reader" / "post" / "seg.dcm"
+        t1c_files = sorted((studies / "post" / "003_t1c").glob("*.dcm"))
+        post = load_series(t1c_files)
+        header = pydicom.dcmread(t1c_files[0], stop_before_pixels=True)
+        rois = [
+            RoiMask(label, mask, (255, 0, 0), "GTV")
+            for label, mask in segment_masks(seg, post, "test").items()
+        ]
+        outline = build_rtstruct(
+            rois=rois,
+            reference_grid=post,
+            reference_series=SeriesRef(
+                str(header.SeriesInstanceUID), str(header.SOPClassUID), post.source_instance_uids
+            ),
+            patient=patient_study(header),
+            series_instance_uid=pydicom.uid.generate_uid(),
+            sop_instance_uid=pydicom.uid.generate_uid(),
+            series_description="Recurrence contours",
+            series_number=77,
+            structure_set_label="FOLLOW-UP",
+            roi_generation_algorithm="MANUAL",
+        )
+        seg.unlink()
+        outline.save_as(studies / "reader" / "post" / "outline.dcm", enforce_file_format=True)
+    dicom = read_cohort(site, source="dicom")
+    assert [p.patient_id for p in dicom] == [r.patient_id for r in records]
+    lesions = 0
+    for patient in dicom:
+        got, want = load_truth(patient), load_truth(nifti[patient.patient_id])
+        # the tumour region holds the GTV and the follow-up necrosis
+        for key in ("post_enhancing", "pre_enhancing", "tumour_region"):
+            np.testing.assert_array_equal(
+                getattr(got, key).array, getattr(want, key).array, err_msg=key
+            )
+        lesions += int(np.asarray(want.post_enhancing.array).any())
+    assert lesions >= 1  # the comparison covers a lesion that is there
+
+
 def test_node_spool_is_a_training_site(tiny_cohort: Cohort, tmp_path: Path) -> None:
     """The studies sent to a running node with dcmtk's storescu (pre-treatment MR, RTSTRUCT,
     RTDOSE, readers' Segmentations, follow-up MR) train from its spool, linked into a site
@@ -277,7 +330,10 @@ def test_a_real_planning_study_without_outlines_is_named(real_data: Path, tmp_pa
     text = str(err.value)
     assert "patient STS_001: pre-treatment study 1.3.6.1.4.1.14519" in text
     assert "expected a reader's Segmentation (enhancing tumour), found none" in text
-    assert "patient STS_001: follow-up: expected a study with a Segmentation, later than" in text
+    assert (
+        "patient STS_001: follow-up: expected a study with a Segmentation (or an RT structure "
+        "set with an enhancing ROI), later than"
+    ) in text
 
 
 def test_the_nodes_predictions_in_a_study_are_not_read_as_truth(
