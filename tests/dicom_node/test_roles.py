@@ -46,6 +46,10 @@ ROLES = load_settings(None).roles
         ("T1W_3D_TFE +C", False, "t1c"),  # Philips
         ("3D T1 FSPGR", True, "t1c"),  # contrast agent tag set, no hint in the name
         ("t2_tse_dark-fluid_tra", False, "flair"),
+        ("t2_space_dark-fluid_sag_p2_iso", False, "flair"),  # Siemens 3D FLAIR
+        ("AX T1 FLAIR", False, "t1"),  # GE T1-weighted FLAIR: not the T2 FLAIR input
+        ("AX T1 FLAIR +C", False, "t1c"),
+        ("t1_tirm_tra_dark-fluid", False, "t1"),  # Siemens T1 TIRM
         ("AX T2 FLAIR", False, "flair"),
         ("t2_tse_tra", False, "t2"),
         ("T2*_GRE", False, ""),
