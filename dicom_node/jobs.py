@@ -224,6 +224,7 @@ class JobStore:
                 "ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, "
                 "calling_ae = excluded.calling_ae, received_at = excluded.received_at, "
                 "transfer_syntax_uid = excluded.transfer_syntax_uid, assembled = 0, "
+                "image_type = excluded.image_type, "
                 "removed_at = NULL WHERE instances.removed_at IS NOT NULL",
                 (
                     info.sop_instance_uid,
@@ -524,8 +525,8 @@ class JobStore:
         self, job_id: int, changes: Sequence[tuple[str, str, str]], kind: str, message: str
     ) -> None:
         """Set the role and note of some of a job's series (``(series UID, role, note)``), with
-        an event of ``kind`` saying ``message``: the pipeline found another series than the one
-        chosen at assembly to be the one to use."""
+        an event of ``kind`` saying ``message`` (none when ``kind`` is empty): the pipeline found
+        another series than the one chosen at assembly to be the one to use, or none."""
         with self.transaction() as db:
             for uid, role, note in changes:
                 db.execute(
@@ -533,7 +534,8 @@ class JobStore:
                     "AND series_instance_uid = ?",
                     (role, note, job_id, uid),
                 )
-            _event(db, job_id, kind, message)
+            if kind:
+                _event(db, job_id, kind, message)
 
     def set_state(self, job_id: int, state: str, reason: str = "") -> bool:
         """Move a job to ``state``; False (and an event) when it was superseded meanwhile.

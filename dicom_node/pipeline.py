@@ -29,7 +29,7 @@ from dicom_node.convert.spatial_registration import (
     load_registrations,
 )
 from dicom_node.errors import ConversionError, InputError
-from dicom_node.jobs import JobSeries, JobStore
+from dicom_node.jobs import JobSeries, JobStore, SeriesSummary
 from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 from dicom_node.settings import Settings
 from dicom_node.types import (
@@ -56,8 +56,9 @@ class SeriesFiles:
     files: tuple[Path, ...]
 
 
-#: told which other series a role took, and why the one chosen could not be used
-FallbackHook = Callable[[str, SeriesFiles, str], None]
+#: told which other series a role took, why the one chosen could not be used, and the series
+#: tried before it with their reasons
+FallbackHook = Callable[[str, SeriesFiles, str, Sequence[tuple[SeriesFiles, str]]], None]
 
 
 def _first_usable(
@@ -72,21 +73,21 @@ def _first_usable(
     try:
         return load(files)
     except InputError as first:
-        refused: list[str] = []
+        refused: list[tuple[SeriesFiles, str]] = []
         for other in fallbacks:
             try:
                 volume = load(other.files)
             except InputError as exc:
-                refused.append(f"{other.label}: {exc}")
+                refused.append((other, str(exc)))
                 continue
-            on_fallback(role, other, str(first))
+            on_fallback(role, other, str(first), refused)
             return volume
         if not refused:
             raise
         kind = ConversionError if isinstance(first, ConversionError) else InputError
         raise kind(
             f"{first}; the other series matching {role} cannot be used either: "
-            + "; ".join(refused)
+            + "; ".join(f"{other.label}: {why}" for other, why in refused)
         ) from first
 
 
@@ -203,8 +204,11 @@ def assemble_inputs(
         raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
     others = fallbacks or {}
 
-    def told(role: str, used: SeriesFiles, why: str) -> None:
-        warn(f"{role}: the series chosen cannot be used ({why}); {used.label} is used instead")
+    def told(
+        role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
+    ) -> None:
+        also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
+        warn(f"{role}: the series chosen cannot be used ({why}){also}; {used.label} is used")
 
     hook = on_fallback or told
     t1c = _first_usable("t1c", files["t1c"], others.get("t1c", ()), load_series, hook)
@@ -274,35 +278,54 @@ class Pipeline:
         ]
         by_uid = {js.series.series_instance_uid: js for js in job_series}
 
-        def fall_back(role: str, used: SeriesFiles, why: str) -> None:
+        def fall_back(
+            role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
+        ) -> None:
             before = series[role].series
             series[role] = JobSeries(by_uid[used.series_instance_uid].series, role, "")
+            not_used = [(before.series_instance_uid, why)]
+            not_used += [(other.series_instance_uid, r) for other, r in skipped]
+            also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
             self.store.update_series(
                 job_id,
                 [
-                    (before.series_instance_uid, "", f"matches {role}, not used: {why}"),
+                    *((uid, "", f"matches {role}, not used: {r}") for uid, r in not_used),
                     (used.series_instance_uid, role, "used: the series chosen first could not "
                      "be converted"),
                 ],
                 "fallback",
-                f"{role}: {describe(before)} cannot be used ({why}); {used.label}, the next "
-                f"series that matches {role}, is used instead",
+                f"{role}: {describe(before)} cannot be used ({why}){also}; {used.label}, the "
+                f"next series that matches {role}, is used instead",
             )  # fmt: skip
 
         role_files = {role: files(role) for role in series}
         dose_refs: list[SeriesRef] = []
+        candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
         if "rtdose" in series:
+            plans = [
+                self.spool_root / rel
+                for s in candidates.get("rtplan", [])
+                for _, rel in instances.get(s.series_instance_uid, [])
+            ]
             role_files["rtdose"], dose_refs = self._course_dose(
-                job_id, job_series, series, instances, role_files.get("rtplan", [])
+                job_id, job_series, series, instances, candidates, plans
             )
         inputs = assemble_inputs(
             role_files,
             self.settings.roles.roi_pattern,
             lambda message: self.store.add_event(job_id, "warning", message),
             registrations,
-            fallbacks=self._fallbacks(job_series, series, instances),
+            fallbacks=self._fallbacks(candidates, series, instances),
             on_fallback=fall_back,
         )
+        unused = [r for r in OPTIONAL_CONTRASTS if r in series and getattr(inputs, r) is None]
+        for role in unused:  # why is in the job's warning
+            self.store.update_series(
+                job_id,
+                [(series.pop(role).series.series_instance_uid, "", f"matches {role}, not used")],
+                "",
+                "",
+            )
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
         prediction = self.predictor.predict(inputs)
@@ -335,12 +358,13 @@ class Pipeline:
         job_series: Sequence[JobSeries],
         series: dict[str, JobSeries],
         instances: Mapping[str, Sequence[tuple[str, str]]],
+        candidates: Mapping[str, Sequence[SeriesSummary]],
         plans: Sequence[Path],
     ) -> tuple[list[Path], list[SeriesRef]]:
         """The RT Dose instances that make the course's dose, out of every series matching
-        ``rtdose`` (:func:`choose_course_dose`), and their references by series; the job's
-        series roles and a ``dose`` event say which were used when there was a choice."""
-        candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
+        ``rtdose`` (:func:`choose_course_dose`; ``plans``: the files of every series matching
+        ``rtplan``), and their references by series; the job's series roles and a ``dose``
+        event say which were used when there was a choice."""
         pool = candidates.get("rtdose") or [series["rtdose"].series]
         paths = [
             self.spool_root / rel
@@ -370,15 +394,15 @@ class Pipeline:
 
     def _fallbacks(
         self,
-        job_series: Sequence[JobSeries],
+        ranked: Mapping[str, Sequence[SeriesSummary]],
         chosen: Mapping[str, JobSeries],
         instances: Mapping[str, Sequence[tuple[str, str]]],
     ) -> dict[str, list[SeriesFiles]]:
-        """For each image role used, the other series of the job matching it, in the order to
-        try them (none with ``roles.on_ambiguous: fail``)."""
+        """For each image role used, the other series of the job matching it (``ranked``, the
+        job's :func:`ranked_candidates`), in the order to try them (none with
+        ``roles.on_ambiguous: fail``)."""
         if self.settings.roles.on_ambiguous != "latest":
             return {}
-        ranked = ranked_candidates([js.series for js in job_series], self.settings.roles)
         out: dict[str, list[SeriesFiles]] = {}
         for role in IMAGE_ROLES:
             if role not in chosen:

@@ -101,16 +101,20 @@ class DicomStudy:
         seg = self.reader_segmentation()
         if seg is not None:
             return seg
+
+        def outline(path: Path) -> bool:
+            return any(ENHANCING_SEGMENT.search(n) for n in roi_names(path))
+
         outlines = [
-            s
+            replace(s, files=tuple(f for f in s.files if outline(f)))
             for s in self.of_class(RTSTRUCT_STORAGE)
-            if any(ENHANCING_SEGMENT.search(n) for f in s.files for n in roi_names(f))
+            if any(map(outline, s.files))
         ]
         return self._latest_reader(outlines, "RT structure sets with an enhancing ROI")
 
     def _latest_reader(self, series: Sequence[DicomSeries], what: str) -> Path | None:
         """The first file of the latest of ``series`` that is not one of glioforecast's own
-        outputs sent back with the study."""
+        outputs sent back with the study (the caller keeps only the files it can read)."""
         from sr_writer.labels import is_labelled_description
 
         readers = [s for s in series if not is_labelled_description(s.summary.series_description)]
@@ -249,15 +253,19 @@ def study_inputs_from_series(
         if role in by_role and settings.roles.on_ambiguous == "latest"
     }
 
-    def fall_back(role: str, used: SeriesFiles, why: str) -> None:
-        log.warning("%s: %s cannot be used (%s); %s is used", name, role, why, used.label)
+    def fall_back(
+        role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
+    ) -> None:
+        also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
+        log.warning("%s: %s cannot be used (%s)%s; %s is used", name, role, why, also, used.label)
         described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
 
     role_files = {role: s.files for role, s in by_role.items()}
     if "rtdose" in by_role:
         pool = ranked.get("rtdose") or [by_role["rtdose"].summary]
         choice = choose_course_dose(
-            [f for c in pool for f in files[c.series_instance_uid]], role_files.get("rtplan", ())
+            [f for c in pool for f in files[c.series_instance_uid]],
+            [f for c in ranked.get("rtplan", []) for f in files[c.series_instance_uid]],
         )
         role_files["rtdose"] = choice.paths
         if choice.note:

@@ -7,14 +7,18 @@ input of the model (60 Gy, not the 2 Gy of one session). This module reads the h
 study's RT Dose instances (and its RT Plans, when sent) and says which to use, by the RT Dose
 module's Dose Summation Type (DICOM PS3.3, C.8.8.3):
 
-- never used: Dose Type ERROR (an uncertainty grid), and the summation types of one session or
-  of a record (FRACTION_SESSION, BEAM_SESSION, BRACHY_SESSION, CONTROL_POINT, RECORD), and
-  brachytherapy doses;
+- never used: Dose Type ERROR (an uncertainty grid), the summation types of one session or
+  of a record (FRACTION_SESSION, BEAM_SESSION, BRACHY_SESSION, CONTROL_POINT, RECORD),
+  brachytherapy doses, an RT Dose without a dose grid (DVHs or points only) and one whose
+  header cannot be read; when PHYSICAL doses are there, EFFECTIVE (RBE-weighted) ones are left
+  out rather than summed with them;
 - MULTI_PLAN (the sum of several plans) first, then PLAN (every fraction group of one plan): the
-  latest of that kind is used. PLAN doses of several plans and no MULTI_PLAN sum are refused: a
-  boost plan and an alternative plan look the same;
+  latest of that kind is used (by ContentDate and ContentTime; among equals, the first given:
+  callers give the series in their order of preference). PLAN doses of several plans and no
+  MULTI_PLAN sum are refused: a boost plan and an alternative plan look the same;
 - otherwise the doses of one plan's fraction groups (FRACTION) or beams (BEAM) are summed, one
-  per group or beam; when the RT Plan was sent, every group or beam of it must be there.
+  per group or beam; when the RT Plan they reference was sent, every group, or every beam of
+  its fraction groups that delivers dose (not a SETUP field, meterset not 0), must be there.
 
 A missing Dose Summation Type (a type 1 attribute; some exports leave it out) is taken as PLAN,
 and said so. :func:`choose_course_dose` raises :class:`ConversionError` saying what it found
@@ -62,6 +66,7 @@ class DoseHeader:
     plan_uid: str  # the referenced RT Plan's SOP Instance UID, "" when none
     parts: tuple[int, ...]  # fraction group numbers (FRACTION) or beam numbers (BEAM)
     when: str  # content / creation date and time, for "the latest"
+    has_grid: bool = True  # False for an RT Dose that holds only DVHs or points
 
     @property
     def label(self) -> str:
@@ -120,6 +125,7 @@ def read_dose_header(path: Path) -> DoseHeader:
             plan_uid=plan_uid,
             parts=tuple(sorted({p for p in parts if p is not None})),
             when=when,
+            has_grid="Rows" in ds and "Columns" in ds,
         )
     except ConversionError:
         raise
@@ -138,17 +144,17 @@ def plan_parts(paths: Sequence[Path]) -> dict[str, dict[str, tuple[int, ...]]]:
             ds = dcmread(path, stop_before_pixels=True)
             setup = {
                 _int(b.get("BeamNumber"))
-                for b in ds.get("BeamSequence") or []
+                for key in ("BeamSequence", "IonBeamSequence")
+                for b in ds.get(key) or []
                 if _text(b, "TreatmentDeliveryType") == "SETUP"
             }
             groups, beams = set(), set()
             for group in ds.get("FractionGroupSequence") or []:
                 groups.add(_int(group.get("FractionGroupNumber")))
                 for beam in group.get("ReferencedBeamSequence") or []:
-                    meterset = beam.get("BeamMeterset")
                     number = _int(beam.get("ReferencedBeamNumber"))
-                    # setup fields and beams of no meterset deliver no dose: no dose expected
-                    if number not in setup and (meterset is None or float(meterset) > 0):
+                    # setup fields and beams of zero meterset deliver no dose: none expected
+                    if number not in setup and not _zero(beam.get("BeamMeterset")):
                         beams.add(number)
             out[str(ds.SOPInstanceUID)] = {
                 "FRACTION": tuple(sorted(g for g in groups if g is not None)),
@@ -159,21 +165,37 @@ def plan_parts(paths: Sequence[Path]) -> dict[str, dict[str, tuple[int, ...]]]:
     return out
 
 
+def _zero(meterset: object) -> bool:
+    """True for a BeamMeterset that is a number <= 0 (absent or unreadable: False)."""
+    try:
+        return float(str(meterset)) <= 0 if meterset is not None else False
+    except ValueError:
+        return False
+
+
 def _latest(doses: Sequence[DoseHeader]) -> DoseHeader:
-    """The latest by content date and time; the last given among equals."""
-    return max(enumerate(doses), key=lambda item: (item[1].when, item[0]))[1]
+    """The latest by content date and time; among equals, the first given (callers give the
+    series in their order of preference)."""
+    return max(enumerate(doses), key=lambda item: (item[1].when, -item[0]))[1]
 
 
 def choose_course_dose(paths: Sequence[Path], plans: Sequence[Path] = ()) -> DoseChoice:
     """The RT Dose instances of ``paths`` that make the course's dose (see the module
     docstring); ``plans``: the study's RT Plan files, to check that no part is missing."""
-    headers = [read_dose_header(Path(p)) for p in paths]
-    if not headers:
+    if not paths:
         raise ConversionError("RT Dose: expected at least one RT Dose instance, found none")
     left_out: list[str] = []
+    headers: list[DoseHeader] = []
+    for p in paths:
+        try:
+            headers.append(read_dose_header(Path(p)))
+        except ConversionError as exc:
+            left_out.append(str(exc))
     usable: list[DoseHeader] = []
     for h in headers:
-        if h.dose_type == "ERROR":
+        if not h.has_grid:
+            left_out.append(f"{h.label}: no dose grid (DVHs or points only)")
+        elif h.dose_type == "ERROR":
             left_out.append(f"{h.label}: a dose uncertainty, not a dose")
         elif h.summation in NOT_A_COURSE:
             left_out.append(f"{h.label}: {NOT_A_COURSE[h.summation]}, not the course's")
@@ -188,8 +210,13 @@ def choose_course_dose(paths: Sequence[Path], plans: Sequence[Path] = ()) -> Dos
             + "; ".join(left_out)
             + ". Send the plan's dose, or leave the RT Dose out"
         )
+    if any(h.dose_type == "PHYSICAL" for h in usable):  # not summed with EFFECTIVE (RBE) doses
+        left_out += [
+            f"{h.label}: a PHYSICAL dose is used" for h in usable if h.dose_type != "PHYSICAL"
+        ]
+        usable = [h for h in usable if h.dose_type == "PHYSICAL"]
     choice = _choose(usable, plan_parts(plans), left_out)
-    if len(headers) == 1 and choice.used[0].summation == "PLAN":
+    if len(paths) == 1 and choice.used[0].summation == "PLAN":
         return DoseChoice(choice.used, "")
     return choice
 
@@ -257,7 +284,10 @@ def _choose(
                 )
             checked = f"every {part} of the RT Plan"
         else:
-            checked = f"the RT Plan was not sent, so not checked that no other {part} exists"
+            checked = (
+                f"RT Plan {plan_uid or '<none named>'} was not sent or could not be read, so "
+                f"not checked that no other {part} exists"
+            )
         skipped += [(h, f"{kind} doses are summed") for h in usable if h not in doses]
         return done(used, f"the doses of {len(used)} {part}(s) are summed ({checked})")
     raise AssertionError(f"unreachable: summation types {USABLE} are all handled")

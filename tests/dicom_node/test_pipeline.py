@@ -412,15 +412,22 @@ def test_rt_study_first_then_mr_study_and_an_unrelated_plan(  # type: ignore[no-
 def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type: ignore[no-untyped-def]
     run_node, patient, pacs, tmp_path
 ) -> None:
-    """A scanner routes the whole study: with the 3D T1-Gd (series 3) come a 4D dynamic series
-    named like a T1-Gd (series 8, acquired, latest: chosen, cannot be converted), a MIP of the
-    T1-Gd (series 9: no role for its ImageType) and an MPR reformat (series 10: derived, after
-    the acquisitions). The job runs on series 3 and says why; the outputs reference it."""
+    """A scanner routes the whole study: with the 3D T1-Gd (series 3) come two 4D dynamic
+    series named like a T1-Gd (series 8 and 6, acquired, latest: tried first, cannot be
+    converted), a MIP of the T1-Gd (series 9: no role for its ImageType) and an MPR reformat
+    (series 10: derived, after the acquisitions); its FLAIR came as a 4D series only (series
+    12). The job runs on series 3 without a FLAIR and says why; the outputs reference what was
+    used and nothing else."""
     pre, _ = patient
     destination, received = pacs
     t1c = sorted((pre / "003_t1c").glob("*.dcm"))
+    flair = sorted((pre / "005_flair").glob("*.dcm"))
     extra = [
         *copy_series(t1c, tmp_path / "dyn", "t1_vibe_dyn_tra_post_Gd", 8,
+                      ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2),
+        *copy_series(t1c, tmp_path / "dyn2", "t1_vibe_dyn_tra_post_Gd", 6,
+                      ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2),
+        *copy_series(flair, tmp_path / "flair", "t2_tirm_tra_dark-fluid", 12,
                       ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2),
         *copy_series(t1c, tmp_path / "mip", "t1_mprage_tra_p2_iso_post_Gd_MIP_TRA", 9,
                       ["DERIVED", "PRIMARY", "MIP_TRA"]),
@@ -429,7 +436,7 @@ def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type
     ]  # fmt: skip
     settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
     node = run_node(settings)
-    files = sorted(pre.rglob("*.dcm"))
+    files = [p for p in sorted(pre.rglob("*.dcm")) if p.parent.name != "005_flair"]
     sent = storescu(node.scp.port, *files, *extra)
     assert sent.stderr.count("Received Store Response (Success)") == len(files) + len(extra)
     job = wait_for(
@@ -440,6 +447,10 @@ def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type
     assert job.state == DONE, job.reason
     by_number = {js.series.series_number: js for js in node.store.job_series(job.id)}
     assert by_number[3].role == "t1c"
+    assert by_number[6].role == "" and by_number[6].note.startswith("matches t1c, not used: ")
+    assert by_number[12].role == "" and by_number[12].note == "matches flair, not used"
+    events = [(e.kind, e.message) for e in node.store.events(job.id)]
+    assert any(k == "warning" and m.startswith("flair not used: ") for k, m in events), events
     assert by_number[8].role == "" and by_number[8].note.startswith("matches t1c, not used: ")
     assert "duplicate slice position(s)" in by_number[8].note
     assert by_number[9].role == ""
@@ -449,6 +460,7 @@ def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type
     assert by_number[10].role == "" and "series 8 (the latest) is used" in by_number[10].note
     (fallback,) = [e.message for e in node.store.events(job.id) if e.kind == "fallback"]
     assert fallback.startswith("t1c: series 8 't1_vibe_dyn_tra_post_Gd")
+    assert "; series 6 't1_vibe_dyn_tra_post_Gd" in fallback and "cannot be used either" in fallback
     assert "series 3 't1_mprage_tra_p2_iso_post_Gd" in fallback
     assert fallback.endswith("the next series that matches t1c, is used instead")
 
@@ -466,6 +478,14 @@ def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type
         for item in ds.SourceImageSequence
     }
     assert sources == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in t1c}
+    (sr,) = [ds for p in received.iterdir() for ds in [pydicom.dcmread(p)] if ds.Modality == "SR"]
+    evidence = {
+        str(series.SeriesInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+    }
+    assert by_number[3].series.series_instance_uid in evidence
+    assert not evidence & {by_number[n].series.series_instance_uid for n in (6, 8, 9, 10, 12)}
 
 
 def test_a_t1c_that_no_matching_series_can_give_fails_naming_each(  # type: ignore[no-untyped-def]

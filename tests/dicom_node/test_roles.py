@@ -197,3 +197,8 @@ def test_a_study_with_only_a_subtraction_says_why_it_has_no_t1c() -> None:
     # a site that wants them anyway empties the list
     anything = dataclasses.replace(ROLES, exclude_image_types=())
     assert assign_roles([sub], anything).role_of(sub.series_instance_uid) == "t1c"
+
+
+def test_a_t2_flair_is_not_taken_for_a_t1_flair_by_its_protocol_name() -> None:
+    s = series("AX T2 FLAIR", protocol="BRAIN T1 T2 FLAIR")
+    assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == "flair"

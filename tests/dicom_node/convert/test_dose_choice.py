@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, RTPlanStorage, generate_uid
 
 from dicom_node.convert.dose_choice import choose_course_dose
@@ -62,8 +65,11 @@ def dose_file(
     return path
 
 
-def plan_file(folder: Path, uid: str, beams: dict[int, tuple[str, float]]) -> Path:
-    """An RT Plan header: one fraction group, the beams by number (delivery type, meterset)."""
+def plan_file(
+    folder: Path, uid: str, beams: dict[int, tuple[str, float | str]], ion: bool = False
+) -> Path:
+    """An RT Plan header: one fraction group, the beams by number (delivery type, meterset);
+    ``ion``: an RT Ion Plan (IonBeamSequence)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -75,14 +81,20 @@ def plan_file(folder: Path, uid: str, beams: dict[int, tuple[str, float]]) -> Pa
     group.FractionGroupNumber = 1
     group.NumberOfFractionsPlanned = 30
     group.ReferencedBeamSequence = DicomSequence()
-    ds.BeamSequence = DicomSequence()
+    listed = DicomSequence()
     for number, (delivery, meterset) in beams.items():
         beam = Dataset()
         beam.BeamNumber, beam.TreatmentDeliveryType = number, delivery
-        ds.BeamSequence.append(beam)
+        listed.append(beam)
         ref = Dataset()
-        ref.ReferencedBeamNumber, ref.BeamMeterset = number, meterset
+        ref.ReferencedBeamNumber = number
+        if isinstance(meterset, float):
+            ref.BeamMeterset = meterset
+        elif meterset:  # a value that is not a number, as a damaged plan may hold
+            text = meterset.encode()
+            ref[0x300A0086] = RawDataElement(Tag(0x300A0086), "DS", len(text), text, 0, True, True)
         group.ReferencedBeamSequence.append(ref)
+    setattr(ds, "IonBeamSequence" if ion else "BeamSequence", listed)
     ds.FractionGroupSequence = DicomSequence([group])
     path = folder / f"plan-{uid[-1]}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -155,7 +167,10 @@ def test_beam_doses_are_summed_when_the_plan_has_no_other_beam(tmp_path: Path) -
     # without the plan the sum is made too, and the note says what could not be checked
     unchecked = choose_course_dose(beams)
     assert names(unchecked.paths) == ["beam1", "beam2"]
-    assert "the RT Plan was not sent, so not checked that no other beam exists" in unchecked.note
+    assert (
+        f"RT Plan {PLAN_A} was not sent or could not be read, so not checked that no other "
+        "beam exists"
+    ) in unchecked.note
 
 
 def test_a_missing_beam_dose_is_refused_naming_it(tmp_path: Path) -> None:
@@ -202,3 +217,46 @@ def test_a_dose_without_summation_type_is_taken_as_the_plans(tmp_path: Path) -> 
     choice = choose_course_dose([dose_file(tmp_path, "old", None)])
     assert names(choice.paths) == ["old"]
     assert "(DoseSummationType missing: taken as PLAN)" in choice.note
+
+
+def test_plan_checks_read_ion_setup_fields_and_odd_metersets(tmp_path: Path) -> None:
+    """A proton plan lists its setup field in IonBeamSequence; a beam without a meterset, or
+    with one that is not a number, still delivers dose, and the plan still checks the doses."""
+    ion = plan_file(tmp_path, PLAN_A, {1: ("TREATMENT", 80.0), 2: ("SETUP", "")}, ion=True)
+    choice = choose_course_dose([dose_file(tmp_path, "beam1", "BEAM", beams=(1,))], [ion])
+    assert "every beam of the RT Plan" in choice.note
+    odd = plan_file(tmp_path, PLAN_B, {1: ("TREATMENT", "n/a"), 2: ("TREATMENT", "")})
+    with pytest.raises(ConversionError, match="beam 2 missing"):
+        choose_course_dose([dose_file(tmp_path, "b1", "BEAM", plan=PLAN_B, beams=(1,))], [odd])
+
+
+def test_exports_of_the_same_time_keep_the_callers_order(tmp_path: Path) -> None:
+    """Without content dates the first given wins: the node gives its series best first."""
+    paths = [
+        dose_file(tmp_path, "series7", when=""),
+        dose_file(tmp_path, "series3", when=""),
+    ]
+    assert names(choose_course_dose(paths).paths) == ["series7"]
+
+
+def test_unreadable_dvh_only_and_effective_doses_give_way(tmp_path: Path) -> None:
+    """A damaged RT Dose, one that holds only DVHs and an RBE-weighted (EFFECTIVE) dose beside
+    the PHYSICAL plan dose: the plan dose is used, each other one is named with why."""
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(b"not DICOM at all")
+    dvh = dose_file(tmp_path, "dvh", when="20261109000000")
+    ds = pydicom.dcmread(dvh)
+    for keyword in ("PixelData", "Rows", "Columns", "NumberOfFrames", "GridFrameOffsetVector"):
+        delattr(ds, keyword)
+    ds.save_as(dvh, enforce_file_format=True)
+    paths = [
+        damaged,
+        dvh,
+        dose_file(tmp_path, "rbe", dose_type="EFFECTIVE", when="20261108000000"),
+        dose_file(tmp_path, "plan"),
+    ]
+    choice = choose_course_dose(paths)
+    assert names(choice.paths) == ["plan"]
+    assert "damaged.dcm: RT Dose header cannot be read" in choice.note
+    assert "dvh.dcm (PLAN, PHYSICAL): no dose grid (DVHs or points only)" in choice.note
+    assert "rbe.dcm (PLAN, EFFECTIVE): a PHYSICAL dose is used" in choice.note
