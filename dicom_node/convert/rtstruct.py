@@ -68,6 +68,7 @@ class RoiInfo:
     name: str
     frame_of_reference_uid: str | None
     contour_count: int
+    interpreted_type: str = ""  # RTROIInterpretedType (GTV, CTV, PTV, ORGAN...), "" when none
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:
         number = get_int(item, "ReferencedROINumber", name)
         if number is not None:
             counts[number] = len(get_items(item, "ContourSequence", name))
+    types: dict[int, str] = {}
+    for item in get_items(ds, "RTROIObservationsSequence", name):
+        number = get_int(item, "ReferencedROINumber", name)
+        if number is not None:
+            types[number] = (get_str(item, "RTROIInterpretedType", name, "") or "").upper()
     rois: dict[int, RoiInfo] = {}
     for item in get_items(ds, "StructureSetROISequence", name):
         number = get_int(item, "ROINumber", name)
@@ -107,6 +113,7 @@ def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:
             name=get_str(item, "ROIName", name, "") or "",
             frame_of_reference_uid=get_str(item, "ReferencedFrameOfReferenceUID", name),
             contour_count=counts.get(number, 0),
+            interpreted_type=types.get(number, ""),
         )
     return rois
 
@@ -152,7 +159,10 @@ def roi_contours(ds: Dataset, name: str, roi_number: int) -> list[Contour]:
 def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) -> list[RoiInfo]:
     """ROIs whose name matches ``pattern`` (``re.search``), or ConversionError.
 
-    Several matches are an error unless ``combine`` is true (their union is then used).
+    Of several matches, the one the planning system typed as the GTV (RTROIInterpretedType GTV)
+    is used when it is the only one so typed (a "GTV" beside its "GTV+2cm" expansion typed CTV
+    or CONTROL); otherwise several matches are an error unless ``combine`` is true (their union
+    is then used).
     """
     try:
         regex = re.compile(pattern)
@@ -164,11 +174,21 @@ def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) 
         raise ConversionError(
             f"no ROI name matches the pattern {pattern!r}; ROIs available: {available}"
         )
+    typed = [r for r in matches if r.interpreted_type == "GTV"]
+    if len(matches) > 1 and not combine and len(typed) == 1:
+        log.info(
+            "ROI name pattern %r matches %s; %r, the only one typed GTV, is used",
+            pattern, ", ".join(repr(r.name) for r in matches), typed[0].name,
+        )  # fmt: skip
+        return typed
     if len(matches) > 1 and not combine:
-        names = ", ".join(repr(r.name) for r in matches)
+        names = ", ".join(
+            f"{r.name!r}" + (f" ({r.interpreted_type})" if r.interpreted_type else "")
+            for r in matches
+        )
         raise ConversionError(
             f"the ROI name pattern {pattern!r} is ambiguous: it matches {names}; expected "
-            f"exactly one ROI (ROIs available: {available})"
+            f"exactly one ROI, or one of them typed GTV (ROIs available: {available})"
         )
     return matches
 

@@ -160,8 +160,10 @@ def rtstruct(
     rois: dict[str, Sequence[npt.NDArray[np.float64]]],
     *,
     geometric_type: str = "CLOSED_PLANAR",
+    interpreted_types: dict[str, str] | None = None,
 ) -> Dataset:
-    """A structure set: ROI name -> list of contours, each an (n, 3) array of LPS points (mm)."""
+    """A structure set: ROI name -> list of contours, each an (n, 3) array of LPS points (mm);
+    ``interpreted_types``: ROI name -> RTROIInterpretedType (RT ROI Observations)."""
     ds = Dataset()
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = generate_uid()
@@ -194,6 +196,16 @@ def rtstruct(
         contour_items.append(roi_contour)
     ds.StructureSetROISequence = DicomSequence(ss_items)
     ds.ROIContourSequence = DicomSequence(contour_items)
+    if interpreted_types:
+        observations = []
+        for number, name in enumerate(rois, start=1):
+            if name in interpreted_types:
+                obs = Dataset()
+                obs.ObservationNumber = obs.ReferencedROINumber = number
+                obs.RTROIInterpretedType = interpreted_types[name]
+                obs.ROIInterpreter = ""
+                observations.append(obs)
+        ds.RTROIObservationsSequence = DicomSequence(observations)
     return _meta(ds, RTStructureSetStorage)
 
 

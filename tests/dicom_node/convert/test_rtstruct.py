@@ -173,6 +173,30 @@ def test_roi_choice_by_pattern_lists_available_names() -> None:
         load_rtstruct_mask(ds2, grid, "(")
 
 
+def test_of_several_gtv_like_names_the_one_typed_gtv_is_used() -> None:
+    """A planning system's "GTV" beside its "GTV+2cm" expansion (typed CTV): the ROI typed GTV
+    is the tumour; two ROIs typed GTV (multifocal, or GTV1 / GTV2 of two definitions) stay
+    ambiguous, and the message gives each one's type."""
+    grid = _grid()
+    small = [_to_world(grid, k, circle(50, 50, 6)) for k in range(1, 4)]
+    large = [_to_world(grid, k, circle(50, 50, 12)) for k in range(1, 4)]
+    ds = synth.rtstruct(
+        grid.frame_of_reference_uid or "",
+        {"GTV+2cm": large, "GTV": small},
+        interpreted_types={"GTV+2cm": "CTV", "GTV": "GTV"},
+    )
+    chosen = load_rtstruct_mask(ds, grid)
+    assert chosen.array.sum() == load_rtstruct_mask(ds, grid, "^GTV$").array.sum()
+    assert chosen.array.sum() < load_rtstruct_mask(ds, grid, "2cm").array.sum()
+    two = synth.rtstruct(
+        grid.frame_of_reference_uid or "",
+        {"GTV1": large, "GTV2": small},
+        interpreted_types={"GTV1": "GTV", "GTV2": "GTV"},
+    )
+    with pytest.raises(ConversionError, match=r"it matches 'GTV1' \(GTV\), 'GTV2' \(GTV\)"):
+        load_rtstruct_mask(two, grid)
+
+
 @pytest.mark.parametrize(
     ("name", "matches"),
     [
