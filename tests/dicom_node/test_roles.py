@@ -56,6 +56,12 @@ ROLES = load_settings(None).roles
         ("t1_mprage_sag_p2_iso", False, "t1"),
         ("DWI b1000", False, ""),
         ("localizer", False, ""),
+        ("Sag BRAVO +C", False, "t1c"),  # GE 3D T1 without "T1" in its name
+        ("MPRAGE_POST", False, "t1c"),
+        ("AX FSPGR 3D", True, "t1c"),
+        ("3DT1", False, "t1"),
+        ("REST1 w SMS PF7-8", False, ""),  # a resting-state fMRI: "t1" inside a word
+        ("ep2d_bold_rest1", False, ""),
     ],
 )
 def test_default_rules_on_scanner_names(description: str, contrast: bool, role: str) -> None:
@@ -202,3 +208,8 @@ def test_a_study_with_only_a_subtraction_says_why_it_has_no_t1c() -> None:
 def test_a_t2_flair_is_not_taken_for_a_t1_flair_by_its_protocol_name() -> None:
     s = series("AX T2 FLAIR", protocol="BRAIN T1 T2 FLAIR")
     assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == "flair"
+
+
+def test_a_siemens_mprage_is_known_by_its_sequence_name() -> None:
+    s = series("sag_iso_1mm", sequence="*tfl3d1_16ns")
+    assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == "t1"
