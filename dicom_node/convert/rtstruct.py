@@ -411,6 +411,29 @@ def load_rtstruct_mask(
     return mask
 
 
+def _on_own_planes(
+    closed: Sequence[npt.NDArray[np.float64]],
+    frame_uid: str,
+    reference: Volume,
+    label: str,
+    off_slices: ConversionError,
+) -> tuple[Volume, int]:
+    """The contours of an ROI on the image's frame that are not on its slices, rasterised on
+    their own planes (:func:`contour_grid`): those of another series of the frame, such as a GTV
+    drawn on the axial FLAIR beside a sagittal 3D T1-Gd. Contours on fewer than two planes
+    (a 2D outline), or not in parallel planes on a regular lattice, are refused with
+    ``off_slices``, the error of the image's own slices."""
+    try:
+        grid = contour_grid(closed, frame_uid, min(reference.spacing) / 2, label)
+        polygons = contours_to_polygons(closed, grid, label=label)
+    except ConversionError:
+        raise off_slices from None
+    planes = {k for k, _ in polygons}
+    if len(planes) < 2:
+        raise off_slices
+    return grid.with_array(rasterise_polygons(polygons, grid.shape)), len(polygons)
+
+
 def load_placed_rtstruct_mask(
     source: Source,
     reference: Volume,
@@ -424,8 +447,10 @@ def load_placed_rtstruct_mask(
     the frame it was drawn on when that is another one (one frame; its mapping from the
     reference's frame), else None.
 
-    An ROI on the reference volume's frame of reference is rasterised on its grid (its contours
-    must lie on its slices). An ROI on another frame (the planning CT's) needs one of
+    An ROI on the reference volume's frame of reference is rasterised on its grid when its
+    contours lie on its slices, else on its own contour planes (another series of that frame,
+    see :func:`_on_own_planes`) and resampled like an ROI of another frame. An ROI on another
+    frame (the planning CT's) needs one of
     ``registrations`` to relate the two frames: it is rasterised on its own slices
     (:func:`contour_grid`), that grid is placed on the reference frame by the registration's
     matrix and resampled (a voxel is in when at least half of it is). Otherwise a
@@ -437,7 +462,9 @@ def load_placed_rtstruct_mask(
     chosen = select_roi(list(rois.values()), roi_pattern, combine=combine)
     mr_for = reference.frame_of_reference_uid
     per_roi: list[list[tuple[int, npt.NDArray[np.float64]]]] = []
-    foreign: list[Volume] = []  # ROIs on another frame, rasterised there and placed on mr_for
+    # ROIs rasterised on their own contour planes (another frame's, or another series' of the
+    # image's frame), placed on mr_for
+    foreign: list[Volume] = []
     foreign_contours = 0
     drawn_on: dict[str, npt.NDArray[np.float64]] = {}  # their frames: frame -> mr_for
     for roi in chosen:
@@ -480,11 +507,21 @@ def load_placed_rtstruct_mask(
                 float(np.linalg.norm((matrix @ [*grid_centre(grid), 1.0])[:3] - grid_centre(grid))),
             )  # fmt: skip
             continue
-        per_roi.append(
-            contours_to_polygons(
-                closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
+        try:
+            per_roi.append(
+                contours_to_polygons(
+                    closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
+                )
             )
-        )
+        except ConversionError as off_slices:
+            drawn, count = _on_own_planes(closed, roi_for, reference, label, off_slices)
+            foreign.append(drawn)
+            foreign_contours += count
+            log.info(
+                "%s: %d contour(s) on planes that are not the image's slices (drawn on another "
+                "series of its frame of reference): rasterised on their own planes, resampled",
+                label, count,
+            )  # fmt: skip
     polygons = [p for roi_polygons in per_roi for p in roi_polygons]
     if not polygons and not foreign:
         names = ", ".join(repr(r.name) for r in chosen)

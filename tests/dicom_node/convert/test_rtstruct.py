@@ -157,6 +157,40 @@ def test_contour_between_slices_is_refused() -> None:
         load_rtstruct_mask(ds, grid)
 
 
+@pytest.mark.parametrize(
+    ("direction", "step"),
+    [
+        # a sagittal 3D T1-Gd, the GTV drawn on the axial FLAIR of the same session (5 mm)
+        (np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).T, 5.0),
+        # an axial T1-Gd of 2 mm slices, the GTV drawn on an axial series of 3 mm slices
+        (np.eye(3), 3.0),
+    ],
+)
+def test_a_gtv_drawn_on_another_series_of_the_frame(
+    direction: npt.NDArray[np.float64], step: float
+) -> None:
+    """Contours on another series' planes (same frame of reference, not the T1-Gd's slices)
+    are rasterised on their own planes and resampled: the sphere they outline comes back."""
+    frame = "1.2.826.0.1.3680043.2.1125.44"
+    grid = Volume(
+        array=np.zeros((64, 64, 64), dtype=np.int16), spacing=(1.5, 1.5, 2.0),
+        origin=(-50.0, -48.0, -46.0), direction=direction, frame_of_reference_uid=frame,
+    )  # fmt: skip
+    centre, radius = np.array([3.0, -4.0, 2.5]), 20.0
+    circles = []
+    for z in np.arange(-radius + step / 2, radius, step):
+        r = np.sqrt(radius**2 - z**2)
+        t = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+        circles.append(centre + np.c_[r * np.cos(t), r * np.sin(t), np.full_like(t, z)])
+    mask = load_rtstruct_mask(synth.rtstruct(frame, {"GTV": circles}), grid).array
+    k, j, i = np.indices(grid.shape)
+    ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)])
+    world = (grid.affine @ ijk1)[:3].T.reshape(*grid.shape, 3)
+    truth = np.linalg.norm(world - centre, axis=-1) < radius
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.9, dice
+
+
 def test_roi_choice_by_pattern_lists_available_names() -> None:
     grid = _grid()
     c = [_to_world(grid, 1, circle(50, 50, 10))]
