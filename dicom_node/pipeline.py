@@ -21,7 +21,7 @@ from dicom_node import __version__
 from dicom_node.convert.dose_choice import choose_course_dose
 from dicom_node.convert.geometry import resample, same_grid
 from dicom_node.convert.rtdose import dose_on_grid
-from dicom_node.convert.rtstruct import load_placed_rtstruct_mask
+from dicom_node.convert.rtstruct import choose_structure_set, load_placed_rtstruct_mask
 from dicom_node.convert.series import load_series
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
@@ -301,6 +301,8 @@ class Pipeline:
         role_files = {role: files(role) for role in series}
         dose_refs: list[SeriesRef] = []
         candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
+        structure_ref = self._structure_set(job_id, job_series, series, instances, candidates)
+        role_files["rtstruct"] = [self.spool_root / structure_ref[1]]
         if "rtdose" in series:
             plans = [
                 self.spool_root / rel
@@ -329,7 +331,7 @@ class Pipeline:
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
         prediction = self.predictor.predict(inputs)
-        others = [ref("rtstruct"), *dose_refs]
+        others = [series_ref(series["rtstruct"], [structure_ref[0]]), *dose_refs]
         others += [ref(role) for role in OPTIONAL_CONTRASTS if role in series]
         # the study's Spatial Registrations were at hand to place the GTV and the dose
         others += [
@@ -351,6 +353,39 @@ class Pipeline:
             prediction=prediction,
             seconds=time.monotonic() - start,
         )
+
+    def _structure_set(
+        self,
+        job_id: int,
+        job_series: Sequence[JobSeries],
+        series: dict[str, JobSeries],
+        instances: Mapping[str, Sequence[tuple[str, str]]],
+        candidates: Mapping[str, Sequence[SeriesSummary]],
+    ) -> tuple[str, str]:
+        """The structure set to read the GTV from, out of every series matching ``rtstruct``
+        (:func:`choose_structure_set`), as (SOP Instance UID, spool path); the job's series
+        roles and an ``rtstruct`` event say which when there was a choice."""
+        pool = candidates.get("rtstruct") or [series["rtstruct"].series]
+        members = [
+            (s.series_instance_uid, uid, rel)
+            for s in pool
+            for uid, rel in instances.get(s.series_instance_uid, [])
+        ]
+        choice = choose_structure_set(
+            [self.spool_root / rel for _, _, rel in members], self.settings.roles.roi_pattern
+        )
+        (used_series, uid, rel), *_ = [m for m in members if self.spool_root / m[2] == choice.path]
+        by_uid = {js.series.series_instance_uid: js for js in job_series}
+        if choice.note:
+            changes = [
+                (s.series_instance_uid, "rtstruct", "used (see the job's rtstruct event)")
+                if s.series_instance_uid == used_series
+                else (s.series_instance_uid, "", "matches rtstruct, not used (see the event)")
+                for s in pool
+            ]
+            self.store.update_series(job_id, changes, "rtstruct", choice.note)
+        series["rtstruct"] = by_uid[used_series]
+        return uid, rel
 
     def _course_dose(
         self,

@@ -237,6 +237,7 @@ def study_inputs_from_series(
     """The node's inputs from the series of one study (roles from ``settings``); also returns
     role -> series description."""
     from dicom_node.convert.dose_choice import choose_course_dose
+    from dicom_node.convert.rtstruct import choose_structure_set
     from dicom_node.pipeline import SeriesFiles, assemble_inputs
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
@@ -261,6 +262,13 @@ def study_inputs_from_series(
         described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
 
     role_files = {role: s.files for role, s in by_role.items()}
+    structures = ranked.get("rtstruct") or [by_role["rtstruct"].summary]
+    structure = choose_structure_set(
+        [f for c in structures for f in files[c.series_instance_uid]], settings.roles.roi_pattern
+    )
+    role_files["rtstruct"] = (structure.path,)
+    if structure.note:
+        log.info("%s: %s", name, structure.note)
     if "rtdose" in by_role:
         pool = ranked.get("rtdose") or [by_role["rtdose"].summary]
         choice = choose_course_dose(

@@ -23,6 +23,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -116,6 +117,64 @@ def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:
             interpreted_type=types.get(number, ""),
         )
     return rois
+
+
+@dataclass(frozen=True)
+class StructureSetChoice:
+    """The structure set of a study that holds the GTV, and why it was chosen among others
+    (``note`` is "" when there was only one)."""
+
+    path: Path
+    note: str
+
+
+def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSetChoice:
+    """Of a study's RT structure sets (``paths``, in the order of preference of their series),
+    the one to read the GTV from: one with an ROI whose name matches ``roi_pattern``, not
+    REJECTED, APPROVED before UNAPPROVED (ApprovalStatus), then the latest (StructureSetDate and
+    StructureSetTime; among equals, the first given). A structure set of organs at risk only,
+    an earlier version or a rejected draft sent with the plan's is passed over, and the note
+    says so; when none has a matching ROI, :class:`ConversionError` lists each one's ROIs."""
+    if not paths:
+        raise ConversionError("RT structure set: expected at least one, found none")
+    if len(paths) == 1:
+        return StructureSetChoice(Path(paths[0]), "")
+    regex = re.compile(roi_pattern)
+    usable: list[tuple[tuple[int, str], str, Path]] = []  # ((approved, when), label, path)
+    passed: list[str] = []
+    for path in map(Path, paths):
+        try:
+            ds, name = _read(path)
+            names = [r.name for r in _rois(ds, name).values()]
+        except ConversionError as exc:
+            passed.append(f"{path.name}: {exc}")
+            continue
+        status = (get_str(ds, "ApprovalStatus", name, "") or "").upper()
+        label = f"{path.name} ({status or 'no ApprovalStatus'}, ROIs {', '.join(names) or 'none'})"
+        if not any(regex.search(n) for n in names):
+            passed.append(f"{label}: no ROI matches {roi_pattern!r}")
+        elif status == "REJECTED":
+            passed.append(f"{label}: rejected")
+        else:
+            when = "".join(
+                get_str(ds, k, name, "") or "" for k in ("StructureSetDate", "StructureSetTime")
+            )
+            usable.append(((int(status == "APPROVED"), when), label, path))
+    if not usable:
+        raise ConversionError(
+            f"RT structure set: expected one with an ROI matching {roi_pattern!r}, found "
+            f"{len(paths)} without: " + "; ".join(passed)
+        )
+    best = max(range(len(usable)), key=lambda n: usable[n][0])  # the first of equals
+    (approved, _), label, path = usable[best]
+    others = [
+        f"{other}: " + ("not approved" if key[0] < approved else "not the latest")
+        for n, (key, other, _) in enumerate(usable)
+        if n != best
+    ]
+    return StructureSetChoice(
+        path, f"RT structure set: {label} is used; not used: " + "; ".join(others + passed)
+    )
 
 
 def list_rois(source: Source) -> list[RoiInfo]:

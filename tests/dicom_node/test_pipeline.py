@@ -628,3 +628,30 @@ def test_beam_doses_are_summed_into_the_plans_dose(run_node, patient, pacs, tmp_
     }
     uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p.stem for p in export}
     assert {name for uid, name in uids.items() if uid in evidence} == {"beam1", "beam2"}
+
+
+def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A later structure set with organs at risk only (series 160) comes with the plan's (150):
+    the GTV is read from the plan's, and the job says why the other was passed over."""
+    pre, _ = patient
+    (plan_set,) = sorted((pre / "RTSTRUCT").glob("*.dcm"))
+    ds = pydicom.dcmread(plan_set)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 160
+    for n, roi in enumerate(ds.StructureSetROISequence):
+        roi.ROIName = f"OAR_{n + 1}"
+    oar = tmp_path / "oar.dcm"
+    ds.save_as(oar, enforce_file_format=True)
+    node = run_node(make_settings(tmp_path / "data"))
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), oar)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+    roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
+    assert roles[150][0] == "rtstruct"
+    assert roles[160] == ("", "matches rtstruct, not used (see the event)")
+    (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
+    assert event.startswith("RT structure set: ") and "no ROI matches" in event

@@ -13,6 +13,7 @@ import pytest
 from dicom_node.convert.geometry import world_to_index
 from dicom_node.convert.rtstruct import (
     DEFAULT_ROI_PATTERN,
+    choose_structure_set,
     list_rois,
     load_rtstruct_mask,
     rasterise_polygons,
@@ -189,6 +190,38 @@ def test_a_gtv_drawn_on_another_series_of_the_frame(
     truth = np.linalg.norm(world - centre, axis=-1) < radius
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.9, dice
+
+
+def test_the_structure_set_with_the_gtv_approved_and_latest_is_chosen(tmp_path: Path) -> None:
+    """A planning system sends the plan's structure set with an organs-at-risk set, a rejected
+    draft and an earlier version: the approved, latest set with a GTV is read."""
+    grid = _grid()
+    gtv = [_to_world(grid, 1, circle(50, 50, 10))]
+
+    def saved(name: str, rois: dict, status: str, when: str) -> Path:  # type: ignore[type-arg]
+        ds = synth.rtstruct(grid.frame_of_reference_uid or "", rois)
+        ds.ApprovalStatus, ds.StructureSetDate, ds.StructureSetTime = status, when[:8], when[8:]
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    paths = [
+        saved("oar", {"Brainstem": gtv}, "APPROVED", "20261105090000"),
+        saved("draft", {"GTV": gtv}, "REJECTED", "20261104090000"),
+        saved("plan", {"GTV": gtv, "PTV": gtv}, "APPROVED", "20261103090000"),
+        saved("first", {"GTV": gtv}, "APPROVED", "20261102090000"),
+        saved("unapproved", {"GTV": gtv}, "UNAPPROVED", "20261106090000"),
+    ]
+    choice = choose_structure_set(paths, DEFAULT_ROI_PATTERN)
+    assert choice.path.name == "plan.dcm"
+    assert choice.note.startswith("RT structure set: plan.dcm (APPROVED, ROIs GTV, PTV) is used")
+    assert "first.dcm (APPROVED, ROIs GTV): not the latest" in choice.note
+    assert "unapproved.dcm (UNAPPROVED, ROIs GTV): not approved" in choice.note
+    assert "draft.dcm (REJECTED, ROIs GTV): rejected" in choice.note
+    assert "oar.dcm (APPROVED, ROIs Brainstem): no ROI matches" in choice.note
+    assert choose_structure_set(paths[2:3], DEFAULT_ROI_PATTERN).note == ""
+    with pytest.raises(ConversionError, match=r"expected one with an ROI matching .* found 2"):
+        choose_structure_set(paths[:1] * 2, DEFAULT_ROI_PATTERN)
 
 
 def test_roi_choice_by_pattern_lists_available_names() -> None:
