@@ -301,14 +301,12 @@ class Pipeline:
         role_files = {role: files(role) for role in series}
         dose_refs: list[SeriesRef] = []
         candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
-        structure_ref = self._structure_set(job_id, job_series, series, instances, candidates)
-        role_files["rtstruct"] = [self.spool_root / structure_ref[1]]
+        structure_uid, structure = self._structure_set(
+            job_id, job_series, series, instances, candidates
+        )
+        role_files["rtstruct"] = [structure]
         if "rtdose" in series:
-            plans = [
-                self.spool_root / rel
-                for s in candidates.get("rtplan", [])
-                for _, rel in instances.get(s.series_instance_uid, [])
-            ]
+            plans = [p for _, _, p in self._pool("rtplan", series, instances, candidates)[1]]
             role_files["rtdose"], dose_refs = self._course_dose(
                 job_id, job_series, series, instances, candidates, plans
             )
@@ -331,7 +329,7 @@ class Pipeline:
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
         prediction = self.predictor.predict(inputs)
-        others = [series_ref(series["rtstruct"], [structure_ref[0]]), *dose_refs]
+        others = [series_ref(series["rtstruct"], [structure_uid]), *dose_refs]
         others += [ref(role) for role in OPTIONAL_CONTRASTS if role in series]
         # the study's Spatial Registrations were at hand to place the GTV and the dose
         others += [
@@ -354,6 +352,44 @@ class Pipeline:
             seconds=time.monotonic() - start,
         )
 
+    def _pool(
+        self,
+        role: str,
+        series: Mapping[str, JobSeries],
+        instances: Mapping[str, Sequence[tuple[str, str]]],
+        candidates: Mapping[str, Sequence[SeriesSummary]],
+    ) -> tuple[list[SeriesSummary], list[tuple[str, str, Path]]]:
+        """Every series of the job matching ``role`` (best first), and their instances as
+        (Series Instance UID, SOP Instance UID, path)."""
+        pool = list(candidates.get(role) or ([series[role].series] if role in series else []))
+        members = [
+            (s.series_instance_uid, uid, self.spool_root / rel)
+            for s in pool
+            for uid, rel in instances.get(s.series_instance_uid, [])
+        ]
+        return pool, members
+
+    def _record_choice(
+        self,
+        job_id: int,
+        role: str,
+        pool: Sequence[SeriesSummary],
+        used: Sequence[str],
+        kind: str,
+        note: str,
+    ) -> None:
+        """When a choice was made (``note``), give ``role`` to the series ``used`` and take it
+        from the others of ``pool``, with an event of ``kind``."""
+        if not note:
+            return
+        changes = [
+            (s.series_instance_uid, role, f"used (see the job's {kind} event)")
+            if s.series_instance_uid in used
+            else (s.series_instance_uid, "", f"matches {role}, not used (see the {kind} event)")
+            for s in pool
+        ]
+        self.store.update_series(job_id, changes, kind, note)
+
     def _structure_set(
         self,
         job_id: int,
@@ -361,31 +397,18 @@ class Pipeline:
         series: dict[str, JobSeries],
         instances: Mapping[str, Sequence[tuple[str, str]]],
         candidates: Mapping[str, Sequence[SeriesSummary]],
-    ) -> tuple[str, str]:
+    ) -> tuple[str, Path]:
         """The structure set to read the GTV from, out of every series matching ``rtstruct``
-        (:func:`choose_structure_set`), as (SOP Instance UID, spool path); the job's series
-        roles and an ``rtstruct`` event say which when there was a choice."""
-        pool = candidates.get("rtstruct") or [series["rtstruct"].series]
-        members = [
-            (s.series_instance_uid, uid, rel)
-            for s in pool
-            for uid, rel in instances.get(s.series_instance_uid, [])
-        ]
-        choice = choose_structure_set(
-            [self.spool_root / rel for _, _, rel in members], self.settings.roles.roi_pattern
+        (:func:`choose_structure_set`), as (SOP Instance UID, path); the job's series roles and
+        an ``rtstruct`` event say which when there was a choice."""
+        pool, members = self._pool("rtstruct", series, instances, candidates)
+        choice = choose_structure_set([p for _, _, p in members], self.settings.roles.roi_pattern)
+        used_series, uid, path = next(m for m in members if m[2] == choice.path)
+        self._record_choice(job_id, "rtstruct", pool, [used_series], "rtstruct", choice.note)
+        series["rtstruct"] = next(
+            js for js in job_series if js.series.series_instance_uid == used_series
         )
-        (used_series, uid, rel), *_ = [m for m in members if self.spool_root / m[2] == choice.path]
-        by_uid = {js.series.series_instance_uid: js for js in job_series}
-        if choice.note:
-            changes = [
-                (s.series_instance_uid, "rtstruct", "used (see the job's rtstruct event)")
-                if s.series_instance_uid == used_series
-                else (s.series_instance_uid, "", "matches rtstruct, not used (see the event)")
-                for s in pool
-            ]
-            self.store.update_series(job_id, changes, "rtstruct", choice.note)
-        series["rtstruct"] = by_uid[used_series]
-        return uid, rel
+        return uid, path
 
     def _course_dose(
         self,
@@ -400,23 +423,11 @@ class Pipeline:
         ``rtdose`` (:func:`choose_course_dose`; ``plans``: the files of every series matching
         ``rtplan``), and their references by series; the job's series roles and a ``dose``
         event say which were used when there was a choice."""
-        pool = candidates.get("rtdose") or [series["rtdose"].series]
-        paths = [
-            self.spool_root / rel
-            for s in pool
-            for _, rel in instances.get(s.series_instance_uid, [])
-        ]
-        choice = choose_course_dose(paths, plans)
+        pool, members = self._pool("rtdose", series, instances, candidates)
+        choice = choose_course_dose([p for _, _, p in members], plans)
         by_uid = {js.series.series_instance_uid: js for js in job_series}
         used = list(dict.fromkeys(d.series_instance_uid for d in choice.used))
-        if choice.note:
-            changes = [
-                (s.series_instance_uid, "rtdose", "used (see the job's dose event)")
-                if s.series_instance_uid in used
-                else (s.series_instance_uid, "", "matches rtdose, not used (see the dose event)")
-                for s in pool
-            ]
-            self.store.update_series(job_id, changes, "dose", choice.note)
+        self._record_choice(job_id, "rtdose", pool, used, "dose", choice.note)
         series["rtdose"] = by_uid[used[0]]
         refs = [
             series_ref(

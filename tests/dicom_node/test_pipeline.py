@@ -652,6 +652,6 @@ def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, t
     assert job.state == DONE, job.reason
     roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
     assert roles[150][0] == "rtstruct"
-    assert roles[160] == ("", "matches rtstruct, not used (see the event)")
+    assert roles[160] == ("", "matches rtstruct, not used (see the rtstruct event)")
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
     assert event.startswith("RT structure set: ") and "no ROI matches" in event
