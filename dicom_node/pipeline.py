@@ -301,10 +301,12 @@ class Pipeline:
         role_files = {role: files(role) for role in series}
         dose_refs: list[SeriesRef] = []
         candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
-        structure_uid, structure = self._structure_set(
-            job_id, job_series, series, instances, candidates
-        )
-        role_files["rtstruct"] = [structure]
+        structure_uid = ""
+        if "rtstruct" in series:  # else assemble_inputs says what is missing
+            structure_uid, structure = self._structure_set(
+                job_id, job_series, series, instances, candidates
+            )
+            role_files["rtstruct"] = [structure]
         if "rtdose" in series:
             plans = [p for _, _, p in self._pool("rtplan", series, instances, candidates)[1]]
             role_files["rtdose"], dose_refs = self._course_dose(

@@ -269,6 +269,7 @@ def study_inputs_from_series(
     role_files["rtstruct"] = (structure.path,)
     if structure.note:
         log.info("%s: %s", name, structure.note)
+        described["rtstruct"] = next(s.summary.text for s in series if structure.path in s.files)
     if "rtdose" in by_role:
         pool = ranked.get("rtdose") or [by_role["rtdose"].summary]
         choice = choose_course_dose(

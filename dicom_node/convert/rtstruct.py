@@ -100,10 +100,14 @@ def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:
         if number is not None:
             counts[number] = len(get_items(item, "ContourSequence", name))
     types: dict[int, str] = {}
-    for item in get_items(ds, "RTROIObservationsSequence", name):
-        number = get_int(item, "ReferencedROINumber", name)
-        if number is not None:
-            types[number] = (get_str(item, "RTROIInterpretedType", name, "") or "").upper()
+    try:  # only a hint for choosing among GTV-like names: a damaged sequence is no reason to stop
+        for item in get_items(ds, "RTROIObservationsSequence", name):
+            number = get_int(item, "ReferencedROINumber", name)
+            if number is not None:
+                types[number] = (get_str(item, "RTROIInterpretedType", name, "") or "").upper()
+    except ConversionError as exc:
+        log.warning("%s: RT ROI Observations not read (%s): ROI types unknown", name, exc)
+        types = {}
     rois: dict[int, RoiInfo] = {}
     for item in get_items(ds, "StructureSetROISequence", name):
         number = get_int(item, "ROINumber", name)
@@ -130,48 +134,63 @@ class StructureSetChoice:
 
 def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSetChoice:
     """Of a study's RT structure sets (``paths``, in the order of preference of their series),
-    the one to read the GTV from: one with an ROI whose name matches ``roi_pattern``, not
-    REJECTED, APPROVED before UNAPPROVED (ApprovalStatus), then the latest (StructureSetDate and
-    StructureSetTime; among equals, the first given). A structure set of organs at risk only,
-    an earlier version or a rejected draft sent with the plan's is passed over, and the note
-    says so; when none has a matching ROI, :class:`ConversionError` lists each one's ROIs."""
+    the one to read the GTV from: one with a contoured ROI whose name matches ``roi_pattern``,
+    not REJECTED, APPROVED before UNAPPROVED (ApprovalStatus), then the latest
+    (StructureSetDate, then StructureSetTime; a missing date counts as earliest; among equals,
+    the first given). A structure set of organs at risk only (or with an empty "GTV" of a
+    template), an earlier version or a rejected draft sent with the plan's is passed over, and
+    the note says so (it is "" when there was nothing to choose from); when none qualifies,
+    :class:`ConversionError` lists each one with why. A single structure set is used unless it
+    is REJECTED: reading it gives the precise error when it holds no usable GTV."""
     if not paths:
         raise ConversionError("RT structure set: expected at least one, found none")
-    if len(paths) == 1:
+    if len(paths) == 1:  # nothing to choose: reading it says what is wrong with it, if anything
+        ds, name = _read(Path(paths[0]))
+        if (get_str(ds, "ApprovalStatus", name, "") or "").upper() == "REJECTED":
+            raise ConversionError(
+                f"RT structure set {name}: ApprovalStatus REJECTED; expected a structure set "
+                "the planning system has not rejected"
+            )
         return StructureSetChoice(Path(paths[0]), "")
     regex = re.compile(roi_pattern)
-    usable: list[tuple[tuple[int, str], str, Path]] = []  # ((approved, when), label, path)
+    usable: list[tuple[tuple[int, str, str], str, Path]] = []  # ((approved, date, time), ...)
     passed: list[str] = []
     for path in map(Path, paths):
         try:
             ds, name = _read(path)
-            names = [r.name for r in _rois(ds, name).values()]
+            rois = list(_rois(ds, name).values())
         except ConversionError as exc:
             passed.append(f"{path.name}: {exc}")
             continue
         status = (get_str(ds, "ApprovalStatus", name, "") or "").upper()
-        label = f"{path.name} ({status or 'no ApprovalStatus'}, ROIs {', '.join(names) or 'none'})"
-        if not any(regex.search(n) for n in names):
-            passed.append(f"{label}: no ROI matches {roi_pattern!r}")
+        names = ", ".join(r.name for r in rois) or "none"
+        label = f"{path.name} ({status or 'no ApprovalStatus'}, ROIs {names})"
+        if not any(regex.search(r.name) and r.contour_count for r in rois):
+            passed.append(f"{label}: no contoured ROI matches {roi_pattern!r}")
         elif status == "REJECTED":
             passed.append(f"{label}: rejected")
         else:
-            when = "".join(
-                get_str(ds, k, name, "") or "" for k in ("StructureSetDate", "StructureSetTime")
-            )
-            usable.append(((int(status == "APPROVED"), when), label, path))
+            date = get_str(ds, "StructureSetDate", name, "") or ""
+            time = get_str(ds, "StructureSetTime", name, "") or ""
+            usable.append(((int(status == "APPROVED"), date, time), label, path))
     if not usable:
         raise ConversionError(
-            f"RT structure set: expected one with an ROI matching {roi_pattern!r}, found "
-            f"{len(paths)} without: " + "; ".join(passed)
+            f"RT structure set: expected one with a contoured ROI matching {roi_pattern!r}, not "
+            f"rejected, found {len(paths)} without: " + "; ".join(passed)
         )
     best = max(range(len(usable)), key=lambda n: usable[n][0])  # the first of equals
-    (approved, _), label, path = usable[best]
+    key, label, path = usable[best]
+
+    def why(other: tuple[int, str, str]) -> str:
+        if other[0] < key[0]:
+            return "not approved"
+        return "the same date and time, given later" if other == key else "not the latest"
+
     others = [
-        f"{other}: " + ("not approved" if key[0] < approved else "not the latest")
-        for n, (key, other, _) in enumerate(usable)
-        if n != best
+        f"{o_label}: {why(o_key)}" for n, (o_key, o_label, _) in enumerate(usable) if n != best
     ]
+    if not others and not passed:
+        return StructureSetChoice(path, "")
     return StructureSetChoice(
         path, f"RT structure set: {label} is used; not used: " + "; ".join(others + passed)
     )
@@ -485,11 +504,11 @@ def _on_own_planes(
     try:
         grid = contour_grid(closed, frame_uid, min(reference.spacing) / 2, label)
         polygons = contours_to_polygons(closed, grid, label=label)
-    except ConversionError:
-        raise off_slices from None
+    except ConversionError as exc:
+        raise ConversionError(f"{off_slices}; nor on planes of their own: {exc}") from None
     planes = {k for k, _ in polygons}
     if len(planes) < 2:
-        raise off_slices
+        raise ConversionError(f"{off_slices}; nor on two planes or more of their own") from None
     return grid.with_array(rasterise_polygons(polygons, grid.shape)), len(polygons)
 
 
@@ -567,10 +586,8 @@ def load_placed_rtstruct_mask(
             )  # fmt: skip
             continue
         try:
-            per_roi.append(
-                contours_to_polygons(
-                    closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
-                )
+            on_slices = contours_to_polygons(
+                closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
             )
         except ConversionError as off_slices:
             drawn, count = _on_own_planes(closed, roi_for, reference, label, off_slices)
@@ -581,6 +598,29 @@ def load_placed_rtstruct_mask(
                 "series of its frame of reference): rasterised on their own planes, resampled",
                 label, count,
             )  # fmt: skip
+            continue
+        ks = np.unique([k for k, _ in on_slices])
+        gap = int(np.diff(ks).min()) if len(ks) >= 2 else 1
+        if gap >= 2:  # drawn on a series of thicker slices: filled between its planes
+            try:
+                drawn, count = _on_own_planes(
+                    closed, roi_for, reference, label, ConversionError(f"{label}: coarse")
+                )
+            except ConversionError as exc:
+                log.warning(
+                    "%s: contours on image slices %d apart at the closest, not filled between "
+                    "them (%s)", label, gap, exc,
+                )  # fmt: skip
+                per_roi.append(on_slices)
+                continue
+            foreign.append(drawn)
+            foreign_contours += count
+            log.info(
+                "%s: contours on image slices %d apart at the closest (drawn on a series of "
+                "thicker slices): rasterised on their own planes, resampled", label, gap,
+            )  # fmt: skip
+            continue
+        per_roi.append(on_slices)
     polygons = [p for roi_polygons in per_roi for p in roi_polygons]
     if not polygons and not foreign:
         names = ", ".join(repr(r.name) for r in chosen)
@@ -601,8 +641,8 @@ def load_placed_rtstruct_mask(
     if not mask.any():
         raise ConversionError(
             f"{name}: ROI {', '.join(repr(r.name) for r in chosen)} covers no voxel centre of the "
-            f"image grid ({len(polygons)} contour(s) smaller than a voxel or outside the field of "
-            "view); expected a delineated volume"
+            f"image grid ({len(polygons) + foreign_contours} contour(s) smaller than a voxel or "
+            "outside the field of view); expected a delineated volume"
         )
     log.info(
         "rasterised ROI %s: %d contour(s), %d voxel(s)",

@@ -654,4 +654,4 @@ def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, t
     assert roles[150][0] == "rtstruct"
     assert roles[160] == ("", "matches rtstruct, not used (see the rtstruct event)")
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
-    assert event.startswith("RT structure set: ") and "no ROI matches" in event
+    assert event.startswith("RT structure set: ") and "no contoured ROI matches" in event

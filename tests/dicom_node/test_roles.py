@@ -60,6 +60,11 @@ ROLES = load_settings(None).roles
         ("MPRAGE_POST", False, "t1c"),
         ("AX FSPGR 3D", True, "t1c"),
         ("3DT1", False, "t1"),
+        ("AXT1+C", False, "t1c"),  # no space before T1
+        ("SAGT1 POST", False, "t1c"),
+        ("eT1W_SE_Gd", False, "t1c"),
+        ("T1CE", False, "t1c"),
+        ("KM T1 tra", False, "t1c"),
         ("REST1 w SMS PF7-8", False, ""),  # a resting-state fMRI: "t1" inside a word
         ("ep2d_bold_rest1", False, ""),
     ],

@@ -159,16 +159,18 @@ def test_contour_between_slices_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("direction", "step"),
+    ("direction", "step", "centre_z"),
     [
         # a sagittal 3D T1-Gd, the GTV drawn on the axial FLAIR of the same session (5 mm)
-        (np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).T, 5.0),
+        (np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).T, 5.0, 2.5),
         # an axial T1-Gd of 2 mm slices, the GTV drawn on an axial series of 3 mm slices
-        (np.eye(3), 3.0),
+        (np.eye(3), 3.0, 2.5),
+        # ... and of 4 mm slices that fall on every other slice of the T1-Gd
+        (np.eye(3), 4.0, 2.0),
     ],
 )
 def test_a_gtv_drawn_on_another_series_of_the_frame(
-    direction: npt.NDArray[np.float64], step: float
+    direction: npt.NDArray[np.float64], step: float, centre_z: float
 ) -> None:
     """Contours on another series' planes (same frame of reference, not the T1-Gd's slices)
     are rasterised on their own planes and resampled: the sphere they outline comes back."""
@@ -177,7 +179,7 @@ def test_a_gtv_drawn_on_another_series_of_the_frame(
         array=np.zeros((64, 64, 64), dtype=np.int16), spacing=(1.5, 1.5, 2.0),
         origin=(-50.0, -48.0, -46.0), direction=direction, frame_of_reference_uid=frame,
     )  # fmt: skip
-    centre, radius = np.array([3.0, -4.0, 2.5]), 20.0
+    centre, radius = np.array([3.0, -4.0, centre_z]), 20.0
     circles = []
     for z in np.arange(-radius + step / 2, radius, step):
         r = np.sqrt(radius**2 - z**2)
@@ -218,10 +220,38 @@ def test_the_structure_set_with_the_gtv_approved_and_latest_is_chosen(tmp_path: 
     assert "first.dcm (APPROVED, ROIs GTV): not the latest" in choice.note
     assert "unapproved.dcm (UNAPPROVED, ROIs GTV): not approved" in choice.note
     assert "draft.dcm (REJECTED, ROIs GTV): rejected" in choice.note
-    assert "oar.dcm (APPROVED, ROIs Brainstem): no ROI matches" in choice.note
+    assert "oar.dcm (APPROVED, ROIs Brainstem): no contoured ROI matches" in choice.note
     assert choose_structure_set(paths[2:3], DEFAULT_ROI_PATTERN).note == ""
-    with pytest.raises(ConversionError, match=r"expected one with an ROI matching .* found 2"):
+    with pytest.raises(ConversionError, match=r"expected one with a contoured ROI .* found 2"):
         choose_structure_set(paths[:1] * 2, DEFAULT_ROI_PATTERN)
+    with pytest.raises(ConversionError, match="ApprovalStatus REJECTED"):
+        choose_structure_set(paths[1:2], DEFAULT_ROI_PATTERN)
+
+
+def test_an_empty_template_gtv_or_a_missing_date_does_not_win(tmp_path: Path) -> None:
+    """An organs-at-risk set made from a template keeps an empty "GTV"; a set without a date
+    counts as the earliest; two sets of the same date and time keep the order given."""
+    grid = _grid()
+    gtv = [_to_world(grid, 1, circle(50, 50, 10))]
+
+    def saved(name: str, rois: dict, date: str, time: str) -> Path:  # type: ignore[type-arg]
+        ds = synth.rtstruct(grid.frame_of_reference_uid or "", rois)
+        ds.StructureSetDate, ds.StructureSetTime = date, time
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    plan = saved("plan", {"GTV": gtv}, "20261103", "090000")
+    template = saved("template", {"GTV": [], "Brainstem": gtv}, "20261105", "090000")
+    undated = saved("undated", {"GTV": gtv}, "", "213000")
+    twin = saved("twin", {"GTV": gtv}, "20261103", "090000")
+    choice = choose_structure_set([template, undated, plan, twin], DEFAULT_ROI_PATTERN)
+    assert choice.path == plan
+    assert "template.dcm (no ApprovalStatus, ROIs GTV, Brainstem): no contoured ROI" in choice.note
+    assert "undated.dcm (no ApprovalStatus, ROIs GTV): not the latest" in choice.note
+    assert "twin.dcm (no ApprovalStatus, ROIs GTV): the same date and time, given later" in (
+        choice.note
+    )
 
 
 def test_roi_choice_by_pattern_lists_available_names() -> None:
