@@ -134,6 +134,12 @@ def test_a_follow_up_outlined_in_an_rt_structure_set(tiny_cohort: Cohort, tmp_pa
         )
         seg.unlink()
         outline.save_as(studies / "reader" / "post" / "outline.dcm", enforce_file_format=True)
+        # a second structure set of the same series, read first, that outlines no lesion
+        oar = pydicom.dcmread(studies / "reader" / "post" / "outline.dcm")
+        oar.SOPInstanceUID = oar.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        for n, roi in enumerate(oar.StructureSetROISequence):
+            roi.ROIName = f"OAR {n + 1}"
+        oar.save_as(studies / "reader" / "post" / "a-oar.dcm", enforce_file_format=True)
     dicom = read_cohort(site, source="dicom")
     assert [p.patient_id for p in dicom] == [r.patient_id for r in records]
     lesions = 0
