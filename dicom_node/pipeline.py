@@ -61,6 +61,11 @@ class SeriesFiles:
 FallbackHook = Callable[[str, SeriesFiles, str, Sequence[tuple[SeriesFiles, str]]], None]
 
 
+def skipped_text(skipped: Sequence[tuple[SeriesFiles, str]]) -> str:
+    """ "; <series> cannot be used either (<why>)" for each series a fallback passed over."""
+    return "".join(f"; {other.label} cannot be used either ({why})" for other, why in skipped)
+
+
 def _first_usable(
     role: str,
     files: Sequence[Path],
@@ -207,8 +212,10 @@ def assemble_inputs(
     def told(
         role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
     ) -> None:
-        also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
-        warn(f"{role}: the series chosen cannot be used ({why}){also}; {used.label} is used")
+        warn(
+            f"{role}: the series chosen cannot be used ({why}){skipped_text(skipped)}; "
+            f"{used.label} is used"
+        )
 
     hook = on_fallback or told
     t1c = _first_usable("t1c", files["t1c"], others.get("t1c", ()), load_series, hook)
@@ -238,6 +245,22 @@ def assemble_inputs(
     )
 
 
+@dataclass
+class _JobView:
+    """What one run of the pipeline knows of its job: its series (``chosen``: by role, updated
+    as choices are made), their instances (series UID -> (SOP Instance UID, spool path)) and the
+    series matching each role, best first (:func:`ranked_candidates`)."""
+
+    job_id: int
+    job_series: list[JobSeries]
+    chosen: dict[str, JobSeries]
+    instances: dict[str, list[tuple[str, str]]]
+    candidates: dict[str, list[SeriesSummary]]
+
+    def by_uid(self, series_uid: str) -> JobSeries:
+        return next(js for js in self.job_series if js.series.series_instance_uid == series_uid)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -255,8 +278,14 @@ class Pipeline:
         """Build the output objects of a job; raises the project's errors with a reason."""
         start = time.monotonic()
         job_series = self.store.job_series(job_id)
-        series = {js.role: js for js in job_series if js.role}
-        instances = self.store.job_instances(job_id)
+        view = _JobView(
+            job_id,
+            job_series,
+            {js.role: js for js in job_series if js.role},
+            self.store.job_instances(job_id),
+            ranked_candidates([js.series for js in job_series], self.settings.roles),
+        )
+        series, instances = view.chosen, view.instances
 
         def files(role: str) -> list[Path]:
             members = instances.get(series[role].series.series_instance_uid, [])
@@ -276,16 +305,14 @@ class Pipeline:
             for js in reg_series
             for _, rel in instances.get(js.series.series_instance_uid, [])
         ]
-        by_uid = {js.series.series_instance_uid: js for js in job_series}
 
         def fall_back(
             role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
         ) -> None:
             before = series[role].series
-            series[role] = JobSeries(by_uid[used.series_instance_uid].series, role, "")
+            series[role] = JobSeries(view.by_uid(used.series_instance_uid).series, role, "")
             not_used = [(before.series_instance_uid, why)]
             not_used += [(other.series_instance_uid, r) for other, r in skipped]
-            also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
             self.store.update_series(
                 job_id,
                 [
@@ -294,30 +321,24 @@ class Pipeline:
                      "be converted"),
                 ],
                 "fallback",
-                f"{role}: {describe(before)} cannot be used ({why}){also}; {used.label}, the "
-                f"next series that matches {role}, is used instead",
+                f"{role}: {describe(before)} cannot be used ({why}){skipped_text(skipped)}; "
+                f"{used.label}, the next series that matches {role}, is used instead",
             )  # fmt: skip
 
         role_files = {role: files(role) for role in series}
         dose_refs: list[SeriesRef] = []
-        candidates = ranked_candidates([js.series for js in job_series], self.settings.roles)
         structure_uid = ""
         if "rtstruct" in series:  # else assemble_inputs says what is missing
-            structure_uid, structure = self._structure_set(
-                job_id, job_series, series, instances, candidates
-            )
+            structure_uid, structure = self._structure_set(view)
             role_files["rtstruct"] = [structure]
         if "rtdose" in series:
-            plans = [p for _, _, p in self._pool("rtplan", series, instances, candidates)[1]]
-            role_files["rtdose"], dose_refs = self._course_dose(
-                job_id, job_series, series, instances, candidates, plans
-            )
+            role_files["rtdose"], dose_refs = self._course_dose(view)
         inputs = assemble_inputs(
             role_files,
             self.settings.roles.roi_pattern,
             lambda message: self.store.add_event(job_id, "warning", message),
             registrations,
-            fallbacks=self._fallbacks(candidates, series, instances),
+            fallbacks=self._fallbacks(view),
             on_fallback=fall_back,
         )
         unused = [r for r in OPTIONAL_CONTRASTS if r in series and getattr(inputs, r) is None]
@@ -355,33 +376,27 @@ class Pipeline:
         )
 
     def _pool(
-        self,
-        role: str,
-        series: Mapping[str, JobSeries],
-        instances: Mapping[str, Sequence[tuple[str, str]]],
-        candidates: Mapping[str, Sequence[SeriesSummary]],
+        self, view: _JobView, role: str
     ) -> tuple[list[SeriesSummary], list[tuple[str, str, Path]]]:
         """Every series of the job matching ``role`` (best first), and their instances as
         (Series Instance UID, SOP Instance UID, path)."""
-        pool = list(candidates.get(role) or ([series[role].series] if role in series else []))
+        chosen = [view.chosen[role].series] if role in view.chosen else []
+        pool = list(view.candidates.get(role) or chosen)
         members = [
             (s.series_instance_uid, uid, self.spool_root / rel)
             for s in pool
-            for uid, rel in instances.get(s.series_instance_uid, [])
+            for uid, rel in view.instances.get(s.series_instance_uid, [])
         ]
         return pool, members
 
     def _record_choice(
-        self,
-        job_id: int,
-        role: str,
-        pool: Sequence[SeriesSummary],
-        used: Sequence[str],
-        kind: str,
-        note: str,
-    ) -> None:
-        """When a choice was made (``note``), give ``role`` to the series ``used`` and take it
-        from the others of ``pool``, with an event of ``kind``."""
+        self, view: _JobView, role: str, pool: Sequence[SeriesSummary], used: Sequence[str],
+        kind: str, note: str,
+    ) -> None:  # fmt: skip
+        """When a choice was made (``note``), give ``role`` to the series ``used`` (the first
+        becomes the role's series for the rest of the run) and take it from the others of
+        ``pool``, with an event of ``kind``."""
+        view.chosen[role] = view.by_uid(used[0])
         if not note:
             return
         changes = [
@@ -390,79 +405,56 @@ class Pipeline:
             else (s.series_instance_uid, "", f"matches {role}, not used (see the {kind} event)")
             for s in pool
         ]
-        self.store.update_series(job_id, changes, kind, note)
+        self.store.update_series(view.job_id, changes, kind, note)
 
-    def _structure_set(
-        self,
-        job_id: int,
-        job_series: Sequence[JobSeries],
-        series: dict[str, JobSeries],
-        instances: Mapping[str, Sequence[tuple[str, str]]],
-        candidates: Mapping[str, Sequence[SeriesSummary]],
-    ) -> tuple[str, Path]:
+    def _structure_set(self, view: _JobView) -> tuple[str, Path]:
         """The structure set to read the GTV from, out of every series matching ``rtstruct``
         (:func:`choose_structure_set`), as (SOP Instance UID, path); the job's series roles and
         an ``rtstruct`` event say which when there was a choice."""
-        pool, members = self._pool("rtstruct", series, instances, candidates)
+        pool, members = self._pool(view, "rtstruct")
         choice = choose_structure_set([p for _, _, p in members], self.settings.roles.roi_pattern)
         used_series, uid, path = next(m for m in members if m[2] == choice.path)
-        self._record_choice(job_id, "rtstruct", pool, [used_series], "rtstruct", choice.note)
-        series["rtstruct"] = next(
-            js for js in job_series if js.series.series_instance_uid == used_series
-        )
+        self._record_choice(view, "rtstruct", pool, [used_series], "rtstruct", choice.note)
         return uid, path
 
-    def _course_dose(
-        self,
-        job_id: int,
-        job_series: Sequence[JobSeries],
-        series: dict[str, JobSeries],
-        instances: Mapping[str, Sequence[tuple[str, str]]],
-        candidates: Mapping[str, Sequence[SeriesSummary]],
-        plans: Sequence[Path],
-    ) -> tuple[list[Path], list[SeriesRef]]:
+    def _course_dose(self, view: _JobView) -> tuple[list[Path], list[SeriesRef]]:
         """The RT Dose instances that make the course's dose, out of every series matching
-        ``rtdose`` (:func:`choose_course_dose`; ``plans``: the files of every series matching
-        ``rtplan``), and their references by series; the job's series roles and a ``dose``
-        event say which were used when there was a choice."""
-        pool, members = self._pool("rtdose", series, instances, candidates)
+        ``rtdose``, checked against every series matching ``rtplan`` (:func:`choose_course_dose`),
+        and their references by series; the job's series roles and a ``dose`` event say which
+        were used when there was a choice."""
+        pool, members = self._pool(view, "rtdose")
+        plans = [p for _, _, p in self._pool(view, "rtplan")[1]]
         choice = choose_course_dose([p for _, _, p in members], plans)
-        by_uid = {js.series.series_instance_uid: js for js in job_series}
         used = list(dict.fromkeys(d.series_instance_uid for d in choice.used))
-        self._record_choice(job_id, "rtdose", pool, used, "dose", choice.note)
-        series["rtdose"] = by_uid[used[0]]
+        self._record_choice(view, "rtdose", pool, used, "dose", choice.note)
         refs = [
             series_ref(
-                by_uid[uid],
+                view.by_uid(uid),
                 [d.sop_instance_uid for d in choice.used if d.series_instance_uid == uid],
             )
             for uid in used
         ]
         return list(choice.paths), refs
 
-    def _fallbacks(
-        self,
-        ranked: Mapping[str, Sequence[SeriesSummary]],
-        chosen: Mapping[str, JobSeries],
-        instances: Mapping[str, Sequence[tuple[str, str]]],
-    ) -> dict[str, list[SeriesFiles]]:
-        """For each image role used, the other series of the job matching it (``ranked``, the
-        job's :func:`ranked_candidates`), in the order to try them (none with
-        ``roles.on_ambiguous: fail``)."""
+    def _fallbacks(self, view: _JobView) -> dict[str, list[SeriesFiles]]:
+        """For each image role used, the other series of the job matching it, in the order to
+        try them (none with ``roles.on_ambiguous: fail``)."""
         if self.settings.roles.on_ambiguous != "latest":
             return {}
         out: dict[str, list[SeriesFiles]] = {}
         for role in IMAGE_ROLES:
-            if role not in chosen:
+            if role not in view.chosen:
                 continue
-            used = chosen[role].series.series_instance_uid
+            used = view.chosen[role].series.series_instance_uid
             out[role] = [
                 SeriesFiles(
                     s.series_instance_uid,
                     describe(s),
-                    tuple(self.spool_root / rel for _, rel in instances[s.series_instance_uid]),
+                    tuple(
+                        self.spool_root / rel for _, rel in view.instances[s.series_instance_uid]
+                    ),
                 )
-                for s in ranked.get(role, [])
-                if s.series_instance_uid != used and instances.get(s.series_instance_uid)
+                for s in view.candidates.get(role, [])
+                if s.series_instance_uid != used and view.instances.get(s.series_instance_uid)
             ]
         return out

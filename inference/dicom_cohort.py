@@ -238,7 +238,7 @@ def study_inputs_from_series(
     role -> series description."""
     from dicom_node.convert.dose_choice import choose_course_dose
     from dicom_node.convert.rtstruct import choose_structure_set
-    from dicom_node.pipeline import SeriesFiles, assemble_inputs
+    from dicom_node.pipeline import SeriesFiles, assemble_inputs, skipped_text
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
     by_role, described = _roles(series, settings, name)
@@ -257,8 +257,10 @@ def study_inputs_from_series(
     def fall_back(
         role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
     ) -> None:
-        also = "".join(f"; {other.label} cannot be used either ({r})" for other, r in skipped)
-        log.warning("%s: %s cannot be used (%s)%s; %s is used", name, role, why, also, used.label)
+        log.warning(
+            "%s: %s cannot be used (%s)%s; %s is used",
+            name, role, why, skipped_text(skipped), used.label,
+        )  # fmt: skip
         described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
 
     role_files = {role: s.files for role, s in by_role.items()}
