@@ -121,8 +121,12 @@ class OrthancServer:
         dicom_port: int | None = None,
         http_port: int | None = None,
         ae_title: str = "ORTHANC",
+        modalities: dict[str, Destination] | None = None,
     ) -> None:
+        """``modalities``: the peers Orthanc knows by name (``DicomModalities``), which it
+        sends storage commitment reports to."""
         self.workdir = Path(workdir)
+        self.modalities = dict(modalities or {})
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.ae_title = ae_title
@@ -151,7 +155,10 @@ class OrthancServer:
             "AuthenticationEnabled": False,
             "Plugins": [],
             "StableAge": 1,
-            "DicomModalities": {},
+            "DicomModalities": {
+                name: [peer.ae_title, peer.host, peer.port]
+                for name, peer in self.modalities.items()
+            },
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
@@ -196,6 +203,11 @@ class OrthancServer:
         with urllib.request.urlopen(req, timeout=30) as rsp:
             body: bytes = rsp.read()
             return body
+
+    def delete(self, path: str) -> None:
+        req = urllib.request.Request(self.url + path, method="DELETE")
+        with urllib.request.urlopen(req, timeout=30):
+            pass
 
     def get(self, path: str) -> Any:
         return json.loads(self.raw(path))

@@ -6,7 +6,14 @@ One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) 
 - ``sending``: claimed by a sender (a crash leaves it there: :meth:`Outbox.recover` at start-up
   puts it back to pending; the peer then receives the same SOP Instance UID again, which a PACS
   stores once);
-- ``sent``: acknowledged with a success or warning status;
+- ``committing`` (destinations with ``storage_commitment``): acknowledged, and waiting for the
+  peer's storage commitment report (:mod:`dicom_node.commitment`). The request goes out on the
+  next pass; an object the report says is not kept goes back to ``pending`` (sent again), and a
+  request left unanswered for ``commitment_timeout_s`` is made again, up to
+  ``commitment_max_requests`` times before the row goes dead. The object's file stays until the
+  peer committed;
+- ``sent``: acknowledged with a success or warning status (and, with storage commitment,
+  committed by the peer);
 - ``dead``: gave up after ``dead_after_attempts`` attempts, or at once on a failure that a retry
   cannot fix (SOP class not supported...). Dead rows keep their object and can be re-queued with
   :meth:`Outbox.retry` (``glioforecast outbox retry``).
@@ -29,6 +36,7 @@ import os
 import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +45,8 @@ from typing import Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node import commitment
+from dicom_node.commitment import PERMANENT_REASONS, CommitmentReport, describe_reason
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, StoreResult, store_batch
@@ -44,9 +54,9 @@ from dicom_node.sqlite import Database
 
 logger = logging.getLogger(__name__)
 
-STATES = ("pending", "sending", "sent", "dead")
+STATES = ("pending", "sending", "committing", "sent", "dead")
 
-_SCHEMA = """
+_OUTBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
     sop_instance_uid TEXT NOT NULL,
@@ -55,7 +65,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     destination TEXT NOT NULL,
     job TEXT NOT NULL,
     path TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'dead')),
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'sending', 'committing', 'sent', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
@@ -63,11 +74,46 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     sent_at REAL,
+    commit_requested_at REAL,
+    commit_requests INTEGER NOT NULL DEFAULT 0,
+    committed_at REAL,
     UNIQUE (sop_instance_uid, destination)
 );
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, destination, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid);
 """
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, destination, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid)",
+)
+# every storage commitment request: which rows it listed (a late report of an earlier request
+# still counts)
+_COMMITMENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT NOT NULL,
+    outbox_id INTEGER NOT NULL,
+    requested_at REAL NOT NULL,
+    PRIMARY KEY (transaction_uid, outbox_id)
+);
+"""
+_SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE
+
+
+def _migrate(database: Database) -> None:
+    """Rebuild an outbox table made before storage commitment (its CHECK lists four states and
+    it lacks the commitment columns); rows are copied as they are."""
+    with database.transaction() as db:
+        row = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+        ).fetchone()
+        if row is None or "'committing'" in row[0]:
+            return
+        columns = ", ".join(r[1] for r in db.execute("PRAGMA table_info(outbox)"))
+        db.execute(_OUTBOX_TABLE.replace("IF NOT EXISTS outbox (", "outbox_rebuilt ("))
+        db.execute(f"INSERT INTO outbox_rebuilt ({columns}) SELECT {columns} FROM outbox")
+        db.execute("DROP TABLE outbox")
+        db.execute("ALTER TABLE outbox_rebuilt RENAME TO outbox")
+        for index in _INDEXES:
+            db.execute(index)
+    logger.info("outbox: database %s upgraded for storage commitment", database.path)
 
 
 class SendingLike(Protocol):
@@ -79,6 +125,10 @@ class SendingLike(Protocol):
     def retry_max_s(self) -> float: ...
     @property
     def dead_after_attempts(self) -> int: ...
+    @property
+    def commitment_timeout_s(self) -> float: ...
+    @property
+    def commitment_max_requests(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +138,8 @@ class RetryPolicy:
     retry_initial_s: float = 10.0
     retry_max_s: float = 600.0
     dead_after_attempts: int = 20
+    commitment_timeout_s: float = 3600.0
+    commitment_max_requests: int = 3
 
     @classmethod
     def from_settings(cls, sending: SendingLike) -> RetryPolicy:
@@ -96,6 +148,8 @@ class RetryPolicy:
             retry_initial_s=float(sending.retry_initial_s),
             retry_max_s=float(sending.retry_max_s),
             dead_after_attempts=int(sending.dead_after_attempts),
+            commitment_timeout_s=float(sending.commitment_timeout_s),
+            commitment_max_requests=int(sending.commitment_max_requests),
         )
 
     def delay(self, attempts: int) -> float:
@@ -122,6 +176,9 @@ class OutboxItem:
     created_at: float
     updated_at: float
     sent_at: float | None
+    commit_requested_at: float | None = None
+    commit_requests: int = 0
+    committed_at: float | None = None
 
 
 @dataclass
@@ -129,6 +186,7 @@ class DeliveryReport:
     sent: int = 0
     failed: int = 0
     dead: int = 0
+    commitment_requests: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -160,6 +218,7 @@ class Outbox:
                 f"cannot create the outbox folder {self.objects_dir}: {exc}"
             ) from exc
         self._database = Database(self.path, _SCHEMA, "outbox", synchronous="FULL")
+        _migrate(self._database)
         self._db = self._database.conn
         self._lock = self._database.lock
         self._tx = self._database.transaction
@@ -283,15 +342,19 @@ class Outbox:
             )
         return [_item(r, state="sending") for r in rows]
 
-    def mark_sent(self, item: OutboxItem, status: int | None = 0) -> None:
+    def mark_sent(self, item: OutboxItem, status: int | None = 0, *, commit: bool = False) -> None:
+        """The peer acknowledged the object; with ``commit`` it still has to commit to keeping
+        it (the row waits in ``committing``, due for its commitment request now)."""
         now = self.clock()
         with self._tx() as db:
             db.execute(
-                "UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = ?, "
-                "updated_at = ?, last_status = ?, last_error = NULL WHERE id = ?",
-                (now, now, status, item.id),
+                "UPDATE outbox SET state = ?, attempts = attempts + 1, sent_at = ?, "
+                "updated_at = ?, last_status = ?, last_error = NULL, next_attempt_at = ?, "
+                "commit_requested_at = NULL WHERE id = ?",
+                ("committing" if commit else "sent", now, now, status, now, item.id),
             )
-        self._drop_object_if_done(item.sop_instance_uid)
+        if not commit:
+            self._drop_object_if_done(item.sop_instance_uid)
 
     def mark_failed(
         self,
@@ -300,8 +363,10 @@ class Outbox:
         *,
         status: int | None = None,
         permanent: bool = False,
+        retry_state: str = "pending",
     ) -> OutboxItem:
-        """Record a failed attempt: back off, or go dead. Returns the updated row."""
+        """Record a failed attempt: back off in ``retry_state`` (``pending``: send again;
+        ``committing``: ask for the commitment again), or go dead. Returns the updated row."""
         now = self.clock()
         with self._tx() as db:
             row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (item.id,)).fetchone()
@@ -313,9 +378,10 @@ class Outbox:
             delay = 0.0 if dead else self.policy.delay(attempts)
             db.execute(
                 "UPDATE outbox SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?, "
-                "last_status = ?, updated_at = ? WHERE id = ?",
-                ("dead" if dead else "pending", attempts, now + delay, error, status, now, item.id),
-            )
+                "last_status = ?, updated_at = ?, commit_requested_at = NULL WHERE id = ?",
+                ("dead" if dead else retry_state, attempts, now + delay, error, status, now,
+                 item.id),
+            )  # fmt: skip
             updated = db.execute("SELECT * FROM outbox WHERE id = ?", (item.id,)).fetchone()
         extra = {"job_id": item.job}
         if dead:
@@ -357,8 +423,9 @@ class Outbox:
         if not states:
             return 0
         sql = (
-            "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
-            f"updated_at = ? WHERE state IN ({','.join('?' * len(states))})"
+            "UPDATE outbox SET state = 'pending', attempts = 0, commit_requests = 0, "
+            "next_attempt_at = ?, updated_at = ? "
+            f"WHERE state IN ({','.join('?' * len(states))})"
         )
         now = self.clock()
         args: list[object] = [now, now, *states]
@@ -374,6 +441,148 @@ class Outbox:
             n = db.execute(sql, args).rowcount
         logger.info("outbox: %d deliveries re-queued", n)
         return n
+
+    # -- storage commitment ---------------------------------------------------------------
+
+    def commitment_due(self, destination: str, limit: int = 500) -> list[OutboxItem]:
+        """Rows of ``destination`` whose storage commitment must be requested now: stored and
+        never asked about, or asked ``commitment_timeout_s`` ago without a report. A row whose
+        ``commitment_max_requests`` requests all went unanswered goes dead instead."""
+        now = self.clock()
+        policy = self.policy
+        with self._tx() as db:
+            expired = db.execute(
+                "SELECT * FROM outbox WHERE state = 'committing' AND destination = ? "
+                "AND commit_requested_at IS NOT NULL AND commit_requested_at <= ?",
+                (destination, now - policy.commitment_timeout_s),
+            ).fetchall()
+            dead = {
+                r["id"]: r for r in expired
+                if r["commit_requests"] >= policy.commitment_max_requests
+            }  # fmt: skip
+            error = (
+                f"no storage commitment report from {destination} for "
+                f"{policy.commitment_max_requests} requests ({policy.commitment_timeout_s:g} s "
+                "each): the PACS may not have kept the object"
+            )
+            db.executemany(
+                "UPDATE outbox SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
+                [(error, now, row_id) for row_id in dead],
+            )
+            db.executemany(
+                "UPDATE outbox SET commit_requested_at = NULL, next_attempt_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                [(now, now, r["id"]) for r in expired if r["id"] not in dead],
+            )
+            rows = db.execute(
+                "SELECT * FROM outbox WHERE state = 'committing' AND destination = ? "
+                "AND commit_requested_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (destination, now, limit),
+            ).fetchall()
+        for r in dead.values():
+            logger.error(
+                "outbox: delivery of %s to %s is dead: %s", r["sop_instance_uid"], destination,
+                error, extra={"job_id": r["job"]},
+            )  # fmt: skip
+        if len(expired) > len(dead):
+            logger.warning(
+                "outbox: %d objects at %s had no storage commitment report after %g s: asking "
+                "again", len(expired) - len(dead), destination, policy.commitment_timeout_s,
+            )  # fmt: skip
+        return [_item(r) for r in rows]
+
+    def begin_commitment(self, items: Sequence[OutboxItem], transaction_uid: str) -> None:
+        """Record that ``transaction_uid`` asks for ``items`` (before the request goes out: the
+        report may come back before the request's response)."""
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET commit_requested_at = ?, commit_requests = "
+                "commit_requests + 1, updated_at = ? WHERE id = ?",
+                [(now, now, item.id) for item in items],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO commitments (transaction_uid, outbox_id, requested_at) "
+                "VALUES (?, ?, ?)",
+                [(transaction_uid, item.id, now) for item in items],
+            )
+
+    def commitment_not_requested(
+        self, items: Sequence[OutboxItem], error: str, *, permanent: bool = False
+    ) -> list[OutboxItem]:
+        """The request did not reach the peer (or was refused): the rows ask again after the
+        back-off, a failed attempt each, or go dead when ``permanent``."""
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET commit_requests = max(commit_requests - 1, 0) WHERE id = ?",
+                [(item.id,) for item in items],
+            )
+        return [
+            self.mark_failed(item, error, permanent=permanent, retry_state="committing")
+            for item in items
+        ]
+
+    def apply_report(self, report: CommitmentReport) -> dict[str, int]:
+        """Apply a storage commitment report: committed rows are delivered, failed ones are
+        sent again (or dead, for a reason a resend cannot change). Rows no longer waiting for a
+        commitment are left as they are. Returns the counts (committed, failed, unknown: UIDs
+        the transaction did not list, waiting: rows of the transaction still waiting)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.* FROM outbox o JOIN commitments c ON c.outbox_id = o.id "
+                "WHERE c.transaction_uid = ?",
+                (report.transaction_uid,),
+            ).fetchall()
+        counts = {"committed": 0, "failed": 0, "unknown": 0, "waiting": 0}
+        if not rows:
+            logger.warning(
+                "outbox: storage commitment report from %s for transaction %s, which this node "
+                "did not request (or no longer has): ignored", report.caller or "?",
+                report.transaction_uid,
+            )  # fmt: skip
+            counts["unknown"] = len(report.committed) + len(report.failed)
+            return counts
+        by_uid = {r["sop_instance_uid"]: _item(r) for r in rows}
+        destination = rows[0]["destination"]
+        now = self.clock()
+        committed = [
+            by_uid[uid] for uid in report.committed
+            if uid in by_uid and by_uid[uid].state == "committing"
+        ]  # fmt: skip
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state = 'sent', committed_at = ?, updated_at = ?, "
+                "last_error = NULL WHERE id = ? AND state = 'committing'",
+                [(now, now, item.id) for item in committed],
+            )
+        for item in committed:
+            self._drop_object_if_done(item.sop_instance_uid)
+        counts["committed"] = len(committed)
+        for uid, reason in report.failed:
+            item = by_uid.get(uid)
+            if item is None or item.state != "committing":
+                continue
+            self.mark_failed(
+                item,
+                f"{destination} did not commit to keeping it: failure reason "
+                f"{describe_reason(reason)}",
+                status=reason,
+                permanent=reason in PERMANENT_REASONS,
+            )
+            counts["failed"] += 1
+        listed = set(report.committed) | {uid for uid, _ in report.failed}
+        counts["unknown"] = len(listed - set(by_uid))
+        counts["waiting"] = sum(
+            1 for uid, item in by_uid.items() if uid not in listed and item.state == "committing"
+        )
+        logger.info(
+            "outbox: storage commitment report from %s for %s (transaction %s): %d committed, "
+            "%d not kept, %d not listed and still waiting%s", report.caller or "?", destination,
+            report.transaction_uid, counts["committed"], counts["failed"], counts["waiting"],
+            f", {counts['unknown']} objects the request did not list" if counts["unknown"] else "",
+            extra={"job_id": rows[0]["job"]},
+        )  # fmt: skip
+        return counts
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -411,10 +620,14 @@ class Outbox:
         return out
 
     def next_due(self) -> float | None:
-        """Time of the earliest pending attempt, or None when nothing is pending."""
+        """Time of the earliest pending attempt or commitment request (a new one, or one whose
+        report is overdue), or None when nothing waits."""
         with self._lock:
             row = self._db.execute(
-                "SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = 'pending'"
+                "SELECT MIN(CASE WHEN state = 'committing' AND commit_requested_at IS NOT NULL "
+                "THEN commit_requested_at + ? ELSE next_attempt_at END) AS t FROM outbox "
+                "WHERE state IN ('pending', 'committing')",
+                (self.policy.commitment_timeout_s,),
             ).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
@@ -450,11 +663,20 @@ def _item(row: sqlite3.Row, state: str | None = None) -> OutboxItem:
         last_status=row["last_status"],
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
-        sent_at=None if row["sent_at"] is None else float(row["sent_at"]),
+        sent_at=_time(row["sent_at"]),
+        commit_requested_at=_time(row["commit_requested_at"]),
+        commit_requests=int(row["commit_requests"]),
+        committed_at=_time(row["committed_at"]),
     )
 
 
+def _time(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
 StoreFn = Callable[[Sequence[Dataset], Destination], list[StoreResult]]
+#: how many objects one storage commitment request lists at most
+COMMITMENT_BATCH = 1000
 
 
 def deliver_due(
@@ -480,7 +702,41 @@ def deliver_due(
             _deliver_batch(outbox, dest, items, send, report)
             if len(items) < batch_size:
                 break
+        if dest.storage_commitment:
+            request_commitments(outbox, dest, report, calling_ae=calling_ae)
     return report
+
+
+def request_commitments(
+    outbox: Outbox, dest: Destination, report: DeliveryReport, *, calling_ae: str
+) -> None:
+    """Ask ``dest`` to commit to keeping what it acknowledged and has not been asked about (one
+    request per :data:`COMMITMENT_BATCH` objects, each under a new Transaction UID)."""
+    while True:
+        items = outbox.commitment_due(dest.name, limit=COMMITMENT_BATCH)
+        if not items:
+            return
+        transaction = f"2.25.{uuid.uuid4().int}"  # a random UUID as a UID (PS3.5 B.2)
+        outbox.begin_commitment(items, transaction)
+        try:
+            commitment.request(
+                dest,
+                transaction,
+                [(i.sop_class_uid, i.sop_instance_uid) for i in items],
+                calling_ae=calling_ae,
+            )
+        except SendError as exc:
+            permanent = isinstance(exc, commitment.CommitmentRefused)
+            for updated in outbox.commitment_not_requested(items, str(exc), permanent=permanent):
+                _count_failure(report, updated, str(exc))
+            return
+        report.commitment_requests += 1
+        logger.info(
+            "outbox: asked %s to commit to keeping %d objects (transaction %s)",
+            dest.name, len(items), transaction,
+        )  # fmt: skip
+        if len(items) < COMMITMENT_BATCH:
+            return
 
 
 def _deliver_batch(
@@ -517,7 +773,7 @@ def _deliver_batch(
             msg = f"{dest} gave no result for {item.sop_instance_uid}"
             _count_failure(report, outbox.mark_failed(item, msg), msg)
         elif result.delivered:
-            outbox.mark_sent(item, result.status)
+            outbox.mark_sent(item, result.status, commit=dest.storage_commitment)
             report.sent += 1
         else:
             msg = result.error or "unknown failure"

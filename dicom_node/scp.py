@@ -25,6 +25,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydicom import uid as sc
@@ -38,7 +39,8 @@ from pynetdicom import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node import fastpath
+from dicom_node import commitment, fastpath
+from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
@@ -194,8 +196,11 @@ class StorageSCP:
         secret: bytes,
         ssl_context: ssl.SSLContext | None = None,
         max_queued_jobs: int | None = None,
+        commitment_reports: Callable[[CommitmentReport], object] | None = None,
     ) -> None:
         self.settings = settings
+        # where storage commitment reports go (the outbox); None: the SOP class is not offered
+        self.commitment_reports = commitment_reports
         self.spool = spool
         self.store = store
         self.secret = secret
@@ -216,6 +221,9 @@ class StorageSCP:
         ae.add_supported_context(VERIFICATION)
         for cls in STORAGE_CLASSES:
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        if self.commitment_reports is not None:
+            # the PACS opens an association to report, in the SCP role of the SOP class
+            ae.add_supported_context(commitment.PUSH_MODEL, scu_role=True, scp_role=True)
         return ae
 
     # ------------------------------------------------------------------ handlers
@@ -262,6 +270,27 @@ class StorageSCP:
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS
+
+    def _on_commitment_report(self, event: Any) -> tuple[int, None]:
+        """A PACS's storage commitment report (N-EVENT-REPORT) on results we sent it."""
+        caller = event.assoc.requestor.ae_title.strip()
+        assert self.commitment_reports is not None
+        try:
+            report = commitment.parse_report(
+                getattr(event.request, "EventTypeID", None), event.event_information, caller
+            )
+        except commitment.BadReport as exc:
+            log.warning("N-EVENT-REPORT from %s refused (0x%04X): %s", caller, exc.status, exc)
+            return exc.status, None
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("N-EVENT-REPORT from %s undecodable: %s", caller, exc)
+            return commitment.INVALID_ARGUMENT_VALUE, None
+        try:
+            self.commitment_reports(report)
+        except Exception:  # the PACS may send it again
+            log.exception("storage commitment report from %s not recorded (0x0110)", caller)
+            return commitment.PROCESSING_FAILURE, None
+        return SUCCESS, None
 
     def _queue_full(self) -> str:
         """Why new instances must wait (the job queue is at its bound), or ''; the count of
@@ -350,6 +379,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if self.commitment_reports is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_commitment_report))
         address = (self.settings.bind_address, self.settings.port)
         try:
             # make_server + our own thread rather than start_server: the request handler is the

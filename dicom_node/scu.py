@@ -42,16 +42,21 @@ class DestinationLike(Protocol):
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
+    @property
+    def storage_commitment(self) -> bool: ...
 
 
 @dataclass(frozen=True)
 class Destination:
-    """A peer that receives the results (a PACS, a planning system)."""
+    """A peer that receives the results (a PACS, a planning system); with
+    ``storage_commitment`` a delivery counts only once the peer committed to keeping it
+    (:mod:`dicom_node.commitment`)."""
 
     name: str
     ae_title: str
     host: str
     port: int
+    storage_commitment: bool = False
 
     def __str__(self) -> str:
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
@@ -59,7 +64,13 @@ class Destination:
     @classmethod
     def from_settings(cls, d: DestinationLike) -> Destination:
         """From one entry of the settings' ``destinations``."""
-        return cls(name=d.name, ae_title=d.ae_title, host=d.host, port=int(d.port))
+        return cls(
+            name=d.name,
+            ae_title=d.ae_title,
+            host=d.host,
+            port=int(d.port),
+            storage_commitment=bool(d.storage_commitment),
+        )
 
 
 @dataclass(frozen=True)
@@ -156,19 +167,14 @@ def store_batch(
     """
     if not datasets:
         return []
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = acse_timeout_s
-    ae.dimse_timeout = dimse_timeout_s
-    ae.network_timeout = network_timeout_s
-    ae.requested_contexts = presentation_contexts(datasets)
-    try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    except (OSError, ValueError) as exc:
-        raise SendError(f"cannot connect to {destination}: {exc}") from exc
-    if not assoc.is_established:
-        reason = _failure_reason(assoc)
-        raise SendError(f"no association with {destination}: {reason}")
-    _no_delay(assoc)
+    assoc = associate(
+        destination,
+        presentation_contexts(datasets),
+        calling_ae=calling_ae,
+        acse_timeout_s=acse_timeout_s,
+        dimse_timeout_s=dimse_timeout_s,
+        network_timeout_s=network_timeout_s,
+    )
     results: list[StoreResult] = []
     try:
         for ds in datasets:
@@ -186,6 +192,32 @@ def store_batch(
         len(results),
     )
     return results
+
+
+def associate(
+    destination: Destination,
+    contexts: Sequence[PresentationContext],
+    *,
+    calling_ae: str,
+    acse_timeout_s: float = 30,
+    dimse_timeout_s: float = 60,
+    network_timeout_s: float = 60,
+) -> Association:
+    """An established association with ``destination`` proposing ``contexts`` (TCP_NODELAY
+    set), or :class:`SendError` naming the destination and why there is none."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = acse_timeout_s
+    ae.dimse_timeout = dimse_timeout_s
+    ae.network_timeout = network_timeout_s
+    ae.requested_contexts = list(contexts)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    except (OSError, ValueError) as exc:
+        raise SendError(f"cannot connect to {destination}: {exc}") from exc
+    if not assoc.is_established:
+        raise SendError(f"no association with {destination}: {_failure_reason(assoc)}")
+    _no_delay(assoc)
+    return assoc
 
 
 def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> StoreResult:

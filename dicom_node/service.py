@@ -13,6 +13,7 @@ from types import FrameType
 from pydicom import dcmread
 
 from dicom_node.assembler import Assembler
+from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError
 from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
@@ -128,14 +129,6 @@ class Node:
                 str(tls.ca_certificates) if tls.ca_certificates else None,
                 tls.require_client_certificate,
             )
-        self.scp = StorageSCP(
-            settings.node,
-            self.spool,
-            self.store,
-            self.secret,
-            ctx,
-            max_queued_jobs=settings.worker.max_queued_jobs,
-        )
         self.outbox = Outbox(
             outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
         )
@@ -143,6 +136,19 @@ class Node:
             self.outbox,
             [Destination.from_settings(d) for d in settings.destinations],
             calling_ae=settings.sending.calling_ae_title,
+        )
+        self.scp = StorageSCP(
+            settings.node,
+            self.spool,
+            self.store,
+            self.secret,
+            ctx,
+            max_queued_jobs=settings.worker.max_queued_jobs,
+            commitment_reports=(
+                self._commitment_report
+                if any(d.storage_commitment for d in settings.destinations)
+                else None
+            ),
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.health: HealthServer | None = None
@@ -214,6 +220,13 @@ class Node:
             log.exception("retention pass failed; will retry")
             return retention.check_interval_s
         return 0.0 if len(removed) >= RETENTION_BATCH else retention.check_interval_s
+
+    def _commitment_report(self, report: CommitmentReport) -> None:
+        """A PACS reported on its storage commitment: record it, and send again at once what it
+        did not keep."""
+        counts = self.outbox.apply_report(report)
+        if counts["failed"]:
+            self.sender.wake()
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if signum is not None:

@@ -220,6 +220,10 @@ class Destination:
     ae_title: str = field(metadata=_spec("", check=_check_ae_title))
     host: str
     port: int = field(metadata=_spec("", minimum=1, maximum=65535))
+    # ask the PACS to commit to keeping what it received (Storage Commitment Push Model); a
+    # delivery counts only once it did. The PACS must know this node's AE title, address and
+    # port to send its report, and node.allowed_callers must let it in.
+    storage_commitment: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,10 @@ class SendingSettings:
     retry_initial_s: float = field(default=10.0, metadata=_spec("", minimum=0.0))
     retry_max_s: float = field(default=600.0, metadata=_spec("", minimum=0.0))
     dead_after_attempts: int = field(default=50, metadata=_spec("", minimum=1))
+    # storage commitment: how long to wait for the PACS's report before asking again, and how
+    # many unanswered requests make the delivery dead
+    commitment_timeout_s: float = field(default=3600.0, metadata=_spec("", minimum=1.0))
+    commitment_max_requests: int = field(default=3, metadata=_spec("", minimum=1))
 
 
 @dataclass(frozen=True)

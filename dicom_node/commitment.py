@@ -1,0 +1,186 @@
+"""Storage Commitment Push Model (PS3.4 Annex J): ask a PACS to take responsibility for results.
+
+A C-STORE success says the peer received an object; a storage commitment says it keeps it. For a
+destination with ``storage_commitment: true`` the outbox sends, once its objects are stored, an
+N-ACTION request (Action Type 1) listing them under a new Transaction UID. The PACS answers the
+N-ACTION at once and later sends an N-EVENT-REPORT (Event Type 1: every object committed; 2:
+some failed, each with a Failure Reason), usually on an association it opens to the node's
+receiver (the way Orthanc, dcm4chee and most archives do it), which is why the receiver accepts
+the Storage Commitment SOP class with the peer in the SCP role.
+
+This module speaks the protocol (request, report parsing, statuses); the bookkeeping (which
+objects wait for which transaction, what a failure does to them) is the outbox's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom.presentation import build_context
+from dicom_node.errors import SendError
+from dicom_node.scu import Destination, associate
+
+#: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.1)
+PUSH_MODEL = "1.2.840.10008.1.20.1"
+PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
+#: N-ACTION Action Type ID: request storage commitment
+REQUEST_ACTION = 1
+#: N-EVENT-REPORT Event Type IDs: every object committed / failures exist
+ALL_COMMITTED, FAILURES_EXIST = 1, 2
+
+# N-EVENT-REPORT response statuses (PS3.7 Annex C)
+SUCCESS = 0x0000
+PROCESSING_FAILURE = 0x0110
+NO_SUCH_EVENT_TYPE = 0x0113
+INVALID_ARGUMENT_VALUE = 0x0115
+
+#: Failure Reason (0008,1197) values of the Failed SOP Sequence (PS3.4 J.3.3.1.1)
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0119: "class / instance conflict",
+    0x0122: "referenced SOP class not supported",
+    0x0131: "duplicate transaction UID",
+    0x0213: "resource limitation",
+}
+#: reasons that sending the object again cannot change (the PACS's configuration can)
+PERMANENT_REASONS = frozenset({0x0119, 0x0122})
+
+# N-ACTION response statuses that a later request cannot change
+_REFUSED_ACTION = {
+    0x0112: "no such SOP instance (the Storage Commitment SOP instance is not known)",
+    0x0118: "no such SOP class",
+    0x0119: "class / instance conflict",
+    0x0122: "SOP class not supported",
+    0x0123: "no such action",
+    0x0124: "not authorised",
+}
+
+
+class CommitmentRefused(SendError):
+    """The destination does not take storage commitment requests from us (a configuration
+    mismatch: asking again cannot help)."""
+
+
+def describe_reason(reason: int | None) -> str:
+    if reason is None:
+        return "no failure reason given"
+    return f"0x{reason:04X} ({FAILURE_REASONS.get(reason, 'unknown reason')})"
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """One N-EVENT-REPORT: which objects of a transaction the peer committed, which it did not
+    (SOP Instance UID and Failure Reason)."""
+
+    transaction_uid: str
+    committed: tuple[str, ...]
+    failed: tuple[tuple[str, int | None], ...]
+    caller: str = ""
+
+
+class BadReport(ValueError):
+    """An N-EVENT-REPORT that is not a storage commitment result; ``status`` answers it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_report(event_type: int | None, info: Dataset | None, caller: str) -> CommitmentReport:
+    """The report carried by an N-EVENT-REPORT request, or :class:`BadReport`."""
+    if event_type not in (ALL_COMMITTED, FAILURES_EXIST):
+        raise BadReport(
+            NO_SUCH_EVENT_TYPE,
+            f"storage commitment report: expected Event Type ID 1 or 2, found {event_type}",
+        )
+    transaction = str(getattr(info, "TransactionUID", "") or "").strip() if info else ""
+    if not transaction:
+        raise BadReport(
+            INVALID_ARGUMENT_VALUE,
+            "storage commitment report: expected a Transaction UID (0008,1195), found none",
+        )
+    assert info is not None
+    committed = tuple(_uid(item) for item in info.get("ReferencedSOPSequence", []) or [])
+    failed = tuple(
+        (_uid(item), _reason(item)) for item in info.get("FailedSOPSequence", []) or []
+    )
+    if event_type == ALL_COMMITTED and failed:
+        raise BadReport(
+            INVALID_ARGUMENT_VALUE,
+            f"storage commitment report {transaction}: Event Type 1 (all committed) with "
+            f"{len(failed)} failed objects",
+        )
+    return CommitmentReport(transaction, tuple(u for u in committed if u), failed, caller)
+
+
+def _uid(item: Dataset) -> str:
+    return str(getattr(item, "ReferencedSOPInstanceUID", "") or "").strip()
+
+
+def _reason(item: Dataset) -> int | None:
+    value = getattr(item, "FailureReason", None)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def request(
+    destination: Destination,
+    transaction_uid: str,
+    references: Sequence[tuple[str, str]],
+    *,
+    calling_ae: str,
+    timeout_s: float = 60,
+) -> None:
+    """Send one storage commitment request (N-ACTION) for ``references`` (SOP Class UID, SOP
+    Instance UID) under ``transaction_uid``.
+
+    Returns when the peer accepted the request (the result comes later, as a report). Raises
+    :class:`CommitmentRefused` when the peer does not do storage commitment for us, and
+    :class:`SendError` for anything a later request may get past (peer down, timeout, a
+    processing failure).
+    """
+    assoc = associate(
+        destination,
+        [build_context(PUSH_MODEL)],
+        calling_ae=calling_ae,
+        acse_timeout_s=timeout_s,
+        dimse_timeout_s=timeout_s,
+        network_timeout_s=timeout_s,
+    )
+    try:
+        if not any(cx.abstract_syntax == PUSH_MODEL for cx in assoc.accepted_contexts):
+            raise CommitmentRefused(
+                f"{destination} does not accept Storage Commitment Push Model ({PUSH_MODEL}) "
+                "from this node: expected it to, as the destination has storage_commitment: "
+                "true (enable storage commitment for our AE title on the PACS, or set "
+                "storage_commitment: false)"
+            )
+        ds = Dataset()
+        ds.TransactionUID = transaction_uid
+        items = []
+        for sop_class, sop_instance in references:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = sop_instance
+            items.append(item)
+        ds.ReferencedSOPSequence = items
+        status, _ = assoc.send_n_action(ds, REQUEST_ACTION, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(status, "Status", None)
+    if code is None:
+        raise SendError(f"no N-ACTION response from {destination} (timeout or connection lost)")
+    code = int(code)
+    if code == SUCCESS:
+        return
+    comment = getattr(status, "ErrorComment", "")
+    what = f"{destination} answered the storage commitment request 0x{code:04X}"
+    if code in _REFUSED_ACTION:
+        raise CommitmentRefused(f"{what} ({_REFUSED_ACTION[code]})" + (f": {comment}" if comment else ""))
+    raise SendError(what + (f": {comment}" if comment else ""))

@@ -1,0 +1,138 @@
+"""Storage commitment with a real PACS: Orthanc (Debian package) commits to keeping the results,
+and reports an object it lost, which the node sends again."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_node.outbox import RetryPolicy, deliver_due
+from dicom_node.scu import Destination, StoreResult, store_batch
+from dicom_node.service import Node
+from dicom_node.settings import Destination as DestinationSettings
+from tests.dicom_node.conftest import make_settings
+from tests.integration.orthanc import OrthancServer, orthanc_binary
+from tests.sr_writer.synthetic_job import PATIENT_NAME, default_outputs
+
+pytestmark = pytest.mark.slow
+
+
+def _node_and_orthanc(tmp_path: Path, **sending: float) -> tuple[Node, OrthancServer, Destination]:
+    """A node whose destination is an Orthanc doing storage commitment, and that Orthanc
+    (started), which knows the node as a modality to send its reports to."""
+    orthanc_binary()
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    settings = make_settings(
+        tmp_path / "data",
+        sending={"retry_initial_s": 0.0, **sending},
+    )
+    pacs = DestinationSettings(
+        name="pacs",
+        ae_title=orthanc.ae_title,
+        host="127.0.0.1",
+        port=orthanc.dicom_port,
+        storage_commitment=True,
+    )
+    node = Node(dataclasses.replace(settings, destinations=(pacs,)))
+    return node, orthanc, Destination.from_settings(pacs)
+
+
+def _start(node: Node, orthanc: OrthancServer) -> None:
+    node.scp.start()
+    orthanc.modalities["glioforecast"] = Destination(
+        "glioforecast", node.settings.node.ae_title, "127.0.0.1", node.scp.port
+    )
+    orthanc.start()
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_results_count_as_delivered_once_orthanc_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node, orthanc, dest = _node_and_orthanc(tmp_path)
+    out = default_outputs()
+    n = len(out.all())
+    try:
+        _start(node, orthanc)
+        node.sender.start()
+        node.outbox.enqueue(out.all(), [dest.name], job="job-commit")
+        node.sender.wake()
+        _wait(lambda: node.outbox.counts() == {dest.name: {"sent": n}}, 60, "every commitment")
+        items = node.outbox.items()
+        assert all(i.committed_at is not None and i.commit_requests == 1 for i in items)
+        assert all(i.committed_at >= i.sent_at for i in items if i.sent_at)  # type: ignore[operator]
+        assert node.outbox.undelivered("job-commit") == 0
+        assert not any(node.outbox.objects_dir.iterdir()), "committed objects are not kept"
+        assert orthanc.count_instances() == n
+    finally:
+        node.sender.stop()
+        node.scp.stop()
+        orthanc.stop()
+        node.outbox.close()
+        node.store.close()
+    reports = [r.getMessage() for r in caplog.records if "commitment report from" in r.getMessage()]
+    assert reports and all(orthanc.ae_title in m for m in reports), reports
+    assert sum(int(re.search(r"(\d+) committed", m).group(1)) for m in reports) == n  # type: ignore[union-attr]
+    assert not any(PATIENT_NAME in r.getMessage() for r in caplog.records)
+
+
+def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path) -> None:
+    node, orthanc, dest = _node_and_orthanc(tmp_path)
+    out = default_outputs()
+    objects = out.all()
+    lost = str(out.sr.SOPInstanceUID)
+
+    def store_then_lose(datasets: Sequence[Dataset], peer: Destination) -> list[StoreResult]:
+        """C-STORE to Orthanc, then the archive loses one object (deleted through its REST
+        API) before the node asks for the commitment."""
+        results = store_batch(datasets, peer)
+        for instance in orthanc.post(
+            "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": lost}}
+        ):
+            orthanc.delete(f"/instances/{instance}")
+        return results
+
+    try:
+        _start(node, orthanc)
+        ob = node.outbox
+        ob.enqueue(objects, [dest.name], job="job-lost")
+        first = deliver_due(ob, [dest], store=store_then_lose)
+        assert first.sent == len(objects) and first.commitment_requests == 1
+        _wait(lambda: ob.counts()[dest.name].get("committing", 0) == 0, 30, "Orthanc's report")
+        by_uid = {i.sop_instance_uid: i for i in ob.items()}
+        assert ob.counts() == {dest.name: {"sent": len(objects) - 1, "pending": 1}}
+        assert by_uid[lost].state == "pending" and by_uid[lost].last_status == 0x0112
+        assert "did not commit" in (by_uid[lost].last_error or "")
+        assert "0x0112 (no such object instance)" in (by_uid[lost].last_error or "")
+        assert ob.undelivered("job-lost") == 1
+        assert [p.name for p in ob.objects_dir.iterdir()] == [f"{lost}.dcm"]
+
+        again = deliver_due(ob, [dest])
+        assert again.sent == 1 and again.commitment_requests == 1
+        _wait(lambda: ob.counts() == {dest.name: {"sent": len(objects)}}, 30, "the resend")
+        resent = next(i for i in ob.items() if i.sop_instance_uid == lost)
+        # stored, reported lost, stored again; asked twice
+        assert resent.attempts == 3 and resent.commit_requests == 2
+        assert orthanc.count_instances() == len(objects)
+        assert not any(ob.objects_dir.iterdir())
+    finally:
+        node.scp.stop()
+        orthanc.stop()
+        node.outbox.close()
+        node.store.close()
