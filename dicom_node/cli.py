@@ -55,7 +55,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"  data in {settings.storage.data_dir}, quiet period {settings.assembly.quiet_period_s} s"
     )
-    print(f"  {len(settings.destinations)} destination(s)")
+    committing = [d.name for d in settings.destinations if d.storage_commitment]
+    print(
+        f"  {len(settings.destinations)} destination(s)"
+        + (f", storage commitment with {', '.join(committing)}" if committing else "")
+    )
     return EXIT_OK
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 from dicom_node.errors import SendError
-from dicom_node.scu import Destination, associate
+from dicom_node.scu import ContextsRejected, Destination, associate
 
 #: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.1)
 PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -144,22 +144,25 @@ def request(
     :class:`SendError` for anything a later request may get past (peer down, timeout, a
     processing failure).
     """
-    assoc = associate(
-        destination,
-        [build_context(PUSH_MODEL)],
-        calling_ae=calling_ae,
-        acse_timeout_s=timeout_s,
-        dimse_timeout_s=timeout_s,
-        network_timeout_s=timeout_s,
-    )
+    def refused(found: str) -> CommitmentRefused:
+        return CommitmentRefused(
+            f"expected {destination} to take storage commitment requests from this node "
+            f"(storage_commitment: true), found {found}: enable storage commitment for our AE "
+            "title on the PACS, or set storage_commitment: false"
+        )
+
     try:
-        if not any(cx.abstract_syntax == PUSH_MODEL for cx in assoc.accepted_contexts):
-            raise CommitmentRefused(
-                f"{destination} does not accept Storage Commitment Push Model ({PUSH_MODEL}) "
-                "from this node: expected it to, as the destination has storage_commitment: "
-                "true (enable storage commitment for our AE title on the PACS, or set "
-                "storage_commitment: false)"
-            )
+        assoc = associate(
+            destination,
+            [build_context(PUSH_MODEL)],
+            calling_ae=calling_ae,
+            acse_timeout_s=timeout_s,
+            dimse_timeout_s=timeout_s,
+            network_timeout_s=timeout_s,
+        )
+    except ContextsRejected as exc:
+        raise refused("that it accepts no Storage Commitment Push Model context") from exc
+    try:
         ds = Dataset()
         ds.TransactionUID = transaction_uid
         items = []
@@ -180,7 +183,7 @@ def request(
     if code == SUCCESS:
         return
     comment = getattr(status, "ErrorComment", "")
-    what = f"{destination} answered the storage commitment request 0x{code:04X}"
+    answer = f"N-ACTION status 0x{code:04X}" + (f" ({comment})" if comment else "")
     if code in _REFUSED_ACTION:
-        raise CommitmentRefused(f"{what} ({_REFUSED_ACTION[code]})" + (f": {comment}" if comment else ""))
-    raise SendError(what + (f": {comment}" if comment else ""))
+        raise refused(f"{answer}, {_REFUSED_ACTION[code]}")
+    raise SendError(f"{destination} answered the storage commitment request with {answer}")

@@ -66,14 +66,29 @@ def _fmt_time(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _next_attempt(item: OutboxItem) -> str:
+    """When the row is tried next: a send (pending) or a storage commitment request
+    (committing); "awaiting report" once the request was made."""
+    if item.state == "pending":
+        return _fmt_time(item.next_attempt_at)
+    if item.state == "committing":
+        if item.commit_requested_at is None:
+            return _fmt_time(item.next_attempt_at)
+        return "awaiting report"
+    return "-"
+
+
 def _row(item: OutboxItem) -> dict[str, object]:
     return {
         "id": item.id,
         "state": item.state,
         "destination": item.destination,
         "attempts": item.attempts,
-        "next_attempt": _fmt_time(item.next_attempt_at) if item.state == "pending" else "-",
+        "next_attempt": _next_attempt(item),
         "sent": _fmt_time(item.sent_at),
+        "commitment_requests": item.commit_requests,
+        "commitment_requested": _fmt_time(item.commit_requested_at),
+        "committed": _fmt_time(item.committed_at),
         "job": item.job,
         "sop_instance_uid": item.sop_instance_uid,
         "sop_class_uid": item.sop_class_uid,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
 from pynetdicom.presentation import PresentationContext, build_context
 
@@ -71,6 +71,11 @@ class Destination:
             port=int(d.port),
             storage_commitment=bool(d.storage_commitment),
         )
+
+
+class ContextsRejected(SendError):
+    """The peer answered the association request but accepted none of its presentation
+    contexts (it does not take these SOP classes from us)."""
 
 
 @dataclass(frozen=True)
@@ -215,9 +220,20 @@ def associate(
     except (OSError, ValueError) as exc:
         raise SendError(f"cannot connect to {destination}: {exc}") from exc
     if not assoc.is_established:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            classes = sorted({cx.abstract_syntax for cx in assoc.rejected_contexts})
+            raise ContextsRejected(
+                f"{destination} accepted none of the presentation contexts proposed: expected "
+                f"it to accept SOP class {', '.join(_uid_name(c) for c in classes)}"
+            )
         raise SendError(f"no association with {destination}: {_failure_reason(assoc)}")
     _no_delay(assoc)
     return assoc
+
+
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
 
 
 def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> StoreResult:

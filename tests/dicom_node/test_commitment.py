@@ -1,0 +1,394 @@
+"""Storage commitment: the requests the outbox makes, the reports the receiver takes, and what
+goes wrong (no report, a PACS without storage commitment, a refused request, bad reports).
+
+The PACS here is a pynetdicom peer, so that it can answer what Orthanc never does (it cannot be
+told to stay silent or refuse); the exchange with Orthanc is tested in
+``tests/integration/test_storage_commitment.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
+from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
+from dicom_node.outbox_cli import register
+from dicom_node.scu import Destination
+from dicom_node.service import Node
+from dicom_node.settings import Destination as DestinationSettings
+from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.test_outbox import Clock, _objects
+from tests.dicom_node.test_scu import ALL_CLASSES, StoreSCP
+
+
+@dataclass
+class CommitmentPACS:
+    """A storage SCP that takes storage commitment requests and records them; it reports
+    nothing by itself (the test sends the reports it wants)."""
+
+    action_status: int = 0x0000
+    ae_title: str = "COMMITPACS"
+    stored: list[str] = field(default_factory=list)
+    requests: list[tuple[str, list[str]]] = field(default_factory=list)
+    server: ThreadedAssociationServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> CommitmentPACS:
+        ae = AE(ae_title=self.ae_title)
+        for sop in ALL_CLASSES:
+            ae.add_supported_context(sop)
+        ae.add_supported_context(PUSH_MODEL)
+        self.server = ae.start_server(
+            ("127.0.0.1", 0),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_N_ACTION, self._on_action)],
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+    def destination(self) -> Destination:
+        assert self.server is not None
+        port = int(self.server.server_address[1])
+        return Destination("pacs", self.ae_title, "127.0.0.1", port, storage_commitment=True)
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        info = event.action_information
+        assert event.request.ActionTypeID == 1
+        assert str(event.request.RequestedSOPInstanceUID) == PUSH_MODEL_INSTANCE
+        with self._lock:
+            self.requests.append(
+                (
+                    str(info.TransactionUID),
+                    [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence],
+                )
+            )
+        return self.action_status, None
+
+
+def report(
+    port: int,
+    transaction: str,
+    committed: list[str] = (),  # type: ignore[assignment]
+    failed: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    *,
+    event_type: int | None = None,
+    calling_ae: str = "COMMITPACS",
+    called_ae: str = "GLIOFORECAST",
+) -> int | None:
+    """Send a storage commitment report to the node the way a PACS does: its own association,
+    the PACS in the SCP role. Returns the response status (None: no association)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(PUSH_MODEL)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=called_ae, ext_neg=[build_role(PUSH_MODEL, scp_role=True)]
+    )
+    if not assoc.is_established:
+        return None
+    ds = Dataset()
+    if transaction:
+        ds.TransactionUID = transaction
+    ds.ReferencedSOPSequence = [_ref(uid) for uid in committed]
+    if failed:
+        ds.FailedSOPSequence = [_ref(uid, reason) for uid, reason in failed]
+    kind = event_type if event_type is not None else (2 if failed else 1)
+    try:
+        status, _ = assoc.send_n_event_report(ds, kind, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    finally:
+        assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def _ref(uid: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    item.ReferencedSOPInstanceUID = uid
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+@pytest.fixture
+def pacs() -> Iterator[CommitmentPACS]:
+    peer = CommitmentPACS().start()
+    yield peer
+    peer.stop()
+
+
+def _outbox(tmp_path: Path, clock: Clock, **policy: Any) -> Outbox:
+    p = RetryPolicy(
+        retry_initial_s=10.0,
+        retry_max_s=60.0,
+        dead_after_attempts=5,
+        commitment_timeout_s=600.0,
+        commitment_max_requests=3,
+        **policy,
+    )
+    return Outbox(tmp_path / "outbox.sqlite3", policy=p, clock=clock)
+
+
+def test_unanswered_requests_are_made_again_then_the_delivery_is_dead(
+    tmp_path: Path, pacs: CommitmentPACS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = Clock()
+    dest = pacs.destination()
+    objs = _objects()
+    with _outbox(tmp_path, clock) as ob:
+        ob.enqueue(objs, [dest.name], job="job-1")
+        first = deliver_due(ob, [dest])
+        assert first.sent == len(objs) and first.commitment_requests == 1
+        assert sorted(pacs.stored) == sorted(str(d.SOPInstanceUID) for d in objs)
+        [(transaction, listed)] = pacs.requests
+        assert listed == [str(d.SOPInstanceUID) for d in objs]
+        assert ob.counts() == {dest.name: {"committing": len(objs)}}
+        assert ob.undelivered("job-1") == len(objs)
+        assert len(list(ob.objects_dir.iterdir())) == len(objs), "objects kept until committed"
+        assert ob.next_due() == clock.t + 600.0
+
+        clock.t += 599
+        assert deliver_due(ob, [dest]).commitment_requests == 0
+        clock.t += 1
+        assert deliver_due(ob, [dest]).commitment_requests == 1
+        clock.t += 600
+        assert deliver_due(ob, [dest]).commitment_requests == 1
+        transactions = [t for t, _ in pacs.requests]
+        assert len(set(transactions)) == 3, "each request has its own Transaction UID"
+        assert all(t.startswith("2.25.") for t in transactions)
+        assert pacs.stored == [str(d.SOPInstanceUID) for d in objs], "nothing sent twice"
+
+        clock.t += 600
+        assert deliver_due(ob, [dest]).commitment_requests == 0
+        items = ob.items()
+        assert {i.state for i in items} == {"dead"}
+        assert all("no storage commitment report from pacs for 3 requests" in (i.last_error or "")
+                   for i in items)  # fmt: skip
+        assert len(list(ob.objects_dir.iterdir())) == len(objs), "a dead row keeps its object"
+
+        # the operator re-queues them: sent again, and asked about again
+        assert ob.retry() == len(objs)
+        assert deliver_due(ob, [dest]).sent == len(objs)
+        assert ob.counts() == {dest.name: {"committing": len(objs)}}
+
+    args = _cli(tmp_path, "list", "--state", "committing")
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("awaiting report") == len(objs) and "pacs: committing=" in out
+
+
+def _cli(data_dir: Path, *argv: str) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", type=Path)
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    return parser.parse_args(["--data-dir", str(data_dir), "outbox", *argv])
+
+
+def test_a_pacs_without_storage_commitment_makes_the_deliveries_dead(tmp_path: Path) -> None:
+    plain = StoreSCP().start()
+    try:
+        dest = dataclasses.replace(plain.destination(), storage_commitment=True)
+        with _outbox(tmp_path, Clock()) as ob:
+            ob.enqueue(_objects(), [dest.name], job="job-1")
+            result = deliver_due(ob, [dest])
+            assert result.sent == len(_objects()) and result.dead == len(_objects())
+            [error] = {i.last_error for i in ob.items()}
+            assert error is not None
+            assert "expected pacs (TESTPACS@" in error
+            assert "found that it accepts no Storage Commitment Push Model context" in error
+            assert "storage_commitment: false" in error
+            assert len(plain.received) == len(_objects())
+    finally:
+        plain.stop()
+
+
+def test_a_refused_request_backs_off_and_is_made_again(
+    tmp_path: Path, pacs: CommitmentPACS
+) -> None:
+    clock = Clock()
+    dest = pacs.destination()
+    pacs.action_status = 0x0110  # processing failure: the PACS may do better later
+    with _outbox(tmp_path, clock) as ob:
+        ob.enqueue(_objects(), [dest.name], job="job-1")
+        result = deliver_due(ob, [dest])
+        assert result.commitment_requests == 0 and result.failed == len(_objects())
+        items = ob.items()
+        assert {i.state for i in items} == {"committing"}
+        assert all(i.attempts == 2 and i.commit_requests == 0 for i in items)
+        assert all("N-ACTION status 0x0110" in (i.last_error or "") for i in items)
+        assert ob.next_due() == clock.t + 20.0  # the back-off of a second failed attempt
+
+        pacs.action_status = 0x0000
+        clock.t += 19
+        assert deliver_due(ob, [dest]).commitment_requests == 0
+        clock.t += 1
+        assert deliver_due(ob, [dest]).commitment_requests == 1
+        assert len(pacs.requests) == 2
+        assert all(i.commit_requests == 1 for i in ob.items())
+
+        pacs.action_status = 0x0123  # no such action: this PACS will not do it
+        clock.t += 600
+        result = deliver_due(ob, [dest])
+        assert result.dead == len(_objects())
+        assert all("0x0123" in (i.last_error or "") for i in ob.items())
+
+
+@pytest.fixture
+def node_and_pacs(
+    tmp_path: Path, pacs: CommitmentPACS, run_node: Callable[..., Node]
+) -> tuple[Node, CommitmentPACS]:
+    dest = pacs.destination()
+    settings = make_settings(tmp_path / "data", sending={"retry_initial_s": 0.0})
+    entry = DestinationSettings(
+        name=dest.name,
+        ae_title=dest.ae_title,
+        host=dest.host,
+        port=dest.port,
+        storage_commitment=True,
+    )
+    return run_node(dataclasses.replace(settings, destinations=(entry,))), pacs
+
+
+def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_reports_received_by_the_node(
+    node_and_pacs: tuple[Node, CommitmentPACS], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node, pacs = node_and_pacs
+    ob = node.outbox
+    objs = _objects()
+    uids = [str(d.SOPInstanceUID) for d in objs]
+    ob.enqueue(objs, ["pacs"], job="job-7")
+    node.sender.wake()
+    _wait(lambda: len(pacs.requests) == 1, "the commitment request")
+    [(transaction, listed)] = pacs.requests
+    assert listed == uids
+    port = node.scp.port
+
+    # not storage commitment reports: refused with the status that says why
+    assert report(port, transaction, uids[:1], event_type=3) == 0x0113
+    assert report(port, "", uids[:1]) == 0x0115
+    assert report(port, transaction, uids[:1], [(uids[1], 0x0110)], event_type=1) == 0x0115
+    assert ob.counts() == {"pacs": {"committing": len(objs)}}, "a refused report changes nothing"
+    # a transaction this node never asked for: answered, and logged
+    assert report(port, "2.25.12345", uids) == 0x0000
+    assert "did not request" in caplog.text
+    assert ob.counts() == {"pacs": {"committing": len(objs)}}
+
+    # part of the objects committed, one refused for good, one the PACS ran out of room for
+    status = report(
+        port,
+        transaction,
+        uids[:-2] + ["2.25.999"],
+        [(uids[-2], 0x0122), (uids[-1], 0x0213)],
+    )
+    assert status == 0x0000
+    states = {i.sop_instance_uid: i for i in ob.items()}
+    assert all(states[u].state == "sent" and states[u].committed_at for u in uids[:-2])
+    assert states[uids[-2]].state == "dead"
+    assert "0x0122 (referenced SOP class not supported)" in (states[uids[-2]].last_error or "")
+    # resent by the sender (woken by the report), then asked about in a new transaction
+    _wait(lambda: len(pacs.requests) == 2, "the request for the resent object")
+    assert pacs.stored.count(uids[-1]) == 2
+    assert pacs.requests[1][1] == [uids[-1]]
+    assert "1 objects the request did not list" in caplog.text
+
+    # a late report of the first request commits what still waits for a commitment
+    assert report(port, transaction, [uids[-1]]) == 0x0000
+    assert next(i for i in ob.items() if i.sop_instance_uid == uids[-1]).state == "sent"
+    assert ob.undelivered("job-7") == 1  # the dead one
+    assert [p.name for p in ob.objects_dir.iterdir()] == [f"{uids[-2]}.dcm"]
+
+
+def test_a_node_without_storage_commitment_does_not_take_reports(
+    run_node: Callable[..., Node],
+) -> None:
+    node = run_node()
+    assert report(node.scp.port, "2.25.1", ["2.25.2"]) is None
+    assert node.outbox.counts() == {}
+
+
+OLD_SCHEMA = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    last_status INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX outbox_due ON outbox (state, destination, next_attempt_at);
+CREATE INDEX outbox_sop ON outbox (sop_instance_uid);
+"""
+
+
+def test_an_outbox_made_before_storage_commitment_is_upgraded(
+    tmp_path: Path, pacs: CommitmentPACS
+) -> None:
+    db = tmp_path / "outbox.sqlite3"
+    objs = _objects()
+    with Outbox(db) as ob:  # rows written the way the earlier version wrote them
+        ob.enqueue(objs, ["pacs"], job="job-old")
+    rows = sqlite3.connect(db).execute(
+        "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
+        "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
+    ).fetchall()
+    db.unlink()
+    old = sqlite3.connect(db)
+    old.executescript(OLD_SCHEMA)
+    old.executemany(
+        "INSERT INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, destination, "
+        "job, path, state, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        rows,
+    )
+    old.execute("UPDATE outbox SET state = 'sent', sent_at = 5 WHERE id = 1")
+    old.commit()
+    old.close()
+
+    dest = pacs.destination()
+    with Outbox(db) as ob:
+        assert ob.counts() == {"pacs": {"sent": 1, "pending": len(objs) - 1}}
+        assert ob.items()[0].sent_at == 5 and ob.items()[0].committed_at is None
+        assert deliver_due(ob, [dest]).commitment_requests == 1
+        assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
+    with Outbox(db) as ob:  # opening it again changes nothing
+        assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
