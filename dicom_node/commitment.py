@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pynetdicom import build_role
 from pynetdicom.presentation import build_context
+
 from dicom_node.errors import SendError
 from dicom_node.scu import ContextsRejected, Destination, associate
 
@@ -104,9 +106,7 @@ def parse_report(event_type: int | None, info: Dataset | None, caller: str) -> C
         )
     assert info is not None
     committed = tuple(_uid(item) for item in info.get("ReferencedSOPSequence", []) or [])
-    failed = tuple(
-        (_uid(item), _reason(item)) for item in info.get("FailedSOPSequence", []) or []
-    )
+    failed = tuple((_uid(item), _reason(item)) for item in info.get("FailedSOPSequence", []) or [])
     if event_type == ALL_COMMITTED and failed:
         raise BadReport(
             INVALID_ARGUMENT_VALUE,
@@ -144,6 +144,7 @@ def request(
     :class:`SendError` for anything a later request may get past (peer down, timeout, a
     processing failure).
     """
+
     def refused(found: str) -> CommitmentRefused:
         return CommitmentRefused(
             f"expected {destination} to take storage commitment requests from this node "
@@ -165,13 +166,7 @@ def request(
     try:
         ds = Dataset()
         ds.TransactionUID = transaction_uid
-        items = []
-        for sop_class, sop_instance in references:
-            item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = sop_instance
-            items.append(item)
-        ds.ReferencedSOPSequence = items
+        ds.ReferencedSOPSequence = [_reference(c, i) for c, i in references]
         status, _ = assoc.send_n_action(ds, REQUEST_ACTION, PUSH_MODEL, PUSH_MODEL_INSTANCE)
     finally:
         if assoc.is_established:
@@ -187,3 +182,53 @@ def request(
     if code in _REFUSED_ACTION:
         raise refused(f"{answer}, {_REFUSED_ACTION[code]}")
     raise SendError(f"{destination} answered the storage commitment request with {answer}")
+
+
+def send_report(
+    destination: Destination,
+    transaction_uid: str,
+    committed: Sequence[tuple[str, str]],
+    failed: Sequence[tuple[str, str, int]] = (),
+    *,
+    calling_ae: str,
+    event_type: int | None = None,
+    timeout_s: float = 30,
+) -> int | None:
+    """Report on a storage commitment request the way a PACS does (the SCP side, which the
+    local PACS of the demo plays): an N-EVENT-REPORT on a new association to ``destination``,
+    proposing the SCP role. ``committed`` lists (SOP Class UID, SOP Instance UID), ``failed``
+    the same with a Failure Reason; ``event_type`` defaults to 1 or 2 as they say, and an empty
+    ``transaction_uid`` is left out. Returns the response status, None when none came back;
+    raises :class:`SendError` when no association could be opened."""
+    assoc = associate(
+        destination,
+        [build_context(PUSH_MODEL)],
+        calling_ae=calling_ae,
+        acse_timeout_s=timeout_s,
+        dimse_timeout_s=timeout_s,
+        network_timeout_s=timeout_s,
+        roles=[build_role(PUSH_MODEL, scp_role=True)],
+    )
+    ds = Dataset()
+    if transaction_uid:
+        ds.TransactionUID = transaction_uid
+    ds.ReferencedSOPSequence = [_reference(c, i) for c, i in committed]
+    if failed:
+        ds.FailedSOPSequence = [_reference(c, i, reason) for c, i, reason in failed]
+    kind = event_type if event_type is not None else (FAILURES_EXIST if failed else ALL_COMMITTED)
+    try:
+        status, _ = assoc.send_n_event_report(ds, kind, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(status, "Status", None)
+    return None if code is None else int(code)
+
+
+def _reference(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    if reason is not None:
+        item.FailureReason = reason
+    return item

@@ -4,10 +4,11 @@
 2. start a local PACS and store the source study in it, as a hospital PACS would already hold
    it: Orthanc (Debian's package) when installed, otherwise an embedded storage SCP
    (:class:`~dicom_node.local_pacs.EmbeddedPacs`); ``--pacs`` forces one;
-3. start ``glioforecast serve`` on the embedded default plus one destination, the PACS (a
-   separate process, as in production);
+3. start ``glioforecast serve`` on the embedded default plus one destination, the PACS, with
+   storage commitment (a separate process, as in production);
 4. send the study to the node with a real DICOM client (dcmtk ``storescu`` when installed, else
-   ours) and wait: the quiet period (30 s in the embedded default), the job, the delivery;
+   ours) and wait: the quiet period (30 s in the embedded default), the job, the delivery and
+   the PACS's storage commitment report;
 5. check the results in the PACS (same study, new series), print the Structured Report's numbers
    and the job, and write a PNG montage (pre-treatment, prediction with outline, uncertainty).
 
@@ -45,6 +46,7 @@ from dicom_node.local_pacs import (
 )
 from dicom_node.outbox import Outbox
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.scu import Destination
 from dicom_node.sender import collect_files, echo, send_files
 from dicom_node.settings import load_settings
 from inference.bundled import model_option
@@ -294,9 +296,12 @@ def run(
 
         data_dir = out / "node"
         config = out / "node.yaml"  # laid over the embedded default: destination, free ports
+        # the PACS commits to keeping the results (storage commitment): it reports to the node
+        port = free_port()
+        pacs.add_modality("glioforecast", Destination("glioforecast", ae, "127.0.0.1", port))
         layer: dict[str, Any] = {
             "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1",
-                              "port": pacs.dicom_port}],
+                              "port": pacs.dicom_port, "storage_commitment": True}],
             "health": {"port": free_port()},
         }  # fmt: skip
         if quiet_period_s is not None:
@@ -305,7 +310,6 @@ def run(
             layer["model"] = {"directory": str(model_dir)}
         _say(f"predictor: {model_dir or 'the no-change baseline'}")
         config.write_text(yaml.safe_dump(layer))
-        port = free_port()
         log = out / "node.log"
         _say(f"starting the node: {ae} on 127.0.0.1:{port}, results to the PACS (log: {log})")
         with log.open("wb") as fh:
@@ -321,8 +325,11 @@ def run(
         job = _wait(lambda: _job(data_dir), quiet + 300, "the job")
         if job.state != DONE:
             raise GlioforecastError(f"job {job.id} failed: {job.reason}")
-        _wait(lambda: _delivered(data_dir), 300, "the results to reach the PACS")
-        _say(f"results acknowledged by the PACS {time.monotonic() - sent_at:.0f} s after sending")
+        _wait(lambda: _delivered(data_dir), 300, "the PACS to commit to keeping the results")
+        _say(
+            f"results stored and committed by the PACS (storage commitment) "
+            f"{time.monotonic() - sent_at:.0f} s after sending"
+        )
         print(_cli("jobs", "show", str(job.id), "--data-dir", str(data_dir)).stdout, end="")
 
         from pydicom import dcmread

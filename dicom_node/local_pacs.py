@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node import commitment
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.scp import (
@@ -104,6 +105,7 @@ class LocalPacs(Protocol):
     def dicom_port(self) -> int: ...
     def describe(self) -> str: ...
     def destination(self, name: str = ...) -> Destination: ...
+    def add_modality(self, name: str, peer: Destination) -> None: ...
     def stop(self) -> None: ...
     def studies(self) -> list[str]: ...
     def study_series(self, study_instance_uid: str) -> list[StoredSeries]: ...
@@ -204,6 +206,19 @@ class OrthancServer:
             body: bytes = rsp.read()
             return body
 
+    def add_modality(self, name: str, peer: Destination) -> None:
+        """Make ``peer`` known to Orthanc as a DICOM modality (it sends storage commitment
+        reports only to those): in the configuration before :meth:`start`, through the REST
+        API after."""
+        self.modalities[name] = peer
+        if self.proc is not None:
+            body = {"AET": peer.ae_title, "Host": peer.host, "Port": peer.port}
+            req = urllib.request.Request(
+                f"{self.url}/modalities/{name}", data=json.dumps(body).encode(), method="PUT"
+            )
+            with urllib.request.urlopen(req, timeout=30):
+                pass
+
     def delete(self, path: str) -> None:
         req = urllib.request.Request(self.url + path, method="DELETE")
         with urllib.request.urlopen(req, timeout=30):
@@ -296,6 +311,10 @@ class EmbeddedPacs:
     folder (an earlier run) are indexed at :meth:`start`. Only associations that call
     ``ae_title`` are accepted. Instance ids of the query API are SOP Instance UIDs, in order of
     arrival (after a restart, of file modification time).
+
+    It is also a storage commitment SCP for the peers named with :meth:`add_modality`: it
+    answers a request at once and reports, on an association of its own as most archives do,
+    each listed instance it holds as committed and any other as failed (0x0112).
     """
 
     kind = "embedded storage SCP"
@@ -309,6 +328,7 @@ class EmbeddedPacs:
         self._index: dict[str, _Entry] = {}  # SOP Instance UID -> entry, in arrival order
         self._lock = threading.Lock()
         self._secret = os.urandom(16)  # InstanceInfo hashes the patient identity; unused here
+        self._modalities: dict[str, Destination] = {}  # by AE title
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -324,10 +344,12 @@ class EmbeddedPacs:
         ae.add_supported_context(VERIFICATION)
         for cls in dict.fromkeys((*STORAGE_CLASSES, *OUTPUT_CLASSES)):
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(commitment.PUSH_MODEL)
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, _no_delay),
             (evt.EVT_C_ECHO, lambda event: SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._on_commitment_request),
         ]
         address = ("127.0.0.1", self._requested_port)
         try:
@@ -357,6 +379,48 @@ class EmbeddedPacs:
 
     def destination(self, name: str = "pacs") -> Destination:
         return Destination(name, self.ae_title, "127.0.0.1", self.dicom_port)
+
+    def add_modality(self, name: str, peer: Destination) -> None:
+        """Take storage commitment requests from ``peer`` (by its AE title) and report to it."""
+        self._modalities[peer.ae_title.strip()] = peer
+
+    # ------------------------------------------------------------------ storage commitment
+
+    def _on_commitment_request(self, event: Any) -> tuple[int, None]:
+        caller = event.assoc.requestor.ae_title.strip()
+        peer = self._modalities.get(caller)
+        if peer is None:
+            log.warning("embedded PACS: storage commitment request from unknown %s refused", caller)
+            return 0x0124, None  # not authorised
+        try:
+            info = event.action_information
+            transaction = str(info.TransactionUID)
+            refs = [
+                (str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
+                for i in info.ReferencedSOPSequence
+            ]
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("embedded PACS: storage commitment request unreadable: %s", exc)
+            return 0x0110, None
+        threading.Thread(
+            target=self._report, args=(peer, transaction, refs), name="local-pacs-commitment",
+            daemon=True,
+        ).start()  # fmt: skip
+        return SUCCESS, None
+
+    def _report(self, peer: Destination, transaction: str, refs: list[tuple[str, str]]) -> None:
+        with self._lock:
+            held = {uid for _, uid in refs if uid in self._index}
+        try:
+            commitment.send_report(
+                peer,
+                transaction,
+                [r for r in refs if r[1] in held],
+                [(c, i, 0x0112) for c, i in refs if i not in held],
+                calling_ae=self.ae_title,
+            )
+        except GlioforecastError as exc:
+            log.warning("embedded PACS: storage commitment report to %s not sent: %s", peer, exc)
 
     # ------------------------------------------------------------------ storage
 

@@ -559,11 +559,11 @@ class Outbox:
             self._drop_object_if_done(item.sop_instance_uid)
         counts["committed"] = len(committed)
         for uid, reason in report.failed:
-            item = by_uid.get(uid)
-            if item is None or item.state != "committing":
+            waiting = by_uid.get(uid)
+            if waiting is None or waiting.state != "committing":
                 continue
             self.mark_failed(
-                item,
+                waiting,
                 f"{destination} did not commit to keeping it: failure reason "
                 f"{describe_reason(reason)}",
                 status=reason,

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -207,21 +207,28 @@ def associate(
     acse_timeout_s: float = 30,
     dimse_timeout_s: float = 60,
     network_timeout_s: float = 60,
+    roles: Sequence[Any] = (),
 ) -> Association:
-    """An established association with ``destination`` proposing ``contexts`` (TCP_NODELAY
-    set), or :class:`SendError` naming the destination and why there is none."""
+    """An established association with ``destination`` proposing ``contexts`` (and the SCP/SCU
+    Role Selection items ``roles``; TCP_NODELAY set), or :class:`SendError` naming the
+    destination and why there is none."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = acse_timeout_s
     ae.dimse_timeout = dimse_timeout_s
     ae.network_timeout = network_timeout_s
     ae.requested_contexts = list(contexts)
     try:
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            ext_neg=list(roles) or None,
+        )
     except (OSError, ValueError) as exc:
         raise SendError(f"cannot connect to {destination}: {exc}") from exc
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
-            classes = sorted({cx.abstract_syntax for cx in assoc.rejected_contexts})
+            classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
             raise ContextsRejected(
                 f"{destination} accepted none of the presentation contexts proposed: expected "
                 f"it to accept SOP class {', '.join(_uid_name(c) for c in classes)}"

@@ -12,17 +12,17 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE
+from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, send_report
+from dicom_node.errors import SendError
 from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
 from dicom_node.outbox_cli import register
 from dicom_node.scu import Destination
@@ -85,46 +85,31 @@ class CommitmentPACS:
         return self.action_status, None
 
 
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
 def report(
     port: int,
     transaction: str,
-    committed: list[str] = (),  # type: ignore[assignment]
-    failed: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    committed: Sequence[str] = (),
+    failed: Sequence[tuple[str, int]] = (),
     *,
     event_type: int | None = None,
-    calling_ae: str = "COMMITPACS",
-    called_ae: str = "GLIOFORECAST",
 ) -> int | None:
-    """Send a storage commitment report to the node the way a PACS does: its own association,
-    the PACS in the SCP role. Returns the response status (None: no association)."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(PUSH_MODEL)
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title=called_ae, ext_neg=[build_role(PUSH_MODEL, scp_role=True)]
-    )
-    if not assoc.is_established:
-        return None
-    ds = Dataset()
-    if transaction:
-        ds.TransactionUID = transaction
-    ds.ReferencedSOPSequence = [_ref(uid) for uid in committed]
-    if failed:
-        ds.FailedSOPSequence = [_ref(uid, reason) for uid, reason in failed]
-    kind = event_type if event_type is not None else (2 if failed else 1)
+    """Send a storage commitment report to the node as a PACS does (its own association, the
+    PACS in the SCP role). Returns the response status; None when the node refused it."""
+    node = Destination("node", "GLIOFORECAST", "127.0.0.1", port)
     try:
-        status, _ = assoc.send_n_event_report(ds, kind, PUSH_MODEL, PUSH_MODEL_INSTANCE)
-    finally:
-        assoc.release()
-    return int(status.Status) if "Status" in status else None
-
-
-def _ref(uid: str, reason: int | None = None) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    item.ReferencedSOPInstanceUID = uid
-    if reason is not None:
-        item.FailureReason = reason
-    return item
+        return send_report(
+            node,
+            transaction,
+            [(SC, uid) for uid in committed],
+            [(SC, uid, reason) for uid, reason in failed],
+            calling_ae="COMMITPACS",
+            event_type=event_type,
+        )
+    except SendError:
+        return None
 
 
 @pytest.fixture
@@ -157,7 +142,7 @@ def test_unanswered_requests_are_made_again_then_the_delivery_is_dead(
         first = deliver_due(ob, [dest])
         assert first.sent == len(objs) and first.commitment_requests == 1
         assert sorted(pacs.stored) == sorted(str(d.SOPInstanceUID) for d in objs)
-        [(transaction, listed)] = pacs.requests
+        [(_transaction, listed)] = pacs.requests
         assert listed == [str(d.SOPInstanceUID) for d in objs]
         assert ob.counts() == {dest.name: {"committing": len(objs)}}
         assert ob.undelivered("job-1") == len(objs)
@@ -307,7 +292,7 @@ def test_reports_received_by_the_node(
     status = report(
         port,
         transaction,
-        uids[:-2] + ["2.25.999"],
+        [*uids[:-2], "2.25.999"],
         [(uids[-2], 0x0122), (uids[-1], 0x0213)],
     )
     assert status == 0x0000
@@ -367,10 +352,14 @@ def test_an_outbox_made_before_storage_commitment_is_upgraded(
     objs = _objects()
     with Outbox(db) as ob:  # rows written the way the earlier version wrote them
         ob.enqueue(objs, ["pacs"], job="job-old")
-    rows = sqlite3.connect(db).execute(
-        "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
-        "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
-    ).fetchall()
+    rows = (
+        sqlite3.connect(db)
+        .execute(
+            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
+            "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
+        )
+        .fetchall()
+    )
     db.unlink()
     old = sqlite3.connect(db)
     old.executescript(OLD_SCHEMA)

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from dicom_node import cli, demo
 from dicom_node.errors import GlioforecastError
 from dicom_node.local_pacs import ENV_ORTHANC, EmbeddedPacs
+from dicom_node.outbox import Outbox
 from inference.bundled import demo_model_dir
 from inference.model_dir import read_model_yaml
 from sr_writer.structured_report import read_summary
@@ -45,6 +46,11 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert "local PACS: embedded storage SCP LOCALPACS on 127.0.0.1:" in stdout
     assert "predictor: " in stdout and "inference/models/demo" in stdout
     assert f"(no Orthanc at {missing})" in stdout
+    # every result was committed by the PACS before the demo said so
+    assert "results stored and committed by the PACS (storage commitment)" in stdout
+    with Outbox(out / "node" / "outbox.sqlite3") as outbox:
+        items = outbox.items()
+    assert items and all(i.state == "sent" and i.committed_at is not None for i in items)
 
     # what arrived, read from the PACS' storage folder by a fresh PACS on it
     source = sorted((out / "synthetic").glob("*/dicom/pre/**/*.dcm"))

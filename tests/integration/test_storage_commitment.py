@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.outbox import RetryPolicy, deliver_due
+from dicom_node.outbox import deliver_due
 from dicom_node.scu import Destination, StoreResult, store_batch
 from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
