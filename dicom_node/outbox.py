@@ -522,6 +522,30 @@ class Outbox:
             for item in items
         ]
 
+    def settle_without_commitment(self, destination: str) -> int:
+        """``destination`` no longer does storage commitment (the setting was turned off): what
+        it acknowledged and still waits for a report counts as delivered. Returns how many."""
+        now = self.clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT sop_instance_uid FROM outbox WHERE state = 'committing' "
+                "AND destination = ?",
+                (destination,),
+            ).fetchall()
+            db.execute(
+                "UPDATE outbox SET state = 'sent', updated_at = ? WHERE state = 'committing' "
+                "AND destination = ?",
+                (now, destination),
+            )
+        for r in rows:
+            self._drop_object_if_done(r["sop_instance_uid"])
+        if rows:
+            logger.warning(
+                "outbox: %s has storage_commitment: false now; %d objects it acknowledged count "
+                "as delivered without waiting for its commitment", destination, len(rows),
+            )  # fmt: skip
+        return len(rows)
+
     def apply_report(self, report: CommitmentReport) -> dict[str, int]:
         """Apply a storage commitment report: committed rows are delivered, failed ones are
         sent again (or dead, for a reason a resend cannot change). Rows no longer waiting for a
@@ -704,6 +728,8 @@ def deliver_due(
                 break
         if dest.storage_commitment:
             request_commitments(outbox, dest, report, calling_ae=calling_ae)
+        else:
+            outbox.settle_without_commitment(dest.name)
     return report
 
 

@@ -207,6 +207,22 @@ def test_a_pacs_without_storage_commitment_makes_the_deliveries_dead(tmp_path: P
         plain.stop()
 
 
+def test_turning_storage_commitment_off_settles_what_waits_for_it(
+    tmp_path: Path, pacs: CommitmentPACS, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest = pacs.destination()
+    with _outbox(tmp_path, Clock()) as ob:
+        ob.enqueue(_objects(), [dest.name], job="job-1")
+        deliver_due(ob, [dest])
+        assert ob.counts() == {dest.name: {"committing": len(_objects())}}
+        # the site sets storage_commitment: false for this PACS and restarts the node
+        deliver_due(ob, [dataclasses.replace(dest, storage_commitment=False)])
+        assert ob.counts() == {dest.name: {"sent": len(_objects())}}
+        assert all(i.committed_at is None for i in ob.items())
+        assert not any(ob.objects_dir.iterdir())
+    assert "has storage_commitment: false now" in caplog.text
+
+
 def test_a_refused_request_backs_off_and_is_made_again(
     tmp_path: Path, pacs: CommitmentPACS
 ) -> None:
