@@ -47,10 +47,39 @@ def _regex(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def rule_matches(rule: RoleRule, series: SeriesSummary) -> bool:
+def exam_protocol_name(series: Sequence[SeriesSummary]) -> str:
+    """The ProtocolName that every MR series of the study carries, when there are two or more
+    (``''`` otherwise): the exam's protocol, as GE scanners write it in each series ("BRAIN
+    W/WO +C"), not the series' own. Its words cannot tell one series from another, and matched
+    with each series' text they would make a pre-contrast T1 look like a T1-Gd, or a T2 FLAIR like
+    a T1 FLAIR, so :func:`matching_text` leaves it out."""
+    names = {
+        s.protocol_name.strip()
+        for s in series
+        if s.modality == "MR" and not is_labelled_description(s.series_description)
+    }
+    count = sum(1 for s in series if s.modality == "MR")
+    if count < 2 or len(names) != 1:
+        return ""
+    return names.pop()
+
+
+def matching_text(series: SeriesSummary, exam_protocol: str = "") -> str:
+    """The text the rules match: SeriesDescription, ProtocolName and SequenceName, without the
+    exam's protocol name (:func:`exam_protocol_name`) when the series has a description of its
+    own."""
+    if exam_protocol and series.series_description.strip():
+        parts = (series.series_description, series.sequence_name)
+        return " | ".join(t for t in parts if t)
+    return series.text
+
+
+def rule_matches(rule: RoleRule, series: SeriesSummary, text: str | None = None) -> bool:
+    """Whether ``rule`` gives its role to ``series``, matching ``text`` (default: the series'
+    whole text)."""
     if series.sop_class_uid not in {sop_class_uid(s) for s in rule.sop_classes}:
         return False
-    text = series.text
+    text = series.text if text is None else text
     if rule.pattern is not None and not _regex(rule.pattern).search(text):
         return False
     if rule.exclude is not None and _regex(rule.exclude).search(text):
@@ -160,11 +189,13 @@ def _candidates(
     """The series matching each role, best first; ``notes`` and ``excluded`` get why a series
     was left out."""
     candidates: dict[str, list[SeriesSummary]] = {}
+    exam_protocol = exam_protocol_name(series)
     for s in series:
         if is_labelled_description(s.series_description):
             notes[s.series_instance_uid] = "a glioforecast output sent back: never an input"
             continue
-        role = next((r.role for r in settings.rules if rule_matches(r, s)), None)
+        text = matching_text(s, exam_protocol)
+        role = next((r.role for r in settings.rules if rule_matches(r, s, text)), None)
         if role is None:
             continue
         value = excluded_image_type(s, settings)

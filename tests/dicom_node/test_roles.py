@@ -218,3 +218,43 @@ def test_a_t2_flair_is_not_taken_for_a_t1_flair_by_its_protocol_name() -> None:
 def test_a_siemens_mprage_is_known_by_its_sequence_name() -> None:
     s = series("sag_iso_1mm", sequence="*tfl3d1_16ns")
     assert assign_roles([s], ROLES).role_of(s.series_instance_uid) == "t1"
+
+
+def _roles(study: list[SeriesSummary]) -> dict[str, str]:
+    outcome = assign_roles(study, ROLES)
+    return {s.series_description: outcome.role_of(s.series_instance_uid) for s in study}
+
+
+def test_an_exam_protocol_name_in_every_series_does_not_decide_the_roles() -> None:
+    # GE writes the exam's protocol in each series' ProtocolName: its "+C" is no contrast of
+    # the pre-contrast T1, and its "T1" does not make the T2 FLAIR a T1 FLAIR
+    exam = "BRAIN TUMOR T1 W/WO +C"
+    study = [
+        series("Ax T1 SE", 2, protocol=exam),
+        series("Ax T2 FLAIR", 3, protocol=exam),
+        series("Ax T2 FSE", 4, protocol=exam),
+        series("Ax T1 SE", 7, protocol=exam, contrast=True),
+    ]
+    outcome = assign_roles(study, ROLES)
+    assert [outcome.role_of(s.series_instance_uid) for s in study] == ["t1", "flair", "t2", "t1c"]
+
+    # without a post-contrast series the study has no T1-Gd: before, the pre-contrast T1 was
+    # taken for one, and the model was run on it
+    pre_only = study[:3]
+    outcome = assign_roles(pre_only, ROLES)
+    assert [outcome.role_of(s.series_instance_uid) for s in pre_only] == ["t1", "flair", "t2"]
+    assert any("missing required role t1c" in p for p in outcome.problems)
+
+
+def test_a_protocol_name_of_the_series_own_still_counts() -> None:
+    # Siemens and Philips name each series' protocol: a hint there still gives the role
+    study = [
+        series("Series 5", 5, protocol="t1_mprage_tra_post_Gd"),
+        series("Series 3", 3, protocol="t2_tirm_tra_dark-fluid"),
+    ]
+    assert _roles(study) == {"Series 5": "t1c", "Series 3": "flair"}
+    # a protocol shared by all series is still read where a series has no description
+    shared = "T1 MPRAGE POST GD"
+    bare = [series("", 1, protocol=shared), series("", 2, protocol=shared)]
+    outcome = assign_roles(bare, ROLES)
+    assert "t1c" in {outcome.role_of(s.series_instance_uid) for s in bare}
