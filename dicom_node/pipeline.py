@@ -26,6 +26,7 @@ from dicom_node.convert.series import load_series
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
     FrameRegistration,
+    frame_transform,
     load_registrations,
 )
 from dicom_node.errors import ConversionError, InputError
@@ -184,6 +185,33 @@ def _on_grid_of(t1c: Volume, role: str) -> Callable[[Sequence[Path]], Volume]:
     return lambda paths: on_grid(load_series(paths), t1c, role)
 
 
+def placeable_on(
+    t1c_frame: str, registrations: Sequence[Path]
+) -> Callable[[str], str | None] | None:
+    """For :func:`choose_structure_set`: why a contour on a frame of reference cannot be placed
+    on a T1-Gd on ``t1c_frame`` (None when it can: that frame, or one the Spatial Registrations
+    relate to it). None when that cannot be told before conversion (no T1-Gd frame, or a
+    registration that cannot be read: conversion says why)."""
+    if not t1c_frame:
+        return None
+    try:
+        regs = load_registrations(registrations)
+    except ConversionError:
+        return None
+
+    def why_not(frame: str) -> str | None:
+        try:
+            frame_transform(regs, frame, t1c_frame, "its GTV")
+        except ConversionError:
+            return (
+                f"its GTV is on frame of reference {frame}, which is not the T1-Gd's and no "
+                "Spatial Registration received relates to it"
+            )
+        return None
+
+    return why_not
+
+
 def assemble_inputs(
     files: Mapping[str, Sequence[Path]],
     roi_pattern: str,
@@ -329,7 +357,7 @@ class Pipeline:
         dose_refs: list[SeriesRef] = []
         structure_uid = ""
         if "rtstruct" in series:  # else assemble_inputs says what is missing
-            structure_uid, structure = self._structure_set(view)
+            structure_uid, structure = self._structure_set(view, registrations)
             role_files["rtstruct"] = [structure]
         if "rtdose" in series:
             role_files["rtdose"], dose_refs = self._course_dose(view)
@@ -407,12 +435,19 @@ class Pipeline:
         ]
         self.store.update_series(view.job_id, changes, kind, note)
 
-    def _structure_set(self, view: _JobView) -> tuple[str, Path]:
+    def _structure_set(self, view: _JobView, registrations: Sequence[Path]) -> tuple[str, Path]:
         """The structure set to read the GTV from, out of every series matching ``rtstruct``
         (:func:`choose_structure_set`), as (SOP Instance UID, path); the job's series roles and
         an ``rtstruct`` event say which when there was a choice."""
         pool, members = self._pool(view, "rtstruct")
-        choice = choose_structure_set([p for _, _, p in members], self.settings.roles.roi_pattern)
+        choice = choose_structure_set(
+            [p for _, _, p in members],
+            self.settings.roles.roi_pattern,
+            placeable_on(
+                view.chosen["t1c"].series.frame_of_reference_uid if "t1c" in view.chosen else "",
+                registrations,
+            ),
+        )
         used_series, uid, path = next(m for m in members if m[2] == choice.path)
         self._record_choice(view, "rtstruct", pool, [used_series], "rtstruct", choice.note)
         return uid, path

@@ -238,7 +238,7 @@ def study_inputs_from_series(
     role -> series description."""
     from dicom_node.convert.dose_choice import choose_course_dose
     from dicom_node.convert.rtstruct import choose_structure_set
-    from dicom_node.pipeline import SeriesFiles, assemble_inputs, skipped_text
+    from dicom_node.pipeline import SeriesFiles, assemble_inputs, placeable_on, skipped_text
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
     by_role, described = _roles(series, settings, name)
@@ -264,9 +264,16 @@ def study_inputs_from_series(
         described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
 
     role_files = {role: s.files for role, s in by_role.items()}
+    registrations = [
+        f for s in series if s.summary.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
+        for f in s.files
+    ]  # fmt: skip
     structures = ranked.get("rtstruct") or [by_role["rtstruct"].summary]
+    t1c_frame = by_role["t1c"].summary.frame_of_reference_uid if "t1c" in by_role else ""
     structure = choose_structure_set(
-        [f for c in structures for f in files[c.series_instance_uid]], settings.roles.roi_pattern
+        [f for c in structures for f in files[c.series_instance_uid]],
+        settings.roles.roi_pattern,
+        placeable_on(t1c_frame, registrations),
     )
     role_files["rtstruct"] = (structure.path,)
     if structure.note:
@@ -285,12 +292,7 @@ def study_inputs_from_series(
         role_files,
         settings.roles.roi_pattern,
         lambda message: log.warning("%s: %s", name, message),
-        [
-            f
-            for s in series
-            if s.summary.sop_class_uid == SPATIAL_REGISTRATION_SOP_CLASS
-            for f in s.files
-        ],
+        registrations,
         fallbacks=fallbacks,
         on_fallback=fall_back,
     )

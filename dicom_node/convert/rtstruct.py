@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,7 +132,11 @@ class StructureSetChoice:
     note: str
 
 
-def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSetChoice:
+def choose_structure_set(
+    paths: Sequence[Path],
+    roi_pattern: str,
+    placeable: Callable[[str], str | None] | None = None,
+) -> StructureSetChoice:
     """Of a study's RT structure sets (``paths``, in the order of preference of their series),
     the one to read the GTV from: one with a contoured ROI whose name matches ``roi_pattern``,
     not REJECTED, APPROVED before UNAPPROVED (ApprovalStatus), then the latest
@@ -141,7 +145,13 @@ def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSe
     template), an earlier version or a rejected draft sent with the plan's is passed over, and
     the note says so (it is "" when there was nothing to choose from); when none qualifies,
     :class:`ConversionError` lists each one with why. A single structure set is used unless it
-    is REJECTED: reading it gives the precise error when it holds no usable GTV."""
+    is REJECTED: reading it gives the precise error when it holds no usable GTV.
+
+    ``placeable`` tells, for a frame of reference UID, why a GTV drawn on it cannot be placed on
+    the T1-Gd (``None`` when it can: the T1-Gd's frame, or one a Spatial Registration relates to
+    it). With it, sets whose GTV can be placed come first: a later set on the planning CT's
+    frame, sent without its registration, does not hide one drawn on the MR. When no set can be
+    placed, the choice is made among them all, and reading it gives the precise error."""
     if not paths:
         raise ConversionError("RT structure set: expected at least one, found none")
     if len(paths) == 1:  # nothing to choose: reading it says what is wrong with it, if anything
@@ -154,6 +164,8 @@ def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSe
         return StructureSetChoice(Path(paths[0]), "")
     regex = re.compile(roi_pattern)
     usable: list[tuple[tuple[int, str, str], str, Path]] = []  # ((approved, date, time), ...)
+    elsewhere: list[tuple[tuple[int, str, str], str, Path]] = []  # usable, cannot be placed
+    why_elsewhere: list[str] = []
     passed: list[str] = []
     for path in map(Path, paths):
         try:
@@ -172,7 +184,23 @@ def choose_structure_set(paths: Sequence[Path], roi_pattern: str) -> StructureSe
         else:
             date = get_str(ds, "StructureSetDate", name, "") or ""
             time = get_str(ds, "StructureSetTime", name, "") or ""
-            usable.append(((int(status == "APPROVED"), date, time), label, path))
+            key = (int(status == "APPROVED"), date, time)
+            frames = sorted(
+                {
+                    r.frame_of_reference_uid for r in rois
+                    if r.frame_of_reference_uid and regex.search(r.name) and r.contour_count
+                }
+            )  # fmt: skip
+            why_not = [w for w in map(placeable, frames) if w] if placeable else []
+            if frames and len(why_not) == len(frames):
+                elsewhere.append((key, label, path))
+                why_elsewhere.append(f"{label}: {'; '.join(why_not)}")
+            else:
+                usable.append((key, label, path))
+    if usable:
+        passed.extend(why_elsewhere)
+    else:  # none can be placed: choose among them; reading the one chosen says why it fails
+        usable = elsewhere
     if not usable:
         raise ConversionError(
             f"RT structure set: expected one with a contoured ROI matching {roi_pattern!r}, not "

@@ -655,3 +655,35 @@ def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, t
     assert roles[160] == ("", "matches rtstruct, not used (see the rtstruct event)")
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
     assert event.startswith("RT structure set: ") and "no contoured ROI matches" in event
+
+
+def test_a_later_structure_set_on_the_planning_ct_without_its_registration(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """A later, approved structure set (series 151) is on the planning CT's frame and came
+    without the registration: the GTV is read from the set on the MR (150), and the job says
+    why the later one was passed over; before, the later one was read and the job failed."""
+    pre, _ = patient
+    (plan_set,) = sorted((pre / "RTSTRUCT").glob("*.dcm"))
+    ds = pydicom.dcmread(plan_set)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 151
+    ds.ApprovalStatus, ds.StructureSetDate, ds.StructureSetTime = "APPROVED", "29991231", "120000"
+    ct_frame = pydicom.uid.generate_uid()
+    ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = ct_frame
+    for roi in ds.StructureSetROISequence:
+        roi.ReferencedFrameOfReferenceUID = ct_frame
+    later = tmp_path / "later.dcm"
+    ds.save_as(later, enforce_file_format=True)
+    node = run_node(make_settings(tmp_path / "data"))
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), later)
+    job = wait_for(
+        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        timeout=120,
+        what="the job to finish",
+    )
+    assert job.state == DONE, job.reason
+    roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
+    assert roles[150][0] == "rtstruct" and roles[151][0] == ""
+    (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
+    assert f"its GTV is on frame of reference {ct_frame}, which is not the T1-Gd's" in event

@@ -379,3 +379,36 @@ def test_real_rtstruct_dice_against_4x_supersampled_reference(
     reference = supersampled_reference(by_slice, volume.shape, factor=4)
     assert reference.sum() > 10_000
     assert dice(np.asarray(ours, dtype=bool), reference) >= 0.99
+
+
+def test_a_set_whose_gtv_cannot_be_placed_gives_way(tmp_path: Path) -> None:
+    """The planning system's latest set is on the planning CT's frame and came without its
+    registration; the radiologist's set on the MR can be placed and is read instead."""
+    grid = _grid()
+    gtv = [_to_world(grid, 1, circle(50, 50, 10))]
+    mr_frame = grid.frame_of_reference_uid or ""
+    ct_frame = "1.2.826.0.1.3680043.10.1234.99"
+
+    def saved(name: str, frame: str, when: str) -> Path:
+        ds = synth.rtstruct(frame, {"GTV": gtv})
+        ds.ApprovalStatus, ds.StructureSetDate, ds.StructureSetTime = "APPROVED", when[:8], when[8:]
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    on_ct = saved("plan_ct", ct_frame, "20261105090000")
+    on_mr = saved("mr_contours", mr_frame, "20261101090000")
+
+    def placeable(frame: str) -> str | None:
+        return None if frame == mr_frame else f"frame {frame} is not related to the T1-Gd's"
+
+    choice = choose_structure_set([on_ct, on_mr], DEFAULT_ROI_PATTERN, placeable)
+    assert choice.path == on_mr
+    assert f"plan_ct.dcm (APPROVED, ROIs GTV): frame {ct_frame} is not related" in choice.note
+    # without the frame check (or with the registration: every frame placeable) the latest wins
+    assert choose_structure_set([on_ct, on_mr], DEFAULT_ROI_PATTERN).path == on_ct
+    assert choose_structure_set([on_ct, on_mr], DEFAULT_ROI_PATTERN, lambda f: None).path == on_ct
+    # when no set can be placed, the latest is read, and reading it says why it fails
+    elsewhere = saved("plan_ct_v1", ct_frame, "20261104090000")
+    choice = choose_structure_set([elsewhere, on_ct], DEFAULT_ROI_PATTERN, placeable)
+    assert choice.path == on_ct and "not the latest" in choice.note
