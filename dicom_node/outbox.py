@@ -643,6 +643,18 @@ class Outbox:
                 out.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
         return out
 
+    def oldest_waiting(self) -> dict[str, float]:
+        """``{destination: seconds}`` since the oldest object still on its way there (pending,
+        being sent or waiting for a storage commitment) was queued; destinations with nothing
+        on the way are left out. What an alert on stuck deliveries watches."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, MIN(created_at) AS t FROM outbox "
+                "WHERE state IN ('pending', 'sending', 'committing') GROUP BY destination"
+            ).fetchall()
+        now = self.clock()
+        return {r["destination"]: max(0.0, now - float(r["t"])) for r in rows}
+
     def next_due(self) -> float | None:
         """Time of the earliest pending attempt or commitment request (a new one, or one whose
         report is overdue), or None when nothing waits."""

@@ -300,6 +300,17 @@ class Node:
                         n,
                     )
                 )
+        waiting = self.outbox.oldest_waiting()
+        for destination in sorted({*waiting, *(d.name for d in self.settings.destinations)}):
+            samples.append(
+                (
+                    "glioforecast_delivery_oldest_waiting_seconds",
+                    "age of the oldest result not yet delivered (or committed) to a destination, "
+                    "0 when none waits",
+                    {"destination": destination},
+                    round(waiting.get(destination, 0.0), 3),
+                )
+            )
         components: dict[str, bool] = self.summary()["components"]  # type: ignore[assignment]
         for name, up in components.items():
             samples.append(

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +294,13 @@ def test_reports_received_by_the_node(
     [(transaction, listed)] = pacs.requests
     assert listed == uids
     port = node.scp.port
+    # what monitoring sees while the PACS has not reported
+    assert node.health is not None
+    metrics = _metrics(node.health.port)
+    assert (
+        f'glioforecast_deliveries{{destination="pacs",state="committing"}} {len(objs)}' in metrics
+    )
+    assert _value(metrics, 'glioforecast_delivery_oldest_waiting_seconds{destination="pacs"}') > 0
 
     # not storage commitment reports: refused with the status that says why
     assert report(port, transaction, uids[:1], event_type=3) == 0x0113
@@ -326,7 +334,19 @@ def test_reports_received_by_the_node(
     assert report(port, transaction, [uids[-1]]) == 0x0000
     assert next(i for i in ob.items() if i.sop_instance_uid == uids[-1]).state == "sent"
     assert ob.undelivered("job-7") == 1  # the dead one
+    metrics = _metrics(node.health.port)
+    assert _value(metrics, 'glioforecast_delivery_oldest_waiting_seconds{destination="pacs"}') == 0
     assert [p.name for p in ob.objects_dir.iterdir()] == [f"{uids[-2]}.dcm"]
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+        return str(rsp.read().decode())
+
+
+def _value(metrics: str, series: str) -> float:
+    (line,) = [line for line in metrics.splitlines() if line.startswith(series + " ")]
+    return float(line.split()[-1])
 
 
 def test_a_node_without_storage_commitment_does_not_take_reports(
