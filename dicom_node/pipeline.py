@@ -108,6 +108,8 @@ class Predictor(Protocol):
 class JobResult:
     objects: list[Dataset]
     series: int
+    # the objects by kind (dicom_node.types.OUTPUT_KINDS), for the destinations that take some
+    by_kind: dict[str, list[Dataset]]
     prediction: Prediction
     seconds: float
 
@@ -399,6 +401,7 @@ class Pipeline:
         return JobResult(
             objects=outputs.all(),
             series=len(outputs.series_counts()),
+            by_kind=outputs.by_kind(),
             prediction=prediction,
             seconds=time.monotonic() - start,
         )

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from dicom_node.errors import ConfigError
+from dicom_node.types import OUTPUT_KINDS
 from dicom_node.yamlload import load_yaml
 
 ENV_CONFIG = "GLIOFORECAST_CONFIG"
@@ -56,6 +57,12 @@ def _check_ae_title(value: str) -> str | None:
 
 def _check_ae_pattern(value: str) -> str | None:
     return None if value == "*" else _check_ae_title(value)
+
+
+def _check_output_kind(value: str) -> str | None:
+    if value not in OUTPUT_KINDS:
+        return f"one of {', '.join(OUTPUT_KINDS)}, found {value!r}"
+    return None
 
 
 def _check_regex(value: str) -> str | None:
@@ -224,6 +231,9 @@ class Destination:
     # delivery counts only once it did. The PACS must know this node's AE title, address and
     # port to send its report, and node.allowed_callers must let it in.
     storage_commitment: bool = False
+    # which of a job's objects go there (OUTPUT_KINDS); empty: all of them. A planning system
+    # typically takes the RTSTRUCTs and the SEG, not the Secondary Captures or the SR
+    objects: tuple[str, ...] = field(default=(), metadata=_spec("", check=_check_output_kind))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+#: the kinds of output objects of one job, in the order they are sent (a destination's
+#: ``objects`` setting names some of them): the T1-Gd and uncertainty Secondary Capture series,
+#: the optional derived MR series, the SEG, the RTSTRUCT on the T1-Gd's frame, the RTSTRUCT on
+#: the planning CT's frame (made when the GTV came on it), the Structured Report
+OUTPUT_KINDS = ("sc", "uncertainty_sc", "derived_mr", "seg", "rtstruct", "rtstruct_planning", "sr")
+
 
 @dataclass(frozen=True)
 class Volume:

@@ -26,6 +26,7 @@ from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import DONE, FAILED, QUEUED, SUPERSEDED, JobStore
 from dicom_node.loop import BackgroundLoop
 from dicom_node.settings import Settings
+from dicom_node.types import OUTPUT_KINDS
 
 if TYPE_CHECKING:
     from dicom_node.pipeline import Predictor
@@ -70,7 +71,10 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
         outbox_path(settings.storage.data_dir), policy=RetryPolicy.from_settings(settings.sending)
     )
     try:
-        destinations = [d.name for d in settings.destinations]
+        destinations = [
+            (d.name, [k for k in OUTPUT_KINDS if not d.objects or k in d.objects])
+            for d in settings.destinations
+        ]
         try:
             pipeline = Pipeline(
                 settings, store, settings.storage.spool_dir, make_predictor(settings)
@@ -80,8 +84,10 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
             if job is not None and job.state == SUPERSEDED:
                 return Outcome(SUPERSEDED, "superseded while it ran; results dropped")
             queued = 0
-            if destinations:
-                queued = outbox.enqueue(result.objects, destinations, job=str(job_id))
+            for name, kinds in destinations:
+                objects = [ds for kind in kinds for ds in result.by_kind.get(kind, [])]
+                if objects:
+                    queued += outbox.enqueue(objects, [name], job=str(job_id))
         except GlioforecastError as exc:
             return Outcome(FAILED, str(exc))
         except Exception as exc:  # a bug must not pass silently: the job says what happened
@@ -94,7 +100,11 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
             f"{p.predicted_volume_ml:.1f} ml (now {p.current_volume_ml:.1f} ml), "
             f"{p.response_category}; "
             + (
-                f"{queued} deliveries queued to {', '.join(destinations)}"
+                f"{queued} deliveries queued to "
+                + ", ".join(
+                    name if len(kinds) == len(OUTPUT_KINDS) else f"{name} ({', '.join(kinds)})"
+                    for name, kinds in destinations
+                )
                 if destinations
                 else "no destination configured: nothing sent"
             )

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import ExportError
-from dicom_node.types import FrameMapping, PatientStudy, Prediction, SeriesRef, Volume
+from dicom_node.types import (
+    OUTPUT_KINDS,
+    FrameMapping,
+    PatientStudy,
+    Prediction,
+    SeriesRef,
+    Volume,
+)
 
 from .derived_mr import build_derived_mr
 from .labels import SERIES_NUMBERS, Equipment, JobIdentity, apply_labels, series_description
@@ -77,17 +84,24 @@ class JobOutputs:
     derived_mr: tuple[Dataset, ...] = field(default=())
     rtstruct_planning: Dataset | None = None
 
+    def by_kind(self) -> dict[str, list[Dataset]]:
+        """The objects of each kind of :data:`~sr_writer.labels.OUTPUT_KINDS` (a kind not made
+        for this job has an empty list)."""
+        planning = [self.rtstruct_planning] if self.rtstruct_planning is not None else []
+        return {
+            "sc": list(self.sc),
+            "uncertainty_sc": list(self.uncertainty_sc),
+            "derived_mr": list(self.derived_mr),
+            "seg": [self.seg],
+            "rtstruct": [self.rtstruct],
+            "rtstruct_planning": planning,
+            "sr": [self.sr],
+        }
+
     def all(self) -> list[Dataset]:
         """Every object, images first and the SR last (the order they are sent in)."""
-        return [
-            *self.sc,
-            *self.uncertainty_sc,
-            *self.derived_mr,
-            self.seg,
-            self.rtstruct,
-            *([self.rtstruct_planning] if self.rtstruct_planning is not None else []),
-            self.sr,
-        ]
+        kinds = self.by_kind()
+        return [ds for kind in OUTPUT_KINDS for ds in kinds[kind]]
 
     def series_counts(self) -> dict[str, int]:
         """Number of instances per output series UID."""

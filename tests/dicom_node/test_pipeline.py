@@ -36,24 +36,44 @@ def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
     return pre, record.values
 
 
-@pytest.fixture
-def pacs(tmp_path):  # type: ignore[no-untyped-def]
-    folder = tmp_path / "pacs"
+def _storescp(folder, name, ae_title, **settings):  # type: ignore[no-untyped-def]
+    """dcmtk storescp writing into ``folder``, and its destination entry."""
     folder.mkdir()
     port = free_port()
     proc = subprocess.Popen(
-        [tool("storescp"), "-aet", "PACS", "-od", str(folder), str(port)],
+        [tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
         env={"TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    yield Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port), folder
+    entry = Destination(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **settings)
+    return proc, entry
+
+
+@pytest.fixture
+def pacs(tmp_path):  # type: ignore[no-untyped-def]
+    proc, destination = _storescp(tmp_path / "pacs", "pacs", "PACS")
+    yield destination, tmp_path / "pacs"
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def test_synthetic_study_round_trip(run_node, patient, pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def planning_system(tmp_path):  # type: ignore[no-untyped-def]
+    """A destination that takes only the predicted tumour's SEG and RTSTRUCT."""
+    proc, destination = _storescp(
+        tmp_path / "tps", "tps", "TPS", objects=("seg", "rtstruct", "rtstruct_planning")
+    )
+    yield destination, tmp_path / "tps"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_synthetic_study_round_trip(run_node, patient, pacs, planning_system, tmp_path) -> None:  # type: ignore[no-untyped-def]
     pre, truth = patient
     destination, received = pacs
-    settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(destination,))
+    tps, at_tps = planning_system
+    settings = dataclasses.replace(
+        make_settings(tmp_path / "data"), destinations=(destination, tps)
+    )
     node = run_node(settings)
     files = sorted(p for p in pre.rglob("*.dcm"))
     sent = storescu(node.scp.port, *files)
@@ -99,6 +119,14 @@ def test_synthetic_study_round_trip(run_node, patient, pacs, tmp_path) -> None: 
     ]
     assert volumes, "no volume in the SR"
     assert any(abs(v - truth["gtv_ml"]) / truth["gtv_ml"] < 0.2 for v in volumes), volumes
+
+    # the planning system gets only what it takes: the SEG and the RTSTRUCT (no planning-frame
+    # RTSTRUCT here: the GTV came on the MR's frame)
+    wait_for(lambda: node.outbox.counts().get("tps") == {"sent": 2}, timeout=60, what="the TPS")
+    at_planning = sorted(pydicom.dcmread(p).Modality for p in at_tps.iterdir())
+    assert at_planning == ["RTSTRUCT", "SEG"]
+    reason = node.store.get_job(job.id).reason
+    assert "93 deliveries queued to pacs, tps (seg, rtstruct, rtstruct_planning)" in reason
 
     # a PACS that forwards the whole study back sends the results too: every one is accepted
     # (the sender's transfer stays green) and stored, and none starts a job or a new send
@@ -196,7 +224,12 @@ def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
         before = pacs.count_instances()
         assert before == len(files)
         settings = dataclasses.replace(
-            make_settings(tmp_path / "data"), destinations=(pacs.destination("pacs"),)
+            make_settings(tmp_path / "data"),
+            destinations=(
+                Destination(
+                    name="pacs", ae_title=pacs.ae_title, host="127.0.0.1", port=pacs.dicom_port
+                ),
+            ),
         )
         node = run_node(settings)
         storescu(node.scp.port, *files)

@@ -62,6 +62,11 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
         ("roles: {exclude_image_types: [mip]}",
          "roles.exclude_image_types[0]: expected an ImageType value: 1 to 16 upper-case"),
         ("logging: {level: LOUD}", "logging.level: expected one of 'DEBUG'"),
+        ("destinations: [{name: tps, ae_title: TPS, host: h, port: 104, objects: [sc, rtss]}]",
+         "destinations[0].objects[1]: expected one of sc, uncertainty_sc, derived_mr, seg, "
+         "rtstruct, rtstruct_planning, sr, found 'rtss'"),
+        ("destinations: [{name: p, ae_title: P, host: h, port: 104, storage_commitment: 1}]",
+         "destinations[0].storage_commitment: expected"),
         ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
         ("[1, 2]", "top level: expected a mapping, found a list"),
         ("node: {port: 1\n  bad", "not valid YAML"),
