@@ -74,11 +74,12 @@ def test_results_count_as_delivered_once_orthanc_committed(
         node.outbox.enqueue(out.all(), [dest.name], job="job-commit")
         node.sender.wake()
         _wait(lambda: node.outbox.counts() == {dest.name: {"sent": n}}, 60, "every commitment")
+        # the files go once the rows say sent (the report's thread deletes them after)
+        _wait(lambda: not any(node.outbox.objects_dir.iterdir()), 30, "the files to go")
         items = node.outbox.items()
         assert all(i.committed_at is not None and i.commit_requests == 1 for i in items)
         assert all(i.committed_at >= i.sent_at for i in items if i.sent_at)  # type: ignore[operator]
         assert node.outbox.undelivered("job-commit") == 0
-        assert not any(node.outbox.objects_dir.iterdir()), "committed objects are not kept"
         assert orthanc.count_instances() == n
     finally:
         node.sender.stop()
@@ -121,16 +122,20 @@ def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path)
         assert "did not commit" in (by_uid[lost].last_error or "")
         assert "0x0112 (no such object instance)" in (by_uid[lost].last_error or "")
         assert ob.undelivered("job-lost") == 1
-        assert [p.name for p in ob.objects_dir.iterdir()] == [f"{lost}.dcm"]
+        _wait(
+            lambda: [p.name for p in ob.objects_dir.iterdir()] == [f"{lost}.dcm"],
+            30,
+            "only the lost object's file to be kept",
+        )
 
         again = deliver_due(ob, [dest])
         assert again.sent == 1 and again.commitment_requests == 1
         _wait(lambda: ob.counts() == {dest.name: {"sent": len(objects)}}, 30, "the resend")
+        _wait(lambda: not any(ob.objects_dir.iterdir()), 30, "the files to go")
         resent = next(i for i in ob.items() if i.sop_instance_uid == lost)
         # stored, reported lost, stored again; asked twice
         assert resent.attempts == 3 and resent.commit_requests == 2
         assert orthanc.count_instances() == len(objects)
-        assert not any(ob.objects_dir.iterdir())
     finally:
         node.scp.stop()
         orthanc.stop()
