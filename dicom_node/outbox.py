@@ -95,6 +95,11 @@ CREATE TABLE IF NOT EXISTS commitments (
 );
 """
 _SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE
+# the requests of rows that no longer wait for a commitment are of no more use
+_FORGET_SETTLED = (
+    "DELETE FROM commitments WHERE outbox_id IN "
+    "(SELECT id FROM outbox WHERE state IN ('sent', 'dead'))"
+)
 
 
 def _migrate(database: Database) -> None:
@@ -474,6 +479,7 @@ class Outbox:
                 "updated_at = ? WHERE id = ?",
                 [(now, now, r["id"]) for r in expired if r["id"] not in dead],
             )
+            db.execute(_FORGET_SETTLED)
             rows = db.execute(
                 "SELECT * FROM outbox WHERE state = 'committing' AND destination = ? "
                 "AND commit_requested_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
@@ -594,6 +600,8 @@ class Outbox:
                 permanent=reason in PERMANENT_REASONS,
             )
             counts["failed"] += 1
+        with self._tx() as db:
+            db.execute(_FORGET_SETTLED)
         listed = set(report.committed) | {uid for uid, _ in report.failed}
         counts["unknown"] = len(listed - set(by_uid))
         counts["waiting"] = sum(

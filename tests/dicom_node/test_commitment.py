@@ -337,6 +337,9 @@ def test_reports_received_by_the_node(
     metrics = _metrics(node.health.port)
     assert _value(metrics, 'glioforecast_delivery_oldest_waiting_seconds{destination="pacs"}') == 0
     assert [p.name for p in ob.objects_dir.iterdir()] == [f"{uids[-2]}.dcm"]
+    # what is delivered or dead needs its requests no more
+    kept = sqlite3.connect(ob.path).execute("SELECT COUNT(*) FROM commitments").fetchone()[0]
+    assert kept == 0
 
 
 def _metrics(port: int) -> str:
