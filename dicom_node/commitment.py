@@ -5,8 +5,8 @@ destination with ``storage_commitment: true`` the outbox sends, once its objects
 N-ACTION request (Action Type 1) listing them under a new Transaction UID. The PACS answers the
 N-ACTION at once and later sends an N-EVENT-REPORT (Event Type 1: every object committed; 2:
 some failed, each with a Failure Reason), usually on an association it opens to the node's
-receiver (the way Orthanc, dcm4chee and most archives do it), which is why the receiver accepts
-the Storage Commitment SOP class with the peer in the SCP role.
+receiver (as Orthanc does), which is why the receiver accepts the Storage Commitment SOP class
+with the peer in the SCP role.
 
 This module speaks the protocol (request, report parsing, statuses); the bookkeeping (which
 objects wait for which transaction, what a failure does to them) is the outbox's.

@@ -313,7 +313,7 @@ class EmbeddedPacs:
     arrival (after a restart, of file modification time).
 
     It is also a storage commitment SCP for the peers named with :meth:`add_modality`: it
-    answers a request at once and reports, on an association of its own as most archives do,
+    answers a request at once and reports, on an association of its own as Orthanc does,
     each listed instance it holds as committed and any other as failed (0x0112).
     """
 

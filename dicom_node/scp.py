@@ -223,7 +223,7 @@ class StorageSCP:
             ae.add_supported_context(cls, list(TRANSFER_SYNTAXES))
         if self.commitment_reports is not None:
             # the PACS opens an association to report, in the SCP role of the SOP class
-            ae.add_supported_context(commitment.PUSH_MODEL, scu_role=True, scp_role=True)
+            ae.add_supported_context(commitment.PUSH_MODEL, scu_role=False, scp_role=True)
         return ae
 
     # ------------------------------------------------------------------ handlers

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -340,6 +341,34 @@ def test_reports_received_by_the_node(
     # what is delivered or dead needs its requests no more
     kept = sqlite3.connect(ob.path).execute("SELECT COUNT(*) FROM commitments").fetchone()[0]
     assert kept == 0
+
+
+def test_a_report_without_role_negotiation_is_taken(
+    node_and_pacs: tuple[Node, CommitmentPACS],
+) -> None:
+    """A PACS that sends its report without proposing the SCP role (no SCP/SCU Role Selection
+    item) is still heard."""
+    node, pacs = node_and_pacs
+    objs = _objects()
+    node.outbox.enqueue(objs, ["pacs"], job="job-8")
+    node.sender.wake()
+    _wait(lambda: len(pacs.requests) == 1, "the commitment request")
+    [(transaction, listed)] = pacs.requests
+    ae = AE(ae_title="COMMITPACS")
+    ae.add_requested_context(PUSH_MODEL)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    info = Dataset()
+    info.TransactionUID = transaction
+    info.ReferencedSOPSequence = []
+    for uid in listed:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = SC, uid
+        info.ReferencedSOPSequence.append(item)
+    status, _ = assoc.send_n_event_report(info, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    assoc.release()
+    assert int(status.Status) == 0x0000
+    assert node.outbox.counts() == {"pacs": {"sent": len(objs)}}
 
 
 def _metrics(port: int) -> str:
