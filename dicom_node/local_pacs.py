@@ -113,6 +113,17 @@ class LocalPacs(Protocol):
     def count_instances(self) -> int: ...
 
 
+@dataclass(frozen=True)
+class OrthancTLS:
+    """DICOM TLS of the local Orthanc (``DicomTls*`` options): its certificate and key, the
+    certificates it trusts (to verify its peers), and whether callers need a certificate."""
+
+    certificate: Path
+    private_key: Path
+    trusted: Path
+    client_certificate_required: bool = False
+
+
 class OrthancServer:
     kind = "Orthanc"
 
@@ -124,11 +135,14 @@ class OrthancServer:
         http_port: int | None = None,
         ae_title: str = "ORTHANC",
         modalities: dict[str, Destination] | None = None,
+        tls: OrthancTLS | None = None,
     ) -> None:
         """``modalities``: the peers Orthanc knows by name (``DicomModalities``), which it
-        sends storage commitment reports to."""
+        sends storage commitment reports to (over TLS for those with a ``tls`` context);
+        ``tls``: Orthanc's DICOM port takes TLS only."""
         self.workdir = Path(workdir)
         self.modalities = dict(modalities or {})
+        self.tls = tls
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.ae_title = ae_title
@@ -157,11 +171,16 @@ class OrthancServer:
             "AuthenticationEnabled": False,
             "Plugins": [],
             "StableAge": 1,
-            "DicomModalities": {
-                name: [peer.ae_title, peer.host, peer.port]
-                for name, peer in self.modalities.items()
-            },
+            "DicomModalities": {name: _modality(peer) for name, peer in self.modalities.items()},
         }
+        if self.tls is not None:
+            config |= {
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.certificate),
+                "DicomTlsPrivateKey": str(self.tls.private_key),
+                "DicomTlsTrustedCertificates": str(self.tls.trusted),
+                "DicomTlsRemoteCertificateRequired": self.tls.client_certificate_required,
+            }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
         log = self.log_path.open("ab")
@@ -212,9 +231,10 @@ class OrthancServer:
         API after."""
         self.modalities[name] = peer
         if self.proc is not None:
-            body = {"AET": peer.ae_title, "Host": peer.host, "Port": peer.port}
             req = urllib.request.Request(
-                f"{self.url}/modalities/{name}", data=json.dumps(body).encode(), method="PUT"
+                f"{self.url}/modalities/{name}",
+                data=json.dumps(_modality(peer)).encode(),
+                method="PUT",
             )
             with urllib.request.urlopen(req, timeout=30):
                 pass
@@ -279,6 +299,14 @@ class OrthancServer:
     def read(self, instance: str) -> Dataset:
         """An instance by its Orthanc id."""
         return dcmread(io.BytesIO(self.raw(f"/instances/{instance}/file")))
+
+
+def _modality(peer: Destination) -> dict[str, Any]:
+    """A ``DicomModalities`` entry of Orthanc for ``peer``."""
+    entry: dict[str, Any] = {"AET": peer.ae_title, "Host": peer.host, "Port": peer.port}
+    if peer.tls is not None:
+        entry["UseDicomTls"] = True
+    return entry
 
 
 # Output objects of sr_writer plus the SR classes a PACS commonly stores.

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
@@ -33,6 +35,19 @@ _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
+class DestinationTLSLike(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def ca_certificates(self) -> Path | None: ...
+    @property
+    def certificate(self) -> Path | None: ...
+    @property
+    def private_key(self) -> Path | None: ...
+    @property
+    def server_name(self) -> str | None: ...
+
+
 class DestinationLike(Protocol):
     @property
     def name(self) -> str: ...
@@ -44,33 +59,61 @@ class DestinationLike(Protocol):
     def port(self) -> int: ...
     @property
     def storage_commitment(self) -> bool: ...
+    @property
+    def tls(self) -> DestinationTLSLike: ...
 
 
 @dataclass(frozen=True)
 class Destination:
     """A peer that receives the results (a PACS, a planning system); with
     ``storage_commitment`` a delivery counts only once the peer committed to keeping it
-    (:mod:`dicom_node.commitment`)."""
+    (:mod:`dicom_node.commitment`); with ``tls`` (a client context, :func:`client_ssl_context`)
+    associations go over TLS, the peer's certificate checked for ``server_name`` (default: the
+    host)."""
 
     name: str
     ae_title: str
     host: str
     port: int
     storage_commitment: bool = False
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    server_name: str = ""
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
+        over = ", TLS" if self.tls is not None else ""
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{over})"
 
     @classmethod
     def from_settings(cls, d: DestinationLike) -> Destination:
-        """From one entry of the settings' ``destinations``."""
+        """From one entry of the settings' ``destinations`` (its TLS files are read here)."""
+        tls = d.tls
         return cls(
             name=d.name,
             ae_title=d.ae_title,
             host=d.host,
             port=int(d.port),
             storage_commitment=bool(d.storage_commitment),
+            tls=(
+                client_ssl_context(tls.ca_certificates, tls.certificate, tls.private_key)
+                if tls.enabled
+                else None
+            ),
+            server_name=(tls.server_name or "") if tls.enabled else "",
         )
+
+
+def client_ssl_context(
+    ca_certificates: Path | None, certificate: Path | None, private_key: Path | None
+) -> ssl.SSLContext:
+    """TLS 1.2 or later to a peer whose certificate chains to ``ca_certificates`` (the system's
+    CAs when None) and names the host; with the node's client certificate when given."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(ca_certificates) if ca_certificates else None
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certificate is not None and private_key is not None:
+        ctx.load_cert_chain(str(certificate), str(private_key))
+    return ctx
 
 
 class ContextsRejected(SendError):
@@ -223,9 +266,18 @@ def associate(
             destination.port,
             ae_title=destination.ae_title,
             ext_neg=list(roles) or None,
+            tls_args=(
+                (destination.tls, destination.server_name or destination.host)
+                if destination.tls is not None
+                else None
+            ),
         )
     except (OSError, ValueError) as exc:
         raise SendError(f"cannot connect to {destination}: {exc}") from exc
+    if not assoc.is_established and destination.tls is not None and assoc.is_aborted:
+        why = tls_handshake_error(destination)
+        if why:
+            raise SendError(f"no association with {destination}: TLS handshake failed: {why}")
     if not assoc.is_established:
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
@@ -236,6 +288,45 @@ def associate(
         raise SendError(f"no association with {destination}: {_failure_reason(assoc)}")
     _no_delay(assoc)
     return assoc
+
+
+def tls_handshake_error(destination: Destination, timeout_s: float = 10) -> str:
+    """Why TLS with ``destination`` fails ('' when it works, or when the peer cannot be reached
+    at all). pynetdicom only says the connection was aborted, which misleads for a certificate
+    the node does not trust, a name that does not match, or a client certificate the peer wants
+    (TLS 1.3 refuses that after the handshake: a short read shows it)."""
+    assert destination.tls is not None
+    name = destination.server_name or destination.host
+    try:
+        with (
+            socket.create_connection((destination.host, destination.port), timeout_s) as raw,
+            destination.tls.wrap_socket(raw, server_hostname=name) as tls,
+        ):
+            tls.settimeout(min(timeout_s, 2.0))
+            try:
+                if tls.recv(1) == b"":
+                    return "the peer closed the connection after the handshake"
+            except TimeoutError:
+                return ""  # waiting for our association request: TLS itself works
+    except ssl.SSLCertVerificationError as exc:
+        return f"the peer's certificate is not trusted for {name!r}: {exc.verify_message}"
+    except ssl.SSLError as exc:
+        reason = str(exc.reason or exc)
+        return f"{_TLS_ALERTS[reason]} ({reason})" if reason in _TLS_ALERTS else reason
+    except OSError:
+        return ""
+    return ""
+
+
+# what the peer's TLS alerts mean for the destination's settings
+_TLS_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate (set the "
+    "destination's tls.certificate and tls.private_key)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused the node's client certificate",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer refused the handshake (a client certificate it "
+    "requires, or no TLS version or cipher in common)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust the CA of the node's client certificate",
+}
 
 
 def _uid_name(uid: str) -> str:

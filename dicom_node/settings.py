@@ -220,6 +220,20 @@ class RoleSettings:
 
 
 @dataclass(frozen=True)
+class DestinationTLS:
+    """DICOM over TLS (1.2 or later) to a destination: its certificate is checked against
+    ``ca_certificates`` (the system's CAs when left out) and its name against ``server_name``
+    (the destination's host when left out); ``certificate`` and ``private_key`` are the node's
+    own, for a PACS that asks for a client certificate."""
+
+    enabled: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class Destination:
     """A PACS (or any C-STORE SCP) that receives the results."""
 
@@ -234,6 +248,7 @@ class Destination:
     # which of a job's objects go there (OUTPUT_KINDS); empty: all of them. A planning system
     # typically takes the RTSTRUCTs and the SEG, not the Secondary Captures or the SR
     objects: tuple[str, ...] = field(default=(), metadata=_spec("", check=_check_output_kind))
+    tls: DestinationTLS = DestinationTLS()
 
 
 @dataclass(frozen=True)
@@ -447,6 +462,20 @@ def _cross_checks(s: Settings) -> list[str]:
         elif tls.ca_certificates is not None and not tls.ca_certificates.is_file():
             problems.append(
                 f"node.tls.ca_certificates: expected an existing file, found {tls.ca_certificates}"
+            )
+    for n, d in enumerate(s.destinations):
+        where = f"destinations[{n}].tls"
+        if not d.tls.enabled:
+            continue
+        for name in ("ca_certificates", "certificate", "private_key"):
+            path = getattr(d.tls, name)
+            if path is not None and not path.is_file():
+                problems.append(f"{where}.{name}: expected an existing file, found {path}")
+        if (d.tls.certificate is None) != (d.tls.private_key is None):
+            problems.append(
+                f"{where}: expected both certificate and private_key (a client certificate), "
+                "or neither, found only "
+                + ("certificate" if d.tls.certificate is not None else "private_key")
             )
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(

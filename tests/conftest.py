@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Throw-away certificates (openssl): a CA; a server certificate for 127.0.0.1 and
+    localhost and a client certificate, both signed by it; another CA that signed nothing."""
+    openssl = tool("openssl")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True)
+
+    for ca in ("ca", "other-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
+            f"{ca}.pem", "-days", "2", "-subj", f"/CN=glioforecast test {ca}")  # fmt: skip
+    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:glioforecast")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
+            "-copy_extensions", "copy")  # fmt: skip
+    return d

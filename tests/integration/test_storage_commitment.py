@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,10 +14,12 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom_node.local_pacs import OrthancTLS
 from dicom_node.outbox import deliver_due
 from dicom_node.scu import Destination, StoreResult, store_batch
 from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
+from dicom_node.settings import DestinationTLS, TLSSettings
 from tests.dicom_node.conftest import make_settings
 from tests.integration.orthanc import OrthancServer, orthanc_binary
 from tests.sr_writer.synthetic_job import PATIENT_NAME, default_outputs
@@ -24,30 +27,55 @@ from tests.sr_writer.synthetic_job import PATIENT_NAME, default_outputs
 pytestmark = pytest.mark.slow
 
 
-def _node_and_orthanc(tmp_path: Path, **sending: float) -> tuple[Node, OrthancServer, Destination]:
-    """A node whose destination is an Orthanc doing storage commitment, and that Orthanc
-    (started), which knows the node as a modality to send its reports to."""
+def _node_and_orthanc(
+    tmp_path: Path, pki: Path | None = None
+) -> tuple[Node, OrthancServer, Destination]:
+    """A node whose destination is an Orthanc doing storage commitment, and that Orthanc (not
+    started). With ``pki``, both take DICOM over TLS only, from peers with a certificate of
+    its CA."""
     orthanc_binary()
-    orthanc = OrthancServer(tmp_path / "orthanc")
-    settings = make_settings(
-        tmp_path / "data",
-        sending={"retry_initial_s": 0.0, **sending},
-    )
+    orthanc_tls = node_tls = None
+    destination_tls = DestinationTLS()
+    if pki is not None:
+        orthanc_tls = OrthancTLS(
+            pki / "server.pem", pki / "server.key", pki / "ca.pem", client_certificate_required=True
+        )
+        node_tls = TLSSettings(
+            enabled=True,
+            certificate=pki / "server.pem",
+            private_key=pki / "server.key",
+            ca_certificates=pki / "ca.pem",
+            require_client_certificate=True,
+        )
+        destination_tls = DestinationTLS(
+            enabled=True,
+            ca_certificates=pki / "ca.pem",
+            certificate=pki / "client.pem",
+            private_key=pki / "client.key",
+        )
+    orthanc = OrthancServer(tmp_path / "orthanc", tls=orthanc_tls)
+    settings = make_settings(tmp_path / "data", sending={"retry_initial_s": 0.0})
+    if node_tls is not None:
+        settings = dataclasses.replace(
+            settings, node=dataclasses.replace(settings.node, tls=node_tls)
+        )
     pacs = DestinationSettings(
         name="pacs",
         ae_title=orthanc.ae_title,
         host="127.0.0.1",
         port=orthanc.dicom_port,
         storage_commitment=True,
+        tls=destination_tls,
     )
     node = Node(dataclasses.replace(settings, destinations=(pacs,)))
     return node, orthanc, Destination.from_settings(pacs)
 
 
-def _start(node: Node, orthanc: OrthancServer) -> None:
+def _start(node: Node, orthanc: OrthancServer, tls: ssl.SSLContext | None = None) -> None:
+    """The node's receiver, then Orthanc knowing it (over TLS when ``tls`` is given)."""
     node.scp.start()
     orthanc.modalities["glioforecast"] = Destination(
-        "glioforecast", node.settings.node.ae_title, "127.0.0.1", node.scp.port
+        "glioforecast", node.settings.node.ae_title, "127.0.0.1", node.scp.port, tls=tls
     )
     orthanc.start()
 
@@ -61,15 +89,18 @@ def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+@pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
 def test_results_count_as_delivered_once_orthanc_committed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, pki: Path, over_tls: bool
 ) -> None:
+    """Stored, then committed by Orthanc's report; with TLS, the results go to Orthanc and its
+    report comes to the node over DICOM TLS, each side checking the other's certificate."""
     caplog.set_level(logging.INFO, logger="dicom_node")
-    node, orthanc, dest = _node_and_orthanc(tmp_path)
+    node, orthanc, dest = _node_and_orthanc(tmp_path, pki if over_tls else None)
     out = default_outputs()
     n = len(out.all())
     try:
-        _start(node, orthanc)
+        _start(node, orthanc, dest.tls)
         node.sender.start()
         node.outbox.enqueue(out.all(), [dest.name], job="job-commit")
         node.sender.wake()

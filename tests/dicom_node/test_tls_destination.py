@@ -1,0 +1,122 @@
+"""Results sent over DICOM TLS: to the node's own receiver with TLS on (a real TLS SCP that asks
+for a client certificate), and what an operator reads when the certificates do not fit."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
+from dicom_node.scu import Destination
+from dicom_node.service import Node
+from dicom_node.settings import Destination as DestinationSettings
+from dicom_node.settings import DestinationTLS, TLSSettings
+from tests.dicom_node.test_outbox import Clock, _objects
+
+
+@pytest.fixture
+def tls_receiver(run_node: Callable[..., Node], pki: Path) -> Node:
+    """A node whose receiver takes TLS only, from callers with a certificate of the test CA."""
+    tls = TLSSettings(
+        enabled=True,
+        certificate=pki / "server.pem",
+        private_key=pki / "server.key",
+        ca_certificates=pki / "ca.pem",
+        require_client_certificate=True,
+    )
+    return run_node(node={"tls": tls})
+
+
+def _destination(node: Node, **tls: Any) -> Destination:
+    entry = DestinationSettings(
+        name="pacs",
+        ae_title=node.settings.node.ae_title,
+        host="127.0.0.1",
+        port=node.scp.port,
+        tls=DestinationTLS(enabled=True, **tls),
+    )
+    return Destination.from_settings(entry)
+
+
+def _deliver(tmp_path: Path, dest: Destination) -> Outbox:
+    ob = Outbox(tmp_path / "outbox.sqlite3", policy=RetryPolicy(), clock=Clock())
+    ob.enqueue(_objects(), [dest.name], job="job-tls")
+    deliver_due(ob, [dest])
+    return ob
+
+
+def test_results_go_over_tls_with_a_client_certificate(
+    tls_receiver: Node, pki: Path, tmp_path: Path
+) -> None:
+    dest = _destination(
+        tls_receiver,
+        ca_certificates=pki / "ca.pem",
+        certificate=pki / "client.pem",
+        private_key=pki / "client.key",
+    )
+    assert str(dest).endswith(", TLS)")
+    with _deliver(tmp_path, dest) as ob:
+        assert ob.counts() == {"pacs": {"sent": len(_objects())}}
+    assert tls_receiver.store.counts()["instances"] == len(_objects())
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        (  # the PACS's certificate is signed by a CA the node was not given
+            {"ca_certificates": "other-ca.pem", "certificate": "client.pem",
+             "private_key": "client.key"},
+            "TLS handshake failed: the peer's certificate is not trusted for '127.0.0.1': "
+            "self-signed certificate in certificate chain",
+        ),
+        (  # the name the node checks is not the PACS's
+            {"ca_certificates": "ca.pem", "certificate": "client.pem",
+             "private_key": "client.key", "server_name": "pacs.example.org"},
+            "TLS handshake failed: the peer's certificate is not trusted for "
+            "'pacs.example.org': Hostname mismatch",
+        ),
+        (  # the PACS wants a client certificate, the node has none
+            {"ca_certificates": "ca.pem"},
+            "TLS handshake failed: the peer requires a client certificate",
+        ),
+    ],
+)  # fmt: skip
+def test_a_tls_failure_says_why(
+    tls_receiver: Node, pki: Path, tmp_path: Path, tls: dict[str, str], expected: str
+) -> None:
+    files = {k: (v if k == "server_name" else pki / v) for k, v in tls.items()}
+    dest = _destination(tls_receiver, **files)
+    with _deliver(tmp_path, dest) as ob:
+        items = ob.items()
+        assert {i.state for i in items} == {"pending"}
+        error = items[0].last_error or ""
+        assert expected in error, error
+        assert "peer down" not in error
+    assert tls_receiver.store.counts()["instances"] == 0
+
+
+def test_destination_tls_files_are_checked_with_the_configuration(tmp_path: Path) -> None:
+    from dicom_node.errors import ConfigError
+    from dicom_node.settings import load_settings
+
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "destinations:\n"
+        "  - {name: pacs, ae_title: PACS, host: 10.0.0.5, port: 2762,\n"
+        f"     tls: {{enabled: true, ca_certificates: {tmp_path}/none.pem,\n"
+        f"           certificate: {tmp_path}/site.yaml}}}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(site)
+    problems = "\n".join(info.value.problems)
+    assert f"destinations[0].tls.ca_certificates: expected an existing file, found {tmp_path}" in (
+        problems
+    )
+    assert "destinations[0].tls: expected both certificate and private_key" in problems
+    # a destination without TLS needs none of it
+    ok = dataclasses.replace(load_settings(None))
+    assert all(not d.tls.enabled for d in ok.destinations)
