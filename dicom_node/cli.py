@@ -56,9 +56,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"  data in {settings.storage.data_dir}, quiet period {settings.assembly.quiet_period_s} s"
     )
     committing = [d.name for d in settings.destinations if d.storage_commitment]
+    tls = [d.name for d in settings.destinations if d.tls.enabled]
     print(
         f"  {len(settings.destinations)} destination(s)"
         + (f", storage commitment with {', '.join(committing)}" if committing else "")
+        + (f", TLS to {', '.join(tls)}" if tls else "")
     )
     return EXIT_OK
 

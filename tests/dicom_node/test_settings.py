@@ -126,7 +126,15 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
 def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     good = REPO / "config" / "site-example.yaml"
     assert main(["check-config", str(good)]) == 0
-    assert "valid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "valid" in out
+    assert "2 destination(s), storage commitment with pacs\n" in out
+    tls = write(
+        tmp_path,
+        "destinations: [{name: pacs, ae_title: P, host: h, port: 104, tls: {enabled: true}}]\n",
+    )
+    assert main(["check-config", str(tls)]) == 0
+    assert "1 destination(s), TLS to pacs" in capsys.readouterr().out
     bad = write(tmp_path, "node: {port: 0}\n")
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
