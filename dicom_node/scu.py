@@ -25,7 +25,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, Association
 from pynetdicom.presentation import PresentationContext, build_context
 
-from dicom_node.errors import SendError
+from dicom_node.errors import GlioforecastError, SendError
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +87,24 @@ class Destination:
     def from_settings(cls, d: DestinationLike) -> Destination:
         """From one entry of the settings' ``destinations`` (its TLS files are read here)."""
         tls = d.tls
+        context = None
+        if tls.enabled:
+            try:
+                context = client_ssl_context(tls.ca_certificates, tls.certificate, tls.private_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise GlioforecastError(
+                    f"destination {d.name}: cannot load its TLS files (ca_certificates "
+                    f"{tls.ca_certificates}, certificate {tls.certificate}, private_key "
+                    f"{tls.private_key}): {exc}; expected PEM files, the key matching the "
+                    "certificate"
+                ) from exc
         return cls(
             name=d.name,
             ae_title=d.ae_title,
             host=d.host,
             port=int(d.port),
             storage_commitment=bool(d.storage_commitment),
-            tls=(
-                client_ssl_context(tls.ca_certificates, tls.certificate, tls.private_key)
-                if tls.enabled
-                else None
-            ),
+            tls=context,
             server_name=(tls.server_name or "") if tls.enabled else "",
         )
 

@@ -100,7 +100,7 @@ def test_a_tls_failure_says_why(
 
 
 def test_destination_tls_files_are_checked_with_the_configuration(tmp_path: Path) -> None:
-    from dicom_node.errors import ConfigError
+    from dicom_node.errors import ConfigError, GlioforecastError
     from dicom_node.settings import load_settings
 
     site = tmp_path / "site.yaml"
@@ -117,6 +117,15 @@ def test_destination_tls_files_are_checked_with_the_configuration(tmp_path: Path
         problems
     )
     assert "destinations[0].tls: expected both certificate and private_key" in problems
+    # files that are there but are no certificates: the node says so when it starts
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    entry = DestinationSettings(
+        name="pacs", ae_title="PACS", host="h", port=104,
+        tls=DestinationTLS(enabled=True, ca_certificates=garbage),
+    )  # fmt: skip
+    with pytest.raises(GlioforecastError, match=r"destination pacs: cannot load its TLS files"):
+        Destination.from_settings(entry)
     # a destination without TLS needs none of it
     ok = dataclasses.replace(load_settings(None))
     assert all(not d.tls.enabled for d in ok.destinations)
