@@ -78,6 +78,32 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 
+def cmd_check_destinations(args: argparse.Namespace) -> int:
+    from dicom_node.scu import Destination
+    from dicom_node.sender import check_destination
+
+    settings = _settings(args)
+    wanted = set(args.names or [])
+    unknown = wanted - {d.name for d in settings.destinations}
+    if unknown:
+        names = ", ".join(d.name for d in settings.destinations) or "none"
+        raise GlioforecastError(
+            f"check-destinations: expected destination names of the configuration ({names}), "
+            f"found {', '.join(sorted(unknown))}"
+        )
+    chosen = [d for d in settings.destinations if not wanted or d.name in wanted]
+    if not chosen:
+        print("no destination configured: nothing to check")
+        return EXIT_OK
+    failed = 0
+    for entry in chosen:
+        destination = Destination.from_settings(entry)
+        ok, found = check_destination(destination, settings.sending.calling_ae_title)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {destination}: {found}")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -233,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     _add_peer(p)
     p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser(
+        "check-destinations",
+        help="check that the configured destinations take results (C-ECHO with their TLS "
+        "settings; the storage commitment context where configured)",
+    )
+    p.add_argument("names", nargs="*", help="only these destinations (default: all)")
+    p.set_defaults(func=cmd_check_destinations)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
     _add_peer(p)

@@ -11,11 +11,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
+from pynetdicom.presentation import build_context
 
 from dicom_node.errors import InputError, SendError
 from dicom_node.scu import Destination, store_batch
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
@@ -56,6 +59,51 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str) -> int:
     if "Status" not in status:
         raise SendError(f"{called_ae} at {host}:{port}: no C-ECHO response")
     return int(status.Status)
+
+
+def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, str]:
+    """Whether ``destination`` can take the node's results as configured, and what was found:
+    an association with its settings (TLS included), a C-ECHO, and, for a destination with
+    storage commitment, the Storage Commitment Push Model context accepted. Nothing is stored
+    or committed."""
+    from dicom_node.commitment import PUSH_MODEL
+    from dicom_node.scu import associate
+
+    contexts = [build_context(VERIFICATION)]
+    if destination.storage_commitment:
+        contexts.append(build_context(PUSH_MODEL))
+    try:
+        assoc = associate(destination, contexts, calling_ae=calling_ae)
+    except SendError as exc:
+        return False, str(exc)
+    try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        found: list[str] = []
+        ok = True
+        if VERIFICATION in accepted:
+            status = assoc.send_c_echo()
+            code = int(status.Status) if "Status" in status else None
+            ok = code == 0
+            found.append(
+                "C-ECHO success"
+                if ok
+                else f"C-ECHO {'no response' if code is None else f'status 0x{code:04X}'}"
+            )
+        else:
+            found.append("no Verification context (C-ECHO not offered by the peer)")
+        if destination.storage_commitment:
+            if PUSH_MODEL in accepted:
+                found.append("Storage Commitment Push Model accepted")
+            else:
+                ok = False
+                found.append(
+                    "Storage Commitment Push Model not accepted (storage_commitment: true "
+                    "expects it)"
+                )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return ok, "; ".join(found)
 
 
 def send_files(

@@ -52,6 +52,7 @@ class CommitmentPACS:
         for sop in ALL_CLASSES:
             ae.add_supported_context(sop)
         ae.add_supported_context(PUSH_MODEL)
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
         self.server = ae.start_server(
             ("127.0.0.1", 0),
             block=False,
@@ -449,3 +450,39 @@ def test_an_outbox_made_before_storage_commitment_is_upgraded(
         assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
     with Outbox(db) as ob:  # opening it again changes nothing
         assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
+
+
+def test_check_destinations_says_which_take_results_as_configured(
+    tmp_path: Path,
+    pacs: CommitmentPACS,
+    run_node: Callable[..., Node],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dicom_node.cli import main
+    from tests.conftest import free_port
+
+    node = run_node()  # a peer that stores, but does no storage commitment
+    good = pacs.destination()
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "destinations:\n"
+        f"  - {{name: pacs, ae_title: {good.ae_title}, host: 127.0.0.1, port: {good.port},\n"
+        "     storage_commitment: true}\n"
+        f"  - {{name: archive, ae_title: GLIOFORECAST, host: 127.0.0.1, port: {node.scp.port},\n"
+        "     storage_commitment: true}\n"
+        f"  - {{name: viewer, ae_title: VIEWER, host: 127.0.0.1, port: {free_port()}}}\n"
+    )
+    assert main(["--config", str(config), "check-destinations"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("ok   pacs (COMMITPACS@127.0.0.1:")
+    assert out[0].endswith("C-ECHO success; Storage Commitment Push Model accepted")
+    assert out[1].startswith("FAIL archive (GLIOFORECAST@127.0.0.1:")
+    assert "C-ECHO success; Storage Commitment Push Model not accepted" in out[1]
+    assert out[2].startswith("FAIL viewer (VIEWER@127.0.0.1:")
+    assert "no association with viewer" in out[2]
+    assert main(["--config", str(config), "check-destinations", "pacs"]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(config), "check-destinations", "nowhere"]) == 1
+    assert "expected destination names of the configuration (pacs, archive, viewer)" in (
+        capsys.readouterr().err
+    )

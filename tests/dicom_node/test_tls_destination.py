@@ -129,3 +129,27 @@ def test_destination_tls_files_are_checked_with_the_configuration(tmp_path: Path
     # a destination without TLS needs none of it
     ok = dataclasses.replace(load_settings(None))
     assert all(not d.tls.enabled for d in ok.destinations)
+
+
+def test_check_destinations_over_tls(
+    tls_receiver: Node, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a site runs after configuring TLS: the right files pass, a wrong CA says why."""
+    from dicom_node.cli import main
+
+    def config(ca: str) -> Path:
+        path = tmp_path / f"site-{ca}.yaml"
+        path.write_text(
+            "destinations:\n"
+            f"  - {{name: pacs, ae_title: GLIOFORECAST, host: 127.0.0.1, "
+            f"port: {tls_receiver.scp.port},\n"
+            f"     tls: {{enabled: true, ca_certificates: {pki / ca},\n"
+            f"           certificate: {pki / 'client.pem'}, private_key: {pki / 'client.key'}}}}}\n"
+        )
+        return path
+
+    assert main(["--config", str(config("ca.pem")), "check-destinations"]) == 0
+    assert capsys.readouterr().out.startswith("ok   pacs (GLIOFORECAST@127.0.0.1:")
+    assert main(["--config", str(config("other-ca.pem")), "check-destinations"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL pacs (") and "the peer's certificate is not trusted" in out
