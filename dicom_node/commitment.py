@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom import build_role
+from pynetdicom import Association, build_role
 from pynetdicom.presentation import build_context
 
 from dicom_node.errors import SendError
@@ -153,14 +153,7 @@ def request(
         )
 
     try:
-        assoc = associate(
-            destination,
-            [build_context(PUSH_MODEL)],
-            calling_ae=calling_ae,
-            acse_timeout_s=timeout_s,
-            dimse_timeout_s=timeout_s,
-            network_timeout_s=timeout_s,
-        )
+        assoc = _associate(destination, calling_ae, timeout_s)
     except ContextsRejected as exc:
         raise refused("that it accepts no Storage Commitment Push Model context") from exc
     try:
@@ -200,15 +193,7 @@ def send_report(
     the same with a Failure Reason; ``event_type`` defaults to 1 or 2 as they say, and an empty
     ``transaction_uid`` is left out. Returns the response status, None when none came back;
     raises :class:`SendError` when no association could be opened."""
-    assoc = associate(
-        destination,
-        [build_context(PUSH_MODEL)],
-        calling_ae=calling_ae,
-        acse_timeout_s=timeout_s,
-        dimse_timeout_s=timeout_s,
-        network_timeout_s=timeout_s,
-        roles=[build_role(PUSH_MODEL, scp_role=True)],
-    )
+    assoc = _associate(destination, calling_ae, timeout_s, scp_role=True)
     ds = Dataset()
     if transaction_uid:
         ds.TransactionUID = transaction_uid
@@ -223,6 +208,22 @@ def send_report(
             assoc.release()
     code = getattr(status, "Status", None)
     return None if code is None else int(code)
+
+
+def _associate(
+    destination: Destination, calling_ae: str, timeout_s: float, *, scp_role: bool = False
+) -> Association:
+    """An association with ``destination`` for the Storage Commitment SOP class, proposing
+    this side as its SCP (the reporting side) when ``scp_role``."""
+    return associate(
+        destination,
+        [build_context(PUSH_MODEL)],
+        calling_ae=calling_ae,
+        acse_timeout_s=timeout_s,
+        dimse_timeout_s=timeout_s,
+        network_timeout_s=timeout_s,
+        roles=[build_role(PUSH_MODEL, scp_role=True)] if scp_role else (),
+    )
 
 
 def _reference(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:

@@ -81,3 +81,17 @@ def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
             "-copy_extensions", "copy")  # fmt: skip
     return d
+
+
+def receiver_tls(pki: Path):  # type: ignore[no-untyped-def]
+    """``node.tls`` for a receiver that takes TLS only, from callers with a certificate of the
+    ``pki`` fixture's CA."""
+    from dicom_node.settings import TLSSettings
+
+    return TLSSettings(
+        enabled=True,
+        certificate=pki / "server.pem",
+        private_key=pki / "server.key",
+        ca_certificates=pki / "ca.pem",
+        require_client_certificate=True,
+    )

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import sqlite3
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from dicom_node.outbox_cli import register
 from dicom_node.scu import Destination
 from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
+from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_outbox import Clock, _objects
 from tests.dicom_node.test_scu import ALL_CLASSES, StoreSCP
@@ -273,15 +273,6 @@ def node_and_pacs(
     return run_node(dataclasses.replace(settings, destinations=(entry,))), pacs
 
 
-def _wait(cond: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_reports_received_by_the_node(
     node_and_pacs: tuple[Node, CommitmentPACS], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -292,7 +283,7 @@ def test_reports_received_by_the_node(
     uids = [str(d.SOPInstanceUID) for d in objs]
     ob.enqueue(objs, ["pacs"], job="job-7")
     node.sender.wake()
-    _wait(lambda: len(pacs.requests) == 1, "the commitment request")
+    wait_for(lambda: len(pacs.requests) == 1, what="the commitment request")
     [(transaction, listed)] = pacs.requests
     assert listed == uids
     port = node.scp.port
@@ -327,7 +318,7 @@ def test_reports_received_by_the_node(
     assert states[uids[-2]].state == "dead"
     assert "0x0122 (referenced SOP class not supported)" in (states[uids[-2]].last_error or "")
     # resent by the sender (woken by the report), then asked about in a new transaction
-    _wait(lambda: len(pacs.requests) == 2, "the request for the resent object")
+    wait_for(lambda: len(pacs.requests) == 2, what="the request for the resent object")
     assert pacs.stored.count(uids[-1]) == 2
     assert pacs.requests[1][1] == [uids[-1]]
     assert "1 objects the request did not list" in caplog.text
@@ -353,7 +344,7 @@ def test_a_report_without_role_negotiation_is_taken(
     objs = _objects()
     node.outbox.enqueue(objs, ["pacs"], job="job-8")
     node.sender.wake()
-    _wait(lambda: len(pacs.requests) == 1, "the commitment request")
+    wait_for(lambda: len(pacs.requests) == 1, what="the commitment request")
     [(transaction, listed)] = pacs.requests
     ae = AE(ae_title="COMMITPACS")
     ae.add_requested_context(PUSH_MODEL)

@@ -663,27 +663,39 @@ def test_beam_doses_are_summed_into_the_plans_dose(run_node, patient, pacs, tmp_
     assert {name for uid, name in uids.items() if uid in evidence} == {"beam1", "beam2"}
 
 
-def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A later structure set with organs at risk only (series 160) comes with the plan's (150):
-    the GTV is read from the plan's, and the job says why the other was passed over."""
+def _with_another_structure_set(run_node, patient, tmp_path, number, edit):  # type: ignore[no-untyped-def]
+    """The patient's study with a copy of its plan's structure set as series ``number``,
+    changed by ``edit``, sent to a node; returns the node, the finished job and its series
+    roles and notes by series number."""
     pre, _ = patient
     (plan_set,) = sorted((pre / "RTSTRUCT").glob("*.dcm"))
     ds = pydicom.dcmread(plan_set)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 160
-    for n, roi in enumerate(ds.StructureSetROISequence):
-        roi.ROIName = f"OAR_{n + 1}"
-    oar = tmp_path / "oar.dcm"
-    ds.save_as(oar, enforce_file_format=True)
+    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), number
+    edit(ds)
+    other = tmp_path / f"structure-set-{number}.dcm"
+    ds.save_as(other, enforce_file_format=True)
     node = run_node(make_settings(tmp_path / "data"))
-    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), oar)
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), other)
     job = wait_for(
         lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
         timeout=120,
         what="the job to finish",
     )
-    assert job.state == DONE, job.reason
     roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
+    return node, job, roles
+
+
+def test_a_structure_set_of_organs_at_risk_beside_the_plans(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A later structure set with organs at risk only (series 160) comes with the plan's (150):
+    the GTV is read from the plan's, and the job says why the other was passed over."""
+
+    def organs_at_risk(ds):  # type: ignore[no-untyped-def]
+        for n, roi in enumerate(ds.StructureSetROISequence):
+            roi.ROIName = f"OAR_{n + 1}"
+
+    node, job, roles = _with_another_structure_set(run_node, patient, tmp_path, 160, organs_at_risk)
+    assert job.state == DONE, job.reason
     assert roles[150][0] == "rtstruct"
     assert roles[160] == ("", "matches rtstruct, not used (see the rtstruct event)")
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
@@ -696,27 +708,18 @@ def test_a_later_structure_set_on_the_planning_ct_without_its_registration(  # t
     """A later, approved structure set (series 151) is on the planning CT's frame and came
     without the registration: the GTV is read from the set on the MR (150), and the job says
     why the later one was passed over; before, the later one was read and the job failed."""
-    pre, _ = patient
-    (plan_set,) = sorted((pre / "RTSTRUCT").glob("*.dcm"))
-    ds = pydicom.dcmread(plan_set)
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID, ds.SeriesNumber = pydicom.uid.generate_uid(), 151
-    ds.ApprovalStatus, ds.StructureSetDate, ds.StructureSetTime = "APPROVED", "29991231", "120000"
     ct_frame = pydicom.uid.generate_uid()
-    ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = ct_frame
-    for roi in ds.StructureSetROISequence:
-        roi.ReferencedFrameOfReferenceUID = ct_frame
-    later = tmp_path / "later.dcm"
-    ds.save_as(later, enforce_file_format=True)
-    node = run_node(make_settings(tmp_path / "data"))
-    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), later)
-    job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
-        timeout=120,
-        what="the job to finish",
+
+    def on_the_planning_ct(ds):  # type: ignore[no-untyped-def]
+        ds.ApprovalStatus, ds.StructureSetDate = "APPROVED", "29991231"
+        ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = ct_frame
+        for roi in ds.StructureSetROISequence:
+            roi.ReferencedFrameOfReferenceUID = ct_frame
+
+    node, job, roles = _with_another_structure_set(
+        run_node, patient, tmp_path, 151, on_the_planning_ct
     )
     assert job.state == DONE, job.reason
-    roles = {js.series.series_number: (js.role, js.note) for js in node.store.job_series(job.id)}
     assert roles[150][0] == "rtstruct" and roles[151][0] == ""
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
     assert f"its GTV is on frame of reference {ct_frame}, which is not the T1-Gd's" in event

@@ -6,11 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from dicom_node.settings import AllowedCaller
 from tests import factories
-from tests.conftest import tool, wait_for
+from tests.conftest import receiver_tls, tool, wait_for
 
 
 def storescu(port: int, *paths: Path, aet: str = "SCANNER1", extra: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
@@ -117,36 +116,9 @@ def test_corrupt_dataset_is_refused_and_service_keeps_serving(run_node, tmp_path
     assert echoscu(node.scp.port).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """A throw-away CA, a server certificate and a client certificate (openssl)."""
-    openssl = tool("openssl")
-    d = tmp_path_factory.mktemp("pki")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl, *args], cwd=d, check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=glioforecast test CA")  # fmt: skip
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2")  # fmt: skip
-    return d
-
-
-def test_tls_association_with_client_certificate(run_node, certificates):  # type: ignore[no-untyped-def]
-    from dicom_node.settings import TLSSettings
-
-    d = certificates
-    tls = TLSSettings(
-        enabled=True,
-        certificate=d / "server.pem",
-        private_key=d / "server.key",
-        ca_certificates=d / "ca.pem",
-        require_client_certificate=True,
-    )
+def test_tls_association_with_client_certificate(run_node, pki):  # type: ignore[no-untyped-def]
+    d = pki
+    tls = receiver_tls(pki)
     node = run_node(node={"tls": tls})
     ok = echoscu(node.scp.port, extra=("+tls", str(d / "client.key"), str(d / "client.pem"),
                                        "+cf", str(d / "ca.pem")))  # fmt: skip

@@ -14,21 +14,15 @@ from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
 from dicom_node.scu import Destination
 from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
-from dicom_node.settings import DestinationTLS, TLSSettings
+from dicom_node.settings import DestinationTLS
+from tests.conftest import receiver_tls
 from tests.dicom_node.test_outbox import Clock, _objects
 
 
 @pytest.fixture
 def tls_receiver(run_node: Callable[..., Node], pki: Path) -> Node:
     """A node whose receiver takes TLS only, from callers with a certificate of the test CA."""
-    tls = TLSSettings(
-        enabled=True,
-        certificate=pki / "server.pem",
-        private_key=pki / "server.key",
-        ca_certificates=pki / "ca.pem",
-        require_client_certificate=True,
-    )
-    return run_node(node={"tls": tls})
+    return run_node(node={"tls": receiver_tls(pki)})
 
 
 def _destination(node: Node, **tls: Any) -> Destination:

@@ -7,8 +7,7 @@ import dataclasses
 import logging
 import re
 import ssl
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from dicom_node.outbox import deliver_due
 from dicom_node.scu import Destination, StoreResult, store_batch
 from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
-from dicom_node.settings import DestinationTLS, TLSSettings
+from dicom_node.settings import DestinationTLS
+from tests.conftest import receiver_tls, wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.integration.orthanc import OrthancServer, orthanc_binary
 from tests.sr_writer.synthetic_job import PATIENT_NAME, default_outputs
@@ -40,13 +40,7 @@ def _node_and_orthanc(
         orthanc_tls = OrthancTLS(
             pki / "server.pem", pki / "server.key", pki / "ca.pem", client_certificate_required=True
         )
-        node_tls = TLSSettings(
-            enabled=True,
-            certificate=pki / "server.pem",
-            private_key=pki / "server.key",
-            ca_certificates=pki / "ca.pem",
-            require_client_certificate=True,
-        )
+        node_tls = receiver_tls(pki)
         destination_tls = DestinationTLS(
             enabled=True,
             ca_certificates=pki / "ca.pem",
@@ -80,15 +74,6 @@ def _start(node: Node, orthanc: OrthancServer, tls: ssl.SSLContext | None = None
     orthanc.start()
 
 
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 @pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
 def test_results_count_as_delivered_once_orthanc_committed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, pki: Path, over_tls: bool
@@ -104,9 +89,15 @@ def test_results_count_as_delivered_once_orthanc_committed(
         node.sender.start()
         node.outbox.enqueue(out.all(), [dest.name], job="job-commit")
         node.sender.wake()
-        _wait(lambda: node.outbox.counts() == {dest.name: {"sent": n}}, 60, "every commitment")
+        wait_for(
+            lambda: node.outbox.counts() == {dest.name: {"sent": n}},
+            timeout=60,
+            what="every commitment",
+        )
         # the files go once the rows say sent (the report's thread deletes them after)
-        _wait(lambda: not any(node.outbox.objects_dir.iterdir()), 30, "the files to go")
+        wait_for(
+            lambda: not any(node.outbox.objects_dir.iterdir()), timeout=30, what="the files to go"
+        )
         items = node.outbox.items()
         assert all(i.committed_at is not None and i.commit_requests == 1 for i in items)
         assert all(i.committed_at >= i.sent_at for i in items if i.sent_at)  # type: ignore[operator]
@@ -146,23 +137,35 @@ def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path)
         ob.enqueue(objects, [dest.name], job="job-lost")
         first = deliver_due(ob, [dest], store=store_then_lose)
         assert first.sent == len(objects) and first.commitment_requests == 1
-        _wait(lambda: ob.counts()[dest.name].get("committing", 0) == 0, 30, "Orthanc's report")
+        wait_for(
+            lambda: ob.counts()[dest.name].get("committing", 0) == 0,
+            timeout=30,
+            what="Orthanc's report",
+        )
         by_uid = {i.sop_instance_uid: i for i in ob.items()}
         assert ob.counts() == {dest.name: {"sent": len(objects) - 1, "pending": 1}}
         assert by_uid[lost].state == "pending" and by_uid[lost].last_status == 0x0112
         assert "did not commit" in (by_uid[lost].last_error or "")
         assert "0x0112 (no such object instance)" in (by_uid[lost].last_error or "")
         assert ob.undelivered("job-lost") == 1
-        _wait(
+        wait_for(
             lambda: [p.name for p in ob.objects_dir.iterdir()] == [f"{lost}.dcm"],
-            30,
-            "only the lost object's file to be kept",
+            timeout=30,
+            what="only the lost object's file to be kept",
         )
 
         again = deliver_due(ob, [dest])
         assert again.sent == 1 and again.commitment_requests == 1
-        _wait(lambda: ob.counts() == {dest.name: {"sent": len(objects)}}, 30, "the resend")
-        _wait(lambda: not any(ob.objects_dir.iterdir()), 30, "the files to go")
+        wait_for(
+            lambda: ob.counts() == {dest.name: {"sent": len(objects)}},
+            timeout=30,
+            what="the resend",
+        )
+        wait_for(
+            lambda: not any(ob.objects_dir.iterdir()),
+            timeout=30,
+            what="the files to go",
+        )
         resent = next(i for i in ob.items() if i.sop_instance_uid == lost)
         # stored, reported lost, stored again; asked twice
         assert resent.attempts == 3 and resent.commit_requests == 2
