@@ -87,8 +87,8 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
             by_kinds: dict[tuple[str, ...], list[str]] = {}  # destinations taking the same
             for name, kinds in destinations:
                 by_kinds.setdefault(tuple(kinds), []).append(name)
-            for kinds, names in by_kinds.items():
-                objects = [ds for kind in kinds for ds in result.by_kind.get(kind, [])]
+            for taken, names in by_kinds.items():
+                objects = [ds for kind in taken for ds in result.by_kind.get(kind, [])]
                 if objects:
                     queued += outbox.enqueue(objects, names, job=str(job_id))
         except GlioforecastError as exc:
