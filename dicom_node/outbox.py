@@ -418,32 +418,44 @@ class Outbox:
         ids: Sequence[int] | None = None,
         states: Sequence[str] = ("dead",),
     ) -> int:
-        """Re-queue rows (dead ones by default) for an attempt now, attempts reset to 0.
+        """Re-queue rows (dead ones by default) for an attempt now, attempts reset to 0; rows
+        in ``committing`` (with ``states`` naming it) have their storage commitment asked for
+        again now instead (the PACS's report was lost, say while the node was down).
 
         Delivered rows cannot be re-queued: their object files are gone once delivered.
         """
-        bad = [s for s in states if s not in ("dead", "pending")]
+        bad = [s for s in states if s not in ("dead", "pending", "committing")]
         if bad:
-            raise ValueError(f"cannot re-queue rows in state {bad}; expected dead or pending")
-        if not states:
-            return 0
-        sql = (
-            "UPDATE outbox SET state = 'pending', attempts = 0, commit_requests = 0, "
-            "next_attempt_at = ?, updated_at = ? "
-            f"WHERE state IN ({','.join('?' * len(states))})"
-        )
-        now = self.clock()
-        args: list[object] = [now, now, *states]
+            raise ValueError(
+                f"cannot re-queue rows in state {bad}; expected dead, pending or committing"
+            )
+        where = ""
+        args: list[object] = []
         if destination is not None:
-            sql += " AND destination = ?"
+            where += " AND destination = ?"
             args.append(destination)
         if ids is not None:
             if not ids:
                 return 0
-            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            where += f" AND id IN ({','.join('?' * len(ids))})"
             args.extend(ids)
+        resend = [s for s in states if s != "committing"]
+        now = self.clock()
+        n = 0
         with self._tx() as db:
-            n = db.execute(sql, args).rowcount
+            if resend:
+                n += db.execute(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, commit_requests = 0, "
+                    f"next_attempt_at = ?, updated_at = ? WHERE state IN "
+                    f"({','.join('?' * len(resend))}){where}",
+                    [now, now, *resend, *args],
+                ).rowcount
+            if "committing" in states:
+                n += db.execute(
+                    "UPDATE outbox SET commit_requested_at = NULL, commit_requests = 0, "
+                    f"next_attempt_at = ?, updated_at = ? WHERE state = 'committing'{where}",
+                    [now, now, *args],
+                ).rowcount
         logger.info("outbox: %d deliveries re-queued", n)
         return n
 

@@ -45,6 +45,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also reset pending rows waiting for their back-off, to try them now",
     )
+    p.add_argument(
+        "--committing",
+        action="store_true",
+        help="also ask again now for the storage commitments still awaited (the PACS's "
+        "report was lost, e.g. while the node was down)",
+    )
     p.set_defaults(func=cmd_retry)
 
 
@@ -135,7 +141,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if outbox is None:
             return 2
         with outbox:
-            states = ("dead", "pending") if args.pending else ("dead",)
+            states = (
+                ("dead",)
+                + (("pending",) if args.pending else ())
+                + (("committing",) if args.committing else ())
+            )
             n = outbox.retry(destination=args.destination, ids=args.ids, states=states)
     except StorageError as exc:
         logger.error("%s", exc)

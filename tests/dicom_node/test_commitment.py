@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -477,3 +478,26 @@ def test_check_destinations_says_which_take_results_as_configured(
     assert "expected destination names of the configuration (pacs, archive, viewer)" in (
         capsys.readouterr().err
     )
+
+
+def test_an_operator_asks_again_for_the_commitments_awaited(
+    tmp_path: Path, pacs: CommitmentPACS, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The node was down while the PACS reported: ``outbox retry --committing`` asks again now
+    rather than after the timeout."""
+    clock = Clock(time.time())  # the command uses the real clock
+    dest = pacs.destination()
+    with _outbox(tmp_path, clock) as ob:
+        ob.enqueue(_objects(), [dest.name], job="job-1")
+        deliver_due(ob, [dest])
+        assert len(pacs.requests) == 1
+    args = _cli(tmp_path, "retry", "--committing")
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == f"{len(_objects())} deliveries re-queued"
+    clock.t = time.time() + 1  # the command's "now" has come, not the timeout (600 s)
+    with _outbox(tmp_path, clock) as ob:
+        assert deliver_due(ob, [dest]).commitment_requests == 1
+        assert ob.counts() == {dest.name: {"committing": len(_objects())}}
+        assert all(i.commit_requests == 1 for i in ob.items())
+    assert len(pacs.requests) == 2 and pacs.requests[0][0] != pacs.requests[1][0]
+    assert pacs.stored.count(str(_objects()[0].SOPInstanceUID)) == 1, "not sent again"
