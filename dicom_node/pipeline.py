@@ -221,6 +221,7 @@ def assemble_inputs(
     registrations: Sequence[Path] = (),
     fallbacks: Mapping[str, Sequence[SeriesFiles]] | None = None,
     on_fallback: FallbackHook | None = None,
+    roi_union: bool = False,
 ) -> StudyInputs:
     """The model's inputs from a study's files by series role (``t1c`` and ``rtstruct``
     required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
@@ -232,7 +233,8 @@ def assemble_inputs(
     cannot be converted, its ``fallbacks`` (the other series matching the role, in the order of
     :func:`dicom_node.roles.ranked_candidates`) are tried, and ``on_fallback`` is told which one
     was used and why (default: ``warn``). An optional contrast that cannot be used does not stop
-    the study: ``warn`` is told why. The node's jobs and the training data read from DICOM
+    the study: ``warn`` is told why. With ``roi_union``, several ROIs matching ``roi_pattern``
+    make one tumour mask (their union). The node's jobs and the training data read from DICOM
     (``inference.dicom_cohort``) both go through here."""
     missing = [role for role in ("t1c", "rtstruct") if role not in files]
     if missing:
@@ -251,7 +253,7 @@ def assemble_inputs(
     t1c = _first_usable("t1c", files["t1c"], others.get("t1c", ()), load_series, hook)
     regs = load_registrations(registrations) if registrations else []
     mask, planning = load_placed_rtstruct_mask(
-        files["rtstruct"][0], t1c, roi_pattern, registrations=regs
+        files["rtstruct"][0], t1c, roi_pattern, registrations=regs, combine=roi_union
     )
     optional: dict[str, Volume] = {}
     for role in OPTIONAL_CONTRASTS:
@@ -370,6 +372,7 @@ class Pipeline:
             registrations,
             fallbacks=self._fallbacks(view),
             on_fallback=fall_back,
+            roi_union=self.settings.roles.roi_union,
         )
         unused = [r for r in OPTIONAL_CONTRASTS if r in series and getattr(inputs, r) is None]
         for role in unused:  # why is in the job's warning

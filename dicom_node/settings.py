@@ -211,6 +211,9 @@ class RoleSettings:
     roi_pattern: str = field(
         default=r"(?i)^\s*(gtv|gross|tumou?r)", metadata=_spec("", check=_check_regex)
     )
+    # several ROIs matching roi_pattern (a multifocal tumour's GTV_1, GTV_2): their union is the
+    # tumour, instead of an error (unless exactly one is typed GTV)
+    roi_union: bool = False
     rules: tuple[RoleRule, ...] = ()
     # a series whose ImageType has one of these values (or one of them followed by "_", as in
     # MIP_TRA) gets no role: a projection, a subtraction or a map is not the acquired volume

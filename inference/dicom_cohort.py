@@ -295,6 +295,7 @@ def study_inputs_from_series(
         registrations,
         fallbacks=fallbacks,
         on_fallback=fall_back,
+        roi_union=settings.roles.roi_union,
     )
     return inputs, described
 

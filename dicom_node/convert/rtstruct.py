@@ -294,7 +294,8 @@ def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) 
         )
         raise ConversionError(
             f"the ROI name pattern {pattern!r} is ambiguous: it matches {names}; expected "
-            f"exactly one ROI, or one of them typed GTV (ROIs available: {available})"
+            f"exactly one ROI, or one of them typed GTV (ROIs available: {available}); for a "
+            "multifocal tumour whose GTVs are all to be read, set roles.roi_union: true"
         )
     return matches
 

@@ -723,3 +723,57 @@ def test_a_later_structure_set_on_the_planning_ct_without_its_registration(  # t
     assert roles[150][0] == "rtstruct" and roles[151][0] == ""
     (event,) = [e.message for e in node.store.events(job.id) if e.kind == "rtstruct"]
     assert f"its GTV is on frame of reference {ct_frame}, which is not the T1-Gd's" in event
+
+
+def test_a_multifocal_tumour_with_roi_union(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The plan's structure set holds two GTVs, 'GTV_1' and 'GTV_2' (a second lesion 40 mm
+    away), both typed GTV: refused by default with a reason that names the setting; with
+    roles.roi_union the tumour is their union, twice the volume of one."""
+    import copy
+
+    pre, truth = patient
+    (plan_set,) = sorted((pre / "RTSTRUCT").glob("*.dcm"))
+    ds = pydicom.dcmread(plan_set)
+    names = {int(r.ROINumber): r for r in ds.StructureSetROISequence}
+    (gtv_number,) = [n for n, r in names.items() if r.ROIName == "GTV"]
+    new_number = max(names) + 1
+    names[gtv_number].ROIName = "GTV_1"
+    second = copy.deepcopy(names[gtv_number])
+    second.ROINumber, second.ROIName = new_number, "GTV_2"
+    ds.StructureSetROISequence.append(second)
+    (contours,) = [c for c in ds.ROIContourSequence if int(c.ReferencedROINumber) == gtv_number]
+    moved = copy.deepcopy(contours)
+    moved.ReferencedROINumber = new_number
+    for c in moved.ContourSequence:
+        points = np.asarray(c.ContourData, float).reshape(-1, 3)
+        points[:, 1] += 40.0  # 40 mm posterior
+        c.ContourData = [f"{v:.3f}" for v in points.ravel()]
+    ds.ROIContourSequence.append(moved)
+    for obs in ds.get("RTROIObservationsSequence", []):
+        if int(obs.ReferencedROINumber) == gtv_number:
+            extra = copy.deepcopy(obs)
+            extra.ReferencedROINumber = new_number
+            extra.ObservationNumber = new_number
+            ds.RTROIObservationsSequence.append(extra)
+    study = tmp_path / "study"
+    shutil.copytree(pre, study)
+    ds.save_as(study / plan_set.relative_to(pre), enforce_file_format=True)
+    files = sorted(study.rglob("*.dcm"))
+
+    def run(data: str, roi_union: bool):  # type: ignore[no-untyped-def]
+        node = run_node(make_settings(tmp_path / data, roles={"roi_union": roi_union}))
+        storescu(node.scp.port, *files)
+        return wait_for(
+            lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+            timeout=120,
+            what="the job to finish",
+        )
+
+    refused = run("data-default", False)
+    assert refused.state == FAILED
+    assert "'GTV_1' (GTV), 'GTV_2' (GTV)" in refused.reason
+    assert "set roles.roi_union: true" in refused.reason
+    union = run("data-union", True)
+    assert union.state == DONE, union.reason
+    now = float(union.reason.split("(now ")[1].split(" ml")[0])
+    assert 1.6 * truth["gtv_ml"] < now < 2.2 * truth["gtv_ml"], (now, truth["gtv_ml"])
