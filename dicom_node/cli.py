@@ -6,16 +6,19 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dicom_node import __version__, demo, outbox_cli
-from dicom_node.errors import ConfigError, GlioforecastError
+from dicom_node.errors import ConfigError, GlioforecastError, StorageError
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -159,8 +162,10 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     series = store.job_series(job.id)
     events = store.events(job.id)
+    deliveries = _deliveries(_settings(args), str(job.id))
     if args.json:
         out = dataclasses.asdict(job)
+        out["deliveries"] = deliveries
         out["series"] = [
             {**dataclasses.asdict(s.series), "role": s.role, "note": s.note} for s in series
         ]
@@ -186,7 +191,28 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     print("  events:")
     for e in events:
         print(f"    {_when(e.at)}  {e.kind:<10} {e.message}")
+    if deliveries:
+        print("  deliveries (glioforecast outbox list):")
+        for destination, by_state in sorted(deliveries.items()):
+            states = " ".join(f"{state}={n}" for state, n in sorted(by_state.items()))
+            print(f"    {destination:<16} {states}")
     return EXIT_OK
+
+
+def _deliveries(settings: Settings, job: str) -> dict[str, dict[str, int]]:
+    """The job's results by destination and outbox state ({} before anything was queued)."""
+    from dicom_node.outbox import Outbox
+    from dicom_node.outbox_cli import outbox_path
+
+    path = outbox_path(settings.storage.data_dir)
+    if not path.is_file():
+        return {}
+    try:
+        with Outbox(path) as outbox:
+            return outbox.counts(job=job)
+    except StorageError as exc:  # the job is still shown
+        log.warning("deliveries not shown: %s", exc)
+        return {}
 
 
 def cmd_jobs_retry(args: argparse.Namespace) -> int:

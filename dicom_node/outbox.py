@@ -653,12 +653,15 @@ class Outbox:
             ).fetchone()
         return int(row[0])
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """``{destination: {state: count}}``."""
+    def counts(self, job: str | None = None) -> dict[str, dict[str, int]]:
+        """``{destination: {state: count}}``, of one ``job``'s objects when given."""
         out: dict[str, dict[str, int]] = {}
+        where, args = ("WHERE job = ? ", (job,)) if job is not None else ("", ())
         with self._lock:
             for r in self._db.execute(
-                "SELECT destination, state, COUNT(*) AS n FROM outbox GROUP BY destination, state"
+                f"SELECT destination, state, COUNT(*) AS n FROM outbox {where}"
+                "GROUP BY destination, state",
+                args,
             ):
                 out.setdefault(r["destination"], {})[r["state"]] = int(r["n"])
         return out

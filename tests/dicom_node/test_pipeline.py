@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -127,6 +129,15 @@ def test_synthetic_study_round_trip(run_node, patient, pacs, planning_system, tm
     assert at_planning == ["RTSTRUCT", "SEG"]
     reason = node.store.get_job(job.id).reason
     assert "93 deliveries queued to pacs, tps (seg, rtstruct, rtstruct_planning)" in reason
+    # where the job's results are, as the operator sees them
+    shown = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "jobs", "show", str(job.id), "--data-dir",
+         str(tmp_path / "data")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "  deliveries (glioforecast outbox list):" in shown
+    assert re.search(r"^    pacs +sent=91$", shown, re.M), shown
+    assert re.search(r"^    tps +sent=2$", shown, re.M), shown
 
     # a PACS that forwards the whole study back sends the results too: every one is accepted
     # (the sender's transfer stays green) and stored, and none starts a job or a new send
