@@ -525,8 +525,9 @@ class JobStore:
         self, job_id: int, changes: Sequence[tuple[str, str, str]], kind: str, message: str
     ) -> None:
         """Set the role and note of some of a job's series (``(series UID, role, note)``), with
-        an event of ``kind`` saying ``message`` (none when ``kind`` is empty): the pipeline found
-        another series than the one chosen at assembly to be the one to use, or none."""
+        an event of ``kind`` saying ``message`` (none when ``kind`` is empty, nor when the job
+        has it already: a job run again after its process died finds the same): the pipeline
+        found another series than the one chosen at assembly to be the one to use, or none."""
         with self.transaction() as db:
             for uid, role, note in changes:
                 db.execute(
@@ -535,7 +536,7 @@ class JobStore:
                     (role, note, job_id, uid),
                 )
             if kind:
-                _event(db, job_id, kind, message)
+                _event(db, job_id, kind, message, once=True)
 
     def set_state(self, job_id: int, state: str, reason: str = "") -> bool:
         """Move a job to ``state``; False (and an event) when it was superseded meanwhile.
@@ -581,9 +582,11 @@ class JobStore:
                 _event(db, job_id, QUEUED, "interrupted by a stop or crash; queued again")
         return len(ids)
 
-    def add_event(self, job_id: int | None, kind: str, message: str) -> None:
+    def add_event(self, job_id: int | None, kind: str, message: str, *, once: bool = False) -> None:
+        """Record an event; with ``once``, not when the job has the same one already (what a
+        job's run finds again when the job is run again)."""
         with self.transaction() as db:
-            _event(db, job_id, kind, message)
+            _event(db, job_id, kind, message, once=once)
 
     def list_jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
         query = (
@@ -663,7 +666,17 @@ class JobStore:
         return out
 
 
-def _event(db: sqlite3.Connection, job_id: int | None, kind: str, message: str) -> None:
+def _event(
+    db: sqlite3.Connection, job_id: int | None, kind: str, message: str, *, once: bool = False
+) -> None:
+    if (
+        once
+        and db.execute(
+            "SELECT 1 FROM events WHERE job_id IS ? AND kind = ? AND message = ?",
+            (job_id, kind, message),
+        ).fetchone()
+    ):
+        return
     db.execute(
         "INSERT INTO events (job_id, at, kind, message) VALUES (?, ?, ?, ?)",
         (job_id, time.time(), kind, message),

@@ -368,7 +368,7 @@ class Pipeline:
         inputs = assemble_inputs(
             role_files,
             self.settings.roles.roi_pattern,
-            lambda message: self.store.add_event(job_id, "warning", message),
+            lambda message: self.store.add_event(job_id, "warning", message, once=True),
             registrations,
             fallbacks=self._fallbacks(view),
             on_fallback=fall_back,

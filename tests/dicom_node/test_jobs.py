@@ -112,3 +112,22 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
     assert summary == {"removed_partial": 1, "recovered": 1, "missing": 1}
     assert store.counts()["instances"] == 2
     assert reconcile(spool, store, SECRET) == {"removed_partial": 0, "recovered": 0, "missing": 0}
+
+
+def test_a_job_run_again_does_not_repeat_what_it_found(tmp_path: Path) -> None:
+    """The pipeline's choices and warnings are recorded once per job, however many times its
+    process is run (a job whose process died is run again); other events are not merged."""
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    _receive(spool, store, study["t1c"] + study["rtstruct"], 1_000_000.0)
+    (job,) = Assembler(store, settings).run_once(now=1_000_100.0)
+    (t1c,) = [js for js in store.job_series(job) if js.role == "t1c"]
+    uid = t1c.series.series_instance_uid
+    for _attempt in range(2):
+        store.update_series(job, [(uid, "t1c", "used")], "rtstruct", "RT structure set: a is used")
+        store.add_event(job, "warning", "flair: cannot be used (...)", once=True)
+        store.add_event(job, "running", "started")
+    kinds = [e.kind for e in store.events(job)]
+    assert kinds.count("rtstruct") == 1 and kinds.count("warning") == 1
+    assert kinds.count("running") == 2
