@@ -212,7 +212,7 @@ class RoleSettings:
         default=r"(?i)^\s*(gtv|gross|tumou?r)", metadata=_spec("", check=_check_regex)
     )
     # several ROIs matching roi_pattern (a multifocal tumour's GTV_1, GTV_2): their union is the
-    # tumour, instead of an error (unless exactly one is typed GTV)
+    # tumour (of those typed GTV when some are), instead of an error
     roi_union: bool = False
     rules: tuple[RoleRule, ...] = ()
     # a series whose ImageType has one of these values (or one of them followed by "_", as in

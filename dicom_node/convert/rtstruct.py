@@ -267,8 +267,9 @@ def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) 
 
     Of several matches, the one the planning system typed as the GTV (RTROIInterpretedType GTV)
     is used when it is the only one so typed (a "GTV" beside its "GTV+2cm" expansion typed CTV
-    or CONTROL); otherwise several matches are an error unless ``combine`` is true (their union
-    is then used).
+    or CONTROL); otherwise several matches are an error unless ``combine`` is true: their union
+    is then used, of those typed GTV when some are (a multifocal tumour's GTV_1 and GTV_2 beside
+    an expansion of them), of all of them otherwise.
     """
     try:
         regex = re.compile(pattern)
@@ -281,13 +282,20 @@ def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) 
             f"no ROI name matches the pattern {pattern!r}; ROIs available: {available}"
         )
     typed = [r for r in matches if r.interpreted_type == "GTV"]
-    if len(matches) > 1 and not combine and len(typed) == 1:
+    if len(matches) > 1 and combine:
+        chosen = typed or matches
+        log.info(
+            "ROI name pattern %r matches %s; the union of %s is the tumour", pattern,
+            ", ".join(repr(r.name) for r in matches), ", ".join(repr(r.name) for r in chosen),
+        )  # fmt: skip
+        return chosen
+    if len(matches) > 1 and len(typed) == 1:
         log.info(
             "ROI name pattern %r matches %s; %r, the only one typed GTV, is used",
             pattern, ", ".join(repr(r.name) for r in matches), typed[0].name,
         )  # fmt: skip
         return typed
-    if len(matches) > 1 and not combine:
+    if len(matches) > 1:
         names = ", ".join(
             f"{r.name!r}" + (f" ({r.interpreted_type})" if r.interpreted_type else "")
             for r in matches

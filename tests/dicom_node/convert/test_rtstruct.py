@@ -292,6 +292,18 @@ def test_of_several_gtv_like_names_the_one_typed_gtv_is_used() -> None:
     )
     with pytest.raises(ConversionError, match=r"it matches 'GTV1' \(GTV\), 'GTV2' \(GTV\)"):
         load_rtstruct_mask(two, grid)
+    # with combine (roles.roi_union), a multifocal tumour's GTVs are united, not an expansion
+    apart = [_to_world(grid, k, circle(20, 20, 6)) for k in range(1, 4)]
+    multifocal = synth.rtstruct(
+        grid.frame_of_reference_uid or "",
+        {"GTV_1": small, "GTV_2": apart, "GTV_1+2cm": large},
+        interpreted_types={"GTV_1": "GTV", "GTV_2": "GTV", "GTV_1+2cm": "CTV"},
+    )
+    union = load_rtstruct_mask(multifocal, grid, combine=True).array
+    one, other = (load_rtstruct_mask(multifocal, grid, f"^{n}$").array for n in ("GTV_1", "GTV_2"))
+    assert np.array_equal(union, one | other)
+    # one typed GTV beside its expansion: still that one
+    assert np.array_equal(load_rtstruct_mask(ds, grid, combine=True).array, chosen.array)
 
 
 @pytest.mark.parametrize(
