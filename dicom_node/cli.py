@@ -14,7 +14,7 @@ from typing import Any
 
 from dicom_node import __version__, demo, outbox_cli
 from dicom_node.errors import ConfigError, GlioforecastError, StorageError
-from dicom_node.settings import ENV_CONFIG, Settings, load_settings
+from dicom_node.settings import ENV_CONFIG, Settings, load_settings, warnings_of
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -65,6 +65,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         + (f", storage commitment with {', '.join(committing)}" if committing else "")
         + (f", TLS to {', '.join(tls)}" if tls else "")
     )
+    for warning in warnings_of(settings):
+        print(f"  warning: {warning}")
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ from dicom_node.retention import prune
 from dicom_node.scp import StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
-from dicom_node.settings import LoggingSettings, Settings
+from dicom_node.settings import LoggingSettings, Settings, warnings_of
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
 
@@ -342,6 +342,8 @@ def serve(settings: Settings) -> int:
     # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a node that
     # hangs is waiting for, without stopping it
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    for warning in warnings_of(settings):
+        log.warning("configuration: %s", warning)
     node = Node(settings)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)

@@ -558,6 +558,32 @@ def _overlay(base: Any, site: Any) -> Any:
     return site
 
 
+def warnings_of(s: Settings) -> list[str]:
+    """What is valid but most likely not what the site means (``check-config`` prints it,
+    ``serve`` logs it at start)."""
+    out: list[str] = []
+    if not s.node.refuse_unknown_callers:
+        return out
+    for n, d in enumerate(s.destinations):
+        if not d.storage_commitment:
+            continue
+        try:
+            addr = ipaddress.ip_address(d.host)
+        except ValueError:
+            continue  # a host name: which addresses it reports from cannot be told here
+        if not any(
+            not c.hosts or any(addr in ipaddress.ip_network(h, strict=False) for h in c.hosts)
+            for c in s.node.allowed_callers
+        ):
+            out.append(
+                f"destinations[{n}] ({d.name}): storage_commitment is on, but "
+                f"node.allowed_callers lets no caller in from {d.host}, where its storage "
+                "commitment reports come from: each would be refused (add the PACS's AE title "
+                f"with hosts: [{d.host}])"
+            )
+    return out
+
+
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load and validate settings from ``path``, ``$GLIOFORECAST_CONFIG`` or the default."""
     if path is None:

@@ -135,6 +135,18 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     )
     assert main(["check-config", str(tls)]) == 0
     assert "1 destination(s), TLS to pacs" in capsys.readouterr().out
+    # the PACS's storage commitment reports would be refused: said, not refused
+    refused = write(
+        tmp_path,
+        "node: {allowed_callers: [{ae_title: MR1, hosts: [10.1.4.21]}]}\n"
+        "destinations: [{name: pacs, ae_title: P, host: 10.1.8.10, port: 104,"
+        " storage_commitment: true}]\n",
+    )
+    assert main(["check-config", str(refused)]) == 0
+    out = capsys.readouterr().out
+    warning = "warning: destinations[0] (pacs): storage_commitment is on, but node.allowed_callers"
+    assert warning in out
+    assert "lets no caller in from 10.1.8.10" in out and "hosts: [10.1.8.10]" in out
     bad = write(tmp_path, "node: {port: 0}\n")
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
