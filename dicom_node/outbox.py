@@ -105,11 +105,16 @@ _FORGET_SETTLED = (
 def _migrate(database: Database) -> None:
     """Rebuild an outbox table made before storage commitment (its CHECK lists four states and
     it lacks the commitment columns); rows are copied as they are."""
+    query = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
+
+    def current(row: sqlite3.Row | None) -> bool:
+        return row is None or "'committing'" in row[0]
+
+    with database.lock:  # read first: no write lock for a database that is up to date
+        if current(database.conn.execute(query).fetchone()):
+            return
     with database.transaction() as db:
-        row = db.execute(
-            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
-        ).fetchone()
-        if row is None or "'committing'" in row[0]:
+        if current(db.execute(query).fetchone()):  # another process rebuilt it meanwhile
             return
         columns = ", ".join(r[1] for r in db.execute("PRAGMA table_info(outbox)"))
         db.execute(_OUTBOX_TABLE.replace("IF NOT EXISTS outbox (", "outbox_rebuilt ("))
