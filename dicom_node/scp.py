@@ -292,6 +292,18 @@ class StorageSCP:
             return commitment.PROCESSING_FAILURE, None
         return SUCCESS, None
 
+    def _on_commitment_request(self, event: Any) -> tuple[int, None]:
+        """A sender asking the node to commit to keeping what it sent (a scanner routing to the
+        node with storage commitment on): refused, the node is no archive (retention removes
+        what it received)."""
+        caller = event.assoc.requestor.ae_title.strip()
+        log.warning(
+            "storage commitment request from %s refused (0x0122): the node does not keep what "
+            "it receives; ask the PACS for storage commitment instead",
+            caller,
+        )
+        return commitment.SOP_CLASS_NOT_SUPPORTED, None
+
     def _queue_full(self) -> str:
         """Why new instances must wait (the job queue is at its bound), or ''; the count of
         queued jobs is read from the store at most once a second."""
@@ -381,6 +393,7 @@ class StorageSCP:
         ]
         if self.commitment_reports is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_commitment_report))
+            handlers.append((evt.EVT_N_ACTION, self._on_commitment_request))
         address = (self.settings.bind_address, self.settings.port)
         try:
             # make_server + our own thread rather than start_server: the request handler is the

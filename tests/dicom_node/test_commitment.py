@@ -364,6 +364,24 @@ def test_a_report_without_role_negotiation_is_taken(
     assert node.outbox.counts() == {"pacs": {"sent": len(objs)}}
 
 
+def test_a_scanner_asking_the_node_for_storage_commitment_is_refused(
+    node_and_pacs: tuple[Node, CommitmentPACS], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node takes reports, not requests: it does not keep what it receives."""
+    node, _ = node_and_pacs
+    ae = AE(ae_title="MR_SCANNER")
+    ae.add_requested_context(PUSH_MODEL)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    info = Dataset()
+    info.TransactionUID = "2.25.77"
+    info.ReferencedSOPSequence = []
+    status, _ = assoc.send_n_action(info, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+    assoc.release()
+    assert int(status.Status) == 0x0122
+    assert "storage commitment request from MR_SCANNER refused (0x0122)" in caplog.text
+
+
 def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
         return str(rsp.read().decode())
