@@ -46,10 +46,9 @@ from dicom_node.scp import (
     STORAGE_CLASSES,
     SUCCESS,
     TRANSFER_SYNTAXES,
-    VERIFICATION,
     _status,
 )
-from dicom_node.scu import Destination
+from dicom_node.scu import VERIFICATION, Destination
 from dicom_node.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,7 @@ from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
+from dicom_node.scu import VERIFICATION
 from dicom_node.settings import AllowedCaller, NodeSettings
 from dicom_node.spool import Spool, Staged
 
@@ -97,7 +98,6 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
-VERIFICATION = "1.2.840.10008.1.1"
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

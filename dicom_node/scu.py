@@ -30,6 +30,7 @@ from dicom_node.errors import GlioforecastError, SendError
 logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
+VERIFICATION = "1.2.840.10008.1.1"
 _UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 # Warning statuses of C-STORE (PS3.4 B.2.3): the instance is stored.
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})

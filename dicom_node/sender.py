@@ -10,15 +10,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import Association
 from pynetdicom.presentation import build_context
 
+from dicom_node.commitment import PUSH_MODEL
 from dicom_node.errors import InputError, SendError
-from dicom_node.scu import Destination, store_batch
+from dicom_node.scu import VERIFICATION, Destination, associate, store_batch
 
 log = logging.getLogger(__name__)
-
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
@@ -43,22 +42,29 @@ class SendReport:
 
 def echo(host: str, port: int, called_ae: str, calling_ae: str) -> int:
     """C-ECHO a peer; returns the status (0 = success) or raises :class:`SendError`."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
-    assoc = ae.associate(host, port, ae_title=called_ae)
-    if not assoc.is_established:
-        raise SendError(
-            f"{called_ae} at {host}:{port}: association not established "
-            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
-        )
+    peer = Destination(name=called_ae, ae_title=called_ae, host=host, port=port)
+    assoc = associate(
+        peer,
+        [build_context(VERIFICATION)],
+        calling_ae=calling_ae,
+        acse_timeout_s=60,
+        dimse_timeout_s=60,
+        network_timeout_s=60,
+    )
+    code = _c_echo(assoc)
+    if code is None:
+        raise SendError(f"{peer}: no C-ECHO response")
+    return code
+
+
+def _c_echo(assoc: Association) -> int | None:
+    """The status of one C-ECHO on ``assoc`` (None: no response), the association released."""
     try:
         status = assoc.send_c_echo()
     finally:
-        assoc.release()
-    if "Status" not in status:
-        raise SendError(f"{called_ae} at {host}:{port}: no C-ECHO response")
-    return int(status.Status)
+        if assoc.is_established:
+            assoc.release()
+    return int(status.Status) if "Status" in status else None
 
 
 def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, str]:
@@ -66,9 +72,6 @@ def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, 
     an association with its settings (TLS included), a C-ECHO, and, for a destination with
     storage commitment, the Storage Commitment Push Model context accepted. Nothing is stored
     or committed."""
-    from dicom_node.commitment import PUSH_MODEL
-    from dicom_node.scu import associate
-
     contexts = [build_context(VERIFICATION)]
     if destination.storage_commitment:
         contexts.append(build_context(PUSH_MODEL))
@@ -76,33 +79,28 @@ def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, 
         assoc = associate(destination, contexts, calling_ae=calling_ae)
     except SendError as exc:
         return False, str(exc)
-    try:
-        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
-        found: list[str] = []
-        ok = True
-        if VERIFICATION in accepted:
-            status = assoc.send_c_echo()
-            code = int(status.Status) if "Status" in status else None
-            ok = code == 0
-            found.append(
-                "C-ECHO success"
-                if ok
-                else f"C-ECHO {'no response' if code is None else f'status 0x{code:04X}'}"
-            )
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    found: list[str] = []
+    ok = True
+    if VERIFICATION in accepted:
+        code = _c_echo(assoc)
+        ok = code == 0
+        found.append(
+            "C-ECHO success"
+            if ok
+            else f"C-ECHO {'no response' if code is None else f'status 0x{code:04X}'}"
+        )
+    else:
+        assoc.release()
+        found.append("no Verification context (C-ECHO not offered by the peer)")
+    if destination.storage_commitment:
+        if PUSH_MODEL in accepted:
+            found.append("Storage Commitment Push Model accepted")
         else:
-            found.append("no Verification context (C-ECHO not offered by the peer)")
-        if destination.storage_commitment:
-            if PUSH_MODEL in accepted:
-                found.append("Storage Commitment Push Model accepted")
-            else:
-                ok = False
-                found.append(
-                    "Storage Commitment Push Model not accepted (storage_commitment: true "
-                    "expects it)"
-                )
-    finally:
-        if assoc.is_established:
-            assoc.release()
+            ok = False
+            found.append(
+                "Storage Commitment Push Model not accepted (storage_commitment: true expects it)"
+            )
     return ok, "; ".join(found)
 
 
