@@ -157,14 +157,14 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     from pydicom.uid import UID
 
-    _, store = _open_store(args)
+    settings, store = _open_store(args)
     job = store.get_job(args.job_id)
     if job is None:
         print(f"no job {args.job_id}", file=sys.stderr)
         return EXIT_FAILED
     series = store.job_series(job.id)
     events = store.events(job.id)
-    deliveries = _deliveries(_settings(args), str(job.id))
+    deliveries = _deliveries(settings, str(job.id))
     if args.json:
         out = dataclasses.asdict(job)
         out["deliveries"] = deliveries
