@@ -60,10 +60,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     committing = [d.name for d in settings.destinations if d.storage_commitment]
     tls = [d.name for d in settings.destinations if d.tls.enabled]
+    notices = [d.name for d in settings.destinations if d.failure_notice]
     print(
         f"  {len(settings.destinations)} destination(s)"
         + (f", storage commitment with {', '.join(committing)}" if committing else "")
         + (f", TLS to {', '.join(tls)}" if tls else "")
+        + (f", failure notices to {', '.join(notices)}" if notices else "")
     )
     for warning in warnings_of(settings):
         print(f"  warning: {warning}")

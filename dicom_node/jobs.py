@@ -602,6 +602,23 @@ class JobStore:
             rows = self._conn.execute(query, (*params, limit)).fetchall()
         return [_job(r) for r in rows]
 
+    def failures_to_notify(self, since: float, limit: int) -> list[Job]:
+        """Failed jobs (each its study's latest version) that failed at ``since`` or later,
+        whose study waits for no instance and has MR images, and that have no ``notice`` event
+        since they failed (:mod:`dicom_node.notices`); oldest first, at most ``limit``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
+                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
+                "WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 "
+                "AND EXISTS (SELECT 1 FROM job_instances ji JOIN instances i "
+                "USING (sop_instance_uid) WHERE ji.job_id = j.id AND i.modality = 'MR') "
+                "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id "
+                "AND e.kind = 'notice' AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
+                (FAILED, since, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._conn.execute(

@@ -18,6 +18,7 @@ from dicom_node.errors import GlioforecastError
 from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
+from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.retention import prune
@@ -151,6 +152,7 @@ class Node:
             ),
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
+        self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
         self.health: HealthServer | None = None
         if settings.health.enabled:
             h = settings.health
@@ -201,6 +203,7 @@ class Node:
             try:
                 if self.assembler.run_once():
                     self.worker.wake()
+                self.notices.run_once()
             except Exception:
                 # the loop must survive anything a single study does to it
                 log.exception("assembly pass failed; will retry")

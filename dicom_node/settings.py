@@ -251,6 +251,9 @@ class Destination:
     # which of a job's objects go there (OUTPUT_KINDS); empty: all of them. A planning system
     # typically takes the RTSTRUCTs and the SEG, not the Secondary Captures or the SR
     objects: tuple[str, ...] = field(default=(), metadata=_spec("", check=_check_output_kind))
+    # when no prediction can be made for a study (a required series missing, unusable input,
+    # a model error), send the study a notice saying so and why (an SC page and an SR)
+    failure_notice: bool = False
     tls: DestinationTLS = DestinationTLS()
 
 

@@ -86,6 +86,16 @@ def check_uid(uid: str) -> str:
     return uid
 
 
+def name_uid(*parts: str | int) -> str:
+    """A UID derived from ``parts``: ``2.25.<name-based UUID as an integer>``.
+
+    The ``2.25`` root is the standard's arc for UUID-derived UIDs (PS3.5 B.2); a version 5
+    UUID is derived from a name, here ``parts`` joined with ``/``: the same parts, the same UID.
+    """
+    name = "/".join(str(p) for p in parts)
+    return check_uid(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
+
+
 @dataclass(frozen=True)
 class JobIdentity:
     """What identifies the outputs of one job: inputs and model, nothing else.
@@ -127,13 +137,8 @@ class JobIdentity:
         return h.hexdigest()
 
     def uid(self, *parts: str | int) -> str:
-        """A UID for ``parts`` within this job: ``2.25.<name-based UUID as an integer>``.
-
-        The ``2.25`` root is the standard's arc for UUID-derived UIDs (PS3.5 B.2); a version 5
-        UUID is derived from a name, here the job key and ``parts``.
-        """
-        name = "/".join([self.key, *(str(p) for p in parts)])
-        return check_uid(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
+        """A UID for ``parts`` within this job (:func:`name_uid` of the job key and ``parts``)."""
+        return name_uid(self.key, *parts)
 
     def series_uid(self, kind: str) -> str:
         _check_kind(kind)

@@ -101,7 +101,7 @@ def _outline(mask: npt.NDArray[np.bool_], thickness: int) -> npt.NDArray[np.bool
     return np.asarray(mask & ~inner, dtype=bool)
 
 
-def _banner(width: int, text: str) -> npt.NDArray[np.uint8]:
+def draw_banner(width: int, text: str) -> npt.NDArray[np.uint8]:
     height = banner_height(width)
     img = Image.new("RGB", (width, height), BANNER_BG_RGB)
     draw = ImageDraw.Draw(img)
@@ -134,7 +134,7 @@ def render_slice(
     big_mask = np.repeat(np.repeat(mask.astype(bool), factor, axis=0), factor, axis=1)
     edge = _outline(big_mask, options.outline_px)
     big[edge] = outline_rgb
-    banner = _banner(big.shape[1], options.banner_text)
+    banner = draw_banner(big.shape[1], options.banner_text)
     return np.ascontiguousarray(np.concatenate([banner, big], axis=0))
 
 

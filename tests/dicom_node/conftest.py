@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 
 from dicom_node.service import Node
-from dicom_node.settings import Settings, load_settings
+from dicom_node.settings import Destination, Settings, load_settings
+from tests.conftest import free_port, tool
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
@@ -47,3 +49,15 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.request_stop()
         thread.join(timeout=10)
         node.stop()
+
+
+def storescp_destination(folder: Path, name: str, ae_title: str, **settings: Any):  # type: ignore[no-untyped-def]
+    """dcmtk storescp writing into ``folder``, and its destination entry."""
+    folder.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
+        env={"TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    entry = Destination(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **settings)
+    return proc, entry

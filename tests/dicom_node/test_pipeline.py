@@ -24,8 +24,8 @@ from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, SUPERSEDED, JobStore
 from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import planning_frame, to_planning_frame
-from tests.conftest import free_port, tool, wait_for
-from tests.dicom_node.conftest import make_settings
+from tests.conftest import tool, wait_for
+from tests.dicom_node.conftest import make_settings, storescp_destination
 from tests.dicom_node.test_scp import storescu
 from tests.factories import copy_series
 
@@ -38,21 +38,9 @@ def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
     return pre, record.values
 
 
-def _storescp(folder, name, ae_title, **settings):  # type: ignore[no-untyped-def]
-    """dcmtk storescp writing into ``folder``, and its destination entry."""
-    folder.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(
-        [tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
-        env={"TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    entry = Destination(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **settings)
-    return proc, entry
-
-
 @pytest.fixture
 def pacs(tmp_path):  # type: ignore[no-untyped-def]
-    proc, destination = _storescp(tmp_path / "pacs", "pacs", "PACS")
+    proc, destination = storescp_destination(tmp_path / "pacs", "pacs", "PACS")
     yield destination, tmp_path / "pacs"
     proc.terminate()
     proc.wait(timeout=30)
@@ -61,7 +49,7 @@ def pacs(tmp_path):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def planning_system(tmp_path):  # type: ignore[no-untyped-def]
     """A destination that takes only the predicted tumour's SEG and RTSTRUCT."""
-    proc, destination = _storescp(
+    proc, destination = storescp_destination(
         tmp_path / "tps", "tps", "TPS", objects=("seg", "rtstruct", "rtstruct_planning")
     )
     yield destination, tmp_path / "tps"

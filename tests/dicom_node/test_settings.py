@@ -67,6 +67,8 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
          "rtstruct, rtstruct_planning, sr, found 'rtss'"),
         ("destinations: [{name: p, ae_title: P, host: h, port: 104, storage_commitment: 1}]",
          "destinations[0].storage_commitment: expected"),
+        ("destinations: [{name: p, ae_title: P, host: h, port: 104, failure_notice: 'yes'}]",
+         "destinations[0].failure_notice: expected"),
         ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
         ("[1, 2]", "top level: expected a mapping, found a list"),
         ("node: {port: 1\n  bad", "not valid YAML"),
@@ -128,7 +130,7 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     assert main(["check-config", str(good)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out
-    assert "2 destination(s), storage commitment with pacs\n" in out
+    assert "2 destination(s), storage commitment with pacs, failure notices to pacs\n" in out
     tls = write(
         tmp_path,
         "destinations: [{name: pacs, ae_title: P, host: h, port: 104, tls: {enabled: true}}]\n",

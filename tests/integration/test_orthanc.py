@@ -17,12 +17,14 @@ from PIL import Image
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy, deliver_due
 from dicom_node.scu import store_batch
 from sr_writer.labels import is_labelled_description
+from sr_writer.notice import NOTICE_DESCRIPTION, build_failure_notice
 from sr_writer.outputs import JobOutputs, build_outputs
 from sr_writer.secondary_capture import BANNER_BG_RGB, BANNER_TEXT_RGB, OUTLINE_RGB, banner_height
 from tests.integration.orthanc import OrthancServer, free_port, orthanc_binary
 from tests.sr_writer.synthetic_job import (
     PATIENT_NAME,
     default_case,
+    default_notice,
     default_outputs,
     job_inputs,
     source_mr_datasets,
@@ -119,6 +121,30 @@ def test_results_arrive_in_the_source_study(orthanc: OrthancServer, tmp_path: Pa
         assert doc.shape == px.shape, stale
         assert np.array_equal(doc[banner_height(cols) :], image), stale
         assert _is(doc[: banner_height(cols)], BANNER_BG_RGB).mean() > 0.6, stale
+
+
+def test_a_failure_notice_is_stored_in_the_study_and_previews_as_sent(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    n_source = _send_source_study(orthanc)
+    case = default_case()
+    notice = build_failure_notice(default_notice(), case.patient, "0.1.0")
+    results = store_batch(notice, orthanc.destination())
+    assert all(r.delivered for r in results), [r.error for r in results if not r.delivered]
+    series = orthanc.series_of_study(case.patient.study_instance_uid)
+    assert len(series) == 3 and orthanc.count_instances() == n_source + 2
+    for ds in notice:
+        found = series[str(ds.SeriesInstanceUID)]
+        assert found["MainDicomTags"]["SeriesDescription"] == NOTICE_DESCRIPTION
+        assert len(found["Instances"]) == 1
+    # the page a viewer shows is the one sent: banner and text intact
+    [instance] = orthanc.post(
+        "/tools/find",
+        {"Level": "Instance", "Query": {"SOPInstanceUID": str(notice[0].SOPInstanceUID)}},
+    )
+    png = orthanc.raw(f"/instances/{instance}/preview")
+    px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert np.array_equal(px, notice[0].pixel_array), "Orthanc altered the notice's pixels"
 
 
 def test_outage_then_delivery_exactly_once(

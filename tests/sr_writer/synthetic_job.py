@@ -18,6 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, RTStructure
 
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
 from sr_writer.labels import JobIdentity
+from sr_writer.notice import FailureNotice
 from sr_writer.outputs import JobInputs, JobOutputs, OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
 
@@ -252,3 +253,18 @@ def write_all(objects: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
     return paths
+
+
+def default_notice(
+    reason: str = "missing required role rtstruct: no series matched",
+) -> FailureNotice:
+    """A failure notice of :func:`default_case`'s study (its T1-Gd series as evidence)."""
+    return FailureNotice(
+        job_id=7,
+        headline="No RT structure set with the tumour outline (GTV) was received for this study.",
+        reason=reason,
+        advice="When the GTV has been contoured, send it to the glioforecast node (GLIOFORECAST).",
+        node_ae_title="GLIOFORECAST",
+        failed_at=datetime.datetime(2026, 12, 6, 14, 30),
+        study_series=(default_case().t1c_series,),
+    )

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from tests.sr_writer.synthetic_job import default_outputs
+from sr_writer.notice import build_failure_notice
+from tests.sr_writer.synthetic_job import default_case, default_notice, default_outputs
 
 
 def _objects() -> dict[str, Dataset]:
     out = default_outputs()
+    notice_sc, notice_sr = build_failure_notice(default_notice(), default_case().patient, "0.1.0")
     return {
         "secondary capture": out.sc[len(out.sc) // 2],
         "uncertainty secondary capture": out.uncertainty_sc[0],
@@ -21,6 +23,8 @@ def _objects() -> dict[str, Dataset]:
         "rtstruct": out.rtstruct,
         "structured report": out.sr,
         "derived mr": out.derived_mr[-1],
+        "failure notice secondary capture": notice_sc,
+        "failure notice structured report": notice_sr,
     }
 
 
