@@ -67,6 +67,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         + (f", TLS to {', '.join(tls)}" if tls else "")
         + (f", failure notices to {', '.join(notices)}" if notices else "")
     )
+    audit = settings.audit
+    where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []
+    where += [str(audit.file)] if audit.file is not None else []
+    print(f"  audit trail {'to ' + ' and '.join(where) if audit.enabled else 'off'}")
     for warning in warnings_of(settings):
         print(f"  warning: {warning}")
     return EXIT_OK
@@ -237,19 +241,24 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_spool_prune(args: argparse.Namespace) -> int:
+    from dicom_node.audit import audit_trail
     from dicom_node.outbox import Outbox
     from dicom_node.outbox_cli import outbox_path
     from dicom_node.retention import describe, prune
 
     settings, store = _open_store(args)
     outbox = Outbox(outbox_path(settings.storage.data_dir))
+    audit = audit_trail(settings.audit, settings.node.ae_title)
+    audit.start(activity=False)
     try:
         removals = prune(
-            store, settings.storage.spool_dir, outbox, settings.retention, dry_run=args.dry_run
-        )
+            store, settings.storage.spool_dir, outbox, settings.retention, dry_run=args.dry_run,
+            audit=audit,
+        )  # fmt: skip
     finally:
         outbox.close()
         store.close()
+        audit.close()
     print(describe(removals, args.dry_run))
     return EXIT_OK
 

@@ -353,6 +353,16 @@ class JobStore:
             _event(db, candidate.job_id, "retention", message)
         return paths
 
+    def study_sop_classes(self, study_uid: str) -> dict[str, int]:
+        """The study's instances in the spool, counted by SOP class."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT sop_class_uid, count(*) FROM instances WHERE study_instance_uid = ? "
+                "AND removed_at IS NULL GROUP BY sop_class_uid",
+                (study_uid,),
+            ).fetchall()
+        return {str(uid): int(n) for uid, n in rows}
+
     def study_removed_at(self, study_uid: str) -> float | None:
         """When retention last removed instances of the study (None: never)."""
         with self._lock:

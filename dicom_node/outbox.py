@@ -46,6 +46,14 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node import commitment
+from dicom_node.audit import (
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    AuditTrail,
+    NoAuditTrail,
+    Participant,
+    TransferTally,
+)
 from dicom_node.commitment import PERMANENT_REASONS, CommitmentReport, describe_reason
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
@@ -750,8 +758,10 @@ def deliver_due(
     calling_ae: str = "GLIOFORECAST",
     batch_size: int = 500,
     store: StoreFn | None = None,
+    audit: AuditTrail | NoAuditTrail | None = None,
 ) -> DeliveryReport:
-    """One pass: for each destination, send its due rows over one association per batch."""
+    """One pass: for each destination, send its due rows over one association per batch;
+    what each batch delivered, and what it did not, goes to ``audit``."""
     report = DeliveryReport()
 
     def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
@@ -763,7 +773,7 @@ def deliver_due(
             items = outbox.claim(dest.name, limit=batch_size)
             if not items:
                 break
-            _deliver_batch(outbox, dest, items, send, report)
+            _deliver_batch(outbox, dest, items, send, report, audit or NoAuditTrail(), calling_ae)
             if len(items) < batch_size:
                 break
         if dest.storage_commitment:
@@ -811,6 +821,8 @@ def _deliver_batch(
     items: list[OutboxItem],
     send: StoreFn,
     report: DeliveryReport,
+    audit: AuditTrail | NoAuditTrail,
+    calling_ae: str,
 ) -> None:
     loaded: list[tuple[OutboxItem, Dataset]] = []
     for item in items:
@@ -833,20 +845,28 @@ def _deliver_batch(
             _count_failure(report, updated, msg)
         return
     by_uid = {r.sop_instance_uid: r for r in results}
-    for item, _ in loaded:
+    tally = TransferTally()
+    for item, ds in loaded:
         result = by_uid.get(item.sop_instance_uid)
         if result is None:
             msg = f"{dest} gave no result for {item.sop_instance_uid}"
             _count_failure(report, outbox.mark_failed(item, msg), msg)
+            tally.add(ds, item.sop_class_uid, msg)
         elif result.delivered:
             outbox.mark_sent(item, result.status, commit=dest.storage_commitment)
             report.sent += 1
+            tally.add(ds, item.sop_class_uid)
         else:
             msg = result.error or "unknown failure"
             updated = outbox.mark_failed(
                 item, msg, status=result.status, permanent=result.permanent
             )
             _count_failure(report, updated, msg)
+            tally.add(ds, item.sop_class_uid, msg)
+    if audit.enabled and tally:
+        node = Participant(calling_ae, audit.node.host, True, ROLE_SOURCE)
+        peer = Participant(dest.ae_title, dest.host, False, ROLE_DESTINATION)
+        audit.transferred(node, peer, tally)
 
 
 def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> None:
@@ -872,11 +892,13 @@ class OutboxSender(BackgroundLoop):
         *,
         calling_ae: str = "GLIOFORECAST",
         poll_s: float = 5.0,
+        audit: AuditTrail | NoAuditTrail | None = None,
     ) -> None:
         self.outbox = outbox
         self.destinations = list(destinations)
         self.calling_ae = calling_ae
         self.poll_s = poll_s
+        self.audit = audit or NoAuditTrail()
         super().__init__()
 
     def start(self) -> None:
@@ -885,7 +907,9 @@ class OutboxSender(BackgroundLoop):
 
     def step(self) -> float:
         try:
-            deliver_due(self.outbox, self.destinations, calling_ae=self.calling_ae)
+            deliver_due(
+                self.outbox, self.destinations, calling_ae=self.calling_ae, audit=self.audit
+            )
         except Exception:  # the loop must survive: the next pass retries
             logger.exception("outbox: delivery pass failed")
         due = self.outbox.next_due()

@@ -26,6 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.audit import AuditTrail, NoAuditTrail, StudyRecord
 from dicom_node.jobs import DONE, JobStore, RetentionCandidate
 from dicom_node.outbox import Outbox
 from dicom_node.settings import RetentionSettings
@@ -80,6 +84,19 @@ def _remove_files(root: Path, relative: Sequence[str]) -> int:
     return freed
 
 
+def _name_patient(study: StudyRecord, paths: Sequence[Path]) -> None:
+    """Fill in the patient and accession number of ``study`` from the first file that reads."""
+    for path in paths:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, AttributeError):
+            continue
+        found = StudyRecord.from_dataset(ds)
+        study.patient_id, study.patient_name = found.patient_id, found.patient_name
+        study.accession_number = found.accession_number
+        return
+
+
 def prune(
     store: JobStore,
     spool_root: Path,
@@ -89,10 +106,12 @@ def prune(
     now: float | None = None,
     dry_run: bool = False,
     limit: int | None = None,
+    audit: AuditTrail | NoAuditTrail | None = None,
 ) -> list[Removal]:
     """Remove the spool files of every study that retention allows (see the module), or of
     the first ``limit`` of them; in a dry run, only say which. Returns one :class:`Removal`
-    per study."""
+    per study; each study removed is a DICOM Study Deleted message of ``audit``."""
+    audit = audit or NoAuditTrail()
     now = time.time() if now is None else now
     removals: list[Removal] = []
     for candidate in store.retention_candidates():
@@ -115,10 +134,20 @@ def prune(
             f"retention: the study's files were removed from the spool, {age:.1f} days after "
             f"its last instance (latest job {candidate.state}); send the study again to rerun it"
         )
+        study = StudyRecord(candidate.study_instance_uid)
+        if audit.enabled:
+            study.sop_classes = store.study_sop_classes(candidate.study_instance_uid)
         relative = store.remove_study_instances(candidate, now, message)
         if not relative:
             continue  # the study changed since it was read: left for the next pass
+        if audit.enabled:
+            _name_patient(study, [spool_root / rel for rel in relative])
         freed = _remove_files(spool_root, relative)
+        if audit.enabled:
+            audit.deleted(
+                study, f"retention: {age:.1f} days after the study's last instance, latest job "
+                f"{candidate.state}",
+            )  # fmt: skip
         removals.append(Removal(candidate.job_id, candidate.state, age, len(relative), freed))
         log.info(
             "retention: job %d (%s, last instance %.1f days ago): %d files, %.1f MB removed",

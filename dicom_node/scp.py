@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import uid as sc
@@ -40,6 +41,14 @@ from pynetdicom import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import commitment, fastpath
+from dicom_node.audit import (
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    AuditTrail,
+    NoAuditTrail,
+    Participant,
+    TransferTally,
+)
 from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
@@ -185,6 +194,15 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+@dataclass
+class _Received:
+    """What one association delivered, for the audit trail."""
+
+    calling: str
+    host: str
+    tally: TransferTally = field(default_factory=TransferTally)
+
+
 class StorageSCP:
     """Receives instances into the spool and records them in the job store."""
 
@@ -197,8 +215,13 @@ class StorageSCP:
         ssl_context: ssl.SSLContext | None = None,
         max_queued_jobs: int | None = None,
         commitment_reports: Callable[[CommitmentReport], object] | None = None,
+        audit: AuditTrail | NoAuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or NoAuditTrail()
+        # what each open association delivered, for the audit trail (by id of the association)
+        self._received: dict[int, _Received] = {}
+        self._received_lock = threading.Lock()
         # where storage commitment reports go (the outbox); None: the SOP class is not offered
         self.commitment_reports = commitment_reports
         self.spool = spool
@@ -249,6 +272,10 @@ class StorageSCP:
                 self.settings.ae_title,
             )
             self._reject(assoc, _CALLED_NOT_RECOGNISED)
+            self.audit.refused(
+                calling, host, f"association refused: called AE title {requested!r}, expected "
+                f"{self.settings.ae_title!r}",
+            )  # fmt: skip
             return
         if self.settings.refuse_unknown_callers and not caller_allowed(
             self.settings.allowed_callers, calling, host
@@ -259,8 +286,33 @@ class StorageSCP:
                 host,
             )
             self._reject(assoc, _CALLING_NOT_RECOGNISED)
+            self.audit.refused(
+                calling, host, f"association refused: calling AE title {calling!r} at {host} "
+                "is not in node.allowed_callers",
+            )  # fmt: skip
             return
         log.info("association from %s at %s accepted", calling, host)
+        if self.audit.enabled:
+            with self._received_lock:
+                self._received[id(assoc)] = _Received(calling, host)
+
+    def _on_close(self, event: Any) -> None:
+        """The association's connection closed: its studies go to the audit trail."""
+        with self._received_lock:
+            received = self._received.pop(id(event.assoc), None)
+        if received is None:
+            return
+        sender = Participant(received.calling, received.host, True, ROLE_SOURCE)
+        node = Participant(self.settings.ae_title, self.audit.node.host, False, ROLE_DESTINATION)
+        self.audit.transferred(sender, node, received.tally)
+
+    def _audit_instance(self, assoc: Any, ds: Dataset, sop_class: str, error: str = "") -> None:
+        """Count one instance for the audit trail: stored, or refused with ``error``."""
+        with self._received_lock:
+            received = self._received.get(id(assoc))
+        if received is None:
+            return
+        received.tally.add(ds, sop_class, error)
 
     @staticmethod
     def _reject(assoc: Any, diagnostic: int) -> None:
@@ -374,12 +426,15 @@ class StorageSCP:
             new = self.store.record_instance(info, stored.relative, calling, time.time())
         except OutOfSpaceError as exc:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
+            self._audit_instance(event.assoc, ds, info.sop_class_uid, "node out of disk space")
             return _status(OUT_OF_RESOURCES, "node out of disk space; retry later")
         except Exception as exc:  # the sender may retry; the service must keep serving
             log.exception("instance from %s not stored (0x0110): %s", calling, exc)
+            self._audit_instance(event.assoc, ds, info.sop_class_uid, "not stored: node error")
             return _status(PROCESSING_FAILURE, "node could not store the instance")
         if stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
+        self._audit_instance(event.assoc, ds, info.sop_class_uid)
         return SUCCESS
 
     # ------------------------------------------------------------------ lifecycle
@@ -391,6 +446,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
+        if self.audit.enabled:
+            handlers.append((evt.EVT_CONN_CLOSE, self._on_close))
         if self.commitment_reports is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_commitment_report))
             handlers.append((evt.EVT_N_ACTION, self._on_commitment_request))

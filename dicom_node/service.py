@@ -13,6 +13,7 @@ from types import FrameType
 from pydicom import dcmread
 
 from dicom_node.assembler import Assembler
+from dicom_node.audit import audit_trail
 from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError
 from dicom_node.health import HealthServer, prometheus
@@ -130,6 +131,7 @@ class Node:
                 str(tls.ca_certificates) if tls.ca_certificates else None,
                 tls.require_client_certificate,
             )
+        self.audit = audit_trail(settings.audit, settings.node.ae_title)
         self.outbox = Outbox(
             outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
         )
@@ -137,6 +139,7 @@ class Node:
             self.outbox,
             [Destination.from_settings(d) for d in settings.destinations],
             calling_ae=settings.sending.calling_ae_title,
+            audit=self.audit,
         )
         self.scp = StorageSCP(
             settings.node,
@@ -150,6 +153,7 @@ class Node:
                 if any(d.storage_commitment for d in settings.destinations)
                 else None
             ),
+            audit=self.audit,
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
@@ -167,6 +171,7 @@ class Node:
         self._signalled = False  # set by SIGTERM / SIGINT (see request_stop)
 
     def start(self) -> None:
+        self.audit.start()
         reconcile(self.spool, self.store, self.secret)
         self.sender.start()
         self.worker.start()
@@ -217,8 +222,9 @@ class Node:
         retention = self.settings.retention
         try:
             removed = prune(
-                self.store, self.spool.root, self.outbox, retention, limit=RETENTION_BATCH
-            )
+                self.store, self.spool.root, self.outbox, retention, limit=RETENTION_BATCH,
+                audit=self.audit,
+            )  # fmt: skip
         except Exception:
             log.exception("retention pass failed; will retry")
             return retention.check_interval_s
@@ -314,6 +320,27 @@ class Node:
                     round(waiting.get(destination, 0.0), 3),
                 )
             )
+        if self.audit.enabled:
+            samples += [
+                (
+                    "glioforecast_audit_messages_sent_total",
+                    "audit messages delivered to the audit record repository",
+                    {},
+                    self.audit.sent,
+                ),
+                (
+                    "glioforecast_audit_messages_dropped_total",
+                    "audit messages dropped: the repository stayed unreachable",
+                    {},
+                    self.audit.dropped,
+                ),
+                (
+                    "glioforecast_audit_messages_queued",
+                    "audit messages waiting for the repository",
+                    {},
+                    self.audit.queued,
+                ),
+            ]
         components: dict[str, bool] = self.summary()["components"]  # type: ignore[assignment]
         for name, up in components.items():
             samples.append(
@@ -337,6 +364,7 @@ class Node:
         self.sender.stop()
         self.outbox.close()
         self.store.close()
+        self.audit.close()
         log.info("stopped")
 
 

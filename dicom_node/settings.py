@@ -304,6 +304,29 @@ class HealthSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail (IHE ATNA, :mod:`dicom_node.audit`): DICOM audit messages to an audit
+    record repository (syslog at ``host``:``port`` over ``tls`` or ``udp``) and/or appended to
+    ``file``. They name patients, unlike the logs."""
+
+    enabled: bool = False
+    host: str = ""
+    port: int = field(default=6514, metadata=_spec("", minimum=1, maximum=65535))
+    transport: Literal["tls", "udp"] = "tls"
+    # TLS: the repository's certificate is checked against ca_certificates (the system's CAs
+    # when left out) and server_name (host when left out); certificate and private_key are
+    # the node's, for a repository that asks for one
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_name: str = ""
+    file: Path | None = None
+    # AuditSourceID (default: node.ae_title) and AuditEnterpriseSiteID of every message
+    source_id: str = ""
+    enterprise_site_id: str = ""
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -321,6 +344,7 @@ class Settings:
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     health: HealthSettings = HealthSettings()
+    audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = field(default=EMBEDDED, metadata={"internal": True})
 
@@ -450,6 +474,31 @@ class _Validator:
         return cls(**kwargs)
 
 
+def _audit_checks(a: AuditSettings) -> list[str]:
+    if not a.enabled:
+        return []
+    problems = []
+    if not a.host and a.file is None:
+        problems.append(
+            "audit: expected a repository (audit.host) or a file (audit.file) when the audit "
+            "trail is enabled, found neither"
+        )
+    if a.file is not None and not a.file.parent.is_dir():
+        problems.append(f"audit.file: expected a file in an existing folder, found {a.file}")
+    if a.host and a.transport == "tls":
+        for name in ("ca_certificates", "certificate", "private_key"):
+            path = getattr(a, name)
+            if path is not None and not path.is_file():
+                problems.append(f"audit.{name}: expected an existing file, found {path}")
+        if (a.certificate is None) != (a.private_key is None):
+            problems.append(
+                "audit: expected both certificate and private_key (a client certificate), or "
+                "neither, found only "
+                + ("certificate" if a.certificate is not None else "private_key")
+            )
+    return problems
+
+
 def _cross_checks(s: Settings) -> list[str]:
     problems = []
     tls = s.node.tls
@@ -483,6 +532,7 @@ def _cross_checks(s: Settings) -> list[str]:
                 "or neither, found only "
                 + ("certificate" if d.tls.certificate is not None else "private_key")
             )
+    problems += _audit_checks(s.audit)
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "

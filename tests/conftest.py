@@ -26,7 +26,7 @@ def tool(name: str) -> str:
     dcmtk tools are looked up in /usr/bin first: pynetdicom installs console scripts with the
     same names (storescu, storescp, echoscu) into the virtual environment.
     """
-    for candidate in (f"/usr/bin/{name}", shutil.which(name)):
+    for candidate in (f"/usr/bin/{name}", f"/usr/sbin/{name}", shutil.which(name)):
         if candidate and Path(candidate).is_file():
             return candidate
     pytest.skip(f"{name} is not installed (scripts/bootstrap.sh installs it as root)")

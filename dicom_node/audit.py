@@ -1,0 +1,588 @@
+"""The audit trail (IHE ATNA): who sent the node which patient's study, where results went,
+what was refused and what was deleted, as DICOM audit messages (PS3.15 A.5) for the
+hospital's audit record repository.
+
+Events (DCM codes of PS3.16 CID 400-403; PS3.15 A.5.3):
+
+- Application Activity (110100): Application Start (110120) and Stop (110121) of the node;
+- DICOM Instances Transferred (110104), action C: each study an association delivered to the
+  node (the sender as Source, the node as Destination), and each study's results delivered to
+  a destination (the node as Source); the instances stored and those refused go in separate
+  messages (success 0, minor failure 4), as PS3.15 A.5.2 asks;
+- Security Alert (110113), type Node Authentication (110126), minor failure: an association
+  refused (a called AE title that is not the node's, a caller not in ``node.allowed_callers``);
+- DICOM Study Deleted (110105), action D: retention removed a study's files from the spool.
+
+Unlike the logs, audit messages name the patient (ID and name) and the study: that is what an
+audit trail is for. They go only where ``audit:`` says: an audit record repository over syslog
+(RFC 5424 messages over TLS, RFC 5425, or UDP, RFC 5426), and/or a file (one message per
+line, appended; readable by the node's user only).
+
+Sending never blocks or fails the node: messages wait in a bounded queue for a background
+thread, which reconnects with back-off while the repository is down. If it stays down until
+the queue is full, the oldest messages are dropped (counted in the metrics, logged); on stop,
+the queue is given a few seconds to drain. The file, when set, is written at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import logging
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import GlioforecastError
+
+log = logging.getLogger(__name__)
+
+#: messages waiting for the repository at most; older ones are dropped beyond
+MAX_QUEUED = 10000
+#: seconds a stopping node waits for the queue to drain
+DRAIN_S = 5.0
+#: seconds a new TLS connection is watched for the repository refusing the node's certificate
+PROBE_S = 0.5
+#: syslog PRI: facility 10 (security/authorization), severity 5 (notice), as IHE ATNA uses
+PRI = 10 * 8 + 5
+APP_NAME = "glioforecast"
+MSG_ID = "IHE+RFC-3881"
+BOM = "\ufeff"
+
+# (code, meaning) of the DCM coding scheme
+APPLICATION_ACTIVITY = ("110100", "Application Activity")
+APPLICATION_START = ("110120", "Application Start")
+APPLICATION_STOP = ("110121", "Application Stop")
+INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+STUDY_DELETED = ("110105", "DICOM Study Deleted")
+SECURITY_ALERT = ("110113", "Security Alert")
+NODE_AUTHENTICATION = ("110126", "Node Authentication")
+ROLE_APPLICATION = ("110150", "Application")
+ROLE_SOURCE = ("110153", "Source Role ID")
+ROLE_DESTINATION = ("110152", "Destination Role ID")
+STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
+NODE_ID = ("110182", "Node ID")
+
+SUCCESS, MINOR_FAILURE = "0", "4"
+
+
+class AuditSettingsLike(Protocol):
+    @property
+    def enabled(self) -> bool: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def ca_certificates(self) -> Path | None: ...
+    @property
+    def certificate(self) -> Path | None: ...
+    @property
+    def private_key(self) -> Path | None: ...
+    @property
+    def server_name(self) -> str: ...
+    @property
+    def file(self) -> Path | None: ...
+    @property
+    def source_id(self) -> str: ...
+    @property
+    def enterprise_site_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Participant:
+    """An active participant: an application entity at a network address."""
+
+    ae_title: str
+    host: str
+    requestor: bool
+    role: tuple[str, str] | None = None
+    process_id: str = ""
+
+
+@dataclass
+class StudyRecord:
+    """One study of one patient in an event, with its instances by SOP class."""
+
+    study_instance_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    sop_classes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sop_class_uid: str, count: int = 1) -> None:
+        self.sop_classes[sop_class_uid] = self.sop_classes.get(sop_class_uid, 0) + count
+
+    @property
+    def instances(self) -> int:
+        return sum(self.sop_classes.values())
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> StudyRecord:
+        """The study and patient of ``ds`` (no instance counted yet)."""
+        return cls(
+            str(ds.get("StudyInstanceUID", "") or ""),
+            str(ds.get("PatientID", "") or ""),
+            str(ds.get("PatientName", "") or ""),
+            str(ds.get("AccessionNumber", "") or ""),
+        )
+
+
+class TransferTally:
+    """The instances of one transfer by study: those that went, and those that did not with
+    the first reason (one audit message per study and outcome)."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, StudyRecord] = {}
+        self.failed: dict[str, tuple[StudyRecord, str]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.done or self.failed)
+
+    def add(self, ds: Dataset, sop_class_uid: str, error: str = "") -> None:
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        if error:
+            record, reason = self.failed.get(study) or (StudyRecord.from_dataset(ds), error)
+            self.failed[study] = (record, reason)
+        else:
+            record = self.done.setdefault(study, StudyRecord.from_dataset(ds))
+        record.add(sop_class_uid)
+
+
+# ---------------------------------------------------------------------------------- messages
+
+
+def _coded(parent: ET.Element, tag: str, code: tuple[str, str], scheme: str = "DCM") -> None:
+    ET.SubElement(
+        parent, tag, {"csd-code": code[0], "codeSystemName": scheme, "originalText": code[1]}
+    )
+
+
+def _now() -> str:
+    """EventDateTime: UTC, to the millisecond (PS3.15 A.5.2.5)."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class AuditSource:
+    source_id: str
+    enterprise_site_id: str = ""
+
+
+def _message(
+    event: tuple[str, str],
+    action: str,
+    outcome: str,
+    participants: Sequence[Participant],
+    source: AuditSource,
+    *,
+    event_type: tuple[str, str] | None = None,
+    description: str = "",
+) -> ET.Element:
+    """The parts every message has, in the schema's order (PS3.15 A.5.1)."""
+    root = ET.Element("AuditMessage")
+    ident = ET.SubElement(
+        root,
+        "EventIdentification",
+        {"EventActionCode": action, "EventDateTime": _now(), "EventOutcomeIndicator": outcome},
+    )
+    _coded(ident, "EventID", event)
+    if event_type is not None:
+        _coded(ident, "EventTypeCode", event_type)
+    if description:
+        ET.SubElement(ident, "EventOutcomeDescription").text = description
+    for p in participants:
+        attrs = {"UserID": p.ae_title, "UserIsRequestor": "true" if p.requestor else "false"}
+        if p.process_id:
+            attrs["AlternativeUserID"] = p.process_id
+        if p.host:
+            attrs["NetworkAccessPointID"] = p.host
+            attrs["NetworkAccessPointTypeCode"] = "2" if _is_ip(p.host) else "1"
+        element = ET.SubElement(root, "ActiveParticipant", attrs)
+        if p.role is not None:
+            _coded(element, "RoleIDCode", p.role)
+    attrs = {"AuditSourceID": source.source_id}
+    if source.enterprise_site_id:
+        attrs["AuditEnterpriseSiteID"] = source.enterprise_site_id
+    audit_source = ET.SubElement(root, "AuditSourceIdentification", attrs)
+    ET.SubElement(audit_source, "AuditSourceTypeCode", {"csd-code": "4"})  # application server
+    return root
+
+
+def _study_objects(root: ET.Element, study: StudyRecord) -> None:
+    """The study (with its SOP classes) and the patient as participant objects."""
+    obj = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {
+            "ParticipantObjectID": study.study_instance_uid,
+            "ParticipantObjectTypeCode": "2",  # system object
+            "ParticipantObjectTypeCodeRole": "3",  # report
+        },
+    )
+    _coded(obj, "ParticipantObjectIDTypeCode", STUDY_INSTANCE_UID)
+    description = ET.SubElement(obj, "ParticipantObjectDescription")
+    if study.accession_number:
+        ET.SubElement(description, "Accession", {"Number": study.accession_number})
+    for uid, count in sorted(study.sop_classes.items()):
+        ET.SubElement(description, "SOPClass", {"UID": uid, "NumberOfInstances": str(count)})
+    patient = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {
+            "ParticipantObjectID": study.patient_id,
+            "ParticipantObjectTypeCode": "1",  # person
+            "ParticipantObjectTypeCodeRole": "1",  # patient
+        },
+    )
+    _coded(patient, "ParticipantObjectIDTypeCode", ("2", "Patient Number"), scheme="RFC-3881")
+    ET.SubElement(patient, "ParticipantObjectName").text = study.patient_name
+
+
+def application_activity(node: Participant, source: AuditSource, *, start: bool) -> ET.Element:
+    return _message(
+        APPLICATION_ACTIVITY,
+        "E",
+        SUCCESS,
+        [node],
+        source,
+        event_type=APPLICATION_START if start else APPLICATION_STOP,
+    )
+
+
+def instances_transferred(
+    sender: Participant,
+    receiver: Participant,
+    study: StudyRecord,
+    source: AuditSource,
+    *,
+    failure: str = "",
+) -> ET.Element:
+    """One study moved from ``sender`` to ``receiver``; ``failure`` (the reason) makes it the
+    message of the instances that were not."""
+    root = _message(
+        INSTANCES_TRANSFERRED,
+        "C",
+        MINOR_FAILURE if failure else SUCCESS,
+        [sender, receiver],
+        source,
+        description=failure,
+    )
+    _study_objects(root, study)
+    return root
+
+
+def security_alert(
+    node: Participant, peer: Participant, source: AuditSource, reason: str
+) -> ET.Element:
+    """An association refused: the peer failed to authenticate as a node the node accepts."""
+    root = _message(
+        SECURITY_ALERT,
+        "E",
+        MINOR_FAILURE,
+        [peer, node],
+        source,
+        event_type=NODE_AUTHENTICATION,
+        description=reason,
+    )
+    obj = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {"ParticipantObjectID": peer.host, "ParticipantObjectTypeCode": "2"},
+    )
+    _coded(obj, "ParticipantObjectIDTypeCode", NODE_ID)
+    ET.SubElement(obj, "ParticipantObjectName").text = peer.ae_title or peer.host
+    return root
+
+
+def study_deleted(
+    node: Participant, study: StudyRecord, source: AuditSource, reason: str
+) -> ET.Element:
+    root = _message(STUDY_DELETED, "D", SUCCESS, [node], source, description=reason)
+    _study_objects(root, study)
+    return root
+
+
+def to_text(message: ET.Element) -> str:
+    """The message as one line of XML."""
+    return ET.tostring(message, encoding="unicode")
+
+
+def syslog_frame(xml: str, hostname: str, when: datetime.datetime | None = None) -> bytes:
+    """An RFC 5424 syslog message carrying ``xml`` (UTF-8, with the BOM RFC 5424 asks for)."""
+    stamp = (when or datetime.datetime.now(datetime.UTC)).isoformat(timespec="milliseconds")
+    header = f"<{PRI}>1 {stamp} {hostname or '-'} {APP_NAME} {os.getpid()} {MSG_ID} - "
+    return (header + BOM + xml).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------- transport
+
+
+class AuditTrail:
+    """Records audit messages: appends them to the file and queues them for the repository.
+
+    :meth:`record` never raises and never waits on the network.
+    """
+
+    def __init__(self, settings: AuditSettingsLike, node_ae_title: str) -> None:
+        self.settings = settings
+        self.source = AuditSource(settings.source_id or node_ae_title, settings.enterprise_site_id)
+        self.node = Participant(
+            node_ae_title, socket.gethostname(), False, ROLE_APPLICATION, str(os.getpid())
+        )
+        self.hostname = socket.gethostname()
+        self.sent = 0
+        self.dropped = 0
+        self.max_queued = MAX_QUEUED
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._down_since: float | None = None
+        self._file_lock = threading.Lock()
+        self.activity = False
+        self._ssl: ssl.SSLContext | None = None
+        if settings.host and settings.transport == "tls":
+            self._ssl = _client_context(settings)
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def start(self, activity: bool = True) -> None:
+        """Start sending; with ``activity``, record the Application Start (the node's, not a
+        command's such as ``spool prune``)."""
+        if self.settings.host and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
+            self._thread.start()
+        self.activity = activity
+        if activity:
+            self.record(application_activity(self.node, self.source, start=True))
+
+    def close(self) -> None:
+        """Record the Application Stop (after a start with ``activity``), give the queue
+        :data:`DRAIN_S` to drain, stop."""
+        if self.activity:
+            self.record(application_activity(self.node, self.source, start=False))
+        with self._cond:
+            deadline = time.monotonic() + DRAIN_S
+            while self._queue and self._thread is not None and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+            self._stopping = True
+            left = len(self._queue)
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(DRAIN_S)
+            self._thread = None
+        if left:
+            self.dropped += left
+            log.error("audit: %d message(s) not delivered to %s at stop", left, self._where())
+        self._disconnect()
+
+    # -- what the node reports
+
+    def record(self, message: ET.Element) -> None:
+        try:
+            xml = to_text(message)
+            if self.settings.file is not None:
+                self._append(xml)
+            if self.settings.host:
+                self._enqueue(syslog_frame(xml, self.hostname))
+        except Exception:  # the audit trail must never fail what it records
+            log.exception("audit: a message could not be recorded")
+
+    def transferred(self, sender: Participant, receiver: Participant, tally: TransferTally) -> None:
+        for study in tally.done.values():
+            self.record(instances_transferred(sender, receiver, study, self.source))
+        for study, reason in tally.failed.values():
+            self.record(instances_transferred(sender, receiver, study, self.source, failure=reason))
+
+    def refused(self, ae_title: str, host: str, reason: str) -> None:
+        peer = Participant(ae_title, host, True)
+        self.record(security_alert(self.node, peer, self.source, reason))
+
+    def deleted(self, study: StudyRecord, reason: str) -> None:
+        self.record(study_deleted(self.node, study, self.source, reason))
+
+    # -- delivery
+
+    def _append(self, xml: str) -> None:
+        path = self.settings.file
+        assert path is not None
+        with self._file_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, (xml + "\n").encode("utf-8"))
+            finally:
+                os.close(fd)
+
+    def _enqueue(self, frame: bytes) -> None:
+        with self._cond:
+            if len(self._queue) >= self.max_queued:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 1000 == 0:
+                    log.error(
+                        "audit: %s unreachable and %d messages waiting: oldest dropped "
+                        "(%d so far)",
+                        self._where(), self.max_queued, self.dropped,
+                    )  # fmt: skip
+            self._queue.append(frame)
+            self._cond.notify_all()
+
+    def _where(self) -> str:
+        s = self.settings
+        return f"audit record repository {s.host}:{s.port} ({s.transport})"
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._queue:
+                    return
+                frame = self._queue[0]
+            try:
+                self._send(frame)
+            except (OSError, ssl.SSLError) as exc:
+                self._disconnect()
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.error("audit: cannot send to %s: %s; retrying", self._where(), exc)
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            backoff = 1.0
+            if self._down_since is not None:
+                log.info(
+                    "audit: %s reachable again after %.0f s",
+                    self._where(), time.monotonic() - self._down_since,
+                )  # fmt: skip
+                self._down_since = None
+            with self._cond:
+                if self._queue and self._queue[0] is frame:
+                    self._queue.popleft()
+                self.sent += 1
+                self._cond.notify_all()
+
+    def _send(self, frame: bytes) -> None:
+        s = self.settings
+        if s.transport == "udp":
+            if self._sock is None:
+                family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+                self._sock = socket.socket(family, socket.SOCK_DGRAM)
+            self._sock.sendto(frame, (s.host, s.port))
+            return
+        if self._sock is not None and _closed_by_peer(self._sock, 0.0):
+            self._disconnect()  # the repository closed the connection: a new one
+        if self._sock is None:
+            raw = socket.create_connection((s.host, s.port), timeout=10)
+            assert self._ssl is not None
+            try:
+                sock = self._ssl.wrap_socket(raw, server_hostname=s.server_name or s.host)
+            except BaseException:
+                raw.close()
+                raise
+            # with TLS 1.3 the client's handshake ends before the server has checked the
+            # client's certificate: a repository refusing it says so just after, and what was
+            # written meanwhile would be lost
+            if _closed_by_peer(sock, PROBE_S):
+                sock.close()
+                raise ConnectionError("the repository closed the connection after the handshake")
+            self._sock = sock
+        self._sock.sendall(f"{len(frame)} ".encode("ascii") + frame)  # RFC 5425 framing
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+
+def _closed_by_peer(sock: socket.socket, wait_s: float) -> bool:
+    """Whether the repository closed ``sock`` or sent an alert (waiting up to ``wait_s``).
+    A repository never writes to the node (RFC 5425), so anything readable means the end;
+    a TLS alert is raised, with the repository's reason."""
+    readable, _, _ = select.select([sock], [], [], wait_s)
+    if not readable:
+        return False
+    try:
+        sock.settimeout(0.0)
+        sock.recv(1)  # b"" at the end of the stream, else something no repository sends
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return False  # only part of a TLS record: nothing for the application
+    finally:
+        sock.settimeout(10)
+    return True
+
+
+class NoAuditTrail:
+    """What the node records to when ``audit.enabled`` is false: nothing."""
+
+    enabled = False
+    sent = dropped = queued = 0
+    node = Participant("", "", False)
+
+    def start(self, activity: bool = True) -> None: ...
+    def close(self) -> None: ...
+    def record(self, message: ET.Element) -> None: ...
+    def transferred(
+        self, sender: Participant, receiver: Participant, tally: TransferTally
+    ) -> None: ...
+    def refused(self, ae_title: str, host: str, reason: str) -> None: ...
+    def deleted(self, study: StudyRecord, reason: str) -> None: ...
+
+
+def audit_trail(settings: AuditSettingsLike, node_ae_title: str) -> AuditTrail | NoAuditTrail:
+    """The node's audit trail as configured (not started)."""
+    return AuditTrail(settings, node_ae_title) if settings.enabled else NoAuditTrail()
+
+
+def _client_context(settings: AuditSettingsLike) -> ssl.SSLContext:
+    """TLS 1.2 or later to the repository: its certificate checked against ``ca_certificates``
+    (the system's CAs when unset), the node's own certificate when the repository asks."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_certificates) if settings.ca_certificates else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.certificate is not None and settings.private_key is not None:
+            context.load_cert_chain(str(settings.certificate), str(settings.private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise GlioforecastError(
+            f"audit: cannot load its TLS files (ca_certificates {settings.ca_certificates}, "
+            f"certificate {settings.certificate}, private_key {settings.private_key}): {exc}; "
+            "expected PEM files"
+        ) from exc
+    return context

@@ -1,0 +1,342 @@
+"""The audit trail against a real audit record repository (rsyslogd over TLS and UDP)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import stat
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.audit import (
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    AuditTrail,
+    Participant,
+    StudyRecord,
+    TransferTally,
+)
+from dicom_node.errors import ConfigError
+from dicom_node.jobs import FAILED
+from dicom_node.retention import prune
+from dicom_node.settings import AuditSettings, RetentionSettings, load_settings
+from tests import factories
+from tests.audit_repository import AuditRepository, event_id
+from tests.conftest import wait_for
+from tests.dicom_node.conftest import make_settings, storescp_destination
+from tests.dicom_node.test_scp import echoscu, storescu
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+# --------------------------------------------------------------------------------------------
+# the DICOM audit message schema (PS3.15 A.5.1), as the tests check it
+
+_CODED = {"csd-code", "codeSystemName", "originalText"}
+_ACTIONS = {"C", "R", "U", "D", "E"}
+_OUTCOMES = {"0", "4", "8", "12"}
+
+
+def check_schema(message: ET.Element) -> None:
+    """Fail unless ``message`` follows the audit message schema: the element order, the
+    mandatory attributes and the enumerated values."""
+    assert message.tag == "AuditMessage"
+    tags = [child.tag for child in message]
+    assert tags[0] == "EventIdentification", tags
+    n = 1
+    while n < len(tags) and tags[n] == "ActiveParticipant":
+        n += 1
+    assert n > 1, "at least one ActiveParticipant"
+    assert tags[n] == "AuditSourceIdentification", tags
+    assert all(t == "ParticipantObjectIdentification" for t in tags[n + 1 :]), tags
+
+    event = message[0]
+    assert event.get("EventActionCode") in _ACTIONS
+    assert event.get("EventOutcomeIndicator") in _OUTCOMES
+    when = datetime.datetime.fromisoformat(event.get("EventDateTime", ""))
+    assert when.utcoffset() == datetime.timedelta(0), "EventDateTime in UTC"
+    assert event[0].tag == "EventID"
+    for child in event:
+        assert child.tag in ("EventID", "EventTypeCode", "EventOutcomeDescription"), child.tag
+        if child.tag != "EventOutcomeDescription":
+            assert set(child.attrib) == _CODED, child.attrib
+    for participant in message.findall("ActiveParticipant"):
+        assert participant.get("UserID")
+        assert participant.get("UserIsRequestor") in ("true", "false")
+        if participant.get("NetworkAccessPointID"):
+            assert participant.get("NetworkAccessPointTypeCode") in ("1", "2")
+        for role in participant:
+            assert role.tag == "RoleIDCode" and set(role.attrib) == _CODED
+    source = message.find("AuditSourceIdentification")
+    assert source is not None and source.get("AuditSourceID")
+    for obj in message.findall("ParticipantObjectIdentification"):
+        assert obj.get("ParticipantObjectID") is not None
+        assert obj.get("ParticipantObjectTypeCode") in (None, "1", "2", "3", "4")
+        children = [c.tag for c in obj]
+        assert children[0] == "ParticipantObjectIDTypeCode", children
+        assert set(obj[0].attrib) == _CODED
+
+
+def _participants(message: ET.Element) -> dict[str, ET.Element]:
+    """ActiveParticipants by the meaning of their role (``requestor`` when it has none)."""
+    out = {}
+    for p in message.findall("ActiveParticipant"):
+        role = p.find("RoleIDCode")
+        out[role.get("originalText", "") if role is not None else "none"] = p
+    return out
+
+
+def _objects(message: ET.Element) -> dict[str, ET.Element]:
+    return {
+        obj[0].get("originalText", ""): obj
+        for obj in message.findall("ParticipantObjectIdentification")
+    }
+
+
+def _sop_classes(study: ET.Element) -> dict[str, int]:
+    return {s.get("UID", ""): int(s.get("NumberOfInstances", "0")) for s in study.iter("SOPClass")}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repository(tmp_path: Path, pki: Path) -> Iterator[AuditRepository]:
+    arr = AuditRepository(tmp_path / "arr", pki).start()
+    yield arr
+    arr.stop()
+
+
+def _tls(arr: AuditRepository, pki: Path, **more: object) -> AuditSettings:
+    return AuditSettings(
+        enabled=True, host="127.0.0.1", port=arr.tls_port, transport="tls",
+        ca_certificates=pki / "ca.pem", **more,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _received(arr: AuditRepository, code: str, count: int = 1) -> list[ET.Element]:
+    return wait_for(
+        lambda: (
+            (found := [m for m in arr.messages() if event_id(m) == code])
+            and len(found) >= count
+            and found
+        ),
+        what=f"{count} audit message(s) {code} at the repository",
+    )
+
+
+def test_the_node_reports_what_it_received_refused_and_sent(  # type: ignore[no-untyped-def]
+    run_node, repository: AuditRepository, pki: Path, tmp_path: Path
+) -> None:
+    proc, pacs = storescp_destination(tmp_path / "pacs", "pacs", "PACS", failure_notice=True)
+    try:
+        settings = dataclasses.replace(
+            make_settings(tmp_path / "data", audit={**vars(_tls(repository, pki))}),
+            destinations=(pacs,),
+        )
+        node = run_node(settings)
+        (start,) = _received(repository, "110100")
+        check_schema(start)
+        assert start.find("EventIdentification/EventTypeCode").get("originalText") == (  # type: ignore[union-attr]
+            "Application Start"
+        )
+        study = factories.small_study(tmp_path / "study")
+        images = [*study["t1c"], *study["flair"]]
+        assert storescu(node.scp.port, *images).returncode == 0
+        source = pydicom.dcmread(images[0])
+        refused = echoscu(node.scp.port, aec="SOMEONE_ELSE")
+        assert refused.returncode != 0
+
+        # the study received: SCANNER1 -> the node, the patient and its instances
+        (received,) = _received(repository, "110104")
+        check_schema(received)
+        assert received[0].get("EventActionCode") == "C"
+        assert received[0].get("EventOutcomeIndicator") == "0"
+        who = _participants(received)
+        assert who["Source Role ID"].get("UserID") == "SCANNER1"
+        assert who["Source Role ID"].get("UserIsRequestor") == "true"
+        assert who["Source Role ID"].get("NetworkAccessPointID") == "127.0.0.1"
+        assert who["Destination Role ID"].get("UserID") == "GLIOFORECAST"
+        objects = _objects(received)
+        assert objects["Study Instance UID"].get("ParticipantObjectID") == source.StudyInstanceUID
+        assert _sop_classes(objects["Study Instance UID"]) == {MR: len(images)}
+        patient = objects["Patient Number"]
+        assert patient.get("ParticipantObjectID") == source.PatientID
+        assert patient.findtext("ParticipantObjectName") == str(source.PatientName)
+
+        # the association called with another AE title: a security alert
+        (alert,) = _received(repository, "110113")
+        check_schema(alert)
+        assert alert[0].get("EventOutcomeIndicator") == "4"
+        said = alert.findtext("EventIdentification/EventOutcomeDescription") or ""
+        assert "'SOMEONE_ELSE'" in said
+        assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"  # type: ignore[union-attr]
+
+        # the job fails (no structure set): its failure notice goes to the PACS, audited
+        job = wait_for(lambda: next((j for j in node.store.list_jobs() if j.state == FAILED), None))
+        assert "rtstruct" in job.reason
+        sent = _received(repository, "110104", count=2)[1]
+        check_schema(sent)
+        who = _participants(sent)
+        assert who["Source Role ID"].get("UserID") == "GLIOFORECAST"
+        assert who["Destination Role ID"].get("UserID") == "PACS"
+        assert who["Destination Role ID"].get("UserIsRequestor") == "false"
+        objects = _objects(sent)
+        assert _sop_classes(objects["Study Instance UID"]) == {
+            SECONDARY_CAPTURE: 1, COMPREHENSIVE_SR: 1,
+        }  # fmt: skip
+        assert objects["Patient Number"].get("ParticipantObjectID") == source.PatientID
+        assert node.audit.sent >= 4 and node.audit.dropped == 0
+        assert "glioforecast_audit_messages_dropped_total 0" in node.metrics()
+
+        node.stop()
+        stop = _received(repository, "110100", count=2)[1]
+        assert stop.find("EventIdentification/EventTypeCode").get("originalText") == (  # type: ignore[union-attr]
+            "Application Stop"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Path) -> None:
+    arr = AuditRepository(tmp_path / "arr", pki)  # not started yet
+    log_file = tmp_path / "audit.log"
+    trail = AuditTrail(
+        AuditSettings(enabled=True, host="127.0.0.1", port=arr.tls_port, transport="tls",
+                      ca_certificates=pki / "ca.pem", file=log_file),
+        "GLIOFORECAST",
+    )  # fmt: skip
+    trail.start()
+    try:
+        record = StudyRecord("1.2.3", "PAT-1", "Doe^Jane", "ACC-9", {MR: 3})
+        tally = TransferTally()
+        tally.done["1.2.3"] = record
+        trail.transferred(
+            Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
+            Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
+            tally,
+        )
+        # the file has both at once, private to the node's user
+        lines = log_file.read_text("utf-8").splitlines()
+        assert [event_id(ET.fromstring(line)) for line in lines] == ["110100", "110104"]
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        assert trail.queued == 2 and trail.sent == 0  # the repository is down: they wait
+        arr.start()
+        wait_for(lambda: trail.sent == 2, timeout=60, what="the queue to drain")
+        got = wait_for(lambda: len(m := arr.messages()) == 2 and m, what="both at the ARR")
+        assert [event_id(m) for m in got] == ["110100", "110104"]
+        assert _objects(got[1])["Patient Number"].get("ParticipantObjectID") == "PAT-1"
+    finally:
+        trail.close()
+        arr.stop()
+
+    udp = AuditRepository(tmp_path / "arr-udp", pki).start()
+    try:
+        trail = AuditTrail(
+            AuditSettings(enabled=True, host="127.0.0.1", port=udp.udp_port, transport="udp"),
+            "GLIOFORECAST",
+        )
+        trail.start()
+        trail.refused("INTRUDER", "10.9.9.9", "calling AE title 'INTRUDER' not allowed")
+        trail.close()
+        (alert,) = _received(udp, "110113")
+        check_schema(alert)
+        assert _participants(alert)["none"].get("UserID") == "INTRUDER"
+        got = wait_for(lambda: len(m := udp.messages()) == 3 and m, what="three messages")
+        assert [event_id(m) for m in got] == ["110100", "110113", "110100"]
+    finally:
+        udp.stop()
+
+
+def test_a_repository_that_stays_down_loses_the_oldest_only(tmp_path: Path, pki: Path) -> None:
+    trail = AuditTrail(
+        AuditSettings(enabled=True, host="127.0.0.1", port=9, ca_certificates=pki / "ca.pem"),
+        "GLIOFORECAST",
+    )
+    trail.max_queued = 3
+    trail.start()  # Application Start
+    for n in range(4):
+        trail.refused(f"CALLER{n}", "10.0.0.1", "refused")
+    assert trail.queued == 3 and trail.dropped == 2
+    # the stop message pushes out one more; after the drain time the 3 left count as dropped
+    trail.close()
+    assert trail.sent == 0 and trail.dropped == 2 + 1 + 3
+
+
+def test_a_repository_asking_for_a_client_certificate(tmp_path: Path, pki: Path) -> None:
+    arr = AuditRepository(tmp_path / "arr", pki, client_certificates=True).start()
+    try:
+        with_certificate = AuditTrail(
+            _tls(arr, pki, certificate=pki / "client.pem", private_key=pki / "client.key"),
+            "GLIOFORECAST",
+        )
+        with_certificate.start()
+        with_certificate.close()
+        assert with_certificate.sent == 2  # start and stop
+        without = AuditTrail(_tls(arr, pki), "NOCERT")
+        without.start()
+        without.close()  # refused by the repository: nothing delivered, both dropped at stop
+        assert without.sent == 0 and without.dropped == 2
+        got = wait_for(lambda: len(m := arr.messages()) == 2 and m, what="two messages")
+        assert [p.get("UserID") for m in got for p in m.iter("ActiveParticipant")] == [
+            "GLIOFORECAST", "GLIOFORECAST",
+        ]  # fmt: skip
+    finally:
+        arr.stop()
+
+
+def test_retention_reports_each_study_it_deletes(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node = run_node()
+    study = factories.small_study(tmp_path / "study")
+    assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+    source = pydicom.dcmread(study["t1c"][0])
+    wait_for(lambda: any(j.state == FAILED for j in node.store.list_jobs()), what="the job")
+    log_file = tmp_path / "audit.log"
+    trail = AuditTrail(AuditSettings(enabled=True, file=log_file), "GLIOFORECAST")
+    trail.start(activity=False)
+    removed = prune(
+        node.store, node.spool.root, node.outbox, RetentionSettings(failed_days=1),
+        now=source_time_plus_days(2), audit=trail,
+    )  # fmt: skip
+    trail.close()
+    assert len(removed) == 1
+    (line,) = log_file.read_text("utf-8").splitlines()
+    deleted = ET.fromstring(line)
+    check_schema(deleted)
+    assert event_id(deleted) == "110105" and deleted[0].get("EventActionCode") == "D"
+    assert "retention" in (deleted.findtext("EventIdentification/EventOutcomeDescription") or "")
+    objects = _objects(deleted)
+    assert objects["Study Instance UID"].get("ParticipantObjectID") == source.StudyInstanceUID
+    assert _sop_classes(objects["Study Instance UID"]) == {MR: len(study["t1c"])}
+    assert objects["Patient Number"].get("ParticipantObjectID") == source.PatientID
+
+
+def source_time_plus_days(days: float) -> float:
+    return datetime.datetime.now().timestamp() + days * 86400
+
+
+@pytest.mark.parametrize(
+    ("yaml", "expected"),
+    [
+        ("audit: {enabled: true}", "audit: expected a repository (audit.host) or a file"),
+        ("audit: {enabled: true, host: arr, certificate: /etc/hosts}",
+         "audit: expected both certificate and private_key"),
+        ("audit: {enabled: true, host: arr, ca_certificates: /nonexistent.pem}",
+         "audit.ca_certificates: expected an existing file, found /nonexistent.pem"),
+        ("audit: {enabled: true, host: arr, transport: tcp}", "audit.transport: expected one of"),
+        ("audit: {enabled: true, file: /nonexistent/audit.log}",
+         "audit.file: expected a file in an existing folder"),
+    ],
+)  # fmt: skip
+def test_audit_settings_are_checked_at_start(yaml: str, expected: str, tmp_path: Path) -> None:
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml + "\n")
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_settings(config)
