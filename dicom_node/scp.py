@@ -387,6 +387,7 @@ class StorageSCP:
         request = event.request
         staged: Staged | None = None
         stage_error: Exception | None = None
+        ds: Dataset | None = None
         try:
             header = part10_header(
                 str(request.AffectedSOPClassUID or ""),
@@ -412,6 +413,11 @@ class StorageSCP:
                 self.spool.discard(staged)
             if isinstance(exc, InputError):
                 log.warning("instance from %s refused (0xC210): %s", calling, exc)
+                if ds is not None:  # decoded: its study can be audited
+                    self._audit_instance(
+                        event.assoc, ds, str(request.AffectedSOPClassUID or ""),
+                        f"refused (0xC210): {exc}",
+                    )  # fmt: skip
                 return _status(CANNOT_UNDERSTAND, str(exc))
             # pydicom raises many types on malformed data
             log.warning("instance from %s undecodable (0xC210): %s", calling, exc)

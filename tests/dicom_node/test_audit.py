@@ -148,13 +148,18 @@ def test_the_node_reports_what_it_received_refused_and_sent(  # type: ignore[no-
         )
         study = factories.small_study(tmp_path / "study")
         images = [*study["t1c"], *study["flair"]]
-        assert storescu(node.scp.port, *images).returncode == 0
+        truncated = tmp_path / "truncated.dcm"  # refused 0xC210: its pixel data is cut short
+        bad = pydicom.dcmread(study["t1c"][0])
+        bad.SOPInstanceUID = pydicom.uid.generate_uid()
+        bad.PixelData = bad.PixelData[:100]
+        bad.save_as(truncated)
+        assert storescu(node.scp.port, *images, truncated, extra=("--no-halt",)).returncode == 0
         source = pydicom.dcmread(images[0])
         refused = echoscu(node.scp.port, aec="SOMEONE_ELSE")
         assert refused.returncode != 0
 
         # the study received: SCANNER1 -> the node, the patient and its instances
-        (received,) = _received(repository, "110104")
+        received, refused_instance = _received(repository, "110104", count=2)
         check_schema(received)
         assert received[0].get("EventActionCode") == "C"
         assert received[0].get("EventOutcomeIndicator") == "0"
@@ -170,6 +175,15 @@ def test_the_node_reports_what_it_received_refused_and_sent(  # type: ignore[no-
         assert patient.get("ParticipantObjectID") == source.PatientID
         assert patient.findtext("ParticipantObjectName") == str(source.PatientName)
 
+        # the instance refused: a message of its own, with the reason
+        check_schema(refused_instance)
+        assert refused_instance[0].get("EventOutcomeIndicator") == "4"
+        reason = refused_instance.findtext("EventIdentification/EventOutcomeDescription") or ""
+        assert reason.startswith("refused (0xC210)")
+        refused_study = _objects(refused_instance)["Study Instance UID"]
+        assert refused_study.get("ParticipantObjectID") == source.StudyInstanceUID
+        assert _sop_classes(refused_study) == {MR: 1}
+
         # the association called with another AE title: a security alert
         (alert,) = _received(repository, "110113")
         check_schema(alert)
@@ -181,7 +195,7 @@ def test_the_node_reports_what_it_received_refused_and_sent(  # type: ignore[no-
         # the job fails (no structure set): its failure notice goes to the PACS, audited
         job = wait_for(lambda: next((j for j in node.store.list_jobs() if j.state == FAILED), None))
         assert "rtstruct" in job.reason
-        sent = _received(repository, "110104", count=2)[1]
+        sent = _received(repository, "110104", count=3)[2]
         check_schema(sent)
         who = _participants(sent)
         assert who["Source Role ID"].get("UserID") == "GLIOFORECAST"
