@@ -472,7 +472,7 @@ class AuditTrail:
                 frame = self._queue[0]
             try:
                 self._send(frame)
-            except (OSError, ssl.SSLError) as exc:
+            except Exception as exc:  # OSError and TLS errors mostly; the thread must go on
                 self._disconnect()
                 if self._down_since is None:
                     self._down_since = time.monotonic()
