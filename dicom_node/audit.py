@@ -376,6 +376,11 @@ class AuditTrail:
         with self._cond:
             return len(self._queue)
 
+    @property
+    def reachable(self) -> bool:
+        """False while the repository cannot be reached (the last attempt failed)."""
+        return self._down_since is None
+
     def start(self, activity: bool = True) -> None:
         """Start sending; with ``activity``, record the Application Start (the node's, not a
         command's such as ``spool prune``)."""
@@ -388,7 +393,9 @@ class AuditTrail:
 
     def close(self) -> None:
         """Record the Application Stop (after a start with ``activity``), give the queue
-        :data:`DRAIN_S` to drain, stop."""
+        :data:`DRAIN_S` to drain, stop. Closing again does nothing."""
+        if self._stopping:
+            return
         if self.activity:
             self.record(application_activity(self.node, self.source, start=False))
         with self._cond:
@@ -551,6 +558,7 @@ class NoAuditTrail:
     """What the node records to when ``audit.enabled`` is false: nothing."""
 
     enabled = False
+    reachable = True
     sent = dropped = queued = 0
     node = Participant("", "", False)
 

@@ -255,6 +255,8 @@ class Node:
             "worker": self.worker.alive,
             "sender": self.sender.alive,
         }
+        if self.audit.enabled:  # a node that cannot audit what it receives is degraded
+            components["audit"] = self.audit.reachable
         return {
             "status": "ok" if all(components.values()) else "degraded",
             "components": components,

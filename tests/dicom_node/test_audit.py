@@ -269,6 +269,23 @@ def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Pa
         udp.stop()
 
 
+def test_a_node_that_cannot_reach_its_repository_says_so(run_node, tmp_path: Path, pki) -> None:  # type: ignore[no-untyped-def]
+    arr = AuditRepository(tmp_path / "arr", pki)  # not started: nothing listens there
+    node = run_node(audit={**vars(_tls(arr, pki))})
+    wait_for(lambda: not node.audit.reachable, what="the first failed attempt")
+    summary = node.summary()
+    assert summary["status"] == "degraded" and summary["components"]["audit"] is False  # type: ignore[index]
+    assert "glioforecast_audit_messages_queued 1" in node.metrics()  # the Application Start
+    arr.start()
+    try:
+        wait_for(lambda: node.audit.reachable, timeout=60, what="the repository, once it is up")
+        assert node.summary()["status"] == "ok"
+        assert [event_id(m) for m in _received(arr, "110100")] == ["110100"]
+    finally:
+        node.stop()
+        arr.stop()
+
+
 def test_a_repository_that_stays_down_loses_the_oldest_only(tmp_path: Path, pki: Path) -> None:
     trail = AuditTrail(
         AuditSettings(enabled=True, host="127.0.0.1", port=9, ca_certificates=pki / "ca.pem"),
