@@ -194,6 +194,73 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake done in each connection's thread.
+
+    pynetdicom wraps an accepted socket in its accept loop, handshake included: one client that
+    connects and says nothing held every other TLS association up for the network timeout (a
+    port scanner, a load balancer's TCP check). Here the accept loop only accepts; the
+    handshake runs in the connection's thread, within ``node.acse_timeout_s``, and a failure
+    goes to :attr:`on_tls_failure` (the log and the audit trail) with its reason.
+    """
+
+    on_tls_failure: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            host = str(client_address[0])
+            timeout = request.gettimeout()
+            request.settimeout(self.handshake_timeout_s)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                reason = tls_failure_reason(exc)
+                log.warning("TLS handshake from %s failed: %s", host, reason)
+                self.on_tls_failure(host, reason)
+                return  # the caller closes the socket
+            request.settimeout(timeout)
+        super().finish_request(request, client_address)
+
+
+#: OpenSSL's reasons for a failed server-side handshake, in words
+_TLS_REASONS = {
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": (
+        "the client presented no certificate (node.tls.require_client_certificate is on)"
+    ),
+    "CERTIFICATE_VERIFY_FAILED": (
+        "the client's certificate is not trusted (not signed by node.tls.ca_certificates, or "
+        "expired)"
+    ),
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the node's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused the node's certificate",
+    "WRONG_VERSION_NUMBER": "not TLS: a client without TLS on the node's TLS port?",
+    "HTTP_REQUEST": "not TLS: an HTTP request on the node's TLS port",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
+    "NO_SHARED_CIPHER": "no cipher suite in common with the client",
+}
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """Why a client's TLS handshake failed, in words (OpenSSL's own text after them)."""
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "no TLS handshake within node.acse_timeout_s"
+    reason = str(getattr(exc, "reason", None) or "")
+    text = str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
+    said = _TLS_REASONS.get(reason)
+    return f"{said} ({text})" if said else text
+
+
 @dataclass
 class _Received:
     """What one association delivered, for the audit trail."""
@@ -295,6 +362,9 @@ class StorageSCP:
         if self.audit.enabled:
             with self._received_lock:
                 self._received[id(assoc)] = _Received(calling, host)
+
+    def _on_tls_failure(self, host: str, reason: str) -> None:
+        self.audit.refused("", host, f"TLS handshake failed: {reason}")
 
     def _on_close(self, event: Any) -> None:
         """The association's connection closed: its studies go to the audit trail."""
@@ -465,9 +535,12 @@ class StorageSCP:
                 address,
                 evt_handlers=handlers,
                 ssl_context=self.ssl_context,
-                server_class=ThreadedAssociationServer,
+                server_class=_Server,
                 request_handler=fastpath.request_handler_class(),
             )
+            assert isinstance(server, _Server)
+            server.handshake_timeout_s = self.settings.acse_timeout_s
+            server.on_tls_failure = self._on_tls_failure
         except OSError as exc:
             raise GlioforecastError(
                 f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "

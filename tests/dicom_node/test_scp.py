@@ -130,6 +130,52 @@ def test_tls_association_with_client_certificate(run_node, pki):  # type: ignore
     assert echoscu(node.scp.port).returncode != 0
 
 
+def test_tls_failures_say_why_and_a_silent_client_holds_nobody_up(  # type: ignore[no-untyped-def]
+    run_node, pki, tmp_path, caplog
+):
+    import socket
+    import time
+    import xml.etree.ElementTree as ET
+
+    d = pki
+    audit_file = tmp_path / "audit.log"
+    node = run_node(
+        node={"tls": receiver_tls(pki), "acse_timeout_s": 30.0},
+        audit={"enabled": True, "file": audit_file},
+    )
+    client = ("+tls", str(d / "client.key"), str(d / "client.pem"), "+cf", str(d / "ca.pem"))
+    # a client that connects and says nothing (a port scan, a load balancer's TCP check) does
+    # not hold up the associations behind it: the handshake runs in the connection's thread
+    with socket.create_connection(("127.0.0.1", node.scp.port)):
+        start = time.monotonic()
+        ok = echoscu(node.scp.port, extra=client)
+        assert ok.returncode == 0, ok.stderr + ok.stdout
+        assert time.monotonic() - start < 15  # not the 30 s handshake timeout
+    assert echoscu(node.scp.port, extra=("+tla", "+cf", str(d / "ca.pem"))).returncode != 0
+    assert echoscu(node.scp.port).returncode != 0  # no TLS at all
+    said = {
+        "the client presented no certificate (node.tls.require_client_certificate is on)",
+        "not TLS: a client without TLS on the node's TLS port?",
+        "the client closed the connection during the handshake",  # the silent one
+    }
+
+    def alerts() -> list[str]:
+        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
+        messages = [ET.fromstring(line) for line in lines]
+        return [
+            m.findtext("EventIdentification/EventOutcomeDescription") or ""
+            for m in messages
+            if m.find("EventIdentification/EventID").get("csd-code") == "110113"  # type: ignore[union-attr]
+        ]
+
+    wait_for(
+        lambda: all(any(f"TLS handshake failed: {r}" in a for a in alerts()) for r in said),
+        what="a security alert for each failed handshake",
+    )
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(reason in logged for reason in said), logged
+
+
 def test_garbage_and_idle_connections_do_not_hurt_the_service(run_node):  # type: ignore[no-untyped-def]
     import socket
     import time
