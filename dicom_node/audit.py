@@ -39,12 +39,11 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError
+from dicom_node.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +74,6 @@ STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
 NODE_ID = ("110182", "Node ID")
 
 SUCCESS, MINOR_FAILURE = "0", "4"
-
-
-class AuditSettingsLike(Protocol):
-    @property
-    def enabled(self) -> bool: ...
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def transport(self) -> str: ...
-    @property
-    def ca_certificates(self) -> Path | None: ...
-    @property
-    def certificate(self) -> Path | None: ...
-    @property
-    def private_key(self) -> Path | None: ...
-    @property
-    def server_name(self) -> str: ...
-    @property
-    def file(self) -> Path | None: ...
-    @property
-    def source_id(self) -> str: ...
-    @property
-    def enterprise_site_id(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -345,7 +319,7 @@ class AuditTrail:
     :meth:`record` never raises and never waits on the network.
     """
 
-    def __init__(self, settings: AuditSettingsLike, node_ae_title: str) -> None:
+    def __init__(self, settings: AuditSettings, node_ae_title: str) -> None:
         self.settings = settings
         self.source = AuditSource(settings.source_id or node_ae_title, settings.enterprise_site_id)
         self.node = Participant(
@@ -572,12 +546,12 @@ class NoAuditTrail:
     def deleted(self, study: StudyRecord, reason: str) -> None: ...
 
 
-def audit_trail(settings: AuditSettingsLike, node_ae_title: str) -> AuditTrail | NoAuditTrail:
+def audit_trail(settings: AuditSettings, node_ae_title: str) -> AuditTrail | NoAuditTrail:
     """The node's audit trail as configured (not started)."""
     return AuditTrail(settings, node_ae_title) if settings.enabled else NoAuditTrail()
 
 
-def _client_context(settings: AuditSettingsLike) -> ssl.SSLContext:
+def _client_context(settings: AuditSettings) -> ssl.SSLContext:
     """TLS 1.2 or later to the repository: its certificate checked against ``ca_certificates``
     (the system's CAs when unset), the node's own certificate when the repository asks."""
     try:

@@ -21,6 +21,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import pydicom.datadict
@@ -239,6 +240,23 @@ def set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
         if pydicom.datadict.tag_for_keyword(keyword) is None:
             raise ExportError(f"PatientStudy.extra key {keyword!r} is not a DICOM keyword")
         setattr(ds, keyword, value)
+
+
+def highdicom_patient_study(patient: PatientStudy) -> dict[str, Any]:
+    """The Patient and General Study arguments of highdicom's constructors (``SCImage``...)
+    for the source study."""
+    return {
+        "study_instance_uid": patient.study_instance_uid,
+        "patient_id": patient.patient_id,
+        "patient_name": patient.patient_name,
+        "patient_birth_date": patient.patient_birth_date,
+        "patient_sex": patient.patient_sex or None,
+        "accession_number": patient.accession_number,
+        "study_id": patient.study_id,
+        "study_date": patient.study_date or None,
+        "study_time": patient.study_time or None,
+        "referring_physician_name": patient.referring_physician_name,
+    }
 
 
 def sorted_unique(uids: Iterable[str]) -> tuple[str, ...]:
