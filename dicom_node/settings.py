@@ -615,6 +615,13 @@ def warnings_of(s: Settings) -> list[str]:
     """What is valid but most likely not what the site means (``check-config`` prints it,
     ``serve`` logs it at start)."""
     out: list[str] = []
+    for n, d in enumerate(s.destinations):
+        if d.failure_notice and d.objects and not {"sc", "sr"} & set(d.objects):
+            out.append(
+                f"destinations[{n}] ({d.name}): failure_notice is on, but its objects "
+                f"({', '.join(d.objects)}) take neither Secondary Captures nor SRs, which is "
+                "what a notice is made of: a planning system may refuse them"
+            )
     if not s.node.refuse_unknown_callers:
         return out
     for n, d in enumerate(s.destinations):

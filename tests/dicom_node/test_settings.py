@@ -149,6 +149,15 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     warning = "warning: destinations[0] (pacs): storage_commitment is on, but node.allowed_callers"
     assert warning in out
     assert "lets no caller in from 10.1.8.10" in out and "hosts: [10.1.8.10]" in out
+    # a failure notice to a destination that takes neither SCs nor SRs: said
+    tps = write(
+        tmp_path,
+        "destinations: [{name: tps, ae_title: TPS, host: h, port: 104, failure_notice: true,"
+        " objects: [seg, rtstruct]}]\n",
+    )
+    assert main(["check-config", str(tps)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: destinations[0] (tps): failure_notice is on, but its objects" in out
     bad = write(tmp_path, "node: {port: 0}\n")
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
