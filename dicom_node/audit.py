@@ -119,7 +119,8 @@ class TransferTally:
     """The instances of one transfer by study: those that went, and those that did not with
     the first reason (one audit message per study and outcome)."""
 
-    def __init__(self) -> None:
+    def __init__(self, active: bool = True) -> None:
+        self.active = active  # False: counts nothing (no audit trail to tell)
         self.done: dict[str, StudyRecord] = {}
         self.failed: dict[str, tuple[StudyRecord, str]] = {}
 
@@ -127,6 +128,8 @@ class TransferTally:
         return bool(self.done or self.failed)
 
     def add(self, ds: Dataset, sop_class_uid: str, error: str = "") -> None:
+        if not self.active:
+            return
         study = str(ds.get("StudyInstanceUID", "") or "")
         if error:
             record, reason = self.failed.get(study) or (StudyRecord.from_dataset(ds), error)

@@ -845,7 +845,7 @@ def _deliver_batch(
             _count_failure(report, updated, msg)
         return
     by_uid = {r.sop_instance_uid: r for r in results}
-    tally = TransferTally()
+    tally = TransferTally(active=audit.enabled)
     for item, ds in loaded:
         result = by_uid.get(item.sop_instance_uid)
         if result is None:
@@ -863,7 +863,7 @@ def _deliver_batch(
             )
             _count_failure(report, updated, msg)
             tally.add(ds, item.sop_class_uid, msg)
-    if audit.enabled and tally:
+    if tally:
         node = Participant(calling_ae, audit.node.host, True, ROLE_SOURCE)
         peer = Participant(dest.ae_title, dest.host, False, ROLE_DESTINATION)
         audit.transferred(node, peer, tally)

@@ -378,6 +378,8 @@ class StorageSCP:
 
     def _audit_instance(self, assoc: Any, ds: Dataset, sop_class: str, error: str = "") -> None:
         """Count one instance for the audit trail: stored, or refused with ``error``."""
+        if not self.audit.enabled:  # the C-STORE path: nothing to do without an audit trail
+            return
         with self._received_lock:
             received = self._received.get(id(assoc))
         if received is None:
