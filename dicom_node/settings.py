@@ -486,16 +486,25 @@ def _audit_checks(a: AuditSettings) -> list[str]:
     if a.file is not None and not a.file.parent.is_dir():
         problems.append(f"audit.file: expected a file in an existing folder, found {a.file}")
     if a.host and a.transport == "tls":
-        for name in ("ca_certificates", "certificate", "private_key"):
-            path = getattr(a, name)
-            if path is not None and not path.is_file():
-                problems.append(f"audit.{name}: expected an existing file, found {path}")
-        if (a.certificate is None) != (a.private_key is None):
-            problems.append(
-                "audit: expected both certificate and private_key (a client certificate), or "
-                "neither, found only "
-                + ("certificate" if a.certificate is not None else "private_key")
-            )
+        problems += _client_tls_checks("audit", a.ca_certificates, a.certificate, a.private_key)
+    return problems
+
+
+def _client_tls_checks(
+    where: str, ca_certificates: Path | None, certificate: Path | None, private_key: Path | None
+) -> list[str]:
+    """The files of a TLS client (the node towards a destination or the audit repository)."""
+    problems = []
+    files = {"ca_certificates": ca_certificates, "certificate": certificate,
+             "private_key": private_key}  # fmt: skip
+    for name, path in files.items():
+        if path is not None and not path.is_file():
+            problems.append(f"{where}.{name}: expected an existing file, found {path}")
+    if (certificate is None) != (private_key is None):
+        problems.append(
+            f"{where}: expected both certificate and private_key (a client certificate), or "
+            "neither, found only " + ("certificate" if certificate is not None else "private_key")
+        )
     return problems
 
 
@@ -519,19 +528,11 @@ def _cross_checks(s: Settings) -> list[str]:
                 f"node.tls.ca_certificates: expected an existing file, found {tls.ca_certificates}"
             )
     for n, d in enumerate(s.destinations):
-        where = f"destinations[{n}].tls"
-        if not d.tls.enabled:
-            continue
-        for name in ("ca_certificates", "certificate", "private_key"):
-            path = getattr(d.tls, name)
-            if path is not None and not path.is_file():
-                problems.append(f"{where}.{name}: expected an existing file, found {path}")
-        if (d.tls.certificate is None) != (d.tls.private_key is None):
-            problems.append(
-                f"{where}: expected both certificate and private_key (a client certificate), "
-                "or neither, found only "
-                + ("certificate" if d.tls.certificate is not None else "private_key")
-            )
+        if d.tls.enabled:
+            problems += _client_tls_checks(
+                f"destinations[{n}].tls", d.tls.ca_certificates, d.tls.certificate,
+                d.tls.private_key,
+            )  # fmt: skip
     problems += _audit_checks(s.audit)
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
