@@ -68,6 +68,13 @@ def explain(reason: str, node_ae_title: str) -> tuple[str, str]:
             "Several series could be the one the prediction needs, and the node does not guess.",
             f"Ask {admins} to tell the series apart (roles.rules, roles.on_ambiguous).",
         )
+    if "is on frame of reference" in reason:
+        return (
+            "The tumour outline or the dose is on another frame of reference than the MR (the "
+            "planning CT's), and no registration received relates the two.",
+            "Have the planning system send its Spatial Registration of the MR to the CT to the "
+            f"glioforecast node ({node_ae_title}): {after}.",
+        )
     if "ROI" in reason or "structure set" in reason.lower():
         return (
             "The RT structure set received has no tumour outline (GTV) the node can use.",

@@ -207,6 +207,15 @@ def test_a_job_the_worker_fails_gets_its_notice(run_node, tmp_path: Path) -> Non
         ("ambiguous role t1c: expected one matching series, found 2", "Several series"),
         ("no ROI name matches the pattern 'GTV'; ROIs available: 'CTV'", "The RT structure set"),
         ("rs.dcm: ROI 'GTV' has no CLOSED_PLANAR contour", "The RT structure set"),
+        (
+            "rs.dcm: ROI 'GTV' is on frame of reference 1.2.3 but the image is on 1.2.4; expected "
+            "the same frame of reference or a Spatial Registration",
+            "The tumour outline or the dose",
+        ),
+        (
+            "RT Dose is on frame of reference 1.2.3 but the image is on 1.2.4",
+            "The tumour outline or the dose",
+        ),
         ("internal error: ValueError: boom", "The node failed"),
         ("the job process died of SIGKILL (killed: out of memory?)", "The node failed"),
         ("series 5: slice spacing varies from 1 to 3 mm", "The study's images could not"),
