@@ -18,15 +18,16 @@ audit trail is for. They go only where ``audit:`` says: an audit record reposito
 (RFC 5424 messages over TLS, RFC 5425, or UDP, RFC 5426), and/or a file (one message per
 line, appended; readable by the node's user only).
 
-Sending never blocks or fails the node: messages wait in a bounded queue for a background
-thread, which reconnects with back-off while the repository is down. If it stays down until
-the queue is full, the oldest messages are dropped (counted in the metrics, logged); on stop,
-the queue is given a few seconds to drain. The file, when set, is written at once.
+Sending never blocks or fails the node: messages wait in a queue file (``audit-queue.sqlite3``
+in the data folder) for a background thread, which reconnects with back-off while the
+repository is down; what is not delivered at a stop, or a crash, is delivered after the next
+start. Beyond :data:`MAX_QUEUED` waiting messages the oldest are dropped (counted in the
+metrics, logged). Commands beside the node (``spool prune``) add their messages to the queue
+file, and the running node delivers them. The file, when set, is written at once.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime
 import logging
@@ -39,16 +40,29 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError
 from dicom_node.settings import AuditSettings
+from dicom_node.sqlite import Database
 
 log = logging.getLogger(__name__)
 
-#: messages waiting for the repository at most; older ones are dropped beyond
-MAX_QUEUED = 10000
+#: messages waiting for the repository at most (in the queue file); older ones are dropped
+MAX_QUEUED = 100000
+#: seconds between looks at the queue file when it is empty (another process may add to it)
+POLL_S = 2.0
+QUEUE_FILE = "audit-queue.sqlite3"
+
+_QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    frame BLOB NOT NULL,
+    at REAL NOT NULL
+);
+"""
 #: seconds a stopping node waits for the queue to drain
 DRAIN_S = 5.0
 #: seconds a new TLS connection is watched for the repository refusing the node's certificate
@@ -322,8 +336,16 @@ class AuditTrail:
     :meth:`record` never raises and never waits on the network.
     """
 
-    def __init__(self, settings: AuditSettings, node_ae_title: str) -> None:
+    def __init__(
+        self,
+        settings: AuditSettings,
+        node_ae_title: str,
+        queue_path: Path | None = None,
+        *,
+        deliver: bool = True,
+    ) -> None:
         self.settings = settings
+        self.deliver = deliver
         self.source = AuditSource(settings.source_id or node_ae_title, settings.enterprise_site_id)
         self.node = Participant(
             node_ae_title, socket.gethostname(), False, ROLE_APPLICATION, str(os.getpid())
@@ -332,7 +354,12 @@ class AuditTrail:
         self.sent = 0
         self.dropped = 0
         self.max_queued = MAX_QUEUED
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._left = 0
+        self._queue: Database | None = None
+        if settings.host:
+            if queue_path is None:
+                raise GlioforecastError("audit: a repository needs a queue file (queue_path)")
+            self._queue = Database(queue_path, _QUEUE_SCHEMA, "audit queue", synchronous="FULL")
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -350,8 +377,21 @@ class AuditTrail:
 
     @property
     def queued(self) -> int:
-        with self._cond:
-            return len(self._queue)
+        """Messages waiting for the repository (in the queue file)."""
+        if self._queue is None:
+            return self._left  # closed: what it left in the queue file
+        with self._queue.lock:
+            low, high = self._queue.conn.execute("SELECT min(id), max(id) FROM queue").fetchone()
+        return 0 if low is None else int(high) - int(low) + 1
+
+    def _oldest(self) -> tuple[int, bytes] | None:
+        if self._queue is None:
+            raise RuntimeError("the audit trail is closed")
+        with self._queue.lock:
+            row = self._queue.conn.execute(
+                "SELECT id, frame FROM queue ORDER BY id LIMIT 1"
+            ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
 
     @property
     def reachable(self) -> bool:
@@ -361,7 +401,7 @@ class AuditTrail:
     def start(self, activity: bool = True) -> None:
         """Start sending; with ``activity``, record the Application Start (the node's, not a
         command's such as ``spool prune``)."""
-        if self.settings.host and self._thread is None:
+        if self._queue is not None and self.deliver and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
             self._thread.start()
         self.activity = activity
@@ -370,25 +410,31 @@ class AuditTrail:
 
     def close(self) -> None:
         """Record the Application Stop (after a start with ``activity``), give the queue
-        :data:`DRAIN_S` to drain, stop. Closing again does nothing."""
+        :data:`DRAIN_S` to drain, stop; what is left waits in the queue file for the next
+        start. Closing again does nothing."""
         if self._stopping:
             return
         if self.activity:
             self.record(application_activity(self.node, self.source, start=False))
         with self._cond:
             deadline = time.monotonic() + DRAIN_S
-            while self._queue and self._thread is not None and time.monotonic() < deadline:
+            while self._thread is not None and self.queued and time.monotonic() < deadline:
                 self._cond.wait(0.05)
             self._stopping = True
-            left = len(self._queue)
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(DRAIN_S)
             self._thread = None
-        if left:
-            self.dropped += left
-            log.error("audit: %d message(s) not delivered to %s at stop", left, self._where())
+        left = self.queued
+        if left and self.deliver:
+            log.warning(
+                "audit: %d message(s) not yet delivered to %s: kept for the next start",
+                left, self._where(),
+            )  # fmt: skip
         self._disconnect()
+        if self._queue is not None:
+            self._queue.close()
+            self._queue, self._left = None, left
 
     # -- what the node reports
 
@@ -428,17 +474,21 @@ class AuditTrail:
                 os.close(fd)
 
     def _enqueue(self, frame: bytes) -> None:
+        assert self._queue is not None
+        with self._queue.transaction() as db:
+            db.execute("INSERT INTO queue (frame, at) VALUES (?, ?)", (frame, time.time()))
+            low, high = db.execute("SELECT min(id), max(id) FROM queue").fetchone()
+            over = int(high) - int(low) + 1 - self.max_queued
+            if over > 0:
+                db.execute("DELETE FROM queue WHERE id < ?", (int(low) + over,))
+        if over > 0:
+            self.dropped += over
+            if self.dropped == over or self.dropped % 1000 == 0:
+                log.error(
+                    "audit: %s unreachable and %d messages waiting: oldest dropped (%d so far)",
+                    self._where(), self.max_queued, self.dropped,
+                )  # fmt: skip
         with self._cond:
-            if len(self._queue) >= self.max_queued:
-                self._queue.popleft()
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    log.error(
-                        "audit: %s unreachable and %d messages waiting: oldest dropped "
-                        "(%d so far)",
-                        self._where(), self.max_queued, self.dropped,
-                    )  # fmt: skip
-            self._queue.append(frame)
             self._cond.notify_all()
 
     def _where(self) -> str:
@@ -446,14 +496,26 @@ class AuditTrail:
         return f"audit record repository {s.host}:{s.port} ({s.transport})"
 
     def _run(self) -> None:
+        assert self._queue is not None
         backoff = 1.0
         while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and not self._queue:
+            try:
+                oldest = self._oldest()
+            except Exception:  # the queue file closed by a stop that did not wait, or failing
+                if self._stopping:
                     return
-                frame = self._queue[0]
+                log.exception("audit: cannot read the queue file; retrying")
+                with self._cond:
+                    self._cond.wait(POLL_S)
+                continue
+            if oldest is None:
+                with self._cond:
+                    if self._stopping:
+                        return
+                    # another process (spool prune) may add to the queue file: look again
+                    self._cond.wait(POLL_S)
+                continue
+            row_id, frame = oldest
             try:
                 self._send(frame)
             except Exception as exc:  # OSError and TLS errors mostly; the thread must go on
@@ -474,10 +536,17 @@ class AuditTrail:
                     self._where(), time.monotonic() - self._down_since,
                 )  # fmt: skip
                 self._down_since = None
+            try:
+                with self._queue.transaction() as db:
+                    db.execute("DELETE FROM queue WHERE id = ?", (row_id,))
+            except Exception:  # sent: at worst it is sent again (a repository keeps both)
+                if self._stopping:
+                    return
+                log.exception("audit: cannot update the queue file")
             with self._cond:
-                if self._queue and self._queue[0] is frame:
-                    self._queue.popleft()
                 self.sent += 1
+                if self._stopping and not self.queued:
+                    return
                 self._cond.notify_all()
 
     def _send(self, frame: bytes) -> None:
@@ -549,9 +618,15 @@ class NoAuditTrail:
     def deleted(self, study: StudyRecord, reason: str) -> None: ...
 
 
-def audit_trail(settings: AuditSettings, node_ae_title: str) -> AuditTrail | NoAuditTrail:
-    """The node's audit trail as configured (not started)."""
-    return AuditTrail(settings, node_ae_title) if settings.enabled else NoAuditTrail()
+def audit_trail(
+    settings: AuditSettings, node_ae_title: str, data_dir: Path, *, deliver: bool = True
+) -> AuditTrail | NoAuditTrail:
+    """The node's audit trail as configured (not started), its queue file in ``data_dir``;
+    with ``deliver`` false (a command beside the node), messages only join the queue file,
+    which the running node delivers."""
+    if not settings.enabled:
+        return NoAuditTrail()
+    return AuditTrail(settings, node_ae_title, data_dir / QUEUE_FILE, deliver=deliver)
 
 
 def _client_context(settings: AuditSettings) -> ssl.SSLContext:

@@ -248,7 +248,10 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
 
     settings, store = _open_store(args)
     outbox = Outbox(outbox_path(settings.storage.data_dir))
-    audit = audit_trail(settings.audit, settings.node.ae_title)
+    # the messages join the queue file the running node delivers from (the file, at once)
+    audit = audit_trail(
+        settings.audit, settings.node.ae_title, settings.storage.data_dir, deliver=False
+    )
     audit.start(activity=False)
     try:
         removals = prune(

@@ -131,7 +131,7 @@ class Node:
                 str(tls.ca_certificates) if tls.ca_certificates else None,
                 tls.require_client_certificate,
             )
-        self.audit = audit_trail(settings.audit, settings.node.ae_title)
+        self.audit = audit_trail(settings.audit, settings.node.ae_title, data_dir)
         self.outbox = Outbox(
             outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
         )

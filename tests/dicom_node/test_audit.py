@@ -225,7 +225,7 @@ def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Pa
     trail = AuditTrail(
         AuditSettings(enabled=True, host="127.0.0.1", port=arr.tls_port, transport="tls",
                       ca_certificates=pki / "ca.pem", file=log_file),
-        "GLIOFORECAST",
+        "GLIOFORECAST", tmp_path / "queue.sqlite3",
     )  # fmt: skip
     trail.start()
     try:
@@ -256,6 +256,7 @@ def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Pa
         trail = AuditTrail(
             AuditSettings(enabled=True, host="127.0.0.1", port=udp.udp_port, transport="udp"),
             "GLIOFORECAST",
+            tmp_path / "udp-queue.sqlite3",
         )
         trail.start()
         trail.refused("INTRUDER", "10.9.9.9", "calling AE title 'INTRUDER' not allowed")
@@ -286,19 +287,31 @@ def test_a_node_that_cannot_reach_its_repository_says_so(run_node, tmp_path: Pat
         arr.stop()
 
 
-def test_a_repository_that_stays_down_loses_the_oldest_only(tmp_path: Path, pki: Path) -> None:
-    trail = AuditTrail(
-        AuditSettings(enabled=True, host="127.0.0.1", port=9, ca_certificates=pki / "ca.pem"),
-        "GLIOFORECAST",
-    )
+def test_a_repository_that_stays_down_keeps_all_but_the_oldest(tmp_path: Path, pki: Path) -> None:
+    arr = AuditRepository(tmp_path / "arr", pki)  # not started yet
+    queue = tmp_path / "queue.sqlite3"
+    trail = AuditTrail(_tls(arr, pki), "GLIOFORECAST", queue)
     trail.max_queued = 3
     trail.start()  # Application Start
     for n in range(4):
         trail.refused(f"CALLER{n}", "10.0.0.1", "refused")
-    assert trail.queued == 3 and trail.dropped == 2
-    # the stop message pushes out one more; after the drain time the 3 left count as dropped
-    trail.close()
-    assert trail.sent == 0 and trail.dropped == 2 + 1 + 3
+    assert trail.queued == 3 and trail.dropped == 2  # beyond the bound, the oldest go
+    trail.close()  # the stop message pushes out one more; the 3 left stay in the queue file
+    assert trail.sent == 0 and trail.dropped == 3
+    # the next start (after a restart, a crash) delivers them, oldest first
+    arr.start()
+    try:
+        again = AuditTrail(_tls(arr, pki), "GLIOFORECAST", queue)
+        assert again.queued == 3
+        again.start(activity=False)
+        wait_for(lambda: again.sent == 3, timeout=60, what="the kept messages")
+        again.close()
+        got = wait_for(lambda: len(m := arr.messages()) == 3 and m, what="three messages")
+        assert [event_id(m) for m in got] == ["110113", "110113", "110100"]
+        callers = [_participants(m).get("none") for m in got[:2]]
+        assert [c.get("UserID") for c in callers if c is not None] == ["CALLER2", "CALLER3"]
+    finally:
+        arr.stop()
 
 
 def test_a_repository_asking_for_a_client_certificate(tmp_path: Path, pki: Path) -> None:
@@ -307,14 +320,15 @@ def test_a_repository_asking_for_a_client_certificate(tmp_path: Path, pki: Path)
         with_certificate = AuditTrail(
             _tls(arr, pki, certificate=pki / "client.pem", private_key=pki / "client.key"),
             "GLIOFORECAST",
+            tmp_path / "queue.sqlite3",
         )
         with_certificate.start()
         with_certificate.close()
         assert with_certificate.sent == 2  # start and stop
-        without = AuditTrail(_tls(arr, pki), "NOCERT")
+        without = AuditTrail(_tls(arr, pki), "NOCERT", tmp_path / "nocert-queue.sqlite3")
         without.start()
-        without.close()  # refused by the repository: nothing delivered, both dropped at stop
-        assert without.sent == 0 and without.dropped == 2
+        without.close()  # refused by the repository: nothing delivered, both kept
+        assert without.sent == 0 and without.queued == 2
         got = wait_for(lambda: len(m := arr.messages()) == 2 and m, what="two messages")
         assert [p.get("UserID") for m in got for p in m.iter("ActiveParticipant")] == [
             "GLIOFORECAST", "GLIOFORECAST",
@@ -347,6 +361,37 @@ def test_retention_reports_each_study_it_deletes(run_node, tmp_path: Path) -> No
     assert objects["Study Instance UID"].get("ParticipantObjectID") == source.StudyInstanceUID
     assert _sop_classes(objects["Study Instance UID"]) == {MR: len(study["t1c"])}
     assert objects["Patient Number"].get("ParticipantObjectID") == source.PatientID
+
+
+def test_spool_prune_beside_the_node_queues_its_messages_for_it(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, pki: Path, capsys
+) -> None:
+    import sqlite3
+
+    from dicom_node.audit import QUEUE_FILE
+    from dicom_node.cli import main
+
+    node = run_node()
+    study = factories.small_study(tmp_path / "study")
+    assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+    wait_for(lambda: any(j.state == FAILED for j in node.store.list_jobs()), what="the job")
+    data_dir = node.settings.storage.data_dir
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        f"storage: {{data_dir: {data_dir}}}\n"
+        "retention: {failed_days: 0.0000001}\n"  # 9 ms: the failed study is due
+        f"audit: {{enabled: true, host: 127.0.0.1, port: 9, ca_certificates: {pki / 'ca.pem'}}}\n"
+    )
+    assert main(["--config", str(config), "spool", "prune"]) == 0
+    assert "1 studies, 4 files" in capsys.readouterr().out
+    with sqlite3.connect(data_dir / QUEUE_FILE) as db:
+        (frame,) = [bytes(row[0]) for row in db.execute("SELECT frame FROM queue")]
+    xml = frame.decode("utf-8").split("\ufeff", 1)[1]  # after the syslog header
+    deleted = ET.fromstring(xml)
+    check_schema(deleted)
+    assert event_id(deleted) == "110105"
+    patient = _objects(deleted)["Patient Number"]
+    assert patient.get("ParticipantObjectID") == pydicom.dcmread(study["t1c"][0]).PatientID
 
 
 def source_time_plus_days(days: float) -> float:
