@@ -10,7 +10,8 @@ Events (DCM codes of PS3.16 CID 400-403; PS3.15 A.5.3):
   a destination (the node as Source); the instances stored and those refused go in separate
   messages (success 0, minor failure 4), as PS3.15 A.5.2 asks;
 - Security Alert (110113), type Node Authentication (110126), minor failure: an association
-  refused (a called AE title that is not the node's, a caller not in ``node.allowed_callers``);
+  refused (a called AE title that is not the node's, a caller not in ``node.allowed_callers``)
+  or a client's TLS handshake that failed;
 - DICOM Study Deleted (110105), action D: retention removed a study's files from the spool.
 
 Unlike the logs, audit messages name the patient (ID and name) and the study: that is what an
