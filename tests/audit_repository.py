@@ -10,6 +10,7 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import IO
 
 from tests.conftest import free_port, tool
 
@@ -53,12 +54,14 @@ class AuditRepository:
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self._err: IO[bytes] | None = None
 
     def start(self) -> AuditRepository:
+        self._err = open(self.workdir / "rsyslogd.err", "wb")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen(
             [tool("rsyslogd"), "-n", "-f", str(self.config), "-i", str(self.workdir / "pid")],
             stdout=subprocess.DEVNULL,
-            stderr=open(self.workdir / "rsyslogd.err", "wb"),  # noqa: SIM115
+            stderr=self._err,
         )
         deadline = time.monotonic() + 30
         while not _listening(self.tls_port):
@@ -74,6 +77,9 @@ class AuditRepository:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
         self.proc = None
+        if self._err is not None:
+            self._err.close()
+            self._err = None
 
     def lines(self) -> list[str]:
         return self.out.read_text("utf-8").splitlines() if self.out.exists() else []
