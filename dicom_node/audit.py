@@ -584,6 +584,36 @@ class AuditTrail:
             self._sock = None
 
 
+def check_repository(settings: AuditSettings) -> tuple[bool, str]:
+    """Whether the audit record repository takes the node's connection as configured (over
+    TLS: the handshake, with the repository's certificate and name checked and the node's own
+    certificate when it asks), and what was found. Nothing is sent."""
+    from dicom_node.scu import Destination, tls_handshake_error
+
+    where = f"audit record repository {settings.host}:{settings.port} ({settings.transport})"
+    if settings.transport == "udp":
+        try:
+            socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            return False, f"{where}: its host cannot be resolved ({exc})"
+        return True, f"{where}: address resolved (over UDP nothing more can be checked)"
+    try:
+        socket.create_connection((settings.host, settings.port), timeout=10).close()
+    except OSError as exc:
+        return False, f"{where}: no connection ({exc})"
+    peer = Destination(
+        name="audit", ae_title="AUDIT", host=settings.host, port=settings.port,
+        tls=_client_context(settings), server_name=settings.server_name,
+    )  # fmt: skip
+    error = tls_handshake_error(peer, settings_key="audit")
+    if error.endswith("closed the connection after the handshake") and not settings.certificate:
+        error += (
+            ", as a repository that asks for the node's certificate does (set certificate and "
+            "private_key in audit)"
+        )
+    return not error, f"{where}: {error or 'TLS handshake accepted'}"
+
+
 def _closed_by_peer(sock: socket.socket, wait_s: float) -> bool:
     """Whether the repository closed ``sock`` or sent an alert (waiting up to ``wait_s``).
     A repository never writes to the node (RFC 5425), so anything readable means the end;

@@ -90,6 +90,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_destinations(args: argparse.Namespace) -> int:
+    from dicom_node.audit import check_repository
     from dicom_node.scu import Destination
     from dicom_node.sender import check_destination
 
@@ -103,7 +104,8 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
             f"found {', '.join(sorted(unknown))}"
         )
     chosen = [d for d in settings.destinations if not wanted or d.name in wanted]
-    if not chosen:
+    audit = settings.audit.enabled and bool(settings.audit.host) and not wanted
+    if not chosen and not audit:
         print("no destination configured: nothing to check")
         return EXIT_OK
     failed = 0
@@ -112,6 +114,10 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
         ok, found = check_destination(destination, settings.sending.calling_ae_title)
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {destination}: {found}")
+    if audit:  # where the audit trail goes is checked with them
+        ok, found = check_repository(settings.audit)
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {found}")
     return EXIT_OK if not failed else EXIT_FAILED
 
 

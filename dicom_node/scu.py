@@ -298,11 +298,14 @@ def associate(
     return assoc
 
 
-def tls_handshake_error(destination: Destination, timeout_s: float = 10) -> str:
+def tls_handshake_error(
+    destination: Destination, timeout_s: float = 10, settings_key: str = "the destination's tls"
+) -> str:
     """Why TLS with ``destination`` fails ('' when it works, or when the peer cannot be reached
     at all). pynetdicom only says the connection was aborted, which misleads for a certificate
     the node does not trust, a name that does not match, or a client certificate the peer wants
-    (TLS 1.3 refuses that after the handshake: a short read shows it)."""
+    (TLS 1.3 refuses that after the handshake: a short read shows it). ``settings_key`` names
+    where the node's TLS files are configured, in the advice."""
     assert destination.tls is not None
     name = destination.server_name or destination.host
     try:
@@ -320,7 +323,9 @@ def tls_handshake_error(destination: Destination, timeout_s: float = 10) -> str:
         return f"the peer's certificate is not trusted for {name!r}: {exc.verify_message}"
     except ssl.SSLError as exc:
         reason = str(exc.reason or exc)
-        return f"{_TLS_ALERTS[reason]} ({reason})" if reason in _TLS_ALERTS else reason
+        if reason in _TLS_ALERTS:
+            return f"{_TLS_ALERTS[reason].format(key=settings_key)} ({reason})"
+        return reason
     except OSError:
         return ""
     return ""
@@ -328,8 +333,8 @@ def tls_handshake_error(destination: Destination, timeout_s: float = 10) -> str:
 
 # what the peer's TLS alerts mean for the destination's settings
 _TLS_ALERTS = {
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate (set the "
-    "destination's tls.certificate and tls.private_key)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the peer requires a client certificate (set "
+    "certificate and private_key in {key})",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the peer refused the node's client certificate",
     "SSLV3_ALERT_HANDSHAKE_FAILURE": "the peer refused the handshake (a client certificate it "
     "requires, or no TLS version or cipher in common)",

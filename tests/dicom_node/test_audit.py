@@ -337,6 +337,39 @@ def test_a_repository_asking_for_a_client_certificate(tmp_path: Path, pki: Path)
         arr.stop()
 
 
+def test_check_destinations_checks_the_audit_repository_too(  # type: ignore[no-untyped-def]
+    tmp_path: Path, pki: Path, capsys
+) -> None:
+    from dicom_node.cli import main
+
+    arr = AuditRepository(tmp_path / "arr", pki, client_certificates=True).start()
+    try:
+
+        def check(extra: str) -> tuple[int, str]:
+            config = tmp_path / "site.yaml"
+            config.write_text(
+                f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
+                f"audit: {{enabled: true, host: 127.0.0.1, port: {arr.tls_port}, "
+                f"ca_certificates: {pki / 'ca.pem'}{extra}}}\n"
+            )
+            code = main(["--config", str(config), "check-destinations"])
+            return code, capsys.readouterr().out
+
+        code, out = check(f", certificate: {pki / 'client.pem'}, private_key: {pki / 'client.key'}")
+        assert code == 0, out
+        assert f"ok   audit record repository 127.0.0.1:{arr.tls_port} (tls): TLS handshake" in out
+        code, out = check("")  # the repository asks for the node's certificate
+        assert code == 1
+        assert "FAIL audit record repository" in out
+        assert "(set certificate and private_key in audit)" in out
+        code, out = check(f", server_name: elsewhere.example, certificate: {pki / 'client.pem'},"
+                          f" private_key: {pki / 'client.key'}")  # fmt: skip
+        assert code == 1 and "not trusted for 'elsewhere.example'" in out
+        assert arr.messages() == []  # nothing was sent
+    finally:
+        arr.stop()
+
+
 def test_retention_reports_each_study_it_deletes(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     node = run_node()
     study = factories.small_study(tmp_path / "study")
