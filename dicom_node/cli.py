@@ -61,11 +61,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     committing = [d.name for d in settings.destinations if d.storage_commitment]
     tls = [d.name for d in settings.destinations if d.tls.enabled]
     notices = [d.name for d in settings.destinations if d.failure_notice]
+    rejecting = [d.name for d in settings.destinations if d.reject_replaced]
     print(
         f"  {len(settings.destinations)} destination(s)"
         + (f", storage commitment with {', '.join(committing)}" if committing else "")
         + (f", TLS to {', '.join(tls)}" if tls else "")
         + (f", failure notices to {', '.join(notices)}" if notices else "")
+        + (f", rejection notes for replaced results to {', '.join(rejecting)}" if rejecting else "")
     )
     audit = settings.audit
     where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []

@@ -418,6 +418,17 @@ class JobStore:
             ).fetchone()
         return int(row[0]) if row and row[0] is not None else None
 
+    def replaced_jobs(self, job_id: int) -> list[str]:
+        """The ids (as the outbox writes them) of the jobs of ``job_id``'s study up to it, itself
+        included: what its results replace (a notice of its own earlier failure too)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id FROM jobs WHERE id <= ? AND study_instance_uid = "
+                "(SELECT study_instance_uid FROM jobs WHERE id = ?) ORDER BY id",
+                (job_id, job_id),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def reopen(self, study_uid: str, message: str) -> None:
         """Assemble a study again at the next pass (its instances unchanged), with an event on
         its latest job."""

@@ -173,7 +173,9 @@ class FailureNotices:
             ),
         )
         objects = build_failure_notice(notice, patient_study(header), __version__)
-        added = self.outbox.enqueue(objects, self.destinations, job=str(job.id))
+        added = self.outbox.enqueue(
+            objects, self.destinations, job=str(job.id), replaces=self.store.replaced_jobs(job.id)
+        )
         log.info(
             "job %d: failure notice queued to %s (%d new deliveries)",
             job.id, ", ".join(self.destinations), added, extra={"job": job.id},

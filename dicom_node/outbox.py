@@ -16,7 +16,18 @@ One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) 
   committed by the peer);
 - ``dead``: gave up after ``dead_after_attempts`` attempts, or at once on a failure that a retry
   cannot fix (SOP class not supported...). Dead rows keep their object and can be re-queued with
-  :meth:`Outbox.retry` (``glioforecast outbox retry``).
+  :meth:`Outbox.retry` (``glioforecast outbox retry``);
+- ``withdrawn``: never delivered, and no longer to be: the results of a newer version of the
+  study replaced it (see below);
+- ``rejected``: delivered, then listed in a rejection note sent to the same destination because
+  newer results replaced it (see below).
+
+Replacing earlier results: :meth:`Outbox.enqueue` with ``replaces`` (the study's job ids) records
+that the objects queued replace, at those destinations, every earlier object of those jobs. The
+next delivery pass, before it sends anything to a destination, withdraws the rows of the earlier
+objects not yet delivered there and, for a destination with ``reject_replaced``, queues an IHE
+IOCM rejection note (:mod:`sr_writer.rejection`) listing those the destination acknowledged. It
+runs in the delivery pass, the only place rows are sent, so no row is in flight meanwhile.
 
 Objects are written once as DICOM files next to the database (temp file, fsync, rename). Enqueue
 is idempotent on (SOP Instance UID, destination): a job re-run after a crash enqueues the same
@@ -31,6 +42,7 @@ delay and the reason; logs name the job id, never the patient.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -44,6 +56,7 @@ from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node import commitment
 from dicom_node.audit import (
@@ -62,7 +75,9 @@ from dicom_node.sqlite import Database
 
 logger = logging.getLogger(__name__)
 
-STATES = ("pending", "sending", "committing", "sent", "dead")
+STATES = ("pending", "sending", "committing", "sent", "dead", "withdrawn", "rejected")
+#: states a row does not leave (its object file is no longer needed)
+_SETTLED = ("sent", "withdrawn", "rejected")
 
 _OUTBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -74,7 +89,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     job TEXT NOT NULL,
     path TEXT NOT NULL,
     state TEXT NOT NULL
-        CHECK (state IN ('pending', 'sending', 'committing', 'sent', 'dead')),
+        CHECK (state IN ('pending', 'sending', 'committing', 'sent', 'dead', 'withdrawn',
+                         'rejected')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
@@ -102,21 +118,43 @@ CREATE TABLE IF NOT EXISTS commitments (
     PRIMARY KEY (transaction_uid, outbox_id)
 );
 """
-_SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE
+# objects queued that replace, at one destination, the earlier objects of other jobs (or of the
+# same job, a notice replaced by a prediction); applied by the next delivery pass
+_REPLACEMENTS_TABLE = """
+CREATE TABLE IF NOT EXISTS replacements (
+    id INTEGER PRIMARY KEY,
+    job TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    earlier_jobs TEXT NOT NULL,
+    keep TEXT NOT NULL,
+    study TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    done_at REAL,
+    outcome TEXT
+);
+"""
+_SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE + _REPLACEMENTS_TABLE
 # the requests of rows that no longer wait for a commitment are of no more use
 _FORGET_SETTLED = (
     "DELETE FROM commitments WHERE outbox_id IN "
-    "(SELECT id FROM outbox WHERE state IN ('sent', 'dead'))"
+    "(SELECT id FROM outbox WHERE state NOT IN ('pending', 'sending', 'committing'))"
 )
+# what a rejection note copies from the objects it replaces their study with
+_STUDY_KEYWORDS = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "ReferringPhysicianName",
+)  # fmt: skip
 
 
 def _migrate(database: Database) -> None:
-    """Rebuild an outbox table made before storage commitment (its CHECK lists four states and
-    it lacks the commitment columns); rows are copied as they are."""
+    """Rebuild an outbox table made by an earlier version (its CHECK lacks the states added
+    since: ``committing``, ``withdrawn``, ``rejected``; before storage commitment it also lacks
+    the commitment columns); rows are copied as they are."""
     query = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
 
     def current(row: sqlite3.Row | None) -> bool:
-        return row is None or "'committing'" in row[0]
+        return row is None or "'rejected'" in row[0]
 
     with database.lock:  # read first: no write lock for a database that is up to date
         if current(database.conn.execute(query).fetchone()):
@@ -131,7 +169,7 @@ def _migrate(database: Database) -> None:
         db.execute("ALTER TABLE outbox_rebuilt RENAME TO outbox")
         for index in _INDEXES:
             db.execute(index)
-    logger.info("outbox: database %s upgraded for storage commitment", database.path)
+    logger.info("outbox: database %s upgraded to this version's states", database.path)
 
 
 class SendingLike(Protocol):
@@ -199,6 +237,34 @@ class OutboxItem:
     committed_at: float | None = None
 
 
+@dataclass(frozen=True)
+class Replaced:
+    """What one replacement did at one destination."""
+
+    job: str
+    destination: str
+    earlier_jobs: list[str]
+    withdrawn: int
+    rejected: int
+    note: str = ""  # the rejection note's SOP Instance UID, when one was queued
+    error: str = ""
+
+    def __str__(self) -> str:
+        jobs = ", ".join(self.earlier_jobs)
+        text = (
+            f"results of job {self.job} replace those of job(s) {jobs} at {self.destination}: "
+            f"{self.withdrawn} not yet delivered withdrawn"
+        )
+        if self.note:
+            text += f", {self.rejected} delivered rejected by note {self.note}"
+        return text + (f"; {self.error}" if self.error else "")
+
+
+#: builds the rejection note of a replacement: (the study's patient and study attributes, the
+#: job whose results replace, the rows delivered) -> the note
+NoteBuilder = Callable[[Dataset, str, Sequence[OutboxItem]], Dataset]
+
+
 @dataclass
 class DeliveryReport:
     sent: int = 0
@@ -206,6 +272,7 @@ class DeliveryReport:
     dead: int = 0
     commitment_requests: int = 0
     errors: list[str] = field(default_factory=list)
+    replaced: list[Replaced] = field(default_factory=list)
 
 
 class Outbox:
@@ -277,11 +344,22 @@ class Outbox:
 
     # -- queue ------------------------------------------------------------------------------
 
-    def enqueue(self, datasets: Sequence[Dataset], destinations: Sequence[str], job: str) -> int:
+    def enqueue(
+        self,
+        datasets: Sequence[Dataset],
+        destinations: Sequence[str],
+        job: str,
+        *,
+        replaces: Sequence[str] = (),
+    ) -> int:
         """Queue every dataset for every destination; returns the number of new rows.
 
         Rows that exist already (same SOP Instance UID and destination) are left as they are,
         whatever their state: a re-run job does not send twice what was delivered.
+
+        With ``replaces`` (job ids, this one included when it sent something before), the
+        datasets replace at these destinations every other object queued there for those jobs:
+        the next delivery pass withdraws or rejects them (:meth:`apply_replacements`).
         """
         if not destinations:
             raise SendError("no destination to send the results to (expected at least one)")
@@ -297,7 +375,7 @@ class Outbox:
                     )
                 }
             missing = [d for d in destinations if d not in existing]
-            needs_file = bool(missing) or any(s != "sent" for s in existing.values())
+            needs_file = bool(missing) or any(s not in _SETTLED for s in existing.values())
             if not needs_file:
                 continue
             try:
@@ -306,24 +384,22 @@ class Outbox:
                 raise StorageError(f"cannot store outbox object {uid}: {exc}") from exc
             with self._tx() as db:
                 for dest in missing:
-                    cur = db.execute(
-                        "INSERT OR IGNORE INTO outbox (sop_instance_uid, sop_class_uid, "
-                        "series_instance_uid, destination, job, path, state, attempts, "
-                        "next_attempt_at, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
-                        (
-                            uid,
-                            str(ds.SOPClassUID),
-                            str(ds.SeriesInstanceUID),
-                            dest,
-                            job,
-                            str(path),
-                            now,
-                            now,
-                            now,
-                        ),
-                    )
-                    added += cur.rowcount
+                    added += _insert(db, ds, dest, job, path, now)
+        if replaces and datasets:
+            study = Dataset()
+            for keyword in _STUDY_KEYWORDS:
+                if keyword in datasets[0]:  # as text: highdicom's DA and TM values are objects
+                    elem = datasets[0][keyword]
+                    text = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value or "")
+                    study.add_new(elem.tag, elem.VR, text)
+            keep = json.dumps(sorted({str(ds.SOPInstanceUID) for ds in datasets}))
+            with self._tx() as db:
+                db.executemany(
+                    "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(job, dest, json.dumps(sorted(set(replaces))), keep, study.to_json(), now)
+                     for dest in destinations],
+                )  # fmt: skip
         logger.info(
             "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
             job,
@@ -333,6 +409,90 @@ class Outbox:
             extra={"job_id": job},
         )
         return added
+
+    def apply_replacements(
+        self, destination: str, note: NoteBuilder | None = None
+    ) -> list[Replaced]:
+        """Apply the replacements recorded for ``destination`` (:meth:`enqueue` with
+        ``replaces``): the earlier objects not yet delivered there are withdrawn; with ``note``
+        (the destination takes rejection notes) those it acknowledged are listed in a rejection
+        note that ``note`` builds and that is queued at once. Called by the delivery pass before
+        it sends anything to ``destination``; a replacement is applied once."""
+        with self._lock:
+            due = self._db.execute(
+                "SELECT * FROM replacements WHERE destination = ? AND done_at IS NULL ORDER BY id",
+                (destination,),
+            ).fetchall()
+        return [self._apply_replacement(r, note) for r in due]
+
+    def _apply_replacement(self, rep: sqlite3.Row, note: NoteBuilder | None) -> Replaced:
+        job, destination = str(rep["job"]), str(rep["destination"])
+        earlier = [str(j) for j in json.loads(rep["earlier_jobs"])]
+        keep = set(json.loads(rep["keep"]))
+        with self._lock:
+            rows = [
+                _item(r)
+                for r in self._db.execute(
+                    "SELECT * FROM outbox WHERE destination = ? AND sop_class_uid != ? AND "
+                    "state IN ('pending', 'dead', 'sent', 'committing') AND job IN "
+                    f"({','.join('?' * len(earlier))}) ORDER BY id",
+                    (destination, KeyObjectSelectionDocumentStorage, *earlier),
+                )
+            ]
+        # a rejection note is never itself replaced (its SOP class is left out above)
+        rows = [r for r in rows if r.sop_instance_uid not in keep]
+        withdraw = [r for r in rows if r.state in ("pending", "dead")]
+        delivered = [r for r in rows if r.state in ("sent", "committing")]
+        built: tuple[Dataset, Path] | None = None
+        error = ""
+        if note is not None and delivered:
+            try:
+                ds = note(Dataset.from_json(rep["study"]), job, delivered)
+                built = (ds, self._write_object(ds))
+            except Exception as exc:  # the earlier objects stay as they are, the log says why
+                error = f"no rejection note: {type(exc).__name__}: {exc}"
+                logger.exception(
+                    "outbox: rejection note for %s not built", destination, extra={"job_id": job}
+                )
+        now = self.clock()
+        why = f"replaced by the results of job {job}"
+        with self._tx() as db:
+            withdrawn = sum(
+                db.execute(
+                    "UPDATE outbox SET state = 'withdrawn', last_error = ?, updated_at = ? "
+                    "WHERE id = ? AND state IN ('pending', 'dead')",
+                    (why, now, r.id),
+                ).rowcount
+                for r in withdraw
+            )
+            rejected = 0
+            if built is not None:
+                ds, path = built
+                rejected = sum(
+                    db.execute(
+                        "UPDATE outbox SET state = 'rejected', last_error = ?, updated_at = ? "
+                        "WHERE id = ? AND state IN ('sent', 'committing')",
+                        (f"{why}; rejected by note {ds.SOPInstanceUID}", now, r.id),
+                    ).rowcount
+                    for r in delivered
+                )
+                _insert(db, ds, destination, job, path, now)
+            outcome = Replaced(
+                job, destination, earlier, withdrawn, rejected,
+                str(built[0].SOPInstanceUID) if built else "",
+                error or ("" if note is not None or not delivered
+                          else f"{len(delivered)} delivered objects left: no reject_replaced"),
+            )  # fmt: skip
+            db.execute(
+                "UPDATE replacements SET done_at = ?, outcome = ? WHERE id = ?",
+                (now, str(outcome), rep["id"]),
+            )
+            db.execute(_FORGET_SETTLED)
+        for r in rows:
+            self._drop_object_if_done(r.sop_instance_uid)
+        if withdrawn or rejected or error:
+            logger.info("outbox: %s", outcome, extra={"job_id": job})
+        return outcome
 
     def recover(self) -> int:
         """Put rows left in ``sending`` by a crash back to ``pending`` (call at start-up)."""
@@ -659,10 +819,13 @@ class Outbox:
 
     def undelivered(self, job: str) -> int:
         """How many of ``job``'s objects are not (yet) delivered to a destination: pending,
-        being sent or dead (0 when everything was sent, or nothing was queued)."""
+        being sent, waiting for a commitment or dead (0 when everything was sent, withdrawn or
+        rejected, or nothing was queued)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE job = ? AND state != 'sent'", (job,)
+                "SELECT COUNT(*) FROM outbox WHERE job = ? AND state NOT IN "
+                "('sent', 'withdrawn', 'rejected')",
+                (job,),
             ).fetchone()
         return int(row[0])
 
@@ -714,9 +877,22 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT state, path FROM outbox WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchall()
-        if rows and all(r["state"] == "sent" for r in rows):
+        if rows and all(r["state"] in _SETTLED for r in rows):
             with contextlib.suppress(FileNotFoundError):
                 Path(rows[0]["path"]).unlink()
+
+
+def _insert(
+    db: sqlite3.Connection, ds: Dataset, destination: str, job: str, path: Path, now: float
+) -> int:
+    """Queue ``ds`` (written at ``path``) for ``destination``; 0 when it was queued already."""
+    return db.execute(
+        "INSERT OR IGNORE INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, "
+        "destination, job, path, state, attempts, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID), destination,
+         job, str(path), now, now, now),
+    ).rowcount  # fmt: skip
 
 
 def _item(row: sqlite3.Row, state: str | None = None) -> OutboxItem:
@@ -769,6 +945,8 @@ def deliver_due(
 
     send = store or default_store
     for dest in destinations:
+        note = rejection_note(calling_ae) if dest.reject_replaced else None
+        report.replaced.extend(outbox.apply_replacements(dest.name, note))
         while True:
             items = outbox.claim(dest.name, limit=batch_size)
             if not items:
@@ -781,6 +959,24 @@ def deliver_due(
         else:
             outbox.settle_without_commitment(dest.name)
     return report
+
+
+def rejection_note(node_ae_title: str) -> NoteBuilder:
+    """The :data:`NoteBuilder` of a node: IHE IOCM rejection notes (:mod:`sr_writer.rejection`)."""
+
+    def build(study: Dataset, job: str, delivered: Sequence[OutboxItem]) -> Dataset:
+        from dicom_node import __version__
+        from dicom_node.pipeline import patient_study
+        from sr_writer.rejection import Rejected, build_rejection_note
+
+        return build_rejection_note(
+            patient_study(study),
+            [Rejected(i.sop_class_uid, i.sop_instance_uid, i.series_instance_uid)
+             for i in delivered],
+            job=job, node_ae_title=node_ae_title, node_version=__version__,
+        )  # fmt: skip
+
+    return build
 
 
 def request_commitments(
@@ -893,12 +1089,14 @@ class OutboxSender(BackgroundLoop):
         calling_ae: str = "GLIOFORECAST",
         poll_s: float = 5.0,
         audit: AuditTrail | NoAuditTrail | None = None,
+        on_replaced: Callable[[Replaced], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.destinations = list(destinations)
         self.calling_ae = calling_ae
         self.poll_s = poll_s
         self.audit = audit or NoAuditTrail()
+        self.on_replaced = on_replaced  # told of each replacement that changed something
         super().__init__()
 
     def start(self) -> None:
@@ -907,9 +1105,12 @@ class OutboxSender(BackgroundLoop):
 
     def step(self) -> float:
         try:
-            deliver_due(
+            report = deliver_due(
                 self.outbox, self.destinations, calling_ae=self.calling_ae, audit=self.audit
             )
+            for replaced in report.replaced:
+                if self.on_replaced and (replaced.withdrawn or replaced.note or replaced.error):
+                    self.on_replaced(replaced)
         except Exception:  # the loop must survive: the next pass retries
             logger.exception("outbox: delivery pass failed")
         due = self.outbox.next_due()

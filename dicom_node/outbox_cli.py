@@ -118,12 +118,12 @@ def cmd_list(args: argparse.Namespace) -> int:
         for item in items:
             print(json.dumps(_row(item), ensure_ascii=False))
         return 0
-    header = f"{'id':>6}  {'state':<8} {'destination':<16} {'tries':>5}  {'next attempt':<19}  "
+    header = f"{'id':>6}  {'state':<10} {'destination':<16} {'tries':>5}  {'next attempt':<19}  "
     print(header + "job / SOP instance / last error")
     for item in items:
         r = _row(item)
         print(
-            f"{r['id']:>6}  {r['state']:<8} {r['destination']!s:<16} {r['attempts']:>5}  "
+            f"{r['id']:>6}  {r['state']:<10} {r['destination']!s:<16} {r['attempts']:>5}  "
             f"{r['next_attempt']!s:<19}  {r['job']} {r['sop_instance_uid']}"
             + (f"  [{r['last_error']}]" if r["last_error"] else "")
         )

@@ -61,6 +61,8 @@ class DestinationLike(Protocol):
     @property
     def storage_commitment(self) -> bool: ...
     @property
+    def reject_replaced(self) -> bool: ...
+    @property
     def tls(self) -> DestinationTLSLike: ...
 
 
@@ -68,15 +70,17 @@ class DestinationLike(Protocol):
 class Destination:
     """A peer that receives the results (a PACS, a planning system); with
     ``storage_commitment`` a delivery counts only once the peer committed to keeping it
-    (:mod:`dicom_node.commitment`); with ``tls`` (a client context, :func:`client_ssl_context`)
-    associations go over TLS, the peer's certificate checked for ``server_name`` (default: the
-    host)."""
+    (:mod:`dicom_node.commitment`); with ``reject_replaced`` it receives a rejection note for
+    the results it holds that newer ones replaced (:mod:`sr_writer.rejection`); with ``tls`` (a
+    client context, :func:`client_ssl_context`) associations go over TLS, the peer's
+    certificate checked for ``server_name`` (default: the host)."""
 
     name: str
     ae_title: str
     host: str
     port: int
     storage_commitment: bool = False
+    reject_replaced: bool = False
     tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     server_name: str = ""
 
@@ -105,6 +109,7 @@ class Destination:
             host=d.host,
             port=int(d.port),
             storage_commitment=bool(d.storage_commitment),
+            reject_replaced=bool(d.reject_replaced),
             tls=context,
             server_name=(tls.server_name or "") if tls.enabled else "",
         )

@@ -20,7 +20,7 @@ from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
 from dicom_node.notices import FailureNotices
-from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy
+from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.retention import prune
 from dicom_node.scp import StorageSCP, server_ssl_context
@@ -140,6 +140,7 @@ class Node:
             [Destination.from_settings(d) for d in settings.destinations],
             calling_ae=settings.sending.calling_ae_title,
             audit=self.audit,
+            on_replaced=self._replaced,
         )
         self.scp = StorageSCP(
             settings.node,
@@ -236,6 +237,11 @@ class Node:
         counts = self.outbox.apply_report(report)
         if counts["failed"]:
             self.sender.wake()
+
+    def _replaced(self, replaced: Replaced) -> None:
+        """Newer results replaced earlier ones at a destination: the job's events say what was
+        withdrawn or rejected (``jobs show N``)."""
+        self.store.add_event(int(replaced.job), "replaced", str(replaced))
 
     def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         if signum is not None:

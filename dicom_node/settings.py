@@ -254,6 +254,11 @@ class Destination:
     # when no prediction can be made for a study (a required series missing, unusable input,
     # a model error), send the study a notice saying so and why (an SC page and an SR)
     failure_notice: bool = False
+    # when newer results of a study replace earlier ones (a late series or structure set
+    # reopened it), send the earlier ones it holds an IHE IOCM rejection note ("Rejected for
+    # Quality Reasons") so that a PACS implementing IOCM hides them; earlier results not yet
+    # delivered are withdrawn at every destination, whatever this says
+    reject_replaced: bool = False
     tls: DestinationTLS = DestinationTLS()
 
 

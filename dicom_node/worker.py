@@ -8,7 +8,9 @@ never shares the fate of a job.
 
 A job left ``running`` by a stop or crash of the node is queued again at start-up. A job
 superseded while it ran (a late instance arrived) does not send its results: the newer version
-will. Queueing is idempotent per object and destination, so a job run twice sends once.
+will. Queueing is idempotent per object and destination, so a job run twice sends once. The
+results queued replace, at their destinations, those of the study's earlier jobs (and a notice
+of this job's own earlier failure): see "Replacing earlier results" in :mod:`dicom_node.outbox`.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
             for taken, names in by_kinds.items():
                 objects = [ds for kind in taken for ds in result.by_kind.get(kind, [])]
                 if objects:
-                    queued += outbox.enqueue(objects, names, job=str(job_id))
+                    queued += outbox.enqueue(
+                        objects, names, job=str(job_id), replaces=store.replaced_jobs(job_id)
+                    )
         except GlioforecastError as exc:
             return Outcome(FAILED, str(exc))
         except Exception as exc:  # a bug must not pass silently: the job says what happened

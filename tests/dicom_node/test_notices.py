@@ -14,6 +14,7 @@ from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from sr_writer.labels import is_labelled_description
 from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
+from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings, storescp_destination
@@ -25,8 +26,11 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 @pytest.fixture
 def scps(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A PACS that takes failure notices and a planning system that does not."""
-    pacs_proc, pacs = storescp_destination(tmp_path / "pacs", "pacs", "PACS", failure_notice=True)
+    """A PACS that takes failure notices (and rejection notes) and a planning system that does
+    not."""
+    pacs_proc, pacs = storescp_destination(
+        tmp_path / "pacs", "pacs", "PACS", failure_notice=True, reject_replaced=True
+    )
     tps_proc, tps = storescp_destination(
         tmp_path / "tps", "tps", "TPS", objects=("seg", "rtstruct")
     )
@@ -105,20 +109,31 @@ def test_a_study_without_its_structure_set_gets_a_notice_then_its_prediction(  #
     assert "tps" not in node.outbox.counts()  # no notices there
     assert any(e.kind == NOTICE_EVENT for e in node.store.events(job.id))
 
-    # the structure set arrives: the study is run again, the prediction follows, no new notice
+    # the structure set arrives: the study is run again, the prediction follows, no new
+    # notice; the PACS is told the notice no longer applies (an IOCM rejection note)
     assert storescu(node.scp.port, *structure_set).returncode == 0
     done = wait_for(
         lambda: _finished(node, source.StudyInstanceUID, 2), timeout=120, what="the second job"
     )
     assert done.state == DONE, done.reason
-    wait_for(
-        lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
+    counts = wait_for(
+        lambda: (
+            (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent", "rejected"} and c
+        ),
         timeout=60,
-        what="the prediction at the PACS",
+        what="the prediction and the rejection note at the PACS",
     )
-    descriptions = [pydicom.dcmread(p).SeriesDescription for p in at_pacs.iterdir()]
+    assert counts["rejected"] == 2
+    at_the_pacs = [pydicom.dcmread(p) for p in at_pacs.iterdir()]
+    descriptions = [ds.SeriesDescription for ds in at_the_pacs]
     assert descriptions.count(NOTICE_DESCRIPTION) == 2
-    assert len(descriptions) > 2
+    assert descriptions.count(REJECTION_DESCRIPTION) == 1
+    (note,) = [ds for ds in at_the_pacs if ds.SeriesDescription == REJECTION_DESCRIPTION]
+    assert rejected_uids(note) == {ds.SOPInstanceUID for ds in received}
+    assert note.StudyInstanceUID == source.StudyInstanceUID
+    assert len(at_the_pacs) > 3
+    (event,) = [e for e in node.store.events(done.id) if e.kind == "replaced"]
+    assert f"job(s) {job.id}, {done.id} at pacs" in event.message
     assert node.notices.run_once() == 0
 
 

@@ -69,6 +69,8 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
          "destinations[0].storage_commitment: expected"),
         ("destinations: [{name: p, ae_title: P, host: h, port: 104, failure_notice: 'yes'}]",
          "destinations[0].failure_notice: expected"),
+        ("destinations: [{name: p, ae_title: P, host: h, port: 104, reject_replaced: 'iocm'}]",
+         "destinations[0].reject_replaced: expected"),
         ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
         ("[1, 2]", "top level: expected a mapping, found a list"),
         ("node: {port: 1\n  bad", "not valid YAML"),
@@ -137,6 +139,14 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     )
     assert main(["check-config", str(tls)]) == 0
     assert "1 destination(s), TLS to pacs" in capsys.readouterr().out
+    iocm = write(
+        tmp_path,
+        "destinations: [{name: pacs, ae_title: P, host: h, port: 104, reject_replaced: true}]\n",
+    )
+    assert main(["check-config", str(iocm)]) == 0
+    assert "1 destination(s), rejection notes for replaced results to pacs\n" in (
+        capsys.readouterr().out
+    )
     # the PACS's storage commitment reports would be refused: said, not refused
     refused = write(
         tmp_path,

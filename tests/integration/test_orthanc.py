@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -19,6 +20,7 @@ from dicom_node.scu import store_batch
 from sr_writer.labels import is_labelled_description
 from sr_writer.notice import NOTICE_DESCRIPTION, build_failure_notice
 from sr_writer.outputs import JobOutputs, build_outputs
+from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from sr_writer.secondary_capture import BANNER_BG_RGB, BANNER_TEXT_RGB, OUTLINE_RGB, banner_height
 from tests.integration.orthanc import OrthancServer, free_port, orthanc_binary
 from tests.sr_writer.synthetic_job import (
@@ -145,6 +147,35 @@ def test_a_failure_notice_is_stored_in_the_study_and_previews_as_sent(
     png = orthanc.raw(f"/instances/{instance}/preview")
     px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert np.array_equal(px, notice[0].pixel_array), "Orthanc altered the notice's pixels"
+
+
+def test_a_rejection_note_for_a_replaced_notice_is_stored_in_the_study(
+    orthanc: OrthancServer, tmp_path: Path
+) -> None:
+    """Orthanc does not implement IOCM (it keeps showing what a note rejects), but it must
+    take the note into the study as sent, for the PACS or viewer behind it that does."""
+    _send_source_study(orthanc)
+    case = default_case()
+    notice = build_failure_notice(default_notice(), case.patient, "0.1.0")
+    dest = dataclasses.replace(orthanc.destination(), reject_replaced=True)
+    with Outbox(tmp_path / "outbox.sqlite3") as ob:
+        ob.enqueue(notice, [dest.name], job="1", replaces=["1"])
+        assert deliver_due(ob, [dest]).sent == 2
+        prediction = default_outputs().sr  # the study's prediction replaces the notice
+        ob.enqueue([prediction], [dest.name], job="2", replaces=["1", "2"])
+        report = deliver_due(ob, [dest])
+        assert report.sent == 2 and report.errors == []
+        (replaced,) = report.replaced
+        assert replaced.rejected == 2
+    [instance] = orthanc.post(
+        "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": replaced.note}}
+    )
+    stored = orthanc.read(instance)
+    assert stored.SeriesDescription == REJECTION_DESCRIPTION
+    assert stored.StudyInstanceUID == case.patient.study_instance_uid
+    assert rejected_uids(stored) == {str(ds.SOPInstanceUID) for ds in notice}
+    series = orthanc.series_of_study(case.patient.study_instance_uid)
+    assert series[str(stored.SeriesInstanceUID)]["MainDicomTags"]["Modality"] == "KO"
 
 
 def test_outage_then_delivery_exactly_once(

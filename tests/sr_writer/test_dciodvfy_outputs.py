@@ -10,6 +10,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from sr_writer.notice import build_failure_notice
+from sr_writer.rejection import Rejected, build_rejection_note
 from tests.sr_writer.synthetic_job import default_case, default_notice, default_outputs
 
 
@@ -25,6 +26,16 @@ def _objects() -> dict[str, Dataset]:
         "derived mr": out.derived_mr[-1],
         "failure notice secondary capture": notice_sc,
         "failure notice structured report": notice_sr,
+        "rejection note": build_rejection_note(
+            default_case().patient,
+            [
+                Rejected(str(d.SOPClassUID), str(d.SOPInstanceUID), str(d.SeriesInstanceUID))
+                for d in (out.sc[0], out.seg, out.rtstruct, out.sr, notice_sc)
+            ],
+            job="2",
+            node_ae_title="GLIOFORECAST",
+            node_version="0.1.0",
+        ),
     }
 
 
