@@ -84,7 +84,18 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS rejected_instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    note_uid TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_at REAL NOT NULL
+);
 """
+# an instance a job may use: in the spool, and not rejected by an IOCM rejection note
+_USABLE = (
+    "removed_at IS NULL AND sop_instance_uid NOT IN (SELECT sop_instance_uid FROM "
+    "rejected_instances)"
+)
 
 # Job states. ``queued`` jobs wait for the pipeline; ``superseded`` jobs were replaced by a newer
 # version of the same study (a late instance arrived).
@@ -358,7 +369,7 @@ class JobStore:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT sop_class_uid, count(*) FROM instances WHERE study_instance_uid = ? "
-                "AND removed_at IS NULL GROUP BY sop_class_uid",
+                f"AND {_USABLE} GROUP BY sop_class_uid",
                 (study_uid,),
             ).fetchall()
         return {str(uid): int(n) for uid, n in rows}
@@ -396,6 +407,7 @@ class JobStore:
                 "WHERE s1.study_instance_uid = ? AND s2.last_received_at >= ? "
                 "AND EXISTS (SELECT 1 FROM instances i "
                 "WHERE i.study_instance_uid = s2.study_instance_uid AND i.removed_at IS NULL "
+                "AND i.sop_instance_uid NOT IN (SELECT sop_instance_uid FROM rejected_instances) "
                 f"AND i.sop_class_uid IN ({marks})) ORDER BY s2.last_received_at DESC",
                 (study_uid, since, *sop_classes),
             ).fetchall()
@@ -405,7 +417,7 @@ class JobStore:
         """Spool-relative paths of a series' instances still in the spool."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT path FROM instances WHERE series_instance_uid = ? AND removed_at IS NULL "
+                f"SELECT path FROM instances WHERE series_instance_uid = ? AND {_USABLE} "
                 "ORDER BY path",
                 (series_uid,),
             ).fetchall()
@@ -429,6 +441,48 @@ class JobStore:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
+    def record_rejection(
+        self, note_uid: str, reason: str, sop_instance_uids: Sequence[str], at: float
+    ) -> list[str]:
+        """Record that an IOCM rejection note rejected these instances: no later job uses them,
+        whether they are in the spool already or come later. Returns the studies assembled again
+        (at the next pass after the quiet period): those holding one of the instances, and those
+        whose latest job used one (a structure set linked from the planning CT's study)."""
+        uids = sorted(set(sop_instance_uids))
+        marks = ",".join("?" * len(uids))
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO rejected_instances (sop_instance_uid, note_uid, reason, "
+                "rejected_at) VALUES (?, ?, ?, ?)",
+                [(uid, note_uid, reason, at) for uid in uids],
+            )
+            studies = [
+                r[0]
+                for r in db.execute(
+                    "SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid IN "
+                    f"({marks}) UNION SELECT j.study_instance_uid FROM jobs j JOIN job_instances "
+                    f"ji ON ji.job_id = j.id WHERE ji.sop_instance_uid IN ({marks}) AND j.id = "
+                    "(SELECT max(id) FROM jobs WHERE study_instance_uid = j.study_instance_uid) "
+                    "ORDER BY 1",
+                    (*uids, *uids),
+                )
+            ]
+            for study_uid in studies:
+                db.execute(
+                    "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
+                    "WHERE study_instance_uid = ?",
+                    (at, study_uid),
+                )
+                row = db.execute(
+                    "SELECT max(id) FROM jobs WHERE study_instance_uid = ?", (study_uid,)
+                ).fetchone()
+                _event(
+                    db, row[0] if row else None, "reopened",
+                    f"rejection note {note_uid} ({reason}) rejects instances this study used or "
+                    "holds: it is run again without them",
+                )  # fmt: skip
+        return studies
+
     def reopen(self, study_uid: str, message: str) -> None:
         """Assemble a study again at the next pass (its instances unchanged), with an event on
         its latest job."""
@@ -445,7 +499,7 @@ class JobStore:
                 "SELECT series_instance_uid, sop_class_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, max(contrast_agent), "
                 "frame_of_reference_uid, count(*), max(received_at), group_concat(DISTINCT "
-                "image_type) FROM instances WHERE study_instance_uid = ? AND removed_at IS NULL "
+                f"image_type) FROM instances WHERE study_instance_uid = ? AND {_USABLE} "
                 "GROUP BY series_instance_uid, sop_class_uid "
                 "ORDER BY series_number, series_instance_uid",
                 (study_uid,),
@@ -494,15 +548,15 @@ class JobStore:
                 _event(db, old_id, "superseded", f"superseded by job {job_id} (version {version})")
             db.execute(
                 "INSERT INTO job_instances (job_id, sop_instance_uid) "
-                "SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ? "
-                "AND removed_at IS NULL",
+                f"SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ? "
+                f"AND {_USABLE}",
                 (job_id, study_uid),
             )
             for series_uid in linked_series:
                 db.execute(
                     "INSERT OR IGNORE INTO job_instances (job_id, sop_instance_uid) "
                     "SELECT ?, sop_instance_uid FROM instances WHERE series_instance_uid = ? "
-                    "AND removed_at IS NULL",
+                    f"AND {_USABLE}",
                     (job_id, series_uid),
                 )
             db.execute(
@@ -520,6 +574,18 @@ class JobStore:
                 "SELECT count(*) FROM job_instances WHERE job_id = ?", (job_id,)
             ).fetchone()[0]
             _event(db, job_id, "created", f"version {version} with {count} instances; {state}")
+            for series_uid, description, n, note_uid, why in db.execute(
+                "SELECT i.series_instance_uid, i.series_description, count(*), r.note_uid, "
+                "r.reason FROM instances i JOIN rejected_instances r USING (sop_instance_uid) "
+                "WHERE i.study_instance_uid = ? AND i.removed_at IS NULL "
+                "GROUP BY i.series_instance_uid, r.note_uid ORDER BY i.series_instance_uid",
+                (study_uid,),
+            ).fetchall():
+                _event(
+                    db, job_id, "rejected",
+                    f"{n} instance(s) of series {series_uid} ({description!r}) left out: rejected "
+                    f"by the rejection note {note_uid} ({why})",
+                )  # fmt: skip
             if reason:
                 _event(db, job_id, state, reason)
         return job_id

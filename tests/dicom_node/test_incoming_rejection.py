@@ -1,0 +1,168 @@
+"""IOCM rejection notes sent to the node: the rejected instances are no longer used, and the
+prediction made from them is taken back at the PACS (running node, dcmtk storescu/storescp)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import KeyObjectSelectionDocumentStorage
+
+from dicom_node.errors import InputError
+from dicom_node.jobs import DONE, FAILED, SUPERSEDED
+from dicom_node.rejections import rejection_note
+from inference.synthetic.cohort import generate_patient
+from sr_writer.labels import name_uid
+from sr_writer.notice import NOTICE_DESCRIPTION
+from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
+from tests.conftest import wait_for
+from tests.dicom_node.conftest import make_settings, storescp_destination
+from tests.dicom_node.test_scp import storescu
+
+PATIENT_SAFETY = Code("113037", "DCM", "Rejected for Patient Safety Reasons")
+RETENTION_EXPIRED = Code("113039", "DCM", "Data Retention Policy Expired")
+KEY_IMAGES = Code("113000", "DCM", "Of Interest")
+
+
+def key_object_note(rejected: list[Dataset], title: Code, folder: Path) -> Path:
+    """A Key Object Selection Document as a modality or PACS makes one (highdicom), written to
+    ``folder``: titled ``title``, listing ``rejected`` in their study."""
+    note = hd.ko.KeyObjectSelectionDocument(
+        evidence=rejected,
+        content=hd.ko.KeyObjectSelection(document_title=title, referenced_objects=rejected),
+        series_instance_uid=name_uid("test-iocm", title.value, "series"),
+        series_number=99,
+        sop_instance_uid=name_uid("test-iocm", title.value, *(d.SOPInstanceUID for d in rejected)),
+        instance_number=1,
+        manufacturer="PACS VENDOR",
+    )
+    path = folder / f"note-{title.value}.dcm"
+    note.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _is_t1gd(description: str) -> bool:
+    text = description.upper()
+    return "T1" in text and ("GD" in text or "+C" in text)
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A synthetic patient's pre-treatment study: its files and the T1-Gd's headers."""
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_patient(0, 11, out, spacing_mm=4.0, formats=("dicom",))
+    files = sorted(out.glob("*/dicom/pre/**/*.dcm"))
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    t1c = [ds for ds in headers if ds.Modality == "MR" and _is_t1gd(ds.SeriesDescription)]
+    assert t1c and len({ds.SeriesInstanceUID for ds in t1c}) == 1, "one T1-Gd series expected"
+    return files, t1c
+
+
+def _job(node, study_uid: str, version: int):  # type: ignore[no-untyped-def]
+    return next(
+        (
+            j
+            for j in node.store.list_jobs()
+            if j.study_instance_uid == study_uid
+            and j.version == version
+            and j.state in (DONE, FAILED)
+        ),
+        None,
+    )
+
+
+def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path: Path
+) -> None:
+    files, t1c = patient
+    proc, pacs = storescp_destination(
+        tmp_path / "pacs", "pacs", "PACS", failure_notice=True, reject_replaced=True
+    )
+    try:
+        settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(pacs,))
+        node = run_node(settings)
+        study = str(t1c[0].StudyInstanceUID)
+        assert storescu(node.scp.port, *files).returncode == 0
+        first = wait_for(lambda: _job(node, study, 1), timeout=120, what="the prediction")
+        assert first.state == DONE, first.reason
+        delivered = wait_for(
+            lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
+            timeout=60, what="the prediction at the PACS",
+        )  # fmt: skip
+        at_pacs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+        prediction = {str(ds.SOPInstanceUID) for ds in at_pacs}
+        assert len(prediction) == delivered["sent"]
+
+        # the modality takes the T1-Gd back: the study is run again without it
+        note = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
+        assert storescu(node.scp.port, note).returncode == 0
+        second = wait_for(lambda: _job(node, study, 2), timeout=120, what="the second version")
+        assert second.state == FAILED and "missing required role t1c" in second.reason
+        assert node.store.get_job(first.id).state == SUPERSEDED
+        (event,) = [e for e in node.store.events(second.id) if e.kind == "rejected"]
+        assert f"{len(t1c)} instance(s) of series {t1c[0].SeriesInstanceUID}" in event.message
+        assert "Rejected for Patient Safety Reasons" in event.message
+        assert not any(
+            js.series.series_instance_uid == t1c[0].SeriesInstanceUID
+            for js in node.store.job_series(second.id)
+        )
+
+        # the PACS gets the notice, and a rejection note for the prediction it holds
+        wait_for(
+            lambda: node.outbox.counts().get("pacs", {}).get("rejected") == len(prediction),
+            timeout=60, what="the prediction rejected at the PACS",
+        )  # fmt: skip
+        wait_for(
+            lambda: set(node.outbox.counts()["pacs"]) == {"sent", "rejected"},
+            what="the notice and the rejection note delivered",
+        )
+        at_pacs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+        (ours,) = [ds for ds in at_pacs if ds.SeriesDescription == REJECTION_DESCRIPTION]
+        assert rejected_uids(ours) == prediction
+        assert sum(ds.SeriesDescription == NOTICE_DESCRIPTION for ds in at_pacs) == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_note_before_the_images_and_notes_that_reject_nothing(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path: Path
+) -> None:
+    """IOCM lets a rejection arrive before what it rejects; key images and a retention expiry
+    reject nothing."""
+    files, t1c = patient
+    node = run_node(make_settings(tmp_path / "data"))
+    study = str(t1c[0].StudyInstanceUID)
+    notes = [key_object_note(t1c, title, tmp_path) for title in (KEY_IMAGES, RETENTION_EXPIRED)]
+    assert storescu(node.scp.port, *notes, *files).returncode == 0
+    first = wait_for(lambda: _job(node, study, 1), timeout=120, what="the first version")
+    assert first.state == DONE, first.reason  # neither note rejected the T1-Gd
+
+    patient_safety = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    # the same rejection reaches a second node before the images do
+    late = run_node(make_settings(other / "data"))
+    assert storescu(late.scp.port, patient_safety).returncode == 0
+    assert storescu(late.scp.port, *files).returncode == 0
+    job = wait_for(lambda: _job(late, study, 1), timeout=120, what="the job on the second node")
+    assert job.state == FAILED and "missing required role t1c" in job.reason
+    assert any(e.kind == "rejected" for e in late.store.events(job.id))
+
+
+def test_a_rejection_note_that_lists_nothing_is_refused_by_name() -> None:
+    ds = Dataset()
+    ds.SOPClassUID = KeyObjectSelectionDocumentStorage
+    ds.SOPInstanceUID = "1.2.3.4"
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator = "113001", "DCM"
+    ds.ConceptNameCodeSequence = [title]
+    with pytest.raises(InputError, match=r"1\.2\.3\.4 \(Rejected for Quality Reasons\) lists no"):
+        rejection_note(ds)
+    title.CodingSchemeDesignator = "99LOCAL"  # a local code of the same value is no rejection
+    assert rejection_note(ds) is None
