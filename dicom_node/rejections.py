@@ -17,12 +17,18 @@ results, not its inputs, and are not acted on either.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.errors import InputError
+from dicom_node.jobs import JobStore
+from sr_writer.labels import is_labelled_description
+
+log = logging.getLogger(__name__)
 
 #: CID 7011 titles the node acts on: code value (scheme DCM) -> meaning
 REJECTION_TITLES = {
@@ -71,3 +77,29 @@ def rejection_note(ds: Dataset) -> RejectionNote | None:
             "Sequence, found none"
         )
     return RejectionNote(str(ds.SOPInstanceUID), REJECTION_TITLES[code], uids)
+
+
+def apply_rejection(store: JobStore, ds: Dataset, series_description: str, source: str) -> None:
+    """A Key Object Selection stored (by the receiver, or found in the spool by ``reconcile``):
+    when it is a rejection note the node acts on, record it in ``store``. Never raises: the
+    note is stored whatever happens, and the log says why it was not applied."""
+    if is_labelled_description(series_description):
+        return  # the node's own note, routed back: it rejects results, not inputs
+    try:
+        note = rejection_note(ds)
+        if note is None:
+            return
+        studies = store.record_rejection(
+            note.note_uid, note.reason, note.sop_instance_uids, time.time()
+        )
+    except InputError as exc:
+        log.warning("rejection note from %s not applied: %s", source, exc)
+        return
+    except Exception:  # the note stays in the spool for a look
+        log.exception("rejection note %s from %s not applied", ds.get("SOPInstanceUID"), source)
+        return
+    log.warning(
+        "rejection note %s from %s (%s): %d instance(s) no longer used; %d stud%s run again",
+        note.note_uid, source, note.reason, len(note.sop_instance_uids), len(studies),
+        "y" if len(studies) == 1 else "ies",
+    )  # fmt: skip

@@ -53,11 +53,10 @@ from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
-from dicom_node.rejections import rejection_note
+from dicom_node.rejections import apply_rejection
 from dicom_node.scu import VERIFICATION
 from dicom_node.settings import AllowedCaller, NodeSettings
 from dicom_node.spool import Spool, Staged
-from sr_writer.labels import is_labelled_description
 
 log = logging.getLogger(__name__)
 
@@ -515,34 +514,9 @@ class StorageSCP:
         if stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
         elif info.sop_class_uid == sc.KeyObjectSelectionDocumentStorage:
-            self._apply_rejection(ds, info, calling)
+            apply_rejection(self.store, ds, info.series_description, calling)
         self._audit_instance(event.assoc, ds, info.sop_class_uid)
         return SUCCESS
-
-    def _apply_rejection(self, ds: Dataset, info: InstanceInfo, calling: str) -> None:
-        """A Key Object Selection stored: when it is an IOCM rejection note (not one of the
-        node's own), no job uses the instances it rejects from now on, and the studies that
-        held or used them are run again (:mod:`dicom_node.rejections`)."""
-        if is_labelled_description(info.series_description):
-            return  # the node's own note, routed back: it rejects results, not inputs
-        try:
-            note = rejection_note(ds)
-            if note is None:
-                return
-            studies = self.store.record_rejection(
-                note.note_uid, note.reason, note.sop_instance_uids, time.time()
-            )
-        except InputError as exc:  # stored all the same: a note is no input of a prediction
-            log.warning("rejection note from %s not applied: %s", calling, exc)
-            return
-        except Exception:  # stored, answered: the note stays in the spool for a look
-            log.exception("rejection note %s from %s not applied", info.sop_instance_uid, calling)
-            return
-        log.warning(
-            "rejection note %s from %s (%s): %d instance(s) no longer used; %d stud%s run again",
-            note.note_uid, calling, note.reason, len(note.sop_instance_uids), len(studies),
-            "y" if len(studies) == 1 else "ies",
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -22,6 +22,7 @@ from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
 from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.rejections import apply_rejection
 from dicom_node.retention import prune
 from dicom_node.scp import StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
@@ -95,7 +96,9 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
         except Exception as exc:  # pydicom raises many types on damaged files
             log.error("spool file %s cannot be read back (%s); left in place", rel, exc)
             continue
-        store.record_instance(info, rel, "(recovered)", path.stat().st_mtime)
+        if store.record_instance(info, rel, "(recovered)", path.stat().st_mtime):
+            # a rejection note whose recording a crash cut short is applied now
+            apply_rejection(store, ds, info.series_description, "(recovered)")
         added += 1
     missing = sorted(known - on_disk)
     if missing:

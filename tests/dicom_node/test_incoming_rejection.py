@@ -4,6 +4,7 @@ prediction made from them is taken back at the PACS (running node, dcmtk storesc
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -14,16 +15,21 @@ from pydicom.sr.coding import Code
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.errors import InputError
-from dicom_node.jobs import DONE, FAILED, SUPERSEDED
+from dicom_node.instance import InstanceInfo
+from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
 from dicom_node.rejections import rejection_note
+from dicom_node.service import reconcile
+from dicom_node.spool import Spool
 from inference.synthetic.cohort import generate_patient
 from sr_writer.labels import name_uid
 from sr_writer.notice import NOTICE_DESCRIPTION
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
+from tests import factories
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings, storescp_destination
 from tests.dicom_node.test_scp import storescu
 
+SECRET = b"k" * 32
 PATIENT_SAFETY = Code("113037", "DCM", "Rejected for Patient Safety Reasons")
 RETENTION_EXPIRED = Code("113039", "DCM", "Data Retention Policy Expired")
 KEY_IMAGES = Code("113000", "DCM", "Of Interest")
@@ -166,3 +172,28 @@ def test_a_rejection_note_that_lists_nothing_is_refused_by_name() -> None:
         rejection_note(ds)
     title.CodingSchemeDesignator = "99LOCAL"  # a local code of the same value is no rejection
     assert rejection_note(ds) is None
+
+
+def test_a_note_a_crash_left_unrecorded_is_applied_when_the_spool_is_reconciled(
+    tmp_path: Path,
+) -> None:
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    t1c = [pydicom.dcmread(p) for p in study["t1c"]]
+    for path, ds in zip(study["t1c"], t1c, strict=True):
+        info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
+        stored = spool.store(
+            info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
+            path.read_bytes(),
+        )  # fmt: skip
+        store.record_instance(info, stored.relative, "TEST", time.time())
+    # the node was killed after the note's file was renamed into the spool, before its row
+    note = pydicom.dcmread(key_object_note(t1c, PATIENT_SAFETY, tmp_path))
+    spool.store(
+        str(note.StudyInstanceUID), str(note.SeriesInstanceUID), str(note.SOPInstanceUID),
+        (tmp_path / f"note-{PATIENT_SAFETY.value}.dcm").read_bytes(),
+    )  # fmt: skip
+    study_uid = str(t1c[0].StudyInstanceUID)
+    assert any(s.modality == "MR" for s in store.series_of_study(study_uid))
+    assert reconcile(spool, store, SECRET)["recovered"] == 1
+    assert not any(s.modality == "MR" for s in store.series_of_study(study_uid))
