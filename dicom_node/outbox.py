@@ -107,6 +107,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, destination, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid)",
+    # a job's rows: jobs show, retention's "all delivered?", replacements
+    "CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job, destination)",
 )
 # every storage commitment request: which rows it listed (a late report of an earlier request
 # still counts)
