@@ -83,11 +83,38 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _peer_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """The TLS arguments of ``echo`` and ``send`` (none without ``--tls`` or a TLS file)."""
+    import ssl
+
+    from dicom_node.scu import client_ssl_context
+
+    files = (args.ca_certificates, args.certificate, args.private_key)
+    if not args.tls and not any(files):
+        return {}
+    if (args.certificate is None) != (args.private_key is None):
+        raise GlioforecastError(
+            "expected --certificate and --private-key together (the client certificate and its "
+            f"key), found only {'--certificate' if args.certificate else '--private-key'}"
+        )
+    try:
+        context = client_ssl_context(*files)
+    except (ssl.SSLError, OSError) as exc:
+        raise GlioforecastError(
+            f"cannot load the TLS files (--ca-certificates {args.ca_certificates}, "
+            f"--certificate {args.certificate}, --private-key {args.private_key}): {exc}; "
+            "expected PEM files this user can read"
+        ) from exc
+    return {"tls": context, "server_name": args.server_name or ""}
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     from dicom_node.sender import echo
 
-    status = echo(args.host, args.port, args.called_ae, args.calling_ae)
-    print(f"C-ECHO {args.called_ae}@{args.host}:{args.port}: status 0x{status:04X}")
+    tls = _peer_tls(args)
+    status = echo(args.host, args.port, args.called_ae, args.calling_ae, **tls)
+    over = " over TLS" if tls else ""
+    print(f"C-ECHO {args.called_ae}@{args.host}:{args.port}{over}: status 0x{status:04X}")
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 
@@ -131,8 +158,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     files = collect_files(args.paths)
     with tqdm(total=len(files), unit="file", desc="C-STORE", disable=args.quiet) as bar:
         report = send_files(
-            files, args.host, args.port, args.called_ae, args.calling_ae, progress=bar.update
-        )
+            files, args.host, args.port, args.called_ae, args.calling_ae, progress=bar.update,
+            **_peer_tls(args),
+        )  # fmt: skip
     for path, why in report.skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     for path, why in report.failed:
@@ -282,6 +310,21 @@ def _add_peer(p: argparse.ArgumentParser) -> None:
     p.add_argument("port", type=int, help="peer port")
     p.add_argument("--called-ae", "-aec", default="ANY-SCP", help="peer AE title")
     p.add_argument("--calling-ae", "-aet", default="GLIOFORECAST", help="our AE title")
+    tls = p.add_argument_group("DICOM over TLS (as a destination's tls settings)")
+    tls.add_argument("--tls", action="store_true", help="associate over TLS 1.2 or later")
+    tls.add_argument(
+        "--ca-certificates", type=Path, metavar="PEM",
+        help="CAs the peer's certificate must chain to (default: the system's; implies --tls)",
+    )  # fmt: skip
+    tls.add_argument(
+        "--certificate", type=Path, metavar="PEM",
+        help="our client certificate, for a peer that asks for one (with --private-key)",
+    )  # fmt: skip
+    tls.add_argument("--private-key", type=Path, metavar="PEM", help="its private key")
+    tls.add_argument(
+        "--server-name", metavar="NAME",
+        help="the name the peer's certificate must carry (default: the host)",
+    )  # fmt: skip
 
 
 def _add_data_dir(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +41,19 @@ class SendReport:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def echo(host: str, port: int, called_ae: str, calling_ae: str) -> int:
-    """C-ECHO a peer; returns the status (0 = success) or raises :class:`SendError`."""
-    peer = Destination(name=called_ae, ae_title=called_ae, host=host, port=port)
+def echo(
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str = "",
+) -> int:
+    """C-ECHO a peer (over TLS with ``tls``, a client context, the peer's certificate checked
+    for ``server_name``, default the host); returns the status (0 = success) or raises
+    :class:`SendError`."""
+    peer = Destination(called_ae, called_ae, host, port, tls=tls, server_name=server_name)
     assoc = associate(
         peer,
         [build_context(VERIFICATION)],
@@ -111,8 +122,12 @@ def send_files(
     called_ae: str,
     calling_ae: str,
     progress: Callable[[int], None] | None = None,
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_name: str = "",
 ) -> SendReport:
-    """C-STORE ``files`` over one association; files are read one at a time as they go."""
+    """C-STORE ``files`` over one association (over TLS with ``tls``, as :func:`echo`); files
+    are read one at a time as they go."""
     report = SendReport()
     headers: list[Dataset] = []
     for path in files:
@@ -124,7 +139,7 @@ def send_files(
                 progress(1)
     if not headers:
         return report
-    peer = Destination(name=called_ae, ae_title=called_ae, host=host, port=port)
+    peer = Destination(called_ae, called_ae, host, port, tls=tls, server_name=server_name)
     results = store_batch(
         headers,
         peer,

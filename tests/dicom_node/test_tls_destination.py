@@ -147,3 +147,33 @@ def test_check_destinations_over_tls(
     assert main(["--config", str(config("other-ca.pem")), "check-destinations"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("FAIL pacs (") and "the peer's certificate is not trusted" in out
+
+
+def test_echo_and_send_over_tls_from_the_command_line(
+    tls_receiver: Node, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What site IT runs to try a TLS peer by hand: the same files as a destination's tls."""
+    from dicom_node.cli import main
+
+    peer = ["127.0.0.1", str(tls_receiver.scp.port), "-aec", "GLIOFORECAST"]
+    client = ["--certificate", str(pki / "client.pem"), "--private-key", str(pki / "client.key")]
+    trusted = ["--ca-certificates", str(pki / "ca.pem"), *client]
+    assert main(["echo", *peer, *trusted]) == 0
+    assert f"C-ECHO GLIOFORECAST@127.0.0.1:{tls_receiver.scp.port} over TLS: status 0x0000" in (
+        capsys.readouterr().out
+    )
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for n, ds in enumerate(_objects()[:3]):
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+    assert main(["send", "-q", *peer, *trusted, str(folder)]) == 0
+    assert "sent 3, failed 0, skipped 0" in capsys.readouterr().out
+    assert tls_receiver.store.counts()["instances"] == 3
+
+    # without TLS, the wrong CA, half a client certificate: refused, and said why
+    assert main(["echo", *peer]) == 1
+    wrong = ["--ca-certificates", str(pki / "other-ca.pem"), *client]
+    assert main(["echo", *peer, *wrong]) == 1
+    assert "the peer's certificate is not trusted for '127.0.0.1'" in capsys.readouterr().err
+    assert main(["echo", *peer, "--tls", "--certificate", str(pki / "client.pem")]) == 1
+    assert "expected --certificate and --private-key together" in capsys.readouterr().err
