@@ -221,9 +221,18 @@ class JobStore:
     # ---------------------------------------------------------------- instances
 
     def record_instance(
-        self, info: InstanceInfo, relative_path: str, calling_ae: str, received_at: float
+        self,
+        info: InstanceInfo,
+        relative_path: str,
+        calling_ae: str,
+        received_at: float,
+        *,
+        reopens: bool = True,
     ) -> bool:
-        """Record a stored instance; False when it was already known (a duplicate)."""
+        """Record a stored instance; False when it was already known (a duplicate). Without
+        ``reopens`` (what readers add to a study: presentation states, key images...) it makes
+        a new study due for assembly (its job, failed for want of images, is then removed by
+        retention in time), not a known one, which it cannot change."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, "
@@ -270,9 +279,13 @@ class JobStore:
                 return True
             db.execute(
                 "INSERT INTO studies (study_instance_uid, patient_key, first_received_at, "
-                "last_received_at, pending) VALUES (?,?,?,?,1) "
-                "ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "last_received_at = max(last_received_at, excluded.last_received_at), pending = 1",
+                "last_received_at, pending) VALUES (?,?,?,?,1) ON CONFLICT(study_instance_uid) "
+                + (
+                    "DO UPDATE SET last_received_at = max(last_received_at, "
+                    "excluded.last_received_at), pending = 1"
+                    if reopens
+                    else "DO NOTHING"
+                ),
                 (info.study_instance_uid, info.patient_key, received_at, received_at),
             )
             return True

@@ -92,6 +92,23 @@ STORAGE_CLASSES = (
     sc.EnhancedSRStorage,
 )
 
+# what readers and other systems add to a study once it was read (presentation states, key
+# images, reports, outlines, screenshots): stored, but no reason to predict again, unless a role
+# rule takes the class (dicom_node.service computes the set). An IOCM rejection note, a Key
+# Object Selection too, reopens the studies it concerns itself (dicom_node.rejections).
+ANNOTATION_CLASSES = frozenset(
+    {
+        sc.GrayscaleSoftcopyPresentationStateStorage,
+        sc.KeyObjectSelectionDocumentStorage,
+        sc.ComprehensiveSRStorage,
+        sc.Comprehensive3DSRStorage,
+        sc.EnhancedSRStorage,
+        sc.SecondaryCaptureImageStorage,
+        sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+        sc.SegmentationStorage,
+    }
+)
+
 TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
@@ -284,9 +301,12 @@ class StorageSCP:
         max_queued_jobs: int | None = None,
         commitment_reports: Callable[[CommitmentReport], object] | None = None,
         audit: AuditTrail | NoAuditTrail | None = None,
+        inert_sop_classes: frozenset[str] = ANNOTATION_CLASSES,
     ) -> None:
         self.settings = settings
         self.audit = audit or NoAuditTrail()
+        # instances of these classes do not reopen a study (they cannot change its prediction)
+        self.inert_sop_classes = inert_sop_classes
         # what each open association delivered, for the audit trail (by id of the association)
         self._received: dict[int, _Received] = {}
         self._received_lock = threading.Lock()
@@ -502,7 +522,10 @@ class StorageSCP:
             stored = self.spool.commit(
                 staged, info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid
             )
-            new = self.store.record_instance(info, stored.relative, calling, time.time())
+            new = self.store.record_instance(
+                info, stored.relative, calling, time.time(),
+                reopens=info.sop_class_uid not in self.inert_sop_classes,
+            )  # fmt: skip
         except OutOfSpaceError as exc:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
             self._audit_instance(event.assoc, ds, info.sop_class_uid, "node out of disk space")

@@ -24,7 +24,8 @@ from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
 from dicom_node.retention import prune
-from dicom_node.scp import StorageSCP, server_ssl_context
+from dicom_node.roles import sop_class_uid
+from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings, warnings_of
@@ -158,6 +159,8 @@ class Node:
                 else None
             ),
             audit=self.audit,
+            inert_sop_classes=ANNOTATION_CLASSES
+            - {sop_class_uid(c) for rule in settings.roles.rules for c in rule.sop_classes},
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)

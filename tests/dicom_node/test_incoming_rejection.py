@@ -104,6 +104,12 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         prediction = {str(ds.SOPInstanceUID) for ds in at_pacs}
         assert len(prediction) == delivered["sent"]
 
+        # a reader's key images change nothing: the study is not run again for them
+        key_images = key_object_note(t1c, KEY_IMAGES, tmp_path)
+        assert storescu(node.scp.port, key_images).returncode == 0
+        assert study not in node.store.due_studies(time.time() + 3600, 0)
+        assert node.store.study_sop_classes(study)[KeyObjectSelectionDocumentStorage] == 1
+
         # the modality takes the T1-Gd back: the study is run again without it
         note = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
         assert storescu(node.scp.port, note).returncode == 0
