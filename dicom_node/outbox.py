@@ -121,7 +121,8 @@ CREATE TABLE IF NOT EXISTS commitments (
 );
 """
 # objects queued that replace, at one destination, the earlier objects of other jobs (or of the
-# same job, a notice replaced by a prediction); applied by the next delivery pass
+# same job, a notice replaced by a prediction); applied, then deleted, by the next delivery pass
+# (what it did is logged, and an event of the job: OutboxSender.on_replaced)
 _REPLACEMENTS_TABLE = """
 CREATE TABLE IF NOT EXISTS replacements (
     id INTEGER PRIMARY KEY,
@@ -130,9 +131,7 @@ CREATE TABLE IF NOT EXISTS replacements (
     earlier_jobs TEXT NOT NULL,
     keep TEXT NOT NULL,
     study TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    done_at REAL,
-    outcome TEXT
+    created_at REAL NOT NULL
 );
 """
 _SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE + _REPLACEMENTS_TABLE
@@ -249,17 +248,17 @@ class Replaced:
     withdrawn: int
     rejected: int
     note: str = ""  # the rejection note's SOP Instance UID, when one was queued
-    error: str = ""
+    remark: str = ""  # why delivered objects were left as they are
 
     def __str__(self) -> str:
         jobs = ", ".join(self.earlier_jobs)
         text = (
-            f"results of job {self.job} replace those of job(s) {jobs} at {self.destination}: "
-            f"{self.withdrawn} not yet delivered withdrawn"
+            f"results of job {self.job} replace the study's earlier ones at {self.destination} "
+            f"(of jobs {jobs}): {self.withdrawn} not yet delivered withdrawn"
         )
         if self.note:
             text += f", {self.rejected} delivered rejected by note {self.note}"
-        return text + (f"; {self.error}" if self.error else "")
+        return text + (f"; {self.remark}" if self.remark else "")
 
 
 #: builds the rejection note of a replacement: (the study's patient and study attributes, the
@@ -422,7 +421,7 @@ class Outbox:
         it sends anything to ``destination``; a replacement is applied once."""
         with self._lock:
             due = self._db.execute(
-                "SELECT * FROM replacements WHERE destination = ? AND done_at IS NULL ORDER BY id",
+                "SELECT * FROM replacements WHERE destination = ? ORDER BY id",
                 (destination,),
             ).fetchall()
         return [self._apply_replacement(r, note) for r in due]
@@ -446,13 +445,13 @@ class Outbox:
         withdraw = [r for r in rows if r.state in ("pending", "dead")]
         delivered = [r for r in rows if r.state in ("sent", "committing")]
         built: tuple[Dataset, Path] | None = None
-        error = ""
+        remark = ""
         if note is not None and delivered:
             try:
                 ds = note(Dataset.from_json(rep["study"]), job, delivered)
                 built = (ds, self._write_object(ds))
             except Exception as exc:  # the earlier objects stay as they are, the log says why
-                error = f"no rejection note: {type(exc).__name__}: {exc}"
+                remark = f"no rejection note: {type(exc).__name__}: {exc}"
                 logger.exception(
                     "outbox: rejection note for %s not built", destination, extra={"job_id": job}
                 )
@@ -482,17 +481,14 @@ class Outbox:
             outcome = Replaced(
                 job, destination, earlier, withdrawn, rejected,
                 str(built[0].SOPInstanceUID) if built else "",
-                error or ("" if note is not None or not delivered
-                          else f"{len(delivered)} delivered objects left: no reject_replaced"),
+                remark or ("" if note is not None or not delivered
+                           else f"{len(delivered)} delivered left as they are: no reject_replaced"),
             )  # fmt: skip
-            db.execute(
-                "UPDATE replacements SET done_at = ?, outcome = ? WHERE id = ?",
-                (now, str(outcome), rep["id"]),
-            )
+            db.execute("DELETE FROM replacements WHERE id = ?", (rep["id"],))
             db.execute(_FORGET_SETTLED)
         for r in rows:
             self._drop_object_if_done(r.sop_instance_uid)
-        if withdrawn or rejected or error:
+        if withdrawn or rejected or remark:
             logger.info("outbox: %s", outcome, extra={"job_id": job})
         return outcome
 
@@ -1111,7 +1107,7 @@ class OutboxSender(BackgroundLoop):
                 self.outbox, self.destinations, calling_ae=self.calling_ae, audit=self.audit
             )
             for replaced in report.replaced:
-                if self.on_replaced and (replaced.withdrawn or replaced.note or replaced.error):
+                if self.on_replaced and (replaced.withdrawn or replaced.note or replaced.remark):
                     self.on_replaced(replaced)
         except Exception:  # the loop must survive: the next pass retries
             logger.exception("outbox: delivery pass failed")

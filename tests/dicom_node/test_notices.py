@@ -133,7 +133,8 @@ def test_a_study_without_its_structure_set_gets_a_notice_then_its_prediction(  #
     assert note.StudyInstanceUID == source.StudyInstanceUID
     assert len(at_the_pacs) > 3
     (event,) = [e for e in node.store.events(done.id) if e.kind == "replaced"]
-    assert f"job(s) {job.id}, {done.id} at pacs" in event.message
+    assert f"earlier ones at pacs (of jobs {job.id}, {done.id}): 0 not yet" in event.message
+    assert "2 delivered rejected by note" in event.message
     assert node.notices.run_once() == 0
 
 

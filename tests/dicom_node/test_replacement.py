@@ -113,6 +113,7 @@ def test_newer_results_withdraw_the_undelivered_and_reject_the_delivered(
         assert not any((ob.objects_dir / f"{uid}.dcm").exists() for uid in _uids(first))
         withdrawn = ob.items(state="withdrawn")
         assert {i.last_error for i in withdrawn} == {"replaced by the results of job 2"}
+        assert ob.apply_replacements("pacs") == []  # applied once, then forgotten
 
         # job 2 run again (a retry) queues the same: nothing more is withdrawn or rejected
         ob.enqueue(second, everywhere, job="2", replaces=["1", "2"])
