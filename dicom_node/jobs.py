@@ -719,6 +719,21 @@ class JobStore:
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def failures_to_take_back(self, since: float, limit: int) -> list[Job]:
+        """Failed jobs that failed at ``since`` or later, of a study that had earlier versions
+        and waits for no instance, without a ``taken-back`` event since they failed
+        (:mod:`dicom_node.notices`); oldest first, at most ``limit``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
+                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
+                "WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 AND j.version > 1 "
+                "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id "
+                "AND e.kind = 'taken-back' AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
+                (FAILED, since, limit),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._conn.execute(

@@ -16,6 +16,12 @@ Which failures get one:
 
 A ``notice`` event on the job records what was done; a job failing again later (``jobs retry``)
 gets a notice again, the same objects when the reason is the same.
+
+Whatever the notices, when a study's newer version fails (a late instance, or a series taken
+back by a rejection note, left it unusable), the results of its earlier versions no longer
+stand: :meth:`FailureNotices.take_back_once` has the outbox withdraw them at every destination
+(and reject those delivered where ``reject_replaced`` is on), as newer results would replace
+them. The same one-day window applies; a ``taken-back`` event records it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dicom_node.types import SeriesRef
 log = logging.getLogger(__name__)
 
 NOTICE_EVENT = "notice"
+TAKEN_BACK_EVENT = "taken-back"
 #: failures older than this (seconds) when the node first looks at them get no notice
 WINDOW_S = 86400.0
 #: notices built at most per pass (the pass runs in the assembly loop)
@@ -134,6 +141,34 @@ class FailureNotices:
             self.wake_sender()
         return sent
 
+    def take_back_once(self) -> int:
+        """Have the outbox take back the earlier results of studies whose newer version failed;
+        returns how many jobs were handled."""
+        names = [d.name for d in self.settings.destinations]
+        if not names:
+            return 0
+        jobs = self.store.failures_to_take_back(self.clock() - WINDOW_S, BATCH)
+        for job in jobs:
+            earlier = [j for j in self.store.replaced_jobs(job.id) if j != str(job.id)]
+            instances = self.store.job_instances(job.id)
+            header = self._header(
+                [self.settings.storage.spool_dir / rel
+                 for series in instances.values() for _, rel in series[:1]]
+            )  # fmt: skip
+            if header is None:
+                message = "earlier results left as they are: none of the study's files reads"
+                log.warning("job %d: %s", job.id, message, extra={"job": job.id})
+            else:
+                self.outbox.withdraw_earlier(names, str(job.id), earlier, header)
+                message = (
+                    f"the study's earlier results (jobs {', '.join(earlier)}) no longer stand: "
+                    f"taken back at {', '.join(names)}"
+                )
+            self.store.add_event(job.id, TAKEN_BACK_EVENT, message)
+        if jobs:
+            self.wake_sender()
+        return len(jobs)
+
     def _notify(self, job: Job) -> str:
         from dicom_node.pipeline import patient_study
         from sr_writer.notice import FailureNotice, build_failure_notice
@@ -173,8 +208,10 @@ class FailureNotices:
             ),
         )
         objects = build_failure_notice(notice, patient_study(header), __version__)
+        # a notice replaces the job's own earlier notice (another reason); the results of the
+        # study's earlier versions are taken back by take_back_once, at every destination
         added = self.outbox.enqueue(
-            objects, self.destinations, job=str(job.id), replaces=self.store.replaced_jobs(job.id)
+            objects, self.destinations, job=str(job.id), replaces=[str(job.id)]
         )
         log.info(
             "job %d: failure notice queued to %s (%d new deliveries)",

@@ -249,21 +249,24 @@ class Replaced:
     rejected: int
     note: str = ""  # the rejection note's SOP Instance UID, when one was queued
     remark: str = ""  # why delivered objects were left as they are
+    failed: bool = False  # job made no results (it failed): the earlier ones no longer stand
 
     def __str__(self) -> str:
         jobs = ", ".join(self.earlier_jobs)
         text = (
-            f"results of job {self.job} replace the study's earlier ones at {self.destination} "
-            f"(of jobs {jobs}): {self.withdrawn} not yet delivered withdrawn"
-        )
+            f"job {self.job} failed: the study's earlier results at {self.destination} (of jobs "
+            if self.failed
+            else f"results of job {self.job} replace the study's earlier ones at "
+            f"{self.destination} (of jobs "
+        ) + f"{jobs}): {self.withdrawn} not yet delivered withdrawn"
         if self.note:
             text += f", {self.rejected} delivered rejected by note {self.note}"
         return text + (f"; {self.remark}" if self.remark else "")
 
 
 #: builds the rejection note of a replacement: (the study's patient and study attributes, the
-#: job whose results replace, the rows delivered) -> the note
-NoteBuilder = Callable[[Dataset, str, Sequence[OutboxItem]], Dataset]
+#: job whose results replace, the rows delivered, whether that job failed) -> the note
+NoteBuilder = Callable[[Dataset, str, Sequence[OutboxItem], bool], Dataset]
 
 
 @dataclass
@@ -387,20 +390,8 @@ class Outbox:
                 for dest in missing:
                     added += _insert(db, ds, dest, job, path, now)
         if replaces and datasets:
-            study = Dataset()
-            for keyword in _STUDY_KEYWORDS:
-                if keyword in datasets[0]:  # as text: highdicom's DA and TM values are objects
-                    elem = datasets[0][keyword]
-                    text = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value or "")
-                    study.add_new(elem.tag, elem.VR, text)
-            keep = json.dumps(sorted({str(ds.SOPInstanceUID) for ds in datasets}))
-            with self._tx() as db:
-                db.executemany(
-                    "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(job, dest, json.dumps(sorted(set(replaces))), keep, study.to_json(), now)
-                     for dest in destinations],
-                )  # fmt: skip
+            keep = {str(ds.SOPInstanceUID) for ds in datasets}
+            self._record_replacement(destinations, job, replaces, datasets[0], keep)
         logger.info(
             "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
             job,
@@ -410,6 +401,39 @@ class Outbox:
             extra={"job_id": job},
         )
         return added
+
+    def withdraw_earlier(
+        self, destinations: Sequence[str], job: str, earlier: Sequence[str], study: Dataset
+    ) -> None:
+        """Record that the results of the jobs ``earlier`` no longer stand at ``destinations``
+        (the study's newer job ``job`` failed): the next delivery pass withdraws or rejects
+        them as if replaced by nothing. ``study``: an instance of the study, whose patient and
+        study attributes a rejection note copies."""
+        if earlier and destinations:
+            self._record_replacement(destinations, job, earlier, study, set())
+
+    def _record_replacement(
+        self,
+        destinations: Sequence[str],
+        job: str,
+        replaces: Sequence[str],
+        study: Dataset,
+        keep: set[str],
+    ) -> None:
+        attributes = Dataset()
+        for keyword in _STUDY_KEYWORDS:
+            if keyword in study:  # as text: highdicom's DA and TM values are objects
+                elem = study[keyword]
+                text = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value or "")
+                attributes.add_new(elem.tag, elem.VR, text)
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job, dest, json.dumps(sorted(set(replaces))), json.dumps(sorted(keep)),
+                  attributes.to_json(), now) for dest in destinations],
+            )  # fmt: skip
 
     def apply_replacements(
         self, destination: str, note: NoteBuilder | None = None
@@ -448,7 +472,7 @@ class Outbox:
         remark = ""
         if note is not None and delivered:
             try:
-                ds = note(Dataset.from_json(rep["study"]), job, delivered)
+                ds = note(Dataset.from_json(rep["study"]), job, delivered, not keep)
                 built = (ds, self._write_object(ds))
             except Exception as exc:  # the earlier objects stay as they are, the log says why
                 remark = f"no rejection note: {type(exc).__name__}: {exc}"
@@ -456,7 +480,7 @@ class Outbox:
                     "outbox: rejection note for %s not built", destination, extra={"job_id": job}
                 )
         now = self.clock()
-        why = f"replaced by the results of job {job}"
+        why = f"job {job} failed" if not keep else f"replaced by the results of job {job}"
         with self._tx() as db:
             withdrawn = sum(
                 db.execute(
@@ -483,6 +507,7 @@ class Outbox:
                 str(built[0].SOPInstanceUID) if built else "",
                 remark or ("" if note is not None or not delivered
                            else f"{len(delivered)} delivered left as they are: no reject_replaced"),
+                failed=not keep,
             )  # fmt: skip
             db.execute("DELETE FROM replacements WHERE id = ?", (rep["id"],))
             db.execute(_FORGET_SETTLED)
@@ -962,7 +987,7 @@ def deliver_due(
 def rejection_note(node_ae_title: str) -> NoteBuilder:
     """The :data:`NoteBuilder` of a node: IHE IOCM rejection notes (:mod:`sr_writer.rejection`)."""
 
-    def build(study: Dataset, job: str, delivered: Sequence[OutboxItem]) -> Dataset:
+    def build(study: Dataset, job: str, delivered: Sequence[OutboxItem], failed: bool) -> Dataset:
         from dicom_node import __version__
         from dicom_node.pipeline import patient_study
         from sr_writer.rejection import Rejected, build_rejection_note
@@ -971,7 +996,7 @@ def rejection_note(node_ae_title: str) -> NoteBuilder:
             patient_study(study),
             [Rejected(i.sop_class_uid, i.sop_instance_uid, i.series_instance_uid)
              for i in delivered],
-            job=job, node_ae_title=node_ae_title, node_version=__version__,
+            job=job, node_ae_title=node_ae_title, node_version=__version__, job_failed=failed,
         )  # fmt: skip
 
     return build

@@ -216,6 +216,7 @@ class Node:
                 if self.assembler.run_once():
                     self.worker.wake()
                 self.notices.run_once()
+                self.notices.take_back_once()
             except Exception:
                 # the loop must survive anything a single study does to it
                 log.exception("assembly pass failed; will retry")

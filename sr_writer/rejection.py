@@ -1,17 +1,17 @@
 """The rejection note: how the node takes back results that a newer version of a study replaced.
 
 A late instance reopens a study (a structure set contoured after the images were sent, a dose
-planned days later, a series resent): the node runs the study again and sends new results with
-new UIDs. The earlier results stay in the PACS, beside the new ones, unless the PACS is told
-they no longer apply. IHE's Imaging Object Change Management profile (IOCM) tells it with a
-Key Object Selection Document whose title is a rejection reason (CID 7011): a PACS that
-implements the profile hides the instances it lists (dcm4chee-arc, for one, does so for
-"Rejected for Quality Reasons"); one that does not keeps the note as one more object of the
-study.
+planned days later, a series resent, a series taken back by a rejection note): the node runs
+the study again and sends new results with new UIDs, or none when the new run fails. The
+earlier results stay in the PACS, beside the new ones, unless the PACS is told they no longer
+apply. IHE's Imaging Object Change Management profile (IOCM) tells it with a Key Object
+Selection Document whose title is a rejection reason (CID 7011): a PACS that implements the
+profile hides the instances it lists (dcm4chee-arc, for one, does so for "Rejected for Quality
+Reasons"); one that does not keeps the note as one more object of the study.
 
 The note is built for one destination: it lists the earlier results that destination
-acknowledged, all in the study of the new results. Its UIDs come from the study, the job whose
-results replace the others and the instances listed: built again, it is the same object.
+acknowledged, all in the study. Its UIDs come from the study, the job whose results (or
+failure) replace the others and the instances listed: built again, it is the same object.
 """
 
 from __future__ import annotations
@@ -69,10 +69,12 @@ def build_rejection_note(
     job: str,
     node_ae_title: str,
     node_version: str,
+    job_failed: bool = False,
     when: datetime.datetime | None = None,
 ) -> Dataset:
     """The Key Object Selection Document that rejects ``rejected`` (earlier results in
-    ``patient``'s study) because the results of node job ``job`` replace them."""
+    ``patient``'s study) because the results of node job ``job`` replace them, or, with
+    ``job_failed``, because that job, run on the study as it is now, could make none."""
     if not rejected:
         raise ExportError("a rejection note lists the instances it rejects, found none")
     kos = KeyObjectSelectionDocumentStorage
@@ -108,10 +110,15 @@ def build_rejection_note(
         referenced_objects=evidence,
         observer_device_context=device,
         description=(
-            f"Replaced by the results of job {job} of the glioforecast node {node_ae_title}, "
-            "made after the study changed (a late series or structure set): these earlier "
-            "results no longer apply. Synthetic prediction, research use only."
-        ),
+            f"The study changed after these results were made (a late series, or a series "
+            f"taken back), and job {job} of the glioforecast node {node_ae_title} could make no "
+            "prediction from it: these earlier results no longer apply. "
+            if job_failed
+            else f"Replaced by the results of job {job} of the glioforecast node "
+            f"{node_ae_title}, made after the study changed (a late series or structure set, or "
+            "a series taken back): these earlier results no longer apply. "
+        )
+        + "Synthetic prediction, research use only.",
     )
     note = hd.ko.KeyObjectSelectionDocument(
         evidence=evidence,

@@ -82,12 +82,13 @@ def _job(node, study_uid: str, version: int):  # type: ignore[no-untyped-def]
     )
 
 
+@pytest.mark.parametrize("notices", [True, False], ids=["with notices", "without notices"])
 def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no-untyped-def]
-    run_node, patient, tmp_path: Path
+    run_node, patient, tmp_path: Path, notices: bool
 ) -> None:
     files, t1c = patient
     proc, pacs = storescp_destination(
-        tmp_path / "pacs", "pacs", "PACS", failure_notice=True, reject_replaced=True
+        tmp_path / "pacs", "pacs", "PACS", failure_notice=notices, reject_replaced=True
     )
     try:
         settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(pacs,))
@@ -124,19 +125,25 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
             for js in node.store.job_series(second.id)
         )
 
-        # the PACS gets the notice, and a rejection note for the prediction it holds
+        # the PACS gets a rejection note for the prediction it holds (and the notice, if on)
         wait_for(
             lambda: node.outbox.counts().get("pacs", {}).get("rejected") == len(prediction),
             timeout=60, what="the prediction rejected at the PACS",
         )  # fmt: skip
         wait_for(
             lambda: set(node.outbox.counts()["pacs"]) == {"sent", "rejected"},
-            what="the notice and the rejection note delivered",
+            what="the rejection note delivered",
         )
         at_pacs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
         (ours,) = [ds for ds in at_pacs if ds.SeriesDescription == REJECTION_DESCRIPTION]
         assert rejected_uids(ours) == prediction
-        assert sum(ds.SeriesDescription == NOTICE_DESCRIPTION for ds in at_pacs) == 2
+        (why,) = [i.TextValue for i in ours.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # fmt: skip
+        assert f"job {second.id} of the glioforecast node" in why
+        assert "could make no prediction from it" in why
+        assert sum(ds.SeriesDescription == NOTICE_DESCRIPTION for ds in at_pacs) == 2 * notices
+        assert len(at_pacs) == len(prediction) + 1 + 2 * notices
+        assert any(e.kind == "taken-back" for e in node.store.events(second.id))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
