@@ -561,7 +561,7 @@ class JobStore:
                 _event(db, old_id, "superseded", f"superseded by job {job_id} (version {version})")
             db.execute(
                 "INSERT INTO job_instances (job_id, sop_instance_uid) "
-                f"SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ? "
+                "SELECT ?, sop_instance_uid FROM instances WHERE study_instance_uid = ? "
                 f"AND {_USABLE}",
                 (job_id, study_uid),
             )
