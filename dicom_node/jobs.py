@@ -706,31 +706,29 @@ class JobStore:
         """Failed jobs (each its study's latest version) that failed at ``since`` or later,
         whose study waits for no instance and has MR images, and that have no ``notice`` event
         since they failed (:mod:`dicom_node.notices`); oldest first, at most ``limit``."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
-                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
-                "WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 "
-                "AND EXISTS (SELECT 1 FROM job_instances ji JOIN instances i "
-                "USING (sop_instance_uid) WHERE ji.job_id = j.id AND i.modality = 'MR') "
-                "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id "
-                "AND e.kind = 'notice' AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
-                (FAILED, since, limit),
-            ).fetchall()
-        return [_job(r) for r in rows]
+        return self._recent_failures(
+            "EXISTS (SELECT 1 FROM job_instances ji JOIN instances i USING (sop_instance_uid) "
+            "WHERE ji.job_id = j.id AND i.modality = 'MR')",
+            "notice", since, limit,
+        )  # fmt: skip
 
     def failures_to_take_back(self, since: float, limit: int) -> list[Job]:
         """Failed jobs that failed at ``since`` or later, of a study that had earlier versions
         and waits for no instance, without a ``taken-back`` event since they failed
         (:mod:`dicom_node.notices`); oldest first, at most ``limit``."""
+        return self._recent_failures("j.version > 1", "taken-back", since, limit)
+
+    def _recent_failures(self, condition: str, event: str, since: float, limit: int) -> list[Job]:
+        """Failed jobs that failed at ``since`` or later and meet ``condition``, of a study that
+        waits for no instance, without an ``event`` event since they failed."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
                 "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
-                "WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 AND j.version > 1 "
+                f"WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 AND {condition} "
                 "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id "
-                "AND e.kind = 'taken-back' AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
-                (FAILED, since, limit),
+                "AND e.kind = ? AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
+                (FAILED, since, event, limit),
             ).fetchall()
         return [_job(r) for r in rows]
 

@@ -193,6 +193,21 @@ class Equipment:
         )
 
 
+def node_contribution(
+    node_version: str, when: datetime.datetime, description: str
+) -> hd.ContributingEquipment:
+    """The node alone as contributing equipment: what it sends that no model made (a failure
+    notice, a rejection note)."""
+    return hd.ContributingEquipment(
+        manufacturer=DEFAULT_MANUFACTURER,
+        purpose_of_reference=PROCESSING_EQUIPMENT,
+        manufacturer_model_name="glioforecast node",
+        software_versions=[f"glioforecast {node_version}"],
+        contribution_datetime=when.strftime("%Y%m%d%H%M%S"),
+        contribution_description=_lo(description),
+    )
+
+
 def _lo(text: str) -> str:
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "~"
 

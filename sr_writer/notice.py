@@ -41,10 +41,10 @@ from dicom_node.types import PatientStudy, SeriesRef
 from .labels import (
     CONTENT_QUALIFICATION,
     DEFAULT_MANUFACTURER,
-    PROCESSING_EQUIPMENT,
     RESEARCH_NOTE,
     highdicom_patient_study,
     name_uid,
+    node_contribution,
     series_description,
     set_patient_study,
 )
@@ -160,17 +160,6 @@ def render_notice(notice: FailureNotice) -> npt.NDArray[np.uint8]:
     return np.concatenate([banner, np.asarray(body, dtype=np.uint8)], axis=0)
 
 
-def _equipment(node_version: str, when: datetime.datetime) -> hd.ContributingEquipment:
-    return hd.ContributingEquipment(
-        manufacturer=DEFAULT_MANUFACTURER,
-        purpose_of_reference=PROCESSING_EQUIPMENT,
-        manufacturer_model_name="glioforecast node",
-        software_versions=[f"glioforecast {node_version}"],
-        contribution_datetime=when.strftime("%Y%m%d%H%M%S"),
-        contribution_description="failure notice: no prediction was made",
-    )
-
-
 def build_failure_notice(
     notice: FailureNotice,
     patient: PatientStudy,
@@ -183,7 +172,9 @@ def build_failure_notice(
     ts = when or datetime.datetime.now().replace(microsecond=0)
     common: dict[str, Any] = {
         "manufacturer": DEFAULT_MANUFACTURER,
-        "contributing_equipment": [_equipment(node_version, ts)],
+        "contributing_equipment": [
+            node_contribution(node_version, ts, "failure notice: no prediction was made")
+        ],
         "series_description": NOTICE_DESCRIPTION,
         "content_qualification": CONTENT_QUALIFICATION,
         "manufacturer_model_name": "glioforecast node",

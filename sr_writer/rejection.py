@@ -37,8 +37,8 @@ from dicom_node.types import PatientStudy
 from .labels import (
     CONTENT_QUALIFICATION,
     DEFAULT_MANUFACTURER,
-    PROCESSING_EQUIPMENT,
     name_uid,
+    node_contribution,
     series_description,
     set_patient_study,
 )
@@ -133,14 +133,7 @@ def build_rejection_note(
         instance_number=1,
         manufacturer=DEFAULT_MANUFACTURER,
         contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=DEFAULT_MANUFACTURER,
-                purpose_of_reference=PROCESSING_EQUIPMENT,
-                manufacturer_model_name="glioforecast node",
-                software_versions=[f"glioforecast {node_version}"],
-                contribution_datetime=ts.strftime("%Y%m%d%H%M%S"),
-                contribution_description="rejection of results a newer job replaced",
-            )
+            node_contribution(node_version, ts, "rejection of results a newer job replaced")
         ],
         series_description=REJECTION_DESCRIPTION,
         content_date=ts.date(),

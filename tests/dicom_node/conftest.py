@@ -51,6 +51,22 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         node.stop()
 
 
+def finished_job(node: Node, study_uid: str, version: int):  # type: ignore[no-untyped-def]
+    """Version ``version`` of the study's job once it is done or failed, else None."""
+    from dicom_node.jobs import DONE, FAILED
+
+    return next(
+        (
+            j
+            for j in node.store.list_jobs()
+            if j.study_instance_uid == study_uid
+            and j.version == version
+            and j.state in (DONE, FAILED)
+        ),
+        None,
+    )
+
+
 def storescp_destination(folder: Path, name: str, ae_title: str, **settings: Any):  # type: ignore[no-untyped-def]
     """dcmtk storescp writing into ``folder``, and its destination entry."""
     folder.mkdir()

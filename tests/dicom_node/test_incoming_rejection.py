@@ -26,7 +26,7 @@ from sr_writer.notice import NOTICE_DESCRIPTION
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
-from tests.dicom_node.conftest import make_settings, storescp_destination
+from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
 from tests.dicom_node.test_scp import storescu
 
 SECRET = b"k" * 32
@@ -69,19 +69,6 @@ def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
     return files, t1c
 
 
-def _job(node, study_uid: str, version: int):  # type: ignore[no-untyped-def]
-    return next(
-        (
-            j
-            for j in node.store.list_jobs()
-            if j.study_instance_uid == study_uid
-            and j.version == version
-            and j.state in (DONE, FAILED)
-        ),
-        None,
-    )
-
-
 @pytest.mark.parametrize("notices", [True, False], ids=["with notices", "without notices"])
 def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no-untyped-def]
     run_node, patient, tmp_path: Path, notices: bool
@@ -95,7 +82,7 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         node = run_node(settings)
         study = str(t1c[0].StudyInstanceUID)
         assert storescu(node.scp.port, *files).returncode == 0
-        first = wait_for(lambda: _job(node, study, 1), timeout=120, what="the prediction")
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
         assert first.state == DONE, first.reason
         delivered = wait_for(
             lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
@@ -114,7 +101,9 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         # the modality takes the T1-Gd back: the study is run again without it
         note = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
         assert storescu(node.scp.port, note).returncode == 0
-        second = wait_for(lambda: _job(node, study, 2), timeout=120, what="the second version")
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=120, what="the second version"
+        )
         assert second.state == FAILED and "missing required role t1c" in second.reason
         assert node.store.get_job(first.id).state == SUPERSEDED
         (event,) = [e for e in node.store.events(second.id) if e.kind == "rejected"]
@@ -159,7 +148,7 @@ def test_a_note_before_the_images_and_notes_that_reject_nothing(  # type: ignore
     study = str(t1c[0].StudyInstanceUID)
     notes = [key_object_note(t1c, title, tmp_path) for title in (KEY_IMAGES, RETENTION_EXPIRED)]
     assert storescu(node.scp.port, *notes, *files).returncode == 0
-    first = wait_for(lambda: _job(node, study, 1), timeout=120, what="the first version")
+    first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the first version")
     assert first.state == DONE, first.reason  # neither note rejected the T1-Gd
 
     patient_safety = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
@@ -169,7 +158,9 @@ def test_a_note_before_the_images_and_notes_that_reject_nothing(  # type: ignore
     late = run_node(make_settings(other / "data"))
     assert storescu(late.scp.port, patient_safety).returncode == 0
     assert storescu(late.scp.port, *files).returncode == 0
-    job = wait_for(lambda: _job(late, study, 1), timeout=120, what="the job on the second node")
+    job = wait_for(
+        lambda: finished_job(late, study, 1), timeout=120, what="the job on the second node"
+    )
     assert job.state == FAILED and "missing required role t1c" in job.reason
     assert any(e.kind == "rejected" for e in late.store.events(job.id))
 

@@ -17,7 +17,7 @@ from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
-from tests.dicom_node.conftest import make_settings, storescp_destination
+from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
 from tests.dicom_node.test_scp import storescu
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -38,19 +38,6 @@ def scps(tmp_path: Path):  # type: ignore[no-untyped-def]
     for proc in (pacs_proc, tps_proc):
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def _finished(node, study_uid: str, version: int):  # type: ignore[no-untyped-def]
-    return next(
-        (
-            j
-            for j in node.store.list_jobs()
-            if j.study_instance_uid == study_uid
-            and j.version == version
-            and j.state in (DONE, FAILED)
-        ),
-        None,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +63,7 @@ def test_a_study_without_its_structure_set_gets_a_notice_then_its_prediction(  #
     assert storescu(node.scp.port, *images).returncode == 0
     source = pydicom.dcmread(images[0])
     job = wait_for(
-        lambda: _finished(node, source.StudyInstanceUID, 1), what="the job without an RTSTRUCT"
+        lambda: finished_job(node, source.StudyInstanceUID, 1), what="the job without an RTSTRUCT"
     )
     assert job.state == FAILED and "missing required role rtstruct" in job.reason
 
@@ -113,7 +100,7 @@ def test_a_study_without_its_structure_set_gets_a_notice_then_its_prediction(  #
     # notice; the PACS is told the notice no longer applies (an IOCM rejection note)
     assert storescu(node.scp.port, *structure_set).returncode == 0
     done = wait_for(
-        lambda: _finished(node, source.StudyInstanceUID, 2), timeout=120, what="the second job"
+        lambda: finished_job(node, source.StudyInstanceUID, 2), timeout=120, what="the second job"
     )
     assert done.state == DONE, done.reason
     counts = wait_for(
@@ -155,10 +142,10 @@ def _node_with_failed_studies(run_node, tmp_path: Path, *, notices: bool):  # ty
     mr_study = pydicom.dcmread(mr["t1c"][0]).StudyInstanceUID
     rt_study = pydicom.dcmread(rt_only["rtstruct"][0]).StudyInstanceUID
     wait_for(
-        lambda: _finished(node, mr_study, 1) and _finished(node, rt_study, 1),
+        lambda: finished_job(node, mr_study, 1) and finished_job(node, rt_study, 1),
         what="both jobs to fail",
     )
-    return node, _finished(node, mr_study, 1), _finished(node, rt_study, 1)
+    return node, finished_job(node, mr_study, 1), finished_job(node, rt_study, 1)
 
 
 def _notices(node, job_id: int) -> list[str]:  # type: ignore[no-untyped-def]
@@ -208,7 +195,7 @@ def test_a_job_the_worker_fails_gets_its_notice(run_node, tmp_path: Path) -> Non
     study = factories.small_study(tmp_path / "study")  # its structure set has no contour
     assert storescu(node.scp.port, *(p for paths in study.values() for p in paths)).returncode == 0
     study_uid = pydicom.dcmread(study["t1c"][0]).StudyInstanceUID
-    job = wait_for(lambda: _finished(node, study_uid, 1), timeout=120, what="the job")
+    job = wait_for(lambda: finished_job(node, study_uid, 1), timeout=120, what="the job")
     assert job.state == FAILED and "no CLOSED_PLANAR contour" in job.reason
     (said,) = wait_for(lambda: _notices(node, job.id), what="its notice")
     assert said.startswith("failure notice queued to pacs (2 objects, 2 new deliveries)")

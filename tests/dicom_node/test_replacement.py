@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
-from dicom_node.outbox import Outbox, deliver_due
+from dicom_node.outbox import _OUTBOX_TABLE, Outbox, deliver_due
 from dicom_node.scu import Destination
 from sr_writer.labels import is_labelled_description, name_uid
 from sr_writer.rejection import REJECTED_FOR_QUALITY_REASONS, rejected_uids
@@ -160,35 +160,16 @@ def test_replacement_only_touches_its_destinations_and_jobs(
         assert ob.undelivered("1") == 0  # retention may remove the study's files
 
 
-OUTBOX_BEFORE_REPLACEMENT = """
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    job TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL
-        CHECK (state IN ('pending', 'sending', 'committing', 'sent', 'dead')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    last_status INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    sent_at REAL,
-    commit_requested_at REAL,
-    commit_requests INTEGER NOT NULL DEFAULT 0,
-    committed_at REAL,
-    UNIQUE (sop_instance_uid, destination)
-);
-"""
+# the outbox table as the version before replacements made it: the same, with five states
+OUTBOX_BEFORE_REPLACEMENT = _OUTBOX_TABLE.replace(
+    "'dead', 'withdrawn',\n                         'rejected')", "'dead')"
+)
 
 
 def test_an_outbox_of_the_previous_version_is_upgraded_and_can_be_replaced(
     tmp_path: Path, results: list[Dataset]
 ) -> None:
+    assert "'rejected'" not in OUTBOX_BEFORE_REPLACEMENT
     db = tmp_path / "outbox.sqlite3"
     old = sqlite3.connect(db)
     old.executescript(OUTBOX_BEFORE_REPLACEMENT)
