@@ -276,6 +276,39 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK if state != "failed" else EXIT_FAILED
 
 
+def cmd_jobs_take_back(args: argparse.Namespace) -> int:
+    """Take a job's results back from the destinations (withdrawn where not yet sent, rejected
+    by an IOCM rejection note where ``reject_replaced`` is on): the running node's next
+    delivery pass does it."""
+    from dicom_node.notices import TAKEN_BACK_EVENT
+    from dicom_node.outbox import Outbox
+    from dicom_node.outbox_cli import outbox_path
+
+    settings, store = _open_store(args)
+    if store.get_job(args.job_id) is None:
+        raise GlioforecastError(f"no job {args.job_id}: expected the id of a job (jobs list)")
+    configured = [d.name for d in settings.destinations]
+    names = args.destination or configured
+    unknown = sorted(set(names) - set(configured))
+    if unknown:
+        raise GlioforecastError(
+            f"expected destination names of the configuration ({', '.join(configured) or 'none'})"
+            f", found {', '.join(unknown)}"
+        )
+    job = str(args.job_id)
+    with Outbox(outbox_path(settings.storage.data_dir)) as outbox:
+        outbox.take_back(names, job, [job], f"Taken back by the site: {args.reason}")
+    store.add_event(
+        args.job_id, TAKEN_BACK_EVENT, f"taken back at {', '.join(names)}: {args.reason}"
+    )
+    print(
+        f"job {job}: its results will be taken back at {', '.join(names)} by the node's next "
+        "delivery pass (withdrawn where not yet sent; rejected by an IOCM rejection note where "
+        "reject_replaced is on); `jobs show` lists what was done"
+    )
+    return EXIT_OK
+
+
 def cmd_spool_prune(args: argparse.Namespace) -> int:
     from dicom_node.audit import audit_trail
     from dicom_node.outbox import Outbox
@@ -384,6 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
+
+    p = jsub.add_parser(
+        "take-back",
+        help="take a job's results back from the destinations (a prediction that must not "
+        "stand: consent withdrawn, a faulty model version...)",
+    )
+    _add_data_dir(p)
+    p.add_argument("job_id", type=int)
+    p.add_argument(
+        "--reason", required=True,
+        help="why, in words: it goes into the rejection note and the job's events",
+    )  # fmt: skip
+    p.add_argument(
+        "--destination", action="append", metavar="NAME",
+        help="only this destination (repeatable; default: all)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_jobs_take_back)
 
     spool = sub.add_parser("spool", help="spool retention")
     ssub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")

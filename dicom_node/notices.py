@@ -19,7 +19,7 @@ gets a notice again, the same objects when the reason is the same.
 
 Whatever the notices, when a study's newer version fails (a late instance, or a series taken
 back by a rejection note, left it unusable), the results of its earlier versions no longer
-stand: :meth:`FailureNotices.take_back_once` has the outbox withdraw them at every destination
+stand: :meth:`FailureNotices.take_back_once` has the outbox take them back at every destination
 (and reject those delivered where ``reject_replaced`` is on), as newer results would replace
 them. The same one-day window applies; a ``taken-back`` event records it.
 """
@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicom_node import __version__
-from dicom_node.errors import GlioforecastError
+from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.jobs import Job, JobStore
 from dicom_node.outbox import Outbox
 from dicom_node.settings import Settings
@@ -150,16 +150,18 @@ class FailureNotices:
         jobs = self.store.failures_to_take_back(self.clock() - WINDOW_S, BATCH)
         for job in jobs:
             earlier = [j for j in self.store.replaced_jobs(job.id) if j != str(job.id)]
-            instances = self.store.job_instances(job.id)
-            header = self._header(
-                [self.settings.storage.spool_dir / rel
-                 for series in instances.values() for _, rel in series[:1]]
-            )  # fmt: skip
-            if header is None:
-                message = "earlier results left as they are: none of the study's files reads"
-                log.warning("job %d: %s", job.id, message, extra={"job": job.id})
+            try:
+                self.outbox.take_back(
+                    names, str(job.id), earlier,
+                    "The study changed after these results were made (a late series, or a "
+                    "series taken back), and the node could make no prediction from it",
+                )  # fmt: skip
+            except StorageError:  # the earlier versions queued nothing
+                message = (
+                    "nothing to take back: the outbox has no record of results of the study's "
+                    f"earlier versions (jobs {', '.join(earlier)})"
+                )
             else:
-                self.outbox.withdraw_earlier(names, str(job.id), earlier, header)
                 message = (
                     f"the study's earlier results (jobs {', '.join(earlier)}) no longer stand: "
                     f"taken back at {', '.join(names)}"

@@ -23,11 +23,13 @@ One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) 
   newer results replaced it (see below).
 
 Replacing earlier results: :meth:`Outbox.enqueue` with ``replaces`` (the study's job ids) records
-that the objects queued replace, at those destinations, every earlier object of those jobs. The
-next delivery pass, before it sends anything to a destination, withdraws the rows of the earlier
-objects not yet delivered there and, for a destination with ``reject_replaced``, queues an IHE
-IOCM rejection note (:mod:`sr_writer.rejection`) listing those the destination acknowledged. It
-runs in the delivery pass, the only place rows are sent, so no row is in flight meanwhile.
+that the objects queued replace, at those destinations, every earlier object of those jobs;
+:meth:`Outbox.take_back` records that some jobs' objects no longer stand, with nothing in their
+place (a newer version of the study failed; an administrator took them back). The next delivery
+pass, before it sends anything to a destination, withdraws the rows of those objects not yet
+delivered there and, for a destination with ``reject_replaced``, queues an IHE IOCM rejection
+note (:mod:`sr_writer.rejection`) listing those the destination acknowledged. It runs in the
+delivery pass, the only place rows are sent, so no row is in flight meanwhile.
 
 Objects are written once as DICOM files next to the database (temp file, fsync, rename). Enqueue
 is idempotent on (SOP Instance UID, destination): a job re-run after a crash enqueues the same
@@ -131,10 +133,22 @@ CREATE TABLE IF NOT EXISTS replacements (
     earlier_jobs TEXT NOT NULL,
     keep TEXT NOT NULL,
     study TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL
 );
 """
-_SCHEMA = _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE + _REPLACEMENTS_TABLE
+# each job's patient and study attributes (DICOM JSON), from the first objects it queued: what a
+# rejection note copies when results are taken back after their files and the spool's are gone
+_JOB_STUDIES_TABLE = """
+CREATE TABLE IF NOT EXISTS job_studies (
+    job TEXT PRIMARY KEY,
+    study TEXT NOT NULL
+);
+"""
+_SCHEMA = (
+    _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE + _REPLACEMENTS_TABLE
+    + _JOB_STUDIES_TABLE
+)  # fmt: skip
 # the requests of rows that no longer wait for a commitment are of no more use
 _FORGET_SETTLED = (
     "DELETE FROM commitments WHERE outbox_id IN "
@@ -249,13 +263,13 @@ class Replaced:
     rejected: int
     note: str = ""  # the rejection note's SOP Instance UID, when one was queued
     remark: str = ""  # why delivered objects were left as they are
-    failed: bool = False  # job made no results (it failed): the earlier ones no longer stand
+    reason: str = ""  # why results are taken back with none in their place; "": replaced
 
     def __str__(self) -> str:
         jobs = ", ".join(self.earlier_jobs)
         text = (
-            f"job {self.job} failed: the study's earlier results at {self.destination} (of jobs "
-            if self.failed
+            f"{self.reason}: results at {self.destination} (of jobs "
+            if self.reason
             else f"results of job {self.job} replace the study's earlier ones at "
             f"{self.destination} (of jobs "
         ) + f"{jobs}): {self.withdrawn} not yet delivered withdrawn"
@@ -265,8 +279,9 @@ class Replaced:
 
 
 #: builds the rejection note of a replacement: (the study's patient and study attributes, the
-#: job whose results replace, the rows delivered, whether that job failed) -> the note
-NoteBuilder = Callable[[Dataset, str, Sequence[OutboxItem], bool], Dataset]
+#: job whose results replace, the rows delivered, why they are taken back with nothing in their
+#: place, "" when results replace them) -> the note
+NoteBuilder = Callable[[Dataset, str, Sequence[OutboxItem], str], Dataset]
 
 
 @dataclass
@@ -389,9 +404,15 @@ class Outbox:
             with self._tx() as db:
                 for dest in missing:
                     added += _insert(db, ds, dest, job, path, now)
+        if datasets:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO job_studies (job, study) VALUES (?, ?)",
+                    (job, _study_json(datasets[0])),
+                )
         if replaces and datasets:
             keep = {str(ds.SOPInstanceUID) for ds in datasets}
-            self._record_replacement(destinations, job, replaces, datasets[0], keep)
+            self._record_replacement(destinations, job, replaces, _study_json(datasets[0]), keep)
         logger.info(
             "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
             job,
@@ -402,37 +423,55 @@ class Outbox:
         )
         return added
 
-    def withdraw_earlier(
-        self, destinations: Sequence[str], job: str, earlier: Sequence[str], study: Dataset
+    def take_back(
+        self,
+        destinations: Sequence[str],
+        job: str,
+        jobs: Sequence[str],
+        reason: str,
+        study: Dataset | None = None,
     ) -> None:
-        """Record that the results of the jobs ``earlier`` no longer stand at ``destinations``
-        (the study's newer job ``job`` failed): the next delivery pass withdraws or rejects
-        them as if replaced by nothing. ``study``: an instance of the study, whose patient and
-        study attributes a rejection note copies."""
-        if earlier and destinations:
-            self._record_replacement(destinations, job, earlier, study, set())
+        """Record that the results of ``jobs`` no longer stand at ``destinations``, for
+        ``reason`` (the study's newer job ``job`` failed; an administrator took them back): the
+        next delivery pass withdraws or rejects them as if replaced by nothing. ``study``: an
+        instance of the study, whose patient and study attributes a rejection note copies; by
+        default those ``jobs`` recorded when they queued their results."""
+        if not reason:
+            raise ValueError("taking results back needs a reason, found none")
+        if not jobs or not destinations:
+            return
+        if study is not None:
+            attributes = _study_json(study)
+        else:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT study FROM job_studies WHERE job IN "
+                    f"({','.join('?' * len(jobs))}) ORDER BY rowid DESC LIMIT 1",
+                    list(jobs),
+                ).fetchone()
+            if row is None:
+                raise StorageError(
+                    f"no results of job(s) {', '.join(jobs)} in the outbox: nothing to take back"
+                )
+            attributes = str(row["study"])
+        self._record_replacement(destinations, job, jobs, attributes, set(), reason)
 
     def _record_replacement(
         self,
         destinations: Sequence[str],
         job: str,
         replaces: Sequence[str],
-        study: Dataset,
+        study: str,
         keep: set[str],
+        reason: str = "",
     ) -> None:
-        attributes = Dataset()
-        for keyword in _STUDY_KEYWORDS:
-            if keyword in study:  # as text: highdicom's DA and TM values are objects
-                elem = study[keyword]
-                text = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value or "")
-                attributes.add_new(elem.tag, elem.VR, text)
         now = self.clock()
         with self._tx() as db:
             db.executemany(
-                "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, reason, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(job, dest, json.dumps(sorted(set(replaces))), json.dumps(sorted(keep)),
-                  attributes.to_json(), now) for dest in destinations],
+                  study, reason, now) for dest in destinations],
             )  # fmt: skip
 
     def apply_replacements(
@@ -451,7 +490,7 @@ class Outbox:
         return [self._apply_replacement(r, note) for r in due]
 
     def _apply_replacement(self, rep: sqlite3.Row, note: NoteBuilder | None) -> Replaced:
-        job, destination = str(rep["job"]), str(rep["destination"])
+        job, destination, reason = str(rep["job"]), str(rep["destination"]), str(rep["reason"])
         earlier = [str(j) for j in json.loads(rep["earlier_jobs"])]
         keep = set(json.loads(rep["keep"]))
         with self._lock:
@@ -472,7 +511,7 @@ class Outbox:
         remark = ""
         if note is not None and delivered:
             try:
-                ds = note(Dataset.from_json(rep["study"]), job, delivered, not keep)
+                ds = note(Dataset.from_json(rep["study"]), job, delivered, reason)
                 built = (ds, self._write_object(ds))
             except Exception as exc:  # the earlier objects stay as they are, the log says why
                 remark = f"no rejection note: {type(exc).__name__}: {exc}"
@@ -480,7 +519,7 @@ class Outbox:
                     "outbox: rejection note for %s not built", destination, extra={"job_id": job}
                 )
         now = self.clock()
-        why = f"job {job} failed" if not keep else f"replaced by the results of job {job}"
+        why = reason or f"replaced by the results of job {job}"
         with self._tx() as db:
             withdrawn = sum(
                 db.execute(
@@ -507,7 +546,7 @@ class Outbox:
                 str(built[0].SOPInstanceUID) if built else "",
                 remark or ("" if note is not None or not delivered
                            else f"{len(delivered)} delivered left as they are: no reject_replaced"),
-                failed=not keep,
+                reason=reason,
             )  # fmt: skip
             db.execute("DELETE FROM replacements WHERE id = ?", (rep["id"],))
             db.execute(_FORGET_SETTLED)
@@ -905,6 +944,17 @@ class Outbox:
                 Path(rows[0]["path"]).unlink()
 
 
+def _study_json(ds: Dataset) -> str:
+    """``ds``'s patient and study attributes as DICOM JSON (what a rejection note copies)."""
+    attributes = Dataset()
+    for keyword in _STUDY_KEYWORDS:
+        if keyword in ds:  # as text: highdicom's DA and TM values are objects
+            elem = ds[keyword]
+            text = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value or "")
+            attributes.add_new(elem.tag, elem.VR, text)
+    return str(attributes.to_json())
+
+
 def _insert(
     db: sqlite3.Connection, ds: Dataset, destination: str, job: str, path: Path, now: float
 ) -> int:
@@ -987,7 +1037,7 @@ def deliver_due(
 def rejection_note(node_ae_title: str) -> NoteBuilder:
     """The :data:`NoteBuilder` of a node: IHE IOCM rejection notes (:mod:`sr_writer.rejection`)."""
 
-    def build(study: Dataset, job: str, delivered: Sequence[OutboxItem], failed: bool) -> Dataset:
+    def build(study: Dataset, job: str, delivered: Sequence[OutboxItem], reason: str) -> Dataset:
         from dicom_node import __version__
         from dicom_node.pipeline import patient_study
         from sr_writer.rejection import Rejected, build_rejection_note
@@ -996,7 +1046,7 @@ def rejection_note(node_ae_title: str) -> NoteBuilder:
             patient_study(study),
             [Rejected(i.sop_class_uid, i.sop_instance_uid, i.series_instance_uid)
              for i in delivered],
-            job=job, node_ae_title=node_ae_title, node_version=__version__, job_failed=failed,
+            job=job, node_ae_title=node_ae_title, node_version=__version__, reason=reason,
         )  # fmt: skip
 
     return build

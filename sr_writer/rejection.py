@@ -12,6 +12,8 @@ Reasons"); one that does not keeps the note as one more object of the study.
 The note is built for one destination: it lists the earlier results that destination
 acknowledged, all in the study. Its UIDs come from the study, the job whose results (or
 failure) replace the others and the instances listed: built again, it is the same object.
+Results are also taken back with nothing in their place, for a reason the note's description
+gives (a newer version of the study failed; an administrator took them back).
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ def build_rejection_note(
     job: str,
     node_ae_title: str,
     node_version: str,
-    job_failed: bool = False,
+    reason: str = "",
     when: datetime.datetime | None = None,
 ) -> Dataset:
     """The Key Object Selection Document that rejects ``rejected`` (earlier results in
-    ``patient``'s study) because the results of node job ``job`` replace them, or, with
-    ``job_failed``, because that job, run on the study as it is now, could make none."""
+    ``patient``'s study) because the results of node job ``job`` replace them, or, with a
+    ``reason``, because of it (that job failed on the study as it is now; an administrator took
+    them back), nothing in their place."""
     if not rejected:
         raise ExportError("a rejection note lists the instances it rejects, found none")
     kos = KeyObjectSelectionDocumentStorage
@@ -110,10 +113,9 @@ def build_rejection_note(
         referenced_objects=evidence,
         observer_device_context=device,
         description=(
-            f"The study changed after these results were made (a late series, or a series "
-            f"taken back), and job {job} of the glioforecast node {node_ae_title} could make no "
-            "prediction from it: these earlier results no longer apply. "
-            if job_failed
+            f"{reason} (glioforecast node {node_ae_title}, job {job}): these results no longer "
+            "apply. "
+            if reason
             else f"Replaced by the results of job {job} of the glioforecast node "
             f"{node_ae_title}, made after the study changed (a late series or structure set, or "
             "a series taken back): these earlier results no longer apply. "

@@ -128,8 +128,8 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         assert rejected_uids(ours) == prediction
         (why,) = [i.TextValue for i in ours.ContentSequence
                   if i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # fmt: skip
-        assert f"job {second.id} of the glioforecast node" in why
-        assert "could make no prediction from it" in why
+        assert "the node could make no prediction from it (glioforecast node" in why
+        assert f"job {second.id}): these results no longer apply" in why
         assert sum(ds.SeriesDescription == NOTICE_DESCRIPTION for ds in at_pacs) == 2 * notices
         assert len(at_pacs) == len(prediction) + 1 + 2 * notices
         assert any(e.kind == "taken-back" for e in node.store.events(second.id))
@@ -201,3 +201,57 @@ def test_a_note_a_crash_left_unrecorded_is_applied_when_the_spool_is_reconciled(
     assert any(s.modality == "MR" for s in store.series_of_study(study_uid))
     assert reconcile(spool, store, SECRET)["recovered"] == 1
     assert not any(s.modality == "MR" for s in store.series_of_study(study_uid))
+
+
+def test_the_site_takes_a_prediction_back_by_hand(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`jobs take-back` (consent withdrawn, a model version found faulty): the running node
+    rejects what the PACS holds; a wrong job id or destination is refused by name."""
+    from dicom_node.cli import main
+
+    files, t1c = patient
+    proc, pacs = storescp_destination(tmp_path / "pacs", "pacs", "PACS", reject_replaced=True)
+    try:
+        settings = dataclasses.replace(make_settings(tmp_path / "data"), destinations=(pacs,))
+        node = run_node(settings)
+        assert storescu(node.scp.port, *files).returncode == 0
+        job = wait_for(
+            lambda: finished_job(node, str(t1c[0].StudyInstanceUID), 1), timeout=120,
+            what="the prediction",
+        )  # fmt: skip
+        assert job.state == DONE, job.reason
+        sent = wait_for(
+            lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
+            timeout=60, what="the prediction at the PACS",
+        )["sent"]  # fmt: skip
+        config = tmp_path / "site.yaml"
+        config.write_text(
+            f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
+            f"destinations: [{{name: pacs, ae_title: PACS, host: 127.0.0.1, port: {pacs.port}, "
+            "reject_replaced: true}]\n"
+        )
+        take_back = ["--config", str(config), "jobs", "take-back"]
+        assert main([*take_back, "999", "--reason", "x"]) == 1
+        assert "no job 999" in capsys.readouterr().err
+        assert main([*take_back, str(job.id), "--reason", "x", "--destination", "tps"]) == 1
+        assert "expected destination names of the configuration (pacs), found tps" in (
+            capsys.readouterr().err
+        )
+        assert main([*take_back, str(job.id), "--reason", "consent withdrawn"]) == 0
+        node.sender.wake()
+        wait_for(
+            lambda: node.outbox.counts()["pacs"] == {"rejected": sent, "sent": 1},
+            timeout=60, what="the prediction rejected at the PACS",
+        )  # fmt: skip
+        at_pacs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+        (note,) = [ds for ds in at_pacs if ds.SeriesDescription == REJECTION_DESCRIPTION]
+        assert len(rejected_uids(note)) == sent
+        (why,) = [i.TextValue for i in note.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # fmt: skip
+        assert why.startswith("Taken back by the site: consent withdrawn (glioforecast node")
+        events = [e for e in node.store.events(job.id) if e.kind in ("taken-back", "replaced")]
+        assert [e.kind for e in events] == ["taken-back", "replaced"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
