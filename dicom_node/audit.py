@@ -78,6 +78,7 @@ BOM = "\ufeff"
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
 APPLICATION_START = ("110120", "Application Start")
 APPLICATION_STOP = ("110121", "Application Stop")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 SECURITY_ALERT = ("110113", "Security Alert")
@@ -308,6 +309,16 @@ def security_alert(
     return root
 
 
+def instances_rejected(
+    requestor: Participant, node: Participant, study: StudyRecord, source: AuditSource, why: str
+) -> ET.Element:
+    """A rejection note from ``requestor`` made the node stop using instances of ``study``
+    (IHE IOCM; the instances stay in the spool): an update of what the node holds."""
+    root = _message(INSTANCES_ACCESSED, "U", SUCCESS, [requestor, node], source, description=why)
+    _study_objects(root, study)
+    return root
+
+
 def study_deleted(
     node: Participant, study: StudyRecord, source: AuditSource, reason: str
 ) -> ET.Element:
@@ -461,6 +472,10 @@ class AuditTrail:
 
     def deleted(self, study: StudyRecord, reason: str) -> None:
         self.record(study_deleted(self.node, study, self.source, reason))
+
+    def rejected(self, ae_title: str, host: str, study: StudyRecord, why: str) -> None:
+        requestor = Participant(ae_title, host, True)
+        self.record(instances_rejected(requestor, self.node, study, self.source, why))
 
     # -- delivery
 
@@ -647,6 +662,7 @@ class NoAuditTrail:
     ) -> None: ...
     def refused(self, ae_title: str, host: str, reason: str) -> None: ...
     def deleted(self, study: StudyRecord, reason: str) -> None: ...
+    def rejected(self, ae_title: str, host: str, study: StudyRecord, why: str) -> None: ...
 
 
 def audit_trail(

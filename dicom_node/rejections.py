@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
+from dicom_node.audit import AuditTrail, NoAuditTrail, StudyRecord
 from dicom_node.errors import InputError
 from dicom_node.jobs import JobStore
 from sr_writer.labels import is_labelled_description
@@ -46,6 +47,7 @@ class RejectionNote:
     note_uid: str
     reason: str
     sop_instance_uids: tuple[str, ...]
+    sop_classes: dict[str, int]  # the rejected instances by SOP class (for the audit trail)
 
 
 def rejection_note(ds: Dataset) -> RejectionNote | None:
@@ -61,28 +63,39 @@ def rejection_note(ds: Dataset) -> RejectionNote | None:
     code, scheme = str(title.get("CodeValue", "")), str(title.get("CodingSchemeDesignator", ""))
     if scheme != "DCM" or code not in REJECTION_TITLES:
         return None
-    uids = tuple(
-        dict.fromkeys(
-            str(item.ReferencedSOPInstanceUID)
-            for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []
-            for series in study.get("ReferencedSeriesSequence") or []
-            for item in series.get("ReferencedSOPSequence") or []
-            if item.get("ReferencedSOPInstanceUID")
-        )
-    )
+    listed = {
+        str(item.ReferencedSOPInstanceUID): str(item.get("ReferencedSOPClassUID", "") or "")
+        for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []
+        for series in study.get("ReferencedSeriesSequence") or []
+        for item in series.get("ReferencedSOPSequence") or []
+        if item.get("ReferencedSOPInstanceUID")
+    }
+    uids = tuple(listed)
     if not uids:
         raise InputError(
             f"rejection note {ds.SOPInstanceUID} ({REJECTION_TITLES[code]}) lists no instance: "
             "expected Referenced SOP Instance UIDs in its Current Requested Procedure Evidence "
             "Sequence, found none"
         )
-    return RejectionNote(str(ds.SOPInstanceUID), REJECTION_TITLES[code], uids)
+    classes: dict[str, int] = {}
+    for sop_class in listed.values():
+        classes[sop_class] = classes.get(sop_class, 0) + 1
+    return RejectionNote(str(ds.SOPInstanceUID), REJECTION_TITLES[code], uids, classes)
 
 
-def apply_rejection(store: JobStore, ds: Dataset, series_description: str, source: str) -> None:
+def apply_rejection(
+    store: JobStore,
+    ds: Dataset,
+    series_description: str,
+    source: str,
+    *,
+    host: str = "",
+    audit: AuditTrail | NoAuditTrail | None = None,
+) -> None:
     """A Key Object Selection stored (by the receiver, or found in the spool by ``reconcile``):
-    when it is a rejection note the node acts on, record it in ``store``. Never raises: the
-    note is stored whatever happens, and the log says why it was not applied."""
+    when it is a rejection note the node acts on, record it in ``store`` and in the ``audit``
+    trail (``source``: the sender's AE title, at ``host``). Never raises: the note is stored
+    whatever happens, and the log says why it was not applied."""
     if is_labelled_description(series_description):
         return  # the node's own note, routed back: it rejects results, not inputs
     try:
@@ -98,8 +111,14 @@ def apply_rejection(store: JobStore, ds: Dataset, series_description: str, sourc
     except Exception:  # the note stays in the spool for a look
         log.exception("rejection note %s from %s not applied", ds.get("SOPInstanceUID"), source)
         return
-    log.warning(
-        "rejection note %s from %s (%s): %d instance(s) no longer used; %d stud%s run again",
-        note.note_uid, source, note.reason, len(note.sop_instance_uids), len(studies),
-        "y" if len(studies) == 1 else "ies",
-    )  # fmt: skip
+    what = (
+        f"rejection note {note.note_uid} ({note.reason}): {len(note.sop_instance_uids)} "
+        f"instance(s) no longer used; {len(studies)} stud{'y' if len(studies) == 1 else 'ies'} "
+        "run again"
+    )
+    log.warning("%s, from %s", what, source)
+    if audit is not None and audit.enabled:
+        study = StudyRecord.from_dataset(ds)
+        for sop_class, count in note.sop_classes.items():
+            study.add(sop_class, count)
+        audit.rejected(source, host, study, what)

@@ -537,7 +537,10 @@ class StorageSCP:
         if stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
         elif info.sop_class_uid == sc.KeyObjectSelectionDocumentStorage:
-            apply_rejection(self.store, ds, info.series_description, calling)
+            apply_rejection(
+                self.store, ds, info.series_description, calling,
+                host=event.assoc.requestor.address, audit=self.audit,
+            )  # fmt: skip
         self._audit_instance(event.assoc, ds, info.sop_class_uid)
         return SUCCESS
 

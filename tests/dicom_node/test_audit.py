@@ -396,6 +396,39 @@ def test_retention_reports_each_study_it_deletes(run_node, tmp_path: Path) -> No
     assert objects["Patient Number"].get("ParticipantObjectID") == source.PatientID
 
 
+def test_a_rejection_note_received_is_reported(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Who made the node stop using which instances (IHE IOCM): DICOM Instances Accessed."""
+    from tests.dicom_node.test_incoming_rejection import PATIENT_SAFETY, key_object_note
+
+    log_file = tmp_path / "audit.log"
+    node = run_node(audit={"enabled": True, "file": log_file})
+    study = factories.small_study(tmp_path / "study")
+    t1c = [pydicom.dcmread(p) for p in study["t1c"]]
+    note = key_object_note(t1c, PATIENT_SAFETY, tmp_path)
+    assert storescu(node.scp.port, note, aet="MODALITY7").returncode == 0
+
+    def accessed() -> list[ET.Element]:
+        if not log_file.exists():
+            return []
+        messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+        return [m for m in messages if event_id(m) == "110103"]
+
+    (message,) = wait_for(accessed, what="the DICOM Instances Accessed message")
+    check_schema(message)
+    assert message[0].get("EventActionCode") == "U"
+    assert message[0].get("EventOutcomeIndicator") == "0"
+    description = message.findtext("EventIdentification/EventOutcomeDescription") or ""
+    assert "Rejected for Patient Safety Reasons" in description
+    assert f"{len(t1c)} instance(s) no longer used" in description
+    requestor = _participants(message)["none"]
+    assert requestor.get("UserID") == "MODALITY7" and requestor.get("UserIsRequestor") == "true"
+    assert requestor.get("NetworkAccessPointID") == "127.0.0.1"
+    objects = _objects(message)
+    assert objects["Study Instance UID"].get("ParticipantObjectID") == t1c[0].StudyInstanceUID
+    assert _sop_classes(objects["Study Instance UID"]) == {MR: len(t1c)}
+    assert objects["Patient Number"].get("ParticipantObjectID") == t1c[0].PatientID
+
+
 def test_spool_prune_beside_the_node_queues_its_messages_for_it(  # type: ignore[no-untyped-def]
     run_node, tmp_path: Path, pki: Path, capsys
 ) -> None:
