@@ -496,6 +496,16 @@ class JobStore:
                 )  # fmt: skip
         return studies
 
+    def rejection_reasons(self, study_uid: str) -> list[str]:
+        """Why instances of the study were rejected (the titles of the rejection notes)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT r.reason FROM rejected_instances r JOIN instances i "
+                "USING (sop_instance_uid) WHERE i.study_instance_uid = ? ORDER BY r.reason",
+                (study_uid,),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def reopen(self, study_uid: str, message: str) -> None:
         """Assemble a study again at the next pass (its instances unchanged), with an event on
         its latest job."""

@@ -53,12 +53,22 @@ WINDOW_S = 86400.0
 BATCH = 10
 
 
-def explain(reason: str, node_ae_title: str) -> tuple[str, str]:
+def explain(reason: str, node_ae_title: str, taken_back: Sequence[str] = ()) -> tuple[str, str]:
     """A headline a reader understands, and what to do, for a job's ``reason`` (the node's own
-    messages; anything else gets a general sentence, the reason itself always follows)."""
+    messages; anything else gets a general sentence, the reason itself always follows);
+    ``taken_back``: the reasons of the rejection notes that took series of the study out of
+    use, when there were some."""
     send = f"send it to the glioforecast node ({node_ae_title})"
     after = "the study is run again and the prediction follows; this notice then no longer applies"
     admins = "the site's glioforecast administrators"
+    if taken_back and "missing required role" in reason:
+        return (
+            "Series the prediction needs were taken back by the modality or the PACS (IHE "
+            f"IOCM rejection: {', '.join(dict.fromkeys(taken_back))}).",
+            f"When corrected images are sent to the glioforecast node ({node_ae_title}), the "
+            "study is run again and the prediction follows; a prediction made from the series "
+            "taken back no longer applies.",
+        )
     if "missing required role rtstruct" in reason:
         return (
             "No RT structure set with the tumour outline (GTV) was received for this study.",
@@ -189,7 +199,11 @@ class FailureNotices:
         )  # fmt: skip
         if header is None:
             return "no failure notice: none of the study's MR images can be read"
-        headline, advice = explain(job.reason, self.settings.node.ae_title)
+        headline, advice = explain(
+            job.reason,
+            self.settings.node.ae_title,
+            self.store.rejection_reasons(job.study_instance_uid),
+        )
         notice = FailureNotice(
             job_id=job.id,
             headline=headline,

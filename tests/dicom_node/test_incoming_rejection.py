@@ -22,7 +22,7 @@ from dicom_node.service import reconcile
 from dicom_node.spool import Spool
 from inference.synthetic.cohort import generate_patient
 from sr_writer.labels import name_uid
-from sr_writer.notice import NOTICE_DESCRIPTION
+from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
@@ -130,7 +130,12 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
                   if i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # fmt: skip
         assert "the node could make no prediction from it (glioforecast node" in why
         assert f"job {second.id}): these results no longer apply" in why
-        assert sum(ds.SeriesDescription == NOTICE_DESCRIPTION for ds in at_pacs) == 2 * notices
+        notice = [ds for ds in at_pacs if ds.SeriesDescription == NOTICE_DESCRIPTION]
+        assert len(notice) == 2 * notices
+        for sr in (ds for ds in notice if ds.Modality == "SR"):  # says why, not "no T1-Gd"
+            finding = read_notice(sr)["Finding"]
+            assert finding.startswith("Series the prediction needs were taken back"), finding
+            assert "(IHE IOCM rejection: Rejected for Patient Safety Reasons)" in finding
         assert len(at_pacs) == len(prediction) + 1 + 2 * notices
         assert any(e.kind == "taken-back" for e in node.store.events(second.id))
     finally:
