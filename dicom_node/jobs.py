@@ -469,17 +469,29 @@ class JobStore:
                 "rejected_at) VALUES (?, ?, ?, ?)",
                 [(uid, note_uid, reason, at) for uid in uids],
             )
-            studies = [
-                r[0]
-                for r in db.execute(
-                    "SELECT DISTINCT study_instance_uid FROM instances WHERE sop_instance_uid IN "
-                    f"({marks}) UNION SELECT j.study_instance_uid FROM jobs j JOIN job_instances "
-                    f"ji ON ji.job_id = j.id WHERE ji.sop_instance_uid IN ({marks}) AND j.id = "
-                    "(SELECT max(id) FROM jobs WHERE study_instance_uid = j.study_instance_uid) "
-                    "ORDER BY 1",
-                    (*uids, *uids),
+            # the node's own results routed back (a reader rejected a prediction in an IOCM
+            # PACS that forwards its notes) are no input: they reopen nothing
+            held = {
+                study
+                for study, description in db.execute(
+                    "SELECT study_instance_uid, series_description FROM instances WHERE "
+                    f"sop_instance_uid IN ({marks})",
+                    uids,
                 )
-            ]
+                if not is_labelled_description(description)
+            }
+            used = {
+                study
+                for study, description in db.execute(
+                    "SELECT j.study_instance_uid, i.series_description FROM jobs j "
+                    "JOIN job_instances ji ON ji.job_id = j.id JOIN instances i USING "
+                    f"(sop_instance_uid) WHERE ji.sop_instance_uid IN ({marks}) AND j.id = "
+                    "(SELECT max(id) FROM jobs WHERE study_instance_uid = j.study_instance_uid)",
+                    uids,
+                )
+                if not is_labelled_description(description)
+            }
+            studies = sorted(held | used)
             for study_uid in studies:
                 db.execute(
                     "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "

@@ -230,6 +230,20 @@ def test_the_site_takes_a_prediction_back_by_hand(  # type: ignore[no-untyped-de
             lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
             timeout=60, what="the prediction at the PACS",
         )["sent"]  # fmt: skip
+        # a reader rejects the prediction in an IOCM PACS that forwards the study and its notes
+        # to the node: our own results are no input, nothing is run again
+        ours = sorted((tmp_path / "pacs").iterdir())
+        reader_note = key_object_note(
+            [pydicom.dcmread(p, stop_before_pixels=True) for p in ours[:3]],
+            Code("113001", "DCM", "Rejected for Quality Reasons"), tmp_path,
+        )  # fmt: skip
+        # (-R: only the contexts the files need; dcmtk's default list lacks Segmentation)
+        assert storescu(node.scp.port, *ours, reader_note, extra=("-R",)).returncode == 0
+        assert str(t1c[0].StudyInstanceUID) not in node.store.due_studies(time.time() + 3600, 0)
+        assert node.store.rejection_reasons(str(t1c[0].StudyInstanceUID)) == [
+            "Rejected for Quality Reasons"
+        ]
+
         config = tmp_path / "site.yaml"
         config.write_text(
             f"storage: {{data_dir: {tmp_path / 'data'}}}\n"
