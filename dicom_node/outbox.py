@@ -18,9 +18,9 @@ One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) 
   cannot fix (SOP class not supported...). Dead rows keep their object and can be re-queued with
   :meth:`Outbox.retry` (``glioforecast outbox retry``);
 - ``withdrawn``: never delivered, and no longer to be: the results of a newer version of the
-  study replaced it (see below);
+  study replaced it, or it was taken back (see below);
 - ``rejected``: delivered, then listed in a rejection note sent to the same destination because
-  newer results replaced it (see below).
+  newer results replaced it, or it was taken back (see below).
 
 Replacing earlier results: :meth:`Outbox.enqueue` with ``replaces`` (the study's job ids) records
 that the objects queued replace, at those destinations, every earlier object of those jobs;
@@ -123,8 +123,9 @@ CREATE TABLE IF NOT EXISTS commitments (
 );
 """
 # objects queued that replace, at one destination, the earlier objects of other jobs (or of the
-# same job, a notice replaced by a prediction); applied, then deleted, by the next delivery pass
-# (what it did is logged, and an event of the job: OutboxSender.on_replaced)
+# same job, a notice replaced by a prediction), or jobs whose objects are taken back (keep empty,
+# a reason); applied, then deleted, by the next delivery pass (what it did is logged, and an
+# event of the job: OutboxSender.on_replaced)
 _REPLACEMENTS_TABLE = """
 CREATE TABLE IF NOT EXISTS replacements (
     id INTEGER PRIMARY KEY,
@@ -154,7 +155,7 @@ _FORGET_SETTLED = (
     "DELETE FROM commitments WHERE outbox_id IN "
     "(SELECT id FROM outbox WHERE state NOT IN ('pending', 'sending', 'committing'))"
 )
-# what a rejection note copies from the objects it replaces their study with
+# the patient and study attributes a rejection note copies
 _STUDY_KEYWORDS = (
     "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
@@ -405,14 +406,14 @@ class Outbox:
                 for dest in missing:
                     added += _insert(db, ds, dest, job, path, now)
         if datasets:
+            study = _study_json(datasets[0])
             with self._tx() as db:
                 db.execute(
-                    "INSERT OR IGNORE INTO job_studies (job, study) VALUES (?, ?)",
-                    (job, _study_json(datasets[0])),
+                    "INSERT OR IGNORE INTO job_studies (job, study) VALUES (?, ?)", (job, study)
                 )
-        if replaces and datasets:
-            keep = {str(ds.SOPInstanceUID) for ds in datasets}
-            self._record_replacement(destinations, job, replaces, _study_json(datasets[0]), keep)
+            if replaces:
+                keep = {str(ds.SOPInstanceUID) for ds in datasets}
+                self._record_replacement(destinations, job, replaces, study, keep)
         logger.info(
             "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
             job,
@@ -493,7 +494,7 @@ class Outbox:
         job, destination, reason = str(rep["job"]), str(rep["destination"]), str(rep["reason"])
         earlier = [str(j) for j in json.loads(rep["earlier_jobs"])]
         keep = set(json.loads(rep["keep"]))
-        with self._lock:
+        with self._lock:  # a rejection note is never itself replaced: its SOP class is left out
             rows = [
                 _item(r)
                 for r in self._db.execute(
@@ -503,7 +504,6 @@ class Outbox:
                     (destination, KeyObjectSelectionDocumentStorage, *earlier),
                 )
             ]
-        # a rejection note is never itself replaced (its SOP class is left out above)
         rows = [r for r in rows if r.sop_instance_uid not in keep]
         withdraw = [r for r in rows if r.state in ("pending", "dead")]
         delivered = [r for r in rows if r.state in ("sent", "committing")]
