@@ -135,7 +135,7 @@ def build_rejection_note(
         instance_number=1,
         manufacturer=DEFAULT_MANUFACTURER,
         contributing_equipment=[
-            node_contribution(node_version, ts, "rejection of results a newer job replaced")
+            node_contribution(node_version, ts, "rejection of results that no longer apply")
         ],
         series_description=REJECTION_DESCRIPTION,
         content_date=ts.date(),
