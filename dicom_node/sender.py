@@ -11,6 +11,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 from pynetdicom import Association
 from pynetdicom.presentation import build_context
 
@@ -80,12 +81,15 @@ def _c_echo(assoc: Association) -> int | None:
 
 def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, str]:
     """Whether ``destination`` can take the node's results as configured, and what was found:
-    an association with its settings (TLS included), a C-ECHO, and, for a destination with
-    storage commitment, the Storage Commitment Push Model context accepted. Nothing is stored
-    or committed."""
+    an association with its settings (TLS included), a C-ECHO, for a destination with
+    storage commitment the Storage Commitment Push Model context accepted, and for one with
+    ``reject_replaced`` the Key Object Selection Document Storage context (its rejection
+    notes). Nothing is stored or committed."""
     contexts = [build_context(VERIFICATION)]
     if destination.storage_commitment:
         contexts.append(build_context(PUSH_MODEL))
+    if destination.reject_replaced:
+        contexts.append(build_context(KeyObjectSelectionDocumentStorage))
     try:
         assoc = associate(destination, contexts, calling_ae=calling_ae)
     except SendError as exc:
@@ -111,6 +115,15 @@ def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, 
             ok = False
             found.append(
                 "Storage Commitment Push Model not accepted (storage_commitment: true expects it)"
+            )
+    if destination.reject_replaced:
+        if KeyObjectSelectionDocumentStorage in accepted:
+            found.append("Key Object Selection Document Storage accepted (rejection notes)")
+        else:
+            ok = False
+            found.append(
+                "Key Object Selection Document Storage not accepted (reject_replaced: true sends "
+                "its rejection notes as such documents)"
             )
     return ok, "; ".join(found)
 

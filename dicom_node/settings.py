@@ -628,6 +628,12 @@ def warnings_of(s: Settings) -> list[str]:
                 f"({', '.join(d.objects)}) take neither Secondary Captures nor SRs, which is "
                 "what a notice is made of: a planning system may refuse them"
             )
+        if d.reject_replaced and d.objects and not {"sc", "sr"} & set(d.objects):
+            out.append(
+                f"destinations[{n}] ({d.name}): reject_replaced is on, but its objects "
+                f"({', '.join(d.objects)}) are a planning system's: one rarely takes the Key "
+                "Object Selection Documents that rejection notes are (check-destinations says)"
+            )
     if not s.node.refuse_unknown_callers:
         return out
     for n, d in enumerate(s.destinations):

@@ -4,6 +4,7 @@ IOCM rejection note) after, at real storage SCPs (dcmtk storescp)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.outbox import _OUTBOX_TABLE, Outbox, deliver_due
-from dicom_node.scu import Destination
+from dicom_node.scu import VERIFICATION, Destination
+from dicom_node.sender import check_destination
 from sr_writer.labels import is_labelled_description, name_uid
 from sr_writer.rejection import REJECTED_FOR_QUALITY_REASONS, rejected_uids
 from tests.conftest import free_port
 from tests.dicom_node.conftest import storescp_destination
+from tests.dicom_node.test_scu import ALL_CLASSES, StoreSCP
 from tests.sr_writer.synthetic_job import default_outputs
 
 
@@ -187,3 +190,28 @@ def test_an_outbox_of_the_previous_version_is_upgraded_and_can_be_replaced(
         (replaced,) = ob.apply_replacements("tps")
         assert replaced.withdrawn == len(results)
         assert ob.counts() == {"tps": {"withdrawn": len(results), "pending": len(results)}}
+
+
+def test_check_destinations_says_whether_a_peer_takes_rejection_notes() -> None:
+    """A PACS that takes Key Object Selection Documents passes; a planning system that takes
+    only contours fails, and says why."""
+    pacs = StoreSCP(
+        sop_classes=(VERIFICATION, *ALL_CLASSES, KeyObjectSelectionDocumentStorage)
+    ).start()
+    tps = StoreSCP(sop_classes=(VERIFICATION, *ALL_CLASSES)).start()
+    try:
+        ok, found = check_destination(
+            dataclasses.replace(pacs.destination(), reject_replaced=True), "GLIOFORECAST"
+        )
+        assert ok, found
+        assert "Key Object Selection Document Storage accepted (rejection notes)" in found
+        ok, found = check_destination(
+            dataclasses.replace(tps.destination("tps"), reject_replaced=True), "GLIOFORECAST"
+        )
+        assert not ok
+        assert "Key Object Selection Document Storage not accepted (reject_replaced" in found
+        ok, found = check_destination(tps.destination("tps"), "GLIOFORECAST")
+        assert ok and "Key Object" not in found  # not asked for: not checked
+    finally:
+        pacs.stop()
+        tps.stop()

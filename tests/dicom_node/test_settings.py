@@ -163,11 +163,12 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     tps = write(
         tmp_path,
         "destinations: [{name: tps, ae_title: TPS, host: h, port: 104, failure_notice: true,"
-        " objects: [seg, rtstruct]}]\n",
+        " reject_replaced: true, objects: [seg, rtstruct]}]\n",
     )
     assert main(["check-config", str(tps)]) == 0
     out = capsys.readouterr().out
     assert "warning: destinations[0] (tps): failure_notice is on, but its objects" in out
+    assert "warning: destinations[0] (tps): reject_replaced is on, but its objects" in out
     bad = write(tmp_path, "node: {port: 0}\n")
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
