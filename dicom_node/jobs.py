@@ -815,6 +815,10 @@ class JobStore:
             ).fetchone()
             out["instances"] = int(present or 0)  # in the spool
             out["instances_removed"] = int(removed or 0)  # their files removed by retention
+            # taken out of use by IOCM rejection notes (dicom_node.rejections)
+            out["instances_rejected"] = int(
+                self._conn.execute("SELECT count(*) FROM rejected_instances").fetchone()[0]
+            )
         return out
 
 

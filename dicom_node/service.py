@@ -295,6 +295,12 @@ class Node:
             ),
             ("glioforecast_spool_instances", "instances in the spool", {}, counts["instances"]),
             (
+                "glioforecast_rejected_instances",
+                "instances IOCM rejection notes took out of use (received or still to come)",
+                {},
+                counts["instances_rejected"],
+            ),
+            (
                 "glioforecast_retention_removed_instances",
                 "instances whose files retention removed from the spool",
                 {},

@@ -109,6 +109,7 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         (event,) = [e for e in node.store.events(second.id) if e.kind == "rejected"]
         assert f"{len(t1c)} instance(s) of series {t1c[0].SeriesInstanceUID}" in event.message
         assert "Rejected for Patient Safety Reasons" in event.message
+        assert f"\nglioforecast_rejected_instances {len(t1c)}\n" in node.metrics()
         assert not any(
             js.series.series_instance_uid == t1c[0].SeriesInstanceUID
             for js in node.store.job_series(second.id)
