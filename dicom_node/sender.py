@@ -108,23 +108,21 @@ def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, 
     else:
         assoc.release()
         found.append("no Verification context (C-ECHO not offered by the peer)")
-    if destination.storage_commitment:
-        if PUSH_MODEL in accepted:
-            found.append("Storage Commitment Push Model accepted")
+    wanted = [
+        (destination.storage_commitment, PUSH_MODEL, "Storage Commitment Push Model", "",
+         "storage_commitment: true expects it"),
+        (destination.reject_replaced, KeyObjectSelectionDocumentStorage,
+         "Key Object Selection Document Storage", " (rejection notes)",
+         "reject_replaced: true sends its rejection notes as such documents"),
+    ]  # fmt: skip
+    for configured, sop_class, name, what, why in wanted:
+        if not configured:
+            continue
+        if sop_class in accepted:
+            found.append(f"{name} accepted{what}")
         else:
             ok = False
-            found.append(
-                "Storage Commitment Push Model not accepted (storage_commitment: true expects it)"
-            )
-    if destination.reject_replaced:
-        if KeyObjectSelectionDocumentStorage in accepted:
-            found.append("Key Object Selection Document Storage accepted (rejection notes)")
-        else:
-            ok = False
-            found.append(
-                "Key Object Selection Document Storage not accepted (reject_replaced: true sends "
-                "its rejection notes as such documents)"
-            )
+            found.append(f"{name} not accepted ({why})")
     return ok, "; ".join(found)
 
 
