@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS rejected_instances (
     reason TEXT NOT NULL,
     rejected_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS rejected_note ON rejected_instances(note_uid);
+CREATE INDEX IF NOT EXISTS job_instances_sop ON job_instances(sop_instance_uid);
 """
 # an instance a job may use: in the spool, and not rejected by an IOCM rejection note
 _USABLE = (
@@ -461,33 +463,34 @@ class JobStore:
         whether they are in the spool already or come later. Returns the studies assembled again
         (at the next pass after the quiet period): those holding one of the instances, and those
         whose latest job used one (a structure set linked from the planning CT's study)."""
-        uids = sorted(set(sop_instance_uids))
-        marks = ",".join("?" * len(uids))
         with self.transaction() as db:
             db.executemany(
                 "INSERT OR IGNORE INTO rejected_instances (sop_instance_uid, note_uid, reason, "
                 "rejected_at) VALUES (?, ?, ?, ?)",
-                [(uid, note_uid, reason, at) for uid in uids],
+                [(uid, note_uid, reason, at) for uid in sorted(set(sop_instance_uids))],
             )
-            # the node's own results routed back (a reader rejected a prediction in an IOCM
-            # PACS that forwards its notes) are no input: they reopen nothing
+            # joins on the rows just written, not lists of UIDs: a note may reject a study of
+            # more instances than SQLite takes parameters. The node's own results routed back (a
+            # reader rejected a prediction in an IOCM PACS that forwards its notes) are no
+            # input: they reopen nothing
             held = {
                 study
                 for study, description in db.execute(
-                    "SELECT study_instance_uid, series_description FROM instances WHERE "
-                    f"sop_instance_uid IN ({marks})",
-                    uids,
+                    "SELECT i.study_instance_uid, i.series_description FROM instances i "
+                    "JOIN rejected_instances r USING (sop_instance_uid) WHERE r.note_uid = ?",
+                    (note_uid,),
                 )
                 if not is_labelled_description(description)
             }
             used = {
                 study
                 for study, description in db.execute(
-                    "SELECT j.study_instance_uid, i.series_description FROM jobs j "
-                    "JOIN job_instances ji ON ji.job_id = j.id JOIN instances i USING "
-                    f"(sop_instance_uid) WHERE ji.sop_instance_uid IN ({marks}) AND j.id = "
-                    "(SELECT max(id) FROM jobs WHERE study_instance_uid = j.study_instance_uid)",
-                    uids,
+                    "SELECT j.study_instance_uid, i.series_description FROM rejected_instances r "
+                    "JOIN job_instances ji USING (sop_instance_uid) JOIN jobs j ON j.id = "
+                    "ji.job_id JOIN instances i USING (sop_instance_uid) WHERE r.note_uid = ? "
+                    "AND j.id = (SELECT max(id) FROM jobs WHERE study_instance_uid = "
+                    "j.study_instance_uid)",
+                    (note_uid,),
                 )
                 if not is_labelled_description(description)
             }

@@ -275,3 +275,24 @@ def test_the_site_takes_a_prediction_back_by_hand(  # type: ignore[no-untyped-de
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_note_may_reject_more_instances_than_sqlite_takes_parameters(tmp_path: Path) -> None:
+    """A note listing more instances than one SQLite statement takes parameters (32766 by
+    default, 250000 in Debian's build): recorded, and the study holding one is run again."""
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    path = study["t1c"][0]
+    ds = pydicom.dcmread(path)
+    info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
+    stored = spool.store(
+        info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
+        path.read_bytes(),
+    )  # fmt: skip
+    store.record_instance(info, stored.relative, "TEST", time.time())
+    uids = [f"2.25.{n}" for n in range(250001)] + [info.sop_instance_uid]
+    assert store.record_rejection("2.25.1", "Incorrect Modality Worklist Entry", uids, 1.0) == [
+        info.study_instance_uid
+    ]
+    assert store.counts()["instances_rejected"] == 250002
+    assert store.series_of_study(info.study_instance_uid) == []
