@@ -15,7 +15,6 @@ from pydicom.sr.coding import Code
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.errors import InputError
-from dicom_node.instance import InstanceInfo
 from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
 from dicom_node.rejections import rejection_note
 from dicom_node.service import reconcile
@@ -27,9 +26,9 @@ from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
+from tests.dicom_node.test_jobs import SECRET, _info, _receive
 from tests.dicom_node.test_scp import storescu
 
-SECRET = b"k" * 32
 PATIENT_SAFETY = Code("113037", "DCM", "Rejected for Patient Safety Reasons")
 RETENTION_EXPIRED = Code("113039", "DCM", "Data Retention Policy Expired")
 KEY_IMAGES = Code("113000", "DCM", "Of Interest")
@@ -190,13 +189,7 @@ def test_a_note_a_crash_left_unrecorded_is_applied_when_the_spool_is_reconciled(
     study = factories.small_study(tmp_path / "in")
     spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
     t1c = [pydicom.dcmread(p) for p in study["t1c"]]
-    for path, ds in zip(study["t1c"], t1c, strict=True):
-        info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
-        stored = spool.store(
-            info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
-            path.read_bytes(),
-        )  # fmt: skip
-        store.record_instance(info, stored.relative, "TEST", time.time())
+    _receive(spool, store, study["t1c"], time.time())
     # the node was killed after the note's file was renamed into the spool, before its row
     note = pydicom.dcmread(key_object_note(t1c, PATIENT_SAFETY, tmp_path))
     spool.store(
@@ -282,14 +275,8 @@ def test_a_note_may_reject_more_instances_than_sqlite_takes_parameters(tmp_path:
     default, 250000 in Debian's build): recorded, and the study holding one is run again."""
     study = factories.small_study(tmp_path / "in")
     spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
-    path = study["t1c"][0]
-    ds = pydicom.dcmread(path)
-    info = InstanceInfo.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID), SECRET)
-    stored = spool.store(
-        info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid,
-        path.read_bytes(),
-    )  # fmt: skip
-    store.record_instance(info, stored.relative, "TEST", time.time())
+    _receive(spool, store, study["t1c"][:1], time.time())
+    info = _info(study["t1c"][0])
     uids = [f"2.25.{n}" for n in range(250001)] + [info.sop_instance_uid]
     assert store.record_rejection("2.25.1", "Incorrect Modality Worklist Entry", uids, 1.0) == [
         info.study_instance_uid
