@@ -59,11 +59,14 @@ def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-unty
 
 
 def test_serve_reports_a_port_in_use(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the health endpoint on a free port: the default one may be taken on this machine
+    config = tmp_path / "site.yaml"
+    config.write_text("health: {port: 0}\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("serve", "--data-dir", str(tmp_path / "data"), "--port", str(port),
-                         cwd=tmp_path)  # fmt: skip
+        result = run_cli("--config", str(config), "serve", "--data-dir", str(tmp_path / "data"),
+                         "--port", str(port), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1
     assert f"DICOM receiver: cannot listen on 127.0.0.1:{port}" in result.stderr
