@@ -86,15 +86,14 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
             if job is not None and job.state == SUPERSEDED:
                 return Outcome(SUPERSEDED, "superseded while it ran; results dropped")
             queued = 0
+            replaces = store.replaced_jobs(job_id)  # the study's jobs up to this one
             by_kinds: dict[tuple[str, ...], list[str]] = {}  # destinations taking the same
             for name, kinds in destinations:
                 by_kinds.setdefault(tuple(kinds), []).append(name)
             for taken, names in by_kinds.items():
                 objects = [ds for kind in taken for ds in result.by_kind.get(kind, [])]
                 if objects:
-                    queued += outbox.enqueue(
-                        objects, names, job=str(job_id), replaces=store.replaced_jobs(job_id)
-                    )
+                    queued += outbox.enqueue(objects, names, job=str(job_id), replaces=replaces)
         except GlioforecastError as exc:
             return Outcome(FAILED, str(exc))
         except Exception as exc:  # a bug must not pass silently: the job says what happened
