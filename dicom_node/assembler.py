@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 
-from dicom_node.jobs import FAILED, QUEUED, JobStore, SeriesSummary
-from dicom_node.linking import RT_CLASSES, Linker
+from dicom_node import retrieve
+from dicom_node.jobs import FAILED, QUEUED, RETRIEVING, JobStore, SeriesSummary
+from dicom_node.linking import RT_CLASSES, RT_ROLES, Linker
 from dicom_node.roles import RoleOutcome, assign_roles
 from dicom_node.settings import Settings
 
@@ -38,6 +39,8 @@ class Assembler:
                 outcome = assign_roles([*series, *linked], self.settings.roles)
             state = QUEUED if outcome.ok else FAILED
             reason = "; ".join([*outcome.problems, *([note] if note and not outcome.ok else [])])
+            if not outcome.ok:
+                state, reason = self._retrieval(study_uid, outcome, reason)
             removed_at = self.store.study_removed_at(study_uid)
             if not outcome.ok and removed_at is not None:
                 reason += (
@@ -68,6 +71,27 @@ class Assembler:
                 extra={"job": job_id},
             )
         return created
+
+    def _retrieval(self, study_uid: str, outcome: RoleOutcome, reason: str) -> tuple[str, str]:
+        """The state and reason of a job whose study lacks required roles: ``retrieving`` when
+        the PACS can be asked for them (only RT roles missing, a T1-Gd present, a source
+        configured, not asked yet for the study: :mod:`dicom_node.retrieve`), else failed, the
+        reason saying what an earlier retrieval found."""
+        source = self.settings.retrieve.source
+        if not source:
+            return FAILED, reason
+        asked = self.store.retrieval_outcome(study_uid)
+        if asked is not None:
+            return FAILED, retrieve.asked(reason, source, asked)
+        retrievable = (
+            outcome.missing
+            and set(outcome.missing) <= set(RT_ROLES)
+            and len(outcome.problems) == len(outcome.missing)
+            and any(d.role == "t1c" for d in outcome.decisions)
+        )
+        if not retrievable:
+            return FAILED, reason
+        return RETRIEVING, retrieve.asking(reason, source)
 
     def _link(
         self, study_uid: str, series: list[SeriesSummary], outcome: RoleOutcome, now: float

@@ -140,7 +140,10 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
     failed = 0
     for entry in chosen:
         destination = Destination.from_settings(entry)
-        ok, found = check_destination(destination, settings.sending.calling_ae_title)
+        ok, found = check_destination(
+            destination, settings.sending.calling_ae_title,
+            retrieve_source=entry.name == settings.retrieve.source,
+        )  # fmt: skip
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {destination}: {found}")
     if audit:  # where the audit trail goes is checked with them
@@ -276,6 +279,32 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     return EXIT_OK if state != "failed" else EXIT_FAILED
 
 
+def cmd_jobs_retrieve(args: argparse.Namespace) -> int:
+    """Ask ``retrieve.source`` again for the RT objects of a failed job's study (made in the
+    planning system after the node first asked): the running node's retriever does it."""
+    from dicom_node.retrieve import asking
+
+    settings, store = _open_store(args)
+    source = settings.retrieve.source
+    if not source:
+        raise GlioforecastError(
+            "jobs retrieve: expected retrieve.source in the configuration (the PACS to ask), "
+            "found none"
+        )
+    try:
+        store.request_retrieval(args.job_id, lambda reason: asking(reason, source))
+    except KeyError:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        store.close()
+    print(f"job {args.job_id}: retrieving (the running node asks {source} at its next pass)")
+    return EXIT_OK
+
+
 def cmd_jobs_take_back(args: argparse.Namespace) -> int:
     """Take a job's results back from the destinations (withdrawn where not yet sent, rejected
     by an IOCM rejection note where ``reject_replaced`` is on): the running node's next
@@ -404,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     p = jsub.add_parser("list", help="list recent jobs")
     _add_data_dir(p)
-    p.add_argument("--state", choices=("queued", "running", "done", "failed", "superseded"))
+    p.add_argument(
+        "--state", choices=("queued", "running", "done", "failed", "superseded", "retrieving")
+    )
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs_list)
@@ -417,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
+
+    p = jsub.add_parser(
+        "retrieve",
+        help="ask retrieve.source again for the RT objects of a failed job's study (the "
+        "running node asks, then assembles the study again with what came)",
+    )
+    _add_data_dir(p)
+    p.add_argument("job_id", type=int)
+    p.set_defaults(func=cmd_jobs_retrieve)
 
     p = jsub.add_parser(
         "take-back",

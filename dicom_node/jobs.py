@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,14 @@ CREATE TABLE IF NOT EXISTS rejected_instances (
 );
 CREATE INDEX IF NOT EXISTS rejected_note ON rejected_instances(note_uid);
 CREATE INDEX IF NOT EXISTS job_instances_sop ON job_instances(sop_instance_uid);
+CREATE TABLE IF NOT EXISTS retrievals (
+    study_instance_uid TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL DEFAULT 0,
+    finished_at REAL,
+    outcome TEXT NOT NULL DEFAULT ''
+);
 """
 # an instance a job may use: in the spool, and not rejected by an IOCM rejection note
 _USABLE = (
@@ -99,10 +107,18 @@ _USABLE = (
     "rejected_instances)"
 )
 
+# a job's row with its instance count and patient key, as _job reads it
+_JOB_QUERY = (
+    "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
+    "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid)"
+)
+
 # Job states. ``queued`` jobs wait for the pipeline; ``superseded`` jobs were replaced by a newer
-# version of the same study (a late instance arrived).
+# version of the same study (a late instance arrived); ``retrieving`` jobs wait for the PACS to
+# send the RT objects their study lacks (dicom_node.retrieve).
 QUEUED, RUNNING, DONE, FAILED, SUPERSEDED = "queued", "running", "done", "failed", "superseded"
-JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, SUPERSEDED)
+RETRIEVING = "retrieving"
+JOB_STATES = (QUEUED, RUNNING, DONE, FAILED, SUPERSEDED, RETRIEVING)
 
 
 @dataclass(frozen=True)
@@ -544,6 +560,105 @@ class JobStore:
             ).fetchall()
         return [_series(r) for r in rows]
 
+    # ---------------------------------------------------------------- retrievals
+
+    def due_retrievals(self, now: float) -> list[Job]:
+        """Jobs waiting for a retrieval (:mod:`dicom_node.retrieve`) whose next try is due."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"{_JOB_QUERY} WHERE j.state = ? AND NOT EXISTS (SELECT 1 FROM retrievals r "
+                "WHERE r.study_instance_uid = j.study_instance_uid AND r.job_id = j.id "
+                "AND (r.finished_at IS NOT NULL OR r.next_at > ?)) ORDER BY j.id",
+                (RETRIEVING, now),
+            ).fetchall()
+        return [_job(r) for r in rows]
+
+    def retrieval_outcome(self, study_uid: str) -> str | None:
+        """What the study's finished retrieval found ('' when it found nothing to say), or None
+        when none was made."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT outcome FROM retrievals WHERE study_instance_uid = ? "
+                "AND finished_at IS NOT NULL",
+                (study_uid,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def retrieval_failed_attempt(
+        self, job_id: int, study_uid: str, next_at: float, why: str
+    ) -> int:
+        """Record a try that could not reach the PACS; returns the number of tries so far."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO retrievals (study_instance_uid, job_id, attempts, next_at) "
+                "VALUES (?,?,1,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "attempts = CASE WHEN job_id = excluded.job_id THEN attempts + 1 ELSE 1 END, "
+                "job_id = excluded.job_id, next_at = excluded.next_at, finished_at = NULL",
+                (study_uid, job_id, next_at),
+            )
+            attempts = int(
+                db.execute(
+                    "SELECT attempts FROM retrievals WHERE study_instance_uid = ?", (study_uid,)
+                ).fetchone()[0]
+            )
+            _event(db, job_id, "retrieve", f"attempt {attempts}: {why}")
+        return attempts
+
+    def finish_retrieval(
+        self, job_id: int, study_uid: str, outcome: str, *, failed_reason: str | None = None
+    ) -> None:
+        """Record the study's retrieval as made, saying ``outcome``. With ``failed_reason`` the
+        job fails with it (nothing came); without, the study is assembled again after the
+        quiet period, with what the PACS sent (the next version supersedes the job)."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO retrievals (study_instance_uid, job_id, next_at, finished_at, "
+                "outcome) VALUES (?,?,0,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "job_id = excluded.job_id, finished_at = excluded.finished_at, "
+                "outcome = excluded.outcome",
+                (study_uid, job_id, now, outcome),
+            )
+            _event(db, job_id, "retrieved", outcome)
+            if failed_reason is not None:
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ? "
+                    "AND state = ?",
+                    (FAILED, failed_reason, now, job_id, RETRIEVING),
+                )
+                _event(db, job_id, FAILED, failed_reason)
+            else:
+                db.execute(
+                    "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
+                    "WHERE study_instance_uid = ?",
+                    (now, study_uid),
+                )
+
+    def request_retrieval(self, job_id: int, reason: Callable[[str], str]) -> None:
+        """Ask the PACS again for a failed job's RT objects (``jobs retrieve N``): the job waits
+        for the node's next retrieval pass, its reason ``reason(the failed reason)``.
+        ValueError when it is not the study's latest job, or not failed."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT study_instance_uid, state, id = (SELECT max(id) FROM jobs j2 WHERE "
+                "j2.study_instance_uid = jobs.study_instance_uid), reason FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            study_uid, state, latest, failed_reason = row
+            if state != FAILED or not latest:
+                raise ValueError(
+                    f"job {job_id}: expected the failed latest job of its study, found "
+                    f"{state}{'' if latest else ' (a newer version of the study exists)'}"
+                )
+            db.execute("DELETE FROM retrievals WHERE study_instance_uid = ?", (study_uid,))
+            db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                (RETRIEVING, reason(failed_reason), time.time(), job_id),
+            )
+            _event(db, job_id, RETRIEVING, "an operator asked for the RT objects again")
+
     # ---------------------------------------------------------------- jobs
 
     def create_job(
@@ -714,10 +829,7 @@ class JobStore:
             _event(db, job_id, kind, message, once=once)
 
     def list_jobs(self, state: str | None = None, limit: int = 50) -> list[Job]:
-        query = (
-            "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
-            "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid)"
-        )
+        query = _JOB_QUERY
         params: tuple[object, ...] = ()
         if state:
             query += " WHERE j.state = ?"
@@ -748,9 +860,8 @@ class JobStore:
         waits for no instance, without an ``event`` event since they failed."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
-                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
-                f"WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 AND {condition} "
+                f"{_JOB_QUERY} WHERE j.state = ? AND j.updated_at >= ? AND s.pending = 0 "
+                f"AND {condition} "
                 "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id "
                 "AND e.kind = ? AND e.at >= j.updated_at) ORDER BY j.id LIMIT ?",
                 (FAILED, since, event, limit),
@@ -760,9 +871,7 @@ class JobStore:
     def get_job(self, job_id: int) -> Job | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT j.*, (SELECT count(*) FROM job_instances ji WHERE ji.job_id = j.id), "
-                "s.patient_key FROM jobs j JOIN studies s USING (study_instance_uid) "
-                "WHERE j.id = ?",
+                f"{_JOB_QUERY} WHERE j.id = ?",
                 (job_id,),
             ).fetchone()
         return _job(row) if row else None

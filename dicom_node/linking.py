@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 RTDOSE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_CLASSES = (RTSTRUCT_SOP_CLASS, RTDOSE_SOP_CLASS, SPATIAL_REGISTRATION_SOP_CLASS)
+RT_ROLES = ("rtstruct", "rtdose")  # the roles RT objects take
 MR_CLASSES = ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1")
 
 

@@ -116,6 +116,7 @@ def describe(series: SeriesSummary) -> str:
 class RoleOutcome:
     decisions: tuple[RoleDecision, ...]
     problems: tuple[str, ...]
+    missing: tuple[str, ...] = ()  # the required roles no series matched
 
     @property
     def ok(self) -> bool:
@@ -157,9 +158,11 @@ def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> Rol
             notes[s.series_instance_uid] = (
                 f"also matches {role}; series {keep.series_number} ({why}) is used{then}"
             )
+    missing: list[str] = []
     for role in settings.required:
         if role in candidates:
             continue
+        missing.append(role)
         received = "; ".join(describe(s) for s in series) or "nothing"
         left_out = ""
         if role in excluded:
@@ -177,7 +180,7 @@ def assign_roles(series: Sequence[SeriesSummary], settings: RoleSettings) -> Rol
         )
         for s in series
     )
-    return RoleOutcome(decisions, tuple(problems))
+    return RoleOutcome(decisions, tuple(problems), tuple(missing))
 
 
 def _candidates(

@@ -17,6 +17,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_node.commitment import PUSH_MODEL
 from dicom_node.errors import InputError, SendError
+from dicom_node.retrieve import FIND, MOVE
 from dicom_node.scu import VERIFICATION, Destination, associate, store_batch
 
 log = logging.getLogger(__name__)
@@ -79,17 +80,22 @@ def _c_echo(assoc: Association) -> int | None:
     return int(status.Status) if "Status" in status else None
 
 
-def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, str]:
+def check_destination(
+    destination: Destination, calling_ae: str, *, retrieve_source: bool = False
+) -> tuple[bool, str]:
     """Whether ``destination`` can take the node's results as configured, and what was found:
     an association with its settings (TLS included), a C-ECHO, for a destination with
-    storage commitment the Storage Commitment Push Model context accepted, and for one with
+    storage commitment the Storage Commitment Push Model context accepted, for one with
     ``reject_replaced`` the Key Object Selection Document Storage context (its rejection
-    notes). Nothing is stored or committed."""
+    notes), and for the ``retrieve.source`` (``retrieve_source``) the Study Root C-FIND and
+    C-MOVE contexts. Nothing is stored, committed, queried or moved."""
     contexts = [build_context(VERIFICATION)]
     if destination.storage_commitment:
         contexts.append(build_context(PUSH_MODEL))
     if destination.reject_replaced:
         contexts.append(build_context(KeyObjectSelectionDocumentStorage))
+    if retrieve_source:
+        contexts += [build_context(FIND), build_context(MOVE)]
     try:
         assoc = associate(destination, contexts, calling_ae=calling_ae)
     except SendError as exc:
@@ -114,6 +120,9 @@ def check_destination(destination: Destination, calling_ae: str) -> tuple[bool, 
         (destination.reject_replaced, KeyObjectSelectionDocumentStorage,
          "Key Object Selection Document Storage", " (rejection notes)",
          "reject_replaced: true sends its rejection notes as such documents"),
+        (retrieve_source, FIND, "Study Root C-FIND", "", "retrieve.source queries it"),
+        (retrieve_source, MOVE, "Study Root C-MOVE", "",
+         "retrieve.source has it send the RT objects a study lacks"),
     ]  # fmt: skip
     for configured, sop_class, name, what, why in wanted:
         if not configured:

@@ -24,6 +24,7 @@ from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
 from dicom_node.retention import prune
+from dicom_node.retrieve import Retriever
 from dicom_node.roles import sop_class_uid
 from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
@@ -164,6 +165,7 @@ class Node:
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
+        self.retriever = Retriever(settings, self.store) if settings.retrieve.source else None
         self.health: HealthServer | None = None
         if settings.health.enabled:
             h = settings.health
@@ -183,6 +185,8 @@ class Node:
         self.sender.start()
         self.worker.start()
         self.scp.start()
+        if self.retriever is not None:  # the PACS's C-MOVE sends to the receiver
+            self.retriever.start()
         if self.health is not None:
             self.health.start()
             log.info(
@@ -268,6 +272,8 @@ class Node:
             "worker": self.worker.alive,
             "sender": self.sender.alive,
         }
+        if self.retriever is not None:
+            components["retriever"] = self.retriever.alive
         if self.audit.enabled:  # a node that cannot audit what it receives is degraded
             components["audit"] = self.audit.reachable
         return {
@@ -380,6 +386,8 @@ class Node:
         self._stop.set()
         if self.health is not None:
             self.health.stop()
+        if self.retriever is not None:  # before the receiver its C-MOVEs send to
+            self.retriever.stop()
         self.scp.stop()
         self.worker.stop(timeout=120)  # lets the current job finish
         self.sender.stop()

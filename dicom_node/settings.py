@@ -275,6 +275,25 @@ class SendingSettings:
 
 
 @dataclass(frozen=True)
+class RetrieveSettings:
+    """Ask a PACS for the RT objects a study lacks (:mod:`dicom_node.retrieve`): when a study
+    has its T1-Gd but no structure set (of its own or of another study of the patient), the
+    node queries ``source`` (the name of a destination) for the patient's RT structure sets,
+    doses and registrations (C-FIND) and has it send them (C-MOVE to ``node.ae_title``). The
+    PACS must know the node's AE title, address and port as a move destination, and
+    ``node.allowed_callers`` must let the PACS in. ``attempts`` tries when the PACS cannot be
+    reached, ``retry_interval_s`` apart; ``window_days`` around the study's date bounds the
+    studies asked about; one C-MOVE may take ``move_timeout_s``."""
+
+    source: str = ""
+    attempts: int = field(default=3, metadata=_spec("", minimum=1, maximum=100))
+    retry_interval_s: float = field(default=60.0, metadata=_spec("", minimum=0.0))
+    window_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))
+    max_studies: int = field(default=20, metadata=_spec("", minimum=1, maximum=1000))
+    move_timeout_s: float = field(default=600.0, metadata=_spec("", minimum=1.0))
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """The predictor: a model directory, or none for the "no change" baseline.
 
@@ -346,6 +365,7 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()
     sending: SendingSettings = SendingSettings()
+    retrieve: RetrieveSettings = RetrieveSettings()
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     health: HealthSettings = HealthSettings()
@@ -557,6 +577,12 @@ def _cross_checks(s: Settings) -> list[str]:
             f"sending.retry_max_s: expected >= retry_initial_s ({s.sending.retry_initial_s}), "
             f"found {s.sending.retry_max_s}"
         )
+    if s.retrieve.source and s.retrieve.source not in names:
+        known = ", ".join(names) or "none configured"
+        problems.append(
+            f"retrieve.source: expected the name of a destination ({known}), "
+            f"found {s.retrieve.source!r}"
+        )
     roles_with_rules = {r.role for r in s.roles.rules}
     for role in s.roles.required:
         if role not in roles_with_rules:
@@ -636,6 +662,15 @@ def warnings_of(s: Settings) -> list[str]:
             )
     if not s.node.refuse_unknown_callers:
         return out
+    source = next((d for d in s.destinations if d.name == s.retrieve.source), None)
+    if source is not None and not any(
+        c.ae_title in ("*", source.ae_title) for c in s.node.allowed_callers
+    ):
+        out.append(
+            f"retrieve.source ({source.name}): node.allowed_callers does not let its AE title "
+            f"{source.ae_title} in: the instances it sends on the node's C-MOVE requests "
+            f"would be refused (add ae_title: {source.ae_title})"
+        )
     for n, d in enumerate(s.destinations):
         if not d.storage_commitment:
             continue

@@ -1,0 +1,435 @@
+"""Asking a PACS for the RT objects a study lacks (Query/Retrieve SCU: C-FIND, C-MOVE).
+
+Routing rules often send the node the scanner's MR study and nothing else: the structure set
+is made later, in the planning system, and goes to the PACS. When a study has its T1-Gd but
+no structure set (neither of its own nor in another study of the patient the node holds,
+:mod:`dicom_node.linking`), and ``retrieve.source`` names a PACS, the assembler makes its job
+``retrieving`` instead of failed, and :class:`Retriever` asks that PACS, once per study:
+
+1. the patient's studies (Study Root C-FIND on the PatientID of the T1-Gd, exact match,
+   StudyDate within ``retrieve.window_days`` of the study's; the study itself only when
+   ``assembly.link_rt_days`` is 0, as the node would not link another study's objects);
+2. their RT series (RTSTRUCT, RTDOSE, REG) that the node does not hold;
+3. a C-MOVE of each to the node's own AE title: the PACS sends them to the node's receiver
+   like any other sender, where they are stored and recorded before the C-MOVE ends.
+
+The study is then assembled again after the quiet period with what came (a structure set in
+the study itself, or linked from the planning study by frame of reference as when it is
+routed), and the new job version supersedes the waiting one. When nothing came (the PACS holds
+no RT object of the patient, or only some the node cannot use), the study's next job fails
+and its reason says what the PACS was asked and what it answered. A PACS that cannot be
+reached is asked again ``retry_interval_s`` later, up to ``attempts`` times; a PACS that does
+not know the node as a move destination fails the job at once, saying what to configure.
+
+A PatientID that is empty or holds a wildcard is never sent: it would match other patients.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import Association
+from pynetdicom.presentation import build_context
+
+from dicom_node.errors import InputError, SendError
+from dicom_node.jobs import Job, JobStore
+from dicom_node.loop import BackgroundLoop
+from dicom_node.scu import Destination, associate, describe_status
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve Information Model - MOVE
+RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")
+PENDING = (0xFF00, 0xFF01)
+POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
+
+
+class RetrieveError(SendError):
+    """The PACS could not be asked, or refused; ``permanent`` when asking again cannot help
+    (its configuration must change)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class RemoteSeries:
+    """An RT series the PACS holds."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    description: str
+    instances: int | None
+
+    def __str__(self) -> str:
+        n = "?" if self.instances is None else str(self.instances)
+        return f"{self.modality} {self.description!r} ({n} instance(s))"
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    completed: int
+    failed: int
+    warning: int
+    status: int
+
+
+def _base(reason: str, source: str) -> str:
+    """``reason`` without what :func:`asking` or :func:`asked` added to it."""
+    for added in (asking("", source), asked("", source, "")):
+        reason = reason.split(added)[0]
+    return reason
+
+
+def asking(reason: str, source: str) -> str:
+    """The reason of a job waiting for the PACS."""
+    return (
+        f"{_base(reason, source) if reason else ''}; asking {source} for the patient's RT objects"
+    )
+
+
+def asked(reason: str, source: str, outcome: str) -> str:
+    """The reason of a job whose study the PACS was asked about."""
+    return f"{_base(reason, source) if reason else ''}; {source} was asked for them: {outcome}"
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _count(ds: Dataset, keyword: str) -> int:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def date_range(study_date: str, days: float) -> str:
+    """A C-FIND StudyDate range of ``days`` around ``study_date`` ('' when it has no date)."""
+    try:
+        day = dt.datetime.strptime(study_date[:8], "%Y%m%d").date()
+    except ValueError:
+        return ""
+    span = dt.timedelta(days=days)
+    return f"{(day - span):%Y%m%d}-{(day + span):%Y%m%d}"
+
+
+def _identifier(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    if not all(v.isascii() for v in keys.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+class QueryRetrieve:
+    """One association with the PACS for its C-FIND and C-MOVE requests."""
+
+    def __init__(self, assoc: Association, peer: Destination) -> None:
+        self.assoc = assoc
+        self.peer = peer
+
+    def _accepted(self, model: str, what: str) -> None:
+        if not any(cx.abstract_syntax == model for cx in self.assoc.accepted_contexts):
+            raise RetrieveError(
+                f"{self.peer} does not accept {what} (Study Root Query/Retrieve, {model}): "
+                "expected a PACS that answers queries and moves",
+                permanent=True,
+            )
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        """The matches of a Study Root C-FIND."""
+        self._accepted(FIND, "C-FIND")
+        matches = []
+        for status, found in self.assoc.send_c_find(identifier, FIND):
+            if not status or "Status" not in status:
+                raise RetrieveError(f"no C-FIND response from {self.peer} (timeout or lost)")
+            code = int(status.Status)
+            if code in PENDING:
+                if found is not None:
+                    matches.append(found)
+                continue
+            if code != 0x0000:
+                comment = _text(status, "ErrorComment")
+                raise RetrieveError(
+                    f"{self.peer} answered the {identifier.QueryRetrieveLevel}-level C-FIND "
+                    f"with 0x{code:04X} ({describe_status(code)})"
+                    + (f": {comment}" if comment else ""),
+                    permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
+                )
+        return matches
+
+    def move(self, series: RemoteSeries, destination_ae: str) -> MoveResult:
+        """C-MOVE one series to ``destination_ae``."""
+        self._accepted(MOVE, "C-MOVE")
+        identifier = _identifier(
+            "SERIES",
+            StudyInstanceUID=series.study_instance_uid,
+            SeriesInstanceUID=series.series_instance_uid,
+        )
+        last: Dataset | None = None
+        for status, _ in self.assoc.send_c_move(identifier, destination_ae, MOVE):
+            if not status or "Status" not in status:
+                raise RetrieveError(f"no C-MOVE response from {self.peer} (timeout or lost)")
+            last = status
+            if int(status.Status) not in PENDING:
+                break
+        assert last is not None
+        code = int(last.Status)
+        result = MoveResult(
+            _count(last, "NumberOfCompletedSuboperations"),
+            _count(last, "NumberOfFailedSuboperations"),
+            _count(last, "NumberOfWarningSuboperations"),
+            code,
+        )
+        if code == 0xA801:
+            raise RetrieveError(
+                f"{self.peer} does not know {destination_ae} as a move destination (0xA801): "
+                f"add this node to its DICOM modalities (AE title {destination_ae}, the node's "
+                "address and port)",
+                permanent=True,
+            )
+        if code in (0x0000, 0xB000) or result.completed:
+            return result
+        comment = _text(last, "ErrorComment")
+        # some PACS (Orthanc) answer a move destination they do not know with 0xC000
+        hint = (
+            f"; nothing was sent: check that it knows {destination_ae} as a move destination "
+            "(this node's AE title, address and port)"
+            if not result.failed and not result.warning
+            else ""
+        )
+        raise RetrieveError(
+            f"{self.peer} answered the C-MOVE of {series} with 0x{code:04X} "
+            f"({describe_status(code)})" + (f": {comment}" if comment else "") + hint,
+            permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
+        )
+
+
+@contextmanager
+def query_retrieve(
+    peer: Destination, calling_ae: str, move_timeout_s: float
+) -> Iterator[QueryRetrieve]:
+    """An association with ``peer`` proposing Study Root C-FIND and C-MOVE."""
+    try:
+        assoc = associate(
+            peer,
+            [build_context(FIND), build_context(MOVE)],
+            calling_ae=calling_ae,
+            dimse_timeout_s=move_timeout_s,  # a C-MOVE answers once the PACS has sent
+        )
+    except SendError as exc:
+        raise RetrieveError(str(exc)) from exc
+    try:
+        yield QueryRetrieve(assoc, peer)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+@dataclass(frozen=True)
+class Patient:
+    """What the query needs from the study: who, and when."""
+
+    patient_id: str
+    study_date: str
+
+
+def patient_of(path: Path) -> Patient:
+    """The PatientID and StudyDate of a stored instance; InputError when there is no PatientID
+    that could be sent without matching other patients."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyDate"])
+    except (OSError, InvalidDicomError) as exc:
+        raise InputError(f"cannot read the T1-Gd instance {path.name}: {exc}") from exc
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        raise InputError("the study has no PatientID to ask the PACS with")
+    if any(c in patient_id for c in "*?\\"):
+        raise InputError(
+            "the study's PatientID holds a wildcard or backslash: a query with it would match "
+            "other patients"
+        )
+    return Patient(patient_id, _text(ds, "StudyDate"))
+
+
+class Retriever(BackgroundLoop):
+    """Asks ``retrieve.source`` for the RT objects of the studies waiting for them."""
+
+    thread_name = "retriever"
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        held: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``held(series_uid)``: whether the node holds a series already (default: asks the
+        job store)."""
+        super().__init__()
+        self.settings = settings
+        self.store = store
+        source = settings.retrieve.source
+        entry = next(d for d in settings.destinations if d.name == source)
+        self.peer = Destination.from_settings(entry)
+        self.held = held or (lambda uid: bool(store.series_paths(uid)))
+
+    def step(self) -> float:
+        self.run_once()
+        return POLL_S
+
+    def run_once(self, now: float | None = None) -> int:
+        """Ask the PACS for every study whose turn it is; returns how many were asked."""
+        jobs = self.store.due_retrievals(time.time() if now is None else now)
+        for job in jobs:
+            try:
+                self.retrieve(job)
+            except Exception:  # one study must not stop the others
+                log.exception("retrieval for job %d failed unexpectedly", job.id,
+                              extra={"job": job.id})  # fmt: skip
+        return len(jobs)
+
+    def _t1c_file(self, job: Job) -> Path:
+        for js in self.store.job_series(job.id):
+            if js.role == "t1c":
+                paths = self.store.series_paths(js.series.series_instance_uid)
+                if paths:
+                    return self.settings.storage.spool_dir / paths[0]
+        raise InputError("the T1-Gd's files are no longer in the spool")
+
+    def retrieve(self, job: Job) -> None:
+        r = self.settings.retrieve
+        study = job.study_instance_uid
+        extra = {"job": job.id}
+        try:
+            patient = patient_of(self._t1c_file(job))
+        except InputError as exc:
+            self._fail(job, f"not asked: {exc}")
+            return
+        try:
+            with query_retrieve(
+                self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s
+            ) as qr:
+                searched, studies = self._studies(qr, study, patient)
+                series = [s for uid in studies for s in self._rt_series(qr, uid)]
+                wanted = [s for s in series if not self.held(s.series_instance_uid)]
+                if not wanted:
+                    held = f"; the node has the {len(series)} it holds" if series else ""
+                    self._fail(
+                        job,
+                        "it holds no RT structure set, dose or registration of the patient that "
+                        f"the node lacks ({searched}{held})",
+                    )
+                    return
+                results = [(s, qr.move(s, self.settings.node.ae_title)) for s in wanted]
+        except RetrieveError as exc:
+            self._attempt_failed(job, str(exc), permanent=exc.permanent)
+            return
+        completed = sum(m.completed for _, m in results)
+        failed = sum(m.failed for _, m in results)
+        moved = "; ".join(
+            f"{s} of study {s.study_instance_uid}: {m.completed} sent"
+            + (f", {m.failed} failed" if m.failed else "")
+            for s, m in results
+        )
+        if not completed:
+            self._attempt_failed(
+                job,
+                f"{self.peer} sent none of the {failed} instance(s) of {moved}: check that "
+                f"node.allowed_callers lets {self.peer.ae_title} in and that the node has disk "
+                "space",
+                permanent=False,
+            )
+            return
+        outcome = f"{completed} instance(s) came ({moved})"
+        log.info("retrieval for study of job %d: %s", job.id, outcome, extra=extra)
+        self.store.finish_retrieval(job.id, study, outcome)
+
+    def _studies(self, qr: QueryRetrieve, study: str, patient: Patient) -> tuple[str, list[str]]:
+        """Which studies were searched, in words, and the patient's studies that may hold RT
+        objects, newest first, at most ``retrieve.max_studies``."""
+        r = self.settings.retrieve
+        if self.settings.assembly.link_rt_days <= 0:  # another study's objects are not linked
+            return "the study itself: assembly.link_rt_days is 0", [study]
+        found = qr.find(
+            _identifier(
+                "STUDY",
+                PatientID=patient.patient_id,
+                StudyInstanceUID="",
+                StudyDate=date_range(patient.study_date, r.window_days),
+                ModalitiesInStudy="",
+            )
+        )
+        dated: dict[str, str] = {}
+        for ds in found:
+            uid = _text(ds, "StudyInstanceUID")
+            returned = _text(ds, "PatientID")
+            if not uid or (returned and returned != patient.patient_id):
+                continue  # a PACS matching loosely: not this patient
+            modalities = {str(m).upper() for m in (ds.get("ModalitiesInStudy") or [])}
+            if modalities and not modalities & set(RT_MODALITIES):
+                continue
+            dated[uid] = _text(ds, "StudyDate")
+        ordered = sorted(dated, key=lambda uid: dated[uid], reverse=True)[: r.max_studies]
+        window = f" within {r.window_days:g} days of the study's date" if patient.study_date else ""
+        return f"{len(found)} study(ies) of the patient{window}", ordered
+
+    def _rt_series(self, qr: QueryRetrieve, study: str) -> list[RemoteSeries]:
+        found = qr.find(
+            _identifier(
+                "SERIES",
+                StudyInstanceUID=study,
+                SeriesInstanceUID="",
+                Modality="",
+                SeriesDescription="",
+                NumberOfSeriesRelatedInstances="",
+            )
+        )
+        out = []
+        for ds in found:
+            modality = _text(ds, "Modality").upper()
+            uid = _text(ds, "SeriesInstanceUID")
+            if modality in RT_MODALITIES and uid:
+                n = _count(ds, "NumberOfSeriesRelatedInstances")
+                out.append(
+                    RemoteSeries(study, uid, modality, _text(ds, "SeriesDescription"), n or None)
+                )
+        return out
+
+    def _fail(self, job: Job, outcome: str) -> None:
+        source = self.settings.retrieve.source
+        log.warning("retrieval for job %d: %s", job.id, outcome, extra={"job": job.id})
+        self.store.finish_retrieval(
+            job.id, job.study_instance_uid, outcome,
+            failed_reason=asked(job.reason, source, outcome),
+        )  # fmt: skip
+
+    def _attempt_failed(self, job: Job, why: str, *, permanent: bool) -> None:
+        r = self.settings.retrieve
+        attempts = self.store.retrieval_failed_attempt(
+            job.id, job.study_instance_uid, time.time() + r.retry_interval_s, why
+        )
+        if permanent or attempts >= r.attempts:
+            self._fail(job, f"{why} (after {attempts} attempt(s))")
+            return
+        log.warning(
+            "retrieval for job %d, attempt %d of %d: %s; trying again in %g s",
+            job.id, attempts, r.attempts, why, r.retry_interval_s, extra={"job": job.id},
+        )  # fmt: skip

@@ -1,0 +1,179 @@
+"""The RT objects a study lacks, asked of a real PACS: Orthanc (Debian package) answers the
+node's C-FIND and C-MOVE and sends what it holds to the node's receiver."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.cli import main
+from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
+from dicom_node.scu import Destination
+from dicom_node.service import Node
+from dicom_node.settings import Destination as DestinationSettings
+from inference.synthetic.cohort import generate_patient
+from inference.synthetic.planning_frame import to_planning_frame
+from tests.conftest import wait_for
+from tests.dicom_node.conftest import finished_job, make_settings
+from tests.dicom_node.conftest import run_node  # noqa: F401  (the fixture)
+from tests.dicom_node.test_scp import storescu
+from tests.integration.orthanc import OrthancServer, orthanc_binary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A synthetic patient's MR series, and its RT objects (structure set, dose, registration)
+    in the planning CT's study, as a planning system stores them in the PACS."""
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_patient(0, 5, out, spacing_mm=4.0, formats=("dicom",))
+    (pre,) = out.glob("*/dicom/pre")
+    study = out / "planned"
+    shutil.copytree(pre, study / "pre")
+    to_planning_frame(study / "pre", 5, 0, study / "planning")
+    return sorted((study / "pre").rglob("*.dcm")), sorted((study / "planning").rglob("*.dcm"))
+
+
+def _upload(orthanc: OrthancServer, files: list[Path]) -> None:
+    for path in files:
+        orthanc.raw("/instances", path.read_bytes())
+
+
+def _node_and_pacs(run_node, tmp_path: Path, *, node_ae: str = "GLIOFORECAST", **retrieve):  # type: ignore[no-untyped-def]
+    """A running node whose destination and ``retrieve.source`` is an Orthanc that knows the
+    node (calling AE GLIOFORECAST) at the node's port, under the AE title GLIOFORECAST."""
+    orthanc_binary()
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    pacs = DestinationSettings(
+        name="pacs", ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.dicom_port
+    )
+    settings = make_settings(
+        tmp_path / "data", retrieve={"source": "pacs", "retry_interval_s": 0.2, **retrieve}
+    )
+    settings = dataclasses.replace(
+        settings,
+        destinations=(pacs,),
+        node=dataclasses.replace(settings.node, ae_title=node_ae),
+    )
+    node = run_node(settings)
+    orthanc.add_modality(
+        "glioforecast", Destination("glioforecast", "GLIOFORECAST", "127.0.0.1", node.scp.port)
+    )
+    orthanc.start()
+    return node, orthanc
+
+
+def _mr_study(mr: list[Path]) -> str:
+    return str(pydicom.dcmread(mr[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The scanner routes the MR study only; the plan (structure set, dose and registration,
+    in the planning CT's study) is in the PACS. The node asks the PACS, which sends them; the
+    study is predicted with them and the results go to the PACS."""
+    mr, rt = patient
+    node, orthanc = _node_and_pacs(run_node, tmp_path)
+    try:
+        _upload(orthanc, [*mr, *rt])
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=180, what="the job with the RT objects"
+        )
+        assert second.state == DONE, second.reason
+        (first,) = [j for j in node.store.list_jobs() if j.study_instance_uid == study
+                    and j.version == 1]  # fmt: skip
+        assert first.state == SUPERSEDED
+        events = node.store.events(first.id)
+        assert any(e.kind == "created" and RETRIEVING in e.message for e in events)
+        (retrieved,) = [e.message for e in events if e.kind == "retrieved"]
+        assert retrieved.startswith(f"{len(rt)} instance(s) came"), retrieved
+        for modality in ("RTSTRUCT", "RTDOSE", "REG"):
+            assert modality in retrieved
+        roles = {js.role for js in node.store.job_series(second.id)}
+        assert {"t1c", "rtstruct", "rtdose"} <= roles
+        planning_study = str(pydicom.dcmread(rt[0]).StudyInstanceUID)
+        assert any(
+            e.kind == "linked" and planning_study in e.message for e in node.store.events(second.id)
+        )
+        # the moved instances came from the PACS's AE title, over the receiver
+        assert len(node.store.series_paths(str(pydicom.dcmread(rt[0]).SeriesInstanceUID))) == 1
+        wait_for(
+            lambda: set(node.outbox.counts().get("pacs", {})) == {"sent"},
+            timeout=60, what="the results at the PACS",
+        )  # fmt: skip
+        descriptions = {s.description for s in orthanc.study_series(study)}
+        assert any(d.startswith("SYNTHETIC PREDICTION") for d in descriptions), descriptions
+    finally:
+        orthanc.stop()
+
+
+def test_nothing_in_the_pacs_fails_the_job_then_jobs_retrieve_asks_again(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The PACS holds no plan yet: the job fails, saying the PACS was asked and what it held.
+    Once the plan is made, ``glioforecast jobs retrieve N`` has the node ask again."""
+    mr, rt = patient
+    node, orthanc = _node_and_pacs(run_node, tmp_path)
+    try:
+        _upload(orthanc, mr)  # the PACS has the MR study, no plan
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the job")
+        assert first.state == FAILED
+        assert first.reason.startswith("missing required role rtstruct"), first.reason
+        assert first.reason.endswith(
+            "; pacs was asked for them: it holds no RT structure set, dose or registration "
+            "of the patient that the node lacks (1 study(ies) of the patient within 30 days of "
+            "the study's date)"
+        ), first.reason
+        assert "asking pacs" not in first.reason
+
+        _upload(orthanc, rt)  # the planner's plan reaches the PACS
+        config = tmp_path / "site.yaml"
+        config.write_text(
+            "retrieve: {source: pacs}\n"
+            f"destinations: [{{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, "
+            f"port: {orthanc.dicom_port}}}]\n"
+        )
+        data = ["--data-dir", str(node.settings.storage.data_dir)]
+        assert main(["--config", str(config), "jobs", "retrieve", str(first.id), *data]) == 0
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=180, what="the job with the plan"
+        )
+        assert second.state == DONE, second.reason
+        # asking again for a job that is no longer the study's latest is refused
+        assert main(["--config", str(config), "jobs", "retrieve", str(first.id), *data]) == 1
+    finally:
+        orthanc.stop()
+
+
+def test_a_pacs_that_does_not_know_the_node_as_move_destination_fails_the_job_at_once(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The node's AE title (GLIONODE) is not among the PACS's modalities (it knows the calling
+    AE title only): the C-MOVE is refused with 0xA801, and the reason says what to set up."""
+    mr, rt = patient
+    node, orthanc = _node_and_pacs(run_node, tmp_path, node_ae="GLIONODE")
+    try:
+        _upload(orthanc, [*mr, *rt])
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr, extra=("-aec", "GLIONODE")).returncode == 0
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the job")
+        assert first.state == FAILED
+        assert "answered the C-MOVE of " in first.reason
+        assert (
+            "with 0xC000 (error: cannot understand); nothing was sent: check that it knows "
+            "GLIONODE as a move destination (this node's AE title, address and port)"
+            in first.reason
+        )
+        assert "(after 1 attempt(s))" in first.reason  # not asked again: it cannot help
+    finally:
+        orthanc.stop()
