@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -13,13 +17,11 @@ import pytest
 from dicom_node.cli import main
 from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
 from dicom_node.scu import Destination
-from dicom_node.service import Node
 from dicom_node.settings import Destination as DestinationSettings
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
-from tests.conftest import wait_for
+from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import finished_job, make_settings
-from tests.dicom_node.conftest import run_node  # noqa: F401  (the fixture)
 from tests.dicom_node.test_scp import storescu
 from tests.integration.orthanc import OrthancServer, orthanc_binary
 
@@ -177,3 +179,86 @@ def test_a_pacs_that_does_not_know_the_node_as_move_destination_fails_the_job_at
         assert "(after 1 attempt(s))" in first.reason  # not asked again: it cannot help
     finally:
         orthanc.stop()
+
+
+@contextmanager
+def dcmqrscp(folder: Path, hosts: dict[str, int]) -> Iterator[int]:
+    """dcmtk's Query/Retrieve SCP (AE title DCMQR) over ``folder``, knowing the move
+    destinations ``hosts`` (AE title -> port on localhost); yields its port."""
+    port = free_port()
+    (folder / "db").mkdir(parents=True)
+    table = "\n".join(
+        f"peer{n} = ({ae}, 127.0.0.1, {p})" for n, (ae, p) in enumerate(hosts.items())
+    )
+    config = folder / "dcmqrscp.cfg"
+    config.write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        f"HostTable BEGIN\n{table}\nHostTable END\n"
+        "VendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nDCMQR {folder / 'db'} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    log = (folder / "dcmqrscp.log").open("wb")
+    proc = subprocess.Popen([tool("dcmqrscp"), "-c", str(config)], stdout=log, stderr=log)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_for(listening, timeout=30, what="dcmqrscp to listen")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _node_and_dcmqrscp(run_node, tmp_path: Path, source_port: int, port: int = 0):  # type: ignore[no-untyped-def]
+    """A running node (on ``port``, 0: any) whose destination and source is dcmqrscp."""
+    pacs = DestinationSettings(name="pacs", ae_title="DCMQR", host="127.0.0.1", port=source_port)
+    settings = make_settings(tmp_path / "data", retrieve={"source": "pacs"})
+    node = dataclasses.replace(settings.node, port=port)
+    return run_node(dataclasses.replace(settings, destinations=(pacs,), node=node))
+
+
+def test_dcmtk_dcmqrscp_as_the_pacs(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Another PACS implementation (dcmtk's dcmqrscp, which does not return
+    ModalitiesInStudy): the plan is found in the planning study and moved to the node."""
+    mr, rt = patient
+    port = free_port()
+    with dcmqrscp(tmp_path / "qr", {"GLIOFORECAST": port}) as qr_port:
+        stored = storescu(qr_port, *mr, *rt, extra=("-aec", "DCMQR"))
+        assert stored.returncode == 0, stored.stderr
+        node = _node_and_dcmqrscp(run_node, tmp_path, qr_port, port)
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=180, what="the job with the plan"
+        )
+        assert second.state == DONE, second.reason
+        (first,) = [j for j in node.store.list_jobs() if j.study_instance_uid == study
+                    and j.version == 1]  # fmt: skip
+        (retrieved,) = [e.message for e in node.store.events(first.id) if e.kind == "retrieved"]
+        assert retrieved.startswith(f"{len(rt)} instance(s) came"), retrieved
+
+
+def test_a_move_destination_unknown_to_dcmqrscp_is_named_in_the_reason(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """dcmqrscp answers 0xA801 (Move Destination Unknown) for an AE title not in its host
+    table: the job fails at once, saying what to add to the PACS."""
+    mr, rt = patient
+    with dcmqrscp(tmp_path / "qr", {"SOMEONE": free_port()}) as qr_port:
+        assert storescu(qr_port, *mr, *rt, extra=("-aec", "DCMQR")).returncode == 0
+        node = _node_and_dcmqrscp(run_node, tmp_path, qr_port)
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the job")
+        assert first.state == FAILED
+        assert (
+            "pacs (DCMQR@127.0.0.1:" in first.reason
+            and "does not know GLIOFORECAST as a move destination (0xA801): add this node to "
+            "its DICOM modalities (AE title GLIOFORECAST, the node's address and port) "
+            "(after 1 attempt(s))"
+            in first.reason
+        ), first.reason
