@@ -12,7 +12,11 @@ Events (DCM codes of PS3.16 CID 400-403; PS3.15 A.5.3):
 - Security Alert (110113), type Node Authentication (110126), minor failure: an association
   refused (a called AE title that is not the node's, a caller not in ``node.allowed_callers``)
   or a client's TLS handshake that failed;
-- DICOM Study Deleted (110105), action D: retention removed a study's files from the spool.
+- DICOM Study Deleted (110105), action D: retention removed a study's files from the spool;
+- Query (110112), action E: each C-FIND the node sent a PACS for the RT objects a study lacks
+  (:mod:`dicom_node.retrieve`; the node as Source, the PACS as Destination, the query itself
+  base64-encoded as PS3.15 A.5.3.12 asks); a query the PACS could not answer is a minor
+  failure with the reason.
 
 Unlike the logs, audit messages name the patient (ID and name) and the study: that is what an
 audit trail is for. They go only where ``audit:`` says: an audit record repository over syslog
@@ -29,7 +33,9 @@ file, and the running node delivers them. The file, when set, is written at once
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -44,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 
 from dicom_node.errors import GlioforecastError
 from dicom_node.settings import AuditSettings
@@ -88,6 +96,9 @@ ROLE_SOURCE = ("110153", "Source Role ID")
 ROLE_DESTINATION = ("110152", "Destination Role ID")
 STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
 NODE_ID = ("110182", "Node ID")
+
+QUERY = ("110112", "Query")
+SOP_CLASS_UID = ("110181", "SOP Class UID")
 
 SUCCESS, MINOR_FAILURE = "0", "4"
 
@@ -327,6 +338,41 @@ def study_deleted(
     return root
 
 
+def query(
+    node: Participant,
+    peer: Participant,
+    sop_class_uid: str,
+    identifier: Dataset,
+    source: AuditSource,
+    *,
+    failure: str = "",
+) -> ET.Element:
+    """A C-FIND of ``sop_class_uid`` the node sent ``peer`` (PS3.15 A.5.3.12)."""
+    root = _message(
+        QUERY, "E", MINOR_FAILURE if failure else SUCCESS, [node, peer], source,
+        description=failure,
+    )  # fmt: skip
+    obj = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {
+            "ParticipantObjectID": sop_class_uid,
+            "ParticipantObjectTypeCode": "2",  # system object
+            "ParticipantObjectTypeCodeRole": "3",  # report
+        },
+    )
+    _coded(obj, "ParticipantObjectIDTypeCode", SOP_CLASS_UID)
+    encoded = encode(identifier, False, True) or b""  # explicit VR little endian
+    ET.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(encoded).decode()
+    ET.SubElement(
+        obj,
+        "ParticipantObjectDetail",
+        {"type": "TransferSyntax", "value": base64.b64encode(ExplicitVRLittleEndian.encode())
+                                                 .decode()},
+    )  # fmt: skip
+    return root
+
+
 def to_text(message: ET.Element) -> str:
     """The message as one line of XML."""
     return ET.tostring(message, encoding="unicode")
@@ -476,6 +522,13 @@ class AuditTrail:
     def rejected(self, ae_title: str, host: str, study: StudyRecord, why: str) -> None:
         requestor = Participant(ae_title, host, True)
         self.record(instances_rejected(requestor, self.node, study, self.source, why))
+
+    def queried(
+        self, ae_title: str, host: str, sop_class_uid: str, identifier: Dataset, failure: str = ""
+    ) -> None:
+        node = dataclasses.replace(self.node, requestor=True, role=ROLE_SOURCE)
+        peer = Participant(ae_title, host, False, ROLE_DESTINATION)
+        self.record(query(node, peer, sop_class_uid, identifier, self.source, failure=failure))
 
     # -- delivery
 
@@ -663,6 +716,9 @@ class NoAuditTrail:
     def refused(self, ae_title: str, host: str, reason: str) -> None: ...
     def deleted(self, study: StudyRecord, reason: str) -> None: ...
     def rejected(self, ae_title: str, host: str, study: StudyRecord, why: str) -> None: ...
+    def queried(
+        self, ae_title: str, host: str, sop_class_uid: str, identifier: Dataset, failure: str = ""
+    ) -> None: ...
 
 
 def audit_trail(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import Association
 from pynetdicom.presentation import build_context
 
+from dicom_node.audit import AuditTrail, NoAuditTrail
 from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import Job, JobStore
 from dicom_node.loop import BackgroundLoop
@@ -140,11 +141,15 @@ def _identifier(level: str, **keys: str) -> Dataset:
 
 
 class QueryRetrieve:
-    """One association with the PACS for its C-FIND and C-MOVE requests."""
+    """One association with the PACS for its C-FIND and C-MOVE requests; each C-FIND is
+    audited (a Query message, :mod:`dicom_node.audit`)."""
 
-    def __init__(self, assoc: Association, peer: Destination) -> None:
+    def __init__(
+        self, assoc: Association, peer: Destination, audit: AuditTrail | NoAuditTrail
+    ) -> None:
         self.assoc = assoc
         self.peer = peer
+        self.audit = audit
 
     def _accepted(self, model: str, what: str) -> None:
         if not any(cx.abstract_syntax == model for cx in self.assoc.accepted_contexts):
@@ -156,6 +161,16 @@ class QueryRetrieve:
 
     def find(self, identifier: Dataset) -> list[Dataset]:
         """The matches of a Study Root C-FIND."""
+        peer = (self.peer.ae_title, self.peer.host, FIND, identifier)
+        try:
+            matches = self._find(identifier)
+        except RetrieveError as exc:
+            self.audit.queried(*peer, failure=str(exc))
+            raise
+        self.audit.queried(*peer)
+        return matches
+
+    def _find(self, identifier: Dataset) -> list[Dataset]:
         self._accepted(FIND, "C-FIND")
         matches = []
         for status, found in self.assoc.send_c_find(identifier, FIND):
@@ -225,7 +240,10 @@ class QueryRetrieve:
 
 @contextmanager
 def query_retrieve(
-    peer: Destination, calling_ae: str, move_timeout_s: float
+    peer: Destination,
+    calling_ae: str,
+    move_timeout_s: float,
+    audit: AuditTrail | NoAuditTrail | None = None,
 ) -> Iterator[QueryRetrieve]:
     """An association with ``peer`` proposing Study Root C-FIND and C-MOVE."""
     try:
@@ -238,7 +256,7 @@ def query_retrieve(
     except SendError as exc:
         raise RetrieveError(str(exc)) from exc
     try:
-        yield QueryRetrieve(assoc, peer)
+        yield QueryRetrieve(assoc, peer, audit or NoAuditTrail())
     finally:
         if assoc.is_established:
             assoc.release()
@@ -279,17 +297,15 @@ class Retriever(BackgroundLoop):
         self,
         settings: Settings,
         store: JobStore,
-        held: Callable[[str], bool] | None = None,
+        audit: AuditTrail | NoAuditTrail | None = None,
     ) -> None:
-        """``held(series_uid)``: whether the node holds a series already (default: asks the
-        job store)."""
         super().__init__()
         self.settings = settings
         self.store = store
+        self.audit = audit or NoAuditTrail()
         source = settings.retrieve.source
         entry = next(d for d in settings.destinations if d.name == source)
         self.peer = Destination.from_settings(entry)
-        self.held = held or (lambda uid: bool(store.series_paths(uid)))
 
     def step(self) -> float:
         self.run_once()
@@ -325,11 +341,11 @@ class Retriever(BackgroundLoop):
             return
         try:
             with query_retrieve(
-                self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s
+                self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s, self.audit
             ) as qr:
                 searched, studies = self._studies(qr, study, patient)
                 series = [s for uid in studies for s in self._rt_series(qr, uid)]
-                wanted = [s for s in series if not self.held(s.series_instance_uid)]
+                wanted = [s for s in series if not self.store.series_paths(s.series_instance_uid)]
                 if not wanted:
                     held = f"; the node has the {len(series)} it holds" if series else ""
                     self._fail(

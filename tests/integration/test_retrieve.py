@@ -3,25 +3,33 @@ node's C-FIND and C-MOVE and sends what it holds to the node's receiver."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
+from xml.etree import ElementTree as ET
 
 import pydicom
 import pytest
+from pynetdicom.dsutils import decode
 
+from dicom_node.audit import to_text
 from dicom_node.cli import main
 from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
+from dicom_node.retrieve import FIND
 from dicom_node.scu import Destination
 from dicom_node.settings import Destination as DestinationSettings
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
+from tests.audit_repository import event_id
 from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import finished_job, make_settings
+from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
 from tests.integration.orthanc import OrthancServer, orthanc_binary
 
@@ -213,23 +221,27 @@ def dcmqrscp(folder: Path, hosts: dict[str, int]) -> Iterator[int]:
         log.close()
 
 
-def _node_and_dcmqrscp(run_node, tmp_path: Path, source_port: int, port: int = 0):  # type: ignore[no-untyped-def]
+def _node_and_dcmqrscp(run_node, tmp_path: Path, source_port: int, port: int = 0, **sections):  # type: ignore[no-untyped-def]
     """A running node (on ``port``, 0: any) whose destination and source is dcmqrscp."""
     pacs = DestinationSettings(name="pacs", ae_title="DCMQR", host="127.0.0.1", port=source_port)
-    settings = make_settings(tmp_path / "data", retrieve={"source": "pacs"})
+    settings = make_settings(tmp_path / "data", retrieve={"source": "pacs"}, **sections)
     node = dataclasses.replace(settings.node, port=port)
     return run_node(dataclasses.replace(settings, destinations=(pacs,), node=node))
 
 
 def test_dcmtk_dcmqrscp_as_the_pacs(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Another PACS implementation (dcmtk's dcmqrscp, which does not return
-    ModalitiesInStudy): the plan is found in the planning study and moved to the node."""
+    ModalitiesInStudy): the plan is found in the planning study and moved to the node. Each
+    C-FIND is in the audit trail (a Query message with the query itself)."""
     mr, rt = patient
     port = free_port()
+    log_file = tmp_path / "audit.log"
     with dcmqrscp(tmp_path / "qr", {"GLIOFORECAST": port}) as qr_port:
         stored = storescu(qr_port, *mr, *rt, extra=("-aec", "DCMQR"))
         assert stored.returncode == 0, stored.stderr
-        node = _node_and_dcmqrscp(run_node, tmp_path, qr_port, port)
+        node = _node_and_dcmqrscp(
+            run_node, tmp_path, qr_port, port, audit={"enabled": True, "file": log_file}
+        )
         study = _mr_study(mr)
         assert storescu(node.scp.port, *mr).returncode == 0
         second = wait_for(
@@ -240,6 +252,30 @@ def test_dcmtk_dcmqrscp_as_the_pacs(run_node, patient, tmp_path) -> None:  # typ
                     and j.version == 1]  # fmt: skip
         (retrieved,) = [e.message for e in node.store.events(first.id) if e.kind == "retrieved"]
         assert retrieved.startswith(f"{len(rt)} instance(s) came"), retrieved
+    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    queries = [m for m in messages if event_id(m) == "110112"]
+    # the patient's two studies (MR, planning), then the series of each
+    assert len(queries) == 3, [to_text(m) for m in queries]
+    identifiers = []
+    for message in queries:
+        check_schema(message)
+        assert message[0].get("EventActionCode") == "E"
+        assert message[0].get("EventOutcomeIndicator") == "0"
+        requestor = _participants(message)["Source Role ID"]
+        assert requestor.get("UserID") == "GLIOFORECAST"
+        assert requestor.get("UserIsRequestor") == "true"
+        assert _participants(message)["Destination Role ID"].get("UserID") == "DCMQR"
+        obj = _objects(message)["SOP Class UID"]
+        assert obj.get("ParticipantObjectID") == FIND
+        assert [c.tag for c in obj] == [
+            "ParticipantObjectIDTypeCode", "ParticipantObjectQuery", "ParticipantObjectDetail"
+        ]  # fmt: skip
+        encoded = base64.b64decode(obj.findtext("ParticipantObjectQuery") or "")
+        identifiers.append(decode(BytesIO(encoded), False, True))
+    first_query = identifiers[0]
+    assert first_query.QueryRetrieveLevel == "STUDY"
+    assert first_query.PatientID == pydicom.dcmread(mr[0]).PatientID
+    assert {i.QueryRetrieveLevel for i in identifiers[1:]} == {"SERIES"}
 
 
 def test_a_move_destination_unknown_to_dcmqrscp_is_named_in_the_reason(  # type: ignore[no-untyped-def]
@@ -262,3 +298,44 @@ def test_a_move_destination_unknown_to_dcmqrscp_is_named_in_the_reason(  # type:
             "(after 1 attempt(s))"
             in first.reason
         ), first.reason
+
+
+def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, capsys
+) -> None:
+    """Orthanc takes Study Root C-FIND and C-MOVE; a storage-only peer (another node) does not,
+    and check-destinations says so for the one named as retrieve.source."""
+    orthanc_binary()
+    orthanc = OrthancServer(tmp_path / "orthanc").start()
+    store_only = run_node()
+    config = tmp_path / "site.yaml"
+    try:
+        for source, port, code in (
+            ("pacs", orthanc.dicom_port, 0),
+            ("peer", store_only.scp.port, 1),
+        ):
+            config.write_text(
+                f"retrieve: {{source: {source}}}\n"
+                "destinations:\n"
+                f"  - {{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, "
+                f"port: {orthanc.dicom_port}}}\n"
+                f"  - {{name: peer, ae_title: GLIOFORECAST, host: 127.0.0.1, "
+                f"port: {store_only.scp.port}}}\n"
+            )
+            assert main(["--config", str(config), "check-destinations", source]) == code
+            (line,) = capsys.readouterr().out.splitlines()
+            assert f"@127.0.0.1:{port}" in line
+            if code == 0:
+                assert line.startswith("ok   pacs (ORTHANC@")
+                assert line.endswith(
+                    "C-ECHO success; Study Root C-FIND accepted; Study Root C-MOVE accepted"
+                )
+            else:
+                assert line.startswith("FAIL peer (GLIOFORECAST@")
+                assert line.endswith(
+                    "C-ECHO success; Study Root C-FIND not accepted (retrieve.source queries it); "
+                    "Study Root C-MOVE not accepted (retrieve.source has it send the RT objects "
+                    "a study lacks)"
+                )
+    finally:
+        orthanc.stop()
