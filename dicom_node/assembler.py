@@ -4,7 +4,8 @@ A late instance marks the study pending again; after another quiet period a new 
 created with every instance of the study, and the earlier version is superseded. A study with a
 T1-Gd and no structure set may take the RT objects of another study of the patient (the
 planning CT's study), and an RT study arriving later reopens the MR studies it belongs to
-(:mod:`dicom_node.linking`).
+(:mod:`dicom_node.linking`). A study with a T1-Gd that still lacks its RT objects waits for
+the PACS in ``retrieve.source`` to send them (:mod:`dicom_node.retrieve`) instead of failing.
 """
 
 from __future__ import annotations

@@ -69,6 +69,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         + (f", failure notices to {', '.join(notices)}" if notices else "")
         + (f", rejection notes for replaced results to {', '.join(rejecting)}" if rejecting else "")
     )
+    source = settings.retrieve.source
+    print(
+        f"  missing RT objects asked of {source} (C-FIND, C-MOVE to {settings.node.ae_title})"
+        if source
+        else "  missing RT objects asked of no PACS (retrieve.source empty)"
+    )
     audit = settings.audit
     where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []
     where += [str(audit.file)] if audit.file is not None else []
