@@ -9,7 +9,8 @@ no structure set (neither of its own nor in another study of the patient the nod
 1. the patient's studies (Study Root C-FIND on the PatientID of the T1-Gd, exact match,
    StudyDate within ``retrieve.window_days`` of the study's; the study itself only when
    ``assembly.link_rt_days`` is 0, as the node would not link another study's objects);
-2. their RT series (RTSTRUCT, RTDOSE, REG) that the node does not hold;
+2. their RT series (RTSTRUCT, RTDOSE, REG) that the node does not hold, other than the node's
+   own results (a predicted RTSTRUCT the PACS keeps);
 3. a C-MOVE of each to the node's own AE title: the PACS sends them to the node's receiver
    like any other sender, where they are stored and recorded before the C-MOVE ends.
 
@@ -46,6 +47,7 @@ from dicom_node.jobs import Job, JobStore
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, associate, describe_status
 from dicom_node.settings import Settings
+from sr_writer.labels import is_labelled_description
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +424,9 @@ class Retriever(BackgroundLoop):
         for ds in found:
             modality = _text(ds, "Modality").upper()
             uid = _text(ds, "SeriesInstanceUID")
-            if modality in RT_MODALITIES and uid:
+            # the node's own predicted RTSTRUCT, stored in the PACS, is never an input
+            own = is_labelled_description(_text(ds, "SeriesDescription"))
+            if modality in RT_MODALITIES and uid and not own:
                 n = _count(ds, "NumberOfSeriesRelatedInstances")
                 out.append(
                     RemoteSeries(study, uid, modality, _text(ds, "SeriesDescription"), n or None)

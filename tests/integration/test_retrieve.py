@@ -16,6 +16,7 @@ from xml.etree import ElementTree as ET
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 from pynetdicom.dsutils import decode
 
 from dicom_node.audit import to_text
@@ -26,6 +27,7 @@ from dicom_node.scu import Destination
 from dicom_node.settings import Destination as DestinationSettings
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
+from sr_writer.labels import series_description
 from tests.audit_repository import event_id
 from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import finished_job, make_settings
@@ -91,8 +93,14 @@ def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # ty
     mr, rt = patient
     node, orthanc = _node_and_pacs(run_node, tmp_path)
     try:
-        _upload(orthanc, [*mr, *rt])
         study = _mr_study(mr)
+        # the PACS also keeps a predicted RTSTRUCT of the node's in the MR study: never fetched
+        ours = pydicom.dcmread(next(p for p in rt if "RTSTRUCT" in p.parts))
+        ours.StudyInstanceUID, ours.SeriesInstanceUID = study, generate_uid()
+        ours.SOPInstanceUID = ours.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ours.SeriesDescription = series_description("CONTOURS")
+        ours.save_as(tmp_path / "ours.dcm")
+        _upload(orthanc, [*mr, *rt, tmp_path / "ours.dcm"])
         assert storescu(node.scp.port, *mr).returncode == 0
         second = wait_for(
             lambda: finished_job(node, study, 2), timeout=180, what="the job with the RT objects"
@@ -113,8 +121,9 @@ def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # ty
         assert any(
             e.kind == "linked" and planning_study in e.message for e in node.store.events(second.id)
         )
-        # the moved instances came from the PACS's AE title, over the receiver
+        # the moved instances came over the receiver; the node's own RTSTRUCT was not asked for
         assert len(node.store.series_paths(str(pydicom.dcmread(rt[0]).SeriesInstanceUID))) == 1
+        assert not node.store.series_paths(str(ours.SeriesInstanceUID))
         wait_for(
             lambda: set(node.outbox.counts().get("pacs", {})) == {"sent"},
             timeout=60, what="the results at the PACS",
