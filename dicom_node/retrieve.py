@@ -45,7 +45,7 @@ from dicom_node.audit import AuditTrail, NoAuditTrail
 from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import Job, JobStore
 from dicom_node.loop import BackgroundLoop
-from dicom_node.scu import Destination, associate, describe_status
+from dicom_node.scu import Destination, associate, hold_reactor
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
 
@@ -87,7 +87,6 @@ class MoveResult:
     completed: int
     failed: int
     warning: int
-    status: int
 
 
 def _base(reason: str, source: str) -> str:
@@ -107,6 +106,23 @@ def asking(reason: str, source: str) -> str:
 def asked(reason: str, source: str, outcome: str) -> str:
     """The reason of a job whose study the PACS was asked about."""
     return f"{_base(reason, source) if reason else ''}; {source} was asked for them: {outcome}"
+
+
+def qr_status(code: int) -> str:
+    """What a C-FIND or C-MOVE status means (PS3.4 C.4)."""
+    if 0xA700 <= code <= 0xA7FF:
+        return "refused: out of resources"
+    if code == 0xA801:
+        return "refused: move destination unknown"
+    if 0xA900 <= code <= 0xA9FF:
+        return "error: identifier does not match SOP class"
+    if 0xC000 <= code <= 0xCFFF:
+        return "failed: unable to process"
+    if code == 0xFE00:
+        return "cancelled"
+    if code == 0x0122:
+        return "refused: SOP class not supported"
+    return "failure"
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -175,6 +191,7 @@ class QueryRetrieve:
     def _find(self, identifier: Dataset) -> list[Dataset]:
         self._accepted(FIND, "C-FIND")
         matches = []
+        hold_reactor(self.assoc)
         for status, found in self.assoc.send_c_find(identifier, FIND):
             if not status or "Status" not in status:
                 raise RetrieveError(f"no C-FIND response from {self.peer} (timeout or lost)")
@@ -187,8 +204,7 @@ class QueryRetrieve:
                 comment = _text(status, "ErrorComment")
                 raise RetrieveError(
                     f"{self.peer} answered the {identifier.QueryRetrieveLevel}-level C-FIND "
-                    f"with 0x{code:04X} ({describe_status(code)})"
-                    + (f": {comment}" if comment else ""),
+                    f"with 0x{code:04X} ({qr_status(code)})" + (f": {comment}" if comment else ""),
                     permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
                 )
         return matches
@@ -202,6 +218,7 @@ class QueryRetrieve:
             SeriesInstanceUID=series.series_instance_uid,
         )
         last: Dataset | None = None
+        hold_reactor(self.assoc)
         for status, _ in self.assoc.send_c_move(identifier, destination_ae, MOVE):
             if not status or "Status" not in status:
                 raise RetrieveError(f"no C-MOVE response from {self.peer} (timeout or lost)")
@@ -214,7 +231,6 @@ class QueryRetrieve:
             _count(last, "NumberOfCompletedSuboperations"),
             _count(last, "NumberOfFailedSuboperations"),
             _count(last, "NumberOfWarningSuboperations"),
-            code,
         )
         if code == 0xA801:
             raise RetrieveError(
@@ -235,7 +251,7 @@ class QueryRetrieve:
         )
         raise RetrieveError(
             f"{self.peer} answered the C-MOVE of {series} with 0x{code:04X} "
-            f"({describe_status(code)})" + (f": {comment}" if comment else "") + hint,
+            f"({qr_status(code)})" + (f": {comment}" if comment else "") + hint,
             permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
         )
 

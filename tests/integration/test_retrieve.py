@@ -189,7 +189,7 @@ def test_a_pacs_that_does_not_know_the_node_as_move_destination_fails_the_job_at
         assert first.state == FAILED
         assert "answered the C-MOVE of " in first.reason
         assert (
-            "with 0xC000 (error: cannot understand); nothing was sent: check that it knows "
+            "with 0xC000 (failed: unable to process); nothing was sent: check that it knows "
             "GLIONODE as a move destination (this node's AE title, address and port)"
             in first.reason
         )
