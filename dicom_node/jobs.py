@@ -95,9 +95,11 @@ CREATE INDEX IF NOT EXISTS job_instances_sop ON job_instances(sop_instance_uid);
 CREATE TABLE IF NOT EXISTS retrievals (
     study_instance_uid TEXT PRIMARY KEY,
     job_id INTEGER NOT NULL,
+    first_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL DEFAULT 0,
     finished_at REAL,
+    came INTEGER NOT NULL DEFAULT 0,
     outcome TEXT NOT NULL DEFAULT ''
 );
 """
@@ -590,11 +592,12 @@ class JobStore:
         """Record a try that could not reach the PACS; returns the number of tries so far."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO retrievals (study_instance_uid, job_id, attempts, next_at) "
-                "VALUES (?,?,1,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "attempts = CASE WHEN job_id = excluded.job_id THEN attempts + 1 ELSE 1 END, "
+                "INSERT INTO retrievals (study_instance_uid, job_id, first_at, attempts, next_at) "
+                "VALUES (?,?,?,1,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
+                "attempts = CASE WHEN job_id = excluded.job_id AND finished_at IS NULL "
+                "THEN attempts + 1 ELSE 1 END, "
                 "job_id = excluded.job_id, next_at = excluded.next_at, finished_at = NULL",
-                (study_uid, job_id, next_at),
+                (study_uid, job_id, time.time(), next_at),
             )
             attempts = int(
                 db.execute(
@@ -607,32 +610,54 @@ class JobStore:
     def finish_retrieval(
         self, job_id: int, study_uid: str, outcome: str, *, failed_reason: str | None = None
     ) -> None:
-        """Record the study's retrieval as made, saying ``outcome``. With ``failed_reason`` the
-        job fails with it (nothing came); without, the study is assembled again after the
-        quiet period, with what the PACS sent (the next version supersedes the job)."""
+        """Record the study's retrieval as made, saying ``outcome``. With ``failed_reason``
+        nothing came, and a job waiting for it fails with that reason (one that failed already
+        stays as it is: :meth:`retrievals_to_repeat`); without, the study is assembled again
+        after the quiet period, with what the PACS sent (the next version supersedes the
+        job)."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO retrievals (study_instance_uid, job_id, next_at, finished_at, "
-                "outcome) VALUES (?,?,0,?,?) ON CONFLICT(study_instance_uid) DO UPDATE SET "
-                "job_id = excluded.job_id, finished_at = excluded.finished_at, "
+                "INSERT INTO retrievals (study_instance_uid, job_id, first_at, next_at, "
+                "finished_at, came, outcome) VALUES (?,?,?,0,?,?,?) "
+                "ON CONFLICT(study_instance_uid) DO UPDATE SET job_id = excluded.job_id, "
+                "finished_at = excluded.finished_at, came = excluded.came, "
                 "outcome = excluded.outcome",
-                (study_uid, job_id, now, outcome),
+                (study_uid, job_id, now, now, int(failed_reason is None), outcome),
             )
             _event(db, job_id, "retrieved", outcome)
             if failed_reason is not None:
-                db.execute(
+                cur = db.execute(
                     "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ? "
                     "AND state = ?",
                     (FAILED, failed_reason, now, job_id, RETRIEVING),
                 )
-                _event(db, job_id, FAILED, failed_reason)
+                if cur.rowcount:
+                    _event(db, job_id, FAILED, failed_reason)
             else:
                 db.execute(
                     "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
                     "WHERE study_instance_uid = ?",
                     (now, study_uid),
                 )
+
+    def retrievals_to_repeat(
+        self, asked_marker: str, every_s: float, within_s: float, now: float
+    ) -> list[Job]:
+        """Failed latest jobs (their reason holding ``asked_marker``: they failed for want of
+        RT objects the PACS was asked for) of studies whose last retrieval, ``every_s`` ago or
+        more, brought nothing, and whose first was less than ``within_s`` ago."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"{_JOB_QUERY} JOIN retrievals r ON r.study_instance_uid = j.study_instance_uid "
+                "WHERE j.state = ? AND s.pending = 0 AND instr(j.reason, ?) > 0 "
+                "AND j.id = (SELECT max(id) FROM jobs j2 "
+                "WHERE j2.study_instance_uid = j.study_instance_uid) "
+                "AND r.finished_at IS NOT NULL AND r.came = 0 AND r.finished_at <= ? "
+                "AND r.first_at >= ? ORDER BY r.finished_at",
+                (FAILED, asked_marker, now - every_s, now - within_s),
+            ).fetchall()
+        return [_job(r) for r in rows]
 
     def request_retrieval(self, job_id: int, reason: Callable[[str], str]) -> None:
         """Ask the PACS again for a failed job's RT objects (``jobs retrieve N``): the job waits

@@ -4,7 +4,7 @@ Routing rules often send the node the scanner's MR study and nothing else: the s
 is made later, in the planning system, and goes to the PACS. When a study has its T1-Gd but
 no structure set (neither of its own nor in another study of the patient the node holds,
 :mod:`dicom_node.linking`), and ``retrieve.source`` names a PACS, the assembler makes its job
-``retrieving`` instead of failed, and :class:`Retriever` asks that PACS, once per study:
+``retrieving`` instead of failed, and :class:`Retriever` asks that PACS for:
 
 1. the patient's studies (Study Root C-FIND on the PatientID of the T1-Gd, exact match,
    StudyDate within ``retrieve.window_days`` of the study's; the study itself only when
@@ -17,10 +17,13 @@ no structure set (neither of its own nor in another study of the patient the nod
 The study is then assembled again after the quiet period with what came (a structure set in
 the study itself, or linked from the planning study by frame of reference as when it is
 routed), and the new job version supersedes the waiting one. When nothing came (the PACS holds
-no RT object of the patient, or only some the node cannot use), the study's next job fails
-and its reason says what the PACS was asked and what it answered. A PACS that cannot be
-reached is asked again ``retry_interval_s`` later, up to ``attempts`` times; a PACS that does
-not know the node as a move destination fails the job at once, saying what to configure.
+no RT object of the patient, or only some the node has), the waiting job fails, its reason
+saying what the PACS was asked and what it answered, and later versions of the study fail the
+same way without asking. The PACS is asked again every ``retrieve.ask_again_h`` hours for
+``retrieve.ask_again_days`` days from the first time (a plan drawn days after the MR), the
+failed job left as it is until something comes; ``jobs retrieve N`` asks at once. A PACS that
+cannot be reached is asked again ``retry_interval_s`` later, up to ``attempts`` times; one
+that does not know the node as a move destination fails the job at once, saying what to set up.
 
 A PatientID that is empty or holds a wildcard is never sent: it would match other patients.
 """
@@ -43,7 +46,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_node.audit import AuditTrail, NoAuditTrail
 from dicom_node.errors import InputError, SendError
-from dicom_node.jobs import Job, JobStore
+from dicom_node.jobs import FAILED, Job, JobStore
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, associate, hold_reactor
 from dicom_node.settings import Settings
@@ -330,8 +333,15 @@ class Retriever(BackgroundLoop):
         return POLL_S
 
     def run_once(self, now: float | None = None) -> int:
-        """Ask the PACS for every study whose turn it is; returns how many were asked."""
-        jobs = self.store.due_retrievals(time.time() if now is None else now)
+        """Ask the PACS for every study whose turn it is: those waiting, then those it had
+        nothing for, every ``retrieve.ask_again_h``; returns how many were asked."""
+        now = time.time() if now is None else now
+        r = self.settings.retrieve
+        jobs = self.store.due_retrievals(now)
+        if r.ask_again_h > 0 and r.ask_again_days > 0:
+            jobs += self.store.retrievals_to_repeat(
+                asked("", r.source, ""), r.ask_again_h * 3600, r.ask_again_days * 86400, now
+            )
         for job in jobs:
             try:
                 self.retrieve(job)
@@ -373,8 +383,8 @@ class Retriever(BackgroundLoop):
                     )
                     return
                 results = [(s, qr.move(s, self.settings.node.ae_title)) for s in wanted]
-        except RetrieveError as exc:
-            self._attempt_failed(job, str(exc), permanent=exc.permanent)
+        except RetrieveError as exc:  # a failed job asked about again waits for the next time
+            self._attempt_failed(job, str(exc), permanent=exc.permanent or job.state == FAILED)
             return
         completed = sum(m.completed for _, m in results)
         failed = sum(m.failed for _, m in results)
@@ -451,7 +461,8 @@ class Retriever(BackgroundLoop):
 
     def _fail(self, job: Job, outcome: str) -> None:
         source = self.settings.retrieve.source
-        log.warning("retrieval for job %d: %s", job.id, outcome, extra={"job": job.id})
+        level = logging.INFO if job.state == FAILED else logging.WARNING  # asked again
+        log.log(level, "retrieval for job %d: %s", job.id, outcome, extra={"job": job.id})
         self.store.finish_retrieval(
             job.id, job.study_instance_uid, outcome,
             failed_reason=asked(job.reason, source, outcome),

@@ -283,7 +283,9 @@ class RetrieveSettings:
     PACS must know the node's AE title, address and port as a move destination, and
     ``node.allowed_callers`` must let the PACS in. ``attempts`` tries when the PACS cannot be
     reached, ``retry_interval_s`` apart; ``window_days`` around the study's date bounds the
-    studies asked about; one C-MOVE may take ``move_timeout_s``."""
+    studies asked about; one C-MOVE may take ``move_timeout_s``. A study whose failed job the
+    PACS had nothing for is asked about again every ``ask_again_h`` hours for
+    ``ask_again_days`` days after the first time (a plan drawn after the MR; 0: never)."""
 
     source: str = ""
     attempts: int = field(default=3, metadata=_spec("", minimum=1, maximum=100))
@@ -291,6 +293,8 @@ class RetrieveSettings:
     window_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))
     max_studies: int = field(default=20, metadata=_spec("", minimum=1, maximum=1000))
     move_timeout_s: float = field(default=600.0, metadata=_spec("", minimum=1.0))
+    ask_again_h: float = field(default=6.0, metadata=_spec("", minimum=0.0))
+    ask_again_days: float = field(default=14.0, metadata=_spec("", minimum=0.0))
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,40 @@ def test_an_unreachable_pacs_is_asked_again_then_the_job_fails_and_not_asked_twi
     assert store.due_retrievals(time.time() + 3600) == []
 
 
+def test_a_study_the_pacs_had_nothing_for_is_asked_about_again_for_a_while(
+    tmp_path: Path,
+) -> None:
+    """Every ask_again_h hours for ask_again_days days, the failed job left as it is (its
+    state, reason and notice) while the PACS still has nothing."""
+    settings = _settings(tmp_path, attempts=1, ask_again_h=1, ask_again_days=2)
+    store, spool = _stores(settings)
+    _study(tmp_path, store, spool, ("t1c", "flair"))
+    (job_id,) = Assembler(store, settings).run_once()
+    retriever = Retriever(settings, store)
+    t0 = time.time()
+    assert retriever.run_once(t0) == 1  # unreachable, one attempt: the job fails
+    failed = store.get_job(job_id)
+    assert failed is not None and failed.state == FAILED
+    assert retriever.run_once(t0 + 1800) == 0  # not within the hour
+    assert retriever.run_once(t0 + 3700) == 1  # asked again
+    again = store.get_job(job_id)
+    assert again is not None
+    assert (again.state, again.reason, again.updated_at) == (
+        FAILED, failed.reason, failed.updated_at
+    )  # fmt: skip
+    kinds = [e.kind for e in store.events(job_id)]
+    assert kinds.count("retrieved") == 2 and kinds.count(FAILED) == 1
+    marker = "; pacs was asked for them: "
+    assert store.retrievals_to_repeat(marker, 3600, 2 * 86400, time.time() + 3700)
+    # no more after ask_again_days from the first time
+    assert store.retrievals_to_repeat(marker, 3600, 2 * 86400, t0 + 3 * 86400) == []
+    # nor when it is off
+    off = dataclasses.replace(
+        settings, retrieve=dataclasses.replace(settings.retrieve, ask_again_h=0)
+    )
+    assert Retriever(off, store).run_once(time.time() + 7200) == 0
+
+
 @pytest.mark.parametrize(
     ("patient_id", "why"),
     [

@@ -233,7 +233,8 @@ def dcmqrscp(folder: Path, hosts: dict[str, int]) -> Iterator[int]:
 def _node_and_dcmqrscp(run_node, tmp_path: Path, source_port: int, port: int = 0, **sections):  # type: ignore[no-untyped-def]
     """A running node (on ``port``, 0: any) whose destination and source is dcmqrscp."""
     pacs = DestinationSettings(name="pacs", ae_title="DCMQR", host="127.0.0.1", port=source_port)
-    settings = make_settings(tmp_path / "data", retrieve={"source": "pacs"}, **sections)
+    sections.setdefault("retrieve", {"source": "pacs"})
+    settings = make_settings(tmp_path / "data", **sections)
     node = dataclasses.replace(settings.node, port=port)
     return run_node(dataclasses.replace(settings, destinations=(pacs,), node=node))
 
@@ -285,6 +286,32 @@ def test_dcmtk_dcmqrscp_as_the_pacs(run_node, patient, tmp_path) -> None:  # typ
     assert first_query.QueryRetrieveLevel == "STUDY"
     assert first_query.PatientID == pydicom.dcmread(mr[0]).PatientID
     assert {i.QueryRetrieveLevel for i in identifiers[1:]} == {"SERIES"}
+
+
+def test_a_plan_drawn_after_the_mr_is_fetched_when_the_node_asks_again(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """The PACS has no plan when the MR arrives: the job fails. The plan reaches the PACS
+    later; the node asks again by itself (``retrieve.ask_again_h``, here a few seconds) and
+    the study is predicted."""
+    mr, rt = patient
+    port = free_port()
+    with dcmqrscp(tmp_path / "qr", {"GLIOFORECAST": port}) as qr_port:
+        assert storescu(qr_port, *mr, extra=("-aec", "DCMQR")).returncode == 0
+        node = _node_and_dcmqrscp(
+            run_node, tmp_path, qr_port, port, retrieve={"source": "pacs", "ask_again_h": 0.001}
+        )
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the job")
+        assert first.state == FAILED and "pacs was asked for them: it holds no RT" in first.reason
+        assert storescu(qr_port, *rt, extra=("-aec", "DCMQR")).returncode == 0
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=180, what="the job with the plan"
+        )
+        assert second.state == DONE, second.reason
+        retrieved = [e.message for e in node.store.events(first.id) if e.kind == "retrieved"]
+        assert retrieved[-1].startswith(f"{len(rt)} instance(s) came"), retrieved
 
 
 def test_a_move_destination_unknown_to_dcmqrscp_is_named_in_the_reason(  # type: ignore[no-untyped-def]
