@@ -40,7 +40,7 @@ from dicom_node import __version__
 from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.jobs import Job, JobStore
 from dicom_node.outbox import Outbox
-from dicom_node.settings import Settings
+from dicom_node.settings import RetrieveSettings, Settings
 from dicom_node.types import SeriesRef
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,17 @@ WINDOW_S = 86400.0
 BATCH = 10
 
 
-def explain(reason: str, node_ae_title: str, taken_back: Sequence[str] = ()) -> tuple[str, str]:
+def explain(
+    reason: str,
+    node_ae_title: str,
+    taken_back: Sequence[str] = (),
+    retrieve: RetrieveSettings | None = None,
+) -> tuple[str, str]:
     """A headline a reader understands, and what to do, for a job's ``reason`` (the node's own
     messages; anything else gets a general sentence, the reason itself always follows);
     ``taken_back``: the reasons of the rejection notes that took series of the study out of
-    use, when there were some."""
+    use, when there were some; ``retrieve``: how the node asks the PACS for missing RT
+    objects."""
     send = f"send it to the glioforecast node ({node_ae_title})"
     after = "the study is run again and the prediction follows; this notice then no longer applies"
     admins = "the site's glioforecast administrators"
@@ -68,6 +74,22 @@ def explain(reason: str, node_ae_title: str, taken_back: Sequence[str] = ()) -> 
             f"When corrected images are sent to the glioforecast node ({node_ae_title}), the "
             "study is run again and the prediction follows; a prediction made from the series "
             "taken back no longer applies.",
+        )
+    asked = retrieve is not None and f"; {retrieve.source} was asked for them: " in reason
+    if "missing required role rtstruct" in reason and asked:
+        assert retrieve is not None
+        again = (
+            f"the node asks the PACS again every {retrieve.ask_again_h:g} hours for "
+            f"{retrieve.ask_again_days:g} days from its first request, and "
+            if retrieve.ask_again_h > 0 and retrieve.ask_again_days > 0
+            else ""
+        )
+        return (
+            "No RT structure set with the tumour outline (GTV) was received for this study, and "
+            "the PACS had none for the patient when the node asked.",
+            f"When the GTV has been contoured and stored in the PACS, {again}the study is run "
+            "again once it comes (or sooner: send it to the glioforecast node "
+            f"({node_ae_title})); the prediction follows and this notice then no longer applies.",
         )
     if "missing required role rtstruct" in reason:
         return (
@@ -203,6 +225,7 @@ class FailureNotices:
             job.reason,
             self.settings.node.ae_title,
             self.store.rejection_reasons(job.study_instance_uid),
+            self.settings.retrieve if self.settings.retrieve.source else None,
         )
         notice = FailureNotice(
             job_id=job.id,

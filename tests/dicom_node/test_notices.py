@@ -10,7 +10,7 @@ import pytest
 
 from dicom_node.jobs import DONE, FAILED
 from dicom_node.notices import NOTICE_EVENT, WINDOW_S, FailureNotices, explain
-from dicom_node.settings import Destination
+from dicom_node.settings import Destination, RetrieveSettings
 from inference.synthetic.cohort import generate_patient
 from sr_writer.labels import is_labelled_description
 from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
@@ -228,3 +228,21 @@ def test_the_headline_says_in_words_what_the_reason_says(reason: str, headline: 
     said, advice = explain(reason, "GLIOFORECAST")
     assert said.startswith(headline)
     assert advice
+
+
+def test_a_notice_says_the_pacs_was_asked_and_is_asked_again() -> None:
+    reason = (
+        "missing required role rtstruct: no series matched; received series 3 'T1 +C'; pacs was "
+        "asked for them: it holds no RT structure set, dose or registration of the patient"
+    )
+    retrieve = RetrieveSettings(source="pacs", ask_again_h=6, ask_again_days=14)
+    said, advice = explain(reason, "GLIOFORECAST", retrieve=retrieve)
+    assert said.endswith("and the PACS had none for the patient when the node asked.")
+    assert "the node asks the PACS again every 6 hours for 14 days from its first request" in (
+        advice
+    )
+    never = dataclasses.replace(retrieve, ask_again_h=0)
+    assert "asks the PACS again" not in explain(reason, "GLIOFORECAST", retrieve=never)[1]
+    # a node that does not ask a PACS keeps the plain advice
+    said, _ = explain(reason, "GLIOFORECAST")
+    assert said == "No RT structure set with the tumour outline (GTV) was received for this study."
