@@ -148,7 +148,7 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
         destination = Destination.from_settings(entry)
         ok, found = check_destination(
             destination, settings.sending.calling_ae_title,
-            retrieve_source=entry.name == settings.retrieve.source,
+            retrieve=settings.retrieve.method if entry.name == settings.retrieve.source else "",
         )  # fmt: skip
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {destination}: {found}")

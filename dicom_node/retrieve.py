@@ -37,25 +37,35 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import Association
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import Association, build_role, evt
 from pynetdicom.presentation import build_context
 
 from dicom_node.audit import AuditTrail, NoAuditTrail
 from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import FAILED, Job, JobStore
+from dicom_node.linking import RT_CLASSES
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, associate, hold_reactor
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
 
+if TYPE_CHECKING:
+    from dicom_node.scp import StorageSCP
+
 log = logging.getLogger(__name__)
 
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve Information Model - MOVE
+GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
+# what a C-GET brings back on its own association: storage contexts, the node as SCP
+_GET_STORAGE = (*RT_CLASSES,)
+_GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")
 PENDING = (0xFF00, 0xFF01)
 POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
@@ -215,16 +225,30 @@ class QueryRetrieve:
     def move(self, series: RemoteSeries, destination_ae: str) -> MoveResult:
         """C-MOVE one series to ``destination_ae``."""
         self._accepted(MOVE, "C-MOVE")
-        identifier = _identifier(
-            "SERIES",
-            StudyInstanceUID=series.study_instance_uid,
-            SeriesInstanceUID=series.series_instance_uid,
-        )
-        last: Dataset | None = None
         hold_reactor(self.assoc)
-        for status, _ in self.assoc.send_c_move(identifier, destination_ae, MOVE):
+        return self._result(
+            self.assoc.send_c_move(_series_identifier(series), destination_ae, MOVE),
+            "C-MOVE", series, destination_ae,
+        )  # fmt: skip
+
+    def get(self, series: RemoteSeries) -> MoveResult:
+        """C-GET one series: the PACS sends it on this association (its C-STORE
+        sub-operations go to the receiver's handler)."""
+        self._accepted(GET, "C-GET")
+        hold_reactor(self.assoc)
+        return self._result(
+            self.assoc.send_c_get(_series_identifier(series), GET), "C-GET", series, ""
+        )
+
+    def _result(
+        self, responses: Iterator[tuple[Dataset, Dataset | None]], what: str,
+        series: RemoteSeries, destination_ae: str,
+    ) -> MoveResult:  # fmt: skip
+        """The outcome of a C-MOVE or C-GET from its responses."""
+        last: Dataset | None = None
+        for status, _ in responses:
             if not status or "Status" not in status:
-                raise RetrieveError(f"no C-MOVE response from {self.peer} (timeout or lost)")
+                raise RetrieveError(f"no {what} response from {self.peer} (timeout or lost)")
             last = status
             if int(status.Status) not in PENDING:
                 break
@@ -249,14 +273,22 @@ class QueryRetrieve:
         hint = (
             f"; nothing was sent: check that it knows {destination_ae} as a move destination "
             "(this node's AE title, address and port)"
-            if not result.failed and not result.warning
+            if destination_ae and not result.failed and not result.warning
             else ""
         )
         raise RetrieveError(
-            f"{self.peer} answered the C-MOVE of {series} with 0x{code:04X} "
+            f"{self.peer} answered the {what} of {series} with 0x{code:04X} "
             f"({qr_status(code)})" + (f": {comment}" if comment else "") + hint,
             permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
         )
+
+
+def _series_identifier(series: RemoteSeries) -> Dataset:
+    return _identifier(
+        "SERIES",
+        StudyInstanceUID=series.study_instance_uid,
+        SeriesInstanceUID=series.series_instance_uid,
+    )
 
 
 @contextmanager
@@ -265,22 +297,35 @@ def query_retrieve(
     calling_ae: str,
     move_timeout_s: float,
     audit: AuditTrail | NoAuditTrail | None = None,
+    receiver: StorageSCP | None = None,
 ) -> Iterator[QueryRetrieve]:
-    """An association with ``peer`` proposing Study Root C-FIND and C-MOVE."""
+    """An association with ``peer`` proposing Study Root C-FIND and C-MOVE, or with
+    ``receiver`` C-FIND and C-GET (the RT storage contexts in the SCP role, the instances
+    stored by ``receiver`` as if they came to it)."""
+    contexts = [build_context(FIND), build_context(MOVE)]
+    roles: list[Any] = []
+    handlers: list[Any] = []
+    if receiver is not None:
+        contexts = [build_context(FIND), build_context(GET)]
+        contexts += [build_context(c, list(_GET_SYNTAXES)) for c in _GET_STORAGE]
+        roles = [build_role(c, scp_role=True) for c in _GET_STORAGE]
+        handlers = [(evt.EVT_C_STORE, receiver.on_store)]
     try:
         assoc = associate(
-            peer,
-            [build_context(FIND), build_context(MOVE)],
-            calling_ae=calling_ae,
+            peer, contexts, calling_ae=calling_ae, roles=roles, evt_handlers=handlers,
             dimse_timeout_s=move_timeout_s,  # a C-MOVE answers once the PACS has sent
-        )
+        )  # fmt: skip
     except SendError as exc:
         raise RetrieveError(str(exc)) from exc
+    if receiver is not None:
+        receiver.sub_operations_from(assoc, peer.ae_title, peer.host)
     try:
         yield QueryRetrieve(assoc, peer, audit or NoAuditTrail())
     finally:
         if assoc.is_established:
             assoc.release()
+        if receiver is not None:
+            receiver.sub_operations_ended(assoc)
 
 
 @dataclass(frozen=True)
@@ -319,11 +364,17 @@ class Retriever(BackgroundLoop):
         settings: Settings,
         store: JobStore,
         audit: AuditTrail | NoAuditTrail | None = None,
+        receiver: StorageSCP | None = None,
     ) -> None:
+        """``receiver``: the node's receiver, which stores what a C-GET brings
+        (``retrieve.method: get``)."""
         super().__init__()
         self.settings = settings
         self.store = store
         self.audit = audit or NoAuditTrail()
+        self.receiver = receiver if settings.retrieve.method == "get" else None
+        if settings.retrieve.method == "get" and receiver is None:
+            raise ValueError("retrieve.method get: expected the receiver that stores what comes")
         source = settings.retrieve.source
         entry = next(d for d in settings.destinations if d.name == source)
         self.peer = Destination.from_settings(entry)
@@ -369,8 +420,9 @@ class Retriever(BackgroundLoop):
             return
         try:
             with query_retrieve(
-                self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s, self.audit
-            ) as qr:
+                self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s, self.audit,
+                self.receiver,
+            ) as qr:  # fmt: skip
                 searched, studies = self._studies(qr, study, patient)
                 series = [s for uid in studies for s in self._rt_series(qr, uid)]
                 wanted = [s for s in series if not self.store.series_paths(s.series_instance_uid)]
@@ -382,7 +434,10 @@ class Retriever(BackgroundLoop):
                         f"the node lacks ({searched}{held})",
                     )
                     return
-                results = [(s, qr.move(s, self.settings.node.ae_title)) for s in wanted]
+                results = [
+                    (s, qr.get(s) if self.receiver else qr.move(s, self.settings.node.ae_title))
+                    for s in wanted
+                ]
         except RetrieveError as exc:  # a failed job asked about again waits for the next time
             self._attempt_failed(job, str(exc), permanent=exc.permanent or job.state == FAILED)
             return

@@ -203,6 +203,13 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     return b"\0" * 128 + b"DICM" + group_length + body
 
 
+def _sender(assoc: Any) -> tuple[str, str]:
+    """The AE title and address of the end that sends the instances: the requestor, or the
+    acceptor on an association the node requested (a C-GET's sub-operations)."""
+    side = assoc.acceptor if assoc.is_requestor else assoc.requestor
+    return str(side.ae_title).strip(), str(side.address)
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -389,8 +396,20 @@ class StorageSCP:
 
     def _on_close(self, event: Any) -> None:
         """The association's connection closed: its studies go to the audit trail."""
+        self.sub_operations_ended(event.assoc)
+
+    def sub_operations_from(self, assoc: Any, ae_title: str, host: str) -> None:
+        """``assoc``, an association the node requested, brings instances from ``ae_title``
+        at ``host`` (the C-STORE sub-operations of a C-GET, :mod:`dicom_node.retrieve`): they
+        are received as the receiver's are, and audited once :meth:`sub_operations_ended`."""
+        if self.audit.enabled:
+            with self._received_lock:
+                self._received[id(assoc)] = _Received(ae_title, host)
+
+    def sub_operations_ended(self, assoc: Any) -> None:
+        """What ``assoc`` delivered goes to the audit trail."""
         with self._received_lock:
-            received = self._received.pop(id(event.assoc), None)
+            received = self._received.pop(id(assoc), None)
         if received is None:
             return
         sender = Participant(received.calling, received.host, True, ROLE_SOURCE)
@@ -464,14 +483,14 @@ class StorageSCP:
             return ""
         return f"job queue full ({queued} >= {self.max_queued_jobs}); retry later"
 
-    def _on_store(self, event: Any) -> Dataset | int:
+    def on_store(self, event: Any) -> Dataset | int:
         """Store one instance; answer only once it is durable and recorded.
 
         The received bytes are written first and their ``fdatasync`` runs in the spool's
         worker thread while this thread decodes and checks the data set; the file is renamed
         into its series folder (and the folder fsynced) only when the instance is good.
         """
-        calling = event.assoc.requestor.ae_title.strip()
+        calling, host = _sender(event.assoc)
         full = self._queue_full()
         if full:
             log.warning("instance from %s deferred (0xA700): %s", calling, full)
@@ -538,8 +557,7 @@ class StorageSCP:
             log.debug("duplicate instance from %s stored once", calling)
         elif info.sop_class_uid == sc.KeyObjectSelectionDocumentStorage:
             apply_rejection(
-                self.store, ds, info.series_description, calling,
-                host=event.assoc.requestor.address, audit=self.audit,
+                self.store, ds, info.series_description, calling, host=host, audit=self.audit,
             )  # fmt: skip
         self._audit_instance(event.assoc, ds, info.sop_class_uid)
         return SUCCESS
@@ -551,7 +569,7 @@ class StorageSCP:
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, self.on_store),
         ]
         if self.audit.enabled:
             handlers.append((evt.EVT_CONN_CLOSE, self._on_close))

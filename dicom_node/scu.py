@@ -264,10 +264,11 @@ def associate(
     dimse_timeout_s: float = 60,
     network_timeout_s: float = 60,
     roles: Sequence[Any] = (),
+    evt_handlers: Sequence[Any] = (),
 ) -> Association:
     """An established association with ``destination`` proposing ``contexts`` (and the SCP/SCU
-    Role Selection items ``roles``; TCP_NODELAY set), or :class:`SendError` naming the
-    destination and why there is none."""
+    Role Selection items ``roles``, its events bound to ``evt_handlers``; TCP_NODELAY set), or
+    :class:`SendError` naming the destination and why there is none."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = acse_timeout_s
     ae.dimse_timeout = dimse_timeout_s
@@ -279,6 +280,7 @@ def associate(
             destination.port,
             ae_title=destination.ae_title,
             ext_neg=list(roles) or None,
+            evt_handlers=list(evt_handlers) or None,
             tls_args=(
                 (destination.tls, destination.server_name or destination.host)
                 if destination.tls is not None

@@ -17,7 +17,7 @@ from pynetdicom.presentation import build_context
 
 from dicom_node.commitment import PUSH_MODEL
 from dicom_node.errors import InputError, SendError
-from dicom_node.retrieve import FIND, MOVE
+from dicom_node.retrieve import FIND, GET, MOVE
 from dicom_node.scu import VERIFICATION, Destination, associate, store_batch
 
 log = logging.getLogger(__name__)
@@ -81,21 +81,23 @@ def _c_echo(assoc: Association) -> int | None:
 
 
 def check_destination(
-    destination: Destination, calling_ae: str, *, retrieve_source: bool = False
+    destination: Destination, calling_ae: str, *, retrieve: str = ""
 ) -> tuple[bool, str]:
     """Whether ``destination`` can take the node's results as configured, and what was found:
     an association with its settings (TLS included), a C-ECHO, for a destination with
     storage commitment the Storage Commitment Push Model context accepted, for one with
     ``reject_replaced`` the Key Object Selection Document Storage context (its rejection
-    notes), and for the ``retrieve.source`` (``retrieve_source``) the Study Root C-FIND and
-    C-MOVE contexts. Nothing is stored, committed, queried or moved."""
+    notes), and for the ``retrieve.source`` the Study Root C-FIND context and that of
+    ``retrieve`` (its ``retrieve.method``: move or get). Nothing is stored, committed, queried
+    or moved."""
     contexts = [build_context(VERIFICATION)]
     if destination.storage_commitment:
         contexts.append(build_context(PUSH_MODEL))
     if destination.reject_replaced:
         contexts.append(build_context(KeyObjectSelectionDocumentStorage))
-    if retrieve_source:
-        contexts += [build_context(FIND), build_context(MOVE)]
+    retrieval, model = {"move": ("C-MOVE", MOVE), "get": ("C-GET", GET)}.get(retrieve, ("", ""))
+    if retrieval:
+        contexts += [build_context(FIND), build_context(model)]
     try:
         assoc = associate(destination, contexts, calling_ae=calling_ae)
     except SendError as exc:
@@ -120,8 +122,8 @@ def check_destination(
         (destination.reject_replaced, KeyObjectSelectionDocumentStorage,
          "Key Object Selection Document Storage", " (rejection notes)",
          "reject_replaced: true sends its rejection notes as such documents"),
-        (retrieve_source, FIND, "Study Root C-FIND", "", "retrieve.source queries it"),
-        (retrieve_source, MOVE, "Study Root C-MOVE", "",
+        (bool(retrieval), FIND, "Study Root C-FIND", "", "retrieve.source queries it"),
+        (bool(retrieval), model, f"Study Root {retrieval}", "",
          "retrieve.source has it send the RT objects a study lacks"),
     ]  # fmt: skip
     for configured, sop_class, name, what, why in wanted:

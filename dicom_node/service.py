@@ -166,7 +166,9 @@ class Node:
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
         self.retriever = (
-            Retriever(settings, self.store, self.audit) if settings.retrieve.source else None
+            Retriever(settings, self.store, self.audit, self.scp)
+            if settings.retrieve.source
+            else None
         )
         self.health: HealthServer | None = None
         if settings.health.enabled:

@@ -288,6 +288,9 @@ class RetrieveSettings:
     ``ask_again_days`` days after the first time (a plan drawn after the MR; 0: never)."""
 
     source: str = ""
+    # move: the PACS sends to the node's receiver (it must know the node's address); get: it
+    # sends back on the node's own association (for a PACS that cannot reach the node)
+    method: Literal["move", "get"] = "move"
     attempts: int = field(default=3, metadata=_spec("", minimum=1, maximum=100))
     retry_interval_s: float = field(default=60.0, metadata=_spec("", minimum=0.0))
     window_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))

@@ -56,16 +56,22 @@ def _upload(orthanc: OrthancServer, files: list[Path]) -> None:
         orthanc.raw("/instances", path.read_bytes())
 
 
-def _node_and_pacs(run_node, tmp_path: Path, *, node_ae: str = "GLIOFORECAST", **retrieve):  # type: ignore[no-untyped-def]
+def _node_and_pacs(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, *, node_ae: str = "GLIOFORECAST", node_port: int = 0,
+    audit_file: Path | None = None, **retrieve,
+):  # fmt: skip
     """A running node whose destination and ``retrieve.source`` is an Orthanc that knows the
-    node (calling AE GLIOFORECAST) at the node's port, under the AE title GLIOFORECAST."""
+    node (calling AE GLIOFORECAST) at the node's port (``node_port``, when given), under the AE
+    title GLIOFORECAST."""
     orthanc_binary()
     orthanc = OrthancServer(tmp_path / "orthanc")
     pacs = DestinationSettings(
         name="pacs", ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.dicom_port
     )
     settings = make_settings(
-        tmp_path / "data", retrieve={"source": "pacs", "retry_interval_s": 0.2, **retrieve}
+        tmp_path / "data",
+        retrieve={"source": "pacs", "retry_interval_s": 0.2, **retrieve},
+        audit={"enabled": audit_file is not None, "file": audit_file},
     )
     settings = dataclasses.replace(
         settings,
@@ -73,8 +79,9 @@ def _node_and_pacs(run_node, tmp_path: Path, *, node_ae: str = "GLIOFORECAST", *
         node=dataclasses.replace(settings.node, ae_title=node_ae),
     )
     node = run_node(settings)
+    known_port = node_port or node.scp.port
     orthanc.add_modality(
-        "glioforecast", Destination("glioforecast", "GLIOFORECAST", "127.0.0.1", node.scp.port)
+        "glioforecast", Destination("glioforecast", "GLIOFORECAST", "127.0.0.1", known_port)
     )
     orthanc.start()
     return node, orthanc
@@ -136,6 +143,45 @@ def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # ty
         assert any(d.startswith("SYNTHETIC PREDICTION") for d in descriptions), descriptions
     finally:
         orthanc.stop()
+
+
+def test_with_c_get_the_pacs_sends_back_on_the_nodes_own_association(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """``retrieve.method: get``, for a PACS that cannot reach the node: Orthanc knows the node
+    at a port where nothing listens (a C-MOVE would fail), and sends the plan on the node's
+    C-GET association; the receiver stores it as its own, and the audit trail says it came
+    from Orthanc."""
+    mr, rt = patient
+    log_file = tmp_path / "audit.log"
+    node, orthanc = _node_and_pacs(
+        run_node, tmp_path, node_port=free_port(), audit_file=log_file, method="get"
+    )
+    try:
+        _upload(orthanc, [*mr, *rt])
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        second = wait_for(
+            lambda: finished_job(node, study, 2), timeout=180, what="the job with the plan"
+        )
+        assert second.state == DONE, second.reason
+        (first,) = [j for j in node.store.list_jobs() if j.study_instance_uid == study
+                    and j.version == 1]  # fmt: skip
+        (retrieved,) = [e.message for e in node.store.events(first.id) if e.kind == "retrieved"]
+        assert retrieved.startswith(f"{len(rt)} instance(s) came"), retrieved
+    finally:
+        orthanc.stop()
+    planning_study = str(pydicom.dcmread(rt[0]).StudyInstanceUID)
+    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    (came,) = [
+        m for m in messages if event_id(m) == "110104"
+        and _objects(m)["Study Instance UID"].get("ParticipantObjectID") == planning_study
+    ]  # fmt: skip
+    check_schema(came)
+    source = _participants(came)["Source Role ID"]
+    assert (source.get("UserID"), source.get("NetworkAccessPointID")) == ("ORTHANC", "127.0.0.1")
+    assert _participants(came)["Destination Role ID"].get("UserID") == "GLIOFORECAST"
+    assert sum(int(c.get("NumberOfInstances", "0")) for c in came.iter("SOPClass")) == len(rt)
 
 
 def test_nothing_in_the_pacs_fails_the_job_then_jobs_retrieve_asks_again(  # type: ignore[no-untyped-def]
@@ -343,38 +389,41 @@ def test_a_move_destination_unknown_to_dcmqrscp_is_named_in_the_reason(  # type:
 def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  # type: ignore[no-untyped-def]
     run_node, tmp_path, capsys
 ) -> None:
-    """Orthanc takes Study Root C-FIND and C-MOVE; a storage-only peer (another node) does not,
-    and check-destinations says so for the one named as retrieve.source."""
+    """Orthanc takes Study Root C-FIND, C-MOVE and C-GET; a storage-only peer (another node)
+    does not, and check-destinations says so for the one named as retrieve.source, with the
+    retrieve.method configured."""
     orthanc_binary()
     orthanc = OrthancServer(tmp_path / "orthanc").start()
     store_only = run_node()
     config = tmp_path / "site.yaml"
     try:
-        for source, port, code in (
-            ("pacs", orthanc.dicom_port, 0),
-            ("peer", store_only.scp.port, 1),
+        for source, method, port in (
+            ("pacs", "move", orthanc.dicom_port),
+            ("pacs", "get", orthanc.dicom_port),
+            ("peer", "move", store_only.scp.port),
         ):
             config.write_text(
-                f"retrieve: {{source: {source}}}\n"
+                f"retrieve: {{source: {source}, method: {method}}}\n"
                 "destinations:\n"
                 f"  - {{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, "
                 f"port: {orthanc.dicom_port}}}\n"
                 f"  - {{name: peer, ae_title: GLIOFORECAST, host: 127.0.0.1, "
                 f"port: {store_only.scp.port}}}\n"
             )
-            assert main(["--config", str(config), "check-destinations", source]) == code
+            code = main(["--config", str(config), "check-destinations", source])
             (line,) = capsys.readouterr().out.splitlines()
             assert f"@127.0.0.1:{port}" in line
-            if code == 0:
-                assert line.startswith("ok   pacs (ORTHANC@")
+            what = f"C-{method.upper()}"
+            if source == "pacs":
+                assert code == 0 and line.startswith("ok   pacs (ORTHANC@")
                 assert line.endswith(
-                    "C-ECHO success; Study Root C-FIND accepted; Study Root C-MOVE accepted"
+                    f"C-ECHO success; Study Root C-FIND accepted; Study Root {what} accepted"
                 )
             else:
-                assert line.startswith("FAIL peer (GLIOFORECAST@")
+                assert code == 1 and line.startswith("FAIL peer (GLIOFORECAST@")
                 assert line.endswith(
                     "C-ECHO success; Study Root C-FIND not accepted (retrieve.source queries it); "
-                    "Study Root C-MOVE not accepted (retrieve.source has it send the RT objects "
+                    f"Study Root {what} not accepted (retrieve.source has it send the RT objects "
                     "a study lacks)"
                 )
     finally:
