@@ -71,7 +71,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     source = settings.retrieve.source
     print(
-        f"  missing RT objects asked of {source} (C-FIND, C-MOVE to {settings.node.ae_title})"
+        f"  missing RT objects asked of {source} (C-FIND, "
+        + (
+            f"C-MOVE to {settings.node.ae_title})"
+            if settings.retrieve.method == "move"
+            else "C-GET)"
+        )
         if source
         else "  missing RT objects asked of no PACS (retrieve.source empty)"
     )

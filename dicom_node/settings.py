@@ -279,9 +279,10 @@ class RetrieveSettings:
     """Ask a PACS for the RT objects a study lacks (:mod:`dicom_node.retrieve`): when a study
     has its T1-Gd but no structure set (of its own or of another study of the patient), the
     node queries ``source`` (the name of a destination) for the patient's RT structure sets,
-    doses and registrations (C-FIND) and has it send them (C-MOVE to ``node.ae_title``). The
+    doses and registrations (C-FIND) and has it send them (C-MOVE to ``node.ae_title``; the
     PACS must know the node's AE title, address and port as a move destination, and
-    ``node.allowed_callers`` must let the PACS in. ``attempts`` tries when the PACS cannot be
+    ``node.allowed_callers`` must let the PACS in), or send them back (C-GET, ``method:
+    get``). ``attempts`` tries when the PACS cannot be
     reached, ``retry_interval_s`` apart; ``window_days`` around the study's date bounds the
     studies asked about; one C-MOVE may take ``move_timeout_s``. A study whose failed job the
     PACS had nothing for is asked about again every ``ask_again_h`` hours for
@@ -670,8 +671,10 @@ def warnings_of(s: Settings) -> list[str]:
     if not s.node.refuse_unknown_callers:
         return out
     source = next((d for d in s.destinations if d.name == s.retrieve.source), None)
-    if source is not None and not any(
-        c.ae_title in ("*", source.ae_title) for c in s.node.allowed_callers
+    if (
+        source is not None
+        and s.retrieve.method == "move"
+        and not any(c.ae_title in ("*", source.ae_title) for c in s.node.allowed_callers)
     ):
         out.append(
             f"retrieve.source ({source.name}): node.allowed_callers does not let its AE title "

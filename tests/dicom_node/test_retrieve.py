@@ -201,6 +201,13 @@ def test_the_source_must_be_a_destination_and_the_receiver_must_let_it_in(tmp_pa
         "destinations: [{name: pacs, ae_title: PACS, host: 10.0.0.5, port: 104}]\n"
     )
     assert not [w for w in warnings_of(load_settings(site)) if w.startswith("retrieve")]
+    # with C-GET the PACS sends back on the node's association: nothing to let in
+    site.write_text(
+        "retrieve: {source: pacs, method: get}\n"
+        "node: {allowed_callers: [{ae_title: SCANNER1}]}\n"
+        "destinations: [{name: pacs, ae_title: PACS, host: 10.0.0.5, port: 104}]\n"
+    )
+    assert not [w for w in warnings_of(load_settings(site)) if w.startswith("retrieve")]
 
 
 def test_the_date_window_of_the_query() -> None:
