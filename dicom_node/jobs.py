@@ -576,8 +576,7 @@ class JobStore:
         return [_job(r) for r in rows]
 
     def retrieval_outcome(self, study_uid: str) -> str | None:
-        """What the study's finished retrieval found ('' when it found nothing to say), or None
-        when none was made."""
+        """What the study's last finished retrieval found, or None when none was made."""
         with self._lock:
             row = self._conn.execute(
                 "SELECT outcome FROM retrievals WHERE study_instance_uid = ? "
@@ -658,6 +657,23 @@ class JobStore:
                 (FAILED, asked_marker, now - every_s, now - within_s),
             ).fetchall()
         return [_job(r) for r in rows]
+
+    def end_retrievals(self, reason: Callable[[str], str]) -> int:
+        """Fail the jobs waiting for a retrieval (the node no longer asks a PACS), each with
+        ``reason(its reason)``; returns how many."""
+        now = time.time()
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, reason FROM jobs WHERE state = ?", (RETRIEVING,)
+            ).fetchall()
+            for job_id, waiting in rows:
+                failed = reason(waiting)
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                    (FAILED, failed, now, job_id),
+                )
+                _event(db, job_id, FAILED, failed)
+        return len(rows)
 
     def request_retrieval(self, job_id: int, reason: Callable[[str], str]) -> None:
         """Ask the PACS again for a failed job's RT objects (``jobs retrieve N``): the job waits

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,6 +137,13 @@ def qr_status(code: int) -> str:
     if code == 0x0122:
         return "refused: SOP class not supported"
     return "failure"
+
+
+def not_asked(reason: str) -> str:
+    """The reason of a job that waited for a PACS the node no longer asks (``retrieve.source``
+    emptied)."""
+    waiting = re.sub(r"; asking .+ for the patient's RT objects$", "", reason)
+    return f"{waiting}; no PACS was asked: retrieve.source is no longer set"
 
 
 def _text(ds: Dataset, keyword: str) -> str:

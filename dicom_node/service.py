@@ -24,7 +24,7 @@ from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
 from dicom_node.retention import prune
-from dicom_node.retrieve import Retriever
+from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
 from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
@@ -186,6 +186,10 @@ class Node:
     def start(self) -> None:
         self.audit.start()
         reconcile(self.spool, self.store, self.secret)
+        if self.retriever is None:
+            ended = self.store.end_retrievals(not_asked)
+            if ended:
+                log.warning("%d job(s) waiting for a PACS failed: retrieve.source is empty", ended)
         self.sender.start()
         self.worker.start()
         self.scp.start()

@@ -15,6 +15,7 @@ from dicom_node.cli import main
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import FAILED, RETRIEVING, JobStore
 from dicom_node.retrieve import Retriever, date_range
+from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings, warnings_of
 from dicom_node.spool import Spool
 from tests import factories
@@ -133,6 +134,26 @@ def test_a_study_the_pacs_had_nothing_for_is_asked_about_again_for_a_while(
         settings, retrieve=dataclasses.replace(settings.retrieve, ask_again_h=0)
     )
     assert Retriever(off, store).run_once(time.time() + 7200) == 0
+
+
+def test_jobs_left_waiting_fail_when_the_node_no_longer_asks_a_pacs(tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    store, spool = _stores(settings)
+    _study(tmp_path, store, spool, ("t1c", "flair"))
+    (job_id,) = Assembler(store, settings).run_once()
+    store.close()
+    off = dataclasses.replace(settings, retrieve=dataclasses.replace(settings.retrieve, source=""))
+    node = Node(off)
+    try:
+        node.start()
+        job = node.store.get_job(job_id)
+        assert job is not None and job.state == FAILED
+        assert job.reason.startswith("missing required role rtstruct: no series matched")
+        assert job.reason.endswith(
+            " instances); no PACS was asked: retrieve.source is no longer set"
+        ), job.reason
+    finally:
+        node.stop()
 
 
 @pytest.mark.parametrize(
