@@ -342,13 +342,17 @@ class Patient:
 
     patient_id: str
     study_date: str
+    issuer: str = ""  # IssuerOfPatientID, when the study has one
 
 
 def patient_of(path: Path) -> Patient:
     """The PatientID and StudyDate of a stored instance; InputError when there is no PatientID
     that could be sent without matching other patients."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyDate"])
+        ds = dcmread(
+            path, stop_before_pixels=True,
+            specific_tags=["PatientID", "IssuerOfPatientID", "StudyDate"],
+        )  # fmt: skip
     except (OSError, InvalidDicomError) as exc:
         raise InputError(f"cannot read the T1-Gd instance {path.name}: {exc}") from exc
     patient_id = _text(ds, "PatientID")
@@ -359,7 +363,30 @@ def patient_of(path: Path) -> Patient:
             "the study's PatientID holds a wildcard or backslash: a query with it would match "
             "other patients"
         )
-    return Patient(patient_id, _text(ds, "StudyDate"))
+    return Patient(patient_id, _text(ds, "StudyDate"), _text(ds, "IssuerOfPatientID"))
+
+
+def rt_studies(found: list[Dataset], patient: Patient) -> list[str]:
+    """The studies of the STUDY-level matches ``found`` that may hold RT objects of
+    ``patient``, newest first: not those whose returned PatientID (or IssuerOfPatientID, when
+    both sides have one) is another (a PACS matching loosely, or holding several hospitals'
+    patients), nor those whose returned ModalitiesInStudy has no RT modality."""
+    dated: dict[str, str] = {}
+    for ds in found:
+        uid = _text(ds, "StudyInstanceUID")
+        returned, issuer = _text(ds, "PatientID"), _text(ds, "IssuerOfPatientID")
+        if not uid or (returned and returned != patient.patient_id):
+            continue
+        if issuer and patient.issuer and issuer != patient.issuer:
+            continue
+        value = ds.get("ModalitiesInStudy") or []
+        modalities = {
+            str(m).strip().upper() for m in ([value] if isinstance(value, str) else value)
+        }
+        if modalities and not modalities & set(RT_MODALITIES):
+            continue
+        dated[uid] = _text(ds, "StudyDate")
+    return sorted(dated, key=lambda uid: dated[uid], reverse=True)
 
 
 class Retriever(BackgroundLoop):
@@ -457,12 +484,14 @@ class Retriever(BackgroundLoop):
             for s, m in results
         )
         if not completed:
+            refused = (
+                "" if self.receiver else f"node.allowed_callers lets {self.peer.ae_title} in and "
+            )
             self._attempt_failed(
                 job,
                 f"{self.peer} sent none of the {failed} instance(s) of {moved}: check that "
-                f"node.allowed_callers lets {self.peer.ae_title} in and that the node has disk "
-                "space",
-                permanent=False,
+                f"{refused}the node has disk space (its log says why it refused them)",
+                permanent=job.state == FAILED,
             )
             return
         outcome = f"{completed} instance(s) came ({moved})"
@@ -475,6 +504,7 @@ class Retriever(BackgroundLoop):
         r = self.settings.retrieve
         if self.settings.assembly.link_rt_days <= 0:  # another study's objects are not linked
             return "the study itself: assembly.link_rt_days is 0", [study]
+        keys = {"IssuerOfPatientID": ""} if patient.issuer else {}
         found = qr.find(
             _identifier(
                 "STUDY",
@@ -482,19 +512,10 @@ class Retriever(BackgroundLoop):
                 StudyInstanceUID="",
                 StudyDate=date_range(patient.study_date, r.window_days),
                 ModalitiesInStudy="",
+                **keys,
             )
         )
-        dated: dict[str, str] = {}
-        for ds in found:
-            uid = _text(ds, "StudyInstanceUID")
-            returned = _text(ds, "PatientID")
-            if not uid or (returned and returned != patient.patient_id):
-                continue  # a PACS matching loosely: not this patient
-            modalities = {str(m).upper() for m in (ds.get("ModalitiesInStudy") or [])}
-            if modalities and not modalities & set(RT_MODALITIES):
-                continue
-            dated[uid] = _text(ds, "StudyDate")
-        ordered = sorted(dated, key=lambda uid: dated[uid], reverse=True)[: r.max_studies]
+        ordered = rt_studies(found, patient)[: r.max_studies]
         window = f" within {r.window_days:g} days of the study's date" if patient.study_date else ""
         return f"{len(found)} study(ies) of the patient{window}", ordered
 

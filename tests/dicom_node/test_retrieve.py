@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from dicom_node.assembler import Assembler
 from dicom_node.cli import main
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import FAILED, RETRIEVING, JobStore
-from dicom_node.retrieve import Retriever, date_range
+from dicom_node.retrieve import Patient, Retriever, date_range, rt_studies
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings, warnings_of
 from dicom_node.spool import Spool
@@ -235,3 +236,29 @@ def test_the_date_window_of_the_query() -> None:
     assert date_range("20261101", 30) == "20261002-20261201"
     assert date_range("", 30) == ""
     assert date_range("2026", 30) == ""
+
+
+def _match(uid: str, date: str, modalities: object = None, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.StudyDate, ds.PatientID = uid, date, keys.pop("PatientID", "P1")
+    if modalities is not None:
+        ds.ModalitiesInStudy = modalities
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_which_studies_of_the_matches_are_looked_into() -> None:
+    found = [
+        _match("1.1", "20261101", ["MR"]),  # no RT object in it
+        _match("1.2", "20261105", ["CT", "RTSTRUCT", "RTDOSE"]),
+        _match("1.3", "20261110", "RTSTRUCT"),  # one value: a string, not a list
+        _match("1.4", "20261103"),  # no ModalitiesInStudy returned: looked into
+        _match("1.5", "20261120", ["RTSTRUCT"], PatientID="P11"),  # matched loosely
+        _match("1.6", "20261121", ["RTSTRUCT"], IssuerOfPatientID="OTHER HOSPITAL"),
+        _match("1.7", "20261102", ["REG"], IssuerOfPatientID="OUR HOSPITAL"),
+    ]
+    ours = Patient("P1", "20261101", "OUR HOSPITAL")
+    assert rt_studies(found, ours) == ["1.3", "1.2", "1.4", "1.7"]
+    # without an issuer of its own, the node cannot tell the issuers apart
+    assert rt_studies(found, Patient("P1", "20261101")) == ["1.6", "1.3", "1.2", "1.4", "1.7"]

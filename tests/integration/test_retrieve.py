@@ -24,6 +24,7 @@ from dicom_node.cli import main
 from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
 from dicom_node.retrieve import FIND
 from dicom_node.scu import Destination
+from dicom_node.settings import AllowedCaller
 from dicom_node.settings import Destination as DestinationSettings
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
@@ -284,9 +285,9 @@ def _node_and_dcmqrscp(run_node, tmp_path: Path, source_port: int, port: int = 0
     """A running node (on ``port``, 0: any) whose destination and source is dcmqrscp."""
     pacs = DestinationSettings(name="pacs", ae_title="DCMQR", host="127.0.0.1", port=source_port)
     sections.setdefault("retrieve", {"source": "pacs"})
+    sections.setdefault("node", {"port": port})
     settings = make_settings(tmp_path / "data", **sections)
-    node = dataclasses.replace(settings.node, port=port)
-    return run_node(dataclasses.replace(settings, destinations=(pacs,), node=node))
+    return run_node(dataclasses.replace(settings, destinations=(pacs,)))
 
 
 def test_dcmtk_dcmqrscp_as_the_pacs(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -416,3 +417,27 @@ def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  
                 )
     finally:
         orthanc.stop()
+
+
+def test_instances_the_receiver_refuses_are_named_in_the_reason(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """dcmqrscp knows the node, but node.allowed_callers does not let it in: its C-STORE
+    sub-operations are refused, and the job's reason says where to look."""
+    mr, rt = patient
+    port = free_port()
+    with dcmqrscp(tmp_path / "qr", {"GLIOFORECAST": port}) as qr_port:
+        assert storescu(qr_port, *mr, *rt, extra=("-aec", "DCMQR")).returncode == 0
+        node = _node_and_dcmqrscp(
+            run_node, tmp_path, qr_port, port,
+            retrieve={"source": "pacs", "attempts": 1},
+            node={"port": port, "allowed_callers": (AllowedCaller("SCANNER1"),)},
+        )  # fmt: skip
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the job")
+    assert first.state == FAILED
+    assert "pacs (DCMQR@127.0.0.1:" in first.reason
+    assert "check that node.allowed_callers lets DCMQR in and the node has disk space" in (
+        first.reason
+    ), first.reason
