@@ -92,8 +92,9 @@ class RemoteSeries:
     instances: int | None
 
     def __str__(self) -> str:
-        n = "?" if self.instances is None else str(self.instances)
-        return f"{self.modality} {self.description!r} ({n} instance(s))"
+        described = f" {self.description!r}" if self.description else ""
+        counted = "" if self.instances is None else f" ({self.instances} instance(s))"
+        return f"{self.modality}{described}{counted}"
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,10 @@ class QueryRetrieve:
                 "address and port)",
                 permanent=True,
             )
-        if code in (0x0000, 0xB000) or result.completed:
+        # sub-operations the node's receiver refused (0xA702: the PACS could not store
+        # there) are for the caller to explain, with what completed
+        refused = 0xA700 <= code <= 0xA7FF and result.failed
+        if code in (0x0000, 0xB000) or result.completed or refused:
             return result
         comment = _text(last, "ErrorComment")
         # some PACS (Orthanc) answer a move destination they do not know with 0xC000
