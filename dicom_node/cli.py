@@ -62,12 +62,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     tls = [d.name for d in settings.destinations if d.tls.enabled]
     notices = [d.name for d in settings.destinations if d.failure_notice]
     rejecting = [d.name for d in settings.destinations if d.reject_replaced]
+    web = [d.name for d in settings.destinations if d.dicomweb.url]
     print(
         f"  {len(settings.destinations)} destination(s)"
         + (f", storage commitment with {', '.join(committing)}" if committing else "")
         + (f", TLS to {', '.join(tls)}" if tls else "")
         + (f", failure notices to {', '.join(notices)}" if notices else "")
         + (f", rejection notes for replaced results to {', '.join(rejecting)}" if rejecting else "")
+        + (f", DICOMweb (STOW-RS) to {', '.join(web)}" if web else "")
     )
     source = settings.retrieve.source
     print(
@@ -130,6 +132,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_check_destinations(args: argparse.Namespace) -> int:
+    from dicom_node import dicomweb
     from dicom_node.audit import check_repository
     from dicom_node.scu import Destination
     from dicom_node.sender import check_destination
@@ -151,10 +154,16 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
     failed = 0
     for entry in chosen:
         destination = Destination.from_settings(entry)
-        ok, found = check_destination(
-            destination, settings.sending.calling_ae_title,
-            retrieve=settings.retrieve.method if entry.name == settings.retrieve.source else "",
-        )  # fmt: skip
+        source = entry.name == settings.retrieve.source
+        ok, found = (
+            dicomweb.check(destination)
+            if destination.url
+            else check_destination(
+                destination,
+                settings.sending.calling_ae_title,
+                retrieve=settings.retrieve.method if source else "",
+            )
+        )
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {destination}: {found}")
     if audit:  # where the audit trail goes is checked with them

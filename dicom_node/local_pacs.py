@@ -14,6 +14,7 @@ instances arrived, read an instance back):
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -77,6 +78,10 @@ def find_orthanc() -> str | None:
     return None
 
 
+#: Orthanc's DICOMweb plugin as Debian installs it (package orthanc-dicomweb)
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,10 +140,16 @@ class OrthancServer:
         ae_title: str = "ORTHANC",
         modalities: dict[str, Destination] | None = None,
         tls: OrthancTLS | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
         """``modalities``: the peers Orthanc knows by name (``DicomModalities``), which it
         sends storage commitment reports to (over TLS for those with a ``tls`` context);
-        ``tls``: Orthanc's DICOM port takes TLS only."""
+        ``tls``: Orthanc's DICOM port takes TLS only; ``dicomweb``: its DICOMweb plugin
+        serves :attr:`dicomweb_url`; ``users``: HTTP Basic users and passwords the REST API
+        and DICOMweb require (this object uses the first)."""
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.workdir = Path(workdir)
         self.modalities = dict(modalities or {})
         self.tls = tls
@@ -151,6 +162,10 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def destination(self, name: str = "orthanc") -> Destination:
         return Destination(name, self.ae_title, "127.0.0.1", self.dicom_port)
@@ -172,6 +187,13 @@ class OrthancServer:
             "StableAge": 1,
             "DicomModalities": {name: _modality(peer) for name, peer in self.modalities.items()},
         }
+        if self.dicomweb:
+            config |= {
+                "Plugins": [DICOMWEB_PLUGIN],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            }
+        if self.users:
+            config |= {"AuthenticationEnabled": True, "RegisteredUsers": self.users}
         if self.tls is not None:
             config |= {
                 "DicomTlsEnabled": True,
@@ -220,9 +242,16 @@ class OrthancServer:
 
     def raw(self, path: str, data: bytes | None = None) -> bytes:
         req = urllib.request.Request(self.url + path, data=data, method="POST" if data else "GET")
+        self._authorize(req)
         with urllib.request.urlopen(req, timeout=30) as rsp:
             body: bytes = rsp.read()
             return body
+
+    def _authorize(self, req: urllib.request.Request) -> None:
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
 
     def add_modality(self, name: str, peer: Destination) -> None:
         """Make ``peer`` known to Orthanc as a DICOM modality (it sends storage commitment
@@ -235,11 +264,13 @@ class OrthancServer:
                 data=json.dumps(_modality(peer)).encode(),
                 method="PUT",
             )
+            self._authorize(req)
             with urllib.request.urlopen(req, timeout=30):
                 pass
 
     def delete(self, path: str) -> None:
         req = urllib.request.Request(self.url + path, method="DELETE")
+        self._authorize(req)
         with urllib.request.urlopen(req, timeout=30):
             pass
 

@@ -70,6 +70,7 @@ from dicom_node.audit import (
     TransferTally,
 )
 from dicom_node.commitment import PERMANENT_REASONS, CommitmentReport, describe_reason
+from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scu import Destination, StoreResult, store_batch
@@ -1014,6 +1015,8 @@ def deliver_due(
     report = DeliveryReport()
 
     def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
+        if dest.url:  # a DICOMweb service
+            return stow_batch(datasets, dest)
         return store_batch(datasets, dest, calling_ae=calling_ae)
 
     send = store or default_store
@@ -1134,7 +1137,7 @@ def _deliver_batch(
             tally.add(ds, item.sop_class_uid, msg)
     if tally:
         node = Participant(calling_ae, audit.node.host, True, ROLE_SOURCE)
-        peer = Participant(dest.ae_title, dest.host, False, ROLE_DESTINATION)
+        peer = Participant(dest.ae_title or dest.url, dest.host, False, ROLE_DESTINATION)
         audit.transferred(node, peer, tally)
 
 

@@ -11,10 +11,12 @@ yet acknowledged.
 
 from __future__ import annotations
 
+import base64
 import logging
 import socket
 import ssl
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,19 @@ class DestinationTLSLike(Protocol):
     def server_name(self) -> str | None: ...
 
 
+class DicomWebLike(Protocol):
+    @property
+    def url(self) -> str: ...
+    @property
+    def token_file(self) -> Path | None: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def password_file(self) -> Path | None: ...
+    @property
+    def timeout_s(self) -> float: ...
+
+
 class DestinationLike(Protocol):
     @property
     def name(self) -> str: ...
@@ -64,6 +79,8 @@ class DestinationLike(Protocol):
     def reject_replaced(self) -> bool: ...
     @property
     def tls(self) -> DestinationTLSLike: ...
+    @property
+    def dicomweb(self) -> DicomWebLike: ...
 
 
 @dataclass(frozen=True)
@@ -83,8 +100,15 @@ class Destination:
     reject_replaced: bool = False
     tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     server_name: str = ""
+    # a DICOMweb destination (dicom_node.dicomweb): its base URL, the Authorization header
+    # and the HTTP timeout; host and port are the URL's
+    url: str = ""
+    authorization: str = field(default="", compare=False, repr=False)
+    timeout_s: float = 120.0
 
     def __str__(self) -> str:
+        if self.url:
+            return f"{self.name} ({self.url})"
         over = ", TLS" if self.tls is not None else ""
         return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{over})"
 
@@ -103,6 +127,17 @@ class Destination:
                     f"{tls.private_key}): {exc}; expected PEM files, the key matching the "
                     "certificate"
                 ) from exc
+        web = d.dicomweb
+        if web.url:
+            url = urllib.parse.urlsplit(web.url)
+            return cls(
+                name=d.name, ae_title="", host=url.hostname or "",
+                port=url.port or (443 if url.scheme == "https" else 80),
+                reject_replaced=bool(d.reject_replaced), tls=context,
+                server_name=(tls.server_name or "") if tls.enabled else "",
+                url=web.url.rstrip("/"), authorization=_authorization(d.name, web),
+                timeout_s=float(web.timeout_s),
+            )  # fmt: skip
         return cls(
             name=d.name,
             ae_title=d.ae_title,
@@ -113,6 +148,23 @@ class Destination:
             tls=context,
             server_name=(tls.server_name or "") if tls.enabled else "",
         )
+
+
+def _authorization(name: str, web: DicomWebLike) -> str:
+    """The Authorization header of a DICOMweb destination ('' without authentication)."""
+    path = web.token_file or web.password_file
+    if path is None:
+        return ""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise GlioforecastError(
+            f"destination {name}: cannot read {path} ({exc.strerror or exc}); expected a file "
+            "this user can read"
+        ) from exc
+    if web.token_file is not None:
+        return f"Bearer {secret}"
+    return "Basic " + base64.b64encode(f"{web.username}:{secret}".encode()).decode()
 
 
 def client_ssl_context(

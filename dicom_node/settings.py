@@ -20,6 +20,7 @@ import re
 import sys
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -236,14 +237,38 @@ class DestinationTLS:
     server_name: str | None = None
 
 
+def _check_url(value: str) -> str | None:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme in ("http", "https") and parsed.hostname and not parsed.query:
+        return None
+    return f"an http:// or https:// URL of a DICOMweb service without a query, found {value!r}"
+
+
+@dataclass(frozen=True)
+class DicomWebSettings:
+    """A DICOMweb service the results go to by STOW-RS (``url``: its base, the one under which
+    ``/studies`` is), instead of DICOM: a cloud PACS or a VNA that speaks only HTTP. Over
+    https the destination's ``tls`` says which CAs to trust and which client certificate to
+    present. Authentication: a bearer token read from ``token_file``, or HTTP Basic with
+    ``username`` and the password read from ``password_file`` (files, so that the secrets
+    are not in the configuration)."""
+
+    url: str = field(default="", metadata=_spec("", check=_check_url))
+    token_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+    timeout_s: float = field(default=120.0, metadata=_spec("", minimum=1.0))
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A PACS (or any C-STORE SCP) that receives the results."""
+    """A PACS (or any C-STORE SCP) that receives the results: by DICOM (``ae_title``, ``host``,
+    ``port``), or by DICOMweb (``dicomweb.url``)."""
 
     name: str
-    ae_title: str = field(metadata=_spec("", check=_check_ae_title))
-    host: str
-    port: int = field(metadata=_spec("", minimum=1, maximum=65535))
+    ae_title: str = field(default="", metadata=_spec("", check=_check_ae_title))
+    host: str = ""
+    port: int = field(default=0, metadata=_spec("", minimum=1, maximum=65535))
     # ask the PACS to commit to keeping what it received (Storage Commitment Push Model); a
     # delivery counts only once it did. The PACS must know this node's AE title, address and
     # port to send its report, and node.allowed_callers must let it in.
@@ -260,6 +285,7 @@ class Destination:
     # delivered are withdrawn at every destination, whatever this says
     reject_replaced: bool = False
     tls: DestinationTLS = DestinationTLS()
+    dicomweb: DicomWebSettings = DicomWebSettings()
 
 
 @dataclass(frozen=True)
@@ -541,6 +567,47 @@ def _client_tls_checks(
     return problems
 
 
+def _destination_checks(where: str, d: Destination) -> list[str]:
+    """A destination is reached by DICOM or by DICOMweb, with what that needs."""
+    web = d.dicomweb
+    dimse = [k for k in ("ae_title", "host", "port") if getattr(d, k)]
+    if not web.url:
+        missing = [k for k in ("ae_title", "host", "port") if k not in dimse]
+        if missing:
+            return [
+                f"{where}: expected ae_title, host and port (DICOM) or dicomweb.url "
+                f"(DICOMweb), found no {', '.join(missing)}"
+            ]
+        if web.token_file or web.username or web.password_file:
+            return [f"{where}.dicomweb: expected a url with its authentication, found none"]
+        return []
+    problems = []
+    if dimse:
+        problems.append(
+            f"{where}: expected either ae_title, host and port (DICOM) or dicomweb.url "
+            f"(DICOMweb), found both ({', '.join(dimse)} and dicomweb.url)"
+        )
+    if d.storage_commitment:
+        problems.append(
+            f"{where}.storage_commitment: expected false for a DICOMweb destination (storage "
+            "commitment is a DICOM service), found true"
+        )
+    if web.token_file is not None and (web.username or web.password_file is not None):
+        problems.append(
+            f"{where}.dicomweb: expected a token_file or a username and password_file, found both"
+        )
+    if bool(web.username) != (web.password_file is not None):
+        problems.append(
+            f"{where}.dicomweb: expected username and password_file together, found only "
+            + ("username" if web.username else "password_file")
+        )
+    for key in ("token_file", "password_file"):
+        path = getattr(web, key)
+        if path is not None and not path.is_file():
+            problems.append(f"{where}.dicomweb.{key}: expected an existing file, found {path}")
+    return problems
+
+
 def _cross_checks(s: Settings) -> list[str]:
     problems = []
     tls = s.node.tls
@@ -561,6 +628,7 @@ def _cross_checks(s: Settings) -> list[str]:
                 f"node.tls.ca_certificates: expected an existing file, found {tls.ca_certificates}"
             )
     for n, d in enumerate(s.destinations):
+        problems += _destination_checks(f"destinations[{n}]", d)
         if d.tls.enabled:
             problems += _client_tls_checks(
                 f"destinations[{n}].tls", d.tls.ca_certificates, d.tls.certificate,
@@ -584,6 +652,12 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append(
             f"sending.retry_max_s: expected >= retry_initial_s ({s.sending.retry_initial_s}), "
             f"found {s.sending.retry_max_s}"
+        )
+    web = {d.name for d in s.destinations if d.dicomweb.url}
+    if s.retrieve.source in web:
+        problems.append(
+            f"retrieve.source: expected a DICOM destination (C-FIND, C-MOVE), found "
+            f"{s.retrieve.source!r}, a DICOMweb one"
         )
     if s.retrieve.source and s.retrieve.source not in names:
         known = ", ".join(names) or "none configured"

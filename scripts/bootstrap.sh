@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything glioforecast needs on a fresh Debian machine:
-#   - Debian packages (dcmtk, dicom3tools, dcm2niix, orthanc, rsyslog with TLS, python3-venv)
+#   - Debian packages (dcmtk, dicom3tools, dcm2niix, orthanc and its DICOMweb plugin, rsyslog
+#     with TLS, python3-venv)
 #     when missing and root;
 #   - a virtual environment in $VENV (default .venv) with torch==2.13.0 installed first
 #     (so no CUDA build is pulled in), then the package with the requested extras.
@@ -16,6 +17,8 @@ command -v /usr/bin/storescu >/dev/null 2>&1 || need_pkgs+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need_pkgs+=(dicom3tools)
 command -v dcm2niix >/dev/null 2>&1 || need_pkgs+=(dcm2niix)
 command -v Orthanc >/dev/null 2>&1 || need_pkgs+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS destination of the DICOMweb tests
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # the audit record repository of the audit trail's tests (syslog over TLS and UDP)
 command -v rsyslogd >/dev/null 2>&1 || need_pkgs+=(rsyslog)

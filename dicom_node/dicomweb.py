@@ -1,0 +1,208 @@
+"""Results to a DICOMweb service: STOW-RS (PS3.18 10.5), for a destination with ``dicomweb.url``.
+
+:func:`stow_batch` keeps the contract of :func:`dicom_node.scu.store_batch`: one
+:class:`~dicom_node.scu.StoreResult` per object, :class:`SendError` when the service cannot be
+reached at all, so the outbox retries, marks dead and audits exactly as for a DICOM
+destination. Objects go as Part 10 files in ``multipart/related; type="application/dicom"``
+requests to ``{url}/studies``, at most :data:`CHUNK` per request. The answer is read as
+PS3.18 says:
+
+- 200: every object stored;
+- 202: those in the response's Referenced SOP Sequence stored (a Warning Reason logged), those
+  in its Failed SOP Sequence not, with their Failure Reason (a C-STORE status: whether retrying
+  can help is decided as for DICOM);
+- 409: none stored, the Failed SOP Sequence saying why where it does;
+- 401, 403, 404, 405, 413, 415 and other 4xx: none stored, and retrying cannot help until the
+  configuration changes (dead at once; ``outbox retry`` after the fix);
+- 408, 429, 5xx, a timeout or a lost connection: not stored, tried again with back-off.
+
+Authentication is a bearer token or HTTP Basic (``dicomweb.token_file``, or ``username`` and
+``password_file``); https uses the destination's ``tls`` files (the system's CAs otherwise).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from dicom_node.errors import SendError
+from dicom_node.scu import Destination, StoreResult, describe_status, is_permanent
+
+log = logging.getLogger(__name__)
+
+#: objects per STOW-RS request: a request is built in memory
+CHUNK = 50
+REFERENCED_SOP_SEQUENCE = "00081199"
+FAILED_SOP_SEQUENCE = "00081198"
+REFERENCED_SOP_INSTANCE_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+#: HTTP statuses after which the same request may succeed later
+RETRYABLE = frozenset({408, 425, 429})
+
+
+def _part10(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def multipart(datasets: Sequence[Dataset]) -> tuple[bytes, str]:
+    """The body of a STOW-RS request and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for ds in datasets:
+        parts.append(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _part10(ds)
+        )
+    body = b"\r\n".join(parts) + f"\r\n--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def _context(destination: Destination) -> ssl.SSLContext | None:
+    return destination.tls if destination.url.startswith("https:") else None
+
+
+def request(
+    destination: Destination, path: str, *, data: bytes | None = None, headers: dict[str, str]
+) -> tuple[int, str, bytes]:
+    """One HTTP request to ``destination``: (status, reason, body). SendError when it cannot
+    be made (no connection, TLS, timeout)."""
+    req = urllib.request.Request(
+        destination.url + path, data=data, method="POST" if data is not None else "GET"
+    )
+    for key, value in headers.items():
+        req.add_header(key, value)
+    if destination.authorization:
+        req.add_header("Authorization", destination.authorization)
+    try:
+        with urllib.request.urlopen(
+            req, timeout=destination.timeout_s, context=_context(destination)
+        ) as rsp:
+            return int(rsp.status), str(rsp.reason), rsp.read()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), str(exc.reason), exc.read()
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SendError(f"cannot reach {destination}: {reason}") from exc
+
+
+def _items(answer: dict[str, object], tag: str) -> list[dict[str, object]]:
+    element = answer.get(tag)
+    if not isinstance(element, dict):
+        return []
+    value = element.get("Value")
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _value(item: dict[str, object], tag: str) -> object:
+    element = item.get(tag)
+    if isinstance(element, dict):
+        value = element.get("Value")
+        if isinstance(value, list) and value:
+            return value[0]
+    return None
+
+
+def _answer(body: bytes) -> dict[str, object]:
+    """The STOW-RS response data set (application/dicom+json); {} when there is none."""
+    try:
+        answer = json.loads(body or b"{}")
+    except ValueError:
+        return {}
+    if isinstance(answer, list):  # some services answer a one-element array
+        answer = answer[0] if answer else {}
+    return answer if isinstance(answer, dict) else {}
+
+
+def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreResult]:
+    body, content_type = multipart(datasets)
+    status, reason, raw = request(
+        destination, "/studies", data=body,
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+    )  # fmt: skip
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if status == 200:
+        return [StoreResult(uid, 0x0000) for uid in uids]
+    answer = _answer(raw) if status in (202, 409) else {}
+    failed: dict[str, int | None] = {}
+    for item in _items(answer, FAILED_SOP_SEQUENCE):
+        code = _value(item, FAILURE_REASON)
+        failed[str(_value(item, REFERENCED_SOP_INSTANCE_UID))] = (
+            int(code) if isinstance(code, int) else None
+        )
+    stored = set()
+    for item in _items(answer, REFERENCED_SOP_SEQUENCE):
+        stored.add(str(_value(item, REFERENCED_SOP_INSTANCE_UID)))
+        warning = _value(item, WARNING_REASON)
+        if warning is not None:
+            log.warning(
+                "STOW-RS to %s: warning 0x%04X for %s (stored)",
+                destination.name, int(str(warning)), _value(item, REFERENCED_SOP_INSTANCE_UID),
+            )  # fmt: skip
+    http_text = f"{destination} answered HTTP {status} {reason}".rstrip()
+    results = []
+    for uid in uids:
+        if status == 202 and uid in stored:
+            results.append(StoreResult(uid, 0x0000))
+        elif uid in failed and failed[uid] is not None:
+            code = failed[uid]
+            assert code is not None
+            results.append(
+                StoreResult(
+                    uid, code, f"{http_text}: 0x{code:04X} ({describe_status(code)})",
+                    permanent=is_permanent(code),
+                )
+            )  # fmt: skip
+        else:
+            detail = "" if status in (202, 409) else f": {raw[:200].decode('utf-8', 'replace')}"
+            retry = status >= 500 or status in RETRYABLE or status == 202
+            results.append(StoreResult(uid, None, f"{http_text}{detail}", permanent=not retry))
+    return results
+
+
+def stow_batch(
+    datasets: Sequence[Dataset], destination: Destination, *, chunk: int = CHUNK
+) -> list[StoreResult]:
+    """Send ``datasets`` to a DICOMweb ``destination``, one result per dataset. SendError when
+    the first request cannot be made; a connection lost later fails the objects not yet
+    answered, which are tried again."""
+    results: list[StoreResult] = []
+    for start in range(0, len(datasets), chunk):
+        part = datasets[start : start + chunk]
+        try:
+            results += _stow(part, destination)
+        except SendError as exc:
+            if not results:
+                raise
+            results += [
+                StoreResult(str(ds.SOPInstanceUID), None, str(exc)) for ds in datasets[start:]
+            ]
+            break
+    delivered = sum(r.delivered for r in results)
+    log.info("STOW-RS to %s: %d of %d delivered", destination.name, delivered, len(results))
+    return results
+
+
+def check(destination: Destination) -> tuple[bool, str]:
+    """Whether the DICOMweb ``destination`` answers, as ``check-destinations`` reports it: a
+    QIDO-RS search for one study with its authentication (nothing is stored)."""
+    try:
+        status, reason, _ = request(
+            destination, "/studies?limit=1", headers={"Accept": "application/dicom+json"}
+        )
+    except SendError as exc:
+        return False, str(exc)
+    if status in (200, 204):
+        return True, f"DICOMweb answers (QIDO-RS HTTP {status})"
+    return False, f"DICOMweb answered HTTP {status} {reason} to a QIDO-RS search"
