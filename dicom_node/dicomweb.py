@@ -8,13 +8,15 @@ requests to ``{url}/studies``, at most :data:`CHUNK` per request. The answer is 
 PS3.18 says:
 
 - 200: every object stored;
-- 202: those in the response's Referenced SOP Sequence stored (a Warning Reason logged), those
-  in its Failed SOP Sequence not, with their Failure Reason (a C-STORE status: whether retrying
-  can help is decided as for DICOM);
-- 409: none stored, the Failed SOP Sequence saying why where it does;
-- 401, 403, 404, 405, 413, 415 and other 4xx: none stored, and retrying cannot help until the
-  configuration changes (dead at once; ``outbox retry`` after the fix);
-- 408, 429, 5xx, a timeout or a lost connection: not stored, tried again with back-off.
+- otherwise, when the answer is a STOW-RS response data set (202 and 409 as the standard
+  has it; Orthanc's plugin answers a partial success 400 with one): the objects in its
+  Referenced SOP Sequence are stored (a Warning Reason is logged), those in its Failed SOP
+  Sequence are not, with their Failure Reason (a C-STORE status: whether retrying can help is
+  decided as for DICOM);
+- objects the answer does not mention, or every object when there is no response data set:
+  after 401, 403, 404, 405, 409, 413, 415 and other 4xx, not stored, and retrying cannot help
+  until the configuration changes (dead at once; ``outbox retry`` after the fix); after 202,
+  408, 429, 5xx, a timeout or a lost connection, tried again with back-off.
 
 Authentication is a bearer token or HTTP Basic (``dicomweb.token_file``, or ``username`` and
 ``password_file``); https uses the destination's ``tls`` files (the system's CAs otherwise).
@@ -134,7 +136,7 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     if status == 200:
         return [StoreResult(uid, 0x0000) for uid in uids]
-    answer = _answer(raw) if status in (202, 409) else {}
+    answer = _answer(raw)  # a 400 may carry one too (Orthanc's plugin answers a partial so)
     failed: dict[str, int | None] = {}
     for item in _items(answer, FAILED_SOP_SEQUENCE):
         code = _value(item, FAILURE_REASON)
@@ -153,7 +155,7 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
     http_text = f"{destination} answered HTTP {status} {reason}".rstrip()
     results = []
     for uid in uids:
-        if status == 202 and uid in stored:
+        if uid in stored:
             results.append(StoreResult(uid, 0x0000))
         elif uid in failed and failed[uid] is not None:
             code = failed[uid]
@@ -165,7 +167,7 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
                 )
             )  # fmt: skip
         else:
-            detail = "" if status in (202, 409) else f": {raw[:200].decode('utf-8', 'replace')}"
+            detail = "" if answer else f": {raw[:200].decode('utf-8', 'replace')}"
             retry = status >= 500 or status in RETRYABLE or status == 202
             results.append(StoreResult(uid, None, f"{http_text}{detail}", permanent=not retry))
     return results

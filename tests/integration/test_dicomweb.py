@@ -9,6 +9,8 @@ from xml.etree import ElementTree as ET
 
 import pydicom
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_node.cli import main
 from dicom_node.dicomweb import stow_batch
@@ -65,6 +67,30 @@ def test_the_results_go_by_stow_rs_and_each_object_is_accounted_for(tmp_path: Pa
         results = stow_batch(objects[:3], dest, chunk=2)
         assert [r.delivered for r in results] == [True, True, True]
         assert orthanc.count_instances() == len(objects)
+    finally:
+        orthanc.stop()
+
+
+def test_an_object_the_service_refuses_beside_one_it_stores(tmp_path: Path) -> None:
+    """Orthanc's plugin refuses an object without Study and Series UIDs and stores the other
+    one of the same request (it answers 400 with a STOW-RS response): each gets its own
+    result, from the response's sequences."""
+    orthanc = _orthanc(tmp_path)
+    good = default_outputs().all()[0]
+    bad = Dataset()
+    bad.file_meta = FileMetaDataset()
+    bad.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    bad.SOPClassUID = bad.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    try:
+        stored, refused = stow_batch([good, bad], _destination(orthanc.dicomweb_url, tmp_path))
+        assert stored.delivered and stored.sop_instance_uid == good.SOPInstanceUID
+        assert not refused.delivered and refused.status == 0xC000 and refused.permanent
+        assert refused.error is not None
+        assert refused.error.endswith(
+            "answered HTTP 400 Bad Request: 0xC000 (error: cannot understand)"
+        )
+        assert orthanc.count_instances() == 1
     finally:
         orthanc.stop()
 
