@@ -137,12 +137,11 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
     if status == 200:
         return [StoreResult(uid, 0x0000) for uid in uids]
     answer = _answer(raw)  # a 400 may carry one too (Orthanc's plugin answers a partial so)
-    failed: dict[str, int | None] = {}
+    failed: dict[str, int] = {}  # the objects refused, with a Failure Reason
     for item in _items(answer, FAILED_SOP_SEQUENCE):
         code = _value(item, FAILURE_REASON)
-        failed[str(_value(item, REFERENCED_SOP_INSTANCE_UID))] = (
-            int(code) if isinstance(code, int) else None
-        )
+        if isinstance(code, int):
+            failed[str(_value(item, REFERENCED_SOP_INSTANCE_UID))] = code
     stored = set()
     for item in _items(answer, REFERENCED_SOP_SEQUENCE):
         stored.add(str(_value(item, REFERENCED_SOP_INSTANCE_UID)))
@@ -157,9 +156,8 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
     for uid in uids:
         if uid in stored:
             results.append(StoreResult(uid, 0x0000))
-        elif uid in failed and failed[uid] is not None:
+        elif uid in failed:
             code = failed[uid]
-            assert code is not None
             results.append(
                 StoreResult(
                     uid, code, f"{http_text}: 0x{code:04X} ({describe_status(code)})",
