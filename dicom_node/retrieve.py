@@ -70,6 +70,7 @@ _GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")
 PENDING = (0xFF00, 0xFF01)
 POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
+REPEAT_POLL_S = 60.0  # how often, at most, it looks for studies to ask about again
 
 
 class RetrieveError(SendError):
@@ -417,6 +418,7 @@ class Retriever(BackgroundLoop):
         source = settings.retrieve.source
         entry = next(d for d in settings.destinations if d.name == source)
         self.peer = Destination.from_settings(entry)
+        self._next_repeat = 0.0  # when to look for studies to ask about again
 
     def step(self) -> float:
         self.run_once()
@@ -428,7 +430,8 @@ class Retriever(BackgroundLoop):
         now = time.time() if now is None else now
         r = self.settings.retrieve
         jobs = self.store.due_retrievals(now)
-        if r.ask_again_h > 0 and r.ask_again_days > 0:
+        if r.ask_again_h > 0 and r.ask_again_days > 0 and now >= self._next_repeat:
+            self._next_repeat = now + min(REPEAT_POLL_S, r.ask_again_h * 360)  # a tenth
             jobs += self.store.retrievals_to_repeat(
                 asked("", r.source, ""), r.ask_again_h * 3600, r.ask_again_days * 86400, now
             )
