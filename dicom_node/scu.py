@@ -12,6 +12,7 @@ yet acknowledged.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import socket
 import ssl
@@ -127,18 +128,7 @@ class Destination:
                     f"{tls.private_key}): {exc}; expected PEM files, the key matching the "
                     "certificate"
                 ) from exc
-        web = d.dicomweb
-        if web.url:
-            url = urllib.parse.urlsplit(web.url)
-            return cls(
-                name=d.name, ae_title="", host=url.hostname or "",
-                port=url.port or (443 if url.scheme == "https" else 80),
-                reject_replaced=bool(d.reject_replaced), tls=context,
-                server_name=(tls.server_name or "") if tls.enabled else "",
-                url=web.url.rstrip("/"), authorization=_authorization(d.name, web),
-                timeout_s=float(web.timeout_s),
-            )  # fmt: skip
-        return cls(
+        dest = cls(
             name=d.name,
             ae_title=d.ae_title,
             host=d.host,
@@ -148,6 +138,16 @@ class Destination:
             tls=context,
             server_name=(tls.server_name or "") if tls.enabled else "",
         )
+        web = d.dicomweb
+        if not web.url:
+            return dest
+        url = urllib.parse.urlsplit(web.url)
+        return dataclasses.replace(
+            dest, ae_title="", host=url.hostname or "",
+            port=url.port or (443 if url.scheme == "https" else 80),
+            url=web.url.rstrip("/"), authorization=_authorization(d.name, web),
+            timeout_s=float(web.timeout_s),
+        )  # fmt: skip
 
 
 def _authorization(name: str, web: DicomWebLike) -> str:

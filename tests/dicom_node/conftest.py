@@ -67,6 +67,17 @@ def finished_job(node: Node, study_uid: str, version: int):  # type: ignore[no-u
     )
 
 
+def all_sent(node: Node, destination: str, timeout: float = 60) -> int:
+    """How many results ``destination`` got, once every delivery to it is sent."""
+    from tests.conftest import wait_for
+
+    counts = wait_for(
+        lambda: (c := node.outbox.counts().get(destination, {})) and set(c) == {"sent"} and c,
+        timeout=timeout, what=f"every result at {destination}",
+    )  # fmt: skip
+    return int(counts["sent"])
+
+
 def storescp_destination(folder: Path, name: str, ae_title: str, **settings: Any):  # type: ignore[no-untyped-def]
     """dcmtk storescp writing into ``folder``, and its destination entry."""
     folder.mkdir()

@@ -25,7 +25,12 @@ from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
-from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
+from tests.dicom_node.conftest import (
+    all_sent,
+    finished_job,
+    make_settings,
+    storescp_destination,
+)
 from tests.dicom_node.test_jobs import SECRET, _info, _receive
 from tests.dicom_node.test_scp import storescu
 
@@ -83,13 +88,10 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
         assert storescu(node.scp.port, *files).returncode == 0
         first = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
         assert first.state == DONE, first.reason
-        delivered = wait_for(
-            lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
-            timeout=60, what="the prediction at the PACS",
-        )  # fmt: skip
+        delivered = all_sent(node, "pacs")
         at_pacs = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
         prediction = {str(ds.SOPInstanceUID) for ds in at_pacs}
-        assert len(prediction) == delivered["sent"]
+        assert len(prediction) == delivered
 
         # a reader's key images change nothing: the study is not run again for them
         key_images = key_object_note(t1c, KEY_IMAGES, tmp_path)
@@ -220,10 +222,7 @@ def test_the_site_takes_a_prediction_back_by_hand(  # type: ignore[no-untyped-de
             what="the prediction",
         )  # fmt: skip
         assert job.state == DONE, job.reason
-        sent = wait_for(
-            lambda: (c := node.outbox.counts().get("pacs", {})) and set(c) == {"sent"} and c,
-            timeout=60, what="the prediction at the PACS",
-        )["sent"]  # fmt: skip
+        sent = all_sent(node, "pacs")
         # a reader rejects the prediction in an IOCM PACS that forwards the study and its notes
         # to the node: our own results are no input, nothing is run again
         ours = sorted((tmp_path / "pacs").iterdir())

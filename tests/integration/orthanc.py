@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dicom_node.local_pacs import OrthancServer, find_orthanc, free_port
+from dicom_node.local_pacs import DICOMWEB_PLUGIN, OrthancServer, find_orthanc, free_port
 
-__all__ = ["OrthancServer", "free_port", "orthanc_binary"]
+__all__ = ["OrthancServer", "dicomweb_plugin", "free_port", "orthanc_binary"]
 
 
 def orthanc_binary() -> str:
@@ -14,3 +16,11 @@ def orthanc_binary() -> str:
     if binary is None:
         pytest.skip("Orthanc is not installed (apt-get install orthanc)")
     return binary
+
+
+def dicomweb_plugin() -> str:
+    """Orthanc's DICOMweb plugin (with Orthanc itself), or skip the test."""
+    orthanc_binary()
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    return DICOMWEB_PLUGIN

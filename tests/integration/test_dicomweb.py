@@ -16,7 +16,6 @@ from dicom_node.cli import main
 from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import ConfigError, SendError
 from dicom_node.jobs import DONE
-from dicom_node.local_pacs import DICOMWEB_PLUGIN
 from dicom_node.outbox import Outbox, deliver_due
 from dicom_node.scu import Destination
 from dicom_node.settings import Destination as DestinationSettings
@@ -24,10 +23,10 @@ from dicom_node.settings import DicomWebSettings, load_settings
 from inference.synthetic.cohort import generate_patient
 from tests.audit_repository import event_id
 from tests.conftest import free_port, wait_for
-from tests.dicom_node.conftest import finished_job, make_settings
+from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _participants, check_schema
 from tests.dicom_node.test_scp import storescu
-from tests.integration.orthanc import OrthancServer, orthanc_binary
+from tests.integration.orthanc import OrthancServer, dicomweb_plugin
 from tests.sr_writer.synthetic_job import default_outputs
 
 pytestmark = pytest.mark.slow
@@ -36,9 +35,7 @@ USERS = {"glioforecast": "s3cret-pass"}
 
 
 def _orthanc(tmp_path: Path, **options: object) -> OrthancServer:
-    orthanc_binary()
-    if not Path(DICOMWEB_PLUGIN).is_file():
-        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    dicomweb_plugin()
     return OrthancServer(tmp_path / "orthanc", dicomweb=True, **options).start()  # type: ignore[arg-type]
 
 
@@ -189,11 +186,8 @@ def test_the_running_node_sends_a_prediction_to_a_dicomweb_service(  # type: ign
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         job = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
         assert job.state == DONE, job.reason
-        sent = wait_for(
-            lambda: (c := node.outbox.counts().get("vna", {})) and set(c) == {"sent"} and c,
-            timeout=60, what="the results at the DICOMweb service",
-        )  # fmt: skip
-        assert orthanc.count_instances() == sent["sent"]
+        sent = all_sent(node, "vna")
+        assert orthanc.count_instances() == sent
     finally:
         orthanc.stop()
     messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
@@ -207,4 +201,4 @@ def test_the_running_node_sends_a_prediction_to_a_dicomweb_service(  # type: ign
         peer = _participants(message)["Destination Role ID"]
         assert peer.get("NetworkAccessPointID") == "127.0.0.1"
     counted = [int(c.get("NumberOfInstances", "0")) for m in delivered for c in m.iter("SOPClass")]
-    assert sum(counted) == sent["sent"]
+    assert sum(counted) == sent

@@ -31,7 +31,7 @@ from inference.synthetic.planning_frame import to_planning_frame
 from sr_writer.labels import series_description
 from tests.audit_repository import event_id
 from tests.conftest import free_port, tool, wait_for
-from tests.dicom_node.conftest import finished_job, make_settings
+from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
 from tests.integration.orthanc import OrthancServer, orthanc_binary
@@ -144,10 +144,7 @@ def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # ty
         # the moved instances came over the receiver; the node's own RTSTRUCT was not asked for
         assert len(node.store.series_paths(str(pydicom.dcmread(rt[0]).SeriesInstanceUID))) == 1
         assert not node.store.series_paths(str(ours.SeriesInstanceUID))
-        wait_for(
-            lambda: set(node.outbox.counts().get("pacs", {})) == {"sent"},
-            timeout=60, what="the results at the PACS",
-        )  # fmt: skip
+        all_sent(node, "pacs")
         descriptions = {s.description for s in orthanc.study_series(study)}
         assert any(d.startswith("SYNTHETIC PREDICTION") for d in descriptions), descriptions
     finally:
