@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import Association, build_role, evt
 from pynetdicom.presentation import build_context
 
@@ -52,7 +51,7 @@ from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import FAILED, Job, JobStore
 from dicom_node.linking import RT_CLASSES
 from dicom_node.loop import BackgroundLoop
-from dicom_node.scu import Destination, associate, hold_reactor
+from dicom_node.scu import UNCOMPRESSED, Destination, associate, hold_reactor
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
 
@@ -64,9 +63,6 @@ log = logging.getLogger(__name__)
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve Information Model - MOVE
 GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
-# what a C-GET brings back on its own association: storage contexts, the node as SCP
-_GET_STORAGE = (*RT_CLASSES,)
-_GET_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")
 PENDING = (0xFF00, 0xFF01)
 POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
@@ -320,8 +316,9 @@ def query_retrieve(
     handlers: list[Any] = []
     if receiver is not None:
         contexts = [build_context(FIND), build_context(GET)]
-        contexts += [build_context(c, list(_GET_SYNTAXES)) for c in _GET_STORAGE]
-        roles = [build_role(c, scp_role=True) for c in _GET_STORAGE]
+        # what the C-GET brings back on this association: the RT classes, the node as SCP
+        contexts += [build_context(c, list(UNCOMPRESSED)) for c in RT_CLASSES]
+        roles = [build_role(c, scp_role=True) for c in RT_CLASSES]
         handlers = [(evt.EVT_C_STORE, receiver.on_store)]
     try:
         assoc = associate(

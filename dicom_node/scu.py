@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
 VERIFICATION = "1.2.840.10008.1.1"
-_UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+UNCOMPRESSED = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
 # Warning statuses of C-STORE (PS3.4 B.2.3): the instance is stored.
 WARNING_STATUSES = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
@@ -243,7 +243,7 @@ def presentation_contexts(datasets: Sequence[Dataset]) -> list[PresentationConte
         sop_class = str(ds.SOPClassUID)
         own = _transfer_syntax(ds)
         offered = syntaxes.setdefault(sop_class, [])
-        for ts in (own, *_UNCOMPRESSED):
+        for ts in (own, *UNCOMPRESSED):
             if ts not in offered:
                 offered.append(ts)
     if len(syntaxes) > MAX_CONTEXTS:
