@@ -16,7 +16,11 @@ Events (DCM codes of PS3.16 CID 400-403; PS3.15 A.5.3):
 - Query (110112), action E: each C-FIND the node sent a PACS for the RT objects a study lacks
   (:mod:`dicom_node.retrieve`; the node as Source, the PACS as Destination, the query itself
   base64-encoded as PS3.15 A.5.3.12 asks); a query the PACS could not answer is a minor
-  failure with the reason.
+  failure with the reason;
+- Security Alert (110113), type Security Configuration (110129) when ``node.allowed_callers``
+  or ``node.refuse_unknown_callers`` changed, else Software Configuration (110131): each
+  configuration reload (SIGHUP, :mod:`dicom_node.reload`), the changed keys in the
+  description, a minor failure with the reason when nothing was applied.
 
 Unlike the logs, audit messages name the patient (ID and name) and the study: that is what an
 audit trail is for. They go only where ``audit:`` says: an audit record repository over syslog
@@ -91,6 +95,9 @@ INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 SECURITY_ALERT = ("110113", "Security Alert")
 NODE_AUTHENTICATION = ("110126", "Node Authentication")
+SECURITY_CONFIGURATION = ("110129", "Security Configuration")
+SOFTWARE_CONFIGURATION = ("110131", "Software Configuration")
+URI = ("12", "URI")  # RFC-3881 participant object ID type
 ROLE_APPLICATION = ("110150", "Application")
 ROLE_SOURCE = ("110153", "Source Role ID")
 ROLE_DESTINATION = ("110152", "Destination Role ID")
@@ -320,6 +327,32 @@ def security_alert(
     return root
 
 
+def configuration_changed(
+    node: Participant,
+    source: AuditSource,
+    uri: str,
+    *,
+    security: bool,
+    applied: bool,
+    description: str,
+) -> ET.Element:
+    """The node was asked to reload its configuration file (at ``uri``): a Security Alert of
+    type Security Configuration when who may call the node changed, else Software
+    Configuration; a minor failure when nothing was applied (``description`` says why)."""
+    root = _message(
+        SECURITY_ALERT, "E", SUCCESS if applied else MINOR_FAILURE, [node], source,
+        event_type=SECURITY_CONFIGURATION if security else SOFTWARE_CONFIGURATION,
+        description=description,
+    )  # fmt: skip
+    obj = ET.SubElement(
+        root,
+        "ParticipantObjectIdentification",
+        {"ParticipantObjectID": uri, "ParticipantObjectTypeCode": "2"},  # system object
+    )
+    _coded(obj, "ParticipantObjectIDTypeCode", URI, scheme="RFC-3881")
+    return root
+
+
 def instances_rejected(
     requestor: Participant, node: Participant, study: StudyRecord, source: AuditSource, why: str
 ) -> ET.Element:
@@ -374,8 +407,10 @@ def query(
 
 
 def to_text(message: ET.Element) -> str:
-    """The message as one line of XML."""
-    return ET.tostring(message, encoding="unicode")
+    """The message as one line of XML: a line break in a text (a multi-line reason) is
+    written as a character reference, which an XML reader reads back as the line break."""
+    text = ET.tostring(message, encoding="unicode")
+    return text.replace("\r", "&#13;").replace("\n", "&#10;")
 
 
 def syslog_frame(xml: str, hostname: str, when: datetime.datetime | None = None) -> bytes:
@@ -522,6 +557,12 @@ class AuditTrail:
     def rejected(self, ae_title: str, host: str, study: StudyRecord, why: str) -> None:
         requestor = Participant(ae_title, host, True)
         self.record(instances_rejected(requestor, self.node, study, self.source, why))
+
+    def configured(self, uri: str, *, security: bool, applied: bool, description: str) -> None:
+        self.record(configuration_changed(
+            self.node, self.source, uri, security=security, applied=applied,
+            description=description,
+        ))  # fmt: skip
 
     def queried(
         self, ae_title: str, host: str, sop_class_uid: str, identifier: Dataset, failure: str = ""
@@ -719,6 +760,7 @@ class NoAuditTrail:
     def queried(
         self, ae_title: str, host: str, sop_class_uid: str, identifier: Dataset, failure: str = ""
     ) -> None: ...
+    def configured(self, uri: str, *, security: bool, applied: bool, description: str) -> None: ...
 
 
 def audit_trail(

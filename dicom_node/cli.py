@@ -44,7 +44,7 @@ def _when(ts: float) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.service import serve
 
-    return serve(_settings(args))
+    return serve(_settings(args), lambda: _settings(args))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -146,7 +146,12 @@ class FailureNotices:
         self.outbox = outbox
         self.wake_sender = wake_sender
         self.clock = clock
-        self.destinations = [d.name for d in settings.destinations if d.failure_notice]
+
+    @property
+    def destinations(self) -> list[str]:
+        """The destinations that take failure notices (read at each pass: a configuration
+        reload may change them)."""
+        return [d.name for d in self.settings.destinations if d.failure_notice]
 
     @property
     def enabled(self) -> bool:

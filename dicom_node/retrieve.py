@@ -406,16 +406,24 @@ class Retriever(BackgroundLoop):
         """``receiver``: the node's receiver, which stores what a C-GET brings
         (``retrieve.method: get``)."""
         super().__init__()
-        self.settings = settings
         self.store = store
         self.audit = audit or NoAuditTrail()
-        self.receiver = receiver if settings.retrieve.method == "get" else None
-        if settings.retrieve.method == "get" and receiver is None:
-            raise ValueError("retrieve.method get: expected the receiver that stores what comes")
-        source = settings.retrieve.source
-        entry = next(d for d in settings.destinations if d.name == source)
-        self.peer = Destination.from_settings(entry)
+        self._receiver = receiver
+        entry = next(d for d in settings.destinations if d.name == settings.retrieve.source)
+        self.configure(settings, Destination.from_settings(entry))
         self._next_repeat = 0.0  # when to look for studies to ask about again
+
+    def configure(self, settings: Settings, peer: Destination) -> None:
+        """Ask ``peer`` (``settings.retrieve.source``) with ``settings`` from the next pass on
+        (a configuration reload; a pass under way finishes with what it started with)."""
+        if settings.retrieve.method == "get" and self._receiver is None:
+            raise ValueError("retrieve.method get: expected the receiver that stores what comes")
+        self.settings, self.peer = settings, peer
+
+    @property
+    def receiver(self) -> StorageSCP | None:
+        """The receiver that stores what a C-GET brings; None with ``method: move``."""
+        return self._receiver if self.settings.retrieve.method == "get" else None
 
     def step(self) -> float:
         self.run_once()
@@ -450,6 +458,7 @@ class Retriever(BackgroundLoop):
 
     def retrieve(self, job: Job) -> None:
         r = self.settings.retrieve
+        receiver = self.receiver  # one pass, one method (a reload may change it meanwhile)
         study = job.study_instance_uid
         extra = {"job": job.id}
         try:
@@ -460,7 +469,7 @@ class Retriever(BackgroundLoop):
         try:
             with query_retrieve(
                 self.peer, self.settings.sending.calling_ae_title, r.move_timeout_s, self.audit,
-                self.receiver,
+                receiver,
             ) as qr:  # fmt: skip
                 searched, studies = self._studies(qr, study, patient)
                 series = [s for uid in studies for s in self._rt_series(qr, uid)]
@@ -474,7 +483,7 @@ class Retriever(BackgroundLoop):
                     )
                     return
                 results = [
-                    (s, qr.get(s) if self.receiver else qr.move(s, self.settings.node.ae_title))
+                    (s, qr.get(s) if receiver else qr.move(s, self.settings.node.ae_title))
                     for s in wanted
                 ]
         except RetrieveError as exc:  # a failed job asked about again waits for the next time
@@ -488,9 +497,7 @@ class Retriever(BackgroundLoop):
             for s, m in results
         )
         if not completed:
-            refused = (
-                "" if self.receiver else f"node.allowed_callers lets {self.peer.ae_title} in and "
-            )
+            refused = "" if receiver else f"node.allowed_callers lets {self.peer.ae_title} in and "
             self._attempt_failed(
                 job,
                 f"{self.peer} sent none of the {failed} instance(s) of {moved}: check that "

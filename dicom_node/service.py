@@ -8,6 +8,8 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from pydicom import dcmread
@@ -23,6 +25,7 @@ from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
+from dicom_node.reload import destination_files, plan_reload
 from dicom_node.retention import prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
@@ -115,11 +118,36 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
 RETENTION_BATCH = 50
 
 
-class Node:
-    """Everything ``glioforecast serve`` runs, startable and stoppable from tests."""
+def _inert_classes(settings: Settings) -> frozenset[str]:
+    """The annotation classes that do not reopen a study: those no role rule uses."""
+    used = {sop_class_uid(c) for rule in settings.roles.rules for c in rule.sop_classes}
+    return ANNOTATION_CLASSES - used
 
-    def __init__(self, settings: Settings) -> None:
+
+def _uri(source: str) -> str:
+    """The configuration's source as the audit trail names it: a file URI, else as it is."""
+    path = Path(source)
+    return path.resolve().as_uri() if path.is_file() else source
+
+
+#: who may call the node: a reload that changes these is a security configuration change
+SECURITY_KEYS = ("node.allowed_callers", "node.refuse_unknown_callers")
+
+
+class Node:
+    """Everything ``glioforecast serve`` runs, startable and stoppable from tests.
+
+    ``load`` reads the configuration again for :meth:`reload` (SIGHUP); without it a reload
+    is refused.
+    """
+
+    def __init__(self, settings: Settings, load: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self._load = load
+        self._reload_requested = False  # set by SIGHUP (see request_reload)
+        self.reloads = {"applied": 0, "unchanged": 0, "refused": 0}
+        self.last_reload: tuple[bool, float] = (True, time.time())  # (successful, when)
+        self._files = destination_files(settings)  # what the destinations' TLS files held
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.secret = installation_secret(data_dir)
@@ -160,8 +188,7 @@ class Node:
                 else None
             ),
             audit=self.audit,
-            inert_sop_classes=ANNOTATION_CLASSES
-            - {sop_class_uid(c) for rule in settings.roles.rules for c in rule.sop_classes},
+            inert_sop_classes=_inert_classes(settings),
         )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
@@ -224,6 +251,9 @@ class Node:
         while not (self._stop.is_set() or self._signalled):
             if watchdog is not None:
                 notify("WATCHDOG=1")
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
             try:
                 if self.assembler.run_once():
                     self.worker.wake()
@@ -235,6 +265,96 @@ class Node:
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_pass()
             self._stop.wait(interval)
+
+    def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        """SIGHUP: read the configuration again, from the main loop (within one poll interval;
+        a signal handler must not do the work, see :meth:`request_stop`)."""
+        self._reload_requested = True
+
+    def reload(self) -> str:
+        """Read the configuration file again and apply it to the running node: 'applied',
+        'unchanged', or 'refused' (unreadable, invalid, or a key changed that takes a
+        restart: then nothing is applied and the node goes on as it was). Logged, audited,
+        counted in the metrics, and told to systemd."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        old = self.settings
+        changed: tuple[str, ...] = ()
+        try:
+            if self._load is None:
+                raise GlioforecastError("expected a configuration file to read again; this node "
+                                        "was started without one")  # fmt: skip
+            new = self._load()
+            files = destination_files(new)
+            plan = plan_reload(old, new, self._files, files)
+            changed = plan.changed
+            if plan.restart:
+                raise GlioforecastError(
+                    f"{', '.join(plan.restart)} changed, which a running node cannot take "
+                    "(systemctl restart glioforecast applies the file)"
+                )
+            if changed:
+                self._apply(new)
+                self._files = files
+        except Exception as exc:  # whatever the file holds, the node goes on as it was
+            if not isinstance(exc, GlioforecastError):
+                log.exception("configuration reload failed")
+            result, source = "refused", old.source
+            detail = f"configuration not reloaded from {source}: {exc}; nothing was applied"
+            log.error("%s; the node goes on with the configuration it had", detail)
+            self.last_reload = (False, self.last_reload[1])
+        else:
+            result, source = ("applied" if changed else "unchanged"), new.source
+            detail = f"configuration reloaded from {source}: " + (
+                f"{', '.join(changed)} applied" if changed else "nothing changed"
+            )
+            log.info("%s", detail)
+            for warning in warnings_of(new) if changed else ():
+                log.warning("configuration: %s", warning)
+            self.last_reload = (True, time.time())
+        if result != "unchanged":
+            security = any(k.startswith(SECURITY_KEYS) for k in changed)
+            self.audit.configured(_uri(source), security=security, applied=result == "applied",
+                                  description=detail)  # fmt: skip
+        self.reloads[result] += 1
+        notify(f"READY=1\nSTATUS=accepting associations; configuration reload {result}")
+        return result
+
+    def _apply(self, new: Settings) -> None:
+        """Hand ``new`` to every part of the running node; raises (changing nothing) when a
+        destination's TLS files cannot be loaded."""
+        destinations = [Destination.from_settings(d) for d in new.destinations]
+        peer = next((d for d in destinations if d.name == new.retrieve.source), None)
+        started = None  # a retriever the reload starts (retrieve.source set where it was not)
+        if peer is not None and self.retriever is None:
+            started = Retriever(new, self.store, self.audit, self.scp)
+        # from here on nothing raises: each part reads its settings at its next use
+        old, self.settings = self.settings, new
+        if new.logging != old.logging:
+            configure_logging(new.logging)
+        self.scp.settings = new.node
+        self.scp.max_queued_jobs = new.worker.max_queued_jobs
+        self.scp.inert_sop_classes = _inert_classes(new)
+        self.assembler.settings = new
+        self.worker.settings = new
+        self.notices.settings = new
+        self.outbox.policy = RetryPolicy.from_settings(new.sending)
+        self.sender.calling_ae = new.sending.calling_ae_title
+        self.sender.destinations = destinations
+        if peer is None:
+            if self.retriever is not None:
+                self.retriever.stop(timeout=0)  # a pass under way finishes by itself
+                self.retriever = None
+                ended = self.store.end_retrievals(not_asked)
+                if ended:
+                    log.warning("%d job(s) waiting for a PACS failed: retrieve.source is empty",
+                                ended)  # fmt: skip
+        elif started is not None:
+            self.retriever = started
+            started.start()
+        elif self.retriever is not None:
+            self.retriever.configure(new, peer)
+        self.sender.wake()
+        self.worker.wake()
 
     def _retention_pass(self) -> float:
         """Remove the spool files retention allows, a bounded number of studies at a time so
@@ -296,7 +416,28 @@ class Node:
         durations = self.store.durations()
         samples: list[tuple[str, str, dict[str, str], float]] = [
             ("glioforecast_up", "1 while the node runs", {}, 1),
+            (
+                "glioforecast_config_last_reload_successful",
+                "0 when the last configuration reload (SIGHUP) was refused, else 1",
+                {},
+                int(self.last_reload[0]),
+            ),
+            (
+                "glioforecast_config_last_reload_success_timestamp_seconds",
+                "when the configuration was last read with success (start or reload)",
+                {},
+                round(self.last_reload[1], 3),
+            ),
         ]
+        for result, n in self.reloads.items():
+            samples.append(
+                (
+                    "glioforecast_config_reloads_total",
+                    "configuration reloads (SIGHUP) by result",
+                    {"result": result},
+                    n,
+                )
+            )
         for state in JOB_STATES:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
         samples += [
@@ -405,16 +546,18 @@ class Node:
         log.info("stopped")
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int:
+    """Run the node until SIGTERM / SIGINT; SIGHUP reloads the configuration with ``load``."""
     configure_logging(settings.logging)
     # `kill -USR1 <pid>` writes every thread's stack to stderr (the journal): what a node that
     # hangs is waiting for, without stopping it
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     for warning in warnings_of(settings):
         log.warning("configuration: %s", warning)
-    node = Node(settings)
+    node = Node(settings, load)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
+    signal.signal(signal.SIGHUP, node.request_reload)
     try:
         node.start()
         node.run_forever()

@@ -12,11 +12,12 @@ UNIT = REPO / "systemd" / "glioforecast.service"
 
 
 def _directives() -> dict[str, str]:
-    out = {}
+    """Each directive's value; one given several times (``ExecReload``) joined by newlines."""
+    out: dict[str, str] = {}
     for line in UNIT.read_text().splitlines():
         m = re.match(r"^([A-Za-z]+)=(.*)$", line)
         if m:
-            out[m.group(1)] = m.group(2)
+            out[m.group(1)] = "\n".join(filter(None, [out.get(m.group(1)), m.group(2)]))
     return out
 
 
@@ -31,6 +32,10 @@ def test_unit_is_hardened() -> None:
     assert d["PrivateTmp"] == "yes"
     assert d["ExecStart"].endswith("glioforecast serve")
     assert "check-config" in d["ExecStartPre"]
+    # a reload checks the file, then signals the node (which applies it: test_reload.py)
+    check, signal = d["ExecReload"].splitlines()
+    assert "check-config ${GLIOFORECAST_CONFIG}" in check
+    assert signal == "/bin/kill -HUP $MAINPID"
 
 
 def test_unit_verifies_and_scores_ok(tmp_path: Path) -> None:

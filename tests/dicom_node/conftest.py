@@ -36,8 +36,13 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """Start a node (SCP + assembly loop) with overrides; stopped at the end of the test."""
     started: list[tuple[Node, threading.Thread]] = []
 
-    def start(settings: Settings | None = None, **sections: dict[str, Any]) -> Node:
-        node = Node(settings or make_settings(tmp_path / "data", **sections))
+    def start(
+        settings: Settings | None = None,
+        load: Callable[[], Settings] | None = None,
+        **sections: dict[str, Any],
+    ) -> Node:
+        """``load``: what a configuration reload reads (:meth:`Node.reload`)."""
+        node = Node(settings or make_settings(tmp_path / "data", **sections), load)
         node.start()
         thread = threading.Thread(target=node.run_forever, daemon=True)
         thread.start()

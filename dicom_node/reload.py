@@ -1,0 +1,133 @@
+"""What a configuration reload (``systemctl reload glioforecast``, SIGHUP) may change.
+
+The running node re-reads its configuration file on SIGHUP. Most of it applies at once, to the
+next association, the next study, the next job and the next delivery: who may call, the series
+roles, the destinations, retries, the retrieve source, the model, retention, logging. What the
+node has opened or bound at start cannot change while it runs: its AE title, address and port,
+TLS, association limits and timeouts, the data folder, the health endpoint, the audit trail, and
+whether the receiver offers the Storage Commitment SOP class (some destination asks for storage
+commitment, or none does). A reload whose file changes any of those applies nothing, so that
+the node always runs one version of the file; it says which keys need ``systemctl restart``.
+
+The files a destination names (its TLS certificates and key, its DICOMweb token or password)
+are read again when their contents changed, even if the configuration file did not: a renewed
+certificate or a rotated token needs a reload, not a restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.settings import Settings
+
+#: keys that apply to a running node; any other change takes a restart (a section added to
+#: the settings later is restart-only until it is listed here)
+LIVE_KEYS = (
+    "node.refuse_unknown_callers",
+    "node.allowed_callers",
+    "retention",
+    "assembly",
+    "roles",
+    "destinations",
+    "sending",
+    "retrieve",
+    "model",
+    "worker",
+    "logging",
+)
+
+#: the derived key that stands for "the receiver offers the Storage Commitment SOP class"
+COMMITMENT_OFFERED = "destinations[].storage_commitment (the receiver's Storage Commitment context)"
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two settings objects (``source`` left
+    out); a destination is named by its ``name`` (``destinations.pacs``)."""
+    if dataclasses.is_dataclass(old) and type(old) is type(new):
+        keys = []
+        for f in dataclasses.fields(old):
+            if f.metadata.get("internal"):
+                continue
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if f.name == "destinations":
+                keys += _changed_destinations(a, b, where)
+            elif dataclasses.is_dataclass(a) and not isinstance(a, type):
+                keys += changed_keys(a, b, where)
+            elif a != b:
+                keys.append(where)
+        return keys
+    return [] if old == new else [prefix]
+
+
+def _changed_destinations(old: tuple[Any, ...], new: tuple[Any, ...], where: str) -> list[str]:
+    before = {d.name: d for d in old}
+    after = {d.name: d for d in new}
+    keys = [f"{where}.{name}" for name in sorted(before.keys() | after.keys())
+            if before.get(name) != after.get(name)]  # fmt: skip
+    if not keys and [d.name for d in old] != [d.name for d in new]:
+        keys.append(where)  # the same entries in another order
+    return keys
+
+
+def destination_files(settings: Settings) -> dict[str, str]:
+    """A digest, per destination, of the files its entry names (their contents are not in
+    the settings)."""
+    digests = {}
+    for d in settings.destinations:
+        h = hashlib.sha256()
+        paths = (d.tls.ca_certificates, d.tls.certificate, d.tls.private_key,
+                 d.dicomweb.token_file, d.dicomweb.password_file)  # fmt: skip
+        for path in paths:
+            if path is not None:
+                try:
+                    h.update(Path(path).read_bytes())
+                except OSError as exc:  # Destination.from_settings reports it
+                    h.update(f"unreadable: {exc}".encode())
+            h.update(b"\0")
+        digests[d.name] = h.hexdigest()
+    return digests
+
+
+@dataclass(frozen=True)
+class ReloadPlan:
+    """What a new version of the file changes: ``changed`` keys, of which ``restart`` cannot
+    be applied to the running node."""
+
+    changed: tuple[str, ...]
+    restart: tuple[str, ...]
+
+    @property
+    def applicable(self) -> bool:
+        return bool(self.changed) and not self.restart
+
+
+def _live(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in LIVE_KEYS)
+
+
+def plan_reload(
+    old: Settings,
+    new: Settings,
+    old_files: Mapping[str, str] | None = None,
+    new_files: Mapping[str, str] | None = None,
+) -> ReloadPlan:
+    """What applying ``new`` over ``old`` changes; ``old_files`` and ``new_files`` are the
+    :func:`destination_files` of each (a destination whose files changed is a change)."""
+    changed = changed_keys(old, new)
+    for name, digest in (new_files or {}).items():
+        key = f"destinations.{name}"
+        if key not in changed and (old_files or {}).get(name, digest) != digest:
+            changed.append(f"{key} (its TLS or DICOMweb secret files)")
+    restart = [k for k in changed if not _live(k)]
+    if any(d.storage_commitment for d in old.destinations) != any(
+        d.storage_commitment for d in new.destinations
+    ):
+        changed.append(COMMITMENT_OFFERED)
+        restart.append(COMMITMENT_OFFERED)
+    return ReloadPlan(tuple(changed), tuple(restart))
