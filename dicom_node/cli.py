@@ -384,6 +384,15 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from dicom_node.backup import backup
+
+    settings = _settings(args)
+    report = backup(settings.storage.data_dir, args.destination, spool=not args.without_spool)
+    print(report.describe())
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -505,6 +514,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(p)
     p.add_argument("--dry-run", action="store_true", help="list what would be removed")
     p.set_defaults(func=cmd_spool_prune)
+
+    p = sub.add_parser(
+        "backup",
+        help="copy the data folder consistently, the node running or not (databases by "
+        "SQLite's online backup, then the spool and the results waiting); restore: the node "
+        "stopped, the copy put back at the same path",
+    )
+    _add_data_dir(p)
+    p.add_argument("destination", type=Path, help="a new or empty folder (outside the data one)")
+    p.add_argument(
+        "--without-spool", action="store_true",
+        help="leave the received instances out (the PACS keeps them too)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_backup)
 
     outbox_cli.register(sub)
     outbox_actions: Any = sub.choices["outbox"]._subparsers._group_actions  # type: ignore[union-attr]

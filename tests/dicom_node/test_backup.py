@@ -1,0 +1,166 @@
+"""`glioforecast backup`: a consistent copy of a running node's data folder, and a restore
+that loses nothing the node had accepted."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import sqlite3
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from dicom_node.backup import MANIFEST, _settle_outbox
+from dicom_node.cli import EXIT_FAILED, EXIT_OK, main
+from dicom_node.jobs import FAILED
+from dicom_node.outbox import Outbox
+from dicom_node.service import Node
+from dicom_node.settings import Destination, Settings
+from tests.conftest import free_port, tool, wait_for
+from tests.dicom_node.conftest import all_sent, make_settings
+from tests.dicom_node.test_scp import storescu
+from tests.factories import small_study
+
+
+def _settings(data: Path, pacs_port: int) -> Settings:
+    """A node whose PACS takes failure notices; it is down until the test starts it."""
+    pacs = Destination(
+        name="pacs", ae_title="PACS", host="127.0.0.1", port=pacs_port, failure_notice=True
+    )
+    s = dataclasses.replace(make_settings(data), destinations=(pacs,))
+    return dataclasses.replace(
+        s, sending=dataclasses.replace(s.sending, retry_initial_s=3600, retry_max_s=3600)
+    )
+
+
+def _integrity(db: Path) -> str:
+    with sqlite3.connect(db) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+@contextlib.contextmanager
+def _running(settings: Settings) -> Iterator[Node]:
+    node = Node(settings)
+    node.start()
+    thread = threading.Thread(target=node.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        node.request_stop()
+        thread.join(timeout=10)
+        node.stop()
+
+
+def _instances(folder: Path) -> set[str]:
+    return {p.name for p in (folder / "spool").rglob("*.dcm")}
+
+
+def test_a_backup_of_a_running_node_restores_every_instance_job_and_waiting_result(
+    tmp_path, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    pacs_port = free_port()
+    settings = _settings(data, pacs_port)
+    first = small_study(tmp_path / "first")
+    second = small_study(tmp_path / "second", slices=24)
+    with _running(settings) as node:
+        assert storescu(node.scp.port, *first["t1c"], *first["flair"]).returncode == 0
+        # no structure set: the job fails, and its notice waits for the PACS, which is down
+        wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
+                 what="the failure notice to wait for the PACS")  # fmt: skip
+        acknowledged = _instances(data)
+        (failed,) = node.store.list_jobs()
+        secret = (data / "secret.key").read_bytes()
+        # a scanner goes on sending while the backup runs
+        results = []
+        sending = threading.Thread(target=lambda: results.append(
+            storescu(node.scp.port, *second["t1c"], *second["flair"])
+        ))  # fmt: skip
+        sending.start()
+        assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
+        sending.join(timeout=120)
+        assert results[0].returncode == 0, results[0].stderr
+    assert capsys.readouterr().out.startswith(f"backup in {copy}: 2 database(s)")
+
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o700  # it holds patient data
+    assert (copy / "secret.key").read_bytes() == secret
+    assert stat.S_IMODE((copy / "secret.key").stat().st_mode) == 0o600
+    for db in ("jobs.sqlite3", "outbox.sqlite3"):
+        assert _integrity(copy / db) == "ok"
+    assert not list(copy.glob("*-wal")) and not list(copy.glob("*-shm"))
+    assert json.loads((copy / MANIFEST).read_text())["spool"] is True
+    assert acknowledged <= _instances(copy)  # nothing acknowledged before it is missing
+
+    # the disaster: the data folder is lost; the copy is put back where it was
+    shutil.rmtree(data)
+    shutil.copytree(copy, data)
+    (tmp_path / "pacs").mkdir()
+    pacs = subprocess.Popen(
+        [tool("storescp"), "-aet", "PACS", "-od", str(tmp_path / "pacs"), str(pacs_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with _running(settings) as restored:
+            # every instance of the copy is known again, those that came after the job
+            # database's snapshot included (recorded as after a crash)
+            assert restored.store.counts()["instances"] == len(_instances(copy))
+            job = restored.store.get_job(failed.id)
+            assert (job.study_instance_uid, job.state) == (failed.study_instance_uid, FAILED)
+            assert job.patient_key == failed.patient_key  # the same installation key
+            # the notice that waited for the PACS reaches it (at once with outbox retry)
+            assert main(["outbox", "retry", "--pending", "--data-dir", str(data)]) == EXIT_OK
+            restored.sender.wake()
+            assert all_sent(restored, "pacs") >= 2
+    finally:
+        pacs.terminate()
+        pacs.wait(timeout=30)
+
+
+def test_a_backup_refuses_what_would_lose_or_mix_data(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "data"
+    assert main(["backup", "--data-dir", str(data), str(tmp_path / "b1")]) == EXIT_FAILED
+    assert f"expected a node's data folder with jobs.sqlite3 at {data}" in capsys.readouterr().err
+    with _running(make_settings(data)):
+        pass
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "last-week.tar").write_text("a site's earlier backup")
+    assert main(["backup", "--data-dir", str(data), str(full)]) == EXIT_FAILED
+    assert "expected a new or empty folder" in capsys.readouterr().err
+    assert main(["backup", "--data-dir", str(data), str(data / "inside")]) == EXIT_FAILED
+    assert "expected a destination outside the data folder" in capsys.readouterr().err
+    assert main(["backup", "--data-dir", str(data), "--without-spool", str(tmp_path / "b2")]) == 0
+    assert not (tmp_path / "b2" / "spool").exists()
+
+
+def test_an_outbox_row_delivered_during_the_copy_takes_its_delivered_state(tmp_path) -> None:
+    """The outbox is snapshot before its objects are copied: an object delivered (and so
+    removed) in between leaves the copy with a waiting row and no object, which must not be
+    restored as a delivery that can never be made."""
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    with _running(_settings(data, free_port())) as node:
+        study = small_study(tmp_path / "in")
+        assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+        wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
+                 what="the failure notice to wait for the PACS")  # fmt: skip
+    assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
+    # replay the race: at the source one notice object is delivered after the snapshot ...
+    outbox = Outbox(data / "outbox.sqlite3")
+    outbox.retry(states=("pending",))  # due now
+    item = outbox.claim("pacs", limit=1)[0]
+    outbox.mark_sent(item)
+    outbox.close()
+    assert not Path(item.path).exists()
+    # ... so the copy of the objects lacks it
+    (copy / "outbox-objects" / Path(item.path).name).unlink()
+    assert _settle_outbox(data, copy) == 1
+    restored = Outbox(copy / "outbox.sqlite3")
+    try:
+        assert restored.counts()["pacs"] == {"sent": 1, "pending": 1}
+    finally:
+        restored.close()
