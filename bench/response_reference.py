@@ -14,6 +14,11 @@ per patient, a few numbers from the cohort table instead of images, at four leve
   rate, diffusivity, radiosensitivity, temozolomide effect, follow-up date), which no image
   shows.
 
+With ``--target survival_class`` the same classifiers predict the survival class (short,
+intermediate, long) instead, chance being 1/3: the node does not know a patient's class and
+draws its samples under the training cohort's class shares (``inference.unknown_class:
+marginal``); a class predicted from the inputs could only do better if the inputs told it.
+
 Each level is fitted on the training cohort tables (``--train``) with two classifiers
 (scikit-learn: a logistic regression with classes weighted to balance, and gradient boosting)
 and scored on the validation cohorts (``--validation``, all patients) and each test cohort
@@ -43,9 +48,14 @@ from bench.report import machine_description
 from dicom_node.errors import InputError
 from dicom_node.types import RESPONSE_CATEGORIES
 from inference.metrics import category_metrics
+from inference.synthetic.outcome import SURVIVAL_CLASSES
 
-NO_CHANGE = 1.0 / len(RESPONSE_CATEGORIES)
 Row = dict[str, str]
+#: what the classifiers predict, and its classes
+TARGETS: dict[str, tuple[str, ...]] = {
+    "response_category": tuple(RESPONSE_CATEGORIES),
+    "survival_class": SURVIVAL_CLASSES,
+}
 
 
 def _log(row: Row, key: str) -> float:
@@ -117,13 +127,15 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def read_table(folder: str | Path, sites: Sequence[str] = ()) -> list[Row]:
+def read_table(
+    folder: str | Path, sites: Sequence[str] = (), target: str = "response_category"
+) -> list[Row]:
     path = Path(folder) / "cohort.csv"
     if not path.is_file():
         raise InputError(f"{folder}: expected a cohort folder with cohort.csv, found none")
     with path.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    needed = {"response_category", "site", *COLUMNS}
+    needed = {target, "site", *COLUMNS}
     missing = sorted(needed - set(rows[0] if rows else {}))
     if missing:
         raise InputError(f"{path}: expected the columns {missing}, found a table without them")
@@ -134,19 +146,23 @@ def read_table(folder: str | Path, sites: Sequence[str] = ()) -> list[Row]:
     return kept
 
 
-def balanced_accuracy(truth: Sequence[str], pred: Sequence[str]) -> float:
+def balanced_accuracy(
+    truth: Sequence[str], pred: Sequence[str], classes: Sequence[str] = RESPONSE_CATEGORIES
+) -> float:
     """As the model card scores it (:func:`inference.metrics.category_metrics`)."""
-    one_hot = [{c: float(c == p) for c in RESPONSE_CATEGORIES} for p in pred]
-    return category_metrics(truth, pred, one_hot, RESPONSE_CATEGORIES).balanced_accuracy
+    one_hot = [{c: float(c == p) for c in classes} for p in pred]
+    return category_metrics(truth, pred, one_hot, classes).balanced_accuracy
 
 
 def _matrix(rows: Sequence[Row], features: Callable[[Row], list[float]]) -> npt.NDArray[Any]:
     return np.array([features(r) for r in rows], dtype=float)
 
 
-def reference(train: Sequence[Row], sets: dict[str, Sequence[Row]]) -> list[dict[str, Any]]:
+def reference(
+    train: Sequence[Row], sets: dict[str, Sequence[Row]], target: str = "response_category"
+) -> list[dict[str, Any]]:
     """One row per (feature set, classifier): balanced accuracy on each evaluation set."""
-    labels = [r["response_category"] for r in train]
+    labels = [r[target] for r in train]
     out = []
     for fname, features in FEATURE_SETS.items():
         x = _matrix(train, features)
@@ -154,8 +170,9 @@ def reference(train: Sequence[Row], sets: dict[str, Sequence[Row]]) -> list[dict
             model = make().fit(x, labels)
             scores = {
                 name: balanced_accuracy(
-                    [r["response_category"] for r in rows],
+                    [r[target] for r in rows],
                     list(model.predict(_matrix(rows, features))),
+                    TARGETS[target],
                 )
                 for name, rows in sets.items()
             }
@@ -165,27 +182,33 @@ def reference(train: Sequence[Row], sets: dict[str, Sequence[Row]]) -> list[dict
 
 def markdown(
     rows: list[dict[str, Any]], train: Sequence[Row], sets: dict[str, Sequence[Row]],
-    tests: Sequence[str], command: str,
+    tests: Sequence[str], command: str, target: str = "response_category",
 ) -> str:  # fmt: skip
-    shares = {c: sum(r["response_category"] == c for r in train) / len(train)
-              for c in RESPONSE_CATEGORIES}  # fmt: skip
+    classes = TARGETS[target]
+    chance = 1.0 / len(classes)
+    shares = {c: sum(r[target] == c for r in train) / len(train) for c in classes}
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    title, baseline = (
+        ("Response category", f'"no change" scores {chance:.2f}')
+        if target == "response_category"
+        else ("Survival class", f"chance is {chance:.2f}")
+    )
     lines = [
-        "# Response category: what a classifier reaches from pre-treatment numbers",
+        f"# {title}: what a classifier reaches from pre-treatment numbers",
         "",
         f"Measured {now} on {machine_description()}; command `{command}`.",
         "",
-        f"Trained on {len(train)} patients (categories: "
-        + ", ".join(f"{c} {shares[c]:.3f}" for c in RESPONSE_CATEGORIES)
+        f"Trained on {len(train)} patients (classes: "
+        + ", ".join(f"{c} {shares[c]:.3f}" for c in classes)
         + "); scored on "
         + ", ".join(f"{name} ({len(r)} patients)" for name, r in sets.items())
-        + f'. Balanced accuracy; "no change" scores {NO_CHANGE:.2f}. What each feature set holds '
+        + f". Balanced accuracy; {baseline}. What each feature set holds "
         "and why these are references, not models: `bench/response_reference.py`.",
         "",
     ]
     head = ["features", "classifier", *sets]
     if tests:
-        head += ["mean over the test cohorts", f"test cohorts above {NO_CHANGE:.2f}"]
+        head += ["mean over the test cohorts", f"test cohorts above {chance:.2f}"]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for row in rows:
         ba = row["balanced_accuracy"]
@@ -193,7 +216,7 @@ def markdown(
         if tests:
             values = [ba[n] for n in tests]
             cells += [f"{np.mean(values):.3f}",
-                      f"{sum(v > NO_CHANGE for v in values)} of {len(values)}"]  # fmt: skip
+                      f"{sum(v > chance for v in values)} of {len(values)}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -205,21 +228,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test", action="append", default=[], help="test cohort folder")
     ap.add_argument("--test-sites", default="SITE-LAK,SITE-NOR2", help="the test patients' sites")
     ap.add_argument("--out", type=Path, default=None, help="write the Markdown report here")
+    ap.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        default="response_category",
+        help="what the classifiers predict (default: the response category)",
+    )
     args = ap.parse_args(argv)
+    target = args.target
     try:
-        train = [r for folder in args.train for r in read_table(folder)]
+        train = [r for folder in args.train for r in read_table(folder, target=target)]
         sets: dict[str, Sequence[Row]] = {}
         if args.validation:
-            sets["validation"] = [r for f in args.validation for r in read_table(f)]
+            sets["validation"] = [r for f in args.validation for r in read_table(f, target=target)]
         sites = [s for s in args.test_sites.split(",") if s]
         tests = [Path(f).name for f in args.test]
         for name, folder in zip(tests, args.test, strict=True):
-            sets[name] = read_table(folder, sites)
+            sets[name] = read_table(folder, sites, target)
     except InputError as exc:
         sys.stderr.write(f"response_reference: {exc}\n")
         return 2
     command = shlex.join(["python", "-m", "bench.response_reference", *(argv or sys.argv[1:])])
-    text = markdown(reference(train, sets), train, sets, tests, command)
+    text = markdown(reference(train, sets, target), train, sets, tests, command, target)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@ while the node goes on receiving), then the files, in the order in which the nod
    the database); an outbox row whose object was delivered, and so removed, between the outbox
    snapshot and the copy takes the row's state at the source again;
 3. the installation key (``secret.key``) and any other file of the folder (an audit log kept
-   there), the databases' ``-wal`` and ``-shm`` files and temporary files left out.
+   there), the databases' ``-wal`` and ``-shm`` files, temporary files and the running node's
+   lock left out.
 
 Restoring it (the node stopped, the folder put back at the same path) is a start after a power
 loss at the time of the snapshot: the node reconciles the spool with the database, queues the
@@ -35,6 +36,7 @@ from pathlib import Path
 from dicom_node.audit import QUEUE_FILE
 from dicom_node.errors import StorageError
 from dicom_node.outbox_cli import OUTBOX_FILE
+from dicom_node.service import LOCK_FILE
 
 JOBS_FILE = "jobs.sqlite3"
 #: the databases, in the order they are copied (see the module docstring)
@@ -65,8 +67,12 @@ class BackupReport:
 
 
 def _skipped(name: str) -> bool:
-    """Files a backup leaves out: SQLite's journals, and the node's temporary files."""
-    return name.startswith(".") or name.endswith(("-wal", "-shm", "-journal", ".tmp"))
+    """Files a backup leaves out: SQLite's journals, the node's temporary files and its lock."""
+    return (
+        name.startswith(".")
+        or name.endswith(("-wal", "-shm", "-journal", ".tmp"))
+        or name == LOCK_FILE
+    )
 
 
 def _copy_database(source: Path, target: Path) -> int:

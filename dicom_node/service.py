@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import faulthandler
+import fcntl
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -130,6 +132,31 @@ def _uri(source: str) -> str:
     return path.resolve().as_uri() if path.is_file() else source
 
 
+#: the file whose lock says that a node runs on the data folder (it holds that node's pid)
+LOCK_FILE = "serve.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data folder for this process (one node per folder: two would run each other's
+    jobs, and one's start-up would remove the files the other is writing); the lock goes with
+    the returned descriptor, or with the process, however it ends."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GlioforecastError(
+            f"the data folder {data_dir} is in use by another glioforecast serve (pid {holder}); "
+            "expected one node per data folder: stop that one, or give this one another "
+            "storage.data_dir (or --data-dir)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 #: who may call the node: a reload that changes these is a security configuration change
 SECURITY_KEYS = ("node.allowed_callers", "node.refuse_unknown_callers")
 
@@ -150,6 +177,15 @@ class Node:
         self._files = destination_files(settings)  # what the destinations' TLS files held
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_data_dir(data_dir)
+        try:
+            self._open(settings)
+        except BaseException:
+            os.close(self._lock)
+            raise
+
+    def _open(self, settings: Settings) -> None:
+        data_dir = settings.storage.data_dir
         self.secret = installation_secret(data_dir)
         self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb * 2**20)
         self.store = JobStore(settings.storage.database)
@@ -543,6 +579,9 @@ class Node:
         self.outbox.close()
         self.store.close()
         self.audit.close()
+        if self._lock >= 0:  # another node may use the folder now
+            os.close(self._lock)
+            self._lock = -1
         log.info("stopped")
 
 

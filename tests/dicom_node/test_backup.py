@@ -93,6 +93,7 @@ def test_a_backup_of_a_running_node_restores_every_instance_job_and_waiting_resu
     for db in ("jobs.sqlite3", "outbox.sqlite3"):
         assert _integrity(copy / db) == "ok"
     assert not list(copy.glob("*-wal")) and not list(copy.glob("*-shm"))
+    assert not (copy / "serve.lock").exists()  # the running node's, not the restored one's
     assert json.loads((copy / MANIFEST).read_text())["spool"] is True
     assert acknowledged <= _instances(copy)  # nothing acknowledged before it is missing
 

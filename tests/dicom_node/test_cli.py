@@ -210,3 +210,38 @@ def test_json_logs_are_one_object_per_line(tmp_path) -> None:  # type: ignore[no
     records = [json.loads(line) for line in lines]
     assert any("listening as GLIOFORECAST" in r["message"] for r in records)
     assert all({"time", "level", "logger", "job", "message"} <= r.keys() for r in records)
+
+
+def test_a_second_node_on_the_same_data_folder_is_refused_and_the_first_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Two nodes on one data folder would run each other's jobs, and the second's start-up
+    would remove the files the first is writing: the second stops before touching anything."""
+    config = tmp_path / "node.yaml"
+    config.write_text("health: {enabled: false}\n")
+    first_port, second_port = free_port(), free_port()
+    first = _serve(tmp_path, first_port, "--config", str(config))
+    try:
+        wait_for(lambda: _listening(first_port), timeout=60, what="the first node to listen")
+        from dicom_node.spool import INCOMING
+
+        partial = tmp_path / "data" / "spool" / INCOMING / ".in-flight.part"  # a write under way
+        partial.parent.mkdir(exist_ok=True)
+        partial.write_bytes(b"half an instance")
+        second = run_cli("--config", str(config), "serve", "--data-dir", str(tmp_path / "data"),
+                         "--port", str(second_port), cwd=tmp_path)  # fmt: skip
+        assert second.returncode == 1
+        assert (
+            f"the data folder {tmp_path / 'data'} is in use by another glioforecast serve "
+            f"(pid {first.pid})"
+        ) in second.stderr
+        assert partial.exists()  # its start-up did not clean the first node's spool
+        assert _listening(first_port)
+        # a node that dies (SIGKILL) leaves no lock behind: the next one starts
+        first.kill()
+        first.wait(timeout=30)
+        first = _serve(tmp_path, second_port, "--config", str(config))
+        wait_for(lambda: _listening(second_port), timeout=60, what="the next node to listen")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)

@@ -11,6 +11,7 @@ import pytest
 
 from bench.response_reference import COLUMNS, main
 from dicom_node.types import RESPONSE_CATEGORIES
+from inference.synthetic.outcome import SURVIVAL_CLASSES
 
 
 def _table(folder: Path, n: int, seed: int, sites: tuple[str, ...]) -> Path:
@@ -24,6 +25,10 @@ def _table(folder: Path, n: int, seed: int, sites: tuple[str, ...]) -> Path:
         row.update(mgmt=rng.choice(["methylated", "unmethylated"]), extent_of_resection="STR")
         row["gtv_ml"] = f"{10 ** (band + rng.uniform(0.1, 0.9)):.3f}"
         row["response_category"] = RESPONSE_CATEGORIES[band]
+        # the survival class follows the oedema, which the GTV does not tell
+        third = rng.randrange(3)
+        row["pre_oedema_ml"] = f"{10 ** (third + rng.uniform(0.1, 0.9)):.3f}"
+        row["survival_class"] = SURVIVAL_CLASSES[third]
         row["site"] = sites[i % len(sites)]
         rows.append(row)
     with (folder / "cohort.csv").open("w", newline="") as fh:
@@ -69,3 +74,22 @@ def test_a_table_without_the_columns_or_sites_is_refused(
     assert main(["--train", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "expected the columns" in err and "response_category" in err
+
+
+def test_the_survival_class_is_found_from_what_decides_it_and_not_from_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = _table(tmp_path / "train", 300, 1, ("SITE-A",))
+    test = _table(tmp_path / "test", 120, 2, ("SITE-LAK",))
+    assert main(["--train", str(train), "--test", str(test), "--target", "survival_class"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Survival class: what a classifier reaches")
+    assert "chance is 0.33" in text and "test cohorts above 0.33" in text
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[3])
+        for line in text.splitlines()
+        if line.startswith("| ") and "---" not in line and "features" not in line
+    }
+    for classifier in ("logistic regression, balanced", "gradient boosting"):
+        assert rows[("pre-treatment volumes and dose", classifier)] > 0.9
+        assert rows[("GTV and dose", classifier)] < 0.6  # about chance: the GTV does not tell
