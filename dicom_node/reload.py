@@ -1,17 +1,18 @@
 """What a configuration reload (``systemctl reload glioforecast``, SIGHUP) may change.
 
 The running node re-reads its configuration file on SIGHUP. Most of it applies at once, to the
-next association, the next study, the next job and the next delivery: who may call, the series
-roles, the destinations, retries, the retrieve source, the model, retention, logging. What the
-node has opened or bound at start cannot change while it runs: its AE title, address and port,
-TLS, association limits and timeouts, the data folder, the health endpoint, the audit trail, and
-whether the receiver offers the Storage Commitment SOP class (some destination asks for storage
-commitment, or none does). A reload whose file changes any of those applies nothing, so that
-the node always runs one version of the file; it says which keys need ``systemctl restart``.
+next association, the next study, the next job and the next delivery: who may call, the
+receiver's TLS certificate, key and CAs, the series roles, the destinations, retries, the
+retrieve source, the model, retention, logging. What the node has opened or bound at start
+cannot change while it runs: its AE title, address and port, whether it takes TLS, association
+limits and timeouts, the data folder, the health endpoint, the audit trail, and whether the
+receiver offers the Storage Commitment SOP class (some destination asks for storage commitment,
+or none does). A reload whose file changes any of those applies nothing, so that the node
+always runs one version of the file; it says which keys need ``systemctl restart``.
 
-The files a destination names (its TLS certificates and key, its DICOMweb token or password)
-are read again when their contents changed, even if the configuration file did not: a renewed
-certificate or a rotated token needs a reload, not a restart.
+The files the receiver's TLS and a destination name (certificates, keys, a DICOMweb token or
+password) are read again when their contents changed, even if the configuration file did not:
+a renewed certificate or a rotated token needs a reload, not a restart.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from dicom_node.settings import Settings
 LIVE_KEYS = (
     "node.refuse_unknown_callers",
     "node.allowed_callers",
+    # the receiver's TLS files and client check (the next handshake); TLS on or off: a restart
+    "node.tls.certificate",
+    "node.tls.private_key",
+    "node.tls.ca_certificates",
+    "node.tls.require_client_certificate",
     "retention",
     "assembly",
     "roles",
@@ -75,22 +81,29 @@ def _changed_destinations(old: tuple[Any, ...], new: tuple[Any, ...], where: str
     return keys
 
 
-def destination_files(settings: Settings) -> dict[str, str]:
-    """A digest, per destination, of the files its entry names (their contents are not in
-    the settings)."""
-    digests = {}
+def _digest(*paths: Path | None) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            try:
+                h.update(Path(path).read_bytes())
+            except OSError as exc:  # loading the files reports it
+                h.update(f"unreadable: {exc}".encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def secret_files(settings: Settings) -> dict[str, str]:
+    """A digest of the files each part names (their contents are not in the settings): the
+    receiver's TLS files (``node.tls``) and each destination's TLS and DICOMweb secret files
+    (``destinations.NAME``)."""
+    t = settings.node.tls
+    digests = {"node.tls": _digest(t.certificate, t.private_key, t.ca_certificates)}
     for d in settings.destinations:
-        h = hashlib.sha256()
-        paths = (d.tls.ca_certificates, d.tls.certificate, d.tls.private_key,
-                 d.dicomweb.token_file, d.dicomweb.password_file)  # fmt: skip
-        for path in paths:
-            if path is not None:
-                try:
-                    h.update(Path(path).read_bytes())
-                except OSError as exc:  # Destination.from_settings reports it
-                    h.update(f"unreadable: {exc}".encode())
-            h.update(b"\0")
-        digests[d.name] = h.hexdigest()
+        digests[f"destinations.{d.name}"] = _digest(
+            d.tls.ca_certificates, d.tls.certificate, d.tls.private_key,
+            d.dicomweb.token_file, d.dicomweb.password_file,
+        )  # fmt: skip
     return digests
 
 
@@ -118,13 +131,14 @@ def plan_reload(
     new_files: Mapping[str, str] | None = None,
 ) -> ReloadPlan:
     """What applying ``new`` over ``old`` changes; ``old_files`` and ``new_files`` are the
-    :func:`destination_files` of each (a destination whose files changed is a change)."""
+    :func:`secret_files` of each (a part whose files changed is a change, ``KEY (its
+    files)``)."""
     changed = changed_keys(old, new)
-    for name, digest in (new_files or {}).items():
-        key = f"destinations.{name}"
-        if key not in changed and (old_files or {}).get(name, digest) != digest:
-            changed.append(f"{key} (its TLS or DICOMweb secret files)")
     restart = [k for k in changed if not _live(k)]
+    for key, digest in (new_files or {}).items():  # files are read again by any reload
+        named = any(k == key or k.startswith(key + ".") for k in changed)
+        if not named and (old_files or {}).get(key, digest) != digest:
+            changed.append(f"{key} (its files)")
     if any(d.storage_commitment for d in old.destinations) != any(
         d.storage_commitment for d in new.destinations
     ):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -27,14 +28,14 @@ from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
-from dicom_node.reload import destination_files, plan_reload
+from dicom_node.reload import plan_reload, secret_files
 from dicom_node.retention import prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
 from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
-from dicom_node.settings import LoggingSettings, Settings, warnings_of
+from dicom_node.settings import LoggingSettings, Settings, TLSSettings, warnings_of
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker
 
@@ -126,6 +127,26 @@ def _inert_classes(settings: Settings) -> frozenset[str]:
     return ANNOTATION_CLASSES - used
 
 
+def _server_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """The receiver's TLS context (None without TLS), its files read now."""
+    if not tls.enabled:
+        return None
+    assert tls.certificate is not None and tls.private_key is not None
+    try:
+        return server_ssl_context(
+            str(tls.certificate),
+            str(tls.private_key),
+            str(tls.ca_certificates) if tls.ca_certificates else None,
+            tls.require_client_certificate,
+        )
+    except (ssl.SSLError, OSError) as exc:
+        raise GlioforecastError(
+            f"node.tls: cannot load its files (certificate {tls.certificate}, private_key "
+            f"{tls.private_key}, ca_certificates {tls.ca_certificates}): {exc}; expected PEM "
+            "files, the key matching the certificate"
+        ) from exc
+
+
 def _uri(source: str) -> str:
     """The configuration's source as the audit trail names it: a file URI, else as it is."""
     path = Path(source)
@@ -174,7 +195,7 @@ class Node:
         self._reload_requested = False  # set by SIGHUP (see request_reload)
         self.reloads = {"applied": 0, "unchanged": 0, "refused": 0}
         self.last_reload: tuple[bool, float] = (True, time.time())  # (successful, when)
-        self._files = destination_files(settings)  # what the destinations' TLS files held
+        self._files = secret_files(settings)  # what the TLS and secret files held
         data_dir = settings.storage.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_data_dir(data_dir)
@@ -190,16 +211,7 @@ class Node:
         self.spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb * 2**20)
         self.store = JobStore(settings.storage.database)
         self.assembler = Assembler(self.store, settings)
-        tls = settings.node.tls
-        ctx = None
-        if tls.enabled:
-            assert tls.certificate is not None and tls.private_key is not None
-            ctx = server_ssl_context(
-                str(tls.certificate),
-                str(tls.private_key),
-                str(tls.ca_certificates) if tls.ca_certificates else None,
-                tls.require_client_certificate,
-            )
+        ctx = _server_context(settings.node.tls)
         self.audit = audit_trail(settings.audit, settings.node.ae_title, data_dir)
         self.outbox = Outbox(
             outbox_path(data_dir), policy=RetryPolicy.from_settings(settings.sending)
@@ -320,7 +332,7 @@ class Node:
                 raise GlioforecastError("expected a configuration file to read again; this node "
                                         "was started without one")  # fmt: skip
             new = self._load()
-            files = destination_files(new)
+            files = secret_files(new)
             plan = plan_reload(old, new, self._files, files)
             changed = plan.changed
             if plan.restart:
@@ -329,7 +341,8 @@ class Node:
                     "(systemctl restart glioforecast applies the file)"
                 )
             if changed:
-                self._apply(new)
+                tls_files = "node.tls (its files)" in changed
+                self._apply(new, tls_files)
                 self._files = files
         except Exception as exc:  # whatever the file holds, the node goes on as it was
             if not isinstance(exc, GlioforecastError):
@@ -355,9 +368,12 @@ class Node:
         notify(f"READY=1\nSTATUS=accepting associations; configuration reload {result}")
         return result
 
-    def _apply(self, new: Settings) -> None:
-        """Hand ``new`` to every part of the running node; raises (changing nothing) when a
-        destination's TLS files cannot be loaded."""
+    def _apply(self, new: Settings, tls_files: bool = False) -> None:
+        """Hand ``new`` to every part of the running node (``tls_files``: the receiver's TLS
+        files changed); raises, changing nothing, when TLS files cannot be loaded."""
+        ctx = self.scp.ssl_context
+        if tls_files or new.node.tls != self.settings.node.tls:
+            ctx = _server_context(new.node.tls)
         destinations = [Destination.from_settings(d) for d in new.destinations]
         peer = next((d for d in destinations if d.name == new.retrieve.source), None)
         started = None  # a retriever the reload starts (retrieve.source set where it was not)
@@ -368,6 +384,9 @@ class Node:
         if new.logging != old.logging:
             configure_logging(new.logging)
         self.scp.settings = new.node
+        self.scp.ssl_context = ctx  # the next handshake
+        if self.scp.server is not None:
+            self.scp.server.ssl_context = ctx
         self.scp.max_queued_jobs = new.worker.max_queued_jobs
         self.scp.inert_sop_classes = _inert_classes(new)
         self.assembler.settings = new

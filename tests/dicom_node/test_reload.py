@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -23,9 +25,10 @@ from dicom_node.settings import (
     Destination,
     DestinationTLS,
     DicomWebSettings,
+    TLSSettings,
     load_settings,
 )
-from tests.conftest import REPO, free_port, wait_for
+from tests.conftest import REPO, free_port, tool, wait_for
 from tests.dicom_node.conftest import all_sent, make_settings, storescp_destination
 from tests.dicom_node.test_scp import echoscu, storescu
 from tests.factories import small_study
@@ -285,3 +288,50 @@ def test_a_reload_starts_reconfigures_and_stops_the_retriever(run_node, tmp_path
     assert node.reload() == "applied"
     assert node.retriever is None
     wait_for(lambda: not retriever.alive, what="the retriever to stop")
+
+
+def test_a_renewed_receiver_certificate_is_served_after_a_reload_and_a_bad_one_is_refused(
+    run_node, tmp_path, pki
+) -> None:  # type: ignore[no-untyped-def]
+    """Certificates expire: the site renews the node's in place (same paths) and reloads."""
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for name in ("server.pem", "server.key", "ca.pem"):
+        shutil.copy(pki / name, tls_dir / name)
+    tls = TLSSettings(
+        enabled=True, certificate=tls_dir / "server.pem", private_key=tls_dir / "server.key",
+        ca_certificates=tls_dir / "ca.pem",
+    )  # fmt: skip
+    settings = _with(make_settings(tmp_path / "data"), "node", tls=tls)
+    node = run_node(settings, load=lambda: settings)
+
+    def served() -> str:
+        return ssl.get_server_certificate(("127.0.0.1", node.scp.port), timeout=10)
+
+    assert _same_certificate(served(), pki / "server.pem")
+    # the renewal: a new key and certificate from the same CA, written over the old files
+    openssl = tool("openssl")
+    subprocess.run(
+        [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "renewed.key", "-out",
+         "renewed.csr", "-subj", "/CN=server renewed", "-addext", "subjectAltName=IP:127.0.0.1"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [openssl, "x509", "-req", "-in", "renewed.csr", "-CA", str(pki / "ca.pem"), "-CAkey",
+         str(pki / "ca.key"), "-CAcreateserial", "-CAserial", "renewed.srl", "-out",
+         "renewed.pem", "-days", "2", "-copy_extensions", "copy"],
+        cwd=tmp_path, check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copy(tmp_path / "renewed.pem", tls_dir / "server.pem")
+    shutil.copy(tmp_path / "renewed.key", tls_dir / "server.key")
+    assert _same_certificate(served(), pki / "server.pem")  # nothing read before the reload
+    assert node.reload() == "applied"
+    assert _same_certificate(served(), tmp_path / "renewed.pem")
+    # a certificate whose key does not match: refused, the renewed one is still served
+    shutil.copy(pki / "server.pem", tls_dir / "server.pem")
+    assert node.reload() == "refused"
+    assert _same_certificate(served(), tmp_path / "renewed.pem")
+
+
+def _same_certificate(pem: str, path: Path) -> bool:
+    return ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(path.read_text())
