@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -74,18 +75,37 @@ class HealthServer:
         self.server.server_close()
 
 
-def prometheus(samples: list[tuple[str, str, dict[str, str], float]]) -> str:
-    """Prometheus text format from (name, help, labels, value) samples, grouped by name."""
+def prometheus(
+    samples: list[tuple[str, str, dict[str, str], float]], summaries: frozenset[str] = frozenset()
+) -> str:
+    """Prometheus text format from (name, help, labels, value) samples, grouped by name; the
+    ``NAME_sum`` and ``NAME_count`` samples of a NAME in ``summaries`` are one summary."""
     lines: list[str] = []
     seen: set[str] = set()
     for name, help_text, labels, value in samples:
-        if name not in seen:
-            seen.add(name)
-            kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        family, kind = name, "counter" if name.endswith("_total") else "gauge"
+        for suffix in ("_sum", "_count"):
+            if name.endswith(suffix) and name[: -len(suffix)] in summaries:
+                family, kind = name[: -len(suffix)], "summary"
+        if family not in seen:
+            seen.add(family)
+            lines += [f"# HELP {family} {help_text}", f"# TYPE {family} {kind}"]
         label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-        lines.append(f"{name}{{{label_text}}} {value:g}" if labels else f"{name} {value:g}")
+        number = _number(value)
+        lines.append(f"{name}{{{label_text}}} {number}" if labels else f"{name} {number}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """A sample value, exact: counters past a million and timestamps keep every digit."""
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
 
 
 def _escape(value: str) -> str:

@@ -522,12 +522,18 @@ class Node:
                 {},
                 sum(durations),
             ),
-            ("glioforecast_job_duration_seconds_count", "done jobs timed", {}, len(durations)),
+            ("glioforecast_job_duration_seconds_count", "", {}, len(durations)),
             (
                 "glioforecast_spool_free_bytes",
                 "free space on the spool's file system",
                 {},
                 self.spool.free_bytes(),
+            ),
+            (
+                "glioforecast_spool_min_free_bytes",
+                "storage.min_free_mb: below it the receiver answers 0xA700 (senders retry later)",
+                {},
+                self.settings.storage.min_free_mb * 2**20,
             ),
         ]
         for destination, by_state in sorted(self.outbox.counts().items()):
@@ -582,7 +588,7 @@ class Node:
                     int(up),
                 )
             )
-        return prometheus(samples)
+        return prometheus(samples, summaries=frozenset({"glioforecast_job_duration_seconds"}))
 
     def stop(self) -> None:
         """Stop receiving, let the current job finish, stop sending, close the databases."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything glioforecast needs on a fresh Debian machine:
 #   - Debian packages (dcmtk, dicom3tools, dcm2niix, orthanc and its DICOMweb plugin, rsyslog
-#     with TLS, python3-venv)
+#     with TLS, prometheus for promtool, python3-venv)
 #     when missing and root;
 #   - a virtual environment in $VENV (default .venv) with torch==2.13.0 installed first
 #     (so no CUDA build is pulled in), then the package with the requested extras.
@@ -23,13 +23,16 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # the audit record repository of the audit trail's tests (syslog over TLS and UDP)
 command -v rsyslogd >/dev/null 2>&1 || need_pkgs+=(rsyslog)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)
+# promtool (in Debian's prometheus package): checks /metrics and the alert rules
+command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing Debian packages: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    # orthanc's and rsyslog's packages start system services; we only need the binaries.
+    # orthanc's, rsyslog's and prometheus' packages start system services; we only need the
+    # binaries.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
     rm -f /usr/sbin/policy-rc.d

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
+from dicom_node.health import prometheus
 from tests import factories
-from tests.conftest import wait_for
+from tests.conftest import tool, wait_for
 from tests.dicom_node.test_cli import run_cli
 from tests.dicom_node.test_scp import storescu
 
@@ -70,3 +72,27 @@ def test_serve_reports_a_port_in_use(tmp_path) -> None:  # type: ignore[no-untyp
                          "--port", str(port), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1
     assert f"DICOM receiver: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_metrics_pass_promtool_and_keep_every_digit(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What Prometheus' own linter says of /metrics, and numbers a scraper can use: a counter
+    past a million or a Unix timestamp printed to 6 digits would be wrong by thousands."""
+    promtool = tool("promtool")
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()
+    assert node.health is not None
+    storescu(node.scp.port, *study["t1c"])
+    wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
+    code, text = get(node.health.port, "/metrics")
+    assert code == 200
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "# TYPE glioforecast_job_duration_seconds summary" in text
+    started = metric(text, "glioforecast_config_last_reload_success_timestamp_seconds")
+    assert abs(started - node.last_reload[1]) < 0.01
+    assert prometheus([("x_total", "h", {}, 123456789.0), ("y", "h", {}, 0.1)]) == (
+        "# HELP x_total h\n# TYPE x_total counter\nx_total 123456789\n"
+        "# HELP y h\n# TYPE y gauge\ny 0.1\n"
+    )
