@@ -290,10 +290,7 @@ class Node:
         Under systemd (``Type=notify``) it says READY once listening and, when a watchdog is
         set, pets it from this loop, so a hung loop gets the service restarted.
         """
-        interval = self.settings.assembly.poll_interval_s
         watchdog = watchdog_interval_s()
-        if watchdog is not None:
-            interval = min(interval, watchdog)
         notify("READY=1\nSTATUS=accepting associations")
         next_retention = time.monotonic()
         while not (self._stop.is_set() or self._signalled):
@@ -312,7 +309,8 @@ class Node:
                 log.exception("assembly pass failed; will retry")
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_pass()
-            self._stop.wait(interval)
+            interval = self.settings.assembly.poll_interval_s  # (a reload may change it)
+            self._stop.wait(interval if watchdog is None else min(interval, watchdog))
 
     def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         """SIGHUP: read the configuration again, from the main loop (within one poll interval;
