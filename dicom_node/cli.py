@@ -72,13 +72,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         + (f", DICOMweb (STOW-RS) to {', '.join(web)}" if web else "")
     )
     source = settings.retrieve.source
+    how = (
+        "QIDO-RS, WADO-RS"
+        if source in web
+        else f"C-FIND, C-MOVE to {settings.node.ae_title}"
+        if settings.retrieve.method == "move"
+        else "C-FIND, C-GET"
+    )
     print(
-        f"  missing RT objects asked of {source} (C-FIND, "
-        + (
-            f"C-MOVE to {settings.node.ae_title})"
-            if settings.retrieve.method == "move"
-            else "C-GET)"
-        )
+        f"  missing RT objects asked of {source} ({how})"
         if source
         else "  missing RT objects asked of no PACS (retrieve.source empty)"
     )

@@ -1,4 +1,6 @@
-"""Results to a DICOMweb service: STOW-RS (PS3.18 10.5), for a destination with ``dicomweb.url``.
+"""Results to a DICOMweb service: STOW-RS (PS3.18 10.5), for a destination with ``dicomweb.url``;
+and, when it is ``retrieve.source``, the RT objects a study lacks from it: QIDO-RS searches and
+WADO-RS retrievals (:func:`qido`, :func:`wado_series`, used by :mod:`dicom_node.retrieve`).
 
 :func:`stow_batch` keeps the contract of :func:`dicom_node.scu.store_batch`: one
 :class:`~dicom_node.scu.StoreResult` per object, :class:`SendError` when the service cannot be
@@ -28,8 +30,10 @@ import http.client
 import io
 import json
 import logging
+import re
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -77,9 +81,9 @@ def _context(destination: Destination) -> ssl.SSLContext | None:
 
 def request(
     destination: Destination, path: str, *, data: bytes | None = None, headers: dict[str, str]
-) -> tuple[int, str, bytes]:
-    """One HTTP request to ``destination``: (status, reason, body). SendError when it cannot
-    be made (no connection, TLS, timeout)."""
+) -> tuple[int, str, bytes, str]:
+    """One HTTP request to ``destination``: (status, reason, body, content type). SendError
+    when it cannot be made (no connection, TLS, timeout)."""
     req = urllib.request.Request(
         destination.url + path, data=data, method="POST" if data is not None else "GET"
     )
@@ -91,9 +95,9 @@ def request(
         with urllib.request.urlopen(
             req, timeout=destination.timeout_s, context=_context(destination)
         ) as rsp:
-            return int(rsp.status), str(rsp.reason), rsp.read()
+            return int(rsp.status), str(rsp.reason), rsp.read(), rsp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
-        return int(exc.code), str(exc.reason), exc.read()
+        return int(exc.code), str(exc.reason), exc.read(), ""
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise SendError(f"cannot reach {destination}: {reason}") from exc
@@ -129,7 +133,7 @@ def _answer(body: bytes) -> dict[str, object]:
 
 def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreResult]:
     body, content_type = multipart(datasets)
-    status, reason, raw = request(
+    status, reason, raw, _ = request(
         destination, "/studies", data=body,
         headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
     )  # fmt: skip
@@ -198,7 +202,7 @@ def check(destination: Destination) -> tuple[bool, str]:
     """Whether the DICOMweb ``destination`` answers, as ``check-destinations`` reports it: a
     QIDO-RS search for one study with its authentication (nothing is stored)."""
     try:
-        status, reason, _ = request(
+        status, reason, *_ = request(
             destination, "/studies?limit=1", headers={"Accept": "application/dicom+json"}
         )
     except SendError as exc:
@@ -206,3 +210,83 @@ def check(destination: Destination) -> tuple[bool, str]:
     if status in (200, 204):
         return True, f"DICOMweb answers (QIDO-RS HTTP {status})"
     return False, f"DICOMweb answered HTTP {status} {reason} to a QIDO-RS search"
+
+
+# ---------------------------------------------------------------- retrieving (QIDO-RS, WADO-RS)
+
+
+class AnswerError(SendError):
+    """The service answered a search or a retrieval with an error: ``status`` is the HTTP
+    status (0 when the answer could not be read)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def permanent(self) -> bool:
+        """Whether asking again cannot help until the configuration changes."""
+        return 400 <= self.status < 500 and self.status not in RETRYABLE
+
+
+def qido(destination: Destination, path: str, params: Sequence[tuple[str, str]]) -> list[Dataset]:
+    """A QIDO-RS search (PS3.18 10.6) at ``path`` (``/studies``, ``/studies/{uid}/series``):
+    the matches as data sets."""
+    where = f"{path}?{urllib.parse.urlencode(params)}"
+    status, reason, body, _ = request(
+        destination, where, headers={"Accept": "application/dicom+json"}
+    )
+    if status == 204:
+        return []
+    if status != 200:
+        raise AnswerError(
+            f"{destination} answered the QIDO-RS search {where} with HTTP {status} {reason}",
+            status,
+        )
+    try:
+        found = json.loads(body or b"[]")
+        if not isinstance(found, list):
+            raise ValueError(f"a JSON {type(found).__name__}")
+        return [Dataset.from_json(item) for item in found if isinstance(item, dict)]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AnswerError(
+            f"{destination} answered the QIDO-RS search {where} with something that is not "
+            f"an array of DICOM JSON data sets: {exc}",
+            0,
+        ) from exc
+
+
+def wado_series(destination: Destination, study: str, series: str) -> list[bytes]:
+    """A WADO-RS retrieval of one series (PS3.18 10.4): its instances as Part 10 files."""
+    where = f"/studies/{study}/series/{series}"
+    status, reason, body, content_type = request(
+        destination, where, headers={"Accept": 'multipart/related; type="application/dicom"'}
+    )
+    if status != 200:
+        raise AnswerError(
+            f"{destination} answered the WADO-RS retrieval {where} with HTTP {status} {reason}",
+            status,
+        )
+    try:
+        return multipart_parts(body, content_type)
+    except ValueError as exc:
+        raise AnswerError(
+            f"{destination} answered the WADO-RS retrieval {where} with {exc}", 0
+        ) from exc
+
+
+def multipart_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The bodies of a ``multipart/related`` message (RFC 2046), in order."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.lower().startswith("multipart/related") or match is None:
+        raise ValueError(f"expected multipart/related with a boundary, found {content_type!r}")
+    delimiter = b"--" + match.group(1).strip().encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:  # what precedes the first delimiter is a preamble
+        if chunk.startswith(b"--"):  # the close delimiter
+            break
+        _headers, separator, content = chunk.partition(b"\r\n\r\n")
+        if not separator:
+            raise ValueError("a part without the blank line that ends its headers")
+        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return parts

@@ -46,11 +46,13 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import Association, build_role, evt
 from pynetdicom.presentation import build_context
 
+from dicom_node import dicomweb
 from dicom_node.audit import AuditTrail, NoAuditTrail
 from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import FAILED, Job, JobStore
 from dicom_node.linking import RT_CLASSES
 from dicom_node.loop import BackgroundLoop
+from dicom_node.scp import Origin
 from dicom_node.scu import UNCOMPRESSED, Destination, associate, hold_reactor
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
@@ -292,6 +294,77 @@ class QueryRetrieve:
         )
 
 
+class WebQueryRetrieve:
+    """The same questions of a DICOMweb ``retrieve.source``: QIDO-RS searches for the C-FINDs
+    (audited as they are) and WADO-RS retrievals of series for the C-GETs, whose instances
+    ``receiver`` stores as if they came on a C-GET."""
+
+    def __init__(
+        self, peer: Destination, audit: AuditTrail | NoAuditTrail, receiver: StorageSCP,
+        origin: Any,
+    ) -> None:  # fmt: skip
+        self.peer = peer
+        self.audit = audit
+        self.receiver = receiver
+        self.origin = origin
+
+    def find(self, identifier: Dataset) -> list[Dataset]:
+        path, params = qido_query(identifier)
+        peer = (self.peer.url, self.peer.host, FIND, identifier)
+        try:
+            matches = dicomweb.qido(self.peer, path, params)
+        except SendError as exc:
+            self.audit.queried(*peer, failure=str(exc))
+            raise _retrieve_error(exc) from exc
+        self.audit.queried(*peer)
+        return matches
+
+    def get(self, series: RemoteSeries) -> MoveResult:
+        try:
+            parts = dicomweb.wado_series(
+                self.peer, series.study_instance_uid, series.series_instance_uid
+            )
+        except SendError as exc:
+            raise _retrieve_error(exc) from exc
+        completed = failed = 0
+        for data in parts:
+            status = self.receiver.store_part10(data, self.origin)
+            code = status if isinstance(status, int) else int(status.Status)
+            completed += code == 0x0000
+            failed += code != 0x0000
+        return MoveResult(completed, failed, 0)
+
+    def move(self, series: RemoteSeries, destination_ae: str) -> MoveResult:
+        raise RetrieveError(f"{self.peer} is a DICOMweb service: it is asked with WADO-RS")
+
+
+def _retrieve_error(exc: SendError) -> RetrieveError:
+    permanent = isinstance(exc, dicomweb.AnswerError) and exc.permanent
+    return RetrieveError(str(exc), permanent=permanent)
+
+
+def qido_query(identifier: Dataset) -> tuple[str, list[tuple[str, str]]]:
+    """The QIDO-RS path and parameters that ask what a C-FIND ``identifier`` asks: its
+    values are matching keys, its empty elements fields to return (``includefield``)."""
+    study = _text(identifier, "StudyInstanceUID")
+    level = _text(identifier, "QueryRetrieveLevel")
+    path = f"/studies/{study}/series" if level == "SERIES" else "/studies"
+    params = []
+    for element in identifier:
+        keyword = element.keyword
+        if keyword in ("QueryRetrieveLevel", "SpecificCharacterSet") or (
+            level == "SERIES" and keyword == "StudyInstanceUID"
+        ):
+            continue
+        value = "" if element.value is None else str(element.value)
+        params.append((keyword, value) if value else ("includefield", keyword))
+    return path, params
+
+
+#: what asks the source: over DICOM, or over DICOMweb
+Asker = QueryRetrieve | WebQueryRetrieve
+
+
 def _series_identifier(series: RemoteSeries) -> Dataset:
     return _identifier(
         "SERIES",
@@ -307,10 +380,21 @@ def query_retrieve(
     move_timeout_s: float,
     audit: AuditTrail | NoAuditTrail | None = None,
     receiver: StorageSCP | None = None,
-) -> Iterator[QueryRetrieve]:
+) -> Iterator[Asker]:
     """An association with ``peer`` proposing Study Root C-FIND and C-MOVE, or with
     ``receiver`` C-FIND and C-GET (the RT storage contexts in the SCP role, the instances
-    stored by ``receiver`` as if they came to it)."""
+    stored by ``receiver`` as if they came to it); for a DICOMweb ``peer``, its QIDO-RS and
+    WADO-RS services, what they bring stored by ``receiver``."""
+    if peer.url:
+        if receiver is None:
+            raise ValueError("a DICOMweb source: expected the receiver that stores what comes")
+        origin = Origin(peer.url, peer.host)
+        receiver.sub_operations_from(origin, peer.url, peer.host)
+        try:
+            yield WebQueryRetrieve(peer, audit or NoAuditTrail(), receiver, origin)
+        finally:
+            receiver.sub_operations_ended(origin)
+        return
     contexts = [build_context(FIND), build_context(MOVE)]
     roles: list[Any] = []
     handlers: list[Any] = []
@@ -416,14 +500,16 @@ class Retriever(BackgroundLoop):
     def configure(self, settings: Settings, peer: Destination) -> None:
         """Ask ``peer`` (``settings.retrieve.source``) with ``settings`` from the next pass on
         (a configuration reload; a pass under way finishes with what it started with)."""
-        if settings.retrieve.method == "get" and self._receiver is None:
+        if (settings.retrieve.method == "get" or peer.url) and self._receiver is None:
             raise ValueError("retrieve.method get: expected the receiver that stores what comes")
         self.settings, self.peer = settings, peer
 
     @property
     def receiver(self) -> StorageSCP | None:
-        """The receiver that stores what a C-GET brings; None with ``method: move``."""
-        return self._receiver if self.settings.retrieve.method == "get" else None
+        """The receiver that stores what a C-GET or a WADO-RS retrieval brings; None when the
+        PACS sends to it (C-MOVE)."""
+        fetched = self.settings.retrieve.method == "get" or self.peer.url
+        return self._receiver if fetched else None
 
     def step(self) -> float:
         self.run_once()
@@ -509,7 +595,7 @@ class Retriever(BackgroundLoop):
         log.info("retrieval for study of job %d: %s", job.id, outcome, extra=extra)
         self.store.finish_retrieval(job.id, study, outcome)
 
-    def _studies(self, qr: QueryRetrieve, study: str, patient: Patient) -> tuple[str, list[str]]:
+    def _studies(self, qr: Asker, study: str, patient: Patient) -> tuple[str, list[str]]:
         """Which studies were searched, in words, and the patient's studies that may hold RT
         objects, newest first, at most ``retrieve.max_studies``."""
         r = self.settings.retrieve
@@ -530,7 +616,7 @@ class Retriever(BackgroundLoop):
         window = f" within {r.window_days:g} days of the study's date" if patient.study_date else ""
         return f"{len(found)} study(ies) of the patient{window}", ordered
 
-    def _rt_series(self, qr: QueryRetrieve, study: str) -> list[RemoteSeries]:
+    def _rt_series(self, qr: Asker, study: str) -> list[RemoteSeries]:
         found = qr.find(
             _identifier(
                 "SERIES",

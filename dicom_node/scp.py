@@ -18,6 +18,7 @@ processing failure (the spool or database failed otherwise).
 from __future__ import annotations
 
 import contextlib
+import io
 import ipaddress
 import logging
 import socket
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom import dcmread
 from pydicom import uid as sc
 from pydicom.dataset import Dataset
 from pynetdicom import (
@@ -208,6 +210,22 @@ def _sender(assoc: Any) -> tuple[str, str]:
     acceptor on an association the node requested (a C-GET's sub-operations)."""
     side = assoc.acceptor if assoc.is_requestor else assoc.requestor
     return str(side.ae_title).strip(), str(side.address)
+
+
+@dataclass(frozen=True)
+class _End:
+    ae_title: str
+    address: str
+
+
+class Origin:
+    """Where instances come from when no association brings them (a DICOMweb retrieval):
+    :func:`_sender` and the audit trail read it as the sending end of one."""
+
+    is_requestor = True
+
+    def __init__(self, name: str, host: str) -> None:
+        self.acceptor = _End(name, host)
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -484,41 +502,69 @@ class StorageSCP:
         return f"job queue full ({queued} >= {self.max_queued_jobs}); retry later"
 
     def on_store(self, event: Any) -> Dataset | int:
-        """Store one instance; answer only once it is durable and recorded.
+        """Store one instance of a C-STORE request (the receiver's, or a C-GET's
+        sub-operation); answer only once it is durable and recorded."""
+        request = event.request
+        return self._store(
+            event.assoc, str(event.context.transfer_syntax),
+            str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+            request.DataSet, lambda: event.dataset,
+        )  # fmt: skip
+
+    def store_part10(self, data: bytes, origin: Any) -> Dataset | int:
+        """Store one Part 10 file that came another way than C-STORE (a WADO-RS part), as
+        the receiver stores an instance ``origin`` sent (:class:`Origin`, audited once
+        :meth:`sub_operations_ended`); the status is the one a C-STORE would have had."""
+        try:
+            if data[128:132] != b"DICM":
+                raise InputError("no DICM prefix at byte 128")
+            ds = dcmread(io.BytesIO(data))
+            meta = ds.file_meta
+            length = int(meta.get("FileMetaInformationGroupLength", -1))
+            if length < 0:
+                raise InputError("expected File Meta Information Group Length, found none")
+            tsyntax = str(meta.TransferSyntaxUID)
+            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+            sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("instance from %s undecodable (0xC210): %s", _sender(origin)[0], exc)
+            return _status(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}")
+        body = io.BytesIO(data[132 + 12 + length :])  # the data set after the meta group
+        return self._store(origin, tsyntax, sop_class, sop_instance, body, lambda: ds)
+
+    def _store(
+        self, assoc: Any, tsyntax: str, sop_class: str, sop_instance: str, data: io.BytesIO,
+        decode: Callable[[], Dataset],
+    ) -> Dataset | int:  # fmt: skip
+        """Store one instance: ``data``, its encoded data set, and ``decode`` that gives it.
 
         The received bytes are written first and their ``fdatasync`` runs in the spool's
         worker thread while this thread decodes and checks the data set; the file is renamed
         into its series folder (and the folder fsynced) only when the instance is good.
         """
-        calling, host = _sender(event.assoc)
+        calling, host = _sender(assoc)
         full = self._queue_full()
         if full:
             log.warning("instance from %s deferred (0xA700): %s", calling, full)
             return _status(OUT_OF_RESOURCES, full)
-        tsyntax = str(event.context.transfer_syntax)
-        request = event.request
         staged: Staged | None = None
         stage_error: Exception | None = None
         ds: Dataset | None = None
         try:
-            header = part10_header(
-                str(request.AffectedSOPClassUID or ""),
-                str(request.AffectedSOPInstanceUID or ""),
-                tsyntax,
-            )
-            with request.DataSet.getbuffer() as body:  # the received bytes, not copied
+            header = part10_header(sop_class, sop_instance, tsyntax)
+            with data.getbuffer() as body:  # the received bytes, not copied
                 staged = self.spool.stage((header, body))
         except Exception as exc:  # answered below, once the data set has been checked
             stage_error = exc
         try:
-            ds = event.dataset
+            ds = decode()
             info = InstanceInfo.from_dataset(ds, tsyntax, self.secret)
             check_pixel_data(ds, tsyntax)
-            requested_uid = str(request.AffectedSOPInstanceUID or "")
+            requested_uid = sop_instance
             if requested_uid and requested_uid != info.sop_instance_uid:
                 raise InputError(
                     f"SOPInstanceUID {info.sop_instance_uid} differs from the request's "
-                    f"Affected SOP Instance UID {requested_uid}"
+                    f"Affected (or the file's Media Storage) SOP Instance UID {requested_uid}"
                 )
         except Exception as exc:
             if staged is not None:
@@ -526,10 +572,7 @@ class StorageSCP:
             if isinstance(exc, InputError):
                 log.warning("instance from %s refused (0xC210): %s", calling, exc)
                 if ds is not None:  # decoded: its study can be audited
-                    self._audit_instance(
-                        event.assoc, ds, str(request.AffectedSOPClassUID or ""),
-                        f"refused (0xC210): {exc}",
-                    )  # fmt: skip
+                    self._audit_instance(assoc, ds, sop_class, f"refused (0xC210): {exc}")
                 return _status(CANNOT_UNDERSTAND, str(exc))
             # pydicom raises many types on malformed data
             log.warning("instance from %s undecodable (0xC210): %s", calling, exc)
@@ -547,11 +590,11 @@ class StorageSCP:
             )  # fmt: skip
         except OutOfSpaceError as exc:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
-            self._audit_instance(event.assoc, ds, info.sop_class_uid, "node out of disk space")
+            self._audit_instance(assoc, ds, info.sop_class_uid, "node out of disk space")
             return _status(OUT_OF_RESOURCES, "node out of disk space; retry later")
         except Exception as exc:  # the sender may retry; the service must keep serving
             log.exception("instance from %s not stored (0x0110): %s", calling, exc)
-            self._audit_instance(event.assoc, ds, info.sop_class_uid, "not stored: node error")
+            self._audit_instance(assoc, ds, info.sop_class_uid, "not stored: node error")
             return _status(PROCESSING_FAILURE, "node could not store the instance")
         if stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
@@ -559,7 +602,7 @@ class StorageSCP:
             apply_rejection(
                 self.store, ds, info.series_description, calling, host=host, audit=self.audit,
             )  # fmt: skip
-        self._audit_instance(event.assoc, ds, info.sop_class_uid)
+        self._audit_instance(assoc, ds, info.sop_class_uid)
         return SUCCESS
 
     # ------------------------------------------------------------------ lifecycle

@@ -653,12 +653,6 @@ def _cross_checks(s: Settings) -> list[str]:
             f"sending.retry_max_s: expected >= retry_initial_s ({s.sending.retry_initial_s}), "
             f"found {s.sending.retry_max_s}"
         )
-    web = {d.name for d in s.destinations if d.dicomweb.url}
-    if s.retrieve.source in web:
-        problems.append(
-            f"retrieve.source: expected a DICOM destination (C-FIND, C-MOVE), found "
-            f"{s.retrieve.source!r}, a DICOMweb one"
-        )
     if s.retrieve.source and s.retrieve.source not in names:
         known = ", ".join(names) or "none configured"
         problems.append(
@@ -748,6 +742,7 @@ def warnings_of(s: Settings) -> list[str]:
     if (
         source is not None
         and s.retrieve.method == "move"
+        and not source.dicomweb.url  # a DICOMweb source is read from, it never calls
         and not any(c.ae_title in ("*", source.ae_title) for c in s.node.allowed_callers)
     ):
         out.append(

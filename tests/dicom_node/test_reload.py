@@ -30,6 +30,7 @@ from dicom_node.settings import (
 )
 from tests.conftest import REPO, free_port, tool, wait_for
 from tests.dicom_node.conftest import all_sent, make_settings, storescp_destination
+from tests.dicom_node.test_audit import check_schema
 from tests.dicom_node.test_scp import echoscu, storescu
 from tests.factories import small_study
 
@@ -196,6 +197,8 @@ def test_sighup_applies_the_edited_file_keeps_open_associations_and_refuses_a_ba
     security = [m for m in messages if 'csd-code="110129"' in m]
     software = [m for m in messages if 'csd-code="110131"' in m]
     assert len(security) == 2 and len(software) == 1
+    for message in (*security, *software):
+        check_schema(ET.fromstring(message))
     applied, restart = security
     assert 'EventOutcomeIndicator="0"' in applied and "node.allowed_callers applied" in applied
     assert config.resolve().as_uri() in applied

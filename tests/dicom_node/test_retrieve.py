@@ -262,3 +262,47 @@ def test_which_studies_of_the_matches_are_looked_into() -> None:
     assert rt_studies(found, ours) == ["1.3", "1.2", "1.4", "1.7"]
     # without an issuer of its own, the node cannot tell the issuers apart
     assert rt_studies(found, Patient("P1", "20261101")) == ["1.6", "1.3", "1.2", "1.4", "1.7"]
+
+
+def test_a_c_find_identifier_becomes_the_qido_rs_search_that_asks_the_same() -> None:
+    from dicom_node.retrieve import _identifier, qido_query
+
+    study = _identifier(
+        "STUDY", PatientID="GF-7", StudyInstanceUID="", StudyDate="20260101-20260301",
+        ModalitiesInStudy="",
+    )  # fmt: skip
+    assert qido_query(study) == (
+        "/studies",
+        [("StudyDate", "20260101-20260301"), ("includefield", "ModalitiesInStudy"),
+         ("PatientID", "GF-7"), ("includefield", "StudyInstanceUID")],
+    )  # fmt: skip
+    series = _identifier("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="", Modality="")
+    assert qido_query(series) == (
+        "/studies/1.2.3/series",
+        [("includefield", "Modality"), ("includefield", "SeriesInstanceUID")],
+    )
+
+
+def test_a_wado_rs_answer_is_split_into_its_parts_whatever_bytes_they_hold() -> None:
+    from dicom_node.dicomweb import multipart_parts
+
+    first, second = b"\r\n--not-the-boundary\r\n\x00\xff", b"DICM" * 3
+    body = (
+        b"preamble\r\n--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + first
+        + b"\r\n--b0undary\r\nContent-Type: application/dicom\r\n\r\n" + second
+        + b"\r\n--b0undary--\r\nepilogue"
+    )  # fmt: skip
+    content_type = 'multipart/related; type="application/dicom"; boundary="b0undary"'
+    assert multipart_parts(body, content_type) == [first, second]
+    with pytest.raises(ValueError, match="expected multipart/related with a boundary"):
+        multipart_parts(body, "application/dicom")
+
+
+def test_a_retrieved_file_that_is_not_dicom_is_refused_and_nothing_is_stored(run_node) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.scp import Origin
+
+    node = run_node()
+    status = node.scp.store_part10(b"<html>login page</html>", Origin("https://pacs", "pacs"))
+    assert not isinstance(status, int) and status.Status == 0xC210
+    assert status.ErrorComment == "not a DICOM Part 10 file: no DICM prefix at byte 128"
+    assert node.store.counts()["instances"] == 0

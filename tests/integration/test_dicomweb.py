@@ -155,9 +155,6 @@ def test_check_destinations_and_the_settings_of_a_dicomweb_destination(  # type:
         ("destinations: [{name: web, dicomweb: {url: 'https://h/dw', username: u}}]",
          "destinations[0].dicomweb: expected username and password_file together, found only "
          "username"),
-        ("retrieve: {source: web}\ndestinations: [{name: web, dicomweb: {url: 'https://h/dw'}}]",
-         "retrieve.source: expected a DICOM destination (C-FIND, C-MOVE), found 'web', a "
-         "DICOMweb one"),
     ):  # fmt: skip
         config.write_text(yaml + "\n")
         with pytest.raises(ConfigError) as err:

@@ -24,7 +24,7 @@ from dicom_node.cli import main
 from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
 from dicom_node.retrieve import FIND
 from dicom_node.scu import Destination
-from dicom_node.settings import AllowedCaller
+from dicom_node.settings import AllowedCaller, DicomWebSettings
 from dicom_node.settings import Destination as DestinationSettings
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
@@ -34,7 +34,7 @@ from tests.conftest import free_port, tool, wait_for
 from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
-from tests.integration.orthanc import OrthancServer, orthanc_binary
+from tests.integration.orthanc import OrthancServer, dicomweb_plugin, orthanc_binary
 
 pytestmark = pytest.mark.slow
 
@@ -438,3 +438,60 @@ def test_instances_the_receiver_refuses_are_named_in_the_reason(  # type: ignore
     assert "check that node.allowed_callers lets DCMQR in and the node has disk space" in (
         first.reason
     ), first.reason
+
+
+def test_a_dicomweb_source_is_searched_with_qido_rs_and_read_with_wado_rs(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """A PACS that speaks DICOMweb only, behind HTTP Basic (a cloud archive): Orthanc with its
+    DICOMweb plugin, which does not know the node at all. The node searches it (QIDO-RS),
+    reads the plan's series (WADO-RS) into its spool, predicts, and sends the results there
+    (STOW-RS); the audit trail names the service by its URL."""
+    dicomweb_plugin()
+    mr, rt = patient
+    users = {"glioforecast": "s3cret-pass"}
+    orthanc = OrthancServer(tmp_path / "orthanc", dicomweb=True, users=users).start()  # type: ignore[arg-type]
+    (tmp_path / "pw").write_text(users["glioforecast"])
+    web = DicomWebSettings(
+        url=orthanc.dicomweb_url, username="glioforecast", password_file=tmp_path / "pw"
+    )
+    log_file = tmp_path / "audit.log"
+    settings = make_settings(
+        tmp_path / "data", retrieve={"source": "archive", "retry_interval_s": 0.2},
+        audit={"enabled": True, "file": log_file},
+    )  # fmt: skip
+    settings = dataclasses.replace(
+        settings, destinations=(DestinationSettings(name="archive", dicomweb=web),)
+    )
+    try:
+        _upload(orthanc, [*mr, *rt])
+        node = run_node(settings)
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        first, _ = _predicted_after_retrieval(node, study, rt)
+        (retrieved,) = [e.message for e in node.store.events(first.id) if e.kind == "retrieved"]
+        for modality in ("RTSTRUCT", "RTDOSE", "REG"):
+            assert modality in retrieved
+        all_sent(node, "archive")
+        descriptions = {s.description for s in orthanc.study_series(study)}
+        assert any(d.startswith("SYNTHETIC PREDICTION") for d in descriptions), descriptions
+    finally:
+        orthanc.stop()
+    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    queries = [m for m in messages if event_id(m) == "110112"]
+    assert len(queries) >= 2  # the patient's studies, then each study's series
+    for query in queries:
+        check_schema(query)
+        assert _participants(query)["Destination Role ID"].get("UserID") == orthanc.dicomweb_url
+    planning_study = str(pydicom.dcmread(rt[0]).StudyInstanceUID)
+    (came,) = [
+        m for m in messages if event_id(m) == "110104"
+        and _objects(m)["Study Instance UID"].get("ParticipantObjectID") == planning_study
+    ]  # fmt: skip
+    check_schema(came)
+    source = _participants(came)["Source Role ID"]
+    assert (source.get("UserID"), source.get("NetworkAccessPointID")) == (
+        orthanc.dicomweb_url,
+        "127.0.0.1",
+    )
+    assert sum(int(c.get("NumberOfInstances", "0")) for c in came.iter("SOPClass")) == len(rt)
