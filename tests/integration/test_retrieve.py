@@ -170,6 +170,12 @@ def test_with_c_get_the_pacs_sends_back_on_the_nodes_own_association(  # type: i
         _predicted_after_retrieval(node, study, rt)
     finally:
         orthanc.stop()
+    _audited_arrival(log_file, rt, "ORTHANC")
+
+
+def _audited_arrival(log_file: Path, rt: list[Path], sender: str) -> list[ET.Element]:
+    """The audit trail's messages, once the one saying that the plan came from ``sender`` (at
+    127.0.0.1) to the node is checked."""
     planning_study = str(pydicom.dcmread(rt[0]).StudyInstanceUID)
     messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
     (came,) = [
@@ -178,9 +184,10 @@ def test_with_c_get_the_pacs_sends_back_on_the_nodes_own_association(  # type: i
     ]  # fmt: skip
     check_schema(came)
     source = _participants(came)["Source Role ID"]
-    assert (source.get("UserID"), source.get("NetworkAccessPointID")) == ("ORTHANC", "127.0.0.1")
+    assert (source.get("UserID"), source.get("NetworkAccessPointID")) == (sender, "127.0.0.1")
     assert _participants(came)["Destination Role ID"].get("UserID") == "GLIOFORECAST"
     assert sum(int(c.get("NumberOfInstances", "0")) for c in came.iter("SOPClass")) == len(rt)
+    return messages
 
 
 def test_nothing_in_the_pacs_fails_the_job_then_jobs_retrieve_asks_again(  # type: ignore[no-untyped-def]
@@ -477,21 +484,9 @@ def test_a_dicomweb_source_is_searched_with_qido_rs_and_read_with_wado_rs(  # ty
         assert any(d.startswith("SYNTHETIC PREDICTION") for d in descriptions), descriptions
     finally:
         orthanc.stop()
-    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    messages = _audited_arrival(log_file, rt, orthanc.dicomweb_url)
     queries = [m for m in messages if event_id(m) == "110112"]
     assert len(queries) >= 2  # the patient's studies, then each study's series
     for query in queries:
         check_schema(query)
         assert _participants(query)["Destination Role ID"].get("UserID") == orthanc.dicomweb_url
-    planning_study = str(pydicom.dcmread(rt[0]).StudyInstanceUID)
-    (came,) = [
-        m for m in messages if event_id(m) == "110104"
-        and _objects(m)["Study Instance UID"].get("ParticipantObjectID") == planning_study
-    ]  # fmt: skip
-    check_schema(came)
-    source = _participants(came)["Source Role ID"]
-    assert (source.get("UserID"), source.get("NetworkAccessPointID")) == (
-        orthanc.dicomweb_url,
-        "127.0.0.1",
-    )
-    assert sum(int(c.get("NumberOfInstances", "0")) for c in came.iter("SOPClass")) == len(rt)
