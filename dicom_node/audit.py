@@ -17,8 +17,9 @@ Events (DCM codes of PS3.16 CID 400-403; PS3.15 A.5.3):
   (:mod:`dicom_node.retrieve`; the node as Source, the PACS as Destination, the query itself
   base64-encoded as PS3.15 A.5.3.12 asks); a query the PACS could not answer is a minor
   failure with the reason;
-- Security Alert (110113), type Security Configuration (110129) when ``node.allowed_callers``
-  or ``node.refuse_unknown_callers`` changed, else Software Configuration (110131): each
+- Security Alert (110113), type Security Configuration (110129) when ``node.allowed_callers``,
+  ``node.refuse_unknown_callers`` or ``node.tls`` changed, else Software Configuration
+  (110131): each
   configuration reload (SIGHUP, :mod:`dicom_node.reload`), the changed keys in the
   description, a minor failure with the reason when nothing was applied.
 
@@ -337,8 +338,9 @@ def configuration_changed(
     description: str,
 ) -> ET.Element:
     """The node was asked to reload its configuration file (at ``uri``): a Security Alert of
-    type Security Configuration when who may call the node changed, else Software
-    Configuration; a minor failure when nothing was applied (``description`` says why)."""
+    type Security Configuration when who may call the node, or its TLS, changed, else
+    Software Configuration; a minor failure when nothing was applied (``description`` says
+    why)."""
     root = _message(
         SECURITY_ALERT, "E", SUCCESS if applied else MINOR_FAILURE, [node], source,
         event_type=SECURITY_CONFIGURATION if security else SOFTWARE_CONFIGURATION,

@@ -107,6 +107,12 @@ def secret_files(settings: Settings) -> dict[str, str]:
     return digests
 
 
+def files_key(key: str) -> str:
+    """How a change of the files named at ``key`` (``node.tls``, ``destinations.NAME``) is
+    listed among the changed keys."""
+    return f"{key} (its files)"
+
+
 @dataclass(frozen=True)
 class ReloadPlan:
     """What a new version of the file changes: ``changed`` keys, of which ``restart`` cannot
@@ -114,10 +120,6 @@ class ReloadPlan:
 
     changed: tuple[str, ...]
     restart: tuple[str, ...]
-
-    @property
-    def applicable(self) -> bool:
-        return bool(self.changed) and not self.restart
 
 
 def _live(key: str) -> bool:
@@ -138,7 +140,7 @@ def plan_reload(
     for key, digest in (new_files or {}).items():  # files are read again by any reload
         named = any(k == key or k.startswith(key + ".") for k in changed)
         if not named and (old_files or {}).get(key, digest) != digest:
-            changed.append(f"{key} (its files)")
+            changed.append(files_key(key))
     if any(d.storage_commitment for d in old.destinations) != any(
         d.storage_commitment for d in new.destinations
     ):

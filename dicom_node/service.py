@@ -28,7 +28,7 @@ from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
-from dicom_node.reload import plan_reload, secret_files
+from dicom_node.reload import files_key, plan_reload, secret_files
 from dicom_node.retention import prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
@@ -178,8 +178,9 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-#: who may call the node: a reload that changes these is a security configuration change
-SECURITY_KEYS = ("node.allowed_callers", "node.refuse_unknown_callers")
+#: who may call the node and how it is authenticated: a reload that changes these is a
+#: security configuration change
+SECURITY_KEYS = ("node.allowed_callers", "node.refuse_unknown_callers", "node.tls")
 
 
 class Node:
@@ -339,8 +340,7 @@ class Node:
                     "(systemctl restart glioforecast applies the file)"
                 )
             if changed:
-                tls_files = "node.tls (its files)" in changed
-                self._apply(new, tls_files)
+                self._apply(new, tls_files=files_key("node.tls") in changed)
                 self._files = files
         except Exception as exc:  # whatever the file holds, the node goes on as it was
             if not isinstance(exc, GlioforecastError):

@@ -49,7 +49,7 @@ def test_a_reload_applies_what_a_running_node_can_take_and_names_what_needs_a_re
 
     callers = _with(old, "node", allowed_callers=(AllowedCaller("SCANNER2"),))
     plan = plan_reload(old, callers)
-    assert plan.changed == ("node.allowed_callers",) and plan.applicable
+    assert plan.changed == ("node.allowed_callers",) and not plan.restart
 
     pacs = Destination(name="pacs", ae_title="PACS", host="10.0.0.5", port=104)
     both = _with(_with(callers, "worker", job_timeout_s=60.0), "retention", done_days=1.0)
@@ -58,11 +58,11 @@ def test_a_reload_applies_what_a_running_node_can_take_and_names_what_needs_a_re
     assert set(plan.changed) == {
         "node.allowed_callers", "worker.job_timeout_s", "retention.done_days", "destinations.pacs"
     }  # fmt: skip
-    assert plan.applicable
+    assert not plan.restart
 
     moved = _with(_with(callers, "node", port=104), "health", port=9100)
     plan = plan_reload(old, moved)
-    assert plan.restart == ("node.port", "health.port") and not plan.applicable
+    assert plan.restart == ("node.port", "health.port")
     assert "node.allowed_callers" in plan.changed  # reported, but not applied alone
 
     # the receiver offers the Storage Commitment SOP class only when a destination asks for it
