@@ -35,6 +35,7 @@ from pathlib import Path
 
 from dicom_node.audit import QUEUE_FILE
 from dicom_node.errors import StorageError
+from dicom_node.outbox import SETTLED
 from dicom_node.outbox_cli import OUTBOX_FILE
 from dicom_node.service import LOCK_FILE
 
@@ -43,8 +44,6 @@ JOBS_FILE = "jobs.sqlite3"
 DATABASES = (JOBS_FILE, OUTBOX_FILE, QUEUE_FILE)
 OBJECTS_DIR = Path(OUTBOX_FILE).stem + "-objects"
 MANIFEST = "glioforecast-backup.json"
-#: outbox states whose object the outbox has removed (or may have)
-_SETTLED = ("sent", "withdrawn", "rejected")
 
 
 @dataclass
@@ -120,9 +119,9 @@ def _settle_outbox(data_dir: Path, target: Path) -> int:
     updated = 0
     try:
         copy.row_factory = source.row_factory = sqlite3.Row
-        marks = ",".join("?" * len(_SETTLED))
+        marks = ",".join("?" * len(SETTLED))
         rows = copy.execute(
-            f"SELECT id, path FROM outbox WHERE state NOT IN ({marks})", _SETTLED
+            f"SELECT id, path FROM outbox WHERE state NOT IN ({marks})", SETTLED
         ).fetchall()
         for row in rows:
             if (target / OBJECTS_DIR / Path(row["path"]).name).exists():

@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 
 STATES = ("pending", "sending", "committing", "sent", "dead", "withdrawn", "rejected")
 #: states a row does not leave (its object file is no longer needed)
-_SETTLED = ("sent", "withdrawn", "rejected")
+SETTLED = ("sent", "withdrawn", "rejected")
 
 _OUTBOX_TABLE = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -396,7 +396,7 @@ class Outbox:
                     )
                 }
             missing = [d for d in destinations if d not in existing]
-            needs_file = bool(missing) or any(s not in _SETTLED for s in existing.values())
+            needs_file = bool(missing) or any(s not in SETTLED for s in existing.values())
             if not needs_file:
                 continue
             try:
@@ -940,7 +940,7 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT state, path FROM outbox WHERE sop_instance_uid = ?", (sop_instance_uid,)
             ).fetchall()
-        if rows and all(r["state"] in _SETTLED for r in rows):
+        if rows and all(r["state"] in SETTLED for r in rows):
             with contextlib.suppress(FileNotFoundError):
                 Path(rows[0]["path"]).unlink()
 
