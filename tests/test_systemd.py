@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO, tool
 
@@ -38,16 +44,80 @@ def test_unit_is_hardened() -> None:
     assert signal == "/bin/kill -HUP $MAINPID"
 
 
-def test_unit_verifies_and_scores_ok(tmp_path: Path) -> None:
+VENV_BIN = Path(sys.executable).parent
+
+
+def _installed(tmp_path: Path, *names: str) -> list[Path]:
+    """The units as installed, pointing at this virtual environment."""
+    units = []
+    for name in names:
+        unit = tmp_path / name
+        text = (REPO / "systemd" / name).read_text()
+        unit.write_text(text.replace("/opt/glioforecast/bin", str(VENV_BIN)))
+        units.append(unit)
+    return units
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("glioforecast.service",), ("glioforecast-backup.service", "glioforecast-backup.timer")],
+)
+def test_units_verify_and_score_ok(tmp_path: Path, names: tuple[str, ...]) -> None:
     analyze = tool("systemd-analyze")
-    venv_bin = Path(__import__("sys").executable).parent
-    unit = tmp_path / "glioforecast.service"
-    unit.write_text(UNIT.read_text().replace("/opt/glioforecast/bin", str(venv_bin)))
-    verify = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True)
+    units = _installed(tmp_path, *names)
+    verify = subprocess.run([analyze, "verify", *map(str, units)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     security = subprocess.run(
-        [analyze, "security", "--offline=true", str(unit)], capture_output=True, text=True
+        [analyze, "security", "--offline=true", str(units[0])], capture_output=True, text=True
     )
     score = re.search(r"Overall exposure level for \S+: ([0-9.]+)", security.stdout)
     assert score, security.stdout + security.stderr
     assert float(score.group(1)) <= 4.0  # systemd rates <= 4.0 as "OK" or better
+
+
+def _as_systemd_passes_it(line: str) -> list[str]:
+    """An Exec line's arguments as systemd hands them over (systemd.service, "Command lines"):
+    split with quotes, ``%%`` a percent sign, ``$$`` a dollar sign, C escapes (``\\``)."""
+    words = shlex.split(line.split("=", 1)[1], posix=False)
+    out = []
+    for word in words:
+        if word[0] == word[-1] == "'":
+            word = word[1:-1]
+        out.append(word.replace("%%", "%").replace("$$", "$").replace("\\\\", "\\"))
+    return out
+
+
+def test_the_nightly_backup_copies_the_data_folder_and_keeps_a_week(tmp_path: Path) -> None:
+    """The backup unit's two commands, run as systemd would run them (no systemd here): a new
+    dated copy, and the node's own copies older than BACKUP_KEEP_DAYS removed; nothing else."""
+    from dicom_node.service import Node
+    from tests.dicom_node.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data")
+    Node(settings).stop()  # a data folder as a node leaves it
+    (unit,) = _installed(tmp_path, "glioforecast-backup.service")
+    lines = unit.read_text().splitlines()
+    backups = tmp_path / "backups"
+    old, recent, foreign = backups / "20260101T023000Z", backups / "recent", backups / "site"
+    for folder in (old, recent, foreign):
+        folder.mkdir(parents=True)
+    for folder in (old, recent):
+        (folder / "glioforecast-backup.json").write_text("{}")
+    long_ago = time.time() - 30 * 86400
+    for folder in (old, foreign):
+        os.utime(folder, (long_ago, long_ago))
+    config = tmp_path / "node.yaml"
+    config.write_text(f"storage: {{data_dir: {settings.storage.data_dir}}}\n")
+    env = {**os.environ, "BACKUP_DIR": str(backups), "BACKUP_KEEP_DAYS": "7",
+           "GLIOFORECAST_CONFIG": str(config)}  # fmt: skip
+    for directive in ("ExecStart=", "ExecStartPost="):
+        (line,) = [line for line in lines if line.startswith(directive)]
+        run = subprocess.run(
+            _as_systemd_passes_it(line), env=env, capture_output=True, text=True, timeout=120
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+    made = [p for p in backups.iterdir() if p not in (old, recent, foreign)]
+    assert len(made) == 1 and re.fullmatch(r"\d{8}T\d{6}Z", made[0].name), made
+    assert (made[0] / "jobs.sqlite3").is_file() and (made[0] / "secret.key").is_file()
+    assert not old.exists()  # a week-old copy of the node's: removed
+    assert recent.exists() and foreign.exists()  # a recent one, and what is not the node's
