@@ -50,8 +50,8 @@ MANIFEST = "glioforecast-backup.json"
 class BackupReport:
     destination: Path
     databases: dict[str, int] = field(default_factory=dict)  # name -> pages copied
-    files: int = 0
-    bytes: int = 0
+    files: int = 0  # besides the databases
+    bytes: int = 0  # databases and files
     spool_files: int = 0
     outbox_rows_updated: int = 0
     vanished: int = 0  # files removed by the node (retention, delivery) during the copy
@@ -192,6 +192,7 @@ def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupRe
         for name in DATABASES:
             if (data_dir / name).is_file():
                 report.databases[name] = _copy_database(data_dir / name, destination / name)
+                report.bytes += (destination / name).stat().st_size
         if spool and (data_dir / "spool").is_dir():
             report.spool_files = _copy_tree(data_dir / "spool", destination / "spool", report)
         if (data_dir / OBJECTS_DIR).is_dir():
