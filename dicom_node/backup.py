@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_node.audit import QUEUE_FILE
-from dicom_node.errors import StorageError
+from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.outbox import SETTLED
 from dicom_node.outbox_cli import OUTBOX_FILE
 from dicom_node.service import LOCK_FILE
@@ -228,3 +228,50 @@ def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupRe
     with contextlib.suppress(OSError):
         (destination / "secret.key").chmod(0o600)
     return report
+
+
+def restore(copy: Path, data_dir: Path) -> str:
+    """Put the backup ``copy`` in place of ``data_dir``, the node stopped (its lock is taken
+    here, so a running node makes this refuse). The folder there is moved aside, not removed.
+    Returns what was done, in words."""
+    from dicom_node.service import lock_data_dir
+
+    copy, data_dir = Path(copy).resolve(), Path(data_dir).resolve()
+    if not (copy / MANIFEST).is_file() or not (copy / JOBS_FILE).is_file():
+        raise StorageError(
+            f"restore: expected a folder made by glioforecast backup ({MANIFEST} and "
+            f"{JOBS_FILE}) at {copy}, found none"
+        )
+    made = json.loads((copy / MANIFEST).read_text()).get("started", "an unknown time")
+    if data_dir.exists() and data_dir.stat().st_uid != os.geteuid():
+        raise StorageError(
+            f"restore: expected to run as the owner of {data_dir} (uid "
+            f"{data_dir.stat().st_uid}), found uid {os.geteuid()}: the node could not use "
+            "files another user owns; run it as the node's user"
+        )
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    staging = data_dir.with_name(f".{data_dir.name}.restoring-{stamp}")
+    aside = data_dir.with_name(f"{data_dir.name}.before-restore-{stamp}")
+    try:
+        lock = lock_data_dir(data_dir) if data_dir.exists() else None
+    except GlioforecastError as exc:  # a node runs there
+        raise StorageError(
+            f"restore: stop the node first (systemctl stop glioforecast): {exc}"
+        ) from exc
+    try:
+        shutil.copytree(copy, staging, copy_function=shutil.copy2)
+        _fsync_tree(staging)
+        if data_dir.exists():
+            data_dir.rename(aside)
+        staging.rename(data_dir)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageError(f"restore of {copy} into {data_dir} failed: {exc}") from exc
+    finally:
+        if lock is not None:
+            os.close(lock)
+    kept = f"; the folder that was there is kept at {aside}" if aside.exists() else ""
+    return (
+        f"restored the backup made {made} into {data_dir}{kept}; start the node: it "
+        "reconciles the spool with the database and sends what was not yet delivered"
+    )

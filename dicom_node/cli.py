@@ -395,6 +395,13 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from dicom_node.backup import restore
+
+    print(restore(args.backup, _settings(args).storage.data_dir))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -530,6 +537,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the received instances out (the PACS keeps them too)",
     )  # fmt: skip
     p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser(
+        "restore",
+        help="put a backup in place of the data folder, the node stopped (the folder there is "
+        "moved aside, not removed)",
+    )
+    _add_data_dir(p)
+    p.add_argument("backup", type=Path, help="a folder made by glioforecast backup")
+    p.set_defaults(func=cmd_restore)
 
     outbox_cli.register(sub)
     outbox_actions: Any = sub.choices["outbox"]._subparsers._group_actions  # type: ignore[union-attr]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
+import os
 import sqlite3
 import stat
 import subprocess
@@ -85,7 +85,12 @@ def test_a_backup_of_a_running_node_restores_every_instance_job_and_waiting_resu
         assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
         sending.join(timeout=120)
         assert results[0].returncode == 0, results[0].stderr
-    assert capsys.readouterr().out.startswith(f"backup in {copy}: 2 database(s)")
+        assert capsys.readouterr().out.startswith(f"backup in {copy}: 2 database(s)")
+        # a restore under the running node is refused, and changes nothing
+        assert main(["restore", "--data-dir", str(data), str(copy)]) == EXIT_FAILED
+        refused = capsys.readouterr().err
+        assert "restore: stop the node first" in refused and f"(pid {os.getpid()})" in refused
+        assert not list(tmp_path.glob("*restor*"))
 
     assert stat.S_IMODE(copy.stat().st_mode) == 0o700  # it holds patient data
     assert (copy / "secret.key").read_bytes() == secret
@@ -97,9 +102,11 @@ def test_a_backup_of_a_running_node_restores_every_instance_job_and_waiting_resu
     assert json.loads((copy / MANIFEST).read_text())["spool"] is True
     assert acknowledged <= _instances(copy)  # nothing acknowledged before it is missing
 
-    # the disaster: the data folder is lost; the copy is put back where it was
-    shutil.rmtree(data)
-    shutil.copytree(copy, data)
+    # the disaster (a corrupted database, say): the copy is put back; what was there is kept
+    assert main(["restore", "--data-dir", str(data), str(copy)]) == EXIT_OK
+    assert "restored the backup made" in capsys.readouterr().out
+    (aside,) = tmp_path.glob("data.before-restore-*")
+    assert (aside / "jobs.sqlite3").is_file() and _instances(aside) >= acknowledged
     (tmp_path / "pacs").mkdir()
     pacs = subprocess.Popen(
         [tool("storescp"), "-aet", "PACS", "-od", str(tmp_path / "pacs"), str(pacs_port)],
