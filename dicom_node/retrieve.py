@@ -26,6 +26,10 @@ cannot be reached is asked again ``retry_interval_s`` later, up to ``attempts`` 
 that does not know the node as a move destination fails the job at once, saying what to set up.
 
 A PatientID that is empty or holds a wildcard is never sent: it would match other patients.
+
+A DICOMweb source (a destination with ``dicomweb.url``) is asked the same questions over HTTP:
+QIDO-RS searches for the C-FINDs and a WADO-RS retrieval per series for the C-MOVEs, whose
+instances the receiver stores as if a C-GET had brought them (:class:`WebQueryRetrieve`).
 """
 
 from __future__ import annotations
@@ -301,7 +305,7 @@ class WebQueryRetrieve:
 
     def __init__(
         self, peer: Destination, audit: AuditTrail | NoAuditTrail, receiver: StorageSCP,
-        origin: Any,
+        origin: Origin,
     ) -> None:  # fmt: skip
         self.peer = peer
         self.audit = audit
@@ -335,6 +339,7 @@ class WebQueryRetrieve:
         return MoveResult(completed, failed, 0)
 
     def move(self, series: RemoteSeries, destination_ae: str) -> MoveResult:
+        """Never asked (the retriever reads a DICOMweb source with :meth:`get`)."""
         raise RetrieveError(f"{self.peer} is a DICOMweb service: it is asked with WADO-RS")
 
 
@@ -501,7 +506,7 @@ class Retriever(BackgroundLoop):
         """Ask ``peer`` (``settings.retrieve.source``) with ``settings`` from the next pass on
         (a configuration reload; a pass under way finishes with what it started with)."""
         if (settings.retrieve.method == "get" or peer.url) and self._receiver is None:
-            raise ValueError("retrieve.method get: expected the receiver that stores what comes")
+            raise ValueError("expected the receiver that stores what a C-GET or WADO-RS brings")
         self.settings, self.peer = settings, peer
 
     @property

@@ -511,7 +511,7 @@ class StorageSCP:
             request.DataSet, lambda: event.dataset,
         )  # fmt: skip
 
-    def store_part10(self, data: bytes, origin: Any) -> Dataset | int:
+    def store_part10(self, data: bytes, origin: Origin) -> Dataset | int:
         """Store one Part 10 file that came another way than C-STORE (a WADO-RS part), as
         the receiver stores an instance ``origin`` sent (:class:`Origin`, audited once
         :meth:`sub_operations_ended`); the status is the one a C-STORE would have had."""
@@ -529,7 +529,9 @@ class StorageSCP:
         except Exception as exc:  # pydicom raises many types on malformed data
             log.warning("instance from %s undecodable (0xC210): %s", _sender(origin)[0], exc)
             return _status(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}")
-        body = io.BytesIO(data[132 + 12 + length :])  # the data set after the meta group
+        # the data set follows the preamble, DICM, the group length element (12 bytes) and
+        # the rest of the meta group
+        body = io.BytesIO(data[132 + 12 + length :])
         return self._store(origin, tsyntax, sop_class, sop_instance, body, lambda: ds)
 
     def _store(
@@ -560,11 +562,10 @@ class StorageSCP:
             ds = decode()
             info = InstanceInfo.from_dataset(ds, tsyntax, self.secret)
             check_pixel_data(ds, tsyntax)
-            requested_uid = sop_instance
-            if requested_uid and requested_uid != info.sop_instance_uid:
+            if sop_instance and sop_instance != info.sop_instance_uid:
                 raise InputError(
                     f"SOPInstanceUID {info.sop_instance_uid} differs from the request's "
-                    f"Affected (or the file's Media Storage) SOP Instance UID {requested_uid}"
+                    f"Affected (or the file's Media Storage) SOP Instance UID {sop_instance}"
                 )
         except Exception as exc:
             if staged is not None:
