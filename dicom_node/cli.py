@@ -527,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "backup",
         help="copy the data folder consistently, the node running or not (databases by "
-        "SQLite's online backup, then the spool and the results waiting); restore: the node "
-        "stopped, the copy put back at the same path",
+        "SQLite's online backup, then the spool and the results waiting; glioforecast restore "
+        "puts it back)",
     )
     _add_data_dir(p)
     p.add_argument("destination", type=Path, help="a new or empty folder (outside the data one)")
