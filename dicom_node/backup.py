@@ -37,7 +37,7 @@ from dicom_node.audit import QUEUE_FILE
 from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.outbox import SETTLED
 from dicom_node.outbox_cli import OUTBOX_FILE
-from dicom_node.service import LOCK_FILE
+from dicom_node.service import LOCK_FILE, lock_data_dir
 
 JOBS_FILE = "jobs.sqlite3"
 #: the databases, in the order they are copied (see the module docstring)
@@ -234,8 +234,6 @@ def restore(copy: Path, data_dir: Path) -> str:
     """Put the backup ``copy`` in place of ``data_dir``, the node stopped (its lock is taken
     here, so a running node makes this refuse). The folder there is moved aside, not removed.
     Returns what was done, in words."""
-    from dicom_node.service import lock_data_dir
-
     copy, data_dir = Path(copy).resolve(), Path(data_dir).resolve()
     if not (copy / MANIFEST).is_file() or not (copy / JOBS_FILE).is_file():
         raise StorageError(
