@@ -142,13 +142,17 @@ class OrthancServer:
         tls: OrthancTLS | None = None,
         dicomweb: bool = False,
         users: dict[str, str] | None = None,
+        dicomweb_servers: dict[str, dict[str, str]] | None = None,
     ) -> None:
         """``modalities``: the peers Orthanc knows by name (``DicomModalities``), which it
         sends storage commitment reports to (over TLS for those with a ``tls`` context);
         ``tls``: Orthanc's DICOM port takes TLS only; ``dicomweb``: its DICOMweb plugin
         serves :attr:`dicomweb_url`; ``users``: HTTP Basic users and passwords the REST API
-        and DICOMweb require (this object uses the first)."""
-        self.dicomweb = dicomweb
+        and DICOMweb require (this object uses the first); ``dicomweb_servers``: the DICOMweb
+        services its plugin's client knows by name (``DicomWeb.Servers``: ``Url``, and
+        ``Username`` and ``Password`` or ``HttpHeaders``), which it can send studies to."""
+        self.dicomweb = dicomweb or bool(dicomweb_servers)
+        self.dicomweb_servers = dict(dicomweb_servers or {})
         self.users = dict(users or {})
         self.workdir = Path(workdir)
         self.modalities = dict(modalities or {})
@@ -190,7 +194,9 @@ class OrthancServer:
         if self.dicomweb:
             config |= {
                 "Plugins": [DICOMWEB_PLUGIN],
-                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+                "DicomWeb": {
+                    "Enable": True, "Root": "/dicom-web/", "Servers": self.dicomweb_servers,
+                },
             }
         if self.users:
             config |= {"AuthenticationEnabled": True, "RegisteredUsers": self.users}

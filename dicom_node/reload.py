@@ -36,6 +36,10 @@ LIVE_KEYS = (
     "node.tls.private_key",
     "node.tls.ca_certificates",
     "node.tls.require_client_certificate",
+    # who may store by STOW-RS and its limits; its address, port and path: a restart
+    "stow.clients",
+    "stow.max_request_mb",
+    "stow.max_requests",
     "retention",
     "assembly",
     "roles",
@@ -95,8 +99,8 @@ def _digest(*paths: Path | None) -> str:
 
 def secret_files(settings: Settings) -> dict[str, str]:
     """A digest of the files each part names (their contents are not in the settings): the
-    receiver's TLS files (``node.tls``) and each destination's TLS and DICOMweb secret files
-    (``destinations.NAME``)."""
+    receiver's TLS files (``node.tls``), each destination's TLS and DICOMweb secret files
+    (``destinations.NAME``) and the STOW-RS clients' tokens and passwords (``stow.clients``)."""
     t = settings.node.tls
     digests = {"node.tls": _digest(t.certificate, t.private_key, t.ca_certificates)}
     for d in settings.destinations:
@@ -104,6 +108,9 @@ def secret_files(settings: Settings) -> dict[str, str]:
             d.tls.ca_certificates, d.tls.certificate, d.tls.private_key,
             d.dicomweb.token_file, d.dicomweb.password_file,
         )  # fmt: skip
+    digests["stow.clients"] = _digest(
+        *(f for c in settings.stow.clients for f in (c.token_file, c.password_file))
+    )
     return digests
 
 

@@ -151,19 +151,21 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return addr
 
 
+def host_allowed(hosts: tuple[str, ...], host: str) -> bool:
+    """True when ``host`` is one of ``hosts`` (addresses or networks), or ``hosts`` is empty."""
+    if not hosts:
+        return True
+    addr = _address(host)
+    return addr is not None and any(addr in ipaddress.ip_network(h, strict=False) for h in hosts)
+
+
 def caller_allowed(callers: tuple[AllowedCaller, ...], ae_title: str, host: str) -> bool:
     """True when a caller with this AE title may associate from ``host``."""
-    addr = _address(host)
-    for caller in callers:
-        if caller.ae_title != "*" and caller.ae_title.strip() != ae_title.strip():
-            continue
-        if not caller.hosts:
-            return True
-        if addr is not None and any(
-            addr in ipaddress.ip_network(h, strict=False) for h in caller.hosts
-        ):
-            return True
-    return False
+    return any(
+        (c.ae_title == "*" or c.ae_title.strip() == ae_title.strip())
+        and host_allowed(c.hosts, host)
+        for c in callers
+    )
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -218,6 +220,37 @@ class _End:
     address: str
 
 
+@dataclass(frozen=True)
+class Part10:
+    """A DICOM Part 10 file read: its data set, what its meta information says, and where
+    the data set begins in ``data``."""
+
+    data: bytes
+    dataset: Dataset
+    transfer_syntax: str
+    sop_class: str
+    sop_instance: str
+    offset: int
+
+    @classmethod
+    def read(cls, data: bytes) -> Part10:
+        """Read ``data``; raises (:class:`InputError` or pydicom's errors) on what is not a
+        Part 10 file."""
+        if data[128:132] != b"DICM":
+            raise InputError("no DICM prefix at byte 128")
+        ds = dcmread(io.BytesIO(data))
+        meta = ds.file_meta
+        length = int(meta.get("FileMetaInformationGroupLength", -1))
+        if length < 0:
+            raise InputError("expected File Meta Information Group Length, found none")
+        # the data set follows the preamble, DICM, the group length element (12 bytes) and
+        # the rest of the meta group
+        return cls(
+            data, ds, str(meta.TransferSyntaxUID), str(meta.get("MediaStorageSOPClassUID", "")),
+            str(meta.get("MediaStorageSOPInstanceUID", "")), 132 + 12 + length,
+        )  # fmt: skip
+
+
 class Origin:
     """Where instances come from when no association brings them (a DICOMweb retrieval):
     :func:`_sender` and the audit trail read it as the sending end of one."""
@@ -237,22 +270,24 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake done in each connection's thread.
+class HandshakeInThread:
+    """A mixin for a threaded ``socketserver`` server whose TLS handshake runs in each
+    connection's thread (the DICOM receiver, the STOW-RS receiver).
 
-    pynetdicom wraps an accepted socket in its accept loop, handshake included: one client that
-    connects and says nothing held every other TLS association up for the network timeout (a
-    port scanner, a load balancer's TCP check). Here the accept loop only accepts; the
-    handshake runs in the connection's thread, within ``node.acse_timeout_s``, and a failure
-    goes to :attr:`on_tls_failure` (the log and the audit trail) with its reason.
+    Wrapping an accepted socket in the accept loop, handshake included, lets one client that
+    connects and says nothing hold up every other TLS client for the network timeout (a port
+    scanner, a load balancer's TCP check). Here the accept loop only accepts; the handshake
+    runs in the connection's thread, within :attr:`handshake_timeout_s`, and a failure goes to
+    :attr:`on_tls_failure` (the log and the audit trail) with its reason.
     """
 
+    ssl_context: ssl.SSLContext | None = None
     on_tls_failure: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
     handshake_timeout_s: float = 30.0
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
+        listening: socket.socket = self.socket  # type: ignore[attr-defined]
+        client, address = listening.accept()
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
@@ -272,7 +307,11 @@ class _Server(ThreadedAssociationServer):
                 self.on_tls_failure(host, reason)
                 return  # the caller closes the socket
             request.settimeout(timeout)
-        super().finish_request(request, client_address)
+        super().finish_request(request, client_address)  # type: ignore[misc]
+
+
+class _Server(HandshakeInThread, ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake in each connection's thread."""
 
 
 #: OpenSSL's reasons for a failed server-side handshake, in words
@@ -409,7 +448,8 @@ class StorageSCP:
             with self._received_lock:
                 self._received[id(assoc)] = _Received(calling, host)
 
-    def _on_tls_failure(self, host: str, reason: str) -> None:
+    def tls_failure(self, host: str, reason: str) -> None:
+        """A client's TLS handshake failed (this receiver's or the STOW-RS receiver's)."""
         self.audit.refused("", host, f"TLS handshake failed: {reason}")
 
     def _on_close(self, event: Any) -> None:
@@ -516,23 +556,19 @@ class StorageSCP:
         the receiver stores an instance ``origin`` sent (:class:`Origin`, audited once
         :meth:`sub_operations_ended`); the status is the one a C-STORE would have had."""
         try:
-            if data[128:132] != b"DICM":
-                raise InputError("no DICM prefix at byte 128")
-            ds = dcmread(io.BytesIO(data))
-            meta = ds.file_meta
-            length = int(meta.get("FileMetaInformationGroupLength", -1))
-            if length < 0:
-                raise InputError("expected File Meta Information Group Length, found none")
-            tsyntax = str(meta.TransferSyntaxUID)
-            sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
-            sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            part = Part10.read(data)
         except Exception as exc:  # pydicom raises many types on malformed data
             log.warning("instance from %s undecodable (0xC210): %s", _sender(origin)[0], exc)
             return _status(CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {exc}")
-        # the data set follows the preamble, DICM, the group length element (12 bytes) and
-        # the rest of the meta group
-        body = io.BytesIO(data[132 + 12 + length :])
-        return self._store(origin, tsyntax, sop_class, sop_instance, body, lambda: ds)
+        return self.store_read(part, origin)
+
+    def store_read(self, part: Part10, origin: Origin) -> Dataset | int:
+        """Store a Part 10 file already read (:meth:`Part10.read`), as :meth:`store_part10`."""
+        body = io.BytesIO(part.data[part.offset :])
+        return self._store(
+            origin, part.transfer_syntax, part.sop_class, part.sop_instance, body,
+            lambda: part.dataset,
+        )  # fmt: skip
 
     def _store(
         self, assoc: Any, tsyntax: str, sop_class: str, sop_instance: str, data: io.BytesIO,
@@ -633,7 +669,7 @@ class StorageSCP:
             )
             assert isinstance(server, _Server)
             server.handshake_timeout_s = self.settings.acse_timeout_s
-            server.on_tls_failure = self._on_tls_failure
+            server.on_tls_failure = self.tls_failure
         except OSError as exc:
             raise GlioforecastError(
                 f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "

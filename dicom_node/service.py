@@ -37,6 +37,7 @@ from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings, TLSSettings, warnings_of
 from dicom_node.spool import Spool
+from dicom_node.stow import StowReceiver, load_clients
 from dicom_node.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,9 @@ def lock_data_dir(data_dir: Path) -> int:
 
 #: who may call the node and how it is authenticated: a reload that changes these is a
 #: security configuration change
-SECURITY_KEYS = ("node.allowed_callers", "node.refuse_unknown_callers", "node.tls")
+SECURITY_KEYS = (
+    "node.allowed_callers", "node.refuse_unknown_callers", "node.tls", "stow.clients",
+)  # fmt: skip
 
 
 class Node:
@@ -239,6 +242,9 @@ class Node:
             audit=self.audit,
             inert_sop_classes=_inert_classes(settings),
         )
+        self.stow = (
+            StowReceiver(settings.stow, self.scp, data_dir) if settings.stow.enabled else None
+        )
         self.worker = Worker(settings, self.store, self.sender.wake)
         self.notices = FailureNotices(settings, self.store, self.outbox, self.sender.wake)
         self.retriever = (
@@ -269,6 +275,12 @@ class Node:
         self.sender.start()
         self.worker.start()
         self.scp.start()
+        if self.stow is not None:
+            self.stow.start()
+            log.info(
+                "STOW-RS on %s://%s:%d%s/studies", "https" if self.scp.ssl_context else "http",
+                self.settings.stow.bind_address, self.stow.port, self.settings.stow.path,
+            )  # fmt: skip
         if self.retriever is not None:  # the PACS's C-MOVE sends to the receiver
             self.retriever.start()
         if self.health is not None:
@@ -372,6 +384,7 @@ class Node:
         ctx = self.scp.ssl_context
         if tls_files or new.node.tls != self.settings.node.tls:
             ctx = _server_context(new.node.tls)
+        web_clients = load_clients(new.stow.clients) if self.stow is not None else ()
         destinations = [Destination.from_settings(d) for d in new.destinations]
         peer = next((d for d in destinations if d.name == new.retrieve.source), None)
         started = None  # a retriever the reload starts (retrieve.source set where it was not)
@@ -386,6 +399,10 @@ class Node:
         if self.scp.server is not None:
             self.scp.server.ssl_context = ctx
         self.scp.max_queued_jobs = new.worker.max_queued_jobs
+        if self.stow is not None:
+            self.stow.configure(new.stow, web_clients)
+            if self.stow.server is not None:
+                self.stow.server.ssl_context = ctx
         self.scp.inert_sop_classes = _inert_classes(new)
         self.assembler.settings = new
         self.worker.settings = new
@@ -453,6 +470,8 @@ class Node:
             "worker": self.worker.alive,
             "sender": self.sender.alive,
         }
+        if self.stow is not None:
+            components["stow"] = self.stow.alive
         if self.retriever is not None:
             components["retriever"] = self.retriever.alive
         if self.audit.enabled:  # a node that cannot audit what it receives is degraded
@@ -491,6 +510,11 @@ class Node:
                     n,
                 )
             )
+        if self.stow is not None:
+            for code, n in sorted(self.stow.answered().items()) or [(200, 0)]:
+                samples.append(("glioforecast_stow_requests_total",
+                                "STOW-RS requests answered, by HTTP status", {"code": str(code)},
+                                n))  # fmt: skip
         for state in JOB_STATES:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
         samples += [
@@ -596,6 +620,8 @@ class Node:
             self.health.stop()
         if self.retriever is not None:  # before the receiver its C-MOVEs send to
             self.retriever.stop()
+        if self.stow is not None:
+            self.stow.stop()
         self.scp.stop()
         self.worker.stop(timeout=120)  # lets the current job finish
         self.sender.stop()

@@ -361,6 +361,51 @@ class HealthSettings:
     port: int = field(default=11113, metadata=_spec("", minimum=0, maximum=65535))
 
 
+def _check_base_path(value: str) -> str | None:
+    if re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", value):
+        return None
+    return (
+        "a URL path such as /dicom-web (empty for the root; letters, digits, . _ ~ - between "
+        f"slashes, no trailing slash), found {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class WebClient:
+    """A sender that may store by STOW-RS: identified by a bearer token read from
+    ``token_file``, or by HTTP Basic (``username``, the password read from ``password_file``),
+    or by its address alone (``hosts`` and no credentials); ``hosts``, when given, also bounds
+    where a client with credentials may call from. ``name`` stands for the calling AE title
+    wherever the node records who sent a study."""
+
+    name: str = field(metadata=_spec("", check=_check_ae_title))
+    hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=_spec("addresses or networks it may call from (empty: any)", check=_check_host),
+    )
+    token_file: Path | None = None
+    username: str = ""
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class StowSettings:
+    """The DICOMweb receiver: STOW-RS (PS3.18 10.5) at ``POST {path}/studies`` and
+    ``POST {path}/studies/{StudyInstanceUID}``, on its own port; https with the receiver's
+    certificate when ``node.tls`` is enabled. Instances are stored as a C-STORE would store
+    them."""
+
+    enabled: bool = False
+    bind_address: str = field(default="127.0.0.1", metadata=_spec("", check=_check_bind))
+    port: int = field(default=11114, metadata=_spec("", minimum=0, maximum=65535))
+    path: str = field(default="/dicom-web", metadata=_spec("", check=_check_base_path))
+    # a request's body is at most this large (413 beyond), and at most this many requests
+    # are stored at once (503 with Retry-After beyond)
+    max_request_mb: int = field(default=4096, metadata=_spec("", minimum=1))
+    max_requests: int = field(default=4, metadata=_spec("", minimum=1, maximum=100))
+    clients: tuple[WebClient, ...] = ()
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """The audit trail (IHE ATNA, :mod:`dicom_node.audit`): DICOM audit messages to an audit
@@ -403,6 +448,7 @@ class Settings:
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     health: HealthSettings = HealthSettings()
+    stow: StowSettings = StowSettings()
     audit: AuditSettings = AuditSettings()
     logging: LoggingSettings = LoggingSettings()
     source: str = field(default=EMBEDDED, metadata={"internal": True})
@@ -608,6 +654,43 @@ def _destination_checks(where: str, d: Destination) -> list[str]:
     return problems
 
 
+def _stow_checks(s: StowSettings) -> list[str]:
+    """A receiver that is on lets someone in, and each of its clients is identifiable."""
+    if not s.enabled:
+        return []
+    problems = []
+    if not s.clients:
+        problems.append(
+            "stow.clients: expected at least one client when stow.enabled is true (otherwise "
+            "every request is refused), found none"
+        )
+    for n, c in enumerate(s.clients):
+        where = f"stow.clients[{n}]"
+        basic = bool(c.username) or c.password_file is not None
+        if c.token_file is not None and basic:
+            problems.append(
+                f"{where}: expected a token_file or a username and password_file, found both"
+            )
+        if bool(c.username) != (c.password_file is not None):
+            problems.append(
+                f"{where}: expected username and password_file together, found only "
+                + ("username" if c.username else "password_file")
+            )
+        if c.token_file is None and not basic and not c.hosts:
+            problems.append(
+                f"{where}: expected a token_file, a username and password_file, or hosts "
+                "(a client identified by its address), found none of them"
+            )
+        for key in ("token_file", "password_file"):
+            path = getattr(c, key)
+            if path is not None and not path.is_file():
+                problems.append(f"{where}.{key}: expected an existing file, found {path}")
+    names = [c.name for c in s.clients]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"stow.clients: expected unique names, found {name!r} twice")
+    return problems
+
+
 def _cross_checks(s: Settings) -> list[str]:
     problems = []
     tls = s.node.tls
@@ -635,6 +718,7 @@ def _cross_checks(s: Settings) -> list[str]:
                 d.tls.private_key,
             )  # fmt: skip
     problems += _audit_checks(s.audit)
+    problems += _stow_checks(s.stow)
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "

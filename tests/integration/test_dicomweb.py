@@ -19,7 +19,7 @@ from dicom_node.jobs import DONE
 from dicom_node.outbox import Outbox, deliver_due
 from dicom_node.scu import Destination
 from dicom_node.settings import Destination as DestinationSettings
-from dicom_node.settings import DicomWebSettings, load_settings
+from dicom_node.settings import DicomWebSettings, WebClient, load_settings
 from inference.synthetic.cohort import generate_patient
 from tests.audit_repository import event_id
 from tests.conftest import free_port, wait_for
@@ -199,3 +199,57 @@ def test_the_running_node_sends_a_prediction_to_a_dicomweb_service(  # type: ign
         assert peer.get("NetworkAccessPointID") == "127.0.0.1"
     counted = [int(c.get("NumberOfInstances", "0")) for m in delivered for c in m.iter("SOPClass")]
     assert sum(counted) == sent
+
+
+def test_a_study_pushed_by_orthancs_dicomweb_client_is_predicted(  # type: ignore[no-untyped-def]
+    run_node, tmp_path
+) -> None:
+    """The other direction: a PACS that routes by STOW-RS. Orthanc's DICOMweb client sends a
+    whole synthetic study (MR series, structure set, dose) to the node's STOW-RS receiver with
+    HTTP Basic; the node predicts and sends the results back to Orthanc (C-STORE). The audit
+    trail records the study as received from the client, by its name and address."""
+    generate_patient(0, 5, tmp_path / "synthetic", spacing_mm=4.0, formats=("dicom",))
+    files = sorted((tmp_path / "synthetic").glob("*/dicom/pre/**/*.dcm"))
+    (tmp_path / "pw").write_text("router-pass\n")
+    client = WebClient(name="PACSROUTER", username="orthanc", password_file=tmp_path / "pw")
+    log_file = tmp_path / "audit.log"
+    settings = make_settings(
+        tmp_path / "data", audit={"enabled": True, "file": log_file},
+        stow={"enabled": True, "port": 0, "clients": (client,)},
+    )  # fmt: skip
+    dicomweb_plugin()
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    pacs = DestinationSettings(
+        name="pacs", ae_title=orthanc.ae_title, host="127.0.0.1", port=orthanc.dicom_port
+    )
+    node = run_node(dataclasses.replace(settings, destinations=(pacs,)))
+    assert node.stow is not None
+    orthanc.dicomweb_servers = {"glioforecast": {
+        "Url": f"http://127.0.0.1:{node.stow.port}/dicom-web/",
+        "Username": "orthanc", "Password": "router-pass",
+    }}  # fmt: skip
+    orthanc.dicomweb = True
+    orthanc.start()
+    try:
+        for path in files:
+            orthanc.raw("/instances", path.read_bytes())
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        answer = orthanc.post("/dicom-web/servers/glioforecast/stow",
+                              {"Resources": [orthanc.find_study(study)], "Synchronous": True})  # fmt: skip
+        assert isinstance(answer, dict), answer
+        assert node.store.counts()["instances"] == len(files)
+        job = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
+        assert job.state == DONE, job.reason
+        sent = all_sent(node, "pacs")
+        series = orthanc.study_series(study)
+        predicted = [s for s in series if s.description.startswith("SYNTHETIC PREDICTION")]
+        assert predicted and sum(len(s.instances) for s in series) == len(files) + sent
+    finally:
+        orthanc.stop()
+    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    (received,) = [m for m in messages if event_id(m) == "110104"
+                   and _participants(m)["Source Role ID"].get("UserID") == "PACSROUTER"]  # fmt: skip
+    check_schema(received)
+    assert _participants(received)["Source Role ID"].get("NetworkAccessPointID") == "127.0.0.1"
+    counted = [int(c.get("NumberOfInstances", "0")) for c in received.iter("SOPClass")]
+    assert sum(counted) == len(files)

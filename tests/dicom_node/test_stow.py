@@ -1,0 +1,403 @@
+"""The DICOMweb receiver (STOW-RS): a real node on localhost ports, real HTTP requests (the
+node's own STOW-RS client, and raw requests for what well-behaved clients never send)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import sqlite3
+import ssl
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import ComputedRadiographyImageStorage, generate_uid
+
+from dicom_node.dicomweb import stow_batch
+from dicom_node.errors import ConfigError
+from dicom_node.scu import Destination
+from dicom_node.settings import Destination as DestinationSettings
+from dicom_node.settings import DicomWebSettings, StowSettings, WebClient, load_settings
+from dicom_node.stow import Refusal, authenticate, load_clients, split_multipart
+from tests import factories
+from tests.conftest import receiver_tls, wait_for
+from tests.dicom_node.conftest import make_settings
+
+TOKEN = "t0ken-for-the-router"
+
+
+def _stow(tmp_path: Path, **values: Any) -> dict[str, Any]:
+    """``stow`` settings on an ephemeral port with one bearer-token client, ROUTER."""
+    token = tmp_path / "router.token"
+    token.write_text(TOKEN + "\n")
+    clients = (WebClient(name="ROUTER", token_file=token),)
+    return {"enabled": True, "port": 0, "clients": clients, **values}
+
+
+def _part10(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def post(
+    port: int, parts: Iterable[bytes], *, token: str | None = TOKEN,
+    path: str = "/dicom-web/studies",
+    content_type: str | None = None, part_type: str = "application/dicom", chunked: bool = False,
+    headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    """POST ``parts`` as a STOW-RS request; (status, headers, body) of the answer."""
+    boundary = uuid.uuid4().hex
+    body = b"".join(
+        b"--" + boundary.encode() + f"\r\nContent-Type: {part_type}\r\n\r\n".encode() + p + b"\r\n"
+        for p in parts
+    ) + b"--" + boundary.encode() + b"--\r\n"  # fmt: skip
+    sent = {
+        "Content-Type": content_type
+        or f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+        **({"Authorization": f"Bearer {token}"} if token else {}),
+        **(headers or {}),
+    }
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    try:
+        if chunked:
+            pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+            conn.request("POST", path, body=iter(pieces), headers=sent, encode_chunked=True)
+        else:
+            conn.request("POST", path, body=body, headers=sent)
+        rsp = conn.getresponse()
+        return rsp.status, dict(rsp.getheaders()), rsp.read()
+    finally:
+        conn.close()
+
+
+def _sequence(answer: bytes, tag: str) -> list[dict[str, Any]]:
+    return list(json.loads(answer).get(tag, {}).get("Value", []))
+
+
+def _failures(answer: bytes) -> dict[str, int]:
+    """SOP Instance UID (or '' when the part was not DICOM) -> Failure Reason."""
+    return {
+        item.get("00081155", {}).get("Value", [""])[0]: item["00081197"]["Value"][0]
+        for item in _sequence(answer, "00081198")
+    }
+
+
+def _stored(answer: bytes) -> list[str]:
+    return [item["00081155"]["Value"][0] for item in _sequence(answer, "00081199")]
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_a_study_stored_by_stow_rs_becomes_a_job_as_by_c_store(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """The node's own STOW-RS client (what a second node or a router would run) sends the
+    study; every instance is on disk and recorded, under the client's name, and the study is
+    assembled with the series roles a C-STORE would have given it."""
+    study = factories.small_study(tmp_path / "in")
+    files = [p for paths in study.values() for p in paths]
+    node = run_node(stow=_stow(tmp_path))
+    assert node.stow is not None
+    url = f"http://127.0.0.1:{node.stow.port}/dicom-web"
+    (tmp_path / "token").write_text(TOKEN)
+    web = DicomWebSettings(url=url, token_file=tmp_path / "token")
+    dest = Destination.from_settings(DestinationSettings(name="node", dicomweb=web))
+    results = stow_batch([pydicom.dcmread(p) for p in files], dest)
+    assert [r.status for r in results] == [0] * len(files), results
+    assert len(list(node.spool.root.rglob("*.dcm"))) == len(files)
+    assert not node.spool.partial_files()
+    jobs = wait_for(lambda: node.store.list_jobs(), what="a job")
+    roles = {s.series.series_description: s.role for s in node.store.job_series(jobs[0].id)}
+    assert roles == {"AX T1 POST GD": "t1c", "AX T2 FLAIR": "flair", "RT structures": "rtstruct"}
+    with sqlite3.connect(node.settings.storage.database) as db:
+        senders = db.execute("SELECT DISTINCT calling_ae FROM instances").fetchall()
+    assert senders == [("ROUTER",)]
+    stored = pydicom.dcmread(next(node.spool.root.rglob("*.dcm")))
+    assert stored.PatientName == "Lefèvre^Zoë"
+    metrics = node.metrics()
+    assert 'glioforecast_stow_requests_total{code="200"} 1' in metrics
+    assert node.summary()["components"]["stow"] is True  # type: ignore[index]
+
+
+def test_each_part_is_answered_for_itself(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """One request, five parts: a good instance, one again (stored once), bytes that are not
+    DICOM, a SOP class the node does not take, and an instance of another study than the URL
+    names; the good one is stored and the answer (202) says why each other one was not."""
+    study = factories.small_study(tmp_path / "in")
+    other = factories.small_study(tmp_path / "other")
+    cr = pydicom.dcmread(study["t1c"][1])
+    cr.SOPClassUID = cr.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    cr.SOPInstanceUID = cr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    cr.save_as(tmp_path / "cr.dcm")
+    good, foreign = study["t1c"][0], other["t1c"][0]
+    target = str(pydicom.dcmread(good).StudyInstanceUID)
+    node = run_node(stow=_stow(tmp_path))
+    code, headers, answer = post(
+        node.stow.port,
+        [good.read_bytes(), good.read_bytes(), b"not DICOM at all",
+         (tmp_path / "cr.dcm").read_bytes(), foreign.read_bytes()],
+        path=f"/dicom-web/studies/{target}",
+    )  # fmt: skip
+    assert code == 202, answer
+    assert headers["Content-Type"] == "application/dicom+json"
+    assert _stored(answer) == [_uid(good), _uid(good)]
+    assert _failures(answer) == {"": 0xC210, cr.SOPInstanceUID: 0x0122, _uid(foreign): 0xC409}
+    assert [p.name for p in node.spool.root.rglob("*.dcm")] == [f"{_uid(good)}.dcm"]
+    assert node.store.counts()["instances"] == 1
+
+
+def test_chunked_requests_and_basic_authentication(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """HTTP Basic, a chunked body (Orthanc's DICOMweb client sends one), an address-bound
+    client, and one known by its address alone."""
+    study = factories.small_study(tmp_path / "in")
+    (tmp_path / "pw").write_text("s3cret\n")
+    clients = (
+        WebClient(name="ARCHIVE", username="archive", password_file=tmp_path / "pw",
+                  hosts=("127.0.0.0/8",)),
+        WebClient(name="ELSEWHERE", hosts=("10.1.2.0/24",)),
+    )  # fmt: skip
+    node = run_node(stow={"enabled": True, "port": 0, "clients": clients})
+    basic = "Basic " + base64.b64encode(b"archive:s3cret").decode()
+    code, _, answer = post(node.stow.port, [p.read_bytes() for p in study["t1c"]], token=None,
+                           chunked=True, headers={"Authorization": basic})  # fmt: skip
+    assert code == 200, answer
+    assert sorted(_stored(answer)) == sorted(_uid(p) for p in study["t1c"])
+    assert node.store.counts()["instances"] == len(study["t1c"])
+    wrong = "Basic " + base64.b64encode(b"archive:guess").decode()
+    code, headers, answer = post(node.stow.port, [study["flair"][0].read_bytes()], token=None,
+                                 headers={"Authorization": wrong})  # fmt: skip
+    assert code == 401 and "WWW-Authenticate" in headers, answer
+    assert node.store.counts()["instances"] == len(study["t1c"])
+
+
+def test_who_may_call(tmp_path: Path) -> None:
+    """The rules, without a server: tokens, Basic, address bounds, anonymous clients."""
+    (tmp_path / "t").write_text("abc\n")
+    (tmp_path / "p").write_text("pw")
+    clients = load_clients((
+        WebClient(name="TOKEN", token_file=tmp_path / "t"),
+        WebClient(name="BASIC", username="u", password_file=tmp_path / "p", hosts=("10.0.0.0/8",)),
+        WebClient(name="WARD", hosts=("192.168.5.7",)),
+    ))  # fmt: skip
+    basic = "Basic " + base64.b64encode(b"u:pw").decode()
+
+    def who(header: str, host: str) -> str | int:
+        found = authenticate(clients, header, host)
+        return found.code if isinstance(found, Refusal) else found.name
+
+    assert who("Bearer abc", "127.0.0.1") == "TOKEN"
+    assert who("bearer abc", "::ffff:10.3.4.5") == "TOKEN"
+    assert who("Bearer abcd", "127.0.0.1") == 401
+    assert who("", "127.0.0.1") == 401
+    assert who(basic, "10.3.4.5") == "BASIC"
+    assert who(basic, "127.0.0.1") == 401  # BASIC may not call from there
+    assert who("Basic !!!", "10.3.4.5") == 401
+    assert who("", "192.168.5.7") == "WARD"
+    assert who("Bearer wrong", "192.168.5.7") == "WARD"  # the address is what identifies it
+    token_only = load_clients((WebClient(name="TOKEN", token_file=tmp_path / "t",
+                                         hosts=("10.0.0.0/8",)),))  # fmt: skip
+    refused = authenticate(token_only, "Bearer abc", "127.0.0.1")
+    assert isinstance(refused, Refusal) and refused.code == 403
+    assert "not among the hosts" in str(refused)
+
+
+def test_refused_requests_store_nothing_and_say_why(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    audit_file = tmp_path / "audit.log"
+    node = run_node(stow=_stow(tmp_path, max_request_mb=1),
+                    audit={"enabled": True, "file": audit_file})  # fmt: skip
+    port = node.stow.port
+    one = [study["t1c"][0].read_bytes()]
+    cases = {
+        "no credentials": (post(port, one, token=None), 401, "found none"),
+        "wrong token": (post(port, one, token="guess"), 401, "not those of"),
+        "not multipart": (post(port, one, content_type="application/dicom"), 415,
+                          "multipart/related"),
+        "metadata and bulk data": (
+            post(port, one, content_type='multipart/related; type="application/dicom+json"; '
+                 "boundary=x"), 415, "application/dicom+json"),
+        "no boundary": (post(port, one, content_type='multipart/related; type="application/dicom"'),
+                        400, "boundary"),
+        "a part of another type": (post(port, one, part_type="application/octet-stream"), 415,
+                                   "application/octet-stream"),
+        "XML answer only": (post(port, one, headers={"Accept": "application/dicom+xml"}), 406,
+                            "application/dicom+json"),
+        "a search": (None, 405, "expected POST"),
+        "another path": (post(port, one, path="/studies"), 404, "/dicom-web/studies"),
+        "too large": (post(port, [b"\0" * (1 << 20)]), 413, "max_request_mb"),
+    }  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(
+        "GET", "/dicom-web/studies?PatientID=1", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    rsp = conn.getresponse()
+    cases["a search"] = ((rsp.status, dict(rsp.getheaders()), rsp.read()), 405, "expected POST")
+    conn.close()
+    for what, ((code, _, text), expected, says) in cases.items():
+        assert (code, says in text.decode()) == (expected, True), (what, code, text)
+    assert node.store.counts()["instances"] == 0
+    assert not list(node.spool.root.rglob("*.dcm"))
+    # the refused callers are in the audit trail (Security Alert), with the reason
+    wait_for(lambda: audit_file.read_text().count("STOW-RS request refused") == 2,
+             what="two security alerts")  # fmt: skip
+    assert 'glioforecast_stow_requests_total{code="401"} 2' in node.metrics()
+
+
+def test_a_body_that_does_not_arrive_whole_stores_nothing(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """A client that announces more than it sends and goes away, one that stops sending (held
+    no longer than node.network_timeout_s), and a body without its close delimiter: nothing
+    of them is stored, and the receiver goes on serving."""
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(stow=_stow(tmp_path), node={"network_timeout_s": 1.0})
+    port = node.stow.port
+    data = study["t1c"][0].read_bytes()
+    head = (
+        "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+        'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data) + 200}\r\n\r\n"
+    ).encode()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data
+    with socket.create_connection(("127.0.0.1", port)) as gone:
+        gone.sendall(head + body)
+        gone.shutdown(socket.SHUT_WR)
+        assert gone.recv(100).startswith(b"HTTP/1.1 400")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.sendall(head + body[:1000])
+        silent.settimeout(10)
+        assert silent.recv(100) == b""  # dropped, unanswered
+    assert time.monotonic() - started < 5
+    assert post(port, [data])[0] == 200  # the receiver serves on
+    assert node.store.counts()["instances"] == 1  # from the whole request only
+    unclosed = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + study["t1c"][1].read_bytes()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/dicom-web/studies", body=unclosed, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+        "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    rsp = conn.getresponse()
+    assert rsp.status == 400 and b"close delimiter" in rsp.read()
+    assert node.store.counts()["instances"] == 1
+
+
+def test_a_busy_or_full_node_says_when_to_come_back(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """At stow.max_requests requests being stored, or when the spool would fall below its
+    free-space floor, the answer is 503 with Retry-After: a client sends the same request
+    later, nothing was stored from it."""
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(stow=_stow(tmp_path, max_requests=1))
+    port = node.stow.port
+    data = study["t1c"][0].read_bytes()
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall((
+            "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        ).encode())  # fmt: skip
+        code, headers, answer = wait_for(
+            lambda: (r := post(port, [data]))[0] == 503 and r, what="a 503 while one is stored"
+        )
+        assert headers["Retry-After"] == "30" and b"stow.max_requests" in answer
+    assert wait_for(lambda: post(port, [data])[0] == 200, what="room again")
+    low = run_node(make_settings(tmp_path / "low", storage={"min_free_mb": 2**40},
+                                 stow=_stow(tmp_path)))  # fmt: skip
+    code, headers, answer = post(low.stow.port, [data])
+    assert (code, headers.get("Retry-After")) == (503, "30"), answer
+    assert b"disk space" in answer
+    assert low.store.counts()["instances"] == 0
+
+
+def test_a_full_job_queue_answers_each_instance_out_of_resources(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(stow=_stow(tmp_path), worker={"max_queued_jobs": 1})
+    node.worker.stop(timeout=30)
+    node.store.create_job("1.2.826.0.1.3680043.8.498.99", [], "queued", "")
+    code, headers, answer = post(node.stow.port, [p.read_bytes() for p in study["t1c"]])
+    assert (code, headers.get("Retry-After")) == (503, "30"), answer
+    assert set(_failures(answer).values()) == {0xA700}
+    assert node.store.counts()["instances"] == 0
+
+
+def test_https_with_the_receivers_certificate(run_node, pki, tmp_path):  # type: ignore[no-untyped-def]
+    """With node.tls the STOW-RS port speaks https only, with the DICOM receiver's certificate
+    and client-certificate rule; a failed handshake is logged and audited."""
+    study = factories.small_study(tmp_path / "in")
+    audit_file = tmp_path / "audit.log"
+    node = run_node(node={"tls": receiver_tls(pki)}, stow=_stow(tmp_path),
+                    audit={"enabled": True, "file": audit_file})  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    code, _, answer = post(node.stow.port, [study["t1c"][0].read_bytes()], context=ctx)
+    assert code == 200, answer
+    anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        post(node.stow.port, [study["t1c"][1].read_bytes()], context=anonymous)
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        post(node.stow.port, [study["t1c"][1].read_bytes()])  # plain http
+    assert node.store.counts()["instances"] == 1
+    wait_for(lambda: "TLS handshake failed" in audit_file.read_text(), what="a security alert")
+
+
+def test_a_reload_takes_a_rotated_token(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    settings = make_settings(tmp_path / "data", stow=_stow(tmp_path))
+    node = run_node(settings, load=lambda: settings)
+    data = study["t1c"][0].read_bytes()
+    (tmp_path / "router.token").write_text("the-new-token\n")
+    assert post(node.stow.port, [data])[0] == 200  # read at start: the old one still works
+    assert node.reload() == "applied"
+    assert post(node.stow.port, [data])[0] == 401
+    assert post(node.stow.port, [data], token="the-new-token")[0] == 200
+
+
+def test_settings_name_what_a_receiver_needs(tmp_path: Path) -> None:
+    (tmp_path / "t").write_text("x")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "stow:\n  enabled: true\n  clients:\n"
+        "    - {name: A}\n"
+        f"    - {{name: B, token_file: {tmp_path / 't'}, username: u}}\n"
+        f"    - {{name: B, token_file: {tmp_path / 'missing'}}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings(bad)
+    text = str(err.value)
+    for says in (
+        "stow.clients[0]: expected a token_file, a username and password_file, or hosts",
+        "stow.clients[1]: expected a token_file or a username and password_file, found both",
+        "stow.clients[1]: expected username and password_file together, found only username",
+        f"stow.clients[2].token_file: expected an existing file, found {tmp_path / 'missing'}",
+        "stow.clients: expected unique names, found 'B' twice",
+    ):
+        assert says in text, text
+    for text, says in (
+        ("stow: {enabled: true}", "stow.clients: expected at least one client"),
+        ("stow: {path: /dicom-web/}", "stow.path: expected a URL path"),
+    ):
+        (tmp_path / "other.yaml").write_text(text + "\n")
+        with pytest.raises(ConfigError, match=says):
+            load_settings(tmp_path / "other.yaml")
+    assert load_settings(None).stow == StowSettings()
+
+
+def test_multipart_structure() -> None:
+    body = (
+        b"preamble\r\n--xyz\r\nContent-Type: application/dicom\r\n\r\nAB\r\n"
+        b"--xyz\r\n\r\nC\r\n--xyz--"
+    )
+    parts = split_multipart(body, b"xyz")
+    assert [(p.content_type, body[p.start : p.end]) for p in parts] == [
+        ("application/dicom", b"AB"), ("", b"C")]  # fmt: skip
+    for broken, says in ((b"no boundary here", "found none"),
+                         (b"--xyz\r\nContent-Type: a", "blank line"),
+                         (b"--xyz\r\n\r\nAB", "close delimiter")):  # fmt: skip
+        with pytest.raises(Refusal, match=says):
+            split_multipart(broken, b"xyz")
