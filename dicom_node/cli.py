@@ -84,6 +84,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if source
         else "  missing RT objects asked of no PACS (retrieve.source empty)"
     )
+    stow = settings.stow
+    scheme = "https" if settings.node.tls.enabled else "http"
+    print(
+        f"  STOW-RS on {scheme}://{stow.bind_address}:{stow.port}{stow.path}/studies for "
+        f"{', '.join(c.name for c in stow.clients)}"
+        if stow.enabled
+        else "  STOW-RS receiver off"
+    )
     audit = settings.audit
     where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []
     where += [str(audit.file)] if audit.file is not None else []

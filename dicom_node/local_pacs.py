@@ -195,7 +195,9 @@ class OrthancServer:
             config |= {
                 "Plugins": [DICOMWEB_PLUGIN],
                 "DicomWeb": {
-                    "Enable": True, "Root": "/dicom-web/", "Servers": self.dicomweb_servers,
+                    "Enable": True,
+                    "Root": "/dicom-web/",
+                    "Servers": self.dicomweb_servers,
                 },
             }
         if self.users:

@@ -654,11 +654,16 @@ def _destination_checks(where: str, d: Destination) -> list[str]:
     return problems
 
 
-def _stow_checks(s: StowSettings) -> list[str]:
-    """A receiver that is on lets someone in, and each of its clients is identifiable."""
+def _stow_checks(s: StowSettings, ports: dict[int, str]) -> list[str]:
+    """A receiver that is on has a port of its own (``ports``: the others, by key), lets
+    someone in, and each of its clients is identifiable."""
     if not s.enabled:
         return []
     problems = []
+    if s.port and s.port in ports:
+        problems.append(
+            f"stow.port: expected a port of its own, found {s.port}, which {ports[s.port]} uses too"
+        )
     if not s.clients:
         problems.append(
             "stow.clients: expected at least one client when stow.enabled is true (otherwise "
@@ -718,7 +723,10 @@ def _cross_checks(s: Settings) -> list[str]:
                 d.tls.private_key,
             )  # fmt: skip
     problems += _audit_checks(s.audit)
-    problems += _stow_checks(s.stow)
+    ports = {s.node.port: "node.port"} | (
+        {s.health.port: "health.port"} if s.health.enabled else {}
+    )
+    problems += _stow_checks(s.stow, ports)
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "
@@ -820,6 +828,13 @@ def warnings_of(s: Settings) -> list[str]:
                 f"({', '.join(d.objects)}) are a planning system's: one rarely takes the Key "
                 "Object Selection Documents that rejection notes are (check-destinations says)"
             )
+    stow = s.stow
+    loopback = stow.bind_address in ("127.0.0.1", "::1", "localhost")
+    if stow.enabled and not s.node.tls.enabled and not loopback:
+        out.append(
+            f"stow: the STOW-RS receiver listens on {stow.bind_address} without TLS (node.tls "
+            "is off): studies and any token or password cross the network in clear text"
+        )
     if not s.node.refuse_unknown_callers:
         return out
     source = next((d for d in s.destinations if d.name == s.retrieve.source), None)

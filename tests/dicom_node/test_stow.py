@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import ComputedRadiographyImageStorage, generate_uid
 
+from dicom_node.cli import main
 from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import ConfigError
 from dicom_node.scu import Destination
@@ -381,7 +382,9 @@ def test_settings_name_what_a_receiver_needs(tmp_path: Path) -> None:
     for text, says in (
         ("stow: {enabled: true}", "stow.clients: expected at least one client"),
         ("stow: {path: /dicom-web/}", "stow.path: expected a URL path"),
-    ):
+        ("stow: {enabled: true, port: 11112, clients: [{name: A, hosts: [10.0.0.1]}]}",
+         "stow.port: expected a port of its own, found 11112, which node.port uses too"),
+    ):  # fmt: skip
         (tmp_path / "other.yaml").write_text(text + "\n")
         with pytest.raises(ConfigError, match=says):
             load_settings(tmp_path / "other.yaml")
@@ -401,3 +404,18 @@ def test_multipart_structure() -> None:
                          (b"--xyz\r\n\r\nAB", "close delimiter")):  # fmt: skip
         with pytest.raises(Refusal, match=says):
             split_multipart(broken, b"xyz")
+
+
+def test_check_config_says_where_the_receiver_listens(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "site.yaml"
+    config.write_text(
+        "stow:\n  enabled: true\n  bind_address: 0.0.0.0\n  clients:\n"
+        "    - {name: ROUTER, hosts: [10.2.0.0/16]}\n    - {name: WARD, hosts: [10.3.0.9]}\n"
+    )
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "  STOW-RS on http://0.0.0.0:11114/dicom-web/studies for ROUTER, WARD\n" in out
+    assert "warning: stow: the STOW-RS receiver listens on 0.0.0.0 without TLS" in out
+    config.write_text("logging: {level: INFO}\n")
+    assert main(["check-config", str(config)]) == 0
+    assert "  STOW-RS receiver off\n" in capsys.readouterr().out

@@ -234,8 +234,8 @@ def test_a_study_pushed_by_orthancs_dicomweb_client_is_predicted(  # type: ignor
         for path in files:
             orthanc.raw("/instances", path.read_bytes())
         study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        answer = orthanc.post("/dicom-web/servers/glioforecast/stow",
-                              {"Resources": [orthanc.find_study(study)], "Synchronous": True})  # fmt: skip
+        job = {"Resources": [orthanc.find_study(study)], "Synchronous": True}
+        answer = orthanc.post("/dicom-web/servers/glioforecast/stow", job)
         assert isinstance(answer, dict), answer
         assert node.store.counts()["instances"] == len(files)
         job = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
@@ -247,8 +247,10 @@ def test_a_study_pushed_by_orthancs_dicomweb_client_is_predicted(  # type: ignor
     finally:
         orthanc.stop()
     messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
-    (received,) = [m for m in messages if event_id(m) == "110104"
-                   and _participants(m)["Source Role ID"].get("UserID") == "PACSROUTER"]  # fmt: skip
+    (received,) = [
+        m for m in messages if event_id(m) == "110104"
+        and _participants(m)["Source Role ID"].get("UserID") == "PACSROUTER"
+    ]  # fmt: skip
     check_schema(received)
     assert _participants(received)["Source Role ID"].get("NetworkAccessPointID") == "127.0.0.1"
     counted = [int(c.get("NumberOfInstances", "0")) for c in received.iter("SOPClass")]
