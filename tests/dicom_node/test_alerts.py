@@ -24,7 +24,7 @@ def test_the_alert_rules_pass_promtool_and_their_unit_tests() -> None:
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 6 rules found" in checked.stdout
+    assert "SUCCESS: 7 rules found" in checked.stdout
     tested = subprocess.run(
         [promtool, "test", "rules", CASES.name], cwd=CASES.parent, capture_output=True,
         text=True, timeout=60,
@@ -33,12 +33,17 @@ def test_the_alert_rules_pass_promtool_and_their_unit_tests() -> None:
 
 
 def test_every_metric_the_rules_name_is_exported_by_a_running_node(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from dicom_node.settings import AuditSettings, Destination
+    from dicom_node.settings import AuditSettings, Destination, StowSettings, WebClient
 
     down = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port(),
                        failure_notice=True)  # fmt: skip
+    (tmp_path / "token").write_text("t")
+    stow = StowSettings(
+        enabled=True, port=0, clients=(WebClient("R", token_file=tmp_path / "token"),)
+    )
     settings = dataclasses.replace(
         make_settings(tmp_path / "data"),
+        stow=stow,
         destinations=(down,),
         audit=AuditSettings(enabled=True, file=tmp_path / "audit.log"),
     )
