@@ -350,9 +350,11 @@ class StowReceiver:
             log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path, host,
                         r.code, r)  # fmt: skip
             # the body may be unread: the connection cannot carry another request
-            self._answer(rq, r.code, (str(r) + "\n").encode(), "text/plain; charset=utf-8",
-                         r.headers, close=True)  # fmt: skip
-            _linger(rq.connection)
+            rq.close_connection = True
+            with contextlib.suppress(OSError):  # a client already gone gets no answer
+                self._answer(rq, r.code, (str(r) + "\n").encode(), "text/plain; charset=utf-8",
+                             r.headers, close=True)  # fmt: skip
+                _linger(rq.connection)
         except OSError as exc:  # the client went away or stopped sending (timeout)
             log.warning("STOW-RS request from %s not read to its end: %s; nothing of it that "
                         "was not answered counts as stored", host, exc)  # fmt: skip
