@@ -222,8 +222,13 @@ class _End:
 
 @dataclass(frozen=True)
 class Part10:
-    """A DICOM Part 10 file read: its data set, what its meta information says, and where
-    the data set begins in ``data``."""
+    """A DICOM Part 10 file read: its data set, its transfer syntax, its SOP Class and
+    Instance UIDs, and where the data set begins in ``data``.
+
+    The UIDs are the data set's, as a C-STORE sender puts them in its request (dcmtk's
+    storescu does), and the meta information's only where the data set has none: a tool that
+    rewrote the data set's UIDs (an anonymiser) often leaves the old ones in the meta, and the
+    file is stored with a meta made anew either way."""
 
     data: bytes
     dataset: Dataset
@@ -245,9 +250,11 @@ class Part10:
             raise InputError("expected File Meta Information Group Length, found none")
         # the data set follows the preamble, DICM, the group length element (12 bytes) and
         # the rest of the meta group
+        sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", "")
+        sop_instance = ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", "")
         return cls(
-            data, ds, str(meta.TransferSyntaxUID), str(meta.get("MediaStorageSOPClassUID", "")),
-            str(meta.get("MediaStorageSOPInstanceUID", "")), 132 + 12 + length,
+            data, ds, str(meta.TransferSyntaxUID), str(sop_class), str(sop_instance),
+            132 + 12 + length,
         )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import json
 import socket
 import sqlite3
 import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from dicom_node.settings import Destination as DestinationSettings
 from dicom_node.settings import DicomWebSettings, StowSettings, WebClient, load_settings
 from dicom_node.stow import Refusal, authenticate, load_clients, split_multipart
 from tests import factories
-from tests.conftest import receiver_tls, wait_for
+from tests.conftest import receiver_tls, tool, wait_for
 from tests.dicom_node.conftest import make_settings
 
 TOKEN = "t0ken-for-the-router"
@@ -419,3 +420,34 @@ def test_check_config_says_where_the_receiver_listens(tmp_path: Path, capsys) ->
     config.write_text("logging: {level: INFO}\n")
     assert main(["check-config", str(config)]) == 0
     assert "  STOW-RS receiver off\n" in capsys.readouterr().out
+
+
+def test_real_files_are_stored_alike_by_stow_rs_and_by_c_store(run_node, real_data, tmp_path):  # type: ignore[no-untyped-def]
+    """Every public real file of ../shared (scanners' MR in nine transfer syntaxes, enhanced
+    multi-frame, a MIM structure set, broken series, anonymised files whose meta information
+    still carries the old SOP Instance UID): the same instances are stored whether they come
+    by C-STORE (dcmtk dcmsend) or by STOW-RS, 25 files per request."""
+    files = sorted(real_data.rglob("*.dcm"))
+    by_dimse = run_node(make_settings(tmp_path / "dimse"))
+    by_web = run_node(make_settings(tmp_path / "web", stow=_stow(tmp_path)))
+    # dcmsend proposes each file's own transfer syntax (storescu proposes one per option)
+    sent = subprocess.run(
+        [tool("dcmsend"), "-aet", "SCANNER1", "-aec", "GLIOFORECAST", "--decompress-never",
+         "127.0.0.1", str(by_dimse.scp.port), *map(str, files)],
+        capture_output=True, text=True, timeout=300, env={"TCP_NODELAY": "1"},
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr[-3000:]
+    failures: dict[str, int] = {}
+    for start in range(0, len(files), 25):
+        code, _, answer = post(
+            by_web.stow.port, [p.read_bytes() for p in files[start : start + 25]]
+        )
+        assert code in (200, 202, 409), answer
+        failures |= _failures(answer)
+
+    def stored(node) -> set[str]:  # type: ignore[no-untyped-def]
+        return {p.stem for p in node.spool.root.rglob("*.dcm")}
+
+    assert stored(by_web) == stored(by_dimse)
+    assert len(stored(by_web)) >= 300, len(stored(by_web))
+    assert len(stored(by_web)) + len(failures) == len({_uid(p) for p in files})
