@@ -301,6 +301,17 @@ def _linger(connection: socket.socket) -> None:
 # ------------------------------------------------------------------------------ the server
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A request that may send its body: the study its URL names ('' for none), the client,
+    the multipart boundary, the body's announced length (None: chunked)."""
+
+    study: str
+    client: Client
+    boundary: bytes
+    length: int | None
+
+
 class _HttpServer(HandshakeInThread, ThreadingHTTPServer):
     daemon_threads = True
 
@@ -334,31 +345,47 @@ class StowReceiver:
 
     # -------------------------------------------------------------- one request
 
+    def admit(self, rq: BaseHTTPRequestHandler) -> Admitted:
+        """What is checked before the body is read (and before a client that sent ``Expect:
+        100-continue`` is told to send it): the URL, who calls, the media types, the framing
+        and size of the body, the free space. Raises the :class:`Refusal`."""
+        host = str(rq.client_address[0])
+        study = self._target(rq.command, rq.path)
+        client = authenticate(self.clients, rq.headers.get("Authorization", ""), host)
+        if isinstance(client, Refusal):
+            self.scp.audit.refused("", host, f"STOW-RS request refused: {client}")
+            raise client
+        boundary = boundary_of(rq.headers.get("Content-Type", ""))
+        accept = rq.headers.get("Accept", "")
+        if accept and not re.search(r"(^|[\s,])(\*/\*|application/(dicom\+)?json)", accept):
+            raise Refusal(406, f"expected an Accept header that takes application/dicom+json, "
+                          f"found {accept!r}")  # fmt: skip
+        return Admitted(study, client, boundary, self._length(rq))
+
     def handle(self, rq: BaseHTTPRequestHandler) -> None:
         host = str(rq.client_address[0])
         try:
-            study = self._target(rq.command, rq.path)
-            client = authenticate(self.clients, rq.headers.get("Authorization", ""), host)
-            if isinstance(client, Refusal):
-                self.scp.audit.refused("", host, f"STOW-RS request refused: {client}")
-                raise client
+            admitted = getattr(rq, "admitted", None) or self.admit(rq)
             with self._slot():
-                code, body = self._post(rq, client, host, study)
+                code, body = self._post(rq, admitted, host)
             self._answer(rq, code, body, "application/dicom+json",
                          (("Retry-After", str(RETRY_AFTER_S)),) if code == 503 else ())  # fmt: skip
         except Refusal as r:
-            log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path, host,
-                        r.code, r)  # fmt: skip
-            # the body may be unread: the connection cannot carry another request
-            rq.close_connection = True
-            with contextlib.suppress(OSError):  # a client already gone gets no answer
-                self._answer(rq, r.code, (str(r) + "\n").encode(), "text/plain; charset=utf-8",
-                             r.headers, close=True)  # fmt: skip
-                _linger(rq.connection)
+            self.refuse(rq, r)
         except OSError as exc:  # the client went away or stopped sending (timeout)
             log.warning("STOW-RS request from %s not read to its end: %s; nothing of it that "
                         "was not answered counts as stored", host, exc)  # fmt: skip
             rq.close_connection = True
+
+    def refuse(self, rq: BaseHTTPRequestHandler, refusal: Refusal) -> None:
+        """Answer ``refusal`` and close the connection (the body may be unread)."""
+        log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path,
+                    rq.client_address[0], refusal.code, refusal)  # fmt: skip
+        rq.close_connection = True
+        with contextlib.suppress(OSError):  # a client already gone gets no answer
+            self._answer(rq, refusal.code, (str(refusal) + "\n").encode(),
+                         "text/plain; charset=utf-8", refusal.headers, close=True)  # fmt: skip
+            _linger(rq.connection)
 
     def _target(self, method: str, raw_path: str) -> str:
         """The study the request's URL names ('' for ``{path}/studies``); refuses the rest."""
@@ -386,20 +413,13 @@ class StowReceiver:
             with self._lock:
                 self._busy -= 1
 
-    def _post(
-        self, rq: BaseHTTPRequestHandler, client: Client, host: str, study: str
-    ) -> tuple[int, bytes]:
-        boundary = boundary_of(rq.headers.get("Content-Type", ""))
-        accept = rq.headers.get("Accept", "")
-        if accept and not re.search(r"(^|[\s,])(\*/\*|application/(dicom\+)?json)", accept):
-            raise Refusal(406, f"expected an Accept header that takes application/dicom+json, "
-                          f"found {accept!r}")  # fmt: skip
-        with self._read_body(rq) as file:
+    def _post(self, rq: BaseHTTPRequestHandler, admitted: Admitted, host: str) -> tuple[int, bytes]:
+        with self._read_body(rq, admitted.length) as file:
             size = file.seek(0, 2)
             if size == 0:
                 raise Refusal(400, "expected a multipart body, found an empty one")
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as body:
-                parts = split_multipart(body, boundary)
+                parts = split_multipart(body, admitted.boundary)
                 if not parts:
                     raise Refusal(400, "expected at least one part in the body, found none")
                 for n, part in enumerate(parts, 1):
@@ -408,10 +428,10 @@ class StowReceiver:
                         raise Refusal(415, f"expected parts of type application/dicom, found "
                                       f"{part.content_type!r} in part {n}; nothing was "
                                       "stored")  # fmt: skip
-                return self._store_parts(body, parts, client, host, study)
+                return self._store_parts(body, parts, admitted.client, host, admitted.study)
 
-    def _read_body(self, rq: BaseHTTPRequestHandler) -> IO[bytes]:
-        """The request's body in an unnamed temporary file."""
+    def _length(self, rq: BaseHTTPRequestHandler) -> int | None:
+        """The announced length of the body (None: chunked), within the limits."""
         limit = self.settings.max_request_mb * 2**20
         encoding = rq.headers.get("Transfer-Encoding", "").strip().lower()
         length = rq.headers.get("Content-Length")
@@ -419,23 +439,26 @@ class StowReceiver:
             if encoding != "chunked":
                 raise Refusal(501, f"expected Transfer-Encoding chunked or none, found "
                               f"{encoding!r}")  # fmt: skip
-            pieces, known = _chunked(rq.rfile), False
-        elif length is not None:
-            try:
-                size = int(length)
-                if size < 0:
-                    raise ValueError
-            except ValueError:
-                raise Refusal(
-                    400, f"expected a Content-Length in bytes, found {length!r}"
-                ) from None
-            if size > limit:
-                raise Refusal(413, f"a body of {size} bytes; stow.max_request_mb allows {limit}")
-            self._check_space(size)
-            pieces, known = _fixed(rq.rfile, size), True
-        else:
+            return None
+        if length is None:
             raise Refusal(411, "expected a Content-Length or chunked transfer encoding, found "
                           "neither")  # fmt: skip
+        try:
+            size = int(length)
+            if size < 0:
+                raise ValueError
+        except ValueError:
+            raise Refusal(400, f"expected a Content-Length in bytes, found {length!r}") from None
+        if size > limit:
+            raise Refusal(413, f"a body of {size} bytes; stow.max_request_mb allows {limit}")
+        self._check_space(size)
+        return size
+
+    def _read_body(self, rq: BaseHTTPRequestHandler, length: int | None) -> IO[bytes]:
+        """The request's body (``length`` bytes, or chunked) in an unnamed temporary file."""
+        limit = self.settings.max_request_mb * 2**20
+        known = length is not None
+        pieces = _chunked(rq.rfile) if length is None else _fixed(rq.rfile, length)
         # closed by the caller (the with statement of _post), or below when reading fails
         file = tempfile.TemporaryFile(dir=self.tmp_dir)  # noqa: SIM115
         try:
@@ -548,6 +571,17 @@ class StowReceiver:
                 super().setup()
                 # a client that stops sending is dropped (the setting may change by a reload)
                 self.connection.settimeout(receiver.scp.settings.network_timeout_s)
+
+            def handle_expect_100(self) -> bool:
+                """``Expect: 100-continue``: the body is asked for only once the request
+                passed what can be checked without it; otherwise the refusal is the answer,
+                before the client sends a byte of a body that would be refused."""
+                try:
+                    self.admitted = receiver.admit(self)
+                except Refusal as refusal:
+                    receiver.refuse(self, refusal)
+                    return False
+                return super().handle_expect_100()
 
             def do_POST(self) -> None:
                 receiver.handle(self)

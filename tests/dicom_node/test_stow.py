@@ -451,3 +451,33 @@ def test_real_files_are_stored_alike_by_stow_rs_and_by_c_store(run_node, real_da
     assert stored(by_web) == stored(by_dimse)
     assert len(stored(by_web)) >= 300, len(stored(by_web))
     assert len(stored(by_web)) + len(failures) == len({_uid(p) for p in files})
+
+
+def test_a_client_that_asks_before_sending_its_body_is_refused_before_it_sends_it(  # type: ignore[no-untyped-def]
+    run_node, tmp_path
+):
+    """``Expect: 100-continue`` (curl, and Orthanc's libcurl, for large bodies): a request that
+    would be refused gets its refusal instead of ``100 Continue``, before any byte of its body;
+    one that passes is told to go on, and its body is stored."""
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(stow=_stow(tmp_path, max_request_mb=1))
+    data = study["t1c"][0].read_bytes()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+
+    def ask(token: str, length: int) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", node.stow.port), timeout=10)
+        conn.sendall((
+            "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
+            f"Authorization: Bearer {token}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode())  # fmt: skip
+        return conn
+
+    for token, length, refused in (("guess", len(body), b"401"), (TOKEN, 5 << 20, b"413")):
+        with ask(token, length) as conn:
+            assert conn.recv(200).startswith(b"HTTP/1.1 " + refused)
+    with ask(TOKEN, len(body)) as conn:
+        assert conn.recv(200) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        conn.sendall(body)
+        assert conn.recv(200).startswith(b"HTTP/1.1 200")
+    assert node.store.counts()["instances"] == 1

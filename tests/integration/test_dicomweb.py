@@ -4,6 +4,7 @@ orthanc-dicomweb), with and without HTTP Basic authentication."""
 from __future__ import annotations
 
 import dataclasses
+import urllib.error
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -224,10 +225,11 @@ def test_a_study_pushed_by_orthancs_dicomweb_client_is_predicted(  # type: ignor
     )
     node = run_node(dataclasses.replace(settings, destinations=(pacs,)))
     assert node.stow is not None
-    orthanc.dicomweb_servers = {"glioforecast": {
-        "Url": f"http://127.0.0.1:{node.stow.port}/dicom-web/",
-        "Username": "orthanc", "Password": "router-pass",
-    }}  # fmt: skip
+    url = f"http://127.0.0.1:{node.stow.port}/dicom-web/"
+    orthanc.dicomweb_servers = {
+        "glioforecast": {"Url": url, "Username": "orthanc", "Password": "router-pass"},
+        "stale": {"Url": url, "Username": "orthanc", "Password": "last-years-pass"},
+    }
     orthanc.dicomweb = True
     orthanc.start()
     try:
@@ -238,6 +240,11 @@ def test_a_study_pushed_by_orthancs_dicomweb_client_is_predicted(  # type: ignor
         answer = orthanc.post("/dicom-web/servers/glioforecast/stow", job)
         assert isinstance(answer, dict), answer
         assert node.store.counts()["instances"] == len(files)
+        # a stale password: refused before Orthanc sends the study (Expect: 100-continue), and
+        # Orthanc's log says why
+        with pytest.raises(urllib.error.HTTPError):
+            orthanc.post("/dicom-web/servers/stale/stow", job)
+        assert "401" in orthanc.log_path.read_text()
         job = wait_for(lambda: finished_job(node, study, 1), timeout=120, what="the prediction")
         assert job.state == DONE, job.reason
         sent = all_sent(node, "pacs")
