@@ -226,7 +226,7 @@ class Part10:
     Instance UIDs, and where the data set begins in ``data``.
 
     The UIDs are the data set's, as a C-STORE sender puts them in its request (dcmtk's
-    storescu does), and the meta information's only where the data set has none: a tool that
+    dcmsend does), and the meta information's only where the data set has none: a tool that
     rewrote the data set's UIDs (an anonymiser) often leaves the old ones in the meta, and the
     file is stored with a meta made anew either way."""
 
