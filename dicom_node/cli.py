@@ -202,6 +202,55 @@ def cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK if not report.failed else EXIT_FAILED
 
 
+def cmd_stow(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from tqdm import tqdm
+
+    from dicom_node.dicomweb import CHUNK, stow_batch
+    from dicom_node.scu import Destination
+    from dicom_node.sender import collect_files
+    from dicom_node.settings import Destination as DestinationSettings
+    from dicom_node.settings import DestinationTLS, DicomWebSettings
+
+    if bool(args.username) != (args.password_file is not None):
+        raise GlioforecastError(
+            "expected --username and --password-file together (HTTP Basic), found only "
+            + ("--username" if args.username else "--password-file")
+        )
+    if (args.certificate is None) != (args.private_key is None):
+        raise GlioforecastError(
+            "expected --certificate and --private-key together (the client certificate and its "
+            f"key), found only {'--certificate' if args.certificate else '--private-key'}"
+        )
+    web = DicomWebSettings(url=args.url, token_file=args.token_file, username=args.username or "",
+                           password_file=args.password_file)  # fmt: skip
+    files_given = (args.ca_certificates, args.certificate, args.private_key)
+    tls = DestinationTLS(True, *files_given) if any(files_given) else DestinationTLS()
+    dest = Destination.from_settings(DestinationSettings(name="stow", dicomweb=web, tls=tls))
+    files = collect_files(args.paths)
+    sent, failed, skipped = 0, 0, 0
+    with tqdm(total=len(files), unit="file", desc="STOW-RS", disable=args.quiet) as bar:
+        for start in range(0, len(files), CHUNK):
+            group, datasets = [], []
+            for path in files[start : start + CHUNK]:
+                try:
+                    datasets.append(dcmread(path))
+                    group.append(path)
+                except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+                    skipped += 1
+                    print(f"skipped {path}: not a DICOM Part 10 file ({exc})", file=sys.stderr)
+            for path, result in zip(group, stow_batch(datasets, dest), strict=True):
+                if result.delivered:
+                    sent += 1
+                else:
+                    failed += 1
+                    print(f"failed {path}: {result.error}", file=sys.stderr)
+            bar.update(len(files[start : start + CHUNK]))
+    print(f"sent {sent}, failed {failed}, skipped {skipped}")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
 def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from dicom_node.jobs import JobStore
 
@@ -474,6 +523,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser(
+        "stow", help="store files or folders in a DICOMweb service by STOW-RS (such as the "
+        "node's own STOW-RS receiver)",
+    )  # fmt: skip
+    p.add_argument("url", help="the service's base URL, under which /studies is "
+                   "(the node's: http(s)://HOST:11114/dicom-web)")  # fmt: skip
+    p.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (recursive)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", type=Path, help="a file holding a bearer token")
+    auth.add_argument("--username", help="HTTP Basic user (with --password-file)")
+    p.add_argument("--password-file", type=Path, help="a file holding the HTTP Basic password")
+    p.add_argument("--ca-certificates", type=Path, metavar="PEM",
+                   help="https: CAs the service's certificate must chain to")  # fmt: skip
+    p.add_argument("--certificate", type=Path, metavar="PEM",
+                   help="https: our client certificate (with --private-key)")  # fmt: skip
+    p.add_argument("--private-key", type=Path, metavar="PEM", help="its private key")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_stow)
 
     jobs = sub.add_parser("jobs", help="list, show or retry jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

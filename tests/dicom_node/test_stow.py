@@ -481,3 +481,23 @@ def test_a_client_that_asks_before_sending_its_body_is_refused_before_it_sends_i
         conn.sendall(body)
         assert conn.recv(200).startswith(b"HTTP/1.1 200")
     assert node.store.counts()["instances"] == 1
+
+
+def test_the_stow_command_sends_a_folder_and_says_what_failed(run_node, tmp_path, capsys):  # type: ignore[no-untyped-def]
+    """``glioforecast stow``: what a site's IT team runs to try the receiver (or a PACS's)."""
+    study = factories.small_study(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    node = run_node(stow=_stow(tmp_path))
+    url = f"http://127.0.0.1:{node.stow.port}/dicom-web"
+    token = tmp_path / "router.token"
+    rc = main(["stow", url, str(tmp_path / "in"), "--token-file", str(token), "-q"])
+    out, err = capsys.readouterr()
+    files = sum(len(v) for v in study.values())
+    assert (rc, out) == (0, f"sent {files}, failed 0, skipped 1\n"), err
+    assert "skipped" in err and "notes.txt" in err
+    assert node.store.counts()["instances"] == files
+    (tmp_path / "stale").write_text("last-year\n")
+    rc = main(["stow", url, str(study["t1c"][0]), "--token-file", str(tmp_path / "stale"), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == "sent 0, failed 1, skipped 0\n"
+    assert "answered HTTP 401" in err, err
