@@ -106,13 +106,20 @@ def _check_sop_class(value: str) -> str | None:
     return f"a SOP class UID or keyword such as MRImageStorage, found {value!r}"
 
 
-def _check_image_type_value(value: str) -> str | None:
-    if re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
-        return None
-    return (
-        "an ImageType value: 1 to 16 upper-case letters, digits, spaces or underscores "
-        f"(e.g. MIP or PROJECTION IMAGE), found {value!r}"
-    )
+def _fullmatch(pattern: str, expected: str) -> typing.Callable[[str], str | None]:
+    """A check that a value matches ``pattern`` whole, saying ``expected`` when it does not."""
+
+    def check(value: str) -> str | None:
+        return None if re.fullmatch(pattern, value) else f"{expected}, found {value!r}"
+
+    return check
+
+
+_check_image_type_value = _fullmatch(
+    r"[A-Z0-9_ ]{1,16}",
+    "an ImageType value: 1 to 16 upper-case letters, digits, spaces or underscores (e.g. MIP "
+    "or PROJECTION IMAGE)",
+)
 
 
 @dataclass(frozen=True)
@@ -361,13 +368,11 @@ class HealthSettings:
     port: int = field(default=11113, metadata=_spec("", minimum=0, maximum=65535))
 
 
-def _check_base_path(value: str) -> str | None:
-    if re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", value):
-        return None
-    return (
-        "a URL path such as /dicom-web (empty for the root; letters, digits, . _ ~ - between "
-        f"slashes, no trailing slash), found {value!r}"
-    )
+_check_base_path = _fullmatch(
+    r"(/[A-Za-z0-9._~-]+)*",
+    "a URL path such as /dicom-web (empty for the root; letters, digits, . _ ~ - between "
+    "slashes, no trailing slash)",
+)
 
 
 @dataclass(frozen=True)
@@ -638,19 +643,28 @@ def _destination_checks(where: str, d: Destination) -> list[str]:
             f"{where}.storage_commitment: expected false for a DICOMweb destination (storage "
             "commitment is a DICOM service), found true"
         )
-    if web.token_file is not None and (web.username or web.password_file is not None):
+    return problems + _secret_checks(
+        f"{where}.dicomweb", web.token_file, web.username, web.password_file
+    )
+
+
+def _secret_checks(
+    where: str, token_file: Path | None, username: str, password_file: Path | None
+) -> list[str]:
+    """HTTP credentials: a bearer token file, or a username with a password file, or none."""
+    problems = []
+    if token_file is not None and (username or password_file is not None):
         problems.append(
-            f"{where}.dicomweb: expected a token_file or a username and password_file, found both"
+            f"{where}: expected a token_file or a username and password_file, found both"
         )
-    if bool(web.username) != (web.password_file is not None):
+    if bool(username) != (password_file is not None):
         problems.append(
-            f"{where}.dicomweb: expected username and password_file together, found only "
-            + ("username" if web.username else "password_file")
+            f"{where}: expected username and password_file together, found only "
+            + ("username" if username else "password_file")
         )
-    for key in ("token_file", "password_file"):
-        path = getattr(web, key)
+    for key, path in (("token_file", token_file), ("password_file", password_file)):
         if path is not None and not path.is_file():
-            problems.append(f"{where}.dicomweb.{key}: expected an existing file, found {path}")
+            problems.append(f"{where}.{key}: expected an existing file, found {path}")
     return problems
 
 
@@ -671,25 +685,13 @@ def _stow_checks(s: StowSettings, ports: dict[int, str]) -> list[str]:
         )
     for n, c in enumerate(s.clients):
         where = f"stow.clients[{n}]"
+        problems += _secret_checks(where, c.token_file, c.username, c.password_file)
         basic = bool(c.username) or c.password_file is not None
-        if c.token_file is not None and basic:
-            problems.append(
-                f"{where}: expected a token_file or a username and password_file, found both"
-            )
-        if bool(c.username) != (c.password_file is not None):
-            problems.append(
-                f"{where}: expected username and password_file together, found only "
-                + ("username" if c.username else "password_file")
-            )
         if c.token_file is None and not basic and not c.hosts:
             problems.append(
                 f"{where}: expected a token_file, a username and password_file, or hosts "
                 "(a client identified by its address), found none of them"
             )
-        for key in ("token_file", "password_file"):
-            path = getattr(c, key)
-            if path is not None and not path.is_file():
-                problems.append(f"{where}.{key}: expected an existing file, found {path}")
     names = [c.name for c in s.clients]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"stow.clients: expected unique names, found {name!r} twice")
