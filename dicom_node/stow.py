@@ -376,6 +376,10 @@ class StowReceiver:
             log.warning("STOW-RS request from %s not read to its end: %s; nothing of it that "
                         "was not answered counts as stored", host, exc)  # fmt: skip
             rq.close_connection = True
+        except Exception as exc:  # a bug: the receiver must answer, and keep serving
+            log.exception("STOW-RS request from %s failed", host)
+            self.refuse(rq, Refusal(500, f"the node failed on this request "
+                                    f"({type(exc).__name__}); see its log"))  # fmt: skip
 
     def refuse(self, rq: BaseHTTPRequestHandler, refusal: Refusal) -> None:
         """Answer ``refusal`` and close the connection (the body may be unread)."""

@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import random
 import socket
 import sqlite3
 import ssl
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -501,3 +503,42 @@ def test_the_stow_command_sends_a_folder_and_says_what_failed(run_node, tmp_path
     out, err = capsys.readouterr()
     assert rc == 1 and out == "sent 0, failed 1, skipped 0\n"
     assert "answered HTTP 401" in err, err
+
+
+def test_mangled_requests_are_answered_and_the_receiver_serves_on(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """300 requests made from a good one by cutting, flipping and repeating its bytes (body
+    and headers): each is answered with a status that says what happened (never a 500, never
+    silence), what was stored is whole, and a good request is stored afterwards."""
+    study = factories.small_study(tmp_path / "in")
+    node = run_node(stow=_stow(tmp_path))
+    good = [p.read_bytes() for p in study["t1c"][:2]]
+    boundary = b"b0undary"
+    body = b"".join(b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + p
+                    + b"\r\n" for p in good) + b"--" + boundary + b"--\r\n"  # fmt: skip
+    rng = random.Random(20261207)
+    answered: Counter[int] = Counter()
+    for n in range(300):
+        data = bytearray(body)
+        kind = n % 3
+        if kind == 0:  # cut somewhere, announcing the cut length
+            data = data[: rng.randrange(len(data))]
+        elif kind == 1:  # flip bytes, in the multipart structure too
+            for _ in range(rng.randrange(1, 20)):
+                data[rng.randrange(min(len(data), 400))] = rng.randrange(256)
+        else:  # repeat or drop a slice
+            a, b = sorted(rng.randrange(len(data)) for _ in range(2))
+            data = data[:a] + data[a:b] * rng.randrange(0, 3) + data[b:]
+        content_type = f'multipart/related; type="application/dicom"; boundary={boundary.decode()}'
+        if n % 10 == 9:
+            content_type = content_type[: rng.randrange(len(content_type))]
+        conn = http.client.HTTPConnection("127.0.0.1", node.stow.port, timeout=30)
+        conn.request("POST", "/dicom-web/studies", body=bytes(data), headers={
+            "Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        rsp = conn.getresponse()
+        rsp.read()
+        conn.close()
+        answered[rsp.status] += 1
+    assert set(answered) <= {200, 202, 400, 409, 415}, answered
+    for path in node.spool.root.rglob("*.dcm"):  # whatever was stored is a whole instance
+        assert pydicom.dcmread(path).pixel_array.shape == (16, 16)
+    assert post(node.stow.port, [p.read_bytes() for p in study["flair"]])[0] == 200
