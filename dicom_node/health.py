@@ -7,9 +7,12 @@ Prometheus text format. Neither carries patient data: only counts, states and du
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
+import socketserver
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,8 +74,21 @@ class HealthServer:
 
     def stop(self) -> None:
         if self._thread.is_alive():  # shutdown() waits for serve_forever, which must be running
-            self.server.shutdown()
+            stop_serving(self.server)
         self.server.server_close()
+
+
+def stop_serving(server: socketserver.BaseServer) -> None:
+    """Stop a running ``serve_forever`` of ``server`` now, rather than at its next poll (half
+    a second, for each of the node's listening servers): the listening socket is shut down
+    once the stop is asked, which wakes the loop; no connection is made to it."""
+    stopper = threading.Thread(target=server.shutdown, name="stop-serving", daemon=True)
+    stopper.start()
+    listening = getattr(server, "socket", None)
+    if listening is not None:
+        with contextlib.suppress(OSError):
+            listening.shutdown(socket.SHUT_RDWR)
+    stopper.join()
 
 
 def prometheus(

@@ -53,6 +53,7 @@ from dicom_node.audit import (
 )
 from dicom_node.commitment import CommitmentReport
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
+from dicom_node.health import stop_serving
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
 from dicom_node.rejections import apply_rejection
@@ -701,7 +702,7 @@ class StorageSCP:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
+            stop_serving(self.server)  # pynetdicom's shutdown closes the socket too
             self.server = None
 
 

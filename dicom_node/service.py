@@ -511,6 +511,9 @@ class Node:
                 )
             )
         if self.stow is not None:
+            samples.append(("glioforecast_stow_requests_in_progress",
+                            "STOW-RS requests being read and stored", {},
+                            self.stow.in_progress))  # fmt: skip
             for code, n in sorted(self.stow.answered().items()) or [(200, 0)]:
                 samples.append(("glioforecast_stow_requests_total",
                                 "STOW-RS requests answered, by HTTP status", {"code": str(code)},

@@ -47,6 +47,7 @@ from typing import IO, Any
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError, OutOfSpaceError
+from dicom_node.health import stop_serving
 from dicom_node.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -338,6 +339,12 @@ class StowReceiver:
         """A reload's clients and limits (the address, port and path need a restart)."""
         self.settings, self.clients = settings, clients
 
+    @property
+    def in_progress(self) -> int:
+        """Requests being read and stored now."""
+        with self._lock:
+            return self._busy
+
     def answered(self) -> dict[int, int]:
         """How many requests were answered, by HTTP status."""
         with self._lock:
@@ -624,6 +631,6 @@ class StowReceiver:
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
+            stop_serving(self.server)
             self.server.server_close()
             self.server = None

@@ -306,9 +306,10 @@ def test_a_busy_or_full_node_says_when_to_come_back(run_node, tmp_path):  # type
             'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
             f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100000\r\n\r\n--b\r\n"
         ).encode())  # fmt: skip
-        code, headers, answer = wait_for(
-            lambda: (r := post(port, [data]))[0] == 503 and r, what="a 503 while one is stored"
-        )
+        wait_for(lambda: node.stow.in_progress == 1, what="the slow request to be read")
+        assert "glioforecast_stow_requests_in_progress 1\n" in node.metrics()
+        code, headers, answer = post(port, [data])
+        assert code == 503, answer
         assert headers["Retry-After"] == "30" and b"stow.max_requests" in answer
     assert wait_for(lambda: post(port, [data])[0] == 200, what="room again")
     low = run_node(make_settings(tmp_path / "low", storage={"min_free_mb": 2**40},
