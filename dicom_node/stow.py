@@ -321,12 +321,9 @@ class StowReceiver:
     """The STOW-RS endpoint, storing through ``scp`` (whose settings, TLS context and audit
     trail it uses); temporary bodies go to ``tmp_dir``."""
 
-    def __init__(
-        self, settings: StowSettings, scp: StorageSCP, tmp_dir: Path,
-        clients: tuple[Client, ...] | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, settings: StowSettings, scp: StorageSCP, tmp_dir: Path) -> None:
         self.settings = settings
-        self.clients = load_clients(settings.clients) if clients is None else clients
+        self.clients = load_clients(settings.clients)
         self.scp = scp
         self.tmp_dir = tmp_dir
         self._answered: Counter[int] = Counter()  # requests by HTTP status
