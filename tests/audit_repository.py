@@ -4,7 +4,6 @@ and writing each message's content, one per line, to a file the tests read."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import IO
 
-from tests.conftest import free_port, tool
+from tests.conftest import free_port, listening, tool
 
 CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="64k"
@@ -64,7 +63,7 @@ class AuditRepository:
             stderr=self._err,
         )
         deadline = time.monotonic() + 30
-        while not _listening(self.tls_port):
+        while not listening(self.tls_port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     "rsyslogd did not start: " + (self.workdir / "rsyslogd.err").read_text()
@@ -93,20 +92,6 @@ class AuditRepository:
             assert content.startswith("\ufeff"), "RFC 5424: UTF-8 content starts with a BOM"
             out.append(ET.fromstring(content[1:]))
         return out
-
-
-def _listening(port: int) -> bool:
-    """Whether something accepts TCP connections on localhost ``port`` (``/proc/net/tcp``)."""
-    hex_port = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        with open(table) as f:
-            for row in f.read().splitlines()[1:]:
-                fields = row.split()
-                if fields[1].endswith(hex_port) and fields[3] == "0A":  # LISTEN
-                    return True
-    return False
 
 
 def event_id(message: ET.Element) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,45 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def listening(port: int) -> bool:
+    """Whether something listens for TCP connections on ``port`` (read from ``/proc/net/tcp``,
+    so the check itself opens no connection the listener would log or answer)."""
+    import os
+
+    hex_port = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if fields[1].endswith(hex_port) and fields[3] == "0A":  # LISTEN
+                    return True
+    return False
+
+
+def start_listener(command: list[str], port: int, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a server process and return once it listens on ``port`` (fail if it exits first).
+
+    A test that started a peer and went on at once raced it: a node that tried the port before
+    the peer listened put its delivery off until the next retry.
+    """
+    proc = subprocess.Popen(command, **popen)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"{command[0]} exited with {proc.returncode} before listening on {port}")
+        return listening(port)
+
+    try:
+        wait_for(up, timeout=30, what=f"{Path(command[0]).name} to listen on {port}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings
-from tests.conftest import free_port, tool
+from tests.conftest import free_port, start_listener, tool
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
@@ -87,8 +87,8 @@ def storescp_destination(folder: Path, name: str, ae_title: str, **settings: Any
     """dcmtk storescp writing into ``folder``, and its destination entry."""
     folder.mkdir()
     port = free_port()
-    proc = subprocess.Popen(
-        [tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
+    proc = start_listener(
+        [tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)], port,
         env={"TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     entry = Destination(name=name, ae_title=ae_title, host="127.0.0.1", port=port, **settings)

@@ -20,7 +20,7 @@ from dicom_node.jobs import FAILED
 from dicom_node.outbox import Outbox
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings
-from tests.conftest import free_port, tool, wait_for
+from tests.conftest import free_port, start_listener, tool, wait_for
 from tests.dicom_node.conftest import all_sent, make_settings
 from tests.dicom_node.test_scp import storescu
 from tests.factories import small_study
@@ -108,9 +108,9 @@ def test_a_backup_of_a_running_node_restores_every_instance_job_and_waiting_resu
     (aside,) = tmp_path.glob("data.before-restore-*")
     assert (aside / "jobs.sqlite3").is_file() and _instances(aside) >= acknowledged
     (tmp_path / "pacs").mkdir()
-    pacs = subprocess.Popen(
+    pacs = start_listener(
         [tool("storescp"), "-aet", "PACS", "-od", str(tmp_path / "pacs"), str(pacs_port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        pacs_port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         with _running(settings) as restored:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -30,7 +28,7 @@ from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
 from sr_writer.labels import series_description
 from tests.audit_repository import event_id
-from tests.conftest import free_port, tool, wait_for
+from tests.conftest import free_port, start_listener, tool, wait_for
 from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
@@ -270,14 +268,8 @@ def dcmqrscp(folder: Path, hosts: dict[str, int]) -> Iterator[int]:
         f"AETable BEGIN\nDCMQR {folder / 'db'} RW (200, 1024mb) ANY\nAETable END\n"
     )
     log = (folder / "dcmqrscp.log").open("wb")
-    proc = subprocess.Popen([tool("dcmqrscp"), "-c", str(config)], stdout=log, stderr=log)
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
+    proc = start_listener([tool("dcmqrscp"), "-c", str(config)], port, stdout=log, stderr=log)
     try:
-        wait_for(listening, timeout=30, what="dcmqrscp to listen")
         yield port
     finally:
         proc.terminate()
