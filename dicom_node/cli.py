@@ -50,10 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
     print(f"{settings.source}: valid")
+    bound = sum(bool(c.certificate_names) for c in settings.node.allowed_callers)
     print(
         f"  node {settings.node.ae_title} on {settings.node.bind_address}:{settings.node.port}, "
-        f"{len(settings.node.allowed_callers)} allowed caller rule(s), "
-        f"TLS {'on' if settings.node.tls.enabled else 'off'}"
+        f"{len(settings.node.allowed_callers)} allowed caller rule(s)"
+        + (f" ({bound} bound to client certificates)" if bound else "")
+        + f", TLS {'on' if settings.node.tls.enabled else 'off'}"
     )
     print(
         f"  data in {settings.storage.data_dir}, quiet period {settings.assembly.quiet_period_s} s"

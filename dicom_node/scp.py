@@ -160,12 +160,75 @@ def host_allowed(hosts: tuple[str, ...], host: str) -> bool:
     return addr is not None and any(addr in ipaddress.ip_network(h, strict=False) for h in hosts)
 
 
-def caller_allowed(callers: tuple[AllowedCaller, ...], ae_title: str, host: str) -> bool:
-    """True when a caller with this AE title may associate from ``host``."""
-    return any(
-        (c.ae_title == "*" or c.ae_title.strip() == ae_title.strip())
-        and host_allowed(c.hosts, host)
+def _certificate_name(name: str) -> str:
+    """``name`` as compared: an IP address in its canonical form, anything else in lower case."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name.strip()))
+    return name.strip().lower()
+
+
+def certificate_names(sock: Any) -> frozenset[str] | None:
+    """The names of a connection's verified TLS client certificate (its subject's common name,
+    its DNS and IP subject alternative names), or None when the connection is not TLS or the
+    client presented no certificate."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    subject: Any = cert.get("subject", ())  # ((("commonName", "mr1"),), ...)
+    alternative: Any = cert.get("subjectAltName", ())  # (("DNS", "mr1.example"), ...)
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in alternative if kind in ("DNS", "IP Address")]
+    return frozenset(map(_certificate_name, names))
+
+
+def certificate_allowed(required: tuple[str, ...], presented: frozenset[str] | None) -> bool:
+    """True when ``required`` is empty, or the client's certificate carries one of its names."""
+    if not required:
+        return True
+    return presented is not None and not presented.isdisjoint(map(_certificate_name, required))
+
+
+def certificate_mismatch(required: set[str], presented: frozenset[str] | None) -> str:
+    """What was expected of a client's certificate and what was found, in words."""
+    found = (
+        "no client certificate"
+        if not presented
+        else "a certificate named " + ", ".join(sorted(presented))
+    )
+    return f"a client certificate named {' or '.join(sorted(required))}, found {found}"
+
+
+def caller_refusal(
+    callers: tuple[AllowedCaller, ...],
+    ae_title: str,
+    host: str,
+    certificate: frozenset[str] | None,
+    refuse_unknown: bool = True,
+) -> str | None:
+    """Why a caller with this AE title, at ``host``, with this client certificate may not
+    associate (None when it may). A caller that no rule names is refused when
+    ``refuse_unknown``; one that rules name must hold a certificate one of them asks for, even
+    where unknown callers are let in (otherwise anyone could take its AE title)."""
+    rules = [
+        c
         for c in callers
+        if (c.ae_title == "*" or c.ae_title.strip() == ae_title.strip())
+        and host_allowed(c.hosts, host)
+    ]
+    if not rules:
+        if not refuse_unknown:
+            return None
+        return f"calling AE title {ae_title!r} at {host} is not in node.allowed_callers"
+    if any(certificate_allowed(c.certificate_names, certificate) for c in rules):
+        return None
+    if not refuse_unknown and all(c.ae_title == "*" for c in rules):
+        return None  # a rule for everyone does not name this caller
+    wanted = {n for c in rules for n in c.certificate_names}
+    return (
+        f"calling AE title {ae_title!r} at {host}: node.allowed_callers expects "
+        + certificate_mismatch(wanted, certificate)
     )
 
 
@@ -437,21 +500,18 @@ class StorageSCP:
                 f"{self.settings.ae_title!r}",
             )  # fmt: skip
             return
-        if self.settings.refuse_unknown_callers and not caller_allowed(
-            self.settings.allowed_callers, calling, host
-        ):
-            log.warning(
-                "association from unknown caller %r at %s refused (not in node.allowed_callers)",
-                calling,
-                host,
-            )
+        certificate = certificate_names(getattr(assoc.dul.socket, "socket", None))
+        refusal = caller_refusal(
+            self.settings.allowed_callers, calling, host, certificate,
+            self.settings.refuse_unknown_callers,
+        )  # fmt: skip
+        if refusal is not None:
+            log.warning("association refused: %s", refusal)
             self._reject(assoc, _CALLING_NOT_RECOGNISED)
-            self.audit.refused(
-                calling, host, f"association refused: calling AE title {calling!r} at {host} "
-                "is not in node.allowed_callers",
-            )  # fmt: skip
+            self.audit.refused(calling, host, f"association refused: {refusal}")
             return
-        log.info("association from %s at %s accepted", calling, host)
+        named = f" (client certificate {', '.join(sorted(certificate))})" if certificate else ""
+        log.info("association from %s at %s accepted%s", calling, host, named)
         if self.audit.enabled:
             with self._received_lock:
                 self._received[id(assoc)] = _Received(calling, host)

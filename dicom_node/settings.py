@@ -82,6 +82,22 @@ def _check_host(value: str) -> str | None:
     return None
 
 
+def _check_certificate_name(value: str) -> str | None:
+    if not 1 <= len(value) <= 255 or value != value.strip():
+        return f"a certificate name of 1 to 255 characters, found {value!r}"
+    if any(ord(c) < 32 or ord(c) > 126 for c in value):
+        return f"a certificate name of printable ASCII, found {value!r}"
+    return None
+
+
+#: what ``certificate_names`` means, wherever a sender may be bound to its TLS certificate
+_CERTIFICATE_NAMES = _spec(
+    "names of which its TLS client certificate must carry one: the subject's common name or a "
+    "DNS or IP subject alternative name (empty: no certificate is asked of it)",
+    check=_check_certificate_name,
+)
+
+
 def _check_bind(value: str) -> str | None:
     try:
         ipaddress.ip_address(value)
@@ -124,13 +140,15 @@ _check_image_type_value = _fullmatch(
 
 @dataclass(frozen=True)
 class AllowedCaller:
-    """A sender that may associate: an AE title (or ``*``), optionally bound to hosts."""
+    """A sender that may associate: an AE title (or ``*``), optionally bound to hosts and to
+    the names of its TLS client certificate (``node.tls`` on, with ``ca_certificates``)."""
 
     ae_title: str = field(metadata=_spec("calling AE title or *", check=_check_ae_pattern))
     hosts: tuple[str, ...] = field(
         default=(),
         metadata=_spec("addresses or networks it may call from (empty: any)", check=_check_host),
     )
+    certificate_names: tuple[str, ...] = field(default=(), metadata=_CERTIFICATE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -379,8 +397,9 @@ _check_base_path = _fullmatch(
 class WebClient:
     """A sender that may store by STOW-RS: identified by a bearer token read from
     ``token_file``, or by HTTP Basic (``username``, the password read from ``password_file``),
-    or by its address alone (``hosts`` and no credentials); ``hosts``, when given, also bounds
-    where a client with credentials may call from. ``name`` stands for the calling AE title
+    or by its address alone (``hosts`` and no credentials), or by its TLS client certificate
+    alone (``certificate_names`` and no credentials); ``hosts`` and ``certificate_names``, when
+    given, also bound a client with credentials. ``name`` stands for the calling AE title
     wherever the node records who sent a study."""
 
     name: str = field(metadata=_spec("", check=_check_ae_title))
@@ -391,6 +410,7 @@ class WebClient:
     token_file: Path | None = None
     username: str = ""
     password_file: Path | None = None
+    certificate_names: tuple[str, ...] = field(default=(), metadata=_CERTIFICATE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -687,10 +707,11 @@ def _stow_checks(s: StowSettings, ports: dict[int, str]) -> list[str]:
         where = f"stow.clients[{n}]"
         problems += _secret_checks(where, c.token_file, c.username, c.password_file)
         basic = bool(c.username) or c.password_file is not None
-        if c.token_file is None and not basic and not c.hosts:
+        if c.token_file is None and not basic and not c.hosts and not c.certificate_names:
             problems.append(
-                f"{where}: expected a token_file, a username and password_file, or hosts "
-                "(a client identified by its address), found none of them"
+                f"{where}: expected a token_file, a username and password_file, hosts (a client "
+                "identified by its address) or certificate_names (by its TLS client "
+                "certificate), found none of them"
             )
     names = [c.name for c in s.clients]
     for name in sorted({n for n in names if names.count(n) > 1}):
@@ -729,6 +750,17 @@ def _cross_checks(s: Settings) -> list[str]:
         {s.health.port: "health.port"} if s.health.enabled else {}
     )
     problems += _stow_checks(s.stow, ports)
+    bound = [(f"node.allowed_callers[{n}]", c.certificate_names)
+             for n, c in enumerate(s.node.allowed_callers)]  # fmt: skip
+    if s.stow.enabled:
+        bound += [(f"stow.clients[{n}]", c.certificate_names) for n, c in enumerate(s.stow.clients)]
+    for where, required in bound:
+        if required and not (tls.enabled and tls.ca_certificates is not None):
+            problems.append(
+                f"{where}.certificate_names: expected node.tls enabled with ca_certificates (a "
+                "client certificate is only known once verified against them), found "
+                + ("no node.tls.ca_certificates" if tls.enabled else "node.tls off")
+            )
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "

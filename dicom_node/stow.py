@@ -58,6 +58,9 @@ from dicom_node.scp import (
     Origin,
     Part10,
     StorageSCP,
+    certificate_allowed,
+    certificate_mismatch,
+    certificate_names,
     host_allowed,
 )
 from dicom_node.settings import StowSettings, WebClient
@@ -98,12 +101,13 @@ def _busy(message: str) -> Refusal:
 @dataclass(frozen=True)
 class Client:
     """A :class:`WebClient` with its secret read: ``token`` (bearer), or ``basic``
-    (``username:password``), or neither (identified by ``hosts``)."""
+    (``username:password``), or neither (identified by ``hosts`` or ``certificate_names``)."""
 
     name: str
     hosts: tuple[str, ...]
     token: bytes | None = None
     basic: bytes | None = None
+    certificate_names: tuple[str, ...] = ()
 
 
 def _secret(path: Path, where: str) -> bytes:
@@ -126,16 +130,27 @@ def load_clients(clients: tuple[WebClient, ...]) -> tuple[Client, ...]:
         if c.password_file is not None:
             password = _secret(c.password_file, f"{where}.password_file")
             basic = c.username.encode() + b":" + password
-        loaded.append(Client(c.name, c.hosts, token, basic))
+        loaded.append(Client(c.name, c.hosts, token, basic, c.certificate_names))
     return tuple(loaded)
 
 
-def authenticate(clients: tuple[Client, ...], authorization: str, host: str) -> Client | Refusal:
-    """The client a request from ``host`` with this Authorization header comes from, or the
-    refusal to answer: 403 when no client may call from ``host``, 401 otherwise."""
-    reachable = [c for c in clients if host_allowed(c.hosts, host)]
-    if not reachable:
+def authenticate(
+    clients: tuple[Client, ...],
+    authorization: str,
+    host: str,
+    certificate: frozenset[str] | None = None,
+) -> Client | Refusal:
+    """The client a request from ``host`` with this Authorization header and this TLS client
+    certificate (its names, :func:`certificate_names`) comes from, or the refusal to answer:
+    403 when no client may call from ``host`` with this certificate, 401 otherwise."""
+    near = [c for c in clients if host_allowed(c.hosts, host)]
+    if not near:
         return Refusal(403, f"{host} is not among the hosts of any stow.clients entry")
+    reachable = [c for c in near if certificate_allowed(c.certificate_names, certificate)]
+    if not reachable:
+        wanted = {n for c in near for n in c.certificate_names}
+        return Refusal(403, f"a request from {host}: stow.clients expects "
+                       + certificate_mismatch(wanted, certificate))  # fmt: skip
     scheme, _, value = authorization.strip().partition(" ")
     scheme, value = scheme.lower(), value.strip()
     given = b""
@@ -148,10 +163,11 @@ def authenticate(clients: tuple[Client, ...], authorization: str, host: str) -> 
                 return c
         elif c.basic is not None and given and hmac.compare_digest(given, c.basic):
             return c
-    # a client known by its address alone, whatever the request carries
-    anonymous = next((c for c in reachable if c.token is None and c.basic is None), None)
-    if anonymous is not None:
-        return anonymous
+    # a client known by its address or its certificate alone, whatever the request carries
+    # (one bound to the certificate first: it says more about who calls)
+    anonymous = [c for c in reachable if c.token is None and c.basic is None]
+    if anonymous:
+        return max(anonymous, key=lambda c: bool(c.certificate_names))
     challenge = (("WWW-Authenticate", 'Basic realm="glioforecast"'),
                  ("WWW-Authenticate", 'Bearer realm="glioforecast"'))  # fmt: skip
     if not authorization:
@@ -355,7 +371,8 @@ class StowReceiver:
         and size of the body, the free space. Raises the :class:`Refusal`."""
         host = str(rq.client_address[0])
         study = self._target(rq.command, rq.path)
-        client = authenticate(self.clients, rq.headers.get("Authorization", ""), host)
+        client = authenticate(self.clients, rq.headers.get("Authorization", ""), host,
+                              certificate_names(rq.connection))  # fmt: skip
         if isinstance(client, Refusal):
             self.scp.audit.refused("", host, f"STOW-RS request refused: {client}")
             raise client

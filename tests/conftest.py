@@ -104,7 +104,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
     """Throw-away certificates (openssl): a CA; a server certificate for 127.0.0.1 and
-    localhost and a client certificate, both signed by it; another CA that signed nothing."""
+    localhost and two client certificates (``client``: glioforecast, ``scanner``:
+    mr1.radiology.example), all signed by it; another CA that signed nothing."""
     openssl = tool("openssl")
     d = tmp_path_factory.mktemp("pki")
 
@@ -114,7 +115,11 @@ def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
     for ca in ("ca", "other-ca"):
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out",
             f"{ca}.pem", "-days", "2", "-subj", f"/CN=glioforecast test {ca}")  # fmt: skip
-    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:glioforecast")):
+    for name, san in (
+        ("server", "IP:127.0.0.1,DNS:localhost"),
+        ("client", "DNS:glioforecast"),
+        ("scanner", "DNS:mr1.radiology.example"),
+    ):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
             f"{name}.csr", "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}")  # fmt: skip
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",

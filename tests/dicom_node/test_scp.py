@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 
+from dicom_node.scp import caller_refusal
 from dicom_node.settings import AllowedCaller
 from tests import factories
 from tests.conftest import receiver_tls, tool, wait_for
@@ -128,6 +129,84 @@ def test_tls_association_with_client_certificate(run_node, pki):  # type: ignore
     assert anonymous.returncode != 0
     # plain TCP to a TLS port is not a DICOM association either
     assert echoscu(node.scp.port).returncode != 0
+
+
+def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    """An allowed caller bound to certificate names associates only with a certificate that
+    carries one: its AE title alone (anyone can send any) is not enough."""
+    import dataclasses
+    import logging
+    import xml.etree.ElementTree as ET
+
+    caplog.set_level(logging.INFO, logger="dicom_node.scp")
+    d = pki
+    audit_file = tmp_path / "audit.log"
+    callers = (
+        AllowedCaller("SCANNER1", certificate_names=("glioforecast",)),
+        AllowedCaller("MR1", hosts=("127.0.0.1",), certificate_names=("MR1.Radiology.example",)),
+        AllowedCaller("WORKSTATION"),
+    )
+    node = run_node(
+        node={
+            # certificates are asked for, not required: WORKSTATION has none
+            "tls": dataclasses.replace(receiver_tls(pki), require_client_certificate=False),
+            "allowed_callers": callers,
+            "refuse_unknown_callers": True,
+        },
+        audit={"enabled": True, "file": audit_file},
+    )
+    ca = ("+cf", str(d / "ca.pem"))
+    client = ("+tls", str(d / "client.key"), str(d / "client.pem"), *ca)
+    scanner = ("+tls", str(d / "scanner.key"), str(d / "scanner.pem"), *ca)
+    anonymous = ("+tla", *ca)
+    for aet, extra, accepted in (
+        ("SCANNER1", client, True),
+        ("SCANNER1", scanner, False),  # another device's certificate
+        ("SCANNER1", anonymous, False),  # none
+        ("MR1", scanner, True),  # names compare without case
+        ("MR1", client, False),
+        ("WORKSTATION", anonymous, True),  # no binding: no certificate asked of it
+    ):
+        result = echoscu(node.scp.port, aet=aet, extra=extra)
+        assert (result.returncode == 0) is accepted, (aet, extra, result.stderr + result.stdout)
+    said = (
+        "calling AE title 'SCANNER1' at 127.0.0.1: node.allowed_callers expects a client "
+        "certificate named glioforecast, found a certificate named mr1.radiology.example, "
+        "scanner",
+        "calling AE title 'SCANNER1' at 127.0.0.1: node.allowed_callers expects a client "
+        "certificate named glioforecast, found no client certificate",
+        "calling AE title 'MR1' at 127.0.0.1: node.allowed_callers expects a client "
+        "certificate named MR1.Radiology.example, found a certificate named client, "
+        "glioforecast",
+    )
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert all(f"association refused: {reason}" in logged for reason in said), logged
+    assert "association from MR1 at 127.0.0.1 accepted (client certificate " in logged
+
+    def alerts() -> list[str]:
+        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
+        return [
+            ET.fromstring(line).findtext("EventIdentification/EventOutcomeDescription") or ""
+            for line in lines
+        ]
+
+    wait_for(lambda: all(any(reason in a for a in alerts()) for reason in said),
+             what="a security alert for each refused certificate")  # fmt: skip
+
+
+def test_a_certificate_binding_holds_where_unknown_callers_are_let_in() -> None:
+    """With refuse_unknown_callers off an unknown AE title comes in, but not a known one
+    without its certificate (else anyone could send as it)."""
+    callers = (AllowedCaller("SCANNER1", certificate_names=("glioforecast",)), AllowedCaller("*"))
+    assert caller_refusal(callers, "ANYONE", "10.0.0.9", None, refuse_unknown=False) is None
+    assert caller_refusal(callers, "SCANNER1", "10.0.0.9", frozenset({"glioforecast"})) is None
+    refused = caller_refusal(callers[:1], "SCANNER1", "10.0.0.9", None, refuse_unknown=False)
+    assert refused is not None and "found no client certificate" in refused
+    # with the catch-all rule SCANNER1 is let in by it, as any unknown caller would be
+    assert caller_refusal(callers, "SCANNER1", "10.0.0.9", None, refuse_unknown=False) is None
+    assert caller_refusal((), "ANYONE", "10.0.0.9", None) == (
+        "calling AE title 'ANYONE' at 10.0.0.9 is not in node.allowed_callers"
+    )
 
 
 def test_tls_failures_say_why_and_a_silent_client_holds_nobody_up(  # type: ignore[no-untyped-def]

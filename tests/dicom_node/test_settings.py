@@ -72,6 +72,17 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
         ("destinations: [{name: p, ae_title: P, host: h, port: 104, reject_replaced: 'iocm'}]",
          "destinations[0].reject_replaced: expected"),
         ("node: {tls: {enabled: true}}", "node.tls.certificate: expected a file path"),
+        ("node: {allowed_callers: [{ae_title: A, certificate_names: [mr1]}]}",
+         "node.allowed_callers[0].certificate_names: expected node.tls enabled with "
+         "ca_certificates (a client certificate is only known once verified against them), "
+         "found node.tls off"),
+        ("node: {tls: {enabled: true}, allowed_callers: [{ae_title: A, certificate_names: [a]}]}",
+         "node.allowed_callers[0].certificate_names: expected node.tls enabled with "
+         "ca_certificates (a client certificate is only known once verified against them), "
+         "found no node.tls.ca_certificates"),
+        ("node: {allowed_callers: [{ae_title: A, certificate_names: ['mr\t1']}]}",
+         "node.allowed_callers[0].certificate_names[0]: expected a certificate name of "
+         "printable ASCII"),
         ("[1, 2]", "top level: expected a mapping, found a list"),
         ("node: {port: 1\n  bad", "not valid YAML"),
     ],

@@ -351,6 +351,50 @@ def test_https_with_the_receivers_certificate(run_node, pki, tmp_path):  # type:
     wait_for(lambda: "TLS handshake failed" in audit_file.read_text(), what="a security alert")
 
 
+def test_clients_known_by_their_client_certificates(run_node, pki, tmp_path):  # type: ignore[no-untyped-def]
+    """A client bound to certificate names: identified by its certificate alone, or with its
+    token only when it presents its certificate too."""
+    import dataclasses
+
+    study = factories.small_study(tmp_path / "in")
+    token = tmp_path / "router.token"
+    token.write_text(TOKEN)
+    clients = (
+        WebClient(name="MR1", certificate_names=("mr1.radiology.example",)),
+        WebClient(name="ROUTER", token_file=token, certificate_names=("glioforecast",)),
+    )
+    tls = dataclasses.replace(receiver_tls(pki), require_client_certificate=False)
+    node = run_node(node={"tls": tls}, stow={"enabled": True, "port": 0, "clients": clients})
+
+    def context(name: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        if name:
+            ctx.load_cert_chain(str(pki / f"{name}.pem"), str(pki / f"{name}.key"))
+        return ctx
+
+    files = study["t1c"]
+    code, _, answer = post(node.stow.port, [files[0].read_bytes()], token=None,
+                           context=context("scanner"))  # fmt: skip
+    assert code == 200, answer
+    code, _, answer = post(node.stow.port, [files[1].read_bytes()], context=context("client"))
+    assert code == 200, answer
+    # the router's certificate without its token; its token without its certificate
+    code, _, answer = post(node.stow.port, [files[2].read_bytes()], token=None,
+                           context=context("client"))  # fmt: skip
+    assert code == 401 and b"expected credentials" in answer, answer
+    code, _, answer = post(node.stow.port, [files[2].read_bytes()], context=context(None))
+    assert code == 403, answer
+    assert answer.decode().strip() == (
+        "a request from 127.0.0.1: stow.clients expects a client certificate named glioforecast "
+        "or mr1.radiology.example, found no client certificate"
+    )
+    assert node.store.counts()["instances"] == 2
+    with sqlite3.connect(node.settings.storage.database) as db:
+        senders = db.execute("SELECT sop_instance_uid, calling_ae FROM instances").fetchall()
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[:2]]
+    assert sorted(senders) == sorted(zip(uids, ["MR1", "ROUTER"], strict=True))
+
+
 def test_a_reload_takes_a_rotated_token(run_node, tmp_path):  # type: ignore[no-untyped-def]
     study = factories.small_study(tmp_path / "in")
     settings = make_settings(tmp_path / "data", stow=_stow(tmp_path))
@@ -376,7 +420,9 @@ def test_settings_name_what_a_receiver_needs(tmp_path: Path) -> None:
         load_settings(bad)
     text = str(err.value)
     for says in (
-        "stow.clients[0]: expected a token_file, a username and password_file, or hosts",
+        "stow.clients[0]: expected a token_file, a username and password_file, hosts (a client "
+        "identified by its address) or certificate_names (by its TLS client certificate), found "
+        "none of them",
         "stow.clients[1]: expected a token_file or a username and password_file, found both",
         "stow.clients[1]: expected username and password_file together, found only username",
         f"stow.clients[2].token_file: expected an existing file, found {tmp_path / 'missing'}",
@@ -388,6 +434,12 @@ def test_settings_name_what_a_receiver_needs(tmp_path: Path) -> None:
         ("stow: {path: /dicom-web/}", "stow.path: expected a URL path"),
         ("stow: {enabled: true, port: 11112, clients: [{name: A, hosts: [10.0.0.1]}]}",
          "stow.port: expected a port of its own, found 11112, which node.port uses too"),
+        ("stow: {enabled: true, clients: [{name: A, certificate_names: [mr1]}]}",
+         r"stow.clients\[0\].certificate_names: expected node.tls enabled with ca_certificates "
+         r"\(a client certificate is only known once verified against them\), found node.tls off"),
+        ("stow: {enabled: true, clients: [{name: A, certificate_names: [' mr1']}]}",
+         "stow.clients.0..certificate_names.0.: expected a certificate name of 1 to 255 "
+         "characters, found ' mr1'"),
     ):  # fmt: skip
         (tmp_path / "other.yaml").write_text(text + "\n")
         with pytest.raises(ConfigError, match=says):
@@ -410,7 +462,7 @@ def test_multipart_structure() -> None:
             split_multipart(broken, b"xyz")
 
 
-def test_check_config_says_where_the_receiver_listens(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_check_config_says_where_the_receiver_listens(tmp_path: Path, pki: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "site.yaml"
     config.write_text(
         "stow:\n  enabled: true\n  bind_address: 0.0.0.0\n  clients:\n"
@@ -423,6 +475,18 @@ def test_check_config_says_where_the_receiver_listens(tmp_path: Path, capsys) ->
     config.write_text("logging: {level: INFO}\n")
     assert main(["check-config", str(config)]) == 0
     assert "  STOW-RS receiver off\n" in capsys.readouterr().out
+    # with TLS, senders known by their client certificates
+    config.write_text(
+        f"node:\n  tls: {{enabled: true, certificate: {pki / 'server.pem'}, private_key: "
+        f"{pki / 'server.key'}, ca_certificates: {pki / 'ca.pem'}}}\n"
+        "  allowed_callers:\n    - {ae_title: MR1, certificate_names: [mr1.radiology.example]}\n"
+        "    - {ae_title: CT1}\n"
+        "stow: {enabled: true, clients: [{name: ROUTER, certificate_names: [router]}]}\n"
+    )
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "2 allowed caller rule(s) (1 bound to client certificates), TLS on" in out
+    assert "  STOW-RS on https://127.0.0.1:11114/dicom-web/studies for ROUTER\n" in out
 
 
 def test_real_files_are_stored_alike_by_stow_rs_and_by_c_store(run_node, real_data, tmp_path):  # type: ignore[no-untyped-def]
