@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     assembled INTEGER NOT NULL DEFAULT 0,
     removed_at REAL,
-    image_type TEXT NOT NULL DEFAULT ''
+    image_type TEXT NOT NULL DEFAULT '',
+    patient_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid, assembled);
 CREATE TABLE IF NOT EXISTS studies (
@@ -204,11 +205,21 @@ class RetentionCandidate:
     last_received_at: float
 
 
+#: what a new copy of an instance replaces of the row of the copy it replaces
+_REPLACED_COLUMNS = (
+    "sop_class_uid", "study_instance_uid", "series_instance_uid", "modality", "series_number",
+    "series_description", "protocol_name", "sequence_name", "contrast_agent",
+    "frame_of_reference_uid", "transfer_syntax_uid", "path", "calling_ae", "received_at",
+    "image_type", "patient_key",
+)  # fmt: skip
+
 #: columns added after the first release: (table, column, declaration)
 MIGRATIONS = (
     ("instances", "removed_at", "REAL"),
     ("studies", "removed_at", "REAL"),
     ("instances", "image_type", "TEXT NOT NULL DEFAULT ''"),
+    # '' for instances recorded before: they are left out of the check of one patient a study
+    ("instances", "patient_key", "TEXT NOT NULL DEFAULT ''"),
 )
 
 
@@ -249,23 +260,33 @@ class JobStore:
         *,
         reopens: bool = True,
     ) -> bool:
-        """Record a stored instance; False when it was already known (a duplicate). Without
+        """Record a stored instance; False when it was already known (a duplicate). A copy of
+        a known instance under another patient identity (Patient ID, Issuer of Patient ID) is
+        not a duplicate: it is the correction of a misfiled instance, and takes its place. Without
         ``reopens`` (what readers add to a study: presentation states, key images...) it makes
         a new study due for assembly (its job, failed for want of images, is then removed by
         retention in time), not a known one, which it cannot change."""
         with self.transaction() as db:
+            known = db.execute(
+                "SELECT patient_key, study_instance_uid FROM instances WHERE sop_instance_uid = ? "
+                "AND removed_at IS NULL",
+                (info.sop_instance_uid,),
+            ).fetchone()
+            corrected = bool(known and known[0] and known[0] != info.patient_key)
             cur = db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, "
                 "study_instance_uid, series_instance_uid, modality, series_number, "
                 "series_description, protocol_name, sequence_name, contrast_agent, "
                 "frame_of_reference_uid, transfer_syntax_uid, path, calling_ae, received_at, "
-                "image_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                # an instance whose file retention removed is stored anew when sent again
-                "ON CONFLICT(sop_instance_uid) DO UPDATE SET path = excluded.path, "
-                "calling_ae = excluded.calling_ae, received_at = excluded.received_at, "
-                "transfer_syntax_uid = excluded.transfer_syntax_uid, assembled = 0, "
-                "image_type = excluded.image_type, "
-                "removed_at = NULL WHERE instances.removed_at IS NOT NULL",
+                "image_type, patient_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                # an instance whose file retention removed is stored anew when sent again, and
+                # a corrected copy under another patient replaces the one held (in its study,
+                # or in the study it was moved to)
+                "ON CONFLICT(sop_instance_uid) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _REPLACED_COLUMNS)
+                + ", assembled = 0, removed_at = NULL WHERE instances.removed_at IS NOT NULL "
+                "OR (instances.patient_key != '' "
+                "AND instances.patient_key != excluded.patient_key)",
                 (
                     info.sop_instance_uid,
                     info.sop_class_uid,
@@ -283,10 +304,18 @@ class JobStore:
                     calling_ae,
                     received_at,
                     info.image_type,
+                    info.patient_key,
                 ),
             )
             if cur.rowcount == 0:
                 return False
+            if corrected and known[1] != info.study_instance_uid:
+                # moved to another study: the one it left is assembled again without it
+                db.execute(
+                    "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
+                    "WHERE study_instance_uid = ?",
+                    (received_at, known[1]),
+                )
             if is_labelled_description(info.series_description):
                 # the node's own output routed back: stored, but it does not (re)open the
                 # study, or every result sent to a forwarding PACS would start a new job
@@ -308,6 +337,11 @@ class JobStore:
                 ),
                 (info.study_instance_uid, info.patient_key, received_at, received_at),
             )
+            if corrected:  # the study's patient is the corrected one
+                db.execute(
+                    "UPDATE studies SET patient_key = ? WHERE study_instance_uid = ?",
+                    (info.patient_key, info.study_instance_uid),
+                )
             return True
 
     def known_paths(self) -> set[str]:
@@ -339,6 +373,32 @@ class JobStore:
         out: dict[str, list[tuple[str, str]]] = {}
         for series_uid, sop_uid, path in rows:
             out.setdefault(series_uid, []).append((sop_uid, path))
+        return out
+
+    def stored_instance(self, sop_instance_uid: str) -> tuple[str, str] | None:
+        """The patient key ('' when recorded before the node kept it) and the spool-relative
+        path of an instance the spool holds, or None when it holds none."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT patient_key, path FROM instances WHERE sop_instance_uid = ? "
+                "AND removed_at IS NULL",
+                (sop_instance_uid,),
+            ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def job_patients(self, job_id: int) -> dict[str, set[str]]:
+        """The patients a job's instances name (keys of Patient ID and Issuer of Patient ID,
+        :func:`dicom_node.instance.patient_key`), each with the series UIDs that name it."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT i.patient_key, i.series_instance_uid FROM job_instances ji "
+                "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? "
+                "AND i.patient_key != ''",
+                (job_id,),
+            ).fetchall()
+        out: dict[str, set[str]] = {}
+        for key, series_uid in rows:
+            out.setdefault(str(key), set()).add(str(series_uid))
         return out
 
     # ---------------------------------------------------------------- retention

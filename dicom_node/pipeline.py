@@ -293,6 +293,32 @@ class _JobView:
         return next(js for js in self.job_series if js.series.series_instance_uid == series_uid)
 
 
+def mixed_patients(patients: dict[str, set[str]], view: _JobView) -> str:
+    """Why a study whose instances name more than one patient gets no prediction. The series of
+    each patient but the one most series name are listed (the patients never: the reason
+    reaches the logs)."""
+
+    def number(uid: str) -> tuple[int, str]:
+        found = view.by_uid(uid).series.series_number
+        return (-1 if found is None else found, uid)
+
+    groups = sorted((sorted(uids, key=number) for uids in patients.values()),
+                    key=lambda g: (-len(g), number(g[0])))  # fmt: skip
+    rest = len(groups[0])
+    named = "; ".join(
+        " and ".join(describe(view.by_uid(uid).series) for uid in group)
+        + f" name{'s' if len(group) == 1 else ''} another patient than the other {rest} series"
+        for group in groups[1:]
+    )
+    return (
+        f"the study's instances name {len(patients)} different patients (their Patient ID or "
+        f"Issuer of Patient ID differ): {named}; no prediction is made from the images of more "
+        "than one patient. Correct the patient of the misfiled series (at the scanner, the "
+        "planning system or the PACS) and send it again: a corrected copy replaces the one the "
+        "node holds, and the study is predicted again"
+    )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -318,6 +344,9 @@ class Pipeline:
             ranked_candidates([js.series for js in job_series], self.settings.roles),
         )
         series, instances = view.chosen, view.instances
+        patients = self.store.job_patients(job_id)
+        if len(patients) > 1:
+            raise InputError(mixed_patients(patients, view))
 
         def files(role: str) -> list[Path]:
             members = instances.get(series[role].series.series_instance_uid, [])

@@ -10,7 +10,8 @@ The associations themselves run on :mod:`dicom_node.fastpath` (event-driven reac
 pynetdicom's 1 ms polling loops, direct C-STORE response encoding) when the installed pynetdicom
 is a verified version, on pynetdicom's own classes otherwise.
 
-Statuses: 0x0000 success (also for a duplicate, stored once), 0xA700 out of resources (low disk:
+Statuses: 0x0000 success (also for a duplicate, stored once; a copy under another patient is a
+correction and replaces the one held), 0xA700 out of resources (low disk:
 the sender retries), 0xC210 cannot understand (undecodable or unusable dataset), 0x0110
 processing failure (the spool or database failed otherwise).
 """
@@ -686,9 +687,13 @@ class StorageSCP:
             if stage_error is not None:
                 raise stage_error
             assert staged is not None
+            # a copy under another patient than the one held: a misfiled instance corrected
+            known = self.store.stored_instance(info.sop_instance_uid)
+            corrected = known is not None and known[0] not in ("", info.patient_key)
             stored = self.spool.commit(
-                staged, info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid
-            )
+                staged, info.study_instance_uid, info.series_instance_uid,
+                info.sop_instance_uid, replace=corrected,
+            )  # fmt: skip
             new = self.store.record_instance(
                 info, stored.relative, calling, time.time(),
                 reopens=info.sop_class_uid not in self.inert_sop_classes,
@@ -703,6 +708,15 @@ class StorageSCP:
             return _status(PROCESSING_FAILURE, "node could not store the instance")
         if stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
+        elif corrected:
+            assert known is not None
+            if known[1] != stored.relative:  # filed under another study or series now
+                self.spool.remove(known[1])
+            log.warning(
+                "instance %s of study %s re-sent by %s under another patient identity (a "
+                "corrected copy): it replaces the one held, and the study is assembled again",
+                info.sop_instance_uid, info.study_instance_uid, calling,
+            )  # fmt: skip
         elif info.sop_class_uid == sc.KeyObjectSelectionDocumentStorage:
             apply_rejection(
                 self.store, ds, info.series_description, calling, host=host, audit=self.audit,

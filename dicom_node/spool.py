@@ -12,7 +12,8 @@ nothing a sender writes can escape the spool or collide with another name.
 
 A write is: create a unique temp file in the series folder, write, ``fdatasync``, rename it to
 its final name, ``fsync`` the folder. Only then is the instance answered with success. An
-instance already on disk is not written again (a duplicate SOP Instance UID is stored once).
+instance already on disk is not written again (a duplicate SOP Instance UID is stored once),
+unless the receiver asks for it to be replaced (a corrected copy under another patient).
 
 The receiver uses the same steps split in two (:meth:`Spool.stage`, :meth:`Spool.commit`) so
 that the ``fdatasync`` of a received file runs while the receiver decodes and checks it: the
@@ -226,17 +227,20 @@ class Spool:
             raise _os_error(self.root, tmp.name, exc) from exc
         return Staged(tmp, size, pool.submit(_sync_and_close, fd))
 
-    def commit(self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str) -> StoreResult:
+    def commit(
+        self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str, replace: bool = False
+    ) -> StoreResult:
         """Wait for the staged file's sync, rename it into place and fsync its folder.
 
         Only when this returns is the instance durable. An instance already stored is kept
-        and the staged copy removed (``duplicate=True``).
+        and the staged copy removed (``duplicate=True``), unless ``replace``: then the staged
+        copy takes its place (one atomic rename).
         """
         relative = self.relative_path(study_uid, series_uid, sop_uid)
         final = self.root / relative
         try:
             staged.synced.result()
-            if final.exists():
+            if final.exists() and not replace:
                 staged.tmp.unlink(missing_ok=True)
                 return StoreResult(final, relative, duplicate=True)
             self._rename_into(staged.tmp, final)
@@ -245,6 +249,15 @@ class Spool:
             staged.tmp.unlink(missing_ok=True)
             raise _os_error(self.root, relative, exc) from exc
         return StoreResult(final, relative, duplicate=False)
+
+    def remove(self, relative: str) -> None:
+        """Remove a stored file that a copy filed elsewhere replaced (gone already: nothing)."""
+        path = self.root / relative
+        try:
+            path.unlink(missing_ok=True)
+            _fsync_dir(path.parent)
+        except OSError as exc:  # the copy that replaced it is stored: only space is lost
+            log.warning("spool: %s not removed: %s", relative, exc)
 
     def discard(self, staged: Staged) -> None:
         """Drop a staged file (the instance was refused); its sync may still be running."""

@@ -3,6 +3,7 @@ before, and the study can always be sent again."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_an_old_database_gets_the_new_columns(tmp_path: Path) -> None:
     old = SCHEMA
     for _, column, declaration in reversed(MIGRATIONS):  # the last added is the last column
         old = old.replace(f",\n    {column} {declaration}\n", "\n")
-    assert not any(column in old for _, column, _ in MIGRATIONS)
+    assert not any(f"{column} {declaration}" in old for _, column, declaration in MIGRATIONS)
     conn = sqlite3.connect(path)
     conn.executescript(old)
     conn.execute(
@@ -182,6 +183,11 @@ def test_an_old_database_gets_the_new_columns(tmp_path: Path) -> None:
     assert store.record_instance(mip, "b.dcm", "SCANNER", 1.0)
     types = {s.series_instance_uid: s.image_type for s in store.series_of_study("1.9")}
     assert types == {"1.8": "", "1.6": "DERIVED\\PRIMARY\\MIP_TRA"}
+    # an instance recorded before its patient was: sent again, a duplicate (not a correction)
+    again = dataclasses.replace(mip, sop_instance_uid="1.1", series_instance_uid="1.8")
+    assert store.stored_instance("1.1") == ("", "a.dcm")
+    assert not store.record_instance(again, "a.dcm", "SCANNER", 2.0)
+    assert store.stored_instance("1.2") == ("k", "b.dcm")
 
 
 def test_the_command_line_lists_then_removes(
