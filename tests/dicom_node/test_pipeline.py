@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -25,7 +26,7 @@ from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import planning_frame, to_planning_frame
 from tests.conftest import tool, wait_for
-from tests.dicom_node.conftest import make_settings, storescp_destination
+from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
 from tests.dicom_node.test_scp import storescu
 from tests.factories import copy_series
 
@@ -193,6 +194,9 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
     child = wait_for(lambda: node.worker.child, timeout=60, what="the job process")
     wait_for(lambda: child.pid, what="its pid")
+    # job processes are forked by a fork server (dicom_node.worker.job_context)
+    server = int(Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert server not in (os.getpid(), 1)
     os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
     job = wait_for(
         lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
@@ -203,6 +207,19 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     assert job.attempts == 2
     events = [e.message for e in node.store.events(job.id)]
     assert "attempt 1: the job process died of SIGKILL (killed: out of memory?)" in events
+    # the fork server killed too: the next job's process starts from a new one
+    os.kill(server, signal.SIGKILL)
+    late = pydicom.dcmread(sorted(pre.rglob("*.dcm"))[0])
+    late.SeriesInstanceUID, late.SOPInstanceUID = (
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+    )
+    late.SeriesNumber, late.SeriesDescription = 90, "localizer"
+    late.save_as(tmp_path / "late.dcm")
+    storescu(node.scp.port, tmp_path / "late.dcm")
+    again = wait_for(lambda: finished_job(node, job.study_instance_uid, 2), timeout=120,
+                     what="the reopened study's job")  # fmt: skip
+    assert again.state == DONE and again.attempts == 1, again.reason
 
 
 def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
