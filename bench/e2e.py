@@ -54,9 +54,10 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (read from /proc/*/stat)."""
-    found = []
+def _descendants(pid: int) -> list[int]:
+    """Processes below ``pid``: its children, theirs... (parents read from /proc/*/stat). The
+    job processes are the node's grandchildren: the fork server between them."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -65,13 +66,18 @@ def _children(pid: int) -> list[int]:
         except OSError:
             continue
         # field 4 (ppid) follows the command name, which is in parentheses
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, below = [], [pid]
+    while below:
+        children = [p for p, parent in parents.items() if parent in below]
+        found += children
+        below = children
     return found
 
 
 class MemoryWatch:
-    """Samples the peak RSS of a process and of its children until stopped."""
+    """Samples the peak RSS of a process and of those below it (the job processes, and the
+    fork server that starts them, whose own peak is far below a job's) until stopped."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -83,7 +89,7 @@ class MemoryWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.node_kib = max(self.node_kib, _hwm_kib(self.pid))
-            for child in _children(self.pid):
+            for child in _descendants(self.pid):
                 self.job_kib = max(self.job_kib, _hwm_kib(child))
             time.sleep(0.05)
 
