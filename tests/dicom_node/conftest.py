@@ -72,6 +72,20 @@ def finished_job(node: Node, study_uid: str, version: int):  # type: ignore[no-u
     )
 
 
+def settled_job(node: Node):  # type: ignore[no-untyped-def]
+    """The newest job, once it is done or failed and no study waits for assembly (call it after
+    the sender finished): a study that a stall of the sender split (the quiet period of
+    :func:`make_settings` is 0.3 s) is judged by the job that has all of it."""
+    import math
+
+    from dicom_node.jobs import DONE, FAILED
+
+    if node.store.due_studies(math.inf, 0.0):
+        return None
+    jobs = node.store.list_jobs()
+    return jobs[0] if jobs and jobs[0].state in (DONE, FAILED) else None
+
+
 def all_sent(node: Node, destination: str, timeout: float = 60) -> int:
     """How many results ``destination`` got, once every delivery to it is sent."""
     from tests.conftest import wait_for

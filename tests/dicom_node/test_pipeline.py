@@ -26,7 +26,13 @@ from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import planning_frame, to_planning_frame
 from tests.conftest import tool, wait_for
-from tests.dicom_node.conftest import finished_job, make_settings, storescp_destination
+from tests.dicom_node.conftest import (
+    all_sent,
+    finished_job,
+    make_settings,
+    settled_job,
+    storescp_destination,
+)
 from tests.dicom_node.test_scp import storescu
 from tests.factories import copy_series
 
@@ -70,7 +76,7 @@ def test_synthetic_study_round_trip(run_node, patient, pacs, planning_system, tm
     sent = storescu(node.scp.port, *files)
     assert sent.stderr.count("Received Store Response (Success)") == len(files)
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -199,7 +205,7 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     assert server not in (os.getpid(), 1)
     os.kill(child.pid, signal.SIGKILL)  # what the kernel's OOM killer does
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -250,7 +256,7 @@ def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
         node = run_node(settings)
         storescu(node.scp.port, *files)
         job = wait_for(
-            lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+            lambda: settled_job(node),
             timeout=120,
             what="the job",
         )
@@ -305,7 +311,7 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
     sent = storescu(node.scp.port, *files)
     assert sent.stderr.count("Received Store Response (Success)") == len(files)
     first = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120, what="the first job to finish",
     )  # fmt: skip
     assert first.state == FAILED
@@ -323,10 +329,10 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
     instances = node.store.job_instances(second.id)
     assert sum(len(v) for v in instances.values()) == len(files) + 1
     # the tumour volume the SR reports is the synthetic truth's GTV, as on the MR's own frame
-    sr = wait_for(
-        lambda: next((p for p in received.iterdir() if pydicom.dcmread(p).Modality == "SR"), None),
-        timeout=120, what="the SR at the PACS",
-    )  # fmt: skip
+    # every result acknowledged, so written whole by storescp (a file read while it was being
+    # written made this test fail at random)
+    all_sent(node, "pacs", timeout=120)
+    sr = next(p for p in received.iterdir() if pydicom.dcmread(p).Modality == "SR")
     volumes = [
         float(item.MeasuredValueSequence[0].NumericValue)
         for item in _walk(pydicom.dcmread(sr))
@@ -489,7 +495,7 @@ def test_the_t1c_of_a_whole_routed_study_skips_dynamic_mip_and_reformat(  # type
     sent = storescu(node.scp.port, *files, *extra)
     assert sent.stderr.count("Received Store Response (Success)") == len(files) + len(extra)
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -553,7 +559,7 @@ def test_a_t1c_that_no_matching_series_can_give_fails_naming_each(  # type: igno
     node = run_node(make_settings(tmp_path / "data"))
     storescu(node.scp.port, *others, *dynamic)
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -646,7 +652,7 @@ def test_beam_doses_are_summed_into_the_plans_dose(run_node, patient, pacs, tmp_
     files = [p for p in sorted(pre.rglob("*.dcm")) if p.parent.name != "RTDOSE"]
     storescu(node.scp.port, *files, *export)
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -694,7 +700,7 @@ def _with_another_structure_set(run_node, patient, tmp_path, number, edit):  # t
     node = run_node(make_settings(tmp_path / "data"))
     storescu(node.scp.port, *sorted(pre.rglob("*.dcm")), other)
     job = wait_for(
-        lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+        lambda: settled_job(node),
         timeout=120,
         what="the job to finish",
     )
@@ -780,7 +786,7 @@ def test_a_multifocal_tumour_with_roi_union(run_node, patient, tmp_path) -> None
         node = run_node(make_settings(tmp_path / data, roles={"roi_union": roi_union}))
         storescu(node.scp.port, *files)
         return wait_for(
-            lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+            lambda: settled_job(node),
             timeout=120,
             what="the job to finish",
         )

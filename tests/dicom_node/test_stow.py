@@ -464,27 +464,27 @@ def test_multipart_structure() -> None:
 
 def test_check_config_says_where_the_receiver_listens(tmp_path: Path, pki: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     config = tmp_path / "site.yaml"
-    config.write_text(
+
+    def check(text: str) -> str:
+        config.write_text(text)
+        assert main(["check-config", str(config)]) == 0
+        return str(capsys.readouterr().out)
+
+    out = check(
         "stow:\n  enabled: true\n  bind_address: 0.0.0.0\n  clients:\n"
         "    - {name: ROUTER, hosts: [10.2.0.0/16]}\n    - {name: WARD, hosts: [10.3.0.9]}\n"
     )
-    assert main(["check-config", str(config)]) == 0
-    out = capsys.readouterr().out
     assert "  STOW-RS on http://0.0.0.0:11114/dicom-web/studies for ROUTER, WARD\n" in out
     assert "warning: stow: the STOW-RS receiver listens on 0.0.0.0 without TLS" in out
-    config.write_text("logging: {level: INFO}\n")
-    assert main(["check-config", str(config)]) == 0
-    assert "  STOW-RS receiver off\n" in capsys.readouterr().out
+    assert "  STOW-RS receiver off\n" in check("logging: {level: INFO}\n")
     # with TLS, senders known by their client certificates
-    config.write_text(
+    out = check(
         f"node:\n  tls: {{enabled: true, certificate: {pki / 'server.pem'}, private_key: "
         f"{pki / 'server.key'}, ca_certificates: {pki / 'ca.pem'}}}\n"
         "  allowed_callers:\n    - {ae_title: MR1, certificate_names: [mr1.radiology.example]}\n"
         "    - {ae_title: CT1}\n"
         "stow: {enabled: true, clients: [{name: ROUTER, certificate_names: [router]}]}\n"
     )
-    assert main(["check-config", str(config)]) == 0
-    out = capsys.readouterr().out
     assert "2 allowed caller rule(s) (1 bound to client certificates), TLS on" in out
     assert "  STOW-RS on https://127.0.0.1:11114/dicom-web/studies for ROUTER\n" in out
 

@@ -6,10 +6,10 @@ import subprocess
 import threading
 from pathlib import Path
 
-from dicom_node.jobs import DONE, FAILED
+from dicom_node.jobs import DONE
 from dicom_node.service import Node
 from tests.conftest import tool, wait_for
-from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.conftest import make_settings, settled_job
 
 
 def test_node_runs_the_configured_model(tiny_cohort, tiny_ldm_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -28,7 +28,7 @@ def test_node_runs_the_configured_model(tiny_cohort, tiny_ldm_dir, tmp_path: Pat
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         job = wait_for(
-            lambda: next((j for j in node.store.list_jobs() if j.state in (DONE, FAILED)), None),
+            lambda: settled_job(node),
             timeout=240,
             what="the job",
         )
