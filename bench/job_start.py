@@ -24,11 +24,11 @@ from multiprocessing.connection import Connection
 
 from bench.report import update_section
 from dicom_node.settings import load_settings
-from dicom_node.worker import _PRELOAD, job_context
+from dicom_node.worker import JOB_MODULES, job_context
 
 
 def _child(conn: Connection) -> None:
-    for name in _PRELOAD:  # what a job process needs before it can work
+    for name in JOB_MODULES:  # what a job process needs before it can work
         importlib.import_module(name)
     conn.send(time.perf_counter())
     conn.close()

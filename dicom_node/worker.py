@@ -131,7 +131,7 @@ def _child(settings: Settings, job_id: int, conn: Connection) -> None:
 
 
 #: what every job imports: loaded once by the fork server that starts the job processes
-_PRELOAD = (
+JOB_MODULES = (
     "dicom_node.worker", "dicom_node.pipeline", "dicom_node.outbox", "dicom_node.outbox_cli",
     "dicom_node.service", "inference.baseline",
 )  # fmt: skip
@@ -149,7 +149,7 @@ def job_context(
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     model = ("torch", "inference.model_predictor") if settings.model.directory else ()
-    ctx.set_forkserver_preload([*_PRELOAD, *model])  # read when the server starts
+    ctx.set_forkserver_preload([*JOB_MODULES, *model])  # read when the server starts
     return ctx
 
 
