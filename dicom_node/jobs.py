@@ -259,20 +259,25 @@ class JobStore:
         received_at: float,
         *,
         reopens: bool = True,
+        corrects: bool = False,
     ) -> bool:
         """Record a stored instance; False when it was already known (a duplicate). A copy of
         a known instance under another patient identity (Patient ID, Issuer of Patient ID) is
-        not a duplicate: it is the correction of a misfiled instance, and takes its place. Without
+        not a duplicate: it is the correction of a misfiled instance, and takes its place
+        (``corrects``: the caller found it so with :meth:`stored_instance`). Without
         ``reopens`` (what readers add to a study: presentation states, key images...) it makes
         a new study due for assembly (its job, failed for want of images, is then removed by
         retention in time), not a known one, which it cannot change."""
         with self.transaction() as db:
-            known = db.execute(
-                "SELECT patient_key, study_instance_uid FROM instances WHERE sop_instance_uid = ? "
-                "AND removed_at IS NULL",
-                (info.sop_instance_uid,),
-            ).fetchone()
-            corrected = bool(known and known[0] and known[0] != info.patient_key)
+            if corrects:  # moved to another study: the one it leaves is assembled again
+                db.execute(
+                    "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
+                    "WHERE study_instance_uid != ? AND study_instance_uid = (SELECT "
+                    "study_instance_uid FROM instances WHERE sop_instance_uid = ? "
+                    "AND removed_at IS NULL AND patient_key NOT IN ('', ?))",
+                    (received_at, info.study_instance_uid, info.sop_instance_uid,
+                     info.patient_key),
+                )  # fmt: skip
             cur = db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, "
                 "study_instance_uid, series_instance_uid, modality, series_number, "
@@ -309,13 +314,6 @@ class JobStore:
             )
             if cur.rowcount == 0:
                 return False
-            if corrected and known[1] != info.study_instance_uid:
-                # moved to another study: the one it left is assembled again without it
-                db.execute(
-                    "UPDATE studies SET pending = 1, last_received_at = max(last_received_at, ?) "
-                    "WHERE study_instance_uid = ?",
-                    (received_at, known[1]),
-                )
             if is_labelled_description(info.series_description):
                 # the node's own output routed back: stored, but it does not (re)open the
                 # study, or every result sent to a forwarding PACS would start a new job
@@ -337,7 +335,7 @@ class JobStore:
                 ),
                 (info.study_instance_uid, info.patient_key, received_at, received_at),
             )
-            if corrected:  # the study's patient is the corrected one
+            if corrects:  # the study's patient is the corrected one
                 db.execute(
                     "UPDATE studies SET patient_key = ? WHERE study_instance_uid = ?",
                     (info.patient_key, info.study_instance_uid),

@@ -696,7 +696,7 @@ class StorageSCP:
             )  # fmt: skip
             new = self.store.record_instance(
                 info, stored.relative, calling, time.time(),
-                reopens=info.sop_class_uid not in self.inert_sop_classes,
+                reopens=info.sop_class_uid not in self.inert_sop_classes, corrects=corrected,
             )  # fmt: skip
         except OutOfSpaceError as exc:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
