@@ -423,7 +423,7 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
     from dicom_node.audit import audit_trail
     from dicom_node.outbox import Outbox
     from dicom_node.outbox_cli import outbox_path
-    from dicom_node.retention import describe, prune
+    from dicom_node.retention import describe, forget, prune
 
     settings, store = _open_store(args)
     outbox = Outbox(outbox_path(settings.storage.data_dir))
@@ -437,11 +437,12 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
             store, settings.storage.spool_dir, outbox, settings.retention, dry_run=args.dry_run,
             audit=audit,
         )  # fmt: skip
+        forgotten = forget(store, outbox, settings.retention, dry_run=args.dry_run)
     finally:
         outbox.close()
         store.close()
         audit.close()
-    print(describe(removals, args.dry_run))
+    print(describe(removals, args.dry_run, forgotten))
     return EXIT_OK
 
 
@@ -595,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = spool.add_subparsers(dest="spool_command", required=True, metavar="ACTION")
     p = ssub.add_parser(
         "prune",
-        help="remove the files of studies the retention settings allow (the node does it "
+        help="remove the files of studies the retention settings allow, then forget the "
+        "records of studies whose files went retention.forget_days ago (the node does both "
         "every retention.check_interval_s)",
     )
     _add_data_dir(p)

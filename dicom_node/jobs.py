@@ -93,6 +93,11 @@ CREATE TABLE IF NOT EXISTS rejected_instances (
 );
 CREATE INDEX IF NOT EXISTS rejected_note ON rejected_instances(note_uid);
 CREATE INDEX IF NOT EXISTS job_instances_sop ON job_instances(sop_instance_uid);
+-- what retention forgot, as totals: the job duration summary counts forgotten jobs too
+CREATE TABLE IF NOT EXISTS forgotten (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS retrievals (
     study_instance_uid TEXT PRIMARY KEY,
     job_id INTEGER NOT NULL,
@@ -203,6 +208,16 @@ class RetentionCandidate:
     job_id: int
     state: str
     last_received_at: float
+
+
+@dataclass(frozen=True)
+class ForgetCandidate:
+    """A study whose files retention removed, whose records retention may forget."""
+
+    study_instance_uid: str
+    removed_at: float
+    job_ids: tuple[int, ...]
+    instance_rows: int
 
 
 #: what a new copy of an instance replaces of the row of the copy it replaces
@@ -472,6 +487,63 @@ class JobStore:
                 "SELECT removed_at FROM studies WHERE study_instance_uid = ?", (study_uid,)
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def forget_candidates(self, removed_before: float) -> list[ForgetCandidate]:
+        """Studies whose files retention removed at ``removed_before`` or earlier, with no
+        instance in the spool since, none pending assembly and every job ended (done, failed
+        or superseded), oldest removal first."""
+        ended = (DONE, FAILED, SUPERSEDED)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT s.study_instance_uid, s.removed_at, (SELECT group_concat(id) FROM jobs "
+                "WHERE study_instance_uid = s.study_instance_uid), (SELECT count(*) FROM "
+                "instances WHERE study_instance_uid = s.study_instance_uid) FROM studies s "
+                "WHERE s.removed_at IS NOT NULL AND s.removed_at <= ? AND s.pending = 0 "
+                "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_instance_uid = "
+                "s.study_instance_uid AND i.removed_at IS NULL) AND NOT EXISTS (SELECT 1 FROM "
+                "jobs j WHERE j.study_instance_uid = s.study_instance_uid AND j.state NOT IN "
+                "(?, ?, ?)) ORDER BY s.removed_at",
+                (removed_before, *ended),
+            ).fetchall()
+        return [ForgetCandidate(str(r[0]), float(r[1]), _ids(r[2]), int(r[3])) for r in rows]
+
+    def forget_study(
+        self, candidate: ForgetCandidate, release: Callable[[Sequence[int]], bool]
+    ) -> int | None:
+        """Delete the records of ``candidate``'s study: its instances, jobs, their series,
+        instance lists and events, and its retrieval; the instance rows deleted. ``release``
+        (called with the job ids inside the transaction) forgets what other stores hold of the
+        jobs and says whether they may go. Nothing is deleted (None) when it says no or the study
+        changed since ``candidate`` was read (an instance came, a job started)."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT removed_at, pending, (SELECT group_concat(id) FROM jobs WHERE "
+                "study_instance_uid = ?), EXISTS (SELECT 1 FROM instances WHERE "
+                "study_instance_uid = ? AND removed_at IS NULL), (SELECT count(*) FROM jobs "
+                "WHERE study_instance_uid = ? AND state NOT IN (?, ?, ?)) FROM studies WHERE "
+                "study_instance_uid = ?",
+                (*[candidate.study_instance_uid] * 3, DONE, FAILED, SUPERSEDED,
+                 candidate.study_instance_uid),
+            ).fetchone()  # fmt: skip
+            if row is None or row[0] != candidate.removed_at or row[1] or row[3] or row[4]:
+                return None
+            jobs = _ids(row[2])
+            if jobs != candidate.job_ids or not release(jobs):
+                return None
+            study = (candidate.study_instance_uid,)
+            count, seconds = _durations(db, "AND j.study_instance_uid = ?", study)
+            db.executemany(
+                "INSERT INTO forgotten (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                [(_FORGOTTEN_DONE, count), (_FORGOTTEN_SECONDS, seconds)],
+            )
+            for table in ("events", "job_series", "job_instances"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(j,) for j in jobs])
+            db.execute("DELETE FROM jobs WHERE study_instance_uid = ?", study)
+            db.execute("DELETE FROM retrievals WHERE study_instance_uid = ?", study)
+            deleted = db.execute("DELETE FROM instances WHERE study_instance_uid = ?", study)
+            db.execute("DELETE FROM studies WHERE study_instance_uid = ?", study)
+        return int(deleted.rowcount)
 
     # ---------------------------------------------------------------- studies and series
 
@@ -999,15 +1071,17 @@ class JobStore:
             ).fetchall()
         return [Event(r[0], r[1], r[2]) for r in rows]
 
-    def durations(self) -> list[float]:
-        """Seconds from start to end of every job that is done (last run of each)."""
+    def durations(self) -> tuple[int, float]:
+        """How many jobs are done and their seconds from start to end (last run of each), in
+        total, forgotten ones included (the totals of a Prometheus summary never go down)."""
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT j.updated_at - max(e.at) FROM jobs j JOIN events e "
-                "ON e.job_id = j.id AND e.kind = ? WHERE j.state = ? GROUP BY j.id",
-                (RUNNING, DONE),
-            ).fetchall()
-        return [float(r[0]) for r in rows]
+            count, total = _durations(self._conn, "")
+            for name, value in self._conn.execute("SELECT name, value FROM forgotten"):
+                if name == _FORGOTTEN_DONE:
+                    count += int(value)
+                elif name == _FORGOTTEN_SECONDS:
+                    total += float(value)
+        return count, total
 
     def count_in_state(self, state: str) -> int:
         """Number of jobs in ``state`` (the receiver's queue bound; unlike :meth:`counts`, it does
@@ -1031,6 +1105,29 @@ class JobStore:
                 self._conn.execute("SELECT count(*) FROM rejected_instances").fetchone()[0]
             )
         return out
+
+
+#: the ``forgotten`` table's totals
+_FORGOTTEN_DONE, _FORGOTTEN_SECONDS = "done_jobs", "done_job_seconds"
+
+
+def _durations(
+    conn: sqlite3.Connection, where: str, args: Sequence[object] = ()
+) -> tuple[int, float]:
+    """Count and total seconds from start to end of the done jobs (``where``: more
+    conditions on ``j``, the jobs)."""
+    row = conn.execute(
+        "SELECT count(*), total(d) FROM (SELECT j.updated_at - max(e.at) AS d FROM jobs j "
+        f"JOIN events e ON e.job_id = j.id AND e.kind = ? WHERE j.state = ? {where} "
+        "GROUP BY j.id)",
+        (RUNNING, DONE, *args),
+    ).fetchone()
+    return int(row[0]), float(row[1])
+
+
+def _ids(concatenated: str | None) -> tuple[int, ...]:
+    """Job ids as ``group_concat`` joins them, sorted."""
+    return tuple(sorted(int(j) for j in (concatenated or "").split(",") if j))
 
 
 def _event(

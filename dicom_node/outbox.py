@@ -34,7 +34,8 @@ delivery pass, the only place rows are sent, so no row is in flight meanwhile.
 Objects are written once as DICOM files next to the database (temp file, fsync, rename). Enqueue
 is idempotent on (SOP Instance UID, destination): a job re-run after a crash enqueues the same
 UIDs (they are derived from the job) and nothing is sent twice. An object's file is deleted once
-every destination has it.
+every destination has it; its rows stay until retention forgets its job (:meth:`forget_jobs`,
+``retention.forget_days`` after the study's files went).
 
 Failed attempts back off exponentially: ``retry_initial_s * 2**(attempts - 1)``, at most
 ``retry_max_s``. Every failure is logged with the destination, the attempt number, the next
@@ -891,6 +892,52 @@ class Outbox:
                 (job,),
             ).fetchone()
         return int(row[0])
+
+    def forget_jobs(self, jobs: Sequence[str], *, dry_run: bool = False) -> int | None:
+        """Delete every row of ``jobs`` (their results delivered, withdrawn or rejected), their
+        recorded patient and study attributes, and any object file no row needs any more; the
+        rows deleted (in a dry run: that would be). None, deleting nothing, when one of those
+        results still waits (pending, being sent, waiting for a commitment, dead) or a
+        replacement not yet applied names one of the jobs: the outbox still has work with
+        them."""
+        if not jobs:
+            return 0
+        wanted = {str(j) for j in jobs}
+        marks = ",".join("?" * len(wanted))
+        args = sorted(wanted)
+        with self._tx() as db:
+            waiting = db.execute(
+                f"SELECT COUNT(*) FROM outbox WHERE job IN ({marks}) AND state NOT IN "
+                f"({','.join('?' * len(SETTLED))})",
+                [*args, *SETTLED],
+            ).fetchone()[0]
+            if waiting:
+                return None
+            for rep in db.execute("SELECT job, earlier_jobs FROM replacements"):
+                if str(rep["job"]) in wanted or wanted & {str(j) for j in json.loads(rep[1])}:
+                    return None
+            if dry_run:
+                row = db.execute(f"SELECT COUNT(*) FROM outbox WHERE job IN ({marks})", args)
+                return int(row.fetchone()[0])
+            paths = {
+                str(r["path"])
+                for r in db.execute(f"SELECT path FROM outbox WHERE job IN ({marks})", args)
+            }
+            shared = {  # an object another job queued too is left to that job's rows
+                str(r["path"])
+                for r in db.execute(
+                    f"SELECT path FROM outbox WHERE job NOT IN ({marks}) AND path IN "
+                    f"(SELECT path FROM outbox WHERE job IN ({marks}))",
+                    [*args, *args],
+                )
+            }
+            deleted = db.execute(f"DELETE FROM outbox WHERE job IN ({marks})", args).rowcount
+            db.execute(f"DELETE FROM job_studies WHERE job IN ({marks})", args)
+            db.execute(_FORGET_SETTLED)
+        for path in paths - shared:  # settled objects were mostly removed already
+            with contextlib.suppress(FileNotFoundError):
+                Path(path).unlink()
+        return int(deleted)
 
     def counts(self, job: str | None = None) -> dict[str, dict[str, int]]:
         """``{destination: {state: count}}``, of one ``job``'s objects when given."""

@@ -12,6 +12,17 @@ Without it the spool grows with every study routed to the node until the free-sp
 
 A study still pending assembly, or with a job queued or running, is never touched. Only the
 files go: the job list, series, roles and events stay, and the job gets a ``retention`` event.
+
+Those records go too (:func:`forget`) ``retention.forget_days`` after the files, so that the
+databases stop growing with every study the node ever saw: the study's instance rows, its jobs
+with their series, instance lists and events, and the outbox rows of its jobs' results with the
+patient and study attributes kept for rejection notes. Not while the study holds an instance
+again, waits for assembly or has a job not ended, nor while one of those results is not
+delivered (pending, being sent, awaiting a commitment, dead) or a replacement of them is not yet
+applied. Afterwards the node no longer knows the study: sent again, it is a new study (job
+version 1), its results are delivered again (a PACS keeps one copy of each SOP Instance UID),
+and a newer version can no longer reject the results of the forgotten jobs at a PACS. Records
+of IOCM rejections (per instance) stay.
 The database is updated first (one transaction that re-checks the study), then exactly the
 files it named are deleted, so an instance arriving meanwhile is kept. An instance sent again
 after its file went is stored anew and reopens the study (:meth:`JobStore.record_instance`).
@@ -20,6 +31,7 @@ after its file went is stored anew and reopens the study (:meth:`JobStore.record
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -161,8 +173,83 @@ def prune(
     return removals
 
 
-def describe(removals: Sequence[Removal], dry_run: bool) -> str:
-    """One line per study and a total, for the command line."""
+@dataclass(frozen=True)
+class Forgotten:
+    """One study whose records retention forgot (or, in a dry run, would forget)."""
+
+    job_ids: tuple[int, ...]
+    days_since_removal: float
+    instance_rows: int
+    result_rows: int
+
+
+def forget(
+    store: JobStore,
+    outbox: Outbox,
+    settings: RetentionSettings,
+    *,
+    now: float | None = None,
+    dry_run: bool = False,
+    limit: int | None = None,
+) -> list[Forgotten]:
+    """Forget the records of every study whose files went ``settings.forget_days`` ago or more
+    (see the module), or of the first ``limit`` of them; in a dry run, only say which."""
+    if settings.forget_days <= 0:
+        return []
+    now = time.time() if now is None else now
+    forgotten: list[Forgotten] = []
+    for candidate in store.forget_candidates(now - settings.forget_days * DAY_S):
+        if limit is not None and len(forgotten) >= limit:
+            break
+        days = (now - candidate.removed_at) / DAY_S
+        if dry_run:
+            results = outbox.forget_jobs([str(j) for j in candidate.job_ids], dry_run=True)
+            if results is not None:
+                forgotten.append(
+                    Forgotten(candidate.job_ids, days, candidate.instance_rows, results)
+                )
+            continue
+        released: list[int] = []
+        release = functools.partial(_release, outbox, released)
+        rows = store.forget_study(candidate, release)
+        if rows is None:
+            continue  # results still waiting, or the study changed since it was read
+        forgotten.append(Forgotten(candidate.job_ids, days, rows, sum(released)))
+        log.info(
+            "retention: the records of job(s) %s forgotten, %.1f days after their files were "
+            "removed: %d instance rows, %d result rows",
+            ", ".join(map(str, candidate.job_ids)), days, rows, sum(released),
+            extra={"job": candidate.job_ids[-1] if candidate.job_ids else None},
+        )  # fmt: skip
+    return forgotten
+
+
+def _release(outbox: Outbox, released: list[int], jobs: Sequence[int]) -> bool:
+    """Forget the outbox rows of ``jobs`` (their count joins ``released``); False when the
+    outbox still has work with them."""
+    deleted = outbox.forget_jobs([str(j) for j in jobs])
+    if deleted is None:
+        return False
+    released.append(deleted)
+    return True
+
+
+def _forgotten_lines(forgotten: Sequence[Forgotten], dry_run: bool) -> list[str]:
+    verb = "would forget" if dry_run else "forgot"
+    lines = [
+        f"job(s) {', '.join(map(str, f.job_ids))}: files removed {f.days_since_removal:.1f} days "
+        f"ago: {verb} {f.instance_rows} instance rows, {f.result_rows} result rows"
+        for f in forgotten
+    ]
+    lines.append(f"{len(forgotten)} studies' records {verb}")
+    return lines
+
+
+def describe(
+    removals: Sequence[Removal], dry_run: bool, forgotten: Sequence[Forgotten] = ()
+) -> str:
+    """One line per study and a total, then the same for the records forgotten, for the
+    command line."""
     verb = "would remove" if dry_run else "removed"
     lines = [
         f"job {r.job_id}: {r.state}, last instance {r.age_days:.1f} days ago: {verb} "
@@ -174,4 +261,4 @@ def describe(removals: Sequence[Removal], dry_run: bool) -> str:
         f"{len(removals)} studies, {sum(r.files for r in removals)} files, "
         f"{total / 2**20:.1f} MB {verb}"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + _forgotten_lines(forgotten, dry_run))

@@ -29,7 +29,7 @@ from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
 from dicom_node.rejections import apply_rejection
 from dicom_node.reload import files_key, plan_reload, secret_files
-from dicom_node.retention import prune
+from dicom_node.retention import forget, prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
 from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
@@ -427,18 +427,21 @@ class Node:
         self.worker.wake()
 
     def _retention_pass(self) -> float:
-        """Remove the spool files retention allows, a bounded number of studies at a time so
-        that the loop keeps assembling (and petting the watchdog); seconds to the next pass."""
+        """Remove the spool files retention allows, then forget the records it allows, a
+        bounded number of studies at a time so that the loop keeps assembling (and petting the
+        watchdog); seconds to the next pass."""
         retention = self.settings.retention
         try:
             removed = prune(
                 self.store, self.spool.root, self.outbox, retention, limit=RETENTION_BATCH,
                 audit=self.audit,
             )  # fmt: skip
+            forgotten = forget(self.store, self.outbox, retention, limit=RETENTION_BATCH)
         except Exception:
             log.exception("retention pass failed; will retry")
             return retention.check_interval_s
-        return 0.0 if len(removed) >= RETENTION_BATCH else retention.check_interval_s
+        more = len(removed) >= RETENTION_BATCH or len(forgotten) >= RETENTION_BATCH
+        return 0.0 if more else retention.check_interval_s
 
     def _commitment_report(self, report: CommitmentReport) -> None:
         """A PACS reported on its storage commitment: record it, and send again at once what it
@@ -485,7 +488,7 @@ class Node:
 
     def metrics(self) -> str:
         counts = self.store.counts()
-        durations = self.store.durations()
+        done_jobs, done_seconds = self.store.durations()
         samples: list[tuple[str, str, dict[str, str], float]] = [
             ("glioforecast_up", "1 while the node runs", {}, 1),
             (
@@ -537,7 +540,8 @@ class Node:
             ),
             (
                 "glioforecast_retention_removed_instances",
-                "instances whose files retention removed from the spool",
+                "instances whose files retention removed from the spool (their records not yet "
+                "forgotten)",
                 {},
                 counts["instances_removed"],
             ),
@@ -545,9 +549,9 @@ class Node:
                 "glioforecast_job_duration_seconds_sum",
                 "time from start to end of done jobs",
                 {},
-                sum(durations),
+                done_seconds,
             ),
-            ("glioforecast_job_duration_seconds_count", "", {}, len(durations)),
+            ("glioforecast_job_duration_seconds_count", "", {}, done_jobs),
             (
                 "glioforecast_spool_free_bytes",
                 "free space on the spool's file system",

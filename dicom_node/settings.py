@@ -197,11 +197,14 @@ class RetentionSettings:
     in days (0: for ever). ``done_days`` counts from the study's last instance, once its latest
     job is done and every result it queued has been delivered; ``failed_days`` once its latest
     job failed (missing series, unreadable input): long enough for a structure set made later
-    to arrive and reopen the study. The running node checks every ``check_interval_s``;
-    ``glioforecast spool prune`` does the same on demand. Jobs, their series and events stay."""
+    to arrive and reopen the study. ``forget_days`` after the files went, the study's records
+    go too (its instance list, jobs, their series and events, and its delivered results' outbox
+    rows), so that the databases stop growing (:mod:`dicom_node.retention`). The running node
+    checks every ``check_interval_s``; ``glioforecast spool prune`` does the same on demand."""
 
     done_days: float = field(default=7.0, metadata=_spec("", minimum=0.0))
     failed_days: float = field(default=30.0, metadata=_spec("", minimum=0.0))
+    forget_days: float = field(default=90.0, metadata=_spec("", minimum=0.0))
     check_interval_s: float = field(default=3600.0, metadata=_spec("", minimum=1.0))
 
 

@@ -3,6 +3,7 @@ before, and the study can always be sent again."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -13,9 +14,9 @@ import pytest
 
 from dicom_node.assembler import Assembler
 from dicom_node.cli import main
-from dicom_node.jobs import DONE, FAILED, QUEUED, JobStore
+from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, JobStore
 from dicom_node.outbox import Outbox
-from dicom_node.retention import DAY_S, prune
+from dicom_node.retention import DAY_S, forget, prune
 from dicom_node.settings import RetentionSettings
 from dicom_node.spool import Spool
 from tests import factories
@@ -150,6 +151,130 @@ def test_a_study_that_changed_since_it_was_read_is_left(site: Site, tmp_path: Pa
     assert len(_files(spool)) == len(study["t1c"]) + 1
 
 
+def _deliver(outbox: Outbox, study: list[Path], job: int, state: str = "sent") -> None:
+    """One result of ``job`` (a copy of the study's first image) queued for "pacs" and sent,
+    or left ``pending`` or ``dead``."""
+    result = pydicom.dcmread(study[0])
+    result.SOPInstanceUID = pydicom.uid.generate_uid()
+    outbox.enqueue([result], ["pacs"], job=str(job))
+    if state == "pending":
+        return
+    (item,) = outbox.claim("pacs")
+    if state == "dead":
+        outbox.mark_failed(item, "refused", permanent=True)
+    else:
+        outbox.mark_sent(item)
+
+
+def _outbox_rows(outbox: Outbox) -> tuple[int, int]:
+    """Rows of the outbox table, and of the patient and study attributes kept per job."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(outbox.path)) as conn:
+        count = [
+            conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("outbox", "job_studies")
+        ]
+    return count[0], count[1]
+
+
+def test_a_delivered_study_is_forgotten_forget_days_after_its_files(
+    site: Site, tmp_path: Path
+) -> None:
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
+    study = factories.small_study(tmp_path / "in")
+    paths = study["t1c"] + study["flair"] + study["rtstruct"]
+    t0 = 1_000_000.0
+    _receive(spool, store, paths, t0)
+    (job,) = assembler.run_once(now=t0 + 60)
+    store.set_state(job, RUNNING)
+    store.set_state(job, DONE)
+    _deliver(outbox, study["t1c"], job)
+    done_before = store.durations()
+    assert done_before[0] == 1
+    keep = dataclasses.replace(KEEP, forget_days=90)
+    assert len(prune(store, spool.root, outbox, keep, now=t0 + 8 * DAY_S)) == 1
+    # the files went; the records stay until forget_days after that
+    assert forget(store, outbox, keep, now=t0 + 8 * DAY_S + 89 * DAY_S) == []
+    (would,) = forget(store, outbox, keep, now=t0 + 99 * DAY_S, dry_run=True)
+    assert (would.job_ids, would.instance_rows, would.result_rows) == ((job,), len(paths), 1)
+    assert store.get_job(job) is not None and _outbox_rows(outbox) == (1, 1)
+
+    (gone,) = forget(store, outbox, keep, now=t0 + 99 * DAY_S)
+    assert (gone.job_ids, gone.instance_rows, gone.result_rows) == ((job,), len(paths), 1)
+    assert round(gone.days_since_removal) == 91
+    assert store.get_job(job) is None and store.events(job) == [] and store.job_series(job) == []
+    assert store.list_jobs() == [] and store.series_of_study(_study_uid(paths)) == []
+    counts = store.counts()
+    assert (counts["instances"], counts["instances_removed"], counts[DONE]) == (0, 0, 0)
+    # the patient's name and ID the outbox kept for rejection notes went with its rows
+    assert _outbox_rows(outbox) == (0, 0)
+    assert list(outbox.objects_dir.iterdir()) == []
+    assert store.durations() == done_before  # the summary's totals never go down
+    assert forget(store, outbox, keep, now=t0 + 400 * DAY_S) == []  # once only
+
+    # sent again, the study is new to the node: a first version, a new job
+    _receive(spool, store, paths, t0 + 100 * DAY_S)
+    (again,) = assembler.run_once(now=t0 + 100 * DAY_S + 60)
+    second = store.get_job(again)
+    assert second is not None and again != job
+    assert (second.version, second.state, second.instance_count) == (1, QUEUED, len(paths))
+
+
+def _study_uid(paths: list[Path]) -> str:
+    return str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_records_stay_while_the_outbox_has_work_with_them(site: Site, tmp_path: Path) -> None:
+    """A failed study's files go whatever its notice's delivery; its records wait for the
+    notice to be delivered, and for a replacement naming its job to be applied."""
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
+    study = factories.small_study(tmp_path / "in")
+    t0 = 1_000_000.0
+    _receive(spool, store, study["t1c"], t0)
+    (job,) = assembler.run_once(now=t0 + 60)
+    assert store.get_job(job).state == FAILED  # type: ignore[union-attr]
+    _deliver(outbox, study["t1c"], job, state="dead")
+    keep = dataclasses.replace(KEEP, forget_days=90)
+    assert len(prune(store, spool.root, outbox, keep, now=t0 + 31 * DAY_S)) == 1
+    late = t0 + 200 * DAY_S
+    assert forget(store, outbox, keep, now=late, dry_run=True) == []
+    assert forget(store, outbox, keep, now=late) == []
+    assert store.get_job(job) is not None and _outbox_rows(outbox) == (1, 1)
+
+    assert outbox.retry(destination="pacs") == 1
+    (item,) = outbox.claim("pacs")
+    outbox.mark_sent(item)
+    outbox.take_back(["pacs"], job=str(job), jobs=[str(job)], reason="taken back")
+    assert forget(store, outbox, keep, now=late) == []  # the take-back is not applied yet
+    (replaced,) = outbox.apply_replacements("pacs")
+    assert "delivered left as they are" in replaced.remark  # "pacs" takes no notes here
+    (gone,) = forget(store, outbox, keep, now=late)
+    assert gone.job_ids == (job,) and store.get_job(job) is None
+    assert _outbox_rows(outbox) == (0, 0)
+
+
+def test_a_study_that_holds_instances_again_is_not_forgotten(site: Site, tmp_path: Path) -> None:
+    spool, store, outbox = site.spool, site.store, site.outbox
+    study = factories.small_study(tmp_path / "in")
+    t0 = 1_000_000.0
+    _receive(spool, store, study["t1c"], t0)
+    (job,) = site.assembler.run_once(now=t0 + 60)
+    keep = dataclasses.replace(KEEP, forget_days=90)
+    prune(store, spool.root, outbox, keep, now=t0 + 31 * DAY_S)
+    (candidate,) = store.forget_candidates(t0 + 200 * DAY_S)
+    # the structure set arrives between the listing and the forgetting: nothing goes, and the
+    # outbox is not asked
+    _receive(spool, store, study["rtstruct"], t0 + 150 * DAY_S)
+    asked: list[object] = []
+    assert store.forget_study(candidate, lambda jobs: asked.append(jobs) or True) is None
+    assert asked == [] and store.get_job(job) is not None
+    assert store.forget_candidates(t0 + 200 * DAY_S) == []
+    # forget_days 0 keeps the records for ever
+    never = dataclasses.replace(KEEP, forget_days=0)
+    assert forget(store, outbox, never, now=t0 + 9999 * DAY_S) == []
+
+
 def test_an_old_database_gets_the_new_columns(tmp_path: Path) -> None:
     import sqlite3
 
@@ -208,17 +333,35 @@ def test_the_command_line_lists_then_removes(
     assert f"job {job}: failed, last instance" in out and f"would remove {n} files" in out
     assert len(_files(spool)) == n
     assert main(["spool", "prune", "--data-dir", str(data)]) == 0
-    assert f"1 studies, {n} files" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"1 studies, {n} files" in out and "0 studies' records forgot" in out
     assert _files(spool) == []
+
+    # 91 days later (the default forget_days is 90) the job's records go too
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(settings.storage.database)) as conn, conn:
+        conn.execute(f"UPDATE studies SET removed_at = removed_at - {91 * DAY_S}")
+    assert main(["spool", "prune", "--data-dir", str(data), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"job(s) {job}: files removed 91.0 days ago: would forget {n} instance rows" in out
+    assert main(["spool", "prune", "--data-dir", str(data)]) == 0
+    assert "1 studies' records forgot" in capsys.readouterr().out
+    store = JobStore(settings.storage.database)
+    assert store.list_jobs() == [] and store.counts()["instances_removed"] == 0
+    store.close()
 
 
 def test_the_running_node_removes_a_failed_study_and_takes_it_again(
     run_node, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
     """A real node and dcmtk's storescu: an MR study without a structure set fails, its files
-    go after failed_days (here 0.2 s), the metrics count them, and the same study sent again
-    with its structure set is stored anew and queued."""
-    node = run_node(retention={"failed_days": 0.2 / DAY_S, "check_interval_s": 1.0})
+    go after failed_days (here 0.2 s), the metrics count them, its records go forget_days
+    later (2 s), and the same study sent again with its structure set is stored anew and
+    queued."""
+    node = run_node(
+        retention={"failed_days": 0.2 / DAY_S, "forget_days": 2.0 / DAY_S, "check_interval_s": 1.0}
+    )
     study = factories.small_study(tmp_path / "in")
     images = study["t1c"] + study["flair"]
     assert storescu(node.scp.port, *images).returncode == 0
@@ -229,6 +372,11 @@ def test_the_running_node_removes_a_failed_study_and_takes_it_again(
     assert f"glioforecast_retention_removed_instances {len(images)}" in text
     assert f"glioforecast_instances_received_total {len(images)}" in text
     assert "glioforecast_spool_instances 0" in text
+    # 2 s later the failed job's records go too; the job duration summary keeps its totals
+    wait_for(lambda: not node.store.list_jobs(), what="the records forgotten", timeout=10)
+    _, text = get(node.health.server.server_address[1], "/metrics")
+    assert "glioforecast_retention_removed_instances 0" in text
+    assert 'glioforecast_jobs{state="failed"} 0' in text
     assert storescu(node.scp.port, *images, *study["rtstruct"]).returncode == 0
     wait_for(
         lambda: any(j.instance_count == len(images) + 1 for j in node.store.list_jobs()),
