@@ -113,13 +113,15 @@ SUCCESS, MINOR_FAILURE = "0", "4"
 
 @dataclass(frozen=True)
 class Participant:
-    """An active participant: an application entity at a network address."""
+    """An active participant: an application entity at a network address; ``user_name``: the
+    names of the TLS client certificate it proved itself with ("" without one)."""
 
     ae_title: str
     host: str
     requestor: bool
     role: tuple[str, str] | None = None
     process_id: str = ""
+    user_name: str = ""
 
 
 @dataclass
@@ -228,6 +230,8 @@ def _message(
         attrs = {"UserID": p.ae_title, "UserIsRequestor": "true" if p.requestor else "false"}
         if p.process_id:
             attrs["AlternativeUserID"] = p.process_id
+        if p.user_name:
+            attrs["UserName"] = p.user_name
         if p.host:
             attrs["NetworkAccessPointID"] = p.host
             attrs["NetworkAccessPointTypeCode"] = "2" if _is_ip(p.host) else "1"

@@ -421,6 +421,7 @@ class _Received:
 
     calling: str
     host: str
+    certificate: frozenset[str] | None = None  # the names of its TLS client certificate
     tally: TransferTally = field(default_factory=TransferTally)
 
 
@@ -515,7 +516,7 @@ class StorageSCP:
         log.info("association from %s at %s accepted%s", calling, host, named)
         if self.audit.enabled:
             with self._received_lock:
-                self._received[id(assoc)] = _Received(calling, host)
+                self._received[id(assoc)] = _Received(calling, host, certificate)
 
     def tls_failure(self, host: str, reason: str) -> None:
         """A client's TLS handshake failed (this receiver's or the STOW-RS receiver's)."""
@@ -525,13 +526,16 @@ class StorageSCP:
         """The association's connection closed: its studies go to the audit trail."""
         self.sub_operations_ended(event.assoc)
 
-    def sub_operations_from(self, assoc: Any, ae_title: str, host: str) -> None:
+    def sub_operations_from(
+        self, assoc: Any, ae_title: str, host: str, certificate: frozenset[str] | None = None
+    ) -> None:
         """``assoc``, an association the node requested, brings instances from ``ae_title``
-        at ``host`` (the C-STORE sub-operations of a C-GET, :mod:`dicom_node.retrieve`): they
-        are received as the receiver's are, and audited once :meth:`sub_operations_ended`."""
+        at ``host`` (the C-STORE sub-operations of a C-GET, :mod:`dicom_node.retrieve`; a
+        STOW-RS request, with the names of its client ``certificate``): they are received as
+        the receiver's are, and audited once :meth:`sub_operations_ended`."""
         if self.audit.enabled:
             with self._received_lock:
-                self._received[id(assoc)] = _Received(ae_title, host)
+                self._received[id(assoc)] = _Received(ae_title, host, certificate)
 
     def sub_operations_ended(self, assoc: Any) -> None:
         """What ``assoc`` delivered goes to the audit trail."""
@@ -539,7 +543,8 @@ class StorageSCP:
             received = self._received.pop(id(assoc), None)
         if received is None:
             return
-        sender = Participant(received.calling, received.host, True, ROLE_SOURCE)
+        names = ", ".join(sorted(received.certificate or ()))
+        sender = Participant(received.calling, received.host, True, ROLE_SOURCE, user_name=names)
         node = Participant(self.settings.ae_title, self.audit.node.host, False, ROLE_DESTINATION)
         self.audit.transferred(sender, node, received.tally)
 

@@ -327,6 +327,7 @@ class Admitted:
     client: Client
     boundary: bytes
     length: int | None
+    certificate: frozenset[str] | None = None  # the names of the client's TLS certificate
 
 
 class _HttpServer(HandshakeInThread, ThreadingHTTPServer):
@@ -371,8 +372,9 @@ class StowReceiver:
         and size of the body, the free space. Raises the :class:`Refusal`."""
         host = str(rq.client_address[0])
         study = self._target(rq.command, rq.path)
+        certificate = certificate_names(rq.connection)
         client = authenticate(self.clients, rq.headers.get("Authorization", ""), host,
-                              certificate_names(rq.connection))  # fmt: skip
+                              certificate)  # fmt: skip
         if isinstance(client, Refusal):
             self.scp.audit.refused("", host, f"STOW-RS request refused: {client}")
             raise client
@@ -381,7 +383,7 @@ class StowReceiver:
         if accept and not re.search(r"(^|[\s,])(\*/\*|application/(dicom\+)?json)", accept):
             raise Refusal(406, f"expected an Accept header that takes application/dicom+json, "
                           f"found {accept!r}")  # fmt: skip
-        return Admitted(study, client, boundary, self._length(rq))
+        return Admitted(study, client, boundary, self._length(rq), certificate)
 
     def handle(self, rq: BaseHTTPRequestHandler) -> None:
         host = str(rq.client_address[0])
@@ -453,7 +455,7 @@ class StowReceiver:
                         raise Refusal(415, f"expected parts of type application/dicom, found "
                                       f"{part.content_type!r} in part {n}; nothing was "
                                       "stored")  # fmt: skip
-                return self._store_parts(body, parts, admitted.client, host, admitted.study)
+                return self._store_parts(body, parts, admitted, host)
 
     def _length(self, rq: BaseHTTPRequestHandler) -> int | None:
         """The announced length of the body (None: chunked), within the limits."""
@@ -511,10 +513,11 @@ class StowReceiver:
             raise _busy(f"the node is short of disk space ({exc}); retry later") from exc
 
     def _store_parts(
-        self, body: mmap.mmap, parts: list[Part], client: Client, host: str, study: str
+        self, body: mmap.mmap, parts: list[Part], admitted: Admitted, host: str
     ) -> tuple[int, bytes]:
+        client, study = admitted.client, admitted.study
         origin = Origin(client.name, host)
-        self.scp.sub_operations_from(origin, client.name, host)
+        self.scp.sub_operations_from(origin, client.name, host, admitted.certificate)
         stored: list[tuple[str, str]] = []
         failed: list[tuple[str, str, int]] = []
         try:

@@ -193,6 +193,25 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
     wait_for(lambda: all(any(reason in a for a in alerts()) for reason in said),
              what="a security alert for each refused certificate")  # fmt: skip
 
+    # what a bound caller sends is audited with the names of the certificate it proved
+    study = factories.small_study(tmp_path / "in")
+    sent = storescu(node.scp.port, study["t1c"][0], aet="MR1", extra=scanner)
+    assert sent.returncode == 0, sent.stderr + sent.stdout
+
+    def sources() -> list[dict[str, str]]:
+        lines = audit_file.read_text("utf-8").splitlines()
+        return [
+            p.attrib
+            for m in map(ET.fromstring, lines)
+            if m.find("EventIdentification/EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
+            for p in m.iter("ActiveParticipant")
+            if p.get("UserIsRequestor") == "true"
+        ]
+
+    wait_for(sources, what="the transfer's audit message")
+    (source,) = sources()
+    assert (source["UserID"], source["UserName"]) == ("MR1", "mr1.radiology.example, scanner")
+
 
 def test_a_certificate_binding_holds_where_unknown_callers_are_let_in() -> None:
     """With refuse_unknown_callers off an unknown AE title comes in, but not a known one

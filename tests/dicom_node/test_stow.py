@@ -364,7 +364,11 @@ def test_clients_known_by_their_client_certificates(run_node, pki, tmp_path):  #
         WebClient(name="ROUTER", token_file=token, certificate_names=("glioforecast",)),
     )
     tls = dataclasses.replace(receiver_tls(pki), require_client_certificate=False)
-    node = run_node(node={"tls": tls}, stow={"enabled": True, "port": 0, "clients": clients})
+    audit_file = tmp_path / "audit.log"
+    node = run_node(
+        node={"tls": tls}, stow={"enabled": True, "port": 0, "clients": clients},
+        audit={"enabled": True, "file": audit_file},
+    )  # fmt: skip
 
     def context(name: str | None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
@@ -393,6 +397,24 @@ def test_clients_known_by_their_client_certificates(run_node, pki, tmp_path):  #
         senders = db.execute("SELECT sop_instance_uid, calling_ae FROM instances").fetchall()
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files[:2]]
     assert sorted(senders) == sorted(zip(uids, ["MR1", "ROUTER"], strict=True))
+    # each transfer's audit message names the certificate the client proved itself with
+    import xml.etree.ElementTree as ET
+
+    def sources() -> list[tuple[str | None, str | None]]:
+        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
+        return sorted(
+            (p.get("UserID"), p.get("UserName"))
+            for m in map(ET.fromstring, lines)
+            if m.find("EventIdentification/EventID").get("csd-code") == "110104"  # type: ignore[union-attr]
+            for p in m.iter("ActiveParticipant")
+            if p.get("UserIsRequestor") == "true"
+        )
+
+    wait_for(lambda: len(sources()) == 2, what="the two transfers' audit messages")
+    assert sources() == [
+        ("MR1", "mr1.radiology.example, scanner"),
+        ("ROUTER", "client, glioforecast"),
+    ]
 
 
 def test_a_reload_takes_a_rotated_token(run_node, tmp_path):  # type: ignore[no-untyped-def]
