@@ -24,7 +24,8 @@ What it changes, and nothing else:
   after each state-machine action and by :meth:`kill`, and re-checks at least every
   :data:`IDLE_CHECK_S` for the network (idle) timeout.
 - :class:`FastSocket` reads a PDU with ``recv_into`` into one buffer instead of 4096-byte
-  ``recv`` calls.
+  ``recv`` calls, and closes the connection of a peer whose PDU header announces more than
+  the node takes (the library would read whatever length it announces).
 - :class:`FastDIMSE` encodes a plain C-STORE response (the fields a storage SCP sets) directly
   into its seven or eight command elements; pynetdicom builds a pydicom Dataset, encodes it
   once to compute the group length and once more to send it, which cost more CPU per instance
@@ -82,24 +83,79 @@ def supported(version: str | None = None) -> bool:
     return (version or pynetdicom.__version__) in VERIFIED_VERSIONS
 
 
+#: The longest PDU other than P-DATA-TF the receiver reads. An A-ASSOCIATE-RQ proposing 128
+#: presentation contexts with a user identity (each of its fields at most 64 KiB) is far less.
+MAX_CONTROL_PDU = 1 << 20
+
+#: A PDU's buffer grows by at most this much ahead of the bytes that arrived: the length in a
+#: PDU header is the peer's word, not memory to set aside.
+_READ_CHUNK = 1 << 20
+
+_P_DATA_TF = 0x04
+_PDU_NAMES = {
+    0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+    0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT",
+}  # fmt: skip
+
+
 class FastSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that reads a whole PDU with ``recv_into``."""
+    """An :class:`AssociationSocket` that reads a whole PDU with ``recv_into``, and refuses a
+    PDU longer than the node takes.
+
+    pynetdicom's DUL reads a PDU's 6-byte header, then asks for as many bytes as the header
+    says (up to 4 GiB). This socket remembers each header it returns, and reads the body only
+    if it is no longer than :meth:`longest` allows; otherwise it logs why and returns nothing,
+    which the DUL treats as a connection closed before the whole PDU came (A-P-ABORT, the
+    connection closed). Its buffer grows with the bytes that arrive, never ahead of them by
+    more than :data:`_READ_CHUNK`.
+    """
+
+    _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next
+
+    def longest(self, pdu_type: int) -> int:
+        """The longest PDU body of ``pdu_type`` this association reads: the maximum length the
+        node announced for P-DATA-TF (at least :data:`MAX_CONTROL_PDU`; no limit when it
+        announced none), :data:`MAX_CONTROL_PDU` for every other PDU."""
+        if pdu_type != _P_DATA_TF:
+            return MAX_CONTROL_PDU
+        announced = int(getattr(self.assoc.acceptor, "maximum_length", 0) or 0)
+        return max(announced, MAX_CONTROL_PDU) if announced else 2**32 - 1
 
     def recv(self, nr_bytes: int) -> bytearray:
+        header, self._header = self._header, None
+        if header is None:  # the DUL reads a PDU header first
+            data = self._read(nr_bytes)
+            if len(data) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", data)
+                self._header = (pdu_type, length)
+            return data
+        pdu_type, length = header
+        limit = self.longest(pdu_type)
+        if nr_bytes > limit:
+            log.warning(
+                "connection from %s closed: its %s PDU announces %d bytes, expected at most %d "
+                "%s", getattr(self.assoc.requestor, "address", "?"),
+                _PDU_NAMES.get(pdu_type, f"0x{pdu_type:02X}"), length, limit,
+                "(node.max_pdu_bytes, at least 1 MiB)" if pdu_type == _P_DATA_TF
+                else "for that PDU type",
+            )  # fmt: skip
+            return bytearray()
+        return self._read(nr_bytes)
+
+    def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
+        buf = bytearray(min(nr_bytes, _READ_CHUNK))
         got = 0
-        try:
-            while got < nr_bytes:
-                n = sock.recv_into(view[got:], nr_bytes - got)
-                if not n:  # connection closed: return what was read, as the library does
-                    break
-                got += n
-        finally:
-            view.release()
-        if got < nr_bytes:
+        while got < nr_bytes:
+            if got == len(buf):
+                buf.extend(bytes(min(nr_bytes - got, _READ_CHUNK)))
+            with memoryview(buf) as view:
+                n = sock.recv_into(view[got:], len(buf) - got)
+            if not n:  # connection closed: return what was read, as the library does
+                break
+            got += n
+        if got < len(buf):
             del buf[got:]
         return buf
 

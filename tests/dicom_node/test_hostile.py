@@ -132,6 +132,78 @@ def test_hundreds_of_malformed_instances(run_node, tmp_path: Path) -> None:
     assert echoscu(node.scp.port).returncode == 0
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_pdu_header_announcing_a_gigabyte_costs_no_memory(run_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Six bytes from anyone who can connect, before any AE title is checked: a PDU header
+    announcing 1 GiB. pynetdicom would read whatever length a header announces; the node reads
+    no PDU other than P-DATA-TF longer than 1 MiB, sets nothing aside for the bytes that have
+    not come, and closes such a connection at once."""
+    import logging
+    import socket
+    import struct
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.fastpath")
+    node = run_node()
+    before = _rss_bytes()
+    peers = []
+    for _ in range(3):
+        peer = socket.create_connection(("127.0.0.1", node.scp.port), timeout=20)
+        peer.sendall(struct.pack(">BBL", 0x01, 0, 1 << 30))  # an A-ASSOCIATE-RQ of 1 GiB
+        peers.append(peer)
+    for peer in peers:
+        assert peer.recv(64) == b""  # closed by the node, nothing answered
+        peer.close()
+    assert _rss_bytes() - before < 256 * 2**20
+    said = [r.getMessage() for r in caplog.records]
+    refusal = (
+        "connection from 127.0.0.1 closed: its A-ASSOCIATE-RQ PDU announces 1073741824 bytes, "
+        "expected at most 1048576 for that PDU type"
+    )
+    assert said.count(refusal) == 3, said
+    assert echoscu(node.scp.port).returncode == 0
+
+
+def test_a_p_data_pdu_longer_than_the_node_takes_ends_the_association(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, caplog
+) -> None:
+    """A sender that ignores the maximum PDU length the node announced (256 KiB) and sends a
+    2 MiB instance in one P-DATA-TF PDU loses its association; nothing of it is stored. The
+    same instance in PDUs of the announced length is stored."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.fastpath")
+    study = factories.small_study(tmp_path / "in")
+    big = pydicom.dcmread(study["t1c"][0])
+    big.PixelData = bytes(2 * 2**20)
+    big.Rows, big.Columns = 1024, 1024
+    node = run_node()
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(MR, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established and assoc.acceptor.maximum_length == 262144
+    # send as if the node had announced no limit
+    from pynetdicom.pdu_primitives import MaximumLengthNotification
+
+    for item in assoc.acceptor.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            item.maximum_length_received = 0
+    status = assoc.send_c_store(big)
+    assert not status  # no answer: the node closed the connection
+    wait_for(lambda: not assoc.is_established, what="the association ended")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "its P-DATA-TF PDU announces 2" in said and "expected at most 1048576" in said
+    assert not list(node.spool.root.rglob("*.dcm"))
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.send_c_store(big).Status == 0x0000
+    assoc.release()
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 1
+
+
 def _study_with_foreign_frame(folder: Path) -> list[Path]:
     """A T1-Gd series and a structure set drawn on another frame of reference."""
     study = factories.small_study(folder)
