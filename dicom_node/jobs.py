@@ -981,6 +981,19 @@ class JobStore:
             _event(db, row[0], RUNNING, "started")
             return int(row[0])
 
+    def requeue_waiting(self, job_id: int, reason: str) -> bool:
+        """Queue a running job again without counting its attempt (it could not store its
+        results: the node's fault, not the study's), with a ``waiting`` event; False when it
+        was superseded meanwhile."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, reason = ?, attempts = max(attempts - 1, 0), "
+                "updated_at = ? WHERE id = ? AND state = ?",
+                (QUEUED, reason, time.time(), job_id, RUNNING),
+            )
+            _event(db, job_id, "waiting", reason)
+            return cur.rowcount == 1
+
     def requeue_running(self) -> int:
         """Queue again the jobs a stop or crash interrupted; returns how many."""
         with self.transaction() as db:

@@ -472,6 +472,8 @@ class Node:
             "receiver": self.scp.server is not None,
             "worker": self.worker.alive,
             "sender": self.sender.alive,
+            # false while jobs wait because one could not store its results (disk full...)
+            "storage": self.worker.storage_wait_s == 0,
         }
         if self.stow is not None:
             components["stow"] = self.stow.alive
@@ -525,6 +527,13 @@ class Node:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
         samples += [
             ("glioforecast_queue_depth", "jobs waiting for the worker", {}, counts[QUEUED]),
+            (
+                "glioforecast_worker_storage_wait_seconds",
+                "seconds before jobs start again after one could not store its results (disk "
+                "full, a folder refusing writes); 0 when none",
+                {},
+                round(self.worker.storage_wait_s, 1),
+            ),
             (
                 "glioforecast_instances_received_total",
                 "instances stored in the spool since the database was made",

@@ -378,6 +378,9 @@ class WorkerSettings:
     job_timeout_s: float = field(default=900.0, metadata=_spec("", minimum=1.0))
     max_attempts: int = field(default=2, metadata=_spec("", minimum=1, maximum=10))
     max_queued_jobs: int = field(default=50, metadata=_spec("", minimum=1))
+    # after a job could not store its results (disk full...): it waits, and no job starts for
+    # this long, doubled for each such job in a row up to an hour (dicom_node.worker)
+    storage_retry_s: float = field(default=60.0, metadata=_spec("", minimum=0.1))
 
 
 @dataclass(frozen=True)

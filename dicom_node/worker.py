@@ -7,6 +7,13 @@ dies (out of memory, a crash in native code) is noticed by its exit code: either
 tried again up to ``worker.max_attempts`` times, then fails with the reason. The service itself
 never shares the fate of a job.
 
+A job that could not store what it made (the node's disk full, a database or folder that
+refuses writes: :class:`~dicom_node.errors.StorageError`, or ENOSPC, EDQUOT, EROFS or EIO) is
+not failed: that says nothing about the study, and a failed job would send the PACS a failure
+notice and take back the study's earlier results. It is queued again without counting an
+attempt, and the worker pauses ``worker.storage_retry_s``, doubled after each such job in a
+row up to an hour, so that someone can free the space (logged as an error, and in the metrics).
+
 A job left ``running`` by a stop or crash of the node is queued again at start-up. A job
 superseded while it ran (a late instance arrived) does not send its results: the newer version
 will. Queueing is idempotent per object and destination, so a job run twice sends once. The
@@ -16,6 +23,7 @@ of this job's own earlier failure): see "Replacing earlier results" in :mod:`dic
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import signal
@@ -25,7 +33,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from dicom_node.errors import GlioforecastError
+from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.jobs import DONE, FAILED, QUEUED, SUPERSEDED, JobStore
 from dicom_node.loop import BackgroundLoop
 from dicom_node.settings import Settings
@@ -37,9 +45,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+#: the outcome of a job that could not store what it made: it waits for the node's storage
+WAIT = "wait"
+
+#: errors of the node's storage, not of the study, when they come as a plain OSError
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+#: the longest pause of the worker while storage fails (``worker.storage_retry_s`` doubles)
+MAX_STORAGE_WAIT_S = 3600.0
+
+
 @dataclass(frozen=True)
 class Outcome:
-    state: str  # done, failed, superseded, or retry (the attempt died)
+    state: str  # done, failed, superseded, retry (the attempt died) or wait (storage failed)
     message: str
     queued: int = 0
 
@@ -65,6 +83,13 @@ def make_predictor(settings: Settings) -> Predictor:
 
 def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
     """Convert, predict, build and queue the outputs of one job (what the child process does)."""
+    try:
+        return _run_job(settings, job_id)
+    except StorageError as exc:
+        return Outcome(WAIT, str(exc))
+
+
+def _run_job(settings: Settings, job_id: int) -> Outcome:
     from dicom_node.outbox import Outbox, RetryPolicy
     from dicom_node.outbox_cli import outbox_path
     from dicom_node.pipeline import Pipeline
@@ -95,9 +120,13 @@ def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
                 objects = [ds for kind in taken for ds in result.by_kind.get(kind, [])]
                 if objects:
                     queued += outbox.enqueue(objects, names, job=str(job_id), replaces=replaces)
+        except StorageError:
+            raise  # the node's storage, not the study: the job waits
         except GlioforecastError as exc:
             return Outcome(FAILED, str(exc))
         except Exception as exc:  # a bug must not pass silently: the job says what happened
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise StorageError(f"the node could not write: {exc}") from exc
             log.exception("job %d failed unexpectedly", job_id, extra={"job": job_id})
             return Outcome(FAILED, f"internal error: {type(exc).__name__}: {exc}")
         p = result.prediction
@@ -153,6 +182,11 @@ def job_context(
     return ctx
 
 
+def _storage_delay(first_s: float, waits: int) -> float:
+    """The pause after ``waits`` jobs in a row could not store their results."""
+    return min(first_s * 2 ** (waits - 1), max(first_s, MAX_STORAGE_WAIT_S))
+
+
 def _death(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
@@ -174,7 +208,14 @@ class Worker(BackgroundLoop):
         self.store = store
         self.on_queued = on_queued
         self.child: multiprocessing.process.BaseProcess | None = None
+        self._paused_until = 0.0  # monotonic time before which no job starts (storage failed)
+        self._storage_waits = 0  # jobs in a row that could not store what they made
         super().__init__()
+
+    @property
+    def storage_wait_s(self) -> float:
+        """Seconds before jobs start again after a job could not store its results (0: none)."""
+        return max(0.0, self._paused_until - time.monotonic())
 
     def start(self) -> None:
         resumed = self.store.requeue_running()
@@ -183,6 +224,8 @@ class Worker(BackgroundLoop):
         super().start()
 
     def step(self) -> float:
+        if self.storage_wait_s > 0:
+            return self.storage_wait_s
         job_id = self.store.claim_next()
         if job_id is None:
             return self.settings.assembly.poll_interval_s
@@ -220,6 +263,10 @@ class Worker(BackgroundLoop):
         log.info("job %d started", job_id, extra=extra)
         started = time.monotonic()
         outcome = self._attempt(job_id)
+        if outcome.state == WAIT:
+            self._wait_for_storage(job_id, outcome.message)
+            return
+        self._storage_waits = 0
         if outcome.state == "retry":
             job = self.store.get_job(job_id)
             attempts = job.attempts if job is not None else 0
@@ -243,3 +290,17 @@ class Worker(BackgroundLoop):
                 self.on_queued()
         else:
             log.warning("job %d failed: %s", job_id, outcome.message, extra=extra)
+
+    def _wait_for_storage(self, job_id: int, why: str) -> None:
+        """Queue the job again (its attempt not counted) and pause every job a while."""
+        self._storage_waits += 1
+        delay = _storage_delay(self.settings.worker.storage_retry_s, self._storage_waits)
+        self._paused_until = time.monotonic() + delay
+        log.error(
+            "job %d could not store what it made (%s): the node's storage needs attention; "
+            "jobs start again in %.0f s, and the study's earlier results stand",
+            job_id, why, delay, extra={"job": job_id},
+        )  # fmt: skip
+        self.store.requeue_waiting(
+            job_id, f"waiting for the node's storage ({why}); runs again in {delay:.0f} s"
+        )

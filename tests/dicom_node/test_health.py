@@ -40,7 +40,12 @@ def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-unty
     assert code == 200
     summary = json.loads(body)
     assert summary["status"] == "ok"
-    assert summary["components"] == {"receiver": True, "worker": True, "sender": True}
+    assert summary["components"] == {
+        "receiver": True,
+        "worker": True,
+        "sender": True,
+        "storage": True,
+    }
     storescu(node.scp.port, *files)
     wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
     code, text = get(port, "/metrics")

@@ -228,6 +228,67 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     assert again.state == DONE and again.attempts == 1, again.reason
 
 
+def test_storage_waits_double_up_to_an_hour() -> None:
+    from dicom_node.worker import _storage_delay
+
+    assert [_storage_delay(60, n) for n in (1, 2, 3, 6, 7, 20)] == [60, 120, 240, 1920, 3600, 3600]
+    assert _storage_delay(5000, 3) == 5000  # a first wait set above an hour is kept
+
+
+def _immutable(folder: Path, on: bool) -> bool:
+    """``chattr +i`` (or ``-i``) on ``folder``: nothing can be written in it, even by root."""
+    flag = "+i" if on else "-i"
+    return subprocess.run(["chattr", flag, str(folder)], capture_output=True).returncode == 0
+
+
+def test_a_job_that_cannot_store_its_results_waits_for_the_storage(  # type: ignore[no-untyped-def]
+    run_node, patient, pacs, tmp_path
+) -> None:
+    """The folder where results wait for delivery refuses writes (as a full disk would): the
+    job is not failed (no failure notice, no earlier results taken back) but queued again
+    without counting an attempt; /health says the storage is degraded; once the folder takes
+    writes again the job runs and its results reach the PACS."""
+    import json
+
+    from tests.dicom_node.test_health import get
+
+    pre, _ = patient
+    destination, received = pacs
+    settings = dataclasses.replace(
+        make_settings(tmp_path / "data", worker={"storage_retry_s": 5.0}),
+        destinations=(destination,),
+    )
+    node = run_node(settings)
+    objects = tmp_path / "data" / "outbox-objects"
+    if not _immutable(objects, True):
+        pytest.skip("chattr +i is not permitted here (it needs CAP_LINUX_IMMUTABLE)")
+    try:
+        storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+        waiting = wait_for(
+            lambda: next((j for j in node.store.list_jobs() if j.reason.startswith("waiting")),
+                         None),
+            timeout=120, what="the job waiting for the storage",
+        )  # fmt: skip
+        assert waiting.state == QUEUED and waiting.attempts == 0, waiting
+        assert "cannot store outbox object" in waiting.reason, waiting.reason
+        assert "Operation not permitted" in waiting.reason, waiting.reason
+        assert node.health is not None
+        code, body = get(node.health.server.server_address[1], "/health")
+        assert code == 503 and json.loads(body)["components"]["storage"] is False
+        _, text = get(node.health.server.server_address[1], "/metrics")
+        wait_s = re.search(r"^glioforecast_worker_storage_wait_seconds (\S+)$", text, re.M)
+        assert wait_s is not None and 0 < float(wait_s.group(1)) <= 5.0
+    finally:
+        _immutable(objects, False)
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job run again")
+    assert job.id == waiting.id and job.state == DONE and job.attempts == 1, job.reason
+    kinds = [e.kind for e in node.store.events(job.id)]
+    assert "waiting" in kinds and "notice" not in kinds and FAILED not in kinds
+    assert all_sent(node, "pacs") == len(list(received.iterdir())) > 0
+    code, body = get(node.health.server.server_address[1], "/health")
+    assert code == 200 and json.loads(body)["components"]["storage"] is True
+
+
 def test_round_trip_to_orthanc_with_the_sr_numbers_of_the_truth(
     run_node, patient, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
