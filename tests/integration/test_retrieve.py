@@ -122,7 +122,7 @@ def test_the_structure_set_in_the_pacs_is_fetched_and_the_study_predicted(  # ty
         ours.save_as(tmp_path / "ours.dcm")
         _upload(orthanc, [*mr, *rt, tmp_path / "ours.dcm"])
         assert node.summary()["components"] == {
-            "receiver": True, "worker": True, "sender": True, "retriever": True
+            "receiver": True, "worker": True, "sender": True, "storage": True, "retriever": True
         }  # fmt: skip
         assert '\nglioforecast_jobs{state="retrieving"} 0\n' in node.metrics()
         assert storescu(node.scp.port, *mr).returncode == 0
