@@ -141,6 +141,13 @@ PROCESSING_FAILURE = 0x0110
 # reason 3 = calling AE title not recognised, 7 = called AE title not recognised.
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
 _CALLING_NOT_RECOGNISED, _CALLED_NOT_RECOGNISED = 0x03, 0x07
+# result 2 = rejected-transient; source 3 = service provider (presentation related);
+# reason 2 = local limit exceeded
+_REJECT_TRANSIENT, _SOURCE_PRESENTATION, _LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
+
+#: pynetdicom's own limit on associations, which also counts connections that have sent no
+#: A-ASSOCIATE-RQ yet: set out of reach, the receiver counts requested associations itself
+_UNBOUNDED_ASSOCIATIONS = 1 << 30
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -461,7 +468,10 @@ class StorageSCP:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_associations = self.settings.max_associations
+        # node.max_associations is enforced in _on_requested, on associations only: counted by
+        # pynetdicom, a few connections that say nothing (until node.acse_timeout_s) would
+        # lock every sender out
+        ae.maximum_associations = _UNBOUNDED_ASSOCIATIONS
         ae.maximum_pdu_size = self.settings.max_pdu_bytes
         ae.acse_timeout = self.settings.acse_timeout_s
         ae.dimse_timeout = self.settings.dimse_timeout_s
@@ -512,6 +522,15 @@ class StorageSCP:
             self._reject(assoc, _CALLING_NOT_RECOGNISED)
             self.audit.refused(calling, host, f"association refused: {refusal}")
             return
+        associations = self._requested_associations()
+        if associations > self.settings.max_associations:
+            log.warning(
+                "association from %s at %s refused (rejected-transient, local limit exceeded): "
+                "%d associations open, node.max_associations is %d",
+                calling, host, associations - 1, self.settings.max_associations,
+            )  # fmt: skip
+            self._reject(assoc, _LOCAL_LIMIT_EXCEEDED, _REJECT_TRANSIENT, _SOURCE_PRESENTATION)
+            return
         named = f" (client certificate {', '.join(sorted(certificate))})" if certificate else ""
         log.info("association from %s at %s accepted%s", calling, host, named)
         if self.audit.enabled:
@@ -559,10 +578,23 @@ class StorageSCP:
         received.tally.add(ds, sop_class, error)
 
     @staticmethod
-    def _reject(assoc: Any, diagnostic: int) -> None:
-        assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
+    def _reject(
+        assoc: Any, diagnostic: int, result: int = _REJECT_PERMANENT, source: int = _SOURCE_USER
+    ) -> None:
+        assoc.acse.send_reject(result, source, diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()  # lets the DUL send the A-ASSOCIATE-RJ before the socket closes
+
+    def _requested_associations(self) -> int:
+        """Associations of this receiver that sent their A-ASSOCIATE-RQ (this one included)
+        and are neither refused nor over: what node.max_associations limits."""
+        return sum(
+            1
+            for a in self.ae.active_associations
+            if a.is_acceptor
+            and a.requestor.primitive is not None
+            and not (a.is_rejected or a.is_aborted or a.is_released)
+        )
 
     def _on_echo(self, event: Any) -> int:
         return SUCCESS

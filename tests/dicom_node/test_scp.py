@@ -313,21 +313,39 @@ def test_unsupported_sop_class_is_refused_at_negotiation(run_node, tmp_path):  #
     assert node.store.counts()["instances"] == 1
 
 
-def test_association_limit_rejects_the_extra_caller(run_node):  # type: ignore[no-untyped-def]
+def test_association_limit_rejects_the_extra_caller(run_node, caplog):  # type: ignore[no-untyped-def]
+    """node.max_associations counts associations, not connections: connections that say
+    nothing (anyone who can reach the port can open them, before any AE title is checked) do
+    not lock the senders out until node.acse_timeout_s closes them."""
+    import logging
+    import socket
+
     from pynetdicom import AE
 
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
     node = run_node(node={"max_associations": 1})
-    ae = AE(ae_title="SCANNER1")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    first = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    silent = [socket.create_connection(("127.0.0.1", node.scp.port)) for _ in range(5)]
     try:
-        assert first.is_established
-        second = echoscu(node.scp.port)
-        assert second.returncode != 0
-        assert "Local Limit Exceeded" in second.stderr + second.stdout
+        ae = AE(ae_title="SCANNER1")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        first = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+        try:
+            assert first.is_established
+            second = echoscu(node.scp.port)
+            assert second.returncode != 0
+            assert "Local Limit Exceeded" in second.stderr + second.stdout
+            assert "Rejected Transient" in second.stderr + second.stdout
+        finally:
+            first.release()
+        assert wait_for(lambda: echoscu(node.scp.port).returncode == 0, what="a free slot")
     finally:
-        first.release()
-    assert wait_for(lambda: echoscu(node.scp.port).returncode == 0, what="a free slot")
+        for sock in silent:
+            sock.close()
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert (
+        "association from SCANNER1 at 127.0.0.1 refused (rejected-transient, local limit " in said
+    )
+    assert "1 associations open, node.max_associations is 1" in said
 
 
 def test_a_full_job_queue_defers_new_instances(run_node, tmp_path):  # type: ignore[no-untyped-def]
