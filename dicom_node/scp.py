@@ -127,6 +127,10 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
+    # High-Throughput JPEG 2000 (PS3.5 A.4.11, 2023): decoded by pylibjpeg-openjpeg
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless Only
+    "1.2.840.10008.1.2.4.202",  # HTJ2K with RPCL Options, Lossless Only
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
 )
 
 

@@ -23,6 +23,8 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 # the audit record repository of the audit trail's tests (syslog over TLS and UDP)
 command -v rsyslogd >/dev/null 2>&1 || need_pkgs+=(rsyslog)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)
+# OpenJPH's ojph_compress: makes the HTJ2K (High-Throughput JPEG 2000) series of the tests
+command -v ojph_compress >/dev/null 2>&1 || need_pkgs+=(openjph-tools)
 # promtool (in Debian's prometheus package): checks /metrics and the alert rules
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)

@@ -162,3 +162,29 @@ def copy_series(
             written.append(out / f"{number}_{t}_{k:03d}.dcm")
             ds.save_as(written[-1], enforce_file_format=True)
     return written
+
+
+def htj2k_copy(source: Path, target: Path) -> Path:
+    """``source`` (one uncompressed grayscale frame) with its Pixel Data compressed losslessly
+    to High-Throughput JPEG 2000 (HTJ2K Lossless Only) by OpenJPH's ``ojph_compress``."""
+    import subprocess
+    import tempfile
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless
+
+    ds = dcmread(source)
+    pixels = ds.pixel_array
+    with tempfile.TemporaryDirectory() as work:
+        pgm, codestream = Path(work) / "frame.pgm", Path(work) / "frame.j2c"
+        header = f"P5\n{ds.Columns} {ds.Rows}\n{2**ds.BitsStored - 1}\n".encode()
+        pgm.write_bytes(header + pixels.astype(">u2").tobytes())
+        subprocess.run(
+            ["ojph_compress", "-i", str(pgm), "-o", str(codestream), "-reversible", "true"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        ds.PixelData = encapsulate([codestream.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+    ds.save_as(target, enforce_file_format=True)
+    return target

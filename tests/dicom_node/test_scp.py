@@ -300,6 +300,44 @@ def test_garbage_and_idle_connections_do_not_hurt_the_service(run_node):  # type
     assert echoscu(port).returncode == 0
 
 
+def test_an_htj2k_series_is_received_and_converted_like_the_uncompressed_one(  # type: ignore[no-untyped-def]
+    run_node, tmp_path
+):
+    """A sender (a PACS that stores High-Throughput JPEG 2000) that proposes only HTJ2K
+    Lossless: the node accepts the context, keeps the files as sent, and the series converts
+    to the same voxels as its uncompressed original."""
+    import shutil
+
+    import numpy as np
+    import pytest
+    from pydicom.uid import HTJ2KLossless
+    from pynetdicom import AE
+
+    from dicom_node.convert.series import load_series
+
+    if shutil.which("ojph_compress") is None:
+        pytest.skip("OpenJPH's ojph_compress is not installed (Debian: openjph-tools)")
+    study = factories.small_study(tmp_path / "in")
+    (tmp_path / "htj2k").mkdir()
+    sent = [factories.htj2k_copy(p, tmp_path / "htj2k" / p.name) for p in study["t1c"]]
+    node = run_node()
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", HTJ2KLossless)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+    assert context.transfer_syntax == [HTJ2KLossless]
+    try:
+        for path in sent:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+    finally:
+        assoc.release()
+    stored = sorted(node.spool.root.rglob("*.dcm"))
+    assert len(stored) == len(sent)
+    assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in stored} == {HTJ2KLossless}
+    assert np.array_equal(load_series(stored).array, load_series(study["t1c"]).array)
+
+
 def test_unsupported_sop_class_is_refused_at_negotiation(run_node, tmp_path):  # type: ignore[no-untyped-def]
     study = factories.small_study(tmp_path / "in")
     us = tmp_path / "us.dcm"
