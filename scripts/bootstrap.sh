@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything glioforecast needs on a fresh Debian machine:
 #   - Debian packages (dcmtk, dicom3tools, dcm2niix, orthanc and its DICOMweb plugin, rsyslog
-#     with TLS, prometheus for promtool, python3-venv)
+#     with TLS, prometheus for promtool, openjph-tools, python3-venv)
 #     when missing and root;
 #   - a virtual environment in $VENV (default .venv) with torch==2.13.0 installed first
 #     (so no CUDA build is pulled in), then the package with the requested extras.
