@@ -286,7 +286,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     settings, store = _open_store(args)
     job = store.get_job(args.job_id)
     if job is None:
-        print(f"no job {args.job_id}", file=sys.stderr)
+        print(store.no_such_job(args.job_id), file=sys.stderr)
         return EXIT_FAILED
     series = store.job_series(job.id)
     events = store.events(job.id)
@@ -350,7 +350,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
     try:
         state = Assembler(store, settings).retry(args.job_id)
     except KeyError:
-        print(f"no job {args.job_id}", file=sys.stderr)
+        print(store.no_such_job(args.job_id), file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
@@ -375,7 +375,7 @@ def cmd_jobs_retrieve(args: argparse.Namespace) -> int:
     try:
         store.request_retrieval(args.job_id, lambda reason: asking(reason, source))
     except KeyError:
-        print(f"no job {args.job_id}", file=sys.stderr)
+        print(store.no_such_job(args.job_id), file=sys.stderr)
         return EXIT_FAILED
     except ValueError as exc:
         print(str(exc), file=sys.stderr)
@@ -396,7 +396,7 @@ def cmd_jobs_take_back(args: argparse.Namespace) -> int:
 
     settings, store = _open_store(args)
     if store.get_job(args.job_id) is None:
-        raise GlioforecastError(f"no job {args.job_id}: expected the id of a job (jobs list)")
+        raise GlioforecastError(store.no_such_job(args.job_id))
     configured = [d.name for d in settings.destinations]
     names = args.destination or configured
     unknown = sorted(set(names) - set(configured))

@@ -488,6 +488,20 @@ class JobStore:
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    def no_such_job(self, job_id: int) -> str:
+        """Why ``job_id`` names no job, in words: never made, or forgotten by retention (job ids
+        are never reused, and only retention deletes jobs)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'jobs'"
+            ).fetchone()
+        if row is not None and 0 < job_id <= int(row[0]):
+            return (
+                f"no job {job_id}: its records were forgotten by retention "
+                "(retention.forget_days after its study's files were removed)"
+            )
+        return f"no job {job_id}: expected the id of a job (jobs list)"
+
     def forget_candidates(self, removed_before: float) -> list[ForgetCandidate]:
         """Studies whose files retention removed at ``removed_before`` or earlier, with no
         instance in the spool since, none pending assembly and every job ended (done, failed

@@ -347,6 +347,10 @@ def test_the_command_line_lists_then_removes(
     assert f"job(s) {job}: files removed 91.0 days ago: would forget {n} instance rows" in out
     assert main(["spool", "prune", "--data-dir", str(data)]) == 0
     assert "1 studies' records forgot" in capsys.readouterr().out
+    assert main(["jobs", "show", str(job), "--data-dir", str(data)]) != 0
+    assert f"no job {job}: its records were forgotten by retention" in capsys.readouterr().err
+    assert main(["jobs", "show", str(job + 1), "--data-dir", str(data)]) != 0
+    assert f"no job {job + 1}: expected the id of a job" in capsys.readouterr().err
     store = JobStore(settings.storage.database)
     assert store.list_jobs() == [] and store.counts()["instances_removed"] == 0
     store.close()
