@@ -549,7 +549,7 @@ class JobStore:
             db.executemany(
                 "INSERT INTO forgotten (name, value) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                [(_FORGOTTEN_DONE, count), (_FORGOTTEN_SECONDS, seconds)],
+                [(_FORGOTTEN_DONE, count), (_FORGOTTEN_SECONDS, seconds), (_FORGOTTEN_STUDIES, 1)],
             )
             for table in ("events", "job_series", "job_instances"):
                 db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(j,) for j in jobs])
@@ -1131,11 +1131,17 @@ class JobStore:
             out["instances_rejected"] = int(
                 self._conn.execute("SELECT count(*) FROM rejected_instances").fetchone()[0]
             )
+            forgotten = self._conn.execute(
+                "SELECT value FROM forgotten WHERE name = ?", (_FORGOTTEN_STUDIES,)
+            ).fetchone()
+            out["studies_forgotten"] = int(forgotten[0]) if forgotten else 0  # by retention
         return out
 
 
 #: the ``forgotten`` table's totals
-_FORGOTTEN_DONE, _FORGOTTEN_SECONDS = "done_jobs", "done_job_seconds"
+_FORGOTTEN_DONE, _FORGOTTEN_SECONDS, _FORGOTTEN_STUDIES = (
+    "done_jobs", "done_job_seconds", "studies"
+)  # fmt: skip
 
 
 def _durations(

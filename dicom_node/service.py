@@ -555,6 +555,12 @@ class Node:
                 counts["instances_removed"],
             ),
             (
+                "glioforecast_retention_forgotten_studies_total",
+                "studies whose records retention forgot (retention.forget_days after their files)",
+                {},
+                counts["studies_forgotten"],
+            ),
+            (
                 "glioforecast_job_duration_seconds_sum",
                 "time from start to end of done jobs",
                 {},

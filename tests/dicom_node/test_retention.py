@@ -207,6 +207,7 @@ def test_a_delivered_study_is_forgotten_forget_days_after_its_files(
     assert store.list_jobs() == [] and store.series_of_study(_study_uid(paths)) == []
     counts = store.counts()
     assert (counts["instances"], counts["instances_removed"], counts[DONE]) == (0, 0, 0)
+    assert counts["studies_forgotten"] == 1
     # the patient's name and ID the outbox kept for rejection notes went with its rows
     assert _outbox_rows(outbox) == (0, 0)
     assert list(outbox.objects_dir.iterdir()) == []
@@ -380,6 +381,7 @@ def test_the_running_node_removes_a_failed_study_and_takes_it_again(
     wait_for(lambda: not node.store.list_jobs(), what="the records forgotten", timeout=10)
     _, text = get(node.health.server.server_address[1], "/metrics")
     assert "glioforecast_retention_removed_instances 0" in text
+    assert "glioforecast_retention_forgotten_studies_total 1" in text
     assert 'glioforecast_jobs{state="failed"} 0' in text
     assert storescu(node.scp.port, *images, *study["rtstruct"]).returncode == 0
     wait_for(
