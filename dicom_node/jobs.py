@@ -1005,8 +1005,10 @@ class JobStore:
                 "updated_at = ? WHERE id = ? AND state = ?",
                 (QUEUED, reason, time.time(), job_id, RUNNING),
             )
+            if cur.rowcount == 0:
+                return False
             _event(db, job_id, "waiting", reason)
-            return cur.rowcount == 1
+            return True
 
     def requeue_running(self) -> int:
         """Queue again the jobs a stop or crash interrupted; returns how many."""

@@ -13,19 +13,20 @@ Without it the spool grows with every study routed to the node until the free-sp
 A study still pending assembly, or with a job queued or running, is never touched. Only the
 files go: the job list, series, roles and events stay, and the job gets a ``retention`` event.
 
-Those records go too (:func:`forget`) ``retention.forget_days`` after the files, so that the
-databases stop growing with every study the node ever saw: the study's instance rows, its jobs
-with their series, instance lists and events, and the outbox rows of its jobs' results with the
-patient and study attributes kept for rejection notes. Not while the study holds an instance
-again, waits for assembly or has a job not ended, nor while one of those results is not
+The database is updated first (one transaction that re-checks the study), then exactly the
+files it named are deleted, so an instance arriving meanwhile is kept. An instance sent again
+after its file went is stored anew and reopens the study (:meth:`JobStore.record_instance`).
+
+The records that stay go later (:func:`forget`), ``retention.forget_days`` after the files, so
+that the databases stop growing with every study the node ever saw: the study's instance rows,
+its jobs with their series, instance lists and events, and the outbox rows of its jobs' results
+with the patient and study attributes kept for rejection notes. Not while the study holds an
+instance again, waits for assembly or has a job not ended, nor while one of those results is not
 delivered (pending, being sent, awaiting a commitment, dead) or a replacement of them is not yet
 applied. Afterwards the node no longer knows the study: sent again, it is a new study (job
 version 1), its results are delivered again (a PACS keeps one copy of each SOP Instance UID),
 and a newer version can no longer reject the results of the forgotten jobs at a PACS. Records
 of IOCM rejections (per instance) stay.
-The database is updated first (one transaction that re-checks the study), then exactly the
-files it named are deleted, so an instance arriving meanwhile is kept. An instance sent again
-after its file went is stored anew and reopens the study (:meth:`JobStore.record_instance`).
 """
 
 from __future__ import annotations
