@@ -29,9 +29,13 @@ class BackgroundLoop:
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float | None = 30) -> None:
+    def request_stop(self) -> None:
+        """Ask the loop to end after its current step, without waiting for it."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -50,6 +50,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -964,15 +965,18 @@ class Outbox:
         now = self.clock()
         return {r["destination"]: max(0.0, now - float(r["t"])) for r in rows}
 
-    def next_due(self) -> float | None:
+    def next_due(self, destination: str | None = None) -> float | None:
         """Time of the earliest pending attempt or commitment request (a new one, or one whose
-        report is overdue), or None when nothing waits."""
+        report is overdue), of one ``destination`` when given, or None when nothing waits."""
+        where, args = (
+            ("AND destination = ? ", (destination,)) if destination is not None else ("", ())
+        )
         with self._lock:
             row = self._db.execute(
                 "SELECT MIN(CASE WHEN state = 'committing' AND commit_requested_at IS NOT NULL "
                 "THEN commit_requested_at + ? ELSE next_attempt_at END) AS t FROM outbox "
-                "WHERE state IN ('pending', 'committing')",
-                (self.policy.commitment_timeout_s,),
+                f"WHERE state IN ('pending', 'committing') {where}",
+                (self.policy.commitment_timeout_s, *args),
             ).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
@@ -1196,13 +1200,16 @@ def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> Non
     report.errors.append(msg)
 
 
-class OutboxSender(BackgroundLoop):
-    """Background delivery loop: sends due rows, then sleeps until the next is due.
+class OutboxSender:
+    """Background delivery: one loop per destination, each sending that destination's due rows,
+    then sleeping until its next is due. A destination that is slow or hangs (a PACS that takes
+    the connection and never answers, one that answers each C-STORE after seconds) delays only
+    its own deliveries: the others' results, the planning system's among them, keep going.
 
-    ``wake()`` (e.g. after an enqueue) makes it look again at once; ``stop()`` ends it.
+    ``wake()`` (e.g. after an enqueue) makes every loop look again at once; ``stop()`` ends
+    them. Setting ``destinations`` (a configuration reload) starts a loop for each new
+    destination and ends those of the destinations removed, after their pass under way.
     """
-
-    thread_name = "outbox-sender"
 
     def __init__(
         self,
@@ -1215,28 +1222,93 @@ class OutboxSender(BackgroundLoop):
         on_replaced: Callable[[Replaced], None] | None = None,
     ) -> None:
         self.outbox = outbox
-        self.destinations = list(destinations)
         self.calling_ae = calling_ae
         self.poll_s = poll_s
         self.audit = audit or NoAuditTrail()
         self.on_replaced = on_replaced  # told of each replacement that changed something
-        super().__init__()
+        self._loops: dict[str, _DestinationLoop] = {}
+        self._loops_lock = threading.Lock()
+        self._started = self._stopped = False
+        self._destinations: dict[str, Destination] = {}
+        self.destinations = destinations
+
+    @property
+    def destinations(self) -> list[Destination]:
+        return list(self._destinations.values())
+
+    @destinations.setter
+    def destinations(self, destinations: Sequence[Destination]) -> None:
+        self._destinations = {d.name: d for d in destinations}
+        if self._started and not self._stopped:
+            self._reconcile()
+
+    def destination(self, name: str) -> Destination | None:
+        """The current settings of destination ``name`` (None once removed)."""
+        return self._destinations.get(name)
+
+    def _reconcile(self) -> None:
+        with self._loops_lock:
+            for name in list(self._loops):
+                if name not in self._destinations:
+                    self._loops.pop(name).request_stop()  # its pass under way finishes
+            for name in self._destinations:
+                if name not in self._loops:
+                    loop = _DestinationLoop(self, name)
+                    self._loops[name] = loop
+                    loop.start()
 
     def start(self) -> None:
         self.outbox.recover()
-        super().start()
+        self._started = True
+        self._reconcile()
+
+    def wake(self) -> None:
+        with self._loops_lock:
+            loops = list(self._loops.values())
+        for loop in loops:
+            loop.wake()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        self._stopped = True
+        with self._loops_lock:
+            loops = list(self._loops.values())
+        for loop in loops:  # all at once: each ends after its pass under way
+            loop.request_stop()
+        for loop in loops:
+            loop.stop(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while every destination's loop runs (and with no destination, once started)."""
+        with self._loops_lock:
+            loops = list(self._loops.values())
+        return self._started and not self._stopped and all(loop.alive for loop in loops)
+
+
+class _DestinationLoop(BackgroundLoop):
+    """The delivery loop of one destination of an :class:`OutboxSender`."""
+
+    def __init__(self, sender: OutboxSender, name: str) -> None:
+        super().__init__()
+        self.sender = sender
+        self.name = name
+        self.thread_name = f"outbox-sender:{name}"
 
     def step(self) -> float:
+        sender = self.sender
+        dest = sender.destination(self.name)
+        if dest is None:  # removed by a reload: the sender stops this loop
+            return sender.poll_s
         try:
             report = deliver_due(
-                self.outbox, self.destinations, calling_ae=self.calling_ae, audit=self.audit
+                sender.outbox, [dest], calling_ae=sender.calling_ae, audit=sender.audit
             )
             for replaced in report.replaced:
-                if self.on_replaced and (replaced.withdrawn or replaced.note or replaced.remark):
-                    self.on_replaced(replaced)
+                if sender.on_replaced and (replaced.withdrawn or replaced.note or replaced.remark):
+                    sender.on_replaced(replaced)
         except Exception:  # the loop must survive: the next pass retries
-            logger.exception("outbox: delivery pass failed")
-        due = self.outbox.next_due()
+            logger.exception("outbox: delivery pass to %s failed", self.name)
+        due = sender.outbox.next_due(self.name)
         if due is None:
-            return self.poll_s
-        return max(0.0, min(self.poll_s, due - self.outbox.clock()))
+            return sender.poll_s
+        return max(0.0, min(sender.poll_s, due - sender.outbox.clock()))

@@ -7,6 +7,7 @@ objects -> outbox -> C-STORE.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -226,6 +227,45 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     again = wait_for(lambda: finished_job(node, job.study_instance_uid, 2), timeout=120,
                      what="the reopened study's job")  # fmt: skip
     assert again.state == DONE and again.attempts == 1, again.reason
+
+
+def test_a_destination_that_hangs_does_not_hold_up_the_others(  # type: ignore[no-untyped-def]
+    run_node, patient, planning_system, tmp_path
+) -> None:
+    """The PACS takes the connection and never answers (a hung service behind its port): each
+    attempt to it waits node-side timeouts (30 s for the A-ASSOCIATE-AC). The planning system's
+    results do not wait behind it: every destination has its own delivery loop."""
+    import socket
+    import threading
+
+    pre, _ = patient
+    tps, at_tps = planning_system
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed at the end of the test
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    hung = Destination(name="pacs", ae_title="PACS", host="127.0.0.1",
+                       port=listener.getsockname()[1])  # fmt: skip
+    node = run_node(dataclasses.replace(make_settings(tmp_path / "data"), destinations=(hung, tps)))
+    try:
+        started = time.monotonic()
+        storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+        job = wait_for(lambda: settled_job(node), timeout=120, what="the job")
+        assert job.state == DONE, job.reason
+        sent = all_sent(node, "tps", timeout=25)
+        assert sent == len(list(at_tps.iterdir())) > 0
+        assert time.monotonic() - started < 30  # the PACS's first attempt has not timed out
+        pacs = node.outbox.counts()["pacs"]  # nothing delivered there: its attempt hangs
+        assert "sent" not in pacs and set(pacs) <= {"sending", "pending"}, pacs
+    finally:
+        listener.close()
+        for conn in held:  # the PACS's pending association fails at once
+            conn.close()
 
 
 def test_storage_waits_double_up_to_an_hour() -> None:
