@@ -506,18 +506,10 @@ class JobStore:
         """Studies whose files retention removed at ``removed_before`` or earlier, with no
         instance in the spool since, none pending assembly and every job ended (done, failed
         or superseded), oldest removal first."""
-        ended = (DONE, FAILED, SUPERSEDED)
         with self._lock:
             rows = self._conn.execute(
-                "SELECT s.study_instance_uid, s.removed_at, (SELECT group_concat(id) FROM jobs "
-                "WHERE study_instance_uid = s.study_instance_uid), (SELECT count(*) FROM "
-                "instances WHERE study_instance_uid = s.study_instance_uid) FROM studies s "
-                "WHERE s.removed_at IS NOT NULL AND s.removed_at <= ? AND s.pending = 0 "
-                "AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_instance_uid = "
-                "s.study_instance_uid AND i.removed_at IS NULL) AND NOT EXISTS (SELECT 1 FROM "
-                "jobs j WHERE j.study_instance_uid = s.study_instance_uid AND j.state NOT IN "
-                "(?, ?, ?)) ORDER BY s.removed_at",
-                (removed_before, *ended),
+                f"{_FORGETTABLE} AND s.removed_at <= ? ORDER BY s.removed_at",
+                (*_ENDED, removed_before),
             ).fetchall()
         return [ForgetCandidate(str(r[0]), float(r[1]), _ids(r[2]), int(r[3])) for r in rows]
 
@@ -531,15 +523,10 @@ class JobStore:
         changed since ``candidate`` was read (an instance came, a job started)."""
         with self.transaction() as db:
             row = db.execute(
-                "SELECT removed_at, pending, (SELECT group_concat(id) FROM jobs WHERE "
-                "study_instance_uid = ?), EXISTS (SELECT 1 FROM instances WHERE "
-                "study_instance_uid = ? AND removed_at IS NULL), (SELECT count(*) FROM jobs "
-                "WHERE study_instance_uid = ? AND state NOT IN (?, ?, ?)) FROM studies WHERE "
-                "study_instance_uid = ?",
-                (*[candidate.study_instance_uid] * 3, DONE, FAILED, SUPERSEDED,
-                 candidate.study_instance_uid),
-            ).fetchone()  # fmt: skip
-            if row is None or row[0] != candidate.removed_at or row[1] or row[3] or row[4]:
+                f"{_FORGETTABLE} AND s.study_instance_uid = ?",
+                (*_ENDED, candidate.study_instance_uid),
+            ).fetchone()
+            if row is None or row[1] != candidate.removed_at:
                 return None
             jobs = _ids(row[2])
             if jobs != candidate.job_ids or not release(jobs):
@@ -1139,6 +1126,20 @@ class JobStore:
             out["studies_forgotten"] = int(forgotten[0]) if forgotten else 0  # by retention
         return out
 
+
+#: the job states after which a study's records may be forgotten
+_ENDED = (DONE, FAILED, SUPERSEDED)
+#: studies whose records retention may forget (files removed, no instance in the spool since,
+#: not pending, every job ended), each with its removal time, job ids and instance rows;
+#: parameters: the three states of _ENDED
+_FORGETTABLE = (
+    "SELECT s.study_instance_uid, s.removed_at, (SELECT group_concat(id) FROM jobs WHERE "
+    "study_instance_uid = s.study_instance_uid), (SELECT count(*) FROM instances WHERE "
+    "study_instance_uid = s.study_instance_uid) FROM studies s WHERE s.removed_at IS NOT NULL "
+    "AND s.pending = 0 AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_instance_uid = "
+    "s.study_instance_uid AND i.removed_at IS NULL) AND NOT EXISTS (SELECT 1 FROM jobs j WHERE "
+    "j.study_instance_uid = s.study_instance_uid AND j.state NOT IN (?, ?, ?))"
+)
 
 #: the ``forgotten`` table's totals
 _FORGOTTEN_DONE, _FORGOTTEN_SECONDS, _FORGOTTEN_STUDIES = (
