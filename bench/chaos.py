@@ -30,9 +30,10 @@ import yaml
 
 from bench.report import update_section
 from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
-from dicom_node.local_pacs import OrthancServer, free_port
+from dicom_node.local_pacs import OrthancServer
 from dicom_node.outbox import Outbox
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.ports import free_port
 from inference.synthetic.cohort import generate_patient
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,9 +32,10 @@ import yaml
 from pydicom import dcmread
 
 from bench.report import update_section
-from dicom_node.local_pacs import OrthancServer, free_port
+from dicom_node.local_pacs import OrthancServer
 from dicom_node.outbox import Outbox
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.ports import free_port
 from dicom_node.scu import Destination
 from inference.bundled import model_option
 from inference.model_dir import read_model_yaml

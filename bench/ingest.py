@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,17 +39,12 @@ import yaml
 from pynetdicom import AE
 
 from bench.report import tool_version, update_section
+from dicom_node.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SERIES = REPO.parent / "shared" / "data" / "real" / "tcia_sts001_mr_rtstruct" / "MR_T1"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, timeout: float = 30) -> None:
@@ -119,7 +113,7 @@ def _timed(
 
 
 def run_storescp(files: list[Path], work: Path) -> Timing:
-    port = _free_port()
+    port = free_port()
     out = work / "storescp"
     out.mkdir()
     cmd = [STORESCP, "-aet", "GLIOFORECAST", "-od", str(out), str(port)]
@@ -129,7 +123,7 @@ def run_storescp(files: list[Path], work: Path) -> Timing:
 def run_storescp_ignore(files: list[Path], work: Path) -> Timing:
     """storescp --ignore: receives every instance and answers success, stores nothing. What the
     sender and the loopback cost, with a receiver that does as little as dcmtk can."""
-    port = _free_port()
+    port = free_port()
     cmd = [STORESCP, "--ignore", "-aet", "GLIOFORECAST", str(port)]
     return _timed(cmd, port, files, None)
 
@@ -150,7 +144,7 @@ def _node_cmd(work: Path, port: int) -> list[str]:
 
 
 def run_node(files: list[Path], work: Path, tree: Path = REPO) -> Timing:
-    port = _free_port()
+    port = free_port()
     cmd = _node_cmd(work, port)
     spool = work / "node" / "spool"
     return _timed(cmd, port, files, lambda: len(list(spool.glob("[!.]*/*/*.dcm"))), tree)
@@ -192,13 +186,13 @@ else:
 
 def run_pynetdicom_floor(files: list[Path], work: Path) -> Timing:
     """A bare pynetdicom SCP that answers success and stores nothing: the library's floor."""
-    port = _free_port()
+    port = free_port()
     return _timed([sys.executable, "-c", FLOOR_SCP, str(port)], port, files, None)
 
 
 def run_pynetdicom_floor_event_driven(files: list[Path], work: Path) -> Timing:
     """The same bare SCP with dicom_node.fastpath's event-driven reactors."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-c", FLOOR_SCP, str(port), "event-driven"]
     return _timed(cmd, port, files, None)
 
@@ -328,18 +322,18 @@ def main(argv: list[str] | None = None) -> int:
     idle: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
         for key, associate in (("serve", False), ("serve-assoc", True)):
-            port = _free_port()
+            port = free_port()
             work = Path(tmp) / key
             work.mkdir()
             idle[key] = idle_cpu(_node_cmd(work, port), port, args.idle_seconds, associate)
         if baseline_dir is not None:
             for key, associate in (("baseline", False), ("baseline-assoc", True)):
-                port = _free_port()
+                port = free_port()
                 work = Path(tmp) / key
                 work.mkdir()
                 cmd = _node_cmd(work, port)
                 idle[key] = idle_cpu(cmd, port, args.idle_seconds, associate, baseline_dir)
-        port = _free_port()
+        port = free_port()
         floor_cmd = [sys.executable, "-c", FLOOR_SCP, str(port)]
         idle["floor-assoc"] = idle_cpu(floor_cmd, port, args.idle_seconds, True)
     if baseline_dir is not None:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.report import update_section
+from dicom_node.ports import free_port
 from dicom_node.service import Node
 from dicom_node.settings import WebClient, load_settings
 
@@ -51,15 +51,9 @@ def _stop_seconds(root: Path) -> float:
     return time.perf_counter() - started
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _idle_cpu_percent(root: Path, seconds: float) -> float:
     serve = [str(Path(sys.executable).parent / "glioforecast"), "serve", "--port",
-             str(_free_port()), "--data-dir", str(root / "idle")]  # fmt: skip
+             str(free_port()), "--data-dir", str(root / "idle")]  # fmt: skip
     proc = subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(6)

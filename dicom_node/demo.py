@@ -41,11 +41,11 @@ from dicom_node.local_pacs import (
     OrthancServer,
     StoredSeries,
     find_orthanc,
-    free_port,
     orthanc_candidates,
 )
 from dicom_node.outbox import Outbox
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.ports import free_port
 from dicom_node.scu import Destination
 from dicom_node.sender import collect_files, echo, send_files
 from dicom_node.settings import load_settings

@@ -40,6 +40,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import commitment
 from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.instance import InstanceInfo, check_pixel_data
+from dicom_node.ports import free_port
 from dicom_node.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -80,12 +81,6 @@ def find_orthanc() -> str | None:
 
 #: Orthanc's DICOMweb plugin as Debian installs it (package orthanc-dicomweb)
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import IO
 
-from tests.conftest import free_port, listening, tool
+from dicom_node.ports import free_port
+from tests.conftest import listening, tool
 
 CONFIG = """\
 global(workDirectory="{work}" maxMessageSize="64k"

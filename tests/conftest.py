@@ -92,15 +92,6 @@ def start_listener(command: list[str], port: int, **popen: Any) -> subprocess.Po
     return proc
 
 
-def free_port() -> int:
-    """A TCP port that is free on localhost right now (for subprocesses that need a number)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
     """Throw-away certificates (openssl): a CA; a server certificate for 127.0.0.1 and

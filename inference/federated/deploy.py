@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dicom_node.ports import free_port
 from inference.federated.certs import NodeKey, check_certificates
 
 APP_MODULE = "glioforecast_federated_app"
@@ -290,14 +291,6 @@ def wait_for_port(host: str, port: int, timeout: float, proc: Any = None) -> Non
 
 # ------------------------------------------------------------------------------------------
 # a whole deployment on one machine (tests, benchmarks, demos)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Loopback:

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
+from dicom_node.ports import free_port
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings
-from tests.conftest import free_port, start_listener, tool
+from tests.conftest import start_listener, tool
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:

@@ -8,7 +8,8 @@ import dataclasses
 import re
 import subprocess
 
-from tests.conftest import REPO, free_port, tool, wait_for
+from dicom_node.ports import free_port
+from tests.conftest import REPO, tool, wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_health import get
 from tests.dicom_node.test_scp import storescu

@@ -18,9 +18,10 @@ from dicom_node.backup import MANIFEST, _settle_outbox
 from dicom_node.cli import EXIT_FAILED, EXIT_OK, main
 from dicom_node.jobs import FAILED
 from dicom_node.outbox import Outbox
+from dicom_node.ports import free_port
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings
-from tests.conftest import free_port, start_listener, tool, wait_for
+from tests.conftest import start_listener, tool, wait_for
 from tests.dicom_node.conftest import all_sent, make_settings
 from tests.dicom_node.test_scp import storescu
 from tests.factories import small_study

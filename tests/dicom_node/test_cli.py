@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import build_parser, main
+from dicom_node.ports import free_port
 from dicom_node.settings import AllowedCaller
 from tests import factories
-from tests.conftest import REPO, free_port, tool, wait_for
+from tests.conftest import REPO, tool, wait_for
 
 GLIOFORECAST = [sys.executable, "-m", "dicom_node.cli"]
 

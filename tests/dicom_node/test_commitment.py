@@ -469,7 +469,7 @@ def test_check_destinations_says_which_take_results_as_configured(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from dicom_node.cli import main
-    from tests.conftest import free_port
+    from dicom_node.ports import free_port
 
     node = run_node()  # a peer that stores, but does no storage commitment
     good = pacs.destination()

@@ -19,8 +19,9 @@ import pydicom
 import yaml
 
 from dicom_node.jobs import SUPERSEDED, JobStore
+from dicom_node.ports import free_port
 from tests import factories
-from tests.conftest import REPO, free_port, tool, wait_for
+from tests.conftest import REPO, tool, wait_for
 
 KILLS = 6
 SEED = 20261121

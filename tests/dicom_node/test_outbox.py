@@ -13,8 +13,9 @@ from pydicom.dataset import Dataset
 from dicom_node.errors import SendError
 from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
 from dicom_node.outbox_cli import outbox_path, register
+from dicom_node.ports import free_port
 from dicom_node.scu import Destination
-from tests.dicom_node.test_scu import StoreSCP, free_port
+from tests.dicom_node.test_scu import StoreSCP
 from tests.sr_writer.synthetic_job import default_outputs
 
 

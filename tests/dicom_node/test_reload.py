@@ -19,6 +19,7 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
+from dicom_node.ports import free_port
 from dicom_node.reload import COMMITMENT_OFFERED, plan_reload
 from dicom_node.settings import (
     AllowedCaller,
@@ -28,7 +29,7 @@ from dicom_node.settings import (
     TLSSettings,
     load_settings,
 )
-from tests.conftest import REPO, free_port, tool, wait_for
+from tests.conftest import REPO, tool, wait_for
 from tests.dicom_node.conftest import all_sent, make_settings, storescp_destination
 from tests.dicom_node.test_audit import check_schema
 from tests.dicom_node.test_scp import echoscu, storescu

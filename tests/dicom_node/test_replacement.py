@@ -15,11 +15,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from dicom_node.outbox import _OUTBOX_TABLE, Outbox, deliver_due
+from dicom_node.ports import free_port
 from dicom_node.scu import VERIFICATION, Destination
 from dicom_node.sender import check_destination
 from sr_writer.labels import is_labelled_description, name_uid
 from sr_writer.rejection import REJECTED_FOR_QUALITY_REASONS, rejected_uids
-from tests.conftest import free_port
 from tests.dicom_node.conftest import storescp_destination
 from tests.dicom_node.test_scu import ALL_CLASSES, StoreSCP
 from tests.sr_writer.synthetic_job import default_outputs

@@ -15,12 +15,12 @@ from dicom_node.assembler import Assembler
 from dicom_node.cli import main
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import FAILED, RETRIEVING, JobStore
+from dicom_node.ports import free_port
 from dicom_node.retrieve import Patient, Retriever, date_range, rt_studies
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings, warnings_of
 from dicom_node.spool import Spool
 from tests import factories
-from tests.conftest import free_port
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_jobs import _receive
 

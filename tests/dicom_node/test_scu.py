@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.errors import SendError
+from dicom_node.ports import free_port
 from dicom_node.scu import Destination, presentation_contexts, store_batch
 from tests.sr_writer.synthetic_job import default_outputs
 
@@ -90,12 +90,6 @@ def scp() -> Iterator[StoreSCP]:
     s = StoreSCP().start()
     yield s
     s.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _objects() -> list[Dataset]:

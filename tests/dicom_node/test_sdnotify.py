@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO, free_port
+from dicom_node.ports import free_port
+from tests.conftest import REPO
 
 
 def test_serve_notifies_ready_watchdog_and_stopping(tmp_path: Path) -> None:

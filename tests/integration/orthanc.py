@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.local_pacs import DICOMWEB_PLUGIN, OrthancServer, find_orthanc, free_port
+from dicom_node.local_pacs import DICOMWEB_PLUGIN, OrthancServer, find_orthanc
 
-__all__ = ["OrthancServer", "dicomweb_plugin", "free_port", "orthanc_binary"]
+__all__ = ["OrthancServer", "dicomweb_plugin", "orthanc_binary"]
 
 
 def orthanc_binary() -> str:

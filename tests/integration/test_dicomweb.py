@@ -18,12 +18,13 @@ from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import ConfigError, SendError
 from dicom_node.jobs import DONE
 from dicom_node.outbox import Outbox, deliver_due
+from dicom_node.ports import free_port
 from dicom_node.scu import Destination
 from dicom_node.settings import Destination as DestinationSettings
 from dicom_node.settings import DicomWebSettings, WebClient, load_settings
 from inference.synthetic.cohort import generate_patient
 from tests.audit_repository import event_id
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
 from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _participants, check_schema
 from tests.dicom_node.test_scp import storescu

@@ -16,13 +16,14 @@ import pytest
 from PIL import Image
 
 from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy, deliver_due
+from dicom_node.ports import free_port
 from dicom_node.scu import store_batch
 from sr_writer.labels import is_labelled_description
 from sr_writer.notice import NOTICE_DESCRIPTION, build_failure_notice
 from sr_writer.outputs import JobOutputs, build_outputs
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from sr_writer.secondary_capture import BANNER_BG_RGB, BANNER_TEXT_RGB, OUTLINE_RGB, banner_height
-from tests.integration.orthanc import OrthancServer, free_port, orthanc_binary
+from tests.integration.orthanc import OrthancServer, orthanc_binary
 from tests.sr_writer.synthetic_job import (
     PATIENT_NAME,
     default_case,

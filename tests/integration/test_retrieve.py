@@ -20,6 +20,7 @@ from pynetdicom.dsutils import decode
 from dicom_node.audit import to_text
 from dicom_node.cli import main
 from dicom_node.jobs import DONE, FAILED, RETRIEVING, SUPERSEDED
+from dicom_node.ports import free_port
 from dicom_node.retrieve import FIND
 from dicom_node.scu import Destination
 from dicom_node.settings import AllowedCaller, DicomWebSettings
@@ -28,7 +29,7 @@ from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
 from sr_writer.labels import series_description
 from tests.audit_repository import event_id
-from tests.conftest import free_port, start_listener, tool, wait_for
+from tests.conftest import start_listener, tool, wait_for
 from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
