@@ -47,7 +47,7 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 
 
-def _wait_listening(port: int, timeout: float = 30) -> None:
+def wait_listening(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ok = subprocess.run(
@@ -85,7 +85,7 @@ def _receiver(cmd: list[str], port: int, cwd: Path = REPO) -> Iterator[subproces
         cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait_listening(port)
+        wait_listening(port)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -128,7 +128,7 @@ def run_storescp_ignore(files: list[Path], work: Path) -> Timing:
     return _timed(cmd, port, files, None)
 
 
-def _node_cmd(work: Path, port: int) -> list[str]:
+def node_cmd(work: Path, port: int) -> list[str]:
     config = work / "node.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -145,7 +145,7 @@ def _node_cmd(work: Path, port: int) -> list[str]:
 
 def run_node(files: list[Path], work: Path, tree: Path = REPO) -> Timing:
     port = free_port()
-    cmd = _node_cmd(work, port)
+    cmd = node_cmd(work, port)
     spool = work / "node" / "spool"
     return _timed(cmd, port, files, lambda: len(list(spool.glob("[!.]*/*/*.dcm"))), tree)
 
@@ -325,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             work = Path(tmp) / key
             work.mkdir()
-            idle[key] = idle_cpu(_node_cmd(work, port), port, args.idle_seconds, associate)
+            idle[key] = idle_cpu(node_cmd(work, port), port, args.idle_seconds, associate)
         if baseline_dir is not None:
             for key, associate in (("baseline", False), ("baseline-assoc", True)):
                 port = free_port()
                 work = Path(tmp) / key
                 work.mkdir()
-                cmd = _node_cmd(work, port)
+                cmd = node_cmd(work, port)
                 idle[key] = idle_cpu(cmd, port, args.idle_seconds, associate, baseline_dir)
         port = free_port()
         floor_cmd = [sys.executable, "-c", FLOOR_SCP, str(port)]

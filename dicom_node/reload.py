@@ -30,6 +30,8 @@ from dicom_node.settings import Settings
 #: the settings later is restart-only until it is listed here)
 LIVE_KEYS = (
     "node.refuse_unknown_callers",
+    "node.max_connections",  # the next connection
+    "node.max_connections_per_host",
     "node.allowed_callers",
     # the receiver's TLS files and client check (the next handshake); TLS on or off: a restart
     "node.tls.certificate",

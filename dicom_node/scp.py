@@ -18,15 +18,19 @@ processing failure (the spool or database failed otherwise).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import io
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -388,13 +392,117 @@ class HandshakeInThread:
                 reason = tls_failure_reason(exc)
                 log.warning("TLS handshake from %s failed: %s", host, reason)
                 self.on_tls_failure(host, reason)
-                return  # the caller closes the socket
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
             request.settimeout(timeout)
         super().finish_request(request, client_address)  # type: ignore[misc]
 
 
-class _Server(HandshakeInThread, ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake in each connection's thread."""
+class ConnectionLimit:
+    """A mixin for a threaded ``socketserver`` server (the DICOM receiver, the STOW-RS receiver)
+    that holds at most ``limits()[0]`` connections open at once, and at most ``limits()[1]``
+    from one address (``node.max_connections``, ``node.max_connections_per_host``).
+
+    Every connection costs a file descriptor and a thread (two for a DICOM one: the
+    association's and its DUL's) from the moment it is accepted, whether or not it ever sends a
+    byte, until a timeout closes it. Without a cap, a port scanner or a router that opens
+    connections faster than the timeouts close them would use up the node's threads (systemd's
+    ``TasksMax``) or descriptors, and with them the workers and the spool's writes. A connection
+    over either limit is closed at once, before a thread starts for it: the sender sees the
+    connection closed and retries, as after any network error. Refusals are logged and go to
+    :attr:`on_refused` (the audit trail) at most once a minute per address, with the number
+    refused in between; :attr:`refused` counts them by the setting they were over. An
+    ``accept`` that fails for want of descriptors is counted (``accept_failed``) and logged the
+    same way, and the loop pauses instead of spinning on the listening socket, which stays
+    readable.
+    """
+
+    listener = "receiver"
+    #: connections the kernel queues until the loop accepts them (``socketserver`` has 5: a
+    #: burst of six, a router opening its associations at once, lost one connection request,
+    #: and that sender waited a second for TCP to send it again)
+    request_queue_size = 128
+    limits: Callable[[], tuple[int, int]] = staticmethod(lambda: (100, 20))
+    on_refused: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
+    #: seconds between two reports of refused connections from one address
+    report_every_s = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: list[tuple[weakref.ref[socket.socket], str]] = []
+        self._open_lock = threading.Lock()
+        self._reported: dict[str, tuple[float, int]] = {}
+        self.refused: collections.Counter[str] = collections.Counter()
+        super().__init__(*args, **kwargs)
+
+    def _still_open(self) -> list[tuple[weakref.ref[socket.socket], str]]:
+        """The connections not closed yet (under ``_open_lock``)."""
+        alive = []
+        for ref, host in self._open:
+            sock = ref()
+            if sock is not None and sock.fileno() != -1:
+                alive.append((ref, host))
+        self._open = alive
+        return alive
+
+    @property
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return len(self._still_open())
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        try:
+            return super().get_request()  # type: ignore[misc]
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._refuse("", "accept_failed", f"cannot accept a connection: {exc}")
+                time.sleep(0.1)
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        most, most_from_host = self.limits()
+        with self._open_lock:
+            open_now = self._still_open()
+            from_host = sum(1 for _, h in open_now if h == host)
+            if len(open_now) >= most:
+                kind = "max_connections"
+                reason = f"{len(open_now)} connections open, node.max_connections is {most}"
+            elif from_host >= most_from_host:
+                kind = "max_connections_per_host"
+                reason = (f"{from_host} connections open from {host}, "
+                          f"node.max_connections_per_host is {most_from_host}")  # fmt: skip
+            else:
+                self._open.append((weakref.ref(request), host))
+                return bool(super().verify_request(request, client_address))  # type: ignore[misc]
+        self._refuse(host, kind, reason)
+        return False
+
+    def _refuse(self, host: str, kind: str, reason: str) -> None:
+        self.refused[kind] += 1
+        now = time.monotonic()
+        with self._open_lock:
+            since, quiet = self._reported.get(host, (-math.inf, 0))
+            if now - since < self.report_every_s:
+                self._reported[host] = (since, quiet + 1)
+                return
+            if len(self._reported) >= 1024:  # addresses that stopped: forget them
+                self._reported = {h: r for h, r in self._reported.items()
+                                  if now - r[0] < self.report_every_s}  # fmt: skip
+            self._reported[host] = (now, 0)
+        if quiet:
+            reason += f" (and {quiet} more since this was last reported)"
+        if not host:  # no connection: the node is short of descriptors, not under a caller
+            log.warning("%s: %s", self.listener, reason)
+            return
+        log.warning("%s: connection from %s closed at once: %s", self.listener, host, reason)
+        self.on_refused(host, f"connection closed at once: {reason}")
+
+
+class _Server(ConnectionLimit, HandshakeInThread, ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the TLS handshake in each connection's thread and a
+    cap on the connections it holds."""
+
+    listener = "DICOM receiver"
 
 
 #: OpenSSL's reasons for a failed server-side handshake, in words
@@ -540,6 +648,16 @@ class StorageSCP:
         if self.audit.enabled:
             with self._received_lock:
                 self._received[id(assoc)] = _Received(calling, host, certificate)
+
+    def connection_limits(self) -> tuple[int, int]:
+        """The connections a listener of the node holds at most, in all and from one address
+        (read at each connection: a reload changes them)."""
+        return self.settings.max_connections, self.settings.max_connections_per_host
+
+    def connection_refused(self, host: str, reason: str) -> None:
+        """A listener of the node closed a connection over its limits (reported once a minute
+        per address)."""
+        self.audit.refused("", host, reason)
 
     def tls_failure(self, host: str, reason: str) -> None:
         """A client's TLS handshake failed (this receiver's or the STOW-RS receiver's)."""
@@ -793,6 +911,8 @@ class StorageSCP:
             assert isinstance(server, _Server)
             server.handshake_timeout_s = self.settings.acse_timeout_s
             server.on_tls_failure = self.tls_failure
+            server.limits = self.connection_limits
+            server.on_refused = self.connection_refused
         except OSError as exc:
             raise GlioforecastError(
                 f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "

@@ -32,7 +32,7 @@ from dicom_node.reload import files_key, plan_reload, secret_files
 from dicom_node.retention import forget, prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
-from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
+from dicom_node.scp import ANNOTATION_CLASSES, ConnectionLimit, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings, TLSSettings, warnings_of
@@ -523,6 +523,20 @@ class Node:
                 samples.append(("glioforecast_stow_requests_total",
                                 "STOW-RS requests answered, by HTTP status", {"code": str(code)},
                                 n))  # fmt: skip
+        listeners = [("dicom", self.scp.server), ("stow", self.stow and self.stow.server)]
+        for name, server in listeners:
+            if isinstance(server, ConnectionLimit):
+                samples.append(("glioforecast_connections_open",
+                                "connections a listener holds open (associations or not)",
+                                {"listener": name}, server.open_connections))  # fmt: skip
+        for name, server in listeners:
+            if isinstance(server, ConnectionLimit):
+                for limit in ("max_connections", "max_connections_per_host", "accept_failed"):
+                    samples.append(("glioforecast_connections_refused_total",
+                                    "connections closed at once, by the limit they were over "
+                                    "(accept_failed: no file descriptor left)",
+                                    {"listener": name, "reason": limit},
+                                    server.refused[limit]))  # fmt: skip
         for state in JOB_STATES:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
         samples += [

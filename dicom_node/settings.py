@@ -166,6 +166,10 @@ class NodeSettings:
     bind_address: str = field(default="127.0.0.1", metadata=_spec("", check=_check_bind))
     port: int = field(default=11112, metadata=_spec("", minimum=1, maximum=65535))
     max_associations: int = field(default=10, metadata=_spec("", minimum=1, maximum=1000))
+    # connections held open at once by each listener (DICOM, STOW-RS), in all and from one
+    # address, associations or not (dicom_node.scp.ConnectionLimit)
+    max_connections: int = field(default=100, metadata=_spec("", minimum=1, maximum=10000))
+    max_connections_per_host: int = field(default=20, metadata=_spec("", minimum=1, maximum=10000))
     max_pdu_bytes: int = field(
         default=262144, metadata=_spec("0 = unlimited", minimum=0, maximum=2**32 - 1)
     )
@@ -767,6 +771,12 @@ def _cross_checks(s: Settings) -> list[str]:
                 "client certificate is only known once verified against them), found "
                 + ("no node.tls.ca_certificates" if tls.enabled else "node.tls off")
             )
+    if s.node.max_connections < s.node.max_associations:
+        problems.append(
+            f"node.max_connections: expected at least max_associations "
+            f"({s.node.max_associations}): every association is a connection; found "
+            f"{s.node.max_connections}"
+        )
     if s.node.refuse_unknown_callers and not s.node.allowed_callers:
         problems.append(
             "node.allowed_callers: expected at least one caller when refuse_unknown_callers "

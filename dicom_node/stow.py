@@ -54,6 +54,7 @@ from dicom_node.scp import (
     STORAGE_CLASSES,
     SUCCESS,
     TRANSFER_SYNTAXES,
+    ConnectionLimit,
     HandshakeInThread,
     Origin,
     Part10,
@@ -330,8 +331,9 @@ class Admitted:
     certificate: frozenset[str] | None = None  # the names of the client's TLS certificate
 
 
-class _HttpServer(HandshakeInThread, ThreadingHTTPServer):
+class _HttpServer(ConnectionLimit, HandshakeInThread, ThreadingHTTPServer):
     daemon_threads = True
+    listener = "STOW-RS receiver"
 
 
 class StowReceiver:
@@ -630,6 +632,8 @@ class StowReceiver:
         server.ssl_context = self.scp.ssl_context
         server.handshake_timeout_s = self.scp.settings.acse_timeout_s
         server.on_tls_failure = self.scp.tls_failure
+        server.limits = self.scp.connection_limits
+        server.on_refused = self.scp.connection_refused
         self.server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name=f"stow-rs:{self.port}", daemon=True

@@ -2,8 +2,9 @@
 
 Over 300 malformed instances (garbage bytes, truncations, missing or oversized UIDs, impossible
 image sizes, mismatched instance UIDs), unknown callers, studies with missing roles or a
-structure set on another frame of reference, and 8 concurrent senders: the service stays up,
-every refusal carries a status or a reason, and every instance answered with success is on disk.
+structure set on another frame of reference, 8 concurrent senders, and floods of connections that
+say nothing: the service stays up, every refusal carries a status or a reason, and every instance
+answered with success is on disk.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from dicom_node.scu import hold_reactor
 from dicom_node.settings import AllowedCaller
 from tests import factories
 from tests.conftest import tool, wait_for
-from tests.dicom_node.test_scp import echoscu
+from tests.dicom_node.test_scp import echoscu, storescu
+from tests.dicom_node.test_stow import _stow
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -263,3 +265,133 @@ def test_bad_studies_fail_with_a_reason_and_many_senders_at_once(run_node, tmp_p
     foreign = [r for r in reasons if "1.2.826.0.1.999" in r]
     assert len(foreign) == 8 and all("expected the same frame of reference" in r for r in foreign)
     assert all(r for r in reasons)  # every failure says why
+
+
+def _connect_from(source: str, port: int):  # type: ignore[no-untyped-def]
+    """A TCP connection to the node's port from ``source`` (another loopback address), that
+    says nothing."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _closed_at_once(sock, within_s: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the node closes ``sock`` within ``within_s`` without a byte sent either way."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, caplog
+) -> None:
+    """A port scanner (here at 127.0.0.2) that opens connections and says nothing holds at
+    most node.max_connections_per_host of them: the rest are closed before a thread starts for
+    them, and a scanner at another address still stores. Over node.max_connections in all, a
+    sender's connection is closed too, and its retry goes through once connections close. The
+    refusals are logged and audited once a minute per address, and counted in the metrics."""
+    import logging
+    import xml.etree.ElementTree as ET
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    audit_file = tmp_path / "audit.log"
+    node = run_node(
+        node={"max_connections": 5, "max_connections_per_host": 3, "max_associations": 2},
+        audit={"enabled": True, "file": audit_file},
+    )
+    port = node.scp.port
+    scanner = [_connect_from("127.0.0.2", port) for _ in range(10)]
+    others: list = []
+    try:
+        assert all(_closed_at_once(s) for s in scanner[3:])
+        assert not any(_closed_at_once(s, within_s=0.3) for s in scanner[:3])
+        study = factories.small_study(tmp_path / "in")
+        sent = storescu(port, study["t1c"][0])
+        assert "Received Store Response (Success)" in sent.stderr, sent.stderr
+        assert wait_for(lambda: node.scp.server.open_connections == 3, what="the store's end")
+        others = [_connect_from("127.0.0.3", port) for _ in range(2)]  # five open in all
+        assert not any(_closed_at_once(s, within_s=0.3) for s in others)
+        assert echoscu(port).returncode != 0
+    finally:
+        for sock in scanner + others:
+            sock.close()
+    assert wait_for(lambda: echoscu(port).returncode == 0, what="the echo once they closed")
+    said = [r.getMessage() for r in caplog.records if "closed at once" in r.getMessage()]
+    from_scanner = [m for m in said if "from 127.0.0.2" in m]
+    assert from_scanner == [
+        "DICOM receiver: connection from 127.0.0.2 closed at once: 3 connections open from "
+        "127.0.0.2, node.max_connections_per_host is 3"
+    ], said
+    assert any("5 connections open, node.max_connections is 5" in m for m in said), said
+    metrics = node.metrics()
+    assert (
+        'glioforecast_connections_refused_total{listener="dicom",'
+        'reason="max_connections_per_host"} 7'
+    ) in metrics
+    assert 'glioforecast_connections_open{listener="dicom"}' in metrics
+
+    def alerts() -> list[str]:
+        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
+        return [
+            ET.fromstring(line).findtext("EventIdentification/EventOutcomeDescription") or ""
+            for line in lines
+        ]
+
+    assert wait_for(
+        lambda: [a for a in alerts() if "3 connections open from 127.0.0.2" in a],
+        what="a security alert for the scanner",
+    ) == ["connection closed at once: 3 connections open from 127.0.0.2, "
+          "node.max_connections_per_host is 3"]  # fmt: skip
+
+
+def test_the_stow_rs_receiver_holds_as_few_connections(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The limits hold for the STOW-RS port too (an HTTP client that opens connections and
+    sends nothing holds a thread each until node.network_timeout_s)."""
+    import http.client
+
+    node = run_node(node={"max_connections_per_host": 2}, stow=_stow(tmp_path))
+    port = node.stow.port
+    idle = [_connect_from("127.0.0.2", port) for _ in range(4)]
+    try:
+        assert [_closed_at_once(s, within_s=0.3 if n < 2 else 5) for n, s in enumerate(idle)] == [
+            False, False, True, True
+        ]  # fmt: skip
+        web = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        web.request("GET", "/dicom-web/studies")
+        assert web.getresponse().status == 405  # answered (a GET is not STOW-RS), not closed
+        web.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert (
+        'glioforecast_connections_refused_total{listener="stow",'
+        'reason="max_connections_per_host"} 2'
+    ) in node.metrics()
+
+
+def test_a_burst_of_connection_requests_is_not_delayed(run_node) -> None:  # type: ignore[no-untyped-def]
+    """A router opens its associations at once: every connection request of a burst of 40 is
+    queued by the kernel until the receiver accepts it. With the listen backlog of Python's
+    ``socketserver`` (5) the kernel dropped the requests beyond it, and TCP sent each of them
+    again a second later."""
+    import time
+
+    node = run_node(node={"max_connections_per_host": 40, "max_associations": 40,
+                          "max_connections": 40})  # fmt: skip
+    socks, slowest = [], 0.0
+    try:
+        for _ in range(40):
+            start = time.perf_counter()
+            socks.append(_connect_from("127.0.0.2", node.scp.port))
+            slowest = max(slowest, time.perf_counter() - start)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert slowest < 0.9, f"a connection request waited {slowest:.1f} s (sent again by TCP)"

@@ -205,3 +205,10 @@ def test_default_config_ships_in_the_wheel(tmp_path: Path) -> None:
     assert shipped, names
     data = yaml.safe_load(zipfile.ZipFile(wheel).read(shipped[0]))
     assert data == yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+
+
+def test_fewer_connections_than_associations_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "node: {max_associations: 20, max_connections: 10}\n")
+    with pytest.raises(ConfigError, match=r"node.max_connections: expected at least "
+                       r"max_associations \(20\).* found 10"):  # fmt: skip
+        load_settings(path)
