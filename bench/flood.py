@@ -5,7 +5,7 @@ the node. The flood opens ``--connections`` connections to the DICOM port from 1
 sends nothing on them; meanwhile dcmtk ``storescu`` sends the series from 127.0.0.1 (the
 sender the node should go on serving). Measured per receiver: the time to open the flood's
 connections (a listen backlog that overflows makes TCP send the connection request again a
-second later), the node's threads and file descriptors with the flood open, the store's time
+second later), the node's threads, file descriptors and CPU with the flood open, the store's time
 before and during the flood and whether it succeeded, and the threads a few seconds after the
 flood closed.
 
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.ingest import (
@@ -35,6 +36,7 @@ from bench.ingest import (
     ENV,
     REPO,
     STORESCU,
+    cpu_s,
     extract_revision,
     node_cmd,
     wait_listening,
@@ -73,7 +75,28 @@ def _flood(port: int, n: int) -> tuple[list[socket.socket], float]:
     return socks, time.perf_counter() - start
 
 
-def measure(tree: Path, work: Path, files: list[Path], connections: int) -> dict[str, object]:
+@dataclass(frozen=True)
+class Result:
+    idle_threads: int
+    opening_s: float  # opening the flood's connections
+    threads: int  # the node's, the flood open
+    fds: int
+    cpu: float  # cores the node used with the flood open
+    before_s: float  # the store before the flood
+    during_s: float  # the store during it
+    stored: bool  # whether that store succeeded
+    threads_after: int  # 5 s after the flood closed
+
+    def row(self, name: str) -> str:
+        during = f"{self.during_s:.2f} s, {'stored' if self.stored else 'FAILED'}"
+        return (
+            f"| {name} | {self.opening_s:.1f} s | {self.threads} ({self.idle_threads} idle) | "
+            f"{self.fds} | {100 * self.cpu:.0f} % | {self.before_s:.2f} s | {during} | "
+            f"{self.threads_after} |"
+        )
+
+
+def measure(tree: Path, work: Path, files: list[Path], connections: int) -> Result:
     port = free_port()
     proc = subprocess.Popen(
         node_cmd(work, port), cwd=tree, env=ENV,
@@ -86,6 +109,9 @@ def measure(tree: Path, work: Path, files: list[Path], connections: int) -> dict
         socks, opening = _flood(port, connections)
         try:
             threads, fds = _threads_and_fds(proc.pid)
+            cpu = cpu_s(proc.pid)
+            time.sleep(5)
+            cpu = (cpu_s(proc.pid) - cpu) / 5
             during, stored = _store(port, files)
         finally:
             for sock in socks:
@@ -95,10 +121,7 @@ def measure(tree: Path, work: Path, files: list[Path], connections: int) -> dict
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    return {
-        "idle threads": idle_threads, "open": opening, "threads": threads, "fds": fds,
-        "before": before, "during": during, "stored": stored, "after": after,
-    }  # fmt: skip
+    return Result(idle_threads, opening, threads, fds, cpu, before, during, stored, after)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             print(name, result, flush=True)
-            rows.append(
-                f"| {name} | {result['open']:.1f} s | {result['threads']} "
-                f"({result['idle threads']} idle) | {result['fds']} | {result['before']:.2f} s | "
-                f"{result['during']:.2f} s, {'stored' if result['stored'] else 'FAILED'} | "
-                f"{result['after']} |"
-            )
+            rows.append(result.row(name))
     finally:
         if baseline is not None:
             shutil.rmtree(baseline, ignore_errors=True)
@@ -146,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "(`node.max_connections` 100, `node.max_connections_per_host` 20 where the revision has "
         "them).\n\n"
         "| receiver | opening the flood | node threads, flood open | node file descriptors | "
-        "store before | store during the flood | threads 5 s after |\n"
-        "| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n"
+        "node CPU, flood open (5 s, of one core) | store before | store during the flood | "
+        "threads 5 s after |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n"
     )
     if not args.no_write:
         command = "python -m bench.flood " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -73,7 +73,7 @@ def _send(port: int, files: list[Path]) -> float:
     return elapsed
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -104,9 +104,9 @@ def _timed(
 ) -> Timing:
     """Start a receiver, time one storescu of ``files`` to it, check what it stored, stop it."""
     with _receiver(cmd, port, cwd) as proc:
-        cpu = _cpu_s(proc.pid)
+        cpu = cpu_s(proc.pid)
         elapsed = _send(port, files)
-        cpu = _cpu_s(proc.pid) - cpu
+        cpu = cpu_s(proc.pid) - cpu
         if stored is not None and stored() != len(files):
             raise RuntimeError(f"{cmd[0]} stored {stored()} files, expected {len(files)}")
         return elapsed, cpu
@@ -228,9 +228,9 @@ def idle_cpu(cmd: list[str], port: int, seconds: float, associate: bool, cwd: Pa
             if not assoc.is_established:
                 raise RuntimeError("idle check: association refused")
         time.sleep(1.0)  # let start-up work (reconciliation, first assembly pass) settle
-        cpu, start = _cpu_s(proc.pid), time.monotonic()
+        cpu, start = cpu_s(proc.pid), time.monotonic()
         time.sleep(seconds)
-        used = _cpu_s(proc.pid) - cpu
+        used = cpu_s(proc.pid) - cpu
         elapsed = time.monotonic() - start
         if assoc is not None:
             assoc.release()
