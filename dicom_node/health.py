@@ -18,7 +18,18 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from dicom_node.listener import ConnectionLimit
+
 log = logging.getLogger(__name__)
+
+
+#: seconds the health endpoint waits for a request on a connection
+REQUEST_TIMEOUT_S = 10.0
+
+
+class _HttpServer(ConnectionLimit, ThreadingHTTPServer):
+    daemon_threads = True
+    listener = "health endpoint"
 
 
 class HealthServer:
@@ -28,12 +39,22 @@ class HealthServer:
         port: int,
         summary: Callable[[], dict[str, Any]],
         metrics: Callable[[], str],
+        limits: Callable[[], tuple[int, int]] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``limits``: the connections held open at once, in all and from one address, and
+        ``on_refused`` what hears of a connection closed over them
+        (:class:`~dicom_node.listener.ConnectionLimit`; the node passes its settings' and its
+        audit trail)."""
         self.summary = summary
         self.metrics = metrics
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
+            # a probe sends its request at once: a connection that says nothing is closed
+            # after this many seconds (without it, it held its thread for ever)
+            timeout = REQUEST_TIMEOUT_S
+
             def do_GET(self) -> None:
                 try:
                     if self.path == "/health":
@@ -59,8 +80,11 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("health: " + format, *args)
 
-        self.server = ThreadingHTTPServer((bind_address, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _HttpServer((bind_address, port), Handler)
+        if limits is not None:
+            self.server.limits = limits
+        if on_refused is not None:
+            self.server.on_refused = on_refused
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="health-http", daemon=True
         )

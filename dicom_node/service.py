@@ -24,6 +24,7 @@ from dicom_node.errors import GlioforecastError
 from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
+from dicom_node.listener import ConnectionLimit
 from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
@@ -32,7 +33,7 @@ from dicom_node.reload import files_key, plan_reload, secret_files
 from dicom_node.retention import forget, prune
 from dicom_node.retrieve import Retriever, not_asked
 from dicom_node.roles import sop_class_uid
-from dicom_node.scp import ANNOTATION_CLASSES, ConnectionLimit, StorageSCP, server_ssl_context
+from dicom_node.scp import ANNOTATION_CLASSES, StorageSCP, server_ssl_context
 from dicom_node.scu import Destination
 from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings, TLSSettings, warnings_of
@@ -256,7 +257,10 @@ class Node:
         if settings.health.enabled:
             h = settings.health
             try:
-                self.health = HealthServer(h.bind_address, h.port, self.summary, self.metrics)
+                self.health = HealthServer(
+                    h.bind_address, h.port, self.summary, self.metrics,
+                    limits=self.scp.connection_limits, on_refused=self.scp.connection_refused,
+                )  # fmt: skip
             except OSError as exc:
                 raise GlioforecastError(
                     f"health endpoint: cannot listen on {h.bind_address}:{h.port} ({exc}); "
@@ -523,7 +527,11 @@ class Node:
                 samples.append(("glioforecast_stow_requests_total",
                                 "STOW-RS requests answered, by HTTP status", {"code": str(code)},
                                 n))  # fmt: skip
-        listeners = [("dicom", self.scp.server), ("stow", self.stow and self.stow.server)]
+        listeners = [
+            ("dicom", self.scp.server),
+            ("stow", self.stow and self.stow.server),
+            ("health", self.health and self.health.server),
+        ]
         for name, server in listeners:
             if isinstance(server, ConnectionLimit):
                 samples.append(("glioforecast_connections_open",

@@ -166,8 +166,8 @@ class NodeSettings:
     bind_address: str = field(default="127.0.0.1", metadata=_spec("", check=_check_bind))
     port: int = field(default=11112, metadata=_spec("", minimum=1, maximum=65535))
     max_associations: int = field(default=10, metadata=_spec("", minimum=1, maximum=1000))
-    # connections held open at once by each listener (DICOM, STOW-RS), in all and from one
-    # address, associations or not (dicom_node.scp.ConnectionLimit)
+    # connections held open at once by each listener (DICOM, STOW-RS, health), in all and from
+    # one address, associations or not (dicom_node.listener.ConnectionLimit)
     max_connections: int = field(default=100, metadata=_spec("", minimum=1, maximum=10000))
     max_connections_per_host: int = field(default=20, metadata=_spec("", minimum=1, maximum=10000))
     max_pdu_bytes: int = field(

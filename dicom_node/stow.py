@@ -48,14 +48,13 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError, OutOfSpaceError
 from dicom_node.health import stop_serving
+from dicom_node.listener import ConnectionLimit, HandshakeInThread
 from dicom_node.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
     STORAGE_CLASSES,
     SUCCESS,
     TRANSFER_SYNTAXES,
-    ConnectionLimit,
-    HandshakeInThread,
     Origin,
     Part10,
     StorageSCP,

@@ -101,3 +101,31 @@ def test_the_metrics_pass_promtool_and_keep_every_digit(run_node, tmp_path) -> N
         "# HELP x_total h\n# TYPE x_total counter\nx_total 123456789\n"
         "# HELP y h\n# TYPE y gauge\ny 0.1\n"
     )
+
+
+def test_the_health_endpoint_holds_few_silent_connections_and_not_for_long(  # type: ignore[no-untyped-def]
+    run_node, monkeypatch
+) -> None:
+    """A connection to the health port that sends no request is closed after
+    health.REQUEST_TIMEOUT_S (it held a thread for ever), and the node's connection limits hold
+    there too: a scrape still gets its answer."""
+    from dicom_node import health
+    from tests.dicom_node.test_hostile import _closed_at_once, _connect_from
+
+    monkeypatch.setattr(health, "REQUEST_TIMEOUT_S", 1.0)
+    node = run_node(node={"max_connections_per_host": 2})
+    port = node.health.port
+    silent = [_connect_from("127.0.0.2", port) for _ in range(3)]
+    try:
+        assert _closed_at_once(silent[2], within_s=0.5)  # over the limit for its address
+        assert not _closed_at_once(silent[0], within_s=0.3)
+        assert get(port, "/health")[0] == 200
+        assert all(_closed_at_once(s, within_s=5) for s in silent[:2])  # the request timeout
+    finally:
+        for sock in silent:
+            sock.close()
+    text = get(port, "/metrics")[1]
+    assert (
+        'glioforecast_connections_refused_total{listener="health",'
+        'reason="max_connections_per_host"} 1'
+    ) in text

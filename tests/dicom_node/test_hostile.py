@@ -300,7 +300,7 @@ def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(
     import logging
     import xml.etree.ElementTree as ET
 
-    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    caplog.set_level(logging.WARNING, logger="dicom_node.listener")
     audit_file = tmp_path / "audit.log"
     node = run_node(
         node={"max_connections": 5, "max_connections_per_host": 3, "max_associations": 2},
@@ -347,7 +347,7 @@ def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(
     assert wait_for(
         lambda: [a for a in alerts() if "3 connections open from 127.0.0.2" in a],
         what="a security alert for the scanner",
-    ) == ["connection closed at once: 3 connections open from 127.0.0.2, "
+    ) == ["DICOM receiver: connection closed at once: 3 connections open from 127.0.0.2, "
           "node.max_connections_per_host is 3"]  # fmt: skip
 
 

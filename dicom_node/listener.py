@@ -1,0 +1,191 @@
+"""What the node's listening servers share (the DICOM receiver, the STOW-RS receiver, the
+health endpoint): the TLS handshake in each connection's thread, and a cap on the connections
+held open at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import math
+import socket
+import ssl
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class HandshakeInThread:
+    """A mixin for a threaded ``socketserver`` server whose TLS handshake runs in each
+    connection's thread (the DICOM receiver, the STOW-RS receiver).
+
+    Wrapping an accepted socket in the accept loop, handshake included, lets one client that
+    connects and says nothing hold up every other TLS client for the network timeout (a port
+    scanner, a load balancer's TCP check). Here the accept loop only accepts; the handshake
+    runs in the connection's thread, within :attr:`handshake_timeout_s`, and a failure goes to
+    :attr:`on_tls_failure` (the log and the audit trail) with its reason.
+    """
+
+    ssl_context: ssl.SSLContext | None = None
+    on_tls_failure: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        listening: socket.socket = self.socket  # type: ignore[attr-defined]
+        client, address = listening.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            host = str(client_address[0])
+            timeout = request.gettimeout()
+            request.settimeout(self.handshake_timeout_s)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                reason = tls_failure_reason(exc)
+                log.warning("TLS handshake from %s failed: %s", host, reason)
+                self.on_tls_failure(host, reason)
+                self.shutdown_request(request)  # type: ignore[attr-defined]
+                return
+            request.settimeout(timeout)
+        super().finish_request(request, client_address)  # type: ignore[misc]
+
+
+class ConnectionLimit:
+    """A mixin for a threaded ``socketserver`` server (the DICOM receiver, the STOW-RS receiver,
+    the health endpoint) that holds at most ``limits()[0]`` connections open at once, and at
+    most ``limits()[1]`` from one address (``node.max_connections``,
+    ``node.max_connections_per_host``).
+
+    Every connection costs a file descriptor and a thread (two for a DICOM one: the
+    association's and its DUL's) from the moment it is accepted, whether or not it ever sends a
+    byte, until a timeout closes it. Without a cap, a port scanner or a router that opens
+    connections faster than the timeouts close them would use up the node's threads (systemd's
+    ``TasksMax``) or descriptors, and with them the workers and the spool's writes. A connection
+    over either limit is closed at once, before a thread starts for it: the sender sees the
+    connection closed and retries, as after any network error. Refusals are logged and go to
+    :attr:`on_refused` (the audit trail) at most once a minute per address, with the number
+    refused in between; :attr:`refused` counts them by the setting they were over. An
+    ``accept`` that fails for want of descriptors is counted (``accept_failed``) and logged the
+    same way, and the loop pauses instead of spinning on the listening socket, which stays
+    readable.
+    """
+
+    listener = "receiver"
+    #: connections the kernel queues until the loop accepts them (``socketserver`` has 5: a
+    #: burst of six, a router opening its associations at once, lost one connection request,
+    #: and that sender waited a second for TCP to send it again)
+    request_queue_size = 128
+    limits: Callable[[], tuple[int, int]] = staticmethod(lambda: (100, 20))
+    on_refused: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
+    #: seconds between two reports of refused connections from one address
+    report_every_s = 60.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: list[tuple[weakref.ref[socket.socket], str]] = []
+        self._open_lock = threading.Lock()
+        self._reported: dict[str, tuple[float, int]] = {}
+        self.refused: collections.Counter[str] = collections.Counter()
+        super().__init__(*args, **kwargs)
+
+    def _still_open(self) -> list[tuple[weakref.ref[socket.socket], str]]:
+        """The connections not closed yet (under ``_open_lock``)."""
+        alive = []
+        for ref, host in self._open:
+            sock = ref()
+            if sock is not None and sock.fileno() != -1:
+                alive.append((ref, host))
+        self._open = alive
+        return alive
+
+    @property
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return len(self._still_open())
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        try:
+            return super().get_request()  # type: ignore[misc]
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._refuse("", "accept_failed", f"cannot accept a connection: {exc}")
+                time.sleep(0.1)
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        most, most_from_host = self.limits()
+        with self._open_lock:
+            open_now = self._still_open()
+            from_host = sum(1 for _, h in open_now if h == host)
+            if len(open_now) >= most:
+                kind = "max_connections"
+                reason = f"{len(open_now)} connections open, node.max_connections is {most}"
+            elif from_host >= most_from_host:
+                kind = "max_connections_per_host"
+                reason = (f"{from_host} connections open from {host}, "
+                          f"node.max_connections_per_host is {most_from_host}")  # fmt: skip
+            else:
+                self._open.append((weakref.ref(request), host))
+                return bool(super().verify_request(request, client_address))  # type: ignore[misc]
+        self._refuse(host, kind, reason)
+        return False
+
+    def _refuse(self, host: str, kind: str, reason: str) -> None:
+        self.refused[kind] += 1
+        now = time.monotonic()
+        with self._open_lock:
+            since, quiet = self._reported.get(host, (-math.inf, 0))
+            if now - since < self.report_every_s:
+                self._reported[host] = (since, quiet + 1)
+                return
+            if len(self._reported) >= 1024:  # addresses that stopped: forget them
+                self._reported = {h: r for h, r in self._reported.items()
+                                  if now - r[0] < self.report_every_s}  # fmt: skip
+            self._reported[host] = (now, 0)
+        if quiet:
+            reason += f" (and {quiet} more since this was last reported)"
+        if not host:  # no connection: the node is short of descriptors, not under a caller
+            log.warning("%s: %s", self.listener, reason)
+            return
+        log.warning("%s: connection from %s closed at once: %s", self.listener, host, reason)
+        self.on_refused(host, f"{self.listener}: connection closed at once: {reason}")
+
+
+#: OpenSSL's reasons for a failed server-side handshake, in words
+_TLS_REASONS = {
+    "UNEXPECTED_EOF_WHILE_READING": "the client closed the connection during the handshake",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": (
+        "the client presented no certificate (node.tls.require_client_certificate is on)"
+    ),
+    "CERTIFICATE_VERIFY_FAILED": (
+        "the client's certificate is not trusted (not signed by node.tls.ca_certificates, or "
+        "expired)"
+    ),
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the node's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client refused the node's certificate",
+    "WRONG_VERSION_NUMBER": "not TLS: a client without TLS on the node's TLS port?",
+    "HTTP_REQUEST": "not TLS: an HTTP request on the node's TLS port",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
+    "NO_SHARED_CIPHER": "no cipher suite in common with the client",
+}
+
+
+def tls_failure_reason(exc: BaseException) -> str:
+    """Why a client's TLS handshake failed, in words (OpenSSL's own text after them)."""
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "no TLS handshake within node.acse_timeout_s"
+    reason = str(getattr(exc, "reason", None) or "")
+    text = str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
+    said = _TLS_REASONS.get(reason)
+    return f"{said} ({text})" if said else text
