@@ -99,3 +99,15 @@ def event_id(message: ET.Element) -> str:
     ident = message.find("EventIdentification/EventID")
     assert ident is not None
     return ident.get("csd-code", "")
+
+
+def security_alerts(audit_file: Path) -> list[str]:
+    """The outcome descriptions of the Security Alert messages (110113) in a node's audit log
+    file (``audit.file``), oldest first; none while the file does not exist."""
+    lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
+    messages = [ET.fromstring(line) for line in lines]
+    return [
+        m.findtext("EventIdentification/EventOutcomeDescription") or ""
+        for m in messages
+        if event_id(m) == "110113"
+    ]

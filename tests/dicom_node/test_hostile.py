@@ -27,6 +27,7 @@ from dicom_node.jobs import DONE, FAILED, SUPERSEDED, Job
 from dicom_node.scu import hold_reactor
 from dicom_node.settings import AllowedCaller
 from tests import factories
+from tests.audit_repository import security_alerts
 from tests.conftest import tool, wait_for
 from tests.dicom_node.test_scp import echoscu, storescu
 from tests.dicom_node.test_stow import _stow
@@ -298,7 +299,6 @@ def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(
     sender's connection is closed too, and its retry goes through once connections close. The
     refusals are logged and audited once a minute per address, and counted in the metrics."""
     import logging
-    import xml.etree.ElementTree as ET
 
     caplog.set_level(logging.WARNING, logger="dicom_node.listener")
     audit_file = tmp_path / "audit.log"
@@ -337,15 +337,8 @@ def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(
     ) in metrics
     assert 'glioforecast_connections_open{listener="dicom"}' in metrics
 
-    def alerts() -> list[str]:
-        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
-        return [
-            ET.fromstring(line).findtext("EventIdentification/EventOutcomeDescription") or ""
-            for line in lines
-        ]
-
     assert wait_for(
-        lambda: [a for a in alerts() if "3 connections open from 127.0.0.2" in a],
+        lambda: [a for a in security_alerts(audit_file) if "open from 127.0.0.2" in a],
         what="a security alert for the scanner",
     ) == ["DICOM receiver: connection closed at once: 3 connections open from 127.0.0.2, "
           "node.max_connections_per_host is 3"]  # fmt: skip

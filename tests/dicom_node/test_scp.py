@@ -10,6 +10,7 @@ import pydicom
 from dicom_node.scp import caller_refusal
 from dicom_node.settings import AllowedCaller
 from tests import factories
+from tests.audit_repository import security_alerts
 from tests.conftest import receiver_tls, tool, wait_for
 
 
@@ -183,14 +184,7 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
     assert all(f"association refused: {reason}" in logged for reason in said), logged
     assert "association from MR1 at 127.0.0.1 accepted (client certificate " in logged
 
-    def alerts() -> list[str]:
-        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
-        return [
-            ET.fromstring(line).findtext("EventIdentification/EventOutcomeDescription") or ""
-            for line in lines
-        ]
-
-    wait_for(lambda: all(any(reason in a for a in alerts()) for reason in said),
+    wait_for(lambda: all(any(reason in a for a in security_alerts(audit_file)) for reason in said),
              what="a security alert for each refused certificate")  # fmt: skip
 
     # what a bound caller sends is audited with the names of the certificate it proved
@@ -233,7 +227,6 @@ def test_tls_failures_say_why_and_a_silent_client_holds_nobody_up(  # type: igno
 ):
     import socket
     import time
-    import xml.etree.ElementTree as ET
 
     d = pki
     audit_file = tmp_path / "audit.log"
@@ -257,17 +250,11 @@ def test_tls_failures_say_why_and_a_silent_client_holds_nobody_up(  # type: igno
         "the client closed the connection during the handshake",  # the silent one
     }
 
-    def alerts() -> list[str]:
-        lines = audit_file.read_text("utf-8").splitlines() if audit_file.exists() else []
-        messages = [ET.fromstring(line) for line in lines]
-        return [
-            m.findtext("EventIdentification/EventOutcomeDescription") or ""
-            for m in messages
-            if m.find("EventIdentification/EventID").get("csd-code") == "110113"  # type: ignore[union-attr]
-        ]
-
     wait_for(
-        lambda: all(any(f"TLS handshake failed: {r}" in a for a in alerts()) for r in said),
+        lambda: all(
+            any(f"TLS handshake failed: {r}" in a for a in security_alerts(audit_file))
+            for r in said
+        ),
         what="a security alert for each failed handshake",
     )
     logged = " ".join(r.getMessage() for r in caplog.records)
