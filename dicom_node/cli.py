@@ -49,6 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.file)
+    if settings.model.directory is not None:  # loaded as a job would load it
+        from dicom_node.worker import unusable_model
+
+        problem = unusable_model(settings)
+        if problem:
+            raise ConfigError(settings.source, [f"model: {problem}"])
     print(f"{settings.source}: valid")
     bound = sum(bool(c.certificate_names) for c in settings.node.allowed_callers)
     print(
@@ -98,6 +104,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []
     where += [str(audit.file)] if audit.file is not None else []
     print(f"  audit trail {'to ' + ' and '.join(where) if audit.enabled else 'off'}")
+    if settings.model.directory is not None:
+        print(f"  model {settings.model.directory}: loads (device {settings.model.device})")
+    else:
+        print('  model: none, the "no change" baseline')
     for warning in warnings_of(settings):
         print(f"  warning: {warning}")
     return EXIT_OK

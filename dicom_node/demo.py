@@ -318,7 +318,17 @@ def run(
                  "--data-dir", str(data_dir), "--port", str(port)],
                 stdout=fh, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        _wait(lambda: _listening(port, ae), 60, "the node to answer C-ECHO", 0.2)
+
+        def answering() -> bool:
+            if node.poll() is not None:  # a refused start (a model that does not load...)
+                said = log.read_text(errors="replace").strip().splitlines()[-20:]
+                raise GlioforecastError(
+                    f"the node exited with status {node.returncode} before answering C-ECHO; "
+                    f"its log ({log}) ends:\n" + "\n".join(said)
+                )
+            return _listening(port, ae)
+
+        _wait(answering, 60, "the node to answer C-ECHO", 0.2)
         sent_at = time.monotonic()
         _send(files, port, ae)
         _say(f"study sent to the node; it waits for a {quiet:g} s quiet period, then predicts")

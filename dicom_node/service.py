@@ -20,7 +20,7 @@ from pydicom import dcmread
 from dicom_node.assembler import Assembler
 from dicom_node.audit import audit_trail
 from dicom_node.commitment import CommitmentReport
-from dicom_node.errors import GlioforecastError
+from dicom_node.errors import ConfigError, GlioforecastError
 from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
@@ -39,7 +39,7 @@ from dicom_node.sdnotify import notify, watchdog_interval_s
 from dicom_node.settings import LoggingSettings, Settings, TLSSettings, warnings_of
 from dicom_node.spool import Spool
 from dicom_node.stow import StowReceiver, load_clients
-from dicom_node.worker import Worker
+from dicom_node.worker import Worker, unusable_model
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,10 @@ class Node:
                     f"{', '.join(plan.restart)} changed, which a running node cannot take "
                     "(systemctl restart glioforecast applies the file)"
                 )
+            if any(key == "model" or key.startswith("model.") for key in changed):
+                problem = unusable_model(new, waiting=lambda: notify("WATCHDOG=1"))
+                if problem:
+                    raise GlioforecastError(f"model: {problem}")
             if changed:
                 self._apply(new, tls_files=files_key("node.tls") in changed)
                 self._files = files
@@ -686,6 +690,9 @@ def serve(settings: Settings, load: Callable[[], Settings] | None = None) -> int
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     for warning in warnings_of(settings):
         log.warning("configuration: %s", warning)
+    problem = unusable_model(settings)
+    if problem:
+        raise ConfigError(settings.source, [f"model: {problem}"])
     node = Node(settings, load)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)

@@ -81,6 +81,73 @@ def make_predictor(settings: Settings) -> Predictor:
     )
 
 
+#: how long loading the configured model may take when it is checked (a slow disk, a GPU)
+MODEL_CHECK_TIMEOUT_S = 300.0
+
+
+def _report_model(settings: Settings, conn: Connection) -> None:
+    """In a child process: build the predictor a job would build, send '' or why not."""
+    try:
+        make_predictor(settings)
+    except GlioforecastError as exc:
+        conn.send(str(exc))
+    except Exception as exc:  # a model that breaks the loader itself
+        conn.send(f"{type(exc).__name__}: {exc}")
+    else:
+        conn.send("")
+    finally:
+        conn.close()
+
+
+def model_problem(
+    settings: Settings,
+    timeout_s: float = MODEL_CHECK_TIMEOUT_S,
+    waiting: Callable[[], object] | None = None,
+) -> str:
+    """Why the predictor configured in ``model`` cannot be built ('' when it can, or when no
+    model directory is set): built once in a child process as a job would build it (weights
+    checked against model.yaml's digests, the networks, the device), since the node's own
+    process imports no torch. What start, reload and check-config ask before a model meets
+    the studies: otherwise each study's job fails with the reason. ``waiting`` is called
+    every second while the child works (the reload pets systemd's watchdog with it)."""
+    if settings.model.directory is None:
+        return ""
+    ctx = job_context(settings)
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_report_model, args=(settings, send), name="model-check")
+    child.start()
+    send.close()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not receive.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return f"the model did not load within {timeout_s:.0f} s"
+            if waiting is not None:
+                waiting()
+        try:
+            return str(receive.recv())
+        except EOFError:  # the child died without a word
+            child.join(10)
+            return _death(child.exitcode)
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+
+
+def unusable_model(settings: Settings, waiting: Callable[[], object] | None = None) -> str:
+    """'' when the configured model loads (:func:`model_problem`), else what is wrong, for a
+    refused start, reload or check-config."""
+    problem = model_problem(settings, waiting=waiting)
+    if not problem:
+        return ""
+    return (
+        f"expected a model directory the node can load (device {settings.model.device}), "
+        f"found {settings.model.directory}, which does not: {problem}"
+    )
+
+
 def run_job_in_this_process(settings: Settings, job_id: int) -> Outcome:
     """Convert, predict, build and queue the outputs of one job (what the child process does)."""
     try:

@@ -9,6 +9,7 @@ pointing ``$GLIOFORECAST_ORTHANC`` at a path where nothing is.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,27 @@ def test_demo_round_trip_with_the_embedded_pacs(
     assert re.search(
         r"montage slice: \d+ of \d+, (the predicted outline|the largest GTV contour)", stdout
     )
+
+
+def test_a_node_that_refuses_to_start_is_reported_with_its_log(tmp_path: Path) -> None:
+    """The demo's node exits at once (here: a model whose weights were cut short): the demo
+    says so with the end of the node's log, rather than waiting a minute for a C-ECHO."""
+    import shutil
+
+    from inference.bundled import demo_model_dir
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo_model_dir(), broken)
+    weights = broken / "autoencoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    started = time.monotonic()
+    with pytest.raises(GlioforecastError) as info:
+        demo.run(tmp_path / "demo", seed=3, pacs_mode="embedded", spacing_mm=4.0,
+                 model=str(broken))  # fmt: skip
+    said = str(info.value)
+    assert "the node exited with status 2 before answering C-ECHO" in said
+    assert f"found {broken}, which does not: " in said and "autoencoder.safetensors" in said
+    assert time.monotonic() - started < 55
 
 
 def test_forced_orthanc_that_is_missing_is_a_clear_error(
