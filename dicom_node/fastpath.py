@@ -296,7 +296,17 @@ class EventDrivenDUL(DULServiceProvider):
     # -- the reactor: pynetdicom 3.0.4's run_reactor with the sleep replaced
 
     def run_reactor(self) -> None:
-        self._open_pipe()
+        try:
+            self._open_pipe()
+        except OSError as exc:  # no descriptor left for the pipe (EMFILE): end the connection
+            log.warning(
+                "connection from %s closed: %s", getattr(self.assoc.requestor, "address", "?"), exc
+            )
+            # the association waits for its A-ASSOCIATE-RQ (None: none came) once the DUL is
+            # ready; without these it waited for ever, holding its thread and its socket
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
+            self.assoc._dul_ready.set()
+            return
         try:
             self._reactor()
         finally:

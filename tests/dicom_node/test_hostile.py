@@ -388,3 +388,55 @@ def test_a_burst_of_connection_requests_is_not_delayed(run_node) -> None:  # typ
         for sock in socks:
             sock.close()
     assert slowest < 0.9, f"a connection request waited {slowest:.1f} s (sent again by TCP)"
+
+
+def test_a_node_out_of_file_descriptors_recovers_without_leaking(tmp_path: Path) -> None:
+    """Connections from five addresses use up the descriptors of a node limited to 60: it
+    refuses what it cannot take, and once they close it answers again with the threads and
+    descriptors it had. An association whose DUL could not open its wake-up pipe waited for
+    its request for ever, holding its thread and its socket."""
+    import os
+    import resource
+    import sys
+    import time
+
+    from dicom_node.ports import free_port
+
+    port = free_port()
+    config = tmp_path / "node.yaml"
+    config.write_text(f"node: {{port: {port}}}\nhealth: {{enabled: false}}\n"
+                      f"storage: {{data_dir: {tmp_path / 'data'}}}\n")  # fmt: skip
+    log = (tmp_path / "node.log").open("wb")
+    node = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"],
+        stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (60, 60)),
+    )  # fmt: skip
+
+    def held() -> tuple[int, int]:
+        status = Path(f"/proc/{node.pid}/status").read_text().splitlines()
+        threads = int(next(s for s in status if s.startswith("Threads:")).split()[1])
+        return threads, len(os.listdir(f"/proc/{node.pid}/fd"))
+
+    def settled() -> tuple[int, int] | None:
+        """What the node holds, once it holds the same half a second later."""
+        before = held()
+        time.sleep(0.5)
+        return before if held() == before else None
+
+    try:
+        wait_for(lambda: echoscu(port).returncode == 0, timeout=60, what="the node")
+        idle = wait_for(settled, what="the echo's end")
+        flood = [_connect_from(f"127.0.0.{2 + n // 16}", port) for n in range(80)]
+        try:
+            wait_for(lambda: held()[1] >= 58, what="the descriptors used up")
+        finally:
+            for sock in flood:
+                sock.close()
+        assert wait_for(lambda: settled() == idle, timeout=15, what="the threads and fds it had")
+        assert echoscu(port).returncode == 0
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+        log.close()
+    assert "Too many open files" in (tmp_path / "node.log").read_text()
