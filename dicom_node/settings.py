@@ -878,6 +878,13 @@ def warnings_of(s: Settings) -> list[str]:
                 f"({', '.join(d.objects)}) are a planning system's: one rarely takes the Key "
                 "Object Selection Documents that rejection notes are (check-destinations says)"
             )
+    node = s.node
+    if node.max_connections_per_host < node.max_associations:
+        out.append(
+            f"node.max_connections_per_host ({node.max_connections_per_host}) is below "
+            f"max_associations ({node.max_associations}): a router, or senders behind one NAT "
+            "address, cannot use every association the node takes"
+        )
     stow = s.stow
     loopback = stow.bind_address in ("127.0.0.1", "::1", "localhost")
     if stow.enabled and not s.node.tls.enabled and not loopback:

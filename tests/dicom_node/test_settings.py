@@ -207,6 +207,18 @@ def test_default_config_ships_in_the_wheel(tmp_path: Path) -> None:
     assert data == yaml.safe_load((REPO / "config" / "default.yaml").read_text())
 
 
+def test_fewer_connections_per_address_than_associations_is_a_warning(tmp_path: Path) -> None:
+    from dicom_node.settings import warnings_of
+
+    path = write(tmp_path, "node: {max_associations: 10, max_connections_per_host: 4}\n")
+    said = [w for w in warnings_of(load_settings(path)) if w.startswith("node.")]
+    assert said == [
+        "node.max_connections_per_host (4) is below max_associations (10): a router, or "
+        "senders behind one NAT address, cannot use every association the node takes"
+    ]
+    assert not [w for w in warnings_of(load_settings(None)) if w.startswith("node.")]
+
+
 def test_fewer_connections_than_associations_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "node: {max_associations: 20, max_connections: 10}\n")
     with pytest.raises(ConfigError, match=r"node.max_connections: expected at least "
