@@ -39,8 +39,8 @@ class HealthServer:
         port: int,
         summary: Callable[[], dict[str, Any]],
         metrics: Callable[[], str],
-        limits: Callable[[], tuple[int, int]] | None = None,
-        on_refused: Callable[[str, str], None] | None = None,
+        limits: Callable[[], tuple[int, int]],
+        on_refused: Callable[[str, str], None],
     ) -> None:
         """``limits``: the connections held open at once, in all and from one address, and
         ``on_refused`` what hears of a connection closed over them
@@ -81,10 +81,8 @@ class HealthServer:
                 log.debug("health: " + format, *args)
 
         self.server = _HttpServer((bind_address, port), Handler)
-        if limits is not None:
-            self.server.limits = limits
-        if on_refused is not None:
-            self.server.on_refused = on_refused
+        self.server.limits = limits
+        self.server.on_refused = on_refused
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="health-http", daemon=True
         )
