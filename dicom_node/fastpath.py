@@ -112,9 +112,18 @@ class FastSocket(AssociationSocket):
     which the DUL treats as a connection closed before the whole PDU came (A-P-ABORT, the
     connection closed). Its buffer grows with the bytes that arrive, never ahead of them by
     more than :data:`_READ_CHUNK`.
+
+    Until its A-ASSOCIATE-RQ has come (Sta1 or Sta2), a connection has ``acse_timeout`` from when it
+    was ready, for the request as a whole. The network timeout holds for each read, so a peer
+    that sent the request a byte at a time, each within it, held the connection and its two
+    threads as long as it went on.
     """
 
     _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next
+
+    def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
+        super().__init__(assoc, *args, **kwargs)
+        self._opened = time.monotonic()
 
     def longest(self, pdu_type: int) -> int:
         """The longest PDU body of ``pdu_type`` this association reads: the maximum length the
@@ -149,19 +158,53 @@ class FastSocket(AssociationSocket):
     def _read(self, nr_bytes: int) -> bytearray:
         sock = self.socket
         assert sock is not None
+        deadline = self._request_deadline()
         buf = bytearray(min(nr_bytes, _READ_CHUNK))
         got = 0
         while got < nr_bytes:
             if got == len(buf):
                 buf.extend(bytes(min(nr_bytes - got, _READ_CHUNK)))
-            with memoryview(buf) as view:
-                n = sock.recv_into(view[got:], len(buf) - got)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._too_slow(got)
+                    break
+                sock.settimeout(min(left, self.assoc.network_timeout or left))
+            try:
+                with memoryview(buf) as view:
+                    n = sock.recv_into(view[got:], len(buf) - got)
+            except TimeoutError:
+                if deadline is None or time.monotonic() < deadline:
+                    raise
+                self._too_slow(got)
+                break
             if not n:  # connection closed: return what was read, as the library does
                 break
             got += n
+        if deadline is not None:  # the reads that follow wait the network timeout again
+            sock.settimeout(self.assoc.network_timeout)
         if got < len(buf):
             del buf[got:]
         return buf
+
+    def _request_deadline(self) -> float | None:
+        """When the A-ASSOCIATE-RQ must have come whole (none once it has). The acceptor's
+        DUL reads that first PDU before it acts on the connection's own event, in Sta1."""
+        machine = getattr(self.assoc.dul, "state_machine", None)
+        timeout = self.assoc.acse_timeout
+        waiting = (_IDLE, _AWAITING_REQUEST)
+        if machine is None or machine.current_state not in waiting or not timeout:
+            return None
+        return self._opened + float(timeout)
+
+    def _too_slow(self, got: int) -> None:
+        """Read no further: the A-ASSOCIATE-RQ did not come whole in time (the DUL takes the
+        short read as the connection closed, and ends the association)."""
+        log.warning(
+            "connection from %s closed: no whole A-ASSOCIATE-RQ within node.acse_timeout_s "
+            "(%.0f s; %d bytes of this read had come)",
+            getattr(self.assoc.requestor, "address", "?"), self.assoc.acse_timeout, got,
+        )  # fmt: skip
 
 
 def _implicit(element: int, value: bytes) -> bytes:

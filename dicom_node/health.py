@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from dicom_node.listener import ConnectionLimit
+from dicom_node.refusals import Refusals
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ class HealthServer:
         summary: Callable[[], dict[str, Any]],
         metrics: Callable[[], str],
         limits: Callable[[], tuple[int, int]],
-        on_refused: Callable[[str, str], None],
+        refusals: Refusals,
     ) -> None:
         """``limits``: the connections held open at once, in all and from one address, and
-        ``on_refused`` what hears of a connection closed over them
+        ``refusals`` what hears of a connection closed over them
         (:class:`~dicom_node.listener.ConnectionLimit`; the node passes its settings' and its
-        audit trail)."""
+        own, which logs and audits)."""
         self.summary = summary
         self.metrics = metrics
         owner = self
@@ -82,7 +83,7 @@ class HealthServer:
 
         self.server = _HttpServer((bind_address, port), Handler)
         self.server.limits = limits
-        self.server.on_refused = on_refused
+        self.server.refusals = refusals
         self._thread = threading.Thread(
             target=self.server.serve_forever, name="health-http", daemon=True
         )

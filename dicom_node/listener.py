@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import logging
-import math
 import socket
 import ssl
 import threading
@@ -17,7 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger(__name__)
+from dicom_node.refusals import Refusals
 
 
 class HandshakeInThread:
@@ -28,12 +26,14 @@ class HandshakeInThread:
     connects and says nothing hold up every other TLS client for the network timeout (a port
     scanner, a load balancer's TCP check). Here the accept loop only accepts; the handshake
     runs in the connection's thread, within :attr:`handshake_timeout_s`, and a failure goes to
-    :attr:`on_tls_failure` (the log and the audit trail) with its reason.
+    :attr:`refusals` (the log and the audit trail) with its reason: the
+    :class:`ConnectionLimit` it is mixed with sets it.
     """
 
     ssl_context: ssl.SSLContext | None = None
-    on_tls_failure: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
     handshake_timeout_s: float = 30.0
+    listener = "receiver"
+    refusals: Refusals
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         listening: socket.socket = self.socket  # type: ignore[attr-defined]
@@ -53,8 +53,11 @@ class HandshakeInThread:
                 request.do_handshake()
             except (OSError, ssl.SSLError) as exc:
                 reason = tls_failure_reason(exc)
-                log.warning("TLS handshake from %s failed: %s", host, reason)
-                self.on_tls_failure(host, reason)
+                self.refusals.report(
+                    ("tls", self.listener, host, reason),
+                    f"{self.listener}: TLS handshake from {host} failed: {reason}",
+                    f"TLS handshake failed: {reason}", host,
+                )  # fmt: skip
                 self.shutdown_request(request)  # type: ignore[attr-defined]
                 return
             request.settimeout(timeout)
@@ -73,12 +76,11 @@ class ConnectionLimit:
     connections faster than the timeouts close them would use up the node's threads (systemd's
     ``TasksMax``) or descriptors, and with them the workers and the spool's writes. A connection
     over either limit is closed at once, before a thread starts for it: the sender sees the
-    connection closed and retries, as after any network error. Refusals are logged and go to
-    :attr:`on_refused` (the audit trail) at most once a minute per address, with the number
-    refused in between; :attr:`refused` counts them by the setting they were over. An
-    ``accept`` that fails for want of descriptors is counted (``accept_failed``) and logged the
-    same way, and the loop pauses instead of spinning on the listening socket, which stays
-    readable.
+    connection closed and retries, as after any network error. Refusals go to :attr:`refusals`
+    (the log and the audit trail, once a minute per address with the number refused in
+    between); :attr:`refused` counts them by the setting they were over. An ``accept`` that
+    fails for want of descriptors is counted (``accept_failed``) and logged the same way, and
+    the loop pauses instead of spinning on the listening socket, which stays readable.
     """
 
     listener = "receiver"
@@ -87,14 +89,13 @@ class ConnectionLimit:
     #: and that sender waited a second for TCP to send it again)
     request_queue_size = 128
     limits: Callable[[], tuple[int, int]] = staticmethod(lambda: (100, 20))
-    on_refused: Callable[[str, str], None] = staticmethod(lambda host, reason: None)
-    #: seconds between two reports of refused connections from one address
-    report_every_s = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._open: list[tuple[weakref.ref[socket.socket], str]] = []
         self._open_lock = threading.Lock()
-        self._reported: dict[str, tuple[float, int]] = {}
+        #: where refusals are reported: the node gives its own (logged and audited); this one
+        #: only logs
+        self.refusals = Refusals()
         self.refused: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
 
@@ -143,23 +144,14 @@ class ConnectionLimit:
 
     def _refuse(self, host: str, kind: str, reason: str) -> None:
         self.refused[kind] += 1
-        now = time.monotonic()
-        with self._open_lock:
-            since, quiet = self._reported.get(host, (-math.inf, 0))
-            if now - since < self.report_every_s:
-                self._reported[host] = (since, quiet + 1)
-                return
-            if len(self._reported) >= 1024:  # addresses that stopped: forget them
-                self._reported = {h: r for h, r in self._reported.items()
-                                  if now - r[0] < self.report_every_s}  # fmt: skip
-            self._reported[host] = (now, 0)
-        if quiet:
-            reason += f" (and {quiet} more since this was last reported)"
         if not host:  # no connection: the node is short of descriptors, not under a caller
-            log.warning("%s: %s", self.listener, reason)
+            self.refusals.report((self.listener, kind), f"{self.listener}: {reason}")
             return
-        log.warning("%s: connection from %s closed at once: %s", self.listener, host, reason)
-        self.on_refused(host, f"{self.listener}: connection closed at once: {reason}")
+        self.refusals.report(
+            (self.listener, host),
+            f"{self.listener}: connection from {host} closed at once: {reason}",
+            f"{self.listener}: connection closed at once: {reason}", host,
+        )  # fmt: skip
 
 
 #: OpenSSL's reasons for a failed server-side handshake, in words

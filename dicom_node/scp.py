@@ -18,6 +18,7 @@ processing failure (the spool or database failed otherwise).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import ipaddress
@@ -58,6 +59,7 @@ from dicom_node.health import stop_serving
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
 from dicom_node.listener import ConnectionLimit, HandshakeInThread
+from dicom_node.refusals import Refusals
 from dicom_node.rejections import apply_rejection
 from dicom_node.scu import VERIFICATION
 from dicom_node.settings import AllowedCaller, NodeSettings
@@ -388,6 +390,11 @@ class StorageSCP:
     ) -> None:
         self.settings = settings
         self.audit = audit or NoAuditTrail()
+        #: refusals of every listener of the node, logged and audited once a minute per sender
+        #: and reason (the node's main loop flushes it)
+        self.refusals = Refusals(self.audit.refused)
+        #: associations refused, by why (every one: the log and audit trail sum them up)
+        self.associations_refused: collections.Counter[str] = collections.Counter()
         # instances of these classes do not reopen a study (they cannot change its prediction)
         self.inert_sop_classes = inert_sop_classes
         # what each open association delivered, for the audit trail (by id of the association)
@@ -438,18 +445,14 @@ class StorageSCP:
         requested = str(assoc.requestor.primitive.called_ae_title).strip()
         host = assoc.requestor.address
         if requested and requested != self.settings.ae_title.strip():
-            log.warning(
-                "association from %s (%s) refused: called AE title %r, expected %r",
-                calling,
-                host,
-                requested,
-                self.settings.ae_title,
-            )
-            self._reject(assoc, _CALLED_NOT_RECOGNISED)
-            self.audit.refused(
-                calling, host, f"association refused: called AE title {requested!r}, expected "
-                f"{self.settings.ae_title!r}",
+            self.associations_refused["called_ae_title"] += 1
+            why = f"called AE title {requested!r}, expected {self.settings.ae_title!r}"
+            self.refusals.report(
+                ("called", host, calling, requested),
+                f"association from {calling} ({host}) refused: {why}",
+                f"association refused: {why}", host, calling,
             )  # fmt: skip
+            self._reject(assoc, _CALLED_NOT_RECOGNISED)
             return
         certificate = certificate_names(getattr(assoc.dul.socket, "socket", None))
         refusal = caller_refusal(
@@ -457,16 +460,21 @@ class StorageSCP:
             self.settings.refuse_unknown_callers,
         )  # fmt: skip
         if refusal is not None:
-            log.warning("association refused: %s", refusal)
+            self.associations_refused["calling_ae_title"] += 1
+            self.refusals.report(
+                ("calling", host, calling, refusal), f"association refused: {refusal}",
+                f"association refused: {refusal}", host, calling,
+            )  # fmt: skip
             self._reject(assoc, _CALLING_NOT_RECOGNISED)
-            self.audit.refused(calling, host, f"association refused: {refusal}")
             return
         associations = self._requested_associations()
         if associations > self.settings.max_associations:
-            log.warning(
-                "association from %s at %s refused (rejected-transient, local limit exceeded): "
-                "%d associations open, node.max_associations is %d",
-                calling, host, associations - 1, self.settings.max_associations,
+            self.associations_refused["max_associations"] += 1
+            self.refusals.report(
+                ("busy", host, calling),
+                f"association from {calling} at {host} refused (rejected-transient, local limit "
+                f"exceeded): {associations - 1} associations open, node.max_associations is "
+                f"{self.settings.max_associations}",
             )  # fmt: skip
             self._reject(assoc, _LOCAL_LIMIT_EXCEEDED, _REJECT_TRANSIENT, _SOURCE_PRESENTATION)
             return
@@ -480,15 +488,6 @@ class StorageSCP:
         """The connections a listener of the node holds at most, in all and from one address
         (read at each connection: a reload changes them)."""
         return self.settings.max_connections, self.settings.max_connections_per_host
-
-    def connection_refused(self, host: str, reason: str) -> None:
-        """A listener of the node closed a connection over its limits (reported once a minute
-        per address)."""
-        self.audit.refused("", host, reason)
-
-    def tls_failure(self, host: str, reason: str) -> None:
-        """A client's TLS handshake failed (this receiver's or the STOW-RS receiver's)."""
-        self.audit.refused("", host, f"TLS handshake failed: {reason}")
 
     def _on_close(self, event: Any) -> None:
         """The association's connection closed: its studies go to the audit trail."""
@@ -737,9 +736,8 @@ class StorageSCP:
             )
             assert isinstance(server, _Server)
             server.handshake_timeout_s = self.settings.acse_timeout_s
-            server.on_tls_failure = self.tls_failure
             server.limits = self.connection_limits
-            server.on_refused = self.connection_refused
+            server.refusals = self.refusals
         except OSError as exc:
             raise GlioforecastError(
                 f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "

@@ -259,7 +259,7 @@ class Node:
             try:
                 self.health = HealthServer(
                     h.bind_address, h.port, self.summary, self.metrics,
-                    limits=self.scp.connection_limits, on_refused=self.scp.connection_refused,
+                    limits=self.scp.connection_limits, refusals=self.scp.refusals,
                 )  # fmt: skip
             except OSError as exc:
                 raise GlioforecastError(
@@ -321,6 +321,7 @@ class Node:
                     self.worker.wake()
                 self.notices.run_once()
                 self.notices.take_back_once()
+                self.scp.refusals.flush()
             except Exception:
                 # the loop must survive anything a single study does to it
                 log.exception("assembly pass failed; will retry")
@@ -549,6 +550,11 @@ class Node:
                                     "(accept_failed: no file descriptor left)",
                                     {"listener": name, "reason": limit},
                                     server.refused[limit]))  # fmt: skip
+        for reason in ("called_ae_title", "calling_ae_title", "max_associations"):
+            samples.append(("glioforecast_associations_refused_total",
+                            "A-ASSOCIATE-RQ answered A-ASSOCIATE-RJ, by why: an AE title the "
+                            "node does not answer to or does not know, or node.max_associations",
+                            {"reason": reason}, self.scp.associations_refused[reason]))  # fmt: skip
         for state in JOB_STATES:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
         samples += [
@@ -675,6 +681,7 @@ class Node:
         self.sender.stop()
         self.outbox.close()
         self.store.close()
+        self.scp.refusals.flush(final=True)  # the refusals counted but not reported yet
         self.audit.close()
         if self._lock >= 0:  # another node may use the folder now
             os.close(self._lock)

@@ -89,6 +89,7 @@ class Refusal(Exception):
         super().__init__(message)
         self.code = code
         self.headers = headers
+        self.logged = False  # already logged (a refused client: once a minute, with the audit)
 
 
 def _busy(message: str) -> Refusal:
@@ -377,7 +378,12 @@ class StowReceiver:
         client = authenticate(self.clients, rq.headers.get("Authorization", ""), host,
                               certificate)  # fmt: skip
         if isinstance(client, Refusal):
-            self.scp.audit.refused("", host, f"STOW-RS request refused: {client}")
+            self.scp.refusals.report(
+                ("stow", host, str(client)),
+                f"STOW-RS {rq.command} {rq.path} from {host} refused ({client.code}): {client}",
+                f"STOW-RS request refused: {client}", host,
+            )  # fmt: skip
+            client.logged = True
             raise client
         boundary = boundary_of(rq.headers.get("Content-Type", ""))
         accept = rq.headers.get("Accept", "")
@@ -407,8 +413,9 @@ class StowReceiver:
 
     def refuse(self, rq: BaseHTTPRequestHandler, refusal: Refusal) -> None:
         """Answer ``refusal`` and close the connection (the body may be unread)."""
-        log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path,
-                    rq.client_address[0], refusal.code, refusal)  # fmt: skip
+        if not refusal.logged:
+            log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path,
+                        rq.client_address[0], refusal.code, refusal)  # fmt: skip
         rq.close_connection = True
         with contextlib.suppress(OSError):  # a client already gone gets no answer
             self._answer(rq, refusal.code, (str(refusal) + "\n").encode(),
@@ -630,9 +637,8 @@ class StowReceiver:
             ) from exc
         server.ssl_context = self.scp.ssl_context
         server.handshake_timeout_s = self.scp.settings.acse_timeout_s
-        server.on_tls_failure = self.scp.tls_failure
         server.limits = self.scp.connection_limits
-        server.on_refused = self.scp.connection_refused
+        server.refusals = self.scp.refusals
         self.server = server
         self._thread = threading.Thread(
             target=server.serve_forever, name=f"stow-rs:{self.port}", daemon=True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+import select
 import subprocess
 import threading
 from io import BytesIO
@@ -300,7 +301,7 @@ def test_connections_over_the_limits_are_closed_at_once_and_senders_get_through(
     refusals are logged and audited once a minute per address, and counted in the metrics."""
     import logging
 
-    caplog.set_level(logging.WARNING, logger="dicom_node.listener")
+    caplog.set_level(logging.WARNING, logger="dicom_node.refusals")
     audit_file = tmp_path / "audit.log"
     node = run_node(
         node={"max_connections": 5, "max_connections_per_host": 3, "max_associations": 2},
@@ -443,3 +444,67 @@ def test_a_node_out_of_file_descriptors_recovers_without_leaking(tmp_path: Path)
         node.terminate()
         node.wait(timeout=60)
         log.close()
+
+
+def _associate_rq(calling: str, called: str = "GLIOFORECAST") -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing Verification, as on the wire."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = calling, called
+    context = build_context("1.2.840.10008.1.1")
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    primitive.user_information = [length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def test_an_association_request_sent_a_byte_at_a_time_is_cut_off(run_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A peer that sends its A-ASSOCIATE-RQ a byte at a time, each within the network timeout,
+    held the connection and its two threads for as long as it went on: the request as a whole
+    must now come within node.acse_timeout_s. The same request sent at once is accepted, and
+    an association that waits longer than that once established is not cut off."""
+    import logging
+    import socket
+    import time
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.fastpath")
+    node = run_node(node={"acse_timeout_s": 1.5, "network_timeout_s": 10.0})
+    request = _associate_rq("TRICKLE")
+    with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as whole:
+        whole.sendall(request)
+        assert whole.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+
+    trickle = socket.create_connection(("127.0.0.1", node.scp.port), timeout=10)
+    start, closed_after = time.monotonic(), None
+    try:
+        for byte in request[:40]:  # 10 s of it at most
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:  # reset by the node
+                closed_after = time.monotonic() - start
+                break
+            ready = select.select([trickle], [], [], 0.25)[0]
+            if ready and trickle.recv(64) in (b"",):
+                closed_after = time.monotonic() - start
+                break
+    finally:
+        trickle.close()
+    assert closed_after is not None and closed_after < 4.0, closed_after
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "closed: no whole A-ASSOCIATE-RQ within node.acse_timeout_s (2 s" in said, said
+
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    time.sleep(2.0)  # longer than node.acse_timeout_s, within the network timeout
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
