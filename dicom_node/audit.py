@@ -59,6 +59,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import encode
 
 from dicom_node.errors import GlioforecastError
+from dicom_node.ports import host_port
 from dicom_node.settings import AuditSettings
 from dicom_node.sqlite import Database
 
@@ -609,7 +610,7 @@ class AuditTrail:
 
     def _where(self) -> str:
         s = self.settings
-        return f"audit record repository {s.host}:{s.port} ({s.transport})"
+        return f"audit record repository {host_port(s.host, s.port)} ({s.transport})"
 
     def _run(self) -> None:
         assert self._queue is not None
@@ -705,7 +706,9 @@ def check_repository(settings: AuditSettings) -> tuple[bool, str]:
     certificate when it asks), and what was found. Nothing is sent."""
     from dicom_node.scu import Destination, tls_handshake_error
 
-    where = f"audit record repository {settings.host}:{settings.port} ({settings.transport})"
+    where = (
+        f"audit record repository {host_port(settings.host, settings.port)} ({settings.transport})"
+    )
     if settings.transport == "udp":
         try:
             socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_DGRAM)

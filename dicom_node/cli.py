@@ -14,6 +14,7 @@ from typing import Any
 
 from dicom_node import __version__, demo, outbox_cli
 from dicom_node.errors import ConfigError, GlioforecastError, StorageError
+from dicom_node.ports import host_port
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings, warnings_of
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -58,7 +59,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{settings.source}: valid")
     bound = sum(bool(c.certificate_names) for c in settings.node.allowed_callers)
     print(
-        f"  node {settings.node.ae_title} on {settings.node.bind_address}:{settings.node.port}, "
+        f"  node {settings.node.ae_title} on "
+        f"{host_port(settings.node.bind_address, settings.node.port)}, "
         f"{len(settings.node.allowed_callers)} allowed caller rule(s)"
         + (f" ({bound} bound to client certificates)" if bound else "")
         + f", TLS {'on' if settings.node.tls.enabled else 'off'}"
@@ -95,13 +97,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     stow = settings.stow
     scheme = "https" if settings.node.tls.enabled else "http"
     print(
-        f"  STOW-RS on {scheme}://{stow.bind_address}:{stow.port}{stow.path}/studies for "
+        f"  STOW-RS on {scheme}://{host_port(stow.bind_address, stow.port)}{stow.path}/studies for "
         f"{', '.join(c.name for c in stow.clients)}"
         if stow.enabled
         else "  STOW-RS receiver off"
     )
     audit = settings.audit
-    where = [f"{audit.host}:{audit.port} ({audit.transport})"] if audit.host else []
+    where = [f"{host_port(audit.host, audit.port)} ({audit.transport})"] if audit.host else []
     where += [str(audit.file)] if audit.file is not None else []
     print(f"  audit trail {'to ' + ' and '.join(where) if audit.enabled else 'off'}")
     if settings.model.directory is not None:
@@ -149,7 +151,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
     tls = _peer_tls(args)
     status = echo(args.host, args.port, args.called_ae, args.calling_ae, **tls)
     over = " over TLS" if tls else ""
-    print(f"C-ECHO {args.called_ae}@{args.host}:{args.port}{over}: status 0x{status:04X}")
+    print(f"C-ECHO {args.called_ae}@{host_port(args.host, args.port)}{over}: status 0x{status:04X}")
     return EXIT_OK if status == 0 else EXIT_FAILED
 
 

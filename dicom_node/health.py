@@ -18,7 +18,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from dicom_node.listener import ConnectionLimit
+from dicom_node.listener import ConnectionLimit, EitherFamily
 from dicom_node.refusals import Refusals
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 REQUEST_TIMEOUT_S = 10.0
 
 
-class _HttpServer(ConnectionLimit, ThreadingHTTPServer):
+class _HttpServer(ConnectionLimit, EitherFamily, ThreadingHTTPServer):
     daemon_threads = True
     listener = "health endpoint"
 

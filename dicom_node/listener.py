@@ -1,12 +1,13 @@
 """What the node's listening servers share (the DICOM receiver, the STOW-RS receiver, the
-health endpoint): the TLS handshake in each connection's thread, and a cap on the connections
-held open at once.
+health endpoint): IPv4 and IPv6, the TLS handshake in each connection's thread, and a cap on
+the connections held open at once.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import ipaddress
 import socket
 import ssl
 import threading
@@ -15,6 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from dicom_node.ports import host_port
 from dicom_node.refusals import Refusals
 
 
@@ -64,6 +66,18 @@ class HandshakeInThread:
         super().finish_request(request, client_address)  # type: ignore[misc]
 
 
+class EitherFamily:
+    """A mixin for a ``socketserver`` server (the HTTP ones: ``socketserver`` makes IPv4
+    sockets only; pynetdicom's DICOM server does this itself) that listens on an IPv6 address
+    with an IPv6 socket."""
+
+    address_family: int = socket.AF_INET
+
+    def __init__(self, server_address: tuple[str, int], *args: Any, **kwargs: Any) -> None:
+        self.address_family = address_family(server_address[0])
+        super().__init__(server_address, *args, **kwargs)  # type: ignore[call-arg]
+
+
 class ConnectionLimit:
     """A mixin for a threaded ``socketserver`` server (the DICOM receiver, the STOW-RS receiver,
     the health endpoint) that holds at most ``limits()[0]`` connections open at once, and at
@@ -99,6 +113,13 @@ class ConnectionLimit:
         self.refused: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
 
+    def server_bind(self) -> None:
+        listening: socket.socket = self.socket  # type: ignore[attr-defined]
+        if listening.family == socket.AF_INET6:
+            # "::" takes IPv4 clients too, whatever net.ipv6.bindv6only says
+            listening.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()  # type: ignore[misc]
+
     def _still_open(self) -> list[tuple[weakref.ref[socket.socket], str]]:
         """The connections not closed yet (under ``_open_lock``)."""
         alive = []
@@ -116,12 +137,15 @@ class ConnectionLimit:
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         try:
-            return super().get_request()  # type: ignore[misc]
+            request, address = super().get_request()  # type: ignore[misc]
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self._refuse("", "accept_failed", f"cannot accept a connection: {exc}")
                 time.sleep(0.1)
             raise
+        # an IPv4 client of a dual-stack listener is named by its IPv4 address (the log, the
+        # audit trail, node.allowed_callers and the limits per address see one name for it)
+        return request, (peer_host(address[0]), address[1])
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
@@ -181,3 +205,38 @@ def tls_failure_reason(exc: BaseException) -> str:
     text = str(getattr(exc, "strerror", None) or exc) or type(exc).__name__
     said = _TLS_REASONS.get(reason)
     return f"{said} ({text})" if said else text
+
+
+def address_family(host: str) -> socket.AddressFamily:
+    """The socket family for listening on ``host`` (an IP address)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def peer_host(host: str) -> str:
+    """A peer's address as the node names it: an IPv4-mapped IPv6 address as IPv4."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return host
+
+
+def cannot_listen(
+    what: str, host: str, port: int, exc: OSError, section: str, optional: bool = False
+) -> str:
+    """Why ``what`` could not listen on ``host``:``port``, and what to change (the settings of
+    ``section``; ``optional``: it can be turned off with ``enabled: false``)."""
+    if exc.errno == errno.EADDRINUSE:
+        expected = f"a free port: stop the other listener, or set {section}.port" + (
+            f", or {section}.enabled: false" if optional else "")  # fmt: skip
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        expected = (f"an address of this machine in {section}.bind_address (`ip -brief address` "
+                    "lists them; 0.0.0.0 or :: for all of them)")  # fmt: skip
+    elif exc.errno == errno.EACCES:
+        expected = (f"a port the node may open: set {section}.port to 1024 or above, or grant "
+                    "CAP_NET_BIND_SERVICE (the systemd unit says how)")  # fmt: skip
+    else:
+        expected = f"an address and port to listen on in {section}.bind_address and .port"
+    return f"{what}: cannot listen on {host_port(host, port)} ({exc}); expected {expected}"

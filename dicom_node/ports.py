@@ -8,7 +8,8 @@ can take the number before the process it was meant for binds it; CI once saw Or
 to start because the node's STOW-RS receiver, started after the number was chosen, had been
 given the same port. :func:`free_port` therefore chooses below the ephemeral range, where the
 kernel never picks on its own, checks that nothing listens there, and never gives one process
-the same number twice.
+the same number twice. :func:`host_port` writes an address and a port as the log and the
+messages show them.
 """
 
 from __future__ import annotations
@@ -67,3 +68,8 @@ def free_port() -> int:
             port = int(sock.getsockname()[1])
         _given.add(port)
         return port
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets (``[::1]:11112``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

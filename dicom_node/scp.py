@@ -58,7 +58,7 @@ from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
 from dicom_node.health import stop_serving
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
-from dicom_node.listener import ConnectionLimit, HandshakeInThread
+from dicom_node.listener import ConnectionLimit, HandshakeInThread, cannot_listen, peer_host
 from dicom_node.refusals import Refusals
 from dicom_node.rejections import apply_rejection
 from dicom_node.scu import VERIFICATION
@@ -159,12 +159,9 @@ _UNBOUNDED_ASSOCIATIONS = 1 << 30
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
+        return ipaddress.ip_address(peer_host(host).split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
 
 
 def host_allowed(hosts: tuple[str, ...], host: str) -> bool:
@@ -740,8 +737,7 @@ class StorageSCP:
             server.refusals = self.refusals
         except OSError as exc:
             raise GlioforecastError(
-                f"DICOM receiver: cannot listen on {address[0]}:{address[1]} ({exc}); expected "
-                "a free port: stop the other listener or set node.port"
+                cannot_listen("DICOM receiver", address[0], address[1], exc, "node")
             ) from exc
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             fastpath.drop_protocol_logging(server)

@@ -29,6 +29,7 @@ from pynetdicom import AE, Association
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_node.errors import GlioforecastError, SendError
+from dicom_node.ports import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Destination:
         if self.url:
             return f"{self.name} ({self.url})"
         over = ", TLS" if self.tls is not None else ""
-        return f"{self.name} ({self.ae_title}@{self.host}:{self.port}{over})"
+        return f"{self.name} ({self.ae_title}@{host_port(self.host, self.port)}{over})"
 
     @classmethod
     def from_settings(cls, d: DestinationLike) -> Destination:

@@ -24,10 +24,11 @@ from dicom_node.errors import ConfigError, GlioforecastError
 from dicom_node.health import HealthServer, prometheus
 from dicom_node.instance import InstanceInfo, installation_secret
 from dicom_node.jobs import JOB_STATES, QUEUED, JobStore
-from dicom_node.listener import ConnectionLimit
+from dicom_node.listener import ConnectionLimit, cannot_listen
 from dicom_node.notices import FailureNotices
 from dicom_node.outbox import Outbox, OutboxSender, Replaced, RetryPolicy
 from dicom_node.outbox_cli import outbox_path
+from dicom_node.ports import host_port
 from dicom_node.rejections import apply_rejection
 from dicom_node.reload import files_key, plan_reload, secret_files
 from dicom_node.retention import forget, prune
@@ -263,8 +264,7 @@ class Node:
                 )  # fmt: skip
             except OSError as exc:
                 raise GlioforecastError(
-                    f"health endpoint: cannot listen on {h.bind_address}:{h.port} ({exc}); "
-                    "expected a free port: set health.port, or health.enabled: false"
+                    cannot_listen("health endpoint", h.bind_address, h.port, exc, "health", True)
                 ) from exc
         self._stop = threading.Event()
         self._signalled = False  # set by SIGTERM / SIGINT (see request_stop)
@@ -282,21 +282,22 @@ class Node:
         if self.stow is not None:
             self.stow.start()
             log.info(
-                "STOW-RS on %s://%s:%d%s/studies", "https" if self.scp.ssl_context else "http",
-                self.settings.stow.bind_address, self.stow.port, self.settings.stow.path,
+                "STOW-RS on %s://%s%s/studies", "https" if self.scp.ssl_context else "http",
+                host_port(self.settings.stow.bind_address, self.stow.port),
+                self.settings.stow.path,
             )  # fmt: skip
         if self.retriever is not None:  # the PACS's C-MOVE sends to the receiver
             self.retriever.start()
         if self.health is not None:
             self.health.start()
             log.info(
-                "health and metrics on http://%s:%d/health", *self.health.server.server_address[:2]
+                "health and metrics on http://%s/health",
+                host_port(self.settings.health.bind_address, self.health.port),
             )
         log.info(
-            "listening as %s on %s:%d%s; data in %s",
+            "listening as %s on %s%s; data in %s",
             self.settings.node.ae_title,
-            self.settings.node.bind_address,
-            self.scp.port,
+            host_port(self.settings.node.bind_address, self.scp.port),
             " (TLS)" if self.settings.node.tls.enabled else "",
             self.settings.storage.data_dir,
         )

@@ -102,7 +102,7 @@ def _check_bind(value: str) -> str | None:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        return f"an IP address to listen on (e.g. 0.0.0.0 or 127.0.0.1), found {value!r}"
+        return f"an IP address to listen on (e.g. 0.0.0.0, ::, 127.0.0.1), found {value!r}"
     return None
 
 

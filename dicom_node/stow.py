@@ -48,7 +48,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError, OutOfSpaceError
 from dicom_node.health import stop_serving
-from dicom_node.listener import ConnectionLimit, HandshakeInThread
+from dicom_node.listener import ConnectionLimit, EitherFamily, HandshakeInThread, cannot_listen
 from dicom_node.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -331,7 +331,7 @@ class Admitted:
     certificate: frozenset[str] | None = None  # the names of the client's TLS certificate
 
 
-class _HttpServer(ConnectionLimit, HandshakeInThread, ThreadingHTTPServer):
+class _HttpServer(ConnectionLimit, HandshakeInThread, EitherFamily, ThreadingHTTPServer):
     daemon_threads = True
     listener = "STOW-RS receiver"
 
@@ -632,8 +632,7 @@ class StowReceiver:
             server = _HttpServer((s.bind_address, s.port), Handler)
         except OSError as exc:
             raise GlioforecastError(
-                f"STOW-RS receiver: cannot listen on {s.bind_address}:{s.port} ({exc}); "
-                "expected a free port: set stow.port, or stow.enabled: false"
+                cannot_listen("STOW-RS receiver", s.bind_address, s.port, exc, "stow", True)
             ) from exc
         server.ssl_context = self.scp.ssl_context
         server.handshake_timeout_s = self.scp.settings.acse_timeout_s

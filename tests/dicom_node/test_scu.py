@@ -38,6 +38,7 @@ class StoreSCP:
     """A storage SCP that records what it receives and can answer chosen failure statuses."""
 
     ae_title: str = "TESTPACS"
+    host: str = "127.0.0.1"
     sop_classes: Sequence[str] = ALL_CLASSES
     fail_with: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> status
     received: list[str] = field(default_factory=list)
@@ -51,7 +52,7 @@ class StoreSCP:
         return int(self.server.server_address[1])
 
     def destination(self, name: str = "pacs") -> Destination:
-        return Destination(name=name, ae_title=self.ae_title, host="127.0.0.1", port=self.port)
+        return Destination(name=name, ae_title=self.ae_title, host=self.host, port=self.port)
 
     def start(self, port: int = 0) -> StoreSCP:
         ae = AE(ae_title=self.ae_title)
@@ -62,7 +63,7 @@ class StoreSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
         ]
-        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+        self.server = ae.start_server((self.host, port), block=False, evt_handlers=handlers)
         return self
 
     def stop(self) -> None:

@@ -53,6 +53,7 @@ def post(
     path: str = "/dicom-web/studies",
     content_type: str | None = None, part_type: str = "application/dicom", chunked: bool = False,
     headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
     """POST ``parts`` as a STOW-RS request; (status, headers, body) of the answer."""
     boundary = uuid.uuid4().hex
@@ -68,9 +69,9 @@ def post(
         **(headers or {}),
     }
     if context is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
     else:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+        conn = http.client.HTTPSConnection(host, port, timeout=30, context=context)
     try:
         if chunked:
             pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
