@@ -18,7 +18,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from dicom_node.listener import ConnectionLimit, EitherFamily
+from dicom_node.listener import ConnectionLimit, EitherFamily, HeadersInTime
 from dicom_node.refusals import Refusals
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ class HealthServer:
         self.metrics = metrics
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(HeadersInTime, BaseHTTPRequestHandler):
             # a probe sends its request at once: a connection that says nothing is closed
-            # after this many seconds (without it, it held its thread for ever)
-            timeout = REQUEST_TIMEOUT_S
+            # after this many seconds (without it, it held its thread for ever), and one that
+            # sends its request a byte at a time too
+            timeout = headers_timeout_s = REQUEST_TIMEOUT_S
 
             def do_GET(self) -> None:
                 try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import io
 import ipaddress
 import socket
 import ssl
@@ -175,6 +176,86 @@ class ConnectionLimit:
             (self.listener, host),
             f"{self.listener}: connection from {host} closed at once: {reason}",
             f"{self.listener}: connection closed at once: {reason}", host,
+        )  # fmt: skip
+
+
+class _Reader(io.RawIOBase):
+    """A connection's reads, under a deadline for the whole of what is read while one is set
+    (armed: from the first byte that comes)."""
+
+    def __init__(self, connection: socket.socket, on_late: Callable[[], None]) -> None:
+        super().__init__()
+        self._connection = connection
+        self._on_late = on_late
+        self._per_read: float | None = None
+        self._limit_s: float | None = None
+        self._deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def arm(self, limit_s: float) -> None:
+        self._limit_s, self._deadline = limit_s, None
+
+    def disarm(self) -> None:
+        if self._limit_s is not None and self._deadline is not None:
+            self._connection.settimeout(self._per_read)
+        self._limit_s = self._deadline = None
+
+    def readinto(self, buffer: Any) -> int:
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                self._on_late()
+                raise TimeoutError("the request line and headers did not come whole in time")
+            self._connection.settimeout(left if self._per_read is None
+                                        else min(left, self._per_read))  # fmt: skip
+        try:
+            n = self._connection.recv_into(buffer)
+        except TimeoutError:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._on_late()
+            raise
+        if n and self._limit_s is not None and self._deadline is None:
+            self._per_read = self._connection.gettimeout()
+            self._deadline = time.monotonic() + self._limit_s
+        return n
+
+
+class HeadersInTime:
+    """A mixin for a ``BaseHTTPRequestHandler`` of a :class:`ConnectionLimit` server: a
+    request's line and headers must come whole within :attr:`headers_timeout_s` of their first
+    byte. The connection's timeout holds for each read, so a client that sent its headers a
+    byte at a time, each within it, held the connection and its thread as long as it went on.
+    The body is read under the connection's timeout alone (a large one may take long)."""
+
+    headers_timeout_s: float = 30.0
+    rfile: io.BufferedIOBase
+    #: what the connection's reads go through
+    _reader: _Reader
+
+    def setup(self) -> None:
+        super().setup()  # type: ignore[misc]
+        self._reader = _Reader(self.connection, self._late)  # type: ignore[attr-defined]
+        self.rfile.close()  # the socket's own file: unused
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._reader.arm(self.headers_timeout_s)
+        super().handle_one_request()  # type: ignore[misc]
+
+    def parse_request(self) -> bool:
+        parsed = bool(super().parse_request())  # type: ignore[misc]
+        self._reader.disarm()
+        return parsed
+
+    def _late(self) -> None:
+        server = self.server  # type: ignore[attr-defined]
+        host = str(self.client_address[0])  # type: ignore[attr-defined]
+        server.refusals.report(
+            (server.listener, host, "late headers"),
+            f"{server.listener}: connection from {host} closed: its request line and headers "
+            f"did not come whole within {self.headers_timeout_s:.0f} s",
         )  # fmt: skip
 
 

@@ -19,7 +19,8 @@ How a request is read, so that bad input loses nothing and holds nothing up:
 - a body that does not arrive whole, or whose multipart structure is broken, stores nothing
   (400); a part that is not ``application/dicom`` refuses the request (415);
 - at most ``stow.max_requests`` requests are stored at once (503 with Retry-After beyond); a
-  client that stops sending is dropped after ``node.network_timeout_s``.
+  client that stops sending is dropped after ``node.network_timeout_s``, and one whose request
+  line and headers have not all come within ``node.acse_timeout_s`` of their first byte.
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import GlioforecastError, OutOfSpaceError
 from dicom_node.health import stop_serving
-from dicom_node.listener import ConnectionLimit, EitherFamily, HandshakeInThread, cannot_listen
+from dicom_node.listener import (
+    ConnectionLimit,
+    EitherFamily,
+    HandshakeInThread,
+    HeadersInTime,
+    cannot_listen,
+)
 from dicom_node.scp import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -599,9 +606,10 @@ class StowReceiver:
     def start(self) -> None:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(HeadersInTime, BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             server_version = "glioforecast"
+            headers_timeout_s = receiver.scp.settings.acse_timeout_s
 
             def setup(self) -> None:
                 super().setup()

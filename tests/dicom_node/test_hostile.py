@@ -31,7 +31,7 @@ from tests import factories
 from tests.audit_repository import security_alerts
 from tests.conftest import tool, wait_for
 from tests.dicom_node.test_scp import echoscu, storescu
-from tests.dicom_node.test_stow import _stow
+from tests.dicom_node.test_stow import TOKEN, _stow
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -508,3 +508,86 @@ def test_an_association_request_sent_a_byte_at_a_time_is_cut_off(run_node, caplo
     time.sleep(2.0)  # longer than node.acse_timeout_s, within the network timeout
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
+
+
+def _trickle(port: int, data: bytes, every_s: float, for_s: float) -> float | None:
+    """Send ``data`` to ``port`` a byte every ``every_s`` for at most ``for_s``: the seconds
+    after which the server closed the connection (None: it had not)."""
+    import socket
+    import time
+
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for byte in data:
+            if time.monotonic() - start > for_s:
+                return None
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # reset by the server
+                return time.monotonic() - start
+            if select.select([sock], [], [], every_s)[0]:
+                try:
+                    if sock.recv(4096) == b"":
+                        return time.monotonic() - start
+                except OSError:
+                    return time.monotonic() - start
+    return None
+
+
+def test_http_headers_sent_a_byte_at_a_time_are_cut_off(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, caplog, monkeypatch
+) -> None:
+    """A client that sends its request line and headers a byte at a time, each within the
+    connection's timeout, held a thread of the STOW-RS receiver or the health endpoint for as
+    long as it went on: they must now come whole within node.acse_timeout_s (STOW-RS) or 10 s
+    (health; 1.5 s here) of their first byte. A whole request is still answered, a slow body
+    is not cut off by it, and a keep-alive connection may wait between requests."""
+    import http.client
+    import logging
+    import time
+
+    import dicom_node.health
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.refusals")
+    monkeypatch.setattr(dicom_node.health, "REQUEST_TIMEOUT_S", 1.5)
+    node = run_node(node={"acse_timeout_s": 1.5, "network_timeout_s": 10.0},
+                    stow=_stow(tmp_path))  # fmt: skip
+    request = (b"POST /dicom-web/studies HTTP/1.1\r\nHost: node\r\n"
+               + b"X-Padding: " + b"a" * 200 + b"\r\n\r\n")  # fmt: skip
+    stow_closed = _trickle(node.stow.port, request, 0.2, 6.0)
+    health_closed = _trickle(node.health.port, b"GET /health HTTP/1.1\r\n" + b"X: " + b"a" * 200,
+                             0.2, 6.0)  # fmt: skip
+    assert stow_closed is not None and stow_closed < 4.0, stow_closed
+    assert health_closed is not None and health_closed < 4.0, health_closed
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "STOW-RS receiver: connection from 127.0.0.1 closed: its request line and headers " \
+        "did not come whole within 2 s" in said, said  # fmt: skip
+    assert "health endpoint: connection from 127.0.0.1 closed: its request line" in said, said
+
+    # a whole request, then another on the same connection after a pause longer than that
+    conn = http.client.HTTPConnection("127.0.0.1", node.health.port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() and True
+    time.sleep(0.5)
+    conn.request("GET", "/metrics")
+    assert conn.getresponse().status == 200
+    conn.close()
+    # a STOW-RS body sent slowly (2.5 s, past the headers' 1.5 s) is read whole
+    study = factories.small_study(tmp_path / "in")
+    part = study["t1c"][0].read_bytes()
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part
+            + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", node.stow.port, timeout=10)
+    conn.putrequest("POST", "/dicom-web/studies")
+    for name, value in {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Content-Length": str(len(body)), "Authorization": f"Bearer {TOKEN}",
+    }.items():  # fmt: skip
+        conn.putheader(name, value)
+    conn.endheaders()
+    for i in range(5):
+        conn.send(body[i * len(body) // 5 : (i + 1) * len(body) // 5])
+        time.sleep(0.5)
+    assert conn.getresponse().status == 200
+    conn.close()
