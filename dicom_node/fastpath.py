@@ -45,6 +45,7 @@ import logging
 import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import threading
@@ -120,6 +121,7 @@ class FastSocket(AssociationSocket):
     """
 
     _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next
+    _ended = False  # the node closed the connection (:meth:`_refused`)
 
     def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
         super().__init__(assoc, *args, **kwargs)
@@ -135,11 +137,16 @@ class FastSocket(AssociationSocket):
         return max(announced, MAX_CONTROL_PDU) if announced else 2**32 - 1
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._ended:  # what the peer sent after the node closed the connection
+            return bytearray()
         header, self._header = self._header, None
         if header is None:  # the DUL reads a PDU header first
             data = self._read(nr_bytes)
             if len(data) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", data)
+                if pdu_type not in _PDU_NAMES and self._awaiting_request():
+                    self._not_dicom(bytes(data))
+                    return bytearray()  # the DUL takes it as the connection closed
                 self._header = (pdu_type, length)
             return data
         pdu_type, length = header
@@ -190,21 +197,53 @@ class FastSocket(AssociationSocket):
     def _request_deadline(self) -> float | None:
         """When the A-ASSOCIATE-RQ must have come whole (none once it has). The acceptor's
         DUL reads that first PDU before it acts on the connection's own event, in Sta1."""
-        machine = getattr(self.assoc.dul, "state_machine", None)
         timeout = self.assoc.acse_timeout
-        waiting = (_IDLE, _AWAITING_REQUEST)
-        if machine is None or machine.current_state not in waiting or not timeout:
+        if not self._awaiting_request() or not timeout:
             return None
         return self._opened + float(timeout)
+
+    def _awaiting_request(self) -> bool:
+        """Whether the connection has not sent its A-ASSOCIATE-RQ yet."""
+        machine = getattr(self.assoc.dul, "state_machine", None)
+        return machine is not None and machine.current_state in (_IDLE, _AWAITING_REQUEST)
 
     def _too_slow(self, got: int) -> None:
         """Read no further: the A-ASSOCIATE-RQ did not come whole in time (the DUL takes the
         short read as the connection closed, and ends the association)."""
-        log.warning(
-            "connection from %s closed: no whole A-ASSOCIATE-RQ within node.acse_timeout_s "
-            "(%.0f s; %d bytes of this read had come)",
-            getattr(self.assoc.requestor, "address", "?"), self.assoc.acse_timeout, got,
-        )  # fmt: skip
+        timeout = self.assoc.acse_timeout
+        self._refused("slow", f"no whole A-ASSOCIATE-RQ within node.acse_timeout_s "
+                      f"({timeout:.0f} s; {got} bytes of this read had come)")  # fmt: skip
+
+    def _not_dicom(self, first: bytes) -> None:
+        """The connection's first bytes are no DICOM PDU: say what they look like (pynetdicom
+        logged an error per six bytes, without the peer's address)."""
+        if first[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"OPTI", b"DELE", b"PRI "):
+            kind, what = "http", "an HTTP request (a web browser, or a load balancer's HTTP check?)"
+        elif first[0] == 0x16 and first[1] == 0x03:
+            kind, what = (
+                "tls",
+                "a TLS handshake (the sender uses TLS, the port does not: node.tls)",
+            )
+        else:
+            kind, what = "bytes", f"bytes that are no DICOM PDU ({first!r})"
+        self._refused(kind, f"expected an A-ASSOCIATE-RQ, found {what}")
+
+    def _refused(self, kind: str, why: str) -> None:
+        """Log why the connection is closed, once a minute per address and kind (the server's
+        :class:`~dicom_node.refusals.Refusals`, where it has one)."""
+        host = str(getattr(self.assoc.requestor, "address", "?"))
+        said = f"connection from {host} closed: {why}"
+        refusals = getattr(getattr(self.assoc, "_server", None), "refusals", None)
+        if refusals is None:
+            log.warning("%s", said)
+        else:
+            refusals.report(("fastpath", kind, host), said)
+        # the DUL would go on reading what the peer sent after: every read ends now, and the
+        # peer sees the connection closed
+        self._ended = True
+        with contextlib.suppress(OSError):
+            assert self.socket is not None
+            self.socket.shutdown(socket.SHUT_RDWR)
 
 
 def _implicit(element: int, value: bytes) -> bytes:

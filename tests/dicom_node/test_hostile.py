@@ -594,3 +594,38 @@ def test_http_headers_sent_a_byte_at_a_time_are_cut_off(  # type: ignore[no-unty
     conn.request("POST", "/dicom-web/studies", body=body, headers=headers)
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_http_or_tls_on_the_dicom_port_is_named_and_closed_at_once(run_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A web browser or a load balancer's HTTP check pointed at the DICOM port, or a sender
+    with TLS on a port without it: the connection is closed at once, and the log says what
+    came (pynetdicom logged an error per six bytes read, without the address), once a minute
+    per address and kind."""
+    import logging
+    import socket
+
+    caplog.set_level(logging.WARNING)
+    node = run_node()
+    client_hello = bytes.fromhex("160301020001000001fc0303") + bytes(64)
+    http = b"GET /health HTTP/1.1\r\nHost: node\r\n\r\n"
+    for data in [http, http, http, client_hello, b"\x55" + bytes(40)]:
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as sock:
+            sock.sendall(data)
+            assert _closed_at_once(sock, within_s=2.0), data
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    expected = "connection from 127.0.0.1 closed: expected an A-ASSOCIATE-RQ, found "
+    assert said == [
+        expected + "an HTTP request (a web browser, or a load balancer's HTTP check?)",
+        expected + "a TLS handshake (the sender uses TLS, the port does not: node.tls)",
+        expected + "bytes that are no DICOM PDU (b'U\\x00\\x00\\x00\\x00\\x00')",
+    ], said
+    node.scp.refusals.flush(final=True)  # the two other HTTP requests, counted
+    assert (
+        caplog.records[-1]
+        .getMessage()
+        .startswith(
+            expected + "an HTTP request (a web browser, or a load balancer's HTTP check?) "
+            "(2 more times in the last "
+        )
+    )
+    assert echoscu(node.scp.port).returncode == 0
