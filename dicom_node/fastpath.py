@@ -114,10 +114,11 @@ class FastSocket(AssociationSocket):
     connection closed). Its buffer grows with the bytes that arrive, never ahead of them by
     more than :data:`_READ_CHUNK`.
 
-    Until its A-ASSOCIATE-RQ has come (Sta1 or Sta2), a connection has ``acse_timeout`` from when it
-    was ready, for the request as a whole. The network timeout holds for each read, so a peer
-    that sent the request a byte at a time, each within it, held the connection and its two
-    threads as long as it went on.
+    Until its A-ASSOCIATE-RQ has come (Sta1 or Sta2), a connection has ``acse_timeout`` from
+    when it was ready, for the request as a whole (the network timeout holds for each read, so
+    a peer that sent the request a byte at a time, each within it, held the connection and its
+    two threads as long as it went on), and first bytes that are no PDU (an HTTP request, a TLS
+    handshake) close it at once, named in the log.
     """
 
     _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next

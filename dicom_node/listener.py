@@ -35,7 +35,7 @@ class HandshakeInThread:
 
     ssl_context: ssl.SSLContext | None = None
     handshake_timeout_s: float = 30.0
-    listener = "receiver"
+    listener: str  # these two: the ConnectionLimit's
     refusals: Refusals
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
