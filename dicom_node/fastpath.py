@@ -25,7 +25,9 @@ What it changes, and nothing else:
   :data:`IDLE_CHECK_S` for the network (idle) timeout.
 - :class:`FastSocket` reads a PDU with ``recv_into`` into one buffer instead of 4096-byte
   ``recv`` calls, and closes the connection of a peer whose PDU header announces more than
-  the node takes (the library would read whatever length it announces).
+  the node takes (the library would read whatever length it announces), of one whose
+  A-ASSOCIATE-RQ has not come whole within the ACSE timeout, and of one whose first bytes are
+  no PDU (an HTTP request, a TLS handshake), saying what came.
 - :class:`FastDIMSE` encodes a plain C-STORE response (the fields a storage SCP sets) directly
   into its seven or eight command elements; pynetdicom builds a pydicom Dataset, encodes it
   once to compute the group length and once more to send it, which cost more CPU per instance
