@@ -27,51 +27,78 @@ class Assembler:
         self.store = store
         self.settings = settings
         self.linker = Linker(store, settings.storage.spool_dir)
+        #: studies that could not be made a job, with the passes that failed
+        self.failing: dict[str, int] = {}
 
     def run_once(self, now: float | None = None) -> list[int]:
-        """Turn every study that has been quiet long enough into a job; return the job ids."""
+        """Turn every study that has been quiet long enough into a job; return the job ids.
+
+        A study that cannot be made a job (a fault of the node's, such as its database
+        refusing what the study asks of it: a study's own problems make a failed job with a
+        reason) stays pending and is tried again at each pass, logged once with its traceback
+        (:attr:`failing`); the studies after it go on. Before, such a study failed the whole
+        pass, every pass: no study became a job again."""
         now = time.time() if now is None else now
         created = []
-        for study_uid in self.store.due_studies(now, self.settings.assembly.quiet_period_s):
-            series = self.store.series_of_study(study_uid)
-            outcome = assign_roles(series, self.settings.roles)
-            linked, note, linked_from = self._link(study_uid, series, outcome, now)
-            if linked:
-                outcome = assign_roles([*series, *linked], self.settings.roles)
-            state = QUEUED if outcome.ok else FAILED
-            reason = "; ".join([*outcome.problems, *([note] if note and not outcome.ok else [])])
-            if not outcome.ok:
-                state, reason = self._retrieval(study_uid, outcome, reason)
-            removed_at = self.store.study_removed_at(study_uid)
-            if not outcome.ok and removed_at is not None:
-                reason += (
-                    "; the study's earlier instances were removed from the spool by retention on "
-                    f"{time.strftime('%Y-%m-%d', time.localtime(removed_at))}: send the whole "
-                    "study again"
-                )
-            job_id = self.store.create_job(
-                study_uid, outcome.decisions, state, reason,
-                [s.series_instance_uid for s in linked],
-            )  # fmt: skip
-            if note:
-                self.store.add_event(job_id, "linked", note)
-            if linked_from:  # the RT study's own (failed) job says where its objects went
-                self.store.add_event(
-                    self.store.latest_job_id(linked_from), "linked",
-                    f"its RT objects are used by job {job_id} of the patient's study {study_uid}",
-                )  # fmt: skip
-            created.append(job_id)
-            roles = ", ".join(sorted({d.role for d in outcome.decisions if d.role})) or "none"
-            log.info(
-                "job %d created: %d series, roles %s; %s%s",
-                job_id,
-                len(series),
-                roles,
-                state,
-                f" ({reason})" if reason else "",
-                extra={"job": job_id},
-            )
+        due = self.store.due_studies(now, self.settings.assembly.quiet_period_s)
+        for gone in set(self.failing) - set(due):  # removed since (retention, a reset)
+            del self.failing[gone]
+        for study_uid in due:
+            try:
+                created.append(self._assemble(study_uid, now))
+            except Exception as exc:
+                if study_uid not in self.failing:
+                    log.exception(
+                        "study %s could not be made a job; it stays pending and is tried again "
+                        "at each pass (the other studies go on): %s", study_uid, exc,
+                    )  # fmt: skip
+                self.failing[study_uid] = self.failing.get(study_uid, 0) + 1
+                continue
+            tries = self.failing.pop(study_uid, None)
+            if tries is not None:
+                log.info("study %s made a job after %d failed passes", study_uid, tries)
         return created
+
+    def _assemble(self, study_uid: str, now: float) -> int:
+        """Make one study a job; its id."""
+        series = self.store.series_of_study(study_uid)
+        outcome = assign_roles(series, self.settings.roles)
+        linked, note, linked_from = self._link(study_uid, series, outcome, now)
+        if linked:
+            outcome = assign_roles([*series, *linked], self.settings.roles)
+        state = QUEUED if outcome.ok else FAILED
+        reason = "; ".join([*outcome.problems, *([note] if note and not outcome.ok else [])])
+        if not outcome.ok:
+            state, reason = self._retrieval(study_uid, outcome, reason)
+        removed_at = self.store.study_removed_at(study_uid)
+        if not outcome.ok and removed_at is not None:
+            reason += (
+                "; the study's earlier instances were removed from the spool by retention on "
+                f"{time.strftime('%Y-%m-%d', time.localtime(removed_at))}: send the whole "
+                "study again"
+            )
+        job_id = self.store.create_job(
+            study_uid, outcome.decisions, state, reason,
+            [s.series_instance_uid for s in linked],
+        )  # fmt: skip
+        if note:
+            self.store.add_event(job_id, "linked", note)
+        if linked_from:  # the RT study's own (failed) job says where its objects went
+            self.store.add_event(
+                self.store.latest_job_id(linked_from), "linked",
+                f"its RT objects are used by job {job_id} of the patient's study {study_uid}",
+            )  # fmt: skip
+        roles = ", ".join(sorted({d.role for d in outcome.decisions if d.role})) or "none"
+        log.info(
+            "job %d created: %d series, roles %s; %s%s",
+            job_id,
+            len(series),
+            roles,
+            state,
+            f" ({reason})" if reason else "",
+            extra={"job": job_id},
+        )
+        return job_id
 
     def _retrieval(self, study_uid: str, outcome: RoleOutcome, reason: str) -> tuple[str, str]:
         """The state and reason of a job whose study lacks required roles: ``retrieving`` when

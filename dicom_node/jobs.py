@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import UID
+
 from dicom_node.instance import InstanceInfo
 from dicom_node.sqlite import Database
 from sr_writer.labels import is_labelled_description
@@ -681,6 +683,9 @@ class JobStore:
             _event(db, row[0] if row else None, "reopened", message)
 
     def series_of_study(self, study_uid: str) -> list[SeriesSummary]:
+        """The study's series, one per Series Instance UID: a series that holds instances of
+        more than one SOP class (against the standard, one modality per series) is its
+        :func:`principal` class; the job leaves the others out (:meth:`create_job`)."""
         with self._lock:
             rows = self._conn.execute(
                 "SELECT series_instance_uid, sop_class_uid, modality, series_number, "
@@ -691,7 +696,13 @@ class JobStore:
                 "ORDER BY series_number, series_instance_uid",
                 (study_uid,),
             ).fetchall()
-        return [_series(r) for r in rows]
+        groups = [_series(r) for r in rows]
+        by_series: dict[str, list[tuple[str, int]]] = {}
+        for g in groups:
+            by_series.setdefault(g.series_instance_uid, []).append(
+                (g.sop_class_uid, g.instance_count)
+            )
+        return [g for g in groups if g.sop_class_uid == principal(by_series[g.series_instance_uid])]
 
     # ---------------------------------------------------------------- retrievals
 
@@ -884,6 +895,7 @@ class JobStore:
                     f"AND {_USABLE}",
                     (job_id, series_uid),
                 )
+            set_aside = _set_aside_other_classes(db, job_id)
             db.execute(
                 "UPDATE instances SET assembled = 1 WHERE study_instance_uid = ? AND assembled = 0",
                 (study_uid,),
@@ -899,6 +911,8 @@ class JobStore:
                 "SELECT count(*) FROM job_instances WHERE job_id = ?", (job_id,)
             ).fetchone()[0]
             _event(db, job_id, "created", f"version {version} with {count} instances; {state}")
+            for note in set_aside:
+                _event(db, job_id, "not used", note)
             for series_uid, description, n, note_uid, why in db.execute(
                 "SELECT i.series_instance_uid, i.series_description, count(*), r.note_uid, "
                 "r.reason FROM instances i JOIN rejected_instances r USING (sop_instance_uid) "
@@ -1198,6 +1212,47 @@ def _series(r: Sequence[object]) -> SeriesSummary:
         last_received_at=float(str(r[10])),
         image_type=_image_types(r[11]),
     )
+
+
+def principal(classes: Sequence[tuple[str, int]]) -> str:
+    """The SOP class a series is taken as, from its (SOP class, instance count) pairs: the one
+    with the most instances (ties: the lowest UID, so that every reader chooses alike)."""
+    return min(classes, key=lambda c: (-c[1], c[0]))[0]
+
+
+def _set_aside_other_classes(db: sqlite3.Connection, job_id: int) -> list[str]:
+    """Take out of a job the instances of a series that are not of its :func:`principal` SOP
+    class (a Secondary Capture among the MR images, an RT Structure Set in the MR series):
+    the series is converted as one class. What was left out, in words, for the job's events."""
+    rows = db.execute(
+        "SELECT i.series_instance_uid, i.sop_class_uid, count(*), max(i.series_number) "
+        "FROM job_instances ji JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? "
+        "GROUP BY i.series_instance_uid, i.sop_class_uid",
+        (job_id,),
+    ).fetchall()
+    by_series: dict[str, list[tuple[str, int]]] = {}
+    numbers: dict[str, object] = {}
+    for series_uid, sop_class, count, number in rows:
+        by_series.setdefault(series_uid, []).append((sop_class, int(count)))
+        numbers[series_uid] = number
+    notes = []
+    for series_uid, classes in sorted(by_series.items()):
+        if len(classes) < 2:
+            continue
+        kept = principal(classes)
+        db.execute(
+            "DELETE FROM job_instances WHERE job_id = ? AND sop_instance_uid IN (SELECT "
+            "sop_instance_uid FROM instances WHERE series_instance_uid = ? AND sop_class_uid != ?)",
+            (job_id, series_uid, kept),
+        )
+        others = ", ".join(f"{n} {UID(c).name}" for c, n in classes if c != kept)
+        number = "?" if numbers[series_uid] is None else numbers[series_uid]
+        notes.append(
+            f"series {number} ({series_uid}) holds instances of more than one SOP class: its "
+            f"{dict(classes)[kept]} {UID(kept).name} are used, not its {others} (a series holds "
+            "one kind of object; send those in a series of their own)"
+        )
+    return notes
 
 
 def _image_types(value: object) -> str:

@@ -267,6 +267,7 @@ class Node:
                     cannot_listen("health endpoint", h.bind_address, h.port, exc, "health", True)
                 ) from exc
         self._stop = threading.Event()
+        self._failures: dict[str, tuple[str, float]] = {}  # main loop step -> (error, when logged)
         self._signalled = False  # set by SIGTERM / SIGINT (see request_stop)
 
     def start(self) -> None:
@@ -317,19 +318,34 @@ class Node:
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
-            try:
-                if self.assembler.run_once():
-                    self.worker.wake()
-                self.notices.run_once()
-                self.notices.take_back_once()
-                self.scp.refusals.flush()
-            except Exception:
-                # the loop must survive anything a single study does to it
-                log.exception("assembly pass failed; will retry")
+            # each part on its own: one that fails (and is tried again at the next pass) must
+            # not keep the others from running
+            if self._guarded("assembly pass", self.assembler.run_once):
+                self.worker.wake()
+            self._guarded("failure notices", self.notices.run_once)
+            self._guarded("notices taken back", self.notices.take_back_once)
+            self._guarded("refusals report", self.scp.refusals.flush)
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + self._retention_pass()
             interval = self.settings.assembly.poll_interval_s  # (a reload may change it)
             self._stop.wait(interval if watchdog is None else min(interval, watchdog))
+
+    def _guarded(self, what: str, step: Callable[[], object]) -> object:
+        """``step()``, or None when it raised: logged with its traceback the first time, then
+        once an hour while it fails the same way (the main loop tries it again each pass)."""
+        try:
+            result = step()
+        except Exception as exc:
+            said = f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            last = self._failures.get(what)
+            if last is None or last[0] != said or now - last[1] >= 3600:
+                log.exception("%s failed; tried again at each pass", what)
+                self._failures[what] = (said, now)
+            return None
+        if self._failures.pop(what, None) is not None:
+            log.info("%s works again", what)
+        return result
 
     def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
         """SIGHUP: read the configuration again, from the main loop (within one poll interval;
@@ -558,6 +574,10 @@ class Node:
                             {"reason": reason}, self.scp.associations_refused[reason]))  # fmt: skip
         for state in JOB_STATES:
             samples.append(("glioforecast_jobs", "jobs by state", {"state": state}, counts[state]))
+        samples.append(("glioforecast_studies_not_assembled",
+                        "studies that could not be made a job at the last pass, a fault of the "
+                        "node's (its log says which and why); tried again at each pass",
+                        {}, len(self.assembler.failing)))  # fmt: skip
         samples += [
             ("glioforecast_queue_depth", "jobs waiting for the worker", {}, counts[QUEUED]),
             (

@@ -131,3 +131,107 @@ def test_a_job_run_again_does_not_repeat_what_it_found(tmp_path: Path) -> None:
     kinds = [e.kind for e in store.events(job)]
     assert kinds.count("rtstruct") == 1 and kinds.count("warning") == 1
     assert kinds.count("running") == 2
+
+
+def _secondary_capture_in(series_file: Path, out: Path) -> Path:
+    """A Secondary Capture in the same series as ``series_file`` (a screen save a console put
+    among the MR images)."""
+    ds = pydicom.dcmread(series_file)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(out)
+    return out
+
+
+def test_a_series_with_two_sop_classes_becomes_a_job_without_the_odd_ones(tmp_path: Path) -> None:
+    """A series holding MR images and a Secondary Capture made two role decisions for one
+    series: the job could not be written, and the assembly pass failed on it every time, for
+    every study after it too. The series is taken as its most frequent class; the job says
+    what it left out."""
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 0})
+    mixed = factories.small_study(tmp_path / "mixed")
+    other = factories.small_study(tmp_path / "other")
+    screen = _secondary_capture_in(mixed["t1c"][0], tmp_path / "sc.dcm")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    _receive(spool, store, [*mixed["t1c"], screen, *mixed["flair"], *mixed["rtstruct"]], 1.0)
+    _receive(spool, store, [*other["t1c"], *other["flair"], *other["rtstruct"]], 1.0)
+    jobs = Assembler(store, settings).run_once(now=100.0)
+    assert len(jobs) == 2
+    by_study = {j.study_instance_uid: j for j in (store.get_job(i) for i in jobs) if j}
+    study_uid = _info(screen).study_instance_uid
+    job = by_study[study_uid]
+    assert job.state == QUEUED, job.reason
+    assert job.instance_count == len(mixed["t1c"]) + len(mixed["flair"]) + 1
+    roles = {js.role: js.series for js in store.job_series(job.id) if js.role}
+    assert roles["t1c"].sop_class_uid == "1.2.840.10008.5.1.4.1.1.4"
+    assert roles["t1c"].instance_count == len(mixed["t1c"])
+    used = {uid for members in store.job_instances(job.id).values() for uid, _ in members}
+    assert _info(screen).sop_instance_uid not in used
+    (note,) = [e.message for e in store.events(job.id) if e.kind == "not used"]
+    assert f"its {len(mixed['t1c'])} MR Image Storage are used, not its 1 Secondary Capture " \
+        "Image Storage" in note, note  # fmt: skip
+
+
+def test_a_study_the_database_refuses_does_not_hold_up_the_others(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The job database refuses one study's job (a trigger: a real refusal of SQLite's): the
+    other studies still become jobs, the refused one is logged once however many passes fail,
+    counted, and made a job once the database takes it."""
+    import logging
+    import sqlite3
+
+    caplog.set_level(logging.INFO, logger="dicom_node.assembler")
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 0})
+    first, second = (factories.small_study(tmp_path / n) for n in ("first", "second"))
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    _receive(spool, store, [p for paths in first.values() for p in paths], 1.0)
+    refused = _info(first["t1c"][0]).study_instance_uid
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "CREATE TRIGGER no_job BEFORE INSERT ON jobs WHEN NEW.study_instance_uid = "
+            f"'{refused}' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+    assembler = Assembler(store, settings)
+    assert assembler.run_once(now=100.0) == []
+    _receive(spool, store, [p for paths in second.values() for p in paths], 101.0)
+    for now in (200.0, 300.0, 400.0):
+        made = assembler.run_once(now=now)
+        if now == 200.0:
+            assert len(made) == 1  # the second study, after the refused one
+    assert assembler.failing == {refused: 4}
+    said = [r.getMessage() for r in caplog.records if "could not be made a job" in r.getMessage()]
+    assert len(said) == 1 and refused in said[0] and "refused by the test" in said[0], said
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute("DROP TRIGGER no_job")
+    (job_id,) = assembler.run_once(now=500.0)
+    assert store.get_job(job_id).study_instance_uid == refused  # type: ignore[union-attr]
+    assert assembler.failing == {}
+    assert f"study {refused} made a job after 4 failed passes" in caplog.text
+
+
+def test_a_step_of_the_main_loop_that_fails_is_logged_once_and_spares_the_others(  # type: ignore[no-untyped-def]
+    run_node, caplog
+) -> None:
+    """Each step of the main loop (assembly, notices, the refusals' report) runs on its own:
+    one that fails is logged with its traceback once while it fails the same way, and the
+    others run at each pass all the same."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="dicom_node.service")
+    node = run_node()
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise OSError(5, "Input/output error")
+
+    for _ in range(3):
+        assert node._guarded("a step", broken) is None
+        assert node._guarded("another step", lambda: calls.append("other") or 7) == 7
+    assert calls == ["broken", "other"] * 3
+    failed = [
+        r for r in caplog.records if r.getMessage() == "a step failed; tried again at each pass"
+    ]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+    assert node._guarded("a step", lambda: None) is None
+    assert "a step works again" in caplog.text
