@@ -28,7 +28,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,26 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.202",  # HTJ2K with RPCL Options, Lossless Only
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 )
+
+#: the transfer syntaxes above that lose information: accepted only when the sender proposes
+#: no lossless one in the same presentation context
+LOSSY_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203",
+})  # fmt: skip
+
+
+def preferred_transfer_syntaxes(proposed: Sequence[str]) -> list[str]:
+    """The node's transfer syntaxes in the order it accepts them for a presentation context
+    proposing ``proposed``: the sender's lossless ones in the sender's order, then its lossy
+    ones, then those it did not propose (never chosen). pynetdicom takes the acceptor's order
+    (Explicit VR Little Endian first), so a sender that proposed its JPEG Lossless images and
+    an uncompressed syntax in one context had to decompress them, and one that cannot (dcmtk
+    ``storescu +C`` without the codecs) failed to send them."""
+    offered = [ts for ts in proposed if ts in TRANSFER_SYNTAXES]
+    lossless = [ts for ts in offered if ts not in LOSSY_TRANSFER_SYNTAXES]
+    lossy = [ts for ts in offered if ts in LOSSY_TRANSFER_SYNTAXES]
+    return lossless + lossy + [ts for ts in TRANSFER_SYNTAXES if ts not in offered]
 
 
 SUCCESS = 0x0000
@@ -475,11 +495,26 @@ class StorageSCP:
             )  # fmt: skip
             self._reject(assoc, _LOCAL_LIMIT_EXCEEDED, _REJECT_TRANSIENT, _SOURCE_PRESENTATION)
             return
+        self._prefer_senders_syntaxes(assoc)
         named = f" (client certificate {', '.join(sorted(certificate))})" if certificate else ""
         log.info("association from %s at %s accepted%s", calling, host, named)
         if self.audit.enabled:
             with self._received_lock:
                 self._received[id(assoc)] = _Received(calling, host, certificate)
+
+    @staticmethod
+    def _prefer_senders_syntaxes(assoc: Any) -> None:
+        """Order the association's transfer syntaxes for each storage SOP class the sender
+        proposes as :func:`preferred_transfer_syntaxes` (before pynetdicom negotiates)."""
+        proposed: dict[str, list[str]] = {}
+        for cx in assoc.requestor.primitive.presentation_context_definition_list or ():
+            proposed.setdefault(str(cx.abstract_syntax), []).extend(map(str, cx.transfer_syntax))
+        contexts = assoc.acceptor.supported_contexts
+        for cx in contexts:
+            offered = proposed.get(str(cx.abstract_syntax))
+            if offered and set(map(str, cx.transfer_syntax)) == set(TRANSFER_SYNTAXES):
+                cx.transfer_syntax = preferred_transfer_syntaxes(offered)
+        assoc.acceptor.supported_contexts = contexts
 
     def connection_limits(self) -> tuple[int, int]:
         """The connections a listener of the node holds at most, in all and from one address

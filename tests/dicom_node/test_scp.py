@@ -391,3 +391,35 @@ def test_a_full_job_queue_defers_new_instances(run_node, tmp_path):  # type: ign
         what="the instance to be accepted once the queue has room",
     )
     assert stored and node.store.counts()["instances"] == 1
+
+
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def test_the_senders_lossless_syntax_is_taken_before_the_nodes_own_order(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """dcmtk storescu +C proposes a JPEG Lossless file's own syntax and the uncompressed ones
+    in one presentation context. pynetdicom chose by the node's order (Explicit VR Little
+    Endian first), so the sender had to decompress, and storescu, which cannot, failed to send
+    the file. The node takes the sender's lossless syntaxes in the sender's order: the file is
+    stored as it was sent."""
+    original = factories.small_study(tmp_path / "in")["t1c"][0]
+    compressed = tmp_path / "jpeg-lossless.dcm"
+    subprocess.run([tool("dcmcjpeg"), "+e1", str(original), str(compressed)], check=True)
+    node = run_node()
+    result = storescu(node.scp.port, compressed, extra=("-xs", "+C"))
+    assert result.returncode == 0, result.stderr
+    (stored,) = node.spool.root.rglob("*.dcm")
+    ds = pydicom.dcmread(stored)
+    assert ds.file_meta.TransferSyntaxUID == JPEG_LOSSLESS_SV1
+    assert (ds.pixel_array == pydicom.dcmread(original).pixel_array).all()
+
+
+def test_a_lossy_syntax_is_taken_only_when_no_lossless_one_is_proposed() -> None:
+    from dicom_node.scp import preferred_transfer_syntaxes
+
+    baseline, j2k, rle = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+    assert preferred_transfer_syntaxes([baseline, EXPLICIT_LE, j2k])[:3] == [EXPLICIT_LE, j2k,
+                                                                              baseline]  # fmt: skip
+    assert preferred_transfer_syntaxes([rle, "1.2.3.4"])[0] == rle  # an unknown one is skipped
+    assert preferred_transfer_syntaxes([baseline])[0] == baseline
