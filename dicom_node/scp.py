@@ -412,6 +412,9 @@ class StorageSCP:
         self.refusals = Refusals(self.audit.refused)
         #: associations refused, by why (every one: the log and audit trail sum them up)
         self.associations_refused: collections.Counter[str] = collections.Counter()
+        #: the SOP classes refused at negotiation of each open association that has stored
+        #: nothing yet (by id of the association): said when it ends with nothing stored
+        self._refused_classes: dict[int, list[str]] = {}
         # instances of these classes do not reopen a study (they cannot change its prediction)
         self.inert_sop_classes = inert_sop_classes
         # what each open association delivered, for the audit trail (by id of the association)
@@ -521,9 +524,52 @@ class StorageSCP:
         (read at each connection: a reload changes them)."""
         return self.settings.max_connections, self.settings.max_connections_per_host
 
+    def _on_accepted(self, event: Any) -> None:
+        """Say which presentation contexts negotiation refused: at once those of a SOP class
+        the node takes in no transfer syntax the sender proposed; those of a SOP class it does
+        not take only if the association ends with nothing stored (a sender proposes many
+        classes it will not send: dcmtk storescu 128)."""
+        assoc = event.assoc
+        calling, host = _sender(assoc)
+        no_syntax: dict[str, set[str]] = {}
+        not_taken: set[str] = set()
+        for cx in assoc.rejected_contexts:
+            name = sc.UID(str(cx.abstract_syntax)).name
+            if cx.result == 0x04:  # transfer syntaxes not supported
+                no_syntax.setdefault(name, set()).update(
+                    sc.UID(str(ts)).name for ts in cx.transfer_syntax
+                )
+            else:
+                not_taken.add(name)
+        if no_syntax:
+            said = "; ".join(
+                f"{name} in {', '.join(sorted(ts))}" for name, ts in sorted(no_syntax.items())
+            )
+            self.refusals.report(
+                ("syntaxes", host, calling, said),
+                f"association from {calling} at {host}: presentation contexts refused, no "
+                f"transfer syntax the node takes (docs/CONFORMANCE.md): {said}",
+            )  # fmt: skip
+        if not_taken:
+            self._refused_classes[id(assoc)] = sorted(not_taken)
+
     def _on_close(self, event: Any) -> None:
-        """The association's connection closed: its studies go to the audit trail."""
-        self.sub_operations_ended(event.assoc)
+        """The association's connection closed: its studies go to the audit trail; if it
+        stored nothing, the SOP classes refused at its negotiation are said."""
+        assoc = event.assoc
+        classes = self._refused_classes.pop(id(assoc), None)
+        if classes and assoc.is_acceptor and assoc.requestor.primitive is not None:
+            calling, host = _sender(assoc)
+            more = f" and {len(classes) - 40} more" if len(classes) > 40 else ""
+            self.refusals.report(
+                ("classes", host, calling, tuple(classes)),
+                f"association from {calling} at {host} stored nothing; of what it proposed, the "
+                f"node refused {len(classes)} SOP class{'es' if len(classes) > 1 else ''} it "
+                "does not take: "
+                f"{', '.join(classes[:40])}{more}",
+            )  # fmt: skip
+        if self.audit.enabled:
+            self.sub_operations_ended(assoc)
 
     def sub_operations_from(
         self, assoc: Any, ae_title: str, host: str, certificate: frozenset[str] | None = None
@@ -631,6 +677,8 @@ class StorageSCP:
         """Store one instance of a C-STORE request (the receiver's, or a C-GET's
         sub-operation); answer only once it is durable and recorded."""
         request = event.request
+        if self._refused_classes:  # it sends something after all
+            self._refused_classes.pop(id(event.assoc), None)
         return self._store(
             event.assoc, str(event.context.transfer_syntax),
             str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
@@ -749,9 +797,9 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_CONN_CLOSE, self._on_close),
         ]
-        if self.audit.enabled:
-            handlers.append((evt.EVT_CONN_CLOSE, self._on_close))
         if self.commitment_reports is not None:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_commitment_report))
             handlers.append((evt.EVT_N_ACTION, self._on_commitment_request))

@@ -423,3 +423,37 @@ def test_a_lossy_syntax_is_taken_only_when_no_lossless_one_is_proposed() -> None
                                                                               baseline]  # fmt: skip
     assert preferred_transfer_syntaxes([rle, "1.2.3.4"])[0] == rle  # an unknown one is skipped
     assert preferred_transfer_syntaxes([baseline])[0] == baseline
+
+
+def test_what_negotiation_refused_is_logged_when_it_matters(run_node, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    """A scanner whose Encapsulated PDF reports go nowhere: the node said nothing (the
+    sender aborts when it finds no context for its file). A class the node takes, proposed in
+    no transfer syntax it takes, is said at once; a class it does not take is said when the
+    association stores nothing (storescu proposes 128 classes and sends one)."""
+    import logging
+
+    from pynetdicom import AE
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.refusals")
+    pdf = tmp_path / "report.dcm"
+    ds = pydicom.dcmread(factories.small_study(tmp_path / "in")["t1c"][0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.save_as(pdf)
+    node = run_node()
+    assert storescu(node.scp.port, pdf, extra=("-R",)).returncode != 0
+    mr = factories.small_study(tmp_path / "mr")["t1c"][0]
+    assert storescu(node.scp.port, mr).returncode == 0  # 100 classes refused, one stored
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.4.110"])
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assoc.abort()
+    said = wait_for(
+        lambda: (s := [r.getMessage() for r in caplog.records if r.name == "dicom_node.refusals"])
+        and len(s) == 2 and s, what="two lines",
+    )  # fmt: skip
+    assert said == [
+        "association from SCANNER1 at 127.0.0.1 stored nothing; of what it proposed, the node "
+        "refused 1 SOP class it does not take: Encapsulated PDF Storage",
+        "association from MODALITY at 127.0.0.1: presentation contexts refused, no transfer "
+        "syntax the node takes (docs/CONFORMANCE.md): MR Image Storage in JPEG XL Lossless",
+    ], said
