@@ -99,6 +99,20 @@ MAX_CONTROL_PDU = 1 << 20
 _READ_CHUNK = 1 << 20
 
 _P_DATA_TF = 0x04
+
+#: set in a DUL thread once :class:`FastSocket` has logged why its connection ended
+_explained = threading.local()
+
+
+class _ExplainedFilter(logging.Filter):
+    """Leaves out pynetdicom's DUL errors about a read that :class:`FastSocket` has already
+    explained in the same thread (the thread ends with the connection)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and getattr(_explained, "active", False))
+
+
+logging.getLogger("pynetdicom.dul").addFilter(_ExplainedFilter())
 _PDU_NAMES = {
     0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
     0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT",
@@ -184,11 +198,21 @@ class FastSocket(AssociationSocket):
                 with memoryview(buf) as view:
                     n = sock.recv_into(view[got:], len(buf) - got)
             except TimeoutError:
-                if deadline is None or time.monotonic() < deadline:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self._too_slow(got)
+                    break
+                if deadline is not None:
                     raise
-                self._too_slow(got)
+                self._lost("nothing came for node.network_timeout_s", got, nr_bytes)
+                break
+            except OSError as exc:
+                if deadline is not None:
+                    raise
+                self._lost(f"the connection failed ({exc.strerror or exc})", got, nr_bytes)
                 break
             if not n:  # connection closed: return what was read, as the library does
+                if got and deadline is None:
+                    self._lost("the connection closed", got, nr_bytes)
                 break
             got += n
         if deadline is not None:  # the reads that follow wait the network timeout again
@@ -217,6 +241,21 @@ class FastSocket(AssociationSocket):
         self._refused("slow", f"no whole A-ASSOCIATE-RQ within node.acse_timeout_s "
                       f"({timeout:.0f} s; {got} bytes of this read had come)")  # fmt: skip
 
+    def _lost(self, what: str, got: int, wanted: int) -> None:
+        """An established association lost in the middle of a PDU: one line that names the
+        sender and what happened, for pynetdicom's errors and traceback (which named neither:
+        "Connection closed before the entire PDU was received", "timed out")."""
+        _explained.active = True  # the DUL's own error lines for it are left out
+        if self.assoc.is_aborted or self._ended:  # the node ended it, and said why
+            return
+        requestor = self.assoc.requestor
+        log.warning(
+            "association from %s at %s aborted: %s in the middle of a PDU (%d of %d bytes); "
+            "what it was sending is not stored (a sender sends it again)",
+            str(getattr(requestor, "ae_title", "") or "?").strip(),
+            getattr(requestor, "address", "?"), what, got, wanted,
+        )  # fmt: skip
+
     def _not_dicom(self, first: bytes) -> None:
         """The connection's first bytes are no DICOM PDU: say what they look like (pynetdicom
         logged an error per six bytes, without the peer's address)."""
@@ -244,6 +283,7 @@ class FastSocket(AssociationSocket):
         # the DUL would go on reading what the peer sent after: every read ends now, and the
         # peer sees the connection closed
         self._ended = True
+        _explained.active = True
         with contextlib.suppress(OSError):
             assert self.socket is not None
             self.socket.shutdown(socket.SHUT_RDWR)
@@ -523,7 +563,13 @@ class EventDrivenAssociation(Association):
                 return
 
             if self.dul.idle_timer_expired():
-                log.error("Network timeout reached")
+                log.warning(
+                    "association from %s at %s: nothing came for node.network_timeout_s "
+                    "(%.0f s): %s (anything it was in the middle of sending is not stored)",
+                    str(self.requestor.ae_title or "?").strip(), self.requestor.address,
+                    self.network_timeout or 0,
+                    "released" if self.network_timeout_response == "A-RELEASE" else "aborted",
+                )  # fmt: skip
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()

@@ -629,3 +629,41 @@ def test_http_or_tls_on_the_dicom_port_is_named_and_closed_at_once(run_node, cap
         )
     )
     assert echoscu(node.scp.port).returncode == 0
+
+
+def test_a_sender_lost_in_the_middle_of_a_pdu_is_named_in_one_line(run_node, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A sender that stalls (a frozen process, a cable pulled) or dies in the middle of a
+    PDU: pynetdicom logged errors and a traceback that named neither the sender nor the
+    timeout. The node says who, what happened and that what was in transfer is not stored."""
+    import logging
+    import socket
+    import struct
+    import time
+
+    caplog.set_level(logging.WARNING)
+    node = run_node(node={"network_timeout_s": 2.0})
+    partial = struct.pack(">BBL", 0x04, 0, 100) + bytes(10)  # a P-DATA-TF, 10 of its 100 bytes
+    for stall in (True, False):
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=10) as sock:
+            sock.sendall(_associate_rq("SCANNER9"))
+            assert sock.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+            time.sleep(0.2)
+            sock.sendall(partial)
+            if stall:  # the node aborts: an A-ABORT, then the connection closed
+                sock.settimeout(6.0)
+                while sock.recv(64):
+                    pass
+    lines = [
+        "association from SCANNER9 at 127.0.0.1: nothing came for node.network_timeout_s (2 s): "
+        "aborted (anything it was in the middle of sending is not stored)",
+        "association from SCANNER9 at 127.0.0.1 aborted: the connection failed (Connection "
+        "reset by peer) in the middle of a PDU (10 of 100 bytes); what it was sending is not "
+        "stored (a sender sends it again)",
+    ]
+    said = wait_for(
+        lambda: (s := [r.getMessage() for r in caplog.records if "SCANNER9" in r.getMessage()])
+        and len(s) == 2 and s, what="two lines",
+    )  # fmt: skip
+    assert said == lines, said
+    assert not [r for r in caplog.records if r.name.startswith("pynetdicom.dul")], [
+        r.getMessage() for r in caplog.records]  # fmt: skip
