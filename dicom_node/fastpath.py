@@ -139,6 +139,7 @@ class FastSocket(AssociationSocket):
 
     _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next
     _ended = False  # the node closed the connection (:meth:`_refused`)
+    _request_bytes = 0  # of the A-ASSOCIATE-RQ, read so far
 
     def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
         super().__init__(assoc, *args, **kwargs)
@@ -215,6 +216,8 @@ class FastSocket(AssociationSocket):
                     self._lost("the connection closed", got, nr_bytes)
                 break
             got += n
+            if deadline is not None:
+                self._request_bytes += n
         if deadline is not None:  # the reads that follow wait the network timeout again
             sock.settimeout(self.assoc.network_timeout)
         if got < len(buf):
@@ -239,7 +242,17 @@ class FastSocket(AssociationSocket):
         short read as the connection closed, and ends the association)."""
         timeout = self.assoc.acse_timeout
         self._refused("slow", f"no whole A-ASSOCIATE-RQ within node.acse_timeout_s "
-                      f"({timeout:.0f} s; {got} bytes of this read had come)")  # fmt: skip
+                      f"({timeout:.0f} s; {self._request_bytes} bytes of it had come)")  # fmt: skip
+
+    def silent(self) -> None:
+        """The association gives up waiting for the A-ASSOCIATE-RQ (the ACSE timeout): say so
+        when nothing came at all (a part of one is :meth:`_too_slow`'s)."""
+        timeout = float(self.assoc.acse_timeout or 0)
+        if self._ended or self._request_bytes:  # said already, or to be said by _too_slow
+            return
+        if time.monotonic() - self._opened < timeout - 0.5:  # the node stops
+            return
+        self._refused("silent", f"nothing came within node.acse_timeout_s ({timeout:.0f} s)")
 
     def _lost(self, what: str, got: int, wanted: int) -> None:
         """An established association lost in the middle of a PDU: one line that names the
@@ -392,6 +405,9 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake()
 
     def kill_dul(self) -> None:
+        sock = self.socket
+        if self.state_machine.current_state == _AWAITING_REQUEST and isinstance(sock, FastSocket):
+            sock.silent()
         super().kill_dul()
         self._wake()
 
