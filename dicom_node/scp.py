@@ -771,7 +771,14 @@ class StorageSCP:
             log.exception("instance from %s not stored (0x0110): %s", calling, exc)
             self._audit_instance(assoc, ds, info.sop_class_uid, "not stored: node error")
             return _status(PROCESSING_FAILURE, "node could not store the instance")
-        if stored.duplicate or not new:
+        if stored.duplicate and stored.differs:
+            log.warning(
+                "instance %s of study %s re-sent by %s with other content under the same SOP "
+                "Instance UID: the copy held is kept (a corrected object needs a new UID, or "
+                "the first taken back with a rejection note)",
+                info.sop_instance_uid, info.study_instance_uid, calling,
+            )  # fmt: skip
+        elif stored.duplicate or not new:
             log.debug("duplicate instance from %s stored once", calling)
         elif corrected:
             assert known is not None

@@ -51,6 +51,22 @@ def safe_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:32]
 
 
+def _other_content(new: Path, held: Path, head: int, chunk: int = 1 << 20) -> bool:
+    """Whether ``new`` holds other bytes than ``held`` after the same first ``head`` bytes
+    (its File Meta Information: a copy in another transfer syntax is not compared)."""
+    with new.open("rb") as fa, held.open("rb") as fb:
+        if fa.read(head) != fb.read(head):
+            return False
+        if new.stat().st_size != held.stat().st_size:
+            return True
+        while True:
+            x, y = fa.read(chunk), fb.read(chunk)
+            if x != y:
+                return True
+            if not x:
+                return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -64,6 +80,9 @@ class StoreResult:
     path: Path
     relative: str
     duplicate: bool
+    #: a duplicate whose bytes differ from the copy kept (another content under the same SOP
+    #: Instance UID); known from :meth:`Spool.commit` only
+    differs: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,8 @@ class Staged:
     tmp: Path
     size: int
     synced: Future[None]
+    #: the length of the first part written (the File Meta Information the receiver builds)
+    head: int = 0
 
 
 Buffer = bytes | bytearray | memoryview
@@ -225,7 +246,8 @@ class Spool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise _os_error(self.root, tmp.name, exc) from exc
-        return Staged(tmp, size, pool.submit(_sync_and_close, fd))
+        head = len(parts[0]) if len(parts) > 1 else 0
+        return Staged(tmp, size, pool.submit(_sync_and_close, fd), head)
 
     def commit(
         self, staged: Staged, study_uid: str, series_uid: str, sop_uid: str, replace: bool = False
@@ -241,8 +263,9 @@ class Spool:
         try:
             staged.synced.result()
             if final.exists() and not replace:
+                differs = _other_content(staged.tmp, final, staged.head)
                 staged.tmp.unlink(missing_ok=True)
-                return StoreResult(final, relative, duplicate=True)
+                return StoreResult(final, relative, duplicate=True, differs=differs)
             self._rename_into(staged.tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:

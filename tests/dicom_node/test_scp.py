@@ -457,3 +457,30 @@ def test_what_negotiation_refused_is_logged_when_it_matters(run_node, tmp_path, 
         "association from MODALITY at 127.0.0.1: presentation contexts refused, no transfer "
         "syntax the node takes (docs/CONFORMANCE.md): MR Image Storage in JPEG XL Lossless",
     ], said
+
+
+def test_an_instance_re_sent_with_other_content_keeps_the_first_and_says_so(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, caplog
+):
+    """The same SOP Instance UID sent again with other pixels: answered Success and the copy
+    held is kept, as for any duplicate, but not silently any more. An identical re-send (a
+    scanner sending the study again), or one in another transfer syntax, stays quiet."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    original = factories.small_study(tmp_path / "in")["t1c"][0]
+    ds = pydicom.dcmread(original)
+    ds.PixelData = bytes(len(ds.PixelData))
+    edited = tmp_path / "edited.dcm"
+    ds.save_as(edited)
+    node = run_node()
+    # the same again, the same in another transfer syntax (not compared), then other pixels
+    for path, extra in ((original, ()), (original, ()), (original, ("-xi",)), (edited, ())):
+        assert storescu(node.scp.port, path, extra=extra).returncode == 0
+    (stored,) = node.spool.root.rglob("*.dcm")
+    assert pydicom.dcmread(stored).PixelData == pydicom.dcmread(original).PixelData
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(
+        f"instance {ds.SOPInstanceUID} of study {ds.StudyInstanceUID} re-sent by SCANNER1 with "
+        "other content under the same SOP Instance UID: the copy held is kept"
+    ), said
