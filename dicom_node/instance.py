@@ -19,6 +19,7 @@ from pydicom.uid import UID
 from dicom_node.errors import InputError
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_CHARACTERS = re.compile(r"[0-9.]+")
 
 # Transfer syntaxes whose Pixel Data is stored natively (not encapsulated).
 _NATIVE_SYNTAXES = {
@@ -48,6 +49,11 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
         raise InputError(f"{keyword} is missing: expected a UID, found no value")
     if len(value) > 64:
         raise InputError(f"{keyword} is too long: expected at most 64 characters, found {value!r}")
+    if not _UID_CHARACTERS.fullmatch(value):
+        # the outputs carry the study's and the series' UIDs on to the PACS: no letters or
+        # paths. Sloppy numbers (a leading zero, an empty component) are taken: some devices
+        # make them, and nothing downstream breaks on them
+        raise InputError(f"{keyword} is not a UID: expected digits and dots, found {value!r}")
     return value
 
 

@@ -68,6 +68,10 @@ def _mutants(template: Dataset, rng: random.Random) -> list[tuple[str, str, byte
         ds = copy.deepcopy(template)
         setattr(ds, keyword, "1." + "2" * 70)
         out.append((f"long {keyword}", uid, _dataset_bytes(ds)))
+        for not_a_uid in ("1.2.3.abc.4", "../../../tmp/evil"):  # the outputs would carry them
+            ds = copy.deepcopy(template)
+            setattr(ds, keyword, not_a_uid)
+            out.append((f"{keyword} {not_a_uid}", uid, _dataset_bytes(ds)))
     for rows, cols in ((65535, 65535), (0, 0), (1, 70000 % 65536)):
         ds = copy.deepcopy(template)
         ds.Rows, ds.Columns = rows, cols
