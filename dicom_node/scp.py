@@ -565,8 +565,7 @@ class StorageSCP:
                 ("classes", host, calling, tuple(classes)),
                 f"association from {calling} at {host} stored nothing; of what it proposed, the "
                 f"node refused {len(classes)} SOP class{'es' if len(classes) > 1 else ''} it "
-                "does not take: "
-                f"{', '.join(classes[:40])}{more}",
+                f"does not take: {', '.join(classes[:40])}{more}",
             )  # fmt: skip
         if self.audit.enabled:
             self.sub_operations_ended(assoc)
