@@ -11,6 +11,7 @@ the PACS in ``retrieve.source`` to send them (:mod:`dicom_node.retrieve`) instea
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from dicom_node import retrieve
@@ -29,6 +30,8 @@ class Assembler:
         self.linker = Linker(store, settings.storage.spool_dir)
         #: studies that could not be made a job, with the passes that failed
         self.failing: dict[str, int] = {}
+        #: no study becomes a job before this time (the node's start and a quiet period)
+        self.not_before = -math.inf
 
     def run_once(self, now: float | None = None) -> list[int]:
         """Turn every study that has been quiet long enough into a job; return the job ids.
@@ -39,6 +42,8 @@ class Assembler:
         (:attr:`failing`); the studies after it go on. Before, such a study failed the whole
         pass, every pass: no study became a job again."""
         now = time.time() if now is None else now
+        if now < self.not_before:
+            return []
         created = []
         due = self.store.due_studies(now, self.settings.assembly.quiet_period_s)
         for gone in set(self.failing) - set(due):  # removed since (retention, a reset)

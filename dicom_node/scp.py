@@ -845,10 +845,22 @@ class StorageSCP:
             raise RuntimeError("server not started")
         return int(self.server.server_address[1])
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop listening, and abort the associations in progress: a sender retries an aborted
+        transfer, and what it had been answered stays stored. Their handlers finish (at most
+        ``wait_s``) before the node closes its databases; before, an instance arriving then
+        was answered 0x0110 (processing failure), which many senders do not retry."""
         if self.server is not None:
             stop_serving(self.server)  # pynetdicom's shutdown closes the socket too
             self.server = None
+        open_now = [a for a in self.ae.active_associations if a.is_acceptor]
+        for assoc in open_now:
+            assoc.abort()
+        deadline = time.monotonic() + wait_s
+        for assoc in open_now:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        if open_now:
+            log.info("%d association(s) in progress aborted: the node stops", len(open_now))
 
 
 def server_ssl_context(

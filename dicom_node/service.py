@@ -279,6 +279,9 @@ class Node:
                 log.warning("%d job(s) waiting for a PACS failed: retrieve.source is empty", ended)
         self.sender.start()
         self.worker.start()
+        # studies a stop cut off wait one quiet period more: their senders, aborted by the
+        # stop, send them again, and a half study does not become a job that fails on a gap
+        self.assembler.not_before = time.time() + self.settings.assembly.quiet_period_s
         self.scp.start()
         if self.stow is not None:
             self.stow.start()

@@ -37,6 +37,7 @@ import re
 import socket
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -355,6 +356,7 @@ class StowReceiver:
         self._answered: Counter[int] = Counter()  # requests by HTTP status
         self._lock = threading.Lock()
         self._busy = 0  # requests being stored
+        self._stopping = False  # the node stops: no request starts storing
         self.server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -445,6 +447,8 @@ class StowReceiver:
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
         with self._lock:
+            if self._stopping:
+                raise _busy("the node is stopping; retry later")
             if self._busy >= self.settings.max_requests:
                 raise _busy(f"{self._busy} requests are being stored (stow.max_requests); "
                             "retry later")  # fmt: skip
@@ -662,8 +666,15 @@ class StowReceiver:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop taking requests; let those being stored finish (at most ``wait_s``) before the
+        node closes its databases: a request cut there was answered 500."""
         if self.server is not None:
             stop_serving(self.server)
             self.server.server_close()
             self.server = None
+        with self._lock:
+            self._stopping = True
+        deadline = time.monotonic() + wait_s
+        while self.in_progress and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -163,3 +163,52 @@ def test_sigkill_during_ingest_loses_nothing(tmp_path: Path) -> None:
     }
     print("crash-test figures:", json.dumps(figures))
     (tmp_path / "figures.json").write_text(json.dumps(figures))
+
+
+def test_sigterm_during_ingest_aborts_the_sender_and_its_study_waits_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    """systemctl stop while a scanner sends: the node aborts the association (the scanner
+    sends again) instead of answering 0x0110 (processing failure, which many senders do not
+    retry) once its database had closed; after the restart the half study waits a quiet
+    period for the rest rather than becoming a job that fails on the gap."""
+    study = factories.small_study(tmp_path / "in", slices=60, size=64)
+    files = [str(p) for paths in study.values() for p in paths]
+    port = free_port()
+    data_dir = tmp_path / "data"
+    config = tmp_path / "node.yaml"
+    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    base["node"]["port"] = port
+    base["health"]["port"] = 0
+    base["storage"]["data_dir"] = str(data_dir)
+    base["assembly"] = {"quiet_period_s": 3.0, "poll_interval_s": 0.1}
+    config.write_text(yaml.safe_dump(base))
+    log = tmp_path / "serve.log"
+    server = _serve(config, log)
+    wait_for(lambda: _listening(port), timeout=60, what="the node to listen")
+    sender = _storescu(port, files)
+    wait_for(lambda: len(list(data_dir.rglob("*.dcm"))) >= 10, what="the first instances")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=60) == 0
+    out, _ = sender.communicate(timeout=60)
+    acked = _acknowledged(out)
+    assert 0 < len(acked) < len(files), out[-2000:]
+    assert "0x0110" not in out and "0x110" not in out, out[-2000:]
+    said = log.read_text()
+    assert "not stored (0x0110)" not in said and "association(s) in progress aborted" in said
+
+    time.sleep(3.5)  # the half study is older than the quiet period when the node is back
+    server = _serve(config, log)
+    try:
+        wait_for(lambda: _listening(port), timeout=60, what="the node to listen again")
+        rest = _storescu(port, [f for f in files if f not in acked])
+        out, _ = rest.communicate(timeout=120)
+        assert len(_acknowledged(out)) == len(files) - len(acked), out[-2000:]
+        store = JobStore(data_dir / "jobs.sqlite3")
+        wait_for(lambda: store.list_jobs() and not store.due_studies(time.time(), 0),
+                 timeout=60, what="the study assembled")  # fmt: skip
+        (job,) = store.list_jobs()  # one job, with the whole study
+        assert job.instance_count == len(files)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
