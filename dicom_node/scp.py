@@ -54,7 +54,7 @@ from dicom_node.audit import (
     TransferTally,
 )
 from dicom_node.commitment import CommitmentReport
-from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError
+from dicom_node.errors import GlioforecastError, InputError, OutOfSpaceError, StorageError
 from dicom_node.health import stop_serving
 from dicom_node.instance import InstanceInfo, check_pixel_data
 from dicom_node.jobs import QUEUED, JobStore
@@ -412,6 +412,8 @@ class StorageSCP:
         self.refusals = Refusals(self.audit.refused)
         #: associations refused, by why (every one: the log and audit trail sum them up)
         self.associations_refused: collections.Counter[str] = collections.Counter()
+        #: why the last instance could not be written, while none is ('' when they are)
+        self.spool_failure = ""
         #: the SOP classes refused at negotiation of each open association that has stored
         #: nothing yet (by id of the association): said when it ends with nothing stored
         self._refused_classes: dict[int, list[str]] = {}
@@ -766,10 +768,25 @@ class StorageSCP:
             log.error("instance from %s deferred (0xA700): %s", calling, exc)
             self._audit_instance(assoc, ds, info.sop_class_uid, "node out of disk space")
             return _status(OUT_OF_RESOURCES, "node out of disk space; retry later")
+        except StorageError as exc:
+            # the spool or the job database refuses writes (permissions, a read-only or failing
+            # file system): every instance would fail alike. 0xA700 is what senders retry
+            # (0x0110 many do not), and /health says the storage is down until one is stored
+            first = not self.spool_failure
+            self.spool_failure = str(exc)
+            if first:
+                log.error("instance from %s deferred (0xA700): %s; every instance is deferred "
+                          "until the node can write again", calling, exc)  # fmt: skip
+            self._audit_instance(assoc, ds, info.sop_class_uid, "node cannot write")
+            return _status(OUT_OF_RESOURCES, "node cannot store the instance; retry later")
         except Exception as exc:  # the sender may retry; the service must keep serving
             log.exception("instance from %s not stored (0x0110): %s", calling, exc)
             self._audit_instance(assoc, ds, info.sop_class_uid, "not stored: node error")
             return _status(PROCESSING_FAILURE, "node could not store the instance")
+        if self.spool_failure:
+            log.info("instances are stored again (the node could not write: %s)",
+                     self.spool_failure)  # fmt: skip
+            self.spool_failure = ""
         if stored.duplicate and stored.differs:
             log.warning(
                 "instance %s of study %s re-sent by %s with other content under the same SOP "

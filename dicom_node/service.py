@@ -501,8 +501,9 @@ class Node:
             "receiver": self.scp.server is not None,
             "worker": self.worker.alive,
             "sender": self.sender.alive,
-            # false while jobs wait because one could not store its results (disk full...)
-            "storage": self.worker.storage_wait_s == 0,
+            # false while jobs wait because one could not store its results (disk full...),
+            # or while the spool refuses the instances received
+            "storage": self.worker.storage_wait_s == 0 and not self.scp.spool_failure,
         }
         if self.stow is not None:
             components["stow"] = self.stow.alive

@@ -229,9 +229,9 @@ class Spool:
         """
         size = sum(len(p) for p in parts)
         self.check_space(size)
-        pool = self._sync_pool()
         tmp = self.incoming / f".{secrets.token_hex(8)}.part"
         try:
+            pool = self._sync_pool()
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except FileNotFoundError:  # .incoming removed under us: make it again

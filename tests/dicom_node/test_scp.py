@@ -484,3 +484,44 @@ def test_an_instance_re_sent_with_other_content_keeps_the_first_and_says_so(  # 
         f"instance {ds.SOPInstanceUID} of study {ds.StudyInstanceUID} re-sent by SCANNER1 with "
         "other content under the same SOP Instance UID: the copy held is kept"
     ), said
+
+
+def test_a_spool_that_refuses_writes_defers_instances_and_shows_on_health(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, caplog
+):
+    """The spool's folder refusing writes (here its staging folder replaced by a file, as a
+    failed mount or a wrong permission would do): each instance was answered 0x0110 with a
+    traceback in the log, which many senders do not retry, and /health said all was well. It
+    is answered 0xA700, logged once, and /health says the storage is down until an instance
+    is stored again."""
+    import json
+    import logging
+    import shutil
+    import urllib.request
+
+    files = factories.small_study(tmp_path / "in")["t1c"]
+    node = run_node()
+    incoming = node.spool.root / ".incoming"
+    shutil.rmtree(incoming, ignore_errors=True)
+    incoming.write_text("not a folder")
+
+    def health() -> dict:  # type: ignore[type-arg]
+        url = f"http://127.0.0.1:{node.health.port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as rsp:
+                return json.loads(rsp.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as err:
+            return json.loads(err.read())  # type: ignore[no-any-return]
+
+    caplog.set_level(logging.INFO, logger="dicom_node.scp")
+    result = storescu(node.scp.port, *files[:3])
+    said = result.stdout + result.stderr
+    assert "Received Store Response (Refused: OutOfResources)" in said, said
+    state = health()
+    assert state["status"] == "degraded" and state["components"]["storage"] is False
+    logged = [r.getMessage() for r in caplog.records]
+    assert len([m for m in logged if "deferred (0xA700)" in m]) == 1, logged
+    incoming.unlink()
+    assert storescu(node.scp.port, *files).returncode == 0
+    assert health()["components"]["storage"] is True
+    assert any(r.getMessage().startswith("instances are stored again") for r in caplog.records)
