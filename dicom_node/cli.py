@@ -7,12 +7,14 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dicom_node import __version__, demo, outbox_cli
+from dicom_node.argtypes import port_number, row_id
 from dicom_node.errors import ConfigError, GlioforecastError, StorageError
 from dicom_node.ports import host_port
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings, warnings_of
@@ -49,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.file)
+    settings = load_settings(args.file or args.config)  # neither: $GLIOFORECAST_CONFIG, default
     if settings.model.directory is not None:  # loaded as a job would load it
         from dicom_node.worker import unusable_model
 
@@ -271,8 +273,21 @@ def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     settings = _settings(args)
     db = settings.storage.database
     if not db.exists():
-        raise GlioforecastError(f"no job database at {db}: expected a node that has run there")
+        raise GlioforecastError(
+            f"no job database at {db}: expected a node that has run there{_which(args)}"
+        )
     return settings, JobStore(db)
+
+
+def _which(args: argparse.Namespace) -> str:
+    """What a command that found no data should add: where its configuration came from, when
+    it is the embedded default (the likeliest mistake: the service's --config forgotten)."""
+    if getattr(args, "config", None) or os.environ.get(ENV_CONFIG):
+        return ""
+    return (
+        f" (no --config and no ${ENV_CONFIG}: the embedded default's data folder; the service's "
+        "is in its configuration, e.g. --config /etc/glioforecast/glioforecast.yaml)"
+    )
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -479,7 +494,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def _add_peer(p: argparse.ArgumentParser) -> None:
     p.add_argument("host", help="peer host name or address")
-    p.add_argument("port", type=int, help="peer port")
+    p.add_argument("port", type=port_number, help="peer port")
     p.add_argument("--called-ae", "-aec", default="ANY-SCP", help="peer AE title")
     p.add_argument("--calling-ae", "-aet", default="GLIOFORECAST", help="our AE title")
     tls = p.add_argument_group("DICOM over TLS (as a destination's tls settings)")
@@ -518,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the node (SCP, assembly, jobs)")
     _add_data_dir(p)
-    p.add_argument("--port", type=int, help="override node.port of the config")
+    p.add_argument("--port", type=port_number, help="override node.port of the config")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
@@ -570,12 +585,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("show", help="show a job: series, roles, events")
     _add_data_dir(p)
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=row_id)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs_show)
     p = jsub.add_parser("retry", help="re-evaluate and re-queue a failed job")
     _add_data_dir(p)
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=row_id)
     p.set_defaults(func=cmd_jobs_retry)
 
     p = jsub.add_parser(
@@ -584,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
         "running node asks, then assembles the study again with what came)",
     )
     _add_data_dir(p)
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=row_id)
     p.set_defaults(func=cmd_jobs_retrieve)
 
     p = jsub.add_parser(
@@ -593,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stand: consent withdrawn, a faulty model version...)",
     )
     _add_data_dir(p)
-    p.add_argument("job_id", type=int)
+    p.add_argument("job_id", type=row_id)
     p.add_argument(
         "--reason", required=True,
         help="why, in words: it goes into the rejection note and the job's events",
@@ -655,7 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_cli.register(sub)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
-    p.add_argument("file", type=Path)
+    p.add_argument(
+        "file", type=Path, nargs="?",
+        help=f"the file (default: --config, else ${ENV_CONFIG}, else the embedded default)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("version", help="print the version")
@@ -663,9 +681,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``argv`` names: where its usage errors belong."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for n, token in enumerate(argv):
+                if token in action.choices:
+                    return _command_parser(action.choices[token], argv[n + 1 :])
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(given)
+    if extra:  # argparse would show the top level's usage for a subcommand's stray argument
+        _command_parser(parser, given).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "outbox" and args.data_dir is None:
             args.data_dir = _settings(args).storage.data_dir

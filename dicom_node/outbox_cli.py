@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dicom_node.argtypes import row_id
 from dicom_node.errors import StorageError
 from dicom_node.outbox import STATES, Outbox, OutboxItem
 
@@ -39,7 +40,7 @@ def register(subparsers: Any) -> None:
 
     p = osub.add_parser("retry", help="re-queue dead deliveries for an attempt now")
     p.add_argument("--destination", help="only rows for this destination name")
-    p.add_argument("--id", type=int, action="append", dest="ids", help="only this row (repeat)")
+    p.add_argument("--id", type=row_id, action="append", dest="ids", help="only this row (repeat)")
     p.add_argument(
         "--pending",
         action="store_true",
@@ -146,9 +147,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 + (("pending",) if args.pending else ())
                 + (("committing",) if args.committing else ())
             )
+            known = sorted(outbox.counts())
+            if args.destination is not None and args.destination not in known:
+                logger.error(
+                    "no delivery to %r in the outbox: expected one of %s", args.destination,
+                    ", ".join(known) or "none (the outbox is empty)",
+                )  # fmt: skip
+                return 1
             n = outbox.retry(destination=args.destination, ids=args.ids, states=states)
     except StorageError as exc:
         logger.error("%s", exc)
         return 1
     print(f"{n} deliveries re-queued")
-    return 0 if n or not args.ids else 1
+    if not n and args.ids:
+        logger.error("none of the rows %s is a delivery in state %s (outbox list shows them)",
+                     ", ".join(map(str, args.ids)), " or ".join(states))  # fmt: skip
+        return 1
+    return 0

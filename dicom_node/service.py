@@ -181,6 +181,19 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _unwritable(data_dir: Path, exc: OSError) -> str:
+    """Why the node cannot use its data folder, and what to change."""
+    import pwd
+
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(data_dir) else ""
+    return (
+        f"the data folder {data_dir} cannot be used: {exc.strerror or exc}{where}; expected a "
+        f"folder that the user {user} can create and write: fix its owner and mode (install -d "
+        "-o glioforecast -g glioforecast -m 0750 ...), or set storage.data_dir (--data-dir)"
+    )
+
+
 #: who may call the node and how it is authenticated: a reload that changes these is a
 #: security configuration change
 SECURITY_KEYS = (
@@ -203,10 +216,19 @@ class Node:
         self.last_reload: tuple[bool, float] = (True, time.time())  # (successful, when)
         self._files = secret_files(settings)  # what the TLS and secret files held
         data_dir = settings.storage.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_data_dir(data_dir)
+        try:
+            existed = data_dir.is_dir()
+            data_dir.mkdir(parents=True, exist_ok=True)
+            if not existed:
+                log.info("data folder %s created (a new node: nothing received yet)", data_dir)
+            self._lock = lock_data_dir(data_dir)
+        except OSError as exc:
+            raise GlioforecastError(_unwritable(data_dir, exc)) from exc
         try:
             self._open(settings)
+        except OSError as exc:
+            os.close(self._lock)
+            raise GlioforecastError(_unwritable(data_dir, exc)) from exc
         except BaseException:
             os.close(self._lock)
             raise

@@ -756,9 +756,12 @@ def _cross_checks(s: Settings) -> list[str]:
                 d.tls.private_key,
             )  # fmt: skip
     problems += _audit_checks(s.audit)
-    ports = {s.node.port: "node.port"} | (
-        {s.health.port: "health.port"} if s.health.enabled else {}
-    )
+    ports = {s.node.port: "node.port"}
+    if s.health.enabled and s.health.port:
+        if s.health.port in ports:
+            problems.append(f"health.port: expected a port of its own, found {s.health.port}, "
+                            "which node.port uses too")  # fmt: skip
+        ports.setdefault(s.health.port, "health.port")
     problems += _stow_checks(s.stow, ports)
     bound = [(f"node.allowed_callers[{n}]", c.certificate_names)
              for n, c in enumerate(s.node.allowed_callers)]  # fmt: skip
@@ -842,6 +845,12 @@ def _read_yaml(file: Path, source: str) -> Any:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        line = file.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(source, [
+            f"line {line}: expected UTF-8 text, found the byte 0x{exc.object[exc.start]:02X} "
+            f"(byte {exc.start}): a binary file, or text saved in another encoding?"
+        ]) from exc  # fmt: skip
     try:
         return load_yaml(text)
     except yaml.YAMLError as exc:

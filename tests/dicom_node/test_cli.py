@@ -246,3 +246,46 @@ def test_a_second_node_on_the_same_data_folder_is_refused_and_the_first_goes_on(
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
+
+
+def test_what_site_it_gets_wrong_is_said_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Mistakes a person installing the node makes, each answered with what was expected
+    and what was found, and the exit code of its kind (2: usage or configuration, 1: the
+    rest), never a traceback."""
+    monkeypatch.delenv("GLIOFORECAST_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def said(*argv: str) -> tuple[int, str]:
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = int(exc.code or 0)
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes("node:\n  ae_title: GLI\xd6\n".encode("latin-1"))
+    assert said("check-config", str(binary)) == (2, (
+        f"glioforecast: invalid configuration in {binary}:\n  - line 2: expected UTF-8 text, "
+        "found the byte 0xD6 (byte 21): a binary file, or text saved in another encoding?\n"
+    ))  # fmt: skip
+    same = tmp_path / "same.yaml"
+    same.write_text("node: {port: 23112}\nhealth: {port: 23112}\n")
+    code, text = said("--config", str(same), "check-config")  # the file from --config
+    assert code == 2 and "health.port: expected a port of its own, found 23112, which " \
+        "node.port uses too" in text, text  # fmt: skip
+    code, text = said("jobs", "show", "99999999999999999999999")
+    assert code == 2 and "argument job_id: expected an id from 1 to" in text, text
+    code, text = said("echo", "127.0.0.1", "70000")
+    assert code == 2 and "argument port: expected a port from 1 to 65535, found 70000" in text
+    code, text = said("outbox", "retry", "12")
+    assert code == 2 and text.startswith("usage: glioforecast outbox retry"), text
+    code, text = said("jobs", "list")
+    assert code == 1 and "no --config and no $GLIOFORECAST_CONFIG: the embedded default's" in text
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = run_cli("serve", "--data-dir", str(afile / "data"), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"the data folder {afile / 'data'} cannot be used: Not a directory; expected a " \
+        "folder that the user" in result.stderr, result.stderr  # fmt: skip
