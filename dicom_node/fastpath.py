@@ -140,6 +140,7 @@ class FastSocket(AssociationSocket):
     _header: tuple[int, int] | None = None  # (type, length) of the PDU whose body comes next
     _ended = False  # the node closed the connection (:meth:`_refused`)
     _request_bytes = 0  # of the A-ASSOCIATE-RQ, read so far
+    _between_pdus = False  # reading a PDU's header
 
     def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
         super().__init__(assoc, *args, **kwargs)
@@ -159,7 +160,11 @@ class FastSocket(AssociationSocket):
             return bytearray()
         header, self._header = self._header, None
         if header is None:  # the DUL reads a PDU header first
-            data = self._read(nr_bytes)
+            self._between_pdus = True
+            try:
+                data = self._read(nr_bytes)
+            finally:
+                self._between_pdus = False
             if len(data) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", data)
                 if pdu_type not in _PDU_NAMES and self._awaiting_request():
@@ -245,7 +250,7 @@ class FastSocket(AssociationSocket):
                       f"({timeout:.0f} s; {self._request_bytes} bytes of it had come)")  # fmt: skip
 
     def silent(self) -> None:
-        """The association gives up waiting for the A-ASSOCIATE-RQ (the ACSE timeout): say so
+        """The ARTIM timer (the ACSE timeout) expired before an A-ASSOCIATE-RQ came: say so
         when nothing came at all (a part of one is :meth:`_too_slow`'s)."""
         timeout = float(self.assoc.acse_timeout or 0)
         if self._ended or self._request_bytes:  # said already, or to be said by _too_slow
@@ -262,6 +267,13 @@ class FastSocket(AssociationSocket):
         if self.assoc.is_aborted or self._ended:  # the node ended it, and said why
             return
         requestor = self.assoc.requestor
+        if self._between_pdus and not got:  # nothing was in transfer: the peer went away
+            log.info(
+                "association from %s at %s ended without A-RELEASE: %s",
+                str(getattr(requestor, "ae_title", "") or "?").strip(),
+                getattr(requestor, "address", "?"), what,
+            )  # fmt: skip
+            return
         log.warning(
             "association from %s at %s aborted: %s in the middle of a PDU (%d of %d bytes); "
             "what it was sending is not stored (a sender sends it again)",
@@ -405,9 +417,6 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake()
 
     def kill_dul(self) -> None:
-        sock = self.socket
-        if self.state_machine.current_state == _AWAITING_REQUEST and isinstance(sock, FastSocket):
-            sock.silent()
         super().kill_dul()
         self._wake()
 
@@ -473,6 +482,11 @@ class EventDrivenDUL(DULServiceProvider):
                 break
 
             if self.artim_timer.expired:
+                sock = self.socket
+                if self.state_machine.current_state == _AWAITING_REQUEST and isinstance(
+                    sock, FastSocket
+                ):  # the ACSE timeout, and no A-ASSOCIATE-RQ: say so before it closes
+                    sock.silent()
                 self.event_queue.put("Evt18")
 
             try:
