@@ -423,7 +423,7 @@ class Outbox:
             added,
             len(datasets),
             len(destinations),
-            extra={"job_id": job},
+            extra={"job": job},
         )
         return added
 
@@ -519,7 +519,7 @@ class Outbox:
             except Exception as exc:  # the earlier objects stay as they are, the log says why
                 remark = f"no rejection note: {type(exc).__name__}: {exc}"
                 logger.exception(
-                    "outbox: rejection note for %s not built", destination, extra={"job_id": job}
+                    "outbox: rejection note for %s not built", destination, extra={"job": job}
                 )
         now = self.clock()
         why = reason or f"replaced by the results of job {job}"
@@ -556,7 +556,7 @@ class Outbox:
         for r in rows:
             self._drop_object_if_done(r.sop_instance_uid)
         if withdrawn or rejected or remark:
-            logger.info("outbox: %s", outcome, extra={"job_id": job})
+            logger.info("outbox: %s", outcome, extra={"job": job})
         return outcome
 
     def recover(self) -> int:
@@ -607,9 +607,11 @@ class Outbox:
         status: int | None = None,
         permanent: bool = False,
         retry_state: str = "pending",
+        quiet: bool = False,
     ) -> OutboxItem:
         """Record a failed attempt: back off in ``retry_state`` (``pending``: send again;
-        ``committing``: ask for the commitment again), or go dead. Returns the updated row."""
+        ``committing``: ask for the commitment again), or go dead. Returns the updated row.
+        ``quiet``: the caller logs it (a batch that failed as a whole, in one line)."""
         now = self.clock()
         with self._tx() as db:
             row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (item.id,)).fetchone()
@@ -626,7 +628,9 @@ class Outbox:
                  item.id),
             )  # fmt: skip
             updated = db.execute("SELECT * FROM outbox WHERE id = ?", (item.id,)).fetchone()
-        extra = {"job_id": item.job}
+        if quiet:
+            return _item(updated)
+        extra = {"job": item.job}
         if dead:
             logger.error(
                 "outbox: delivery of %s to %s is dead after %d attempts%s: %s",
@@ -738,7 +742,7 @@ class Outbox:
         for r in dead.values():
             logger.error(
                 "outbox: delivery of %s to %s is dead: %s", r["sop_instance_uid"], destination,
-                error, extra={"job_id": r["job"]},
+                error, extra={"job": r["job"]},
             )  # fmt: skip
         if len(expired) > len(dead):
             logger.warning(
@@ -862,7 +866,7 @@ class Outbox:
             "%d not kept, %d not listed and still waiting%s", report.caller or "?", destination,
             report.transaction_uid, counts["committed"], counts["failed"], counts["waiting"],
             f", {counts['unknown']} objects the request did not list" if counts["unknown"] else "",
-            extra={"job_id": rows[0]["job"]},
+            extra={"job": rows[0]["job"]},
         )  # fmt: skip
         return counts
 
@@ -1163,9 +1167,10 @@ def _deliver_batch(
         msg = str(exc) if isinstance(exc, SendError) else f"unexpected {type(exc).__name__}: {exc}"
         if not isinstance(exc, SendError):
             logger.exception("outbox: sending a batch to %s failed unexpectedly", dest.name)
-        for item, _ in loaded:
-            updated = outbox.mark_failed(item, msg)
+        updated_items = [outbox.mark_failed(item, msg, quiet=True) for item, _ in loaded]
+        for updated in updated_items:
             _count_failure(report, updated, msg)
+        _log_batch_failure(dest.name, updated_items, msg, outbox.clock())
         return
     by_uid = {r.sop_instance_uid: r for r in results}
     tally = TransferTally(active=audit.enabled)
@@ -1190,6 +1195,31 @@ def _deliver_batch(
         node = Participant(calling_ae, audit.node.host, True, ROLE_SOURCE)
         peer = Participant(dest.ae_title or dest.url, dest.host, False, ROLE_DESTINATION)
         audit.transferred(node, peer, tally)
+
+
+def _log_batch_failure(destination: str, items: list[OutboxItem], msg: str, now: float) -> None:
+    """One line for a batch that failed as a whole (the destination down, the association
+    refused), rather than one per object and attempt: thousands of lines for one study when
+    a destination stayed down."""
+    jobs = sorted({i.job for i in items if i.job})
+    extra = {"job": jobs[0] if len(jobs) == 1 else "-"}
+    waiting = [i for i in items if i.state != "dead"]
+    dead = [i for i in items if i.state == "dead"]
+    if waiting:
+        attempts = sorted({i.attempts for i in waiting})
+        delay = min(i.next_attempt_at for i in waiting) - now
+        logger.warning(
+            "outbox: %d deliver%s to %s failed (attempt %s), retry in %.1f s: %s",
+            len(waiting), "y" if len(waiting) == 1 else "ies", destination,
+            str(attempts[0]) if len(attempts) == 1 else f"{attempts[0]}-{attempts[-1]}",
+            max(delay, 0.0), msg, extra=extra,
+        )  # fmt: skip
+    if dead:
+        logger.error(
+            "outbox: %d deliver%s to %s %s dead after %d attempts: %s",
+            len(dead), "y" if len(dead) == 1 else "ies", destination,
+            "is" if len(dead) == 1 else "are", max(i.attempts for i in dead), msg, extra=extra,
+        )  # fmt: skip
 
 
 def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> None:
