@@ -90,7 +90,16 @@ def _read(source: Source | Dataset, index: int = 0) -> tuple[Dataset, str]:
             f"{name}: expected an RT Structure Set ({RTSTRUCT_SOP_CLASS}), found SOP class "
             f"{sop_class} / modality {modality}"
         )
-    return ds, name
+    return ds, _structure_set_name(ds, name)
+
+
+def _structure_set_name(ds: Dataset, file_name: str) -> str:
+    """How a structure set is named in reasons and logs: by its label and series, which a
+    person can find in the PACS (the spool's file name is its SOP Instance UID)."""
+    label = str(ds.get("StructureSetLabel", "") or "").strip()
+    number = ds.get("SeriesNumber", None)
+    named = f"RT structure set {label!r}" if label else "RT structure set"
+    return f"{named} (series {number})" if number not in (None, "") else f"{named} ({file_name})"
 
 
 def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:

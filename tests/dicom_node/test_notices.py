@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pydicom
@@ -197,6 +198,8 @@ def test_a_job_the_worker_fails_gets_its_notice(run_node, tmp_path: Path) -> Non
     study_uid = pydicom.dcmread(study["t1c"][0]).StudyInstanceUID
     job = wait_for(lambda: finished_job(node, study_uid, 1), timeout=120, what="the job")
     assert job.state == FAILED and "no CLOSED_PLANAR contour" in job.reason
+    # named as site IT finds it in the PACS, not by the spool's file name
+    assert re.match(r"RT structure set( '[^']*')? \(series \d+\): ROI 'GTV' has no ", job.reason)
     (said,) = wait_for(lambda: _notices(node, job.id), what="its notice")
     assert said.startswith("failure notice queued to pacs (2 objects, 2 new deliveries)")
     assert "no tumour outline (GTV) the node can use" in said
