@@ -202,7 +202,7 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dicom_node.sender import collect_files, send_files
+    from dicom_node.sender import collect_files, nothing_sent, send_files
 
     files = collect_files(args.paths)
     with tqdm(total=len(files), unit="file", desc="C-STORE", disable=args.quiet) as bar:
@@ -215,6 +215,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     for path, why in report.failed:
         print(f"failed {path}: {why}", file=sys.stderr)
     print(f"sent {report.sent}, failed {len(report.failed)}, skipped {len(report.skipped)}")
+    if not report.sent and not report.failed:
+        raise GlioforecastError(nothing_sent(args.paths, len(files)))
     return EXIT_OK if not report.failed else EXIT_FAILED
 
 
@@ -225,7 +227,7 @@ def cmd_stow(args: argparse.Namespace) -> int:
 
     from dicom_node.dicomweb import CHUNK, stow_batch
     from dicom_node.scu import Destination
-    from dicom_node.sender import collect_files
+    from dicom_node.sender import collect_files, not_part10, nothing_sent
     from dicom_node.settings import Destination as DestinationSettings
     from dicom_node.settings import DestinationTLS, DicomWebSettings
 
@@ -255,7 +257,7 @@ def cmd_stow(args: argparse.Namespace) -> int:
                     group.append(path)
                 except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
                     skipped += 1
-                    print(f"skipped {path}: not a DICOM Part 10 file ({exc})", file=sys.stderr)
+                    print(f"skipped {path}: {not_part10(exc)}", file=sys.stderr)
             for path, result in zip(group, stow_batch(datasets, dest), strict=True):
                 if result.delivered:
                     sent += 1
@@ -264,6 +266,8 @@ def cmd_stow(args: argparse.Namespace) -> int:
                     print(f"failed {path}: {result.error}", file=sys.stderr)
             bar.update(len(files[start : start + CHUNK]))
     print(f"sent {sent}, failed {failed}, skipped {skipped}")
+    if not sent and not failed:
+        raise GlioforecastError(nothing_sent(args.paths, len(files)))
     return EXIT_OK if not failed else EXIT_FAILED
 
 

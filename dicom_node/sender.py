@@ -137,6 +137,18 @@ def check_destination(
     return ok, "; ".join(found)
 
 
+def not_part10(exc: BaseException) -> str:
+    """Why a file was skipped, in words (without pydicom's hint to developers)."""
+    said = str(exc).replace(" Use force=True to force reading.", "").strip()
+    return f"not a DICOM Part 10 file ({said})"
+
+
+def nothing_sent(given: Sequence[str], found: int) -> str:
+    """Why a send that sent nothing and failed nothing is a failure all the same."""
+    return (f"nothing sent: expected DICOM Part 10 files in {', '.join(map(str, given))}, found "
+            f"{'no file' if not found else f'{found} file(s), none of them one'}")  # fmt: skip
+
+
 def send_files(
     files: Sequence[Path],
     host: str,
@@ -156,7 +168,7 @@ def send_files(
         try:
             headers.append(dcmread(path, stop_before_pixels=True))
         except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
-            report.skipped.append((path, f"not a DICOM Part 10 file ({exc})"))
+            report.skipped.append((path, not_part10(exc)))
             if progress is not None:
                 progress(1)
     if not headers:

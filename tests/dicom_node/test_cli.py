@@ -282,6 +282,13 @@ def test_what_site_it_gets_wrong_is_said_in_one_line(tmp_path: Path, capsys, mon
     assert code == 2 and text.startswith("usage: glioforecast outbox retry"), text
     code, text = said("jobs", "list")
     assert code == 1 and "no --config and no $GLIOFORECAST_CONFIG: the embedded default's" in text
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("not an image")
+    code, text = said("send", "127.0.0.1", "11112", str(notes), "--quiet")
+    assert code == 1 and "force=True" not in text, text
+    assert f"nothing sent: expected DICOM Part 10 files in {notes}, found 1 file(s), none of " \
+        "them one" in text, text  # fmt: skip
 
     afile = tmp_path / "afile"
     afile.write_text("")
