@@ -523,7 +523,19 @@ def _found(value: Any) -> str:
     text = repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
+    number = value.strip() if isinstance(value, str) else ""
+    if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", number):
+        # YAML 1.1 (PyYAML) reads exponent form as a number only with a point and a sign
+        text += f" (YAML reads {number} as text: write it {_yaml_float(number)})"
     return f"{kind} {text}" if kind not in ("nothing",) else "nothing (null)"
+
+
+def _yaml_float(number: str) -> str:
+    """``number`` (exponent form) as YAML 1.1 reads it as a number: ``1e9`` -> ``1.0e+9``."""
+    mantissa, exponent = re.split("[eE]", number, maxsplit=1)
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent if exponent[0] in '+-' else '+' + exponent}"
 
 
 class _Validator:
@@ -861,7 +873,10 @@ def _read_yaml(file: Path, source: str) -> Any:
 
 
 def _overlay(base: Any, site: Any) -> Any:
-    """``site`` over ``base``: mappings merge key by key, anything else replaces."""
+    """``site`` over ``base``: mappings merge key by key, anything else replaces; a section
+    left empty (``node:`` with nothing under it, which YAML reads as null) sets nothing."""
+    if isinstance(base, dict) and site is None:
+        return base
     if isinstance(base, dict) and isinstance(site, dict):
         merged = dict(base)
         for key, value in site.items():

@@ -224,3 +224,20 @@ def test_fewer_connections_than_associations_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"node.max_connections: expected at least "
                        r"max_associations \(20\).* found 10"):  # fmt: skip
         load_settings(path)
+
+
+def test_a_section_left_empty_sets_nothing(tmp_path: Path) -> None:
+    """``node:`` with nothing under it (an edit half done) was read as a node section with
+    every value missing, and refused with a problem about a key nobody had written."""
+    settings = load_settings(write(tmp_path, "node:\nstorage:\n  min_free_mb: 700\n"))
+    assert settings.node == load_settings(None).node
+    assert settings.storage.min_free_mb == 700
+
+
+def test_a_number_yaml_reads_as_text_says_how_to_write_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "worker:\n  job_timeout_s: 1e9\n"))
+    assert "worker.job_timeout_s: expected a number, found str '1e9' (YAML reads 1e9 as text: " \
+        "write it 1.0e+9)" in str(err.value), str(err.value)  # fmt: skip
+    settings = load_settings(write(tmp_path, "worker:\n  job_timeout_s: 1.0e+9\n"))
+    assert settings.worker.job_timeout_s == 1e9
