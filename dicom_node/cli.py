@@ -59,6 +59,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if problem:
             raise ConfigError(settings.source, [f"model: {problem}"])
     print(f"{settings.source}: valid")
+    if settings.source not in (None, "") and _sets_nothing(Path(str(settings.source))):
+        print("  (the file sets nothing: every value is the embedded default's)")
     bound = sum(bool(c.certificate_names) for c in settings.node.allowed_callers)
     print(
         f"  node {settings.node.ae_title} on "
@@ -67,9 +69,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         + (f" ({bound} bound to client certificates)" if bound else "")
         + f", TLS {'on' if settings.node.tls.enabled else 'off'}"
     )
-    print(
-        f"  data in {settings.storage.data_dir}, quiet period {settings.assembly.quiet_period_s} s"
-    )
+    data_dir = settings.storage.data_dir
+    relative = "" if data_dir.is_absolute() else f" (from where it runs: here {data_dir.resolve()})"
+    print(f"  data in {data_dir}{relative}, quiet period {settings.assembly.quiet_period_s} s")
     committing = [d.name for d in settings.destinations if d.storage_commitment]
     tls = [d.name for d in settings.destinations if d.tls.enabled]
     notices = [d.name for d in settings.destinations if d.failure_notice]
@@ -281,6 +283,16 @@ def _open_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             f"no job database at {db}: expected a node that has run there{_which(args)}"
         )
     return settings, JobStore(db)
+
+
+def _sets_nothing(path: Path) -> bool:
+    """Whether a configuration file holds nothing but comments (or an empty mapping)."""
+    from dicom_node.yamlload import load_yaml
+
+    try:
+        return path.is_file() and not load_yaml(path.read_text(encoding="utf-8"))
+    except Exception:  # it validated: a file that reads at all reads here
+        return False
 
 
 def _which(args: argparse.Namespace) -> str:
@@ -715,6 +727,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `glioforecast jobs list | head`: the reader went away
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -282,6 +282,13 @@ def test_what_site_it_gets_wrong_is_said_in_one_line(tmp_path: Path, capsys, mon
     assert code == 2 and text.startswith("usage: glioforecast outbox retry"), text
     code, text = said("jobs", "list")
     assert code == 1 and "no --config and no $GLIOFORECAST_CONFIG: the embedded default's" in text
+    comments = tmp_path / "comments.yaml"
+    comments.write_text("# to be filled in\n")
+    code, text = said("check-config", str(comments))
+    assert code == 0 and "(the file sets nothing: every value is the embedded default's)" in text
+    code, text = said("check-config")  # no file, no --config: the embedded default
+    assert code == 0 and "data in glioforecast-data (from where it runs: here " \
+        f"{tmp_path.resolve() / 'glioforecast-data'})" in text, text  # fmt: skip
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "readme.txt").write_text("not an image")
