@@ -27,6 +27,23 @@ KILLS = 6
 SEED = 20261121
 
 
+def _config(
+    tmp_path: Path, quiet_period_s: float, required: list[str] | None = None
+) -> tuple[int, Path, Path]:
+    """The embedded default on a free port, the data in ``tmp_path``: (port, data folder,
+    configuration file)."""
+    port, data_dir, config = free_port(), tmp_path / "data", tmp_path / "node.yaml"
+    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    base["node"]["port"] = port
+    base["health"]["port"] = 0
+    base["storage"]["data_dir"] = str(data_dir)
+    base["assembly"] = {"quiet_period_s": quiet_period_s, "poll_interval_s": 0.1}
+    if required is not None:
+        base["roles"]["required"] = required
+    config.write_text(yaml.safe_dump(base))
+    return port, data_dir, config
+
+
 def _serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"],
@@ -85,16 +102,7 @@ def test_sigkill_during_ingest_loses_nothing(tmp_path: Path) -> None:
                     contrast="GD" in desc,
                 ),
             )
-    port = free_port()
-    data_dir = tmp_path / "data"
-    config = tmp_path / "node.yaml"
-    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    base["node"]["port"] = port
-    base["health"]["port"] = 0
-    base["storage"]["data_dir"] = str(data_dir)
-    base["assembly"] = {"quiet_period_s": 0.5, "poll_interval_s": 0.1}
-    base["roles"]["required"] = ["t1c"]
-    config.write_text(yaml.safe_dump(base))
+    port, data_dir, config = _config(tmp_path, quiet_period_s=0.5, required=["t1c"])
     log = tmp_path / "serve.log"
 
     acked: set[str] = set()
@@ -174,15 +182,7 @@ def test_sigterm_during_ingest_aborts_the_sender_and_its_study_waits_for_the_res
     period for the rest rather than becoming a job that fails on the gap."""
     study = factories.small_study(tmp_path / "in", slices=60, size=64)
     files = [str(p) for paths in study.values() for p in paths]
-    port = free_port()
-    data_dir = tmp_path / "data"
-    config = tmp_path / "node.yaml"
-    base = yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    base["node"]["port"] = port
-    base["health"]["port"] = 0
-    base["storage"]["data_dir"] = str(data_dir)
-    base["assembly"] = {"quiet_period_s": 3.0, "poll_interval_s": 0.1}
-    config.write_text(yaml.safe_dump(base))
+    port, data_dir, config = _config(tmp_path, quiet_period_s=3.0)
     log = tmp_path / "serve.log"
     server = _serve(config, log)
     wait_for(lambda: _listening(port), timeout=60, what="the node to listen")
