@@ -677,3 +677,32 @@ def test_a_sender_lost_in_the_middle_of_a_pdu_is_named_in_one_line(run_node, cap
     assert said == lines, said
     assert not [r for r in caplog.records if r.name.startswith("pynetdicom.dul")], [
         r.getMessage() for r in caplog.records]  # fmt: skip
+
+
+def test_a_stop_does_not_wait_for_connections_that_say_nothing(tmp_path: Path) -> None:
+    """systemctl stop with a silent connection, a half association request and an
+    association open: pynetdicom's abort waited for the ARTIM timer (30 s) on the first two,
+    and raised on them. The stop takes well under a second; the association gets an A-ABORT."""
+    import socket
+    import time
+
+    from dicom_node.service import Node
+    from tests.dicom_node.conftest import make_settings
+
+    node = Node(make_settings(tmp_path / "data", health={"enabled": False}))
+    node.start()
+    silent = socket.create_connection(("127.0.0.1", node.scp.port))
+    half = socket.create_connection(("127.0.0.1", node.scp.port))
+    half.sendall(_associate_rq("HALF")[:20])
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    time.sleep(0.3)
+    start = time.monotonic()
+    node.stop()
+    assert time.monotonic() - start < 5.0
+    assert wait_for(lambda: assoc.is_aborted, what="the A-ABORT")
+    for sock in (silent, half):
+        assert _closed_at_once(sock, within_s=2.0)
+        sock.close()
