@@ -357,6 +357,7 @@ class StowReceiver:
         self._lock = threading.Lock()
         self._busy = 0  # requests being stored
         self._stopping = False  # the node stops: no request starts storing
+        self._storing = 0  # requests storing their parts now
         self.server: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -447,8 +448,6 @@ class StowReceiver:
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
         with self._lock:
-            if self._stopping:
-                raise _busy("the node is stopping; retry later")
             if self._busy >= self.settings.max_requests:
                 raise _busy(f"{self._busy} requests are being stored (stow.max_requests); "
                             "retry later")  # fmt: skip
@@ -458,6 +457,20 @@ class StowReceiver:
         finally:
             with self._lock:
                 self._busy -= 1
+
+    @contextlib.contextmanager
+    def _storing_now(self) -> Iterator[None]:
+        """A request whose body is in stores its parts: not once the node stops (its databases
+        close), and a stop waits for those that began (:meth:`stop`)."""
+        with self._lock:
+            if self._stopping:
+                raise _busy("the node is stopping; retry later")
+            self._storing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._storing -= 1
 
     def _post(self, rq: BaseHTTPRequestHandler, admitted: Admitted, host: str) -> tuple[int, bytes]:
         with self._read_body(rq, admitted.length) as file:
@@ -474,7 +487,8 @@ class StowReceiver:
                         raise Refusal(415, f"expected parts of type application/dicom, found "
                                       f"{part.content_type!r} in part {n}; nothing was "
                                       "stored")  # fmt: skip
-                return self._store_parts(body, parts, admitted, host)
+                with self._storing_now():
+                    return self._store_parts(body, parts, admitted, host)
 
     def _length(self, rq: BaseHTTPRequestHandler) -> int | None:
         """The announced length of the body (None: chunked), within the limits."""
@@ -667,8 +681,9 @@ class StowReceiver:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, wait_s: float = 10.0) -> None:
-        """Stop taking requests; let those being stored finish (at most ``wait_s``) before the
-        node closes its databases: a request cut there was answered 500."""
+        """Stop taking requests; let those storing their parts finish (at most ``wait_s``)
+        before the node closes its databases. A request whose body is still arriving is
+        answered 503 with Retry-After once it is in (it was answered 500)."""
         if self.server is not None:
             stop_serving(self.server)
             self.server.server_close()
@@ -676,5 +691,8 @@ class StowReceiver:
         with self._lock:
             self._stopping = True
         deadline = time.monotonic() + wait_s
-        while self.in_progress and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._storing:
+                    break
             time.sleep(0.05)

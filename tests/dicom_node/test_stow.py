@@ -630,3 +630,34 @@ def test_mangled_requests_are_answered_and_the_receiver_serves_on(run_node, tmp_
     for path in node.spool.root.rglob("*.dcm"):  # whatever was stored is a whole instance
         assert pydicom.dcmread(path).pixel_array.shape == (16, 16)
     assert post(node.stow.port, [p.read_bytes() for p in study["flair"]])[0] == 200
+
+
+def test_a_request_still_arriving_when_the_node_stops_is_told_to_come_back(tmp_path):  # type: ignore[no-untyped-def]
+    """systemctl stop while a router is still sending a request's body: once the body is in,
+    the node (its databases closed by then) answers 503 with Retry-After, not a failure."""
+    import threading
+
+    from dicom_node.service import Node
+
+    data = factories.small_study(tmp_path / "in")["t1c"][0].read_bytes()
+    node = Node(make_settings(tmp_path / "data", health={"enabled": False}, stow=_stow(tmp_path)))
+    node.start()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    head = (
+        "POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+        'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", node.stow.port), timeout=20) as router:
+        router.sendall(head + body[:500])
+        time.sleep(0.3)
+        stopping = threading.Thread(target=node.stop)
+        stopping.start()
+        stopping.join(timeout=60)
+        assert not stopping.is_alive()
+        router.sendall(body[500:])
+        answer = b""
+        while chunk := router.recv(4096):  # to the end: the node closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"Retry-After" in answer and b"the node is stopping" in answer, answer
