@@ -271,8 +271,11 @@ def split_multipart(body: bytes | mmap.mmap, boundary: bytes) -> list[Part]:
         line_end = body.find(b"\r\n", pos)
         head_end = body.find(b"\r\n\r\n", line_end)
         if line_end < 0 or head_end < 0:
+            lf_only = body.find(b"\n\n", pos) >= 0
             raise Refusal(400, f"expected the headers of part {len(parts) + 1} to end with a "
-                          "blank line, found the end of the body")  # fmt: skip
+                          "blank line, found the end of the body" + (
+                              " (its lines end in LF alone: multipart lines end in CRLF, RFC "
+                              "2046)" if lf_only else ""))  # fmt: skip
         content_type = ""
         for header in bytes(body[line_end + 2 : head_end]).split(b"\r\n"):
             name, _, value = header.partition(b":")
@@ -395,6 +398,9 @@ class StowReceiver:
             )  # fmt: skip
             client.logged = True
             raise client
+        if self.in_progress >= self.settings.max_requests:  # before the body is asked for
+            raise _busy(f"{self.in_progress} requests are being stored (stow.max_requests); "
+                        "retry later")  # fmt: skip
         boundary = boundary_of(rq.headers.get("Content-Type", ""))
         accept = rq.headers.get("Accept", "")
         if accept and not re.search(r"(^|[\s,])(\*/\*|application/(dicom\+)?json)", accept):
@@ -494,21 +500,26 @@ class StowReceiver:
         """The announced length of the body (None: chunked), within the limits."""
         limit = self.settings.max_request_mb * 2**20
         encoding = rq.headers.get("Transfer-Encoding", "").strip().lower()
-        length = rq.headers.get("Content-Length")
+        lengths = rq.headers.get_all("Content-Length") or []
+        length = lengths[0] if lengths else None
+        # a body framed two ways is read one way here and another by a proxy in front: a
+        # request hidden in a body (RFC 9112 6.3)
+        if len({v.strip() for v in lengths}) > 1:
+            raise Refusal(400, f"expected one Content-Length, found {', '.join(lengths)}")
         if encoding and encoding != "identity":
             if encoding != "chunked":
                 raise Refusal(501, f"expected Transfer-Encoding chunked or none, found "
                               f"{encoding!r}")  # fmt: skip
+            if length is not None:
+                raise Refusal(400, "expected Content-Length or Transfer-Encoding chunked, found "
+                              "both")  # fmt: skip
             return None
         if length is None:
             raise Refusal(411, "expected a Content-Length or chunked transfer encoding, found "
                           "neither")  # fmt: skip
-        try:
-            size = int(length)
-            if size < 0:
-                raise ValueError
-        except ValueError:
-            raise Refusal(400, f"expected a Content-Length in bytes, found {length!r}") from None
+        if not length.strip().isdigit():
+            raise Refusal(400, f"expected a Content-Length in bytes, found {length!r}")
+        size = int(length)
         if size > limit:
             raise Refusal(413, f"a body of {size} bytes; stow.max_request_mb allows {limit}")
         self._check_space(size)
@@ -633,6 +644,16 @@ class StowReceiver:
                 super().setup()
                 # a client that stops sending is dropped (the setting may change by a reload)
                 self.connection.settimeout(receiver.scp.settings.network_timeout_s)
+
+            #: what admit() found of the request this handler reads now (one per request:
+            #: the handler serves every request of a kept-alive connection)
+            admitted: Admitted | None = None
+
+            def handle_one_request(self) -> None:
+                # a request checked at its Expect: 100-continue was used for the next ones on
+                # the connection too: their credentials, study, length and boundary unchecked
+                self.admitted = None
+                super().handle_one_request()
 
             def handle_expect_100(self) -> bool:
                 """``Expect: 100-continue``: the body is asked for only once the request

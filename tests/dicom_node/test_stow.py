@@ -661,3 +661,81 @@ def test_a_request_still_arriving_when_the_node_stops_is_told_to_come_back(tmp_p
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert b"Retry-After" in answer and b"the node is stopping" in answer, answer
+
+
+def _raw(sock: socket.socket, head: str, body: bytes, expect: bool = False) -> bytes:
+    """Send a request on ``sock`` (with ``Expect: 100-continue``, the body only once asked
+    for); the answer's status line and headers, and its body when it has a length."""
+    sock.sendall((head + ("Expect: 100-continue\r\n" if expect else "") + "\r\n").encode())
+    reader = sock.makefile("rb")
+    if expect:
+        line = reader.readline()
+        if not line.startswith(b"HTTP/1.1 100"):
+            return line + reader.read()
+        reader.readline()  # the blank line after 100 Continue
+    sock.sendall(body)
+    answer, length = b"", 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        answer += line
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return answer + b"\r\n" + reader.read(length)
+
+
+def test_each_request_on_a_kept_alive_connection_is_checked_itself(tmp_path):  # type: ignore[no-untyped-def]
+    """A request checked at its Expect: 100-continue left that check on the connection: the
+    next request on it was taken with the first one's client, study, length and boundary,
+    without credentials (found by a probe with curl). Each request is checked now."""
+    first, second = (factories.small_study(tmp_path / n)["t1c"][0].read_bytes() for n in "ab")
+    from dicom_node.service import Node
+
+    node = Node(make_settings(tmp_path / "data", health={"enabled": False}, stow=_stow(tmp_path)))
+    node.start()
+    try:
+
+        def request(data: bytes, boundary: str, path: str, token: str | None) -> tuple[str, bytes]:
+            body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
+                    + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                    f'Content-Type: multipart/related; type="application/dicom"; '
+                    f"boundary={boundary}\r\n"
+                    + (f"Authorization: Bearer {token}\r\n" if token else ""))  # fmt: skip
+            return head, body
+
+        with socket.create_connection(("127.0.0.1", node.stow.port), timeout=20) as sock:
+            head, body = request(first, "one", "/dicom-web/studies", TOKEN)
+            assert _raw(sock, head, body, expect=True).startswith(b"HTTP/1.1 200")
+            head, body = request(second, "two", "/dicom-web/studies/9.9.9", None)
+            answer = _raw(sock, head, body)
+        assert answer.startswith(b"HTTP/1.1 401"), answer
+        assert node.store.counts()["instances"] == 1
+    finally:
+        node.stop()
+
+
+def test_a_body_framed_two_ways_is_refused(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """Two Content-Length values, or one with chunked transfer coding, or a signed length:
+    a proxy in front may frame the body another way than the node (request smuggling,
+    RFC 9112 6.3). Each is refused 400, nothing stored."""
+    node = run_node(stow=_stow(tmp_path))
+    data = factories.small_study(tmp_path / "in")["t1c"][0].read_bytes()
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    common = ("POST /dicom-web/studies HTTP/1.1\r\nHost: x\r\n"
+              'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
+              f"Authorization: Bearer {TOKEN}\r\n")  # fmt: skip
+    for framing, says in (
+        (f"Content-Length: {len(body)}\r\nContent-Length: 10\r\n", "expected one Content-Length"),
+        (f"Content-Length: {len(body)}\r\nTransfer-Encoding: chunked\r\n", "found both"),
+        (f"Content-Length: +{len(body)}\r\n", "expected a Content-Length in bytes"),
+    ):
+        with socket.create_connection(("127.0.0.1", node.stow.port), timeout=20) as sock:
+            answer = _raw(sock, common + framing, b"")
+        assert answer.startswith(b"HTTP/1.1 400") and says.encode() in answer, answer
+    assert node.store.counts()["instances"] == 0
+    lf_only = body.replace(b"\r\n", b"\n")
+    conn = http.client.HTTPConnection("127.0.0.1", node.stow.port, timeout=10)
+    conn.request("POST", "/dicom-web/studies", body=lf_only, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b',
+        "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    rsp = conn.getresponse()
+    assert rsp.status == 400 and b"lines end in LF alone" in rsp.read()
