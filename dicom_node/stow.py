@@ -29,6 +29,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import http
 import io
 import json
 import logging
@@ -430,8 +431,9 @@ class StowReceiver:
     def refuse(self, rq: BaseHTTPRequestHandler, refusal: Refusal) -> None:
         """Answer ``refusal`` and close the connection (the body may be unread)."""
         if not refusal.logged:
-            log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command, rq.path,
-                        rq.client_address[0], refusal.code, refusal)  # fmt: skip
+            log.warning("STOW-RS %s %s from %s refused (%d): %s", rq.command or "request",
+                        getattr(rq, "path", "") or "", rq.client_address[0], refusal.code,
+                        refusal)  # fmt: skip
         rq.close_connection = True
         with contextlib.suppress(OSError):  # a client already gone gets no answer
             self._answer(rq, refusal.code, (str(refusal) + "\n").encode(),
@@ -665,6 +667,16 @@ class StowReceiver:
                     receiver.refuse(self, refusal)
                     return False
                 return super().handle_expect_100()
+
+            def send_error(
+                self, code: int, message: str | None = None, explain: str | None = None
+            ) -> None:
+                """What http.server refuses itself (a request line or header over its limits:
+                414, 431; a malformed request line: 400) is answered, logged and counted as
+                the receiver's own refusals are (it was HTML, unlogged and uncounted)."""
+                said = message or http.HTTPStatus(code).phrase
+                why = f"{said} (expected a request line and headers within http.server's limits)"
+                receiver.refuse(self, Refusal(code, why))
 
             def do_POST(self) -> None:
                 receiver.handle(self)

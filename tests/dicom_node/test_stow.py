@@ -739,3 +739,24 @@ def test_a_body_framed_two_ways_is_refused(run_node, tmp_path):  # type: ignore[
         "Authorization": f"Bearer {TOKEN}"})  # fmt: skip
     rsp = conn.getresponse()
     assert rsp.status == 400 and b"lines end in LF alone" in rsp.read()
+
+
+def test_what_http_server_refuses_itself_is_logged_and_counted(run_node, tmp_path, caplog):  # type: ignore[no-untyped-def]
+    """A header line of 70,000 characters (431) or a URL of 100 KB (414): answered by Python's
+    http.server as HTML, unlogged and uncounted. They are answered, logged and counted as the
+    receiver's own refusals."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.stow")
+    node = run_node(stow=_stow(tmp_path))
+    for request, code in (
+        ("POST /dicom-web/studies HTTP/1.1\r\nX-Long: " + "a" * 70_000 + "\r\n", 431),
+        ("POST /dicom-web/studies/" + "1" * 100_000 + " HTTP/1.1\r\n", 414),
+    ):
+        with socket.create_connection(("127.0.0.1", node.stow.port), timeout=20) as sock:
+            answer = _raw(sock, request, b"")
+        assert answer.startswith(f"HTTP/1.1 {code}".encode()), answer[:200]
+        assert b"Content-Type: text/plain" in answer and b"http.server's limits" in answer
+        assert f'glioforecast_stow_requests_total{{code="{code}"}} 1' in node.metrics()
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "refused (431)" in m or "refused (414)" in m]) == 2, said
