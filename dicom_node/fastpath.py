@@ -141,6 +141,7 @@ class FastSocket(AssociationSocket):
     _ended = False  # the node closed the connection (:meth:`_refused`)
     _request_bytes = 0  # of the A-ASSOCIATE-RQ, read so far
     _between_pdus = False  # reading a PDU's header
+    _past_request = False  # the A-ASSOCIATE-RQ came: no deadline for it, no check of it
 
     def __init__(self, assoc: Association, *args: Any, **kwargs: Any) -> None:
         super().__init__(assoc, *args, **kwargs)
@@ -238,9 +239,17 @@ class FastSocket(AssociationSocket):
         return self._opened + float(timeout)
 
     def _awaiting_request(self) -> bool:
-        """Whether the connection has not sent its A-ASSOCIATE-RQ yet."""
+        """Whether the connection has not sent its A-ASSOCIATE-RQ yet (asked at every read:
+        once it has, the answer is remembered)."""
+        if self._past_request:
+            return False
         machine = getattr(self.assoc.dul, "state_machine", None)
-        return machine is not None and machine.current_state in (_IDLE, _AWAITING_REQUEST)
+        if machine is None:
+            return False
+        if machine.current_state not in (_IDLE, _AWAITING_REQUEST):
+            self._past_request = True
+            return False
+        return True
 
     def _too_slow(self, got: int) -> None:
         """Read no further: the A-ASSOCIATE-RQ did not come whole in time (the DUL takes the

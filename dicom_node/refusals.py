@@ -92,7 +92,8 @@ class Refusals:
             said = f" ({w.count} more {times} in the last {elapsed:.0f} s)"
             self._say(w.logged, w.audited, w.host, w.calling, said)
 
-    def _say(self, logged: str, audited: str | None, host: str, calling: str, count: str) -> None:
-        log.warning("%s%s", logged, count)
+    def _say(self, logged: str, audited: str | None, host: str, calling: str, suffix: str) -> None:
+        """Log (and audit) one report; ``suffix`` says how many it stands for."""
+        log.warning("%s%s", logged, suffix)
         if audited is not None and self._audit is not None:
-            self._audit(calling, host, audited + count)
+            self._audit(calling, host, audited + suffix)
