@@ -12,8 +12,10 @@ is a verified version, on pynetdicom's own classes otherwise.
 
 Statuses: 0x0000 success (also for a duplicate, stored once; a copy under another patient is a
 correction and replaces the one held), 0xA700 out of resources (low disk:
-the sender retries), 0xC210 cannot understand (undecodable or unusable dataset), 0x0110
-processing failure (the spool or database failed otherwise).
+the sender retries), 0xC210 cannot understand (undecodable or unusable dataset), 0xA900 data
+set does not match SOP class (its SOP Class UID is not the request's), 0x0122 SOP class not
+supported (the request's SOP class is not the one its presentation context was accepted for),
+0x0110 processing failure (the spool or database failed otherwise).
 """
 
 from __future__ import annotations
@@ -162,6 +164,8 @@ OUT_OF_RESOURCES = 0xA700
 #: how often the receiver re-reads the number of queued jobs, s
 QUEUE_RECHECK_S = 1.0
 CANNOT_UNDERSTAND = 0xC210
+DATASET_NOT_CLASS = 0xA900
+CLASS_NOT_SUPPORTED = 0x0122
 PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ: result 1 = rejected-permanent; source 1 = service user;
@@ -301,6 +305,16 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     )
     group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\0" * 128 + b"DICM" + group_length + body
+
+
+class _NotTheClass(InputError):
+    """The data set's SOP Class UID is not the one its C-STORE request names."""
+
+
+def _class_name(uid: str) -> str:
+    """A SOP class UID with its name where pydicom knows it: "1.2...4 (MR Image Storage)"."""
+    name = sc.UID(uid).name
+    return uid if not uid or name == uid else f"{uid} ({name})"
 
 
 def _sender(assoc: Any) -> tuple[str, str]:
@@ -680,6 +694,17 @@ class StorageSCP:
         request = event.request
         if self._refused_classes:  # it sends something after all
             self._refused_classes.pop(id(event.assoc), None)
+        requested, accepted = str(request.AffectedSOPClassUID or ""), event.context.abstract_syntax
+        if requested != accepted:
+            # pynetdicom serves a request by its own SOP class, whatever the context it came
+            # on: one the node did not accept (or accepted in another context) is refused
+            calling = _sender(event.assoc)[0]
+            reason = (
+                f"C-STORE of SOP class {_class_name(requested)} on presentation context "
+                f"{event.context.context_id}, accepted for {_class_name(accepted)}"
+            )
+            log.warning("instance from %s refused (0x0122): %s", calling, reason)
+            return _status(CLASS_NOT_SUPPORTED, reason)
         return self._store(
             event.assoc, str(event.context.transfer_syntax),
             str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
@@ -738,9 +763,19 @@ class StorageSCP:
                     f"SOPInstanceUID {info.sop_instance_uid} differs from the request's "
                     f"Affected (or the file's Media Storage) SOP Instance UID {sop_instance}"
                 )
+            if sop_class and sop_class != info.sop_class_uid:
+                raise _NotTheClass(
+                    f"SOPClassUID {_class_name(info.sop_class_uid)} differs from the "
+                    f"request's Affected SOP Class UID {_class_name(sop_class)}"
+                )
         except Exception as exc:
             if staged is not None:
                 self.spool.discard(staged)
+            if isinstance(exc, _NotTheClass):
+                log.warning("instance from %s refused (0xA900): %s", calling, exc)
+                assert ds is not None
+                self._audit_instance(assoc, ds, sop_class, f"refused (0xA900): {exc}")
+                return _status(DATASET_NOT_CLASS, str(exc))
             if isinstance(exc, InputError):
                 log.warning("instance from %s refused (0xC210): %s", calling, exc)
                 if ds is not None:  # decoded: its study can be audited

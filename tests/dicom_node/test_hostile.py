@@ -35,6 +35,7 @@ from tests.dicom_node.test_scp import echoscu, storescu
 from tests.dicom_node.test_stow import TOKEN, _stow
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
+CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 SEED = 20261121
 
@@ -79,6 +80,10 @@ def _mutants(template: Dataset, rng: random.Random) -> list[tuple[str, str, byte
     ds = copy.deepcopy(template)
     ds.SOPInstanceUID = "1.2.3.4.5.6"
     out.append(("uid differs from request", uid, _dataset_bytes(ds)))
+    for other in (CT, "1.2.840.10008.5.1.4.1.1.481.5"):  # a class accepted, one not
+        ds = copy.deepcopy(template)
+        ds.SOPClassUID = other
+        out.append(("class differs from request", uid, _dataset_bytes(ds)))
     for i in range(40):  # valid instances, to be accepted among the hostile ones
         ds = copy.deepcopy(template)
         ds.SOPInstanceUID = f"1.2.826.0.1.78.{i + 1}"
@@ -87,11 +92,13 @@ def _mutants(template: Dataset, rng: random.Random) -> list[tuple[str, str, byte
     return out
 
 
-def _store_raw(assoc, context_id: int, sop_uid: str, data: bytes, msg_id: int) -> int | None:  # type: ignore[no-untyped-def]
+def _store_raw(  # type: ignore[no-untyped-def]
+    assoc, context_id: int, sop_uid: str, data: bytes, msg_id: int, sop_class: str = MR
+) -> int | None:
     """C-STORE whatever bytes we like as the dataset (a real client would encode a dataset)."""
     req = C_STORE()
     req.MessageID = msg_id
-    req.AffectedSOPClassUID = MR
+    req.AffectedSOPClassUID = sop_class
     req.AffectedSOPInstanceUID = sop_uid
     req.Priority = 2
     req.DataSet = BytesIO(data)
@@ -127,7 +134,10 @@ def test_hundreds_of_malformed_instances(run_node, tmp_path: Path) -> None:
     # every valid instance is accepted, no broken one is, and each got an answer; a flipped
     # byte may land in a text value and leave a valid instance, which is then accepted
     assert answers["valid"] == [0x0000] * 40
-    assert set(answers.pop("flipped")) <= {0x0000, 0xC210}
+    # (a byte flipped in the SOP Class UID may make it another valid UID)
+    assert set(answers.pop("flipped")) <= {0x0000, 0xC210, 0xA900}
+    # a data set of another SOP class than its request's: "does not match SOP class"
+    assert answers.pop("class differs from request") == [0xA900] * 2
     for kind, statuses in answers.items():
         if kind != "valid":
             assert all(s == 0xC210 for s in statuses), (kind, statuses)
@@ -139,6 +149,40 @@ def test_hundreds_of_malformed_instances(run_node, tmp_path: Path) -> None:
         refused = echoscu(node.scp.port, aet=f"ROGUE{i}")
         assert "Calling AE Title Not Recognized" in refused.stderr + refused.stdout
     assert echoscu(node.scp.port).returncode == 0
+
+
+def test_a_class_other_than_its_contexts_is_refused(run_node, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """pynetdicom serves a C-STORE by the SOP class its request names, whatever the
+    presentation context it comes on: a CT image (or a class the node never accepted) sent on
+    the MR context is refused 0x0122, naming both classes, and nothing is stored."""
+    study = factories.small_study(tmp_path / "in")
+    template = pydicom.dcmread(study["t1c"][0])
+    node = run_node()
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(MR, EXPLICIT)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    (context,) = assoc.accepted_contexts
+    statuses = []
+    for n, other in enumerate((CT, "1.2.840.10008.5.1.4.1.1.7"), start=1):
+        ds = copy.deepcopy(template)
+        ds.SOPClassUID = other
+        ds.SOPInstanceUID = f"1.2.826.0.1.79.{n}"
+        statuses.append(_store_raw(
+            assoc, context.context_id, str(ds.SOPInstanceUID), _dataset_bytes(ds), n, other
+        ))  # fmt: skip
+    # the same connection still stores what it should
+    statuses.append(_store_raw(
+        assoc, context.context_id, str(template.SOPInstanceUID), _dataset_bytes(template), 3
+    ))  # fmt: skip
+    assoc.release()
+    assert statuses == [0x0122, 0x0122, 0x0000]
+    assert (
+        "SOP class 1.2.840.10008.5.1.4.1.1.2 (CT Image Storage) on presentation context 1, "
+        "accepted for 1.2.840.10008.5.1.4.1.1.4 (MR Image Storage)" in caplog.text
+    )
+    stored = {pydicom.dcmread(p).SOPInstanceUID for p in node.spool.root.rglob("*.dcm")}
+    assert stored == {template.SOPInstanceUID}
 
 
 def _rss_bytes() -> int:
