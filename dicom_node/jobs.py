@@ -403,17 +403,21 @@ class JobStore:
 
     def job_patients(self, job_id: int) -> dict[str, set[str]]:
         """The patients a job's instances name (keys of Patient ID and Issuer of Patient ID,
-        :func:`dicom_node.instance.patient_key`), each with the series UIDs that name it."""
+        :func:`dicom_node.instance.patient_key`), each with the series UIDs that name it.
+        The node's own results routed back are no input, and name no patient here: a result
+        an earlier version of the node sent without the issuer must not make the study two
+        patients'."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT DISTINCT i.patient_key, i.series_instance_uid FROM job_instances ji "
-                "JOIN instances i USING (sop_instance_uid) WHERE ji.job_id = ? "
-                "AND i.patient_key != ''",
+                "SELECT DISTINCT i.patient_key, i.series_instance_uid, i.series_description "
+                "FROM job_instances ji JOIN instances i USING (sop_instance_uid) "
+                "WHERE ji.job_id = ? AND i.patient_key != ''",
                 (job_id,),
             ).fetchall()
         out: dict[str, set[str]] = {}
-        for key, series_uid in rows:
-            out.setdefault(str(key), set()).add(str(series_uid))
+        for key, series_uid, description in rows:
+            if not is_labelled_description(description or ""):
+                out.setdefault(str(key), set()).add(str(series_uid))
         return out
 
     # ---------------------------------------------------------------- retention

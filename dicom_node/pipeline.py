@@ -132,6 +132,8 @@ def patient_study(ds: Dataset) -> PatientStudy:
         study_id=_text(ds, "StudyID"),
         accession_number=_text(ds, "AccessionNumber"),
         referring_physician_name=_text(ds, "ReferringPhysicianName"),
+        issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+        study_description=_text(ds, "StudyDescription"),
         specific_character_set=_text(ds, "SpecificCharacterSet") or "ISO_IR 192",
     )
 

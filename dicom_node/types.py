@@ -91,7 +91,9 @@ class SeriesRef:
 
 @dataclass(frozen=True)
 class PatientStudy:
-    """Patient and study attributes that output objects copy from the source study."""
+    """Patient and study attributes that output objects copy from the source study, as
+    received: a value a standard would refuse (PatientSex ``U``, a date with day 00, an
+    ACR-NEMA time ``12:51:00``) is still the one the PACS files the patient and study under."""
 
     study_instance_uid: str
     patient_name: str = ""
@@ -103,6 +105,8 @@ class PatientStudy:
     study_id: str = ""
     accession_number: str = ""
     referring_physician_name: str = ""
+    issuer_of_patient_id: str = ""
+    study_description: str = ""
     specific_character_set: str = "ISO_IR 192"
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -15,6 +15,7 @@ version, or a different set of inputs (a late instance reopened the study), give
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import re
@@ -235,7 +236,8 @@ def apply_labels(ds: Dataset, equipment: Equipment, when: datetime.datetime | No
 
 
 def set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
-    """Copy the Patient and General Study attributes of the source study onto ``ds``.
+    """Copy the Patient and General Study attributes of the source study onto ``ds``, as
+    received (the PACS matches the outputs to the patient and study by them).
 
     Outputs are always written in UTF-8 (``ISO_IR 192``): the names arrive as decoded Python
     strings whatever character set the source declared, and UTF-8 holds all of them.
@@ -251,25 +253,72 @@ def set_patient_study(ds: Dataset, patient: PatientStudy) -> None:
     ds.StudyID = patient.study_id
     ds.AccessionNumber = patient.accession_number
     ds.ReferringPhysicianName = patient.referring_physician_name
-    for keyword, value in patient.extra.items():
+    # type 3: only when the source has them (the issuer is half of the patient's identity)
+    for keyword, value in (
+        ("IssuerOfPatientID", patient.issuer_of_patient_id),
+        ("StudyDescription", patient.study_description),
+        *patient.extra.items(),
+    ):
         if pydicom.datadict.tag_for_keyword(keyword) is None:
             raise ExportError(f"PatientStudy.extra key {keyword!r} is not a DICOM keyword")
-        setattr(ds, keyword, value)
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds:
+            del ds[keyword]
+
+
+_DA = re.compile(r"\d{8}")
+_TM = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _date(value: str) -> bool:
+    try:
+        return bool(_DA.fullmatch(value)) and bool(datetime.datetime.strptime(value, "%Y%m%d"))
+    except ValueError:
+        return False
+
+
+def _time(value: str) -> bool:
+    if not _TM.fullmatch(value):
+        return False
+    hh, mm, ss = int(value[:2]), int(value[2:4] or 0), int(value[4:6] or 0)
+    return hh < 24 and mm < 60 and ss < 61  # a leap second is a valid TM
+
+
+def for_highdicom(patient: PatientStudy) -> PatientStudy:
+    """``patient`` with the values highdicom refuses left empty (a sex other than M, F or O, a
+    date or time it cannot parse), for the stand-ins highdicom copies the patient and study
+    from: :func:`finish_output` then writes the values as received on the object built."""
+    return dataclasses.replace(
+        patient,
+        patient_sex=patient.patient_sex if patient.patient_sex in ("M", "F", "O") else "",
+        patient_birth_date=patient.patient_birth_date if _date(patient.patient_birth_date) else "",
+        study_date=patient.study_date if _date(patient.study_date) else "",
+        study_time=patient.study_time if _time(patient.study_time) else "",
+    )
+
+
+def finish_output(ds: Dataset, patient: PatientStudy, when: datetime.datetime) -> None:
+    """What every object built with highdicom gets once built: the source's patient and study
+    as received (:func:`set_patient_study`), and the series' date and time, by which a reader
+    tells the versions of a study's results apart in the PACS (same numbers, same names)."""
+    set_patient_study(ds, patient)
+    ds.SeriesDate = when.strftime("%Y%m%d")
+    ds.SeriesTime = when.strftime("%H%M%S")
 
 
 def highdicom_patient_study(patient: PatientStudy) -> dict[str, Any]:
     """The Patient and General Study arguments of highdicom's constructors (``SCImage``...)
-    for the source study."""
+    for the source study: those highdicom takes whatever their value. It refuses values that
+    real studies carry (PatientSex ``U``, a birth date with day 00, an ACR-NEMA study time),
+    so the others are left out here, and :func:`set_patient_study` copies every attribute
+    onto the object built."""
     return {
         "study_instance_uid": patient.study_instance_uid,
         "patient_id": patient.patient_id,
         "patient_name": patient.patient_name,
-        "patient_birth_date": patient.patient_birth_date,
-        "patient_sex": patient.patient_sex or None,
         "accession_number": patient.accession_number,
         "study_id": patient.study_id,
-        "study_date": patient.study_date or None,
-        "study_time": patient.study_time or None,
         "referring_physician_name": patient.referring_physician_name,
     }
 

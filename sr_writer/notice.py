@@ -42,6 +42,8 @@ from .labels import (
     CONTENT_QUALIFICATION,
     DEFAULT_MANUFACTURER,
     RESEARCH_NOTE,
+    finish_output,
+    for_highdicom,
     highdicom_patient_study,
     name_uid,
     node_contribution,
@@ -232,7 +234,7 @@ def build_failure_notice(
         **common,
     )
     for ds in (sc, sr):  # highdicom copies the patient from the first evidence item; be exact
-        set_patient_study(ds, patient)
+        finish_output(ds, patient, ts)
     return [sc, sr]
 
 
@@ -244,7 +246,7 @@ def _evidence(patient: PatientStudy, series: SequenceOf[SeriesRef]) -> list[Data
         out.extend(reference_stubs(patient.study_instance_uid, ref))
     if not out:
         raise ExportError("a failure notice references the study's images, found no series")
-    set_patient_study(out[0], patient)
+    set_patient_study(out[0], for_highdicom(patient))
     return out
 
 

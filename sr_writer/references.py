@@ -20,7 +20,7 @@ from pydicom.uid import MRImageStorage
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, SeriesRef, Volume
 
-from .labels import set_patient_study
+from .labels import for_highdicom, set_patient_study
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy
     for k, uid in enumerate(uids):
         g = slice_geometry(grid, k)
         ds = Dataset()
-        set_patient_study(ds, patient)
+        set_patient_study(ds, for_highdicom(patient))  # what highdicom copies
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = uid
         ds.SeriesInstanceUID = series.series_instance_uid

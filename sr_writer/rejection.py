@@ -39,6 +39,8 @@ from dicom_node.types import PatientStudy
 from .labels import (
     CONTENT_QUALIFICATION,
     DEFAULT_MANUFACTURER,
+    finish_output,
+    for_highdicom,
     name_uid,
     node_contribution,
     series_description,
@@ -98,7 +100,8 @@ def build_rejection_note(
         if r.sop_class_uid in _IMAGE_CLASSES:
             ds.Rows = ds.Columns = 1  # what makes highdicom list it as an IMAGE item
         evidence.append(ds)
-    set_patient_study(evidence[0], patient)  # highdicom copies patient and study from it
+    # highdicom copies patient and study from it
+    set_patient_study(evidence[0], for_highdicom(patient))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -141,7 +144,7 @@ def build_rejection_note(
         content_date=ts.date(),
         content_time=ts.time(),
     )
-    set_patient_study(note, patient)
+    finish_output(note, patient, ts)
     note.ContentQualification = CONTENT_QUALIFICATION
     return note
 

@@ -34,6 +34,7 @@ from .labels import (
     SERIES_NUMBERS,
     Equipment,
     JobIdentity,
+    finish_output,
     highdicom_patient_study,
     series_description,
 )
@@ -198,6 +199,9 @@ def build_secondary_capture(
     series_uid = job.series_uid(kind)
     ts = when or datetime.datetime.now().replace(microsecond=0)
     images: list[hd.sc.SCImage] = []
+    # an oblique grid's directions have two or three letters ("PH"); highdicom's SCImage takes
+    # one, so the main one goes to it and the whole value is written after
+    orientation = patient_orientation(source_t1c)
     for k in range(source_t1c.shape[0]):
         plane = slices_u8[k]
         if uncertainty:
@@ -216,7 +220,7 @@ def build_secondary_capture(
             manufacturer=equipment.manufacturer,
             **highdicom_patient_study(patient),
             pixel_spacing=(g.pixel_spacing[0] / factor, g.pixel_spacing[1] / factor),
-            patient_orientation=patient_orientation(source_t1c),
+            patient_orientation=(orientation[0][0], orientation[1][0]),
             contributing_equipment=[equipment.contributing_equipment(ts)],
             series_description=description,
             content_qualification=CONTENT_QUALIFICATION,
@@ -226,6 +230,8 @@ def build_secondary_capture(
             content_date=ts.date(),
             content_time=ts.time(),
         )
+        sc.PatientOrientation = list(orientation)
+        finish_output(sc, patient, ts)
         sc.ConversionType = "SYN"
         sc.Laterality = ""  # type 2C: brain is not a paired structure
         sc.BurnedInAnnotation = "NO"  # the banner identifies nobody

@@ -21,6 +21,7 @@ from .labels import (
     SERIES_NUMBERS,
     Equipment,
     JobIdentity,
+    finish_output,
     series_description,
 )
 from .references import source_slice_datasets
@@ -93,6 +94,7 @@ def build_segmentation(
         content_date=ts.date(),
         content_time=ts.time(),
     )
+    finish_output(seg, patient, ts)
     logger.info(
         "built SEG (job %s): %d frames, %d voxels in the predicted tumour",
         job.key[:12],

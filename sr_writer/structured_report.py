@@ -39,6 +39,7 @@ from .labels import (
     SERIES_NUMBERS,
     Equipment,
     JobIdentity,
+    finish_output,
     series_description,
 )
 from .references import reference_stubs, source_slice_datasets
@@ -284,7 +285,7 @@ def build_structured_report(
             )
         ],
     )
-    _copy_patient(sr, patient)
+    _copy_patient(sr, patient, ts)
     logger.info(
         "built SR (job %s): current %.2f ml, predicted %.2f +- %.2f ml, %s",
         job.key[:12],
@@ -296,7 +297,7 @@ def build_structured_report(
     return sr
 
 
-def _copy_patient(sr: Dataset, patient: PatientStudy) -> None:
+def _copy_patient(sr: Dataset, patient: PatientStudy, when: datetime.datetime) -> None:
     """Make sure the study-level attributes match the source study exactly (highdicom copies
     them from the first evidence item, which is a stand-in rebuilt from ``patient``)."""
     if sr.StudyInstanceUID != patient.study_instance_uid:
@@ -304,6 +305,7 @@ def _copy_patient(sr: Dataset, patient: PatientStudy) -> None:
             f"SR study UID mismatch: expected {patient.study_instance_uid}, "
             f"found {sr.StudyInstanceUID}"
         )
+    finish_output(sr, patient, when)
 
 
 def read_summary(ds: Dataset) -> dict[str, object]:

@@ -12,6 +12,7 @@ import pytest
 
 from dicom_node.jobs import DONE, FAILED
 from inference.synthetic.cohort import generate_patient
+from sr_writer.labels import series_description
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import finished_job
 from tests.dicom_node.test_scp import storescu
@@ -122,3 +123,34 @@ def test_the_issuer_of_patient_id_tells_patients_apart(run_node, study, tmp_path
     assert storescu(node.scp.port, *others, *flair).returncode == 0
     job = wait_for(lambda: finished_job(node, study_uid, 1), timeout=60, what="the job")
     assert job.state == FAILED and "name 2 different patients" in job.reason, job.reason
+
+
+def test_the_nodes_own_results_routed_back_name_no_other_patient(  # type: ignore[no-untyped-def]
+    run_node, study, tmp_path
+) -> None:
+    """A PACS forwards the whole study, the node's results with it. Results that an earlier
+    version of the node sent without the Issuer of Patient ID (or with any other identity) are
+    no input: the study assembled again with a late series is predicted, not failed as two
+    patients' (which also took back the good results)."""
+    study_uid, right = _uids(study["003_t1c"])
+    issued = {
+        name: _refile(files, tmp_path / name, right, issuer="HOSP_A")
+        for name, files in study.items()
+    }
+    first = [f for name, files in issued.items() if name != "004_t2" for f in files]
+    node = run_node()
+    assert storescu(node.scp.port, *first).returncode == 0
+    assert wait_for(lambda: finished_job(node, study_uid, 1), timeout=60).state == DONE
+    # a result as an earlier version of the node sent it: labelled, no issuer
+    routed_back = tmp_path / "routed"
+    routed_back.mkdir()
+    series_uid = pydicom.uid.generate_uid()
+    for n, f in enumerate(study["005_flair"][:3]):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        ds.SeriesDescription, ds.SeriesNumber = series_description("SEG"), 9004
+        ds.save_as(routed_back / f"{n}.dcm")
+    late = [*sorted(routed_back.glob("*.dcm")), *issued["004_t2"]]
+    assert storescu(node.scp.port, *late).returncode == 0
+    job = wait_for(lambda: finished_job(node, study_uid, 2), timeout=120, what="version 2")
+    assert job.state == DONE, job.reason

@@ -72,11 +72,12 @@ def make_case(
     study_uid: str = STUDY_UID,
     seed: int = 7,
     spacing: tuple[float, float, float] = (0.9, 0.8, 2.5),
+    direction: np.ndarray | None = None,
 ) -> JobCase:
     rng = np.random.default_rng(seed)
     nk, nj, ni = shape
     origin = (-ni * 0.45, -nj * 0.4, -20.0)
-    direction = np.eye(3)
+    direction = np.eye(3) if direction is None else direction
     slice_uids = tuple(f"{T1C_SERIES_UID}.{k + 1}" for k in range(nk))
 
     brain = _ellipsoid(

@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 from sr_writer.notice import build_failure_notice
 from sr_writer.rejection import Rejected, build_rejection_note
 from tests.sr_writer.synthetic_job import default_case, default_notice, default_outputs
+from tests.sr_writer.test_secondary_capture import oblique_outputs
 
 
 def _objects() -> dict[str, Dataset]:
@@ -20,6 +21,8 @@ def _objects() -> dict[str, Dataset]:
     return {
         "secondary capture": out.sc[len(out.sc) // 2],
         "uncertainty secondary capture": out.uncertainty_sc[0],
+        "oblique secondary capture": oblique_outputs().sc[0],
+        "oblique segmentation": oblique_outputs().seg,
         "segmentation": out.seg,
         "rtstruct": out.rtstruct,
         "structured report": out.sr,
@@ -92,6 +95,8 @@ def _no_tumour_left() -> dict[str, Dataset]:
     out = build_outputs(prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
     return {
         "secondary capture": out.sc[len(out.sc) // 2],
+        "oblique secondary capture": oblique_outputs().sc[0],
+        "oblique segmentation": oblique_outputs().seg,
         "segmentation": out.seg,
         "rtstruct": out.rtstruct,
         "structured report": out.sr,

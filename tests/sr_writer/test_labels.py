@@ -18,10 +18,13 @@ from sr_writer.labels import (
     is_labelled_description,
     series_description,
 )
+from sr_writer.notice import build_failure_notice
 from sr_writer.outputs import OutputOptions, build_outputs
+from sr_writer.rejection import Rejected, build_rejection_note
 from tests.sr_writer.synthetic_job import (
     PATIENT_NAME,
     default_case,
+    default_notice,
     default_outputs,
     job_inputs,
     make_case,
@@ -138,3 +141,62 @@ def test_patient_name_round_trips_in_utf8() -> None:
         assert str(back.PatientName) == PATIENT_NAME, ds.Modality
         assert back.PatientName.family_name == "Lefèvre"
         assert back.PatientName.given_name == "Zoë"
+
+
+def test_patient_and_study_are_copied_as_received() -> None:
+    """Real studies carry values the standard refuses (PatientSex U, a birth date with day 00,
+    an ACR-NEMA study time with colons) and an Issuer of Patient ID, half of the patient's
+    identity to an IHE PACS: every object carries them as the source has them, and dates its
+    series (two versions of a study's results are told apart by their series date and time)."""
+    case = default_case()
+    patient = dataclasses.replace(
+        case.patient,
+        patient_sex="U",
+        patient_birth_date="19610800",
+        study_time="12:51:00",
+        issuer_of_patient_id="HOSP_A",
+        study_description="MR BRAIN TUMOUR PRE-RT",
+    )
+    inputs = dataclasses.replace(job_inputs(case), patient=patient)
+    out = build_outputs(
+        case.prediction, inputs, OutputOptions(node_version="0.1.0", derived_mr=True)
+    )
+    notice_sc, notice_sr = build_failure_notice(default_notice(), patient, "0.1.0")
+    note = build_rejection_note(
+        patient,
+        [Rejected(str(out.sr.SOPClassUID), str(out.sr.SOPInstanceUID), out.sr.SeriesInstanceUID)],
+        job="2",
+        node_ae_title="GLIOFORECAST",
+        node_version="0.1.0",
+    )
+    objects = [*out.all(), notice_sc, notice_sr, note]
+    assert {ds.Modality for ds in objects} == {"OT", "SEG", "RTSTRUCT", "SR", "MR", "KO"}
+    for ds in objects:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        back = dcmread(io.BytesIO(buf.getvalue()))
+        got = tuple(
+            str(back.get(k, "<absent>"))
+            for k in (
+                "PatientSex",
+                "PatientBirthDate",
+                "StudyTime",
+                "IssuerOfPatientID",
+                "StudyDescription",
+                "PatientID",
+                "AccessionNumber",
+            )
+        )
+        assert got == (
+            "U",
+            "19610800",
+            "12:51:00",
+            "HOSP_A",
+            "MR BRAIN TUMOUR PRE-RT",
+            "GF-0001",
+            "ACC0001",
+        ), back.Modality
+        assert len(str(back.get("SeriesDate", ""))) == 8, back.Modality
+        assert len(str(back.get("SeriesTime", ""))) >= 4, back.Modality
+    # a source without an issuer: none on the outputs (not an empty one)
+    assert "IssuerOfPatientID" not in default_outputs().sr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from scipy import ndimage
 
 from dicom_node.errors import ExportError
 from sr_writer.labels import BANNER_TEXT, Equipment
+from sr_writer.outputs import JobOutputs, OutputOptions, build_outputs
 from sr_writer.secondary_capture import (
     BANNER_BG_RGB,
     BANNER_TEXT_RGB,
@@ -21,7 +23,13 @@ from sr_writer.secondary_capture import (
     build_secondary_capture,
     window_like,
 )
-from tests.sr_writer.synthetic_job import JobCase, default_case, default_outputs, make_case
+from tests.sr_writer.synthetic_job import (
+    JobCase,
+    default_case,
+    default_outputs,
+    job_inputs,
+    make_case,
+)
 
 
 def _build(case: JobCase, window: Window | None = None) -> list[SCImage]:
@@ -136,6 +144,31 @@ def test_uncertainty_series() -> None:
     assert _is(px, UNCERTAINTY_OUTLINE_RGB).any()
     # heat map: not grey
     assert (px[..., 0] != px[..., 2]).mean() > 0.05
+
+
+def _tilted(degrees: float) -> np.ndarray:
+    """Axial slices tilted about the left-right axis (an AC-PC aligned brain scan)."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+@functools.cache
+def oblique_outputs() -> JobOutputs:
+    case = make_case(direction=_tilted(20.0))
+    return build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
+
+
+def test_an_oblique_study_gets_every_output_with_its_orientation() -> None:
+    """Tilted 20 degrees, the columns run posterior and up: PatientOrientation "PH" (several
+    letters, as DICOM allows; the node once failed the job on it)."""
+    out = oblique_outputs()
+    assert list(out.sc[0].PatientOrientation) == ["L", "PH"]
+    assert list(out.uncertainty_sc[0].PatientOrientation) == ["L", "PH"]
+    assert out.seg.NumberOfFrames == len(out.sc)
+    assert out.rtstruct.ROIContourSequence[0].ContourSequence
+    # beyond 45 degrees the main direction is the other one
+    steep = make_case(direction=_tilted(60.0))
+    assert list(_build(steep)[0].PatientOrientation) == ["L", "HP"]
 
 
 def test_refuses_prediction_on_another_grid() -> None:
