@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pydicom.uid import UID
@@ -146,6 +146,9 @@ class SeriesSummary:
     last_received_at: float
     # the distinct ImageType values of its instances, "," between them ("" when absent)
     image_type: str = ""
+    # the study it is in: another than the job's for a structure set, dose or registration
+    # linked from the planning study ("" where not read)
+    study_instance_uid: str = ""
 
     @property
     def text(self) -> str:
@@ -1088,7 +1091,7 @@ class JobStore:
                 "i.series_description, i.protocol_name, i.sequence_name, max(i.contrast_agent), "
                 "i.frame_of_reference_uid, count(*), max(i.received_at), "
                 "group_concat(DISTINCT i.image_type), coalesce(js.role, ''), "
-                "coalesce(js.note, '') "
+                "coalesce(js.note, ''), max(i.study_instance_uid) "
                 "FROM job_instances ji JOIN instances i USING (sop_instance_uid) "
                 "LEFT JOIN job_series js ON js.job_id = ji.job_id "
                 "AND js.series_instance_uid = i.series_instance_uid "
@@ -1096,7 +1099,10 @@ class JobStore:
                 "ORDER BY i.series_number, i.series_instance_uid",
                 (job_id,),
             ).fetchall()
-        return [JobSeries(_series(r[:12]), r[12], r[13]) for r in rows]
+        return [
+            JobSeries(replace(_series(r[:12]), study_instance_uid=str(r[14])), r[12], r[13])
+            for r in rows
+        ]
 
     def events(self, job_id: int) -> list[Event]:
         with self._lock:

@@ -159,6 +159,7 @@ def series_ref(js: JobSeries, sop_instance_uids: Sequence[str]) -> SeriesRef:
         modality=js.series.modality,
         series_description=js.series.series_description,
         series_number=js.series.series_number,
+        study_instance_uid=js.series.study_instance_uid,
     )
 
 

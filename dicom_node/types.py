@@ -87,6 +87,9 @@ class SeriesRef:
     modality: str = ""
     series_description: str = ""
     series_number: int | None = None
+    # the study it is in, where not the job's study (a structure set, dose or registration
+    # linked from the planning study)
+    study_instance_uid: str = ""
 
 
 @dataclass(frozen=True)

@@ -136,11 +136,13 @@ def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy
 def reference_stubs(
     study_instance_uid: str, series: SeriesRef, uids: Sequence[str] | None = None
 ) -> list[Dataset]:
-    """Minimal datasets (study, series, SOP class and instance UIDs) to list as SR evidence."""
+    """Minimal datasets (study, series, SOP class and instance UIDs) to list as SR evidence:
+    in ``study_instance_uid``, or the series' own study where it names one (a structure set
+    linked from the planning study is listed under that study, where a viewer finds it)."""
     out: list[Dataset] = []
     for uid in uids if uids is not None else series.sop_instance_uids:
         ds = Dataset()
-        ds.StudyInstanceUID = study_instance_uid
+        ds.StudyInstanceUID = series.study_instance_uid or study_instance_uid
         ds.SeriesInstanceUID = series.series_instance_uid
         ds.SOPClassUID = series.sop_class_uid
         ds.SOPInstanceUID = uid

@@ -312,6 +312,8 @@ def move_to_frame(ds: Dataset, matrix: npt.ArrayLike, frame_of_reference_uid: st
     new frame, e.g. a planning CT, are not known here)."""
     m = np.asarray(matrix, dtype=float)
     old = {str(ref.FrameOfReferenceUID) for ref in ds.ReferencedFrameOfReferenceSequence}
+    if "FrameOfReferenceUID" in ds:  # the top-level one too: a reader may trust it alone
+        ds.FrameOfReferenceUID = frame_of_reference_uid
     for ref in ds.ReferencedFrameOfReferenceSequence:
         ref.FrameOfReferenceUID = frame_of_reference_uid
         if "RTReferencedStudySequence" in ref:

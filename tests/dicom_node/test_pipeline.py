@@ -531,6 +531,10 @@ def test_rt_objects_in_the_planning_ct_study_join_the_mr_study(  # type: ignore[
     assert second.state == DONE, second.reason
     roles = {js.role for js in node.store.job_series(second.id)}
     assert {"t1c", "rtstruct", "rtdose"} <= roles
+    # each series knows its study (the SR lists the linked ones under the planning study)
+    studies = {js.role: js.series.study_instance_uid for js in node.store.job_series(second.id)}
+    assert studies["rtstruct"] == studies["rtdose"] == ct_study
+    assert studies["t1c"] == first.study_instance_uid
     linked = [e.message for e in node.store.events(second.id) if e.kind == "linked"]
     assert linked == [f"RT objects linked from the patient's study {ct_study} (3 series: "
                       "structure set, dose and registrations)"]  # fmt: skip

@@ -106,6 +106,9 @@ def test_every_object_is_labelled_in_the_source_study() -> None:
     assert out.rtstruct_planning.StructureSetROISequence[0].ReferencedFrameOfReferenceUID == (
         "1.2.826.0.1.3680043.8.498.7"
     )
+    # every frame UID it carries is the planning one (a reader may trust any of them)
+    assert out.rtstruct_planning.FrameOfReferenceUID == "1.2.826.0.1.3680043.8.498.7"
+    assert out.rtstruct.FrameOfReferenceUID == case.t1c.frame_of_reference_uid
     series_numbers = set()
     for ds in out.all():
         assert ds.StudyInstanceUID == case.patient.study_instance_uid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import subprocess
@@ -175,6 +176,23 @@ def test_sr_references_source_and_output_series() -> None:
     assert case.rtstruct_series.series_instance_uid in referenced
     for obj in (*out.sc, *out.uncertainty_sc, out.seg, out.rtstruct, *out.derived_mr):
         assert obj.SOPInstanceUID in referenced[obj.SeriesInstanceUID]
+
+
+def test_sr_lists_a_series_of_the_planning_study_under_that_study() -> None:
+    """A structure set linked from the planning study is listed as evidence under its own
+    study, where a viewer following the evidence finds it (it was listed under the MR study)."""
+    case = default_case()
+    planning_study = "1.2.826.0.1.3680043.10.1482.2.1"
+    linked = dataclasses.replace(case.rtstruct_series, study_instance_uid=planning_study)
+    inputs = dataclasses.replace(job_inputs(case), other_series=(linked,))
+    sr = build_outputs(case.prediction, inputs, OutputOptions(node_version="0.1.0")).sr
+    where: dict[str, str] = {}
+    for keyword in ("CurrentRequestedProcedureEvidenceSequence", "PertinentOtherEvidenceSequence"):
+        for study in sr.get(keyword, []):
+            for series in study.ReferencedSeriesSequence:
+                where[series.SeriesInstanceUID] = study.StudyInstanceUID
+    assert where[linked.series_instance_uid] == planning_study
+    assert where[case.t1c_series.series_instance_uid] == case.patient.study_instance_uid
 
 
 _NUM = re.compile(r'<contains NUM:\(,,"(?P<name>[^"]+)"\)="(?P<value>[^"]+)" \((?P<unit>[^,]+),')
