@@ -9,7 +9,7 @@ destination. Objects go as Part 10 files in ``multipart/related; type="applicati
 requests to ``{url}/studies``, at most :data:`CHUNK` per request. The answer is read as
 PS3.18 says:
 
-- 200: every object stored;
+- 200: every object stored (but an HTML page is no STOW-RS answer: a proxy's login page);
 - otherwise, when the answer is a STOW-RS response data set (202 and 409 as the standard
   has it; Orthanc's plugin answers a partial success 400 with one): the objects in its
   Referenced SOP Sequence are stored (a Warning Reason is logged), those in its Failed SOP
@@ -19,6 +19,10 @@ PS3.18 says:
   after 401, 403, 404, 405, 409, 413, 415 and other 4xx, not stored, and retrying cannot help
   until the configuration changes (dead at once; ``outbox retry`` after the fix); after 202,
   408, 429, 5xx, a timeout or a lost connection, tried again with back-off.
+
+Redirects are not followed (a 3xx fails the objects until ``dicomweb.url`` is set where it points):
+urllib would follow a POST's 302 as a bodiless GET, whose 200 would count the objects stored,
+and take the credentials to another host.
 
 Authentication is a bearer token or HTTP Basic (``dicomweb.token_file``, or ``username`` and
 ``password_file``); https uses the destination's ``tls`` files (the system's CAs otherwise).
@@ -79,11 +83,21 @@ def _context(destination: Destination) -> ssl.SSLContext | None:
     return destination.tls if destination.url.startswith("https:") else None
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered, not followed: urllib follows a POST's 302 or 303 as a GET without
+    its body (whose 200 read as the upload's: results counted stored that were not), and sends
+    the Authorization header wherever the Location points, another host included."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 def request(
     destination: Destination, path: str, *, data: bytes | None = None, headers: dict[str, str]
 ) -> tuple[int, str, bytes, str]:
     """One HTTP request to ``destination``: (status, reason, body, content type). SendError
-    when it cannot be made (no connection, TLS, timeout)."""
+    when it cannot be made (no connection, TLS, timeout). A redirect is not followed: its
+    status comes back, the reason naming where it points."""
     req = urllib.request.Request(
         destination.url + path, data=data, method="POST" if data is not None else "GET"
     )
@@ -91,16 +105,25 @@ def request(
         req.add_header(key, value)
     if destination.authorization:
         req.add_header("Authorization", destination.authorization)
+    opener = urllib.request.build_opener(
+        _NoRedirects, urllib.request.HTTPSHandler(context=_context(destination))
+    )
     try:
-        with urllib.request.urlopen(
-            req, timeout=destination.timeout_s, context=_context(destination)
-        ) as rsp:
+        with opener.open(req, timeout=destination.timeout_s) as rsp:
             return int(rsp.status), str(rsp.reason), rsp.read(), rsp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
-        return int(exc.code), str(exc.reason), exc.read(), ""
+        reason = str(exc.reason)
+        if 300 <= exc.code < 400:
+            where = exc.headers.get("Location", "") if exc.headers else ""
+            reason += (
+                f" (a redirect to {where or 'nowhere'}: not followed, the node sends results "
+                "and credentials only to dicomweb.url; set it to the address that answers)"
+            )
+        content_type = exc.headers.get("Content-Type", "") if exc.headers else ""
+        return int(exc.code), reason, exc.read(), content_type
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise SendError(f"cannot reach {destination}: {reason}") from exc
+        cause = getattr(exc, "reason", exc)
+        raise SendError(f"cannot reach {destination}: {cause}") from exc
 
 
 def _items(answer: dict[str, object], tag: str) -> list[dict[str, object]]:
@@ -133,11 +156,18 @@ def _answer(body: bytes) -> dict[str, object]:
 
 def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreResult]:
     body, content_type = multipart(datasets)
-    status, reason, raw, _ = request(
+    status, reason, raw, answered_as = request(
         destination, "/studies", data=body,
         headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
     )  # fmt: skip
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    if status == 200 and answered_as.split(";")[0].strip().lower() == "text/html":
+        # a web page is no STOW-RS answer: a proxy's or a single sign-on's login page
+        why = (
+            f"{destination} answered HTTP 200 with an HTML page, not a STOW-RS response (a "
+            "proxy or login page in front of the service?): nothing is taken as stored"
+        )
+        return [StoreResult(uid, None, why, permanent=True) for uid in uids]
     if status == 200:
         return [StoreResult(uid, 0x0000) for uid in uids]
     answer = _answer(raw)  # a 400 may carry one too (Orthanc's plugin answers a partial so)
