@@ -75,7 +75,7 @@ from dicom_node.commitment import PERMANENT_REASONS, CommitmentReport, describe_
 from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
-from dicom_node.scu import Destination, StoreResult, store_batch
+from dicom_node.scu import ContextsRejected, Destination, StoreResult, store_batch
 from dicom_node.sqlite import Database
 
 logger = logging.getLogger(__name__)
@@ -388,6 +388,7 @@ class Outbox:
             raise SendError("no destination to send the results to (expected at least one)")
         now = self.clock()
         added = 0
+        rows: list[tuple[Dataset, list[str], Path]] = []
         for ds in datasets:
             uid = str(ds.SOPInstanceUID)
             with self._lock:
@@ -402,21 +403,25 @@ class Outbox:
             if not needs_file:
                 continue
             try:
-                path = self._write_object(ds)
+                rows.append((ds, missing, self._write_object(ds)))
             except OSError as exc:
                 raise StorageError(f"cannot store outbox object {uid}: {exc}") from exc
-            with self._tx() as db:
+        # the objects written, their rows, study and replacement appear in one transaction: a
+        # delivery pass running meanwhile sees all of the job's results or none (it sent a
+        # study's results in a dozen associations as they were queued, the first ones before
+        # the replacement that withdraws the earlier results was recorded)
+        with self._tx() as db:
+            for ds, missing, path in rows:
                 for dest in missing:
                     added += _insert(db, ds, dest, job, path, now)
-        if datasets:
-            study = _study_json(datasets[0])
-            with self._tx() as db:
+            if datasets:
+                study = _study_json(datasets[0])
                 db.execute(
                     "INSERT OR IGNORE INTO job_studies (job, study) VALUES (?, ?)", (job, study)
                 )
-            if replaces:
-                keep = {str(ds.SOPInstanceUID) for ds in datasets}
-                self._record_replacement(destinations, job, replaces, study, keep)
+                if replaces:
+                    keep = {str(ds.SOPInstanceUID) for ds in datasets}
+                    self._record_replacement(db, destinations, job, replaces, study, keep)
         logger.info(
             "outbox: job %s queued %d new deliveries (%d objects, %d destinations)",
             job,
@@ -458,10 +463,12 @@ class Outbox:
                     f"no results of job(s) {', '.join(jobs)} in the outbox: nothing to take back"
                 )
             attributes = str(row["study"])
-        self._record_replacement(destinations, job, jobs, attributes, set(), reason)
+        with self._tx() as db:
+            self._record_replacement(db, destinations, job, jobs, attributes, set(), reason)
 
     def _record_replacement(
         self,
+        db: sqlite3.Connection,
         destinations: Sequence[str],
         job: str,
         replaces: Sequence[str],
@@ -469,14 +476,13 @@ class Outbox:
         keep: set[str],
         reason: str = "",
     ) -> None:
-        now = self.clock()
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, reason, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(job, dest, json.dumps(sorted(set(replaces))), json.dumps(sorted(keep)),
-                  study, reason, now) for dest in destinations],
-            )  # fmt: skip
+        """Record a replacement in the transaction ``db``."""
+        db.executemany(
+            "INSERT INTO replacements (job, destination, earlier_jobs, keep, study, reason, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(job, dest, json.dumps(sorted(set(replaces))), json.dumps(sorted(keep)),
+              study, reason, self.clock()) for dest in destinations],
+        )  # fmt: skip
 
     def apply_replacements(
         self, destination: str, note: NoteBuilder | None = None
@@ -608,11 +614,14 @@ class Outbox:
         permanent: bool = False,
         retry_state: str = "pending",
         quiet: bool = False,
+        at: float | None = None,
     ) -> OutboxItem:
         """Record a failed attempt: back off in ``retry_state`` (``pending``: send again;
         ``committing``: ask for the commitment again), or go dead. Returns the updated row.
-        ``quiet``: the caller logs it (a batch that failed as a whole, in one line)."""
-        now = self.clock()
+        ``quiet``: the caller logs it (a batch that failed as a whole, in one line). ``at``:
+        when the attempt was made (one time for a batch, so that its rows are due again
+        together, not the first alone in an association of its own)."""
+        now = self.clock() if at is None else at
         with self._tx() as db:
             row = db.execute("SELECT attempts FROM outbox WHERE id = ?", (item.id,)).fetchone()
             if row is None:
@@ -1161,13 +1170,20 @@ def _deliver_batch(
             report.errors.append(str(exc))
     if not loaded:
         return
+    at = outbox.clock()  # the batch's rows fail together, and are due again together
     try:
         results = send([ds for _, ds in loaded], dest)
     except Exception as exc:  # a claimed row must never stay "sending"
         msg = str(exc) if isinstance(exc, SendError) else f"unexpected {type(exc).__name__}: {exc}"
         if not isinstance(exc, SendError):
             logger.exception("outbox: sending a batch to %s failed unexpectedly", dest.name)
-        updated_items = [outbox.mark_failed(item, msg, quiet=True) for item, _ in loaded]
+        # a destination that accepts none of the classes will not accept them later either:
+        # dead at once, as an object whose class alone it refuses (not 50 attempts, 7 hours)
+        refused = isinstance(exc, ContextsRejected)
+        updated_items = [
+            outbox.mark_failed(item, msg, quiet=True, permanent=refused, at=at)
+            for item, _ in loaded
+        ]
         for updated in updated_items:
             _count_failure(report, updated, msg)
         _log_batch_failure(dest.name, updated_items, msg, outbox.clock())
@@ -1178,7 +1194,7 @@ def _deliver_batch(
         result = by_uid.get(item.sop_instance_uid)
         if result is None:
             msg = f"{dest} gave no result for {item.sop_instance_uid}"
-            _count_failure(report, outbox.mark_failed(item, msg), msg)
+            _count_failure(report, outbox.mark_failed(item, msg, at=at), msg)
             tally.add(ds, item.sop_class_uid, msg)
         elif result.delivered:
             outbox.mark_sent(item, result.status, commit=dest.storage_commitment)
@@ -1187,7 +1203,7 @@ def _deliver_batch(
         else:
             msg = result.error or "unknown failure"
             updated = outbox.mark_failed(
-                item, msg, status=result.status, permanent=result.permanent
+                item, msg, status=result.status, permanent=result.permanent, at=at
             )
             _count_failure(report, updated, msg)
             tally.add(ds, item.sop_class_uid, msg)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 
 from dicom_node.errors import SendError
 from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
@@ -221,3 +223,68 @@ def test_policy_and_destinations_from_the_settings() -> None:
         Destination("pacs", "PACS", "h", 104)
     ]
     assert [RetryPolicy(2.0, 30.0, 7).delay(n) for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 16, 30]
+
+
+def test_a_destination_that_accepts_none_of_the_classes_is_dead_at_once(tmp_path: Path) -> None:
+    """A PACS that takes MR images only refuses every context of a batch of results: no
+    attempt will do better until it is configured, so the deliveries go dead at the first (they
+    were retried 50 times over about 7 hours), as an object whose class alone it refuses."""
+    out = default_outputs()
+    scp = StoreSCP(sop_classes=(MRImageStorage,)).start()
+    try:
+        with _outbox(tmp_path, Clock(), dead=50) as ob:
+            ob.enqueue([out.seg, out.rtstruct, out.sr], ["pacs"], job="job-5")
+            report = deliver_due(ob, [scp.destination()])
+            assert (report.sent, report.failed, report.dead) == (0, 0, 3)
+            dead = ob.items(state="dead")
+            assert [d.attempts for d in dead] == [1, 1, 1]
+            assert "accepted none of the presentation contexts proposed" in dead[0].last_error
+    finally:
+        scp.stop()
+
+
+class TickingClock(Clock):
+    """A clock that moves on a millisecond at every reading, as the real one does."""
+
+    def __call__(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
+def test_a_batch_that_failed_is_due_again_as_one(tmp_path: Path) -> None:
+    """Each row of a failed batch was stamped with its own time, so the first was due again
+    alone and went in an association of its own before the others, at every retry."""
+    clock = TickingClock()
+    down = Destination("pacs", "PACS", "127.0.0.1", free_port())
+    with _outbox(tmp_path, clock) as ob:
+        ob.enqueue(_objects(), ["pacs"], job="job-6")
+        assert deliver_due(ob, [down]).failed == len(_objects())
+        due = {item.next_attempt_at for item in ob.items()}
+        assert len(due) == 1
+        clock.t = due.pop()
+        assert len(ob.claim("pacs")) == len(_objects())
+
+
+def test_a_delivery_pass_sees_a_jobs_results_all_at_once(tmp_path: Path) -> None:
+    """The results of a job become deliverable together, with the replacement of the earlier
+    ones: a pass running while they were queued took them a few at a time (a study in a dozen
+    associations), before the replacement was recorded."""
+    seen: list[int] = []
+
+    class Watched(Outbox):
+        def _write_object(self, ds: Dataset) -> Path:
+            other = sqlite3.connect(tmp_path / "outbox.sqlite3")  # the delivery pass's view
+            try:
+                rows = other.execute("SELECT count(*) FROM outbox").fetchone()[0]
+                rows += other.execute("SELECT count(*) FROM replacements").fetchone()[0]
+            finally:
+                other.close()
+            seen.append(rows)
+            return super()._write_object(ds)
+
+    with Watched(tmp_path / "outbox.sqlite3") as ob:
+        ob.enqueue(_objects()[:2], ["pacs"], job="job-7")
+        seen.clear()
+        ob.enqueue(_objects()[2:], ["pacs"], job="job-8", replaces=["job-7"])
+        assert seen == [2] * len(_objects()[2:])  # only job-7's rows, the whole time
+        assert len(ob.items()) == len(_objects())
