@@ -153,10 +153,15 @@ _SCHEMA = (
     _OUTBOX_TABLE + ";\n".join(_INDEXES) + ";\n" + _COMMITMENTS_TABLE + _REPLACEMENTS_TABLE
     + _JOB_STUDIES_TABLE
 )  # fmt: skip
-# the requests of rows that no longer wait for a commitment are of no more use
+# how the error of a row that went dead waiting for its storage commitment report begins
+_NO_REPORT = "no storage commitment report from"
+# the requests of rows settled for good are of no more use; those of a row that went dead
+# waiting for a report are kept: a report that comes after the node stopped waiting still
+# says the PACS keeps the object
 _FORGET_SETTLED = (
-    "DELETE FROM commitments WHERE outbox_id IN "
-    "(SELECT id FROM outbox WHERE state NOT IN ('pending', 'sending', 'committing'))"
+    "DELETE FROM commitments WHERE outbox_id IN (SELECT id FROM outbox WHERE state NOT IN "
+    f"('pending', 'sending', 'committing') AND NOT (state = 'dead' AND last_error LIKE "
+    f"'{_NO_REPORT}%'))"
 )
 # the patient and study attributes a rejection note copies
 _STUDY_KEYWORDS = (
@@ -729,7 +734,7 @@ class Outbox:
                 if r["commit_requests"] >= policy.commitment_max_requests
             }  # fmt: skip
             error = (
-                f"no storage commitment report from {destination} for "
+                f"{_NO_REPORT} {destination} for "
                 f"{policy.commitment_max_requests} requests ({policy.commitment_timeout_s:g} s "
                 "each): the PACS may not have kept the object"
             )
@@ -838,18 +843,27 @@ class Outbox:
         by_uid = {r["sop_instance_uid"]: _item(r) for r in rows}
         destination = rows[0]["destination"]
         now = self.clock()
+        # a row that went dead waiting for this report (the PACS answered late) is committed
+        # all the same: what the PACS says it keeps is delivered
         committed = [
             by_uid[uid] for uid in report.committed
-            if uid in by_uid and by_uid[uid].state == "committing"
+            if uid in by_uid and by_uid[uid].state in ("committing", "dead")
         ]  # fmt: skip
         with self._tx() as db:
             db.executemany(
                 "UPDATE outbox SET state = 'sent', committed_at = ?, updated_at = ?, "
-                "last_error = NULL WHERE id = ? AND state = 'committing'",
+                "last_error = NULL WHERE id = ? AND state IN ('committing', 'dead')",
                 [(now, now, item.id) for item in committed],
             )
         for item in committed:
             self._drop_object_if_done(item.sop_instance_uid)
+        revived = sum(item.state == "dead" for item in committed)
+        if revived:
+            logger.warning(
+                "outbox: %d objects at %s that had gone dead for want of a storage commitment "
+                "report are committed by a late report (transaction %s): delivered", revived,
+                destination, report.transaction_uid, extra={"job": rows[0]["job"]},
+            )  # fmt: skip
         counts["committed"] = len(committed)
         for uid, reason in report.failed:
             waiting = by_uid.get(uid)

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, send_report
+from dicom_node.commitment import PUSH_MODEL, PUSH_MODEL_INSTANCE, CommitmentReport, send_report
 from dicom_node.errors import SendError
 from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
 from dicom_node.outbox_cli import register
@@ -172,10 +172,22 @@ def test_unanswered_requests_are_made_again_then_the_delivery_is_dead(
                    for i in items)  # fmt: skip
         assert len(list(ob.objects_dir.iterdir())) == len(objs), "a dead row keeps its object"
 
+        # the PACS answers the first request at last: what it keeps is delivered (the late
+        # report was ignored as "not requested", and the rows stayed dead)
+        late = CommitmentReport(transactions[0], tuple(listed[:2]), (), caller="COMMITPACS")
+        assert ob.apply_report(late)["committed"] == 2
+        assert ob.counts() == {dest.name: {"sent": 2, "dead": len(objs) - 2}}
+        assert len(list(ob.objects_dir.iterdir())) == len(objs) - 2
+        for uid in listed[:2]:
+            ob.enqueue([d for d in objs if str(d.SOPInstanceUID) == uid], [dest.name], "job-1")
+        assert ob.counts() == {dest.name: {"sent": 2, "dead": len(objs) - 2}}
+        listed = listed[2:]
+        objs = [d for d in objs if str(d.SOPInstanceUID) in listed]
+
         # the operator re-queues them: sent again, and asked about again
         assert ob.retry() == len(objs)
         assert deliver_due(ob, [dest]).sent == len(objs)
-        assert ob.counts() == {dest.name: {"committing": len(objs)}}
+        assert ob.counts() == {dest.name: {"committing": len(objs), "sent": 2}}
 
     args = _cli(tmp_path, "list", "--state", "committing")
     assert args.func(args) == 0
