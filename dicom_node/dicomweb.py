@@ -40,7 +40,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
@@ -206,13 +206,20 @@ def _stow(datasets: Sequence[Dataset], destination: Destination) -> list[StoreRe
 
 
 def stow_batch(
-    datasets: Sequence[Dataset], destination: Destination, *, chunk: int = CHUNK
+    datasets: Sequence[Dataset],
+    destination: Destination,
+    *,
+    chunk: int = CHUNK,
+    stopping: Callable[[], bool] | None = None,
 ) -> list[StoreResult]:
     """Send ``datasets`` to a DICOMweb ``destination``, one result per dataset. SendError when
     the first request cannot be made; a connection lost later fails the objects not yet
-    answered, which are tried again."""
+    answered, which are tried again. When ``stopping`` says so, the chunks not sent yet are
+    left out of the results, as :func:`~dicom_node.scu.store_batch` does."""
     results: list[StoreResult] = []
     for start in range(0, len(datasets), chunk):
+        if stopping is not None and stopping():
+            break
         part = datasets[start : start + chunk]
         try:
             results += _stow(part, destination)

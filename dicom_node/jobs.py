@@ -1003,10 +1003,10 @@ class JobStore:
             _event(db, row[0], RUNNING, "started")
             return int(row[0])
 
-    def requeue_waiting(self, job_id: int, reason: str) -> bool:
+    def requeue_waiting(self, job_id: int, reason: str, event: str = "waiting") -> bool:
         """Queue a running job again without counting its attempt (it could not store its
-        results: the node's fault, not the study's), with a ``waiting`` event; False when it
-        was superseded meanwhile."""
+        results, or the node stopped under it: the node's doing, not the study's), with an
+        ``event``; False when it was superseded meanwhile."""
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = ?, reason = ?, attempts = max(attempts - 1, 0), "
@@ -1015,19 +1015,21 @@ class JobStore:
             )
             if cur.rowcount == 0:
                 return False
-            _event(db, job_id, "waiting", reason)
+            _event(db, job_id, event, reason)
             return True
 
-    def requeue_running(self) -> int:
-        """Queue again the jobs a stop or crash interrupted; returns how many."""
+    def requeue_running(self, why: str = "a stop or crash", *, count_attempt: bool = True) -> int:
+        """Queue again the jobs ``why`` interrupted; returns how many. Without
+        ``count_attempt`` their attempt is not counted (the node failed, not the study)."""
         with self.transaction() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,))]
             for job_id in ids:
                 db.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?",
-                    (QUEUED, time.time(), job_id),
+                    "UPDATE jobs SET state = ?, updated_at = ?, attempts = max(attempts - ?, 0) "
+                    "WHERE id = ?",
+                    (QUEUED, time.time(), 0 if count_attempt else 1, job_id),
                 )
-                _event(db, job_id, QUEUED, "interrupted by a stop or crash; queued again")
+                _event(db, job_id, QUEUED, f"interrupted by {why}; queued again")
         return len(ids)
 
     def add_event(self, job_id: int | None, kind: str, message: str, *, once: bool = False) -> None:

@@ -570,6 +570,18 @@ class Outbox:
             logger.info("outbox: %s", outcome, extra={"job": job})
         return outcome
 
+    def release(self, items: Sequence[OutboxItem]) -> None:
+        """Put rows claimed but not sent back to ``pending``, their attempt not counted (the
+        node stopped before their turn)."""
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE outbox SET state = 'pending', updated_at = ? WHERE id = ? "
+                "AND state = 'sending'",
+                [(now, item.id) for item in items],
+            )
+        logger.info("outbox: %d deliveries left for the next start (the node stops)", len(items))
+
     def recover(self) -> int:
         """Put rows left in ``sending`` by a crash back to ``pending`` (call at start-up)."""
         with self._tx() as db:
@@ -1087,25 +1099,30 @@ def deliver_due(
     batch_size: int = 500,
     store: StoreFn | None = None,
     audit: AuditTrail | NoAuditTrail | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> DeliveryReport:
     """One pass: for each destination, send its due rows over one association per batch;
-    what each batch delivered, and what it did not, goes to ``audit``."""
+    what each batch delivered, and what it did not, goes to ``audit``. When ``stopping`` says
+    so (the node stops), the pass ends after the object being sent: the rows not sent are
+    pending again, their attempt not counted."""
     report = DeliveryReport()
 
     def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
         if dest.url:  # a DICOMweb service
-            return stow_batch(datasets, dest)
-        return store_batch(datasets, dest, calling_ae=calling_ae)
+            return stow_batch(datasets, dest, stopping=stopping)
+        return store_batch(datasets, dest, calling_ae=calling_ae, stopping=stopping)
 
     send = store or default_store
     for dest in destinations:
         note = rejection_note(calling_ae) if dest.reject_replaced else None
         report.replaced.extend(outbox.apply_replacements(dest.name, note))
-        while True:
+        while not stopping():
             items = outbox.claim(dest.name, limit=batch_size)
             if not items:
                 break
-            _deliver_batch(outbox, dest, items, send, report, audit or NoAuditTrail(), calling_ae)
+            _deliver_batch(
+                outbox, dest, items, send, report, audit or NoAuditTrail(), calling_ae, stopping
+            )
             if len(items) < batch_size:
                 break
         if dest.storage_commitment:
@@ -1173,6 +1190,7 @@ def _deliver_batch(
     report: DeliveryReport,
     audit: AuditTrail | NoAuditTrail,
     calling_ae: str,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> None:
     loaded: list[tuple[OutboxItem, Dataset]] = []
     for item in items:
@@ -1204,6 +1222,10 @@ def _deliver_batch(
         return
     by_uid = {r.sop_instance_uid: r for r in results}
     tally = TransferTally(active=audit.enabled)
+    not_sent = [item for item, _ in loaded if item.sop_instance_uid not in by_uid]
+    if not_sent and stopping():  # the node stops: sent another time, no attempt counted
+        outbox.release(not_sent)
+        loaded = [(item, ds) for item, ds in loaded if item.sop_instance_uid in by_uid]
     for item, ds in loaded:
         result = by_uid.get(item.sop_instance_uid)
         if result is None:
@@ -1328,7 +1350,10 @@ class OutboxSender:
         for loop in loops:
             loop.wake()
 
-    def stop(self, timeout: float | None = 30) -> None:
+    def stop(self, timeout: float | None = 30) -> list[str]:
+        """Stop every destination's loop: each ends after the object it is sending. Returns
+        the destinations whose loop is still sending after ``timeout`` (a PACS slow to
+        answer)."""
         self._stopped = True
         with self._loops_lock:
             loops = list(self._loops.values())
@@ -1336,6 +1361,7 @@ class OutboxSender:
             loop.request_stop()
         for loop in loops:
             loop.stop(timeout)
+        return [loop.name for loop in loops if loop.alive]
 
     @property
     def alive(self) -> bool:
@@ -1361,8 +1387,9 @@ class _DestinationLoop(BackgroundLoop):
             return sender.poll_s
         try:
             report = deliver_due(
-                sender.outbox, [dest], calling_ae=sender.calling_ae, audit=sender.audit
-            )
+                sender.outbox, [dest], calling_ae=sender.calling_ae, audit=sender.audit,
+                stopping=self.stopping,
+            )  # fmt: skip
             for replaced in report.replaced:
                 if sender.on_replaced and (replaced.withdrawn or replaced.note or replaced.remark):
                     sender.on_replaced(replaced)

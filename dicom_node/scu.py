@@ -271,11 +271,14 @@ def store_batch(
     network_timeout_s: float = 60,
     load: Callable[[Dataset], Dataset] | None = None,
     progress: Callable[[int], None] | None = None,
+    stopping: Callable[[], bool] | None = None,
 ) -> list[StoreResult]:
     """Send ``datasets`` to ``destination`` over one association, one result per dataset.
 
     ``load`` turns each item into the dataset to send just before it is sent (e.g. headers read
     with ``stop_before_pixels`` into whole files), so a large batch is never all in memory.
+    When ``stopping`` says so (the node stops), the objects not sent yet are left out of the
+    results: the caller sends them another time.
     Raises :class:`SendError` when no association could be established (peer down, refused,
     no presentation context accepted); per-object failures are in the results.
     """
@@ -292,6 +295,8 @@ def store_batch(
     results: list[StoreResult] = []
     try:
         for ds in datasets:
+            if stopping is not None and stopping():
+                break
             results.append(_store_one(assoc, load(ds) if load else ds, destination))
             if progress is not None:
                 progress(1)

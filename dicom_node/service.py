@@ -122,6 +122,9 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
 
 #: studies whose files one retention pass of the running node removes at most
 RETENTION_BATCH = 50
+#: how long a stop waits for each destination's loop to end its C-STORE under way (60 s: the
+#: C-STORE response timeout)
+SENDER_STOP_S = 70
 
 
 def _inert_classes(settings: Settings) -> frozenset[str]:
@@ -717,6 +720,7 @@ class Node:
         """Stop receiving, let the current job finish, stop sending, close the databases."""
         notify("STOPPING=1")
         self._stop.set()
+        self.worker.request_stop()  # no job starts once the stop has begun
         if self.health is not None:
             self.health.stop()
         if self.retriever is not None:  # before the receiver its C-MOVEs send to
@@ -725,9 +729,17 @@ class Node:
             self.stow.stop()
         self.scp.stop()
         self.worker.stop(timeout=120)  # lets the current job finish
-        self.sender.stop()
-        self.outbox.close()
-        self.store.close()
+        # each destination's loop ends after the object it is sending (up to a C-STORE's
+        # timeout); what it has not sent is pending again, sent at the next start
+        busy = self.sender.stop(timeout=SENDER_STOP_S)
+        if busy:  # closing the database under it would lose what it delivered
+            log.warning(
+                "still sending to %s after %d s: the deliveries under way are sent again at "
+                "the next start", ", ".join(busy), SENDER_STOP_S,
+            )  # fmt: skip
+        else:
+            self.outbox.close()
+            self.store.close()
         self.scp.refusals.flush(final=True)  # the refusals counted but not reported yet
         self.audit.close()
         if self._lock >= 0:  # another node may use the folder now

@@ -290,6 +290,12 @@ class Worker(BackgroundLoop):
             log.warning("%d job(s) interrupted by a stop or crash are queued again", resumed)
         super().start()
 
+    def recover(self) -> None:
+        """After a step raised (a database locked by another process, a fork server killed
+        as a job started): the job it had taken is queued again, its attempt not counted."""
+        if self.store.requeue_running("an error of the node's worker", count_attempt=False):
+            log.warning("the job under way when the worker failed is queued again")
+
     def step(self) -> float:
         if self.storage_wait_s > 0:
             return self.storage_wait_s
@@ -334,6 +340,18 @@ class Worker(BackgroundLoop):
             self._wait_for_storage(job_id, outcome.message)
             return
         self._storage_waits = 0
+        if outcome.state == "retry" and self.stopping():
+            # the stop reached the job process too (systemd signals the whole group unless
+            # KillMode=mixed): not the study's fault, and no job starts again now
+            log.warning(
+                "job %d interrupted by the node's stop (%s); it runs again at the next start",
+                job_id, outcome.message, extra=extra,
+            )  # fmt: skip
+            self.store.requeue_waiting(
+                job_id, f"interrupted by the node's stop ({outcome.message}); runs again at the "
+                "next start", event=QUEUED,
+            )  # fmt: skip
+            return
         if outcome.state == "retry":
             job = self.store.get_job(job_id)
             attempts = job.attempts if job is not None else 0

@@ -13,10 +13,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage
 
 from dicom_node.errors import SendError
-from dicom_node.outbox import Outbox, RetryPolicy, deliver_due
+from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy, deliver_due
 from dicom_node.outbox_cli import outbox_path, register
 from dicom_node.ports import free_port
 from dicom_node.scu import Destination
+from tests.conftest import wait_for
 from tests.dicom_node.test_scu import StoreSCP
 from tests.sr_writer.synthetic_job import default_outputs
 
@@ -288,3 +289,30 @@ def test_a_delivery_pass_sees_a_jobs_results_all_at_once(tmp_path: Path) -> None
         ob.enqueue(_objects()[2:], ["pacs"], job="job-8", replaces=["job-7"])
         assert seen == [2] * len(_objects()[2:])  # only job-7's rows, the whole time
         assert len(ob.items()) == len(_objects())
+
+
+def test_a_stop_during_a_slow_delivery_keeps_what_was_delivered(tmp_path: Path) -> None:
+    """A stop while a slow PACS takes a batch: the loop ends after the object it is sending,
+    what the PACS acknowledged is recorded as sent, the rest is pending again with no attempt
+    counted, and the next start sends only the rest (the stop closed the database under the
+    loop, which went on sending; every object was sent again after the start)."""
+    objs = default_outputs().all()[:12]
+    scp = StoreSCP(delay_s=0.2).start()
+    try:
+        with Outbox(tmp_path / "outbox.sqlite3") as ob:
+            ob.enqueue(objs, ["pacs"], job="job-9")
+            sender = OutboxSender(ob, [scp.destination()], poll_s=0.1)
+            sender.start()
+            wait_for(lambda: len(scp.received) >= 3, timeout=30, what="three objects stored")
+            assert sender.stop(timeout=10) == []
+            counts = ob.counts()["pacs"]
+            assert counts.get("sent", 0) == len(scp.received) < len(objs)
+            assert counts["pending"] == len(objs) - len(scp.received)
+            assert all(i.attempts == 0 for i in ob.items(state="pending"))
+            again = OutboxSender(ob, [scp.destination()], poll_s=0.1)
+            again.start()
+            wait_for(lambda: ob.counts()["pacs"] == {"sent": len(objs)}, timeout=30)
+            again.stop()
+        assert sorted(scp.received) == sorted(str(d.SOPInstanceUID) for d in objs)
+    finally:
+        scp.stop()

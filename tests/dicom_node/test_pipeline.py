@@ -229,6 +229,48 @@ def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None
     assert again.state == DONE and again.attempts == 1, again.reason
 
 
+def test_a_stop_that_kills_the_job_process_does_not_count_its_attempt(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path
+) -> None:
+    """systemd's default stop signals the job process with the node: the job died, counted a
+    failed attempt and started again at once, during the stop. Now it waits for the next
+    start, its attempt not counted."""
+    pre, _ = patient
+    node = run_node(make_settings(tmp_path / "data", worker={"max_attempts": 1}))
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+    child = wait_for(lambda: node.worker.child, timeout=60, what="the job process")
+    wait_for(lambda: child.pid, what="its pid")
+    node.worker.request_stop()  # what Node.stop does first
+    os.kill(child.pid, signal.SIGTERM)
+    wait_for(lambda: not node.worker.alive, timeout=30, what="the worker to end")
+    (job,) = node.store.list_jobs()
+    assert (job.state, job.attempts) == (QUEUED, 0), job.reason
+    assert job.reason.startswith("interrupted by the node's stop (the job process died of ")
+
+
+def test_a_worker_step_that_fails_does_not_stop_the_jobs(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The worker thread ended on the first error of a step (the job database locked by
+    another process, the fork server killed as a job started): the node took studies and ran
+    none. The job it had taken is queued again, its attempt not counted, and run."""
+    pre, _ = patient
+    node = run_node(make_settings(tmp_path / "data", worker={"max_attempts": 1}))
+    real_attempt, failures = node.worker._attempt, []
+
+    def attempt(job_id: int):  # type: ignore[no-untyped-def]
+        if not failures:  # as multiprocessing raises when its fork server is gone
+            failures.append(job_id)
+            raise EOFError("unexpected EOF")
+        return real_attempt(job_id)
+
+    node.worker._attempt = attempt
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
+    assert failures and job.state == DONE and job.attempts == 1, job.reason
+    assert node.worker.alive
+    events = [e.message for e in node.store.events(job.id)]
+    assert "interrupted by an error of the node's worker; queued again" in events
+
+
 def test_a_destination_that_hangs_does_not_hold_up_the_others(  # type: ignore[no-untyped-def]
     run_node, patient, planning_system, tmp_path
 ) -> None:

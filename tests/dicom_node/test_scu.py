@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ class StoreSCP:
     host: str = "127.0.0.1"
     sop_classes: Sequence[str] = ALL_CLASSES
     fail_with: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> status
+    delay_s: float = 0.0  # how long it takes over each C-STORE (a slow PACS)
     received: list[str] = field(default_factory=list)
     associations: int = 0
     server: ThreadedAssociationServer | None = None
@@ -81,6 +83,7 @@ class StoreSCP:
         if status is not None:
             return status
         event.dataset  # decode: a broken dataset fails here  # noqa: B018
+        time.sleep(self.delay_s)
         with self._lock:
             self.received.append(uid)
         return 0x0000
