@@ -959,24 +959,20 @@ class Outbox:
             if dry_run:
                 row = db.execute(f"SELECT COUNT(*) FROM outbox WHERE job IN ({marks})", args)
                 return int(row.fetchone()[0])
-            paths = {
-                str(r["path"])
+            names = {  # by file name: a row made by an earlier version holds a whole path
+                Path(str(r["path"])).name
                 for r in db.execute(f"SELECT path FROM outbox WHERE job IN ({marks})", args)
             }
             shared = {  # an object another job queued too is left to that job's rows
-                str(r["path"])
-                for r in db.execute(
-                    f"SELECT path FROM outbox WHERE job NOT IN ({marks}) AND path IN "
-                    f"(SELECT path FROM outbox WHERE job IN ({marks}))",
-                    [*args, *args],
-                )
+                Path(str(r["path"])).name
+                for r in db.execute(f"SELECT path FROM outbox WHERE job NOT IN ({marks})", args)
             }
             deleted = db.execute(f"DELETE FROM outbox WHERE job IN ({marks})", args).rowcount
             db.execute(f"DELETE FROM job_studies WHERE job IN ({marks})", args)
             db.execute(_FORGET_SETTLED)
-        for path in paths - shared:  # settled objects were mostly removed already
+        for name in names - shared:  # settled objects were mostly removed already
             with contextlib.suppress(FileNotFoundError):
-                Path(path).unlink()
+                (self.objects_dir / name).unlink()
         return int(deleted)
 
     def counts(self, job: str | None = None) -> dict[str, dict[str, int]]:
@@ -1019,11 +1015,19 @@ class Outbox:
             ).fetchone()
         return None if row is None or row["t"] is None else float(row["t"])
 
+    def object_file(self, item: OutboxItem) -> Path:
+        """Where ``item``'s object is: in this outbox's folder, by its file name. A row holds
+        the name alone (one an earlier version made holds a whole path, of which the name is
+        used): a data folder restored or moved elsewhere sends its own copies, and never
+        reads or deletes those of the folder it was copied from."""
+        return self.objects_dir / Path(item.path).name
+
     def load(self, item: OutboxItem) -> Dataset:
+        path = self.object_file(item)
         try:
-            return dcmread(item.path)
+            return dcmread(path)
         except (OSError, ValueError) as exc:
-            raise StorageError(f"cannot read outbox object {item.path}: {exc}") from exc
+            raise StorageError(f"cannot read outbox object {path}: {exc}") from exc
 
     def _drop_object_if_done(self, sop_instance_uid: str) -> None:
         with self._lock:
@@ -1032,7 +1036,7 @@ class Outbox:
             ).fetchall()
         if rows and all(r["state"] in SETTLED for r in rows):
             with contextlib.suppress(FileNotFoundError):
-                Path(rows[0]["path"]).unlink()
+                (self.objects_dir / Path(rows[0]["path"]).name).unlink()
 
 
 def _study_json(ds: Dataset) -> str:
@@ -1049,13 +1053,14 @@ def _study_json(ds: Dataset) -> str:
 def _insert(
     db: sqlite3.Connection, ds: Dataset, destination: str, job: str, path: Path, now: float
 ) -> int:
-    """Queue ``ds`` (written at ``path``) for ``destination``; 0 when it was queued already."""
+    """Queue ``ds`` (written at ``path``, in the outbox's folder: the row holds its name) for
+    ``destination``; 0 when it was queued already."""
     return db.execute(
         "INSERT OR IGNORE INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, "
         "destination, job, path, state, attempts, next_attempt_at, created_at, updated_at) "
         "VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?, ?)",
         (str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.SeriesInstanceUID), destination,
-         job, str(path), now, now, now),
+         job, path.name, now, now, now),
     ).rowcount  # fmt: skip
 
 

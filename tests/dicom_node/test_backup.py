@@ -163,13 +163,47 @@ def test_an_outbox_row_delivered_during_the_copy_takes_its_delivered_state(tmp_p
     outbox.retry(states=("pending",))  # due now
     item = outbox.claim("pacs", limit=1)[0]
     outbox.mark_sent(item)
+    delivered = outbox.object_file(item)
     outbox.close()
-    assert not Path(item.path).exists()
+    assert not delivered.exists()
     # ... so the copy of the objects lacks it
-    (copy / "outbox-objects" / Path(item.path).name).unlink()
+    (copy / "outbox-objects" / delivered.name).unlink()
     assert _settle_outbox(data, copy) == 1
     restored = Outbox(copy / "outbox.sqlite3")
     try:
         assert restored.counts()["pacs"] == {"sent": 1, "pending": 1}
     finally:
         restored.close()
+
+
+def test_a_copy_elsewhere_sends_its_own_objects_and_leaves_the_originals(tmp_path) -> None:
+    """Outbox rows held the whole path of their object: a data folder restored elsewhere (or
+    moved, storage.data_dir changed) read and deleted the original folder's objects, or found
+    none and went dead. A row holds the name now; one an earlier version wrote, with a whole
+    path, is read by its name in its own folder."""
+    data, copy = tmp_path / "data", tmp_path / "backup"
+    with _running(_settings(data, free_port())) as node:
+        study = small_study(tmp_path / "in")
+        assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+        wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
+                 what="the failure notice to wait for the PACS")  # fmt: skip
+    assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
+    originals = sorted((data / "outbox-objects").glob("*.dcm"))
+    assert len(originals) == 2
+    with sqlite3.connect(copy / "outbox.sqlite3") as db:  # as an earlier version wrote it
+        db.execute("UPDATE outbox SET path = ? WHERE sop_instance_uid = ?",
+                   (str(originals[0]), originals[0].stem))  # fmt: skip
+    restored = Outbox(copy / "outbox.sqlite3")
+    try:
+        restored.retry(states=("pending",))
+        items = restored.claim("pacs")
+        assert sorted(restored.object_file(i) for i in items) == sorted(
+            copy / "outbox-objects" / p.name for p in originals
+        )
+        assert {str(restored.load(i).SOPInstanceUID) for i in items} == {p.stem for p in originals}
+        for item in items:
+            restored.mark_sent(item)
+    finally:
+        restored.close()
+    assert list((copy / "outbox-objects").glob("*.dcm")) == []
+    assert sorted((data / "outbox-objects").glob("*.dcm")) == originals  # left alone
