@@ -333,6 +333,14 @@ class JobStore:
                 ),
             )
             if cur.rowcount == 0:
+                # a duplicate: its sender is still sending (an aborted transfer sent again
+                # from the start), so a study still waiting for its quiet period waits on; a
+                # study assembled already is not reopened
+                db.execute(
+                    "UPDATE studies SET last_received_at = max(last_received_at, ?) "
+                    "WHERE study_instance_uid = ? AND pending = 1",
+                    (received_at, info.study_instance_uid),
+                )
                 return False
             if is_labelled_description(info.series_description):
                 # the node's own output routed back: stored, but it does not (re)open the

@@ -69,6 +69,24 @@ def test_quiet_period_then_job_then_late_instance_makes_version_2(tmp_path: Path
     assert assembler.run_once(now=t0 + 2000) == []
 
 
+def test_duplicates_of_a_study_still_arriving_hold_its_quiet_period(tmp_path: Path) -> None:
+    """A sender whose transfer was cut off sends the study again from the start: the instances
+    the node holds come first, as duplicates. They did not count as activity, so a study of
+    more instances than a quiet period's worth was assembled half-sent (a failed job, a
+    failure notice to the PACS) while its sender was still sending."""
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    assembler = Assembler(store, settings)
+    t0 = 1_000_000.0
+    _receive(spool, store, study["t1c"], t0)  # then the transfer is cut off
+    _receive(spool, store, study["t1c"], t0 + 25)  # sent again from the start
+    assert assembler.run_once(now=t0 + 40) == []  # 15 s after the last duplicate
+    _receive(spool, store, study["flair"] + study["rtstruct"], t0 + 50)
+    (job,) = assembler.run_once(now=t0 + 81)
+    assert store.get_job(job).instance_count == sum(map(len, study.values()))  # type: ignore[union-attr]
+
+
 def test_missing_required_role_fails_the_job_and_retry_uses_new_rules(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 0})
     study = factories.small_study(tmp_path / "in")
