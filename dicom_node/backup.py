@@ -30,9 +30,11 @@ import json
 import os
 import shutil
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_node import __version__
 from dicom_node.audit import QUEUE_FILE
 from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.outbox import SETTLED
@@ -65,6 +67,26 @@ class BackupReport:
         )
 
 
+def _integrity_problem(database: Path) -> str:
+    """What SQLite's quick check finds wrong with ``database`` ('' when nothing)."""
+    try:
+        db = sqlite3.connect(_read_only(database), uri=True)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return str(exc)
+    found = "; ".join(str(r[0]) for r in rows)
+    return "" if found == "ok" else found
+
+
+def _read_only(path: Path) -> str:
+    """The SQLite URI that opens ``path`` read-only; the path is quoted (a folder named with a
+    ``#``, ``?`` or ``%`` opened another file, or none)."""
+    return f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+
+
 def _skipped(name: str) -> bool:
     """Files a backup leaves out: SQLite's journals, the node's temporary files and its lock."""
     return (
@@ -75,7 +97,7 @@ def _skipped(name: str) -> bool:
 
 
 def _copy_database(source: Path, target: Path) -> int:
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    src = sqlite3.connect(_read_only(source), uri=True, timeout=30)
     try:
         dst = sqlite3.connect(target)
         try:
@@ -115,7 +137,7 @@ def _settle_outbox(data_dir: Path, target: Path) -> int:
     """Rows of the copied outbox that still wait for an object the copy lacks were delivered
     (and their object removed) after the snapshot: they take the source's row again."""
     copy = sqlite3.connect(target / OUTBOX_FILE)
-    source = sqlite3.connect(f"file:{data_dir / OUTBOX_FILE}?mode=ro", uri=True, timeout=30)
+    source = sqlite3.connect(_read_only(data_dir / OUTBOX_FILE), uri=True, timeout=30)
     updated = 0
     try:
         copy.row_factory = source.row_factory = sqlite3.Row
@@ -208,6 +230,7 @@ def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupRe
             json.dumps(
                 {
                     "data_dir": str(data_dir),
+                    "version": __version__,
                     "started": started.isoformat(timespec="seconds"),
                     "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "spool": spool,
@@ -240,7 +263,15 @@ def restore(copy: Path, data_dir: Path) -> str:
             f"restore: expected a folder made by glioforecast backup ({MANIFEST} and "
             f"{JOBS_FILE}) at {copy}, found none"
         )
-    made = json.loads((copy / MANIFEST).read_text()).get("started", "an unknown time")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    made = manifest.get("started", "an unknown time")
+    for name in manifest.get("databases", [JOBS_FILE]):
+        problem = _integrity_problem(copy / name)
+        if problem:
+            raise StorageError(
+                f"restore: {copy / name} is damaged ({problem}): nothing was changed at "
+                f"{data_dir}; restore another backup"
+            )
     if data_dir.exists() and data_dir.stat().st_uid != os.geteuid():
         raise StorageError(
             f"restore: expected to run as the owner of {data_dir} (uid "
@@ -269,6 +300,12 @@ def restore(copy: Path, data_dir: Path) -> str:
         if lock is not None:
             os.close(lock)
     kept = f"; the folder that was there is kept at {aside}" if aside.exists() else ""
+    version = manifest.get("version")
+    if version != __version__:
+        kept += (
+            f"; it was made by glioforecast {version or 'before 0.1.0'}, this is {__version__}: "
+            "the node brings its databases up to date when it starts"
+        )
     return (
         f"restored the backup made {made} into {data_dir}{kept}; start the node: it "
         "reconciles the spool with the database and sends what was not yet delivered"

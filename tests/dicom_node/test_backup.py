@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from dicom_node import __version__
 from dicom_node.backup import MANIFEST, _settle_outbox
 from dicom_node.cli import EXIT_FAILED, EXIT_OK, main
 from dicom_node.jobs import FAILED
@@ -207,3 +208,29 @@ def test_a_copy_elsewhere_sends_its_own_objects_and_leaves_the_originals(tmp_pat
         restored.close()
     assert list((copy / "outbox-objects").glob("*.dcm")) == []
     assert sorted((data / "outbox-objects").glob("*.dcm")) == originals  # left alone
+
+
+def test_a_data_folder_named_with_uri_characters_and_a_damaged_backup(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A folder named with '#', '?' or '%' made backup open another file (a stray empty one
+    outside the data folder) or none; restore put a damaged copy in place, and the node then
+    refused to start on it. Now the backup copies that folder, and a damaged copy is refused
+    before anything moves."""
+    data = tmp_path / "odd dir#1?x=%41" / "data"
+    with _running(make_settings(data)):
+        pass
+    backup = tmp_path / "b"
+    assert main(["backup", "--data-dir", str(data), str(backup)]) == EXIT_OK, capsys.readouterr()
+    assert _integrity(backup / "jobs.sqlite3") == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "odd dir#1?x=%41"]
+    manifest = json.loads((backup / MANIFEST).read_text())
+    assert manifest["version"] == __version__
+
+    jobs = backup / "jobs.sqlite3"
+    jobs.write_bytes(jobs.read_bytes()[: 4096 + 100])  # cut short
+    target = tmp_path / "restored"
+    target.mkdir()
+    (target / "keep.txt").write_text("the folder there")
+    assert main(["restore", "--data-dir", str(target), str(backup)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"{jobs} is damaged" in err and "nothing was changed" in err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
