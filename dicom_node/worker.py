@@ -23,6 +23,7 @@ of this job's own earlier failure): see "Replacing earlier results" in :mod:`dic
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import multiprocessing
@@ -218,9 +219,25 @@ def _run_job(settings: Settings, job_id: int) -> Outcome:
         store.close()
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent ends (Linux; nothing elsewhere). A job
+    process's parent is the fork server, which ends with the node, or the node: a job whose
+    node was killed must not go on writing results beside the next node, which runs the job
+    again (the node's service kills its whole group; a node run by hand did not)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _child(settings: Settings, job_id: int, conn: Connection) -> None:
     from dicom_node.service import configure_logging
 
+    die_with_parent()
     configure_logging(settings.logging)
     conn.send(run_job_in_this_process(settings, job_id))
     conn.close()
