@@ -377,6 +377,16 @@ class JobStore:
                 for r in self._conn.execute("SELECT path FROM instances WHERE removed_at IS NULL")
             }
 
+    def removed_paths(self) -> set[str]:
+        """Spool paths of the instances retention removed (their rows kept, marked)."""
+        with self._lock:
+            return {
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT path FROM instances WHERE removed_at IS NOT NULL"
+                )
+            }
+
     def forget_instances(self, relative_paths: Sequence[str]) -> None:
         """Drop rows whose file disappeared from the spool (logged as an event)."""
         with self.transaction() as db:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import fcntl
 import json
@@ -90,6 +91,9 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
 
     - partial temp files were never acknowledged: removed;
     - files on disk but not in the database (killed between rename and insert): recorded;
+    - files whose instance retention marked removed (killed between its database commit and
+      its deletions): deleted, as retention meant (recorded, they brought the study back and
+      ran it again);
     - rows whose file is gone: removed, with an event.
     Jobs need no repair: each is created in one transaction, and instances not yet in a job
     keep their study pending, so the assembler picks them up.
@@ -97,8 +101,12 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
     removed_tmp = spool.clean_tmp()
     known = store.known_paths()
     on_disk = set(spool.iter_files())
+    retained = on_disk & store.removed_paths() - known
+    for rel in sorted(retained):
+        with contextlib.suppress(FileNotFoundError):
+            (spool.root / rel).unlink()
     added = 0
-    for rel in sorted(on_disk - known):
+    for rel in sorted(on_disk - known - retained):
         path = spool.root / rel
         try:
             ds = dcmread(path, stop_before_pixels=True)
@@ -114,7 +122,12 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
     missing = sorted(known - on_disk)
     if missing:
         store.forget_instances(missing)
-    summary = {"removed_partial": removed_tmp, "recovered": added, "missing": len(missing)}
+    summary = {
+        "removed_partial": removed_tmp,
+        "recovered": added,
+        "missing": len(missing),
+        "removed_by_retention": len(retained),
+    }
     if any(summary.values()):
         log.warning("reconciled spool and database: %s", summary)
     return summary

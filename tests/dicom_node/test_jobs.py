@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 from pathlib import Path
 
@@ -126,10 +127,23 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
         gone.study_instance_uid, gone.series_instance_uid, gone.sop_instance_uid
     )
     (spool.root / rel).unlink()
+    # retention committed the removal of an instance, and was killed before deleting its file
+    # (recorded again, it brought the study back and ran it again)
+    pruned = _info(study["t1c"][1])
+    pruned_rel = spool.relative_path(
+        pruned.study_instance_uid, pruned.series_instance_uid, pruned.sop_instance_uid
+    )
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute("UPDATE instances SET removed_at = 1 WHERE path = ?", (pruned_rel,))
     summary = reconcile(spool, store, SECRET)
-    assert summary == {"removed_partial": 1, "recovered": 1, "missing": 1}
-    assert store.counts()["instances"] == 2
-    assert reconcile(spool, store, SECRET) == {"removed_partial": 0, "recovered": 0, "missing": 0}
+    assert summary == {
+        "removed_partial": 1, "recovered": 1, "missing": 1, "removed_by_retention": 1,
+    }  # fmt: skip
+    assert not (spool.root / pruned_rel).exists()
+    assert store.counts()["instances"] == 1
+    assert reconcile(spool, store, SECRET) == {
+        "removed_partial": 0, "recovered": 0, "missing": 0, "removed_by_retention": 0,
+    }  # fmt: skip
 
 
 def test_a_job_run_again_does_not_repeat_what_it_found(tmp_path: Path) -> None:
