@@ -1105,17 +1105,22 @@ def deliver_due(
     store: StoreFn | None = None,
     audit: AuditTrail | NoAuditTrail | None = None,
     stopping: Callable[[], bool] = lambda: False,
+    timeout_s: float = 60.0,
 ) -> DeliveryReport:
     """One pass: for each destination, send its due rows over one association per batch;
     what each batch delivered, and what it did not, goes to ``audit``. When ``stopping`` says
     so (the node stops), the pass ends after the object being sent: the rows not sent are
-    pending again, their attempt not counted."""
+    pending again, their attempt not counted. ``timeout_s``: how long a DICOM destination may
+    take to answer each request (``sending.response_timeout_s``)."""
     report = DeliveryReport()
 
     def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
         if dest.url:  # a DICOMweb service
             return stow_batch(datasets, dest, stopping=stopping)
-        return store_batch(datasets, dest, calling_ae=calling_ae, stopping=stopping)
+        return store_batch(
+            datasets, dest, calling_ae=calling_ae, stopping=stopping,
+            dimse_timeout_s=timeout_s, network_timeout_s=timeout_s,
+        )  # fmt: skip
 
     send = store or default_store
     for dest in destinations:
@@ -1131,7 +1136,7 @@ def deliver_due(
             if len(items) < batch_size:
                 break
         if dest.storage_commitment:
-            request_commitments(outbox, dest, report, calling_ae=calling_ae)
+            request_commitments(outbox, dest, report, calling_ae=calling_ae, timeout_s=timeout_s)
         else:
             outbox.settle_without_commitment(dest.name)
     return report
@@ -1156,7 +1161,12 @@ def rejection_note(node_ae_title: str) -> NoteBuilder:
 
 
 def request_commitments(
-    outbox: Outbox, dest: Destination, report: DeliveryReport, *, calling_ae: str
+    outbox: Outbox,
+    dest: Destination,
+    report: DeliveryReport,
+    *,
+    calling_ae: str,
+    timeout_s: float = 60.0,
 ) -> None:
     """Ask ``dest`` to commit to keeping what it acknowledged and has not been asked about (one
     request per :data:`COMMITMENT_BATCH` objects, each under a new Transaction UID)."""
@@ -1172,6 +1182,7 @@ def request_commitments(
                 transaction,
                 [(i.sop_class_uid, i.sop_instance_uid) for i in items],
                 calling_ae=calling_ae,
+                timeout_s=timeout_s,
             )
         except SendError as exc:
             permanent = isinstance(exc, commitment.CommitmentRefused)
@@ -1307,9 +1318,11 @@ class OutboxSender:
         poll_s: float = 5.0,
         audit: AuditTrail | NoAuditTrail | None = None,
         on_replaced: Callable[[Replaced], None] | None = None,
+        timeout_s: float = 60.0,
     ) -> None:
         self.outbox = outbox
         self.calling_ae = calling_ae
+        self.timeout_s = timeout_s  # sending.response_timeout_s
         self.poll_s = poll_s
         self.audit = audit or NoAuditTrail()
         self.on_replaced = on_replaced  # told of each replacement that changed something
@@ -1393,7 +1406,7 @@ class _DestinationLoop(BackgroundLoop):
         try:
             report = deliver_due(
                 sender.outbox, [dest], calling_ae=sender.calling_ae, audit=sender.audit,
-                stopping=self.stopping,
+                stopping=self.stopping, timeout_s=sender.timeout_s,
             )  # fmt: skip
             for replaced in report.replaced:
                 if sender.on_replaced and (replaced.withdrawn or replaced.note or replaced.remark):

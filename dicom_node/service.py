@@ -266,6 +266,7 @@ class Node:
             calling_ae=settings.sending.calling_ae_title,
             audit=self.audit,
             on_replaced=self._replaced,
+            timeout_s=settings.sending.response_timeout_s,
         )
         self.scp = StorageSCP(
             settings.node,
@@ -476,6 +477,7 @@ class Node:
         self.notices.settings = new
         self.outbox.policy = RetryPolicy.from_settings(new.sending)
         self.sender.calling_ae = new.sending.calling_ae_title
+        self.sender.timeout_s = new.sending.response_timeout_s
         self.sender.destinations = destinations
         if peer is None:
             if self.retriever is not None:

@@ -330,6 +330,10 @@ class SendingSettings:
     # many unanswered requests make the delivery dead
     commitment_timeout_s: float = field(default=3600.0, metadata=_spec("", minimum=1.0))
     commitment_max_requests: int = field(default=3, metadata=_spec("", minimum=1))
+    # how long to wait for a DICOM destination's answer to each C-STORE (or storage
+    # commitment request) before counting the attempt failed: a PACS that takes longer (one
+    # that compresses or forwards before answering) needs more
+    response_timeout_s: float = field(default=60.0, metadata=_spec("", minimum=1.0))
 
 
 @dataclass(frozen=True)

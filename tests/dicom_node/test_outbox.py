@@ -17,6 +17,7 @@ from dicom_node.outbox import Outbox, OutboxSender, RetryPolicy, deliver_due
 from dicom_node.outbox_cli import outbox_path, register
 from dicom_node.ports import free_port
 from dicom_node.scu import Destination
+from dicom_node.settings import load_settings
 from tests.conftest import wait_for
 from tests.dicom_node.test_scu import StoreSCP
 from tests.sr_writer.synthetic_job import default_outputs
@@ -316,3 +317,22 @@ def test_a_stop_during_a_slow_delivery_keeps_what_was_delivered(tmp_path: Path) 
         assert sorted(scp.received) == sorted(str(d.SOPInstanceUID) for d in objs)
     finally:
         scp.stop()
+
+
+def test_a_pacs_slower_than_the_response_timeout_can_be_waited_for(tmp_path: Path) -> None:
+    """The C-STORE response timeout was fixed at 60 s: a PACS that took longer (it compresses
+    or forwards before answering) stored every object while the node counted each attempt
+    failed, and sent it again. ``sending.response_timeout_s`` sets it."""
+    objs = default_outputs().all()[:1]
+    scp = StoreSCP(delay_s=1.5).start()
+    try:
+        with _outbox(tmp_path, Clock()) as ob:
+            ob.enqueue(objs, ["pacs"], job="job-10")
+            report = deliver_due(ob, [scp.destination()], timeout_s=1.0)
+            assert report.failed == 1 and "no C-STORE response" in report.errors[0]
+            ob.retry(states=("pending",))
+            assert deliver_due(ob, [scp.destination()], timeout_s=5.0).sent == 1
+    finally:
+        scp.stop()
+    s = load_settings(None)
+    assert s.sending.response_timeout_s == 60.0
