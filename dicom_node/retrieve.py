@@ -34,6 +34,7 @@ instances the receiver stores as if a C-GET had brought them (:class:`WebQueryRe
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import re
@@ -105,6 +106,9 @@ class MoveResult:
     completed: int
     failed: int
     warning: int
+    # False when the final response left the counts out (the standard allows it): what came
+    # is then what the receiver holds of the series
+    counted: bool = True
 
 
 def _base(reason: str, source: str) -> str:
@@ -270,6 +274,14 @@ class QueryRetrieve:
             _count(last, "NumberOfCompletedSuboperations"),
             _count(last, "NumberOfFailedSuboperations"),
             _count(last, "NumberOfWarningSuboperations"),
+            counted=any(
+                k in last
+                for k in (
+                    "NumberOfCompletedSuboperations",
+                    "NumberOfFailedSuboperations",
+                    "NumberOfWarningSuboperations",
+                )
+            ),
         )
         if code == 0xA801:
             raise RetrieveError(
@@ -580,6 +592,12 @@ class Retriever(BackgroundLoop):
         except RetrieveError as exc:  # a failed job asked about again waits for the next time
             self._attempt_failed(job, str(exc), permanent=exc.permanent or job.state == FAILED)
             return
+        results = [  # the instances stored before the C-MOVE ended are what came
+            (s, m if m.counted else dataclasses.replace(
+                m, completed=len(self.store.series_paths(s.series_instance_uid))
+            ))
+            for s, m in results
+        ]  # fmt: skip
         completed = sum(m.completed for _, m in results)
         failed = sum(m.failed for _, m in results)
         moved = "; ".join(

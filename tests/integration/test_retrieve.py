@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from io import BytesIO
@@ -29,7 +30,7 @@ from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import to_planning_frame
 from sr_writer.labels import series_description
 from tests.audit_repository import event_id
-from tests.conftest import start_listener, tool, wait_for
+from tests.conftest import REPO, start_listener, tool, wait_for
 from tests.dicom_node.conftest import all_sent, finished_job, make_settings
 from tests.dicom_node.test_audit import _objects, _participants, check_schema
 from tests.dicom_node.test_scp import storescu
@@ -483,3 +484,38 @@ def test_a_dicomweb_source_is_searched_with_qido_rs_and_read_with_wado_rs(  # ty
     for query in queries:
         check_schema(query)
         assert _participants(query)["Destination Role ID"].get("UserID") == orthanc.dicomweb_url
+
+
+def test_a_move_whose_final_answer_leaves_out_the_counts(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PS3.4 lets a C-MOVE's final success leave out the sub-operation counts: the node read
+    "0 sent" and failed the retrieval of what had come. What came is what the receiver holds."""
+    mr, rt = patient
+    port, node_port = free_port(), free_port()
+    (tmp_path / "held").mkdir()
+    for path in rt:
+        shutil.copy(path, tmp_path / "held" / path.name)
+    peer = start_listener(
+        [sys.executable, str(REPO / "tests" / "integration" / "qr_without_counts.py"),
+         str(port), str(node_port), str(tmp_path / "held")],
+        port,
+    )  # fmt: skip
+    try:
+        pacs = DestinationSettings(name="pacs", ae_title="QRNOCOUNT", host="127.0.0.1", port=port)
+        settings = make_settings(
+            tmp_path / "data", node={"port": node_port},
+            retrieve={"source": "pacs", "attempts": 1},
+        )  # fmt: skip
+        settings = dataclasses.replace(
+            settings,
+            node=dataclasses.replace(
+                settings.node,
+                allowed_callers=(*settings.node.allowed_callers, AllowedCaller("QRNOCOUNT")),
+            ),
+        )
+        node = run_node(dataclasses.replace(settings, destinations=(pacs,)))
+        study = _mr_study(mr)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        _predicted_after_retrieval(node, study, rt)
+    finally:
+        peer.terminate()
+        peer.wait(timeout=30)
