@@ -163,7 +163,7 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
     from dicom_node import dicomweb
     from dicom_node.audit import check_repository
     from dicom_node.scu import Destination
-    from dicom_node.sender import check_destination
+    from dicom_node.sender import check_destination, result_classes
 
     settings = _settings(args)
     wanted = set(args.names or [])
@@ -190,6 +190,7 @@ def cmd_check_destinations(args: argparse.Namespace) -> int:
                 destination,
                 settings.sending.calling_ae_title,
                 retrieve=settings.retrieve.method if source else "",
+                results=result_classes(entry.objects, entry.failure_notice),
             )
         )
         failed += not ok

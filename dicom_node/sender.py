@@ -11,7 +11,14 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import KeyObjectSelectionDocumentStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    RTStructureSetStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
 from pynetdicom import Association
 from pynetdicom.presentation import build_context
 
@@ -80,17 +87,46 @@ def _c_echo(assoc: Association) -> int | None:
     return int(status.Status) if "Status" in status else None
 
 
+#: the SOP class of each kind of result a destination may take (``objects``; the derived MR is
+#: not sent by the node)
+RESULT_CLASSES = {
+    "sc": (SecondaryCaptureImageStorage, "Secondary Capture Image Storage"),
+    "uncertainty_sc": (SecondaryCaptureImageStorage, "Secondary Capture Image Storage"),
+    "seg": (SegmentationStorage, "Segmentation Storage"),
+    "rtstruct": (RTStructureSetStorage, "RT Structure Set Storage"),
+    "rtstruct_planning": (RTStructureSetStorage, "RT Structure Set Storage"),
+    "sr": (Comprehensive3DSRStorage, "Comprehensive 3D SR Storage"),
+}
+
+
+def result_classes(objects: Sequence[str], failure_notice: bool) -> dict[str, str]:
+    """The SOP classes (UID: name) of what a destination with these ``objects`` (empty: all
+    of them) and ``failure_notice`` setting is sent."""
+    kinds = objects or tuple(RESULT_CLASSES)
+    out: dict[str, str] = dict(RESULT_CLASSES[k] for k in kinds if k in RESULT_CLASSES)
+    if failure_notice and {"sc", "sr"} & set(kinds):  # the notice's SC and its text as an SR
+        out[SecondaryCaptureImageStorage] = "Secondary Capture Image Storage"
+        out[ComprehensiveSRStorage] = "Comprehensive SR Storage (failure notices)"
+    return out
+
+
 def check_destination(
-    destination: Destination, calling_ae: str, *, retrieve: str = ""
+    destination: Destination,
+    calling_ae: str,
+    *,
+    retrieve: str = "",
+    results: dict[str, str] | None = None,
 ) -> tuple[bool, str]:
     """Whether ``destination`` can take the node's results as configured, and what was found:
-    an association with its settings (TLS included), a C-ECHO, for a destination with
+    an association with its settings (TLS included), a C-ECHO, the storage context of each
+    SOP class of ``results`` (:func:`result_classes`) accepted, for a destination with
     storage commitment the Storage Commitment Push Model context accepted, for one with
     ``reject_replaced`` the Key Object Selection Document Storage context (its rejection
     notes), and for the ``retrieve.source`` the Study Root C-FIND context and that of
     ``retrieve`` (its ``retrieve.method``: move or get). Nothing is stored, committed, queried
     or moved."""
-    contexts = [build_context(VERIFICATION)]
+    results = results or {}
+    contexts = [build_context(VERIFICATION), *(build_context(uid) for uid in results)]
     if destination.storage_commitment:
         contexts.append(build_context(PUSH_MODEL))
     if destination.reject_replaced:
@@ -134,6 +170,12 @@ def check_destination(
         else:
             ok = False
             found.append(f"{name} not accepted ({why})")
+    refused = sorted({name for uid, name in results.items() if uid not in accepted})
+    if refused:  # its results of those classes would go dead at the first attempt
+        ok = False
+        found.append(f"results refused: {', '.join(refused)} not accepted (set its objects)")
+    elif results:
+        found.append(f"the {len(results)} result SOP classes accepted")
     return ok, "; ".join(found)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -497,7 +498,9 @@ def test_check_destinations_says_which_take_results_as_configured(
     assert main(["--config", str(config), "check-destinations"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("ok   pacs (COMMITPACS@127.0.0.1:")
-    assert out[0].endswith("C-ECHO success; Storage Commitment Push Model accepted")
+    assert out[0].endswith(
+        "C-ECHO success; Storage Commitment Push Model accepted; the 4 result SOP classes accepted"
+    )
     assert out[1].startswith("FAIL archive (GLIOFORECAST@127.0.0.1:")
     assert "C-ECHO success; Storage Commitment Push Model not accepted" in out[1]
     assert out[2].startswith("FAIL viewer (VIEWER@127.0.0.1:")
@@ -507,6 +510,38 @@ def test_check_destinations_says_which_take_results_as_configured(
     assert main(["--config", str(config), "check-destinations", "nowhere"]) == 1
     assert "expected destination names of the configuration (pacs, archive, viewer)" in (
         capsys.readouterr().err
+    )
+
+
+def test_check_destinations_names_the_result_classes_a_pacs_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PACS that takes MR images only answered C-ECHO, and check-destinations said "ok";
+    every result sent to it went dead. The classes each destination is sent (its objects, and
+    the failure notice's) are proposed and the refused ones named."""
+    from dicom_node.cli import main
+
+    mr_only = StoreSCP(sop_classes=(MRImageStorage, "1.2.840.10008.1.1")).start()
+    try:
+        config = tmp_path / "site.yaml"
+        config.write_text(
+            "destinations:\n"
+            f"  - {{name: pacs, ae_title: TESTPACS, host: 127.0.0.1, port: {mr_only.port},\n"
+            "     failure_notice: true}\n"
+            f"  - {{name: tps, ae_title: TESTPACS, host: 127.0.0.1, port: {mr_only.port},\n"
+            "     objects: [rtstruct]}\n"
+        )
+        assert main(["--config", str(config), "check-destinations"]) == 1
+    finally:
+        mr_only.stop()
+    pacs, tps = capsys.readouterr().out.splitlines()
+    assert pacs.startswith("FAIL pacs") and pacs.endswith(
+        "C-ECHO success; results refused: Comprehensive 3D SR Storage, Comprehensive SR "
+        "Storage (failure notices), RT Structure Set Storage, Secondary Capture Image Storage, "
+        "Segmentation Storage not accepted (set its objects)"
+    )
+    assert tps.startswith("FAIL tps") and tps.endswith(
+        "results refused: RT Structure Set Storage not accepted (set its objects)"
     )
 
 
