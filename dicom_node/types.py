@@ -38,6 +38,9 @@ class Volume:
     frame_of_reference_uid: str | None = None
     source_instance_uids: tuple[str, ...] = ()
     series_instance_uid: str | None = None
+    # the frame number (from 1) of each slice in its multi-frame source instance (an Enhanced
+    # MR), in k order; empty when the slices are single-frame instances
+    source_frame_numbers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
@@ -74,6 +77,7 @@ class Volume:
             frame_of_reference_uid=self.frame_of_reference_uid,
             source_instance_uids=self.source_instance_uids,
             series_instance_uid=self.series_instance_uid,
+            source_frame_numbers=self.source_frame_numbers,
         )
 
 

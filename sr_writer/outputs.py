@@ -230,6 +230,7 @@ def build_prediction_rtstruct(
             frame_of_reference_uid=grid.frame_of_reference_uid,
             source_instance_uids=grid.source_instance_uids,
             series_instance_uid=grid.series_instance_uid,
+            source_frame_numbers=grid.source_frame_numbers,
         )
     ds = build_rtstruct(
         rois=[

@@ -78,6 +78,53 @@ def slice_instance_uids(grid: Volume, series: SeriesRef) -> tuple[str, ...]:
     )
 
 
+def slice_frame_numbers(grid: Volume) -> tuple[int, ...]:
+    """The frame number of each ``k`` in its multi-frame source instance (0: a single-frame
+    instance, as every slice of a classic series)."""
+    frames = tuple(grid.source_frame_numbers)
+    return frames if len(frames) == grid.shape[0] else (0,) * grid.shape[0]
+
+
+def multiframe_source(grid: Volume, series: SeriesRef, patient: PatientStudy) -> Dataset | None:
+    """A header-only stand-in of the multi-frame instance (an Enhanced MR) whose frames are
+    the slices of ``grid``, for highdicom to reference its frames from (None for a series of
+    single-frame instances). ExportError when the slices are frames of several instances,
+    or not every frame of one."""
+    frames = slice_frame_numbers(grid)
+    if not any(frames):
+        return None
+    uids = set(slice_instance_uids(grid, series))
+    if len(uids) != 1 or sorted(frames) != list(range(1, len(frames) + 1)):
+        raise ExportError(
+            f"expected the T1-Gd slices to be the frames of one multi-frame instance, found "
+            f"{len(frames)} slices from {len(uids)} instance(s), frames {sorted(set(frames))}"
+        )
+    ds = source_slice_datasets(grid, series, patient)[0]
+    for keyword in (
+        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+    ):  # fmt: skip
+        delattr(ds, keyword)  # per frame, in the functional groups
+    ds.InstanceNumber = 1
+    ds.NumberOfFrames = len(frames)
+    first = slice_geometry(grid, 0)
+    measures = Dataset()
+    measures.PixelSpacing = list(first.pixel_spacing)
+    measures.SliceThickness = first.slice_thickness
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(first.image_orientation)
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame: list[Dataset] = [Dataset() for _ in frames]
+    for k, frame in enumerate(frames):
+        position = Dataset()
+        position.ImagePositionPatient = list(slice_geometry(grid, k).image_position)
+        per_frame[frame - 1].PlanePositionSequence = [position]
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    return ds
+
+
 def patient_orientation(grid: Volume) -> tuple[str, str]:
     """PatientOrientation (row direction, column direction) letters, e.g. ``('L', 'P')``."""
     d = np.asarray(grid.direction, dtype=float)

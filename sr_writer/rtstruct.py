@@ -29,6 +29,7 @@ from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, SeriesRef, Volume
 from sr_writer.contours import mask_contours
 from sr_writer.labels import set_patient_study
+from sr_writer.references import slice_frame_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def build_rtstruct(
     if not for_uid:
         raise ExportError("the reference grid has no frame of reference UID")
     slice_uids = reference_grid.source_instance_uids
+    slice_frames = slice_frame_numbers(reference_grid)
     if len(slice_uids) != reference_grid.shape[0]:
         raise ExportError(
             f"the reference grid needs one source instance UID per slice: expected "
@@ -267,6 +269,8 @@ def build_rtstruct(
             image = Dataset()
             image.ReferencedSOPClassUID = mr_class
             image.ReferencedSOPInstanceUID = slice_uid
+            if slice_frames[contour.k]:  # a frame of a multi-frame instance (Enhanced MR)
+                image.ReferencedFrameNumber = slice_frames[contour.k]
             item = Dataset()
             item.ContourNumber = index
             item.ContourImageSequence = DicomSequence([image])

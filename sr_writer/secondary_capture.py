@@ -38,7 +38,12 @@ from .labels import (
     highdicom_patient_study,
     series_description,
 )
-from .references import patient_orientation, slice_geometry, slice_instance_uids
+from .references import (
+    patient_orientation,
+    slice_frame_numbers,
+    slice_geometry,
+    slice_instance_uids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +185,7 @@ def build_secondary_capture(
     what = "UNCERTAINTY SC" if uncertainty else "T1-Gd SC"
     description = series_description(what)
     source_uids = slice_instance_uids(source_t1c, source_series)
+    source_frames = slice_frame_numbers(source_t1c)
     factor = enlargement(source_t1c, opts)
     _, nj, ni = source_t1c.shape
 
@@ -242,7 +248,9 @@ def build_secondary_capture(
             f"predicted by {equipment.model_label}; tumour outline drawn; enlarged x{factor}"
         )[:1024]
         sc.LossyImageCompression = "00"
-        sc.SourceImageSequence = [_source_item(source_series.sop_class_uid, source_uids[k])]
+        sc.SourceImageSequence = [
+            _source_item(source_series.sop_class_uid, source_uids[k], source_frames[k])
+        ]
         images.append(sc)
     logger.info(
         "built %d %s instances (job %s, %dx%d -> %dx%d)",
@@ -257,9 +265,11 @@ def build_secondary_capture(
     return images
 
 
-def _source_item(sop_class_uid: str, sop_instance_uid: str) -> Dataset:
+def _source_item(sop_class_uid: str, sop_instance_uid: str, frame: int = 0) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class_uid
     item.ReferencedSOPInstanceUID = sop_instance_uid
+    if frame:  # a frame of a multi-frame instance (an Enhanced MR)
+        item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(_SOURCE_PURPOSE)]
     return item

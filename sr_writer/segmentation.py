@@ -24,7 +24,7 @@ from .labels import (
     finish_output,
     series_description,
 )
-from .references import source_slice_datasets
+from .references import multiframe_source, slice_frame_numbers, source_slice_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,17 @@ def build_segmentation(
         )
     mask = np.asarray(mask_vol.array).astype(bool)
     ts = when or datetime.datetime.now().replace(microsecond=0)
-    sources = source_slice_datasets(source_t1c, source_series, patient)
+    # an Enhanced MR T1-Gd is one instance: its stand-in, and the mask in its frames' order
+    multiframe = multiframe_source(source_t1c, source_series, patient)
+    if multiframe is not None:
+        sources = [multiframe]
+        frames = slice_frame_numbers(source_t1c)
+        by_frame = np.zeros_like(mask)
+        for k, frame in enumerate(frames):
+            by_frame[frame - 1] = mask[k]
+        mask = by_frame
+    else:
+        sources = source_slice_datasets(source_t1c, source_series, patient)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=prediction.model_name,
         family=codes.DCM.ArtificialIntelligence,

@@ -163,7 +163,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     Voxels carry RescaleSlope/RescaleIntercept (per frame for enhanced instances): when every
     frame has slope 1 and intercept 0 the stored integer type is kept, otherwise float32.
     ``source_instance_uids`` has one SOP Instance UID per slice in k order (a multi-frame instance
-    repeats its UID for each of its frames).
+    repeats its UID for each of its frames), and ``source_frame_numbers`` the frame of each.
 
     Raises :class:`ConversionError` when the files are unreadable, belong to several series or
     frames of reference, or do not form one regular grid (mixed orientations, duplicate positions,
@@ -297,6 +297,11 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
         frame_of_reference_uid=next(iter(frame_refs)) or None,
         source_instance_uids=tuple(f.sop_instance_uid for f in ordered),
         series_instance_uid=next(iter(series_uids)),
+        source_frame_numbers=(
+            tuple(0 if f.frame is None else f.frame + 1 for f in ordered)
+            if any(f.frame is not None for f in ordered)
+            else ()
+        ),
     )
     log.info(
         "converted series: %d slice(s) of %dx%d, spacing %s mm, %s",

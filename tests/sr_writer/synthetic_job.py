@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, RTStructureSetStorage
+from pydicom.uid import (
+    UID,
+    EnhancedMRImageStorage,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    RTStructureSetStorage,
+)
 
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
 from sr_writer.labels import JobIdentity
@@ -73,12 +79,18 @@ def make_case(
     seed: int = 7,
     spacing: tuple[float, float, float] = (0.9, 0.8, 2.5),
     direction: np.ndarray | None = None,
+    enhanced: bool = False,
 ) -> JobCase:
+    """A job on a grid of ``shape``; ``enhanced``: the T1-Gd is one Enhanced MR instance
+    whose frames are the slices, last slice first."""
     rng = np.random.default_rng(seed)
     nk, nj, ni = shape
     origin = (-ni * 0.45, -nj * 0.4, -20.0)
     direction = np.eye(3) if direction is None else direction
     slice_uids = tuple(f"{T1C_SERIES_UID}.{k + 1}" for k in range(nk))
+    frames: tuple[int, ...] = ()
+    if enhanced:
+        slice_uids, frames = (f"{T1C_SERIES_UID}.1",) * nk, tuple(range(nk, 0, -1))
 
     brain = _ellipsoid(
         shape, (nk / 2 - 0.5, nj / 2 - 0.5, ni / 2 - 0.5), (nk / 2, nj / 2.2, ni / 2.2)
@@ -100,6 +112,7 @@ def make_case(
             frame_of_reference_uid=FOR_UID,
             source_instance_uids=slice_uids,
             series_instance_uid=T1C_SERIES_UID,
+            source_frame_numbers=frames,
         )
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -138,8 +151,8 @@ def make_case(
         t1c=vol(t1c.astype(np.float32)),
         t1c_series=SeriesRef(
             series_instance_uid=T1C_SERIES_UID,
-            sop_class_uid=MRImageStorage,
-            sop_instance_uids=slice_uids,
+            sop_class_uid=EnhancedMRImageStorage if enhanced else MRImageStorage,
+            sop_instance_uids=tuple(dict.fromkeys(slice_uids)),
             modality="MR",
             series_description="T1 MPRAGE +Gd",
             series_number=3,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import subprocess
 from pathlib import Path
 
@@ -10,9 +11,22 @@ import pytest
 from pydicom.dataset import Dataset
 
 from sr_writer.notice import build_failure_notice
+from sr_writer.outputs import JobOutputs, OutputOptions, build_outputs
 from sr_writer.rejection import Rejected, build_rejection_note
-from tests.sr_writer.synthetic_job import default_case, default_notice, default_outputs
+from tests.sr_writer.synthetic_job import (
+    default_case,
+    default_notice,
+    default_outputs,
+    job_inputs,
+    make_case,
+)
 from tests.sr_writer.test_secondary_capture import oblique_outputs
+
+
+@functools.cache
+def _enhanced() -> JobOutputs:
+    case = make_case(enhanced=True)
+    return build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
 
 
 def _objects() -> dict[str, Dataset]:
@@ -23,6 +37,9 @@ def _objects() -> dict[str, Dataset]:
         "uncertainty secondary capture": out.uncertainty_sc[0],
         "oblique secondary capture": oblique_outputs().sc[0],
         "oblique segmentation": oblique_outputs().seg,
+        "segmentation of an enhanced mr": _enhanced().seg,
+        "secondary capture of an enhanced mr": _enhanced().sc[0],
+        "rtstruct of an enhanced mr": _enhanced().rtstruct,
         "segmentation": out.seg,
         "rtstruct": out.rtstruct,
         "structured report": out.sr,
@@ -97,6 +114,9 @@ def _no_tumour_left() -> dict[str, Dataset]:
         "secondary capture": out.sc[len(out.sc) // 2],
         "oblique secondary capture": oblique_outputs().sc[0],
         "oblique segmentation": oblique_outputs().seg,
+        "segmentation of an enhanced mr": _enhanced().seg,
+        "secondary capture of an enhanced mr": _enhanced().sc[0],
+        "rtstruct of an enhanced mr": _enhanced().rtstruct,
         "segmentation": out.seg,
         "rtstruct": out.rtstruct,
         "structured report": out.sr,

@@ -8,8 +8,9 @@ import highdicom as hd
 import numpy as np
 from pydicom import dcmread
 
+from sr_writer.outputs import OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
-from tests.sr_writer.synthetic_job import default_case, default_outputs
+from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs, make_case
 
 
 def test_seg_reads_back_as_the_predicted_mask() -> None:
@@ -36,3 +37,38 @@ def test_seg_reads_back_as_the_predicted_mask() -> None:
         k = uids.index(src)
         pos = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         assert np.allclose(pos, slice_geometry(case.t1c, k).image_position, atol=1e-4)
+
+
+def test_an_enhanced_mr_t1gd_gets_every_output_referencing_its_frames() -> None:
+    """An Enhanced MR T1-Gd is one instance whose frames are the slices: the SEG failed
+    ("Only one source image should be provided in case images are multi-frame images"), and
+    the job with it. The SEG's frames follow the source's, each referencing its frame; the
+    SC and RTSTRUCT name the frame of each slice."""
+    case = make_case(enhanced=True)
+    out = build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
+    nk = case.t1c.shape[0]
+    mask = np.asarray(case.prediction.tumour_mask.array).astype(bool)
+    (uid,) = case.t1c_series.sop_instance_uids
+    seg = out.seg
+    assert seg.NumberOfFrames == nk
+    for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        (source,) = item.DerivationImageSequence[0].SourceImageSequence
+        frame = int(source.ReferencedFrameNumber)
+        assert source.ReferencedSOPInstanceUID == uid
+        k = nk - frame  # frame 1 is the last slice
+        assert np.array_equal(seg.pixel_array[index].astype(bool), mask[k]), index
+    frames = [int(sc.SourceImageSequence[0].ReferencedFrameNumber) for sc in out.sc]
+    assert frames == list(range(nk, 0, -1))
+    contour_frames = {
+        int(c.ContourImageSequence[0].ReferencedFrameNumber)
+        for roi in out.rtstruct.ROIContourSequence
+        for c in roi.ContourSequence
+    }
+    assert contour_frames and contour_frames <= {nk - k for k in range(nk) if mask[k].any()}
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for study in out.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert uid in evidence

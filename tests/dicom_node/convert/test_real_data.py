@@ -111,6 +111,18 @@ def test_converted_like_dcm2niix(real_data: Path, tmp_path: Path, case: str) -> 
     assert ours.series_instance_uid == first.SeriesInstanceUID
     assert ours.frame_of_reference_uid == (first.get("FrameOfReferenceUID") or None)
     assert len(ours.source_instance_uids) == ours.shape[0]
+    # the frame of each slice, for the outputs to reference (an enhanced instance's frames)
+    if int(first.get("NumberOfFrames") or 1) > 1 and len(files) == 1:
+        assert sorted(ours.source_frame_numbers) == list(range(1, ours.shape[0] + 1))
+        # each slice at its frame's position
+        per_frame = pydicom.dcmread(files[0], stop_before_pixels=True)
+        for k in (0, ours.shape[0] - 1):
+            item = per_frame.PerFrameFunctionalGroupsSequence[ours.source_frame_numbers[k] - 1]
+            position = item.PlanePositionSequence[0].ImagePositionPatient
+            voxel = ours.affine @ np.array([0.0, 0.0, k, 1.0])
+            np.testing.assert_allclose(voxel[:3], [float(v) for v in position], atol=1e-2)
+    else:
+        assert not any(ours.source_frame_numbers)
 
 
 @pytest.mark.parametrize("folder", ["5001_jpeg_lossless", "6001_j2k_lossless"])
