@@ -138,6 +138,62 @@ def patient_study(ds: Dataset) -> PatientStudy:
     )
 
 
+#: BodyPartExamined values (PS3.16 CID 4031 and what scanners write) of a series that is not of
+#: the head: a model trained on brain MRI would predict and label a "brain" for it. A value not
+#: listed (HEAD, BRAIN, a scanner's own word, none) is taken as the head's: the attribute is
+#: often wrong or free text, and refusing a brain study for it would be worse
+NOT_THE_HEAD = frozenset(
+    [
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "ANKLE",
+        "ARM",
+        "BREAST",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CLAVICLE",
+        "COCCYX",
+        "CSPINE",
+        "ELBOW",
+        "EXTREMITY",
+        "FEMUR",
+        "FOOT",
+        "FOREARM",
+        "HAND",
+        "HEART",
+        "HIP",
+        "HUMERUS",
+        "KIDNEY",
+        "KNEE",
+        "LEG",
+        "LIVER",
+        "LSPINE",
+        "LUNG",
+        "PANCREAS",
+        "PELVIS",
+        "PROSTATE",
+        "SHOULDER",
+        "SPINE",
+        "THIGH",
+        "TSPINE",
+        "WRIST",
+    ]
+)
+
+
+def not_the_head(ds: Dataset, series: SeriesSummary) -> str:
+    """Why the T1-Gd is not of the head, by its BodyPartExamined ('' when it may be)."""
+    part = _text(ds, "BodyPartExamined").strip().upper()
+    if part not in NOT_THE_HEAD:
+        return ""
+    return (
+        f"the T1-Gd series {series.series_number} '{series.series_description}' is of the "
+        f"{part.lower()} (BodyPartExamined {part}): expected a brain MRI, which is all the "
+        "model was trained on; no prediction is made for another body part"
+    )
+
+
 def window_of(ds: Dataset) -> Window | None:
     """The source's first display window, when it has one."""
     try:
@@ -416,6 +472,9 @@ class Pipeline:
             )
         t1c = inputs.t1c
         header = dcmread(files("t1c")[0], stop_before_pixels=True)
+        elsewhere = not_the_head(header, series["t1c"].series)
+        if elsewhere:
+            raise InputError(elsewhere)
         prediction = self.predictor.predict(inputs)
         others = [series_ref(series["rtstruct"], [structure_uid]), *dose_refs]
         others += [ref(role) for role in OPTIONAL_CONTRASTS if role in series]

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 
 from dicom_node.jobs import DONE, FAILED, QUEUED, RUNNING, SUPERSEDED, JobStore
+from dicom_node.pipeline import not_the_head
 from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import planning_frame, to_planning_frame
@@ -193,6 +194,29 @@ def test_a_job_out_of_time_is_killed_retried_then_failed(run_node, patient, tmp_
     events = [e.message for e in node.store.events(job.id)]
     assert "attempt 1: timed out after 0.5 s (worker.job_timeout_s)" in events
     assert node.worker.alive  # the service is unharmed
+
+
+def test_a_t1gd_of_another_body_part_gets_no_prediction(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A thigh study whose series matched the roles was predicted and labelled a brain
+    ("MR Brain" in the SR, Brain on the SEG). Its BodyPartExamined names another part: the
+    job fails saying so. A value the node does not know (a scanner's own word) is no reason."""
+    pre, _ = patient
+    sent = tmp_path / "sent"
+    for path in sorted(pre.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if path.parent.name == "003_t1c":
+            ds.BodyPartExamined = "EXTREMITY"
+        (sent / path.parent.name).mkdir(parents=True, exist_ok=True)
+        ds.save_as(sent / path.parent.name / path.name)
+    node = run_node(make_settings(tmp_path / "data"))
+    storescu(node.scp.port, *sorted(sent.rglob("*.dcm")))
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job")
+    assert job.state == FAILED
+    assert "is of the extremity (BodyPartExamined EXTREMITY): expected a brain MRI" in job.reason
+    header = pydicom.dcmread(sorted((sent / "003_t1c").glob("*.dcm"))[0])
+    for word in ("KOPF", "HEAD", ""):
+        header.BodyPartExamined = word
+        assert not_the_head(header, node.store.job_series(job.id)[0].series) == ""
 
 
 def test_a_job_process_that_dies_is_retried(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
