@@ -1091,7 +1091,9 @@ def _time(value: object) -> float | None:
     return None if value is None else float(value)  # type: ignore[arg-type]
 
 
-StoreFn = Callable[[Sequence[Dataset], Destination], list[StoreResult]]
+#: sends a batch to a destination, one result per object; ``on_result`` (keyword) is told of
+#: each result as it comes, when the store can
+StoreFn = Callable[..., list[StoreResult]]
 #: how many objects one storage commitment request lists at most
 COMMITMENT_BATCH = 1000
 
@@ -1114,12 +1116,16 @@ def deliver_due(
     take to answer each request (``sending.response_timeout_s``)."""
     report = DeliveryReport()
 
-    def default_store(datasets: Sequence[Dataset], dest: Destination) -> list[StoreResult]:
+    def default_store(
+        datasets: Sequence[Dataset],
+        dest: Destination,
+        on_result: Callable[[StoreResult], None] | None = None,
+    ) -> list[StoreResult]:
         if dest.url:  # a DICOMweb service
             return stow_batch(datasets, dest, stopping=stopping)
         return store_batch(
             datasets, dest, calling_ae=calling_ae, stopping=stopping,
-            dimse_timeout_s=timeout_s, network_timeout_s=timeout_s,
+            dimse_timeout_s=timeout_s, network_timeout_s=timeout_s, on_result=on_result,
         )  # fmt: skip
 
     send = store or default_store
@@ -1219,8 +1225,32 @@ def _deliver_batch(
     if not loaded:
         return
     at = outbox.clock()  # the batch's rows fail together, and are due again together
+    tally = TransferTally(active=audit.enabled)
+    by_uid_item = {item.sop_instance_uid: (item, ds) for item, ds in loaded}
+    settled: set[str] = set()
+
+    def settle(result: StoreResult) -> None:
+        """Record one object's outcome as soon as it is known: a node killed in the middle of
+        a batch sends again only what was not acknowledged."""
+        found = by_uid_item.get(result.sop_instance_uid)
+        if found is None or result.sop_instance_uid in settled:
+            return
+        item, ds = found
+        settled.add(result.sop_instance_uid)
+        if result.delivered:
+            outbox.mark_sent(item, result.status, commit=dest.storage_commitment)
+            report.sent += 1
+            tally.add(ds, item.sop_class_uid)
+            return
+        msg = result.error or "unknown failure"
+        updated = outbox.mark_failed(
+            item, msg, status=result.status, permanent=result.permanent, at=at
+        )
+        _count_failure(report, updated, msg)
+        tally.add(ds, item.sop_class_uid, msg)
+
     try:
-        results = send([ds for _, ds in loaded], dest)
+        results = send([ds for _, ds in loaded], dest, on_result=settle)
     except Exception as exc:  # a claimed row must never stay "sending"
         msg = str(exc) if isinstance(exc, SendError) else f"unexpected {type(exc).__name__}: {exc}"
         if not isinstance(exc, SendError):
@@ -1231,34 +1261,23 @@ def _deliver_batch(
         updated_items = [
             outbox.mark_failed(item, msg, quiet=True, permanent=refused, at=at)
             for item, _ in loaded
+            if item.sop_instance_uid not in settled
         ]
         for updated in updated_items:
             _count_failure(report, updated, msg)
+            settled.add(updated.sop_instance_uid)
         _log_batch_failure(dest.name, updated_items, msg, outbox.clock())
-        return
-    by_uid = {r.sop_instance_uid: r for r in results}
-    tally = TransferTally(active=audit.enabled)
-    not_sent = [item for item, _ in loaded if item.sop_instance_uid not in by_uid]
+        results = []
+    for result in results:  # those the store did not report as it went
+        settle(result)
+    not_sent = [item for item, _ in loaded if item.sop_instance_uid not in settled]
     if not_sent and stopping():  # the node stops: sent another time, no attempt counted
         outbox.release(not_sent)
-        loaded = [(item, ds) for item, ds in loaded if item.sop_instance_uid in by_uid]
-    for item, ds in loaded:
-        result = by_uid.get(item.sop_instance_uid)
-        if result is None:
+    elif not_sent:
+        for item in not_sent:
             msg = f"{dest} gave no result for {item.sop_instance_uid}"
             _count_failure(report, outbox.mark_failed(item, msg, at=at), msg)
-            tally.add(ds, item.sop_class_uid, msg)
-        elif result.delivered:
-            outbox.mark_sent(item, result.status, commit=dest.storage_commitment)
-            report.sent += 1
-            tally.add(ds, item.sop_class_uid)
-        else:
-            msg = result.error or "unknown failure"
-            updated = outbox.mark_failed(
-                item, msg, status=result.status, permanent=result.permanent, at=at
-            )
-            _count_failure(report, updated, msg)
-            tally.add(ds, item.sop_class_uid, msg)
+            tally.add(by_uid_item[item.sop_instance_uid][1], item.sop_class_uid, msg)
     if tally:
         node = Participant(calling_ae, audit.node.host, True, ROLE_SOURCE)
         peer = Participant(dest.ae_title or dest.url, dest.host, False, ROLE_DESTINATION)

@@ -272,13 +272,15 @@ def store_batch(
     load: Callable[[Dataset], Dataset] | None = None,
     progress: Callable[[int], None] | None = None,
     stopping: Callable[[], bool] | None = None,
+    on_result: Callable[[StoreResult], None] | None = None,
 ) -> list[StoreResult]:
     """Send ``datasets`` to ``destination`` over one association, one result per dataset.
 
     ``load`` turns each item into the dataset to send just before it is sent (e.g. headers read
     with ``stop_before_pixels`` into whole files), so a large batch is never all in memory.
     When ``stopping`` says so (the node stops), the objects not sent yet are left out of the
-    results: the caller sends them another time.
+    results: the caller sends them another time. ``on_result`` is told of each result as it
+    comes (the outbox records it at once).
     Raises :class:`SendError` when no association could be established (peer down, refused,
     no presentation context accepted); per-object failures are in the results.
     """
@@ -298,6 +300,8 @@ def store_batch(
             if stopping is not None and stopping():
                 break
             results.append(_store_one(assoc, load(ds) if load else ds, destination))
+            if on_result is not None:
+                on_result(results[-1])
             if progress is not None:
                 progress(1)
     finally:

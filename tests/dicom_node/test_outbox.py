@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -336,3 +337,33 @@ def test_a_pacs_slower_than_the_response_timeout_can_be_waited_for(tmp_path: Pat
         scp.stop()
     s = load_settings(None)
     assert s.sending.response_timeout_s == 60.0
+
+
+def test_each_object_is_recorded_as_the_pacs_acknowledges_it(tmp_path: Path) -> None:
+    """Rows were marked once the whole batch (up to 500 objects) had gone: a node killed in
+    the middle sent every object of the batch again at its next start. Each is recorded as
+    its response comes: what the database says at any moment is what the PACS has."""
+    objs = default_outputs().all()[:8]
+    scp = StoreSCP(delay_s=0.3).start()
+    try:
+        with Outbox(tmp_path / "outbox.sqlite3") as ob:
+            ob.enqueue(objs, ["pacs"], job="job-11")
+            passes = threading.Thread(target=deliver_due, args=(ob, [scp.destination()]))
+            passes.start()
+            wait_for(lambda: len(scp.received) >= 3, timeout=30, what="three objects stored")
+            other = sqlite3.connect(tmp_path / "outbox.sqlite3")  # what a restart would read
+            try:
+                sent = {
+                    r[0]
+                    for r in other.execute(
+                        "SELECT sop_instance_uid FROM outbox WHERE state = 'sent'"
+                    )
+                }
+            finally:
+                other.close()
+            passes.join(30)
+            assert 3 <= len(sent) < len(objs)
+            assert sent <= set(scp.received)
+            assert ob.counts()["pacs"] == {"sent": len(objs)}
+    finally:
+        scp.stop()

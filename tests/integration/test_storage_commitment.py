@@ -9,6 +9,7 @@ import re
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -121,10 +122,12 @@ def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path)
     objects = out.all()
     lost = str(out.sr.SOPInstanceUID)
 
-    def store_then_lose(datasets: Sequence[Dataset], peer: Destination) -> list[StoreResult]:
+    def store_then_lose(
+        datasets: Sequence[Dataset], peer: Destination, on_result: Any = None
+    ) -> list[StoreResult]:
         """C-STORE to Orthanc, then the archive loses one object (deleted through its REST
         API) before the node asks for the commitment."""
-        results = store_batch(datasets, peer)
+        results = store_batch(datasets, peer, on_result=on_result)
         for instance in orthanc.post(
             "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": lost}}
         ):
