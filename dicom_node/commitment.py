@@ -6,7 +6,8 @@ N-ACTION request (Action Type 1) listing them under a new Transaction UID. The P
 N-ACTION at once and later sends an N-EVENT-REPORT (Event Type 1: every object committed; 2:
 some failed, each with a Failure Reason), usually on an association it opens to the node's
 receiver (as Orthanc does), which is why the receiver accepts the Storage Commitment SOP class
-with the peer in the SCP role.
+with the peer in the SCP role; a PACS that reports at once does so on the request's own
+association, which waits :data:`SAME_ASSOCIATION_WAIT_S` for it.
 
 This module speaks the protocol (request, report parsing, statuses); the bookkeeping (which
 objects wait for which transaction, what a failure does to them) is the outbox's.
@@ -14,11 +15,14 @@ objects wait for which transaction, what a failure does to them) is the outbox's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import Association, build_role
+from pynetdicom import Association, build_role, evt
 from pynetdicom.presentation import build_context
 
 from dicom_node.errors import SendError
@@ -33,6 +37,8 @@ REQUEST_ACTION = 1
 ALL_COMMITTED, FAILURES_EXIST = 1, 2
 
 # N-EVENT-REPORT response statuses (PS3.7 Annex C)
+log = logging.getLogger(__name__)
+
 SUCCESS = 0x0000
 PROCESSING_FAILURE = 0x0110
 NO_SUCH_EVENT_TYPE = 0x0113
@@ -129,6 +135,11 @@ def _reason(item: Dataset) -> int | None:
         return None
 
 
+#: how long the association of a storage commitment request stays open after the request was
+#: accepted, for a PACS that reports on it at once (most report later, on their own)
+SAME_ASSOCIATION_WAIT_S = 1.0
+
+
 def request(
     destination: Destination,
     transaction_uid: str,
@@ -136,15 +147,43 @@ def request(
     *,
     calling_ae: str,
     timeout_s: float = 60,
+    on_report: Callable[[CommitmentReport], object] | None = None,
+    wait_s: float = SAME_ASSOCIATION_WAIT_S,
 ) -> None:
     """Send one storage commitment request (N-ACTION) for ``references`` (SOP Class UID, SOP
     Instance UID) under ``transaction_uid``.
 
-    Returns when the peer accepted the request (the result comes later, as a report). Raises
-    :class:`CommitmentRefused` when the peer does not do storage commitment for us, and
-    :class:`SendError` for anything a later request may get past (peer down, timeout, a
-    processing failure).
+    Returns when the peer accepted the request (the result comes later, as a report). A PACS
+    may report at once, on this association (PS3.4 J.3.3 lets it): with ``on_report``, the
+    association waits up to ``wait_s`` for that report and hands it over (pynetdicom dropped
+    it while the association was being released). Raises :class:`CommitmentRefused` when the
+    peer does not do storage commitment for us, and :class:`SendError` for anything a later
+    request may get past (peer down, timeout, a processing failure).
     """
+    reported = threading.Event()
+
+    def on_event_report(event: Any) -> tuple[int, None]:
+        try:
+            report = parse_report(
+                getattr(event.request, "EventTypeID", None),
+                event.event_information,
+                destination.ae_title,
+            )
+        except BadReport as exc:
+            log.warning("N-EVENT-REPORT from %s refused (0x%04X): %s", destination, exc.status, exc)
+            return exc.status, None
+        except Exception as exc:  # pydicom raises many types on malformed data
+            log.warning("N-EVENT-REPORT from %s undecodable: %s", destination, exc)
+            return INVALID_ARGUMENT_VALUE, None
+        try:
+            if on_report is not None:
+                on_report(report)
+        except Exception:  # the PACS may send it again
+            log.exception("storage commitment report from %s not recorded", destination)
+            return PROCESSING_FAILURE, None
+        if report.transaction_uid == transaction_uid:
+            reported.set()
+        return SUCCESS, None
 
     def refused(found: str) -> CommitmentRefused:
         return CommitmentRefused(
@@ -153,8 +192,9 @@ def request(
             "title on the PACS, or set storage_commitment: false"
         )
 
+    handlers = [(evt.EVT_N_EVENT_REPORT, on_event_report)] if on_report is not None else []
     try:
-        assoc = _associate(destination, calling_ae, timeout_s)
+        assoc = _associate(destination, calling_ae, timeout_s, handlers=handlers)
     except ContextsRejected as exc:
         raise refused("that it accepts no Storage Commitment Push Model context") from exc
     try:
@@ -162,6 +202,8 @@ def request(
         ds.TransactionUID = transaction_uid
         ds.ReferencedSOPSequence = [_reference(c, i) for c, i in references]
         status, _ = assoc.send_n_action(ds, REQUEST_ACTION, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+        if on_report is not None and int(getattr(status, "Status", -1)) == SUCCESS:
+            reported.wait(wait_s)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -212,10 +254,16 @@ def send_report(
 
 
 def _associate(
-    destination: Destination, calling_ae: str, timeout_s: float, *, scp_role: bool = False
+    destination: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    *,
+    scp_role: bool = False,
+    handlers: Sequence[Any] = (),
 ) -> Association:
     """An association with ``destination`` for the Storage Commitment SOP class, proposing
-    this side as its SCP (the reporting side) when ``scp_role``."""
+    this side as its SCP (the reporting side) when ``scp_role``, its events bound to
+    ``handlers``."""
     return associate(
         destination,
         [build_context(PUSH_MODEL)],
@@ -224,6 +272,7 @@ def _associate(
         dimse_timeout_s=timeout_s,
         network_timeout_s=timeout_s,
         roles=[build_role(PUSH_MODEL, scp_role=True)] if scp_role else (),
+        evt_handlers=handlers,
     )
 
 

@@ -1189,6 +1189,7 @@ def request_commitments(
                 [(i.sop_class_uid, i.sop_instance_uid) for i in items],
                 calling_ae=calling_ae,
                 timeout_s=timeout_s,
+                on_report=outbox.apply_report,  # a PACS that reports on this association
             )
         except SendError as exc:
             permanent = isinstance(exc, commitment.CommitmentRefused)

@@ -43,6 +43,7 @@ class CommitmentPACS:
     nothing by itself (the test sends the reports it wants)."""
 
     action_status: int = 0x0000
+    report_at_once: bool = False  # on the request's own association, as soon as it answered
     ae_title: str = "COMMITPACS"
     stored: list[str] = field(default_factory=list)
     requests: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -87,6 +88,17 @@ class CommitmentPACS:
                     [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence],
                 )
             )
+        if self.report_at_once:
+            answer = Dataset()
+            answer.TransactionUID = info.TransactionUID
+            answer.ReferencedSOPSequence = info.ReferencedSOPSequence
+            assoc = event.assoc
+
+            def report_now() -> None:
+                time.sleep(0.2)  # once the N-ACTION response is out
+                assoc.send_n_event_report(answer, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+
+            threading.Thread(target=report_now, daemon=True).start()
         return self.action_status, None
 
 
@@ -204,6 +216,23 @@ def _cli(data_dir: Path, *argv: str) -> Any:
     sub = parser.add_subparsers(dest="command")
     register(sub)
     return parser.parse_args(["--data-dir", str(data_dir), "outbox", *argv])
+
+
+def test_a_report_on_the_requests_own_association_is_taken(tmp_path: Path) -> None:
+    """A PACS may report at once, on the association of the request: pynetdicom dropped it
+    ("N-EVENT-REPORT message received during association release, ignoring") and the rows
+    waited for the timeout, then the requests again. The association waits for it now."""
+    pacs = CommitmentPACS(report_at_once=True).start()
+    try:
+        objs = _objects()
+        with _outbox(tmp_path, Clock()) as ob:
+            ob.enqueue(objs, ["pacs"], job="job-2")
+            report = deliver_due(ob, [pacs.destination()])
+            assert report.sent == len(objs) and report.commitment_requests == 1
+            assert ob.counts() == {"pacs": {"sent": len(objs)}}
+            assert all(i.committed_at for i in ob.items())
+    finally:
+        pacs.stop()
 
 
 def test_a_pacs_without_storage_commitment_makes_the_deliveries_dead(tmp_path: Path) -> None:
