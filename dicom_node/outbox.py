@@ -679,6 +679,42 @@ class Outbox:
             )
         return _item(updated)
 
+    def abandon(
+        self, reason: str, *, destination: str | None = None, ids: Sequence[int] | None = None
+    ) -> int:
+        """Give up dead deliveries for good (a destination that will never take a class, one
+        retired): they become ``withdrawn`` with ``reason``, their objects are removed once no
+        destination waits for them, and their study's files may go at retention (a dead row
+        kept them for ever). Returns how many."""
+        if not reason.strip():
+            raise ValueError("abandoning deliveries needs a reason, found none")
+        where, args = "", list[object]()
+        if destination is not None:
+            where += " AND destination = ?"
+            args.append(destination)
+        if ids is not None:
+            where += f" AND id IN ({','.join('?' * len(ids))})"
+            args.extend(ids)
+        now = self.clock()
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT id, sop_instance_uid, job FROM outbox WHERE state = 'dead'{where}", args
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET state = 'withdrawn', last_error = ?, updated_at = ? "
+                "WHERE id = ?",
+                [(f"abandoned by an operator: {reason.strip()}", now, r["id"]) for r in rows],
+            )
+            db.execute(_FORGET_SETTLED)
+        for r in rows:
+            self._drop_object_if_done(r["sop_instance_uid"])
+        for job in sorted({str(r["job"]) for r in rows}):
+            logger.warning(
+                "outbox: %d dead deliveries of job %s abandoned by an operator: %s",
+                sum(str(r["job"]) == job for r in rows), job, reason.strip(), extra={"job": job},
+            )  # fmt: skip
+        return len(rows)
+
     def retry(
         self,
         *,

@@ -28,7 +28,8 @@ def outbox_path(data_dir: Path) -> Path:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``outbox list`` and ``outbox retry`` to an argparse sub-parsers object."""
+    """Add ``outbox list``, ``outbox retry`` and ``outbox abandon`` to an argparse sub-parsers
+    object."""
     outbox = subparsers.add_parser("outbox", help="list or re-queue result deliveries")
     osub = outbox.add_subparsers(dest="outbox_command", required=True)
 
@@ -53,6 +54,16 @@ def register(subparsers: Any) -> None:
         "report was lost, e.g. while the node was down)",
     )
     p.set_defaults(func=cmd_retry)
+
+    p = osub.add_parser(
+        "abandon",
+        help="give up dead deliveries for good (withdrawn: their study's files may then go at "
+        "retention)",
+    )
+    p.add_argument("--destination", help="only rows for this destination name")
+    p.add_argument("--id", type=row_id, action="append", dest="ids", help="only this row (repeat)")
+    p.add_argument("--reason", required=True, help="why, in words (kept with each row)")
+    p.set_defaults(func=cmd_abandon)
 
 
 def _open(args: argparse.Namespace) -> Outbox | None:
@@ -162,5 +173,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not n and args.ids:
         logger.error("none of the rows %s is a delivery in state %s (outbox list shows them)",
                      ", ".join(map(str, args.ids)), " or ".join(states))  # fmt: skip
+        return 1
+    return 0
+
+
+def cmd_abandon(args: argparse.Namespace) -> int:
+    if args.destination is None and not args.ids:
+        logger.error("outbox abandon: expected --destination or --id, found neither (it gives "
+                     "up deliveries for good: name them)")  # fmt: skip
+        return 2
+    try:
+        outbox = _open(args)
+        if outbox is None:
+            return 2
+        with outbox:
+            n = outbox.abandon(args.reason, destination=args.destination, ids=args.ids)
+    except (StorageError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
+    print(f"{n} dead deliveries abandoned")
+    if not n:
+        logger.error("no dead delivery matches (outbox list --state dead shows them)")
         return 1
     return 0

@@ -181,7 +181,9 @@ def _cli(data_dir: Path, *argv: str) -> int:
     return int(args.func(args))
 
 
-def test_cli_list_and_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_list_and_retry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     clock = Clock()
     with Outbox(
         outbox_path(tmp_path), policy=RetryPolicy(1, 1, dead_after_attempts=1), clock=clock
@@ -200,6 +202,21 @@ def test_cli_list_and_retry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     with Outbox(outbox_path(tmp_path)) as ob:
         assert ob.counts() == {"pacs": {"dead": 1, "pending": 1}}
     assert _cli(tmp_path / "elsewhere", "outbox", "list") == 2
+    # a dead delivery given up for good: withdrawn, its object gone, the reason kept
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "outbox", "abandon", "--destination", "pacs")
+    assert "the following arguments are required: --reason" in capsys.readouterr().err
+    assert _cli(tmp_path, "outbox", "abandon", "--reason", "x") == 2
+    assert "expected --destination or --id" in caplog.text
+    reason = "the archive takes no Secondary Captures (ticket 4711)"
+    assert _cli(tmp_path, "outbox", "abandon", "--destination", "pacs", "--reason", reason) == 0
+    assert "1 dead deliveries abandoned" in capsys.readouterr().out
+    with Outbox(outbox_path(tmp_path)) as ob:
+        assert ob.counts() == {"pacs": {"withdrawn": 1, "pending": 1}}
+        (gone,) = ob.items(state="withdrawn")
+        assert gone.last_error == f"abandoned by an operator: {reason}"
+        assert not ob.object_file(gone).exists() and ob.undelivered("job-5") == 1
+    assert _cli(tmp_path, "outbox", "abandon", "--id", str(gone.id), "--reason", "again") == 1
 
 
 def test_cli_is_wired_into_glioforecast(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -350,20 +367,19 @@ def test_each_object_is_recorded_as_the_pacs_acknowledges_it(tmp_path: Path) -> 
             ob.enqueue(objs, ["pacs"], job="job-11")
             passes = threading.Thread(target=deliver_due, args=(ob, [scp.destination()]))
             passes.start()
-            wait_for(lambda: len(scp.received) >= 3, timeout=30, what="three objects stored")
-            other = sqlite3.connect(tmp_path / "outbox.sqlite3")  # what a restart would read
-            try:
-                sent = {
-                    r[0]
-                    for r in other.execute(
-                        "SELECT sop_instance_uid FROM outbox WHERE state = 'sent'"
-                    )
-                }
-            finally:
-                other.close()
+            query = "SELECT sop_instance_uid FROM outbox WHERE state = 'sent'"
+
+            def sent_now() -> set[str]:  # what a restart would read
+                other = sqlite3.connect(tmp_path / "outbox.sqlite3")
+                try:
+                    return {r[0] for r in other.execute(query)}
+                finally:
+                    other.close()
+
+            sent = wait_for(lambda: len(sent_now()) >= 3 and sent_now(), timeout=30)
+            assert passes.is_alive(), "the batch was still being sent"
             passes.join(30)
-            assert 3 <= len(sent) < len(objs)
-            assert sent <= set(scp.received)
+            assert len(sent) < len(objs) and sent <= set(scp.received)
             assert ob.counts()["pacs"] == {"sent": len(objs)}
     finally:
         scp.stop()
