@@ -491,7 +491,14 @@ class Pipeline:
             planning_frame=inputs.planning_frame,
             window=window_of(header),
         )
-        outputs = build_outputs(prediction, job_inputs, OutputOptions(node_version=__version__))
+        chosen = self.settings.outputs
+        options = OutputOptions(
+            node_version=__version__,
+            uncertainty_sc=chosen.uncertainty_sc,
+            derived_mr=chosen.derived_mr,
+            institution_name=chosen.institution_name or None,
+        )
+        outputs = build_outputs(prediction, job_inputs, options)
         return JobResult(
             objects=outputs.all(),
             series=len(outputs.series_counts()),

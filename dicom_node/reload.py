@@ -47,6 +47,7 @@ LIVE_KEYS = (
     "roles",
     "destinations",
     "sending",
+    "outputs",
     "retrieve",
     "model",
     "worker",

@@ -56,6 +56,12 @@ def _check_ae_title(value: str) -> str | None:
     return None
 
 
+def _check_lo(value: str) -> str | None:
+    if len(value) > 64 or "\\" in value or any(ord(c) < 32 for c in value):
+        return f"at most 64 characters, no backslash or control character, found {value!r}"
+    return None
+
+
 def _check_ae_pattern(value: str) -> str | None:
     return None if value == "*" else _check_ae_title(value)
 
@@ -337,6 +343,17 @@ class SendingSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """Which optional objects a job makes (``docs/OUTPUTS.md``): the uncertainty Secondary
+    Capture series, the derived MR series (the prediction as MR images, for linked scrolling
+    and MPR in viewers that need an MR), and the Institution Name the SR carries."""
+
+    uncertainty_sc: bool = True
+    derived_mr: bool = False
+    institution_name: str = field(default="", metadata=_spec("", check=_check_lo))
+
+
+@dataclass(frozen=True)
 class RetrieveSettings:
     """Ask a PACS for the RT objects a study lacks (:mod:`dicom_node.retrieve`): when a study
     has its T1-Gd but no structure set (of its own or of another study of the patient), the
@@ -483,6 +500,7 @@ class Settings:
     roles: RoleSettings = RoleSettings()
     destinations: tuple[Destination, ...] = ()
     sending: SendingSettings = SendingSettings()
+    outputs: OutputSettings = OutputSettings()
     retrieve: RetrieveSettings = RetrieveSettings()
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()

@@ -153,6 +153,30 @@ def _walk(ds):  # type: ignore[no-untyped-def]
         yield from _walk(item)
 
 
+def test_the_optional_objects_follow_the_outputs_settings(  # type: ignore[no-untyped-def]
+    run_node, patient, pacs, tmp_path
+) -> None:
+    """The derived MR series (which a destination's objects could name) could not be turned
+    on in the node, nor the uncertainty series off: the ``outputs`` section sets them."""
+    pre, _ = patient
+    destination, received = pacs
+    settings = make_settings(
+        tmp_path / "data",
+        outputs={"derived_mr": True, "uncertainty_sc": False, "institution_name": "CHU Test"},
+    )
+    node = run_node(dataclasses.replace(settings, destinations=(destination,)))
+    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
+    assert job.state == DONE, job.reason
+    all_sent(node, "pacs", timeout=120)
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    series = {str(ds.SeriesDescription) for ds in datasets}
+    assert any("derived MR" in d for d in series), series
+    assert not any("UNCERTAINTY" in d for d in series), series
+    (sr,) = [ds for ds in datasets if ds.Modality == "SR"]
+    assert sr.InstitutionName == "CHU Test"
+
+
 def test_interrupted_job_is_queued_again_and_superseded_results_are_dropped(tmp_path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     with store.transaction() as db:
