@@ -148,10 +148,9 @@ def test_a_backup_refuses_what_would_lose_or_mix_data(tmp_path, capsys) -> None:
     assert not (tmp_path / "b2" / "spool").exists()
 
 
-def test_an_outbox_row_delivered_during_the_copy_takes_its_delivered_state(tmp_path) -> None:
-    """The outbox is snapshot before its objects are copied: an object delivered (and so
-    removed) in between leaves the copy with a waiting row and no object, which must not be
-    restored as a delivery that can never be made."""
+def _backed_up_with_a_notice_waiting(tmp_path: Path) -> tuple[Path, Path]:
+    """A data folder whose failure notice (2 objects) waits for a PACS that is down, and its
+    backup: (data folder, backup)."""
     data, copy = tmp_path / "data", tmp_path / "backup"
     with _running(_settings(data, free_port())) as node:
         study = small_study(tmp_path / "in")
@@ -159,6 +158,14 @@ def test_an_outbox_row_delivered_during_the_copy_takes_its_delivered_state(tmp_p
         wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
                  what="the failure notice to wait for the PACS")  # fmt: skip
     assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
+    return data, copy
+
+
+def test_an_outbox_row_delivered_during_the_copy_takes_its_delivered_state(tmp_path) -> None:
+    """The outbox is snapshot before its objects are copied: an object delivered (and so
+    removed) in between leaves the copy with a waiting row and no object, which must not be
+    restored as a delivery that can never be made."""
+    data, copy = _backed_up_with_a_notice_waiting(tmp_path)
     # replay the race: at the source one notice object is delivered after the snapshot ...
     outbox = Outbox(data / "outbox.sqlite3")
     outbox.retry(states=("pending",))  # due now
@@ -182,13 +189,7 @@ def test_a_copy_elsewhere_sends_its_own_objects_and_leaves_the_originals(tmp_pat
     moved, storage.data_dir changed) read and deleted the original folder's objects, or found
     none and went dead. A row holds the name now; one an earlier version wrote, with a whole
     path, is read by its name in its own folder."""
-    data, copy = tmp_path / "data", tmp_path / "backup"
-    with _running(_settings(data, free_port())) as node:
-        study = small_study(tmp_path / "in")
-        assert storescu(node.scp.port, *study["t1c"]).returncode == 0
-        wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
-                 what="the failure notice to wait for the PACS")  # fmt: skip
-    assert main(["backup", "--data-dir", str(data), str(copy)]) == EXIT_OK
+    data, copy = _backed_up_with_a_notice_waiting(tmp_path)
     originals = sorted((data / "outbox-objects").glob("*.dcm"))
     assert len(originals) == 2
     with sqlite3.connect(copy / "outbox.sqlite3") as db:  # as an earlier version wrote it
