@@ -44,6 +44,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
 import select
 import socket
 import ssl
@@ -413,10 +414,21 @@ def query(
     return root
 
 
+#: characters XML 1.0 does not allow (control characters but tab, line feed and carriage
+#: return; U+FFFE, U+FFFF; lone surrogates), which a sender can put in a name or an ID
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+#: line breaks other than CR and LF (one message per line, for readers that split on them too)
+_OTHER_BREAKS = {"\x85": "&#133;", "\u2028": "&#8232;", "\u2029": "&#8233;"}
+
+
 def to_text(message: ET.Element) -> str:
-    """The message as one line of XML: a line break in a text (a multi-line reason) is
-    written as a character reference, which an XML reader reads back as the line break."""
-    text = ET.tostring(message, encoding="unicode")
+    """The message as one line of well-formed XML: a line break in a text (a multi-line
+    reason) is written as a character reference, which an XML reader reads back as the line
+    break; a character XML does not allow (a control character a sender put in a patient's
+    name) is written as U+FFFD, so that no sender can make its own audit message unreadable."""
+    text = _NOT_XML.sub("\ufffd", ET.tostring(message, encoding="unicode"))
+    for char, reference in _OTHER_BREAKS.items():
+        text = text.replace(char, reference)
     return text.replace("\r", "&#13;").replace("\n", "&#10;")
 
 
@@ -466,6 +478,7 @@ class AuditTrail:
         self._sock: socket.socket | None = None
         self._down_since: float | None = None
         self._file_lock = threading.Lock()
+        self._file_failure = ""  # why the audit file could not be written last time
         self.activity = False
         self._ssl: ssl.SSLContext | None = None
         if settings.host and settings.transport == "tls":
@@ -495,8 +508,9 @@ class AuditTrail:
 
     @property
     def reachable(self) -> bool:
-        """False while the repository cannot be reached (the last attempt failed)."""
-        return self._down_since is None
+        """False while the repository cannot be reached (the last attempt failed), or the
+        audit file cannot be written."""
+        return self._down_since is None and not self._file_failure
 
     def start(self, activity: bool = True) -> None:
         """Start sending; with ``activity``, record the Application Start (the node's, not a
@@ -539,14 +553,34 @@ class AuditTrail:
     # -- what the node reports
 
     def record(self, message: ET.Element) -> None:
+        """Write ``message`` to the file and queue it for the repository, each on its own: a
+        file that cannot be written does not keep the message from the repository. A message
+        lost to either is counted (:attr:`dropped`), and :attr:`reachable` is False until the
+        file takes messages again."""
         try:
             xml = to_text(message)
-            if self.settings.file is not None:
-                self._append(xml)
-            if self.settings.host:
-                self._enqueue(syslog_frame(xml, self.hostname))
         except Exception:  # the audit trail must never fail what it records
-            log.exception("audit: a message could not be recorded")
+            log.exception("audit: a message could not be written out")
+            self.dropped += 1
+            return
+        if self.settings.file is not None:
+            try:
+                self._append(xml)
+                if self._file_failure:
+                    log.warning("audit: %s is written again", self.settings.file)
+                self._file_failure = ""
+            except OSError as exc:
+                self.dropped += 1
+                if not self._file_failure:
+                    log.error("audit: cannot write %s (%s): its messages are lost until it can "
+                              "be written", self.settings.file, exc)  # fmt: skip
+                self._file_failure = str(exc)
+        if self.settings.host:
+            try:
+                self._enqueue(syslog_frame(xml, self.hostname))
+            except Exception:
+                self.dropped += 1
+                log.exception("audit: a message could not be queued for the repository")
 
     def transferred(self, sender: Participant, receiver: Participant, tally: TransferTally) -> None:
         for study in tally.done.values():

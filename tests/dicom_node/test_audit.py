@@ -270,6 +270,51 @@ def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Pa
         udp.stop()
 
 
+def test_an_audit_file_that_cannot_be_written_spares_the_repository(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The file was written first, in the same try as the repository's queue: a file that
+    could not be written (a full or read-only disk) lost the message for the repository too,
+    silently. Now the repository gets it, the loss is counted, and the trail says it is not
+    well until the file takes messages again. A sender's control characters (in a name or
+    an ID) leave every message well-formed XML."""
+    udp = AuditRepository(tmp_path / "arr-udp", pki).start()
+    log_file = tmp_path / "audit.log"
+    log_file.mkdir()  # what cannot be written
+    trail = AuditTrail(
+        AuditSettings(enabled=True, host="127.0.0.1", port=udp.udp_port, transport="udp",
+                      file=log_file),
+        "GLIOFORECAST", tmp_path / "queue.sqlite3",
+    )  # fmt: skip
+    trail.start()
+    try:
+        trail.refused("INTRUDER", "10.9.9.9", "calling AE title 'INTRUDER' not allowed")
+        assert len(_received(udp, "110113")) == 1  # the repository has it all the same
+        assert trail.dropped == 2 and not trail.reachable  # Application Start, the alert
+        log_file.rmdir()
+        record = StudyRecord("1.2.3", "CTRL\x0cID\u2028X", "Ctrl\x01Evil^Name\x1b", "", {MR: 1})
+        tally = TransferTally()
+        tally.done["1.2.3"] = record
+        trail.transferred(
+            Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
+            Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
+            tally,
+        )
+        assert trail.reachable and trail.dropped == 2
+        (line,) = log_file.read_text("utf-8").splitlines()
+        message = ET.fromstring(line)
+        check_schema(message)
+        patient = _objects(message)["Patient Number"]
+        assert patient.get("ParticipantObjectID") == "CTRL\ufffdID\u2028X"
+        (received,) = _received(udp, "110104")
+        assert _objects(received)["Patient Number"].get("ParticipantObjectID") == (
+            "CTRL\ufffdID\u2028X"
+        )
+    finally:
+        trail.close()
+        udp.stop()
+
+
 def test_a_node_that_cannot_reach_its_repository_says_so(run_node, tmp_path: Path, pki) -> None:  # type: ignore[no-untyped-def]
     arr = AuditRepository(tmp_path / "arr", pki)  # not started: nothing listens there
     node = run_node(audit={**vars(_tls(arr, pki))})
