@@ -8,10 +8,12 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -55,28 +57,64 @@ class _JobField(logging.Filter):
         return True
 
 
+#: loggers of the libraries that read and write data sets: their messages quote the values
+#: (pydicom's "Invalid value for VR DA: '1941-01-01'" is a birth date), which the node's logs
+#: must not carry (DESIGN: no patient name, ID or birth date in the logs)
+_QUOTING_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+#: control characters, which a data set's text (a series description) can bring into a message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+class _NoValues(logging.Filter):
+    """Leave out what the DICOM libraries quote of a data set: the values, not the message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in _QUOTING_LOGGERS or record.name == "py.warnings":
+            record.msg, record.args = _QUOTED.sub("'...'", record.getMessage()), ()
+        return True
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped: a line break in a series description
+    cannot start a forged log line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class _TextFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _one_line(record.message)
+        return super().formatMessage(record)
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-                "level": record.levelname,
-                "logger": record.name,
-                "job": getattr(record, "job", "-"),
-                "message": record.getMessage(),
-            }
-        )
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "job": getattr(record, "job", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def configure_logging(settings: LoggingSettings) -> None:
     handler = logging.StreamHandler()
     handler.addFilter(_JobField())
+    handler.addFilter(_NoValues())
     if settings.format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [job %(job)s] %(message)s")
+            _TextFormatter("%(asctime)s %(levelname)-7s %(name)s [job %(job)s] %(message)s")
         )
+    # Python warnings go through the log (its format, its filters), not raw to stderr; pydicom
+    # logs each of its warnings as well, so those are not taken twice
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
