@@ -197,6 +197,16 @@ class QueryRetrieve:
         self.assoc = assoc
         self.peer = peer
         self.audit = audit
+        # the patient's values the node sent: a PACS's error comment may quote them, and what
+        # the node logs and keeps in a job's reason must not (DESIGN: no patient ID in logs)
+        self._patient: set[str] = set()
+
+    def _said(self, status: Dataset) -> str:
+        """The peer's Error Comment, the patient's values it quotes left out."""
+        comment = _text(status, "ErrorComment")
+        for value in sorted(self._patient, key=len, reverse=True):
+            comment = comment.replace(value, "(the patient)")
+        return comment
 
     def _accepted(self, model: str, what: str) -> None:
         if not any(cx.abstract_syntax == model for cx in self.assoc.accepted_contexts):
@@ -219,6 +229,10 @@ class QueryRetrieve:
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
         self._accepted(FIND, "C-FIND")
+        for keyword in ("PatientID", "PatientName"):
+            value = str(identifier.get(keyword, "") or "").strip()
+            if len(value) > 1:
+                self._patient.add(value)
         matches = []
         hold_reactor(self.assoc)
         for status, found in self.assoc.send_c_find(identifier, FIND):
@@ -230,7 +244,7 @@ class QueryRetrieve:
                     matches.append(found)
                 continue
             if code != 0x0000:
-                comment = _text(status, "ErrorComment")
+                comment = self._said(status)
                 raise RetrieveError(
                     f"{self.peer} answered the {identifier.QueryRetrieveLevel}-level C-FIND "
                     f"with 0x{code:04X} ({qr_status(code)})" + (f": {comment}" if comment else ""),
@@ -295,7 +309,7 @@ class QueryRetrieve:
         refused = 0xA700 <= code <= 0xA7FF and result.failed
         if code in (0x0000, 0xB000) or result.completed or refused:
             return result
-        comment = _text(last, "ErrorComment")
+        comment = self._said(last)
         # some PACS (Orthanc) answer a move destination they do not know with 0xC000
         hint = (
             f"; nothing was sent: check that it knows {destination_ae} as a move destination "

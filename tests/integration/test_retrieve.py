@@ -487,36 +487,64 @@ def test_a_dicomweb_source_is_searched_with_qido_rs_and_read_with_wado_rs(  # ty
         assert _participants(query)["Destination Role ID"].get("UserID") == orthanc.dicomweb_url
 
 
-def test_a_move_whose_final_answer_leaves_out_the_counts(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """PS3.4 lets a C-MOVE's final success leave out the sub-operation counts: the node read
-    "0 sent" and failed the retrieval of what had come. What came is what the receiver holds."""
-    mr, rt = patient
+@contextmanager
+def _fake_qr(tmp_path: Path, rt: list[Path], mode: str) -> Iterator[tuple[int, int]]:
+    """tests/integration/fake_qr.py holding ``rt``, in ``mode``: (its port, the node's)."""
     port, node_port = free_port(), free_port()
     (tmp_path / "held").mkdir()
     for path in rt:
         shutil.copy(path, tmp_path / "held" / path.name)
     peer = start_listener(
-        [sys.executable, str(REPO / "tests" / "integration" / "qr_without_counts.py"),
-         str(port), str(node_port), str(tmp_path / "held")],
+        [sys.executable, str(REPO / "tests" / "integration" / "fake_qr.py"),
+         str(port), str(node_port), str(tmp_path / "held"), mode],
         port,
     )  # fmt: skip
     try:
-        pacs = DestinationSettings(name="pacs", ae_title="QRNOCOUNT", host="127.0.0.1", port=port)
-        settings = make_settings(
-            tmp_path / "data", node={"port": node_port},
-            retrieve={"source": "pacs", "attempts": 1},
-        )  # fmt: skip
-        settings = dataclasses.replace(
-            settings,
-            node=dataclasses.replace(
-                settings.node,
-                allowed_callers=(*settings.node.allowed_callers, AllowedCaller("QRNOCOUNT")),
-            ),
-        )
-        node = run_node(dataclasses.replace(settings, destinations=(pacs,)))
-        study = _mr_study(mr)
-        assert storescu(node.scp.port, *mr).returncode == 0
-        _predicted_after_retrieval(node, study, rt)
+        yield port, node_port
     finally:
         peer.terminate()
         peer.wait(timeout=30)
+
+
+def _node_and_fake_qr(run_node, tmp_path: Path, port: int, node_port: int):  # type: ignore[no-untyped-def]
+    pacs = DestinationSettings(name="pacs", ae_title="FAKEQR", host="127.0.0.1", port=port)
+    settings = make_settings(
+        tmp_path / "data", node={"port": node_port}, retrieve={"source": "pacs", "attempts": 1}
+    )
+    settings = dataclasses.replace(
+        settings,
+        node=dataclasses.replace(
+            settings.node,
+            allowed_callers=(*settings.node.allowed_callers, AllowedCaller("FAKEQR")),
+        ),
+    )
+    return run_node(dataclasses.replace(settings, destinations=(pacs,)))
+
+
+def test_a_move_whose_final_answer_leaves_out_the_counts(run_node, patient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """PS3.4 lets a C-MOVE's final success leave out the sub-operation counts: the node read
+    "0 sent" and failed the retrieval of what had come. What came is what the receiver holds."""
+    mr, rt = patient
+    with _fake_qr(tmp_path, rt, "no-counts") as (port, node_port):
+        node = _node_and_fake_qr(run_node, tmp_path, port, node_port)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        _predicted_after_retrieval(node, _mr_study(mr), rt)
+
+
+def test_a_pacs_error_comment_quoting_the_patient_id_is_not_kept(  # type: ignore[no-untyped-def]
+    run_node, patient, tmp_path, caplog
+) -> None:
+    """A PACS answered the C-FIND 0xA900 "Unknown patient <the Patient ID>": the node logged
+    the ID and kept it in the job's reason. The values the node sent are left out."""
+    mr, rt = patient
+    patient_id = str(pydicom.dcmread(mr[0], stop_before_pixels=True).PatientID)
+    with _fake_qr(tmp_path, rt, "refuse-find") as (port, node_port):
+        node = _node_and_fake_qr(run_node, tmp_path, port, node_port)
+        assert storescu(node.scp.port, *mr).returncode == 0
+        job = wait_for(
+            lambda: next((j for j in node.store.list_jobs() if j.state == FAILED), None),
+            timeout=60, what="the job to fail",
+        )  # fmt: skip
+    assert "0xA900" in job.reason and "Unknown patient (the patient)" in job.reason, job.reason
+    assert patient_id not in job.reason
+    assert patient_id not in caplog.text

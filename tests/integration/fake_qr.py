@@ -1,7 +1,10 @@
-"""A Query/Retrieve SCP (pynetdicom, run as its own process) that answers a C-MOVE's final
-success without the sub-operation counts, as PS3.4 C.4.2.1.6 allows and some PACS do.
-dcmqrscp and Orthanc always send them. Arguments: port, move destination port, folder of
-the files it holds."""
+"""A Query/Retrieve SCP (pynetdicom, run as its own process) that answers what dcmqrscp and
+Orthanc do not. Arguments: port, move destination port, folder of the files it holds, mode:
+
+- ``no-counts``: a C-MOVE's final success without the sub-operation counts, as PS3.4
+  C.4.2.1.6 allows and some PACS do;
+- ``refuse-find``: every C-FIND answered 0xA900 with an Error Comment quoting the Patient ID
+  asked for, as some PACS do."""
 
 from __future__ import annotations
 
@@ -36,11 +39,19 @@ def _without_counts(self: DIMSEServiceProvider, primitive: Any, context_id: int)
 
 def main() -> None:
     port, move_port, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    mode = sys.argv[4]
     held = [dcmread(p) for p in sorted(folder.rglob("*.dcm"))]
-    DIMSEServiceProvider.send_msg = _without_counts  # type: ignore[method-assign]
+    if mode == "no-counts":
+        DIMSEServiceProvider.send_msg = _without_counts  # type: ignore[method-assign]
 
-    def find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+    def find(event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         query, seen = event.identifier, set()
+        if mode == "refuse-find":
+            status = Dataset()
+            status.Status = 0xA900
+            status.ErrorComment = f"Unknown patient {query.PatientID}"
+            yield status, None
+            return
         for ds in held:
             level = query.QueryRetrieveLevel
             if level == "SERIES" and ds.StudyInstanceUID != query.StudyInstanceUID:
@@ -66,7 +77,7 @@ def main() -> None:
         for ds in wanted:
             yield 0xFF00, ds
 
-    ae = AE(ae_title="QRNOCOUNT")
+    ae = AE(ae_title="FAKEQR")
     for context in (FIND, MOVE, Verification):
         ae.add_supported_context(context)
     for ds in held:
