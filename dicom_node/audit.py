@@ -155,8 +155,9 @@ class StudyRecord:
 
 
 class TransferTally:
-    """The instances of one transfer by study: those that went, and those that did not with
-    the first reason (one audit message per study and outcome)."""
+    """The instances of one transfer by study and patient: those that went, and those that did
+    not with the first reason (one audit message per study, patient and outcome: a series
+    filed under another patient is audited under that patient, PS3.15 A.5.3.10)."""
 
     def __init__(self, active: bool = True) -> None:
         self.active = active  # False: counts nothing (no audit trail to tell)
@@ -169,7 +170,9 @@ class TransferTally:
     def add(self, ds: Dataset, sop_class_uid: str, error: str = "") -> None:
         if not self.active:
             return
-        study = str(ds.get("StudyInstanceUID", "") or "")
+        study = "\0".join(
+            str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "PatientID", "IssuerOfPatientID")
+        )
         if error:
             record, reason = self.failed.get(study) or (StudyRecord.from_dataset(ds), error)
             self.failed[study] = (record, reason)

@@ -527,3 +527,38 @@ def test_audit_settings_are_checked_at_start(yaml: str, expected: str, tmp_path:
     config.write_text(yaml + "\n")
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_settings(config)
+
+
+def test_a_study_naming_two_patients_is_audited_under_each(tmp_path: Path) -> None:
+    """A series filed under another patient came in the same association as its study: the
+    transfer was audited under the first instance's patient alone, and an audit query for the
+    other patient found nothing of the node, which holds that patient's images."""
+    log_file = tmp_path / "audit.log"
+    trail = AuditTrail(AuditSettings(enabled=True, file=log_file), "GLIOFORECAST")
+    study = factories.small_study(tmp_path / "study")
+    tally = TransferTally()
+    for path in study["t1c"]:
+        tally.add(pydicom.dcmread(path), MR)
+    for path in study["flair"]:
+        misfiled = pydicom.dcmread(path)
+        misfiled.PatientID, misfiled.PatientName = "PID-9944-QQQ", "Yxorp^Bartholomew"
+        tally.add(misfiled, MR)
+    trail.transferred(
+        Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
+        Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
+        tally,
+    )
+    messages = [ET.fromstring(line) for line in log_file.read_text("utf-8").splitlines()]
+    patients = {
+        _objects(m)["Patient Number"].get("ParticipantObjectID"): _sop_classes(
+            _objects(m)["Study Instance UID"]
+        )
+        for m in messages
+    }
+    original = str(pydicom.dcmread(study["t1c"][0]).PatientID)
+    assert patients == {
+        original: {MR: len(study["t1c"])},
+        "PID-9944-QQQ": {MR: len(study["flair"])},
+    }
+    for message in messages:
+        check_schema(message)
