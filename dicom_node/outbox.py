@@ -325,7 +325,7 @@ class Outbox:
         self.policy = policy or RetryPolicy()
         self.clock = clock
         try:
-            self.objects_dir.mkdir(parents=True, exist_ok=True)
+            self.objects_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(
                 f"cannot create the outbox folder {self.objects_dir}: {exc}"

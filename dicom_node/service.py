@@ -272,7 +272,7 @@ class Node:
         data_dir = settings.storage.data_dir
         try:
             existed = data_dir.is_dir()
-            data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
             if not existed:
                 log.info("data folder %s created (a new node: nothing received yet)", data_dir)
             self._lock = lock_data_dir(data_dir)

@@ -130,7 +130,7 @@ class Spool:
     def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self.incoming = root / INCOMING
         self._pool: ThreadPoolExecutor | None = None
@@ -154,7 +154,10 @@ class Spool:
         if folder in self._known_dirs:
             return
         created = not folder.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        # the study's folder, then the series' (parents=True makes parents with the umask's
+        # mode): private to the node's user, whatever the umask
+        folder.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o750, exist_ok=True)
         if created:
             # make the new folder entries durable too
             _fsync_dir(folder.parent)
@@ -216,7 +219,7 @@ class Spool:
         with self._pool_lock:
             if self._pool is None:
                 if not self.incoming.is_dir():
-                    self.incoming.mkdir(exist_ok=True)
+                    self.incoming.mkdir(mode=0o750, exist_ok=True)
                     _fsync_dir(self.root)
                 self._pool = ThreadPoolExecutor(_SYNC_WORKERS, thread_name_prefix="spool-sync")
             return self._pool
@@ -235,7 +238,7 @@ class Spool:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except FileNotFoundError:  # .incoming removed under us: make it again
-                self.incoming.mkdir(exist_ok=True)
+                self.incoming.mkdir(mode=0o750, exist_ok=True)
                 _fsync_dir(self.root)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:

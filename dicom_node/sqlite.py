@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -26,7 +27,12 @@ class Database:
         self.what = what
         self.lock = threading.RLock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            # private to the node's user whatever its umask: the databases name patients
+            # (SQLite gives the -wal and -shm files the database's permissions)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            if os.stat(self.path).st_mode & 0o077:  # made by an earlier version
+                os.chmod(self.path, 0o600)
             self.conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )

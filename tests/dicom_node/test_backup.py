@@ -235,3 +235,27 @@ def test_a_data_folder_named_with_uri_characters_and_a_damaged_backup(tmp_path, 
     err = capsys.readouterr().err
     assert f"{jobs} is damaged" in err and "nothing was changed" in err
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_a_data_folder_the_node_makes_is_private_to_its_user(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Under umask 022 (a node started by hand, not by its unit) the databases were made 0644
+    and the folders 0755: the job and outbox databases hold patients' names, IDs and birth
+    dates. Whatever the umask, nobody but the node's user reads them."""
+    data = tmp_path / "data"
+    old = os.umask(0o022)
+    try:
+        with _running(_settings(data, free_port())) as node:
+            study = small_study(tmp_path / "in")
+            assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+            wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2,
+                     timeout=60, what="the failure notice queued")  # fmt: skip
+            readable = sorted(
+                str(p.relative_to(data))
+                for p in [data, *data.rglob("*")]
+                if stat.S_IMODE(p.stat().st_mode) & 0o007
+            )
+    finally:
+        os.umask(old)
+    assert readable == []
+    for name in ("jobs.sqlite3", "outbox.sqlite3"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
