@@ -232,7 +232,10 @@ def _message(
     if description:
         ET.SubElement(ident, "EventOutcomeDescription").text = description
     for p in participants:
-        attrs = {"UserID": p.ae_title, "UserIsRequestor": "true" if p.requestor else "false"}
+        # UserID is required: a peer refused before it named an AE title (a TLS handshake, a
+        # STOW-RS client without credentials) is named by its address
+        user = p.ae_title or p.host or "unknown"
+        attrs = {"UserID": user, "UserIsRequestor": "true" if p.requestor else "false"}
         if p.process_id:
             attrs["AlternativeUserID"] = p.process_id
         if p.user_name:

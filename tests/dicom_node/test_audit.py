@@ -562,3 +562,17 @@ def test_a_study_naming_two_patients_is_audited_under_each(tmp_path: Path) -> No
     }
     for message in messages:
         check_schema(message)
+
+
+def test_a_peer_refused_before_it_named_an_ae_title_is_named_by_its_address(
+    tmp_path: Path,
+) -> None:
+    """A TLS handshake or a STOW-RS client refused has no AE title: its Security Alert had
+    UserID "", which the audit schema refuses (PS3.15 A.5.1: UserID is required)."""
+    log_file = tmp_path / "audit.log"
+    trail = AuditTrail(AuditSettings(enabled=True, file=log_file), "GLIOFORECAST")
+    trail.refused("", "10.9.9.9", "TLS handshake failed: certificate unknown")
+    (line,) = log_file.read_text("utf-8").splitlines()
+    alert = ET.fromstring(line)
+    check_schema(alert)
+    assert _participants(alert)["none"].get("UserID") == "10.9.9.9"
