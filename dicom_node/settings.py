@@ -932,13 +932,27 @@ def warnings_of(s: Settings) -> list[str]:
             "address, cannot use every association the node takes"
         )
     stow = s.stow
-    loopback = stow.bind_address in ("127.0.0.1", "::1", "localhost")
+    loopback = stow.bind_address in _LOOPBACK
     if stow.enabled and not s.node.tls.enabled and not loopback:
         out.append(
             f"stow: the STOW-RS receiver listens on {stow.bind_address} without TLS (node.tls "
             "is off): studies and any token or password cross the network in clear text"
         )
+    for n, d in enumerate(s.destinations):
+        web = d.dicomweb
+        host = urllib.parse.urlsplit(web.url).hostname or ""
+        credentials = web.token_file is not None or bool(web.username)
+        if web.url.startswith("http://") and credentials and host not in _LOOPBACK:
+            out.append(
+                f"destinations[{n}] ({d.name}): {web.url} is plain http: the results and the "
+                "token or password cross the network in clear text (use https)"
+            )
     if not s.node.refuse_unknown_callers:
+        if s.node.bind_address not in _LOOPBACK:
+            out.append(
+                f"node.refuse_unknown_callers is false and the node listens on "
+                f"{s.node.bind_address}: any AE title from any host may send it studies"
+            )
         return out
     source = next((d for d in s.destinations if d.name == s.retrieve.source), None)
     if (
@@ -970,6 +984,9 @@ def warnings_of(s: Settings) -> list[str]:
                 f"with hosts: [{d.host}])"
             )
     return out
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -241,3 +241,32 @@ def test_a_number_yaml_reads_as_text_says_how_to_write_it(tmp_path: Path) -> Non
         "write it 1.0e+9)" in str(err.value), str(err.value)  # fmt: skip
     settings = load_settings(write(tmp_path, "worker:\n  job_timeout_s: 1.0e+9\n"))
     assert settings.worker.job_timeout_s == 1e9
+
+
+def test_clear_text_credentials_and_an_open_receiver_are_warnings(tmp_path: Path) -> None:
+    """A DICOMweb destination on plain http with a token sends it, and the results, in clear
+    text beyond this machine; a node that takes any caller on a network address takes studies
+    from anyone. Neither was said."""
+    from dicom_node.settings import warnings_of
+
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    path = write(
+        tmp_path,
+        "node: {refuse_unknown_callers: false, bind_address: 0.0.0.0}\n"
+        "destinations:\n"
+        f"  - {{name: vna, dicomweb: {{url: 'http://vna.example.org/dicom-web', "
+        f"token_file: {token}}}}}\n"
+        f"  - {{name: local, dicomweb: {{url: 'http://127.0.0.1:8042/dicom-web', "
+        f"token_file: {token}}}}}\n",
+    )
+    said = warnings_of(load_settings(path))
+    assert (
+        "destinations[0] (vna): http://vna.example.org/dicom-web is plain http: the results "
+        "and the token or password cross the network in clear text (use https)"
+    ) in said
+    assert not [w for w in said if w.startswith("destinations[1]")]
+    assert (
+        "node.refuse_unknown_callers is false and the node listens on 0.0.0.0: any AE title "
+        "from any host may send it studies"
+    ) in said
