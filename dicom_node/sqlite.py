@@ -30,9 +30,13 @@ class Database:
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             # private to the node's user whatever its umask: the databases name patients
             # (SQLite gives the -wal and -shm files the database's permissions)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-            if os.stat(self.path).st_mode & 0o077:  # made by an earlier version
-                os.chmod(self.path, 0o600)
+            # (never open and close an existing database file here: closing any descriptor of
+            # it drops the POSIX locks of every SQLite connection of this process to it)
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                if os.stat(self.path).st_mode & 0o077:  # made by an earlier version
+                    os.chmod(self.path, 0o600)
             self.conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30
             )
