@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -370,6 +371,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from inference.data import write_volume
 
     started = time.monotonic()
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        return _fail("predict", GlioforecastError(f"--out {out}: expected a folder, found a file"))
     try:
         inputs, fmt, roles = load_study(args.input, getattr(args, "config", None))
         if args.survival_class:
@@ -396,16 +400,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 unknown_class=args.unknown_class,
             )
         prediction = predictor.predict(inputs, samples=args.samples)
-        out: Path = args.out
-        out.mkdir(parents=True, exist_ok=True)
-        written = {
-            "mean": write_volume(prediction.mean, out / "mean.nii.gz"),
-            "std": write_volume(prediction.std, out / "std.nii.gz"),
-            "tumour_mask": write_volume(prediction.tumour_mask, out / "tumour_mask.nii.gz"),
-        }
     except GlioforecastError as exc:
         return _fail("predict", exc)
-    summary = {
+    summary: dict[str, Any] = {
         "notice": "synthetic prediction - research use only, not for clinical use",
         "input": str(args.input),
         "input_format": fmt,
@@ -428,10 +425,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "spacing_mm": list(prediction.mean.spacing),
             "frame_of_reference_uid": prediction.mean.frame_of_reference_uid,
         },
-        "files": {k: str(v.name) for k, v in written.items()},
         "seconds": round(time.monotonic() - started, 2),
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    try:  # each file whole or not at all (a full disk left them cut short, and said success)
+        out.mkdir(parents=True, exist_ok=True)
+        written = {
+            "mean": write_volume(prediction.mean, out / "mean.nii.gz"),
+            "std": write_volume(prediction.std, out / "std.nii.gz"),
+            "tumour_mask": write_volume(prediction.tumour_mask, out / "tumour_mask.nii.gz"),
+        }
+        summary["files"] = {k: str(v.name) for k, v in written.items()}
+        tmp = out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, out / "summary.json")
+    except OSError as exc:
+        return _fail("predict", GlioforecastError(f"the prediction was not written: {exc}"))
     print(
         f"{prediction.model_name} {prediction.model_version}: tumour "
         f"{prediction.current_volume_ml:.1f} ml -> {prediction.predicted_volume_ml:.1f} ml, "

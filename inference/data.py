@@ -31,11 +31,14 @@ deterministically from a seed.
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import logging
 import multiprocessing
 import os
 import re
+import struct
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -102,13 +105,57 @@ def cohort_seed_of(patient_id: str) -> int | None:
 # NIfTI <-> Volume
 
 
+def _nifti_shortfall(path: Path) -> str:
+    """Why the NIfTI file at ``path`` is cut short ('' when whole, or not a NIfTI-1 file):
+    SimpleITK reads a gzip stream that ends early, or a file shorter than its header says,
+    with no error, and the missing voxels as zeros."""
+    data = b""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                header = fh.read(348)
+                size = len(header) + sum(
+                    len(chunk) for chunk in iter(lambda: fh.read(1 << 20), b"")
+                )
+        else:
+            with path.open("rb") as fh:
+                header = fh.read(348)
+            size = path.stat().st_size
+    except (EOFError, OSError, zlib.error) as exc:
+        return f"its gzip stream is cut short or damaged ({exc})"
+    data = header
+    if len(data) < 348:
+        return ""  # not a NIfTI-1 header: SimpleITK says what it is
+    for order in ("<", ">"):
+        if struct.unpack(f"{order}i", data[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", data[40:56])
+            bitpix = struct.unpack(f"{order}h", data[72:74])[0]
+            offset = struct.unpack(f"{order}f", data[108:112])[0]
+            break
+    else:
+        return ""
+    if not 1 <= dims[0] <= 7 or bitpix <= 0:
+        return ""
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]]))
+    expected = int(offset) + voxels * bitpix // 8
+    if size < expected:
+        return f"it holds {size} bytes, its header says {expected}: the file is cut short"
+    return ""
+
+
 def read_volume(path: str | Path) -> Volume:
-    """A NIfTI (or any SimpleITK-readable) image as a :class:`Volume` in LPS millimetres."""
+    """A NIfTI (or any SimpleITK-readable) image as a :class:`Volume` in LPS millimetres. A
+    NIfTI file cut short (a copy that stopped, a full disk) is refused: SimpleITK reads the
+    missing voxels as zeros."""
     import SimpleITK as sitk
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"image {p}: expected a file, found none")
+    if p.name.endswith((".nii", ".nii.gz")):
+        short = _nifti_shortfall(p)
+        if short:
+            raise InputError(f"image {p}: not readable: {short}")
     try:
         img = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -127,7 +174,11 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Write a :class:`Volume` as NIfTI (gzip when the name ends in ``.gz``); booleans as uint8."""
+    """Write a :class:`Volume` as NIfTI (gzip when the name ends in ``.gz``); booleans as uint8.
+
+    Written to a temporary name, checked whole (SimpleITK does not raise when the disk is
+    full: it prints an error and leaves a file cut short), then renamed: ``path`` is the
+    whole new image or what it was before. Raises OSError when it could not be written."""
     import SimpleITK as sitk
 
     array = np.asarray(volume.array)
@@ -136,7 +187,20 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     img = sitk_image(volume, array)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(out), str(out).endswith(".gz"))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp{''.join(out.suffixes)}")
+    try:
+        try:
+            sitk.WriteImage(img, str(tmp), str(out).endswith(".gz"))
+        except RuntimeError as exc:
+            raise OSError(f"cannot write {out}: {str(exc).strip().splitlines()[-1]}") from None
+        short = _nifti_shortfall(tmp) if tmp.is_file() else "nothing was written"
+        if short:
+            raise OSError(f"cannot write {out}: {short} (is the disk full?)")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -172,6 +236,17 @@ def study_inputs_from_nifti(folder: str | Path, survival_class: str | None = Non
 
     gtv = on_t1c("gtv")
     assert gtv is not None
+    values = np.unique(np.asarray(gtv.array))
+    if len(values) > 2 or (values[0] != 0 and len(values) == 2):
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise InputError(
+            f"{d / INPUT_FILES['gtv']}: expected a binary mask (0 and one other value), found "
+            f"{len(values)} values ({shown}): a probability or label map; threshold it first"
+        )
+    if not values.any():
+        raise InputError(
+            f"{d / INPUT_FILES['gtv']}: expected the tumour outline (GTV), found an empty mask"
+        )
     dose = on_t1c("dose")
     return StudyInputs(
         t1c=t1c,

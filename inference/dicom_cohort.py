@@ -242,6 +242,15 @@ def study_inputs_from_series(
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
     by_role, described = _roles(series, settings, name)
+    if "t1c" in by_role:  # what the node refuses, offline too
+        from pydicom import dcmread
+
+        from dicom_node.pipeline import not_the_head
+
+        t1c = by_role["t1c"]
+        elsewhere = not_the_head(dcmread(t1c.files[0], stop_before_pixels=True), t1c.summary)
+        if elsewhere:
+            raise InputError(f"{name}: {elsewhere}")
     files = {s.uid: s.files for s in series}
     ranked = ranked_candidates([s.summary for s in series], settings.roles)
     fallbacks = {
@@ -306,9 +315,31 @@ def study_inputs_from_dicom(
     """A DICOM study folder (any depth) as :class:`StudyInputs`: every series found there,
     roles assigned by the node's rules (``config`` or the embedded default); also returns
     role -> series description."""
-    studies = [s for patient in index_dicom(folder).values() for s in patient]
+    patients = index_dicom(folder)
+    studies = [s for patient in patients.values() for s in patient]
     if not studies:
         raise InputError(f"DICOM study {folder}: expected DICOM files, found none")
+
+    def listed(chosen: Sequence[DicomStudy]) -> str:
+        return "; ".join(
+            f"study {s.study_instance_uid}: series "
+            + ", ".join(f"{x.summary.series_number} '{x.summary.series_description}'"
+                        for x in s.series)
+            for s in chosen
+        )  # fmt: skip
+
+    if len(patients) > 1:  # as the node, no prediction from the images of two patients
+        raise InputError(
+            f"DICOM study {folder}: expected the study of one patient, found {len(patients)} "
+            f"patients (their Patient IDs differ): {listed(studies)}"
+        )
+    imaged = [s for s in studies if any(x.summary.modality == "MR" for x in s.series)]
+    if len(imaged) > 1:  # a follow-up beside the pre-treatment study, say
+        raise InputError(
+            f"DICOM study {folder}: expected the MR images of one study (its RT objects may be "
+            f"in another, the planning study), found MR series in {len(imaged)} studies: "
+            f"{listed(imaged)}; give a folder with one of them"
+        )
     series = [s for study in studies for s in study.series]
     return study_inputs_from_series(series, load_settings(config), f"DICOM study {folder}")
 

@@ -54,11 +54,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (numpy's generators take no negative seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, found {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=positive_int, required=True, help="number of patients")
     parser.add_argument("--sites", type=positive_int, default=1, help="number of sites")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help="cohort seed (same seed, same files)")
+    parser.add_argument(
+        "--seed", type=seed_int, default=0, help="cohort seed (same seed, same files)"
+    )
     parser.add_argument(
         "--spacing", type=float, default=2.0, help="simulation grid spacing in mm (default 2)"
     )
@@ -117,6 +130,15 @@ def run(args: argparse.Namespace) -> int:
 
         return tqdm(it, total=total, unit="patient", desc="synth", file=sys.stderr)
 
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # a cohort written over another leaves the other's files: a series of one cohort took
+        # the other's slices of the same UIDs at another spacing, and patients it did not make
+        sys.stderr.write(
+            f"error: --out {out}: expected a new or empty folder, found "
+            f"{'a file' if not out.is_dir() else 'one holding files'}\n"
+        )
+        return 2
     started = time.perf_counter()
     try:
         records = generate_cohort(
@@ -134,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             follow_up_moved=args.follow_up_moved,
             rt_planning_frame=args.rt_planning_frame,
         )
-    except GlioforecastError as exc:
+    except (GlioforecastError, OSError) as exc:  # OSError: a full disk, a folder not writable
         logger.error("synth failed: %s", exc)
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -153,6 +153,45 @@ def test_nifti_inputs_and_errors(tiny_cohort: Cohort, tmp_path: Path) -> None:
         study_inputs_from_nifti(tmp_path)
 
 
+def test_a_gtv_that_is_not_a_binary_mask_is_refused(tiny_cohort: Cohort, tmp_path: Path) -> None:
+    """A probability map was read as a mask at > 0 (a 41 ml tumour became 1127 ml), an empty
+    mask as no tumour (a "complete response" of nothing): both are refused, a 0/255 mask is
+    taken."""
+    patient = read_cohort(tiny_cohort[0])[0]
+    for name in ("pre_t1c.nii.gz", "gtv.nii.gz"):
+        (tmp_path / name).write_bytes((patient.folder / name).read_bytes())
+    gtv = read_volume(tmp_path / "gtv.nii.gz")
+    inside = np.asarray(gtv.array) > 0
+    write_volume(gtv.with_array(inside.astype(np.float32) * 0.7 + 0.1), tmp_path / "gtv.nii.gz")
+    with pytest.raises(InputError, match=r"expected a binary mask .* found 2 values \(0.1, 0.8\)"):
+        study_inputs_from_nifti(tmp_path)
+    write_volume(gtv.with_array(np.zeros_like(inside, np.uint8)), tmp_path / "gtv.nii.gz")
+    with pytest.raises(InputError, match="found an empty mask"):
+        study_inputs_from_nifti(tmp_path)
+    write_volume(gtv.with_array(inside.astype(np.uint8) * 255), tmp_path / "gtv.nii.gz")
+    assert study_inputs_from_nifti(tmp_path).tumour_mask.array.sum() == inside.sum()
+
+
+def test_a_nifti_file_cut_short_is_refused_and_none_is_written_so(tmp_path: Path) -> None:
+    """SimpleITK read a .nii.gz cut short with no error, the missing voxels as zeros (a
+    prediction was made of half an image), and wrote one cut short on a full disk, saying
+    nothing. Reading refuses it; writing leaves the whole new file or the one before."""
+    vol = Volume(
+        array=np.arange(8000, dtype=np.float32).reshape(20, 20, 20),
+        spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3),
+    )  # fmt: skip
+    for name in ("v.nii.gz", "v.nii"):
+        data = write_volume(vol, tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(data[: len(data) // 2])
+        with pytest.raises(InputError, match=r"not readable: .*cut short"):
+            read_volume(tmp_path / f"cut-{name}")
+    # a folder where the file should go cannot be replaced: an error, and nothing is left
+    (tmp_path / "busy.nii.gz").mkdir()
+    with pytest.raises(OSError, match="Is a directory"):
+        write_volume(vol, tmp_path / "busy.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_volume_round_trip_keeps_an_oblique_anisotropic_grid(tmp_path: Path) -> None:
     c, s = np.cos(0.3), np.sin(0.3)
     direction = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])

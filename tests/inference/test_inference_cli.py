@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,41 @@ def test_predict_refusals(
     assert "expected bundled, none or a model directory with a model.yaml" in (
         capsys.readouterr().err
     )
+
+
+def test_predict_refuses_a_folder_of_several_studies_and_other_body_parts(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The series of every patient and study in the folder were pooled: a follow-up beside the
+    pre-treatment study gave a prediction from the follow-up's T1-Gd and the pre-treatment
+    GTV, and two patients one prediction from either. The node's refusals hold offline too."""
+    import pydicom
+
+    first, second = (p.patient_id for p in tiny_cohort[1][:2])
+    pre = dicom_study_dir(tiny_cohort[0], first)
+    both = tmp_path / "both"
+    shutil.copytree(pre, both / "a")
+    shutil.copytree(dicom_study_dir(tiny_cohort[0], second), both / "b")
+    assert run(["predict", str(both), "--out", str(tmp_path / "o")]) == 2
+    assert "expected the study of one patient, found 2 patients" in capsys.readouterr().err
+    with_follow_up = tmp_path / "follow-up"
+    shutil.copytree(pre, with_follow_up / "pre")
+    shutil.copytree(dicom_study_dir(tiny_cohort[0], first, "post"), with_follow_up / "post")
+    assert run(["predict", str(with_follow_up), "--out", str(tmp_path / "o")]) == 2
+    assert "expected the MR images of one study" in capsys.readouterr().err
+    knee = tmp_path / "knee"
+    shutil.copytree(pre, knee)
+    for path in knee.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.Modality == "MR":
+            ds.BodyPartExamined = "KNEE"
+            ds.save_as(path)
+    assert run(["predict", str(knee), "--out", str(tmp_path / "o")]) == 2
+    assert "(BodyPartExamined KNEE): expected a brain MRI" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert run(["predict", str(pre), "--out", str(tmp_path / "a-file")]) == 2
+    assert "expected a folder, found a file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_evaluate_takes_the_bundled_model_by_name(

@@ -43,6 +43,7 @@ def test_register_adds_synth_with_defaults(tmp_path: Path) -> None:
         ["--survival-cutoffs", "24,12"],
         ["--survival-cutoffs", "x"],
         ["--outcome-draws", "0"],
+        ["--seed", "-1"],
     ],
 )
 def test_bad_arguments_are_refused(
@@ -108,6 +109,7 @@ def test_run_puts_the_rt_objects_on_a_planning_frame(tmp_path: Path) -> None:
     reg = pydicom.dcmread(planned / pre / "REG" / "reg.dcm")
     t1c = pydicom.dcmread(next((planned / pre / "003_t1c").glob("*.dcm")))
     assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == reg.FrameOfReferenceUID
+    assert rs.FrameOfReferenceUID == reg.FrameOfReferenceUID  # its top-level one too
     assert reg.FrameOfReferenceUID != t1c.FrameOfReferenceUID
     assert {str(i.FrameOfReferenceUID) for i in reg.RegistrationSequence} == {
         reg.FrameOfReferenceUID, t1c.FrameOfReferenceUID,
@@ -126,6 +128,21 @@ def test_run_puts_the_rt_objects_on_a_planning_frame(tmp_path: Path) -> None:
         pydicom.dcmread(next((own / planning / f).glob("*.dcm"))).StudyInstanceUID for f in moved
     }
     assert len(studies) == 1 and studies != {t1c.StudyInstanceUID}
+
+
+def test_a_folder_holding_files_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cohort written over another left the other's files: a series took the other cohort's
+    slices of the same UIDs at another spacing, and patients the new table does not list."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "cohort.csv").write_text("patient_id\n")
+    args = _parser().parse_args(
+        ["synth", "--patients", "1", "--out", str(tmp_path / "c"), "--format", "none"]
+    )
+    assert args.func(args) == 2
+    assert "expected a new or empty folder, found one holding files" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["cohort.csv"]
 
 
 def test_run_reports_library_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
