@@ -272,6 +272,22 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.state_file.is_file()
 
+    def state(self) -> dict[str, Any]:
+        """The checkpoint's state.json; InferenceError when it cannot be read."""
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InferenceError(
+                f"checkpoint {self.state_file}: expected the training state as JSON, found an "
+                f"unreadable file ({exc}): start again without --resume, or into another --out"
+            ) from None
+        if not isinstance(state, dict):
+            raise InferenceError(
+                f"checkpoint {self.state_file}: expected a JSON object, found "
+                f"{type(state).__name__}: start again without --resume"
+            )
+        return state
+
     def save(
         self,
         module: torch.nn.Module,
@@ -304,7 +320,7 @@ class Checkpoint:
     ) -> dict[str, Any]:
         from inference.model_dir import load_weights_file
 
-        state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        state = self.state()
         load_state_checked(
             module, load_weights_file(self.dir / "weights.safetensors"), str(self.dir)
         )
@@ -377,8 +393,7 @@ def _check_resume_before_preparing(
     prepare every patient before their first step: about 6 minutes for 1000 on 2 idle CPU
     cores, more on busy ones)."""
     if options.resume and ckpt.exists():
-        state = json.loads(ckpt.state_file.read_text(encoding="utf-8"))
-        _check_resume(state, identity, ckpt.dir, defaults)
+        _check_resume(ckpt.state(), identity, ckpt.dir, defaults)
 
 
 def _short(value: Any) -> str:

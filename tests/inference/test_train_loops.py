@@ -154,6 +154,10 @@ def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing
         train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=4))
     assert 'config.version: checkpoint has "0.0.0-test", this run "9.9.9"' in str(err.value)
     assert prepared == []
+    # a state file cut short (a disk that filled) is named, not a JSONDecodeError traceback
+    state_file.write_text(state_file.read_text()[:40])
+    with pytest.raises(InferenceError, match=r"state\.json: expected the training state as JSON"):
+        train_diffusion([tiny_cohort[0]], out, dataclasses.replace(options, epochs=4))
 
 
 def test_a_time_limit_stops_after_an_epoch_and_resume_goes_on(
