@@ -169,8 +169,13 @@ def plan_model_grid(
         perm = np.abs(np.round(relation)).astype(int)
         src_spacing = np.asarray(volume.spacing) @ perm  # source spacing along each model axis
         if np.allclose(src_spacing, spacing_arr, rtol=1e-6):
-            index = np.linalg.inv(volume.affine) @ np.r_[origin, 1.0]
-            origin = (volume.affine @ np.r_[np.round(index[:3]), 1.0])[:3]
+            # the nearest lattice point along the model axes, a tie going to the lower model
+            # coordinate: in voxel indices (round half to even) the tie went either way with
+            # the order the source stores its voxels in, and the same image stored reversed
+            # got a grid one voxel apart, and another prediction
+            lattice = direction.T @ np.asarray(volume.origin, dtype=float)
+            steps = np.floor((direction.T @ origin - lattice) / spacing_arr + 0.5)
+            origin = direction @ (lattice + steps * spacing_arr)
     return ModelGrid(
         shape=(int(size_ijk[2]), int(size_ijk[1]), int(size_ijk[0])),
         spacing=(sp[0], sp[1], sp[2]),

@@ -123,6 +123,25 @@ def test_mask_round_trip_keeps_its_shape() -> None:
     assert back.array.dtype == bool and dice > 0.97
 
 
+def test_the_same_image_stored_reversed_gets_the_same_model_grid() -> None:
+    """The model grid is snapped to the source lattice; a centre half a voxel off it was
+    rounded in voxel indices (half to even), so the same image stored with an axis reversed
+    got a grid one voxel apart, and another prediction (4.2 against 0.8 ml outlined)."""
+    for shape in ((40, 56, 48), (40, 57, 49)):
+        src = _head(shape=shape)
+        flipped_direction = np.diag([-1.0, 1.0, 1.0])
+        far = src.affine @ np.array([shape[2] - 1, 0, 0, 1.0])
+        reversed_x = Volume(
+            array=src.array[:, :, ::-1].copy(), spacing=src.spacing,
+            origin=(float(far[0]), src.origin[1], src.origin[2]), direction=flipped_direction,
+        )  # fmt: skip
+        for crop in (None, (32, 40, 35)):
+            a = plan_model_grid(src, shape=crop, orientation="RAS")
+            b = plan_model_grid(reversed_x, shape=crop, orientation="RAS")
+            assert (a.shape, a.origin) == (b.shape, b.origin), (shape, crop)
+            np.testing.assert_array_equal(to_model_space(src, a), to_model_space(reversed_x, b))
+
+
 def test_crop_centres_the_head() -> None:
     src = _head(shape=(40, 56, 48), origin=(50.0, 60.0, 70.0))
     grid = plan_model_grid(src, spacing=(2.0, 2.0, 2.0), shape=(20, 24, 24), orientation="LPS")
