@@ -417,6 +417,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "sample_classes": list(prediction.sample_classes),
         "current_volume_ml": prediction.current_volume_ml,
         "predicted_volume_ml": prediction.predicted_volume_ml,
+        # what tumour_mask.nii.gz outlines (where the samples agree), as the node's SR says
+        "outlined_volume_ml": prediction.outlined_volume_ml,
         "sample_volumes_ml": list(prediction.sample_volumes_ml),
         "response_probabilities": prediction.response_probabilities,
         "response_category": prediction.response_category,

@@ -152,6 +152,13 @@ def test_train_evaluate_predict_end_to_end(
         vol = read_volume(nifti_out / f"{name}.nii.gz")
         assert vol.shape == source.shape
         np.testing.assert_allclose(vol.affine, source.affine, atol=1e-4)
+    # the volume the mask file outlines, beside the samples' mean volume
+    outlined = read_volume(nifti_out / "tumour_mask.nii.gz")
+    voxel_ml = float(np.prod(outlined.spacing)) / 1000.0
+    summary = json.loads((nifti_out / "summary.json").read_text())
+    assert summary["outlined_volume_ml"] == pytest.approx(
+        float(np.asarray(outlined.array).sum()) * voxel_ml, rel=1e-6
+    )
 
     dicom_out = tmp_path / "pred-dicom"
     study = dicom_study_dir(tiny_cohort[0], patient)
