@@ -43,26 +43,25 @@ def _cutoffs(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1, with a message naming what was found."""
+def _whole_number(text: str, minimum: int, expected: str) -> int:
+    """``text`` as a whole number >= ``minimum``, or the argparse error naming what was found."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1, with a message naming what was found."""
+    return _whole_number(text, 1, "a positive integer")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a whole number >= 0 (numpy's generators take no negative seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, found {text!r}")
-    return value
+    return _whole_number(text, 0, "a whole number >= 0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -219,6 +219,17 @@ def test_the_node_reports_what_it_received_refused_and_sent(  # type: ignore[no-
         proc.wait(timeout=30)
 
 
+def _scanner_sent(trail: AuditTrail, record: StudyRecord) -> None:
+    """Audit SCANNER1 sending ``record``'s study to the node."""
+    tally = TransferTally()
+    tally.done[record.study_instance_uid] = record
+    trail.transferred(
+        Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
+        Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
+        tally,
+    )
+
+
 def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Path) -> None:
     arr = AuditRepository(tmp_path / "arr", pki)  # not started yet
     log_file = tmp_path / "audit.log"
@@ -229,14 +240,7 @@ def test_udp_and_a_file_and_a_repository_that_comes_late(tmp_path: Path, pki: Pa
     )  # fmt: skip
     trail.start()
     try:
-        record = StudyRecord("1.2.3", "PAT-1", "Doe^Jane", "ACC-9", {MR: 3})
-        tally = TransferTally()
-        tally.done["1.2.3"] = record
-        trail.transferred(
-            Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
-            Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
-            tally,
-        )
+        _scanner_sent(trail, StudyRecord("1.2.3", "PAT-1", "Doe^Jane", "ACC-9", {MR: 3}))
         # the file has both at once, private to the node's user
         lines = log_file.read_text("utf-8").splitlines()
         assert [event_id(ET.fromstring(line)) for line in lines] == ["110100", "110104"]
@@ -292,13 +296,8 @@ def test_an_audit_file_that_cannot_be_written_spares_the_repository(
         assert len(_received(udp, "110113")) == 1  # the repository has it all the same
         assert trail.dropped == 2 and not trail.reachable  # Application Start, the alert
         log_file.rmdir()
-        record = StudyRecord("1.2.3", "CTRL\x0cID\u2028X", "Ctrl\x01Evil^Name\x1b", "", {MR: 1})
-        tally = TransferTally()
-        tally.done["1.2.3"] = record
-        trail.transferred(
-            Participant("SCANNER1", "10.0.0.5", True, ROLE_SOURCE),
-            Participant("GLIOFORECAST", "node", False, ROLE_DESTINATION),
-            tally,
+        _scanner_sent(
+            trail, StudyRecord("1.2.3", "CTRL\x0cID\u2028X", "Ctrl\x01Evil^Name\x1b", "", {MR: 1})
         )
         assert trail.reachable and trail.dropped == 2
         (line,) = log_file.read_text("utf-8").splitlines()
