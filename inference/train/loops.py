@@ -258,6 +258,10 @@ def _record_stage(out: Path, stage: str, info: dict[str, Any], base: dict[str, A
     _atomic_json(out / TRAIN_STATE, state)
 
 
+#: the key, in each file of a checkpoint, of the token of the save that wrote it
+SAVE_TOKEN = "glioforecast_save"
+
+
 class Checkpoint:
     """The checkpoint of one stage in ``OUT/checkpoints/<stage>/``."""
 
@@ -299,17 +303,45 @@ class Checkpoint:
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        # every file of one save carries the same token, state.json last: a kill in the
+        # middle of a save leaves files of two saves, which load() refuses to resume from
+        token = f"{time.time_ns()}"
         files = {"weights.safetensors": module}
         if average is not None:
             files[AVERAGE_FILE] = average.module
         for name, source in files.items():
             weights = {k: v.detach().to("cpu").contiguous() for k, v in source.state_dict().items()}
-            save_file(weights, str(self.dir / f"{name}.tmp"))
+            save_file(weights, str(self.dir / f"{name}.tmp"), metadata={SAVE_TOKEN: token})
             (self.dir / f"{name}.tmp").replace(self.dir / name)
-        trainer = {"optimizer": optimizer.state_dict(), "generator": generator.get_state()}
+        trainer = {
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            SAVE_TOKEN: token,
+        }
         torch.save(trainer, self.dir / "trainer.pt.tmp")
         (self.dir / "trainer.pt.tmp").replace(self.dir / "trainer.pt")
-        _atomic_json(self.state_file, state)
+        _atomic_json(self.state_file, {**state, SAVE_TOKEN: token})
+
+    def _check_one_save(self, state: dict[str, Any], names: Sequence[str], trainer: Any) -> None:
+        """Refuse files of two saves (a kill while saving): their weights are not those of
+        the state. A checkpoint written before the token was kept has none to compare."""
+        from safetensors import safe_open
+
+        token = state.get(SAVE_TOKEN)
+        if token is None:
+            return
+        found = {}
+        for name in names:
+            with safe_open(str(self.dir / name), framework="pt") as fh:
+                found[name] = (fh.metadata() or {}).get(SAVE_TOKEN)
+        found["trainer.pt"] = trainer.get(SAVE_TOKEN) if isinstance(trainer, dict) else None
+        other = sorted(name for name, value in found.items() if value != token)
+        if other:
+            raise InferenceError(
+                f"checkpoint {self.dir}: {', '.join(other)} and state.json are from two saves "
+                "(the training was stopped while it saved): it cannot be resumed; start again "
+                "without --resume, or into another --out"
+            )
 
     def load(
         self,
@@ -341,9 +373,11 @@ class Checkpoint:
                 f"{self.dir / 'trainer.pt'}: expected optimizer and generator state readable with "
                 f"torch.load(weights_only=True), found an unreadable file ({exc})"
             ) from None
+        names = ["weights.safetensors", *([AVERAGE_FILE] if average is not None else [])]
+        self._check_one_save(state, names, trainer)
         optimizer.load_state_dict(trainer["optimizer"])
         generator.set_state(trainer["generator"].to(torch.uint8).cpu())
-        return dict(state)
+        return {k: v for k, v in state.items() if k != SAVE_TOKEN}
 
 
 def _check_resume(

@@ -123,6 +123,29 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, tiny_cohort
         )
 
 
+def test_a_checkpoint_of_two_saves_is_not_resumed(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    """A save replaces the weights, then the trainer state, then state.json: a training
+    stopped in between left the weights of one epoch with the state of another, which a resume
+    took as they were. Every file now carries the save's token, and two saves are refused."""
+    from safetensors.torch import save_file
+
+    from inference.train.loops import SAVE_TOKEN
+
+    data, out = [tiny_cohort[0]], tmp_path / "ae"
+    train_autoencoder(data, out, tiny_config(), TrainOptions(epochs=1, **FAST))  # type: ignore[arg-type]
+    ckpt = out / "checkpoints" / "autoencoder"
+    # the weights of a later save, stopped before its state.json
+    weights = load_file(str(ckpt / "weights.safetensors"))
+    save_file(weights, str(ckpt / "weights.safetensors"), metadata={SAVE_TOKEN: "later"})
+    with pytest.raises(InferenceError, match=r"weights\.safetensors and state\.json are from two"):
+        train_autoencoder(
+            data,
+            out,
+            tiny_config(),
+            TrainOptions(epochs=2, resume=True, **FAST),  # type: ignore[arg-type]
+        )
+
+
 def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing(
     tiny_ldm_dir: Path, tiny_cohort: Cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
