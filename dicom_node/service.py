@@ -60,7 +60,7 @@ class _JobField(logging.Filter):
 #: loggers of the libraries that read and write data sets: their messages quote the values
 #: (pydicom's "Invalid value for VR DA: '1941-01-01'" is a birth date), which the node's logs
 #: must not carry (DESIGN: no patient name, ID or birth date in the logs)
-_QUOTING_LOGGERS = ("pydicom", "highdicom", "py.warnings")
+_QUOTING_LOGGERS = ("pydicom", "highdicom")
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 #: control characters, which a data set's text (a series description) can bring into a message
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")

@@ -109,7 +109,6 @@ def _nifti_shortfall(path: Path) -> str:
     """Why the NIfTI file at ``path`` is cut short ('' when whole, or not a NIfTI-1 file):
     SimpleITK reads a gzip stream that ends early, or a file shorter than its header says,
     with no error, and the missing voxels as zeros."""
-    data = b""
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as fh:
@@ -123,14 +122,13 @@ def _nifti_shortfall(path: Path) -> str:
             size = path.stat().st_size
     except (EOFError, OSError, zlib.error) as exc:
         return f"its gzip stream is cut short or damaged ({exc})"
-    data = header
-    if len(data) < 348:
+    if len(header) < 348:
         return ""  # not a NIfTI-1 header: SimpleITK says what it is
     for order in ("<", ">"):
-        if struct.unpack(f"{order}i", data[:4])[0] == 348:
-            dims = struct.unpack(f"{order}8h", data[40:56])
-            bitpix = struct.unpack(f"{order}h", data[72:74])[0]
-            offset = struct.unpack(f"{order}f", data[108:112])[0]
+        if struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            offset = struct.unpack(f"{order}f", header[108:112])[0]
             break
     else:
         return ""

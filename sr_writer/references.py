@@ -99,11 +99,7 @@ def multiframe_source(grid: Volume, series: SeriesRef, patient: PatientStudy) ->
             f"expected the T1-Gd slices to be the frames of one multi-frame instance, found "
             f"{len(frames)} slices from {len(uids)} instance(s), frames {sorted(set(frames))}"
         )
-    ds = source_slice_datasets(grid, series, patient)[0]
-    for keyword in (
-        "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    ):  # fmt: skip
-        delattr(ds, keyword)  # per frame, in the functional groups
+    ds = _stand_in(grid, series, patient, next(iter(uids)))  # its planes in functional groups
     ds.InstanceNumber = 1
     ds.NumberOfFrames = len(frames)
     first = slice_geometry(grid, 0)
@@ -142,35 +138,40 @@ def _orientation_letters(v: npt.NDArray[np.float64]) -> str:
     return out or "L"
 
 
-def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy) -> list[Dataset]:
-    """Header-only stand-ins of the source slices, in ``k`` order (no pixel data)."""
+def _stand_in(grid: Volume, series: SeriesRef, patient: PatientStudy, uid: str) -> Dataset:
+    """A header-only stand-in of source instance ``uid`` (no plane, no pixel data): what
+    highdicom copies the patient, study, series and image attributes from."""
     if not grid.frame_of_reference_uid:
         raise ExportError(
             "the source grid has no FrameOfReferenceUID; outputs on the pre-treatment frame of "
             "reference need it (expected a UID on Volume.frame_of_reference_uid, found None)"
         )
-    uids = slice_instance_uids(grid, series)
     _, nj, ni = grid.shape
-    sop_class = series.sop_class_uid or MRImageStorage
+    ds = Dataset()
+    set_patient_study(ds, for_highdicom(patient))  # what highdicom copies
+    ds.SOPClassUID = series.sop_class_uid or MRImageStorage
+    ds.SOPInstanceUID = uid
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.Modality = series.modality or "MR"
+    ds.FrameOfReferenceUID = grid.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.Rows = nj
+    ds.Columns = ni
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    return ds
+
+
+def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy) -> list[Dataset]:
+    """Header-only stand-ins of the source slices, in ``k`` order (no pixel data)."""
     out: list[Dataset] = []
-    for k, uid in enumerate(uids):
+    for k, uid in enumerate(slice_instance_uids(grid, series)):
         g = slice_geometry(grid, k)
-        ds = Dataset()
-        set_patient_study(ds, for_highdicom(patient))  # what highdicom copies
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = uid
-        ds.SeriesInstanceUID = series.series_instance_uid
-        ds.Modality = series.modality or "MR"
-        ds.FrameOfReferenceUID = grid.frame_of_reference_uid
-        ds.PositionReferenceIndicator = ""
-        ds.Rows = nj
-        ds.Columns = ni
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
+        ds = _stand_in(grid, series, patient, uid)
         ds.ImagePositionPatient = list(g.image_position)
         ds.ImageOrientationPatient = list(g.image_orientation)
         ds.PixelSpacing = list(g.pixel_spacing)
