@@ -63,6 +63,7 @@ from dicom_node.errors import GlioforecastError
 from dicom_node.ports import host_port
 from dicom_node.settings import AuditSettings
 from dicom_node.sqlite import Database
+from dicom_node.tls_profile import new_context
 
 log = logging.getLogger(__name__)
 
@@ -824,13 +825,12 @@ def audit_trail(
 
 
 def _client_context(settings: AuditSettings) -> ssl.SSLContext:
-    """TLS 1.2 or later to the repository: its certificate checked against ``ca_certificates``
-    (the system's CAs when unset), the node's own certificate when the repository asks."""
+    """TLS (:mod:`dicom_node.tls_profile`) to the repository: its certificate checked against
+    ``ca_certificates`` (the system's CAs when unset), the node's own certificate when the
+    repository asks."""
     try:
-        context = ssl.create_default_context(
-            cafile=str(settings.ca_certificates) if settings.ca_certificates else None
-        )
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        cafile = str(settings.ca_certificates) if settings.ca_certificates else None
+        context = new_context(ssl.Purpose.SERVER_AUTH, cafile)
         if settings.certificate is not None and settings.private_key is not None:
             context.load_cert_chain(str(settings.certificate), str(settings.private_key))
     except (ssl.SSLError, OSError) as exc:

@@ -66,6 +66,7 @@ from dicom_node.rejections import apply_rejection
 from dicom_node.scu import VERIFICATION
 from dicom_node.settings import AllowedCaller, NodeSettings
 from dicom_node.spool import Spool, Staged
+from dicom_node.tls_profile import new_context
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +205,11 @@ def _certificate_name(name: str) -> str:
 
 
 def certificate_names(sock: Any) -> frozenset[str] | None:
-    """The names of a connection's verified TLS client certificate (its subject's common name,
-    its DNS and IP subject alternative names), or None when the connection is not TLS or the
-    client presented no certificate."""
+    """The names of a connection's verified TLS client certificate, or None when the connection
+    is not TLS or the client presented no certificate: its DNS and IP subject alternative names,
+    or its subject's common name when it has none. As RFC 6125 (section 6.4.4) has it, a
+    certificate with such names is not matched on its common name: a CA may vouch for
+    alternative names and let the common name be any label."""
     if not isinstance(sock, ssl.SSLSocket):
         return None
     cert = sock.getpeercert()
@@ -214,8 +217,9 @@ def certificate_names(sock: Any) -> frozenset[str] | None:
         return None
     subject: Any = cert.get("subject", ())  # ((("commonName", "mr1"),), ...)
     alternative: Any = cert.get("subjectAltName", ())  # (("DNS", "mr1.example"), ...)
-    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
-    names += [value for kind, value in alternative if kind in ("DNS", "IP Address")]
+    names = [value for kind, value in alternative if kind in ("DNS", "IP Address")]
+    if not names:
+        names = [value for rdn in subject for key, value in rdn if key == "commonName"]
     return frozenset(map(_certificate_name, names))
 
 
@@ -929,9 +933,8 @@ class StorageSCP:
 def server_ssl_context(
     certificate: str, private_key: str, ca_certificates: str | None, require_client: bool
 ) -> ssl.SSLContext:
-    """TLS for the SCP (TLS 1.2 or later); optionally require a client certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """TLS for the SCP (:mod:`dicom_node.tls_profile`); optionally require a client certificate."""
+    ctx = new_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(certificate, private_key)
     if ca_certificates:
         ctx.load_verify_locations(cafile=ca_certificates)

@@ -30,6 +30,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from dicom_node.errors import GlioforecastError, SendError
 from dicom_node.ports import host_port
+from dicom_node.tls_profile import new_context
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +172,10 @@ def _authorization(name: str, web: DicomWebLike) -> str:
 def client_ssl_context(
     ca_certificates: Path | None, certificate: Path | None, private_key: Path | None
 ) -> ssl.SSLContext:
-    """TLS 1.2 or later to a peer whose certificate chains to ``ca_certificates`` (the system's
-    CAs when None) and names the host; with the node's client certificate when given."""
-    ctx = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(ca_certificates) if ca_certificates else None
-    )
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    """TLS (:mod:`dicom_node.tls_profile`) to a peer whose certificate chains to
+    ``ca_certificates`` (the system's CAs when None) and names the host; with the node's client
+    certificate when given."""
+    ctx = new_context(ssl.Purpose.SERVER_AUTH, str(ca_certificates) if ca_certificates else None)
     if certificate is not None and private_key is not None:
         ctx.load_cert_chain(str(certificate), str(private_key))
     return ctx

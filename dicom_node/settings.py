@@ -98,8 +98,9 @@ def _check_certificate_name(value: str) -> str | None:
 
 #: what ``certificate_names`` means, wherever a sender may be bound to its TLS certificate
 _CERTIFICATE_NAMES = _spec(
-    "names of which its TLS client certificate must carry one: the subject's common name or a "
-    "DNS or IP subject alternative name (empty: no certificate is asked of it)",
+    "names of which its TLS client certificate must carry one: a DNS or IP subject alternative "
+    "name, or the subject's common name when the certificate has no such alternative names "
+    "(empty: no certificate is asked of it)",
     check=_check_certificate_name,
 )
 

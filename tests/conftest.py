@@ -95,8 +95,10 @@ def start_listener(command: list[str], port: int, **popen: Any) -> subprocess.Po
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
     """Throw-away certificates (openssl): a CA; a server certificate for 127.0.0.1 and
-    localhost and two client certificates (``client``: glioforecast, ``scanner``:
-    mr1.radiology.example), all signed by it; another CA that signed nothing."""
+    localhost and three client certificates, all signed by it: ``client`` (common name
+    client, alternative name glioforecast), ``scanner`` (scanner, mr1.radiology.example) and
+    ``legacy`` (common name ct2.radiology.example, no alternative name); another CA that signed
+    nothing."""
     openssl = tool("openssl")
     d = tmp_path_factory.mktemp("pki")
 
@@ -110,9 +112,12 @@ def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
         ("server", "IP:127.0.0.1,DNS:localhost"),
         ("client", "DNS:glioforecast"),
         ("scanner", "DNS:mr1.radiology.example"),
+        ("legacy", None),
     ):
+        subject = "/CN=ct2.radiology.example" if san is None else f"/CN={name}"
+        extension = () if san is None else ("-addext", f"subjectAltName={san}")
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}")  # fmt: skip
+            f"{name}.csr", "-subj", subject, *extension)  # fmt: skip
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
             "-copy_extensions", "copy")  # fmt: skip

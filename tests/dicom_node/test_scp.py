@@ -146,6 +146,10 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
         AllowedCaller("SCANNER1", certificate_names=("glioforecast",)),
         AllowedCaller("MR1", hosts=("127.0.0.1",), certificate_names=("MR1.Radiology.example",)),
         AllowedCaller("WORKSTATION"),
+        # a certificate with alternative names is not matched on its common name
+        AllowedCaller("CT1", certificate_names=("scanner",)),
+        # one without them is
+        AllowedCaller("CT2", certificate_names=("CT2.radiology.example",)),
     )
     node = run_node(
         node={
@@ -160,6 +164,7 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
     client = ("+tls", str(d / "client.key"), str(d / "client.pem"), *ca)
     scanner = ("+tls", str(d / "scanner.key"), str(d / "scanner.pem"), *ca)
     anonymous = ("+tla", *ca)
+    legacy = ("+tls", str(d / "legacy.key"), str(d / "legacy.pem"), *ca)
     for aet, extra, accepted in (
         ("SCANNER1", client, True),
         ("SCANNER1", scanner, False),  # another device's certificate
@@ -167,18 +172,20 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
         ("MR1", scanner, True),  # names compare without case
         ("MR1", client, False),
         ("WORKSTATION", anonymous, True),  # no binding: no certificate asked of it
+        ("CT1", scanner, False),  # its common name is scanner, but it has alternative names
+        ("CT2", legacy, True),
     ):
         result = echoscu(node.scp.port, aet=aet, extra=extra)
         assert (result.returncode == 0) is accepted, (aet, extra, result.stderr + result.stdout)
     said = (
         "calling AE title 'SCANNER1' at 127.0.0.1: node.allowed_callers expects a client "
-        "certificate named glioforecast, found a certificate named mr1.radiology.example, "
-        "scanner",
+        "certificate named glioforecast, found a certificate named mr1.radiology.example",
         "calling AE title 'SCANNER1' at 127.0.0.1: node.allowed_callers expects a client "
         "certificate named glioforecast, found no client certificate",
         "calling AE title 'MR1' at 127.0.0.1: node.allowed_callers expects a client "
-        "certificate named MR1.Radiology.example, found a certificate named client, "
-        "glioforecast",
+        "certificate named MR1.Radiology.example, found a certificate named glioforecast",
+        "calling AE title 'CT1' at 127.0.0.1: node.allowed_callers expects a client "
+        "certificate named scanner, found a certificate named mr1.radiology.example",
     )
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert all(f"association refused: {reason}" in logged for reason in said), logged
@@ -204,7 +211,7 @@ def test_callers_bound_to_their_client_certificates(run_node, pki, tmp_path, cap
 
     wait_for(sources, what="the transfer's audit message")
     (source,) = sources()
-    assert (source["UserID"], source["UserName"]) == ("MR1", "mr1.radiology.example, scanner")
+    assert (source["UserID"], source["UserName"]) == ("MR1", "mr1.radiology.example")
 
 
 def test_a_certificate_binding_holds_where_unknown_callers_are_let_in() -> None:
