@@ -58,12 +58,15 @@ def explain(
     node_ae_title: str,
     taken_back: Sequence[str] = (),
     retrieve: RetrieveSettings | None = None,
+    job_id: int | None = None,
+    kept_days: float = 0.0,
 ) -> tuple[str, str]:
     """A headline a reader understands, and what to do, for a job's ``reason`` (the node's own
     messages; anything else gets a general sentence, the reason itself always follows);
     ``taken_back``: the reasons of the rejection notes that took series of the study out of
     use, when there were some; ``retrieve``: how the node asks the PACS for missing RT
-    objects."""
+    objects; ``job_id`` and ``kept_days`` (``retention.failed_days``, 0: for ever): the job an
+    administrator can run again, and for how long the node keeps the study to run it from."""
     send = f"send it to the glioforecast node ({node_ae_title})"
     after = "the study is run again and the prediction follows; this notice then no longer applies"
     admins = "the site's glioforecast administrators"
@@ -120,9 +123,16 @@ def explain(
             f"Check that the structure set has an approved GTV, then {send}: {after}.",
         )
     if reason.startswith("internal error") or "the job process" in reason or "timed out" in reason:
+        job = f" {job_id}" if job_id is not None else ""
+        kept = (
+            f"for {kept_days:g} days after the failure; after that it must be sent again"
+            if kept_days > 0
+            else "until they remove it"
+        )
         return (
             "The node failed while making the prediction.",
-            f"Ask {admins}: the study need not be sent again.",
+            f"Ask {admins}: they can run the job again (glioforecast jobs retry{job}) from the "
+            f"study the node keeps {kept}.",
         )
     return (
         "The study's images could not be used for a prediction.",
@@ -231,6 +241,8 @@ class FailureNotices:
             self.settings.node.ae_title,
             self.store.rejection_reasons(job.study_instance_uid),
             self.settings.retrieve if self.settings.retrieve.source else None,
+            job.id,
+            self.settings.retention.failed_days,
         )
         notice = FailureNotice(
             job_id=job.id,

@@ -233,6 +233,20 @@ def test_the_headline_says_in_words_what_the_reason_says(reason: str, headline: 
     assert advice
 
 
+def test_an_internal_error_says_how_long_the_study_is_kept_to_run_again() -> None:
+    """The node keeps a failed job's study for retention.failed_days only: after that the
+    study has to come again, and the notice says so."""
+    _, advice = explain("internal error: ValueError: boom", "GLIOFORECAST", job_id=12, kept_days=30)
+    assert advice == (
+        "Ask the site's glioforecast administrators: they can run the job again (glioforecast "
+        "jobs retry 12) from the study the node keeps for 30 days after the failure; after that "
+        "it must be sent again."
+    )
+    _, advice = explain("the job process died of SIGKILL", "GLIOFORECAST", job_id=3, kept_days=0)
+    assert advice.endswith("(glioforecast jobs retry 3) from the study the node keeps until "
+                           "they remove it.")  # fmt: skip
+
+
 def test_a_notice_says_the_pacs_was_asked_and_is_asked_again() -> None:
     reason = (
         "missing required role rtstruct: no series matched; received series 3 'T1 +C'; pacs was "
