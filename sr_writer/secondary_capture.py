@@ -3,8 +3,11 @@
 One RGB image per slice of the source T1-Gd, in the source's slice order: the predicted
 post-treatment T1-Gd, windowed like the source, with the predicted tumour outline drawn in colour
 and a banner on top that says ``SYNTHETIC PREDICTION - RESEARCH USE ONLY``. Nothing about the
-patient is burned in. Small slices are enlarged by an integer factor (nearest neighbour, no
-smoothing) so that the banner text stays readable; the pixel spacing is divided accordingly.
+patient is burned in. Small slices are enlarged by an integer factor per axis (nearest
+neighbour, no smoothing) so that the banner text stays readable and the pixels come close to
+square; the pixel spacing is divided accordingly. Where they stay oblong the banner is drawn
+squeezed by as much, so that a viewer, which draws the image with its pixel spacing, shows
+the text upright and unstretched.
 
 An optional second series shows the voxel-wise uncertainty (standard deviation across samples)
 with a heat colour map, the same outline and the same banner.
@@ -108,7 +111,10 @@ def _outline(mask: npt.NDArray[np.bool_], thickness: int) -> npt.NDArray[np.bool
     return np.asarray(mask & ~inner, dtype=bool)
 
 
-def draw_banner(width: int, text: str) -> npt.NDArray[np.uint8]:
+def draw_banner(width: int, text: str, aspect: float = 1.0) -> npt.NDArray[np.uint8]:
+    """The banner for an image ``width`` pixels wide whose pixels are ``aspect`` times as tall
+    as they are wide (row spacing over column spacing): drawn for square pixels, then resized
+    (nearest neighbour: its two colours stay exact) to :func:`banner_height` rows."""
     height = banner_height(width)
     img = Image.new("RGB", (width, height), BANNER_BG_RGB)
     draw = ImageDraw.Draw(img)
@@ -125,34 +131,60 @@ def draw_banner(width: int, text: str) -> npt.NDArray[np.uint8]:
     x = (width - (right - left)) // 2 - left
     y = (height - (bottom - top)) // 2 - top
     draw.text((x, y), text, fill=BANNER_TEXT_RGB, font=font)
+    rows = banner_height(width, aspect)
+    if rows != height:
+        img = img.resize((width, rows), Image.Resampling.NEAREST)
     return np.asarray(img, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Enlargement:
+    """How a slice is enlarged: ``rows`` and ``columns`` times (integers), and the aspect of
+    the pixels then (row spacing over column spacing; 1 for square ones)."""
+
+    rows: int
+    columns: int
+    aspect: float = 1.0
 
 
 def render_slice(
     gray_or_rgb: npt.NDArray[np.uint8],
     mask: npt.NDArray[np.bool_],
-    factor: int,
+    factor: Enlargement,
     options: RenderOptions,
     outline_rgb: tuple[int, int, int],
 ) -> npt.NDArray[np.uint8]:
     """Enlarge one slice, draw the outline, put the banner on top. Returns rows x cols x 3."""
     rgb = np.repeat(gray_or_rgb[:, :, None], 3, axis=2) if gray_or_rgb.ndim == 2 else gray_or_rgb
-    big = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
-    big_mask = np.repeat(np.repeat(mask.astype(bool), factor, axis=0), factor, axis=1)
+    big = np.repeat(np.repeat(rgb, factor.rows, axis=0), factor.columns, axis=1)
+    big_mask = np.repeat(np.repeat(mask.astype(bool), factor.rows, axis=0), factor.columns, axis=1)
     edge = _outline(big_mask, options.outline_px)
     big[edge] = outline_rgb
-    banner = draw_banner(big.shape[1], options.banner_text)
+    banner = draw_banner(big.shape[1], options.banner_text, factor.aspect)
     return np.ascontiguousarray(np.concatenate([banner, big], axis=0))
 
 
-def enlargement(grid: Volume, options: RenderOptions) -> int:
+def enlargement(grid: Volume, options: RenderOptions) -> Enlargement:
+    """At least ``options.min_width`` columns, and the axis of the longer pixel side enlarged
+    more, so that the enlarged pixels come as close to square as integers allow."""
     ni = grid.shape[2]
-    return max(1, math.ceil(options.min_width / max(ni, 1)))
+    base = max(1, math.ceil(options.min_width / max(ni, 1)))
+    column_mm, row_mm = float(grid.spacing[0]), float(grid.spacing[1])
+    if not (column_mm > 0 and row_mm > 0):
+        return Enlargement(base, base)
+    ratio = row_mm / column_mm
+    rows, columns = (
+        (max(1, round(base * ratio)), base) if ratio >= 1 else (base, max(1, round(base / ratio)))
+    )
+    aspect = (row_mm / rows) / (column_mm / columns)
+    return Enlargement(rows, columns, 1.0 if abs(aspect - 1.0) < 0.01 else aspect)
 
 
-def banner_height(width: int) -> int:
-    """Rows of the banner on top of an image ``width`` pixels wide."""
-    return max(28, width // 16)
+def banner_height(width: int, aspect: float = 1.0) -> int:
+    """Rows of the banner on top of an image ``width`` pixels wide whose pixels are ``aspect``
+    times as tall as they are wide."""
+    height = max(28, width // 16)
+    return height if aspect == 1.0 else max(1, round(height / aspect))
 
 
 def _check_grid(name: str, vol: Volume, ref: Volume) -> None:
@@ -187,6 +219,11 @@ def build_secondary_capture(
     source_uids = slice_instance_uids(source_t1c, source_series)
     source_frames = slice_frame_numbers(source_t1c)
     factor = enlargement(source_t1c, opts)
+    enlarged = (
+        f"enlarged x{factor.rows}"
+        if factor.rows == factor.columns
+        else f"rows enlarged x{factor.rows}, columns x{factor.columns}"
+    )
     _, nj, ni = source_t1c.shape
 
     if uncertainty:
@@ -225,7 +262,7 @@ def build_secondary_capture(
             instance_number=k + 1,
             manufacturer=equipment.manufacturer,
             **highdicom_patient_study(patient),
-            pixel_spacing=(g.pixel_spacing[0] / factor, g.pixel_spacing[1] / factor),
+            pixel_spacing=(g.pixel_spacing[0] / factor.rows, g.pixel_spacing[1] / factor.columns),
             patient_orientation=(orientation[0][0], orientation[1][0]),
             contributing_equipment=[equipment.contributing_equipment(ts)],
             series_description=description,
@@ -245,7 +282,7 @@ def build_secondary_capture(
         sc.ImageComments = f"{BANNER_TEXT}. Model {equipment.model_label}."
         sc.DerivationDescription = (
             f"Synthetic post-treatment {'uncertainty map' if uncertainty else 'T1-Gd'} "
-            f"predicted by {equipment.model_label}; tumour outline drawn; enlarged x{factor}"
+            f"predicted by {equipment.model_label}; tumour outline drawn; {enlarged}"
         )[:1024]
         sc.LossyImageCompression = "00"
         sc.SourceImageSequence = [

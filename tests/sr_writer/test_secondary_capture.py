@@ -75,15 +75,15 @@ def test_outline_on_the_predicted_tumour_only() -> None:
     _, nj, ni = mask.shape
     for k, ds in enumerate(sc):
         px = ds.pixel_array
-        factor = px.shape[1] // ni
         image = px[banner_height(px.shape[1]) :]
-        assert image.shape[:2] == (nj * factor, ni * factor)
+        fr, fc = image.shape[0] // nj, image.shape[1] // ni
+        assert image.shape[:2] == (nj * fr, ni * fc)
         red = _is(image, OUTLINE_RGB)
         if not mask[k].any():
             assert not red.any(), f"slice {k}: outline drawn where no tumour is predicted"
             continue
-        big = np.kron(mask[k], np.ones((factor, factor), dtype=bool)).astype(bool)
-        assert red.sum() > 4 * factor, f"slice {k}: outline missing"
+        big = np.kron(mask[k], np.ones((fr, fc), dtype=bool)).astype(bool)
+        assert red.sum() > 4 * fc, f"slice {k}: outline missing"
         assert not (red & ~big).any(), f"slice {k}: outline outside the predicted tumour"
         interior = ndimage.binary_erosion(big, iterations=3)
         assert not (red & interior).any(), f"slice {k}: outline fills the tumour"
@@ -101,13 +101,36 @@ def test_banner_is_on_every_image() -> None:
     assert BANNER_TEXT in default_outputs().sc[0].ImageComments
 
 
+@pytest.mark.parametrize("spacing", [(0.9, 0.8, 2.5), (0.5, 0.65, 3.0), (1.2, 0.45, 3.0)])
+def test_oblong_pixels_show_an_unstretched_banner(spacing: tuple[float, float, float]) -> None:
+    """A source with oblong pixels (a rectangular field of view) gets images with pixels close
+    to square, and a banner as tall, in millimetres, as on square pixels: a viewer draws both
+    with the pixel spacing, and the text is not stretched. The image spans the source's field
+    of view exactly."""
+    case = make_case(spacing=spacing)
+    _, nj, ni = case.t1c.shape
+    for ds in _build(case)[:2]:
+        row_mm, column_mm = map(float, ds.PixelSpacing)
+        assert 0.95 < row_mm / column_mm < 1.05, (row_mm, column_mm)
+        cols = ds.Columns
+        square = banner_height(cols)  # rows of the banner on square pixels
+        rows = ds.Rows - nj * round(spacing[1] / row_mm)
+        assert abs(rows * row_mm - square * column_mm) <= row_mm, (rows, square)
+        assert _is(ds.pixel_array[:rows], BANNER_TEXT_RGB).sum() > 200  # the text is there
+        assert _is(ds.pixel_array[:rows], BANNER_BG_RGB).mean() > 0.6
+        # the image below the banner spans the source's field of view
+        assert abs((ds.Rows - rows) * row_mm - nj * spacing[1]) < 1e-3
+        assert abs(cols * column_mm - ni * spacing[0]) < 1e-3
+
+
 def test_window_like_the_source() -> None:
     case = default_case()
     w = window_like(case.t1c)
     ds = default_outputs().sc[8]
     px = ds.pixel_array
-    factor = px.shape[1] // case.t1c.shape[2]
-    image = px[banner_height(px.shape[1]) :: factor, ::factor, 0]
+    fr = (px.shape[0] - banner_height(px.shape[1])) // case.t1c.shape[1]
+    fc = px.shape[1] // case.t1c.shape[2]
+    image = px[banner_height(px.shape[1]) :: fr, ::fc, 0]
     mean = np.asarray(case.prediction.mean.array[8], dtype=float)
     mask = np.asarray(case.prediction.tumour_mask.array[8], dtype=bool)
     expected = w.apply(mean)
@@ -116,7 +139,7 @@ def test_window_like_the_source() -> None:
     assert np.array_equal(image[keep], expected[keep])
     # a narrower window saturates the brain: the rendering follows the window
     narrow = _build(case, window=Window(center=100.0, width=50.0))
-    brain = narrow[8].pixel_array[banner_height(px.shape[1]) :: factor, ::factor, 1]
+    brain = narrow[8].pixel_array[banner_height(px.shape[1]) :: fr, ::fc, 1]
     assert (brain[keep & (mean > 300)] == 255).all()
 
 
