@@ -41,6 +41,9 @@ class Volume:
     # the frame number (from 1) of each slice in its multi-frame source instance (an Enhanced
     # MR), in k order; empty when the slices are single-frame instances
     source_frame_numbers: tuple[int, ...] = ()
+    # the nominal thickness of the source's slices (SliceThickness), which may differ from the
+    # spacing between them (gaps, overlap); None when unknown (then the spacing stands for it)
+    slice_thickness: float | None = None
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
@@ -78,6 +81,7 @@ class Volume:
             source_instance_uids=self.source_instance_uids,
             series_instance_uid=self.series_instance_uid,
             source_frame_numbers=self.source_frame_numbers,
+            slice_thickness=self.slice_thickness,
         )
 
 

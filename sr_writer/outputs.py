@@ -222,16 +222,7 @@ def build_prediction_rtstruct(
             f"{grid.shape}, found {mask.shape}"
         )
     if tuple(grid.source_instance_uids) != tuple(mask.source_instance_uids):
-        mask = Volume(
-            array=mask.array,
-            spacing=grid.spacing,
-            origin=grid.origin,
-            direction=grid.direction,
-            frame_of_reference_uid=grid.frame_of_reference_uid,
-            source_instance_uids=grid.source_instance_uids,
-            series_instance_uid=grid.series_instance_uid,
-            source_frame_numbers=grid.source_frame_numbers,
-        )
+        mask = grid.with_array(mask.array)
     ds = build_rtstruct(
         rois=[
             RoiMask(

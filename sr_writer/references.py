@@ -50,7 +50,7 @@ def slice_geometry(grid: Volume, k: int) -> SliceGeometry:
             _r(col[2], 8),
         ),
         pixel_spacing=(_r(grid.spacing[1]), _r(grid.spacing[0])),
-        slice_thickness=_r(grid.spacing[2]),
+        slice_thickness=_r(grid.slice_thickness or grid.spacing[2]),
     )
 
 

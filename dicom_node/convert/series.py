@@ -302,6 +302,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
             if any(f.frame is not None for f in ordered)
             else ()
         ),
+        slice_thickness=reference.slice_thickness or None,
     )
     log.info(
         "converted series: %d slice(s) of %dx%d, spacing %s mm, %s",

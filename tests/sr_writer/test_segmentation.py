@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import highdicom as hd
@@ -72,3 +73,22 @@ def test_an_enhanced_mr_t1gd_gets_every_output_referencing_its_frames() -> None:
         for i in series.ReferencedSOPSequence
     }
     assert uid in evidence
+
+
+def test_the_outputs_give_the_source_slice_thickness_not_the_spacing() -> None:
+    """A T1-Gd of 1 mm thick slices 2.5 mm apart: the SEG, the SC and the RTSTRUCT's planes say
+    1 mm thick, as the source does (they said 2.5 mm, the spacing)."""
+    case = make_case()
+    thin = dataclasses.replace(case.t1c, slice_thickness=1.0)
+    prediction = dataclasses.replace(
+        case.prediction,
+        mean=thin.with_array(case.prediction.mean.array),
+        std=thin.with_array(case.prediction.std.array),
+        tumour_mask=thin.with_array(case.prediction.tumour_mask.array),
+    )
+    case = dataclasses.replace(case, t1c=thin, prediction=prediction)
+    out = build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
+    measures = out.seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == 1.0
+    assert float(measures.SpacingBetweenSlices) == 2.5
+    assert slice_geometry(case.t1c, 0).slice_thickness == 1.0

@@ -116,6 +116,18 @@ def test_single_slice_uses_slice_thickness_and_min_slices_is_enforced() -> None:
         load_series(slices, min_slices=3)
 
 
+def test_the_slice_thickness_is_kept_apart_from_the_spacing() -> None:
+    """1 mm thick slices every 1.5 mm (a gap): the volume's spacing is 1.5 mm, its slice
+    thickness 1 mm, as the result objects must say."""
+    slices = synth.mr_slices(synth.volume_pixels((4, 4, 4)), slice_step=1.5)
+    for ds in slices:
+        ds.SliceThickness = "1"
+    vol = load_series(slices)
+    assert vol.spacing[2] == pytest.approx(1.5)
+    assert vol.slice_thickness == pytest.approx(1.0)
+    assert vol.with_array(np.zeros(vol.shape)).slice_thickness == pytest.approx(1.0)
+
+
 # --- refusals ---------------------------------------------------------------------------
 
 
