@@ -80,7 +80,9 @@ def _native_pixels(
     """Fast path for uncompressed integer PixelData: a view of the stored bytes.
 
     Returns None (use pydicom's decoders) for anything but plain 8/16/32-bit integer pixels in
-    a native transfer syntax. Like pydicom's default, bits above BitsStored are left as stored.
+    a native transfer syntax. As pydicom's decoders do, only the BitsStored bits ending at
+    HighBit are kept (scanners leave overlay or other bits above them) and a signed value is
+    sign-extended from its top stored bit.
     """
     order = _NATIVE.get(str(ts)) if ts is not None else None
     if order is None or "PixelData" not in ds or bits not in (8, 16, 32):
@@ -100,6 +102,21 @@ def _native_pixels(
             f"{n_frames} frame(s) of {rows}x{cols} at {bits} bits"
         )
     arr = np.frombuffer(raw, dtype=dtype, count=count)
+    stored = get_int(ds, "BitsStored", name, bits) or bits
+    high = get_int(ds, "HighBit", name, stored - 1)
+    high = stored - 1 if high is None else high
+    if not 0 < stored <= bits or not stored - 1 <= high < bits:
+        raise ConversionError(
+            f"{name}: expected 0 < BitsStored <= BitsAllocated and BitsStored - 1 <= HighBit < "
+            f"BitsAllocated, found BitsStored {stored}, HighBit {high}, BitsAllocated {bits}"
+        )
+    if stored < bits:
+        work = np.int64 if bits == 32 else np.int32
+        words = arr.view(np.dtype(f"{order}u{bits // 8}")).astype(work)
+        value = (words >> (high + 1 - stored)) & ((1 << stored) - 1)
+        if signed:  # two's complement in ``stored`` bits
+            value[value >= 1 << (stored - 1)] -= 1 << stored
+        arr = value.astype(dtype.newbyteorder("="))
     return arr if n_frames == 1 else arr.reshape((n_frames, rows, cols))
 
 

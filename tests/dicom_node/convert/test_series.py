@@ -116,6 +116,35 @@ def test_single_slice_uses_slice_thickness_and_min_slices_is_enforced() -> None:
         load_series(slices, min_slices=3)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_only_the_stored_bits_make_the_value(signed: bool, tmp_path: Path) -> None:
+    """12 bits stored in 16: the bits above (an old scanner's overlay bits) are not part of
+    the value, and a signed value is sign-extended from bit 11, as pydicom decodes it. They
+    were kept: 61440..62717 where the image holds 0..1277, and 0..4095 for -500..777."""
+    true = synth.volume_pixels((3, 6, 5)).astype(np.int32) % 1278 - (500 if signed else 0)
+    words = (true & 0x0FFF) | (0 if signed else 0xF000)  # signed: the top bits left zero
+    slices = synth.mr_slices(words.astype(np.uint16))
+    paths = []
+    for k, ds in enumerate(slices):
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    vol = load_series(paths)
+    assert np.array_equal(np.asarray(vol.array, dtype=np.int32), true)
+    assert vol.array.dtype == (np.int16 if signed else np.uint16)
+    import pydicom
+
+    assert np.array_equal(pydicom.dcmread(paths[0]).pixel_array, true[0])  # as pydicom has it
+
+
+def test_bits_stored_beyond_bits_allocated_are_refused() -> None:
+    slices = synth.mr_slices(synth.volume_pixels((3, 4, 4)))
+    for ds in slices:
+        ds.BitsStored, ds.HighBit = 17, 16
+    with pytest.raises(ConversionError, match=r"found BitsStored 17, HighBit 16, BitsAllocated 16"):
+        load_series(slices)
+
+
 def test_the_slice_thickness_is_kept_apart_from_the_spacing() -> None:
     """1 mm thick slices every 1.5 mm (a gap): the volume's spacing is 1.5 mm, its slice
     thickness 1 mm, as the result objects must say."""
