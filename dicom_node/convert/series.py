@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -112,7 +113,9 @@ def _native_pixels(
         )
     if stored < bits:
         work = np.int64 if bits == 32 else np.int32
-        words = arr.view(np.dtype(f"{order}u{bits // 8}")).astype(work)
+        words: npt.NDArray[np.signedinteger[Any]] = arr.view(
+            np.dtype(f"{order}u{bits // 8}")
+        ).astype(work)
         value = (words >> (high + 1 - stored)) & ((1 << stored) - 1)
         if signed:  # two's complement in ``stored`` bits
             value[value >= 1 << (stored - 1)] -= 1 << stored
