@@ -181,7 +181,9 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     direction columns are (row, column, normal) and its array is indexed ``[k, j, i]``.
 
     Voxels carry RescaleSlope/RescaleIntercept (per frame for enhanced instances): when every
-    frame has slope 1 and intercept 0 the stored integer type is kept, otherwise float32.
+    frame has slope 1 and intercept 0 the stored integer type is kept, otherwise float32. A
+    MONOCHROME1 series (lowest value shown white) is turned over within its range, so that a
+    higher value is a brighter voxel in every volume.
     ``source_instance_uids`` has one SOP Instance UID per slice in k order (a multi-frame instance
     repeats its UID for each of its frames), and ``source_frame_numbers`` the frame of each.
 
@@ -206,6 +208,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     frame_counts: list[int] = []
     seen_sops: dict[str, int] = {}
     shapes: Counter[tuple[int, int]] = Counter()
+    photometric: Counter[str] = Counter()
     for index, (ds, name) in enumerate(zip(datasets, names, strict=True)):
         sop_uid = get_required_str(ds, "SOPInstanceUID", name)
         if sop_uid in seen_sops:
@@ -221,6 +224,7 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
         if rows is None or cols is None:
             raise ConversionError(f"{name}: Rows/Columns missing; expected an image instance")
         shapes[(rows, cols)] += 1
+        photometric[(get_str(ds, "PhotometricInterpretation", name, "") or "").strip()] += 1
         n_frames = number_of_frames(ds, name)
         frame_counts.append(n_frames)
         has_groups = "PerFrameFunctionalGroupsSequence" in ds
@@ -243,6 +247,12 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
     if len(sop_classes) > 1:
         listing = ", ".join(f"{uid or '<none>'} ({n})" for uid, n in sop_classes.most_common())
         raise ConversionError(f"mixed SOP classes in one series: {listing}")
+    if len(photometric) > 1 or not set(photometric) <= {"MONOCHROME1", "MONOCHROME2", ""}:
+        listing = ", ".join(f"{p or '<none>'} ({n})" for p, n in photometric.most_common())
+        raise ConversionError(
+            "expected one greyscale PhotometricInterpretation for the whole series (MONOCHROME2, "
+            f"or MONOCHROME1), found {listing}"
+        )
     if len(shapes) > 1:
         listing = ", ".join(f"{r}x{c} ({n})" for (r, c), n in shapes.most_common())
         raise ConversionError(
@@ -308,6 +318,11 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
         if frame_counts[frame.source] == 1:
             decoded.pop(frame.source)  # a single-frame instance is used once: free it now
     assert out is not None
+    if "MONOCHROME1" in photometric:
+        # the lowest value is shown white: turned over within the series' range, so that a
+        # higher value means a brighter voxel, as in every MONOCHROME2 series the model knows
+        low, high = out.min(), out.max()
+        out = (np.asarray(high, dtype=np.float64) + low - out).astype(out.dtype)
     row_spacing, col_spacing = reference.pixel_spacing
     volume = Volume(
         array=out,

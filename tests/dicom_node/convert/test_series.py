@@ -145,6 +145,26 @@ def test_bits_stored_beyond_bits_allocated_are_refused() -> None:
         load_series(slices)
 
 
+@pytest.mark.parametrize("enhanced", [False, True])
+def test_a_monochrome1_series_is_turned_over(enhanced: bool) -> None:
+    """MONOCHROME1 shows its lowest value white: read as MONOCHROME2 the brain came out dark
+    and the background bright. Turned over within the series' range, brighter is higher again;
+    a series mixing the two is refused."""
+    image = synth.volume_pixels((4, 6, 5)).astype(np.int32) % 1000 + 20
+    stored = (4095 - image).astype(np.uint16)
+    sources = [synth.enhanced_mr(stored)] if enhanced else synth.mr_slices(stored)
+    for ds in sources:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    vol = load_series(sources)
+    offset = np.asarray(vol.array, dtype=np.int64) - image
+    assert (offset == offset.flat[0]).all()  # the image, up to a constant
+    assert int(vol.array.min()) == int(stored.min())  # and within the stored range
+    if not enhanced:
+        sources[1].PhotometricInterpretation = "MONOCHROME2"
+        with pytest.raises(ConversionError, match=r"found MONOCHROME1 \(3\), MONOCHROME2 \(1\)"):
+            load_series(sources)
+
+
 def test_the_slice_thickness_is_kept_apart_from_the_spacing() -> None:
     """1 mm thick slices every 1.5 mm (a gap): the volume's spacing is 1.5 mm, its slice
     thickness 1 mm, as the result objects must say."""
