@@ -232,10 +232,14 @@ def on_grid(volume: Volume, reference: Volume, what: str) -> Volume:
 
 
 def course_dose_on_grid(
-    paths: Sequence[Path], t1c: Volume, registrations: Sequence[FrameRegistration]
+    paths: Sequence[Path],
+    t1c: Volume,
+    registrations: Sequence[FrameRegistration],
+    target: Volume | None = None,
 ) -> Volume:
-    """The sum of the RT Doses of ``paths`` on the T1-Gd's grid (one path: its dose)."""
-    doses = [dose_on_grid(p, t1c, registrations) for p in paths]
+    """The sum of the RT Doses of ``paths`` on the T1-Gd's grid (one path: its dose); each
+    dose grid must hold the whole ``target`` (the GTV) when given."""
+    doses = [dose_on_grid(p, t1c, registrations, target) for p in paths]
     if len(doses) == 1:
         return doses[0]
     return t1c.with_array(np.sum([d.array for d in doses], axis=0, dtype=np.float32))
@@ -324,7 +328,7 @@ def assemble_inputs(
             )
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
-    dose = course_dose_on_grid(files["rtdose"], t1c, regs) if "rtdose" in files else None
+    dose = course_dose_on_grid(files["rtdose"], t1c, regs, mask) if "rtdose" in files else None
     return StudyInputs(
         t1c=t1c,
         tumour_mask=mask,

@@ -22,7 +22,7 @@ from dicom_node.convert._dataset import (
     read_dataset,
     source_name,
 )
-from dicom_node.convert.geometry import moved, orientation_axes, resample
+from dicom_node.convert.geometry import grid_corners, moved, orientation_axes, resample
 from dicom_node.convert.series import decode_pixels
 from dicom_node.convert.spatial_registration import (
     FrameRegistration,
@@ -70,15 +70,16 @@ def load_rtdose(source: Source) -> Volume:
         raise ConversionError(f"{name}: PixelSpacing must be positive, found {ps}")
     row, col, normal = orientation_axes(iop)
     n_frames = get_int(ds, "NumberOfFrames", name, 1) or 1
-    if n_frames < 1:
-        raise ConversionError(f"{name}: NumberOfFrames must be >= 1, found {n_frames}")
+    if n_frames < 2:
+        raise ConversionError(
+            f"{name}: expected a 3D dose grid (NumberOfFrames 2 or more), found {n_frames} "
+            "frame: a single dose plane, which says nothing of the dose above and below it"
+        )
     offsets = get_floats(ds, "GridFrameOffsetVector", name, None)
     if offsets is None:
-        if n_frames > 1:
-            raise ConversionError(
-                f"{name}: GridFrameOffsetVector is required for a dose with {n_frames} frames"
-            )
-        offsets = [0.0]
+        raise ConversionError(
+            f"{name}: GridFrameOffsetVector is required for a dose with {n_frames} frames"
+        )
     if len(offsets) != n_frames:
         raise ConversionError(
             f"{name}: GridFrameOffsetVector has {len(offsets)} values, expected NumberOfFrames "
@@ -93,16 +94,15 @@ def load_rtdose(source: Source) -> Volume:
         else:
             log.info("%s: GridFrameOffsetVector starts at %.3f (relative)", name, off[0])
     steps = np.diff(off)
-    if n_frames > 1:
-        if np.any(np.abs(steps) < 1e-6):
-            raise ConversionError(f"{name}: GridFrameOffsetVector repeats a position: {offsets}")
-        if np.max(np.abs(steps - steps[0])) > max(1e-3, 1e-3 * abs(steps[0])):
-            raise ConversionError(
-                f"{name}: GridFrameOffsetVector is not uniform: expected equal steps, found "
-                f"{np.round(steps, 4).tolist()}"
-            )
+    if np.any(np.abs(steps) < 1e-6):
+        raise ConversionError(f"{name}: GridFrameOffsetVector repeats a position: {offsets}")
+    if np.max(np.abs(steps - steps[0])) > max(1e-3, 1e-3 * abs(steps[0])):
+        raise ConversionError(
+            f"{name}: GridFrameOffsetVector is not uniform: expected equal steps, found "
+            f"{np.round(steps, 4).tolist()}"
+        )
     array = decode_pixels(ds, name, n_frames).astype(np.float32) * np.float32(scaling)
-    step = float(steps[0]) if n_frames > 1 else 1.0
+    step = float(steps[0])
     first = np.asarray(ipp, dtype=float) + off[0] * normal
     if step < 0:  # frames stored against the normal: flip to keep a right-handed grid
         array = array[::-1]
@@ -120,16 +120,47 @@ def load_rtdose(source: Source) -> Volume:
     )
 
 
+#: the share of the target's voxels a dose grid may leave out (its edge, rounding); a plan's
+#: dose grid holds its whole target, so a grid that leaves more out is a partial dose (a grid
+#: cut short, the dose of part of the plan) whose zeros would be read as unirradiated tumour
+UNCOVERED_SHARE = 0.01
+
+
+def _check_covers(dose: Volume, target: Volume, label: str) -> None:
+    """Refuse ``dose`` (on ``target``'s frame) when its grid leaves more than
+    :data:`UNCOVERED_SHARE` of ``target`` (a mask) outside."""
+    wanted = np.asarray(target.array, dtype=bool)
+    total = int(wanted.sum())
+    if total == 0:
+        return
+    ones = dose.with_array(np.ones(dose.shape, dtype=np.uint8))
+    inside = resample(ones, target, order=0, fill=0.0, output_dtype=np.uint8).astype(bool)
+    missed = total - int(np.count_nonzero(inside & wanted))
+    if missed > UNCOVERED_SHARE * total:
+        corners = grid_corners(dose)
+        ks = np.nonzero(wanted.any(axis=(1, 2)))[0]
+        ends = [target.affine @ np.array([0.0, 0.0, float(k), 1.0]) for k in (ks[0], ks[-1])]
+        raise ConversionError(
+            f"{label}: the dose grid leaves {missed} of the GTV's {total} voxels "
+            f"({missed / total:.0%}) outside it (grid z {corners[:, 2].min():.1f} to "
+            f"{corners[:, 2].max():.1f} mm, GTV slices z {min(e[2] for e in ends):.1f} to "
+            f"{max(e[2] for e in ends):.1f} mm); expected a dose grid holding the whole target "
+            "(a grid cut short, or the dose of part of the plan?)"
+        )
+
+
 def dose_on_grid(
     source: Source | Volume,
     reference: Volume,
     registrations: Sequence[FrameRegistration] = (),
+    target: Volume | None = None,
 ) -> Volume:
     """The dose (Gy, float32) resampled onto ``reference``'s grid, trilinear, 0 outside.
 
     A dose on another frame of reference (the planning CT's) is placed on the reference's by
     the one of ``registrations`` that relates the two frames; without one,
-    :class:`ConversionError` names both UIDs.
+    :class:`ConversionError` names both UIDs. With ``target`` (the GTV, a mask on
+    ``reference``'s grid) a dose grid that leaves part of it out is refused.
     """
     dose = source if isinstance(source, Volume) else load_rtdose(source)
     ref_for, dose_for = reference.frame_of_reference_uid, dose.frame_of_reference_uid
@@ -147,6 +178,8 @@ def dose_on_grid(
             "RT Dose on frame %s placed on the image's by Spatial Registration %s (rotation "
             "%.1f degrees)", dose_for, reg.sop_instance_uid if reg else "", rotation_deg(matrix),
         )  # fmt: skip
+    if target is not None:
+        _check_covers(dose, target, f"RT Dose {dose.source_instance_uids[0]}".rstrip())
     values = resample(dose, reference, order=1, fill=0.0, output_dtype=np.float32)
     covered = float(np.mean(values > 0)) if values.size else 0.0
     log.info("dose resampled onto the image grid: max %.2f Gy", float(values.max(initial=0.0)))

@@ -141,3 +141,40 @@ def test_bad_dose_headers_are_refused(attribute: str, value: object, message: st
 def test_not_a_dose_is_refused() -> None:
     with pytest.raises(ConversionError, match="expected an RT Dose"):
         load_rtdose(synth.mr_slices(synth.volume_pixels((1, 4, 4)))[0])
+
+
+def test_a_single_dose_plane_is_refused() -> None:
+    """One frame says nothing of the dose above and below it; it was read as a grid 1 mm thick
+    and 94 % of a GTV got under 1 Gy."""
+    ds = synth.rtdose(
+        linear_dose, shape=(1, 4, 4), origin=(0.0, 0.0, 0.0), spacing=(2.0, 2.0, 3.0),
+        frame_uid=FRAME,
+    )  # fmt: skip
+    with pytest.raises(ConversionError, match=r"expected a 3D dose grid .*found 1 frame"):
+        load_rtdose(ds)
+
+
+def test_a_dose_grid_that_leaves_part_of_the_gtv_out_is_refused() -> None:
+    """A grid cut short (or the dose of part of the plan) read as 0 Gy over the rest of the
+    tumour: refused when it leaves more than 1 % of the GTV out, and taken when it holds it."""
+    mr = _mr()  # 6 slices 2 mm apart
+    gtv = np.zeros(mr.shape, dtype=bool)
+    gtv[1:5, 6:14, 6:12] = True
+    target = mr.with_array(gtv)
+    whole = synth.rtdose(
+        linear_dose, shape=(12, 30, 32), origin=(-30.0, -35.0, -10.0), spacing=(2.0, 2.5, 3.0),
+        frame_uid=FRAME,
+    )  # fmt: skip
+    assert dose_on_grid(whole, mr, target=target).array.max() > 0
+    cut = synth.rtdose(
+        linear_dose, shape=(7, 30, 32), origin=(-30.0, -35.0, -10.0), spacing=(2.0, 2.5, 3.0),
+        frame_uid=FRAME,
+    )  # fmt: skip
+    with pytest.raises(
+        ConversionError,
+        match=r"RT Dose [\d.]+: the dose grid leaves \d+ of the GTV's 192 voxels \((\d|[1-9]\d)%\) "
+        r"outside it \(grid z -10\.0 to 8\.0 mm, GTV slices z 4\.0 to 10\.0 mm\); expected a dose "
+        r"grid holding the whole target",
+    ):
+        dose_on_grid(cut, mr, target=target)
+    assert dose_on_grid(cut, mr).array.max() > 0  # without a target: as before
