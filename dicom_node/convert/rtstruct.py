@@ -386,6 +386,34 @@ def rasterise_polygons(
     return mask
 
 
+class OutsideImage(ConversionError):
+    """An ROI that the image does not hold whole."""
+
+
+#: the share of an ROI's voxels (drawn on planes of its own) that may fall outside the image's
+#: grid: its edge, rounding
+OUTSIDE_SHARE = 0.01
+
+
+def _check_inside(drawn: Volume, reference: Volume, label: str) -> None:
+    """Refuse an ROI rasterised on its own grid (``drawn``, placed on ``reference``'s frame)
+    when more than :data:`OUTSIDE_SHARE` of its voxels lie outside ``reference``'s grid."""
+    k, j, i = np.nonzero(np.asarray(drawn.array, dtype=bool))
+    if len(k) == 0:
+        return
+    world = drawn.affine @ np.stack([i, j, k, np.ones(len(k))]).astype(np.float64)
+    ijk = (world_to_index(reference) @ world)[:3]
+    size = np.array(reference.shape[::-1], dtype=float)[:, None]
+    out = np.any((ijk < -0.5) | (ijk > size - 0.5), axis=0)
+    if np.count_nonzero(out) > OUTSIDE_SHARE * len(k):
+        raise OutsideImage(
+            f"{label}: {np.count_nonzero(out) / len(k):.0%} of it lies outside the image "
+            f"({reference.shape[0]} slices of {reference.shape[1]} x {reference.shape[2]}); "
+            "expected an image holding the whole ROI (a series cut short, a slab, or a small "
+            "field of view?), else a part of it would be taken for the whole"
+        )
+
+
 def contours_to_polygons(
     contours: Sequence[npt.NDArray[np.float64]],
     reference: Volume,
@@ -396,13 +424,15 @@ def contours_to_polygons(
     """Map closed contours (LPS mm) to ``(k, ij)`` polygons on ``reference``'s grid.
 
     ``coplanar_tolerance`` is the largest tolerated distance, in slices, between a contour point
-    and the nearest image slice. Contours entirely outside the slab of the image are dropped with
-    a warning; a contour oblique to the slices or lying between two slices is an error.
+    and the nearest image slice. A contour oblique to the slices or lying between two slices is
+    an error; so are contours outside the slab of the image (more than half a slice beyond its
+    first or last slice): an image that does not hold the whole ROI (a series cut short, a
+    slab) would give a part of the tumour as the whole.
     """
     to_index = world_to_index(reference)
     nk = reference.shape[0]
     polygons: list[tuple[int, npt.NDArray[np.float64]]] = []
-    outside = 0
+    outside: list[float] = []  # the positions of the contours outside, along the slice normal
     for n, pts in enumerate(contours):
         homogeneous = np.c_[pts, np.ones(len(pts))]
         ijk = (to_index @ homogeneous.T).T[:, :3]
@@ -423,11 +453,18 @@ def contours_to_polygons(
                 "contours on the image slices (structure set drawn on another series?)"
             )
         if not 0 <= k < nk:
-            outside += 1
+            outside.append(float(np.asarray(reference.direction)[:, 2] @ pts.mean(axis=0)))
             continue
         polygons.append((k, ijk[:, :2]))
     if outside:
-        log.warning("%s: %d contour(s) outside the image slab were ignored", label, outside)
+        normal = np.asarray(reference.direction, dtype=float)[:, 2]
+        ends = [float(normal @ (reference.affine @ [0.0, 0.0, k, 1.0])[:3]) for k in (0, nk - 1)]
+        raise OutsideImage(
+            f"{label}: {len(outside)} of its {len(contours)} contours lie outside the image's "
+            f"slab ({nk} slices, {min(ends):.1f} to {max(ends):.1f} mm along the slice normal), "
+            f"at {min(outside):.1f} to {max(outside):.1f} mm; expected an image holding the whole "
+            "ROI (a series cut short, or a slab?), else a part of it would be taken for the whole"
+        )
     return polygons
 
 
@@ -555,7 +592,9 @@ def _on_own_planes(
     planes = {k for k, _ in polygons}
     if len(planes) < 2:
         raise ConversionError(f"{off_slices}; nor on two planes or more of their own") from None
-    return grid.with_array(rasterise_polygons(polygons, grid.shape)), len(polygons)
+    drawn = grid.with_array(rasterise_polygons(polygons, grid.shape))
+    _check_inside(drawn, reference, label)
+    return drawn, len(polygons)
 
 
 def load_placed_rtstruct_mask(
@@ -620,8 +659,9 @@ def load_placed_rtstruct_mask(
             matrix, reg = frame_transform(registrations, roi_for, mr_for, label)
             grid = contour_grid(closed, roi_for, min(reference.spacing) / 2, label)
             polygons = contours_to_polygons(closed, grid, label=label)
-            drawn = grid.with_array(rasterise_polygons(polygons, grid.shape))
-            foreign.append(moved(drawn, matrix, mr_for))
+            drawn = moved(grid.with_array(rasterise_polygons(polygons, grid.shape)), matrix, mr_for)
+            _check_inside(drawn, reference, label)
+            foreign.append(drawn)
             foreign_contours += len(polygons)
             drawn_on[roi_for] = matrix
             log.info(
@@ -635,6 +675,8 @@ def load_placed_rtstruct_mask(
             on_slices = contours_to_polygons(
                 closed, reference, coplanar_tolerance=coplanar_tolerance, label=label
             )
+        except OutsideImage:
+            raise
         except ConversionError as off_slices:
             drawn, count = _on_own_planes(closed, roi_for, reference, label, off_slices)
             foreign.append(drawn)

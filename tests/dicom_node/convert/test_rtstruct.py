@@ -158,6 +158,39 @@ def test_contour_between_slices_is_refused() -> None:
         load_rtstruct_mask(ds, grid)
 
 
+def test_an_image_that_does_not_hold_the_whole_gtv_is_refused() -> None:
+    """A T1-Gd cut short (or a slab) below the tumour's top: the contours above it were dropped
+    with a log line, and a part of the tumour was taken for the whole (3 ml of 59)."""
+    grid = _grid()  # 5 slices, 3 mm apart
+    contours = [_to_world(grid, k, circle(100, 90, 30)) for k in range(1, 8)]
+    ds = synth.rtstruct(grid.frame_of_reference_uid or "", {"GTV": contours})
+    with pytest.raises(
+        ConversionError,
+        match=r"ROI 'GTV': 3 of its 7 contours lie outside the image's slab \(5 slices, [-\d.]+ to "
+        r"[-\d.]+ mm along the slice normal\), at [-\d.]+ to [-\d.]+ mm; expected an image holding "
+        r"the whole ROI",
+    ):
+        load_rtstruct_mask(ds, grid)
+
+
+def test_a_gtv_on_its_own_planes_beyond_the_image_is_refused() -> None:
+    """The same when the contours are drawn on another series' planes (3 mm apart on a grid of
+    2 mm slices): they were rasterised on their own planes and cut by the resampling."""
+    frame = "1.2.826.0.1.3680043.2.1125.45"
+    grid = Volume(
+        array=np.zeros((10, 64, 64), dtype=np.int16), spacing=(1.5, 1.5, 2.0),
+        origin=(-50.0, -48.0, -10.0), direction=np.eye(3), frame_of_reference_uid=frame,
+    )  # fmt: skip
+    t = np.linspace(0, 2 * np.pi, 90, endpoint=False)
+    circles = [np.c_[15 * np.cos(t), 15 * np.sin(t), np.full_like(t, z)] for z in (-6.5, -3.5,
+               -0.5, 2.5, 5.5, 8.5, 11.5, 14.5)]  # fmt: skip
+    said = r"ROI 'GTV': \d+% of it lies outside the image \(10 slices of 64 x 64\); expected an"
+    with pytest.raises(ConversionError, match=said):
+        load_rtstruct_mask(synth.rtstruct(frame, {"GTV": circles}), grid)
+    inside = [c for c in circles if -8 < c[0, 2] < 7]  # within the image: taken
+    assert load_rtstruct_mask(synth.rtstruct(frame, {"GTV": inside}), grid).array.sum() > 0
+
+
 @pytest.mark.parametrize(
     ("direction", "step", "centre_z"),
     [
