@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -317,16 +318,78 @@ def select_roi(rois: Sequence[RoiInfo], pattern: str, *, combine: bool = False) 
     return matches
 
 
+def _inside_polygon(points: npt.NDArray[np.float64], polygon: npt.NDArray[np.float64]) -> Any:
+    """Which of ``points`` (m, 2) lie inside ``polygon`` (n, 2), by the even-odd rule."""
+    x, y = points[:, 0:1], points[:, 1:2]
+    x0, y0 = polygon[:, 0], polygon[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    spans = (y0 <= y) != (y1 <= y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return (np.count_nonzero(spans & (x < at), axis=1) % 2).astype(bool)
+
+
+def _layers(
+    polygons: Sequence[tuple[int, npt.NDArray[np.float64]]], nk: int
+) -> list[tuple[int, list[tuple[int, npt.NDArray[np.float64]]]]]:
+    """The polygons of each slice as layers to combine in order: ``(depth, polygons)``, at
+    most one polygon of a slice per layer. A polygon's depth is the number of the slice's other
+    polygons it lies inside (all its vertices): 0 for an outline, 1 for a hole in it, 2 for an
+    island in the hole... Exact copies of a polygon (an export that writes a contour twice)
+    count once."""
+    by_slice: dict[int, list[npt.NDArray[np.float64]]] = {}
+    seen: set[tuple[int, bytes]] = set()
+    for k, xy in polygons:
+        xy = np.asarray(xy, dtype=float)
+        if not 0 <= k < nk or len(xy) < 3:
+            continue
+        key = (k, np.round(xy, 4)[np.lexsort(np.round(xy, 4).T[::-1])].tobytes())
+        if key in seen:
+            continue
+        seen.add(key)
+        by_slice.setdefault(k, []).append(xy)
+    layers: dict[tuple[int, int], list[tuple[int, npt.NDArray[np.float64]]]] = {}
+    for k, group in by_slice.items():
+        depths = [
+            sum(bool(_inside_polygon(p, q).all()) for q in group if q is not p) for p in group
+        ]
+        ordinal: dict[int, int] = {}
+        for polygon, depth in zip(group, depths, strict=True):
+            n = ordinal[depth] = ordinal.get(depth, -1) + 1
+            layers.setdefault((depth, n), []).append((k, polygon))
+    return [(depth, layers[(depth, n)]) for depth, n in sorted(layers)]
+
+
 def rasterise_polygons(
     polygons: Sequence[tuple[int, npt.NDArray[np.float64]]], shape: tuple[int, int, int]
 ) -> npt.NDArray[np.bool_]:
-    """Fill polygons on a [k, j, i] grid with the even-odd rule, sampling at voxel centres.
+    """Fill polygons on a [k, j, i] grid, sampling at voxel centres.
 
     ``polygons`` are ``(k, xy)`` pairs: ``k`` the slice index, ``xy`` an (n, 2) array of
-    continuous (i, j) voxel coordinates (column, row) of the closed polygon's vertices. All
-    polygons of one slice are combined with XOR, so nested polygons make holes. A voxel centre
-    ``(i, j)`` is inside when a ray from ``i = -inf`` along its row crosses the polygon edges an
-    odd number of times; edges are taken half-open in ``j`` so a vertex is counted once.
+    continuous (i, j) voxel coordinates (column, row) of the closed polygon's vertices. On one
+    slice a polygon inside another is a hole in it (and one inside the hole an island);
+    polygons side by side, or overlapping without one holding the other, are united; a polygon
+    given twice counts once (:func:`_layers`). Each polygon is filled by the even-odd rule
+    (:func:`_even_odd`), so one that crosses itself (a keyhole) keeps its own holes.
+    """
+    nk = shape[0]
+    mask = np.zeros(shape, dtype=bool)
+    for depth, layer in _layers(polygons, nk):
+        filled = _even_odd(layer, shape)
+        if depth % 2 == 0:
+            mask |= filled
+        else:
+            mask &= ~filled
+    return mask
+
+
+def _even_odd(
+    polygons: Sequence[tuple[int, npt.NDArray[np.float64]]], shape: tuple[int, int, int]
+) -> npt.NDArray[np.bool_]:
+    """Fill polygons on a [k, j, i] grid with the even-odd rule, sampling at voxel centres,
+    all the polygons of one slice combined with XOR. A voxel centre ``(i, j)`` is inside when a
+    ray from ``i = -inf`` along its row crosses the polygon edges an odd number of times; edges
+    are taken half-open in ``j`` so a vertex is counted once.
     """
     nk, nj, ni = shape
     mask = np.zeros(shape, dtype=bool)
