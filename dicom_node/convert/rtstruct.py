@@ -660,6 +660,19 @@ def _on_own_planes(
     return drawn, len(polygons)
 
 
+def _set_frame(ds: Dataset, name: str) -> str | None:
+    """The frame of reference of a structure set whose ROI does not name its own (type 1, left
+    out by some exports): the one its Referenced Frame of Reference Sequence lists when it lists
+    one, else a top-level FrameOfReferenceUID (not part of the IOD, but some writers add it)."""
+    listed = {
+        get_str(item, "FrameOfReferenceUID", name)
+        for item in get_items(ds, "ReferencedFrameOfReferenceSequence", name)
+    } - {None, ""}
+    if len(listed) == 1:
+        return next(iter(listed))
+    return get_str(ds, "FrameOfReferenceUID", name)
+
+
 def load_placed_rtstruct_mask(
     source: Source,
     reference: Volume,
@@ -694,7 +707,7 @@ def load_placed_rtstruct_mask(
     foreign_contours = 0
     drawn_on: dict[str, npt.NDArray[np.float64]] = {}  # their frames: frame -> mr_for
     for roi in chosen:
-        roi_for = roi.frame_of_reference_uid or get_str(ds, "FrameOfReferenceUID", name)
+        roi_for = roi.frame_of_reference_uid or _set_frame(ds, name)
         if not mr_for or not roi_for or (roi_for != mr_for and not registrations):
             raise ConversionError(
                 f"{name}: ROI {roi.name!r} is on frame of reference {roi_for or '<none>'} but the "

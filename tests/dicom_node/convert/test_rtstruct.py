@@ -165,6 +165,18 @@ def test_other_frame_of_reference_is_refused_naming_both_uids() -> None:
         load_rtstruct_mask(ds, grid)
 
 
+def test_an_roi_without_its_frame_takes_the_one_the_set_lists() -> None:
+    """ReferencedFrameOfReferenceUID left out of the ROI (some exports do): the structure set's
+    Referenced Frame of Reference Sequence says which frame it is on (it was looked for at the
+    top level, where the IOD has none, and the study refused as on frame <none>)."""
+    grid = _grid(frame_uid="1.2.3.4")
+    ds = synth.rtstruct("1.2.3.4", {"GTV": [_to_world(grid, 1, circle(50, 50, 10))]})
+    del ds.StructureSetROISequence[0].ReferencedFrameOfReferenceUID
+    if "FrameOfReferenceUID" in ds:
+        del ds.FrameOfReferenceUID
+    assert load_rtstruct_mask(ds, grid).array.sum() > 200
+
+
 def test_contour_oblique_to_the_slices_is_refused() -> None:
     grid = _grid()
     pts = _to_world(grid, 1, circle(50, 50, 10))
