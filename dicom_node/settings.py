@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import sys
@@ -605,6 +606,9 @@ class _Validator:
             return None
         if tp is float:
             value = float(value)
+            if not math.isfinite(value):  # NaN passes every bound: it compares false
+                self.fail(key, "a finite number", _found(value))
+                return None
         if tp is Path:
             if not value.strip():
                 self.fail(key, "a non-empty path", _found(value))

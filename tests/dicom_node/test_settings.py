@@ -54,6 +54,10 @@ def test_environment_variable_names_the_file(tmp_path: Path, monkeypatch) -> Non
         ("node: {refuse_unknown_callers: 'yes'}", "expected true or false, found str 'yes'"),
         ("node: {allowed_callers: [{ae_title: A, hosts: [nowhere]}]}", "hosts[0]: expected an IP"),
         ("assembly: {quiet_period_s: -1}", "assembly.quiet_period_s: expected a number >= 0.0"),
+        # NaN compares false with every bound: it stopped every job (worker.job_timeout_s)
+        ("worker: {job_timeout_s: .nan}", "worker.job_timeout_s: expected a finite number, found"),
+        ("assembly: {poll_interval_s: .NaN}", "assembly.poll_interval_s: expected a finite number"),
+        ("retention: {done_days: .inf}", "retention.done_days: expected a finite number"),
         ("roles: {rules: [{role: t1c, sop_classes: [MRImageStorage], pattern: '('}]}",
          "roles.rules[0].pattern: expected a valid regular expression"),
         ("roles: {rules: [{role: dwi, sop_classes: [MRImageStorage]}]}",
