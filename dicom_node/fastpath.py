@@ -578,7 +578,7 @@ class EventDrivenAssociation(Association):
 
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
-                log.info("Association Released")
+                log.debug("Association Released")  # the node logs its own line per association
                 self.is_released = True
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
@@ -589,7 +589,7 @@ class EventDrivenAssociation(Association):
                 log_msg = "Association Aborted"
                 if self.acse.is_aborted("a-p-abort"):
                     log_msg += " (A-P-ABORT)"
-                log.info(log_msg)
+                log.debug(log_msg)
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
                 self.is_established = False

@@ -14,6 +14,7 @@ import math
 import socket
 import socketserver
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -58,12 +59,14 @@ class HealthServer:
             timeout = headers_timeout_s = REQUEST_TIMEOUT_S
 
             def do_GET(self) -> None:
+                # the path alone: a scrape job's ``params:`` add a query string
+                path = urllib.parse.urlsplit(self.path).path
                 try:
-                    if self.path == "/health":
+                    if path == "/health":
                         data = owner.summary()
                         code = 200 if data.get("status") == "ok" else 503
                         self._answer(code, "application/json", json.dumps(data, indent=1))
-                    elif self.path == "/metrics":
+                    elif path == "/metrics":
                         self._answer(200, "text/plain; version=0.0.4", owner.metrics())
                     else:
                         self._answer(404, "text/plain", "try /health or /metrics\n")
@@ -71,13 +74,22 @@ class HealthServer:
                     log.exception("health endpoint failed")
                     self._answer(500, "text/plain", f"{type(exc).__name__}\n")
 
+            def do_HEAD(self) -> None:
+                """As GET without the body (a load balancer's or a monitor's check)."""
+                self._head_only = True
+                try:
+                    self.do_GET()
+                finally:
+                    self._head_only = False
+
             def _answer(self, code: int, content_type: str, body: str) -> None:
                 data = body.encode("utf-8")
                 self.send_response(code)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if not getattr(self, "_head_only", False):
+                    self.wfile.write(data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("health: " + format, *args)

@@ -49,11 +49,16 @@ log = logging.getLogger(__name__)
 
 
 class _JobField(logging.Filter):
-    """Give every record a ``job`` attribute so formats can show it ("-" when none)."""
+    """Give every record a ``job`` attribute so formats can show it: ``job`` (the job a job
+    process runs) or "-" when the record names none."""
+
+    def __init__(self, job: int | str = "-") -> None:
+        super().__init__()
+        self.job = job
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "job"):
-            record.job = "-"
+            record.job = self.job
         return True
 
 
@@ -101,9 +106,11 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(settings: LoggingSettings) -> None:
+def configure_logging(settings: LoggingSettings, job: int | None = None) -> None:
+    """The node's log: its format, its filters; ``job``: the job this process runs (a job
+    process), named on each of its lines."""
     handler = logging.StreamHandler()
-    handler.addFilter(_JobField())
+    handler.addFilter(_JobField("-" if job is None else job))
     handler.addFilter(_NoValues())
     if settings.format == "json":
         handler.setFormatter(_JsonFormatter())
@@ -118,10 +125,12 @@ def configure_logging(settings: LoggingSettings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
-    # pynetdicom is chatty at INFO (one line per PDU); keep it to warnings unless debugging.
-    logging.getLogger("pynetdicom").setLevel(
-        logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
-    )
+    # pynetdicom is chatty at INFO (one line per PDU), highdicom too (a line per module copied
+    # into each result object, its values masked by _NoValues): warnings only unless debugging
+    for chatty in ("pynetdicom", "highdicom"):
+        logging.getLogger(chatty).setLevel(
+            logging.DEBUG if settings.level == "DEBUG" else logging.WARNING
+        )
 
 
 def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:

@@ -238,7 +238,7 @@ def _child(settings: Settings, job_id: int, conn: Connection) -> None:
     from dicom_node.service import configure_logging
 
     die_with_parent()
-    configure_logging(settings.logging)
+    configure_logging(settings.logging, job=job_id)
     conn.send(run_job_in_this_process(settings, job_id))
     conn.close()
 

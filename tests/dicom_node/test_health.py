@@ -58,6 +58,20 @@ def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-unty
     for identifier in ("Lef", "GF-TEST-001", "19610402"):
         assert identifier not in text
     assert get(port, "/nothing")[0] == 404
+    # a scrape job's params add a query string; monitors and load balancers check with HEAD
+    code, again = get(port, "/metrics?module=glioforecast")
+    assert code == 200 and metric(again, "glioforecast_instances_received_total") == len(files)
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in ("/health", "/metrics"):
+        conn.request("HEAD", path)
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.read() == b"", path
+        assert int(answer.getheader("Content-Length") or 0) > 0
+    conn.request("GET", "/health")  # the same connection: a GET after a HEAD has its body
+    assert json.loads(conn.getresponse().read())["status"] == "ok"
+    conn.close()
     # a part that stops makes /health answer 503
     node.worker.stop()
     code, body = get(port, "/health")

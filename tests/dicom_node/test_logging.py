@@ -51,3 +51,27 @@ def test_the_logs_carry_no_value_the_dicom_libraries_quote(form: str) -> None:
         assert {e["logger"] for e in entries} == {"pydicom", "dicom_node.assembler"}
         (failed,) = [e for e in entries if e["message"] == "a step failed"]
         assert "ZeroDivisionError: division by zero" in failed["exception"]
+
+
+def test_a_job_process_names_its_job_and_highdicom_keeps_to_warnings() -> None:
+    """A job process's lines carry its job number (they said "[job -]"), and highdicom's line
+    per module copied into each result object (16 a job, their values masked) stays out at
+    INFO, as pynetdicom's does."""
+    script = (
+        "import logging\n"
+        "from dicom_node.service import configure_logging\n"
+        "from dicom_node.settings import LoggingSettings\n"
+        "configure_logging(LoggingSettings(), job=7)\n"
+        "logging.getLogger('sr_writer.outputs').info('built the SR')\n"
+        "logging.getLogger('dicom_node.worker').info('other', extra={'job': 3})\n"
+        "logging.getLogger('highdicom.base').info('copy attributes of module')\n"
+        "logging.getLogger('highdicom.base').warning('a highdicom warning')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert any(line.endswith("sr_writer.outputs [job 7] built the SR") for line in lines), lines
+    assert any(line.endswith("[job 3] other") for line in lines), lines
+    assert not any("copy attributes" in line for line in lines), lines
+    assert any("a highdicom warning" in line for line in lines), lines
