@@ -38,10 +38,20 @@ def test_unit_is_hardened() -> None:
     assert d["PrivateTmp"] == "yes"
     assert d["ExecStart"].endswith("glioforecast serve")
     assert "check-config" in d["ExecStartPre"]
-    # a reload checks the file, then signals the node (which applies it: test_reload.py)
-    check, signal = d["ExecReload"].splitlines()
-    assert "check-config ${GLIOFORECAST_CONFIG}" in check
-    assert signal == "/bin/kill -HUP $MAINPID"
+    # a reload signals the node, which checks the file and applies it or says why not
+    # (test_reload.py); checking it here first kept a refused edit from the node's metric
+    assert d["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # a configuration error is not restarted for ever
+    assert d["RestartPreventExitStatus"] == "2"
+    assert int(d["StartLimitBurst"]) <= 10 and int(d["StartLimitIntervalSec"]) >= 60
+    # SIGKILL comes after the node's own longest stop (service.py: 240 s)
+    assert int(d["TimeoutStopSec"]) > 240
+    # the documentation the units name is installed with the node (setup.cfg data_files)
+    for unit in ("glioforecast.service", "glioforecast-backup.service"):
+        (doc,) = re.findall(r"^Documentation=file:///opt/glioforecast/(\S+)$",
+                            (REPO / "systemd" / unit).read_text(), re.M)  # fmt: skip
+        assert doc.startswith("share/glioforecast/docs/"), doc
+        assert f"    docs/{Path(doc).name}" in (REPO / "setup.cfg").read_text(), doc
 
 
 VENV_BIN = Path(sys.executable).parent

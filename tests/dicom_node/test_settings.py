@@ -209,6 +209,8 @@ def test_default_config_ships_in_the_wheel(tmp_path: Path) -> None:
     assert shipped, names
     data = yaml.safe_load(zipfile.ZipFile(wheel).read(shipped[0]))
     assert data == yaml.safe_load((REPO / "config" / "default.yaml").read_text())
+    # and the documentation the systemd units name
+    assert any(n.endswith("share/glioforecast/docs/OPERATIONS.md") for n in names), names
 
 
 def test_fewer_connections_per_address_than_associations_is_a_warning(tmp_path: Path) -> None:
