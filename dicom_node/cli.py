@@ -50,8 +50,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(args), lambda: _settings(args))
 
 
+def _unloadable(settings: Settings) -> list[str]:
+    """What ``serve`` would refuse that the settings' own checks cannot see: TLS files that do
+    not load (not PEM, a key that does not match its certificate), a data folder that is a
+    file. Each loaded as the node loads it."""
+    from dicom_node.audit import _client_context
+    from dicom_node.scu import Destination
+    from dicom_node.service import _server_context
+
+    problems = []
+    loaders: list[tuple[str, Any]] = [("", lambda: _server_context(settings.node.tls))]
+    loaders += [("", lambda d=d: Destination.from_settings(d)) for d in settings.destinations]
+    if settings.audit.enabled and settings.audit.host and settings.audit.transport == "tls":
+        loaders.append(("audit: ", lambda: _client_context(settings.audit)))
+    for prefix, load in loaders:
+        try:
+            load()
+        except GlioforecastError as exc:
+            problems.append(f"{prefix}{exc}")
+    data_dir = settings.storage.data_dir
+    blocking = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        problems.append(
+            f"storage.data_dir: expected a folder, found {data_dir}"
+            + (" is a file" if blocking == data_dir else f" under the file {blocking}")
+        )
+    return problems
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.file or args.config)  # neither: $GLIOFORECAST_CONFIG, default
+    problems = _unloadable(settings)
+    if problems:
+        raise ConfigError(settings.source, problems)
     if settings.model.directory is not None:  # loaded as a job would load it
         from dicom_node.worker import unusable_model
 

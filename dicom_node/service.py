@@ -249,6 +249,13 @@ def _unwritable(data_dir: Path, exc: OSError) -> str:
     import pwd
 
     user = pwd.getpwuid(os.geteuid()).pw_name
+    blocking = next((p for p in (data_dir, *data_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return (
+            f"the data folder {data_dir} cannot be used: expected a folder, found "
+            f"{'a file' if blocking == data_dir else f'the file {blocking} in its path'}; set "
+            "storage.data_dir (--data-dir) to a folder, or move the file away"
+        )
     where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(data_dir) else ""
     return (
         f"the data folder {data_dir} cannot be used: {exc.strerror or exc}{where}; expected a "
@@ -401,12 +408,15 @@ class Node:
         watchdog = watchdog_interval_s()
         notify("READY=1\nSTATUS=accepting associations")
         next_retention = time.monotonic()
+        retention = self.settings.retention
         while not (self._stop.is_set() or self._signalled):
             if watchdog is not None:
                 notify("WATCHDOG=1")
             if self._reload_requested:
                 self._reload_requested = False
                 self.reload()
+            if self.settings.retention != retention:  # a reload changed it: a pass now
+                retention, next_retention = self.settings.retention, time.monotonic()
             # each part on its own: one that fails (and is tried again at the next pass) must
             # not keep the others from running
             if self._guarded("assembly pass", self.assembler.run_once):

@@ -301,5 +301,5 @@ def test_what_site_it_gets_wrong_is_said_in_one_line(tmp_path: Path, capsys, mon
     afile.write_text("")
     result = run_cli("serve", "--data-dir", str(afile / "data"), cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert f"the data folder {afile / 'data'} cannot be used: Not a directory; expected a " \
-        "folder that the user" in result.stderr, result.stderr  # fmt: skip
+    assert f"the data folder {afile / 'data'} cannot be used: expected a folder, found the " \
+        f"file {afile} in its path" in result.stderr, result.stderr  # fmt: skip

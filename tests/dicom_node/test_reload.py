@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -339,3 +340,25 @@ def test_a_renewed_receiver_certificate_is_served_after_a_reload_and_a_bad_one_i
 
 def _same_certificate(pem: str, path: Path) -> bool:
     return ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(path.read_text())
+
+
+def test_a_reload_that_changes_retention_runs_a_pass_at_once(run_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The disk fills; the site shortens retention and reloads: the files go now, not at the
+    end of the old check interval (an hour by default), while the reload said "applied"."""
+    from dicom_node.settings import RetentionSettings
+
+    settings = make_settings(
+        tmp_path / "data", retention={"failed_days": 30.0, "check_interval_s": 3600.0}
+    )
+    shorter = dataclasses.replace(
+        settings, retention=RetentionSettings(failed_days=1e-5, check_interval_s=3600.0)
+    )
+    node = run_node(settings, load=lambda: shorter)
+    study = small_study(tmp_path / "in")
+    assert storescu(node.scp.port, *study["t1c"]).returncode == 0  # no structure set: fails
+    wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
+    time.sleep(1.0)  # older than the new failed_days (0.86 s)
+    assert list(node.spool.root.rglob("*.dcm"))  # the first pass, at the start, kept them
+    node.request_reload()
+    wait_for(lambda: node.reloads["applied"] == 1, what="the reload")
+    wait_for(lambda: not list(node.spool.root.rglob("*.dcm")), what="the study's files removed")

@@ -190,6 +190,27 @@ def test_check_config_command(tmp_path: Path, capsys) -> None:  # type: ignore[n
     assert f"invalid configuration in {bad}" in err and "node.port" in err
 
 
+def test_check_config_loads_the_files_serve_would(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """TLS files that are there but do not load, and a data folder that is a file, passed
+    check-config (the unit's start gate), then serve exited 1 with the same file."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    bad = write(
+        tmp_path,
+        f"node: {{tls: {{enabled: true, certificate: {garbage}, private_key: {garbage}}}}}\n"
+        f"storage: {{data_dir: {afile}}}\n"
+        "destinations: [{name: pacs, ae_title: P, host: h, port: 104,"
+        f" tls: {{enabled: true, ca_certificates: {garbage}}}}}]\n",
+    )
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"node.tls: cannot load its files (certificate {garbage}" in err, err
+    assert "destination pacs: cannot load its TLS files" in err, err
+    assert f"storage.data_dir: expected a folder, found {afile} is a file" in err, err
+
+
 def test_settings_are_frozen() -> None:
     s = load_settings(None)
     with pytest.raises(AttributeError):
