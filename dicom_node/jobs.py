@@ -391,7 +391,8 @@ class JobStore:
         """Drop rows whose file disappeared from the spool (logged as an event)."""
         with self.transaction() as db:
             for rel in relative_paths:
-                db.execute("DELETE FROM instances WHERE path = ?", (rel,))
+                gone = db.execute("DELETE FROM instances WHERE path = ?", (rel,))
+                _count_forgotten_instances(db, int(gone.rowcount))
                 db.execute(
                     "INSERT INTO events (job_id, at, kind, message) VALUES (NULL, ?, ?, ?)",
                     (time.time(), "missing-file", f"spool file {rel} is gone; row removed"),
@@ -570,6 +571,7 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE study_instance_uid = ?", study)
             db.execute("DELETE FROM retrievals WHERE study_instance_uid = ?", study)
             deleted = db.execute("DELETE FROM instances WHERE study_instance_uid = ?", study)
+            _count_forgotten_instances(db, int(deleted.rowcount))
             db.execute("DELETE FROM studies WHERE study_instance_uid = ?", study)
         return int(deleted.rowcount)
 
@@ -1168,6 +1170,12 @@ class JobStore:
                 "SELECT value FROM forgotten WHERE name = ?", (_FORGOTTEN_STUDIES,)
             ).fetchone()
             out["studies_forgotten"] = int(forgotten[0]) if forgotten else 0  # by retention
+            # instance rows deleted (retention forgot their study, their file was gone): the
+            # instances received is a total that never goes down
+            forgotten = self._conn.execute(
+                "SELECT value FROM forgotten WHERE name = ?", (_FORGOTTEN_INSTANCES,)
+            ).fetchone()
+            out["instances_forgotten"] = int(forgotten[0]) if forgotten else 0
         return out
 
 
@@ -1186,9 +1194,19 @@ _FORGETTABLE = (
 )
 
 #: the ``forgotten`` table's totals
-_FORGOTTEN_DONE, _FORGOTTEN_SECONDS, _FORGOTTEN_STUDIES = (
-    "done_jobs", "done_job_seconds", "studies"
+_FORGOTTEN_DONE, _FORGOTTEN_SECONDS, _FORGOTTEN_STUDIES, _FORGOTTEN_INSTANCES = (
+    "done_jobs", "done_job_seconds", "studies", "instances"
 )  # fmt: skip
+
+
+def _count_forgotten_instances(db: sqlite3.Connection, rows: int) -> None:
+    """Add ``rows`` deleted instance rows to the ``forgotten`` table's total."""
+    if rows > 0:
+        db.execute(
+            "INSERT INTO forgotten (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (_FORGOTTEN_INSTANCES, rows),
+        )
 
 
 def _durations(

@@ -692,7 +692,7 @@ class Node:
                 "glioforecast_instances_received_total",
                 "instances stored in the spool since the database was made",
                 {},
-                counts["instances"] + counts["instances_removed"],
+                counts["instances"] + counts["instances_removed"] + counts["instances_forgotten"],
             ),
             ("glioforecast_spool_instances", "instances in the spool", {}, counts["instances"]),
             (

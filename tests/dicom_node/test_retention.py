@@ -208,6 +208,7 @@ def test_a_delivered_study_is_forgotten_forget_days_after_its_files(
     counts = store.counts()
     assert (counts["instances"], counts["instances_removed"], counts[DONE]) == (0, 0, 0)
     assert counts["studies_forgotten"] == 1
+    assert counts["instances_forgotten"] == len(paths)
     # the patient's name and ID the outbox kept for rejection notes went with its rows
     assert _outbox_rows(outbox) == (0, 0)
     assert list(outbox.objects_dir.iterdir()) == []
@@ -383,6 +384,8 @@ def test_the_running_node_removes_a_failed_study_and_takes_it_again(
     assert "glioforecast_retention_removed_instances 0" in text
     assert "glioforecast_retention_forgotten_studies_total 1" in text
     assert 'glioforecast_jobs{state="failed"} 0' in text
+    # a counter never goes down: it fell to 0 here, read by Prometheus as a reset
+    assert f"glioforecast_instances_received_total {len(images)}" in text
     assert storescu(node.scp.port, *images, *study["rtstruct"]).returncode == 0
     wait_for(
         lambda: any(j.instance_count == len(images) + 1 for j in node.store.list_jobs()),
