@@ -27,3 +27,4 @@ def bounded(name: str, lowest: int, highest: int) -> Callable[[str], int]:
 
 port_number = bounded("a port", 1, 65535)
 row_id = bounded("an id", 1, 2**63 - 1)
+row_count = bounded("a number of rows", 1, 2**31 - 1)

@@ -471,11 +471,16 @@ class JobStore:
                 "study_instance_uid = ?) FROM studies WHERE study_instance_uid = ?",
                 (candidate.study_instance_uid, candidate.study_instance_uid),
             ).fetchone()
+            state = db.execute(
+                "SELECT state FROM jobs WHERE id = ?", (candidate.job_id,)
+            ).fetchone()
             if (
                 row is None
                 or row[0]
                 or row[1] != candidate.last_received_at
                 or row[2] != candidate.job_id
+                or state is None
+                or state[0] != candidate.state  # an operator's retry queued it meanwhile
             ):
                 return []
             paths = [
@@ -497,6 +502,32 @@ class JobStore:
             )
             _event(db, candidate.job_id, "retention", message)
         return paths
+
+    def study_paths_in_spool(self, study_uid: str) -> list[str]:
+        """Spool paths of the study's instances whose files retention has not removed: what
+        :meth:`remove_study_instances` would remove."""
+        with self._lock:
+            return [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT path FROM instances WHERE study_instance_uid = ? "
+                    "AND removed_at IS NULL",
+                    (study_uid,),
+                )
+            ]
+
+    def keep_instances(self, study_uid: str, relative_paths: Sequence[str], message: str) -> None:
+        """Retention could not delete these files of the study: their rows are no longer
+        marked removed (the next pass tries again), with an event saying so."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE instances SET removed_at = NULL WHERE path = ?",
+                [(rel,) for rel in relative_paths],
+            )
+            job = db.execute(
+                "SELECT max(id) FROM jobs WHERE study_instance_uid = ?", (study_uid,)
+            ).fetchone()
+            _event(db, job[0] if job else None, "retention", message)
 
     def study_sop_classes(self, study_uid: str) -> dict[str, int]:
         """The study's instances in the spool, counted by SOP class."""
@@ -959,8 +990,26 @@ class JobStore:
     def set_roles(
         self, job_id: int, decisions: Sequence[RoleDecision], state: str, reason: str
     ) -> None:
-        """Replace a job's series roles and state (used by retry, after the rules changed)."""
+        """Replace a job's series roles and state (used by retry, after the rules changed).
+        Raises ValueError, changing nothing, unless the job is still failed, its study's latest
+        job, with files in the spool: the running node (another process) may have made a newer
+        version of the study, or retention removed its files, since the caller looked."""
         with self.transaction() as db:
+            row = db.execute(
+                "SELECT j.state, (SELECT max(id) FROM jobs WHERE study_instance_uid = "
+                "j.study_instance_uid), (SELECT count(*) FROM instances i WHERE "
+                "i.study_instance_uid = j.study_instance_uid AND i.removed_at IS NULL) "
+                "FROM jobs j WHERE j.id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None or row[0] != FAILED or row[1] != job_id or not row[2]:
+                why = (
+                    "no such job" if row is None
+                    else f"it is {row[0]} now" if row[0] != FAILED
+                    else f"job {row[1]} is a newer version of its study" if row[1] != job_id
+                    else "its instances were removed from the spool meanwhile (retention)"
+                )  # fmt: skip
+                raise ValueError(f"job {job_id}: not re-queued: {why}")
             db.execute("DELETE FROM job_series WHERE job_id = ?", (job_id,))
             for d in decisions:
                 db.execute(

@@ -61,6 +61,9 @@ class Removal:
     age_days: float
     files: int
     bytes: int
+    #: files that could not be deleted (a read-only or foreign-owned spool): kept, and tried
+    #: again at the next pass
+    failed: int = 0
 
 
 def _due(candidate: RetentionCandidate, settings: RetentionSettings, now: float) -> bool:
@@ -76,25 +79,29 @@ def _size(paths: Sequence[Path]) -> int:
     return total
 
 
-def _remove_files(root: Path, relative: Sequence[str]) -> int:
-    """Delete the spool files ``relative`` and the folders they leave empty; the bytes freed."""
-    paths = [root / rel for rel in relative]
-    freed = _size(paths)
+def _remove_files(root: Path, relative: Sequence[str]) -> tuple[int, dict[str, OSError]]:
+    """Delete the spool files ``relative`` and the folders they leave empty; the bytes freed,
+    and the files that could not be deleted with why (a file already gone counts as removed)."""
+    freed = 0
+    failed: dict[str, OSError] = {}
     folders: set[Path] = set()
-    for path in paths:
+    for rel in relative:
+        path = root / rel
         try:
+            size = path.stat().st_size
             path.unlink()
+            freed += size
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.error("retention: cannot remove %s: %s", path, exc)
+            failed[rel] = exc
         folders.add(path.parent)
         folders.add(path.parent.parent)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         if folder != root and root in folder.parents:
             with contextlib.suppress(OSError):  # only when empty: a new file keeps it
                 folder.rmdir()
-    return freed
+    return freed, failed
 
 
 def _name_patient(study: StudyRecord, paths: Sequence[Path]) -> None:
@@ -135,11 +142,10 @@ def prune(
         if candidate.state == DONE and outbox.undelivered(str(candidate.job_id)):
             continue  # a result still waits for (or is dead at) a destination
         age = (now - candidate.last_received_at) / DAY_S
-        if dry_run:
+        if dry_run:  # what a prune removes: the study's instances in the spool, all of them
             paths = [
-                spool_root / rel for series in store.job_instances(candidate.job_id).values()
-                for _, rel in series
-            ]  # fmt: skip
+                spool_root / rel for rel in store.study_paths_in_spool(candidate.study_instance_uid)
+            ]
             removals.append(Removal(candidate.job_id, candidate.state, age, len(paths),
                                     _size(paths)))  # fmt: skip
             continue
@@ -155,19 +161,32 @@ def prune(
             continue  # the study changed since it was read: left for the next pass
         if audit.enabled:
             _name_patient(study, [spool_root / rel for rel in relative])
-        freed = _remove_files(spool_root, relative)
-        if audit.enabled:
+        freed, failed = _remove_files(spool_root, relative)
+        removed = len(relative) - len(failed)
+        if failed:
+            first, error = next(iter(failed.items()))
+            why = (
+                f"retention: {len(failed)} of the study's {len(relative)} files could not be "
+                f"removed ({first}: {error.strerror or error}); they are kept and tried again at "
+                "the next pass"
+            )
+            store.keep_instances(candidate.study_instance_uid, list(failed), why)
+            log.error("job %d: %s", candidate.job_id, why, extra={"job": candidate.job_id})
+        if audit.enabled and removed:
+            partly = f"; {len(failed)} files could not be removed yet" if failed else ""
             audit.deleted(
                 study, f"retention: {age:.1f} days after the study's last instance, latest job "
-                f"{candidate.state}",
+                f"{candidate.state}{partly}",
             )  # fmt: skip
-        removals.append(Removal(candidate.job_id, candidate.state, age, len(relative), freed))
+        removals.append(
+            Removal(candidate.job_id, candidate.state, age, removed, freed, len(failed))
+        )
         log.info(
             "retention: job %d (%s, last instance %.1f days ago): %d files, %.1f MB removed",
             candidate.job_id,
             candidate.state,
             age,
-            len(relative),
+            removed,
             freed / 2**20,
             extra={"job": candidate.job_id},
         )
@@ -255,11 +274,18 @@ def describe(
     lines = [
         f"job {r.job_id}: {r.state}, last instance {r.age_days:.1f} days ago: {verb} "
         f"{r.files} files ({r.bytes / 2**20:.1f} MB)"
+        + (
+            f"; {r.failed} files could not be removed (kept: jobs show {r.job_id})"
+            if r.failed
+            else ""
+        )
         for r in removals
     ]
     total = sum(r.bytes for r in removals)
+    failed = sum(r.failed for r in removals)
     lines.append(
         f"{len(removals)} studies, {sum(r.files for r in removals)} files, "
         f"{total / 2**20:.1f} MB {verb}"
+        + (f"; {failed} files could not be removed and are tried again" if failed else "")
     )
     return "\n".join(lines + _forgotten_lines(forgotten, dry_run))

@@ -23,7 +23,7 @@ from tests import factories
 from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_health import get
-from tests.dicom_node.test_jobs import _receive
+from tests.dicom_node.test_jobs import _info, _receive
 from tests.dicom_node.test_scp import storescu
 
 KEEP = RetentionSettings(done_days=7, failed_days=30)
@@ -392,3 +392,87 @@ def test_the_running_node_removes_a_failed_study_and_takes_it_again(
         what="a job with every instance sent again",
     )
     assert len(_files(node.spool)) >= len(images) + 1
+
+
+def test_files_that_cannot_be_removed_are_kept_counted_and_tried_again(
+    site: Site, tmp_path: Path
+) -> None:
+    """A file retention cannot delete (a read-only or foreign-owned spool; here a folder in
+    its place) was counted removed, audited as deleted and never tried again: its row is now
+    kept, the removal says so, and the next pass removes it."""
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
+    study = factories.small_study(tmp_path / "in")
+    t0 = 1_000_000.0
+    images = study["t1c"] + study["flair"]
+    _receive(spool, store, images, t0)
+    (job,) = assembler.run_once(now=t0 + 60)  # no structure set: failed
+    stuck = _files(spool)[0]
+    content = stuck.read_bytes()
+    stuck.unlink()
+    stuck.mkdir()
+    (stuck / "x").write_text("in the way")  # unlink fails (IsADirectoryError)
+    (removed,) = prune(store, spool.root, outbox, KEEP, now=t0 + 31 * DAY_S)
+    assert (removed.files, removed.failed) == (len(images) - 1, 1)
+    rel = str(stuck.relative_to(spool.root))
+    assert store.study_paths_in_spool(_study_uid(images)) == [rel]
+    assert any("1 of the study's" in e.message and "could not be removed" in e.message
+               for e in store.events(job))  # fmt: skip
+    # the obstacle goes (the disk writable again): the next pass removes what was left
+    (stuck / "x").unlink()
+    stuck.rmdir()
+    stuck.write_bytes(content)
+    (again,) = prune(store, spool.root, outbox, KEEP, now=t0 + 32 * DAY_S)
+    assert (again.files, again.failed) == (1, 0)
+    assert _files(spool) == []
+
+
+def test_a_dry_run_names_what_the_prune_removes(site: Site, tmp_path: Path) -> None:
+    """The dry run counted the latest job's instances; a prune removes every instance of the
+    study still in the spool (a presentation state added after the job, here), so the dry run
+    said less than was then removed."""
+    spool, store, outbox, assembler = site.spool, site.store, site.outbox, site.assembler
+    study = factories.small_study(tmp_path / "in")
+    t0 = 1_000_000.0
+    images = study["t1c"] + study["flair"]
+    _receive(spool, store, images, t0)
+    assembler.run_once(now=t0 + 60)
+    extra = pydicom.dcmread(study["t1c"][0])
+    extra.SOPInstanceUID = pydicom.uid.generate_uid()
+    extra.SeriesInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "pr.dcm"
+    extra.save_as(path)
+    info = _info(path)
+    stored = spool.store(info.study_instance_uid, info.series_instance_uid,
+                         info.sop_instance_uid, path.read_bytes())  # fmt: skip
+    store.record_instance(info, stored.relative, "WS", t0 + 90, reopens=False)
+    (would,) = prune(store, spool.root, outbox, KEEP, now=t0 + 31 * DAY_S, dry_run=True)
+    (did,) = prune(store, spool.root, outbox, KEEP, now=t0 + 31 * DAY_S)
+    assert would.files == did.files == len(images) + 1
+    assert would.bytes == did.bytes
+
+
+def test_a_retry_that_comes_after_a_newer_version_or_a_prune_changes_nothing(
+    site: Site, tmp_path: Path
+) -> None:
+    """`jobs retry` runs in its own process beside the node: a newer version of the study made
+    since it looked, or retention removing its files, must not see the old job queued again
+    (it ran with no files, or delivered superseded results); and a prune that read a failed
+    job before an operator queued it again does not take its files."""
+    spool, store, assembler = site.spool, site.store, site.assembler
+    study = factories.small_study(tmp_path / "in")
+    t0 = 1_000_000.0
+    images = study["t1c"] + study["flair"]
+    _receive(spool, store, images, t0)
+    (job1,) = assembler.run_once(now=t0 + 60)
+    candidates = store.retention_candidates()  # a retention pass read its candidates...
+    store.set_roles(job1, [], QUEUED, "")  # ...an operator's retry queued the job...
+    # ...then the pass goes on: the job it read as failed is queued, its files stay
+    (candidate,) = [c for c in candidates if c.job_id == job1]
+    assert store.remove_study_instances(candidate, t0 + 31 * DAY_S, "retention") == []
+    assert len(_files(spool)) == len(images)
+    store.set_state(job1, FAILED, "missing required role rtstruct")
+    _receive(spool, store, study["rtstruct"], t0 + 100)  # a newer version comes
+    assembler.run_once(now=t0 + 200)  # version 2: job 1 superseded
+    with pytest.raises(ValueError, match=rf"job {job1}: not re-queued: it is superseded now"):
+        store.set_roles(job1, [], QUEUED, "")
+    assert store.get_job(job1).state != QUEUED  # type: ignore[union-attr]
