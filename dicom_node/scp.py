@@ -147,17 +147,26 @@ LOSSY_TRANSFER_SYNTAXES = frozenset({
 })  # fmt: skip
 
 
-def preferred_transfer_syntaxes(proposed: Sequence[str]) -> list[str]:
-    """The node's transfer syntaxes in the order it accepts them for a presentation context
-    proposing ``proposed``: the sender's lossless ones in the sender's order, then its lossy
-    ones, then those it did not propose (never chosen). pynetdicom takes the acceptor's order
-    (Explicit VR Little Endian first), so a sender that proposed its JPEG Lossless images and
-    an uncompressed syntax in one context had to decompress them, and one that cannot (dcmtk
-    ``storescu +C`` without the codecs) failed to send them."""
-    offered = [ts for ts in proposed if ts in TRANSFER_SYNTAXES]
-    lossless = [ts for ts in offered if ts not in LOSSY_TRANSFER_SYNTAXES]
+def preferred_transfer_syntaxes(proposed: Sequence[Sequence[str]]) -> list[str]:
+    """The node's transfer syntaxes in the order it accepts them for a SOP class whose
+    presentation contexts propose ``proposed`` (one list per context): the first lossless
+    syntax of each context (in the order of the contexts), then the other lossless ones in
+    the sender's order, then its lossy ones, then those it did not propose (never chosen).
+    pynetdicom takes, for each context, the first of these that it proposes: so each context
+    gets its own first lossless syntax (dcmsend proposes one context per encoding of its files,
+    each with the uncompressed syntaxes after it: with all of them merged in the sender's order,
+    the second context got Explicit VR Little Endian before its JPEG Lossless, and dcmsend
+    decompressed). Taken in the acceptor's own order (Explicit VR Little Endian first), a
+    sender that proposed its JPEG Lossless images and an uncompressed syntax in one context had
+    to decompress them, and one that cannot (dcmtk ``storescu +C`` without the codecs) failed
+    to send them."""
+    contexts = [[ts for ts in cx if ts in TRANSFER_SYNTAXES] for cx in proposed]
+    firsts = [next(ts for ts in cx if ts not in LOSSY_TRANSFER_SYNTAXES) for cx in contexts
+              if any(ts not in LOSSY_TRANSFER_SYNTAXES for ts in cx)]  # fmt: skip
+    offered = [ts for cx in contexts for ts in cx]
+    lossless = [ts for ts in [*firsts, *offered] if ts not in LOSSY_TRANSFER_SYNTAXES]
     lossy = [ts for ts in offered if ts in LOSSY_TRANSFER_SYNTAXES]
-    return lossless + lossy + [ts for ts in TRANSFER_SYNTAXES if ts not in offered]
+    return list(dict.fromkeys([*lossless, *lossy, *TRANSFER_SYNTAXES]))
 
 
 SUCCESS = 0x0000
@@ -529,9 +538,11 @@ class StorageSCP:
     def _prefer_senders_syntaxes(assoc: Any) -> None:
         """Order the association's transfer syntaxes for each storage SOP class the sender
         proposes as :func:`preferred_transfer_syntaxes` (before pynetdicom negotiates)."""
-        proposed: dict[str, list[str]] = {}
+        proposed: dict[str, list[list[str]]] = {}
         for cx in assoc.requestor.primitive.presentation_context_definition_list or ():
-            proposed.setdefault(str(cx.abstract_syntax), []).extend(map(str, cx.transfer_syntax))
+            proposed.setdefault(str(cx.abstract_syntax), []).append(
+                list(map(str, cx.transfer_syntax))
+            )
         contexts = assoc.acceptor.supported_contexts
         for cx in contexts:
             offered = proposed.get(str(cx.abstract_syntax))

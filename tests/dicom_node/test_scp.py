@@ -426,10 +426,37 @@ def test_a_lossy_syntax_is_taken_only_when_no_lossless_one_is_proposed() -> None
     from dicom_node.scp import preferred_transfer_syntaxes
 
     baseline, j2k, rle = "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
-    assert preferred_transfer_syntaxes([baseline, EXPLICIT_LE, j2k])[:3] == [EXPLICIT_LE, j2k,
-                                                                              baseline]  # fmt: skip
-    assert preferred_transfer_syntaxes([rle, "1.2.3.4"])[0] == rle  # an unknown one is skipped
-    assert preferred_transfer_syntaxes([baseline])[0] == baseline
+    ordered = preferred_transfer_syntaxes([[baseline, EXPLICIT_LE, j2k]])
+    assert ordered[:3] == [EXPLICIT_LE, j2k, baseline]
+    assert preferred_transfer_syntaxes([[rle, "1.2.3.4"]])[0] == rle  # an unknown one is skipped
+    assert preferred_transfer_syntaxes([[baseline]])[0] == baseline
+
+
+def test_each_presentation_context_gets_its_own_lossless_syntax(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """dcmsend proposes one context per encoding of its files (JPEG-LS, JPEG Lossless, RLE),
+    each with the uncompressed syntaxes after its own: every context but the first got
+    Explicit VR Little Endian, and dcmsend decompressed those files. Each context now gets its
+    first lossless syntax; one that puts an uncompressed syntax first still gets that."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    jpeg_ls, rle, implicit = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2"
+    node = run_node()
+
+    def accepted(*contexts: list[str]) -> list[str]:
+        ae = AE(ae_title="SENDER")
+        for syntaxes in contexts:
+            ae.add_requested_context(MRImageStorage, syntaxes)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="GLIOFORECAST")
+        try:
+            assert assoc.is_established
+            return [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts]
+        finally:
+            assoc.release()
+
+    dcmsend = [[first, EXPLICIT_LE, implicit] for first in (jpeg_ls, JPEG_LOSSLESS_SV1, rle)]
+    assert accepted(*dcmsend) == [jpeg_ls, JPEG_LOSSLESS_SV1, rle]
+    assert accepted([implicit, jpeg_ls]) == [implicit]
 
 
 def test_what_negotiation_refused_is_logged_when_it_matters(run_node, tmp_path, caplog):  # type: ignore[no-untyped-def]
