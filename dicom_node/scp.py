@@ -845,7 +845,21 @@ class StorageSCP:
                 info.sop_instance_uid, info.study_instance_uid, calling,
             )  # fmt: skip
         elif stored.duplicate or not new:
-            log.debug("duplicate instance from %s stored once", calling)
+            if not new and known is not None and known[1] != stored.relative:
+                # the same instance under another study or series UID (a study split or
+                # merged at the PACS), same patient: the copy held is kept, and the file just
+                # written, which no row names, goes (else it stayed for ever, out of reach of
+                # assembly and retention)
+                self.spool.remove(stored.relative)
+                log.warning(
+                    "instance %s re-sent by %s under study %s, series %s; the node holds it "
+                    "under another study or series and keeps that copy (a corrected object "
+                    "needs a new SOP Instance UID, or the first taken back with a rejection "
+                    "note)", info.sop_instance_uid, calling, info.study_instance_uid,
+                    info.series_instance_uid,
+                )  # fmt: skip
+            else:
+                log.debug("duplicate instance from %s stored once", calling)
         elif corrected:
             assert known is not None
             if known[1] != stored.relative:  # filed under another study or series now

@@ -152,7 +152,7 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
     for rel in sorted(retained):
         with contextlib.suppress(FileNotFoundError):
             (spool.root / rel).unlink()
-    added = 0
+    added = duplicates = 0
     for rel in sorted(on_disk - known - retained):
         path = spool.root / rel
         try:
@@ -165,7 +165,13 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
         if store.record_instance(info, rel, "(recovered)", path.stat().st_mtime):
             # a rejection note whose recording a crash cut short is applied now
             apply_rejection(store, ds, info.series_description, "(recovered)")
-        added += 1
+            added += 1
+        elif (held := store.stored_instance(info.sop_instance_uid)) and held[1] != rel:
+            # a second copy of an instance held under another study or series: the held one
+            # is kept, as the receiver does
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            duplicates += 1
     missing = sorted(known - on_disk)
     if missing:
         store.forget_instances(missing)
@@ -174,6 +180,7 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
         "recovered": added,
         "missing": len(missing),
         "removed_by_retention": len(retained),
+        "duplicates_removed": duplicates,
     }
     if any(summary.values()):
         log.warning("reconciled spool and database: %s", summary)

@@ -135,14 +135,21 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
     )
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
         db.execute("UPDATE instances SET removed_at = 1 WHERE path = ?", (pruned_rel,))
+    # a second copy of an instance held, under another study (an orphan an earlier version
+    # left: recorded as "recovered" at every start, and never recorded)
+    other_study = spool.store("1.2.826.0.1.3680043.8.498.7", info.series_instance_uid,
+                              info.sop_instance_uid, study["t1c"][2].read_bytes())  # fmt: skip
     summary = reconcile(spool, store, SECRET)
     assert summary == {
         "removed_partial": 1, "recovered": 1, "missing": 1, "removed_by_retention": 1,
+        "duplicates_removed": 1,
     }  # fmt: skip
     assert not (spool.root / pruned_rel).exists()
+    assert not (spool.root / other_study.relative).exists()
     assert store.counts()["instances"] == 1
     assert reconcile(spool, store, SECRET) == {
         "removed_partial": 0, "recovered": 0, "missing": 0, "removed_by_retention": 0,
+        "duplicates_removed": 0,
     }  # fmt: skip
 
 

@@ -559,3 +559,22 @@ def test_a_spool_that_refuses_writes_defers_instances_and_shows_on_health(  # ty
     assert storescu(node.scp.port, *files).returncode == 0
     assert health()["components"]["storage"] is True
     assert any(r.getMessage().startswith("instances are stored again") for r in caplog.records)
+
+
+def test_an_instance_resent_under_another_study_leaves_no_second_file(run_node, tmp_path):  # type: ignore[no-untyped-def]
+    """A PACS splits a study and sends an instance again under the new Study Instance UID,
+    same SOP Instance UID and patient: the copy held is kept, as documented; the second file,
+    which no row named, stayed in the spool for ever (out of reach of assembly and retention,
+    "recovered" at each start)."""
+    original = factories.small_study(tmp_path / "in")["t1c"][0]
+    moved = tmp_path / "moved.dcm"
+    ds = pydicom.dcmread(original)
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(moved)
+    node = run_node()
+    assert storescu(node.scp.port, original).returncode == 0
+    result = storescu(node.scp.port, moved)
+    assert "Received Store Response (Success)" in result.stderr, result.stderr
+    (held,) = node.spool.root.rglob("*.dcm")
+    assert pydicom.dcmread(held).StudyInstanceUID == pydicom.dcmread(original).StudyInstanceUID
+    assert node.store.counts()["instances"] == 1
