@@ -190,6 +190,31 @@ def authenticate(
 # ------------------------------------------------------------------------------ the body
 
 
+#: the media ranges that take the answer, application/dicom+json (RFC 9110, 12.5.1: a type/*
+#: range takes every subtype; application/json, which PS3.18 lets servers answer for it)
+_TAKES_JSON = {"*/*", "application/*", "application/dicom+json", "application/json"}
+
+
+def takes_dicom_json(accept: str) -> bool:
+    """Whether an Accept header takes application/dicom+json: one of its media ranges does,
+    with a quality above 0 (``;q=0`` refuses it)."""
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media.lower() not in _TAKES_JSON:
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            return True
+    return False
+
+
 def boundary_of(content_type: str) -> bytes:
     """The boundary of a ``multipart/related; type="application/dicom"`` Content-Type, or
     the refusal (415 for another media type, 400 without a boundary)."""
@@ -404,7 +429,7 @@ class StowReceiver:
                         "retry later")  # fmt: skip
         boundary = boundary_of(rq.headers.get("Content-Type", ""))
         accept = rq.headers.get("Accept", "")
-        if accept and not re.search(r"(^|[\s,])(\*/\*|application/(dicom\+)?json)", accept):
+        if accept and not takes_dicom_json(accept):
             raise Refusal(406, f"expected an Accept header that takes application/dicom+json, "
                           f"found {accept!r}")  # fmt: skip
         return Admitted(study, client, boundary, self._length(rq), certificate)

@@ -155,6 +155,10 @@ def test_each_part_is_answered_for_itself(run_node, tmp_path):  # type: ignore[n
     assert code == 202, answer
     assert headers["Content-Type"] == "application/dicom+json"
     assert _stored(answer) == [_uid(good), _uid(good)]
+    # a media range that takes application/dicom+json (RFC 9110 12.5.1) is answered too (406)
+    for accept in ("application/*", "application/dicom+xml;q=0.9, */*;q=0.1"):
+        code, _, again = post(node.stow.port, [good.read_bytes()], headers={"Accept": accept})
+        assert code == 200, (accept, again)
     assert _failures(answer) == {"": 0xC210, cr.SOPInstanceUID: 0x0122, _uid(foreign): 0xC409}
     assert [p.name for p in node.spool.root.rglob("*.dcm")] == [f"{_uid(good)}.dcm"]
     assert node.store.counts()["instances"] == 1
@@ -236,6 +240,8 @@ def test_refused_requests_store_nothing_and_say_why(run_node, tmp_path):  # type
                                    "application/octet-stream"),
         "XML answer only": (post(port, one, headers={"Accept": "application/dicom+xml"}), 406,
                             "application/dicom+json"),
+        "JSON refused (q=0)": (post(port, one, headers={"Accept": "application/dicom+json;q=0, "
+                               "application/dicom+xml"}), 406, "application/dicom+json"),
         "a search": (None, 405, "expected POST"),
         "another path": (post(port, one, path="/studies"), 404, "/dicom-web/studies"),
         "too large": (post(port, [b"\0" * (1 << 20)]), 413, "max_request_mb"),
