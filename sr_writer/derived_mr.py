@@ -37,7 +37,7 @@ from .labels import (
     series_description,
     set_patient_study,
 )
-from .references import slice_geometry, slice_instance_uids
+from .references import slice_frame_numbers, slice_geometry, slice_instance_uids
 from .secondary_capture import Window, _source_item, window_like
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def build_derived_mr(
     w = window or window_like(source_t1c)
     ts = when or datetime.datetime.now().replace(microsecond=0)
     source_uids = slice_instance_uids(source_t1c, source_series)
+    source_frames = slice_frame_numbers(source_t1c)
     series_uid = job.series_uid("derived-mr")
     nk, nj, ni = source_t1c.shape
     overlay = banner_overlay(nj, ni, BANNER_TEXT)
@@ -155,7 +156,9 @@ def build_derived_mr(
         ds.ImageComments = f"{BANNER_TEXT}. Model {equipment.model_label}."
         ds.BurnedInAnnotation = "NO"
         ds.LossyImageCompression = "00"
-        ds.SourceImageSequence = [_source_item(source_series.sop_class_uid, source_uids[k])]
+        ds.SourceImageSequence = [
+            _source_item(source_series.sop_class_uid, source_uids[k], source_frames[k])
+        ]
         # Image Plane
         ds.ImagePositionPatient = list(g.image_position)
         ds.ImageOrientationPatient = list(g.image_orientation)

@@ -85,20 +85,26 @@ def slice_frame_numbers(grid: Volume) -> tuple[int, ...]:
     return frames if len(frames) == grid.shape[0] else (0,) * grid.shape[0]
 
 
+def source_instances(grid: Volume, series: SeriesRef, patient: PatientStudy) -> list[Dataset]:
+    """Header-only stand-ins of the instances the slices of ``grid`` come from, one per
+    instance in the order of the slices (a series of single-frame instances: one per slice;
+    an Enhanced MR: one, or one per instance when its frames are spread over several): what
+    an SR names as its evidence."""
+    uids = list(dict.fromkeys(slice_instance_uids(grid, series)))
+    if len(uids) == grid.shape[0] and not any(slice_frame_numbers(grid)):
+        return source_slice_datasets(grid, series, patient)
+    return [_stand_in(grid, series, patient, uid) for uid in uids]
+
+
 def multiframe_source(grid: Volume, series: SeriesRef, patient: PatientStudy) -> Dataset | None:
     """A header-only stand-in of the multi-frame instance (an Enhanced MR) whose frames are
     the slices of ``grid``, for highdicom to reference its frames from (None for a series of
-    single-frame instances). ExportError when the slices are frames of several instances,
-    or not every frame of one."""
+    single-frame instances, and for slices that are frames of several instances or not every
+    frame of one: :func:`frame_references` then names each slice's frame)."""
     frames = slice_frame_numbers(grid)
-    if not any(frames):
+    if not any(frames) or not multiframe_source_fits(grid, series):
         return None
     uids = set(slice_instance_uids(grid, series))
-    if len(uids) != 1 or sorted(frames) != list(range(1, len(frames) + 1)):
-        raise ExportError(
-            f"expected the T1-Gd slices to be the frames of one multi-frame instance, found "
-            f"{len(frames)} slices from {len(uids)} instance(s), frames {sorted(set(frames))}"
-        )
     ds = _stand_in(grid, series, patient, next(iter(uids)))  # its planes in functional groups
     ds.InstanceNumber = 1
     ds.NumberOfFrames = len(frames)
@@ -164,6 +170,24 @@ def _stand_in(grid: Volume, series: SeriesRef, patient: PatientStudy, uid: str) 
     ds.HighBit = 15
     ds.PixelRepresentation = 1
     return ds
+
+
+def frame_references(grid: Volume, series: SeriesRef) -> list[tuple[str, int]] | None:
+    """(SOP Instance UID, frame number) of each slice ``k`` when the slices are frames of
+    multi-frame instances that :func:`multiframe_source` cannot stand in for as one (an Enhanced
+    MR T1-Gd split over several instances, or a part of one's frames); None otherwise."""
+    frames = slice_frame_numbers(grid)
+    if not any(frames) or multiframe_source_fits(grid, series):
+        return None
+    return list(zip(slice_instance_uids(grid, series), frames, strict=True))
+
+
+def multiframe_source_fits(grid: Volume, series: SeriesRef) -> bool:
+    """Whether the slices are every frame of one multi-frame instance."""
+    frames = slice_frame_numbers(grid)
+    return len(set(slice_instance_uids(grid, series))) == 1 and sorted(frames) == list(
+        range(1, len(frames) + 1)
+    )
 
 
 def source_slice_datasets(grid: Volume, series: SeriesRef, patient: PatientStudy) -> list[Dataset]:

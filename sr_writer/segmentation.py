@@ -11,7 +11,9 @@ import logging
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import MRImageStorage
 
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
@@ -24,7 +26,12 @@ from .labels import (
     finish_output,
     series_description,
 )
-from .references import multiframe_source, slice_frame_numbers, source_slice_datasets
+from .references import (
+    frame_references,
+    multiframe_source,
+    slice_frame_numbers,
+    source_slice_datasets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ def build_segmentation(
     ts = when or datetime.datetime.now().replace(microsecond=0)
     # an Enhanced MR T1-Gd is one instance: its stand-in, and the mask in its frames' order
     multiframe = multiframe_source(source_t1c, source_series, patient)
+    spread = frame_references(source_t1c, source_series)
     if multiframe is not None:
         sources = [multiframe]
         frames = slice_frame_numbers(source_t1c)
@@ -62,6 +70,13 @@ def build_segmentation(
         mask = by_frame
     else:
         sources = source_slice_datasets(source_t1c, source_series, patient)
+    if spread is not None:
+        # frames of several multi-frame instances (which highdicom does not take as sources):
+        # built from single-frame stand-ins of the slices, whose references then name each
+        # slice's instance and frame (_refer_to_frames)
+        for k, ds in enumerate(sources):
+            ds.SOPClassUID = MRImageStorage
+            ds.SOPInstanceUID = job.uid("seg-source", k)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=prediction.model_name,
         family=codes.DCM.ArtificialIntelligence,
@@ -104,6 +119,10 @@ def build_segmentation(
         content_date=ts.date(),
         content_time=ts.time(),
     )
+    if spread is not None:
+        _refer_to_frames(seg, {ds.SOPInstanceUID: ref for ds, ref in zip(sources, spread,
+                                                                         strict=True)},
+                         source_series.sop_class_uid)  # fmt: skip
     finish_output(seg, patient, ts)
     logger.info(
         "built SEG (job %s): %d frames, %d voxels in the predicted tumour",
@@ -112,3 +131,26 @@ def build_segmentation(
         int(mask.sum()),
     )
     return seg
+
+
+def _refer_to_frames(
+    seg: hd.seg.Segmentation, frames: dict[str, tuple[str, int]], sop_class_uid: str
+) -> None:
+    """Point the references of a SEG built from stand-ins of the slices (UIDs the keys of
+    ``frames``) at the frame each slice is: (SOP Instance UID, frame number) of its multi-frame
+    source instance, of class ``sop_class_uid``."""
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                uid, frame = frames[str(source.ReferencedSOPInstanceUID)]
+                source.ReferencedSOPClassUID = sop_class_uid
+                source.ReferencedSOPInstanceUID = uid
+                source.ReferencedFrameNumber = frame
+    for series in seg.get("ReferencedSeriesSequence", []):
+        instances = []
+        for uid in dict.fromkeys(uid for uid, _ in frames.values()):
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = sop_class_uid
+            ref.ReferencedSOPInstanceUID = uid
+            instances.append(ref)
+        series.ReferencedInstanceSequence = instances

@@ -42,7 +42,7 @@ from .labels import (
     finish_output,
     series_description,
 )
-from .references import multiframe_source, reference_stubs, source_slice_datasets
+from .references import reference_stubs, source_instances
 
 logger = logging.getLogger(__name__)
 
@@ -253,12 +253,7 @@ def build_structured_report(
         procedure_reported=MR_BRAIN,
         imaging_measurements=[current, predicted],
     )
-    multiframe = multiframe_source(source_t1c, source_series, patient)
-    source_slices = (
-        [multiframe]
-        if multiframe is not None
-        else source_slice_datasets(source_t1c, source_series, patient)
-    )
+    source_slices = source_instances(source_t1c, source_series, patient)
     evidence: list[Dataset] = [*source_slices, seg, *outputs]
     for ref in other_sources:
         evidence.extend(reference_stubs(patient.study_instance_uid, ref))

@@ -80,17 +80,22 @@ def make_case(
     spacing: tuple[float, float, float] = (0.9, 0.8, 2.5),
     direction: np.ndarray | None = None,
     enhanced: bool = False,
+    instances: int = 1,
 ) -> JobCase:
     """A job on a grid of ``shape``; ``enhanced``: the T1-Gd is one Enhanced MR instance
-    whose frames are the slices, last slice first."""
+    whose frames are the slices, last slice first (``instances`` of them: the slices split
+    between them in turn, each numbering its frames from 1)."""
     rng = np.random.default_rng(seed)
     nk, nj, ni = shape
     origin = (-ni * 0.45, -nj * 0.4, -20.0)
     direction = np.eye(3) if direction is None else direction
     slice_uids = tuple(f"{T1C_SERIES_UID}.{k + 1}" for k in range(nk))
     frames: tuple[int, ...] = ()
-    if enhanced:
+    if enhanced and instances == 1:
         slice_uids, frames = (f"{T1C_SERIES_UID}.1",) * nk, tuple(range(nk, 0, -1))
+    elif enhanced:
+        slice_uids = tuple(f"{T1C_SERIES_UID}.{k % instances + 1}" for k in range(nk))
+        frames = tuple(k // instances + 1 for k in range(nk))
 
     brain = _ellipsoid(
         shape, (nk / 2 - 0.5, nj / 2 - 0.5, ni / 2 - 0.5), (nk / 2, nj / 2.2, ni / 2.2)

@@ -24,8 +24,8 @@ from tests.sr_writer.test_secondary_capture import oblique_outputs
 
 
 @functools.cache
-def _enhanced() -> JobOutputs:
-    case = make_case(enhanced=True)
+def _enhanced(instances: int = 1) -> JobOutputs:
+    case = make_case(enhanced=True, instances=instances)
     return build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
 
 
@@ -40,6 +40,8 @@ def _objects() -> dict[str, Dataset]:
         "segmentation of an enhanced mr": _enhanced().seg,
         "secondary capture of an enhanced mr": _enhanced().sc[0],
         "rtstruct of an enhanced mr": _enhanced().rtstruct,
+        "segmentation of an enhanced mr in two instances": _enhanced(2).seg,
+        "structured report of an enhanced mr in two instances": _enhanced(2).sr,
         "segmentation": out.seg,
         "rtstruct": out.rtstruct,
         "structured report": out.sr,

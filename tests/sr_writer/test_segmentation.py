@@ -8,6 +8,7 @@ import io
 import highdicom as hd
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from sr_writer.outputs import OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
@@ -73,6 +74,58 @@ def test_an_enhanced_mr_t1gd_gets_every_output_referencing_its_frames() -> None:
         for i in series.ReferencedSOPSequence
     }
     assert uid in evidence
+
+
+def test_a_t1gd_split_over_several_enhanced_mr_instances_gets_every_output() -> None:
+    """An Enhanced MR T1-Gd whose frames are spread over two instances (slices taken in turn):
+    the job failed to build its outputs ("expected the T1-Gd slices to be the frames of one
+    multi-frame instance"). Each SEG frame, SC image and RTSTRUCT contour now names the
+    instance and frame of its slice; the SR's evidence names both instances."""
+    case = make_case(enhanced=True, instances=2)
+    options = OutputOptions(node_version="0.1.0", derived_mr=True)
+    out = build_outputs(case.prediction, job_inputs(case), options)
+    nk = case.t1c.shape[0]
+    expected = [(f"{case.t1c_series.series_instance_uid}.{k % 2 + 1}", k // 2 + 1)
+                for k in range(nk)]  # fmt: skip
+    mask = np.asarray(case.prediction.tumour_mask.array).astype(bool)
+    seg = out.seg
+    assert seg.NumberOfFrames == nk
+    named = []
+    for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        (source,) = item.DerivationImageSequence[0].SourceImageSequence
+        assert source.ReferencedSOPClassUID == case.t1c_series.sop_class_uid
+        k = expected.index((source.ReferencedSOPInstanceUID, int(source.ReferencedFrameNumber)))
+        assert np.array_equal(seg.pixel_array[index].astype(bool), mask[k]), index
+        pos = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(pos, slice_geometry(case.t1c, k).image_position, atol=1e-4)
+        named.append(k)
+    assert sorted(named) == list(range(nk))
+    (series,) = seg.ReferencedSeriesSequence
+    assert [i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence] == list(
+        case.t1c_series.sop_instance_uids
+    )
+
+    def sources(images: list[Dataset]) -> list[tuple[str, int]]:
+        return [
+            (d.SourceImageSequence[0].ReferencedSOPInstanceUID,
+             int(d.SourceImageSequence[0].ReferencedFrameNumber))
+            for d in images
+        ]  # fmt: skip
+
+    assert sources(out.sc) == expected
+    assert sources(out.derived_mr) == expected
+    evidence = {
+        i.ReferencedSOPInstanceUID
+        for study in out.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert set(case.t1c_series.sop_instance_uids) <= evidence
+    # the SEG reads back as the mask, slice by slice, through highdicom
+    buf = io.BytesIO()
+    seg.save_as(buf, enforce_file_format=True)
+    again = hd.seg.Segmentation.from_dataset(dcmread(io.BytesIO(buf.getvalue())))
+    assert again.number_of_segments == 1
 
 
 def test_the_outputs_give_the_source_slice_thickness_not_the_spacing() -> None:
