@@ -78,7 +78,8 @@ _NATIVE = {
 def _native_pixels(
     ds: Dataset, ts: object, rows: int, cols: int, n_frames: int, bits: int, name: str
 ) -> npt.NDArray[np.generic] | None:
-    """Fast path for uncompressed integer PixelData: a view of the stored bytes.
+    """Fast path for uncompressed integer PixelData: a view of the stored bytes (a copy when
+    fewer bits are stored than allocated).
 
     Returns None (use pydicom's decoders) for anything but plain 8/16/32-bit integer pixels in
     a native transfer syntax. As pydicom's decoders do, only the BitsStored bits ending at
@@ -104,8 +105,8 @@ def _native_pixels(
         )
     arr = np.frombuffer(raw, dtype=dtype, count=count)
     stored = get_int(ds, "BitsStored", name, bits) or bits
-    high = get_int(ds, "HighBit", name, stored - 1)
-    high = stored - 1 if high is None else high
+    high = get_int(ds, "HighBit", name)
+    high = stored - 1 if high is None else high  # (type 1, but left out by some writers)
     if not 0 < stored <= bits or not stored - 1 <= high < bits:
         raise ConversionError(
             f"{name}: expected 0 < BitsStored <= BitsAllocated and BitsStored - 1 <= HighBit < "
