@@ -524,6 +524,12 @@ class JobStore:
                 "UPDATE instances SET removed_at = NULL WHERE path = ?",
                 [(rel,) for rel in relative_paths],
             )
+            db.execute(  # none of its files went: the study was not removed either
+                "UPDATE studies SET removed_at = NULL WHERE study_instance_uid = ? AND NOT "
+                "EXISTS (SELECT 1 FROM instances WHERE study_instance_uid = ? AND removed_at IS "
+                "NOT NULL)",
+                (study_uid, study_uid),
+            )
             job = db.execute(
                 "SELECT max(id) FROM jobs WHERE study_instance_uid = ?", (study_uid,)
             ).fetchone()

@@ -415,6 +415,7 @@ def test_files_that_cannot_be_removed_are_kept_counted_and_tried_again(
     assert (removed.files, removed.failed) == (len(images) - 1, 1)
     rel = str(stuck.relative_to(spool.root))
     assert store.study_paths_in_spool(_study_uid(images)) == [rel]
+    assert store.study_removed_at(_study_uid(images)) is not None  # the others went
     assert any("1 of the study's" in e.message and "could not be removed" in e.message
                for e in store.events(job))  # fmt: skip
     # the obstacle goes (the disk writable again): the next pass removes what was left
