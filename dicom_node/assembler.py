@@ -151,7 +151,7 @@ class Assembler:
             return rt, note, other
         if "rtstruct" in by_role and "t1c" not in by_role:
             rt = [s for s in series if s.sop_class_uid in RT_CLASSES]
-            reopened = self.linker.mr_studies_for(study_uid, rt, since)
+            reopened = self.linker.mr_studies_for(study_uid, rt, since, self.settings.roles)
             for other in reopened:
                 self.store.reopen(
                     other, f"reopened: the patient's RT objects arrived in study {study_uid}"

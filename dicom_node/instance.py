@@ -34,6 +34,18 @@ def is_valid_uid(value: str) -> bool:
     return 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 
+#: what some consoles write in ContrastBolusAgent when no agent was given
+NO_AGENT = frozenset({"", "NONE", "NO", "N", "NIL", "NULL", "N/A", "NA", "-", "0", "FALSE",
+                      "WITHOUT", "NO CONTRAST"})  # fmt: skip
+
+
+def _names_agent(ds: Dataset) -> bool:
+    """Whether the image names a contrast agent: ContrastBolusAgent (not a placeholder such
+    as 'NONE', :data:`NO_AGENT`), or a Contrast/Bolus Agent Sequence with an item."""
+    agent = _text(ds, "ContrastBolusAgent").strip().upper()
+    return agent not in NO_AGENT or bool(ds.get("ContrastBolusAgentSequence"))
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:
@@ -108,9 +120,7 @@ class InstanceInfo:
                 series_description=_text(ds, "SeriesDescription"),
                 protocol_name=_text(ds, "ProtocolName"),
                 sequence_name=sequence,
-                contrast_agent=bool(
-                    _text(ds, "ContrastBolusAgent") or "ContrastBolusAgentSequence" in ds
-                ),
+                contrast_agent=_names_agent(ds),
                 frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
                 transfer_syntax_uid=transfer_syntax_uid,
                 patient_key=patient_key(ds, secret),

@@ -26,6 +26,8 @@ from dicom_node.convert.spatial_registration import (
 )
 from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import JobStore, SeriesSummary
+from dicom_node.roles import ranked_candidates
+from dicom_node.settings import RoleSettings
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +117,25 @@ class Linker:
         return None
 
     def mr_studies_for(
-        self, study_uid: str, rt: Sequence[SeriesSummary], since: float
+        self,
+        study_uid: str,
+        rt: Sequence[SeriesSummary],
+        since: float,
+        roles: RoleSettings,
     ) -> list[str]:
-        """The patient's MR studies that the RT series ``rt`` of ``study_uid`` relate to."""
+        """The patient's MR studies that the RT series ``rt`` of ``study_uid`` relate to: on
+        the frame of one of their series that could be their T1-Gd by ``roles``
+        (:func:`ranked_candidates`), the frame :meth:`rt_series_for` then links on (a structure
+        set on another series' frame reopened the study, which then failed for want of it)."""
         out = []
         for other in self.store.patient_studies(study_uid, since, MR_CLASSES):
             series = self.store.series_of_study(other)
             if any(s.sop_class_uid == RTSTRUCT_SOP_CLASS for s in series):
                 continue  # it has a structure set of its own
-            frames = {s.frame_of_reference_uid for s in series if s.sop_class_uid in MR_CLASSES}
+            images = [s for s in series if s.sop_class_uid in MR_CLASSES]
+            frames = {
+                s.frame_of_reference_uid for s in ranked_candidates(images, roles).get("t1c", [])
+            }
             if self.related(frames - {""}, rt, series):
                 out.append(other)
         return out

@@ -18,7 +18,9 @@ them back with the study: a prediction is never an input.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,22 +55,30 @@ def exam_protocol_name(series: Sequence[SeriesSummary]) -> str:
     W/WO +C"), not the series' own. Its words cannot tell one series from another, and matched
     with each series' text they would make a pre-contrast T1 look like a T1-Gd, or a T2 FLAIR like
     a T1 FLAIR, so :func:`matching_text` leaves it out."""
-    names = {
+    names = Counter(
         s.protocol_name.strip()
         for s in series
         if s.modality == "MR" and not is_labelled_description(s.series_description)
-    }
-    count = sum(1 for s in series if s.modality == "MR")
-    if count < 2 or len(names) != 1:
+    )
+    if not names:
         return ""
-    return names.pop()
+    name, carried = names.most_common(1)[0]
+    # carried by more than half of the MR series (not all: a perfusion map or a screen save
+    # made on the console carries another, or none), and by two at least
+    if not name or carried < 2 or carried * 2 <= sum(names.values()):
+        return ""
+    return name
 
 
 def matching_text(series: SeriesSummary, exam_protocol: str = "") -> str:
     """The text the rules match: SeriesDescription, ProtocolName and SequenceName, without the
     exam's protocol name (:func:`exam_protocol_name`) when the series has a description of its
     own."""
-    if exam_protocol and series.series_description.strip():
+    if (
+        exam_protocol
+        and series.protocol_name.strip() == exam_protocol
+        and series.series_description.strip()
+    ):
         parts = (series.series_description, series.sequence_name)
         return " | ".join(t for t in parts if t)
     return series.text
@@ -98,11 +108,13 @@ def excluded_image_type(series: SeriesSummary, settings: RoleSettings) -> str | 
     return None
 
 
-def preference(series: SeriesSummary) -> tuple[bool, int, float]:
-    """Sort key of the series matching one role, best last: acquired before derived, then the
-    highest SeriesNumber, then the latest received."""
+def preference(series: SeriesSummary, role: str = "") -> tuple[bool, bool, int, float]:
+    """Sort key of the series matching one role, best last: acquired before derived; for the
+    T1-Gd, one whose images name a contrast agent (ContrastBolusAgent) before one whose do not;
+    then the highest SeriesNumber, then the latest received."""
     number = -1 if series.series_number is None else series.series_number
-    return (not series.derived, number, series.last_received_at)
+    agent = role == "t1c" and series.contrast_agent
+    return (not series.derived, agent, number, series.last_received_at)
 
 
 def describe(series: SeriesSummary) -> str:
@@ -210,8 +222,13 @@ def _candidates(
             continue
         candidates.setdefault(role, []).append(s)
     return {
-        role: sorted(matched, key=preference, reverse=True) for role, matched in candidates.items()
+        role: sorted(matched, key=functools.partial(_preferred, role), reverse=True)
+        for role, matched in candidates.items()
     }
+
+
+def _preferred(role: str, series: SeriesSummary) -> tuple[bool, bool, int, float]:
+    return preference(series, role)
 
 
 def ranked_candidates(

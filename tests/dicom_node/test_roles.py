@@ -67,6 +67,35 @@ ROLES = load_settings(None).roles
         ("KM T1 tra", False, "t1c"),
         ("REST1 w SMS PF7-8", False, ""),  # a resting-state fMRI: "t1" inside a word
         ("ep2d_bold_rest1", False, ""),
+        # contrast words between underscores (Siemens, Philips): they gave the t1 role
+        ("t1_se_tra_KM_fs", False, "t1c"),
+        ("T1_KM_tra", False, "t1c"),
+        ("T1_SE_TRA_CE", False, "t1c"),
+        ("T1 POSTCONTRAST", False, "t1c"),
+        ("sT1W_3D_TFE_gado", False, "t1c"),
+        ("T1 na contrast", False, "t1c"),  # Dutch: after contrast
+        ("Sag 3D T1 FSPGR C+", False, "t1c"),
+        # before or without contrast, whatever else the name says: they were taken for the
+        # T1-Gd (and "posterior" read as "post")
+        ("T1 pre contrast", False, "t1"),
+        ("AX T1 PRE GAD", False, "t1"),
+        ("T1 WO CONTRAST", False, "t1"),
+        ("T1 w/o contrast", False, "t1"),
+        ("T1 without contrast", False, "t1"),
+        ("T1 ohne KM", False, "t1"),
+        ("T1 sin contraste", False, "t1"),
+        ("T1 zonder contrast", False, "t1"),
+        ("T1_pre_Gd", False, "t1"),
+        ("T1 non-contrast", False, "t1"),
+        ("Ax T1 posterior fossa", False, "t1"),
+        ("T1 MPRAGE without contrast", True, ""),  # an agent, and a name saying none: neither
+        # T2*-weighted, susceptibility-weighted and phase images are no T2: they won over the
+        # T2 TSE by their higher series numbers
+        ("t2_swi_tra", False, ""),
+        ("t2_fl2d_tra_hemo", False, ""),
+        ("T2W_FFE", False, ""),
+        ("Ax T2 GRE", False, ""),
+        ("Ax T2 Star", False, ""),
     ],
 )
 def test_default_rules_on_scanner_names(description: str, contrast: bool, role: str) -> None:
@@ -246,6 +275,45 @@ def test_an_exam_protocol_name_in_every_series_does_not_decide_the_roles() -> No
     assert any("missing required role t1c" in p for p in outcome.problems)
 
 
+def test_an_exam_protocol_carried_by_most_series_does_not_decide_the_roles() -> None:
+    """A perfusion map or a screen save made on the console carries another ProtocolName (or
+    none): the exam's "+C" then leaked back into every series, and the pre-contrast T1 became
+    a T1-Gd candidate (and the fallback when the T1-Gd could not be converted)."""
+    exam = "BRAIN TUMOR W/WO +C"
+    study = [
+        series("Ax T1 SE", 2, protocol=exam),
+        series("Ax T2 FLAIR", 3, protocol=exam),
+        series("Sag 3D T1 BRAVO", 9, protocol=exam, contrast=True),
+        series("rCBV", 20, protocol=""),
+    ]
+    assert _roles(study) == {"Ax T1 SE": "t1", "Ax T2 FLAIR": "flair", "Sag 3D T1 BRAVO": "t1c",
+                             "rCBV": ""}  # fmt: skip
+    assert [s.series_description for s in ranked_candidates(study, ROLES)["t1c"]] == [
+        "Sag 3D T1 BRAVO"
+    ]
+
+
+def test_a_t1gd_with_its_agent_comes_before_one_without() -> None:
+    """Two T1-Gd candidates, only one of whose images name a contrast agent: that one is
+    used, whatever the series numbers (the ranking went by number alone)."""
+    study = [series("T1 MPRAGE +C", 9, contrast=True), series("AX T1 POST", 12)]
+    assert [s.series_number for s in ranked_candidates(study, ROLES)["t1c"]] == [9, 12]
+
+
+@pytest.mark.parametrize(("agent", "named"), [("NONE", False), ("No", False), ("n/a", False),
+                                              ("Gadovist", True), ("", False)])  # fmt: skip
+def test_a_placeholder_contrast_agent_names_none(agent: str, named: bool) -> None:
+    """Consoles that write 'NONE' in ContrastBolusAgent for a pre-contrast series made it the
+    T1-Gd."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.instance import _names_agent
+
+    ds = Dataset()
+    ds.ContrastBolusAgent = agent
+    assert _names_agent(ds) is named
+
+
 def test_a_protocol_name_of_the_series_own_still_counts() -> None:
     # Siemens and Philips name each series' protocol: a hint there still gives the role
     study = [
@@ -258,3 +326,37 @@ def test_a_protocol_name_of_the_series_own_still_counts() -> None:
     bare = [series("", 1, protocol=shared), series("", 2, protocol=shared)]
     outcome = assign_roles(bare, ROLES)
     assert "t1c" in {outcome.role_of(s.series_instance_uid) for s in bare}
+
+
+def test_a_later_rt_study_reopens_only_an_mr_study_whose_t1gd_it_fits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The RT study arrives after the MR study. A structure set on the FLAIR's frame of
+    reference (another session), not the T1-Gd's, reopened the MR study, which then could not
+    link it and failed again "missing required role rtstruct", while the RT study's job said
+    its objects were used there. Only a structure set on a T1-Gd candidate's frame reopens."""
+    import time
+
+    from pydicom.uid import generate_uid
+
+    from dicom_node.jobs import JobStore
+    from dicom_node.linking import Linker
+    from dicom_node.spool import Spool
+    from tests import factories
+    from tests.dicom_node.test_jobs import _receive
+
+    study_uid, t1c_frame, flair_frame = generate_uid(), generate_uid(), generate_uid()
+    mr = [
+        *factories.mr_series(tmp_path / "t1c", "AX T1 POST GD", study_uid=study_uid,
+                             frame_uid=t1c_frame, series_number=5, contrast=True),
+        *factories.mr_series(tmp_path / "flair", "AX T2 FLAIR", study_uid=study_uid,
+                             frame_uid=flair_frame, series_number=3),
+    ]  # fmt: skip
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    now = time.time()
+    _receive(spool, store, mr, now)
+    linker = Linker(store, spool.root)
+    for frame, reopened in ((flair_frame, []), (t1c_frame, [study_uid])):
+        rt_study = generate_uid()
+        rs = factories.rtstruct(tmp_path / f"rt-{frame}", study_uid=rt_study, frame_uid=frame)
+        _receive(spool, store, [rs], now + 60)
+        rt = store.series_of_study(rt_study)
+        assert linker.mr_studies_for(rt_study, rt, now - 86400, ROLES) == reopened
