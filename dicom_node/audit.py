@@ -54,6 +54,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -740,6 +741,80 @@ class AuditTrail:
                 self._sock.close()
             self._sock = None
 
+    # -- what the site's administrators do (commands beside the node)
+
+    def administered(
+        self,
+        kind: Literal["backup", "restore", "take-back"],
+        description: str,
+        *,
+        data_dir: Path,
+        other: Path | None = None,
+        study: StudyRecord | None = None,
+    ) -> None:
+        """An administrator's command beside the node, by ``kind``:
+
+        - ``"backup"``: Export (110106), action R (PS3.15 A.5.3.6): the node's process as
+          Source, the backup folder ``other`` as the Destination Media (its ``file://`` URI),
+          the data folder ``data_dir`` as the object (a Data Repository: a backup holds every
+          study and patient of the node, which it does not list);
+        - ``"restore"``: Security Alert (110113), type Software Configuration (110131): the
+          data folder replaced, and the backup ``other`` it was replaced with, as objects;
+        - ``"take-back"``: DICOM Instances Accessed (110103), action D: ``study``'s results
+          taken back from the destinations.
+
+        The system user who ran the command is the requestor; ``description`` says what was
+        done (and why, for a take-back)."""
+        import pwd
+
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a user without a passwd entry (a container)
+            user = f"uid {os.geteuid()}"
+        operator = Participant(user, "", True, process_id=str(os.getpid()))
+        if kind == "backup":
+            assert other is not None
+            source = dataclasses.replace(self.node, role=ROLE_SOURCE)
+            media = Participant(other.as_uri(), "", False, ("110155", "Destination Media"))
+            root = _message(
+                ("110106", "Export"), "R", SUCCESS, [operator, source, media], self.source,
+                description=description,
+            )  # fmt: skip
+            folders = [(data_dir, "17", "the node's data folder")]  # 17: Data Repository
+        elif kind == "restore":
+            assert other is not None
+            root = _message(
+                SECURITY_ALERT, "E", SUCCESS, [operator, self.node], self.source,
+                event_type=SOFTWARE_CONFIGURATION, description=description,
+            )  # fmt: skip
+            folders = [
+                (data_dir, "17", "the node's data folder, replaced by the backup"),
+                (other, "17", "the backup restored"),
+            ]
+        elif kind == "take-back":
+            assert study is not None
+            root = _message(
+                INSTANCES_ACCESSED, "D", SUCCESS, [operator, self.node], self.source,
+                description=description,
+            )  # fmt: skip
+            _study_objects(root, study)
+            folders = []
+        else:
+            raise ValueError(f"expected backup, restore or take-back, found {kind!r}")
+        for folder, role, name in folders:
+            obj = ET.SubElement(
+                root,
+                "ParticipantObjectIdentification",
+                {
+                    "ParticipantObjectID": folder.as_uri(),
+                    "ParticipantObjectTypeCode": "2",  # system object
+                    "ParticipantObjectTypeCodeRole": role,
+                },
+            )
+            _coded(obj, "ParticipantObjectIDTypeCode", URI, scheme="RFC-3881")
+            ET.SubElement(obj, "ParticipantObjectName").text = name
+        self.record(root)
+
 
 def check_repository(settings: AuditSettings) -> tuple[bool, str]:
     """Whether the audit record repository takes the node's connection as configured (over
@@ -811,6 +886,15 @@ class NoAuditTrail:
         self, ae_title: str, host: str, sop_class_uid: str, identifier: Dataset, failure: str = ""
     ) -> None: ...
     def configured(self, uri: str, *, security: bool, applied: bool, description: str) -> None: ...
+    def administered(
+        self,
+        kind: Literal["backup", "restore", "take-back"],
+        description: str,
+        *,
+        data_dir: Path,
+        other: Path | None = None,
+        study: StudyRecord | None = None,
+    ) -> None: ...
 
 
 def audit_trail(

@@ -19,18 +19,34 @@ while the node goes on receiving), then the files, in the order in which the nod
 Restoring it (the node stopped, the folder put back at the same path) is a start after a power
 loss at the time of the snapshot: the node reconciles the spool with the database, queues the
 jobs that were running again and sends the results not yet delivered (a result sent twice
-keeps its UIDs). The copy holds patient data: it is created readable by its owner only.
+keeps its UIDs). The copy holds patient data: it is created readable by its owner only (the
+folder 0700, the databases and the manifest 0600, the folders in it 0750 at most), whatever
+the umask. A backup that fails removes what it created, so that no partial copy fills the
+backup disk night after night.
+
+Restoring checks the copy first (its manifest, each database: SQLite's quick check, the node's
+tables, no fewer pages than the backup wrote) and refuses a backup made by a later version. It
+keeps the audit trail of the folder it replaces (the audit queue, and the audit file with its
+rotated copies when they lie in the data folder): that is the node's security record, not
+data to roll back. The folders are swapped in one step where the system can (Linux
+``renameat2`` with ``RENAME_EXCHANGE``), so that the data folder's path always names a folder
+whose lock a starting node finds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
+import errno
 import json
 import os
+import re
 import shutil
 import sqlite3
+import stat
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,15 +62,25 @@ JOBS_FILE = "jobs.sqlite3"
 DATABASES = (JOBS_FILE, OUTBOX_FILE, QUEUE_FILE)
 OBJECTS_DIR = Path(OUTBOX_FILE).stem + "-objects"
 MANIFEST = "glioforecast-backup.json"
+SECRET_FILE = "secret.key"
+#: the tables a restored database must have: a 0-byte file is an empty database to SQLite
+REQUIRED_TABLES = {
+    JOBS_FILE: ("jobs", "instances"),
+    OUTBOX_FILE: ("outbox",),
+    QUEUE_FILE: ("queue",),
+}
+#: the mode of the folders of a copy and of a restored data folder (the node's own)
+FOLDER_MODE = 0o750
 
 
 @dataclass
 class BackupReport:
     destination: Path
-    databases: dict[str, int] = field(default_factory=dict)  # name -> pages copied
+    databases: dict[str, int] = field(default_factory=dict)  # name -> pages of the copy
     files: int = 0  # besides the databases
     bytes: int = 0  # databases and files
     spool_files: int = 0
+    studies: int = 0  # studies with instances in the copy of the spool
     outbox_rows_updated: int = 0
     vanished: int = 0  # files removed by the node (retention, delivery) during the copy
 
@@ -81,6 +107,42 @@ def _integrity_problem(database: Path) -> str:
     return "" if found == "ok" else found
 
 
+def _database_problem(database: Path, pages: int) -> str:
+    """Why ``database`` of a backup cannot be restored ('' when it can): missing, damaged
+    (SQLite's quick check), without the node's tables (a 0-byte file is an empty database to
+    SQLite, and passes the check), or with fewer pages than the backup wrote (cut short)."""
+    if not database.is_file():
+        return f"{database} is missing (the backup's {MANIFEST} lists it)"
+    problem = _integrity_problem(database)
+    if problem:
+        return f"{database} is damaged ({problem})"
+    try:
+        db = sqlite3.connect(_read_only(database), uri=True)
+        try:
+            tables = {
+                str(r[0]) for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            found = int(db.execute("PRAGMA page_count").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return f"{database} is damaged ({exc})"
+    missing = [t for t in REQUIRED_TABLES.get(database.name, ()) if t not in tables]
+    if missing:
+        return (
+            f"{database} is damaged: expected the table(s) {', '.join(missing)} of the node's "
+            f"{database.name}, found "
+            + (", ".join(sorted(tables)) if tables else f"no table ({database.stat().st_size} "
+               "bytes: an empty or emptied file)")
+        )  # fmt: skip
+    if found < pages:
+        return (
+            f"{database} is damaged: expected the {pages} page(s) the backup wrote, found "
+            f"{found} (the file was cut short)"
+        )
+    return ""
+
+
 def _read_only(path: Path) -> str:
     """The SQLite URI that opens ``path`` read-only; the path is quoted (a folder named with a
     ``#``, ``?`` or ``%`` opened another file, or none)."""
@@ -96,9 +158,20 @@ def _skipped(name: str) -> bool:
     )
 
 
+def _page_count(database: Path) -> int:
+    db = sqlite3.connect(_read_only(database), uri=True)
+    try:
+        return int(db.execute("PRAGMA page_count").fetchone()[0])
+    finally:
+        db.close()
+
+
 def _copy_database(source: Path, target: Path) -> int:
+    """Copy ``source`` into the new file ``target`` (created readable by its owner only, whatever
+    the umask; SQLite gives its journal the same mode); returns the pages copied."""
     src = sqlite3.connect(_read_only(source), uri=True, timeout=30)
     try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         dst = sqlite3.connect(target)
         try:
             src.backup(dst)
@@ -112,18 +185,24 @@ def _copy_database(source: Path, target: Path) -> int:
     return pages
 
 
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` with its times; its mode, but never more than 0640 (patient data)."""
+    shutil.copy2(source, target)
+    os.chmod(target, stat.S_IMODE(os.stat(target).st_mode) & 0o640)
+
+
 def _copy_tree(source: Path, target: Path, report: BackupReport) -> int:
     """Copy every file under ``source``; returns how many."""
     copied = 0
     for folder, dirs, files in os.walk(source):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out = target / Path(folder).relative_to(source)
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=FOLDER_MODE, exist_ok=True)  # the umask can only make it stricter
         for name in sorted(files):
             if _skipped(name):
                 continue
             try:
-                shutil.copy2(Path(folder) / name, out / name)
+                _copy_file(Path(folder) / name, out / name)
             except FileNotFoundError:  # retention or a delivery removed it meanwhile
                 report.vanished += 1
                 continue
@@ -179,9 +258,38 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _created_by(destination: Path) -> Path | None:
+    """The topmost folder of ``destination``'s path that does not exist yet: what a backup
+    into ``destination`` creates (None: ``destination`` exists)."""
+    created = None
+    for folder in (destination, *destination.parents):
+        if folder.exists():
+            break
+        created = folder
+    return created
+
+
+def _remove_incomplete(destination: Path, created: Path | None) -> str:
+    """Remove what a failed backup created (``created``: the topmost folder it made, None when
+    ``destination`` was there, empty, before); returns what was done, in words."""
+    try:
+        if created is not None:
+            shutil.rmtree(created)
+            return f"the incomplete copy was removed ({created})"
+        for entry in destination.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return f"the incomplete copy was removed ({destination} is left empty, as it was)"
+    except OSError as exc:
+        return f"the incomplete copy could not all be removed ({exc}): remove {destination}"
+
+
 def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupReport:
     """Copy ``data_dir`` into ``destination`` (a new or empty folder), the node running or
-    not; ``spool`` false leaves the received instances out (the PACS has them too)."""
+    not; ``spool`` false leaves the received instances out (the PACS has them too). A backup
+    that fails removes what it created."""
     data_dir, destination = Path(data_dir).resolve(), Path(destination).resolve()
     if not (data_dir / JOBS_FILE).is_file():
         raise StorageError(
@@ -206,72 +314,278 @@ def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupRe
             f"backup: expected a new or empty folder at {destination}, found "
             + ("a file" if not destination.is_dir() else "one that is not empty")
         )
-    destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-    destination.chmod(0o700)
+    created = _created_by(destination)
     report = BackupReport(destination)
     started = datetime.datetime.now(datetime.UTC)
     try:
+        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        destination.chmod(0o700)
         for name in DATABASES:
             if (data_dir / name).is_file():
                 report.databases[name] = _copy_database(data_dir / name, destination / name)
-                report.bytes += (destination / name).stat().st_size
         if spool and (data_dir / "spool").is_dir():
             report.spool_files = _copy_tree(data_dir / "spool", destination / "spool", report)
+            report.studies = len(
+                {p.relative_to(destination / "spool").parts[0]
+                 for p in (destination / "spool").rglob("*.dcm")}
+            )  # fmt: skip
         if (data_dir / OBJECTS_DIR).is_dir():
             _copy_tree(data_dir / OBJECTS_DIR, destination / OBJECTS_DIR, report)
         if OUTBOX_FILE in report.databases:
             report.outbox_rows_updated = _settle_outbox(data_dir, destination)
+        for name in report.databases:  # as restore will find them (settling can add pages)
+            report.databases[name] = _page_count(destination / name)
+            report.bytes += (destination / name).stat().st_size
         for entry in sorted(data_dir.iterdir()):
-            if entry.is_file() and entry.name not in DATABASES and not _skipped(entry.name):
-                shutil.copy2(entry, destination / entry.name)
+            if (
+                entry.is_file()
+                and entry.name not in (*DATABASES, MANIFEST)  # a restored folder has one
+                and not _skipped(entry.name)
+            ):
+                _copy_file(entry, destination / entry.name)
                 report.files += 1
                 report.bytes += entry.stat().st_size
-        (destination / MANIFEST).write_text(
-            json.dumps(
-                {
-                    "data_dir": str(data_dir),
-                    "version": __version__,
-                    "started": started.isoformat(timespec="seconds"),
-                    "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                    "spool": spool,
-                    "databases": report.databases,
-                    "files": report.files,
-                    "bytes": report.bytes,
-                },
-                indent=2,
-            )
-            + "\n"
+        manifest = json.dumps(
+            {
+                "data_dir": str(data_dir),
+                "version": __version__,
+                "started": started.isoformat(timespec="seconds"),
+                "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "spool": spool,
+                "databases": report.databases,
+                "files": report.files,
+                "bytes": report.bytes,
+            },
+            indent=2,
         )
+        fd = os.open(destination / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(manifest + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            (destination / SECRET_FILE).chmod(0o600)
         _fsync_tree(destination)
-    except (OSError, sqlite3.Error) as exc:
-        raise StorageError(
-            f"backup of {data_dir} into {destination} failed: {exc}; the copy there is "
-            "incomplete: remove it and try again"
-        ) from exc
-    with contextlib.suppress(OSError):
-        (destination / "secret.key").chmod(0o600)
+    except BaseException as exc:  # a full disk, or Ctrl-C: no partial copy left behind
+        removed = _remove_incomplete(destination, created)
+        if isinstance(exc, (OSError, sqlite3.Error)):
+            raise StorageError(
+                f"backup of {data_dir} into {destination} failed: {exc}; {removed}; nothing "
+                "was changed in the data folder: make room (or fix the cause) and back up again"
+            ) from exc
+        raise
     return report
 
 
-def restore(copy: Path, data_dir: Path) -> str:
+# --------------------------------------------------------------------------------- restore
+
+
+@dataclass
+class Restored:
+    """What :func:`restore` did."""
+
+    backup: Path
+    data_dir: Path
+    made: str  # when the backup started (ISO 8601), as its manifest says
+    version: str  # the version that made it ('' when its manifest does not say)
+    aside: Path | None = None  # where the folder that was there is kept (None: there was none)
+    carried: list[str] = field(default_factory=list)  # audit trail files kept from it
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        kept = f"; the folder that was there is kept at {self.aside}" if self.aside else ""
+        if self.carried:
+            kept += (
+                f"; the audit trail of that folder ({', '.join(self.carried)}) was kept in place "
+                "of the backup's older copies"
+            )
+        return (
+            f"restored the backup made {self.made} into {self.data_dir}{kept}"
+            + "".join(f"; {note}" for note in self.notes)
+            + "; start the node: it reconciles the spool with the database and sends what was "
+            "not yet delivered"
+        )
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """The release numbers of ``version`` ("0.10.2rc1": (0, 10, 2)); None when it has none."""
+    found = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(n) for n in found.group(0).split(".")) if found else None
+
+
+def _newer(version: str, than: str) -> bool:
+    mine, theirs = _release(than) or (), _release(version) or ()
+    width = max(len(mine), len(theirs))
+    return theirs + (0,) * (width - len(theirs)) > mine + (0,) * (width - len(mine))
+
+
+def _manifest(copy: Path, data_dir: Path) -> dict[str, object]:
+    """The backup's manifest, checked: an object with the databases and their page counts (and
+    the job database among them), a version this version can compare with its own."""
+    path = copy / MANIFEST
+    damaged = f"restore: {path} is damaged: expected"
+    other = f"; nothing was changed at {data_dir}; restore another backup"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: JSON, and text that is not UTF-8
+        raise StorageError(
+            f"{damaged} the JSON object glioforecast backup writes, found text that does not "
+            f"read as JSON ({exc}){other}"
+        ) from exc
+    if not isinstance(manifest, dict):
+        raise StorageError(
+            f"{damaged} a JSON object, found a JSON {type(manifest).__name__}{other}"
+        )
+    databases = manifest.get("databases")
+    if (
+        not isinstance(databases, dict)
+        or JOBS_FILE not in databases
+        or not set(databases) <= set(DATABASES)
+        or not all(type(n) is int and n >= 0 for n in databases.values())
+    ):
+        raise StorageError(
+            f'{damaged} "databases": an object giving the page count of {JOBS_FILE} and of '
+            f"{' and '.join(DATABASES[1:])} where copied, found {json.dumps(databases)}{other}"
+        )
+    version = manifest.get("version", "")
+    if not isinstance(version, str) or (version and _release(version) is None):
+        raise StorageError(
+            f'{damaged} "version": the version of glioforecast that made it, such as '
+            f"{__version__}, found {json.dumps(version)}{other}"
+        )
+    return manifest
+
+
+def _audit_trail_files(folder: Path, audit_files: list[Path]) -> list[Path]:
+    """The audit trail's files in the data folder ``folder``, relative to it: the audit queue,
+    each audit file of ``audit_files`` that lies in the folder and its rotated copies
+    (``audit.log.1``, ``audit.log-20260101.gz``: the same name, then ``.`` or ``-``)."""
+    found = [Path(QUEUE_FILE)] if (folder / QUEUE_FILE).is_file() else []
+    for audit_file in audit_files:
+        if folder not in audit_file.parents or not audit_file.parent.is_dir():
+            continue
+        for entry in sorted(audit_file.parent.iterdir()):
+            name = entry.name
+            rotated = name.startswith((audit_file.name + ".", audit_file.name + "-"))
+            if (
+                entry.is_file()
+                and (name == audit_file.name or rotated)
+                and not name.startswith(DATABASES)  # an audit file named "audit": not its queue
+                and name not in (LOCK_FILE, MANIFEST, SECRET_FILE)
+            ):
+                found.append(entry.relative_to(folder))
+    return found
+
+
+def _carry_audit_trail(
+    data_dir: Path, staging: Path, audit_files: list[Path], notes: list[str]
+) -> list[str]:
+    """Put the audit trail of ``data_dir`` (the folder a restore replaces) in ``staging`` (the
+    backup's copy) in place of the backup's older one; returns what was carried."""
+    current = _audit_trail_files(data_dir, audit_files)
+    carried = []
+    if Path(QUEUE_FILE) in current:
+        current.remove(Path(QUEUE_FILE))
+        carrying = staging / (QUEUE_FILE + ".tmp")
+        try:  # a copy of one transaction: what its -wal holds included
+            _copy_database(data_dir / QUEUE_FILE, carrying)
+        except sqlite3.Error as exc:
+            carrying.unlink(missing_ok=True)
+            notes.append(
+                f"the audit queue {data_dir / QUEUE_FILE} could not be read ({exc}): the "
+                "backup's was restored; the messages the folder's queue held that were not yet "
+                "delivered stay in the folder kept aside"
+            )
+        else:
+            for suffix in ("-wal", "-shm", "-journal"):
+                (staging / (QUEUE_FILE + suffix)).unlink(missing_ok=True)
+            carrying.rename(staging / QUEUE_FILE)
+            carried.append(QUEUE_FILE)
+    if current:  # the folder's audit file (and its rotated copies) replace the backup's
+        inside = [staging / f.relative_to(data_dir) for f in audit_files if data_dir in f.parents]
+        for stale in _audit_trail_files(staging, inside):
+            if stale != Path(QUEUE_FILE):
+                (staging / stale).unlink()
+        for relative in current:
+            (staging / relative).parent.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+            shutil.copy2(data_dir / relative, staging / relative)
+            carried.append(str(relative))
+    return carried
+
+
+def _make_private(root: Path) -> None:
+    """The modes the node gives its own data folder, whatever a copy of it was given: folders
+    0750, databases and the key 0600, other files 0640 at most."""
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, FOLDER_MODE)
+        for name in files:
+            path = Path(folder) / name
+            if name in DATABASES or name == SECRET_FILE:
+                os.chmod(path, 0o600)
+            else:
+                os.chmod(path, stat.S_IMODE(path.stat().st_mode) & 0o640)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap the folders at ``first`` and ``second`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``): neither path is ever without a folder. False when this system or
+    file system cannot (nothing was done then)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+    ]  # fmt: skip
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                 _RENAME_EXCHANGE) == 0:  # fmt: skip
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore(copy: Path, data_dir: Path, *, audit_files: Sequence[Path] = ()) -> Restored:
     """Put the backup ``copy`` in place of ``data_dir``, the node stopped (its lock is taken
-    here, so a running node makes this refuse). The folder there is moved aside, not removed.
-    Returns what was done, in words."""
+    here, so a running node makes this refuse, and held until the swap, so that no node starts
+    meanwhile). The folder there is moved aside, not removed; its audit trail (the queue, and
+    ``audit_files``, the audit file, with their rotated copies, where they lie in it) is kept
+    in place of the backup's. Nothing is changed unless every check passes."""
     copy, data_dir = Path(copy).resolve(), Path(data_dir).resolve()
+    kept_files = [Path(f).resolve() for f in audit_files]
     if not (copy / MANIFEST).is_file() or not (copy / JOBS_FILE).is_file():
         raise StorageError(
             f"restore: expected a folder made by glioforecast backup ({MANIFEST} and "
             f"{JOBS_FILE}) at {copy}, found none"
         )
-    manifest = json.loads((copy / MANIFEST).read_text())
-    made = manifest.get("started", "an unknown time")
-    for name in manifest.get("databases", [JOBS_FILE]):
-        problem = _integrity_problem(copy / name)
+    manifest = _manifest(copy, data_dir)
+    version = str(manifest.get("version", ""))
+    unchanged = f"nothing was changed at {data_dir}"
+    if version and _newer(version, __version__):
+        raise StorageError(
+            f"restore: expected a backup made by glioforecast {__version__} or an earlier "
+            f"version, found one made by {version} at {copy}: this version would misread its "
+            f"databases (docs/OPERATIONS.md, Upgrades); {unchanged}; restore it with "
+            f"glioforecast {version} or later, or restore a backup made by this version"
+        )
+    databases = manifest["databases"]
+    assert isinstance(databases, dict)
+    for name, pages in databases.items():
+        problem = _database_problem(copy / name, pages)
         if problem:
-            raise StorageError(
-                f"restore: {copy / name} is damaged ({problem}): nothing was changed at "
-                f"{data_dir}; restore another backup"
-            )
+            raise StorageError(f"restore: {problem}: {unchanged}; restore another backup")
     if data_dir.exists() and data_dir.stat().st_uid != os.geteuid():
         raise StorageError(
             f"restore: expected to run as the owner of {data_dir} (uid "
@@ -281,32 +595,62 @@ def restore(copy: Path, data_dir: Path) -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     staging = data_dir.with_name(f".{data_dir.name}.restoring-{stamp}")
     aside = data_dir.with_name(f"{data_dir.name}.before-restore-{stamp}")
+    existed = data_dir.exists()
     try:
-        lock = lock_data_dir(data_dir) if data_dir.exists() else None
+        # where there is no data folder, an empty one holds the lock meanwhile
+        data_dir.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        lock = lock_data_dir(data_dir)
     except GlioforecastError as exc:  # a node runs there
         raise StorageError(
             f"restore: stop the node first (systemctl stop glioforecast): {exc}"
         ) from exc
+    except OSError as exc:
+        raise StorageError(f"restore: cannot use the data folder {data_dir}: {exc}") from exc
+    done = Restored(copy, data_dir, str(manifest.get("started", "at an unknown time")), version)
+    moved_to: Path | None = None  # where the folder that was there went
     try:
         shutil.copytree(copy, staging, copy_function=shutil.copy2)
+        if existed:
+            done.carried = _carry_audit_trail(data_dir, staging, kept_files, done.notes)
+        _make_private(staging)
         _fsync_tree(staging)
-        if data_dir.exists():
+        if _exchange(staging, data_dir):  # staging now holds the folder that was there
+            moved_to = staging
+            try:
+                staging.rename(aside)
+                moved_to = aside
+            except OSError as exc:
+                done.notes.append(f"it could not be moved to {aside} ({exc}): it is at {staging}")
+        else:  # in two steps: a node started in between would find no folder, and no lock
             data_dir.rename(aside)
-        staging.rename(data_dir)
-    except OSError as exc:
+            moved_to = aside
+            staging.rename(data_dir)
+    except OSError as exc:  # the lock is held until this is cleaned up
         shutil.rmtree(staging, ignore_errors=True)
-        raise StorageError(f"restore of {copy} into {data_dir} failed: {exc}") from exc
+        if moved_to is None:
+            if not existed:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            raise StorageError(
+                f"restore of {copy} into {data_dir} failed: {exc}; {unchanged}"
+            ) from exc
+        raise StorageError(
+            f"restore of {copy} into {data_dir} failed after the folder there was moved to "
+            f"{aside}: {exc}; "
+            + (f"a folder was made at {data_dir} meanwhile (by a node started in between?): "
+               "stop the node, move that folder away and restore again" if data_dir.exists()
+               else f"move it back (mv {aside} {data_dir}) or restore again")
+        ) from exc  # fmt: skip
     finally:
-        if lock is not None:
-            os.close(lock)
-    kept = f"; the folder that was there is kept at {aside}" if aside.exists() else ""
-    version = manifest.get("version")
+        os.close(lock)
+    with contextlib.suppress(OSError):
+        _fsync_folder(data_dir.parent)
+    if existed:
+        done.aside = moved_to
+    else:  # only the lock was there
+        shutil.rmtree(moved_to, ignore_errors=True)
     if version != __version__:
-        kept += (
-            f"; it was made by glioforecast {version or 'before 0.1.0'}, this is {__version__}: "
+        done.notes.append(
+            f"it was made by glioforecast {version or 'before 0.1.0'}, this is {__version__}: "
             "the node brings its databases up to date when it starts"
         )
-    return (
-        f"restored the backup made {made} into {data_dir}{kept}; start the node: it "
-        "reconciles the spool with the database and sends what was not yet delivered"
-    )
+    return done

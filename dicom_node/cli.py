@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node import __version__, demo, outbox_cli
-from dicom_node.argtypes import port_number, row_id
+from dicom_node.argtypes import port_number, row_count, row_id
 from dicom_node.errors import ConfigError, GlioforecastError, StorageError
 from dicom_node.ports import host_port
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings, warnings_of
@@ -464,13 +464,21 @@ def cmd_jobs_retrieve(args: argparse.Namespace) -> int:
 def cmd_jobs_take_back(args: argparse.Namespace) -> int:
     """Take a job's results back from the destinations (withdrawn where not yet sent, rejected
     by an IOCM rejection note where ``reject_replaced`` is on): the running node's next
-    delivery pass does it."""
+    delivery pass does it. Audited: DICOM Instances Accessed, action D, with the reason."""
+    import contextlib
+    import sqlite3
+    import urllib.parse
+
+    from pydicom.dataset import Dataset
+
+    from dicom_node.audit import StudyRecord, audit_trail
     from dicom_node.notices import TAKEN_BACK_EVENT
     from dicom_node.outbox import Outbox
     from dicom_node.outbox_cli import outbox_path
 
     settings, store = _open_store(args)
-    if store.get_job(args.job_id) is None:
+    found = store.get_job(args.job_id)
+    if found is None:
         raise GlioforecastError(store.no_such_job(args.job_id))
     configured = [d.name for d in settings.destinations]
     names = args.destination or configured
@@ -481,11 +489,38 @@ def cmd_jobs_take_back(args: argparse.Namespace) -> int:
             f", found {', '.join(unknown)}"
         )
     job = str(args.job_id)
-    with Outbox(outbox_path(settings.storage.data_dir)) as outbox:
-        outbox.take_back(names, job, [job], f"Taken back by the site: {args.reason}")
-    store.add_event(
-        args.job_id, TAKEN_BACK_EVENT, f"taken back at {', '.join(names)}: {args.reason}"
-    )
+    data_dir = settings.storage.data_dir
+    # the message joins the queue file the running node delivers from (the file, at once)
+    audit = audit_trail(settings.audit, settings.node.ae_title, data_dir, deliver=False)
+    audit.start(activity=False)
+    try:
+        with Outbox(outbox_path(data_dir)) as outbox:
+            outbox.take_back(names, job, [job], f"Taken back by the site: {args.reason}")
+            results = [i for i in outbox.items() if i.job == job and i.destination in names]
+        store.add_event(
+            args.job_id, TAKEN_BACK_EVENT, f"taken back at {', '.join(names)}: {args.reason}"
+        )
+        # the patient, as the job recorded it when it queued its results (what a rejection
+        # note copies): the job database knows patients by a keyed hash only
+        uri = f"file:{urllib.parse.quote(str(outbox_path(data_dir).absolute()))}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            row = db.execute("SELECT study FROM job_studies WHERE job = ?", (job,)).fetchone()
+        patient = Dataset.from_json(row[0]) if row else Dataset()
+        study = StudyRecord.from_dataset(patient)
+        study.study_instance_uid = found.study_instance_uid
+        for sop_class_uid in {i.sop_instance_uid: i.sop_class_uid for i in results}.values():
+            study.add(sop_class_uid)  # each result once, whatever the destinations
+        audit.administered(
+            "take-back",
+            f"job {job}'s results taken back at {', '.join(names)} by the site: {args.reason} "
+            "(withdrawn where not yet sent; rejected by an IOCM rejection note where "
+            "reject_replaced is on)",
+            data_dir=data_dir,
+            study=study,
+        )
+    finally:
+        store.close()
+        audit.close()
     print(
         f"job {job}: its results will be taken back at {', '.join(names)} by the node's next "
         "delivery pass (withdrawn where not yet sent; rejected by an IOCM rejection note where "
@@ -518,22 +553,78 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
         store.close()
         audit.close()
     print(describe(removals, args.dry_run, forgotten))
-    return EXIT_OK
+    return EXIT_FAILED if any(r.failed for r in removals) else EXIT_OK
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the data folder; audited as an Export (to the backup folder) once it is done."""
+    from dicom_node.audit import audit_trail
     from dicom_node.backup import backup
 
     settings = _settings(args)
-    report = backup(settings.storage.data_dir, args.destination, spool=not args.without_spool)
+    data_dir = settings.storage.data_dir
+    report = backup(data_dir, args.destination, spool=not args.without_spool)
     print(report.describe())
+    spool = (
+        f"{report.spool_files} spool instance(s) of {report.studies} study(ies)"
+        if not args.without_spool
+        else "without the spool (--without-spool)"
+    )
+    try:
+        # the message joins the queue file the running node delivers from (the file, at once)
+        audit = audit_trail(settings.audit, settings.node.ae_title, data_dir, deliver=False)
+        audit.start(activity=False)
+        try:
+            audit.administered(
+                "backup",
+                f"backup of the data folder {data_dir} into {report.destination}: {spool}, "
+                f"the databases {', '.join(report.databases)}, {report.files} file(s) in all "
+                f"besides them, {report.bytes / 2**20:.1f} MiB",
+                data_dir=data_dir.resolve(),
+                other=report.destination,
+            )
+        finally:
+            audit.close()
+    except GlioforecastError as exc:  # the copy is made: say so, and what is missing
+        print(
+            f"glioforecast: backup: the copy is made, but its audit message (Export) could not "
+            f"be recorded: {exc}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the data folder, keeping the folder's audit trail; audited as
+    a Security Alert (Software Configuration) in the restored folder's trail."""
+    from dicom_node.audit import audit_trail
     from dicom_node.backup import restore
 
-    print(restore(args.backup, _settings(args).storage.data_dir))
+    settings = _settings(args)
+    data_dir = settings.storage.data_dir
+    audit_files = [settings.audit.file] if settings.audit.file is not None else []
+    done = restore(args.backup, data_dir, audit_files=audit_files)
+    print(done.describe())
+    try:
+        audit = audit_trail(settings.audit, settings.node.ae_title, data_dir, deliver=False)
+        audit.start(activity=False)
+        try:
+            audit.administered(
+                "restore",
+                f"restore of the backup {done.backup} (made {done.made} by glioforecast "
+                f"{done.version or 'before 0.1.0'}) into the data folder {done.data_dir}"
+                + (f"; the folder that was there is kept at {done.aside}" if done.aside else ""),
+                data_dir=done.data_dir,
+                other=done.backup,
+            )
+        finally:
+            audit.close()
+    except GlioforecastError as exc:  # restored: say so, and what is missing
+        print(
+            f"glioforecast: restore: the backup is in place, but its audit message (Security "
+            f"Alert) could not be recorded: {exc}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -628,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state", choices=("queued", "running", "done", "failed", "superseded", "retrieving")
     )
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=row_count, default=50)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("show", help="show a job: series, roles, events")

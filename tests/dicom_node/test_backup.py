@@ -14,9 +14,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from dicom_node import __version__
 from dicom_node.backup import MANIFEST, _settle_outbox
 from dicom_node.cli import EXIT_FAILED, EXIT_OK, main
+from dicom_node.errors import GlioforecastError
 from dicom_node.jobs import FAILED
 from dicom_node.outbox import Outbox
 from dicom_node.ports import free_port
@@ -259,3 +262,273 @@ def test_a_data_folder_the_node_makes_is_private_to_its_user(tmp_path) -> None: 
     assert readable == []
     for name in ("jobs.sqlite3", "outbox.sqlite3"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
+
+
+def _stopped_node_with_a_notice(tmp_path: Path) -> Path:
+    """A stopped node's data folder holding a failed job and its failure notice (2 objects
+    waiting in the outbox for a PACS that is down)."""
+    data = tmp_path / "data"
+    with _running(_settings(data, free_port())) as node:
+        study = small_study(tmp_path / "in")
+        assert storescu(node.scp.port, *study["t1c"]).returncode == 0
+        wait_for(lambda: node.outbox.counts().get("pacs", {}).get("pending") == 2, timeout=60,
+                 what="the failure notice to wait for the PACS")  # fmt: skip
+    return data
+
+
+def _restore_refused(tmp_path: Path, backup: Path, capsys) -> str:  # type: ignore[no-untyped-def]
+    """Restore ``backup`` onto a folder of its own; it must be refused with a message (no
+    traceback) and change nothing there. Returns the message."""
+    target = tmp_path / f"target-{backup.name}"
+    target.mkdir()
+    (target / "keep.txt").write_text("the folder there")
+    assert main(["restore", "--data-dir", str(target), str(backup)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("glioforecast: restore") and "Traceback" not in err, err
+    assert "nothing was changed" in err, err
+    assert [p.name for p in tmp_path.glob(f"*{target.name}*")] == [target.name]
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    return err
+
+
+def _backup_copy(source: Path, name: str) -> Path:
+    import shutil
+
+    copy = source.with_name(name)
+    shutil.copytree(source, copy)
+    return copy
+
+
+def test_restore_refuses_an_emptied_or_foreign_job_database(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A job database truncated to 0 bytes (a copy to a full disk, an interrupted rsync) is an
+    empty database to SQLite, and its quick check says ok: restore put it in place, and the
+    node started with no job history, giving the spool's studies new job ids beside the
+    outbox rows of the old ones. Restore refuses a database without the node's tables, and one
+    with fewer pages than the backup wrote."""
+    data = _stopped_node_with_a_notice(tmp_path)
+    backup = tmp_path / "backup"
+    assert main(["backup", "--data-dir", str(data), str(backup)]) == EXIT_OK
+    capsys.readouterr()
+
+    emptied = _backup_copy(backup, "emptied")
+    (emptied / "jobs.sqlite3").write_bytes(b"")
+    err = _restore_refused(tmp_path, emptied, capsys)
+    assert (
+        f"{emptied / 'jobs.sqlite3'} is damaged: expected the table(s) jobs, instances of the "
+        "node's jobs.sqlite3, found no table (0 bytes: an empty or emptied file)"
+    ) in err
+
+    outbox = _backup_copy(backup, "no-outbox-table")
+    with sqlite3.connect(outbox / "outbox.sqlite3") as db:
+        db.execute("DROP TABLE outbox")
+    err = _restore_refused(tmp_path, outbox, capsys)
+    assert "expected the table(s) outbox of the node's outbox.sqlite3, found " in err
+
+    # a job database with the node's tables but fewer pages than the backup wrote: another,
+    # smaller one (an older copy, another node's) put in its place
+    smaller = _backup_copy(backup, "smaller")
+    manifest = json.loads((backup / MANIFEST).read_text())
+    pages = manifest["databases"]["jobs.sqlite3"]
+    manifest["databases"]["jobs.sqlite3"] = pages + 3
+    (smaller / MANIFEST).write_text(json.dumps(manifest))
+    err = _restore_refused(tmp_path, smaller, capsys)
+    assert (
+        f"{smaller / 'jobs.sqlite3'} is damaged: expected the {pages + 3} page(s) the backup "
+        f"wrote, found {pages} (the file was cut short)"
+    ) in err
+
+    # the backup itself restores
+    assert main(["restore", "--data-dir", str(tmp_path / "restored"), str(backup)]) == EXIT_OK
+
+
+def test_restore_explains_a_damaged_manifest_a_later_version_and_a_missing_database(  # type: ignore[no-untyped-def]
+    tmp_path, capsys
+) -> None:
+    """A cut-short manifest gave a Python traceback; a backup made by a later version was
+    restored with "the node brings its databases up to date" (an earlier version misreads a
+    later one's databases); a missing outbox database was called damaged."""
+    data = _stopped_node_with_a_notice(tmp_path)
+    backup = tmp_path / "backup"
+    assert main(["backup", "--data-dir", str(data), str(backup)]) == EXIT_OK
+    capsys.readouterr()
+    manifest = json.loads((backup / MANIFEST).read_text())
+
+    cut = _backup_copy(backup, "cut")
+    (cut / MANIFEST).write_text('{"version": "0.1.0", "databases": ')
+    err = _restore_refused(tmp_path, cut, capsys)
+    assert f"{cut / MANIFEST} is damaged: expected the JSON object glioforecast backup " in err
+    assert "found text that does not read as JSON" in err
+
+    listed = _backup_copy(backup, "listed")
+    (listed / MANIFEST).write_text(json.dumps(list(manifest)))
+    err = _restore_refused(tmp_path, listed, capsys)
+    assert f"{listed / MANIFEST} is damaged: expected a JSON object, found a JSON list" in err
+
+    later = _backup_copy(backup, "later")
+    (later / MANIFEST).write_text(json.dumps({**manifest, "version": "9.9.0"}))
+    err = _restore_refused(tmp_path, later, capsys)
+    assert (
+        f"expected a backup made by glioforecast {__version__} or an earlier version, found one "
+        f"made by 9.9.0 at {later}"
+    ) in err
+    assert "restore it with glioforecast 9.9.0 or later" in err
+
+    missing = _backup_copy(backup, "missing")
+    (missing / "outbox.sqlite3").unlink()
+    err = _restore_refused(tmp_path, missing, capsys)
+    assert f"{missing / 'outbox.sqlite3'} is missing (the backup's {MANIFEST} lists it)" in err
+
+    # an earlier version's backup is restored, saying so
+    earlier = _backup_copy(backup, "earlier")
+    (earlier / MANIFEST).write_text(json.dumps({**manifest, "version": "0.0.9"}))
+    assert main(["restore", "--data-dir", str(tmp_path / "r"), str(earlier)]) == EXIT_OK
+    assert f"made by glioforecast 0.0.9, this is {__version__}" in capsys.readouterr().out
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]
+    }
+
+
+def test_a_backup_by_hand_and_its_restore_are_private_whatever_the_umask(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Under umask 022 (the documented `sudo -u glioforecast glioforecast backup ...`) the
+    copy's databases were 0644 and its folders 0755: only the top folder's 0700 kept the
+    patients' names from other users, and a site backup that takes the contents away loses it.
+    A restore kept those modes in the data folder."""
+    data = _stopped_node_with_a_notice(tmp_path)
+    backup = tmp_path / "backup"
+    old = os.umask(0o022)
+    try:
+        assert main(["backup", "--data-dir", str(data), str(backup)]) == EXIT_OK
+    finally:
+        os.umask(old)
+    modes = _modes(backup)
+    assert modes["."] == 0o700
+    for name in ("jobs.sqlite3", "outbox.sqlite3", MANIFEST, "secret.key"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    assert (backup / "spool").is_dir() and (backup / "outbox-objects").is_dir()
+    assert {p: oct(m) for p, m in modes.items() if m & 0o027} == {}
+
+    # an earlier version's copy, whose folders and files other users could read
+    for path in [*backup.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    capsys.readouterr()
+    assert main(["restore", "--data-dir", str(data), str(backup)]) == EXIT_OK
+    modes = _modes(data)
+    assert modes["."] == modes["spool"] == modes["outbox-objects"] == 0o750
+    assert {
+        p: oct(m) for p, m in modes.items() if p.startswith("spool/") and m not in (0o750, 0o640)
+    } == {}
+    for name in ("jobs.sqlite3", "outbox.sqlite3", "secret.key"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
+    assert {p: oct(m) for p, m in modes.items() if m & 0o027} == {}
+
+
+def _backup_with_a_file_size_limit(data: Path, destination: Path, limit: int):  # type: ignore[no-untyped-def]
+    """``glioforecast backup`` in a process that cannot write a file beyond ``limit`` bytes
+    (EFBIG, as ENOSPC for a full disk)."""
+    import resource
+    import signal
+    import sys
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "backup", "--data-dir", str(data),
+         str(destination)],
+        capture_output=True, text=True, preexec_fn=limited, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_backup_that_fails_removes_the_copy_it_made(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A backup onto a disk that filled up left its partial copy (databases, spool), which the
+    timer's clean-up (only folders with the manifest) never removes: each night added one, and
+    the backup disk stayed full. It removes what it made, and only that."""
+    data = _stopped_node_with_a_notice(tmp_path)
+    largest = max(p.stat().st_size for p in data.rglob("*") if p.is_file())
+    # copied last (another file of the folder): everything else is copied by then
+    (data / "site-notes.txt").write_bytes(b"x" * (largest + 2**20))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    made = disk / "2026" / "b1"  # its parent is made too
+    failed = _backup_with_a_file_size_limit(data, made, largest + 2**16)
+    assert failed.returncode == EXIT_FAILED, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert f"backup of {data} into {made} failed: [Errno 27] File too large" in failed.stderr
+    assert f"the incomplete copy was removed ({disk / '2026'})" in failed.stderr
+    assert list(disk.iterdir()) == []
+
+    empty = disk / "given"  # an empty folder the site made: emptied, kept
+    empty.mkdir()
+    failed = _backup_with_a_file_size_limit(data, empty, largest + 2**16)
+    assert failed.returncode == EXIT_FAILED, failed.stderr
+    assert f"the incomplete copy was removed ({empty} is left empty, as it was)" in failed.stderr
+    assert [p.name for p in disk.iterdir()] == ["given"] and list(empty.iterdir()) == []
+
+    (data / "site-notes.txt").unlink()
+    done = _backup_with_a_file_size_limit(data, empty, largest + 2**16)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert (empty / MANIFEST).is_file()
+
+
+def test_a_node_started_during_a_restore_never_runs_on_an_empty_folder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Restore moved the data folder aside, then renamed the copy into place: a node started
+    in between (systemd's Restart=on-failure, an operator) found no folder and no lock, made a
+    new empty one, and the second rename failed: the node ran on an empty data folder, the
+    data aside. Each rename is slowed here (strace) to open that window wide; a node that
+    starts meanwhile is refused by the lock, or starts on the restored folder."""
+    import sys
+
+    from dicom_node.backup import _exchange
+
+    strace = tool("strace")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this file system cannot swap two folders in one step (RENAME_EXCHANGE)")
+    data = _stopped_node_with_a_notice(tmp_path)
+    backup = tmp_path / "backup"
+    assert main(["backup", "--data-dir", str(data), str(backup)]) == EXIT_OK
+    (job,) = _read_jobs(backup)
+    with _running(make_settings(data)) as node:  # the folder that is there: other jobs
+        node.store.add_event(None, "mark", "the folder that was there")
+    restoring = subprocess.Popen(
+        [strace, "-f", "-qq", "-o", os.devnull, "-e", "trace=rename,renameat,renameat2",
+         "-e", "inject=rename,renameat,renameat2:delay_exit=1500000",
+         sys.executable, "-m", "dicom_node.cli", "restore", "--data-dir", str(data),
+         str(backup)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    try:
+        # from when restore holds the folder (it makes its copy beside it), nodes start
+        wait_for(lambda: restoring.poll() is not None or list(tmp_path.glob(".data.restoring-*")),
+                 timeout=60, interval=0.01, what="restore to begin its copy")  # fmt: skip
+        while restoring.poll() is None:
+            try:
+                with _running(make_settings(data)) as node:
+                    seen.append([j.study_instance_uid for j in node.store.list_jobs()])
+            except GlioforecastError:  # refused: restore holds the folder's lock
+                pass
+    finally:
+        out, err = restoring.communicate(timeout=60)
+    if "ptrace" in err.lower() and restoring.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {err.strip()}")
+    assert restoring.returncode == EXIT_OK, err
+    assert "restored the backup made" in out
+    assert seen, "no node started after the swap"
+    assert all(jobs == [job.study_instance_uid] for jobs in seen), seen
+    assert [j.study_instance_uid for j in _read_jobs(data)] == [job.study_instance_uid]
+
+
+def _read_jobs(folder: Path):  # type: ignore[no-untyped-def]
+    from dicom_node.jobs import JobStore
+
+    store = JobStore(folder / "jobs.sqlite3")
+    try:
+        return store.list_jobs()
+    finally:
+        store.close()
