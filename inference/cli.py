@@ -153,7 +153,13 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--preset", choices=PRESETS, default="demo", help="model size (default demo)")
     p.add_argument("--epochs", type=positive_int, default=10, help="total epochs (default 10)")
     p.add_argument("--batch-size", type=positive_int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-4,
+        help="Adam learning rate (default 1e-4); with --resume it replaces the checkpoint's from "
+        "the next epoch on (train_state.json records each rate used)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -59,7 +59,7 @@ from dicom_node.convert.preprocess import (
     to_model_space,
 )
 from dicom_node.errors import InputError
-from dicom_node.types import StudyInputs, Volume
+from dicom_node.types import RESPONSE_CATEGORIES, StudyInputs, Volume
 from inference.model_config import PreprocessingConfig
 from inference.predict import PredictionInputs
 
@@ -280,12 +280,39 @@ class CohortPatient:
 
 
 SOURCES = ("auto", "nifti", "dicom")
+#: the survival classes of the presets (``ModelConfig.survival_classes``), which a cohort table
+#: is checked against unless a model's own are given
+DEFAULT_SURVIVAL_CLASSES: tuple[str, ...] = ("short", "intermediate", "long")
+
+
+def label_problems(
+    table: Path, rows: Sequence[dict[str, str]], survival_classes: Sequence[str] | None
+) -> list[str]:
+    """One line per cell of the outcome columns holding a value outside those expected:
+    ``response_category`` one of :data:`~dicom_node.types.RESPONSE_CATEGORIES`,
+    ``survival_class`` one of ``survival_classes`` (not checked when None). Values are compared
+    exactly (``PR``, ``Short`` are refused: they would silently count as no category, or train
+    as the unguided class)."""
+    expected: dict[str, Sequence[str]] = {"response_category": RESPONSE_CATEGORIES}
+    if survival_classes is not None:
+        expected["survival_class"] = survival_classes
+    out = []
+    for n, row in enumerate(rows, start=2):
+        for column, allowed in expected.items():
+            value = row.get(column)
+            if value and value not in allowed:
+                out.append(
+                    f"{table}, line {n} (patient {row.get('patient_id')}), column {column}: "
+                    f"expected one of {list(allowed)}, found {value!r}"
+                )
+    return out
 
 
 def read_cohort(
     data: str | Path | Sequence[str | Path],
     *,
     source: str = "auto",
+    survival_classes: Sequence[str] | None = DEFAULT_SURVIVAL_CLASSES,
 ) -> list[CohortPatient]:
     """The patients of one or more cohort folders, in table order.
 
@@ -294,7 +321,10 @@ def read_cohort(
     :mod:`inference.dicom_cohort`; series roles from the node's settings, the file named by
     ``$GLIOFORECAST_CONFIG`` or the embedded default). ``source`` ``auto`` takes NIfTI where a
     patient has it and DICOM otherwise; ``nifti`` or ``dicom`` insists on one. Every patient's
-    problem is reported in one error."""
+    problem is reported in one error. The table's ``response_category`` must be one of
+    :data:`~dicom_node.types.RESPONSE_CATEGORIES` and its ``survival_class`` one of
+    ``survival_classes`` (a model's own; None: any), every cell that is not named in one error
+    (:func:`label_problems`)."""
     from inference.dicom_cohort import index_dicom, match_case
 
     if source not in SOURCES:
@@ -320,6 +350,15 @@ def read_cohort(
             absent = [k for k in required if not row.get(k)]
             if absent:
                 raise InputError(f"{table}, line {n}: expected values for {absent}, found none")
+        labels = label_problems(table, rows, survival_classes)
+        if labels:
+            shown = "\n  ".join(labels[:20])
+            more = f"\n  ... and {len(labels) - 20} more" if len(labels) > 20 else ""
+            raise InputError(
+                f"cohort table {table}: {len(labels)} outcome value(s) not recognised (use the "
+                f"expected names, exactly):\n  {shown}{more}"
+            )
+        for row in rows:
             pid = row["patient_id"]
             if pid in seen:
                 raise InputError(f"cohort: patient {pid} appears twice (in {table})")

@@ -11,7 +11,8 @@ with the truth:
   each synthetic scan has its own gain, as a real one would). PSNR (data range: the truth's
   range in the head), SSIM (Gaussian window) and MAE, globally (the head mask of the pre-treatment
   T1-Gd) and in the tumour region (GTV and post-treatment necrosis / enhancement, dilated by
-  ``margin_mm``, inside the head);
+  ``margin_mm`` along each axis, counted in that axis's voxels: ``round(margin_mm / spacing)``,
+  inside the head);
 - tumour: Dice of the predicted mask against the post-treatment enhancing truth (labels 3 and 5,
   as a reader outlines it), predicted volume (mean over samples) minus the true volume (ml);
 - response category: the truth is the cohort table's ``response_category``; sensitivity,
@@ -147,13 +148,32 @@ def load_patients(patients: Sequence[CohortPatient]) -> list[EvaluationPatient]:
     return out
 
 
+def margin_structure(spacing: Sequence[float], margin_mm: float) -> npt.NDArray[np.bool_]:
+    """The dilation element of a margin of ``margin_mm`` on a grid of ``spacing`` (mm, i j k
+    order; the array is k j i): ``round(margin_mm / spacing)`` voxels along each axis, and the
+    offsets ``d`` with ``sum(|d_axis| / steps_axis) <= 1`` between them (an octahedron, the
+    shape of repeated 6-connected dilations). On an isotropic grid it is exactly ``steps``
+    6-connected dilations, the former rule; on an anisotropic one each axis gets its own
+    count in millimetres (a 5 mm slice axis is no longer dilated in steps of the in-plane
+    spacing). An axis of no step is not dilated."""
+    steps = [round(margin_mm / s) if margin_mm > 0 else 0 for s in reversed(tuple(spacing))]
+    grids = np.indices([2 * n + 1 for n in steps]).astype(np.float64)
+    total = np.zeros(grids.shape[1:])
+    for axis, n in enumerate(steps):
+        offset = np.abs(grids[axis] - n)
+        total += offset / n if n > 0 else np.where(offset > 0, np.inf, 0.0)
+    return np.asarray(total <= 1.0 + 1e-9)
+
+
 def tumour_region(
     truth: PatientTruth, head: npt.NDArray[np.bool_], margin_mm: float
 ) -> npt.NDArray[np.bool_]:
+    """The evaluation's tumour region: the truth's region dilated by ``margin_mm`` along each
+    axis in that axis's spacing (:func:`margin_structure`), inside the head."""
     region = np.asarray(truth.tumour_region.array, dtype=bool)
-    steps = round(margin_mm / min(truth.tumour_region.spacing)) if margin_mm > 0 else 0
-    if steps > 0 and region.any():
-        region = ndimage.binary_dilation(region, iterations=steps)
+    element = margin_structure(truth.tumour_region.spacing, margin_mm)
+    if element.size > 1 and region.any():
+        region = ndimage.binary_dilation(region, structure=element)
     return region & head
 
 
@@ -432,6 +452,55 @@ def training_overlap(model_dir: Path, patient_ids: Sequence[str]) -> int | None:
     return len({outcome_base_id(p) for p in patient_ids} & trained) if seen else None
 
 
+def federated_training_sites(model_dir: Path) -> list[str] | None:
+    """The sites whose patients trained a federated model (``train_state.json``: each
+    federated stage's ``sites``; a site that joined with several sites' folders is named
+    ``A+B``), or None when no stage of the model was trained federated. A federation keeps no
+    patient list: the patients never leave their sites."""
+    from inference.train.loops import read_train_state
+
+    stages = read_train_state(model_dir).get("stages", {})
+    federated = [
+        info for info in stages.values() if isinstance(info, dict) and info.get("federated")
+    ]
+    if not federated:
+        return None
+    return sorted({part for info in federated for site in info.get("sites", [])
+                   for part in str(site).split("+")})  # fmt: skip
+
+
+def overlap_with_training(model_dir: Path, patients: Sequence[CohortPatient]) -> dict[str, Any]:
+    """How many evaluated patients trained the model: ``overlap_with_training`` (None when
+    unknown) and ``overlap_basis``: ``patients`` (the checkpoints' training patients, see
+    :func:`training_overlap`) or ``sites`` (a federated model: the evaluated patients of its
+    training sites, which may all have trained it; ``training_sites`` names them)."""
+    count = training_overlap(model_dir, [p.patient_id for p in patients])
+    if count is not None:
+        return {"overlap_with_training": count, "overlap_basis": "patients"}
+    sites = federated_training_sites(model_dir)
+    if sites is None:
+        return {"overlap_with_training": None, "overlap_basis": None}
+    return {
+        "overlap_with_training": sum(p.site in sites for p in patients),
+        "overlap_basis": "sites",
+        "training_sites": sites,
+    }
+
+
+def _known_classes(model_dirs: Sequence[str | Path]) -> tuple[str, ...]:
+    """The survival classes a cohort table may name: those of the presets and of each model
+    evaluated (a model.yaml may define its own)."""
+    from inference.data import DEFAULT_SURVIVAL_CLASSES
+    from inference.model_dir import read_yaml_mapping
+
+    classes = list(DEFAULT_SURVIVAL_CLASSES)
+    for d in model_dirs:
+        own = read_yaml_mapping(d).get("survival_classes")
+        if isinstance(own, list):
+            classes += [str(c) for c in own if str(c) not in classes]
+    return tuple(classes)
+
+
 def run_evaluation(
     model_dirs: Sequence[str | Path],
     data: Sequence[str | Path],
@@ -463,7 +532,7 @@ def run_evaluation(
     from inference.model_dir import KIND_LDM
     from inference.model_predictor import ModelPredictor
 
-    cohort = read_cohort([Path(d) for d in data])
+    cohort = read_cohort([Path(d) for d in data], survival_classes=_known_classes(model_dirs))
     if sites is not None:
         known = sorted({p.site for p in cohort})
         unknown = sorted(set(sites) - set(known))
@@ -473,7 +542,6 @@ def run_evaluation(
     if patients_limit is not None:
         cohort = cohort[:patients_limit]
     patients = load_patients(cohort)
-    ids = [p.patient.patient_id for p in patients]
     methods: list[tuple[str, Predictor | Stage1Bound, dict[str, Any]]] = []
     if include_no_change:
         methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
@@ -491,7 +559,7 @@ def run_evaluation(
         info = {
             "kind": mp.kind,
             "model_dir": str(d),
-            "overlap_with_training": training_overlap(Path(d), ids),
+            **overlap_with_training(Path(d), [p.patient for p in patients]),
         }
         methods.append((f"{mp.name} {mp.version} ({mp.kind})", mp, info))
         if stage1_bounds and mp.kind == KIND_LDM:
@@ -569,9 +637,10 @@ def _fmt(est: dict[str, Any] | None, digits: int = 3) -> str:
     if not est or est.get("value") is None:
         return "n/a"
     v = f"{est['value']:.{digits}f}"
+    left_out = f" ({est['excluded']} of {est['n']} left out)" if est.get("excluded") else ""
     if est.get("ci_low") is None or est.get("ci_high") is None:
-        return v
-    return f"{v} [{est['ci_low']:.{digits}f}, {est['ci_high']:.{digits}f}]"
+        return v + left_out
+    return f"{v} [{est['ci_low']:.{digits}f}, {est['ci_high']:.{digits}f}]{left_out}"
 
 
 ROWS = (
@@ -657,9 +726,17 @@ def markdown_report(report: dict[str, Any]) -> str:
         "| metric | " + " | ".join(names) + " |",
         "| --- | " + " | ".join("---" for _ in names) + " |",
     ]
+    left_out = False
     for title, key, digits in ROWS:
         cells = [_fmt(methods[m]["summary"].get(key), digits) for m in names]
+        left_out = left_out or any("left out)" in c for c in cells)
         lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    if left_out:
+        lines += [
+            "",
+            "(k of n left out): k patients' values are not finite and are not in the mean: "
+            "undefined (nan), or an infinite PSNR (a prediction equal to the truth there)",
+        ]
     lines += ["", "Per response category (sensitivity / specificity / AUC, one-vs-rest):", ""]
     lines.append("| category | truth count | " + " | ".join(names) + " |")
     lines.append("| --- | --- | " + " | ".join("---" for _ in names) + " |")
@@ -686,7 +763,15 @@ def markdown_report(report: dict[str, Any]) -> str:
                 f"Wilcoxon p = {g['wilcoxon_p'] if g['wilcoxon_p'] is not None else 'n/a'}",
             ]
         overlap = methods[m].get("overlap_with_training")
-        if overlap:
+        if overlap and methods[m].get("overlap_basis") == "sites":
+            sites = ", ".join(methods[m].get("training_sites", []))
+            lines += [
+                "",
+                f"WARNING: {overlap} evaluated patient(s) are from the sites that trained the "
+                f"federated model {m} ({sites}): they may have been training patients (a "
+                "federation records its sites, not its patients)",
+            ]
+        elif overlap:
             lines += ["", f"WARNING: {overlap} evaluated patient(s) were training patients of {m}"]
     return "\n".join(lines) + "\n"
 

@@ -14,18 +14,24 @@ Response categories (one-vs-rest for each category): :func:`category_metrics` gi
 specificity and AUC per category (AUC from the predicted probability of that category, by the
 Mann-Whitney statistic with ties counted half), the balanced accuracy (mean sensitivity over the
 categories present in the truth) and the macro AUC. A value that is undefined (no positive or
-no negative case, a constant score) is ``nan``.
+no negative case) is ``nan``. A constant score (the same probability for every patient) has an
+AUC of 0.5, not ``nan``: it is defined, and with ties counted half it is exactly the chance
+level of a score that tells the category from the rest no better than a coin; left out as
+``nan`` it would drop such a category from the macro AUC and flatter the predictor.
 
 :func:`spearman`: rank correlation (``nan`` when either side is constant).
 :func:`bootstrap_ci`: percentile confidence interval of any statistic of the patients, by
-resampling patients with replacement (seeded).
+resampling patients with replacement (seeded). :func:`mean_ci`: the mean of the finite values;
+a value that is not finite (``nan``: undefined, e.g. no tumour region; ``inf``: the PSNR of a
+prediction equal to the truth, whose error is 0) is left out of the mean and its interval, and
+counted in ``excluded`` (``n`` stays the number of patients), which the reports print.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -118,7 +124,8 @@ def volume_ml(mask: Array, spacing: Sequence[float]) -> float:
 
 
 def auc(labels: Sequence[bool] | Array, scores: Sequence[float] | Array) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties half); ``nan`` without both classes."""
+    """Area under the ROC curve (Mann-Whitney, ties half); ``nan`` without both classes, 0.5
+    for a constant score (see the module docstring)."""
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=np.float64)
     if y.shape != s.shape:
@@ -196,13 +203,19 @@ class Estimate:
     low: float
     high: float
     n: int
+    excluded: int = 0  # values left out as not finite (mean_ci)
 
     def as_dict(self) -> dict[str, float | int | None]:
         def clean(v: float) -> float | None:
             return None if math.isnan(v) else v
 
-        return {"value": clean(self.value), "ci_low": clean(self.low),
-                "ci_high": clean(self.high), "n": self.n}  # fmt: skip
+        out: dict[str, float | int | None] = {
+            "value": clean(self.value), "ci_low": clean(self.low), "ci_high": clean(self.high),
+            "n": self.n,
+        }  # fmt: skip
+        if self.excluded:
+            out["excluded"] = self.excluded
+        return out
 
 
 def bootstrap_ci(
@@ -241,7 +254,8 @@ def mean_ci(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Estimate:
-    """Mean of the finite values and its bootstrap interval."""
+    """Mean of the finite values and its bootstrap interval; ``excluded`` counts the values
+    left out (``nan``, ``inf``: see the module docstring), ``n`` every value."""
     v = np.asarray(values, dtype=np.float64)
 
     def stat(idx: npt.NDArray[np.intp]) -> float:
@@ -249,4 +263,12 @@ def mean_ci(
         x = x[np.isfinite(x)]
         return float(x.mean()) if x.size else math.nan
 
-    return bootstrap_ci(stat, len(v), n_resamples=n_resamples, confidence=confidence, seed=seed)
+    est = bootstrap_ci(stat, len(v), n_resamples=n_resamples, confidence=confidence, seed=seed)
+    return replace(est, excluded=int(v.size - np.isfinite(v).sum()))
+
+
+def finite_mean(values: Sequence[float] | Array) -> float:
+    """The mean of the finite values (``nan`` when there is none), as :func:`mean_ci`."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan

@@ -16,8 +16,9 @@ section naming each weight file with its SHA-256.
 Loading validates everything and raises :class:`dicom_node.errors.InferenceError` saying what
 was expected and what was found: missing files, unknown or ill-typed keys (dotted path), an
 unsupported format version, a checksum mismatch, missing/unexpected tensors, shape mismatches
-naming the tensor. Weights are read with ``safetensors`` (no code execution possible); a weight
-file in PyTorch's pickle format (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) is accepted only if
+naming the tensor, NaN or infinite weights (a diverged training) naming the tensors. Weights
+are read with ``safetensors`` (no code execution possible); a weight file in PyTorch's pickle
+format (``.pt``, ``.pth``, ``.ckpt``, ``.bin``) is accepted only if
 ``torch.load(weights_only=True)`` reads it, so a pickle that would run code is refused.
 """
 
@@ -295,10 +296,32 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     )
 
 
+def non_finite_problems(state: Mapping[str, torch.Tensor], shown: int = 5) -> list[str]:
+    """One line naming the floating-point tensors of ``state`` that hold NaN or infinite
+    values (a diverged training, or corrupted weights), or none."""
+    bad: list[str] = []
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        finite = torch.isfinite(v)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(v).sum())
+        bad.append(f"{k!r} ({nan} NaN, {int((~finite).sum()) - nan} inf of {v.numel()})")
+    if not bad:
+        return []
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    return [
+        f"expected finite weights, found NaN or infinite values in {len(bad)} tensor(s) "
+        f"(a diverged training or corrupted weights): {', '.join(bad[:shown])}{more}"
+    ]
+
+
 def load_state_checked(
     module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str
 ) -> None:
-    """Load ``state`` into ``module`` after checking names and shapes (all problems listed)."""
+    """Load ``state`` into ``module`` after checking names, shapes and that every
+    floating-point value is finite (all problems listed)."""
     expected = module.state_dict()
     problems: list[str] = []
     missing = [k for k in expected if k not in state]
@@ -315,6 +338,7 @@ def load_state_checked(
             )
         elif k in expected and not (v.is_floating_point() or v.dtype == expected[k].dtype):
             problems.append(f"tensor {k!r}: expected a floating-point tensor, found {v.dtype}")
+    problems += non_finite_problems(state)
     if problems:
         raise InferenceError(f"{source}:\n" + "\n".join(f"  - {p}" for p in problems))
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

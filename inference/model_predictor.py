@@ -186,6 +186,7 @@ class ModelPredictor:
             return _f32(out[IMAGE_CHANNEL].numpy()), _f32(torch.sigmoid(out[MASK_CHANNEL]).numpy())
 
         pre_image, pre_p = through(prepared.t1c)
+        self._check_finite({"reconstruction": pre_image, "tumour probability": pre_p})
         if image is None:
             out_image, out_p = pre_image, pre_p
         else:
@@ -197,6 +198,7 @@ class ModelPredictor:
             grid = to_model_space(image, prepared.grid)
             on_grid, _ = normalise(grid, cfg.preprocessing.intensity)
             out_image, out_p = through(on_grid)
+            self._check_finite({"reconstruction": out_image, "tumour probability": out_p})
         thr, spacing = cfg.inference.mask_threshold, cfg.preprocessing.spacing_mm
         volume = tumour_volume_ml(out_p >= thr, spacing)
         current = (
@@ -249,7 +251,31 @@ class ModelPredictor:
             current_from=self.current_from,
             unknown_class=self.unknown_class,
         )
+        self._check_finite(
+            {
+                "mean image": result.mean,
+                "standard deviation": result.std,
+                "tumour probability": result.tumour_probability,
+                "sample volumes": np.asarray(result.sample_volumes_ml, dtype=np.float64),
+            }
+        )
         return self.to_source(inputs, prepared, result)
+
+    def _check_finite(self, outputs: dict[str, npt.NDArray[np.generic]]) -> None:
+        """Refuse a prediction with NaN or infinite values (a diverged model, whose empty mask
+        would otherwise read as a complete response with no spread)."""
+        bad = []
+        for name, array in outputs.items():
+            values = np.asarray(array, dtype=np.float64)
+            n = int(values.size - np.isfinite(values).sum())
+            if n:
+                bad.append(f"{name}: {n} of {values.size} values")
+        if bad:
+            raise InferenceError(
+                f"model {self.model_dir} ({self.name} {self.version}): expected finite "
+                f"predictions, found NaN or infinite values ({'; '.join(bad)}): the model's "
+                "weights give no usable output (diverged training?); nothing is reported"
+            )
 
     def to_source(
         self, inputs: StudyInputs, prepared: PreparedStudy, result: ModelPrediction
@@ -320,6 +346,9 @@ class ModelPredictor:
         image = out[IMAGE_OUT].numpy().astype(np.float32)
         post_p = torch.sigmoid(out[POST_MASK_OUT]).numpy().astype(np.float32)
         pre_p = torch.sigmoid(out[PRE_MASK_OUT]).numpy().astype(np.float32)
+        self._check_finite(
+            {"image": image, "tumour probability": post_p, "pre-treatment probability": pre_p}
+        )
         spacing = cfg.preprocessing.spacing_mm
         volume = tumour_volume_ml(post_p >= cfg.mask_threshold, spacing)
         if self.current_from == "model":

@@ -241,6 +241,7 @@ def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
     deadline = time.monotonic() + run.wait_for_sites
     names: dict[int, str] = {}
     refused: dict[int, str] = {}
+    failed: dict[int, str] = {}  # node -> why it could not answer (e.g. no patients there)
     asked: set[int] = set()
     challenges: dict[int, str] = {}
     pending: dict[str, int] = {}
@@ -264,6 +265,7 @@ def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
             if node is None:
                 continue
             if reply.has_error():
+                failed[node] = str(reply.error.reason)
                 log.warning("node %d did not answer the query: %s", node, reply.error.reason)
                 continue
             info = reply.content["info"]
@@ -292,6 +294,7 @@ def _select_sites(grid: Grid, run: RunConfig) -> dict[int, str]:
                 f"to connect within {run.wait_for_sites:.0f} s, found {sorted(have)}"
                 + (f" (missing {missing})" if missing else "")
                 + (f"; left out: {sorted(refused.values())}" if refused else "")
+                + "".join(f"; node {n} failed: {why}" for n, why in sorted(failed.items()))
             )
         time.sleep(_POLL_S)
     for node in pending.values():

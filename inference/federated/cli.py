@@ -136,13 +136,24 @@ def cmd_register(args: argparse.Namespace) -> int:
     return _exec(register_command(args.public_key), args.print, process_env(home))
 
 
+def _class_list(text: str) -> tuple[str, ...]:
+    classes = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not classes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, found {text!r}")
+    return classes
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
+    from inference.data import DEFAULT_SURVIVAL_CLASSES
     from inference.federated.config import NodeConfig
     from inference.federated.local import check_site_data
 
     node = NodeConfig(tuple(args.data), args.site or "")
+    classes = args.survival_classes or DEFAULT_SURVIVAL_CLASSES
     try:
-        patients, problems = check_site_data(node, lambda p: log.info("reading %s", p.patient_id))
+        patients, problems = check_site_data(
+            node, lambda p: log.info("reading %s", p.patient_id), classes
+        )
     except GlioforecastError as exc:
         return _fail("check-data", exc)
     by_source: dict[str, int] = {}
@@ -180,6 +191,8 @@ def _run_config(args: argparse.Namespace) -> Any:
         values["straggler_timeout"] = args.straggler_timeout
     if getattr(args, "round_timeout", None) is not None:
         values["round_timeout"] = args.round_timeout
+    if getattr(args, "wait_for_sites", None) is not None:
+        values["wait_for_sites"] = args.wait_for_sites
     if getattr(args, "site_keys", None) is not None:
         from inference.federated.site_identity import check_keys_dir
 
@@ -222,6 +235,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_simulated_sites(run: Any, sites: tuple[str, ...], present: list[str], data: str) -> None:
+    """In a simulation every site is known before the run: refuse at once what a deployment
+    could only find out by waiting (``wait-for-sites``) or training a round."""
+    from dicom_node.errors import ConfigError
+
+    problems = []
+    unknown = sorted(set(sites) - set(present))
+    if unknown:
+        problems.append(
+            f"sites: expected sites of {data} ({present}), found {unknown} with no patient there"
+        )
+    if run.min_sites > len(sites):
+        problems.append(
+            f"min-sites: expected at most the {len(sites)} site(s) of the simulation "
+            f"{list(sites)}, found {run.min_sites}"
+        )
+    if problems:
+        raise ConfigError("federated simulation", problems)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -230,7 +263,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         run = _run_config(args)
         run = dataclasses.replace(run, simulation_data=str(Path(args.data).resolve()))
-        sites = run.site_list or tuple(sorted({p.site for p in read_cohort(args.data)}))
+        present = sorted({p.site for p in read_cohort(args.data, survival_classes=None)})
+        sites = run.site_list or tuple(present)
+        _check_simulated_sites(run, sites, present, args.data)
     except GlioforecastError as exc:
         return _fail("simulate", exc)
     if args.engine == "local":
@@ -283,6 +318,12 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sites", type=int, default=1, help="fewest replies that make a round")
     p.add_argument("--straggler-timeout", type=float, default=None)
     p.add_argument("--round-timeout", type=float, default=None)
+    p.add_argument(
+        "--wait-for-sites",
+        type=float,
+        default=None,
+        help="seconds to wait for the sites to connect before the first round (default 120)",
+    )
     p.add_argument("--no-card-metrics", action="store_true", help="per-site losses only")
 
 
@@ -365,6 +406,13 @@ def register(subparsers: Any) -> None:
         "--data", action="append", required=True, help="the site's folder (NIfTI or DICOM)"
     )
     p.add_argument("--site", default=None, help="site name (filters a multi-site folder)")
+    p.add_argument(
+        "--survival-classes",
+        type=_class_list,
+        default=None,
+        help="the survival_class values the table may hold, comma-separated (default: "
+        "short,intermediate,long, the presets'; give a custom model.yaml's own)",
+    )
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("run", help="start a federated training on a SuperLink and follow it")

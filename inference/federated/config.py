@@ -17,8 +17,10 @@ Run config (``[tool.flwr.app.config]`` of the generated app, overridable with
     stage1-dir         (diffusion) the model directory of a trained autoencoder
     out                the model directory the coordinator writes
     sites              comma-separated site names to train on ("" = every connected site)
-    min-sites          fewest sites whose replies make a round
-    wait-for-sites     seconds to wait for the selected sites to connect
+    min-sites          fewest sites whose replies make a round (at most the number of sites
+                       named in sites, when they are named)
+    wait-for-sites     seconds to wait for the selected sites to connect (federate run|simulate
+                       --wait-for-sites)
     round-timeout      seconds a round may take at most
     straggler-timeout  once min-sites replies are in, seconds to wait for the rest
     evaluate-every     evaluate the global model at the sites every k rounds (and after the last)
@@ -99,6 +101,11 @@ class RunConfig:
         for key in ("wait_for_sites", "round_timeout", "straggler_timeout"):
             if not getattr(self, key) > 0:
                 p.append(f"{_kebab(key)}: expected > 0 seconds, found {getattr(self, key)}")
+        if self.site_list and self.min_sites > len(self.site_list):
+            p.append(
+                f"min-sites: expected at most the {len(self.site_list)} site(s) named in sites "
+                f"{list(self.site_list)}, found {self.min_sites} (no round could ever be made)"
+            )
         if self.eval_steps < 0:
             p.append(f"eval-steps: expected >= 0, found {self.eval_steps}")
         if self.stage == "diffusion" and not self.stage1_dir:
@@ -219,7 +226,9 @@ def _simulation_node(values: Mapping[str, Any], run: RunConfig | None) -> NodeCo
                 "virtual sites read), found none"
             ],
         )
-    sites = run.site_list or tuple(sorted({p.site for p in read_cohort(run.simulation_data)}))
+    sites = run.site_list or tuple(
+        sorted({p.site for p in read_cohort(run.simulation_data, survival_classes=None)})
+    )
     index = int(values["partition-id"])
     if not 0 <= index < len(sites):
         raise ConfigError(

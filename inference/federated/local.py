@@ -32,6 +32,7 @@ import torch
 from dicom_node.errors import ConfigError, GlioforecastError, InferenceError
 from dicom_node.yamlload import load_yaml
 from inference.data import (
+    DEFAULT_SURVIVAL_CLASSES,
     CohortDataset,
     CohortPatient,
     load_truth,
@@ -39,6 +40,7 @@ from inference.data import (
     read_cohort,
 )
 from inference.federated.config import NodeConfig, RunConfig
+from inference.metrics import finite_mean
 from inference.model_config import ModelConfig, config_from_dict, config_to_dict, preset
 from inference.model_dir import KIND_LDM, KIND_UNET_BASELINE
 from inference.networks import LatentDiffusionModel, build_model, build_scheduler
@@ -152,9 +154,13 @@ def decode_model_config(text: str) -> tuple[str, UNetBaselineConfig | ModelConfi
 # site data
 
 
-def site_patients(node: NodeConfig) -> list[CohortPatient]:
-    """The site's patients: every patient of its folder(s), or those of ``site_name``."""
-    patients = read_cohort(list(node.data_path))
+def site_patients(
+    node: NodeConfig, survival_classes: Sequence[str] | None = None
+) -> list[CohortPatient]:
+    """The site's patients: every patient of its folder(s), or those of ``site_name``. The
+    table's response categories are checked, and its survival classes against
+    ``survival_classes`` (the model's) when given."""
+    patients = read_cohort(list(node.data_path), survival_classes=survival_classes)
     if node.site_name:
         sites = sorted({p.site for p in patients})
         patients = [p for p in patients if p.site == node.site_name]
@@ -170,12 +176,15 @@ def site_patients(node: NodeConfig) -> list[CohortPatient]:
 
 
 def check_site_data(
-    node: NodeConfig, progress: Callable[[CohortPatient], None] | None = None
+    node: NodeConfig,
+    progress: Callable[[CohortPatient], None] | None = None,
+    survival_classes: Sequence[str] = DEFAULT_SURVIVAL_CLASSES,
 ) -> tuple[list[CohortPatient], list[str]]:
     """Read each of the site's patients as training and evaluation will (inputs and truth):
     the patients and, per unreadable patient, what is wrong. Problems with the table itself
-    (or with finding a patient's files) raise at once, listing every patient concerned."""
-    patients = site_patients(node)
+    (an outcome value outside the response categories or ``survival_classes``, or a patient
+    whose files cannot be found) raise at once, listing every patient concerned."""
+    patients = site_patients(node, survival_classes)
     problems = []
     for p in patients:
         if progress is not None:
@@ -248,7 +257,7 @@ class SiteWork:
         self.cfg = cfg
         self.stage = stage
         self.device = resolve_device(node.device)
-        self.patients = site_patients(node)
+        self.patients = site_patients(node, cfg.survival_classes)
         self.site = site_label(node, self.patients)
         # the diffusion stage trains on latents only: each patient is prepared once, encoded
         # and let go, as in centralised training (inference.train.loops.train_diffusion)
@@ -367,7 +376,11 @@ class SiteWork:
             tr = model.config.training
 
             def step_ae(chunk: list[int]) -> float:
-                batch = _ae_batch(self.dataset, [self._ae_items[i] for i in chunk], device)
+                # random patches when the configuration asks for them, as centralised training
+                batch = _ae_batch(
+                    self.dataset, [self._ae_items[i] for i in chunk], device,
+                    tr.autoencoder_patch, generator,
+                )  # fmt: skip
                 return autoencoder_step(
                     model.autoencoder, opt, batch, generator, kl_weight=tr.kl_weight,
                     mask_loss_weight=tr.mask_loss_weight, autocast=options.autocast,
@@ -459,10 +472,9 @@ class SiteWork:
             results = evaluate_predictor(
                 predictor, load_patients(self.patients), samples=task.eval_samples
             )
-        return {
-            k: float(np.nanmean([r.metrics[k] for r in results])) if results else math.nan
-            for k in CARD_KEYS
-        }
+        # the mean of the finite values, as the evaluation's (an infinite PSNR, a perfect
+        # prediction, is left out there too rather than making the site's mean infinite)
+        return {k: finite_mean([r.metrics[k] for r in results]) for k in CARD_KEYS}
 
     def save_model_dir(self, out: Path) -> None:
         """The loaded weights as a model directory (for the predictor)."""

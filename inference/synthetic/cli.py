@@ -64,12 +64,34 @@ def seed_int(text: str) -> int:
     return _whole_number(text, 0, "a whole number >= 0")
 
 
+#: cohort seeds ``synth`` accepts: the patient IDs ``GFsssss-nnnn`` carry five digits of it
+MAX_COHORT_SEED = 99_999
+
+
+def cohort_seed_int(text: str) -> int:
+    """argparse type: a cohort seed, 0 to 99999. The patient IDs hold the seed in five digits
+    (``GF00077-0001``), so seed 100077 would write other patients under the IDs of seed 77
+    (a false training-overlap warning, a train refusing "appears twice", --held-out-seeds
+    unable to tell them apart); a larger seed is refused rather than wrapped."""
+    value = seed_int(text)
+    if value > MAX_COHORT_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected a cohort seed from 0 to {MAX_COHORT_SEED} (the patient IDs GFsssss-nnnn "
+            f"hold five digits of it: {value} would reuse the IDs of seed "
+            f"{value % (MAX_COHORT_SEED + 1)}), found {text!r}"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=positive_int, required=True, help="number of patients")
     parser.add_argument("--sites", type=positive_int, default=1, help="number of sites")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
-        "--seed", type=seed_int, default=0, help="cohort seed (same seed, same files)"
+        "--seed",
+        type=cohort_seed_int,
+        default=0,
+        help="cohort seed, 0 to 99999 (same seed, same files; patient IDs GFsssss-nnnn hold it)",
     )
     parser.add_argument(
         "--spacing", type=float, default=2.0, help="simulation grid spacing in mm (default 2)"

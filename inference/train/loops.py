@@ -7,7 +7,11 @@ loss, runs epochs of the one-step functions (:mod:`inference.train.steps`,
 weights come from ``seed``, the patient order of epoch ``e`` from ``[seed, e]``, every other
 random draw (latent sampling, timesteps, noise, condition dropout) from one ``torch.Generator``
 seeded with ``seed`` whose state is checkpointed, so an interrupted run resumed with
-``resume=True`` ends with the same weights as an uninterrupted one (same device).
+``resume=True`` ends with the same weights as an uninterrupted one (same device). A resumed run
+trains with its own learning rate: one that differs from the checkpoint's takes over from the
+next epoch, and ``train_state.json`` lists each rate with its first epoch (``learning_rates``).
+A resume is checked against the checkpoint (stage, configuration, seed, batch, patients) before
+any weight is read, naming what differs.
 
 Checkpoints, after every epoch, in ``OUT/checkpoints/<stage>/``: ``weights.safetensors`` (the
 network being trained), ``average.safetensors`` (the diffusion UNet's weight average, when
@@ -475,14 +479,39 @@ def _resume(
     what: str,
     defaults: dict[str, Any],
     average: WeightAverage | None = None,
-) -> tuple[int, list[float], list[float | None]]:
-    """(first epoch, losses, validation losses): from the checkpoint when resuming, else fresh."""
+) -> tuple[int, list[float], list[float | None], list[list[float]]]:
+    """(first epoch, losses, validation losses, learning rates): from the checkpoint when
+    resuming, else fresh. The identity is checked before any weight is read, so a checkpoint of
+    another configuration is refused naming the settings that differ.
+
+    The learning rate is this run's (``options.learning_rate``), also when resuming: it
+    replaces the one the checkpoint's optimizer state holds. The learning rates are
+    ``[first epoch, rate]`` pairs, one per rate the run has used, in order."""
     if not (options.resume and ckpt.exists()):
-        return 0, [], []
+        return 0, [], [], [[0, options.learning_rate]]
+    _check_resume(ckpt.state(), identity, ckpt.dir, defaults)
     state = ckpt.load(module, optimizer, generator, average)
-    _check_resume(state, identity, ckpt.dir, defaults)
     log.info("resuming the %s at epoch %d from %s", what, state["epoch"], ckpt.dir)
-    return state["epoch"], state["losses"], state["val_losses"]
+    used = float(optimizer.param_groups[0]["lr"])
+    rates = [list(r) for r in state.get("learning_rates") or [[0, used]]]
+    if used != options.learning_rate:
+        log.warning(
+            "%s: resuming with learning rate %g (the checkpoint's epochs used %g): epochs %d "
+            "onwards use %g",
+            what, options.learning_rate, used, state["epoch"] + 1, options.learning_rate,
+        )  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = options.learning_rate
+        rates.append([state["epoch"], options.learning_rate])
+    return state["epoch"], state["losses"], state["val_losses"], rates
+
+
+def _rates_record(rates: list[list[float]]) -> dict[str, Any]:
+    """What ``train_state.json`` adds when a resumed run changed the learning rate: each rate
+    with the first epoch (counted from 0) it was used for."""
+    if len(rates) < 2:
+        return {}
+    return {"learning_rates": [{"from_epoch": int(e), "learning_rate": lr} for e, lr in rates]}
 
 
 def _saver(
@@ -492,11 +521,14 @@ def _saver(
     generator: torch.Generator,
     identity: dict[str, Any],
     average: WeightAverage | None = None,
+    rates: list[list[float]] | None = None,
 ) -> Callable[[int, list[float], list[float | None]], None]:
     """The end-of-epoch checkpoint writer of one stage."""
 
     def save(epoch: int, losses: list[float], val_losses: list[float | None]) -> None:
         state = {**identity, "epoch": epoch, "losses": losses, "val_losses": val_losses}
+        if rates is not None:
+            state["learning_rates"] = rates
         if average is not None:
             state["average_updates"] = average.updates
         ckpt.save(module, optimizer, generator, state, average)
@@ -520,8 +552,45 @@ def _release_free_memory() -> bool:
     return True
 
 
+def _check_out_dir(out: Path, stage: str, ckpt: Checkpoint, options: TrainOptions,
+                   stage1: Path | None = None) -> None:  # fmt: skip
+    """Refuse to write over a model directory that this run does not continue: one of the other
+    kind (a UNet baseline under a latent stage, or the reverse), or a finished model of the
+    same kind whose checkpoint of this stage is not being resumed. The diffusion stage may
+    complete the directory holding its own stage 1 (``--stage1`` left out, or the same folder),
+    the flow ``train autoencoder --out DIR`` then ``train diffusion --out DIR``."""
+    from inference.model_dir import KIND_LDM, KIND_UNET_BASELINE, MODEL_YAML, model_kind
+
+    if not (out / MODEL_YAML).is_file():
+        return
+    try:
+        kind = model_kind(out)
+    except InferenceError as exc:
+        raise InferenceError(
+            f"{out}: expected an empty directory or a model directory this {stage} run "
+            f"continues, found a model.yaml that cannot be read ({exc}); choose another --out"
+        ) from None
+    expected = KIND_UNET_BASELINE if stage == "baseline" else KIND_LDM
+    stages = sorted(read_train_state(out).get("stages", {}))
+    holds = f"a {kind} model (model.yaml; train_state.json lists the stages {stages})"
+    if kind != expected:
+        raise InferenceError(
+            f"{out}: expected an empty directory or a {expected} model directory for the "
+            f"{stage} stage, found {holds}; training the {stage} here would overwrite it: "
+            "choose another --out"
+        )
+    continuing = options.resume and ckpt.exists()
+    own_stage1 = stage1 is not None and stage1.resolve() == out.resolve()
+    if not (continuing or own_stage1):
+        raise InferenceError(
+            f"{out}: expected an empty directory, a {stage} checkpoint to --resume or (diffusion) "
+            f"the stage-1 directory itself, found {holds} and no {stage} checkpoint to resume; "
+            "training here would overwrite it: choose another --out"
+        )
+
+
 def _prepare_run(
-    out: Path, stage: str, options: TrainOptions
+    out: Path, stage: str, options: TrainOptions, stage1: Path | None = None
 ) -> tuple[Checkpoint, torch.device, torch.Generator]:
     device = resolve_device(options.device)
     ckpt = Checkpoint(out, stage)
@@ -530,6 +599,7 @@ def _prepare_run(
             f"{ckpt.dir} holds a checkpoint of a previous {stage} run: pass --resume to continue "
             "it, or choose another output directory"
         )
+    _check_out_dir(out, stage, ckpt, options, stage1)
     if options.resume and not ckpt.exists():
         log.warning("resume asked for, but %s holds no checkpoint: starting afresh", ckpt.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -537,8 +607,11 @@ def _prepare_run(
     return ckpt, device, generator
 
 
-def _split(data: Sequence[Path], options: TrainOptions) -> CohortSplit:
-    patients = read_cohort(list(data))
+def _split(
+    data: Sequence[Path], options: TrainOptions, survival_classes: Sequence[str]
+) -> CohortSplit:
+    """The training and held-out patients; the tables' survival classes must be the model's."""
+    patients = read_cohort(list(data), survival_classes=survival_classes)
     sites = {p.site for p in patients}
     n_held = options.n_held_out_sites if len(sites) > 1 else 0
     if options.held_out_sites is None and n_held != options.n_held_out_sites:
@@ -784,7 +857,7 @@ def train_autoencoder(
     out = Path(out_dir)
     paths = [Path(d) for d in data]
     ckpt, device, generator = _prepare_run(out, "autoencoder", options)
-    split = _split(paths, options)
+    split = _split(paths, options, cfg.survival_classes)
     base_cfg = cfg.replace(latent_scale=1.0)
     model = build_model(base_cfg, seed=options.seed)
     ae = model.autoencoder
@@ -798,7 +871,7 @@ def train_autoencoder(
     _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
     items = _ae_items(train_ds, options.jobs)  # prepares (and caches) every patient
     val_items = _ae_items(val_ds, options.jobs)
-    start_epoch, losses, val_losses = _resume(
+    start_epoch, losses, val_losses, rates = _resume(
         ckpt, identity, options, ae, opt, generator, "autoencoder", _config_defaults(cfg)
     )
 
@@ -836,7 +909,7 @@ def train_autoencoder(
             total += float(loss) * len(chunk)
         return total / len(val_items)
 
-    save = _saver(ckpt, ae, opt, generator, identity)
+    save = _saver(ckpt, ae, opt, generator, identity, rates=rates)
 
     _run_epochs(
         stage="autoencoder",
@@ -866,7 +939,15 @@ def train_autoencoder(
         out,
         "autoencoder",
         _stage_info(
-            "autoencoder", options, paths, split, losses, val_losses, seconds, latent_scale=scale
+            "autoencoder",
+            options,
+            paths,
+            split,
+            losses,
+            val_losses,
+            seconds,
+            latent_scale=scale,
+            **_rates_record(rates),
         ),
         {},
     )
@@ -1000,7 +1081,7 @@ def train_diffusion(
     out = Path(out_dir)
     stage1 = Path(stage1_dir) if stage1_dir is not None else out
     paths = [Path(d) for d in data]
-    ckpt, device, generator = _prepare_run(out, "diffusion", options)
+    ckpt, device, generator = _prepare_run(out, "diffusion", options, stage1)
     stage1_state = read_train_state(stage1)
     if "autoencoder" not in stage1_state.get("stages", {}):
         log.warning(
@@ -1018,7 +1099,7 @@ def train_diffusion(
     model.autoencoder.eval()
     for p in model.autoencoder.parameters():
         p.requires_grad_(False)
-    split = _split(paths, options)
+    split = _split(paths, options, cfg.survival_classes)
     identity = _identity("diffusion", config_to_dict(cfg), split, options)
     _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
     pre = cfg.preprocessing
@@ -1035,7 +1116,7 @@ def train_diffusion(
     scheduler = build_scheduler(cfg)
     decay = cfg.training.ema_decay
     average = WeightAverage(model.unet, decay) if decay > 0 else None
-    start_epoch, losses, val_losses = _resume(
+    start_epoch, losses, val_losses, rates = _resume(
         ckpt,
         identity,
         options,
@@ -1084,7 +1165,7 @@ def train_diffusion(
             model.unet = trained
         return total / len(val_lat)
 
-    save = _saver(ckpt, trained, opt, generator, identity, average)
+    save = _saver(ckpt, trained, opt, generator, identity, average, rates)
     weights = response_weights(split.train) if options.balance_response else None
     if weights is not None:
         counts = Counter(p.response_category for p in split.train)
@@ -1133,6 +1214,7 @@ def train_diffusion(
             stage1=str(stage1),
             target_std=target_std,
             sampling=identity["sampling"] or "uniform",
+            **_rates_record(rates),
         ),
         base,
     )
@@ -1202,7 +1284,7 @@ def train_baseline(
     out = Path(out_dir)
     paths = [Path(d) for d in data]
     ckpt, device, generator = _prepare_run(out, "baseline", options)
-    split = _split(paths, options)
+    split = _split(paths, options, cfg.survival_classes)
     unet = build_baseline_unet(cfg, seed=options.seed).to(device)
     opt = torch.optim.Adam(unet.parameters(), lr=options.learning_rate)
     pre = cfg.preprocessing
@@ -1213,7 +1295,7 @@ def train_baseline(
         for ds in (train_ds, val_ds):
             for _ in ds.prepared(options.jobs):
                 pass
-    start_epoch, losses, val_losses = _resume(
+    start_epoch, losses, val_losses, rates = _resume(
         ckpt, identity, options, unet, opt, generator, "UNet baseline", _config_defaults(cfg)
     )
 
@@ -1237,7 +1319,7 @@ def train_baseline(
             total += float(loss) * len(chunk)
         return total / len(val_ds)
 
-    save = _saver(ckpt, unet, opt, generator, identity)
+    save = _saver(ckpt, unet, opt, generator, identity, rates=rates)
 
     _run_epochs(
         stage="baseline",
@@ -1256,7 +1338,9 @@ def train_baseline(
     _record_stage(
         out,
         "baseline",
-        _stage_info("baseline", options, paths, split, losses, val_losses, seconds),
+        _stage_info(
+            "baseline", options, paths, split, losses, val_losses, seconds, **_rates_record(rates)
+        ),
         {},
     )
     return TrainReport(

@@ -208,3 +208,73 @@ def test_volume_round_trip_keeps_an_oblique_anisotropic_grid(tmp_path: Path) -> 
     assert read_volume(write_volume(mask, tmp_path / "m.nii.gz")).array.sum() == 29
     with pytest.raises(InputError, match="expected a file"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+def _relabelled(tiny_cohort: Cohort, to: Path, column: str, values: dict[str, str]) -> Path:
+    """The tiny cohort with ``column`` recoded through ``values`` (a site's own codes)."""
+    import csv
+
+    to.mkdir()
+    with (tiny_cohort[0] / "cohort.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row[column] = values.get(row[column], row[column])
+        (to / row["patient_id"]).symlink_to(tiny_cohort[0] / row["patient_id"])
+    with (to / "cohort.csv").open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return to
+
+
+def test_unrecognised_outcome_labels_are_refused_naming_row_column_and_values(
+    tmp_path: Path, tiny_cohort: Cohort, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A table coded CR/PR/SD/PD or Short/Long used to be read silently: the response metrics
+    counted no category, and every patient trained as the unguided class."""
+    from inference.model_config import ModelConfig
+    from inference.train.loops import TrainOptions, train_baseline
+    from inference.unet_baseline import tiny_baseline_config
+
+    records = tiny_cohort[1]
+    codes = {"complete_response": "CR", "partial_response": "PR", "stable_disease": "SD",
+             "progressive_disease": "PD"}  # fmt: skip
+    coded = _relabelled(tiny_cohort, tmp_path / "coded", "response_category", codes)
+    with pytest.raises(InputError) as err:
+        read_cohort(coded)
+    text = str(err.value)
+    assert "3 outcome value(s) not recognised" in text
+    first = records[0].values
+    assert (
+        f"cohort.csv, line 2 (patient {first['patient_id']}), column response_category: "
+        "expected one of ['complete_response', 'partial_response', 'stable_disease', "
+        f"'progressive_disease'], found {codes[first['response_category']]!r}"
+    ) in text
+    from inference.data import DEFAULT_SURVIVAL_CLASSES
+
+    assert ModelConfig().survival_classes == DEFAULT_SURVIVAL_CLASSES
+    titled = {c: c.title() for c in DEFAULT_SURVIVAL_CLASSES}
+    short = _relabelled(tiny_cohort, tmp_path / "titled", "survival_class", titled)
+    with pytest.raises(InputError) as err:
+        read_cohort(short)
+    assert (
+        f"column survival_class: expected one of ['short', 'intermediate', 'long'], found "
+        f"{titled[first['survival_class']]!r}"
+    ) in str(err.value)
+    # a model of its own classes reads them; None checks the response categories only
+    assert len(read_cohort(short, survival_classes=tuple(titled.values()))) == len(records)
+    assert len(read_cohort(short, survival_classes=None)) == len(records)
+    with pytest.raises(InputError, match="column survival_class"):
+        train_baseline([short], tmp_path / "m", tiny_baseline_config(),
+                       TrainOptions(epochs=1, progress=False))  # fmt: skip
+    pytest.importorskip("flwr")
+    from dicom_node.cli import main
+
+    assert main(["federate", "check-data", "--data", str(coded)]) == 2
+    assert "column response_category: expected one of" in capsys.readouterr().err
+    assert main(["federate", "check-data", "--data", str(short)]) == 2
+    assert "column survival_class" in capsys.readouterr().err
+    classes = ",".join(titled.values())
+    assert (
+        main(["federate", "check-data", "--data", str(short), "--survival-classes", classes]) == 0
+    )

@@ -325,7 +325,7 @@ def test_a_real_planning_study_without_outlines_is_named(real_data: Path, tmp_pa
     site = tmp_path / "site"
     site.mkdir()
     (site / "cohort.csv").write_text(
-        "patient_id,site,survival_class,response_category\nSTS_001,TCIA,short,stable\n",
+        "patient_id,site,survival_class,response_category\nSTS_001,TCIA,short,stable_disease\n",
         encoding="utf-8",
     )
     (site / "studies").symlink_to(real_data / "tcia_sts001_mr_rtstruct")

@@ -14,6 +14,7 @@ import pytest
 from dicom_node.convert.preprocess import foreground_mask_array, normalise_intensity
 from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs
 from inference.baseline import NoChangeBaseline
+from inference.data import PatientTruth
 from inference.evaluate import (
     EvaluationPatient,
     evaluate_predictor,
@@ -22,6 +23,7 @@ from inference.evaluate import (
     run_evaluation,
     summarise,
     training_overlap,
+    tumour_region,
     write_report,
 )
 from inference.metrics import volume_ml
@@ -395,3 +397,45 @@ def test_dice_over_the_tumours_left_leaves_out_the_empty_masks() -> None:
     none_left = summarise(results[:2], n_resamples=20)
     assert none_left["patients_tumour_left"] == 0
     assert none_left["dice_tumour_left"]["value"] is None  # undefined, reported as n/a
+
+
+def _region_truth(region: np.ndarray, spacing: tuple[float, float, float]) -> PatientTruth:
+    from dicom_node.types import Volume
+
+    vol = Volume(array=region, spacing=spacing, origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    return PatientTruth(post_t1c=vol, post_enhancing=vol, pre_enhancing=vol, tumour_region=vol)
+
+
+def _former_region(truth: PatientTruth, head: np.ndarray, margin_mm: float) -> np.ndarray:
+    """The rule before the margin was counted per axis: round(margin / smallest spacing)
+    6-connected dilations on every axis."""
+    from scipy import ndimage
+
+    region = np.asarray(truth.tumour_region.array, dtype=bool)
+    steps = round(margin_mm / min(truth.tumour_region.spacing))
+    return ndimage.binary_dilation(region, iterations=steps) & head if steps else region & head
+
+
+def test_the_tumour_region_margin_is_counted_in_millimetres_on_each_axis() -> None:
+    """A 4 mm margin on a 1 x 1 x 5 mm grid used to take 4 dilation steps on every axis: 4 mm
+    in-plane, 20 mm through the slices. Isotropic grids, and the 4 x 4 x 5 mm grids of the
+    model card's 4 mm synthetic cohorts, keep exactly the region of the former rule."""
+    shape = (21, 31, 31)  # k j i
+    head = np.ones(shape, dtype=bool)
+    head[:, :, :2] = False
+    seed = np.zeros(shape, dtype=bool)
+    seed[10, 15, 15] = True
+    seed[10:12, 14:17, 3:5] = True  # a block touching the head's edge
+    for spacing in ((4.0, 4.0, 4.0), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), (4.0, 4.0, 5.0)):
+        truth = _region_truth(seed, spacing)
+        np.testing.assert_array_equal(
+            tumour_region(truth, head, 4.0), _former_region(truth, head, 4.0), err_msg=str(spacing)
+        )
+    thick = tumour_region(_region_truth(seed, (1.0, 1.0, 5.0)), head, 4.0)
+    ks, js, _ = np.nonzero(thick[:, :, 10:])  # around the single voxel only
+    assert (ks.min(), ks.max()) == (9, 11)  # one 5 mm slice either side (round(4 / 5) = 1)
+    assert (js.min(), js.max()) == (11, 19)  # 4 voxels of 1 mm either side in-plane
+    assert thick[10, 15, 11] and not thick[10, 15, 10] and not thick[9, 15, 12]
+    assert np.array_equal(
+        tumour_region(_region_truth(seed, (1.0, 1.0, 5.0)), head, 0.0), seed & head
+    )

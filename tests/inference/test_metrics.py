@@ -142,3 +142,35 @@ def test_bootstrap_interval() -> None:
     assert M.mean_ci([], n_resamples=10).n == 0
     d = est.as_dict()
     assert set(d) == {"value", "ci_low", "ci_high", "n"}
+
+
+def test_a_constant_score_has_the_chance_auc_as_documented() -> None:
+    """The code's 0.5 is right (ties count half: a score that cannot tell the category from
+    the rest); the module docstring used to say a constant score gives nan."""
+    assert M.auc([True, False, True, False], [0.3] * 4) == 0.5
+    cm = M.category_metrics(["A"] * 3 + ["B"] * 2, ["A"] * 5, [{"A": 1.0}] * 5, ["A", "B"])
+    assert cm.auc == {"A": 0.5, "B": 0.5} and cm.macro_auc == 0.5
+    doc = " ".join((M.__doc__ or "").split())
+    assert "no positive or no negative case) is ``nan``. A constant score" in doc
+    assert "has an AUC of 0.5, not ``nan``" in doc
+
+
+def test_values_that_are_not_finite_are_left_out_and_counted() -> None:
+    """A perfect prediction's PSNR (inf) used to vanish from the mean while n counted it."""
+    from dicom_node.types import RESPONSE_CATEGORIES
+    from inference.evaluate import markdown_report
+
+    est = M.mean_ci([math.inf, 20.0, 30.0, math.nan], n_resamples=50)
+    assert (est.value, est.n, est.excluded) == (25.0, 4, 2)
+    assert est.as_dict()["excluded"] == 2
+    assert "excluded" not in M.mean_ci([20.0, 30.0], n_resamples=50).as_dict()
+    assert M.finite_mean([math.inf, 20.0, 30.0]) == 25.0 and math.isnan(M.finite_mean([math.nan]))
+    empty = {k: {"value": None} for k in ("sensitivity", "specificity", "auc")}
+    per_category = {c: {**empty, "truth_count": 0} for c in RESPONSE_CATEGORIES}
+    summary = {"psnr_global": est.as_dict(), "response_per_category": per_category}
+    report = {"data": ["d"], "patients": 4, "sites": ["S"], "samples": 1, "survival_class": "none",
+              "tumour_region_margin_mm": 4.0, "bootstrap_resamples": 50, "generated_at": "now",
+              "methods": {"m": {"summary": summary}}}  # fmt: skip
+    text = markdown_report(report)
+    assert "| PSNR global (dB) | 25.00 [" in text and "] (2 of 4 left out) |" in text
+    assert "(k of n left out): k patients' values are not finite" in text

@@ -181,6 +181,31 @@ def test_missing_and_unexpected_tensors(saved: Path) -> None:
     assert "1 unexpected tensor(s), e.g. ['extra.weight']" in str(err.value)
 
 
+def test_non_finite_weights_are_refused_naming_the_tensors(saved: Path) -> None:
+    """Weights of a diverged training (NaN, inf), re-signed so that the SHA-256 matches, used
+    to load and predict a "complete response" with no spread."""
+    from inference.model_dir import sha256_file
+
+    file = saved / "diffusion.safetensors"
+    state = load_file(str(file))
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    nan_key, inf_key = floats[0], floats[1]
+    state[nan_key] = torch.full_like(state[nan_key], float("nan"))
+    state[inf_key] = state[inf_key].clone()
+    state[inf_key].view(-1)[0] = float("inf")
+    save_file(state, str(file))
+    data = _yaml(saved)
+    data["weights"]["diffusion"]["sha256"] = sha256_file(file)
+    _write_yaml(saved, data)
+    with pytest.raises(InferenceError) as err:
+        load_model_dir(saved)
+    text = str(err.value)
+    assert "expected finite weights, found NaN or infinite values in 2 tensor(s)" in text
+    n = state[nan_key].numel()
+    assert f"{nan_key!r} ({n} NaN, 0 inf of {n})" in text
+    assert f"{inf_key!r} (0 NaN, 1 inf of {state[inf_key].numel()})" in text
+
+
 def test_corrupt_safetensors(saved: Path) -> None:
     (saved / "diffusion.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(InferenceError, match="not a readable safetensors file"):

@@ -250,3 +250,31 @@ def test_gpu_out_of_memory_predicts_on_the_cpu(
     predictor._predict_on_device = fail  # type: ignore[method-assign,assignment]
     with pytest.raises(torch.OutOfMemoryError):
         predictor.predict(inputs)
+
+
+def _overflowing(module: torch.nn.Module) -> None:
+    """Finite weights so large that the network's outputs overflow to inf / NaN (what a
+    diverged training leaves behind: the weights load, the predictions are not numbers)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("weight") and p.ndim > 1:
+                p.mul_(1e12).add_(1e10)
+
+
+def test_non_finite_predictions_are_refused(tmp_path: Path) -> None:
+    """A model whose outputs are NaN used to report an empty mask: a "complete response" with
+    no spread, exit 0. Now the prediction is refused, naming the outputs that are not finite."""
+    from inference.unet_baseline import build_baseline_unet, save_baseline_dir, tiny_baseline_config
+
+    inputs = oblique_study()
+    model = build_model(tiny_config(), seed=0)
+    _overflowing(model.unet)
+    ldm = save_model_dir(model, tmp_path / "ldm")
+    with pytest.raises(InferenceError, match=r"expected finite predictions.*mean image: \d+ of"):
+        ModelPredictor(ldm, samples=1, num_inference_steps=2).predict(inputs)
+    cfg = tiny_baseline_config()
+    unet = build_baseline_unet(cfg, seed=0)
+    _overflowing(unet)
+    base = save_baseline_dir(unet, cfg, tmp_path / "unet")
+    with pytest.raises(InferenceError, match=r"expected finite predictions.*image: \d+ of"):
+        ModelPredictor(base).predict(inputs)

@@ -468,3 +468,109 @@ def test_stage_two_gives_back_the_memory_of_each_prepared_patient() -> None:
     """Stage 2 prepares each patient once and trims the heap between patients (without it a
     1000-patient cohort grew past 12 GB: see _release_free_memory); the call is real here."""
     assert _release_free_memory() is True
+
+
+def _copy_model(source: Path, to: Path, checkpoints: bool = True) -> Path:
+    """A copy of a model directory; without ``checkpoints`` as a model is shipped."""
+    import shutil
+
+    shutil.copytree(
+        source, to, ignore=None if checkpoints else shutil.ignore_patterns("checkpoints")
+    )
+    return to
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def test_a_finished_model_that_the_run_does_not_continue_is_not_overwritten(
+    tmp_path: Path, tiny_cohort: Cohort, tiny_baseline_dir: Path, tiny_ldm_dir: Path
+) -> None:
+    """train autoencoder --out DIR used to replace a finished UNet baseline in DIR (model.yaml
+    rewritten, its train_state.json record dropped). Each refusal names what DIR holds and
+    leaves every file as it was; autoencoder then diffusion into one DIR (the tiny_ldm_dir
+    fixture) and resuming a checkpoint still work."""
+    data = [tiny_cohort[0]]
+    options = TrainOptions(epochs=1, **FAST)  # type: ignore[arg-type]
+    baseline = _copy_model(tiny_baseline_dir, tmp_path / "baseline")
+    before = _files(baseline)
+    with pytest.raises(InferenceError) as err:
+        train_autoencoder(data, baseline, tiny_config(), options)
+    assert "expected an empty directory or a latent-diffusion model directory" in str(err.value)
+    assert (
+        "found a unet-baseline model (model.yaml; train_state.json lists the stages "
+        "['baseline'])" in str(err.value)
+    )
+    with pytest.raises(InferenceError, match="found a unet-baseline model"):
+        train_diffusion(data, baseline, options, stage1_dir=tiny_ldm_dir)
+    assert _files(baseline) == before and model_kind(baseline) == "unet-baseline"
+    ldm = _copy_model(tiny_ldm_dir, tmp_path / "ldm")
+    with pytest.raises(InferenceError, match="found a latent-diffusion model"):
+        train_baseline(data, ldm, tiny_baseline_config(), options)
+    # the same kind, shipped without checkpoints: nothing to continue, a finished model to lose
+    shipped = _copy_model(tiny_ldm_dir, tmp_path / "shipped", checkpoints=False)
+    before = _files(shipped)
+    with pytest.raises(InferenceError) as err:
+        train_autoencoder(data, shipped, tiny_config(), options)
+    assert "['autoencoder', 'diffusion']) and no autoencoder checkpoint to resume" in str(err.value)
+    with pytest.raises(InferenceError, match="no diffusion checkpoint to resume"):
+        train_diffusion(data, shipped, options, stage1_dir=tiny_ldm_dir)
+    assert _files(shipped) == before
+    plain = _copy_model(tiny_baseline_dir, tmp_path / "plain", checkpoints=False)
+    with pytest.raises(InferenceError, match="no baseline checkpoint to resume"):
+        train_baseline(data, plain, tiny_baseline_config(), options)
+    # the diffusion stage may (re)train on the directory's own stage 1
+    report = train_diffusion(data, shipped, options)
+    assert report.epochs == 1
+    assert set(read_train_state(shipped)["stages"]) == {"autoencoder", "diffusion"}
+
+
+def test_a_resume_with_another_learning_rate_uses_it_and_records_it(
+    tmp_path: Path, tiny_cohort: Cohort
+) -> None:
+    """--lr used to be ignored on --resume (the checkpoint's optimizer state kept its rate)
+    while train_state.json recorded the new one."""
+    data, cfg = [tiny_cohort[0]], tiny_baseline_config()
+    fast = {**FAST, "learning_rate": 1e-3}
+    for name in ("same", "other"):
+        train_baseline(data, tmp_path / name, cfg, TrainOptions(epochs=1, **fast))  # type: ignore[arg-type]
+    train_baseline(data, tmp_path / "same", cfg, TrainOptions(epochs=2, resume=True, **fast))  # type: ignore[arg-type]
+    faster = {**fast, "learning_rate": 0.5}
+    train_baseline(data, tmp_path / "other", cfg, TrainOptions(epochs=2, resume=True, **faster))  # type: ignore[arg-type]
+    same = load_file(str(tmp_path / "same" / "unet.safetensors"))
+    other = load_file(str(tmp_path / "other" / "unet.safetensors"))
+    assert any(not torch.equal(same[k], other[k]) for k in same)
+    trainer = torch.load(
+        tmp_path / "other" / "checkpoints" / "baseline" / "trainer.pt", weights_only=True
+    )
+    assert {g["lr"] for g in trainer["optimizer"]["param_groups"]} == {0.5}
+    record = read_train_state(tmp_path / "other")["stages"]["baseline"]
+    assert record["learning_rate"] == 0.5
+    assert record["learning_rates"] == [
+        {"from_epoch": 0, "learning_rate": 1e-3},
+        {"from_epoch": 1, "learning_rate": 0.5},
+    ]
+    assert "learning_rates" not in read_train_state(tmp_path / "same")["stages"]["baseline"]
+    # resumed again at the same rate: the history is kept from the checkpoint
+    train_baseline(data, tmp_path / "other", cfg, TrainOptions(epochs=3, resume=True, **faster))  # type: ignore[arg-type]
+    again = read_train_state(tmp_path / "other")["stages"]["baseline"]
+    assert again["learning_rates"] == record["learning_rates"]
+
+
+def test_a_resume_with_another_architecture_names_the_configuration(
+    tmp_path: Path, tiny_cohort: Cohort
+) -> None:
+    """--resume with another --preset used to fail listing tensor shapes ("model.yaml's
+    architecture expects shape ..."), never naming the configuration."""
+    data, out = [tiny_cohort[0]], tmp_path / "m"
+    train_baseline(data, out, tiny_baseline_config(), TrainOptions(epochs=1, **FAST))  # type: ignore[arg-type]
+    wider = tiny_baseline_config(features=(8, 8, 16, 16, 16, 8))
+    with pytest.raises(InferenceError) as err:
+        train_baseline(data, out, wider, TrainOptions(epochs=2, resume=True, **FAST))  # type: ignore[arg-type]
+    text = str(err.value)
+    assert "expected the same config" in text
+    assert (
+        "config.features: checkpoint has [4, 4, 8, 8, 8, 4], this run [8, 8, 16, 16, 16, 8]" in text
+    )
+    assert "shape" not in text

@@ -184,3 +184,123 @@ def test_dicom_site_folders_federate_as_their_nifti_twins(fed_cohort: Path, tmp_
     for key, value in nifti_metrics.items():
         # the RT Dose file stores the dose in 16-bit counts (about 1 mGy): nearly the same run
         assert dicom_metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+
+
+def test_min_sites_and_unknown_sites_are_refused_before_any_wait(
+    fed_cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--min-sites above the sites there are, or a site with no patients, used to wait the
+    whole wait-for-sites (120 s) or train a round before failing."""
+    import time
+
+    from dicom_node.cli import main
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(sites="SITE-NOR,SITE-ELO", min_sites=3)
+    assert (
+        "min-sites: expected at most the 2 site(s) named in sites ['SITE-NOR', 'SITE-ELO'], found 3"
+    ) in str(err.value)
+    common = ["federate", "simulate", "--data", str(fed_cohort), "--rounds", "1",
+              "--no-card-metrics", "--threads", "1"]  # fmt: skip
+    cases = {
+        ("--min-sites", "4"): "min-sites: expected at most the 3 site(s) of the simulation "
+        f"{sorted(SITES)}, found 4",
+        ("--sites", "SITE-NOR,SITE-XYZ"): f"sites: expected sites of {fed_cohort} "
+        f"({sorted(SITES)}), found ['SITE-XYZ'] with no patient there",
+        ("--sites", "SITE-NOR,SITE-ELO", "--min-sites", "3"): "min-sites: expected at most "
+        "the 2 site(s) named in sites",
+    }
+    for extra, message in cases.items():
+        started = time.monotonic()
+        assert main([*common, "--out", str(tmp_path / "never"), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert time.monotonic() - started < 20
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_wait_for_sites_is_an_option_and_a_failing_site_says_why(
+    fed_cohort: Path, tmp_path: Path
+) -> None:
+    """federate run and simulate take --wait-for-sites; when the sites wanted do not all
+    connect in time, the error gives the reason each failing node sent (here a site name with
+    no patients in the node's folder), not only the missing name."""
+    import argparse
+    import time
+
+    from dicom_node.errors import InferenceError
+    from inference.federated.cli import _run_config, register
+    from inference.federated.simulation import simulate_local
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    for command in (["simulate", "--data", str(fed_cohort)], ["run", "--superlink", "h:1"]):
+        args = parser.parse_args(
+            ["federate", *command, "--out", str(tmp_path / "x"), "--wait-for-sites", "7.5"]
+        )
+        assert _run_config(args).wait_for_sites == 7.5
+    run = RunConfig(stage="baseline", out=str(tmp_path / "fed"), sites="SITE-NOR,SITE-XYZ",
+                    wait_for_sites=1.0, card_metrics=False)  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(InferenceError) as err:
+        simulate_local(run, {"SITE-NOR": [fed_cohort], "SITE-XYZ": [fed_cohort]}, threads=1)
+    assert time.monotonic() - started < 30
+    text = str(err.value)
+    assert "to connect within 1 s, found ['SITE-NOR'] (missing ['SITE-XYZ'])" in text
+    assert "; node 2 failed: ConfigError: invalid configuration in federated site:" in text
+    assert "site-name: expected patients of 'SITE-XYZ'" in text
+
+
+def test_evaluating_a_federated_model_on_its_training_sites_warns(
+    fed_cohort: Path, tmp_path: Path
+) -> None:
+    """A federated model keeps no patient list (the patients never leave their sites) and no
+    checkpoints: evaluating it on its own training patients used to give overlap None and no
+    warning. Its train_state.json names its training sites, which the evaluation now counts."""
+    from inference.evaluate import markdown_report, run_evaluation
+    from inference.federated.simulation import simulate_local
+
+    trained = SITES[:2]
+    run = RunConfig(stage="baseline", out=str(tmp_path / "fed"), sites=",".join(trained),
+                    min_sites=2, num_server_rounds=1, card_metrics=False)  # fmt: skip
+    out = simulate_local(run, {s: [fed_cohort] for s in trained}, threads=1)
+    assert not (out / "checkpoints").exists()
+    kw = {"samples": 1, "include_no_change": False, "n_resamples": 5}
+    report = run_evaluation([out], [fed_cohort], **kw)  # type: ignore[arg-type]
+    (info,) = report["methods"].values()
+    assert info["overlap_with_training"] == 2  # one patient per site in this cohort
+    assert info["overlap_basis"] == "sites"
+    assert info["training_sites"] == sorted(trained)
+    text = markdown_report(report)
+    assert "WARNING: 2 evaluated patient(s) are from the sites that trained the federated" in text
+    assert f"({', '.join(sorted(trained))}): they may have been training patients" in text
+    other = run_evaluation([out], [fed_cohort], sites=[SITES[2]], **kw)  # type: ignore[arg-type]
+    (info,) = other["methods"].values()
+    assert info["overlap_with_training"] == 0
+    assert "WARNING" not in markdown_report(other)
+
+
+def test_federated_autoencoder_training_draws_the_configured_patches(fed_cohort: Path) -> None:
+    """training.autoencoder_patch (24^3 in the demo preset, 48^3 in fine) used to be ignored
+    at the sites, which trained on whole crops unlike centralised training. The same start,
+    seed and patients now give another step when patches are asked for."""
+    import torch
+
+    from inference.federated.config import NodeConfig
+    from inference.federated.local import LocalTask, SiteWork
+    from inference.model_config import tiny_config
+    from inference.networks import build_model
+
+    torch.set_num_threads(1)
+    node = NodeConfig(data_path=(str(fed_cohort),), site_name=SITES[0])
+    whole = tiny_config()
+    patched = whole.with_training(autoencoder_patch=(8, 8, 8))
+    start = build_model(whole.replace(latent_scale=1.0), seed=0).autoencoder.state_dict()
+    task = LocalTask(stage="autoencoder", server_round=1, local_epochs=1, learning_rate=1e-3,
+                     batch_size=2, seed=0)  # fmt: skip
+    losses = {}
+    for name, cfg in (("whole", whole), ("again", whole), ("patched", patched)):
+        work = SiteWork(node, "latent-diffusion", cfg, "autoencoder")
+        work.load(start)
+        losses[name] = work.train(task)["train-loss"]
+    assert losses["whole"] == losses["again"]  # the comparison is deterministic
+    assert losses["patched"] != losses["whole"]

@@ -56,6 +56,23 @@ def test_bad_arguments_are_refused(
     assert "expected" in capsys.readouterr().err
 
 
+def test_a_seed_past_the_five_digits_of_the_patient_ids_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """synth --seed 100077 used to write other patients under the IDs of --seed 77
+    (GF00077-0001...): a false training-overlap warning, "appears twice" in train."""
+    base = ["synth", "--patients", "1", "--out", str(tmp_path)]
+    assert _parser().parse_args([*base, "--seed", "99999"]).seed == 99999
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args([*base, "--seed", "100077"])
+    assert exc.value.code == 2
+    assert (
+        "expected a cohort seed from 0 to 99999 (the patient IDs GFsssss-nnnn hold five digits "
+        "of it: 100077 would reuse the IDs of seed 77), found '100077'"
+    ) in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_run_writes_the_table(tmp_path: Path) -> None:
     args = _parser().parse_args(
         ["synth", "--patients", "2", "--sites", "2", "--out", str(tmp_path / "c"), "--seed", "4",
