@@ -106,9 +106,9 @@ def test_results_arrive_in_the_source_study(orthanc: OrthancServer, tmp_path: Pa
     image = px[banner_height(cols) :]
     red = _is(image, OUTLINE_RGB)
     mask = np.asarray(default_case().prediction.tumour_mask.array[PREVIEW_SLICE], dtype=bool)
-    factor = cols // mask.shape[1]
-    big = np.kron(mask, np.ones((factor, factor), dtype=bool)).astype(bool)
-    assert red.sum() > 4 * factor, "tumour outline missing from the preview"
+    fr, fc = image.shape[0] // mask.shape[0], cols // mask.shape[1]  # oblong pixels: fr != fc
+    big = np.kron(mask, np.ones((fr, fc), dtype=bool)).astype(bool)
+    assert red.sum() > 4 * fc, "tumour outline missing from the preview"
     assert not (red & ~big).any(), "outline drawn outside the predicted tumour"
     assert np.array_equal(px, out.sc[PREVIEW_SLICE].pixel_array), "Orthanc altered the pixels"
 
