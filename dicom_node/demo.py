@@ -252,6 +252,32 @@ def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) ->
     return f"{index + 1} of {len(prediction)}, {why}"
 
 
+#: the file that marks a folder as a demo's output (the next demo may remove it)
+DEMO_MARK = ".glioforecast-demo"
+#: what a demo writes in its folder (a folder of only these, from a demo before the mark, is
+#: one too)
+DEMO_ENTRIES = frozenset({DEMO_MARK, "montage.png", "node", "node.log", "node.yaml", "pacs",
+                          "synthetic"})  # fmt: skip
+
+
+def clear_output(out: Path) -> None:
+    """Remove the output of an earlier demo at ``out``; refuse anything else there (``--out
+    .`` removed the checkout, ``--out ~`` the home folder)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise GlioforecastError(f"demo: --out {out}: expected a folder for the demo's output, "
+                                "found a file")  # fmt: skip
+    entries = {entry.name for entry in out.iterdir()}
+    if entries and not (DEMO_MARK in entries or entries <= DEMO_ENTRIES):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise GlioforecastError(
+            f"demo: --out {out}: expected an empty folder or an earlier demo's output (which it "
+            f"replaces), found other files ({shown}); nothing was removed"
+        )
+    shutil.rmtree(out)
+
+
 def run(
     out: Path,
     seed: int,
@@ -268,9 +294,9 @@ def run(
     settings = load_settings(None)  # the embedded default
     ae = settings.node.ae_title
     quiet = settings.assembly.quiet_period_s if quiet_period_s is None else quiet_period_s
-    if out.exists():
-        shutil.rmtree(out)
+    clear_output(out)
     out.mkdir(parents=True)
+    (out / DEMO_MARK).write_text("made by glioforecast demo: removed by the next demo\n")
     started = time.monotonic()
 
     _say(f"making one synthetic glioblastoma patient (DICOM, {spacing_mm:g} mm simulation grid)")

@@ -4,7 +4,8 @@
 #     with TLS, prometheus for promtool, openjph-tools, python3-venv)
 #     when missing and root;
 #   - a virtual environment in $VENV (default .venv) with torch==2.13.0 installed first
-#     (so no CUDA build is pulled in), then the package with the requested extras.
+#     (so that no other version is pulled in; from $TORCH_INDEX_URL when set), then the
+#     package with the requested extras.
 # Usage: scripts/bootstrap.sh [EXTRAS]     e.g. scripts/bootstrap.sh test,dev
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,45 +13,71 @@ VENV=${VENV:-.venv}
 EXTRAS=${1:-}
 PYTHON=${PYTHON:-python3}
 
+# a program of a package, looked for in the system folders too (a user's PATH has no
+# /usr/sbin, where Orthanc and rsyslogd are)
+has() { PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" command -v "$1" >/dev/null 2>&1; }
+
 need_pkgs=()
-command -v /usr/bin/storescu >/dev/null 2>&1 || need_pkgs+=(dcmtk)
-command -v dciodvfy >/dev/null 2>&1 || need_pkgs+=(dicom3tools)
-command -v dcm2niix >/dev/null 2>&1 || need_pkgs+=(dcm2niix)
-command -v Orthanc >/dev/null 2>&1 || need_pkgs+=(orthanc)
+has /usr/bin/storescu || need_pkgs+=(dcmtk)
+has dciodvfy || need_pkgs+=(dicom3tools)
+has dcm2niix || need_pkgs+=(dcm2niix)
+has Orthanc || need_pkgs+=(orthanc)
 # Orthanc's DICOMweb plugin: the STOW-RS destination of the DICOMweb tests
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_pkgs+=(orthanc-dicomweb)
-command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+has openssl || need_pkgs+=(openssl)
 # the audit record repository of the audit trail's tests (syslog over TLS and UDP)
-command -v rsyslogd >/dev/null 2>&1 || need_pkgs+=(rsyslog)
+has rsyslogd || need_pkgs+=(rsyslog)
 compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-gnutls)
 # OpenJPH's ojph_compress: makes the HTJ2K (High-Throughput JPEG 2000) series of the tests
-command -v ojph_compress >/dev/null 2>&1 || need_pkgs+=(openjph-tools)
+has ojph_compress || need_pkgs+=(openjph-tools)
 # promtool (in Debian's prometheus package): checks /metrics and the alert rules
-command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
+has promtool || need_pkgs+=(prometheus)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "bootstrap: installing Debian packages: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
+    # wait for another apt (unattended-upgrades) rather than fail at once
+    apt=(apt-get -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" update -qq
     # orthanc's, rsyslog's and prometheus' packages start system services; we only need the
-    # binaries.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-    rm -f /usr/sbin/policy-rc.d
+    # binaries. A policy-rc.d of the site's own is left as it is; ours goes whatever happens.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    fi
+    "${apt[@]}" install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    # the servers installed here are for the tests' binaries only: not started at boot either
+    for pkg in orthanc prometheus; do
+      if [[ " ${need_pkgs[*]} " == *" $pkg "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --quiet "$pkg" >/dev/null 2>&1 || true
+      fi
+    done
+  elif [[ " ${need_pkgs[*]} " == *" python3-venv "* ]]; then
+    echo "bootstrap: $PYTHON cannot make a virtual environment (Debian's python3-venv is missing);" \
+      "as root: apt-get install python3-venv ${need_pkgs[*]}" >&2
+    exit 1
   else
     echo "bootstrap: missing Debian packages (${need_pkgs[*]}); not root, so tests needing them skip" >&2
   fi
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
+# a virtual environment that cannot run pip (its python gone with an upgrade, or left half made
+# when python3-venv was missing) is made again
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
+  [ -e "$VENV" ] && echo "bootstrap: $VENV cannot run pip: made again"
+  rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 stamp="$VENV/.glioforecast-installed-${EXTRAS:-base}"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
-  # torch first, pinned: an unpinned torch pulls several GB of CUDA packages.
-  "${PIP[@]}" install torch==2.13.0
+  # torch first, pinned: an unpinned torch pulls several GB of CUDA packages. PyPI's Linux
+  # wheel of torch 2.13.0 is itself the CUDA build: TORCH_INDEX_URL (e.g.
+  # https://download.pytorch.org/whl/cpu) takes it from another index, such as the CPU one.
+  torch_from=()
+  [ -n "${TORCH_INDEX_URL:-}" ] && torch_from=(--index-url "$TORCH_INDEX_URL")
+  "${PIP[@]}" install "${torch_from[@]}" torch==2.13.0
   spec="."
   [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
   "${PIP[@]}" install -e "$spec"

@@ -209,3 +209,35 @@ def test_gtv_contour_areas_add_up_to_the_gtv(tmp_path: Path) -> None:
     # polygons through voxel centres against voxel counts: within a fifth on a 4 mm grid
     assert volume_ml == pytest.approx(float(record.values["gtv_ml"]), rel=0.2)
     assert demo.gtv_contour_areas(headers, roi_name="NO SUCH ROI") == {}
+
+
+def test_the_demo_replaces_only_an_earlier_demos_output(tmp_path: Path) -> None:
+    """`demo --out DIR` removed whatever DIR held: `--out .` the checkout, `--out ~` the home
+    folder. It replaces an earlier demo's output (marked, or of a demo's files only) and refuses
+    anything else, removing nothing."""
+    from dicom_node.demo import DEMO_MARK, clear_output
+    from dicom_node.errors import GlioforecastError
+
+    precious = tmp_path / "home"
+    (precious / "thesis").mkdir(parents=True)
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(GlioforecastError, match=r"found other files \(notes\.txt, thesis\); "
+                       r"nothing was removed"):  # fmt: skip
+        clear_output(precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(GlioforecastError, match="expected a folder"):
+        clear_output(afile)
+    marked = tmp_path / "marked"
+    (marked / "pacs" / "storage").mkdir(parents=True)
+    (marked / DEMO_MARK).write_text("")
+    (marked / "something-a-demo-wrote-later").write_text("")
+    clear_output(marked)
+    assert not marked.exists()
+    legacy = tmp_path / "demo-output"  # an earlier version's output: no mark, a demo's files
+    (legacy / "node").mkdir(parents=True)
+    (legacy / "montage.png").write_bytes(b"")
+    clear_output(legacy)
+    assert not legacy.exists()
+    clear_output(tmp_path / "absent")  # nothing there: nothing to do

@@ -230,8 +230,15 @@ def test_default_config_ships_in_the_wheel(tmp_path: Path) -> None:
     assert shipped, names
     data = yaml.safe_load(zipfile.ZipFile(wheel).read(shipped[0]))
     assert data == yaml.safe_load((REPO / "config" / "default.yaml").read_text())
-    # and the documentation the systemd units name
-    assert any(n.endswith("share/glioforecast/docs/OPERATIONS.md") for n in names), names
+    # the documentation the systemd units name, the units and the alert rules: a site that
+    # installs a wheel has no checkout to copy them from
+    for shipped_file in (
+        "docs/OPERATIONS.md",
+        "systemd/glioforecast.service",
+        "systemd/glioforecast-backup.timer",
+        "prometheus/glioforecast-alerts.yml",
+    ):
+        assert any(n.endswith(f"share/glioforecast/{shipped_file}") for n in names), shipped_file
 
 
 def test_fewer_connections_per_address_than_associations_is_a_warning(tmp_path: Path) -> None:
