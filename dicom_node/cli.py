@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dicom_node import __version__, demo, outbox_cli
 from dicom_node.argtypes import port_number, row_count, row_id
@@ -558,7 +558,6 @@ def cmd_spool_prune(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     """Copy the data folder; audited as an Export (to the backup folder) once it is done."""
-    from dicom_node.audit import audit_trail
     from dicom_node.backup import backup
 
     settings = _settings(args)
@@ -570,34 +569,48 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if not args.without_spool
         else "without the spool (--without-spool)"
     )
+    _audit_done(
+        settings,
+        "backup",
+        f"backup of the data folder {data_dir} into {report.destination}: {spool}, the "
+        f"databases {', '.join(report.databases)}, {report.files} file(s) in all besides them, "
+        f"{report.bytes / 2**20:.1f} MiB",
+        data_dir.resolve(),
+        report.destination,
+    )
+    return EXIT_OK
+
+
+def _audit_done(
+    settings: Settings, kind: Literal["backup", "restore"], description: str, data_dir: Path,
+    other: Path,
+) -> None:  # fmt: skip
+    """Audit a backup or restore that is done (:meth:`AuditTrail.administered`); a message
+    that cannot be recorded is said on stderr, and the command still succeeds (it is done)."""
+    from dicom_node.audit import audit_trail
+
     try:
         # the message joins the queue file the running node delivers from (the file, at once)
-        audit = audit_trail(settings.audit, settings.node.ae_title, data_dir, deliver=False)
+        audit = audit_trail(
+            settings.audit, settings.node.ae_title, settings.storage.data_dir, deliver=False
+        )
         audit.start(activity=False)
         try:
-            audit.administered(
-                "backup",
-                f"backup of the data folder {data_dir} into {report.destination}: {spool}, "
-                f"the databases {', '.join(report.databases)}, {report.files} file(s) in all "
-                f"besides them, {report.bytes / 2**20:.1f} MiB",
-                data_dir=data_dir.resolve(),
-                other=report.destination,
-            )
+            audit.administered(kind, description, data_dir=data_dir, other=other)
         finally:
             audit.close()
-    except GlioforecastError as exc:  # the copy is made: say so, and what is missing
+    except GlioforecastError as exc:
+        event = "Export" if kind == "backup" else "Security Alert"
         print(
-            f"glioforecast: backup: the copy is made, but its audit message (Export) could not "
-            f"be recorded: {exc}",
+            f"glioforecast: {kind}: done, but its audit message ({event}) could not be "
+            f"recorded: {exc}",
             file=sys.stderr,
         )
-    return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """Put a backup in place of the data folder, keeping the folder's audit trail; audited as
     a Security Alert (Software Configuration) in the restored folder's trail."""
-    from dicom_node.audit import audit_trail
     from dicom_node.backup import restore
 
     settings = _settings(args)
@@ -605,26 +618,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
     audit_files = [settings.audit.file] if settings.audit.file is not None else []
     done = restore(args.backup, data_dir, audit_files=audit_files)
     print(done.describe())
-    try:
-        audit = audit_trail(settings.audit, settings.node.ae_title, data_dir, deliver=False)
-        audit.start(activity=False)
-        try:
-            audit.administered(
-                "restore",
-                f"restore of the backup {done.backup} (made {done.made} by glioforecast "
-                f"{done.version or 'before 0.1.0'}) into the data folder {done.data_dir}"
-                + (f"; the folder that was there is kept at {done.aside}" if done.aside else ""),
-                data_dir=done.data_dir,
-                other=done.backup,
-            )
-        finally:
-            audit.close()
-    except GlioforecastError as exc:  # restored: say so, and what is missing
-        print(
-            f"glioforecast: restore: the backup is in place, but its audit message (Security "
-            f"Alert) could not be recorded: {exc}",
-            file=sys.stderr,
-        )
+    _audit_done(
+        settings,
+        "restore",
+        f"restore of the backup {done.backup} (made {done.made} by glioforecast "
+        f"{done.version or 'before 0.1.0'}) into the data folder {done.data_dir}"
+        + (f"; the folder that was there is kept at {done.aside}" if done.aside else ""),
+        done.data_dir,
+        done.backup,
+    )
     return EXIT_OK
 
 

@@ -285,6 +285,12 @@ SOURCES = ("auto", "nifti", "dicom")
 DEFAULT_SURVIVAL_CLASSES: tuple[str, ...] = ("short", "intermediate", "long")
 
 
+def _listed(problems: Sequence[str], most: int = 20) -> str:
+    """``problems`` one per indented line after a line break, the first ``most`` of them."""
+    more = f"\n  ... and {len(problems) - most} more" if len(problems) > most else ""
+    return "\n  " + "\n  ".join(problems[:most]) + more
+
+
 def label_problems(
     table: Path, rows: Sequence[dict[str, str]], survival_classes: Sequence[str] | None
 ) -> list[str]:
@@ -352,11 +358,9 @@ def read_cohort(
                 raise InputError(f"{table}, line {n}: expected values for {absent}, found none")
         labels = label_problems(table, rows, survival_classes)
         if labels:
-            shown = "\n  ".join(labels[:20])
-            more = f"\n  ... and {len(labels) - 20} more" if len(labels) > 20 else ""
             raise InputError(
                 f"cohort table {table}: {len(labels)} outcome value(s) not recognised (use the "
-                f"expected names, exactly):\n  {shown}{more}"
+                f"expected names, exactly):{_listed(labels)}"
             )
         for row in rows:
             pid = row["patient_id"]
@@ -397,11 +401,9 @@ def read_cohort(
                 )
             )
     if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise InputError(
             f"cohort {[str(f) for f in folders]}: {len(problems)} patient(s) of the table cannot "
-            f"be read (source {source}; fix them or remove their rows):\n  {shown}{more}"
+            f"be read (source {source}; fix them or remove their rows):{_listed(problems)}"
         )
     if not out:
         raise InputError(f"cohort: expected patients in {[str(f) for f in folders]}, found none")
