@@ -75,6 +75,9 @@ ROLES = load_settings(None).roles
         ("sT1W_3D_TFE_gado", False, "t1c"),
         ("T1 na contrast", False, "t1c"),  # Dutch: after contrast
         ("Sag 3D T1 FSPGR C+", False, "t1c"),
+        ("T1 + C", False, "t1c"),
+        ("T1 WITH CONTRAST", False, "t1c"),
+        ("AX T1 FLAIR PRE", False, "t1"),
         # before or without contrast, whatever else the name says: they were taken for the
         # T1-Gd (and "posterior" read as "post")
         ("T1 pre contrast", False, "t1"),
