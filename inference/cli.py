@@ -391,6 +391,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if model_dir is None:
             from inference.baseline import NoChangeBaseline
 
+            if args.survival_class:  # it was taken, and written in the summary, and ignored
+                raise GlioforecastError(
+                    f"--survival-class {args.survival_class}: the 'no change' baseline takes no "
+                    "survival class; expected --model bundled or a model directory with it"
+                )
+
             if args.model is None:
                 log.warning("no --model given: using the 'no change' baseline")
             predictor = NoChangeBaseline()

@@ -195,6 +195,11 @@ def test_predict_refusals(
     out = tmp_path / "none"
     assert run(["predict", str(study), "--model", "none", "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["model_dir"] is None
+    # a survival class means nothing to the baseline: it was taken and ignored
+    assert run(["predict", str(study), "--model", "none", "--survival-class", "anything",
+                "--out", str(tmp_path / "classed")]) == 2  # fmt: skip
+    assert "the 'no change' baseline takes no survival class" in capsys.readouterr().err
+    assert not (tmp_path / "classed").exists()
     # --model bundled: the demo model shipped in the package, as the demo names it
     out = tmp_path / "bundled"
     assert run(["predict", str(study), "--model", "bundled", "--out", str(out),
