@@ -74,9 +74,15 @@ class Window:
     width: float
 
     def apply(self, values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
-        """DICOM linear VOI LUT (PS3.3 C.11.2.1.2.1) to 0..255."""
-        c, w = self.center, max(self.width, 1.0)
-        scaled = ((values - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
+        """DICOM linear VOI LUT (PS3.3 C.11.2.1.2.1) to 0..255; a window narrower than 2 (the
+        values of a series rescaled to fractions, RescaleSlope 0.001) maps linearly from its
+        low to its high end, where the standard's ``width - 1`` (made for integer values)
+        would whiten half the image."""
+        c, w = self.center, self.width
+        if w >= 2.0:
+            scaled = ((values - (c - 0.5)) / (w - 1.0) + 0.5) * 255.0
+        else:
+            scaled = (values - (c - w / 2.0)) / max(w, 1e-12) * 255.0
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
@@ -91,7 +97,9 @@ def window_like(source: Volume) -> Window:
     lo, hi = np.percentile(fg, [0.5, 99.5])
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ExportError(f"source T1-Gd has non-finite intensities (found {lo}..{hi})")
-    width = max(float(hi - lo), 1.0)
+    width = float(hi - lo)
+    if width <= 0:  # a flat image: a window around its one value
+        width = max(1e-6 * abs(float(hi)), 1e-6)
     return Window(center=float(lo) + width / 2.0, width=width)
 
 

@@ -209,3 +209,15 @@ def test_refuses_prediction_on_another_grid() -> None:
             job=case.job,
             equipment=Equipment("m", "1", "0"),
         )
+
+
+def test_a_series_rescaled_to_fractions_is_windowed_over_its_range() -> None:
+    """A T1-Gd stored with RescaleSlope 0.001 (values 0..1.3): the standard's integer VOI
+    formula, with its minimum width of 1, whitened half the picture. The window follows the
+    values' range, as for the same image at slope 1."""
+    case = default_case()
+    values = np.asarray(case.t1c.array, dtype=np.float64)
+    small = case.t1c.with_array((values / 1000.0).astype(np.float32))
+    as_stored = window_like(case.t1c).apply(values)
+    as_fractions = window_like(small).apply(values / 1000.0)
+    assert np.abs(as_fractions.astype(int) - as_stored.astype(int)).max() <= 2
