@@ -499,10 +499,12 @@ class PreparedStudy:
         return PredictionInputs(t1c=self.t1c, mask=self.mask, flair=self.flair, dose=self.dose)
 
 
-def plan_grid(t1c: Volume, pre: PreprocessingConfig) -> ModelGrid:
+def plan_grid(t1c: Volume, pre: PreprocessingConfig, target: Volume | None = None) -> ModelGrid:
+    """The model grid of ``pre`` on the T1-Gd, holding the whole ``target`` (the GTV)."""
     return plan_model_grid(
-        t1c, spacing=pre.spacing_mm, shape=pre.crop_shape, orientation=pre.orientation
-    )
+        t1c, spacing=pre.spacing_mm, shape=pre.crop_shape, orientation=pre.orientation,
+        target=None if target is None else np.asarray(target.array, dtype=bool),
+    )  # fmt: skip
 
 
 def prepare_study(
@@ -518,7 +520,7 @@ def prepare_study(
             f"tumour mask: expected the T1-Gd grid shape {inputs.t1c.shape}, "
             f"found {inputs.tumour_mask.shape}"
         )
-    grid = plan_grid(inputs.t1c, pre)
+    grid = plan_grid(inputs.t1c, pre, inputs.tumour_mask)
     t1c, scaling = normalise(to_model_space(inputs.t1c, grid), pre.intensity)
     flair = None
     if "flair" in contrasts and inputs.flair is not None:

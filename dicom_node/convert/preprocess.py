@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -72,10 +73,24 @@ class ModelGrid:
         return self.volume(np.zeros(self.shape, dtype=np.uint8))
 
 
-def otsu_threshold(values: npt.NDArray[np.generic], bins: int = 256) -> float:
-    """Otsu's threshold of a set of values."""
-    v = np.asarray(values, dtype=np.float64).ravel()
+def without_extremes(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """The finite ``values`` (flattened, in their own type) but those far outside the bulk:
+    beyond ten times the 0.1st to 99.9th percentile range from it (a handful of corrupt voxels
+    at 1e6 in an image of 0..1300). An image without such outliers keeps every value."""
+    v = np.asarray(values).ravel()
     v = v[np.isfinite(v)]
+    if v.size == 0:
+        return v
+    lo, hi = np.percentile(v.astype(np.float64), [0.1, 99.9])
+    span = max(float(hi - lo), 1e-12)
+    keep = (v >= lo - 10 * span) & (v <= hi + 10 * span)
+    return v if keep.all() else v[keep]
+
+
+def otsu_threshold(values: npt.NDArray[np.generic], bins: int = 256) -> float:
+    """Otsu's threshold of a set of values (extreme outliers left out: :func:`without_extremes`;
+    they made the histogram's bins so wide that the head fell below the threshold)."""
+    v = np.asarray(without_extremes(values), dtype=np.float64)
     if v.size == 0 or v.min() == v.max():
         return float(v.min()) if v.size else 0.0
     hist, edges = np.histogram(v, bins=bins)
@@ -111,12 +126,16 @@ def plan_model_grid(
     *,
     orientation: str = "RAS",
     foreground: npt.NDArray[np.bool_] | None = None,
+    target: npt.NDArray[np.bool_] | None = None,
 ) -> ModelGrid:
     """A model grid in the canonical ``orientation`` at ``spacing`` (di, dj, dk) mm.
 
     With ``shape`` ([k, j, i]) the grid is that size, centred on the centre of the foreground
     bounding box (``foreground`` on ``volume``'s grid, by default :func:`foreground_mask_array`),
     so the head is cropped or padded to fit. Without it the grid covers the whole source volume.
+    ``target`` (the GTV, on ``volume``'s grid) must lie inside the grid: when the head's centre
+    would leave part of it out (a field of view with the neck), the grid moves as little as
+    needed to hold it; a target larger than the grid is refused.
     """
     sp = tuple(float(s) for s in spacing)
     if len(sp) != 3 or min(sp) <= 0:
@@ -154,6 +173,8 @@ def plan_model_grid(
         size_ijk = np.array([shape[2], shape[1], shape[0]], dtype=int)
         centre = (cmin + cmax) / 2
         start = centre - (size_ijk - 1) / 2 * spacing_arr
+        if target is not None and target.any():
+            start = _holding(start, (size_ijk - 1) * spacing_arr, volume, target, direction)
         extent = cmax - cmin
         if np.any(extent > (size_ijk - 1) * spacing_arr + 1e-6):
             log.warning(
@@ -231,6 +252,35 @@ class IntensityScaling:
         return (np.asarray(array, dtype=np.float32) * self.scale + self.centre).astype(np.float32)
 
 
+def _holding(
+    start: npt.NDArray[np.float64],
+    span: npt.NDArray[np.float64],
+    volume: Volume,
+    target: npt.NDArray[np.bool_],
+    direction: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """``start`` (the grid's first voxel centre, along the model axes) moved as little as
+    needed for a grid spanning ``span`` mm to hold the voxels of ``target``."""
+    k, j, i = np.nonzero(target)
+    centres = np.stack([i, j, k, np.ones(len(i))]).astype(np.float64)  # the target's voxels
+    world = (volume.affine @ centres)[:3].T @ direction  # along the model axes
+    tmin, tmax = world.min(axis=0), world.max(axis=0)
+    if np.any(tmax - tmin > span + 1e-6):
+        raise ConversionError(
+            f"the tumour outline spans {np.round(tmax - tmin, 1).tolist()} mm, more than the "
+            f"model's field of view {np.round(span, 1).tolist()} mm; expected a GTV the model's "
+            "crop can hold"
+        )
+    moved = np.clip(start, tmax - span, tmin)
+    if not np.allclose(moved, start):
+        log.warning(
+            "the model's field of view, centred on the head, would leave part of the tumour "
+            "outline out: moved %s mm to hold it (a field of view with the neck?)",
+            np.round(moved - start, 1).tolist(),
+        )
+    return np.asarray(moved, dtype=np.float64)
+
+
 def normalise_intensity(
     array: npt.NDArray[np.generic],
     mask: npt.NDArray[np.bool_] | None = None,
@@ -248,10 +298,11 @@ def normalise_intensity(
     region = a[mask] if mask is not None and mask.any() else a.ravel()
     if region.size == 0:
         raise ConversionError("cannot normalise an empty image")
+    stats = without_extremes(region)  # a few corrupt voxels must not set the scale
     if method == "zscore":
-        centre, scale = float(region.mean()), float(region.std())
+        centre, scale = float(stats.mean()), float(stats.std())
     elif method == "percentile":
-        lo, hi = np.percentile(region, percentiles)
+        lo, hi = np.percentile(stats, percentiles)
         centre, scale = float(lo), float(hi - lo)
     else:
         raise ConversionError(f"normalisation method must be zscore or percentile, found {method}")

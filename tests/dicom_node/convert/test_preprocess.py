@@ -171,3 +171,52 @@ def test_percentile_normalisation_is_invertible() -> None:
     np.testing.assert_allclose(
         np.asarray(scaling.invert(norm), dtype=np.float64), values, atol=1e-3
     )
+
+
+def test_the_model_window_moves_to_hold_the_whole_tumour() -> None:
+    """A field of view with the neck puts the head's centre low: the window centred on it left
+    40 % of a high tumour out, and its prediction showed the pre-treatment image there. The
+    window moves as little as needed to hold the tumour; one larger than the window is
+    refused."""
+    src = _head(shape=(40, 56, 48))
+    gtv = np.zeros(src.shape, dtype=bool)
+    gtv[30:38, 25:31, 20:28] = True  # high in the head (k up)
+    centred = plan_model_grid(src, spacing=(1.0, 1.0, 1.0), shape=(20, 40, 40), orientation="LPS")
+    held = plan_model_grid(src, spacing=(1.0, 1.0, 1.0), shape=(20, 40, 40), orientation="LPS",
+                           target=gtv)  # fmt: skip
+    mask = src.with_array(gtv.astype(np.float32))
+    assert to_model_space(mask, centred).sum() < gtv.sum()  # centred on the head: cut
+    assert to_model_space(mask, held).sum() == pytest.approx(gtv.sum())  # the whole tumour
+    assert abs(held.origin[2] - centred.origin[2]) <= 10.0  # moved, not re-centred
+    # a tumour inside the centred window leaves it where it was
+    inner = np.zeros(src.shape, dtype=bool)
+    inner[18:22, 25:31, 20:28] = True
+    same = plan_model_grid(src, spacing=(1.0, 1.0, 1.0), shape=(20, 40, 40), orientation="LPS",
+                           target=inner)  # fmt: skip
+    assert same.origin == centred.origin
+    with pytest.raises(ConversionError, match="more than the model's field of view"):
+        plan_model_grid(src, spacing=(1.0, 1.0, 1.0), shape=(10, 40, 40), orientation="LPS",
+                        target=gtv | inner)  # fmt: skip
+
+
+def test_a_few_corrupt_voxels_do_not_move_the_head_or_the_scale() -> None:
+    """Five voxels of 1e6 in an image of 0..600: Otsu's threshold rose above the head (the
+    grid went where the outliers were, 0 % of the tumour inside) and the z-score's spread grew
+    a hundredfold. Left out of both, the head and the scale are those of the clean image."""
+    src = _head()
+    clean = np.asarray(src.array, dtype=np.float32)
+    spoilt = clean.copy()
+    spoilt[0, 0, :5] = 1e6
+    np.testing.assert_array_equal(
+        foreground_mask_array(spoilt)[1:], foreground_mask_array(clean)[1:]
+    )
+    mask = foreground_mask_array(clean)
+    _, clean_scaling = normalise_intensity(clean, mask)
+    _, spoilt_scaling = normalise_intensity(spoilt, mask | (spoilt > 1e5))
+    assert spoilt_scaling.scale == pytest.approx(clean_scaling.scale, rel=1e-3)
+    assert spoilt_scaling.centre == pytest.approx(clean_scaling.centre, rel=1e-3)
+    # an image without such outliers is normalised exactly as before (the bundled model's input)
+    plain, _ = normalise_intensity(clean, mask)
+    region = clean[mask]
+    expected = (clean - float(region.mean())) / float(region.std())
+    np.testing.assert_array_equal(plain, expected.astype(np.float32))
