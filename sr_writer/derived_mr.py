@@ -99,11 +99,14 @@ def build_derived_mr(
     if not np.all(np.isfinite(values)):
         raise ExportError("the predicted image has non-finite voxels")
     lo, hi = float(values.min()), float(values.max())
-    if lo < -32768 or hi > 32767:
-        raise ExportError(
-            f"the predicted intensities must fit signed 16 bits, found {lo:.1f}..{hi:.1f}"
-        )
-    pixels = np.rint(values).astype(np.int16)
+    # integers of the source's scale, as they are; values beyond signed 16 bits (a source of
+    # 0..65535) or of a narrow range (one rescaled to fractions, RescaleSlope 0.001: rounded,
+    # they were 0 and 1) stored through RescaleSlope / RescaleIntercept over the 16 bits
+    slope, intercept = 1.0, 0.0
+    if lo < -32768 or hi > 32767 or hi - lo < 256:
+        slope = max(hi - lo, 1e-12) / 65534.0
+        intercept = (hi + lo) / 2.0
+    pixels = np.clip(np.rint((values - intercept) / slope), -32767, 32767).astype(np.int16)
     w = window or window_like(source_t1c)
     ts = when or datetime.datetime.now().replace(microsecond=0)
     source_uids = slice_instance_uids(source_t1c, source_series)
@@ -182,8 +185,12 @@ def build_derived_mr(
         ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 1
-        ds.WindowCenter = f"{w.center:.2f}"
-        ds.WindowWidth = f"{w.width:.2f}"
+        if slope != 1.0:
+            ds.RescaleSlope = f"{slope:.10g}"[:16]
+            ds.RescaleIntercept = f"{intercept:.10g}"[:16]
+            ds.RescaleType = "US"  # unspecified: the source's arbitrary MR units
+        ds.WindowCenter = f"{w.center:.6g}"
+        ds.WindowWidth = f"{w.width:.6g}"
         ds.WindowCenterWidthExplanation = "like the source T1-Gd"
         ds.PixelData = pixels[k].tobytes()
         if overlay is not None:

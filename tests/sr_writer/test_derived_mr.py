@@ -71,3 +71,25 @@ def test_banner_overlay_on_wide_images(dciodvfy: str, tmp_path: Path) -> None:
     assert errors == []
     # too narrow for legible text: no overlay rather than an unreadable one
     assert 0x60003000 not in default_outputs().derived_mr[0]
+
+
+@pytest.mark.parametrize("factor", [60.0, 0.001])
+def test_a_source_beyond_16_bits_or_of_fractions_keeps_its_values(
+    factor: float, dciodvfy: str, tmp_path: Path
+) -> None:
+    """A T1-Gd of 0..65535 failed the whole job ("must fit signed 16 bits": no SC, SEG or SR
+    either), and one rescaled to fractions was written with the values 0 and 1. Both are
+    stored through RescaleSlope / RescaleIntercept, the values kept to a step of the range
+    over 65534."""
+    case = make_case()
+    scaled = np.asarray(case.prediction.mean.array, dtype=np.float32) * np.float32(factor)
+    prediction = dataclasses.replace(case.prediction, mean=case.prediction.mean.with_array(scaled))
+    out = build_outputs(prediction, job_inputs(case), OutputOptions(derived_mr=True))
+    step = float(scaled.max() - scaled.min()) / 65534
+    for k, ds in enumerate(out.derived_mr):
+        real = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert np.abs(real - scaled[k]).max() <= step
+    path = tmp_path / "mr.dcm"
+    out.derived_mr[0].save_as(path, enforce_file_format=True)
+    errors, text = dciodvfy_errors(dciodvfy, path)
+    assert not errors, text
