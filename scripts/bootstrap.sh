@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything glioforecast needs on a fresh Debian machine:
 #   - Debian packages (dcmtk, dicom3tools, dcm2niix, orthanc and its DICOMweb plugin, rsyslog
-#     with TLS, prometheus for promtool, openjph-tools, python3-venv)
+#     with TLS, prometheus for promtool, openjph-tools, strace, python3-venv)
 #     when missing and root;
 #   - a virtual environment in $VENV (default .venv) with torch==2.13.0 installed first
 #     (so that no other version is pulled in; from $TORCH_INDEX_URL when set), then the
@@ -32,6 +32,8 @@ compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || need_pkgs+=(rsyslog-
 has ojph_compress || need_pkgs+=(openjph-tools)
 # promtool (in Debian's prometheus package): checks /metrics and the alert rules
 has promtool || need_pkgs+=(prometheus)
+# strace: slows a restore's renames in the test of a node started during a restore
+has strace || need_pkgs+=(strace)
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
