@@ -153,7 +153,9 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
         with contextlib.suppress(FileNotFoundError):
             (spool.root / rel).unlink()
     added = duplicates = 0
-    for rel in sorted(on_disk - known - retained):
+    # in order of arrival, so that of two unrecorded copies of one instance the first received
+    # is kept, as the receiver would have kept it (the path only breaks ties)
+    for rel in sorted(on_disk - known - retained, key=lambda r: (_arrival(spool.root / r), r)):
         path = spool.root / rel
         try:
             ds = dcmread(path, stop_before_pixels=True)
@@ -185,6 +187,14 @@ def reconcile(spool: Spool, store: JobStore, secret: bytes) -> dict[str, int]:
     if any(summary.values()):
         log.warning("reconciled spool and database: %s", summary)
     return summary
+
+
+def _arrival(path: Path) -> int:
+    """When a spool file was written (ns; a file gone since it was listed sorts first)."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
 
 
 #: studies whose files one retention pass of the running node removes at most

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from dicom_node.assembler import Assembler
 from dicom_node.instance import InstanceInfo
@@ -139,6 +141,8 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
     # left: recorded as "recovered" at every start, and never recorded)
     other_study = spool.store("1.2.826.0.1.3680043.8.498.7", info.series_instance_uid,
                               info.sop_instance_uid, study["t1c"][2].read_bytes())  # fmt: skip
+    held_at = (spool.root / stored).stat().st_mtime
+    os.utime(spool.root / other_study.relative, (held_at + 10, held_at + 10))  # came later
     summary = reconcile(spool, store, SECRET)
     assert summary == {
         "removed_partial": 1, "recovered": 1, "missing": 1, "removed_by_retention": 1,
@@ -151,6 +155,29 @@ def test_reconcile_after_crash(tmp_path: Path) -> None:
         "removed_partial": 0, "recovered": 0, "missing": 0, "removed_by_retention": 0,
         "duplicates_removed": 0,
     }  # fmt: skip
+
+    assert (spool.root / stored).exists()
+
+
+@pytest.mark.parametrize("first", ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.9"])
+def test_of_two_unrecorded_copies_of_an_instance_the_first_received_is_kept(
+    tmp_path: Path, first: str
+) -> None:
+    """Which copy survives depends on when each arrived, not on how the study UIDs sort."""
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    info = _info(study["t1c"][0])
+    data = study["t1c"][0].read_bytes()
+    later = next(u for u in ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.9")
+                 if u != first)  # fmt: skip
+    kept = spool.store(first, info.series_instance_uid, info.sop_instance_uid, data).relative
+    dropped = spool.store(later, info.series_instance_uid, info.sop_instance_uid, data).relative
+    os.utime(spool.root / kept, (1_000_000, 1_000_000))
+    os.utime(spool.root / dropped, (1_000_060, 1_000_060))
+    summary = reconcile(spool, store, SECRET)
+    assert (summary["recovered"], summary["duplicates_removed"]) == (1, 1)
+    assert (spool.root / kept).exists() and not (spool.root / dropped).exists()
+    assert store.stored_instance(info.sop_instance_uid)[1] == kept  # type: ignore[index]
 
 
 def test_a_job_run_again_does_not_repeat_what_it_found(tmp_path: Path) -> None:
