@@ -106,6 +106,8 @@ URI = ("12", "URI")  # RFC-3881 participant object ID type
 ROLE_APPLICATION = ("110150", "Application")
 ROLE_SOURCE = ("110153", "Source Role ID")
 ROLE_DESTINATION = ("110152", "Destination Role ID")
+ROLE_DESTINATION_MEDIA = ("110154", "Destination Media")
+MEDIA_URI = ("110037", "URI")  # DCM CID 405 Media Type
 STUDY_INSTANCE_UID = ("110180", "Study Instance UID")
 NODE_ID = ("110182", "Node ID")
 
@@ -126,6 +128,7 @@ class Participant:
     role: tuple[str, str] | None = None
     process_id: str = ""
     user_name: str = ""
+    media_type: tuple[str, str] | None = None  # a media participant's type (DCM CID 405)
 
 
 @dataclass
@@ -248,6 +251,8 @@ def _message(
         element = ET.SubElement(root, "ActiveParticipant", attrs)
         if p.role is not None:
             _coded(element, "RoleIDCode", p.role)
+        if p.media_type is not None:
+            _coded(ET.SubElement(element, "MediaIdentifier"), "MediaType", p.media_type)
     attrs = {"AuditSourceID": source.source_id}
     if source.enterprise_site_id:
         attrs["AuditEnterpriseSiteID"] = source.enterprise_site_id
@@ -750,18 +755,19 @@ class AuditTrail:
         *,
         data_dir: Path,
         other: Path | None = None,
-        study: StudyRecord | None = None,
+        studies: Sequence[StudyRecord] = (),
     ) -> None:
         """An administrator's command beside the node, by ``kind``:
 
-        - ``"backup"``: Export (110106), action R (PS3.15 A.5.3.6): the node's process as
-          Source, the backup folder ``other`` as the Destination Media (its ``file://`` URI),
-          the data folder ``data_dir`` as the object (a Data Repository: a backup holds every
-          study and patient of the node, which it does not list);
+        - ``"backup"``: Export (110106), action R (PS3.15 A.5.3.6), one message for each of
+          ``studies`` (the studies and patients the backup holds) naming it and its patient,
+          or one naming the data folder ``data_dir`` (a Data Repository) when it holds none:
+          the node's process as Source, the backup folder ``other`` as the Destination Media
+          (its ``file://`` URI, media type URI);
         - ``"restore"``: Security Alert (110113), type Software Configuration (110131): the
           data folder replaced, and the backup ``other`` it was replaced with, as objects;
-        - ``"take-back"``: DICOM Instances Accessed (110103), action D: ``study``'s results
-          taken back from the destinations.
+        - ``"take-back"``: DICOM Instances Accessed (110103), action D: the results of
+          ``studies`` (one) taken back from the destinations.
 
         The system user who ran the command is the requestor; ``description`` says what was
         done (and why, for a take-back)."""
@@ -772,48 +778,52 @@ class AuditTrail:
         except KeyError:  # a user without a passwd entry (a container)
             user = f"uid {os.geteuid()}"
         operator = Participant(user, "", True, process_id=str(os.getpid()))
+        folders: list[tuple[Path, str, str]] = []
         if kind == "backup":
             assert other is not None
             source = dataclasses.replace(self.node, role=ROLE_SOURCE)
-            media = Participant(other.as_uri(), "", False, ("110155", "Destination Media"))
-            root = _message(
-                ("110106", "Export"), "R", SUCCESS, [operator, source, media], self.source,
-                description=description,
-            )  # fmt: skip
-            folders = [(data_dir, "17", "the node's data folder")]  # 17: Data Repository
+            media = Participant(
+                other.as_uri(), "", False, ROLE_DESTINATION_MEDIA, media_type=MEDIA_URI
+            )
+            participants = [operator, source, media]
+            event, action, event_type = ("110106", "Export"), "R", None
+            if not studies:
+                folders = [(data_dir, "17", "the node's data folder")]  # 17: Data Repository
         elif kind == "restore":
             assert other is not None
-            root = _message(
-                SECURITY_ALERT, "E", SUCCESS, [operator, self.node], self.source,
-                event_type=SOFTWARE_CONFIGURATION, description=description,
-            )  # fmt: skip
+            participants = [operator, self.node]
+            event, action, event_type = SECURITY_ALERT, "E", SOFTWARE_CONFIGURATION
             folders = [
                 (data_dir, "17", "the node's data folder, replaced by the backup"),
                 (other, "17", "the backup restored"),
             ]
         elif kind == "take-back":
-            assert study is not None
-            root = _message(
-                INSTANCES_ACCESSED, "D", SUCCESS, [operator, self.node], self.source,
-                description=description,
-            )  # fmt: skip
-            _study_objects(root, study)
-            folders = []
+            assert len(studies) == 1
+            participants = [operator, self.node]
+            event, action, event_type = INSTANCES_ACCESSED, "D", None
         else:
             raise ValueError(f"expected backup, restore or take-back, found {kind!r}")
-        for folder, role, name in folders:
-            obj = ET.SubElement(
-                root,
-                "ParticipantObjectIdentification",
-                {
-                    "ParticipantObjectID": folder.as_uri(),
-                    "ParticipantObjectTypeCode": "2",  # system object
-                    "ParticipantObjectTypeCodeRole": role,
-                },
-            )
-            _coded(obj, "ParticipantObjectIDTypeCode", URI, scheme="RFC-3881")
-            ET.SubElement(obj, "ParticipantObjectName").text = name
-        self.record(root)
+        objects: Sequence[StudyRecord | None] = studies or [None]
+        for study in objects:
+            root = _message(
+                event, action, SUCCESS, participants, self.source, event_type=event_type,
+                description=description,
+            )  # fmt: skip
+            if study is not None:
+                _study_objects(root, study)
+            for folder, role, name in folders:
+                obj = ET.SubElement(
+                    root,
+                    "ParticipantObjectIdentification",
+                    {
+                        "ParticipantObjectID": folder.as_uri(),
+                        "ParticipantObjectTypeCode": "2",  # system object
+                        "ParticipantObjectTypeCodeRole": role,
+                    },
+                )
+                _coded(obj, "ParticipantObjectIDTypeCode", URI, scheme="RFC-3881")
+                ET.SubElement(obj, "ParticipantObjectName").text = name
+            self.record(root)
 
 
 def check_repository(settings: AuditSettings) -> tuple[bool, str]:
@@ -893,7 +903,7 @@ class NoAuditTrail:
         *,
         data_dir: Path,
         other: Path | None = None,
-        study: StudyRecord | None = None,
+        studies: Sequence[StudyRecord] = (),
     ) -> None: ...
 
 

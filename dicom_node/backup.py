@@ -50,8 +50,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pydicom
+
 from dicom_node import __version__
-from dicom_node.audit import QUEUE_FILE
+from dicom_node.audit import QUEUE_FILE, StudyRecord, TransferTally
 from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.outbox import SETTLED
 from dicom_node.outbox_cli import OUTBOX_FILE
@@ -83,6 +85,10 @@ class BackupReport:
     studies: int = 0  # studies with instances in the copy of the spool
     outbox_rows_updated: int = 0
     vanished: int = 0  # files removed by the node (retention, delivery) during the copy
+    #: the studies and patients whose instances the copy holds (received, and results waiting
+    #: to be delivered), each with its instances by SOP class: what the Export audit names
+    exported: list[StudyRecord] = field(default_factory=list)
+    unreadable: int = 0  # instances of the copy whose study and patient could not be read
 
     def describe(self) -> str:
         return (
@@ -212,6 +218,25 @@ def _copy_tree(source: Path, target: Path, report: BackupReport) -> int:
     return copied
 
 
+#: what :func:`_exported` reads of each instance of a copy
+_EXPORT_TAGS = ["SOPClassUID", "StudyInstanceUID", "PatientID", "IssuerOfPatientID",
+                "PatientName", "AccessionNumber"]  # fmt: skip
+
+
+def _exported(copy: Path) -> tuple[list[StudyRecord], int]:
+    """The studies and patients of the DICOM instances in ``copy`` (its spool and the results
+    waiting), and how many instances could not be read."""
+    tally, unreadable = TransferTally(), 0
+    for folder in (copy / "spool", copy / OBJECTS_DIR):
+        for path in sorted(folder.rglob("*.dcm")) if folder.is_dir() else []:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_EXPORT_TAGS)
+                tally.add(ds, str(ds.SOPClassUID))
+            except Exception:  # pydicom raises many types on damaged files; counted, not fatal
+                unreadable += 1
+    return list(tally.done.values()), unreadable
+
+
 def _settle_outbox(data_dir: Path, target: Path) -> int:
     """Rows of the copied outbox that still wait for an object the copy lacks were delivered
     (and their object removed) after the snapshot: they take the source's row again."""
@@ -333,6 +358,7 @@ def backup(data_dir: Path, destination: Path, *, spool: bool = True) -> BackupRe
             _copy_tree(data_dir / OBJECTS_DIR, destination / OBJECTS_DIR, report)
         if OUTBOX_FILE in report.databases:
             report.outbox_rows_updated = _settle_outbox(data_dir, destination)
+        report.exported, report.unreadable = _exported(destination)
         for name in report.databases:  # as restore will find them (settling can add pages)
             report.databases[name] = _page_count(destination / name)
             report.bytes += (destination / name).stat().st_size

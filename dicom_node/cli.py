@@ -11,13 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dicom_node import __version__, demo, outbox_cli
 from dicom_node.argtypes import port_number, row_count, row_id
 from dicom_node.errors import ConfigError, GlioforecastError, StorageError
 from dicom_node.ports import host_port
 from dicom_node.settings import ENV_CONFIG, Settings, load_settings, warnings_of
+
+if TYPE_CHECKING:
+    from dicom_node.audit import StudyRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -516,7 +519,7 @@ def cmd_jobs_take_back(args: argparse.Namespace) -> int:
             "(withdrawn where not yet sent; rejected by an IOCM rejection note where "
             "reject_replaced is on)",
             data_dir=data_dir,
-            study=study,
+            studies=[study],
         )
     finally:
         store.close()
@@ -574,19 +577,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
         "backup",
         f"backup of the data folder {data_dir} into {report.destination}: {spool}, the "
         f"databases {', '.join(report.databases)}, {report.files} file(s) in all besides them, "
-        f"{report.bytes / 2**20:.1f} MiB",
+        f"{report.bytes / 2**20:.1f} MiB"
+        + (
+            f"; {report.unreadable} instance(s) of it whose study and patient could not be read"
+            if report.unreadable
+            else ""
+        ),
         data_dir.resolve(),
         report.destination,
+        report.exported,
     )
     return EXIT_OK
 
 
 def _audit_done(
     settings: Settings, kind: Literal["backup", "restore"], description: str, data_dir: Path,
-    other: Path,
+    other: Path, studies: Sequence[StudyRecord] = (),
 ) -> None:  # fmt: skip
-    """Audit a backup or restore that is done (:meth:`AuditTrail.administered`); a message
-    that cannot be recorded is said on stderr, and the command still succeeds (it is done)."""
+    """Audit a backup (an Export for each study of ``studies``) or a restore that is done
+    (:meth:`AuditTrail.administered`); a message that cannot be recorded is said on stderr,
+    and the command still succeeds (it is done)."""
     from dicom_node.audit import audit_trail
 
     try:
@@ -596,7 +606,7 @@ def _audit_done(
         )
         audit.start(activity=False)
         try:
-            audit.administered(kind, description, data_dir=data_dir, other=other)
+            audit.administered(kind, description, data_dir=data_dir, other=other, studies=studies)
         finally:
             audit.close()
     except GlioforecastError as exc:

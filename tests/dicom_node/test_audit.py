@@ -71,8 +71,13 @@ def check_schema(message: ET.Element) -> None:
         assert participant.get("UserIsRequestor") in ("true", "false")
         if participant.get("NetworkAccessPointID"):
             assert participant.get("NetworkAccessPointTypeCode") in ("1", "2")
-        for role in participant:
-            assert role.tag == "RoleIDCode" and set(role.attrib) == _CODED
+        children = [c.tag for c in participant]
+        assert children == sorted(children, key=("RoleIDCode", "MediaIdentifier").index)
+        assert children.count("MediaIdentifier") <= 1, children
+        for role in participant.findall("RoleIDCode"):
+            assert set(role.attrib) == _CODED
+        for media in participant.findall("MediaIdentifier"):
+            assert [c.tag for c in media] == ["MediaType"] and set(media[0].attrib) == _CODED
     source = message.find("AuditSourceIdentification")
     assert source is not None and source.get("AuditSourceID")
     for obj in message.findall("ParticipantObjectIdentification"):

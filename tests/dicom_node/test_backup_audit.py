@@ -16,8 +16,10 @@ import pytest
 
 from dicom_node.audit import QUEUE_FILE
 from dicom_node.cli import EXIT_OK, main
+from dicom_node.jobs import JobStore
 from dicom_node.ports import free_port
 from dicom_node.settings import load_settings
+from dicom_node.spool import Spool
 from tests.audit_repository import event_id
 from tests.conftest import wait_for
 from tests.dicom_node.test_audit import check_schema
@@ -152,10 +154,21 @@ def test_backup_restore_and_take_back_are_audited(site) -> None:  # type: ignore
     operator, source, media = _participants(export)
     assert (operator["UserID"], operator["UserIsRequestor"]) == (user, "true")
     assert (source["UserID"], source["role"]) == ("GLIOFORECAST", "110153")
-    assert (media["UserID"], media["role"]) == (backup.as_uri(), "110155")
+    assert (media["UserID"], media["role"]) == (backup.as_uri(), "110154")  # Destination Media
     assert media["UserIsRequestor"] == "false"
-    (folder,) = _objects(export)
-    assert (folder["ParticipantObjectID"], folder["type"]) == (data.as_uri(), "URI")
+    media_type = export.find("ActiveParticipant/MediaIdentifier/MediaType")
+    assert media_type is not None and media_type.get("csd-code") == "110037"  # URI
+    # the study the backup holds (received instances and the notice waiting for the PACS), and
+    # its patient (PS3.15 A.5.3.6)
+    study, patient = _objects(export)
+    assert (study["ParticipantObjectID"], study["type"]) == (
+        site["source"].StudyInstanceUID, "Study Instance UID"
+    )  # fmt: skip
+    held = {s.get("UID"): s.get("NumberOfInstances") for s in export.iter("SOPClass")}
+    assert held.pop(MR) == "4" and sum(map(int, held.values())) == 2, held  # + the notice
+    assert (patient["ParticipantObjectID"], patient["name"]) == (
+        site["source"].PatientID, str(site["source"].PatientName)
+    )  # fmt: skip
 
     taken = _message(site, "110103")
     event = taken.find("EventIdentification")
@@ -181,3 +194,48 @@ def test_backup_restore_and_take_back_are_audited(site) -> None:  # type: ignore
     assert f"the folder that was there is kept at {site['aside']}" in description
     assert _participants(alert)[0]["UserID"] == user
     assert [o["ParticipantObjectID"] for o in _objects(alert)] == [data.as_uri(), backup.as_uri()]
+
+
+def test_a_backup_names_each_study_and_patient_it_holds(tmp_path: Path) -> None:
+    """The Export of a backup named only the data folder: a privacy officer could not tell
+    which patients' images left on it (PS3.15 A.5.3.6 lists the studies and patients). Each
+    study gets its message, with its patient; a file that cannot be read is counted."""
+    data = tmp_path / "data"
+    data.mkdir()
+    spool = Spool(data / "spool")
+    JobStore(data / "jobs.sqlite3").close()
+    config = tmp_path / "site.yaml"
+    log = tmp_path / "audit.log"
+    config.write_text(
+        f"storage: {{data_dir: {data}}}\naudit: {{enabled: true, file: {log}}}\n", "utf-8"
+    )
+    assert main(["--config", str(config), "backup", str(tmp_path / "empty")]) == EXIT_OK
+    (empty,) = [ET.fromstring(line) for line in _lines(log)]
+    check_schema(empty)
+    assert [(o["ParticipantObjectID"], o["type"]) for o in _objects(empty)] == [
+        (data.resolve().as_uri(), "URI")  # no study: the data folder, as a Data Repository
+    ]
+    log.unlink()
+    patients = {}
+    for n, (patient_id, name) in enumerate([("GF-A", "Alpha^Ann"), ("GF-B", "Beta^Bob")]):
+        for path in small_study(tmp_path / f"in{n}")["t1c"][:2]:
+            ds = pydicom.dcmread(path)
+            ds.PatientID, ds.PatientName = patient_id, name
+            ds.save_as(path)
+            spool.store(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+                        path.read_bytes())  # fmt: skip
+        patients[str(ds.StudyInstanceUID)] = (patient_id, name)
+    spool.store("1.2.3", "1.2.3.4", "1.2.3.4.5", b"not DICOM")
+    assert main(["--config", str(config), "backup", str(tmp_path / "full")]) == EXIT_OK
+    exports = [ET.fromstring(line) for line in _lines(log)]
+    found = {}
+    for export in exports:
+        check_schema(export)
+        assert event_id(export) == "110106"
+        description = export.findtext("EventIdentification/EventOutcomeDescription") or ""
+        assert "5 spool instance(s) of 3 study(ies)" in description
+        assert "1 instance(s) of it whose study and patient could not be read" in description
+        study, patient = _objects(export)
+        assert [s.get("NumberOfInstances") for s in export.iter("SOPClass")] == ["2"]
+        found[study["ParticipantObjectID"]] = (patient["ParticipantObjectID"], patient["name"])
+    assert found == patients
