@@ -431,8 +431,13 @@ class StorageSCP:
         commitment_reports: Callable[[CommitmentReport], object] | None = None,
         audit: AuditTrail | NoAuditTrail | None = None,
         inert_sop_classes: frozenset[str] = ANNOTATION_CLASSES,
+        sending_ae_title: str = "",
     ) -> None:
         self.settings = settings
+        #: the AE title the node sends results as (sending.calling_ae_title), also taken as a
+        #: called AE title: a PACS sends its storage commitment reports to the AE title that
+        #: asked (PS3.4 J.3.3), which need not be the receiver's
+        self.sending_ae_title = sending_ae_title
         self.audit = audit or NoAuditTrail()
         #: refusals of every listener of the node, logged and audited once a minute per sender
         #: and reason (the node's main loop flushes it)
@@ -493,9 +498,13 @@ class StorageSCP:
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         requested = str(assoc.requestor.primitive.called_ae_title).strip()
         host = assoc.requestor.address
-        if requested and requested != self.settings.ae_title.strip():
+        titles = [self.settings.ae_title.strip()]
+        if self.sending_ae_title.strip() not in ("", titles[0]):
+            titles.append(self.sending_ae_title.strip())
+        if requested and requested not in titles:
             self.associations_refused["called_ae_title"] += 1
-            why = f"called AE title {requested!r}, expected {self.settings.ae_title!r}"
+            expected = " or ".join(repr(t) for t in titles)
+            why = f"called AE title {requested!r}, expected {expected}"
             self.refusals.report(
                 ("called", host, calling, requested),
                 f"association from {calling} ({host}) refused: {why}",

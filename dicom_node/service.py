@@ -353,6 +353,7 @@ class Node:
             ),
             audit=self.audit,
             inert_sop_classes=_inert_classes(settings),
+            sending_ae_title=settings.sending.calling_ae_title,
         )
         self.stow = (
             StowReceiver(settings.stow, self.scp, data_dir) if settings.stow.enabled else None
@@ -551,6 +552,7 @@ class Node:
         self.notices.settings = new
         self.outbox.policy = RetryPolicy.from_settings(new.sending)
         self.sender.calling_ae = new.sending.calling_ae_title
+        self.scp.sending_ae_title = new.sending.calling_ae_title
         self.sender.timeout_s = new.sending.response_timeout_s
         self.sender.destinations = destinations
         if peer is None:

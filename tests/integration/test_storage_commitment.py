@@ -29,11 +29,11 @@ pytestmark = pytest.mark.slow
 
 
 def _node_and_orthanc(
-    tmp_path: Path, pki: Path | None = None
+    tmp_path: Path, pki: Path | None = None, calling_ae_title: str = "GLIOFORECAST"
 ) -> tuple[Node, OrthancServer, Destination]:
     """A node whose destination is an Orthanc doing storage commitment, and that Orthanc (not
     started). With ``pki``, both take DICOM over TLS only, from peers with a certificate of
-    its CA."""
+    its CA. The node sends as ``calling_ae_title``."""
     orthanc_binary()
     orthanc_tls = node_tls = None
     destination_tls = DestinationTLS()
@@ -49,7 +49,10 @@ def _node_and_orthanc(
             private_key=pki / "client.key",
         )
     orthanc = OrthancServer(tmp_path / "orthanc", tls=orthanc_tls)
-    settings = make_settings(tmp_path / "data", sending={"retry_initial_s": 0.0})
+    settings = make_settings(
+        tmp_path / "data",
+        sending={"retry_initial_s": 0.0, "calling_ae_title": calling_ae_title},
+    )
     if node_tls is not None:
         settings = dataclasses.replace(
             settings, node=dataclasses.replace(settings.node, tls=node_tls)
@@ -174,6 +177,38 @@ def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path)
         assert resent.attempts == 3 and resent.commit_requests == 2
         assert orthanc.count_instances() == len(objects)
     finally:
+        node.scp.stop()
+        orthanc.stop()
+        node.outbox.close()
+        node.store.close()
+
+
+def test_orthanc_reports_to_the_ae_title_the_node_sends_as(tmp_path: Path) -> None:
+    """With ``sending.calling_ae_title`` other than the receiver's AE title, Orthanc (which
+    knows the node by the AE title that asked) reports to that AE title: the receiver refused
+    it ("called AE title 'GLIOFC_SCU', expected 'GLIOFORECAST'"), and every delivery went dead
+    for want of a report."""
+    node, orthanc, dest = _node_and_orthanc(tmp_path, calling_ae_title="GLIOFC_SCU")
+    out = default_outputs()
+    n = len(out.all())
+    try:
+        node.scp.start()
+        orthanc.modalities["glioforecast"] = Destination(
+            "glioforecast", "GLIOFC_SCU", "127.0.0.1", node.scp.port
+        )
+        orthanc.start()
+        node.sender.start()
+        node.outbox.enqueue(out.all(), [dest.name], job="job-ae")
+        node.sender.wake()
+        wait_for(
+            lambda: node.outbox.counts() == {dest.name: {"sent": n}},
+            timeout=60,
+            what="every commitment, reported to GLIOFC_SCU",
+        )
+        assert all(i.committed_at is not None for i in node.outbox.items())
+        assert node.scp.associations_refused["called_ae_title"] == 0
+    finally:
+        node.sender.stop()
         node.scp.stop()
         orthanc.stop()
         node.outbox.close()
