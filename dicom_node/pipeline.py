@@ -40,6 +40,7 @@ from dicom_node.types import (
     StudyInputs,
     Volume,
 )
+from sr_writer.labels import lossy_history
 from sr_writer.outputs import JobInputs, OutputOptions, build_outputs
 from sr_writer.secondary_capture import Window
 
@@ -494,6 +495,12 @@ class Pipeline:
             other_series=tuple(others),
             planning_frame=inputs.planning_frame,
             window=window_of(header),
+            lossy=lossy_history(
+                dcmread(path, stop_before_pixels=True)
+                for role in ("t1c", *OPTIONAL_CONTRASTS)
+                if role in series
+                for path in files(role)
+            ),
         )
         chosen = self.settings.outputs
         options = OutputOptions(

@@ -26,6 +26,7 @@ from typing import Any
 
 import highdicom as hd
 import pydicom.datadict
+import pydicom.multival
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
@@ -96,6 +97,82 @@ def name_uid(*parts: str | int) -> str:
     """
     name = "/".join(str(p) for p in parts)
     return check_uid(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
+
+
+#: transfer syntaxes whose pixels lost information: JPEG Baseline and Extended, JPEG-LS
+#: near-lossless, the video syntaxes (MPEG-2, MPEG-4, HEVC)
+LOSSY_SYNTAXES = frozenset(
+    {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81"}
+    | {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}
+)
+#: JPEG 2000 and HTJ2K (any): lossy unless the instance says it is not (LossyImageCompression 00)
+MAYBE_LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"})
+#: the Lossy Image Compression Method (0028,2114) of each lossy syntax, for an instance that
+#: does not name it
+_SYNTAX_METHOD = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+}
+
+
+@dataclass(frozen=True)
+class LossyHistory:
+    """That images derived from the sources carry a lossy compression (PS3.3 C.7.6.1.1.5:
+    once LossyImageCompression is 01 it is never reset): the compression steps, method and
+    ratio, when the lossy sources agree on them (empty when they do not, or do not say)."""
+
+    methods: tuple[str, ...] = ()
+    ratios: tuple[str, ...] = ()
+
+
+def _values(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    return tuple(str(v).strip() for v in items)
+
+
+def lossy_history(sources: Iterable[Dataset]) -> LossyHistory | None:
+    """The lossy compression the source images went through (None when none did): an image
+    that says so (LossyImageCompression 01), or one received in a lossy transfer syntax."""
+    steps: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+    for ds in sources:
+        flag = str(ds.get("LossyImageCompression", "") or "").strip()
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+        by_syntax = syntax in LOSSY_SYNTAXES or (syntax in MAYBE_LOSSY_SYNTAXES and flag != "00")
+        if flag != "01" and not by_syntax:
+            continue
+        methods = _values(ds, "LossyImageCompressionMethod")
+        if not methods and syntax in _SYNTAX_METHOD:
+            methods = (_SYNTAX_METHOD[syntax],)
+        steps.add((methods, _values(ds, "LossyImageCompressionRatio")))
+    if not steps:
+        return None
+    if len(steps) == 1:
+        methods, ratios = next(iter(steps))
+        return LossyHistory(methods, ratios)
+    return LossyHistory()
+
+
+def mark_lossy(ds: Dataset, history: LossyHistory | None) -> None:
+    """Say on the image ``ds`` (derived from the sources) whether they were lossy compressed."""
+    if history is None:
+        ds.LossyImageCompression = "00"
+        return
+    ds.LossyImageCompression = "01"
+    for keyword, values in (
+        ("LossyImageCompressionMethod", history.methods),
+        ("LossyImageCompressionRatio", history.ratios),
+    ):
+        if values:
+            setattr(ds, keyword, list(values) if len(values) > 1 else values[0])
+        elif keyword in ds:
+            delattr(ds, keyword)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,15 @@ from dicom_node.types import (
 )
 
 from .derived_mr import build_derived_mr
-from .labels import SERIES_NUMBERS, Equipment, JobIdentity, apply_labels, series_description
+from .labels import (
+    SERIES_NUMBERS,
+    Equipment,
+    JobIdentity,
+    LossyHistory,
+    apply_labels,
+    mark_lossy,
+    series_description,
+)
 from .rtstruct import RoiMask, build_rtstruct, move_to_frame
 from .secondary_capture import Window, build_secondary_capture
 from .segmentation import build_segmentation
@@ -44,7 +52,8 @@ class JobInputs:
 
     ``t1c`` is the source T1-Gd grid (the prediction lies on it), ``t1c_series`` its series;
     ``other_series`` are the other inputs the prediction used (the RTSTRUCT with the GTV, other
-    contrasts, the RTDOSE). ``window`` is the source's display window when it had one.
+    contrasts, the RTDOSE). ``window`` is the source's display window when it had one;
+    ``lossy`` what lossy compression the source images went through.
     ``planning_frame``: the frame the GTV was drawn on when it is not the T1-Gd's (the planning
     CT's); the predicted tumour is then also written as an RTSTRUCT on that frame.
     """
@@ -55,6 +64,9 @@ class JobInputs:
     other_series: tuple[SeriesRef, ...] = ()
     window: Window | None = None
     planning_frame: FrameMapping | None = None
+    #: the lossy compression the source images went through (None: none), which the images
+    #: derived from them carry on
+    lossy: LossyHistory | None = None
 
     @property
     def input_instance_uids(self) -> tuple[str, ...]:
@@ -176,6 +188,8 @@ def build_outputs(
         outputs=[*sc, *unc, *mr, rt, *([rt_planning] if rt_planning is not None else [])],
         other_sources=inputs.other_series,
     )
+    for image in [*sc, *unc, *mr, seg]:  # pixels derived from the source images
+        mark_lossy(image, inputs.lossy)
     out = JobOutputs(
         job=job,
         sc=tuple(sc),

@@ -177,6 +177,34 @@ def test_the_optional_objects_follow_the_outputs_settings(  # type: ignore[no-un
     assert sr.InstitutionName == "CHU Test"
 
 
+def test_results_of_a_lossy_compressed_t1gd_say_so(run_node, patient, pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A PACS that stored the T1-Gd near-lossless (JPEG-LS, LossyImageCompression 01) routed
+    it on: the predicted images said 00 (never lossy compressed), which PS3.3 forbids once a
+    source was."""
+    pre, _ = patient
+    destination, received = pacs
+    study = tmp_path / "study"
+    shutil.copytree(pre, study)
+    for path in (study / "003_t1c").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionMethod = "ISO_14495_1"
+        ds.LossyImageCompressionRatio = "2.5"
+        ds.save_as(path)
+    settings = make_settings(tmp_path / "data", outputs={"derived_mr": True})
+    node = run_node(dataclasses.replace(settings, destinations=(destination,)))
+    storescu(node.scp.port, *sorted(study.rglob("*.dcm")))
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
+    assert job.state == DONE, job.reason
+    all_sent(node, "pacs", timeout=120)
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    images = [ds for ds in datasets if ds.Modality not in ("SR", "RTSTRUCT")]
+    assert {ds.Modality for ds in images} == {"OT", "MR", "SEG"}
+    for ds in images:
+        assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_14495_1")
+        assert float(ds.LossyImageCompressionRatio) == 2.5
+
+
 def test_interrupted_job_is_queued_again_and_superseded_results_are_dropped(tmp_path) -> None:
     store = JobStore(tmp_path / "jobs.sqlite3")
     with store.transaction() as db:

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
 
 from dicom_node.errors import ExportError
 from dicom_node.types import FrameMapping
@@ -15,7 +16,9 @@ from sr_writer.labels import (
     BANNER_TEXT,
     SERIES_NUMBERS,
     JobIdentity,
+    LossyHistory,
     is_labelled_description,
+    lossy_history,
     series_description,
 )
 from sr_writer.notice import build_failure_notice
@@ -203,3 +206,46 @@ def test_patient_and_study_are_copied_as_received() -> None:
         assert len(str(back.get("SeriesTime", ""))) >= 4, back.Modality
     # a source without an issuer: none on the outputs (not an empty one)
     assert "IssuerOfPatientID" not in default_outputs().sr
+
+
+def _source(syntax: str = "1.2.840.10008.1.2.1", **attributes: object) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_the_lossy_compression_of_the_sources_is_found() -> None:
+    """An image once lossy compressed stays so (PS3.3 C.7.6.1.1.5), whether it says so or
+    was received in a lossy transfer syntax; JPEG 2000 counts unless the image says 00."""
+    assert lossy_history([_source(), _source(LossyImageCompression="00")]) is None
+    assert lossy_history([_source("1.2.840.10008.1.2.4.91", LossyImageCompression="00")]) is None
+    said = _source(
+        LossyImageCompression="01",
+        LossyImageCompressionMethod="ISO_14495_1",
+        LossyImageCompressionRatio="2.5",
+    )
+    assert lossy_history([_source(), said, said]) == LossyHistory(("ISO_14495_1",), ("2.5",))
+    assert lossy_history([_source("1.2.840.10008.1.2.4.50")]) == LossyHistory(("ISO_10918_1",))
+    assert lossy_history([_source("1.2.840.10008.1.2.4.91")]) == LossyHistory(("ISO_15444_1",))
+    # sources that went through different compressions: lossy, steps not told
+    assert lossy_history([said, _source("1.2.840.10008.1.2.4.50")]) == LossyHistory()
+
+
+def test_images_derived_from_lossy_sources_say_so() -> None:
+    """Every image output (SC, uncertainty SC, derived MR, SEG) said LossyImageCompression 00
+    though its source had been lossy compressed (a PACS that transcoded it to JPEG)."""
+    case = default_case()
+    history = LossyHistory(("ISO_10918_1",), ("12.5",))
+    inputs = dataclasses.replace(job_inputs(case), lossy=history)
+    outputs = build_outputs(case.prediction, inputs, OutputOptions(derived_mr=True))
+    images = [*outputs.sc, *outputs.uncertainty_sc, *outputs.derived_mr, outputs.seg]
+    for ds in images:
+        assert ds.LossyImageCompression == "01", ds.SeriesDescription
+        assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+        assert float(ds.LossyImageCompressionRatio) == 12.5
+    for ds in default_outputs().all():  # lossless sources
+        assert ds.get("LossyImageCompression", "00") == "00"
+        assert "LossyImageCompressionMethod" not in ds
