@@ -7,10 +7,11 @@ Every object the node sends back says that it is a synthetic prediction for rese
 - ``ContributingEquipmentSequence`` names the node (manufacturer, software version) and the model
   (name and version) that produced the content.
 
-UIDs are derived from the job (source study, the input instance UIDs and the model identity), so
-that building the outputs of the same job twice (a retry, a restart) gives the same series and
-instance UIDs and PACS receives the same objects again instead of duplicates. A different model
-version, or a different set of inputs (a late instance reopened the study), gives new UIDs.
+UIDs are derived from the job (source study and patient, the input instance UIDs and the model
+identity), so that building the outputs of the same job twice (a retry, a restart) gives the
+same series and instance UIDs and PACS receives the same objects again instead of duplicates. A
+different model version, a different set of inputs (a late instance reopened the study), or a
+corrected patient gives new UIDs.
 """
 
 from __future__ import annotations
@@ -177,16 +178,22 @@ def mark_lossy(ds: Dataset, history: LossyHistory | None) -> None:
 
 @dataclass(frozen=True)
 class JobIdentity:
-    """What identifies the outputs of one job: inputs and model, nothing else.
+    """What identifies the outputs of one job: patient, inputs and model, nothing else.
 
     ``input_instance_uids`` are the SOP Instance UIDs of every input instance the prediction used
-    (T1-Gd, other contrasts, RTSTRUCT, RTDOSE); their order does not matter.
+    (T1-Gd, other contrasts, RTSTRUCT, RTDOSE); their order does not matter. ``patient_id`` and
+    ``issuer_of_patient_id`` are the patient's as the inputs name it: a study sent again under a
+    corrected patient (same instance UIDs) gets new results, which a PACS files under that
+    patient (with the same UIDs the outbox took them for those already delivered, and sent
+    nothing).
     """
 
     study_instance_uid: str
     input_instance_uids: tuple[str, ...]
     model_name: str
     model_version: str
+    patient_id: str = ""
+    issuer_of_patient_id: str = ""
 
     def __post_init__(self) -> None:
         check_uid(self.study_instance_uid)
@@ -205,11 +212,13 @@ class JobIdentity:
         """A hex digest of the job identity (safe to log: it carries no patient data)."""
         h = hashlib.sha256()
         for part in (
-            "glioforecast-job-v1",
+            "glioforecast-job-v2",
             self.study_instance_uid,
             *sorted(set(self.input_instance_uids)),
             self.model_name,
             self.model_version,
+            self.patient_id,
+            self.issuer_of_patient_id,
         ):
             h.update(part.encode("utf-8"))
             h.update(b"\x00")

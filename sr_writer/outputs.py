@@ -129,6 +129,8 @@ def job_identity(prediction: Prediction, inputs: JobInputs) -> JobIdentity:
         input_instance_uids=inputs.input_instance_uids,
         model_name=prediction.model_name,
         model_version=prediction.model_version,
+        patient_id=inputs.patient.patient_id,
+        issuer_of_patient_id=inputs.patient.issuer_of_patient_id,
     )
 
 

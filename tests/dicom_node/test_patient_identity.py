@@ -5,6 +5,8 @@ again. A real node on a localhost port, dcmtk storescu as the sender, a syntheti
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 from pathlib import Path
 
 import pydicom
@@ -14,7 +16,12 @@ from dicom_node.jobs import DONE, FAILED
 from inference.synthetic.cohort import generate_patient
 from sr_writer.labels import series_description
 from tests.conftest import wait_for
-from tests.dicom_node.conftest import finished_job
+from tests.dicom_node.conftest import (
+    all_sent,
+    finished_job,
+    make_settings,
+    storescp_destination,
+)
 from tests.dicom_node.test_scp import storescu
 
 WRONG = "GF-OTHER-4711"  # the patient a series was wrongly filed under
@@ -154,3 +161,38 @@ def test_the_nodes_own_results_routed_back_name_no_other_patient(  # type: ignor
     assert storescu(node.scp.port, *late).returncode == 0
     job = wait_for(lambda: finished_job(node, study_uid, 2), timeout=120, what="version 2")
     assert job.state == DONE, job.reason
+
+
+def test_a_study_sent_again_under_a_corrected_patient_gets_its_results_again(  # type: ignore[no-untyped-def]
+    run_node, study, tmp_path
+) -> None:
+    """A patient information reconciliation upstream of the node (an emergency patient's
+    temporary ID replaced, the instance UIDs kept): the node predicted the study again under
+    the right patient, but its results had the UIDs of those already delivered, and the
+    outbox sent nothing: the PACS had results only under the temporary ID."""
+    study_uid, right = _uids(study["003_t1c"])
+    temporary = {
+        name: _refile(files, tmp_path / name, "EMERG-0001") for name, files in study.items()
+    }
+    proc, destination = storescp_destination(tmp_path / "pacs", "pacs", "PACS")
+    try:
+        settings = make_settings(tmp_path / "data")
+        node = run_node(dataclasses.replace(settings, destinations=(destination,)))
+        assert (
+            storescu(node.scp.port, *[f for files in temporary.values() for f in files]).returncode
+            == 0
+        )
+        assert wait_for(lambda: finished_job(node, study_uid, 1), timeout=120).state == DONE
+        first = all_sent(node, "pacs", timeout=120)
+        assert (
+            storescu(node.scp.port, *[f for files in study.values() for f in files]).returncode == 0
+        )
+        job = wait_for(lambda: finished_job(node, study_uid, 2), timeout=120, what="version 2")
+        assert job.state == DONE, job.reason
+        assert all_sent(node, "pacs", timeout=120) == 2 * first
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "pacs").iterdir()]
+    by_patient = collections.Counter(str(ds.PatientID) for ds in received)
+    assert by_patient == {"EMERG-0001": first, right: first}

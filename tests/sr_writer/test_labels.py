@@ -61,6 +61,11 @@ def test_uids_change_with_model_version_and_inputs() -> None:
     assert a.series_uid("sc") != _job(model_version="1.1").series_uid("sc")
     assert a.series_uid("sc") != _job(input_instance_uids=("1.2.3.4",)).series_uid("sc")
     assert a.series_uid("sc") != _job(study_instance_uid="1.2.4").series_uid("sc")
+    # a study sent again under a corrected patient (same instance UIDs)
+    assert a.series_uid("sc") != _job(patient_id="GF-2").series_uid("sc")
+    assert _job(patient_id="GF-2").series_uid("sc") != _job(
+        patient_id="GF-2", issuer_of_patient_id="HOSP_A"
+    ).series_uid("sc")
 
 
 def test_job_identity_refuses_bad_input() -> None:
