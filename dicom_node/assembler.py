@@ -1,4 +1,6 @@
-"""Study assembly: a study becomes a job once no instance has arrived for the quiet period.
+"""Study assembly: a study becomes a job once no instance has arrived for the quiet period and
+the association that brought its instances has ended (or sent none of them for
+:data:`ARRIVING_HOLD_S`).
 
 A late instance marks the study pending again; after another quiet period a new job version is
 created with every instance of the study, and the earlier version is superseded. A study with a
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from dicom_node import retrieve
 from dicom_node.jobs import FAILED, QUEUED, RETRIEVING, JobStore, SeriesSummary
@@ -22,11 +25,25 @@ from dicom_node.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: how long after its last instance a study whose sender's association is still open waits
+#: for that association to end, however long the quiet period has been: a sender that pauses
+#: mid-study (a PACS fetching from its archive) goes on; one that keeps its association open
+#: for other studies does not hold this one longer
+ARRIVING_HOLD_S = 300.0
+
 
 class Assembler:
-    def __init__(self, store: JobStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        settings: Settings,
+        arriving: Callable[[float], set[str]] | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
+        #: the studies an open association stored an instance of within the given seconds
+        #: (:meth:`~dicom_node.scp.StorageSCP.studies_arriving`): not made a job yet
+        self.arriving = arriving
         self.linker = Linker(store, settings.storage.spool_dir)
         #: studies that could not be made a job, with the passes that failed
         self.failing: dict[str, int] = {}
@@ -45,9 +62,13 @@ class Assembler:
         if now < self.not_before:
             return []
         created = []
-        due = self.store.due_studies(now, self.settings.assembly.quiet_period_s)
+        quiet = self.settings.assembly.quiet_period_s
+        due = self.store.due_studies(now, quiet)
         for gone in set(self.failing) - set(due):  # removed since (retention, a reset)
             del self.failing[gone]
+        if due and self.arriving is not None:
+            held = self.arriving(max(quiet, ARRIVING_HOLD_S))
+            due = [study for study in due if study not in held]
         for study_uid in due:
             try:
                 created.append(self._assemble(study_uid, now))

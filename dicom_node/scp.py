@@ -454,6 +454,10 @@ class StorageSCP:
         # what each open association delivered, for the audit trail (by id of the association)
         self._received: dict[int, _Received] = {}
         self._received_lock = threading.Lock()
+        # the studies each open association of a sender stored instances of, with when it
+        # stored the last (monotonic): assembly waits for them (studies_arriving)
+        self._arriving: dict[int, dict[str, float]] = {}
+        self._arriving_lock = threading.Lock()
         # where storage commitment reports go (the outbox); None: the SOP class is not offered
         self.commitment_reports = commitment_reports
         self.spool = spool
@@ -597,6 +601,8 @@ class StorageSCP:
         """The association's connection closed: its studies go to the audit trail; if it
         stored nothing, the SOP classes refused at its negotiation are said."""
         assoc = event.assoc
+        with self._arriving_lock:
+            self._arriving.pop(id(assoc), None)
         classes = self._refused_classes.pop(id(assoc), None)
         if classes and assoc.is_acceptor and assoc.requestor.primitive is not None:
             calling, host = _sender(assoc)
@@ -883,7 +889,24 @@ class StorageSCP:
                 self.store, ds, info.series_description, calling, host=host, audit=self.audit,
             )  # fmt: skip
         self._audit_instance(assoc, ds, info.sop_class_uid)
+        if getattr(assoc, "is_acceptor", False):  # a sender's association (not a C-GET's)
+            with self._arriving_lock:
+                studies = self._arriving.setdefault(id(assoc), {})
+                studies[info.study_instance_uid] = time.monotonic()
         return SUCCESS
+
+    def studies_arriving(self, within_s: float) -> set[str]:
+        """The studies of which an association still open stored an instance in the last
+        ``within_s`` seconds: their sender is still sending them, and assembly waits for it
+        (the quiet period alone made a job of half a study whose sender paused longer)."""
+        now = time.monotonic()
+        with self._arriving_lock:
+            return {
+                study
+                for studies in self._arriving.values()
+                for study, at in studies.items()
+                if now - at < within_s
+            }
 
     # ------------------------------------------------------------------ lifecycle
 

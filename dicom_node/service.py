@@ -355,6 +355,7 @@ class Node:
             inert_sop_classes=_inert_classes(settings),
             sending_ae_title=settings.sending.calling_ae_title,
         )
+        self.assembler.arriving = self.scp.studies_arriving
         self.stow = (
             StowReceiver(settings.stow, self.scp, data_dir) if settings.stow.enabled else None
         )

@@ -1,0 +1,66 @@
+"""A study is not made a job while the association bringing it is still open and sending: a
+sender that pauses mid-study for longer than the quiet period (a PACS fetching the rest from
+its archive, a loaded machine) got a job of half the study, failed for the missing series,
+then a second one. A real node on a localhost port, a pynetdicom sender."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, RTStructureSetStorage
+
+from dicom_node import assembler
+from dicom_node.jobs import FAILED
+from tests import factories
+from tests.conftest import wait_for
+
+
+@contextmanager
+def _association(port: int) -> Iterator[Any]:
+    ae = AE(ae_title="SLOWPACS")
+    for sop_class in (MRImageStorage, RTStructureSetStorage):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GLIOFORECAST")
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
+def _send(assoc: Any, paths: list[Path]) -> None:
+    for path in paths:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
+
+
+def test_a_sender_pausing_mid_study_gets_one_job(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()  # quiet period 0.3 s
+    with _association(node.scp.port) as assoc:
+        _send(assoc, study["t1c"])
+        time.sleep(1.5)  # five quiet periods: the T1-Gd alone would have made a job
+        assert node.store.list_jobs() == []
+        _send(assoc, study["flair"] + study["rtstruct"])
+    (job,) = wait_for(lambda: node.store.list_jobs(), timeout=30, what="the job")
+    assert job.version == 1
+    assert job.instance_count == sum(map(len, study.values()))
+
+
+def test_an_association_kept_open_holds_a_study_for_a_while_only(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sender that keeps its association open (a router) does not hold a study for ever."""
+    monkeypatch.setattr(assembler, "ARRIVING_HOLD_S", 1.0)
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()
+    with _association(node.scp.port) as assoc:
+        _send(assoc, study["t1c"])
+        (job,) = wait_for(lambda: node.store.list_jobs(), timeout=30, what="the job")
+        assert job.state == FAILED and "rtstruct" in job.reason
