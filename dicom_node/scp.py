@@ -457,6 +457,8 @@ class StorageSCP:
         # the studies each open association of a sender stored instances of, with when it
         # stored the last (monotonic): assembly waits for them (studies_arriving)
         self._arriving: dict[int, dict[str, float]] = {}
+        # corrected copies (another patient identity) each open association stored, by study
+        self._corrected: dict[int, collections.Counter[str]] = {}
         self._arriving_lock = threading.Lock()
         # where storage commitment reports go (the outbox); None: the SOP class is not offered
         self.commitment_reports = commitment_reports
@@ -603,6 +605,14 @@ class StorageSCP:
         assoc = event.assoc
         with self._arriving_lock:
             self._arriving.pop(id(assoc), None)
+            corrected = self._corrected.pop(id(assoc), None)
+        for study, count in sorted((corrected or {}).items()):
+            if count == 1:  # said as it came
+                continue
+            log.warning(
+                "%d instance(s) of study %s re-sent by %s under another patient identity "
+                "(corrected copies) replaced those held", count, study, _sender(assoc)[0],
+            )  # fmt: skip
         classes = self._refused_classes.pop(id(assoc), None)
         if classes and assoc.is_acceptor and assoc.requestor.primitive is not None:
             calling, host = _sender(assoc)
@@ -879,11 +889,17 @@ class StorageSCP:
             assert known is not None
             if known[1] != stored.relative:  # filed under another study or series now
                 self.spool.remove(known[1])
-            log.warning(
-                "instance %s of study %s re-sent by %s under another patient identity (a "
-                "corrected copy): it replaces the one held, and the study is assembled again",
-                info.sop_instance_uid, info.study_instance_uid, calling,
-            )  # fmt: skip
+            with self._arriving_lock:  # said once per association and study, then counted
+                counts = self._corrected.setdefault(id(assoc), collections.Counter())
+                counts[info.study_instance_uid] += 1
+                first = counts[info.study_instance_uid] == 1
+            if first:
+                log.warning(
+                    "instance %s of study %s re-sent by %s under another patient identity (a "
+                    "corrected copy): it replaces the one held, and the study is assembled "
+                    "again (the other corrected copies of this association are counted when it "
+                    "ends)", info.sop_instance_uid, info.study_instance_uid, calling,
+                )  # fmt: skip
         elif info.sop_class_uid == sc.KeyObjectSelectionDocumentStorage:
             apply_rejection(
                 self.store, ds, info.series_description, calling, host=host, audit=self.audit,

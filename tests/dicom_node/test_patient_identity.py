@@ -83,7 +83,10 @@ def test_two_patients_fail_and_a_corrected_copy_is_predicted(  # type: ignore[no
     assert len(stored) == sum(len(files) for files in study.values())
     assert {str(ds.PatientID) for ds in stored} == {right}
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert "re-sent by SCANNER1 under another patient identity (a corrected copy)" in logged
+    # said once for the association, then counted (one line per instance before)
+    assert logged.count("re-sent by SCANNER1 under another patient identity (a corrected") == 1
+    n = len(corrected)
+    assert f"{n} instance(s) of study {study_uid} re-sent by SCANNER1 under another" in logged
     assert WRONG not in logged
     # the same copy once more, and the rest of the study, are duplicates: no new version
     assert storescu(node.scp.port, *corrected, *study["003_t1c"]).returncode == 0
