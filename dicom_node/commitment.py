@@ -23,6 +23,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import Association, build_role, evt
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import build_context
 
 from dicom_node.errors import SendError
@@ -45,6 +46,10 @@ NO_SUCH_EVENT_TYPE = 0x0113
 INVALID_ARGUMENT_VALUE = 0x0115
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
+#: Failure Reason of an object the PACS says it does not hold: after a C-STORE it acknowledged,
+#: a PACS that changes SOP Instance UIDs on arrival (transcoding, re-identification) answers
+#: this for every object, however often it is sent again
+NO_SUCH_OBJECT_INSTANCE = 0x0112
 #: Failure Reason (0008,1197) values of the Failed SOP Sequence (PS3.4 J.3.3.1.1)
 FAILURE_REASONS = {
     0x0110: "processing failure",
@@ -71,6 +76,24 @@ _REFUSED_ACTION = {
 class CommitmentRefused(SendError):
     """The destination does not take storage commitment requests from us (a configuration
     mismatch: asking again cannot help)."""
+
+
+class CommitmentAborted(SendError):
+    """The destination aborted the association (A-ABORT) right after the N-ACTION, with no
+    response: what a PACS that does not take storage commitment requests from our AE title
+    may do (Orthanc with ``AllowStorageCommitment`` false, or a calling AE it does not know)
+    instead of answering with a status. Once might be anything, so the outbox asks again; the
+    same on consecutive tries is a :class:`CommitmentRefused`."""
+
+
+def refusal(destination: Destination, found: str) -> CommitmentRefused:
+    """The error of a destination that does not do storage commitment for us, ``found`` saying
+    how it showed it."""
+    return CommitmentRefused(
+        f"expected {destination} to take storage commitment requests from this node "
+        f"(storage_commitment: true), found {found}: enable storage commitment for our AE "
+        "title on the PACS, or set storage_commitment: false"
+    )
 
 
 def describe_reason(reason: int | None) -> str:
@@ -157,10 +180,22 @@ def request(
     may report at once, on this association (PS3.4 J.3.3 lets it): with ``on_report``, the
     association waits up to ``wait_s`` for that report and hands it over (pynetdicom dropped
     it while the association was being released). Raises :class:`CommitmentRefused` when the
-    peer does not do storage commitment for us, and :class:`SendError` for anything a later
-    request may get past (peer down, timeout, a processing failure).
+    peer does not do storage commitment for us, :class:`CommitmentAborted` when it aborted the
+    association instead of answering, and :class:`SendError` for anything a later request may
+    get past (peer down, timeout, a processing failure).
     """
     reported = threading.Event()
+    # how the association ended without a response: pynetdicom returns the same empty status
+    # whether the peer aborted (A-ABORT), the connection dropped (A-P-ABORT), or the response
+    # timed out (pynetdicom then aborts itself, so ``is_aborted`` is true in every case); only
+    # the ACSE primitives received from the peer tell them apart
+    ended_by: list[str] = []
+
+    def on_acse(event: Any) -> None:
+        if isinstance(event.primitive, A_ABORT):
+            ended_by.append("a-abort")
+        elif isinstance(event.primitive, A_P_ABORT):
+            ended_by.append("a-p-abort")
 
     def on_event_report(event: Any) -> tuple[int, None]:
         try:
@@ -185,18 +220,15 @@ def request(
             reported.set()
         return SUCCESS, None
 
-    def refused(found: str) -> CommitmentRefused:
-        return CommitmentRefused(
-            f"expected {destination} to take storage commitment requests from this node "
-            f"(storage_commitment: true), found {found}: enable storage commitment for our AE "
-            "title on the PACS, or set storage_commitment: false"
-        )
-
-    handlers = [(evt.EVT_N_EVENT_REPORT, on_event_report)] if on_report is not None else []
+    handlers: list[Any] = [(evt.EVT_ACSE_RECV, on_acse)]
+    if on_report is not None:
+        handlers.append((evt.EVT_N_EVENT_REPORT, on_event_report))
     try:
         assoc = _associate(destination, calling_ae, timeout_s, handlers=handlers)
     except ContextsRejected as exc:
-        raise refused("that it accepts no Storage Commitment Push Model context") from exc
+        raise refusal(
+            destination, "that it accepts no Storage Commitment Push Model context"
+        ) from exc
     try:
         ds = Dataset()
         ds.TransactionUID = transaction_uid
@@ -209,14 +241,31 @@ def request(
             assoc.release()
     code = getattr(status, "Status", None)
     if code is None:
-        raise SendError(f"no N-ACTION response from {destination} (timeout or connection lost)")
+        # the association's thread reads the peer's A-ABORT after the N-ACTION call returned:
+        # wait for it to end (at once, the association being over) before asking how it ended
+        assoc.join(SAME_ASSOCIATION_WAIT_S)
+        if "a-abort" in ended_by:
+            raise CommitmentAborted(
+                f"expected an N-ACTION response from {destination}, found an A-ABORT right "
+                "after the request: the PACS aborted the storage commitment request: it may "
+                f"not allow storage commitment from AE {calling_ae}"
+            )
+        if "a-p-abort" in ended_by:
+            raise SendError(
+                f"expected an N-ACTION response from {destination}, found the connection "
+                "closed before one came"
+            )
+        raise SendError(
+            f"expected an N-ACTION response from {destination} within {timeout_s:g} s, found "
+            "none (timeout)"
+        )
     code = int(code)
     if code == SUCCESS:
         return
     comment = getattr(status, "ErrorComment", "")
     answer = f"N-ACTION status 0x{code:04X}" + (f" ({comment})" if comment else "")
     if code in _REFUSED_ACTION:
-        raise refused(f"{answer}, {_REFUSED_ACTION[code]}")
+        raise refusal(destination, f"{answer}, {_REFUSED_ACTION[code]}")
     raise SendError(f"{destination} answered the storage commitment request with {answer}")
 
 

@@ -10,8 +10,12 @@ One SQLite file (WAL, synchronous FULL) holds one row per (object, destination) 
   peer's storage commitment report (:mod:`dicom_node.commitment`). The request goes out on the
   next pass; an object the report says is not kept goes back to ``pending`` (sent again), and a
   request left unanswered for ``commitment_timeout_s`` is made again, up to
-  ``commitment_max_requests`` times before the row goes dead. The object's file stays until the
-  peer committed;
+  ``commitment_max_requests`` times before the row goes dead. Two outcomes are no chance
+  failure and end sooner: an object the peer stored and then reported it does not hold
+  (0x0112) is sent once more, and dead the second time (:data:`NOT_HELD_LIMIT`: a PACS that
+  changes SOP Instance UIDs on arrival says so of every object, however often it is sent); a
+  request the peer aborts (A-ABORT) :data:`ABORTS_REFUSE` times in a row is a refusal, as a
+  refusing status is. The object's file stays until the peer committed;
 - ``sent``: acknowledged with a success or warning status (and, with storage commitment,
   committed by the peer);
 - ``dead``: gave up after ``dead_after_attempts`` attempts, or at once on a failure that a retry
@@ -39,7 +43,8 @@ every destination has it; its rows stay until retention forgets its job (:meth:`
 
 Failed attempts back off exponentially: ``retry_initial_s * 2**(attempts - 1)``, at most
 ``retry_max_s``. Every failure is logged with the destination, the attempt number, the next
-delay and the reason; logs name the job id, never the patient.
+delay and the reason, one line per batch, request or report (the count and the first UIDs)
+where a whole batch fails; logs name the job id, never the patient.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -71,7 +76,12 @@ from dicom_node.audit import (
     Participant,
     TransferTally,
 )
-from dicom_node.commitment import PERMANENT_REASONS, CommitmentReport, describe_reason
+from dicom_node.commitment import (
+    NO_SUCH_OBJECT_INSTANCE,
+    PERMANENT_REASONS,
+    CommitmentReport,
+    describe_reason,
+)
 from dicom_node.dicomweb import stow_batch
 from dicom_node.errors import SendError, StorageError
 from dicom_node.loop import BackgroundLoop
@@ -106,9 +116,25 @@ CREATE TABLE IF NOT EXISTS outbox (
     commit_requested_at REAL,
     commit_requests INTEGER NOT NULL DEFAULT 0,
     committed_at REAL,
+    not_held INTEGER NOT NULL DEFAULT 0,
+    commit_aborts INTEGER NOT NULL DEFAULT 0,
     UNIQUE (sop_instance_uid, destination)
 );
 """
+# columns added since the table was last rebuilt (see _migrate): an outbox made before has them
+# added, as they are declared here (an earlier version run on it afterwards ignores them)
+_ADDED_COLUMNS = {
+    # how often the peer reported, after acknowledging the object's C-STORE, that it does not
+    # hold it (Failure Reason 0x0112); the operator's retry resets it
+    "not_held": "INTEGER NOT NULL DEFAULT 0",
+    # storage commitment requests the peer aborted in a row (A-ABORT instead of a response)
+    "commit_aborts": "INTEGER NOT NULL DEFAULT 0",
+}
+#: a row the peer acknowledged and then reported it does not hold (0x0112) this many times goes
+#: dead: once can be a file lost; twice is a PACS that stores under other SOP Instance UIDs
+NOT_HELD_LIMIT = 2
+#: storage commitment requests aborted in a row after which the peer counts as refusing them
+ABORTS_REFUSE = 3
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, destination, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS outbox_sop ON outbox (sop_instance_uid)",
@@ -174,26 +200,40 @@ _STUDY_KEYWORDS = (
 def _migrate(database: Database) -> None:
     """Rebuild an outbox table made by an earlier version (its CHECK lacks the states added
     since: ``committing``, ``withdrawn``, ``rejected``; before storage commitment it also lacks
-    the commitment columns); rows are copied as they are."""
+    the commitment columns); rows are copied as they are. Columns added since the last rebuild
+    (:data:`_ADDED_COLUMNS`) are added to a table that lacks them."""
     query = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'"
 
     def current(row: sqlite3.Row | None) -> bool:
         return row is None or "'rejected'" in row[0]
 
+    def missing(db: sqlite3.Connection) -> list[str]:
+        have = {r[1] for r in db.execute("PRAGMA table_info(outbox)")}
+        return [c for c in _ADDED_COLUMNS if c not in have]
+
     with database.lock:  # read first: no write lock for a database that is up to date
-        if current(database.conn.execute(query).fetchone()):
+        if current(database.conn.execute(query).fetchone()) and not missing(database.conn):
             return
-    with database.transaction() as db:
-        if current(db.execute(query).fetchone()):  # another process rebuilt it meanwhile
-            return
-        columns = ", ".join(r[1] for r in db.execute("PRAGMA table_info(outbox)"))
-        db.execute(_OUTBOX_TABLE.replace("IF NOT EXISTS outbox (", "outbox_rebuilt ("))
-        db.execute(f"INSERT INTO outbox_rebuilt ({columns}) SELECT {columns} FROM outbox")
-        db.execute("DROP TABLE outbox")
-        db.execute("ALTER TABLE outbox_rebuilt RENAME TO outbox")
-        for index in _INDEXES:
-            db.execute(index)
-    logger.info("outbox: database %s upgraded to this version's states", database.path)
+    rebuilt = False
+    with database.transaction() as db:  # another process may have upgraded it meanwhile
+        if not current(db.execute(query).fetchone()):
+            columns = ", ".join(r[1] for r in db.execute("PRAGMA table_info(outbox)"))
+            db.execute(_OUTBOX_TABLE.replace("IF NOT EXISTS outbox (", "outbox_rebuilt ("))
+            db.execute(f"INSERT INTO outbox_rebuilt ({columns}) SELECT {columns} FROM outbox")
+            db.execute("DROP TABLE outbox")
+            db.execute("ALTER TABLE outbox_rebuilt RENAME TO outbox")
+            for index in _INDEXES:
+                db.execute(index)
+            rebuilt = True
+        added = missing(db)
+        for column in added:
+            db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
+    if rebuilt:
+        logger.info("outbox: database %s upgraded to this version's states", database.path)
+    if added:
+        logger.info(
+            "outbox: database %s upgraded: columns %s added", database.path, ", ".join(added)
+        )
 
 
 class SendingLike(Protocol):
@@ -259,6 +299,8 @@ class OutboxItem:
     commit_requested_at: float | None = None
     commit_requests: int = 0
     committed_at: float | None = None
+    not_held: int = 0
+    commit_aborts: int = 0
 
 
 @dataclass(frozen=True)
@@ -616,7 +658,7 @@ class Outbox:
             db.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, sent_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = NULL, next_attempt_at = ?, "
-                "commit_requested_at = NULL WHERE id = ?",
+                "commit_requested_at = NULL, commit_aborts = 0 WHERE id = ?",
                 ("committing" if commit else "sent", now, now, status, now, item.id),
             )
         if not commit:
@@ -722,7 +764,9 @@ class Outbox:
         ids: Sequence[int] | None = None,
         states: Sequence[str] = ("dead",),
     ) -> int:
-        """Re-queue rows (dead ones by default) for an attempt now, attempts reset to 0; rows
+        """Re-queue rows (dead ones by default) for an attempt now, attempts reset to 0 (and
+        the counts of objects reported not held and of requests aborted, which made rows dead
+        sooner: the operator changed something); rows
         in ``committing`` (with ``states`` naming it) have their storage commitment asked for
         again now instead (the PACS's report was lost, say while the node was down).
 
@@ -750,6 +794,7 @@ class Outbox:
             if resend:
                 n += db.execute(
                     "UPDATE outbox SET state = 'pending', attempts = 0, commit_requests = 0, "
+                    "not_held = 0, commit_aborts = 0, "
                     f"next_attempt_at = ?, updated_at = ? WHERE state IN "
                     f"({','.join('?' * len(resend))}){where}",
                     [now, now, *resend, *args],
@@ -757,6 +802,7 @@ class Outbox:
             if "committing" in states:
                 n += db.execute(
                     "UPDATE outbox SET commit_requested_at = NULL, commit_requests = 0, "
+                    "commit_aborts = 0, "
                     f"next_attempt_at = ?, updated_at = ? WHERE state = 'committing'{where}",
                     [now, now, *args],
                 ).rowcount
@@ -801,10 +847,11 @@ class Outbox:
                 "AND commit_requested_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
                 (destination, now, limit),
             ).fetchall()
-        for r in dead.values():
+        if dead:  # one line for them all: a request lists up to a thousand objects
             logger.error(
-                "outbox: delivery of %s to %s is dead: %s", r["sop_instance_uid"], destination,
-                error, extra={"job": r["job"]},
+                "outbox: %d deliveries to %s are dead (%s): %s", len(dead), destination,
+                _some([str(r["sop_instance_uid"]) for r in dead.values()]), error,
+                extra=_job_extra(str(r["job"]) for r in dead.values()),
             )  # fmt: skip
         if len(expired) > len(dead):
             logger.warning(
@@ -830,19 +877,60 @@ class Outbox:
             )
 
     def commitment_not_requested(
-        self, items: Sequence[OutboxItem], error: str, *, permanent: bool = False
+        self,
+        items: Sequence[OutboxItem],
+        error: str,
+        *,
+        permanent: bool = False,
+        aborted: bool = False,
+        refused: str = "",
     ) -> list[OutboxItem]:
         """The request did not reach the peer (or was refused): the rows ask again after the
-        back-off, a failed attempt each, or go dead when ``permanent``."""
+        back-off, a failed attempt each, or go dead when ``permanent``. ``aborted``: the peer
+        aborted the request (:class:`~dicom_node.commitment.CommitmentAborted`); a row whose
+        last :data:`ABORTS_REFUSE` requests were all aborted goes dead with ``refused`` (the
+        error of a refusal), as if the peer had refused it with a status. One log line for
+        them all."""
         with self._tx() as db:
             db.executemany(
-                "UPDATE outbox SET commit_requests = max(commit_requests - 1, 0) WHERE id = ?",
-                [(item.id,) for item in items],
+                "UPDATE outbox SET commit_requests = max(commit_requests - 1, 0), "
+                "commit_aborts = CASE WHEN ? THEN commit_aborts + 1 ELSE 0 END WHERE id = ?",
+                [(aborted, item.id) for item in items],
             )
-        return [
-            self.mark_failed(item, error, permanent=permanent, retry_state="committing")
-            for item in items
-        ]
+            aborts = {
+                int(r["id"]): int(r["commit_aborts"])
+                for r in db.execute(
+                    f"SELECT id, commit_aborts FROM outbox WHERE id IN "
+                    f"({','.join('?' * len(items))})",
+                    [item.id for item in items],
+                )
+            } if items else {}  # fmt: skip
+        at = self.clock()  # the rows are due again together
+        updated = []
+        for item in items:
+            refuse = aborted and bool(refused) and aborts.get(item.id, 0) >= ABORTS_REFUSE
+            updated.append(
+                self.mark_failed(
+                    item,
+                    refused if refuse else error,
+                    permanent=permanent or refuse,
+                    retry_state="committing",
+                    quiet=True,
+                    at=at,
+                )
+            )
+        _log_commitment_failure(updated, at)
+        return updated
+
+    def commitment_accepted(self, items: Sequence[OutboxItem]) -> None:
+        """The peer accepted a request for ``items``: the requests it aborted before are no
+        longer "in a row"."""
+        again = [item.id for item in items if item.commit_aborts]
+        if again:
+            with self._tx() as db:
+                db.executemany(
+                    "UPDATE outbox SET commit_aborts = 0 WHERE id = ?", [(i,) for i in again]
+                )
 
     def settle_without_commitment(self, destination: str) -> int:
         """``destination`` no longer does storage commitment (the setting was turned off): what
@@ -870,9 +958,12 @@ class Outbox:
 
     def apply_report(self, report: CommitmentReport) -> dict[str, int]:
         """Apply a storage commitment report: committed rows are delivered, failed ones are
-        sent again (or dead, for a reason a resend cannot change). Rows no longer waiting for a
-        commitment are left as they are. Returns the counts (committed, failed, unknown: UIDs
-        the transaction did not list, waiting: rows of the transaction still waiting)."""
+        sent again (or dead, for a reason a resend cannot change, or the second time the peer
+        says it does not hold what it had stored: :data:`NOT_HELD_LIMIT`). Rows no longer
+        waiting for a commitment are left as they are. Returns the counts (committed, failed,
+        unknown: UIDs the transaction did not list, waiting: rows of the transaction still
+        waiting). What was not kept is logged in one line per Failure Reason (one for the
+        whole transaction when the peer holds none of its objects), not per object."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT o.* FROM outbox o JOIN commitments c ON c.outbox_id = o.id "
@@ -913,20 +1004,42 @@ class Outbox:
                 destination, report.transaction_uid, extra={"job": rows[0]["job"]},
             )  # fmt: skip
         counts["committed"] = len(committed)
-        for uid, reason in report.failed:
-            waiting = by_uid.get(uid)
-            if waiting is None or waiting.state != "committing":
-                continue
-            self.mark_failed(
-                waiting,
+        failed = [
+            (by_uid[uid], reason) for uid, reason in report.failed
+            if uid in by_uid and by_uid[uid].state == "committing"
+        ]  # fmt: skip
+        # the peer acknowledged these by C-STORE (they wait in committing) and now says it does
+        # not hold them: counted, so that a PACS that keeps them under other UIDs is not sent
+        # the same objects for ever
+        not_held = [item for item, reason in failed if reason == NO_SUCH_OBJECT_INSTANCE]
+        if not_held:
+            with self._tx() as db:
+                db.executemany(
+                    "UPDATE outbox SET not_held = not_held + 1 WHERE id = ?",
+                    [(item.id,) for item in not_held],
+                )
+        outcomes: dict[int | None, list[OutboxItem]] = {}
+        for item, reason in failed:
+            error = (
                 f"{destination} did not commit to keeping it: failure reason "
-                f"{describe_reason(reason)}",
-                status=reason,
-                permanent=reason in PERMANENT_REASONS,
+                f"{describe_reason(reason)}"
             )
+            permanent = reason in PERMANENT_REASONS
+            if reason == NO_SUCH_OBJECT_INSTANCE and item.not_held + 1 >= NOT_HELD_LIMIT:
+                error = _not_held_error(destination, item.last_status)
+                permanent = True
+            elif reason == NO_SUCH_OBJECT_INSTANCE:
+                error += " after storing it: sent once more (a file lost can happen once)"
+            updated = self.mark_failed(
+                item, error, status=reason, permanent=permanent, quiet=True, at=now
+            )
+            outcomes.setdefault(reason, []).append(updated)
             counts["failed"] += 1
         with self._tx() as db:
             db.execute(_FORGET_SETTLED)
+        whole = len(outcomes.get(NO_SUCH_OBJECT_INSTANCE, [])) == len(rows)
+        for reason, updated_items in outcomes.items():
+            _log_not_kept(destination, report.transaction_uid, reason, updated_items, whole)
         listed = set(report.committed) | {uid for uid, _ in report.failed}
         counts["unknown"] = len(listed - set(by_uid))
         counts["waiting"] = sum(
@@ -1120,6 +1233,8 @@ def _item(row: sqlite3.Row, state: str | None = None) -> OutboxItem:
         commit_requested_at=_time(row["commit_requested_at"]),
         commit_requests=int(row["commit_requests"]),
         committed_at=_time(row["committed_at"]),
+        not_held=int(row["not_held"]),
+        commit_aborts=int(row["commit_aborts"]),
     )
 
 
@@ -1228,10 +1343,25 @@ def request_commitments(
                 on_report=outbox.apply_report,  # a PACS that reports on this association
             )
         except SendError as exc:
-            permanent = isinstance(exc, commitment.CommitmentRefused)
-            for updated in outbox.commitment_not_requested(items, str(exc), permanent=permanent):
-                _count_failure(report, updated, str(exc))
+            aborted = isinstance(exc, commitment.CommitmentAborted)
+            # a peer that aborts every request does not take them from us: after a few in a
+            # row, a refusal (dead at once) rather than a failure retried for hours
+            refused = commitment.refusal(
+                dest,
+                f"that it aborted the request {ABORTS_REFUSE} times in a row (A-ABORT right "
+                "after the N-ACTION, no response): it may not allow storage commitment from AE "
+                f"{calling_ae}",
+            )
+            for updated in outbox.commitment_not_requested(
+                items,
+                str(exc),
+                permanent=isinstance(exc, commitment.CommitmentRefused),
+                aborted=aborted,
+                refused=str(refused) if aborted else "",
+            ):
+                _count_failure(report, updated, updated.last_error or str(exc))
             return
+        outbox.commitment_accepted(items)
         report.commitment_requests += 1
         logger.info(
             "outbox: asked %s to commit to keeping %d objects (transaction %s)",
@@ -1344,6 +1474,98 @@ def _log_batch_failure(destination: str, items: list[OutboxItem], msg: str, now:
             len(dead), "y" if len(dead) == 1 else "ies", destination,
             "is" if len(dead) == 1 else "are", max(i.attempts for i in dead), msg, extra=extra,
         )  # fmt: skip
+
+
+def _some(uids: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``uids``, and how many more: what a line on many objects names."""
+    head = ", ".join(uids[:shown])
+    return head + (f" and {len(uids) - shown} more" if len(uids) > shown else "")
+
+
+def _job_extra(jobs: Iterable[str]) -> dict[str, str]:
+    """The log record's ``job``: the one job of the objects a line is about, or "-"."""
+    found = sorted({j for j in jobs if j})
+    return {"job": found[0] if len(found) == 1 else "-"}
+
+
+def _log_commitment_failure(items: Sequence[OutboxItem], now: float) -> None:
+    """One line for a storage commitment request that failed (up to a thousand objects), and
+    one for the rows it made dead, rather than one per object and attempt: a PACS that aborts
+    every request made hundreds of lines a minute."""
+    if not items:
+        return
+    destination = items[0].destination
+    extra = _job_extra(i.job for i in items)
+    waiting = [i for i in items if i.state != "dead"]
+    dead = [i for i in items if i.state == "dead"]
+    if waiting:
+        attempts = sorted({i.attempts for i in waiting})
+        logger.warning(
+            "outbox: storage commitment request for %d objects at %s failed (attempt %s), "
+            "asking again in %.1f s (%s): %s", len(waiting), destination,
+            str(attempts[0]) if len(attempts) == 1 else f"{attempts[0]}-{attempts[-1]}",
+            max(min(i.next_attempt_at for i in waiting) - now, 0.0),
+            _some([i.sop_instance_uid for i in waiting]), waiting[0].last_error, extra=extra,
+        )  # fmt: skip
+    if dead:
+        logger.error(
+            "outbox: %d deliver%s to %s %s dead after %d attempts (%s): %s", len(dead),
+            "y" if len(dead) == 1 else "ies", destination, "is" if len(dead) == 1 else "are",
+            max(i.attempts for i in dead), _some([i.sop_instance_uid for i in dead]),
+            dead[0].last_error, extra=extra,
+        )  # fmt: skip
+
+
+def _not_held_error(destination: str, store_status: int | None) -> str:
+    """The error of a row the peer stored, then reported not held, :data:`NOT_HELD_LIMIT`
+    times."""
+    status = "success" if store_status is None else f"status 0x{store_status:04X}"
+    return (
+        f"expected {destination} to hold the object it stored (C-STORE {status}) under the SOP "
+        f"Instance UID it was sent, found that {destination} stored it and then reported it "
+        "does not hold it (0x0112) twice: it may change SOP Instance UIDs on arrival (e.g. "
+        "transcoding), which storage commitment cannot follow; turn storage_commitment off "
+        "for it or stop the rewriting"
+    )
+
+
+def _log_not_kept(
+    destination: str,
+    transaction: str,
+    reason: int | None,
+    items: Sequence[OutboxItem],
+    whole: bool,
+) -> None:
+    """One line for the objects of a report that ``destination`` did not commit to keeping
+    for ``reason``; ``whole``: it holds none of the transaction's objects (0x0112 for each)."""
+    dead = [i for i in items if i.state == "dead"]
+    again = len(items) - len(dead)
+    if whole:
+        what = (
+            f"{destination} holds none of the {len(items)} objects of transaction "
+            f"{transaction}, which it had stored: failure reason {describe_reason(reason)} "
+            "for each"
+        )
+    else:
+        what = (
+            f"{destination} did not commit to keeping {len(items)} objects of transaction "
+            f"{transaction}: failure reason {describe_reason(reason)}"
+        )
+    if reason == NO_SUCH_OBJECT_INSTANCE:
+        # one file lost is something else; several at once (Orthanc transcodes the images of
+        # a transaction, and commits its SEG and SR) or twice the same are likely this
+        if whole or dead or len(items) > 1:
+            what += (
+                "; it may change SOP Instance UIDs on arrival (e.g. transcoding), which "
+                "storage commitment cannot follow"
+            )
+        outcome = f"{again} sent once more, {len(dead)} dead (reported not held twice)"
+    else:
+        outcome = f"{again} sent again, {len(dead)} dead"
+    (logger.error if dead else logger.warning)(
+        "outbox: %s; %s (%s)", what, outcome, _some([i.sop_instance_uid for i in items]),
+        extra=_job_extra(i.job for i in items),
+    )  # fmt: skip
 
 
 def _count_failure(report: DeliveryReport, updated: OutboxItem, msg: str) -> None:

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +41,26 @@ from tests.dicom_node.test_scu import ALL_CLASSES, StoreSCP
 @dataclass
 class CommitmentPACS:
     """A storage SCP that takes storage commitment requests and records them; it reports
-    nothing by itself (the test sends the reports it wants)."""
+    nothing by itself (the test sends the reports it wants), unless ``report_at_once``: then it
+    reports at once what it holds, and 0x0112 (no such object instance) for the rest."""
 
     action_status: int = 0x0000
     report_at_once: bool = False  # on the request's own association, as soon as it answered
+    # how it takes an N-ACTION: "answer" (with action_status), "abort" (A-ABORT, no response:
+    # Orthanc with AllowStorageCommitment false), "silent" (no response for silent_s)
+    on_action: str = "answer"
+    silent_s: float = 3.0
+    # stores each object under a SOP Instance UID of its own (Orthanc with IngestTranscoding
+    # to a lossy syntax, an archive that re-identifies)
+    rewrites_uids: bool = False
+    lose_once: set[str] = field(default_factory=set)  # loses the first copy of these
     ae_title: str = "COMMITPACS"
-    stored: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)  # the SOP Instance UIDs received
+    held: set[str] = field(default_factory=set)  # those it keeps objects under
     requests: list[tuple[str, list[str]]] = field(default_factory=list)
     server: ThreadedAssociationServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> CommitmentPACS:
         ae = AE(ae_title=self.ae_title)
@@ -64,6 +76,7 @@ class CommitmentPACS:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.server is not None:
             self.server.shutdown()
 
@@ -73,8 +86,13 @@ class CommitmentPACS:
         return Destination("pacs", self.ae_title, "127.0.0.1", port, storage_commitment=True)
 
     def _on_store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:
-            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+            self.stored.append(uid)
+            if uid in self.lose_once:
+                self.lose_once.discard(uid)
+            else:
+                self.held.add(f"2.25.{uuid.uuid4().int}" if self.rewrites_uids else uid)
         return 0x0000
 
     def _on_action(self, event: evt.Event) -> tuple[int, None]:
@@ -88,15 +106,30 @@ class CommitmentPACS:
                     [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence],
                 )
             )
+        if self.on_action == "abort":  # what Orthanc does when it takes none from us
+            event.assoc.abort()
+            return 0x0110, None  # never sent: the association is gone
+        if self.on_action == "silent":
+            self._stopping.wait(self.silent_s)
         if self.report_at_once:
             answer = Dataset()
             answer.TransactionUID = info.TransactionUID
-            answer.ReferencedSOPSequence = info.ReferencedSOPSequence
+            with self._lock:
+                kept = [i for i in info.ReferencedSOPSequence
+                        if i.ReferencedSOPInstanceUID in self.held]  # fmt: skip
+                lost = [i for i in info.ReferencedSOPSequence
+                        if i.ReferencedSOPInstanceUID not in self.held]  # fmt: skip
+            answer.ReferencedSOPSequence = kept
+            for item in lost:
+                item.FailureReason = 0x0112  # no such object instance
+            if lost:
+                answer.FailedSOPSequence = lost
             assoc = event.assoc
 
             def report_now() -> None:
                 time.sleep(0.2)  # once the N-ACTION response is out
-                assoc.send_n_event_report(answer, 1, PUSH_MODEL, PUSH_MODEL_INSTANCE)
+                kind = 2 if lost else 1
+                assoc.send_n_event_report(answer, kind, PUSH_MODEL, PUSH_MODEL_INSTANCE)
 
             threading.Thread(target=report_now, daemon=True).start()
         return self.action_status, None
@@ -137,19 +170,33 @@ def pacs() -> Iterator[CommitmentPACS]:
 
 
 def _outbox(tmp_path: Path, clock: Clock, **policy: Any) -> Outbox:
-    p = RetryPolicy(
-        retry_initial_s=10.0,
-        retry_max_s=60.0,
-        dead_after_attempts=5,
-        commitment_timeout_s=600.0,
-        commitment_max_requests=3,
-        **policy,
-    )
+    settings: dict[str, Any] = {
+        "retry_initial_s": 10.0,
+        "retry_max_s": 60.0,
+        "dead_after_attempts": 5,
+        "commitment_timeout_s": 600.0,
+        "commitment_max_requests": 3,
+    }
+    p = RetryPolicy(**{**settings, **policy})
     return Outbox(tmp_path / "outbox.sqlite3", policy=p, clock=clock)
 
 
+def _problems(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The outbox's WARNING and ERROR lines so far (and forgets them)."""
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dicom_node.outbox" and r.levelno >= logging.WARNING
+    ]
+    caplog.clear()
+    return lines
+
+
 def test_unanswered_requests_are_made_again_then_the_delivery_is_dead(
-    tmp_path: Path, pacs: CommitmentPACS, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    pacs: CommitmentPACS,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = Clock()
     dest = pacs.destination()
@@ -178,9 +225,13 @@ def test_unanswered_requests_are_made_again_then_the_delivery_is_dead(
         assert pacs.stored == [str(d.SOPInstanceUID) for d in objs], "nothing sent twice"
 
         clock.t += 600
+        caplog.clear()
         assert deliver_due(ob, [dest]).commitment_requests == 0
         items = ob.items()
         assert {i.state for i in items} == {"dead"}
+        [dead] = _problems(caplog)  # one line for the request's objects, not one each
+        assert dead.startswith(f"outbox: {len(objs)} deliveries to pacs are dead (")
+        assert f"and {len(objs) - 3} more): no storage commitment report from pacs" in dead
         assert all("no storage commitment report from pacs for 3 requests" in (i.last_error or "")
                    for i in items)  # fmt: skip
         assert len(list(ob.objects_dir.iterdir())) == len(objs), "a dead row keeps its object"
@@ -298,6 +349,195 @@ def test_a_refused_request_backs_off_and_is_made_again(
         result = deliver_due(ob, [dest])
         assert result.dead == len(_objects())
         assert all("0x0123" in (i.last_error or "") for i in ob.items())
+
+
+def _uids(objs: Sequence[Dataset]) -> list[str]:
+    return [str(d.SOPInstanceUID) for d in objs]
+
+
+def test_a_pacs_that_changes_uids_on_arrival_gets_each_object_twice_at_most(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc transcoding what it receives (IngestTranscoding to a lossy syntax) stores each
+    object under a new SOP Instance UID, then reports that it holds none of those sent
+    (0x0112): the outbox sent them again and again, the PACS's series grew from 44 to 468
+    images in 90 s. The second such report makes the rows dead, with an error that says why."""
+    pacs = CommitmentPACS(report_at_once=True, rewrites_uids=True).start()
+    dest = pacs.destination()
+    clock = Clock()
+    objs = _objects()
+    try:
+        with _outbox(tmp_path, clock, dead_after_attempts=50) as ob:  # the settings' default
+            ob.enqueue(objs, [dest.name], job="job-1")
+            first = deliver_due(ob, [dest])
+            assert first.sent == len(objs) and first.commitment_requests == 1
+            items = ob.items()
+            assert {i.state for i in items} == {"pending"}, "a file lost can happen once"
+            assert all("0x0112 (no such object instance) after storing it: sent once more"
+                       in (i.last_error or "") for i in items)  # fmt: skip
+            [line] = _problems(caplog)  # one line for the transaction, not one per object
+            assert f"pacs holds none of the {len(objs)} objects of transaction " in line
+            assert "it may change SOP Instance UIDs on arrival (e.g. transcoding)" in line
+            assert f"{len(objs)} sent once more, 0 dead" in line
+
+            clock.t = min(i.next_attempt_at for i in items)
+            assert deliver_due(ob, [dest]).sent == len(objs)
+            items = ob.items()
+            assert {i.state for i in items} == {"dead"}
+            for item in items:
+                assert (
+                    "pacs stored it and then reported it does not hold it (0x0112) twice: it "
+                    "may change SOP Instance UIDs on arrival (e.g. transcoding), which storage "
+                    "commitment cannot follow; turn storage_commitment off for it or stop the "
+                    "rewriting" in (item.last_error or "")
+                )
+                assert (item.last_error or "").startswith(
+                    "expected pacs to hold the object it stored (C-STORE status 0x0000)"
+                )
+            [line] = _problems(caplog)
+            assert f"0 sent once more, {len(objs)} dead (reported not held twice)" in line
+
+            for _ in range(5):  # nothing more goes out, however long the node runs
+                clock.t += 3600
+                assert deliver_due(ob, [dest]).sent == 0
+            assert sorted(pacs.stored) == sorted(_uids(objs) * 2)
+            assert len(pacs.held) == 2 * len(objs)
+
+            # the site turns storage commitment off for it and re-queues them: delivered
+            plain = dataclasses.replace(dest, storage_commitment=False)
+            assert ob.retry(destination="pacs") == len(objs)
+            assert deliver_due(ob, [plain]).sent == len(objs)
+            assert ob.counts() == {"pacs": {"sent": len(objs)}}
+    finally:
+        pacs.stop()
+
+
+def test_an_object_the_pacs_lost_once_is_sent_again_and_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One object reported not held (a file lost on the PACS's side) is sent once more, and
+    delivered when the PACS then keeps it; the line does not blame UID rewriting."""
+    pacs = CommitmentPACS(report_at_once=True).start()
+    dest = pacs.destination()
+    clock = Clock()
+    objs = _objects()
+    lost = str(objs[2].SOPInstanceUID)
+    pacs.lose_once.add(lost)
+    try:
+        with _outbox(tmp_path, clock) as ob:
+            ob.enqueue(objs, [dest.name], job="job-1")
+            deliver_due(ob, [dest])
+            states = {i.sop_instance_uid: i.state for i in ob.items()}
+            assert states.pop(lost) == "pending" and set(states.values()) == {"sent"}
+            [line] = _problems(caplog)
+            assert "pacs did not commit to keeping 1 objects of transaction " in line
+            assert "0x0112 (no such object instance)" in line and lost in line
+            assert "transcoding" not in line
+
+            clock.t += 3600
+            deliver_due(ob, [dest])
+            assert ob.counts() == {"pacs": {"sent": len(objs)}}
+            assert pacs.stored.count(lost) == 2
+    finally:
+        pacs.stop()
+
+
+def test_a_pacs_that_aborts_the_request_refuses_it_after_three_in_a_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orthanc with AllowStorageCommitment false (or not knowing our AE title) aborts the
+    association on the N-ACTION, within milliseconds: that was retried up to 50 attempts with
+    one WARNING per object each time (546 lines a minute for 91 objects). Three in a row are a
+    refusal, and each try is one line."""
+    pacs = CommitmentPACS(on_action="abort").start()
+    dest = pacs.destination()
+    clock = Clock()
+    objs = _objects()
+    try:
+        with _outbox(tmp_path, clock, dead_after_attempts=50) as ob:
+            ob.enqueue(objs, [dest.name], job="job-1")
+            first = deliver_due(ob, [dest])
+            assert first.sent == len(objs) and first.commitment_requests == 0
+            assert first.failed == len(objs)
+            items = ob.items()
+            assert {i.state for i in items} == {"committing"}
+            error = items[0].last_error or ""
+            assert error.startswith(f"expected an N-ACTION response from {dest}, found an "
+                                    "A-ABORT right after the request")  # fmt: skip
+            assert error.endswith(
+                "the PACS aborted the storage commitment request: it may not allow storage "
+                "commitment from AE GLIOFORECAST"
+            )
+            [line] = _problems(caplog)
+            assert line.startswith(
+                f"outbox: storage commitment request for {len(objs)} objects at pacs failed "
+                "(attempt 2), asking again in 20.0 s ("
+            )
+            assert "the PACS aborted the storage commitment request" in line
+
+            clock.t = ob.next_due() or 0
+            assert deliver_due(ob, [dest]).failed == len(objs)
+            assert {i.state for i in ob.items()} == {"committing"}
+            assert len(_problems(caplog)) == 1
+
+            clock.t = ob.next_due() or 0
+            third = deliver_due(ob, [dest])
+            assert third.dead == len(objs)
+            items = ob.items()
+            assert {i.state for i in items} == {"dead"}
+            assert {i.last_error for i in items} == {
+                f"expected {dest} to take storage commitment requests from this node "
+                "(storage_commitment: true), found that it aborted the request 3 times in a row "
+                "(A-ABORT right after the N-ACTION, no response): it may not allow storage "
+                "commitment from AE GLIOFORECAST: enable storage commitment for our AE title on "
+                "the PACS, or set storage_commitment: false"
+            }
+            [line] = _problems(caplog)
+            assert line.startswith(f"outbox: {len(objs)} deliveries to pacs are dead after 4 ")
+            assert len(pacs.requests) == 3
+            assert ob.next_due() is None, "nothing left to try"
+            assert sorted(pacs.stored) == sorted(_uids(objs)), "stored once"
+    finally:
+        pacs.stop()
+
+
+def test_a_request_left_unanswered_is_no_abort_by_the_pacs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No response within the timeout (the node aborts the association itself) is not the
+    PACS refusing: it is named as a timeout, and it breaks a run of aborted requests."""
+    pacs = CommitmentPACS(on_action="abort", silent_s=3.0).start()
+    dest = pacs.destination()
+    clock = Clock()
+    try:
+        with _outbox(tmp_path, clock, dead_after_attempts=50) as ob:
+            ob.enqueue(_objects(), [dest.name], job="job-1")
+            deliver_due(ob, [dest])
+            clock.t = ob.next_due() or 0
+            deliver_due(ob, [dest])
+            assert {i.state for i in ob.items()} == {"committing"}  # two aborted in a row
+
+            pacs.on_action = "silent"
+            clock.t = ob.next_due() or 0
+            caplog.clear()
+            deliver_due(ob, [dest], timeout_s=1.0)
+            items = ob.items()
+            assert {i.state for i in items} == {"committing"}
+            assert {i.last_error for i in items} == {
+                f"expected an N-ACTION response from {dest} within 1 s, found none (timeout)"
+            }
+            assert "aborted" not in " ".join(_problems(caplog))
+
+            pacs.on_action = "abort"  # the run starts again: two more are not yet three
+            for _ in range(2):
+                clock.t = ob.next_due() or 0
+                deliver_due(ob, [dest])
+            assert {i.state for i in ob.items()} == {"committing"}
+            clock.t = ob.next_due() or 0
+            assert deliver_due(ob, [dest]).dead == len(_objects())
+            assert len(pacs.requests) == 6
+    finally:
+        pacs.stop()
 
 
 @pytest.fixture
@@ -502,6 +742,87 @@ def test_an_outbox_made_before_storage_commitment_is_upgraded(
         assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
     with Outbox(db) as ob:  # opening it again changes nothing
         assert ob.counts() == {"pacs": {"sent": 1, "committing": len(objs) - 1}}
+
+
+# the outbox table of the version before the counts of 0x0112 reports and aborted requests
+PREVIOUS_SCHEMA = """
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    job TEXT NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'sending', 'committing', 'sent', 'dead', 'withdrawn',
+                         'rejected')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    last_status INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    commit_requested_at REAL,
+    commit_requests INTEGER NOT NULL DEFAULT 0,
+    committed_at REAL,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX outbox_due ON outbox (state, destination, next_attempt_at);
+CREATE INDEX outbox_sop ON outbox (sop_instance_uid);
+"""
+
+
+def test_an_outbox_of_the_previous_version_takes_the_new_counts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outbox the previous version made, with rows waiting for a commitment, gets the
+    columns that count 0x0112 reports and aborted requests on its first start; its rows are
+    then made dead by a PACS that rewrites UIDs like new ones."""
+    caplog.set_level(logging.INFO, logger="dicom_node.outbox")
+    db = tmp_path / "outbox.sqlite3"
+    objs = _objects()
+    with Outbox(db) as ob:  # the objects' files, written the way both versions write them
+        ob.enqueue(objs, ["pacs"], job="job-old")
+    rows = (
+        sqlite3.connect(db)
+        .execute(
+            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
+            "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
+        )
+        .fetchall()
+    )
+    db.unlink()
+    old = sqlite3.connect(db)
+    old.executescript(PREVIOUS_SCHEMA)
+    old.executemany(  # acknowledged by C-STORE, the commitment not yet asked for
+        "INSERT INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, destination, "
+        "job, path, state, attempts, last_status, next_attempt_at, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, 'committing', 1, 0, ?, ?, ?)",
+        rows,
+    )
+    old.commit()
+    old.close()
+
+    pacs = CommitmentPACS(report_at_once=True, rewrites_uids=True).start()
+    clock = Clock(max(r[-3] for r in rows))
+    try:
+        with _outbox(tmp_path, clock) as ob:
+            assert "columns not_held, commit_aborts added" in caplog.text
+            assert ob.counts() == {"pacs": {"committing": len(objs)}}
+            assert {(i.not_held, i.commit_aborts) for i in ob.items()} == {(0, 0)}
+            assert deliver_due(ob, [pacs.destination()]).commitment_requests == 1
+            assert {(i.state, i.not_held) for i in ob.items()} == {("pending", 1)}
+            clock.t += 3600
+            assert deliver_due(ob, [pacs.destination()]).sent == len(objs)
+            assert {(i.state, i.not_held) for i in ob.items()} == {("dead", 2)}
+        caplog.clear()
+        with Outbox(db) as ob:  # opening it again changes nothing
+            assert ob.counts() == {"pacs": {"dead": len(objs)}}
+        assert "added" not in caplog.text
+    finally:
+        pacs.stop()
 
 
 def test_check_destinations_says_which_take_results_as_configured(
