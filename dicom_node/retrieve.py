@@ -11,8 +11,12 @@ no structure set (neither of its own nor in another study of the patient the nod
    ``assembly.link_rt_days`` is 0, as the node would not link another study's objects);
 2. their RT series (RTSTRUCT, RTDOSE, REG) that the node does not hold, other than the node's
    own results (a predicted RTSTRUCT the PACS keeps);
-3. a C-MOVE of each to the node's own AE title: the PACS sends them to the node's receiver
-   like any other sender, where they are stored and recorded before the C-MOVE ends.
+3. a C-MOVE of each to the node's own AE title, each on its own and the structure sets
+   first (a series the PACS cannot send keeps none of the others away): the PACS sends them
+   to the node's receiver like any other sender, where they are stored and recorded. What
+   came is what the receiver holds of each series, not what the PACS reported: one that moves
+   asynchronously (Orthanc with SynchronousCMove false) answers before it sends, so the
+   retriever waits for what it reported, up to ``retrieve.move_timeout_s``.
 
 The study is then assembled again after the quiet period with what came (a structure set in
 the study itself, or linked from the planning study by frame of reference as when it is
@@ -22,8 +26,11 @@ saying what the PACS was asked and what it answered, and later versions of the s
 same way without asking. The PACS is asked again every ``retrieve.ask_again_h`` hours for
 ``retrieve.ask_again_days`` days from the first time (a plan drawn days after the MR), the
 failed job left as it is until something comes; ``jobs retrieve N`` asks at once. A PACS that
-cannot be reached is asked again ``retry_interval_s`` later, up to ``attempts`` times; one
-that does not know the node as a move destination fails the job at once, saying what to set up.
+cannot be reached, or that aborts the association (one that does not allow the request from
+the node's calling AE title), is asked again ``retry_interval_s`` later, up to ``attempts``
+times; one that does not know the node as a move destination fails the job at once, saying
+what to set up. Series that could not be retrieved are named, with why, in the ``retrieved``
+event of what did come.
 
 A PatientID that is empty or holds a wildcard is never sent: it would match other patients.
 
@@ -34,7 +41,6 @@ instances the receiver stores as if a C-GET had brought them (:class:`WebQueryRe
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import re
@@ -48,17 +54,20 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from pynetdicom import Association, build_role, evt
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.presentation import build_context
 
 from dicom_node import dicomweb
 from dicom_node.audit import AuditTrail, NoAuditTrail
+from dicom_node.convert.spatial_registration import SPATIAL_REGISTRATION_SOP_CLASS
 from dicom_node.errors import InputError, SendError
 from dicom_node.jobs import FAILED, Job, JobStore
-from dicom_node.linking import RT_CLASSES
+from dicom_node.linking import RT_CLASSES, RTDOSE_SOP_CLASS, RTSTRUCT_SOP_CLASS
 from dicom_node.loop import BackgroundLoop
-from dicom_node.scp import Origin
-from dicom_node.scu import UNCOMPRESSED, Destination, associate, hold_reactor
+from dicom_node.scp import LOSSY_TRANSFER_SYNTAXES, TRANSFER_SYNTAXES, Origin
+from dicom_node.scu import Destination, associate, hold_reactor
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
 
@@ -70,7 +79,23 @@ log = logging.getLogger(__name__)
 FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Query/Retrieve Information Model - MOVE
 GET = "1.2.840.10008.5.1.4.1.2.2.3"  # Study Root Query/Retrieve Information Model - GET
-RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")
+RT_MODALITIES = ("RTSTRUCT", "RTDOSE", "REG")  # in the order they are asked for
+# the SOP class of the series of each modality
+MODALITY_CLASSES = {
+    "RTSTRUCT": RTSTRUCT_SOP_CLASS, "RTDOSE": RTDOSE_SOP_CLASS,
+    "REG": SPATIAL_REGISTRATION_SOP_CLASS,
+}  # fmt: skip
+#: what a C-GET proposes for its C-STORE sub-operations, one presentation context each: the
+#: transfer syntaxes the receiver takes, lossless first. The PACS sends on a context it
+#: accepted, and one holding a series compressed (or deflated) that cannot convert it
+#: answers 0xC000 when only the uncompressed syntaxes are offered; with a context per syntax
+#: it accepts every one it can send, and sends the series as it holds it
+GET_TRANSFER_SYNTAXES = (
+    *[ts for ts in TRANSFER_SYNTAXES if ts not in LOSSY_TRANSFER_SYNTAXES],
+    *[ts for ts in TRANSFER_SYNTAXES if ts in LOSSY_TRANSFER_SYNTAXES],
+)
+#: how often the retriever looks whether the instances a PACS reported sent have come, s
+ARRIVAL_POLL_S = 0.2
 PENDING = (0xFF00, 0xFF01)
 POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
 REPEAT_POLL_S = 60.0  # how often, at most, it looks for studies to ask about again
@@ -78,11 +103,20 @@ REPEAT_POLL_S = 60.0  # how often, at most, it looks for studies to ask about ag
 
 class RetrieveError(SendError):
     """The PACS could not be asked, or refused; ``permanent`` when asking again cannot help
-    (its configuration must change)."""
+    (its configuration must change). ``destination_hint``: that the PACS may not know the node
+    as a move destination, said only while no move to the node succeeded (:attr:`plain` is the
+    message without it); ``ended``: the association is over (aborted, timed out, lost), so the
+    other series cannot be asked on it."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, permanent: bool = False, destination_hint: str = "",
+        ended: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(message + destination_hint)
         self.permanent = permanent
+        self.plain = message
+        self.destination_hint = destination_hint
+        self.ended = ended
 
 
 @dataclass(frozen=True)
@@ -187,16 +221,35 @@ def _identifier(level: str, **keys: str) -> Dataset:
     return ds
 
 
+class PeerAborts:
+    """Whether the peer sent an A-ABORT on an association (bound to its ``EVT_PDU_RECV``
+    before it is requested). pynetdicom answers a request with an empty status both when the
+    peer aborted and when the DIMSE timeout passed (it then aborts the association itself):
+    only the PDU tells them apart, and it is seen before the DIMSE layer hears of the end."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def on_pdu(self, event: Any) -> None:
+        if isinstance(event.pdu, A_ABORT_RQ):
+            self.aborted = True
+
+
 class QueryRetrieve:
     """One association with the PACS for its C-FIND and C-MOVE requests; each C-FIND is
     audited (a Query message, :mod:`dicom_node.audit`)."""
 
     def __init__(
-        self, assoc: Association, peer: Destination, audit: AuditTrail | NoAuditTrail
-    ) -> None:
+        self, assoc: Association, peer: Destination, audit: AuditTrail | NoAuditTrail,
+        aborts: PeerAborts | None = None,
+    ) -> None:  # fmt: skip
         self.assoc = assoc
         self.peer = peer
         self.audit = audit
+        self.aborts = aborts or PeerAborts()
+        #: the association is over (the PACS aborted it, or no response came): nothing more
+        #: can be asked on it
+        self.ended = False
         # the patient's values the node sent: a PACS's error comment may quote them, and what
         # the node logs and keeps in a job's reason must not (DESIGN: no patient ID in logs)
         self._patient: set[str] = set()
@@ -207,6 +260,43 @@ class QueryRetrieve:
         for value in sorted(self._patient, key=len, reverse=True):
             comment = comment.replace(value, "(the patient)")
         return comment
+
+    def _lost(self, what: str, about: str, started: float) -> RetrieveError:
+        """Why the ``what`` request (C-FIND, C-MOVE, C-GET; ``about``: of what) got no
+        response: the PACS aborted the association (a PACS that refuses the request does so
+        at once: Orthanc whose modality entry does not allow the operation, or that does not
+        know the calling AE title), the DIMSE timeout passed (pynetdicom aborts it then), or
+        the connection was lost."""
+        self.ended = True
+        waited = time.monotonic() - started
+        timeout = self.assoc.dimse_timeout
+        calling = str(self.assoc.requestor.ae_title).strip()
+        if self.aborts.aborted:
+            why = (
+                f"{self.peer} aborted the {what}{about} (A-ABORT {waited:.1f} s after the "
+                f"request, expected a response): it may not allow {what} from AE {calling}; "
+                "check its configuration"
+            )
+        elif timeout is not None and waited >= 0.95 * timeout:
+            why = (
+                f"no response from {self.peer} to the {what}{about} within {timeout:g} s "
+                "(retrieve.move_timeout_s): timed out, the association aborted"
+            )
+        else:
+            why = (
+                f"no response from {self.peer} to the {what}{about}: the connection ended "
+                f"after {waited:.1f} s without an A-ABORT (lost, or an invalid response)"
+            )
+        return RetrieveError(why, ended=True)
+
+    def _established(self, what: str, about: str) -> None:
+        if self.ended or not self.assoc.is_established:
+            self.ended = True
+            raise RetrieveError(
+                f"{what}{about} not asked: the association with {self.peer} had ended "
+                "(expected it open after the requests before)",
+                ended=True,
+            )
 
     def _accepted(self, model: str, what: str) -> None:
         if not any(cx.abstract_syntax == model for cx in self.assoc.accepted_contexts):
@@ -234,10 +324,13 @@ class QueryRetrieve:
             if len(value) > 1:
                 self._patient.add(value)
         matches = []
+        level = f" at {identifier.QueryRetrieveLevel} level"
+        self._established("C-FIND", level)
         hold_reactor(self.assoc)
+        started = time.monotonic()
         for status, found in self.assoc.send_c_find(identifier, FIND):
             if not status or "Status" not in status:
-                raise RetrieveError(f"no C-FIND response from {self.peer} (timeout or lost)")
+                raise self._lost("C-FIND", level, started)
             code = int(status.Status)
             if code in PENDING:
                 if found is not None:
@@ -255,6 +348,7 @@ class QueryRetrieve:
     def move(self, series: RemoteSeries, destination_ae: str) -> MoveResult:
         """C-MOVE one series to ``destination_ae``."""
         self._accepted(MOVE, "C-MOVE")
+        self._established("C-MOVE", f" of {series}")
         hold_reactor(self.assoc)
         return self._result(
             self.assoc.send_c_move(_series_identifier(series), destination_ae, MOVE),
@@ -265,6 +359,7 @@ class QueryRetrieve:
         """C-GET one series: the PACS sends it on this association (its C-STORE
         sub-operations go to the receiver's handler)."""
         self._accepted(GET, "C-GET")
+        self._established("C-GET", f" of {series}")
         hold_reactor(self.assoc)
         return self._result(
             self.assoc.send_c_get(_series_identifier(series), GET), "C-GET", series, ""
@@ -276,9 +371,10 @@ class QueryRetrieve:
     ) -> MoveResult:  # fmt: skip
         """The outcome of a C-MOVE or C-GET from its responses."""
         last: Dataset | None = None
+        started = time.monotonic()
         for status, _ in responses:
             if not status or "Status" not in status:
-                raise RetrieveError(f"no {what} response from {self.peer} (timeout or lost)")
+                raise self._lost(what, f" of {series}", started)
             last = status
             if int(status.Status) not in PENDING:
                 break
@@ -310,17 +406,43 @@ class QueryRetrieve:
         if code in (0x0000, 0xB000) or result.completed or refused:
             return result
         comment = self._said(last)
-        # some PACS (Orthanc) answer a move destination they do not know with 0xC000
+        failure = 0xC000 <= code <= 0xCFFF
+        # some PACS (Orthanc) answer a move destination they do not know with 0xC000; but so
+        # do they a series they cannot send (a file they cannot read): the retriever says it
+        # only while no move to the node succeeded
         hint = (
             f"; nothing was sent: check that it knows {destination_ae} as a move destination "
             "(this node's AE title, address and port)"
             if destination_ae and not result.failed and not result.warning
             else ""
         )
+        # a PACS that holds the series in a transfer syntax none of the accepted contexts has,
+        # and does not convert it, cannot send it on the C-GET association
+        syntaxes = self._syntaxes_hint(series) if failure and not destination_ae else ""
         raise RetrieveError(
             f"{self.peer} answered the {what} of {series} with 0x{code:04X} "
-            f"({qr_status(code)})" + (f": {comment}" if comment else "") + hint,
-            permanent=0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF,
+            f"({qr_status(code)})" + (f": {comment}" if comment else "") + syntaxes,
+            permanent=0xA900 <= code <= 0xA9FF or failure,
+            destination_hint=hint,
+        )
+
+    def _syntaxes_hint(self, series: RemoteSeries) -> str:
+        """What a C-GET's failure may be for: the series held in a transfer syntax the PACS
+        neither was offered for its SOP class nor converts; what it accepted of those the node
+        proposed (the receiver's own)."""
+        sop_class = MODALITY_CLASSES.get(series.modality, "")
+        taken = [
+            UID(str(cx.transfer_syntax[0])).name
+            for cx in self.assoc.accepted_contexts
+            if cx.abstract_syntax == sop_class and cx.transfer_syntax
+        ]
+        accepted = ", ".join(taken) if taken else "none"
+        return (
+            f"; check that it can send the series in a transfer syntax the node takes: for "
+            f"{UID(sop_class).name if sop_class else series.modality} it proposed the "
+            f"{len(GET_TRANSFER_SYNTAXES)} its receiver takes (docs/CONFORMANCE.md) and the PACS "
+            f"accepted {accepted}; a PACS holding the series in another that it does not "
+            "convert (transcode) cannot send it"
         )
 
 
@@ -428,13 +550,15 @@ def query_retrieve(
         return
     contexts = [build_context(FIND), build_context(MOVE)]
     roles: list[Any] = []
-    handlers: list[Any] = []
+    aborts = PeerAborts()
+    handlers: list[Any] = [(evt.EVT_PDU_RECV, aborts.on_pdu)]
     if receiver is not None:
         contexts = [build_context(FIND), build_context(GET)]
-        # what the C-GET brings back on this association: the RT classes, the node as SCP
-        contexts += [build_context(c, list(UNCOMPRESSED)) for c in RT_CLASSES]
+        # what the C-GET brings back on this association: the RT classes, the node as SCP, in
+        # each transfer syntax the receiver takes (GET_TRANSFER_SYNTAXES)
+        contexts += [build_context(c, ts) for c in RT_CLASSES for ts in GET_TRANSFER_SYNTAXES]
         roles = [build_role(c, scp_role=True) for c in RT_CLASSES]
-        handlers = [(evt.EVT_C_STORE, receiver.on_store)]
+        handlers.append((evt.EVT_C_STORE, receiver.on_store))
     try:
         assoc = associate(
             peer, contexts, calling_ae=calling_ae, roles=roles, evt_handlers=handlers,
@@ -444,10 +568,11 @@ def query_retrieve(
         raise RetrieveError(str(exc)) from exc
     if receiver is not None:
         receiver.sub_operations_from(assoc, peer.ae_title, peer.host)
+    qr = QueryRetrieve(assoc, peer, audit or NoAuditTrail(), aborts)
     try:
-        yield QueryRetrieve(assoc, peer, audit or NoAuditTrail())
+        yield qr
     finally:
-        if assoc.is_established:
+        if assoc.is_established and not qr.ended:
             assoc.release()
         if receiver is not None:
             receiver.sub_operations_ended(assoc)
@@ -599,38 +724,113 @@ class Retriever(BackgroundLoop):
                         f"the node lacks ({searched}{held})",
                     )
                     return
-                results = [
-                    (s, qr.get(s) if receiver else qr.move(s, self.settings.node.ae_title))
-                    for s in wanted
-                ]
+                results, failures, skipped = self._each(qr, wanted, receiver is not None)
         except RetrieveError as exc:  # a failed job asked about again waits for the next time
             self._attempt_failed(job, str(exc), permanent=exc.permanent or job.state == FAILED)
             return
-        results = [  # the instances stored before the C-MOVE ended are what came
-            (s, m if m.counted else dataclasses.replace(
-                m, completed=len(self.store.series_paths(s.series_instance_uid))
-            ))
-            for s, m in results
-        ]  # fmt: skip
-        completed = sum(m.completed for _, m in results)
-        failed = sum(m.failed for _, m in results)
-        moved = "; ".join(
-            f"{s} of study {s.study_instance_uid}: {m.completed} sent"
-            + (f", {m.failed} failed" if m.failed else "")
-            for s, m in results
-        )
-        if not completed:
-            refused = "" if receiver else f"node.allowed_callers lets {self.peer.ae_title} in and "
-            self._attempt_failed(
-                job,
-                f"{self.peer} sent none of the {failed} instance(s) of {moved}: check that "
-                f"{refused}the node has disk space (its log says why it refused them)",
-                permanent=job.state == FAILED,
+        # what came is what the receiver stored of each series, not what the PACS reported
+        came = self._came(results, wait=receiver is None)
+        total = sum(came)
+        moved = "; ".join(self._moved(s, m, n) for (s, m), n in zip(results, came, strict=True))
+        # a series that came, or a C-MOVE that completed sub-operations, shows that the PACS
+        # knows the node as a move destination: another series' 0xC000 is about that series;
+        # else the hint is said once, after the series it concerns
+        known = any(came) or any(m.completed for _, m in results)
+        why = [exc.plain for _, exc in failures]
+        hinted = [i for i, (_, exc) in enumerate(failures) if exc.destination_hint]
+        if hinted and not known:
+            why[hinted[-1]] += failures[hinted[-1]][1].destination_hint
+        if skipped:
+            why.append(
+                "not asked, the association having ended: "
+                + "; ".join(f"{s} of study {s.study_instance_uid}" for s in skipped)
             )
+        for said in why:  # each series not retrieved, and why
+            log.warning("retrieval for job %d: %s", job.id, said, extra=extra)
+        if not total:
+            reasons = [self._none_came(moved, results, receiver is not None)] if results else []
+            self._attempt_failed(
+                job, "; ".join(reasons + why),
+                # only a refusal of every series that asking again cannot help is permanent
+                permanent=job.state == FAILED
+                or (not results and not skipped and all(e.permanent for _, e in failures)),
+            )  # fmt: skip
             return
-        outcome = f"{completed} instance(s) came ({moved})"
+        outcome = f"{total} instance(s) came ({moved})"
+        if why:
+            outcome += f"; {len(failures) + len(skipped)} series not retrieved: " + "; ".join(why)
         log.info("retrieval for study of job %d: %s", job.id, outcome, extra=extra)
         self.store.finish_retrieval(job.id, study, outcome)
+
+    def _each(
+        self, qr: Asker, wanted: list[RemoteSeries], get: bool
+    ) -> tuple[
+        list[tuple[RemoteSeries, MoveResult]], list[tuple[RemoteSeries, RetrieveError]],
+        list[RemoteSeries],
+    ]:  # fmt: skip
+        """Ask for each series on its own, the structure set first (the role a study cannot
+        do without; a dose or registration the PACS cannot send must not keep it away): the
+        results, the series refused with why, and those not asked once the association ended
+        (the PACS aborted it, or did not answer)."""
+        ordered = sorted(wanted, key=lambda s: RT_MODALITIES.index(s.modality))
+        results: list[tuple[RemoteSeries, MoveResult]] = []
+        failures: list[tuple[RemoteSeries, RetrieveError]] = []
+        for i, series in enumerate(ordered):
+            try:
+                if get:
+                    results.append((series, qr.get(series)))
+                else:
+                    results.append((series, qr.move(series, self.settings.node.ae_title)))
+            except RetrieveError as exc:
+                failures.append((series, exc))
+                if exc.ended:
+                    return results, failures, ordered[i + 1 :]
+        return results, failures, []
+
+    def _came(self, results: list[tuple[RemoteSeries, MoveResult]], *, wait: bool) -> list[int]:
+        """How many instances of each series the receiver holds: what came, whatever the PACS
+        reported. A PACS that moves asynchronously (Orthanc with SynchronousCMove false)
+        answers a C-MOVE "Completed" before it sends, or though it never does: with ``wait``
+        (C-MOVE; a C-GET or WADO-RS brings them before it answers) the retriever waits for
+        what it reported, up to ``retrieve.move_timeout_s``."""
+        deadline = time.monotonic() + self.settings.retrieve.move_timeout_s
+        while True:
+            came = [len(self.store.series_paths(s.series_instance_uid)) for s, _ in results]
+            short = any(
+                n < m.completed + m.warning for (_, m), n in zip(results, came, strict=True)
+            )
+            if not (wait and short) or time.monotonic() >= deadline or self.stopping():
+                return came
+            self._stop.wait(ARRIVAL_POLL_S)
+
+    def _moved(self, series: RemoteSeries, m: MoveResult, came: int) -> str:
+        """What came of ``series``, and what the PACS reported when it differs."""
+        reported = m.completed + m.warning
+        return (
+            f"{series} of study {series.study_instance_uid}: {came} came"
+            + (f" of {reported} reported sent" if m.counted and reported != came else "")
+            + (f", {m.failed} failed" if m.failed else "")
+        )
+
+    def _none_came(
+        self, moved: str, results: list[tuple[RemoteSeries, MoveResult]], get: bool
+    ) -> str:
+        """Why none of the series the PACS answered for came."""
+        reported = sum(m.completed + m.warning for _, m in results)
+        failed = sum(m.failed for _, m in results)
+        refused = "" if get else f"node.allowed_callers lets {self.peer.ae_title} in and "
+        said = (
+            f"{self.peer} reported {reported} instance(s) sent, but none came within "
+            f"{self.settings.retrieve.move_timeout_s:g} s (retrieve.move_timeout_s) ({moved}): "
+            "a PACS that moves asynchronously (Orthanc with SynchronousCMove false) answers "
+            "before it sends, and the PACS's log says whether it could"
+            if reported
+            else f"{self.peer} sent none of the {failed} instance(s) of {moved}"
+        )
+        return (
+            f"{said}: check that {refused}the node has disk space (its log says why it refused "
+            "them)"
+        )
 
     def _studies(self, qr: Asker, study: str, patient: Patient) -> tuple[str, list[str]]:
         """Which studies were searched, in words, and the patient's studies that may hold RT

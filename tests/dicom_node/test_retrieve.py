@@ -1,28 +1,47 @@
-"""Which studies wait for the PACS, and what the node does when the PACS cannot answer (the
-exchanges with real PACS are in tests/integration/test_retrieve.py)."""
+"""Which studies wait for the PACS, and what the node does when the PACS cannot answer, or
+answers as the PACS the node met did (a pynetdicom PACS in this process: one that cannot send
+a series, moves asynchronously, aborts, or does not transcode); the exchanges with Orthanc and
+dcmqrscp are in tests/integration/test_retrieve.py."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    RTDoseStorage,
+    RTStructureSetStorage,
+    generate_uid,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.dsutils import decode
+from pynetdicom.service_class import QueryRetrieveServiceClass
 
 from dicom_node.assembler import Assembler
 from dicom_node.cli import main
 from dicom_node.errors import ConfigError
 from dicom_node.jobs import FAILED, RETRIEVING, JobStore
 from dicom_node.ports import free_port
-from dicom_node.retrieve import Patient, Retriever, date_range, rt_studies
+from dicom_node.retrieve import FIND, GET, MOVE, Patient, Retriever, date_range, rt_studies
 from dicom_node.service import Node
 from dicom_node.settings import Destination, Settings, load_settings, warnings_of
 from dicom_node.spool import Spool
 from tests import factories
+from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_jobs import _receive
+from tests.dicom_node.test_scp import storescu
 
 
 def _settings(tmp_path: Path, **retrieve: object) -> Settings:
@@ -306,3 +325,371 @@ def test_a_retrieved_file_that_is_not_dicom_is_refused_and_nothing_is_stored(run
     assert not isinstance(status, int) and status.Status == 0xC210
     assert status.ErrorComment == "not a DICOM Part 10 file: no DICM prefix at byte 128"
     assert node.store.counts()["instances"] == 0
+
+
+# ---------------------------------------------------------------- a PACS as the node met them
+
+
+def _rtdose(folder: Path, study_uid: str, frame_uid: str) -> Path:
+    """A small RT Dose (one 2x2 frame) of the study."""
+    ds = factories._base(RTDoseStorage, study_uid, generate_uid(), "RTDOSE")
+    ds.SeriesDescription, ds.SeriesNumber = "PLAN DOSE", 98
+    ds.FrameOfReferenceUID = frame_uid
+    ds.DoseUnits, ds.DoseType, ds.DoseSummationType = "GY", "PHYSICAL", "PLAN"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing, ds.GridFrameOffsetVector, ds.DoseGridScaling = [4, 4], [0], 0.001
+    ds.NumberOfFrames, ds.FrameIncrementPointer = 1, 0x3004000C
+    ds.Rows = ds.Columns = 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = bytes(8)
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "rtdose.dcm", enforce_file_format=True)
+    return folder / "rtdose.dcm"
+
+
+class _Pacs:
+    """A Query/Retrieve SCP on localhost (pynetdicom, in this process) holding ``held``, that
+    answers as the PACS the node met did:
+
+    - ``cannot_send``: series whose C-MOVE or C-GET it answers 0xC000 without sub-operation
+      counts (Orthanc, a file it cannot read);
+    - ``asynchronous``: C-MOVEs answered "Completed" at once (Orthanc's SynchronousCMove
+      false), the instances sent ``late`` (a second after) or ``never`` (its send failed);
+    - ``aborts``: the requests ("C-FIND", "C-MOVE") it answers with an A-ABORT (Orthanc whose
+      modality entry does not allow them); ``silent``: those it never answers;
+    - ``syntaxes``: the transfer syntaxes it takes for the C-GET's storage contexts; it sends
+      an instance only in the one it holds it in (no transcoding), else answers 0xC000.
+
+    ``asked``: the series UIDs of the C-MOVEs and C-GETs, in order."""
+
+    ae_title = "FAKEPACS"
+
+    def __init__(
+        self, held: list[Path], monkeypatch: pytest.MonkeyPatch,
+        syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES,
+    ) -> None:  # fmt: skip
+        self.held = [pydicom.dcmread(p) for p in held]
+        self.node_port = 0
+        self.cannot_send: set[str] = set()
+        self.asynchronous = ""
+        self.aborts: set[str] = set()
+        self.silent: set[str] = set()
+        self.asked: list[str] = []
+        self.ae = AE(ae_title=self.ae_title)
+        for model in (FIND, MOVE, GET):
+            self.ae.add_supported_context(model)
+        for sop_class in (RTStructureSetStorage, RTDoseStorage):
+            self.ae.add_supported_context(sop_class, list(syntaxes), scu_role=False, scp_role=True)
+            self.ae.add_requested_context(sop_class)  # the C-MOVE's sub-operations
+        original = QueryRetrieveServiceClass.SCP
+
+        def scp(service: QueryRetrieveServiceClass, req: Any, context: Any) -> None:
+            if service.assoc.ae is not self.ae:
+                return original(service, req, context)
+            return self._serve(service, req, context, original)
+
+        monkeypatch.setattr(QueryRetrieveServiceClass, "SCP", scp)
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_FIND, self._find)]
+        )
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def destination(self) -> Destination:
+        return Destination(name="pacs", ae_title=self.ae_title, host="127.0.0.1", port=self.port)
+
+    def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        query, seen = event.identifier, set()
+        for ds in self.held:
+            level = query.QueryRetrieveLevel
+            if level == "SERIES" and ds.StudyInstanceUID != query.StudyInstanceUID:
+                continue
+            key = ds.StudyInstanceUID if level == "STUDY" else ds.SeriesInstanceUID
+            if key in seen:
+                continue
+            seen.add(key)
+            match = Dataset()
+            match.QueryRetrieveLevel = level
+            for keyword in query.dir():
+                if keyword in ds and keyword != "QueryRetrieveLevel":
+                    setattr(match, keyword, ds.data_element(keyword).value)
+            yield 0xFF00, match
+        yield 0x0000, None
+
+    def _serve(self, service: Any, req: Any, context: Any, original: Any) -> None:
+        what = {C_FIND: "C-FIND", C_MOVE: "C-MOVE", C_GET: "C-GET"}[type(req)]
+        if what in self.aborts:
+            service.assoc.abort()
+            return
+        if what in self.silent:
+            time.sleep(3)
+            return
+        if what == "C-FIND":
+            return original(service, req, context)
+        ts = context.transfer_syntax[0]
+        identifier = decode(req.Identifier, ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+        series = str(identifier.SeriesInstanceUID)
+        self.asked.append(series)
+        wanted = [ds for ds in self.held if ds.SeriesInstanceUID == series]
+        rsp = C_MOVE() if what == "C-MOVE" else C_GET()
+        rsp.MessageIDBeingRespondedTo = req.MessageID
+        rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+        if series in self.cannot_send:
+            rsp.Status, rsp.ErrorComment = 0xC000, "cannot read the stored file"
+            service.dimse.send_msg(rsp, context.context_id)
+            return
+        if what == "C-GET":
+            sent = self._get(service.assoc, wanted)
+            if sent is None:
+                rsp.Status, rsp.ErrorComment = 0xC000, "cannot transcode"
+                service.dimse.send_msg(rsp, context.context_id)
+                return
+        elif self.asynchronous:
+            sent = len(wanted)
+            if self.asynchronous == "late":
+                threading.Timer(1.0, self._send, (req.MoveDestination, wanted)).start()
+        else:
+            sent = self._send(req.MoveDestination, wanted)
+        rsp.Status = 0x0000
+        rsp.NumberOfCompletedSuboperations = sent
+        rsp.NumberOfFailedSuboperations = len(wanted) - sent
+        rsp.NumberOfWarningSuboperations = 0
+        service.dimse.send_msg(rsp, context.context_id)
+
+    def _send(self, destination: str, wanted: list[Dataset]) -> int:
+        """C-STORE ``wanted`` to the node, as a C-MOVE's sub-operations; how many it took."""
+        assoc = self.ae.associate("127.0.0.1", self.node_port, ae_title=destination)
+        sent = sum(int(assoc.send_c_store(ds).Status) == 0 for ds in wanted)
+        assoc.release()
+        return sent
+
+    def _get(self, assoc: Any, wanted: list[Dataset]) -> int | None:
+        """C-STORE ``wanted`` on the C-GET's association, each in the transfer syntax it is
+        held in: None when the node took none such (it does not transcode)."""
+        for ds in wanted:
+            held = str(ds.file_meta.TransferSyntaxUID)
+            if not any(
+                cx.abstract_syntax == ds.SOPClassUID and cx.transfer_syntax[0] == held
+                for cx in assoc.accepted_contexts
+            ):
+                return None
+        return sum(int(assoc.send_c_store(ds).Status) == 0 for ds in wanted)
+
+
+@contextmanager
+def _node_and_pacs(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: list[Path],
+    syntaxes: Sequence[str] = ALL_TRANSFER_SYNTAXES, **retrieve,
+) -> Iterator[tuple[Any, _Pacs]]:  # fmt: skip
+    """A running node whose ``retrieve.source`` is a :class:`_Pacs` holding ``held``."""
+    pacs = _Pacs(held, monkeypatch, syntaxes)
+    try:
+        settings = make_settings(
+            tmp_path / "data",
+            retrieve={"source": "pacs", "attempts": 1, "retry_interval_s": 0.2, **retrieve},
+        )
+        node = run_node(dataclasses.replace(settings, destinations=(pacs.destination(),)))
+        pacs.node_port = node.scp.port
+        yield node, pacs
+    finally:
+        pacs.stop()
+
+
+def _events(node, job_id: int, kind: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [e.message for e in node.store.events(job_id) if e.kind == kind]
+
+
+def _first_job(node, study: str):  # type: ignore[no-untyped-def]
+    """Version 1 of ``study``'s job, once the retriever is done with it (failed, or its
+    ``retrieved`` event written)."""
+
+    def done():  # type: ignore[no-untyped-def]
+        job = next((j for j in node.store.list_jobs() if j.study_instance_uid == study
+                    and j.version == 1), None)  # fmt: skip
+        if job is not None and (job.state == FAILED or _events(node, job.id, "retrieved")):
+            return job
+        return None
+
+    return wait_for(done, timeout=60, what="the retrieval")
+
+
+@pytest.mark.parametrize("broken", ["dose-listed-first", "dose-after", "both"])
+def test_a_series_the_pacs_cannot_send_keeps_none_of_the_others_away(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, monkeypatch, caplog, broken
+) -> None:
+    """The PACS cannot send the plan's dose (Orthanc: 0xC000, a file it cannot read). Listed
+    before the structure set, it failed the job at once and the structure set was never asked
+    for; after it, the job failed all the same, saying the PACS did not know the node as a
+    move destination. Each series is asked for on its own, the structure set first; what came
+    is used, and the event and the log name the dose and why it did not come. Only when
+    nothing came may the PACS not know the node: then the job fails at once, saying so."""
+    study = factories.small_study(tmp_path / "in")
+    rt = study["rtstruct"][0]
+    ds = pydicom.dcmread(rt)
+    frame = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    dose = _rtdose(tmp_path / "dose", ds.StudyInstanceUID, frame)
+    dose_series = str(pydicom.dcmread(dose).SeriesInstanceUID)
+    held = [dose, rt] if broken == "dose-listed-first" else [rt, dose]
+    with _node_and_pacs(run_node, tmp_path, monkeypatch, held) as (node, pacs):
+        pacs.cannot_send = {dose_series}
+        if broken == "both":
+            pacs.cannot_send.add(str(ds.SeriesInstanceUID))
+        assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
+        first = _first_job(node, str(ds.StudyInstanceUID))
+    assert pacs.asked == [str(ds.SeriesInstanceUID), dose_series]  # the structure set first
+    dose_said = (
+        f"pacs (FAKEPACS@127.0.0.1:{pacs.port}) answered the C-MOVE of RTDOSE 'PLAN DOSE' with "
+        "0xC000 (failed: unable to process): cannot read the stored file"
+    )
+    if broken == "both":
+        assert first.state == FAILED
+        assert first.reason.endswith(
+            f"; pacs was asked for them: pacs (FAKEPACS@127.0.0.1:{pacs.port}) answered the "
+            "C-MOVE of RTSTRUCT 'RT structures' with 0xC000 (failed: unable to process): "
+            f"cannot read the stored file; {dose_said}; nothing was sent: check that it knows "
+            "GLIOFORECAST as a move destination (this node's AE title, address and port) "
+            "(after 1 attempt(s))"
+        ), first.reason
+        return
+    (retrieved,) = _events(node, first.id, "retrieved")
+    assert retrieved == (
+        f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came); "
+        f"1 series not retrieved: {dose_said}"
+    )  # one series came: the PACS knows the node as a move destination
+    assert node.store.series_paths(str(ds.SeriesInstanceUID))
+    assert first.state != FAILED
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.name == "dicom_node.retrieve" and "RTDOSE" in r.getMessage()]  # fmt: skip
+    assert warning == f"retrieval for job {first.id}: {dose_said}"
+
+
+def test_a_move_answered_before_the_pacs_sends_counts_what_came(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, monkeypatch
+) -> None:
+    """Orthanc with SynchronousCMove false answers "Completed 1" at once, before it sends.
+    When its send then failed, the node trusted the count: "1 instance(s) came", the next
+    version failed for want of the structure set, and the PACS was never asked again. What
+    came is what the receiver stored, waited for up to retrieve.move_timeout_s: nothing came,
+    so the job fails saying so, and is asked about again (retrieve.ask_again_h); when the
+    PACS sends a second after it answered, what came is counted."""
+    study = factories.small_study(tmp_path / "in")
+    rt = study["rtstruct"][0]
+    ds = pydicom.dcmread(rt)
+    with _node_and_pacs(
+        run_node, tmp_path, monkeypatch, [rt], move_timeout_s=2, ask_again_h=0.001
+    ) as (node, pacs):
+        pacs.asynchronous = "never"
+        assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
+        first = _first_job(node, str(ds.StudyInstanceUID))
+        assert first.state == FAILED, first.reason
+        assert (
+            f"; pacs was asked for them: pacs (FAKEPACS@127.0.0.1:{pacs.port}) reported 1 "
+            "instance(s) sent, but none came within 2 s (retrieve.move_timeout_s) (RTSTRUCT "
+            f"'RT structures' of study {ds.StudyInstanceUID}: 0 came of 1 reported sent): a "
+            "PACS that moves asynchronously (Orthanc with SynchronousCMove false) answers "
+            "before it sends"
+        ) in first.reason, first.reason
+        assert "instance(s) came (" not in first.reason
+        pacs.asynchronous = "late"  # its sending works now
+        came = wait_for(
+            lambda: [m for m in _events(node, first.id, "retrieved") if " came (" in m],
+            timeout=60, what="the retrieval asked again",
+        )  # fmt: skip
+    assert came[0].startswith(
+        f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came)"
+    ), came
+    assert pacs.asked == [str(ds.SeriesInstanceUID)] * 2
+
+
+@pytest.mark.parametrize(
+    ("refused", "why"),
+    [
+        ("C-MOVE", "pacs (FAKEPACS@127.0.0.1:{port}) aborted the C-MOVE of RTSTRUCT 'RT "
+                   "structures' (A-ABORT "),
+        ("C-FIND", "pacs (FAKEPACS@127.0.0.1:{port}) aborted the C-FIND at STUDY level (A-ABORT "),
+        ("silent", "no response from pacs (FAKEPACS@127.0.0.1:{port}) to the C-MOVE of RTSTRUCT "
+                   "'RT structures' within 1 s (retrieve.move_timeout_s): timed out, the "
+                   "association aborted"),
+    ],
+    ids=["aborts-c-move", "aborts-c-find", "does-not-answer"],
+)  # fmt: skip
+def test_a_pacs_that_aborts_the_request_is_told_from_one_that_does_not_answer(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, monkeypatch, refused, why
+) -> None:
+    """A PACS that does not allow the node's C-MOVE or C-FIND (Orthanc: AllowMove false, or
+    the calling AE title unknown) aborts the association at once: the node said "no response
+    (timeout or lost)". It says the PACS aborted, and what to check; a PACS that does not
+    answer at all is a timeout. The series after are not asked on the ended association."""
+    study = factories.small_study(tmp_path / "in")
+    rt = study["rtstruct"][0]
+    ds = pydicom.dcmread(rt)
+    frame = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    dose = _rtdose(tmp_path / "dose", ds.StudyInstanceUID, frame)
+    with _node_and_pacs(run_node, tmp_path, monkeypatch, [rt, dose], move_timeout_s=1) as (
+        node, pacs,
+    ):  # fmt: skip
+        if refused == "silent":
+            pacs.silent = {"C-MOVE"}
+        else:
+            pacs.aborts = {refused}
+        assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
+        first = _first_job(node, str(ds.StudyInstanceUID))
+    assert first.state == FAILED
+    assert f"; pacs was asked for them: {why.format(port=pacs.port)}" in first.reason, first.reason
+    if refused != "silent":
+        assert (
+            f"expected a response): it may not allow {refused} from AE GLIOFORECAST; check its "
+            "configuration"
+        ) in first.reason, first.reason
+    else:
+        assert "aborted the" not in first.reason
+    if refused != "C-FIND":
+        assert first.reason.endswith(
+            f"; not asked, the association having ended: RTDOSE 'PLAN DOSE' of study "
+            f"{ds.StudyInstanceUID} (after 1 attempt(s))"
+        ), first.reason
+
+
+@pytest.mark.parametrize(
+    ("syntaxes", "came"),
+    [(ALL_TRANSFER_SYNTAXES, True), ([ExplicitVRLittleEndian], False)],
+    ids=["pacs-takes-all", "pacs-takes-explicit-only"],
+)
+def test_a_c_get_offers_the_transfer_syntaxes_the_receiver_takes(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, monkeypatch, syntaxes, came
+) -> None:
+    """The PACS holds the structure set deflated and does not transcode. The node's C-GET
+    offered Explicit and Implicit VR Little Endian only: the PACS answered 0xC000 and the job
+    failed, with nothing said of transfer syntaxes. It offers what its receiver takes, each
+    syntax in its own context, so the PACS sends the series as it holds it; a PACS that takes
+    none of the one it holds is named with what it accepted."""
+    study = factories.small_study(tmp_path / "in")
+    rt = study["rtstruct"][0]
+    ds = pydicom.dcmread(rt)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(rt, enforce_file_format=True)
+    with _node_and_pacs(run_node, tmp_path, monkeypatch, [rt], syntaxes, method="get") as (
+        node, _,
+    ):  # fmt: skip
+        assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
+        first = _first_job(node, str(ds.StudyInstanceUID))
+    if came:
+        (retrieved,) = _events(node, first.id, "retrieved")
+        assert retrieved == (
+            f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came)"
+        )
+        (path,) = node.store.series_paths(str(ds.SeriesInstanceUID))
+        stored = pydicom.dcmread(node.settings.storage.spool_dir / path)
+        assert stored.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        return
+    assert first.state == FAILED
+    assert (
+        "answered the C-GET of RTSTRUCT 'RT structures' with 0xC000 (failed: unable to "
+        "process): cannot transcode; check that it can send the series in a transfer syntax "
+        "the node takes: for RT Structure Set Storage it proposed the 16 its receiver takes "
+        "(docs/CONFORMANCE.md) and the PACS accepted Explicit VR Little Endian; a PACS holding "
+        "the series in another that it does not convert (transcode) cannot send it"
+    ) in first.reason, first.reason
