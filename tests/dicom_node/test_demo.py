@@ -9,7 +9,6 @@ pointing ``$GLIOFORECAST_ORTHANC`` at a path where nothing is.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -127,14 +126,13 @@ def test_a_node_that_refuses_to_start_is_reported_with_its_log(tmp_path: Path) -
     shutil.copytree(demo_model_dir(), broken)
     weights = broken / "autoencoder.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    started = time.monotonic()
     with pytest.raises(GlioforecastError) as info:
         demo.run(tmp_path / "demo", seed=3, pacs_mode="embedded", spacing_mm=4.0,
                  model=str(broken))  # fmt: skip
     said = str(info.value)
+    # said as the node exited (a C-ECHO wait that ran out would say it timed out)
     assert "the node exited with status 2 before answering C-ECHO" in said
     assert f"found {broken}, which does not: " in said and "autoencoder.safetensors" in said
-    assert time.monotonic() - started < 55
 
 
 def test_forced_orthanc_that_is_missing_is_a_clear_error(

@@ -47,7 +47,8 @@ def test_health_and_metrics(run_node, tmp_path) -> None:  # type: ignore[no-unty
         "storage": True,
     }
     storescu(node.scp.port, *files)
-    wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
+    # the node's first job starts the job processes' fork server: 15 s on a loaded machine
+    wait_for(lambda: node.store.counts()["failed"] == 1, timeout=120, what="the job to fail")
     code, text = get(port, "/metrics")
     assert code == 200
     assert "# TYPE glioforecast_instances_received_total counter" in text
@@ -101,7 +102,8 @@ def test_the_metrics_pass_promtool_and_keep_every_digit(run_node, tmp_path) -> N
     node = run_node()
     assert node.health is not None
     storescu(node.scp.port, *study["t1c"])
-    wait_for(lambda: node.store.counts()["failed"] == 1, what="the job to fail")
+    # the node's first job starts the job processes' fork server: 15 s on a loaded machine
+    wait_for(lambda: node.store.counts()["failed"] == 1, timeout=120, what="the job to fail")
     code, text = get(node.health.port, "/metrics")
     assert code == 200
     check = subprocess.run(
