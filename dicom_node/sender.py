@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydicom.uid import (
     RTStructureSetStorage,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
+    generate_uid,
 )
 from pynetdicom import Association
 from pynetdicom.presentation import build_context
@@ -77,14 +79,47 @@ def echo(
     return code
 
 
-def _c_echo(assoc: Association) -> int | None:
-    """The status of one C-ECHO on ``assoc`` (None: no response), the association released."""
+def _c_echo(assoc: Association, release: bool = True) -> int | None:
+    """The status of one C-ECHO on ``assoc`` (None: no response), the association released
+    unless ``release`` is false."""
     try:
         status = assoc.send_c_echo()
     finally:
-        if assoc.is_established:
+        if release and assoc.is_established:
             assoc.release()
     return int(status.Status) if "Status" in status else None
+
+
+def _probe_find(assoc: Association, calling_ae: str) -> tuple[bool, str]:
+    """A Study Root C-FIND that matches nothing (a study UID made now), so that a PACS that
+    negotiates queries but does not answer ours (Orthanc aborts the association when it does
+    not know our AE title as a modality) is found before a study needs it. Whether it was
+    answered, and what was found."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = generate_uid()
+    final: Dataset | None = None
+    started = time.monotonic()
+    for status, _ in assoc.send_c_find(query, FIND):
+        if status and "Status" in status and int(status.Status) not in (0xFF00, 0xFF01):
+            final = status
+    took = time.monotonic() - started
+    if final is None:
+        timeout = assoc.dimse_timeout
+        if timeout is None or took < 0.9 * timeout:  # not our wait running out: the PACS's
+            return False, (
+                "Study Root C-FIND not answered: expected a response to a query matching "
+                f"nothing, found the association aborted by the PACS after {took:.1f} s (it "
+                f"may not allow queries from AE {calling_ae}: check that it knows the node's AE "
+                "title, address and port)"
+            )
+        return False, (
+            f"Study Root C-FIND not answered: expected a response within {timeout:g} s, found none"
+        )
+    code = int(final.Status)
+    if code != 0x0000:
+        return False, f"Study Root C-FIND answered with status 0x{code:04X}, expected 0x0000"
+    return True, "Study Root C-FIND answered (a query matching nothing)"
 
 
 #: the SOP class of each kind of result a destination may take (``objects``; the derived MR is
@@ -123,8 +158,8 @@ def check_destination(
     storage commitment the Storage Commitment Push Model context accepted, for one with
     ``reject_replaced`` the Key Object Selection Document Storage context (its rejection
     notes), and for the ``retrieve.source`` the Study Root C-FIND context and that of
-    ``retrieve`` (its ``retrieve.method``: move or get). Nothing is stored, committed, queried
-    or moved."""
+    ``retrieve`` (its ``retrieve.method``: move or get), with a C-FIND that matches nothing
+    (:func:`_probe_find`). Nothing is stored, committed or moved."""
     results = results or {}
     contexts = [build_context(VERIFICATION), *(build_context(uid) for uid in results)]
     if destination.storage_commitment:
@@ -142,7 +177,7 @@ def check_destination(
     found: list[str] = []
     ok = True
     if VERIFICATION in accepted:
-        code = _c_echo(assoc)
+        code = _c_echo(assoc, release=False)
         ok = code == 0
         found.append(
             "C-ECHO success"
@@ -150,8 +185,12 @@ def check_destination(
             else f"C-ECHO {'no response' if code is None else f'status 0x{code:04X}'}"
         )
     else:
-        assoc.release()
         found.append("no Verification context (C-ECHO not offered by the peer)")
+    answered: tuple[bool, str] | None = None
+    if retrieval and FIND in accepted and assoc.is_established:
+        answered = _probe_find(assoc, calling_ae)
+    if assoc.is_established:
+        assoc.release()
     wanted = [
         (destination.storage_commitment, PUSH_MODEL, "Storage Commitment Push Model", "",
          "storage_commitment: true expects it"),
@@ -170,6 +209,9 @@ def check_destination(
         else:
             ok = False
             found.append(f"{name} not accepted ({why})")
+        if sop_class == FIND and answered is not None:
+            ok = ok and answered[0]
+            found.append(answered[1])
     refused = sorted({name for uid, name in results.items() if uid not in accepted})
     if refused:  # its results of those classes would go dead at the first attempt
         ok = False

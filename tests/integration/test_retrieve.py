@@ -380,8 +380,12 @@ def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  
     does not, and check-destinations says so for the one named as retrieve.source, with the
     retrieve.method configured."""
     orthanc_binary()
-    orthanc = OrthancServer(tmp_path / "orthanc").start()
     store_only = run_node()
+    orthanc = OrthancServer(tmp_path / "orthanc")
+    orthanc.modalities["glioforecast"] = Destination(
+        "glioforecast", "GLIOFORECAST", "127.0.0.1", store_only.scp.port
+    )
+    orthanc.start()
     config = tmp_path / "site.yaml"
     try:
         for source, method, port in (
@@ -404,8 +408,9 @@ def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  
             if source == "pacs":
                 assert code == 0 and line.startswith("ok   pacs (ORTHANC@")
                 assert line.endswith(
-                    f"C-ECHO success; Study Root C-FIND accepted; Study Root {what} accepted; "
-                    "the 4 result SOP classes accepted"
+                    "C-ECHO success; Study Root C-FIND accepted; Study Root C-FIND answered (a "
+                    f"query matching nothing); Study Root {what} accepted; the 4 result SOP "
+                    "classes accepted"
                 )
             else:
                 assert code == 1 and line.startswith("FAIL peer (GLIOFORECAST@")
@@ -414,6 +419,22 @@ def test_check_destinations_says_whether_the_source_answers_queries_and_moves(  
                     f"Study Root {what} not accepted (retrieve.source has it send the RT objects "
                     "a study lacks)"
                 ) in line
+        # Orthanc negotiates queries with a caller it does not know, then aborts the
+        # association at its first C-FIND: found now, not when a study needs its RT objects
+        config.write_text(
+            "retrieve: {source: pacs, method: move}\n"
+            "sending: {calling_ae_title: STRANGER}\n"
+            f"destinations:\n  - {{name: pacs, ae_title: ORTHANC, host: 127.0.0.1, "
+            f"port: {orthanc.dicom_port}}}\n"
+        )
+        assert main(["--config", str(config), "check-destinations", "pacs"]) == 1
+        (line,) = capsys.readouterr().out.splitlines()
+        assert line.startswith("FAIL pacs (ORTHANC@")
+        assert (
+            "Study Root C-FIND not answered: expected a response to a query matching nothing, "
+            "found the association aborted by the PACS after "
+        ) in line, line
+        assert "(it may not allow queries from AE STRANGER: check that it knows" in line
     finally:
         orthanc.stop()
 
