@@ -17,6 +17,10 @@ site -> coordinator:
 
 Nothing else leaves a site: no image, mask, table row, patient ID or path
 (``tests/inference/federated/test_client_messages.py`` checks every record of every reply).
+A handler that fails raises :class:`SiteFailure`, naming only the site, the step and the class
+of the error: Flower sends the text of a ClientApp's exception to the coordinator (stored in
+the SuperLink's database), and a site's errors name its data paths and patient IDs, so the full
+error is logged at the site only (the SuperNode's log).
 
 Rounds
 ------
@@ -31,11 +35,12 @@ only after two missed 30 s heartbeats; such error replies are logged the same wa
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,11 +137,53 @@ def _work(msg: Message, node: NodeConfig) -> tuple[SiteWork, LocalTask]:
     return work, task
 
 
+class SiteFailure(InferenceError):
+    """What the coordinator learns of a site's failed step: the site, the step and the class of
+    the error. The error's own text stays at the site (it names data paths and patient IDs)."""
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def _site_of(context: Context, run: RunConfig | None) -> str:
+    """The site's name for an error reply: its configured site-name (sent with every query
+    reply anyway), else the node id; never read from the data, which may be what failed."""
+    try:
+        name = _node(context, run).site_name
+    except Exception:  # the node config itself may be what failed
+        name = ""
+    return name or f"of node {context.node_id}"
+
+
+def _sanitised(step: str, run: RunConfig | None) -> Callable[[Handler], Handler]:
+    """Wrap a ClientApp handler: a failure is logged here in full (the SuperNode's log) and
+    re-raised as a :class:`SiteFailure` holding no path, patient ID or message text, since
+    Flower puts ``str(exception)`` into the error reply the coordinator receives and stores."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def guarded(msg: Message, context: Context) -> Message:
+            try:
+                return handler(msg, context)
+            except Exception as exc:
+                site = _site_of(context, run)
+                log.error("site %s: %s failed: %s", site, step, exc, exc_info=exc)
+                raise SiteFailure(
+                    f"site {site}: {step} failed ({type(exc).__name__}); details in the "
+                    "SuperNode's log"
+                ) from None
+
+        return guarded
+
+    return wrap
+
+
 def make_client_app(run: RunConfig | None = None) -> ClientApp:
     """The site's ClientApp; ``run`` stands in for the run config in a simulation."""
     app = ClientApp()
 
     @app.query()
+    @_sanitised("answering the query", run)
     def client_query(msg: Message, context: Context) -> Message:
         node = _node(context, run)
         patients = site_patients(node)
@@ -161,6 +208,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.train()
+    @_sanitised("training", run)
     def client_train(msg: Message, context: Context) -> Message:
         work, task = _work(msg, _node(context, run))
         log.info(
@@ -180,6 +228,7 @@ def make_client_app(run: RunConfig | None = None) -> ClientApp:
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
+    @_sanitised("evaluation", run)
     def client_evaluate(msg: Message, context: Context) -> Message:
         work, task = _work(msg, _node(context, run))
         metrics = work.evaluate(task)
@@ -322,11 +371,20 @@ def _collect(
     grid: Grid, messages: list[Message], sites: Mapping[int, str], run: RunConfig, what: str
 ) -> tuple[list[Message], list[str]]:
     """Push ``messages``, pull replies until all are in, or ``min-sites`` are in and
-    ``straggler-timeout`` has passed, or ``round-timeout`` has passed. (replies, dropped sites)"""
+    ``straggler-timeout`` has passed, or ``round-timeout`` has passed. (replies, dropped sites)
+
+    A dropped site is any selected site without a reply: one that failed or did not reply in
+    time, and one that was sent nothing because Flower no longer lists its node (a SuperNode
+    that stopped is not sampled by the strategy, so no message of the round is ever pending
+    for it)."""
+    sent = {m.metadata.dst_node_id for m in messages}
+    for n, site in sorted(sites.items(), key=lambda item: item[1]):
+        if n not in sent:
+            log.warning("%s: site %s was sent nothing: its node %d is no longer connected",
+                        what, site, n)  # fmt: skip
     ids = list(grid.push_messages(messages))
     pending = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
     replies: list[Message] = []
-    failed: list[str] = []
     start = time.monotonic()
     enough_at: float | None = None
     while pending:
@@ -338,7 +396,6 @@ def _collect(
                 log.warning(
                     "%s: site %s failed: %s", what, sites.get(node, node), reply.error.reason
                 )
-                failed.append(sites.get(node, str(node)))
             else:
                 replies.append(reply)
         now = time.monotonic()
@@ -351,7 +408,8 @@ def _collect(
         if now - start >= run.round_timeout:
             break
         time.sleep(_POLL_S)
-    dropped = failed + [sites.get(n, str(n)) for n in pending.values()]
+    replied = {sites.get(r.metadata.src_node_id, str(r.metadata.src_node_id)) for r in replies}
+    dropped = sorted(set(sites.values()) - replied)
     for n in pending.values():
         log.warning(
             "%s: site %s did not reply within %.0f s: dropped from this round, the round goes "
@@ -395,6 +453,7 @@ def initial_state(
 def run_federation(grid: Grid, run: RunConfig) -> Path:
     """The whole federated run: select sites, run the rounds, write the model directory."""
     started = time.monotonic()
+    check_out_dir(run)
     kind, cfg = model_config_for(run)
     cfg_json = encode_model_config(kind, cfg)
     sites = _select_sites(grid, run)
@@ -422,10 +481,12 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
                 "latent-stats": run.stage == "autoencoder" and rnd == run.num_server_rounds,
             }
         )  # fmt: skip
-        log.info("round %d/%d: training on %s", rnd, run.num_server_rounds, sorted(sites.values()))
         train_msgs = _for_sites(
             strategy.configure_train(rnd, arrays, config, grid), sites, ae_record
         )
+        # the sites actually sent work: Flower samples the nodes connected now
+        log.info("round %d/%d: training on %s", rnd, run.num_server_rounds,
+                 sorted(sites[m.metadata.dst_node_id] for m in train_msgs))  # fmt: skip
         replies, dropped = _collect(grid, train_msgs, sites, run, f"round {rnd} training")
         new_arrays, agg_train = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:
@@ -462,8 +523,12 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
             log.info("round %d: central evaluation: %s", rnd, _fmt(record.central_evaluate))
         if record.sites_dropped:
             log.warning("round %d completed without %s", rnd, record.sites_dropped)
+    # the sites whose training made the model: a site selected but dropped in every round
+    # (its SuperNode stopped before round 1's training) contributed nothing
+    trained = sorted({s for r in history for s in r.sites_trained})
     out = save_global_model(run, kind, cfg, arrays.to_torch_state_dict(), latent_scale, history,
-                            sorted(sites.values()), time.monotonic() - started)  # fmt: skip
+                            trained, time.monotonic() - started,
+                            selected=sorted(sites.values()))  # fmt: skip
     log.info("federation finished: global model directory %s", out)
     return out
 
@@ -517,9 +582,13 @@ def save_global_model(
     history: list[RoundRecord],
     sites: list[str],
     seconds: float,
+    selected: list[str] | None = None,
 ) -> Path:
     """Write the global model as an ordinary model directory (``serve`` / ``evaluate`` load it
-    like a centrally trained one) with ``train_state.json`` and ``federation.json``."""
+    like a centrally trained one) with ``train_state.json`` and ``federation.json``. ``sites``
+    are the sites that trained (in at least one round), ``selected`` those chosen at the start.
+    A model directory already at ``out`` was refused before the first round
+    (:func:`check_out_dir`) unless ``overwrite``: what it holds of another model is removed."""
     from inference.model_dir import load_model_dir, load_state_checked, save_model_dir
     from inference.networks import LatentDiffusionModel, build_model
     from inference.train.loops import _atomic_json, _record_stage, read_train_state
@@ -527,6 +596,7 @@ def save_global_model(
 
     out = Path(run.out)
     base: dict[str, Any] = {}
+    _clear_replaced_model(run)
     if run.stage == "baseline":
         unet = build_baseline_unet(cfg)
         load_state_checked(unet, state, "global baseline weights")
@@ -573,10 +643,63 @@ def save_global_model(
         {
             "run_config": run.as_flower_config(),
             "sites": sites,
+            "sites_selected": sorted(selected if selected is not None else sites),
             "rounds": [asdict(r) for r in history],
         },
     )
     return out
+
+
+def _continues_stage1(run: RunConfig) -> bool:
+    """The diffusion stage completing its own stage-1 directory (``--stage1-dir`` = ``--out``),
+    the flow centralised training allows too."""
+    return run.stage == "diffusion" and Path(run.stage1_dir).resolve() == Path(run.out).resolve()
+
+
+def check_out_dir(run: RunConfig) -> None:
+    """Refuse, before any round, to write over a model directory at ``out``: centralised
+    training's rule (:func:`inference.train.loops._check_out_dir`) less its ``--resume`` (a
+    federated run keeps no checkpoint to resume), plus an explicit ``overwrite``. The federated
+    model used to be written over whatever was there, leaving e.g. a UNet baseline's
+    model.yaml beside another model's autoencoder and diffusion weights."""
+    from inference.model_dir import MODEL_YAML, model_kind
+    from inference.train.loops import read_train_state
+
+    out = Path(run.out)
+    if run.overwrite or not (out / MODEL_YAML).is_file() or _continues_stage1(run):
+        return
+    try:
+        found = f"a {model_kind(out)} model (model.yaml"
+    except InferenceError as exc:
+        found = f"a model.yaml that cannot be read ({exc}"
+    try:
+        stages = sorted(read_train_state(out).get("stages", {}))
+        found += f"; train_state.json lists the stages {stages})"
+    except InferenceError:
+        found += ")"
+    raise InferenceError(
+        f"{out}: expected an empty directory for the federated {run.stage} model, found {found}; "
+        "the run would overwrite it: choose another --out, or pass --overwrite to replace it"
+    )
+
+
+def _clear_replaced_model(run: RunConfig) -> None:
+    """With ``overwrite``, remove what the model directory at ``out`` holds of the model being
+    replaced and the new one does not write: the other kind's weights (a UNet baseline's
+    ``unet.safetensors`` beside a latent diffusion model's, or the reverse) and a model card,
+    which describes the replaced model."""
+    from inference.model_dir import DEFAULT_WEIGHT_FILES, MODEL_CARD, MODEL_YAML
+    from inference.unet_baseline import WEIGHTS_FILE
+
+    out = Path(run.out)
+    if not run.overwrite or not (out / MODEL_YAML).is_file() or _continues_stage1(run):
+        return
+    other = list(DEFAULT_WEIGHT_FILES.values()) if run.stage == "baseline" else [WEIGHTS_FILE]
+    for name in [*other, MODEL_CARD]:
+        path = out / name
+        if path.is_file():
+            log.warning("--overwrite: removing %s of the model replaced at %s", name, out)
+            path.unlink()
 
 
 def read_federation(model_dir: str | Path) -> dict[str, Any]:

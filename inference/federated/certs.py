@@ -26,9 +26,11 @@ import datetime
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dicom_node.errors import ConfigError
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "superlink.crt", "superlink.key"
+SERVER_COMMON_NAME = "glioforecast SuperLink"
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ def make_certificates(
     overwrite: bool = False,
     organisation: str = "glioforecast federation",
 ) -> CertificateSet:
-    """Write a CA and a SuperLink certificate valid for ``hosts`` and ``ips`` (EC P-256)."""
+    """Write a CA and a SuperLink certificate valid for ``hosts`` and ``ips`` (EC P-256). A
+    host given as an IP address is an IP name of the certificate (a TLS client checks an
+    address against those only); a URL, a port or an empty name is refused."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -85,7 +90,23 @@ def make_certificates(
         raise ConfigError(
             "federate certs", ["certificate names: expected at least one host name or IP address"]
         )
+    names: list[str] = []
     addresses = []
+    problems = []
+    for host in hosts:
+        try:
+            addresses.append(ipaddress.ip_address(host.strip("[]")))
+            continue
+        except ValueError:
+            pass
+        why = _host_problem(host)
+        if why is not None:
+            problems.append(f"--host: expected a host name (e.g. superlink.example.org), found "
+                            f"{host!r} ({why})")  # fmt: skip
+        else:
+            names.append(host.lower())
+    if problems:
+        raise ConfigError("federate certs", problems)
     for ip in ips:
         try:
             addresses.append(ipaddress.ip_address(ip))
@@ -130,9 +151,12 @@ def make_certificates(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
+    addresses = list(dict.fromkeys(addresses))
     server_key = ec.generate_private_key(ec.SECP256R1())
-    common = hosts[0] if hosts else str(addresses[0])
-    san: list[x509.GeneralName] = [x509.DNSName(h) for h in hosts]
+    # clients check the names of the SAN, never the CN: a short fixed one (a CN holds at most
+    # 64 characters, which a long host name used to exceed with a traceback)
+    common = SERVER_COMMON_NAME
+    san: list[x509.GeneralName] = [x509.DNSName(h) for h in dict.fromkeys(names)]
     san += [x509.IPAddress(a) for a in addresses]
     server_cert = (
         x509.CertificateBuilder()
@@ -167,11 +191,44 @@ def make_certificates(
     _write(files.server_key, server_key.private_bytes(pem, key_format, no_pw), private=True)
     log.info(
         "wrote a CA and a SuperLink certificate for %s to %s (valid %d days)",
-        ", ".join([*hosts, *ips]),
+        ", ".join([*dict.fromkeys(names), *map(str, addresses)]),
         out,
         days,
     )
     return files
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` is not a DNS name a certificate can hold (``None``: it is one)."""
+    if not host.strip():
+        return "an empty name"
+    if "://" in host or "/" in host:
+        return "a URL: give the host name alone"
+    if ":" in host:
+        return "a port or an IPv6 address in another form: give the host name alone"
+    if len(host) > 253:
+        return f"{len(host)} characters, a DNS name has at most 253"
+    bad = [label for label in host.rstrip(".").split(".") if not _LABEL.match(label)]
+    if bad:
+        return (f"labels {bad}: each label is 1 to 63 letters, digits or hyphens, with no "
+                "hyphen at either end")  # fmt: skip
+    return None
+
+
+def certificate_names(cert_file: str | Path) -> list[str]:
+    """The host names and IP addresses a certificate is valid for (its SAN)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(a) for a in san.get_values_for_type(x509.IPAddress))]  # fmt: skip
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
@@ -226,7 +283,10 @@ def make_node_key(out_dir: str | Path, name: str, *, overwrite: bool = False) ->
 
 
 def check_certificates(directory: str | Path, *, server: bool) -> CertificateSet:
-    """The certificate files of ``directory``; raises when a needed one is missing."""
+    """The certificate files of ``directory``; raises when a needed one is missing or, with
+    ``server``, when the SuperLink could not serve them: a certificate outside its validity
+    dates, a key that is not the certificate's, a ``ca.crt`` that did not issue it. (Flower
+    used to start with such files and fail at the first connection with an ssl traceback.)"""
     files = certificate_set(directory)
     needed = [files.ca_cert] + ([files.server_cert, files.server_key] if server else [])
     missing = [p.name for p in needed if not p.is_file()]
@@ -241,4 +301,81 @@ def check_certificates(directory: str | Path, *, server: bool) -> CertificateSet
                 f"found {found or 'nothing'}"
             ],
         )
+    if server:
+        _check_server_files(files)
     return files
+
+
+def _load_cert(path: Path) -> Any:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as exc:
+        raise ConfigError(
+            "federate certs", [f"{path}: expected a PEM certificate, found unreadable data ({exc})"]
+        ) from None
+
+
+def _validity_problem(path: Path, cert: Any) -> str | None:
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start or now > end:
+        state = "expired" if now > end else "not yet valid"
+        return (
+            f"{path}: expected a certificate valid now ({now:%Y-%m-%d %H:%M} UTC), found one "
+            f"valid from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC ({state}; make new "
+            "certificates with `glioforecast federate certs --overwrite`)"
+        )
+    return None
+
+
+def check_ca_certificate(path: str | Path) -> None:
+    """A site's ``ca.crt``: readable, and valid now (or the SuperNode's TLS handshake fails)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("federate certs", [f"--ca-cert: expected the federation's ca.crt, "
+                                             f"found no file {p}"])  # fmt: skip
+    why = _validity_problem(p, _load_cert(p))
+    if why is not None:
+        raise ConfigError("federate certs", [why])
+
+
+def _check_server_files(files: CertificateSet) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca, server = _load_cert(files.ca_cert), _load_cert(files.server_cert)
+    problems = [
+        why for why in (_validity_problem(files.ca_cert, ca),
+                        _validity_problem(files.server_cert, server)) if why
+    ]  # fmt: skip
+    try:
+        server.verify_directly_issued_by(ca)
+    except Exception as exc:  # InvalidSignature, or an issuer name that is not the CA's
+        problems.append(
+            f"{files.ca_cert}: expected the CA that issued {files.server_cert.name} (issuer "
+            f"{server.issuer.rfc4514_string()}), found {ca.subject.rfc4514_string()}, which did "
+            f"not sign it ({type(exc).__name__}); give the sites and the SuperLink the ca.crt "
+            "made with this certificate"
+        )
+    try:
+        key = serialization.load_pem_private_key(files.server_key.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        problems.append(
+            f"{files.server_key}: expected an unencrypted PEM private key, found unreadable data "
+            f"({exc})"
+        )
+    else:
+        der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        mine = key.public_key().public_bytes(der, spki)
+        if mine != server.public_key().public_bytes(der, spki):
+            kind = "EC" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+            problems.append(
+                f"{files.server_key}: expected the private key of {files.server_cert.name}, "
+                f"found another {kind} key (the certificate and key come from different "
+                "`federate certs` runs)"
+            )
+    if problems:
+        raise ConfigError("federate certs", problems)
+    log.info("SuperLink certificate valid for %s", ", ".join(certificate_names(files.server_cert)))

@@ -12,7 +12,8 @@
   unreadable ones with their reasons (run it before joining a federation);
 - ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
   with ``--site-keys`` each site must prove its site name with its key
-  (:mod:`inference.federated.site_identity`);
+  (:mod:`inference.federated.site_identity`); ``run`` and ``simulate`` refuse an ``--out`` that
+  holds a model already unless ``--overwrite``, before any round;
 - ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
   process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
   runtime (``--engine ray``).
@@ -42,24 +43,45 @@ def _fail(command: str, exc: Exception) -> int:
     return EXIT_FAILED
 
 
-def _exec(cmd: list[str], show: bool, env: dict[str, str] | None = None) -> int:
+def _exec(
+    cmd: list[str], show: bool, env: dict[str, str] | None = None, *, replace: bool = False
+) -> int:
+    """Run Flower's ``cmd`` (``show``: print it only). With ``replace`` this process becomes
+    Flower's (``execvpe``): a service manager's SIGTERM or SIGINT to the wrapper then reaches
+    ``flower-superlink`` / ``flower-supernode`` itself, where a child process used to be left
+    running, orphaned, when the wrapper was stopped."""
     log.info("running %s", shlex.join(cmd))
     if show:
         print(shlex.join(cmd))
         return 0
+    if replace:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execvpe(cmd[0], cmd, env if env is not None else dict(os.environ))
     return subprocess.call(cmd, env=env)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from inference.federated.certs import make_certificates
+    from inference.federated.certs import certificate_names, make_certificates
 
+    hosts, ips = list(args.host or []), list(args.ip or [])
+    # the defaults are said aloud: a certificate valid for this machine only is of no use to
+    # the sites, and one that also names 127.0.0.1 should not be a surprise
+    if not hosts:
+        hosts = ["localhost"]
+        print("no --host given: the certificate names localhost")
+    if not ips:
+        ips = ["127.0.0.1"]
+        print("no --ip given: the certificate names 127.0.0.1")
     try:
         files = make_certificates(
-            args.out, hosts=args.host or ["localhost"], ips=args.ip or ["127.0.0.1"],
-            days=args.days, overwrite=args.overwrite,
-        )  # fmt: skip
+            args.out, hosts=hosts, ips=ips, days=args.days, overwrite=args.overwrite
+        )
     except GlioforecastError as exc:
         return _fail("certs", exc)
+    print(f"SuperLink certificate valid for: {', '.join(certificate_names(files.server_cert))}")
     print(f"CA certificate (give it to every site): {files.ca_cert}")
     print(f"CA key (keep it on the coordinator):     {files.ca_key}")
     print(f"SuperLink certificate and key:          {files.server_cert}, {files.server_key}")
@@ -67,6 +89,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
+    from inference.federated.certs import certificate_names, certificate_set
     from inference.federated.deploy import process_env, superlink_command
 
     try:
@@ -76,10 +99,16 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except GlioforecastError as exc:
         return _fail("superlink", exc)
-    return _exec(cmd, args.print, process_env(args.flwr_home))
+    if not args.insecure:
+        # on stderr: with --print, stdout is the command alone
+        names = certificate_names(certificate_set(args.certs).server_cert)
+        sys.stderr.write(f"SuperLink certificate valid for: {', '.join(names)}\n")
+    return _exec(cmd, args.print, process_env(args.flwr_home), replace=True)
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
+    from inference.data import DEFAULT_SURVIVAL_CLASSES
+    from inference.federated.certs import check_ca_certificate
     from inference.federated.config import NodeConfig
     from inference.federated.deploy import process_env, supernode_command
     from inference.federated.local import site_patients
@@ -88,8 +117,13 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         return _fail(
             "supernode", ValueError("expected --ca-cert FILE (or --insecure), found neither")
         )
+    # the survival classes are checked here as training checks them each round (against the
+    # model's): a table the rounds would refuse is refused before the SuperNode starts
+    classes = args.survival_classes or DEFAULT_SURVIVAL_CLASSES
     try:
-        patients = site_patients(NodeConfig(tuple(args.data), args.site or ""))
+        if not args.insecure:
+            check_ca_certificate(args.ca_cert)
+        patients = site_patients(NodeConfig(tuple(args.data), args.site or ""), classes)
     except GlioforecastError as exc:
         return _fail("supernode", exc)
     log.info("site %s: %d patients", args.site or "(all of --data)", len(patients))
@@ -104,7 +138,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         args.superlink, None if args.insecure else args.ca_cert, args.data, site=args.site or "",
         device=args.device, threads=args.threads, runtime_port=args.port, auth_key=args.auth_key,
     )  # fmt: skip
-    return _exec(cmd, args.print, process_env(args.flwr_home))
+    return _exec(cmd, args.print, process_env(args.flwr_home), replace=True)
 
 
 def cmd_node_key(args: argparse.Namespace) -> int:
@@ -182,6 +216,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         "learning_rate": args.learning_rate, "batch_size": args.batch_size, "seed": args.seed,
         "preset": args.preset, "out": str(Path(args.out).resolve()), "sites": args.sites or "",
         "min_sites": args.min_sites, "card_metrics": not args.no_card_metrics,
+        "overwrite": args.overwrite,
     }  # fmt: skip
     if args.model_yaml:
         values["model_yaml"] = str(Path(args.model_yaml).resolve())
@@ -202,6 +237,7 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from inference.federated.app import check_out_dir
     from inference.federated.deploy import (
         flwr_run_command,
         process_env,
@@ -209,30 +245,71 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_connection,
     )
 
+    # as supernode and register do: without a CA certificate, `flwr run` used to connect
+    # without TLS (config.toml insecure = true) when --insecure was not asked for
+    if not args.insecure and args.ca_cert is None:
+        return _fail("run", ValueError("expected --ca-cert FILE (or --insecure), found neither"))
     try:
         run = _run_config(args)
+        # --run-config overrides are checked here: the SuperLink answers a mistyped key with
+        # only "[code: 15] Invalid run configuration."
+        run = _with_overrides(run, args.run_config or [])
+        check_out_dir(run)
     except GlioforecastError as exc:
         return _fail("run", exc)
     work = Path(tempfile.mkdtemp(prefix="gf-federate-"))
     home = Path(args.flwr_home) if args.flwr_home else work / "flwr-home"
     write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
     app = write_app(work / "app", run.as_flower_config())
+    out = Path(run.out)
+    before = _stamp(out / "federation.json")
     rc = _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
     if rc != 0 or args.print:
         return rc
-    # `flwr run --stream` exits 0 when the stream ends, whether or not the ServerApp finished
-    out = Path(run.out)
-    if not (out / "federation.json").is_file():
+    # `flwr run --stream` exits 0 when the stream ends, whether or not the ServerApp finished;
+    # a federation.json older than the run is an earlier run's
+    after = _stamp(out / "federation.json")
+    if after is None or after == before:
+        found = "none" if after is None else "only an earlier run's"
         return _fail(
             "run",
             RuntimeError(
-                f"expected the global model directory {out} (with federation.json) after the run, "
-                "found none: the run ended early (see the SuperLink's log), or --out is not a "
-                "path on this machine"
+                f"expected the global model directory {out} with a federation.json written by "
+                f"this run, found {found}: the run ended early (see the run's log above, or "
+                "`flwr log <run id>`), or --out is not a path on this machine"
             ),
         )
     print(f"global model directory: {out}")
     return 0
+
+
+def _stamp(path: Path) -> int | None:
+    """``path``'s modification time (ns), ``None`` when absent."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _with_overrides(run: Any, overrides: list[str]) -> Any:
+    """``run`` with ``flwr run --run-config`` overrides applied, parsed as Flower parses them
+    and validated as the ServerApp will (an unknown key names the known ones)."""
+    from flwr.common.config import parse_config_args
+
+    from inference.federated.config import parse_run_config
+
+    if not overrides:
+        return run
+    try:
+        values = parse_config_args(overrides)
+    except Exception as exc:  # Flower's parser raises ValueError or TOML errors
+        from dicom_node.errors import ConfigError
+
+        raise ConfigError(
+            "--run-config",
+            [f"expected 'key=value ...' (TOML values), found {overrides} ({exc})"],
+        ) from None
+    return parse_run_config({**run.as_flower_config(), **values})
 
 
 def _check_simulated_sites(run: Any, sites: tuple[str, ...], present: list[str], data: str) -> None:
@@ -266,8 +343,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         present = sorted({p.site for p in read_cohort(args.data, survival_classes=None)})
         sites = run.site_list or tuple(present)
         _check_simulated_sites(run, sites, present, args.data)
+        from inference.federated.app import check_out_dir
+
+        check_out_dir(run)
     except GlioforecastError as exc:
         return _fail("simulate", exc)
+    before = _stamp(Path(run.out) / "federation.json")
     if args.engine == "local":
         from inference.federated.simulation import simulate_local
 
@@ -291,12 +372,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": args.cpus}},
         )  # fmt: skip
-    ok = (Path(run.out) / "model.yaml").is_file()
-    return (
-        0
-        if ok
-        else _fail("simulate", RuntimeError(f"expected a model directory at {run.out}, found none"))
-    )
+    # (Ray's runtime logs a ServerApp's error and returns: only a fresh federation.json says
+    # the run finished)
+    after = _stamp(Path(run.out) / "federation.json")
+    if after is None or after == before:
+        found = "none" if after is None else "only an earlier run's"
+        return _fail(
+            "simulate",
+            RuntimeError(f"expected a model directory written by this run at {run.out}, "
+                         f"found {found}"),
+        )  # fmt: skip
+    return 0
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -325,6 +411,10 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         help="seconds to wait for the sites to connect before the first round (default 120)",
     )
     p.add_argument("--no-card-metrics", action="store_true", help="per-site losses only")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a model directory already at --out (refused otherwise, before any round)",
+    )  # fmt: skip
 
 
 def register(subparsers: Any) -> None:
@@ -385,6 +475,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime port")
+    p.add_argument(
+        "--survival-classes",
+        type=_class_list,
+        default=None,
+        help="the survival_class values the table may hold, comma-separated (default: "
+        "short,intermediate,long, the presets'; give the federation's model.yaml's own)",
+    )
     p.add_argument(
         "--auth-key", type=Path, default=None,
         help="the site's private key (`federate node-key`) for a SuperLink that authenticates "

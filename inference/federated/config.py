@@ -16,6 +16,8 @@ Run config (``[tool.flwr.app.config]`` of the generated app, overridable with
     model-yaml         a YAML file on the coordinator whose mapping overrides the preset's fields
     stage1-dir         (diffusion) the model directory of a trained autoencoder
     out                the model directory the coordinator writes
+    overwrite          replace a model directory already at out (federate run|simulate
+                       --overwrite); without it such a directory is refused before any round
     sites              comma-separated site names to train on ("" = every connected site)
     min-sites          fewest sites whose replies make a round (at most the number of sites
                        named in sites, when they are named)
@@ -69,6 +71,7 @@ class RunConfig:
     model_yaml: str = ""
     stage1_dir: str = ""
     out: str = "federated-model"
+    overwrite: bool = False
     sites: str = ""
     min_sites: int = 1
     wait_for_sites: float = 120.0

@@ -4,7 +4,9 @@ ID, table value or path)."""
 
 from __future__ import annotations
 
+import logging
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from dicom_node.errors import ConfigError
 from inference.data import read_cohort
-from inference.federated.app import client_app, initial_state
+from inference.federated.app import SiteFailure, client_app, initial_state
 from inference.federated.config import RunConfig
 from inference.federated.local import CARD_KEYS, encode_model_config, model_config_for
+from inference.federated.simulation import LocalGrid
 
 from .conftest import SITES
 
@@ -40,6 +42,7 @@ def _task_identity() -> None:
 
 
 def _message(kind: str, run: RunConfig, state: dict[str, torch.Tensor], **extra: Any) -> Message:
+    node = int(extra.pop("node", 7))
     model_kind, cfg = model_config_for(run)
     config = ConfigRecord(
         {
@@ -49,7 +52,7 @@ def _message(kind: str, run: RunConfig, state: dict[str, torch.Tensor], **extra:
         }
     )  # fmt: skip
     content = RecordDict({"arrays": ArrayRecord(state), "config": config})
-    return Message(content=content, dst_node_id=7, message_type=kind)
+    return Message(content=content, dst_node_id=node, message_type=kind)
 
 
 def _context(cohort: Path, site: str) -> Context:
@@ -136,11 +139,65 @@ def test_fedprox_keeps_the_update_near_the_global_weights(fed_cohort: Path) -> N
     assert distance(50.0) < 0.8 * distance(0.0)
 
 
-def test_a_site_without_its_patients_says_what_it_found(fed_cohort: Path) -> None:
+def _flower_error_reason(exc: BaseException) -> str:
+    """The error reply's text as Flower's SuperNode makes it from a ClientApp's exception
+    (``flwr/supernode/runtime/run_clientapp.py``): what the coordinator receives and the
+    SuperLink stores in its database."""
+    return str(type(exc)) + ":<'" + str(exc) + "'>"
+
+
+def test_a_site_without_its_patients_says_what_it_found_in_its_own_log_only(
+    fed_cohort: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run = RunConfig(stage="baseline", preset="tiny")
     kind, cfg = model_config_for(run)
     state, _ = initial_state(run, kind, cfg)
     # in a deployment, Flower turns the handler's exception into an error reply
-    with pytest.raises(ConfigError) as err:
+    with caplog.at_level(logging.ERROR), pytest.raises(SiteFailure) as err:
         client_app(_message(MessageType.TRAIN, run, state), _context(fed_cohort, "SITE-XYZ"))
-    assert "SITE-XYZ" in str(err.value) and "SITE-NOR" in str(err.value)
+    assert str(err.value) == (
+        "site SITE-XYZ: training failed (ConfigError); details in the SuperNode's log"
+    )
+    assert str(fed_cohort) not in _flower_error_reason(err.value)
+    # the site's own log has the whole error: what it expected and what it found where
+    assert "expected patients of 'SITE-XYZ'" in caplog.text and "SITE-NOR" in caplog.text
+    assert str(fed_cohort) in caplog.text
+
+
+def test_a_site_with_broken_data_sends_no_path_or_patient_id(
+    fed_cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site's failure used to reach the coordinator (and the SuperLink's database) as the
+    exception's text: "site SITE-OST failed: <class 'dicom_node.errors.InputError'>:<'image
+    /data/site-OST/GF00000-0006/nifti/post_t1c.nii.gz: expected a file, found none'>"."""
+    broken = tmp_path / "site-OST-broken"
+    shutil.copytree(fed_cohort, broken)
+    (patient,) = [p for p in read_cohort(broken) if p.site == SITES[2]]
+    (patient.folder / "post_t1c.nii.gz").unlink()
+    run = RunConfig(stage="baseline", preset="tiny")
+    kind, cfg = model_config_for(run)
+    state, _ = initial_state(run, kind, cfg)
+    messages = {
+        "training": _message(MessageType.TRAIN, run, state),
+        "evaluation": _message(MessageType.EVALUATE, run, state),
+    }
+    forbidden = [str(broken), patient.patient_id, "post_t1c"]
+    for step, msg in messages.items():
+        caplog.clear()
+        with caplog.at_level(logging.ERROR), pytest.raises(SiteFailure) as err:
+            client_app(msg, _context(broken, SITES[2]))
+        reason = _flower_error_reason(err.value)
+        assert [f for f in forbidden if f in reason] == [], reason
+        assert f"site {SITES[2]}: {step} failed (InputError); details in the SuperNode's log" in (
+            reason
+        )
+        # the reply carries no cause either (its traceback is the SuperNode's log's only)
+        assert err.value.__cause__ is None and err.value.__suppress_context__
+        assert patient.patient_id in caplog.text and "post_t1c" in caplog.text
+    # and the same through the in-process grid, whose error replies mirror Flower's
+    grid = LocalGrid(client_app, [{"data-path": str(broken), "site-name": SITES[2]}])
+    (msg_id,) = grid.push_messages([_message(MessageType.TRAIN, run, state, node=1)])
+    (reply,) = grid.pull_messages([msg_id])
+    assert reply.has_error()
+    reason = str(reply.error.reason)
+    assert [f for f in forbidden if f in reason] == [], reason
