@@ -682,6 +682,28 @@ def test_a_node_without_storage_commitment_does_not_take_reports(
     assert node.outbox.counts() == {}
 
 
+def _earlier_outbox(
+    db: Path, objs: Sequence[Dataset], schema: str
+) -> tuple[sqlite3.Connection, list[tuple[Any, ...]]]:
+    """An outbox database at ``db`` made with an earlier version's ``schema``, empty, and the
+    rows of ``objs`` queued for "pacs" as this version writes them (their objects' files
+    written the way every version writes them), for the caller to insert as that version did."""
+    with Outbox(db) as ob:
+        ob.enqueue(objs, ["pacs"], job="job-old")
+    rows = (
+        sqlite3.connect(db)
+        .execute(
+            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
+            "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
+        )
+        .fetchall()
+    )
+    db.unlink()
+    old = sqlite3.connect(db)
+    old.executescript(schema)
+    return old, rows
+
+
 OLD_SCHEMA = """
 CREATE TABLE outbox (
     id INTEGER PRIMARY KEY,
@@ -711,19 +733,7 @@ def test_an_outbox_made_before_storage_commitment_is_upgraded(
 ) -> None:
     db = tmp_path / "outbox.sqlite3"
     objs = _objects()
-    with Outbox(db) as ob:  # rows written the way the earlier version wrote them
-        ob.enqueue(objs, ["pacs"], job="job-old")
-    rows = (
-        sqlite3.connect(db)
-        .execute(
-            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
-            "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
-        )
-        .fetchall()
-    )
-    db.unlink()
-    old = sqlite3.connect(db)
-    old.executescript(OLD_SCHEMA)
+    old, rows = _earlier_outbox(db, objs, OLD_SCHEMA)
     old.executemany(
         "INSERT INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, destination, "
         "job, path, state, next_attempt_at, created_at, updated_at) "
@@ -783,19 +793,7 @@ def test_an_outbox_of_the_previous_version_takes_the_new_counts(
     caplog.set_level(logging.INFO, logger="dicom_node.outbox")
     db = tmp_path / "outbox.sqlite3"
     objs = _objects()
-    with Outbox(db) as ob:  # the objects' files, written the way both versions write them
-        ob.enqueue(objs, ["pacs"], job="job-old")
-    rows = (
-        sqlite3.connect(db)
-        .execute(
-            "SELECT sop_instance_uid, sop_class_uid, series_instance_uid, destination, job, path, "
-            "next_attempt_at, created_at, updated_at FROM outbox ORDER BY id"
-        )
-        .fetchall()
-    )
-    db.unlink()
-    old = sqlite3.connect(db)
-    old.executescript(PREVIOUS_SCHEMA)
+    old, rows = _earlier_outbox(db, objs, PREVIOUS_SCHEMA)
     old.executemany(  # acknowledged by C-STORE, the commitment not yet asked for
         "INSERT INTO outbox (sop_instance_uid, sop_class_uid, series_instance_uid, destination, "
         "job, path, state, attempts, last_status, next_attempt_at, created_at, updated_at) "

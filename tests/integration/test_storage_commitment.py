@@ -70,11 +70,13 @@ def _node_and_orthanc(
 
 
 def _start(node: Node, orthanc: OrthancServer, tls: ssl.SSLContext | None = None) -> None:
-    """The node's receiver, then Orthanc knowing it (over TLS when ``tls`` is given)."""
+    """The node's receiver, then Orthanc knowing it (over TLS when ``tls`` is given) by the AE
+    title it sends as (Orthanc reports storage commitment to the AE title that asked)."""
     node.scp.start()
     orthanc.modalities["glioforecast"] = Destination(
-        "glioforecast", node.settings.node.ae_title, "127.0.0.1", node.scp.port, tls=tls
-    )
+        "glioforecast", node.settings.sending.calling_ae_title, "127.0.0.1", node.scp.port,
+        tls=tls,
+    )  # fmt: skip
     orthanc.start()
 
 
@@ -192,11 +194,7 @@ def test_orthanc_reports_to_the_ae_title_the_node_sends_as(tmp_path: Path) -> No
     out = default_outputs()
     n = len(out.all())
     try:
-        node.scp.start()
-        orthanc.modalities["glioforecast"] = Destination(
-            "glioforecast", "GLIOFC_SCU", "127.0.0.1", node.scp.port
-        )
-        orthanc.start()
+        _start(node, orthanc)
         node.sender.start()
         node.outbox.enqueue(out.all(), [dest.name], job="job-ae")
         node.sender.wake()
