@@ -42,6 +42,7 @@ from tests.conftest import wait_for
 from tests.dicom_node.conftest import make_settings
 from tests.dicom_node.test_jobs import _receive
 from tests.dicom_node.test_scp import storescu
+from tests.integration.fake_qr import matches
 
 
 def _settings(tmp_path: Path, **retrieve: object) -> Settings:
@@ -402,20 +403,7 @@ class _Pacs:
         return Destination(name="pacs", ae_title=self.ae_title, host="127.0.0.1", port=self.port)
 
     def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
-        query, seen = event.identifier, set()
-        for ds in self.held:
-            level = query.QueryRetrieveLevel
-            if level == "SERIES" and ds.StudyInstanceUID != query.StudyInstanceUID:
-                continue
-            key = ds.StudyInstanceUID if level == "STUDY" else ds.SeriesInstanceUID
-            if key in seen:
-                continue
-            seen.add(key)
-            match = Dataset()
-            match.QueryRetrieveLevel = level
-            for keyword in query.dir():
-                if keyword in ds and keyword != "QueryRetrieveLevel":
-                    setattr(match, keyword, ds.data_element(keyword).value)
+        for match in matches(event.identifier, self.held):
             yield 0xFF00, match
         yield 0x0000, None
 

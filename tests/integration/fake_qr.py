@@ -37,6 +37,26 @@ def _without_counts(self: DIMSEServiceProvider, primitive: Any, context_id: int)
     _send(self, primitive, context_id)
 
 
+def matches(query: Dataset, held: list[Dataset]) -> Iterator[Dataset]:
+    """What a Study Root C-FIND at STUDY or SERIES level finds among ``held``: one match per
+    study or series (of the query's study), with the query's keys that the instance has."""
+    seen: set[str] = set()
+    for ds in held:
+        level = query.QueryRetrieveLevel
+        if level == "SERIES" and ds.StudyInstanceUID != query.StudyInstanceUID:
+            continue
+        key = ds.StudyInstanceUID if level == "STUDY" else ds.SeriesInstanceUID
+        if key in seen:
+            continue
+        seen.add(key)
+        match = Dataset()
+        match.QueryRetrieveLevel = level
+        for keyword in query.dir():
+            if keyword in ds and keyword != "QueryRetrieveLevel":
+                setattr(match, keyword, ds.data_element(keyword).value)
+        yield match
+
+
 def main() -> None:
     port, move_port, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     mode = sys.argv[4]
@@ -45,26 +65,14 @@ def main() -> None:
         DIMSEServiceProvider.send_msg = _without_counts  # type: ignore[method-assign]
 
     def find(event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
-        query, seen = event.identifier, set()
+        query = event.identifier
         if mode == "refuse-find":
             status = Dataset()
             status.Status = 0xA900
             status.ErrorComment = f"Unknown patient {query.PatientID}"
             yield status, None
             return
-        for ds in held:
-            level = query.QueryRetrieveLevel
-            if level == "SERIES" and ds.StudyInstanceUID != query.StudyInstanceUID:
-                continue
-            key = ds.StudyInstanceUID if level == "STUDY" else ds.SeriesInstanceUID
-            if key in seen:
-                continue
-            seen.add(key)
-            match = Dataset()
-            match.QueryRetrieveLevel = level
-            for keyword in query.dir():
-                if keyword in ds and keyword != "QueryRetrieveLevel":
-                    setattr(match, keyword, ds.data_element(keyword).value)
+        for match in matches(query, held):
             if "ModalitiesInStudy" in query:
                 match.ModalitiesInStudy = sorted({str(d.Modality) for d in held})
             yield 0xFF00, match
