@@ -37,13 +37,16 @@ class Assembler:
         self,
         store: JobStore,
         settings: Settings,
-        arriving: Callable[[float], set[str]] | None = None,
+        arriving: Callable[[float], dict[str, float]] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        #: the studies an open association stored an instance of within the given seconds
-        #: (:meth:`~dicom_node.scp.StorageSCP.studies_arriving`): not made a job yet
+        #: the studies an open association stored an instance of within the given seconds,
+        #: with how long ago (:meth:`~dicom_node.scp.StorageSCP.studies_arriving`): not made a
+        #: job yet
         self.arriving = arriving
+        #: the studies said to wait for their sender's association (said once each)
+        self.held: set[str] = set()
         self.linker = Linker(store, settings.storage.spool_dir)
         #: studies that could not be made a job, with the passes that failed
         self.failing: dict[str, int] = {}
@@ -67,8 +70,16 @@ class Assembler:
         for gone in set(self.failing) - set(due):  # removed since (retention, a reset)
             del self.failing[gone]
         if due and self.arriving is not None:
-            held = self.arriving(max(quiet, ARRIVING_HOLD_S))
-            due = [study for study in due if study not in held]
+            hold = max(quiet, ARRIVING_HOLD_S)
+            arriving = self.arriving(hold)
+            for study in sorted(set(due) & set(arriving) - self.held):
+                log.info(
+                    "study %s waits for the association still sending it (its last instance "
+                    "%.0f s ago): made a job once it ends, or %.0f s after its last instance",
+                    study, arriving[study], hold,
+                )  # fmt: skip
+            self.held = (self.held | set(arriving)) & set(due)
+            due = [study for study in due if study not in arriving]
         for study_uid in due:
             try:
                 created.append(self._assemble(study_uid, now))

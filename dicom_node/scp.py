@@ -417,6 +417,17 @@ class _Received:
     tally: TransferTally = field(default_factory=TransferTally)
 
 
+@dataclass
+class _Arrivals:
+    """What one open association of a sender stored, for assembly and the log."""
+
+    #: the studies it stored new instances of, with when it stored the last (monotonic)
+    studies: dict[str, float] = field(default_factory=dict)
+    #: the corrected copies (another patient identity) it stored, by study
+    corrected: collections.Counter[str] = field(default_factory=collections.Counter)
+    stored: int = 0  # instances stored (duplicates included)
+
+
 class StorageSCP:
     """Receives instances into the spool and records them in the job store."""
 
@@ -454,11 +465,9 @@ class StorageSCP:
         # what each open association delivered, for the audit trail (by id of the association)
         self._received: dict[int, _Received] = {}
         self._received_lock = threading.Lock()
-        # the studies each open association of a sender stored instances of, with when it
-        # stored the last (monotonic): assembly waits for them (studies_arriving)
-        self._arriving: dict[int, dict[str, float]] = {}
-        # corrected copies (another patient identity) each open association stored, by study
-        self._corrected: dict[int, collections.Counter[str]] = {}
+        # what each open association of a sender stored (by id of the association): assembly
+        # waits for the studies it is sending (studies_arriving)
+        self._arrivals: dict[int, _Arrivals] = {}
         self._arriving_lock = threading.Lock()
         # where storage commitment reports go (the outbox); None: the SOP class is not offered
         self.commitment_reports = commitment_reports
@@ -577,6 +586,8 @@ class StorageSCP:
         classes it will not send: dcmtk storescu 128)."""
         assoc = event.assoc
         calling, host = _sender(assoc)
+        with self._arriving_lock:  # made here, so that a store ending after the close does
+            self._arrivals[id(assoc)] = _Arrivals()  # not make it again (and hold its study)
         no_syntax: dict[str, set[str]] = {}
         not_taken: set[str] = set()
         for cx in assoc.rejected_contexts:
@@ -604,15 +615,23 @@ class StorageSCP:
         stored nothing, the SOP classes refused at its negotiation are said."""
         assoc = event.assoc
         with self._arriving_lock:
-            self._arriving.pop(id(assoc), None)
-            corrected = self._corrected.pop(id(assoc), None)
-        for study, count in sorted((corrected or {}).items()):
-            if count == 1:  # said as it came
-                continue
-            log.warning(
-                "%d instance(s) of study %s re-sent by %s under another patient identity "
-                "(corrected copies) replaced those held", count, study, _sender(assoc)[0],
-            )  # fmt: skip
+            arrivals = self._arrivals.pop(id(assoc), None)
+        if arrivals is not None:
+            calling, host = _sender(assoc)
+            for study, count in sorted(arrivals.corrected.items()):
+                if count > 1:  # the first was said as it came
+                    log.warning(
+                        "%d instance(s) of study %s re-sent by %s under another patient "
+                        "identity (corrected copies) replaced those held", count, study, calling,
+                    )  # fmt: skip
+            if arrivals.stored:
+                # an abort mid-study explains a job that then lacks slices or series
+                log.info(
+                    "association from %s (%s) %s: %d instance(s) stored, of %d study(ies) "
+                    "with new instances", calling, host,
+                    "aborted" if assoc.is_aborted else "ended", arrivals.stored,
+                    len(arrivals.studies),
+                )  # fmt: skip
         classes = self._refused_classes.pop(id(assoc), None)
         if classes and assoc.is_acceptor and assoc.requestor.primitive is not None:
             calling, host = _sender(assoc)
@@ -890,9 +909,9 @@ class StorageSCP:
             if known[1] != stored.relative:  # filed under another study or series now
                 self.spool.remove(known[1])
             with self._arriving_lock:  # said once per association and study, then counted
-                counts = self._corrected.setdefault(id(assoc), collections.Counter())
-                counts[info.study_instance_uid] += 1
-                first = counts[info.study_instance_uid] == 1
+                arrivals = self._arrivals.get(id(assoc)) or _Arrivals()
+                arrivals.corrected[info.study_instance_uid] += 1
+                first = arrivals.corrected[info.study_instance_uid] == 1
             if first:
                 log.warning(
                     "instance %s of study %s re-sent by %s under another patient identity (a "
@@ -905,24 +924,29 @@ class StorageSCP:
                 self.store, ds, info.series_description, calling, host=host, audit=self.audit,
             )  # fmt: skip
         self._audit_instance(assoc, ds, info.sop_class_uid)
-        if getattr(assoc, "is_acceptor", False):  # a sender's association (not a C-GET's)
-            with self._arriving_lock:
-                studies = self._arriving.setdefault(id(assoc), {})
-                studies[info.study_instance_uid] = time.monotonic()
+        with self._arriving_lock:
+            open_one = self._arrivals.get(id(assoc))  # None: a C-GET's, or already closed
+            if open_one is not None:
+                open_one.stored += 1
+                if new and info.sop_class_uid not in self.inert_sop_classes:
+                    # what moves the study's quiet period moves its hold (a duplicate or a
+                    # presentation state sent again and again on one association held it)
+                    open_one.studies[info.study_instance_uid] = time.monotonic()
         return SUCCESS
 
-    def studies_arriving(self, within_s: float) -> set[str]:
-        """The studies of which an association still open stored an instance in the last
-        ``within_s`` seconds: their sender is still sending them, and assembly waits for it
-        (the quiet period alone made a job of half a study whose sender paused longer)."""
+    def studies_arriving(self, within_s: float) -> dict[str, float]:
+        """The studies of which an association still open stored a new instance in the last
+        ``within_s`` seconds, with how many seconds ago: their sender is still sending them,
+        and assembly waits for it (the quiet period alone made a job of half a study whose
+        sender paused longer)."""
         now = time.monotonic()
+        arriving: dict[str, float] = {}
         with self._arriving_lock:
-            return {
-                study
-                for studies in self._arriving.values()
-                for study, at in studies.items()
-                if now - at < within_s
-            }
+            for arrivals in self._arrivals.values():
+                for study, at in arrivals.studies.items():
+                    if now - at < within_s:
+                        arriving[study] = min(arriving.get(study, within_s), now - at)
+        return arriving
 
     # ------------------------------------------------------------------ lifecycle
 

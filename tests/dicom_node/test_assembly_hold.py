@@ -5,6 +5,7 @@ then a second one. A real node on a localhost port, a pynetdicom sender."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,7 +41,10 @@ def _send(assoc: Any, paths: list[Path]) -> None:
         assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
 
 
-def test_a_sender_pausing_mid_study_gets_one_job(run_node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_sender_pausing_mid_study_gets_one_job(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
     study = factories.small_study(tmp_path / "in")
     node = run_node()  # quiet period 0.3 s
     with _association(node.scp.port) as assoc:
@@ -51,6 +55,38 @@ def test_a_sender_pausing_mid_study_gets_one_job(run_node, tmp_path: Path) -> No
     (job,) = wait_for(lambda: node.store.list_jobs(), timeout=30, what="the job")
     assert job.version == 1
     assert job.instance_count == sum(map(len, study.values()))
+    # the operator is told why no job came yet, once, and how the association ended
+    waits = [
+        r.getMessage() for r in caplog.records if "waits for the association" in r.getMessage()
+    ]
+    assert len(waits) == 1 and job.study_instance_uid in waits[0], waits
+    ended = wait_for(
+        lambda: [r.getMessage() for r in caplog.records if "(127.0.0.1) ended" in r.getMessage()],
+        what="the association's end in the log",
+    )
+    assert ended == [
+        f"association from SLOWPACS (127.0.0.1) ended: {job.instance_count} instance(s) stored, "
+        "of 1 study(ies) with new instances"
+    ]
+
+
+def test_duplicates_on_an_open_association_do_not_hold_a_study(  # type: ignore[no-untyped-def]
+    run_node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router re-sending what the node holds on its open association held the study as long
+    as it went on: only new instances that could change it hold it."""
+    monkeypatch.setattr(assembler, "ARRIVING_HOLD_S", 1.0)
+    study = factories.small_study(tmp_path / "in")
+    node = run_node()
+    with _association(node.scp.port) as assoc:
+        _send(assoc, [p for paths in study.values() for p in paths])
+        started = time.monotonic()
+        while not node.store.list_jobs():
+            assert time.monotonic() - started < 30, "no job while duplicates kept coming"
+            _send(assoc, study["t1c"][:1])  # the same instance again
+            time.sleep(0.6)  # more than the quiet period (0.3 s), which a duplicate restarts
+        (job,) = node.store.list_jobs()
+        assert job.instance_count == sum(map(len, study.values()))
 
 
 def test_an_association_kept_open_holds_a_study_for_a_while_only(  # type: ignore[no-untyped-def]
