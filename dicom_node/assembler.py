@@ -69,17 +69,17 @@ class Assembler:
         due = self.store.due_studies(now, quiet)
         for gone in set(self.failing) - set(due):  # removed since (retention, a reset)
             del self.failing[gone]
-        if due and self.arriving is not None:
-            hold = max(quiet, ARRIVING_HOLD_S)
-            arriving = self.arriving(hold)
-            for study in sorted(set(due) & set(arriving) - self.held):
-                log.info(
-                    "study %s waits for the association still sending it (its last instance "
-                    "%.0f s ago): made a job once it ends, or %.0f s after its last instance",
-                    study, arriving[study], hold,
-                )  # fmt: skip
-            self.held = (self.held | set(arriving)) & set(due)
-            due = [study for study in due if study not in arriving]
+        hold = max(quiet, ARRIVING_HOLD_S)
+        arriving = self.arriving(hold) if due and self.arriving is not None else {}
+        waiting = set(due) & set(arriving)
+        for study in sorted(waiting - self.held):
+            log.info(
+                "study %s waits for the association still sending it (its last instance "
+                "%.0f s ago): made a job once it ends, or %.0f s after its last instance",
+                study, arriving[study], hold,
+            )  # fmt: skip
+        self.held = waiting  # a study held again later (new instances, a pause) is said again
+        due = [study for study in due if study not in waiting]
         for study_uid in due:
             try:
                 created.append(self._assemble(study_uid, now))

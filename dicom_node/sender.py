@@ -177,7 +177,11 @@ def check_destination(
     found: list[str] = []
     ok = True
     if VERIFICATION in accepted:
-        code = _c_echo(assoc, release=False)
+        try:
+            code = _c_echo(assoc, release=False)
+        except BaseException:
+            assoc.abort()
+            raise
         ok = code == 0
         found.append(
             "C-ECHO success"
@@ -187,10 +191,12 @@ def check_destination(
     else:
         found.append("no Verification context (C-ECHO not offered by the peer)")
     answered: tuple[bool, str] | None = None
-    if retrieval and FIND in accepted and assoc.is_established:
-        answered = _probe_find(assoc, calling_ae)
-    if assoc.is_established:
-        assoc.release()
+    try:
+        if retrieval and FIND in accepted and assoc.is_established:
+            answered = _probe_find(assoc, calling_ae)
+    finally:
+        if assoc.is_established:
+            assoc.release()
     wanted = [
         (destination.storage_commitment, PUSH_MODEL, "Storage Commitment Push Model", "",
          "storage_commitment: true expects it"),

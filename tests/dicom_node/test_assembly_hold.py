@@ -18,9 +18,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, RTStructureSetStorage
 
 from dicom_node import assembler
-from dicom_node.jobs import FAILED
+from dicom_node.assembler import Assembler
+from dicom_node.jobs import FAILED, JobStore
+from dicom_node.spool import Spool
 from tests import factories
 from tests.conftest import wait_for
+from tests.dicom_node.conftest import make_settings
+from tests.dicom_node.test_jobs import _receive
 
 
 @contextmanager
@@ -100,3 +104,29 @@ def test_an_association_kept_open_holds_a_study_for_a_while_only(  # type: ignor
         _send(assoc, study["t1c"])
         (job,) = wait_for(lambda: node.store.list_jobs(), timeout=30, what="the job")
         assert job.state == FAILED and "rtstruct" in job.reason
+
+
+def test_a_study_held_again_later_is_said_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held, made a job, then reopened by a late series and held again: the second wait was
+    not said (the study stayed in the set of those said once the node had nothing due)."""
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    settings = make_settings(tmp_path / "data", assembly={"quiet_period_s": 30})
+    study = factories.small_study(tmp_path / "in")
+    spool, store = Spool(tmp_path / "spool"), JobStore(tmp_path / "jobs.sqlite3")
+    uid = str(pydicom.dcmread(study["t1c"][0], stop_before_pixels=True).StudyInstanceUID)
+    sending: dict[str, float] = {}
+    assembly = Assembler(store, settings, arriving=lambda within: dict(sending))
+    t0 = 1_000_000.0
+    _receive(spool, store, study["t1c"] + study["rtstruct"], t0)
+    sending[uid] = 40.0
+    assert assembly.run_once(now=t0 + 40) == []  # quiet, but its association still sends
+    sending.clear()
+    assert len(assembly.run_once(now=t0 + 41)) == 1  # it ended
+    assert assembly.run_once(now=t0 + 100) == []  # nothing due
+    _receive(spool, store, study["flair"], t0 + 200)  # a late series, on an association
+    sending[uid] = 40.0
+    assert assembly.run_once(now=t0 + 240) == []
+    said = [r.getMessage() for r in caplog.records if "waits for the association" in r.getMessage()]
+    assert len(said) == 2 and all(uid in s for s in said), said
