@@ -96,6 +96,10 @@ GET_TRANSFER_SYNTAXES = (
 )
 #: how often the retriever looks whether the instances a PACS reported sent have come, s
 ARRIVAL_POLL_S = 0.2
+#: some of what the PACS reported sent came, then nothing more for this long (s): the rest is
+#: not coming (part of an asynchronous sending failed; an instance it counted is one the node
+#: holds under another series), and the retriever, which serves every study, stops waiting
+ARRIVAL_SETTLE_S = 60.0
 PENDING = (0xFF00, 0xFF01)
 POLL_S = 2.0  # how often the retriever looks for jobs waiting for it
 REPEAT_POLL_S = 60.0  # how often, at most, it looks for studies to ask about again
@@ -792,14 +796,21 @@ class Retriever(BackgroundLoop):
         reported. A PACS that moves asynchronously (Orthanc with SynchronousCMove false)
         answers a C-MOVE "Completed" before it sends, or though it never does: with ``wait``
         (C-MOVE; a C-GET or WADO-RS brings them before it answers) the retriever waits for
-        what it reported, up to ``retrieve.move_timeout_s``."""
+        what it reported, up to ``retrieve.move_timeout_s``, or :data:`ARRIVAL_SETTLE_S` after
+        the last instance that came when some did."""
         deadline = time.monotonic() + self.settings.retrieve.move_timeout_s
+        last: list[int] = []
+        changed = time.monotonic()
         while True:
             came = [len(self.store.series_paths(s.series_instance_uid)) for s, _ in results]
             short = any(
                 n < m.completed + m.warning for (_, m), n in zip(results, came, strict=True)
             )
-            if not (wait and short) or time.monotonic() >= deadline or self.stopping():
+            now = time.monotonic()
+            if came != last:
+                last, changed = came, now
+            settled = sum(came) > 0 and now - changed >= ARRIVAL_SETTLE_S
+            if not (wait and short) or now >= deadline or settled or self.stopping():
                 return came
             self._stop.wait(ARRIVAL_POLL_S)
 

@@ -28,6 +28,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dsutils import decode
 from pynetdicom.service_class import QueryRetrieveServiceClass
 
+from dicom_node import retrieve
 from dicom_node.assembler import Assembler
 from dicom_node.cli import main
 from dicom_node.errors import ConfigError
@@ -356,7 +357,8 @@ class _Pacs:
     - ``cannot_send``: series whose C-MOVE or C-GET it answers 0xC000 without sub-operation
       counts (Orthanc, a file it cannot read);
     - ``asynchronous``: C-MOVEs answered "Completed" at once (Orthanc's SynchronousCMove
-      false), the instances sent ``late`` (a second after) or ``never`` (its send failed);
+      false), the instances sent ``late`` (a second after), ``never`` (its send failed) or
+      one of them only (``part``);
     - ``aborts``: the requests ("C-FIND", "C-MOVE") it answers with an A-ABORT (Orthanc whose
       modality entry does not allow them); ``silent``: those it never answers;
     - ``syntaxes``: the transfer syntaxes it takes for the C-GET's storage contexts; it sends
@@ -437,8 +439,9 @@ class _Pacs:
                 return
         elif self.asynchronous:
             sent = len(wanted)
-            if self.asynchronous == "late":
-                threading.Timer(1.0, self._send, (req.MoveDestination, wanted)).start()
+            if self.asynchronous in ("late", "part"):
+                some = wanted if self.asynchronous == "late" else wanted[:1]
+                threading.Timer(1.0, self._send, (req.MoveDestination, some)).start()
         else:
             sent = self._send(req.MoveDestination, wanted)
         rsp.Status = 0x0000
@@ -590,6 +593,35 @@ def test_a_move_answered_before_the_pacs_sends_counts_what_came(  # type: ignore
         f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came)"
     ), came
     assert pacs.asked == [str(ds.SeriesInstanceUID)] * 2
+
+
+def test_a_move_of_which_part_never_comes_is_not_waited_for_to_its_timeout(  # type: ignore[no-untyped-def]
+    run_node, tmp_path, monkeypatch
+) -> None:
+    """An asynchronous PACS reported two instances sent and one came: the retriever, which
+    serves every study, waited the whole retrieve.move_timeout_s (600 s by default) for the
+    other. It stops once nothing more came for a while, and uses what came."""
+    monkeypatch.setattr(retrieve, "ARRIVAL_SETTLE_S", 1.0)
+    study = factories.small_study(tmp_path / "in")
+    rt = study["rtstruct"][0]
+    ds = pydicom.dcmread(rt)
+    other = pydicom.dcmread(rt)  # a second structure set of the series, which never comes
+    other.SOPInstanceUID = pydicom.uid.generate_uid()
+    other.save_as(tmp_path / "other.dcm")
+    with _node_and_pacs(
+        run_node, tmp_path, monkeypatch, [rt, tmp_path / "other.dcm"], move_timeout_s=300
+    ) as (node, pacs):
+        pacs.asynchronous = "part"
+        assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
+        first = _first_job(node, str(ds.StudyInstanceUID))
+        came = wait_for(
+            lambda: [m for m in _events(node, first.id, "retrieved") if " came (" in m],
+            timeout=60, what="the retrieval, well before move_timeout_s",
+        )  # fmt: skip
+    assert came[0].startswith(
+        f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came "
+        "of 2 reported sent)"
+    ), came
 
 
 @pytest.mark.parametrize(
