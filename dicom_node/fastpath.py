@@ -463,7 +463,7 @@ class EventDrivenDUL(DULServiceProvider):
             )
             # the association waits for its A-ASSOCIATE-RQ (None: none came) once the DUL is
             # ready; without these it waited for ever, holding its thread and its socket
-            self.to_user_queue.put(None)  # type: ignore[arg-type]
+            self.to_user_queue.put(None)
             self.assoc._dul_ready.set()
             return
         try:
@@ -529,7 +529,7 @@ class EventDrivenDUL(DULServiceProvider):
                 # the connection closed before its A-ASSOCIATE-RQ: the association waits for
                 # that request up to acse_timeout; None is what it gets at that timeout, and it
                 # ends now instead of holding its thread and this one for the rest of it
-                self.to_user_queue.put(None)  # type: ignore[arg-type]
+                self.to_user_queue.put(None)
             # wake the association when it has something to act on: a complete DIMSE message,
             # an A-RELEASE/A-ABORT primitive, or any state other than data transfer
             if assoc_wake is not None and (
