@@ -557,6 +557,14 @@ def test_a_series_the_pacs_cannot_send_keeps_none_of_the_others_away(  # type: i
     assert warning == f"retrieval for job {first.id}: {dose_said}"
 
 
+def _came(node: Node, job_id: int, what: str) -> list[str]:
+    """The job's "retrieved" events that say what came, once there is one (60 s at most)."""
+    return wait_for(  # type: ignore[no-any-return]
+        lambda: [m for m in _events(node, job_id, "retrieved") if " came (" in m],
+        timeout=60, what=what,
+    )  # fmt: skip
+
+
 def test_a_move_answered_before_the_pacs_sends_counts_what_came(  # type: ignore[no-untyped-def]
     run_node, tmp_path, monkeypatch
 ) -> None:
@@ -585,10 +593,7 @@ def test_a_move_answered_before_the_pacs_sends_counts_what_came(  # type: ignore
         ) in first.reason, first.reason
         assert "instance(s) came (" not in first.reason
         pacs.asynchronous = "late"  # its sending works now
-        came = wait_for(
-            lambda: [m for m in _events(node, first.id, "retrieved") if " came (" in m],
-            timeout=60, what="the retrieval asked again",
-        )  # fmt: skip
+        came = _came(node, first.id, "the retrieval asked again")
     assert came[0].startswith(
         f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came)"
     ), came
@@ -614,10 +619,7 @@ def test_a_move_of_which_part_never_comes_is_not_waited_for_to_its_timeout(  # t
         pacs.asynchronous = "part"
         assert storescu(node.scp.port, *study["t1c"], *study["flair"]).returncode == 0
         first = _first_job(node, str(ds.StudyInstanceUID))
-        came = wait_for(
-            lambda: [m for m in _events(node, first.id, "retrieved") if " came (" in m],
-            timeout=60, what="the retrieval, well before move_timeout_s",
-        )  # fmt: skip
+        came = _came(node, first.id, "the retrieval, well before move_timeout_s")
     assert came[0].startswith(
         f"1 instance(s) came (RTSTRUCT 'RT structures' of study {ds.StudyInstanceUID}: 1 came "
         "of 2 reported sent)"

@@ -80,6 +80,19 @@ def _start(node: Node, orthanc: OrthancServer, tls: ssl.SSLContext | None = None
     orthanc.start()
 
 
+def _deliver(node: Node, dest: Destination, objects: Sequence[Dataset], job: str) -> None:
+    """The node's sender started, ``objects`` queued for ``dest``, and every one of them sent
+    and committed by the PACS's report."""
+    node.sender.start()
+    node.outbox.enqueue(objects, [dest.name], job=job)
+    node.sender.wake()
+    wait_for(
+        lambda: node.outbox.counts() == {dest.name: {"sent": len(objects)}},
+        timeout=60,
+        what=f"every commitment (reported to {node.settings.sending.calling_ae_title})",
+    )
+
+
 @pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
 def test_results_count_as_delivered_once_orthanc_committed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, pki: Path, over_tls: bool
@@ -92,14 +105,7 @@ def test_results_count_as_delivered_once_orthanc_committed(
     n = len(out.all())
     try:
         _start(node, orthanc, dest.tls)
-        node.sender.start()
-        node.outbox.enqueue(out.all(), [dest.name], job="job-commit")
-        node.sender.wake()
-        wait_for(
-            lambda: node.outbox.counts() == {dest.name: {"sent": n}},
-            timeout=60,
-            what="every commitment",
-        )
+        _deliver(node, dest, out.all(), "job-commit")
         # the files go once the rows say sent (the report's thread deletes them after)
         wait_for(
             lambda: not any(node.outbox.objects_dir.iterdir()), timeout=30, what="the files to go"
@@ -192,17 +198,9 @@ def test_orthanc_reports_to_the_ae_title_the_node_sends_as(tmp_path: Path) -> No
     for want of a report."""
     node, orthanc, dest = _node_and_orthanc(tmp_path, calling_ae_title="GLIOFC_SCU")
     out = default_outputs()
-    n = len(out.all())
     try:
         _start(node, orthanc)
-        node.sender.start()
-        node.outbox.enqueue(out.all(), [dest.name], job="job-ae")
-        node.sender.wake()
-        wait_for(
-            lambda: node.outbox.counts() == {dest.name: {"sent": n}},
-            timeout=60,
-            what="every commitment, reported to GLIOFC_SCU",
-        )
+        _deliver(node, dest, out.all(), "job-ae")
         assert all(i.committed_at is not None for i in node.outbox.items())
         assert node.scp.associations_refused["called_ae_title"] == 0
     finally:
