@@ -262,6 +262,7 @@ class FailureNotices:
                 )
                 for s in images
             ),
+            study_version=job.version,
         )
         objects = build_failure_notice(notice, patient_study(header), __version__)
         # a notice replaces the job's own earlier notice (another reason); the results of the

@@ -399,6 +399,9 @@ class Pipeline:
     def run(self, job_id: int) -> JobResult:
         """Build the output objects of a job; raises the project's errors with a reason."""
         start = time.monotonic()
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise InputError(self.store.no_such_job(job_id))
         job_series = self.store.job_series(job_id)
         view = _JobView(
             job_id,
@@ -501,6 +504,7 @@ class Pipeline:
                 if role in series
                 for path in files(role)
             ),
+            study_version=job.version,
         )
         chosen = self.settings.outputs
         options = OutputOptions(

@@ -87,7 +87,10 @@ def build_derived_mr(
     equipment: Equipment,
     window: Window | None = None,
     when: datetime.datetime | None = None,
+    study_version: int = 1,
 ) -> list[Dataset]:
+    """The derived MR series of the predicted T1-Gd; ``study_version`` goes into the series
+    description (:func:`series_description`)."""
     if prediction.mean.shape != source_t1c.shape:
         raise ExportError(
             f"the predicted image must be on the source T1-Gd grid: expected shape "
@@ -133,7 +136,7 @@ def build_derived_mr(
         ds.Modality = "MR"
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = SERIES_NUMBERS["derived-mr"]
-        ds.SeriesDescription = series_description("derived MR")
+        ds.SeriesDescription = series_description("derived MR", study_version)
         ds.SeriesDate = ts.strftime("%Y%m%d")
         ds.SeriesTime = ts.strftime("%H%M%S")
         ds.Laterality = ""  # type 2C; the brain is not a paired structure

@@ -2,7 +2,8 @@
 
 Every object the node sends back says that it is a synthetic prediction for research use only:
 
-- ``SeriesDescription`` starts with ``SYNTHETIC PREDICTION`` and says ``RESEARCH USE ONLY``;
+- ``SeriesDescription`` starts with ``SYNTHETIC PREDICTION`` and says ``RESEARCH USE ONLY``
+  (and, for the results of a study's job version 2 and up, ends in `` v<version>``);
 - ``ContentQualification`` is ``RESEARCH``;
 - ``ContributingEquipmentSequence`` names the node (manufacturer, software version) and the model
   (name and version) that produced the content.
@@ -65,9 +66,20 @@ SERIES_NUMBERS: dict[str, int] = {
 OUTPUT_KINDS: tuple[str, ...] = tuple(SERIES_NUMBERS)
 
 
-def series_description(what: str) -> str:
-    """``SYNTHETIC PREDICTION - RESEARCH USE ONLY - <what>``, checked against the LO limit."""
+def series_description(what: str, study_version: int = 1) -> str:
+    """``SYNTHETIC PREDICTION - RESEARCH USE ONLY - <what>``, checked against the LO limit.
+
+    ``study_version`` is the job version of the study whose results the series holds (1, then 2,
+    3... each time a late instance reopens the study). From version 2 on the description ends in
+    `` v<version>``: a PACS that ignores the rejection note of the earlier results shows both,
+    with the same series numbers and otherwise the same descriptions, and the suffix says which
+    is newer. Version 1 has no suffix, as before versions were shown.
+    """
+    if study_version < 1:
+        raise ExportError(f"expected a study version of 1 or more, found {study_version}")
     text = f"{BANNER_TEXT} - {what}" if what else BANNER_TEXT
+    if study_version > 1:
+        text += f" v{study_version}"
     if len(text) > _LO_MAX:
         raise ExportError(
             f"series description must be at most {_LO_MAX} characters, found {len(text)}: "

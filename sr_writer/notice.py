@@ -56,6 +56,7 @@ from .structured_report import LOCAL_SCHEME
 
 NOTICE_SERIES_NUMBERS = {"sc": 9010, "sr": 9011}
 NOTICE_BANNER = f"NO PREDICTION - {RESEARCH_NOTE}"
+#: the series description of the notice of a study's first version
 NOTICE_DESCRIPTION = series_description("NO PREDICTION")
 
 # the image: white text on a dark background under the banner
@@ -77,7 +78,8 @@ class FailureNotice:
 
     ``headline``: one sentence a reader understands; ``reason``: the job's reason as the node
     recorded it; ``advice``: what to do; ``study_series``: the study's series, referenced by the
-    SR as evidence.
+    SR as evidence; ``study_version``: the failed job's version of the study, which the series
+    descriptions of versions 2 and up say (:func:`~sr_writer.labels.series_description`).
     """
 
     job_id: int
@@ -87,6 +89,7 @@ class FailureNotice:
     node_ae_title: str
     failed_at: datetime.datetime
     study_series: tuple[SeriesRef, ...] = ()
+    study_version: int = 1
 
     @property
     def job_line(self) -> str:
@@ -177,7 +180,7 @@ def build_failure_notice(
         "contributing_equipment": [
             node_contribution(node_version, ts, "failure notice: no prediction was made")
         ],
-        "series_description": NOTICE_DESCRIPTION,
+        "series_description": series_description("NO PREDICTION", notice.study_version),
         "content_qualification": CONTENT_QUALIFICATION,
         "manufacturer_model_name": "glioforecast node",
         "software_versions": [f"glioforecast {node_version}"],

@@ -56,6 +56,8 @@ class JobInputs:
     ``lossy`` what lossy compression the source images went through.
     ``planning_frame``: the frame the GTV was drawn on when it is not the T1-Gd's (the planning
     CT's); the predicted tumour is then also written as an RTSTRUCT on that frame.
+    ``study_version``: the job version of the study (1, then one more each time a late instance
+    reopened it); the series descriptions of versions 2 and up say it (``... - SEG v2``).
     """
 
     patient: PatientStudy
@@ -67,6 +69,7 @@ class JobInputs:
     #: the lossy compression the source images went through (None: none), which the images
     #: derived from them carry on
     lossy: LossyHistory | None = None
+    study_version: int = 1
 
     @property
     def input_instance_uids(self) -> tuple[str, ...]:
@@ -166,6 +169,7 @@ def build_outputs(
         "job": job,
         "equipment": equipment,
         "when": ts,
+        "study_version": inputs.study_version,
     }
     sc = build_secondary_capture(**common, window=inputs.window)  # type: ignore[arg-type]
     unc: list[Dataset] = []
@@ -223,12 +227,18 @@ def build_prediction_rtstruct(
 ) -> Dataset:
     """RTSTRUCT of the predicted tumour on the pre-treatment frame of reference or, with
     ``frame``, on that frame (the planning CT's: the contours mapped by its matrix, for a
-    planning system to import onto the plan; its own series).
+    planning system to import onto the plan; its own series). Its series description carries
+    ``inputs.study_version`` (:func:`~sr_writer.labels.series_description`).
 
     Written by the shared :func:`sr_writer.rtstruct.build_rtstruct`; the labelling attributes
     (ContentQualification, ContributingEquipmentSequence) are added here.
     """
     kind = "rtstruct" if frame is None else "rtstruct-planning"
+    # "... - RTSTRUCT PLAN FRAME" is 62 characters, the longest description: a version suffix
+    # would pass the 64 of an LO, so the later versions name it "RTSTRUCT PLAN"
+    what = "RTSTRUCT"
+    if frame is not None:
+        what = "RTSTRUCT PLAN FRAME" if inputs.study_version == 1 else "RTSTRUCT PLAN"
     ts = when or datetime.datetime.now().replace(microsecond=0)
     mask = prediction.tumour_mask
     grid = inputs.t1c
@@ -253,9 +263,7 @@ def build_prediction_rtstruct(
         patient=inputs.patient,
         series_instance_uid=job.series_uid(kind),
         sop_instance_uid=job.instance_uid(kind),
-        series_description=series_description(
-            "RTSTRUCT" if frame is None else "RTSTRUCT PLAN FRAME"
-        ),
+        series_description=series_description(what, inputs.study_version),
         series_number=SERIES_NUMBERS[kind],
         structure_set_label="PREDICTION",
         manufacturer=equipment.manufacturer,

@@ -215,15 +215,17 @@ def build_secondary_capture(
     uncertainty: bool = False,
     options: RenderOptions | None = None,
     when: datetime.datetime | None = None,
+    study_version: int = 1,
 ) -> list[hd.sc.SCImage]:
-    """The SC series of the predicted images (or, with ``uncertainty``, of the uncertainty map)."""
+    """The SC series of the predicted images (or, with ``uncertainty``, of the uncertainty map);
+    ``study_version`` goes into the series description (:func:`series_description`)."""
     opts = options or RenderOptions()
     _check_grid("prediction.mean", prediction.mean, source_t1c)
     _check_grid("prediction.std", prediction.std, source_t1c)
     _check_grid("prediction.tumour_mask", prediction.tumour_mask, source_t1c)
     kind = "sc-uncertainty" if uncertainty else "sc"
     what = "UNCERTAINTY SC" if uncertainty else "T1-Gd SC"
-    description = series_description(what)
+    description = series_description(what, study_version)
     source_uids = slice_instance_uids(source_t1c, source_series)
     source_frames = slice_frame_numbers(source_t1c)
     factor = enlargement(source_t1c, opts)

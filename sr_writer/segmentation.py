@@ -49,7 +49,10 @@ def build_segmentation(
     job: JobIdentity,
     equipment: Equipment,
     when: datetime.datetime | None = None,
+    study_version: int = 1,
 ) -> hd.seg.Segmentation:
+    """The SEG of the predicted tumour; ``study_version`` goes into the series description
+    (:func:`series_description`)."""
     mask_vol = prediction.tumour_mask
     if mask_vol.shape != source_t1c.shape:
         raise ExportError(
@@ -113,7 +116,7 @@ def build_segmentation(
         content_creator_name=None,
         omit_empty_frames=False,
         contributing_equipment=[equipment.contributing_equipment(ts)],
-        series_description=series_description("SEG"),
+        series_description=series_description("SEG", study_version),
         content_qualification=CONTENT_QUALIFICATION,
         specific_character_set="ISO_IR 192",
         content_date=ts.date(),

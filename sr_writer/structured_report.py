@@ -155,12 +155,14 @@ def build_structured_report(
     outputs: Sequence[Dataset] = (),
     other_sources: Sequence[SeriesRef] = (),
     when: datetime.datetime | None = None,
+    study_version: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report of one job.
 
     ``seg`` is the job's Segmentation (the predicted tumour is its segment 1); ``outputs`` the other
     output objects to list as evidence; ``other_sources`` the other input series (RTSTRUCT with the
-    GTV, other contrasts).
+    GTV, other contrasts); ``study_version`` goes into the series description
+    (:func:`series_description`).
     """
     fig = figures_of(prediction)
     ts = when or datetime.datetime.now().replace(microsecond=0)
@@ -270,7 +272,7 @@ def build_structured_report(
         is_verified=False,
         institution_name=equipment.institution_name,
         contributing_equipment=[equipment.contributing_equipment(ts)],
-        series_description=series_description("SR"),
+        series_description=series_description("SR", study_version),
         content_qualification=CONTENT_QUALIFICATION,
         manufacturer_model_name=equipment.model_name,
         software_versions=list(equipment.software_versions),

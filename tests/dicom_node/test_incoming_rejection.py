@@ -20,8 +20,8 @@ from dicom_node.rejections import rejection_note
 from dicom_node.service import reconcile
 from dicom_node.spool import Spool
 from inference.synthetic.cohort import generate_patient
-from sr_writer.labels import name_uid
-from sr_writer.notice import NOTICE_DESCRIPTION, read_notice
+from sr_writer.labels import name_uid, series_description
+from sr_writer.notice import read_notice
 from sr_writer.rejection import REJECTION_DESCRIPTION, rejected_uids
 from tests import factories
 from tests.conftest import wait_for
@@ -132,7 +132,9 @@ def test_a_note_rejecting_the_t1gd_takes_the_prediction_back(  # type: ignore[no
                   if i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # fmt: skip
         assert "the node could make no prediction from it (glioforecast node" in why
         assert f"job {second.id}): these results no longer apply" in why
-        notice = [ds for ds in at_pacs if ds.SeriesDescription == NOTICE_DESCRIPTION]
+        # the failed job is the study's second version: its notice says so
+        notice_description = series_description("NO PREDICTION", second.version)
+        notice = [ds for ds in at_pacs if ds.SeriesDescription == notice_description]
         assert len(notice) == 2 * notices
         for sr in (ds for ds in notice if ds.Modality == "SR"):  # says why, not "no T1-Gd"
             finding = read_notice(sr)["Finding"]

@@ -27,6 +27,7 @@ from dicom_node.pipeline import not_the_head
 from dicom_node.settings import Destination
 from inference.synthetic.cohort import generate_patient
 from inference.synthetic.planning_frame import planning_frame, to_planning_frame
+from sr_writer.labels import series_description
 from tests.conftest import tool, wait_for
 from tests.dicom_node.conftest import (
     all_sent,
@@ -98,7 +99,11 @@ def test_synthetic_study_round_trip(run_node, patient, pacs, planning_system, tm
     study = {ds.StudyInstanceUID for ds in datasets}
     assert study == {t1c[0].StudyInstanceUID}  # same study as the source
     assert all(ds.PatientName == t1c[0].PatientName for ds in datasets)
-    assert all(str(ds.SeriesDescription).startswith("SYNTHETIC PREDICTION") for ds in datasets)
+    # the study's first version: descriptions without a version, as sites already hold them
+    assert job.version == 1
+    assert {str(ds.SeriesDescription) for ds in datasets} == {
+        series_description(what) for what in ("T1-Gd SC", "UNCERTAINTY SC", "SR", "SEG", "RTSTRUCT")
+    }
     by_modality: dict[str, int] = {}
     for ds in datasets:
         by_modality[ds.Modality] = by_modality.get(ds.Modality, 0) + 1
@@ -551,10 +556,21 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
     assert second.state == DONE, second.reason
     instances = node.store.job_instances(second.id)
     assert sum(len(v) for v in instances.values()) == len(files) + 1
-    # the tumour volume the SR reports is the synthetic truth's GTV, as on the MR's own frame
-    # every result acknowledged, so written whole by storescp (a file read while it was being
-    # written made this test fail at random)
+    # the study's second version: every series description says so, the numbers are the same
+    assert second.version == 2
     all_sent(node, "pacs", timeout=120)
+    results = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    assert {(int(ds.SeriesNumber), str(ds.SeriesDescription)) for ds in results} == {
+        (9001, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - T1-Gd SC v2"),
+        (9002, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - UNCERTAINTY SC v2"),
+        (9003, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - SR v2"),
+        (9004, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - SEG v2"),
+        (9005, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - RTSTRUCT v2"),
+        (9007, "SYNTHETIC PREDICTION - RESEARCH USE ONLY - RTSTRUCT PLAN v2"),
+    }
+    # the tumour volume the SR reports is the synthetic truth's GTV, as on the MR's own frame
+    # every result acknowledged above, so written whole by storescp (a file read while it was
+    # being written made this test fail at random)
     sr = next(p for p in received.iterdir() if pydicom.dcmread(p).Modality == "SR")
     volumes = [
         float(item.MeasuredValueSequence[0].NumericValue)
@@ -584,7 +600,7 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
     assert set(structures) == {mr_for, planning.frame_of_reference_uid}
     on_mr, on_plan = structures[mr_for], structures[planning.frame_of_reference_uid]
     assert on_plan.SeriesInstanceUID != on_mr.SeriesInstanceUID
-    assert on_plan.SeriesDescription.endswith("RTSTRUCT PLAN FRAME")
+    assert on_plan.SeriesDescription == series_description("RTSTRUCT PLAN", 2)
 
     def points(ds):  # type: ignore[no-untyped-def]
         return np.concatenate(

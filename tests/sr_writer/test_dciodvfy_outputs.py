@@ -21,6 +21,7 @@ from tests.sr_writer.synthetic_job import (
     make_case,
 )
 from tests.sr_writer.test_secondary_capture import oblique_outputs
+from tests.sr_writer.test_study_version import results_of_version
 
 
 @functools.cache
@@ -31,6 +32,9 @@ def _enhanced(instances: int = 1) -> JobOutputs:
 
 def _objects() -> dict[str, Dataset]:
     out = default_outputs()
+    # the results of a study's version 99999: the longest descriptions a version gives (the
+    # uncertainty SC's is 64 characters, the most an LO holds)
+    later = {int(ds.SeriesNumber): ds for ds in results_of_version(99999)}
     notice_sc, notice_sr = build_failure_notice(default_notice(), default_case().patient, "0.1.0")
     return {
         "secondary capture": out.sc[len(out.sc) // 2],
@@ -48,6 +52,10 @@ def _objects() -> dict[str, Dataset]:
         "derived mr": out.derived_mr[-1],
         "failure notice secondary capture": notice_sc,
         "failure notice structured report": notice_sr,
+        "uncertainty secondary capture of study version 99999": later[9002],
+        "structured report of study version 99999": later[9003],
+        "rtstruct on the planning frame of study version 99999": later[9007],
+        "failure notice structured report of study version 99999": later[9011],
         "rejection note": build_rejection_note(
             default_case().patient,
             [
