@@ -259,11 +259,16 @@ def make_server_app(run: RunConfig | None = None) -> ServerApp:
 
     @app.main()
     def server_main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        show_progress()
         run_federation(grid, run if run is not None else parse_run_config(context.run_config))
 
     return app
+
+
+def show_progress() -> None:
+    """The coordinator's log lines (sites, rounds, metrics, resume) on standard error."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -408,6 +413,9 @@ def _collect(
         if now - start >= run.round_timeout:
             break
         time.sleep(_POLL_S)
+    # the strategy sums the sites' weights in the order of the replies: in the sites' order,
+    # a run gives the same global weights whichever site answers first
+    replies.sort(key=lambda r: sites.get(r.metadata.src_node_id, str(r.metadata.src_node_id)))
     replied = {sites.get(r.metadata.src_node_id, str(r.metadata.src_node_id)) for r in replies}
     dropped = sorted(set(sites.values()) - replied)
     for n in pending.values():
@@ -452,12 +460,39 @@ def initial_state(
 
 def run_federation(grid: Grid, run: RunConfig) -> Path:
     """The whole federated run: select sites, run the rounds, write the model directory."""
+    from inference.federated import checkpoint
+
     started = time.monotonic()
     check_out_dir(run)
     kind, cfg = model_config_for(run)
     cfg_json = encode_model_config(kind, cfg)
-    sites = _select_sites(grid, run)
     state, ae_state = initial_state(run, kind, cfg)
+    identity = checkpoint.run_identity(run, cfg_json, ae_state)
+    # a resume is checked against its checkpoint before the wait for the sites
+    resumed = checkpoint.load(run, identity) if run.resume else None
+    if run.overwrite and not run.resume:
+        checkpoint.remove(run)
+    sites = _select_sites(grid, run)
+    history: list[RoundRecord] = []
+    selected = set(sites.values())
+    before = 0.0
+    resumed_after: list[int] = []
+    latent_scale: float | None = None
+    first = 1
+    if resumed is not None:
+        state = resumed.weights
+        history = [RoundRecord(**r) for r in resumed.rounds]
+        before, latent_scale = resumed.seconds, resumed.latent_scale
+        resumed_after = [*resumed.resumed_after, resumed.round]
+        first = resumed.round + 1
+        earlier = set(resumed.sites_selected)
+        log.info(
+            "federation: resuming after round %d of %d (checkpoint %s)%s", resumed.round,
+            run.num_server_rounds, checkpoint.checkpoint_dir(run),
+            "" if earlier == selected else
+            f"; the interrupted run trained on {sorted(earlier)}, this one on {sorted(selected)}",
+        )  # fmt: skip
+        selected |= earlier
     arrays = ArrayRecord(state)
     ae_record = ArrayRecord(ae_state) if ae_state is not None else None
     common: dict[str, Any] = {"min_train_nodes": 1, "min_evaluate_nodes": 1,
@@ -467,9 +502,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
         if run.strategy == "fedprox"
         else FedAvg(**common)
     )
-    history: list[RoundRecord] = []
-    latent_scale: float | None = None
-    for rnd in range(1, run.num_server_rounds + 1):
+    for rnd in range(first, run.num_server_rounds + 1):
         t0 = time.monotonic()
         config = ConfigRecord(
             {
@@ -523,12 +556,17 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
             log.info("round %d: central evaluation: %s", rnd, _fmt(record.central_evaluate))
         if record.sites_dropped:
             log.warning("round %d completed without %s", rnd, record.sites_dropped)
+        checkpoint.save(
+            run, identity, rnd, arrays.to_torch_state_dict(), [asdict(r) for r in history],
+            sorted(selected), before + time.monotonic() - started, resumed_after, latent_scale,
+        )  # fmt: skip
     # the sites whose training made the model: a site selected but dropped in every round
     # (its SuperNode stopped before round 1's training) contributed nothing
     trained = sorted({s for r in history for s in r.sites_trained})
     out = save_global_model(run, kind, cfg, arrays.to_torch_state_dict(), latent_scale, history,
-                            trained, time.monotonic() - started,
-                            selected=sorted(sites.values()))  # fmt: skip
+                            trained, time.monotonic() - started, selected=sorted(selected),
+                            resumed_after=resumed_after, seconds_before=before)  # fmt: skip
+    checkpoint.remove(run)
     log.info("federation finished: global model directory %s", out)
     return out
 
@@ -583,12 +621,16 @@ def save_global_model(
     sites: list[str],
     seconds: float,
     selected: list[str] | None = None,
+    resumed_after: list[int] | None = None,
+    seconds_before: float = 0.0,
 ) -> Path:
     """Write the global model as an ordinary model directory (``serve`` / ``evaluate`` load it
     like a centrally trained one) with ``train_state.json`` and ``federation.json``. ``sites``
     are the sites that trained (in at least one round), ``selected`` those chosen at the start.
     A model directory already at ``out`` was refused before the first round
-    (:func:`check_out_dir`) unless ``overwrite``: what it holds of another model is removed."""
+    (:func:`check_out_dir`) unless ``overwrite``: what it holds of another model is removed.
+    ``resumed_after``: the rounds after which an interrupted run was resumed, and
+    ``seconds_before`` the seconds its earlier runs took."""
     from inference.model_dir import load_model_dir, load_state_checked, save_model_dir
     from inference.networks import LatentDiffusionModel, build_model
     from inference.train.loops import _atomic_json, _record_stage, read_train_state
@@ -633,6 +675,9 @@ def save_global_model(
         "seconds_this_run": round(seconds, 2),
         "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    if resumed_after:
+        info["resumed_after_rounds"] = resumed_after
+        info["seconds_all_runs"] = round(seconds_before + seconds, 2)
     if latent_scale is not None:
         info["latent_scale"] = latent_scale
     if run.stage == "diffusion":
@@ -644,6 +689,7 @@ def save_global_model(
             "run_config": run.as_flower_config(),
             "sites": sites,
             "sites_selected": sorted(selected if selected is not None else sites),
+            "resumed_after_rounds": resumed_after or [],
             "rounds": [asdict(r) for r in history],
         },
     )
@@ -657,15 +703,26 @@ def _continues_stage1(run: RunConfig) -> bool:
 
 
 def check_out_dir(run: RunConfig) -> None:
-    """Refuse, before any round, to write over a model directory at ``out``: centralised
-    training's rule (:func:`inference.train.loops._check_out_dir`) less its ``--resume`` (a
-    federated run keeps no checkpoint to resume), plus an explicit ``overwrite``. The federated
-    model used to be written over whatever was there, leaving e.g. a UNet baseline's
-    model.yaml beside another model's autoencoder and diffusion weights."""
+    """Refuse, before any round, to write over a model directory at ``out`` (centralised
+    training's rule, :func:`inference.train.loops._check_out_dir`, plus an explicit
+    ``overwrite``), to start a run over the checkpoint of an interrupted one without
+    ``resume`` or ``overwrite``, and ``resume`` without a checkpoint. The federated model used
+    to be written over whatever was there, leaving e.g. a UNet baseline's model.yaml beside
+    another model's autoencoder and diffusion weights."""
+    from inference.federated import checkpoint
     from inference.model_dir import MODEL_YAML, model_kind
     from inference.train.loops import read_train_state
 
     out = Path(run.out)
+    interrupted = checkpoint.describe(run)
+    if run.resume and interrupted is None:
+        raise checkpoint.none_to_resume(run)
+    if interrupted is not None and not run.resume and not run.overwrite:
+        raise InferenceError(
+            f"{out}: expected no interrupted federated {run.stage} run there, found its "
+            f"checkpoint ({interrupted}): pass --resume to go on with it, or --overwrite to "
+            "start again"
+        )
     if run.overwrite or not (out / MODEL_YAML).is_file() or _continues_stage1(run):
         return
     try:

@@ -13,7 +13,8 @@
 - ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
   with ``--site-keys`` each site must prove its site name with its key
   (:mod:`inference.federated.site_identity`); ``run`` and ``simulate`` refuse an ``--out`` that
-  holds a model already unless ``--overwrite``, before any round;
+  holds a model already unless ``--overwrite``, before any round, and go on with a run stopped
+  part-way with ``--resume`` (:mod:`inference.federated.checkpoint`);
 - ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
   process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
   runtime (``--engine ray``).
@@ -216,7 +217,7 @@ def _run_config(args: argparse.Namespace) -> Any:
         "learning_rate": args.learning_rate, "batch_size": args.batch_size, "seed": args.seed,
         "preset": args.preset, "out": str(Path(args.out).resolve()), "sites": args.sites or "",
         "min_sites": args.min_sites, "card_metrics": not args.no_card_metrics,
-        "overwrite": args.overwrite,
+        "overwrite": args.overwrite, "resume": args.resume,
     }  # fmt: skip
     if args.model_yaml:
         values["model_yaml"] = str(Path(args.model_yaml).resolve())
@@ -350,8 +351,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return _fail("simulate", exc)
     before = _stamp(Path(run.out) / "federation.json")
     if args.engine == "local":
+        from inference.federated.app import show_progress
         from inference.federated.simulation import simulate_local
 
+        show_progress()
         try:
             simulate_local(run, {s: [args.data] for s in sites}, threads=args.threads)
         except GlioforecastError as exc:
@@ -414,6 +417,11 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true",
         help="replace a model directory already at --out (refused otherwise, before any round)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="go on with the run interrupted at --out from its last completed round (its "
+        "checkpoint; the same training settings, --rounds may be raised)",
     )  # fmt: skip
 
 

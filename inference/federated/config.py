@@ -72,6 +72,7 @@ class RunConfig:
     stage1_dir: str = ""
     out: str = "federated-model"
     overwrite: bool = False
+    resume: bool = False
     sites: str = ""
     min_sites: int = 1
     wait_for_sites: float = 120.0
