@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,9 +167,13 @@ def cmd_register(args: argparse.Namespace) -> int:
         return _fail(
             "register", ValueError("expected --ca-cert FILE (or --insecure), found neither")
         )
-    home = Path(args.flwr_home) if args.flwr_home else Path(tempfile.mkdtemp(prefix="gf-flwr-"))
-    write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
-    return _exec(register_command(args.public_key), args.print, process_env(home))
+    if args.flwr_home:
+        home = Path(args.flwr_home)
+        write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
+        return _exec(register_command(args.public_key), args.print, process_env(home))
+    with tempfile.TemporaryDirectory(prefix="gf-flwr-") as tmp:
+        write_connection(Path(tmp), args.superlink, None if args.insecure else args.ca_cert)
+        return _exec(register_command(args.public_key), args.print, process_env(Path(tmp)))
 
 
 def _class_list(text: str) -> tuple[str, ...]:
@@ -258,26 +263,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_out_dir(run)
     except GlioforecastError as exc:
         return _fail("run", exc)
+    # the app and the connection settings `flwr run` reads; kept only for a --print command
     work = Path(tempfile.mkdtemp(prefix="gf-federate-"))
     home = Path(args.flwr_home) if args.flwr_home else work / "flwr-home"
-    write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
-    app = write_app(work / "app", run.as_flower_config())
     out = Path(run.out)
     before = _stamp(out / "federation.json")
-    rc = _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+    try:
+        write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
+        app = write_app(work / "app", run.as_flower_config())
+        rc = _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+    finally:
+        if not args.print:
+            shutil.rmtree(work, ignore_errors=True)
     if rc != 0 or args.print:
         return rc
     # `flwr run --stream` exits 0 when the stream ends, whether or not the ServerApp finished;
     # a federation.json older than the run is an earlier run's
     after = _stamp(out / "federation.json")
     if after is None or after == before:
+        from inference.federated.checkpoint import describe
+
         found = "none" if after is None else "only an earlier run's"
+        interrupted = describe(run)
         return _fail(
             "run",
             RuntimeError(
                 f"expected the global model directory {out} with a federation.json written by "
                 f"this run, found {found}: the run ended early (see the run's log above, or "
                 "`flwr log <run id>`), or --out is not a path on this machine"
+                + (
+                    f"; its checkpoint ({interrupted}) lets --resume go on from there"
+                    if interrupted
+                    else ""
+                )
             ),
         )
     print(f"global model directory: {out}")

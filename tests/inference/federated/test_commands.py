@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
 
 from dicom_node.errors import ConfigError, InferenceError
@@ -164,12 +165,23 @@ def test_a_run_that_wrote_no_model_points_to_the_runs_log(
 ) -> None:
     """The ServerApp's error is in the `flwr run` stream (not the SuperLink's log); a
     federation.json left by an earlier run is no sign that this one finished."""
-    from inference.federated import cli
+    import tempfile
+
+    from inference.federated import checkpoint, cli
 
     out = tmp_path / "m"
     out.mkdir()
     (out / "federation.json").write_text("{}")  # an earlier run's, with no model.yaml
-    monkeypatch.setattr(cli, "_exec", lambda *a, **k: 0)
+    apps: list[Path] = []
+
+    def flwr_run(cmd: list[str], *_: object, **__: object) -> int:
+        apps.append(Path(cmd[2]))
+        assert (apps[-1] / "pyproject.toml").is_file()
+        return 0
+
+    monkeypatch.setattr(cli, "_exec", flwr_run)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     args = ["run", "--superlink", "fl:9092", "--insecure", "--out", str(out)]
     assert _main(args) == 2
     err = capsys.readouterr().err
@@ -178,6 +190,14 @@ def test_a_run_that_wrote_no_model_points_to_the_runs_log(
     )
     assert "found only an earlier run's: the run ended early (see the run's log above, or " in err
     assert "`flwr log <run id>`)" in err and "SuperLink's log" not in err
+    assert "--resume" not in err
+    # the app and connection settings written for `flwr run` are removed after it
+    assert apps and not any((tmp_path / "tmp").iterdir())
+    # a run that stopped after some rounds: the message names its checkpoint and --resume
+    run = RunConfig(out=str(out), num_server_rounds=5)
+    checkpoint.save(run, {}, 2, {"w": torch.zeros(2)}, [], ["SITE-NOR"], 1.0, [], None)
+    assert _main([*args, "--resume"]) == 2
+    assert "its checkpoint (after round 2 of 5, saved at " in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------
