@@ -444,10 +444,13 @@ def training_overlap(model_dir: Path, patient_ids: Sequence[str]) -> int | None:
     seen = False
     for state in sorted((model_dir / "checkpoints").glob("*/state.json")):
         try:
-            found |= set(json.loads(state.read_text(encoding="utf-8")).get("train_patients", []))
-            seen = True
+            data = json.loads(state.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError):
             continue
+        # (a federated run's checkpoint lists no patient: they never left their sites)
+        if isinstance(data, dict) and "train_patients" in data:
+            found |= set(data["train_patients"])
+            seen = True
     trained = {outcome_base_id(p) for p in found}
     return len({outcome_base_id(p) for p in patient_ids} & trained) if seen else None
 

@@ -18,7 +18,9 @@ network being trained), ``average.safetensors`` (the diffusion UNet's weight ave
 ``training.ema_decay`` keeps one: the model directory gets it), ``trainer.pt`` (optimizer
 state and generator state: plain tensors and numbers, read back with
 ``torch.load(weights_only=True)``) and ``state.json`` (epoch, losses, configuration, patients;
-written last, so its presence marks a complete checkpoint).
+written last, so its presence marks a complete checkpoint). Each save is written into
+``<stage>.saving/`` beside it and then put in its place, so a training killed while it saves
+resumes from that save or the one before (:class:`Checkpoint`).
 
 ``OUT/train_state.json`` records the finished stages (epochs, losses, data, seed, device, time);
 a directory whose diffusion stage was never trained is refused by the predictor.
@@ -33,6 +35,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import shutil
 import sys
 import time
 from collections import Counter
@@ -264,6 +267,8 @@ def _record_stage(out: Path, stage: str, info: dict[str, Any], base: dict[str, A
 
 #: the key, in each file of a checkpoint, of the token of the save that wrote it
 SAVE_TOKEN = "glioforecast_save"
+#: the folders beside a checkpoint while it is saved: the new save, the one it replaces
+_SAVING, _PREVIOUS = ".saving", ".previous"
 
 
 class Checkpoint:
@@ -278,6 +283,7 @@ class Checkpoint:
         return self.dir / "state.json"
 
     def exists(self) -> bool:
+        self._recover()
         return self.state_file.is_file()
 
     def state(self) -> dict[str, Any]:
@@ -306,25 +312,54 @@ class Checkpoint:
     ) -> None:
         from safetensors.torch import save_file
 
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # every file of one save carries the same token, state.json last: a kill in the
-        # middle of a save leaves files of two saves, which load() refuses to resume from
+        self._recover()
+        # the save is written whole into a folder beside the checkpoint (state.json last),
+        # then put in its place; the previous save is removed only after that: a kill at any
+        # moment leaves one complete save, the new or the previous (_recover). A kill used to
+        # leave files of two saves, and the epochs behind them could not be resumed.
+        staging, previous = self._sibling(_SAVING), self._sibling(_PREVIOUS)
+        shutil.rmtree(staging, ignore_errors=True)  # a save a kill cut short
+        staging.mkdir(parents=True)
+        # every file of one save carries the same token (load() refuses files of two saves)
         token = f"{time.time_ns()}"
         files = {"weights.safetensors": module}
         if average is not None:
             files[AVERAGE_FILE] = average.module
         for name, source in files.items():
             weights = {k: v.detach().to("cpu").contiguous() for k, v in source.state_dict().items()}
-            save_file(weights, str(self.dir / f"{name}.tmp"), metadata={SAVE_TOKEN: token})
-            (self.dir / f"{name}.tmp").replace(self.dir / name)
+            save_file(weights, str(staging / name), metadata={SAVE_TOKEN: token})
         trainer = {
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
             SAVE_TOKEN: token,
         }
-        torch.save(trainer, self.dir / "trainer.pt.tmp")
-        (self.dir / "trainer.pt.tmp").replace(self.dir / "trainer.pt")
-        _atomic_json(self.state_file, {**state, SAVE_TOKEN: token})
+        torch.save(trainer, staging / "trainer.pt")
+        _atomic_json(staging / self.state_file.name, {**state, SAVE_TOKEN: token})
+        shutil.rmtree(previous, ignore_errors=True)
+        if self.dir.exists():
+            self.dir.rename(previous)
+        staging.rename(self.dir)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    def _sibling(self, suffix: str) -> Path:
+        return self.dir.with_name(self.dir.name + suffix)
+
+    def _recover(self) -> None:
+        """Put back the complete save a kill between the two renames of :meth:`save` left
+        beside the checkpoint: the new one when it was complete, else the previous one."""
+        if self.state_file.is_file():
+            return
+        for suffix in (_SAVING, _PREVIOUS):
+            found = self._sibling(suffix)
+            if (found / self.state_file.name).is_file():
+                if self.dir.exists():
+                    shutil.rmtree(self.dir)
+                found.rename(self.dir)
+                log.warning(
+                    "checkpoint %s: the training was stopped while it saved; the complete "
+                    "save beside it (%s) is put back", self.dir, found.name,
+                )  # fmt: skip
+                return
 
     def _check_one_save(self, state: dict[str, Any], names: Sequence[str], trainer: Any) -> None:
         """Refuse files of two saves (a kill while saving): their weights are not those of

@@ -146,6 +146,50 @@ def test_a_checkpoint_of_two_saves_is_not_resumed(tmp_path: Path, tiny_cohort: C
         )
 
 
+def test_a_training_killed_while_it_saves_resumes(tmp_path: Path, tiny_cohort: Cohort) -> None:
+    """A save is written beside the checkpoint (``<stage>.saving``), then the checkpoint is
+    moved aside (``<stage>.previous``) and the new save put in its place. Each state a kill
+    can leave resumes, from the new save when it was complete, else from the one before, and
+    ends with the weights of an uninterrupted run. (A kill used to leave files of two saves,
+    which could not be resumed at all.)"""
+    import shutil
+
+    data = [tiny_cohort[0]]
+    runs = {
+        n: train_autoencoder(
+            data, tmp_path / f"e{n}", tiny_config(), TrainOptions(epochs=n, **FAST)
+        )  # type: ignore[arg-type]
+        for n in (1, 2, 3)
+    }
+    saves = {n: tmp_path / f"e{n}" / "checkpoints" / "autoencoder" for n in (1, 2)}
+    expected = load_file(str(tmp_path / "e3" / "autoencoder.safetensors"))
+    for killed, start in (("between the renames", 2), ("while writing the new save", 1)):
+        out = tmp_path / killed.replace(" ", "-")
+        shutil.copytree(tmp_path / "e2", out)
+        ckpt = out / "checkpoints" / "autoencoder"
+        shutil.rmtree(ckpt)
+        shutil.copytree(saves[2], ckpt.with_name("autoencoder.saving"))
+        if start == 2:  # epoch 1's checkpoint moved aside, epoch 2's save complete beside it
+            shutil.copytree(saves[1], ckpt.with_name("autoencoder.previous"))
+        else:  # epoch 1's checkpoint in place, epoch 2's save without its state.json
+            shutil.copytree(saves[1], ckpt)
+            (ckpt.with_name("autoencoder.saving") / "state.json").unlink()
+        resumed = train_autoencoder(
+            data,
+            out,
+            tiny_config(),
+            TrainOptions(epochs=3, resume=True, **FAST),  # type: ignore[arg-type]
+        )
+        assert resumed.start_epoch == start, killed
+        assert resumed.train_losses == pytest.approx(runs[3].train_losses, rel=1e-6), killed
+        got = load_file(str(out / "autoencoder.safetensors"))
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+        # one checkpoint is left, of epoch 3, and nothing beside it
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["autoencoder"]
+        assert json.loads((ckpt / "state.json").read_text())["epoch"] == 3
+
+
 def test_stage_two_resumes_in_its_own_directory_or_says_why_not_before_preparing(
     tiny_ldm_dir: Path, tiny_cohort: Cohort, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
