@@ -157,8 +157,11 @@ def test_a_training_killed_while_it_saves_resumes(tmp_path: Path, tiny_cohort: C
     data = [tiny_cohort[0]]
     runs = {
         n: train_autoencoder(
-            data, tmp_path / f"e{n}", tiny_config(), TrainOptions(epochs=n, **FAST)
-        )  # type: ignore[arg-type]
+            data,
+            tmp_path / f"e{n}",
+            tiny_config(),
+            TrainOptions(epochs=n, batch_size=2, learning_rate=1e-3, progress=False),
+        )
         for n in (1, 2, 3)
     }
     saves = {n: tmp_path / f"e{n}" / "checkpoints" / "autoencoder" for n in (1, 2)}
