@@ -27,7 +27,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import build_context
 
 from dicom_node.errors import SendError
-from dicom_node.scu import ContextsRejected, Destination, associate
+from dicom_node.scu import ContextsRejected, Destination, associate, release
 
 #: Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.1)
 PUSH_MODEL = "1.2.840.10008.1.20.1"
@@ -237,8 +237,7 @@ def request(
         if on_report is not None and int(getattr(status, "Status", -1)) == SUCCESS:
             reported.wait(wait_s)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release(assoc)
     code = getattr(status, "Status", None)
     if code is None:
         # the association's thread reads the peer's A-ABORT after the N-ACTION call returned:
@@ -296,8 +295,7 @@ def send_report(
     try:
         status, _ = assoc.send_n_event_report(ds, kind, PUSH_MODEL, PUSH_MODEL_INSTANCE)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release(assoc)
     code = getattr(status, "Status", None)
     return None if code is None else int(code)
 

@@ -67,7 +67,7 @@ from dicom_node.jobs import FAILED, Job, JobStore
 from dicom_node.linking import RT_CLASSES, RTDOSE_SOP_CLASS, RTSTRUCT_SOP_CLASS
 from dicom_node.loop import BackgroundLoop
 from dicom_node.scp import LOSSY_TRANSFER_SYNTAXES, TRANSFER_SYNTAXES, Origin
-from dicom_node.scu import Destination, associate, hold_reactor
+from dicom_node.scu import Destination, associate, hold_reactor, release
 from dicom_node.settings import Settings
 from sr_writer.labels import is_labelled_description
 
@@ -576,8 +576,8 @@ def query_retrieve(
     try:
         yield qr
     finally:
-        if assoc.is_established and not qr.ended:
-            assoc.release()
+        if not qr.ended:
+            release(assoc)
         if receiver is not None:
             receiver.sub_operations_ended(assoc)
 

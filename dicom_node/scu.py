@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -304,8 +305,7 @@ def store_batch(
             if progress is not None:
                 progress(1)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release(assoc)
     delivered = sum(r.delivered for r in results)
     logger.info(
         "C-STORE to %s: %d of %d delivered",
@@ -453,6 +453,52 @@ def _store_one(assoc: Association, ds: Dataset, destination: Destination) -> Sto
         + (f": {comment}" if comment else ""),
         permanent=is_permanent(status),
     )
+
+
+#: how long a release may take before the association is aborted instead: the peer's
+#: A-RELEASE response normally comes within milliseconds
+RELEASE_WAIT_S = 30.0
+
+
+def release(assoc: Association, wait_s: float | None = None) -> None:
+    """Release ``assoc`` (when still established), or abort it when the release does not end
+    within ``wait_s`` (default :data:`RELEASE_WAIT_S`).
+
+    pynetdicom's ``release()`` first waits, without a limit, for the association's reactor
+    thread to pause; a reactor that ends instead (the peer aborted or the network timeout
+    passed at that moment) never pauses, and the caller waited for ever: a delivery thread
+    hung in it once, with the outbox's requests stopped behind it. The release runs in a
+    thread of its own here; past ``wait_s`` the association is aborted, which also lets that
+    thread go on (pynetdicom's abort marks the reactor paused) and end within the ACSE
+    timeout."""
+    if not assoc.is_established:
+        return
+    if not assoc.is_alive():  # the reactor has ended: no release can be negotiated
+        logger.warning("association with %s: it ended without being released; aborted",
+                       _peer_title(assoc))  # fmt: skip
+        assoc.abort()
+        return
+
+    def negotiate() -> None:
+        try:
+            assoc.release()
+        except Exception as exc:  # pynetdicom's state machine, after an abort: nothing to do
+            logger.debug("release of an association already over: %s", exc)
+
+    done = threading.Thread(target=negotiate, name="release", daemon=True)
+    done.start()
+    wait_s = RELEASE_WAIT_S if wait_s is None else wait_s
+    done.join(wait_s)
+    if done.is_alive():
+        logger.warning(
+            "association with %s: the release did not end within %.0f s; aborted instead",
+            _peer_title(assoc), wait_s,
+        )  # fmt: skip
+        assoc.abort()
+
+
+def _peer_title(assoc: Association) -> str:
+    return str((assoc.acceptor if assoc.is_requestor else assoc.requestor).ae_title).strip()
 
 
 def hold_reactor(assoc: Association, settle_s: float = 0.5) -> None:

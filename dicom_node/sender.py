@@ -28,6 +28,7 @@ from dicom_node.commitment import PUSH_MODEL
 from dicom_node.errors import InputError, SendError
 from dicom_node.retrieve import FIND, GET, MOVE
 from dicom_node.scu import VERIFICATION, Destination, associate, store_batch
+from dicom_node.scu import release as release_association
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ def _c_echo(assoc: Association, release: bool = True) -> int | None:
     try:
         status = assoc.send_c_echo()
     finally:
-        if release and assoc.is_established:
-            assoc.release()
+        if release:
+            release_association(assoc)
     return int(status.Status) if "Status" in status else None
 
 
@@ -195,8 +196,7 @@ def check_destination(
         if retrieval and FIND in accepted and assoc.is_established:
             answered = _probe_find(assoc, calling_ae)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        release_association(assoc)
     wanted = [
         (destination.storage_commitment, PUSH_MODEL, "Storage Commitment Push Model", "",
          "storage_commitment: true expects it"),

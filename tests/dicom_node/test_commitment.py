@@ -914,3 +914,37 @@ def test_an_operator_asks_again_for_the_commitments_awaited(
         assert all(i.commit_requests == 1 for i in ob.items())
     assert len(pacs.requests) == 2 and pacs.requests[0][0] != pacs.requests[1][0]
     assert pacs.stored.count(str(_objects()[0].SOPInstanceUID)) == 1, "not sent again"
+
+
+def test_a_release_held_up_by_a_report_being_recorded_is_aborted_in_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS reporting on the request's own association: the report is handled on the
+    association's reactor thread, and pynetdicom's release waits, without a limit, for that
+    thread to pause. A report whose recording hung (a database lock held elsewhere) kept the
+    delivery thread in the release for as long; now the release is given up and the
+    association aborted (the PACS sends the report again later)."""
+    from dicom_node import commitment, scu
+
+    monkeypatch.setattr(scu, "RELEASE_WAIT_S", 1.0)
+    pacs = CommitmentPACS(report_at_once=True).start()
+    recording = threading.Event()
+    recorded = threading.Event()
+
+    def hung(report: CommitmentReport) -> None:
+        recording.set()
+        recorded.wait(30)
+
+    try:
+        started = time.monotonic()
+        commitment.request(
+            pacs.destination(), "2.25.1", [(MRImageStorage, "2.25.2")],
+            calling_ae="GLIOFORECAST", on_report=hung, wait_s=2.0,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert recording.is_set(), "the PACS's report did not come on the association"
+        assert took < 20, took
+        assert "the release did not end within 1 s; aborted instead" in caplog.text
+    finally:
+        recorded.set()
+        pacs.stop()

@@ -154,3 +154,27 @@ def test_wrong_called_ae_is_rejected(scp: StoreSCP) -> None:
     with pytest.raises(SendError, match="rejected"):
         store_batch(_objects()[:1], dest)
     assert scp.received == []
+
+
+def test_a_release_the_reactor_cannot_answer_ends_in_an_abort(scp: StoreSCP) -> None:
+    """pynetdicom's release() waits without a limit for the association's reactor to pause. A
+    reactor that ends instead (a peer's abort or the network timeout coming at that moment)
+    never does: a delivery thread waited for ever in a storage commitment request's release.
+    The reactor is made to end that way here, as the race leaves it: gone, not paused, the
+    association still established."""
+    from pynetdicom.presentation import build_context
+
+    from dicom_node.scu import associate, release
+
+    assoc = associate(
+        scp.destination(), [build_context(MRImageStorage)], calling_ae="GLIOFORECAST",
+        acse_timeout_s=2,
+    )  # fmt: skip
+    assoc._kill = True  # the reactor leaves its loop without pausing
+    assoc._reactor_checkpoint.set()
+    assoc.join(10)
+    assert not assoc.is_alive() and assoc.is_established and not assoc._is_paused
+    started = time.monotonic()
+    release(assoc, wait_s=1)
+    assert time.monotonic() - started < 10
+    assert not assoc.is_established and assoc.is_aborted
