@@ -58,6 +58,7 @@ from dicom_node.errors import GlioforecastError, StorageError
 from dicom_node.outbox import SETTLED
 from dicom_node.outbox_cli import OUTBOX_FILE
 from dicom_node.service import LOCK_FILE, lock_data_dir
+from dicom_node.spool import fsync_path
 
 JOBS_FILE = "jobs.sqlite3"
 #: the databases, in the order they are copied (see the module docstring)
@@ -575,14 +576,6 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(error, os.strerror(error), str(first), None, str(second))
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def restore(copy: Path, data_dir: Path, *, audit_files: Sequence[Path] = ()) -> Restored:
     """Put the backup ``copy`` in place of ``data_dir``, the node stopped (its lock is taken
     here, so a running node makes this refuse, and held until the swap, so that no node starts
@@ -669,7 +662,7 @@ def restore(copy: Path, data_dir: Path, *, audit_files: Sequence[Path] = ()) -> 
     finally:
         os.close(lock)
     with contextlib.suppress(OSError):
-        _fsync_folder(data_dir.parent)
+        fsync_path(data_dir.parent)
     if existed:
         done.aside = moved_to
     else:  # only the lock was there

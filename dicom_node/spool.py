@@ -67,8 +67,9 @@ def _other_content(new: Path, held: Path, head: int, chunk: int = 1 << 20) -> bo
                 return False
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -160,8 +161,8 @@ class Spool:
         folder.mkdir(mode=0o750, exist_ok=True)
         if created:
             # make the new folder entries durable too
-            _fsync_dir(folder.parent)
-            _fsync_dir(folder.parent.parent)
+            fsync_path(folder.parent)
+            fsync_path(folder.parent.parent)
         self._known_dirs.add(folder)
 
     def _rename_into(self, src: Path, final: Path) -> None:
@@ -207,7 +208,7 @@ class Spool:
             # Two associations storing the same instance at once both end here with the same
             # content; the second rename replaces the first atomically.
             self._rename_into(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _os_error(self.root, relative, exc) from exc
@@ -220,7 +221,7 @@ class Spool:
             if self._pool is None:
                 if not self.incoming.is_dir():
                     self.incoming.mkdir(mode=0o750, exist_ok=True)
-                    _fsync_dir(self.root)
+                    fsync_path(self.root)
                 self._pool = ThreadPoolExecutor(_SYNC_WORKERS, thread_name_prefix="spool-sync")
             return self._pool
 
@@ -239,7 +240,7 @@ class Spool:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             except FileNotFoundError:  # .incoming removed under us: make it again
                 self.incoming.mkdir(mode=0o750, exist_ok=True)
-                _fsync_dir(self.root)
+                fsync_path(self.root)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             raise _os_error(self.root, tmp.name, exc) from exc
@@ -270,7 +271,7 @@ class Spool:
                 staged.tmp.unlink(missing_ok=True)
                 return StoreResult(final, relative, duplicate=True, differs=differs)
             self._rename_into(staged.tmp, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
         except OSError as exc:
             staged.tmp.unlink(missing_ok=True)
             raise _os_error(self.root, relative, exc) from exc
@@ -281,7 +282,7 @@ class Spool:
         path = self.root / relative
         try:
             path.unlink(missing_ok=True)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
         except OSError as exc:  # the copy that replaced it is stored: only space is lost
             log.warning("spool: %s not removed: %s", relative, exc)
 

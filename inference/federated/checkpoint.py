@@ -25,7 +25,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from dicom_node.errors import InferenceError
+from dicom_node.spool import fsync_path
 from inference.federated.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def save(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
     tmp = where / f"{name}.tmp"
     save_file(tensors, str(tmp))
-    _fsync(tmp)
+    fsync_path(tmp)
     tmp.replace(where / name)
     _atomic_json(
         where / STATE_JSON,
@@ -228,17 +228,10 @@ def save(
             "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     )
+    fsync_path(where)
     for old in where.glob("global-round-*.safetensors*"):
         if old.name != name:
             old.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove(run: RunConfig) -> None:
