@@ -30,6 +30,7 @@ AMP: bf16 autocast on CUDA only (``autocast="auto"``); on CPU everything runs in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -420,10 +421,15 @@ class Checkpoint:
 
 
 def _check_resume(
-    state: dict[str, Any], expected: dict[str, Any], where: Path, defaults: dict[str, Any]
+    state: dict[str, Any],
+    expected: dict[str, Any],
+    where: Path,
+    defaults: dict[str, Any],
+    epochs: int,
 ) -> None:
-    """Refuse a checkpoint of another run. ``defaults``: the configuration class's defaults,
-    which a key missing from an older checkpoint's configuration takes (as in ``model.yaml``)."""
+    """Refuse a checkpoint of another run, or one past ``epochs`` (the total this run trains
+    to). ``defaults``: the configuration class's defaults, which a key missing from an older
+    checkpoint's configuration takes (as in ``model.yaml``)."""
     if isinstance(state.get("config"), dict):
         state = {**state, "config": _with_defaults(state["config"], defaults)}
     differ = [k for k, v in expected.items() if state.get(k) != v]
@@ -432,6 +438,13 @@ def _check_resume(
         raise InferenceError(
             f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
             "start a new output directory instead"
+        )
+    done = state.get("epoch")
+    if isinstance(done, int) and done > epochs:
+        raise InferenceError(
+            f"cannot resume from {where}: expected --epochs of at least {done} (the epochs the "
+            f"checkpoint has done), found {epochs}; --epochs is the total a resumed run trains "
+            "to, not the epochs it adds"
         )
 
 
@@ -466,7 +479,7 @@ def _check_resume_before_preparing(
     prepare every patient before their first step: about 6 minutes for 1000 on 2 idle CPU
     cores, more on busy ones)."""
     if options.resume and ckpt.exists():
-        _check_resume(ckpt.state(), identity, ckpt.dir, defaults)
+        _check_resume(ckpt.state(), identity, ckpt.dir, defaults, options.epochs)
 
 
 def _short(value: Any) -> str:
@@ -524,7 +537,7 @@ def _resume(
     ``[first epoch, rate]`` pairs, one per rate the run has used, in order."""
     if not (options.resume and ckpt.exists()):
         return 0, [], [], [[0, options.learning_rate]]
-    _check_resume(ckpt.state(), identity, ckpt.dir, defaults)
+    _check_resume(ckpt.state(), identity, ckpt.dir, defaults, options.epochs)
     state = ckpt.load(module, optimizer, generator, average)
     log.info("resuming the %s at epoch %d from %s", what, state["epoch"], ckpt.dir)
     used = float(optimizer.param_groups[0]["lr"])
@@ -593,7 +606,8 @@ def _check_out_dir(out: Path, stage: str, ckpt: Checkpoint, options: TrainOption
     kind (a UNet baseline under a latent stage, or the reverse), or a finished model of the
     same kind whose checkpoint of this stage is not being resumed. The diffusion stage may
     complete the directory holding its own stage 1 (``--stage1`` left out, or the same folder),
-    the flow ``train autoencoder --out DIR`` then ``train diffusion --out DIR``."""
+    the flow ``train autoencoder --out DIR`` then ``train diffusion --out DIR``; the autoencoder
+    may not come back to it after that (:func:`_check_no_diffusion_stage`)."""
     from inference.model_dir import KIND_LDM, KIND_UNET_BASELINE, MODEL_YAML, model_kind
 
     if not (out / MODEL_YAML).is_file():
@@ -624,10 +638,66 @@ def _check_out_dir(out: Path, stage: str, ckpt: Checkpoint, options: TrainOption
         )
 
 
+def _check_no_diffusion_stage(out: Path) -> None:
+    """Refuse to train the autoencoder in a directory whose diffusion stage was trained or is
+    being trained (its record in ``train_state.json``, or its checkpoint): the diffusion UNet
+    was trained on the latents of the autoencoder there, which another autoencoder run would
+    change, and the model directory it writes would hold an untrained UNet in its place."""
+    found = []
+    recorded = read_train_state(out).get("stages", {}).get("diffusion")
+    if recorded is not None:
+        epochs = recorded.get("epochs") if isinstance(recorded, dict) else None
+        found.append(f"a trained diffusion stage ({TRAIN_STATE} records {epochs} epoch(s))")
+    diffusion_ckpt = Checkpoint(out, "diffusion")
+    if diffusion_ckpt.exists():
+        found.append(f"a diffusion checkpoint ({diffusion_ckpt.dir})")
+    if found:
+        raise InferenceError(
+            f"{out}: expected no diffusion stage in the directory of an autoencoder run, found "
+            f"{' and '.join(found)}; training the autoencoder again would change the latents "
+            "the diffusion UNet was trained on and replace that UNet with an untrained one: "
+            f"train the autoencoder into another --out, with --init-from {out} to start from "
+            "this model's weights (--epochs then counts the new run's epochs), and the "
+            "diffusion stage after it there"
+        )
+
+
+@contextlib.contextmanager
+def _interruption_told(out: Path, stage: str, options: TrainOptions) -> Iterator[None]:
+    """Tell, in one warning, where a run interrupted by Ctrl-C leaves its training (the
+    KeyboardInterrupt goes on: the command exits 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        log.warning("%s", _interruption(Checkpoint(out, stage), options))
+        raise
+
+
+def _interruption(ckpt: Checkpoint, options: TrainOptions) -> str:
+    """What an interrupted run leaves: the checkpoint of the last completed epoch (saved after
+    each) and how to continue from it, or that there is none."""
+    stage = ckpt.stage
+    if not ckpt.exists():
+        return (
+            f"{stage} training interrupted before its first epoch was completed: there is no "
+            "checkpoint, so nothing to resume; the same command starts it again"
+        )
+    try:
+        epoch = f"epoch {ckpt.state()['epoch']} of {options.epochs}"
+    except (InferenceError, KeyError):  # named as it is; the resume says what is wrong
+        epoch = "an unreadable state.json"
+    return (
+        f"{stage} training interrupted: the checkpoint of the last completed epoch ({epoch}) "
+        f"is in {ckpt.dir}; the same command with --resume continues from it"
+    )
+
+
 def _prepare_run(
     out: Path, stage: str, options: TrainOptions, stage1: Path | None = None
 ) -> tuple[Checkpoint, torch.device, torch.Generator]:
     device = resolve_device(options.device)
+    if stage == "autoencoder":  # before the advice to --resume the autoencoder's checkpoint
+        _check_no_diffusion_stage(out)
     ckpt = Checkpoint(out, stage)
     if ckpt.exists() and not options.resume:
         raise InferenceError(
@@ -683,18 +753,18 @@ def _run_epochs(
         order = epoch_order(n_items, options.seed, epoch, stage, weights)
         chunks = list(batches(order, options.batch_size))
         total = 0.0
-        bar = tqdm(
+        # closed also when interrupted, so that _interruption_told's warning gets its own line
+        with tqdm(
             chunks,
             desc=f"{stage} {epoch + 1}/{options.epochs}",
             unit="batch",
             disable=not options.progress,
             leave=False,
-        )
-        for chunk in bar:
-            loss = step(chunk)
-            total += loss * len(chunk)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
+        ) as bar:
+            for chunk in bar:
+                loss = step(chunk)
+                total += loss * len(chunk)
+                bar.set_postfix(loss=f"{loss:.4f}")
         losses.append(total / max(n_items, 1))
         val_losses.append(validate())
         log.info(
@@ -887,6 +957,16 @@ def train_autoencoder(
 ) -> TrainReport:
     """Train stage 1 on the cohort(s) ``data``; write a model directory to ``out_dir`` whose
     ``latent_scale`` is set from the training latents (its diffusion UNet is untrained)."""
+    with _interruption_told(Path(out_dir), "autoencoder", options):
+        return _train_autoencoder(data, out_dir, cfg, options)
+
+
+def _train_autoencoder(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    options: TrainOptions,
+) -> TrainReport:
     _diffusion_only(options, "autoencoder")
     started = time.monotonic()
     out = Path(out_dir)
@@ -1112,6 +1192,16 @@ def train_diffusion(
 ) -> TrainReport:
     """Train stage 2 on the latents of the stage-1 model directory ``stage1_dir`` (default:
     ``out_dir`` itself); write the complete model directory to ``out_dir``."""
+    with _interruption_told(Path(out_dir), "diffusion", options):
+        return _train_diffusion(data, out_dir, options, stage1_dir)
+
+
+def _train_diffusion(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    options: TrainOptions,
+    stage1_dir: str | Path | None,
+) -> TrainReport:
     started = time.monotonic()
     out = Path(out_dir)
     stage1 = Path(stage1_dir) if stage1_dir is not None else out
@@ -1309,6 +1399,16 @@ def train_baseline(
     options: TrainOptions,
 ) -> TrainReport:
     """Train the UNet regression baseline; write its model directory (``kind: unet-baseline``)."""
+    with _interruption_told(Path(out_dir), "baseline", options):
+        return _train_baseline(data, out_dir, cfg, options)
+
+
+def _train_baseline(
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: UNetBaselineConfig,
+    options: TrainOptions,
+) -> TrainReport:
     if options.init_from is not None:
         raise InferenceError(
             "baseline: --init-from applies to the latent diffusion stages (autoencoder, "
@@ -1326,6 +1426,7 @@ def train_baseline(
     train_ds = CohortDataset(split.train, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     val_ds = CohortDataset(split.held_out, pre, cfg.contrasts, cfg.use_dose, cfg.survival_classes)
     identity = _identity("baseline", config_to_dict(cfg), split, options)
+    _check_resume_before_preparing(ckpt, identity, options, _config_defaults(cfg))
     if options.jobs > 1:  # otherwise each patient is prepared at its first batch
         for ds in (train_ds, val_ds):
             for _ in ds.prepared(options.jobs):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -558,9 +559,8 @@ def test_a_finished_model_that_the_run_does_not_continue_is_not_overwritten(
     # the same kind, shipped without checkpoints: nothing to continue, a finished model to lose
     shipped = _copy_model(tiny_ldm_dir, tmp_path / "shipped", checkpoints=False)
     before = _files(shipped)
-    with pytest.raises(InferenceError) as err:
+    with pytest.raises(InferenceError, match="found a trained diffusion stage"):
         train_autoencoder(data, shipped, tiny_config(), options)
-    assert "['autoencoder', 'diffusion']) and no autoencoder checkpoint to resume" in str(err.value)
     with pytest.raises(InferenceError, match="no diffusion checkpoint to resume"):
         train_diffusion(data, shipped, options, stage1_dir=tiny_ldm_dir)
     assert _files(shipped) == before
@@ -621,3 +621,113 @@ def test_a_resume_with_another_architecture_names_the_configuration(
         "config.features: checkpoint has [4, 4, 8, 8, 8, 4], this run [8, 8, 16, 16, 16, 8]" in text
     )
     assert "shape" not in text
+
+
+def test_the_autoencoder_does_not_come_back_to_a_directory_with_a_diffusion_stage(
+    tmp_path: Path, tiny_cohort: Cohort, tiny_ldm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train autoencoder --resume in a finished LDM directory used to write an untrained
+    diffusion UNet over the trained one and drop its train_state.json record, leaving a
+    directory that neither predict nor train diffusion (with or without --resume) accepted.
+    It is refused before any patient is prepared, with or without --resume, naming what the
+    directory holds and the way on (--init-from into another --out, which
+    test_init_from_fine_tunes_a_model_directory runs)."""
+    from inference.train import loops
+
+    data = [tiny_cohort[0]]
+    ldm = _copy_model(tiny_ldm_dir, tmp_path / "ldm")
+    before = {**_files(ldm), **_files(ldm / "checkpoints" / "diffusion")}
+    prepared: list[int] = []
+    monkeypatch.setattr(loops, "_ae_items", lambda *a, **k: prepared.append(1) or [])
+    for resume in (True, False):
+        options = TrainOptions(epochs=2, resume=resume, **FAST)  # type: ignore[arg-type]
+        with pytest.raises(InferenceError) as err:
+            train_autoencoder(data, ldm, tiny_config(), options)
+        text = str(err.value)
+        assert "expected no diffusion stage in the directory of an autoencoder run" in text
+        assert "found a trained diffusion stage (train_state.json records 1 epoch(s))" in text
+        assert f"a diffusion checkpoint ({ldm / 'checkpoints' / 'diffusion'})" in text
+        assert f"another --out, with --init-from {ldm}" in text
+    assert prepared == []
+    assert {**_files(ldm), **_files(ldm / "checkpoints" / "diffusion")} == before
+    # a diffusion run still in progress (its checkpoint, no record yet) is refused as well
+    state = read_train_state(ldm)
+    del state["stages"]["diffusion"]
+    (ldm / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(InferenceError, match=r"found a diffusion checkpoint \("):
+        train_autoencoder(data, ldm, tiny_config(), TrainOptions(resume=True, **FAST))  # type: ignore[arg-type]
+
+
+def test_an_interrupted_training_says_where_its_checkpoint_is(
+    tmp_path: Path,
+    tiny_cohort: Cohort,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C used to end a training with nothing said. One warning now names the last
+    completed epoch's checkpoint and --resume, or says that there is nothing to resume."""
+    from inference.train import loops
+
+    data, out = [tiny_cohort[0]], tmp_path / "ae"
+    ckpt = out / "checkpoints" / "autoencoder"
+    real = loops.autoencoder_step
+    at_first_step = [True]
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if at_first_step[0] or (ckpt / "state.json").is_file():  # Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loops, "autoencoder_step", step)
+    options = TrainOptions(epochs=3, **FAST)  # type: ignore[arg-type]
+
+    def interrupted() -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=loops.__name__), pytest.raises(KeyboardInterrupt):
+            train_autoencoder(data, out, tiny_config(), options)
+        return [r.getMessage() for r in caplog.records]
+
+    assert interrupted() == [
+        "autoencoder training interrupted before its first epoch was completed: there is no "
+        "checkpoint, so nothing to resume; the same command starts it again"
+    ]
+    at_first_step[0] = False  # the same command again, interrupted in its second epoch
+    assert interrupted() == [
+        "autoencoder training interrupted: the checkpoint of the last completed epoch (epoch 1 "
+        f"of 3) is in {ckpt}; the same command with --resume continues from it"
+    ]
+
+
+def test_a_resume_to_fewer_epochs_than_the_checkpoint_has_done_is_refused(
+    tmp_path: Path,
+    tiny_ldm_dir: Path,
+    tiny_baseline_dir: Path,
+    tiny_cohort: Cohort,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--resume --epochs 5 on a checkpoint of 12 epochs used to train nothing and report
+    "12 epoch(s) in total, 0 this run". It is refused before any patient is prepared, naming
+    both numbers, as the federated --resume refuses fewer --rounds than it has done."""
+    from inference.data import CohortDataset
+    from inference.unet_baseline import tiny_baseline_config
+
+    data = [tiny_cohort[0]]
+    prepared: list[int] = []
+    monkeypatch.setattr(CohortDataset, "prepared", lambda *a: prepared.append(1) or iter(()))
+    # jobs=2: the baseline prepares every patient before its first step too
+    options = TrainOptions(epochs=5, resume=True, jobs=2, **FAST)  # type: ignore[arg-type]
+    for stage, source in (("diffusion", tiny_ldm_dir), ("baseline", tiny_baseline_dir)):
+        out = _copy_model(source, tmp_path / stage)
+        state_file = out / "checkpoints" / stage / "state.json"
+        state = json.loads(state_file.read_text())
+        state_file.write_text(json.dumps({**state, "epoch": 12}))
+        with pytest.raises(InferenceError) as err:
+            if stage == "diffusion":
+                train_diffusion(data, out, options)
+            else:
+                train_baseline(data, out, tiny_baseline_config(), options)
+        assert (
+            f"cannot resume from {state_file.parent}: expected --epochs of at least 12 (the "
+            "epochs the checkpoint has done), found 5" in str(err.value)
+        )
+    assert prepared == []
