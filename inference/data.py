@@ -6,7 +6,10 @@ category...) and, per patient, either ``<patient_id>/nifti/`` with ``pre_t1c``, 
 ``gtv``, ``dose``, ``post_t1c``, ``pre_labels`` and ``post_labels`` (``.nii.gz``), as
 ``glioforecast synth`` writes it (``inference.synthetic.cohort``), or DICOM studies anywhere
 beneath the folder, as the node stores them (:mod:`inference.dicom_cohort`: the readers'
-Segmentations stand for the label maps).
+Segmentations stand for the label maps). ``cohort.csv`` is UTF-8 (with or without the byte-order
+mark of Excel's "CSV UTF-8"); every image of a NIfTI patient lies on the grid of its
+``pre_t1c``; images with NaN or infinite voxels, and a blank (one-valued) T1-Gd or FLAIR, are
+refused.
 
 What the model is given and asked for:
 
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import itertools
 import logging
 import multiprocessing
@@ -43,7 +47,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -105,55 +109,122 @@ def cohort_seed_of(patient_id: str) -> int | None:
 # NIfTI <-> Volume
 
 
-def _nifti_shortfall(path: Path) -> str:
-    """Why the NIfTI file at ``path`` is cut short ('' when whole, or not a NIfTI-1 file):
-    SimpleITK reads a gzip stream that ends early, or a file shorter than its header says,
-    with no error, and the missing voxels as zeros."""
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as fh:
-                header = fh.read(348)
-                size = len(header) + sum(
-                    len(chunk) for chunk in iter(lambda: fh.read(1 << 20), b"")
-                )
-        else:
-            with path.open("rb") as fh:
-                header = fh.read(348)
-            size = path.stat().st_size
-    except (EOFError, OSError, zlib.error) as exc:
-        return f"its gzip stream is cut short or damaged ({exc})"
+#: NIfTI-1 datatype codes of floating-point voxels, with their numpy types
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK = 1 << 20  # bytes read at a time: a multiple of every voxel size
+
+
+class _NiftiLayout(NamedTuple):
+    """Where a NIfTI-1 file's voxels are and what they are."""
+
+    order: str  # byte order, "<" or ">"
+    offset: int  # of the first voxel, in bytes
+    voxels: int
+    datatype: int  # NIfTI datatype code
+    bitpix: int
+
+    @property
+    def expected_size(self) -> int:
+        return self.offset + self.voxels * self.bitpix // 8
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The layout a NIfTI-1 header declares (None: not one, or a dimension count or bit depth
+    out of range)."""
     if len(header) < 348:
-        return ""  # not a NIfTI-1 header: SimpleITK says what it is
+        return None
     for order in ("<", ">"):
         if struct.unpack(f"{order}i", header[:4])[0] == 348:
             dims = struct.unpack(f"{order}8h", header[40:56])
-            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(f"{order}2h", header[70:74])
             offset = struct.unpack(f"{order}f", header[108:112])[0]
             break
     else:
-        return ""
+        return None
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
-        return ""
+        return None
     voxels = int(np.prod([max(int(d), 1) for d in dims[1 : dims[0] + 1]]))
-    expected = int(offset) + voxels * bitpix // 8
+    return _NiftiLayout(order, int(offset), voxels, int(datatype), int(bitpix))
+
+
+@dataclass(frozen=True)
+class _NiftiScan:
+    """What streaming a NIfTI file found: why it is cut short ('' when whole), and how many of
+    its floating-point voxels are NaN or infinite (counted only when asked for)."""
+
+    shortfall: str = ""
+    nan: int = 0
+    infinite: int = 0
+
+
+def _scan_nifti(path: Path, *, count_non_finite: bool) -> _NiftiScan:
+    """Stream the NIfTI file at ``path`` once. SimpleITK reads a gzip stream that ends early, or
+    a file shorter than its header says, with no error and the missing voxels as zeros; and it
+    reads NaN and infinite voxels as zeros too. With ``count_non_finite`` the voxels of a float
+    image are counted as they stream by (integer images cannot hold them)."""
+    gz = path.name.endswith(".gz")
+    nan = infinite = 0
+    try:
+        with gzip.open(path, "rb") if gz else path.open("rb") as fh:
+            header = fh.read(348)
+            layout = _nifti_layout(header)
+            dtype = None
+            if layout is not None and count_non_finite and layout.datatype in _NIFTI_FLOATS:
+                dtype = np.dtype(layout.order + _NIFTI_FLOATS[layout.datatype])
+            if dtype is None and not gz:
+                size = path.stat().st_size
+            elif dtype is None:
+                size = len(header) + sum(len(c) for c in iter(lambda: fh.read(_CHUNK), b""))
+            else:
+                assert layout is not None
+                extension = fh.read(max(layout.offset - len(header), 0))
+                size = len(header) + len(extension)
+                left = layout.voxels * dtype.itemsize  # bytes of voxels still to count
+                # each read is a whole chunk until the end of the file: no voxel is split
+                for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                    size += len(chunk)
+                    whole = min(left, len(chunk) - len(chunk) % dtype.itemsize)
+                    values = np.frombuffer(chunk[:whole], dtype=dtype)
+                    left -= whole
+                    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+                    if bad:
+                        n = int(np.count_nonzero(np.isnan(values)))
+                        nan, infinite = nan + n, infinite + bad - n
+    except (EOFError, OSError, zlib.error) as exc:
+        return _NiftiScan(shortfall=f"its gzip stream is cut short or damaged ({exc})")
+    if layout is None:
+        return _NiftiScan()  # not a NIfTI-1 header: SimpleITK says what it is
+    expected = layout.expected_size
     if size < expected:
-        return f"it holds {size} bytes, its header says {expected}: the file is cut short"
-    return ""
+        return _NiftiScan(
+            shortfall=f"it holds {size} bytes, its header says {expected}: the file is cut short"
+        )
+    return _NiftiScan(nan=nan, infinite=infinite)
+
+
+def _non_finite_error(path: Path, nan: int, infinite: int) -> InputError:
+    return InputError(
+        f"image {path}: expected finite voxel values, found {nan + infinite} NaN/Inf voxels "
+        f"({nan} NaN, {infinite} infinite); fix or mask them where the image was made"
+    )
 
 
 def read_volume(path: str | Path) -> Volume:
     """A NIfTI (or any SimpleITK-readable) image as a :class:`Volume` in LPS millimetres. A
-    NIfTI file cut short (a copy that stopped, a full disk) is refused: SimpleITK reads the
-    missing voxels as zeros."""
+    NIfTI file cut short (a copy that stopped, a full disk) is refused, and so is an image with
+    NaN or infinite voxels: SimpleITK reads both as zeros from NIfTI files."""
     import SimpleITK as sitk
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"image {p}: expected a file, found none")
-    if p.name.endswith((".nii", ".nii.gz")):
-        short = _nifti_shortfall(p)
-        if short:
-            raise InputError(f"image {p}: not readable: {short}")
+    nifti = p.name.endswith((".nii", ".nii.gz"))
+    if nifti:
+        scan = _scan_nifti(p, count_non_finite=True)
+        if scan.shortfall:
+            raise InputError(f"image {p}: not readable: {scan.shortfall}")
+        if scan.nan or scan.infinite:
+            raise _non_finite_error(p, scan.nan, scan.infinite)
     try:
         img = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -163,8 +234,14 @@ def read_volume(path: str | Path) -> Volume:
             f"image {p}: expected a 3D scalar image, found {img.GetDimension()}D with "
             f"{img.GetNumberOfComponentsPerPixel()} component(s)"
         )
+    array = sitk.GetArrayFromImage(img)
+    if not nifti and array.dtype.kind == "f":  # other formats keep NaN and infinity
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        if bad:
+            nan = int(np.count_nonzero(np.isnan(array)))
+            raise _non_finite_error(p, nan, bad - nan)
     return Volume(
-        array=sitk.GetArrayFromImage(img),
+        array=array,
         spacing=tuple(float(s) for s in img.GetSpacing()),  # type: ignore[arg-type]
         origin=tuple(float(o) for o in img.GetOrigin()),  # type: ignore[arg-type]
         direction=np.asarray(img.GetDirection(), dtype=float).reshape(3, 3),
@@ -191,7 +268,11 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
             sitk.WriteImage(img, str(tmp), str(out).endswith(".gz"))
         except RuntimeError as exc:
             raise OSError(f"cannot write {out}: {str(exc).strip().splitlines()[-1]}") from None
-        short = _nifti_shortfall(tmp) if tmp.is_file() else "nothing was written"
+        short = (
+            _scan_nifti(tmp, count_non_finite=False).shortfall
+            if tmp.is_file()
+            else "nothing was written"
+        )
         if short:
             raise OSError(f"cannot write {out}: {short} (is the disk full?)")
         with tmp.open("rb") as fh:
@@ -207,10 +288,52 @@ def labels_mask(labels: Volume, values: Sequence[int]) -> Volume:
     return labels.with_array(np.isin(np.asarray(labels.array), np.asarray(values)))
 
 
+def _grid_text(volume: Volume) -> str:
+    """A volume's grid as errors show it."""
+    spacing = "x".join(f"{v:g}" for v in volume.spacing)
+    origin = ", ".join(f"{v:.1f}" for v in volume.origin)
+    return f"shape {volume.shape}, spacing {spacing} mm, origin ({origin}) mm"
+
+
+def check_on_grid(volume: Volume, path: Path, t1c: Volume) -> None:
+    """Refuse ``volume`` (read from ``path``) unless it lies on the grid of the T1-Gd."""
+    if volume.shape == t1c.shape and np.allclose(volume.affine, t1c.affine, atol=1e-3):
+        return
+    turned = not np.allclose(volume.direction, t1c.direction, atol=1e-3)
+    raise InputError(
+        f"{path}: expected the grid of {INPUT_FILES['t1c']} ({_grid_text(t1c)}), found "
+        f"{_grid_text(volume)}{' in another orientation' if turned else ''}"
+    )
+
+
+#: the images that must not be blank (one value throughout) and how errors name them; masks
+#: are binary by design and an all-zero dose map is a plausible "no dose": neither is checked
+CONTRAST_ROLES = {"t1c": "T1-Gd", "flair": "FLAIR"}
+
+
+def refuse_blank(volume: Volume, name: str, where: str | Path) -> None:
+    """Refuse an image of one value throughout (a blank series: a failed export, a
+    placeholder), which would be normalised to nothing and predicted from all the same."""
+    a = np.asarray(volume.array)
+    if a.size and a.min() == a.max():
+        raise InputError(
+            f"{where}: expected an image with contrast, found a blank {name} (every voxel "
+            f"{a.flat[0]:g})"
+        )
+
+
+def check_not_blank(inputs: StudyInputs, where: str) -> None:
+    """:func:`refuse_blank` on the T1-Gd and FLAIR of ``inputs`` (``where``: the study)."""
+    for role, name in CONTRAST_ROLES.items():
+        volume = getattr(inputs, role)
+        if volume is not None:
+            refuse_blank(volume, name, where)
+
+
 def study_inputs_from_nifti(folder: str | Path, survival_class: str | None = None) -> StudyInputs:
     """The node's inputs from a folder in the synthetic NIfTI layout (``pre_t1c.nii.gz`` and
     ``gtv.nii.gz`` required; ``pre_flair``, ``pre_t2``, ``pre_t1``, ``dose`` optional), every
-    volume on the T1-Gd grid."""
+    volume on the T1-Gd grid; a blank T1-Gd or FLAIR is refused (:func:`refuse_blank`)."""
     d = Path(folder)
     if (d / NIFTI_DIR).is_dir() and not (d / INPUT_FILES["t1c"]).is_file():
         d = d / NIFTI_DIR
@@ -219,17 +342,16 @@ def study_inputs_from_nifti(folder: str | Path, survival_class: str | None = Non
         found = sorted(p.name for p in d.iterdir()) if d.is_dir() else "no folder"
         raise InputError(f"NIfTI study {d}: expected {missing}, found {found}")
     t1c = read_volume(d / INPUT_FILES["t1c"])
+    refuse_blank(t1c, CONTRAST_ROLES["t1c"], d / INPUT_FILES["t1c"])
 
     def on_t1c(role: str) -> Volume | None:
         path = d / INPUT_FILES[role]
         if not path.is_file():
             return None
         vol = read_volume(path)
-        if vol.shape != t1c.shape or not np.allclose(vol.affine, t1c.affine, atol=1e-3):
-            raise InputError(
-                f"{path}: expected the grid of {INPUT_FILES['t1c']} (shape {t1c.shape}), "
-                f"found shape {vol.shape} with another geometry"
-            )
+        check_on_grid(vol, path, t1c)
+        if role in CONTRAST_ROLES:
+            refuse_blank(vol, CONTRAST_ROLES[role], path)
         return vol
 
     gtv = on_t1c("gtv")
@@ -291,19 +413,40 @@ def _listed(problems: Sequence[str], most: int = 20) -> str:
     return "\n  " + "\n  ".join(problems[:most]) + more
 
 
+def read_table(table: Path) -> list[tuple[int, dict[str, str]]]:
+    """The rows of a cohort table, each with its line number in the file (where the row ends:
+    blank lines and values spanning lines counted). UTF-8, with or without the byte-order mark
+    that Excel's "CSV UTF-8" writes; any other encoding is refused, not guessed."""
+    raw = table.read_bytes()
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            f"{table}: expected UTF-8 text, found byte 0x{raw[exc.start]:02x} at byte "
+            f"{exc.start} (line {line}), which is not UTF-8 (a table saved as Latin-1 or "
+            "Windows-1252, as Excel's plain 'CSV' does); save it as UTF-8 (Excel: 'CSV UTF-8')"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return [(reader.line_num, row) for row in reader]
+
+
 def label_problems(
-    table: Path, rows: Sequence[dict[str, str]], survival_classes: Sequence[str] | None
+    table: Path,
+    rows: Sequence[tuple[int, dict[str, str]]],
+    survival_classes: Sequence[str] | None,
 ) -> list[str]:
     """One line per cell of the outcome columns holding a value outside those expected:
     ``response_category`` one of :data:`~dicom_node.types.RESPONSE_CATEGORIES`,
     ``survival_class`` one of ``survival_classes`` (not checked when None). Values are compared
     exactly (``PR``, ``Short`` are refused: they would silently count as no category, or train
-    as the unguided class)."""
+    as the unguided class). ``rows``: each with its line number, as :func:`read_table` gives
+    them."""
     expected: dict[str, Sequence[str]] = {"response_category": RESPONSE_CATEGORIES}
     if survival_classes is not None:
         expected["survival_class"] = survival_classes
     out = []
-    for n, row in enumerate(rows, start=2):
+    for n, row in rows:
         for column, allowed in expected.items():
             value = row.get(column)
             if value and value not in allowed:
@@ -348,11 +491,10 @@ def read_cohort(
                 f"cohort folder {folder}: expected {COHORT_TABLE} (from glioforecast synth, or "
                 f"a site's outcome table), found {'no folder' if not folder.is_dir() else 'none'}"
             )
-        with table.open(encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_table(table)
         required = ("patient_id", "site", "survival_class", "response_category")
         dicom_index = None
-        for n, row in enumerate(rows, start=2):
+        for n, row in rows:
             absent = [k for k in required if not row.get(k)]
             if absent:
                 raise InputError(f"{table}, line {n}: expected values for {absent}, found none")
@@ -362,7 +504,7 @@ def read_cohort(
                 f"cohort table {table}: {len(labels)} outcome value(s) not recognised (use the "
                 f"expected names, exactly):{_listed(labels)}"
             )
-        for row in rows:
+        for _, row in rows:
             pid = row["patient_id"]
             if pid in seen:
                 raise InputError(f"cohort: patient {pid} appears twice (in {table})")
@@ -514,7 +656,9 @@ def prepare_study(
     use_dose: bool = True,
 ) -> PreparedStudy:
     """``inputs`` on the model grid of ``pre`` (grid planned on the T1-Gd); FLAIR and dose are
-    kept only when the model reads them."""
+    kept only when the model reads them. A blank T1-Gd or FLAIR is refused (every prediction
+    and training sample passes here, whatever the inputs were read from)."""
+    check_not_blank(inputs, "study inputs")
     if inputs.tumour_mask.shape != inputs.t1c.shape:
         raise InputError(
             f"tumour mask: expected the T1-Gd grid shape {inputs.t1c.shape}, "
@@ -555,19 +699,31 @@ class PatientTruth:
 def patient_inputs(patient: CohortPatient, survival_class: str | None = None) -> StudyInputs:
     """A cohort patient's pre-treatment inputs, from its NIfTI files or DICOM studies
     (``survival_class`` is what the inputs say is known; evaluation gives none)."""
-    if patient.dicom is not None:
-        return patient.dicom.inputs(survival_class)
-    return study_inputs_from_nifti(patient.folder, survival_class)
+    if patient.dicom is None:
+        return study_inputs_from_nifti(patient.folder, survival_class)
+    inputs = patient.dicom.inputs(survival_class)
+    check_not_blank(inputs, f"patient {patient.patient_id} (DICOM under {patient.folder})")
+    return inputs
 
 
 def load_truth(patient: CohortPatient, inputs: StudyInputs | None = None) -> PatientTruth:
+    """A patient's truth; every image of a NIfTI patient must lie on the grid of its T1-Gd
+    (``inputs.t1c`` when given, else read) and its post-treatment T1-Gd must not be blank."""
     if patient.dicom is not None:
         return _dicom_truth(patient, inputs)
     d = patient.folder
-    post = read_volume(d / POST_T1C_FILE)
-    post_labels = read_volume(d / POST_LABELS_FILE)
-    pre_labels = read_volume(d / PRE_LABELS_FILE)
-    gtv = inputs.tumour_mask if inputs is not None else read_volume(d / INPUT_FILES["gtv"])
+    t1c = inputs.t1c if inputs is not None else read_volume(d / INPUT_FILES["t1c"])
+
+    def on_t1c(name: str) -> Volume:
+        vol = read_volume(d / name)
+        check_on_grid(vol, d / name, t1c)
+        return vol
+
+    post = on_t1c(POST_T1C_FILE)
+    refuse_blank(post, "post-treatment T1-Gd", d / POST_T1C_FILE)
+    post_labels = on_t1c(POST_LABELS_FILE)
+    pre_labels = on_t1c(PRE_LABELS_FILE)
+    gtv = inputs.tumour_mask if inputs is not None else on_t1c(INPUT_FILES["gtv"])
     region = np.isin(post_labels.array, TUMOUR_REGION_LABELS) | (np.asarray(gtv.array) > 0)
     return PatientTruth(
         post_t1c=post,
@@ -587,6 +743,8 @@ def _dicom_truth(patient: CohortPatient, inputs: StudyInputs | None) -> PatientT
         inputs = patient_inputs(patient)
     truth = patient.dicom.truth(inputs.t1c)
     post = truth.post_t1c
+    where = f"patient {patient.patient_id} (DICOM under {patient.folder})"
+    refuse_blank(post, "post-treatment T1-Gd", where)
     gtv = on_grid(inputs.tumour_mask, post, "GTV")
     region = np.asarray(gtv.array) >= 0.5
     region |= np.asarray(truth.post_enhancing.array, dtype=bool)
