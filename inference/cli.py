@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED = 2
 PRESETS = ("tiny", "demo", "fine")
+#: what predict writes to --out (Prediction attribute -> file); summary.json, written last,
+#: marks a prediction's folder
+PREDICTION_FILES = {
+    "mean": "mean.nii.gz",
+    "std": "std.nii.gz",
+    "tumour_mask": "tumour_mask.nii.gz",
+    "summary": "summary.json",
+}
 
 
 def _sites(text: str) -> tuple[str, ...]:
@@ -68,7 +76,7 @@ def _patch(text: str) -> tuple[int, ...]:
 
 
 def _fail(command: str, exc: Exception) -> int:
-    log.error("%s failed: %s", command, exc)
+    # on stderr once (a log line as well printed it twice: logging is not set up for commands)
     sys.stderr.write(f"glioforecast {command}: {exc}\n")
     return EXIT_FAILED
 
@@ -260,7 +268,7 @@ def _add_train(sub: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from inference.evaluate import markdown_report, run_evaluation, write_report
+    from inference.evaluate import markdown_report, report_folder, run_evaluation, write_report
 
     try:
         models = [model_option(str(m)) for m in args.model or []]
@@ -269,6 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "--model none: expected bundled or a model directory ('no change' is always "
                 "evaluated, unless --skip-no-change)"
             )
+        report_folder(args.out)  # before any patient: a report that cannot be written is lost
         report = run_evaluation(
             [m for m in models if m is not None],
             args.data,
@@ -354,8 +363,42 @@ def _add_evaluate(sub: Any) -> None:
 # predict
 
 
-def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str, dict[str, str]]:
-    """NIfTI (synthetic layout) or DICOM study folder -> inputs, the format, role descriptions."""
+def _nifti_layout() -> str:
+    """The NIfTI files a study folder needs, as messages name them."""
+    from inference.data import INPUT_FILES
+
+    optional = [f for r, f in INPUT_FILES.items() if r not in ("t1c", "gtv")]
+    return f"{INPUT_FILES['t1c']} and {INPUT_FILES['gtv']} (optional: {', '.join(optional)})"
+
+
+def _not_a_nifti_study(path: Path) -> InputError | None:
+    """Why ``path`` (or its ``nifti/`` folder), which holds NIfTI files but no T1-Gd by its
+    layout name, is not a NIfTI study; None when neither holds a NIfTI file (a DICOM study)."""
+    from inference.data import INPUT_FILES, NIFTI_DIR
+
+    for folder in (path, path / NIFTI_DIR):
+        names = sorted(f.name for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+        if not any(n.endswith((".nii", ".nii.gz")) for n in names):
+            continue
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} files)" if len(names) > 12 else "")
+        # the layout's names, uncompressed: the reader takes gzip-compressed files by name
+        plain = [
+            f.removesuffix(".gz") for f in INPUT_FILES.values() if f.removesuffix(".gz") in names
+        ]
+        hint = (
+            f"; {', '.join(plain)}: expected gzip-compressed .nii.gz files (gzip -k FILE)"
+            if plain
+            else ""
+        )
+        return InputError(f"NIfTI study {folder}: expected {_nifti_layout()}, found {shown}{hint}")
+    return None
+
+
+def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str, dict[str, Any]]:
+    """NIfTI (synthetic layout) or DICOM study folder -> inputs, the format, and what the
+    summary says of the roles: ``roles`` (role -> file name or series description), for DICOM
+    also ``role_series`` (role -> series number, UID, description) and ``role_notes`` (how the
+    series were chosen, as the node's job records it)."""
     from inference.data import INPUT_FILES, NIFTI_DIR, study_inputs_from_nifti
     from inference.dicom_cohort import study_inputs_from_dicom
 
@@ -368,9 +411,43 @@ def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str
             for r, f in INPUT_FILES.items()
             if getattr(inputs, "tumour_mask" if r == "gtv" else r, None) is not None
         }
-        return inputs, "nifti", roles
-    inputs, roles = study_inputs_from_dicom(path, config)
-    return inputs, "dicom", roles
+        return inputs, "nifti", {"roles": roles}
+    if not any(f.is_file() for f in path.rglob("*")):
+        raise InputError(
+            f"INPUT {path}: the folder is empty (no file at any depth); expected NIfTI files, "
+            f"{_nifti_layout()}, or a DICOM study (MR series, an RT structure set, optional RT "
+            "dose)"
+        )
+    problem = _not_a_nifti_study(path)
+    if problem is not None:
+        raise problem
+    inputs, used = study_inputs_from_dicom(path, config)
+    summary = {
+        "roles": used.described,
+        "role_series": used.as_json(),
+        "role_notes": list(used.notes),
+    }
+    return inputs, "dicom", summary
+
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a prediction into a folder that holds files, unless ``overwrite``: the files of a
+    previous prediction (its ``summary.json``) would be replaced, and the user's own files of the
+    same names too."""
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names or overwrite:
+        return
+    if (out / PREDICTION_FILES["summary"]).is_file():
+        raise InputError(
+            f"--out {out}: expected an empty or new folder, found a previous prediction "
+            f"({PREDICTION_FILES['summary']}); give --overwrite to replace it"
+        )
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} entries)" if len(names) > 12 else "")
+    raise InputError(
+        f"--out {out}: expected an empty or new folder, found {shown}; give --overwrite to "
+        f"write {', '.join(PREDICTION_FILES.values())} into it anyway (files of those names "
+        "are replaced)"
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -382,6 +459,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _fail("predict", GlioforecastError(f"--out {out}: expected a folder, found a file"))
     try:
         inputs, fmt, roles = load_study(args.input, getattr(args, "config", None))
+        for note in roles.get("role_notes", []):  # the choices the node's job would record
+            sys.stderr.write(f"glioforecast predict: {args.input}: {note}\n")
         if args.survival_class:
             from dataclasses import replace
 
@@ -401,6 +480,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 log.warning("no --model given: using the 'no change' baseline")
             predictor = NoChangeBaseline()
         else:
+            from inference.model_dir import KIND_LDM
             from inference.model_predictor import ModelPredictor
 
             predictor = ModelPredictor(
@@ -411,6 +491,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 unknown_class=args.unknown_class,
             )
+            if args.survival_class and predictor.kind != KIND_LDM:  # it would be ignored
+                raise InputError(
+                    f"--survival-class {args.survival_class}: the {predictor.kind} model "
+                    f"{predictor.name} {predictor.version} ({model_dir}) takes no survival "
+                    "class; expected a latent diffusion model (--model bundled or its "
+                    "directory) with it"
+                )
+        check_out_folder(out, args.overwrite)
         prediction = predictor.predict(inputs, samples=args.samples)
     except GlioforecastError as exc:
         return _fail("predict", exc)
@@ -418,7 +506,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "notice": "synthetic prediction - research use only, not for clinical use",
         "input": str(args.input),
         "input_format": fmt,
-        "roles": roles,
+        **roles,
         "model_name": prediction.model_name,
         "model_version": prediction.model_version,
         "model_dir": None if model_dir is None else str(model_dir),
@@ -444,14 +532,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:  # each file whole or not at all (a full disk left them cut short, and said success)
         out.mkdir(parents=True, exist_ok=True)
         written = {
-            "mean": write_volume(prediction.mean, out / "mean.nii.gz"),
-            "std": write_volume(prediction.std, out / "std.nii.gz"),
-            "tumour_mask": write_volume(prediction.tumour_mask, out / "tumour_mask.nii.gz"),
+            key: write_volume(getattr(prediction, key), out / name)
+            for key, name in PREDICTION_FILES.items()
+            if key != "summary"
         }
         summary["files"] = {k: str(v.name) for k, v in written.items()}
-        tmp = out / ".summary.json.tmp"
+        tmp = out / f".{PREDICTION_FILES['summary']}.tmp"
         tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        os.replace(tmp, out / "summary.json")
+        os.replace(tmp, out / PREDICTION_FILES["summary"])
     except OSError as exc:
         return _fail("predict", GlioforecastError(f"the prediction was not written: {exc}"))
     print(
@@ -479,7 +567,19 @@ def _add_predict(sub: Any) -> None:
         help="model directory, 'bundled' (the demo model shipped in the package) or 'none' "
         "(default: 'no change')",
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder: new or empty (a previous prediction's, or one with other files, "
+        "only with --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a --out that holds files: a previous prediction's are replaced, as are "
+        "other files named mean.nii.gz, std.nii.gz, tumour_mask.nii.gz or summary.json",
+    )
     p.add_argument("--samples", type=positive_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")

@@ -216,32 +216,70 @@ def index_dicom(root: str | Path) -> dict[str, list[DicomStudy]]:
 # one study as the node reads it
 
 
+@dataclass(frozen=True)
+class StudyRoles:
+    """The series each role of a study was read from (the RT dose of a course may take several),
+    and the notes on how they were chosen: another series matching a role, a series left out, a
+    series that could not be converted, the structure set or dose used. The node records these
+    in the job; offline they are shown and written beside the prediction."""
+
+    series: Mapping[str, tuple[SeriesSummary, ...]]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def described(self) -> dict[str, str]:
+        """Role -> the description of its series."""
+        return {role: "; ".join(s.text for s in used) for role, used in self.series.items()}
+
+    def as_json(self) -> dict[str, list[dict[str, object]]]:
+        """Role -> its series' number, UID and description."""
+        return {
+            role: [
+                {
+                    "series_number": s.series_number,
+                    "series_instance_uid": s.series_instance_uid,
+                    "description": s.text,
+                }
+                for s in used
+            ]
+            for role, used in self.series.items()
+        }
+
+
 def _roles(
     series: Sequence[DicomSeries], settings: Settings, name: str
-) -> tuple[dict[str, DicomSeries], dict[str, str]]:
-    from dicom_node.roles import assign_roles
+) -> tuple[dict[str, DicomSeries], list[str]]:
+    """The series of each role, and a note for each series the rules passed over or left out
+    (another series matching a role, a series of an excluded ImageType)."""
+    from dicom_node.roles import assign_roles, describe
 
     outcome = assign_roles([s.summary for s in series], settings.roles)
     if not outcome.ok:
         raise InputError(f"{name}: " + "; ".join(outcome.problems))
-    by_role = {}
-    for d in outcome.decisions:
-        if d.role:
-            by_role[d.role] = next(s for s in series if s.uid == d.series_instance_uid)
-    return by_role, {role: s.summary.text for role, s in by_role.items()}
+    by_uid = {s.uid: s for s in series}
+    by_role = {d.role: by_uid[d.series_instance_uid] for d in outcome.decisions if d.role}
+    notes = [
+        f"{describe(by_uid[d.series_instance_uid].summary)}, UID {d.series_instance_uid}: {d.note}"
+        for d in outcome.decisions
+        if d.note
+    ]
+    return by_role, notes
 
 
 def study_inputs_from_series(
     series: Sequence[DicomSeries], settings: Settings, name: str
-) -> tuple[StudyInputs, dict[str, str]]:
+) -> tuple[StudyInputs, StudyRoles]:
     """The node's inputs from the series of one study (roles from ``settings``); also returns
-    role -> series description."""
+    the series used for each role and the notes on the choices (each logged)."""
     from dicom_node.convert.dose_choice import choose_course_dose
     from dicom_node.convert.rtstruct import choose_structure_set
     from dicom_node.pipeline import SeriesFiles, assemble_inputs, placeable_on, skipped_text
     from dicom_node.roles import IMAGE_ROLES, describe, ranked_candidates
 
-    by_role, described = _roles(series, settings, name)
+    by_role, notes = _roles(series, settings, name)
+    for note in notes:
+        log.info("%s: %s", name, note)
+    used: dict[str, tuple[SeriesSummary, ...]] = {r: (s.summary,) for r, s in by_role.items()}
     if "t1c" in by_role:  # what the node refuses, offline too
         from pydicom import dcmread
 
@@ -264,13 +302,16 @@ def study_inputs_from_series(
     }
 
     def fall_back(
-        role: str, used: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
+        role: str, taken: SeriesFiles, why: str, skipped: Sequence[tuple[SeriesFiles, str]]
     ) -> None:
-        log.warning(
-            "%s: %s cannot be used (%s)%s; %s is used",
-            name, role, why, skipped_text(skipped), used.label,
-        )  # fmt: skip
-        described[role] = next(s.summary.text for s in series if s.uid == used.series_instance_uid)
+        chosen = describe(by_role[role].summary)
+        note = (
+            f"{role}: {chosen} cannot be used ({why}){skipped_text(skipped)}; {taken.label}, "
+            f"UID {taken.series_instance_uid}, is used"
+        )
+        log.warning("%s: %s", name, note)
+        notes.append(note)
+        used[role] = tuple(s.summary for s in series if s.uid == taken.series_instance_uid)
 
     role_files = {role: s.files for role, s in by_role.items()}
     registrations = [
@@ -285,9 +326,10 @@ def study_inputs_from_series(
         placeable_on(t1c_frame, registrations),
     )
     role_files["rtstruct"] = (structure.path,)
+    used["rtstruct"] = tuple(s.summary for s in series if structure.path in s.files)
     if structure.note:
         log.info("%s: %s", name, structure.note)
-        described["rtstruct"] = next(s.summary.text for s in series if structure.path in s.files)
+        notes.append(structure.note)
     if "rtdose" in by_role:
         pool = ranked.get("rtdose") or [by_role["rtdose"].summary]
         choice = choose_course_dose(
@@ -295,8 +337,10 @@ def study_inputs_from_series(
             [f for c in ranked.get("rtplan", []) for f in files[c.series_instance_uid]],
         )
         role_files["rtdose"] = choice.paths
+        used["rtdose"] = tuple(s.summary for s in series if set(s.files) & set(choice.paths))
         if choice.note:
             log.info("%s: %s", name, choice.note)
+            notes.append(choice.note)
     inputs = assemble_inputs(
         role_files,
         settings.roles.roi_pattern,
@@ -306,15 +350,15 @@ def study_inputs_from_series(
         on_fallback=fall_back,
         roi_union=settings.roles.roi_union,
     )
-    return inputs, described
+    return inputs, StudyRoles(used, tuple(notes))
 
 
 def study_inputs_from_dicom(
     folder: Path, config: Path | None = None
-) -> tuple[StudyInputs, dict[str, str]]:
+) -> tuple[StudyInputs, StudyRoles]:
     """A DICOM study folder (any depth) as :class:`StudyInputs`: every series found there,
-    roles assigned by the node's rules (``config`` or the embedded default); also returns
-    role -> series description."""
+    roles assigned by the node's rules (``config`` or the embedded default); also returns the
+    series used for each role and the notes on the choices."""
     patients = index_dicom(folder)
     studies = [s for patient in patients.values() for s in patient]
     if not studies:

@@ -42,6 +42,7 @@ import datetime
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -54,7 +55,7 @@ from scipy import ndimage, stats
 from tqdm import tqdm
 
 from dicom_node.convert.preprocess import foreground_mask_array, normalise_intensity
-from dicom_node.errors import InferenceError
+from dicom_node.errors import InferenceError, InputError
 from dicom_node.types import RESPONSE_CATEGORIES, Prediction, StudyInputs
 from inference import metrics as M
 from inference.data import (
@@ -213,6 +214,18 @@ def patient_metrics(
     return out, spread
 
 
+def draws_samples(predictor: Predictor | Stage1Bound) -> bool:
+    """Whether the samples of ``predictor`` can differ: not those of "no change", a UNet
+    baseline or a stage-1 bound, which give one image however many samples are asked for (a
+    standard deviation of zero by construction, not a measured spread)."""
+    from inference.baseline import NoChangeBaseline
+    from inference.model_dir import KIND_LDM
+
+    if isinstance(predictor, NoChangeBaseline | Stage1Bound):
+        return False
+    return getattr(predictor, "kind", KIND_LDM) == KIND_LDM
+
+
 def evaluate_predictor(
     predictor: Predictor | Stage1Bound,
     patients: Sequence[EvaluationPatient],
@@ -223,9 +236,12 @@ def evaluate_predictor(
     progress: bool = False,
 ) -> list[PatientResult]:
     """Run ``predictor`` on every patient and measure it. ``survival_class``: ``none`` (the
-    node's default: unguided) or ``truth`` (the patient's own class from the table)."""
+    node's default: unguided) or ``truth`` (the patient's own class from the table). The spread
+    is ``nan`` (undefined) for one sample and for a predictor that does not draw samples
+    (:func:`draws_samples`)."""
     if survival_class not in ("none", "truth"):
         raise InferenceError(f"survival_class: expected none or truth, found {survival_class!r}")
+    draws = draws_samples(predictor)
     results = []
     for ep in tqdm(patients, desc=predictor.name, unit="patient", disable=not progress):
         cls = ep.patient.survival_class if survival_class == "truth" else None
@@ -236,6 +252,8 @@ def evaluate_predictor(
             pred = predictor.predict(replace(ep.inputs, survival_class=cls), samples=samples)
         seconds = time.monotonic() - started
         values, spread = patient_metrics(pred, ep.inputs, ep.truth, margin_mm)
+        if not draws or len(pred.sample_volumes_ml) < 2:  # no spread to measure (not zero)
+            spread = math.nan
         true_ml = M.volume_ml(ep.truth.post_enhancing.array, ep.truth.post_enhancing.spacing)
         results.append(
             PatientResult(
@@ -504,6 +522,52 @@ def _known_classes(model_dirs: Sequence[str | Path]) -> tuple[str, ...]:
     return tuple(classes)
 
 
+def latent_only_options(
+    models: Sequence[ModelPredictor],
+    *,
+    guidance: bool = False,
+    stage1_bounds: bool = False,
+    survival_class: str = "none",
+) -> list[str]:
+    """Refuse the options that only a latent diffusion model takes (survival guidance, an
+    autoencoder to bound) when none of ``models`` is one: each would give no row and say
+    nothing. With some, the warnings (logged, and in the report) name the models they skip
+    ("no change" takes no survival class by its nature, and is not named)."""
+    from inference.model_dir import KIND_LDM
+
+    given = [
+        (option, why)
+        for option, why, on in (
+            ("--guidance", "compares a model's predictions under two survival classes", guidance),
+            ("--stage1-bounds", "scores a model's autoencoder", stage1_bounds),
+            (
+                "--survival-class truth",
+                "guides a model's samples by each patient's class",
+                survival_class == "truth",
+            ),
+        )
+        if on
+    ]
+    others = [f"{m.name} {m.version} ({m.kind})" for m in models if m.kind != KIND_LDM]
+    if not given:
+        return []
+    if len(others) == len(models):
+        found = ", ".join(others) if others else "none (only 'no change')"
+        raise InputError(
+            f"{', '.join(o for o, _ in given)}: for latent diffusion models only "
+            f"({'; '.join(f'{o} {w}' for o, w in given)}); expected one among the --model "
+            f"options, found {found}"
+        )
+    warnings = [
+        f"{option} applies to the latent diffusion models only ({why}); not to {', '.join(others)}"
+        for option, why in given
+        if others
+    ]
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
 def run_evaluation(
     model_dirs: Sequence[str | Path],
     data: Sequence[str | Path],
@@ -544,12 +608,8 @@ def run_evaluation(
         cohort = [p for p in cohort if p.site in set(sites)]
     if patients_limit is not None:
         cohort = cohort[:patients_limit]
-    patients = load_patients(cohort)
-    methods: list[tuple[str, Predictor | Stage1Bound, dict[str, Any]]] = []
-    if include_no_change:
-        methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
-    for d in model_dirs:
-        mp = ModelPredictor(
+    loaded = [
+        ModelPredictor(
             d,
             device=device,
             seed=seed,
@@ -559,6 +619,16 @@ def run_evaluation(
             channels_last=compile_mode != "none",
             compile_mode=compile_mode,
         )
+        for d in model_dirs
+    ]
+    warnings = latent_only_options(
+        loaded, guidance=guidance, stage1_bounds=stage1_bounds, survival_class=survival_class
+    )
+    patients = load_patients(cohort)
+    methods: list[tuple[str, Predictor | Stage1Bound, dict[str, Any]]] = []
+    if include_no_change:
+        methods.append((NO_CHANGE, NoChangeBaseline(), {"kind": NO_CHANGE}))
+    for d, mp in zip(model_dirs, loaded, strict=True):
         info = {
             "kind": mp.kind,
             "model_dir": str(d),
@@ -592,6 +662,7 @@ def run_evaluation(
         "tumour_region_margin_mm": margin_mm,
         "bootstrap_resamples": n_resamples,
         "seed": seed,
+        "warnings": warnings,
         "methods": {},
     }
     for label, predictor, info in methods:
@@ -714,9 +785,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{_or_model(report.get('num_inference_steps'))}; with no survival class: "
         f"{_or_model(report.get('unknown_class'))}",
         f"- mean [95 % bootstrap interval, {report['bootstrap_resamples']} resamples of the "
-        "patients]; n/a: undefined (e.g. no spread, one class only)",
+        "patients]; n/a: undefined (e.g. no spread, one class only); a mean without an "
+        "interval: none is defined (fewer than two patients or values)",
         f"- generated {report['generated_at']}",
     ]
+    lines += [f"- WARNING: {w}" for w in report.get("warnings") or []]
     first: dict[str, Any] = next(iter(methods.values()), {})
     left = first.get("summary", {}).get("patients_tumour_left")
     if left is not None:
@@ -779,13 +852,35 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics.json`` and ``metrics.md`` to ``out_dir``."""
+def report_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` made ready for :func:`write_report` (created when absent), or an
+    :class:`InputError` that says why it cannot be: checked before any patient is evaluated, so
+    that an evaluation is not lost at its end."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"report folder {out}: expected a folder, found a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"report folder {out}: cannot be created ({exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(
+            f"report folder {out}: expected a folder we may write to, found one we may not"
+        )
+    return out
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``metrics.md`` to ``out_dir``; an :class:`InputError` when the
+    folder cannot take them (see :func:`report_folder`), an :class:`InferenceError` when a
+    write fails."""
+    out = report_folder(out_dir)
     clean = _clean(report)
     js = out / "metrics.json"
-    js.write_text(json.dumps(clean, indent=2), encoding="utf-8")
     md = out / "metrics.md"
-    md.write_text(markdown_report(clean), encoding="utf-8")
+    try:
+        js.write_text(json.dumps(clean, indent=2), encoding="utf-8")
+        md.write_text(markdown_report(clean), encoding="utf-8")
+    except OSError as exc:
+        raise InferenceError(f"the report was not written to {out}: {exc}") from None
     return js, md

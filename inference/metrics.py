@@ -21,7 +21,8 @@ level of a score that tells the category from the rest no better than a coin; le
 
 :func:`spearman`: rank correlation (``nan`` when either side is constant).
 :func:`bootstrap_ci`: percentile confidence interval of any statistic of the patients, by
-resampling patients with replacement (seeded). :func:`mean_ci`: the mean of the finite values;
+resampling patients with replacement (seeded); none (``nan`` bounds) for fewer than two
+patients. :func:`mean_ci`: the mean of the finite values;
 a value that is not finite (``nan``: undefined, e.g. no tumour region; ``inf``: the PSNR of a
 prediction equal to the truth, whose error is 0) is left out of the mean and its interval, and
 counted in ``excluded`` (``n`` stays the number of patients), which the reports print.
@@ -228,12 +229,15 @@ def bootstrap_ci(
 ) -> Estimate:
     """``statistic(indices)`` on all ``n`` patients, and its percentile interval over
     ``n_resamples`` resamples of the patients with replacement (resamples where the statistic is
-    undefined are left out)."""
+    undefined are left out). One patient has no interval (``nan`` bounds): every resample is
+    that patient, and a zero-width interval would claim a certainty that is not there."""
     if n < 1:
         return Estimate(math.nan, math.nan, math.nan, 0)
     if not 0 < confidence < 1:
         raise InferenceError(f"confidence: expected in (0, 1), found {confidence}")
     value = float(statistic(np.arange(n)))
+    if n < 2:
+        return Estimate(value, math.nan, math.nan, n)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(n_resamples):
@@ -254,8 +258,9 @@ def mean_ci(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> Estimate:
-    """Mean of the finite values and its bootstrap interval; ``excluded`` counts the values
-    left out (``nan``, ``inf``: see the module docstring), ``n`` every value."""
+    """Mean of the finite values and its bootstrap interval (none with fewer than two finite
+    values); ``excluded`` counts the values left out (``nan``, ``inf``: see the module
+    docstring), ``n`` every value."""
     v = np.asarray(values, dtype=np.float64)
 
     def stat(idx: npt.NDArray[np.intp]) -> float:
@@ -264,7 +269,10 @@ def mean_ci(
         return float(x.mean()) if x.size else math.nan
 
     est = bootstrap_ci(stat, len(v), n_resamples=n_resamples, confidence=confidence, seed=seed)
-    return replace(est, excluded=int(v.size - np.isfinite(v).sum()))
+    finite = int(np.isfinite(v).sum())
+    if finite < 2:  # the mean of one value: no interval, as for one patient
+        est = replace(est, low=math.nan, high=math.nan)
+    return replace(est, excluded=int(v.size - finite))
 
 
 def finite_mean(values: Sequence[float] | Array) -> float:

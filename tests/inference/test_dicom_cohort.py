@@ -88,11 +88,19 @@ def test_a_dynamic_series_named_like_the_t1c_is_passed_over(
     shutil.copytree(pre, study)
     copy_series(sorted((pre / "003_t1c").glob("*.dcm")), study / "dyn", "t1_vibe_dyn_post_Gd",
                 40, ["ORIGINAL", "PRIMARY", "M", "ND"], repeats=2)  # fmt: skip
-    inputs, described = study_inputs_from_dicom(study)
-    plain, plain_described = study_inputs_from_dicom(pre)
-    assert described["t1c"] == plain_described["t1c"]
-    assert described["t1c"].startswith("t1_mprage_tra_p2_iso_post_Gd")
+    inputs, roles = study_inputs_from_dicom(study)
+    plain, plain_roles = study_inputs_from_dicom(pre)
+    assert roles.described["t1c"] == plain_roles.described["t1c"]
+    assert roles.described["t1c"].startswith("t1_mprage_tra_p2_iso_post_Gd")
     np.testing.assert_array_equal(inputs.t1c.array, plain.t1c.array)
+    # the series used is named by number and UID, and the notes say why the other was not
+    assert roles.as_json()["t1c"] == plain_roles.as_json()["t1c"]
+    assert plain_roles.notes == ()
+    assert any(n.startswith("series 3 't1_mprage") and "also matches t1c; series 40" in n
+               for n in roles.notes)  # fmt: skip
+    assert any(n.startswith("t1c: series 40 't1_vibe_dyn_post_Gd") and "cannot be used" in n
+               and f"UID {roles.series['t1c'][0].series_instance_uid}, is used" in n
+               for n in roles.notes)  # fmt: skip
 
 
 def test_a_follow_up_outlined_in_an_rt_structure_set(tiny_cohort: Cohort, tmp_path: Path) -> None:

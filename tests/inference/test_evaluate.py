@@ -439,3 +439,80 @@ def test_the_tumour_region_margin_is_counted_in_millimetres_on_each_axis() -> No
     assert np.array_equal(
         tumour_region(_region_truth(seed, (1.0, 1.0, 5.0)), head, 0.0), seed & head
     )
+
+
+def test_a_report_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    """A write that failed (a folder where metrics.json goes, a full disk) was a traceback."""
+    from dicom_node.errors import GlioforecastError, InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="expected a folder, found a file"):
+        write_report({"methods": {}}, tmp_path / "file")
+    (tmp_path / "ev" / "metrics.json").mkdir(parents=True)
+    with pytest.raises(GlioforecastError, match=f"the report was not written to {tmp_path}/ev"):
+        write_report({"methods": {}}, tmp_path / "ev")
+
+
+def test_no_spread_where_the_samples_cannot_differ(patients: list[EvaluationPatient]) -> None:
+    """ "no change" and a single sample showed a mean spread of 0.000 [0.000, 0.000]: a
+    standard deviation of zero by construction, not a measured one."""
+    from inference.evaluate import draws_samples
+
+    class Sampler(Oracle):
+        kind = "latent-diffusion"
+
+    for predictor, samples in ((NoChangeBaseline(), 4), (Sampler(patients), 1)):
+        results = evaluate_predictor(predictor, patients[:2], samples=samples)
+        assert all(math.isnan(r.spread) for r in results)
+        summary = summarise(results, n_resamples=20)
+        assert summary["spread_mean"]["value"] is None
+    assert draws_samples(Sampler(patients)) and not draws_samples(NoChangeBaseline())
+    sampled = evaluate_predictor(Sampler(patients), patients[:2], samples=2)
+    assert all(r.spread == 0.0 for r in sampled)  # measured: the oracle's samples agree
+
+
+def test_one_patient_has_no_interval(patients: list[EvaluationPatient]) -> None:
+    """With one patient every row showed a zero-width "95 % bootstrap interval"."""
+    results = evaluate_predictor(NoChangeBaseline(), patients[:1], samples=2)
+    summary = summarise(results, n_resamples=20)
+    for key in ("ssim_global", "dice", "response_accuracy", "spread_mean"):
+        assert (summary[key]["ci_low"], summary[key]["ci_high"]) == (None, None)
+    assert summary["ssim_global"]["value"] is not None
+    report = {"data": ["d"], "patients": 1, "sites": ["S"], "samples": 2, "survival_class": "none",
+              "tumour_region_margin_mm": 4.0, "bootstrap_resamples": 20, "generated_at": "now",
+              "methods": {"no-change": {"summary": summary}}}  # fmt: skip
+    text = markdown_report(report)
+    row = next(line for line in text.splitlines() if line.startswith("| SSIM global |"))
+    assert "[" not in row
+    assert "| Mean spread, tumour region (z) | n/a |" in text
+    assert "a mean without an interval: none is defined" in text
+    data = json.loads(json.dumps(summary))
+    assert data["spread_mean"] == {"value": None, "ci_low": None, "ci_high": None, "n": 1}
+
+
+def test_options_for_latent_models_only(tiny_cohort: Cohort) -> None:
+    """--guidance, --stage1-bounds and --survival-class truth gave nothing for a UNet baseline
+    and said nothing."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from dicom_node.errors import InputError
+    from inference.evaluate import latent_only_options
+
+    unet: Any = SimpleNamespace(kind="unet-baseline", name="u", version="1")
+    ldm: Any = SimpleNamespace(kind="latent-diffusion", name="l", version="1")
+    with pytest.raises(InputError, match=r"--guidance: for latent diffusion models only .*found u"):
+        latent_only_options([unet], guidance=True)
+    with pytest.raises(InputError, match=r"--survival-class truth: .*only 'no change'"):
+        latent_only_options([], survival_class="truth")
+    assert latent_only_options([unet]) == [] and latent_only_options([ldm], guidance=True) == []
+    (warning,) = latent_only_options([ldm, unet], stage1_bounds=True)
+    assert warning.startswith("--stage1-bounds applies to the latent diffusion models only")
+    assert warning.endswith("not to u 1 (unet-baseline)")
+    empty = {k: {"value": None} for k in ("sensitivity", "specificity", "auc")}
+    summary = {"response_per_category": {c: {**empty, "truth_count": 0}
+                                         for c in RESPONSE_CATEGORIES}}  # fmt: skip
+    report = {"data": ["d"], "patients": 0, "sites": [], "samples": 1, "survival_class": "none",
+              "tumour_region_margin_mm": 4.0, "bootstrap_resamples": 5, "generated_at": "now",
+              "warnings": [warning], "methods": {"m": {"summary": summary}}}  # fmt: skip
+    assert f"- WARNING: {warning}" in markdown_report(report)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,143 @@ def test_evaluate_takes_the_bundled_model_by_name(
     bundled = read_model_yaml(demo_model_dir())[0]
     assert (entry["name"], entry["version"]) == (bundled.name, bundled.version)
     assert entry["model_dir"] == str(demo_model_dir())
+
+
+def test_evaluate_checks_its_report_folder_before_any_patient(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """--out was checked when the report was written, after every patient, and a file there
+    lost the evaluation with a traceback."""
+    import inference.evaluate
+
+    def evaluated(*args: object, **kwargs: object) -> None:
+        raise AssertionError("patients evaluated before --out was checked")
+
+    monkeypatch.setattr(inference.evaluate, "run_evaluation", evaluated)
+    (tmp_path / "a-file").write_text("x")
+    argv = ["evaluate", "--data", str(tiny_cohort[0]), "--samples", "1", "--limit", "1"]
+    assert run([*argv, "--no-progress", "--out", str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert f"report folder {tmp_path / 'a-file'}: expected a folder, found a file" in err
+
+
+def test_predict_on_a_nifti_folder_without_its_layout_says_what_it_expected(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A NIfTI folder without pre_t1c.nii.gz was read as a DICOM study ("expected DICOM files,
+    found none"), and so was an empty folder."""
+    import gzip
+
+    nifti = tiny_cohort[0] / tiny_cohort[1][0].patient_id / "nifti"
+    gtv_only = tmp_path / "gtv-only"
+    gtv_only.mkdir()
+    shutil.copy(nifti / "gtv.nii.gz", gtv_only)
+    assert run(["predict", str(gtv_only), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"NIfTI study {gtv_only}: expected pre_t1c.nii.gz and gtv.nii.gz (optional: " in err
+    assert "found gtv.nii.gz" in err and "DICOM" not in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("pre_t1c", "gtv"):
+        (plain / f"{name}.nii").write_bytes(
+            gzip.decompress((nifti / f"{name}.nii.gz").read_bytes())
+        )
+    assert run(["predict", str(plain), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "found gtv.nii, pre_t1c.nii; pre_t1c.nii, gtv.nii: expected gzip-compressed" in err
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert run(["predict", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"INPUT {empty}: the folder is empty" in err
+    assert "pre_t1c.nii.gz and gtv.nii.gz" in err and "or a DICOM study" in err
+    assert not (tmp_path / "o").exists()
+    # the command's error is said once on stderr (a log line said it a second time)
+    done = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "predict", str(empty), "--out",
+         str(tmp_path / "o")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.count("the folder is empty") == 1, done.stderr
+
+
+def test_predict_says_which_series_it_chose_when_two_match_a_role(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Of two T1-Gd series one was used silently; the summary named descriptions only."""
+    from tests.factories import copy_series
+
+    study = tmp_path / "study"
+    shutil.copytree(dicom_study_dir(tiny_cohort[0], tiny_cohort[1][0].patient_id), study)
+    t1c = next(d for d in sorted(study.iterdir()) if d.name.endswith("t1c"))
+    copy_series(sorted(t1c.glob("*.dcm")), study / "repeat", "T1 POST GD repeat", 60,
+                ["ORIGINAL", "PRIMARY", "M", "ND"])  # fmt: skip
+    out = tmp_path / "o"
+    assert run(["predict", str(study), "--model", "none", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "also matches t1c; series 60 (the latest) is used" in err
+    summary = json.loads((out / "summary.json").read_text())
+    (used,) = summary["role_series"]["t1c"]
+    assert used["series_number"] == 60 and used["description"].startswith("T1 POST GD repeat")
+    uid = pydicom_uid(next((study / "repeat").iterdir()))
+    assert used["series_instance_uid"] == uid
+    assert any("also matches t1c; series 60" in n for n in summary["role_notes"])
+    assert {"t1c", "rtstruct"} <= set(summary["role_series"])
+
+
+def pydicom_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_options_the_model_cannot_use_are_refused(
+    tiny_cohort: Cohort, tiny_baseline_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The UNet baseline took --survival-class and ignored it; evaluate took --guidance,
+    --stage1-bounds and --survival-class truth with no latent diffusion model and said
+    nothing."""
+    nifti = tiny_cohort[0] / tiny_cohort[1][0].patient_id / "nifti"
+    out = tmp_path / "o"
+    assert run(["predict", str(nifti), "--model", str(tiny_baseline_dir), "--survival-class",
+                "short", "--out", str(out)]) == 2  # fmt: skip
+    assert "--survival-class short: the unet-baseline model" in capsys.readouterr().err
+    assert not out.exists()
+    argv = ["evaluate", "--data", str(tiny_cohort[0]), "--model", str(tiny_baseline_dir)]
+    argv += ["--samples", "1", "--limit", "1", "--no-progress", "--out", str(tmp_path / "ev")]
+    for option in (["--guidance"], ["--stage1-bounds"], ["--survival-class", "truth"]):
+        assert run([*argv, *option]) == 2
+        err = capsys.readouterr().err
+        assert f"{' '.join(option)}: for latent diffusion models only" in err
+        assert "found glioforecast-unet-tiny" in err or "(unet-baseline)" in err
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_predict_does_not_write_over_a_folder_that_holds_files(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's mean.nii.gz in --out was replaced without a word."""
+    nifti = tiny_cohort[0] / tiny_cohort[1][0].patient_id / "nifti"
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "mean.nii.gz").write_bytes(b"the user's")
+    assert run(["predict", str(nifti), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: expected an empty or new folder, found mean.nii.gz" in err
+    assert "--overwrite" in err
+    assert (out / "mean.nii.gz").read_bytes() == b"the user's"
+    assert run(["predict", str(nifti), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "summary.json").is_file() and read_volume(out / "mean.nii.gz").shape
+    # a previous prediction's folder is replaced only when asked
+    before = (out / "summary.json").read_text()
+    assert run(["predict", str(nifti), "--out", str(out), "--samples", "2"]) == 2
+    assert "found a previous prediction (summary.json); give --overwrite" in (
+        capsys.readouterr().err
+    )
+    assert (out / "summary.json").read_text() == before
+    assert run(["predict", str(nifti), "--out", str(out), "--samples", "2", "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["samples"] == 2
+    # an empty folder is a new one
+    (tmp_path / "empty").mkdir()
+    assert run(["predict", str(nifti), "--out", str(tmp_path / "empty")]) == 0

@@ -174,3 +174,14 @@ def test_values_that_are_not_finite_are_left_out_and_counted() -> None:
     text = markdown_report(report)
     assert "| PSNR global (dB) | 25.00 [" in text and "] (2 of 4 left out) |" in text
     assert "(k of n left out): k patients' values are not finite" in text
+
+
+def test_one_value_has_no_interval() -> None:
+    """One patient (or one finite value) gave a zero-width interval."""
+    one = M.bootstrap_ci(lambda i: 3.0, 1, n_resamples=20)
+    assert one.value == 3.0 and math.isnan(one.low) and math.isnan(one.high)
+    assert one.as_dict() == {"value": 3.0, "ci_low": None, "ci_high": None, "n": 1}
+    left = M.mean_ci([math.nan, 3.0], n_resamples=20)
+    assert (left.value, left.excluded) == (3.0, 1) and math.isnan(left.low)
+    two = M.mean_ci([1.0, 3.0], n_resamples=50)
+    assert two.low < two.high
