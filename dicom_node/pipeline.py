@@ -22,7 +22,7 @@ from dicom_node.convert.dose_choice import choose_course_dose
 from dicom_node.convert.geometry import resample, same_grid
 from dicom_node.convert.rtdose import dose_on_grid
 from dicom_node.convert.rtstruct import choose_structure_set, load_placed_rtstruct_mask
-from dicom_node.convert.series import load_series
+from dicom_node.convert.series import load_series, refuse_blank
 from dicom_node.convert.spatial_registration import (
     SPATIAL_REGISTRATION_SOP_CLASS,
     FrameRegistration,
@@ -246,6 +246,20 @@ def course_dose_on_grid(
     return t1c.with_array(np.sum([d.array for d in doses], axis=0, dtype=np.float32))
 
 
+def _with_contrast(
+    role: str, load: Callable[[Sequence[Path]], Volume]
+) -> Callable[[Sequence[Path]], Volume]:
+    """``load``, refusing a blank image (one value throughout: a failed export, a placeholder
+    series) as it refuses one it cannot convert, so that the next series of the role is tried."""
+
+    def loaded(paths: Sequence[Path]) -> Volume:
+        volume = load(paths)
+        refuse_blank(volume, role, "the series")
+        return volume
+
+    return loaded
+
+
 def _on_grid_of(t1c: Volume, role: str) -> Callable[[Sequence[Path]], Volume]:
     """A loader of a ``role`` series onto the T1-Gd's grid."""
     return lambda paths: on_grid(load_series(paths), t1c, role)
@@ -314,7 +328,9 @@ def assemble_inputs(
         )
 
     hook = on_fallback or told
-    t1c = _first_usable("t1c", files["t1c"], others.get("t1c", ()), load_series, hook)
+    t1c = _first_usable(
+        "t1c", files["t1c"], others.get("t1c", ()), _with_contrast("t1c", load_series), hook
+    )
     regs = load_registrations(registrations) if registrations else []
     mask, planning = load_placed_rtstruct_mask(
         files["rtstruct"][0], t1c, roi_pattern, registrations=regs, combine=roi_union
@@ -325,8 +341,9 @@ def assemble_inputs(
             continue
         try:
             optional[role] = _first_usable(
-                role, files[role], others.get(role, ()), _on_grid_of(t1c, role), hook
-            )
+                role, files[role], others.get(role, ()),
+                _with_contrast(role, _on_grid_of(t1c, role)), hook,
+            )  # fmt: skip
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
     dose = course_dose_on_grid(files["rtdose"], t1c, regs, mask) if "rtdose" in files else None

@@ -62,6 +62,7 @@ from dicom_node.convert.preprocess import (
     plan_model_grid,
     to_model_space,
 )
+from dicom_node.convert.series import refuse_blank
 from dicom_node.errors import InputError
 from dicom_node.types import RESPONSE_CATEGORIES, StudyInputs, Volume
 from inference.model_config import PreprocessingConfig
@@ -309,17 +310,6 @@ def check_on_grid(volume: Volume, path: Path, t1c: Volume) -> None:
 #: the images that must not be blank (one value throughout) and how errors name them; masks
 #: are binary by design and an all-zero dose map is a plausible "no dose": neither is checked
 CONTRAST_ROLES = {"t1c": "T1-Gd", "flair": "FLAIR"}
-
-
-def refuse_blank(volume: Volume, name: str, where: str | Path) -> None:
-    """Refuse an image of one value throughout (a blank series: a failed export, a
-    placeholder), which would be normalised to nothing and predicted from all the same."""
-    a = np.asarray(volume.array)
-    if a.size and a.min() == a.max():
-        raise InputError(
-            f"{where}: expected an image with contrast, found a blank {name} (every voxel "
-            f"{a.flat[0]:g})"
-        )
 
 
 def check_not_blank(inputs: StudyInputs, where: str) -> None:

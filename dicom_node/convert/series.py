@@ -28,7 +28,7 @@ from dicom_node.convert._dataset import (
 )
 from dicom_node.convert.enhanced import FrameInfo, classic_frame, enhanced_frames, number_of_frames
 from dicom_node.convert.geometry import check_stack, orientation_axes, same_orientation
-from dicom_node.errors import ConversionError
+from dicom_node.errors import ConversionError, InputError
 from dicom_node.types import Volume
 
 log = logging.getLogger(__name__)
@@ -349,3 +349,14 @@ def load_series(sources: Sequence[Source], *, min_slices: int = 1) -> Volume:
         out.dtype,
     )
     return volume
+
+
+def refuse_blank(volume: Volume, name: str, where: object) -> None:
+    """Refuse an image of one value throughout (a blank series: a failed export, a
+    placeholder), which would be normalised to nothing and predicted from all the same."""
+    a = np.asarray(volume.array)
+    if a.size and a.min() == a.max():
+        raise InputError(
+            f"{where}: expected an image with contrast, found a blank {name} (every voxel "
+            f"{a.flat[0]:g})"
+        )

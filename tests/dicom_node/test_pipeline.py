@@ -1042,3 +1042,45 @@ def test_a_multifocal_tumour_with_roi_union(run_node, patient, tmp_path) -> None
     assert union.state == DONE, union.reason
     now = float(union.reason.split("(now ")[1].split(" ml")[0])
     assert 1.6 * truth["gtv_ml"] < now < 2.2 * truth["gtv_ml"], (now, truth["gtv_ml"])
+
+
+def _blank_copy(files: list[Path], out: Path, description: str, number: int) -> list[Path]:
+    """``files`` as another series whose every pixel is 0 (a failed export, a placeholder)."""
+    blank = copy_series(files, out, description, number, ["ORIGINAL", "PRIMARY", "M", "ND"])
+    for path in blank:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = bytes(len(ds.PixelData))
+        ds.save_as(path, enforce_file_format=True)
+    return blank
+
+
+def test_a_blank_series_is_passed_over_like_one_that_cannot_be_converted(  # type: ignore[no-untyped-def]
+    patient, tmp_path
+) -> None:
+    """A T1-Gd series of one value throughout used to be predicted from (the 'no change'
+    baseline wrote it back as the prediction): it is refused as a series that cannot be
+    converted is, so the next series of the role is used; a blank FLAIR is left out."""
+    from dicom_node.errors import InputError
+    from dicom_node.pipeline import SeriesFiles, assemble_inputs
+
+    pre, _ = patient
+    t1c = sorted((pre / "003_t1c").glob("*.dcm"))
+    rtstruct = sorted((pre / "RTSTRUCT").glob("*.dcm"))
+    blank = _blank_copy(t1c, tmp_path / "blank", "t1_mprage_post_Gd", 8)
+    files = {"t1c": blank, "rtstruct": rtstruct}
+    with pytest.raises(InputError, match=r"expected an image with contrast, found a blank t1c"):
+        assemble_inputs(files, "(?i)^gtv", pytest.fail)
+    told: list[tuple[str, str, str]] = []
+    good = SeriesFiles("2.25.3", "series 3 'T1 MPRAGE +C'", tuple(t1c))
+    inputs = assemble_inputs(
+        files, "(?i)^gtv", pytest.fail, fallbacks={"t1c": [good]},
+        on_fallback=lambda role, used, why, _: told.append((role, used.label, why)),
+    )  # fmt: skip
+    assert told == [("t1c", good.label, told[0][2])] and "found a blank t1c" in told[0][2]
+    assert float(np.ptp(inputs.t1c.array)) > 0
+    flair = _blank_copy(sorted((pre / "005_flair").glob("*.dcm")), tmp_path / "f", "FLAIR", 9)
+    warned: list[str] = []
+    inputs = assemble_inputs({**files, "t1c": t1c, "flair": flair}, "(?i)^gtv", warned.append)
+    assert inputs.flair is None
+    assert [w for w in warned if w.startswith("flair not used: ")], warned
+    assert "found a blank flair" in warned[0]
