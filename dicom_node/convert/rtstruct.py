@@ -36,6 +36,7 @@ from dicom_node.convert._dataset import (
     get_int,
     get_items,
     get_str,
+    get_value,
     read_dataset,
     source_name,
 )
@@ -97,10 +98,20 @@ def _read(source: Source | Dataset, index: int = 0) -> tuple[Dataset, str]:
 def _structure_set_name(ds: Dataset, file_name: str) -> str:
     """How a structure set is named in reasons and logs: by its label and series, which a
     person can find in the PACS (the spool's file name is its SOP Instance UID)."""
-    label = str(ds.get("StructureSetLabel", "") or "").strip()
-    number = ds.get("SeriesNumber", None)
+    # a value that cannot be read names nothing, and does not refuse the structure set: found
+    # by the byte-level fuzz test (a label whose VR bytes were garbled raised pydicom's
+    # NotImplementedError here, which no caller took for a conversion error)
+    label, number = (_readable(ds, k, file_name) for k in ("StructureSetLabel", "SeriesNumber"))
     named = f"RT structure set {label!r}" if label else "RT structure set"
-    return f"{named} (series {number})" if number not in (None, "") else f"{named} ({file_name})"
+    return f"{named} (series {number})" if number else f"{named} ({file_name})"
+
+
+def _readable(ds: Dataset, keyword: str, name: str) -> str:
+    """``keyword``'s value as text, '' when absent or unreadable."""
+    try:
+        return str(get_value(ds, keyword, name) or "").strip()
+    except ConversionError:
+        return ""
 
 
 def _rois(ds: Dataset, name: str) -> dict[int, RoiInfo]:

@@ -494,3 +494,23 @@ def test_a_set_whose_gtv_cannot_be_placed_gives_way(tmp_path: Path) -> None:
     elsewhere = saved("plan_ct_v1", ct_frame, "20261104090000")
     choice = choose_structure_set([elsewhere, on_ct], DEFAULT_ROI_PATTERN, placeable)
     assert choice.path == on_ct and "not the latest" in choice.note
+
+
+def test_a_label_that_cannot_be_read_names_nothing_and_refuses_nothing() -> None:
+    """A structure set whose label has garbled VR bytes (found by the byte-level fuzz test):
+    naming it raised pydicom's NotImplementedError, which callers did not take for a
+    conversion error. The structure set is read and named by its series."""
+    import io
+
+    grid = _grid(frame_uid="1.2.3.4")
+    ds = synth.rtstruct("9.8.7", {"GTV": [_to_world(grid, 1, circle(50, 50, 10))]})
+    ds.StructureSetLabel, ds.SeriesNumber = "PLAN", 7
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    label = b"\x06\x30\x02\x00SH"  # (3006,0002) StructureSetLabel, explicit VR little endian
+    assert data.count(label) == 1
+    damaged = io.BytesIO(data.replace(label, b"\x06\x30\x02\x00RH"))
+    assert [r.name for r in list_rois(damaged)] == ["GTV"]
+    with pytest.raises(ConversionError, match=r"^RT structure set \(series 7\): .*9\.8\.7"):
+        load_rtstruct_mask(damaged, grid)  # (on another frame: a refusal that names it)
