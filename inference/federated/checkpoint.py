@@ -144,21 +144,17 @@ def load(run: RunConfig, identity: Mapping[str, Any]) -> Resumed:
     """The checkpoint at ``run``'s ``out``, refused (naming what differs) when it is another
     run's or when ``run`` asks for fewer rounds than it has done."""
     from inference.model_dir import load_weights_file
-    from inference.train.loops import _difference
+    from inference.train.loops import refuse_other_run
 
     where = checkpoint_dir(run)
     path = where / STATE_JSON
     if not path.is_file():
         raise none_to_resume(run)
     state = _read_state(path)
-    found = state.get("identity", {})
-    differ = [k for k, v in identity.items() if found.get(k) != v]
-    if differ:
-        details = "; ".join(_difference(k, found.get(k), identity[k]) for k in differ)
-        raise InferenceError(
-            f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
-            "resume with the interrupted run's settings, or start again with --overwrite"
-        )
+    refuse_other_run(
+        where, state.get("identity", {}), identity,
+        "resume with the interrupted run's settings, or start again with --overwrite",
+    )  # fmt: skip
     done = int(state["round"])
     if run.num_server_rounds < done:
         raise InferenceError(

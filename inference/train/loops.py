@@ -40,7 +40,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,19 +432,27 @@ def _check_resume(
     checkpoint's configuration takes (as in ``model.yaml``)."""
     if isinstance(state.get("config"), dict):
         state = {**state, "config": _with_defaults(state["config"], defaults)}
-    differ = [k for k, v in expected.items() if state.get(k) != v]
-    if differ:
-        details = "; ".join(_difference(k, state.get(k), expected[k]) for k in differ)
-        raise InferenceError(
-            f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
-            "start a new output directory instead"
-        )
+    refuse_other_run(where, state, expected, "start a new output directory instead")
     done = state.get("epoch")
     if isinstance(done, int) and done > epochs:
         raise InferenceError(
             f"cannot resume from {where}: expected --epochs of at least {done} (the epochs the "
             f"checkpoint has done), found {epochs}; --epochs is the total a resumed run trains "
             "to, not the epochs it adds"
+        )
+
+
+def refuse_other_run(
+    where: Path, found: Mapping[str, Any], expected: Mapping[str, Any], advice: str
+) -> None:
+    """Refuse to resume from the checkpoint at ``where`` when what it ``found`` (its run's
+    settings) differs from what this run ``expected``, naming each difference."""
+    differ = [k for k, v in expected.items() if found.get(k) != v]
+    if differ:
+        details = "; ".join(_difference(k, found.get(k), expected[k]) for k in differ)
+        raise InferenceError(
+            f"cannot resume from {where}: expected the same {', '.join(differ)} ({details}); "
+            f"{advice}"
         )
 
 
