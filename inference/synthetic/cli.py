@@ -66,6 +66,8 @@ def seed_int(text: str) -> int:
 
 #: cohort seeds ``synth`` accepts: the patient IDs ``GFsssss-nnnn`` carry five digits of it
 MAX_COHORT_SEED = 99_999
+#: the coarsest grid whose tumours keep an enhancing rim and a PTV margin of a voxel or more
+COARSEST_USEFUL_MM = 6.0
 
 
 def cohort_seed_int(text: str) -> int:
@@ -160,6 +162,31 @@ def run(args: argparse.Namespace) -> int:
             f"{'a file' if not out.is_dir() else 'one holding files'}\n"
         )
         return 2
+    asked = {
+        "--follow-up-moved": args.follow_up_moved,
+        "--rt-planning-frame": args.rt_planning_frame,
+    }
+    dicom_only = [flag for flag, on in asked.items() if on]
+    if dicom_only and "dicom" not in args.formats:
+        # they shape the DICOM studies only: asked for without them, they did nothing, silently
+        sys.stderr.write(
+            f"error: {' and '.join(dicom_only)}: expected --format with dicom (they shape the "
+            f"DICOM studies), found --format {','.join(args.formats) or 'none'}\n"
+        )
+        return 2
+    if args.spacing > COARSEST_USEFUL_MM:
+        sys.stderr.write(
+            f"warning: --spacing {args.spacing:g} mm is coarser than the tumour's structure "
+            f"(necrotic rim 3-6 mm, PTV margin 3 mm): most tumours come out all necrosis and the "
+            f"response categories mean little; use {COARSEST_USEFUL_MM:g} mm or finer for "
+            "anything but tests\n"
+        )
+    if args.sites > args.patients:
+        sys.stderr.write(
+            f"warning: --sites {args.sites} with --patients {args.patients}: "
+            f"{args.sites - args.patients} site(s) will have no patient (patients go to the "
+            "sites in turn)\n"
+        )
     started = time.perf_counter()
     try:
         records = generate_cohort(
@@ -178,7 +205,6 @@ def run(args: argparse.Namespace) -> int:
             rt_planning_frame=args.rt_planning_frame,
         )
     except (GlioforecastError, OSError) as exc:  # OSError: a full disk, a folder not writable
-        logger.error("synth failed: %s", exc)
         sys.stderr.write(f"error: {exc}\n")
         return 2
     logger.info(

@@ -100,6 +100,13 @@ def patient_id(seed: int, index: int) -> str:
     return f"GF{seed % 100000:05d}-{index + 1:04d}"
 
 
+def _dicom_age(birth: datetime.date, when: datetime.datetime) -> str:
+    """PatientAge (AS) on ``when`` of a patient born on ``birth``: whole years, ``nnnY``."""
+    day = when.date()
+    years = day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+    return f"{years:03d}Y"
+
+
 def _smooth(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.float32]:
     """Partial-volume edge of a label (Gaussian of half a voxel)."""
     return ndimage.gaussian_filter(mask.astype(np.float32), 0.5)
@@ -531,7 +538,9 @@ def _write_dicom(
     if motion is not None:
         phase_for["post"] = dx.derived_uid(seed, index, "frame-of-reference", "follow-up")
         phase_grid["post"] = motion.place(acq)
-    age = f"{cov.age:03d}Y"
+    # PatientAge at each study, from the dates (the follow-up's used to be the pre-treatment
+    # age, which disagreed with its birth and study dates about half the time)
+    ages = {"pre": _dicom_age(birth, pre_time), "post": _dicom_age(birth, post_time)}
     studies = {}
     for phase, when in (("pre", pre_time), ("post", post_time)):
         studies[phase] = PatientStudy(
@@ -543,7 +552,9 @@ def _write_dicom(
             study_date=when.strftime("%Y%m%d"),
             study_time=when.strftime("%H%M%S"),
             study_id="1" if phase == "pre" else "2",
-            accession_number=f"A{seed % 1000:03d}{index:05d}{1 if phase == 'pre' else 2}",
+            # the whole seed (as in the patient ID): with its last three digits only, cohorts
+            # whose seeds differ by 1000 gave different studies the same accession number
+            accession_number=f"A{seed % 100000:05d}{index:05d}{1 if phase == 'pre' else 2}",
             referring_physician_name=referring,
             extra={"StudyDescription": site.study_description},
         )
@@ -566,7 +577,7 @@ def _write_dicom(
                 site,
                 info,
                 phase_for[phase],
-                age,
+                ages[phase],
             )
     ref = refs[("pre", "t1c")]
     grid = Volume(

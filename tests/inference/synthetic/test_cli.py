@@ -182,3 +182,28 @@ def test_module_runs_with_a_progress_bar(tmp_path: Path) -> None:
     assert "synth" in run.stderr and "1/1" in run.stderr  # tqdm's bar
     assert len(read_table(out / "cohort.csv")) == 1
     assert len(list(out.rglob("*.nii.gz"))) == 8 + 2 + 3 + 1 + 2
+
+
+def test_options_that_would_do_nothing_are_refused_and_coarse_grids_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--follow-up-moved and --rt-planning-frame shape the DICOM studies: without DICOM they
+    were ignored without a word. A grid above 6 mm loses the tumour's enhancing rim; more sites
+    than patients leaves sites empty."""
+    base = ["synth", "--patients", "1", "--sites", "2", "--out", str(tmp_path / "c"),
+            "--no-progress"]  # fmt: skip
+    args = _parser().parse_args(
+        [*base, "--format", "nifti", "--follow-up-moved", "--rt-planning-frame"]
+    )
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--follow-up-moved and --rt-planning-frame: expected --format with dicom (they shape the "
+        "DICOM studies), found --format nifti"
+    ) in err
+    assert not (tmp_path / "c").exists()
+    args = _parser().parse_args([*base, "--format", "none", "--spacing", "8"])
+    assert args.func(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: --spacing 8 mm is coarser than the tumour's structure" in err
+    assert "warning: --sites 2 with --patients 1: 1 site(s) will have no patient" in err

@@ -167,6 +167,27 @@ def test_headers_are_realistic_and_unicode(small_cohort: Cohort) -> None:
     )
 
 
+def test_each_study_has_the_age_and_an_accession_number_of_its_own(small_cohort: Cohort) -> None:
+    """PatientAge follows the birth and study dates in both studies (the follow-up carried the
+    pre-treatment age), and the accession number holds the whole cohort seed (with its last
+    three digits only, cohorts whose seeds differ by 1000 shared accession numbers)."""
+    import datetime
+
+    out, records = small_cohort
+    accessions = set()
+    for record in records:
+        for phase in ("pre", "post"):
+            folder = _series_dirs(out / record.patient_id, phase)["t1c"]
+            ds = pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
+            birth = datetime.datetime.strptime(ds.PatientBirthDate, "%Y%m%d").date()
+            day = datetime.datetime.strptime(ds.StudyDate, "%Y%m%d").date()
+            years = day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
+            assert ds.PatientAge == f"{years:03d}Y", (record.patient_id, phase)
+            assert str(ds.AccessionNumber).startswith(f"A{SEED % 100000:05d}")
+            accessions.add(str(ds.AccessionNumber))
+    assert len(accessions) == 2 * len(records)
+
+
 def test_non_ascii_names_occur(small_cohort: Cohort) -> None:
     from inference.synthetic.cohort import FAMILY_NAMES, GIVEN_F, GIVEN_M
 
