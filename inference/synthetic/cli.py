@@ -204,6 +204,12 @@ def run(args: argparse.Namespace) -> int:
             follow_up_moved=args.follow_up_moved,
             rt_planning_frame=args.rt_planning_frame,
         )
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"interrupted: {out} holds an incomplete cohort (the patients written so far, no "
+            "cohort.csv): remove it and run the command again\n"
+        )
+        return 130
     except (GlioforecastError, OSError) as exc:  # OSError: a full disk, a folder not writable
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -207,3 +207,26 @@ def test_options_that_would_do_nothing_are_refused_and_coarse_grids_warned(
     err = capsys.readouterr().err
     assert "warning: --spacing 8 mm is coarser than the tumour's structure" in err
     assert "warning: --sites 2 with --patients 1: 1 site(s) will have no patient" in err
+
+
+def test_an_interrupted_run_says_its_folder_is_incomplete(tmp_path: Path) -> None:
+    """Ctrl-C used to exit 130 without a word, leaving patients and no cohort.csv."""
+    import signal
+    import time
+
+    out = tmp_path / "c"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "synth", "--patients", "40", "--out", str(out),
+         "--spacing", "6", "--format", "nifti", "--jobs", "1", "--no-progress"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and any(out.glob("GF*"))):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"interrupted: {out} holds an incomplete cohort" in err
+    assert not (out / "cohort.csv").exists()
