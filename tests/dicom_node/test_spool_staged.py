@@ -28,12 +28,12 @@ def test_commit_waits_for_the_sync_and_syncs_the_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    real_fdatasync, real_fsync_dir = os.fdatasync, spool_module._fsync_dir
+    real_fdatasync, real_fsync_dir = os.fdatasync, spool_module.fsync_path
     monkeypatch.setattr(
         spool_module.os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))
     )
     monkeypatch.setattr(
-        spool_module, "_fsync_dir", lambda p: (calls.append(f"fsync {p.name}"), real_fsync_dir(p))
+        spool_module, "fsync_path", lambda p: (calls.append(f"fsync {p.name}"), real_fsync_dir(p))
     )
     real_rename = os.rename
     monkeypatch.setattr(
