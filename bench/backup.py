@@ -1,12 +1,12 @@
 """How long `glioforecast backup` takes, on a data folder a running node filled itself.
 
-    python -m bench.backup [--patients N] [--spacing MM] [--repeat R]
+    python -m bench.backup [--patients N] [--spacing MM] [--repeat R] [--no-write]
 
 A node (in this process, no destination, a quiet period of an hour so that no job runs)
 receives N synthetic patients by dcmtk ``storescu``; while it runs, its data folder is backed
 up R times with and R times without the spool (``--without-spool``), each into a new folder on
-the same disk. Writes the ``backup`` section of docs/BENCHMARKS.md: instances, MiB, seconds
-(median, min, max).
+the same disk. Writes the ``backup`` section of docs/BENCHMARKS.md (not with ``--no-write``):
+instances, MiB, seconds (median, min, max).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.cli import count, exit_with
 from bench.report import update_section
 from dicom_node.backup import backup
 from dicom_node.service import Node
@@ -61,9 +62,10 @@ def _filled_node(root: Path, patients: int, spacing: float) -> tuple[Node, threa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--patients", type=int, default=4)
+    ap.add_argument("--patients", type=count, default=4)
     ap.add_argument("--spacing", type=float, default=2.0, help="synthetic grid, mm")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=count, default=3)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-backup-") as tmp:
@@ -102,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             *rows,
         ]
     )
-    update_section("backup", body, command)
+    if not args.no_write:
+        update_section("backup", body, command)
     print(body)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

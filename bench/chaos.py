@@ -1,16 +1,18 @@
 """Reliability under SIGKILL: the node is killed at random moments while it receives, predicts
 and sends, then restarted, until every study has its results in the PACS.
 
-    python -m bench.chaos [--studies N] [--kills K] [--seed S]
+    python -m bench.chaos [--kills K] [--seed S] [--keep] [--no-write]
 
-A local Orthanc holds the source studies, as a hospital PACS would. Each round starts
-``glioforecast serve``, sends it a new study and the previous round's again (a sender retries
-what failed) with dcmtk ``storescu``, and kills the node with SIGKILL after a random delay, so
-kills land while it receives, waits for the quiet period, predicts or sends; after the last kill
-the node runs until all jobs are done and every result is acknowledged. The check, in
-Orthanc: each study holds exactly one complete result set (five output series with the
-expected instance counts) and nothing twice. Writes the ``reliability under SIGKILL``
-section of docs/BENCHMARKS.md.
+K synthetic studies, K kills. A local Orthanc holds the source studies, as a hospital PACS
+would. Each round starts ``glioforecast serve``, sends it every study again with dcmtk
+``storescu`` (as a sender retries what failed), and kills the node with SIGKILL after a random
+delay (``DELAY_S``), so kills land while it receives, waits for the quiet period, predicts or
+sends; after the last kill the node is started once more, sent every study again, and runs
+until all jobs are done and every result is acknowledged. The check, in Orthanc: each study
+holds exactly one complete result set (five output series with the expected instance counts)
+and nothing twice. Writes the ``reliability under SIGKILL`` section of docs/BENCHMARKS.md
+(not with ``--no-write``). The temp folder (studies, node data, Orthanc) is removed at the end,
+on failure and on Ctrl-C or SIGTERM too, unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from pathlib import Path
 import pydicom
 import yaml
 
+from bench.cli import count, exit_with
 from bench.report import update_section
 from dicom_node.jobs import DONE, FAILED, SUPERSEDED, JobStore
 from dicom_node.local_pacs import OrthancServer
@@ -40,6 +44,8 @@ from inference.synthetic.cohort import generate_patient
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 OUTPUT_KINDS = ("T1-Gd SC", "UNCERTAINTY SC", "SEG", "RTSTRUCT", "SR")
+#: the range of the random delay, in seconds, from a node's start (listening) to its SIGKILL
+DELAY_S = (0.5, 25.0)
 
 
 def _storescu(port: int, aec: str, files: list[str]) -> subprocess.Popen[bytes]:
@@ -84,12 +90,25 @@ def _phase(data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--kills", type=int, default=20, help="also the number of studies")
+    parser.add_argument("--kills", type=count, default=20, help="also the number of studies")
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temp folder (node data, Orthanc) to inspect"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
+    try:
+        return _chaos(args, root, argv)
+    finally:
+        if args.keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _chaos(args: argparse.Namespace, root: Path, argv: list[str] | None) -> int:
+    rng = random.Random(args.seed)
     studies: dict[str, list[str]] = {}
     for i in range(args.kills):
         generate_patient(i, args.seed, root / "synthetic", spacing_mm=4.0, formats=("dicom",))
@@ -123,14 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             node = subprocess.Popen(
                 cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
-            while not _listening(port):
-                time.sleep(0.1)
-            sender = _storescu(port, "GLIOFORECAST", every_file)
-            time.sleep(rng.uniform(0.5, 25.0))
-            phases.append(_phase(data))
-            node.send_signal(signal.SIGKILL)
-            node.wait(timeout=30)
-            sender.wait(timeout=300)
+            sender = None
+            try:
+                while not _listening(port):
+                    time.sleep(0.1)
+                sender = _storescu(port, "GLIOFORECAST", every_file)
+                time.sleep(rng.uniform(*DELAY_S))
+                phases.append(_phase(data))
+            finally:  # the kill of the round, or of an interrupted one
+                node.send_signal(signal.SIGKILL)
+                node.wait(timeout=30)
+                if sender is not None:
+                    sender.wait(timeout=300)
         node = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             while not _listening(port):
@@ -152,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = complete == len(studies) and extra == 0
     body = (
         f"{len(studies)} synthetic studies (4 mm, {len(every_file)} instances), "
-        f"{args.kills} SIGKILLs of `glioforecast serve` after random delays of 0.5-16 s; each "
-        f"round restarts it and sends a new study plus the previous round's again with "
-        f"`storescu` (as a sender retries), the last restart re-sends everything; "
+        f"{args.kills} SIGKILLs of `glioforecast serve` after random delays of "
+        f"{DELAY_S[0]:g}-{DELAY_S[1]:g} s; each start, the one after the last kill too, is sent "
+        "every study again with `storescu` (as a sender retries what failed); "
         f"quiet period 8 s; destination a local Orthanc. Seed {args.seed}; CPU only; predictor: "
         'the "no change" baseline.\n\n'
         "| what | value |\n| --- | --- |\n"
@@ -232,4 +255,4 @@ def check(pacs: OrthancServer, studies: dict[str, list[str]], data: Path) -> tup
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main, stop_on_sigterm=True)

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 
+from bench.cli import count, exit_with
 from bench.report import update_section
 from dicom_node.convert.geometry import world_to_index
 from dicom_node.convert.rtstruct import (
@@ -91,7 +92,7 @@ def _dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=count, default=7)
     parser.add_argument("--no-write", action="store_true", help="print, do not update the docs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -179,4 +180,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

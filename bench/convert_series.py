@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.cli import count, exit_with
 from bench.report import tool_version, update_section
 from dicom_node.convert.series import load_series
 
@@ -81,7 +82,7 @@ def _gdcm(files: list[Path]) -> Callable[[], object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=count, default=7)
     parser.add_argument("--no-write", action="store_true", help="print, do not update the docs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -38,6 +38,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from bench.cli import exit_with
 from bench.report import update_section
 from dicom_node.convert.geometry import grid_corners
 from dicom_node.convert.spatial_registration import SPATIAL_REGISTRATION_SOP_CLASS
@@ -195,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -1,7 +1,7 @@
 """End-to-end latency and peak memory: a synthetic study through the node to Orthanc.
 
     python -m bench.e2e [--spacing MM] [--runs N] [--quiet-period S] [--model DIR|bundled|none]
-                        [--storage-commitment]
+                        [--storage-commitment] [--no-write]
 
 Each run: a fresh node (``glioforecast serve``) with a local Orthanc as its destination,
 dcmtk ``storescu`` sends one synthetic pre-treatment study, and the clock runs from the moment
@@ -11,7 +11,8 @@ PACS (the outbox says ``sent`` for all). With ``--storage-commitment`` the desti
 moment Orthanc's report committed every result. The quiet period is part of that time by design; the
 table gives it separately. Peak memory is the largest resident set (VmHWM) of the node process
 and of each job process, sampled from /proc while they run. Writes the ``end-to-end`` section
-of docs/BENCHMARKS.md.
+of docs/BENCHMARKS.md (not with ``--no-write``). The temp folder (study, node data, Orthanc) is
+removed at the end, on failure and on Ctrl-C or SIGTERM too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 from pydicom import dcmread
 
+from bench.cli import count, exit_with
 from bench.report import update_section
 from dicom_node.local_pacs import OrthancServer
 from dicom_node.outbox import Outbox
@@ -217,7 +219,7 @@ def memory_verdict(rows: int, columns: int, slices: int, runs: list[dict[str, fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--spacing", type=float, default=2.0, help="synthetic grid spacing, mm")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=count, default=3)
     parser.add_argument("--quiet-period", type=float, default=30.0)
     parser.add_argument(
         "--model",
@@ -237,17 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         if model_dir is None
         else f"{read_model_yaml(model_dir)[0].name} (`{model_dir.name}`)"
     )
-    root = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    generate_patient(0, 11, root / "synthetic", spacing_mm=args.spacing, formats=("dicom",))
-    (study,) = (root / "synthetic").glob("*/dicom/pre")
-    rows, columns, slices = largest_mr_series(study)
     runs = []
-    for i in range(args.runs):
-        result = one_run(
-            study, root / f"run{i}", args.quiet_period, model_dir, args.storage_commitment
-        )
-        print(json.dumps(result), file=sys.stderr)
-        runs.append(result)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        generate_patient(0, 11, root / "synthetic", spacing_mm=args.spacing, formats=("dicom",))
+        (study,) = (root / "synthetic").glob("*/dicom/pre")
+        rows, columns, slices = largest_mr_series(study)
+        for i in range(args.runs):
+            result = one_run(
+                study, root / f"run{i}", args.quiet_period, model_dir, args.storage_commitment
+            )
+            print(json.dumps(result), file=sys.stderr)
+            runs.append(result)
     lat = [r["latency_s"] for r in runs]
     med = statistics.median(lat)
     committed = [r["committed_s"] for r in runs]
@@ -294,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main, stop_on_sigterm=True)

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.cli import exit_with, refuse_missing_cuda
 from bench.report import machine_description
 
 log = logging.getLogger("bench.federated")
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--write-doc", action="store_true", help=f"write the table into {DOC.name}")
     args = ap.parse_args(argv)
+    refuse_missing_cuda(ap, args.device)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -325,4 +327,4 @@ def write_doc(md: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

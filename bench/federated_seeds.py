@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.cli import exit_with
 from bench.federated import AVERAGE, POOLED, ROWS, favours
 from dicom_node.errors import InputError
 
@@ -93,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cli import count, exit_with, refuse_missing_cuda
 from bench.report import DOCS, update_section
 from bench.timing import timed
 from inference.model_config import ModelConfig
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with --preset: this grid spacing in mm, the crop scaled to keep the field of view "
         "(e.g. 1 for the fine networks at 1 mm)",
     )
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=count, default=4)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=count, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument(
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown or "fp32" not in names:
         parser.error(f"--variants: expected fp32 and any of {', '.join(VARIANTS)}, found {names}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch finds no CUDA device")
+    refuse_missing_cuda(parser, args.device)
 
     if args.spacing is not None and args.model is not None:
         parser.error("--spacing: only with --preset (a model directory has its own grid)")
@@ -362,4 +362,4 @@ def _body(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -38,6 +38,7 @@ import pydicom
 import yaml
 from pynetdicom import AE
 
+from bench.cli import exit_with
 from bench.report import tool_version, update_section
 from dicom_node.ports import free_port
 
@@ -417,4 +418,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -2,13 +2,13 @@
 worker did before) against a fork of the fork server that imported the job's modules once
 (:func:`dicom_node.worker.job_context`).
 
-    python -m bench.job_start [--repeat R]
+    python -m bench.job_start [--repeat R] [--no-write]
 
 Each start runs a child that imports what a job imports (already there in a fork of the fork
 server) and answers on a pipe; timed from ``Process.start()`` to the answer, R times per way
 after one start not counted (the fork server's own start, the file cache). No model directory
 (the "no change" baseline's modules; a model adds torch). Writes the ``job-start`` section of
-docs/BENCHMARKS.md.
+docs/BENCHMARKS.md (not with ``--no-write``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+from bench.cli import count, exit_with
 from bench.report import update_section
 from dicom_node.settings import load_settings
 from dicom_node.worker import JOB_MODULES, job_context
@@ -53,7 +54,8 @@ def _starts(ctx: multiprocessing.context.BaseContext, repeat: int) -> list[float
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--repeat", type=count, default=10)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     spawn = _starts(multiprocessing.get_context("spawn"), args.repeat)
     forked = _starts(job_context(load_settings(None)), args.repeat)
@@ -73,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Saved per job: {statistics.median(spawn) - statistics.median(forked):.2f} s.\n"
     )
     command = "python -m bench.job_start " + shlex.join(sys.argv[1:] if argv is None else argv)
-    update_section("job-start", body, command.strip())
+    if not args.no_write:
+        update_section("job-start", body, command.strip())
     print(body)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -1,13 +1,13 @@
 """How long a node takes to stop, and what it costs while idle.
 
-    python -m bench.lifecycle [--repeat R] [--idle-seconds S]
+    python -m bench.lifecycle [--repeat R] [--idle-seconds S] [--no-write]
 
 - stop: a node in this process (DICOM receiver, health endpoint and STOW-RS receiver on, no
   destination) is started, left 0.3 s, and timed through :meth:`Node.stop`, R times;
 - idle CPU: ``glioforecast serve`` (the embedded default, a fresh data folder) is left 6 s to
   start, then its CPU time (user + system, from /proc) is read over S seconds with no client.
 
-Writes the ``lifecycle`` section of docs/BENCHMARKS.md.
+Writes the ``lifecycle`` section of docs/BENCHMARKS.md (not with ``--no-write``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.cli import count, exit_with, seconds
 from bench.report import update_section
 from dicom_node.ports import free_port
 from dicom_node.service import Node
@@ -72,8 +73,9 @@ def _idle_cpu_percent(root: Path, seconds: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--idle-seconds", type=float, default=20.0)
+    ap.add_argument("--repeat", type=count, default=5)
+    ap.add_argument("--idle-seconds", type=seconds, default=20.0)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-lifecycle-") as tmp:
         stops = [_stop_seconds(Path(tmp) / f"node{n}") for n in range(args.repeat)]
@@ -89,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         "time from /proc). CPU only.\n"
     )
     command = "python -m bench.lifecycle " + shlex.join(sys.argv[1:] if argv is None else argv)
-    update_section("lifecycle", body, command.strip())
+    if not args.no_write:
+        update_section("lifecycle", body, command.strip())
     print(body)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -26,8 +26,9 @@ and scored on the validation cohorts (``--validation``, all patients) and each t
 trained on a test patient. The figures are references, not models of the project: the
 classifiers see exact volumes, which the node would have to measure from the images.
 
-    python -m bench.response_reference --train DIR [--train DIR ...] --validation DIR [...]
-        --test DIR [...] [--test-sites SITE-LAK,SITE-NOR2] [--out docs/evaluation/FILE.md]
+    python -m bench.response_reference --train DIR [--train DIR ...] [--validation DIR ...]
+        [--test DIR ...] [--test-sites SITE-LAK,SITE-NOR2] [--target survival_class]
+        [--out docs/evaluation/FILE.md]
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench.cli import exit_with
 from bench.report import machine_description
 from dicom_node.errors import InputError
 from dicom_node.types import RESPONSE_CATEGORIES
@@ -258,4 +260,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bench.cli import count, exit_with, refuse_missing_cuda
 from bench.report import update_section
 from bench.timing import timed
 
@@ -36,13 +37,14 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, help="model directory (default: the bundled one)")
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--samples", type=count, default=4)
+    parser.add_argument("--runs", type=count, default=5)
+    parser.add_argument("--threads", type=count, default=2, help="torch CPU threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--spacing", type=float, default=2.0, help="synthetic study grid, mm")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    refuse_missing_cuda(parser, args.device)
 
     from inference.bundled import demo_model_dir
     from inference.data import study_inputs_from_nifti
@@ -114,4 +116,4 @@ def _times(predictor: ModelPredictor, inputs: StudyInputs, runs: int, device: st
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

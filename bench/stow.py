@@ -1,6 +1,6 @@
 """How fast a study comes in by STOW-RS, next to the same study by C-STORE.
 
-    python -m bench.stow [--spacing MM] [--runs N]
+    python -m bench.stow [--spacing MM] [--runs N] [--no-write]
 
 One synthetic patient's pre-treatment study (MR series, structure set, dose) is sent to a
 fresh node (in this process, a quiet period of an hour so that no job runs, an empty data
@@ -12,7 +12,7 @@ folder each run) in three ways, each timed from the first byte sent to the last 
 - STOW-RS in one request holding the whole study.
 
 Every instance is durable and recorded before it is answered, whichever way it came. Writes
-the ``stow`` section of docs/BENCHMARKS.md.
+the ``stow`` section of docs/BENCHMARKS.md (not with ``--no-write``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pydicom
 
+from bench.cli import count, exit_with
 from bench.report import tool_version, update_section
 from dicom_node.dicomweb import stow_batch
 from dicom_node.scu import Destination
@@ -88,7 +89,8 @@ def _stow(chunk: int) -> Callable[[Node, list[Path]], None]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spacing", type=float, default=2.0, help="synthetic grid, mm")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=count, default=5)
+    ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     from inference.synthetic.cohort import generate_patient
 
@@ -144,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         + "\n"
     )
     command = "python -m bench.stow " + shlex.join(sys.argv[1:] if argv is None else argv)
-    update_section("stow", body, command.strip())
+    if not args.no_write:
+        update_section("stow", body, command.strip())
     print(body)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.cli import exit_with
 from bench.report import machine_description
 from dicom_node.errors import InputError
 
@@ -329,4 +330,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main)

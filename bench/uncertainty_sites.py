@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.cli import exit_with
 from bench.report import machine_description
 from dicom_node.errors import InputError
 from inference import metrics as M
@@ -164,4 +165,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
