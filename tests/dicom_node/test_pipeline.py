@@ -158,6 +158,19 @@ def _walk(ds):  # type: ignore[no-untyped-def]
         yield from _walk(item)
 
 
+def _results_at_pacs(  # type: ignore[no-untyped-def]
+    run_node, settings, destination, received: Path, study: Path
+) -> list[pydicom.Dataset]:
+    """The headers of what a node on ``settings`` sent to ``destination`` (its folder
+    ``received``) for ``study``, once its job is done and every result delivered."""
+    node = run_node(dataclasses.replace(settings, destinations=(destination,)))
+    storescu(node.scp.port, *sorted(study.rglob("*.dcm")))
+    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
+    assert job.state == DONE, job.reason
+    all_sent(node, "pacs", timeout=120)
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+
+
 def test_the_optional_objects_follow_the_outputs_settings(  # type: ignore[no-untyped-def]
     run_node, patient, pacs, tmp_path
 ) -> None:
@@ -169,12 +182,7 @@ def test_the_optional_objects_follow_the_outputs_settings(  # type: ignore[no-un
         tmp_path / "data",
         outputs={"derived_mr": True, "uncertainty_sc": False, "institution_name": "CHU Test"},
     )
-    node = run_node(dataclasses.replace(settings, destinations=(destination,)))
-    storescu(node.scp.port, *sorted(pre.rglob("*.dcm")))
-    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
-    assert job.state == DONE, job.reason
-    all_sent(node, "pacs", timeout=120)
-    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    datasets = _results_at_pacs(run_node, settings, destination, received, pre)
     series = {str(ds.SeriesDescription) for ds in datasets}
     assert any("derived MR" in d for d in series), series
     assert not any("UNCERTAINTY" in d for d in series), series
@@ -197,12 +205,7 @@ def test_results_of_a_lossy_compressed_t1gd_say_so(run_node, patient, pacs, tmp_
         ds.LossyImageCompressionRatio = "2.5"
         ds.save_as(path)
     settings = make_settings(tmp_path / "data", outputs={"derived_mr": True})
-    node = run_node(dataclasses.replace(settings, destinations=(destination,)))
-    storescu(node.scp.port, *sorted(study.rglob("*.dcm")))
-    job = wait_for(lambda: settled_job(node), timeout=120, what="the job to finish")
-    assert job.state == DONE, job.reason
-    all_sent(node, "pacs", timeout=120)
-    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in received.iterdir()]
+    datasets = _results_at_pacs(run_node, settings, destination, received, study)
     images = [ds for ds in datasets if ds.Modality not in ("SR", "RTSTRUCT")]
     assert {ds.Modality for ds in images} == {"OT", "MR", "SEG"}
     for ds in images:

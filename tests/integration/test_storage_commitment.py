@@ -80,6 +80,15 @@ def _start(node: Node, orthanc: OrthancServer, tls: ssl.SSLContext | None = None
     orthanc.start()
 
 
+def _stop(node: Node, orthanc: OrthancServer) -> None:
+    """The node's sender and receiver, then Orthanc, stopped; the node's databases closed."""
+    node.sender.stop()
+    node.scp.stop()
+    orthanc.stop()
+    node.outbox.close()
+    node.store.close()
+
+
 def _deliver(node: Node, dest: Destination, objects: Sequence[Dataset], job: str) -> None:
     """The node's sender started, ``objects`` queued for ``dest``, and every one of them sent
     and committed by the PACS's report."""
@@ -116,11 +125,7 @@ def test_results_count_as_delivered_once_orthanc_committed(
         assert node.outbox.undelivered("job-commit") == 0
         assert orthanc.count_instances() == n
     finally:
-        node.sender.stop()
-        node.scp.stop()
-        orthanc.stop()
-        node.outbox.close()
-        node.store.close()
+        _stop(node, orthanc)
     reports = [r.getMessage() for r in caplog.records if "commitment report from" in r.getMessage()]
     assert reports and all(orthanc.ae_title in m for m in reports), reports
     assert sum(int(re.search(r"(\d+) committed", m).group(1)) for m in reports) == n  # type: ignore[union-attr]
@@ -185,10 +190,7 @@ def test_an_object_orthanc_lost_is_sent_again_and_then_committed(tmp_path: Path)
         assert resent.attempts == 3 and resent.commit_requests == 2
         assert orthanc.count_instances() == len(objects)
     finally:
-        node.scp.stop()
-        orthanc.stop()
-        node.outbox.close()
-        node.store.close()
+        _stop(node, orthanc)
 
 
 def test_orthanc_reports_to_the_ae_title_the_node_sends_as(tmp_path: Path) -> None:
@@ -204,8 +206,4 @@ def test_orthanc_reports_to_the_ae_title_the_node_sends_as(tmp_path: Path) -> No
         assert all(i.committed_at is not None for i in node.outbox.items())
         assert node.scp.associations_refused["called_ae_title"] == 0
     finally:
-        node.sender.stop()
-        node.scp.stop()
-        orthanc.stop()
-        node.outbox.close()
-        node.store.close()
+        _stop(node, orthanc)
