@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import logging
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ import torch
 from dicom_node.errors import InferenceError
 from dicom_node.spool import fsync_path
 from inference.federated.config import RunConfig
-
-log = logging.getLogger(__name__)
 
 FORMAT = "glioforecast-federated-checkpoint"
 FORMAT_VERSION = 1
