@@ -277,7 +277,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "--model none: expected bundled or a model directory ('no change' is always "
                 "evaluated, unless --skip-no-change)"
             )
-        report_folder(args.out)  # before any patient: a report that cannot be written is lost
+        # before any patient: a report that cannot be written, or replaces one, is lost
+        report_folder(args.out, args.overwrite)
         report = run_evaluation(
             [m for m in models if m is not None],
             args.data,
@@ -323,7 +324,17 @@ def _add_evaluate(sub: Any) -> None:
         help="cohort folder: cohort.csv with NIfTI files or DICOM studies (repeatable)",
     )  # fmt: skip
     p.add_argument("--samples", type=positive_int, default=4, help="samples per study")
-    p.add_argument("--out", type=Path, default=Path("evaluation"), help="report folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("evaluation"),
+        help="report folder (one that holds a report only with --overwrite)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the metrics.json and metrics.md that --out holds",
+    )
     p.add_argument(
         "--survival-class",
         choices=("none", "truth"),
@@ -368,29 +379,23 @@ def _nifti_layout() -> str:
     from inference.data import INPUT_FILES
 
     optional = [f for r, f in INPUT_FILES.items() if r not in ("t1c", "gtv")]
-    return f"{INPUT_FILES['t1c']} and {INPUT_FILES['gtv']} (optional: {', '.join(optional)})"
+    return (
+        f"{INPUT_FILES['t1c']} and {INPUT_FILES['gtv']} (optional: {', '.join(optional)}; "
+        "each may be uncompressed, .nii)"
+    )
 
 
 def _not_a_nifti_study(path: Path) -> InputError | None:
     """Why ``path`` (or its ``nifti/`` folder), which holds NIfTI files but no T1-Gd by its
     layout name, is not a NIfTI study; None when neither holds a NIfTI file (a DICOM study)."""
-    from inference.data import INPUT_FILES, NIFTI_DIR
+    from inference.data import NIFTI_DIR
 
     for folder in (path, path / NIFTI_DIR):
         names = sorted(f.name for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
         if not any(n.endswith((".nii", ".nii.gz")) for n in names):
             continue
         shown = ", ".join(names[:12]) + (f", ... ({len(names)} files)" if len(names) > 12 else "")
-        # the layout's names, uncompressed: the reader takes gzip-compressed files by name
-        plain = [
-            f.removesuffix(".gz") for f in INPUT_FILES.values() if f.removesuffix(".gz") in names
-        ]
-        hint = (
-            f"; {', '.join(plain)}: expected gzip-compressed .nii.gz files (gzip -k FILE)"
-            if plain
-            else ""
-        )
-        return InputError(f"NIfTI study {folder}: expected {_nifti_layout()}, found {shown}{hint}")
+        return InputError(f"NIfTI study {folder}: expected {_nifti_layout()}, found {shown}")
     return None
 
 
@@ -399,17 +404,18 @@ def load_study(path: Path, config: Path | None = None) -> tuple[StudyInputs, str
     summary says of the roles: ``roles`` (role -> file name or series description), for DICOM
     also ``role_series`` (role -> series number, UID, description) and ``role_notes`` (how the
     series were chosen, as the node's job records it)."""
-    from inference.data import INPUT_FILES, NIFTI_DIR, study_inputs_from_nifti
+    from inference.data import INPUT_FILES, nifti_file, nifti_study_folder, study_inputs_from_nifti
     from inference.dicom_cohort import study_inputs_from_dicom
 
     if not path.is_dir():
         raise InputError(f"INPUT {path}: expected a folder (NIfTI files or a DICOM study)")
-    if (path / INPUT_FILES["t1c"]).is_file() or (path / NIFTI_DIR / INPUT_FILES["t1c"]).is_file():
-        inputs = study_inputs_from_nifti(path)
-        roles = {
-            r: f
+    folder = nifti_study_folder(path)
+    if folder is not None:
+        inputs = study_inputs_from_nifti(folder)
+        roles = {  # the files read, by their names in the folder
+            r: found.name
             for r, f in INPUT_FILES.items()
-            if getattr(inputs, "tumour_mask" if r == "gtv" else r, None) is not None
+            if (found := nifti_file(folder, f)) is not None
         }
         return inputs, "nifti", {"roles": roles}
     if not any(f.is_file() for f in path.rglob("*")):
@@ -450,6 +456,33 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
     )
 
 
+#: predict's options that only a latent diffusion model's sampler uses, with what they set
+_SAMPLING_OPTIONS = {
+    "survival_class": "survival class",
+    "guidance_scale": "guidance scale",
+    "steps": "number of sampling steps",
+    "unknown_class": "choice of classes for the unknown survival class",
+}
+
+
+def _sampling_refused(args: argparse.Namespace, model: str) -> InputError | None:
+    """The error for the sampling options given (see :data:`_SAMPLING_OPTIONS`) to ``model``,
+    which takes none of them; None when none was given."""
+    given = [key for key in _SAMPLING_OPTIONS if getattr(args, key) is not None]
+    if not given:
+        return None
+    options = ", ".join(
+        f"--{key.replace('_', '-')} {v:g}" if isinstance(v := getattr(args, key), float)
+        else f"--{key.replace('_', '-')} {v}"
+        for key in given
+    )  # fmt: skip
+    return InputError(
+        f"{options}: {model} takes {', '.join(f'no {_SAMPLING_OPTIONS[k]}' for k in given)}; "
+        "expected a latent diffusion model (--model bundled or its directory) with "
+        + ("them" if len(given) > 1 else "it")
+    )
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from inference.data import write_volume
 
@@ -470,12 +503,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if model_dir is None:
             from inference.baseline import NoChangeBaseline
 
-            if args.survival_class:  # it was taken, and written in the summary, and ignored
-                raise GlioforecastError(
-                    f"--survival-class {args.survival_class}: the 'no change' baseline takes no "
-                    "survival class; expected --model bundled or a model directory with it"
-                )
-
+            # a baseline took these options, wrote some in the summary, and ignored them
+            refused = _sampling_refused(args, "the 'no change' baseline")
+            if refused:
+                raise refused
             if args.model is None:
                 log.warning("no --model given: using the 'no change' baseline")
             predictor = NoChangeBaseline()
@@ -491,13 +522,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 unknown_class=args.unknown_class,
             )
-            if args.survival_class and predictor.kind != KIND_LDM:  # it would be ignored
-                raise InputError(
-                    f"--survival-class {args.survival_class}: the {predictor.kind} model "
-                    f"{predictor.name} {predictor.version} ({model_dir}) takes no survival "
-                    "class; expected a latent diffusion model (--model bundled or its "
-                    "directory) with it"
-                )
+            refused = _sampling_refused(
+                args,
+                f"the {predictor.kind} model {predictor.name} {predictor.version} ({model_dir})",
+            )
+            if refused and predictor.kind != KIND_LDM:
+                raise refused
         check_out_folder(out, args.overwrite)
         prediction = predictor.predict(inputs, samples=args.samples)
     except GlioforecastError as exc:

@@ -320,23 +320,48 @@ def check_not_blank(inputs: StudyInputs, where: str) -> None:
             refuse_blank(volume, name, where)
 
 
+def nifti_file(folder: Path, name: str) -> Path | None:
+    """The file of the layout name ``name`` (``x.nii.gz``) in ``folder``, gzip-compressed or
+    not (``x.nii``, as dcm2niix writes without ``-z y``); None when there is neither. Both is
+    refused: which one is the image would be a guess."""
+    gz = folder / name
+    plain = folder / name.removesuffix(".gz")
+    if gz.is_file() and plain.is_file():
+        raise InputError(
+            f"NIfTI study {folder}: expected one file for {plain.name[: -len('.nii')]}, found "
+            f"both {gz.name} and {plain.name}; remove the one that is not the image"
+        )
+    return gz if gz.is_file() else plain if plain.is_file() else None
+
+
+def nifti_study_folder(folder: Path) -> Path | None:
+    """The folder of a NIfTI study: ``folder`` itself or its ``nifti/`` folder, whichever holds
+    the T1-Gd (:func:`nifti_file`); None when neither does."""
+    for d in (folder, folder / NIFTI_DIR):
+        if nifti_file(d, INPUT_FILES["t1c"]) is not None:
+            return d
+    return None
+
+
 def study_inputs_from_nifti(folder: str | Path, survival_class: str | None = None) -> StudyInputs:
     """The node's inputs from a folder in the synthetic NIfTI layout (``pre_t1c.nii.gz`` and
-    ``gtv.nii.gz`` required; ``pre_flair``, ``pre_t2``, ``pre_t1``, ``dose`` optional), every
-    volume on the T1-Gd grid; a blank T1-Gd or FLAIR is refused (:func:`refuse_blank`)."""
-    d = Path(folder)
-    if (d / NIFTI_DIR).is_dir() and not (d / INPUT_FILES["t1c"]).is_file():
-        d = d / NIFTI_DIR
-    missing = [INPUT_FILES[r] for r in ("t1c", "gtv") if not (d / INPUT_FILES[r]).is_file()]
+    ``gtv.nii.gz`` required; ``pre_flair``, ``pre_t2``, ``pre_t1``, ``dose`` optional; each
+    may be uncompressed, ``.nii``), every volume on the T1-Gd grid; a blank T1-Gd or FLAIR is
+    refused (:func:`refuse_blank`)."""
+    d = nifti_study_folder(Path(folder)) or Path(folder)
+    files = {role: nifti_file(d, name) for role, name in INPUT_FILES.items()}
+    missing = [INPUT_FILES[r] for r in ("t1c", "gtv") if files[r] is None]
     if missing:
         found = sorted(p.name for p in d.iterdir()) if d.is_dir() else "no folder"
         raise InputError(f"NIfTI study {d}: expected {missing}, found {found}")
-    t1c = read_volume(d / INPUT_FILES["t1c"])
-    refuse_blank(t1c, CONTRAST_ROLES["t1c"], d / INPUT_FILES["t1c"])
+    t1c_path = files["t1c"]
+    assert t1c_path is not None
+    t1c = read_volume(t1c_path)
+    refuse_blank(t1c, CONTRAST_ROLES["t1c"], t1c_path)
 
     def on_t1c(role: str) -> Volume | None:
-        path = d / INPUT_FILES[role]
-        if not path.is_file():
+        path = files[role]
+        if path is None:
             return None
         vol = read_volume(path)
         check_on_grid(vol, path, t1c)
@@ -350,13 +375,11 @@ def study_inputs_from_nifti(folder: str | Path, survival_class: str | None = Non
     if len(values) > 2 or (values[0] != 0 and len(values) == 2):
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
         raise InputError(
-            f"{d / INPUT_FILES['gtv']}: expected a binary mask (0 and one other value), found "
+            f"{files['gtv']}: expected a binary mask (0 and one other value), found "
             f"{len(values)} values ({shown}): a probability or label map; threshold it first"
         )
     if not values.any():
-        raise InputError(
-            f"{d / INPUT_FILES['gtv']}: expected the tumour outline (GTV), found an empty mask"
-        )
+        raise InputError(f"{files['gtv']}: expected the tumour outline (GTV), found an empty mask")
     dose = on_t1c("dose")
     return StudyInputs(
         t1c=t1c,

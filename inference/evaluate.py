@@ -852,13 +852,25 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_folder(out_dir: str | Path) -> Path:
+#: the files of a report, as :func:`write_report` names them
+REPORT_FILES = ("metrics.json", "metrics.md")
+
+
+def report_folder(out_dir: str | Path, overwrite: bool = True) -> Path:
     """``out_dir`` made ready for :func:`write_report` (created when absent), or an
     :class:`InputError` that says why it cannot be: checked before any patient is evaluated, so
-    that an evaluation is not lost at its end."""
+    that an evaluation is not lost at its end. Unless ``overwrite``, a folder holding a report
+    is refused: an evaluation takes an hour, and its report would be replaced by the next."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"report folder {out}: expected a folder, found a file")
+    held = [name for name in REPORT_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise InputError(
+            f"report folder {out}: expected a folder without a report, found {' and '.join(held)}"
+            f"{_report_said(out / REPORT_FILES[0])}; give another --out, or --overwrite to "
+            "replace it"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -870,17 +882,36 @@ def report_folder(out_dir: str | Path) -> Path:
     return out
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary name: the file is the new text or the old."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _report_said(path: Path) -> str:
+    """What the report at ``path`` evaluated, as an error names it ("" when it cannot tell)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        methods = ", ".join(str(m) for m in report["methods"])
+        return f" (of {methods} on {int(report['patients'])} patient(s))"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``metrics.json`` and ``metrics.md`` to ``out_dir``; an :class:`InputError` when the
-    folder cannot take them (see :func:`report_folder`), an :class:`InferenceError` when a
-    write fails."""
+    """Write ``metrics.json`` and ``metrics.md`` to ``out_dir``, each whole or not at all; an
+    :class:`InputError` when the folder cannot take them (see :func:`report_folder`), an
+    :class:`InferenceError` when a write fails."""
     out = report_folder(out_dir)
     clean = _clean(report)
-    js = out / "metrics.json"
-    md = out / "metrics.md"
+    js, md = (out / name for name in REPORT_FILES)
     try:
-        js.write_text(json.dumps(clean, indent=2), encoding="utf-8")
-        md.write_text(markdown_report(clean), encoding="utf-8")
+        _write_whole(js, json.dumps(clean, indent=2))
+        _write_whole(md, markdown_report(clean))
     except OSError as exc:
         raise InferenceError(f"the report was not written to {out}: {exc}") from None
     return js, md

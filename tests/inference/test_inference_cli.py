@@ -130,6 +130,20 @@ def test_train_evaluate_predict_end_to_end(
     assert (metrics["num_inference_steps"], metrics["guidance_scale"]) == (2, 1.5)
     assert metrics["unknown_class"] == "marginal"
     assert metrics["compile"] == "none"  # the UNets ran as they are
+    # the next evaluation into the same folder replaced this one's report without a word
+    before = (report / "metrics.json").read_bytes()
+    assert run([*argv[:3], "--out", str(report), "--limit", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"report folder {report}: expected a folder without a report, found metrics.json and "
+        "metrics.md (of no-change, "
+    ) in err
+    assert "on 1 patient(s)); give another --out, or --overwrite to replace it" in err
+    assert (report / "metrics.json").read_bytes() == before
+    again = [*argv[:5], "--skip-no-change", "--samples", "1", "--steps", "2", "--overwrite"]
+    assert run([*again, "--out", str(report), "--limit", "1", "--no-progress"]) == 0
+    assert len(json.loads((report / "metrics.json").read_text())["methods"]) == 1
+    assert sorted(f.name for f in report.iterdir()) == ["metrics.json", "metrics.md"]
 
     patient = tiny_cohort[1][0].patient_id
     nifti_out = tmp_path / "pred-nifti"
@@ -290,8 +304,6 @@ def test_predict_on_a_nifti_folder_without_its_layout_says_what_it_expected(
 ) -> None:
     """A NIfTI folder without pre_t1c.nii.gz was read as a DICOM study ("expected DICOM files,
     found none"), and so was an empty folder."""
-    import gzip
-
     nifti = tiny_cohort[0] / tiny_cohort[1][0].patient_id / "nifti"
     gtv_only = tmp_path / "gtv-only"
     gtv_only.mkdir()
@@ -300,15 +312,7 @@ def test_predict_on_a_nifti_folder_without_its_layout_says_what_it_expected(
     err = capsys.readouterr().err
     assert f"NIfTI study {gtv_only}: expected pre_t1c.nii.gz and gtv.nii.gz (optional: " in err
     assert "found gtv.nii.gz" in err and "DICOM" not in err
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    for name in ("pre_t1c", "gtv"):
-        (plain / f"{name}.nii").write_bytes(
-            gzip.decompress((nifti / f"{name}.nii.gz").read_bytes())
-        )
-    assert run(["predict", str(plain), "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "found gtv.nii, pre_t1c.nii; pre_t1c.nii, gtv.nii: expected gzip-compressed" in err
+    assert "each may be uncompressed, .nii" in err
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     assert run(["predict", str(empty), "--out", str(tmp_path / "o")]) == 2
@@ -322,6 +326,39 @@ def test_predict_on_a_nifti_folder_without_its_layout_says_what_it_expected(
          str(tmp_path / "o")], capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr.count("the folder is empty") == 1, done.stderr
+
+
+def test_predict_reads_uncompressed_nifti_and_refuses_a_role_given_twice(
+    tiny_cohort: Cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Uncompressed .nii files (dcm2niix without -z y) were refused: the reader took the layout's
+    .nii.gz names only. A role given both ways is refused, not guessed."""
+    import gzip
+
+    nifti = tiny_cohort[0] / tiny_cohort[1][0].patient_id / "nifti"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("pre_t1c", "gtv"):
+        (plain / f"{name}.nii").write_bytes(
+            gzip.decompress((nifti / f"{name}.nii.gz").read_bytes())
+        )
+    shutil.copy(nifti / "pre_flair.nii.gz", plain)  # the two forms mixed in one folder
+    assert run(["predict", str(plain), "--out", str(tmp_path / "p")]) == 0
+    summary = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert summary["input_format"] == "nifti"
+    assert summary["roles"] == {"t1c": "pre_t1c.nii", "flair": "pre_flair.nii.gz", "gtv": "gtv.nii"}
+    assert run(["predict", str(nifti), "--out", str(tmp_path / "gz")]) == 0
+    for name in ("mean", "tumour_mask"):  # the same images, compressed or not
+        a = read_volume(tmp_path / "p" / f"{name}.nii.gz")
+        b = read_volume(tmp_path / "gz" / f"{name}.nii.gz")
+        assert np.array_equal(a.array, b.array) and a.spacing == b.spacing
+    shutil.copy(nifti / "gtv.nii.gz", plain)
+    assert run(["predict", str(plain), "--out", str(tmp_path / "twice")]) == 2
+    err = capsys.readouterr().err
+    assert f"NIfTI study {plain}: expected one file for gtv, found both gtv.nii.gz and gtv.nii" in (
+        err
+    )
+    assert not (tmp_path / "twice").exists()
 
 
 def test_predict_says_which_series_it_chose_when_two_match_a_role(
@@ -367,6 +404,22 @@ def test_options_the_model_cannot_use_are_refused(
                 "short", "--out", str(out)]) == 2  # fmt: skip
     assert "--survival-class short: the unet-baseline model" in capsys.readouterr().err
     assert not out.exists()
+    # the sampler's other options were taken by both baselines and ignored without a word
+    for model in ([], ["--model", "none"], ["--model", str(tiny_baseline_dir)]):
+        for option in (["--guidance-scale", "3"], ["--steps", "5"],
+                       ["--unknown-class", "marginal"]):  # fmt: skip
+            assert run(["predict", str(nifti), *model, *option, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert f"{option[0]} {option[1]}: the " in err, err
+            assert "expected a latent diffusion model (--model bundled or its directory)" in err
+        assert not out.exists()
+    assert run(["predict", str(nifti), "--steps", "5", "--guidance-scale", "2", "--out",
+                str(out)]) == 2  # fmt: skip
+    assert (
+        "--guidance-scale 2, --steps 5: the 'no change' baseline takes no guidance scale, no "
+        "number of sampling steps; expected a latent diffusion model (--model bundled or its "
+        "directory) with them"
+    ) in capsys.readouterr().err
     argv = ["evaluate", "--data", str(tiny_cohort[0]), "--model", str(tiny_baseline_dir)]
     argv += ["--samples", "1", "--limit", "1", "--no-progress", "--out", str(tmp_path / "ev")]
     for option in (["--guidance"], ["--stage1-bounds"], ["--survival-class", "truth"]):
