@@ -65,6 +65,34 @@ def _listening(port: int) -> bool:
     )
 
 
+#: how long a started node has to answer C-ECHO (it loads the model first)
+START_TIMEOUT_S = 120.0
+
+
+def _start(cmd: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``glioforecast serve`` started and answering C-ECHO on ``port``, its output appended to
+    ``log``; a RuntimeError with the log's last lines when it exits or stays silent (the bench
+    waited forever)."""
+    with log.open("ab") as out:
+        node = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _listening(port):
+        code = node.poll()
+        if code is not None or time.monotonic() > deadline:
+            if code is None:
+                node.kill()
+                node.wait(timeout=30)
+            said = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(
+                f"the node did not answer C-ECHO on port {port} "
+                + (f"(it exited {code})" if code is not None else f"within {START_TIMEOUT_S:g} s")
+                + "; its last lines:\n  "
+                + "\n  ".join(said)
+            )
+        time.sleep(0.1)
+    return node
+
+
 def _phase(data: Path) -> str:
     """What the node was doing when it was killed (from its databases)."""
     db = data / "jobs.sqlite3"
@@ -132,6 +160,7 @@ def _chaos(args: argparse.Namespace, root: Path, argv: list[str] | None) -> int:
         "logging": {"level": "WARNING"},
     }))  # fmt: skip
     cmd = [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"]
+    log = root / "node.log"  # every start's output, for the error when one does not listen
     phases: list[str] = []
     started = time.monotonic()
     try:
@@ -139,13 +168,9 @@ def _chaos(args: argparse.Namespace, root: Path, argv: list[str] | None) -> int:
         sent.wait(timeout=300)
         source_instances = pacs.count_instances()
         for _ in range(args.kills):
-            node = subprocess.Popen(
-                cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            node = _start(cmd, port, log)
             sender = None
             try:
-                while not _listening(port):
-                    time.sleep(0.1)
                 sender = _storescu(port, "GLIOFORECAST", every_file)
                 time.sleep(rng.uniform(*DELAY_S))
                 phases.append(_phase(data))
@@ -154,10 +179,8 @@ def _chaos(args: argparse.Namespace, root: Path, argv: list[str] | None) -> int:
                 node.wait(timeout=30)
                 if sender is not None:
                     sender.wait(timeout=300)
-        node = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        node = _start(cmd, port, log)
         try:
-            while not _listening(port):
-                time.sleep(0.1)
             _storescu(port, "GLIOFORECAST", every_file).wait(timeout=300)  # what a sender retries
             deadline = time.monotonic() + 900
             while _phase(data) != "idle" or len(_current_jobs(data)) < len(studies):

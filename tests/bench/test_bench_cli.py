@@ -145,6 +145,29 @@ def test_chaos_removes_its_temp_folder_on_failure_unless_kept(
     assert (kept / "node").is_dir() and f"kept {kept}" in capsys.readouterr().err
 
 
+def test_chaos_says_why_a_node_does_not_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that exited at its start (here a configuration it refuses), or never answered,
+    kept chaos polling C-ECHO for ever, its output thrown away."""
+    from dicom_node.ports import free_port
+
+    config = tmp_path / "node.yaml"
+    config.write_text("node:\n  port: not-a-port\n")
+    cmd = [sys.executable, "-m", "dicom_node.cli", "--config", str(config), "serve"]
+    log = tmp_path / "node.log"
+    port = free_port()
+    with pytest.raises(
+        RuntimeError, match=f"did not answer C-ECHO on port {port} \\(it exited 2\\)"
+    ) as e:
+        chaos._start(cmd, port, log)
+    assert "node.port" in str(e.value), str(e.value)  # the node's own words, from its log
+    monkeypatch.setattr(chaos, "START_TIMEOUT_S", 1.0)
+    silent = [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(60)"]
+    with pytest.raises(RuntimeError, match="within 1 s; its last lines:\n  loading"):
+        chaos._start(silent, port, tmp_path / "silent.log")
+
+
 def test_e2e_removes_its_temp_folder_on_failure(
     temp_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
