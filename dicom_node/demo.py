@@ -237,8 +237,8 @@ def montage(pacs: LocalPacs, study_uid: str, sources: list[Path], path: Path) ->
     panels = [Image.fromarray(pre8).convert("RGB").resize(pred.size), pred]
     unc = uncertainty.get(int(best.InstanceNumber))
     if unc is not None:
-        panels.append(Image.fromarray(unc.pixel_array).resize(pred.size))
-    canvas = Image.new("RGB", (sum(p.width for p in panels), pred.height))
+        panels.append(Image.fromarray(unc.pixel_array))  # its legend strip makes it taller
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)))
     x = 0
     for p in panels:
         canvas.paste(p, (x, 0))
@@ -380,7 +380,10 @@ def run(
         (sr_series,) = [s for s in series if s.modality == "SR"]
         numbers = read_summary(pacs.read(sr_series.instances[0]))
         _say("Structured Report, read back from the PACS:")
-        print(f"    tumour volume now        {numbers['current_ml']:.1f} ml")
+        if numbers["gtv_ml"] is not None:
+            print(f"    GTV (structure set)      {numbers['gtv_ml']:.1f} ml")
+        print(f"    before treatment         {numbers['current_ml']:.1f} ml "
+              f"({numbers['current_label']})")  # fmt: skip
         print(f"    predicted volume         {numbers['predicted_mean_ml']:.1f} ml "
               f"(sd {numbers['predicted_sd_ml']:.1f})")  # fmt: skip
         print(f"    outlined (SEG, RTSTRUCT) {numbers['segment_ml']:.1f} ml "

@@ -7,6 +7,7 @@ job. Volumes cross into the predictor and into ``sr_writer`` as typed objects, n
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,9 +75,13 @@ def _first_usable(
     fallbacks: Sequence[SeriesFiles],
     load: Callable[[Sequence[Path]], Volume],
     on_fallback: FallbackHook,
+    label: str = "",
 ) -> Volume:
     """``load(files)``; when that raises an input error, the first of ``fallbacks`` that
-    loads (``on_fallback`` is told), else the first error with every other series' error."""
+    loads (``on_fallback`` is told), else the first error with every other series' error.
+    ``label``: how messages name the series of ``files`` (:func:`dicom_node.roles.describe`);
+    the error raised then starts with it, so that the job's reason and its failure notice say
+    which series could not be used."""
     try:
         return load(files)
     except InputError as first:
@@ -89,13 +94,31 @@ def _first_usable(
                 continue
             on_fallback(role, other, str(first), refused)
             return volume
-        if not refused:
+        if not refused and not label:
             raise
         kind = ConversionError if isinstance(first, ConversionError) else InputError
-        raise kind(
-            f"{first}; the other series matching {role} cannot be used either: "
-            + "; ".join(f"{other.label}: {why}" for other, why in refused)
-        ) from first
+        reason = f"{role} {label}: {first}" if label else str(first)
+        if refused:
+            reason += f"; the other series matching {role} cannot be used either: " + "; ".join(
+                f"{other.label}: {why}" for other, why in refused
+            )
+        raise kind(reason) from first
+
+
+def instance_numbers(headers: Sequence[Dataset]) -> dict[str, int]:
+    """The InstanceNumber of each instance by SOP Instance UID, where it has a readable one."""
+    numbers = {}
+    for ds in headers:
+        try:
+            numbers[str(ds.SOPInstanceUID)] = int(ds.InstanceNumber)
+        except (AttributeError, TypeError, ValueError):  # absent, empty or not a number
+            continue
+    return numbers
+
+
+def volume_ml(mask: Volume) -> float:
+    """The volume of a boolean mask, in millilitres."""
+    return float(np.count_nonzero(mask.array)) * math.prod(mask.spacing) / 1000.0
 
 
 class Predictor(Protocol):
@@ -300,6 +323,7 @@ def assemble_inputs(
     fallbacks: Mapping[str, Sequence[SeriesFiles]] | None = None,
     on_fallback: FallbackHook | None = None,
     roi_union: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> StudyInputs:
     """The model's inputs from a study's files by series role (``t1c`` and ``rtstruct``
     required): the T1-Gd is the grid, the RTSTRUCT ROI matching ``roi_pattern`` the tumour
@@ -312,8 +336,10 @@ def assemble_inputs(
     :func:`dicom_node.roles.ranked_candidates`) are tried, and ``on_fallback`` is told which one
     was used and why (default: ``warn``). An optional contrast that cannot be used does not stop
     the study: ``warn`` is told why. With ``roi_union``, several ROIs matching ``roi_pattern``
-    make one tumour mask (their union). The node's jobs and the training data read from DICOM
-    (``inference.dicom_cohort``) both go through here."""
+    make one tumour mask (their union). ``labels``: how messages name the series of each role
+    (:func:`dicom_node.roles.describe`); an image series that cannot be converted is named by
+    it in the error (the job's reason, its failure notice). The node's jobs and the training
+    data read from DICOM (``inference.dicom_cohort``) both go through here."""
     missing = [role for role in ("t1c", "rtstruct") if role not in files]
     if missing:
         raise InputError(f"expected series with the roles t1c and rtstruct, missing {missing}")
@@ -328,9 +354,11 @@ def assemble_inputs(
         )
 
     hook = on_fallback or told
+    named = labels or {}
     t1c = _first_usable(
-        "t1c", files["t1c"], others.get("t1c", ()), _with_contrast("t1c", load_series), hook
-    )
+        "t1c", files["t1c"], others.get("t1c", ()), _with_contrast("t1c", load_series), hook,
+        named.get("t1c", ""),
+    )  # fmt: skip
     regs = load_registrations(registrations) if registrations else []
     mask, planning = load_placed_rtstruct_mask(
         files["rtstruct"][0], t1c, roi_pattern, registrations=regs, combine=roi_union
@@ -342,7 +370,7 @@ def assemble_inputs(
         try:
             optional[role] = _first_usable(
                 role, files[role], others.get(role, ()),
-                _with_contrast(role, _on_grid_of(t1c, role)), hook,
+                _with_contrast(role, _on_grid_of(t1c, role)), hook, named.get(role, ""),
             )  # fmt: skip
         except InputError as exc:  # ConversionError included
             warn(f"{role} not used: {exc}")
@@ -486,6 +514,8 @@ class Pipeline:
             fallbacks=self._fallbacks(view),
             on_fallback=fall_back,
             roi_union=self.settings.roles.roi_union,
+            # a series that cannot be converted is named in the job's reason and its notice
+            labels={role: describe(js.series) for role, js in series.items()},
         )
         unused = [r for r in OPTIONAL_CONTRASTS if r in series and getattr(inputs, r) is None]
         for role in unused:  # why is in the job's warning
@@ -508,6 +538,11 @@ class Pipeline:
             series_ref(js, [uid for uid, _ in instances.get(js.series.series_instance_uid, [])])
             for js in reg_series
         ]
+        headers = {
+            role: [dcmread(path, stop_before_pixels=True) for path in files(role)]
+            for role in ("t1c", *OPTIONAL_CONTRASTS)
+            if role in series
+        }
         job_inputs = JobInputs(
             patient=patient_study(header),
             t1c=t1c,
@@ -515,13 +550,10 @@ class Pipeline:
             other_series=tuple(others),
             planning_frame=inputs.planning_frame,
             window=window_of(header),
-            lossy=lossy_history(
-                dcmread(path, stop_before_pixels=True)
-                for role in ("t1c", *OPTIONAL_CONTRASTS)
-                if role in series
-                for path in files(role)
-            ),
+            lossy=lossy_history(ds for role_headers in headers.values() for ds in role_headers),
             study_version=job.version,
+            t1c_instance_numbers=instance_numbers(headers["t1c"]),
+            gtv_volume_ml=volume_ml(inputs.tumour_mask),
         )
         chosen = self.settings.outputs
         options = OutputOptions(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -137,12 +138,18 @@ class Prediction:
     ``mean`` is the mean of the samples (the predicted post-treatment T1-Gd), ``std`` the
     voxel-wise standard deviation across samples, ``tumour_mask`` the predicted tumour (boolean),
     ``sample_volumes_ml`` the predicted tumour volume of each sample, ``current_volume_ml`` the
-    tumour volume before treatment (from the GTV), ``response_probabilities`` the fraction of
+    tumour volume before treatment that the change and the response category are computed from,
+    and ``current_from`` what it is: ``"model"`` the model's own measurement on the
+    pre-treatment T1-Gd (roughly the enhancing tumour; the node's models by default), ``"mask"``
+    the GTV's volume, ``None`` not said. ``response_probabilities`` the fraction of
     samples in each of :data:`RESPONSE_CATEGORIES`, ``survival_class`` the guidance class used
     (``None`` when none was given), ``mean_volume_category`` the category of the mean
     predicted volume (it breaks ties, see :func:`most_frequent_category`), ``sample_classes``
     the guidance class of each sample when known (``None``: the null class; with no class given,
     a model may spread its samples over the classes, see ``inference.predict``).
+    ``field_of_view`` (boolean, on the same grid) is where the model predicted: a model that
+    sees a crop of the head predicts nothing outside it, where ``mean`` holds the pre-treatment
+    image, ``std`` 0 and ``tumour_mask`` nothing; ``None`` means everywhere.
     """
 
     mean: Volume
@@ -156,6 +163,15 @@ class Prediction:
     model_version: str
     mean_volume_category: str | None = None
     sample_classes: tuple[str | None, ...] = ()
+    field_of_view: Volume | None = None
+    current_from: Literal["mask", "model"] | None = None
+
+    @property
+    def predicted_region(self) -> npt.NDArray[np.bool_]:
+        """Where the model predicted (``field_of_view``, everywhere when it is ``None``)."""
+        if self.field_of_view is None:
+            return np.ones(self.mean.shape, dtype=bool)
+        return np.asarray(self.field_of_view.array, dtype=bool)
 
     @property
     def survival_scenario(self) -> str:
@@ -196,12 +212,30 @@ def most_frequent_category(probabilities: Mapping[str, float], tie_break: str | 
 
 
 @dataclass(frozen=True)
+class PlaneLattice:
+    """Parallel planes a regular step apart, in one frame of reference (LPS mm): those whose
+    points ``p`` have ``normal @ p == position + m * step`` for an integer ``m``. The slices of
+    the series a structure set was drawn on (the planning CT's), found from its contours."""
+
+    normal: tuple[float, float, float]  # unit vector
+    position: float  # one plane's position along ``normal``
+    step: float  # > 0
+
+    def plane_at(self, position: float) -> int:
+        """The number ``m`` of the plane nearest to ``position`` along the normal."""
+        return round((position - self.position) / self.step)
+
+
+@dataclass(frozen=True)
 class FrameMapping:
     """Another frame of reference the study's data relate to: ``matrix`` (4x4) maps a point of
-    the T1-Gd's frame into ``frame_of_reference_uid`` (e.g. the planning CT's)."""
+    the T1-Gd's frame into ``frame_of_reference_uid`` (e.g. the planning CT's). ``planes``: the
+    planes the structure set drawn on that frame lies on (the planning CT's slices), when they
+    are known; contours written back onto the frame go on them."""
 
     frame_of_reference_uid: str
     matrix: npt.NDArray[np.float64]
+    planes: PlaneLattice | None = None
 
 
 @dataclass(frozen=True)

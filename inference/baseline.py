@@ -19,7 +19,8 @@ VERSION = "1.0.0"
 
 
 class NoChangeBaseline:
-    """Predicts that nothing changes: mean = pre-treatment T1-Gd, tumour = GTV, no spread."""
+    """Predicts that nothing changes: mean = pre-treatment T1-Gd, tumour = GTV, no spread; it
+    predicts every voxel (its predictions' ``field_of_view`` is ``None``: everywhere)."""
 
     name = NAME
     version = VERSION
@@ -45,4 +46,5 @@ class NoChangeBaseline:
             survival_class=inputs.survival_class,
             model_name=self.name,
             model_version=self.version,
+            current_from="mask",  # the GTV, before treatment as after
         )

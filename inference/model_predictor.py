@@ -12,8 +12,9 @@
    direction, frame of reference, source UIDs) with ``from_model_space``: the mean with the
    T1-Gd's intensity scaling undone, the standard deviation in the same units, the tumour mask
    from the mean tumour probability (thresholded after linear resampling). Outside the model's
-   field of view the pre-treatment image is kept (nothing is predicted there), the standard
-   deviation is 0 and the mask empty.
+   field of view (the model grid's crop) nothing is predicted: the mean keeps the pre-treatment
+   image, the standard deviation is 0 and the mask empty; the prediction's ``field_of_view``
+   says where that is, so that the outputs can show it as not predicted.
 
 Volumes are in millilitres on the model grid (each sample's mask exists there only). The current
 volume of the response rule is, by default, the one the model's own mask "reader" finds on the
@@ -207,7 +208,7 @@ class ModelPredictor:
             else tumour_volume_ml(prepared.mask, spacing)
         )
         zero = np.zeros_like(out_image)
-        mean, std, mask = self._restore(inputs, prepared, out_image, zero, out_p)
+        mean, std, mask, fov = self._restore(inputs, prepared, out_image, zero, out_p)
         return Prediction(
             mean=mean,
             std=std,
@@ -219,6 +220,8 @@ class ModelPredictor:
             model_name=cfg.name,
             model_version=cfg.version,
             mean_volume_category=response_category(current, volume, cfg.response),
+            field_of_view=fov,
+            current_from=self.current_from,
         )
 
     def to_cpu(self) -> None:
@@ -281,7 +284,7 @@ class ModelPredictor:
         self, inputs: StudyInputs, prepared: PreparedStudy, result: ModelPrediction
     ) -> Prediction:
         """A model-grid prediction mapped back onto the source T1-Gd grid."""
-        mean, std, mask = self._restore(
+        mean, std, mask, fov = self._restore(
             inputs, prepared, result.mean, result.std, result.tumour_probability
         )
         return Prediction(
@@ -298,6 +301,8 @@ class ModelPredictor:
             model_version=result.model_version,
             mean_volume_category=result.mean_volume_category,
             sample_classes=result.sample_classes,
+            field_of_view=fov,
+            current_from=self.current_from,
         )
 
     def _restore(
@@ -307,7 +312,9 @@ class ModelPredictor:
         mean: FloatArray,
         std: FloatArray,
         probability: FloatArray,
-    ) -> tuple[Volume, Volume, Volume]:
+    ) -> tuple[Volume, Volume, Volume, Volume]:
+        """Mean, standard deviation and mask on the source grid, and the field of view (the
+        source voxels wholly inside the model grid: the only ones predicted)."""
         grid, source, scaling = prepared.grid, inputs.t1c, prepared.t1c_scaling
         inside = (
             _f32(from_model_space(np.ones(grid.shape, np.float32), grid, source).array) >= 0.999
@@ -323,6 +330,7 @@ class ModelPredictor:
             source.with_array(mean_out),
             source.with_array(std_out),
             source.with_array(np.asarray(mask_out, dtype=bool)),
+            source.with_array(np.asarray(inside, dtype=bool)),
         )
 
     @torch.no_grad()
@@ -357,7 +365,7 @@ class ModelPredictor:
             current = tumour_volume_ml(prepared.mask, spacing)
         n = samples if samples is not None else (self.samples or 1)
         volumes = tuple(volume for _ in range(max(1, n)))
-        mean, std, mask = self._restore(inputs, prepared, image, np.zeros_like(image), post_p)
+        mean, std, mask, fov = self._restore(inputs, prepared, image, np.zeros_like(image), post_p)
         return Prediction(
             mean=mean,
             std=std,
@@ -369,6 +377,8 @@ class ModelPredictor:
             model_name=cfg.name,
             model_version=cfg.version,
             mean_volume_category=response_category(current, volume, cfg.response),
+            field_of_view=fov,
+            current_from=self.current_from,
         )
 
 

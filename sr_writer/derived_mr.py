@@ -11,12 +11,21 @@ marked as derived and synthetic wherever a viewer or a person looks: ImageType
 ``DERIVED\\SECONDARY``, SeriesDescription ``SYNTHETIC PREDICTION - RESEARCH USE ONLY - ...``,
 ImageComments and DerivationDescription, ContentQualification ``RESEARCH``,
 ContributingEquipmentSequence, and a SourceImageSequence pointing at the real slice.
+
+Outside the model's field of view (``Prediction.field_of_view``) nothing was predicted: those
+pixels hold no intensity but the PixelPaddingValue (-32768, below every stored value), which
+viewers leave out or show black, never the pre-treatment image; the graphics overlay hatches
+them (with the banner, where there is one: group 6000 is the only one checkers such as
+dciodvfy know) and ImageComments says so on the slices concerned. Each image takes the
+InstanceNumber of the source slice it is on
+(:func:`~sr_writer.secondary_capture.instance_numbers`).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import pack_bits
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
+from scipy import ndimage
 
 from dicom_node.errors import ExportError
 from dicom_node.types import PatientStudy, Prediction, SeriesRef, Volume
@@ -38,11 +48,22 @@ from .labels import (
     set_patient_study,
 )
 from .references import slice_frame_numbers, slice_geometry, slice_instance_uids
-from .secondary_capture import Window, _source_item, window_like
+from .secondary_capture import (
+    BODY_PART,
+    HATCH_PERIOD,
+    Window,
+    _source_item,
+    instance_numbers,
+    window_like,
+)
 
 logger = logging.getLogger(__name__)
 
 MIN_OVERLAY_COLUMNS = 192
+#: the stored value of the pixels outside the model's field of view (PixelPaddingValue)
+PADDING_VALUE = -32768
+NOT_PREDICTED_NOTE = "outside the model's field of view: not predicted"
+HATCHED_OVERLAY = "Synthetic prediction; hatched: not predicted (outside the model)"
 
 
 def banner_overlay(rows: int, columns: int, text: str) -> npt.NDArray[np.uint8] | None:
@@ -63,18 +84,45 @@ def banner_overlay(rows: int, columns: int, text: str) -> npt.NDArray[np.uint8] 
     return None
 
 
-def _add_overlay(ds: Dataset, bitmap: npt.NDArray[np.uint8]) -> None:
+def not_predicted_overlay(outside: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """A bitmap (0/1) of one slice hatching the pixels ``outside`` the field of view, with a
+    line along their border and, where the image is wide enough, the note at the bottom."""
+    rows, cols = np.indices(outside.shape)
+    hatch = outside & ((rows + cols) % HATCH_PERIOD == 0)
+    inside = ~outside
+    border = outside & ndimage.binary_dilation(inside) if inside.any() else hatch
+    bitmap = (hatch | border).astype(np.uint8)
+    nj, ni = outside.shape
+    if ni >= MIN_OVERLAY_COLUMNS and nj >= 32:
+        text = Image.new("1", (ni, nj), 0)
+        draw = ImageDraw.Draw(text)
+        draw.fontmode = "1"
+        font = ImageFont.load_default(size=max(8, ni // 32))
+        left, top, right, bottom = draw.textbbox((0, 0), NOT_PREDICTED_NOTE, font=font)
+        if right - left <= ni - 8:
+            x, y = (ni - (right - left)) // 2 - left, nj - (bottom - top) - 4 - top
+            draw.text((x, y), NOT_PREDICTED_NOTE, fill=1, font=font)
+            # the text on a clear box, so that it stands out of the hatch
+            bitmap[max(0, y + top - 2) : y + bottom + 2, max(0, x + left - 2) : x + right + 2] = 0
+            bitmap |= np.asarray(text, dtype=np.uint8)
+    return bitmap
+
+
+def _add_overlay(
+    ds: Dataset, bitmap: npt.NDArray[np.uint8], description: str = "Synthetic prediction banner"
+) -> None:
     """Overlay Plane module in group 6000 (PS3.3 C.9.2): a graphics overlay from ``bitmap``."""
     rows, columns = bitmap.shape
-    ds.add_new(0x60000010, "US", rows)  # Overlay Rows
-    ds.add_new(0x60000011, "US", columns)  # Overlay Columns
-    ds.add_new(0x60000022, "LO", "Synthetic prediction banner")  # Overlay Description
-    ds.add_new(0x60000040, "CS", "G")  # Overlay Type: graphics
-    ds.add_new(0x60000050, "SS", [1, 1])  # Overlay Origin
-    ds.add_new(0x60000100, "US", 1)  # Overlay Bits Allocated
-    ds.add_new(0x60000102, "US", 0)  # Overlay Bit Position
-    ds.add_new(0x60001500, "LO", "SYNTHETIC")  # Overlay Label
-    ds.add_new(0x60003000, "OW", pack_bits(bitmap.ravel()))  # Overlay Data
+    tag = 0x6000 << 16
+    ds.add_new(tag | 0x0010, "US", rows)  # Overlay Rows
+    ds.add_new(tag | 0x0011, "US", columns)  # Overlay Columns
+    ds.add_new(tag | 0x0022, "LO", description)  # Overlay Description
+    ds.add_new(tag | 0x0040, "CS", "G")  # Overlay Type: graphics
+    ds.add_new(tag | 0x0050, "SS", [1, 1])  # Overlay Origin
+    ds.add_new(tag | 0x0100, "US", 1)  # Overlay Bits Allocated
+    ds.add_new(tag | 0x0102, "US", 0)  # Overlay Bit Position
+    ds.add_new(tag | 0x1500, "LO", "SYNTHETIC")  # Overlay Label
+    ds.add_new(tag | 0x3000, "OW", pack_bits(bitmap.ravel()))  # Overlay Data
 
 
 def build_derived_mr(
@@ -88,9 +136,11 @@ def build_derived_mr(
     window: Window | None = None,
     when: datetime.datetime | None = None,
     study_version: int = 1,
+    source_instance_numbers: Mapping[str, int] | None = None,
 ) -> list[Dataset]:
     """The derived MR series of the predicted T1-Gd; ``study_version`` goes into the series
-    description (:func:`series_description`)."""
+    description (:func:`series_description`); ``source_instance_numbers``: the source slices'
+    InstanceNumber by SOP Instance UID, which the images take."""
     if prediction.mean.shape != source_t1c.shape:
         raise ExportError(
             f"the predicted image must be on the source T1-Gd grid: expected shape "
@@ -98,10 +148,17 @@ def build_derived_mr(
         )
     if not source_t1c.frame_of_reference_uid:
         raise ExportError("the source T1-Gd grid has no FrameOfReferenceUID (found None)")
+    if prediction.field_of_view is not None and prediction.field_of_view.shape != source_t1c.shape:
+        raise ExportError(
+            f"the field of view must be on the source T1-Gd grid: expected shape "
+            f"{source_t1c.shape}, found {prediction.field_of_view.shape}"
+        )
     values = np.asarray(prediction.mean.array, dtype=np.float64)
-    if not np.all(np.isfinite(values)):
+    inside = prediction.predicted_region
+    if not np.all(np.isfinite(values[inside])):
         raise ExportError("the predicted image has non-finite voxels")
-    lo, hi = float(values.min()), float(values.max())
+    # the predicted values alone set the scale (outside the field of view none was predicted)
+    lo, hi = (float(values[inside].min()), float(values[inside].max())) if inside.any() else (0, 0)
     # integers of the source's scale, as they are; values beyond signed 16 bits (a source of
     # 0..65535) or of a narrow range (one rescaled to fractions, RescaleSlope 0.001: rounded,
     # they were 0 and 1) stored through RescaleSlope / RescaleIntercept over the 16 bits
@@ -109,7 +166,9 @@ def build_derived_mr(
     if lo < -32768 or hi > 32767 or hi - lo < 256:
         slope = max(hi - lo, 1e-12) / 65534.0
         intercept = (hi + lo) / 2.0
-    pixels = np.clip(np.rint((values - intercept) / slope), -32767, 32767).astype(np.int16)
+    scaled = np.where(inside, (values - intercept) / slope, 0.0)
+    pixels = np.clip(np.rint(scaled), -32767, 32767).astype(np.int16)
+    pixels[~inside] = PADDING_VALUE
     w = window or window_like(source_t1c)
     ts = when or datetime.datetime.now().replace(microsecond=0)
     source_uids = slice_instance_uids(source_t1c, source_series)
@@ -117,6 +176,7 @@ def build_derived_mr(
     series_uid = job.series_uid("derived-mr")
     nk, nj, ni = source_t1c.shape
     overlay = banner_overlay(nj, ni, BANNER_TEXT)
+    numbers = instance_numbers(source_t1c, source_series, source_instance_numbers)
     out: list[Dataset] = []
     for k in range(nk):
         g = slice_geometry(source_t1c, k)
@@ -139,7 +199,8 @@ def build_derived_mr(
         ds.SeriesDescription = series_description("derived MR", study_version)
         ds.SeriesDate = ts.strftime("%Y%m%d")
         ds.SeriesTime = ts.strftime("%H%M%S")
-        ds.Laterality = ""  # type 2C; the brain is not a paired structure
+        # no Laterality (type 2C): the brain is not a paired structure, as BodyPartExamined says
+        ds.BodyPartExamined = BODY_PART
         ds.PatientPosition = ""  # type 2C; the source position is not carried by Volume
         # Frame of Reference
         ds.FrameOfReferenceUID = source_t1c.frame_of_reference_uid
@@ -151,7 +212,7 @@ def build_derived_mr(
         if equipment.institution_name:
             ds.InstitutionName = equipment.institution_name
         # General Image
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = numbers[k]
         ds.ContentDate = ts.strftime("%Y%m%d")
         ds.ContentTime = ts.strftime("%H%M%S")
         ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
@@ -160,6 +221,16 @@ def build_derived_mr(
             f"(mean of {len(prediction.sample_volumes_ml)} samples); not an acquisition"
         )
         ds.ImageComments = f"{BANNER_TEXT}. Model {equipment.model_label}."
+        touched = not inside[k].all()
+        if touched:
+            ds.DerivationDescription += (
+                f"; outside the model's field of view not predicted: PixelPaddingValue "
+                f"{PADDING_VALUE}, hatched in the overlay"
+            )
+            ds.ImageComments += (
+                " Outside the model's field of view (hatched in the overlay) "
+                "nothing was predicted: those pixels are padding, not an intensity."
+            )
         ds.BurnedInAnnotation = "NO"
         ds.LossyImageCompression = "00"
         ds.SourceImageSequence = [
@@ -188,6 +259,8 @@ def build_derived_mr(
         ds.BitsStored = 16
         ds.HighBit = 15
         ds.PixelRepresentation = 1
+        if not inside.all():  # the series has pixels outside the field of view
+            ds.add_new(0x00280120, "SS", PADDING_VALUE)  # PixelPaddingValue
         if slope != 1.0:
             ds.RescaleSlope = f"{slope:.10g}"[:16]
             ds.RescaleIntercept = f"{intercept:.10g}"[:16]
@@ -196,7 +269,14 @@ def build_derived_mr(
         ds.WindowWidth = f"{w.width:.6g}"
         ds.WindowCenterWidthExplanation = "like the source T1-Gd"
         ds.PixelData = pixels[k].tobytes()
-        if overlay is not None:
+        if touched:  # the hatch joins the banner in the one overlay (group 6000)
+            hatch = not_predicted_overlay(~inside[k])
+            if overlay is not None:
+                inked = np.flatnonzero(overlay.any(axis=1))
+                hatch[: inked[-1] + 3 if inked.size else 0] = 0  # the banner text stays clear
+                hatch |= overlay
+            _add_overlay(ds, hatch, description=HATCHED_OVERLAY)
+        elif overlay is not None:
             _add_overlay(ds, overlay)
         apply_labels(ds, equipment, ts)
         out.append(ds)

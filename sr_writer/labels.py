@@ -43,6 +43,8 @@ DEFAULT_MANUFACTURER = "glioforecast"
 
 # DICOM LO (Long String) holds at most 64 characters.
 _LO_MAX = 64
+#: the most characters a value of each text VR holds (PS3.5 6.2), for :func:`fit`
+_VR_MAX = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UT": 2**32 - 2}
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # Namespace of the name-based (version 5) UUIDs behind the output UIDs. Fixed forever: changing it
@@ -277,17 +279,19 @@ class Equipment:
     def contributing_equipment(
         self, when: datetime.datetime | None = None
     ) -> hd.ContributingEquipment:
-        """One ``ContributingEquipmentSequence`` item naming node, model and version."""
+        """One ``ContributingEquipmentSequence`` item naming node, model and version, each
+        value fitted to its attribute's VR (:func:`fit`)."""
         return hd.ContributingEquipment(
-            manufacturer=self.manufacturer,
+            manufacturer=fit("Manufacturer", self.manufacturer),
             purpose_of_reference=PROCESSING_EQUIPMENT,
-            manufacturer_model_name=_lo(self.model_name),
-            software_versions=list(self.software_versions),
-            institution_name=self.institution_name,
-            station_name=self.station_name,
+            manufacturer_model_name=fit("ManufacturerModelName", self.model_name),
+            software_versions=[fit("SoftwareVersions", v) for v in self.software_versions],
+            institution_name=_fit_optional("InstitutionName", self.institution_name),
+            station_name=_fit_optional("StationName", self.station_name),
             contribution_datetime=(when or now()).strftime("%Y%m%d%H%M%S"),
-            contribution_description=_lo(
-                f"synthetic prediction by {self.model_label}, research use only"
+            contribution_description=fit(
+                "ContributionDescription",
+                f"synthetic prediction by {self.model_label}, research use only",
             ),
         )
 
@@ -301,14 +305,24 @@ def node_contribution(
         manufacturer=DEFAULT_MANUFACTURER,
         purpose_of_reference=PROCESSING_EQUIPMENT,
         manufacturer_model_name="glioforecast node",
-        software_versions=[f"glioforecast {node_version}"],
+        software_versions=[fit("SoftwareVersions", f"glioforecast {node_version}")],
         contribution_datetime=when.strftime("%Y%m%d%H%M%S"),
-        contribution_description=_lo(description),
+        contribution_description=fit("ContributionDescription", description),
     )
 
 
-def _lo(text: str) -> str:
-    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 1] + "~"
+def fit(keyword: str, text: str) -> str:
+    """``text`` within the length limit of the VR of the attribute ``keyword`` (from pydicom's
+    data dictionary: 64 characters for an LO such as ManufacturerModelName, 16 for the SH
+    StationName, 1024 for the ST ContributionDescription), cut with a final ``~`` when longer."""
+    limit = _VR_MAX.get(pydicom.datadict.dictionary_VR(keyword))
+    if limit is None:
+        raise ExportError(f"{keyword}: expected an attribute of a text VR, found none known")
+    return text if len(text) <= limit else text[: limit - 1] + "~"
+
+
+def _fit_optional(keyword: str, text: str | None) -> str | None:
+    return fit(keyword, text) if text else text
 
 
 def now() -> datetime.datetime:

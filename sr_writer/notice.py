@@ -51,7 +51,7 @@ from .labels import (
     set_patient_study,
 )
 from .references import reference_stubs
-from .secondary_capture import draw_banner
+from .secondary_capture import BODY_PART, draw_banner
 from .structured_report import LOCAL_SCHEME
 
 NOTICE_SERIES_NUMBERS = {"sc": 9010, "sr": 9011}
@@ -202,7 +202,8 @@ def build_failure_notice(
         **common,
     )
     sc.add_new("PatientOrientation", "CS", None)  # type 2: a page of text has none
-    sc.Laterality = ""  # type 2C, empty: no paired body part
+    # the study's body part, unpaired: no Laterality (empty, it drew a warning from dciodvfy)
+    sc.BodyPartExamined = BODY_PART
     sc.ConversionType = "WSD"  # drawn by a workstation, not an image of the patient
     sc.BurnedInAnnotation = "NO"  # the text identifies nobody
     sc.RecognizableVisualFeatures = "NO"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.errors import ExportError
@@ -35,7 +36,7 @@ from .labels import (
     mark_lossy,
     series_description,
 )
-from .rtstruct import RoiMask, build_rtstruct, move_to_frame
+from .rtstruct import RoiMask, build_rtstruct, mask_on_planes, move_to_frame
 from .secondary_capture import Window, build_secondary_capture
 from .segmentation import build_segmentation
 from .structured_report import build_structured_report
@@ -44,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 PREDICTED_ROI_NAME = "PRED_TUMOUR"
 PREDICTED_ROI_COLOR = (255, 0, 0)
+#: what the RTSTRUCTs' StructureSetDescription says of an empty predicted tumour: the samples
+#: draw tumour (the SR's mean volume) but the outlined volume, where they agree, is nothing
+NOTHING_OUTLINED = "no voxel outlined: the samples agree on no tumour"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class JobInputs:
     CT's); the predicted tumour is then also written as an RTSTRUCT on that frame.
     ``study_version``: the job version of the study (1, then one more each time a late instance
     reopened it); the series descriptions of versions 2 and up say it (``... - SEG v2``).
+    ``t1c_instance_numbers``: the source T1-Gd's InstanceNumber by SOP Instance UID, which the
+    images derived slice by slice take (a viewer pairs a Secondary Capture with the source by
+    it); ``gtv_volume_ml``: the volume of the GTV the structure set outlines, which the SR
+    reports beside the model's own pre-treatment measurement.
     """
 
     patient: PatientStudy
@@ -70,6 +78,8 @@ class JobInputs:
     #: derived from them carry on
     lossy: LossyHistory | None = None
     study_version: int = 1
+    t1c_instance_numbers: Mapping[str, int] = field(default_factory=dict)
+    gtv_volume_ml: float | None = None
 
     @property
     def input_instance_uids(self) -> tuple[str, ...]:
@@ -171,10 +181,11 @@ def build_outputs(
         "when": ts,
         "study_version": inputs.study_version,
     }
-    sc = build_secondary_capture(**common, window=inputs.window)  # type: ignore[arg-type]
+    numbers = {"source_instance_numbers": inputs.t1c_instance_numbers}
+    sc = build_secondary_capture(**common, **numbers, window=inputs.window)  # type: ignore[arg-type]
     unc: list[Dataset] = []
     if opts.uncertainty_sc:
-        unc = list(build_secondary_capture(**common, uncertainty=True))  # type: ignore[arg-type]
+        unc = list(build_secondary_capture(**common, **numbers, uncertainty=True))  # type: ignore[arg-type]
     seg = build_segmentation(**common)  # type: ignore[arg-type]
     rt = build_prediction_rtstruct(
         prediction=prediction, inputs=inputs, job=job, equipment=equipment, when=ts
@@ -187,12 +198,13 @@ def build_outputs(
         )  # fmt: skip
     mr: list[Dataset] = []
     if opts.derived_mr:
-        mr = build_derived_mr(**common, window=inputs.window)  # type: ignore[arg-type]
+        mr = build_derived_mr(**common, **numbers, window=inputs.window)  # type: ignore[arg-type]
     sr = build_structured_report(
         **common,  # type: ignore[arg-type]
         seg=seg,
         outputs=[*sc, *unc, *mr, rt, *([rt_planning] if rt_planning is not None else [])],
         other_sources=inputs.other_series,
+        gtv_volume_ml=inputs.gtv_volume_ml,
     )
     for image in [*sc, *unc, *mr, seg]:  # pixels derived from the source images
         mark_lossy(image, inputs.lossy)
@@ -226,9 +238,15 @@ def build_prediction_rtstruct(
     frame: FrameMapping | None = None,
 ) -> Dataset:
     """RTSTRUCT of the predicted tumour on the pre-treatment frame of reference or, with
-    ``frame``, on that frame (the planning CT's: the contours mapped by its matrix, for a
-    planning system to import onto the plan; its own series). Its series description carries
-    ``inputs.study_version`` (:func:`~sr_writer.labels.series_description`).
+    ``frame``, on that frame (the planning CT's, for a planning system to import onto the plan;
+    its own series). On that frame the mask is placed by the frame's matrix and contoured on the
+    planes the GTV's structure set was drawn on (``frame.planes``: the planning CT's slices,
+    :func:`~sr_writer.rtstruct.mask_on_planes`), with no image reference (the node does not have
+    the CT); when those planes are not known, the MR-frame contours are mapped by the matrix
+    (:func:`~sr_writer.rtstruct.move_to_frame`: each on a plane tilted against the CT's). Its
+    series description carries ``inputs.study_version``
+    (:func:`~sr_writer.labels.series_description`); when the prediction outlines no voxel, its
+    StructureSetDescription says so (:data:`NOTHING_OUTLINED`).
 
     Written by the shared :func:`sr_writer.rtstruct.build_rtstruct`; the labelling attributes
     (ContentQualification, ContributingEquipmentSequence) are added here.
@@ -249,6 +267,11 @@ def build_prediction_rtstruct(
         )
     if tuple(grid.source_instance_uids) != tuple(mask.source_instance_uids):
         mask = grid.with_array(mask.array)
+    reference: SeriesRef | None = inputs.t1c_series
+    on_planes = frame is not None and frame.planes is not None
+    if frame is not None and frame.planes is not None:
+        mask = mask_on_planes(mask, frame.matrix, frame.planes, frame.frame_of_reference_uid)
+        grid, reference = mask, None
     ds = build_rtstruct(
         rois=[
             RoiMask(
@@ -259,7 +282,7 @@ def build_prediction_rtstruct(
             )
         ],
         reference_grid=grid,
-        reference_series=inputs.t1c_series,
+        reference_series=reference,
         patient=inputs.patient,
         series_instance_uid=job.series_uid(kind),
         sop_instance_uid=job.instance_uid(kind),
@@ -272,10 +295,14 @@ def build_prediction_rtstruct(
         manufacturer_model_name=equipment.model_name,
         roi_generation_algorithm="AUTOMATIC",
     )
-    ds.StructureSetDescription = "Predicted post-treatment tumour; synthetic, research use only"
-    if frame is not None:
+    description = "Predicted post-treatment tumour; synthetic, research use only"
+    if not np.any(prediction.tumour_mask.array):
+        description += f"; {NOTHING_OUTLINED}"
+    if frame is not None and not on_planes:
         move_to_frame(ds, frame.matrix, frame.frame_of_reference_uid)
-        ds.StructureSetDescription += "; on the planning frame of reference"
+    if frame is not None:
+        description += "; on the planning frame of reference"
+    ds.StructureSetDescription = description
     apply_labels(ds, equipment, ts)
     return ds
 

@@ -9,7 +9,8 @@ the slice it lies on (``reference_grid.source_instance_uids`` lists them in slic
 are separate contours, which readers combine with the even-odd rule.
 
 Used both by the synthetic cohort (GTV/CTV/PTV of a phantom) and by the node's outputs (the
-predicted tumour on the pre-treatment frame of reference).
+predicted tumour on the pre-treatment frame of reference and, placed by :func:`mask_on_planes`
+on the planning CT's slices, on the planning frame, where no image is referenced).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +26,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from dicom_node.errors import ExportError
-from dicom_node.types import PatientStudy, SeriesRef, Volume
+from dicom_node.convert.geometry import moved, resample
+from dicom_node.errors import ConversionError, ExportError
+from dicom_node.types import PatientStudy, PlaneLattice, SeriesRef, Volume
 from sr_writer.contours import mask_contours
 from sr_writer.labels import set_patient_study
 from sr_writer.references import slice_frame_numbers
@@ -72,6 +74,9 @@ GENERATION_ALGORITHMS = frozenset({"AUTOMATIC", "SEMIAUTOMATIC", "MANUAL", ""})
 
 _LO_MAX = 64
 _SH_MAX = 16
+#: the most voxels of a grid on another frame's planes (:func:`mask_on_planes`); its pixels are
+#: made coarser beyond
+_PLANE_GRID_VOXELS = 64_000_000
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def build_rtstruct(
     *,
     rois: Sequence[RoiMask],
     reference_grid: Volume,
-    reference_series: SeriesRef,
+    reference_series: SeriesRef | None,
     patient: PatientStudy,
     series_instance_uid: str,
     sop_instance_uid: str,
@@ -154,8 +159,14 @@ def build_rtstruct(
 ) -> Dataset:
     """Build an RT Structure Set of ``rois`` on the frame of reference of ``reference_grid``.
 
+    With ``reference_series``, each contour references the image of the slice it lies on (the
+    grid's ``source_instance_uids``) and the structure set lists that series' instances. Without
+    it (``None``: a grid whose slices are those of images the node does not have, such as the
+    planning CT's) no image is referenced: these attributes are type 3.
+
     Raises :class:`ExportError` when a mask is not on the reference grid, the grid has no frame
-    of reference or no instance UID per slice, or a label does not fit its DICOM type.
+    of reference or, with a reference series, no instance UID per slice, or a label does not fit
+    its DICOM type.
     """
     if not rois:
         raise ExportError("an RT structure set needs at least one ROI, found none")
@@ -164,12 +175,12 @@ def build_rtstruct(
         raise ExportError("the reference grid has no frame of reference UID")
     slice_uids = reference_grid.source_instance_uids
     slice_frames = slice_frame_numbers(reference_grid)
-    if len(slice_uids) != reference_grid.shape[0]:
+    if reference_series is not None and len(slice_uids) != reference_grid.shape[0]:
         raise ExportError(
             f"the reference grid needs one source instance UID per slice: expected "
             f"{reference_grid.shape[0]}, found {len(slice_uids)}"
         )
-    if not reference_series.sop_instance_uids:
+    if reference_series is not None and not reference_series.sop_instance_uids:
         raise ExportError("the reference series lists no instance")
     if len(structure_set_label) > _SH_MAX:
         raise ExportError(
@@ -195,7 +206,6 @@ def build_rtstruct(
 
     when = content_datetime or datetime.datetime.now(datetime.UTC)
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
-    mr_class = reference_series.sop_class_uid
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -230,26 +240,15 @@ def build_rtstruct(
     ds.StructureSetDate = date
     ds.StructureSetTime = time
 
-    contour_images = DicomSequence()
-    for uid in reference_series.sop_instance_uids:
-        item = Dataset()
-        item.ReferencedSOPClassUID = mr_class
-        item.ReferencedSOPInstanceUID = uid
-        contour_images.append(item)
-    series_item = Dataset()
-    series_item.SeriesInstanceUID = reference_series.series_instance_uid
-    series_item.ContourImageSequence = contour_images
-    study_item = Dataset()
-    study_item.ReferencedSOPClassUID = STUDY_REFERENCE_SOP_CLASS_UID
-    study_item.ReferencedSOPInstanceUID = patient.study_instance_uid
-    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
     for_item = Dataset()
     for_item.FrameOfReferenceUID = for_uid
-    for_item.RTReferencedStudySequence = DicomSequence([study_item])
+    if reference_series is not None:
+        for_item.RTReferencedStudySequence = DicomSequence(
+            [_study_reference(reference_series, patient.study_instance_uid)]
+        )
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([for_item])
 
     roi_seq, contour_seq, obs_seq = DicomSequence(), DicomSequence(), DicomSequence()
-    referenced = set(reference_series.sop_instance_uids)
     for number, roi in enumerate(rois, start=1):
         roi_item = Dataset()
         roi_item.ROINumber = number
@@ -260,20 +259,13 @@ def build_rtstruct(
 
         contours = DicomSequence()
         for index, contour in enumerate(mask_contours(roi.mask, contour_tolerance), start=1):
-            slice_uid = slice_uids[contour.k]
-            if slice_uid not in referenced:
-                raise ExportError(
-                    f"ROI {roi.name!r}: slice {contour.k} instance {slice_uid} is not in the "
-                    f"reference series {reference_series.series_instance_uid}"
-                )
-            image = Dataset()
-            image.ReferencedSOPClassUID = mr_class
-            image.ReferencedSOPInstanceUID = slice_uid
-            if slice_frames[contour.k]:  # a frame of a multi-frame instance (Enhanced MR)
-                image.ReferencedFrameNumber = slice_frames[contour.k]
             item = Dataset()
             item.ContourNumber = index
-            item.ContourImageSequence = DicomSequence([image])
+            if reference_series is not None:
+                image = _image_reference(
+                    reference_series, slice_uids[contour.k], slice_frames[contour.k], roi.name
+                )
+                item.ContourImageSequence = DicomSequence([image])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(contour.points)
             item.ContourData = [_ds(v) for v in contour.points.reshape(-1)]
@@ -307,6 +299,131 @@ def build_rtstruct(
         sum(len(c.get("ContourSequence", [])) for c in contour_seq),
     )
     return ds
+
+
+def _study_reference(series: SeriesRef, study_instance_uid: str) -> Dataset:
+    """The RT Referenced Study Sequence item listing every instance of ``series``."""
+    contour_images = DicomSequence()
+    for uid in series.sop_instance_uids:
+        item = Dataset()
+        item.ReferencedSOPClassUID = series.sop_class_uid
+        item.ReferencedSOPInstanceUID = uid
+        contour_images.append(item)
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = series.series_instance_uid
+    series_item.ContourImageSequence = contour_images
+    study_item = Dataset()
+    study_item.ReferencedSOPClassUID = STUDY_REFERENCE_SOP_CLASS_UID
+    study_item.ReferencedSOPInstanceUID = study_instance_uid
+    study_item.RTReferencedSeriesSequence = DicomSequence([series_item])
+    return study_item
+
+
+def _image_reference(series: SeriesRef, slice_uid: str, frame: int, roi_name: str) -> Dataset:
+    """The Contour Image Sequence item of a contour on the slice of instance ``slice_uid``
+    (``frame``: its frame number in a multi-frame instance, 0 for a single-frame one)."""
+    if slice_uid not in series.sop_instance_uids:
+        raise ExportError(
+            f"ROI {roi_name!r}: slice instance {slice_uid} is not in the reference series "
+            f"{series.series_instance_uid}"
+        )
+    image = Dataset()
+    image.ReferencedSOPClassUID = series.sop_class_uid
+    image.ReferencedSOPInstanceUID = slice_uid
+    if frame:  # a frame of a multi-frame instance (Enhanced MR)
+        image.ReferencedFrameNumber = frame
+    return image
+
+
+def mask_on_planes(
+    mask: Volume,
+    matrix: npt.ArrayLike,
+    planes: PlaneLattice,
+    frame_of_reference_uid: str,
+    pixel_mm: float | None = None,
+) -> Volume:
+    """``mask`` (boolean) placed on another frame of reference, on a grid whose slices are
+    ``planes`` (the planning CT's slices, on which a structure set of that frame is drawn).
+
+    ``matrix`` (4x4) maps a point of the mask's frame to the other frame (a rotation and a
+    shift). The grid's slices are the planes of the lattice that the mask reaches, one more
+    beyond each end; its in-plane pixels are ``pixel_mm`` square (default half the mask's
+    smallest spacing, as the reader rasterises such a structure set). A voxel of the grid is in
+    when at least half of it is, by trilinear weights on the mask (as the reader places a
+    structure set of another frame on the image). An empty mask gives a grid of one empty voxel
+    on the plane nearest to the mask grid's centre. The in-plane axes are the lattice normal's
+    (the planning CT's own pixel axes are not known): contours traced on the grid lie on the
+    planes whatever they are."""
+    m = np.asarray(matrix, dtype=float)
+    n = np.asarray(planes.normal, dtype=float)
+    n = n / np.linalg.norm(n)
+    u = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = u - (u @ n) * n
+    u /= np.linalg.norm(u)
+    v = np.cross(n, u)
+    axes = np.stack([u, v, n], axis=1)
+    step = float(planes.step)
+    pixel = float(pixel_mm if pixel_mm is not None else min(mask.spacing) / 2)
+    array = np.asarray(mask.array).astype(bool)
+    found = np.array(np.nonzero(array))
+    if found.size == 0:  # nothing to place: one empty voxel, on the plane at the grid's centre
+        middle = (np.array(array.shape[::-1], dtype=float) - 1) / 2
+        centre = (m @ mask.affine @ np.array([*middle, 1.0]))[:3]
+        level = planes.position + planes.plane_at(float(n @ centre)) * step
+        origin = centre + (level - float(n @ centre)) * n
+        return Volume(
+            array=np.zeros((1, 1, 1), dtype=bool),
+            spacing=(pixel, pixel, step),
+            origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+            direction=axes,
+            frame_of_reference_uid=frame_of_reference_uid,
+        )
+    # the mask's box with one empty voxel around it (resampled, it gives the same values)
+    start = np.maximum(found.min(axis=1) - 1, 0)
+    stop = np.minimum(found.max(axis=1) + 2, array.shape)
+    box = array[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
+    corner = mask.affine @ np.array([start[2], start[1], start[0], 1.0])
+    part = replace(mask, array=box, origin=(float(corner[0]), float(corner[1]), float(corner[2])))
+    try:
+        placed = moved(part, m, frame_of_reference_uid)
+    except ConversionError as exc:
+        raise ExportError(
+            f"the mask cannot be placed on frame {frame_of_reference_uid}: {exc}"
+        ) from None
+    # the corners of the mask's voxels (half a voxel beyond its outer centres: as far as the
+    # trilinear weights reach half), on the new frame
+    lo_kji = found.min(axis=1) - start - 0.5
+    hi_kji = found.max(axis=1) - start + 0.5
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (lo_kji[2], hi_kji[2]) for j in (lo_kji[1], hi_kji[1])
+         for k in (lo_kji[0], hi_kji[0])]
+    )  # fmt: skip
+    world = (placed.affine @ corners.T)[:3].T
+    along = world @ n
+    first = planes.plane_at(float(along.min())) - 1
+    last = planes.plane_at(float(along.max())) + 1
+    lo = np.array([(world @ u).min(), (world @ v).min()]) - 2 * pixel
+    hi = np.array([(world @ u).max(), (world @ v).max()]) + 2 * pixel
+    nk = last - first + 1
+    while True:
+        ni, nj = (np.ceil((hi - lo) / pixel) + 1).astype(int)
+        if ni * nj * nk <= _PLANE_GRID_VOXELS:
+            break
+        pixel *= 1.5
+    origin = lo[0] * u + lo[1] * v + (planes.position + first * step) * n
+    grid = Volume(
+        array=np.zeros((nk, int(nj), int(ni)), dtype=bool),
+        spacing=(pixel, pixel, step),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        direction=axes,
+        frame_of_reference_uid=frame_of_reference_uid,
+    )
+    inside = resample(placed, grid, order=1, output_dtype=np.bool_)
+    logger.debug(
+        "placed %d mask voxels on %d planes of frame %s (%d voxels in, %.2f mm pixels)",
+        found.shape[1], nk, frame_of_reference_uid, int(inside.sum()), pixel,
+    )  # fmt: skip
+    return grid.with_array(inside)
 
 
 def move_to_frame(ds: Dataset, matrix: npt.ArrayLike, frame_of_reference_uid: str) -> None:

@@ -122,6 +122,7 @@ def build_segmentation(
         content_date=ts.date(),
         content_time=ts.time(),
     )
+    _spacing_between_slices(seg, source_t1c)
     if spread is not None:
         _refer_to_frames(seg, {ds.SOPInstanceUID: ref for ds, ref in zip(sources, spread,
                                                                          strict=True)},
@@ -134,6 +135,24 @@ def build_segmentation(
         int(mask.sum()),
     )
     return seg
+
+
+def _spacing_between_slices(seg: hd.seg.Segmentation, grid: Volume) -> None:
+    """SpacingBetweenSlices as the source grid has it, to the micrometre (highdicom derives it
+    from the frames' positions, with their rounding noise: 2.49999996925833 for 2.5 on an
+    oblique grid); left as highdicom wrote it should the two disagree by more than that noise."""
+    spacing = round(float(grid.spacing[2]), 6)
+    groups = [*seg.get("SharedFunctionalGroupsSequence", []),
+              *seg.get("PerFrameFunctionalGroupsSequence", [])]  # fmt: skip
+    for group in groups:
+        for measures in group.get("PixelMeasuresSequence", []):
+            if "SpacingBetweenSlices" not in measures:
+                continue
+            written = float(measures.SpacingBetweenSlices)
+            if abs(written - spacing) < 1e-4:
+                measures.SpacingBetweenSlices = spacing
+            else:
+                measures.SpacingBetweenSlices = round(written, 6)
 
 
 def _refer_to_frames(

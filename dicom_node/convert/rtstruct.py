@@ -53,7 +53,7 @@ from dicom_node.convert.spatial_registration import (
     rotation_deg,
 )
 from dicom_node.errors import ConversionError
-from dicom_node.types import FrameMapping, Volume
+from dicom_node.types import FrameMapping, PlaneLattice, Volume
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +563,10 @@ def contour_grid(
             f"{label}: expected contours in parallel planes (the slices of one series), found "
             f"contour(s) {tilted[:5]} tilted against contour 1"
         )
+    # the common normal of all the contours (each about its own centre), finer than one's
+    centred = np.concatenate([pts - pts.mean(axis=0) for pts in contours if len(pts) >= 3])
+    common = np.linalg.svd(centred, full_matrices=False)[2][2]
+    n = common if float(common @ n) > 0 else -common
     positions = np.array([float(n @ pts.mean(axis=0)) for pts in contours])
     levels = np.unique(np.round(positions, 2))
     steps = np.diff(levels)
@@ -575,6 +579,11 @@ def contour_grid(
             f"{label}: expected contour planes on a regular lattice ({step:.2f} mm apart, the "
             f"slices they were drawn on), found planes at {bad[:5]} mm off it"
         )
+    index = np.round(lattice)
+    if np.ptp(index) > 0:  # the first plane and the step fitted to every plane, not rounded
+        step, first = (float(c) for c in np.polyfit(index, positions, 1))
+        levels = np.array([first])  # index 0 is the first plane's
+        lattice = (positions - levels[0]) / step
     u = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
     u = u - (u @ n) * n
     u /= np.linalg.norm(u)
@@ -717,6 +726,7 @@ def load_placed_rtstruct_mask(
     foreign: list[Volume] = []
     foreign_contours = 0
     drawn_on: dict[str, npt.NDArray[np.float64]] = {}  # their frames: frame -> mr_for
+    lattices: dict[str, list[PlaneLattice | None]] = {}  # the planes of each ROI on each frame
     for roi in chosen:
         roi_for = roi.frame_of_reference_uid or _set_frame(ds, name)
         if not mr_for or not roi_for or (roi_for != mr_for and not registrations):
@@ -751,6 +761,8 @@ def load_placed_rtstruct_mask(
             foreign.append(drawn)
             foreign_contours += len(polygons)
             drawn_on[roi_for] = matrix
+            on_planes = len({k for k, _ in polygons}) >= 2  # one plane: its step is not known
+            lattices.setdefault(roi_for, []).append(_lattice(grid) if on_planes else None)
             log.info(
                 "%s: on frame %s, placed on the T1-Gd's by Spatial Registration %s (rotation "
                 "%.1f degrees, shift %.1f mm at the ROI)", label, roi_for,
@@ -828,5 +840,47 @@ def load_placed_rtstruct_mask(
     placed = None
     if len(drawn_on) == 1:
         ((frame, matrix),) = drawn_on.items()
-        placed = FrameMapping(frame, np.asarray(np.linalg.inv(matrix), dtype=np.float64))
+        placed = FrameMapping(
+            frame,
+            np.asarray(np.linalg.inv(matrix), dtype=np.float64),
+            planes=_common_lattice(lattices[frame], name),
+        )
     return reference.with_array(mask), placed
+
+
+def _lattice(grid: Volume) -> PlaneLattice:
+    """The planes of the slices of a grid made by :func:`contour_grid`."""
+    normal = np.asarray(grid.direction, dtype=float)[:, 2]
+    step = float(grid.spacing[2])
+    return PlaneLattice(
+        normal=(float(normal[0]), float(normal[1]), float(normal[2])),
+        position=float(normal @ np.asarray(grid.origin, dtype=float)) + step,  # its 1st contour
+        step=step,
+    )
+
+
+def _common_lattice(lattices: Sequence[PlaneLattice | None], name: str) -> PlaneLattice | None:
+    """The planes of the ROIs of one frame (several with ``combine``): the finest lattice when
+    the others' planes lie on it (a GTV drawn on every other CT slice beside one drawn on each),
+    else None (then unknown), with a warning."""
+    known = [lat for lat in lattices if lat is not None]
+    if not known or len(known) < len(lattices):
+        return None
+    finest = min(known, key=lambda lat: lat.step)
+    n = np.asarray(finest.normal)
+    for other in known:
+        cos = float(n @ np.asarray(other.normal))
+        ratio = other.step / finest.step
+        shift = (np.sign(cos) * other.position - finest.position) / finest.step
+        if (
+            abs(cos) < 0.9999
+            or abs(ratio - round(ratio)) * finest.step > 0.01
+            or abs(shift - round(shift)) * finest.step > 0.01
+        ):
+            log.warning(
+                "%s: the ROIs' contours are on different planes (%.2f and %.2f mm apart); the "
+                "predicted tumour on their frame is not contoured on them", name, finest.step,
+                other.step,
+            )  # fmt: skip
+            return None
+    return finest

@@ -74,11 +74,22 @@ def test_demo_round_trip_with_the_embedded_pacs(
         bundled = read_model_yaml(demo_model_dir())[0]
         assert f"{bundled.name} {bundled.version}" in list(first.SoftwareVersions)
         panel = (int(first.Columns), int(first.Rows))
+        (unc_series,) = [s for s in results if s.description.endswith("UNCERTAINTY SC")]
+        unc_rows = int(pacs.read(unc_series.instances[0]).Rows)  # its legend makes it taller
     finally:
         pacs.stop()
 
     # the numbers the demo printed are the SR's
-    assert _printed(stdout, "tumour volume now") == f"{numbers['current_ml']:.1f} ml"
+    # the volume the change is computed from is the model's own reading, said as such; the GTV
+    # of the structure set is reported apart, and is the synthetic truth's (the SR called the
+    # model's reading, 26.8 ml, "GTV before treatment" where the GTV was 44.1 ml)
+    assert _printed(stdout, "before treatment") == (
+        f"{numbers['current_ml']:.1f} ml (Enhancing tumour pre-treatment (model))"
+    )
+    assert isinstance(numbers["gtv_ml"], float)
+    assert _printed(stdout, "GTV (structure set)") == f"{numbers['gtv_ml']:.1f} ml"
+    truth_gtv = float(_printed(stdout, "synthetic truth").split()[1])
+    assert numbers["gtv_ml"] == pytest.approx(truth_gtv, rel=0.05)
     assert _printed(stdout, "predicted volume") == (
         f"{numbers['predicted_mean_ml']:.1f} ml (sd {numbers['predicted_sd_ml']:.1f})"
     )
@@ -106,7 +117,7 @@ def test_demo_round_trip_with_the_embedded_pacs(
         assert re.search(rf"^    \w+\s+\d+  SYNTHETIC PREDICTION.* - {suffix}$", stdout, re.M)
 
     with Image.open(out / "montage.png") as picture:  # pre-treatment | prediction | uncertainty
-        assert picture.size == (3 * panel[0], panel[1])
+        assert picture.size == (3 * panel[0], max(panel[1], unc_rows))  # none squeezed
     # the montage is on the tumour: its slice carries the predicted outline or, when the model
     # predicts no tumour left, the current GTV (it once showed the first slice, above the head)
     assert "montage slice: " in stdout

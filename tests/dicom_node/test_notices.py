@@ -263,3 +263,29 @@ def test_a_notice_says_the_pacs_was_asked_and_is_asked_again() -> None:
     # a node that does not ask a PACS keeps the plain advice
     said, _ = explain(reason, "GLIOFORECAST")
     assert said == "No RT structure set with the tumour outline (GTV) was received for this study."
+
+
+def test_a_notice_for_an_image_that_cannot_be_converted_names_its_series(  # type: ignore[no-untyped-def]
+    run_node, scps, tmp_path: Path
+) -> None:
+    """A T1-Gd with two slices at one position cannot be made a volume: the job's reason and
+    the notice say which series (number and description), so that the site knows what to fix
+    (the reason was the converter's alone: "1 duplicate slice position(s) along ...")."""
+    (pacs, at_pacs), _ = scps
+    node = run_node(dataclasses.replace(make_settings(tmp_path / "data"), destinations=(pacs,)))
+    study = factories.small_study(tmp_path / "study")
+    second, third = (pydicom.dcmread(p) for p in study["t1c"][1:3])
+    second.ImagePositionPatient = third.ImagePositionPatient
+    second.save_as(study["t1c"][1])
+    assert storescu(node.scp.port, *(p for paths in study.values() for p in paths)).returncode == 0
+    study_uid = second.StudyInstanceUID
+    job = wait_for(lambda: finished_job(node, study_uid, 1), timeout=120, what="the job")
+    assert job.state == FAILED
+    assert job.reason.startswith(
+        "t1c series 5 'AX T1 POST GD' (MR Image Storage, 4 instances): 1 duplicate slice "
+        "position(s) along the normal"
+    ), job.reason
+    wait_for(lambda: node.outbox.counts().get("pacs") == {"sent": 2}, what="the notice at the PACS")
+    (sr,) = [ds for p in at_pacs.iterdir() for ds in [pydicom.dcmread(p)] if ds.Modality == "SR"]
+    reason = read_notice(sr)["Reason no prediction was made"]
+    assert reason == job.reason and "series 5 'AX T1 POST GD'" in reason

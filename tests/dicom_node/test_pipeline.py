@@ -175,19 +175,37 @@ def test_the_optional_objects_follow_the_outputs_settings(  # type: ignore[no-un
     run_node, patient, pacs, tmp_path
 ) -> None:
     """The derived MR series (which a destination's objects could name) could not be turned
-    on in the node, nor the uncertainty series off: the ``outputs`` section sets them."""
+    on in the node, nor the uncertainty series off: the ``outputs`` section sets them.
+
+    The source T1-Gd here is numbered head to foot: the images derived from it slice by slice
+    were numbered in the node's own order, so that the viewer that pairs them with the source
+    by Instance Number (the SC carries no position) scrolled them the other way."""
     pre, _ = patient
     destination, received = pacs
+    study = tmp_path / "study"
+    shutil.copytree(pre, study)
+    t1c = sorted((study / "003_t1c").glob("*.dcm"))
+    source_numbers = {}
+    for path in t1c:
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = len(t1c) + 1 - int(ds.InstanceNumber)
+        ds.save_as(path)
+        source_numbers[str(ds.SOPInstanceUID)] = int(ds.InstanceNumber)
     settings = make_settings(
         tmp_path / "data",
         outputs={"derived_mr": True, "uncertainty_sc": False, "institution_name": "CHU Test"},
     )
-    datasets = _results_at_pacs(run_node, settings, destination, received, pre)
+    datasets = _results_at_pacs(run_node, settings, destination, received, study)
     series = {str(ds.SeriesDescription) for ds in datasets}
     assert any("derived MR" in d for d in series), series
     assert not any("UNCERTAINTY" in d for d in series), series
     (sr,) = [ds for ds in datasets if ds.Modality == "SR"]
     assert sr.InstitutionName == "CHU Test"
+    per_slice = [ds for ds in datasets if ds.Modality in ("OT", "MR")]
+    assert len(per_slice) == 2 * len(t1c)
+    for ds in per_slice:  # each image is numbered as the source slice it shows
+        shown = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        assert int(ds.InstanceNumber) == source_numbers[shown], ds.SeriesDescription
 
 
 def test_results_of_a_lossy_compressed_t1gd_say_so(run_node, patient, pacs, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -591,8 +609,9 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
         for sop in series.ReferencedSOPSequence
     }
     assert pydicom.dcmread(reg).SOPInstanceUID in evidence
-    # for the planner, the predicted tumour also comes on the planning frame: the same contours
-    # mapped by the registration, importable onto the plan
+    # for the planner, the predicted tumour also comes on the planning frame, importable onto
+    # the plan: contoured on the planes the structure set was drawn on (here the MR's slices
+    # mapped by the registration, as the synthetic planning system draws them)
     structures = {
         str(ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID): ds
         for ds in (pydicom.dcmread(p) for p in received.iterdir())
@@ -605,14 +624,17 @@ def test_planning_ct_frame_structure_set_waits_for_its_registration(  # type: ig
     assert on_plan.SeriesInstanceUID != on_mr.SeriesInstanceUID
     assert on_plan.SeriesDescription == series_description("RTSTRUCT PLAN", 2)
 
-    def points(ds):  # type: ignore[no-untyped-def]
-        return np.concatenate(
-            [np.asarray(c.ContourData, float).reshape(-1, 3)
-             for roi in ds.ROIContourSequence for c in roi.ContourSequence]
-        )  # fmt: skip
+    def contours(ds):  # type: ignore[no-untyped-def]
+        return [
+            np.asarray(c.ContourData, float).reshape(-1, 3)
+            for roi in ds.ROIContourSequence for c in roi.ContourSequence
+        ]  # fmt: skip
 
-    expected = points(on_mr) @ planning.rotation.T + planning.translation
-    assert np.allclose(points(on_plan), expected, atol=1e-3)
+    mr_planes = {round(float(c[0, 2]), 2) for c in contours(on_mr)}
+    assert contours(on_plan)
+    for c in contours(on_plan):  # back on the MR's frame, each lies on one of its slices
+        back = (c - planning.translation) @ planning.rotation
+        assert np.ptp(back[:, 2]) < 0.01 and round(float(back[:, 2].mean()), 2) in mr_planes
     plan_file = next(
         p for p in received.iterdir() if pydicom.dcmread(p).SOPInstanceUID == on_plan.SOPInstanceUID
     )

@@ -11,6 +11,7 @@ import torch
 
 from dicom_node.errors import InferenceError
 from dicom_node.types import RESPONSE_CATEGORIES, StudyInputs, Volume
+from inference.baseline import NoChangeBaseline
 from inference.metrics import dice
 from inference.model_config import tiny_config
 from inference.model_dir import save_model_dir
@@ -29,12 +30,12 @@ def rotation(ax: float, az: float) -> np.ndarray:
     return rz @ rx
 
 
-def oblique_study(flair: bool = True, dose: bool = True) -> StudyInputs:
+def oblique_study(flair: bool = True, dose: bool = True, slices: int = 26) -> StudyInputs:
     """A head-like ellipsoid with an enhancing ball on an oblique, anisotropic grid (LPS)."""
-    shape = (26, 44, 40)  # k, j, i
+    shape = (slices, 44, 40)  # k, j, i
     spacing = (2.9, 2.7, 4.6)  # di, dj, dk
     direction = rotation(0.35, 0.5)
-    centre_index = np.array([(40 - 1) / 2, (44 - 1) / 2, (26 - 1) / 2])
+    centre_index = np.array([(40 - 1) / 2, (44 - 1) / 2, (slices - 1) / 2])
     origin = -direction @ (np.asarray(spacing) * centre_index)  # head centred on (0, 0, 0)
     k, j, i = np.indices(shape, dtype=float)
     ijk = np.stack([i, j, k], axis=-1) * np.asarray(spacing)
@@ -167,6 +168,16 @@ def test_trained_models_of_both_kinds(tiny_ldm_dir: Path, tiny_baseline_dir: Pat
     assert not q.std.array.any()  # deterministic: no spread
     assert len(set(q.sample_volumes_ml)) == 1 and len(q.sample_volumes_ml) == 4
     assert q.survival_class is None
+    # what the pre-treatment volume is, for the report to name it (it called the models' own
+    # reading "GTV before treatment"): the models measure it, the 'no change' baseline takes
+    # the GTV, and a predictor told to use the GTV says so
+    assert (p.current_from, q.current_from) == ("model", "model")
+    assert NoChangeBaseline().predict(inputs).current_from == "mask"
+    by_mask = ModelPredictor(tiny_ldm_dir, samples=2, current_from="mask").predict(inputs)
+    assert by_mask.current_from == "mask"
+    assert by_mask.current_volume_ml == pytest.approx(
+        float(inputs.tumour_mask.array.sum()) * float(np.prod(inputs.t1c.spacing)) / 1000, rel=0.2
+    )
 
 
 def test_stage1_reconstruction(tiny_ldm_dir: Path, tiny_baseline_dir: Path) -> None:
@@ -278,3 +289,32 @@ def test_non_finite_predictions_are_refused(tmp_path: Path) -> None:
     base = save_baseline_dir(unet, cfg, tmp_path / "unet")
     with pytest.raises(InferenceError, match=r"expected finite predictions.*image: \d+ of"):
         ModelPredictor(base).predict(inputs)
+
+
+def test_the_field_of_view_is_where_the_model_predicted(
+    fresh_ldm_dir: Path, tiny_baseline_dir: Path
+) -> None:
+    """A study longer than the model grid (40 slices of 4.6 mm against 128 mm): the prediction
+    says where the model predicted (its field of view, on the source grid). Outside it the
+    mean is the pre-treatment image (what mean.nii.gz holds there), the standard deviation 0,
+    the mask empty; the outputs draw it as not predicted."""
+    inputs = oblique_study(slices=40)
+    predictor = ModelPredictor(fresh_ldm_dir, samples=2, num_inference_steps=2)
+    ldm = predictor.predict(inputs)
+    for pred in (ldm, ModelPredictor(tiny_baseline_dir).predict(inputs)):
+        assert pred.field_of_view is not None
+        same_grid(pred.field_of_view, inputs.t1c)
+        fov = pred.field_of_view.array
+        assert fov.dtype == bool
+        np.testing.assert_array_equal(pred.predicted_region, fov)
+        per_slice = fov.reshape(fov.shape[0], -1).any(axis=1)
+        assert per_slice.any() and not per_slice.all()  # slices beyond the grid
+        np.testing.assert_array_equal(pred.mean.array[~fov], inputs.t1c.array[~fov])
+        assert not pred.std.array[~fov].any()
+        assert not pred.tumour_mask.array[~fov].any()
+    # the reconstruction (stage 1 alone) is on the same model grid
+    rec = predictor.reconstruct(inputs)
+    assert rec.field_of_view is not None and ldm.field_of_view is not None
+    np.testing.assert_array_equal(rec.field_of_view.array, ldm.field_of_view.array)
+    # the no-change baseline predicts every voxel
+    assert NoChangeBaseline().predict(inputs).field_of_view is None

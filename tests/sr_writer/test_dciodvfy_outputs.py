@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
+from dicom_node.types import FrameMapping, PlaneLattice
+from inference.synthetic.planning_frame import rotation_about
 from sr_writer.notice import build_failure_notice
 from sr_writer.outputs import JobOutputs, OutputOptions, build_outputs
 from sr_writer.rejection import Rejected, build_rejection_note
@@ -22,6 +26,22 @@ from tests.sr_writer.synthetic_job import (
 )
 from tests.sr_writer.test_secondary_capture import oblique_outputs
 from tests.sr_writer.test_study_version import results_of_version
+
+
+@functools.cache
+def _on_planning_ct() -> Dataset:
+    """The RTSTRUCT on a planning frame 10 degrees away, contoured on its CT's slices (a GTV
+    drawn on them gave the planes)."""
+    case = default_case()
+    to_plan = np.eye(4)
+    to_plan[:3, :3] = rotation_about([1.0, 0.5, 0.33], 10.0)
+    to_plan[:3, 3] = (12.0, -3.0, 40.0)
+    planes = PlaneLattice(normal=(0.0, 0.0, 1.0), position=0.7, step=2.5)
+    frame = FrameMapping("1.2.826.0.1.3680043.8.498.7", to_plan, planes=planes)
+    inputs = dataclasses.replace(job_inputs(case), planning_frame=frame)
+    out = build_outputs(case.prediction, inputs, OutputOptions(node_version="0.1.0"))
+    assert out.rtstruct_planning is not None
+    return out.rtstruct_planning
 
 
 @functools.cache
@@ -55,6 +75,7 @@ def _objects() -> dict[str, Dataset]:
         "uncertainty secondary capture of study version 99999": later[9002],
         "structured report of study version 99999": later[9003],
         "rtstruct on the planning frame of study version 99999": later[9007],
+        "rtstruct on the planning ct's slices": _on_planning_ct(),
         "failure notice structured report of study version 99999": later[9011],
         "rejection note": build_rejection_note(
             default_case().patient,

@@ -10,6 +10,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from inference.synthetic.planning_frame import rotation_about
 from sr_writer.outputs import OutputOptions, build_outputs
 from sr_writer.references import slice_geometry
 from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs, make_case
@@ -145,3 +146,31 @@ def test_the_outputs_give_the_source_slice_thickness_not_the_spacing() -> None:
     assert float(measures.SliceThickness) == 1.0
     assert float(measures.SpacingBetweenSlices) == 2.5
     assert slice_geometry(case.t1c, 0).slice_thickness == 1.0
+
+
+def _decimal_strings(ds: Dataset) -> list[tuple[str, str]]:
+    """(keyword, value as written) of every DS value in ``ds``, nested ones included."""
+    found: list[tuple[str, str]] = []
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                found.extend(_decimal_strings(item))
+        elif element.VR == "DS" and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            found.extend((element.keyword, str(v)) for v in values)
+    return found
+
+
+def test_oblique_slice_spacing_is_written_as_the_source_has_it() -> None:
+    """An oblique T1-Gd of slices 3.3 mm (then 2 mm) apart: the SEG says 3.3 (2.0), not the
+    3.30000000706337 (1.9999999949628) that highdicom derives from the rounded slice positions;
+    no decimal string of the SEG or the RTSTRUCT carries such noise (more than 8 decimals)."""
+    turned = rotation_about([1.0, 0.4, 0.7], 17.0)
+    for spacing, written in ((3.3, "3.3"), (2.0, "2.0")):
+        case = make_case(spacing=(0.9, 0.8, spacing), direction=turned)
+        out = build_outputs(case.prediction, job_inputs(case), OutputOptions(node_version="0.1.0"))
+        measures = out.seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        assert str(measures.SpacingBetweenSlices) == written
+        for obj in (out.seg, out.rtstruct):
+            noisy = [(k, v) for k, v in _decimal_strings(obj) if len(v.partition(".")[2]) > 8]
+            assert noisy == [], noisy

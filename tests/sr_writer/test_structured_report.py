@@ -17,7 +17,12 @@ from pydicom.dataset import Dataset
 
 from dicom_node.errors import ExportError
 from sr_writer.outputs import OutputOptions, build_outputs
-from sr_writer.structured_report import RESPONSE_CODES, SrFigures, figures_of
+from sr_writer.structured_report import (
+    CURRENT_TRACKING,
+    RESPONSE_CODES,
+    SrFigures,
+    figures_of,
+)
 from tests.conftest import tool
 from tests.sr_writer.synthetic_job import default_case, default_outputs, job_inputs
 
@@ -30,6 +35,12 @@ def _sr_dataset() -> Dataset:
 
 def _expected() -> SrFigures:
     return figures_of(default_case().prediction)
+
+
+#: how close a number read back is to the figure: volumes are written to 0.01 ml, percentages
+#: to 0.1 %
+ML = {"abs": 0.005 + 1e-9}
+PCT = {"abs": 0.05 + 1e-9}
 
 
 def test_figures_follow_the_prediction() -> None:
@@ -67,9 +78,11 @@ def test_sr_read_back_with_highdicom() -> None:
     report = sr.content
     assert isinstance(report, hd.sr.MeasurementReport)
     [current] = report.get_image_measurement_groups()
+    assert current.tracking_identifier == CURRENT_TRACKING
+    assert current.finding_type is not None and current.finding_type.meaning == "Enhancing Lesion"
     [cur_volume] = current.get_measurements()
     assert cur_volume.name.meaning == "Volume" and cur_volume.unit.value == "ml"
-    assert cur_volume.value == pytest.approx(fig.current_volume_ml, rel=1e-9)
+    assert cur_volume.value == pytest.approx(fig.current_volume_ml, **ML)
 
     [predicted] = report.get_volumetric_roi_measurement_groups()
     assert predicted.tracking_identifier == "Predicted tumour"
@@ -78,15 +91,15 @@ def test_sr_read_back_with_highdicom() -> None:
         for m in predicted.get_measurements()
         if m.name.meaning == "Volume"
     }
-    assert volumes[None] == pytest.approx(fig.segment_volume_ml, rel=1e-9)  # the segment's own
-    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
-    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
-    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
-    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, rel=1e-9)
+    assert volumes[None] == pytest.approx(fig.segment_volume_ml, **ML)  # the segment's own
+    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, **ML)
+    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, **ML)
+    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, **ML)
+    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, **ML)
     by_name = {m.name.meaning: m for m in predicted.get_measurements()}
-    change = by_name["Relative volume change from pre-treatment"]
+    change = by_name["Change of mean volume from model pre-treatment volume"]
     assert change.unit.value == "%"
-    assert change.value == pytest.approx(fig.relative_change_percent, rel=1e-9)
+    assert change.value == pytest.approx(fig.relative_change_percent, **PCT)
     assert by_name["Probability of Partial Response"].value == pytest.approx(75.0)
     assert by_name["Probability of Stable Disease"].value == pytest.approx(25.0)
 
@@ -222,7 +235,7 @@ def test_sr_read_back_with_dsrdump(tmp_path: Path) -> None:
     dsrdump = tool("dsrdump")
     path = tmp_path / "sr.dcm"
     default_outputs().sr.save_as(path, enforce_file_format=True)
-    proc = subprocess.run([dsrdump, str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([dsrdump, "+Pl", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "Comprehensive 3D SR" in text
@@ -231,24 +244,25 @@ def test_sr_read_back_with_dsrdump(tmp_path: Path) -> None:
     nums, codes = parse_dsrdump(text)
     fig = _expected()
     volumes = {d: v for name, v, unit, d in nums if name == "Volume" and unit == "ml" and d}
-    # two volumes without a derivation, in the order written: the GTV's, then the segment's
+    # two volumes without a derivation, in the order written: the model's pre-treatment
+    # volume, then the segment's
     underived = [v for name, v, unit, d in nums if name == "Volume" and unit == "ml" and not d]
-    # dsrdump prints the decimal string as stored: 16 characters at most
+    # dsrdump prints the decimal string as stored: to 0.01 ml
     assert underived == [
-        pytest.approx(fig.current_volume_ml, rel=1e-9),
-        pytest.approx(fig.segment_volume_ml, rel=1e-9),
+        pytest.approx(fig.current_volume_ml, **ML),
+        pytest.approx(fig.segment_volume_ml, **ML),
     ]
-    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
-    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
-    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, rel=1e-9)
-    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, rel=1e-9)
+    assert volumes["Mean"] == pytest.approx(fig.predicted_mean_ml, **ML)
+    assert volumes["Standard Deviation"] == pytest.approx(fig.predicted_sd_ml, **ML)
+    assert volumes["Minimum"] == pytest.approx(fig.predicted_min_ml, **ML)
+    assert volumes["Maximum"] == pytest.approx(fig.predicted_max_ml, **ML)
     other = {name: v for name, v, unit, _ in nums if unit == "%"}
-    assert other["Relative volume change from pre-treatment"] == pytest.approx(
-        fig.relative_change_percent, rel=1e-9
+    assert other["Change of mean volume from model pre-treatment volume"] == pytest.approx(
+        fig.relative_change_percent, **PCT
     )
     for category, pct in fig.response_probability_percent.items():
         label = f"Probability of {RESPONSE_CODES[category].meaning}"
-        assert other[label] == pytest.approx(pct)
+        assert other[label] == pytest.approx(pct, **PCT)
     assert codes["Predicted response category"] == "Partial Response"
     assert codes["Survival scenario used for guidance"] == "Survival class long"
 
@@ -258,11 +272,13 @@ def test_read_summary_gives_back_the_numbers_written() -> None:
 
     fig = _expected()
     numbers = read_summary(_sr_dataset())
-    assert numbers["current_ml"] == pytest.approx(fig.current_volume_ml, rel=1e-9)
-    assert numbers["segment_ml"] == pytest.approx(fig.segment_volume_ml, rel=1e-9)
-    assert numbers["predicted_mean_ml"] == pytest.approx(fig.predicted_mean_ml, rel=1e-9)
-    assert numbers["predicted_sd_ml"] == pytest.approx(fig.predicted_sd_ml, rel=1e-9)
-    assert numbers["change_percent"] == pytest.approx(fig.relative_change_percent, rel=1e-9)
+    assert numbers["current_ml"] == pytest.approx(fig.current_volume_ml, **ML)
+    assert numbers["current_label"] == CURRENT_TRACKING
+    assert numbers["gtv_ml"] is None  # not given
+    assert numbers["segment_ml"] == pytest.approx(fig.segment_volume_ml, **ML)
+    assert numbers["predicted_mean_ml"] == pytest.approx(fig.predicted_mean_ml, **ML)
+    assert numbers["predicted_sd_ml"] == pytest.approx(fig.predicted_sd_ml, **ML)
+    assert numbers["change_percent"] == pytest.approx(fig.relative_change_percent, **PCT)
     assert numbers["category"] == "Partial Response"
     assert numbers["probabilities"] == {
         "Complete Response": 0.0,
