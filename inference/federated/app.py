@@ -34,11 +34,14 @@ only after two missed 30 s heartbeats; such error replies are logged the same wa
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -463,7 +466,8 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
     from inference.federated import checkpoint
 
     started = time.monotonic()
-    check_out_dir(run)
+    # the `federate run|simulate` that submitted this run marked out as in use by it
+    check_out_dir(run, holder=True)
     kind, cfg = model_config_for(run)
     cfg_json = encode_model_config(kind, cfg)
     state, ae_state = initial_state(run, kind, cfg)
@@ -567,6 +571,7 @@ def run_federation(grid: Grid, run: RunConfig) -> Path:
                             trained, time.monotonic() - started, selected=sorted(selected),
                             resumed_after=resumed_after, seconds_before=before)  # fmt: skip
     checkpoint.remove(run)
+    release_abandoned_out_dir(run)
     log.info("federation finished: global model directory %s", out)
     return out
 
@@ -702,18 +707,30 @@ def _continues_stage1(run: RunConfig) -> bool:
     return run.stage == "diffusion" and Path(run.stage1_dir).resolve() == Path(run.out).resolve()
 
 
-def check_out_dir(run: RunConfig) -> None:
+def check_out_dir(run: RunConfig, *, holder: bool = False) -> None:
     """Refuse, before any round, to write over a model directory at ``out`` (centralised
     training's rule, :func:`inference.train.loops._check_out_dir`, plus an explicit
     ``overwrite``), to start a run over the checkpoint of an interrupted one without
     ``resume`` or ``overwrite``, and ``resume`` without a checkpoint. The federated model used
     to be written over whatever was there, leaving e.g. a UNet baseline's model.yaml beside
-    another model's autoencoder and diffusion weights."""
+    another model's autoencoder and diffusion weights. Unless ``holder`` (the run that marked
+    ``out``, :func:`claim_out_dir`, checking it again), also refuse an ``out`` that another run
+    is writing: a second run used to be accepted until the first wrote its round-1
+    checkpoint, and both then wrote one directory."""
     from inference.federated import checkpoint
     from inference.model_dir import MODEL_YAML, model_kind
     from inference.train.loops import read_train_state
 
     out = Path(run.out)
+    if not holder:
+        held = run_in_progress(run)
+        if held is not None:
+            marker = out / RUN_MARKER
+            raise InferenceError(
+                f"{out}: expected no other federated run writing there, found one in progress "
+                f"({held}; marked by {marker}): wait for it to end or stop it, or choose another "
+                f"--out; if no run is going on any more, remove {marker}"
+            )
     interrupted = checkpoint.describe(run)
     if run.resume and interrupted is None:
         raise checkpoint.none_to_resume(run)
@@ -738,6 +755,130 @@ def check_out_dir(run: RunConfig) -> None:
         f"{out}: expected an empty directory for the federated {run.stage} model, found {found}; "
         "the run would overwrite it: choose another --out, or pass --overwrite to replace it"
     )
+
+
+#: in ``out`` while a `federate run|simulate` writes there: who (pid, host, command, since
+#: when, Flower's run ID), removed when the command ends
+RUN_MARKER = "federated-run.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_in_progress(run: RunConfig) -> str | None:
+    """Who is writing ``run``'s ``out`` ("``federate run`` pid P on H since T, Flower run
+    R"), ``None`` when no run is. A marker left on this host by a process that is gone (a
+    killed command) is removed, with a warning; one left by a `federate run` that could not
+    stop its run holds until that run ends (its ServerApp removes it) or it is removed."""
+    path = Path(run.out) / RUN_MARKER
+    data = _read_marker(path)
+    if data is None:
+        return None
+    pid, host = data.get("pid"), data.get("host")
+    command = f"`glioforecast federate {data.get('command', '?')}`"
+    who = f"{command} pid {pid} on {host} since {data.get('started', '?')}"
+    if data.get("continues"):
+        return (
+            f"Flower run {data.get('run_id')}, which its {command} (pid {pid} on {host}) could "
+            f"not stop: it goes on at the SuperLink (`flwr stop {data.get('run_id')}` stops it)"
+        )
+    if data.get("run_id"):
+        who += f", Flower run {data['run_id']}"
+    if host == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
+        log.warning("%s: removing the mark of a run that ended without removing it (%s)",
+                    path, who)  # fmt: skip
+        path.unlink(missing_ok=True)
+        return None
+    return who
+
+
+def claim_out_dir(run: RunConfig, command: str) -> bool:
+    """Mark ``run``'s ``out`` as in use by this process (:data:`RUN_MARKER`, created
+    atomically: of two commands started together one gets it and the other is refused as
+    :func:`check_out_dir` refuses). ``False`` when ``out`` cannot be written here (a warning:
+    a second run with it is then not refused)."""
+    out = Path(run.out)
+    marker = out / RUN_MARKER
+    created = not out.exists()
+    data = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "created_out": created,
+    }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{RUN_MARKER}.{os.getpid()}"
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        try:
+            os.link(tmp, marker)  # fails when the marker exists: no other run can slip in
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        check_out_dir(run)  # a marker of a process gone is removed there; then try again
+        return claim_out_dir(run, command)
+    except OSError as exc:
+        log.warning("%s: cannot mark it as in use by this run (%s): a second run with this "
+                    "--out is not refused", out, exc)  # fmt: skip
+        return False
+    return True
+
+
+def update_out_dir_claim(run: RunConfig, **fields: Any) -> None:
+    """Add ``fields`` (the run ID, ``continues``) to this process's mark on ``out``."""
+    marker = Path(run.out) / RUN_MARKER
+    data = _read_marker(marker)
+    if not data or data.get("pid") != os.getpid() or data.get("host") != socket.gethostname():
+        return
+    tmp = marker.with_name(f".{RUN_MARKER}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({**data, **fields}, indent=2), encoding="utf-8")
+        tmp.replace(marker)
+    except OSError as exc:
+        log.warning("%s: cannot update it (%s)", marker, exc)
+
+
+def release_out_dir(run: RunConfig) -> None:
+    """Remove this process's mark on ``out`` (not one saying that its run goes on), and
+    ``out`` itself when the claim created it and nothing was written there."""
+    out = Path(run.out)
+    marker = out / RUN_MARKER
+    data = _read_marker(marker)
+    if not data or data.get("pid") != os.getpid() or data.get("host") != socket.gethostname():
+        return
+    if data.get("continues"):
+        return
+    marker.unlink(missing_ok=True)
+    if data.get("created_out"):
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty
+
+
+def release_abandoned_out_dir(run: RunConfig) -> None:
+    """The run finished: remove a mark on ``out`` that says it went on after its `federate
+    run` could not stop it."""
+    marker = Path(run.out) / RUN_MARKER
+    data = _read_marker(marker)
+    if data and data.get("continues"):
+        marker.unlink(missing_ok=True)
 
 
 def _clear_replaced_model(run: RunConfig) -> None:

@@ -289,6 +289,18 @@ def check_certificates(directory: str | Path, *, server: bool) -> CertificateSet
     used to start with such files and fail at the first connection with an ssl traceback.)"""
     files = certificate_set(directory)
     needed = [files.ca_cert] + ([files.server_cert, files.server_key] if server else [])
+    # a directory (or another non-file) of a needed name is named as such: it used to be
+    # listed among the files "found" beside the same name "expected"
+    not_files = [p for p in needed if p.exists() and not p.is_file()]
+    if not_files:
+        raise ConfigError(
+            "federate certs",
+            [
+                f"{p}: expected a certificate or key file (made by `glioforecast federate "
+                f"certs`), found {'a directory' if p.is_dir() else 'something that is not a file'}"
+                for p in not_files
+            ],
+        )
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         found = (
@@ -334,8 +346,9 @@ def check_ca_certificate(path: str | Path) -> None:
     """A site's ``ca.crt``: readable, and valid now (or the SuperNode's TLS handshake fails)."""
     p = Path(path)
     if not p.is_file():
+        found = f"a directory {p}" if p.is_dir() else f"no file {p}"
         raise ConfigError("federate certs", [f"--ca-cert: expected the federation's ca.crt, "
-                                             f"found no file {p}"])  # fmt: skip
+                                             f"found {found}"])  # fmt: skip
     why = _validity_problem(p, _load_cert(p))
     if why is not None:
         raise ConfigError("federate certs", [why])
@@ -379,3 +392,100 @@ def _check_server_files(files: CertificateSet) -> None:
     if problems:
         raise ConfigError("federate certs", problems)
     log.info("SuperLink certificate valid for %s", ", ".join(certificate_names(files.server_cert)))
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT``) as (host, port); ``None`` when it is not that."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_superlink_certificate(address: str, ca_cert: str | Path, timeout: float = 10.0) -> None:
+    """Raise when the SuperLink at ``address`` answers with a certificate that ``ca_cert`` does
+    not verify for that host name (another federation's ca.crt, a host name the certificate
+    does not hold, an expired certificate) or does not speak TLS (a SuperLink started with
+    ``--insecure``). Flower's ``flwr`` commands say only "Connection to the SuperLink is
+    unavailable" in each case. A SuperLink that cannot be reached is left to Flower to
+    report."""
+    import socket
+    import ssl
+
+    where = _split_address(address)
+    if where is None:
+        raise ConfigError("federate", [f"--superlink: expected HOST:PORT, found {address!r}"])
+    host, port = where
+    try:
+        context = ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "federate certs",
+            [f"--ca-cert: expected a PEM CA certificate, found {ca_cert} unreadable ({exc})"],
+        ) from None
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return  # not reachable (or not yet): Flower's own message and retries apply
+    with raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host):
+                return
+        except ssl.SSLCertVerificationError as exc:
+            reason = exc.verify_message or str(exc)
+            failure = "verify"
+        except (ssl.SSLError, OSError) as exc:
+            reason, failure = str(exc), "tls"
+    if failure == "tls":
+        raise ConfigError(
+            "federate certs",
+            [
+                f"--superlink {address}: expected a SuperLink serving TLS, found no TLS "
+                f"handshake there ({reason}); is the SuperLink started with --insecure, or is "
+                "another service on that port?"
+            ],
+        )
+    raise ConfigError(
+        "federate certs",
+        [
+            f"--ca-cert {ca_cert}: expected the CA certificate of the SuperLink at {address}, "
+            f"found that it does not verify the certificate the SuperLink presents ({reason}; "
+            f"{_presented(host, port, timeout)}); use the federation's ca.crt, made by "
+            "`glioforecast federate certs` with the SuperLink's certificate, and a --superlink "
+            "host name that certificate holds"
+        ],
+    )
+
+
+def _presented(host: str, port: int, timeout: float) -> str:
+    """What the certificate at ``host:port`` says of itself (read without verifying it)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return "its certificate could not be read"
+    if not der:
+        return "it presented no certificate"
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [*san.get_values_for_type(x509.DNSName),
+                 *(str(a) for a in san.get_values_for_type(x509.IPAddress))]  # fmt: skip
+    except x509.ExtensionNotFound:
+        names = []
+    end = cert.not_valid_after_utc
+    return (
+        f"the SuperLink's certificate is issued by {cert.issuer.rfc4514_string()}, valid for "
+        f"{', '.join(names) or 'no host name'} until {end:%Y-%m-%d %H:%M} UTC"
+    )

@@ -2,7 +2,8 @@
 
 - ``certs``: a CA and the SuperLink's certificate (:mod:`inference.federated.certs`);
 - ``node-key`` (a site) and ``register`` (the coordinator): SuperNode authentication, a key
-  pair per site whose public key the coordinator registers with ``flwr supernode register``;
+  pair per site whose public key the coordinator registers with ``flwr supernode register``
+  (the node ID it gets is printed and, with ``--flwr-home``, kept there by site name);
   a SuperLink started with ``--supernode-auth`` then admits registered SuperNodes only;
 - ``superlink`` / ``supernode``: thin wrappers that run Flower's ``flower-superlink`` /
   ``flower-supernode`` with TLS and this project's settings (the exact Flower command is logged,
@@ -10,11 +11,14 @@
   and refuses to start when the table or the files behind it are unusable;
 - ``check-data``: reads every patient of a site folder as training will and lists the
   unreadable ones with their reasons (run it before joining a federation);
-- ``run``: submits the federated training (``flwr run --stream``) to a SuperLink and follows it;
+- ``run``: submits the federated training (``flwr run --format json``, which gives the run's
+  ID) to a SuperLink and follows its log (``flwr log --stream``); SIGINT (Ctrl-C) or SIGTERM
+  stops the run at the SuperLink (``flwr stop``), or says how to when that fails;
   with ``--site-keys`` each site must prove its site name with its key
   (:mod:`inference.federated.site_identity`); ``run`` and ``simulate`` refuse an ``--out`` that
-  holds a model already unless ``--overwrite``, before any round, and go on with a run stopped
-  part-way with ``--resume`` (:mod:`inference.federated.checkpoint`);
+  holds a model already unless ``--overwrite``, or that another run is writing
+  (``federated-run.json``), before any round, and go on with a run stopped part-way with
+  ``--resume`` (:mod:`inference.federated.checkpoint`);
 - ``simulate``: the same apps on one machine, virtual sites reading one cohort folder: in this
   process (``--engine local``, :mod:`inference.federated.simulation`) or in Flower's simulation
   runtime (``--engine ray``).
@@ -23,10 +27,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,6 +101,10 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     from inference.federated.certs import certificate_names, certificate_set
     from inference.federated.deploy import process_env, superlink_command
 
+    # as supernode, register and run say: without --certs, superlink_command(None) built an
+    # --insecure command and reading the certificate names then failed with a TypeError
+    if not args.insecure and args.certs is None:
+        return _fail("superlink", ValueError("expected --certs DIR (or --insecure), found neither"))
     try:
         cmd = superlink_command(
             None if args.insecure else args.certs, host=args.host, port=args.port,
@@ -156,6 +167,7 @@ def cmd_node_key(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
+    from inference.federated.certs import check_ca_certificate, check_superlink_certificate
     from inference.federated.deploy import process_env, register_command, write_connection
 
     if not Path(args.public_key).is_file():
@@ -167,13 +179,90 @@ def cmd_register(args: argparse.Namespace) -> int:
         return _fail(
             "register", ValueError("expected --ca-cert FILE (or --insecure), found neither")
         )
+    # the site's name: the key's file name (`federate node-key --name SITE`) unless given
+    site = args.site or Path(args.public_key).name.removesuffix(".pub")
+    ca = None if args.insecure else args.ca_cert
+    try:
+        if ca is not None:
+            check_ca_certificate(ca)
+            if not args.print:
+                check_superlink_certificate(args.superlink, ca)
+    except GlioforecastError as exc:
+        return _fail("register", exc)
+
+    def register_in(home: Path) -> int:
+        write_connection(home, args.superlink, ca)
+        if args.print:
+            return _exec(register_command(args.public_key, site), True, process_env(home))
+        return _register(args, site, home)
+
     if args.flwr_home:
-        home = Path(args.flwr_home)
-        write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
-        return _exec(register_command(args.public_key), args.print, process_env(home))
+        return register_in(Path(args.flwr_home))
     with tempfile.TemporaryDirectory(prefix="gf-flwr-") as tmp:
-        write_connection(Path(tmp), args.superlink, None if args.insecure else args.ca_cert)
-        return _exec(register_command(args.public_key), args.print, process_env(Path(tmp)))
+        rc = register_in(Path(tmp))
+    if rc == 0 and not args.print:
+        print("(without --flwr-home the connection settings are not kept: pass --flwr-home DIR "
+              "to keep them for `flwr supernode list` / `unregister`, and the site's node ID "
+              "in DIR/" + SITES_FILE + ")")  # fmt: skip
+    return rc
+
+
+#: in a register's --flwr-home: the node ID Flower gave each site's registered key
+SITES_FILE = "glioforecast-sites.json"
+
+
+def _register(args: argparse.Namespace, site: str, home: Path) -> int:
+    """Run ``flwr supernode register`` (JSON output), print the node ID the SuperLink gave the
+    site and record it in ``home``'s :data:`SITES_FILE` (``flwr supernode list`` shows node IDs
+    only)."""
+    import datetime
+    import json
+
+    from inference.federated.deploy import process_env, register_command
+
+    cmd = register_command(args.public_key, site, json_output=True)
+    log.info("running %s", shlex.join(cmd))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=process_env(home))
+    answer = _flower_json(done.stdout)
+    node = answer.get("node-id") if answer else None
+    if done.returncode != 0 or not answer or not answer.get("success") or node is None:
+        said = (answer or {}).get("error-message") or (done.stdout + done.stderr).strip()
+        return _fail(
+            "register",
+            RuntimeError(f"registering {args.public_key} for site {site}: Flower said: {said}"),
+        )
+    print(f"site {site}: SuperNode key {args.public_key} registered, node ID {node}")
+    if args.flwr_home:
+        path = home / SITES_FILE
+        try:
+            sites = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            sites = {}
+        if not isinstance(sites, dict):
+            sites = {}
+        sites[site] = {
+            "node-id": str(node),
+            "public-key": str(Path(args.public_key).resolve()),
+            "superlink": args.superlink,
+            "registered-at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        path.write_text(json.dumps(sites, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"node IDs of the registered sites: {path}")
+    return 0
+
+
+def _flower_json(text: str) -> dict[str, Any] | None:
+    """The JSON object a ``flwr ... --format json`` command printed (``None``: none)."""
+    import json
+
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        value = json.loads(text[start:])
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _class_list(text: str) -> tuple[str, ...]:
@@ -243,7 +332,8 @@ def _run_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from inference.federated.app import check_out_dir
+    from inference.federated.app import check_out_dir, claim_out_dir, release_out_dir
+    from inference.federated.certs import check_ca_certificate, check_superlink_certificate
     from inference.federated.deploy import (
         flwr_run_command,
         process_env,
@@ -256,50 +346,221 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.insecure and args.ca_cert is None:
         return _fail("run", ValueError("expected --ca-cert FILE (or --insecure), found neither"))
     try:
+        # an expired or another federation's ca.crt: Flower says only "Connection to the
+        # SuperLink is unavailable"
+        if not args.insecure:
+            check_ca_certificate(args.ca_cert)
         run = _run_config(args)
         # --run-config overrides are checked here: the SuperLink answers a mistyped key with
         # only "[code: 15] Invalid run configuration."
         run = _with_overrides(run, args.run_config or [])
         check_out_dir(run)
+        if not args.insecure and not args.print:
+            check_superlink_certificate(args.superlink, args.ca_cert)
     except GlioforecastError as exc:
         return _fail("run", exc)
     # the app and the connection settings `flwr run` reads; kept only for a --print command
+    # and for the `flwr stop` command of a run that could not be stopped
     work = Path(tempfile.mkdtemp(prefix="gf-federate-"))
     home = Path(args.flwr_home) if args.flwr_home else work / "flwr-home"
     out = Path(run.out)
+    if args.print:
+        write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
+        app = write_app(work / "app", run.as_flower_config())
+        return _exec(flwr_run_command(app, args.run_config or []), True, process_env(home))
     before = _stamp(out / "federation.json")
+    keep = False
+    # a second run with this --out is refused until this one ends (both used to write it)
+    try:
+        claim_out_dir(run, "run")
+    except GlioforecastError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        return _fail("run", exc)
     try:
         write_connection(home, args.superlink, None if args.insecure else args.ca_cert)
         app = write_app(work / "app", run.as_flower_config())
-        rc = _exec(flwr_run_command(app, args.run_config or []), args.print, process_env(home))
+        outcome = _submit_and_follow(run, app, args.run_config or [], process_env(home))
+        if outcome.signal is not None and not outcome.finished:
+            # the connection settings of the `flwr stop` command it gives are kept
+            keep = not outcome.stopped and not args.flwr_home
+            return _interrupted(run, outcome, home)
+        if outcome.run_id is None:
+            return _fail(
+                "run",
+                RuntimeError(f"submitting the run to the SuperLink {args.superlink} failed: "
+                             f"{outcome.detail}{_resume_hint(run)}"),
+            )  # fmt: skip
+        if outcome.rc != 0:
+            # the SuperLink gone, say: the stream's error is Flower's, printed above
+            return _fail(
+                "run",
+                RuntimeError(f"following run {outcome.run_id} failed (exit {outcome.rc}; "
+                             f"Flower's message above){_resume_hint(run)}"),
+            )  # fmt: skip
     finally:
-        if not args.print:
+        release_out_dir(run)
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    if rc != 0 or args.print:
-        return rc
-    # `flwr run --stream` exits 0 when the stream ends, whether or not the ServerApp finished;
+    # `flwr log --stream` exits 0 when the stream ends, whether or not the ServerApp finished;
     # a federation.json older than the run is an earlier run's
     after = _stamp(out / "federation.json")
     if after is None or after == before:
-        from inference.federated.checkpoint import describe
-
         found = "none" if after is None else "only an earlier run's"
-        interrupted = describe(run)
         return _fail(
             "run",
             RuntimeError(
                 f"expected the global model directory {out} with a federation.json written by "
                 f"this run, found {found}: the run ended early (see the run's log above, or "
-                "`flwr log <run id>`), or --out is not a path on this machine"
-                + (
-                    f"; its checkpoint ({interrupted}) lets --resume go on from there"
-                    if interrupted
-                    else ""
-                )
+                f"`flwr log {outcome.run_id}`), or --out is not a path on this machine"
+                + _resume_hint(run)
             ),
         )
     print(f"global model directory: {out}")
     return 0
+
+
+def _resume_hint(run: Any) -> str:
+    """The words that name the checkpoint at the run's ``out`` and ``--resume`` ("" when it
+    holds none)."""
+    from inference.federated.checkpoint import describe
+
+    interrupted = describe(run)
+    if not interrupted:
+        return ""
+    return f"; its checkpoint ({interrupted}) lets --resume go on from there"
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """How a submitted run ended for `federate run`."""
+
+    rc: int
+    run_id: str | None = None
+    signal: int | None = None  # the signal that interrupted `federate run`
+    stopped: bool = False  # `flwr stop` stopped the run
+    finished: bool = False  # the run had ended when the signal came: nothing to stop
+    detail: str = ""  # what Flower said when submitting or stopping failed
+
+
+#: seconds `flwr stop` may take
+STOP_TIMEOUT_S = 60.0
+
+
+def _submit_and_follow(run: Any, app: Path, overrides: list[str], env: dict[str, str]) -> _Outcome:
+    """Submit the app (``flwr run --format json``, which prints the run's ID), follow the run's
+    log (``flwr log --stream``) until it ends, and stop the run (``flwr stop``) when SIGINT or
+    SIGTERM comes. `flwr run --stream` used to be run directly: Ctrl-C ended only its log
+    stream, and the run went on at the SuperLink and wrote its model minutes later.
+
+    Flower's processes get sessions of their own so that the terminal's Ctrl-C reaches this
+    process alone. A signal while the run is being submitted is acted on once the run has an
+    ID; a second one abandons the submission."""
+    from inference.federated.app import update_out_dir_claim
+    from inference.federated.deploy import flwr_log_command, flwr_run_command, flwr_stop_command
+
+    received: list[int] = []
+    procs: dict[str, subprocess.Popen[Any]] = {}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        target = procs.get("follow")
+        if target is None and len(received) > 1:
+            target = procs.get("submit")
+        if target is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target.pid, signal.SIGTERM)
+        elif len(received) == 1:
+            sys.stderr.write(f"glioforecast federate run: {signal.Signals(signum).name}: the run "
+                             "is stopped once the SuperLink has accepted it (again: give up "
+                             "waiting)\n")  # fmt: skip
+
+    previous: dict[int, Any] = {}
+    with contextlib.suppress(ValueError):  # not the main thread: signals are not ours to take
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cmd = flwr_run_command(app, overrides, stream=False, json_output=True)
+        log.info("running %s", shlex.join(cmd))
+        procs["submit"] = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        said, err = procs["submit"].communicate()
+        submitted = procs.pop("submit")
+        answer = _flower_json(said)
+        run_id = answer.get("run-id") if answer else None
+        if not answer or not answer.get("success") or not run_id:
+            if len(received) > 1:
+                return _Outcome(128 + received[0], signal=received[0],
+                                detail="given up while the run was being submitted")  # fmt: skip
+            detail = (answer or {}).get("error-message") or (said + err).strip()
+            return _Outcome(submitted.returncode or 1, detail=str(detail).strip())
+        run_id = str(run_id)
+        update_out_dir_claim(run, run_id=run_id)
+        print(f"run {run_id} started at the SuperLink (Ctrl-C stops it); its log follows",
+              flush=True)  # fmt: skip
+        rc = 0
+        if not received:
+            cmd = flwr_log_command(run_id)
+            log.info("running %s", shlex.join(cmd))
+            procs["follow"] = subprocess.Popen(cmd, env=env, start_new_session=True)
+            if received:  # came while it started
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(procs["follow"].pid, signal.SIGTERM)
+            rc = procs["follow"].wait()
+            procs.pop("follow")
+        if not received:
+            return _Outcome(rc, run_id=run_id)
+        cmd = flwr_stop_command(run_id, json_output=True)
+        log.info("running %s", shlex.join(cmd))
+        try:
+            stop = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                  start_new_session=True, timeout=STOP_TIMEOUT_S)  # fmt: skip
+            answer = _flower_json(stop.stdout)
+            stopped = stop.returncode == 0 and bool(answer and answer.get("success"))
+            detail = str((answer or {}).get("error-message") or (stop.stdout + stop.stderr))
+            detail = " ".join(detail.split())
+        except subprocess.TimeoutExpired:
+            stopped, detail = False, f"no answer within {STOP_TIMEOUT_S:.0f} s"
+        except OSError as exc:
+            stopped, detail = False, str(exc)
+        if not stopped and "already finished" in detail:
+            # the run ended as the signal came (Flower: "[code: 18] Run is already finished.")
+            return _Outcome(0, run_id=run_id, signal=received[0], finished=True, detail=detail)
+        if not stopped:
+            update_out_dir_claim(run, continues=True)
+        return _Outcome(128 + received[0], run_id=run_id, signal=received[0], stopped=stopped,
+                        detail=detail)  # fmt: skip
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(run: Any, outcome: _Outcome, home: Path) -> int:
+    """Tell what became of a run whose `federate run` was interrupted."""
+    from inference.federated.deploy import CONNECTION, flower_bin
+
+    assert outcome.signal is not None
+    name = signal.Signals(outcome.signal).name
+    env = f"FLWR_HOME={shlex.quote(str(home))} "
+    if outcome.run_id is None:
+        flwr = flower_bin("flwr")
+        text = (
+            f"interrupted ({name}) while the run was being submitted: the SuperLink may have "
+            f"started it; list the runs with `{env}{shlex.join([flwr, 'list', CONNECTION])}` "
+            f"and stop it with `{env}{shlex.join([flwr, 'stop', 'RUN_ID', CONNECTION])}`"
+        )
+    elif outcome.stopped:
+        text = f"interrupted ({name}): run {outcome.run_id} stopped at the SuperLink"
+        text += _resume_hint(run) or "; it had completed no round (no checkpoint)"
+    else:
+        stop = shlex.join([flower_bin("flwr"), "stop", outcome.run_id, CONNECTION])
+        text = (
+            f"interrupted ({name}), but stopping run {outcome.run_id} failed "
+            f"({outcome.detail or 'no reason given'}): the run goes on at the SuperLink and "
+            f"writes its model to {run.out}; stop it with: {env}{stop}"
+        )
+    sys.stderr.write(f"glioforecast federate run: {text}\n")
+    return outcome.rc
 
 
 def _stamp(path: Path) -> int | None:
@@ -352,9 +613,8 @@ def _check_simulated_sites(run: Any, sites: tuple[str, ...], present: list[str],
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from inference.data import read_cohort
+    from inference.federated.app import check_out_dir, claim_out_dir, release_out_dir
 
     try:
         run = _run_config(args)
@@ -362,11 +622,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         present = sorted({p.site for p in read_cohort(args.data, survival_classes=None)})
         sites = run.site_list or tuple(present)
         _check_simulated_sites(run, sites, present, args.data)
-        from inference.federated.app import check_out_dir
-
         check_out_dir(run)
+        # as `federate run`: a second run with this --out is refused until this one ends
+        claim_out_dir(run, "simulate")
     except GlioforecastError as exc:
         return _fail("simulate", exc)
+    try:
+        return _simulate(args, run, sites)
+    finally:
+        release_out_dir(run)
+
+
+def _simulate(args: argparse.Namespace, run: Any, sites: tuple[str, ...]) -> int:
     before = _stamp(Path(run.out) / "federation.json")
     if args.engine == "local":
         from inference.federated.app import show_progress
@@ -486,8 +753,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     p.add_argument("--ca-cert", type=Path, default=None, help="the federation's ca.crt")
     p.add_argument("--public-key", type=Path, required=True, help="the site's NAME.pub")
+    p.add_argument(
+        "--site", default=None,
+        help="the site's name, stored with its node at the SuperLink and in --flwr-home's "
+        f"{SITES_FILE} (default: the key's file name without .pub)",
+    )  # fmt: skip
     p.add_argument("--insecure", action="store_true")
-    p.add_argument("--flwr-home", default=None)
+    p.add_argument(
+        "--flwr-home", default=None,
+        help="folder to keep the connection settings in (FLWR_HOME of `flwr supernode list`, "
+        "`flwr supernode unregister`) with the sites' node IDs; default: a temporary one",
+    )  # fmt: skip
     p.add_argument("--print", action="store_true", help="print the Flower command, do not run it")
     p.set_defaults(func=cmd_register)
 

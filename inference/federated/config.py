@@ -47,6 +47,7 @@ Node config (``glioforecast federate supernode --data DIR --site NAME``)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -98,17 +99,35 @@ class RunConfig:
         ):  # fmt: skip
             if getattr(self, key) < 1:
                 p.append(f"{_kebab(key)}: expected >= 1, found {getattr(self, key)}")
-        if not self.learning_rate > 0:
+        # NaN passes every comparison below unnoticed (a FedProx mu of nan trained as FedAvg
+        # and wrote NaN, which is not JSON, into train_state.json) and inf is no setting
+        finite = {
+            key: getattr(self, key)
+            for key in ("proximal_mu", "learning_rate", "wait_for_sites", "round_timeout",
+                        "straggler_timeout")
+        }  # fmt: skip
+        for key, value in finite.items():
+            if not math.isfinite(value):
+                p.append(f"{_kebab(key)}: expected a finite number, found {value}")
+        if math.isfinite(self.learning_rate) and not self.learning_rate > 0:
             p.append(f"learning-rate: expected > 0, found {self.learning_rate}")
         if self.proximal_mu < 0:
             p.append(f"proximal-mu: expected >= 0, found {self.proximal_mu}")
         for key in ("wait_for_sites", "round_timeout", "straggler_timeout"):
-            if not getattr(self, key) > 0:
+            if math.isfinite(getattr(self, key)) and not getattr(self, key) > 0:
                 p.append(f"{_kebab(key)}: expected > 0 seconds, found {getattr(self, key)}")
-        if self.site_list and self.min_sites > len(self.site_list):
+        names = self.site_list
+        repeated = sorted({s for s in names if names.count(s) > 1})
+        if repeated:
             p.append(
-                f"min-sites: expected at most the {len(self.site_list)} site(s) named in sites "
-                f"{list(self.site_list)}, found {self.min_sites} (no round could ever be made)"
+                f"sites: expected distinct site names, found {repeated} more than once in "
+                f"{self.sites!r}"
+            )
+        distinct = list(dict.fromkeys(names))
+        if names and self.min_sites > len(distinct):
+            p.append(
+                f"min-sites: expected at most the {len(distinct)} site(s) named in sites "
+                f"{distinct}, found {self.min_sites} (no round could ever be made)"
             )
         if self.eval_steps < 0:
             p.append(f"eval-steps: expected >= 0, found {self.eval_steps}")

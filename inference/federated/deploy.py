@@ -199,27 +199,55 @@ def write_connection(
     return path
 
 
-def register_command(public_key: str | Path) -> list[str]:
+def register_command(
+    public_key: str | Path, name: str | None = None, *, json_output: bool = False
+) -> list[str]:
     """``flwr supernode register``: the coordinator admits a site's SuperNode by its public key
-    (through the SuperLink's Control API, named in ``FLWR_HOME`` by :func:`write_connection`)."""
-    return [
+    (through the SuperLink's Control API, named in ``FLWR_HOME`` by :func:`write_connection`);
+    ``name`` is stored with the node at the SuperLink, ``json_output`` makes Flower print the
+    new node's ID as JSON."""
+    cmd = [
         flower_bin("flwr"),
         "supernode",
         "register",
         str(Path(public_key).resolve()),
         CONNECTION,
     ]
+    if name:
+        cmd += ["--name", name]
+    if json_output:
+        cmd += ["--format", "json"]
+    return cmd
 
 
 def flwr_run_command(
-    app_dir: str | Path, overrides: Sequence[str] = (), stream: bool = True
+    app_dir: str | Path,
+    overrides: Sequence[str] = (),
+    stream: bool = True,
+    *,
+    json_output: bool = False,
 ) -> list[str]:
+    """``flwr run`` of the app; ``json_output``: Flower prints the run's ID as JSON."""
     cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION]
     for o in overrides:
         cmd += ["--run-config", o]
     if stream:
         cmd.append("--stream")
+    if json_output:
+        cmd += ["--format", "json"]
     return cmd
+
+
+def flwr_log_command(run_id: int | str) -> list[str]:
+    """``flwr log RUN_ID --stream``: follow a run's log until the run ends."""
+    return [flower_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+
+
+def flwr_stop_command(run_id: int | str, *, json_output: bool = False) -> list[str]:
+    """``flwr stop RUN_ID``: the SuperLink stops the run (its ServerApp); ``json_output``: Flower
+    says whether it did as JSON (exit 0 either way)."""
+    cmd = [flower_bin("flwr"), "stop", str(run_id), CONNECTION]
+    return [*cmd, "--format", "json"] if json_output else cmd
 
 
 # ------------------------------------------------------------------------------------------

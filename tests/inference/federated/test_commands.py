@@ -161,25 +161,21 @@ def test_run_refuses_no_tls_unasked_and_unknown_run_config_keys(
 
 
 def test_a_run_that_wrote_no_model_points_to_the_runs_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The ServerApp's error is in the `flwr run` stream (not the SuperLink's log); a
+    fake_flwr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The ServerApp's error is in the run's log stream (not the SuperLink's log); a
     federation.json left by an earlier run is no sign that this one finished."""
     import tempfile
 
-    from inference.federated import checkpoint, cli
+    from inference.federated import checkpoint
+
+    from .conftest import RUN_ID, fake_flwr_calls
 
     out = tmp_path / "m"
     out.mkdir()
     (out / "federation.json").write_text("{}")  # an earlier run's, with no model.yaml
-    apps: list[Path] = []
-
-    def flwr_run(cmd: list[str], *_: object, **__: object) -> int:
-        apps.append(Path(cmd[2]))
-        assert (apps[-1] / "pyproject.toml").is_file()
-        return 0
-
-    monkeypatch.setattr(cli, "_exec", flwr_run)
+    monkeypatch.setenv("FAKE_LOG_S", "0")  # the run's log ends at once
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     args = ["run", "--superlink", "fl:9092", "--insecure", "--out", str(out)]
@@ -189,10 +185,12 @@ def test_a_run_that_wrote_no_model_points_to_the_runs_log(
         err
     )
     assert "found only an earlier run's: the run ended early (see the run's log above, or " in err
-    assert "`flwr log <run id>`)" in err and "SuperLink's log" not in err
+    assert f"`flwr log {RUN_ID}`)" in err and "SuperLink's log" not in err
     assert "--resume" not in err
-    # the app and connection settings written for `flwr run` are removed after it
-    assert apps and not any((tmp_path / "tmp").iterdir())
+    # the app (submitted) and connection settings written for `flwr` are removed after it
+    calls = fake_flwr_calls(fake_flwr)
+    assert [c[0] for c in calls] == ["run", "log"] and calls[1][1] == RUN_ID
+    assert not any((tmp_path / "tmp").iterdir())
     # a run that stopped after some rounds: the message names its checkpoint and --resume
     run = RunConfig(out=str(out), num_server_rounds=5)
     checkpoint.save(run, {}, 2, {"w": torch.zeros(2)}, [], ["SITE-NOR"], 1.0, [], None)
