@@ -107,3 +107,30 @@ def fake_flwr_calls(fake: Path) -> list[list[str]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def expired_copy(cert: Path, ca_key: Path, out: Path) -> Path:
+    """``cert`` re-signed by the CA key ``ca_key`` to have expired in 2020, written to ``out``
+    (the CA's own certificate with its own key: an expired CA)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    key = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+    original = x509.load_pem_x509_certificate(cert.read_bytes())
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(original.subject)
+        .issuer_name(original.issuer)
+        .public_key(original.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(past)
+        .not_valid_after(past + datetime.timedelta(days=30))
+    )
+    for ext in original.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    signed = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    out.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
+    return out

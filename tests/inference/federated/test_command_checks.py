@@ -6,7 +6,6 @@ what `register` keeps of a site's registration."""
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import socket
@@ -16,14 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 
 from dicom_node.errors import ConfigError
 from inference.federated.certs import CertificateSet, check_certificates, make_certificates
 from inference.federated.config import RunConfig, parse_run_config
 
-from .conftest import fake_flwr_calls
+from .conftest import expired_copy, fake_flwr_calls
 
 
 def _main(args: list[str]) -> int:
@@ -48,23 +45,7 @@ def test_superlink_without_certs_or_insecure_is_refused(
 
 def _expired_ca(good: CertificateSet, path: Path) -> Path:
     """``good``'s CA certificate re-signed to have expired in 2020."""
-    key = serialization.load_pem_private_key(good.ca_key.read_bytes(), None)
-    cert = x509.load_pem_x509_certificate(good.ca_cert.read_bytes())
-    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(cert.subject)
-        .issuer_name(cert.issuer)
-        .public_key(cert.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(past)
-        .not_valid_after(past + datetime.timedelta(days=30))
-    )
-    for ext in cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    signed = builder.sign(key, hashes.SHA256())  # type: ignore[arg-type]
-    path.write_bytes(signed.public_bytes(serialization.Encoding.PEM))
-    return path
+    return expired_copy(good.ca_cert, good.ca_key, path)
 
 
 @contextlib.contextmanager

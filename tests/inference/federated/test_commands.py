@@ -6,7 +6,6 @@ table holds, --run-config keys."""
 from __future__ import annotations
 
 import csv
-import datetime
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from inference.federated.certs import (
 )
 from inference.federated.config import RunConfig
 
-from .conftest import SITES
+from .conftest import SITES, expired_copy
 
 
 def _main(args: list[str]) -> int:
@@ -311,7 +310,6 @@ def test_superlink_refuses_certificates_it_could_not_serve(
 ) -> None:
     """flower-superlink used to start with an expired certificate, a ca.crt of another CA or a
     key of another certificate, and fail at the first connection with an ssl traceback."""
-    from cryptography.hazmat.primitives import hashes, serialization
 
     good = make_certificates(tmp_path / "good", hosts=["fl.example.org"], ips=[])
     other = make_certificates(tmp_path / "other")
@@ -334,24 +332,7 @@ def test_superlink_refuses_certificates_it_could_not_serve(
         ),
     }
     # an expired certificate of the right CA and key
-    ca_key = serialization.load_pem_private_key(good.ca_key.read_bytes(), None)
-    cert = x509.load_pem_x509_certificate(good.server_cert.read_bytes())
-    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(cert.subject)
-        .issuer_name(cert.issuer)
-        .public_key(cert.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(past)
-        .not_valid_after(past + datetime.timedelta(days=30))
-    )
-    for ext in cert.extensions:
-        builder = builder.add_extension(ext.value, ext.critical)
-    expired = tmp_path / "expired.crt"
-    expired.write_bytes(
-        builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
-    )
+    expired = expired_copy(good.server_cert, good.ca_key, tmp_path / "expired.crt")
     cases[broken("expired", server_cert=expired)] = (
         "superlink.crt: expected a certificate valid now ("
     )
