@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from dicom_node.convert.geometry import moved, resample
+from dicom_node.convert.geometry import moved, plane_axes, resample
 from dicom_node.errors import ConversionError, ExportError
 from dicom_node.types import PatientStudy, PlaneLattice, SeriesRef, Volume
 from sr_writer.contours import mask_contours
@@ -357,10 +357,7 @@ def mask_on_planes(
     m = np.asarray(matrix, dtype=float)
     n = np.asarray(planes.normal, dtype=float)
     n = n / np.linalg.norm(n)
-    u = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = u - (u @ n) * n
-    u /= np.linalg.norm(u)
-    v = np.cross(n, u)
+    u, v = plane_axes(n)
     axes = np.stack([u, v, n], axis=1)
     step = float(planes.step)
     pixel = float(pixel_mm if pixel_mm is not None else min(mask.spacing) / 2)

@@ -181,6 +181,16 @@ def same_orientation(a: Sequence[float], b: Sequence[float]) -> bool:
     )
 
 
+def plane_axes(normal: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
+    """Two unit axes ``u``, ``v`` of the plane of the unit ``normal`` (``u`` from the x axis
+    unless the normal is nearly along it), with ``u x v = normal``: the in-plane axes of a grid
+    whose slices are planes of that normal."""
+    u = np.array([1.0, 0.0, 0.0]) if abs(normal[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = u - (u @ normal) * normal
+    u /= np.linalg.norm(u)
+    return u, np.cross(normal, u)
+
+
 def world_to_index(volume: Volume) -> npt.NDArray[np.float64]:
     """4x4 matrix mapping LPS millimetres to continuous voxel indices (i, j, k, 1)."""
     return np.asarray(np.linalg.inv(volume.affine), dtype=np.float64)

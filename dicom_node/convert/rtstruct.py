@@ -44,6 +44,7 @@ from dicom_node.convert.geometry import (
     grid_centre,
     grid_corners,
     moved,
+    plane_axes,
     resample,
     world_to_index,
 )
@@ -584,10 +585,7 @@ def contour_grid(
         step, first = (float(c) for c in np.polyfit(index, positions, 1))
         levels = np.array([first])  # index 0 is the first plane's
         lattice = (positions - levels[0]) / step
-    u = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = u - (u @ n) * n
-    u /= np.linalg.norm(u)
-    v = np.cross(n, u)
+    u, v = plane_axes(n)
     points = np.concatenate(list(contours))
     lo = np.array([(points @ u).min(), (points @ v).min()]) - 2 * pixel_mm
     hi = np.array([(points @ u).max(), (points @ v).max()]) + 2 * pixel_mm
