@@ -501,7 +501,9 @@ def _first_job(node, study: str):  # type: ignore[no-untyped-def]
         job = next((j for j in node.store.list_jobs() if j.study_instance_uid == study
                     and j.version == 1), None)  # fmt: skip
         if job is not None and (job.state == FAILED or _events(node, job.id, "retrieved")):
-            return job
+            # read again: the event and the job's failure are written together, possibly
+            # after the job above was read (a job read as still retrieving was returned)
+            return node.store.get_job(job.id)
         return None
 
     return wait_for(done, timeout=60, what="the retrieval")
